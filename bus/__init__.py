@@ -1,0 +1,1 @@
+"""The bus: an XSUB/XPUB broker, pub/sub helpers, req/rep control and the reliable journal."""

@@ -1,0 +1,67 @@
+"""The broker: one XSUB (publishers connect) forwarded to one XPUB (subscribers connect)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import zmq
+
+from . import message, topics
+
+log = logging.getLogger("greyproxy.bus")
+
+# Past this many queued messages per subscriber, XPUB drops for that subscriber only.
+SUB_HWM = 100_000
+
+
+def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float = 1.0) -> None:
+    """Run the forwarder until SIGTERM/SIGINT; publish the broker's own heartbeat."""
+    ctx = zmq.Context.instance()
+    xsub = ctx.socket(zmq.XSUB)
+    xsub.setsockopt(zmq.RCVHWM, SUB_HWM)
+    xsub.bind(pub_endpoint)
+    xpub = ctx.socket(zmq.XPUB)
+    xpub.setsockopt(zmq.SNDHWM, SUB_HWM)
+    xpub.bind(sub_endpoint)
+    for ep in (pub_endpoint, sub_endpoint):
+        if ep.startswith("ipc://"):
+            try:
+                os.chmod(ep[len("ipc://"):], 0o600)
+            except OSError:
+                pass
+
+    # The forwarder releases the GIL in C; it runs in a thread so the main thread can take signals.
+    def forward() -> None:
+        try:
+            zmq.proxy(xsub, xpub)
+        except zmq.ContextTerminated:
+            pass
+        except zmq.ZMQError as exc:  # pragma: no cover - only at shutdown
+            log.debug("forwarder stopped: %s", exc)
+
+    threading.Thread(target=forward, name="bus-forwarder", daemon=True).start()
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+
+    hb = ctx.socket(zmq.PUB)
+    hb.setsockopt(zmq.LINGER, 0)
+    hb.connect(pub_endpoint)
+    started = time.time()
+    seq = 0
+    log.info("bus broker up: publishers -> %s, subscribers <- %s", pub_endpoint, sub_endpoint)
+    while not stop.wait(heartbeat_interval):
+        seq += 1
+        data = {"service": "bus", "pid": os.getpid(), "started_at": started,
+                "uptime": time.time() - started, "stats": {}}
+        try:
+            hb.send_multipart(message.encode(topics.SERVICE_HEARTBEAT, data, "bus", seq), zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+    log.info("bus broker stopping")
+    os._exit(0)  # the forwarder thread holds sockets; a clean exit would block on them

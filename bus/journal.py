@@ -1,0 +1,225 @@
+"""The journal: records that must not be lost travel proxy -> recorder with acks.
+
+Writer: keeps records in a bounded outbox, sends them in batches (a window of batches in
+flight), forgets a batch only when the recorder acknowledges it after its commit, and
+resends everything in flight after an ack timeout on a fresh socket.
+Consumer: applies batches (the caller's function, expected to be idempotent on record id),
+then acknowledges them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any
+
+import orjson
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger("greyproxy.journal")
+
+Record = tuple[str, str, Any]  # (record id, kind, data)
+
+
+class JournalWriter:
+    def __init__(self, endpoint: str, outbox_limit: int = 200_000, batch_size: int = 500, window: int = 8,
+                 ack_timeout: float = 3.0, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.endpoint = endpoint
+        self.outbox_limit = outbox_limit
+        self.batch_size = batch_size
+        self.window = window
+        self.ack_timeout = ack_timeout
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._prefix = uuid.uuid4().hex[:12] + "-"
+        self._counter = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._queue: deque[Record] = deque()
+        self._inflight: dict[int, tuple[float, list[Record]]] = {}
+        self._inflight_count = 0
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._sock: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task | None = None
+        self.dropped = 0
+        self.acked = 0
+        self.resent = 0
+
+    # -- producer side (event loop thread) --
+    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
+        rid = record_id or f"{self._prefix}{next(self._counter):x}"
+        if len(self._queue) + self._inflight_count >= self.outbox_limit:
+            # Bounded memory: the oldest unsent record goes, and the loss is counted and reported.
+            if self._queue:
+                self._queue.popleft()
+                self.dropped += 1
+                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                    log.warning("journal outbox full (%d): %d records dropped", self.outbox_limit, self.dropped)
+        self._queue.append((rid, kind, data))
+        self._idle.clear()
+        self._wake.set()
+        return rid
+
+    def stats(self) -> dict[str, int]:
+        return {"queued": len(self._queue), "inflight": self._inflight_count, "acked": self.acked,
+                "dropped": self.dropped, "resent": self.resent}
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every appended record is acknowledged (tests and shutdown)."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- sender --
+    def _open(self) -> None:
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)  # only queue to a connected recorder
+        self._sock.setsockopt(zmq.SNDHWM, self.window * 2)
+        self._sock.connect(self.endpoint)
+        self._reader = asyncio.create_task(self._read_acks(self._sock))
+
+    def _reset(self) -> None:
+        # Everything in flight goes back to the front of the queue, in order.
+        for _bid, (_t, records) in sorted(self._inflight.items(), reverse=True):
+            self._queue.extendleft(reversed(records))
+            self.resent += len(records)
+        self._inflight.clear()
+        self._inflight_count = 0
+        if self._reader:
+            self._reader.cancel()
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock = None
+
+    async def _read_acks(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart()
+            try:
+                ack = orjson.loads(frames[-1])
+                bid = int(ack["a"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            entry = self._inflight.pop(bid, None)
+            if entry:
+                self._inflight_count -= len(entry[1])
+                self.acked += len(entry[1])
+            if not self._queue and not self._inflight:
+                self._idle.set()
+            self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._open()
+        try:
+            while True:
+                self._fill(loop.time())
+                try:
+                    await asyncio.wait_for(self._wake.wait(), 0.25)
+                except asyncio.TimeoutError:
+                    pass
+                self._wake.clear()
+                if self._inflight:
+                    oldest = min(t for t, _ in self._inflight.values())
+                    if loop.time() - oldest > self.ack_timeout:
+                        log.info("journal: no ack for %.1fs, resending %d records", self.ack_timeout,
+                                 self._inflight_count)
+                        self._reset()
+                        self._open()
+        finally:
+            self._reset()
+
+    def _fill(self, now: float) -> None:
+        assert self._sock is not None
+        while self._queue and len(self._inflight) < self.window:
+            n = min(self.batch_size, len(self._queue))
+            records = [self._queue.popleft() for _ in range(n)]
+            bid = next(self._batch_ids)
+            body = orjson.dumps({"b": bid, "r": records}, option=orjson.OPT_NON_STR_KEYS)
+            try:
+                self._sock.send_multipart([b"", body], zmq.NOBLOCK)
+            except zmq.Again:
+                self._queue.extendleft(reversed(records))
+                return
+            self._inflight[bid] = (now, records)
+            self._inflight_count += n
+
+
+ApplyFn = Callable[[list[Record]], Any]
+
+
+class JournalConsumer:
+    """Receives batches, applies them in one call (one transaction), acks after it returns."""
+
+    def __init__(self, endpoint: str, apply: ApplyFn, executor: Executor, after_commit: Callable[[Any], None] | None = None,
+                 max_coalesce: int = 20, ctx: zmq.asyncio.Context | None = None) -> None:
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        self._sock.bind(endpoint)
+        if endpoint.startswith("ipc://"):
+            try:
+                os.chmod(endpoint[len("ipc://"):], 0o600)
+            except OSError:
+                pass
+        self._apply = apply
+        self._executor = executor
+        self._after_commit = after_commit
+        self._max_coalesce = max_coalesce
+        self.applied_batches = 0
+        self.records = 0
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            pending = [await self._sock.recv_multipart()]
+            # Coalesce whatever else is already waiting into the same transaction.
+            while len(pending) < self._max_coalesce:
+                try:
+                    pending.append(await self._sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
+            acks: list[tuple[bytes, int]] = []
+            records: list[Record] = []
+            for frames in pending:
+                try:
+                    body = orjson.loads(frames[-1])
+                    bid = int(body["b"])
+                    batch = [(str(r[0]), str(r[1]), r[2]) for r in body["r"]]
+                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
+                    log.warning("journal: dropping malformed batch")
+                    continue
+                acks.append((frames[0], bid))
+                records.extend(batch)
+            if not acks:
+                continue
+            while True:
+                try:
+                    result = await loop.run_in_executor(self._executor, self._apply, records)
+                    break
+                except Exception:
+                    # Not acked: the writer resends; retry here too in case it was a passing lock.
+                    log.exception("journal: applying %d records failed; retrying", len(records))
+                    await asyncio.sleep(0.5)
+            self.applied_batches += len(acks)
+            self.records += len(records)
+            for ident, bid in acks:
+                try:
+                    await self._sock.send_multipart([ident, b"", orjson.dumps({"a": bid})], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass
+            if self._after_commit is not None:
+                self._after_commit(result)
+
+    def close(self) -> None:
+        self._sock.close()

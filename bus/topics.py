@@ -1,0 +1,47 @@
+"""Every bus topic, listed once. docs/events.md documents each payload for outsiders."""
+
+# Service liveness (every process, once per heartbeat interval).
+SERVICE_HEARTBEAT = "service.heartbeat"
+
+# Pending queue (SPEC §3).
+PENDING_CREATED = "pending_request.created"
+PENDING_UPDATED = "pending_request.updated"
+PENDING_ALLOWED = "pending_request.allowed"
+PENDING_DISMISSED = "pending_request.dismissed"
+WAITERS_CHANGED = "waiters.changed"
+
+# Rules (SPEC §2.4).
+RULE_CREATED = "rule.created"
+RULE_UPDATED = "rule.updated"
+RULE_DELETED = "rule.deleted"
+RULES_CHANGED = "rules.changed"  # internal nudge: the rule set changed (ingest, expiry, hits excluded)
+
+# Traffic.
+LOG_NEW = "log.new"
+TRANSACTION_NEW = "transaction.new"
+
+# Modes and settings.
+ALLOWALL_CHANGED = "allowall.changed"
+SETTINGS_CHANGED = "settings.changed"
+NOTIFICATION_CLAIMS_CHANGED = "notification.claims_changed"
+
+# Maintenance.
+MAINTENANCE_PROGRESS = "maintenance.progress"
+
+# Later capabilities (specified in SPEC §11).
+CONVERSATION_UPDATED = "conversation.updated"
+SESSION_CREATED = "session.created"
+SESSION_HEARTBEAT = "session.heartbeat"
+SESSION_DELETED = "session.deleted"
+SESSION_EXPIRED = "session.expired"
+SESSION_SUBSTITUTION = "session.substitution"
+
+# Public events: forwarded to /ws clients. Internal ones stay on the bus.
+PUBLIC = (
+    PENDING_CREATED, PENDING_UPDATED, PENDING_ALLOWED, PENDING_DISMISSED, WAITERS_CHANGED,
+    RULE_CREATED, RULE_UPDATED, RULE_DELETED, LOG_NEW, TRANSACTION_NEW, ALLOWALL_CHANGED,
+    SETTINGS_CHANGED, MAINTENANCE_PROGRESS, NOTIFICATION_CLAIMS_CHANGED, CONVERSATION_UPDATED,
+    SESSION_CREATED, SESSION_HEARTBEAT, SESSION_DELETED, SESSION_EXPIRED, SESSION_SUBSTITUTION,
+)
+INTERNAL = (SERVICE_HEARTBEAT, RULES_CHANGED)
+ALL = PUBLIC + INTERNAL

@@ -1,0 +1,159 @@
+"""The `greyproxy` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+from . import __version__
+from .config import (
+    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, Config, ConfigError, ensure_dirs, load_config,
+)
+
+SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
+# Extra subcommands registered by later capabilities: name -> (configure(parser), run(args) -> int).
+EXTRA_COMMANDS: dict[str, tuple] = {}
+
+
+def _supervisord_conf() -> Path:
+    conf = Path(__file__).resolve().parent.parent / "supervisord.conf"
+    if not conf.exists():
+        raise ConfigError(f"supervisord.conf not found at {conf}")
+    return conf
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-C", "--config", metavar="FILE", help="YAML config file (default: the embedded one)")
+    p.add_argument("--host", metavar="IP", help="address that bare ':PORT' listeners bind (default 127.0.0.1)")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(getattr(args, "config", None), getattr(args, "host", None))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    ensure_dirs(cfg)
+    for w in cfg.warnings:
+        print(f"greyproxy: warning: {w}", file=sys.stderr)
+    env = dict(os.environ)
+    env[ENV_DATA] = str(cfg.data_dir)
+    if args.config:
+        env[ENV_CONFIG] = str(Path(args.config).resolve())
+    if args.host:
+        env[ENV_HOST] = args.host
+    if args.silent_allow:
+        env[ENV_SILENT_ALLOW] = "1"
+    env["GREYPROXY_PYTHON"] = sys.executable
+    env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
+    env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)
+    ports = cfg.ports()
+    print(
+        f"greyproxy {__version__}: API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix} | "
+        if cfg.api else f"greyproxy {__version__}: API disabled | ",
+        " ".join(f"{k} :{v}" for k, v in ports.items() if k != "api"),
+        f"| data {cfg.data_dir} | logs {cfg.log_dir}",
+        flush=True,
+    )
+    conf = _supervisord_conf()
+    # exec: supervisord becomes this process, so Ctrl-C / SIGTERM reach it and it stops the group.
+    os.execve(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env)
+    return 0  # pragma: no cover
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    ensure_dirs(cfg)
+    from .runtime import setup_logging
+
+    setup_logging(args.service)
+    for w in cfg.warnings:
+        logging.getLogger("greyproxy").warning(w)
+    if args.service == "bus":
+        from bus.broker import run_broker
+
+        run_broker(cfg.bus["pub"], cfg.bus["sub"], float(cfg.bus["heartbeatInterval"]))
+    elif args.service == "proxy":
+        from services.proxy.service import run
+    elif args.service == "api":
+        from services.api.service import run
+    elif args.service == "recorder":
+        from services.recorder.service import run
+    elif args.service == "maintenance":
+        from services.maintenance.service import run
+    if args.service != "bus":
+        run(cfg)
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    for w in cfg.warnings:
+        print(f"greyproxy: warning: {w}", file=sys.stderr)
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"greyproxy {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="greyproxy", description="Local egress firewall for AI agents.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run the whole stack under supervisord in the foreground")
+    _add_config_args(p)
+    p.add_argument("--silent-allow", action="store_true", help="start in allow-all (silent) mode")
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("run", help="run one service in the foreground")
+    p.add_argument("service", choices=SERVICES)
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("version", help="print the version")
+    p.set_defaults(fn=cmd_version)
+
+    for name, (configure, run) in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name)
+        configure(p)
+        p.set_defaults(fn=run)
+    return parser
+
+
+def _load_extra_commands() -> None:
+    # Later capabilities (events, cert) live in their own modules and register here.
+    for mod in ("greyproxy.cli_events", "greyproxy.cli_cert"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    _load_extra_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.fn(args)
+    except ConfigError as exc:
+        print(f"greyproxy: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Configuration: the embedded default YAML, a user file merged over it, validation and resolution.
+
+Every process resolves the same inputs (config file, --host, data dir) the same way, so
+`greyproxy serve` only has to pass them on through the environment.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger("greyproxy.config")
+
+ENV_CONFIG = "GREYPROXY_CONFIG"
+ENV_HOST = "GREYPROXY_HOST"
+ENV_DATA = "GREYPROXY_DATA_HOME"
+ENV_SILENT_ALLOW = "GREYPROXY_SILENT_ALLOW"
+
+SERVICE_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
+
+
+class ConfigError(Exception):
+    """A configuration problem, reported as one line naming the key."""
+
+
+# Schema: leaf = type (or tuple of types); dict = nested section; list marker handled apart.
+_NUM = (int, float)
+_SCHEMA: dict[str, Any] = {
+    "host": str,
+    "greyproxy": {
+        "addr": str,
+        "pathPrefix": str,
+        "db": str,
+        "notifications": {"enabled": bool},
+        "allowedHosts": [str],
+    },
+    "services": "services",
+    "bus": {
+        "pub": str,
+        "sub": str,
+        "journal": str,
+        "proxyControl": str,
+        "recorderControl": str,
+        "maintenanceControl": str,
+        "heartbeatInterval": _NUM,
+        "requestTimeout": _NUM,
+        "requestRetries": int,
+    },
+    "proxy": {
+        "holdTimeout": _NUM,
+        "maxPending": int,
+        "pendingTtlDays": _NUM,
+        "connectTimeout": _NUM,
+        "headerTimeout": _NUM,
+        "idleTimeout": _NUM,
+        "maxHeaderBytes": int,
+        "maxHeaders": int,
+        "maxConnections": int,
+        "maxConnectionsPerClient": int,
+        "journalOutbox": int,
+    },
+    "dns": {"upstreams": [str], "timeout": _NUM, "cacheSize": int},
+    "mitm": {"bypass": [str], "upstreamCaFile": str},
+    "capture": {"maxBodyBytes": int},
+    "retention": {"days": _NUM},
+}
+
+_POSITIVE = {
+    "bus.heartbeatInterval", "bus.requestTimeout", "bus.requestRetries", "proxy.holdTimeout",
+    "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
+    "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
+    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "dns.timeout", "dns.cacheSize",
+    "capture.maxBodyBytes", "retention.days",
+}
+
+
+def default_config_text() -> str:
+    return resources.files("greyproxy").joinpath("default_config.yaml").read_text()
+
+
+def _type_name(t: Any) -> str:
+    if isinstance(t, tuple):
+        return "number"
+    return {str: "string", bool: "boolean", int: "integer"}.get(t, getattr(t, "__name__", str(t)))
+
+
+def _check_leaf(path: str, value: Any, t: Any) -> None:
+    if isinstance(t, list):
+        if not isinstance(value, list) or not all(isinstance(v, t[0]) for v in value):
+            raise ConfigError(f"config key {path!r}: expected a list of {_type_name(t[0])}s")
+        return
+    # bool is an int subclass: refuse it where a number is wanted.
+    if isinstance(value, bool) and t is not bool:
+        raise ConfigError(f"config key {path!r}: expected {_type_name(t)}, got boolean")
+    if not isinstance(value, t):
+        raise ConfigError(f"config key {path!r}: expected {_type_name(t)}, got {type(value).__name__}")
+    if path in _POSITIVE and value <= 0:
+        raise ConfigError(f"config key {path!r}: must be greater than 0")
+
+
+def _validate(node: Any, schema: Any, path: str) -> None:
+    if schema == "services":
+        _validate_services(node, path)
+        return
+    if isinstance(schema, dict):
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {path!r}: expected a mapping")
+        for key, value in node.items():
+            sub = f"{path}.{key}" if path else str(key)
+            if key not in schema:
+                raise ConfigError(f"unknown config key {sub!r}")
+            _validate(value, schema[key], sub)
+        return
+    _check_leaf(path, node, schema)
+
+
+def _validate_services(node: Any, path: str) -> None:
+    if not isinstance(node, list):
+        raise ConfigError(f"config key {path!r}: expected a list of services")
+    seen: set[str] = set()
+    for i, svc in enumerate(node):
+        where = f"{path}[{i}]"
+        if not isinstance(svc, dict):
+            raise ConfigError(f"config key {where!r}: expected a mapping")
+        for key in svc:
+            if key not in ("name", "addr", "handler", "listener"):
+                raise ConfigError(f"unknown config key '{where}.{key}'")
+        name = svc.get("name")
+        if name not in SERVICE_NAMES:
+            raise ConfigError(f"config key '{where}.name': must be one of {', '.join(SERVICE_NAMES)}")
+        if name in seen:
+            raise ConfigError(f"config key '{where}.name': {name} listed twice")
+        seen.add(name)
+        if not isinstance(svc.get("addr"), str):
+            raise ConfigError(f"config key '{where}.addr': expected a string like ':43051'")
+        parse_addr(svc["addr"], f"{where}.addr")
+        for sub in ("handler", "listener"):
+            val = svc.get(sub, {})
+            if not isinstance(val, dict) or any(k != "type" for k in val):
+                raise ConfigError(f"config key '{where}.{sub}': expected {{type: ...}}")
+
+
+def parse_addr(addr: str, key: str) -> tuple[str, int]:
+    """Split 'host:port', ':port' or '[v6]:port'; the host may be empty (bare port)."""
+    addr = addr.strip()
+    if addr.startswith("["):
+        end = addr.find("]")
+        if end < 0 or not addr[end + 1 :].startswith(":"):
+            raise ConfigError(f"config key {key!r}: bad address {addr!r}")
+        host, port_s = addr[1:end], addr[end + 2 :]
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep:
+            raise ConfigError(f"config key {key!r}: bad address {addr!r} (want HOST:PORT or :PORT)")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"config key {key!r}: bad port {port_s!r}") from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"config key {key!r}: port {port} out of range 0-65535")
+    return host, port
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def data_dir_from_env(env: dict[str, str] | None = None) -> Path:
+    env = os.environ if env is None else env
+    if env.get(ENV_DATA):
+        return Path(env[ENV_DATA]).expanduser()
+    if env.get("XDG_DATA_HOME"):
+        return Path(env["XDG_DATA_HOME"]).expanduser() / "greyproxy"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "greyproxy"
+    return Path.home() / ".local" / "share" / "greyproxy"
+
+
+@dataclass(frozen=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+
+
+@dataclass
+class Config:
+    raw: dict
+    data_dir: Path
+    run_dir: Path
+    log_dir: Path
+    db_path: Path
+    api: Listener | None
+    path_prefix: str
+    listeners: dict[str, Listener]
+    bus: dict[str, Any]
+    source: str = "<embedded default>"
+    silent_allow: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.raw[name]
+
+    @property
+    def own_ports(self) -> set[int]:
+        """Ports of the stack's own listeners: the proxy must never connect to them."""
+        ports = {lst.port for lst in self.listeners.values()}
+        if self.api:
+            ports.add(self.api.port)
+        return {p for p in ports if p}
+
+    def ports(self) -> dict[str, int]:
+        out = {"api": self.api.port if self.api else 0}
+        out.update({name: lst.port for name, lst in self.listeners.items()})
+        return out
+
+    def api_base(self) -> str:
+        if not self.api:
+            raise ConfigError("the API is disabled (greyproxy.addr is empty)")
+        host = self.api.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.api.port}{self.path_prefix.rstrip('/')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = copy.deepcopy(self.raw)
+        out["resolved"] = {
+            "source": self.source,
+            "dataDir": str(self.data_dir),
+            "db": str(self.db_path),
+            "ports": self.ports(),
+            "bind": {n: f"{lst.host}:{lst.port}" for n, lst in self.listeners.items()}
+            | ({"api": f"{self.api.host}:{self.api.port}"} if self.api else {}),
+            "bus": self.bus,
+        }
+        return out
+
+
+def _runtime_dir(data_dir: Path) -> Path:
+    run = data_dir / "run"
+    # ipc:// paths are limited to ~107 bytes: fall back to a short private dir in /tmp.
+    if len(str(run / "maintenance-control.sock")) > 100:
+        digest = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:12]
+        run = Path("/tmp") / f"greyproxy-{os.getuid()}-{digest}"
+    return run
+
+
+def _bind_host(host: str, default_host: str, warnings: list[str], key: str) -> str:
+    host = host or default_host or "127.0.0.1"
+    if host in ("0.0.0.0", "::", "*"):
+        warnings.append(
+            f"{key} binds {host}: every host on the network can reach it; Greyproxy is meant for loopback"
+        )
+        if host == "*":
+            host = "0.0.0.0"
+    return host
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    host: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Config:
+    """Resolve the configuration: embedded default, then FILE, then --host; validate it."""
+    env = os.environ if env is None else env
+    path = path or env.get(ENV_CONFIG) or None
+    host = host if host is not None else env.get(ENV_HOST) or None
+    default = yaml.safe_load(default_config_text())
+    user: dict = {}
+    source = "<embedded default>"
+    if path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
+        try:
+            user = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file {str(path)!r}:{where} invalid YAML") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
+        source = str(path)
+    _validate(user, _SCHEMA, "")
+    raw = _merge(default, user)
+    _validate(raw, _SCHEMA, "")
+    if host is not None:
+        raw["host"] = host
+    warnings: list[str] = []
+
+    data_dir = data_dir_from_env(env)
+    run_dir = _runtime_dir(data_dir)
+    db_path = Path(raw["greyproxy"]["db"]).expanduser() if raw["greyproxy"]["db"] else data_dir / "greyproxy.db"
+
+    api = None
+    if raw["greyproxy"]["addr"].strip():
+        h, p = parse_addr(raw["greyproxy"]["addr"], "greyproxy.addr")
+        api = Listener("api", _bind_host(h, raw["host"], warnings, "greyproxy.addr"), p)
+    listeners: dict[str, Listener] = {}
+    for i, svc in enumerate(raw["services"]):
+        h, p = parse_addr(svc["addr"], f"services[{i}].addr")
+        listeners[svc["name"]] = Listener(svc["name"], _bind_host(h, raw["host"], warnings, f"services[{i}].addr"), p)
+
+    prefix = raw["greyproxy"]["pathPrefix"].strip() or "/"
+    if not prefix.startswith("/"):
+        raise ConfigError("config key 'greyproxy.pathPrefix': must start with '/'")
+    prefix = "/" + prefix.strip("/")
+
+    bus = dict(raw["bus"])
+    defaults = {
+        "pub": "bus-pub.sock",
+        "sub": "bus-sub.sock",
+        "journal": "journal.sock",
+        "proxyControl": "proxy-control.sock",
+        "recorderControl": "recorder-control.sock",
+        "maintenanceControl": "maintenance-control.sock",
+    }
+    for key, fname in defaults.items():
+        if not bus[key]:
+            bus[key] = f"ipc://{run_dir / fname}"
+        elif not bus[key].startswith(("ipc://", "tcp://")):
+            raise ConfigError(f"config key 'bus.{key}': must be an ipc:// or tcp:// endpoint")
+
+    return Config(
+        raw=raw,
+        data_dir=data_dir,
+        run_dir=run_dir,
+        log_dir=data_dir / "logs",
+        db_path=db_path,
+        api=api,
+        path_prefix=prefix,
+        listeners=listeners,
+        bus=bus,
+        source=source,
+        silent_allow=env.get(ENV_SILENT_ALLOW, "") in ("1", "true", "yes"),
+        warnings=warnings,
+    )
+
+
+def ensure_dirs(cfg: Config) -> None:
+    """Create the data, runtime and log dirs private to the user (0700)."""
+    for d in (cfg.data_dir, cfg.run_dir, cfg.log_dir):
+        d.mkdir(parents=True, exist_ok=True)
+        try:
+            os.chmod(d, 0o700)
+        except OSError:
+            pass

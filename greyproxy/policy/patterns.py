@@ -1,0 +1,345 @@
+"""The rule pattern dialect of SPEC §2.2: container globs, destination patterns, port lists.
+
+Everything here is compiled once per rule; the per-connection path only calls
+the small ``matches``/``__contains__`` methods on already-built objects.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_GLOB_CHARS = frozenset("*?[")
+_ASCII_DIGITS = re.compile(r"[0-9]+\Z")
+_WHITESPACE = re.compile(r"\s")
+
+MIN_PORT = 1
+MAX_PORT = 65535
+
+# Specificity weights of SPEC §2.3, named so ruleset ordering and tests agree.
+CONTAINER_EXACT = 200
+CONTAINER_GLOB = 100
+DEST_EXACT = 20
+DEST_WILDCARD = 10
+PORT_SPECIFIC = 1
+
+
+def has_glob(text: str) -> bool:
+    return not _GLOB_CHARS.isdisjoint(text)
+
+
+# --------------------------------------------------------------------------- hosts
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    """The IP a (normalised) host denotes, or None for a name."""
+    # Cheap gate first: parsing every hostname as an IP would raise and cost microseconds.
+    if not host or (":" not in host and not (host[0].isdigit() and host[-1].isdigit())):
+        return None
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def normalise_host(host: str) -> str:
+    """Lower-case, drop one trailing dot and IPv6 brackets, canonicalise IPv6 literals."""
+    h = host.strip().lower()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if h.endswith("."):
+        h = h[:-1]
+    if ":" in h:
+        # Only IPv6 literals contain ':', and they must compare in one canonical spelling.
+        try:
+            h = ipaddress.IPv6Address(h.split("%", 1)[0]).compressed
+        except ValueError:
+            pass
+    return h
+
+
+# --------------------------------------------------------------------------- globs
+
+
+def _class_end(pattern: str, start: int) -> int:
+    """Index of the ']' closing the class opened at ``start`` (fnmatch rules), or -1."""
+    j = start + 1
+    if j < len(pattern) and pattern[j] == "!":
+        j += 1
+    if j < len(pattern) and pattern[j] == "]":
+        j += 1  # a ']' right after '[' or '[!' is a literal member
+    return pattern.find("]", j)
+
+
+def glob_to_regex(pattern: str, *, star: str, single: str) -> str:
+    """Translate a shell-style glob to an anchored regex body.
+
+    ``star``/``single`` are the regexes for ``*``/``?`` so one translator serves
+    both dialects (container globs must not cross '/', host globs may cross '.').
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "*":
+            # Collapse runs of '*' so '**' cannot cause quadratic backtracking.
+            while i < n and pattern[i] == "*":
+                i += 1
+            out.append(star)
+            continue
+        if ch == "?":
+            out.append(single)
+        elif ch == "[":
+            end = _class_end(pattern, i)
+            if end < 0:
+                out.append(re.escape(ch))  # an unclosed '[' is a literal, as in fnmatch
+            else:
+                body = pattern[i + 1 : end]
+                negate = body.startswith("!")
+                if negate:
+                    body = body[1:]
+                body = body.replace("\\", "\\\\")
+                if body.startswith("^"):
+                    body = "\\" + body
+                out.append(f"[{'^' if negate else ''}{body}]")
+                i = end
+        else:
+            out.append(re.escape(ch))
+        i += 1
+    return "".join(out) + r"\Z"
+
+
+def compile_container_glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
+    # '*' and '?' stay within one path segment: 'team/*' must not match 'team/a/b'.
+    return re.compile(glob_to_regex(pattern, star="[^/]*", single="[^/]"), re.DOTALL).match
+
+
+def compile_host_glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
+    # Hosts are already lower-cased, so the lower-cased pattern compares case-insensitively.
+    return re.compile(glob_to_regex(pattern.lower(), star=".*", single="."), re.DOTALL).match
+
+
+def glob_literal_ends(pattern: str) -> tuple[str, str]:
+    """The literal text before the first and after the last wildcard (index keys for globs)."""
+    first = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    last = max(pattern.rfind(c) for c in "*?]")
+    if last < first:
+        last = first  # e.g. an unclosed '[': nothing after it is guaranteed literal
+    suffix = pattern[last + 1 :] if last >= first and first < len(pattern) else ""
+    return pattern[:first], suffix
+
+
+# --------------------------------------------------------------------------- containers
+
+
+class ContainerKind(Enum):
+    ANY = 0
+    GLOB = 1
+    EXACT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerPattern:
+    text: str
+    kind: ContainerKind
+    glob: Callable[[str], re.Match[str] | None] | None
+
+    @classmethod
+    def parse(cls, pattern: str) -> ContainerPattern:
+        if pattern == "*":
+            return cls(pattern, ContainerKind.ANY, None)
+        if has_glob(pattern):
+            return cls(pattern, ContainerKind.GLOB, compile_container_glob(pattern))
+        return cls(pattern, ContainerKind.EXACT, None)
+
+    @property
+    def specificity(self) -> int:
+        if self.kind is ContainerKind.EXACT:
+            return CONTAINER_EXACT
+        return CONTAINER_GLOB if self.kind is ContainerKind.GLOB else 0
+
+    def matches(self, container: str) -> bool:
+        if self.kind is ContainerKind.ANY:
+            return True
+        if self.kind is ContainerKind.EXACT:
+            return container == self.text
+        assert self.glob is not None
+        return self.glob(container) is not None
+
+
+# --------------------------------------------------------------------------- destinations
+
+
+class DestKind(Enum):
+    ANY = "any"
+    CIDR = "cidr"
+    APEX_AND_SUBDOMAINS = "apex_and_subdomains"  # **.example.com
+    SUBDOMAINS = "subdomains"  # *.example.com
+    GLOB = "glob"
+    EXACT = "exact"
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPattern:
+    text: str
+    kind: DestKind
+    value: str  # normalised host (EXACT), the suffix (wildcards) or the lower-cased glob
+    network: IPNetwork | None = None
+    glob: Callable[[str], re.Match[str] | None] | None = None
+
+    @classmethod
+    def parse(cls, pattern: str) -> DestinationPattern:
+        """Classify in SPEC §2.2 order; ValueError for an empty pattern or a bad CIDR."""
+        p = pattern.strip().lower()
+        if p.endswith(".") and p != ".":
+            p = p[:-1]
+        if not p:
+            raise ValueError("destination_pattern must not be empty")
+        if p == "*":
+            return cls(pattern, DestKind.ANY, p)
+        if "/" in p:
+            try:
+                net = ipaddress.ip_network(p.strip("[]"), strict=False)
+            except ValueError:
+                raise ValueError(f"destination_pattern {pattern!r} is not a valid CIDR") from None
+            return cls(pattern, DestKind.CIDR, net.with_prefixlen, network=net)
+        for prefix, kind in (("**.", DestKind.APEX_AND_SUBDOMAINS), ("*.", DestKind.SUBDOMAINS)):
+            rest = p[len(prefix) :]
+            if p.startswith(prefix) and rest and not has_glob(rest):
+                return cls(pattern, kind, rest)
+        if has_glob(p):
+            return cls(pattern, DestKind.GLOB, p, glob=compile_host_glob(p))
+        return cls(pattern, DestKind.EXACT, normalise_host(p))
+
+    @property
+    def specificity(self) -> int:
+        if self.kind in (DestKind.EXACT, DestKind.CIDR):
+            return DEST_EXACT
+        return 0 if self.kind is DestKind.ANY else DEST_WILDCARD
+
+    def matches(self, host: str, ip: IPAddress | None = None) -> bool:
+        """``host`` must be normalise_host() output; ``ip`` its parse_ip() (or None for a name)."""
+        kind = self.kind
+        if kind is DestKind.ANY:
+            return True
+        if kind is DestKind.EXACT:
+            return host == self.value
+        if kind is DestKind.CIDR:
+            # A CIDR never matches a hostname, only IPs of its own family inside it.
+            return ip is not None and ip.version == self.network.version and ip in self.network  # type: ignore[union-attr]
+        if kind is DestKind.SUBDOMAINS:
+            return host.endswith("." + self.value)
+        if kind is DestKind.APEX_AND_SUBDOMAINS:
+            return host == self.value or host.endswith("." + self.value)
+        assert self.glob is not None
+        return self.glob(host) is not None
+
+
+# --------------------------------------------------------------------------- ports
+
+
+class PortRanges:
+    """Membership over inclusive ranges, used when a pattern spans too many ports for a set."""
+
+    __slots__ = ("ranges",)
+
+    def __init__(self, ranges: tuple[tuple[int, int], ...]) -> None:
+        self.ranges = ranges
+
+    def __contains__(self, port: object) -> bool:
+        return any(lo <= port <= hi for lo, hi in self.ranges)  # type: ignore[operator]
+
+    def __repr__(self) -> str:
+        return f"PortRanges({self.ranges!r})"
+
+
+_SET_LIMIT = 4096  # below this many ports a frozenset gives a single hash lookup per check
+
+
+@dataclass(frozen=True, slots=True)
+class PortPattern:
+    text: str  # normalised: '*' or 'a,b-c'
+    ports: frozenset[int] | PortRanges | None  # None = any port
+
+    @classmethod
+    def parse(cls, pattern: str | None) -> PortPattern:
+        """ValueError naming the bad item for anything but '*', '' or a list of ports/ranges."""
+        p = "" if pattern is None else str(pattern).strip()
+        if p in ("", "*"):
+            return cls("*", None)
+        ranges: list[tuple[int, int]] = []
+        for raw in p.split(","):
+            item = raw.strip()
+            lo_s, dash, hi_s = item.partition("-")
+            lo_s, hi_s = lo_s.strip(), hi_s.strip()
+            if not dash:
+                hi_s = lo_s
+            if not _ASCII_DIGITS.match(lo_s) or not _ASCII_DIGITS.match(hi_s):
+                raise ValueError(
+                    f"port_pattern {pattern!r}: {item!r} is not a port or a range like 8000-8999"
+                )
+            lo, hi = int(lo_s), int(hi_s)
+            for value in (lo, hi):
+                if not MIN_PORT <= value <= MAX_PORT:
+                    raise ValueError(
+                        f"port_pattern {pattern!r}: port {value} is outside {MIN_PORT}..{MAX_PORT}"
+                    )
+            if lo > hi:
+                raise ValueError(f"port_pattern {pattern!r}: range {item!r} runs backwards")
+            ranges.append((lo, hi))
+        text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
+        span = sum(hi - lo + 1 for lo, hi in ranges)
+        if span <= _SET_LIMIT:
+            return cls(text, frozenset(p for lo, hi in ranges for p in range(lo, hi + 1)))
+        return cls(text, PortRanges(tuple(ranges)))
+
+    @property
+    def specificity(self) -> int:
+        return 0 if self.ports is None else PORT_SPECIFIC
+
+    def matches(self, port: int) -> bool:
+        return self.ports is None or port in self.ports
+
+
+# --------------------------------------------------------------------------- API validation
+
+
+def validate_port_pattern(pattern: str | None) -> str:
+    """The normalised port pattern ('*' for empty), or ValueError."""
+    return PortPattern.parse(pattern).text
+
+
+def validate_destination_pattern(pattern: str) -> str:
+    """The pattern without surrounding whitespace, or ValueError naming the problem."""
+    if not isinstance(pattern, str):
+        raise ValueError("destination_pattern must be a string")
+    p = pattern.strip()
+    if not p:
+        raise ValueError("destination_pattern must not be empty")
+    if _WHITESPACE.search(p):
+        raise ValueError(f"destination_pattern {pattern!r} must not contain whitespace")
+    DestinationPattern.parse(p)  # raises for a malformed CIDR
+    return p
+
+
+def validate_container_pattern(pattern: str) -> str:
+    """The pattern without surrounding whitespace, or ValueError naming the problem."""
+    if not isinstance(pattern, str):
+        raise ValueError("container_pattern must be a string")
+    p = pattern.strip()
+    if not p:
+        raise ValueError("container_pattern must not be empty")
+    if _WHITESPACE.search(p):
+        raise ValueError(f"container_pattern {pattern!r} must not contain whitespace")
+    return p
+
+
+def escape_glob(text: str) -> str:
+    """Quote glob metacharacters so a literal name becomes a pattern matching only itself."""
+    return "".join(f"[{c}]" if c in _GLOB_CHARS else c for c in text)

@@ -1,0 +1,90 @@
+"""Opening the database: WAL, busy timeout, foreign keys, migrations applied once under a lock."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import peewee
+
+from . import migrations
+
+log = logging.getLogger("greyproxy.store")
+
+# Every model binds to this proxy; open_database() points it at the real file.
+database = peewee.DatabaseProxy()
+
+PRAGMAS = {
+    "journal_mode": "wal",
+    "busy_timeout": 10_000,
+    "foreign_keys": 1,
+    "synchronous": "normal",
+    "cache_size": -16_000,
+    "temp_store": "memory",
+}
+
+
+def open_database(path: Path | str, migrate: bool = True) -> peewee.SqliteDatabase:
+    """Open (creating if needed) the database file and bring its schema up to date."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    db = peewee.SqliteDatabase(str(path), pragmas=PRAGMAS, check_same_thread=False, autoconnect=True)
+    database.initialize(db)
+    db.connect(reuse_if_open=True)
+    if new:
+        try:
+            os.chmod(path, 0o600)
+        except OSError:
+            pass
+    if migrate:
+        apply_migrations(db)
+    return db
+
+
+def apply_migrations(db: peewee.SqliteDatabase) -> list[int]:
+    """Apply pending numbered migrations. BEGIN IMMEDIATE takes SQLite's write lock, so when
+    several processes start at once exactly one applies each migration; the others wait, then
+    see it recorded and skip it."""
+    applied: list[int] = []
+    conn = db.connection()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            break
+        except peewee.OperationalError as exc:  # pragma: no cover - lock contention at start
+            if time.monotonic() > deadline:
+                raise
+            log.debug("waiting for the migration lock: %s", exc)
+            time.sleep(0.05)
+    try:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+        )
+        done = {row[0] for row in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, statements in migrations.MIGRATIONS:
+            if version in done:
+                continue
+            for stmt in statements:
+                conn.execute(stmt)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, time.time()),
+            )
+            applied.append(version)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if applied:
+        log.info("applied migrations %s", applied)
+    return applied
+
+
+def current_version(db: peewee.SqliteDatabase) -> int:
+    row = db.execute_sql("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+    return int(row[0])

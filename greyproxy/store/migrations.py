@@ -1,0 +1,105 @@
+"""Numbered schema migrations. Append new ones; never edit one that has shipped.
+
+Timestamps are stored as REAL epoch seconds (UTC); the API formats them as RFC 3339.
+"""
+
+from __future__ import annotations
+
+import time
+
+_NOW = time.time()
+
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (1, "core tables", [
+        """CREATE TABLE rules (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            container_pattern TEXT NOT NULL,
+            destination_pattern TEXT NOT NULL,
+            port_pattern TEXT NOT NULL DEFAULT '*',
+            rule_type TEXT NOT NULL DEFAULT 'glob',
+            action TEXT NOT NULL CHECK (action IN ('allow', 'deny')),
+            created_at REAL NOT NULL,
+            expires_at REAL,
+            last_used_at REAL,
+            created_by TEXT NOT NULL DEFAULT 'api',
+            notes TEXT,
+            source TEXT NOT NULL DEFAULT 'global' CHECK (source IN ('global', 'session', 'builtin')),
+            session_id TEXT,
+            hit_count INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX rules_identity ON rules (container_pattern, destination_pattern, port_pattern, action)",
+        "CREATE INDEX rules_expires ON rules (expires_at)",
+        """CREATE TABLE pending (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            container_name TEXT NOT NULL,
+            container_id TEXT NOT NULL DEFAULT '',
+            destination_host TEXT NOT NULL,
+            destination_port INTEGER NOT NULL,
+            resolved_hostname TEXT,
+            first_seen REAL NOT NULL,
+            last_seen REAL NOT NULL,
+            attempt_count INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (container_name, destination_host, destination_port)
+        )""",
+        "CREATE INDEX pending_last_seen ON pending (last_seen)",
+        "CREATE INDEX pending_resolved ON pending (container_name, resolved_hostname, destination_port)",
+        """CREATE TABLE logs (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp REAL NOT NULL,
+            container_name TEXT NOT NULL,
+            container_id TEXT NOT NULL DEFAULT '',
+            destination_host TEXT NOT NULL,
+            destination_port INTEGER NOT NULL,
+            resolved_hostname TEXT,
+            method TEXT NOT NULL,
+            result TEXT NOT NULL,
+            rule_id INTEGER,
+            response_time_ms REAL,
+            reason TEXT,
+            mitm_skip_reason TEXT
+        )""",
+        "CREATE INDEX logs_timestamp ON logs (timestamp)",
+        "CREATE INDEX logs_container ON logs (container_name, timestamp)",
+        "CREATE INDEX logs_result ON logs (result, timestamp)",
+        """CREATE TABLE settings (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE dns_cache (
+            ip TEXT PRIMARY KEY,
+            hostname TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        "CREATE INDEX dns_cache_updated ON dns_cache (updated_at)",
+        # Idempotent journal: a record id is applied at most once.
+        """CREATE TABLE journal_applied (
+            record_id TEXT PRIMARY KEY,
+            applied_at REAL NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX journal_applied_at ON journal_applied (applied_at)",
+        # Version counters: a process that may have missed an event compares these.
+        """CREATE TABLE meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        )""",
+        "INSERT INTO meta (key, value) VALUES ('rules_version', 1), ('settings_version', 1)",
+        """CREATE TRIGGER rules_version_ins AFTER INSERT ON rules
+           BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
+        """CREATE TRIGGER rules_version_del AFTER DELETE ON rules
+           BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
+        """CREATE TRIGGER rules_version_upd AFTER UPDATE OF container_pattern, destination_pattern,
+           port_pattern, action, expires_at, source, session_id ON rules
+           BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
+        """CREATE TRIGGER settings_version_ins AFTER INSERT ON settings
+           BEGIN UPDATE meta SET value = value + 1 WHERE key = 'settings_version'; END""",
+        """CREATE TRIGGER settings_version_upd AFTER UPDATE ON settings
+           BEGIN UPDATE meta SET value = value + 1 WHERE key = 'settings_version'; END""",
+        # Builtin loopback rules (SPEC §2.3): agents' local dev servers.
+        *[
+            "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, rule_type, action,"
+            f" created_at, created_by, source) VALUES ('*', '{host}', '*', 'glob', 'allow', {_NOW!r}, 'builtin', 'builtin')"
+            for host in ("localhost", "127.0.0.1", "::1")
+        ],
+    ]),
+]

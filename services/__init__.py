@@ -1,0 +1,1 @@
+"""The Greyproxy service processes: proxy, api, recorder, maintenance."""

@@ -1,0 +1,1 @@
+"""API: Falcon ASGI app on uvicorn (REST, /ws, dashboard)."""

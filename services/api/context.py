@@ -1,0 +1,46 @@
+"""What every API resource shares: config, the database thread pool, bus clients, live state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, TypeVar
+
+from bus.pubsub import Publisher
+from bus.reqrep import ControlClient
+from greyproxy.config import Config
+
+T = TypeVar("T")
+
+
+@dataclass
+class ServiceSeen:
+    pid: int
+    last_seen: float
+    started_at: float
+    uptime: float
+    stats: dict[str, Any]
+
+
+@dataclass
+class ApiContext:
+    cfg: Config
+    publisher: Publisher
+    db_executor: ThreadPoolExecutor
+    proxy: ControlClient
+    recorder: ControlClient
+    maintenance: ControlClient
+    started_at: float = field(default_factory=time.time)
+    seen: dict[str, ServiceSeen] = field(default_factory=dict)
+
+    async def db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a peewee call in the pool: peewee is synchronous and must not block the loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.db_executor, fn, *args)
+
+    def publish(self, topic: str, data: Any) -> None:
+        self.publisher.publish(topic, data)
+
+    def stale_after(self) -> float:
+        return max(2.5, 3 * float(self.cfg.bus["heartbeatInterval"]))

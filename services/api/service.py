@@ -1,0 +1,73 @@
+"""API process: uvicorn serving the Falcon app inside our own uvloop, plus the heartbeat tracker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import uvicorn
+
+from bus.reqrep import ControlClient
+from greyproxy.config import Config
+from greyproxy.runtime import ServiceRuntime, run_async_service
+from greyproxy.store import open_database
+
+from . import routes  # noqa: F401 - registers the REST areas
+from .app import create_app
+from .context import ApiContext
+from .health import track_heartbeats
+
+log = logging.getLogger("greyproxy.api")
+
+
+class _Server(uvicorn.Server):
+    # Our runtime owns the signals; uvicorn must not replace the handlers.
+    def capture_signals(self):  # noqa: ANN201
+        return contextlib.nullcontext()
+
+
+def make_context(rt: ServiceRuntime) -> ApiContext:
+    cfg = rt.cfg
+    timeout, retries = float(cfg.bus["requestTimeout"]), int(cfg.bus["requestRetries"])
+    return ApiContext(
+        cfg=cfg,
+        publisher=rt.publisher,
+        db_executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="api-db"),
+        proxy=ControlClient(cfg.bus["proxyControl"], "proxy", timeout, retries),
+        recorder=ControlClient(cfg.bus["recorderControl"], "recorder", timeout, retries),
+        maintenance=ControlClient(cfg.bus["maintenanceControl"], "maintenance", timeout, retries),
+    )
+
+
+async def main(rt: ServiceRuntime) -> None:
+    cfg = rt.cfg
+    if cfg.api is None:
+        log.info("API disabled (greyproxy.addr is empty); heartbeat only")
+        await asyncio.Event().wait()
+        return
+    ctx = make_context(rt)
+    await ctx.db(open_database, cfg.db_path)
+    app = create_app(ctx)
+    server = _Server(uvicorn.Config(
+        app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off",
+        log_level="warning", access_log=False, ws="websockets", ws_ping_interval=20, ws_ping_timeout=20,
+        timeout_keep_alive=30, server_header=False, date_header=False,
+    ))
+    tracker = asyncio.create_task(track_heartbeats(ctx))
+    log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
+    serve = asyncio.create_task(server.serve())
+    try:
+        await serve
+    except asyncio.CancelledError:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serve, 5)
+        raise
+    finally:
+        tracker.cancel()
+
+
+def run(cfg: Config) -> None:
+    run_async_service("api", cfg, main)

@@ -1,0 +1,1 @@
+"""Maintenance: background jobs (started over req/rep) and periodic pruning."""

@@ -1,0 +1,1 @@
+"""Proxy: HTTP and SOCKS5 listeners, rules in memory, holds, tunnels."""

@@ -1,0 +1,1 @@
+"""Recorder: the single writer of the hot tables, fed by the journal."""

@@ -1,0 +1,47 @@
+"""Recorder process: consumes the journal, writes batches, publishes events after commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from bus.journal import JournalConsumer
+from bus.reqrep import ControlServer
+from greyproxy.config import Config
+from greyproxy.runtime import ServiceRuntime, run_async_service
+from greyproxy.store import open_database
+
+from .apply import apply_records
+
+log = logging.getLogger("greyproxy.recorder")
+
+
+async def main(rt: ServiceRuntime) -> None:
+    cfg = rt.cfg
+    # One writer thread: SQLite has one writer anyway, and it keeps the event loop free.
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder-db")
+    loop = asyncio.get_running_loop()
+    db = await loop.run_in_executor(writer, open_database, cfg.db_path)
+
+    def apply(records: list[tuple[str, str, Any]]) -> list[tuple[str, Any]]:
+        return apply_records(db.connection(), records)
+
+    def after_commit(events: list[tuple[str, Any]]) -> None:
+        for topic, data in events:
+            rt.publisher.publish(topic, data)
+
+    consumer = JournalConsumer(cfg.bus["journal"], apply, writer, after_commit)
+    rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches})
+    control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats()})
+    log.info("recorder up: journal %s, db %s", cfg.bus["journal"], cfg.db_path)
+    try:
+        await asyncio.gather(consumer.serve(), control.serve())
+    finally:
+        consumer.close()
+        control.close()
+
+
+def run(cfg: Config) -> None:
+    run_async_service("recorder", cfg, main)
