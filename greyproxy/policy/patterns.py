@@ -105,6 +105,8 @@ def glob_to_regex(pattern: str, *, star: str, single: str) -> str:
                 if negate:
                     body = body[1:]
                 body = body.replace("\\", "\\\\")
+                # '[' and doubled '&~|' would read as nested sets / set operations to re.
+                body = re.sub(r"([\[&~|])", r"\\\1", body)
                 if body.startswith("^"):
                     body = "\\" + body
                 out.append(f"[{'^' if negate else ''}{body}]")
@@ -126,13 +128,15 @@ def compile_host_glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
 
 
 def glob_literal_ends(pattern: str) -> tuple[str, str]:
-    """The literal text before the first and after the last wildcard (index keys for globs)."""
-    first = min((pattern.find(c) for c in "*?[" if c in pattern), default=len(pattern))
+    """Literal text every match must start and end with (the index keys for globs).
+
+    The prefix stops at the first wildcard character; the suffix starts after the
+    last '*', '?' or ']' — conservative when a ']' is literal, never wrong.
+    """
+    starts = [i for i in (pattern.find(c) for c in "*?[") if i >= 0]
+    first = min(starts, default=len(pattern))
     last = max(pattern.rfind(c) for c in "*?]")
-    if last < first:
-        last = first  # e.g. an unclosed '[': nothing after it is guaranteed literal
-    suffix = pattern[last + 1 :] if last >= first and first < len(pattern) else ""
-    return pattern[:first], suffix
+    return pattern[:first], (pattern[last + 1 :] if last >= first else "")
 
 
 # --------------------------------------------------------------------------- containers
@@ -205,7 +209,7 @@ class DestinationPattern:
             return cls(pattern, DestKind.ANY, p)
         if "/" in p:
             try:
-                net = ipaddress.ip_network(p.strip("[]"), strict=False)
+                net = ipaddress.ip_network(p, strict=False)
             except ValueError:
                 raise ValueError(f"destination_pattern {pattern!r} is not a valid CIDR") from None
             return cls(pattern, DestKind.CIDR, net.with_prefixlen, network=net)
@@ -213,6 +217,8 @@ class DestinationPattern:
             rest = p[len(prefix) :]
             if p.startswith(prefix) and rest and not has_glob(rest):
                 return cls(pattern, kind, rest)
+        if p.startswith("[") and p.endswith("]") and parse_ip(p[1:-1]) is not None:
+            return cls(pattern, DestKind.EXACT, normalise_host(p))  # '[::1]' is a literal, not a class
         if has_glob(p):
             return cls(pattern, DestKind.GLOB, p, glob=compile_host_glob(p))
         return cls(pattern, DestKind.EXACT, normalise_host(p))

@@ -3,30 +3,208 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bus import topics
 from bus.journal import JournalWriter
-from bus.reqrep import ControlServer
+from bus.pubsub import Subscriber
+from bus.reqrep import ControlServer, RemoteError
 from greyproxy.config import Config
+from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
+from greyproxy.store import open_database
+
+from .gate import Gate
+from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
 
 log = logging.getLogger("greyproxy.proxy")
+
+VERSION_CHECK_EVERY = 2.0   # seconds: heals a missed rules event
+PENDING_COUNT_EVERY = 5.0
+HITS_FLUSH_EVERY = 2.0
+DNS_KEEP = 7 * 86400.0
+
+RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, topics.RULES_CHANGED,
+               topics.PENDING_ALLOWED, topics.PENDING_DISMISSED)
+
+
+class RuleLoader:
+    """Builds rule snapshots off the event loop and swaps them into the gate."""
+
+    def __init__(self, gate: Gate, executor: ThreadPoolExecutor) -> None:
+        self.gate = gate
+        self.executor = executor
+        self._lock = asyncio.Lock()
+
+    @staticmethod
+    def _version() -> int:
+        from greyproxy.store.models import meta_value
+
+        return meta_value("rules_version")
+
+    @staticmethod
+    def _load() -> tuple[int, RuleSet]:
+        from greyproxy.store import database
+        from greyproxy.store.models import meta_value
+
+        with database.atomic():  # one read transaction: the version matches the rows
+            version = meta_value("rules_version")
+            rows = database.execute_sql(
+                "SELECT id, container_pattern, destination_pattern, port_pattern, action, source,"
+                " expires_at, session_id FROM rules").fetchall()
+        rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
+                      action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows]
+        return version, RuleSet(rules, skip_invalid=True)
+
+    async def reload(self, force: bool = False) -> bool:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if not force:
+                version = await loop.run_in_executor(self.executor, self._version)
+                if version == self.gate.rules_version:
+                    return False
+            version, rules = await loop.run_in_executor(self.executor, self._load)
+            self.gate.set_rules(rules, version)
+            log.info("rules loaded: %d rules (version %d)", len(rules), version)
+            return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(VERSION_CHECK_EVERY)
+            try:
+                await self.reload()
+                # An expired rule changes the answer without changing the version.
+                self.gate.reevaluate_holds()
+                self.gate.close_revoked()
+            except Exception:
+                log.exception("rule version check failed")
+
+
+async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
+    sub = Subscriber(cfg.bus["sub"], RULE_TOPICS)
+    try:
+        while True:
+            await sub.recv()
+            try:
+                await loader.reload()
+            except Exception:
+                log.exception("rule reload failed")
+    finally:
+        sub.close()
+
+
+def _load_dns_names() -> dict[str, tuple[str, float]]:
+    from greyproxy.store import database
+
+    rows = database.execute_sql("SELECT ip, hostname, updated_at FROM dns_cache WHERE updated_at > ?",
+                                (time.time() - DNS_KEEP,)).fetchall()
+    return {ip: (name, ts) for ip, name, ts in rows}
+
+
+def _count_pending() -> int:
+    from greyproxy.store import database
+
+    return int(database.execute_sql("SELECT COUNT(*) FROM pending").fetchone()[0])
 
 
 async def main(rt: ServiceRuntime) -> None:
     cfg = rt.cfg
-    journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(cfg.section("proxy")["journalOutbox"]))
-    rt.add_stats(lambda: {"journal": journal.stats()})
+    pcfg = cfg.section("proxy")
+    executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxy-db")
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(executor, open_database, cfg.db_path)
 
-    def stats(args: dict[str, Any]) -> dict[str, Any]:
-        return rt.stats()
+    journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(pcfg["journalOutbox"]))
+    local_hosts = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
+    gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]),
+                int(pcfg["maxPending"]))
+    loader = RuleLoader(gate, executor)
+    await loader.reload(force=True)
+    gate.names.update(await loop.run_in_executor(executor, _load_dns_names))
+    gate.pending_count = await loop.run_in_executor(executor, _count_pending)
+    if cfg.silent_allow:
+        gate.set_silent("allow", None)
 
-    control = ControlServer(cfg.bus["proxyControl"], {"stats": stats})
+    limits = Limits(
+        header_timeout=float(pcfg["headerTimeout"]), connect_timeout=float(pcfg["connectTimeout"]),
+        idle_timeout=float(pcfg["idleTimeout"]), max_header_bytes=int(pcfg["maxHeaderBytes"]),
+        max_headers=int(pcfg["maxHeaders"]), max_connections=int(pcfg["maxConnections"]),
+        max_per_client=int(pcfg["maxConnectionsPerClient"]),
+    )
+    ctx = ProxyContext(gate, limits)
+
+    servers = []
+    handlers = {"http-proxy": handle_http, "socks5-proxy": handle_socks}
+    for name, handler in handlers.items():
+        lst = cfg.listeners.get(name)
+        if lst is None or not lst.port:
+            continue
+        servers.append(await start_listener(ctx, lst.host, lst.port, handler))
+        log.info("%s listening on %s:%d", name, lst.host, lst.port)
+
+    def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"active_connections": ctx.active, "tunnels": len(gate.live), "waiting": gate.waiting(),
+                "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
+                "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats()}
+
+    def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
+        mode = args.get("mode") or "allow"
+        duration = args.get("duration_seconds") or 0
+        if mode not in ("allow", "deny"):
+            raise RemoteError("mode must be allow or deny", 400)
+        if not isinstance(duration, int) or isinstance(duration, bool) or not 0 <= duration <= 28800:
+            raise RemoteError("duration_seconds must be an integer from 0 to 28800", 400)
+        return gate.set_silent(mode, float(duration) or None)
+
+    async def rules_reload(args: dict[str, Any]) -> dict[str, Any]:
+        changed = await loader.reload(force=bool(args.get("force")))
+        return {"reloaded": changed, "rules": len(gate.rules), "version": gate.rules_version}
+
+    def holds_block(args: dict[str, Any]) -> dict[str, Any]:
+        keys = []
+        for k in args.get("keys") or []:
+            try:
+                keys.append((str(k[0]), str(k[1]).lower(), int(k[2])))
+            except (IndexError, TypeError, ValueError):
+                raise RemoteError("keys must be [container, host, port] triples", 400) from None
+        return {"blocked": gate.block_holds(keys, str(args.get("reason") or "dismissed"))}
+
+    control = ControlServer(cfg.bus["proxyControl"], {
+        "stats": stats,
+        "waiters": lambda args: {"waiters": gate.waiters()},
+        "allowall.get": lambda args: gate.silent.status(),
+        "allowall.set": allowall_set,
+        "allowall.clear": lambda args: gate.set_silent(None, None),
+        "rules.reload": rules_reload,
+        "holds.block": holds_block,
+    })
+    rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
+
+    async def periodic() -> None:
+        last_count = time.monotonic()
+        while True:
+            await asyncio.sleep(HITS_FLUSH_EVERY)
+            gate.flush_hits()
+            if time.monotonic() - last_count > PENDING_COUNT_EVERY:
+                last_count = time.monotonic()
+                with contextlib.suppress(Exception):
+                    gate.pending_count = await loop.run_in_executor(executor, _count_pending)
+
     log.info("proxy up")
     try:
-        await asyncio.gather(journal.run(), control.serve())
+        await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic())
     finally:
+        for s in servers:
+            s.close()
+        gate.flush_hits()
+        # Give the recorder a last chance at what is still in the outbox (it is lost with the process).
+        flusher = asyncio.ensure_future(journal.run())
+        await journal.flush(2.0)
+        flusher.cancel()
         control.close()
 
 

@@ -1,0 +1,316 @@
+"""The gate: every connection (and every plain-HTTP request) asks it for a verdict.
+
+It holds the in-memory rule snapshot, silent mode, the hard guard against the stack's own
+ports, and the pending holds; it sends log entries, pending sightings and rule hits through
+the journal. It never touches SQLite on the event loop: snapshots are built in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bus import topics
+from bus.journal import JournalWriter
+from bus.pubsub import Publisher
+from greyproxy.policy import RuleSet, rule_summary
+from greyproxy.policy.patterns import normalise_host
+from greyproxy.timeutil import rfc3339
+
+log = logging.getLogger("greyproxy.proxy")
+
+Key = tuple[str, str, int]  # (container, host, port)
+
+ALLOWED = "allowed"
+BLOCKED = "blocked"
+
+
+@dataclass(slots=True)
+class Verdict:
+    allowed: bool
+    reason: str
+    rule_id: int | None = None
+    resolved_hostname: str | None = None
+    elapsed_ms: float = 0.0
+
+
+@dataclass
+class Hold:
+    """One held connection waiting for a person's decision."""
+    key: Key
+    resolved: str | None
+    future: asyncio.Future = field(repr=False)
+
+
+@dataclass
+class LiveConn:
+    """A connection the gate let through; closed if the rule that allowed it goes away."""
+    container: str
+    host: str
+    port: int
+    resolved: str | None
+    rule_id: int | None
+    close: Callable[[], None]
+
+
+class SilentMode:
+    """Allow-all / deny-all, in memory only (lost on restart by design)."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None
+        self.expires_at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def active_mode(self, now: float | None = None) -> str | None:
+        if self.mode is None:
+            return None
+        if self.expires_at is not None and (now or time.time()) >= self.expires_at:
+            return None
+        return self.mode
+
+    def status(self) -> dict[str, Any]:
+        now = time.time()
+        mode = self.active_mode(now)
+        remaining = None
+        if mode and self.expires_at is not None:
+            remaining = max(0, int(round(self.expires_at - now)))
+        return {"active": mode is not None, "mode": mode,
+                "expires_at": rfc3339(self.expires_at) if mode else None, "remaining_seconds": remaining}
+
+
+class Gate:
+    def __init__(self, journal: JournalWriter, publisher: Publisher, own_ports: set[int],
+                 local_hosts: set[str], hold_timeout: float, max_pending: int) -> None:
+        self.journal = journal
+        self.publisher = publisher
+        self.rules = RuleSet([])
+        self.rules_version = -1
+        self.own_ports = own_ports
+        self.local_hosts = {h.lower() for h in local_hosts} | {"localhost", "0.0.0.0", "::", "::1"}
+        self.hold_timeout = hold_timeout
+        self.max_pending = max_pending
+        self.pending_count = 0  # refreshed from the database by the service, bumped on new keys
+        self.silent = SilentMode()
+        self.holds: dict[Key, list[Hold]] = {}
+        self.live: dict[int, LiveConn] = {}
+        self._live_ids = 0
+        self._hits: dict[int, list[float]] = {}
+        self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
+        self.decisions = 0
+
+    # -- facts about a destination --
+    def resolved_name(self, host: str) -> str | None:
+        entry = self.names.get(host)
+        return entry[0] if entry else None
+
+    def is_own_listener(self, host: str, port: int) -> bool:
+        """The hard guard: never connect to the stack's own listeners on any local address."""
+        if port not in self.own_ports:
+            return False
+        h = host.lower().rstrip(".")
+        if h in self.local_hosts or h.endswith(".localhost"):
+            return True
+        try:
+            ip = ipaddress.ip_address(h.strip("[]"))
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped:
+            ip = ip.ipv4_mapped
+        return ip.is_loopback or ip.is_unspecified or str(ip) in self.local_hosts
+
+    # -- the decision --
+    async def admit(self, container: str, host: str, port: int, method: str,
+                    client_gone: asyncio.Future | None = None) -> Verdict:
+        t0 = time.perf_counter()
+        host = normalise_host(host)
+        resolved = self.resolved_name(host)
+        self.decisions += 1
+        verdict = self._decide_now(container, host, port, resolved)
+        if verdict is None:
+            verdict = await self._hold(container, host, port, resolved, client_gone)
+        verdict.resolved_hostname = resolved
+        verdict.elapsed_ms = (time.perf_counter() - t0) * 1000
+        self.record(container, host, port, method, verdict)
+        return verdict
+
+    def _decide_now(self, container: str, host: str, port: int, resolved: str | None) -> Verdict | None:
+        if self.is_own_listener(host, port):
+            return Verdict(False, "guard")
+        mode = self.silent.active_mode()
+        if mode == "allow":
+            return Verdict(True, "silent_allow")
+        if mode == "deny":
+            return Verdict(False, "silent_deny")
+        d = self.rules.decide(container, host, port, resolved_hostname=resolved)
+        if d.rule is not None:
+            self._hit(d.rule.id)
+            return Verdict(d.rule.action == "allow", "rule", d.rule.id)
+        return None
+
+    def check_request(self, container: str, host: str, port: int) -> Verdict:
+        """Per-request re-check on a kept-alive connection: rules only, no hold (already decided)."""
+        host = normalise_host(host)
+        v = self._decide_now(container, host, port, self.resolved_name(host))
+        return v if v is not None else Verdict(False, "default_deny")
+
+    async def _hold(self, container: str, host: str, port: int, resolved: str | None,
+                    client_gone: asyncio.Future | None) -> Verdict:
+        key: Key = (container, host, port)
+        if key not in self.holds and self.pending_count >= self.max_pending:
+            return Verdict(False, "queue_full")
+        loop = asyncio.get_running_loop()
+        hold = Hold(key, resolved, loop.create_future())
+        waiters = self.holds.setdefault(key, [])
+        waiters.append(hold)
+        self._waiters_changed(key, len(waiters) - 1, len(waiters))
+        if len(waiters) == 1:
+            self.pending_count += 1  # an estimate until the next refresh from the database
+        self.journal.append("pending", {
+            "container_name": container, "destination_host": host, "destination_port": port,
+            "resolved_hostname": resolved, "ts": time.time(), "waiting": len(waiters),
+        })
+        try:
+            wait = {hold.future}
+            if client_gone is not None:
+                wait.add(client_gone)
+            done, _ = await asyncio.wait(wait, timeout=self.hold_timeout, return_when=asyncio.FIRST_COMPLETED)
+            if hold.future in done:
+                return hold.future.result()
+            if client_gone is not None and client_gone in done:
+                return Verdict(False, "client_gone")
+            return Verdict(False, "hold_timeout")
+        finally:
+            waiters = self.holds.get(key, [])
+            if hold in waiters:
+                waiters.remove(hold)
+                self._waiters_changed(key, len(waiters) + 1, len(waiters))
+            if not waiters:
+                self.holds.pop(key, None)
+
+    def _waiters_changed(self, key: Key, previous: int, current: int) -> None:
+        self.publisher.publish(topics.WAITERS_CHANGED, {
+            "container_name": key[0], "host": key[1], "port": key[2],
+            "previous_count": previous, "current_count": current,
+        })
+
+    def waiters(self) -> list[dict[str, Any]]:
+        return [{"container_name": k[0], "host": k[1], "port": k[2], "count": len(v)}
+                for k, v in self.holds.items() if v]
+
+    def waiting(self) -> int:
+        return sum(len(v) for v in self.holds.values())
+
+    # -- re-evaluation on changes --
+    def reevaluate_holds(self) -> int:
+        """After a rule swap or a silent-mode change: release every hold a decision now covers."""
+        released = 0
+        for key, waiters in list(self.holds.items()):
+            for hold in list(waiters):
+                if hold.future.done():
+                    continue
+                v = self._decide_now(key[0], key[1], key[2], hold.resolved)
+                if v is not None:
+                    hold.future.set_result(v)
+                    released += 1
+        return released
+
+    def block_holds(self, keys: list[Key], reason: str) -> int:
+        n = 0
+        for key in keys:
+            for hold in self.holds.get(key, []):
+                if not hold.future.done():
+                    hold.future.set_result(Verdict(False, reason))
+                    n += 1
+        return n
+
+    def set_rules(self, rules: RuleSet, version: int) -> None:
+        self.rules = rules
+        self.rules_version = version
+        self.reevaluate_holds()
+        self.close_revoked()
+
+    def close_revoked(self) -> int:
+        """Close live connections whose allowing rule was deleted or no longer allows them."""
+        closed = 0
+        for cid, lc in list(self.live.items()):
+            if lc.rule_id is None:
+                continue
+            rule = self.rules.get(lc.rule_id)
+            if rule is not None and rule.action == "allow" and rule.is_active():
+                continue
+            d = self.rules.decide(lc.container, lc.host, lc.port, resolved_hostname=lc.resolved)
+            if d.rule is not None and d.rule.action == "allow":
+                lc.rule_id = d.rule.id  # another rule still allows it
+                continue
+            log.info("closing %s -> %s:%d: rule %s no longer allows it", lc.container, lc.host, lc.port, lc.rule_id)
+            self.live.pop(cid, None)
+            lc.close()
+            closed += 1
+        return closed
+
+    # -- live connections --
+    def track(self, container: str, host: str, port: int, verdict: Verdict, close: Callable[[], None]) -> int:
+        self._live_ids += 1
+        self.live[self._live_ids] = LiveConn(container, normalise_host(host), port, verdict.resolved_hostname,
+                                             verdict.rule_id, close)
+        return self._live_ids
+
+    def untrack(self, cid: int) -> None:
+        self.live.pop(cid, None)
+
+    # -- records --
+    def _hit(self, rule_id: int) -> None:
+        h = self._hits.get(rule_id)
+        now = time.time()
+        if h is None:
+            self._hits[rule_id] = [1, now]
+        else:
+            h[0] += 1
+            h[1] = now
+
+    def flush_hits(self) -> None:
+        hits, self._hits = self._hits, {}
+        for rule_id, (count, last) in hits.items():
+            self.journal.append("rule_hit", {"rule_id": rule_id, "count": int(count), "last_used_at": last})
+
+    def record(self, container: str, host: str, port: int, method: str, verdict: Verdict,
+               mitm_skip_reason: str | None = None) -> None:
+        summary = None
+        if verdict.rule_id is not None:
+            rule = self.rules.get(verdict.rule_id)
+            if rule is not None:
+                summary = rule_summary(rule)
+        self.journal.append("log", {
+            "timestamp": time.time(), "container_name": container, "container_id": "",
+            "destination_host": host, "destination_port": port, "resolved_hostname": verdict.resolved_hostname,
+            "method": method, "result": ALLOWED if verdict.allowed else BLOCKED, "rule_id": verdict.rule_id,
+            "rule_summary": summary, "response_time_ms": round(verdict.elapsed_ms, 3), "reason": verdict.reason,
+            "mitm_skip_reason": mitm_skip_reason,
+        })
+
+    # -- silent mode --
+    def set_silent(self, mode: str | None, duration: float | None) -> dict[str, Any]:
+        s = self.silent
+        if s._timer is not None:
+            s._timer.cancel()
+            s._timer = None
+        s.mode = mode
+        s.expires_at = time.time() + duration if (mode and duration) else None
+        if mode and duration:
+            s._timer = asyncio.get_running_loop().call_later(duration, self._silent_expired)
+        status = s.status()
+        self.publisher.publish(topics.ALLOWALL_CHANGED, status)
+        if mode:
+            self.reevaluate_holds()
+        return status
+
+    def _silent_expired(self) -> None:
+        self.silent._timer = None
+        self.silent.mode = None
+        self.silent.expires_at = None
+        self.publisher.publish(topics.ALLOWALL_CHANGED, self.silent.status())

@@ -1,0 +1,297 @@
+"""The rule pattern dialect (SPEC §2.2): each pattern kind on its own."""
+
+from __future__ import annotations
+
+import pytest
+
+from greyproxy.policy.patterns import (
+    ContainerPattern,
+    DestinationPattern,
+    DestKind,
+    PortPattern,
+    escape_glob,
+    glob_literal_ends,
+    normalise_host,
+    parse_ip,
+    validate_container_pattern,
+    validate_destination_pattern,
+    validate_port_pattern,
+)
+
+
+def dest_matches(pattern: str, host: str) -> bool:
+    h = normalise_host(host)
+    return DestinationPattern.parse(pattern).matches(h, parse_ip(h))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "host", "expected"),
+    [
+        # '*' matches any destination, names and IPs alike
+        ("*", "example.com", True),
+        ("*", "10.0.0.1", True),
+        ("*", "::1", True),
+        # *.example.com: subdomains at any depth, never the apex
+        ("*.example.com", "example.com", False),
+        ("*.example.com", "api.example.com", True),
+        ("*.example.com", "a.b.c.example.com", True),
+        ("*.example.com", "badexample.com", False),
+        ("*.example.com", "example.com.evil.net", False),
+        # **.example.com: the apex too
+        ("**.example.com", "example.com", True),
+        ("**.example.com", "api.example.com", True),
+        ("**.example.com", "x.y.example.com", True),
+        ("**.example.com", "notexample.com", False),
+        ("**.example.com", "com", False),
+        # exact equality only
+        ("example.com", "example.com", True),
+        ("example.com", "api.example.com", False),
+        ("example.com", "example.co", False),
+        # case-insensitive, trailing dot ignored on either side
+        ("Example.COM", "example.com", True),
+        ("example.com", "EXAMPLE.com.", True),
+        ("*.Example.com.", "API.example.COM", True),
+        ("**.example.com", "EXAMPLE.COM.", True),
+        # other globs: '*' crosses dots
+        ("api.*", "api.github.com", True),
+        ("api.*", "api.x.y.z", True),
+        ("api.*", "www.api.github.com", False),
+        ("api.*", "api", False),
+        ("*cdn*", "static.cdn-1.example.net", True),
+        ("*cdn*", "example.net", False),
+        ("registry.npmjs.*", "registry.npmjs.org", True),
+        ("*.example.*", "a.example.org", True),
+        ("*.example.*", "example.org", False),
+        ("*-api.example.com", "eu-api.example.com", True),
+        ("*-api.example.com", "eu.api.example.com", False),
+        ("api?.example.com", "api1.example.com", True),
+        ("api?.example.com", "api.example.com", False),
+        ("api?.example.com", "api12.example.com", False),
+        ("[ab].example.com", "a.example.com", True),
+        ("[ab].example.com", "b.example.com", True),
+        ("[ab].example.com", "c.example.com", False),
+        ("[!ab].example.com", "c.example.com", True),
+        ("[!ab].example.com", "a.example.com", False),
+        ("[A-C]x.com", "bx.com", True),
+        # CIDR v4 and v6 (non-strict network addresses accepted)
+        ("10.0.0.0/8", "10.200.3.4", True),
+        ("10.0.0.0/8", "11.0.0.1", False),
+        ("10.1.2.3/16", "10.1.255.1", True),
+        ("192.168.1.7/32", "192.168.1.7", True),
+        ("192.168.1.7/32", "192.168.1.8", False),
+        ("2001:db8::/32", "2001:db8:0:1::5", True),
+        ("2001:db8::/32", "[2001:DB8::5]", True),
+        ("2001:db8::/32", "2001:db9::5", False),
+        ("::/0", "10.0.0.1", False),  # families never cross
+        ("0.0.0.0/0", "::1", False),
+        # a CIDR never matches a hostname, even one that looks numeric-ish
+        ("10.0.0.0/8", "10.example.com", False),
+        ("0.0.0.0/0", "localhost", False),
+        ("::/0", "example.com", False),
+        # IPv6 literals compare in canonical form
+        ("::1", "0:0:0:0:0:0:0:1", True),
+        ("0:0::1", "[::1]", True),
+        ("2001:DB8:0:0::1", "2001:db8::1", True),
+        ("::1", "::2", False),
+        ("[::1]", "::1", True),
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.0.0.1", "127.0.0.10", False),
+    ],
+)
+def test_destination_patterns(pattern: str, host: str, expected: bool) -> None:
+    assert dest_matches(pattern, host) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "kind", "specificity"),
+    [
+        ("*", DestKind.ANY, 0),
+        ("10.0.0.0/8", DestKind.CIDR, 20),
+        ("**.example.com", DestKind.APEX_AND_SUBDOMAINS, 10),
+        ("*.example.com", DestKind.SUBDOMAINS, 10),
+        ("api.*", DestKind.GLOB, 10),
+        ("*.exa?ple.com", DestKind.GLOB, 10),
+        ("**.ex[a]mple.com", DestKind.GLOB, 10),
+        ("example.com", DestKind.EXACT, 20),
+        ("::1", DestKind.EXACT, 20),
+    ],
+)
+def test_destination_classification(pattern: str, kind: DestKind, specificity: int) -> None:
+    parsed = DestinationPattern.parse(pattern)
+    assert parsed.kind is kind
+    assert parsed.specificity == specificity
+
+
+@pytest.mark.parametrize("pattern", ["", "   ", "10.0.0.0/33", "example.com/8", "10.0.0/x"])
+def test_bad_destination_patterns(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        DestinationPattern.parse(pattern)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "container", "expected"),
+    [
+        ("*", "anything/at/all", True),
+        ("*", "", True),
+        ("opencode", "opencode", True),
+        ("opencode", "OpenCode", False),  # case-sensitive
+        ("opencode", "opencode-2", False),
+        ("open*", "opencode", True),
+        ("open*", "Opencode", False),
+        ("team/*", "team/a", True),
+        ("team/*", "team/a/b", False),  # '*' does not cross '/'
+        ("team/*", "team/", True),
+        ("*/web", "proj/web", True),
+        ("*/web", "a/proj/web", False),
+        ("*/*/web", "a/proj/web", True),
+        ("agent-?", "agent-1", True),
+        ("agent-?", "agent-12", False),
+        ("agent-?", "agent-/", False),
+        ("agent-[12]", "agent-2", True),
+        ("agent-[12]", "agent-3", False),
+        ("agent-[!12]", "agent-3", True),
+        ("a[", "a[", True),  # an unclosed '[' is literal
+        ("a.b*", "a.b.c", True),  # '.' is literal, not a regex wildcard
+        ("a.b*", "axb", False),
+        ("unknown-*", "unknown-127.0.0.1", True),
+    ],
+)
+def test_container_patterns(pattern: str, container: str, expected: bool) -> None:
+    assert ContainerPattern.parse(pattern).matches(container) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "specificity"), [("*", 0), ("web-*", 100), ("w?b", 100), ("[ab]", 100), ("web", 200)]
+)
+def test_container_specificity(pattern: str, specificity: int) -> None:
+    assert ContainerPattern.parse(pattern).specificity == specificity
+
+
+@pytest.mark.parametrize(
+    ("pattern", "normalised", "inside", "outside"),
+    [
+        ("*", "*", [1, 443, 65535], []),
+        ("", "*", [1, 80], []),
+        (None, "*", [22], []),
+        ("443", "443", [443], [80, 444, 442]),
+        ("80,443", "80,443", [80, 443], [81, 442, 8080]),
+        (" 80 , 443 ", "80,443", [80, 443], [81]),
+        ("8000-8999", "8000-8999", [8000, 8500, 8999], [7999, 9000]),
+        ("22,8000-8002", "22,8000-8002", [22, 8001], [23, 8003]),
+        ("443-443", "443", [443], [442, 444]),
+        ("1-65535", "1-65535", [1, 30000, 65535], [0]),
+        ("1000-60000", "1000-60000", [1000, 60000], [999, 60001]),
+    ],
+)
+def test_port_patterns(
+    pattern: str | None, normalised: str, inside: list[int], outside: list[int]
+) -> None:
+    parsed = PortPattern.parse(pattern)
+    assert parsed.text == normalised
+    assert validate_port_pattern(pattern) == normalised
+    assert all(parsed.matches(p) for p in inside)
+    assert not any(parsed.matches(p) for p in outside)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("0", "outside 1..65535"),
+        ("65536", "outside 1..65535"),
+        ("abc", "not a port"),
+        ("80,", "not a port"),
+        (",80", "not a port"),
+        ("80;443", "not a port"),
+        ("9000-8000", "backwards"),
+        ("8000-", "not a port"),
+        ("-5", "not a port"),
+        ("1-2-3", "not a port"),
+        ("+80", "not a port"),
+        ("٨٠", "not a port"),  # non-ASCII digits are not ports
+        ("80,*", "not a port"),
+        ("4 43", "not a port"),
+    ],
+)
+def test_malformed_ports(pattern: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PortPattern.parse(pattern)
+
+
+def test_port_specificity() -> None:
+    assert PortPattern.parse("*").specificity == 0
+    assert PortPattern.parse("443").specificity == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("Example.COM.", "example.com"),
+        ("  example.com ", "example.com"),
+        ("[::1]", "::1"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("2001:DB8:0000::1", "2001:db8::1"),
+        ("fe80::1%eth0", "fe80::1"),
+        ("10.0.0.1", "10.0.0.1"),
+        ("localhost", "localhost"),
+    ],
+)
+def test_normalise_host(host: str, expected: str) -> None:
+    assert normalise_host(host) == expected
+
+
+@pytest.mark.parametrize(
+    ("host", "is_ip"),
+    [("10.0.0.1", True), ("::1", True), ("1.2.3.4.5", False), ("1e100.net", False),
+     ("example.com", False), ("123", False), ("", False)],  # fmt: skip
+)
+def test_parse_ip(host: str, is_ip: bool) -> None:
+    assert (parse_ip(host) is not None) is is_ip
+
+
+@pytest.mark.parametrize(
+    ("pattern", "ends"),
+    [
+        ("api.*", ("api.", "")),
+        ("*.cdn.net", ("", ".cdn.net")),
+        ("a*b?c", ("a", "c")),
+        ("x[ab]y*z", ("x", "z")),
+        ("[]]x", ("", "x")),
+        ("*", ("", "")),
+    ],
+)
+def test_glob_literal_ends(pattern: str, ends: tuple[str, str]) -> None:
+    assert glob_literal_ends(pattern) == ends
+
+
+def test_escape_glob_makes_a_literal_pattern() -> None:
+    escaped = escape_glob("we*ird?[x]")
+    assert escaped == "we[*]ird[?][[]x]"
+    assert ContainerPattern.parse(escaped).matches("we*ird?[x]")
+    assert not ContainerPattern.parse(escaped).matches("weXird?[x]")
+
+
+def test_validate_destination_pattern() -> None:
+    assert validate_destination_pattern("  *.example.com ") == "*.example.com"
+    assert validate_destination_pattern("10.0.0.0/8") == "10.0.0.0/8"
+    for bad, message in [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("exa mple.com", "whitespace"),
+        ("10.0.0.0/99", "CIDR"),
+        ("host/8", "CIDR"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            validate_destination_pattern(bad)
+    with pytest.raises(ValueError, match="string"):
+        validate_destination_pattern(None)  # type: ignore[arg-type]
+
+
+def test_validate_container_pattern() -> None:
+    assert validate_container_pattern(" web ") == "web"
+    assert validate_container_pattern("team/*") == "team/*"
+    with pytest.raises(ValueError, match="empty"):
+        validate_container_pattern("")
+    with pytest.raises(ValueError, match="whitespace"):
+        validate_container_pattern("my container")
+    with pytest.raises(ValueError, match="string"):
+        validate_container_pattern(3)  # type: ignore[arg-type]
