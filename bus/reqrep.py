@@ -130,14 +130,22 @@ class ControlClient:
                     self._sock = self._open()
                 rid = next(self._ids)
                 body = orjson.dumps({"id": rid, "op": op, "args": args or {}})
+                deadline = asyncio.get_running_loop().time() + timeout
                 try:
                     await self._sock.send_multipart([b"", body], zmq.NOBLOCK)
                 except zmq.Again:
-                    # No connected peer yet: wait one try's worth, then reopen.
-                    await asyncio.sleep(timeout)
-                    self._reset()
-                    continue
-                deadline = asyncio.get_running_loop().time() + timeout
+                    # No connected peer yet (a fresh socket connects asynchronously): wait up to
+                    # this try's timeout for the connection, then send; reopen if it never comes.
+                    sent = False
+                    if await self._sock.poll(timeout * 1000, zmq.POLLOUT):
+                        try:
+                            await self._sock.send_multipart([b"", body], zmq.NOBLOCK)
+                            sent = True
+                        except zmq.Again:
+                            pass
+                    if not sent:
+                        self._reset()
+                        continue
                 while True:
                     remaining = deadline - asyncio.get_running_loop().time()
                     if remaining <= 0:

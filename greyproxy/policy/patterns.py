@@ -11,6 +11,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import lru_cache
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -195,7 +196,10 @@ class DestinationPattern:
     kind: DestKind
     value: str  # normalised host (EXACT), the suffix (wildcards) or the lower-cased glob
     network: IPNetwork | None = None
+    # GLOB only: the regex matcher, or None when the literal ends alone decide (see parse).
     glob: Callable[[str], re.Match[str] | None] | None = None
+    prefix: str = ""  # GLOB only: literal text every match starts with
+    suffix: str = ""  # GLOB only: literal text every match ends with
 
     @classmethod
     def parse(cls, pattern: str) -> DestinationPattern:
@@ -220,7 +224,13 @@ class DestinationPattern:
         if p.startswith("[") and p.endswith("]") and parse_ip(p[1:-1]) is not None:
             return cls(pattern, DestKind.EXACT, normalise_host(p))  # '[::1]' is a literal, not a class
         if has_glob(p):
-            return cls(pattern, DestKind.GLOB, p, glob=compile_host_glob(p))
+            prefix, suffix = glob_literal_ends(p)
+            middle = p[len(prefix) : len(p) - len(suffix)]
+            if (not prefix or not suffix) and middle.strip("*") == "":
+                # 'api.*' / '*-cdn.net': startswith/endswith decides, so skip the regex entirely.
+                return cls(pattern, DestKind.GLOB, p, prefix=prefix, suffix=suffix)
+            glob = compile_host_glob(p)
+            return cls(pattern, DestKind.GLOB, p, glob=glob, prefix=prefix, suffix=suffix)
         return cls(pattern, DestKind.EXACT, normalise_host(p))
 
     @property
@@ -243,7 +253,8 @@ class DestinationPattern:
             return host.endswith("." + self.value)
         if kind is DestKind.APEX_AND_SUBDOMAINS:
             return host == self.value or host.endswith("." + self.value)
-        assert self.glob is not None
+        if self.glob is None:
+            return host.startswith(self.prefix) and host.endswith(self.suffix)
         return self.glob(host) is not None
 
 
@@ -265,7 +276,7 @@ class PortRanges:
         return f"PortRanges({self.ranges!r})"
 
 
-_SET_LIMIT = 4096  # below this many ports a frozenset gives a single hash lookup per check
+_SET_LIMIT = 256  # up to this many ports a frozenset gives a single hash lookup per check
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +322,28 @@ class PortPattern:
 
     def matches(self, port: int) -> bool:
         return self.ports is None or port in self.ports
+
+
+# --------------------------------------------------------------------------- cached parsing
+
+# Parsed patterns are immutable and depend only on their text, so every RuleSet rebuild
+# (one per rule change) reuses them instead of recompiling tens of thousands of globs.
+_CACHE_SIZE = 1 << 18
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def container_pattern(text: str) -> ContainerPattern:
+    return ContainerPattern.parse(text)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def destination_pattern(text: str) -> DestinationPattern:
+    return DestinationPattern.parse(text)
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def port_pattern(text: str | None) -> PortPattern:
+    return PortPattern.parse(text)
 
 
 # --------------------------------------------------------------------------- API validation

@@ -28,15 +28,14 @@ from typing import Any, Literal
 
 from .patterns import (
     ContainerKind,
-    ContainerPattern,
-    DestinationPattern,
     DestKind,
     IPAddress,
-    PortPattern,
     PortRanges,
-    glob_literal_ends,
+    container_pattern,
+    destination_pattern,
     normalise_host,
     parse_ip,
+    port_pattern,
 )
 
 ACTIONS = ("allow", "deny")
@@ -146,9 +145,9 @@ class CompiledRule:
         if not rule.container_pattern:
             raise ValueError("container_pattern must not be empty")
         self.rule = rule
-        self.container = ContainerPattern.parse(rule.container_pattern)
-        self.destination = DestinationPattern.parse(rule.destination_pattern)
-        self.port = PortPattern.parse(rule.port_pattern)
+        self.container = container_pattern(rule.container_pattern)
+        self.destination = destination_pattern(rule.destination_pattern)
+        self.port = port_pattern(rule.port_pattern)
         self.specificity = (
             self.container.specificity + self.destination.specificity + self.port.specificity
         )
@@ -325,7 +324,7 @@ class RuleSet:
                 slot(suffix, d.value).add(c, rank, None)
             elif kind is DestKind.APEX_AND_SUBDOMAINS:
                 # '**.x' lives in two tables: the apex 'x' itself, and 'x' as a proper suffix.
-                pass
+                slot(apex, d.value).add(c, rank, None)
                 slot(suffix, d.value).add(c, rank, None)
             elif kind is DestKind.ANY:
                 any_dest.add(c, rank, None)
@@ -336,8 +335,9 @@ class RuleSet:
                 by_len = cidr.setdefault((net.version, net.prefixlen), {})
                 slot(by_len, int(net.network_address) >> shift).add(c, rank, None)
             else:
-                prefix, tail = glob_literal_ends(d.value)
-                # Index on the longer literal end: it is the more selective key.
+                prefix, tail = d.prefix, d.suffix
+                # Index on the longer literal end: it is the more selective key. When d.glob
+                # is None one end is empty, so a hit on the other end's key is a full match.
                 if prefix and len(prefix) >= len(tail):
                     slot(glob_prefix.setdefault(len(prefix), {}), prefix).add(c, rank, d.glob)
                 elif tail:

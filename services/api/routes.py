@@ -1,1 +1,5 @@
 """Imports every REST area so each registers its routes with app.ROUTE_PROVIDERS."""
+
+from . import allowall, logs, pending, rules, settings  # noqa: F401 - imported for their registration
+
+__all__ = ["allowall", "logs", "pending", "rules", "settings"]

@@ -18,6 +18,7 @@ from . import routes  # noqa: F401 - registers the REST areas
 from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
+from .notify import run_notifier
 
 log = logging.getLogger("greyproxy.api")
 
@@ -56,6 +57,7 @@ async def main(rt: ServiceRuntime) -> None:
         timeout_keep_alive=30, server_header=False, date_header=False,
     ))
     tracker = asyncio.create_task(track_heartbeats(ctx))
+    notifier = asyncio.create_task(run_notifier(ctx))
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
     serve = asyncio.create_task(server.serve())
     try:
@@ -67,6 +69,7 @@ async def main(rt: ServiceRuntime) -> None:
         raise
     finally:
         tracker.cancel()
+        notifier.cancel()
 
 
 def run(cfg: Config) -> None:

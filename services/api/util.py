@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import falcon
 import orjson
 
+from bus.reqrep import ControlClient, RemoteError, ServiceUnavailable
 from greyproxy.timeutil import parse_time
 
 from .errors import bad_request
 
 MAX_BODY = 4 * 1024 * 1024
+
+log = logging.getLogger("greyproxy.api")
 
 
 async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type | tuple = dict) -> Any:
@@ -74,3 +78,64 @@ def json_response(resp: falcon.asgi.Response, data: Any, status: int = 200) -> N
     resp.status = falcon.code_to_http_status(status)
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else {bool: "boolean", int: "integer", float: "number", str: "string",
+                                         list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def str_field(body: dict[str, Any], name: str, default: Any = None, *, required: bool = False,
+              max_len: int = 10_000, where: str = "") -> Any:
+    """A string member of a JSON body; null/absent gives `default` (or 400 when required)."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise bad_request(f"{where}{name} is required")
+        return default
+    if not isinstance(value, str):
+        raise bad_request(f"{where}{name} must be a string, not {_kind(value)}")
+    if len(value) > max_len:
+        raise bad_request(f"{where}{name} is longer than {max_len} characters")
+    return value
+
+
+def int_field(body: dict[str, Any], name: str, default: Any = None, *, lo: int | None = None,
+              hi: int | None = None, where: str = "") -> Any:
+    """An integer member of a JSON body (booleans refused); null/absent gives `default`."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_request(f"{where}{name} must be an integer, not {_kind(value)}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise bad_request(f"{where}{name} must be between {lo} and {hi}" if hi is not None
+                          else f"{where}{name} must be at least {lo}")
+    return value
+
+
+def id_list_field(body: dict[str, Any], name: str, max_items: int = 10_000) -> list[int]:
+    """A required JSON array of integer ids, duplicates dropped, order kept."""
+    value = body.get(name)
+    if not isinstance(value, list):
+        raise bad_request(f"{name} must be an array of ids")
+    if len(value) > max_items:
+        raise bad_request(f"{name} has more than {max_items} ids")
+    out: dict[int, None] = {}
+    for i, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise bad_request(f"{name}[{i}] must be an integer id, not {_kind(item)}")
+        out[item] = None
+    return list(out)
+
+
+async def soft_call(client: ControlClient, op: str, args: dict[str, Any] | None = None, timeout: float | None = None,
+                    retries: int = 1, default: Any = None) -> Any:
+    """A control call whose failure must not fail the request: `default` when the peer is down or refuses."""
+    try:
+        return await client.call(op, args or {}, timeout=timeout, retries=retries)
+    except ServiceUnavailable as exc:
+        log.debug("%s %s skipped: %s", client.service, op, exc)
+    except RemoteError as exc:
+        log.warning("%s %s failed: %s", client.service, op, exc)
+    return default

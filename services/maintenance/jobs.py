@@ -30,12 +30,17 @@ class JobState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+# Tables created WITHOUT ROWID have no rowid: batches are picked by their primary key instead.
+KEY_COLUMN = {"journal_applied": "record_id"}
+
+
 def _delete_in_batches(conn: sqlite3.Connection, table: str, where: str, params: tuple) -> int:
     """DELETE ... LIMIT-style in small transactions so other writers interleave."""
     removed = 0
+    key = KEY_COLUMN.get(table, "rowid")
     while True:
         cur = conn.execute(
-            f"DELETE FROM {table} WHERE rowid IN (SELECT rowid FROM {table} WHERE {where} LIMIT {BATCH})", params
+            f"DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {where} LIMIT {BATCH})", params
         )
         removed += cur.rowcount
         if cur.rowcount < BATCH:

@@ -28,6 +28,7 @@ Key = tuple[str, str, int]  # (container, host, port)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
+NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
 
 
 @dataclass(slots=True)
@@ -106,7 +107,9 @@ class Gate:
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
         entry = self.names.get(host)
-        return entry[0] if entry else None
+        if entry is None or time.time() - entry[1] > NAME_TTL:
+            return None  # older than an hour: the address may belong to someone else by now
+        return entry[0]
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""

@@ -1,0 +1,606 @@
+"""Sans-I/O HTTP/1.x for a forward proxy: request/response head parsing (via httptools), body framing,
+and rendering. Bytes in, values out; no sockets, no asyncio.
+
+Strictness is deliberate: anything whose framing two parties could read differently (request
+smuggling) is refused with 400 instead of being guessed at.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+__all__ = [
+    "BodyReader",
+    "HttpError",
+    "RequestHead",
+    "ResponseHead",
+    "UpstreamError",
+    "canonical_host",
+    "parse_basic_user",
+    "parse_request_head",
+    "parse_response_head",
+    "render_request_head",
+    "render_response",
+    "render_response_head",
+]
+
+_HEAD_END = b"\r\n\r\n"
+_H2_PREFACE = b"PRI * HTTP/2.0"
+_VERSIONS = ("1.0", "1.1")
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones clients still send to proxies.
+_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization",
+                         "proxy-authenticate", "te", "trailer", "upgrade"})
+# A client must never be able to strip message framing (or Host) by naming it in Connection.
+_NEVER_CONNECTION_DROPPED = frozenset({"content-length", "transfer-encoding", "host"})
+_BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_LABEL_RE = re.compile(r"[a-z0-9_-]{1,63}")
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what inet_aton would read as a number
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.S)
+_CL_RE = re.compile(r"[0-9]{1,18}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+# RFC 9110 wording; older Pythons' HTTPStatus still says 'Request-URI Too Long' and the like.
+_REASONS = {413: "Content Too Large", 414: "URI Too Long"}
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+class HttpError(Exception):
+    """The client's request is unacceptable; `status`/`reason` are what to answer it with."""
+
+    def __init__(self, status: int, detail: str = "", reason: str | None = None) -> None:
+        if reason is None:
+            reason = _REASONS.get(status) or _phrase(status)
+        super().__init__(detail or reason)
+        self.status = status
+        self.reason = reason
+
+
+class UpstreamError(Exception):
+    """The origin server's response is unacceptable (our peer misbehaved, not the client)."""
+
+
+def _bad(detail: str) -> HttpError:
+    return HttpError(400, detail)
+
+
+# ---------------------------------------------------------------------------- hosts
+
+
+def canonical_host(raw: str) -> str:
+    """Lower-case host, IPv6 without brackets and compressed; ValueError for anything else.
+
+    Names ending in a numeric label must be strict dotted-quad IPv4: resolvers read '127.1' or
+    '2130706433' as 127.0.0.1, which would slip past rules written for the address.
+    """
+    host = raw.lower()
+    if host.startswith("["):
+        if not host.endswith("]") or "%" in host:
+            raise ValueError("bad IPv6 literal")
+        return ipaddress.IPv6Address(host[1:-1]).compressed
+    if ":" in host:
+        if "%" in host:
+            raise ValueError("zone ids are not accepted")
+        return ipaddress.IPv6Address(host).compressed
+    name = host[:-1] if host.endswith(".") else host
+    labels = name.split(".")
+    if not name or len(name) > 253 or not all(_LABEL_RE.fullmatch(label) for label in labels):
+        raise ValueError("bad host name")
+    last = labels[-1]
+    if _NUMERIC_LABEL.fullmatch(last):
+        return str(ipaddress.IPv4Address(name))  # rejects '127.1', '0x7f.0.0.1', '010.0.0.1'
+    return host
+
+
+def _split_authority(authority: str, port_required: bool, default_port: int) -> tuple[str, int]:
+    """'host[:port]' or '[v6][:port]' → (canonical host, port); HttpError(400) on anything odd."""
+    if "@" in authority:
+        raise _bad("userinfo is not allowed in the request target")
+    if authority.startswith("["):
+        close = authority.find("]")
+        if close < 0:
+            raise _bad("unterminated IPv6 literal")
+        host_part, rest = authority[:close + 1], authority[close + 1:]
+        if rest and not rest.startswith(":"):
+            raise _bad("junk after IPv6 literal")
+        port_text = rest[1:] if rest else None
+    else:
+        host_part, sep, port_text_raw = authority.partition(":")
+        port_text = port_text_raw if sep else None
+    if not host_part:
+        raise _bad("missing host")
+    if port_text is None or port_text == "":
+        if port_required:
+            raise _bad("target must be host:port")
+        port = default_port
+    else:
+        if not _PORT_RE.fullmatch(port_text):
+            raise _bad("bad port")
+        port = int(port_text)
+        if not 0 < port <= 65535:
+            raise _bad("bad port")
+    try:
+        host = canonical_host(host_part)
+    except ValueError:
+        raise _bad("bad host") from None
+    return host, port
+
+
+# ---------------------------------------------------------------------------- headers
+
+
+def _tokens(headers: list[tuple[str, str]], name: str) -> list[str]:
+    """Comma-separated tokens of every `name` header, lower-cased, empties dropped."""
+    out: list[str] = []
+    for k, v in headers:
+        if k.lower() == name:
+            out.extend(t.strip().lower() for t in v.split(",") if t.strip())
+    return out
+
+
+def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+    lname = name.lower()
+    for k, v in headers:
+        if k.lower() == lname:
+            return v
+    return None
+
+
+def _keep_alive(version: str, connection: list[str]) -> bool:
+    """HTTP/1.1 is persistent unless 'close'; HTTP/1.0 only with an explicit 'keep-alive'."""
+    if "close" in connection:
+        return False
+    return version == "1.1" or "keep-alive" in connection
+
+
+def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception]) -> tuple[bool, int | None, bool]:
+    """(chunked, content_length, until_close_if_response) from TE/CL, refusing ambiguous framing."""
+    te = _tokens(headers, "transfer-encoding")
+    has_te = any(k.lower() == "transfer-encoding" for k, _ in headers)
+    cls = [v for k, v in headers if k.lower() == "content-length"]
+    if has_te and cls:
+        raise err("both Content-Length and Transfer-Encoding")  # the classic smuggling pair
+    if len(cls) > 1:
+        raise err("more than one Content-Length")
+    if has_te:
+        if not te or "chunked" in te[:-1]:
+            raise err("bad Transfer-Encoding")
+        return te[-1] == "chunked", None, te[-1] != "chunked"
+    if cls:
+        if not _CL_RE.fullmatch(cls[0]):
+            raise err("bad Content-Length")
+        return False, int(cls[0]), False
+    return False, None, True
+
+
+def _filter_hop_by_hop(headers: list[tuple[str, str]], keep_upgrade: bool) -> list[tuple[str, str]]:
+    """Drop hop-by-hop fields, all Proxy-*, and whatever Connection names (never framing/Host)."""
+    named = set(_tokens(headers, "connection")) - _NEVER_CONNECTION_DROPPED
+    if keep_upgrade:
+        named.discard("upgrade")
+    out: list[tuple[str, str]] = []
+    for k, v in headers:
+        lk = k.lower()
+        if lk == "upgrade" and keep_upgrade:
+            out.append((k, v))
+        elif lk in _HOP_BY_HOP or lk.startswith("proxy-") or lk in named:
+            continue
+        else:
+            out.append((k, v))
+    return out
+
+
+def parse_basic_user(value: str) -> str | None:
+    """The user name of a 'Basic base64(user:pass)' credential; the password is dropped unread."""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, ValueError):
+        return None
+    user, sep, _ = decoded.partition(":")
+    if not sep or not user or user == "proxy" or not user.isprintable():
+        return None
+    return user
+
+
+# ---------------------------------------------------------------------------- request head
+
+
+@dataclass
+class RequestHead:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    host: str = ""
+    port: int = 0
+    scheme: str = ""
+    path: str = ""
+    keep_alive: bool = True
+    chunked: bool = False
+    content_length: int | None = None
+    expect_continue: bool = False
+    upgrade: str | None = None
+    proxy_user: str | None = None
+    authority: str = field(default="", repr=False)  # Host value for upstream, from the target
+
+    def header(self, name: str) -> str | None:
+        return _first(self.headers, name)
+
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
+        # RFC 9112 §3.2.2: a proxy replaces Host with the target's authority (no Host/URI mismatch).
+        rest = [(k, v) for k, v in _filter_hop_by_hop(self.headers, self.upgrade is not None)
+                if k.lower() != "host"]
+        out = [("Host", self.authority)] + rest
+        if self.upgrade is not None:
+            out.append(("Connection", "upgrade"))
+        return out
+
+
+class _Collector:
+    """httptools callback target: gathers the head pieces."""
+
+    def __init__(self) -> None:
+        self.url = bytearray()
+        self.status = bytearray()
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_status(self, status: bytes) -> None:
+        self.status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+_BLANK_LINES = re.compile(rb"(?:\r\n)*")
+
+
+def _skip_blank_lines(buf: bytes) -> int:
+    """RFC 9112 §2.2: empty lines before a request line are ignored (some clients send them)."""
+    m = _BLANK_LINES.match(buf)
+    return m.end() if m else 0
+
+
+def _run_parser(parser: httptools.HttpRequestParser | httptools.HttpResponseParser, data: bytes) -> str | None:
+    """Feed `data`; None when accepted, else the parser's complaint."""
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:
+        pass  # CONNECT / Upgrade: the head itself was fine
+    except httptools.HttpParserError as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for name, value in raw:
+        v = value.decode("latin-1").strip(" \t")
+        if _BAD_VALUE_CHARS.search(v):
+            raise err("control character in header value")
+        headers.append((name.decode("latin-1"), v))
+    return headers
+
+
+def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
+    line_end = buf.find(b"\r\n", start, start + max_header_bytes + 2)
+    if line_end < 0:
+        return HttpError(414, "request line too long")
+    return HttpError(431, "request head too large")
+
+
+def parse_request_head(buf: bytes, max_header_bytes: int = 65536,
+                       max_headers: int = 100) -> tuple[RequestHead, int] | None:
+    """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used)."""
+    start = _skip_blank_lines(buf)
+    if buf.startswith(_H2_PREFACE, start):
+        raise HttpError(505, "HTTP/2 is not supported by this proxy")
+    # Sizes count from the very start of buf, so endless blank lines are bounded too.
+    end = buf.find(_HEAD_END, start, max_header_bytes + len(_HEAD_END))
+    if end < 0:
+        if len(buf) > max_header_bytes:
+            raise _too_big(buf, start, max_header_bytes)
+        # Catch garbage early (e.g. TLS sent to the HTTP port) instead of waiting for 64 KiB.
+        probe = _Collector()
+        problem = _run_parser(httptools.HttpRequestParser(probe), buf[start:])
+        if problem is not None:
+            raise _bad(problem)
+        if probe.complete:
+            raise _bad("head not terminated by CRLF CRLF")
+        if len(probe.headers) > max_headers:
+            raise HttpError(431, "too many headers")
+        return None
+    consumed = end + len(_HEAD_END)
+    if consumed > max_header_bytes:
+        raise _too_big(buf, start, max_header_bytes)
+
+    col = _Collector()
+    parser = httptools.HttpRequestParser(col)
+    problem = _run_parser(parser, buf[start:consumed])
+    if problem is not None:
+        raise _bad(problem)
+    if not col.complete:
+        raise _bad("incomplete request head")
+    if len(col.headers) > max_headers:
+        raise HttpError(431, "too many headers")
+    version = parser.get_http_version()
+    if version not in _VERSIONS:
+        raise HttpError(505, f"HTTP/{version} is not supported")
+    method = parser.get_method().decode("latin-1")
+    target = col.url.decode("latin-1")
+    headers = _decode_headers(col.headers, _bad)
+    head = RequestHead(method=method, target=target, version=version, headers=headers)
+    _derive_target(head)
+    _derive_request_headers(head)
+    return head, consumed
+
+
+def _derive_target(head: RequestHead) -> None:
+    """host/port/scheme/path/authority from the request-target (authority- or absolute-form)."""
+    if head.method == "CONNECT":
+        head.host, head.port = _split_authority(head.target, True, 0)
+        head.authority = head.target
+        return
+    m = _SCHEME_RE.fullmatch(head.target)
+    if m is None:
+        raise HttpError(400, "absolute URI required")
+    scheme, authority, rest = m.group(1).lower(), m.group(2), m.group(3)
+    if scheme not in _DEFAULT_PORTS:
+        raise _bad(f"unsupported scheme {scheme!r}")
+    head.scheme = scheme
+    head.host, head.port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
+    head.authority = authority
+    path = rest.partition("#")[0]  # fragments are never sent to a server
+    if not path:
+        path = "*" if head.method == "OPTIONS" else "/"  # RFC 9112 §3.2.4
+    elif path.startswith("?"):
+        path = "/" + path
+    head.path = path
+
+
+def _derive_request_headers(head: RequestHead) -> None:
+    headers = head.headers
+    chunked, length, _ = _framing(headers, _bad)
+    if chunked and head.version == "1.0":
+        raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty
+    if any(k.lower() == "transfer-encoding" for k, _ in headers) and not chunked:
+        raise _bad("Transfer-Encoding must end with chunked")
+    head.chunked, head.content_length = chunked, length
+    connection = _tokens(headers, "connection")
+    head.keep_alive = _keep_alive(head.version, connection)
+    expect = _first(headers, "expect")
+    head.expect_continue = expect is not None and expect.lower() == "100-continue"
+    upgrade = _first(headers, "upgrade")
+    head.upgrade = upgrade if upgrade and "upgrade" in connection and head.method != "CONNECT" else None
+    auth = _first(headers, "proxy-authorization")
+    head.proxy_user = parse_basic_user(auth) if auth is not None else None
+    # The credential is consumed here; keeping it would leak the password into logs and captures.
+    head.headers = [(k, "[redacted]") if k.lower() == "proxy-authorization" else (k, v) for k, v in headers]
+
+
+# ---------------------------------------------------------------------------- response head
+
+
+@dataclass
+class ResponseHead:
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    keep_alive: bool
+    chunked: bool
+    content_length: int | None
+    has_body: bool
+    until_close: bool
+
+    def header(self, name: str) -> str | None:
+        return _first(self.headers, name)
+
+
+def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
+                        request_method: str = "GET") -> tuple[ResponseHead, int] | None:
+    """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad."""
+    end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
+    if end < 0:
+        if len(buf) > max_header_bytes:
+            raise UpstreamError("response head too large")
+        probe = _Collector()
+        problem = _run_parser(httptools.HttpResponseParser(probe), buf)
+        if problem is not None:
+            raise UpstreamError(problem)
+        if probe.complete:
+            raise UpstreamError("response head not terminated by CRLF CRLF")
+        return None
+    consumed = end + len(_HEAD_END)
+    col = _Collector()
+    parser = httptools.HttpResponseParser(col)
+    problem = _run_parser(parser, buf[:consumed])
+    if problem is not None:
+        raise UpstreamError(problem)
+    if not col.complete:
+        raise UpstreamError("incomplete response head")
+    version = parser.get_http_version()
+    if version not in _VERSIONS:
+        raise UpstreamError(f"unsupported response version HTTP/{version}")
+    status = parser.get_status_code()
+    headers = _decode_headers(col.headers, UpstreamError)
+    chunked, length, until_close = _framing(headers, UpstreamError)
+    # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
+    bodiless = (request_method.upper() == "HEAD" or 100 <= status < 200 or status in (204, 304)
+                or (request_method.upper() == "CONNECT" and 200 <= status < 300))
+    if bodiless:
+        has_body, until_close = False, False
+    else:
+        has_body = chunked or until_close or (length or 0) > 0
+    keep_alive = _keep_alive(version, _tokens(headers, "connection")) and not until_close
+    head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
+                        headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
+                        content_length=length, has_body=has_body, until_close=until_close)
+    return head, consumed
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _check_field(*parts: str) -> None:
+    for part in parts:
+        if _BAD_VALUE_CHARS.search(part):
+            raise ValueError(f"CR/LF/NUL in an HTTP field: {part!r}")  # header injection guard
+
+
+def render_request_head(method: str, path: str, version: str, headers: list[tuple[str, str]]) -> bytes:
+    _check_field(method, path, version)
+    lines = [f"{method} {path} HTTP/{version}\r\n"]
+    for k, v in headers:
+        _check_field(k, v)
+        lines.append(f"{k}: {v}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
+    """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
+    _check_field(resp.reason)
+    lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
+    for k, v in _filter_hop_by_hop(resp.headers, False):
+        _check_field(k, v)
+        lines.append(f"{k}: {v}\r\n")
+    lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
+    return "".join(lines).encode("latin-1")
+
+
+def render_response(status: int, reason: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None,
+                    close: bool = True) -> bytes:
+    """A complete proxy-generated response (403/502/...) framed by Content-Length."""
+    extra = [(k, v) for k, v in (headers or [])
+             if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+    if not any(k.lower() == "content-type" for k, _ in extra):
+        extra.append(("Content-Type", "text/plain; charset=utf-8"))
+    extra.append(("Content-Length", str(len(body))))
+    if close:
+        extra.append(("Connection", "close"))
+    _check_field(reason)
+    lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+    for k, v in extra:
+        _check_field(k, v)
+        lines.append(f"{k}: {v}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1") + body
+
+
+# ---------------------------------------------------------------------------- body framing
+
+_MAX_CHUNK_LINE = 4096
+_MAX_TRAILERS = 65536
+# Whitespace after the size only before an extension (RFC 9112 §7.1.1 BWS); no bare CR or LF.
+_CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\x00-\x08\x0a-\x1f\x7f]*)?\r\n")
+_TRAILER_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\x00-\x08\x0a-\x1f\x7f]*\r\n")
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class BodyReader:
+    """Finds where one message body ends while its bytes are relayed untouched."""
+
+    def __init__(self, content_length: int | None, chunked: bool, until_close: bool = False) -> None:
+        self.chunked = chunked
+        self.until_close = until_close and not chunked
+        self.remaining = 0 if chunked or content_length is None else content_length
+        self.done = not chunked and not self.until_close and self.remaining == 0
+        self._state = _SIZE
+        self._line = bytearray()  # partial chunk-size / trailer line, or the CRLF after chunk data
+        self._trailer_bytes = 0
+
+    def feed(self, data: bytes) -> tuple[bytes, bytes, bool]:
+        """(bytes to forward verbatim, bytes past the end of the body, body finished)."""
+        if self.done:
+            return b"", data, True
+        if self.until_close:
+            return data, b"", False
+        if not self.chunked:
+            n = min(self.remaining, len(data))
+            self.remaining -= n
+            self.done = self.remaining == 0
+            return data[:n], data[n:], self.done
+        end = self._feed_chunked(data)
+        return data[:end], data[end:], self.done
+
+    def _feed_chunked(self, data: bytes) -> int:
+        """Advance the chunked state machine; the index just past what belongs to this body."""
+        pos, n = 0, len(data)
+        while pos < n and not self.done:
+            if self._state == _DATA:
+                take = min(self.remaining, n - pos)
+                pos += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._state = _DATA_END
+            elif self._state == _DATA_END:
+                need = 2 - len(self._line)
+                self._line += data[pos:pos + need]
+                pos += min(need, n - pos)
+                if len(self._line) == 2:
+                    if self._line != b"\r\n":
+                        raise _bad("chunk data not followed by CRLF")
+                    self._line.clear()
+                    self._state = _SIZE
+                elif self._line != b"\r":
+                    raise _bad("chunk data not followed by CRLF")
+            else:
+                pos = self._feed_line(data, pos)
+        return pos
+
+    def _feed_line(self, data: bytes, pos: int) -> int:
+        """Collect one CRLF-terminated line (chunk size or trailer) and act on it."""
+        limit = _MAX_CHUNK_LINE if self._state == _SIZE else _MAX_TRAILERS - self._trailer_bytes
+        lf = data.find(b"\n", pos)
+        if lf < 0:
+            self._line += data[pos:]
+            if len(self._line) > limit:
+                raise _bad("chunk framing line too long")
+            return len(data)
+        self._line += data[pos:lf + 1]
+        if len(self._line) > limit + 1:
+            raise _bad("chunk framing line too long")
+        line = bytes(self._line)
+        self._line.clear()
+        if self._state == _SIZE:
+            m = _CHUNK_SIZE_RE.fullmatch(line)
+            if m is None:
+                raise _bad("malformed chunk size line")
+            size = int(m.group(1), 16)
+            self.remaining = size
+            self._state = _DATA if size else _TRAILER
+        elif line == b"\r\n":
+            self._state, self.done = _DONE, True
+        else:
+            if _TRAILER_RE.fullmatch(line) is None:
+                raise _bad("malformed trailer field")
+            self._trailer_bytes += len(line)
+        return lf + 1
