@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from greyproxy.policy import Rule, RuleSet  # noqa: E402
+from greyproxy.policy import Rule, RuleSet
 
 NOW = time.time()
 Query = tuple[str, str, int]
@@ -35,9 +35,7 @@ def make_rules(n: int, rng: random.Random) -> list[Rule]:
     for i in range(1, n + 1):
         roll = rng.random()
         c = rng.randrange(containers)
-        container = (
-            f"agent{c}" if roll < 0.5 else f"team{c}/*" if roll < 0.8 else "*"
-        )
+        container = f"agent{c}" if roll < 0.5 else f"team{c}/*" if roll < 0.8 else "*"
         kind = rng.random()
         if kind < 0.40:
             dest = f"svc{i}.example{i % 97}.com"
@@ -47,7 +45,8 @@ def make_rules(n: int, rng: random.Random) -> list[Rule]:
             dest = f"**.d{i}.org"
         elif kind < 0.85:
             plen = rng.choice((8, 16, 24, 28, 32))
-            dest = f"{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}/{plen}"
+            octets = [rng.randrange(1, 224)] + [rng.randrange(256) for _ in range(3)]
+            dest = ".".join(map(str, octets)) + f"/{plen}"
         elif kind < 0.87:
             dest = f"2001:db8:{i % 65536:x}::/48"
         elif kind < 0.93:
@@ -65,7 +64,7 @@ def make_rules(n: int, rng: random.Random) -> list[Rule]:
         source = rng.choices(("global", "session", "builtin"), (0.9, 0.08, 0.02))[0]
         expires = None if rng.random() < 0.8 else NOW + rng.choice((-3600, 3600, 86400))
         rules.append(Rule(i, container, dest, port, action, source, expires))
-    # A few globs with no literal prefix or suffix: these are scanned linearly, as in real life rare.
+    # A few globs with no literal prefix or suffix: scanned linearly, and as rare as in real life.
     for k in range(5):
         rules.append(Rule(n + k + 1, "*", f"*tracker{k}*", "*", "deny"))
     return rules
@@ -104,7 +103,11 @@ def miss_query(i: int, rng: random.Random) -> Query:
         return f"stranger{i}", f"x{i}.unknown{i % 50}.io", 443
     if choice == 1:
         return f"stranger{i}", f"deep.sub.domain{i}.nowhere.example", 8443
-    return f"stranger{i}", f"240.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}", 443
+    return (
+        f"stranger{i}",
+        f"240.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(256)}",
+        443,
+    )
 
 
 def time_queries(rs: RuleSet, queries: list[Query]) -> list[float]:

@@ -145,9 +145,10 @@ class JournalWriter:
             records = [self._queue.popleft() for _ in range(n)]
             bid = next(self._batch_ids)
             body = orjson.dumps({"b": bid, "r": records}, option=orjson.OPT_NON_STR_KEYS)
-            try:
-                self._sock.send_multipart([b"", body], zmq.NOBLOCK)
-            except zmq.Again:
+            # On a zmq.asyncio socket a NOBLOCK send resolves at once and EAGAIN (no recorder
+            # connected) comes back inside the returned future rather than being raised.
+            fut = self._sock.send_multipart([b"", body], zmq.NOBLOCK)
+            if fut.done() and fut.exception() is not None:
                 self._queue.extendleft(reversed(records))
                 return
             self._inflight[bid] = (now, records)

@@ -18,19 +18,18 @@ bucket could beat the best rule found so far.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .patterns import (
     ContainerKind,
     DestKind,
-    IPAddress,
     PortRanges,
+    analyse_host,
     container_pattern,
     destination_pattern,
     normalise_host,
@@ -59,11 +58,14 @@ class Rule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Rule:
-        """Build from REST-named fields (a JSON body or a stored row as a dict)."""
+        """Build from REST-named fields (a JSON body or a stored row); ValueError if bad."""
+        for required in ("container_pattern", "destination_pattern"):
+            if not isinstance(data.get(required), str):
+                raise ValueError(f"{required} is required and must be a string")
         return cls(
             id=int(data.get("id") or 0),
-            container_pattern=str(data["container_pattern"]),
-            destination_pattern=str(data["destination_pattern"]),
+            container_pattern=data["container_pattern"],
+            destination_pattern=data["destination_pattern"],
             port_pattern=str(data.get("port_pattern") or "*"),
             action=_checked(str(data.get("action") or "allow"), ACTIONS, "action"),
             source=_checked(str(data.get("source") or "global"), tuple(LAYERS), "source"),
@@ -91,17 +93,19 @@ def _checked(value: str, allowed: tuple[str, ...], name: str) -> str:
 
 
 def to_epoch(value: Any) -> float | None:
-    """expires_at as epoch seconds from None, a number, a datetime (naive = UTC) or RFC 3339 text."""
+    """expires_at in epoch seconds from None, a number, a datetime (naive = UTC) or RFC 3339."""
     if value is None or value == "":
         return None
     if isinstance(value, datetime):
-        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
     if isinstance(value, bool):
         raise ValueError("expires_at must be a timestamp")
     if isinstance(value, (int, float)):
         return float(value)
     if isinstance(value, str):
-        from greyproxy.timeutil import parse_time  # late import: policy stays usable on its own
+        from greyproxy.timeutil import (
+            parse_time,  # late import: policy stays usable on its own
+        )
 
         return parse_time(value)
     raise ValueError(f"expires_at must be a timestamp, not {type(value).__name__}")
@@ -137,7 +141,7 @@ def builtin_rules() -> list[dict[str, Any]]:
 class CompiledRule:
     """A Rule with its three patterns parsed; ``matches`` is the reference predicate."""
 
-    __slots__ = ("rule", "container", "destination", "port", "specificity", "expires")
+    __slots__ = ("container", "destination", "expires", "port", "rule", "specificity")
 
     def __init__(self, rule: Rule) -> None:
         _checked(rule.action, ACTIONS, "action")
@@ -265,20 +269,20 @@ class RuleSet:
     """An immutable, indexed snapshot of rules. Build a new one whenever rules change."""
 
     __slots__ = (
-        "rules",
-        "rejected",
-        "_ordered",
-        "_by_id",
-        "_none",
-        "_exact",
-        "_apex",
-        "_suffix",
         "_any",
+        "_apex",
+        "_by_id",
         "_cidr4",
         "_cidr6",
+        "_exact",
         "_glob_prefix",
-        "_glob_suffix",
         "_glob_rest",
+        "_glob_suffix",
+        "_none",
+        "_ordered",
+        "_suffix",
+        "rejected",
+        "rules",
     )
 
     def __init__(self, rules: Iterable[Rule] = (), *, skip_invalid: bool = False) -> None:
@@ -370,12 +374,11 @@ class RuleSet:
     def get(self, rule_id: int) -> Rule | None:
         return self._by_id.get(rule_id)
 
-    def match(
-        self, container: str, host: str, port: int, now: float | None = None
-    ) -> Rule | None:
+    def match(self, container: str, host: str, port: int, now: float | None = None) -> Rule | None:
         """The winning active rule for this exact destination, or None."""
+        name, version, ip = analyse_host(host)
         rank = self._best_rank(
-            container, normalise_host(host), int(port), time.time() if now is None else now
+            container, name, version, ip, int(port), time.time() if now is None else now
         )
         return None if rank == self._none else self._ordered[rank]
 
@@ -398,7 +401,9 @@ class RuleSet:
                 return Decision(rule, "resolved")
         return _NO_DECISION
 
-    def _best_rank(self, container: str, host: str, port: int, now: float) -> int:
+    def _best_rank(
+        self, container: str, host: str, version: int, ip: int, port: int, now: float
+    ) -> int:
         best = self._none
         bucket = self._exact.get(host)
         if bucket is not None:
@@ -417,10 +422,12 @@ class RuleSet:
                 dot = host.find(".", dot + 1)
         if self._any is not None:
             best = _scan(self._any, container, host, port, now, best)
-        if self._cidr4 or self._cidr6:
-            ip = parse_ip(host)
-            if ip is not None:
-                best = self._scan_cidr(ip, container, host, port, now, best)
+        if version:
+            # Only IP destinations consult CIDR rules; each prefix length is one dict probe.
+            for shift, networks in self._cidr4 if version == 4 else self._cidr6:
+                bucket = networks.get(ip >> shift)
+                if bucket is not None:
+                    best = _scan(bucket, container, host, port, now, best)
         for length, table in self._glob_prefix:
             bucket = table.get(host[:length])
             if bucket is not None:
@@ -432,15 +439,4 @@ class RuleSet:
                     best = _scan(bucket, container, host, port, now, best)
         if self._glob_rest is not None:
             best = _scan(self._glob_rest, container, host, port, now, best)
-        return best
-
-    def _scan_cidr(
-        self, ip: IPAddress, container: str, host: str, port: int, now: float, best: int
-    ) -> int:
-        tables = self._cidr4 if isinstance(ip, ipaddress.IPv4Address) else self._cidr6
-        value = int(ip)
-        for shift, table in tables:
-            bucket = table.get(value >> shift)
-            if bucket is not None:
-                best = _scan(bucket, container, host, port, now, best)
         return best

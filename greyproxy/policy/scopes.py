@@ -31,9 +31,8 @@ def parse_duration(text: str) -> float | None:
         return ONCE_SECONDS
     m = _DURATION.match(value)
     if m is None:
-        raise ValueError(
-            f"duration {text!r} is not one of {', '.join(DURATION_PRESETS)} or '<N>m', '<N>h', '<N>d'"
-        )
+        choices = ", ".join(DURATION_PRESETS)
+        raise ValueError(f"duration {text!r} is not one of {choices} or '<N>m', '<N>h', '<N>d'")
     count = int(m.group(1))
     if count <= 0:
         raise ValueError(f"duration {text!r} must be positive")

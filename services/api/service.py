@@ -15,6 +15,7 @@ from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
 from . import routes  # noqa: F401 - registers the REST areas
+from . import ws  # registers /ws; its bridge task is started below
 from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
@@ -58,6 +59,7 @@ async def main(rt: ServiceRuntime) -> None:
     ))
     tracker = asyncio.create_task(track_heartbeats(ctx))
     notifier = asyncio.create_task(run_notifier(ctx))
+    bridge = asyncio.create_task(ws.run_bridge(ctx))
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
     serve = asyncio.create_task(server.serve())
     try:
@@ -70,6 +72,7 @@ async def main(rt: ServiceRuntime) -> None:
     finally:
         tracker.cancel()
         notifier.cancel()
+        bridge.cancel()
 
 
 def run(cfg: Config) -> None:

@@ -158,7 +158,9 @@ def address_names(response: dns.message.Message) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     for rrset in response.answer:
         if rrset.rdtype in _ADDRESS_TYPES and rrset.rdclass == dns.rdataclass.IN:
-            out.extend((normalise_host(rd.address), name) for rd in rrset)
+            # 0.0.0.0 / :: is how filtering resolvers say "blocked": not an address of that name.
+            out.extend((normalise_host(rd.address), name) for rd in rrset
+                       if not ipaddress.ip_address(rd.address).is_unspecified)
     return out
 
 
@@ -204,7 +206,7 @@ def decode_query(data: bytes) -> Decoded:
     """Client bytes → what to do with them. Never raises."""
     try:
         query = dns.message.from_wire(data)
-    except Exception:  # dnspython raises many kinds for hostile input: all mean "malformed"
+    except Exception:  # dnspython raises many kinds for hostile input (and for TSIG we hold no key for)
         return Decoded(reply=_header_error(data, dns.rcode.FORMERR))
     try:
         if query.flags & dns.flags.QR:
@@ -216,8 +218,6 @@ def decode_query(data: bytes) -> Decoded:
         rdtype = query.question[0].rdtype
         if dns.rdatatype.is_metatype(rdtype) and rdtype != dns.rdatatype.ANY:
             return Decoded(reply=error_reply(query, dns.rcode.NOTIMP))  # AXFR/IXFR/OPT... are not forwarded
-        if query.had_tsig:
-            return Decoded(reply=error_reply(query, dns.rcode.REFUSED))  # we hold no keys to verify or re-sign
         return Decoded(query=query)
     except Exception:
         return Decoded(reply=_header_error(data, dns.rcode.FORMERR))

@@ -38,6 +38,8 @@ class Verdict:
     rule_id: int | None = None
     resolved_hostname: str | None = None
     elapsed_ms: float = 0.0
+    # (container, host, port, method) of a tunnel's log entry still to write (see Gate.finish_log).
+    log_pending: tuple[str, str, int, str] | None = None
 
 
 @dataclass
@@ -103,6 +105,9 @@ class Gate:
         self._hits: dict[int, list[float]] = {}
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
         self.decisions = 0
+        # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
+        # mitm_skip_reason, which is known only once the client's first bytes are seen.
+        self.defer_tunnel_logs = False
 
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
@@ -138,8 +143,17 @@ class Gate:
             verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
         verdict.elapsed_ms = (time.perf_counter() - t0) * 1000
-        self.record(container, host, port, method, verdict)
+        if verdict.allowed and self.defer_tunnel_logs and method in ("CONNECT", "SOCKS5"):
+            verdict.log_pending = (container, host, port, method)
+        else:
+            self.record(container, host, port, method, verdict)
         return verdict
+
+    def finish_log(self, verdict: Verdict, mitm_skip_reason: str | None = None) -> None:
+        """Write a deferred tunnel log entry (once; later calls do nothing)."""
+        pending, verdict.log_pending = verdict.log_pending, None
+        if pending is not None:
+            self.record(*pending, verdict, mitm_skip_reason=mitm_skip_reason)
 
     def _decide_now(self, container: str, host: str, port: int, resolved: str | None) -> Verdict | None:
         if self.is_own_listener(host, port):

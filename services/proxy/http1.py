@@ -315,9 +315,13 @@ def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
     return HttpError(431, "request head too large")
 
 
-def parse_request_head(buf: bytes, max_header_bytes: int = 65536,
-                       max_headers: int = 100) -> tuple[RequestHead, int] | None:
-    """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used)."""
+def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: int = 100,
+                       origin: tuple[str, str, int] | None = None) -> tuple[RequestHead, int] | None:
+    """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used).
+
+    `origin=(scheme, host, port)` parses a request sent to an origin server (inside a tunnel):
+    origin-form targets, the authority from Host, and (host, port) when Host is absent (HTTP/1.0).
+    """
     start = _skip_blank_lines(buf)
     if buf.startswith(_H2_PREFACE, start):
         raise HttpError(505, "HTTP/2 is not supported by this proxy")
@@ -356,7 +360,10 @@ def parse_request_head(buf: bytes, max_header_bytes: int = 65536,
     target = col.url.decode("latin-1")
     headers = _decode_headers(col.headers, _bad)
     head = RequestHead(method=method, target=target, version=version, headers=headers)
-    _derive_target(head)
+    if origin is None:
+        _derive_target(head)
+    else:
+        _derive_origin_target(head, *origin)
     _derive_request_headers(head)
     return head, consumed
 
@@ -382,6 +389,32 @@ def _derive_target(head: RequestHead) -> None:
     elif path.startswith("?"):
         path = "/" + path
     head.path = path
+
+
+def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) -> None:
+    """host/port/path/authority of a request addressed to an origin (origin- or absolute-form)."""
+    if head.method == "CONNECT":
+        raise HttpError(405, "CONNECT inside a tunnel is not supported")
+    if _SCHEME_RE.fullmatch(head.target):
+        _derive_target(head)  # absolute-form is legal towards origins too (RFC 9112 §3.2.2)
+        return
+    if not (head.target.startswith("/") or (head.target == "*" and head.method == "OPTIONS")):
+        raise _bad("bad request target")
+    hosts = [v for k, v in head.headers if k.lower() == "host"]
+    if len(hosts) > 1:
+        raise _bad("more than one Host header")
+    head.scheme = scheme
+    head.path = head.target.partition("#")[0]
+    if hosts:
+        head.host, head.port = _split_authority(hosts[0], False, _DEFAULT_PORTS.get(scheme, port))
+        head.authority = hosts[0]
+    elif head.version == "1.0":
+        head.host, head.port = host, port
+        default = _DEFAULT_PORTS.get(scheme)
+        shown = f"[{host}]" if ":" in host else host
+        head.authority = shown if port == default else f"{shown}:{port}"
+    else:
+        raise _bad("missing Host header")  # RFC 9112 §3.2: mandatory in HTTP/1.1
 
 
 def _derive_request_headers(head: RequestHead) -> None:
@@ -526,9 +559,14 @@ _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 
 
 class BodyReader:
-    """Finds where one message body ends while its bytes are relayed untouched."""
+    """Finds where one message body ends while its bytes are relayed untouched.
 
-    def __init__(self, content_length: int | None, chunked: bool, until_close: bool = False) -> None:
+    `sink`, when given, receives the body's payload (chunk framing removed) as it passes, for capture.
+    """
+
+    def __init__(self, content_length: int | None, chunked: bool, until_close: bool = False,
+                 sink: Callable[[bytes | memoryview], None] | None = None) -> None:
+        self.sink = sink
         self.chunked = chunked
         self.until_close = until_close and not chunked
         self.remaining = 0 if chunked or content_length is None else content_length
@@ -542,12 +580,17 @@ class BodyReader:
         if self.done:
             return b"", data, True
         if self.until_close:
+            if self.sink is not None:
+                self.sink(data)
             return data, b"", False
         if not self.chunked:
             n = min(self.remaining, len(data))
             self.remaining -= n
             self.done = self.remaining == 0
-            return data[:n], data[n:], self.done
+            body = data[:n]
+            if self.sink is not None:
+                self.sink(body)
+            return body, data[n:], self.done
         end = self._feed_chunked(data)
         return data[:end], data[end:], self.done
 
@@ -557,6 +600,8 @@ class BodyReader:
         while pos < n and not self.done:
             if self._state == _DATA:
                 take = min(self.remaining, n - pos)
+                if self.sink is not None:
+                    self.sink(memoryview(data)[pos:pos + take])
                 pos += take
                 self.remaining -= take
                 if self.remaining == 0:

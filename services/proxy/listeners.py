@@ -120,6 +120,7 @@ async def _tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container: st
         splice(client, upstream)
         await asyncio.gather(client.wait_closed(), upstream.wait_closed())
     finally:
+        gate.finish_log(verdict)  # the hook writes it with its mitm_skip_reason; a plain tunnel here
         gate.untrack(cid)
         client.close()
         upstream.close()
@@ -212,6 +213,7 @@ async def handle_http(client: ClientConn) -> None:
             if head.method == "CONNECT":
                 verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone())
                 if client.closed:
+                    gate.finish_log(verdict)
                     return
                 if not verdict.allowed:
                     client.write(_error_response(403, "Forbidden", FORBIDDEN_BODY.decode()))
@@ -219,6 +221,7 @@ async def handle_http(client: ClientConn) -> None:
                 try:
                     up = await connect(head.host, head.port, limits.connect_timeout, ctx.guard)
                 except UpstreamFailure as exc:
+                    gate.finish_log(verdict)
                     client.write(_upstream_error_response(exc))
                     return
                 if upstream is not None:
@@ -368,6 +371,7 @@ async def handle_socks(client: ClientConn) -> None:
     container = req.username or default_identity(client)
     verdict = await gate.admit(container, req.host, req.port, "SOCKS5", client.gone())
     if client.closed:
+        gate.finish_log(verdict)
         return
     if not verdict.allowed:
         client.write(server.reply(socks5.REP_NOT_ALLOWED))
@@ -375,6 +379,7 @@ async def handle_socks(client: ClientConn) -> None:
     try:
         up = await connect(req.host, req.port, limits.connect_timeout, ctx.guard)
     except UpstreamFailure as exc:
+        gate.finish_log(verdict)
         client.write(server.reply(_SOCKS_FAIL.get(exc.kind, socks5.REP_GENERAL_FAILURE)))
         return
     sock = up.transport.get_extra_info("sockname") if up.transport else None

@@ -18,6 +18,7 @@ from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
+from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
 from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
 
@@ -145,11 +146,14 @@ async def main(rt: ServiceRuntime) -> None:
             continue
         servers.append(await start_listener(ctx, lst.host, lst.port, handler))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
+    dns_lst = cfg.listeners.get("dns-proxy")
+    dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor) if dns_lst and dns_lst.port else None
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"active_connections": ctx.active, "tunnels": len(gate.live), "waiting": gate.waiting(),
                 "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
-                "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats()}
+                "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
+                **({"dns": dns.stats()} if dns is not None else {})}
 
     def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
         mode = args.get("mode") or "allow"
@@ -200,6 +204,8 @@ async def main(rt: ServiceRuntime) -> None:
     finally:
         for s in servers:
             s.close()
+        if dns is not None:
+            dns.close()
         gate.flush_hits()
         # Give the recorder a last chance at what is still in the outbox (it is lost with the process).
         flusher = asyncio.ensure_future(journal.run())

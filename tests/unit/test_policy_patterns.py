@@ -161,7 +161,8 @@ def test_container_patterns(pattern: str, container: str, expected: bool) -> Non
 
 
 @pytest.mark.parametrize(
-    ("pattern", "specificity"), [("*", 0), ("web-*", 100), ("w?b", 100), ("[ab]", 100), ("web", 200)]
+    ("pattern", "specificity"),
+    [("*", 0), ("web-*", 100), ("w?b", 100), ("[ab]", 100), ("web", 200)],
 )
 def test_container_specificity(pattern: str, specificity: int) -> None:
     assert ContainerPattern.parse(pattern).specificity == specificity
@@ -231,6 +232,8 @@ def test_port_specificity() -> None:
         ("0:0:0:0:0:0:0:1", "::1"),
         ("2001:DB8:0000::1", "2001:db8::1"),
         ("fe80::1%eth0", "fe80::1"),
+        ("::FFFF:102:304", "::ffff:1.2.3.4"),  # v4-mapped: RFC 5952 dotted tail
+        ("2001:db8:0:0:1:0:0:1", "2001:db8::1:0:0:1"),  # the longest zero run is the one elided
         ("10.0.0.1", "10.0.0.1"),
         ("localhost", "localhost"),
     ],
@@ -241,8 +244,15 @@ def test_normalise_host(host: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("host", "is_ip"),
-    [("10.0.0.1", True), ("::1", True), ("1.2.3.4.5", False), ("1e100.net", False),
-     ("example.com", False), ("123", False), ("", False)],  # fmt: skip
+    [
+        ("10.0.0.1", True),
+        ("::1", True),
+        ("1.2.3.4.5", False),
+        ("1e100.net", False),
+        ("example.com", False),
+        ("123", False),
+        ("", False),
+    ],
 )
 def test_parse_ip(host: str, is_ip: bool) -> None:
     assert (parse_ip(host) is not None) is is_ip

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -130,7 +130,10 @@ def winner(rules: list[Rule], container: str, host: str, port: int) -> int | Non
             id="destination-weight-dominates-port",
         ),
         pytest.param(
-            [R(1, "*", "*", action="allow", source="global"), R(2, "web", "localhost", "80", "deny", "builtin")],
+            [
+                R(1, "*", "*", action="allow", source="global"),
+                R(2, "web", "localhost", "80", "deny", "builtin"),
+            ],
             ("web", "localhost", 80),
             1,
             id="global-allow-beats-more-specific-builtin-deny",
@@ -142,7 +145,10 @@ def winner(rules: list[Rule], container: str, host: str, port: int) -> int | Non
             id="global-deny-beats-builtin-allow",
         ),
         pytest.param(
-            [R(1, "*", "*", action="deny", source="session"), R(2, "web", "x.com", source="builtin")],
+            [
+                R(1, "*", "*", action="deny", source="session"),
+                R(2, "web", "x.com", source="builtin"),
+            ],
             ("web", "x.com", 80),
             1,
             id="session-beats-builtin",
@@ -318,9 +324,9 @@ def test_ruleset_basics() -> None:
 
 
 def test_invalid_rule_raises_naming_the_rule() -> None:
-    with pytest.raises(ValueError, match="rule 7: .*port"):
+    with pytest.raises(ValueError, match=r"rule 7: .*port"):
         RuleSet([R(7, "*", "a.com", port="99999")])
-    with pytest.raises(ValueError, match="rule 8: .*CIDR"):
+    with pytest.raises(ValueError, match=r"rule 8: .*CIDR"):
         RuleSet([R(8, "*", "10.0.0.0/40")])
     with pytest.raises(ValueError, match="rule 9: action"):
         RuleSet([R(9, "*", "a.com", action="maybe")])
@@ -344,7 +350,7 @@ def test_rule_from_dict() -> None:
             "port_pattern": "443",
             "rule_type": "glob",
             "action": "deny",
-            "expires_at": datetime(2030, 1, 1, tzinfo=timezone.utc),
+            "expires_at": datetime(2030, 1, 1, tzinfo=UTC),
             "source": "session",
             "session_id": "s1",
             "hit_count": 3,
@@ -366,7 +372,9 @@ def test_rule_from_dict() -> None:
     ],
 )
 def test_rule_from_dict_expiry_forms(expires: Any, epoch: float | None) -> None:
-    rule = Rule.from_dict({"container_pattern": "*", "destination_pattern": "x", "expires_at": expires})
+    rule = Rule.from_dict(
+        {"container_pattern": "*", "destination_pattern": "x", "expires_at": expires}
+    )
     assert rule.expires_at == epoch
     assert (rule.id, rule.port_pattern, rule.action, rule.source) == (0, "*", "allow", "global")
 
@@ -374,6 +382,11 @@ def test_rule_from_dict_expiry_forms(expires: Any, epoch: float | None) -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
+        ({"destination_pattern": "x"}, "container_pattern is required"),
+        (
+            {"container_pattern": "*", "destination_pattern": None},
+            "destination_pattern is required",
+        ),
         ({"container_pattern": "*", "destination_pattern": "x", "action": "block"}, "action"),
         ({"container_pattern": "*", "destination_pattern": "x", "source": "me"}, "source"),
         ({"container_pattern": "*", "destination_pattern": "x", "expires_at": "soon"}, "RFC 3339"),
@@ -398,7 +411,9 @@ def test_rule_from_row_object() -> None:
         session_id = None
 
     assert Rule.from_row(Row()) == Rule(5, "web", "a.com", "80")
-    assert Rule.from_row({"id": 5, "container_pattern": "web", "destination_pattern": "a.com"}).id == 5
+    assert (
+        Rule.from_row({"id": 5, "container_pattern": "web", "destination_pattern": "a.com"}).id == 5
+    )
 
 
 def test_rule_is_active() -> None:
@@ -416,7 +431,8 @@ def test_builtin_rules_allow_loopback() -> None:
     seeded = builtin_rules()
     assert [d["destination_pattern"] for d in seeded] == ["localhost", "127.0.0.1", "::1"]
     assert all(
-        (d["container_pattern"], d["port_pattern"], d["action"], d["source"]) == ("*", "*", "allow", "builtin")
+        (d["container_pattern"], d["port_pattern"], d["action"], d["source"])
+        == ("*", "*", "allow", "builtin")
         for d in seeded
     )
     rs = RuleSet(Rule.from_dict({**d, "id": i + 1}) for i, d in enumerate(seeded))
@@ -452,7 +468,7 @@ IPS = ["10.0.0.1", "10.1.2.3", "192.168.1.1", "::1", "2001:db8::5", "2001:db8:1:
 CIDRS = ["10.0.0.0/8", "10.1.0.0/16", "192.168.1.0/24", "10.0.0.1/32", "::/0", "2001:db8::/32",
          "2001:db8:1::/48", "0.0.0.0/0"]  # fmt: skip
 CONTAINERS = ["web", "db", "team/a", "team/b"]
-CONTAINER_PATTERNS = CONTAINERS + ["*", "team/*", "w?b", "[dw]*", "*b", "*/*"]
+CONTAINER_PATTERNS = [*CONTAINERS, "*", "team/*", "w?b", "[dw]*", "*b", "*/*"]
 PORT_PATTERNS = ["*", "443", "80,443", "8000-8999", "1-100", "50,8080"]
 PORTS = [50, 80, 443, 8080, 8500]
 
@@ -462,7 +478,7 @@ hosts = st.one_of(names, st.sampled_from(IPS))
 
 @st.composite
 def host_globs(draw: st.DrawFn) -> str:
-    """A glob derived from a real name: a slice replaced by '*', or a character by '?' or a class."""
+    """A glob derived from a real name: a slice → '*', or one character → '?' or a class."""
     name = draw(names)
     i = draw(st.integers(0, len(name)))
     j = draw(st.integers(i, len(name)))
@@ -517,7 +533,9 @@ def rule_lists(draw: st.DrawFn) -> list[Rule]:
 
 def reference_match(rules: list[Rule], container: str, host: str, port: int) -> Rule | None:
     """Brute force: every active rule whose predicate matches, best precedence key wins."""
-    live = [c for c in map(compile_rule, rules) if c.is_active(NOW) and c.matches(container, host, port)]
+    live = [
+        c for c in map(compile_rule, rules) if c.is_active(NOW) and c.matches(container, host, port)
+    ]
     return min(live, key=CompiledRule.precedence_key).rule if live else None
 
 

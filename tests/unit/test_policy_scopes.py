@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from greyproxy.policy import Rule, RuleSet, parse_duration, registrable_domain, scope_patterns
+from greyproxy.policy import (
+    Rule,
+    RuleSet,
+    parse_duration,
+    registrable_domain,
+    scope_patterns,
+)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,76 @@
+"""Header redaction (SPEC §7): names matching the default patterns or the `redactedHeaders` setting
+get the value "[REDACTED]" in everything stored and published. The wire is never touched.
+
+Patterns are case-insensitive globs (`*`, `?`, `[...]`). The proxy applies a `Redactor` before a
+record leaves its process; the maintenance job re-applies the current one to stored rows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "Redactor", "canonical_header_name", "extra_patterns"]
+
+DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
+    "Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*", "*token*", "*secret*",
+)
+REDACTED = "[REDACTED]"
+_CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
+
+
+def canonical_header_name(name: str) -> str:
+    """'x-api-key' → 'X-Api-Key' (Go's canonical MIME form, which the reference stores)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def extra_patterns(value: Any) -> list[str]:
+    """The user's extra patterns from a stored `redactedHeaders` value (anything malformed ignored)."""
+    if not isinstance(value, list):
+        return []
+    return [p.strip() for p in value if isinstance(p, str) and p.strip()]
+
+
+class Redactor:
+    """Decides which header names are redacted; immutable once built (swap it when settings change)."""
+
+    def __init__(self, extra: Iterable[str] = ()) -> None:
+        patterns = [p.lower() for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
+        self.patterns: tuple[str, ...] = tuple(dict.fromkeys(patterns))
+        self._exact = frozenset(p for p in self.patterns if not any(c in p for c in "*?["))
+        globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
+        self._glob = re.compile("|".join(globs)) if globs else None
+        self._seen: dict[str, bool] = {}
+
+    def matches(self, name: str) -> bool:
+        lname = name.lower()
+        hit = self._seen.get(lname)
+        if hit is None:
+            hit = lname in self._exact or (self._glob is not None and self._glob.match(lname) is not None)
+            if len(self._seen) < _CACHE_LIMIT:
+                self._seen[lname] = hit
+        return hit
+
+    def headers(self, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
+        """Header pairs → {canonical name: [values]} with matching values replaced."""
+        out: dict[str, list[str]] = {}
+        for name, value in pairs:
+            key = canonical_header_name(name)
+            out.setdefault(key, []).append(REDACTED if self.matches(name) else value)
+        return out
+
+    def redact_map(self, headers: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Re-apply to a stored {name: [values]} map; (new map, whether anything changed)."""
+        out: dict[str, Any] = {}
+        changed = False
+        for name, values in headers.items():
+            if self.matches(name):
+                vals = values if isinstance(values, list) else [values]
+                new = [REDACTED] * len(vals)
+                changed = changed or new != vals
+                out[name] = new
+            else:
+                out[name] = values
+        return out, changed
