@@ -39,6 +39,9 @@ def has_glob(text: str) -> bool:
 # --------------------------------------------------------------------------- hosts
 
 
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+
 def analyse_host(host: str) -> tuple[str, int, int]:
     """(normalised host, IP version or 0 for a name, the IP as an int or 0).
 
@@ -58,6 +61,10 @@ def analyse_host(host: str) -> tuple[str, int, int]:
             packed = socket.inet_pton(socket.AF_INET6, h.split("%", 1)[0])
         except (OSError, ValueError):
             return h, 0, 0
+        if packed[:12] == _V4_MAPPED_PREFIX:
+            # ::ffff:a.b.c.d connects to a.b.c.d: judge it as that IPv4 address, or IPv4 rules are bypassed.
+            v4 = packed[12:]
+            return socket.inet_ntop(socket.AF_INET, v4), 4, int.from_bytes(v4, "big")
         return socket.inet_ntop(socket.AF_INET6, packed), 6, int.from_bytes(packed, "big")
     # Cheap gate: most names do not start and end with a digit, so skip the parse for them.
     if h[0].isdigit() and h[-1].isdigit():

@@ -232,7 +232,7 @@ def test_port_specificity() -> None:
         ("0:0:0:0:0:0:0:1", "::1"),
         ("2001:DB8:0000::1", "2001:db8::1"),
         ("fe80::1%eth0", "fe80::1"),
-        ("::FFFF:102:304", "::ffff:1.2.3.4"),  # v4-mapped: RFC 5952 dotted tail
+        ("::FFFF:102:304", "1.2.3.4"),  # v4-mapped: RFC 5952 dotted tail
         ("2001:db8:0:0:1:0:0:1", "2001:db8::1:0:0:1"),  # the longest zero run is the one elided
         ("10.0.0.1", "10.0.0.1"),
         ("localhost", "localhost"),
@@ -305,3 +305,13 @@ def test_validate_container_pattern() -> None:
         validate_container_pattern("my container")
     with pytest.raises(ValueError, match="string"):
         validate_container_pattern(3)  # type: ignore[arg-type]
+
+
+def test_ipv4_mapped_ipv6_is_judged_as_ipv4() -> None:
+    from greyproxy.policy import Rule, RuleSet
+
+    assert normalise_host("::ffff:10.1.2.3") == "10.1.2.3"
+    assert normalise_host("[::FFFF:a01:203]") == "10.1.2.3"
+    rs = RuleSet([Rule(1, "*", "10.1.2.3", "*", "deny"), Rule(2, "*", "10.0.0.0/8", "*", "deny", expires_at=None)])
+    assert rs.match("c", "::ffff:10.1.2.3", 80).id == 1
+    assert rs.match("c", "::ffff:10.9.9.9", 80).id == 2
