@@ -123,9 +123,12 @@ class JournalWriter:
         try:
             while True:
                 self._fill(loop.time())
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that arrives
+                # just as the event is set, and then this loop would never stop.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), 0.25)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(0.25):
+                        await self._wake.wait()
+                except TimeoutError:
                     pass
                 self._wake.clear()
                 if self._inflight:

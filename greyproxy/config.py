@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -103,6 +104,9 @@ def _check_leaf(path: str, value: Any, t: Any) -> None:
         raise ConfigError(f"config key {path!r}: expected {_type_name(t)}, got boolean")
     if not isinstance(value, t):
         raise ConfigError(f"config key {path!r}: expected {_type_name(t)}, got {type(value).__name__}")
+    # YAML's .nan/.inf are floats: a NaN slips past "<= 0" and an infinite timeout never ends.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {path!r}: must be a finite number")
     if path in _POSITIVE and value <= 0:
         raise ConfigError(f"config key {path!r}: must be greater than 0")
 

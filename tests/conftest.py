@@ -225,7 +225,8 @@ class Stack:
     ``http://127.0.0.1:PORT``), ``http_proxy_url``, ``socks_port``, ``dns_port``, ``db_path``,
     ``env`` (the serve process's environment), ``proc`` (its Popen), ``startup_seconds``.
 
-    Use it as a context manager, or ``start()`` / ``stop()`` (and ``cleanup()`` in a finally).
+    Use it as a context manager (which also removes ``root`` after a clean stop), or
+    ``start()`` / ``stop()`` (and ``cleanup()`` in a finally; then removing ``root`` is yours).
     """
 
     def __init__(self, overrides: dict | None = None, root: Path | None = None) -> None:
@@ -328,7 +329,8 @@ class Stack:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
-        self.cleanup()
+        self.cleanup()  # raises if the stack did not stop cleanly: the tmp dir is kept to look at
+        shutil.rmtree(self.root, ignore_errors=True)
 
     # -- inspection --
     def url(self, path: str) -> str:

@@ -16,8 +16,10 @@ log = logging.getLogger("greyproxy.store")
 # Every model binds to this proxy; open_database() points it at the real file.
 database = peewee.DatabaseProxy()
 
+# Per-connection settings (busy_timeout first, so the others wait for a lock). WAL is not here:
+# it is a property of the file, set once in open_database() with a retry, because switching a
+# fresh file to WAL can fail at once with "database is locked" while another process opens it.
 PRAGMAS = {
-    "journal_mode": "wal",
     "busy_timeout": 10_000,
     "foreign_keys": 1,
     "synchronous": "normal",
@@ -39,9 +41,24 @@ def open_database(path: Path | str, migrate: bool = True) -> peewee.SqliteDataba
             os.chmod(path, 0o600)
         except OSError:
             pass
+    _enable_wal(db)  # after the chmod: SQLite gives the -wal/-shm files the main file's mode
     if migrate:
         apply_migrations(db)
     return db
+
+
+def _enable_wal(db: peewee.SqliteDatabase) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            mode = db.execute_sql("PRAGMA journal_mode = wal").fetchone()[0]
+            break
+        except peewee.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    if str(mode).lower() != "wal":
+        log.warning("database %s: journal_mode is %s, not wal", db.database, mode)
 
 
 def apply_migrations(db: peewee.SqliteDatabase) -> list[int]:

@@ -89,11 +89,11 @@ class WriterHarness:
     async def __aexit__(self, *exc) -> None:
         assert self.task is not None
         self.task.cancel()
-        try:
-            await self.task
-        except asyncio.CancelledError:
-            pass
+        # The writer must stop when cancelled (the proxy's shutdown depends on it).
+        done, _ = await asyncio.wait({self.task}, timeout=5)
         self.ctx.destroy(linger=0)
+        assert done, "JournalWriter.run() ignored its cancellation"
+        assert self.task.cancelled() or self.task.exception() is None
 
 
 def test_records_appended_while_recorder_is_down_all_arrive(rec_setup: RecorderSetup) -> None:
@@ -151,6 +151,40 @@ def test_recorder_killed_mid_batch_loses_and_duplicates_nothing(rec_setup: Recor
     assert ok, f"flush timed out: {writer.stats()}"
     assert writer.resent > 0  # what was in flight was sent again ...
     assert rec_setup.rows() == (N, N)  # ... and stored exactly once
+
+
+def test_recorder_frozen_past_ack_timeout_stores_resends_once(rec_setup: RecorderSetup) -> None:
+    """Batches the recorder already holds are resent when it is frozen past the ack timeout; once it
+    runs again it sees both copies, and must store each record once."""
+    n = 20_000
+    rec = rec_setup.start()
+    rec_setup.wait_ready(rec)
+
+    async def scenario() -> tuple[bool, JournalWriter, int]:
+        async with WriterHarness(rec_setup.bus["journal"], ack_timeout=0.5) as writer:
+            for i in range(n):
+                writer.append("log", _record(i))
+            deadline = time.monotonic() + 30
+            while writer.acked == 0:
+                assert time.monotonic() < deadline, f"no ack in 30s\n{rec.logs()}"
+                await asyncio.sleep(0.001)
+            os.kill(rec.pid, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 10
+                while writer.resent == 0:
+                    assert time.monotonic() < deadline, "the writer never resent to a frozen recorder"
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.2)
+            finally:
+                os.kill(rec.pid, signal.SIGCONT)
+            ok = await writer.flush(60)
+            return ok, writer, writer.resent
+
+    ok, writer, resent = asyncio.run(scenario())
+    assert ok, f"flush timed out: {writer.stats()}"
+    assert resent > 0
+    assert rec.alive(), rec.logs()
+    assert rec_setup.rows() == (n, n)
 
 
 def test_apply_records_is_idempotent_on_record_id(tmp_path: Path) -> None:
