@@ -36,11 +36,13 @@ log = logging.getLogger("greyproxy.api.ws")
 QUEUE_SIZE = 1000  # events buffered per connection before its own events are dropped
 REPLY_QUEUE_SIZE = 64  # command replies waiting to be sent; past this we stop reading the client
 SEND_TIMEOUT = 10.0  # a client whose socket accepts nothing for this long is disconnected
-BRIDGE_RCVHWM = 50_000  # the bridge's own bus buffer: bounded, so a burst cannot grow memory
+WATCH_INTERVAL = 1.0  # how often a connection checks its own send for that timeout
+BRIDGE_RCVHWM = 20_000  # the bridge's own bus buffer: bounded, so a burst cannot grow memory
 YIELD_EVERY = 256  # a burst of ready bus messages must not starve the connections' writers
 MAX_COMMAND_BYTES = 64 * 1024
 CLOSE_FORBIDDEN = 3403  # Falcon's convention: 3000 + HTTP status; before accept it becomes a 403
 CLOSE_TOO_SLOW = 1008
+CLOSE_INTERNAL_ERROR = 1011
 CREATED_BY = "ws"
 PUBLIC = frozenset(topics.PUBLIC)
 WILDCARD = "*"
@@ -194,9 +196,9 @@ class Connection:
         self.events = EventQueue(queue_size)
         self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue(REPLY_QUEUE_SIZE)
         self.send_timeout = send_timeout
-        self.claims = False
         self.too_slow = False
         self._wake = asyncio.Event()
+        self._send_started: float | None = None  # loop time when the send in progress began
 
     def offer(self, text: str) -> None:
         """Queue one encoded event (the bridge has checked the filter)."""
@@ -210,26 +212,47 @@ class Connection:
 
     async def run(self) -> None:
         """Greet, then read commands and write events until either side ends."""
-        await self._send(encode(reply("connected", message="greyproxy control WebSocket: commands are JSON "
-                                      "objects with a 'command' (see docs/events.md)")))
+        greeting = reply("connected", message="greyproxy control WebSocket: commands are JSON objects with "
+                                              "a 'command' (see docs/events.md)")
+        try:
+            await asyncio.wait_for(self.ws.send_text(encode(greeting)), self.send_timeout)
+        except TimeoutError:
+            self.too_slow = True
+            return
+        except Exception as exc:
+            if _is_disconnect(exc):
+                return
+            raise
         writer = asyncio.create_task(self._write_loop(), name=f"ws-writer-{self.peer}")
         reader = asyncio.create_task(self._read_loop(), name=f"ws-reader-{self.peer}")
+        done: set[asyncio.Task[None]] = set()
         try:
-            done, _ = await asyncio.wait({writer, reader}, return_when=asyncio.FIRST_COMPLETED)
+            while not done and not self._send_stuck():
+                done, _ = await asyncio.wait({writer, reader}, timeout=min(WATCH_INTERVAL, self.send_timeout / 2),
+                                             return_when=asyncio.FIRST_COMPLETED)
         finally:
             for task in (writer, reader):
                 task.cancel()
             await asyncio.gather(writer, reader, return_exceptions=True)
+        if not done:
+            self.too_slow = True
+            log.info("ws %s: a send blocked for over %.0f s; disconnecting", self.peer, self.send_timeout)
         for task in done:
-            exc = task.exception()
-            if isinstance(exc, asyncio.TimeoutError):
-                self.too_slow = True
-                log.info("ws %s: send blocked for %.0f s; disconnecting", self.peer, self.send_timeout)
-            elif exc is not None and not _is_disconnect(exc):
+            exc = None if task.cancelled() else task.exception()
+            if exc is not None and not _is_disconnect(exc):
                 log.warning("ws %s: ended by %r", self.peer, exc)
 
+    def _send_stuck(self) -> bool:
+        started = self._send_started
+        return started is not None and asyncio.get_running_loop().time() - started > self.send_timeout
+
     async def _send(self, text: str) -> None:
-        await asyncio.wait_for(self.ws.send_text(text), self.send_timeout)
+        # A timestamp, not wait_for: a task per frame would cost more than the send itself.
+        self._send_started = asyncio.get_running_loop().time()
+        try:
+            await self.ws.send_text(text)
+        finally:
+            self._send_started = None
 
     async def _write_loop(self) -> None:
         while True:
@@ -265,6 +288,8 @@ class Connection:
         if not isinstance(msg, dict):
             return reply("error", error="message must be a JSON object")
         command = msg.get("command")
+        if command is None:
+            return reply("error", error="missing command")
         handler = COMMANDS.get(command) if isinstance(command, str) else None
         if handler is None:
             return reply("error", error=f"unknown command: {command}")
@@ -354,7 +379,6 @@ class Hub:
         self.ctx = ctx
         self.connections: set[Connection] = set()
         self.claimants: set[Connection] = set()
-        self.forwarded = 0
 
     def add(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -369,7 +393,6 @@ class Hub:
         """A connection claims OS notifications (idempotent); the count of claims now."""
         if conn not in self.claimants:
             self.claimants.add(conn)
-            conn.claims = True
             self._claims_changed()
         return len(self.claimants)
 
@@ -388,10 +411,6 @@ class Hub:
                 if text is None:
                     text = encode({"type": topic, "data": data})
                 conn.offer(text)
-        self.forwarded += 1
-
-    def dropped_total(self) -> int:
-        return sum(c.events.dropped_total for c in self.connections)
 
     async def run_bridge(self, subscriber_factory: Callable[[], Subscriber] | None = None) -> None:
         """The single bus subscriber of this process for /ws, until cancelled."""
@@ -430,13 +449,19 @@ class WebSocketResource:
         await ws.accept()
         conn = Connection(self.hub, ws, peer=f"{req.remote_addr}")
         self.hub.add(conn)
+        close: tuple[int, str] | None = None
         try:
             await conn.run()
+            if conn.too_slow:
+                close = (CLOSE_TOO_SLOW, "too slow")
+        except Exception:  # the app's HTTP error handlers cannot render on a socket: close it here
+            log.exception("ws %s: connection failed", conn.peer)
+            close = (CLOSE_INTERNAL_ERROR, "internal error")
         finally:
             self.hub.remove(conn)
-        if conn.too_slow:
-            with contextlib.suppress(Exception):  # the peer may be gone or stuck: bounded by the server's close timeout
-                await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, "too slow"), 15)
+        if close is not None:
+            with contextlib.suppress(Exception):  # the peer may be gone or stuck: bounded by the close timeout
+                await asyncio.wait_for(ws.close(*close), 15)
 
 
 def hub_of(ctx: ApiContext) -> Hub:
