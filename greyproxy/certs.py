@@ -135,7 +135,7 @@ def generate_ca(data_dir: Path | str, force: bool = False) -> CertAuthority:
     """Create the CA in the data dir; CAExists when one is there and `force` is not given."""
     cert_path, key_path = ca_paths(data_dir)
     if not force and (cert_path.exists() or key_path.exists()):
-        raise CAExists(f"a CA already exists in {cert_path.parent} (use force to replace it)")
+        raise CAExists(f"a CA already exists in {cert_path.parent}")
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     ca = _build_ca()
     key_pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

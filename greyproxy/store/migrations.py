@@ -102,4 +102,38 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             for host in ("localhost", "127.0.0.1", "::1")
         ],
     ]),
+    (2, "http transactions", [
+        # SPEC §7: one row per intercepted request (and per WebSocket data message). Headers are
+        # JSON {name: [values]} already redacted by the proxy; bodies only for text-like types.
+        """CREATE TABLE http_transactions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            timestamp REAL NOT NULL,
+            container_name TEXT NOT NULL,
+            destination_host TEXT NOT NULL,
+            destination_port INTEGER NOT NULL,
+            method TEXT NOT NULL,
+            url TEXT NOT NULL,
+            request_headers TEXT NOT NULL DEFAULT '{}',
+            request_body TEXT,
+            request_body_size INTEGER NOT NULL DEFAULT 0,
+            request_content_type TEXT,
+            status_code INTEGER,
+            response_headers TEXT NOT NULL DEFAULT '{}',
+            response_body TEXT,
+            response_body_size INTEGER NOT NULL DEFAULT 0,
+            response_content_type TEXT,
+            duration_ms REAL,
+            rule_id INTEGER,
+            result TEXT NOT NULL DEFAULT 'allowed',
+            conversation_id TEXT,
+            substituted_credentials TEXT NOT NULL DEFAULT '[]',
+            session_id TEXT
+        )""",
+        "CREATE INDEX http_transactions_timestamp ON http_transactions (timestamp)",
+        "CREATE INDEX http_transactions_container ON http_transactions (container_name, timestamp)",
+        "CREATE INDEX http_transactions_destination ON http_transactions (destination_host)",
+        "CREATE INDEX http_transactions_session ON http_transactions (session_id) WHERE session_id IS NOT NULL",
+        "CREATE INDEX http_transactions_conversation ON http_transactions (conversation_id)"
+        " WHERE conversation_id IS NOT NULL",
+    ]),
 ]

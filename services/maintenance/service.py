@@ -16,6 +16,7 @@ from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 from greyproxy.timeutil import rfc3339
 
+from . import redact  # noqa: F401 - registers the redact-headers job
 from .jobs import JOBS, JobState
 
 log = logging.getLogger("greyproxy.maintenance")

@@ -299,8 +299,7 @@ class Forwarder:
                 log.debug("DNS upstream %s:%d failed: %r", host, port, exc)
                 continue
             if resp.rcode() in _FAILOVER_RCODES:
-                fallback = resp
-                self._penalty[upstream] = time.monotonic() + UPSTREAM_PENALTY
+                fallback = resp  # often a per-name problem (e.g. DNSSEC): ask the next, but no penalty
                 continue
             self._penalty.pop(upstream, None)
             return resp

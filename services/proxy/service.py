@@ -13,6 +13,7 @@ from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
 from bus.reqrep import ControlServer, RemoteError
+from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
@@ -21,12 +22,15 @@ from greyproxy.store import open_database
 from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
 from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
+from .mitm import Interceptor
+from .settings_watch import SettingsWatch
 
 log = logging.getLogger("greyproxy.proxy")
 
 VERSION_CHECK_EVERY = 2.0   # seconds: heals a missed rules event
 PENDING_COUNT_EVERY = 5.0
 HITS_FLUSH_EVERY = 2.0
+CA_CHECK_EVERY = 2.0        # seconds: rewritten CA files are picked up this fast
 DNS_KEEP = 7 * 86400.0
 
 RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, topics.RULES_CHANGED,
@@ -137,6 +141,15 @@ async def main(rt: ServiceRuntime) -> None:
         max_per_client=int(pcfg["maxConnectionsPerClient"]),
     )
     ctx = ProxyContext(gate, limits)
+    settings = SettingsWatch(cfg.bus["sub"], executor)
+    await settings.load(force=True)
+    certs = CAWatcher(cfg.data_dir)
+    await loop.run_in_executor(executor, certs.check)
+    mitm_cfg = cfg.section("mitm")
+    interceptor = Interceptor(gate, journal, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"],
+                              int(cfg.section("capture")["maxBodyBytes"]))
+    ctx.tunnel_hook = interceptor
+    gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
 
     servers = []
     handlers = {"http-proxy": handle_http, "socks5-proxy": handle_socks}
@@ -177,6 +190,9 @@ async def main(rt: ServiceRuntime) -> None:
                 raise RemoteError("keys must be [container, host, port] triples", 400) from None
         return {"blocked": gate.block_holds(keys, str(args.get("reason") or "dismissed"))}
 
+    async def cert_reload(args: dict[str, Any]) -> dict[str, Any]:
+        return {"message": await loop.run_in_executor(executor, certs.reload)}
+
     control = ControlServer(cfg.bus["proxyControl"], {
         "stats": stats,
         "waiters": lambda args: {"waiters": gate.waiters()},
@@ -185,8 +201,19 @@ async def main(rt: ServiceRuntime) -> None:
         "allowall.clear": lambda args: gate.set_silent(None, None),
         "rules.reload": rules_reload,
         "holds.block": holds_block,
+        "cert.reload": cert_reload,
     })
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
+    rt.add_stats(lambda: {"mitm": interceptor.stats()})
+
+    async def watch_ca() -> None:
+        while True:
+            await asyncio.sleep(CA_CHECK_EVERY)
+            try:
+                if await loop.run_in_executor(executor, certs.check):
+                    log.info("interception CA reloaded: %s", certs.ca.fingerprint if certs.ca else "none")
+            except Exception:
+                log.exception("CA file check failed")
 
     async def periodic() -> None:
         last_count = time.monotonic()
@@ -200,7 +227,8 @@ async def main(rt: ServiceRuntime) -> None:
 
     log.info("proxy up")
     try:
-        await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic())
+        await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
+                             settings.run(), watch_ca())
     finally:
         for s in servers:
             s.close()

@@ -13,6 +13,7 @@ from greyproxy.config import Config
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
+from . import transactions  # noqa: F401 - registers the `transaction` record kind
 from .apply import apply_records
 
 log = logging.getLogger("greyproxy.recorder")

@@ -1,0 +1,633 @@
+"""HTTPS interception (SPEC §7): the tunnel hook, the per-request pipeline and transaction capture.
+
+After an allowed CONNECT / SOCKS5 tunnel is connected, `Interceptor` looks at the client's first
+bytes. A TLS ClientHello (CA present, `mitmEnabled`, SNI not on `mitm.bypass`) is terminated
+with a leaf for the SNI and re-originated upstream with verification; plain HTTP inside the
+tunnel is handled alike without TLS. Everything else is piped untouched and the tunnel's log
+entry says why (`mitm_skip_reason`).
+
+Inside an intercepted connection every request is re-checked against the rules, passes the
+credential-substitution hook, goes upstream on this connection's own upstream connection, and
+streams back as it arrives while a capped copy is kept. The record leaves the process with its
+headers redacted, through the journal (`transaction`). WebSocket upgrades are relayed with each
+data message recorded (WS_REQ / WS_RESP).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import ssl
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bus.journal import JournalWriter
+from greyproxy.capture import BodyCapture, is_text_like, stored_body
+from greyproxy.certs import CAWatcher
+from greyproxy.policy.patterns import DestinationPattern, normalise_host, parse_ip
+from greyproxy.redaction import Redactor, extra_patterns
+
+from . import http1
+from .conn import Conn, ConnClosed
+from .gate import Gate, Verdict
+from .listeners import Limits, ProxyContext, _error_response, _read_head, _relay_body
+from .settings_watch import SettingsWatch
+from .tls import ClientHello, NotClientHello, TlsStream, looks_like_tls, parse_client_hello
+from .upstream import UpstreamFailure, connect
+from .wsframes import OP_TEXT, FrameParser, Message, MessageAssembler, WsProtocolError, deflate_negotiated
+
+log = logging.getLogger("greyproxy.mitm")
+
+NON_TLS = "non_tls"
+NO_CERT = "no_cert"
+MITM_DISABLED = "mitm_disabled"
+MITM_BYPASS = "mitm_bypass"
+HANDSHAKE_FAILED = "handshake_failed"
+NON_HTTP_AFTER_TLS = "non_http_after_tls"
+
+DENIED_BODY = b"Request denied by proxy"
+MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling it "not HTTP"
+
+# A request line, and every prefix of one (so a half-arrived line is not called "not HTTP").
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z_-]{0,19} [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
+_REQUEST_PREFIX = re.compile(
+    rb"[A-Z][A-Z_-]{0,19}(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?")
+
+
+class Stream(Protocol):
+    """What the pipeline needs from a connection: a plain `Conn` or a `TlsStream`."""
+
+    buf: bytearray
+    eof: bool
+
+    @property
+    def closed(self) -> bool: ...
+    async def read_more(self, timeout: float | None = None) -> bool: ...
+    def take(self, n: int | None = None) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def http_state(buf: bytes | bytearray) -> str:
+    """'http' when `buf` starts with an HTTP/1.x request line, 'other' when it cannot, 'more' to wait."""
+    nl = buf.find(b"\n", 0, MAX_PEEK)
+    if nl >= 0:
+        m = _REQUEST_LINE.match(buf)
+        return "http" if m is not None and m.end() == nl + 1 else "other"
+    if len(buf) >= MAX_PEEK:
+        return "other"
+    return "more" if _REQUEST_PREFIX.fullmatch(bytes(buf)) else "other"
+
+
+def substitute_credentials(head: http1.RequestHead, session: Session) -> list[str]:
+    """Hook point for credential substitution (SPEC §11, a later capability): replace placeholder
+    credentials in header values and query values just before the request goes upstream, and
+    return the labels used (stored as `substituted_credentials`). No-op until then."""
+    return []
+
+
+@dataclass
+class Session:
+    """One intercepted tunnel."""
+    container: str
+    host: str               # the tunnel's destination (what the client CONNECTed to)
+    port: int
+    scheme: str             # 'https' (TLS terminated) or 'http' (plain HTTP in the tunnel)
+    server_name: str        # upstream SNI / verification name
+    verdict: Verdict
+    client: Stream
+    upstream: Stream | None
+    upstream_error: str | None = None
+    extra_upstreams: list[Stream] = field(default_factory=list)
+
+
+class Interceptor:
+    """The tunnel hook (`ProxyContext.tunnel_hook`) and its shared state."""
+
+    def __init__(self, gate: Gate, journal: JournalWriter, certs: CAWatcher, settings: SettingsWatch,
+                 bypass: list[str], upstream_ca_file: str = "", max_body: int = 2 * 1024 * 1024) -> None:
+        self.gate = gate
+        self.journal = journal
+        self.certs = certs
+        self.max_body = max_body
+        self.bypass = self._compile_bypass(bypass)
+        self.upstream_ctx = self._upstream_context(upstream_ca_file)
+        self.mitm_enabled = True
+        self.redactor = Redactor()
+        self.counts: Counter[str] = Counter()
+        settings.on_change(self._settings_changed)
+
+    # -- configuration --
+    @staticmethod
+    def _compile_bypass(patterns: list[str]) -> list[DestinationPattern]:
+        out = []
+        for p in patterns:
+            try:
+                out.append(DestinationPattern.parse(p))  # the rules' host dialect (SPEC §2.2)
+            except ValueError as exc:
+                log.warning("mitm.bypass: ignoring %r: %s", p, exc)
+        return out
+
+    @staticmethod
+    def _upstream_context(ca_file: str) -> ssl.SSLContext:
+        """Verification against the system store plus `mitm.upstreamCaFile`; HTTP/1.1 only."""
+        ctx = ssl.create_default_context()
+        if ca_file:
+            try:
+                ctx.load_verify_locations(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                log.error("mitm.upstreamCaFile %s not loaded: %s", ca_file, exc)
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    def _settings_changed(self, values: dict[str, Any]) -> None:
+        enabled = values.get("mitmEnabled", True)
+        self.mitm_enabled = enabled if isinstance(enabled, bool) else True
+        self.redactor = Redactor(extra_patterns(values.get("redactedHeaders")))
+
+    def stats(self) -> dict[str, Any]:
+        return {"ca": self.certs.ca is not None, "enabled": self.mitm_enabled,
+                "leaves": len(self.certs.leaves) if self.certs.leaves is not None else 0, **self.counts}
+
+    def bypassed(self, *hosts: str | None) -> bool:
+        for h in hosts:
+            if not h:
+                continue
+            host = normalise_host(h)
+            ip = parse_ip(host)
+            if any(p.matches(host, ip) for p in self.bypass):
+                return True
+        return False
+
+    # -- the hook --
+    async def __call__(self, ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str,
+                       port: int, verdict: Verdict, method: str) -> bool:
+        kind, hello = await self._peek(client, upstream, ctx.limits)
+        if kind == "other":
+            return self._skip(verdict, NON_TLS)
+        if not self.mitm_enabled:
+            return self._skip(verdict, MITM_DISABLED)
+        sni = hello.sni if hello is not None else None
+        if self.bypassed(host, sni):
+            return self._skip(verdict, MITM_BYPASS)
+        if kind == "http":
+            self.gate.finish_log(verdict)
+            self.counts["intercepted_http"] += 1
+            await self._serve(Session(container, host, port, "http", host, verdict, client, upstream), ctx)
+            return True
+        assert hello is not None
+        leaves = self.certs.leaves
+        if leaves is None:
+            return self._skip(verdict, NO_CERT)
+        if hello.alpn and "http/1.1" not in hello.alpn:
+            return self._skip(verdict, NON_HTTP_AFTER_TLS)  # e.g. h2-only: it would break on HTTP/1.1
+        name = _valid_name(sni) or host
+        server_ctx = leaves.get(name)
+        if server_ctx is None:
+            try:
+                # Minting signs a certificate: keep that off the event loop.
+                server_ctx = await asyncio.get_running_loop().run_in_executor(None, leaves.context_for, name)
+            except Exception:
+                log.exception("minting a leaf for %s failed", name)
+                return self._skip(verdict, NO_CERT)
+        tls_client = TlsStream(client, server_ctx, server_side=True)
+        try:
+            await tls_client.handshake(ctx.limits.header_timeout)
+        except (ssl.SSLError, ConnClosed, asyncio.TimeoutError, OSError) as exc:
+            log.info("client handshake for %s failed: %s", name, exc)
+            self.counts[HANDSHAKE_FAILED] += 1
+            self.gate.finish_log(verdict, HANDSHAKE_FAILED)
+            client.abort()
+            return True
+        session = Session(container, host, port, "https", name, verdict, tls_client, None)
+        session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, ctx.limits)
+        kind = await self._peek_plaintext(session, ctx.limits)
+        if kind != "http":
+            self.gate.finish_log(verdict, NON_HTTP_AFTER_TLS)
+            self.counts[NON_HTTP_AFTER_TLS] += 1
+            if session.upstream is not None:
+                await _relay(session.client, session.upstream, ctx.limits.idle_timeout)
+            session.client.close()
+            return True
+        self.gate.finish_log(verdict)
+        self.counts["intercepted_tls"] += 1
+        await self._serve(session, ctx)
+        return True
+
+    def _skip(self, verdict: Verdict, reason: str) -> bool:
+        self.counts[reason] += 1
+        self.gate.finish_log(verdict, reason)
+        return False  # the caller pipes the tunnel untouched (peeked bytes included)
+
+    async def _peek(self, client: Conn, upstream: Conn, limits: Limits) -> tuple[str, ClientHello | None]:
+        """('tls', hello) | ('http', None) | ('other', None) from the client's first bytes.
+
+        A server that speaks first (SSH, SMTP...) makes it 'other' at once, so it is never held up.
+        """
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            kind, hello = _classify(client.buf)
+            if kind != "more":
+                return kind, hello
+            if upstream.buf or upstream.eof or client.eof:
+                return "other", None
+            if client.buf and deadline is None:
+                deadline = loop.time() + limits.header_timeout  # a started hello/line must finish soon
+            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            if not await _either(client, upstream, timeout):
+                return "other", None
+
+    async def _peek_plaintext(self, s: Session, limits: Limits) -> str:
+        """'http' or 'other' from the first decrypted bytes (or the upstream speaking first)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.idle_timeout
+        client = s.client
+        while True:
+            state = http_state(client.buf) if client.buf else "more"
+            if state != "more":
+                return state
+            if client.eof:
+                return "other"
+            up = s.upstream
+            if up is not None and (up.buf or up.eof):
+                return "other"
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return "other"
+            if not await _either(client, up, remaining):
+                return "other"
+
+    async def _upstream_tls(self, raw: Conn, name: str, limits: Limits) -> tuple[Stream | None, str | None]:
+        """TLS to the origin, verified; (stream, None) or (None, why it failed)."""
+        stream = TlsStream(raw, self.upstream_ctx, server_side=False, server_hostname=name)
+        try:
+            await stream.handshake(limits.connect_timeout)
+        except ssl.SSLCertVerificationError as exc:
+            raw.abort()
+            return None, f"the upstream certificate of {name} is not trusted: {exc.verify_message or exc}"
+        except (ssl.SSLError, OSError) as exc:
+            raw.abort()
+            return None, f"TLS handshake with {name} failed: {exc}"
+        except ConnClosed:
+            return None, f"{name} closed the connection during the TLS handshake"
+        except asyncio.TimeoutError:
+            raw.abort()
+            return None, f"TLS handshake with {name} timed out"
+        return stream, None
+
+    async def _reconnect(self, s: Session, ctx: ProxyContext) -> Stream:
+        """A fresh upstream connection after the origin closed the previous one (raises UpstreamFailure)."""
+        raw = await connect(s.host, s.port, ctx.limits.connect_timeout, ctx.guard)
+        if s.scheme == "http":
+            stream: Stream = raw
+        else:
+            tls, err = await self._upstream_tls(raw, s.server_name, ctx.limits)
+            if tls is None:
+                raise UpstreamFailure("unreachable", err or "TLS handshake failed")
+            stream = tls
+        s.extra_upstreams.append(stream)
+        return stream
+
+    # -- requests --
+    async def _serve(self, s: Session, ctx: ProxyContext) -> None:
+        limits = ctx.limits
+        origin = (s.scheme, s.host, s.port)
+
+        def parse(buf: bytes):  # noqa: ANN202
+            return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers, origin=origin)
+
+        first = True
+        try:
+            while True:
+                try:
+                    got = await _read_head(s.client, limits, parse, None if first else limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    if first or s.client.buf:
+                        s.client.write(_error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
+                    return
+                except http1.HttpError as exc:
+                    s.client.write(_error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
+                    return
+                if got is None:
+                    return
+                head, n = got
+                del s.client.buf[:n]
+                first = False
+                if not await self._exchange(s, head, ctx):
+                    return
+        finally:
+            s.client.close()
+            for up in (s.upstream, *s.extra_upstreams):
+                if up is not None:
+                    up.close()
+
+    def _request_verdict(self, s: Session, head: http1.RequestHead) -> Verdict:
+        """Rules re-checked for the request's Host; a Host no rule covers falls back to the tunnel's."""
+        host = head.host or s.host
+        v = self.gate.check_request(s.container, host, s.port)
+        if not v.allowed and v.reason == "default_deny" and normalise_host(host) != normalise_host(s.host):
+            v = self.gate.check_request(s.container, s.host, s.port)
+        return v
+
+    async def _exchange(self, s: Session, head: http1.RequestHead, ctx: ProxyContext) -> bool:
+        """One request/response on an intercepted connection. True if the client connection stays open."""
+        limits = ctx.limits
+        t = _Txn(self, s, head)
+        v = self._request_verdict(s, head)
+        t.rule_id = v.rule_id
+        if not v.allowed:
+            s.client.write(http1.render_response(403, "Forbidden", DENIED_BODY,
+                                                 headers=[("Content-Type", "text/plain")], close=True))
+            t.finish(status=403, result="blocked")
+            return False
+        t.substituted = substitute_credentials(head, s)
+        if s.upstream is None or s.upstream.closed:
+            if s.upstream_error is not None:
+                return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: {s.upstream_error}")
+            try:
+                s.upstream = await self._reconnect(s, ctx)
+            except UpstreamFailure as exc:
+                status, reason = (504, "Gateway Timeout") if exc.kind == "timeout" else (502, "Bad Gateway")
+                return self._fail(s, t, status, reason, f"Greyproxy: {exc}")
+        upstream = s.upstream
+        version = "1.0" if head.version == "1.0" else "1.1"  # a 1.0 client must never get chunked
+        upstream.write(http1.render_request_head(head.method, head.path, version, head.upstream_headers()))
+        body_task: asyncio.Task | None = None
+        if head.chunked or (head.content_length or 0) > 0:
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req.add)
+            body_task = asyncio.ensure_future(_relay_body(s.client, upstream, reader, limits.idle_timeout))  # type: ignore[arg-type]
+        continued = False
+        try:
+            while True:
+                try:
+                    got = await _read_head(upstream, limits,  # type: ignore[arg-type]
+                                           lambda b: http1.parse_response_head(b, limits.max_header_bytes, head.method),
+                                           limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    return self._fail(s, t, 504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time")
+                except (http1.UpstreamError, http1.HttpError) as exc:
+                    return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
+                if got is None:
+                    return self._fail(s, t, 502, "Bad Gateway",
+                                      "Greyproxy: upstream closed the connection without answering")
+                resp, n = got
+                raw_head = upstream.take(n)
+                if resp.status == 101 and head.upgrade is not None:
+                    s.client.write(raw_head)
+                    await _cancel(body_task)
+                    t.finish(resp)
+                    await self._websocket(s, head, resp, upstream, limits)
+                    return False
+                if 100 <= resp.status < 200:
+                    s.client.write(raw_head)  # interim (100 Continue): relay, keep reading
+                    continued = continued or resp.status == 100
+                    continue
+                break
+            # Answered without a 100 while the body is still owed: the client may never send it
+            # (RFC 9110 §10.1.1), so this exchange ends the connection instead of waiting for it.
+            body_owed = (head.expect_continue and not continued and body_task is not None
+                         and not body_task.done())
+            client_keep = head.keep_alive and not resp.until_close and not body_owed
+            s.client.write(http1.render_response_head(resp, keep_alive=client_keep))
+            complete = True
+            if resp.has_body:
+                reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
+                                          sink=t.resp.add)
+                try:
+                    await _relay_body(upstream, s.client, reader, limits.idle_timeout)  # type: ignore[arg-type]
+                except (ConnClosed, asyncio.TimeoutError, http1.HttpError):
+                    complete = False  # a cut-off body: record what passed, drop both connections
+            if body_owed:
+                complete = False
+            elif body_task is not None and complete:
+                try:
+                    await asyncio.wait_for(body_task, limits.idle_timeout)
+                except (asyncio.TimeoutError, ConnClosed, http1.HttpError):
+                    complete = False
+            t.finish(resp)
+            if not complete:
+                upstream.abort()
+                return False
+            if not resp.keep_alive or resp.until_close:
+                upstream.close()
+            return client_keep
+        finally:
+            await _cancel(body_task)
+
+    def _fail(self, s: Session, t: _Txn, status: int, reason: str, text: str) -> bool:
+        s.client.write(_error_response(status, reason, text))
+        t.finish(status=status)
+        return False
+
+    # -- WebSocket --
+    async def _websocket(self, s: Session, head: http1.RequestHead, resp: http1.ResponseHead, upstream: Stream,
+                         limits: Limits) -> None:
+        deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
+        url = f"{'wss' if s.scheme == 'https' else 'ws'}://{head.authority}{head.path}"
+
+        def recorder(method: str) -> Callable[[bytes], None]:
+            parser, asm = FrameParser(self.max_body), MessageAssembler(deflate, self.max_body)
+            broken = False
+
+            def see(data: bytes) -> None:
+                nonlocal broken
+                if broken:
+                    return
+                try:
+                    for frame in parser.feed(data):
+                        msg = asm.feed(frame)
+                        if msg is not None:
+                            self._record_ws(s, head, method, url, msg)
+                except WsProtocolError as exc:
+                    broken = True  # stop recording this direction; relaying goes on
+                    log.info("websocket %s: not recording %s any more: %s", url, method, exc)
+
+            return see
+
+        await _relay(s.client, upstream, limits.idle_timeout, recorder("WS_REQ"), recorder("WS_RESP"))
+
+    def _record_ws(self, s: Session, head: http1.RequestHead, method: str, url: str, msg: Message) -> None:
+        text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
+        size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
+        side = "request" if method == "WS_REQ" else "response"
+        rec = _base_record(s, method, url, s.verdict.rule_id, host=head.host)
+        rec.update({f"{side}_body": text, f"{side}_body_size": size})
+        self.counts["ws_messages"] += 1
+        self.journal.append("transaction", rec)
+
+    # -- records --
+    def submit(self, rec: dict[str, Any], req: tuple[bytes, str | None, str | None] | None,
+               resp: tuple[bytes, str | None, str | None] | None) -> None:
+        """Journal the record; bodies to decode are decoded in a worker thread first."""
+        self.counts["transactions"] += 1
+        if req is None and resp is None:
+            self.journal.append("transaction", rec)
+            return
+        limit = self.max_body
+
+        def decode() -> dict[str, Any]:
+            if req is not None:
+                rec["request_body"] = stored_body(*req, limit=limit)
+            if resp is not None:
+                rec["response_body"] = stored_body(*resp, limit=limit)
+            return rec
+
+        fut = asyncio.get_running_loop().run_in_executor(None, decode)
+
+        def done(f: asyncio.Future) -> None:
+            try:
+                self.journal.append("transaction", f.result())
+            except Exception:
+                log.exception("could not build a transaction record")
+
+        fut.add_done_callback(done)
+
+
+class _Txn:
+    """The record of one request being built while it streams."""
+
+    __slots__ = ("ic", "s", "head", "t0", "p0", "req", "resp", "rule_id", "substituted", "done")
+
+    def __init__(self, ic: Interceptor, s: Session, head: http1.RequestHead) -> None:
+        self.ic, self.s, self.head = ic, s, head
+        self.t0, self.p0 = time.time(), time.perf_counter()
+        self.req = BodyCapture(ic.max_body)
+        self.resp = BodyCapture(ic.max_body)
+        self.rule_id: int | None = None
+        self.substituted: list[str] = []
+        self.done = False
+
+    def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
+               result: str = "allowed") -> None:
+        if self.done:
+            return
+        self.done = True
+        ic, s, head = self.ic, self.s, self.head
+        url = f"{s.scheme}://{head.authority}{head.path}"
+        rec = _base_record(s, head.method, url, self.rule_id, self.t0, head.host or s.host)
+        req_ct = head.header("content-type")
+        rec.update({
+            "request_headers": ic.redactor.headers(head.headers),
+            "request_body_size": self.req.size,
+            "request_content_type": req_ct,
+            "status_code": resp.status if resp is not None else status,
+            "response_headers": ic.redactor.headers(resp.headers) if resp is not None else {},
+            "response_body_size": self.resp.size,
+            "response_content_type": resp.header("content-type") if resp is not None else None,
+            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3),
+            "result": result,
+            "substituted_credentials": self.substituted,
+        })
+        req = (bytes(self.req.data), req_ct, head.header("content-encoding")) \
+            if self.req.data and is_text_like(req_ct) else None
+        resp_body = None
+        if resp is not None and self.resp.data and is_text_like(rec["response_content_type"]):
+            resp_body = (bytes(self.resp.data), rec["response_content_type"], resp.header("content-encoding"))
+        ic.submit(rec, req, resp_body)
+
+
+def _base_record(s: Session, method: str, url: str, rule_id: int | None, ts: float | None = None,
+                 host: str | None = None) -> dict[str, Any]:
+    return {
+        "timestamp": ts if ts is not None else time.time(), "container_name": s.container,
+        "destination_host": normalise_host(host or s.host), "destination_port": s.port, "method": method,
+        "url": url, "request_headers": {}, "request_body": None, "request_body_size": 0,
+        "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
+        "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
+        "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
+    }
+
+
+def _classify(buf: bytearray) -> tuple[str, ClientHello | None]:
+    if not buf:
+        return "more", None
+    tls = looks_like_tls(buf)
+    if tls is None:
+        return "more", None
+    if tls:
+        try:
+            hello = parse_client_hello(buf)
+        except NotClientHello:
+            return "other", None
+        return ("more", None) if hello is None else ("tls", hello)
+    return http_state(buf), None
+
+
+def _valid_name(sni: str | None) -> str | None:
+    """The SNI as a certificate name, or None when it is not a usable host name."""
+    if not sni:
+        return None
+    try:
+        return http1.canonical_host(sni)
+    except ValueError:
+        return None
+
+
+async def _cancel(task: asyncio.Task | None) -> None:
+    """Cancel and wait: the task's cleanup (a Conn read resets its waiter) must not run after a new read."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _more(stream: Stream, seen: int) -> None:
+    # A task starts a loop iteration late: bytes that came in meanwhile count as "more" already.
+    if len(stream.buf) == seen and not stream.eof:
+        await stream.read_more()
+
+
+async def _either(a: Stream, b: Stream | None, timeout: float | None) -> bool:
+    """Wait until `a` or `b` has more bytes than now (or closes). False on timeout."""
+    tasks = [asyncio.ensure_future(_more(a, len(a.buf)))]
+    if b is not None:
+        tasks.append(asyncio.ensure_future(_more(b, len(b.buf))))
+    try:
+        done, _ = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        # Let each cancelled read finish its cleanup (it resets the Conn's waiter) before anyone
+        # reads again: a cleanup running later would wipe out the next reader's waiter.
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return bool(done)
+
+
+async def _relay(a: Stream, b: Stream, idle: float, see_ab: Callable[[bytes], None] | None = None,
+                 see_ba: Callable[[bytes], None] | None = None) -> None:
+    """Copy both ways until either side ends (then both are closed); `see_*` get a copy of each chunk."""
+
+    async def pump(src: Stream, dst: Stream, see: Callable[[bytes], None] | None) -> None:
+        while True:
+            if src.buf:
+                data = src.take()
+                dst.write(data)
+                if see is not None:
+                    see(data)
+                await dst.drain()
+            try:
+                more = await src.read_more(idle)
+            except asyncio.TimeoutError:
+                return
+            if not more and not src.buf:
+                return
+
+    tasks = [asyncio.ensure_future(pump(a, b, see_ab)), asyncio.ensure_future(pump(b, a, see_ba))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, ConnClosed, ConnectionError):
+                pass
+        a.close()
+        b.close()

@@ -1,0 +1,50 @@
+"""The `transaction` journal record kind (SPEC §7): one http_transactions row, then `transaction.new`
+with the item without bodies once the batch is committed.
+
+Headers arrive already redacted (the proxy does that before anything leaves it).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import orjson
+
+from bus import topics
+from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
+
+from .apply import Event, register
+
+_COLUMNS = tuple(c for c in TRANSACTION_COLUMNS if c != "id")
+_INSERT = f"INSERT INTO http_transactions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+_JSON = {"request_headers": {}, "response_headers": {}, "substituted_credentials": []}
+_INTS = ("destination_port", "request_body_size", "response_body_size")
+
+
+def _row(data: dict[str, Any]) -> dict[str, Any]:
+    row = {c: data.get(c) for c in _COLUMNS}
+    if row["timestamp"] is None:
+        row["timestamp"] = time.time()
+    for col in _INTS:
+        row[col] = int(row[col] or 0)
+    if row["result"] is None:
+        row["result"] = "allowed"
+    for col in ("container_name", "destination_host", "method", "url"):
+        if not isinstance(row[col], str):
+            raise ValueError(f"transaction record without {col}")
+    return row
+
+
+def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+    row = _row(data)
+    stored = dict(row)
+    for col, default in _JSON.items():
+        stored[col] = orjson.dumps(row[col] if row[col] is not None else default).decode()
+    cur.execute(_INSERT, tuple(stored[c] for c in _COLUMNS))
+    row["id"] = cur.lastrowid
+    events.append((topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)))
+
+
+register("transaction", apply_transaction)

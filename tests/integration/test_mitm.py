@@ -1,0 +1,599 @@
+"""HTTPS interception through the real stack: real TLS on both sides, real clients.
+
+The origins (HTTPS and WebSocket-over-TLS) listen on 127.0.0.2 with a certificate from a trustme
+CA that the proxy trusts through `mitm.upstreamCaFile`; clients trust the Greyproxy CA made by
+`greyproxy cert generate`. One stack serves the module; tests use their own container names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import http.client
+import http.server
+import json
+import shutil
+import socket
+import sqlite3
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import brotli
+import httpx
+import pytest
+import trustme
+
+from conftest import PYTHON, REPO, Stack, free_port, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+
+ORIGIN = "127.0.0.2"
+BYPASSED = "127.0.0.3"  # on mitm.bypass: its tunnels are never intercepted
+JSON_BODY = {"ok": True, "items": list(range(20))}
+BIG_SIZE = 5 * 1024 * 1024
+SSE_EVENTS = 10
+SSE_EVERY = 0.2
+
+
+# ---------------------------------------------------------------- origins
+
+
+class _Origin(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def _send(self, status: int, body: bytes, ctype: str, **headers: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k.replace("_", "-"), v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?")[0]
+        if path == "/json":
+            self._send(200, json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="session=origin-secret")
+        elif path == "/gzip":
+            self._send(200, gzip.compress(json.dumps({"codec": "gzip"}).encode()), "application/json",
+                       Content_Encoding="gzip")
+        elif path == "/br":
+            self._send(200, brotli.compress(b"hello brotli " * 100), "text/plain; charset=utf-8", Content_Encoding="br")
+        elif path == "/big":
+            line = b"0123456789abcdefghijklmnopqrstuvwxyz-big-body-line\n"
+            body = (line * (BIG_SIZE // len(line) + 1))[:BIG_SIZE]
+            self._send(200, body, "text/plain")
+        elif path == "/sse":
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            for i in range(SSE_EVENTS):
+                data = f"data: event {i}\n\n".encode()
+                self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                self.wfile.flush()
+                time.sleep(SSE_EVERY)
+            self.wfile.write(b"0\r\n\r\n")
+        else:
+            self._send(200, f"path {path}\n".encode(), "text/plain")
+
+    def do_POST(self) -> None:  # noqa: N802
+        n = int(self.headers.get("Content-Length") or 0)
+        data = self.rfile.read(n)
+        self._send(200, json.dumps({"got": len(data)}).encode(), "application/json")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _TlsServer(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        super().__init__(addr, _Origin)
+
+    def get_request(self):  # noqa: ANN201 - the handshake runs in the handler thread, not in accept
+        sock, addr = self.socket.accept()
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def finish_request(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError):
+            return  # a client that does not trust us: nothing to serve
+        super().finish_request(request, client_address)
+
+
+@pytest.fixture(scope="module")
+def origin_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def origin(origin_ca: trustme.CA) -> Iterator[int]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ca.issue_cert(ORIGIN, "origin.test").configure_cert(ctx)
+    port = free_port()
+    server = _TlsServer((ORIGIN, port), ctx)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def bypassed_origin(origin_ca: trustme.CA) -> Iterator[int]:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ca.issue_cert(BYPASSED).configure_cert(ctx)
+    port = free_port()
+    server = _TlsServer((BYPASSED, port), ctx)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def plain_origin() -> Iterator[int]:
+    port = free_port()
+    server = http.server.ThreadingHTTPServer((ORIGIN, port), _Origin)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def echo_origin() -> Iterator[int]:
+    """A line-echo TCP server: neither TLS nor HTTP."""
+    srv = socket.create_server((ORIGIN, 0))
+    port = srv.getsockname()[1]
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield port
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
+    from websockets.asyncio.server import serve
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    origin_ca.issue_cert(ORIGIN).configure_cert(ctx)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    stop = loop.create_future()
+    ready = threading.Event()
+
+    async def echo(ws) -> None:  # noqa: ANN001
+        async for msg in ws:
+            await ws.send(msg)
+
+    async def main() -> None:
+        async with serve(echo, ORIGIN, port, ssl=ctx):
+            ready.set()
+            await stop
+
+    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    t.start()
+    assert ready.wait(10)
+    yield port
+    loop.call_soon_threadsafe(stop.set_result, None)
+    t.join(5)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
+    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
+    origin_ca.cert_pem.write_to_path(str(ca_file))
+    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file), "bypass": [BYPASSED]}})
+    try:
+        _cli(s, "cert", "generate")  # before start: the proxy loads it at once
+        s.start()
+        for host in (ORIGIN, BYPASSED):
+            r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": host,
+                                                      "port_pattern": "*", "action": "allow"})
+            assert r.status_code == 201, r.text
+        yield s
+    finally:
+        s.cleanup()
+        shutil.rmtree(s.root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)], env=stack.env, cwd=str(REPO),
+                          capture_output=True, text=True, timeout=30, check=True)
+
+
+def _gp_ca(stack: Stack) -> str:
+    return str(stack.data_dir / "ca-cert.pem")
+
+
+def _curl(*args: str, timeout: int = 20) -> tuple[int, bytes, str]:
+    p = subprocess.run(["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5)
+    return p.returncode, p.stdout, p.stderr.decode(errors="replace")
+
+
+def _via_http(stack: Stack, container: str) -> list[str]:
+    return ["-p", "-x", f"http://{container}@127.0.0.1:{stack.ports['http-proxy']}"]
+
+
+def _transactions(stack: Stack, **params: Any) -> list[dict]:
+    r = stack.get("/api/transactions", params={"limit": 200, **params})
+    assert r.status_code == 200, r.text
+    return r.json()["items"]
+
+
+def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET") -> dict:
+    def find() -> dict | None:
+        for item in _transactions(stack, container=container):
+            if item["url"].endswith(path) and item["method"] == method:
+                return item
+        return None
+
+    item = wait_for(find, 10, message=f"transaction {method} {path} for {container}")
+    r = stack.get(f"/api/transactions/{item['id']}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _log_entry(stack: Stack, container: str) -> dict:
+    def find() -> dict | None:
+        items = stack.get("/api/logs", params={"container": container}).json()["items"]
+        return items[0] if items else None
+
+    return wait_for(find, 10, message=f"log entry for {container}")
+
+
+def _header(headers: dict[str, list[str]], name: str) -> list[str] | None:
+    for k, v in headers.items():
+        if k.lower() == name.lower():
+            return v
+    return None
+
+
+def _tls_through_proxy(stack: Stack, container: str, port: int, cafile: str) -> ssl.SSLSocket:
+    """A raw CONNECT through the HTTP proxy, then TLS trusting `cafile`."""
+    sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
+    auth = base64.b64encode(f"{container}:x".encode()).decode()
+    sock.sendall(f"CONNECT {ORIGIN}:{port} HTTP/1.1\r\nHost: {ORIGIN}:{port}\r\n"
+                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1024)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    ctx = ssl.create_default_context(cafile=cafile)
+    return ctx.wrap_socket(sock, server_hostname=ORIGIN)
+
+
+def _get(sock: ssl.SSLSocket, port: int, path: str) -> http.client.HTTPResponse:
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {ORIGIN}:{port}\r\nUser-Agent: t\r\n\r\n".encode())
+    resp = http.client.HTTPResponse(sock)
+    resp.begin()
+    return resp
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> None:
+    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent"), f"https://{ORIGIN}:{origin}/json",
+                           "-H", "Authorization: Bearer sk-live", "-H", "X-Api-Key: k")
+    assert code == 0, err
+    assert json.loads(out) == JSON_BODY
+    t = _one_transaction(stack, "agent", "/json")
+    assert t["status_code"] == 200 and t["result"] == "allowed"
+    assert t["url"] == f"https://{ORIGIN}:{origin}/json"
+    assert t["destination_host"] == ORIGIN and t["destination_port"] == origin
+    assert _header(t["request_headers"], "Authorization") == ["[REDACTED]"]
+    assert _header(t["request_headers"], "X-Api-Key") == ["[REDACTED]"]
+    assert _header(t["response_headers"], "Set-Cookie") == ["[REDACTED]"]
+    assert _header(t["request_headers"], "User-Agent")[0].startswith("curl/")
+    assert json.loads(t["response_body"]) == JSON_BODY
+    assert t["response_content_type"] == "application/json"
+    assert t["response_body_size"] == len(json.dumps(JSON_BODY)) and t["request_body_size"] == 0
+    assert t["duration_ms"] > 0 and t["rule_id"] is not None and t["substituted_credentials"] == []
+    assert stack.get("/api/transactions/999999").status_code == 404
+    assert stack.get("/api/transactions", params={"limit": "x"}).status_code == 400
+    assert stack.get("/api/transactions", params={"from_date": "yesterday"}).status_code == 400
+    listed = _transactions(stack, container="agent", method="GET", destination="127.0.0")
+    assert listed and "response_body" not in listed[0] and "request_headers" in listed[0]
+    assert "response_body" in _transactions(stack, container="agent", include_bodies="true")[0]
+    log = _log_entry(stack, "agent")
+    assert log["method"] == "CONNECT" and log["result"] == "allowed" and log["mitm_skip_reason"] is None
+    # The secret never reached the database, not even the write-ahead log.
+    for suffix in ("", "-wal"):
+        path = Path(f"{stack.db_path}{suffix}")
+        if path.exists():
+            data = path.read_bytes()
+            assert b"sk-live" not in data and b"origin-secret" not in data, path
+
+
+def test_socks5_intercepted(stack: Stack, origin: int) -> None:
+    code, out, err = _curl("--cacert", _gp_ca(stack), "-x", f"socks5h://agent-socks:x@127.0.0.1:{stack.socks_port}",
+                           f"https://{ORIGIN}:{origin}/json?via=socks")
+    assert code == 0, err
+    assert json.loads(out) == JSON_BODY
+    t = _one_transaction(stack, "agent-socks", "/json?via=socks")
+    assert t["status_code"] == 200 and json.loads(t["response_body"]) == JSON_BODY
+    log = _log_entry(stack, "agent-socks")
+    assert log["method"] == "SOCKS5" and log["mitm_skip_reason"] is None
+
+
+def test_sse_streams_unbuffered_and_is_recorded_whole(stack: Stack, origin: int) -> None:
+    ctx = ssl.create_default_context(cafile=_gp_ca(stack))
+    proxy = f"http://agent-sse@127.0.0.1:{stack.ports['http-proxy']}"
+    with httpx.Client(proxy=proxy, verify=ctx, timeout=10, trust_env=False) as client:
+        t0 = time.monotonic()
+        first = None
+        events = []
+        with client.stream("GET", f"https://{ORIGIN}:{origin}/sse") as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    if first is None:
+                        first = time.monotonic() - t0
+                    events.append(line)
+    assert first is not None and first < 0.5, f"first event after {first:.3f}s"
+    assert len(events) == SSE_EVENTS
+    t = _one_transaction(stack, "agent-sse", "/sse")
+    assert t["response_content_type"] == "text/event-stream"
+    assert [ln for ln in t["response_body"].splitlines() if ln] == [f"data: event {i}" for i in range(SSE_EVENTS)]
+    assert t["duration_ms"] >= (SSE_EVENTS - 1) * SSE_EVERY * 1000 * 0.8
+
+
+def test_compressed_bodies_stored_decoded_and_big_ones_capped(stack: Stack, origin: int, tmp_path: Path) -> None:
+    for path in ("/gzip", "/br"):
+        code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-codec"),
+                                f"https://{ORIGIN}:{origin}{path}", "-o", "/dev/null")
+        assert code == 0, err
+    assert json.loads(_one_transaction(stack, "agent-codec", "/gzip")["response_body"]) == {"codec": "gzip"}
+    assert _one_transaction(stack, "agent-codec", "/br")["response_body"] == "hello brotli " * 100
+    target = tmp_path / "big"
+    code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-big"),
+                            f"https://{ORIGIN}:{origin}/big", "-o", str(target), timeout=30)
+    assert code == 0, err
+    assert target.stat().st_size == BIG_SIZE
+    t = _one_transaction(stack, "agent-big", "/big")
+    assert t["response_body_size"] == BIG_SIZE
+    assert len(t["response_body"]) == 2 * 1024 * 1024
+    assert target.read_bytes()[:1000].decode() == t["response_body"][:1000]
+    # A request body is captured too (and its size), with the 100-continue dance relayed.
+    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-post"), "-H",
+                           "Content-Type: application/json", "-H", "Expect: 100-continue", "--data-binary",
+                           '{"q": "hi"}', f"https://{ORIGIN}:{origin}/post")
+    assert code == 0 and json.loads(out) == {"got": 11}, err
+    t = _one_transaction(stack, "agent-post", "/post", "POST")
+    assert t["request_body"] == '{"q": "hi"}' and t["request_body_size"] == 11
+
+
+def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(stack: Stack, origin: int,
+                                                                     origin_ca: trustme.CA, tmp_path: Path) -> None:
+    code, _out, err = _curl(*_via_http(stack, "agent-untrusting"), f"https://{ORIGIN}:{origin}/json")
+    assert code != 0  # the system store does not know the Greyproxy CA
+    assert _log_entry(stack, "agent-untrusting")["mitm_skip_reason"] == "handshake_failed"
+    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-after"),
+                           f"https://{ORIGIN}:{origin}/json")
+    assert code == 0 and json.loads(out) == JSON_BODY, err
+
+    origin_ca_file = tmp_path / "origin-ca.pem"
+    origin_ca.cert_pem.write_to_path(str(origin_ca_file))
+    r = stack.request("PUT", "/api/settings", json={"mitmEnabled": False})
+    assert r.status_code == 200 and r.json()["mitmEnabled"] is False
+    try:
+        # The origin's own certificate reaches the client: only the trustme CA verifies it.
+        def piped() -> bool:
+            code, out, _err = _curl("--cacert", str(origin_ca_file), *_via_http(stack, "agent-piped"),
+                                    f"https://{ORIGIN}:{origin}/json")
+            return code == 0 and json.loads(out) == JSON_BODY
+
+        wait_for(piped, 10, interval=0.2, message="an untouched tunnel")
+        assert _log_entry(stack, "agent-piped")["mitm_skip_reason"] == "mitm_disabled"
+        assert not _transactions(stack, container="agent-piped")
+    finally:
+        assert stack.request("PUT", "/api/settings", json={"mitmEnabled": True}).status_code == 200
+
+
+def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack: Stack, origin: int) -> None:
+    sock = _tls_through_proxy(stack, "agent-deny", origin, _gp_ca(stack))
+    try:
+        resp = _get(sock, origin, "/json")
+        assert resp.status == 200 and json.loads(resp.read()) == JSON_BODY
+        r = stack.request("POST", "/api/rules", json={"container_pattern": "agent-deny", "destination_pattern": ORIGIN,
+                                                      "port_pattern": str(origin), "action": "deny"})
+        assert r.status_code == 201, r.text
+        time.sleep(0.5)  # the API has the proxy reload before answering; this is margin
+        resp = _get(sock, origin, "/json")
+        assert resp.status == 403
+        assert resp.getheader("Content-Type").startswith("text/plain")
+        assert resp.read() == b"Request denied by proxy"
+    finally:
+        sock.close()
+    blocked = wait_for(lambda: [t for t in _transactions(stack, container="agent-deny") if t["result"] == "blocked"],
+                       10, message="the blocked request's record")
+    assert blocked[0]["status_code"] == 403
+
+
+def test_websocket_relayed_and_recorded(stack: Stack, ws_origin: int) -> None:
+    from websockets.sync.client import connect
+
+    ctx = ssl.create_default_context(cafile=_gp_ca(stack))
+    proxy = f"http://agent-ws:x@127.0.0.1:{stack.ports['http-proxy']}"
+    with connect(f"wss://{ORIGIN}:{ws_origin}/chat", ssl=ctx, proxy=proxy, open_timeout=10) as ws:
+        ws.send("hello over ws")
+        assert ws.recv(timeout=5) == "hello over ws"
+        ws.send('{"type": "response.create", "n": 2}')
+        assert ws.recv(timeout=5) == '{"type": "response.create", "n": 2}'
+        ws.send(b"\x00\x01binary")
+        assert ws.recv(timeout=5) == b"\x00\x01binary"
+
+    def frames() -> list[dict] | None:
+        items = [t for t in _transactions(stack, container="agent-ws") if t["method"] in ("WS_REQ", "WS_RESP")]
+        return items if len(items) >= 6 else None
+
+    items = wait_for(frames, 10, message="six WebSocket records")
+    assert {t["method"] for t in items} == {"WS_REQ", "WS_RESP"}
+    assert all(t["url"] == f"wss://{ORIGIN}:{ws_origin}/chat" for t in items)
+    detail = [stack.get(f"/api/transactions/{t['id']}").json() for t in items]
+    sent = sorted(d["request_body"] for d in detail if d["method"] == "WS_REQ" and d["request_body"])
+    echoed = sorted(d["response_body"] for d in detail if d["method"] == "WS_RESP" and d["response_body"])
+    assert sent == echoed == sorted(['{"type": "response.create", "n": 2}', "hello over ws"])
+    assert any(d["request_body"] is None and d["request_body_size"] == 8 for d in detail if d["method"] == "WS_REQ")
+    upgrade = _one_transaction(stack, "agent-ws", "/chat")
+    assert upgrade["status_code"] == 101
+
+
+def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_path: Path) -> None:
+    old = tmp_path / "old-ca.pem"
+    shutil.copy(_gp_ca(stack), old)
+    r = stack.request("POST", "/api/cert/generate")
+    assert r.status_code == 409 and "error" in r.json()
+    _cli(stack, "cert", "generate", "-f")
+    assert old.read_bytes() != Path(_gp_ca(stack)).read_bytes()
+
+    def new_ca_works() -> bool:
+        code, out, _err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-newca"),
+                                f"https://{ORIGIN}:{origin}/json")
+        return code == 0
+
+    wait_for(new_ca_works, 8, interval=0.3, message="leaves from the new CA")
+    code, _out, _err = _curl("--cacert", str(old), *_via_http(stack, "agent-oldca"), f"https://{ORIGIN}:{origin}/json")
+    assert code != 0
+    r = stack.request("POST", "/api/cert/reload")
+    assert r.status_code == 200 and r.json()["message"] == "unchanged"
+    assert _cli(stack, "cert", "reload").stdout.strip() == "unchanged"  # the CLI goes through the same API
+    status = stack.get("/api/cert/status").json()
+    assert status["generated"] is True and status["fingerprintSha256"] == r.json()["certStatus"]["fingerprintSha256"]
+    dl = stack.get("/api/cert/download")
+    assert dl.status_code == 200 and dl.headers["content-type"] == "application/x-pem-file"
+    assert dl.content == Path(_gp_ca(stack)).read_bytes()
+    assert "greyproxy-ca.pem" in dl.headers["content-disposition"]
+
+
+def _progress_events(stack: Stack, seconds: float, started: threading.Event) -> list[dict]:
+    """maintenance.progress events seen on the bus for `seconds` (collected in this thread)."""
+    from bus.pubsub import Subscriber
+    from greyproxy.config import load_config
+
+    endpoint = load_config(stack.cfg_path, env=stack.env).bus["sub"]
+
+    async def collect() -> list[dict]:
+        sub = Subscriber(endpoint, ("maintenance.progress",))
+        out: list[dict] = []
+        await asyncio.sleep(0.3)  # zmq's slow joiner
+        started.set()
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    msg = await asyncio.wait_for(sub.recv(), max(0.01, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                out.append(msg["data"])
+                if msg["data"].get("job") == "redact-headers" and msg["data"].get("done"):
+                    break
+        finally:
+            sub.close()
+        return out
+
+    return asyncio.run(collect())
+
+
+def test_redact_headers_job(stack: Stack, origin: int) -> None:
+    code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-custom"),
+                            f"https://{ORIGIN}:{origin}/custom", "-H", "X-Custom: visible-before")
+    assert code == 0, err
+    assert _header(_one_transaction(stack, "agent-custom", "/custom")["request_headers"], "X-Custom") == ["visible-before"]
+    # Many rows, so the job runs long enough for a second start to find it running.
+    with sqlite3.connect(stack.db_path, timeout=10) as db:
+        db.executemany(
+            "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+            " url, request_headers) VALUES (?, 'filler', 'filler.test', 443, 'GET', 'https://filler.test/', ?)",
+            [(time.time() - 3600, '{"X-Custom": ["filler"]}') for _ in range(30_000)])
+    r = stack.request("PUT", "/api/settings", json={"redactedHeaders": ["x-custom"]})
+    assert r.status_code == 200 and "x-custom" in r.json()["redactedHeaders"]
+
+    events: list[dict] = []
+    started = threading.Event()
+    collector = threading.Thread(target=lambda: events.extend(_progress_events(stack, 20, started)))
+    collector.start()
+    assert started.wait(10)
+    r = stack.request("POST", "/api/maintenance/redact-headers")
+    assert r.status_code == 202 and r.json() == {"status": "started", "job": "redact-headers"}
+    again = stack.request("POST", "/api/maintenance/redact-headers")
+    assert again.status_code == 409, again.text
+    status = stack.get("/api/maintenance/status").json()
+    assert status["jobs"]["redact-headers"]["running"] is True
+    assert {"assembler_version_current", "assembler_version_stored", "needs_rebuild"} <= set(status)
+    collector.join(25)
+
+    def finished() -> dict | None:
+        st = stack.get("/api/maintenance/status").json()["jobs"]["redact-headers"]
+        return st if not st["running"] else None
+
+    st = wait_for(finished, 20, message="the redact-headers job to finish")
+    assert st["error"] is None and st["processed"] >= 30_001
+    mine = [e for e in events if e.get("job") == "redact-headers"]
+    assert any(not e["done"] for e in mine) and mine[-1]["done"] is True
+    assert _header(_one_transaction(stack, "agent-custom", "/custom")["request_headers"], "X-Custom") == ["[REDACTED]"]
+    with sqlite3.connect(stack.db_path, timeout=10) as db:
+        left = db.execute("SELECT COUNT(*) FROM http_transactions WHERE request_headers LIKE '%filler\"%'").fetchone()[0]
+    assert left == 0
+    stack.request("PUT", "/api/settings", json={"redactedHeaders": []})
+
+
+def test_plain_http_inside_a_tunnel_is_handled_alike(stack: Stack, plain_origin: int) -> None:
+    code, out, err = _curl(*_via_http(stack, "agent-plain"), f"http://{ORIGIN}:{plain_origin}/inside",
+                           "-H", "Cookie: c=secret-cookie")
+    assert code == 0 and out == b"path /inside\n", err
+    t = _one_transaction(stack, "agent-plain", "/inside")
+    assert t["url"] == f"http://{ORIGIN}:{plain_origin}/inside" and t["status_code"] == 200
+    assert _header(t["request_headers"], "Cookie") == ["[REDACTED]"] and t["response_body"] == "path /inside\n"
+    assert _log_entry(stack, "agent-plain")["mitm_skip_reason"] is None
+
+
+def test_other_protocols_and_bypassed_hosts_are_piped_untouched(stack: Stack, echo_origin: int,
+                                                                 bypassed_origin: int, tmp_path: Path,
+                                                                 origin_ca: trustme.CA) -> None:
+    sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
+    with sock:
+        auth = base64.b64encode(b"agent-echo:x").decode()
+        sock.sendall(f"CONNECT {ORIGIN}:{echo_origin} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+        sock.sendall(b"PING not-http\r\n")
+        assert sock.recv(1024) == b"PING not-http\r\n"
+    assert _log_entry(stack, "agent-echo")["mitm_skip_reason"] == "non_tls"
+
+    origin_ca_file = tmp_path / "origin-ca.pem"
+    origin_ca.cert_pem.write_to_path(str(origin_ca_file))
+    code, out, err = _curl("--cacert", str(origin_ca_file), *_via_http(stack, "agent-bypass"),
+                           f"https://{BYPASSED}:{bypassed_origin}/json")
+    assert code == 0 and json.loads(out) == JSON_BODY, err
+    assert _log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"

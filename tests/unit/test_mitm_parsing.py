@@ -1,0 +1,106 @@
+"""Sans-I/O pieces of interception: the "is this HTTP?" peek, origin-form request heads, and the
+BodyReader's payload sink used for capture."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from services.proxy.http1 import BodyReader, HttpError, parse_request_head
+from services.proxy.mitm import http_state
+
+FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("data,state", [
+    (b"GET / HTTP/1.1\r\n", "http"),
+    (b"POST /v1/messages?x=1 HTTP/1.0\r\nHost: a\r\n", "http"),
+    (b"OPTIONS * HTTP/1.1\n", "http"),
+    (b"G", "more"), (b"GET", "more"), (b"GET /a", "more"), (b"GET /a HTT", "more"), (b"GET /a HTTP/1.1\r", "more"),
+    (b"SET k v\r\n", "other"), (b"PING\r\n", "other"), (b"get / HTTP/1.1\r\n", "other"),
+    (b"GET / HTTP/2.0\r\n", "other"), (b"PRI * HTTP/2.0\r\n", "other"), (b"SSH-2.0-OpenSSH\r\n", "other"),
+    (b"\x16\x03\x01", "other"), (b"GET /a XTTP", "other"),
+])
+def test_http_state(data: bytes, state: str) -> None:
+    assert http_state(data) == state
+
+
+@given(st.sampled_from([b"GET", b"POST", b"DELETE", b"M-SEARCH"]), st.text(
+    alphabet="abcdefghijklmnopqrstuvwxyz0123456789/?=&%.-_", min_size=1, max_size=60).map(str.encode),
+    st.sampled_from([b"1.0", b"1.1"]), st.sampled_from([b"\r\n", b"\n"]))
+@FUZZ
+def test_every_prefix_of_a_request_line_waits(method: bytes, target: bytes, version: bytes, eol: bytes) -> None:
+    line = method + b" /" + target + b" HTTP/" + version + eol
+    for i in range(1, len(line)):
+        assert http_state(line[:i]) == "more", line[:i]
+    assert http_state(line) == "http"
+
+
+@given(st.binary(max_size=200))
+@FUZZ
+def test_http_state_is_total(data: bytes) -> None:
+    assert http_state(data) in ("http", "other", "more")
+
+
+def _parse(raw: bytes, origin=("https", "api.example.com", 443)):  # noqa: ANN001, ANN202
+    got = parse_request_head(raw, origin=origin)
+    assert got is not None
+    return got[0]
+
+
+def test_origin_form_takes_host_header() -> None:
+    head = _parse(b"GET /v1/models?x=1 HTTP/1.1\r\nHost: API.example.com\r\nAccept: */*\r\n\r\n")
+    assert (head.scheme, head.host, head.port, head.path) == ("https", "api.example.com", 443, "/v1/models?x=1")
+    assert head.upstream_headers()[0] == ("Host", "API.example.com")
+    head = _parse(b"GET / HTTP/1.1\r\nHost: 127.0.0.2:8443\r\n\r\n")
+    assert (head.host, head.port, head.authority) == ("127.0.0.2", 8443, "127.0.0.2:8443")
+
+
+def test_origin_form_http10_without_host_uses_the_tunnel() -> None:
+    head = _parse(b"GET /x HTTP/1.0\r\n\r\n", origin=("http", "10.0.0.1", 8080))
+    assert (head.host, head.port, head.authority) == ("10.0.0.1", 8080, "10.0.0.1:8080")
+    head = _parse(b"GET /x HTTP/1.0\r\n\r\n", origin=("https", "::1", 443))
+    assert head.authority == "[::1]"
+
+
+def test_absolute_form_is_accepted_towards_an_origin() -> None:
+    head = _parse(b"GET https://api.example.com/a HTTP/1.1\r\nHost: api.example.com\r\n\r\n")
+    assert (head.host, head.path) == ("api.example.com", "/a")
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /a HTTP/1.1\r\n\r\n",  # no Host in 1.1
+    b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    b"GET a HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+])
+def test_origin_form_rejects(raw: bytes) -> None:
+    with pytest.raises(HttpError):
+        parse_request_head(raw, origin=("https", "a", 443))
+
+
+def test_without_origin_the_proxy_forms_are_unchanged() -> None:
+    with pytest.raises(HttpError):
+        parse_request_head(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")  # a forward proxy needs absolute-form
+
+
+def test_body_reader_sink_gets_payload_without_chunk_framing() -> None:
+    seen = bytearray()
+    r = BodyReader(None, chunked=True, sink=seen.extend)
+    wire = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT"
+    out = bytearray()
+    for i in range(0, len(wire), 3):  # any split
+        data, rest, done = r.feed(wire[i:i + 3])
+        out += data
+        if done:
+            break
+    assert bytes(seen) == b"hello world"
+    assert bytes(out) + rest == wire[: len(out) + len(rest)]
+    seen.clear()
+    data, rest, done = BodyReader(4, chunked=False, sink=seen.extend).feed(b"abcdef")
+    assert (data, rest, done, bytes(seen)) == (b"abcd", b"ef", True, b"abcd")
+    seen.clear()
+    BodyReader(None, chunked=False, until_close=True, sink=seen.extend).feed(b"stream")
+    assert bytes(seen) == b"stream"

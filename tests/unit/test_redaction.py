@@ -1,0 +1,128 @@
+"""Header redaction (greyproxy/redaction.py) and the capture helpers it travels with."""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+
+import brotli
+import pytest
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from greyproxy.capture import BodyCapture, decode_body, is_text_like, stored_body, transaction_json
+from greyproxy.redaction import REDACTED, Redactor, canonical_header_name, extra_patterns
+
+
+@pytest.mark.parametrize("name", [
+    "Authorization", "authorization", "PROXY-AUTHORIZATION", "Cookie", "set-cookie", "X-Api-Key",
+    "x-goog-api-key", "Api-Key", "X-Auth-Token", "token", "X-Client-Secret", "SECRET",
+])
+def test_defaults_redact(name: str) -> None:
+    assert Redactor().matches(name)
+
+
+@pytest.mark.parametrize("name", ["Content-Type", "Accept", "X-Custom", "Cookies-Policy", "User-Agent", "Host"])
+def test_defaults_keep(name: str) -> None:
+    assert not Redactor().matches(name)
+
+
+def test_extra_patterns_are_case_insensitive_globs() -> None:
+    r = Redactor(["x-custom", "X-Internal-*", "x-?id"])
+    assert r.matches("X-CUSTOM") and r.matches("x-internal-anything") and r.matches("X-Sid")
+    assert not r.matches("X-Customer") and not r.matches("x-internal") and not r.matches("x-uuid")
+    assert r.matches("Authorization")  # defaults always apply
+
+
+def test_headers_map_redacts_values_and_keeps_others() -> None:
+    pairs = [("authorization", "Bearer sk-live"), ("X-Api-Key", "k"), ("content-type", "application/json"),
+             ("Set-Cookie", "a=1"), ("set-cookie", "b=2"), ("X-Custom", "v")]
+    out = Redactor().headers(pairs)
+    assert out == {"Authorization": [REDACTED], "X-Api-Key": [REDACTED], "Content-Type": ["application/json"],
+                   "Set-Cookie": [REDACTED, REDACTED], "X-Custom": ["v"]}
+    assert "sk-live" not in repr(out)
+
+
+def test_redact_map_reapplies_and_reports_changes() -> None:
+    stored = {"X-Custom": ["secret-ish"], "Accept": ["*/*"], "Authorization": [REDACTED]}
+    new, changed = Redactor(["x-custom"]).redact_map(stored)
+    assert changed and new == {"X-Custom": [REDACTED], "Accept": ["*/*"], "Authorization": [REDACTED]}
+    again, changed = Redactor(["x-custom"]).redact_map(new)
+    assert not changed and again == new
+
+
+def test_canonical_name_and_extra_patterns() -> None:
+    assert canonical_header_name("x-api-KEY") == "X-Api-Key"
+    assert canonical_header_name("www-authenticate") == "Www-Authenticate"
+    assert extra_patterns(["x-a", 3, " ", "x-b "]) == ["x-a", "x-b"]
+    assert extra_patterns("x-a") == []
+
+
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_0123456789", min_size=1, max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_matching_is_case_insensitive(name: str) -> None:
+    r = Redactor(["x-*-id"])
+    assert r.matches(name) == r.matches(name.upper()) == r.matches(name.lower())
+    assert r.matches(name) == Redactor(["x-*-id"]).matches(name)  # the per-instance cache changes nothing
+
+
+# ---------------------------------------------------------------- capture
+
+
+def test_text_like() -> None:
+    for ct in ("text/plain", "text/event-stream; charset=utf-8", "application/json", "Application/JSON",
+               "application/vnd.api+json", "application/atom+xml", "application/xml", "application/javascript",
+               "application/x-www-form-urlencoded", "application/x-ndjson"):
+        assert is_text_like(ct), ct
+    for ct in (None, "", "image/png", "application/octet-stream", "application/grpc", "multipart/form-data"):
+        assert not is_text_like(ct), ct
+
+
+def test_capture_keeps_a_capped_copy_and_the_true_size() -> None:
+    c = BodyCapture(10)
+    for part in (b"12345", memoryview(b"67890abc"), b"def"):
+        c.add(part)
+    assert bytes(c.data) == b"1234567890" and c.size == 16 and c.truncated
+
+
+@pytest.mark.parametrize("coding,encode", [
+    ("gzip", gzip.compress),
+    ("deflate", zlib.compress),
+    ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send
+    ("br", brotli.compress),
+    ("zstd", zstandard.ZstdCompressor().compress),
+    ("gzip, br", lambda b: brotli.compress(gzip.compress(b))),
+])
+def test_decode_body(coding: str, encode) -> None:  # noqa: ANN001
+    text = b'{"hello": "world"}' * 100
+    assert decode_body(encode(text), coding) == text
+
+
+def test_decode_caps_output_and_survives_truncation() -> None:
+    bomb = gzip.compress(b"\0" * (20 * 1024 * 1024))
+    assert len(decode_body(bomb, "gzip", limit=1024 * 1024)) == 1024 * 1024
+    text = b"line of text\n" * 50_000
+    cut = brotli.compress(text)[:200]
+    assert text.startswith(decode_body(cut, "br"))
+    with pytest.raises(ValueError):
+        decode_body(b"not gzip at all", "gzip")
+    with pytest.raises(ValueError):
+        decode_body(b"x", "compress")
+
+
+def test_stored_body() -> None:
+    assert stored_body(gzip.compress(b'{"a":1}'), "application/json", "gzip") == '{"a":1}'
+    assert stored_body(b"\x89PNG", "image/png", None) is None
+    assert stored_body(b"plain", "text/plain", "gzip") == "plain"  # decoding failed: the raw bytes are kept
+    assert stored_body(b"", "text/plain", None) is None
+
+
+def test_transaction_json_shape() -> None:
+    row = {"id": 3, "timestamp": 0.0, "request_headers": '{"A": ["b"]}', "response_headers": None,
+           "substituted_credentials": "[]", "request_body": "x", "response_body": "y", "duration_ms": 1.23456}
+    item = transaction_json(row)
+    assert item["timestamp"] == "1970-01-01T00:00:00Z" and item["request_headers"] == {"A": ["b"]}
+    assert item["response_headers"] == {} and item["substituted_credentials"] == []
+    assert "request_body" not in item and item["duration_ms"] == 1.235
+    assert transaction_json(row, include_bodies=True)["response_body"] == "y"
