@@ -173,6 +173,13 @@ def tree_rss_kb(pid: int) -> int | None:
     return total if seen else None
 
 
+def fd_count(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def cpu_seconds(pid: int) -> float:
     """utime+stime of one process (seconds)."""
     try:

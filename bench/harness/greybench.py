@@ -1,0 +1,219 @@
+"""Measures only this project has: approval latency, the recorder, GET /api/logs at scale, rules."""
+
+from __future__ import annotations
+
+import base64
+import random
+import re
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .loads import pct, pipelined_requests
+
+HOLD_HOST = "127.0.0.2"  # no rule covers it: a request there waits in the pending queue
+BENCH = Path(__file__).resolve().parent.parent
+
+
+def _auth(user: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:x".encode()).decode()
+
+
+# ----------------------------------------------------------------------------- approval latency
+
+def approval_latency(api: str, proxy_port: int, origin_port: int, holds: int, deadline_s: float = 120.0
+                     ) -> dict[str, Any]:
+    """Per hold: a client asks for 127.0.0.2 as a fresh container and waits; we find the pending
+    entry, POST /api/pending/:id/allow, and time from the moment the allow call's answer is in
+    to the held client's first response byte (and from the moment the call was sent)."""
+    nonce = uuid.uuid4().hex[:6]
+    from_answer: list[float] = []
+    from_call: list[float] = []
+    errors: list[str] = []
+    stop = time.monotonic() + deadline_s
+    with httpx.Client(timeout=10.0, trust_env=False) as client:
+        for i in range(holds):
+            if time.monotonic() > stop:
+                errors.append("deadline reached")
+                break
+            container = f"hold{i}-{nonce}"
+            s = socket.create_connection(("127.0.0.1", proxy_port), timeout=15)
+            try:
+                s.sendall((f"GET http://{HOLD_HOST}:{origin_port}/1k HTTP/1.1\r\nHost: {HOLD_HOST}:{origin_port}\r\n"
+                           f"Proxy-Authorization: {_auth(container)}\r\n\r\n").encode())
+                entry_id = None
+                wait_until = time.monotonic() + 10
+                while entry_id is None and time.monotonic() < wait_until:
+                    items = client.get(f"{api}/api/pending", params={"container": container}).json().get("items") or []
+                    for it in items:
+                        if it.get("container_name") == container:
+                            entry_id = it["id"]
+                    if entry_id is None:
+                        time.sleep(0.002)
+                if entry_id is None:
+                    errors.append(f"{container}: no pending entry")
+                    continue
+                t_call = time.perf_counter()
+                r = client.post(f"{api}/api/pending/{entry_id}/allow", json={})
+                t_answer = time.perf_counter()
+                if r.status_code != 200:
+                    errors.append(f"{container}: allow → {r.status_code}")
+                    continue
+                first = s.recv(1)
+                t_first = time.perf_counter()
+                if not first:
+                    errors.append(f"{container}: closed without a byte")
+                    continue
+                from_answer.append(max(0.0, (t_first - t_answer) * 1000.0))
+                from_call.append((t_first - t_call) * 1000.0)
+            except (OSError, httpx.HTTPError, ValueError) as exc:
+                errors.append(f"{container}: {exc!r}"[:200])
+            finally:
+                s.close()
+    return {"holds": holds, "measured": len(from_answer),
+            "p50_ms": pct(from_answer, 50), "p99_ms": pct(from_answer, 99), "max_ms": max(from_answer, default=None),
+            "call_to_byte_p50_ms": pct(from_call, 50), "call_to_byte_p99_ms": pct(from_call, 99),
+            "errors": errors[:10], "error_count": len(errors)}
+
+
+# ----------------------------------------------------------------------------- recorder
+
+def _count_logs(db: Path, container: str) -> int:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return int(con.execute("SELECT COUNT(*) FROM logs WHERE container_name = ?", (container,)).fetchone()[0])
+    finally:
+        con.close()
+
+
+def recorder_throughput(db: Path, proxy_port: int, origin_port: int, n: int, conns: int = 8, depth: int = 64,
+                        settle_s: float = 60.0) -> dict[str, Any]:
+    """N allowed requests as one fresh container; then poll the db until it holds N log rows.
+
+    records/s = N / (time from the first request to the N-th row committed). The load is
+    pipelined keep-alive requests, so the proxy (not the client) sets the pace.
+    """
+    container = f"bench-rec-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    load = pipelined_requests(proxy_port, origin_port, container, n, conns=conns, depth=depth)
+    t_load = time.perf_counter()
+    stored = at_load_end = _count_logs(db, container)
+    stop = time.monotonic() + settle_s
+    while stored < load["done"] and time.monotonic() < stop:
+        time.sleep(0.02)
+        stored = _count_logs(db, container)
+    t_stored = time.perf_counter()
+    # A little longer: anything beyond N would be a duplicate.
+    time.sleep(0.3)
+    final = _count_logs(db, container)
+    sent = load["done"]
+    total = t_stored - t0
+    backlog = sent - at_load_end
+    drain = t_stored - t_load
+    return {
+        "requests": n, "completed": sent, "client_errors": load["errors"], "stored": final,
+        "loss": max(0, sent - final), "duplicates": max(0, final - sent),
+        "records_per_s": final / total if total > 0 else None,
+        "load_seconds": t_load - t0, "load_rps": sent / (t_load - t0) if t_load > t0 else None,
+        "backlog_at_load_end": backlog, "drain_seconds": drain,
+        "drain_records_per_s": backlog / drain if backlog > 100 and drain > 0 else None,
+        "seconds_to_all_stored": total,
+    }
+
+
+# ----------------------------------------------------------------------------- GET /api/logs at scale
+
+def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:
+    """rows synthetic log rows straight into the stack's database (executemany). Returns seconds."""
+    rng = random.Random(7)
+    now = time.time()
+    containers = [f"agent{i}" for i in range(50)]
+    hosts = [f"svc{i}.example.com" for i in range(500)]
+    t0 = time.perf_counter()
+    con = sqlite3.connect(str(db), timeout=30)
+    try:
+        con.execute("PRAGMA busy_timeout = 30000")
+        done = 0
+        while done < rows:
+            k = min(batch, rows - done)
+            data = []
+            for j in range(k):
+                allowed = rng.random() < 0.8
+                data.append((now - 86400.0 * (done + j) / rows, rng.choice(containers), "", rng.choice(hosts),
+                             443, None, "CONNECT", "allowed" if allowed else "blocked", None,
+                             round(rng.random() * 5, 3), "rule" if allowed else "default", None))
+            with con:
+                con.executemany(
+                    "INSERT INTO logs (timestamp, container_name, container_id, destination_host, destination_port,"
+                    " resolved_hostname, method, result, rule_id, response_time_ms, reason, mitm_skip_reason)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", data)
+            done += k
+    finally:
+        con.close()
+    return time.perf_counter() - t0
+
+
+def logs_api_latency(api: str, db: Path, rows: int, calls: int) -> dict[str, Any]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    before = int(con.execute("SELECT COUNT(*) FROM logs").fetchone()[0])
+    con.close()
+    insert_s = bulk_insert_logs(db, max(0, rows - before)) if rows > before else 0.0
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    stored = int(con.execute("SELECT COUNT(*) FROM logs").fetchone()[0])
+    con.close()
+    samples: list[float] = []
+    errors = 0
+    total_seen = None
+    with httpx.Client(timeout=30.0, trust_env=False) as client:
+        for i in range(calls + 3):
+            t0 = time.perf_counter()
+            r = client.get(f"{api}/api/logs", params={"limit": 50})
+            dt = (time.perf_counter() - t0) * 1000.0
+            if r.status_code != 200 or len(r.json().get("items") or []) != 50:
+                errors += 1
+                continue
+            total_seen = r.json().get("total")
+            if i >= 3:  # the first calls warm the page cache and the connection
+                samples.append(dt)
+    return {"rows": stored, "insert_seconds": insert_s, "calls": len(samples), "errors": errors,
+            "p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99), "api_total": total_seen}
+
+
+# ----------------------------------------------------------------------------- rule decisions
+
+_ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s*$")
+
+
+def rule_decisions(sizes: list[int], queries: int, timeout: float = 300.0) -> dict[str, Any]:
+    """Runs bench/rules_bench.py (the rule engine's own micro-benchmark) and reads its table."""
+    script = BENCH / "rules_bench.py"
+    if not script.exists():
+        return {"error": "bench/rules_bench.py is missing"}
+    argv = [sys.executable, str(script), "--rules", ",".join(map(str, sizes)), "--queries", str(queries)]
+    try:
+        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return {"error": "rules_bench.py timed out"}
+    out: dict[str, Any] = {"sizes": {}, "raw": p.stdout}
+    for line in p.stdout.splitlines():
+        m = _ROW.match(line)
+        if m:
+            n = int(m.group(1))
+            out["sizes"][str(n)] = {
+                "build_ms": float(m.group(2)), "hit_median_us": float(m.group(3)), "hit_p99_us": float(m.group(4)),
+                "miss_median_us": float(m.group(5)), "miss_p99_us": float(m.group(6)),
+                "hit_rate": int(m.group(7)) / 100.0,
+                "median_us": max(float(m.group(3)), float(m.group(5))),
+                "p99_us": max(float(m.group(4)), float(m.group(6))),
+            }
+    if not out["sizes"]:
+        out["error"] = f"could not read rules_bench.py output ({p.returncode}): {(p.stdout + p.stderr)[-300:]}"
+    return out

@@ -1,0 +1,303 @@
+"""Rows, ratios to the best peer, targets; the stdout table, results.md and results.json."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PROXIES = ("greyproxy", "tinyproxy", "mitmdump", "proxy.py")
+PEERS = PROXIES[1:]
+GREY = "greyproxy"
+
+Getter = Callable[[dict[str, Any]], Any]
+
+
+def _get(path: str) -> Getter:
+    """'keepalive.rps' → lambda over one proxy's result dict; a dict with 'na' or 'error' → reason."""
+    def getter(d: dict[str, Any]) -> Any:
+        cur: Any = d
+        for part in path.split("."):
+            if not isinstance(cur, dict):
+                return None
+            if "na" in cur:
+                return ("na", cur["na"])
+            nxt = cur.get(part)
+            if nxt is None and cur.get("error"):
+                return ("na", cur["error"])
+            cur = nxt
+        if isinstance(cur, dict) and ("na" in cur or "error" in cur):
+            return ("na", cur.get("na") or cur.get("error"))
+        return cur
+    return getter
+
+
+# (key, label, unit, higher_is_better, per-proxy path or None, greyproxy-only path or None)
+ROW_SPECS: list[tuple[str, str, str, bool, str | None, str | None]] = [
+    ("keepalive_rps", "HTTP keep-alive, 20 conns, 1 KiB: req/s", "req/s", True, "keepalive.rps", None),
+    ("keepalive_p50_ms", "  keep-alive latency p50", "ms", False, "keepalive.p50_ms", None),
+    ("keepalive_p99_ms", "  keep-alive latency p99", "ms", False, "keepalive.p99_ms", None),
+    ("newconn_rps", "HTTP new connection per request: req/s", "req/s", True, "newconn.rps", None),
+    ("newconn_p50_ms", "  new-connection latency p50", "ms", False, "newconn.p50_ms", None),
+    ("newconn_p99_ms", "  new-connection latency p99", "ms", False, "newconn.p99_ms", None),
+    ("connect_mbps", "CONNECT tunnel download: MB/s", "MB/s", True, "connect_download.mbps", None),
+    ("http_mbps", "plain HTTP download (same file): MB/s", "MB/s", True, "http_download.mbps", None),
+    ("https_rps", "HTTPS intercepted, capture on: req/s", "req/s", True, "https_intercept.rps", None),
+    ("tunnels_rps", "new CONNECT tunnels/s (CONNECT+GET+close)", "tun/s", True, "tunnels.rps", None),
+    ("tunnels_p99_ms", "  new-tunnel latency p99", "ms", False, "tunnels.p99_ms", None),
+    ("approval_p50_ms", "approval: allow answer → first byte p50", "ms", False, None, "approval.p50_ms"),
+    ("approval_p99_ms", "approval: allow answer → first byte p99", "ms", False, None, "approval.p99_ms"),
+    ("approval_call_p99_ms", "  approval: allow call sent → first byte p99", "ms", False, None,
+     "approval.call_to_byte_p99_ms"),
+    ("rules_100_median_us", "rule decision @100 rules: median", "µs", False, None, "rules.sizes.100.median_us"),
+    ("rules_100_p99_us", "rule decision @100 rules: p99", "µs", False, None, "rules.sizes.100.p99_us"),
+    ("rules_10000_median_us", "rule decision @10 000 rules: median", "µs", False, None,
+     "rules.sizes.10000.median_us"),
+    ("rules_10000_p99_us", "rule decision @10 000 rules: p99", "µs", False, None, "rules.sizes.10000.p99_us"),
+    ("rules_100000_median_us", "rule decision @100 000 rules: median", "µs", False, None,
+     "rules.sizes.100000.median_us"),
+    ("rules_100000_p99_us", "rule decision @100 000 rules: p99", "µs", False, None, "rules.sizes.100000.p99_us"),
+    ("recorder_rps", "recorder: records/s end to end", "rec/s", True, None, "recorder.records_per_s"),
+    ("recorder_loss", "recorder: records lost", "records", False, None, "recorder.loss"),
+    ("logs_api_p50_ms", "GET /api/logs?limit=50 p50", "ms", False, None, "logs_api.p50_ms"),
+    ("logs_api_p99_ms", "GET /api/logs?limit=50 p99", "ms", False, None, "logs_api.p99_ms"),
+    ("idle_rss_mb", "RSS with idle tunnels open", "MB", False, "idle_tunnels.rss_mb", None),
+]
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return v
+
+
+def build_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for key, label, unit, higher, path, grey_path in ROW_SPECS:
+        values: dict[str, float | None] = {}
+        na: dict[str, str] = {}
+        if path is not None:
+            for name in PROXIES:
+                pres = res["proxies"].get(name)
+                if pres is None:
+                    na[name] = "not run"
+                    values[name] = None
+                    continue
+                if str(pres.get("status", "ok")).startswith("n/a"):
+                    na[name] = pres["status"][4:].strip() or "n/a"
+                    values[name] = None
+                    continue
+                v = _get(path)(pres)
+                if isinstance(v, tuple):
+                    na[name] = str(v[1])
+                    values[name] = None
+                else:
+                    values[name] = _num(v)
+                    if values[name] is None:
+                        na[name] = "not measured"
+        else:
+            v = _get(grey_path)(res.get("greyproxy_only", {}))  # type: ignore[arg-type]
+            if isinstance(v, tuple):
+                na[GREY] = str(v[1])
+                values[GREY] = None
+            else:
+                values[GREY] = _num(v)
+                if values[GREY] is None:
+                    na[GREY] = "not measured"
+        peer_vals = {p: values.get(p) for p in PEERS if values.get(p) is not None}
+        best_peer = best_val = ratio = None
+        if peer_vals:
+            best_peer = (max if higher else min)(peer_vals, key=lambda p: peer_vals[p])
+            best_val = peer_vals[best_peer]
+            g = values.get(GREY)
+            if g is not None and best_val:
+                ratio = g / best_val
+        rows.append({"key": key, "label": label, "unit": unit, "higher_is_better": higher,
+                     "values": values, "na": na, "best_peer": best_peer, "best_peer_value": best_val,
+                     "ratio_to_best_peer": ratio, "target": None, "target_met": None})
+    return rows
+
+
+def apply_targets(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, judged on this run's figures. met: True/False/None (cannot judge)."""
+    by = {r["key"]: r for r in rows}
+
+    def val(key: str, who: str = GREY) -> float | None:
+        r = by.get(key)
+        return None if r is None else r["values"].get(who)
+
+    direct = _num((res.get("direct") or {}).get("mbps"))
+    mode = res.get("mode")
+    out: list[dict[str, Any]] = []
+
+    def target(key: str, text: str, met: bool | None, detail: str) -> None:
+        by[key]["target"] = text
+        by[key]["target_met"] = met
+        out.append({"row": key, "target": text, "met": met, "detail": detail})
+
+    g, best = val("keepalive_rps"), by["keepalive_rps"]["best_peer_value"]
+    target("keepalive_rps", "≥ 1.5× best peer", None if g is None or best is None else g >= 1.5 * best,
+           f"{_fmt(g)} vs 1.5 × {_fmt(best)} ({by['keepalive_rps']['best_peer']})")
+    g, t = val("newconn_rps"), val("newconn_rps", "tinyproxy")
+    target("newconn_rps", "≥ tinyproxy", None if g is None or t is None else g >= t, f"{_fmt(g)} vs {_fmt(t)}")
+    g, t = val("connect_mbps"), val("connect_mbps", "tinyproxy")
+    met = None if g is None or t is None or direct is None else (g >= 2 * t and g >= 0.5 * direct)
+    target("connect_mbps", "≥ 2× tinyproxy and ≥ 50% of direct", met,
+           f"{_fmt(g)} MB/s = {(g / t) if g and t else 0:.2f}× tinyproxy ({_fmt(t)}) and "
+           f"{(g / direct) if g and direct else 0:.0%} of a direct download ({_fmt(direct)} MB/s)")
+    g, m = val("https_rps"), val("https_rps", "mitmdump")
+    target("https_rps", "≥ 5× mitmdump", None if g is None or m is None else g >= 5 * m, f"{_fmt(g)} vs 5 × {_fmt(m)}")
+    g = val("approval_p99_ms")
+    target("approval_p99_ms", "≤ 100 ms", None if g is None else g <= 100, f"{_fmt(g)} ms")
+    g = val("rules_10000_median_us")
+    target("rules_10000_median_us", "≤ 20 µs", None if g is None else g <= 20, f"{_fmt(g)} µs (worse of hit/miss)")
+    g, loss = val("recorder_rps"), val("recorder_loss")
+    target("recorder_rps", "≥ 20 000 rec/s, zero loss",
+           None if g is None or loss is None else (g >= 20000 and loss == 0), f"{_fmt(g)} rec/s, loss {_fmt(loss)}")
+    g = val("logs_api_p50_ms")
+    rows_n = ((res.get("greyproxy_only") or {}).get("logs_api") or {}).get("rows")
+    scale = "" if mode == "full" else f" (measured at {rows_n} rows, not 1 000 000)"
+    target("logs_api_p50_ms", "≤ 20 ms at 1 000 000 rows", None if g is None else g <= 20,
+           f"{_fmt(g)} ms at {rows_n} rows{scale}")
+    return out
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _fmt(v: Any, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    if not isinstance(v, (int, float)):
+        return str(v)
+    a = abs(v)
+    if isinstance(v, int) or unit == "records" or (a >= 100 and float(v).is_integer()):
+        return f"{int(round(v)):,}".replace(",", " ")
+    if a >= 1000:
+        return f"{v:,.0f}".replace(",", " ")
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _cell(row: dict[str, Any], who: str, short: bool = True) -> str:
+    v = row["values"].get(who)
+    if v is not None:
+        return _fmt(v, row["unit"])
+    if who in row["na"]:
+        reason = row["na"][who]
+        if short:
+            return "n/a"
+        return f"n/a: {reason}"
+    return "—"
+
+
+def _ratio(row: dict[str, Any]) -> str:
+    r = row["ratio_to_best_peer"]
+    if r is None:
+        return "—"
+    return f"{r:.2f}× {row['best_peer']}"
+
+
+def _met(row: dict[str, Any]) -> str:
+    if row["target"] is None:
+        return ""
+    m = row["target_met"]
+    return f"{row['target']}: " + ("met" if m else "MISSED" if m is False else "n/a")
+
+
+def text_table(res: dict[str, Any]) -> str:
+    rows = res["rows"]
+    head = ["figure", "unit", *PROXIES, "grey / best peer", "target"]
+    body = [[r["label"], r["unit"], *[_cell(r, p) for p in PROXIES], _ratio(r), _met(r)] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) if i in (0, 1, 6, 7) else str(c).rjust(w)  # noqa: E731
+                                   for i, (c, w) in enumerate(zip(cells, widths)))
+    out = [line(head), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    notes = []
+    for r in rows:
+        for who, why in r["na"].items():
+            if r["values"].get(who) is None:
+                notes.append(f"  {r['key']} / {who}: n/a: {why}")
+    seen = set()
+    uniq = [n for n in notes if not (n.split(": n/a: ")[1] in seen or seen.add(n.split(": n/a: ")[1]))]
+    if uniq:
+        out.append("")
+        out.append("n/a reasons (first occurrence of each):")
+        out += uniq[:20]
+    return "\n".join(out)
+
+
+def _md_escape(s: str) -> str:
+    return s.replace("|", "\\|")
+
+
+def markdown(res: dict[str, Any]) -> str:
+    m = res["machine"]
+    v = res["versions"]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Produced by `bench/run.py{' --quick' if res['mode'] == 'quick' else ''}` (mode **{res['mode']}**) on "
+        f"{res['started_at']}, in {res['duration_s']:.0f} s. Raw figures: `bench/out/results.json`.",
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {m.get('cpu')} — {m.get('cores')} cores online (affinity {m.get('affinity')})",
+        f"- Memory: {m.get('mem_total_mb')} MB; kernel {m.get('kernel')}; {m.get('os')}",
+        f"- Load average before / after: {m.get('loadavg_before')} / {m.get('loadavg_after')}; "
+        f"machine busy during the run: {m.get('busy_pct')}% of all CPU time "
+        f"(this harness's own load included)",
+        "",
+        "## Versions",
+        "",
+        *[f"- {k}: {val if val else 'not installed'}" for k, val in v.items()],
+        "",
+        "## Results",
+        "",
+        "Every figure from this one run. *grey / best peer* is this project's figure divided by the best peer's "
+        "(highest for rates, lowest for latencies and memory: for those a ratio below 1× is better than the best "
+        "peer). Targets are judged on this run's figures.",
+        "",
+        "| figure | unit | " + " | ".join(PROXIES) + " | grey / best peer | target |",
+        "|---|---|" + "---:|" * len(PROXIES) + "---|---|",
+    ]
+    for r in res["rows"]:
+        lines.append("| " + " | ".join(_md_escape(x) for x in
+                                         [r["label"].strip(), r["unit"], *[_cell(r, p) for p in PROXIES],
+                                          _ratio(r), _met(r)]) + " |")
+    lines += ["", "### Targets", "", "| target | figure | met |", "|---|---|---|"]
+    for t in res["targets"]:
+        row = next(r for r in res["rows"] if r["key"] == t["row"])
+        met = "met" if t["met"] else "**missed**" if t["met"] is False else "n/a"
+        lines.append(f"| {_md_escape(row['label'].strip())}: {_md_escape(t['target'])} | {_md_escape(t['detail'])} "
+                     f"| {met} |")
+    na_lines = []
+    for r in res["rows"]:
+        for who, why in r["na"].items():
+            if r["values"].get(who) is None:
+                na_lines.append(f"- {r['label'].strip()} / {who}: n/a: {why}")
+    if na_lines:
+        lines += ["", "### Not measured", "", *na_lines]
+    d = res.get("details_md")
+    if d:
+        lines += ["", "## Details", "", *d]
+    lines += ["", "## How each figure is measured", "", *res.get("method_md", [])]
+    lines += ["", "## Configuration of each proxy", ""]
+    for name, s in res.get("settings", {}).items():
+        lines.append(f"- **{name}**: {s}")
+    if res.get("notes"):
+        lines += ["", "## Notes", "", *[f"- {n}" for n in res["notes"]]]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(res: dict[str, Any], out_dir: Path, md_path: Path | None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in res.items() if k not in ("details_md", "method_md")}
+    (out_dir / "results.json").write_text(json.dumps(clean, indent=2, default=str) + "\n")
+    if md_path is not None:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(markdown(res))
