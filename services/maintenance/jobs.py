@@ -49,18 +49,18 @@ def _delete_in_batches(conn: sqlite3.Connection, table: str, where: str, params:
 
 
 def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
-    """Retention: old logs, rules expired over 7 days ago, stale pending, old journal ids."""
+    """Retention: old logs and transactions, rules expired over 7 days ago, stale pending, old journal ids."""
     now = time.time()
     retention = float(opts.get("retention_days", 30)) * DAY
     pending_ttl = float(opts.get("pending_ttl_days", 7)) * DAY
     steps: list[tuple[str, str, tuple]] = [
         ("logs", "timestamp < ?", (now - retention,)),
+        ("http_transactions", "timestamp < ?", (now - retention,)),
         ("rules", "expires_at IS NOT NULL AND expires_at < ? AND source != 'builtin'", (now - 7 * DAY,)),
         ("pending", "last_seen < ?", (now - pending_ttl,)),
         ("journal_applied", "applied_at < ?", (now - DAY,)),
         ("dns_cache", "updated_at < ?", (now - 7 * DAY,)),
     ]
-    steps.extend(EXTRA_PRUNE)
     total = len(steps)
     removed: dict[str, int] = {}
     for i, (table, where, params) in enumerate(steps, 1):
@@ -73,10 +73,6 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
     conn.execute("PRAGMA optimize")
     if any(removed.values()):
         log.info("pruned %s", {k: v for k, v in removed.items() if v})
-
-
-# Later capabilities append (table, where, params) pruning steps here.
-EXTRA_PRUNE: list[tuple[str, str, tuple]] = []
 
 JOBS: dict[str, JobFn] = {"prune": prune}
 

@@ -39,13 +39,12 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from bus import topics
 from bus.journal import JournalWriter
-from bus.pubsub import Subscriber
 from greyproxy.config import Config
 from greyproxy.policy.patterns import normalise_host
 
-from .gate import NAME_TTL, Gate, Verdict
+from .gate import NAME_TTL, Gate
+from .settings_watch import SettingsWatch
 
 log = logging.getLogger("greyproxy.proxy.dns")
 
@@ -63,7 +62,6 @@ PTR_NEGATIVE_TTL = 300.0        # seconds an IP without a (confirmed) PTR name i
 PTR_CACHE_LIMIT = 65536         # negative PTR entries kept
 PERSIST_REFRESH = 3600.0        # re-journal an unchanged ip → name this often (keeps dns_cache fresh)
 PERSIST_LIMIT = 65536           # ip → name pairs remembered as already journaled
-SETTINGS_CHECK_EVERY = 3.0      # seconds between checks of meta.settings_version (heals a missed event)
 NAMES_PRUNE_EVERY = 300.0       # seconds between sweeps of expired gate.names entries
 LOG_SETTING = "logDnsQueries"
 
@@ -306,24 +304,7 @@ class Forwarder:
         return fallback
 
 
-# ----------------------------------------------------------------------------- settings
-
-def _read_log_setting() -> tuple[int, bool]:
-    """(settings_version, logDnsQueries) in one read transaction (worker thread)."""
-    import orjson
-
-    from greyproxy.store import database
-    from greyproxy.store.models import meta_value
-
-    with database.atomic():
-        version = meta_value("settings_version")
-        row = database.execute_sql("SELECT value FROM settings WHERE key = ?", (LOG_SETTING,)).fetchone()
-    value = False
-    if row is not None:
-        with contextlib.suppress(orjson.JSONDecodeError, TypeError):
-            value = orjson.loads(row[0]) is True
-    return version, value
-
+# ----------------------------------------------------------------------------- upstreams
 
 def _system_upstreams() -> list[tuple[str, int]]:
     """Nameservers from /etc/resolv.conf (worker thread: it reads a file)."""
@@ -358,7 +339,7 @@ class _UdpServer(asyncio.DatagramProtocol):
 
 class DnsProxy:
     def __init__(self, gate: Gate, journal: JournalWriter, executor: Executor, forwarder: Forwarder,
-                 cache_size: int, host: str, port: int, bus_sub: str | None = None) -> None:
+                 cache_size: int, host: str, port: int, settings: SettingsWatch | None = None) -> None:
         self.gate = gate
         self.journal = journal
         self.executor = executor
@@ -366,9 +347,8 @@ class DnsProxy:
         self.cache = AnswerCache(cache_size)
         self.host = host
         self.port = port
-        self.bus_sub = bus_sub
+        self.settings = settings
         self.log_queries = False
-        self.settings_version = -1
         self._udp: _UdpServer | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -376,8 +356,6 @@ class DnsProxy:
         self._ptr: dict[str, asyncio.Task] = {}
         self._ptr_negative: OrderedDict[str, float] = OrderedDict()
         self._persisted: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._settings_lock = asyncio.Lock()
-        self._orig_admit: Callable[..., Awaitable[Verdict]] | None = None
         self._udp_inflight = 0
         self._tcp_conns = 0
         self.counts = {"queries": 0, "udp": 0, "tcp": 0, "cache_hits": 0, "servfail": 0, "malformed": 0,
@@ -393,18 +371,14 @@ class DnsProxy:
         except BaseException:
             self._udp.transport.close()  # type: ignore[union-attr]
             raise
-        with contextlib.suppress(Exception):  # a database hiccup must not keep DNS down; the watch retries
-            await self.reload_settings()
-        self._spawn(self._watch_settings())
+        if self.settings is not None:  # the proxy's one settings reader keeps logDnsQueries current
+            self.settings.on_change(self._apply_settings)
         self._spawn(self._prune_names())
-        if self.bus_sub:
-            self._spawn(self._listen_settings(self.bus_sub))
-        self._install_ptr_fallback()
+        self.gate.name_hook = self.ensure_name  # PTR fallback for connections to unnamed raw IPs
 
     def close(self) -> None:
-        if self._orig_admit is not None:
-            self.gate.__dict__.pop("admit", None)  # back to the class's own admit
-            self._orig_admit = None
+        if self.gate.name_hook == self.ensure_name:
+            self.gate.name_hook = None
         if self._udp is not None and self._udp.transport is not None:
             self._udp.transport.close()
         if self._tcp is not None:
@@ -599,18 +573,6 @@ class DnsProxy:
                 del self.gate.names[ip]
 
     # -- PTR fallback for connections to raw IPs --
-    def _install_ptr_fallback(self) -> None:
-        """Wrap this gate's admit: a raw IP with no known name gets a short reverse lookup first."""
-        orig = self.gate.admit
-        self._orig_admit = orig
-
-        async def admit(container: str, host: str, port: int, method: str,
-                        client_gone: asyncio.Future | None = None) -> Verdict:
-            await self.ensure_name(container, host, port)
-            return await orig(container, host, port, method, client_gone)
-
-        self.gate.admit = admit  # type: ignore[method-assign]
-
     async def ensure_name(self, container: str, host: str, port: int) -> None:
         """Start a reverse lookup for an unnamed IP; wait up to PTR_DEADLINE only when the name could
         change the decision (no rule, silent mode or guard already decides on the raw host)."""
@@ -681,38 +643,15 @@ class DnsProxy:
             "reason": "dns", "mitm_skip_reason": None,
         })
 
-    async def reload_settings(self, force: bool = True) -> None:
-        loop = asyncio.get_running_loop()
-        async with self._settings_lock:
-            version, value = await loop.run_in_executor(self.executor, _read_log_setting)
-            if not force and version == self.settings_version:
-                return
-            if value != self.log_queries:
-                log.info("DNS query logging %s", "on" if value else "off")
-            self.settings_version, self.log_queries = version, value
-
-    async def _watch_settings(self) -> None:
-        while True:
-            await asyncio.sleep(SETTINGS_CHECK_EVERY)
-            try:
-                await self.reload_settings(force=False)
-            except Exception:
-                log.exception("settings check failed")
-
-    async def _listen_settings(self, endpoint: str) -> None:
-        sub = Subscriber(endpoint, (topics.SETTINGS_CHANGED,))
-        try:
-            while True:
-                await sub.recv()
-                try:
-                    await self.reload_settings()
-                except Exception:
-                    log.exception("settings reload failed")
-        finally:
-            sub.close()
+    def _apply_settings(self, values: dict[str, Any]) -> None:
+        value = values.get(LOG_SETTING) is True
+        if value != self.log_queries:
+            log.info("DNS query logging %s", "on" if value else "off")
+        self.log_queries = value
 
 
-async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: Executor) -> DnsProxy:
+async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: Executor,
+                    settings: SettingsWatch | None = None) -> DnsProxy:
     """Start the DNS listeners on the `dns-proxy` address (UDP and TCP)."""
     lst = cfg.listeners["dns-proxy"]
     dcfg = cfg.section("dns")
@@ -732,7 +671,7 @@ async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: E
         log.warning("DNS proxy has no upstream resolvers: every query will get SERVFAIL")
     forwarder = Forwarder(upstreams, float(dcfg.get("timeout") or 2.0))
     proxy = DnsProxy(gate, journal, executor, forwarder, int(dcfg.get("cacheSize") or 0), lst.host, lst.port,
-                     cfg.bus.get("sub"))
+                     settings)
     await proxy.start()
     log.info("dns-proxy listening on %s:%d (udp+tcp), upstreams %s", lst.host, lst.port,
              ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +108,9 @@ class Gate:
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
         self.defer_tunnel_logs = False
+        # Awaited before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
+        # PTR fallback sets it; it must return quickly).
+        self.name_hook: Callable[[str, str, int], Awaitable[None]] | None = None
 
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
@@ -136,6 +139,8 @@ class Gate:
                     client_gone: asyncio.Future | None = None) -> Verdict:
         t0 = time.perf_counter()
         host = normalise_host(host)
+        if self.name_hook is not None:
+            await self.name_hook(container, host, port)
         resolved = self.resolved_name(host)
         self.decisions += 1
         verdict = self._decide_now(container, host, port, resolved)

@@ -107,7 +107,10 @@ def _load_dns_names() -> dict[str, tuple[str, float]]:
 
     rows = database.execute_sql("SELECT ip, hostname, updated_at FROM dns_cache WHERE updated_at > ?",
                                 (time.time() - DNS_KEEP,)).fetchall()
-    return {ip: (name, ts) for ip, name, ts in rows}
+    # Memory keeps a name for NAME_TTL after it was last seen; a name reloaded at start counts as
+    # seen now, or every mapping older than an hour would be dropped at the first prune.
+    now = time.time()
+    return {ip: (name, now) for ip, name, _ts in rows}
 
 
 def _count_pending() -> int:
@@ -160,7 +163,7 @@ async def main(rt: ServiceRuntime) -> None:
         servers.append(await start_listener(ctx, lst.host, lst.port, handler))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
     dns_lst = cfg.listeners.get("dns-proxy")
-    dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor) if dns_lst and dns_lst.port else None
+    dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor, settings) if dns_lst and dns_lst.port else None
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"active_connections": ctx.active, "tunnels": len(gate.live), "waiting": gate.waiting(),

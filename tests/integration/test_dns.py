@@ -410,6 +410,13 @@ def test_mapping_survives_proxy_restart(make_stack) -> None:
         assert dig_answer(s.dns_port, "api.example.test") == [ORIGIN_HOST]
         wait_for(lambda: db_rows(s, "SELECT hostname FROM dns_cache WHERE ip = ?", (ORIGIN_HOST,))
                  == [("api.example.test",)], 10, message="dns_cache row")
+        # Learnt two days ago: within the 7-day reload window, though older than the 1 h memory TTL.
+        conn = sqlite3.connect(str(s.db_path), timeout=10)
+        try:
+            with conn:
+                conn.execute("UPDATE dns_cache SET updated_at = ? WHERE ip = ?", (time.time() - 2 * 86400, ORIGIN_HOST))
+        finally:
+            conn.close()
         old = s.pid("proxy")
         assert old
         os.kill(old, signal.SIGKILL)
