@@ -43,6 +43,7 @@ class Redactor:
         globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
         self._glob = re.compile("|".join(globs)) if globs else None
         self._seen: dict[str, bool] = {}
+        self._names: dict[str, tuple[str, bool]] = {}  # raw name -> (canonical name, redacted?)
 
     def matches(self, name: str) -> bool:
         lname = name.lower()
@@ -56,9 +57,19 @@ class Redactor:
     def headers(self, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """Header pairs → {canonical name: [values]} with matching values replaced."""
         out: dict[str, list[str]] = {}
+        names = self._names
         for name, value in pairs:
-            key = canonical_header_name(name)
-            out.setdefault(key, []).append(REDACTED if self.matches(name) else value)
+            hit = names.get(name)  # once per record and header: the same few names come back every time
+            if hit is None:
+                hit = (canonical_header_name(name), self.matches(name))
+                if len(names) < _CACHE_LIMIT:
+                    names[name] = hit
+            key, redacted = hit
+            values = out.get(key)
+            if values is None:
+                out[key] = [REDACTED if redacted else value]
+            else:
+                values.append(REDACTED if redacted else value)
         return out
 
     def redact_map(self, headers: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:

@@ -1,26 +1,36 @@
 """One TCP connection as an asyncio Protocol: buffered reads while a protocol is being spoken,
 then a zero-copy-ish pipe to a peer connection with flow control (pause/resume reading).
 
-Both sides of a tunnel are `Conn`s; in pipe mode `data_received` hands each chunk straight to
-the peer's transport, with no other Python work per chunk.
+Both sides of a tunnel are `Conn`s; in pipe mode each chunk read goes straight to the peer, with
+no other Python work per chunk. Reads land in one shared scratch buffer (asyncio.BufferedProtocol:
+the event loop is single-threaded and a read is handed over before the next one starts); in pipe
+mode the chunk is written from there to the peer's socket when nothing is queued on it, so a
+byte is copied only by the kernel, and only what the socket does not take at once is copied
+into the peer transport's queue. Large reads (2 MiB) are what make a relayed download fast.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 
 # Past this much unread data we stop reading from the socket (backpressure on a slow parser).
 READ_LIMIT = 1 << 20
+PIPE_READ = 2 << 20  # bytes per read in pipe mode (fewer, larger reads: measured ~30% faster than 256 KiB)
+PARSE_READ = 256 << 10  # bytes per read while a protocol is being parsed
+
+_scratch = memoryview(bytearray(PIPE_READ))  # every Conn's reads land here first (see above)
+_parse_scratch = _scratch[:PARSE_READ]
 
 
 class ConnClosed(Exception):
     """The peer went away while we were waiting for it."""
 
 
-class Conn(asyncio.Protocol):
+class Conn(asyncio.BufferedProtocol):
     __slots__ = ("transport", "buf", "eof", "closed", "peer", "_waiter", "_drain", "_paused_by_peer",
-                 "on_close", "bytes_in", "_closed_fut", "_reading_paused", "idle_mark")
+                 "on_close", "bytes_in", "_closed_fut", "_reading_paused", "idle_mark", "_fd")
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -35,10 +45,38 @@ class Conn(asyncio.Protocol):
         self.bytes_in = 0
         self._closed_fut: asyncio.Future | None = None
         self.idle_mark = 0.0
+        self._fd = -1  # the socket's descriptor once piped, for direct writes from the peer (-1: none)
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _scratch if self.peer is not None else _parse_scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        peer = self.peer
+        if peer is None:
+            self.data_received(_scratch[:nbytes])  # type: ignore[arg-type]  # appended (copied) to buf
+            return
+        self.bytes_in += nbytes
+        if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
+            peer._send_from_scratch(nbytes)
+
+    def _send_from_scratch(self, n: int) -> None:
+        """Write _scratch[:n] to this connection: straight to the socket when nothing is queued on
+        the transport (ordering kept), the rest (copied: the scratch is reused) through the transport."""
+        t = self.transport
+        sent = 0
+        if self._fd >= 0 and not t.is_closing() and not t.get_write_buffer_size():  # type: ignore[union-attr]
+            try:
+                sent = os.write(self._fd, _scratch[:n])
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # the transport's own write reports the error (and closes) below
+        if sent < n:
+            t.write(bytes(_scratch[sent:n]))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
@@ -56,6 +94,11 @@ class Conn(asyncio.Protocol):
         self.eof = True
         peer = self.peer
         if peer is not None and not peer.closed:
+            if peer.eof:
+                # Both directions are finished: close both (after their buffered bytes). An
+                # open transport is never closed for us once eof_received returned True.
+                _finish_tunnel(self, peer)
+                return True
             # Half-close: pass the FIN on, keep the other direction flowing.
             if peer.transport.can_write_eof():  # type: ignore[union-attr]
                 peer.transport.write_eof()  # type: ignore[union-attr]
@@ -107,15 +150,26 @@ class Conn(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         before = len(self.buf)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while len(self.buf) == before and not self.eof:
-            self._waiter = asyncio.get_running_loop().create_future()
+            # A local future: a cancelled or timed-out earlier reader must never clear the waiter
+            # of a reader that started after it (it would then sleep through the next bytes).
+            fut = loop.create_future()
+            self._waiter = fut
             try:
-                if timeout is None:
-                    await self._waiter
+                if deadline is None:
+                    await fut
                 else:
-                    await asyncio.wait_for(self._waiter, timeout)
+                    # A timer on the future, not wait_for (which costs a task per read in 3.11).
+                    timer = loop.call_later(max(0.0, deadline - loop.time()), _expire, fut)
+                    try:
+                        await fut
+                    finally:
+                        timer.cancel()
             finally:
-                self._waiter = None
+                if self._waiter is fut:
+                    self._waiter = None
         return len(self.buf) > before
 
     def take(self, n: int | None = None) -> bytes:
@@ -159,12 +213,19 @@ class Conn(asyncio.Protocol):
         if self.buf:
             peer.write(self.take())
         self.peer = peer
+        sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
+        try:
+            self._fd = sock.fileno() if sock is not None else -1
+        except (AttributeError, OSError):
+            self._fd = -1
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
         if self.eof and not peer.closed:
             if self.closed:
                 peer.close()
+            elif peer.eof and peer.peer is self:
+                _finish_tunnel(self, peer)
             elif peer.transport.can_write_eof():  # type: ignore[union-attr]
                 peer.transport.write_eof()  # type: ignore[union-attr]
 
@@ -173,6 +234,20 @@ class Conn(asyncio.Protocol):
         if not info:
             return ("", 0)
         return (str(info[0]), int(info[1]))
+
+
+def _expire(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError())
+
+
+def _finish_tunnel(a: Conn, b: Conn) -> None:
+    """Both ends of a tunnel sent their FIN: close both transports (each flushes its writes first)."""
+    for c in (a, b):
+        if not c.closed and c.transport is not None:
+            c.transport.close()
+    a._wake()
+    b._wake()
 
 
 def splice(a: Conn, b: Conn) -> None:

@@ -103,6 +103,7 @@ class Gate:
         self.live: dict[int, LiveConn] = {}
         self._live_ids = 0
         self._hits: dict[int, list[float]] = {}
+        self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
         self.decisions = 0
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
@@ -253,6 +254,7 @@ class Gate:
     def set_rules(self, rules: RuleSet, version: int) -> None:
         self.rules = rules
         self.rules_version = version
+        self._summaries = {}
         self.reevaluate_holds()
         self.close_revoked()
 
@@ -304,9 +306,11 @@ class Gate:
                mitm_skip_reason: str | None = None) -> None:
         summary = None
         if verdict.rule_id is not None:
-            rule = self.rules.get(verdict.rule_id)
-            if rule is not None:
-                summary = rule_summary(rule)
+            summary = self._summaries.get(verdict.rule_id)
+            if summary is None:
+                rule = self.rules.get(verdict.rule_id)
+                if rule is not None:
+                    summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append("log", {
             "timestamp": time.time(), "container_name": container, "container_id": "",
             "destination_host": host, "destination_port": port, "resolved_hostname": verdict.resolved_hostname,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import ipaddress
 import re
 from collections.abc import Callable
@@ -83,6 +84,7 @@ def _bad(detail: str) -> HttpError:
 # ---------------------------------------------------------------------------- hosts
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and the same few hosts come back on every request
 def canonical_host(raw: str) -> str:
     """Lower-case host, IPv6 without brackets and compressed; ValueError for anything else.
 
@@ -299,12 +301,10 @@ def _run_parser(parser: httptools.HttpRequestParser | httptools.HttpResponsePars
 
 
 def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]) -> list[tuple[str, str]]:
-    headers: list[tuple[str, str]] = []
-    for name, value in raw:
-        v = value.decode("latin-1").strip(" \t")
-        if _BAD_VALUE_CHARS.search(v):
-            raise err("control character in header value")
-        headers.append((name.decode("latin-1"), v))
+    headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t")) for name, value in raw]
+    # One search over all values at once (joining cannot create a CR, LF or NUL that was not there).
+    if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
+        raise err("control character in header value")
     return headers
 
 
@@ -422,6 +422,10 @@ def _derive_request_headers(head: RequestHead) -> None:
     chunked, length, _ = _framing(headers, _bad)
     if chunked and head.version == "1.0":
         raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty
+    if chunked and _tokens(headers, "transfer-encoding") != ["chunked"]:
+        # Codings before chunked ('gzip, chunked') are legal but no client sends them to a proxy,
+        # and servers disagree on them: only exactly 'chunked' is accepted in a request.
+        raise _bad("Transfer-Encoding must be exactly 'chunked'")
     if any(k.lower() == "transfer-encoding" for k, _ in headers) and not chunked:
         raise _bad("Transfer-Encoding must end with chunked")
     head.chunked, head.content_length = chunked, length
@@ -507,12 +511,18 @@ def _check_field(*parts: str) -> None:
             raise ValueError(f"CR/LF/NUL in an HTTP field: {part!r}")  # header injection guard
 
 
+def _check_fields(headers: list[tuple[str, str]]) -> None:
+    """_check_field on every name and value, in one regex search over them all."""
+    if _BAD_VALUE_CHARS.search("".join([k + v for k, v in headers])):
+        for k, v in headers:
+            _check_field(k, v)  # names the offending field
+
+
 def render_request_head(method: str, path: str, version: str, headers: list[tuple[str, str]]) -> bytes:
     _check_field(method, path, version)
+    _check_fields(headers)
     lines = [f"{method} {path} HTTP/{version}\r\n"]
-    for k, v in headers:
-        _check_field(k, v)
-        lines.append(f"{k}: {v}\r\n")
+    lines += [f"{k}: {v}\r\n" for k, v in headers]
     lines.append("\r\n")
     return "".join(lines).encode("latin-1")
 
@@ -520,10 +530,10 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
 def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
     """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
     _check_field(resp.reason)
+    headers = _filter_hop_by_hop(resp.headers, False)
+    _check_fields(headers)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
-    for k, v in _filter_hop_by_hop(resp.headers, False):
-        _check_field(k, v)
-        lines.append(f"{k}: {v}\r\n")
+    lines += [f"{k}: {v}\r\n" for k, v in headers]
     lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
     return "".join(lines).encode("latin-1")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from . import http1, socks5
 from .conn import Conn, ConnClosed, splice
 from .gate import Gate, Verdict
+from .pipeline import Recorder, Txn, relay, substitute_credentials
 from .upstream import UpstreamFailure, connect
 
 log = logging.getLogger("greyproxy.proxy")
@@ -19,7 +20,9 @@ FORBIDDEN_BODY = b"Blocked by Greyproxy: this destination is not allowed\n"
 
 @dataclass
 class Limits:
-    header_timeout: float = 30.0
+    """The `proxy:` config section's connection limits (docs/configuration.md)."""
+
+    header_timeout: float = 30.0  # a request head (or the SOCKS5 handshake) in full, from its first byte
     connect_timeout: float = 10.0
     idle_timeout: float = 600.0
     max_header_bytes: int = 65536
@@ -33,24 +36,53 @@ class Limits:
 TunnelHook = Callable[["ProxyContext", Conn, Conn, str, str, int, Verdict, str], Awaitable[bool]]
 
 
+# Names of the caps, as they appear in refusals, logs and stats (the config keys).
+CAP_OVERALL = "maxConnections"
+CAP_PER_CLIENT = "maxConnectionsPerClient"
+
+
 class ProxyContext:
-    """What both listeners share."""
+    """What both listeners share.
+
+    Connection counting: `active` counts every open client connection of both listeners from
+    accept to close. A connection counts for its client identity (`per_client`) from the moment
+    the identity is known (its first request head, or the end of the SOCKS5 handshake) until it
+    closes; a connection that has not said who it is yet is bounded by the header deadline and the
+    overall cap only. Refusals are answered in the protocol (503/429, SOCKS5 general failure).
+    """
 
     def __init__(self, gate: Gate, limits: Limits) -> None:
         self.gate = gate
         self.limits = limits
         self.active = 0
         self.per_client: dict[str, int] = {}
+        self.refused: dict[str, int] = {CAP_OVERALL: 0, CAP_PER_CLIENT: 0}
         self.tunnel_hook: TunnelHook | None = None
+        # Transaction records of plain-HTTP forward-proxy requests (the same recorder as interception's;
+        # set by the service, None = not recorded).
+        self.recorder: Recorder | None = None
+        self._refusal_logged = 0.0
 
     def guard(self, ip: str, port: int) -> bool:
         return self.gate.is_own_listener(ip, port)
+
+    def note_refusal(self, cap: str, identity: str) -> None:
+        self.refused[cap] += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= 1.0:  # at most one line a second under a flood
+            self._refusal_logged = now
+            log.warning("connection cap %s reached: refusing %s (%d active; refused so far: %s)",
+                        cap, identity, self.active, self.refused)
+
+    def stats(self) -> dict[str, object]:
+        return {"active_connections": self.active, "clients": len(self.per_client),
+                "refused_connections": dict(self.refused)}
 
 
 class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected."""
 
-    __slots__ = ("handler", "ctx", "task", "src_ip")
+    __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap")
 
     def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
         super().__init__()
@@ -58,18 +90,49 @@ class ClientConn(Conn):
         self.handler = handler
         self.task: asyncio.Task | None = None
         self.src_ip = ""
+        self.identity: str | None = None  # the client identity this connection is counted for
+        self.over_cap = False  # accepted past maxConnections: refused once its request is read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self.src_ip = self.peername()[0]
-        ctx = self.ctx
-        if ctx.active >= ctx.limits.max_connections or ctx.per_client.get(self.src_ip, 0) >= ctx.limits.max_per_client:
-            log.warning("connection limit reached; refusing %s", self.src_ip)
+        ctx, limits = self.ctx, self.ctx.limits
+        # Past the cap a connection is still read (so it gets a 503 / SOCKS5 failure it can
+        # understand); past the cap plus a margin it is dropped at once, to keep descriptors bounded.
+        if ctx.active >= limits.max_connections + max(64, limits.max_connections // 10):
+            ctx.note_refusal(CAP_OVERALL, f"unknown-{self.src_ip}")
             transport.abort()  # type: ignore[attr-defined]
             return
+        self.over_cap = ctx.active >= limits.max_connections
         ctx.active += 1
-        ctx.per_client[self.src_ip] = ctx.per_client.get(self.src_ip, 0) + 1
         self.task = asyncio.ensure_future(self._run())
+
+    def claim(self, identity: str) -> str | None:
+        """Count this connection for `identity`. The name of the cap that refuses it, or None."""
+        ctx = self.ctx
+        if self.over_cap:
+            ctx.note_refusal(CAP_OVERALL, identity)
+            return CAP_OVERALL
+        if identity == self.identity:
+            return None
+        if ctx.per_client.get(identity, 0) >= ctx.limits.max_per_client:
+            ctx.note_refusal(CAP_PER_CLIENT, identity)
+            return CAP_PER_CLIENT
+        self._release()
+        self.identity = identity
+        ctx.per_client[identity] = ctx.per_client.get(identity, 0) + 1
+        return None
+
+    def _release(self) -> None:
+        if self.identity is None:
+            return
+        per_client = self.ctx.per_client
+        n = per_client.get(self.identity, 1) - 1
+        if n <= 0:
+            per_client.pop(self.identity, None)
+        else:
+            per_client[self.identity] = n
+        self.identity = None
 
     async def _run(self) -> None:
         try:
@@ -81,13 +144,8 @@ class ClientConn(Conn):
         except Exception:
             log.exception("connection handler failed")
         finally:
-            ctx = self.ctx
-            ctx.active -= 1
-            n = ctx.per_client.get(self.src_ip, 1) - 1
-            if n <= 0:
-                ctx.per_client.pop(self.src_ip, None)
-            else:
-                ctx.per_client[self.src_ip] = n
+            self.ctx.active -= 1
+            self._release()
             self.close()
 
     def gone(self) -> asyncio.Future:
@@ -113,12 +171,20 @@ async def _tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container: st
         upstream.abort()
 
     cid = gate.track(container, host, port, verdict, close_both)
+    loop = asyncio.get_running_loop()
+    quiet_since, seen = loop.time(), client.bytes_in + upstream.bytes_in
     try:
         if ctx.tunnel_hook is not None and await ctx.tunnel_hook(ctx, client, upstream, container, host, port,
                                                                  verdict, method):
             return
         splice(client, upstream)
-        await asyncio.gather(client.wait_closed(), upstream.wait_closed())
+        if client.bytes_in + upstream.bytes_in != seen:
+            quiet_since = loop.time()
+        watch = _IdleWatch(client, upstream, ctx.limits.idle_timeout, quiet_since)
+        try:
+            await asyncio.gather(client.wait_closed(), upstream.wait_closed())
+        finally:
+            watch.cancel()
     finally:
         gate.finish_log(verdict)  # the hook writes it with its mitm_skip_reason; a plain tunnel here
         gate.untrack(cid)
@@ -126,20 +192,62 @@ async def _tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container: st
         upstream.close()
 
 
+class _IdleWatch:
+    """Closes a spliced tunnel once no byte has passed either way for `idle` seconds.
+
+    One timer per tunnel, checked every idle/4: the relay itself stays free of per-chunk work
+    (it only bumps `bytes_in`), and a tunnel is closed between idle and 1.25 x idle after its last byte.
+    """
+
+    __slots__ = ("a", "b", "idle", "step", "seen", "since", "handle")
+
+    def __init__(self, a: Conn, b: Conn, idle: float, since: float) -> None:
+        self.a, self.b, self.idle = a, b, idle
+        self.step = max(idle / 4, 0.05)
+        self.seen = a.bytes_in + b.bytes_in
+        self.since = since
+        self.handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(self.step, self._check)
+
+    def _check(self) -> None:
+        now = asyncio.get_running_loop().time()
+        total = self.a.bytes_in + self.b.bytes_in
+        if total != self.seen:
+            self.seen, self.since = total, now
+        elif now - self.since >= self.idle:
+            log.info("closing a tunnel idle for %.0f s", now - self.since)
+            self.handle = None
+            self.a.close()
+            self.b.close()
+            return
+        self.handle = asyncio.get_running_loop().call_later(self.step, self._check)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+
+
 # ---------------------------------------------------------------- HTTP proxy
 
 async def _read_head(conn: Conn, limits: Limits, parse: Callable, first_timeout: float | None):
-    """Read until a full head parses. None when the peer closed cleanly before sending anything."""
+    """Read until a full head parses. None when the peer closed cleanly before sending anything.
+
+    Without `first_timeout` (a client's first request) the whole head must arrive within the header
+    deadline, counted from now. With it (the next request on a kept-alive connection, or a response),
+    the first byte may take up to `first_timeout`, and the header deadline runs from that byte.
+    """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + limits.header_timeout
+    now = loop.time()
+    deadline = now + limits.header_timeout if first_timeout is None or conn.buf else None
+    idle_deadline = now + first_timeout if first_timeout is not None else None
     while True:
         if conn.buf:
+            if deadline is None:
+                deadline = loop.time() + limits.header_timeout
             parsed = parse(bytes(conn.buf))
             if parsed is not None:
                 return parsed
-        remaining = deadline - loop.time()
-        if not conn.buf and first_timeout is not None:
-            remaining = min(remaining, first_timeout)
+        remaining = (deadline if deadline is not None else idle_deadline) - loop.time()  # type: ignore[operator]
         if remaining <= 0:
             raise asyncio.TimeoutError()
         if not await conn.read_more(remaining):
@@ -152,12 +260,30 @@ def _error_response(status: int, reason: str, text: str) -> bytes:
     return http1.render_response(status, reason, (text.rstrip("\n") + "\n").encode(), close=True)
 
 
-def _upstream_error_response(exc: UpstreamFailure) -> bytes:
+def _cap_response(cap: str, identity: str, limits: Limits) -> bytes:
+    """The refusal of a connection past a connection cap: 503 (overall) or 429 (this client)."""
+    if cap == CAP_OVERALL:
+        status, reason = 503, "Service Unavailable"
+        text = (f"Greyproxy: too many open connections (proxy.{CAP_OVERALL} = {limits.max_connections}); "
+                "try again later\n")
+    else:
+        status, reason = 429, "Too Many Requests"
+        text = (f"Greyproxy: too many open connections for client {identity!r} "
+                f"(proxy.{CAP_PER_CLIENT} = {limits.max_per_client}); close some and try again\n")
+    return http1.render_response(status, reason, text.encode("utf-8"), headers=[("Retry-After", "1")], close=True)
+
+
+def _upstream_error(exc: UpstreamFailure) -> tuple[int, str, str]:
+    """(status, reason, text) of the answer to a failed upstream connect."""
     if exc.kind == "guard":
-        return _error_response(403, "Forbidden", "Blocked by Greyproxy: that is this proxy's own listener")
+        return 403, "Forbidden", "Blocked by Greyproxy: that is this proxy's own listener"
     if exc.kind == "timeout":
-        return _error_response(504, "Gateway Timeout", f"Greyproxy: {exc}")
-    return _error_response(502, "Bad Gateway", f"Greyproxy: {exc}")
+        return 504, "Gateway Timeout", f"Greyproxy: {exc}"
+    return 502, "Bad Gateway", f"Greyproxy: {exc}"
+
+
+def _upstream_error_response(exc: UpstreamFailure) -> bytes:
+    return _error_response(*_upstream_error(exc))
 
 
 async def _relay_body(src: Conn, dst: Conn, reader: "http1.BodyReader", timeout: float) -> None:
@@ -176,6 +302,22 @@ async def _relay_body(src: Conn, dst: Conn, reader: "http1.BodyReader", timeout:
             if reader.until_close:
                 return
             raise ConnClosed()
+
+
+def _start_body(src, dst, reader: "http1.BodyReader", timeout: float) -> asyncio.Task:
+    """Relay a request body in the background while the answer is awaited (the head is already sent:
+    with `Expect: 100-continue` the client sends the body only once the upstream's 100 is relayed).
+    A broken body (bad chunk framing, client gone or stalled) aborts `dst`, so the exchange ends at once."""
+    task = asyncio.ensure_future(_relay_body(src, dst, reader, timeout))
+    task.add_done_callback(lambda t: dst.abort() if not t.cancelled() and t.exception() is not None else None)
+    return task
+
+
+def _body_error(task: asyncio.Task | None) -> BaseException | None:
+    """Why the request body relay failed, if it did."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
 
 
 async def handle_http(client: ClientConn) -> None:
@@ -209,6 +351,10 @@ async def handle_http(client: ClientConn) -> None:
             if head.proxy_user:
                 identity = head.proxy_user
             container = identity
+            cap = client.claim(identity)
+            if cap is not None:
+                client.write(_cap_response(cap, identity, limits))
+                return
 
             if head.method == "CONNECT":
                 verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone())
@@ -237,8 +383,13 @@ async def handle_http(client: ClientConn) -> None:
             verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
             if client.closed:
                 return
+            # The per-request pipeline of SPEC §7, as inside an intercepted tunnel: a transaction record.
+            rec = ctx.recorder
+            t = rec.txn(container, "http", head.host, head.port, head, verdict.rule_id) if rec is not None else None
             if not verdict.allowed:
                 client.write(_error_response(403, "Forbidden", FORBIDDEN_BODY.decode()))
+                if t is not None:
+                    t.finish(status=403, result="blocked")
                 return
             key = (head.host, head.port)
             if upstream is None or upstream.closed or upstream_key != key:
@@ -251,7 +402,10 @@ async def handle_http(client: ClientConn) -> None:
                     upstream = await connect(head.host, head.port, limits.connect_timeout, ctx.guard)
                 except UpstreamFailure as exc:
                     upstream = None
-                    client.write(_upstream_error_response(exc))
+                    status, reason, text = _upstream_error(exc)
+                    client.write(_error_response(status, reason, text))
+                    if t is not None:
+                        t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed")
                     return
                 upstream_key = key
                 up_ref = upstream
@@ -263,7 +417,10 @@ async def handle_http(client: ClientConn) -> None:
                 cid = gate.track(container, head.host, head.port, verdict, close_both)
             elif cid is not None and cid in gate.live:
                 gate.live[cid].rule_id = verdict.rule_id
-            keep = await _forward_one(client, upstream, head, limits)
+            substituted = substitute_credentials(head, container)
+            if t is not None:
+                t.substituted = substituted
+            keep = await _forward_one(client, upstream, head, limits, t)
             if upstream.closed:
                 upstream = None
             if not keep:
@@ -275,15 +432,29 @@ async def handle_http(client: ClientConn) -> None:
             upstream.close()
 
 
-async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestHead", limits: Limits) -> bool:
-    """Send one request upstream, stream the response back. True if the client connection stays open."""
+def _fail(client: Conn, t: Txn | None, status: int, reason: str, text: str) -> bool:
+    """Answer with an error (the connection ends) and record it."""
+    client.write(_error_response(status, reason, text))
+    if t is not None:
+        t.finish(status=status)
+    return False
+
+
+async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestHead", limits: Limits,
+                       t: Txn | None = None) -> bool:
+    """Send one request upstream, stream the response back. True if the client connection stays open.
+
+    With `t`, bodies pass through its capped capture and the record is sent when the exchange ends
+    (however it ends); a WebSocket upgrade is relayed with each message recorded."""
     # An HTTP/1.0 client gets an HTTP/1.0 request upstream, so the answer is never chunked.
     version = "1.0" if head.version == "1.0" else "1.1"
     upstream.write(http1.render_request_head(head.method, head.path, version, head.upstream_headers()))
     body_task: asyncio.Task | None = None
     if head.chunked or (head.content_length or 0) > 0:
-        reader = http1.BodyReader(head.content_length, head.chunked)
-        body_task = asyncio.ensure_future(_relay_body(client, upstream, reader, limits.idle_timeout))
+        reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+        body_task = _start_body(client, upstream, reader, limits.idle_timeout)
+    continued = False
+    final: http1.ResponseHead | None = None
     try:
         while True:
             try:
@@ -291,16 +462,16 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
                                        lambda b: http1.parse_response_head(b, limits.max_header_bytes, head.method),
                                        limits.idle_timeout)
             except asyncio.TimeoutError:
-                client.write(_error_response(504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time"))
-                return False
-            except http1.UpstreamError as exc:
-                client.write(_error_response(502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}"))
-                return False
-            except http1.HttpError as exc:
-                client.write(_error_response(502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}"))
-                return False
+                return _fail(client, t, 504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time")
+            except (http1.UpstreamError, http1.HttpError) as exc:
+                return _fail(client, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
             if got is None:
-                client.write(_error_response(502, "Bad Gateway", "Greyproxy: upstream closed the connection without answering"))
+                body_exc = _body_error(body_task)
+                if isinstance(body_exc, http1.HttpError):
+                    return _fail(client, t, body_exc.status, body_exc.reason, f"Greyproxy: {body_exc}")
+                if body_exc is None:
+                    return _fail(client, t, 502, "Bad Gateway",
+                                 "Greyproxy: upstream closed the connection without answering")
                 return False
             resp, n = got
             raw_head = upstream.take(n)
@@ -308,22 +479,50 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
                 client.write(raw_head)
                 if body_task is not None:
                     body_task.cancel()
-                splice(client, upstream)
-                await asyncio.gather(client.wait_closed(), upstream.wait_closed())
+                    await asyncio.gather(body_task, return_exceptions=True)  # its read ends before the relay's
+                observers = (None, None)
+                if t is not None:
+                    t.finish(resp)
+                    observers = t.recorder.websocket(t.container, "http", head.host, head.port, head, resp,
+                                                     t.rule_id)
+                await relay(client, upstream, limits.idle_timeout, *observers)
                 return False
             if 100 <= resp.status < 200:
-                client.write(raw_head)  # interim (100 Continue): relay and keep reading
+                if head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
+                    client.write(raw_head)  # interim (100 Continue): relay and keep reading
+                continued = continued or resp.status == 100
                 continue
             break
-        client_keep = head.keep_alive and not resp.until_close
-        client.write(http1.render_response_head(resp, keep_alive=client_keep))
+        final = resp
+        # Answered without a 100 while the body is still owed: the client may never send it
+        # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
+        # So this exchange ends both connections instead of waiting for (or guessing at) them.
+        body_owed = head.expect_continue and not continued and body_task is not None and not body_task.done()
+        client_keep = head.keep_alive and not resp.until_close and not body_owed
+        out_head = http1.render_response_head(resp, keep_alive=client_keep)
         if resp.has_body:
-            reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close)
-            await _relay_body(upstream, client, reader, limits.idle_timeout)
+            reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
+                                      sink=t.resp_sink(resp) if t is not None else None)
+            done = False
+            if upstream.buf:
+                # The body bytes already here leave with the head in one send (one wakeup of the client).
+                data, rest, done = reader.feed(upstream.take())
+                if rest:
+                    upstream.buf[:0] = rest
+                out_head += data
+            client.write(out_head)
+            if not done:
+                await _relay_body(upstream, client, reader, limits.idle_timeout)
+        else:
+            client.write(out_head)
+        if body_owed:
+            upstream.abort()
+            return False
         if body_task is not None:
             try:
                 await asyncio.wait_for(body_task, limits.idle_timeout)
-            except (asyncio.TimeoutError, ConnClosed):
+            except (asyncio.TimeoutError, ConnClosed, http1.HttpError):
+                upstream.abort()
                 return False
         if not resp.keep_alive or resp.until_close:
             upstream.close()
@@ -331,6 +530,8 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
     finally:
         if body_task is not None and not body_task.done():
             body_task.cancel()
+        if t is not None:
+            t.finish(final)  # what passed, also when the exchange was cut off (a no-op if already sent)
 
 
 # ---------------------------------------------------------------- SOCKS5 proxy
@@ -365,10 +566,13 @@ async def handle_socks(client: ClientConn) -> None:
             client.write(server.reply(exc.reply))
         return
     req = server.request
+    container = req.username or default_identity(client)
+    if client.claim(container) is not None:
+        client.write(server.reply(socks5.REP_GENERAL_FAILURE))  # a connection cap (SPEC §3.1: 0x01)
+        return
     if req.command != socks5.CMD_CONNECT:
         client.write(server.reply(socks5.REP_COMMAND_NOT_SUPPORTED))
         return
-    container = req.username or default_identity(client)
     verdict = await gate.admit(container, req.host, req.port, "SOCKS5", client.gone())
     if client.closed:
         gate.finish_log(verdict)

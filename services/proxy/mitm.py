@@ -10,7 +10,8 @@ Inside an intercepted connection every request is re-checked against the rules, 
 credential-substitution hook, goes upstream on this connection's own upstream connection, and
 streams back as it arrives while a capped copy is kept. The record leaves the process with its
 headers redacted, through the journal (`transaction`). WebSocket upgrades are relayed with each
-data message recorded (WS_REQ / WS_RESP).
+data message recorded (WS_REQ / WS_RESP). Recording and the relay live in `pipeline.py`, shared
+with the forward proxy's plain-HTTP requests.
 """
 
 from __future__ import annotations
@@ -19,26 +20,21 @@ import asyncio
 import logging
 import re
 import ssl
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from bus.journal import JournalWriter
-from greyproxy.capture import BodyCapture, is_text_like, stored_body
 from greyproxy.certs import CAWatcher
 from greyproxy.policy.patterns import DestinationPattern, normalise_host, parse_ip
-from greyproxy.redaction import Redactor, extra_patterns
 
 from . import http1
 from .conn import Conn, ConnClosed
 from .gate import Gate, Verdict
-from .listeners import Limits, ProxyContext, _error_response, _read_head, _relay_body
+from .listeners import Limits, ProxyContext, _body_error, _error_response, _read_head, _relay_body, _start_body
+from .pipeline import Recorder, Stream, Txn, relay, substitute_credentials
 from .settings_watch import SettingsWatch
 from .tls import ClientHello, NotClientHello, TlsStream, looks_like_tls, parse_client_hello
 from .upstream import UpstreamFailure, connect
-from .wsframes import OP_TEXT, FrameParser, Message, MessageAssembler, WsProtocolError, deflate_negotiated
 
 log = logging.getLogger("greyproxy.mitm")
 
@@ -58,22 +54,6 @@ _REQUEST_PREFIX = re.compile(
     rb"[A-Z][A-Z_-]{0,19}(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?")
 
 
-class Stream(Protocol):
-    """What the pipeline needs from a connection: a plain `Conn` or a `TlsStream`."""
-
-    buf: bytearray
-    eof: bool
-
-    @property
-    def closed(self) -> bool: ...
-    async def read_more(self, timeout: float | None = None) -> bool: ...
-    def take(self, n: int | None = None) -> bytes: ...
-    def write(self, data: bytes) -> None: ...
-    async def drain(self) -> None: ...
-    def close(self) -> None: ...
-    def abort(self) -> None: ...
-
-
 def http_state(buf: bytes | bytearray) -> str:
     """'http' when `buf` starts with an HTTP/1.x request line, 'other' when it cannot, 'more' to wait."""
     nl = buf.find(b"\n", 0, MAX_PEEK)
@@ -83,13 +63,6 @@ def http_state(buf: bytes | bytearray) -> str:
     if len(buf) >= MAX_PEEK:
         return "other"
     return "more" if _REQUEST_PREFIX.fullmatch(bytes(buf)) else "other"
-
-
-def substitute_credentials(head: http1.RequestHead, session: Session) -> list[str]:
-    """Hook point for credential substitution (SPEC §11, a later capability): replace placeholder
-    credentials in header values and query values just before the request goes upstream, and
-    return the labels used (stored as `substituted_credentials`). No-op until then."""
-    return []
 
 
 @dataclass
@@ -110,16 +83,14 @@ class Session:
 class Interceptor:
     """The tunnel hook (`ProxyContext.tunnel_hook`) and its shared state."""
 
-    def __init__(self, gate: Gate, journal: JournalWriter, certs: CAWatcher, settings: SettingsWatch,
-                 bypass: list[str], upstream_ca_file: str = "", max_body: int = 2 * 1024 * 1024) -> None:
+    def __init__(self, gate: Gate, recorder: Recorder, certs: CAWatcher, settings: SettingsWatch,
+                 bypass: list[str], upstream_ca_file: str = "") -> None:
         self.gate = gate
-        self.journal = journal
+        self.recorder = recorder  # transaction records (shared with the forward proxy)
         self.certs = certs
-        self.max_body = max_body
         self.bypass = self._compile_bypass(bypass)
         self.upstream_ctx = self._upstream_context(upstream_ca_file)
         self.mitm_enabled = True
-        self.redactor = Redactor()
         self.counts: Counter[str] = Counter()
         settings.on_change(self._settings_changed)
 
@@ -149,7 +120,6 @@ class Interceptor:
     def _settings_changed(self, values: dict[str, Any]) -> None:
         enabled = values.get("mitmEnabled", True)
         self.mitm_enabled = enabled if isinstance(enabled, bool) else True
-        self.redactor = Redactor(extra_patterns(values.get("redactedHeaders")))
 
     def stats(self) -> dict[str, Any]:
         return {"ca": self.certs.ca is not None, "enabled": self.mitm_enabled,
@@ -212,7 +182,7 @@ class Interceptor:
             self.gate.finish_log(verdict, NON_HTTP_AFTER_TLS)
             self.counts[NON_HTTP_AFTER_TLS] += 1
             if session.upstream is not None:
-                await _relay(session.client, session.upstream, ctx.limits.idle_timeout)
+                await relay(session.client, session.upstream, ctx.limits.idle_timeout)
             session.client.close()
             return True
         self.gate.finish_log(verdict)
@@ -240,7 +210,8 @@ class Interceptor:
                 return "other", None
             if client.buf and deadline is None:
                 deadline = loop.time() + limits.header_timeout  # a started hello/line must finish soon
-            timeout = None if deadline is None else max(0.0, deadline - loop.time())
+            # Nobody speaking at all is an idle tunnel: after idleTimeout the caller's watch closes it.
+            timeout = limits.idle_timeout if deadline is None else max(0.0, deadline - loop.time())
             if not await _either(client, upstream, timeout):
                 return "other", None
 
@@ -339,7 +310,7 @@ class Interceptor:
     async def _exchange(self, s: Session, head: http1.RequestHead, ctx: ProxyContext) -> bool:
         """One request/response on an intercepted connection. True if the client connection stays open."""
         limits = ctx.limits
-        t = _Txn(self, s, head)
+        t = self.recorder.txn(s.container, s.scheme, s.host, s.port, head)
         v = self._request_verdict(s, head)
         t.rule_id = v.rule_id
         if not v.allowed:
@@ -347,7 +318,7 @@ class Interceptor:
                                                  headers=[("Content-Type", "text/plain")], close=True))
             t.finish(status=403, result="blocked")
             return False
-        t.substituted = substitute_credentials(head, s)
+        t.substituted = substitute_credentials(head, s.container)
         if s.upstream is None or s.upstream.closed:
             if s.upstream_error is not None:
                 return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: {s.upstream_error}")
@@ -361,8 +332,8 @@ class Interceptor:
         upstream.write(http1.render_request_head(head.method, head.path, version, head.upstream_headers()))
         body_task: asyncio.Task | None = None
         if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req.add)
-            body_task = asyncio.ensure_future(_relay_body(s.client, upstream, reader, limits.idle_timeout))  # type: ignore[arg-type]
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink())
+            body_task = _start_body(s.client, upstream, reader, limits.idle_timeout)
         continued = False
         try:
             while True:
@@ -375,6 +346,9 @@ class Interceptor:
                 except (http1.UpstreamError, http1.HttpError) as exc:
                     return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
                 if got is None:
+                    body_exc = _body_error(body_task)
+                    if isinstance(body_exc, http1.HttpError):  # the client's body was malformed
+                        return self._fail(s, t, body_exc.status, body_exc.reason, f"Greyproxy: {body_exc}")
                     return self._fail(s, t, 502, "Bad Gateway",
                                       "Greyproxy: upstream closed the connection without answering")
                 resp, n = got
@@ -399,7 +373,7 @@ class Interceptor:
             complete = True
             if resp.has_body:
                 reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
-                                          sink=t.resp.add)
+                                          sink=t.resp_sink(resp))
                 try:
                     await _relay_body(upstream, s.client, reader, limits.idle_timeout)  # type: ignore[arg-type]
                 except (ConnClosed, asyncio.TimeoutError, http1.HttpError):
@@ -421,7 +395,7 @@ class Interceptor:
         finally:
             await _cancel(body_task)
 
-    def _fail(self, s: Session, t: _Txn, status: int, reason: str, text: str) -> bool:
+    def _fail(self, s: Session, t: Txn, status: int, reason: str, text: str) -> bool:
         s.client.write(_error_response(status, reason, text))
         t.finish(status=status)
         return False
@@ -429,120 +403,9 @@ class Interceptor:
     # -- WebSocket --
     async def _websocket(self, s: Session, head: http1.RequestHead, resp: http1.ResponseHead, upstream: Stream,
                          limits: Limits) -> None:
-        deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
-        url = f"{'wss' if s.scheme == 'https' else 'ws'}://{head.authority}{head.path}"
-
-        def recorder(method: str) -> Callable[[bytes], None]:
-            parser, asm = FrameParser(self.max_body), MessageAssembler(deflate, self.max_body)
-            broken = False
-
-            def see(data: bytes) -> None:
-                nonlocal broken
-                if broken:
-                    return
-                try:
-                    for frame in parser.feed(data):
-                        msg = asm.feed(frame)
-                        if msg is not None:
-                            self._record_ws(s, head, method, url, msg)
-                except WsProtocolError as exc:
-                    broken = True  # stop recording this direction; relaying goes on
-                    log.info("websocket %s: not recording %s any more: %s", url, method, exc)
-
-            return see
-
-        await _relay(s.client, upstream, limits.idle_timeout, recorder("WS_REQ"), recorder("WS_RESP"))
-
-    def _record_ws(self, s: Session, head: http1.RequestHead, method: str, url: str, msg: Message) -> None:
-        text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
-        size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
-        side = "request" if method == "WS_REQ" else "response"
-        rec = _base_record(s, method, url, s.verdict.rule_id, host=head.host)
-        rec.update({f"{side}_body": text, f"{side}_body_size": size})
-        self.counts["ws_messages"] += 1
-        self.journal.append("transaction", rec)
-
-    # -- records --
-    def submit(self, rec: dict[str, Any], req: tuple[bytes, str | None, str | None] | None,
-               resp: tuple[bytes, str | None, str | None] | None) -> None:
-        """Journal the record; bodies to decode are decoded in a worker thread first."""
-        self.counts["transactions"] += 1
-        if req is None and resp is None:
-            self.journal.append("transaction", rec)
-            return
-        limit = self.max_body
-
-        def decode() -> dict[str, Any]:
-            if req is not None:
-                rec["request_body"] = stored_body(*req, limit=limit)
-            if resp is not None:
-                rec["response_body"] = stored_body(*resp, limit=limit)
-            return rec
-
-        fut = asyncio.get_running_loop().run_in_executor(None, decode)
-
-        def done(f: asyncio.Future) -> None:
-            try:
-                self.journal.append("transaction", f.result())
-            except Exception:
-                log.exception("could not build a transaction record")
-
-        fut.add_done_callback(done)
-
-
-class _Txn:
-    """The record of one request being built while it streams."""
-
-    __slots__ = ("ic", "s", "head", "t0", "p0", "req", "resp", "rule_id", "substituted", "done")
-
-    def __init__(self, ic: Interceptor, s: Session, head: http1.RequestHead) -> None:
-        self.ic, self.s, self.head = ic, s, head
-        self.t0, self.p0 = time.time(), time.perf_counter()
-        self.req = BodyCapture(ic.max_body)
-        self.resp = BodyCapture(ic.max_body)
-        self.rule_id: int | None = None
-        self.substituted: list[str] = []
-        self.done = False
-
-    def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
-               result: str = "allowed") -> None:
-        if self.done:
-            return
-        self.done = True
-        ic, s, head = self.ic, self.s, self.head
-        url = f"{s.scheme}://{head.authority}{head.path}"
-        rec = _base_record(s, head.method, url, self.rule_id, self.t0, head.host or s.host)
-        req_ct = head.header("content-type")
-        rec.update({
-            "request_headers": ic.redactor.headers(head.headers),
-            "request_body_size": self.req.size,
-            "request_content_type": req_ct,
-            "status_code": resp.status if resp is not None else status,
-            "response_headers": ic.redactor.headers(resp.headers) if resp is not None else {},
-            "response_body_size": self.resp.size,
-            "response_content_type": resp.header("content-type") if resp is not None else None,
-            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3),
-            "result": result,
-            "substituted_credentials": self.substituted,
-        })
-        req = (bytes(self.req.data), req_ct, head.header("content-encoding")) \
-            if self.req.data and is_text_like(req_ct) else None
-        resp_body = None
-        if resp is not None and self.resp.data and is_text_like(rec["response_content_type"]):
-            resp_body = (bytes(self.resp.data), rec["response_content_type"], resp.header("content-encoding"))
-        ic.submit(rec, req, resp_body)
-
-
-def _base_record(s: Session, method: str, url: str, rule_id: int | None, ts: float | None = None,
-                 host: str | None = None) -> dict[str, Any]:
-    return {
-        "timestamp": ts if ts is not None else time.time(), "container_name": s.container,
-        "destination_host": normalise_host(host or s.host), "destination_port": s.port, "method": method,
-        "url": url, "request_headers": {}, "request_body": None, "request_body_size": 0,
-        "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
-        "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
-        "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
-    }
+        see_req, see_resp = self.recorder.websocket(s.container, s.scheme, s.host, s.port, head, resp,
+                                                    s.verdict.rule_id)
+        await relay(s.client, upstream, limits.idle_timeout, see_req, see_resp)
 
 
 def _classify(buf: bytearray) -> tuple[str, ClientHello | None]:
@@ -597,37 +460,3 @@ async def _either(a: Stream, b: Stream | None, timeout: float | None) -> bool:
         # reads again: a cleanup running later would wipe out the next reader's waiter.
         await asyncio.gather(*tasks, return_exceptions=True)
     return bool(done)
-
-
-async def _relay(a: Stream, b: Stream, idle: float, see_ab: Callable[[bytes], None] | None = None,
-                 see_ba: Callable[[bytes], None] | None = None) -> None:
-    """Copy both ways until either side ends (then both are closed); `see_*` get a copy of each chunk."""
-
-    async def pump(src: Stream, dst: Stream, see: Callable[[bytes], None] | None) -> None:
-        while True:
-            if src.buf:
-                data = src.take()
-                dst.write(data)
-                if see is not None:
-                    see(data)
-                await dst.drain()
-            try:
-                more = await src.read_more(idle)
-            except asyncio.TimeoutError:
-                return
-            if not more and not src.buf:
-                return
-
-    tasks = [asyncio.ensure_future(pump(a, b, see_ab)), asyncio.ensure_future(pump(b, a, see_ba))]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, ConnClosed, ConnectionError):
-                pass
-        a.close()
-        b.close()

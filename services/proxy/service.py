@@ -23,6 +23,7 @@ from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
 from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
 from .mitm import Interceptor
+from .pipeline import Recorder
 from .settings_watch import SettingsWatch
 
 log = logging.getLogger("greyproxy.proxy")
@@ -113,6 +114,28 @@ def _load_dns_names() -> dict[str, tuple[str, float]]:
     return {ip: (name, now) for ip, name, _ts in rows}
 
 
+def _raise_fd_limit(limits: Limits) -> None:
+    """Each proxied connection needs two descriptors (client + upstream): lift the soft RLIMIT_NOFILE
+    towards the hard one, so maxConnections is reached before the process runs out of them."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    want = 2 * limits.max_connections + 1024  # both ends of each, plus listeners, bus, database, margin
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-files limit: %s", exc)
+        return
+    if soft != resource.RLIM_INFINITY and soft < want:
+        log.warning("open-files limit %d is below what proxy.maxConnections=%d needs (%d): connections "
+                    "past it fail when accepted", soft, limits.max_connections, want)
+
+
 def _count_pending() -> int:
     from greyproxy.store import database
 
@@ -143,14 +166,18 @@ async def main(rt: ServiceRuntime) -> None:
         max_headers=int(pcfg["maxHeaders"]), max_connections=int(pcfg["maxConnections"]),
         max_per_client=int(pcfg["maxConnectionsPerClient"]),
     )
+    _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
     settings = SettingsWatch(cfg.bus["sub"], executor)
     await settings.load(force=True)
     certs = CAWatcher(cfg.data_dir)
     await loop.run_in_executor(executor, certs.check)
     mitm_cfg = cfg.section("mitm")
-    interceptor = Interceptor(gate, journal, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"],
-                              int(cfg.section("capture")["maxBodyBytes"]))
+    # One transaction recorder for plain-HTTP forward-proxy requests and intercepted ones alike.
+    recorder = Recorder(journal, int(cfg.section("capture")["maxBodyBytes"]))
+    settings.on_change(recorder.settings_changed)
+    ctx.recorder = recorder
+    interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
 
@@ -166,7 +193,7 @@ async def main(rt: ServiceRuntime) -> None:
     dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor, settings) if dns_lst and dns_lst.port else None
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"active_connections": ctx.active, "tunnels": len(gate.live), "waiting": gate.waiting(),
+        return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),
                 "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
                 "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
                 **({"dns": dns.stats()} if dns is not None else {})}
@@ -207,7 +234,7 @@ async def main(rt: ServiceRuntime) -> None:
         "cert.reload": cert_reload,
     })
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
-    rt.add_stats(lambda: {"mitm": interceptor.stats()})
+    rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats()})
 
     async def watch_ca() -> None:
         while True:

@@ -18,21 +18,40 @@ class UpstreamFailure(Exception):
         self.kind = kind  # 'dns' | 'refused' | 'unreachable' | 'network' | 'timeout' | 'guard'
 
 
-async def connect(host: str, port: int, timeout: float, guard: Callable[[str, int], bool]) -> Conn:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
+    """An IP literal needs no lookup: (ip, port) at once (a resolver round trip through a worker
+    thread costs more than the whole request on loopback). None for a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except (OSError, ValueError):
+            continue
+        return [(host, port)]
+    return None
+
+
+async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> list[tuple[str, int]]:
+    addrs = _literal(host, port)
+    if addrs is not None:
+        return addrs
     try:
-        infos = await asyncio.wait_for(
-            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    except TimeoutError:
         raise UpstreamFailure("timeout", f"DNS lookup for {host} timed out") from None
     except (socket.gaierror, UnicodeError) as exc:
         raise UpstreamFailure("dns", f"DNS lookup for {host} failed: {exc}") from None
     if not infos:
         raise UpstreamFailure("dns", f"no address for {host}")
+    return [(addr[0], addr[1]) for _f, _t, _p, _c, addr in infos]
+
+
+async def connect(host: str, port: int, timeout: float, guard: Callable[[str, int], bool]) -> Conn:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    addrs = await _resolve(loop, host, port, timeout)
     last: UpstreamFailure | None = None
-    for family, stype, proto, _canon, addr in infos:
-        ip = addr[0]
+    for ip, aport in addrs:
         if guard(ip, port):
             # A name that resolves onto our own listeners: refuse like a direct request.
             raise UpstreamFailure("guard", f"{host}:{port} resolves to this proxy's own listener")
@@ -40,16 +59,11 @@ async def connect(host: str, port: int, timeout: float, guard: Callable[[str, in
         if remaining <= 0:
             raise UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
         try:
-            _t, conn = await asyncio.wait_for(
-                loop.create_connection(Conn, ip, addr[1]), remaining)
-            sock = _t.get_extra_info("socket")
-            if sock is not None:
-                try:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                except OSError:
-                    pass
-            return conn
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: wait_for wraps the connect in one more task per call.
+            async with asyncio.timeout(remaining):
+                _t, conn = await loop.create_connection(Conn, ip, aport)
+            return conn  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
+        except TimeoutError:
             last = UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
         except ConnectionRefusedError:
             last = UpstreamFailure("refused", f"connection to {host}:{port} refused")

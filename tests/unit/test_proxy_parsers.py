@@ -171,8 +171,9 @@ def test_keep_alive_rules(version: str, headers: tuple[str, ...], keep_alive: bo
 def test_framing_fields() -> None:
     head = parse(req("POST http://e.com/ HTTP/1.1", "Content-Length: 12", "Expect: 100-Continue"))
     assert (head.content_length, head.chunked, head.expect_continue) == (12, False, True)
-    head = parse(req("POST http://e.com/ HTTP/1.1", "Transfer-Encoding: gzip, Chunked"))
+    head = parse(req("POST http://e.com/ HTTP/1.1", "Transfer-Encoding:  Chunked "))
     assert (head.content_length, head.chunked, head.expect_continue) == (None, True, False)
+    assert status_of(req("POST http://e.com/ HTTP/1.1", "Transfer-Encoding: gzip, Chunked")) == 400  # exactly chunked
     head = parse(req("GET http://e.com/ HTTP/1.1"))
     assert (head.content_length, head.chunked) == (None, False)
 
@@ -296,6 +297,12 @@ def test_host_header_added_when_missing_and_replaces_client_host() -> None:
         ("Content-Length: 99999999999999999999999",),
         ("Transfer-Encoding: gzip",),
         ("Transfer-Encoding: chunked, gzip",),
+        ("Transfer-Encoding: gzip, chunked",),
+        ("Transfer-Encoding: gzip", "Transfer-Encoding: chunked"),
+        ("Transfer-Encoding: identity",),
+        ("Content-Length : 5",),
+        ("Transfer-Encoding : chunked",),
+        ("X\x00A: b",),
         ("Transfer-Encoding: chunked", "Transfer-Encoding: chunked"),
         ("Transfer-Encoding: chunked, chunked",),
         ("Transfer-Encoding: xchunked",),
@@ -936,6 +943,82 @@ def test_fuzz_socks_after_valid_greeting(pieces: list[bytes]) -> None:
             server.feed(piece)
     except SocksError:
         pass
+
+
+# --- framing: whatever the CL/TE lines, a request is either unambiguous or refused with 400
+
+_TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+framing_name = st.sampled_from(["Content-Length", "content-length", "CONTENT-LENGTH", "Transfer-Encoding",
+                                "transfer-encoding", "Content-Length ", "Transfer-Encoding\t", "X-Other"])
+framing_value = st.one_of(
+    st.sampled_from(["chunked", "Chunked", " chunked ", "gzip, chunked", "chunked, gzip", "identity", "xchunked",
+                     "chunked;q=1", "chunked,", "", "0", "5", "05", "5, 5", "+5", "-5", "0x5", "5 5", "5.0",
+                     "99999999999999999999", "1e3"]),
+    st.from_regex(r"[0-9]{1,20}", fullmatch=True),
+    st.text(alphabet="chunkedCHUNKED ,;\t0123456789\x00\r\n\x0b", max_size=12),
+)
+ORIGIN_CTX = ("http", "e.com", 80)
+
+
+def _outcome(raw: bytes, origin: tuple[str, str, int] | None) -> tuple[str, object]:
+    try:
+        got = parse_request_head(raw, origin=origin)
+    except HttpError as exc:
+        return "error", exc.status
+    assert got is not None
+    head = got[0]
+    return "ok", (head.chunked, head.content_length)
+
+
+@FUZZ
+@given(st.lists(st.tuples(framing_name, framing_value), max_size=4), st.sampled_from(["1.0", "1.1"]),
+       st.booleans())
+def test_fuzz_request_framing_is_unambiguous_or_400(fields: list[tuple[str, str]], version: str, fold: bool) -> None:
+    lines = [f"{k}: {v}" for k, v in fields]
+    if fold and lines:
+        lines.insert(1, " folded")  # an obs-fold continuation line after the first field
+    head_text = "\r\n".join([f"POST http://e.com/ HTTP/{version}", "Host: e.com", *lines]) + "\r\n\r\n"
+    raw = head_text.encode("latin-1")
+    kind, value = _outcome(raw, None)
+    origin_raw = raw.replace(b"http://e.com/", b"/", 1)
+    # The interception pipeline (origin-form requests) applies exactly the same framing rules.
+    assert _outcome(origin_raw, ORIGIN_CTX) == (kind, value)
+    if kind == "error":
+        assert value == 400
+        return
+    head, n = parse_request_head(raw)  # type: ignore[misc]
+    assert b"\r\n folded" not in raw[:n]  # an obs-fold inside a head is never accepted
+    chunked, length = value  # type: ignore[misc]
+    # From the fields as parsed (a generated CR LF CR LF may have ended the head early).
+    cls = [v for k, v in head.headers if k.lower() == "content-length"]
+    tes = [v for k, v in head.headers if k.lower() == "transfer-encoding"]
+    if chunked:
+        assert version == "1.1" and not cls and len(tes) == 1 and tes[0].strip(" \t").lower() == "chunked"
+        assert length is None
+    elif cls:
+        assert not tes and len(cls) == 1 and re.fullmatch(r"[0-9]{1,18}", cls[0].strip(" \t"))
+        assert length == int(cls[0])
+    else:
+        assert not tes and length is None
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=12), st.binary(max_size=24))
+def test_fuzz_header_bytes_never_pass_control_characters(name: bytes, value: bytes) -> None:
+    raw = b"GET http://e.com/ HTTP/1.1\r\nHost: e.com\r\n" + name + b": " + value + b"\r\n\r\n"
+    for origin in (None, ORIGIN_CTX):
+        target_raw = raw if origin is None else raw.replace(b"http://e.com/", b"/", 1)
+        try:
+            got = parse_request_head(target_raw, origin=origin)
+        except HttpError as exc:
+            assert exc.status in (400, 431)
+            continue
+        if got is None:
+            continue  # the generated bytes made the head look unfinished (e.g. an early blank line)
+        for k, v in got[0].headers:
+            assert _TOKEN_CHARS.fullmatch(k), k
+            assert not re.search(r"[\x00\r\n]", v), v
+            assert v == v.strip(" \t")
 
 
 # --- round trips of generated valid messages

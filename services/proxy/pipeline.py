@@ -1,0 +1,278 @@
+"""What every proxied HTTP request goes through, whichever way it came in (SPEC §7): the
+credential-substitution hook, the transaction record built while the request streams, and the
+recording relay for WebSocket upgrades (and other byte streams the proxy must watch).
+
+Both the HTTP forward proxy (`listeners.py`, absolute-URI `http://` requests) and interception
+(`mitm.py`, requests inside a CONNECT / SOCKS5 tunnel) use these, so a transaction record has one
+shape and one code path. Hot-path rule: per body chunk only a capped append (or a size count for
+bodies that are never stored); decoding and serialising of bodies happens off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+
+from bus.journal import JournalWriter
+from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
+from greyproxy.policy.patterns import normalise_host
+from greyproxy.redaction import Redactor, extra_patterns
+
+from . import http1
+from .conn import ConnClosed
+from .wsframes import OP_TEXT, FrameParser, Message, MessageAssembler, WsProtocolError, deflate_negotiated
+
+__all__ = ["INLINE_DECODE_MAX", "Recorder", "Stream", "Txn", "base_record", "relay", "substitute_credentials"]
+
+log = logging.getLogger("greyproxy.capture")
+
+# Bodies up to this size with no content-coding are turned into text on the event loop (a UTF-8
+# decode of a few KiB costs less than the hop to a worker thread); anything else goes to a worker.
+INLINE_DECODE_MAX = 16 * 1024
+
+# Pure functions of values that repeat (hosts, content types): cached, bounded.
+_dest_host = functools.lru_cache(maxsize=4096)(normalise_host)
+_text_like = functools.lru_cache(maxsize=1024)(is_text_like)
+
+Body = tuple[bytes, "str | None", "str | None"]  # (captured bytes, content type, content encoding)
+
+
+class Stream(Protocol):
+    """What the pipeline needs from a connection: a plain `Conn` or a `TlsStream`."""
+
+    buf: bytearray
+    eof: bool
+
+    @property
+    def closed(self) -> bool: ...
+    async def read_more(self, timeout: float | None = None) -> bool: ...
+    def take(self, n: int | None = None) -> bytes: ...
+    def write(self, data: bytes) -> None: ...
+    async def drain(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def substitute_credentials(head: http1.RequestHead, container: str) -> list[str]:
+    """Hook point for credential substitution (SPEC §11, a later capability): replace placeholder
+    credentials in header values and query values just before the request goes upstream, and
+    return the labels used (stored as `substituted_credentials`). No-op until then."""
+    return []
+
+
+class Recorder:
+    """Builds transaction records and hands them to the journal (`transaction`), headers redacted.
+
+    One per proxy process, shared by the forward proxy and interception. `redactedHeaders` is
+    followed through `settings_changed`.
+    """
+
+    def __init__(self, journal: JournalWriter, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.journal = journal
+        self.max_body = max_body
+        self.redactor = Redactor()
+        self.counts: Counter[str] = Counter()
+
+    def settings_changed(self, values: dict[str, Any]) -> None:
+        self.redactor = Redactor(extra_patterns(values.get("redactedHeaders")))
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def txn(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
+            rule_id: int | None = None) -> Txn:
+        return Txn(self, container, scheme, host, port, head, rule_id)
+
+    def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None) -> None:
+        """Journal the record; bodies become text inline when small and plain, else in a worker thread
+        (which also serialises the record, so a 2 MiB body is never dumped on the event loop)."""
+        self.counts["transactions"] += 1
+        limit = self.max_body
+        if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and \
+                (resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])):
+            if req is not None:
+                rec["request_body"] = stored_body(*req, limit=limit)
+            if resp is not None:
+                rec["response_body"] = stored_body(*resp, limit=limit)
+            self.journal.append("transaction", rec)
+            return
+
+        def decode() -> orjson.Fragment:
+            if req is not None:
+                rec["request_body"] = stored_body(*req, limit=limit)
+            if resp is not None:
+                rec["response_body"] = stored_body(*resp, limit=limit)
+            return orjson.Fragment(orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS))
+
+        fut = asyncio.get_running_loop().run_in_executor(None, decode)
+
+        def done(f: asyncio.Future) -> None:
+            try:
+                self.journal.append("transaction", f.result())
+            except Exception:
+                log.exception("could not build a transaction record")
+
+        fut.add_done_callback(done)
+
+    # -- WebSocket --
+    def websocket(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
+                  resp: http1.ResponseHead, rule_id: int | None
+                  ) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
+        """Observers for `relay` (client→server, server→client): each data message is recorded as a
+        WS_REQ / WS_RESP transaction. Broken framing stops the recording of that direction only."""
+        deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
+        url = f"{'wss' if scheme == 'https' else 'ws'}://{head.authority}{head.path}"
+        dest = head.host or host
+
+        def observer(method: str) -> Callable[[bytes], None]:
+            parser, asm = FrameParser(self.max_body), MessageAssembler(deflate, self.max_body)
+            broken = False
+
+            def see(data: bytes) -> None:
+                nonlocal broken
+                if broken:
+                    return
+                try:
+                    for frame in parser.feed(data):
+                        msg = asm.feed(frame)
+                        if msg is not None:
+                            self._record_ws(container, dest, port, method, url, rule_id, msg)
+                except WsProtocolError as exc:
+                    broken = True  # stop recording this direction; relaying goes on
+                    log.info("websocket %s: not recording %s any more: %s", url, method, exc)
+
+            return see
+
+        return observer("WS_REQ"), observer("WS_RESP")
+
+    def _record_ws(self, container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
+                   msg: Message) -> None:
+        text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
+        size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
+        side = "request" if method == "WS_REQ" else "response"
+        rec = base_record(container, host, port, method, url, rule_id)
+        rec.update({f"{side}_body": text, f"{side}_body_size": size})
+        self.counts["ws_messages"] += 1
+        self.journal.append("transaction", rec)
+
+
+class Txn:
+    """The record of one request being built while it streams; `finish` sends it (once)."""
+
+    __slots__ = ("recorder", "container", "scheme", "host", "port", "head", "t0", "p0", "req", "resp", "rule_id",
+                 "substituted", "done")
+
+    def __init__(self, recorder: Recorder, container: str, scheme: str, host: str, port: int,
+                 head: http1.RequestHead, rule_id: int | None = None) -> None:
+        self.recorder, self.container, self.scheme, self.head = recorder, container, scheme, head
+        self.host, self.port = head.host or host, port
+        self.t0, self.p0 = time.time(), time.perf_counter()
+        self.req: BodyCapture | None = None
+        self.resp: BodyCapture | None = None
+        self.rule_id = rule_id
+        self.substituted: list[str] = []
+        self.done = False
+
+    def _capture(self, content_type: str | None) -> BodyCapture:
+        # A body that will not be stored (binary) is only counted: no copy at all.
+        return BodyCapture(self.recorder.max_body if _text_like(content_type) else 0)
+
+    def req_sink(self) -> Callable[[bytes | memoryview], None]:
+        """The `BodyReader` sink for the request body."""
+        self.req = cap = self._capture(self.head.header("content-type"))
+        return cap.add
+
+    def resp_sink(self, resp: http1.ResponseHead) -> Callable[[bytes | memoryview], None]:
+        """The `BodyReader` sink for the (final) response's body."""
+        self.resp = cap = self._capture(resp.header("content-type"))
+        return cap.add
+
+    def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
+               result: str = "allowed") -> None:
+        if self.done:
+            return
+        self.done = True
+        head, redactor = self.head, self.recorder.redactor
+        req, rcap = self.req, self.resp
+        req_ct = head.header("content-type")
+        resp_ct = resp.header("content-type") if resp is not None else None
+        rec = {
+            "timestamp": self.t0, "container_name": self.container,
+            "destination_host": _dest_host(self.host), "destination_port": self.port,
+            "method": head.method, "url": f"{self.scheme}://{head.authority}{head.path}",
+            "request_headers": redactor.headers(head.headers), "request_body": None,
+            "request_body_size": req.size if req is not None else 0, "request_content_type": req_ct,
+            "status_code": resp.status if resp is not None else status,
+            "response_headers": redactor.headers(resp.headers) if resp is not None else {},
+            "response_body": None, "response_body_size": rcap.size if rcap is not None else 0,
+            "response_content_type": resp_ct,
+            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3), "rule_id": self.rule_id,
+            "result": result, "conversation_id": None, "substituted_credentials": self.substituted,
+            "session_id": None,
+        }
+        req_body = (bytes(req.data), req_ct, head.header("content-encoding")) if req is not None and req.data else None
+        resp_body = None
+        if resp is not None and rcap is not None and rcap.data:
+            resp_body = (bytes(rcap.data), resp_ct, resp.header("content-encoding"))
+        self.recorder.submit(rec, req_body, resp_body)
+
+
+def base_record(container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
+                ts: float | None = None) -> dict[str, Any]:
+    """A transaction record with every column, nothing exchanged yet."""
+    return {
+        "timestamp": ts if ts is not None else time.time(), "container_name": container,
+        "destination_host": _dest_host(host), "destination_port": port, "method": method,
+        "url": url, "request_headers": {}, "request_body": None, "request_body_size": 0,
+        "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
+        "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
+        "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
+    }
+
+
+async def relay(a: Stream, b: Stream, idle: float, see_ab: Callable[[bytes], None] | None = None,
+                see_ba: Callable[[bytes], None] | None = None) -> None:
+    """Copy both ways until either side ends, or until nothing has passed in EITHER direction for
+    `idle` seconds (a long one-way stream lives on); then both are closed. `see_*` get each chunk."""
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]  # when a byte last passed, either way
+
+    async def pump(src: Stream, dst: Stream, see: Callable[[bytes], None] | None) -> None:
+        while True:
+            if src.buf:
+                data = src.take()
+                last[0] = loop.time()
+                dst.write(data)
+                if see is not None:
+                    see(data)
+                await dst.drain()
+            if not await src.read_more() and not src.buf:
+                return
+
+    tasks = [asyncio.ensure_future(pump(a, b, see_ab)), asyncio.ensure_future(pump(b, a, see_ba))]
+    try:
+        while True:
+            remaining = last[0] + idle - loop.time()
+            if remaining <= 0:
+                log.info("closing a relay idle both ways for %.0f s", loop.time() - last[0])
+                return
+            done, _ = await asyncio.wait(tasks, timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return
+    finally:
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, ConnClosed, ConnectionError):
+                pass
+        a.close()
+        b.close()

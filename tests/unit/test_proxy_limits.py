@@ -1,0 +1,303 @@
+"""The proxy's connection plumbing without sockets: Conn reads, head deadlines, tunnel idleness, caps.
+
+A fake transport stands in for the socket; bytes are fed with `data_received` on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from services.proxy import http1
+from services.proxy.conn import Conn
+from services.proxy.listeners import (
+    CAP_OVERALL,
+    CAP_PER_CLIENT,
+    ClientConn,
+    Limits,
+    ProxyContext,
+    _IdleWatch,
+    _read_head,
+)
+
+
+class FakeTransport:
+    def __init__(self, conn: Conn | None = None, peer: tuple[str, int] = ("10.0.0.1", 5555)) -> None:
+        self.conn = conn
+        self.peer = peer
+        self.written = bytearray()
+        self.closing = False
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.peer if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            if self.conn is not None:
+                asyncio.get_running_loop().call_soon(self.conn.connection_lost, None)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+def make_conn() -> Conn:
+    c = Conn()
+    c.connection_made(FakeTransport(c))  # type: ignore[arg-type]
+    return c
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------- Conn.read_more
+
+
+def test_cancelled_reader_does_not_clear_a_newer_readers_waiter() -> None:
+    async def main() -> None:
+        c = make_conn()
+        old = asyncio.ensure_future(c.read_more())
+        await asyncio.sleep(0)
+        new = asyncio.ensure_future(c.read_more())  # replaces the waiter while `old` still waits
+        await asyncio.sleep(0)
+        old.cancel()  # its cleanup now runs after `new` set its waiter
+        await asyncio.gather(old, return_exceptions=True)
+        c.data_received(b"x")
+        assert await asyncio.wait_for(new, 1.0) is True
+
+    run(main())
+
+
+def test_timed_out_reader_does_not_clear_a_newer_readers_waiter() -> None:
+    async def main() -> None:
+        c = make_conn()
+        old = asyncio.ensure_future(c.read_more(0.05))
+        await asyncio.sleep(0)
+        new = asyncio.ensure_future(c.read_more(5))
+        await asyncio.sleep(0)
+        with pytest.raises(asyncio.TimeoutError):
+            await old
+        c.data_received(b"y")
+        assert await asyncio.wait_for(new, 1.0) is True
+
+    run(main())
+
+
+def test_read_more_timeout_is_a_deadline_across_empty_wakeups() -> None:
+    async def main() -> None:
+        c = make_conn()
+        loop = asyncio.get_running_loop()
+        for i in range(1, 8):  # wakeups without data must not restart the timeout
+            loop.call_later(0.05 * i, c._wake)
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await c.read_more(0.2)
+        assert loop.time() - t0 < 0.35
+
+    run(main())
+
+
+def test_read_more_false_on_eof() -> None:
+    async def main() -> None:
+        c = make_conn()
+        asyncio.get_running_loop().call_later(0.01, c.eof_received)
+        assert await c.read_more(1) is False
+
+    run(main())
+
+
+# ---------------------------------------------------------------- head deadlines
+
+LIMITS = Limits(header_timeout=0.3, idle_timeout=1.0)
+REQUEST = b"GET http://e.com/ HTTP/1.1\r\nHost: e.com\r\n\r\n"
+
+
+def parse(buf: bytes):  # noqa: ANN201
+    return http1.parse_request_head(buf)
+
+
+def drip(c: Conn, data: bytes, every: float, start: float = 0.0) -> None:
+    loop = asyncio.get_running_loop()
+    for i, ch in enumerate(data):
+        loop.call_later(start + every * i, c.data_received, bytes([ch]))
+
+
+def test_first_request_deadline_counts_from_the_start() -> None:
+    async def main() -> None:
+        c = make_conn()
+        drip(c, REQUEST, 0.05)  # a slow loris: 40+ bytes at 20/s needs 2 s
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await _read_head(c, LIMITS, parse, None)
+        assert 0.25 <= loop.time() - t0 < 0.5
+
+    run(main())
+
+
+def test_next_request_may_start_late_but_its_deadline_runs_from_the_first_byte() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        c = make_conn()
+        loop.call_later(0.6, c.data_received, REQUEST)  # later than the header deadline, within idle
+        head, n = await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+        assert head.host == "e.com" and n == len(REQUEST)
+
+        c = make_conn()
+        drip(c, REQUEST, 0.05, start=0.5)  # starts late, then too slow
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+        assert 0.75 <= loop.time() - t0 < 1.0
+
+        c = make_conn()  # nothing at all: the idle timeout
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+        assert 0.95 <= loop.time() - t0 < 1.2
+
+    run(main())
+
+
+def test_pipelined_bytes_start_the_header_deadline_at_once() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        c = make_conn()
+        c.data_received(REQUEST[:10])
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+        assert loop.time() - t0 < 0.45
+
+    run(main())
+
+
+def test_read_head_errors_and_clean_close() -> None:
+    async def main() -> None:
+        c = make_conn()
+        asyncio.get_running_loop().call_later(0.01, c.eof_received)
+        assert await _read_head(c, LIMITS, parse, None) is None
+        c = make_conn()
+        c.data_received(REQUEST[:10])
+        asyncio.get_running_loop().call_later(0.01, c.eof_received)
+        with pytest.raises(http1.HttpError):
+            await _read_head(c, LIMITS, parse, None)
+
+    run(main())
+
+
+# ---------------------------------------------------------------- tunnel idleness
+
+
+def test_idle_watch_closes_a_quiet_tunnel_and_spares_a_busy_one() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = make_conn(), make_conn()
+        t0 = loop.time()
+        watch = _IdleWatch(a, b, 0.4, t0)
+        await asyncio.wait_for(a.wait_closed(), 2)
+        await asyncio.wait_for(b.wait_closed(), 2)
+        assert 0.4 <= loop.time() - t0 < 0.7
+        watch.cancel()
+
+        a, b = make_conn(), make_conn()
+        watch = _IdleWatch(a, b, 0.4, loop.time())
+        for i in range(10):  # a byte every 0.1 s for a second: never idle
+            await asyncio.sleep(0.1)
+            (a if i % 2 else b).data_received(b"z")
+        assert not a.closed and not b.closed
+        watch.cancel()
+        await asyncio.sleep(0.6)
+        assert not a.closed  # a cancelled watch does nothing
+
+    run(main())
+
+
+# ---------------------------------------------------------------- connection caps
+
+
+async def _noop(conn: ClientConn) -> None:
+    await asyncio.sleep(3600)
+
+
+def _accept(ctx: ProxyContext, ip: str = "10.0.0.1") -> tuple[ClientConn, FakeTransport]:
+    c = ClientConn(ctx, _noop)
+    t = FakeTransport(c, (ip, 1234))
+    c.connection_made(t)  # type: ignore[arg-type]
+    return c, t
+
+
+def test_per_client_cap_counts_identities_not_addresses() -> None:
+    async def main() -> None:
+        ctx = ProxyContext(gate=None, limits=Limits(max_connections=100, max_per_client=2))  # type: ignore[arg-type]
+        conns = [_accept(ctx)[0] for _ in range(5)]
+        await asyncio.sleep(0)  # the handler tasks start (a task cancelled before it ran skips its cleanup)
+        assert ctx.active == 5 and ctx.per_client == {}  # not counted for anyone until identified
+        assert conns[0].claim("alice") is None
+        assert conns[1].claim("alice") is None
+        assert conns[2].claim("alice") == CAP_PER_CLIENT
+        assert conns[2].claim("bob") is None  # same address, another identity: fine
+        assert conns[0].claim("alice") is None  # the next request of a counted connection
+        assert ctx.per_client == {"alice": 2, "bob": 1}
+        assert conns[3].claim("unknown-10.0.0.1") is None
+        # Moving to another identity releases the old one.
+        assert conns[1].claim("carol") is None
+        assert ctx.per_client == {"alice": 1, "bob": 1, "carol": 1, "unknown-10.0.0.1": 1}
+        for c in conns:
+            c.task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(*(c.task for c in conns), return_exceptions=True)
+        assert ctx.active == 0 and ctx.per_client == {}
+        assert ctx.refused == {CAP_OVERALL: 0, CAP_PER_CLIENT: 1}
+
+    run(main())
+
+
+def test_overall_cap_refuses_in_protocol_then_drops_past_the_margin() -> None:
+    async def main() -> None:
+        ctx = ProxyContext(gate=None, limits=Limits(max_connections=3, max_per_client=10))  # type: ignore[arg-type]
+        ok = [_accept(ctx)[0] for _ in range(3)]
+        assert all(c.claim(f"id{i}") is None for i, c in enumerate(ok))
+        over, t = _accept(ctx)
+        assert over.task is not None and not t.aborted  # read, so it can be told why
+        assert over.claim("late") == CAP_OVERALL
+        extra = [_accept(ctx) for _ in range(63)]  # the margin: max(64, 3 // 10) past the cap
+        assert all(not tr.aborted for _, tr in extra)
+        dropped, t = _accept(ctx)
+        assert t.aborted and dropped.task is None
+        assert ctx.active == 3 + 1 + 63
+        everyone = [*ok, over, *(c for c, _ in extra)]
+        await asyncio.sleep(0)
+        for c in everyone:
+            c.task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(*(c.task for c in everyone), return_exceptions=True)
+        assert ctx.active == 0
+        fresh, _ = _accept(ctx)
+        await asyncio.sleep(0)
+        assert fresh.claim("late") is None  # under the cap again
+        fresh.task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(fresh.task, return_exceptions=True)
+
+    run(main())
