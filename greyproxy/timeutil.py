@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime, timezone
 
 
+_last: tuple[int, str] = (-1, "")  # the last second formatted: records come in runs of the same second
+
+
 def rfc3339(epoch: float | None) -> str | None:
+    global _last
     if epoch is None:
         return None
-    return datetime.fromtimestamp(epoch, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    sec = math.floor(epoch)
+    if round((epoch - sec) * 1e6) >= 1_000_000:
+        sec += 1  # datetime rounds to the microsecond, which can carry into the next second
+    last = _last
+    if last[0] == sec:
+        return last[1]
+    d = datetime.fromtimestamp(sec, timezone.utc)
+    # Not strftime("%Y"): glibc does not pad years below 1000 to four digits.
+    text = f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}Z"
+    _last = (sec, text)
+    return text
 
 
 def parse_time(value: str) -> float:
@@ -25,7 +40,15 @@ def parse_time(value: str) -> float:
         raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return dt.timestamp()
+    ts = dt.timestamp()
+    # An offset can push year 1 or 9999 out of range in UTC, where rfc3339() could not show it back.
+    if not _MIN_TS <= ts <= _MAX_TS:
+        raise ValueError(f"timestamp out of range (years 1 to 9999 UTC): {value!r}")
+    return ts
+
+
+_MIN_TS = datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()
+_MAX_TS = datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()
 
 
 def now() -> float:

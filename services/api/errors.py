@@ -1,8 +1,15 @@
-"""Errors rendered as {"error": "..."} with a proper status."""
+"""Errors rendered as {"error": "..."} with a proper status.
+
+On a WebSocket route Falcon calls these handlers with `resp=None` and the socket as `ws`:
+there is no body to render, so the socket is closed with 3000 + the HTTP status (Falcon's
+convention; before the upgrade is accepted the server answers that with an HTTP 403).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Any
 
 import falcon
 import orjson
@@ -29,13 +36,31 @@ def not_found(message: str = "not found") -> ApiError:
     return ApiError(404, message)
 
 
-async def handle_api_error(req, resp, ex, params):  # noqa: ANN001
+WS_INTERNAL_ERROR = 1011
+
+
+def http_status_to_ws_code(status: int) -> int:
+    return 3000 + status  # Falcon's convention for an HTTP error on a socket
+
+
+async def _close_ws(ws: Any, code: int) -> None:
+    if ws is None:
+        return
+    with contextlib.suppress(Exception):  # the peer may already be gone: nothing more to tell it
+        await ws.close(code)
+
+
+async def handle_api_error(req, resp, ex, params, ws=None):  # noqa: ANN001
+    if resp is None:
+        return await _close_ws(ws, http_status_to_ws_code(ex.status_code))
     resp.status = ex.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": ex.message})
 
 
-async def handle_http_error(req, resp, ex, params):  # noqa: ANN001
+async def handle_http_error(req, resp, ex, params, ws=None):  # noqa: ANN001
+    if resp is None:
+        return await _close_ws(ws, http_status_to_ws_code(ex.status_code))
     resp.status = ex.status
     resp.content_type = falcon.MEDIA_JSON
     message = ex.description or ex.title or "error"
@@ -46,20 +71,28 @@ async def handle_http_error(req, resp, ex, params):  # noqa: ANN001
         resp.set_header(k, v)
 
 
-async def handle_unavailable(req, resp, ex, params):  # noqa: ANN001
+async def handle_unavailable(req, resp, ex, params, ws=None):  # noqa: ANN001
+    if resp is None:
+        return await _close_ws(ws, http_status_to_ws_code(503))
     resp.status = falcon.HTTP_503
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": str(ex), "service": ex.service})
 
 
-async def handle_remote(req, resp, ex, params):  # noqa: ANN001
-    resp.status = falcon.code_to_http_status(ex.status if 400 <= ex.status < 600 else 502)
+async def handle_remote(req, resp, ex, params, ws=None):  # noqa: ANN001
+    status = ex.status if 400 <= ex.status < 600 else 502
+    if resp is None:
+        return await _close_ws(ws, http_status_to_ws_code(status))
+    resp.status = falcon.code_to_http_status(status)
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": str(ex)})
 
 
-async def handle_unexpected(req, resp, ex, params):  # noqa: ANN001
-    log.exception("unhandled error on %s %s", req.method, req.path)
+async def handle_unexpected(req, resp, ex, params, ws=None):  # noqa: ANN001
+    log.error("unhandled error on %s %s", "WEBSOCKET" if resp is None else req.method, req.path,
+              exc_info=(type(ex), ex, ex.__traceback__))
+    if resp is None:
+        return await _close_ws(ws, WS_INTERNAL_ERROR)
     resp.status = falcon.HTTP_500
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": "internal error"})

@@ -3,18 +3,40 @@
 A browser page on another site can reach 127.0.0.1 too: by DNS rebinding (its own name
 resolving to loopback, so the Host header carries that name) or by a cross-site request or
 WebSocket (the Origin header names the other site). Refusing foreign Host names and foreign
-Origins closes both. The predicates here are pure, so the /ws upgrade and an HTTP middleware
-share them.
+Origins closes both. The predicates here are pure (`refusal` is the whole decision); the
+`LocalOnly` middleware at the bottom applies it to every HTTP request and WebSocket upgrade,
+and the /ws resource calls the same function again as a second line.
+
+- A Host that is not ours → 421 Misdirected Request (a rebinding page, or a request meant for
+  another server); an absent Host is refused too.
+- An Origin that is not ours → 403, whatever the method: without CORS a foreign page cannot
+  read our answers anyway, so nothing legitimate is lost, and it cannot even make us work.
+- A state-changing request (and a WebSocket upgrade, which can send commands) that the
+  browser marks `Sec-Fetch-Site: cross-site` → 403, even when its Origin is a loopback one:
+  a page on http://127.0.0.1:3000 is another *site* than http://localhost:43080.
+- No Origin at all (curl, scripts, SDKs) is fine: only browsers send it, and they always do
+  on cross-origin requests that could change state.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import logging
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
+
+log = logging.getLogger("greyproxy.api")
 
 LOCAL_NAMES = frozenset({"localhost"})
 ORIGIN_SCHEMES = frozenset({"http", "https", "ws", "wss"})
+# Methods that may change state; WEBSOCKET stands for an upgrade (the socket takes commands).
+STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE", "WEBSOCKET"})
+MISDIRECTED = 421
+FORBIDDEN = 403
+LOG_EVERY = 10.0  # seconds between two log lines for refusals of one kind (a hostile page may loop)
 
 
 def split_host(value: str) -> str | None:
@@ -39,6 +61,19 @@ def split_host(value: str) -> str | None:
     elif not port.isdigit() or not host or ":" in host:
         return None  # an unbracketed IPv6 literal or a bad port
     return host.lower().rstrip(".") or None
+
+
+def configured_hosts(cfg: Any) -> list[str]:
+    """greyproxy.allowedHosts, plus the API's own bind address when it is a specific one.
+
+    An IP literal cannot be rebound, and the CLI calls the API at its bind address
+    (`--host 192.168.1.5` must not lock `greyproxy cert reload` out).
+    """
+    names = [str(n) for n in (cfg.section("greyproxy").get("allowedHosts") or [])]
+    bind = getattr(getattr(cfg, "api", None), "host", "") or ""
+    if bind not in ("", "0.0.0.0", "::") and not is_local_host(bind.lower()):
+        names.append(bind)
+    return names
 
 
 def normalize_allowed(names: Iterable[str]) -> frozenset[str]:
@@ -100,6 +135,62 @@ def origin_allowed(origin: str | None, allowed: frozenset[str] = frozenset()) ->
 def request_allowed(host: str | None, origin: str | None, allowed: frozenset[str] = frozenset()) -> bool:
     """The whole check for one request or WebSocket upgrade."""
     return host_allowed(host, allowed) and origin_allowed(origin, allowed)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int  # MISDIRECTED or FORBIDDEN
+    message: str
+    kind: str  # "host" | "origin" | "fetch-site": what was wrong, for logs and tests
+
+
+def _shown(value: str | None) -> str:
+    return "(none)" if value is None else repr(value[:100])
+
+
+def refusal(method: str, host: str | None, origin: str | None, fetch_site: str | None = None,
+            allowed: frozenset[str] = frozenset()) -> Refusal | None:
+    """Why this request (method "WEBSOCKET" for an upgrade) must be refused; None when it may pass."""
+    if not host_allowed(host, allowed):
+        return Refusal(MISDIRECTED, f"misdirected request: this API does not answer for Host {_shown(host)};"
+                                    " use localhost, a loopback IP or a name in greyproxy.allowedHosts", "host")
+    if not origin_allowed(origin, allowed):
+        return Refusal(FORBIDDEN, f"cross-origin request refused: Origin {_shown(origin)} is not this machine", "origin")
+    if method.upper() in STATE_CHANGING and (fetch_site or "").strip().lower() == "cross-site":
+        return Refusal(FORBIDDEN, "cross-site request refused (Sec-Fetch-Site: cross-site)", "fetch-site")
+    return None
+
+
+class LocalOnly:
+    """Falcon middleware: every HTTP request and WebSocket upgrade must pass `refusal` first.
+
+    It runs before routing, so unknown paths are covered too. A refused HTTP request gets the
+    status and `{"error": ...}`; a refused upgrade is closed (code 3000 + status) before it is
+    accepted, which uvicorn answers with an HTTP 403 whatever the status was.
+    """
+
+    def __init__(self, allowed_hosts: Iterable[str] = ()) -> None:
+        self.allowed = normalize_allowed(allowed_hosts)
+        self._logged: dict[str, float] = {}
+
+    def check(self, req: Any, method: str) -> None:
+        r = refusal(method, req.get_header("Host"), req.get_header("Origin"), req.get_header("Sec-Fetch-Site"),
+                    self.allowed)
+        if r is None:
+            return
+        now = time.monotonic()
+        if now - self._logged.get(r.kind, -LOG_EVERY) >= LOG_EVERY:
+            self._logged[r.kind] = now
+            log.warning("refused %s %s from %s: %s", method, req.path, req.remote_addr, r.message)
+        from .errors import ApiError  # late: errors imports the bus client, origin stays importable alone
+
+        raise ApiError(r.status, r.message)
+
+    async def process_request(self, req: Any, resp: Any) -> None:
+        self.check(req, req.method)
+
+    async def process_request_ws(self, req: Any, ws: Any) -> None:
+        self.check(req, "WEBSOCKET")
 
 
 def _canonical_ip(name: str) -> str | None:

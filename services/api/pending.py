@@ -187,9 +187,9 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/pending/count"), PendingCountResource(ctx))
     app.add_route(route("/api/pending/bulk-allow"), PendingBulkAllowResource(ctx))
     app.add_route(route("/api/pending/bulk-dismiss"), PendingBulkDismissResource(ctx))
-    app.add_route(route("/api/pending/{pending_id:int}"), PendingItemResource(ctx))
-    app.add_route(route("/api/pending/{pending_id:int}/allow"), PendingDecisionResource(ctx, "allow"))
-    app.add_route(route("/api/pending/{pending_id:int}/deny"), PendingDecisionResource(ctx, "deny"))
+    app.add_route(route("/api/pending/{pending_id:id}"), PendingItemResource(ctx))
+    app.add_route(route("/api/pending/{pending_id:id}/allow"), PendingDecisionResource(ctx, "allow"))
+    app.add_route(route("/api/pending/{pending_id:id}/deny"), PendingDecisionResource(ctx, "deny"))
 
 
 ROUTE_PROVIDERS.append(register)

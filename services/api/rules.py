@@ -249,7 +249,7 @@ class RulesIngestResource:
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/rules"), RulesResource(ctx))
     app.add_route(route("/api/rules/ingest"), RulesIngestResource(ctx))
-    app.add_route(route("/api/rules/{rule_id:int}"), RuleResource(ctx))
+    app.add_route(route("/api/rules/{rule_id:id}"), RuleResource(ctx))
 
 
 ROUTE_PROVIDERS.append(register)

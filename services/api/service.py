@@ -54,7 +54,7 @@ async def main(rt: ServiceRuntime) -> None:
     app = create_app(ctx)
     server = _Server(uvicorn.Config(
         app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off",
-        log_level="warning", access_log=False, ws="websockets", ws_ping_interval=20, ws_ping_timeout=20,
+        log_level="warning", access_log=False, ws="websockets-sansio", ws_ping_interval=20, ws_ping_timeout=20,
         timeout_keep_alive=30, server_header=False, date_header=False,
     ))
     tracker = asyncio.create_task(track_heartbeats(ctx))

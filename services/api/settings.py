@@ -10,6 +10,7 @@ import falcon
 import falcon.asgi
 
 from bus import topics
+from greyproxy.redaction import DEFAULT_REDACTED_HEADERS  # one list: what the proxy applies is what we show
 
 from . import store_ops
 from .app import ROUTE_PROVIDERS
@@ -19,8 +20,6 @@ from .notify import detect_backend
 from .util import json_response, read_json
 
 THEMES = ("system", "light", "dark")
-DEFAULT_REDACTED_HEADERS = ("Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*",
-                            "*token*", "*secret*")
 BOOLEAN_KEYS = ("notificationsEnabled", "mitmEnabled", "conversationsEnabled", "logDnsQueries")
 BOOLEAN_DEFAULTS = {"notificationsEnabled": True, "mitmEnabled": True, "conversationsEnabled": True,
                     "logDnsQueries": False}

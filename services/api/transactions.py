@@ -125,7 +125,7 @@ class TransactionResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/transactions"), TransactionsResource(ctx))
-    app.add_route(route("/api/transactions/{tid:int}"), TransactionResource(ctx))
+    app.add_route(route("/api/transactions/{tid:id}"), TransactionResource(ctx))
 
 
 ROUTE_PROVIDERS.append(register)

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import falcon
+import falcon.routing
 import orjson
 
 from bus.reqrep import ControlClient, RemoteError, ServiceUnavailable
@@ -14,8 +15,22 @@ from greyproxy.timeutil import parse_time
 from .errors import bad_request
 
 MAX_BODY = 4 * 1024 * 1024
+MAX_ID = 2**63 - 1  # SQLite's INTEGER range: a bigger number cannot even be looked up
 
 log = logging.getLogger("greyproxy.api")
+
+
+class IdConverter(falcon.routing.BaseConverter):
+    """Route converter `{name:id}`: a row id, decimal digits only, 1 to 2**63-1.
+
+    Anything else ('-1', '1e3', '+1', a number SQLite cannot hold) matches no route: 404.
+    """
+
+    def convert(self, value: str) -> int | None:
+        if not value.isascii() or not value.isdigit() or len(value) > 19:
+            return None
+        number = int(value)
+        return number if 1 <= number <= MAX_ID else None
 
 
 async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type | tuple = dict) -> Any:
@@ -125,6 +140,8 @@ def id_list_field(body: dict[str, Any], name: str, max_items: int = 10_000) -> l
     for i, item in enumerate(value):
         if isinstance(item, bool) or not isinstance(item, int):
             raise bad_request(f"{name}[{i}] must be an integer id, not {_kind(item)}")
+        if not 1 <= item <= MAX_ID:  # no row has it, and SQLite cannot even bind a bigger one
+            raise bad_request(f"{name}[{i}] must be an id from 1 to {MAX_ID}, not {item}")
         out[item] = None
     return list(out)
 

@@ -30,6 +30,7 @@ from . import origin, pending
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import ApiError
+from .util import MAX_ID
 
 log = logging.getLogger("greyproxy.api.ws")
 
@@ -317,6 +318,8 @@ def _pending_id(msg: dict[str, Any]) -> int:
     pid = msg.get("pending_id")
     if isinstance(pid, bool) or not isinstance(pid, int):
         raise ApiError(400, "pending_id must be an integer")
+    if not 1 <= pid <= MAX_ID:  # no row has it (and SQLite could not even look a bigger one up)
+        raise ApiError(404, f"pending request {pid} not found")
     return pid
 
 
@@ -440,10 +443,18 @@ class WebSocketResource:
         self.hub = hub
         self.allowed = origin.normalize_allowed(allowed_hosts)
 
+    async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        """A plain HTTP GET (no upgrade): say what this route is instead of a bare 405."""
+        raise falcon.HTTPError(falcon.HTTP_426, description="this is a WebSocket endpoint: connect with an"
+                               " Upgrade: websocket request", headers={"Upgrade": "websocket"})
+
     async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
-        host, org = req.get_header("Host"), req.get_header("Origin")
-        if not origin.request_allowed(host, org, self.allowed):
-            log.warning("ws: refused upgrade from %s (Host %r, Origin %r)", req.remote_addr, host, org)
+        # The LocalOnly middleware has refused foreign Hosts and Origins already; the same check
+        # again here keeps this resource safe in an app built without it.
+        refused = origin.refusal("WEBSOCKET", req.get_header("Host"), req.get_header("Origin"),
+                                 req.get_header("Sec-Fetch-Site"), self.allowed)
+        if refused is not None:
+            log.warning("ws: refused upgrade from %s: %s", req.remote_addr, refused.message)
             await ws.close(CLOSE_FORBIDDEN)  # before accept: the client gets HTTP 403
             return
         await ws.accept()
@@ -480,8 +491,7 @@ async def run_bridge(ctx: ApiContext) -> None:
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
-    allowed = ctx.cfg.section("greyproxy").get("allowedHosts") or []
-    app.add_route(route("/ws"), WebSocketResource(hub_of(ctx), allowed))
+    app.add_route(route("/ws"), WebSocketResource(hub_of(ctx), origin.configured_hosts(ctx.cfg)))
 
 
 ROUTE_PROVIDERS.append(register)

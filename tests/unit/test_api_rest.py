@@ -140,6 +140,15 @@ class FakeProxy:
         self._thread.join(5)
 
 
+class LocalTestClient(falcon.testing.TestClient):
+    """Requests as a local client sends them: Host localhost (Falcon's default Host is a foreign name,
+    which the API's LocalOnly middleware answers with 421)."""
+
+    def simulate_request(self, *args: Any, **kwargs: Any) -> falcon.testing.Result:
+        kwargs.setdefault("host", "localhost")
+        return super().simulate_request(*args, **kwargs)
+
+
 class Api:
     """The app plus its world: database, captured events, and (optionally) a live fake proxy."""
 
@@ -159,7 +168,7 @@ class Api:
             recorder=ControlClient(f"ipc://{sock_dir}/nobody-r", "recorder", timeout=0.05, retries=1),
             maintenance=ControlClient(f"ipc://{sock_dir}/nobody-m", "maintenance", timeout=0.05, retries=1),
         )
-        self.client = falcon.testing.TestClient(create_app(self.ctx))
+        self.client = LocalTestClient(create_app(self.ctx))
         self.prefix = prefix.rstrip("/")
         self._warm_up()
 
@@ -852,6 +861,39 @@ def test_logs_list_filters_summary_and_pages(api):
     paged = api.get("/api/logs", limit=2, offset=2).json
     assert (paged["total"], paged["page"], paged["pages"], len(paged["items"])) == (3, 2, 2, 1)
     assert api.get("/api/logs", container="nobody").json == {"items": [], "total": 0, "page": 1, "pages": 1}
+
+
+def test_logs_total_stays_exact_through_inserts_deletes_and_updates(api):
+    """`total` comes from trigger-kept counts when only container/result filter: it must equal COUNT(*)."""
+    now = time.time()
+    for i in range(60):
+        api.add_log(now - i, f"c{i % 3}", f"h{i % 7}.com", 443, "allowed" if i % 4 else "blocked")
+
+    def check() -> None:
+        for params in ({}, {"container": "c1"}, {"result": "blocked"}, {"container": "c2", "result": "allowed"},
+                       {"container": "nobody"}, {"destination": "h3"}, {"from_date": rfc3339(now - 30)}):
+            where, args = ["1 = 1"], []
+            for key, col in (("container", "container_name"), ("result", "result")):
+                if key in params:
+                    where.append(f"{col} = ?")
+                    args.append(params[key])
+            if "destination" in params:
+                where.append("destination_host LIKE ?")
+                args.append(f"%{params['destination']}%")
+            if "from_date" in params:
+                where.append("timestamp >= ?")
+                args.append(parse_time(params["from_date"]))
+            expected = api.sql(f"SELECT COUNT(*) FROM logs WHERE {' AND '.join(where)}", tuple(args))[0][0]
+            assert api.get("/api/logs", **params).json["total"] == expected, params
+
+    check()
+    api.sql("DELETE FROM logs WHERE container_name = 'c0' AND timestamp < ?", (now - 20,))
+    api.sql("UPDATE logs SET result = 'blocked', container_name = 'c2' WHERE container_name = 'c1' AND result = 'allowed'"
+            " AND timestamp > ?", (now - 40,))
+    check()
+    api.sql("DELETE FROM logs")
+    assert api.get("/api/logs").json["total"] == 0
+    check()
 
 
 @pytest.mark.parametrize("params, field", [
