@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -53,11 +54,12 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     hb.setsockopt(zmq.LINGER, 0)
     hb.connect(pub_endpoint)
     started = time.time()
+    host = socket.gethostname()
     seq = 0
     log.info("bus broker up: publishers -> %s, subscribers <- %s", pub_endpoint, sub_endpoint)
     while not stop.wait(heartbeat_interval):
         seq += 1
-        data = {"service": "bus", "pid": os.getpid(), "started_at": started,
+        data = {"service": "bus", "pid": os.getpid(), "host": host, "started_at": started,
                 "uptime": time.time() - started, "stats": {}}
         try:
             hb.send_multipart(message.encode(topics.SERVICE_HEARTBEAT, data, "bus", seq), zmq.NOBLOCK)

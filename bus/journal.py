@@ -3,6 +3,10 @@
 Writer: keeps records in a bounded outbox, sends them in batches (a window of batches in
 flight), forgets a batch only when the recorder acknowledges it after its commit, and
 resends everything in flight after an ack timeout on a fresh socket.
+The outbox is bounded in records and in bytes, counting what is in flight: past either bound
+the oldest unsent record is dropped (or, when everything is in flight, the new one), counted in
+`dropped` and logged. Records are serialized once, when appended, so their size is known and a
+batch stays under `batch_bytes` (a record bigger than that travels alone).
 Consumer: applies batches (the caller's function, expected to be idempotent on record id),
 then acknowledges them.
 """
@@ -26,28 +30,40 @@ import zmq.asyncio
 log = logging.getLogger("greyproxy.journal")
 
 Record = tuple[str, str, Any]  # (record id, kind, data)
+Encoded = bytes  # one record as it travels: the JSON array [record id, kind, data]
+
+_BATCH_HEAD = b'{"b":%d,"r":['
+_BATCH_TAIL = b"]}"
 
 
 class JournalWriter:
+    BATCH_WAIT = 0.003  # seconds a record may wait for company before its batch is sent
+
     def __init__(self, endpoint: str, outbox_limit: int = 200_000, batch_size: int = 500, window: int = 8,
-                 ack_timeout: float = 3.0, ctx: zmq.asyncio.Context | None = None) -> None:
+                 ack_timeout: float = 3.0, ctx: zmq.asyncio.Context | None = None,
+                 outbox_bytes: int = 256 * 1024 * 1024, batch_bytes: int = 1024 * 1024) -> None:
         self.endpoint = endpoint
         self.outbox_limit = outbox_limit
+        self.outbox_bytes = outbox_bytes
         self.batch_size = batch_size
+        self.batch_bytes = batch_bytes
         self.window = window
         self.ack_timeout = ack_timeout
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._prefix = uuid.uuid4().hex[:12] + "-"
         self._counter = itertools.count(1)
         self._batch_ids = itertools.count(1)
-        self._queue: deque[Record] = deque()
-        self._inflight: dict[int, tuple[float, list[Record]]] = {}
+        self._queue: deque[Encoded] = deque()
+        self._queued_bytes = 0
+        self._inflight: dict[int, tuple[float, list[Encoded], int]] = {}  # bid -> (sent at, records, bytes)
         self._inflight_count = 0
+        self._inflight_bytes = 0
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
         self._sock: zmq.asyncio.Socket | None = None
         self._reader: asyncio.Task | None = None
+        self._ack_wait = ack_timeout  # grows after each timeout, back to ack_timeout on an ack
         self.dropped = 0
         self.acked = 0
         self.resent = 0
@@ -55,21 +71,36 @@ class JournalWriter:
     # -- producer side (event loop thread) --
     def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
         rid = record_id or f"{self._prefix}{next(self._counter):x}"
-        if len(self._queue) + self._inflight_count >= self.outbox_limit:
-            # Bounded memory: the oldest unsent record goes, and the loss is counted and reported.
-            if self._queue:
-                self._queue.popleft()
-                self.dropped += 1
-                if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                    log.warning("journal outbox full (%d): %d records dropped", self.outbox_limit, self.dropped)
-        self._queue.append((rid, kind, data))
+        enc = orjson.dumps([rid, kind, data], option=orjson.OPT_NON_STR_KEYS)
+        # Bounded memory, in flight included: the oldest unsent records go first; when every
+        # record is in flight (nothing unsent to give up), the new one is the one dropped.
+        while self._queue and self._over(len(enc)):
+            self._queued_bytes -= len(self._queue.popleft())
+            self._note_drop()
+        if self._over(len(enc)):
+            self._note_drop()
+            return rid
+        self._queue.append(enc)
+        self._queued_bytes += len(enc)
         self._idle.clear()
         self._wake.set()
         return rid
 
+    def _over(self, extra: int) -> bool:
+        count = len(self._queue) + self._inflight_count + 1
+        size = self._queued_bytes + self._inflight_bytes + extra
+        return count > self.outbox_limit or size > self.outbox_bytes
+
+    def _note_drop(self) -> None:
+        self.dropped += 1
+        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+            log.warning("journal outbox full (%d records / %d bytes, recorder away?): %d records dropped so far",
+                        self.outbox_limit, self.outbox_bytes, self.dropped)
+
     def stats(self) -> dict[str, int]:
         return {"queued": len(self._queue), "inflight": self._inflight_count, "acked": self.acked,
-                "dropped": self.dropped, "resent": self.resent}
+                "dropped": self.dropped, "resent": self.resent,
+                "outbox_bytes": self._queued_bytes + self._inflight_bytes}
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every appended record is acknowledged (tests and shutdown)."""
@@ -90,11 +121,13 @@ class JournalWriter:
 
     def _reset(self) -> None:
         # Everything in flight goes back to the front of the queue, in order.
-        for _bid, (_t, records) in sorted(self._inflight.items(), reverse=True):
+        for _bid, (_t, records, size) in sorted(self._inflight.items(), reverse=True):
             self._queue.extendleft(reversed(records))
+            self._queued_bytes += size
             self.resent += len(records)
         self._inflight.clear()
         self._inflight_count = 0
+        self._inflight_bytes = 0
         if self._reader:
             self._reader.cancel()
         if self._sock is not None:
@@ -112,7 +145,9 @@ class JournalWriter:
             entry = self._inflight.pop(bid, None)
             if entry:
                 self._inflight_count -= len(entry[1])
+                self._inflight_bytes -= entry[2]
                 self.acked += len(entry[1])
+                self._ack_wait = self.ack_timeout
             if not self._queue and not self._inflight:
                 self._idle.set()
             self._wake.set()
@@ -131,31 +166,52 @@ class JournalWriter:
                 except TimeoutError:
                     pass
                 self._wake.clear()
+                if 0 < len(self._queue) < self.batch_size:
+                    # Let a few more records join the batch rather than sending (and having the
+                    # recorder commit) one tiny batch per request: each send wakes two processes.
+                    await asyncio.sleep(self.BATCH_WAIT)
                 if self._inflight:
-                    oldest = min(t for t, _ in self._inflight.values())
-                    if loop.time() - oldest > self.ack_timeout:
-                        log.info("journal: no ack for %.1fs, resending %d records", self.ack_timeout,
+                    oldest = min(entry[0] for entry in self._inflight.values())
+                    if loop.time() - oldest > self._ack_wait:
+                        log.info("journal: no ack for %.1fs, resending %d records", self._ack_wait,
                                  self._inflight_count)
+                        # A recorder that is alive but slow must not be buried under resends of
+                        # what it is already writing: wait longer each time until an ack comes.
+                        self._ack_wait = min(self._ack_wait * 2, max(self.ack_timeout, 30.0))
                         self._reset()
                         self._open()
         finally:
             self._reset()
 
+    def _take_batch(self) -> tuple[list[Encoded], int]:
+        """Up to batch_size records and batch_bytes bytes from the front (at least one record)."""
+        records: list[Encoded] = []
+        nbytes = 0
+        while self._queue and len(records) < self.batch_size:
+            n = len(self._queue[0])
+            if records and nbytes + n + len(records) > self.batch_bytes:
+                break
+            records.append(self._queue.popleft())
+            nbytes += n
+        self._queued_bytes -= nbytes
+        return records, nbytes
+
     def _fill(self, now: float) -> None:
         assert self._sock is not None
         while self._queue and len(self._inflight) < self.window:
-            n = min(self.batch_size, len(self._queue))
-            records = [self._queue.popleft() for _ in range(n)]
+            records, nbytes = self._take_batch()
             bid = next(self._batch_ids)
-            body = orjson.dumps({"b": bid, "r": records}, option=orjson.OPT_NON_STR_KEYS)
+            body = b"".join((_BATCH_HEAD % bid, b",".join(records), _BATCH_TAIL))
             # On a zmq.asyncio socket a NOBLOCK send resolves at once and EAGAIN (no recorder
             # connected) comes back inside the returned future rather than being raised.
             fut = self._sock.send_multipart([b"", body], zmq.NOBLOCK)
             if fut.done() and fut.exception() is not None:
                 self._queue.extendleft(reversed(records))
+                self._queued_bytes += nbytes
                 return
-            self._inflight[bid] = (now, records)
-            self._inflight_count += n
+            self._inflight[bid] = (now, records, nbytes)
+            self._inflight_count += len(records)
+            self._inflight_bytes += nbytes
 
 
 ApplyFn = Callable[[list[Record]], Any]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import logging
 import os
 import shlex
 import shutil
@@ -36,6 +37,8 @@ __all__ = [
     "ca_status", "generate_ca", "install_plan", "is_installed", "leaf_context", "load_ca", "mint_leaf",
     "uninstall_plan",
 ]
+
+log = logging.getLogger("greyproxy.certs")
 
 CA_COMMON_NAME = "Greyproxy CA"
 CERT_FILE = "ca-cert.pem"
@@ -107,6 +110,16 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         raise
 
 
+def _keep_private(path: Path) -> None:
+    """A private key readable by others (copied in, restored from a backup) is made 0600 again."""
+    try:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+            log.warning("%s was readable by others; made it 0600", path)
+    except OSError:
+        pass
+
+
 def _build_ca() -> CertAuthority:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
@@ -167,6 +180,7 @@ def load_ca(data_dir: Path | str) -> CertAuthority | None:
         raise CAError("the CA key is not an ECDSA key")
     if key.public_key().public_numbers() != cert.public_key().public_numbers():  # type: ignore[union-attr]
         raise CAError("the CA key does not match the CA certificate")
+    _keep_private(key_path)
     return CertAuthority(cert, key, cert.public_bytes(serialization.Encoding.PEM))
 
 

@@ -12,7 +12,8 @@ import yaml
 
 from . import __version__
 from .config import (
-    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, Config, ConfigError, ensure_dirs, load_config,
+    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, ENV_SUPERVISOR_PID, Config, ConfigError, ensure_dirs,
+    load_config,
 )
 
 SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
@@ -50,6 +51,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.silent_allow:
         env[ENV_SILENT_ALLOW] = "1"
     env["GREYPROXY_PYTHON"] = sys.executable
+    env[ENV_SUPERVISOR_PID] = str(os.getpid())  # execve keeps the pid: this is supervisord's
     env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
     env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)
     ports = cfg.ports()
@@ -61,16 +63,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     conf = _supervisord_conf()
+    # Private files by default (supervisord's logs, the database, sockets), inherited by every
+    # program; supervisord's own `umask` setting applies only when it daemonizes. ca-cert.pem
+    # is made 0644 explicitly.
+    os.umask(0o077)
     # exec: supervisord becomes this process, so Ctrl-C / SIGTERM reach it and it stops the group.
     os.execve(sys.executable, [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", str(conf)], env)
     return 0  # pragma: no cover
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .runtime import exit_with_parent, setup_logging
+
+    # First thing: a supervisord killed with -9 must not leave this process behind.
+    exit_with_parent()
+    os.umask(0o077)  # as under `serve`: what this process creates is its user's alone
     cfg = _load(args)
     ensure_dirs(cfg)
-    from .runtime import setup_logging
-
     setup_logging(args.service)
     for w in cfg.warnings:
         logging.getLogger("greyproxy").warning(w)

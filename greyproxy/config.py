@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import ipaddress
 import logging
 import math
 import os
@@ -25,6 +26,9 @@ ENV_CONFIG = "GREYPROXY_CONFIG"
 ENV_HOST = "GREYPROXY_HOST"
 ENV_DATA = "GREYPROXY_DATA_HOME"
 ENV_SILENT_ALLOW = "GREYPROXY_SILENT_ALLOW"
+# Set by `greyproxy serve` to its own pid, which supervisord keeps (serve execs it): the parent
+# every program it runs is expected to have (see runtime.exit_with_parent).
+ENV_SUPERVISOR_PID = "GREYPROXY_SUPERVISOR_PID"
 
 SERVICE_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
 
@@ -172,6 +176,39 @@ def parse_addr(addr: str, key: str) -> tuple[str, int]:
     if not 0 <= port <= 65535:
         raise ConfigError(f"config key {key!r}: port {port} out of range 0-65535")
     return host, port
+
+
+def _same_bind(a: str, b: str) -> bool:
+    """Whether two bind hosts collide on one port: equal, or either is a wildcard."""
+    def norm(h: str) -> str:
+        h = h.strip().lower()
+        if h == "localhost":
+            return "127.0.0.1"
+        try:
+            return str(ipaddress.ip_address(h))
+        except ValueError:
+            return h
+
+    a, b = norm(a), norm(b)
+    return a == b or a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::")
+
+
+def _check_port_conflicts(api: Listener | None, listeners: dict[str, Listener], services: list[dict]) -> None:
+    """Two of our listeners on one host:port cannot both bind: say which keys at load time."""
+    keyed: list[tuple[str, Listener]] = []
+    if api is not None and api.port:
+        keyed.append(("greyproxy.addr", api))
+    for i, svc in enumerate(services):
+        lst = listeners.get(svc["name"])
+        if lst is not None and lst.port:  # port 0 = listener off
+            keyed.append((f"services[{i}].addr", lst))
+    for i, (key_a, a) in enumerate(keyed):
+        for key_b, b in keyed[i + 1 :]:
+            if a.port == b.port and _same_bind(a.host, b.host):
+                raise ConfigError(
+                    f"config keys {key_a!r} ({a.name}) and {key_b!r} ({b.name}) both use port {a.port}"
+                    f" on {a.host if a.host == b.host else f'{a.host} and {b.host}'}"
+                )
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -324,6 +361,8 @@ def load_config(
     for i, svc in enumerate(raw["services"]):
         h, p = parse_addr(svc["addr"], f"services[{i}].addr")
         listeners[svc["name"]] = Listener(svc["name"], _bind_host(h, raw["host"], warnings, f"services[{i}].addr"), p)
+
+    _check_port_conflicts(api, listeners, raw["services"])
 
     prefix = raw["greyproxy"]["pathPrefix"].strip() or "/"
     if not prefix.startswith("/"):

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,9 +16,69 @@ from typing import Any
 from bus import topics
 from bus.pubsub import Publisher
 
-from .config import Config, ensure_dirs
+from .config import ENV_SUPERVISOR_PID, Config, ensure_dirs
 
 log = logging.getLogger("greyproxy")
+
+# "1" makes a lone `greyproxy run` exit with its parent too (supervisord's children always do).
+ENV_EXIT_WITH_PARENT = "GREYPROXY_EXIT_WITH_PARENT"
+PARENT_CHECK_EVERY = 1.0   # seconds between getppid() checks (the fallback to PDEATHSIG)
+PARENT_GONE_GRACE = 8.0    # seconds for a clean stop after the parent died, then _exit
+_PR_SET_PDEATHSIG = 1
+_watching_parent = False
+# In heartbeats: lets /api/health check a local service's pid (the bus may span machines).
+HOSTNAME = socket.gethostname()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask the Linux kernel to send us `sig` when our parent dies (prctl PR_SET_PDEATHSIG)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def exit_with_parent(env: dict[str, str] | None = None) -> bool:
+    """Make this process stop when the process that started it dies, even by SIGKILL.
+
+    Applies under supervisord (or when GREYPROXY_EXIT_WITH_PARENT=1): a supervisord killed with
+    -9 cannot stop its programs, and orphans would keep the ports and the database busy. Linux
+    gets PR_SET_PDEATHSIG (SIGTERM, the clean stop); everywhere a daemon thread also polls
+    getppid() and sends the SIGTERM itself, then hard-exits if the clean stop hangs. Returns
+    whether the watch was set up.
+    """
+    global _watching_parent
+    if _watching_parent:
+        return True
+    env = os.environ if env is None else env
+    supervisor_pid = env.get(ENV_SUPERVISOR_PID, "")
+    if not (env.get("SUPERVISOR_ENABLED") or supervisor_pid or env.get(ENV_EXIT_WITH_PARENT) == "1"):
+        return False
+    _set_pdeathsig(signal.SIGTERM)
+    parent = os.getppid()
+    # The parent may have died before the prctl above: then we were already re-parented.
+    if supervisor_pid.isdigit() and env.get("SUPERVISOR_ENABLED") and parent != int(supervisor_pid):
+        log.error("parent supervisord (pid %s) is gone; exiting", supervisor_pid)
+        os._exit(1)
+    if parent == 1 and not env.get(ENV_EXIT_WITH_PARENT):
+        return False  # started by init itself (a container entry point): nothing to outlive
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_EVERY)
+        log.warning("parent process %d is gone; stopping", parent)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GONE_GRACE)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+    _watching_parent = True
+    return True
 
 
 def setup_logging(service: str) -> None:
@@ -52,7 +114,7 @@ class ServiceRuntime:
 
     def heartbeat_payload(self) -> dict[str, Any]:
         now = time.time()
-        return {"service": self.name, "pid": os.getpid(), "started_at": self.started_at,
+        return {"service": self.name, "pid": os.getpid(), "host": HOSTNAME, "started_at": self.started_at,
                 "uptime": round(now - self.started_at, 3), "stats": self.stats()}
 
     async def heartbeat_loop(self) -> None:
@@ -66,6 +128,7 @@ def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], A
     """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives."""
     import uvloop
 
+    exit_with_parent()  # cmd_run did it already; here for callers that come straight in
     ensure_dirs(cfg)
 
     async def runner() -> None:

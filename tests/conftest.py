@@ -11,6 +11,8 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``; 
 - ``Stack`` -- the whole stack (``greyproxy serve``) on free ports in a private data dir.
 - ``run_service(name, cfg_path, env)`` -- one ``greyproxy run <name>`` process (``ServiceProcess``).
 - ``pid_alive(pid)`` / ``descendants(pid)`` -- process inspection through /proc.
+- ``start_https_origin(ca, host, handler)`` -- an HTTPS origin (``TlsHttpServer``) with a trustme cert.
+- ``stack_cli(stack, *args)`` -- ``greyproxy <args> -C <stack config>`` with the stack's env.
 
 Fixtures (they always clean up, even when the test fails):
 
@@ -27,13 +29,16 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.server
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -48,7 +53,8 @@ PYTHON = sys.executable
 LISTENER_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
 # Variables of ours that must not leak from the developer's shell into a test process.
 _OUR_ENV = ("GREYPROXY_CONFIG", "GREYPROXY_HOST", "GREYPROXY_SILENT_ALLOW", "GREYPROXY_DATA_HOME",
-            "GREYPROXY_RUN_DIR", "GREYPROXY_LOG_DIR", "GREYPROXY_PYTHON")
+            "GREYPROXY_RUN_DIR", "GREYPROXY_LOG_DIR", "GREYPROXY_PYTHON", "GREYPROXY_SUPERVISOR_PID",
+            "GREYPROXY_EXIT_WITH_PARENT")
 
 T = TypeVar("T")
 
@@ -491,3 +497,45 @@ def service_runner() -> Iterator[Callable[..., ServiceProcess]]:
         if sp.alive():
             with contextlib.suppress(Exception):
                 sp.kill()
+
+
+# ----------------------------------------------------------------------------- TLS origins, CLI
+
+class TlsHttpServer(http.server.ThreadingHTTPServer):
+    """A threaded HTTPS origin. Handshakes run in the handler threads, not in accept, so a client
+    that does not trust the certificate fails only its own connection."""
+
+    daemon_threads = True
+
+    def __init__(self, addr: tuple[str, int], handler: type, ctx: ssl.SSLContext) -> None:
+        self.ctx = ctx
+        super().__init__(addr, handler)
+
+    def get_request(self):  # noqa: ANN201
+        sock, addr = self.socket.accept()
+        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def finish_request(self, request, client_address) -> None:  # noqa: ANN001
+        try:
+            request.do_handshake()
+        except (ssl.SSLError, OSError):
+            return
+        super().finish_request(request, client_address)
+
+
+def start_https_origin(ca: Any, host: str, handler: type) -> tuple[TlsHttpServer, int]:
+    """Serve `handler` (a BaseHTTPRequestHandler) over TLS on host:<free port> with a certificate
+    from `ca` (a ``trustme.CA``), in a daemon thread. Returns (server, port); the caller calls
+    ``server.shutdown(); server.server_close()``. Let the proxy trust it through
+    ``mitm.upstreamCaFile`` (``ca.cert_pem.write_to_path(...)``)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(host).configure_cert(ctx)
+    server = TlsHttpServer((host, 0), handler, ctx)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, server.server_address[1]
+
+
+def stack_cli(stack: Stack, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """``greyproxy <args> -C <the stack's config>`` with the stack's environment (check=True)."""
+    return subprocess.run([PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)], env=stack.env,
+                          cwd=str(REPO), capture_output=True, text=True, timeout=timeout, check=True)

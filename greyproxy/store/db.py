@@ -32,19 +32,31 @@ def open_database(path: Path | str, migrate: bool = True) -> peewee.SqliteDataba
     """Open (creating if needed) the database file and bring its schema up to date."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    _private_file(path)
     db = peewee.SqliteDatabase(str(path), pragmas=PRAGMAS, check_same_thread=False, autoconnect=True)
     database.initialize(db)
     db.connect(reuse_if_open=True)
-    if new:
-        try:
-            os.chmod(path, 0o600)
-        except OSError:
-            pass
     _enable_wal(db)  # after the chmod: SQLite gives the -wal/-shm files the main file's mode
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{path}{suffix}")
+        if side.exists():
+            _private_file(side, create=False)
     if migrate:
         apply_migrations(db)
     return db
+
+
+def _private_file(path: Path, create: bool = True) -> None:
+    """The database holds logs and transactions: readable by its owner only (0600), created so
+    from the start rather than fixed after, and fixed when an existing file is looser."""
+    try:
+        if create:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except OSError as exc:
+        log.warning("database file %s: cannot make it private (0600): %s", path, exc)
 
 
 def _enable_wal(db: peewee.SqliteDatabase) -> None:

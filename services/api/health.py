@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import falcon
@@ -22,6 +23,31 @@ log = logging.getLogger("greyproxy.api")
 WATCHED = ("bus", "proxy", "recorder", "maintenance")
 
 
+HOSTNAME = socket.gethostname()
+# Service -> pid, for services whose last heartbeat came from this host: their process can be
+# checked directly, so one killed -9 shows as down at once rather than after the heartbeat
+# timeout (by which time supervisord may have restarted it and the outage would never show).
+_local_pids: dict[str, int] = {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")  # a zombie has exited; its parent has not reaped it yet
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 async def track_heartbeats(ctx: ApiContext) -> None:
     sub = Subscriber(ctx.cfg.bus["sub"], [topics.SERVICE_HEARTBEAT])
     try:
@@ -31,6 +57,10 @@ async def track_heartbeats(ctx: ApiContext) -> None:
             name = data.get("service")
             if not isinstance(name, str):
                 continue
+            if data.get("host") == HOSTNAME and isinstance(data.get("pid"), int):
+                _local_pids[name] = data["pid"]
+            else:
+                _local_pids.pop(name, None)
             ctx.seen[name] = ServiceSeen(
                 pid=int(data.get("pid") or 0), last_seen=time.time(),
                 started_at=float(data.get("started_at") or 0), uptime=float(data.get("uptime") or 0),
@@ -47,18 +77,37 @@ def _db_ok() -> bool:
     return True
 
 
+async def _first_heartbeats(ctx: ApiContext) -> None:
+    """Right after the API (re)starts it has heard no heartbeat yet: wait for them, briefly, rather
+    than report every service down."""
+    grace_end = ctx.started_at + ctx.stale_after()
+    if time.time() >= grace_end or all(n in ctx.seen for n in WATCHED):
+        return
+    deadline = min(grace_end, time.time() + 1.5 * float(ctx.cfg.bus["heartbeatInterval"]) + 0.2)
+    while time.time() < deadline and not all(n in ctx.seen for n in WATCHED):
+        await asyncio.sleep(0.05)
+
+
 class HealthResource:
     def __init__(self, ctx: ApiContext) -> None:
         self.ctx = ctx
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         ctx = self.ctx
+        await _first_heartbeats(ctx)
         now = time.time()
         services: dict[str, dict] = {}
         down: list[str] = []
+        bus_seen = ctx.seen.get("bus")
+        bus_silent = bus_seen is None or now - bus_seen.last_seen > ctx.stale_after()
         for name in WATCHED:
             seen = ctx.seen.get(name)
             up = seen is not None and now - seen.last_seen <= ctx.stale_after()
+            local = seen is not None and _local_pids.get(name) == seen.pid
+            if up and local and not _pid_alive(seen.pid):  # type: ignore[union-attr]
+                up = False  # killed: no need to wait for its heartbeats to go stale
+            elif not up and name != "bus" and bus_silent and local and _pid_alive(seen.pid):  # type: ignore[union-attr]
+                up = True  # with the broker down no heartbeat can arrive; the process itself is alive
             services[name] = {
                 "up": up,
                 "pid": seen.pid if seen else None,

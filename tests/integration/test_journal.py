@@ -211,3 +211,45 @@ def test_apply_records_is_idempotent_on_record_id(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 121
     finally:
         db.close()
+
+
+def test_apply_records_batches_logs_and_keeps_ids_events_and_other_kinds(tmp_path: Path) -> None:
+    """Log records go in with one executemany per batch: every event must carry the id of its own
+    row, a bad record among them costs only itself, ids repeated within a batch are stored once,
+    and the other kinds in the same batch are applied too."""
+    from bus import topics
+    from greyproxy.store import open_database
+    from services.recorder.apply import apply_records
+
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        pend = {"container_name": CONTAINER, "destination_host": "held.example", "destination_port": 443,
+                "ts": time.time(), "waiting": 1}
+        batch = [(f"a-{i}", "log", _record(i)) for i in range(300)]
+        batch.insert(100, ("p-1", "pending", pend))
+        batch.insert(200, ("bad-2", "log", {"container_name": None, "result": "allowed"}))  # NOT NULL
+        batch.insert(250, ("bad-3", "log", "not a dict"))
+        batch += batch[10:20]  # a resend coalesced with the original
+        events = apply_records(conn, batch)
+        logs = [data for topic, data in events if topic == topics.LOG_NEW]
+        assert len(logs) == 300
+        assert [t for t, _d in events].count(topics.PENDING_CREATED) == 1
+        rows = dict(conn.execute("SELECT id, reason FROM logs").fetchall())
+        assert len(rows) == 300
+        assert all(rows[e["id"]] == e["reason"] for e in logs)  # each event names its own row
+        assert sorted(e["reason"] for e in logs) == sorted(f"r{i}" for i in range(300))
+        assert conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM journal_applied").fetchone()[0] == 303
+        # A row SQLite refuses midway through the executemany: the run is redone record by record.
+        refused = [(f"c-{i}", "log", _record(2000 + i)) for i in range(50)]
+        refused.insert(25, ("bad-4", "log", {"container_name": None, "result": "allowed"}))
+        assert len(apply_records(conn, refused)) == 50
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 350
+        # Ids keep counting from the sequence after a deletion of the newest rows.
+        conn.execute("DELETE FROM logs WHERE id > 250")
+        more = apply_records(conn, [(f"b-{i}", "log", _record(1000 + i)) for i in range(5)])
+        rows = dict(conn.execute("SELECT id, reason FROM logs WHERE id > 250").fetchall())
+        assert {e["id"]: e["reason"] for _t, e in more} == rows and min(rows) > 300
+    finally:
+        db.close()

@@ -1,0 +1,89 @@
+"""Two of our listeners on one host:port: a ConfigError naming both keys (and exit 2, one line)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from greyproxy.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+def _svc(name: str, addr: str) -> dict:
+    kind = {"http-proxy": "http", "socks5-proxy": "socks5", "dns-proxy": "dns"}[name]
+    return {"name": name, "addr": addr, "handler": {"type": kind}, "listener": {"type": kind if kind == "dns" else "tcp"}}
+
+
+def _config(api: str, http: str, socks: str, dns: str) -> dict:
+    return {"greyproxy": {"addr": api},
+            "services": [_svc("http-proxy", http), _svc("socks5-proxy", socks), _svc("dns-proxy", dns)]}
+
+
+def _load(tmp_path: Path, data: dict, host: str | None = None):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path, host, env={"GREYPROXY_DATA_HOME": str(tmp_path / "data"), "HOME": str(tmp_path)})
+
+
+CONFLICTS = [
+    ("api and http", _config(":9100", ":9100", ":9102", ":9103"), ("'greyproxy.addr'", "'services[0].addr'")),
+    ("http and socks", _config(":9100", ":9101", ":9101", ":9103"), ("'services[0].addr'", "'services[1].addr'")),
+    ("socks and dns", _config(":9100", ":9101", ":9102", ":9102"), ("'services[1].addr'", "'services[2].addr'")),
+    ("api and dns", _config(":9100", ":9101", ":9102", ":9100"), ("'greyproxy.addr'", "'services[2].addr'")),
+    ("explicit loopback vs bare port", _config("127.0.0.1:9100", ":9100", ":9102", ":9103"),
+     ("'greyproxy.addr'", "'services[0].addr'")),
+    ("wildcard vs loopback", _config("0.0.0.0:9100", ":9101", "127.0.0.1:9100", ":9103"),
+     ("'greyproxy.addr'", "'services[1].addr'")),
+    ("localhost vs 127.0.0.1", _config("localhost:9100", "127.0.0.1:9100", ":9102", ":9103"),
+     ("'greyproxy.addr'", "'services[0].addr'")),
+    ("v6 spellings", _config("[::1]:9100", "[0:0::1]:9100", ":9102", ":9103"),
+     ("'greyproxy.addr'", "'services[0].addr'")),
+]
+
+
+@pytest.mark.parametrize("label,data,keys", CONFLICTS, ids=[c[0] for c in CONFLICTS])
+def test_port_conflict_names_both_keys(tmp_path: Path, label: str, data: dict, keys: tuple[str, str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, data)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for key in keys:
+        assert key in msg, msg
+    assert "9100" in msg or "9101" in msg or "9102" in msg
+
+
+@pytest.mark.parametrize("data", [
+    _config(":9100", ":9101", ":9102", ":9103"),
+    _config("127.0.0.1:9100", "127.0.0.2:9100", ":9102", ":9103"),  # other loopback address: no clash
+    _config(":0", ":0", ":9102", ":0"),  # port 0 = listener off
+    _config("", ":9101", ":9102", ":9103"),  # API disabled
+], ids=["distinct ports", "distinct hosts", "disabled listeners", "api disabled"])
+def test_no_conflict(tmp_path: Path, data: dict) -> None:
+    _load(tmp_path, data)
+
+
+def test_host_flag_makes_bare_ports_collide_with_an_explicit_one(tmp_path: Path) -> None:
+    data = _config("10.1.2.3:9100", ":9100", ":9102", ":9103")
+    _load(tmp_path, data)  # 127.0.0.1 and 10.1.2.3: different addresses
+    with pytest.raises(ConfigError, match="greyproxy.addr"):
+        _load(tmp_path, data, host="10.1.2.3")
+
+
+@pytest.mark.parametrize("command", ["config", "serve"])
+def test_port_conflict_exits_2_with_one_line(tmp_path: Path, command: str) -> None:
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_config(":9100", ":9101", ":9101", ":9103")))
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
+           "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-m", "greyproxy", command, "-C", str(cfg)], capture_output=True,
+                       text=True, env=env, cwd=str(REPO), timeout=60)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("greyproxy: ") and "'services[0].addr'" in lines[0] and "'services[1].addr'" in lines[0]
+    assert not (tmp_path / "data" / "run" / "supervisord.pid").exists()
