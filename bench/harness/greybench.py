@@ -128,6 +128,58 @@ def recorder_throughput(db: Path, proxy_port: int, origin_port: int, n: int, con
     }
 
 
+def journal_endpoint(stack: Any) -> str:
+    """The stack's journal endpoint (where its proxy sends records), from its own config."""
+    from greyproxy.config import load_config  # the project's code: the bench runs in its venv
+
+    return load_config(stack.cfg_path, env=stack.env).bus["journal"]
+
+
+def recorder_drain(endpoint: str, db: Path, n: int, settle_s: float = 120.0) -> dict[str, Any]:
+    """The recorder's own sustained rate: N log records pushed through the journal (a JournalWriter,
+    as the proxy uses, connected to the running stack's recorder) until every one is acknowledged
+    (= committed) and present in the logs table. records/s = N / (first send → last ack); loss and
+    duplicates from the table. The records are built before the clock starts, so neither the
+    proxy nor the record producer sets the pace: the recorder (decode, SQLite, events) does."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from bus.journal import JournalWriter
+
+    container = f"bench-journal-{uuid.uuid4().hex[:8]}"
+    now = time.time()
+    records = [{"timestamp": now + i * 1e-6, "container_name": container, "container_id": "",
+                "destination_host": f"svc{i % 500}.example.com", "destination_port": 443,
+                "resolved_hostname": None, "method": "CONNECT", "result": "allowed" if i % 5 else "blocked",
+                "rule_id": None, "rule_summary": None, "response_time_ms": 0.021, "reason": "rule",
+                "mitm_skip_reason": None} for i in range(n)]
+
+    async def push() -> dict[str, Any]:
+        ctx = zmq.asyncio.Context()
+        writer = JournalWriter(endpoint, outbox_limit=max(200_000, n + 1000), ctx=ctx)
+        task = asyncio.create_task(writer.run())
+        try:
+            for rec in records:  # serialised into the outbox here; nothing is sent before the await
+                writer.append("log", rec)
+            t0 = time.perf_counter()
+            ok = await writer.flush(settle_s)
+            t1 = time.perf_counter()
+            return {"flushed": ok, "seconds": t1 - t0, "acked": writer.acked, "dropped": writer.dropped,
+                    "resent": writer.resent}
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            ctx.destroy(linger=0)
+
+    out = asyncio.run(push())
+    stored = _count_logs(db, container)
+    secs = out["seconds"]
+    return {"records": n, "stored": stored, "loss": max(0, n - stored), "duplicates": max(0, stored - n),
+            "records_per_s": (stored / secs) if secs > 0 and out["flushed"] else None,
+            **out}
+
+
 # ----------------------------------------------------------------------------- GET /api/logs at scale
 
 def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:

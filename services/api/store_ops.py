@@ -420,10 +420,25 @@ def _log_page(f: LogFilter, limit: int, offset: int) -> list[dict[str, Any]]:
         " ORDER BY l.timestamp DESC, l.id DESC LIMIT ? OFFSET ?", [*args, limit, offset])
 
 
-def list_logs(f: LogFilter, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+def _log_total(f: LogFilter) -> int:
+    """The exact number of rows the filter matches. Filters on container/result only (or none) sum
+    the trigger-maintained log_counts (migration 3); others count the matching rows."""
+    if f.destination is None and f.from_ts is None and f.to_ts is None:
+        where, args = ["1 = 1"], []
+        if f.container:
+            where.append("container_name = ?")
+            args.append(f.container)
+        if f.result:
+            where.append("result = ?")
+            args.append(f.result)
+        return int(_scalar(f"SELECT COALESCE(SUM(n), 0) FROM log_counts WHERE {' AND '.join(where)}", args))
     clause, args = _log_where(f)
-    with database.atomic():
-        total = int(_scalar(f"SELECT COUNT(*) FROM logs WHERE {clause}", args))
+    return int(_scalar(f"SELECT COUNT(*) FROM logs WHERE {clause}", args))
+
+
+def list_logs(f: LogFilter, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
+    with database.atomic():  # one snapshot: the total and the page agree
+        total = _log_total(f)
         rows = _log_page(f, limit, offset)
     return rows, total
 

@@ -17,6 +17,7 @@ from greyproxy.shapes import log_json, pending_json
 log = logging.getLogger("greyproxy.recorder")
 
 Event = tuple[str, Any]
+Record = tuple[str, str, Any]  # (record id, kind, data)
 
 LOG_COLUMNS = ("timestamp", "container_name", "container_id", "destination_host", "destination_port",
                "resolved_hostname", "method", "result", "rule_id", "response_time_ms", "reason",
@@ -24,14 +25,52 @@ LOG_COLUMNS = ("timestamp", "container_name", "container_id", "destination_host"
 _LOG_INSERT = f"INSERT INTO logs ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})"
 
 
-def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+def _log_row(data: dict[str, Any]) -> dict[str, Any]:
     row = {k: data.get(k) for k in LOG_COLUMNS}
     row["container_id"] = row["container_id"] or ""
     if row["timestamp"] is None:
         row["timestamp"] = time.time()
+    return row
+
+
+def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+    row = _log_row(data)
     cur.execute(_LOG_INSERT, tuple(row[k] for k in LOG_COLUMNS))
     row["id"] = cur.lastrowid
     events.append((topics.LOG_NEW, log_json(row, data.get("rule_summary"))))
+
+
+def _logs_seq(cur: sqlite3.Cursor) -> int:
+    row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'logs'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
+    """A run of log records as one executemany. The ids are the AUTOINCREMENT sequence's next ones
+    (this is the only writer inside its IMMEDIATE transaction). Any bad record: the run is undone
+    and applied one record at a time, so only the bad one is dropped."""
+    try:
+        rows = [_log_row(data) for _rid, _kind, data in run]
+        cur.execute("SAVEPOINT logrun")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        _apply_each(cur, run, events)
+        return
+    try:
+        base = _logs_seq(cur)
+        cur.executemany(_LOG_INSERT, [tuple(row[k] for k in LOG_COLUMNS) for row in rows])
+        if _logs_seq(cur) == base + len(rows):
+            ids: list[int] = list(range(base + 1, base + len(rows) + 1))
+        else:  # pragma: no cover - only if something else wrote logs in this transaction
+            ids = [r[0] for r in cur.execute("SELECT id FROM logs WHERE id > ? ORDER BY id", (base,))]
+        cur.execute("RELEASE logrun")
+    except (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError):
+        cur.execute("ROLLBACK TO logrun")
+        cur.execute("RELEASE logrun")
+        _apply_each(cur, run, events)
+        return
+    for row, rid, (_r, _k, data) in zip(rows, ids, run):
+        row["id"] = rid
+        events.append((topics.LOG_NEW, log_json(row, data.get("rule_summary"))))
 
 
 def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -97,35 +136,111 @@ APPLIERS = {
 }
 
 
-def register(kind: str, fn) -> None:
+# Kinds that may also be applied a run at a time (one executemany): kind -> fn(cur, run, events).
+# Such a function falls back to `apply_each` itself when a record of the run is bad.
+RUN_APPLIERS: dict[str, Any] = {}
+
+
+def register(kind: str, fn, run_fn=None) -> None:
     """Later capabilities (transactions, conversations) add their record kinds here."""
     APPLIERS[kind] = fn
+    if run_fn is not None:
+        RUN_APPLIERS[kind] = run_fn
+
+
+def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:
+    """executemany `sql` into an AUTOINCREMENT `table`; the new rows' ids in order. This is the only
+    writer inside its IMMEDIATE transaction, so they are the sequence's next ones."""
+    def seq() -> int:
+        row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        return int(row[0]) if row else 0
+
+    base = seq()
+    cur.executemany(sql, params)
+    if seq() == base + len(params):
+        return list(range(base + 1, base + len(params) + 1))
+    return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
+
+
+def _apply_others(cur: sqlite3.Cursor, records: list[Record], events: list[Event]) -> None:
+    """Kinds with a run applier go in a run per kind (each in its own order), the rest one by one."""
+    singles: list[Record] = []
+    runs: dict[str, list[Record]] = {}
+    for rec in records:
+        if rec[1] in RUN_APPLIERS:
+            runs.setdefault(rec[1], []).append(rec)
+        else:
+            singles.append(rec)
+    if singles:
+        _apply_each(cur, singles, events)
+    for kind, run in runs.items():
+        if len(run) > 1:
+            RUN_APPLIERS[kind](cur, run, events)
+        else:
+            _apply_each(cur, run, events)
+
+
+def apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event]) -> None:
+    """One record at a time, each in a savepoint: a bad one is dropped, the others applied."""
+    _apply_each(cur, records, events)
+
+
+def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event]) -> None:
+    for rid, kind, data in records:
+        fn = APPLIERS.get(kind)
+        if fn is None:
+            log.warning("journal: unknown record kind %r (id %s) skipped", kind, rid)
+            continue
+        try:
+            cur.execute("SAVEPOINT rec")
+            fn(cur, data, events)
+            cur.execute("RELEASE rec")
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError, sqlite3.IntegrityError,
+                sqlite3.InterfaceError) as exc:
+            # A malformed record must not block the ones behind it: drop it, keep it marked applied.
+            cur.execute("ROLLBACK TO rec")
+            cur.execute("RELEASE rec")
+            log.warning("journal: bad %s record %s dropped: %s", kind, rid, exc)
+
+
+_ID_CHUNK = 500  # bound parameters per "already applied?" query
+
+
+def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Record]:
+    """The records not applied before (nor earlier in this batch), now marked applied."""
+    seen: set[str] = set()
+    for i in range(0, len(records), _ID_CHUNK):
+        ids = [r[0] for r in records[i:i + _ID_CHUNK]]
+        seen.update(row[0] for row in cur.execute(
+            f"SELECT record_id FROM journal_applied WHERE record_id IN ({','.join('?' * len(ids))})", ids))
+    fresh = []
+    for rec in records:
+        if rec[0] in seen:
+            continue  # already applied: a resend after a lost ack
+        seen.add(rec[0])
+        fresh.append(rec)
+    cur.executemany("INSERT INTO journal_applied (record_id, applied_at) VALUES (?, ?)",
+                    [(rec[0], now) for rec in fresh])
+    return fresh
 
 
 def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]]) -> list[Event]:
-    """Apply a batch in one transaction; a record id already applied is skipped."""
+    """Apply a batch in one transaction; a record id already applied is skipped. The log records
+    (the bulk of the journal) go in together with one executemany, after the other kinds, each
+    kind in its own order (log rows depend on no other record, and no other record on them)."""
     events: list[Event] = []
     now = time.time()
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
     try:
-        for rid, kind, data in records:
-            cur.execute("INSERT OR IGNORE INTO journal_applied (record_id, applied_at) VALUES (?, ?)", (rid, now))
-            if cur.rowcount == 0:
-                continue  # already applied: a resend after a lost ack
-            fn = APPLIERS.get(kind)
-            if fn is None:
-                log.warning("journal: unknown record kind %r (id %s) skipped", kind, rid)
-                continue
-            try:
-                cur.execute("SAVEPOINT rec")
-                fn(cur, data, events)
-                cur.execute("RELEASE rec")
-            except (KeyError, TypeError, ValueError, sqlite3.IntegrityError) as exc:
-                # A malformed record must not block the ones behind it: drop it, keep it marked applied.
-                cur.execute("ROLLBACK TO rec")
-                cur.execute("RELEASE rec")
-                log.warning("journal: bad %s record %s dropped: %s", kind, rid, exc)
+        fresh = _fresh(cur, records, now)
+        logs = [rec for rec in fresh if rec[1] == "log"]
+        if len(logs) < len(fresh):
+            _apply_others(cur, [rec for rec in fresh if rec[1] != "log"], events)
+        if len(logs) > 1:
+            _apply_log_run(cur, logs, events)
+        else:
+            _apply_each(cur, logs, events)
         cur.execute("COMMIT")
     except BaseException:
         cur.execute("ROLLBACK")

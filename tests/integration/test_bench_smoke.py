@@ -27,7 +27,7 @@ MEASURED = (
     "tunnels_rps", "tunnels_p99_ms",
     "approval_p99_ms", "approval_call_p99_ms",
     "rules_100_median_us", "rules_100_p99_us", "rules_10000_median_us", "rules_10000_p99_us",
-    "recorder_rps",
+    "recorder_rps", "recorder_journal_rps",
     "logs_api_p50_ms", "logs_api_p99_ms",
     "idle_rss_mb",
 )
@@ -70,6 +70,9 @@ def test_bench_smoke(tmp_path: Path) -> None:
     rec = res["greyproxy_only"]["recorder"]
     assert rec["loss"] == 0 and rec["duplicates"] == 0 and rec["stored"] == rec["completed"] > 0, rec
     assert rows["recorder_loss"]["values"]["greyproxy"] == 0
+    # ... and so did the records pushed straight through the journal.
+    rj = res["greyproxy_only"]["recorder_journal"]
+    assert rj["loss"] == 0 and rj["duplicates"] == 0 and rj["stored"] == rj["records"] > 0, rj
     # Every approval hold was released.
     appr = res["greyproxy_only"]["approval"]
     assert appr["measured"] == appr["holds"] > 0, appr

@@ -164,3 +164,32 @@ def test_migration_waits_for_a_writer(tmp_path: Path) -> None:
         if holder.is_alive():
             holder.kill()
     assert holder.exitcode == 0
+
+
+def test_log_counts_migration_counts_existing_rows(tmp_path: Path) -> None:
+    """Migration 3 on a database that already holds logs starts its counts from those rows."""
+    path = tmp_path / "g.db"
+    open_database(path).close()
+    con = sqlite3.connect(path, isolation_level=None)
+    try:
+        # Back to "before migration 3", with rows written meanwhile.
+        for stmt in ("DROP TRIGGER log_counts_ins", "DROP TRIGGER log_counts_del", "DROP TRIGGER log_counts_upd",
+                     "DROP TABLE log_counts", "DELETE FROM schema_migrations WHERE version = 3"):
+            con.execute(stmt)
+        con.executemany(
+            "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
+            " VALUES (?, ?, 'h', 1, 'HTTP', ?)", [(float(i), f"c{i % 2}", "allowed" if i % 3 else "blocked")
+                                                   for i in range(30)])
+    finally:
+        con.close()
+    db = open_database(path)  # applies migration 3 again
+    try:
+        assert current_version(db) >= 3
+        got = db.execute_sql("SELECT container_name, result, n FROM log_counts ORDER BY 1, 2").fetchall()
+        want = db.execute_sql("SELECT container_name, result, COUNT(*) FROM logs GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        assert got == want and sum(r[2] for r in got) == 30
+        db.execute_sql("INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
+                       " VALUES (1, 'c9', 'h', 1, 'HTTP', 'allowed')")
+        assert db.execute_sql("SELECT SUM(n) FROM log_counts").fetchone()[0] == 31
+    finally:
+        db.close()
