@@ -60,6 +60,9 @@ class Subscriber:
     def subscribe(self, prefix: str) -> None:
         self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
 
+    def unsubscribe(self, prefix: str) -> None:
+        self._sock.setsockopt(zmq.UNSUBSCRIBE, prefix.encode())
+
     async def recv(self) -> dict[str, Any]:
         while True:
             frames = await self._sock.recv_multipart()

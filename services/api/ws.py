@@ -46,6 +46,12 @@ CLOSE_TOO_SLOW = 1008
 CLOSE_INTERNAL_ERROR = 1011
 CREATED_BY = "ws"
 PUBLIC = frozenset(topics.PUBLIC)
+# One event per proxied request: the bridge subscribes to these only while a /ws client is
+# connected, so an API with nobody watching does not receive (and decode) every request's event.
+BUSY_TOPICS = (topics.LOG_NEW, topics.TRANSACTION_NEW)
+# After the first client turns those on, the subscription takes a moment to reach the publishers
+# through the broker; the greeting waits this long so that nothing after it is missed.
+SUBSCRIBE_SETTLE = 0.05
 WILDCARD = "*"
 
 
@@ -382,12 +388,24 @@ class Hub:
         self.ctx = ctx
         self.connections: set[Connection] = set()
         self.claimants: set[Connection] = set()
+        self._sub: Subscriber | None = None
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Connection) -> bool:
+        """Register a client; True when that turned the busy topics on (the caller should let the
+        subscription settle before greeting)."""
+        first = not self.connections
         self.connections.add(conn)
+        if first and self._sub is not None:
+            for t in BUSY_TOPICS:
+                self._sub.subscribe(t)
+            return True
+        return False
 
     def remove(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if not self.connections and self._sub is not None:
+            for t in BUSY_TOPICS:
+                self._sub.unsubscribe(t)
         if conn in self.claimants:
             self.claimants.discard(conn)
             self._claims_changed()
@@ -418,6 +436,10 @@ class Hub:
     async def run_bridge(self, subscriber_factory: Callable[[], Subscriber] | None = None) -> None:
         """The single bus subscriber of this process for /ws, until cancelled."""
         sub = (subscriber_factory or self._subscriber)()
+        self._sub = sub
+        if self.connections:
+            for t in BUSY_TOPICS:
+                sub.subscribe(t)
         try:
             n = 0
             while True:
@@ -432,10 +454,12 @@ class Hub:
                 if n % YIELD_EVERY == 0:
                     await asyncio.sleep(0)  # a ready message does not yield by itself
         finally:
+            self._sub = None
             sub.close()
 
     def _subscriber(self) -> Subscriber:
-        return Subscriber(self.ctx.cfg.bus["sub"], topics.PUBLIC, rcvhwm=BRIDGE_RCVHWM)
+        quiet = [t for t in topics.PUBLIC if t not in BUSY_TOPICS]
+        return Subscriber(self.ctx.cfg.bus["sub"], quiet, rcvhwm=BRIDGE_RCVHWM)
 
 
 class WebSocketResource:
@@ -457,9 +481,14 @@ class WebSocketResource:
             log.warning("ws: refused upgrade from %s: %s", req.remote_addr, refused.message)
             await ws.close(CLOSE_FORBIDDEN)  # before accept: the client gets HTTP 403
             return
-        await ws.accept()
         conn = Connection(self.hub, ws, peer=f"{req.remote_addr}")
-        self.hub.add(conn)
+        if self.hub.add(conn):
+            await asyncio.sleep(SUBSCRIBE_SETTLE)
+        try:
+            await ws.accept()
+        except BaseException:
+            self.hub.remove(conn)
+            raise
         close: tuple[int, str] | None = None
         try:
             await conn.run()

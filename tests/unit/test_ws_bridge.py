@@ -4,6 +4,7 @@ and a connection driven through a fake socket (commands, claims, the send watchd
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import orjson
@@ -314,3 +315,42 @@ def test_drop_notice_reaches_the_client_before_the_next_event() -> None:
     assert [m["type"] for m in sent] == ["connected", "log.new", "log.new", "log.new", "dropped", "log.new"]
     assert sent[4]["count"] == 3 and "timestamp" in sent[4]
     assert [m["data"]["seq"] for m in sent if m["type"] == "log.new"] == [0, 1, 2, 6]
+
+
+def test_busy_topics_are_received_only_while_a_client_is_connected() -> None:
+    class RecordingSub:
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, str]] = []
+            self.stop = asyncio.Event()
+
+        def subscribe(self, t: str) -> None:
+            self.calls.append(("+", t))
+
+        def unsubscribe(self, t: str) -> None:
+            self.calls.append(("-", t))
+
+        async def recv(self) -> dict:
+            await self.stop.wait()
+            raise asyncio.CancelledError
+
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> list[tuple[str, str]]:
+        hub = ws.Hub(FakeContext())  # type: ignore[arg-type]
+        sub = RecordingSub()
+        task = asyncio.create_task(hub.run_bridge(lambda: sub))  # type: ignore[arg-type,return-value]
+        await asyncio.sleep(0)
+        a, b = ws.Connection(hub, FakeSocket()), ws.Connection(hub, FakeSocket())
+        assert hub.add(a) is True  # the first client turns them on ...
+        assert hub.add(b) is False
+        hub.remove(a)
+        assert sub.calls == [("+", "log.new"), ("+", "transaction.new")]
+        hub.remove(b)  # ... the last one turns them off
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return sub.calls
+
+    calls = asyncio.run(scenario())
+    assert calls == [("+", "log.new"), ("+", "transaction.new"), ("-", "log.new"), ("-", "transaction.new")]
