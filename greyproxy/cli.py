@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -37,11 +38,48 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), getattr(args, "host", None))
 
 
+def ports_in_use(cfg: Config) -> list[str]:
+    """The configured listening addresses something else holds right now, one line each.
+
+    Checked before supervisord starts: a taken port would otherwise make the program that needs it
+    exit and be restarted over and over, with the reason only in its log file."""
+    wanted: list[tuple[str, str, int, int]] = []  # (what, host, port, socket type)
+    if cfg.api:
+        wanted.append(("API (greyproxy.addr)", cfg.api.host, cfg.api.port, socket.SOCK_STREAM))
+    for lst in cfg.listeners.values():
+        if lst.port:
+            wanted.append((lst.name, lst.host, lst.port, socket.SOCK_STREAM))
+            if lst.name == "dns-proxy":
+                wanted.append((f"{lst.name} (udp)", lst.host, lst.port, socket.SOCK_DGRAM))
+    busy = []
+    for what, host, port, kind in wanted:
+        try:
+            infos = socket.getaddrinfo(host or None, port, type=kind, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            busy.append(f"{what}: cannot resolve {host!r}: {exc}")
+            continue
+        family, _t, _p, _c, addr = infos[0]
+        with socket.socket(family, kind) as sock:
+            if kind == socket.SOCK_STREAM:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services bind
+            try:
+                sock.bind(addr)
+            except OSError as exc:
+                busy.append(f"{what}: cannot listen on {host or '*'}:{port}: {exc.strerror or exc}")
+    return busy
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     ensure_dirs(cfg)
     for w in cfg.warnings:
         print(f"greyproxy: warning: {w}", file=sys.stderr)
+    busy = ports_in_use(cfg)
+    if busy:
+        for line in busy:
+            print(f"greyproxy: {line}", file=sys.stderr)
+        print("greyproxy: is another greyproxy running? Stop it, or choose other ports (-C FILE).", file=sys.stderr)
+        return 1
     env = dict(os.environ)
     env[ENV_DATA] = str(cfg.data_dir)
     if args.config:

@@ -87,3 +87,39 @@ def test_port_conflict_exits_2_with_one_line(tmp_path: Path, command: str) -> No
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("greyproxy: ") and "'services[0].addr'" in lines[0] and "'services[1].addr'" in lines[0]
     assert not (tmp_path / "data" / "run" / "supervisord.pid").exists()
+
+
+@pytest.mark.parametrize("taken", ["api", "socks", "dns-udp"])
+def test_serve_refuses_a_port_another_program_holds(tmp_path: Path, taken: str) -> None:
+    """A port held by someone else: serve says which and exits 1 at once, instead of supervisord
+    restarting the program that cannot bind over and over."""
+    import socket
+
+    ports = []
+    holders = []
+    for _ in range(4):  # four distinct free ports, kept open below only for the taken one
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        ports.append(s.getsockname()[1])
+        holders.append(s)
+    for s in holders:
+        s.close()
+    api, http, socks, dns = ports
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_config(f":{api}", f":{http}", f":{socks}", f":{dns}")))
+    kind, port = {"api": (socket.SOCK_STREAM, api), "socks": (socket.SOCK_STREAM, socks),
+                  "dns-udp": (socket.SOCK_DGRAM, dns)}[taken]
+    holder = socket.socket(socket.AF_INET, kind)
+    holder.bind(("127.0.0.1", port))
+    if kind == socket.SOCK_STREAM:
+        holder.listen()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
+           "HOME": str(tmp_path)}
+    try:
+        r = subprocess.run([sys.executable, "-m", "greyproxy", "serve", "-C", str(cfg)], capture_output=True,
+                           text=True, env=env, cwd=str(REPO), timeout=60)
+    finally:
+        holder.close()
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert f":{port}" in r.stderr and "in use" in r.stderr.lower(), r.stderr
+    assert not (tmp_path / "data" / "run" / "supervisord.pid").exists()
