@@ -99,6 +99,10 @@ class ServiceRuntime:
         self.started_at = time.time()
         self.publisher = Publisher(cfg.bus["pub"], name)
         self._stats: list[Callable[[], dict[str, Any]]] = []
+        # Sent in every heartbeat; /api/health counts a service up only once it is ready. A
+        # service whose start takes a while (the proxy: rules, listeners, DNS) clears it first thing
+        # in main() and sets it when it serves.
+        self.ready = True
 
     def add_stats(self, fn: Callable[[], dict[str, Any]]) -> None:
         self._stats.append(fn)
@@ -112,10 +116,15 @@ class ServiceRuntime:
                 log.exception("stats provider failed")
         return out
 
+    def mark_ready(self) -> None:
+        """Ready now: say so at once rather than at the next heartbeat."""
+        self.ready = True
+        self.publisher.publish(topics.SERVICE_HEARTBEAT, self.heartbeat_payload())
+
     def heartbeat_payload(self) -> dict[str, Any]:
         now = time.time()
         return {"service": self.name, "pid": os.getpid(), "host": HOSTNAME, "started_at": self.started_at,
-                "uptime": round(now - self.started_at, 3), "stats": self.stats()}
+                "uptime": round(now - self.started_at, 3), "ready": self.ready, "stats": self.stats()}
 
     async def heartbeat_loop(self) -> None:
         interval = float(self.cfg.bus["heartbeatInterval"])

@@ -22,6 +22,7 @@ class ServiceSeen:
     started_at: float
     uptime: float
     stats: dict[str, Any]
+    ready: bool = True
 
 
 @dataclass

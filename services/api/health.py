@@ -64,7 +64,7 @@ async def track_heartbeats(ctx: ApiContext) -> None:
             ctx.seen[name] = ServiceSeen(
                 pid=int(data.get("pid") or 0), last_seen=time.time(),
                 started_at=float(data.get("started_at") or 0), uptime=float(data.get("uptime") or 0),
-                stats=data.get("stats") or {},
+                stats=data.get("stats") or {}, ready=data.get("ready") is not False,
             )
     finally:
         sub.close()
@@ -102,21 +102,22 @@ class HealthResource:
         bus_silent = bus_seen is None or now - bus_seen.last_seen > ctx.stale_after()
         for name in WATCHED:
             seen = ctx.seen.get(name)
-            up = seen is not None and now - seen.last_seen <= ctx.stale_after()
+            up = seen is not None and now - seen.last_seen <= ctx.stale_after() and seen.ready
             local = seen is not None and _local_pids.get(name) == seen.pid
             if up and local and not _pid_alive(seen.pid):  # type: ignore[union-attr]
                 up = False  # killed: no need to wait for its heartbeats to go stale
-            elif not up and name != "bus" and bus_silent and local and _pid_alive(seen.pid):  # type: ignore[union-attr]
+            elif not up and name != "bus" and bus_silent and local and seen.ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
                 up = True  # with the broker down no heartbeat can arrive; the process itself is alive
             services[name] = {
                 "up": up,
+                "state": "up" if up else ("starting" if seen is not None and not seen.ready else "down"),
                 "pid": seen.pid if seen else None,
                 "last_seen": rfc3339(seen.last_seen) if seen else None,
                 "uptime": round(seen.uptime, 1) if seen else None,
             }
             if not up:
                 down.append(name)
-        services["api"] = {"up": True, "pid": os.getpid(), "last_seen": rfc3339(now),
+        services["api"] = {"up": True, "state": "up", "pid": os.getpid(), "last_seen": rfc3339(now),
                            "uptime": round(now - ctx.started_at, 1)}
         try:
             db_up = await asyncio.wait_for(ctx.db(_db_ok), 2.0)

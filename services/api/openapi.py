@@ -221,7 +221,8 @@ SCHEMAS: dict[str, Any] = {
             "error": nullable(STR)}, required=["running", "processed", "total"])},
         "assembler_version_current": INT, "assembler_version_stored": INT, "needs_rebuild": BOOL,
     }),
-    "ServiceState": obj({"up": BOOL, "pid": nullable(INT), "last_seen": nullable(TS), "uptime": nullable(NUM)}),
+    "ServiceState": obj({"up": BOOL, "pid": nullable(INT), "last_seen": nullable(TS), "uptime": nullable(NUM),
+                          "state": {"type": "string", "enum": ["up", "starting", "down"]}}),
     "Health": obj({
         "service": {"type": "string", "enum": ["greyproxy"]}, "version": STR,
         "status": {"type": "string", "enum": ["ok", "degraded"]},

@@ -93,6 +93,13 @@ class RuleLoader:
 async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
     sub = Subscriber(cfg.bus["sub"], RULE_TOPICS)
     try:
+        # A rule written between the start-up load and this subscription sent its event to nobody:
+        # one version check now (cheap) rather than at the next periodic one.
+        await asyncio.sleep(0.1)
+        try:
+            await loader.reload()
+        except Exception:
+            log.exception("rule reload failed")
         while True:
             await sub.recv()
             try:
@@ -143,6 +150,7 @@ def _count_pending() -> int:
 
 
 async def main(rt: ServiceRuntime) -> None:
+    rt.ready = False  # until the listeners and the control socket serve (see the gather below)
     cfg = rt.cfg
     pcfg = cfg.section("proxy")
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxy-db")
@@ -256,6 +264,7 @@ async def main(rt: ServiceRuntime) -> None:
                     gate.pending_count = await loop.run_in_executor(executor, _count_pending)
 
     log.info("proxy up")
+    loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
                              settings.run(), watch_ca())

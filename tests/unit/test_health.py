@@ -77,3 +77,14 @@ def test_all_fresh_is_ok(monkeypatch) -> None:
     monkeypatch.setattr(health, "_local_pids", {name: me for name in health.WATCHED})
     code, body = _get(ctx)
     assert code == 200 and body["status"] == "ok" and "down" not in body
+
+
+def test_a_service_still_starting_is_not_up(monkeypatch) -> None:
+    me = os.getpid()
+    seen = {name: _seen(me, 0.1) for name in health.WATCHED}
+    seen["proxy"].ready = False
+    monkeypatch.setattr(health, "_local_pids", {name: me for name in health.WATCHED})
+    code, body = _get(FakeCtx(seen))
+    assert code == 503 and body["down"] == ["proxy"]
+    assert body["services"]["proxy"]["state"] == "starting"
+    assert body["services"]["bus"]["state"] == "up"
