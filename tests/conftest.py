@@ -523,13 +523,13 @@ class TlsHttpServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-def start_https_origin(ca: Any, host: str, handler: type) -> tuple[TlsHttpServer, int]:
+def start_https_origin(ca: Any, host: str, handler: type, *more_names: str) -> tuple[TlsHttpServer, int]:
     """Serve `handler` (a BaseHTTPRequestHandler) over TLS on host:<free port> with a certificate
-    from `ca` (a ``trustme.CA``), in a daemon thread. Returns (server, port); the caller calls
-    ``server.shutdown(); server.server_close()``. Let the proxy trust it through
-    ``mitm.upstreamCaFile`` (``ca.cert_pem.write_to_path(...)``)."""
+    from `ca` (a ``trustme.CA``) for `host` and `more_names`, in a daemon thread. Returns
+    (server, port); the caller calls ``server.shutdown(); server.server_close()``. Let the proxy
+    trust it through ``mitm.upstreamCaFile`` (``ca.cert_pem.write_to_path(...)``)."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(host).configure_cert(ctx)
+    ca.issue_cert(host, *more_names).configure_cert(ctx)
     server = TlsHttpServer((host, 0), handler, ctx)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from bus import topics
@@ -40,37 +41,17 @@ def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -
     events.append((topics.LOG_NEW, log_json(row, data.get("rule_summary"))))
 
 
-def _logs_seq(cur: sqlite3.Cursor) -> int:
-    row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = 'logs'").fetchone()
-    return int(row[0]) if row else 0
+def _log_build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
+    row = _log_row(data)
+    return row, tuple(row[k] for k in LOG_COLUMNS)
+
+
+def _log_event(row: dict[str, Any], data: dict[str, Any]) -> Event:
+    return topics.LOG_NEW, log_json(row, data.get("rule_summary"))
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    """A run of log records as one executemany. The ids are the AUTOINCREMENT sequence's next ones
-    (this is the only writer inside its IMMEDIATE transaction). Any bad record: the run is undone
-    and applied one record at a time, so only the bad one is dropped."""
-    try:
-        rows = [_log_row(data) for _rid, _kind, data in run]
-        cur.execute("SAVEPOINT logrun")
-    except (AttributeError, KeyError, TypeError, ValueError):
-        _apply_each(cur, run, events)
-        return
-    try:
-        base = _logs_seq(cur)
-        cur.executemany(_LOG_INSERT, [tuple(row[k] for k in LOG_COLUMNS) for row in rows])
-        if _logs_seq(cur) == base + len(rows):
-            ids: list[int] = list(range(base + 1, base + len(rows) + 1))
-        else:  # pragma: no cover - only if something else wrote logs in this transaction
-            ids = [r[0] for r in cur.execute("SELECT id FROM logs WHERE id > ? ORDER BY id", (base,))]
-        cur.execute("RELEASE logrun")
-    except (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError):
-        cur.execute("ROLLBACK TO logrun")
-        cur.execute("RELEASE logrun")
-        _apply_each(cur, run, events)
-        return
-    for row, rid, (_r, _k, data) in zip(rows, ids, run):
-        row["id"] = rid
-        events.append((topics.LOG_NEW, log_json(row, data.get("rule_summary"))))
+    apply_run(cur, run, events, "logs", _LOG_INSERT, _log_build, _log_event)
 
 
 def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -137,7 +118,7 @@ APPLIERS = {
 
 
 # Kinds that may also be applied a run at a time (one executemany): kind -> fn(cur, run, events).
-# Such a function falls back to `apply_each` itself when a record of the run is bad.
+# Such a function falls back to one record at a time itself (`apply_run` does) when one is bad.
 RUN_APPLIERS: dict[str, Any] = {}
 
 
@@ -146,6 +127,35 @@ def register(kind: str, fn, run_fn=None) -> None:
     APPLIERS[kind] = fn
     if run_fn is not None:
         RUN_APPLIERS[kind] = run_fn
+
+
+_RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+
+
+def apply_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event], table: str, sql: str,
+              build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]],
+              event: Callable[[dict[str, Any], dict[str, Any]], Event]) -> None:
+    """A run of records of one kind as one executemany of `sql` into `table` (there is one record
+    per proxied request, so runs are long). `build(data)` gives the row and its parameters,
+    `event(row, data)` the event published after the commit. Any bad record: the run is undone and
+    applied one record at a time, so only the bad one is dropped."""
+    try:
+        built = [build(data) for _rid, _kind, data in run]
+    except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
+        _apply_each(cur, run, events)
+        return
+    cur.execute("SAVEPOINT run")
+    try:
+        ids = insert_run(cur, table, sql, [params for _row, params in built])
+        cur.execute("RELEASE run")
+    except _RUN_ERRORS:
+        cur.execute("ROLLBACK TO run")
+        cur.execute("RELEASE run")
+        _apply_each(cur, run, events)
+        return
+    for (row, _params), rid, (_r, _k, data) in zip(built, ids, run):
+        row["id"] = rid
+        events.append(event(row, data))
 
 
 def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:
@@ -180,12 +190,8 @@ def _apply_others(cur: sqlite3.Cursor, records: list[Record], events: list[Event
             _apply_each(cur, run, events)
 
 
-def apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event]) -> None:
-    """One record at a time, each in a savepoint: a bad one is dropped, the others applied."""
-    _apply_each(cur, records, events)
-
-
 def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event]) -> None:
+    """One record at a time, each in a savepoint: a bad one is dropped, the others applied."""
     for rid, kind, data in records:
         fn = APPLIERS.get(kind)
         if fn is None:
@@ -195,8 +201,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
             cur.execute("SAVEPOINT rec")
             fn(cur, data, events)
             cur.execute("RELEASE rec")
-        except (AttributeError, KeyError, TypeError, ValueError, OverflowError, sqlite3.IntegrityError,
-                sqlite3.InterfaceError) as exc:
+        except (AttributeError, KeyError, *_RUN_ERRORS) as exc:
             # A malformed record must not block the ones behind it: drop it, keep it marked applied.
             cur.execute("ROLLBACK TO rec")
             cur.execute("RELEASE rec")

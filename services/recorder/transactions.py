@@ -15,7 +15,7 @@ import orjson
 from bus import topics
 from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
 
-from .apply import Event, Record, apply_each, insert_run, register
+from .apply import Event, Record, apply_run, register
 
 _COLUMNS = tuple(c for c in TRANSACTION_COLUMNS if c != "id")
 _INSERT = f"INSERT INTO http_transactions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
@@ -51,27 +51,17 @@ def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Ev
     events.append((topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)))
 
 
+def _build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
+    row = _row(data)
+    return row, _params(row)
+
+
+def _event(row: dict[str, Any], data: dict[str, Any]) -> Event:
+    return topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)
+
+
 def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    """A batch's transaction records in one executemany (one per proxied request, so there are many);
-    any bad record: the run is undone and applied one at a time, so only the bad one is dropped."""
-    try:
-        rows = [_row(data) for _rid, _kind, data in run]
-        params = [_params(row) for row in rows]
-    except (AttributeError, KeyError, TypeError, ValueError, orjson.JSONEncodeError):
-        apply_each(cur, run, events)
-        return
-    cur.execute("SAVEPOINT txrun")
-    try:
-        ids = insert_run(cur, "http_transactions", _INSERT, params)
-        cur.execute("RELEASE txrun")
-    except (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError):
-        cur.execute("ROLLBACK TO txrun")
-        cur.execute("RELEASE txrun")
-        apply_each(cur, run, events)
-        return
-    for row, rid in zip(rows, ids):
-        row["id"] = rid
-        events.append((topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)))
+    apply_run(cur, run, events, "http_transactions", _INSERT, _build, _event)
 
 
 register("transaction", apply_transaction, apply_transaction_run)

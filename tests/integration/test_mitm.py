@@ -29,7 +29,7 @@ import httpx
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, free_port, wait_for
+from conftest import PYTHON, REPO, Stack, free_port, start_https_origin, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
 
@@ -93,25 +93,6 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         pass
 
 
-class _TlsServer(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, addr: tuple[str, int], ctx: ssl.SSLContext) -> None:
-        self.ctx = ctx
-        super().__init__(addr, _Origin)
-
-    def get_request(self):  # noqa: ANN201 - the handshake runs in the handler thread, not in accept
-        sock, addr = self.socket.accept()
-        return self.ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
-
-    def finish_request(self, request, client_address) -> None:  # noqa: ANN001
-        try:
-            request.do_handshake()
-        except (ssl.SSLError, OSError):
-            return  # a client that does not trust us: nothing to serve
-        super().finish_request(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def origin_ca() -> trustme.CA:
     return trustme.CA()
@@ -119,11 +100,7 @@ def origin_ca() -> trustme.CA:
 
 @pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(ORIGIN, "origin.test").configure_cert(ctx)
-    port = free_port()
-    server = _TlsServer((ORIGIN, port), ctx)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, port = start_https_origin(origin_ca, ORIGIN, _Origin, "origin.test")
     yield port
     server.shutdown()
     server.server_close()
@@ -131,11 +108,7 @@ def origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def bypassed_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(BYPASSED).configure_cert(ctx)
-    port = free_port()
-    server = _TlsServer((BYPASSED, port), ctx)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server, port = start_https_origin(origin_ca, BYPASSED, _Origin)
     yield port
     server.shutdown()
     server.server_close()

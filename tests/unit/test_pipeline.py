@@ -210,11 +210,17 @@ def test_recorder_applies_a_run_of_transactions_at_once_and_drops_only_bad_ones(
         records.append(("log-1", "log", {"timestamp": 1.0, "container_name": "c", "destination_host": "h",
                                          "destination_port": 80, "method": "HTTP", "result": "allowed"}))
 
-        def one_by_one(*_args: Any) -> None:
-            raise AssertionError("a good run must go in with one executemany")
+        from services.recorder import apply as apply_mod
+
+        one_at_a_time = apply_mod._apply_each
+
+        def one_by_one(cur: Any, recs: list, events: list) -> None:
+            if any(kind == "transaction" for _rid, kind, _data in recs):
+                raise AssertionError("a good run must go in with one executemany")
+            one_at_a_time(cur, recs, events)
 
         with monkeypatch.context() as m:
-            m.setattr(transactions, "apply_each", one_by_one)
+            m.setattr(apply_mod, "_apply_each", one_by_one)
             events = apply_records(conn, records)
         # A run with a bad record falls back to one at a time: only the bad one is dropped.
         more = [(f"t-{i}", "transaction", rec(i)) for i in range(40, 50)]
