@@ -72,6 +72,8 @@ _SCHEMA: dict[str, Any] = {
         "maxConnections": int,
         "maxConnectionsPerClient": int,
         "journalOutbox": int,
+        "upstreamPoolSize": int,
+        "upstreamIdleTimeout": _NUM,
     },
     "dns": {"upstreams": [str], "timeout": _NUM, "cacheSize": int},
     "mitm": {"bypass": [str], "upstreamCaFile": str},
@@ -83,9 +85,11 @@ _POSITIVE = {
     "bus.heartbeatInterval", "bus.requestTimeout", "bus.requestRetries", "proxy.holdTimeout",
     "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
     "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
-    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "dns.timeout", "dns.cacheSize",
+    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.upstreamIdleTimeout", "dns.timeout", "dns.cacheSize",
     "capture.maxBodyBytes", "retention.days",
 }
+
+_NON_NEGATIVE = {"proxy.upstreamPoolSize"}
 
 
 def default_config_text() -> str:
@@ -113,6 +117,8 @@ def _check_leaf(path: str, value: Any, t: Any) -> None:
         raise ConfigError(f"config key {path!r}: must be a finite number")
     if path in _POSITIVE and value <= 0:
         raise ConfigError(f"config key {path!r}: must be greater than 0")
+    if path in _NON_NEGATIVE and value < 0:
+        raise ConfigError(f"config key {path!r}: must be 0 or more")
 
 
 def _validate(node: Any, schema: Any, path: str) -> None:

@@ -11,6 +11,7 @@ from . import http1, socks5
 from .conn import Conn, ConnClosed, splice
 from .gate import Gate, Verdict
 from .pipeline import Recorder, Txn, relay, substitute_credentials
+from .pool import UpstreamPool, usable
 from .upstream import UpstreamFailure, connect
 
 log = logging.getLogger("greyproxy.proxy")
@@ -29,6 +30,8 @@ class Limits:
     max_headers: int = 100
     max_connections: int = 10000
     max_per_client: int = 1000
+    upstream_pool_size: int = 32  # idle upstream connections kept per (client, destination); 0: none
+    upstream_idle_timeout: float = 30.0
 
 
 # Called after a CONNECT/SOCKS tunnel is allowed and connected, before piping. Returns True when it
@@ -61,6 +64,9 @@ class ProxyContext:
         # Transaction records of plain-HTTP forward-proxy requests (the same recorder as interception's;
         # set by the service, None = not recorded).
         self.recorder: Recorder | None = None
+        # Idle upstream connections of the forward proxy, per (client identity, host, port).
+        self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=max(0, limits.upstream_pool_size) * 16,
+                                 idle_timeout=limits.upstream_idle_timeout)
         self._refusal_logged = 0.0
 
     def guard(self, ip: str, port: int) -> bool:
@@ -76,7 +82,7 @@ class ProxyContext:
 
     def stats(self) -> dict[str, object]:
         return {"active_connections": self.active, "clients": len(self.per_client),
-                "refused_connections": dict(self.refused)}
+                "refused_connections": dict(self.refused), "upstream_pool": self.pool.stats()}
 
 
 class ClientConn(Conn):
@@ -324,10 +330,43 @@ async def handle_http(client: ClientConn) -> None:
     ctx = client.ctx
     gate, limits = ctx.gate, ctx.limits
     identity = default_identity(client)
+    pool = ctx.pool
     upstream: Conn | None = None
-    upstream_key: tuple[str, int] | None = None
+    upstream_key: tuple[str, str, int] | None = None  # (identity, host, port)
+    clean = False  # the upstream's last exchange ended cleanly: it may serve another request
     cid: int | None = None
     first = True
+
+    def release() -> None:
+        """Done with the current upstream: parked for a later request when clean, else closed."""
+        nonlocal upstream, cid
+        if cid is not None:
+            gate.untrack(cid)
+            cid = None
+        if upstream is not None:
+            if clean and upstream_key is not None:
+                pool.put(upstream_key, upstream)
+            else:
+                upstream.close()
+            upstream = None
+
+    async def attach(key: tuple[str, str, int], verdict: Verdict, fresh: bool) -> tuple[Conn, bool]:
+        """An upstream for `key`: a parked one unless `fresh`, else a new connection (UpstreamFailure).
+        (connection, whether it served a request before)."""
+        nonlocal upstream, upstream_key, cid, clean
+        release()
+        up = None if fresh else pool.get(key)
+        reused = up is not None
+        if up is None:
+            up = await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
+        upstream, upstream_key, clean = up, key, False
+
+        def close_both(u: Conn = up) -> None:
+            client.abort()
+            u.abort()
+
+        cid = gate.track(key[0], key[1], key[2], verdict, close_both)
+        return up, reused
 
     def parse_req(buf: bytes):
         return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
@@ -370,9 +409,7 @@ async def handle_http(client: ClientConn) -> None:
                     gate.finish_log(verdict)
                     client.write(_upstream_error_response(exc))
                     return
-                if upstream is not None:
-                    upstream.close()
-                    upstream = None
+                release()
                 client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
                 await _tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
                 return
@@ -391,45 +428,44 @@ async def handle_http(client: ClientConn) -> None:
                 if t is not None:
                     t.finish(status=403, result="blocked")
                 return
-            key = (head.host, head.port)
-            if upstream is None or upstream.closed or upstream_key != key:
-                if upstream is not None:
-                    upstream.close()
-                if cid is not None:
-                    gate.untrack(cid)
-                    cid = None
+            key = (container, head.host, head.port)
+            reused = True  # the connection served a request before (it may have gone stale since)
+            try:
+                if upstream is None or upstream_key != key or not clean or not usable(upstream):
+                    upstream, reused = await attach(key, verdict, fresh=False)
+                elif cid is not None and cid in gate.live:
+                    gate.live[cid].rule_id = verdict.rule_id
+                substituted = substitute_credentials(head, container)
+                if t is not None:
+                    t.substituted = substituted
+                clean = False
                 try:
-                    upstream = await connect(head.host, head.port, limits.connect_timeout, ctx.guard)
-                except UpstreamFailure as exc:
-                    upstream = None
-                    status, reason, text = _upstream_error(exc)
-                    client.write(_error_response(status, reason, text))
-                    if t is not None:
-                        t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed")
-                    return
-                upstream_key = key
-                up_ref = upstream
-
-                def close_both(up: Conn = up_ref) -> None:
-                    client.abort()
-                    up.abort()
-
-                cid = gate.track(container, head.host, head.port, verdict, close_both)
-            elif cid is not None and cid in gate.live:
-                gate.live[cid].rule_id = verdict.rule_id
-            substituted = substitute_credentials(head, container)
-            if t is not None:
-                t.substituted = substituted
-            keep = await _forward_one(client, upstream, head, limits, t)
-            if upstream.closed:
+                    keep, clean = await _forward_one(client, upstream, head, limits, t, retry_stale=reused)
+                except _StaleUpstream:
+                    # The origin had closed the kept connection as the request went out (nothing
+                    # was answered, nothing was consumed): once more on a new connection.
+                    upstream, _ = await attach(key, verdict, fresh=True)
+                    keep, clean = await _forward_one(client, upstream, head, limits, t)
+            except UpstreamFailure as exc:
                 upstream = None
+                status, reason, text = _upstream_error(exc)
+                client.write(_error_response(status, reason, text))
+                if t is not None:
+                    t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed")
+                return
             if not keep:
                 return
     finally:
-        if cid is not None:
-            gate.untrack(cid)
-        if upstream is not None:
-            upstream.close()
+        release()
+
+
+class _StaleUpstream(Exception):
+    """A reused upstream connection closed before answering a request that may be sent again."""
+
+
+# Requests that may be sent again on a new connection when a kept one turns out closed (RFC 9110
+# §9.2.2: idempotent), and only without a body (its bytes are gone once relayed).
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 
 
 def _fail(client: Conn, t: Txn | None, status: int, reason: str, text: str) -> bool:
@@ -441,11 +477,14 @@ def _fail(client: Conn, t: Txn | None, status: int, reason: str, text: str) -> b
 
 
 async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestHead", limits: Limits,
-                       t: Txn | None = None) -> bool:
-    """Send one request upstream, stream the response back. True if the client connection stays open.
+                       t: Txn | None = None, retry_stale: bool = False) -> tuple[bool, bool]:
+    """Send one request upstream, stream the response back. (whether the client connection stays
+    open, whether the upstream connection may serve another request: its exchange ended cleanly).
 
     With `t`, bodies pass through its capped capture and the record is sent when the exchange ends
-    (however it ends); a WebSocket upgrade is relayed with each message recorded."""
+    (however it ends); a WebSocket upgrade is relayed with each message recorded.
+    With `retry_stale` (a reused connection), an upstream that closes without a byte of answer to a
+    bodiless idempotent request raises `_StaleUpstream` (nothing sent to the client, nothing recorded)."""
     # An HTTP/1.0 client gets an HTTP/1.0 request upstream, so the answer is never chunked.
     version = "1.0" if head.version == "1.0" else "1.1"
     upstream.write(http1.render_request_head(head.method, head.path, version, head.upstream_headers()))
@@ -453,7 +492,9 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
     if head.chunked or (head.content_length or 0) > 0:
         reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
         body_task = _start_body(client, upstream, reader, limits.idle_timeout)
-    continued = False
+    continued = False  # a 100 Continue came
+    interim = False  # any 1xx came (and went to the client)
+    stale = False
     final: http1.ResponseHead | None = None
     try:
         while True:
@@ -462,17 +503,20 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
                                        lambda b: http1.parse_response_head(b, limits.max_header_bytes, head.method),
                                        limits.idle_timeout)
             except asyncio.TimeoutError:
-                return _fail(client, t, 504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time")
+                return False, _fail(client, t, 504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time")
             except (http1.UpstreamError, http1.HttpError) as exc:
-                return _fail(client, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
+                return False, _fail(client, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
             if got is None:
+                if retry_stale and body_task is None and not interim and head.method in _RETRYABLE:
+                    stale = True
+                    raise _StaleUpstream()
                 body_exc = _body_error(body_task)
                 if isinstance(body_exc, http1.HttpError):
-                    return _fail(client, t, body_exc.status, body_exc.reason, f"Greyproxy: {body_exc}")
+                    return False, _fail(client, t, body_exc.status, body_exc.reason, f"Greyproxy: {body_exc}")
                 if body_exc is None:
-                    return _fail(client, t, 502, "Bad Gateway",
-                                 "Greyproxy: upstream closed the connection without answering")
-                return False
+                    return False, _fail(client, t, 502, "Bad Gateway",
+                                        "Greyproxy: upstream closed the connection without answering")
+                return False, False
             resp, n = got
             raw_head = upstream.take(n)
             if resp.status == 101:
@@ -486,11 +530,12 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
                     observers = t.recorder.websocket(t.container, "http", head.host, head.port, head, resp,
                                                      t.rule_id)
                 await relay(client, upstream, limits.idle_timeout, *observers)
-                return False
+                return False, False
             if 100 <= resp.status < 200:
                 if head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
                     client.write(raw_head)  # interim (100 Continue): relay and keep reading
                 continued = continued or resp.status == 100
+                interim = True
                 continue
             break
         final = resp
@@ -517,20 +562,21 @@ async def _forward_one(client: ClientConn, upstream: Conn, head: "http1.RequestH
             client.write(out_head)
         if body_owed:
             upstream.abort()
-            return False
+            return False, False
         if body_task is not None:
             try:
                 await asyncio.wait_for(body_task, limits.idle_timeout)
             except (asyncio.TimeoutError, ConnClosed, http1.HttpError):
                 upstream.abort()
-                return False
+                return False, False
         if not resp.keep_alive or resp.until_close:
             upstream.close()
-        return client_keep
+            return client_keep, False
+        return client_keep, True
     finally:
         if body_task is not None and not body_task.done():
             body_task.cancel()
-        if t is not None:
+        if t is not None and not stale:
             t.finish(final)  # what passed, also when the exchange was cut off (a no-op if already sent)
 
 

@@ -173,6 +173,7 @@ async def main(rt: ServiceRuntime) -> None:
         idle_timeout=float(pcfg["idleTimeout"]), max_header_bytes=int(pcfg["maxHeaderBytes"]),
         max_headers=int(pcfg["maxHeaders"]), max_connections=int(pcfg["maxConnections"]),
         max_per_client=int(pcfg["maxConnectionsPerClient"]),
+        upstream_pool_size=int(pcfg["upstreamPoolSize"]), upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
     )
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
@@ -271,6 +272,7 @@ async def main(rt: ServiceRuntime) -> None:
     finally:
         for s in servers:
             s.close()
+        ctx.pool.close_all()
         if dns is not None:
             dns.close()
         gate.flush_hits()

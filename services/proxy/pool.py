@@ -1,0 +1,121 @@
+"""Idle upstream connections of the HTTP forward proxy, kept for the next request.
+
+A plain-HTTP client that opens a new connection per request (many scripts and SDKs do) would
+otherwise cost the proxy, and the origin, a TCP connect and close for every request. Upstream
+connections that ended an exchange cleanly are parked here and handed to the next request for the
+same destination **from the same client identity**: connections are never shared between
+identities, so connection-bound state at an origin (a login tied to a connection, NTLM) cannot
+leak from one client to another. Each request is still judged by the rules before a connection
+is taken from here.
+
+Bounded: at most `per_key` idle connections per (identity, host, port) and `total` overall (the
+oldest goes first); a parked connection is closed after `idle_timeout` seconds. One that the
+origin closed, or that received unsolicited bytes while parked, is never handed out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+
+from .conn import Conn
+
+Key = tuple[str, str, int]  # (client identity, host, port)
+
+
+class UpstreamPool:
+    def __init__(self, per_key: int = 32, total: int = 512, idle_timeout: float = 30.0) -> None:
+        self.per_key = per_key
+        self.total = total
+        self.idle_timeout = idle_timeout
+        self._idle: OrderedDict[Key, deque[tuple[float, Conn]]] = OrderedDict()  # least recently parked first
+        self._count = 0
+        self._sweeper: asyncio.TimerHandle | None = None
+        self.reused = 0
+        self.parked = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.per_key > 0 and self.total > 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, key: Key) -> Conn | None:
+        """A live idle connection for `key` (most recently parked first), or None."""
+        q = self._idle.get(key)
+        while q:
+            _t, conn = q.pop()
+            self._count -= 1
+            if usable(conn):
+                if not q:
+                    del self._idle[key]
+                self.reused += 1
+                return conn
+            conn.abort()
+        if q is not None:
+            del self._idle[key]
+        return None
+
+    def put(self, key: Key, conn: Conn) -> None:
+        """Park a connection whose last exchange ended cleanly; closes it instead when it cannot be kept."""
+        if not self.enabled or not usable(conn):
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        q = self._idle.get(key)
+        if q is None:
+            q = self._idle[key] = deque()
+        else:
+            self._idle.move_to_end(key)
+        if len(q) >= self.per_key:
+            q.popleft()[1].close()
+            self._count -= 1
+        q.append((loop.time(), conn))
+        self._count += 1
+        self.parked += 1
+        while self._count > self.total:
+            self._drop_oldest()
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(max(self.idle_timeout / 4, 0.05), self._sweep)
+
+    def _drop_oldest(self) -> None:
+        key, q = next(iter(self._idle.items()))
+        q.popleft()[1].close()
+        self._count -= 1
+        if not q:
+            del self._idle[key]
+
+    def _sweep(self) -> None:
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        cutoff = loop.time() - self.idle_timeout
+        for key in list(self._idle):
+            q = self._idle[key]
+            while q and (q[0][0] <= cutoff or not usable(q[0][1])):
+                q.popleft()[1].close()
+                self._count -= 1
+            # Anything dead further back goes at the next get() or sweep.
+            if not q:
+                del self._idle[key]
+        if self._count:
+            self._sweeper = loop.call_later(max(self.idle_timeout / 4, 0.05), self._sweep)
+
+    def close_all(self) -> None:
+        for q in self._idle.values():
+            for _t, conn in q:
+                conn.close()
+        self._idle.clear()
+        self._count = 0
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    def stats(self) -> dict[str, int]:
+        return {"idle": self._count, "reused": self.reused, "parked": self.parked}
+
+
+def usable(conn: Conn) -> bool:
+    """Open, not half-closed by the origin, and nothing unread (an idle origin has nothing to say)."""
+    return not conn.closed and not conn.eof and not conn.buf and conn.transport is not None \
+        and not conn.transport.is_closing()

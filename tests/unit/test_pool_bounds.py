@@ -1,0 +1,121 @@
+"""UpstreamPool bounds and choices (services/proxy/pool.py); the behaviour through the real stack is
+in tests/integration/test_upstream_pool.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+from services.proxy.conn import Conn
+from services.proxy.pool import UpstreamPool
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+        self.aborted = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+
+def conn() -> Conn:
+    c = Conn()
+    c.connection_made(FakeTransport())
+    return c
+
+
+def closed(c: Conn) -> bool:
+    return c.transport.is_closing()  # type: ignore[union-attr]
+
+
+A = ("alice", "example.com", 80)
+B = ("bob", "example.com", 80)
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    return asyncio.new_event_loop().run_until_complete(coro)
+
+
+def test_get_gives_back_the_most_recent_connection_of_that_key_only() -> None:
+    async def go() -> None:
+        pool = UpstreamPool(per_key=4, total=16, idle_timeout=30)
+        c1, c2 = conn(), conn()
+        pool.put(A, c1)
+        pool.put(A, c2)
+        assert pool.get(B) is None  # another identity never gets alice's connections
+        assert pool.get(A) is c2
+        assert pool.get(A) is c1
+        assert pool.get(A) is None
+        assert len(pool) == 0 and pool.stats()["reused"] == 2
+        pool.close_all()
+
+    run(go())
+
+
+def test_per_key_and_total_bounds_close_the_oldest() -> None:
+    async def go() -> None:
+        pool = UpstreamPool(per_key=2, total=3, idle_timeout=30)
+        a = [conn() for _ in range(3)]
+        for c in a:
+            pool.put(A, c)
+        assert closed(a[0]) and not closed(a[1]) and len(pool) == 2
+        b = [conn() for _ in range(2)]
+        for c in b:
+            pool.put(B, c)
+        assert len(pool) == 3 and closed(a[1])  # the oldest overall went
+        assert pool.get(A) is a[2]
+        pool.close_all()
+        assert all(closed(c) for c in (a[0], a[1], *b)) and not closed(a[2])  # a[2] is in use
+
+    run(go())
+
+
+def test_unusable_connections_are_never_handed_out() -> None:
+    async def go() -> None:
+        pool = UpstreamPool(per_key=8, total=16, idle_timeout=30)
+        eof, chatty, gone, good = conn(), conn(), conn(), conn()
+        pool.put(A, good)
+        for c in (eof, chatty, gone):
+            pool.put(A, c)
+        eof.eof_received()  # the origin closed its side while parked
+        chatty.data_received(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # unsolicited bytes
+        gone.connection_lost(None)
+        assert pool.get(A) is good
+        assert closed(eof) and closed(chatty)
+        # A connection that is already unusable is not parked at all.
+        done = conn()
+        done.eof_received()
+        pool.put(A, done)
+        assert len(pool) == 0 and closed(done)
+
+    run(go())
+
+
+def test_disabled_pool_closes_at_once() -> None:
+    async def go() -> None:
+        pool = UpstreamPool(per_key=0, total=0, idle_timeout=30)
+        c = conn()
+        pool.put(A, c)
+        assert closed(c) and pool.get(A) is None
+
+    run(go())
+
+
+def test_idle_connections_are_swept() -> None:
+    async def go() -> None:
+        pool = UpstreamPool(per_key=4, total=16, idle_timeout=0.2)
+        c = conn()
+        pool.put(A, c)
+        await asyncio.sleep(0.15)
+        assert not closed(c)
+        await asyncio.sleep(0.3)
+        assert closed(c) and len(pool) == 0
+
+    run(go())
