@@ -11,6 +11,7 @@ import base64
 import binascii
 import functools
 import ipaddress
+import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,8 +148,16 @@ def _split_authority(authority: str, port_required: bool, default_port: int) -> 
 # ---------------------------------------------------------------------------- headers
 
 
-def _tokens(headers: list[tuple[str, str]], name: str) -> list[str]:
-    """Comma-separated tokens of every `name` header, lower-cased, empties dropped."""
+# Every parsed head carries the set of its field names, lower-cased (`names`): most lookups are for
+# fields that are absent (Expect, Upgrade, Transfer-Encoding, ...), and those are answered without a
+# scan. None (a head built by hand) means "unknown": scan.
+Names = "frozenset[str] | None"
+
+
+def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> list[str]:
+    """Comma-separated tokens of every `name` header (lower-case), lower-cased, empties dropped."""
+    if names is not None and name not in names:
+        return []
     out: list[str] = []
     for k, v in headers:
         if k.lower() == name:
@@ -156,8 +165,10 @@ def _tokens(headers: list[tuple[str, str]], name: str) -> list[str]:
     return out
 
 
-def _first(headers: list[tuple[str, str]], name: str) -> str | None:
+def _first(headers: list[tuple[str, str]], name: str, names: Names = None) -> str | None:
     lname = name.lower()
+    if names is not None and lname not in names:
+        return None
     for k, v in headers:
         if k.lower() == lname:
             return v
@@ -171,8 +182,11 @@ def _keep_alive(version: str, connection: list[str]) -> bool:
     return version == "1.1" or "keep-alive" in connection
 
 
-def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception]) -> tuple[bool, int | None, bool]:
+def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception],
+             names: Names = None) -> tuple[bool, int | None, bool]:
     """(chunked, content_length, until_close_if_response) from TE/CL, refusing ambiguous framing."""
+    if names is not None and "transfer-encoding" not in names and "content-length" not in names:
+        return False, None, True
     te = _tokens(headers, "transfer-encoding")
     has_te = any(k.lower() == "transfer-encoding" for k, _ in headers)
     cls = [v for k, v in headers if k.lower() == "content-length"]
@@ -191,9 +205,12 @@ def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception]) ->
     return False, None, True
 
 
-def _filter_hop_by_hop(headers: list[tuple[str, str]], keep_upgrade: bool) -> list[tuple[str, str]]:
+def _filter_hop_by_hop(headers: list[tuple[str, str]], keep_upgrade: bool,
+                       names: Names = None) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields, all Proxy-*, and whatever Connection names (never framing/Host)."""
-    named = set(_tokens(headers, "connection")) - _NEVER_CONNECTION_DROPPED
+    if names is not None and names.isdisjoint(_HOP_BY_HOP) and not any(n.startswith("proxy-") for n in names):
+        return list(headers)  # nothing to drop (no Connection field, so it names nothing either)
+    named = set(_tokens(headers, "connection", names)) - _NEVER_CONNECTION_DROPPED
     if keep_upgrade:
         named.discard("upgrade")
     out: list[tuple[str, str]] = []
@@ -243,15 +260,16 @@ class RequestHead:
     upgrade: str | None = None
     proxy_user: str | None = None
     authority: str = field(default="", repr=False)  # Host value for upstream, from the target
+    names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
 
     def header(self, name: str) -> str | None:
-        return _first(self.headers, name)
+        return _first(self.headers, name, self.names)
 
     def upstream_headers(self) -> list[tuple[str, str]]:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
         # RFC 9112 §3.2.2: a proxy replaces Host with the target's authority (no Host/URI mismatch).
-        rest = [(k, v) for k, v in _filter_hop_by_hop(self.headers, self.upgrade is not None)
-                if k.lower() != "host"]
+        kept = _filter_hop_by_hop(self.headers, self.upgrade is not None, self.names)
+        rest = [(k, v) for k, v in kept if k.lower() != "host"] if self.names is None or "host" in self.names else kept
         out = [("Host", self.authority)] + rest
         if self.upgrade is not None:
             out.append(("Connection", "upgrade"))
@@ -300,12 +318,18 @@ def _run_parser(parser: httptools.HttpRequestParser | httptools.HttpResponsePars
     return None
 
 
-def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]) -> list[tuple[str, str]]:
+def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception], with_names: bool = True
+                    ) -> tuple[list[tuple[str, str]], frozenset[str] | None]:
+    """The fields as text, and (`with_names`) the set of their names lower-cased.
+
+    Requests get the set (most of their lookups are for absent fields); responses do not: they
+    usually carry the fields looked up (Content-Length, Connection, Content-Type), and building the
+    set would cost more than the scans it saves."""
     headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t")) for name, value in raw]
     # One search over all values at once (joining cannot create a CR, LF or NUL that was not there).
     if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
         raise err("control character in header value")
-    return headers
+    return headers, (frozenset([name.lower().decode("latin-1") for name, _v in raw]) if with_names else None)
 
 
 def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
@@ -358,8 +382,8 @@ def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: i
         raise HttpError(505, f"HTTP/{version} is not supported")
     method = parser.get_method().decode("latin-1")
     target = col.url.decode("latin-1")
-    headers = _decode_headers(col.headers, _bad)
-    head = RequestHead(method=method, target=target, version=version, headers=headers)
+    headers, names = _decode_headers(col.headers, _bad)
+    head = RequestHead(method=method, target=target, version=version, headers=headers, names=names)
     if origin is None:
         _derive_target(head)
     else:
@@ -400,7 +424,7 @@ def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) 
         return
     if not (head.target.startswith("/") or (head.target == "*" and head.method == "OPTIONS")):
         raise _bad("bad request target")
-    hosts = [v for k, v in head.headers if k.lower() == "host"]
+    hosts = [v for k, v in head.headers if k.lower() == "host"] if head.names is None or "host" in head.names else []
     if len(hosts) > 1:
         raise _bad("more than one Host header")
     head.scheme = scheme
@@ -418,27 +442,29 @@ def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) 
 
 
 def _derive_request_headers(head: RequestHead) -> None:
-    headers = head.headers
-    chunked, length, _ = _framing(headers, _bad)
+    headers, names = head.headers, head.names
+    chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":
         raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty
-    if chunked and _tokens(headers, "transfer-encoding") != ["chunked"]:
+    if chunked and _tokens(headers, "transfer-encoding", names) != ["chunked"]:
         # Codings before chunked ('gzip, chunked') are legal but no client sends them to a proxy,
         # and servers disagree on them: only exactly 'chunked' is accepted in a request.
         raise _bad("Transfer-Encoding must be exactly 'chunked'")
-    if any(k.lower() == "transfer-encoding" for k, _ in headers) and not chunked:
+    if not chunked and (names is None or "transfer-encoding" in names) and \
+            any(k.lower() == "transfer-encoding" for k, _ in headers):
         raise _bad("Transfer-Encoding must end with chunked")
     head.chunked, head.content_length = chunked, length
-    connection = _tokens(headers, "connection")
+    connection = _tokens(headers, "connection", names)
     head.keep_alive = _keep_alive(head.version, connection)
-    expect = _first(headers, "expect")
+    expect = _first(headers, "expect", names)
     head.expect_continue = expect is not None and expect.lower() == "100-continue"
-    upgrade = _first(headers, "upgrade")
+    upgrade = _first(headers, "upgrade", names)
     head.upgrade = upgrade if upgrade and "upgrade" in connection and head.method != "CONNECT" else None
-    auth = _first(headers, "proxy-authorization")
+    auth = _first(headers, "proxy-authorization", names)
     head.proxy_user = parse_basic_user(auth) if auth is not None else None
-    # The credential is consumed here; keeping it would leak the password into logs and captures.
-    head.headers = [(k, "[redacted]") if k.lower() == "proxy-authorization" else (k, v) for k, v in headers]
+    if auth is not None:
+        # The credential is consumed here; keeping it would leak the password into logs and captures.
+        head.headers = [(k, "[redacted]") if k.lower() == "proxy-authorization" else (k, v) for k, v in headers]
 
 
 # ---------------------------------------------------------------------------- response head
@@ -455,9 +481,10 @@ class ResponseHead:
     content_length: int | None
     has_body: bool
     until_close: bool
+    names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
 
     def header(self, name: str) -> str | None:
-        return _first(self.headers, name)
+        return _first(self.headers, name, self.names)
 
 
 def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
@@ -486,8 +513,8 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
-    headers = _decode_headers(col.headers, UpstreamError)
-    chunked, length, until_close = _framing(headers, UpstreamError)
+    headers, names = _decode_headers(col.headers, UpstreamError, with_names=False)
+    chunked, length, until_close = _framing(headers, UpstreamError, names)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     bodiless = (request_method.upper() == "HEAD" or 100 <= status < 200 or status in (204, 304)
                 or (request_method.upper() == "CONNECT" and 200 <= status < 300))
@@ -495,10 +522,10 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
         has_body, until_close = False, False
     else:
         has_body = chunked or until_close or (length or 0) > 0
-    keep_alive = _keep_alive(version, _tokens(headers, "connection")) and not until_close
+    keep_alive = _keep_alive(version, _tokens(headers, "connection", names)) and not until_close
     head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
                         headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
-                        content_length=length, has_body=has_body, until_close=until_close)
+                        content_length=length, has_body=has_body, until_close=until_close, names=names)
     return head, consumed
 
 
@@ -513,7 +540,7 @@ def _check_field(*parts: str) -> None:
 
 def _check_fields(headers: list[tuple[str, str]]) -> None:
     """_check_field on every name and value, in one regex search over them all."""
-    if _BAD_VALUE_CHARS.search("".join([k + v for k, v in headers])):
+    if _BAD_VALUE_CHARS.search("".join(itertools.chain.from_iterable(headers))):
         for k, v in headers:
             _check_field(k, v)  # names the offending field
 
@@ -530,7 +557,7 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
 def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
     """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
     _check_field(resp.reason)
-    headers = _filter_hop_by_hop(resp.headers, False)
+    headers = _filter_hop_by_hop(resp.headers, False, resp.names)
     _check_fields(headers)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
     lines += [f"{k}: {v}\r\n" for k, v in headers]
