@@ -190,6 +190,12 @@ def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception],
     te = _tokens(headers, "transfer-encoding")
     has_te = any(k.lower() == "transfer-encoding" for k, _ in headers)
     cls = [v for k, v in headers if k.lower() == "content-length"]
+    return _framing_of(te, has_te, cls, err)
+
+
+def _framing_of(te: list[str], has_te: bool, cls: list[str], err: Callable[[str], Exception]
+                ) -> tuple[bool, int | None, bool]:
+    """_framing from the Transfer-Encoding tokens, whether that field is present, the Content-Length values."""
     if has_te and cls:
         raise err("both Content-Length and Transfer-Encoding")  # the classic smuggling pair
     if len(cls) > 1:
@@ -482,6 +488,10 @@ class ResponseHead:
     has_body: bool
     until_close: bool
     names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
+    # The head as received, when it can be relayed as it is: HTTP/1.1 and no hop-by-hop field but
+    # at most one `Connection: keep-alive` (`raw_keep_alive`). None: render_response_head rebuilds it.
+    raw: bytes | None = field(default=None, repr=False, compare=False)
+    raw_keep_alive: bool = field(default=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         return _first(self.headers, name, self.names)
@@ -513,8 +523,34 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
-    headers, names = _decode_headers(col.headers, UpstreamError, with_names=False)
-    chunked, length, until_close = _framing(headers, UpstreamError, names)
+    # One pass over the fields: their text, and what framing, keep-alive and relaying need.
+    headers: list[tuple[str, str]] = []
+    te: list[str] = []
+    has_te = False
+    cls: list[str] = []
+    connection: list[str] = []
+    n_connection = 0
+    other_hop = False  # a hop-by-hop field other than Connection (or any Proxy-*)
+    for raw_name, raw_value in col.headers:
+        k, v = raw_name.decode("latin-1"), raw_value.decode("latin-1").strip(" \t")
+        headers.append((k, v))
+        lk = k.lower()
+        if lk in _RESPONSE_FIELDS:
+            if lk == "content-length":
+                cls.append(v)
+            elif lk == "transfer-encoding":
+                has_te = True
+                te.extend(t.strip().lower() for t in v.split(",") if t.strip())
+            elif lk == "connection":
+                n_connection += 1
+                connection.extend(t.strip().lower() for t in v.split(",") if t.strip())
+            else:
+                other_hop = True
+        elif lk.startswith("proxy-"):
+            other_hop = True
+    if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
+        raise UpstreamError("control character in header value")
+    chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     bodiless = (request_method.upper() == "HEAD" or 100 <= status < 200 or status in (204, 304)
                 or (request_method.upper() == "CONNECT" and 200 <= status < 300))
@@ -522,11 +558,17 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
         has_body, until_close = False, False
     else:
         has_body = chunked or until_close or (length or 0) > 0
-    keep_alive = _keep_alive(version, _tokens(headers, "connection", names)) and not until_close
+    keep_alive = _keep_alive(version, connection) and not until_close
     head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
                         headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
-                        content_length=length, has_body=has_body, until_close=until_close, names=names)
+                        content_length=length, has_body=has_body, until_close=until_close)
+    if version == "1.1" and not other_hop and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"])):
+        head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
     return head, consumed
+
+
+# Response fields the single pass looks at: framing, and the hop-by-hop ones.
+_RESPONSE_FIELDS = frozenset({"content-length", "transfer-encoding"}) | _HOP_BY_HOP
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -556,6 +598,15 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
 
 def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
     """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
+    raw = resp.raw
+    if raw is not None:
+        # Nothing hop-by-hop to drop (the parser checked every field): the bytes as received, with
+        # our Connection field, or theirs when it already says what ours would.
+        if resp.raw_keep_alive:
+            if keep_alive:
+                return raw
+        else:
+            return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)
     headers = _filter_hop_by_hop(resp.headers, False, resp.names)
     _check_fields(headers)

@@ -1151,3 +1151,31 @@ def test_fuzz_mutated_chunked(edits: list[tuple[int, int]]) -> None:
     except HttpError:
         return
     assert fwd + rest == data and (done or not rest)
+
+
+def test_render_response_head_relays_a_clean_head_as_received() -> None:
+    # Nothing hop-by-hop: the bytes as they came (odd spacing and all) plus our Connection field.
+    raw = b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Type:  text/plain \r\nContent-Length: 2\r\n\r\n"
+    resp, _ = parse_response_head(raw)  # type: ignore[misc]
+    assert render_response_head(resp, keep_alive=True) == raw[:-2] + b"Connection: keep-alive\r\n\r\n"
+    assert render_response_head(resp, keep_alive=False) == raw[:-2] + b"Connection: close\r\n\r\n"
+    # Their own `Connection: keep-alive` is what ours would say: relayed unchanged.
+    raw2 = b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nContent-Length: 2\r\n\r\n"
+    resp2, _ = parse_response_head(raw2)  # type: ignore[misc]
+    assert render_response_head(resp2, keep_alive=True) == raw2
+    assert render_response_head(resp2, keep_alive=False) == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize("extra", [
+    b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n",  # names another field
+    b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+    b"Connection: keep-alive\r\nConnection: keep-alive\r\n",
+    b"Proxy-Authenticate: Basic\r\n",
+    b"Upgrade: h2c\r\n",
+    b"Trailer: X-Checksum\r\n",
+])
+def test_render_response_head_rebuilds_a_head_with_hop_by_hop_fields(extra: bytes) -> None:
+    resp, _ = parse_response_head(b"HTTP/1.1 200 OK\r\nServer: x\r\n" + extra + b"Content-Length: 2\r\n\r\n")  # type: ignore[misc]
+    assert render_response_head(resp, keep_alive=True) == (
+        b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
