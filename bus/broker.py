@@ -25,6 +25,11 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     xsub = ctx.socket(zmq.XSUB)
     xsub.setsockopt(zmq.RCVHWM, SUB_HWM)
     xsub.bind(pub_endpoint)
+    # The subscribers' (un)subscriptions travel the other way, XPUB -> XSUB -> every publisher:
+    # XPUB (not verbose) passes a prefix's first subscription and last unsubscription (a
+    # subscriber that goes away unsubscribes from all it had), and XSUB sends the ones current
+    # to each publisher that connects. bus.pubsub.Publisher relies on this to skip events
+    # nobody subscribes to (XPUB_VERBOSE here would leave them subscriptions that are gone).
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.SNDHWM, SUB_HWM)
     xpub.bind(sub_endpoint)

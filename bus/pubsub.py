@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -18,25 +19,86 @@ log = logging.getLogger("greyproxy.bus")
 class Publisher:
     """Publishes events; never blocks: a full queue drops the event (pub/sub is lossy by design).
 
+    It also knows which topic prefixes someone on the bus subscribes to: its socket is an XPUB,
+    and the broker forwards every subscriber's (un)subscriptions to it (the ones current when it
+    connects, then each change). `wanted(topic)` says whether an event on `topic` would reach
+    anyone, so a caller can skip building a payload nobody subscribes to; `publish` skips
+    encoding such an event. Both mirror the socket's own filter, which drops such an event
+    anyway: libzmq updates that filter and hands us the (un)subscription in the same step, and
+    `wanted` takes in every one that has arrived before answering. While unsure (before the first
+    subscription arrives, for `settle` seconds after connecting) it answers yes.
+
     Not thread-safe: use it from one thread (the event loop's, or the one writer thread).
     """
 
-    def __init__(self, endpoint: str, source: str, ctx: zmq.Context | None = None) -> None:
+    SETTLE = 1.0  # seconds after connecting during which, with no subscription seen yet, all is wanted
+
+    def __init__(self, endpoint: str, source: str, ctx: zmq.Context | None = None, settle: float = SETTLE) -> None:
         self.source = source
         self.seq = 0
         self.dropped = 0
+        self.skipped = 0  # events nobody subscribed to, not sent
         self._ctx = ctx or zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.PUB)
+        self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
+        self._prefixes: set[bytes] = set()  # subscribed prefixes (b"" = everything)
+        self._cache: dict[str, bool] = {}  # topic -> wanted, for the current prefixes
+        self._unsure_until: float | None = time.monotonic() + settle
         self._sock.connect(endpoint)
 
-    def publish(self, topic: str, data: Any) -> None:
+    def _take_subscriptions(self) -> None:
+        """Take in the (un)subscriptions that arrived; non-blocking."""
+        sock = self._sock
+        # ZMQ_EVENTS also makes the socket process what its I/O thread delivered (new
+        # subscriptions included), so afterwards the pending ones are all readable.
+        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            return
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # b"\x01prefix" subscribes, b"\x00prefix" unsubscribes; anything else is not ours.
+            # Without XPUB_VERBOSE libzmq passes a prefix's first subscription and its last
+            # unsubscription only, so a set (not a count) mirrors its filter.
+            if not msg or msg[0] > 1:
+                continue
+            if msg[0] == 1:
+                self._prefixes.add(msg[1:])
+            else:
+                self._prefixes.discard(msg[1:])
+            self._cache.clear()
+            self._unsure_until = None
+
+    def wanted(self, topic: str) -> bool:
+        """Whether some subscriber's prefix matches `topic` (in doubt: True)."""
+        self._take_subscriptions()
+        if self._unsure_until is not None:
+            if time.monotonic() < self._unsure_until:
+                return True
+            self._unsure_until = None
+        hit = self._cache.get(topic)
+        if hit is None:
+            t = topic.encode()
+            hit = self._cache[topic] = any(t.startswith(p) for p in self._prefixes)
+        return hit
+
+    def publish(self, topic: str, data: Any, *, check: bool = True) -> None:
+        """Send one event; with check=False the caller has just asked `wanted(topic)` itself."""
         self.seq += 1
+        if check and not self.wanted(topic):
+            self.skipped += 1  # the socket would drop it: no subscriber matches
+            return
         try:
             self._sock.send_multipart(message.encode(topic, data, self.source, self.seq), zmq.NOBLOCK)
         except zmq.Again:
             self.dropped += 1
+
+    def skip(self) -> None:
+        """Count an event not built because `wanted` said no one wants it (keeps `seq` as if sent)."""
+        self.seq += 1
+        self.skipped += 1
 
     def close(self) -> None:
         self._sock.close()

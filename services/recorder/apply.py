@@ -1,7 +1,9 @@
 """Applying journal records to SQLite: one transaction per batch, idempotent on record id.
 
 Returns the events to publish after the commit (so a subscriber that reads the database on
-an event finds the change).
+an event finds the change). With `lazy=True` the per-request events (`log.new`,
+`transaction.new`) come back as `Deferred` payloads, built only if someone subscribes to the
+topic when they are published (see services/recorder/service.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable
+from operator import itemgetter
 from typing import Any
 
 from bus import topics
@@ -24,6 +27,24 @@ LOG_COLUMNS = ("timestamp", "container_name", "container_id", "destination_host"
                "resolved_hostname", "method", "result", "rule_id", "response_time_ms", "reason",
                "mitm_skip_reason")
 _LOG_INSERT = f"INSERT INTO logs ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})"
+_log_params = itemgetter(*LOG_COLUMNS)
+
+
+class Deferred:
+    """An event payload not built yet: `fn(row, data)`, called by `build()` once someone wants it."""
+
+    __slots__ = ("fn", "row", "data")
+
+    def __init__(self, fn: Callable[[dict[str, Any], Any], Any], row: dict[str, Any], data: Any) -> None:
+        self.fn, self.row, self.data = fn, row, data
+
+    def build(self) -> Any:
+        return self.fn(self.row, self.data)
+
+
+def materialize(events: list[Event]) -> list[Event]:
+    """The events with every Deferred payload built."""
+    return [(t, d.build() if type(d) is Deferred else d) for t, d in events]
 
 
 def _log_row(data: dict[str, Any]) -> dict[str, Any]:
@@ -34,24 +55,24 @@ def _log_row(data: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _log_payload(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    return log_json(row, data.get("rule_summary"))
+
+
 def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     row = _log_row(data)
-    cur.execute(_LOG_INSERT, tuple(row[k] for k in LOG_COLUMNS))
+    cur.execute(_LOG_INSERT, _log_params(row))
     row["id"] = cur.lastrowid
-    events.append((topics.LOG_NEW, log_json(row, data.get("rule_summary"))))
+    events.append((topics.LOG_NEW, Deferred(_log_payload, row, data)))
 
 
 def _log_build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
     row = _log_row(data)
-    return row, tuple(row[k] for k in LOG_COLUMNS)
-
-
-def _log_event(row: dict[str, Any], data: dict[str, Any]) -> Event:
-    return topics.LOG_NEW, log_json(row, data.get("rule_summary"))
+    return row, _log_params(row)
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    apply_run(cur, run, events, "logs", _LOG_INSERT, _log_build, _log_event)
+    apply_run(cur, run, events, "logs", _LOG_INSERT, _log_build, topics.LOG_NEW, _log_payload)
 
 
 def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -133,12 +154,13 @@ _RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sql
 
 
 def apply_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event], table: str, sql: str,
-              build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]],
-              event: Callable[[dict[str, Any], dict[str, Any]], Event]) -> None:
+              build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]], topic: str,
+              payload: Callable[[dict[str, Any], Any], Any]) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data)` gives the row and its parameters,
-    `event(row, data)` the event published after the commit. Any bad record: the run is undone and
-    applied one record at a time, so only the bad one is dropped."""
+    per proxied request, so runs are long). `build(data)` gives the row and its parameters; each
+    row's event on `topic` is published after the commit with the payload `payload(row, data)`,
+    deferred (built only if someone wants it). Any bad record: the run is undone and applied one
+    record at a time, so only the bad one is dropped."""
     try:
         built = [build(data) for _rid, _kind, data in run]
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
@@ -155,7 +177,7 @@ def apply_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event], table
         return
     for (row, _params), rid, (_r, _k, data) in zip(built, ids, run):
         row["id"] = rid
-        events.append(event(row, data))
+        events.append((topic, Deferred(payload, row, data)))
 
 
 def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:
@@ -209,10 +231,21 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
 
 
 _ID_CHUNK = 500  # bound parameters per "already applied?" query
+_MARK_APPLIED = "INSERT INTO journal_applied (record_id, applied_at) VALUES (?, ?)"
 
 
 def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Record]:
     """The records not applied before (nor earlier in this batch), now marked applied."""
+    # The usual batch has only new ids: marking them all at once (the primary key refuses an id
+    # seen before) spares a look-up per record. A refusal means a resend: undo, sort them out.
+    cur.execute("SAVEPOINT fresh")
+    try:
+        cur.executemany(_MARK_APPLIED, [(rec[0], now) for rec in records])
+        cur.execute("RELEASE fresh")
+        return records
+    except sqlite3.IntegrityError:
+        cur.execute("ROLLBACK TO fresh")
+        cur.execute("RELEASE fresh")
     seen: set[str] = set()
     for i in range(0, len(records), _ID_CHUNK):
         ids = [r[0] for r in records[i:i + _ID_CHUNK]]
@@ -224,15 +257,16 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
             continue  # already applied: a resend after a lost ack
         seen.add(rec[0])
         fresh.append(rec)
-    cur.executemany("INSERT INTO journal_applied (record_id, applied_at) VALUES (?, ?)",
-                    [(rec[0], now) for rec in fresh])
+    cur.executemany(_MARK_APPLIED, [(rec[0], now) for rec in fresh])
     return fresh
 
 
-def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]]) -> list[Event]:
+def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]], lazy: bool = False) -> list[Event]:
     """Apply a batch in one transaction; a record id already applied is skipped. The log records
     (the bulk of the journal) go in together with one executemany, after the other kinds, each
-    kind in its own order (log rows depend on no other record, and no other record on them)."""
+    kind in its own order (log rows depend on no other record, and no other record on them).
+    The events to publish come back with their payloads built, or with `lazy` some of them as
+    `Deferred` ones, for the publisher to build only if someone subscribes to their topic."""
     events: list[Event] = []
     now = time.time()
     cur = conn.cursor()
@@ -250,4 +284,4 @@ def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]])
     except BaseException:
         cur.execute("ROLLBACK")
         raise
-    return events
+    return events if lazy else materialize(events)

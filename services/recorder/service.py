@@ -8,15 +8,37 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from bus.journal import JournalConsumer
+from bus.pubsub import Publisher
 from bus.reqrep import ControlServer
 from greyproxy.config import Config
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
 from . import transactions  # noqa: F401 - registers the `transaction` record kind
-from .apply import apply_records
+from .apply import Deferred, apply_records
 
 log = logging.getLogger("greyproxy.recorder")
+
+
+def publish_events(publisher: Publisher, events: list[tuple[str, Any]]) -> None:
+    """Publish a committed batch's events, building a Deferred payload only if its topic is wanted.
+
+    Asked here, after the commit and on the publisher's thread, not before applying: a
+    subscription that arrives while a batch is written still gets that batch's events. Usually
+    nobody subscribes to log.new/transaction.new (the /ws bridge does only while a client is
+    connected): their payloads are then never built.
+    """
+    wanted: dict[str, bool] = {}  # once per topic per batch
+    for topic, data in events:
+        want = wanted.get(topic)
+        if want is None:
+            want = wanted[topic] = publisher.wanted(topic)
+        if not want:
+            publisher.skip()
+            continue
+        if type(data) is Deferred:
+            data = data.build()
+        publisher.publish(topic, data, check=False)
 
 
 async def main(rt: ServiceRuntime) -> None:
@@ -27,14 +49,14 @@ async def main(rt: ServiceRuntime) -> None:
     db = await loop.run_in_executor(writer, open_database, cfg.db_path)
 
     def apply(records: list[tuple[str, str, Any]]) -> list[tuple[str, Any]]:
-        return apply_records(db.connection(), records)
+        return apply_records(db.connection(), records, lazy=True)
 
     def after_commit(events: list[tuple[str, Any]]) -> None:
-        for topic, data in events:
-            rt.publisher.publish(topic, data)
+        publish_events(rt.publisher, events)
 
     consumer = JournalConsumer(cfg.bus["journal"], apply, writer, after_commit)
-    rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches})
+    rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches,
+                          "events_skipped": rt.publisher.skipped})
     control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats()})
     log.info("recorder up: journal %s, db %s", cfg.bus["journal"], cfg.db_path)
     try:

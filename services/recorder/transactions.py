@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from operator import itemgetter
 from typing import Any
 
 import orjson
@@ -15,12 +16,13 @@ import orjson
 from bus import topics
 from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
 
-from .apply import Event, Record, apply_run, register
+from .apply import Deferred, Event, Record, apply_run, register
 
 _COLUMNS = tuple(c for c in TRANSACTION_COLUMNS if c != "id")
 _INSERT = f"INSERT INTO http_transactions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _JSON = {"request_headers": {}, "response_headers": {}, "substituted_credentials": []}
 _INTS = ("destination_port", "request_body_size", "response_body_size")
+_params_of = itemgetter(*_COLUMNS)
 
 
 def _row(data: dict[str, Any]) -> dict[str, Any]:
@@ -40,15 +42,20 @@ def _row(data: dict[str, Any]) -> dict[str, Any]:
 def _params(row: dict[str, Any]) -> tuple:
     stored = dict(row)
     for col, default in _JSON.items():
-        stored[col] = orjson.dumps(row[col] if row[col] is not None else default).decode()
-    return tuple(stored[c] for c in _COLUMNS)
+        value = row[col]
+        stored[col] = orjson.dumps(value if value is not None else default).decode()
+    return _params_of(stored)
+
+
+def _payload(row: dict[str, Any], data: Any) -> dict[str, Any]:
+    return transaction_json(row, include_bodies=False)
 
 
 def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     row = _row(data)
     cur.execute(_INSERT, _params(row))
     row["id"] = cur.lastrowid
-    events.append((topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)))
+    events.append((topics.TRANSACTION_NEW, Deferred(_payload, row, data)))
 
 
 def _build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
@@ -56,12 +63,8 @@ def _build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
     return row, _params(row)
 
 
-def _event(row: dict[str, Any], data: dict[str, Any]) -> Event:
-    return topics.TRANSACTION_NEW, transaction_json(row, include_bodies=False)
-
-
 def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    apply_run(cur, run, events, "http_transactions", _INSERT, _build, _event)
+    apply_run(cur, run, events, "http_transactions", _INSERT, _build, topics.TRANSACTION_NEW, _payload)
 
 
 register("transaction", apply_transaction, apply_transaction_run)
