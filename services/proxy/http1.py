@@ -596,6 +596,9 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
     return "".join(lines).encode("latin-1")
 
 
+_THEIR_KEEP_ALIVE = b"\r\nConnection: keep-alive\r\n"
+
+
 def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
     """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
     raw = resp.raw
@@ -605,6 +608,9 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
         if resp.raw_keep_alive:
             if keep_alive:
                 return raw
+            i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
+            if i >= 0:
+                return raw[:i + 2] + raw[i + len(_THEIR_KEEP_ALIVE):-2] + b"Connection: close\r\n\r\n"
         else:
             return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)

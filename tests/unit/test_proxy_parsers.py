@@ -1179,3 +1179,11 @@ def test_render_response_head_rebuilds_a_head_with_hop_by_hop_fields(extra: byte
     resp, _ = parse_response_head(b"HTTP/1.1 200 OK\r\nServer: x\r\n" + extra + b"Content-Length: 2\r\n\r\n")  # type: ignore[misc]
     assert render_response_head(resp, keep_alive=True) == (
         b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
+
+
+def test_render_response_head_closing_replaces_their_keep_alive() -> None:
+    for conn_line in (b"Connection: keep-alive", b"connection: Keep-Alive"):
+        resp, _ = parse_response_head(  # type: ignore[misc]
+            b"HTTP/1.1 200 OK\r\nServer: x\r\n" + conn_line + b"\r\nContent-Length: 2\r\n\r\n")
+        assert render_response_head(resp, keep_alive=False) == (
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
