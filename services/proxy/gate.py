@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import math
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ from typing import Any
 from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
-from greyproxy.policy import RuleSet, rule_summary
+from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.patterns import normalise_host
 from greyproxy.timeutil import rfc3339
 
@@ -28,6 +29,7 @@ Key = tuple[str, str, int]  # (container, host, port)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
+DECISION_CACHE = 10_000  # cached rule decisions (see Gate._decisions)
 NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
 
 
@@ -91,6 +93,11 @@ class Gate:
                  local_hosts: set[str], hold_timeout: float, max_pending: int) -> None:
         self.journal = journal
         self.publisher = publisher
+        # Rule decisions per (container, host, port, resolved name) for the current rule set: the
+        # same few destinations come back on every request. A decision stays right until the rule
+        # set is replaced (the cache with it) or its winning rule expires (a rule that loses now
+        # can only lose more as others expire, and an expired rule never comes back).
+        self._decisions: dict[tuple[str, str, int, str | None], tuple[Decision, float]] = {}
         self.rules = RuleSet([])
         self.rules_version = -1
         self.own_ports = own_ports
@@ -169,7 +176,7 @@ class Gate:
             return Verdict(True, "silent_allow")
         if mode == "deny":
             return Verdict(False, "silent_deny")
-        d = self.rules.decide(container, host, port, resolved_hostname=resolved)
+        d = self._decide_rules(container, host, port, resolved)
         if d.rule is not None:
             self._hit(d.rule.id)
             return Verdict(d.rule.action == "allow", "rule", d.rule.id)
@@ -250,6 +257,28 @@ class Gate:
                     hold.future.set_result(Verdict(False, reason))
                     n += 1
         return n
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: RuleSet) -> None:
+        self._rules = rules
+        self._decisions = {}
+
+    def _decide_rules(self, container: str, host: str, port: int, resolved: str | None) -> Decision:
+        key = (container, host, port, resolved)
+        hit = self._decisions.get(key)
+        now = time.time()
+        if hit is not None and now < hit[1]:
+            return hit[0]
+        d = self._rules.decide(container, host, port, resolved_hostname=resolved, now=now)
+        if len(self._decisions) >= DECISION_CACHE:
+            self._decisions.clear()  # bounded (destinations come from clients): start over
+        expires = d.rule.expires_at if d.rule is not None else None
+        self._decisions[key] = (d, expires if expires is not None else math.inf)
+        return d
 
     def set_rules(self, rules: RuleSet, version: int) -> None:
         self.rules = rules
