@@ -352,7 +352,7 @@ def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: i
     `origin=(scheme, host, port)` parses a request sent to an origin server (inside a tunnel):
     origin-form targets, the authority from Host, and (host, port) when Host is absent (HTTP/1.0).
     """
-    start = _skip_blank_lines(buf)
+    start = _skip_blank_lines(buf) if buf[:1] in (b"\r", b"\n") else 0
     if buf.startswith(_H2_PREFACE, start):
         raise HttpError(505, "HTTP/2 is not supported by this proxy")
     # Sizes count from the very start of buf, so endless blank lines are bounded too.
@@ -492,8 +492,12 @@ class ResponseHead:
     # at most one `Connection: keep-alive` (`raw_keep_alive`). None: render_response_head rebuilds it.
     raw: bytes | None = field(default=None, repr=False, compare=False)
     raw_keep_alive: bool = field(default=False, repr=False, compare=False)
+    # lower-case name -> first value, when the parser built it (else header() scans)
+    index: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
+        if self.index is not None:
+            return self.index.get(name.lower())
         return _first(self.headers, name, self.names)
 
 
@@ -531,10 +535,13 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
     connection: list[str] = []
     n_connection = 0
     other_hop = False  # a hop-by-hop field other than Connection (or any Proxy-*)
+    index: dict[str, str] = {}
     for raw_name, raw_value in col.headers:
         k, v = raw_name.decode("latin-1"), raw_value.decode("latin-1").strip(" \t")
         headers.append((k, v))
         lk = k.lower()
+        if lk not in index:
+            index[lk] = v
         if lk in _RESPONSE_FIELDS:
             if lk == "content-length":
                 cls.append(v)
@@ -561,7 +568,7 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
     keep_alive = _keep_alive(version, connection) and not until_close
     head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
                         headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
-                        content_length=length, has_body=has_body, until_close=until_close)
+                        content_length=length, has_body=has_body, until_close=until_close, index=index)
     if version == "1.1" and not other_hop and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"])):
         head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
     return head, consumed
