@@ -72,6 +72,7 @@ _SCHEMA: dict[str, Any] = {
         "maxConnections": int,
         "maxConnectionsPerClient": int,
         "journalOutbox": int,
+        "journalOutboxMiB": int,
         "upstreamPoolSize": int,
         "upstreamIdleTimeout": _NUM,
     },
@@ -85,7 +86,7 @@ _POSITIVE = {
     "bus.heartbeatInterval", "bus.requestTimeout", "bus.requestRetries", "proxy.holdTimeout",
     "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
     "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
-    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.upstreamIdleTimeout", "dns.timeout", "dns.cacheSize",
+    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout", "dns.timeout", "dns.cacheSize",
     "capture.maxBodyBytes", "retention.days",
 }
 

@@ -157,7 +157,8 @@ async def main(rt: ServiceRuntime) -> None:
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(executor, open_database, cfg.db_path)
 
-    journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(pcfg["journalOutbox"]))
+    journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(pcfg["journalOutbox"]),
+                            outbox_bytes=int(pcfg["journalOutboxMiB"]) * 1024 * 1024)
     local_hosts = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
     gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]),
                 int(pcfg["maxPending"]))
