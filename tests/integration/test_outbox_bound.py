@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.server
 import os
-import shutil
 import signal
 import sqlite3
 import threading
@@ -48,9 +47,7 @@ def origin() -> Iterator[int]:
 
 
 def test_outbox_is_bounded_in_bytes_by_the_config(origin: int) -> None:
-    s = Stack({"proxy": {"journalOutboxMiB": 1}})
-    try:
-        s.start()
+    with Stack({"proxy": {"journalOutboxMiB": 1}}) as s:
         cfg = load_config(s.cfg_path, env=s.env)
         recorder = wait_for(lambda: s.health()[1]["services"]["recorder"]["pid"], 10, message="recorder pid")
 
@@ -76,6 +73,3 @@ def test_outbox_is_bounded_in_bytes_by_the_config(origin: int) -> None:
         finally:
             db.close()
         assert 0 < stored < 300
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)

@@ -101,13 +101,8 @@ def origin() -> Iterator[Origin]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    s = Stack({"proxy": {"upstreamIdleTimeout": POOL_IDLE, "holdTimeout": 2}})
-    try:
-        s.start()
+    with Stack({"proxy": {"upstreamIdleTimeout": POOL_IDLE, "holdTimeout": 2}}) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 def curl(stack: Stack, user: str, url: str, *extra: str) -> tuple[int, str]:
