@@ -86,8 +86,8 @@ _POSITIVE = {
     "bus.heartbeatInterval", "bus.requestTimeout", "bus.requestRetries", "proxy.holdTimeout",
     "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
     "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
-    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout", "dns.timeout", "dns.cacheSize",
-    "capture.maxBodyBytes", "retention.days",
+    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout",
+    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days",
 }
 
 _NON_NEGATIVE = {"proxy.upstreamPoolSize"}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import math
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -93,12 +93,7 @@ class Gate:
                  local_hosts: set[str], hold_timeout: float, max_pending: int) -> None:
         self.journal = journal
         self.publisher = publisher
-        # Rule decisions per (container, host, port, resolved name) for the current rule set: the
-        # same few destinations come back on every request. A decision stays right until the rule
-        # set is replaced (the cache with it) or its winning rule expires (a rule that loses now
-        # can only lose more as others expire, and an expired rule never comes back).
-        self._decisions: dict[tuple[str, str, int, str | None], tuple[Decision, float]] = {}
-        self.rules = RuleSet([])
+        self.rules = RuleSet([])  # also starts the decision cache (see the setter)
         self.rules_version = -1
         self.own_ports = own_ports
         self.local_hosts = {h.lower() for h in local_hosts} | {"localhost", "0.0.0.0", "::", "::1"}
@@ -265,7 +260,11 @@ class Gate:
     @rules.setter
     def rules(self, rules: RuleSet) -> None:
         self._rules = rules
-        self._decisions = {}
+        # Rule decisions per (container, host, port, resolved name) for this rule set: the same few
+        # destinations come back on every request. A decision stays right until the rule set is
+        # replaced (and this cache with it) or its winning rule expires (a rule that loses now can
+        # only lose more as others expire, and an expired rule never comes back).
+        self._decisions: dict[tuple[str, str, int, str | None], tuple[Decision, float]] = {}
 
     def _decide_rules(self, container: str, host: str, port: int, resolved: str | None) -> Decision:
         key = (container, host, port, resolved)

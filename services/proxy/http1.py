@@ -151,17 +151,22 @@ def _split_authority(authority: str, port_required: bool, default_port: int) -> 
 # Every parsed head carries the set of its field names, lower-cased (`names`): most lookups are for
 # fields that are absent (Expect, Upgrade, Transfer-Encoding, ...), and those are answered without a
 # scan. None (a head built by hand) means "unknown": scan.
-Names = "frozenset[str] | None"
+Names = frozenset[str] | None
+
+
+def _split_tokens(value: str) -> list[str]:
+    """A comma-separated field value's tokens, lower-cased, empties dropped."""
+    return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
 def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> list[str]:
-    """Comma-separated tokens of every `name` header (lower-case), lower-cased, empties dropped."""
+    """The tokens (`_split_tokens`) of every `name` header (lower-case)."""
     if names is not None and name not in names:
         return []
     out: list[str] = []
     for k, v in headers:
         if k.lower() == name:
-            out.extend(t.strip().lower() for t in v.split(",") if t.strip())
+            out.extend(_split_tokens(v))
     return out
 
 
@@ -324,18 +329,15 @@ def _run_parser(parser: httptools.HttpRequestParser | httptools.HttpResponsePars
     return None
 
 
-def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception], with_names: bool = True
-                    ) -> tuple[list[tuple[str, str]], frozenset[str] | None]:
-    """The fields as text, and (`with_names`) the set of their names lower-cased.
-
-    Requests get the set (most of their lookups are for absent fields); responses do not: they
-    usually carry the fields looked up (Content-Length, Connection, Content-Type), and building the
-    set would cost more than the scans it saves."""
+def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]
+                    ) -> tuple[list[tuple[str, str]], frozenset[str]]:
+    """A request's fields as text, and the set of their names lower-cased (most lookups in a
+    request are for absent fields). Response heads take their own single pass instead."""
     headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t")) for name, value in raw]
     # One search over all values at once (joining cannot create a CR, LF or NUL that was not there).
     if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
         raise err("control character in header value")
-    return headers, (frozenset([name.lower().decode("latin-1") for name, _v in raw]) if with_names else None)
+    return headers, frozenset([name.lower().decode("latin-1") for name, _v in raw])
 
 
 def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
@@ -487,7 +489,6 @@ class ResponseHead:
     content_length: int | None
     has_body: bool
     until_close: bool
-    names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
     # The head as received, when it can be relayed as it is: HTTP/1.1 and no hop-by-hop field but
     # at most one `Connection: keep-alive` (`raw_keep_alive`). None: render_response_head rebuilds it.
     raw: bytes | None = field(default=None, repr=False, compare=False)
@@ -498,7 +499,7 @@ class ResponseHead:
     def header(self, name: str) -> str | None:
         if self.index is not None:
             return self.index.get(name.lower())
-        return _first(self.headers, name, self.names)
+        return _first(self.headers, name)
 
 
 def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
@@ -547,10 +548,10 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
                 cls.append(v)
             elif lk == "transfer-encoding":
                 has_te = True
-                te.extend(t.strip().lower() for t in v.split(",") if t.strip())
+                te.extend(_split_tokens(v))
             elif lk == "connection":
                 n_connection += 1
-                connection.extend(t.strip().lower() for t in v.split(",") if t.strip())
+                connection.extend(_split_tokens(v))
             else:
                 other_hop = True
         elif lk.startswith("proxy-"):
@@ -621,7 +622,7 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
         else:
             return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)
-    headers = _filter_hop_by_hop(resp.headers, False, resp.names)
+    headers = _filter_hop_by_hop(resp.headers, False)
     _check_fields(headers)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
     lines += [f"{k}: {v}\r\n" for k, v in headers]

@@ -33,6 +33,11 @@ class Limits:
     upstream_pool_size: int = 32  # idle upstream connections kept per (client, destination); 0: none
     upstream_idle_timeout: float = 30.0
 
+    @property
+    def upstream_pool_total(self) -> int:
+        """Idle upstream connections kept overall (descriptors held with no client attached)."""
+        return max(0, self.upstream_pool_size) * 16
+
 
 # Called after a CONNECT/SOCKS tunnel is allowed and connected, before piping. Returns True when it
 # took the connection over (HTTPS interception); None/False → plain tunnel. Set by later capabilities.
@@ -65,7 +70,7 @@ class ProxyContext:
         # set by the service, None = not recorded).
         self.recorder: Recorder | None = None
         # Idle upstream connections of the forward proxy, per (client identity, host, port).
-        self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=max(0, limits.upstream_pool_size) * 16,
+        self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=limits.upstream_pool_total,
                                  idle_timeout=limits.upstream_idle_timeout)
         self._refusal_logged = 0.0
 

@@ -69,8 +69,7 @@ class UpstreamPool:
         else:
             self._idle.move_to_end(key)
         if len(q) >= self.per_key:
-            q.popleft()[1].close()
-            self._count -= 1
+            self._close_oldest(q)
         q.append((loop.time(), conn))
         self._count += 1
         self.parked += 1
@@ -79,10 +78,13 @@ class UpstreamPool:
         if self._sweeper is None:
             self._sweeper = loop.call_later(max(self.idle_timeout / 4, 0.05), self._sweep)
 
-    def _drop_oldest(self) -> None:
-        key, q = next(iter(self._idle.items()))
+    def _close_oldest(self, q: deque[tuple[float, Conn]]) -> None:
         q.popleft()[1].close()
         self._count -= 1
+
+    def _drop_oldest(self) -> None:
+        key, q = next(iter(self._idle.items()))
+        self._close_oldest(q)
         if not q:
             del self._idle[key]
 
@@ -93,8 +95,7 @@ class UpstreamPool:
         for key in list(self._idle):
             q = self._idle[key]
             while q and (q[0][0] <= cutoff or not usable(q[0][1])):
-                q.popleft()[1].close()
-                self._count -= 1
+                self._close_oldest(q)
             # Anything dead further back goes at the next get() or sweep.
             if not q:
                 del self._idle[key]

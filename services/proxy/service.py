@@ -122,13 +122,15 @@ def _load_dns_names() -> dict[str, tuple[str, float]]:
 
 
 def _raise_fd_limit(limits: Limits) -> None:
-    """Each proxied connection needs two descriptors (client + upstream): lift the soft RLIMIT_NOFILE
-    towards the hard one, so maxConnections is reached before the process runs out of them."""
+    """Each proxied connection needs two descriptors (client + upstream), each idle upstream kept for
+    reuse one: lift the soft RLIMIT_NOFILE towards the hard one, so maxConnections is reached before
+    the process runs out of them."""
     try:
         import resource
     except ImportError:  # not on this platform
         return
-    want = 2 * limits.max_connections + 1024  # both ends of each, plus listeners, bus, database, margin
+    # Both ends of each, the idle upstream connections kept for reuse, plus listeners, bus, database, margin.
+    want = 2 * limits.max_connections + limits.upstream_pool_total + 1024
     try:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         target = want if hard == resource.RLIM_INFINITY else min(want, hard)
