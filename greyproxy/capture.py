@@ -16,12 +16,13 @@ __all__ = ["BodyCapture", "TRANSACTION_COLUMNS", "decode_body", "is_text_like", 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
 _DECODE_STEP = 64 * 1024  # compressed bytes fed per step, so a bomb never expands past the cap by much
 
-# Stored columns of http_transactions (migration 2), in one place for the recorder and the API.
+# Stored columns of http_transactions (migrations 2 and 4), in one place for the recorder and the API.
 TRANSACTION_COLUMNS = (
     "id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
     "request_headers", "request_body", "request_body_size", "request_content_type", "status_code",
     "response_headers", "response_body", "response_body_size", "response_content_type", "duration_ms",
     "rule_id", "result", "conversation_id", "substituted_credentials", "session_id",
+    "request_host", "host_mismatch", "error",
 )
 _JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials")
 _BODY_COLUMNS = ("request_body", "response_body")
@@ -178,5 +179,7 @@ def transaction_json(row: dict[str, Any], include_bodies: bool = False) -> dict[
             value = rfc3339(value)
         elif col == "duration_ms" and isinstance(value, float):
             value = round(value, 3)
+        elif col == "host_mismatch":
+            value = bool(value)
         out[col] = value
     return out

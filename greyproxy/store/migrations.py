@@ -161,4 +161,12 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
              ON CONFLICT (container_name, result) DO UPDATE SET n = n + 1;
            END""",
     ]),
+    (4, "transaction hosts and errors", [
+        # SPEC §7 / issue 13: destination_host and url name the host actually contacted;
+        # request_host is the request's own Host, host_mismatch (0/1) says it named another host.
+        # error: why the exchange failed or was cut off (e.g. a malformed response: status 502).
+        "ALTER TABLE http_transactions ADD COLUMN request_host TEXT",
+        "ALTER TABLE http_transactions ADD COLUMN host_mismatch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE http_transactions ADD COLUMN error TEXT",
+    ]),
 ]

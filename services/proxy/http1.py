@@ -26,6 +26,7 @@ __all__ = [
     "ResponseHead",
     "UpstreamError",
     "canonical_host",
+    "check_field",
     "parse_basic_user",
     "parse_request_head",
     "parse_response_head",
@@ -588,6 +589,9 @@ def _check_field(*parts: str) -> None:
             raise ValueError(f"CR/LF/NUL in an HTTP field: {part!r}")  # header injection guard
 
 
+check_field = _check_field  # public: request hooks check what they put into a head
+
+
 def _check_fields(headers: list[tuple[str, str]]) -> None:
     """_check_field on every name and value, in one regex search over them all."""
     if _BAD_VALUE_CHARS.search("".join(itertools.chain.from_iterable(headers))):
@@ -663,12 +667,16 @@ _SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
 class BodyReader:
     """Finds where one message body ends while its bytes are relayed untouched.
 
+    Broken framing raises HttpError(400) for a request body, UpstreamError for a response body
+    (`response=True`): the error says whose fault it is.
     `sink`, when given, receives the body's payload (chunk framing removed) as it passes, for capture.
     """
 
     def __init__(self, content_length: int | None, chunked: bool, until_close: bool = False,
-                 sink: Callable[[bytes | memoryview], None] | None = None) -> None:
+                 sink: Callable[[bytes | memoryview], None] | None = None, response: bool = False) -> None:
         self.sink = sink
+        # Whose fault broken framing is: the client's (HttpError 400) or the origin's (UpstreamError).
+        self._err: Callable[[str], Exception] = UpstreamError if response else _bad
         self.chunked = chunked
         self.until_close = until_close and not chunked
         self.remaining = 0 if chunked or content_length is None else content_length
@@ -714,11 +722,11 @@ class BodyReader:
                 pos += min(need, n - pos)
                 if len(self._line) == 2:
                     if self._line != b"\r\n":
-                        raise _bad("chunk data not followed by CRLF")
+                        raise self._err("chunk data not followed by CRLF")
                     self._line.clear()
                     self._state = _SIZE
                 elif self._line != b"\r":
-                    raise _bad("chunk data not followed by CRLF")
+                    raise self._err("chunk data not followed by CRLF")
             else:
                 pos = self._feed_line(data, pos)
         return pos
@@ -730,17 +738,17 @@ class BodyReader:
         if lf < 0:
             self._line += data[pos:]
             if len(self._line) > limit:
-                raise _bad("chunk framing line too long")
+                raise self._err("chunk framing line too long")
             return len(data)
         self._line += data[pos:lf + 1]
         if len(self._line) > limit + 1:
-            raise _bad("chunk framing line too long")
+            raise self._err("chunk framing line too long")
         line = bytes(self._line)
         self._line.clear()
         if self._state == _SIZE:
             m = _CHUNK_SIZE_RE.fullmatch(line)
             if m is None:
-                raise _bad("malformed chunk size line")
+                raise self._err("malformed chunk size line")
             size = int(m.group(1), 16)
             self.remaining = size
             self._state = _DATA if size else _TRAILER
@@ -748,6 +756,6 @@ class BodyReader:
             self._state, self.done = _DONE, True
         else:
             if _TRAILER_RE.fullmatch(line) is None:
-                raise _bad("malformed trailer field")
+                raise self._err("malformed trailer field")
             self._trailer_bytes += len(line)
         return lf + 1

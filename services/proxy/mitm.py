@@ -6,12 +6,14 @@ with a leaf for the SNI and re-originated upstream with verification; plain HTTP
 tunnel is handled alike without TLS. Everything else is piped untouched and the tunnel's log
 entry says why (`mitm_skip_reason`).
 
-Inside an intercepted connection every request is re-checked against the rules, passes the
-credential-substitution hook, goes upstream on this connection's own upstream connection, and
-streams back as it arrives while a capped copy is kept. The record leaves the process with its
-headers redacted, through the journal (`transaction`). WebSocket upgrades are relayed with each
-data message recorded (WS_REQ / WS_RESP). Recording and the relay live in `pipeline.py`, shared
-with the forward proxy's plain-HTTP requests.
+Inside an intercepted connection every request is recorded as the client sent it, passes the
+request hooks (`hooks.py`: the rules re-checked for the host actually contacted, credential
+substitution, ...), and goes through the exchange (`exchange.py`, the same one as the forward
+proxy's) on this connection's own upstream connection, streaming back as it arrives while a
+capped copy is kept. The record names the host contacted (the tunnel's); the request's own Host
+is kept as `request_host`, and a Host naming another host is flagged (`host_mismatch`) and
+logged. The record leaves the process with its headers redacted, through the journal
+(`transaction`). WebSocket upgrades are relayed with each data message recorded (WS_REQ / WS_RESP).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import asyncio
 import logging
 import re
 import ssl
+import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from greyproxy.certs import CAWatcher
@@ -29,9 +32,12 @@ from greyproxy.policy.patterns import DestinationPattern, normalise_host, parse_
 
 from . import http1
 from .conn import Conn, ConnClosed
+from .context import Limits, ProxyContext
+from .exchange import STALE, Exchange, upstream_version
 from .gate import Gate, Verdict
-from .listeners import Limits, ProxyContext, _body_error, _error_response, _read_head, _relay_body, _start_body
-from .pipeline import Recorder, Stream, Txn, relay, substitute_credentials
+from .hooks import Flow
+from .httpio import error_response, read_head
+from .pipeline import Recorder, Stream, Txn, origin_of, relay
 from .settings_watch import SettingsWatch
 from .tls import ClientHello, NotClientHello, TlsStream, looks_like_tls, parse_client_hello
 from .upstream import UpstreamFailure, connect
@@ -45,7 +51,6 @@ MITM_BYPASS = "mitm_bypass"
 HANDSHAKE_FAILED = "handshake_failed"
 NON_HTTP_AFTER_TLS = "non_http_after_tls"
 
-DENIED_BODY = b"Request denied by proxy"
 MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling it "not HTTP"
 
 # A request line, and every prefix of one (so a half-arrived line is not called "not HTTP").
@@ -75,9 +80,13 @@ class Session:
     server_name: str        # upstream SNI / verification name
     verdict: Verdict
     client: Stream
-    upstream: Stream | None
+    upstream: Stream | None  # None once closed: the next request connects again
     upstream_error: str | None = None
-    extra_upstreams: list[Stream] = field(default_factory=list)
+    reused: bool = False  # the upstream served a request before (it may have gone stale since)
+    origin: str = ""  # 'scheme://authority' of the host contacted: the start of each record's url
+
+    def __post_init__(self) -> None:
+        self.origin = origin_of(self.scheme, self.host, self.port)
 
 
 class Interceptor:
@@ -92,6 +101,7 @@ class Interceptor:
         self.upstream_ctx = self._upstream_context(upstream_ca_file)
         self.mitm_enabled = True
         self.counts: Counter[str] = Counter()
+        self._mismatch_logged = float("-inf")
         settings.on_change(self._settings_changed)
 
     # -- configuration --
@@ -254,17 +264,14 @@ class Interceptor:
         return stream, None
 
     async def _reconnect(self, s: Session, ctx: ProxyContext) -> Stream:
-        """A fresh upstream connection after the origin closed the previous one (raises UpstreamFailure)."""
+        """A fresh upstream connection after the previous one closed (raises UpstreamFailure)."""
         raw = await connect(s.host, s.port, ctx.limits.connect_timeout, ctx.guard)
         if s.scheme == "http":
-            stream: Stream = raw
-        else:
-            tls, err = await self._upstream_tls(raw, s.server_name, ctx.limits)
-            if tls is None:
-                raise UpstreamFailure("unreachable", err or "TLS handshake failed")
-            stream = tls
-        s.extra_upstreams.append(stream)
-        return stream
+            return raw
+        tls, err = await self._upstream_tls(raw, s.server_name, ctx.limits)
+        if tls is None:
+            raise UpstreamFailure("unreachable", err or "TLS handshake failed")
+        return tls
 
     # -- requests --
     async def _serve(self, s: Session, ctx: ProxyContext) -> None:
@@ -278,13 +285,13 @@ class Interceptor:
         try:
             while True:
                 try:
-                    got = await _read_head(s.client, limits, parse, None if first else limits.idle_timeout)
+                    got = await read_head(s.client, limits, parse, None if first else limits.idle_timeout)
                 except asyncio.TimeoutError:
                     if first or s.client.buf:
-                        s.client.write(_error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
+                        s.client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
                     return
                 except http1.HttpError as exc:
-                    s.client.write(_error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
+                    s.client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
                     return
                 if got is None:
                     return
@@ -295,117 +302,64 @@ class Interceptor:
                     return
         finally:
             s.client.close()
-            for up in (s.upstream, *s.extra_upstreams):
-                if up is not None:
-                    up.close()
+            if s.upstream is not None:
+                s.upstream.close()
 
-    def _request_verdict(self, s: Session, head: http1.RequestHead) -> Verdict:
-        """Rules re-checked for the request's Host; a Host no rule covers falls back to the tunnel's."""
-        host = head.host or s.host
-        v = self.gate.check_request(s.container, host, s.port)
-        if not v.allowed and v.reason == "default_deny" and normalise_host(host) != normalise_host(s.host):
-            v = self.gate.check_request(s.container, s.host, s.port)
-        return v
+    def _host_mismatch(self, s: Session, head: http1.RequestHead) -> bool:
+        """Whether the request's Host names another host than the one contacted. Not when it is the
+        name the upstream certificate was verified against (intercepted TLS), nor the name the DNS
+        proxy last answered with this address."""
+        host = head.host
+        if not host or host == s.host or host == s.server_name:
+            return False
+        if self.gate.resolved_name(s.host) == host:
+            return False
+        now = time.monotonic()
+        self.counts["host_mismatch"] += 1
+        if now - self._mismatch_logged >= 1.0:  # at most one line a second
+            self._mismatch_logged = now
+            log.warning("host mismatch: %s sent Host %r inside its tunnel to %s:%d (recorded as %s, "
+                        "host_mismatch; %d so far)", s.container, host, s.host, s.port, s.host,
+                        self.counts["host_mismatch"])
+        return True
 
     async def _exchange(self, s: Session, head: http1.RequestHead, ctx: ProxyContext) -> bool:
         """One request/response on an intercepted connection. True if the client connection stays open."""
         limits = ctx.limits
-        t = self.recorder.txn(s.container, s.scheme, s.host, s.port, head)
-        v = self._request_verdict(s, head)
-        t.rule_id = v.rule_id
-        if not v.allowed:
-            s.client.write(http1.render_response(403, "Forbidden", DENIED_BODY,
-                                                 headers=[("Content-Type", "text/plain")], close=True))
-            t.finish(status=403, result="blocked")
+        t = self.recorder.txn(s.container, s.origin, s.host, s.port, head,
+                              host_mismatch=self._host_mismatch(s, head))
+        flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name)
+        refusal = await ctx.hooks.run(flow)
+        t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id
+        if refusal is not None:
+            s.client.write(refusal.render())
+            t.finish(status=refusal.status, result="blocked")
             return False
-        t.substituted = substitute_credentials(head, s.container)
-        if s.upstream is None or s.upstream.closed:
-            if s.upstream_error is not None:
-                return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: {s.upstream_error}")
-            try:
-                s.upstream = await self._reconnect(s, ctx)
-            except UpstreamFailure as exc:
-                status, reason = (504, "Gateway Timeout") if exc.kind == "timeout" else (502, "Bad Gateway")
-                return self._fail(s, t, status, reason, f"Greyproxy: {exc}")
-        upstream = s.upstream
-        version = "1.0" if head.version == "1.0" else "1.1"  # a 1.0 client must never get chunked
-        upstream.write(http1.render_request_head(head.method, head.path, version, head.upstream_headers()))
-        body_task: asyncio.Task | None = None
-        if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink())
-            body_task = _start_body(s.client, upstream, reader, limits.idle_timeout)
-        continued = False
-        try:
-            while True:
+        t.substituted = flow.substituted
+        request = flow.render(upstream_version(head))
+        for _attempt in (1, 2):
+            if s.upstream is None or s.upstream.closed:
+                if s.upstream_error is not None:
+                    return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: {s.upstream_error}")
                 try:
-                    got = await _read_head(upstream, limits,  # type: ignore[arg-type]
-                                           lambda b: http1.parse_response_head(b, limits.max_header_bytes, head.method),
-                                           limits.idle_timeout)
-                except asyncio.TimeoutError:
-                    return self._fail(s, t, 504, "Gateway Timeout", "Greyproxy: the upstream did not answer in time")
-                except (http1.UpstreamError, http1.HttpError) as exc:
-                    return self._fail(s, t, 502, "Bad Gateway", f"Greyproxy: bad response from upstream: {exc}")
-                if got is None:
-                    body_exc = _body_error(body_task)
-                    if isinstance(body_exc, http1.HttpError):  # the client's body was malformed
-                        return self._fail(s, t, body_exc.status, body_exc.reason, f"Greyproxy: {body_exc}")
-                    return self._fail(s, t, 502, "Bad Gateway",
-                                      "Greyproxy: upstream closed the connection without answering")
-                resp, n = got
-                raw_head = upstream.take(n)
-                if resp.status == 101 and head.upgrade is not None:
-                    s.client.write(raw_head)
-                    await _cancel(body_task)
-                    t.finish(resp)
-                    await self._websocket(s, head, resp, upstream, limits)
-                    return False
-                if 100 <= resp.status < 200:
-                    s.client.write(raw_head)  # interim (100 Continue): relay, keep reading
-                    continued = continued or resp.status == 100
-                    continue
-                break
-            # Answered without a 100 while the body is still owed: the client may never send it
-            # (RFC 9110 §10.1.1), so this exchange ends the connection instead of waiting for it.
-            body_owed = (head.expect_continue and not continued and body_task is not None
-                         and not body_task.done())
-            client_keep = head.keep_alive and not resp.until_close and not body_owed
-            s.client.write(http1.render_response_head(resp, keep_alive=client_keep))
-            complete = True
-            if resp.has_body:
-                reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
-                                          sink=t.resp_sink(resp))
-                try:
-                    await _relay_body(upstream, s.client, reader, limits.idle_timeout)  # type: ignore[arg-type]
-                except (ConnClosed, asyncio.TimeoutError, http1.HttpError):
-                    complete = False  # a cut-off body: record what passed, drop both connections
-            if body_owed:
-                complete = False
-            elif body_task is not None and complete:
-                try:
-                    await asyncio.wait_for(body_task, limits.idle_timeout)
-                except (asyncio.TimeoutError, ConnClosed, http1.HttpError):
-                    complete = False
-            t.finish(resp)
-            if not complete:
-                upstream.abort()
-                return False
-            if not resp.keep_alive or resp.until_close:
-                upstream.close()
-            return client_keep
-        finally:
-            await _cancel(body_task)
+                    s.upstream, s.reused = await self._reconnect(s, ctx), False
+                except UpstreamFailure as exc:
+                    status, reason, text = exc.http_answer()
+                    return self._fail(s, t, status, reason, text)
+            ex = Exchange(s.client, s.upstream, head, limits, t, s.reused)
+            state = await ex.run(request)
+            if ex.upstream_reusable:
+                s.reused = True
+            else:
+                s.upstream = None  # closed by the exchange
+            if state is not STALE:
+                return ex.client_keep
+        return False  # not reached: a fresh connection is never stale
 
     def _fail(self, s: Session, t: Txn, status: int, reason: str, text: str) -> bool:
-        s.client.write(_error_response(status, reason, text))
-        t.finish(status=status)
+        s.client.write(error_response(status, reason, text))
+        t.finish(status=status, error=text.removeprefix("Greyproxy: "))
         return False
-
-    # -- WebSocket --
-    async def _websocket(self, s: Session, head: http1.RequestHead, resp: http1.ResponseHead, upstream: Stream,
-                         limits: Limits) -> None:
-        see_req, see_resp = self.recorder.websocket(s.container, s.scheme, s.host, s.port, head, resp,
-                                                    s.verdict.rule_id)
-        await relay(s.client, upstream, limits.idle_timeout, see_req, see_resp)
 
 
 def _classify(buf: bytearray) -> tuple[str, ClientHello | None]:
@@ -431,13 +385,6 @@ def _valid_name(sni: str | None) -> str | None:
         return http1.canonical_host(sni)
     except ValueError:
         return None
-
-
-async def _cancel(task: asyncio.Task | None) -> None:
-    """Cancel and wait: the task's cleanup (a Conn read resets its waiter) must not run after a new read."""
-    if task is not None and not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def _more(stream: Stream, seen: int) -> None:

@@ -1,11 +1,16 @@
 """What every proxied HTTP request goes through, whichever way it came in (SPEC §7): the
-credential-substitution hook, the transaction record built while the request streams, and the
-recording relay for WebSocket upgrades (and other byte streams the proxy must watch).
+transaction record built while the request streams, and the recording relay for WebSocket
+upgrades (and other byte streams the proxy must watch). The request hooks are in `hooks.py`,
+the request/response exchange itself in `exchange.py`.
 
-Both the HTTP forward proxy (`listeners.py`, absolute-URI `http://` requests) and interception
+Both the HTTP forward proxy (`http_proxy.py`, absolute-URI `http://` requests) and interception
 (`mitm.py`, requests inside a CONNECT / SOCKS5 tunnel) use these, so a transaction record has one
 shape and one code path. Hot-path rule: per body chunk only a capped append (or a size count for
 bodies that are never stored); decoding and serialising of bodies happens off the event loop.
+
+The record keeps what the client sent: its URL and (redacted) headers are taken when the request
+is read (`Recorder.txn`), before any request hook runs, so nothing a hook puts into the upstream
+request can reach the record, the journal, `/ws` or a log.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from . import http1
 from .conn import ConnClosed
 from .wsframes import OP_TEXT, FrameParser, Message, MessageAssembler, WsProtocolError, deflate_negotiated
 
-__all__ = ["INLINE_DECODE_MAX", "Recorder", "Stream", "Txn", "base_record", "relay", "substitute_credentials"]
+__all__ = ["INLINE_DECODE_MAX", "Recorder", "Stream", "Txn", "base_record", "origin_of", "relay"]
 
 log = logging.getLogger("greyproxy.capture")
 
@@ -60,11 +65,13 @@ class Stream(Protocol):
     def abort(self) -> None: ...
 
 
-def substitute_credentials(head: http1.RequestHead, container: str) -> list[str]:
-    """Hook point for credential substitution (SPEC §11, a later capability): replace placeholder
-    credentials in header values and query values just before the request goes upstream, and
-    return the labels used (stored as `substituted_credentials`). No-op until then."""
-    return []
+def origin_of(scheme: str, host: str, port: int) -> str:
+    """'scheme://authority' of a contacted host, the default port left out (the start of a record's url)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}" if _DEFAULT_PORTS.get(scheme) == port else f"{scheme}://{shown}:{port}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
 class Recorder:
@@ -86,9 +93,11 @@ class Recorder:
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
 
-    def txn(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
-            rule_id: int | None = None) -> Txn:
-        return Txn(self, container, scheme, host, port, head, rule_id)
+    def txn(self, container: str, origin: str, host: str, port: int, head: http1.RequestHead,
+            rule_id: int | None = None, host_mismatch: bool = False) -> Txn:
+        """The record of a request just read: `origin` ('scheme://authority') and `host`/`port` name
+        what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
+        return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
 
     def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None) -> None:
         """Journal the record; bodies become text inline when small and plain, else in a worker thread
@@ -122,14 +131,14 @@ class Recorder:
         fut.add_done_callback(done)
 
     # -- WebSocket --
-    def websocket(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
-                  resp: http1.ResponseHead, rule_id: int | None
-                  ) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
-        """Observers for `relay` (client→server, server→client): each data message is recorded as a
-        WS_REQ / WS_RESP transaction. Broken framing stops the recording of that direction only."""
+    def websocket(self, t: Txn, resp: http1.ResponseHead) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
+        """Observers for `relay` (client→server, server→client) after the upgrade recorded by `t`: each
+        data message is recorded as a WS_REQ / WS_RESP transaction. Broken framing stops the recording
+        of that direction only."""
         deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
-        url = f"{'wss' if scheme == 'https' else 'ws'}://{head.authority}{head.path}"
-        dest = head.host or host
+        url = "ws" + t.url[4:]  # http:// → ws://, https:// → wss://
+        container, dest, port, rule_id = t.container, t.host, t.port, t.rule_id
+        extra = {"request_host": t.request_host, "host_mismatch": t.host_mismatch}
 
         def observer(method: str) -> Callable[[bytes], None]:
             parser, asm = FrameParser(self.max_body), MessageAssembler(deflate, self.max_body)
@@ -143,7 +152,7 @@ class Recorder:
                     for frame in parser.feed(data):
                         msg = asm.feed(frame)
                         if msg is not None:
-                            self._record_ws(container, dest, port, method, url, rule_id, msg)
+                            self._record_ws(container, dest, port, method, url, rule_id, msg, extra)
                 except WsProtocolError as exc:
                     broken = True  # stop recording this direction; relaying goes on
                     log.info("websocket %s: not recording %s any more: %s", url, method, exc)
@@ -153,31 +162,44 @@ class Recorder:
         return observer("WS_REQ"), observer("WS_RESP")
 
     def _record_ws(self, container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
-                   msg: Message) -> None:
+                   msg: Message, extra: dict[str, Any]) -> None:
         text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
         size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
         side = "request" if method == "WS_REQ" else "response"
         rec = base_record(container, host, port, method, url, rule_id)
+        rec.update(extra)
         rec.update({f"{side}_body": text, f"{side}_body_size": size})
         self.counts["ws_messages"] += 1
         self.journal.append("transaction", rec)
 
 
 class Txn:
-    """The record of one request being built while it streams; `finish` sends it (once)."""
+    """The record of one request being built while it streams; `finish` sends it (once).
 
-    __slots__ = ("recorder", "container", "scheme", "host", "port", "head", "t0", "p0", "req", "resp", "rule_id",
-                 "substituted", "done")
+    Taken when the request is read: the URL (of the host contacted), the redacted request
+    headers, the request's own Host (`request_host`) and whether it names another host than the
+    one contacted (`host_mismatch`). Nothing done to the request afterwards (request hooks build
+    the upstream head from a copy) changes them."""
 
-    def __init__(self, recorder: Recorder, container: str, scheme: str, host: str, port: int,
-                 head: http1.RequestHead, rule_id: int | None = None) -> None:
-        self.recorder, self.container, self.scheme, self.head = recorder, container, scheme, head
-        self.host, self.port = head.host or host, port
+    __slots__ = ("recorder", "container", "host", "port", "method", "url", "request_headers", "request_host",
+                 "host_mismatch", "req_ct", "req_ce", "t0", "p0", "req", "resp", "rule_id", "substituted", "done")
+
+    def __init__(self, recorder: Recorder, container: str, origin: str, host: str, port: int,
+                 head: http1.RequestHead, rule_id: int | None = None, host_mismatch: bool = False) -> None:
+        self.recorder, self.container = recorder, container
+        self.host, self.port = _dest_host(host), port
+        self.method = head.method
+        self.url = origin + head.path
+        self.request_headers = recorder.redactor.headers(head.headers)
+        self.request_host = head.host or None
+        self.host_mismatch = host_mismatch
+        self.req_ct = head.header("content-type")
+        self.req_ce = head.header("content-encoding") if self.req_ct is not None else None
         self.t0, self.p0 = time.time(), time.perf_counter()
         self.req: BodyCapture | None = None
         self.resp: BodyCapture | None = None
         self.rule_id = rule_id
-        self.substituted: list[str] = []
+        self.substituted: list[str] | tuple[str, ...] = ()
         self.done = False
 
     def _capture(self, content_type: str | None) -> BodyCapture:
@@ -186,7 +208,7 @@ class Txn:
 
     def req_sink(self) -> Callable[[bytes | memoryview], None]:
         """The `BodyReader` sink for the request body."""
-        self.req = cap = self._capture(self.head.header("content-type"))
+        self.req = cap = self._capture(self.req_ct)
         return cap.add
 
     def resp_sink(self, resp: http1.ResponseHead) -> Callable[[bytes | memoryview], None]:
@@ -194,20 +216,26 @@ class Txn:
         self.resp = cap = self._capture(resp.header("content-type"))
         return cap.add
 
+    def websocket_observers(self, resp: http1.ResponseHead) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
+        """`relay` observers recording each WebSocket message after this request's upgrade."""
+        return self.recorder.websocket(self, resp)
+
     def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
-               result: str = "allowed") -> None:
+               result: str = "allowed", error: str | None = None) -> None:
+        """Send the record: `resp` is the final response relayed (if any), else `status` is what the
+        client was answered; `error` says why the exchange failed or was cut off."""
         if self.done:
             return
         self.done = True
-        head, redactor = self.head, self.recorder.redactor
+        redactor = self.recorder.redactor
         req, rcap = self.req, self.resp
-        req_ct = head.header("content-type")
+        req_ct = self.req_ct
         resp_ct = resp.header("content-type") if resp is not None else None
         rec = {
             "timestamp": self.t0, "container_name": self.container,
-            "destination_host": _dest_host(self.host), "destination_port": self.port,
-            "method": head.method, "url": f"{self.scheme}://{head.authority}{head.path}",
-            "request_headers": redactor.headers(head.headers), "request_body": None,
+            "destination_host": self.host, "destination_port": self.port,
+            "method": self.method, "url": self.url,
+            "request_headers": self.request_headers, "request_body": None,
             "request_body_size": req.size if req is not None else 0, "request_content_type": req_ct,
             "status_code": resp.status if resp is not None else status,
             "response_headers": redactor.headers(resp.headers) if resp is not None else {},
@@ -215,9 +243,10 @@ class Txn:
             "response_content_type": resp_ct,
             "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3), "rule_id": self.rule_id,
             "result": result, "conversation_id": None, "substituted_credentials": self.substituted,
-            "session_id": None,
+            "session_id": None, "request_host": self.request_host, "host_mismatch": self.host_mismatch,
+            "error": error,
         }
-        req_body = (bytes(req.data), req_ct, head.header("content-encoding")) if req is not None and req.data else None
+        req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None
         if resp is not None and rcap is not None and rcap.data:
             resp_body = (bytes(rcap.data), resp_ct, resp.header("content-encoding"))
@@ -234,6 +263,7 @@ def base_record(container: str, host: str, port: int, method: str, url: str, rul
         "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
         "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
         "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
+        "request_host": None, "host_mismatch": False, "error": None,
     }
 
 

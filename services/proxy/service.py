@@ -21,10 +21,13 @@ from greyproxy.store import open_database
 
 from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
-from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
+from .context import Limits, ProxyContext, start_listener
+from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
+from .http_proxy import handle_http
 from .mitm import Interceptor
 from .pipeline import Recorder
 from .settings_watch import SettingsWatch
+from .socks5_proxy import handle_socks
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -189,6 +192,8 @@ async def main(rt: ServiceRuntime) -> None:
     recorder = Recorder(journal, int(cfg.section("capture")["maxBodyBytes"]))
     settings.on_change(recorder.settings_changed)
     ctx.recorder = recorder
+    # The request hooks, in their order (hooks.py); test hooks only from the tests' environment.
+    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(), *hooks_from_env()])
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
@@ -246,7 +251,8 @@ async def main(rt: ServiceRuntime) -> None:
         "cert.reload": cert_reload,
     })
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
-    rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats()})
+    rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats(),
+                          "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)}})
 
     async def watch_ca() -> None:
         while True:

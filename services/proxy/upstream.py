@@ -17,6 +17,14 @@ class UpstreamFailure(Exception):
         super().__init__(message)
         self.kind = kind  # 'dns' | 'refused' | 'unreachable' | 'network' | 'timeout' | 'guard'
 
+    def http_answer(self) -> tuple[int, str, str]:
+        """(status, reason, text) of the HTTP answer to this failure."""
+        if self.kind == "guard":
+            return 403, "Forbidden", "Blocked by Greyproxy: that is this proxy's own listener"
+        if self.kind == "timeout":
+            return 504, "Gateway Timeout", f"Greyproxy: {self}"
+        return 502, "Bad Gateway", f"Greyproxy: {self}"
+
 
 def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
     """An IP literal needs no lookup: (ip, port) at once (a resolver round trip through a worker

@@ -33,6 +33,7 @@ def _row(data: dict[str, Any]) -> dict[str, Any]:
         row[col] = int(row[col] or 0)
     if row["result"] is None:
         row["result"] = "allowed"
+    row["host_mismatch"] = 1 if row["host_mismatch"] else 0
     for col in ("container_name", "destination_host", "method", "url"):
         if not isinstance(row[col], str):
             raise ValueError(f"transaction record without {col}")

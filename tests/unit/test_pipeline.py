@@ -122,7 +122,7 @@ def test_record_shape_redaction_and_inline_body() -> None:
     async def main() -> list[tuple[str, Any]]:
         journal = FakeJournal()
         rec = Recorder(journal)  # type: ignore[arg-type]
-        t = rec.txn("agent", "http", "fallback.example", 80, _head(), rule_id=7)
+        t = rec.txn("agent", "http://api.example", "api.example", 80, _head(), rule_id=7)
         t.req_sink()(b"{}")
         resp = _resp("application/json")
         t.resp_sink(resp)(b'{"ok": true}')
@@ -149,7 +149,7 @@ def test_binary_bodies_are_counted_not_copied() -> None:
     async def main() -> tuple[Any, list[tuple[str, Any]]]:
         journal = FakeJournal()
         rec = Recorder(journal)  # type: ignore[arg-type]
-        t = rec.txn("agent", "http", "h", 80, _head())
+        t = rec.txn("agent", "http://h", "h", 80, _head())
         resp = _resp("application/octet-stream")
         sink = t.resp_sink(resp)
         for _ in range(10):
@@ -169,7 +169,7 @@ def test_compressed_or_big_bodies_are_decoded_off_the_loop() -> None:
         rec = Recorder(journal)  # type: ignore[arg-type]
         for resp, body in ((_resp("text/plain", "gzip"), gzip.compress(b"zipped text")),
                            (_resp("text/plain"), b"x" * (INLINE_DECODE_MAX + 1))):
-            t = rec.txn("agent", "http", "h", 80, _head())
+            t = rec.txn("agent", "http://h", "h", 80, _head())
             t.resp_sink(resp)(body)
             t.finish(resp)
         assert journal.records == []  # not yet: a worker thread decodes (and serialises) them

@@ -12,15 +12,9 @@ import pytest
 
 from services.proxy import http1
 from services.proxy.conn import Conn
-from services.proxy.listeners import (
-    CAP_OVERALL,
-    CAP_PER_CLIENT,
-    ClientConn,
-    Limits,
-    ProxyContext,
-    _IdleWatch,
-    _read_head,
-)
+from services.proxy.context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, ProxyContext
+from services.proxy.httpio import read_head
+from services.proxy.tunnel import IdleWatch
 
 
 class FakeTransport:
@@ -152,7 +146,7 @@ def test_first_request_deadline_counts_from_the_start() -> None:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
-            await _read_head(c, LIMITS, parse, None)
+            await read_head(c, LIMITS, parse, None)
         assert 0.25 <= loop.time() - t0 < 0.5
 
     run(main())
@@ -163,20 +157,20 @@ def test_next_request_may_start_late_but_its_deadline_runs_from_the_first_byte()
         loop = asyncio.get_running_loop()
         c = make_conn()
         loop.call_later(0.6, c.data_received, REQUEST)  # later than the header deadline, within idle
-        head, n = await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+        head, n = await read_head(c, LIMITS, parse, LIMITS.idle_timeout)
         assert head.host == "e.com" and n == len(REQUEST)
 
         c = make_conn()
         drip(c, REQUEST, 0.05, start=0.5)  # starts late, then too slow
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
-            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+            await read_head(c, LIMITS, parse, LIMITS.idle_timeout)
         assert 0.75 <= loop.time() - t0 < 1.0
 
         c = make_conn()  # nothing at all: the idle timeout
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
-            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+            await read_head(c, LIMITS, parse, LIMITS.idle_timeout)
         assert 0.95 <= loop.time() - t0 < 1.2
 
     run(main())
@@ -189,7 +183,7 @@ def test_pipelined_bytes_start_the_header_deadline_at_once() -> None:
         c.data_received(REQUEST[:10])
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
-            await _read_head(c, LIMITS, parse, LIMITS.idle_timeout)
+            await read_head(c, LIMITS, parse, LIMITS.idle_timeout)
         assert loop.time() - t0 < 0.45
 
     run(main())
@@ -199,12 +193,12 @@ def test_read_head_errors_and_clean_close() -> None:
     async def main() -> None:
         c = make_conn()
         asyncio.get_running_loop().call_later(0.01, c.eof_received)
-        assert await _read_head(c, LIMITS, parse, None) is None
+        assert await read_head(c, LIMITS, parse, None) is None
         c = make_conn()
         c.data_received(REQUEST[:10])
         asyncio.get_running_loop().call_later(0.01, c.eof_received)
         with pytest.raises(http1.HttpError):
-            await _read_head(c, LIMITS, parse, None)
+            await read_head(c, LIMITS, parse, None)
 
     run(main())
 
@@ -217,14 +211,14 @@ def test_idle_watch_closes_a_quiet_tunnel_and_spares_a_busy_one() -> None:
         loop = asyncio.get_running_loop()
         a, b = make_conn(), make_conn()
         t0 = loop.time()
-        watch = _IdleWatch(a, b, 0.4, t0)
+        watch = IdleWatch(a, b, 0.4, t0)
         await asyncio.wait_for(a.wait_closed(), 2)
         await asyncio.wait_for(b.wait_closed(), 2)
         assert 0.4 <= loop.time() - t0 < 0.7
         watch.cancel()
 
         a, b = make_conn(), make_conn()
-        watch = _IdleWatch(a, b, 0.4, loop.time())
+        watch = IdleWatch(a, b, 0.4, loop.time())
         for i in range(10):  # a byte every 0.1 s for a second: never idle
             await asyncio.sleep(0.1)
             (a if i % 2 else b).data_received(b"z")

@@ -1,0 +1,180 @@
+"""What the listeners share: the `proxy:` limits, the `ProxyContext` (gate, caps, recorder, request
+hooks, upstream pool, tunnel hook) and `ClientConn`, an accepted client connection counted
+against the connection caps. `start_listener` serves a handler (`http_proxy.handle_http`,
+`socks5_proxy.handle_socks`) on a port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from .conn import Conn, ConnClosed
+from .gate import Gate, Verdict
+from .hooks import HookChain
+from .pipeline import Recorder
+from .pool import UpstreamPool
+
+log = logging.getLogger("greyproxy.proxy")
+
+
+@dataclass
+class Limits:
+    """The `proxy:` config section's connection limits (docs/configuration.md)."""
+
+    header_timeout: float = 30.0  # a request head (or the SOCKS5 handshake) in full, from its first byte
+    connect_timeout: float = 10.0
+    idle_timeout: float = 600.0
+    max_header_bytes: int = 65536
+    max_headers: int = 100
+    max_connections: int = 10000
+    max_per_client: int = 1000
+    upstream_pool_size: int = 32  # idle upstream connections kept per (client, destination); 0: none
+    upstream_idle_timeout: float = 30.0
+
+    @property
+    def upstream_pool_total(self) -> int:
+        """Idle upstream connections kept overall (descriptors held with no client attached)."""
+        return max(0, self.upstream_pool_size) * 16
+
+
+# Called after a CONNECT/SOCKS tunnel is allowed and connected, before piping. Returns True when it
+# took the connection over (HTTPS interception); None/False → plain tunnel. Set by later capabilities.
+TunnelHook = Callable[["ProxyContext", Conn, Conn, str, str, int, Verdict, str], Awaitable[bool]]
+
+
+# Names of the caps, as they appear in refusals, logs and stats (the config keys).
+CAP_OVERALL = "maxConnections"
+CAP_PER_CLIENT = "maxConnectionsPerClient"
+
+
+class ProxyContext:
+    """What both listeners share.
+
+    Connection counting: `active` counts every open client connection of both listeners from
+    accept to close. A connection counts for its client identity (`per_client`) from the moment
+    the identity is known (its first request head, or the end of the SOCKS5 handshake) until it
+    closes; a connection that has not said who it is yet is bounded by the header deadline and the
+    overall cap only. Refusals are answered in the protocol (503/429, SOCKS5 general failure).
+    """
+
+    def __init__(self, gate: Gate, limits: Limits) -> None:
+        self.gate = gate
+        self.limits = limits
+        self.active = 0
+        self.per_client: dict[str, int] = {}
+        self.refused: dict[str, int] = {CAP_OVERALL: 0, CAP_PER_CLIENT: 0}
+        self.tunnel_hook: TunnelHook | None = None
+        # The request hooks every proxied HTTP request passes (hooks.py); the service installs the chain.
+        self.hooks = HookChain()
+        # Transaction records of plain-HTTP forward-proxy requests (the same recorder as interception's;
+        # set by the service, None = not recorded).
+        self.recorder: Recorder | None = None
+        # Idle upstream connections of the forward proxy, per (client identity, host, port).
+        self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=limits.upstream_pool_total,
+                                 idle_timeout=limits.upstream_idle_timeout)
+        self._refusal_logged = 0.0
+
+    def guard(self, ip: str, port: int) -> bool:
+        return self.gate.is_own_listener(ip, port)
+
+    def note_refusal(self, cap: str, identity: str) -> None:
+        self.refused[cap] += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._refusal_logged >= 1.0:  # at most one line a second under a flood
+            self._refusal_logged = now
+            log.warning("connection cap %s reached: refusing %s (%d active; refused so far: %s)",
+                        cap, identity, self.active, self.refused)
+
+    def stats(self) -> dict[str, object]:
+        return {"active_connections": self.active, "clients": len(self.per_client),
+                "refused_connections": dict(self.refused), "upstream_pool": self.pool.stats()}
+
+
+class ClientConn(Conn):
+    """An accepted client connection: starts its handler task once connected."""
+
+    __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap")
+
+    def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.handler = handler
+        self.task: asyncio.Task | None = None
+        self.src_ip = ""
+        self.identity: str | None = None  # the client identity this connection is counted for
+        self.over_cap = False  # accepted past maxConnections: refused once its request is read
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.src_ip = self.peername()[0]
+        ctx, limits = self.ctx, self.ctx.limits
+        # Past the cap a connection is still read (so it gets a 503 / SOCKS5 failure it can
+        # understand); past the cap plus a margin it is dropped at once, to keep descriptors bounded.
+        if ctx.active >= limits.max_connections + max(64, limits.max_connections // 10):
+            ctx.note_refusal(CAP_OVERALL, f"unknown-{self.src_ip}")
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self.over_cap = ctx.active >= limits.max_connections
+        ctx.active += 1
+        self.task = asyncio.ensure_future(self._run())
+
+    def claim(self, identity: str) -> str | None:
+        """Count this connection for `identity`. The name of the cap that refuses it, or None."""
+        ctx = self.ctx
+        if self.over_cap:
+            ctx.note_refusal(CAP_OVERALL, identity)
+            return CAP_OVERALL
+        if identity == self.identity:
+            return None
+        if ctx.per_client.get(identity, 0) >= ctx.limits.max_per_client:
+            ctx.note_refusal(CAP_PER_CLIENT, identity)
+            return CAP_PER_CLIENT
+        self._release()
+        self.identity = identity
+        ctx.per_client[identity] = ctx.per_client.get(identity, 0) + 1
+        return None
+
+    def _release(self) -> None:
+        if self.identity is None:
+            return
+        per_client = self.ctx.per_client
+        n = per_client.get(self.identity, 1) - 1
+        if n <= 0:
+            per_client.pop(self.identity, None)
+        else:
+            per_client[self.identity] = n
+        self.identity = None
+
+    async def _run(self) -> None:
+        try:
+            await self.handler(self)
+        except (ConnClosed, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("connection handler failed")
+        finally:
+            self.ctx.active -= 1
+            self._release()
+            self.close()
+
+    def gone(self) -> asyncio.Future:
+        """A future that completes when the client disconnects (ends a hold early)."""
+        if self._closed_fut is None:
+            self._closed_fut = asyncio.get_running_loop().create_future()
+            if self.closed:
+                self._closed_fut.set_result(None)
+        return self._closed_fut
+
+
+def default_identity(conn: ClientConn) -> str:
+    return f"unknown-{conn.src_ip}"
+
+
+async def start_listener(ctx: ProxyContext, host: str, port: int, handler) -> asyncio.AbstractServer:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048)

@@ -1,0 +1,282 @@
+"""One HTTP/1.x request/response exchange between a client and an upstream connection: the one
+state machine used by the HTTP forward proxy (`http_proxy.py`) and by interception (`mitm.py`).
+
+The request head has been read, decided and passed the request hooks; `Exchange.run` sends the
+upstream head, relays the request body in the background, reads the answer (interim 1xx
+relayed on the way), streams the final response back as it arrives, and ends in one of the
+final states below. Its state is explicit (`Exchange.state`, after h11's `_state.py`), and each
+step may only move along `TRANSITIONS`:
+
+    SEND_REQUEST ─▶ AWAIT_RESPONSE ─┬─(1xx)──▶ AWAIT_RESPONSE
+                                    ├─(101)──▶ SWITCHED ─▶ DONE      bytes both ways until either ends
+                                    ├────────▶ SEND_RESPONSE ─┬─▶ DONE
+                                    │                         └─▶ FAILED  (cut off mid-body)
+                                    ├────────▶ FAILED   502 / 504 / 400 answered, or the client left
+                                    └────────▶ STALE    a reused upstream closed unanswered: send again
+
+Whose fault: an origin that answers badly (a head that does not parse or is too long, framing
+that does not add up, a chunk size like `ZZZ`, a 101 nobody asked for) is the origin's: the client
+gets `502` with the reason while nothing of the response has been sent (body bytes that arrived
+with the head are checked before the head goes out), and its connection stays open when its own
+request was read in full. Once the response head has gone out, a broken body can only cut the
+client off. A malformed request body is the client's: `400`. Every ending is in the transaction
+record, with `error` saying what went wrong.
+
+Not here: reading the request head, the decision, the hooks (callers); connections (callers own
+them, except that an upstream this exchange cannot leave reusable is closed by it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Any
+
+from . import http1
+from .conn import ConnClosed
+from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
+from .pipeline import Stream, Txn, relay
+
+__all__ = ["AWAIT_RESPONSE", "DONE", "Exchange", "FAILED", "RETRYABLE", "SEND_REQUEST", "SEND_RESPONSE", "STALE",
+           "SWITCHED", "State", "TRANSITIONS", "upstream_version"]
+
+
+class State(enum.Enum):
+    SEND_REQUEST = "send_request"
+    AWAIT_RESPONSE = "await_response"
+    SEND_RESPONSE = "send_response"
+    SWITCHED = "switched"
+    DONE = "done"
+    FAILED = "failed"
+    STALE = "stale"
+
+
+SEND_REQUEST = State.SEND_REQUEST
+AWAIT_RESPONSE = State.AWAIT_RESPONSE
+SEND_RESPONSE = State.SEND_RESPONSE
+SWITCHED = State.SWITCHED
+DONE = State.DONE
+FAILED = State.FAILED
+STALE = State.STALE
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    SEND_REQUEST: frozenset({AWAIT_RESPONSE}),
+    AWAIT_RESPONSE: frozenset({AWAIT_RESPONSE, SEND_RESPONSE, SWITCHED, FAILED, STALE}),
+    SEND_RESPONSE: frozenset({DONE, FAILED}),
+    SWITCHED: frozenset({DONE}),
+    DONE: frozenset(),
+    FAILED: frozenset(),
+    STALE: frozenset(),
+}
+
+# Requests that may be sent again on a new connection when a kept one turns out closed (RFC 9110
+# §9.2.2: idempotent), and only without a body (its bytes are gone once relayed).
+RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
+def upstream_version(head: http1.RequestHead) -> str:
+    """An HTTP/1.0 client's request goes upstream as HTTP/1.0, so its answer is never chunked."""
+    return "1.0" if head.version == "1.0" else "1.1"
+
+
+class Exchange:
+    """One request/response. After `run`: `state` (DONE, FAILED or STALE), `client_keep` (the client
+    connection may carry another request), `upstream_reusable` (the upstream connection ended the
+    exchange cleanly and may serve another; when False this exchange has closed it), `error`."""
+
+    __slots__ = ("client", "upstream", "head", "limits", "txn", "reused", "state", "client_keep",
+                 "upstream_reusable", "error", "final", "status", "_body", "_continued", "_interim")
+
+    def __init__(self, client: Stream, upstream: Stream, head: http1.RequestHead, limits: Any,
+                 txn: Txn | None = None, reused: bool = False) -> None:
+        self.client = client
+        self.upstream = upstream
+        self.head = head
+        self.limits = limits
+        self.txn = txn
+        self.reused = reused  # the upstream served a request before (it may have gone stale since)
+        self.state = SEND_REQUEST
+        self.client_keep = False
+        self.upstream_reusable = False
+        self.error: str | None = None
+        self.final: http1.ResponseHead | None = None  # the response relayed to the client
+        self.status: int | None = None  # what the client was answered when it was not `final`
+        self._body: asyncio.Task | None = None  # the request body relay
+        self._continued = False  # a 100 Continue came
+        self._interim = False  # any 1xx came
+
+    def _to(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"exchange: {self.state.value} → {state.value} is not a transition")
+        self.state = state
+
+    async def run(self, request: bytes) -> State:
+        """Send `request` (the upstream head) and see the exchange through; the final state."""
+        head, limits, t = self.head, self.limits, self.txn
+        self.upstream.write(request)
+        self._to(AWAIT_RESPONSE)
+        if head.chunked or (head.content_length or 0) > 0:
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+            self._body = start_body(self.client, self.upstream, reader, limits.idle_timeout)
+        try:
+            resp = await self._await_response()
+            if resp is not None:
+                await self._send_response(resp)
+        finally:
+            if self._body is not None and not self._body.done():
+                await cancel(self._body)
+            if not self.upstream_reusable:
+                if self.state is DONE and self.error is None:
+                    self.upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
+                else:
+                    self.upstream.abort()
+            if t is not None and self.state is not STALE:
+                t.finish(self.final, status=self.status, error=self.error)
+        return self.state
+
+    # -- AWAIT_RESPONSE --
+    async def _await_response(self) -> http1.ResponseHead | None:
+        head, limits, upstream = self.head, self.limits, self.upstream
+        max_bytes, method = limits.max_header_bytes, head.method
+
+        def parse(buf: bytes) -> tuple[http1.ResponseHead, int] | None:
+            return http1.parse_response_head(buf, max_bytes, method)
+
+        while True:
+            try:
+                got = await read_head(upstream, limits, parse, limits.idle_timeout)
+            except asyncio.TimeoutError:
+                return self._fail(504, "the upstream did not answer in time")
+            except (http1.UpstreamError, http1.HttpError) as exc:  # HttpError: it closed mid-head
+                return self._fail(502, f"bad response from upstream: {exc}")
+            if got is None:
+                return self._unanswered()
+            resp, n = got
+            if resp.status == 101:
+                if head.upgrade is None:
+                    return self._fail(502, "bad response from upstream: 101 Switching Protocols to a request "
+                                           "that asked for no upgrade")
+                await self._switch(resp, upstream.take(n))
+                return None
+            if 100 <= resp.status < 200:
+                raw = upstream.take(n)
+                if head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
+                    self.client.write(raw)
+                self._continued = self._continued or resp.status == 100
+                self._interim = True
+                self._to(AWAIT_RESPONSE)
+                continue
+            del upstream.buf[:n]
+            return resp
+
+    def _unanswered(self) -> None:
+        """The upstream closed without a byte of answer."""
+        head = self.head
+        if self.reused and self._body is None and not self._interim and head.method in RETRYABLE:
+            self._to(STALE)  # the origin closed the kept connection as the request went out
+            return None
+        exc = body_error(self._body)
+        if isinstance(exc, http1.HttpError):  # the client's body was malformed (it aborted the upstream)
+            return self._fail(exc.status, str(exc), reason=exc.reason, client_fault=True)
+        if exc is None:
+            return self._fail(502, "upstream closed the connection without answering")
+        # The client went away (or stalled) in the middle of its body: nobody left to answer.
+        self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
+        self._to(FAILED)
+        return None
+
+    def _fail(self, status: int, text: str, reason: str | None = None, client_fault: bool = False) -> None:
+        """Answer the client with an error of ours; its connection stays open when its request was
+        read in full (and it wants that), the upstream one is dropped."""
+        body = self._body
+        request_read = body is None or (body.done() and not body.cancelled() and body.exception() is None)
+        # (An HTTP/1.0 client would need `Connection: keep-alive` on our answer: it is simply closed.)
+        keep = self.head.keep_alive and self.head.version != "1.0" and request_read and not client_fault
+        self.client.write(error_response(status, reason or phrase(status), f"Greyproxy: {text}", close=not keep))
+        self.client_keep = keep
+        self.upstream_reusable = False
+        self.final, self.status, self.error = None, status, text
+        if self.txn is not None:
+            self.txn.resp = None  # nothing of the origin's body reached the client
+        self._to(FAILED)
+        return None
+
+    # -- SWITCHED --
+    async def _switch(self, resp: http1.ResponseHead, raw: bytes) -> None:
+        self._to(SWITCHED)
+        self.client.write(raw)
+        await cancel(self._body)  # its read ends before the relay's starts
+        self.final = resp
+        observers: tuple[Any, Any] = (None, None)
+        t = self.txn
+        if t is not None:
+            t.finish(resp)
+            observers = t.websocket_observers(resp)
+        await relay(self.client, self.upstream, self.limits.idle_timeout, *observers)
+        self._to(DONE)
+
+    # -- SEND_RESPONSE --
+    async def _send_response(self, resp: http1.ResponseHead) -> None:
+        self._to(SEND_RESPONSE)
+        head, client, upstream, limits, t = self.head, self.client, self.upstream, self.limits, self.txn
+        body = self._body
+        # Answered without a 100 while the body is still owed: the client may never send it
+        # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
+        # So this exchange ends both connections instead of waiting for (or guessing at) them.
+        body_owed = head.expect_continue and not self._continued and body is not None and not body.done()
+        client_keep = head.keep_alive and not resp.until_close and not body_owed
+        out = http1.render_response_head(resp, keep_alive=client_keep)
+        if resp.has_body:
+            reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
+                                      sink=t.resp_sink(resp) if t is not None else None, response=True)
+            done = False
+            if upstream.buf:
+                # The body bytes already here leave with the head in one send (one wakeup of the
+                # client), and are checked before it: a bad start is still a clean 502.
+                try:
+                    data, rest, done = reader.feed(upstream.take())
+                except http1.UpstreamError as exc:
+                    self._fail(502, f"bad response from upstream: {exc}")
+                    return
+                if rest:
+                    upstream.buf[:0] = rest
+                out += data
+            client.write(out)
+            self.final = resp
+            if not done:
+                try:
+                    await relay_body(upstream, client, reader, limits.idle_timeout)
+                except http1.UpstreamError as exc:
+                    return self._cut_off(f"bad response from upstream: {exc}")
+                except asyncio.TimeoutError:
+                    return self._cut_off("the upstream stalled in the middle of the response body")
+                except ConnClosed:
+                    return self._cut_off("the client went away during the response" if client.closed
+                                         else "the upstream closed before the response body ended")
+        else:
+            client.write(out)
+            self.final = resp
+        if body_owed:
+            self.client_keep = False
+            self.upstream.abort()  # it may still wait for the body nobody will send
+            self._to(DONE)
+            return
+        if body is not None:
+            try:
+                await asyncio.wait_for(body, limits.idle_timeout)
+            except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
+                self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
+                self.client_keep = False
+                self._to(DONE)
+                return
+        self.client_keep = client_keep
+        self.upstream_reusable = resp.keep_alive and not resp.until_close
+        self._to(DONE)
+
+    def _cut_off(self, text: str) -> None:
+        """The response broke after its head went out: the client can only be cut off."""
+        self.error = text
+        self.client_keep = False
+        self.upstream_reusable = False
+        self.client.abort()
+        self._to(FAILED)

@@ -1,0 +1,231 @@
+"""Request hooks: the ordered chain every proxied HTTP request passes after it was read and its
+destination decided, and before it goes upstream (SPEC §7, §12.5).
+
+A hook is a named callable taking the `Flow` (the request as the hooks see it). It returns None to
+let the request pass, possibly after changing the head sent upstream through the flow's methods,
+or a `Refusal` (status, an `X-Greyproxy-Reason` token and a body) to answer the client instead; a
+hook that must wait (a worker-thread lookup) may return an awaitable of either. The first refusal
+ends the chain. The order is fixed by the service (`service.py`):
+
+1. `RuleRecheck` — the rules, judged for the host actually contacted (on the forward proxy the
+   gate has just decided it; inside a tunnel it is decided again per request);
+2. `CredentialSubstitution` — placeholders in the upstream head (a later capability: no-op);
+3. later middleware.
+
+The client's request (`Flow.head`) is never changed: the upstream head is built from a copy,
+taken when a hook first changes something (copy on write), so a request no hook touches costs
+nothing extra, and nothing a hook adds (a secret) can reach the transaction record, the journal,
+`/ws` or a log, which all see the client's request.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from . import http1
+from .httpio import phrase
+
+if TYPE_CHECKING:
+    from .gate import Gate, Verdict
+
+__all__ = ["CredentialSubstitution", "Flow", "HookChain", "Refusal", "RequestHook", "RuleRecheck",
+           "TEST_HOOKS_ENV", "hooks_from_env"]
+
+log = logging.getLogger("greyproxy.proxy")
+
+REASON_HEADER = "X-Greyproxy-Reason"
+DENIED_BODY = "Request denied by proxy"  # SPEC §7: a per-request rule deny
+
+# Fields a hook may not set or drop: framing, the connection's own, and Host (the request goes to
+# the host that was decided; a hook cannot send it elsewhere by renaming it).
+_PROTECTED = frozenset({"content-length", "transfer-encoding", "host", "connection", "upgrade", "keep-alive",
+                        "proxy-connection", "te", "trailer"})
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A hook's answer instead of the upstream's: `status`, `reason` (a token sent as
+    `X-Greyproxy-Reason`) and a one-line text body. The connection is closed after it."""
+
+    status: int
+    reason: str
+    body: str
+
+    def render(self) -> bytes:
+        return http1.render_response(self.status, phrase(self.status), self.body.encode("utf-8"), close=True,
+                                     headers=[("Content-Type", "text/plain; charset=utf-8"), (REASON_HEADER, self.reason)])
+
+
+class Flow:
+    """One request as the hooks see it.
+
+    `head` is the client's request (read only); `host`/`port` the destination actually contacted,
+    `server_name` the name the upstream certificate is verified against (intercepted TLS, else the
+    host); `verdict` the rules' answer once known. The upstream head starts as the client's
+    end-to-end fields and target; `set_header`, `remove_header` and `set_target` change it (on a
+    copy); `render` gives the bytes sent upstream."""
+
+    __slots__ = ("container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
+                 "_headers", "_target")
+
+    def __init__(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
+                 verdict: Verdict | None = None, server_name: str | None = None) -> None:
+        self.container, self.scheme, self.host, self.port = container, scheme, host, port
+        self.server_name = server_name or host
+        self.head = head
+        self.verdict = verdict
+        self.substituted: list[str] | tuple[str, ...] = ()  # credential labels used (stored in the record)
+        self._headers: list[tuple[str, str]] | None = None  # the upstream fields once a hook changed them
+        self._target: str | None = None
+
+    # -- reading --
+    @property
+    def changed(self) -> bool:
+        return self._headers is not None or self._target is not None
+
+    @property
+    def target(self) -> str:
+        """The request target sent upstream (origin-form)."""
+        return self._target if self._target is not None else self.head.path
+
+    def upstream_headers(self) -> list[tuple[str, str]]:
+        """The fields sent upstream (a fresh list when no hook changed any; do not mutate it)."""
+        return self._headers if self._headers is not None else self.head.upstream_headers()
+
+    # -- changing (copy on write) --
+    def _own(self) -> list[tuple[str, str]]:
+        if self._headers is None:
+            self._headers = self.head.upstream_headers()  # a new list: the client's head is untouched
+        return self._headers
+
+    @staticmethod
+    def _checked(name: str, value: str | None = None) -> str:
+        lname = name.lower()
+        if lname in _PROTECTED or lname.startswith("proxy-"):
+            raise ValueError(f"a request hook may not change the {name} field")
+        http1.check_field(name, value or "")
+        return lname
+
+    def set_header(self, name: str, value: str) -> None:
+        """Set `name` to one `value` upstream (replacing every field of that name, in place of the first)."""
+        lname = self._checked(name, value)
+        out: list[tuple[str, str]] = []
+        placed = False
+        for k, v in self._own():
+            if k.lower() == lname:
+                if not placed:
+                    out.append((k, value))
+                    placed = True
+            else:
+                out.append((k, v))
+        if not placed:
+            out.append((name, value))
+        self._headers = out
+
+    def replace_value(self, index: int, value: str) -> None:
+        """Change the value of the `index`-th upstream field (as `upstream_headers()` lists them)."""
+        headers = self._own()
+        name = headers[index][0]
+        self._checked(name, value)
+        headers[index] = (name, value)
+
+    def remove_header(self, name: str) -> None:
+        lname = self._checked(name)
+        self._headers = [(k, v) for k, v in self._own() if k.lower() != lname]
+
+    def set_target(self, target: str) -> None:
+        if not target.startswith("/") and target != "*":
+            raise ValueError("the upstream target must be origin-form")
+        http1.check_field(target)
+        if " " in target:
+            raise ValueError("space in the request target")
+        self._target = target
+
+    def render(self, version: str) -> bytes:
+        """The request head sent upstream."""
+        head = self.head
+        return http1.render_request_head(head.method, self.target, version, self.upstream_headers())
+
+
+class RequestHook(Protocol):
+    name: str
+
+    def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]: ...
+
+
+class HookChain:
+    """The hooks in their order; `run` gives the first refusal, or None (the request goes upstream)."""
+
+    def __init__(self, hooks: Sequence[RequestHook] = ()) -> None:
+        self.hooks = tuple(hooks)
+        self.refused: dict[str, int] = {}  # per hook name (heartbeat stats)
+
+    @property
+    def names(self) -> list[str]:
+        return [h.name for h in self.hooks]
+
+    async def run(self, flow: Flow) -> Refusal | None:
+        for hook in self.hooks:
+            out = hook(flow)
+            if out is None:
+                continue
+            if not isinstance(out, Refusal):
+                out = await out  # type: ignore[misc]
+                if out is None:
+                    continue
+            self.refused[hook.name] = self.refused.get(hook.name, 0) + 1
+            return out
+        return None
+
+
+class RuleRecheck:
+    """The rules for the host actually contacted. The forward proxy's gate decision comes in as
+    `flow.verdict` (no second lookup); inside a tunnel each request is judged again, so a deny
+    added while a connection is kept alive applies to its next request."""
+
+    name = "rules"
+
+    def __init__(self, gate: Gate) -> None:
+        self.gate = gate
+
+    def __call__(self, flow: Flow) -> Refusal | None:
+        v = flow.verdict
+        if v is None:
+            v = flow.verdict = self.gate.check_request(flow.container, flow.host, flow.port)
+        if v.allowed:
+            return None
+        return Refusal(403, "rule", DENIED_BODY)
+
+
+class CredentialSubstitution:
+    """Placeholder credentials in header and query values swapped for their values (SPEC §12.5),
+    recorded as `flow.substituted` labels. A later capability: no-op until then."""
+
+    name = "credentials"
+
+    def __call__(self, flow: Flow) -> Refusal | None:
+        return None
+
+
+# Test-only: a module:function returning extra hooks, appended after the built-in ones. Read by
+# the proxy service at start; not a config key, not documented for users (the stack tests use it).
+TEST_HOOKS_ENV = "GREYPROXY_TEST_REQUEST_HOOKS"
+
+
+def hooks_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> list[RequestHook]:
+    spec = environ.get(TEST_HOOKS_ENV)
+    if not spec:
+        return []
+    module, _, attr = spec.partition(":")
+    factory: Callable[[], Sequence[RequestHook]] = getattr(importlib.import_module(module), attr or "hooks")
+    hooks = list(factory())
+    for h in hooks:
+        if not callable(h) or not isinstance(getattr(h, "name", None), str):
+            raise TypeError(f"{spec}: a request hook needs a name and must be callable")
+    log.warning("test request hooks installed from %s: %s", TEST_HOOKS_ENV, [h.name for h in hooks])
+    return hooks

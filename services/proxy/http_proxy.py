@@ -1,0 +1,187 @@
+"""The HTTP forward proxy listener: CONNECT (a tunnel, `tunnel.py`) and absolute-URI `http://`
+requests, each one through the request path
+
+    read head (httpio) → decide (gate.admit) → record snapshot (pipeline.Txn) → request hooks
+    (hooks.py) → exchange (exchange.py) on a kept or pooled upstream connection → record sent
+
+on a kept-alive client connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from . import http1
+from .conn import Conn
+from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity
+from .exchange import STALE, Exchange, upstream_version
+from .gate import Verdict
+from .hooks import Flow
+from .httpio import error_response, read_head
+from .pool import usable
+from .tunnel import run_tunnel
+from .upstream import UpstreamFailure, connect
+
+log = logging.getLogger("greyproxy.proxy")
+
+FORBIDDEN_BODY = "Blocked by Greyproxy: this destination is not allowed"
+
+
+def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
+    """The refusal of a connection past a connection cap: 503 (overall) or 429 (this client)."""
+    if cap == CAP_OVERALL:
+        status, reason = 503, "Service Unavailable"
+        text = (f"Greyproxy: too many open connections (proxy.{CAP_OVERALL} = {limits.max_connections}); "
+                "try again later\n")
+    else:
+        status, reason = 429, "Too Many Requests"
+        text = (f"Greyproxy: too many open connections for client {identity!r} "
+                f"(proxy.{CAP_PER_CLIENT} = {limits.max_per_client}); close some and try again\n")
+    return http1.render_response(status, reason, text.encode("utf-8"), headers=[("Retry-After", "1")], close=True)
+
+
+async def handle_http(client: ClientConn) -> None:
+    ctx = client.ctx
+    gate, limits, hooks = ctx.gate, ctx.limits, ctx.hooks
+    identity = default_identity(client)
+    pool = ctx.pool
+    upstream: Conn | None = None
+    upstream_key: tuple[str, str, int] | None = None  # (identity, host, port)
+    clean = False  # the upstream's last exchange ended cleanly: it may serve another request
+    cid: int | None = None
+    first = True
+
+    def release() -> None:
+        """Done with the current upstream: parked for a later request when clean, else closed."""
+        nonlocal upstream, cid
+        if cid is not None:
+            gate.untrack(cid)
+            cid = None
+        if upstream is not None:
+            if clean and upstream_key is not None:
+                pool.put(upstream_key, upstream)
+            else:
+                upstream.close()
+            upstream = None
+
+    async def attach(key: tuple[str, str, int], verdict: Verdict, fresh: bool) -> tuple[Conn, bool]:
+        """An upstream for `key`: a parked one unless `fresh`, else a new connection (UpstreamFailure).
+        (connection, whether it served a request before)."""
+        nonlocal upstream, upstream_key, cid, clean
+        release()
+        up = None if fresh else pool.get(key)
+        reused = up is not None
+        if up is None:
+            up = await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
+        upstream, upstream_key, clean = up, key, False
+
+        def close_both(u: Conn = up) -> None:
+            client.abort()
+            u.abort()
+
+        cid = gate.track(key[0], key[1], key[2], verdict, close_both)
+        return up, reused
+
+    def parse_req(buf: bytes):  # noqa: ANN202
+        return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
+
+    try:
+        while True:
+            try:
+                got = await read_head(client, limits, parse_req, None if first else limits.idle_timeout)
+            except asyncio.TimeoutError:
+                if first or client.buf:
+                    client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
+                return
+            except http1.HttpError as exc:
+                client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
+                return
+            if got is None:
+                return
+            head, n = got
+            del client.buf[:n]
+            first = False
+            if head.proxy_user:
+                identity = head.proxy_user
+            container = identity
+            cap = client.claim(identity)
+            if cap is not None:
+                client.write(cap_response(cap, identity, limits))
+                return
+
+            if head.method == "CONNECT":
+                verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone())
+                if client.closed:
+                    gate.finish_log(verdict)
+                    return
+                if not verdict.allowed:
+                    client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+                    return
+                try:
+                    up = await connect(head.host, head.port, limits.connect_timeout, ctx.guard)
+                except UpstreamFailure as exc:
+                    gate.finish_log(verdict)
+                    client.write(error_response(*exc.http_answer()))
+                    return
+                release()
+                client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await run_tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
+                return
+
+            if head.scheme != "http":
+                client.write(error_response(400, "Bad Request",
+                                            "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"))
+                return
+            # decide
+            verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
+            if client.closed:
+                return
+            # The record's snapshot of what the client sent (the absolute URI names the host contacted).
+            rec = ctx.recorder
+            t = rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id) \
+                if rec is not None else None
+            if not verdict.allowed:
+                client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+                if t is not None:
+                    t.finish(status=403, result="blocked")
+                return
+            # request hooks (the rule re-check takes the gate's verdict just given)
+            flow = Flow(container, "http", head.host, head.port, head, verdict)
+            refusal = await hooks.run(flow)
+            if refusal is not None:
+                client.write(refusal.render())
+                if t is not None:
+                    t.finish(status=refusal.status, result="blocked")
+                return
+            if t is not None:
+                t.substituted = flow.substituted
+            request = flow.render(upstream_version(head))
+            # exchange
+            key = (container, head.host, head.port)
+            reused = True  # the connection served a request before (it may have gone stale since)
+            try:
+                if upstream is None or upstream_key != key or not clean or not usable(upstream):
+                    upstream, reused = await attach(key, verdict, fresh=False)
+                elif cid is not None and cid in gate.live:
+                    gate.live[cid].rule_id = verdict.rule_id
+                clean = False
+                ex = Exchange(client, upstream, head, limits, t, reused)
+                if await ex.run(request) is STALE:
+                    # The origin had closed the kept connection as the request went out (nothing
+                    # was answered, nothing was consumed): once more on a new connection.
+                    upstream, _ = await attach(key, verdict, fresh=True)
+                    ex = Exchange(client, upstream, head, limits, t)
+                    await ex.run(request)
+            except UpstreamFailure as exc:
+                upstream = None
+                status, reason, text = exc.http_answer()
+                client.write(error_response(status, reason, text))
+                if t is not None:
+                    t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed", error=str(exc))
+                return
+            clean = ex.upstream_reusable
+            if not ex.client_keep:
+                return
+    finally:
+        release()

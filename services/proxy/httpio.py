@@ -1,0 +1,110 @@
+"""HTTP/1.x I/O over a `Stream` (a `Conn` or a `TlsStream`): reading a head under the header
+deadline, relaying one message body, and the proxy's own short answers.
+
+The parsing itself is sans-I/O (`http1.py`); these are the few awaits around it, shared by the
+HTTP forward proxy (`http_proxy.py`), interception (`mitm.py`) and the exchange (`exchange.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from . import http1
+from .conn import ConnClosed
+
+if TYPE_CHECKING:
+    from .pipeline import Stream
+
+__all__ = ["body_error", "cancel", "error_response", "phrase", "read_head", "relay_body", "start_body"]
+
+T = TypeVar("T")
+
+
+async def read_head(conn: Stream, limits: Any, parse: Callable[[bytes], T | None],
+                    first_timeout: float | None) -> T | None:
+    """Read until a full head parses (`parse(buf)` → value or None while incomplete). None when the
+    peer closed cleanly before sending anything; HttpError(400) when it closed mid-head.
+
+    Without `first_timeout` (a client's first request) the whole head must arrive within
+    `limits.header_timeout`, counted from now. With it (the next request on a kept-alive
+    connection, or a response), the first byte may take up to `first_timeout`, and the header
+    deadline runs from that byte. TimeoutError past either.
+    """
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    deadline = now + limits.header_timeout if first_timeout is None or conn.buf else None
+    idle_deadline = now + first_timeout if first_timeout is not None else None
+    while True:
+        if conn.buf:
+            if deadline is None:
+                deadline = loop.time() + limits.header_timeout
+            parsed = parse(bytes(conn.buf))
+            if parsed is not None:
+                return parsed
+        remaining = (deadline if deadline is not None else idle_deadline) - loop.time()  # type: ignore[operator]
+        if remaining <= 0:
+            raise asyncio.TimeoutError()
+        if not await conn.read_more(remaining):
+            if conn.buf:
+                raise http1.HttpError(400, "incomplete request")
+            return None
+
+
+def phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def error_response(status: int, reason: str, text: str, close: bool = True,
+                   headers: list[tuple[str, str]] | None = None) -> bytes:
+    """A short text/plain answer of the proxy's own (403, 502, 504, ...)."""
+    return http1.render_response(status, reason, (text.rstrip("\n") + "\n").encode(), headers=headers, close=close)
+
+
+async def relay_body(src: Stream, dst: Stream, reader: http1.BodyReader, timeout: float) -> None:
+    """Copy one message body from src to dst as-is; leftover bytes stay in src.buf.
+
+    ConnClosed when src ends before the body does (or dst is gone), TimeoutError when src is
+    silent for `timeout`, and the reader's framing errors (HttpError / UpstreamError)."""
+    while True:
+        if src.buf:
+            data, rest, done = reader.feed(src.take())
+            if rest:
+                src.buf[:0] = rest
+            if data:
+                dst.write(data)
+                await dst.drain()
+            if done:
+                return
+        if not await src.read_more(timeout):
+            if reader.until_close:
+                return
+            raise ConnClosed()
+
+
+def start_body(src: Stream, dst: Stream, reader: http1.BodyReader, timeout: float) -> asyncio.Task:
+    """Relay a request body in the background while the answer is awaited (the head is already sent:
+    with `Expect: 100-continue` the client sends the body only once the upstream's 100 is relayed).
+    A broken body (bad chunk framing, client gone or stalled) aborts `dst`, so the exchange ends at once."""
+    task = asyncio.ensure_future(relay_body(src, dst, reader, timeout))
+    task.add_done_callback(lambda t: dst.abort() if not t.cancelled() and t.exception() is not None else None)
+    return task
+
+
+def body_error(task: asyncio.Task | None) -> BaseException | None:
+    """Why a body relay task failed, if it did (None while it runs, or when it succeeded)."""
+    if task is None or not task.done() or task.cancelled():
+        return None
+    return task.exception()
+
+
+async def cancel(task: asyncio.Task | None) -> None:
+    """Cancel and wait: the task's cleanup (a read resets its waiter) must not run after a new read."""
+    if task is not None and not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

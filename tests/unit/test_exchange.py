@@ -1,0 +1,411 @@
+"""The one HTTP exchange (services/proxy/exchange.py) and the request hooks (hooks.py) without
+sockets: in-memory streams play the client and the origin (in the spirit of mitmproxy's Playbook:
+what each side sends, what each side must receive, the final state and the record)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from services.proxy import http1
+from services.proxy.context import Limits
+from services.proxy.exchange import (
+    AWAIT_RESPONSE,
+    DONE,
+    FAILED,
+    SEND_REQUEST,
+    STALE,
+    TRANSITIONS,
+    Exchange,
+    State,
+    upstream_version,
+)
+from services.proxy.gate import Verdict
+from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, Refusal, RuleRecheck
+from services.proxy.pipeline import Recorder
+
+LIMITS = Limits(header_timeout=1.0, idle_timeout=1.0, connect_timeout=1.0)
+SECRET = "sk-hook-" + "5e" * 12
+
+
+class MemStream:
+    """The `Stream` protocol over memory: `feed`/`end` play the peer, `written` is what the proxy sent."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.buf = bytearray()
+        self.eof = False
+        self.closed = False
+        self.aborted = False
+        self.written = bytearray()
+        self._more = asyncio.Event()
+
+    def feed(self, data: bytes) -> None:
+        self.buf += data
+        self._more.set()
+
+    def end(self) -> None:
+        self.eof = True
+        self._more.set()
+
+    async def read_more(self, timeout: float | None = None) -> bool:
+        if self.eof:
+            return False
+        before = len(self.buf)
+        while len(self.buf) == before and not self.eof:
+            self._more.clear()
+            await asyncio.wait_for(self._more.wait(), timeout)
+        return len(self.buf) > before
+
+    def take(self, n: int | None = None) -> bytes:
+        if n is None or n >= len(self.buf):
+            data = bytes(self.buf)
+            self.buf.clear()
+        else:
+            data = bytes(self.buf[:n])
+            del self.buf[:n]
+        return data
+
+    def write(self, data: bytes) -> None:
+        if not self.closed:
+            self.written += data
+
+    async def drain(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self.closed = True
+        self.end()
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.close()
+
+
+class FakeJournal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any]] = []
+
+    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
+        self.records.append((kind, orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))))
+        return str(len(self.records))
+
+
+def _head(raw: bytes) -> http1.RequestHead:
+    got = http1.parse_request_head(raw, 65536, 100)
+    assert got is not None
+    return got[0]
+
+
+GET = b"GET http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nUser-Agent: t\r\n\r\n"
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
+
+
+async def _play(request: bytes, answer: list[bytes] | None, *, reused: bool = False, client_rest: bytes = b"",
+                end_upstream: bool = False, between: float = 0.02,
+                journal: FakeJournal | None = None, flow_edit: Any = None) -> tuple[Exchange, MemStream, MemStream]:
+    """Run one exchange: the client sent `request` (+ `client_rest`), the origin answers the pieces
+    of `answer` (one feed each, `between` s apart), then closes if `end_upstream`."""
+    head = _head(request)
+    client, upstream = MemStream("client"), MemStream("upstream")
+    client.feed(client_rest)
+    rec = Recorder(journal) if journal is not None else None  # type: ignore[arg-type]
+    t = rec.txn("agent", "http://" + head.authority, head.host, head.port, head, 1) if rec is not None else None
+    flow = Flow("agent", "http", head.host, head.port, head, Verdict(True, "rule", 1))
+    if flow_edit is not None:
+        flow_edit(flow)
+    ex = Exchange(client, upstream, head, LIMITS, t, reused)
+
+    async def origin() -> None:
+        for piece in answer or []:
+            await asyncio.sleep(between)
+            upstream.feed(piece)
+        if end_upstream:
+            await asyncio.sleep(between)
+            upstream.end()
+
+    feeder = asyncio.ensure_future(origin())
+    await asyncio.wait_for(ex.run(flow.render(upstream_version(head))), 5)
+    await feeder
+    return ex, client, upstream
+
+
+def _response(data: bytes) -> tuple[http1.ResponseHead, bytes]:
+    got = http1.parse_response_head(bytes(data), 65536, "GET")
+    assert got is not None, data
+    return got[0], bytes(data[got[1]:])
+
+
+def _record(journal: FakeJournal) -> dict[str, Any]:
+    assert len(journal.records) == 1, journal.records
+    kind, rec = journal.records[0]
+    assert kind == "transaction"
+    return rec
+
+
+# ---------------------------------------------------------------- the state table
+
+
+def test_transitions_are_explicit_and_enforced() -> None:
+    assert set(TRANSITIONS) == set(State)
+    assert all(not TRANSITIONS[s] for s in (DONE, FAILED, STALE))  # final states
+    ex = Exchange(MemStream("c"), MemStream("u"), _head(GET), LIMITS)
+    assert ex.state is SEND_REQUEST
+    with pytest.raises(RuntimeError, match="not a transition"):
+        ex._to(DONE)
+    ex._to(AWAIT_RESPONSE)
+    ex._to(AWAIT_RESPONSE)  # a 1xx keeps it waiting
+    ex._to(FAILED)
+    with pytest.raises(RuntimeError):
+        ex._to(AWAIT_RESPONSE)
+
+
+# ---------------------------------------------------------------- plain exchanges
+
+
+def test_keep_alive_exchange_sends_the_request_and_streams_the_answer() -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        ex, client, upstream = await _play(GET, [OK], journal=journal)
+        assert ex.state is DONE and ex.client_keep and ex.upstream_reusable and ex.error is None
+        assert bytes(upstream.written).startswith(b"GET /x HTTP/1.1\r\nHost: origin.test\r\n")
+        resp, body = _response(client.written)
+        assert resp.status == 200 and body == b"hello" and resp.keep_alive
+        assert not upstream.closed and not client.closed
+        rec = _record(journal)
+        assert rec["status_code"] == 200 and rec["error"] is None and rec["url"] == "http://origin.test/x"
+
+    asyncio.run(main())
+
+
+def test_origin_connection_close_ends_reuse_but_not_the_client() -> None:
+    async def main() -> None:
+        answer = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+        ex, client, upstream = await _play(GET, [answer])
+        assert ex.state is DONE and ex.client_keep and not ex.upstream_reusable
+        assert upstream.closed and not upstream.aborted  # closed gracefully by the exchange
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- origin faults are the origin's
+
+
+@pytest.mark.parametrize("answer, why", [
+    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"], "malformed chunk size"),
+    ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"], "Content-Length"),
+    ([b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], "Content-Length"),
+    ([b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"], "too large"),
+    ([b"SSH-2.0-OpenSSH\r\n\r\n"], "bad response"),
+    ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "asked for no upgrade"),
+])
+def test_a_malformed_answer_is_a_502_and_the_client_stays(answer: list[bytes], why: str) -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        ex, client, upstream = await _play(GET, answer, journal=journal)
+        assert ex.state is FAILED and ex.client_keep and not ex.upstream_reusable
+        resp, body = _response(client.written)
+        assert resp.status == 502 and resp.keep_alive, client.written
+        assert why in body.decode() and body.startswith(b"Greyproxy: bad response from upstream")
+        assert b"hello" not in client.written  # nothing of the origin's answer went through
+        assert upstream.aborted and not client.closed
+        rec = _record(journal)
+        assert rec["status_code"] == 502 and why in rec["error"] and rec["response_body_size"] == 0
+
+    asyncio.run(main())
+
+
+def test_a_bad_chunk_after_the_head_went_out_cuts_the_client_off() -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        answer = [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+                  b"ZZZ\r\n"]
+        ex, client, upstream = await _play(GET, answer, journal=journal)
+        assert ex.state is FAILED and not ex.client_keep
+        assert client.aborted and upstream.aborted
+        assert bytes(client.written).startswith(b"HTTP/1.1 200 OK")
+        rec = _record(journal)
+        assert rec["status_code"] == 200 and "malformed chunk size" in rec["error"]
+        assert rec["response_body_size"] == 5
+
+    asyncio.run(main())
+
+
+def test_silence_is_a_504_and_a_close_without_answer_a_502() -> None:
+    async def main() -> None:
+        ex, client, _up = await _play(GET, None)  # the origin never answers (idle_timeout 1 s)
+        assert ex.state is FAILED and _response(client.written)[0].status == 504 and ex.client_keep
+        ex, client, _up = await _play(GET, None, end_upstream=True)
+        assert ex.state is FAILED and _response(client.written)[0].status == 502
+        assert b"closed the connection without answering" in client.written
+
+    asyncio.run(main())
+
+
+def test_a_reused_connection_closed_unanswered_is_stale_only_for_a_retryable_request() -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        ex, client, _up = await _play(GET, None, reused=True, end_upstream=True, journal=journal)
+        assert ex.state is STALE and client.written == b"" and journal.records == []  # send it again
+        post = b"POST http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nContent-Length: 2\r\n\r\n"
+        ex, client, _up = await _play(post, None, reused=True, end_upstream=True, client_rest=b"hi")
+        assert ex.state is FAILED and _response(client.written)[0].status == 502
+        ex, client, _up = await _play(GET, None, reused=False, end_upstream=True)
+        assert ex.state is FAILED  # a fresh connection that closes is the origin's fault, not staleness
+
+    asyncio.run(main())
+
+
+def test_a_malformed_request_body_is_the_clients_400() -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        post = b"POST http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ex, client, upstream = await _play(post, None, client_rest=b"QQ\r\n", journal=journal)
+        assert ex.state is FAILED and not ex.client_keep
+        resp, _body = _response(client.written)
+        assert resp.status == 400 and not resp.keep_alive
+        assert _record(journal)["status_code"] == 400
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- interim answers and upgrades
+
+
+def test_interim_answers_go_to_http11_clients_only() -> None:
+    async def main() -> None:
+        answer = [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", OK]
+        ex, client, _up = await _play(GET, answer)
+        assert ex.state is DONE and bytes(client.written).startswith(b"HTTP/1.1 103")
+        get10 = b"GET http://origin.test/x HTTP/1.0\r\nHost: origin.test\r\n\r\n"
+        ex, client, upstream = await _play(get10, answer)
+        assert ex.state is DONE and bytes(client.written).startswith(b"HTTP/1.1 200")  # RFC 9110 §15.2
+        assert b" HTTP/1.0\r\n" in bytes(upstream.written)  # and it went upstream as HTTP/1.0
+
+    asyncio.run(main())
+
+
+def test_an_asked_for_upgrade_switches_and_relays_both_ways() -> None:
+    async def main() -> None:
+        journal = FakeJournal()
+        req = (b"GET http://origin.test/ws HTTP/1.1\r\nHost: origin.test\r\nConnection: Upgrade\r\n"
+               b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x\r\n\r\n")
+        answer = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                  b"\x81\x02hi"]
+        ex, client, upstream = await _play(req, answer, end_upstream=True, journal=journal)
+        assert ex.state is DONE and not ex.client_keep and not ex.upstream_reusable
+        assert bytes(client.written).startswith(b"HTTP/1.1 101") and bytes(client.written).endswith(b"\x81\x02hi")
+        assert b"Upgrade: websocket" in bytes(upstream.written)
+        kinds = [r["method"] for _k, r in journal.records]
+        assert kinds == ["GET", "WS_RESP"] and journal.records[1][1]["url"] == "ws://origin.test/ws"
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- hooks
+
+
+def test_a_hooks_change_reaches_the_origin_and_never_the_record() -> None:
+    """The record is the client's request: a hook's header (a secret) goes upstream only. Breaking the
+    snapshot (a record that reads the upstream head, or a hook that changes the client's head) fails here."""
+    async def main() -> None:
+        journal = FakeJournal()
+        client_head = _head(GET)
+        before = list(client_head.headers)
+
+        def edit(flow: Flow) -> None:
+            flow.set_header("X-Upstream-Auth", SECRET)
+            flow.set_header("User-Agent", "hooked/" + SECRET)
+            flow.set_target("/x?key=" + SECRET)
+
+        ex, _client, upstream = await _play(GET, [OK], journal=journal, flow_edit=edit)
+        assert ex.state is DONE
+        sent = bytes(upstream.written).decode()
+        assert f"X-Upstream-Auth: {SECRET}\r\n" in sent and f"GET /x?key={SECRET} HTTP/1.1" in sent
+        assert "User-Agent: t\r\n" not in sent
+        rec = _record(journal)
+        assert SECRET not in orjson.dumps(rec).decode(), rec
+        assert rec["request_headers"]["User-Agent"] == ["t"] and rec["url"] == "http://origin.test/x"
+        assert client_head.headers == before
+
+    asyncio.run(main())
+
+
+def test_flow_is_copy_on_write_and_guards_framing_and_injection() -> None:
+    head = _head(b"GET http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nAccept: a\r\naccept: b\r\n\r\n")
+    flow = Flow("agent", "http", head.host, head.port, head)
+    assert not flow.changed and flow.render("1.1") == http1.render_request_head("GET", "/x", "1.1",
+                                                                                head.upstream_headers())
+    original = list(head.headers)
+    flow.set_header("ACCEPT", "c")
+    assert [v for k, v in flow.upstream_headers() if k.lower() == "accept"] == ["c"] and flow.changed
+    flow.remove_header("accept")
+    assert not any(k.lower() == "accept" for k, _ in flow.upstream_headers())
+    assert head.headers == original  # the client's head never changes
+    for name in ("Content-Length", "Transfer-Encoding", "Host", "Connection", "Proxy-Authorization"):
+        with pytest.raises(ValueError):
+            flow.set_header(name, "1")
+    with pytest.raises(ValueError):
+        flow.set_header("X-A", "v\r\nX-Injected: 1")
+    with pytest.raises(ValueError):
+        flow.set_target("http://elsewhere/")
+    with pytest.raises(ValueError):
+        flow.set_target("/a b")
+
+
+def test_chain_runs_in_order_and_stops_at_the_first_refusal() -> None:
+    seen: list[str] = []
+
+    class Hook:
+        def __init__(self, name: str, out: Any = None) -> None:
+            self.name, self.out = name, out
+
+        def __call__(self, flow: Flow) -> Any:
+            seen.append(self.name)
+            return self.out
+
+    async def later(flow: Flow) -> Refusal | None:
+        await asyncio.sleep(0)
+        return Refusal(451, "later", "no")
+
+    later.name = "async"  # type: ignore[attr-defined]
+    head = _head(GET)
+
+    async def main() -> None:
+        chain = HookChain([Hook("a"), Hook("b", Refusal(403, "b", "refused by b")), Hook("c")])
+        r = await chain.run(Flow("agent", "http", head.host, head.port, head))
+        assert r is not None and r.reason == "b" and seen == ["a", "b"] and chain.refused == {"b": 1}
+        r = await HookChain([later]).run(Flow("agent", "http", head.host, head.port, head))  # type: ignore[list-item]
+        assert r is not None and r.status == 451
+        resp, body = _response(r.render())
+        assert resp.status == 451 and resp.header("x-greyproxy-reason") == "later" and body == b"no"
+        assert not resp.keep_alive
+
+    asyncio.run(main())
+
+
+def test_rule_recheck_judges_the_contacted_host_and_takes_a_given_verdict() -> None:
+    class Gate:
+        def __init__(self) -> None:
+            self.asked: list[tuple[str, str, int]] = []
+
+        def check_request(self, container: str, host: str, port: int) -> Verdict:
+            self.asked.append((container, host, port))
+            return Verdict(host != "10.0.0.6", "rule", 9)
+
+    gate = Gate()
+    spoof = _head(b"GET http://api.openai.com/spoof HTTP/1.1\r\nHost: api.openai.com\r\n\r\n")
+
+    async def main() -> None:
+        chain = HookChain([RuleRecheck(gate), CredentialSubstitution()])  # type: ignore[arg-type]
+        flow = Flow("agent", "https", "10.0.0.6", 443, spoof)  # Host says api.openai.com; 10.0.0.6 is contacted
+        r = await chain.run(flow)
+        assert r is not None and r.status == 403 and r.reason == "rule" and r.body == "Request denied by proxy"
+        assert gate.asked == [("agent", "10.0.0.6", 443)] and flow.verdict is not None
+        flow = Flow("agent", "http", "origin.test", 80, _head(GET), Verdict(True, "rule", 1))
+        assert await chain.run(flow) is None and len(gate.asked) == 1  # the gate's verdict is used as is
+
+    asyncio.run(main())
