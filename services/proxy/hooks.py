@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from .gate import Gate, Verdict
 
 __all__ = ["CredentialSubstitution", "Flow", "HookChain", "Refusal", "RequestHook", "RuleRecheck",
-           "TEST_HOOKS_ENV", "hooks_from_env"]
+           "TEST_HOOKS_ENV", "hooks_from_env", "resolve"]
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -169,18 +169,47 @@ class HookChain:
     def names(self) -> list[str]:
         return [h.name for h in self.hooks]
 
-    async def run(self, flow: Flow) -> Refusal | None:
-        for hook in self.hooks:
+    def run(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
+        """The first refusal, or None; an awaitable of that when a hook has to wait. Synchronous
+        hooks (the usual case) cost no coroutine: callers do `r = chain.run(flow)` and await `r`
+        only when it is neither None nor a `Refusal` (`resolve` does that)."""
+        for i, hook in enumerate(self.hooks):
             out = hook(flow)
             if out is None:
                 continue
-            if not isinstance(out, Refusal):
-                out = await out  # type: ignore[misc]
-                if out is None:
-                    continue
-            self.refused[hook.name] = self.refused.get(hook.name, 0) + 1
-            return out
+            if isinstance(out, Refusal):
+                self.refused[hook.name] = self.refused.get(hook.name, 0) + 1
+                return out
+            return self._finish(flow, i, out)
         return None
+
+    async def _finish(self, flow: Flow, i: int, pending: Awaitable[Refusal | None]) -> Refusal | None:
+        """The rest of the chain once hook `i` returned an awaitable."""
+        hooks = self.hooks
+        while True:
+            out = await pending
+            if out is not None:
+                self.refused[hooks[i].name] = self.refused.get(hooks[i].name, 0) + 1
+                return out
+            while True:
+                i += 1
+                if i == len(hooks):
+                    return None
+                got = hooks[i](flow)
+                if got is None:
+                    continue
+                if isinstance(got, Refusal):
+                    self.refused[hooks[i].name] = self.refused.get(hooks[i].name, 0) + 1
+                    return got
+                pending = got
+                break
+
+
+async def resolve(out: Refusal | None | Awaitable[Refusal | None]) -> Refusal | None:
+    """`HookChain.run`'s answer, awaited if it has to be (for callers that do not mind a coroutine)."""
+    if out is None or isinstance(out, Refusal):
+        return out
+    return await out
 
 
 class RuleRecheck:

@@ -17,7 +17,7 @@ from .conn import Conn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Verdict
-from .hooks import Flow
+from .hooks import Flow, Refusal
 from .httpio import error_response, read_head
 from .pool import usable
 from .tunnel import run_tunnel
@@ -148,7 +148,9 @@ async def handle_http(client: ClientConn) -> None:
                 return
             # request hooks (the rule re-check takes the gate's verdict just given)
             flow = Flow(container, "http", head.host, head.port, head, verdict)
-            refusal = await hooks.run(flow)
+            refusal = hooks.run(flow)
+            if refusal is not None and not isinstance(refusal, Refusal):
+                refusal = await refusal  # a hook that had to wait
             if refusal is not None:
                 client.write(refusal.render())
                 if t is not None:

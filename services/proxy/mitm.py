@@ -35,7 +35,7 @@ from .conn import Conn, ConnClosed
 from .context import Limits, ProxyContext
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Gate, Verdict
-from .hooks import Flow
+from .hooks import Flow, resolve
 from .httpio import error_response, read_head
 from .pipeline import Recorder, Stream, Txn, origin_of, relay
 from .settings_watch import SettingsWatch
@@ -329,7 +329,7 @@ class Interceptor:
         t = self.recorder.txn(s.container, s.origin, s.host, s.port, head,
                               host_mismatch=self._host_mismatch(s, head))
         flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name)
-        refusal = await ctx.hooks.run(flow)
+        refusal = await resolve(ctx.hooks.run(flow))
         t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id
         if refusal is not None:
             s.client.write(refusal.render())

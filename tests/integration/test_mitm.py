@@ -393,6 +393,13 @@ def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(stack: Stack
     finally:
         assert stack.request("PUT", "/api/settings", json={"mitmEnabled": True}).status_code == 200
 
+        def intercepted_again() -> bool:  # the proxy follows the setting asynchronously: later tests need it
+            code, _out, _err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-mitm-back"),
+                                     f"https://{ORIGIN}:{origin}/json")
+            return code == 0
+
+        wait_for(intercepted_again, 10, interval=0.2, message="interception switched back on")
+
 
 def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack: Stack, origin: int) -> None:
     sock = _tls_through_proxy(stack, "agent-deny", origin, _gp_ca(stack))

@@ -24,7 +24,7 @@ from services.proxy.exchange import (
     upstream_version,
 )
 from services.proxy.gate import Verdict
-from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, Refusal, RuleRecheck
+from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, Refusal, RuleRecheck, resolve
 from services.proxy.pipeline import Recorder
 
 LIMITS = Limits(header_timeout=1.0, idle_timeout=1.0, connect_timeout=1.0)
@@ -372,13 +372,31 @@ def test_chain_runs_in_order_and_stops_at_the_first_refusal() -> None:
         return Refusal(451, "later", "no")
 
     later.name = "async"  # type: ignore[attr-defined]
+
+    class _Waits:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __call__(self, flow: Flow) -> Any:
+            seen.append(self.name)
+
+            async def wait() -> None:
+                await asyncio.sleep(0)
+                return None
+
+            return wait()
     head = _head(GET)
 
     async def main() -> None:
         chain = HookChain([Hook("a"), Hook("b", Refusal(403, "b", "refused by b")), Hook("c")])
-        r = await chain.run(Flow("agent", "http", head.host, head.port, head))
+        r = await resolve(chain.run(Flow("agent", "http", head.host, head.port, head)))
         assert r is not None and r.reason == "b" and seen == ["a", "b"] and chain.refused == {"b": 1}
-        r = await HookChain([later]).run(Flow("agent", "http", head.host, head.port, head))  # type: ignore[list-item]
+        seen.clear()
+        waits = HookChain([Hook("a"), _Waits("w"), Hook("c", Refusal(409, "c", "c says no")), Hook("d")])
+        r = await resolve(waits.run(Flow("agent", "http", head.host, head.port, head)))
+        assert r is not None and r.reason == "c" and seen == ["a", "w", "c"] and waits.refused == {"c": 1}
+        assert HookChain([Hook("a")]).run(Flow("agent", "http", head.host, head.port, head)) is None  # no coroutine
+        r = await resolve(HookChain([later]).run(Flow("agent", "http", head.host, head.port, head)))  # type: ignore[list-item]
         assert r is not None and r.status == 451
         resp, body = _response(r.render())
         assert resp.status == 451 and resp.header("x-greyproxy-reason") == "later" and body == b"no"
@@ -402,10 +420,10 @@ def test_rule_recheck_judges_the_contacted_host_and_takes_a_given_verdict() -> N
     async def main() -> None:
         chain = HookChain([RuleRecheck(gate), CredentialSubstitution()])  # type: ignore[arg-type]
         flow = Flow("agent", "https", "10.0.0.6", 443, spoof)  # Host says api.openai.com; 10.0.0.6 is contacted
-        r = await chain.run(flow)
+        r = await resolve(chain.run(flow))
         assert r is not None and r.status == 403 and r.reason == "rule" and r.body == "Request denied by proxy"
         assert gate.asked == [("agent", "10.0.0.6", 443)] and flow.verdict is not None
         flow = Flow("agent", "http", "origin.test", 80, _head(GET), Verdict(True, "rule", 1))
-        assert await chain.run(flow) is None and len(gate.asked) == 1  # the gate's verdict is used as is
+        assert await resolve(chain.run(flow)) is None and len(gate.asked) == 1  # the gate's verdict is used as is
 
     asyncio.run(main())
