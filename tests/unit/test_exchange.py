@@ -9,6 +9,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.proxy import http1
 from services.proxy.context import Limits
@@ -425,5 +427,36 @@ def test_rule_recheck_judges_the_contacted_host_and_takes_a_given_verdict() -> N
         assert gate.asked == [("agent", "10.0.0.6", 443)] and flow.verdict is not None
         flow = Flow("agent", "http", "origin.test", 80, _head(GET), Verdict(True, "rule", 1))
         assert await resolve(chain.run(flow)) is None and len(gate.asked) == 1  # the gate's verdict is used as is
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- whatever the origin sends
+
+
+_PIECES = st.sampled_from([
+    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 204 No Content\r\n", b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n",
+    b"Content-Length: 99999999999999999999\r\n", b"Connection: close\r\n", b"\r\n", b"5\r\nhello\r\n",
+    b"0\r\n\r\n", b"ZZZ\r\n", b"abc", b"\x00\xff", b"HTTP/2 200\r\n", b" folded\r\n",
+])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(_PIECES, st.binary(max_size=12)), max_size=8), st.booleans())
+def test_any_answer_ends_the_exchange_cleanly_with_a_well_formed_reply(pieces: list[bytes], joined: bool) -> None:
+    """Whatever bytes the origin sends before it closes, the exchange ends DONE or FAILED without
+    raising, and what the client got starts with a status line (or, cut off, it was aborted)."""
+    answer = [b"".join(pieces)] if joined else pieces
+
+    async def main() -> None:
+        journal = FakeJournal()
+        ex, client, _up = await _play(GET, answer, end_upstream=True, between=0, journal=journal)
+        assert ex.state in (DONE, FAILED)
+        assert bytes(client.written).startswith(b"HTTP/1.1 ") or (client.aborted and not client.written)
+        if ex.state is FAILED and not client.aborted:
+            status = int(bytes(client.written).rsplit(b"HTTP/1.1 ", 1)[1][:3])
+            assert status in (502, 504) and ex.error
+        assert len(journal.records) == 1
 
     asyncio.run(main())
