@@ -29,7 +29,6 @@ them, except that an upstream this exchange cannot leave reusable is closed by i
 from __future__ import annotations
 
 import asyncio
-import enum
 from typing import Any
 
 from . import http1
@@ -38,26 +37,29 @@ from .httpio import body_error, cancel, error_response, phrase, read_head, relay
 from .pipeline import Stream, Txn, relay
 
 __all__ = ["AWAIT_RESPONSE", "DONE", "Exchange", "FAILED", "RETRYABLE", "SEND_REQUEST", "SEND_RESPONSE", "STALE",
-           "SWITCHED", "State", "TRANSITIONS", "upstream_version"]
+           "STATES", "SWITCHED", "State", "TRANSITIONS", "upstream_version"]
 
 
-class State(enum.Enum):
-    SEND_REQUEST = "send_request"
-    AWAIT_RESPONSE = "await_response"
-    SEND_RESPONSE = "send_response"
-    SWITCHED = "switched"
-    DONE = "done"
-    FAILED = "failed"
-    STALE = "stale"
+class State:
+    """One state of an exchange (a sentinel compared by identity, as h11's; cheap to hash)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"<State {self.value}>"
 
 
-SEND_REQUEST = State.SEND_REQUEST
-AWAIT_RESPONSE = State.AWAIT_RESPONSE
-SEND_RESPONSE = State.SEND_RESPONSE
-SWITCHED = State.SWITCHED
-DONE = State.DONE
-FAILED = State.FAILED
-STALE = State.STALE
+SEND_REQUEST = State("send_request")      # the upstream head goes out, the request body starts
+AWAIT_RESPONSE = State("await_response")  # reading the origin's answer (1xx relayed on the way)
+SEND_RESPONSE = State("send_response")    # the final head and its body go to the client
+SWITCHED = State("switched")              # 101: bytes both ways until either side ends
+DONE = State("done")                      # ended; see client_keep / upstream_reusable
+FAILED = State("failed")                  # answered with an error of ours, or cut off
+STALE = State("stale")                    # a reused upstream closed unanswered: send it again
+STATES = (SEND_REQUEST, AWAIT_RESPONSE, SEND_RESPONSE, SWITCHED, DONE, FAILED, STALE)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
     SEND_REQUEST: frozenset({AWAIT_RESPONSE}),
@@ -85,7 +87,7 @@ class Exchange:
     exchange cleanly and may serve another; when False this exchange has closed it), `error`."""
 
     __slots__ = ("client", "upstream", "head", "limits", "txn", "reused", "state", "client_keep",
-                 "upstream_reusable", "error", "final", "status", "_body", "_continued", "_interim")
+                 "upstream_reusable", "error", "final", "status", "_body", "_continued", "_interim_seen", "_owed")
 
     def __init__(self, client: Stream, upstream: Stream, head: http1.RequestHead, limits: Any,
                  txn: Txn | None = None, reused: bool = False) -> None:
@@ -103,7 +105,8 @@ class Exchange:
         self.status: int | None = None  # what the client was answered when it was not `final`
         self._body: asyncio.Task | None = None  # the request body relay
         self._continued = False  # a 100 Continue came
-        self._interim = False  # any 1xx came
+        self._interim_seen = False  # any 1xx came
+        self._owed = False  # the request body is still owed when the answer is complete
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -111,68 +114,74 @@ class Exchange:
         self.state = state
 
     async def run(self, request: bytes) -> State:
-        """Send `request` (the upstream head) and see the exchange through; the final state."""
-        head, limits, t = self.head, self.limits, self.txn
-        self.upstream.write(request)
-        self._to(AWAIT_RESPONSE)
-        if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
-            self._body = start_body(self.client, self.upstream, reader, limits.idle_timeout)
-        try:
-            resp = await self._await_response()
-            if resp is not None:
-                await self._send_response(resp)
-        finally:
-            if self._body is not None and not self._body.done():
-                await cancel(self._body)
-            if not self.upstream_reusable:
-                if self.state is DONE and self.error is None:
-                    self.upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
-                else:
-                    self.upstream.abort()
-            if t is not None and self.state is not STALE:
-                t.finish(self.final, status=self.status, error=self.error)
-        return self.state
+        """Send `request` (the upstream head) and see the exchange through; the final state.
 
-    # -- AWAIT_RESPONSE --
-    async def _await_response(self) -> http1.ResponseHead | None:
-        head, limits, upstream = self.head, self.limits, self.upstream
+        The usual exchange (an answer whose body came with its head) awaits nothing but the
+        response head: the steps are plain methods, and only the longer paths are coroutines."""
+        head, limits, t, upstream = self.head, self.limits, self.txn, self.upstream
         max_bytes, method = limits.max_header_bytes, head.method
 
         def parse(buf: bytes) -> tuple[http1.ResponseHead, int] | None:
             return http1.parse_response_head(buf, max_bytes, method)
 
-        while True:
-            try:
-                got = await read_head(upstream, limits, parse, limits.idle_timeout)
-            except asyncio.TimeoutError:
-                return self._fail(504, "the upstream did not answer in time")
-            except (http1.UpstreamError, http1.HttpError) as exc:  # HttpError: it closed mid-head
-                return self._fail(502, f"bad response from upstream: {exc}")
-            if got is None:
-                return self._unanswered()
-            resp, n = got
-            if resp.status == 101:
-                if head.upgrade is None:
-                    return self._fail(502, "bad response from upstream: 101 Switching Protocols to a request "
-                                           "that asked for no upgrade")
-                await self._switch(resp, upstream.take(n))
-                return None
-            if 100 <= resp.status < 200:
-                raw = upstream.take(n)
-                if head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
-                    self.client.write(raw)
-                self._continued = self._continued or resp.status == 100
-                self._interim = True
-                self._to(AWAIT_RESPONSE)
-                continue
-            del upstream.buf[:n]
-            return resp
+        upstream.write(request)
+        self._to(AWAIT_RESPONSE)
+        if head.chunked or (head.content_length or 0) > 0:
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+            self._body = start_body(self.client, upstream, reader, limits.idle_timeout)
+        try:
+            while self.state is AWAIT_RESPONSE:
+                try:
+                    got = await read_head(upstream, limits, parse, limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    self._fail(504, "the upstream did not answer in time")
+                    break
+                except (http1.UpstreamError, http1.HttpError) as exc:  # HttpError: it closed mid-head
+                    self._fail(502, f"bad response from upstream: {exc}")
+                    break
+                if got is None:
+                    self._unanswered()
+                    break
+                resp, n = got
+                if resp.status >= 200:
+                    del upstream.buf[:n]
+                    more = self._send_head(resp)
+                    if more is not None:
+                        await self._relay_response_body(more)
+                    if self.state is SEND_RESPONSE:
+                        if self._body is not None:
+                            await self._request_body_end()
+                        self._done(resp)
+                elif resp.status == 101:
+                    await self._switch(resp, n)
+                else:
+                    self._interim(resp, n)
+        finally:
+            if self._body is not None and not self._body.done():
+                await cancel(self._body)
+            if not self.upstream_reusable:
+                if self.state is DONE and self.error is None:
+                    upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
+                else:
+                    upstream.abort()
+            if t is not None and self.state is not STALE:
+                t.finish(self.final, status=self.status, error=self.error)
+        return self.state
+
+    # -- AWAIT_RESPONSE --
+    def _interim(self, resp: http1.ResponseHead, n: int) -> None:
+        """A 1xx (not 101): relayed, and the answer is still to come."""
+        raw = self.upstream.take(n)
+        if self.head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
+            self.client.write(raw)
+        self._continued = self._continued or resp.status == 100
+        self._interim_seen = True
+        self._to(AWAIT_RESPONSE)
 
     def _unanswered(self) -> None:
         """The upstream closed without a byte of answer."""
         head = self.head
-        if self.reused and self._body is None and not self._interim and head.method in RETRYABLE:
+        if self.reused and self._body is None and not self._interim_seen and head.method in RETRYABLE:
             self._to(STALE)  # the origin closed the kept connection as the request went out
             return None
         exc = body_error(self._body)
@@ -202,9 +211,13 @@ class Exchange:
         return None
 
     # -- SWITCHED --
-    async def _switch(self, resp: http1.ResponseHead, raw: bytes) -> None:
+    async def _switch(self, resp: http1.ResponseHead, n: int) -> None:
+        """101: relay both ways until either side ends (only for a request that asked to upgrade)."""
+        if self.head.upgrade is None:
+            self._fail(502, "bad response from upstream: 101 Switching Protocols to a request that asked for no upgrade")
+            return
         self._to(SWITCHED)
-        self.client.write(raw)
+        self.client.write(self.upstream.take(n))
         await cancel(self._body)  # its read ends before the relay's starts
         self.final = resp
         observers: tuple[Any, Any] = (None, None)
@@ -216,61 +229,66 @@ class Exchange:
         self._to(DONE)
 
     # -- SEND_RESPONSE --
-    async def _send_response(self, resp: http1.ResponseHead) -> None:
+    def _send_head(self, resp: http1.ResponseHead) -> http1.BodyReader | None:
+        """The final head goes to the client, with the body bytes already here (checked first: a bad
+        start is still a clean 502). The reader when more body is to come, else None."""
         self._to(SEND_RESPONSE)
-        head, client, upstream, limits, t = self.head, self.client, self.upstream, self.limits, self.txn
-        body = self._body
+        head, upstream, t, body = self.head, self.upstream, self.txn, self._body
         # Answered without a 100 while the body is still owed: the client may never send it
         # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
         # So this exchange ends both connections instead of waiting for (or guessing at) them.
-        body_owed = head.expect_continue and not self._continued and body is not None and not body.done()
-        client_keep = head.keep_alive and not resp.until_close and not body_owed
-        out = http1.render_response_head(resp, keep_alive=client_keep)
-        if resp.has_body:
-            reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
-                                      sink=t.resp_sink(resp) if t is not None else None, response=True)
-            done = False
-            if upstream.buf:
-                # The body bytes already here leave with the head in one send (one wakeup of the
-                # client), and are checked before it: a bad start is still a clean 502.
-                try:
-                    data, rest, done = reader.feed(upstream.take())
-                except http1.UpstreamError as exc:
-                    self._fail(502, f"bad response from upstream: {exc}")
-                    return
-                if rest:
-                    upstream.buf[:0] = rest
-                out += data
-            client.write(out)
+        self._owed = head.expect_continue and not self._continued and body is not None and not body.done()
+        self.client_keep = head.keep_alive and not resp.until_close and not self._owed
+        out = http1.render_response_head(resp, keep_alive=self.client_keep)
+        if not resp.has_body:
+            self.client.write(out)
             self.final = resp
-            if not done:
-                try:
-                    await relay_body(upstream, client, reader, limits.idle_timeout)
-                except http1.UpstreamError as exc:
-                    return self._cut_off(f"bad response from upstream: {exc}")
-                except asyncio.TimeoutError:
-                    return self._cut_off("the upstream stalled in the middle of the response body")
-                except ConnClosed:
-                    return self._cut_off("the client went away during the response" if client.closed
-                                         else "the upstream closed before the response body ended")
-        else:
-            client.write(out)
-            self.final = resp
-        if body_owed:
+            return None
+        reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
+                                  sink=t.resp_sink(resp) if t is not None else None, response=True)
+        done = False
+        if upstream.buf:
+            # The body bytes already here leave with the head in one send (one wakeup of the client).
+            try:
+                data, rest, done = reader.feed(upstream.take())
+            except http1.UpstreamError as exc:
+                self._fail(502, f"bad response from upstream: {exc}")
+                return None
+            if rest:
+                upstream.buf[:0] = rest
+            out += data
+        self.client.write(out)
+        self.final = resp
+        return None if done else reader
+
+    async def _relay_response_body(self, reader: http1.BodyReader) -> None:
+        client = self.client
+        try:
+            await relay_body(self.upstream, client, reader, self.limits.idle_timeout)
+        except http1.UpstreamError as exc:
+            self._cut_off(f"bad response from upstream: {exc}")
+        except asyncio.TimeoutError:
+            self._cut_off("the upstream stalled in the middle of the response body")
+        except ConnClosed:
+            self._cut_off("the client went away during the response" if client.closed
+                          else "the upstream closed before the response body ended")
+
+    async def _request_body_end(self) -> None:
+        """The response is out; the request body must have ended too for both connections to go on."""
+        if self._owed:
+            return
+        try:
+            await asyncio.wait_for(self._body, self.limits.idle_timeout)  # type: ignore[arg-type]
+        except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
+            self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
+            self._owed = True
+
+    def _done(self, resp: http1.ResponseHead) -> None:
+        if self._owed:
             self.client_keep = False
             self.upstream.abort()  # it may still wait for the body nobody will send
-            self._to(DONE)
-            return
-        if body is not None:
-            try:
-                await asyncio.wait_for(body, limits.idle_timeout)
-            except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
-                self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
-                self.client_keep = False
-                self._to(DONE)
-                return
-        self.client_keep = client_keep
-        self.upstream_reusable = resp.keep_alive and not resp.until_close
+        else:
+            self.upstream_reusable = resp.keep_alive and not resp.until_close
         self._to(DONE)
 
     def _cut_off(self, text: str) -> None:

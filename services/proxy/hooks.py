@@ -149,7 +149,9 @@ class Flow:
     def render(self, version: str) -> bytes:
         """The request head sent upstream."""
         head = self.head
-        return http1.render_request_head(head.method, self.target, version, self.upstream_headers())
+        headers = self._headers if self._headers is not None else head.upstream_headers()
+        return http1.render_request_head(head.method, self._target if self._target is not None else head.path,
+                                         version, headers)
 
 
 class RequestHook(Protocol):

@@ -19,6 +19,7 @@ logged. The record leaves the process with its headers redacted, through the jou
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
@@ -51,6 +52,7 @@ MITM_BYPASS = "mitm_bypass"
 HANDSHAKE_FAILED = "handshake_failed"
 NON_HTTP_AFTER_TLS = "non_http_after_tls"
 
+_norm = functools.lru_cache(maxsize=4096)(normalise_host)  # pure; the same few hosts come back
 MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling it "not HTTP"
 
 # A request line, and every prefix of one (so a half-arrived line is not called "not HTTP").
@@ -312,7 +314,8 @@ class Interceptor:
         host = head.host
         if not host or host == s.host or host == s.server_name:
             return False
-        if self.gate.resolved_name(s.host) == host:
+        name, contacted = _norm(host), _norm(s.host)  # e.g. a trailing dot, a SOCKS5 name's case
+        if name == contacted or name == _norm(s.server_name) or self.gate.resolved_name(contacted) == name:
             return False
         now = time.monotonic()
         self.counts["host_mismatch"] += 1

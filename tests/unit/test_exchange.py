@@ -22,7 +22,7 @@ from services.proxy.exchange import (
     STALE,
     TRANSITIONS,
     Exchange,
-    State,
+    STATES,
     upstream_version,
 )
 from services.proxy.gate import Verdict
@@ -152,7 +152,7 @@ def _record(journal: FakeJournal) -> dict[str, Any]:
 
 
 def test_transitions_are_explicit_and_enforced() -> None:
-    assert set(TRANSITIONS) == set(State)
+    assert set(TRANSITIONS) == set(STATES) and len(STATES) == 7
     assert all(not TRANSITIONS[s] for s in (DONE, FAILED, STALE))  # final states
     ex = Exchange(MemStream("c"), MemStream("u"), _head(GET), LIMITS)
     assert ex.state is SEND_REQUEST
