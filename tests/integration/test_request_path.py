@@ -39,6 +39,7 @@ PLAIN = "127.0.0.1"
 TLS = "127.0.0.6"  # an address no builtin rule covers: the module's stack allows it
 SPOOF = "api.openai.com"
 RECEIVED: list[dict[str, str]] = []  # what the origins received: (path, headers) of each request
+LONG_HEAD = b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok"  # > maxHeaderBytes
 BAD_CHUNK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"
 
 
@@ -49,6 +50,10 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         RECEIVED.append({"path": self.path, **{k.lower(): v for k, v in self.headers.items()}})
         if self.path.startswith("/zzz"):
             self.wfile.write(BAD_CHUNK)  # one write: the head and the broken chunk arrive together
+            self.close_connection = True
+            return
+        if self.path.startswith("/long-head"):
+            self.wfile.write(LONG_HEAD)
             self.close_connection = True
             return
         body = json.dumps({"path": self.path, "host": self.headers.get("Host")}).encode()
@@ -197,6 +202,18 @@ def test_bad_chunk_size_is_a_502_with_a_record_inside_an_intercepted_tunnel(stac
             assert status == want, (path, status, body)
 
 
+def test_an_over_long_response_head_is_a_502_on_both_paths(stack: Stack, plain_origin: int, tls_origin: int) -> None:
+    code, out, err = _curl("-x", _proxy(stack, "long-fwd"), "-w", "%{http_code}", "-o", "/dev/null",
+                           f"http://{PLAIN}:{plain_origin}/long-head")
+    assert out == b"502", (code, out, err)
+    code, out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "long-mitm"), "-w", "%{http_code}",
+                           "-o", "/dev/null", f"https://{TLS}:{tls_origin}/long-head")
+    assert out == b"502", (code, out, err)
+    for container in ("long-fwd", "long-mitm"):
+        t = _transactions(stack, container)[0]
+        assert t["status_code"] == 502 and "response head too large" in t["error"], t
+
+
 # ---------------------------------------------------------------- a hook's secret goes upstream only
 
 
@@ -281,6 +298,22 @@ def test_records_name_the_host_contacted_and_flag_a_spoofed_host(stack: Stack, p
     assert code == 0, err
     t = _transactions(stack, "honest")[0]
     assert t["request_host"] == TLS and t["host_mismatch"] is False and t["error"] is None
+
+    # The per-request rule check judges the host contacted, not the Host header: a deny for the
+    # spoofed name does not apply to a tunnel to another host, a deny for the contacted one does.
+    r = stack.request("POST", "/api/rules", json={"container_pattern": "spoof-rules", "destination_pattern": SPOOF,
+                                                  "port_pattern": "*", "action": "deny"})
+    assert r.status_code == 201, r.text
+    ctx = ssl.create_default_context(cafile=_gp_ca(stack))
+    with ctx.wrap_socket(_connect_tunnel(stack, "spoof-rules", TLS, tls_origin), server_hostname=TLS) as tls:
+        tls.sendall(f"GET /judged HTTP/1.1\r\nHost: {SPOOF}\r\n\r\n".encode())
+        assert _read_response(tls)[0] == 200
+        r = stack.request("POST", "/api/rules", json={"container_pattern": "spoof-rules", "destination_pattern": TLS,
+                                                      "port_pattern": "*", "action": "deny"})
+        assert r.status_code == 201, r.text
+        tls.sendall(f"GET /judged-again HTTP/1.1\r\nHost: {SPOOF}\r\n\r\n".encode())
+        status, headers, body = _read_response(tls)
+        assert status == 403 and headers["x-greyproxy-reason"] == "rule" and body == b"Request denied by proxy"
 
     # And it was said in the proxy's log.
     def logged() -> bool:
