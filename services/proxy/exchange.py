@@ -10,7 +10,7 @@ step may only move along `TRANSITIONS`:
     SEND_REQUEST ─▶ AWAIT_RESPONSE ─┬─(1xx)──▶ AWAIT_RESPONSE
                                     ├─(101)──▶ SWITCHED ─▶ DONE      bytes both ways until either ends
                                     ├────────▶ SEND_RESPONSE ─┬─▶ DONE
-                                    │                         └─▶ FAILED  (cut off mid-body)
+                                    │                         └─▶ FAILED  502 if none of it was sent, else cut off
                                     ├────────▶ FAILED   502 / 504 / 400 answered, or the client left
                                     └────────▶ STALE    a reused upstream closed unanswered: send again
 
@@ -136,8 +136,12 @@ class Exchange:
                 except asyncio.TimeoutError:
                     self._fail(504, "the upstream did not answer in time")
                     break
-                except (http1.UpstreamError, http1.HttpError) as exc:  # HttpError: it closed mid-head
+                except http1.UpstreamError as exc:
                     self._fail(502, f"bad response from upstream: {exc}")
+                    break
+                except http1.HttpError:  # read_head's "closed mid-head"
+                    self._fail(502, "bad response from upstream: the connection closed in the middle of the "
+                                    "response head")
                     break
                 if got is None:
                     self._unanswered()

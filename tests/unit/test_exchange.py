@@ -243,6 +243,9 @@ def test_silence_is_a_504_and_a_close_without_answer_a_502() -> None:
         ex, client, _up = await _play(GET, None, end_upstream=True)
         assert ex.state is FAILED and _response(client.written)[0].status == 502
         assert b"closed the connection without answering" in client.written
+        ex, client, _up = await _play(GET, [b"HTTP/1.1 200 OK\r\nContent-"], end_upstream=True)
+        assert ex.state is FAILED and _response(client.written)[0].status == 502 and ex.client_keep
+        assert b"closed in the middle of the response head" in client.written
 
     asyncio.run(main())
 
