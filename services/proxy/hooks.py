@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -41,6 +42,7 @@ log = logging.getLogger("greyproxy.proxy")
 REASON_HEADER = "X-Greyproxy-Reason"
 DENIED_BODY = "Request denied by proxy"  # SPEC §7: a per-request rule deny
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1 field name
 # Fields a hook may not set or drop: framing, the connection's own, and Host (the request goes to
 # the host that was decided; a hook cannot send it elsewhere by renaming it).
 _PROTECTED = frozenset({"content-length", "transfer-encoding", "host", "connection", "upgrade", "keep-alive",
@@ -105,6 +107,8 @@ class Flow:
 
     @staticmethod
     def _checked(name: str, value: str | None = None) -> str:
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"not a field name: {name!r}")
         lname = name.lower()
         if lname in _PROTECTED or lname.startswith("proxy-"):
             raise ValueError(f"a request hook may not change the {name} field")

@@ -356,6 +356,10 @@ def test_flow_is_copy_on_write_and_guards_framing_and_injection() -> None:
     with pytest.raises(ValueError):
         flow.set_header("X-A", "v\r\nX-Injected: 1")
     with pytest.raises(ValueError):
+        flow.set_header("X-A: 1\r\nX-B", "v")
+    with pytest.raises(ValueError):
+        flow.set_header("X A", "v")
+    with pytest.raises(ValueError):
         flow.set_target("http://elsewhere/")
     with pytest.raises(ValueError):
         flow.set_target("/a b")
