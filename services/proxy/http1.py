@@ -19,6 +19,8 @@ from http import HTTPStatus
 
 import httptools
 
+from greyproxy.policy.patterns import ascii_host, refuse_controls
+
 __all__ = [
     "BodyReader",
     "HttpError",
@@ -91,8 +93,17 @@ def canonical_host(raw: str) -> str:
 
     Names ending in a numeric label must be strict dotted-quad IPv4: resolvers read '127.1' or
     '2130706433' as 127.0.0.1, which would slip past rules written for the address.
+    A non-ASCII (UTF-8) name is taken in its IDNA form: `日本.example` is `xn--wgv71a.example`,
+    the form rules are stored in and the resolver is asked for.
     """
     host = raw.lower()
+    if not host.isascii():
+        try:  # request heads are decoded as latin-1: get the UTF-8 text the client sent back
+            host = host.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass  # already text (SOCKS5 decodes UTF-8 itself)
+        refuse_controls(host, "host")
+        host = ascii_host(host)
     if host.startswith("["):
         if not host.endswith("]") or "%" in host:
             raise ValueError("bad IPv6 literal")

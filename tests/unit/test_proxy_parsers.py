@@ -811,6 +811,16 @@ def test_socks_bind_and_udp_are_parsed(cmd: int, expected: int) -> None:
     assert server.request.port == 0
 
 
+def test_socks_unicode_names_are_taken_in_idna_form() -> None:
+    # Issue 13 item 5: rules hold punycode; a UTF-8 name (ATYP=3) is judged and resolved as that form.
+    for name, want in (("bücher.de", "xn--bcher-kva.de"), ("日本.example", "xn--wgv71a.example"),
+                       ("BÜCHER.DE", "xn--bcher-kva.de"), ("xn--bcher-kva.de", "xn--bcher-kva.de")):
+        server = Socks5Server()
+        server.feed(greeting(0))
+        server.feed(request(1, 3, name.encode(), 443))
+        assert server.request is not None and server.request.host == want, name
+
+
 @pytest.mark.parametrize(
     ("data", "reply"),
     [
@@ -822,7 +832,9 @@ def test_socks_bind_and_udp_are_parsed(cmd: int, expected: int) -> None:
         (request(1, 3, b"bad host", 80), REP_GENERAL_FAILURE),
         (request(1, 3, b"a/b", 80), REP_GENERAL_FAILURE),
         (request(1, 3, b"127.1", 80), REP_GENERAL_FAILURE),
-        (request(1, 3, "bücher.de".encode(), 80), REP_GENERAL_FAILURE),
+        (request(1, 3, "b\u202eücher.de".encode(), 80), REP_GENERAL_FAILURE),  # a bidi override
+        (request(1, 3, "bü\x00cher.de".encode(), 80), REP_GENERAL_FAILURE),
+        (request(1, 3, "bücher.de".encode("latin-1"), 80), REP_GENERAL_FAILURE),  # not UTF-8
         (request(1, 1, bytes(4), 0), REP_GENERAL_FAILURE),
         (b"\x04\x01\x00\x01", None),
     ],
