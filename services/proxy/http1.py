@@ -358,6 +358,34 @@ def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
     return HttpError(431, "request head too large")
 
 
+def _idna_request_line(head: bytes, line_end: int) -> bytes:
+    """`head` with a UTF-8 host name in its request-target (`CONNECT 日本.example:443`, or an
+    absolute-form URL) written in IDNA form, so it parses and is judged like the punycode name.
+    Anything else non-ASCII is left for the parser to refuse."""
+    parts = head[:line_end].split(b" ")
+    if len(parts) != 3:
+        return head
+    method, target, version = parts
+    prefix, rest = b"", target
+    if method != b"CONNECT":
+        scheme, sep, rest = target.partition(b"://")
+        if not sep:
+            return head
+        prefix = scheme + sep
+    slash = rest.find(b"/")
+    authority, path = (rest, b"") if slash < 0 else (rest[:slash], rest[slash:])
+    if not path.isascii():
+        return head
+    try:
+        text = authority.decode("utf-8")
+        host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+        refuse_controls(host, "host")
+        name = ascii_host(host) + sep + port
+    except ValueError:  # UnicodeDecodeError too
+        return head
+    return b" ".join((method, prefix + name.encode("ascii") + path, version)) + head[line_end:]
+
+
 def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: int = 100,
                        origin: tuple[str, str, int] | None = None) -> tuple[RequestHead, int] | None:
     """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used).
@@ -389,7 +417,11 @@ def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: i
 
     col = _Collector()
     parser = httptools.HttpRequestParser(col)
-    problem = _run_parser(parser, buf[start:consumed])
+    head_bytes = buf[start:consumed]
+    line_end = head_bytes.find(b"\r\n")
+    if not head_bytes[:line_end].isascii():
+        head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
+    problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
     if not col.complete:
