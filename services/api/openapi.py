@@ -297,7 +297,10 @@ def op(summary: str, ok: dict[str, Any], *, code: str = "200", params: list[dict
         errs.setdefault("400", "bad input (the message names the field)")
     if request:
         errs.setdefault("413", "body larger than 4 MiB")
-    errs.setdefault("403", "cross-origin request refused (a foreign Origin, or Sec-Fetch-Site: cross-site)")
+        errs.setdefault("415", "a browser request (Origin or Sec-Fetch-* present) whose body is not"
+                               " Content-Type: application/json")
+    errs.setdefault("403", "cross-origin request refused (an Origin other than the API's own or one in"
+                           " greyproxy.allowedOrigins, or Sec-Fetch-Site: cross-site)")
     errs.setdefault("421", "misdirected request: the Host header is not this machine or an allowedHosts name")
     for status, text in sorted(errs.items()):
         responses[status] = err(text)
@@ -479,7 +482,8 @@ def build_document(app: falcon.asgi.App, prefix: str) -> dict[str, Any]:
         if converters:
             operation["parameters"] = [_path_param(n, c) for n, c in converters.items()] + \
                 operation.get("parameters", [])
-            operation["responses"].setdefault("404", err("not an id (no such route)"))
+            operation["responses"].setdefault("400", err("invalid id (the path holds no integer id)"))
+            operation["responses"].setdefault("404", err("no such row"))
         operation["operationId"] = _operation_id(method, path)
         paths.setdefault(path, {})[method.lower()] = operation
     return {

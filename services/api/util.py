@@ -25,16 +25,16 @@ class InvalidId(str):
 
 
 class IdConverter(falcon.routing.BaseConverter):
-    """Route converter `{name:id}`: a row id, decimal digits only, up to 2**63-1.
+    """Route converter `{name:id}`: a row id, decimal digits only, 1 to 2**63-1.
 
-    Anything else ('abc', '-1', '1e3', '+1', a number SQLite cannot hold) still routes, as an
+    Anything else ('abc', '0', '-1', '1e3', '+1', a number SQLite cannot hold) still routes, as an
     `InvalidId`, so that `IdCheck` answers `400 {"error": "invalid id"}` (SPEC conventions)
     instead of a 404 that reads like "no such row".
     """
 
     def convert(self, value: str) -> int | InvalidId:
-        if not value.isascii() or not value.isdigit() or len(value) > 19 or int(value) > MAX_ID:
-            return InvalidId(value)
+        if not value.isascii() or not value.isdigit() or len(value) > 19 or not 1 <= int(value) <= MAX_ID:
+            return InvalidId(value)  # ids start at 1: 0 is no id either
         return int(value)
 
 

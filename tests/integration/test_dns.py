@@ -375,7 +375,8 @@ def test_socks_to_resolved_ip_gets_hostname_and_name_rule(stack: Stack, upstream
             fresh.close()
             assert reply[:2] == b"\x05\x00", reply
             logs = wait_for(lambda: [i for i in stack.get("/api/logs", params={"container": "agent-dns"}).json()["items"]
-                                     if i["result"] == "allowed"], 5, message="allowed log")
+                                     if i["result"] == "allowed" and i["container_name"] == "agent-dns"], 5,
+                            message="allowed log")
             assert logs[0]["resolved_hostname"] == "api.example.test" and logs[0]["rule_id"] == rule_id
         finally:
             stack.request("DELETE", f"/api/rules/{rule_id}")

@@ -60,6 +60,9 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/json":
             self._send(200, json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="session=origin-secret")
+        elif path == "/redirect":  # a secret in a URL-valued response header
+            self._send(302, b"moved\n", "text/plain", Location="https://app.example/cb?code=7&access_token=loc-secret",
+                       Content_Location="/r?session_id=cl-secret")
         elif path == "/gzip":
             self._send(200, gzip.compress(json.dumps({"codec": "gzip"}).encode()), "application/json",
                        Content_Encoding="gzip")
@@ -219,7 +222,9 @@ def _via_http(stack: Stack, container: str) -> list[str]:
 def _transactions(stack: Stack, **params: Any) -> list[dict]:
     r = stack.get("/api/transactions", params={"limit": 200, **params})
     assert r.status_code == 200, r.text
-    return r.json()["items"]
+    items = r.json()["items"]
+    # ?container= is a substring (as in the reference): keep this container's own rows only.
+    return [i for i in items if "container" not in params or i["container_name"] == params["container"]]
 
 
 def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET") -> dict:
@@ -237,7 +242,8 @@ def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET
 
 def _log_entry(stack: Stack, container: str) -> dict:
     def find() -> dict | None:
-        items = stack.get("/api/logs", params={"container": container}).json()["items"]
+        items = [i for i in stack.get("/api/logs", params={"container": container}).json()["items"]
+                 if i["container_name"] == container]
         return items[0] if items else None
 
     return wait_for(find, 10, message=f"log entry for {container}")
@@ -570,3 +576,99 @@ def test_other_protocols_and_bypassed_hosts_are_piped_untouched(stack: Stack, ec
                            f"https://{BYPASSED}:{bypassed_origin}/json")
     assert code == 0 and json.loads(out) == JSON_BODY, err
     assert _log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"
+
+
+# ---------------------------------------------------------------- issue 13 items 4 and 14: redaction
+
+SECRET_HEADERS = {"X-Auth": "hdr-auth-secret", "X-Password": "hdr-password-secret", "Api_Key": "hdr-apikey-secret",
+                  "X-Session-Id": "hdr-session-secret"}
+
+
+def _stored_bytes(stack: Stack) -> bytes:
+    return b"".join(p.read_bytes() for p in (stack.db_path, stack.db_path.with_name(stack.db_path.name + "-wal"))
+                    if p.exists())
+
+
+def _tx_with_path(stack: Stack, container: str, path: str) -> dict:
+    def find() -> dict | None:
+        return next((t for t in _transactions(stack, container=container) if path in t["url"]), None)
+
+    item = wait_for(find, 10, message=f"transaction {path} for {container}")
+    return stack.get(f"/api/transactions/{item['id']}").json()
+
+
+def test_secret_header_names_and_query_values_are_redacted(stack: Stack, origin: int, plain_origin: int) -> None:
+    hdrs = [a for k, v in SECRET_HEADERS.items() for a in ("-H", f"{k}: {v}")]
+    cases = (("red-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+             ("red-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+    for container, extra, base in cases:
+        code, _out, err = _curl(*extra, *_via_http(stack, container), *hdrs,
+                                f"{base}/redirect?access_token=url-secret&x=1&API_KEY=url-key-secret")
+        assert code == 0, err
+        t = _tx_with_path(stack, container, "/redirect")
+        assert t["url"] == f"{base}/redirect?access_token=[REDACTED]&x=1&API_KEY=[REDACTED]", t["url"]
+        for name in SECRET_HEADERS:
+            assert _header(t["request_headers"], name) == ["[REDACTED]"], (container, name, t["request_headers"])
+        assert _header(t["response_headers"], "Location") == [
+            "https://app.example/cb?code=7&access_token=[REDACTED]"], t["response_headers"]
+        assert _header(t["response_headers"], "Content-Location") == ["/r?session_id=[REDACTED]"]
+        assert t["status_code"] == 302
+    stored = _stored_bytes(stack)
+    for secret in (*SECRET_HEADERS.values(), "url-secret", "url-key-secret", "loc-secret", "cl-secret"):
+        assert secret.encode() not in stored, secret
+
+
+def test_a_header_added_to_the_setting_is_redacted_in_live_capture(stack: Stack, origin: int,
+                                                                  plain_origin: int) -> None:
+    # Issue 13 item 14: the proxy follows PUT /api/settings for new requests, forward and intercepted.
+    r = stack.request("PUT", "/api/settings", json={"redactedHeaders": ["x-team-note"]})
+    assert r.status_code == 200 and "x-team-note" in r.json()["redactedHeaders"]
+    try:
+        cases = (("live-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+                 ("live-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+        for container, extra, base in cases:
+            n = 0
+
+            def redacted_now() -> bool:
+                # The setting reaches the proxy over the bus: a new request until one is stored redacted.
+                nonlocal n
+                n += 1
+                path = f"/note-{n}"
+                code, _out, err = _curl(*extra, *_via_http(stack, container), "-H", "X-Team-Note: team-note-secret",
+                                        f"{base}{path}")
+                assert code == 0, err
+                return _header(_tx_with_path(stack, container, path)["request_headers"], "X-Team-Note") == ["[REDACTED]"]
+
+            wait_for(redacted_now, 10, interval=0.1, message=f"{container}: X-Team-Note redacted")
+            # And it stays so: the next request too.
+            assert redacted_now(), container
+    finally:
+        stack.request("PUT", "/api/settings", json={"redactedHeaders": []})
+    for c in ("live-mitm", "live-fwd"):
+        # Only requests sent before the setting arrived may hold the value; none after the first redacted one.
+        rows = [stack.get(f"/api/transactions/{t['id']}").json() for t in _transactions(stack, container=c)]
+        clear = [t["id"] for t in rows if _header(t["request_headers"], "X-Team-Note") == ["team-note-secret"]]
+        hidden = [t["id"] for t in rows if _header(t["request_headers"], "X-Team-Note") == ["[REDACTED]"]]
+        assert len(hidden) >= 2 and all(a < min(hidden) for a in clear), (c, clear, hidden)
+
+
+def test_redact_headers_job_reapplies_query_and_new_defaults(stack: Stack) -> None:
+    with sqlite3.connect(stack.db_path, timeout=10) as db:
+        cur = db.execute(
+            "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+            " url, request_headers, response_headers) VALUES (?, 'old-row', 'old.test', 443, 'GET', ?, ?, ?)",
+            (time.time() - 60, "https://old.test/p?access_token=old-url-secret&q=1",
+             json.dumps({"Api_Key": ["old-key-secret"], "Accept": ["*/*"]}),
+             json.dumps({"Location": ["https://old.test/cb?password=old-loc-secret"]})))
+        row_id = cur.lastrowid
+
+    def idle() -> bool:
+        return not stack.get("/api/maintenance/status").json()["jobs"]["redact-headers"]["running"]
+
+    wait_for(idle, 30, message="no redact-headers job running")
+    assert stack.request("POST", "/api/maintenance/redact-headers").status_code == 202
+    wait_for(idle, 30, message="the redact-headers job to finish")
+    t = stack.get(f"/api/transactions/{row_id}").json()
+    assert t["url"] == "https://old.test/p?access_token=[REDACTED]&q=1"
+    assert t["request_headers"] == {"Api_Key": ["[REDACTED]"], "Accept": ["*/*"]}
+    assert t["response_headers"] == {"Location": ["https://old.test/cb?password=[REDACTED]"]}

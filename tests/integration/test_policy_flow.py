@@ -106,7 +106,8 @@ def _allow_and_time(stack: Stack, proc: subprocess.Popen, container: str, port: 
 
 
 def _log_rows(stack: Stack, container: str) -> list[dict]:
-    return stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
+    items = stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
+    return [i for i in items if i["container_name"] == container]  # ?container= is a substring
 
 
 def test_http_hold_then_allow(stack: Stack, origin: int) -> None:
