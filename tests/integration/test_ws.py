@@ -141,7 +141,8 @@ def test_pending_allow_over_ws(stack: Stack, origin: int) -> None:
                 m = recv_until(c, lambda m: is_event(m, "pending_request.created", container_name="agentws")
                                or is_event(m, "waiters.changed", container_name="agentws"), timeout=3)
                 got.setdefault(m["type"], m)
-            assert time.monotonic() - t0 < 1.0, f"events took {time.monotonic() - t0:.2f}s"
+            # At the moment of the hold, not at its end (the hold lasts 20 s); loose for a busy machine.
+            assert time.monotonic() - t0 < 3.0, f"events took {time.monotonic() - t0:.2f}s"
             entry = got["pending_request.created"]["data"]
             assert entry["destination_host"] == ORIGIN_HOST and entry["destination_port"] == origin
             assert got["waiters.changed"]["data"]["current_count"] >= 1
