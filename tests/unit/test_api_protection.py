@@ -241,3 +241,39 @@ def test_configured_hosts_include_a_specific_bind_address(tmp_path, addr: str, e
         bind = expected[-1]
         host_header = f"[{bind}]:43080" if ":" in bind else f"{bind}:43080"
         assert refusal("POST", host_header, None, None, allowed) is None
+
+
+# ----------------------------------------------------------------------------- issue 13: fuzzed neighbours
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_SCHEMES = st.sampled_from(["http", "https", "ws", "wss", "HTTP", "file", "chrome-extension", ""])
+_HOSTS = st.sampled_from(["localhost", "127.0.0.1", "[::1]", "dev.localhost", "greyproxy.lan", "evil.example",
+                          "localhost.evil.example", "127.0.0.1.nip.io", "", "[::ffff:127.0.0.1]"])
+_PORTS = st.one_of(st.none(), st.integers(min_value=0, max_value=70000))
+
+
+@given(_SCHEMES, _HOSTS, _PORTS, st.sampled_from(["", "/", "/x", "?q", "#f"]), st.sampled_from(
+    ["GET", "POST", "PUT", "DELETE", "WEBSOCKET"]))
+@settings(max_examples=600, deadline=None)
+def test_only_the_own_origin_or_a_listed_one_passes(scheme: str, host: str, port: int | None, tail: str,
+                                                    method: str) -> None:
+    org = f"{scheme}://{host}" + ("" if port is None else f":{port}") + tail
+    listed = origin.normalize_origins(["http://tool.example:8080"])
+    got = refusal(method, "localhost:43080", org, None, ALLOWED, own_port=OWN, allowed_origins=listed)
+    own_host = host in ("localhost", "127.0.0.1", "[::1]", "dev.localhost", "greyproxy.lan", "[::ffff:127.0.0.1]")
+    expected_ok = (scheme.lower() in ("http", "ws") and own_host and port == OWN and tail in ("", "/"))
+    assert (got is None) == expected_ok, (org, got)
+    if got is not None:
+        assert got.status == FORBIDDEN and got.kind == "origin"
+
+
+@given(st.text(max_size=60), st.sampled_from(["GET", "POST", "WEBSOCKET"]))
+@settings(max_examples=400, deadline=None)
+def test_any_origin_or_host_text_gets_a_clean_decision(text: str, method: str) -> None:
+    for got in (refusal(method, "localhost:43080", text, None, own_port=OWN),
+                refusal(method, text, None, None, own_port=OWN),
+                refusal(method, "localhost:43080", None, text, own_port=OWN, browser=True, has_body=True,
+                        content_type=text)):
+        assert got is None or got.status in (BAD_REQUEST, MISDIRECTED, FORBIDDEN, UNSUPPORTED_MEDIA)
