@@ -35,6 +35,8 @@ BLOCKED = "blocked"
 DECISION_CACHE = 10_000  # cached rule decisions (see Gate._decisions)
 NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
 RESOLVE_TIMEOUT = 5.0  # seconds the gate waits for a name's addresses when an address rule could deny it
+ADDRESS_TTL = 30.0  # seconds a name's addresses are reused for the admission check (the guard re-judges each connect)
+ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
 
 
 @dataclass(slots=True)
@@ -126,6 +128,7 @@ class Gate:
         self._hits: dict[int, list[float]] = {}
         self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
+        self._addresses: dict[str, tuple[list[str], float]] = {}  # name -> (its addresses, looked up at)
         self.decisions = 0
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
@@ -188,20 +191,32 @@ class Gate:
 
     async def _address_denial(self, container: str, host: str, port: int) -> Verdict | None:
         """A blocked verdict when an address rule denies an address `host` is (or resolves to)."""
-        if parse_ip(host) is not None:
-            addrs = [host]
-        else:
-            try:
-                found = await resolve(asyncio.get_running_loop(), host, port, RESOLVE_TIMEOUT)
-            except UpstreamFailure:
-                return None  # no address: the connect fails on its own (and the guard judges any it finds)
-            addrs = [ip for ip, _p in found]
+        addrs = [host] if parse_ip(host) is not None else await self._addresses_of(host, port)
+        if addrs is None:
+            return None  # no address: the connect fails on its own (and the guard judges any it finds)
         for ip in addrs:
             rule = self._rules.address_denial(container, ip, port)
             if rule is not None:
                 self._hit(rule.id)
                 return Verdict(False, "rule", rule.id)
         return None
+
+    async def _addresses_of(self, host: str, port: int) -> list[str] | None:
+        """A name's addresses, looked up (off the loop) at most every ADDRESS_TTL seconds: the
+        admission check may be a little stale, the guard judges the address really connected to."""
+        now = time.monotonic()
+        hit = self._addresses.get(host)
+        if hit is not None and now - hit[1] < ADDRESS_TTL:
+            return hit[0]
+        try:
+            found = await resolve(asyncio.get_running_loop(), host, port, RESOLVE_TIMEOUT)
+        except UpstreamFailure:
+            return None
+        addrs = list(dict.fromkeys(ip for ip, _p in found))
+        if len(self._addresses) >= ADDRESS_CACHE:
+            self._addresses.clear()  # bounded (names come from clients): start over
+        self._addresses[host] = (addrs, now)
+        return addrs
 
     def guard(self, ip: str, port: int) -> str | None:
         """Judge one address an admitted connection is about to connect to; why not, or None.

@@ -137,3 +137,36 @@ def test_address_denial_is_the_winning_address_rule(raw: list, ip: str, port: in
     assert (got.id if got else None) == want
     if want is not None:
         assert rs.may_deny_address("agent", port)
+
+
+def test_a_names_addresses_are_looked_up_once_per_ttl(monkeypatch) -> None:
+    # With an address deny that applies to every port, each request to a name would need a lookup:
+    # the admission check reuses them for a while; the guard still judges each connect.
+    import services.proxy.gate as gate_mod
+
+    calls: list[str] = []
+    answers = {"api.example.com": ["192.0.2.10"], "rebinder.example": ["192.0.2.20"]}
+
+    async def fake_resolve(loop, host, port, timeout):  # noqa: ANN001, ANN202
+        calls.append(host)
+        return [(ip, port) for ip in answers[host]]
+
+    monkeypatch.setattr(gate_mod, "resolve", fake_resolve)
+    g = gate_with(Rule(1, "*", "169.254.0.0/16", "*", "deny"), Rule(2, "agent", "*", "*", "allow"))
+
+    async def run() -> None:
+        for _ in range(50):
+            v = await g.admit("agent", "api.example.com", 443, "HTTP")
+            assert v.allowed and v.rule_id == 2
+        assert calls == ["api.example.com"]
+        v = await g.admit("agent", "rebinder.example", 80, "HTTP")
+        assert v.allowed
+        answers["rebinder.example"] = ["169.254.169.254"]  # rebound after admission: cached says fine...
+        v = await g.admit("agent", "rebinder.example", 80, "HTTP")
+        assert v.allowed
+        assert "rule 1" in (g.guard("169.254.169.254", 80) or "")  # ...the connect to it is refused
+        g._addresses.clear()  # past the TTL: the admission sees the new address
+        v = await g.admit("agent", "rebinder.example", 80, "HTTP")
+        assert (v.allowed, v.rule_id) == (False, 1)
+
+    asyncio.run(run())
