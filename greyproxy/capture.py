@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from .shapes import micros, whole_ms
 from .timeutil import rfc3339
 
 __all__ = ["BodyCapture", "TRANSACTION_COLUMNS", "decode_body", "is_text_like", "stored_body", "transaction_json"]
@@ -177,8 +178,9 @@ def transaction_json(row: dict[str, Any], include_bodies: bool = False) -> dict[
             value = _json_field(value, [] if col == "substituted_credentials" else {})
         elif col == "timestamp":
             value = rfc3339(value)
-        elif col == "duration_ms" and isinstance(value, float):
-            value = round(value, 3)
+        elif col == "duration_ms":
+            out["duration_us"] = micros(value)
+            value = whole_ms(value)
         elif col == "host_mismatch":
             value = bool(value)
         out[col] = value

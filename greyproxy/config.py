@@ -47,6 +47,8 @@ _SCHEMA: dict[str, Any] = {
         "db": str,
         "notifications": {"enabled": bool},
         "allowedHosts": [str],
+        "allowedOrigins": [str],
+        "builtinRules": bool,
     },
     "services": "services",
     "bus": {
@@ -371,6 +373,9 @@ def load_config(
 
     _check_port_conflicts(api, listeners, raw["services"])
 
+    for i, org in enumerate(raw["greyproxy"]["allowedOrigins"]):
+        _check_origin(org, f"greyproxy.allowedOrigins[{i}]")
+
     prefix = raw["greyproxy"]["pathPrefix"].strip() or "/"
     if not prefix.startswith("/"):
         raise ConfigError("config key 'greyproxy.pathPrefix': must start with '/'")
@@ -405,6 +410,20 @@ def load_config(
         silent_allow=env.get(ENV_SILENT_ALLOW, "") in ("1", "true", "yes"),
         warnings=warnings,
     )
+
+
+def _check_origin(value: str, key: str) -> None:
+    """An allowed Origin is 'scheme://host[:port]' with scheme http or https, nothing more."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(value.strip())
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"config key {key!r}: {value!r} is not an origin like http://localhost:3000") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
+            or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ConfigError(f"config key {key!r}: {value!r} is not an origin like http://localhost:3000")
 
 
 def ensure_dirs(cfg: Config) -> None:

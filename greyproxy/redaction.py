@@ -1,8 +1,13 @@
 """Header redaction (SPEC §7): names matching the default patterns or the `redactedHeaders` setting
 get the value "[REDACTED]" in everything stored and published. The wire is never touched.
 
-Patterns are case-insensitive globs (`*`, `?`, `[...]`). The proxy applies a `Redactor` before a
-record leaves its process; the maintenance job re-applies the current one to stored rows.
+Patterns are case-insensitive globs (`*`, `?`, `[...]`) in which `_` and `-` are the same character
+(`*api-key*` also covers `Api_Key`). The same patterns redact the values of matching query
+parameters (`?access_token=…`) in a stored URL and in the URL-valued headers `Location`,
+`Content-Location` and `Referer`. Bodies are stored as captured (not redacted).
+
+The proxy applies a `Redactor` before a record leaves its process; the maintenance job
+(`redact-headers`) re-applies the current one to stored rows (headers and URLs).
 """
 
 from __future__ import annotations
@@ -11,13 +16,17 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import unquote_plus
 
-__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "Redactor", "canonical_header_name", "extra_patterns"]
+__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "URL_HEADERS", "Redactor", "canonical_header_name",
+           "extra_patterns"]
 
 DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
     "Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*", "*token*", "*secret*",
+    "*auth*", "*password*", "*passwd*", "*session*",
 )
 REDACTED = "[REDACTED]"
+URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
 _CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
 
 
@@ -37,7 +46,7 @@ class Redactor:
     """Decides which header names are redacted; immutable once built (swap it when settings change)."""
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
-        patterns = [p.lower() for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
+        patterns = [_fold(p) for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
         self.patterns: tuple[str, ...] = tuple(dict.fromkeys(patterns))
         self._exact = frozenset(p for p in self.patterns if not any(c in p for c in "*?["))
         globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
@@ -46,7 +55,7 @@ class Redactor:
         self._names: dict[str, tuple[str, bool]] = {}  # raw name -> (canonical name, redacted?)
 
     def matches(self, name: str) -> bool:
-        lname = name.lower()
+        lname = _fold(name)
         hit = self._seen.get(lname)
         if hit is None:
             hit = lname in self._exact or (self._glob is not None and self._glob.match(lname) is not None)
@@ -65,23 +74,52 @@ class Redactor:
                 if len(names) < _CACHE_LIMIT:
                     names[name] = hit
             key, redacted = hit
+            if redacted:
+                value = REDACTED
+            elif key.lower() in URL_HEADERS:
+                value = self.url(value)
             values = out.get(key)
             if values is None:
-                out[key] = [REDACTED if redacted else value]
+                out[key] = [value]
             else:
-                values.append(REDACTED if redacted else value)
+                values.append(value)
         return out
+
+    def url(self, url: str) -> str:
+        """`url` with the values of query parameters whose names match replaced by [REDACTED]
+        (everything else byte for byte as it was)."""
+        q = url.find("?")
+        if q < 0 or not isinstance(url, str):
+            return url
+        h = url.find("#", q)
+        query, tail = (url[q + 1:], "") if h < 0 else (url[q + 1:h], url[h:])
+        parts = query.split("&")
+        changed = False
+        for i, part in enumerate(parts):
+            name, eq, value = part.partition("=")
+            if eq and value != REDACTED and self.matches(unquote_plus(name)):
+                parts[i] = f"{name}={REDACTED}"
+                changed = True
+        return f"{url[:q + 1]}{'&'.join(parts)}{tail}" if changed else url
 
     def redact_map(self, headers: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         """Re-apply to a stored {name: [values]} map; (new map, whether anything changed)."""
         out: dict[str, Any] = {}
         changed = False
         for name, values in headers.items():
+            vals = values if isinstance(values, list) else [values]
             if self.matches(name):
-                vals = values if isinstance(values, list) else [values]
                 new = [REDACTED] * len(vals)
-                changed = changed or new != vals
-                out[name] = new
+            elif name.lower() in URL_HEADERS:
+                new = [self.url(v) if isinstance(v, str) else v for v in vals]
             else:
                 out[name] = values
+                continue
+            changed = changed or new != vals
+            out[name] = new
         return out, changed
+
+
+def _fold(name: str) -> str:
+    """Lower case with '_' read as '-': header and parameter names compare in this form."""
+    return name.lower().replace("_", "-")

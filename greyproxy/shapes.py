@@ -55,6 +55,16 @@ def pending_json(row: Any, waiting: int = 0) -> dict[str, Any]:
     }
 
 
+def whole_ms(ms: Any) -> int | None:
+    """Milliseconds as a whole number (SPEC: an integer, as the reference sends; typed clients decode int64)."""
+    return None if ms is None else int(round(float(ms)))
+
+
+def micros(ms: Any) -> int | None:
+    """The same duration in whole microseconds, for whoever wants the precision."""
+    return None if ms is None else int(round(float(ms) * 1000))
+
+
 def log_json(row: Any, rule_summary: str | None = None) -> dict[str, Any]:
     rt = _get(row, "response_time_ms")
     return {
@@ -69,7 +79,8 @@ def log_json(row: Any, rule_summary: str | None = None) -> dict[str, Any]:
         "result": _get(row, "result"),
         "rule_id": _get(row, "rule_id"),
         "rule_summary": rule_summary,
-        "response_time_ms": round(rt, 3) if isinstance(rt, float) else rt,
+        "response_time_ms": whole_ms(rt),
+        "response_time_us": micros(rt),
         "reason": _get(row, "reason"),
         "mitm_skip_reason": _get(row, "mitm_skip_reason"),
     }

@@ -9,10 +9,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
+
+import idna
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +41,37 @@ def has_glob(text: str) -> bool:
 
 # --------------------------------------------------------------------------- hosts
 
+# Bidi controls (LRE..RLO, LRI..PDI, LRM, RLM, ALM): text that reads differently than it is.
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c")
+
+
+def refuse_controls(text: str, what: str) -> None:
+    """ValueError for control characters (NUL, CR, LF...), format characters and bidi overrides."""
+    for ch in text:
+        if ch in _BIDI or unicodedata.category(ch) in ("Cc", "Cf"):
+            raise ValueError(f"{what} must not contain control or bidi characters (found U+{ord(ch):04X})")
+
+
+@lru_cache(maxsize=4096)
+def ascii_host(name: str) -> str:
+    """A host name (or host pattern) with every non-ASCII label in its IDNA form (punycode, IDNA
+    2008 with UTS 46 mapping), lower-cased; ASCII input is only lower-cased. ValueError for a
+    label IDNA refuses, and for a label mixing glob characters with non-ASCII ones."""
+    if name.isascii():
+        return name.lower()
+    out = []
+    for label in name.split("."):
+        if label.isascii():
+            out.append(label.lower())
+            continue
+        if has_glob(label):
+            raise ValueError(f"label {label!r}: wildcards and non-ASCII characters cannot share a label")
+        try:
+            out.append(idna.encode(label, uts46=True).decode("ascii"))
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise ValueError(f"{label!r} is not a valid internationalised name ({exc})") from None
+    return ".".join(out)
+
 
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
@@ -50,6 +84,11 @@ def analyse_host(host: str) -> tuple[str, int, int]:
     """
     # socket.inet_pton/inet_ntop are C calls, several times faster than ipaddress here.
     h = host.strip().lower()
+    if not h.isascii():
+        try:
+            h = ascii_host(h)  # rules hold the punycode form: judge a Unicode name as that
+        except ValueError:
+            pass  # no rule can name it: it matches only '*'-like patterns
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
     if h.endswith("."):
@@ -228,7 +267,7 @@ class DestinationPattern:
     @classmethod
     def parse(cls, pattern: str) -> DestinationPattern:
         """Classify in SPEC §2.2 order; ValueError for an empty pattern or a bad CIDR."""
-        p = pattern.strip().lower()
+        p = ascii_host(pattern.strip())  # a Unicode name matches as its punycode form
         if p.endswith(".") and p != ".":
             p = p[:-1]
         if not p:
@@ -382,7 +421,8 @@ def validate_port_pattern(pattern: str | None) -> str:
 
 
 def validate_destination_pattern(pattern: str) -> str:
-    """The pattern without surrounding whitespace, or ValueError naming the problem."""
+    """The pattern as stored: no surrounding whitespace, non-ASCII labels in punycode (both forms
+    are accepted on input); ValueError naming the problem."""
     if not isinstance(pattern, str):
         raise ValueError("destination_pattern must be a string")
     p = pattern.strip()
@@ -390,6 +430,9 @@ def validate_destination_pattern(pattern: str) -> str:
         raise ValueError("destination_pattern must not be empty")
     if _WHITESPACE.search(p):
         raise ValueError(f"destination_pattern {pattern!r} must not contain whitespace")
+    refuse_controls(p, "destination_pattern")
+    if not p.isascii():
+        p = ascii_host(p)
     DestinationPattern.parse(p)  # raises for a malformed CIDR
     return p
 
@@ -403,6 +446,7 @@ def validate_container_pattern(pattern: str) -> str:
         raise ValueError("container_pattern must not be empty")
     if _WHITESPACE.search(p):
         raise ValueError(f"container_pattern {pattern!r} must not contain whitespace")
+    refuse_controls(p, "container_pattern")
     return p
 
 

@@ -265,10 +265,29 @@ class Decision:
 _NO_DECISION = Decision(None, None)
 
 
+def is_address_rule(c: CompiledRule) -> bool:
+    """A rule whose destination is an IP address or a CIDR range (not a name, not '*')."""
+    d = c.destination
+    return d.kind is DestKind.CIDR or (d.kind is DestKind.EXACT and parse_ip(d.value) is not None)
+
+
+ADDRESS_CACHE = 4096  # (container, port) answers of may_deny_address kept per rule set
+
+
 class RuleSet:
-    """An immutable, indexed snapshot of rules. Build a new one whenever rules change."""
+    """An immutable, indexed snapshot of rules. Build a new one whenever rules change.
+
+    Address rules (destination an IP or a CIDR) also judge the addresses a *name* resolves to:
+    `address_denial` says whether the rule winning among the address rules alone, for one
+    resolved address, is a deny (SPEC §2.3 order applies among them). So `deny 127.0.0.0/8 port
+    8081` also stops `localhost:8081`, and `deny 169.254.0.0/16` a name that resolves there,
+    whatever allows the name. `may_deny_address` is the cheap pre-check (no lookup needed when
+    no address deny could apply to that client and port).
+    """
 
     __slots__ = (
+        "_addr_cache",
+        "_addr_denies",
         "_any",
         "_apex",
         "_by_id",
@@ -281,11 +300,12 @@ class RuleSet:
         "_none",
         "_ordered",
         "_suffix",
+        "address",
         "rejected",
         "rules",
     )
 
-    def __init__(self, rules: Iterable[Rule] = (), *, skip_invalid: bool = False) -> None:
+    def __init__(self, rules: Iterable[Rule] = (), *, skip_invalid: bool = False, _nested: bool = False) -> None:
         """Compile and index ``rules``. A malformed rule raises ValueError naming its id,
         unless ``skip_invalid``: then it is left out and listed in ``rejected``."""
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -301,6 +321,12 @@ class RuleSet:
         self.rejected: tuple[tuple[Rule, str], ...] = tuple(rejected)
         compiled.sort(key=CompiledRule.precedence_key)
         self._ordered: tuple[Rule, ...] = tuple(c.rule for c in compiled)
+        # The address rules as a rule set of their own (None when a deny cannot come out of it).
+        address = [c for c in compiled if is_address_rule(c)] if not _nested else []
+        self._addr_denies: tuple[CompiledRule, ...] = tuple(c for c in address if c.rule.action == "deny")
+        self.address: RuleSet | None = (RuleSet((c.rule for c in address), _nested=True)
+                                        if self._addr_denies else None)
+        self._addr_cache: dict[tuple[str, int], float] = {}
         self._by_id: dict[int, Rule] = {r.id: r for r in self.rules}
         self._none = len(compiled)  # sentinel rank meaning "no rule"
 
@@ -373,6 +399,29 @@ class RuleSet:
 
     def get(self, rule_id: int) -> Rule | None:
         return self._by_id.get(rule_id)
+
+    def may_deny_address(self, container: str, port: int, now: float | None = None) -> bool:
+        """Whether some active address deny rule matches this client and port (any address)."""
+        if not self._addr_denies:
+            return False
+        now = time.time() if now is None else now
+        key = (container, int(port))
+        until = self._addr_cache.get(key)
+        if until is None:
+            # Cached until the first of the matching rules expires (an expired rule never returns).
+            until = min((c.expires for c in self._addr_denies
+                         if c.container.matches(container) and c.port.matches(int(port))), default=-math.inf)
+            if len(self._addr_cache) >= ADDRESS_CACHE:
+                self._addr_cache.clear()
+            self._addr_cache[key] = until
+        return until > now
+
+    def address_denial(self, container: str, ip: str, port: int, now: float | None = None) -> Rule | None:
+        """The deny rule that wins among the address rules for this resolved address, or None."""
+        if self.address is None:
+            return None
+        rule = self.address.match(container, ip, port, now)
+        return rule if rule is not None and rule.action == "deny" else None
 
     def match(self, container: str, host: str, port: int, now: float | None = None) -> Rule | None:
         """The winning active rule for this exact destination, or None."""

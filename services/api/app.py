@@ -12,8 +12,8 @@ import orjson
 from . import errors
 from .context import ApiContext
 from .health import HealthResource
-from .origin import LocalOnly, configured_hosts
-from .util import IdConverter
+from .origin import LocalOnly
+from .util import IdCheck, IdConverter
 
 # Later areas register themselves here: fn(app, ctx, route) where route(path) adds the prefix.
 ROUTE_PROVIDERS: list[Callable[[falcon.asgi.App, ApiContext, Callable[[str], str]], None]] = []
@@ -21,8 +21,8 @@ ROUTE_PROVIDERS: list[Callable[[falcon.asgi.App, ApiContext, Callable[[str], str
 
 def create_app(ctx: ApiContext) -> falcon.asgi.App:
     # LocalOnly: foreign Host (DNS rebinding) → 421, foreign Origin / cross-site writes → 403,
-    # on every request and WebSocket upgrade, before routing.
-    app = falcon.asgi.App(cors_enable=False, middleware=[LocalOnly(configured_hosts(ctx.cfg))])
+    # on every request and WebSocket upgrade, before routing. IdCheck: a bad {id} in a path → 400.
+    app = falcon.asgi.App(cors_enable=False, middleware=[LocalOnly.from_config(ctx.cfg), IdCheck()])
     json_handler = falcon.media.JSONHandler(dumps=lambda o: orjson.dumps(o).decode(), loads=orjson.loads)
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})

@@ -43,29 +43,44 @@ def http_status_to_ws_code(status: int) -> int:
     return 3000 + status  # Falcon's convention for an HTTP error on a socket
 
 
-async def _close_ws(ws: Any, code: int) -> None:
+DENIAL_EXTENSION = "websocket.http.response"
+
+
+async def _close_ws(ws: Any, code: int, req: Any = None, message: str | None = None) -> None:
+    """End a WebSocket route on an error. Before the upgrade is accepted, and when the server
+    offers the ASGI denial-response extension (uvicorn does), the client gets the real HTTP
+    status with the `{"error": ...}` body (a 404 for an unknown path, a 421 for a foreign Host);
+    otherwise the socket is closed with `code` (which a server answers with HTTP 403 before accept)."""
     if ws is None:
         return
     with contextlib.suppress(Exception):  # the peer may already be gone: nothing more to tell it
+        if (req is not None and ws.unaccepted and 3100 <= code < 3600
+                and DENIAL_EXTENSION in (req.scope.get("extensions") or {})):
+            body = orjson.dumps({"error": message or "refused"})
+            await ws._asgi_send({"type": "websocket.http.response.start", "status": code - 3000,
+                                 "headers": [(b"content-type", b"application/json"),
+                                             (b"content-length", str(len(body)).encode())]})
+            await ws._asgi_send({"type": "websocket.http.response.body", "body": body})
+            return
         await ws.close(code)
 
 
 async def handle_api_error(req, resp, ex, params, ws=None):  # noqa: ANN001
     if resp is None:
-        return await _close_ws(ws, http_status_to_ws_code(ex.status_code))
+        return await _close_ws(ws, http_status_to_ws_code(ex.status_code), req, ex.message)
     resp.status = ex.status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps({"error": ex.message})
 
 
 async def handle_http_error(req, resp, ex, params, ws=None):  # noqa: ANN001
+    message = ex.description or ex.title or "error"
+    if ex.status_code == 404 and not ex.description:
+        message = "not found"
     if resp is None:
-        return await _close_ws(ws, http_status_to_ws_code(ex.status_code))
+        return await _close_ws(ws, http_status_to_ws_code(ex.status_code), req, message)
     resp.status = ex.status
     resp.content_type = falcon.MEDIA_JSON
-    message = ex.description or ex.title or "error"
-    if ex.status == falcon.HTTP_404 and not ex.description:
-        message = "not found"
     resp.data = orjson.dumps({"error": message})
     for k, v in (ex.headers or {}).items():
         resp.set_header(k, v)

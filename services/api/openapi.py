@@ -146,7 +146,8 @@ SCHEMAS: dict[str, Any] = {
         "destination_port": INT, "resolved_hostname": nullable(STR),
         "method": {"type": "string", "description": "HTTP, CONNECT, SOCKS5 or DNS"},
         "result": {"type": "string", "enum": ["allowed", "blocked"]},
-        "rule_id": nullable(INT), "rule_summary": nullable(STR), "response_time_ms": nullable(NUM),
+        "rule_id": nullable(INT), "rule_summary": nullable(STR), "response_time_ms": nullable(INT),
+        "response_time_us": nullable(INT),
         "reason": nullable(STR), "mitm_skip_reason": nullable(STR),
     }, description="SPEC §5: one per allow/deny decision"),
     "LogPage": list_of("LogEntry", paged=True),
@@ -177,8 +178,8 @@ SCHEMAS: dict[str, Any] = {
         "request_headers": {"type": "object", "additionalProperties": {"type": "array", "items": STR}},
         "request_body_size": INT, "request_content_type": nullable(STR), "status_code": nullable(INT),
         "response_headers": {"type": "object", "additionalProperties": {"type": "array", "items": STR}},
-        "response_body_size": INT, "response_content_type": nullable(STR), "duration_ms": nullable(NUM),
-        "rule_id": nullable(INT), "result": STR, "conversation_id": nullable(STR),
+        "response_body_size": INT, "response_content_type": nullable(STR), "duration_ms": nullable(INT),
+        "duration_us": nullable(INT), "rule_id": nullable(INT), "result": STR, "conversation_id": nullable(STR),
         "substituted_credentials": {"type": "array"}, "session_id": nullable(STR),
         "request_host": nullable(STR), "host_mismatch": BOOL, "error": nullable(STR),
         "request_body": nullable(STR), "response_body": nullable(STR),
@@ -298,7 +299,10 @@ def op(summary: str, ok: dict[str, Any], *, code: str = "200", params: list[dict
         errs.setdefault("400", "bad input (the message names the field)")
     if request:
         errs.setdefault("413", "body larger than 4 MiB")
-    errs.setdefault("403", "cross-origin request refused (a foreign Origin, or Sec-Fetch-Site: cross-site)")
+        errs.setdefault("415", "a browser request (Origin or Sec-Fetch-* present) whose body is not"
+                               " Content-Type: application/json")
+    errs.setdefault("403", "cross-origin request refused (an Origin other than the API's own or one in"
+                           " greyproxy.allowedOrigins, or Sec-Fetch-Site: cross-site)")
     errs.setdefault("421", "misdirected request: the Host header is not this machine or an allowedHosts name")
     for status, text in sorted(errs.items()):
         responses[status] = err(text)
@@ -480,7 +484,8 @@ def build_document(app: falcon.asgi.App, prefix: str) -> dict[str, Any]:
         if converters:
             operation["parameters"] = [_path_param(n, c) for n, c in converters.items()] + \
                 operation.get("parameters", [])
-            operation["responses"].setdefault("404", err("not an id (no such route)"))
+            operation["responses"].setdefault("400", err("invalid id (the path holds no integer id)"))
+            operation["responses"].setdefault("404", err("no such row"))
         operation["operationId"] = _operation_id(method, path)
         paths.setdefault(path, {})[method.lower()] = operation
     return {

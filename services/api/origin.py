@@ -8,9 +8,17 @@ Origins closes both. The predicates here are pure (`refusal` is the whole decisi
 and the /ws resource calls the same function again as a second line.
 
 - A Host that is not ours → 421 Misdirected Request (a rebinding page, or a request meant for
-  another server); an absent Host is refused too.
+  another server); an absent or malformed Host (a port out of range, two names) → 400.
 - An Origin that is not ours → 403, whatever the method: without CORS a foreign page cannot
   read our answers anyway, so nothing legitimate is lost, and it cannot even make us work.
+  "Ours" is the API's own origin: scheme http, a loopback host form (or a name in
+  greyproxy.allowedHosts) AND the API's port; any other origin must be listed exactly in
+  greyproxy.allowedOrigins. A page on http://localhost:3000 is another origin (ports are not
+  part of a *site*, so Sec-Fetch-Site alone cannot tell it apart).
+- A write with a body that comes from a browser (it sends an Origin or any Sec-Fetch-* header)
+  must say `Content-Type: application/json` → 415 otherwise: such a request always needs a CORS
+  preflight, which a foreign page never gets answered. curl and scripts send neither header and
+  keep working with any content type.
 - A state-changing request (and a WebSocket upgrade, which can send commands) that the
   browser marks `Sec-Fetch-Site: cross-site` → 403, even when its Origin is a loopback one:
   a page on http://127.0.0.1:3000 is another *site* than http://localhost:43080.
@@ -36,6 +44,11 @@ ORIGIN_SCHEMES = frozenset({"http", "https", "ws", "wss"})
 STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE", "WEBSOCKET"})
 MISDIRECTED = 421
 FORBIDDEN = 403
+BAD_REQUEST = 400
+UNSUPPORTED_MEDIA = 415
+JSON_MEDIA = "application/json"
+BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 LOG_EVERY = 10.0  # seconds between two log lines for refusals of one kind (a hostile page may loop)
 
 
@@ -47,7 +60,8 @@ def split_host(value: str) -> str | None:
     if value.startswith("["):
         end = value.find("]")
         rest = value[end + 1:] if end > 0 else None
-        if rest is None or (rest and not (rest.startswith(":") and rest[1:].isdigit())):
+        if rest is None or (rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()
+                                          and 0 < int(rest[1:]) <= 65535)):
             return None
         host = value[1:end]
         try:
@@ -58,7 +72,7 @@ def split_host(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep:
         host = value
-    elif not port.isdigit() or not host or ":" in host:
+    elif not port.isascii() or not port.isdigit() or not host or ":" in host or not 0 < int(port) <= 65535:
         return None  # an unbracketed IPv6 literal or a bad port
     return host.lower().rstrip(".") or None
 
@@ -112,24 +126,62 @@ def host_allowed(host: str | None, allowed: frozenset[str] = frozenset()) -> boo
     return is_local_host(name) or name in allowed or _canonical_ip(name) in allowed
 
 
-def origin_allowed(origin: str | None, allowed: frozenset[str] = frozenset()) -> bool:
-    """Absent (not a browser) or same-origin: its host is local or configured, any port."""
-    if origin is None:
-        return True
+def normalize_origin(origin: str) -> str | None:
+    """'scheme://host:port' (lowercased, default port written out, IPv6 in brackets) or None if malformed."""
     origin = origin.strip()
     if origin == "" or origin.lower() == "null":
-        return False  # sandboxed frames and file:// pages send "null": never ours
+        return None  # sandboxed frames and file:// pages send "null": never ours
     try:
         parts = urlsplit(origin)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
+        port = parts.port
     except ValueError:
-        return False
-    if parts.scheme.lower() not in ORIGIN_SCHEMES or not parts.hostname or parts.username or parts.password:
-        return False
+        return None
+    scheme = parts.scheme.lower()
+    if scheme not in ORIGIN_SCHEMES or not parts.hostname or parts.username or parts.password:
+        return None
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        return False
+        return None
     name = parts.hostname.lower().rstrip(".")
-    return is_local_host(name) or name in allowed or _canonical_ip(name) in allowed
+    name = _canonical_ip(name) or name
+    shown = f"[{name}]" if ":" in name else name
+    return f"{scheme}://{shown}:{port if port is not None else DEFAULT_PORTS[scheme]}"
+
+
+def normalize_origins(origins: Iterable[str]) -> frozenset[str]:
+    """greyproxy.allowedOrigins in normalize_origin() form (malformed entries are dropped)."""
+    return frozenset(o for o in (normalize_origin(str(x)) for x in origins) if o is not None)
+
+
+def origin_allowed(origin: str | None, allowed: frozenset[str] = frozenset(), own_port: int | None = None,
+                   allowed_origins: frozenset[str] = frozenset()) -> bool:
+    """Absent (not a browser), the API's own origin, or listed in greyproxy.allowedOrigins.
+
+    Own origin: http on a local or configured host, on `own_port` (any port when it is None,
+    for callers that do not know it).
+    """
+    if origin is None:
+        return True
+    norm = normalize_origin(origin)
+    if norm is None:
+        return False
+    if norm in allowed_origins:
+        return True
+    parts = urlsplit(norm)
+    name = (parts.hostname or "").lower()
+    if not (is_local_host(name) or name in allowed or _canonical_ip(name) in allowed):
+        return False
+    if own_port is None:
+        return True
+    return parts.scheme in ("http", "ws") and parts.port == own_port
+
+
+def is_browser(headers: Iterable[str]) -> bool:
+    """A browser sends Origin on cross-origin writes and Sec-Fetch-* on every request; scripts send neither."""
+    return any(h.lower() == "origin" or h.lower().startswith("sec-fetch-") for h in headers)
+
+
+def json_media(content_type: str | None) -> bool:
+    return (content_type or "").split(";", 1)[0].strip().lower() == JSON_MEDIA
 
 
 def request_allowed(host: str | None, origin: str | None, allowed: frozenset[str] = frozenset()) -> bool:
@@ -139,9 +191,9 @@ def request_allowed(host: str | None, origin: str | None, allowed: frozenset[str
 
 @dataclass(frozen=True)
 class Refusal:
-    status: int  # MISDIRECTED or FORBIDDEN
+    status: int  # BAD_REQUEST, MISDIRECTED, FORBIDDEN or UNSUPPORTED_MEDIA
     message: str
-    kind: str  # "host" | "origin" | "fetch-site": what was wrong, for logs and tests
+    kind: str  # "host" | "origin" | "fetch-site" | "content-type": what was wrong, for logs and tests
 
 
 def _shown(value: str | None) -> str:
@@ -149,15 +201,28 @@ def _shown(value: str | None) -> str:
 
 
 def refusal(method: str, host: str | None, origin: str | None, fetch_site: str | None = None,
-            allowed: frozenset[str] = frozenset()) -> Refusal | None:
-    """Why this request (method "WEBSOCKET" for an upgrade) must be refused; None when it may pass."""
+            allowed: frozenset[str] = frozenset(), *, own_port: int | None = None,
+            allowed_origins: frozenset[str] = frozenset(), browser: bool = False, has_body: bool = False,
+            content_type: str | None = None) -> Refusal | None:
+    """Why this request (method "WEBSOCKET" for an upgrade) must be refused; None when it may pass.
+
+    `browser`: the request carries Origin or a Sec-Fetch-* header; `has_body`: it has a body.
+    """
+    if host is None or split_host(host) is None:
+        return Refusal(BAD_REQUEST, f"bad request: Host {_shown(host)} is missing or malformed (one host[:port],"
+                                    " port 1-65535)", "host")
     if not host_allowed(host, allowed):
         return Refusal(MISDIRECTED, f"misdirected request: this API does not answer for Host {_shown(host)};"
                                     " use localhost, a loopback IP or a name in greyproxy.allowedHosts", "host")
-    if not origin_allowed(origin, allowed):
-        return Refusal(FORBIDDEN, f"cross-origin request refused: Origin {_shown(origin)} is not this machine", "origin")
+    if not origin_allowed(origin, allowed, own_port, allowed_origins):
+        return Refusal(FORBIDDEN, f"cross-origin request refused: Origin {_shown(origin)} is not this API's own"
+                                  " origin nor listed in greyproxy.allowedOrigins", "origin")
     if method.upper() in STATE_CHANGING and (fetch_site or "").strip().lower() == "cross-site":
         return Refusal(FORBIDDEN, "cross-site request refused (Sec-Fetch-Site: cross-site)", "fetch-site")
+    if (browser or origin is not None) and has_body and method.upper() in BODY_METHODS \
+            and not json_media(content_type):
+        return Refusal(UNSUPPORTED_MEDIA, f"a browser request with a body must be Content-Type: {JSON_MEDIA}"
+                                          f" (got {_shown(content_type)})", "content-type")
     return None
 
 
@@ -169,13 +234,30 @@ class LocalOnly:
     accepted, which uvicorn answers with an HTTP 403 whatever the status was.
     """
 
-    def __init__(self, allowed_hosts: Iterable[str] = ()) -> None:
+    def __init__(self, allowed_hosts: Iterable[str] = (), own_port: int | None = None,
+                 allowed_origins: Iterable[str] = ()) -> None:
         self.allowed = normalize_allowed(allowed_hosts)
+        self.own_port = own_port
+        self.allowed_origins = normalize_origins(allowed_origins)
         self._logged: dict[str, float] = {}
 
+    @classmethod
+    def from_config(cls, cfg: Any) -> LocalOnly:
+        """greyproxy.allowedHosts (+ a specific bind IP), the API's port and greyproxy.allowedOrigins."""
+        api = getattr(cfg, "api", None)
+        origins = cfg.section("greyproxy").get("allowedOrigins") or []
+        return cls(configured_hosts(cfg), getattr(api, "port", None) or None, [str(o) for o in origins])
+
+    def refusal_for(self, req: Any, method: str) -> Refusal | None:
+        """The whole decision for one Falcon request (method "WEBSOCKET" for an upgrade)."""
+        length = req.content_length
+        has_body = bool(length) or req.get_header("Transfer-Encoding") is not None
+        return refusal(method, req.get_header("Host"), req.get_header("Origin"), req.get_header("Sec-Fetch-Site"),
+                       self.allowed, own_port=self.own_port, allowed_origins=self.allowed_origins,
+                       browser=is_browser(req.headers), has_body=has_body, content_type=req.content_type)
+
     def check(self, req: Any, method: str) -> None:
-        r = refusal(method, req.get_header("Host"), req.get_header("Origin"), req.get_header("Sec-Fetch-Site"),
-                    self.allowed)
+        r = self.refusal_for(req, method)
         if r is None:
             return
         now = time.monotonic()

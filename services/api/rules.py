@@ -122,10 +122,28 @@ def _expiry(body: dict[str, Any], where: str, now: float) -> float | None:
     return _expires_at_value(body, where)
 
 
-def parse_rule_spec(body: Any, now: float, where: str = "") -> RuleSpec:
-    """A POST /api/rules body (or one ingest item) as a validated RuleSpec; 400 naming the field."""
+# The members a rule body may have (SPEC §2.4); anything else is a typo or a misunderstanding: 400.
+CREATE_FIELDS = frozenset({"container_pattern", "destination_pattern", "port_pattern", "action", "rule_type",
+                           "expires_at", "expires_in_seconds", "notes", "created_by"})
+# An ingest item may be a rule as GET /api/rules lists it (an export): its read-only members are ignored.
+EXPORTED_FIELDS = frozenset({"id", "created_at", "last_used_at", "is_active", "source", "session_id", "hit_count"})
+UPDATE_FIELDS = frozenset({"container_pattern", "destination_pattern", "port_pattern", "action", "rule_type",
+                           "expires_at", "expires_in_seconds", "notes"})
+
+
+def _known_fields(body: dict[str, Any], known: frozenset[str], where: str) -> None:
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        names = ", ".join(repr(k[:100]) for k in unknown[:10])
+        raise bad_request(f"{where}unknown field{'s' if len(unknown) > 1 else ''} {names}; a rule takes "
+                          f"{', '.join(sorted(known - EXPORTED_FIELDS))}")
+
+
+def parse_rule_spec(body: Any, now: float, where: str = "", exported: bool = False) -> RuleSpec:
+    """A POST /api/rules body (or one ingest item, `exported`) as a validated RuleSpec; 400 naming the field."""
     if not isinstance(body, dict):
         raise bad_request(f"{where}a rule must be a JSON object")
+    _known_fields(body, CREATE_FIELDS | EXPORTED_FIELDS if exported else CREATE_FIELDS, where)
     container = str_field(body, "container_pattern", required=True, where=where)
     destination = str_field(body, "destination_pattern", required=True, where=where)
     _rule_type(body, where)
@@ -145,6 +163,7 @@ def parse_rule_spec(body: Any, now: float, where: str = "") -> RuleSpec:
 
 def parse_rule_changes(body: dict[str, Any], now: float) -> dict[str, Any]:
     """The columns a PUT body changes (absent keys stay as they are)."""
+    _known_fields(body, UPDATE_FIELDS, "")
     changes: dict[str, Any] = {}
     if "container_pattern" in body:
         value = str_field(body, "container_pattern", required=True)
@@ -205,6 +224,14 @@ class RuleResource:
 
     async def on_put(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, rule_id: int) -> None:
         changes = parse_rule_changes(await read_json(req), time.time())
+        current = await self.ctx.db(store_ops.get_rule, rule_id)
+        if current is None:
+            raise not_found(f"rule {rule_id} not found")
+        if current.get("source") == "builtin":
+            # Builtin rules are the seeded loopback allows: they are switched off as a whole in the
+            # config (greyproxy.builtinRules: false), never edited into something else (a deny).
+            raise bad_request(f"builtin rule {rule_id} cannot be edited; set greyproxy.builtinRules: false"
+                              " in the config to switch the builtin rules off, and add your own rules")
         result = await self.ctx.db(store_ops.update_rule, rule_id, changes)
         if result is None:
             raise not_found(f"rule {rule_id} not found")
@@ -232,7 +259,7 @@ class RulesIngestResource:
             raise bad_request(f"at most {MAX_INGEST} rules per ingest")
         now = time.time()
         # Validate everything first: one bad item rejects the whole batch.
-        specs = [parse_rule_spec(item, now, where=f"item {i}: ") for i, item in enumerate(items)]
+        specs = [parse_rule_spec(item, now, where=f"item {i}: ", exported=True) for i, item in enumerate(items)]
         res = await self.ctx.db(store_ops.ingest_rules, specs)
         for old in res.replaced:
             self.ctx.publish(topics.RULE_DELETED, {"id": old["id"], "rule": rule_json(old)})

@@ -20,6 +20,7 @@ from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
 from .notify import run_notifier
+from .server import StrictHttpProtocol
 
 log = logging.getLogger("greyproxy.api")
 
@@ -53,7 +54,8 @@ async def main(rt: ServiceRuntime) -> None:
     await ctx.db(open_database, cfg.db_path)
     app = create_app(ctx)
     server = _Server(uvicorn.Config(
-        app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off",
+        app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off", http=StrictHttpProtocol,
+        proxy_headers=False,  # X-Forwarded-For is anyone's to write: the peer address is the client
         log_level="warning", access_log=False, ws="websockets-sansio", ws_ping_interval=20, ws_ping_timeout=20,
         timeout_keep_alive=30, server_header=False, date_header=False,
     ))

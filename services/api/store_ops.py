@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -382,19 +382,45 @@ def bulk_dismiss(pending_ids: Sequence[int]) -> tuple[list[int], list[Key], list
 
 @dataclass(frozen=True)
 class LogFilter:
-    container: str | None = None
+    container: str | None = None  # a substring of the container name (SPEC §5, as the reference)
     destination: str | None = None
     result: str | None = None
     from_ts: float | None = None
     to_ts: float | None = None
+    # The container names `container` matches, found in the small log_counts table (one row per
+    # name and result) by `with_containers`: the page and total then use the (container_name,
+    # timestamp) index with `IN`, never a LIKE over a million rows. None: not resolved (LIKE).
+    containers: tuple[str, ...] | None = None
+
+
+MAX_IN_NAMES = 500  # more matching names than this: filter with LIKE on the rows instead
+
+
+def with_containers(f: LogFilter) -> LogFilter:
+    """`f` with the container names its substring matches (call inside the read transaction)."""
+    if not f.container:
+        return f
+    names = [r[0] for r in database.execute_sql(
+        "SELECT DISTINCT container_name FROM log_counts WHERE container_name LIKE ? ESCAPE '\\'",
+        (like_pattern(f.container),)).fetchall()]
+    return f if len(names) > MAX_IN_NAMES else replace(f, containers=tuple(names))
+
+
+def _container_clause(f: LogFilter, column: str) -> tuple[str, list[Any]]:
+    if f.containers is None:
+        return f"{column} LIKE ? ESCAPE '\\'", [like_pattern(f.container or "")]
+    if not f.containers:
+        return "0 = 1", []
+    return f"{column} IN ({', '.join('?' * len(f.containers))})", list(f.containers)
 
 
 def _log_where(f: LogFilter, alias: str = "") -> tuple[str, list[Any]]:
     a = f"{alias}." if alias else ""
     where, args = ["1 = 1"], []
     if f.container:
-        where.append(f"{a}container_name = ?")  # exact: served by the (container_name, timestamp) index
-        args.append(f.container)
+        clause, more = _container_clause(f, f"{a}container_name")
+        where.append(clause)
+        args.extend(more)
     if f.destination:
         where.append(f"({a}destination_host LIKE ? ESCAPE '\\' OR {a}resolved_hostname LIKE ? ESCAPE '\\')")
         args.extend([like_pattern(f.destination)] * 2)
@@ -426,8 +452,9 @@ def _log_total(f: LogFilter) -> int:
     if f.destination is None and f.from_ts is None and f.to_ts is None:
         where, args = ["1 = 1"], []
         if f.container:
-            where.append("container_name = ?")
-            args.append(f.container)
+            clause, more = _container_clause(f, "container_name")
+            where.append(clause)
+            args.extend(more)
         if f.result:
             where.append("result = ?")
             args.append(f.result)
@@ -438,6 +465,7 @@ def _log_total(f: LogFilter) -> int:
 
 def list_logs(f: LogFilter, limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
     with database.atomic():  # one snapshot: the total and the page agree
+        f = with_containers(f)
         total = _log_total(f)
         rows = _log_page(f, limit, offset)
     return rows, total

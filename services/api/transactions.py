@@ -37,8 +37,8 @@ class TransactionFilter:
 def _where(f: TransactionFilter) -> tuple[str, list[Any]]:
     where, args = ["1 = 1"], []
     if f.container:
-        where.append("container_name = ?")  # exact, like /api/logs: the (container, timestamp) index serves it
-        args.append(f.container)
+        where.append("container_name LIKE ? ESCAPE '\\'")  # a substring, as everywhere (SPEC §7)
+        args.append(like_pattern(f.container))
     if f.destination:
         where.append("destination_host LIKE ? ESCAPE '\\'")
         args.append(like_pattern(f.destination))

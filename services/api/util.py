@@ -20,17 +20,37 @@ MAX_ID = 2**63 - 1  # SQLite's INTEGER range: a bigger number cannot even be loo
 log = logging.getLogger("greyproxy.api")
 
 
+class InvalidId(str):
+    """A path segment where a row id belongs that is not one; `IdCheck` answers 400 for it."""
+
+
 class IdConverter(falcon.routing.BaseConverter):
     """Route converter `{name:id}`: a row id, decimal digits only, 1 to 2**63-1.
 
-    Anything else ('-1', '1e3', '+1', a number SQLite cannot hold) matches no route: 404.
+    Anything else ('abc', '0', '-1', '1e3', '+1', a number SQLite cannot hold) still routes, as an
+    `InvalidId`, so that `IdCheck` answers `400 {"error": "invalid id"}` (SPEC conventions)
+    instead of a 404 that reads like "no such row".
     """
 
-    def convert(self, value: str) -> int | None:
-        if not value.isascii() or not value.isdigit() or len(value) > 19:
-            return None
-        number = int(value)
-        return number if 1 <= number <= MAX_ID else None
+    def convert(self, value: str) -> int | InvalidId:
+        if not value.isascii() or not value.isdigit() or len(value) > 19 or not 1 <= int(value) <= MAX_ID:
+            return InvalidId(value)  # ids start at 1: 0 is no id either
+        return int(value)
+
+
+class IdCheck:
+    """Falcon middleware: a route whose `{...:id}` parameter is not a row id → 400 "invalid id"."""
+
+    @staticmethod
+    def _check(params: dict[str, Any]) -> None:
+        if any(isinstance(v, InvalidId) for v in params.values()):
+            raise bad_request("invalid id")
+
+    async def process_resource(self, req: Any, resp: Any, resource: Any, params: dict[str, Any]) -> None:
+        self._check(params)
+
+    async def process_resource_ws(self, req: Any, ws: Any, resource: Any, params: dict[str, Any]) -> None:
+        self._check(params)
 
 
 async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type | tuple = dict) -> Any:

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -360,8 +360,9 @@ def _decision_command(action: str) -> Callable[[Connection, dict[str, Any]], Any
 
 async def _cmd_dismiss(conn: Connection, msg: dict[str, Any]) -> dict[str, Any]:
     pid = _pending_id(msg)
-    removed = await pending.dismiss(conn.hub.ctx, pid)
-    return reply("command_success", command="dismiss", pending_id=pid, removed=removed)
+    if not await pending.dismiss(conn.hub.ctx, pid):
+        raise ApiError(404, f"pending request {pid} not found")  # → an `error` reply naming the command
+    return reply("command_success", command="dismiss", pending_id=pid, removed=True)
 
 
 async def _cmd_claim(conn: Connection, msg: dict[str, Any]) -> dict[str, Any]:
@@ -463,9 +464,9 @@ class Hub:
 
 
 class WebSocketResource:
-    def __init__(self, hub: Hub, allowed_hosts: Iterable[str]) -> None:
+    def __init__(self, hub: Hub, local_only: origin.LocalOnly) -> None:
         self.hub = hub
-        self.allowed = origin.normalize_allowed(allowed_hosts)
+        self.local_only = local_only
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         """A plain HTTP GET (no upgrade): say what this route is instead of a bare 405."""
@@ -475,8 +476,7 @@ class WebSocketResource:
     async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
         # The LocalOnly middleware has refused foreign Hosts and Origins already; the same check
         # again here keeps this resource safe in an app built without it.
-        refused = origin.refusal("WEBSOCKET", req.get_header("Host"), req.get_header("Origin"),
-                                 req.get_header("Sec-Fetch-Site"), self.allowed)
+        refused = self.local_only.refusal_for(req, "WEBSOCKET")
         if refused is not None:
             log.warning("ws: refused upgrade from %s: %s", req.remote_addr, refused.message)
             await ws.close(CLOSE_FORBIDDEN)  # before accept: the client gets HTTP 403
@@ -520,7 +520,7 @@ async def run_bridge(ctx: ApiContext) -> None:
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
-    app.add_route(route("/ws"), WebSocketResource(hub_of(ctx), origin.configured_hosts(ctx.cfg)))
+    app.add_route(route("/ws"), WebSocketResource(hub_of(ctx), origin.LocalOnly.from_config(ctx.cfg)))
 
 
 ROUTE_PROVIDERS.append(register)

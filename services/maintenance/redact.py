@@ -1,5 +1,6 @@
-"""The `redact-headers` job (SPEC §10): re-apply the current header redaction to every stored
-transaction, in short batches so the recorder's writes interleave."""
+"""The `redact-headers` job (SPEC §10): re-apply the current redaction (header names, and query
+parameters in the URL and in Location/Content-Location/Referer) to every stored transaction, in
+short batches so the recorder's writes interleave. Bodies are left as captured."""
 
 from __future__ import annotations
 
@@ -53,20 +54,21 @@ def redact_headers(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[t
     while True:
         # Reads need no lock (WAL); only the rows that change are written, in one short transaction.
         rows = conn.execute(
-            "SELECT id, request_headers, response_headers FROM http_transactions WHERE id > ? ORDER BY id LIMIT ?",
-            (last_id, batch)).fetchall()
+            "SELECT id, request_headers, response_headers, url FROM http_transactions WHERE id > ?"
+            " ORDER BY id LIMIT ?", (last_id, batch)).fetchall()
         if not rows:
             break
         updates = []
-        for tid, req_h, resp_h in rows:
+        for tid, req_h, resp_h, url in rows:
             new_req, new_resp = _redacted(redactor, req_h), _redacted(redactor, resp_h)
-            if new_req is not None or new_resp is not None:
-                updates.append((new_req or req_h, new_resp or resp_h, tid))
+            new_url = redactor.url(url) if isinstance(url, str) else url
+            if new_req is not None or new_resp is not None or new_url != url:
+                updates.append((new_req or req_h, new_resp or resp_h, new_url, tid))
         if updates:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("UPDATE http_transactions SET request_headers = ?, response_headers = ? WHERE id = ?",
-                                 updates)
+                conn.executemany("UPDATE http_transactions SET request_headers = ?, response_headers = ?, url = ?"
+                                 " WHERE id = ?", updates)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -77,8 +77,8 @@ class ProxyContext:
                                  idle_timeout=limits.upstream_idle_timeout)
         self._refusal_logged = 0.0
 
-    def guard(self, ip: str, port: int) -> bool:
-        return self.gate.is_own_listener(ip, port)
+    def guard(self, ip: str, port: int) -> str | None:
+        return self.gate.guard(ip, port)
 
     def note_refusal(self, cap: str, identity: str) -> None:
         self.refused[cap] += 1

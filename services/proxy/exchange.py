@@ -175,7 +175,7 @@ class Exchange:
     # -- AWAIT_RESPONSE --
     def _interim(self, resp: http1.ResponseHead, n: int) -> None:
         """A 1xx (not 101): relayed, and the answer is still to come."""
-        raw = self.upstream.take(n)
+        raw = self.upstream.take(n).lstrip(b"\r\n")  # blank lines the parser tolerated before it
         if self.head.version != "1.0":  # RFC 9110 §15.2: never a 1xx to an HTTP/1.0 client
             self.client.write(raw)
         self._continued = self._continued or resp.status == 100

@@ -8,6 +8,7 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import logging
 import math
@@ -20,8 +21,10 @@ from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
-from greyproxy.policy.patterns import normalise_host
+from greyproxy.policy.patterns import normalise_host, parse_ip
 from greyproxy.timeutil import rfc3339
+
+from .upstream import UpstreamFailure, resolve
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -31,6 +34,9 @@ ALLOWED = "allowed"
 BLOCKED = "blocked"
 DECISION_CACHE = 10_000  # cached rule decisions (see Gate._decisions)
 NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
+RESOLVE_TIMEOUT = 5.0  # seconds the gate waits for a name's addresses when an address rule could deny it
+ADDRESS_TTL = 30.0  # seconds a name's addresses are reused for the admission check (the guard re-judges each connect)
+ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
 
 
 @dataclass(slots=True)
@@ -42,6 +48,21 @@ class Verdict:
     elapsed_ms: float = 0.0
     # (container, host, port, method) of a tunnel's log entry still to write (see Gate.finish_log).
     log_pending: tuple[str, str, int, str] | None = None
+
+
+@dataclass(slots=True)
+class Admission:
+    """The last connection the gate admitted in this task: what `Gate.guard` judges addresses for."""
+    container: str
+    host: str
+    port: int
+    method: str
+    verdict: Verdict
+
+
+# Set by Gate.admit in the connection's own task, read by Gate.guard when that task connects
+# upstream (upstream.connect calls the guard for every address it is about to try).
+_ADMITTED: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("greyproxy_admitted", default=None)
 
 
 @dataclass
@@ -107,6 +128,7 @@ class Gate:
         self._hits: dict[int, list[float]] = {}
         self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
+        self._addresses: dict[str, tuple[list[str], float]] = {}  # name -> (its addresses, looked up at)
         self.decisions = 0
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
@@ -147,6 +169,11 @@ class Gate:
         resolved = self.resolved_name(host)
         self.decisions += 1
         verdict = self._decide_now(container, host, port, resolved)
+        if (verdict is None or verdict.allowed) and self._address_rules_apply(container, port):
+            # An address rule denies where this destination resolves to: that deny wins (no hold).
+            denial = await self._address_denial(container, host, port)
+            if denial is not None:
+                verdict = denial
         if verdict is None:
             verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
@@ -155,7 +182,65 @@ class Gate:
             verdict.log_pending = (container, host, port, method)
         else:
             self.record(container, host, port, method, verdict)
+        _ADMITTED.set(Admission(container, host, port, method, verdict) if verdict.allowed else None)
         return verdict
+
+    # -- addresses (rules whose destination is an IP or a CIDR) --
+    def _address_rules_apply(self, container: str, port: int) -> bool:
+        return self.silent.active_mode() is None and self._rules.may_deny_address(container, port)
+
+    async def _address_denial(self, container: str, host: str, port: int) -> Verdict | None:
+        """A blocked verdict when an address rule denies an address `host` is (or resolves to)."""
+        addrs = [host] if parse_ip(host) is not None else await self._addresses_of(host, port)
+        if addrs is None:
+            return None  # no address: the connect fails on its own (and the guard judges any it finds)
+        for ip in addrs:
+            rule = self._rules.address_denial(container, ip, port)
+            if rule is not None:
+                self._hit(rule.id)
+                return Verdict(False, "rule", rule.id)
+        return None
+
+    async def _addresses_of(self, host: str, port: int) -> list[str] | None:
+        """A name's addresses, looked up (off the loop) at most every ADDRESS_TTL seconds: the
+        admission check may be a little stale, the guard judges the address really connected to."""
+        now = time.monotonic()
+        hit = self._addresses.get(host)
+        if hit is not None and now - hit[1] < ADDRESS_TTL:
+            return hit[0]
+        try:
+            found = await resolve(asyncio.get_running_loop(), host, port, RESOLVE_TIMEOUT)
+        except UpstreamFailure:
+            return None
+        addrs = list(dict.fromkeys(ip for ip, _p in found))
+        if len(self._addresses) >= ADDRESS_CACHE:
+            self._addresses.clear()  # bounded (names come from clients): start over
+        self._addresses[host] = (addrs, now)
+        return addrs
+
+    def guard(self, ip: str, port: int) -> str | None:
+        """Judge one address an admitted connection is about to connect to; why not, or None.
+
+        Never the stack's own listeners; and an address an address rule denies for the client this
+        task admitted last (a name may resolve differently now than when it was admitted). Such a
+        refusal is logged as a block by that rule, in place of the tunnel's pending allow entry.
+        """
+        if self.is_own_listener(ip, port):
+            return "resolves to this proxy's own listener"
+        adm = _ADMITTED.get()
+        if adm is None or not self._address_rules_apply(adm.container, port):
+            return None
+        rule = self._rules.address_denial(adm.container, ip, port)
+        if rule is None:
+            return None
+        self._hit(rule.id)
+        v = adm.verdict
+        v.log_pending = None  # a deferred tunnel entry becomes this block instead
+        self.record(adm.container, adm.host, adm.port, adm.method,
+                    Verdict(False, "rule", rule.id, v.resolved_hostname, v.elapsed_ms))
+        log.info("%s -> %s:%d refused: it resolves to %s, which rule %d denies", adm.container, adm.host,
+                 adm.port, ip, rule.id)
+        return f"resolves to {ip}, which rule {rule.id} denies"
 
     def finish_log(self, verdict: Verdict, mitm_skip_reason: str | None = None) -> None:
         """Write a deferred tunnel log entry (once; later calls do nothing)."""

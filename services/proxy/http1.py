@@ -19,6 +19,8 @@ from http import HTTPStatus
 
 import httptools
 
+from greyproxy.policy.patterns import ascii_host, refuse_controls
+
 __all__ = [
     "BodyReader",
     "HttpError",
@@ -92,8 +94,17 @@ def canonical_host(raw: str) -> str:
 
     Names ending in a numeric label must be strict dotted-quad IPv4: resolvers read '127.1' or
     '2130706433' as 127.0.0.1, which would slip past rules written for the address.
+    A non-ASCII (UTF-8) name is taken in its IDNA form: `日本.example` is `xn--wgv71a.example`,
+    the form rules are stored in and the resolver is asked for.
     """
     host = raw.lower()
+    if not host.isascii():
+        try:  # request heads are decoded as latin-1: get the UTF-8 text the client sent back
+            host = host.encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            pass  # already text (SOCKS5 decodes UTF-8 itself)
+        refuse_controls(host, "host")
+        host = ascii_host(host)
     if host.startswith("["):
         if not host.endswith("]") or "%" in host:
             raise ValueError("bad IPv6 literal")
@@ -348,6 +359,34 @@ def _too_big(buf: bytes, start: int, max_header_bytes: int) -> HttpError:
     return HttpError(431, "request head too large")
 
 
+def _idna_request_line(head: bytes, line_end: int) -> bytes:
+    """`head` with a UTF-8 host name in its request-target (`CONNECT 日本.example:443`, or an
+    absolute-form URL) written in IDNA form, so it parses and is judged like the punycode name.
+    Anything else non-ASCII is left for the parser to refuse."""
+    parts = head[:line_end].split(b" ")
+    if len(parts) != 3:
+        return head
+    method, target, version = parts
+    prefix, rest = b"", target
+    if method != b"CONNECT":
+        scheme, sep, rest = target.partition(b"://")
+        if not sep:
+            return head
+        prefix = scheme + sep
+    slash = rest.find(b"/")
+    authority, path = (rest, b"") if slash < 0 else (rest[:slash], rest[slash:])
+    if not path.isascii():
+        return head
+    try:
+        text = authority.decode("utf-8")
+        host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+        refuse_controls(host, "host")
+        name = ascii_host(host) + sep + port
+    except ValueError:  # UnicodeDecodeError too
+        return head
+    return b" ".join((method, prefix + name.encode("ascii") + path, version)) + head[line_end:]
+
+
 def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: int = 100,
                        origin: tuple[str, str, int] | None = None) -> tuple[RequestHead, int] | None:
     """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used).
@@ -379,7 +418,11 @@ def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: i
 
     col = _Collector()
     parser = httptools.HttpRequestParser(col)
-    problem = _run_parser(parser, buf[start:consumed])
+    head_bytes = buf[start:consumed]
+    line_end = head_bytes.find(b"\r\n")
+    if not head_bytes[:line_end].isascii():
+        head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
+    problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
     if not col.complete:
@@ -571,7 +614,9 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
     head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
                         headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
                         content_length=length, has_body=has_body, until_close=until_close, index=index)
-    if version == "1.1" and not other_hop and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"])):
+    # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
+    if version == "1.1" and not other_hop and buf[:1] not in (b"\r", b"\n") and \
+            (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"])):
         head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
     return head, consumed
 

@@ -103,6 +103,7 @@ class Recorder:
         """Journal the record; bodies become text inline when small and plain, else in a worker thread
         (which also serialises the record, so a 2 MiB body is never dumped on the event loop)."""
         self.counts["transactions"] += 1
+        rec["url"] = self.redactor.url(rec["url"])  # secrets in the query (?access_token=...)
         limit = self.max_body
         if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and \
                 (resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])):
@@ -136,7 +137,7 @@ class Recorder:
         data message is recorded as a WS_REQ / WS_RESP transaction. Broken framing stops the recording
         of that direction only."""
         deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
-        url = "ws" + t.url[4:]  # http:// → ws://, https:// → wss://
+        url = self.redactor.url("ws" + t.url[4:])  # http:// → ws://, https:// → wss://
         container, dest, port, rule_id = t.container, t.host, t.port, t.rule_id
         extra = {"request_host": t.request_host, "host_mismatch": t.host_mismatch}
 

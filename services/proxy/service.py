@@ -44,9 +44,10 @@ RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, to
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
-    def __init__(self, gate: Gate, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, gate: Gate, executor: ThreadPoolExecutor, builtins: bool = True) -> None:
         self.gate = gate
         self.executor = executor
+        self.builtins = builtins  # greyproxy.builtinRules: false leaves the seeded loopback allows out
         self._lock = asyncio.Lock()
 
     @staticmethod
@@ -55,8 +56,7 @@ class RuleLoader:
 
         return meta_value("rules_version")
 
-    @staticmethod
-    def _load() -> tuple[int, RuleSet]:
+    def _load(self) -> tuple[int, RuleSet]:
         from greyproxy.store import database
         from greyproxy.store.models import meta_value
 
@@ -66,7 +66,8 @@ class RuleLoader:
                 "SELECT id, container_pattern, destination_pattern, port_pattern, action, source,"
                 " expires_at, session_id FROM rules").fetchall()
         rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
-                      action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows]
+                      action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
+                 if self.builtins or r[5] != "builtin"]
         return version, RuleSet(rules, skip_invalid=True)
 
     async def reload(self, force: bool = False) -> bool:
@@ -167,7 +168,7 @@ async def main(rt: ServiceRuntime) -> None:
     local_hosts = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
     gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]),
                 int(pcfg["maxPending"]))
-    loader = RuleLoader(gate, executor)
+    loader = RuleLoader(gate, executor, bool(cfg.section("greyproxy").get("builtinRules", True)))
     await loader.reload(force=True)
     gate.names.update(await loop.run_in_executor(executor, _load_dns_names))
     gate.pending_count = await loop.run_in_executor(executor, _count_pending)

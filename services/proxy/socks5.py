@@ -204,7 +204,7 @@ class Socks5Server:
     def _domain(raw: bytes) -> str:
         """Lower-cased name (or IP literal); SocksError(1) for bytes no resolver should see."""
         try:
-            return canonical_host(raw.decode("ascii"))
+            return canonical_host(raw.decode("utf-8"))  # a UTF-8 name becomes its IDNA form
         except (UnicodeDecodeError, ValueError):
             raise SocksError(REP_GENERAL_FAILURE, "bad domain name") from None
 

@@ -20,7 +20,7 @@ class UpstreamFailure(Exception):
     def http_answer(self) -> tuple[int, str, str]:
         """(status, reason, text) of the HTTP answer to this failure."""
         if self.kind == "guard":
-            return 403, "Forbidden", "Blocked by Greyproxy: that is this proxy's own listener"
+            return 403, "Forbidden", f"Blocked by Greyproxy: {self}"
         if self.kind == "timeout":
             return 504, "Gateway Timeout", f"Greyproxy: {self}"
         return 502, "Bad Gateway", f"Greyproxy: {self}"
@@ -54,15 +54,23 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeou
     return [(addr[0], addr[1]) for _f, _t, _p, _c, addr in infos]
 
 
-async def connect(host: str, port: int, timeout: float, guard: Callable[[str, int], bool]) -> Conn:
+resolve = _resolve  # the gate judges a name's addresses with the same lookup
+
+
+async def connect(host: str, port: int, timeout: float, guard: Callable[[str, int], bool | str | None]) -> Conn:
+    """Connect to the first address of `host` that answers. `guard(ip, port)` judges every address
+    before it is tried: truthy refuses the whole connection (a string says why)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     addrs = await _resolve(loop, host, port, timeout)
     last: UpstreamFailure | None = None
     for ip, aport in addrs:
-        if guard(ip, port):
-            # A name that resolves onto our own listeners: refuse like a direct request.
-            raise UpstreamFailure("guard", f"{host}:{port} resolves to this proxy's own listener")
+        why = guard(ip, port)
+        if why:
+            # A name that resolves onto our own listeners, or into an address a rule denies:
+            # refuse like a direct request.
+            reason = why if isinstance(why, str) else "resolves to this proxy's own listener"
+            raise UpstreamFailure("guard", f"{host}:{port} {reason}")
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")

@@ -28,7 +28,7 @@ MEASURED = (
     "approval_p99_ms", "approval_call_p99_ms",
     "rules_100_median_us", "rules_100_p99_us", "rules_10000_median_us", "rules_10000_p99_us",
     "recorder_rps", "recorder_journal_rps",
-    "logs_api_p50_ms", "logs_api_p99_ms",
+    "logs_api_p50_ms", "logs_api_p99_ms", "logs_api_container_p50_ms", "logs_api_container_p99_ms",
     "idle_rss_mb",
 )
 # Rows present but not measured in smoke mode (n/a with a reason).
@@ -78,8 +78,10 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert appr["measured"] == appr["holds"] > 0, appr
     # The logs table really held the rows the API call was timed against.
     assert res["greyproxy_only"]["logs_api"]["rows"] >= 5000
+    for name, figures in res["greyproxy_only"]["logs_api"]["container"].items():
+        assert figures["errors"] == 0 and figures["calls"] > 0, (name, figures)
     # Every target is listed, judged where it can be.
-    assert len(res["targets"]) == 8
+    assert len(res["targets"]) == 9  # the eighth and ninth: GET /api/logs, without and with ?container=
     assert {t["row"] for t in res["targets"]} <= set(rows)
 
     assert (out / "results-smoke.md").read_text().startswith("# Benchmark results")

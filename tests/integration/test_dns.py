@@ -28,6 +28,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -240,6 +241,19 @@ def proxy_log(stack: Stack) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((stack.data_dir / "logs").glob("proxy*.log")))
 
 
+def journal_barrier(stack: Stack, tag: str) -> None:
+    """Return once an entry the proxy journals now has been recorded: everything it journaled
+    before has been too (one FIFO journal per proxy process). A denied request makes the entry."""
+    r = stack.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": "**.barrier.test",
+                                                  "action": "deny"})
+    assert r.status_code == 201, r.text
+    host = f"{tag}.barrier.test"
+    with httpx.Client(proxy=f"http://127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10) as c:
+        assert c.get(f"http://{host}/").status_code == 403
+    wait_for(lambda: stack.get("/api/logs", params={"destination": host}).json()["total"] >= 1, 10,
+             message=f"the barrier entry {host}")
+
+
 def write_setting(stack: Stack, key: str, json_value: str) -> None:
     """Straight into the database, publishing nothing: only the proxy's version check can notice."""
     conn = sqlite3.connect(str(stack.db_path), timeout=10)
@@ -375,7 +389,8 @@ def test_socks_to_resolved_ip_gets_hostname_and_name_rule(stack: Stack, upstream
             fresh.close()
             assert reply[:2] == b"\x05\x00", reply
             logs = wait_for(lambda: [i for i in stack.get("/api/logs", params={"container": "agent-dns"}).json()["items"]
-                                     if i["result"] == "allowed"], 5, message="allowed log")
+                                     if i["result"] == "allowed" and i["container_name"] == "agent-dns"], 5,
+                            message="allowed log")
             assert logs[0]["resolved_hostname"] == "api.example.test" and logs[0]["rule_id"] == rule_id
         finally:
             stack.request("DELETE", f"/api/rules/{rule_id}")
@@ -571,11 +586,20 @@ def test_log_dns_queries_setting(stack: Stack, upstream: FakeUpstream) -> None:
         "unknown-127.0.0.1", 53, "allowed", "dns")
     assert dns_logs(stack, "quiet.example.test") == []  # off by default
 
-    # Off again through the API: the bus event reaches the proxy at once.
+    # Off again through the API: the bus event reaches the proxy at once. "Not logged" is judged
+    # after a barrier: a later entry of the same proxy's journal (FIFO) has been recorded.
     assert stack.request("PUT", "/api/settings", json={"logDnsQueries": False}).status_code == 200
-    time.sleep(1.0)
+    probes = iter(range(1000))
+
+    def off_now() -> bool:
+        i = next(probes)
+        dig_answer(stack.dns_port, f"probe{i}.example.test")
+        journal_barrier(stack, f"p{i}")
+        return dns_logs(stack, f"probe{i}.example.test") == []
+
+    wait_for(off_now, 10, interval=0.1, message="DNS logging switched off")
     dig_answer(stack.dns_port, "unlogged.example.test")
-    time.sleep(1.5)
+    journal_barrier(stack, "final")
     assert dns_logs(stack, "unlogged.example.test") == []
 
     # On by a database write with no event at all: the periodic settings_version check notices.

@@ -267,6 +267,13 @@ def _restarted(stack: Stack, service: str, old: int) -> int:
     return pid
 
 
+def _load_moves_on(load: "Load") -> None:
+    """Wait until every load client has completed more requests (a counter, not a fixed sleep):
+    the stack serves traffic again after the step before."""
+    start = load.successes()
+    wait_for(lambda: load.successes() >= start + CLIENTS, 20, message="the load to make progress")
+
+
 def _kill_and_see_it_named(stack: Stack, service: str) -> int:
     """kill -9 the service; /api/health must answer at once, 503, naming it."""
     old = _pid_of(stack, service)
@@ -315,19 +322,19 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
         # -- recorder: the journal keeps the records; health names it at once.
         old = _kill_and_see_it_named(s, "recorder")
         _restarted(s, "recorder", old)
-        time.sleep(1)
+        _load_moves_on(load)
 
         # -- API: it comes back; nothing else notices.
         old = _pid_of(s, "api")
         os.kill(old, signal.SIGKILL)
         s.wait_healthy(RESTART_TIMEOUT)
         assert _pid_of(s, "api") != old
-        time.sleep(1)
+        _load_moves_on(load)
 
         # -- maintenance.
         old = _kill_and_see_it_named(s, "maintenance")
         _restarted(s, "maintenance", old)
-        time.sleep(1)
+        _load_moves_on(load)
 
         # -- the bus broker: every other process must rejoin the new one, none restarted.
         others = {name: _pid_of(s, name) for name in ("proxy", "recorder", "maintenance", "api")}
@@ -357,7 +364,7 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
                                       lambda d: d.get("container_name") == "fault-pending"), 15,
                  message="pending_request.created from the recorder on the new broker")
         held.join(REQUEST_TIMEOUT)
-        time.sleep(1)
+        _load_moves_on(load)
     finally:
         load.stop()
 

@@ -73,21 +73,25 @@ def test_cross_origin_writes_are_forbidden_and_plain_clients_are_not(stack: Stac
         assert r.status_code == 403
     # The browser's fetch metadata alone is enough for a write, whatever the Origin says.
     r = client.post(stack.url("/api/rules"), json=RULE,
-                    headers={"Origin": "http://127.0.0.1:3000", "Sec-Fetch-Site": "cross-site"})
+                    headers={"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "cross-site"})
     assert r.status_code == 403 and "Sec-Fetch-Site" in r.json()["error"]
     assert rules_named(stack, client) == []
 
     # No Origin (curl, scripts, SDKs): works.
     r = client.post(stack.url("/api/rules"), json=RULE)
     assert r.status_code == 201, r.text
-    # Same origin (any loopback origin, any port; or an allowed name): works.
+    # Same origin (a loopback host form or an allowed name, on the API's port): works.
     for origin, host in ((f"http://127.0.0.1:{port}", None), (f"http://localhost:{port}", None),
-                         ("http://localhost:5173", None), (f"http://{EXTRA_HOST}:{port}", f"{EXTRA_HOST}:{port}")):
+                         (f"http://{EXTRA_HOST}:{port}", f"{EXTRA_HOST}:{port}")):
         headers = {"Origin": origin, "Sec-Fetch-Site": "same-origin"}
         if host:
             headers["Host"] = host
         r = client.post(stack.url("/api/rules"), json=RULE, headers=headers)
         assert r.status_code == 201, (origin, r.text)  # the identical active rule comes back
+    # Another port is another origin (issue 13 item 1): a dev server page on localhost:5173 is refused.
+    r = client.post(stack.url("/api/rules"), json=RULE, headers={"Origin": "http://localhost:5173",
+                                                                  "Sec-Fetch-Site": "same-site"})
+    assert r.status_code == 403, r.text
     rules = rules_named(stack, client)
     assert len(rules) == 1
     r = client.delete(stack.url(f"/api/rules/{rules[0]['id']}"), headers={"Origin": f"http://[::1]:{port}"})
@@ -124,7 +128,7 @@ def test_websocket_upgrade_is_checked_the_same_way(stack: Stack) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
     with pytest.raises(InvalidStatus) as info, connect(f"ws://evil.example:{port}/ws", sock=sock, open_timeout=5):
         pass
-    assert info.value.response.status_code == 403
+    assert info.value.response.status_code == 421  # the refusal's own status, as for plain HTTP
     # Without an Origin, with a local one, and under an allowed name: connected.
     for kw in ({}, {"origin": f"http://localhost:{port}"}):
         with connect(ws_url(stack), open_timeout=5, **kw) as c:

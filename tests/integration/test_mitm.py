@@ -60,6 +60,9 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         if path == "/json":
             self._send(200, json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="session=origin-secret")
+        elif path == "/redirect":  # a secret in a URL-valued response header
+            self._send(302, b"moved\n", "text/plain", Location="https://app.example/cb?code=7&access_token=loc-secret",
+                       Content_Location="/r?session_id=cl-secret")
         elif path == "/gzip":
             self._send(200, gzip.compress(json.dumps({"codec": "gzip"}).encode()), "application/json",
                        Content_Encoding="gzip")
@@ -219,7 +222,9 @@ def _via_http(stack: Stack, container: str) -> list[str]:
 def _transactions(stack: Stack, **params: Any) -> list[dict]:
     r = stack.get("/api/transactions", params={"limit": 200, **params})
     assert r.status_code == 200, r.text
-    return r.json()["items"]
+    items = r.json()["items"]
+    # ?container= is a substring (as in the reference): keep this container's own rows only.
+    return [i for i in items if "container" not in params or i["container_name"] == params["container"]]
 
 
 def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET") -> dict:
@@ -237,7 +242,8 @@ def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET
 
 def _log_entry(stack: Stack, container: str) -> dict:
     def find() -> dict | None:
-        items = stack.get("/api/logs", params={"container": container}).json()["items"]
+        items = [i for i in stack.get("/api/logs", params={"container": container}).json()["items"]
+                 if i["container_name"] == container]
         return items[0] if items else None
 
     return wait_for(find, 10, message=f"log entry for {container}")
@@ -292,7 +298,8 @@ def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> N
     assert json.loads(t["response_body"]) == JSON_BODY
     assert t["response_content_type"] == "application/json"
     assert t["response_body_size"] == len(json.dumps(JSON_BODY)) and t["request_body_size"] == 0
-    assert t["duration_ms"] > 0 and t["rule_id"] is not None and t["substituted_credentials"] == []
+    assert t["duration_us"] > 0 and type(t["duration_ms"]) is int  # whole ms (a fast one is 0), and µs
+    assert t["rule_id"] is not None and t["substituted_credentials"] == []
     assert stack.get("/api/transactions/999999").status_code == 404
     assert stack.get("/api/transactions", params={"limit": "x"}).status_code == 400
     assert stack.get("/api/transactions", params={"from_date": "yesterday"}).status_code == 400
@@ -334,7 +341,8 @@ def test_sse_streams_unbuffered_and_is_recorded_whole(stack: Stack, origin: int)
                     if first is None:
                         first = time.monotonic() - t0
                     events.append(line)
-    assert first is not None and first < 0.5, f"first event after {first:.3f}s"
+    # Streamed: the first event arrives well before the origin has finished sending (2 s in all).
+    assert first is not None and first < SSE_EVENTS * SSE_EVERY * 0.75, f"first event after {first:.3f}s"
     assert len(events) == SSE_EVENTS
     t = _one_transaction(stack, "agent-sse", "/sse")
     assert t["response_content_type"] == "text/event-stream"
@@ -409,11 +417,19 @@ def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack:
         r = stack.request("POST", "/api/rules", json={"container_pattern": "agent-deny", "destination_pattern": ORIGIN,
                                                       "port_pattern": str(origin), "action": "deny"})
         assert r.status_code == 201, r.text
-        time.sleep(0.5)  # the API has the proxy reload before answering; this is margin
-        resp = _get(sock, origin, "/json")
-        assert resp.status == 403
+        # The API has the proxy reload before answering; still, wait for the effect, not a fixed margin.
+        seen: list[tuple[http.client.HTTPResponse, bytes]] = []
+
+        def denied() -> bool:
+            resp = _get(sock, origin, "/json")
+            seen.append((resp, resp.read()))
+            return resp.status == 403
+
+        wait_for(denied, 5, interval=0.05, message="the next request on the kept tunnel denied")
+        resp, body = seen[-1]
         assert resp.getheader("Content-Type").startswith("text/plain")
-        assert resp.read() == b"Request denied by proxy"
+        assert body == b"Request denied by proxy"
+        assert len(seen) <= 2, [r.status for r, _ in seen]  # denied at once (one in flight at most)
     finally:
         sock.close()
     blocked = wait_for(lambda: [t for t in _transactions(stack, container="agent-deny") if t["result"] == "blocked"],
@@ -577,3 +593,99 @@ def test_other_protocols_and_bypassed_hosts_are_piped_untouched(stack: Stack, ec
                            f"https://{BYPASSED}:{bypassed_origin}/json")
     assert code == 0 and json.loads(out) == JSON_BODY, err
     assert _log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"
+
+
+# ---------------------------------------------------------------- issue 13 items 4 and 14: redaction
+
+SECRET_HEADERS = {"X-Auth": "hdr-auth-secret", "X-Password": "hdr-password-secret", "Api_Key": "hdr-apikey-secret",
+                  "X-Session-Id": "hdr-session-secret"}
+
+
+def _stored_bytes(stack: Stack) -> bytes:
+    return b"".join(p.read_bytes() for p in (stack.db_path, stack.db_path.with_name(stack.db_path.name + "-wal"))
+                    if p.exists())
+
+
+def _tx_with_path(stack: Stack, container: str, path: str) -> dict:
+    def find() -> dict | None:
+        return next((t for t in _transactions(stack, container=container) if path in t["url"]), None)
+
+    item = wait_for(find, 10, message=f"transaction {path} for {container}")
+    return stack.get(f"/api/transactions/{item['id']}").json()
+
+
+def test_secret_header_names_and_query_values_are_redacted(stack: Stack, origin: int, plain_origin: int) -> None:
+    hdrs = [a for k, v in SECRET_HEADERS.items() for a in ("-H", f"{k}: {v}")]
+    cases = (("red-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+             ("red-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+    for container, extra, base in cases:
+        code, _out, err = _curl(*extra, *_via_http(stack, container), *hdrs,
+                                f"{base}/redirect?access_token=url-secret&x=1&API_KEY=url-key-secret")
+        assert code == 0, err
+        t = _tx_with_path(stack, container, "/redirect")
+        assert t["url"] == f"{base}/redirect?access_token=[REDACTED]&x=1&API_KEY=[REDACTED]", t["url"]
+        for name in SECRET_HEADERS:
+            assert _header(t["request_headers"], name) == ["[REDACTED]"], (container, name, t["request_headers"])
+        assert _header(t["response_headers"], "Location") == [
+            "https://app.example/cb?code=7&access_token=[REDACTED]"], t["response_headers"]
+        assert _header(t["response_headers"], "Content-Location") == ["/r?session_id=[REDACTED]"]
+        assert t["status_code"] == 302
+    stored = _stored_bytes(stack)
+    for secret in (*SECRET_HEADERS.values(), "url-secret", "url-key-secret", "loc-secret", "cl-secret"):
+        assert secret.encode() not in stored, secret
+
+
+def test_a_header_added_to_the_setting_is_redacted_in_live_capture(stack: Stack, origin: int,
+                                                                  plain_origin: int) -> None:
+    # Issue 13 item 14: the proxy follows PUT /api/settings for new requests, forward and intercepted.
+    r = stack.request("PUT", "/api/settings", json={"redactedHeaders": ["x-team-note"]})
+    assert r.status_code == 200 and "x-team-note" in r.json()["redactedHeaders"]
+    try:
+        cases = (("live-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+                 ("live-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+        for container, extra, base in cases:
+            n = 0
+
+            def redacted_now() -> bool:
+                # The setting reaches the proxy over the bus: a new request until one is stored redacted.
+                nonlocal n
+                n += 1
+                path = f"/note-{n}"
+                code, _out, err = _curl(*extra, *_via_http(stack, container), "-H", "X-Team-Note: team-note-secret",
+                                        f"{base}{path}")
+                assert code == 0, err
+                return _header(_tx_with_path(stack, container, path)["request_headers"], "X-Team-Note") == ["[REDACTED]"]
+
+            wait_for(redacted_now, 10, interval=0.1, message=f"{container}: X-Team-Note redacted")
+            # And it stays so: the next request too.
+            assert redacted_now(), container
+    finally:
+        stack.request("PUT", "/api/settings", json={"redactedHeaders": []})
+    for c in ("live-mitm", "live-fwd"):
+        # Only requests sent before the setting arrived may hold the value; none after the first redacted one.
+        rows = [stack.get(f"/api/transactions/{t['id']}").json() for t in _transactions(stack, container=c)]
+        clear = [t["id"] for t in rows if _header(t["request_headers"], "X-Team-Note") == ["team-note-secret"]]
+        hidden = [t["id"] for t in rows if _header(t["request_headers"], "X-Team-Note") == ["[REDACTED]"]]
+        assert len(hidden) >= 2 and all(a < min(hidden) for a in clear), (c, clear, hidden)
+
+
+def test_redact_headers_job_reapplies_query_and_new_defaults(stack: Stack) -> None:
+    with sqlite3.connect(stack.db_path, timeout=10) as db:
+        cur = db.execute(
+            "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+            " url, request_headers, response_headers) VALUES (?, 'old-row', 'old.test', 443, 'GET', ?, ?, ?)",
+            (time.time() - 60, "https://old.test/p?access_token=old-url-secret&q=1",
+             json.dumps({"Api_Key": ["old-key-secret"], "Accept": ["*/*"]}),
+             json.dumps({"Location": ["https://old.test/cb?password=old-loc-secret"]})))
+        row_id = cur.lastrowid
+
+    def idle() -> bool:
+        return not stack.get("/api/maintenance/status").json()["jobs"]["redact-headers"]["running"]
+
+    wait_for(idle, 30, message="no redact-headers job running")
+    assert stack.request("POST", "/api/maintenance/redact-headers").status_code == 202
+    wait_for(idle, 30, message="the redact-headers job to finish")
+    t = stack.get(f"/api/transactions/{row_id}").json()
+    assert t["url"] == "https://old.test/p?access_token=[REDACTED]&q=1"
+    assert t["request_headers"] == {"Api_Key": ["[REDACTED]"], "Accept": ["*/*"]}
+    assert t["response_headers"] == {"Location": ["https://old.test/cb?password=[REDACTED]"]}

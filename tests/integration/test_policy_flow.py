@@ -23,6 +23,7 @@ from conftest import Stack, free_port, wait_for
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
 
 ORIGIN_HOST = "127.0.0.2"
+RELEASED_WITHIN = 5.0  # seconds from a decision to the held client's answer; the hold timeout is 20 s
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -106,7 +107,8 @@ def _allow_and_time(stack: Stack, proc: subprocess.Popen, container: str, port: 
 
 
 def _log_rows(stack: Stack, container: str) -> list[dict]:
-    return stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
+    items = stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
+    return [i for i in items if i["container_name"] == container]  # ?container= is a substring
 
 
 def test_http_hold_then_allow(stack: Stack, origin: int) -> None:
@@ -118,7 +120,8 @@ def test_http_hold_then_allow(stack: Stack, origin: int) -> None:
     assert out.endswith("\n200"), out
     assert "hello from origin /x" in out
     assert "yes" not in out  # Proxy-Authorization never reaches the origin
-    assert elapsed < 1.0, f"client completed {elapsed:.3f}s after the allow"
+    # Released by the allow, not by the 20 s hold timeout (loose: a busy CI machine is slow too).
+    assert elapsed < RELEASED_WITHIN, f"client completed {elapsed:.3f}s after the allow"
     rule = answer["rule"]
     assert answer["pending_removed"] is True
     assert (rule["container_pattern"], rule["destination_pattern"], rule["port_pattern"]) == (
@@ -143,7 +146,7 @@ def test_socks5_hold_then_allow(stack: Stack, origin: int) -> None:
     proc = _curl("--socks5-hostname", f"agent2:secret@127.0.0.1:{stack.socks_port}", f"http://{ORIGIN_HOST}:{origin}/s")
     out, elapsed, _ = _allow_and_time(stack, proc, "agent2", origin)
     assert out.endswith("\n200") and "hello from origin /s" in out, out
-    assert elapsed < 1.0
+    assert elapsed < RELEASED_WITHIN
     logs = wait_for(lambda: _log_rows(stack, "agent2"), 5, message="socks log")
     assert logs[0]["method"] == "SOCKS5" and logs[0]["result"] == "allowed"
 
@@ -152,7 +155,7 @@ def test_connect_hold_then_allow(stack: Stack, origin: int) -> None:
     proc = _curl("-p", "-x", f"http://agent3@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{origin}/c")
     out, elapsed, _ = _allow_and_time(stack, proc, "agent3", origin)
     assert out.endswith("\n200") and "hello from origin /c" in out, out
-    assert elapsed < 1.0
+    assert elapsed < RELEASED_WITHIN
     logs = wait_for(lambda: _log_rows(stack, "agent3"), 5, message="connect log")
     assert logs[0]["method"] == "CONNECT"
 
@@ -226,7 +229,7 @@ def test_deleting_rule_closes_tunnel(stack: Stack, origin: int) -> None:
     except ConnectionResetError:
         data = b""
     assert data == b"", data
-    assert time.monotonic() - t0 < 1.0
+    assert time.monotonic() - t0 < 3.0  # closed by the delete, long before any idle timeout
     s.close()
 
 

@@ -141,7 +141,8 @@ def test_pending_allow_over_ws(stack: Stack, origin: int) -> None:
                 m = recv_until(c, lambda m: is_event(m, "pending_request.created", container_name="agentws")
                                or is_event(m, "waiters.changed", container_name="agentws"), timeout=3)
                 got.setdefault(m["type"], m)
-            assert time.monotonic() - t0 < 1.0, f"events took {time.monotonic() - t0:.2f}s"
+            # At the moment of the hold, not at its end (the hold lasts 20 s); loose for a busy machine.
+            assert time.monotonic() - t0 < 3.0, f"events took {time.monotonic() - t0:.2f}s"
             entry = got["pending_request.created"]["data"]
             assert entry["destination_host"] == ORIGIN_HOST and entry["destination_port"] == origin
             assert got["waiters.changed"]["data"]["current_count"] >= 1
@@ -230,8 +231,10 @@ def test_errors_and_upgrade_checks(stack: Stack) -> None:
         assert err["command"] == "allow" and err["pending_id"] == 987654
         err = command(c, {"command": "deny", "pending_id": "x"}, ("error",))
         assert err["error"] == "pending_id must be an integer" and err["command"] == "deny"
-        ok = command(c, {"command": "dismiss", "pending_id": 987654}, ("command_success", "error"))
-        assert ok["type"] == "command_success" and ok["removed"] is False, ok  # as REST: 200 removed=false
+        # Issue 13 item 11: dismissing an unknown id is an error reply (REST answers removed=false).
+        err = command(c, {"command": "dismiss", "pending_id": 987654}, ("command_success", "error"))
+        assert err["type"] == "error" and err["error"] == "pending request 987654 not found", err
+        assert err["command"] == "dismiss" and err["pending_id"] == 987654
         assert command(c, {"command": "ping"}, ("pong",))["type"] == "pong"
 
     for bad_origin in ("http://evil.example", f"http://evil.example:{port}", "null"):
@@ -242,7 +245,7 @@ def test_errors_and_upgrade_checks(stack: Stack) -> None:
     sock = socket.create_connection(("127.0.0.1", port))
     with pytest.raises(InvalidStatus) as info, connect(f"ws://evil.example:{port}/ws", sock=sock, open_timeout=5):
         pass
-    assert info.value.response.status_code == 403
+    assert info.value.response.status_code == 421  # the refusal's own status (denial response)
     sock = socket.create_connection(("127.0.0.1", port))
     with connect(f"ws://localhost:{port}/ws", sock=sock, origin=f"http://localhost:{port}", open_timeout=5) as c:
         assert recv(c)["type"] == "connected"
@@ -367,6 +370,16 @@ def _flood(stack: Stack, bus_pub: Publisher, api_pid: int, slow: ClientConnectio
             rest.append(recv(slow, 0.5))
     slow_seqs += [m["data"]["seq"] for m in rest if is_event(m, "log.new", mark=mark)]
     assert all(a < b for a, b in zip(slow_seqs, slow_seqs[1:])), "the slow client's events out of order"
+    # Issue 13 item 15: the memory bound must not come from losing the flood before the API. Every
+    # event reached the API: each client got it or was told it was dropped (the notices count them).
+    # Pub/sub may still drop by design before the API (the publisher's queue, counted in
+    # bus_pub.dropped, or the broker's high-water mark on a loaded machine, not counted anywhere):
+    # allow 0.1 % of the flood for what nobody can count.
+    slow_drops = dropped["count"] + sum(m["count"] for m in rest if m["type"] == "dropped")
+    lost_before_api = bus_pub.dropped + n_events // 1000
+    assert n_events - lost_before_api <= len(seqs) + sum(fast_drops) <= n_events, (len(seqs), sum(fast_drops))
+    # The slow client's drop notices count every event it lost, other topics' too (heartbeats, ...).
+    assert n_events - lost_before_api <= len(slow_seqs) + slow_drops <= n_events + 100, (len(slow_seqs), slow_drops)
     print(f"flood: published in {t_pub:.1f} s, fast done at {t_fast:.1f} s, rss +{growth_mb:.1f} MB, "
           f"fast got {len(seqs)} (drops {sum(fast_drops)}), "
           f"slow got {len(slow_seqs)} then dropped {dropped['count']}")

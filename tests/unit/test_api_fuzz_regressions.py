@@ -102,12 +102,13 @@ def test_date_filters_out_of_range_are_400(client, path: str) -> None:
 
 
 @pytest.mark.parametrize("path", ["/api/rules/{}", "/api/transactions/{}", "/api/pending/{}/allow"])
-def test_ids_that_are_not_row_ids_match_no_route(client, path: str) -> None:
-    # Was: 500 (SQLite cannot bind an int past 2**63-1); '-1' and '+1' were taken as ids.
+def test_ids_that_are_not_row_ids_are_invalid(client, path: str) -> None:
+    # Was: 500 (SQLite cannot bind an int past 2**63-1); '-1' and '+1' were taken as ids; then a 404.
+    # SPEC conventions (issue 13 item 10): a path id that is not an integer id → 400 "invalid id".
     method = "POST" if path.endswith("allow") else "GET"
-    for bad in (str(2**63), "57958734200528994304", "-1", "0", "+1", "1e3", "１"):
+    for bad in (str(2**63), "57958734200528994304", "-1", "0", "+1", "1e3", "１", "abc", "1.0", " 1"):
         res = call(client, method, path.format(bad))
-        assert res.status_code == 404 and set(res.json) == {"error"}, (bad, res.status_code)
+        assert res.status_code == 400 and res.json == {"error": "invalid id"}, (bad, res.status_code)
     res = call(client, method, path.format(2**63 - 1))
     assert res.status_code == 404 and "not found" in res.json["error"]
 

@@ -1040,7 +1040,7 @@ def test_dashboard_bad_query(api, params, field):
 
 
 DEFAULT_HEADERS = ["Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*", "*token*",
-                   "*secret*"]
+                   "*secret*", "*auth*", "*password*", "*passwd*", "*session*"]  # issue 13 item 4
 
 
 @pytest.fixture
@@ -1061,14 +1061,14 @@ def test_settings_defaults(api, no_backend):
 def test_settings_update_persist_and_event(api, no_backend):
     api.events()
     res = api.put("/api/settings", {"theme": "dark", "mitmEnabled": False, "redactedHeaders": ["X-Internal", "cookie",
-                                                                                               "*session*"]})
+                                                                                               "*sid*"]})
     assert res.status_code == 200
     s = res.json
     assert s["theme"] == "dark" and s["mitmEnabled"] is False and s["notificationsEnabled"] is True
-    assert s["redactedHeaders"] == [*DEFAULT_HEADERS, "X-Internal", "*session*"]
+    assert s["redactedHeaders"] == [*DEFAULT_HEADERS, "X-Internal", "*sid*"]
     assert api.get("/api/settings").json == s
     stored = dict(api.sql("SELECT key, value FROM settings"))
-    assert orjson.loads(stored["redactedHeaders"]) == ["X-Internal", "*session*"]  # only the extras
+    assert orjson.loads(stored["redactedHeaders"]) == ["X-Internal", "*sid*"]  # only the extras
     assert orjson.loads(stored["theme"]) == "dark"
     changed = api.events("settings.changed")
     assert changed == [{k: v for k, v in s.items() if k != "notifications"}]

@@ -74,6 +74,14 @@ INVALID = [
     ("inproc bus endpoint", {"bus": {"journal": "inproc://journal"}}, "bus.journal"),
     ("path as bus endpoint", {"bus": {"pub": "/tmp/pub.sock"}}, "bus.pub"),
     ("http bus endpoint", {"bus": {"sub": "http://127.0.0.1:1"}}, "bus.sub"),
+    ("origin with a path", {"greyproxy": {"allowedOrigins": ["http://localhost:3000/app"]}},
+     "greyproxy.allowedOrigins[0]"),
+    ("origin without a scheme", {"greyproxy": {"allowedOrigins": ["http://ok.example", "localhost:3000"]}},
+     "greyproxy.allowedOrigins[1]"),
+    ("origin with a bad port", {"greyproxy": {"allowedOrigins": ["http://localhost:99999"]}},
+     "greyproxy.allowedOrigins[0]"),
+    ("origin not a string", {"greyproxy": {"allowedOrigins": [3]}}, "greyproxy.allowedOrigins"),
+    ("builtinRules not a boolean", {"greyproxy": {"builtinRules": "no"}}, "greyproxy.builtinRules"),
 ]
 
 

@@ -315,3 +315,61 @@ def test_ipv4_mapped_ipv6_is_judged_as_ipv4() -> None:
     rs = RuleSet([Rule(1, "*", "10.1.2.3", "*", "deny"), Rule(2, "*", "10.0.0.0/8", "*", "deny", expires_at=None)])
     assert rs.match("c", "::ffff:10.1.2.3", 80).id == 1
     assert rs.match("c", "::ffff:10.9.9.9", 80).id == 2
+
+
+# ---------------------------------------------------------------- issue 13 item 5: Unicode and controls
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from greyproxy.policy import Rule, RuleSet  # noqa: E402
+from greyproxy.policy.patterns import ascii_host  # noqa: E402
+
+
+@pytest.mark.parametrize("pattern, stored", [
+    ("日本.example", "xn--wgv71a.example"), ("xn--wgv71a.example", "xn--wgv71a.example"),
+    ("*.日本.example", "*.xn--wgv71a.example"), ("**.BÜCHER.de", "**.xn--bcher-kva.de"),
+    ("api.example.com", "api.example.com"), ("10.0.0.0/8", "10.0.0.0/8"),
+])
+def test_destination_patterns_are_stored_in_punycode(pattern: str, stored: str) -> None:
+    assert validate_destination_pattern(pattern) == stored
+
+
+@pytest.mark.parametrize("pattern", ["a\x00b.example", "\u202egro.elgoog", "ex\u200bample.com", "x\x07.com",
+                                     "日*.example", "a\u2066b.com", "\u061c.example"])
+def test_control_and_bidi_characters_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError):
+        validate_destination_pattern(pattern)
+
+
+def test_container_patterns_refuse_controls_too() -> None:
+    for bad in ("a\x00", "team\u202e", "x\x1b[31m"):
+        with pytest.raises(ValueError):
+            validate_container_pattern(bad)
+    assert validate_container_pattern("équipe-日本") == "équipe-日本"  # Unicode names themselves are fine
+
+
+@given(st.text(max_size=40))
+@settings(max_examples=500, deadline=None)
+def test_any_destination_pattern_is_refused_or_stored_clean(text: str) -> None:
+    try:
+        stored = validate_destination_pattern(text)
+    except ValueError:
+        return
+    assert stored.isascii() or not stored  # Unicode names are stored in IDNA form
+    assert not any(ord(c) < 0x20 or c == "\x7f" for c in stored)
+    assert validate_destination_pattern(stored) == stored  # idempotent
+    RuleSet([Rule(1, "*", stored)])  # and it compiles
+
+
+@given(st.lists(st.text(alphabet="abcÜ日本ü", min_size=1, max_size=8), min_size=1, max_size=3).map(".".join))
+@settings(max_examples=300, deadline=None)
+def test_a_unicode_rule_matches_its_name_in_either_form(name: str) -> None:
+    try:
+        stored = validate_destination_pattern(name)
+        ascii_name = ascii_host(name)
+    except ValueError:
+        return
+    rs = RuleSet([Rule(1, "*", stored, action="deny")])
+    assert rs.match("c", ascii_name, 443) is not None
+    assert rs.match("c", name, 443) is not None  # a raw Unicode name is judged in IDNA form

@@ -109,7 +109,7 @@ def test_read_more_timeout_is_a_deadline_across_empty_wakeups() -> None:
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
             await c.read_more(0.2)
-        assert loop.time() - t0 < 0.35
+        assert loop.time() - t0 < 0.5  # a restarted timeout would end at 0.55 s or later
 
     run(main())
 
@@ -147,7 +147,7 @@ def test_first_request_deadline_counts_from_the_start() -> None:
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
             await read_head(c, LIMITS, parse, None)
-        assert 0.25 <= loop.time() - t0 < 0.5
+        assert 0.25 <= loop.time() - t0 < 1.5  # the deadline, not the head's completion (~2 s)
 
     run(main())
 
@@ -184,7 +184,7 @@ def test_pipelined_bytes_start_the_header_deadline_at_once() -> None:
         t0 = loop.time()
         with pytest.raises(asyncio.TimeoutError):
             await read_head(c, LIMITS, parse, LIMITS.idle_timeout)
-        assert loop.time() - t0 < 0.45
+        assert loop.time() - t0 < 0.9  # the header deadline (0.3 s), not the idle timeout (1 s)
 
     run(main())
 
@@ -214,7 +214,7 @@ def test_idle_watch_closes_a_quiet_tunnel_and_spares_a_busy_one() -> None:
         watch = IdleWatch(a, b, 0.4, t0)
         await asyncio.wait_for(a.wait_closed(), 2)
         await asyncio.wait_for(b.wait_closed(), 2)
-        assert 0.4 <= loop.time() - t0 < 0.7
+        assert 0.4 <= loop.time() - t0 < 1.5  # closed by the idle watch (0.4 s); loose for a busy machine
         watch.cancel()
 
         a, b = make_conn(), make_conn()

@@ -811,6 +811,16 @@ def test_socks_bind_and_udp_are_parsed(cmd: int, expected: int) -> None:
     assert server.request.port == 0
 
 
+def test_socks_unicode_names_are_taken_in_idna_form() -> None:
+    # Issue 13 item 5: rules hold punycode; a UTF-8 name (ATYP=3) is judged and resolved as that form.
+    for name, want in (("bücher.de", "xn--bcher-kva.de"), ("日本.example", "xn--wgv71a.example"),
+                       ("BÜCHER.DE", "xn--bcher-kva.de"), ("xn--bcher-kva.de", "xn--bcher-kva.de")):
+        server = Socks5Server()
+        server.feed(greeting(0))
+        server.feed(request(1, 3, name.encode(), 443))
+        assert server.request is not None and server.request.host == want, name
+
+
 @pytest.mark.parametrize(
     ("data", "reply"),
     [
@@ -822,7 +832,9 @@ def test_socks_bind_and_udp_are_parsed(cmd: int, expected: int) -> None:
         (request(1, 3, b"bad host", 80), REP_GENERAL_FAILURE),
         (request(1, 3, b"a/b", 80), REP_GENERAL_FAILURE),
         (request(1, 3, b"127.1", 80), REP_GENERAL_FAILURE),
-        (request(1, 3, "bücher.de".encode(), 80), REP_GENERAL_FAILURE),
+        (request(1, 3, "b\u202eücher.de".encode(), 80), REP_GENERAL_FAILURE),  # a bidi override
+        (request(1, 3, "bü\x00cher.de".encode(), 80), REP_GENERAL_FAILURE),
+        (request(1, 3, "bücher.de".encode("latin-1"), 80), REP_GENERAL_FAILURE),  # not UTF-8
         (request(1, 1, bytes(4), 0), REP_GENERAL_FAILURE),
         (b"\x04\x01\x00\x01", None),
     ],
@@ -1187,3 +1199,47 @@ def test_render_response_head_closing_replaces_their_keep_alive() -> None:
             b"HTTP/1.1 200 OK\r\nServer: x\r\n" + conn_line + b"\r\nContent-Length: 2\r\n\r\n")
         assert render_response_head(resp, keep_alive=False) == (
             b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+
+
+# ---------------------------------------------------------------- issue 13 item 5: Unicode names
+
+_IDN_LABELS = st.text(alphabet=st.characters(min_codepoint=0x61, max_codepoint=0x7a) | st.sampled_from(
+    "äöüßéñ日本語한국어ελληνικάрусский\u202e\u200b\u0000\u0007\u061c"), min_size=1, max_size=12)
+
+
+@given(st.lists(_IDN_LABELS, min_size=1, max_size=3), st.sampled_from(["CONNECT", "GET"]))
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_unicode_targets_parse_to_idna_or_a_400(labels: list[str], method: str) -> None:
+    name = ".".join(labels) + ".example"
+    target = f"{name}:443" if method == "CONNECT" else f"http://{name}:80/p"
+    raw = f"{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    try:
+        got = parse_request_head(raw, 65536, 100)
+    except HttpError as exc:
+        assert exc.status == 400
+        return
+    assert got is not None
+    head, used = got
+    assert used == len(raw)  # counted on the bytes received, not on the rewritten line
+    assert head.host.isascii() and head.host == head.host.lower()
+    assert not any(c in name for c in "\u202e\u200b\u0000\u0007\u061c")  # those never pass
+    if name.isascii():
+        assert head.host == name.lower()
+    else:
+        assert "xn--" in head.host
+
+
+@given(st.lists(_IDN_LABELS, min_size=1, max_size=3))
+@settings(max_examples=300, deadline=None)
+def test_socks_unicode_names_parse_to_idna_or_fail(labels: list[str]) -> None:
+    name = (".".join(labels) + ".example").encode()
+    if len(name) > 255:
+        return
+    server = Socks5Server()
+    server.feed(greeting(0))
+    try:
+        server.feed(request(1, 3, name, 443))
+    except SocksError as exc:
+        assert exc.reply == REP_GENERAL_FAILURE
+        return
+    assert server.request is not None and server.request.host.isascii()

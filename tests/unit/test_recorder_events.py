@@ -51,7 +51,8 @@ def test_lazy_events_are_the_eager_ones_deferred(tmp_path: Path) -> None:
     logs = [d for t, d in eager if t == topics.LOG_NEW]
     txs = [d for t, d in eager if t == topics.TRANSACTION_NEW]
     assert len(logs) == 6 and len(txs) == 5
-    assert logs[0]["rule_summary"] == "c → h:80" and logs[0]["response_time_ms"] == 1.235
+    assert logs[0]["rule_summary"] == "c → h:80" and logs[0]["response_time_ms"] == 1  # integer (issue 13 item 9)
+    assert logs[0]["response_time_us"] == 1235
     assert "response_body" not in txs[0] and txs[0]["request_headers"] == {"A": ["b"]}
     assert [e["id"] for e in logs] == [1, 2, 3, 4, 5, 6] and [e["id"] for e in txs] == [1, 2, 3, 4, 5]
 

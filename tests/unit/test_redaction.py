@@ -52,6 +52,73 @@ def test_redact_map_reapplies_and_reports_changes() -> None:
     assert not changed and again == new
 
 
+# Issue 13 item 4: what an outside review found stored in clear.
+@pytest.mark.parametrize("name", [
+    "X-Auth", "X-Password", "Api_Key", "X_API_KEY", "x-passwd", "X-Session-Id", "Session", "X-User-Password",
+    "X_Auth_Token", "Client_Secret", "x_goog_api_key",
+])
+def test_new_defaults_and_underscores_redact(name: str) -> None:
+    assert Redactor().matches(name)
+
+
+@given(st.sampled_from(["api-key", "auth", "password", "passwd", "secret", "session", "token"]),
+       st.text(alphabet="abcxyz-_", max_size=6), st.text(alphabet="abcxyz-_", max_size=6),
+       st.sampled_from([str.lower, str.upper, str.title]))
+@settings(max_examples=300, deadline=None)
+def test_any_spelling_of_a_secret_name_is_redacted(core: str, before: str, after: str, case) -> None:
+    # '_' and '-' alike, any case, any surrounding text: in a header name and as a query parameter.
+    for variant in (core, core.replace("-", "_")):
+        name = case(before + variant + after)
+        r = Redactor()
+        assert r.matches(name), name
+        url = f"https://h.example/p?keep=1&{name}=s3cr3t&z=2"
+        assert r.url(url) == f"https://h.example/p?keep=1&{name}={REDACTED}&z=2"
+
+
+def test_user_patterns_treat_underscore_and_dash_alike() -> None:
+    r = Redactor(["x-my_header"])
+    assert r.matches("X-My-Header") and r.matches("x_my_header") and not r.matches("x-myheader")
+
+
+@pytest.mark.parametrize("url, want", [
+    ("https://a.example/cb?access_token=abc", f"https://a.example/cb?access_token={REDACTED}"),
+    ("https://a.example/cb?code=1&access_token=abc#frag", f"https://a.example/cb?code=1&access_token={REDACTED}#frag"),
+    ("https://a.example/cb?API_KEY=k&api%2Dkey=k2&x=1", f"https://a.example/cb?API_KEY={REDACTED}&api%2Dkey={REDACTED}&x=1"),
+    ("https://a.example/cb?password", "https://a.example/cb?password"),  # no value: nothing to hide
+    ("https://a.example/cb?q=token", "https://a.example/cb?q=token"),  # a value is not a name
+    ("https://a.example/token/path", "https://a.example/token/path"),
+    ("https://a.example/?", "https://a.example/?"),
+    ("https://a.example/?&&session=1&", f"https://a.example/?&&session={REDACTED}&"),
+])
+def test_query_values_are_redacted_by_name(url: str, want: str) -> None:
+    assert Redactor().url(url) == want
+
+
+def test_url_headers_get_query_redaction_and_stored_maps_too() -> None:
+    pairs = [("Location", "https://app.example/cb?access_token=s3&state=x"), ("Referer", "http://a/?password=p"),
+             ("Content-Location", "/r?session_id=9"), ("Link", "</x?token=1>")]
+    out = Redactor().headers(pairs)
+    assert out["Location"] == [f"https://app.example/cb?access_token={REDACTED}&state=x"]
+    assert out["Referer"] == [f"http://a/?password={REDACTED}"]
+    assert out["Content-Location"] == [f"/r?session_id={REDACTED}"]
+    assert out["Link"] == ["</x?token=1>"]  # only the URL-valued headers named in the issue
+    stored = {"Location": ["https://app.example/cb?access_token=s3"], "X-Auth": ["v"], "Accept": ["*/*"]}
+    new, changed = Redactor().redact_map(stored)
+    assert changed and new == {"Location": [f"https://app.example/cb?access_token={REDACTED}"],
+                               "X-Auth": [REDACTED], "Accept": ["*/*"]}
+    assert Redactor().redact_map(new) == (new, False)
+
+
+@given(st.text(max_size=200))
+@settings(max_examples=300, deadline=None)
+def test_url_redaction_never_fails_and_is_idempotent(url: str) -> None:
+    r = Redactor(["x-*"])
+    once = r.url(url)
+    assert r.url(once) == once
+    if "?" not in url:
+        assert once == url
+
+
 def test_canonical_name_and_extra_patterns() -> None:
     assert canonical_header_name("x-api-KEY") == "X-Api-Key"
     assert canonical_header_name("www-authenticate") == "Www-Authenticate"
@@ -124,5 +191,5 @@ def test_transaction_json_shape() -> None:
     item = transaction_json(row)
     assert item["timestamp"] == "1970-01-01T00:00:00Z" and item["request_headers"] == {"A": ["b"]}
     assert item["response_headers"] == {} and item["substituted_credentials"] == []
-    assert "request_body" not in item and item["duration_ms"] == 1.235
+    assert "request_body" not in item and item["duration_ms"] == 1 and item["duration_us"] == 1235  # integers (issue 13 item 9)
     assert transaction_json(row, include_bodies=True)["response_body"] == "y"
