@@ -35,6 +35,7 @@ import orjson
 
 from greyproxy import __version__
 from greyproxy.policy.scopes import SCOPES, scope_patterns
+from greyproxy.redaction import DEFAULT_REDACTED_HEADERS
 
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
@@ -103,7 +104,7 @@ def ui_facts(ctx: ApiContext) -> dict[str, Any]:
         hold = 30.0
     listeners = {name: lst.port for name, lst in cfg.listeners.items()}
     return {"version": __version__, "holdTimeout": hold, "prefix": cfg.path_prefix.rstrip("/") + "/",
-            "proxyPort": listeners.get("http-proxy")}
+            "proxyPort": listeners.get("http-proxy"), "defaultRedactedHeaders": list(DEFAULT_REDACTED_HEADERS)}
 
 
 class Dashboard:

@@ -52,8 +52,25 @@ export const post = (path, body) => api('POST', path, { body: body ?? {} });
 export const put = (path, body) => api('PUT', path, { body });
 export const del = (path) => api('DELETE', path);
 
+// Which routes this API serves, from its own OpenAPI document (read once): a view built for a
+// route that another version may lack asks here first instead of provoking a 404.
+let served = null;
+export function servedPaths() {
+  if (!served) {
+    served = get('openapi.json')
+      .then((doc) => new Set(Object.keys(doc.paths || {}).map((p) => p.replace(/^\/api\//, '').replace(/\{[^}]+\}/g, '{}'))))
+      .catch(() => null);
+  }
+  return served;
+}
+
 // GET that tells "this route is not in this version" (404) apart from other failures.
 export async function getOptional(path, params) {
+  const paths = await servedPaths();
+  if (paths) {
+    if (!paths.has(path.split('/')[0])) return { missing: true }; // the area's collection route
+
+  }
   try {
     return { data: await get(path, params) };
   } catch (e) {

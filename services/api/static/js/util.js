@@ -3,7 +3,10 @@
 const SVG_NS = 'http://www.w3.org/2000/svg';
 
 // h('div.card#id', {attrs, on: {click}}, ...children) -> Element
+const isProps = (p) => p != null && typeof p === 'object' && !(p instanceof Node) && !Array.isArray(p);
+
 export function h(tag, props, ...children) {
+  if (props != null && !isProps(props)) { children.unshift(props); props = null; }
   const m = /^([a-z0-9]+)((?:[.#][\w-]+)*)$/i.exec(tag);
   const el = document.createElement(m ? m[1] : tag);
   if (m && m[2]) {
