@@ -133,11 +133,11 @@ export async function copyText(text, what = 'Copied') {
   }
 }
 
-export function copyButton(getText, label = 'Copy', what = 'Copied') {
+export function copyButton(getText, label = 'Copy', what = 'Copied', text = 'Copy') {
   return h('button.btn.btn-ghost.btn-xs', {
     type: 'button', title: label, 'aria-label': label,
     on: { click: (e) => { e.stopPropagation(); copyText(typeof getText === 'function' ? getText() : getText, what); } },
-  }, 'Copy');
+  }, text);
 }
 
 // A word that goes with a colour (never colour alone).

@@ -284,7 +284,7 @@ export function mount(root, params, query, app) {
   function ruleText(action, p, duration) {
     if (!p) return '…';
     const dur = DURATIONS.find(([v]) => v === duration)?.[1] || duration;
-    return `${action}  ${p.container_pattern} → ${hostPort(p.destination_pattern, p.port_pattern)}  (${dur})`;
+    return `${action} ${p.container_pattern} → ${hostPort(p.destination_pattern, p.port_pattern)} (${dur})`;
   }
 
   function radioGroup(name, options, value, onChange, labels) {

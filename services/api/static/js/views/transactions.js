@@ -141,7 +141,7 @@ export function mount(root, params, query, app) {
         t.conversation_id ? h('a.small', { href: `conversations/${encodeURIComponent(t.conversation_id)}`, 'data-link': '' }, 'conversation') : null),
       (t.substituted_credentials || []).length ? h('div.small', 'Credentials substituted: ', h('span.chips', t.substituted_credentials.map((l) => h('span.chip', l)))) : null,
       t.host_mismatch ? h('div.error.small', `Host header ${t.request_host} differs from the host contacted`) : null,
-      ws ? null : h('div.form-row', copyButton(() => curlCommand(t), 'Copy as curl', 'curl command copied'), h('span.muted.small', 'placeholders and redacted values stay placeholders')),
+      ws ? null : h('div.form-row', copyButton(() => curlCommand(t), 'Copy as curl', 'curl command copied', 'Copy as curl'), h('span.muted.small', 'placeholders and redacted values stay placeholders')),
       ws ? null : h('section', h('h3', 'Request headers'), headsView(t.request_headers, 'Request headers')),
       h('section', h('h3', ws ? 'Message' : 'Request body'), bodyView(ws ? (t.request_body ?? t.response_body) : t.request_body, t.request_content_type || (ws ? 'json' : ''), t.request_body_size || t.response_body_size, ws ? 'message' : 'request body')),
       ws ? null : h('section', h('h3', 'Response headers'), headsView(t.response_headers, 'Response headers')),
