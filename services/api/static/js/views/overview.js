@@ -21,7 +21,7 @@ export function mount(root, params, query, app) {
   }
 
   function stat(label, value, cls, sub) {
-    return h('div', { class: ['card', 'stat', cls] }, h('div.label', label), h('div.value', value), sub ? h('div.muted.small', sub) : null);
+    return h('div', { class: ['card', 'stat', cls && `stat-${cls}`] }, h('div.label', label), h('div.value', value), sub ? h('div.muted.small', sub) : null);
   }
 
   function healthCard() {
