@@ -1,6 +1,6 @@
 // Pending: the queue of unknown destinations, one key to decide, the rule spelled out first.
 import { h, replace, mono, hostPort, fmtTime, fmtAgo, clock, parseTs, toast, copyButton, emptyState, debounce } from '../util.js';
-import { get, post, ApiError, facts, base } from '../api.js';
+import { get, post, ApiError, facts } from '../api.js';
 import * as live from '../live.js';
 import { VList } from '../vlist.js';
 
@@ -394,7 +394,6 @@ export function mount(root, params, query, app) {
 
   render();
   load();
-  void base;
 
   return {
     onKey,

@@ -1,6 +1,6 @@
 // Settings: theme (applied at once), notifications, MITM, conversations, redacted headers,
 // the CA, sessions and global credentials, endpoint rules and dissectors.
-import { h, replace, mono, fmtTime, fmtAgo, fmtNum, tag, toast, field, copyButton, select } from '../util.js';
+import { h, replace, mono, fmtTime, fmtAgo, fmtNum, tag, toast, field, copyButton } from '../util.js';
 import { get, put, post, del, getOptional, facts, ApiError, apiUrl } from '../api.js';
 import * as live from '../live.js';
 import { applyTheme } from '../main.js';
@@ -185,7 +185,6 @@ export function mount(root, params, query, app) {
     live.on('resync', load),
   ];
   for (const t of ['session.created', 'session.deleted', 'session.expired']) offs.push(live.on(t, () => renderSessions()));
-  void select;
   renderGeneral();
   load();
   return { unmount() { offs.forEach((o) => o()); } };

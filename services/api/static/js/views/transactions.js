@@ -1,5 +1,5 @@
 // Transactions: filters, a paged list, and the detail of one (heads, bodies, SSE, copy as curl).
-import { h, replace, mono, hostPort, fmtTime, fmtBytes, tag, field, select, debounce, fmtNum, copyButton, emptyState, toast } from '../util.js';
+import { h, replace, mono, hostPort, fmtTime, fmtBytes, tag, field, select, debounce, fmtNum, copyButton, emptyState } from '../util.js';
 import { get } from '../api.js';
 import * as live from '../live.js';
 
@@ -181,7 +181,6 @@ export function mount(root, params, query, app) {
     live.on('transaction.new', () => { fresh += 1; if (page === 1 && data && data.items.length < LIMIT && fresh < 5) load(); else renderList(); }),
     live.on('resync', () => { load(); loadDetail(); }),
   ];
-  void toast;
   renderList();
   load();
   loadDetail();
