@@ -40,7 +40,7 @@ export function mount(root, params, query, app) {
   }
 
   function chart(timeline) {
-    const W = 720, H = 180, L = 36, B = 22, T = 8;
+    const W = 1000, H = 180, L = 36, B = 22, T = 8;
     if (!timeline || !timeline.length) return h('p.muted', 'No traffic in this period yet.');
     const max = Math.max(1, ...timeline.map((p) => (p.allowed || 0) + (p.blocked || 0)));
     const bw = (W - L) / timeline.length;
