@@ -220,7 +220,7 @@ def test_app_page_deep_links_headers_and_api_404s(stack: Stack) -> None:
         assert r.headers["x-frame-options"] == "DENY"
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["referrer-policy"] == "no-referrer"
-    for path in ("/api/nope", "/api/rules/abc", "/api"):
+    for path in ("/api/nope", "/api/rules/987654", "/api/no/such/thing", "/api"):
         r = stack.get(path)
         assert r.status_code == 404 and r.headers["content-type"].startswith("application/json"), path
         assert "error" in r.json()
