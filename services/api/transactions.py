@@ -120,7 +120,9 @@ class TransactionResource:
         row = await self.ctx.db(get_transaction, tid)
         if row is None:
             raise not_found(f"transaction {tid} not found")
-        json_response(resp, transaction_json(row, include_bodies=True))
+        from .llm import transaction_llm  # SPEC §13.6: the dissector's view of it, or null
+
+        json_response(resp, transaction_json(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)})
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
