@@ -300,7 +300,8 @@ def _anthropic_response(txn: Txn, ex: Extraction) -> None:
                 elif dt == "thinking_delta" and isinstance(d.get("thinking"), str):
                     resp["thinking"] += d["thinking"]
                 elif dt == "input_json_delta" and isinstance(d.get("partial_json"), str):
-                    blk = blocks.get(ev.get("index"))
+                    idx = ev.get("index")
+                    blk = blocks.get(idx) if isinstance(idx, int) else None
                     if blk is not None:
                         blk["json"] += d["partial_json"]
             elif kind == "message_delta":
