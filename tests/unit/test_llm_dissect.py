@@ -350,7 +350,7 @@ FIXTURE_ROWS = _fixture_rows()
 @st.composite
 def mutated(draw: Any, value: Any, depth: int = 0) -> Any:
     """`value` with random subtrees replaced by random JSON (garbage where a provider's shape is)."""
-    if draw(st.integers(0, 9)) == 0:
+    if draw(st.integers(0, 5)) == 0:
         return draw(_json_values)
     if isinstance(value, dict):
         return {k: draw(mutated(v, depth + 1)) for k, v in value.items()}
