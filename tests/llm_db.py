@@ -19,6 +19,7 @@ def new_store(path: Path) -> sqlite3.Connection:
     db = open_database(path)
     conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA synchronous = OFF")  # a throwaway test store: no fsync per commit
     db.close()
     return conn
 
