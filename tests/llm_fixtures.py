@@ -117,12 +117,12 @@ def claude_user_id(kind: str, sid: str = SID) -> Any:
 
 
 def claude_request(messages: list[dict[str, Any]], system: Any, *, user_id: Any = "legacy", model: str = "claude-opus-4-6",
-                   tools: list[str] = ("Bash", "Read", "Edit", "Agent", "Grep")) -> dict[str, Any]:
+                   tools: list[str] = ("Bash", "Read", "Edit", "Agent", "Grep"), sid: str = SID) -> dict[str, Any]:
     return {"model": model, "max_tokens": 32000, "stream": True,
             "system": system,
             "messages": messages,
             "tools": [{"name": t, "description": f"The {t} tool", "input_schema": {"type": "object"}} for t in tools],
-            "metadata": {"user_id": claude_user_id(user_id) if isinstance(user_id, str) and user_id in
+            "metadata": {"user_id": claude_user_id(user_id, sid) if isinstance(user_id, str) and user_id in
                          ("legacy", "json", "object") else user_id}}
 
 
@@ -149,21 +149,21 @@ def claude_code_session(t: float = T0, sid: str = SID, container: str = "claude"
     r2 = {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_02",
                                        "content": [{"type": "text", "text": "Add is called from main.go:12"}]}]}
     rows = [
-        row(ANTHROPIC, claude_request([u1], MAIN_SYSTEM), anthropic_sse(
+        row(ANTHROPIC, claude_request([u1], MAIN_SYSTEM, sid=sid), anthropic_sse(
             ["Let me look ", "at the test."], ("Read", "toolu_01", ['{"file_path": ', '"/home/user/src/main_test.go"}']),
             stop="tool_use"), ts=t, container=container, req_headers=h),
         # Utility: title generation on haiku, tiny system prompt.
         row(ANTHROPIC, claude_request([{"role": "user", "content": "fix the failing test"}],
                                       "Summarize this coding conversation in under 50 characters.",
-                                      model="claude-haiku-4-5", tools=[]),
+                                      model="claude-haiku-4-5", tools=[], sid=sid),
             anthropic_json("Fix failing test", usage={"input_tokens": 80, "output_tokens": 6}),
             ts=t + 1, container=container, req_headers=h, resp_ct="application/json"),
-        row(ANTHROPIC, claude_request([u1, a1, r1], MAIN_SYSTEM), anthropic_sse(
+        row(ANTHROPIC, claude_request([u1, a1, r1], MAIN_SYSTEM, sid=sid), anthropic_sse(
             [], ("Agent", "toolu_02", ['{"description": "Find callers", ', '"prompt": "Find every caller of Add"}']),
             stop="tool_use"), ts=t + 3, container=container, req_headers=h),
         # The subagent: same session, a 2 000-byte system prompt.
         row(ANTHROPIC, claude_request([{"role": "user", "content": "Find every caller of Add"}], SUB_SYSTEM,
-                                      tools=["Grep", "Read"]),
+                                      tools=["Grep", "Read"], sid=sid),
             anthropic_sse([], ("Grep", "toolu_s1", ['{"pattern": "Add\\\\(", "path": "/home/user/src"}']),
                           stop="tool_use"), ts=t + 4, container=container, req_headers=h),
         row(ANTHROPIC, claude_request([{"role": "user", "content": "Find every caller of Add"},
@@ -171,9 +171,9 @@ def claude_code_session(t: float = T0, sid: str = SID, container: str = "claude"
                                                                           "name": "Grep", "input": {"pattern": "Add\\("}}]},
                                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s1",
                                                                      "content": "main.go:12: Add(1, 2)"}]}],
-                                      SUB_SYSTEM, tools=["Grep", "Read"]),
+                                      SUB_SYSTEM, tools=["Grep", "Read"], sid=sid),
             anthropic_sse(["Add is called from main.go:12"]), ts=t + 6, container=container, req_headers=h),
-        row(ANTHROPIC, claude_request([u1, a1, r1, a2, r2], MAIN_SYSTEM),
+        row(ANTHROPIC, claude_request([u1, a1, r1, a2, r2], MAIN_SYSTEM, sid=sid),
             anthropic_sse(["The test is fixed."], thinking="The caller passes ints; fine."),
             ts=t + 8, container=container, req_headers=h),
     ]
