@@ -245,5 +245,5 @@ MIGRATIONS.append((4, "llm conversations", [
     "CREATE INDEX conversations_ended ON conversations (ended_at)",
     "CREATE INDEX conversations_unit ON conversations (unit)",
     "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
-    "INSERT OR IGNORE INTO meta (key, value) VALUES ('conversations_cursor', 0), ('assembler_version', 0)",
+    # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
 ]))
