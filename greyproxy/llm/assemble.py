@@ -4,7 +4,8 @@ rows and stores what it returns.
 
 A *request* here is a dict (one row of `llm_requests`, its JSON columns decoded):
 `{transaction_id, timestamp, duration_ms, container_name, dissector, provider, method, url,
-session, client_name, thread, model, message_count, stop_reason, usage, extraction}`.
+session, client_name, thread, model, message_count, stop_reason, system_len, prompt_count,
+has_response, usage}` plus `extraction`, or `_load()` giving it when first needed.
 """
 
 from __future__ import annotations
@@ -185,6 +186,15 @@ def _step(message: dict[str, Any]) -> dict[str, Any]:
     return step
 
 
+def _ex(req: dict[str, Any]) -> dict[str, Any]:
+    """A request's extraction, loaded on first use (only the best request's messages, the newest
+    response and WebSocket frames are needed: a long session is not re-parsed whole)."""
+    ex = req.get("extraction")
+    if ex is None:
+        ex = req["extraction"] = req["_load"]()
+    return ex
+
+
 def _order(req: dict[str, Any]) -> tuple[float, int]:
     return (float(req["timestamp"]), int(req["transaction_id"]))
 
@@ -210,22 +220,22 @@ def build_conversation(cid: str, reqs: list[dict[str, Any]], utility: list[dict[
     req_turn: dict[int, int] = {}
     system_prompt = ""
     if best is not None:
-        system_prompt = system_text(best["extraction"])
+        system_prompt = system_text(_ex(best))
         if ws:
             running = 0
             for r in reqs:
-                ex = r["extraction"]
+                ex = _ex(r)
                 msgs = list(ex.get("messages") or [])
-                running += count_prompts(msgs, client)
+                running += int(r["prompt_count"])
                 messages.extend(msgs)
                 if ex.get("response"):
                     messages.append(_response_message(ex["response"]))
                 if running:
                     req_turn[r["transaction_id"]] = running
         else:
-            messages = [dict(m) for m in best["extraction"].get("messages") or []]
+            messages = [dict(m) for m in _ex(best).get("messages") or []]
             for r in reqs:
-                n = count_prompts(r["extraction"].get("messages") or [], client)
+                n = int(r["prompt_count"])
                 if n:
                     req_turn[r["transaction_id"]] = n
         # Turns at each real prompt; assistant messages are their steps; tool results merge into calls.
@@ -251,8 +261,9 @@ def build_conversation(cid: str, reqs: list[dict[str, Any]], utility: list[dict[
         if not ws and turns:
             newest = None
             for r in reqs:
-                if r["extraction"].get("response"):
-                    newest = r["extraction"]["response"]
+                if r["has_response"]:
+                    newest = r
+            newest = _ex(newest).get("response") if newest is not None else None
             if newest:
                 head = (newest.get("text") or "")[:200]
                 dup = any((s.get("text") or "")[:200] == head for s in turns[-1]["steps"]) if head else False
@@ -332,7 +343,7 @@ def _session_threads(reqs: list[dict[str, Any]]) -> list[tuple[str, list[dict[st
         if r["thread"] == MAIN:
             main.append(r)
         elif r["thread"] == SUBAGENT:
-            slen = system_length(r["extraction"])
+            slen = int(r["system_len"])
             groups = buckets.setdefault(slen, [[]])
             n = int(r["message_count"] or 0)
             if (r["client_name"] == "claude-code" and groups[-1] and slen in last_count

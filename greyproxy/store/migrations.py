@@ -208,6 +208,9 @@ MIGRATIONS.append((4, "llm conversations", [
         thread TEXT NOT NULL,
         model TEXT NOT NULL,
         stop_reason TEXT,
+        system_len INTEGER NOT NULL,
+        prompt_count INTEGER NOT NULL,
+        has_response INTEGER NOT NULL,
         usage TEXT NOT NULL,
         extraction TEXT NOT NULL
     )""",

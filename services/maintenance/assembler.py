@@ -186,7 +186,8 @@ def _resolve(conn: sqlite3.Connection, txn: D.Txn, name: str, ex: dict[str, Any]
 
 _INSERT_REQ = ("INSERT INTO llm_requests (transaction_id, timestamp, duration_ms, container_name, dissector, provider,"
                " method, url, session_key, session, fingerprint, message_count, client_name, thread, model,"
-               " stop_reason, usage, extraction) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+               " stop_reason, system_len, prompt_count, has_response, usage, extraction)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 def store_batch(conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.Txn, str, dict[str, Any]]],
@@ -210,8 +211,9 @@ def store_batch(conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.
             conn.execute(_INSERT_REQ, (
                 txn.id, txn.timestamp, txn.duration_ms, txn.container_name, name, ex["provider"], txn.method,
                 txn.url, ex.get("session_key") or None, session, fp, int(ex["message_count"]), client, thread,
-                str(ex.get("model") or "unknown"), ex.get("stop_reason"), orjson.dumps(ex["usage"]).decode(),
-                orjson.dumps(ex).decode()))
+                str(ex.get("model") or "unknown"), ex.get("stop_reason"), A.system_length(ex),
+                A.count_prompts(ex["messages"], client), int(bool(ex.get("response"))),
+                orjson.dumps(ex["usage"]).decode(), orjson.dumps(ex).decode()))
             conn.executemany("INSERT OR IGNORE INTO llm_refs (child, transaction_id, session) VALUES (?, ?, ?)",
                              [(c, txn.id, session) for c in refs if c != session])
             sessions.add(session)
@@ -254,18 +256,24 @@ def unit_children(conn: sqlite3.Connection, root: str) -> list[str]:
 
 
 def _requests(conn: sqlite3.Connection, session: str) -> list[dict[str, Any]]:
+    """A session's requests without their extractions: assembly loads the few it needs."""
     cur = conn.execute(
         "SELECT transaction_id, timestamp, duration_ms, container_name, dissector, provider, method, url, session,"
-        " client_name, thread, model, message_count, stop_reason, usage, extraction FROM llm_requests"
-        " WHERE session = ? ORDER BY transaction_id", (session,))
+        " client_name, thread, model, message_count, stop_reason, system_len, prompt_count, has_response, usage"
+        " FROM llm_requests WHERE session = ? ORDER BY transaction_id", (session,))
     names = [d[0] for d in cur.description]
     out = []
     for row in cur.fetchall():
         r = dict(zip(names, row))
         r["usage"] = orjson.loads(r["usage"])
-        r["extraction"] = orjson.loads(r["extraction"])
+        r["_load"] = lambda tid=r["transaction_id"]: _extraction(conn, tid)
         out.append(r)
     return out
+
+
+def _extraction(conn: sqlite3.Connection, tid: int) -> dict[str, Any]:
+    row = conn.execute("SELECT extraction FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
+    return orjson.loads(row[0]) if row else {"messages": [], "system": []}
 
 
 def _event(conv: dict[str, Any]) -> dict[str, Any]:
