@@ -229,3 +229,24 @@ def test_incremental_passes_equal_a_rebuild(tmp_path_factory, data) -> None:
         assert len(rebuilt["conversations"]) >= 5  # sessionless ones may join, by the order they came in
     finally:
         conn.close()
+
+
+def test_user_id_forms_make_one_conversation(conn) -> None:
+    """Acceptance 5: legacy string, JSON string and object → the same conversation; "" / null → no key."""
+    h = {"user-agent": [F.CLAUDE_UA]}
+    msgs: list = []
+    rows = []
+    for i, kind in enumerate(("legacy", "json", "object")):
+        msgs = msgs + [{"role": "user", "content": f"prompt {i}"}]
+        rows.append(F.row(F.ANTHROPIC, F.claude_request(list(msgs), F.MAIN_SYSTEM, user_id=kind),
+                          F.anthropic_sse([f"answer {i}"]), ts=F.T0 + i, req_headers=h))
+        msgs = msgs + [{"role": "assistant", "content": f"answer {i}"}]
+    ids = feed(conn, rows)
+    conv = llm_db.conversation(conn, "session_9d4a2584-4176-4653-be44-7d5f270feb21")
+    assert conv["request_ids"] == ids and conv["turn_count"] == 3
+    for value in ("", None):
+        r = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "x"}], F.MAIN_SYSTEM, user_id=value),
+                  None, ts=F.T0 + 1000, container=f"other-{value!r}", req_headers=h)
+        (tid,) = feed(conn, [r])
+        key = conn.execute("SELECT session_key, session FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
+        assert key == (None, f"inferred_{tid}")
