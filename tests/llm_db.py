@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from greyproxy.capture import TRANSACTION_COLUMNS
-from greyproxy.store.db import apply_migrations, open_database
+from greyproxy.store.db import open_database
 
 _COLS = [c for c in TRANSACTION_COLUMNS if c != "id"]
 

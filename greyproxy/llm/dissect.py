@@ -46,6 +46,7 @@ class Txn:
     timestamp: float = 0.0
     duration_ms: float | None = None
     status_code: int | None = None
+    host_mismatch: bool = False  # the Host header named another host than the one contacted
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Txn:
@@ -79,6 +80,7 @@ class Txn:
             container_name=str(row.get("container_name") or ""), timestamp=float(row.get("timestamp") or 0),
             duration_ms=row.get("duration_ms") if isinstance(row.get("duration_ms"), (int, float)) else None,
             status_code=row.get("status_code") if isinstance(row.get("status_code"), int) else None,
+            host_mismatch=bool(row.get("host_mismatch")),  # a field of newer records: absent means no
         )
 
     def header(self, name: str) -> str | None:
@@ -784,8 +786,8 @@ def builtin_match(txn: Txn) -> str | None:
 def run(name: str, txn: Txn) -> Extraction | None:
     """Run dissector `name`; any failure on garbage is "no extraction", logged, never raised."""
     d = BY_NAME.get(name)
-    if d is None:
-        return None
+    if d is None or txn.host_mismatch:
+        return None  # unknown dissector, or a request whose Host header does not name the host contacted
     try:
         return d.fn(txn)
     except Exception:  # noqa: BLE001 - a dissector bug must not stop the assembler; the fuzz tests hunt these

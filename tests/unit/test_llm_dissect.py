@@ -213,6 +213,12 @@ def test_gemini_signature_only_part_and_json_array() -> None:
 # ------------------------------------------------------------------ openai-ws (acceptance 8)
 
 
+def test_host_mismatch_is_not_dissected() -> None:
+    r = F.claude_code_session()[0]
+    assert run(r) is not None
+    assert run(dict(r, host_mismatch=True)) is None and run(dict(r, host_mismatch=False)) is not None
+
+
 def test_openai_ws_frames() -> None:
     rows = F.codex_ws_session()
     req = run(rows[1])
