@@ -22,6 +22,7 @@ from greyproxy.timeutil import rfc3339
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import ApiError, bad_request
+from .settings import current_settings
 from .util import int_param, json_response, read_json, time_param
 
 RULE_COLUMNS = "id, host_pattern, path_pattern, method, decoder_name, priority, enabled, user_defined"
@@ -259,8 +260,6 @@ class RebuildResource:
         self.ctx = ctx
 
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        from .settings import current_settings
-
         if not (await current_settings(self.ctx)).get("conversationsEnabled", True):
             raise ApiError(409, "conversation tracking is disabled")
         await self.ctx.maintenance.call("job.start", {"job": "rebuild-conversations"})  # 409 while it runs

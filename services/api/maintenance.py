@@ -14,6 +14,8 @@ from greyproxy.store.models import meta_value
 
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
+from .llm import conversations_status
+from .settings import current_settings
 from .util import json_response
 
 
@@ -40,9 +42,6 @@ class MaintenanceStatusResource:
         result: Any = await self.ctx.maintenance.call("job.status", {})
         jobs = result.get("jobs", {}) if isinstance(result, dict) else {}
         stored = await self.ctx.db(_stored_assembler_version)
-        from .llm import conversations_status
-        from .settings import current_settings
-
         enabled = bool((await current_settings(self.ctx)).get("conversationsEnabled", True))
         json_response(resp, {"jobs": jobs, "assembler_version_current": ASSEMBLER_VERSION,
                              "assembler_version_stored": stored, "needs_rebuild": stored != ASSEMBLER_VERSION,
