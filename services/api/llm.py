@@ -243,15 +243,17 @@ def transaction_llm(tid: int) -> dict[str, Any] | None:
     """`llm` of GET /api/transactions/:id (SPEC §13.6)."""
     try:
         row = database.execute_sql(
-            "SELECT dissector, provider, model, session, stop_reason, usage, extraction FROM llm_requests"
+            "SELECT dissector, provider, model, session_key, session, stop_reason, usage, extraction FROM llm_requests"
             " WHERE transaction_id = ?", (tid,)).fetchone()
     except Exception:  # noqa: BLE001 - a store without the table (older schema) has no extraction
         return None
     if row is None:
         return None
-    dissector, provider, model, session, stop, usage, extraction = row
+    dissector, provider, model, key, session, stop, usage, extraction = row
     ex = orjson.loads(extraction)
-    return {"dissector": dissector, "provider": provider, "model": model, "session_key": session,
+    if key is None and not session.startswith("inferred_"):
+        key = session  # a WebSocket response frame (its request's key), or a request joined to a keyed session
+    return {"dissector": dissector, "provider": provider, "model": model, "session_key": key,
             "stop_reason": stop, "usage": orjson.loads(usage), "response": ex.get("response")}
 
 

@@ -335,6 +335,7 @@ def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) 
     streamed = stack.get(f"/api/transactions/{ids[0]}").json()["llm"]["usage"]
     plain = stack.get(f"/api/transactions/{ids[1]}").json()["llm"]["usage"]
     assert (streamed["input_tokens"], streamed["cache_read_tokens"], plain["input_tokens"]) == (1500, 1024, 1600)
+    assert stack.get(f"/api/transactions/{ids[0]}").json()["llm"]["session_key"] is None  # sessionless
     assert conv["usage"]["input_tokens"] == 3100
 
     send(stack, F.gemini_session(), "gemini", origin)
@@ -370,6 +371,9 @@ def test_codex_websocket_session(stack: Stack, ws_origin: int) -> None:
     assert conv["provider"] == "openai" and conv["client_name"] == "codex"
     assert [[s.get("text") for s in t["steps"]] for t in conv["turns"]] == [["Hello."], ["Codex."]]
     assert conv["usage"]["input_tokens"] == 6500 and conv["usage"]["output_tokens"] == 60
+    resp_frame = stack.get(f"/api/transactions/{conv['turns'][1]['request_ids'][-1]}").json()
+    assert resp_frame["method"] == "WS_RESP" and resp_frame["llm"]["session_key"] == F.CODEX_KEY
+    assert resp_frame["llm"]["response"]["text"] == "Codex." and resp_frame["conversation_id"] == conv["id"]
 
 
 # ---------------------------------------------------------------- acceptance 15, 16, 14, 17
