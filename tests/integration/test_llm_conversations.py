@@ -514,3 +514,29 @@ def test_maintenance_killed_under_traffic(stack: Stack, origin: int) -> None:
     ids = [t["id"] for t in txns(stack, "claude-kill")]
     assert sorted(conv["request_ids"]) == sorted(ids) and len(set(conv["request_ids"])) == 30
     assert conv["turn_count"] == 30
+
+
+def test_conversation_list_filters(stack: Stack, origin: int) -> None:
+    send(stack, F.gemini_session(), "gemini-f", origin)
+    wait_for(lambda: stack.get("/api/conversations", params={"container": "gemini-f"}).json()["total"] == 1, 5,
+             message="the gemini conversation")
+
+    def ids(**params: Any) -> list[str]:
+        r = stack.get("/api/conversations", params=params)
+        assert r.status_code == 200, r.text
+        return [c["id"] for c in r.json()["items"]]
+
+    (gid,) = ids(container="gemini-f")
+    assert gid in ids(provider="google-ai", client="gemini-cli", model="gemini-2.5-pro")
+    assert gid not in ids(provider="anthropic")
+    assert gid in ids(from_date="2000-01-01T00:00:00Z") and gid not in ids(to_date="2000-01-01T00:00:00Z")
+    everything = stack.get("/api/conversations", params={"limit": 500}).json()
+    ended = [c["ended_at"] for c in everything["items"]]
+    assert ended == sorted(ended, reverse=True) and everything["total"] >= len(everything["items"])
+    assert all(c["parent_conversation_id"] is None for c in everything["items"])  # top-level only
+    page = stack.get("/api/conversations", params={"limit": 1, "offset": 1}).json()["items"]
+    assert page == everything["items"][1:2] or page[0]["id"] == everything["items"][1]["id"]
+    for bad in ({"limit": 501}, {"limit": 0}, {"from_date": "yesterday"},
+                {"from_date": "2030-01-01T00:00:00Z", "to_date": "2020-01-01T00:00:00Z"}):
+        assert stack.get("/api/conversations", params=bad).status_code == 400, bad
+    assert stack.get("/api/conversations/nope").json() == {"error": "not found"}
