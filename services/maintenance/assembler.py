@@ -32,7 +32,8 @@ from .jobs import register
 log = logging.getLogger("greyproxy.maintenance.assembler")
 
 LOCK = threading.Lock()
-BATCH = 500
+BATCH = 500  # transactions' metadata read at a time
+BODY_CHUNK = 25  # claimed transactions whose bodies are in memory at a time (each up to 2 x capture.maxBodyBytes)
 _META_COLS = "id, timestamp, container_name, destination_host, destination_port, method, url, duration_ms"
 _BODY_COLS = ("id, request_headers, response_headers, request_body, response_body, request_content_type,"
               " response_content_type, status_code")
@@ -88,7 +89,10 @@ def _txn_meta(row: tuple) -> D.Txn:
 
 def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: int,
                  upto: int | None = None) -> Iterator[tuple[int, list[tuple[D.Txn, str]]]]:
-    """Batches of (last id read, [(transaction, dissector)]) after `after`: only claimed rows get bodies."""
+    """Consecutive id ranges after `after` as (last id of the range, [(transaction, dissector)]).
+
+    Metadata is read BATCH rows at a time; bodies only for claimed rows, BODY_CHUNK at a time (a
+    range ends at its last claimed row), so memory stays bounded by BODY_CHUNK bodies."""
     while True:
         sql = f"SELECT {_META_COLS} FROM http_transactions WHERE id > ?"
         args: list[Any] = [after]
@@ -104,25 +108,32 @@ def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: i
             name = R.decoder_for(rules, txn)
             if name is not None:
                 claimed.append((txn, name))
-        if claimed:
-            ids = [t.id for t, _n in claimed]
-            bodies = {r[0]: r for r in conn.execute(
-                f"SELECT {_BODY_COLS} FROM http_transactions WHERE id IN ({','.join('?' * len(ids))})", ids)}
-            full = []
-            for txn, name in claimed:
-                b = bodies.get(txn.id)
-                if b is None:
-                    continue  # deleted meanwhile
-                _id, rh, sh, rb, sb, rct, sct, status = b
-                t = D.Txn.from_row({"id": txn.id, "method": txn.method, "url": txn.url, "destination_host": txn.host,
-                                    "destination_port": txn.port, "request_headers": rh, "response_headers": sh,
-                                    "request_body": rb, "response_body": sb, "request_content_type": rct,
-                                    "response_content_type": sct, "container_name": txn.container_name,
-                                    "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status})
-                full.append((t, name))
-            claimed = full
+        for i in range(0, len(claimed), BODY_CHUNK):
+            chunk = claimed[i:i + BODY_CHUNK]
+            last = chunk[-1][0].id if i + BODY_CHUNK < len(claimed) else rows[-1][0]
+            yield last, _with_bodies(conn, chunk)
+        if not claimed:
+            yield rows[-1][0], []
         after = rows[-1][0]
-        yield after, claimed
+
+
+def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> list[tuple[D.Txn, str]]:
+    ids = [t.id for t, _n in claimed]
+    bodies = {r[0]: r for r in conn.execute(
+        f"SELECT {_BODY_COLS} FROM http_transactions WHERE id IN ({','.join('?' * len(ids))})", ids)}
+    full = []
+    for txn, name in claimed:
+        b = bodies.get(txn.id)
+        if b is None:
+            continue  # deleted meanwhile
+        _id, rh, sh, rb, sb, rct, sct, status = b
+        t = D.Txn.from_row({"id": txn.id, "method": txn.method, "url": txn.url, "destination_host": txn.host,
+                            "destination_port": txn.port, "request_headers": rh, "response_headers": sh,
+                            "request_body": rb, "response_body": sb, "request_content_type": rct,
+                            "response_content_type": sct, "container_name": txn.container_name,
+                            "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status})
+        full.append((t, name))
+    return full
 
 
 def count_claimed(conn: sqlite3.Connection, rules: list[dict[str, Any]]) -> int:
