@@ -191,6 +191,21 @@ def txns(stack: Stack, container: str) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- acceptance 1, 2: REST
 
 
+def test_fresh_store_is_rebuilt_at_start(stack: Stack) -> None:
+    """SPEC §13.1: a stored assembler version below the code's starts the rebuild job by itself."""
+    from greyproxy.llm import ASSEMBLER_VERSION
+
+    def rebuilt() -> dict[str, Any] | None:
+        status = stack.get("/api/maintenance/status").json()
+        job = status["jobs"].get("rebuild-conversations") or {}
+        return status if job.get("finished_at") and not job.get("running") else None
+
+    status = wait_for(rebuilt, 15, message="the automatic rebuild")
+    assert status["assembler_version_stored"] == status["assembler_version_current"] == ASSEMBLER_VERSION
+    assert status["needs_rebuild"] is False and status["jobs"]["rebuild-conversations"]["error"] is None
+    assert status["conversations"]["enabled"] is True
+
+
 def test_dissectors_listed(stack: Stack) -> None:
     r = stack.get("/api/dissectors")
     assert r.status_code == 200
