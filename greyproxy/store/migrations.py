@@ -170,3 +170,91 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE http_transactions ADD COLUMN error TEXT",
     ]),
 ]
+
+# SPEC §13: LLM conversation tracking. Appended as its own migration (another branch may append
+# one too: renumber on merge, never edit a shipped one).
+MIGRATIONS.append((5, "llm conversations", [
+    # Endpoint rules (§13.4); the built-ins are seeded here, user_defined = 0.
+    """CREATE TABLE endpoint_rules (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        host_pattern TEXT NOT NULL,
+        path_pattern TEXT NOT NULL,
+        method TEXT NOT NULL DEFAULT 'POST',
+        decoder_name TEXT NOT NULL,
+        priority INTEGER NOT NULL DEFAULT 0,
+        enabled INTEGER NOT NULL DEFAULT 1,
+        user_defined INTEGER NOT NULL DEFAULT 1,
+        created_at REAL NOT NULL
+    )""",
+    *[
+        "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+        f" user_defined, created_at) VALUES ('{h}', '{p}', 'POST', '{d}', 0, 1, 0, {_NOW!r})"
+        for h, p, d in (
+            ("api.anthropic.com", "/v1/messages", "anthropic"),
+            ("api.openai.com", "/v1/responses", "openai"),
+            ("api.openai.com", "/v1/chat/completions", "openai-chat"),
+            ("openrouter.ai", "/api/v1/chat/completions", "openai-chat"),
+            ("generativelanguage.googleapis.com", "/v1beta/models/*", "google-ai"),
+        )
+    ],
+    # One row per dissected transaction: the extraction and where assembly put it. `session` is
+    # the resolved session (the key, or inferred_<id>); lookups only ever look at lower ids.
+    """CREATE TABLE llm_requests (
+        transaction_id INTEGER PRIMARY KEY,
+        timestamp REAL NOT NULL,
+        duration_ms REAL,
+        container_name TEXT NOT NULL,
+        dissector TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        method TEXT NOT NULL,
+        url TEXT NOT NULL,
+        session_key TEXT,
+        session TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        message_count INTEGER NOT NULL,
+        client_name TEXT NOT NULL,
+        thread TEXT NOT NULL,
+        model TEXT NOT NULL,
+        stop_reason TEXT,
+        system_len INTEGER NOT NULL,
+        prompt_count INTEGER NOT NULL,
+        has_response INTEGER NOT NULL,
+        usage TEXT NOT NULL,
+        extraction TEXT NOT NULL
+    )""",
+    "CREATE INDEX llm_requests_session ON llm_requests (session, transaction_id)",
+    "CREATE INDEX llm_requests_keyed ON llm_requests (container_name, dissector, transaction_id)"
+    " WHERE session_key IS NOT NULL",
+    "CREATE INDEX llm_requests_fp ON llm_requests (container_name, dissector, fingerprint, transaction_id)"
+    " WHERE session_key IS NULL",
+    "CREATE INDEX llm_requests_ws ON llm_requests (container_name, url, transaction_id) WHERE method = 'WS_REQ'",
+    # OpenCode child sessions named by a request (`task_id: ses_…`).
+    """CREATE TABLE llm_refs (
+        child TEXT NOT NULL,
+        transaction_id INTEGER NOT NULL,
+        session TEXT NOT NULL,
+        PRIMARY KEY (child, transaction_id)
+    ) WITHOUT ROWID""",
+    "CREATE INDEX llm_refs_txn ON llm_refs (transaction_id)",
+    "CREATE INDEX llm_refs_session ON llm_refs (session)",
+    # Sessions whose conversations must be re-assembled (set with the cursor, cleared with the write).
+    "CREATE TABLE llm_dirty (session TEXT PRIMARY KEY) WITHOUT ROWID",
+    # Conversations (§13.6): filter columns plus the detail as JSON (without updated_at).
+    """CREATE TABLE conversations (
+        id TEXT PRIMARY KEY,
+        unit TEXT NOT NULL,
+        parent_conversation_id TEXT,
+        container_name TEXT NOT NULL,
+        provider TEXT NOT NULL,
+        client_name TEXT NOT NULL,
+        model TEXT NOT NULL,
+        started_at REAL NOT NULL,
+        ended_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        data TEXT NOT NULL
+    )""",
+    "CREATE INDEX conversations_ended ON conversations (ended_at)",
+    "CREATE INDEX conversations_unit ON conversations (unit)",
+    "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
+    # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
+]))

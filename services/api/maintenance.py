@@ -9,18 +9,19 @@ from typing import Any
 import falcon
 import falcon.asgi
 
+from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.store.models import meta_value
 
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
+from .llm import conversations_status
+from .settings import current_settings
 from .util import json_response
 
-# The conversation assembler is a later capability (SPEC §11); until it lands nothing needs a rebuild.
-ASSEMBLER_VERSION = 0
 
 
 def _stored_assembler_version() -> int:
-    return meta_value("assembler_version") or ASSEMBLER_VERSION
+    return meta_value("assembler_version")
 
 
 class JobStartResource:
@@ -41,8 +42,10 @@ class MaintenanceStatusResource:
         result: Any = await self.ctx.maintenance.call("job.status", {})
         jobs = result.get("jobs", {}) if isinstance(result, dict) else {}
         stored = await self.ctx.db(_stored_assembler_version)
+        enabled = bool((await current_settings(self.ctx)).get("conversationsEnabled", True))
         json_response(resp, {"jobs": jobs, "assembler_version_current": ASSEMBLER_VERSION,
-                             "assembler_version_stored": stored, "needs_rebuild": stored != ASSEMBLER_VERSION})
+                             "assembler_version_stored": stored, "needs_rebuild": stored != ASSEMBLER_VERSION,
+                             "conversations": await self.ctx.db(conversations_status, enabled)})
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:

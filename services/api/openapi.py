@@ -529,3 +529,7 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     resource = OpenApiResource(app, ctx.cfg.path_prefix.rstrip("/"))
     app.add_route(route(DOC_PATH), resource)
     return resource
+
+from . import openapi_llm  # noqa: E402 - SPEC §13 routes: their descriptions live there
+
+openapi_llm.install()

@@ -16,6 +16,7 @@ from greyproxy.store import database
 from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request, not_found
+from .llm import transaction_llm
 from .store_ops import like_pattern
 from .util import bool_param, int_param, json_response, time_param
 
@@ -120,7 +121,8 @@ class TransactionResource:
         row = await self.ctx.db(get_transaction, tid)
         if row is None:
             raise not_found(f"transaction {tid} not found")
-        json_response(resp, transaction_json(row, include_bodies=True))
+        # SPEC §13.6: `llm`, the dissector's view of it, or null.
+        json_response(resp, transaction_json(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)})
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:

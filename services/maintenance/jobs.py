@@ -56,6 +56,8 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
     steps: list[tuple[str, str, tuple]] = [
         ("logs", "timestamp < ?", (now - retention,)),
         ("http_transactions", "timestamp < ?", (now - retention,)),
+        ("llm_requests", "timestamp < ?", (now - retention,)),  # SPEC §13.5.8
+        ("conversations", "ended_at < ?", (now - retention,)),
         ("rules", "expires_at IS NOT NULL AND expires_at < ? AND source != 'builtin'", (now - 7 * DAY,)),
         ("pending", "last_seen < ?", (now - pending_ttl,)),
         ("journal_applied", "applied_at < ?", (now - DAY,)),

@@ -10,12 +10,15 @@ from dataclasses import asdict
 from typing import Any
 
 from bus import topics
+from bus.pubsub import Subscriber
 from bus.reqrep import ControlServer, RemoteError
+from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.config import Config
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 from greyproxy.timeutil import rfc3339
 
+from . import assembler  # noqa: F401 - registers the rebuild-conversations job
 from . import redact  # noqa: F401 - registers the redact-headers job
 from .jobs import JOBS, JobState
 
@@ -78,6 +81,87 @@ class JobRunner:
             self.loop.call_soon_threadsafe(self._progress, name, st, True)
 
 
+class ConversationLoop:
+    """The incremental assembler (SPEC §13.1): a pass after each `transactions.stored` (debounced
+    500 ms), a look at MAX(id) every 5 s to heal a missed event, nothing while tracking is off.
+    Passes run in the worker pool under the assembler's lock, which the rebuild job holds too."""
+
+    DEBOUNCE = 0.5
+    CHECK_EVERY = 5.0
+
+    def __init__(self, rt: ServiceRuntime, db, executor: ThreadPoolExecutor, runner: JobRunner) -> None:
+        self.rt, self.db, self.executor, self.runner = rt, db, executor, runner
+        self.loop = asyncio.get_running_loop()
+        self.wake = asyncio.Event()
+        self.passes = 0
+        rt.add_stats(lambda: {"assembler_passes": self.passes})
+
+    def _publish(self, events: list[tuple[str, dict[str, Any]]]) -> None:
+        for topic, data in events:
+            self.rt.publisher.publish(topic, data)
+
+    def _pass(self) -> bool:
+        """One pass if tracking is on, work is waiting and no rebuild holds the lock."""
+        conn = self.db.connection()
+        if not assembler.enabled(conn):
+            return False
+        top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM http_transactions").fetchone()[0]
+        dirty = conn.execute("SELECT 1 FROM llm_dirty LIMIT 1").fetchone()
+        if top <= assembler.meta_get(conn, "conversations_cursor") and not dirty:
+            return False
+        if not assembler.LOCK.acquire(blocking=False):
+            return True  # a rebuild runs: try again later
+        try:
+            events: list[tuple[str, dict[str, Any]]] = []
+            assembler.run_pass(conn, lambda t, d: events.append((t, d)))
+            self.passes += 1
+        finally:
+            assembler.LOCK.release()
+        if events:
+            self.loop.call_soon_threadsafe(self._publish, events)
+        return False
+
+    def _needs_rebuild(self) -> bool:
+        conn = self.db.connection()
+        return assembler.enabled(conn) and assembler.meta_get(conn, "assembler_version") < ASSEMBLER_VERSION
+
+    async def _listen(self) -> None:
+        sub = Subscriber(self.rt.cfg.bus["sub"], [topics.TRANSACTIONS_STORED, topics.SETTINGS_CHANGED])
+        try:
+            while True:
+                await sub.recv()
+                self.wake.set()
+        finally:
+            sub.close()
+
+    async def serve(self) -> None:
+        listener = asyncio.create_task(self._listen())
+        try:
+            if await self.loop.run_in_executor(self.executor, self._needs_rebuild):
+                log.info("assembler version changed: rebuilding conversations")
+                try:
+                    self.runner.start("rebuild-conversations", {})
+                except RemoteError:
+                    pass
+            while True:
+                try:
+                    await asyncio.wait_for(self.wake.wait(), self.CHECK_EVERY)
+                    await asyncio.sleep(self.DEBOUNCE)
+                except asyncio.TimeoutError:
+                    pass
+                self.wake.clear()
+                try:
+                    again = await self.loop.run_in_executor(self.executor, self._pass)
+                except Exception:
+                    log.exception("conversation pass failed")  # retried at the next check
+                    again = False
+                if again:
+                    self.wake.set()
+                    await asyncio.sleep(self.DEBOUNCE)
+        finally:
+            listener.cancel()
+
+
 async def main(rt: ServiceRuntime) -> None:
     cfg = rt.cfg
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maintenance")
@@ -94,7 +178,12 @@ async def main(rt: ServiceRuntime) -> None:
         opts = dict(args.get("options") or {})
         if name == "prune":
             opts = prune_opts() | opts
+        if name == "rebuild-conversations" and not await loop.run_in_executor(
+                executor, lambda: assembler.enabled(db.connection())):
+            raise RemoteError("conversation tracking is disabled", 409)
         return runner.start(name, opts)
+
+    conversations = ConversationLoop(rt, db, executor, runner)
 
     control = ControlServer(cfg.bus["maintenanceControl"], {
         "job.start": start,
@@ -112,7 +201,7 @@ async def main(rt: ServiceRuntime) -> None:
 
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:
-        await asyncio.gather(control.serve(), periodic())
+        await asyncio.gather(control.serve(), periodic(), conversations.serve())
     finally:
         control.close()
 

@@ -7,6 +7,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from bus import topics
 from bus.journal import JournalConsumer
 from bus.pubsub import Publisher
 from bus.reqrep import ControlServer
@@ -29,7 +30,10 @@ def publish_events(publisher: Publisher, events: list[tuple[str, Any]]) -> None:
     connected): their payloads are then never built.
     """
     wanted: dict[str, bool] = {}  # once per topic per batch
+    last_id = 0
     for topic, data in events:
+        if topic == topics.TRANSACTION_NEW and type(data) is Deferred:
+            last_id = max(last_id, int(data.row.get("id") or 0))
         want = wanted.get(topic)
         if want is None:
             want = wanted[topic] = publisher.wanted(topic)
@@ -39,6 +43,12 @@ def publish_events(publisher: Publisher, events: list[tuple[str, Any]]) -> None:
         if type(data) is Deferred:
             data = data.build()
         publisher.publish(topic, data, check=False)
+    if last_id:
+        # Internal: wakes the conversation assembler (SPEC §13.1) once per committed batch.
+        if publisher.wanted(topics.TRANSACTIONS_STORED):
+            publisher.publish(topics.TRANSACTIONS_STORED, {"last_id": last_id}, check=False)
+        else:
+            publisher.skip()
 
 
 async def main(rt: ServiceRuntime) -> None:

@@ -97,7 +97,8 @@ def test_operations_are_complete(served) -> None:
             params = {p["name"]: p for p in op.get("parameters", [])}
             for name in re.findall(r"\{(\w+)\}", path):
                 assert params[name]["in"] == "path" and params[name]["required"], where
-                assert params[name]["schema"]["type"] == "integer" and "404" in responses, where
+                # Row ids are integers; conversation ids (SPEC §13.6) are strings that may hold `/`.
+                assert params[name]["schema"]["type"] in ("integer", "string") and "404" in responses, where
             if "requestBody" in op or any(p["in"] == "query" for p in params.values()):
                 assert "400" in responses, where
 

@@ -114,10 +114,18 @@ def test_only_wanted_topics_are_built_and_published() -> None:
     assert pub.sent == [(topics.TRANSACTION_NEW, {"id": 2}), (topics.PENDING_CREATED, {"id": 3}),
                         (topics.TRANSACTION_NEW, {"id": 5})]
     assert built == [2, 5]  # log.new payloads never built
-    assert pub.seq == 5 and pub.skipped == 2  # seq counts skipped events as before
-    assert sorted(pub.asked) == sorted({topics.LOG_NEW, topics.TRANSACTION_NEW, topics.PENDING_CREATED})
+    # + transactions.stored, once per batch with transactions (nobody here wants it)
+    assert pub.seq == 6 and pub.skipped == 3  # seq counts skipped events as before
+    assert sorted(pub.asked) == sorted({topics.LOG_NEW, topics.TRANSACTION_NEW, topics.PENDING_CREATED,
+                                        topics.TRANSACTIONS_STORED})
 
     nobody = FakePublisher(set())
     publish_events(nobody, events * 100)  # type: ignore[arg-type]
-    assert nobody.sent == [] and nobody.skipped == 500 and built == [2, 5]
-    assert len(nobody.asked) == 3  # once per topic per batch, not per event
+    assert nobody.sent == [] and nobody.skipped == 501 and built == [2, 5]
+    assert len(nobody.asked) == 4  # once per topic per batch, not per event
+
+    assembler = FakePublisher({topics.TRANSACTIONS_STORED})
+    publish_events(assembler, events)  # type: ignore[arg-type]
+    assert assembler.sent == [(topics.TRANSACTIONS_STORED, {"last_id": 5})]  # the batch's highest id
+    publish_events(assembler, events[2:3])  # type: ignore[arg-type]
+    assert len(assembler.sent) == 1  # a batch without transactions: no event

@@ -1,0 +1,438 @@
+"""The conversation assembler's storage side (SPEC §13.1, §13.5, §13.7).
+
+`Assembler.run_pass()` dissects the transactions after the cursor (in id order, ≤ 500 rows read at
+a time), stores one `llm_requests` row per claimed transaction, then re-assembles every affected
+session whole, one short write transaction per unit of linked sessions. The rebuild job does the
+same over every transaction, without events, and deletes at the end what it did not produce.
+Incremental passes and a rebuild run the same code in the same order, and session resolution only
+ever looks at lower ids: the outputs are equal (tests/unit/test_llm_assembler.py proves it).
+
+One lock (`LOCK`) serialises passes and the rebuild.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+
+from bus import topics
+from greyproxy.llm import ASSEMBLER_VERSION
+from greyproxy.llm import assemble as A
+from greyproxy.llm import dissect as D
+from greyproxy.llm import rules as R
+
+from .jobs import register
+
+log = logging.getLogger("greyproxy.maintenance.assembler")
+
+LOCK = threading.Lock()
+BATCH = 500  # transactions' metadata read at a time
+BODY_CHUNK = 25  # claimed transactions whose bodies are in memory at a time (each up to 2 x capture.maxBodyBytes)
+_META_COLS = "id, timestamp, container_name, destination_host, destination_port, method, url, duration_ms"
+_BODY_COLS = ("id, request_headers, response_headers, request_body, response_body, request_content_type,"
+              " response_content_type, status_code")
+Publish = Callable[[str, dict[str, Any]], None]
+
+
+def _write(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn()
+        conn.execute("COMMIT")
+        return out
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def meta_get(conn: sqlite3.Connection, key: str) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _meta_set(conn: sqlite3.Connection, key: str, value: int) -> None:
+    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                 (key, value))
+
+
+def enabled(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT value FROM settings WHERE key = 'conversationsEnabled'").fetchone()
+    if row is None:
+        return True
+    try:
+        value = orjson.loads(row[0])
+    except orjson.JSONDecodeError:
+        return True
+    return value if isinstance(value, bool) else True
+
+
+def load_rules(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    cur = conn.execute("SELECT id, host_pattern, path_pattern, method, decoder_name, priority, enabled, user_defined"
+                       " FROM endpoint_rules WHERE enabled = 1")
+    names = [d[0] for d in cur.description]
+    return R.ordered([dict(zip(names, row)) for row in cur.fetchall()])
+
+
+def _txn_meta(row: tuple) -> D.Txn:
+    tid, ts, container, host, port, method, url, duration = row
+    return D.Txn(id=tid, method=str(method).upper(), url=url, host=str(host).lower(), port=port,
+                 request_headers={}, response_headers={}, request_body=None, response_body=None,
+                 request_content_type=None, response_content_type=None, container_name=container,
+                 timestamp=float(ts), duration_ms=duration)
+
+
+def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: int,
+                 upto: int | None = None) -> Iterator[tuple[int, list[tuple[D.Txn, str]]]]:
+    """Consecutive id ranges after `after` as (last id of the range, [(transaction, dissector)]).
+
+    Metadata is read BATCH rows at a time; bodies only for claimed rows, BODY_CHUNK at a time (a
+    range ends at its last claimed row), so memory stays bounded by BODY_CHUNK bodies."""
+    while True:
+        sql = f"SELECT {_META_COLS} FROM http_transactions WHERE id > ?"
+        args: list[Any] = [after]
+        if upto is not None:
+            sql += " AND id <= ?"
+            args.append(upto)
+        rows = conn.execute(sql + " ORDER BY id LIMIT ?", (*args, BATCH)).fetchall()
+        if not rows:
+            return
+        claimed: list[tuple[D.Txn, str]] = []
+        for row in rows:
+            txn = _txn_meta(row)
+            name = R.decoder_for(rules, txn)
+            if name is not None:
+                claimed.append((txn, name))
+        for i in range(0, len(claimed), BODY_CHUNK):
+            chunk = claimed[i:i + BODY_CHUNK]
+            last = chunk[-1][0].id if i + BODY_CHUNK < len(claimed) else rows[-1][0]
+            yield last, _with_bodies(conn, chunk)
+        if not claimed:
+            yield rows[-1][0], []
+        after = rows[-1][0]
+
+
+def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> list[tuple[D.Txn, str]]:
+    ids = [t.id for t, _n in claimed]
+    bodies = {r[0]: r for r in conn.execute(
+        f"SELECT {_BODY_COLS} FROM http_transactions WHERE id IN ({','.join('?' * len(ids))})", ids)}
+    full = []
+    for txn, name in claimed:
+        b = bodies.get(txn.id)
+        if b is None:
+            continue  # deleted meanwhile
+        _id, rh, sh, rb, sb, rct, sct, status = b
+        t = D.Txn.from_row({"id": txn.id, "method": txn.method, "url": txn.url, "destination_host": txn.host,
+                            "destination_port": txn.port, "request_headers": rh, "response_headers": sh,
+                            "request_body": rb, "response_body": sb, "request_content_type": rct,
+                            "response_content_type": sct, "container_name": txn.container_name,
+                            "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status})
+        full.append((t, name))
+    return full
+
+
+def count_claimed(conn: sqlite3.Connection, rules: list[dict[str, Any]]) -> int:
+    n, after = 0, 0
+    while True:
+        rows = conn.execute(f"SELECT {_META_COLS} FROM http_transactions WHERE id > ? ORDER BY id LIMIT 5000",
+                            (after,)).fetchall()
+        if not rows:
+            return n
+        n += sum(1 for row in rows if R.decoder_for(rules, _txn_meta(row)) is not None)
+        after = rows[-1][0]
+
+
+# ------------------------------------------------------------------ dissecting and resolving sessions
+
+
+def _host_mismatch(conn: sqlite3.Connection) -> bool:
+    cols = {r[1] for r in conn.execute("PRAGMA table_info(http_transactions)")}
+    return "host_mismatch" in cols
+
+
+def _dissected(batch: list[tuple[D.Txn, str]], flagged: set[int]) -> list[tuple[D.Txn, str, dict[str, Any]]]:
+    out = []
+    for txn, name in batch:
+        if txn.id in flagged:
+            continue  # the Host header named another host than the one contacted: not trusted
+        ex = D.run(name, txn)
+        if ex is not None:
+            out.append((txn, name, ex))
+    return out
+
+
+def _resolve(conn: sqlite3.Connection, txn: D.Txn, name: str, ex: dict[str, Any],
+             client: str, thread: str, fp: str) -> tuple[str, str, str]:
+    """(session, client, thread) from this request and lower-id rows only (§13.5.1)."""
+    if name == "openai-ws" and txn.method == "WS_RESP":
+        row = conn.execute(
+            "SELECT session, client_name, thread FROM llm_requests WHERE container_name = ? AND url = ?"
+            " AND method = 'WS_REQ' AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
+            (txn.container_name, txn.url, txn.id)).fetchone()
+        if row is not None:
+            return row[0], row[1], row[2]
+    key = ex.get("session_key")
+    if key:
+        return str(key), client, thread
+    row = conn.execute(
+        "SELECT session, timestamp FROM llm_requests WHERE container_name = ? AND dissector = ?"
+        " AND session_key IS NOT NULL AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
+        (txn.container_name, name, txn.id)).fetchone()
+    if row is not None and 0 <= txn.timestamp - float(row[1]) <= A.GAP_SECONDS:
+        return row[0], client, thread
+    row = conn.execute(
+        "SELECT session, timestamp, message_count FROM llm_requests WHERE container_name = ? AND dissector = ?"
+        " AND fingerprint = ? AND session_key IS NULL AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
+        (txn.container_name, name, fp, txn.id)).fetchone()
+    if (row is not None and txn.timestamp - float(row[1]) <= A.GAP_SECONDS
+            and int(ex["message_count"]) >= int(row[2]) - 1):
+        return row[0], client, thread
+    return f"inferred_{txn.id}", client, thread
+
+
+_INSERT_REQ = ("INSERT INTO llm_requests (transaction_id, timestamp, duration_ms, container_name, dissector, provider,"
+               " method, url, session_key, session, fingerprint, message_count, client_name, thread, model,"
+               " stop_reason, system_len, prompt_count, has_response, usage, extraction)"
+               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+def store_batch(conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.Txn, str, dict[str, Any]]],
+                cursor_key: str | None) -> set[str]:
+    """Replace the llm_requests of ids in (lo, hi] by these; mark their sessions dirty; move the cursor."""
+    prepared = []
+    for txn, name, ex in items:
+        client = A.client_name(txn, ex)
+        prepared.append((txn, name, ex, client, A.thread_of(client, ex), A.fingerprint(ex),
+                         A.task_refs(txn.request_body) if ex["provider"] == "openai" else []))
+
+    def write() -> set[str]:
+        sessions: set[str] = set()
+        old = conn.execute("SELECT DISTINCT session FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?",
+                           (lo, hi)).fetchall()
+        sessions.update(r[0] for r in old)
+        conn.execute("DELETE FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
+        conn.execute("DELETE FROM llm_refs WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
+        for txn, name, ex, client, thread, fp, refs in prepared:
+            session, client, thread = _resolve(conn, txn, name, ex, client, thread, fp)
+            conn.execute(_INSERT_REQ, (
+                txn.id, txn.timestamp, txn.duration_ms, txn.container_name, name, ex["provider"], txn.method,
+                txn.url, ex.get("session_key") or None, session, fp, int(ex["message_count"]), client, thread,
+                str(ex.get("model") or "unknown"), ex.get("stop_reason"), A.system_length(ex),
+                A.count_prompts(ex["messages"], client), int(bool(ex.get("response"))),
+                orjson.dumps(ex["usage"]).decode(), orjson.dumps(ex).decode()))
+            conn.executemany("INSERT OR IGNORE INTO llm_refs (child, transaction_id, session) VALUES (?, ?, ?)",
+                             [(c, txn.id, session) for c in refs if c != session])
+            sessions.add(session)
+        conn.executemany("INSERT OR IGNORE INTO llm_dirty (session) VALUES (?)", [(s,) for s in sessions])
+        if cursor_key:
+            _meta_set(conn, cursor_key, hi)
+        return sessions
+
+    return _write(conn, write)
+
+
+# ------------------------------------------------------------------ units of linked sessions
+
+
+def parent_of(conn: sqlite3.Connection, session: str) -> str | None:
+    """The OpenCode session whose tool results first named this one (one level: a parent that is
+    itself a child keeps its children as separate units)."""
+    row = conn.execute(
+        "SELECT r.session FROM llm_refs r WHERE r.child = ? AND r.session != ?"
+        " AND EXISTS (SELECT 1 FROM llm_requests q WHERE q.session = ?) ORDER BY r.transaction_id LIMIT 1",
+        (session, session, session)).fetchone()
+    return row[0] if row else None
+
+
+def unit_root(conn: sqlite3.Connection, session: str) -> str:
+    p = parent_of(conn, session)
+    if p is not None and parent_of(conn, p) is None:
+        return p
+    return session
+
+
+def unit_children(conn: sqlite3.Connection, root: str) -> list[str]:
+    if parent_of(conn, root) is not None:
+        return []
+    out: list[str] = []
+    for (child,) in conn.execute("SELECT child FROM llm_refs WHERE session = ? ORDER BY transaction_id", (root,)):
+        if child not in out and child != root and parent_of(conn, child) == root:
+            out.append(child)
+    return out
+
+
+def _requests(conn: sqlite3.Connection, session: str) -> list[dict[str, Any]]:
+    """A session's requests without their extractions: assembly loads the few it needs."""
+    cur = conn.execute(
+        "SELECT transaction_id, timestamp, duration_ms, container_name, dissector, provider, method, url, session,"
+        " client_name, thread, model, message_count, stop_reason, system_len, prompt_count, has_response, usage"
+        " FROM llm_requests WHERE session = ? ORDER BY transaction_id", (session,))
+    names = [d[0] for d in cur.description]
+    out = []
+    for row in cur.fetchall():
+        r = dict(zip(names, row))
+        r["usage"] = orjson.loads(r["usage"])
+        r["_load"] = lambda tid=r["transaction_id"]: _extraction(conn, tid)
+        out.append(r)
+    return out
+
+
+def _extraction(conn: sqlite3.Connection, tid: int) -> dict[str, Any]:
+    row = conn.execute("SELECT extraction FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
+    return orjson.loads(row[0]) if row else {"messages": [], "system": []}
+
+
+def _event(conv: dict[str, Any]) -> dict[str, Any]:
+    return {"conversation_id": conv["id"], "parent_conversation_id": conv["parent_conversation_id"],
+            "turn_count": conv["turn_count"], "ended_at": conv["ended_at"], "usage": conv["usage"]}
+
+
+def assemble_and_store(conn: sqlite3.Connection, root: str, events: list[tuple[str, dict[str, Any]]] | None,
+                       produced: set[str] | None = None) -> None:
+    """Re-assemble one unit whole and write it in one short transaction; events only when asked."""
+    children = unit_children(conn, root)
+    members = [root, *children]
+    sessions = {s: _requests(conn, s) for s in members}
+    convs = A.assemble_unit(root, sessions, children) if sessions[root] or children else []
+    now = time.time()
+    rows = []
+    owner: dict[int, str] = {}
+    for c in convs:
+        for tid in c.pop("_transactions"):
+            owner.setdefault(tid, c["id"])
+        started, ended = c.pop("_started"), c.pop("_ended")
+        data = orjson.dumps(A.public(c, detail=True) | {"updated_at": None}).decode()
+        rows.append((c, started, ended, data))
+    txn_ids = [r["transaction_id"] for s in members for r in sessions[s]]
+
+    def write() -> None:
+        ph = ",".join("?" * len(members))
+        existing = {r[0]: (r[1], r[2]) for r in conn.execute(
+            f"SELECT id, data, unit FROM conversations WHERE unit IN ({ph})", members)}
+        new_ids = {c["id"] for c, *_ in rows}
+        for cid in existing.keys() - new_ids:
+            conn.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+            conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
+            if events is not None:
+                events.append((topics.CONVERSATION_DELETED, {"conversation_id": cid}))
+        for c, started, ended, data in rows:
+            old = existing.get(c["id"])
+            if old is None:
+                old_row = conn.execute("SELECT data, unit FROM conversations WHERE id = ?", (c["id"],)).fetchone()
+                old = (old_row[0], old_row[1]) if old_row else None
+            if produced is not None:
+                produced.add(c["id"])
+            if old is not None and old[0] == data and old[1] == root:
+                continue
+            conn.execute(
+                "INSERT INTO conversations (id, unit, parent_conversation_id, container_name, provider, client_name,"
+                " model, started_at, ended_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET unit = excluded.unit,"
+                " parent_conversation_id = excluded.parent_conversation_id, container_name = excluded.container_name,"
+                " provider = excluded.provider, client_name = excluded.client_name, model = excluded.model,"
+                " started_at = excluded.started_at, ended_at = excluded.ended_at, updated_at = excluded.updated_at,"
+                " data = excluded.data",
+                (c["id"], root, c["parent_conversation_id"], c["container_name"], c["provider"], c["client_name"],
+                 c["model"], started, ended, now, data))
+            if events is not None:
+                events.append((topics.CONVERSATION_NEW if old is None else topics.CONVERSATION_UPDATED, _event(c)))
+        for i in range(0, len(txn_ids), 500):
+            chunk = txn_ids[i:i + 500]
+            cur = conn.execute(f"SELECT id, conversation_id FROM http_transactions WHERE id IN"
+                               f" ({','.join('?' * len(chunk))})", chunk)
+            changes = [(owner.get(tid), tid) for tid, cid in cur.fetchall() if cid != owner.get(tid)]
+            if changes:
+                conn.executemany("UPDATE http_transactions SET conversation_id = ? WHERE id = ?", changes)
+        conn.execute(f"DELETE FROM llm_dirty WHERE session IN ({ph})", members)
+
+    _write(conn, write)
+
+
+def _assemble_dirty(conn: sqlite3.Connection, events: list[tuple[str, dict[str, Any]]] | None) -> int:
+    """Re-assemble the units of the dirty sessions (and of the sessions they name, whose unit may change)."""
+    roots: dict[str, None] = {}
+    for (s,) in conn.execute("SELECT session FROM llm_dirty ORDER BY session").fetchall():
+        roots[unit_root(conn, s)] = None
+        for (child,) in conn.execute("SELECT DISTINCT child FROM llm_refs WHERE session = ?", (s,)).fetchall():
+            if conn.execute("SELECT 1 FROM llm_requests WHERE session = ? LIMIT 1", (child,)).fetchone():
+                roots[unit_root(conn, child)] = None
+    for root in roots:
+        assemble_and_store(conn, root, events)
+    _write(conn, lambda: conn.execute("DELETE FROM llm_dirty"))
+    return len(roots)
+
+
+# ------------------------------------------------------------------ passes and the rebuild
+
+
+def run_pass(conn: sqlite3.Connection, publish: Publish | None = None, limit_batches: int | None = None) -> int:
+    """One incremental pass over id > cursor (caller holds LOCK); returns transactions read."""
+    rules = load_rules(conn)
+    cursor = meta_get(conn, "conversations_cursor")
+    flagged_col = _host_mismatch(conn)
+    read = 0
+    batches = 0
+    for hi, batch in claimed_rows(conn, rules, cursor):
+        flagged = _flagged(conn, [t.id for t, _ in batch]) if flagged_col and batch else set()
+        store_batch(conn, cursor, hi, _dissected(batch, flagged), "conversations_cursor")
+        read += hi - cursor
+        cursor = hi
+        batches += 1
+        if limit_batches is not None and batches >= limit_batches:
+            break
+    events: list[tuple[str, dict[str, Any]]] = []
+    _assemble_dirty(conn, events)
+    if publish is not None:
+        for topic, data in events:
+            publish(topic, data)
+    return read
+
+
+def _flagged(conn: sqlite3.Connection, ids: list[int]) -> set[int]:
+    return {r[0] for r in conn.execute(
+        f"SELECT id FROM http_transactions WHERE host_mismatch AND id IN ({','.join('?' * len(ids))})", ids)}
+
+
+def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """The rebuild-conversations job (§13.7): progress (processed, total) over claimed transactions."""
+    with LOCK:
+        rules = load_rules(conn)
+        total = count_claimed(conn, rules)
+        yield 0, total
+        flagged_col = _host_mismatch(conn)
+        processed, lo = 0, 0
+        for hi, batch in claimed_rows(conn, rules, 0):
+            flagged = _flagged(conn, [t.id for t, _ in batch]) if flagged_col and batch else set()
+            store_batch(conn, lo, hi, _dissected(batch, flagged), None)
+            processed += len(batch)
+            lo = hi
+            yield processed, max(total, processed)
+        # Rows of transactions deleted (or unclaimed) above the last one read.
+        _write(conn, lambda: conn.execute("DELETE FROM llm_requests WHERE transaction_id > ?", (lo,)))
+        _write(conn, lambda: conn.execute("DELETE FROM llm_refs WHERE transaction_id > ?", (lo,)))
+        produced: set[str] = set()
+        roots: dict[str, None] = {}
+        for (s,) in conn.execute("SELECT DISTINCT session FROM llm_requests ORDER BY session").fetchall():
+            roots[unit_root(conn, s)] = None
+        for root in roots:
+            assemble_and_store(conn, root, None, produced)
+        stale = [r[0] for r in conn.execute("SELECT id FROM conversations").fetchall() if r[0] not in produced]
+
+        def finish() -> None:
+            for cid in stale:
+                conn.execute("DELETE FROM conversations WHERE id = ?", (cid,))
+                conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
+            conn.execute("DELETE FROM llm_dirty")
+            _meta_set(conn, "conversations_cursor", max(lo, meta_get(conn, "conversations_cursor")))
+            _meta_set(conn, "assembler_version", ASSEMBLER_VERSION)
+
+        _write(conn, finish)
+        yield max(total, processed), max(total, processed)
+
+
+register("rebuild-conversations", rebuild)

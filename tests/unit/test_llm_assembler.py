@@ -1,0 +1,254 @@
+"""The assembler over a real SQLite store (no processes): sessions, turns, subagents, usage, and
+incremental passes = a rebuild (SPEC §13.5, acceptance 6, 9, 10, 11, 13, 14's deletion)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import llm_db
+import llm_fixtures as F
+from greyproxy.llm import usage as U
+from services.maintenance import assembler as AS
+
+FIELDS = U.FIELDS
+
+
+@pytest.fixture
+def conn(tmp_path: Path):
+    c = llm_db.new_store(tmp_path / "a.db")
+    c.execute("INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+              " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST', 'openai-chat',"
+              " 0, 1, 1, 0)")
+    yield c
+    c.close()
+
+
+def feed(conn, rows: list[dict[str, Any]], events: list | None = None) -> list[int]:
+    ids = llm_db.insert(conn, rows)
+    AS.run_pass(conn, (lambda t, d: events.append((t, d))) if events is not None else None)
+    return ids
+
+
+def rebuild(conn) -> list[tuple[int, int]]:
+    return list(AS.rebuild(conn, {}))
+
+
+def usage_of(conn, tid: int) -> dict[str, Any]:
+    return json.loads(conn.execute("SELECT usage FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()[0])
+
+
+def test_turns_from_real_prompts(conn) -> None:
+    """Acceptance 6: the second request repeats the first prompt; two turns with those prompts."""
+    h = {"user-agent": [F.CLAUDE_UA]}
+    r1 = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hello"}], F.MAIN_SYSTEM),
+               F.anthropic_sse(["Hi!"]), ts=F.T0, req_headers=h)
+    r2 = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hello"},
+                                              {"role": "assistant", "content": "Hi!"},
+                                              {"role": "user", "content": "what's your name"}], F.MAIN_SYSTEM),
+               F.anthropic_sse(["Claude."]), ts=F.T0 + 5, req_headers=h)
+    ids = feed(conn, [r1, r2])
+    conv = llm_db.conversation(conn, f"session_{F.SID}")
+    assert [t["user_prompt"] for t in conv["turns"]] == ["hello", "what's your name"]
+    assert conv["turns"][0]["request_ids"] == [ids[0]] and conv["turns"][1]["request_ids"] == [ids[1]]
+    assert conv["turns"][1]["steps"][-1]["text"] == "Claude."  # the newest response, recovered
+    assert conv["turns"][0]["steps"][0]["text"] == "Hi!"
+    assert conv["last_stop_reason"] == "end_turn" and conv["last_turn_has_response"] is True
+
+
+def test_claude_code_subagent_utility_and_usage(conn) -> None:
+    """Acceptance 9 and 10."""
+    rows = F.claude_code_session()
+    ids = feed(conn, rows)
+    main_id = f"session_{F.SID}"
+    sub_id = f"{main_id}/subagent_2000_1"
+    main, sub = llm_db.conversation(conn, main_id), llm_db.conversation(conn, sub_id)
+    assert sub["parent_conversation_id"] == main_id and main["parent_conversation_id"] is None
+    assert [s["conversation_id"] for s in main["linked_subagents"]] == [sub_id]
+    calls = [c for t in main["turns"] for s in t["steps"] for c in s.get("tool_calls", [])]
+    agent = [c for c in calls if c["tool"] == "Agent"]
+    assert agent and agent[0]["linked_conversation_id"] == sub_id
+    assert agent[0]["result_preview"] == "Add is called from main.go:12"
+    # The haiku utility request (ids[1]): attributed to main, counted in its usage, not in its turns.
+    utility = ids[1]
+    assert utility not in main["request_ids"] and main["metadata"]["utility_requests"] == 1
+    link = dict(conn.execute("SELECT id, conversation_id FROM http_transactions"))
+    assert link[utility] == main_id and link[ids[3]] == sub_id
+    expected = U.total([usage_of(conn, t) for t in (ids[0], ids[1], ids[2], ids[5])])
+    assert main["usage"] == expected and main["usage"]["requests"] == 4
+    turns = U.add_totals(*[t["usage"] for t in main["turns"]], U.total([usage_of(conn, utility)]))
+    assert {f: turns[f] for f in FIELDS} == {f: main["usage"][f] for f in FIELDS}
+    assert main["usage_with_subagents"] == U.add_totals(main["usage"], sub["usage"])
+    assert main["client_name"] == "claude-code" and main["system_prompt"].startswith("You are Claude Code")
+    assert main["system_prompt_summary"].endswith("...") and len(main["system_prompt_summary"]) == 503
+
+
+def test_codex_websocket_session(conn) -> None:
+    """Acceptance 8 (assembly): 2 turns, step texts from the response frames, usage from both."""
+    ids = feed(conn, F.codex_ws_session())
+    conv = llm_db.conversation(conn, f"session_{F.CODEX_KEY}")
+    assert conv["provider"] == "openai" and conv["client_name"] == "codex"
+    assert [t["user_prompt"] for t in conv["turns"]] == ["hello", "what's your name"]
+    assert [[s.get("text") for s in t["steps"]] for t in conv["turns"]] == [["Hello."], ["Codex."]]
+    assert conv["usage"]["input_tokens"] == 6500 and conv["usage"]["output_tokens"] == 60
+    assert conv["usage"]["requests_with_usage"] == 2
+    assert conv["turns"][1]["usage"]["input_tokens"] == 3300
+    assert ids[4] not in conv["request_ids"]  # the delta frame is no LLM request
+
+
+def test_opencode_task_subagent(conn) -> None:
+    feed(conn, F.opencode_session())
+    parent = llm_db.conversation(conn, f"session_{F.OC_PARENT}")
+    child_id = f"session_{F.OC_PARENT}/subagent_1"
+    child = llm_db.conversation(conn, child_id)
+    assert child["parent_conversation_id"] == parent["id"]
+    assert llm_db.conversation(conn, f"session_{F.OC_CHILD}") is None
+    task = [c for t in parent["turns"] for s in t["steps"] for c in s.get("tool_calls", []) if c["tool"] == "task"]
+    assert task[0]["linked_conversation_id"] == child_id
+
+
+def test_child_seen_before_parent_names_it_is_rekeyed(conn) -> None:
+    rows = F.opencode_session()
+    events: list = []
+    feed(conn, rows[:3], events)  # the child's request arrives before the parent's tool result names it
+    alone = [cid for cid in llm_db.snapshot(conn)["conversations"] if cid.startswith(f"session_{F.OC_CHILD}")]
+    assert len(alone) == 1  # a subagent thread of its own session, no parent yet
+    events.clear()
+    feed(conn, rows[3:], events)
+    assert llm_db.conversation(conn, alone[0]) is None
+    assert ("conversation.deleted", {"conversation_id": alone[0]}) in events
+    assert llm_db.conversation(conn, f"session_{F.OC_PARENT}/subagent_1") is not None
+
+
+def test_sessionless_chat_per_container_and_gap(conn) -> None:
+    """Acceptance 11."""
+    a = F.local_chat_session(F.T0, container="alpha")
+    b = F.local_chat_session(F.T0 + 1, container="beta")
+    later = F.local_chat_session(F.T0 + 1000, container="alpha")
+    ids = feed(conn, [a[0], b[0], a[1], b[1], *later])
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[1]}",
+                                    f"session_inferred_{ids[4]}"])
+    assert convs[f"session_inferred_{ids[0]}"]["request_ids"] == [ids[0], ids[2]]
+    assert convs[f"session_inferred_{ids[0]}"]["container_name"] == "alpha"
+
+
+def test_truncated_only_is_incomplete(conn) -> None:
+    rows = [F.truncated(r, 50) for r in F.local_chat_session()]
+    feed(conn, rows)
+    convs = list(llm_db.snapshot(conn)["conversations"].values())
+    # generic client with an unparseable request: no tools known → utility, so no conversation at all;
+    # with a container naming the client it is one, incomplete.
+    assert convs == []
+    rows = [F.truncated(r, 50) for r in F.local_chat_session(F.T0 + 5000, container="aider")]
+    feed(conn, rows)
+    (conv,) = llm_db.snapshot(conn)["conversations"].values()
+    assert conv["incomplete"] is True and conv["turns"] == []
+    assert conv["incomplete_reason"] == "All request bodies truncated; cannot parse messages"
+    assert conv["metadata"]["truncated_requests"] == 2
+
+
+def test_events_new_then_updated(conn) -> None:
+    """Acceptance 16 (payloads): first write of an id → new, later → updated; keys as SPEC §13.8."""
+    rows = F.claude_code_session()
+    events: list = []
+    feed(conn, rows[:1], events)
+    assert [t for t, _ in events] == ["conversation.new"]
+    assert set(events[0][1]) == {"conversation_id", "parent_conversation_id", "turn_count", "ended_at", "usage"}
+    events.clear()
+    feed(conn, rows[1:3], events)
+    assert [(t, d["conversation_id"]) for t, d in events] == [("conversation.updated", f"session_{F.SID}")]
+    events.clear()
+    AS.run_pass(conn, lambda t, d: events.append(t))
+    assert events == []  # nothing changed: no event
+
+
+def test_rebuild_removes_conversations_of_deleted_transactions(conn) -> None:
+    """Acceptance 14 (store side): a conversation whose transactions were deleted is gone after."""
+    ids = feed(conn, F.local_chat_session(container="alpha") + F.gemini_session(F.T0 + 50))
+    assert f"session_inferred_{ids[0]}" in llm_db.snapshot(conn)["conversations"]
+    conn.execute(f"DELETE FROM http_transactions WHERE id IN ({ids[0]}, {ids[1]})")
+    steps = rebuild(conn)
+    assert steps[-1][0] == steps[-1][1] and steps[0] == (0, 3)
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert f"session_inferred_{ids[0]}" not in convs and f"session_inferred_{ids[2]}" in convs
+    assert AS.meta_get(conn, "assembler_version") >= 1
+
+
+def test_rule_change_applies_from_the_next_pass_history_by_rebuild(conn) -> None:
+    rows = F.local_chat_session(container="alpha", url="http://vllm.lan:8000/v1/chat/completions")
+    feed(conn, rows)
+    assert llm_db.snapshot(conn)["conversations"] == {}
+    conn.execute("INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+                 " user_defined, created_at) VALUES ('vllm.lan:*', '/v1/*/completions', 'POST', 'openai-chat', 0, 1, 1, 0)")
+    AS.run_pass(conn)
+    assert llm_db.snapshot(conn)["conversations"] == {}
+    rebuild(conn)
+    assert len(llm_db.snapshot(conn)["conversations"]) == 1
+
+
+# ------------------------------------------------------------------ incremental = rebuild (acceptance 13)
+
+
+def corpus() -> list[list[dict[str, Any]]]:
+    """Sessions of a mixed corpus, each a list of rows in its own order."""
+    gem2 = F.gemini_session(F.T0 + 30, container="gemini")
+    return [F.claude_code_session(F.T0), F.opencode_session(F.T0 + 1), F.codex_ws_session(F.T0 + 2),
+            F.gemini_session(F.T0 + 3, container="gemini"), gem2,
+            F.local_chat_session(F.T0 + 4, container="alpha"), F.local_chat_session(F.T0 + 5, container="beta"),
+            F.local_chat_session(F.T0 + 400, container="alpha")]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_incremental_passes_equal_a_rebuild(tmp_path_factory, data) -> None:
+    sessions = [list(s) for s in corpus()]
+    order: list[dict[str, Any]] = []
+    while any(sessions):
+        live = [i for i, s in enumerate(sessions) if s]
+        i = data.draw(st.sampled_from(live))
+        order.append(sessions[i].pop(0))
+    per_pass = data.draw(st.integers(1, 4))
+    chunk, AS.BODY_CHUNK = AS.BODY_CHUNK, data.draw(st.sampled_from([1, 3, 25]))  # ranges split at any row
+    conn = llm_db.new_store(tmp_path_factory.mktemp("p") / "p.db")
+    try:
+        for k in range(0, len(order), per_pass):
+            llm_db.insert(conn, order[k:k + per_pass])
+            AS.run_pass(conn)
+        incremental = llm_db.snapshot(conn)
+        rebuild(conn)
+        rebuilt = llm_db.snapshot(conn)
+        assert incremental["conversations"].keys() == rebuilt["conversations"].keys()
+        for cid in incremental["conversations"]:
+            assert incremental["conversations"][cid] == rebuilt["conversations"][cid], cid
+        assert incremental["links"] == rebuilt["links"]
+        assert len(rebuilt["conversations"]) >= 5  # sessionless ones may join, by the order they came in
+    finally:
+        AS.BODY_CHUNK = chunk
+        conn.close()
+
+
+def test_user_id_forms_make_one_conversation(conn) -> None:
+    """Acceptance 5: legacy string, JSON string and object → the same conversation; "" / null → no key."""
+    h = {"user-agent": [F.CLAUDE_UA]}
+    msgs: list = []
+    rows = []
+    for i, kind in enumerate(("legacy", "json", "object")):
+        msgs = msgs + [{"role": "user", "content": f"prompt {i}"}]
+        rows.append(F.row(F.ANTHROPIC, F.claude_request(list(msgs), F.MAIN_SYSTEM, user_id=kind),
+                          F.anthropic_sse([f"answer {i}"]), ts=F.T0 + i, req_headers=h))
+        msgs = msgs + [{"role": "assistant", "content": f"answer {i}"}]
+    ids = feed(conn, rows)
+    conv = llm_db.conversation(conn, "session_9d4a2584-4176-4653-be44-7d5f270feb21")
+    assert conv["request_ids"] == ids and conv["turn_count"] == 3
+    for value in ("", None):
+        r = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "x"}], F.MAIN_SYSTEM, user_id=value),
+                  None, ts=F.T0 + 1000, container=f"other-{value!r}", req_headers=h)
+        (tid,) = feed(conn, [r])
+        key = conn.execute("SELECT session_key, session FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
+        assert key == (None, f"inferred_{tid}")
