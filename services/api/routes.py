@@ -6,3 +6,4 @@ __all__ = ["allowall", "logs", "pending", "rules", "settings"]
 from . import certs  # noqa: E402,F401 - /api/cert/*
 from . import maintenance  # noqa: E402,F401 - /api/maintenance/*
 from . import transactions  # noqa: E402,F401 - /api/transactions
+from . import export  # noqa: E402,F401 - /api/transactions/export.har
