@@ -436,6 +436,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/maintenance/status", "GET"): op(
         "Maintenance jobs", response("their progress", ref("MaintenanceStatus")), tag="maintenance",
         errors={"503": SERVICE_DOWN}),
+    ("/metrics", "GET"): op(
+        "The processes' figures in the Prometheus text format (from their heartbeats)",
+        response("Prometheus text exposition 0.0.4", {"type": "string"}, media="text/plain"), tag="health"),
     ("/ws", "GET"): {
         "summary": "The control WebSocket (SPEC §8; docs/events.md)", "tags": ["ws"],
         "description": "Connect with an `Upgrade: websocket` request. Events arrive as "

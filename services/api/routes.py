@@ -7,3 +7,4 @@ from . import certs  # noqa: E402,F401 - /api/cert/*
 from . import maintenance  # noqa: E402,F401 - /api/maintenance/*
 from . import transactions  # noqa: E402,F401 - /api/transactions
 from . import export  # noqa: E402,F401 - /api/transactions/export.har
+from . import metrics  # noqa: E402,F401 - /metrics

@@ -22,6 +22,7 @@ from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.patterns import normalise_host
 from greyproxy.timeutil import rfc3339
+from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -108,6 +109,10 @@ class Gate:
         self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
         self.decisions = 0
+        # For GET /metrics (sent in the heartbeat): decisions by result, and how long they took.
+        self.results = {"allowed": 0, "blocked": 0}
+        self.decision_seconds = Histogram(DECISION_BUCKETS)
+        self.hold_seconds = Histogram(DECISION_BUCKETS)
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
         self.defer_tunnel_logs = False
@@ -150,7 +155,10 @@ class Gate:
         if verdict is None:
             verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
-        verdict.elapsed_ms = (time.perf_counter() - t0) * 1000
+        elapsed = time.perf_counter() - t0
+        verdict.elapsed_ms = elapsed * 1000
+        self.results["allowed" if verdict.allowed else "blocked"] += 1
+        self.decision_seconds.observe(elapsed)
         if verdict.allowed and self.defer_tunnel_logs and method in ("CONNECT", "SOCKS5"):
             verdict.log_pending = (container, host, port, method)
         else:
@@ -189,6 +197,7 @@ class Gate:
         if key not in self.holds and self.pending_count >= self.max_pending:
             return Verdict(False, "queue_full")
         loop = asyncio.get_running_loop()
+        held_at = time.perf_counter()
         hold = Hold(key, resolved, loop.create_future())
         waiters = self.holds.setdefault(key, [])
         waiters.append(hold)
@@ -210,6 +219,7 @@ class Gate:
                 return Verdict(False, "client_gone")
             return Verdict(False, "hold_timeout")
         finally:
+            self.hold_seconds.observe(time.perf_counter() - held_at)
             waiters = self.holds.get(key, [])
             if hold in waiters:
                 waiters.remove(hold)

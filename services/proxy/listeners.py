@@ -93,6 +93,7 @@ class ProxyContext:
 class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected."""
 
+    KIND = "client"
     __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap")
 
     def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:

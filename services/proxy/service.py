@@ -19,6 +19,7 @@ from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
+from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
 from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
@@ -208,6 +209,8 @@ async def main(rt: ServiceRuntime) -> None:
         return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),
                 "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
                 "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
+                "metrics": {"connections": dict(gate.results), "decision_seconds": gate.decision_seconds.snapshot(),
+                            "hold_seconds": gate.hold_seconds.snapshot(), "bytes_received": dict(RECEIVED)},
                 **({"dns": dns.stats()} if dns is not None else {})}
 
     def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
