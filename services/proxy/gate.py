@@ -108,6 +108,7 @@ class Gate:
         self._hits: dict[int, list[float]] = {}
         self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
+        self.container_ids: dict[str, str] = {}  # container name -> id, from the engine (greyproxy.docker)
         self.decisions = 0
         # For GET /metrics (sent in the heartbeat): decisions by result, and how long they took.
         self.results = {"allowed": 0, "blocked": 0}
@@ -350,7 +351,7 @@ class Gate:
                 if rule is not None:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append("log", {
-            "timestamp": time.time(), "container_name": container, "container_id": "",
+            "timestamp": time.time(), "container_name": container, "container_id": self.container_ids.get(container, ""),
             "destination_host": host, "destination_port": port, "resolved_hostname": verdict.resolved_hostname,
             "method": method, "result": ALLOWED if verdict.allowed else BLOCKED, "rule_id": verdict.rule_id,
             "rule_summary": summary, "response_time_ms": round(verdict.elapsed_ms, 3), "reason": verdict.reason,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from . import http1, socks5
 from .conn import Conn, ConnClosed, splice
+from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
 from .pipeline import Recorder, Txn, relay, substitute_credentials
 from .pool import UpstreamPool, usable
@@ -72,6 +73,8 @@ class ProxyContext:
         # Idle upstream connections of the forward proxy, per (client identity, host, port).
         self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=limits.upstream_pool_total,
                                  idle_timeout=limits.upstream_idle_timeout)
+        # Container names from the Docker/Podman engine (greyproxy.docker.enabled); None = off.
+        self.docker: DockerIdentity | None = None
         self._refusal_logged = 0.0
 
     def guard(self, ip: str, port: int) -> bool:
@@ -171,6 +174,18 @@ class ClientConn(Conn):
 
 def default_identity(conn: ClientConn) -> str:
     return f"unknown-{conn.src_ip}"
+
+
+async def unnamed_identity(conn: ClientConn) -> str:
+    """The identity of a connection that gave no proxy user name: its container's name when the
+    engine knows its address (greyproxy.docker), else unknown-<ip>."""
+    docker = conn.ctx.docker
+    if docker is not None:
+        found = await docker.lookup(conn.src_ip)
+        if found is not None:
+            conn.ctx.gate.container_ids[found[0]] = found[1]
+            return found[0]
+    return default_identity(conn)
 
 
 async def _tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str, port: int,
@@ -395,6 +410,8 @@ async def handle_http(client: ClientConn) -> None:
             first = False
             if head.proxy_user:
                 identity = head.proxy_user
+            elif ctx.docker is not None and client.identity is None:
+                identity = await unnamed_identity(client)
             container = identity
             cap = client.claim(identity)
             if cap is not None:
@@ -618,7 +635,7 @@ async def handle_socks(client: ClientConn) -> None:
             client.write(server.reply(exc.reply))
         return
     req = server.request
-    container = req.username or default_identity(client)
+    container = req.username or await unnamed_identity(client)
     if client.claim(container) is not None:
         client.write(server.reply(socks5.REP_GENERAL_FAILURE))  # a connection cap (SPEC §3.1: 0x01)
         return

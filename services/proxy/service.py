@@ -21,6 +21,7 @@ from greyproxy.store import open_database
 
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
+from .docker_identity import DockerIdentity
 from .gate import Gate
 from .listeners import Limits, ProxyContext, handle_http, handle_socks, start_listener
 from .mitm import Interceptor
@@ -181,6 +182,10 @@ async def main(rt: ServiceRuntime) -> None:
     )
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
+    dcfg = cfg.section("greyproxy")["docker"]
+    if dcfg["enabled"]:
+        ctx.docker = DockerIdentity(dcfg["socket"], float(dcfg["cacheTTL"]))
+        log.info("container identity through the engine socket %s", dcfg["socket"])
     settings = SettingsWatch(cfg.bus["sub"], executor)
     await settings.load(force=True)
     certs = CAWatcher(cfg.data_dir)
@@ -211,7 +216,8 @@ async def main(rt: ServiceRuntime) -> None:
                 "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
                 "metrics": {"connections": dict(gate.results), "decision_seconds": gate.decision_seconds.snapshot(),
                             "hold_seconds": gate.hold_seconds.snapshot(), "bytes_received": dict(RECEIVED)},
-                **({"dns": dns.stats()} if dns is not None else {})}
+                **({"dns": dns.stats()} if dns is not None else {}),
+                **({"docker": ctx.docker.stats()} if ctx.docker is not None else {})}
 
     def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
         mode = args.get("mode") or "allow"
