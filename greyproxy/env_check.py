@@ -105,6 +105,12 @@ def _git_judge(code: int, out: str, err: str) -> tuple[bool, str]:
     return False, _last_line(err) or f"exit code {code}"
 
 
+def _pip_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    if code == 0:  # "pip (24.0)" first, then the list of versions
+        return True, out.strip().splitlines()[0][:300] if out.strip() else "ok"
+    return _default_judge(code, out, err)
+
+
 def _pip_binary() -> str:
     return "pip" if shutil.which("pip") else "pip3"
 
@@ -114,7 +120,7 @@ RUNTIMES = (
             re.compile(r"^Python-urllib/")),
     Runtime("pip", "pip", lambda url, a, tmp: [_pip_binary(), "index", "versions", "pip", "--disable-pip-version-check",
                                                "--no-cache-dir", "--retries", "0", "--timeout", str(int(a.check_timeout))],
-            re.compile(r"^pip/")),
+            re.compile(r"^pip/"), _pip_judge),
     Runtime("node", "node", lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url],
             re.compile(r"^greyproxy-env-check node/")),
     Runtime("npm", "npm", lambda url, a, tmp: ["npm", "view", "npm", "version", "--prefer-online",

@@ -252,6 +252,7 @@ def test_env_check_reports_each_runtime(stack: Stack, origin: int, tmp_path: Pat
     cmd = [PYTHON, "-m", "greyproxy", "env", "--check", "--container", "checker", "--check-url", f"{base}/check",
            "--check-git", f"{base}/repo.git", "--check-timeout", "30", "-C", str(stack.cfg_path)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    print(p.stdout)
     lines = {ln.split()[0]: ln for ln in p.stdout.splitlines()[1:] if ln.startswith("  ") and ln.split()}
     for name, binary in (("python", "python3"), ("pip", "pip"), ("node", "node"), ("npm", "npm"),
                          ("curl", "curl"), ("git", "git")):
