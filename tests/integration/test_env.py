@@ -272,3 +272,41 @@ def test_env_check_reports_each_runtime(stack: Stack, origin: int, tmp_path: Pat
     for name in ("python", "curl", "git", "node"):
         if name in lines and "absent" not in lines[name]:
             assert f"  {name:<7} FAILS" in q.stdout, q.stdout
+
+
+def _reachable(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=5)  # noqa: S310 - fixed URL
+        return True
+    except Exception:  # noqa: BLE001 - not reachable from this machine: the test is skipped
+        return False
+
+
+def test_real_registries_through_env(stack: Stack, tmp_path: Path) -> None:
+    """Where this machine reaches PyPI and the npm registry, plain pip and npm go through the
+    proxy to them, intercepted (the proxy verifies them against the system trust store)."""
+    targets = {"pypi": _reachable("https://pypi.org/simple/six/"),
+               "npm": _reachable("https://registry.npmjs.org/left-pad") and shutil.which("npm") is not None}
+    if not any(targets.values()):
+        pytest.skip("neither PyPI nor the npm registry is reachable from here")
+    for host in ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org"):
+        r = stack.request("POST", "/api/rules", json={"container_pattern": "real-agent", "destination_pattern": host,
+                                                      "port_pattern": "443", "action": "allow"})
+        assert r.status_code == 201, r.text
+    if targets["pypi"]:
+        # PIP_CONFIG_FILE=/dev/null: no machine-wide pip.conf (local wheel dirs, extra indexes) takes part.
+        p = _in_agent_shell(stack, f"PIP_CONFIG_FILE=/dev/null {PYTHON} -m pip download --no-deps --no-cache-dir "
+                                   "--disable-pip-version-check --only-binary :all: -d dl six==1.16.0",
+                            tmp_path, container="real-agent")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert list((tmp_path / "dl").glob("six-1.16.0-*.whl"))
+        item = _transaction(stack, "real-agent", ".whl")
+        assert item["destination_host"] == "files.pythonhosted.org" and _ua(item).startswith("pip/")
+    if targets["npm"]:
+        p = _in_agent_shell(stack, f"npm view left-pad version --registry https://registry.npmjs.org/ "
+                                   f"--cache {tmp_path}/npm-cache --prefer-online", tmp_path, container="real-agent")
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert p.stdout.strip()
+        assert _ua(_transaction(stack, "real-agent", "/left-pad")).startswith("npm/")

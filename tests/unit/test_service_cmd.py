@@ -143,3 +143,17 @@ def test_install_start_stop_restart_status_uninstall(fake_env: dict[str, str]) -
     assert _calls(fake_env)[-2:] == ["--user disable --now greyproxy.service", "--user daemon-reload"]
     p = _gp(fake_env, "stop")
     assert p.returncode == 1 and "not installed" in p.stderr
+
+
+@pytest.mark.stack
+def test_status_reports_the_running_stack(fake_env: dict[str, str], make_stack) -> None:
+    stack = make_stack()
+    env = {**fake_env, "GREYPROXY_DATA_HOME": str(stack.data_dir)}
+    unit = Path(env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "greyproxy.service"
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Service]\n")
+    p = subprocess.run([sys.executable, "-m", "greyproxy", "service", "status", "-C", str(stack.cfg_path)],
+                       env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=str(REPO))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"API {stack.api}/api/health: ok" in p.stdout
+    assert _calls(env) == ["--user status --no-pager --lines=5 greyproxy.service"]
