@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
-    "CA_COMMON_NAME", "CAError", "CAExists", "CAWatcher", "CertAuthority", "LeafCache", "ca_paths",
-    "ca_status", "generate_ca", "install_plan", "is_installed", "leaf_context", "load_ca", "mint_leaf",
-    "uninstall_plan",
+    "BUNDLE_FILE", "CA_COMMON_NAME", "CAError", "CAExists", "CAWatcher", "CertAuthority", "LeafCache",
+    "ca_bundle_path", "ca_paths", "ca_status", "generate_ca", "install_plan", "is_installed", "leaf_context",
+    "load_ca", "mint_leaf", "system_ca_file", "uninstall_plan", "write_ca_bundle",
 ]
 
 log = logging.getLogger("greyproxy.certs")
@@ -43,6 +43,7 @@ log = logging.getLogger("greyproxy.certs")
 CA_COMMON_NAME = "Greyproxy CA"
 CERT_FILE = "ca-cert.pem"
 KEY_FILE = "ca-key.pem"
+BUNDLE_FILE = "ca-bundle.pem"  # the system bundle + our CA, for runtimes that take one file (SPEC §14)
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=7)
 BACKDATE = dt.timedelta(hours=1)  # tolerate clients whose clocks run a little behind
@@ -156,6 +157,7 @@ def generate_ca(data_dir: Path | str, force: bool = False) -> CertAuthority:
     # Key first: a watcher that sees the new cert with the old key keeps the old pair until both match.
     _write_atomic(key_path, key_pem, 0o600)
     _write_atomic(cert_path, ca.cert_pem, 0o644)
+    write_ca_bundle(data_dir, ca.cert_pem)
     return ca
 
 
@@ -182,6 +184,76 @@ def load_ca(data_dir: Path | str) -> CertAuthority | None:
         raise CAError("the CA key does not match the CA certificate")
     _keep_private(key_path)
     return CertAuthority(cert, key, cert.public_bytes(serialization.Encoding.PEM))
+
+
+# ---------------------------------------------------------------------------- the bundle
+
+# Where distributions keep the system's CA bundle (one PEM file), most common first.
+_SYSTEM_BUNDLES = (
+    "/etc/ssl/certs/ca-certificates.crt",  # Debian, Ubuntu, Alpine, Arch, Gentoo
+    "/etc/pki/tls/certs/ca-bundle.crt",  # Fedora, RHEL, CentOS
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",  # newer Fedora / RHEL
+    "/etc/ssl/ca-bundle.pem",  # openSUSE
+    "/etc/ssl/cert.pem",  # macOS, FreeBSD, Alpine
+    "/usr/local/etc/openssl/cert.pem",  # Homebrew
+)
+
+
+def ca_bundle_path(data_dir: Path | str) -> Path:
+    return Path(data_dir) / BUNDLE_FILE
+
+
+def system_ca_file() -> Path | None:
+    """The system's CA bundle file, as OpenSSL was built to find it, else a known location, else
+    certifi's. Environment variables (SSL_CERT_FILE...) are not read: after `greyproxy env` they
+    point at our own bundle."""
+    candidates = [ssl.get_default_verify_paths().openssl_cafile, *_SYSTEM_BUNDLES]
+    for c in candidates:
+        if c and os.path.isfile(c) and os.path.getsize(c) > 0:
+            return Path(c)
+    try:
+        import certifi  # noqa: PLC0415 - optional
+
+        return Path(certifi.where())
+    except ImportError:
+        return None
+
+
+def bundle_bytes(ca_pem: bytes | None, system: Path | None = None) -> bytes:
+    """The bundle's content: the system bundle, then our CA (when there is one)."""
+    system = system_ca_file() if system is None else system
+    parts = []
+    if system is not None:
+        try:
+            data = system.read_bytes()
+        except OSError as exc:
+            log.warning("cannot read the system CA bundle %s: %s", system, exc.strerror or exc)
+        else:
+            parts.append(data if data.endswith(b"\n") else data + b"\n")
+    if ca_pem:
+        parts.append(b"# " + CA_COMMON_NAME.encode() + b" (greyproxy: HTTPS interception)\n" + ca_pem)
+    return b"".join(parts)
+
+
+def write_ca_bundle(data_dir: Path | str, ca_pem: bytes | None = None) -> Path:
+    """Make `<data dir>/ca-bundle.pem` = system bundle + our CA, rewriting it only when its content
+    would change (so a runtime reading it never sees a half-written file). `ca_pem` defaults to
+    the CA on disk; without one the bundle is the system bundle alone."""
+    path = ca_bundle_path(data_dir)
+    if ca_pem is None:
+        try:
+            ca_pem = ca_paths(data_dir)[0].read_bytes()
+        except FileNotFoundError:
+            ca_pem = None
+    data = bundle_bytes(ca_pem)
+    try:
+        if path.read_bytes() == data:
+            return path
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, data, 0o644)
+    return path
 
 
 # ---------------------------------------------------------------------------- trust store
@@ -418,4 +490,8 @@ class CAWatcher:
         if current is not None and current.cert_pem == ca.cert_pem:
             return False
         self.leaves = LeafCache(ca, self.cache_size)  # a new CA: every cached leaf is stale
+        try:  # a CA copied in (not made by generate_ca): the runtimes' bundle follows it
+            write_ca_bundle(self.data_dir, ca.cert_pem)
+        except OSError as exc:
+            log.warning("cannot update %s: %s", ca_bundle_path(self.data_dir), exc.strerror or exc)
         return True

@@ -26,6 +26,7 @@ ENV_CONFIG = "GREYPROXY_CONFIG"
 ENV_HOST = "GREYPROXY_HOST"
 ENV_DATA = "GREYPROXY_DATA_HOME"
 ENV_SILENT_ALLOW = "GREYPROXY_SILENT_ALLOW"
+ENV_DOCKER_ENABLED = "GREYPROXY_DOCKER_ENABLED"  # overrides greyproxy.docker.enabled (SPEC §14)
 # Set by `greyproxy serve` to its own pid, which supervisord keeps (serve execs it): the parent
 # every program it runs is expected to have (see runtime.exit_with_parent).
 ENV_SUPERVISOR_PID = "GREYPROXY_SUPERVISOR_PID"
@@ -49,6 +50,7 @@ _SCHEMA: dict[str, Any] = {
         "allowedHosts": [str],
         "allowedOrigins": [str],
         "builtinRules": bool,
+        "docker": {"enabled": bool, "socket": str, "cacheTTL": _NUM},
     },
     "services": "services",
     "bus": {
@@ -89,7 +91,7 @@ _POSITIVE = {
     "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
     "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
     "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout",
-    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days",
+    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days", "greyproxy.docker.cacheTTL",
 }
 
 _NON_NEGATIVE = {"proxy.upstreamPoolSize"}
@@ -356,6 +358,11 @@ def load_config(
     _validate(raw, _SCHEMA, "")
     if host is not None:
         raw["host"] = host
+    docker_env = env.get(ENV_DOCKER_ENABLED, "").strip().lower()
+    if docker_env:
+        if docker_env not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ConfigError(f"{ENV_DOCKER_ENABLED}={docker_env!r}: use true or false")
+        raw["greyproxy"]["docker"]["enabled"] = docker_env in ("1", "true", "yes", "on")
     warnings: list[str] = []
 
     data_dir = data_dir_from_env(env)

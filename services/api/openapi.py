@@ -21,6 +21,7 @@ import falcon.inspect
 import orjson
 
 from greyproxy import __version__
+from greyproxy.har import HAR_SCHEMA
 from greyproxy.policy import ACTIONS, SCOPES
 from greyproxy.redaction import DEFAULT_REDACTED_HEADERS
 
@@ -190,6 +191,7 @@ SCHEMAS: dict[str, Any] = {
                  "host_mismatch", "error"],
         description="SPEC §7 (request_body/response_body only in the detail view or with include_bodies=true)"),
     "TransactionPage": list_of("Transaction", paged=True),
+    "Har": {**copy.deepcopy(HAR_SCHEMA), "description": "HAR 1.2 (the required fields of the specification)"},
     "Settings": obj({
         "theme": {"type": "string", "enum": ["system", "light", "dark"]},
         "notificationsEnabled": BOOL, "mitmEnabled": BOOL, "conversationsEnabled": BOOL,
@@ -390,6 +392,16 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
             q("conversation_id", {"type": "string", "maxLength": 1000}),
             FROM_DATE, TO_DATE, limit(50, 1000), OFFSET,
             q("include_bodies", {"type": "boolean", "default": False})]),
+    ("/api/transactions/export.har", "GET"): op(
+        "Every transaction the list's filters match, oldest first, as HAR 1.2 (streamed; bodies as stored, "
+        "redacted headers stay redacted)",
+        response("a HAR 1.2 document", ref("Har")), tag="transactions", params=[
+            q("container", {"type": "string", "maxLength": 1000}),
+            q("destination", {"type": "string", "maxLength": 1000}),
+            q("method", {"type": "string", "maxLength": 32}),
+            q("session_id", {"type": "string", "maxLength": 1000}),
+            q("conversation_id", {"type": "string", "maxLength": 1000}),
+            FROM_DATE, TO_DATE]),
     ("/api/transactions/{tid}", "GET"): op(
         "One transaction with its bodies", response("the transaction", ref("Transaction")),
         tag="transactions", errors={"404": "unknown id"}),
@@ -430,6 +442,9 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ("/api/maintenance/status", "GET"): op(
         "Maintenance jobs", response("their progress", ref("MaintenanceStatus")), tag="maintenance",
         errors={"503": SERVICE_DOWN}),
+    ("/metrics", "GET"): op(
+        "The processes' figures in the Prometheus text format (from their heartbeats)",
+        response("Prometheus text exposition 0.0.4", {"type": "string"}, media="text/plain"), tag="health"),
     ("/ws", "GET"): {
         "summary": "The control WebSocket (SPEC §8; docs/events.md)", "tags": ["ws"],
         "description": "Connect with an `Upgrade: websocket` request. Events arrive as "

@@ -35,7 +35,7 @@ class TransactionFilter:
     to_ts: float | None = None
 
 
-def _where(f: TransactionFilter) -> tuple[str, list[Any]]:
+def where_clause(f: TransactionFilter) -> tuple[str, list[Any]]:
     where, args = ["1 = 1"], []
     if f.container:
         where.append("container_name LIKE ? ESCAPE '\\'")  # a substring, as everywhere (SPEC §7)
@@ -64,7 +64,7 @@ def _dicts(cur: Any) -> list[dict[str, Any]]:
 
 def list_transactions(f: TransactionFilter, limit: int, offset: int,
                       include_bodies: bool) -> tuple[list[dict[str, Any]], int]:
-    clause, args = _where(f)
+    clause, args = where_clause(f)
     cols = _ALL_COLUMNS if include_bodies else _LIST_COLUMNS
     with database.atomic():  # the count and the page from one snapshot
         total = int(database.execute_sql(f"SELECT COUNT(*) FROM http_transactions WHERE {clause}", args).fetchone()[0])
@@ -88,19 +88,25 @@ def _text_param(req: falcon.asgi.Request, name: str, max_len: int = 1000) -> str
     return value
 
 
+def filter_from(req: falcon.asgi.Request) -> TransactionFilter:
+    """The list's filters from the query (shared by the list and the HAR export)."""
+    method = _text_param(req, "method", 32)
+    f = TransactionFilter(
+        container=_text_param(req, "container"), destination=_text_param(req, "destination"),
+        method=method.upper() if method else None, session_id=_text_param(req, "session_id"),
+        conversation_id=_text_param(req, "conversation_id"),
+        from_ts=time_param(req, "from_date"), to_ts=time_param(req, "to_date"))
+    if f.from_ts is not None and f.to_ts is not None and f.from_ts > f.to_ts:
+        raise bad_request("from_date must not be after to_date")
+    return f
+
+
 class TransactionsResource:
     def __init__(self, ctx: ApiContext) -> None:
         self.ctx = ctx
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        method = _text_param(req, "method", 32)
-        f = TransactionFilter(
-            container=_text_param(req, "container"), destination=_text_param(req, "destination"),
-            method=method.upper() if method else None, session_id=_text_param(req, "session_id"),
-            conversation_id=_text_param(req, "conversation_id"),
-            from_ts=time_param(req, "from_date"), to_ts=time_param(req, "to_date"))
-        if f.from_ts is not None and f.to_ts is not None and f.from_ts > f.to_ts:
-            raise bad_request("from_date must not be after to_date")
+        f = filter_from(req)
         limit = int_param(req, "limit", 50, lo=1, hi=1000)
         offset = int_param(req, "offset", 0, hi=10**9)
         include_bodies = bool_param(req, "include_bodies")

@@ -28,7 +28,13 @@ class ConnClosed(Exception):
     """The peer went away while we were waiting for it."""
 
 
+# Bytes received by the process's connections, by side (GET /metrics: greyproxy_proxy_bytes_relayed).
+# Client connections set KIND = "client".
+RECEIVED = {"client": 0, "upstream": 0}
+
+
 class Conn(asyncio.BufferedProtocol):
+    KIND = "upstream"
     __slots__ = ("transport", "buf", "eof", "closed", "peer", "_waiter", "_drain", "_paused_by_peer",
                  "on_close", "bytes_in", "_closed_fut", "_reading_paused", "idle_mark", "_fd")
 
@@ -60,6 +66,7 @@ class Conn(asyncio.BufferedProtocol):
             self.data_received(_scratch[:nbytes])  # type: ignore[arg-type]  # appended (copied) to buf
             return
         self.bytes_in += nbytes
+        RECEIVED[self.KIND] += nbytes
         if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
             peer._send_from_scratch(nbytes)
 
@@ -80,6 +87,7 @@ class Conn(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        RECEIVED[self.KIND] += len(data)
         peer = self.peer
         if peer is not None:
             peer.transport.write(data)  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .conn import Conn, ConnClosed
+from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
 from .hooks import HookChain
 from .pipeline import Recorder
@@ -75,6 +76,8 @@ class ProxyContext:
         # Idle upstream connections of the forward proxy, per (client identity, host, port).
         self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=limits.upstream_pool_total,
                                  idle_timeout=limits.upstream_idle_timeout)
+        # Container names from the Docker/Podman engine (greyproxy.docker.enabled); None = off.
+        self.docker: DockerIdentity | None = None
         self._refusal_logged = 0.0
 
     def guard(self, ip: str, port: int) -> str | None:
@@ -96,6 +99,7 @@ class ProxyContext:
 class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected."""
 
+    KIND = "client"
     __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap")
 
     def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
@@ -173,6 +177,18 @@ class ClientConn(Conn):
 
 def default_identity(conn: ClientConn) -> str:
     return f"unknown-{conn.src_ip}"
+
+
+async def unnamed_identity(conn: ClientConn) -> str:
+    """The identity of a connection that gave no proxy user name: its container's name when the
+    engine knows its address (greyproxy.docker), else unknown-<ip>."""
+    docker = conn.ctx.docker
+    if docker is not None:
+        found = await docker.lookup(conn.src_ip)
+        if found is not None:
+            conn.ctx.gate.container_ids[found[0]] = found[1]
+            return found[0]
+    return default_identity(conn)
 
 
 async def start_listener(ctx: ProxyContext, host: str, port: int, handler) -> asyncio.AbstractServer:

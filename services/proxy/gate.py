@@ -23,6 +23,7 @@ from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.patterns import normalise_host, parse_ip
 from greyproxy.timeutil import rfc3339
+from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 from .upstream import UpstreamFailure, resolve
 
@@ -129,7 +130,12 @@ class Gate:
         self._summaries: dict[int, str] = {}  # rule id -> rule_summary() for log records, per rule set
         self.names: dict[str, tuple[str, float]] = {}  # ip -> (hostname, seen): DNS cache (§6)
         self._addresses: dict[str, tuple[list[str], float]] = {}  # name -> (its addresses, looked up at)
+        self.container_ids: dict[str, str] = {}  # container name -> id, from the engine (greyproxy.docker)
         self.decisions = 0
+        # For GET /metrics (sent in the heartbeat): decisions by result, and how long they took.
+        self.results = {"allowed": 0, "blocked": 0}
+        self.decision_seconds = Histogram(DECISION_BUCKETS)
+        self.hold_seconds = Histogram(DECISION_BUCKETS)
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
         self.defer_tunnel_logs = False
@@ -177,7 +183,10 @@ class Gate:
         if verdict is None:
             verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
-        verdict.elapsed_ms = (time.perf_counter() - t0) * 1000
+        elapsed = time.perf_counter() - t0
+        verdict.elapsed_ms = elapsed * 1000
+        self.results["allowed" if verdict.allowed else "blocked"] += 1
+        self.decision_seconds.observe(elapsed)
         if verdict.allowed and self.defer_tunnel_logs and method in ("CONNECT", "SOCKS5"):
             verdict.log_pending = (container, host, port, method)
         else:
@@ -274,6 +283,7 @@ class Gate:
         if key not in self.holds and self.pending_count >= self.max_pending:
             return Verdict(False, "queue_full")
         loop = asyncio.get_running_loop()
+        held_at = time.perf_counter()
         hold = Hold(key, resolved, loop.create_future())
         waiters = self.holds.setdefault(key, [])
         waiters.append(hold)
@@ -295,6 +305,7 @@ class Gate:
                 return Verdict(False, "client_gone")
             return Verdict(False, "hold_timeout")
         finally:
+            self.hold_seconds.observe(time.perf_counter() - held_at)
             waiters = self.holds.get(key, [])
             if hold in waiters:
                 waiters.remove(hold)
@@ -425,7 +436,7 @@ class Gate:
                 if rule is not None:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append("log", {
-            "timestamp": time.time(), "container_name": container, "container_id": "",
+            "timestamp": time.time(), "container_name": container, "container_id": self.container_ids.get(container, ""),
             "destination_host": host, "destination_port": port, "resolved_hostname": verdict.resolved_hostname,
             "method": method, "result": ALLOWED if verdict.allowed else BLOCKED, "rule_id": verdict.rule_id,
             "rule_summary": summary, "response_time_ms": round(verdict.elapsed_ms, 3), "reason": verdict.reason,

@@ -14,7 +14,7 @@ import logging
 
 from . import http1
 from .conn import Conn
-from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity
+from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Verdict
 from .hooks import Flow, Refusal
@@ -104,6 +104,8 @@ async def handle_http(client: ClientConn) -> None:
             first = False
             if head.proxy_user:
                 identity = head.proxy_user
+            elif ctx.docker is not None and client.identity is None:
+                identity = await unnamed_identity(client)
             container = identity
             cap = client.claim(identity)
             if cap is not None:

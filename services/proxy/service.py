@@ -19,7 +19,9 @@ from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
+from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
+from .docker_identity import DockerIdentity
 from .gate import Gate
 from .context import Limits, ProxyContext, start_listener
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
@@ -184,6 +186,10 @@ async def main(rt: ServiceRuntime) -> None:
     )
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
+    dcfg = cfg.section("greyproxy")["docker"]
+    if dcfg["enabled"]:
+        ctx.docker = DockerIdentity(dcfg["socket"], float(dcfg["cacheTTL"]))
+        log.info("container identity through the engine socket %s", dcfg["socket"])
     settings = SettingsWatch(cfg.bus["sub"], executor)
     await settings.load(force=True)
     certs = CAWatcher(cfg.data_dir)
@@ -214,7 +220,10 @@ async def main(rt: ServiceRuntime) -> None:
         return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),
                 "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
                 "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
-                **({"dns": dns.stats()} if dns is not None else {})}
+                "metrics": {"connections": dict(gate.results), "decision_seconds": gate.decision_seconds.snapshot(),
+                            "hold_seconds": gate.hold_seconds.snapshot(), "bytes_received": dict(RECEIVED)},
+                **({"dns": dns.stats()} if dns is not None else {}),
+                **({"docker": ctx.docker.stats()} if ctx.docker is not None else {})}
 
     def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
         mode = args.get("mode") or "allow"

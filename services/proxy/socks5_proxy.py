@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from . import socks5
-from .context import ClientConn, default_identity
+from .context import ClientConn, unnamed_identity
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
 
@@ -41,7 +41,7 @@ async def handle_socks(client: ClientConn) -> None:
             client.write(server.reply(exc.reply))
         return
     req = server.request
-    container = req.username or default_identity(client)
+    container = req.username or await unnamed_identity(client)
     if client.claim(container) is not None:
         client.write(server.reply(socks5.REP_GENERAL_FAILURE))  # a connection cap (SPEC §3.1: 0x01)
         return

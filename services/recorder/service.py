@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -12,6 +13,7 @@ from bus.journal import JournalConsumer
 from bus.pubsub import Publisher
 from bus.reqrep import ControlServer
 from greyproxy.config import Config
+from greyproxy.metrics import BATCH_BUCKETS, Histogram
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
@@ -58,15 +60,22 @@ async def main(rt: ServiceRuntime) -> None:
     loop = asyncio.get_running_loop()
     db = await loop.run_in_executor(writer, open_database, cfg.db_path)
 
+    batch_seconds = Histogram(BATCH_BUCKETS)  # GET /metrics: greyproxy_recorder_batch_seconds
+
     def apply(records: list[tuple[str, str, Any]]) -> list[tuple[str, Any]]:
-        return apply_records(db.connection(), records, lazy=True)
+        t0 = time.perf_counter()
+        try:
+            return apply_records(db.connection(), records, lazy=True)
+        finally:
+            batch_seconds.observe(time.perf_counter() - t0)
 
     def after_commit(events: list[tuple[str, Any]]) -> None:
         publish_events(rt.publisher, events)
 
     consumer = JournalConsumer(cfg.bus["journal"], apply, writer, after_commit)
     rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches,
-                          "events_skipped": rt.publisher.skipped})
+                          "events_skipped": rt.publisher.skipped,
+                          "metrics": {"batch_seconds": batch_seconds.snapshot()}})
     control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats()})
     log.info("recorder up: journal %s, db %s", cfg.bus["journal"], cfg.db_path)
     try:

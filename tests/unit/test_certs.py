@@ -37,7 +37,7 @@ def test_generate_ca_shape_and_modes(tmp_path: Path) -> None:
     other = certs.generate_ca(tmp_path / "b")
     assert other.cert.serial_number != ca.cert.serial_number
     # No temp files left behind by the atomic writes.
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ca-cert.pem", "ca-key.pem"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["ca-bundle.pem", "ca-cert.pem", "ca-key.pem"]
 
 
 def test_generate_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

@@ -1,0 +1,230 @@
+"""`greyproxy env --check`: one request with each runtime present, under `greyproxy env`'s variables.
+
+A runtime "works" when its request got an answer from the destination through the proxy with
+the CA trusted. Then the API is asked which of those requests were recorded as transactions
+(matched by each runtime's User-Agent), which tells interception apart from a plain tunnel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import Config
+
+# Node before 24 does not read the proxy variables itself: CONNECT through HTTPS_PROXY by hand,
+# then TLS with Node's own trust store (which NODE_EXTRA_CA_CERTS extends).
+NODE_SCRIPT = r"""
+const http = require('http'), tls = require('tls'), net = require('net');
+const target = new URL(process.argv[1]);
+const p = process.env.HTTPS_PROXY || process.env.https_proxy;
+if (!p) { console.error('HTTPS_PROXY is not set'); process.exit(2); }
+const proxy = new URL(p);
+const host = target.hostname.replace(/^\[|\]$/g, '');
+const authority = `${target.hostname}:${target.port || 443}`;
+const headers = {host: authority};
+if (proxy.username) headers['proxy-authorization'] = 'Basic ' +
+  Buffer.from(decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password)).toString('base64');
+const req = http.request({host: proxy.hostname.replace(/^\[|\]$/g, ''), port: proxy.port || 80,
+                          method: 'CONNECT', path: authority, headers});
+req.on('error', (e) => { console.error('proxy: ' + e.message); process.exit(1); });
+req.on('connect', (res, socket) => {
+  if (res.statusCode !== 200) { console.error('the proxy answered CONNECT with ' + res.statusCode); process.exit(1); }
+  const opts = {socket, host};
+  if (!net.isIP(host)) opts.servername = host;
+  const s = tls.connect(opts, () => {
+    s.write(`GET ${target.pathname}${target.search} HTTP/1.1\r\nHost: ${target.host}\r\n` +
+            `User-Agent: greyproxy-env-check node/${process.versions.node}\r\nConnection: close\r\n\r\n`);
+  });
+  let head = '';
+  s.on('data', (d) => {
+    head += d.toString('latin1');
+    const i = head.indexOf('\r\n');
+    if (i >= 0) { console.log(head.slice(0, i)); s.destroy(); process.exit(0); }
+  });
+  s.on('error', (e) => { console.error('TLS: ' + e.message); process.exit(1); });
+});
+req.end();
+"""
+
+PYTHON_SCRIPT = r"""
+import sys, urllib.error, urllib.request
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
+    print(r.status)
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+@dataclass
+class Runtime:
+    name: str
+    binary: str  # looked up on PATH
+    argv: Callable[[str, argparse.Namespace, Path], list[str]]
+    user_agent: re.Pattern  # how its requests show in the transactions
+    judge: Callable[[int, str, str], tuple[bool, str]] | None = None  # (code, stdout, stderr) -> (ok, detail)
+
+
+@dataclass
+class Result:
+    name: str
+    present: bool
+    ok: bool = False
+    detail: str = ""
+    recorded: bool | None = None  # None: not known (the API could not be asked)
+    extra: dict = field(default_factory=dict)
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def _default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    if code == 0:
+        return True, _last_line(out) or "ok"
+    return False, _last_line(err) or _last_line(out) or f"exit code {code}"
+
+
+def _git_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    if code == 0:
+        return True, f"{len(out.splitlines())} refs"
+    # The destination answered (over TLS, through the proxy) that this is no repository: the
+    # transport works; only the URL is not a git repository.
+    if re.search(r"repository '.*' not found|not valid: is this a git repository|returned error: 404", err):
+        return True, "reached the server (not a git repository there: --check-git URL names one)"
+    return False, _last_line(err) or f"exit code {code}"
+
+
+def _pip_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    if code == 0:  # "pip (24.0)" first, then the list of versions
+        return True, out.strip().splitlines()[0][:300] if out.strip() else "ok"
+    return _default_judge(code, out, err)
+
+
+def _pip_binary() -> str:
+    return "pip" if shutil.which("pip") else "pip3"
+
+
+RUNTIMES = (
+    Runtime("python", "python3", lambda url, a, tmp: ["python3", "-c", PYTHON_SCRIPT, url, str(a.check_timeout)],
+            re.compile(r"^Python-urllib/")),
+    Runtime("pip", "pip", lambda url, a, tmp: [_pip_binary(), "index", "versions", "pip", "--disable-pip-version-check",
+                                               "--no-cache-dir", "--retries", "0", "--timeout", str(int(a.check_timeout))],
+            re.compile(r"^pip/"), _pip_judge),
+    Runtime("node", "node", lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url],
+            re.compile(r"^greyproxy-env-check node/")),
+    Runtime("npm", "npm", lambda url, a, tmp: ["npm", "view", "npm", "version", "--prefer-online",
+                                               "--cache", str(tmp / "npm-cache"), "--no-update-notifier",
+                                               "--fetch-retries", "0"],
+            re.compile(r"^npm/")),
+    Runtime("curl", "curl", lambda url, a, tmp: ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
+                                                 "--max-time", str(a.check_timeout), url],
+            re.compile(r"^curl/")),
+    Runtime("git", "git", lambda url, a, tmp: ["git", "ls-remote", a.check_git or url],
+            re.compile(r"^git/"), _git_judge),
+)
+
+
+def _present(rt: Runtime) -> bool:
+    if rt.name == "pip":
+        return bool(shutil.which("pip") or shutil.which("pip3"))
+    return shutil.which(rt.binary) is not None
+
+
+def run_runtime(rt: Runtime, env: dict[str, str], args: argparse.Namespace, tmp: Path) -> Result:
+    if not _present(rt):
+        return Result(rt.name, present=False, detail="not installed")
+    argv = rt.argv(args.check_url, args, tmp)
+    try:
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.check_timeout + 5,
+                              stdin=subprocess.DEVNULL, cwd=str(tmp))
+    except subprocess.TimeoutExpired:
+        return Result(rt.name, present=True, detail=f"no answer within {args.check_timeout:g} s")
+    except OSError as exc:
+        return Result(rt.name, present=True, detail=f"cannot run {argv[0]}: {exc.strerror or exc}")
+    ok, detail = (rt.judge or _default_judge)(proc.returncode, proc.stdout, proc.stderr)
+    return Result(rt.name, present=True, ok=ok, detail=detail)
+
+
+def _recorded(cfg: Config, container: str | None, since: float, results: list[Result]) -> str | None:
+    """Mark which working runtimes' requests were recorded; an error line when the API cannot say."""
+    import httpx
+
+    want = {r.name for r in results if r.ok}
+    if not want:
+        return None
+    by_name = {rt.name: rt for rt in RUNTIMES}
+    params = {"from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)), "limit": 1000}
+    if container:
+        params["container"] = container
+    try:
+        url = f"{cfg.api_base()}/api/transactions"
+    except Exception as exc:  # noqa: BLE001 - API disabled: the check still reports the runtimes
+        return str(exc)
+    seen: set[str] = set()
+    deadline = time.monotonic() + 5.0  # records reach the database a moment after the answer
+    while True:
+        try:
+            r = httpx.get(url, params=params, timeout=5.0, trust_env=False)
+            r.raise_for_status()
+            items = r.json().get("items", [])
+        except (httpx.HTTPError, ValueError) as exc:
+            return f"cannot ask the API at {url}: {exc}"
+        for item in items:
+            headers = item.get("request_headers") or {}
+            ua = next((v for k, v in headers.items() if k.lower() == "user-agent"), "")
+            ua = ua[0] if isinstance(ua, list) and ua else ua
+            for name in want:
+                if isinstance(ua, str) and by_name[name].user_agent.search(ua):
+                    seen.add(name)
+        if seen >= want or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    for res in results:
+        if res.ok:
+            res.recorded = res.name in seen
+    return None
+
+
+def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespace) -> int:  # noqa: ANN001
+    from .cli_env import environ_with
+
+    env = environ_with(plan)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("npm_config_update_notifier", "false")
+    since = time.time()
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="greyproxy-check-") as tmp:
+        for rt in RUNTIMES:
+            res = run_runtime(rt, env, args, Path(tmp))
+            results.append(res)
+    problem = _recorded(cfg, container, since, results)
+    who = container or "unknown-<source ip>"
+    print(f"greyproxy env --check: identity {who}, {args.check_url}")
+    for res in results:
+        if not res.present:
+            status = "absent"
+        elif not res.ok:
+            status = "FAILS"
+        elif res.recorded is False:
+            status = "works, not intercepted"
+        else:
+            status = "works"
+        suffix = "" if res.recorded is None or not res.ok else (" (recorded)" if res.recorded else "")
+        print(f"  {res.name:<7} {status}{suffix}: {res.detail}")
+    if problem:
+        print(f"  (whether requests were recorded is unknown: {problem})")
+    failed = [r.name for r in results if r.present and not r.ok]
+    if failed:
+        print(f"greyproxy env --check: {', '.join(failed)} did not get through", file=sys.stderr)
+    return 1 if failed else 0

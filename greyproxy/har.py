@@ -1,0 +1,237 @@
+"""Stored transactions as HAR 1.2 (SPEC §14), without I/O: one row → one entry, and the
+document's opening and closing bytes so an export can be streamed entry by entry.
+
+What is exported is what was stored: headers as recorded (redacted ones stay `[redacted]`),
+bodies as kept (text-like types only, up to `capture.maxBodyBytes`), substituted credentials
+as their placeholder names. A WebSocket upgrade is an entry (status 101) and each recorded
+message is one more entry (method `WS_REQ` client→server or `WS_RESP` server→client, URL
+`ws(s)://`) carrying the message in Chromium's `_webSocketMessages` as well. Fields HAR has no
+name for start with `_` (allowed by the spec): `_id`, `_container`, `_result`, `_ruleId`, ...
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import orjson
+
+from . import __version__
+from .capture import _json_field
+from .redaction import REDACTED
+
+__all__ = ["DOCUMENT_TAIL", "HAR_SCHEMA", "HAR_VERSION", "document_head", "entry", "entry_bytes"]
+
+HAR_VERSION = "1.2"
+DOCUMENT_TAIL = b"]}}\n"
+HTTP_VERSION = "HTTP/1.1"  # what the proxy speaks to clients (ALPN offers http/1.1 only)
+_WS_METHODS = {"WS_REQ": "send", "WS_RESP": "receive"}
+_REASONS = {
+    101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
+    206: "Partial Content", 301: "Moved Permanently", 302: "Found", 303: "See Other", 304: "Not Modified",
+    307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request", 401: "Unauthorized",
+    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
+    413: "Content Too Large", 415: "Unsupported Media Type", 421: "Misdirected Request", 422: "Unprocessable Content",
+    429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def document_head(comment: str = "") -> bytes:
+    """`{"log": {... "entries": [` — entries follow, comma-separated, then DOCUMENT_TAIL."""
+    log: dict[str, Any] = {"version": HAR_VERSION, "creator": {"name": "greyproxy", "version": __version__},
+                           "pages": []}
+    if comment:
+        log["comment"] = comment
+    head = orjson.dumps({"log": log})
+    # {"log":{...,"pages":[]}} → keep everything but the final "}}" and open the entries array.
+    return head[:-2] + b',"entries":['
+
+
+def _iso(ts: float | None) -> str:
+    t = dt.datetime.fromtimestamp(float(ts or 0.0), dt.timezone.utc)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
+
+
+def _headers(value: Any) -> list[dict[str, str]]:
+    headers = _json_field(value, {})
+    out: list[dict[str, str]] = []
+    if isinstance(headers, dict):
+        for name, values in headers.items():
+            for v in values if isinstance(values, list) else [values]:
+                out.append({"name": str(name), "value": "" if v is None else str(v)})
+    return out
+
+
+def _header(headers: list[dict[str, str]], name: str) -> str | None:
+    name = name.lower()
+    return next((h["value"] for h in headers if h["name"].lower() == name), None)
+
+
+def _cookies(header: str | None, redacted: bool) -> list[dict[str, str]]:
+    """`Cookie: a=1; b=2` → HAR cookies (none when the header was redacted)."""
+    if not header or redacted:
+        return []
+    out = []
+    for part in header.split(";"):
+        name, sep, value = part.strip().partition("=")
+        if sep and name:
+            out.append({"name": name, "value": value})
+    return out
+
+
+def _size(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
+
+
+def entry(row: dict[str, Any]) -> dict[str, Any]:
+    """One stored transaction (a dict of its columns, JSON columns raw or decoded) → a HAR entry."""
+    method = str(row.get("method") or "")
+    url = str(row.get("url") or "")
+    req_headers = _headers(row.get("request_headers"))
+    resp_headers = _headers(row.get("response_headers"))
+    req_size, resp_size = _size(row.get("request_body_size")), _size(row.get("response_body_size"))
+    req_body, resp_body = row.get("request_body"), row.get("response_body")
+    cookie = _header(req_headers, "cookie")
+    try:
+        query = [{"name": k, "value": v} for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
+    except ValueError:
+        query = []
+    request: dict[str, Any] = {
+        "method": method, "url": url, "httpVersion": HTTP_VERSION,
+        "cookies": _cookies(cookie, cookie == REDACTED),
+        "headers": req_headers, "queryString": query, "headersSize": -1, "bodySize": req_size,
+    }
+    if req_body is not None or req_size:
+        post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
+        if req_body is None:
+            post["comment"] = "body not stored (binary content type)"
+        elif len(req_body.encode("utf-8", "replace")) < req_size:
+            post["comment"] = "body truncated to capture.maxBodyBytes"
+        request["postData"] = post
+    status = row.get("status_code")
+    status = int(status) if isinstance(status, int) else 0
+    content: dict[str, Any] = {"size": resp_size, "mimeType": row.get("response_content_type") or "x-unknown"}
+    if resp_body is not None:
+        content["text"] = resp_body
+        if len(resp_body.encode("utf-8", "replace")) < resp_size:
+            content["comment"] = "body truncated to capture.maxBodyBytes"
+    elif resp_size:
+        content["comment"] = "body not stored (binary content type)"
+    response: dict[str, Any] = {
+        "status": status, "statusText": _REASONS.get(status, ""), "httpVersion": HTTP_VERSION,
+        "cookies": [], "headers": resp_headers, "content": content,
+        "redirectURL": _header(resp_headers, "location") or "", "headersSize": -1, "bodySize": resp_size,
+    }
+    duration = row.get("duration_ms")
+    total = round(float(duration), 3) if isinstance(duration, (int, float)) and duration >= 0 else 0
+    out: dict[str, Any] = {
+        "startedDateTime": _iso(row.get("timestamp")), "time": total, "request": request, "response": response,
+        "cache": {}, "timings": {"blocked": -1, "dns": -1, "connect": -1, "ssl": -1, "send": 0, "wait": total,
+                                 "receive": 0},
+        "_id": row.get("id"), "_container": row.get("container_name"), "_result": row.get("result"),
+        "_ruleId": row.get("rule_id"),
+    }
+    for col, key in (("conversation_id", "_conversationId"), ("session_id", "_sessionId")):
+        if row.get(col):
+            out[key] = row[col]
+    subst = _json_field(row.get("substituted_credentials"), [])
+    if subst:
+        out["_substitutedCredentials"] = subst  # placeholder names, never values
+    if method in _WS_METHODS or status == 101:
+        out["_resourceType"] = "websocket"
+    if method in _WS_METHODS:
+        text = req_body if method == "WS_REQ" else resp_body
+        size = req_size if method == "WS_REQ" else resp_size
+        msg: dict[str, Any] = {"type": _WS_METHODS[method], "time": float(row.get("timestamp") or 0),
+                               "opcode": 1 if text is not None else 2, "data": text or ""}
+        if text is None:
+            msg["_size"] = size
+        out["_webSocketMessages"] = [msg]
+    return out
+
+
+def entry_bytes(row: dict[str, Any]) -> bytes:
+    return orjson.dumps(entry(row))
+
+
+# ---------------------------------------------------------------------------- HAR 1.2 as JSON Schema
+# Written from the HAR 1.2 specification (W3C web performance draft, "HTTP Archive (HAR) format"):
+# every object's required fields, their types, and the mutually exclusive postData text/params.
+# Custom fields (starting with "_") and "comment" are allowed everywhere, as the spec allows.
+
+_ISO_8601 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$"
+_NV = {"type": "object", "required": ["name", "value"],
+       "properties": {"name": {"type": "string"}, "value": {"type": "string"}, "comment": {"type": "string"}}}
+_TIMING = {"type": "number", "minimum": -1}
+
+HAR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["log"],
+    "properties": {"log": {
+        "type": "object",
+        "required": ["version", "creator", "entries"],
+        "properties": {
+            "version": {"type": "string"},
+            "creator": {"type": "object", "required": ["name", "version"],
+                        "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "browser": {"type": "object", "required": ["name", "version"]},
+            "pages": {"type": "array", "items": {
+                "type": "object", "required": ["startedDateTime", "id", "title", "pageTimings"]}},
+            "comment": {"type": "string"},
+            "entries": {"type": "array", "items": {
+                "type": "object",
+                "required": ["startedDateTime", "time", "request", "response", "cache", "timings"],
+                "properties": {
+                    "pageref": {"type": "string"},
+                    "startedDateTime": {"type": "string", "pattern": _ISO_8601},
+                    "time": {"type": "number", "minimum": 0},
+                    "request": {
+                        "type": "object",
+                        "required": ["method", "url", "httpVersion", "cookies", "headers", "queryString",
+                                     "headersSize", "bodySize"],
+                        "properties": {
+                            "method": {"type": "string"}, "url": {"type": "string"},
+                            "httpVersion": {"type": "string"},
+                            "cookies": {"type": "array", "items": _NV},
+                            "headers": {"type": "array", "items": _NV},
+                            "queryString": {"type": "array", "items": _NV},
+                            "postData": {
+                                "type": "object", "required": ["mimeType"],
+                                "properties": {"mimeType": {"type": "string"}, "text": {"type": "string"},
+                                               "params": {"type": "array", "items": {
+                                                   "type": "object", "required": ["name"]}}},
+                                "oneOf": [{"required": ["text"]}, {"required": ["params"]}]},
+                            "headersSize": {"type": "integer", "minimum": -1},
+                            "bodySize": {"type": "integer", "minimum": -1},
+                        }},
+                    "response": {
+                        "type": "object",
+                        "required": ["status", "statusText", "httpVersion", "cookies", "headers", "content",
+                                     "redirectURL", "headersSize", "bodySize"],
+                        "properties": {
+                            "status": {"type": "integer"}, "statusText": {"type": "string"},
+                            "httpVersion": {"type": "string"},
+                            "cookies": {"type": "array", "items": _NV},
+                            "headers": {"type": "array", "items": _NV},
+                            "content": {"type": "object", "required": ["size", "mimeType"],
+                                        "properties": {"size": {"type": "integer"},
+                                                       "compression": {"type": "integer"},
+                                                       "mimeType": {"type": "string"},
+                                                       "text": {"type": "string"},
+                                                       "encoding": {"type": "string"}}},
+                            "redirectURL": {"type": "string"},
+                            "headersSize": {"type": "integer", "minimum": -1},
+                            "bodySize": {"type": "integer", "minimum": -1},
+                        }},
+                    "cache": {"type": "object"},
+                    "timings": {"type": "object", "required": ["send", "wait", "receive"],
+                                "properties": {k: _TIMING for k in
+                                               ("blocked", "dns", "connect", "ssl", "send", "wait", "receive")}},
+                    "serverIPAddress": {"type": "string"},
+                    "connection": {"type": "string"},
+                    "comment": {"type": "string"},
+                }}},
+        }}},
+}

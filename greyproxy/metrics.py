@@ -1,0 +1,195 @@
+"""Figures for `GET /metrics` (SPEC §14).
+
+The processes keep plain counters and `Histogram`s and send them in their heartbeats
+(`stats.metrics`); the API turns the latest heartbeat of each process into the Prometheus text
+format (`HeartbeatCollector`, with `prometheus_client`). Counters are the process's own since
+it started: a restarted process starts again from zero, which Prometheus's rate() handles.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+__all__ = ["DECISION_BUCKETS", "BATCH_BUCKETS", "Histogram", "HeartbeatCollector"]
+
+# Seconds. A decision from the rules takes microseconds; one that waits for a person takes
+# seconds, up to proxy.holdTimeout.
+DECISION_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Observations counted into fixed buckets (upper bounds, +Inf implied); cheap to observe."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(float(b) for b in bounds)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("histogram bounds must be strictly increasing")
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON for a heartbeat: bucket bounds, cumulative counts per bound (then +Inf), sum."""
+        cumulative, total = [], 0
+        for n in self.counts:
+            total += n
+            cumulative.append(total)
+        return {"le": list(self.bounds), "cumulative": cumulative, "sum": self.sum}
+
+
+# ---------------------------------------------------------------------------- exposition
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _dig(stats: dict[str, Any], *path: str) -> Any:
+    node: Any = stats
+    for key in path:
+        if not isinstance(node, dict):
+            return None
+        node = node.get(key)
+    return node
+
+
+def _buckets(snap: Any) -> tuple[list[tuple[str, float]], float] | None:
+    """A heartbeat histogram snapshot → prometheus_client buckets and sum (None if malformed)."""
+    if not isinstance(snap, dict):
+        return None
+    le, cum, total = snap.get("le"), snap.get("cumulative"), _num(snap.get("sum"))
+    if not isinstance(le, list) or not isinstance(cum, list) or len(cum) != len(le) + 1 or total is None:
+        return None
+    bounds = [_num(b) for b in le]
+    counts = [_num(c) for c in cum]
+    if any(b is None for b in bounds) or any(c is None for c in counts):
+        return None
+    if counts != sorted(counts):  # cumulative counts never decrease
+        return None
+    out = [(repr(float(b)), float(c)) for b, c in zip(bounds, counts[:-1])]  # type: ignore[arg-type]
+    out.append(("+Inf", float(counts[-1])))  # type: ignore[arg-type]
+    return out, total
+
+
+# (metric name, kind, help, path in the service's stats, service)
+_SIMPLE: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
+    ("greyproxy_proxy_active_connections", "gauge", "Open client connections (HTTP and SOCKS5)",
+     ("active_connections",), "proxy"),
+    ("greyproxy_proxy_tunnels", "gauge", "Allowed connections being relayed", ("tunnels",), "proxy"),
+    ("greyproxy_proxy_held_connections", "gauge", "Connections waiting for a decision", ("waiting",), "proxy"),
+    ("greyproxy_pending", "gauge", "Pending destinations (the proxy's view)", ("pending_count",), "proxy"),
+    ("greyproxy_rules", "gauge", "Active rules loaded in the proxy", ("rules",), "proxy"),
+    ("greyproxy_journal_outbox_records", "gauge", "Records queued or in flight to the recorder",
+     ("journal", "queued"), "proxy"),
+    ("greyproxy_journal_inflight_records", "gauge", "Records sent to the recorder and not yet acknowledged",
+     ("journal", "inflight"), "proxy"),
+    ("greyproxy_journal_outbox_bytes", "gauge", "Serialised bytes held in the journal outbox",
+     ("journal", "outbox_bytes"), "proxy"),
+    ("greyproxy_journal_dropped_records", "counter", "Records dropped because the outbox was full",
+     ("journal", "dropped"), "proxy"),
+    ("greyproxy_journal_acked_records", "counter", "Records the recorder acknowledged", ("journal", "acked"), "proxy"),
+    ("greyproxy_journal_resent_records", "counter", "Records sent again after no acknowledgement",
+     ("journal", "resent"), "proxy"),
+    ("greyproxy_transactions_captured", "counter", "Transaction records made by the proxy",
+     ("capture", "transactions"), "proxy"),
+    ("greyproxy_websocket_messages_captured", "counter", "WebSocket messages recorded",
+     ("capture", "ws_messages"), "proxy"),
+    ("greyproxy_upstream_pool_idle_connections", "gauge", "Idle upstream connections kept for reuse",
+     ("upstream_pool", "idle"), "proxy"),
+    ("greyproxy_upstream_pool_reused", "counter", "Requests sent on a reused upstream connection",
+     ("upstream_pool", "reused"), "proxy"),
+    ("greyproxy_dns_queries", "counter", "Queries answered by the DNS proxy", ("dns", "queries"), "proxy"),
+    ("greyproxy_dns_cache_hits", "counter", "DNS proxy answers from its cache", ("dns", "cache_hits"), "proxy"),
+    ("greyproxy_recorder_records", "counter", "Journal records written by the recorder", ("records",), "recorder"),
+    ("greyproxy_recorder_batches", "counter", "Journal batches committed by the recorder", ("batches",), "recorder"),
+)
+
+
+class HeartbeatCollector:
+    """A prometheus_client collector over the latest heartbeat of each process.
+
+    `snapshot()` returns {service: (up, stats)}; it is called on every scrape, so the figures are
+    as fresh as the last heartbeat (bus.heartbeatInterval)."""
+
+    def __init__(self, snapshot: Callable[[], dict[str, tuple[bool, dict[str, Any]]]]) -> None:
+        self.snapshot = snapshot
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        seen = self.snapshot()
+        up = GaugeMetricFamily("greyproxy_up", "1 when the process sends heartbeats and is ready", labels=["service"])
+        for name, (alive, _stats) in sorted(seen.items()):
+            up.add_metric([name], 1.0 if alive else 0.0)
+        yield up
+
+        def stats_of(service: str) -> dict[str, Any] | None:
+            entry = seen.get(service)
+            return entry[1] if entry is not None and isinstance(entry[1], dict) else None
+
+        for name, kind, text, path, service in _SIMPLE:
+            stats = stats_of(service)
+            value = _num(_dig(stats, *path)) if stats is not None else None
+            if value is None:
+                continue
+            if kind == "counter":
+                yield CounterMetricFamily(name, text, value=value)
+            else:
+                yield GaugeMetricFamily(name, text, value=value)
+
+        proxy = stats_of("proxy") or {}
+        refused = proxy.get("refused_connections")
+        if isinstance(refused, dict):
+            fam = CounterMetricFamily("greyproxy_proxy_refused_connections",
+                                      "Connections refused by a connection cap", labels=["cap"])
+            for cap, n in sorted(refused.items()):
+                if _num(n) is not None:
+                    fam.add_metric([str(cap)], float(n))
+            yield fam
+        metrics = proxy.get("metrics") if isinstance(proxy.get("metrics"), dict) else {}
+        results = metrics.get("connections")
+        if isinstance(results, dict):
+            fam = CounterMetricFamily("greyproxy_proxy_connections", "Connection decisions by result",
+                                      labels=["result"])
+            for result, n in sorted(results.items()):
+                if _num(n) is not None:
+                    fam.add_metric([str(result)], float(n))
+            yield fam
+        received = metrics.get("bytes_received")
+        if isinstance(received, dict):
+            fam = CounterMetricFamily("greyproxy_proxy_bytes_relayed",
+                                      "Bytes received from clients and from upstreams", labels=["side"])
+            for side, n in sorted(received.items()):
+                if _num(n) is not None:
+                    fam.add_metric([str(side)], float(n))
+            yield fam
+        for key, name, text, stats in (
+            ("decision_seconds", "greyproxy_proxy_decision_seconds",
+             "Time from a connection's request to its allow/block decision, holds included", metrics),
+            ("hold_seconds", "greyproxy_proxy_hold_seconds",
+             "Time connections to unknown destinations waited for a decision", metrics),
+            ("batch_seconds", "greyproxy_recorder_batch_seconds", "Time to write and commit one journal batch",
+             (stats_of("recorder") or {}).get("metrics") or {}),
+        ):
+            parsed = _buckets(stats.get(key)) if isinstance(stats, dict) else None
+            if parsed is not None:
+                fam = HistogramMetricFamily(name, text)
+                fam.add_metric([], parsed[0], parsed[1])
+                yield fam
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: families depend on what the heartbeats carry
