@@ -7,8 +7,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import falcon
+import falcon.asgi
 
 from bus import topics
 from bus.pubsub import Subscriber
@@ -138,3 +140,7 @@ class HealthResource:
             body["down"] = down
             body["error"] = f"down: {', '.join(down)}"
         json_response(resp, body, 200 if not down else 503)
+
+
+def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
+    app.add_route(route("/api/health"), HealthResource(ctx))

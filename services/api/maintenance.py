@@ -11,7 +11,6 @@ import falcon.asgi
 
 from greyproxy.store.models import meta_value
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .util import json_response
 
@@ -49,5 +48,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/maintenance/redact-headers"), JobStartResource(ctx, "redact-headers"))
     app.add_route(route("/api/maintenance/status"), MaintenanceStatusResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

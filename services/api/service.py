@@ -14,12 +14,11 @@ from greyproxy.config import Config
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
-from . import routes  # noqa: F401 - registers the REST areas
-from . import ws  # registers /ws; its bridge task is started below
 from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
 from .notify import run_notifier
+from .settings import current_settings
 
 log = logging.getLogger("greyproxy.api")
 
@@ -58,8 +57,8 @@ async def main(rt: ServiceRuntime) -> None:
         timeout_keep_alive=30, server_header=False, date_header=False,
     ))
     tracker = asyncio.create_task(track_heartbeats(ctx))
-    notifier = asyncio.create_task(run_notifier(ctx))
-    bridge = asyncio.create_task(ws.run_bridge(ctx))
+    notifier = asyncio.create_task(run_notifier(ctx, read_settings=current_settings))
+    bridge = asyncio.create_task(ctx.ws_hub.run_bridge())
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
     serve = asyncio.create_task(server.serve())
     try:

@@ -13,7 +13,6 @@ import falcon.asgi
 from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
 from greyproxy.store import database
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request, not_found
 from .store_ops import like_pattern
@@ -127,5 +126,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/transactions"), TransactionsResource(ctx))
     app.add_route(route("/api/transactions/{tid:id}"), TransactionResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

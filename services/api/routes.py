@@ -1,8 +1,0 @@
-"""Imports every REST area so each registers its routes with app.ROUTE_PROVIDERS."""
-
-from . import allowall, logs, pending, rules, settings  # noqa: F401 - imported for their registration
-
-__all__ = ["allowall", "logs", "pending", "rules", "settings"]
-from . import certs  # noqa: E402,F401 - /api/cert/*
-from . import maintenance  # noqa: E402,F401 - /api/maintenance/*
-from . import transactions  # noqa: E402,F401 - /api/transactions
