@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +15,7 @@ from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
 from bus.reqrep import ControlServer, RemoteError
+from greyproxy import ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import Rule, RuleSet
@@ -199,10 +202,15 @@ async def main(rt: ServiceRuntime) -> None:
         lst = cfg.listeners.get(name)
         if lst is None or not lst.port:
             continue
-        servers.append(await start_listener(ctx, lst.host, lst.port, handler))
+        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler)
+        servers.append(await ports.bind_retrying(start, name, lst.host, lst.port, logger=log))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
     dns_lst = cfg.listeners.get("dns-proxy")
-    dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor, settings) if dns_lst and dns_lst.port else None
+    dns: DnsProxy | None = None
+    if dns_lst and dns_lst.port:
+        start_dns_once = functools.partial(start_dns, cfg, gate, journal, executor, settings)
+        dns = await ports.bind_retrying(start_dns_once, "dns-proxy", dns_lst.host, dns_lst.port,
+                                        (socket.SOCK_DGRAM, socket.SOCK_STREAM), logger=log)
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
         return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),
