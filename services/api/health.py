@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -128,7 +129,7 @@ class HealthResource:
             db_up = False
         if not db_up:
             down.append("database")
-        body = {
+        body: dict[str, Any] = {
             "service": "greyproxy",
             "version": __version__,
             "status": "ok" if not down else "degraded",

@@ -17,17 +17,15 @@ import orjson
 
 from greyproxy.policy import Rule, RuleSet, scope_patterns, validate_port_pattern
 from greyproxy.store import database
+from greyproxy.store import logs as logs_table
+from greyproxy.store import pending as pending_table
+from greyproxy.store import rules as rules_table
 
 Key = tuple[str, str, int]  # (container, host, port): how the proxy names a held connection
 
-RULE_COLUMNS = ("id", "container_pattern", "destination_pattern", "port_pattern", "rule_type", "action",
-                "created_at", "expires_at", "last_used_at", "created_by", "notes", "source", "session_id",
-                "hit_count")
-PENDING_COLUMNS = ("id", "container_name", "container_id", "destination_host", "destination_port",
-                   "resolved_hostname", "first_seen", "last_seen", "attempt_count")
-LOG_COLUMNS = ("id", "timestamp", "container_name", "container_id", "destination_host", "destination_port",
-               "resolved_hostname", "method", "result", "rule_id", "response_time_ms", "reason",
-               "mitm_skip_reason")
+RULE_COLUMNS = rules_table.COLUMNS  # each table's columns are defined with it, under greyproxy/store/
+PENDING_COLUMNS = pending_table.COLUMNS
+LOG_COLUMNS = logs_table.COLUMNS
 
 _RULE_SELECT = f"SELECT {', '.join(RULE_COLUMNS)} FROM rules"
 _PENDING_SELECT = f"SELECT {', '.join(PENDING_COLUMNS)} FROM pending"
@@ -95,7 +93,8 @@ def get_rule(rule_id: int) -> dict[str, Any] | None:
 def list_rules(container: str | None, destination: str | None, action: str | None, include_expired: bool,
                limit: int, offset: int, now: float | None = None) -> tuple[list[dict[str, Any]], int]:
     now = time.time() if now is None else now
-    where, args = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
     if not include_expired:
         where.append(_ACTIVE)
         args.append(now)
@@ -232,7 +231,8 @@ def get_pending(pending_id: int) -> dict[str, Any] | None:
 
 
 def _pending_filter(container: str | None, destination: str | None) -> tuple[str, list[Any]]:
-    where, args = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
     if container:
         where.append("container_name LIKE ? ESCAPE '\\'")
         args.append(like_pattern(container))
@@ -391,7 +391,8 @@ class LogFilter:
 
 def _log_where(f: LogFilter, alias: str = "") -> tuple[str, list[Any]]:
     a = f"{alias}." if alias else ""
-    where, args = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
     if f.container:
         where.append(f"{a}container_name = ?")  # exact: served by the (container_name, timestamp) index
         args.append(f.container)
@@ -424,7 +425,8 @@ def _log_total(f: LogFilter) -> int:
     """The exact number of rows the filter matches. Filters on container/result only (or none) sum
     the trigger-maintained log_counts (migration 3); others count the matching rows."""
     if f.destination is None and f.from_ts is None and f.to_ts is None:
-        where, args = ["1 = 1"], []
+        where: list[str] = ["1 = 1"]
+        args: list[Any] = []
         if f.container:
             where.append("container_name = ?")
             args.append(f.container)

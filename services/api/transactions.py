@@ -10,15 +10,17 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
+from greyproxy.capture import transaction_json
 from greyproxy.store import database
+from greyproxy.store.transactions import BODY_COLUMNS
+from greyproxy.store.transactions import COLUMNS as TRANSACTION_COLUMNS
 
 from .context import ApiContext
 from .errors import bad_request, not_found
 from .store_ops import like_pattern
 from .util import bool_param, int_param, json_response, time_param
 
-_LIST_COLUMNS = ", ".join(c for c in TRANSACTION_COLUMNS if c not in ("request_body", "response_body"))
+_LIST_COLUMNS = ", ".join(c for c in TRANSACTION_COLUMNS if c not in BODY_COLUMNS)
 _ALL_COLUMNS = ", ".join(TRANSACTION_COLUMNS)
 
 
@@ -34,7 +36,8 @@ class TransactionFilter:
 
 
 def _where(f: TransactionFilter) -> tuple[str, list[Any]]:
-    where, args = ["1 = 1"], []
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
     if f.container:
         where.append("container_name = ?")  # exact, like /api/logs: the (container, timestamp) index serves it
         args.append(f.container)

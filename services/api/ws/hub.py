@@ -86,7 +86,7 @@ class EventFilter:
         self.excluded: set[str] = set()
         self.narrowed = False
 
-    def subscribe(self, pattern: str) -> None:
+    def subscribe(self, pattern: object) -> None:
         key, family = parse_pattern(pattern)
         if not self.narrowed:
             self.families.clear()
@@ -99,7 +99,7 @@ class EventFilter:
             self.exact.add(key)
             self.excluded.discard(key)
 
-    def unsubscribe(self, pattern: str) -> None:
+    def unsubscribe(self, pattern: object) -> None:
         key, family = parse_pattern(pattern)
         if family:
             self.families.discard(key)

@@ -92,9 +92,9 @@ class Connection:
             self.too_slow = True
             log.info("ws %s: a send blocked for over %.0f s; disconnecting", self.peer, self.send_timeout)
         for task in done:
-            exc = None if task.cancelled() else task.exception()
-            if exc is not None and not _is_disconnect(exc):
-                log.warning("ws %s: ended by %r", self.peer, exc)
+            err = None if task.cancelled() else task.exception()
+            if err is not None and not _is_disconnect(err):
+                log.warning("ws %s: ended by %r", self.peer, err)
 
     def _send_stuck(self) -> bool:
         started = self._send_started
