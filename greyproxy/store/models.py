@@ -13,6 +13,7 @@ class BaseModel(pw.Model):
 
 
 class Rule(BaseModel):
+    id = pw.AutoField()
     container_pattern = pw.TextField()
     destination_pattern = pw.TextField()
     port_pattern = pw.TextField(default="*")

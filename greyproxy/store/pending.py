@@ -16,3 +16,10 @@ INSERT = ("INSERT INTO pending (container_name, container_id, destination_host, 
 BUMP = ("UPDATE pending SET last_seen = MAX(last_seen, ?), attempt_count = attempt_count + 1,"
         " resolved_hostname = COALESCE(resolved_hostname, ?) WHERE id = ?")
 GET = f"SELECT {', '.join(COLUMNS)} FROM pending WHERE id = ?"
+
+
+def count() -> int:
+    """How many entries the pending queue holds."""
+    from .models import Pending
+
+    return int(Pending.select().count())

@@ -20,6 +20,7 @@ from greyproxy.store import database
 from greyproxy.store import logs as logs_table
 from greyproxy.store import pending as pending_table
 from greyproxy.store import rules as rules_table
+from greyproxy.store import settings as settings_table
 
 Key = tuple[str, str, int]  # (container, host, port): how the proxy names a held connection
 
@@ -503,22 +504,11 @@ def log_stats(from_ts: float, to_ts: float, group_by: str, top_containers: int =
 
 def read_settings() -> dict[str, Any]:
     """Every stored setting, JSON-decoded; a value that does not decode is skipped."""
-    out: dict[str, Any] = {}
-    for key, value in database.execute_sql("SELECT key, value FROM settings").fetchall():
-        try:
-            out[key] = orjson.loads(value)
-        except orjson.JSONDecodeError:
-            continue
-    return out
+    return settings_table.read_all()
 
 
 def write_settings(changes: dict[str, Any], now: float | None = None) -> dict[str, Any]:
     """Upsert each key as a JSON value; returns every stored setting afterwards."""
-    now = time.time() if now is None else now
     with _write():
-        for key, value in changes.items():
-            database.execute_sql(
-                "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                (key, orjson.dumps(value).decode(), now))
-        return read_settings()
+        settings_table.write(changes, now)
+        return settings_table.read_all()

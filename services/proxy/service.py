@@ -20,7 +20,9 @@ from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
-from greyproxy.store import open_database
+from greyproxy.store import dns_cache, open_database
+from greyproxy.store import pending as pending_table
+from greyproxy.store import rules as rules_table
 
 from .dns_proxy import DnsProxy, start_dns
 from .gate import Gate
@@ -57,14 +59,7 @@ class RuleLoader:
 
     @staticmethod
     def _load() -> tuple[int, RuleSet]:
-        from greyproxy.store import database
-        from greyproxy.store.models import meta_value
-
-        with database.atomic():  # one read transaction: the version matches the rows
-            version = meta_value("rules_version")
-            rows = database.execute_sql(
-                "SELECT id, container_pattern, destination_pattern, port_pattern, action, source,"
-                " expires_at, session_id FROM rules").fetchall()
+        version, rows = rules_table.snapshot()  # one read transaction: the version matches the rows
         rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
                       action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows]
         return version, RuleSet(rules, skip_invalid=True)
@@ -114,14 +109,11 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
 
 
 def _load_dns_names() -> dict[str, tuple[str, float]]:
-    from greyproxy.store import database
-
-    rows = database.execute_sql("SELECT ip, hostname, updated_at FROM dns_cache WHERE updated_at > ?",
-                                (time.time() - DNS_KEEP,)).fetchall()
+    rows = dns_cache.names_since(time.time() - DNS_KEEP)
     # Memory keeps a name for NAME_TTL after it was last seen; a name reloaded at start counts as
     # seen now, or every mapping older than an hour would be dropped at the first prune.
     now = time.time()
-    return {ip: (name, now) for ip, name, _ts in rows}
+    return {ip: (name, now) for ip, name in rows}
 
 
 def _raise_fd_limit(limits: Limits) -> None:
@@ -149,9 +141,7 @@ def _raise_fd_limit(limits: Limits) -> None:
 
 
 def _count_pending() -> int:
-    from greyproxy.store import database
-
-    return int(database.execute_sql("SELECT COUNT(*) FROM pending").fetchone()[0])
+    return pending_table.count()
 
 
 async def main(rt: ServiceRuntime) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bus import records
-from greyproxy.store import dns_cache, logs, open_database, pending, rules, transactions
+from greyproxy.store import dns_cache, logs, open_database, pending, rules, settings, transactions
 from services.recorder import transactions as recorder_transactions  # noqa: F401 - its kind's applier
 from services.recorder.apply import APPLIERS, apply_records
 
@@ -24,7 +24,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize(("table", "module"), [
     ("logs", logs), ("pending", pending), ("rules", rules), ("dns_cache", dns_cache),
-    ("http_transactions", transactions),
+    ("http_transactions", transactions), ("settings", settings),
 ])
 def test_column_lists_are_the_schema(db_path: Path, table: str, module: typing.Any) -> None:
     conn = sqlite3.connect(db_path)
@@ -83,3 +83,20 @@ def test_built_records_apply(db_path: Path) -> None:
         assert log_new["rule_summary"] == "s"
     finally:
         conn.close()
+
+
+def test_store_reads_through_peewee(db_path: Path) -> None:
+    """The ordinary reads of the proxy and the API (rules snapshot, pending count, DNS names, settings)."""
+    open_database(db_path)
+    try:
+        version, rows = rules.snapshot()
+        assert version >= 1 and {r[2] for r in rows} >= {"localhost", "127.0.0.1", "::1"} and len(rows[0]) == 8
+        assert pending.count() == 0
+        assert dns_cache.names_since(0) == []
+        settings.write({"theme": "dark", "logDnsQueries": True}, now=1.0)
+        settings.write({"theme": "light"})
+        v, values = settings.read_with_version()
+        assert values == {"theme": "light", "logDnsQueries": True} and v >= 2
+    finally:
+        from greyproxy.store import database
+        database.close()
