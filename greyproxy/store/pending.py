@@ -1,6 +1,11 @@
-"""The `pending` table (migration 1): its columns, and the SQL of a sighting (the recorder's upsert)."""
+"""The `pending` table (migration 1): its columns, the SQL of a sighting (the recorder's upsert) and the API's queries."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from . import sql
 
 COLUMNS = ("id", "container_name", "container_id", "destination_host", "destination_port", "resolved_hostname",
            "first_seen", "last_seen", "attempt_count")
@@ -23,3 +28,82 @@ def count() -> int:
     from .models import Pending
 
     return int(Pending.select().count())
+
+
+# --------------------------------------------------------------------------- the API's queries
+
+SELECT = f"SELECT {', '.join(COLUMNS)} FROM pending"
+GROUP_HOST = "COALESCE(resolved_hostname, destination_host)"  # the host a pending group is shown under
+Key = tuple[str, str, int]  # (container, host, port): how the proxy names a held connection
+
+
+def get(pending_id: int) -> dict[str, Any] | None:
+    return sql.one(f"{SELECT} WHERE id = ?", (pending_id,))
+
+
+def all_rows() -> list[dict[str, Any]]:
+    return sql.rows(SELECT)
+
+
+def _filter(container: str | None, destination: str | None) -> tuple[str, list[Any]]:
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
+    if container:
+        where.append("container_name LIKE ? ESCAPE '\\'")
+        args.append(sql.like_pattern(container))
+    if destination:
+        where.append("(destination_host LIKE ? ESCAPE '\\' OR resolved_hostname LIKE ? ESCAPE '\\')")
+        args.extend([sql.like_pattern(destination)] * 2)
+    return " AND ".join(where), args
+
+
+def list_groups(container: str | None, destination: str | None, limit: int,
+                offset: int) -> tuple[list[dict[str, Any]], int]:
+    """Groups of rows sharing (container, resolved-or-raw host, port), newest last_seen first.
+
+    Each group is its latest row with attempts summed, the earliest first_seen and `hosts`
+    (every raw host in the group, to count the connections held for any of them)."""
+    clause, args = _filter(container, destination)
+    part = f"PARTITION BY container_name, {GROUP_HOST}, destination_port"
+    with sql.read_transaction():
+        total = int(sql.scalar(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM pending WHERE {clause}"
+            f" GROUP BY container_name, {GROUP_HOST}, destination_port)", args))
+        rows = sql.rows(
+            "SELECT id, container_name, container_id, destination_host, destination_port, resolved_hostname,"
+            " first_seen, last_seen, attempt_count, hosts FROM ("
+            "  SELECT id, container_name, container_id, destination_host, destination_port, resolved_hostname,"
+            "   last_seen, MIN(first_seen) OVER w AS first_seen, SUM(attempt_count) OVER w AS attempt_count,"
+            "   group_concat(destination_host, char(31)) OVER w AS hosts,"
+            f"   ROW_NUMBER() OVER ({part} ORDER BY last_seen DESC, id DESC) AS rn"
+            f"  FROM pending WHERE {clause} WINDOW w AS ({part}))"
+            " WHERE rn = 1 ORDER BY last_seen DESC, id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset])
+    for row in rows:
+        row["hosts"] = sorted(set((row["hosts"] or "").split("\x1f")))
+    return rows, total
+
+
+def group_count() -> int:
+    """How many groups the queue shows (what /api/pending/count answers)."""
+    return int(sql.scalar(f"SELECT COUNT(*) FROM (SELECT 1 FROM pending"
+                          f" GROUP BY container_name, {GROUP_HOST}, destination_port)"))
+
+
+def group_of(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The row and its siblings: same container and port, same resolved-or-raw host."""
+    host = row["resolved_hostname"] or row["destination_host"]
+    return sql.rows(f"{SELECT} WHERE container_name = ? AND destination_port = ? AND {GROUP_HOST} = ?",
+                    (row["container_name"], row["destination_port"], host))
+
+
+def delete_rows(rows: Iterable[dict[str, Any]]) -> list[Key]:
+    """Delete the rows; the held-connection keys they stood for."""
+    rows = list(rows)
+    if not rows:
+        return []
+    ids = [r["id"] for r in rows]
+    for i in range(0, len(ids), 500):  # stay far below SQLite's bound-parameter limit
+        chunk = ids[i:i + 500]
+        sql.execute(f"DELETE FROM pending WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+    return [(r["container_name"], r["destination_host"], int(r["destination_port"])) for r in rows]

@@ -1,6 +1,12 @@
-"""The `http_transactions` table (migration 2): its columns, and the SQL the recorder writes it with."""
+"""The `http_transactions` table (migration 2): its columns, the SQL the recorder writes it with, and
+the API's listing and lookup."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from . import sql
 
 COLUMNS = (
     "id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
@@ -15,3 +21,59 @@ BODY_COLUMNS = ("request_body", "response_body")  # left out of listings
 # Hand-written rather than peewee's insert_many, as for logs: one executemany per batch in the
 # recorder (bench/run.py's recorder rows), where a query object per batch costs measurably more.
 INSERT = f"INSERT INTO http_transactions ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+
+
+# --------------------------------------------------------------------------- the API's queries
+
+_LIST_COLUMNS = ", ".join(c for c in COLUMNS if c not in BODY_COLUMNS)
+_ALL_COLUMNS = ", ".join(COLUMNS)
+
+
+@dataclass(frozen=True)
+class TransactionFilter:
+    container: str | None = None
+    destination: str | None = None
+    method: str | None = None
+    session_id: str | None = None
+    conversation_id: str | None = None
+    from_ts: float | None = None
+    to_ts: float | None = None
+
+
+def _where(f: TransactionFilter) -> tuple[str, list[Any]]:
+    where: list[str] = ["1 = 1"]
+    args: list[Any] = []
+    if f.container:
+        where.append("container_name = ?")  # exact, like /api/logs: the (container, timestamp) index serves it
+        args.append(f.container)
+    if f.destination:
+        where.append("destination_host LIKE ? ESCAPE '\\'")
+        args.append(sql.like_pattern(f.destination))
+    for col in ("method", "session_id", "conversation_id"):
+        value = getattr(f, col)
+        if value:
+            where.append(f"{col} = ?")
+            args.append(value)
+    if f.from_ts is not None:
+        where.append("timestamp >= ?")
+        args.append(f.from_ts)
+    if f.to_ts is not None:
+        where.append("timestamp <= ?")
+        args.append(f.to_ts)
+    return " AND ".join(where), args
+
+
+def list_transactions(f: TransactionFilter, limit: int, offset: int,
+                      include_bodies: bool) -> tuple[list[dict[str, Any]], int]:
+    clause, args = _where(f)
+    cols = _ALL_COLUMNS if include_bodies else _LIST_COLUMNS
+    with sql.read_transaction():  # the count and the page from one snapshot
+        total = int(sql.scalar(f"SELECT COUNT(*) FROM http_transactions WHERE {clause}", args))
+        rows = sql.rows(
+            f"SELECT {cols} FROM http_transactions WHERE {clause} ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
+            [*args, limit, offset])
+    return rows, total
+
+
+def get_transaction(tid: int) -> dict[str, Any] | None:
+    return sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
