@@ -44,3 +44,6 @@ def write(changes: dict[str, Any], now: float | None = None) -> None:
          .on_conflict(conflict_target=[Setting.key], update={Setting.value: orjson.dumps(value).decode(),
                                                              Setting.updated_at: now})
          .execute())
+
+
+GET_RAW = "SELECT value FROM settings WHERE key = ?"  # one stored JSON value (maintenance's raw connection)

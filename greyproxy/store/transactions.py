@@ -77,3 +77,10 @@ def list_transactions(f: TransactionFilter, limit: int, offset: int,
 
 def get_transaction(tid: int) -> dict[str, Any] | None:
     return sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
+
+
+# --------------------------------------------------------------------------- maintenance (raw sqlite3 connection)
+
+COUNT = "SELECT COUNT(*) FROM http_transactions"
+HEADERS_AFTER = "SELECT id, request_headers, response_headers FROM http_transactions WHERE id > ? ORDER BY id LIMIT ?"
+SET_HEADERS = "UPDATE http_transactions SET request_headers = ?, response_headers = ? WHERE id = ?"
