@@ -33,6 +33,7 @@ class Rule(BaseModel):
 
 
 class Pending(BaseModel):
+    id = pw.AutoField()
     container_name = pw.TextField()
     container_id = pw.TextField(default="")
     destination_host = pw.TextField()
