@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Sequence
 
 import falcon
@@ -9,33 +10,47 @@ import falcon.asgi
 import falcon.media
 import orjson
 
-from . import allowall, certs, errors, health, logs, maintenance, openapi, pending, rules, settings, transactions
+from . import errors, openapi
 from .context import ApiContext
 from .origin import LocalOnly, configured_hosts
 from .util import IdConverter
-from .ws import resource as ws_resource
 
 # route(path) puts the configured path prefix in front of an area's path.
 Route = Callable[[str], str]
 # An area adds its resources: register(app, ctx, route).
 Area = Callable[[falcon.asgi.App, ApiContext, Route], object]
 
-# Every area the API serves, one line each (a new area: its module's register here).
-AREAS: tuple[Area, ...] = (
-    health.register,  # /api/health
-    allowall.register,  # /api/allowall
-    logs.register,  # /api/logs, /api/logs/stats, /api/dashboard
-    pending.register,  # /api/pending
-    rules.register,  # /api/rules
-    settings.register,  # /api/settings, /api/notifications
-    certs.register,  # /api/cert/*
-    maintenance.register,  # /api/maintenance/*
-    transactions.register,  # /api/transactions
-    ws_resource.register,  # /ws
+# Every area the API serves, in order: a module of this package with a register(app, ctx, route).
+# A new area is one line here (its module is imported when the app is built, nothing registers
+# itself on import).
+AREAS: tuple[str, ...] = (
+    "health",  # /api/health
+    "allowall",  # /api/allowall
+    "logs",  # /api/logs, /api/logs/stats, /api/dashboard
+    "pending",  # /api/pending
+    "rules",  # /api/rules
+    "settings",  # /api/settings, /api/notifications
+    "certs",  # /api/cert/*
+    "maintenance",  # /api/maintenance/*
+    "transactions",  # /api/transactions
+    "ws.resource",  # /ws
 )
 
 
-def create_app(ctx: ApiContext, areas: Sequence[Area] = AREAS) -> falcon.asgi.App:
+def area_registers(names: Sequence[str] = AREAS) -> list[Area]:
+    """The register function of each named area module, in order."""
+    out: list[Area] = []
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{name}")
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise TypeError(f"API area {module.__name__} has no register(app, ctx, route)")
+        out.append(register)
+    return out
+
+
+def create_app(ctx: ApiContext, areas: Sequence[Area] | None = None) -> falcon.asgi.App:
+    """The app with `areas` (default: every one in AREAS), then /api/openapi.json describing them."""
     # LocalOnly: foreign Host (DNS rebinding) → 421, foreign Origin / cross-site writes → 403,
     # on every request and WebSocket upgrade, before routing.
     app = falcon.asgi.App(cors_enable=False, middleware=[LocalOnly(configured_hosts(ctx.cfg))])
@@ -51,7 +66,7 @@ def create_app(ctx: ApiContext, areas: Sequence[Area] = AREAS) -> falcon.asgi.Ap
     def route(path: str) -> str:
         return f"{prefix}{path}"
 
-    for register in areas:
+    for register in area_registers() if areas is None else areas:
         register(app, ctx, route)
     openapi.register(app, ctx, route)  # last: it describes the routes the areas added
     return app

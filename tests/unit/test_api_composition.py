@@ -67,3 +67,15 @@ def test_context_declares_its_live_state(tmp_path: Path) -> None:
     assert {"ws_hub", "notification_claims"} <= names
     ctx = _ctx(tmp_path)
     assert isinstance(ctx.ws_hub, Hub) and ctx.ws_hub.ctx is ctx and ctx.notification_claims == 0
+
+
+def test_areas_are_named_once_and_resolve() -> None:
+    assert len(set(app.AREAS)) == len(app.AREAS)
+    registers = app.area_registers()
+    assert [r.__module__ for r in registers] == [f"services.api.{name}" for name in app.AREAS]
+    try:
+        app.area_registers(["util"])  # a module of the package that is not an area
+    except TypeError as exc:
+        assert "services.api.util has no register" in str(exc)
+    else:
+        raise AssertionError("a module without register() was accepted as an area")
