@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test install bench bench-quick clean
+.PHONY: serve test lint install bench bench-quick clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,12 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff (lint, then the formatter's check) and mypy over the packages; settings in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check greyproxy bus services tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/ruff format --check greyproxy bus services tests bench
 
 bench: $(STAMP)
 	$(PY) bench/run.py

@@ -21,7 +21,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import zmq
@@ -204,7 +204,7 @@ class JournalWriter:
             body = b"".join((_BATCH_HEAD % bid, b",".join(records), _BATCH_TAIL))
             # On a zmq.asyncio socket a NOBLOCK send resolves at once and EAGAIN (no recorder
             # connected) comes back inside the returned future rather than being raised.
-            fut = self._sock.send_multipart([b"", body], zmq.NOBLOCK)
+            fut = cast("asyncio.Future[Any]", self._sock.send_multipart([b"", body], zmq.NOBLOCK))
             if fut.done() and fut.exception() is not None:
                 self._queue.extendleft(reversed(records))
                 self._queued_bytes += nbytes

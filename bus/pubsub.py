@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 import zmq.asyncio
@@ -52,7 +52,7 @@ class Publisher:
         sock = self._sock
         # ZMQ_EVENTS also makes the socket process what its I/O thread delivered (new
         # subscriptions included), so afterwards the pending ones are all readable.
-        if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if not cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             return
         while True:
             try:

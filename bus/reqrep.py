@@ -137,7 +137,7 @@ class ControlClient:
                     # No connected peer yet (a fresh socket connects asynchronously): wait up to
                     # this try's timeout for the connection, then send; reopen if it never comes.
                     sent = False
-                    if await self._sock.poll(timeout * 1000, zmq.POLLOUT):
+                    if await self._sock.poll(timeout * 1000, zmq.POLLOUT):  # type: ignore[call-arg]  # pyzmq types poll() without flags
                         try:
                             await self._sock.send_multipart([b"", body], zmq.NOBLOCK)
                             sent = True
@@ -150,7 +150,7 @@ class ControlClient:
                     remaining = deadline - asyncio.get_running_loop().time()
                     if remaining <= 0:
                         break
-                    if not await self._sock.poll(remaining * 1000, zmq.POLLIN):
+                    if not await self._sock.poll(remaining * 1000, zmq.POLLIN):  # type: ignore[call-arg]  # as above
                         break
                     frames = await self._sock.recv_multipart()
                     try:

@@ -10,6 +10,7 @@ from typing import Any
 import orjson
 
 from .shapes import micros, whole_ms
+from .store import transactions as transactions_table
 from .timeutil import rfc3339
 
 __all__ = ["BodyCapture", "TRANSACTION_COLUMNS", "decode_body", "is_text_like", "stored_body", "transaction_json"]
@@ -17,16 +18,10 @@ __all__ = ["BodyCapture", "TRANSACTION_COLUMNS", "decode_body", "is_text_like", 
 DEFAULT_MAX_BODY = 2 * 1024 * 1024
 _DECODE_STEP = 64 * 1024  # compressed bytes fed per step, so a bomb never expands past the cap by much
 
-# Stored columns of http_transactions (migrations 2 and 4), in one place for the recorder and the API.
-TRANSACTION_COLUMNS = (
-    "id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
-    "request_headers", "request_body", "request_body_size", "request_content_type", "status_code",
-    "response_headers", "response_body", "response_body_size", "response_content_type", "duration_ms",
-    "rule_id", "result", "conversation_id", "substituted_credentials", "session_id",
-    "request_host", "host_mismatch", "error",
-)
-_JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials")
-_BODY_COLUMNS = ("request_body", "response_body")
+# Stored columns of http_transactions: defined with the table (greyproxy/store/transactions.py).
+TRANSACTION_COLUMNS = transactions_table.COLUMNS
+_JSON_COLUMNS = transactions_table.JSON_COLUMNS
+_BODY_COLUMNS = transactions_table.BODY_COLUMNS
 
 
 class BodyCapture:

@@ -7,11 +7,12 @@ import logging
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from . import __version__
+from . import __version__, ports
 from .config import (
     ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, ENV_SUPERVISOR_PID, Config, ConfigError, ensure_dirs,
     load_config,
@@ -38,12 +39,9 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None), getattr(args, "host", None))
 
 
-def ports_in_use(cfg: Config) -> list[str]:
-    """The configured listening addresses something else holds right now, one line each.
-
-    Checked before supervisord starts: a taken port would otherwise make the program that needs it
-    exit and be restarted over and over, with the reason only in its log file."""
-    wanted: list[tuple[str, str, int, int]] = []  # (what, host, port, socket type)
+def listen_addresses(cfg: Config) -> list[tuple[str, str, int, int]]:
+    """What the stack will listen on: (what, host, port, socket type)."""
+    wanted: list[tuple[str, str, int, int]] = []
     if cfg.api:
         wanted.append(("API (greyproxy.addr)", cfg.api.host, cfg.api.port, socket.SOCK_STREAM))
     for lst in cfg.listeners.values():
@@ -51,22 +49,39 @@ def ports_in_use(cfg: Config) -> list[str]:
             wanted.append((lst.name, lst.host, lst.port, socket.SOCK_STREAM))
             if lst.name == "dns-proxy":
                 wanted.append((f"{lst.name} (udp)", lst.host, lst.port, socket.SOCK_DGRAM))
-    busy = []
-    for what, host, port, kind in wanted:
-        try:
-            infos = socket.getaddrinfo(host or None, port, type=kind, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            busy.append(f"{what}: cannot resolve {host!r}: {exc}")
+    return wanted
+
+
+def ports_in_use(cfg: Config, say: Callable[[str], None] = print, wait: float = ports.LINGER_WAIT) -> list[str]:
+    """The configured listening addresses that cannot be had, one line each; [] when all are free.
+
+    Checked before supervisord starts: a taken port would otherwise make the program that needs it
+    exit and be restarted over and over, with the reason only in its log file. A port a program
+    listens on is reported at once, naming the program; one held only by connections that are
+    closing (TIME_WAIT) is waited for, up to `wait` s (said once through `say`)."""
+    wanted = listen_addresses(cfg)
+    problems: list[str] = []
+    lingering = []
+    for what, host, port, kind in wanted:  # first every port at once: a listening program is refused now
+        err = ports.try_bind(host, port, kind)
+        if err is None:
             continue
-        family, _t, _p, _c, addr = infos[0]
-        with socket.socket(family, kind) as sock:
-            if kind == socket.SOCK_STREAM:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the services bind
-            try:
-                sock.bind(addr)
-            except OSError as exc:
-                busy.append(f"{what}: cannot listen on {host or '*'}:{port}: {exc.strerror or exc}")
-    return busy
+        if not ports.is_in_use(err):
+            problems.append(f"{what}: cannot listen on {host or '*'}:{port}: {err.strerror or err}")
+            continue
+        verdict = ports.diagnose(host, port, kind)
+        if verdict.listening:
+            problems.append(str(ports.PortBusy(what, host, port, verdict.holders, "")))
+        else:
+            lingering.append((what, host, port, kind))
+    if problems:
+        return problems
+    for what, host, port, kind in lingering:  # then wait for the closing connections (their clocks run together)
+        try:
+            ports.wait_until_bindable(what, host, port, kind, wait=wait, say=say)
+        except OSError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -74,11 +89,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ensure_dirs(cfg)
     for w in cfg.warnings:
         print(f"greyproxy: warning: {w}", file=sys.stderr)
-    busy = ports_in_use(cfg)
+    busy = ports_in_use(cfg, say=lambda line: print(f"greyproxy: {line}", file=sys.stderr, flush=True))
     if busy:
         for line in busy:
             print(f"greyproxy: {line}", file=sys.stderr)
-        print("greyproxy: is another greyproxy running? Stop it, or choose other ports (-C FILE).", file=sys.stderr)
+        print("greyproxy: stop what holds the port, or choose other ports (-C FILE).", file=sys.stderr)
         return 1
     env = dict(os.environ)
     env[ENV_DATA] = str(cfg.data_dir)
@@ -92,11 +107,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env[ENV_SUPERVISOR_PID] = str(os.getpid())  # execve keeps the pid: this is supervisord's
     env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
     env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)
-    ports = cfg.ports()
+    listen_ports = cfg.ports()
     print(
         f"greyproxy {__version__}: API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix} | "
         if cfg.api else f"greyproxy {__version__}: API disabled | ",
-        " ".join(f"{k} :{v}" for k, v in ports.items() if k != "api"),
+        " ".join(f"{k} :{v}" for k, v in listen_ports.items() if k != "api"),
         f"| data {cfg.data_dir} | logs {cfg.log_dir}",
         flush=True,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import signal
 import sys
 import time
@@ -121,7 +122,7 @@ def _tail(sock: zmq.Socket, filt: TypeFilter, as_json: bool, out: TextIO, stoppe
         except zmq.Again:
             continue
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EINTR:  # a signal arrived; the loop checks the flag
+            if exc.errno == errno.EINTR:  # a signal arrived; the loop checks the flag
                 continue
             raise
         try:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -232,7 +233,7 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def data_dir_from_env(env: dict[str, str] | None = None) -> Path:
+def data_dir_from_env(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     if env.get(ENV_DATA):
         return Path(env[ENV_DATA]).expanduser()
@@ -330,7 +331,7 @@ def _bind_host(host: str, default_host: str, warnings: list[str], key: str) -> s
 def load_config(
     path: str | os.PathLike | None = None,
     host: str | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Config:
     """Resolve the configuration: embedded default, then FILE, then --host; validate it."""
     env = os.environ if env is None else env

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ def _set_pdeathsig(sig: int) -> bool:
         return False
 
 
-def exit_with_parent(env: dict[str, str] | None = None) -> bool:
+def exit_with_parent(env: Mapping[str, str] | None = None) -> bool:
     """Make this process stop when the process that started it dies, even by SIGKILL.
 
     Applies under supervisord (or when GREYPROXY_EXIT_WITH_PARENT=1): a supervisord killed with

@@ -322,7 +322,7 @@ GEMINI = "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-pro
 def gemini_sse(texts: list[str], call: tuple[str, dict[str, Any]] | None = None, usage: dict[str, int] | None = None,
                finish: str = "STOP") -> str:
     ev: list[tuple[str | None, Any]] = []
-    for i, t in enumerate(texts):
+    for t in texts:
         chunk: dict[str, Any] = {"candidates": [{"content": {"role": "model", "parts": [{"text": t}]}, "index": 0}],
                                  "modelVersion": "gemini-2.5-pro"}
         ev.append((None, chunk))

@@ -8,6 +8,7 @@ raw unless it is the intercepting instance). Every setting is written into resul
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -20,6 +21,26 @@ from .procs import Managed, free_port, run_capture, status_kb, tree_rss_kb, wait
 BENCH = Path(__file__).resolve().parent.parent
 REPO = BENCH.parent
 PEERS_VENV = BENCH / ".venv-peers"
+
+
+def _test_harness() -> Any:
+    """tests/harness (the suite's Stack), imported by path under its own name: this package is
+    also called `harness`, so a plain `import harness` from there would find us instead."""
+    name = "greyproxy_tests_harness"
+    if name in sys.modules:
+        return sys.modules[name]
+    pkg = REPO / "tests" / "harness"
+    spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no package at {pkg}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
 
 
 class Unavailable(Exception):
@@ -82,11 +103,10 @@ class GreyProxy(ProxyUnderTest):
                          "`bench* → *` for named bench clients")
 
     def start(self) -> None:
-        sys.path.insert(0, str(REPO / "tests"))
         try:
-            from conftest import Stack  # the suite's own helper: whole stack, free ports, temp dir
+            Stack = _test_harness().Stack  # noqa: N806 - the suite's own helper: whole stack, free ports, temp dir
         except ImportError as exc:
-            raise Unavailable(f"cannot import tests/conftest.py Stack: {exc}") from None
+            raise Unavailable(f"cannot import tests/harness Stack: {exc}") from None
         overrides: dict[str, Any] = {
             "proxy": {"maxConnectionsPerClient": 20000, "maxConnections": 20000, "holdTimeout": 30,
                       "idleTimeout": 600, "headerTimeout": 30},

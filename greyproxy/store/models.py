@@ -13,6 +13,7 @@ class BaseModel(pw.Model):
 
 
 class Rule(BaseModel):
+    id = pw.AutoField()
     container_pattern = pw.TextField()
     destination_pattern = pw.TextField()
     port_pattern = pw.TextField(default="*")
@@ -32,6 +33,7 @@ class Rule(BaseModel):
 
 
 class Pending(BaseModel):
+    id = pw.AutoField()
     container_name = pw.TextField()
     container_id = pw.TextField(default="")
     destination_host = pw.TextField()

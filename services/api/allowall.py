@@ -12,7 +12,6 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request
 from .util import int_field, json_response, read_json, str_field
@@ -49,5 +48,3 @@ class AllowAllResource:
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/allowall"), AllowAllResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -1,25 +1,60 @@
-"""The Falcon ASGI application: routes under the configured path prefix."""
+"""The Falcon ASGI application: every API area, registered from one list under the path prefix."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Sequence
 
 import falcon
 import falcon.asgi
 import falcon.media
 import orjson
 
-from . import errors
+from . import errors, openapi
 from .context import ApiContext
-from .health import HealthResource
 from .origin import LocalOnly
 from .util import IdCheck, IdConverter
 
-# Later areas register themselves here: fn(app, ctx, route) where route(path) adds the prefix.
-ROUTE_PROVIDERS: list[Callable[[falcon.asgi.App, ApiContext, Callable[[str], str]], None]] = []
+# route(path) puts the configured path prefix in front of an area's path.
+Route = Callable[[str], str]
+# An area adds its resources: register(app, ctx, route).
+Area = Callable[[falcon.asgi.App, ApiContext, Route], object]
+
+# Every area the API serves, in order: a module of this package with a register(app, ctx, route).
+# A new area is one line here (its module is imported when the app is built, nothing registers
+# itself on import).
+AREAS: tuple[str, ...] = (
+    "health",  # /api/health
+    "allowall",  # /api/allowall
+    "logs",  # /api/logs, /api/logs/stats, /api/dashboard
+    "pending",  # /api/pending
+    "rules",  # /api/rules
+    "settings",  # /api/settings, /api/notifications
+    "certs",  # /api/cert/*
+    "maintenance",  # /api/maintenance/*
+    "transactions",  # /api/transactions
+    "export",  # /api/transactions/export.har
+    "llm",  # /api/dissectors, /api/endpoint-rules, /api/conversations (SPEC §13)
+    "metrics",  # /metrics
+    "ws.resource",  # /ws
+    "ui",  # the dashboard: a sink for /, deep links and static/ (routes win over it)
+)
 
 
-def create_app(ctx: ApiContext) -> falcon.asgi.App:
+def area_registers(names: Sequence[str] = AREAS) -> list[Area]:
+    """The register function of each named area module, in order."""
+    out: list[Area] = []
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{name}")
+        register = getattr(module, "register", None)
+        if not callable(register):
+            raise TypeError(f"API area {module.__name__} has no register(app, ctx, route)")
+        out.append(register)
+    return out
+
+
+def create_app(ctx: ApiContext, areas: Sequence[Area] | None = None) -> falcon.asgi.App:
+    """The app with `areas` (default: every one in AREAS), then /api/openapi.json describing them."""
     # LocalOnly: foreign Host (DNS rebinding) → 421, foreign Origin / cross-site writes → 403,
     # on every request and WebSocket upgrade, before routing. IdCheck: a bad {id} in a path → 400.
     app = falcon.asgi.App(cors_enable=False, middleware=[LocalOnly.from_config(ctx.cfg), IdCheck()])
@@ -35,10 +70,7 @@ def create_app(ctx: ApiContext) -> falcon.asgi.App:
     def route(path: str) -> str:
         return f"{prefix}{path}"
 
-    app.add_route(route("/api/health"), HealthResource(ctx))
-    for provider in ROUTE_PROVIDERS:
-        provider(app, ctx, route)
-    from . import openapi  # late: it reads the areas' constants, and the areas import this module
-
-    openapi.register(app, ctx, route)  # last: it describes the routes the providers added
+    for register in area_registers() if areas is None else areas:
+        register(app, ctx, route)
+    openapi.register(app, ctx, route)  # last: it describes the routes the areas added
     return app

@@ -11,7 +11,6 @@ import falcon.asgi
 
 from greyproxy import certs
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import ApiError, not_found
 from .util import bool_param, json_response, soft_call
@@ -82,5 +81,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/cert/download"), CertDownloadResource(ctx))
     app.add_route(route("/api/cert/reload"), CertReloadResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -1,4 +1,4 @@
-"""What every API resource shares: config, the database thread pool, bus clients, live state."""
+"""What every API resource shares: config, the database thread pool, bus clients, live state (the /ws hub)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Callable, TypeVar
 from bus.pubsub import Publisher
 from bus.reqrep import ControlClient
 from greyproxy.config import Config
+
+from .ws.hub import Hub
 
 T = TypeVar("T")
 
@@ -35,6 +37,13 @@ class ApiContext:
     maintenance: ControlClient
     started_at: float = field(default_factory=time.time)
     seen: dict[str, ServiceSeen] = field(default_factory=dict)
+    # /ws clients currently claiming OS notifications (kept by the hub; read by notify and settings).
+    notification_claims: int = 0
+    # The /ws connections and their bus bridge: one per process, made with the context.
+    ws_hub: Hub = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.ws_hub = Hub(self)
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a peewee call in the pool: peewee is synchronous and must not block the loop."""

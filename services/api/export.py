@@ -17,10 +17,10 @@ import falcon.asgi
 from greyproxy import har
 from greyproxy.capture import TRANSACTION_COLUMNS
 from greyproxy.store import database
+from greyproxy.store.transactions import TransactionFilter, where_clause
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
-from .transactions import TransactionFilter, filter_from, where_clause
+from .transactions import filter_from
 
 log = logging.getLogger("greyproxy.api")
 
@@ -105,8 +105,5 @@ class HarExportResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route(EXPORT_PATH), HarExportResource(ctx))
-
-
-ROUTE_PROVIDERS.append(register)
 
 __all__ = ["EXPORT_PATH", "HarExportResource", "export_page", "har_stream"]

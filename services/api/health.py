@@ -7,8 +7,11 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from typing import Any
 
 import falcon
+import falcon.asgi
 
 from bus import topics
 from bus.pubsub import Subscriber
@@ -126,7 +129,7 @@ class HealthResource:
             db_up = False
         if not db_up:
             down.append("database")
-        body = {
+        body: dict[str, Any] = {
             "service": "greyproxy",
             "version": __version__,
             "status": "ok" if not down else "degraded",
@@ -138,3 +141,7 @@ class HealthResource:
             body["down"] = down
             body["error"] = f"down: {', '.join(down)}"
         json_response(resp, body, 200 if not down else 503)
+
+
+def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
+    app.add_route(route("/api/health"), HealthResource(ctx))

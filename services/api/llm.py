@@ -19,7 +19,6 @@ from greyproxy.llm import rules as R
 from greyproxy.store import database
 from greyproxy.timeutil import rfc3339
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import ApiError, bad_request
 from .settings import current_settings
@@ -286,6 +285,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/conversations"), ConversationsResource(ctx))
     app.add_route(route("/api/conversations/{cid:path}"), ConversationResource(ctx))
     app.add_route(route("/api/maintenance/rebuild-conversations"), RebuildResource(ctx))
-
-
-ROUTE_PROVIDERS.append(register)

@@ -16,7 +16,6 @@ from greyproxy.shapes import log_json
 from greyproxy.timeutil import rfc3339
 
 from . import store_ops
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request
 from .store_ops import LogFilter
@@ -161,5 +160,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/logs/stats"), LogStatsResource(ctx))
     app.add_route(route("/api/dashboard"), DashboardResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

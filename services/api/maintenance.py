@@ -12,7 +12,6 @@ import falcon.asgi
 from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.store.models import meta_value
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .llm import conversations_status
 from .settings import current_settings
@@ -52,5 +51,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/maintenance/redact-headers"), JobStartResource(ctx, "redact-headers"))
     app.add_route(route("/api/maintenance/status"), MaintenanceStatusResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -13,7 +13,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from greyproxy.metrics import HeartbeatCollector
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .health import WATCHED
 
@@ -47,6 +46,3 @@ class MetricsResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route(METRICS_PATH), MetricsResource(ctx))
-
-
-ROUTE_PROVIDERS.append(register)

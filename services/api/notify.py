@@ -15,7 +15,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ MAX_IN_FLIGHT = 4  # a burst of new destinations must not fork a process per ent
 SUBSCRIBED = ("pending_request.", topics.SETTINGS_CHANGED)
 
 GroupKey = tuple[str, str, int]
+ReadSettings = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,9 @@ class Shown:
 
 class Notifier:
     def __init__(self, ctx: Any, backend: Backend, cooldown: float = COOLDOWN,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, read_settings: ReadSettings | None = None) -> None:
         self.ctx = ctx
+        self.read_settings = read_settings
         self.backend = backend
         self.cooldown = cooldown
         self.clock = clock
@@ -81,12 +83,11 @@ class Notifier:
         self._print_id = True  # old notify-send versions lack --print-id; learned on first failure
 
     async def load_settings(self) -> None:
-        from .settings import current_settings  # late: settings imports this module
-
-        self.enabled = bool((await current_settings(self.ctx))["notificationsEnabled"])
+        if self.read_settings is not None:
+            self.enabled = bool((await self.read_settings(self.ctx))["notificationsEnabled"])
 
     def claimed(self) -> bool:
-        return int(getattr(self.ctx, "notification_claims", 0) or 0) > 0
+        return int(self.ctx.notification_claims) > 0
 
     def dashboard_url(self, pending_id: Any) -> str | None:
         try:
@@ -207,13 +208,17 @@ class Notifier:
         return proc.returncode or 0, out, err
 
 
-async def run_notifier(ctx: Any, backend: Backend | None = None) -> None:
-    """Show OS notifications for pending events until cancelled; returns at once without a backend."""
+async def run_notifier(ctx: Any, backend: Backend | None = None, *,
+                       read_settings: ReadSettings | None = None) -> None:
+    """Show OS notifications for pending events until cancelled; returns at once without a backend.
+
+    read_settings gives the effective settings (services.api.settings.current_settings: passed in
+    by the service, as settings itself reports this module's backend); without it, enabled."""
     backend = backend or detect_backend()
     if not backend.available:
         log.info("OS notifications unavailable (no notify-send / terminal-notifier on PATH)")
         return
-    notifier = Notifier(ctx, backend)
+    notifier = Notifier(ctx, backend, read_settings=read_settings)
     sub = Subscriber(ctx.cfg.bus["sub"], SUBSCRIBED)
     try:
         try:

@@ -540,11 +540,16 @@ class OpenApiResource:
         resp.data = self._data
 
 
+def install_extensions() -> None:
+    """Add the descriptions kept beside their areas (idempotent). Imported here, not at module
+    level: openapi_llm builds on this module's helpers, so either may be imported first."""
+    from . import openapi_llm  # SPEC §13 routes: their descriptions live there
+
+    openapi_llm.install()
+
+
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> OpenApiResource:
+    install_extensions()
     resource = OpenApiResource(app, ctx.cfg.path_prefix.rstrip("/"))
     app.add_route(route(DOC_PATH), resource)
     return resource
-
-from . import openapi_llm  # noqa: E402 - SPEC §13 routes: their descriptions live there
-
-openapi_llm.install()

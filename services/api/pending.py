@@ -19,7 +19,6 @@ from greyproxy.policy import SCOPES, parse_duration
 from greyproxy.shapes import pending_json, rule_json
 
 from . import store_ops
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request, not_found
 from .rules import proxy_block, proxy_reload, publish_rule_created
@@ -191,5 +190,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/pending/{pending_id:id}/allow"), PendingDecisionResource(ctx, "allow"))
     app.add_route(route("/api/pending/{pending_id:id}/deny"), PendingDecisionResource(ctx, "deny"))
 
-
-ROUTE_PROVIDERS.append(register)

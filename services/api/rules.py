@@ -21,7 +21,6 @@ from greyproxy.shapes import rule_json
 from greyproxy.timeutil import parse_time
 
 from . import store_ops
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request, not_found
 from .store_ops import Key, RuleSpec
@@ -278,5 +277,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/rules/ingest"), RulesIngestResource(ctx))
     app.add_route(route("/api/rules/{rule_id:id}"), RuleResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -5,22 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
 from bus.reqrep import ControlClient
+from greyproxy import ports
 from greyproxy.config import Config
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
-from . import routes  # noqa: F401 - registers the REST areas
-from . import ws  # registers /ws; its bridge task is started below
 from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
 from .notify import run_notifier
 from .server import StrictHttpProtocol
+from .settings import current_settings
 
 log = logging.getLogger("greyproxy.api")
 
@@ -59,11 +60,18 @@ async def main(rt: ServiceRuntime) -> None:
         log_level="warning", access_log=False, ws="websockets-sansio", ws_ping_interval=20, ws_ping_timeout=20,
         timeout_keep_alive=30, server_header=False, date_header=False,
     ))
+    api_host, api_port = cfg.api.host, cfg.api.port
+
+    async def bind() -> socket.socket:
+        return ports.listen_socket(api_host, api_port)
+
+    # Closing connections (TIME_WAIT) on the port are waited for; a listening program is refused at once.
+    sock = await ports.bind_retrying(bind, "API (greyproxy.addr)", api_host, api_port, logger=log)
     tracker = asyncio.create_task(track_heartbeats(ctx))
-    notifier = asyncio.create_task(run_notifier(ctx))
-    bridge = asyncio.create_task(ws.run_bridge(ctx))
+    notifier = asyncio.create_task(run_notifier(ctx, read_settings=current_settings))
+    bridge = asyncio.create_task(ctx.ws_hub.run_bridge())
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
-    serve = asyncio.create_task(server.serve())
+    serve = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         await serve
     except asyncio.CancelledError:

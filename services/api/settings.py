@@ -13,7 +13,6 @@ from bus import topics
 from greyproxy.redaction import DEFAULT_REDACTED_HEADERS  # one list: what the proxy applies is what we show
 
 from . import store_ops
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request
 from .notify import detect_backend
@@ -140,7 +139,7 @@ class SettingsResource:
 
 def notifications_body(ctx: ApiContext, settings: dict[str, Any]) -> dict[str, Any]:
     return {"enabled": settings["notificationsEnabled"], **notifications_info(),
-            "active_claims": int(getattr(ctx, "notification_claims", 0) or 0)}
+            "active_claims": ctx.notification_claims}
 
 
 class NotificationsResource:
@@ -166,5 +165,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/settings"), SettingsResource(ctx))
     app.add_route(route("/api/notifications"), NotificationsResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -4,79 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 import falcon
 import falcon.asgi
 
-from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
-from greyproxy.store import database
+from greyproxy.capture import transaction_json
+from greyproxy.store.transactions import TransactionFilter, get_transaction, list_transactions
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import bad_request, not_found
 from .llm import transaction_llm
-from .store_ops import like_pattern
 from .util import bool_param, int_param, json_response, time_param
-
-_LIST_COLUMNS = ", ".join(c for c in TRANSACTION_COLUMNS if c not in ("request_body", "response_body"))
-_ALL_COLUMNS = ", ".join(TRANSACTION_COLUMNS)
-
-
-@dataclass(frozen=True)
-class TransactionFilter:
-    container: str | None = None
-    destination: str | None = None
-    method: str | None = None
-    session_id: str | None = None
-    conversation_id: str | None = None
-    from_ts: float | None = None
-    to_ts: float | None = None
-
-
-def where_clause(f: TransactionFilter) -> tuple[str, list[Any]]:
-    where, args = ["1 = 1"], []
-    if f.container:
-        where.append("container_name LIKE ? ESCAPE '\\'")  # a substring, as everywhere (SPEC §7)
-        args.append(like_pattern(f.container))
-    if f.destination:
-        where.append("destination_host LIKE ? ESCAPE '\\'")
-        args.append(like_pattern(f.destination))
-    for col in ("method", "session_id", "conversation_id"):
-        value = getattr(f, col)
-        if value:
-            where.append(f"{col} = ?")
-            args.append(value)
-    if f.from_ts is not None:
-        where.append("timestamp >= ?")
-        args.append(f.from_ts)
-    if f.to_ts is not None:
-        where.append("timestamp <= ?")
-        args.append(f.to_ts)
-    return " AND ".join(where), args
-
-
-def _dicts(cur: Any) -> list[dict[str, Any]]:
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
-
-
-def list_transactions(f: TransactionFilter, limit: int, offset: int,
-                      include_bodies: bool) -> tuple[list[dict[str, Any]], int]:
-    clause, args = where_clause(f)
-    cols = _ALL_COLUMNS if include_bodies else _LIST_COLUMNS
-    with database.atomic():  # the count and the page from one snapshot
-        total = int(database.execute_sql(f"SELECT COUNT(*) FROM http_transactions WHERE {clause}", args).fetchone()[0])
-        rows = _dicts(database.execute_sql(
-            f"SELECT {cols} FROM http_transactions WHERE {clause} ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
-            [*args, limit, offset]))
-    return rows, total
-
-
-def get_transaction(tid: int) -> dict[str, Any] | None:
-    rows = _dicts(database.execute_sql(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,)))
-    return rows[0] if rows else None
 
 
 def _text_param(req: falcon.asgi.Request, name: str, max_len: int = 1000) -> str | None:
@@ -135,5 +73,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/transactions"), TransactionsResource(ctx))
     app.add_route(route("/api/transactions/{tid:id}"), TransactionResource(ctx))
 
-
-ROUTE_PROVIDERS.append(register)

@@ -37,7 +37,6 @@ from greyproxy import __version__
 from greyproxy.policy.scopes import SCOPES, scope_patterns
 from greyproxy.redaction import DEFAULT_REDACTED_HEADERS
 
-from .app import ROUTE_PROVIDERS
 from .context import ApiContext
 from .errors import ApiError
 
@@ -182,6 +181,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     dashboard = Dashboard(ctx.cfg.path_prefix, ui_facts(ctx), ctx.db)
     app.add_sink(dashboard, dashboard.pattern())
     return dashboard
-
-
-ROUTE_PROVIDERS.append(register)

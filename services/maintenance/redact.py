@@ -12,6 +12,8 @@ from typing import Any
 import orjson
 
 from greyproxy.redaction import Redactor, extra_patterns
+from greyproxy.store import settings as settings_table
+from greyproxy.store import transactions as transactions_table
 
 from .jobs import register
 
@@ -20,7 +22,7 @@ PAUSE = 0.01  # seconds between batches: the write lock is free for the recorder
 
 
 def _current_redactor(conn: sqlite3.Connection) -> Redactor:
-    row = conn.execute("SELECT value FROM settings WHERE key = 'redactedHeaders'").fetchone()
+    row = conn.execute(settings_table.GET_RAW, ("redactedHeaders",)).fetchone()
     extras: Any = None
     if row is not None:
         try:
@@ -48,14 +50,12 @@ def redact_headers(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[t
     redactor = _current_redactor(conn)
     batch = int(opts.get("batch_size") or BATCH)
     pause = float(opts.get("pause", PAUSE))
-    total = int(conn.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0])
+    total = int(conn.execute(transactions_table.COUNT).fetchone()[0])
     processed, last_id = 0, 0
     yield 0, total
     while True:
         # Reads need no lock (WAL); only the rows that change are written, in one short transaction.
-        rows = conn.execute(
-            "SELECT id, request_headers, response_headers, url FROM http_transactions WHERE id > ?"
-            " ORDER BY id LIMIT ?", (last_id, batch)).fetchall()
+        rows = conn.execute(transactions_table.HEADERS_AFTER, (last_id, batch)).fetchall()
         if not rows:
             break
         updates = []
@@ -67,8 +67,7 @@ def redact_headers(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[t
         if updates:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("UPDATE http_transactions SET request_headers = ?, response_headers = ?, url = ?"
-                                 " WHERE id = ?", updates)
+                conn.executemany(transactions_table.SET_HEADERS, updates)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -63,7 +63,7 @@ class Conn(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer
         if peer is None:
-            self.data_received(_scratch[:nbytes])  # type: ignore[arg-type]  # appended (copied) to buf
+            self.data_received(_scratch[:nbytes])  # appended (copied) to buf
             return
         self.bytes_in += nbytes
         RECEIVED[self.KIND] += nbytes

@@ -39,6 +39,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
+from bus import records
 from bus.journal import JournalWriter
 from greyproxy.config import Config
 from greyproxy.policy.patterns import analyse_host, normalise_host
@@ -562,7 +563,7 @@ class DnsProxy:
             if len(self._persisted) > PERSIST_LIMIT:
                 self._persisted.popitem(last=False)
             self.counts["names"] += 1
-            self.journal.append("dns", {"ip": ip, "hostname": name, "ts": now})
+            self.journal.append(records.DNS, records.dns_record(ip, name, now))
 
     async def _prune_names(self) -> None:
         """Drop ip → name entries past their memory lifetime (the gate ignores them anyway)."""
@@ -634,12 +635,8 @@ class DnsProxy:
     # -- logging queries (setting logDnsQueries) --
     def _log_query(self, query: dns.message.Message, client_ip: str, elapsed_ms: float) -> None:
         name = query.question[0].name.to_text(omit_final_dot=True).lower() or "."
-        self.journal.append("log", {
-            "timestamp": time.time(), "container_name": f"unknown-{client_ip}", "container_id": "",
-            "destination_host": name, "destination_port": 53, "resolved_hostname": None, "method": "DNS",
-            "result": "allowed", "rule_id": None, "rule_summary": None, "response_time_ms": round(elapsed_ms, 3),
-            "reason": "dns", "mitm_skip_reason": None,
-        })
+        self.journal.append(records.LOG, records.log_record(
+            f"unknown-{client_ip}", name, 53, "DNS", records.ALLOWED, response_time_ms=elapsed_ms, reason="dns"))
 
     def _apply_settings(self, values: dict[str, Any]) -> None:
         value = values.get(LOG_SETTING) is True

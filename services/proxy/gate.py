@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bus import topics
+from bus import records, topics
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
@@ -31,8 +31,8 @@ log = logging.getLogger("greyproxy.proxy")
 
 Key = tuple[str, str, int]  # (container, host, port)
 
-ALLOWED = "allowed"
-BLOCKED = "blocked"
+ALLOWED = records.ALLOWED
+BLOCKED = records.BLOCKED
 DECISION_CACHE = 10_000  # cached rule decisions (see Gate._decisions)
 NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
 RESOLVE_TIMEOUT = 5.0  # seconds the gate waits for a name's addresses when an address rule could deny it
@@ -290,10 +290,7 @@ class Gate:
         self._waiters_changed(key, len(waiters) - 1, len(waiters))
         if len(waiters) == 1:
             self.pending_count += 1  # an estimate until the next refresh from the database
-        self.journal.append("pending", {
-            "container_name": container, "destination_host": host, "destination_port": port,
-            "resolved_hostname": resolved, "ts": time.time(), "waiting": len(waiters),
-        })
+        self.journal.append(records.PENDING, records.pending_record(container, host, port, resolved, len(waiters)))
         try:
             wait = {hold.future}
             if client_gone is not None:
@@ -424,7 +421,7 @@ class Gate:
     def flush_hits(self) -> None:
         hits, self._hits = self._hits, {}
         for rule_id, (count, last) in hits.items():
-            self.journal.append("rule_hit", {"rule_id": rule_id, "count": int(count), "last_used_at": last})
+            self.journal.append(records.RULE_HIT, records.rule_hit_record(rule_id, count, last))
 
     def record(self, container: str, host: str, port: int, method: str, verdict: Verdict,
                mitm_skip_reason: str | None = None) -> None:
@@ -435,13 +432,11 @@ class Gate:
                 rule = self.rules.get(verdict.rule_id)
                 if rule is not None:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
-        self.journal.append("log", {
-            "timestamp": time.time(), "container_name": container, "container_id": self.container_ids.get(container, ""),
-            "destination_host": host, "destination_port": port, "resolved_hostname": verdict.resolved_hostname,
-            "method": method, "result": ALLOWED if verdict.allowed else BLOCKED, "rule_id": verdict.rule_id,
-            "rule_summary": summary, "response_time_ms": round(verdict.elapsed_ms, 3), "reason": verdict.reason,
-            "mitm_skip_reason": mitm_skip_reason,
-        })
+        self.journal.append(records.LOG, records.log_record(
+            container, host, port, method, ALLOWED if verdict.allowed else BLOCKED,
+            resolved_hostname=verdict.resolved_hostname, rule_id=verdict.rule_id, rule_summary=summary,
+            response_time_ms=verdict.elapsed_ms, reason=verdict.reason, mitm_skip_reason=mitm_skip_reason,
+            container_id=self.container_ids.get(container, "")))
 
     # -- silent mode --
     def set_silent(self, mode: str | None, duration: float | None) -> dict[str, Any]:

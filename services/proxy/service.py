@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,11 +15,14 @@ from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
 from bus.reqrep import ControlServer, RemoteError
+from greyproxy import ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
-from greyproxy.store import open_database
+from greyproxy.store import dns_cache, open_database
+from greyproxy.store import pending as pending_table
+from greyproxy.store import rules as rules_table
 
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
@@ -59,14 +64,7 @@ class RuleLoader:
         return meta_value("rules_version")
 
     def _load(self) -> tuple[int, RuleSet]:
-        from greyproxy.store import database
-        from greyproxy.store.models import meta_value
-
-        with database.atomic():  # one read transaction: the version matches the rows
-            version = meta_value("rules_version")
-            rows = database.execute_sql(
-                "SELECT id, container_pattern, destination_pattern, port_pattern, action, source,"
-                " expires_at, session_id FROM rules").fetchall()
+        version, rows = rules_table.snapshot()  # one read transaction: the version matches the rows
         rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
                       action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
                  if self.builtins or r[5] != "builtin"]
@@ -117,14 +115,11 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
 
 
 def _load_dns_names() -> dict[str, tuple[str, float]]:
-    from greyproxy.store import database
-
-    rows = database.execute_sql("SELECT ip, hostname, updated_at FROM dns_cache WHERE updated_at > ?",
-                                (time.time() - DNS_KEEP,)).fetchall()
+    rows = dns_cache.names_since(time.time() - DNS_KEEP)
     # Memory keeps a name for NAME_TTL after it was last seen; a name reloaded at start counts as
     # seen now, or every mapping older than an hour would be dropped at the first prune.
     now = time.time()
-    return {ip: (name, now) for ip, name, _ts in rows}
+    return {ip: (name, now) for ip, name in rows}
 
 
 def _raise_fd_limit(limits: Limits) -> None:
@@ -152,9 +147,7 @@ def _raise_fd_limit(limits: Limits) -> None:
 
 
 def _count_pending() -> int:
-    from greyproxy.store import database
-
-    return int(database.execute_sql("SELECT COUNT(*) FROM pending").fetchone()[0])
+    return pending_table.count()
 
 
 async def main(rt: ServiceRuntime) -> None:
@@ -211,10 +204,15 @@ async def main(rt: ServiceRuntime) -> None:
         lst = cfg.listeners.get(name)
         if lst is None or not lst.port:
             continue
-        servers.append(await start_listener(ctx, lst.host, lst.port, handler))
+        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler)
+        servers.append(await ports.bind_retrying(start, name, lst.host, lst.port, logger=log))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
     dns_lst = cfg.listeners.get("dns-proxy")
-    dns: DnsProxy | None = await start_dns(cfg, gate, journal, executor, settings) if dns_lst and dns_lst.port else None
+    dns: DnsProxy | None = None
+    if dns_lst and dns_lst.port:
+        start_dns_once = functools.partial(start_dns, cfg, gate, journal, executor, settings)
+        dns = await ports.bind_retrying(start_dns_once, "dns-proxy", dns_lst.host, dns_lst.port,
+                                        (socket.SOCK_DGRAM, socket.SOCK_STREAM), logger=log)
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
         return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),

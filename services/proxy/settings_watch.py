@@ -13,8 +13,6 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any
 
-import orjson
-
 from bus import topics
 from bus.pubsub import Subscriber
 
@@ -33,19 +31,9 @@ def _read_version() -> int:
 
 def _read_all() -> tuple[int, dict[str, Any]]:
     """(settings_version, {key: decoded value}) in one read transaction; undecodable values skipped."""
-    from greyproxy.store import database
-    from greyproxy.store.models import meta_value
+    from greyproxy.store import settings
 
-    with database.atomic():
-        version = meta_value("settings_version")
-        rows = database.execute_sql("SELECT key, value FROM settings").fetchall()
-    values: dict[str, Any] = {}
-    for key, raw in rows:
-        try:
-            values[key] = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            continue
-    return version, values
+    return settings.read_with_version()
 
 
 class SettingsWatch:

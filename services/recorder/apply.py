@@ -15,18 +15,17 @@ from collections.abc import Callable
 from operator import itemgetter
 from typing import Any
 
+from bus import records as kinds
 from bus import topics
 from greyproxy.shapes import log_json, pending_json
+from greyproxy.store import dns_cache, journal_applied, logs, pending, rules
 
 log = logging.getLogger("greyproxy.recorder")
 
 Event = tuple[str, Any]
 Record = tuple[str, str, Any]  # (record id, kind, data)
 
-LOG_COLUMNS = ("timestamp", "container_name", "container_id", "destination_host", "destination_port",
-               "resolved_hostname", "method", "result", "rule_id", "response_time_ms", "reason",
-               "mitm_skip_reason")
-_LOG_INSERT = f"INSERT INTO logs ({', '.join(LOG_COLUMNS)}) VALUES ({', '.join('?' * len(LOG_COLUMNS))})"
+LOG_COLUMNS = logs.FIELDS
 _log_params = itemgetter(*LOG_COLUMNS)
 
 
@@ -61,7 +60,7 @@ def _log_payload(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
 
 def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     row = _log_row(data)
-    cur.execute(_LOG_INSERT, _log_params(row))
+    cur.execute(logs.INSERT, _log_params(row))
     row["id"] = cur.lastrowid
     events.append((topics.LOG_NEW, Deferred(_log_payload, row, data)))
 
@@ -72,7 +71,7 @@ def _log_build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    apply_run(cur, run, events, "logs", _LOG_INSERT, _log_build, topics.LOG_NEW, _log_payload)
+    apply_run(cur, run, events, "logs", logs.INSERT, _log_build, topics.LOG_NEW, _log_payload)
 
 
 def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -80,61 +79,34 @@ def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event
     ts = float(data.get("ts") or time.time())
     container, host, port = data["container_name"], data["destination_host"], int(data["destination_port"])
     resolved = data.get("resolved_hostname")
-    row = cur.execute(
-        "SELECT id FROM pending WHERE container_name = ? AND destination_host = ? AND destination_port = ?",
-        (container, host, port),
-    ).fetchone()
+    row = cur.execute(pending.FIND, (container, host, port)).fetchone()
     if row is None and resolved:
         # Another IP of the same named host: merge into the existing entry.
-        row = cur.execute(
-            "SELECT id FROM pending WHERE container_name = ? AND resolved_hostname = ? AND destination_port = ?"
-            " ORDER BY last_seen DESC LIMIT 1",
-            (container, resolved, port),
-        ).fetchone()
+        row = cur.execute(pending.FIND_SIBLING, (container, resolved, port)).fetchone()
     if row is None:
-        cur.execute(
-            "INSERT INTO pending (container_name, container_id, destination_host, destination_port,"
-            " resolved_hostname, first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
-            (container, data.get("container_id") or "", host, port, resolved, ts, ts),
-        )
+        cur.execute(pending.INSERT, (container, data.get("container_id") or "", host, port, resolved, ts, ts))
         pid, topic = cur.lastrowid, topics.PENDING_CREATED
     else:
         pid, topic = row[0], topics.PENDING_UPDATED
-        cur.execute(
-            "UPDATE pending SET last_seen = MAX(last_seen, ?), attempt_count = attempt_count + 1,"
-            " resolved_hostname = COALESCE(resolved_hostname, ?) WHERE id = ?",
-            (ts, resolved, pid),
-        )
-    full = cur.execute(
-        "SELECT id, container_name, container_id, destination_host, destination_port, resolved_hostname,"
-        " first_seen, last_seen, attempt_count FROM pending WHERE id = ?",
-        (pid,),
-    ).fetchone()
-    keys = ("id", "container_name", "container_id", "destination_host", "destination_port",
-            "resolved_hostname", "first_seen", "last_seen", "attempt_count")
-    events.append((topic, pending_json(dict(zip(keys, full)), int(data.get("waiting") or 0))))
+        cur.execute(pending.BUMP, (ts, resolved, pid))
+    full = cur.execute(pending.GET, (pid,)).fetchone()
+    events.append((topic, pending_json(dict(zip(pending.COLUMNS, full)), int(data.get("waiting") or 0))))
 
 
 def _apply_rule_hit(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    cur.execute(
-        "UPDATE rules SET hit_count = hit_count + ?, last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
-        (int(data.get("count") or 1), float(data.get("last_used_at") or time.time()), int(data["rule_id"])),
-    )
+    cur.execute(rules.ADD_HITS,
+                (int(data.get("count") or 1), float(data.get("last_used_at") or time.time()), int(data["rule_id"])))
 
 
 def _apply_dns(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    cur.execute(
-        "INSERT INTO dns_cache (ip, hostname, updated_at) VALUES (?, ?, ?)"
-        " ON CONFLICT(ip) DO UPDATE SET hostname = excluded.hostname, updated_at = excluded.updated_at",
-        (data["ip"], data["hostname"], float(data.get("ts") or time.time())),
-    )
+    cur.execute(dns_cache.UPSERT, (data["ip"], data["hostname"], float(data.get("ts") or time.time())))
 
 
 APPLIERS = {
-    "log": _apply_log,
-    "pending": _apply_pending,
-    "rule_hit": _apply_rule_hit,
-    "dns": _apply_dns,
+    kinds.LOG: _apply_log,
+    kinds.PENDING: _apply_pending,
+    kinds.RULE_HIT: _apply_rule_hit,
+    kinds.DNS: _apply_dns,
 }
 
 
@@ -231,7 +203,6 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
 
 
 _ID_CHUNK = 500  # bound parameters per "already applied?" query
-_MARK_APPLIED = "INSERT INTO journal_applied (record_id, applied_at) VALUES (?, ?)"
 
 
 def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Record]:
@@ -240,7 +211,7 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     # seen before) spares a look-up per record. A refusal means a resend: undo, sort them out.
     cur.execute("SAVEPOINT fresh")
     try:
-        cur.executemany(_MARK_APPLIED, [(rec[0], now) for rec in records])
+        cur.executemany(journal_applied.MARK, [(rec[0], now) for rec in records])
         cur.execute("RELEASE fresh")
         return records
     except sqlite3.IntegrityError:
@@ -249,15 +220,14 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     seen: set[str] = set()
     for i in range(0, len(records), _ID_CHUNK):
         ids = [r[0] for r in records[i:i + _ID_CHUNK]]
-        seen.update(row[0] for row in cur.execute(
-            f"SELECT record_id FROM journal_applied WHERE record_id IN ({','.join('?' * len(ids))})", ids))
+        seen.update(row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids))
     fresh = []
     for rec in records:
         if rec[0] in seen:
             continue  # already applied: a resend after a lost ack
         seen.add(rec[0])
         fresh.append(rec)
-    cur.executemany(_MARK_APPLIED, [(rec[0], now) for rec in fresh])
+    cur.executemany(journal_applied.MARK, [(rec[0], now) for rec in fresh])
     return fresh
 
 
@@ -273,13 +243,13 @@ def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]],
     cur.execute("BEGIN IMMEDIATE")
     try:
         fresh = _fresh(cur, records, now)
-        logs = [rec for rec in fresh if rec[1] == "log"]
-        if len(logs) < len(fresh):
-            _apply_others(cur, [rec for rec in fresh if rec[1] != "log"], events)
-        if len(logs) > 1:
-            _apply_log_run(cur, logs, events)
+        log_recs = [rec for rec in fresh if rec[1] == kinds.LOG]
+        if len(log_recs) < len(fresh):
+            _apply_others(cur, [rec for rec in fresh if rec[1] != kinds.LOG], events)
+        if len(log_recs) > 1:
+            _apply_log_run(cur, log_recs, events)
         else:
-            _apply_each(cur, logs, events)
+            _apply_each(cur, log_recs, events)
         cur.execute("COMMIT")
     except BaseException:
         cur.execute("ROLLBACK")

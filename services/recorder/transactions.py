@@ -13,14 +13,14 @@ from typing import Any
 
 import orjson
 
-from bus import topics
-from greyproxy.capture import TRANSACTION_COLUMNS, transaction_json
+from bus import records, topics
+from greyproxy.capture import transaction_json
+from greyproxy.store import transactions as table
 
 from .apply import Deferred, Event, Record, apply_run, register
 
-_COLUMNS = tuple(c for c in TRANSACTION_COLUMNS if c != "id")
-_INSERT = f"INSERT INTO http_transactions ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
-_JSON = {"request_headers": {}, "response_headers": {}, "substituted_credentials": []}
+_COLUMNS = table.FIELDS
+_JSON: dict[str, Any] = {"request_headers": {}, "response_headers": {}, "substituted_credentials": []}
 _INTS = ("destination_port", "request_body_size", "response_body_size")
 _params_of = itemgetter(*_COLUMNS)
 
@@ -54,7 +54,7 @@ def _payload(row: dict[str, Any], data: Any) -> dict[str, Any]:
 
 def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     row = _row(data)
-    cur.execute(_INSERT, _params(row))
+    cur.execute(table.INSERT, _params(row))
     row["id"] = cur.lastrowid
     events.append((topics.TRANSACTION_NEW, Deferred(_payload, row, data)))
 
@@ -65,7 +65,7 @@ def _build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
 
 
 def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    apply_run(cur, run, events, "http_transactions", _INSERT, _build, topics.TRANSACTION_NEW, _payload)
+    apply_run(cur, run, events, "http_transactions", table.INSERT, _build, topics.TRANSACTION_NEW, _payload)
 
 
-register("transaction", apply_transaction, apply_transaction_run)
+register(records.TRANSACTION, apply_transaction, apply_transaction_run)

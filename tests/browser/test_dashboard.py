@@ -11,7 +11,6 @@ The last test writes screenshots of every view, light and dark, to docs/screensh
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import http.server
 import json
@@ -26,7 +25,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import trustme
 
@@ -272,7 +270,7 @@ def test_held_curl_appears_within_a_second_and_a_allows_it(stack: Stack, plain_o
     t0 = time.monotonic()
     curl = _held_curl(stack, "agent-ui", f"http://{dest}/")
     try:
-        row = w.page.locator(".prow", has_text=f"agent-ui").filter(has_text=dest)
+        row = w.page.locator(".prow", has_text="agent-ui").filter(has_text=dest)
         row.wait_for(timeout=1500)
         appeared = time.monotonic() - t0
         assert appeared <= 1.0 + 0.3, f"the entry appeared after {appeared:.2f}s"  # 0.3 s: curl's own start

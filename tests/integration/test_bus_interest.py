@@ -25,6 +25,8 @@ from bus.pubsub import Publisher
 from bus.reqrep import ServiceUnavailable, call_sync
 from conftest import ServiceProcess, service_env, wait_for, write_config
 
+pytestmark = pytest.mark.stack
+
 ENDPOINTS = ("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl")
 UNSUB_WAIT = 5.0  # bound on how long an unsubscription may take to reach a publisher
 CONTAINER = "interest-test"

@@ -11,7 +11,6 @@ import hashlib
 import http.server
 import io
 import json
-import os
 import shutil
 import subprocess
 import zipfile

@@ -31,7 +31,7 @@ import pytest
 
 from conftest import Stack, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 HOST = "127.0.0.1"
 IDLE = 2  # proxy.idleTimeout of this module's stack (seconds)

@@ -18,6 +18,8 @@ from bus.journal import JournalWriter
 from bus.reqrep import ServiceUnavailable, call_sync
 from conftest import ServiceProcess, service_env, wait_for, write_config
 
+pytestmark = pytest.mark.stack
+
 N = 50_000
 CONTAINER = "journal-test"
 ENDPOINTS = ("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl")

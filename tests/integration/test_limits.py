@@ -27,7 +27,7 @@ import pytest
 
 from conftest import Stack, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 HEADER_TIMEOUT = 2
 IDLE_TIMEOUT = 5

@@ -29,9 +29,9 @@ import httpx
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, free_port, start_https_origin, wait_for
+from conftest import PYTHON, REPO, Stack, free_port, https_origin, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 ORIGIN = "127.0.0.2"
 BYPASSED = "127.0.0.3"  # on mitm.bypass: its tunnels are never intercepted
@@ -97,24 +97,15 @@ class _Origin(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, ORIGIN, _Origin, "origin.test")
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, ORIGIN, _Origin, "origin.test") as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def bypassed_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, BYPASSED, _Origin)
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, BYPASSED, _Origin) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -181,10 +172,8 @@ def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file), "bypass": [BYPASSED]}})
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(origin_ca_file), "bypass": [BYPASSED]}})
     try:
         _cli(s, "cert", "generate")  # before start: the proxy loads it at once
         s.start()
@@ -646,7 +635,7 @@ def test_a_header_added_to_the_setting_is_redacted_in_live_capture(stack: Stack,
         for container, extra, base in cases:
             n = 0
 
-            def redacted_now() -> bool:
+            def redacted_now(container: str = container, extra: list[str] = extra, base: str = base) -> bool:
                 # The setting reaches the proxy over the bus: a new request until one is stored redacted.
                 nonlocal n
                 n += 1

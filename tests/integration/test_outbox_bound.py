@@ -19,6 +19,8 @@ from bus.reqrep import call_sync
 from conftest import Stack, wait_for
 from greyproxy.config import load_config
 
+pytestmark = pytest.mark.stack
+
 MIB = 1024 * 1024
 PAD = "p" * 8000  # a request header this long makes each transaction record ~8 KB
 

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import Stack, free_port, wait_for
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 ORIGIN_HOST = "127.0.0.2"
 RELEASED_WITHIN = 5.0  # seconds from a decision to the held client's answer; the hold timeout is 20 s

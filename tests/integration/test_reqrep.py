@@ -14,6 +14,8 @@ import zmq.asyncio
 from bus.reqrep import ControlClient, ControlServer, RemoteError, ServiceUnavailable, call_sync
 from conftest import free_port, service_env, wait_for, write_config
 
+pytestmark = pytest.mark.stack
+
 
 def _endpoints(root: Path) -> list[str]:
     return [f"ipc://{root}/nobody.sock", f"tcp://127.0.0.1:{free_port()}"]

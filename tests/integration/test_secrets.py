@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import Stack, free_port, start_https_origin, stack_cli, wait_for
+from conftest import Stack, free_port, https_origin, stack_cli, wait_for
 from greyproxy.config import load_config
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 ORIGIN = "127.0.0.2"
 TAG = uuid.uuid4().hex[:12]
@@ -55,16 +55,9 @@ class _Origin(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def tls_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, ORIGIN, _Origin)
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, ORIGIN, _Origin) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +71,8 @@ def plain_origin() -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"proxy": {"holdTimeout": 1}, "mitm": {"upstreamCaFile": str(ca_file)}})
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    s = Stack({"proxy": {"holdTimeout": 1}, "mitm": {"upstreamCaFile": str(origin_ca_file)}})
     s.env["GREYPROXY_LOG_LEVEL"] = "DEBUG"
     try:
         # Loose modes left by someone else: the stack must make them private again.

@@ -18,7 +18,7 @@ import pytest
 
 from conftest import Stack, wait_for
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")]
 
 TUNNELS = 60
 

@@ -28,7 +28,7 @@ from bus.pubsub import Publisher
 from conftest import PYTHON, REPO, Stack, free_port, wait_for
 from greyproxy.config import load_config
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 ORIGIN_HOST = "127.0.0.2"
 PAD = "x" * 100  # flood events of ~150 bytes: more than the kernel's socket buffers hold

@@ -13,7 +13,6 @@ from typing import Any
 import falcon.testing
 import pytest
 
-import services.api.routes  # noqa: F401 - registers the REST areas
 from bus.reqrep import ControlClient
 from greyproxy.config import load_config
 from greyproxy.store import open_database
@@ -123,11 +122,11 @@ def test_bulk_ids_outside_the_row_id_range_are_400(client, path: str) -> None:
 
 
 def test_ws_commands_take_the_same_ids_as_rest() -> None:
-    from services.api import ws
+    from services.api.ws import commands
     from services.api.errors import ApiError
 
-    assert ws._pending_id({"pending_id": 2**63 - 1}) == 2**63 - 1
+    assert commands.pending_id({"pending_id": 2**63 - 1}) == 2**63 - 1
     for bad in (2**63, -1, 0):  # was: "internal error" for 2**63 (SQLite could not bind it)
         with pytest.raises(ApiError) as info:
-            ws._pending_id({"pending_id": bad})
+            commands.pending_id({"pending_id": bad})
         assert info.value.status_code == 404 and "not found" in info.value.message

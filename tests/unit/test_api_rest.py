@@ -23,7 +23,6 @@ import pytest
 import zmq
 import zmq.asyncio
 
-import services.api.routes  # noqa: F401 - registers the REST areas
 from bus.pubsub import Publisher
 from bus.reqrep import ControlClient, ControlServer, RemoteError
 from greyproxy.config import load_config

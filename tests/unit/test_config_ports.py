@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,10 +118,15 @@ def test_serve_refuses_a_port_another_program_holds(tmp_path: Path, taken: str) 
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
            "HOME": str(tmp_path)}
     try:
+        t0 = time.monotonic()
         r = subprocess.run([sys.executable, "-m", "greyproxy", "serve", "-C", str(cfg)], capture_output=True,
                            text=True, env=env, cwd=str(REPO), timeout=60)
+        took = time.monotonic() - t0
     finally:
         holder.close()
     assert r.returncode == 1, (r.stdout, r.stderr)
     assert f":{port}" in r.stderr and "in use" in r.stderr.lower(), r.stderr
+    # refused at once (no waiting as for closing connections), naming the program: this test process
+    assert took < 15 and "waiting" not in r.stderr, r.stderr
+    assert f"listening program: pid {os.getpid()} (" in r.stderr, r.stderr
     assert not (tmp_path / "data" / "run" / "supervisord.pid").exists()

@@ -16,8 +16,6 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
-import services.api.routes  # noqa: F401 - registers the REST areas
-import services.api.ws  # noqa: F401 - registers /ws
 from greyproxy.config import load_config
 from services.api import openapi
 from services.api.app import create_app

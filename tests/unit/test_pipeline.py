@@ -192,7 +192,7 @@ def test_redactor_cache_follows_each_redactor() -> None:
 
 def test_recorder_applies_a_run_of_transactions_at_once_and_drops_only_bad_ones(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from greyproxy.store import open_database
-    from services.recorder import transactions
+    from services.recorder import transactions  # noqa: F401 - registers the transaction kind
     from services.recorder.apply import apply_records
 
     def rec(i: int) -> dict[str, Any]:

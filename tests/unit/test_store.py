@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import peewee as pw
 import pytest
 
 from greyproxy.store import migrations, open_database
@@ -84,7 +85,7 @@ def test_builtin_rules_and_counters(tmp_path: Path) -> None:
         db.execute_sql("INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
                        " VALUES ('c', 'd', 'deny', 0)")
         assert db.execute_sql("SELECT value FROM meta WHERE key = 'rules_version'").fetchone()[0] == version + 1
-        with pytest.raises(Exception):  # the CHECK constraint
+        with pytest.raises(pw.IntegrityError):  # the CHECK constraint
             db.execute_sql("INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
                            " VALUES ('c', 'd', 'maybe', 0)")
     finally:

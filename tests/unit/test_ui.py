@@ -8,7 +8,6 @@ from pathlib import Path
 import falcon.testing
 import pytest
 
-import services.api.routes  # noqa: F401 - registers the areas and the dashboard
 from greyproxy.config import load_config
 from greyproxy.policy import scope_patterns
 from services.api import ui

@@ -13,19 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bus import topics
-from services.api import origin, ws
+from services.api import origin
+from services.api.ws import commands, resource
+from services.api.ws import hub as ws_hub
 from services.api.errors import not_found
 
 # ----------------------------------------------------------------------------- filters
 
 
 def test_fresh_filter_matches_every_public_event() -> None:
-    f = ws.EventFilter()
+    f = ws_hub.EventFilter()
     assert all(f.matches(t) for t in topics.PUBLIC)
 
 
 def test_first_subscribe_narrows_and_family_wildcard() -> None:
-    f = ws.EventFilter()
+    f = ws_hub.EventFilter()
     f.subscribe("log.*")
     assert f.matches("log.new")
     assert not f.matches("rule.created") and not f.matches("pending_request.created")
@@ -34,7 +36,7 @@ def test_first_subscribe_narrows_and_family_wildcard() -> None:
 
 
 def test_unsubscribing_the_last_type_leaves_nothing() -> None:
-    f = ws.EventFilter()
+    f = ws_hub.EventFilter()
     f.subscribe("waiters.changed")
     f.unsubscribe("waiters.changed")
     assert not any(f.matches(t) for t in topics.PUBLIC)
@@ -44,7 +46,7 @@ def test_unsubscribing_the_last_type_leaves_nothing() -> None:
 
 
 def test_unsubscribe_one_member_of_a_family_or_of_everything() -> None:
-    f = ws.EventFilter()
+    f = ws_hub.EventFilter()
     f.unsubscribe("log.new")  # fresh: everything but log.new
     assert not f.matches("log.new") and f.matches("rule.created")
     f.subscribe("rule.*")  # the first subscribe narrows, whatever came before
@@ -56,7 +58,7 @@ def test_unsubscribe_one_member_of_a_family_or_of_everything() -> None:
 
 
 def test_star_is_everything_again() -> None:
-    f = ws.EventFilter()
+    f = ws_hub.EventFilter()
     f.subscribe("log.new")
     f.subscribe("*")
     assert all(f.matches(t) for t in topics.PUBLIC)
@@ -65,13 +67,13 @@ def test_star_is_everything_again() -> None:
 @pytest.mark.parametrize("bad", ["", "  ", None, 3, "nope.never", "service.heartbeat", "nope.*", "log"])
 def test_bad_patterns_are_refused(bad: Any) -> None:
     with pytest.raises(ValueError):
-        ws.EventFilter().subscribe(bad)
+        ws_hub.EventFilter().subscribe(bad)
 
 
 # ----------------------------------------------------------------------------- the bounded queue
 
 
-def drain(q: ws.EventQueue) -> list[str | ws.Dropped]:
+def drain(q: ws_hub.EventQueue) -> list[str | ws_hub.Dropped]:
     out = []
     while (item := q.pop()) is not None:
         out.append(item)
@@ -79,41 +81,41 @@ def drain(q: ws.EventQueue) -> list[str | ws.Dropped]:
 
 
 def test_queue_drops_overflow_and_reports_the_gap_in_place() -> None:
-    q = ws.EventQueue(4)
+    q = ws_hub.EventQueue(4)
     assert all(q.offer(f"e{i}") for i in range(4))
     assert not q.offer("e4") and not q.offer("e5")
     assert len(q) == 4 and q.dropped_total == 2
     assert q.pop() == "e0" and q.pop() == "e1"
     assert q.offer("e6")  # room for the notice and the event: the notice goes first
-    assert drain(q) == ["e2", "e3", ws.Dropped(2), "e6"]
+    assert drain(q) == ["e2", "e3", ws_hub.Dropped(2), "e6"]
 
 
 def test_queue_reports_drops_when_it_drains_with_nothing_after() -> None:
-    q = ws.EventQueue(2)
+    q = ws_hub.EventQueue(2)
     q.offer("a")
     q.offer("b")
     q.offer("c")
-    assert drain(q) == ["a", "b", ws.Dropped(1)]
+    assert drain(q) == ["a", "b", ws_hub.Dropped(1)]
     assert q.pop() is None and q.unreported == 0
 
 
 def test_queue_needs_room_for_notice_and_event() -> None:
-    q = ws.EventQueue(3)
+    q = ws_hub.EventQueue(3)
     for i in range(4):
         q.offer(str(i))
     q.pop()  # one free slot: not enough for notice + event, so "x" is dropped too
     assert not q.offer("x")
-    assert drain(q) == ["1", "2", ws.Dropped(2)]
+    assert drain(q) == ["1", "2", ws_hub.Dropped(2)]
     with pytest.raises(ValueError):
-        ws.EventQueue(1)
+        ws_hub.EventQueue(1)
 
 
 @settings(max_examples=300, deadline=None)
 @given(size=st.integers(2, 8), ops=st.lists(st.booleans(), max_size=200))
 def test_queue_is_bounded_ordered_and_accounts_for_everything(size: int, ops: list[bool]) -> None:
-    q = ws.EventQueue(size)
+    q = ws_hub.EventQueue(size)
     offered = 0
-    out: list[str | ws.Dropped] = []
+    out: list[str | ws_hub.Dropped] = []
     for is_offer in ops:
         if is_offer:
             q.offer(str(offered))
@@ -123,14 +125,14 @@ def test_queue_is_bounded_ordered_and_accounts_for_everything(size: int, ops: li
         assert len(q) <= size
     out += drain(q)
     events = [int(x) for x in out if isinstance(x, str)]
-    notices = [x.count for x in out if isinstance(x, ws.Dropped)]
+    notices = [x.count for x in out if isinstance(x, ws_hub.Dropped)]
     assert events == sorted(events)
     assert len(events) + sum(notices) == offered
     assert all(n > 0 for n in notices)
     # Each notice stands exactly where its events went missing.
     expected = 0
     for item in out:
-        if isinstance(item, ws.Dropped):
+        if isinstance(item, ws_hub.Dropped):
             expected += item.count
         else:
             assert int(item) == expected
@@ -232,19 +234,19 @@ def test_commands_and_claims_through_a_connection(monkeypatch: pytest.MonkeyPatc
     async def fake_dismiss(ctx: Any, pid: int) -> bool:
         return pid == 7
 
-    monkeypatch.setattr(ws.pending, "decide", fake_decide)
-    monkeypatch.setattr(ws.pending, "dismiss", fake_dismiss)
+    monkeypatch.setattr(commands.pending, "decide", fake_decide)
+    monkeypatch.setattr(commands.pending, "dismiss", fake_dismiss)
 
     async def scenario() -> tuple[FakeSocket, FakeContext]:
         ctx = FakeContext()
-        hub = ws.Hub(ctx)  # type: ignore[arg-type]
+        hub = ws_hub.Hub(ctx)  # type: ignore[arg-type]
         script = ['{"command":"ping"}', "{oops", "[1]", '{"command":"dance"}', '{"nocommand":1}',
                   '{"command":"allow","pending_id":7,"scope":"any_port"}',
                   '{"command":"deny","pending_id":8}', '{"command":"dismiss","pending_id":7}',
                   '{"command":"subscribe","event_type":"log.*"}', '{"command":"claim_notifications"}',
                   '{"command":"claim_notifications"}']
         sock = FakeSocket(script)
-        conn = ws.Connection(hub, sock)
+        conn = resource.Connection(hub, sock)
         hub.add(conn)
         task = asyncio.create_task(conn.run())
         await _wait_sent(sock, 1 + len(script))
@@ -279,10 +281,10 @@ def test_commands_and_claims_through_a_connection(monkeypatch: pytest.MonkeyPatc
 
 
 def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout() -> None:
-    async def scenario() -> tuple[ws.Connection, int]:
-        hub = ws.Hub(FakeContext())  # type: ignore[arg-type]
+    async def scenario() -> tuple[resource.Connection, int]:
+        hub = ws_hub.Hub(FakeContext())  # type: ignore[arg-type]
         sock = FakeSocket(stall=True)
-        conn = ws.Connection(hub, sock, queue_size=10, send_timeout=0.2)
+        conn = resource.Connection(hub, sock, queue_size=10, send_timeout=0.2)
         hub.add(conn)
         task = asyncio.create_task(conn.run())
         for i in range(50):
@@ -297,9 +299,9 @@ def test_a_client_that_stops_reading_is_dropped_after_the_send_timeout() -> None
 
 def test_drop_notice_reaches_the_client_before_the_next_event() -> None:
     async def scenario() -> list[dict[str, Any]]:
-        hub = ws.Hub(FakeContext())  # type: ignore[arg-type]
+        hub = ws_hub.Hub(FakeContext())  # type: ignore[arg-type]
         sock = FakeSocket()
-        conn = ws.Connection(hub, sock, queue_size=3)
+        conn = resource.Connection(hub, sock, queue_size=3)
         hub.add(conn)
         for i in range(6):  # before the writer runs: 3 queued, 3 dropped
             hub.dispatch("log.new", {"seq": i})
@@ -337,11 +339,11 @@ def test_busy_topics_are_received_only_while_a_client_is_connected() -> None:
             pass
 
     async def scenario() -> list[tuple[str, str]]:
-        hub = ws.Hub(FakeContext())  # type: ignore[arg-type]
+        hub = ws_hub.Hub(FakeContext())  # type: ignore[arg-type]
         sub = RecordingSub()
         task = asyncio.create_task(hub.run_bridge(lambda: sub))  # type: ignore[arg-type,return-value]
         await asyncio.sleep(0)
-        a, b = ws.Connection(hub, FakeSocket()), ws.Connection(hub, FakeSocket())
+        a, b = resource.Connection(hub, FakeSocket()), resource.Connection(hub, FakeSocket())
         assert hub.add(a) is True  # the first client turns them on ...
         assert hub.add(b) is False
         hub.remove(a)

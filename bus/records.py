@@ -1,0 +1,114 @@
+"""Every journal record kind and its payload, listed once (as topics.py lists the bus topics).
+
+The proxy writes these records (`JournalWriter.append(kind, data)`), the recorder applies them
+(services/recorder/apply.py); docs/events.md ("The journal") documents each payload for outsiders.
+A payload travels as JSON: the TypedDicts below say which fields each kind carries.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, NotRequired, TypedDict
+
+LOG = "log"  # every connection decision (and DNS queries when logDnsQueries is on)
+PENDING = "pending"  # a destination no rule covers: a sighting for the pending queue
+RULE_HIT = "rule_hit"  # rule hit counts, flushed periodically
+DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
+TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
+
+KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION)
+
+ALLOWED = "allowed"
+BLOCKED = "blocked"
+Result = Literal["allowed", "blocked"]
+
+
+class LogRecord(TypedDict):
+    """A `log` record: one row of `logs` (SPEC §5) without its id; `rule_summary` only rides along
+    for the `log.new` event."""
+
+    timestamp: float
+    container_name: str
+    container_id: str
+    destination_host: str
+    destination_port: int
+    resolved_hostname: str | None
+    method: str
+    result: str
+    rule_id: int | None
+    rule_summary: str | None
+    response_time_ms: float | None
+    reason: str | None
+    mitm_skip_reason: str | None
+
+
+class PendingRecord(TypedDict):
+    """A `pending` record: a sighting of a destination no rule covers; `waiting` held clients."""
+
+    container_name: str
+    destination_host: str
+    destination_port: int
+    resolved_hostname: str | None
+    ts: float
+    waiting: int
+    container_id: NotRequired[str]
+
+
+class RuleHitRecord(TypedDict):
+    """A `rule_hit` record: `count` decisions by the rule since the last flush, the last at `last_used_at`."""
+
+    rule_id: int
+    count: int
+    last_used_at: float
+
+
+class DnsRecord(TypedDict):
+    """A `dns` record: `ip` was an answer for `hostname` at `ts`."""
+
+    ip: str
+    hostname: str
+    ts: float
+
+
+# A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
+# headers already redacted, bodies decoded and capped (greyproxy.capture).
+TransactionRecord = dict[str, Any]
+
+
+def log_record(container: str, host: str, port: int, method: str, result: str, *,
+               resolved_hostname: str | None = None, rule_id: int | None = None, rule_summary: str | None = None,
+               response_time_ms: float | None = None, reason: str | None = None,
+               mitm_skip_reason: str | None = None, container_id: str = "",
+               timestamp: float | None = None) -> LogRecord:
+    """The one way to build a `log` record (the gate's verdicts, the DNS proxy's queries)."""
+    if result not in (ALLOWED, BLOCKED):
+        raise ValueError(f"log result must be {ALLOWED!r} or {BLOCKED!r}, not {result!r}")
+    return {
+        "timestamp": time.time() if timestamp is None else timestamp,
+        "container_name": container,
+        "container_id": container_id,
+        "destination_host": host,
+        "destination_port": port,
+        "resolved_hostname": resolved_hostname,
+        "method": method,
+        "result": result,
+        "rule_id": rule_id,
+        "rule_summary": rule_summary,
+        "response_time_ms": None if response_time_ms is None else round(response_time_ms, 3),
+        "reason": reason,
+        "mitm_skip_reason": mitm_skip_reason,
+    }
+
+
+def pending_record(container: str, host: str, port: int, resolved_hostname: str | None, waiting: int,
+                   ts: float | None = None) -> PendingRecord:
+    return {"container_name": container, "destination_host": host, "destination_port": port,
+            "resolved_hostname": resolved_hostname, "ts": time.time() if ts is None else ts, "waiting": waiting}
+
+
+def rule_hit_record(rule_id: int, count: float, last_used_at: float) -> RuleHitRecord:
+    return {"rule_id": rule_id, "count": int(count), "last_used_at": last_used_at}
+
+
+def dns_record(ip: str, hostname: str, ts: float) -> DnsRecord:
+    return {"ip": ip, "hostname": hostname, "ts": ts}

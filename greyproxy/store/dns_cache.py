@@ -1,0 +1,20 @@
+"""The `dns_cache` table (migration 1): ip → hostname as the DNS proxy saw it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import cast
+
+COLUMNS = ("ip", "hostname", "updated_at")
+
+# Inside the recorder's batch transaction (its raw sqlite3 cursor).
+UPSERT = ("INSERT INTO dns_cache (ip, hostname, updated_at) VALUES (?, ?, ?)"
+          " ON CONFLICT(ip) DO UPDATE SET hostname = excluded.hostname, updated_at = excluded.updated_at")
+
+
+def names_since(cutoff: float) -> list[tuple[str, str]]:
+    """(ip, hostname) of the mappings updated after `cutoff` (the proxy reloads them at start)."""
+    from .models import DnsCache
+
+    query = DnsCache.select(DnsCache.ip, DnsCache.hostname).where(DnsCache.updated_at > cutoff).tuples()
+    return list(cast(Iterable[tuple[str, str]], query))  # .tuples(): peewee's types still say models

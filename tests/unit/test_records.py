@@ -1,0 +1,102 @@
+"""The record contract: journal kinds and payloads (bus/records.py) and each table's column list
+(greyproxy/store/<table>.py) agree with the schema the migrations make and with the recorder."""
+
+from __future__ import annotations
+
+import sqlite3
+import typing
+from pathlib import Path
+
+import pytest
+
+from bus import records
+from greyproxy.store import dns_cache, logs, open_database, pending, rules, settings, transactions
+from services.recorder import transactions as recorder_transactions  # noqa: F401 - its kind's applier
+from services.recorder.apply import APPLIERS, apply_records
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    db = open_database(tmp_path / "db")
+    db.close()
+    return tmp_path / "db"
+
+
+@pytest.mark.parametrize(("table", "module"), [
+    ("logs", logs), ("pending", pending), ("rules", rules), ("dns_cache", dns_cache),
+    ("http_transactions", transactions), ("settings", settings),
+])
+def test_column_lists_are_the_schema(db_path: Path, table: str, module: typing.Any) -> None:
+    conn = sqlite3.connect(db_path)
+    try:
+        schema = tuple(row[1] for row in conn.execute(f"PRAGMA table_info({table})"))
+    finally:
+        conn.close()
+    assert module.COLUMNS == schema
+
+
+def test_every_kind_has_an_applier_and_a_documented_row() -> None:
+    assert set(APPLIERS) == set(records.KINDS)
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "events.md").read_text()
+    for kind in records.KINDS:
+        assert f"| `{kind}` |" in doc, kind
+
+
+def test_payload_types_name_the_table_fields() -> None:
+    log_keys = set(typing.get_type_hints(records.LogRecord))
+    assert log_keys == {*logs.FIELDS, "rule_summary"}  # rule_summary rides along for log.new only
+    assert set(typing.get_type_hints(records.DnsRecord)) == {"ip", "hostname", "ts"}
+
+
+def test_log_record_builder() -> None:
+    rec = records.log_record("agent", "example.com", 443, "CONNECT", records.BLOCKED, rule_id=7,
+                             rule_summary="* → example.com:*", response_time_ms=1.23456, reason="rule",
+                             timestamp=100.0)
+    assert set(rec) == set(typing.get_type_hints(records.LogRecord))
+    assert rec["response_time_ms"] == 1.235 and rec["container_id"] == "" and rec["resolved_hostname"] is None
+    assert rec["timestamp"] == 100.0
+    with pytest.raises(ValueError, match="log result"):
+        records.log_record("agent", "example.com", 443, "CONNECT", "maybe")
+
+
+def test_built_records_apply(db_path: Path) -> None:
+    """What the builders make is what the recorder stores (and announces)."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        batch = [
+            ("r1", records.LOG, records.log_record("agent", "example.com", 443, "CONNECT", records.ALLOWED,
+                                                   response_time_ms=2.0, reason="rule", rule_summary="s")),
+            ("r2", records.PENDING, records.pending_record("agent", "10.0.0.1", 443, "example.com", 2, ts=5.0)),
+            ("r3", records.DNS, records.dns_record("10.0.0.1", "example.com", 6.0)),
+            ("r4", records.RULE_HIT, records.rule_hit_record(1, 3.0, 7.0)),
+        ]
+        events = apply_records(conn, batch)
+        row = conn.execute("SELECT container_name, destination_host, result, reason, response_time_ms FROM logs"
+                           " ORDER BY id DESC LIMIT 1").fetchone()
+        assert row == ("agent", "example.com", "allowed", "rule", 2.0)
+        assert conn.execute("SELECT resolved_hostname, attempt_count FROM pending").fetchone() == ("example.com", 1)
+        assert conn.execute("SELECT hostname FROM dns_cache WHERE ip = '10.0.0.1'").fetchone() == ("example.com",)
+        assert conn.execute("SELECT hit_count FROM rules WHERE id = 1").fetchone() == (3,)
+        topics = [t for t, _ in events]
+        assert "log.new" in topics and "pending_request.created" in topics
+        log_new = next(d for t, d in events if t == "log.new")
+        assert log_new["rule_summary"] == "s"
+    finally:
+        conn.close()
+
+
+def test_store_reads_through_peewee(db_path: Path) -> None:
+    """The ordinary reads of the proxy and the API (rules snapshot, pending count, DNS names, settings)."""
+    open_database(db_path)
+    try:
+        version, rows = rules.snapshot()
+        assert version >= 1 and {r[2] for r in rows} >= {"localhost", "127.0.0.1", "::1"} and len(rows[0]) == 8
+        assert pending.count() == 0
+        assert dns_cache.names_since(0) == []
+        settings.write({"theme": "dark", "logDnsQueries": True}, now=1.0)
+        settings.write({"theme": "light"})
+        v, values = settings.read_with_version()
+        assert values == {"theme": "light", "logDnsQueries": True} and v >= 2
+    finally:
+        from greyproxy.store import database
+        database.close()
