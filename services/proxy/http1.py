@@ -379,9 +379,9 @@ def _idna_request_line(head: bytes, line_end: int) -> bytes:
         return head
     try:
         text = authority.decode("utf-8")
-        host, sep, port = text.rpartition(":") if ":" in text else (text, "", "")
+        host, colon, port = text.rpartition(":") if ":" in text else (text, "", "")
         refuse_controls(host, "host")
-        name = ascii_host(host) + sep + port
+        name = ascii_host(host) + colon + port
     except ValueError:  # UnicodeDecodeError too
         return head
     return b" ".join((method, prefix + name.encode("ascii") + path, version)) + head[line_end:]

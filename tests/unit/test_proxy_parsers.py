@@ -1229,6 +1229,22 @@ def test_unicode_targets_parse_to_idna_or_a_400(labels: list[str], method: str) 
         assert "xn--" in head.host
 
 
+@pytest.mark.parametrize(("target", "want_target", "want_port"), [
+    (b"http://b\xc3\xbccher.de/p", "http://xn--bcher-kva.de/p", 80),
+    (b"http://b\xc3\xbccher.de:8080/p", "http://xn--bcher-kva.de:8080/p", 8080),
+    (b"https://B\xc3\x9cCHER.de:8443", "https://xn--bcher-kva.de:8443", 8443),
+])
+def test_unicode_absolute_form_keeps_scheme_and_port(target: bytes, want_target: str, want_port: int) -> None:
+    # The rewrite splits "scheme://" (bytes) off first, then the text authority at its last ":" (str):
+    # the scheme separator and the port's colon must each land in their own place.
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    got = parse_request_head(raw, 65536, 100)
+    assert got is not None
+    head, used = got
+    assert used == len(raw)
+    assert (head.host, head.port, head.target) == ("xn--bcher-kva.de", want_port, want_target)
+
+
 @given(st.lists(_IDN_LABELS, min_size=1, max_size=3))
 @settings(max_examples=300, deadline=None)
 def test_socks_unicode_names_parse_to_idna_or_fail(labels: list[str]) -> None:
