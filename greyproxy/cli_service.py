@@ -20,6 +20,7 @@ import plistlib
 import shlex
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def _systemd_env(name: str, value: str) -> str:
     return _systemd_word(f"{name}={value}")
 
 
-def systemd_unit_path(env: dict[str, str] | None = None) -> Path:
+def systemd_unit_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else Path(env.get("HOME", "~")).expanduser() / ".config"
     return base / "systemd" / "user" / UNIT_NAME
@@ -104,7 +105,7 @@ def render_systemd_unit(argv: list[str], env: dict[str, str]) -> str:
 # ---------------------------------------------------------------- launchd
 
 
-def launchd_plist_path(env: dict[str, str] | None = None) -> Path:
+def launchd_plist_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
     return Path(env.get("HOME", "~")).expanduser() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
 

@@ -164,7 +164,8 @@ def _recorded(cfg: Config, container: str | None, since: float, results: list[Re
     if not want:
         return None
     by_name = {rt.name: rt for rt in RUNTIMES}
-    params = {"from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)), "limit": 1000}
+    params: dict[str, str | int] = {"from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
+                                    "limit": 1000}
     if container:
         params["container"] = container
     try:

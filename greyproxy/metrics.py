@@ -74,14 +74,14 @@ def _buckets(snap: Any) -> tuple[list[tuple[str, float]], float] | None:
     le, cum, total = snap.get("le"), snap.get("cumulative"), _num(snap.get("sum"))
     if not isinstance(le, list) or not isinstance(cum, list) or len(cum) != len(le) + 1 or total is None:
         return None
-    bounds = [_num(b) for b in le]
-    counts = [_num(c) for c in cum]
-    if any(b is None for b in bounds) or any(c is None for c in counts):
+    bounds = [b for b in map(_num, le) if b is not None]
+    counts = [c for c in map(_num, cum) if c is not None]
+    if len(bounds) != len(le) or len(counts) != len(cum):  # some bound or count is not a number
         return None
     if counts != sorted(counts):  # cumulative counts never decrease
         return None
-    out = [(repr(float(b)), float(c)) for b, c in zip(bounds, counts[:-1])]  # type: ignore[arg-type]
-    out.append(("+Inf", float(counts[-1])))  # type: ignore[arg-type]
+    out = [(repr(b), c) for b, c in zip(bounds, counts[:-1])]
+    out.append(("+Inf", counts[-1]))
     return out, total
 
 
@@ -160,7 +160,8 @@ class HeartbeatCollector:
                 if _num(n) is not None:
                     fam.add_metric([str(cap)], float(n))
             yield fam
-        metrics = proxy.get("metrics") if isinstance(proxy.get("metrics"), dict) else {}
+        proxy_metrics = proxy.get("metrics")
+        metrics: dict[str, Any] = proxy_metrics if isinstance(proxy_metrics, dict) else {}
         results = metrics.get("connections")
         if isinstance(results, dict):
             fam = CounterMetricFamily("greyproxy_proxy_connections", "Connection decisions by result",
@@ -187,9 +188,9 @@ class HeartbeatCollector:
         ):
             parsed = _buckets(stats.get(key)) if isinstance(stats, dict) else None
             if parsed is not None:
-                fam = HistogramMetricFamily(name, text)
-                fam.add_metric([], parsed[0], parsed[1])
-                yield fam
+                hist = HistogramMetricFamily(name, text)
+                hist.add_metric([], parsed[0], parsed[1])
+                yield hist
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: families depend on what the heartbeats carry

@@ -279,9 +279,9 @@ def build_conversation(cid: str, reqs: list[dict[str, Any]], utility: list[dict[
     current = 1
     if turns:
         for r in reqs:
-            n = req_turn.get(r["transaction_id"])
-            if n:
-                current = min(n, len(turns))
+            known = req_turn.get(r["transaction_id"])
+            if known:
+                current = min(known, len(turns))
             by_turn.setdefault(current, []).append(r)
     for t in turns:
         rs = by_turn.get(t["turn_number"], [])

@@ -113,7 +113,7 @@ def tool_use_block(name: Any, call_id: Any, arguments: Any) -> dict[str, Any]:
 
 def tool_result_block(call_id: Any, content: Any, is_error: Any = False, name: str | None = None) -> dict[str, Any]:
     if isinstance(content, list):
-        parts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        parts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         content = "\n".join(parts)
     elif not isinstance(content, str):
         content = as_json_text(content) if content is not None else ""
@@ -428,6 +428,7 @@ def _responses_stream(events: list[dict[str, Any]], ex: Extraction) -> dict[str,
     by_item: dict[str, dict[str, Any]] = {}
     by_index: dict[int, dict[str, Any]] = {}
     final: dict[str, Any] | None = None
+    call: dict[str, Any] | None
     for ev in events:
         kind = ev.get("type")
         if kind == "response.output_text.delta" and isinstance(ev.get("delta"), str):
@@ -447,7 +448,7 @@ def _responses_stream(events: list[dict[str, Any]], ex: Extraction) -> dict[str,
                     by_index[ev["output_index"]] = call
         elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done",
                       "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"):
-            call = by_item.get(ev.get("item_id")) if isinstance(ev.get("item_id"), str) else None
+            call = by_item.get(ev["item_id"]) if isinstance(ev.get("item_id"), str) else None
             if call is None and isinstance(ev.get("output_index"), int):
                 call = by_index.get(ev["output_index"])
             if call is None:
@@ -596,7 +597,7 @@ def _chat_stream(chunks: list[dict[str, Any]], ex: Extraction) -> dict[str, Any]
                 break
         for tc in _list(d.get("tool_calls")):
             tc = _obj(tc)
-            idx = tc.get("index") if isinstance(tc.get("index"), int) else len(calls)
+            idx = tc["index"] if isinstance(tc.get("index"), int) else len(calls)
             call = calls.setdefault(idx, {"name": "", "id": "", "args": ""})
             fn = _obj(tc.get("function"))
             if isinstance(tc.get("id"), str) and tc["id"]:

@@ -119,7 +119,8 @@ def sse_events(body: str) -> list[tuple[str, str]]:
     event's `data:` lines joined by `\\n`, a blank line ends an event, `[DONE]` ignored.
     """
     out: list[tuple[str, str]] = []
-    event, data = "", []
+    event = ""
+    data: list[str] = []
 
     def flush() -> None:
         nonlocal event, data

@@ -63,7 +63,7 @@ def google(raw: Any) -> dict[str, Any]:
 
 
 def reported(usage: dict[str, Any] | None) -> bool:
-    return bool(usage) and any(usage.get(f) is not None for f in FIELDS)
+    return usage is not None and bool(usage) and any(usage.get(f) is not None for f in FIELDS)
 
 
 def total(usages: list[dict[str, Any] | None]) -> dict[str, Any]:

@@ -57,7 +57,7 @@ def create_app(ctx: ApiContext, areas: Sequence[Area] | None = None) -> falcon.a
     """The app with `areas` (default: every one in AREAS), then /api/openapi.json describing them."""
     # LocalOnly: foreign Host (DNS rebinding) → 421, foreign Origin / cross-site writes → 403,
     # on every request and WebSocket upgrade, before routing. IdCheck: a bad {id} in a path → 400.
-    app = falcon.asgi.App(cors_enable=False, middleware=[LocalOnly.from_config(ctx.cfg), IdCheck()])
+    app = falcon.asgi.App(cors_enable=False, middleware=(LocalOnly.from_config(ctx.cfg), IdCheck()))
     json_handler = falcon.media.JSONHandler(dumps=lambda o: orjson.dumps(o).decode(), loads=orjson.loads)
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})

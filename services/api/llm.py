@@ -206,9 +206,11 @@ class ConversationsResource:
         self.ctx = ctx
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        filters = {k: _text(req, k) for k in ("container", "model", "provider", "client")}
-        filters["from"], filters["to"] = time_param(req, "from_date"), time_param(req, "to_date")
-        if filters["from"] is not None and filters["to"] is not None and filters["from"] > filters["to"]:
+        filters: dict[str, str | float | None] = {
+            k: _text(req, k) for k in ("container", "model", "provider", "client")}
+        since, until = time_param(req, "from_date"), time_param(req, "to_date")
+        filters["from"], filters["to"] = since, until
+        if since is not None and until is not None and since > until:
             raise bad_request("from_date must not be after to_date")
         limit = int_param(req, "limit", 50, lo=1, hi=MAX_LIMIT)
         offset = int_param(req, "offset", 0, hi=10**9)

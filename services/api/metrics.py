@@ -36,7 +36,7 @@ def heartbeat_snapshot(ctx: ApiContext) -> dict[str, tuple[bool, dict[str, Any]]
 class MetricsResource:
     def __init__(self, ctx: ApiContext) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HeartbeatCollector(lambda: heartbeat_snapshot(ctx)))  # type: ignore[arg-type]
+        self.registry.register(HeartbeatCollector(lambda: heartbeat_snapshot(ctx)))
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         resp.content_type = CONTENT_TYPE_LATEST

@@ -179,5 +179,6 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> Dashboard:
     dashboard = Dashboard(ctx.cfg.path_prefix, ui_facts(ctx), ctx.db)
-    app.add_sink(dashboard, dashboard.pattern())
+    # falcon's AsgiSinkCallable types resp as Optional (for WebSocket sinks, Falcon 5); HTTP requests always get one
+    app.add_sink(dashboard, dashboard.pattern())  # type: ignore[arg-type]
     return dashboard

@@ -174,7 +174,7 @@ def ptr_target(response: dns.message.Message) -> str | None:
     return None
 
 
-def _header_error(data: bytes, rcode: int) -> bytes | None:
+def _header_error(data: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
     """A bare error answer built from the two header words of a packet dnspython could not parse;
     None when there is no header or the packet is itself a response (never answer those: loops)."""
     if len(data) < 12:
@@ -188,7 +188,7 @@ def _header_error(data: bytes, rcode: int) -> bytes | None:
     return reply.to_wire()
 
 
-def error_reply(query: dns.message.Message, rcode: int) -> bytes:
+def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
     reply = dns.message.make_response(query, recursion_available=True)
     reply.set_rcode(rcode)
     return reply.to_wire()
@@ -529,7 +529,7 @@ class DnsProxy:
         if fut is None:
             fut = asyncio.ensure_future(self._fetch_upstream(key, query))
             self._fetches[key] = fut
-            fut.add_done_callback(lambda _f, k=key: self._fetches.pop(k, None))
+            fut.add_done_callback(lambda _f: self._fetches.pop(key, None))
         return await asyncio.shield(fut)
 
     async def _fetch_upstream(self, key: CacheKey, query: dns.message.Message) -> bytes | None:
@@ -592,7 +592,7 @@ class DnsProxy:
         if task is None:
             task = asyncio.ensure_future(self._reverse(h))
             self._ptr[h] = task
-            task.add_done_callback(lambda _t, ip=h: self._ptr.pop(ip, None))
+            task.add_done_callback(lambda _t: self._ptr.pop(h, None))
         decided = (gate.is_own_listener(h, port) or gate.silent.active_mode() is not None
                    or gate.rules.decide(container, h, port).rule is not None)
         if not decided:
@@ -624,7 +624,7 @@ class DnsProxy:
             self.gate.names[ip] = (name, time.time())
             self.counts["ptr_names"] += 1
 
-    async def _lookup(self, name: dns.name.Name, rdtype: int) -> dns.message.Message | None:
+    async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message | None:
         """Our own query through the cache and the upstreams."""
         query = dns.message.make_query(name, rdtype)
         key = cache_key(query)

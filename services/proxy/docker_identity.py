@@ -50,7 +50,7 @@ def containers_by_ip(containers: Any) -> dict[str, Identity]:
     for c in containers:
         if not isinstance(c, dict):
             continue
-        cid = c.get("Id") if isinstance(c.get("Id"), str) else ""
+        cid = c["Id"] if isinstance(c.get("Id"), str) else ""
         raw_names = c.get("Names")
         names = [n for n in raw_names if isinstance(n, str) and n.strip("/")] if isinstance(raw_names, list) else []
         name = names[0].lstrip("/") if names else cid[:12]

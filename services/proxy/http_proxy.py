@@ -70,10 +70,9 @@ async def handle_http(client: ClientConn) -> None:
         (connection, whether it served a request before)."""
         nonlocal upstream, upstream_key, cid, clean
         release()
-        up = None if fresh else pool.get(key)
-        reused = up is not None
-        if up is None:
-            up = await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
+        parked = None if fresh else pool.get(key)
+        reused = parked is not None
+        up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
         upstream, upstream_key, clean = up, key, False
 
         def close_both(u: Conn = up) -> None:
