@@ -206,7 +206,7 @@ def test_100k_transactions_export_in_bounded_memory(stack: Stack) -> None:
     cols = [c for c in TRANSACTION_COLUMNS if c != "id"]
     body = json.dumps({"choices": [{"message": {"content": "x" * 400}}]})
     headers = json.dumps({"Content-Type": ["application/json"], "Authorization": ["[REDACTED]"]})
-    t0 = 1_700_000_000.0
+    t0 = time.time() - 3 * 3600  # recent: older rows are pruned past retention while the export runs
 
     def row(i: int) -> list:
         values = {"timestamp": t0 + i * 0.01, "container_name": "bulk", "destination_host": "api.test",
