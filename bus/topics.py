@@ -34,6 +34,9 @@ CONVERSATION_UPDATED = "conversation.updated"
 CONVERSATION_DELETED = "conversation.deleted"
 TRANSACTIONS_STORED = "transactions.stored"  # internal: the recorder committed a batch with transactions
 
+# Proxy workers (SPEC §15): an ip -> name one worker's DNS proxy learned, for the others.
+DNS_NAME = "dns.name"
+
 # Later capabilities (specified in SPEC §11).
 SESSION_CREATED = "session.created"
 SESSION_HEARTBEAT = "session.heartbeat"
@@ -49,5 +52,5 @@ PUBLIC = (
     CONVERSATION_DELETED,
     SESSION_CREATED, SESSION_HEARTBEAT, SESSION_DELETED, SESSION_EXPIRED, SESSION_SUBSTITUTION,
 )
-INTERNAL = (SERVICE_HEARTBEAT, RULES_CHANGED, TRANSACTIONS_STORED)
+INTERNAL = (SERVICE_HEARTBEAT, RULES_CHANGED, TRANSACTIONS_STORED, DNS_NAME)
 ALL = PUBLIC + INTERNAL

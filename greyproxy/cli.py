@@ -14,8 +14,8 @@ import yaml
 
 from . import __version__, ports
 from .config import (
-    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, ENV_SUPERVISOR_PID, Config, ConfigError, ensure_dirs,
-    load_config,
+    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, ENV_SUPERVISOR_PID, ENV_WORKER, Config, ConfigError,
+    ensure_dirs, load_config,
 )
 
 SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
@@ -28,6 +28,27 @@ def _supervisord_conf() -> Path:
     if not conf.exists():
         raise ConfigError(f"supervisord.conf not found at {conf}")
     return conf
+
+
+def render_supervisord_conf(text: str, workers: int) -> str:
+    """supervisord.conf for `workers` proxy processes: [program:proxy] becomes a numprocs program
+    (proxy-0, proxy-1 ...), each started with `--worker N` and logging to proxy-N.log. One worker:
+    the file as it is."""
+    if workers == 1:
+        return text
+    head, sep, rest = text.partition("[program:proxy]\n")
+    if not sep:
+        raise ConfigError("supervisord.conf has no [program:proxy] section")
+    section, nxt, tail = rest.partition("\n[")
+    lines = []
+    for line in section.splitlines():
+        if line.startswith("command="):
+            line += " --worker %(process_num)d"
+        elif line.startswith("stdout_logfile="):
+            line = line.replace("/proxy.log", "/proxy-%(process_num)d.log")
+        lines.append(line)
+    lines += [f"numprocs={workers}", "process_name=proxy-%(process_num)d"]
+    return head + sep + "\n".join(lines) + "\n" + nxt + tail
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -116,6 +137,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     conf = _supervisord_conf()
+    if cfg.workers > 1:
+        rendered = cfg.run_dir / "supervisord.conf"
+        rendered.write_text(render_supervisord_conf(conf.read_text(), cfg.workers))
+        conf = rendered
     # Private files by default (supervisord's logs, the database, sockets), inherited by every
     # program; supervisord's own `umask` setting applies only when it daemonizes. ca-cert.pem
     # is made 0644 explicitly.
@@ -131,6 +156,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # First thing: a supervisord killed with -9 must not leave this process behind.
     exit_with_parent()
     os.umask(0o077)  # as under `serve`: what this process creates is its user's alone
+    if getattr(args, "worker", None) is not None:
+        if args.service != "proxy":
+            raise ConfigError("--worker applies to the proxy only")
+        os.environ[ENV_WORKER] = str(args.worker)
     cfg = _load(args)
     ensure_dirs(cfg)
     setup_logging(args.service)
@@ -178,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run one service in the foreground")
     p.add_argument("service", choices=SERVICES)
     _add_config_args(p)
+    p.add_argument("--worker", type=int, metavar="N", help="proxy only: run as worker N of proxy.workers")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("config", help="print the resolved configuration")

@@ -33,6 +33,33 @@ ENV_DOCKER_ENABLED = "GREYPROXY_DOCKER_ENABLED"  # overrides greyproxy.docker.en
 ENV_SUPERVISOR_PID = "GREYPROXY_SUPERVISOR_PID"
 
 SERVICE_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
+ENV_WORKER = "GREYPROXY_WORKER"  # a proxy worker's index (set by `greyproxy run proxy --worker N`)
+MAX_WORKERS = 64
+AUTO_WORKERS_CAP = 8  # proxy.workers: auto = the CPUs, at most this many
+
+
+def resolve_workers(value: Any, cpus: int | None = None) -> int:
+    """proxy.workers -> a count: 'auto' = the CPUs (at most 8), else an integer from 1 to 64."""
+    if value == "auto":
+        n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                           else os.cpu_count() or 1)
+        return max(1, min(AUTO_WORKERS_CAP, n))
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise ConfigError(f"config key 'proxy.workers': must be auto or an integer from 1 to {MAX_WORKERS},"
+                          f" not {value!r}")
+    return value
+
+
+def worker_endpoint(endpoint: str, index: int) -> str:
+    """Worker `index`'s own control endpoint derived from bus.proxyControl: ipc://.../x.sock ->
+    ipc://.../x-INDEX.sock; tcp://HOST:PORT -> tcp://HOST:PORT+INDEX."""
+    if endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        return f"tcp://{host}:{int(port) + index}"
+    base, dot, ext = endpoint.rpartition(".")
+    if not dot or "/" in ext:
+        return f"{endpoint}-{index}"
+    return f"{base}-{index}.{ext}"
 
 
 class ConfigError(Exception):
@@ -64,6 +91,7 @@ _SCHEMA: dict[str, Any] = {
         "heartbeatInterval": _NUM,
         "requestTimeout": _NUM,
         "requestRetries": int,
+        "keysDir": str,
     },
     "proxy": {
         "holdTimeout": _NUM,
@@ -80,6 +108,9 @@ _SCHEMA: dict[str, Any] = {
         "journalOutboxMiB": int,
         "upstreamPoolSize": int,
         "upstreamIdleTimeout": _NUM,
+        "workers": (int, str),
+        "name": str,
+        "rulesFrom": str,
     },
     "dns": {"upstreams": [str], "timeout": _NUM, "cacheSize": int},
     "mitm": {"bypass": [str], "upstreamCaFile": str},
@@ -265,6 +296,26 @@ class Config:
     source: str = "<embedded default>"
     silent_allow: bool = False
     warnings: list[str] = field(default_factory=list)
+    workers: int = 1            # proxy.workers resolved
+    worker: int | None = None   # this process's worker index (`greyproxy run proxy --worker N`), None = the only one
+    keys_dir: Path | None = None  # CURVE keys for tcp:// bus endpoints (see bus.curve)
+
+    @property
+    def proxy_name(self) -> str:
+        """This proxy's name on the bus (heartbeats, /api/health): proxy.name, '-N' for worker N."""
+        base = self.raw["proxy"]["name"]
+        return base if self.worker is None else f"{base}-{self.worker}"
+
+    @property
+    def proxy_control(self) -> str:
+        """The control endpoint this proxy process binds."""
+        ep = self.bus["proxyControl"]
+        return ep if self.worker is None else worker_endpoint(ep, self.worker)
+
+    def proxy_control_endpoints(self) -> list[str]:
+        """Every local worker's control endpoint (the API calls them all; remote proxies announce theirs)."""
+        ep = self.bus["proxyControl"]
+        return [ep] if self.workers == 1 else [worker_endpoint(ep, i) for i in range(self.workers)]
 
     def section(self, name: str) -> dict[str, Any]:
         return self.raw[name]
@@ -404,6 +455,20 @@ def load_config(
         elif not bus[key].startswith(("ipc://", "tcp://")):
             raise ConfigError(f"config key 'bus.{key}': must be an ipc:// or tcp:// endpoint")
 
+    workers = resolve_workers(raw["proxy"]["workers"])
+    if raw["proxy"]["rulesFrom"] not in ("database", "recorder"):
+        raise ConfigError("config key 'proxy.rulesFrom': must be database or recorder")
+    name = raw["proxy"]["name"]
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError("config key 'proxy.name': letters, digits, '-', '_' and '.' only")
+    worker_env = env.get(ENV_WORKER, "").strip()
+    worker = None
+    if worker_env:
+        if not worker_env.isdigit() or int(worker_env) >= MAX_WORKERS:
+            raise ConfigError(f"{ENV_WORKER}={worker_env!r}: want a worker index from 0 to {MAX_WORKERS - 1}")
+        worker = int(worker_env)
+    keys_dir = Path(raw["bus"]["keysDir"]).expanduser() if raw["bus"]["keysDir"] else data_dir / "keys"
+
     return Config(
         raw=raw,
         data_dir=data_dir,
@@ -417,6 +482,9 @@ def load_config(
         source=source,
         silent_allow=env.get(ENV_SILENT_ALLOW, "") in ("1", "true", "yes"),
         warnings=warnings,
+        workers=workers,
+        worker=worker,
+        keys_dir=keys_dir,
     )
 
 

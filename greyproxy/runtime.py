@@ -94,8 +94,9 @@ def setup_logging(service: str) -> None:
 class ServiceRuntime:
     """Heartbeat publisher plus a registry of figures each service reports in it."""
 
-    def __init__(self, name: str, cfg: Config) -> None:
+    def __init__(self, name: str, cfg: Config, announce: dict[str, Any] | None = None) -> None:
         self.name = name
+        self.announce = dict(announce or {})  # extra heartbeat fields (a proxy: role, control endpoint, worker)
         self.cfg = cfg
         self.started_at = time.time()
         self.publisher = Publisher(cfg.bus["pub"], name)
@@ -125,7 +126,8 @@ class ServiceRuntime:
     def heartbeat_payload(self) -> dict[str, Any]:
         now = time.time()
         return {"service": self.name, "pid": os.getpid(), "host": HOSTNAME, "started_at": self.started_at,
-                "uptime": round(now - self.started_at, 3), "ready": self.ready, "stats": self.stats()}
+                "uptime": round(now - self.started_at, 3), "ready": self.ready, "stats": self.stats(),
+                **self.announce}
 
     async def heartbeat_loop(self) -> None:
         interval = float(self.cfg.bus["heartbeatInterval"])
@@ -134,7 +136,8 @@ class ServiceRuntime:
             await asyncio.sleep(interval)
 
 
-def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]]) -> None:
+def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]],
+                      announce: dict[str, Any] | None = None) -> None:
     """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives."""
     import uvloop
 
@@ -142,7 +145,7 @@ def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], A
     ensure_dirs(cfg)
 
     async def runner() -> None:
-        rt = ServiceRuntime(name, cfg)
+        rt = ServiceRuntime(name, cfg, announce)
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None

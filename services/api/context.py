@@ -25,6 +25,7 @@ class ServiceSeen:
     uptime: float
     stats: dict[str, Any]
     ready: bool = True
+    role: str = ""  # "proxy" for every proxy process (workers, other hosts)
 
 
 @dataclass
@@ -32,7 +33,7 @@ class ApiContext:
     cfg: Config
     publisher: Publisher
     db_executor: ThreadPoolExecutor
-    proxy: ControlClient
+    proxy: ControlClient  # a services.api.proxies.ProxyGroup: every proxy process at once
     recorder: ControlClient
     maintenance: ControlClient
     started_at: float = field(default_factory=time.time)

@@ -68,9 +68,23 @@ async def track_heartbeats(ctx: ApiContext) -> None:
                 pid=int(data.get("pid") or 0), last_seen=time.time(),
                 started_at=float(data.get("started_at") or 0), uptime=float(data.get("uptime") or 0),
                 stats=data.get("stats") or {}, ready=data.get("ready") is not False,
+                role=str(data.get("role") or ""),
             )
+            note = getattr(ctx.proxy, "note_heartbeat", None)
+            if note is not None:
+                note(name, data)
     finally:
         sub.close()
+
+
+def proxy_names(ctx: ApiContext) -> list[str]:
+    """Every proxy process /api/health lists: the configured workers ("proxy", or proxy-0 ...
+    proxy-N-1), then any other proxy heard from (a proxy on another host)."""
+    raw = getattr(ctx.cfg, "raw", None) or {}
+    base = raw.get("proxy", {}).get("name", "proxy")
+    workers = getattr(ctx.cfg, "workers", 1)
+    names = [base] if workers == 1 else [f"{base}-{i}" for i in range(workers)]
+    return names + sorted(n for n, s in ctx.seen.items() if s.role == "proxy" and n not in names)
 
 
 def _db_ok() -> bool:
@@ -84,10 +98,13 @@ async def _first_heartbeats(ctx: ApiContext) -> None:
     """Right after the API (re)starts it has heard no heartbeat yet: wait for them, briefly, rather
     than report every service down."""
     grace_end = ctx.started_at + ctx.stale_after()
-    if time.time() >= grace_end or all(n in ctx.seen for n in WATCHED):
+    def all_seen() -> bool:
+        return all(n in ctx.seen for n in (*(w for w in WATCHED if w != "proxy"), *proxy_names(ctx)))
+
+    if time.time() >= grace_end or all_seen():
         return
     deadline = min(grace_end, time.time() + 1.5 * float(ctx.cfg.bus["heartbeatInterval"]) + 0.2)
-    while time.time() < deadline and not all(n in ctx.seen for n in WATCHED):
+    while time.time() < deadline and not all_seen():
         await asyncio.sleep(0.05)
 
 
@@ -103,7 +120,10 @@ class HealthResource:
         down: list[str] = []
         bus_seen = ctx.seen.get("bus")
         bus_silent = bus_seen is None or now - bus_seen.last_seen > ctx.stale_after()
-        for name in WATCHED:
+        proxies = proxy_names(ctx)
+        watched = [n for n in WATCHED if n != "proxy"]
+        watched[1:1] = proxies  # bus, the proxies, recorder, maintenance
+        for name in watched:
             seen = ctx.seen.get(name)
             up = seen is not None and now - seen.last_seen <= ctx.stale_after() and seen.ready
             local = seen is not None and _local_pids.get(name) == seen.pid
@@ -120,6 +140,18 @@ class HealthResource:
             }
             if not up:
                 down.append(name)
+        if "proxy" not in proxies:
+            # "proxy" stands for them all: up when every one is (each is listed under its own name too).
+            states = [services[n] for n in proxies]
+            all_up = all(st["up"] for st in states)
+            services["proxy"] = {
+                "up": all_up,
+                "state": "up" if all_up else ("starting" if any(st["state"] == "starting" for st in states) else "down"),
+                "pid": states[0]["pid"] if states else None,
+                "last_seen": states[0]["last_seen"] if states else None,
+                "uptime": states[0]["uptime"] if states else None,
+                "workers": proxies,
+            }
         services["api"] = {"up": True, "state": "up", "pid": os.getpid(), "last_seen": rfc3339(now),
                            "uptime": round(now - ctx.started_at, 1)}
         try:

@@ -19,6 +19,7 @@ from greyproxy.store import open_database
 from .app import create_app
 from .context import ApiContext
 from .health import track_heartbeats
+from .proxies import ProxyGroup
 from .notify import run_notifier
 from .server import StrictHttpProtocol
 from .settings import current_settings
@@ -35,11 +36,13 @@ class _Server(uvicorn.Server):
 def make_context(rt: ServiceRuntime) -> ApiContext:
     cfg = rt.cfg
     timeout, retries = float(cfg.bus["requestTimeout"]), int(cfg.bus["requestRetries"])
+    stale = max(2.5, 3 * float(cfg.bus["heartbeatInterval"]))  # as ApiContext.stale_after
     return ApiContext(
         cfg=cfg,
         publisher=rt.publisher,
         db_executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="api-db"),
-        proxy=ControlClient(cfg.bus["proxyControl"], "proxy", timeout, retries),
+        # Every proxy process at once (proxy.workers, proxies on other hosts): see proxies.py.
+        proxy=ProxyGroup(cfg.proxy_control_endpoints(), timeout, retries, lambda: stale),  # type: ignore[arg-type]
         recorder=ControlClient(cfg.bus["recorderControl"], "recorder", timeout, retries),
         maintenance=ControlClient(cfg.bus["maintenanceControl"], "maintenance", timeout, retries),
     )

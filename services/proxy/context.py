@@ -191,6 +191,8 @@ async def unnamed_identity(conn: ClientConn) -> str:
     return default_identity(conn)
 
 
-async def start_listener(ctx: ProxyContext, host: str, port: int, handler) -> asyncio.AbstractServer:
+async def start_listener(ctx: ProxyContext, host: str, port: int, handler,
+                         reuse_port: bool = False) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048)
+    return await loop.create_server(lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048,
+                                    reuse_port=reuse_port or None)

@@ -39,7 +39,7 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-from bus import records
+from bus import records, topics
 from bus.journal import JournalWriter
 from greyproxy.config import Config
 from greyproxy.policy.patterns import analyse_host, normalise_host
@@ -350,6 +350,7 @@ class DnsProxy:
         self.port = port
         self.settings = settings
         self.log_queries = False
+        self.reuse_port = False  # proxy workers share the address (SO_REUSEPORT)
         self._udp: _UdpServer | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -365,10 +366,11 @@ class DnsProxy:
     # -- lifecycle --
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        _t, self._udp = await loop.create_datagram_endpoint(lambda: _UdpServer(self), local_addr=(self.host, self.port))
+        _t, self._udp = await loop.create_datagram_endpoint(lambda: _UdpServer(self), local_addr=(self.host, self.port),
+                                                            reuse_port=self.reuse_port or None)
         try:
             self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port, reuse_address=True,
-                                                   limit=MAX_TCP_QUERY + 2)
+                                                   reuse_port=self.reuse_port or None, limit=MAX_TCP_QUERY + 2)
         except BaseException:
             self._udp.transport.close()  # type: ignore[union-attr]
             raise
@@ -564,6 +566,8 @@ class DnsProxy:
                 self._persisted.popitem(last=False)
             self.counts["names"] += 1
             self.journal.append(records.DNS, records.dns_record(ip, name, now))
+            if self.reuse_port:  # the other workers may get this client's connection
+                self.gate.publisher.publish(topics.DNS_NAME, {"ip": ip, "hostname": name, "ts": now})
 
     async def _prune_names(self) -> None:
         """Drop ip → name entries past their memory lifetime (the gate ignores them anyway)."""
@@ -646,7 +650,7 @@ class DnsProxy:
 
 
 async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: Executor,
-                    settings: SettingsWatch | None = None) -> DnsProxy:
+                    settings: SettingsWatch | None = None, reuse_port: bool = False) -> DnsProxy:
     """Start the DNS listeners on the `dns-proxy` address (UDP and TCP)."""
     lst = cfg.listeners["dns-proxy"]
     dcfg = cfg.section("dns")
@@ -667,6 +671,7 @@ async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: E
     forwarder = Forwarder(upstreams, float(dcfg.get("timeout") or 2.0))
     proxy = DnsProxy(gate, journal, executor, forwarder, int(dcfg.get("cacheSize") or 0), lst.host, lst.port,
                      settings)
+    proxy.reuse_port = reuse_port  # workers share the address (SO_REUSEPORT)
     await proxy.start()
     log.info("dns-proxy listening on %s:%d (udp+tcp), upstreams %s", lst.host, lst.port,
              ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")

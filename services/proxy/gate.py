@@ -123,6 +123,7 @@ class Gate:
         self.max_pending = max_pending
         self.pending_count = 0  # refreshed from the database by the service, bumped on new keys
         self.silent = SilentMode()
+        self.announce_silent = True  # publish allowall.changed (proxy workers: the first one only)
         self.holds: dict[Key, list[Hold]] = {}
         self.live: dict[int, LiveConn] = {}
         self._live_ids = 0
@@ -449,7 +450,8 @@ class Gate:
         if mode and duration:
             s._timer = asyncio.get_running_loop().call_later(duration, self._silent_expired)
         status = s.status()
-        self.publisher.publish(topics.ALLOWALL_CHANGED, status)
+        if self.announce_silent:
+            self.publisher.publish(topics.ALLOWALL_CHANGED, status)
         if mode:
             self.reevaluate_holds()
         return status
@@ -458,4 +460,5 @@ class Gate:
         self.silent._timer = None
         self.silent.mode = None
         self.silent.expires_at = None
-        self.publisher.publish(topics.ALLOWALL_CHANGED, self.silent.status())
+        if self.announce_silent:
+            self.publisher.publish(topics.ALLOWALL_CHANGED, self.silent.status())

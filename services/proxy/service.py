@@ -114,6 +114,20 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
         sub.close()
 
 
+async def _listen_names(cfg: Config, gate: Gate, own: str) -> None:
+    """Workers: an ip -> name another worker's DNS proxy learned (its client may connect through us)."""
+    sub = Subscriber(cfg.bus["sub"], (topics.DNS_NAME,))
+    try:
+        while True:
+            msg = await sub.recv()
+            data = msg.get("data") or {}
+            ip, name = data.get("ip"), data.get("hostname")
+            if msg.get("source") != own and isinstance(ip, str) and isinstance(name, str):
+                gate.names[ip] = (name, time.time())
+    finally:
+        sub.close()
+
+
 def _load_dns_names() -> dict[str, tuple[str, float]]:
     rows = dns_cache.names_since(time.time() - DNS_KEEP)
     # Memory keeps a name for NAME_TTL after it was last seen; a name reloaded at start counts as
@@ -197,20 +211,25 @@ async def main(rt: ServiceRuntime) -> None:
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
+    # Every worker gets the same silent-mode call: one of them announces the change.
+    gate.announce_silent = not cfg.worker
 
     servers = []
+    # Workers (proxy.workers > 1) share each listening address: the kernel spreads connections
+    # (and DNS datagrams) over the sockets bound with SO_REUSEPORT.
+    shared = cfg.workers > 1 or cfg.worker is not None
     handlers = {"http-proxy": handle_http, "socks5-proxy": handle_socks}
     for name, handler in handlers.items():
         lst = cfg.listeners.get(name)
         if lst is None or not lst.port:
             continue
-        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler)
+        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler, reuse_port=shared)
         servers.append(await ports.bind_retrying(start, name, lst.host, lst.port, logger=log))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
     dns_lst = cfg.listeners.get("dns-proxy")
     dns: DnsProxy | None = None
     if dns_lst and dns_lst.port:
-        start_dns_once = functools.partial(start_dns, cfg, gate, journal, executor, settings)
+        start_dns_once = functools.partial(start_dns, cfg, gate, journal, executor, settings, reuse_port=shared)
         dns = await ports.bind_retrying(start_dns_once, "dns-proxy", dns_lst.host, dns_lst.port,
                                         (socket.SOCK_DGRAM, socket.SOCK_STREAM), logger=log)
 
@@ -248,7 +267,7 @@ async def main(rt: ServiceRuntime) -> None:
     async def cert_reload(args: dict[str, Any]) -> dict[str, Any]:
         return {"message": await loop.run_in_executor(executor, certs.reload)}
 
-    control = ControlServer(cfg.bus["proxyControl"], {
+    control = ControlServer(cfg.proxy_control, {
         "stats": stats,
         "waiters": lambda args: {"waiters": gate.waiters()},
         "allowall.get": lambda args: gate.silent.status(),
@@ -285,7 +304,7 @@ async def main(rt: ServiceRuntime) -> None:
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
-                             settings.run(), watch_ca())
+                             settings.run(), watch_ca(), *([_listen_names(cfg, gate, rt.name)] if shared else []))
     finally:
         for s in servers:
             s.close()
@@ -301,4 +320,7 @@ async def main(rt: ServiceRuntime) -> None:
 
 
 def run(cfg: Config) -> None:
-    run_async_service("proxy", cfg, main)
+    # Its name on the bus: "proxy", or "proxy-N" for worker N; the heartbeat also says where its
+    # control endpoint is, so the API finds every worker (and proxies on other hosts).
+    run_async_service(cfg.proxy_name, cfg, main,
+                      announce={"role": "proxy", "control": cfg.proxy_control, "worker": cfg.worker})

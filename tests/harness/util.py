@@ -96,6 +96,9 @@ def base_config(ports: dict[str, int]) -> dict[str, Any]:
              "listener": {"type": "dns"}},
         ],
         "bus": {"heartbeatInterval": 0.3},
+        # One proxy process as before proxy.workers existed (auto would start one per CPU); the
+        # worker tests (test_workers.py) ask for more.
+        "proxy": {"workers": 1},
     }
 
 

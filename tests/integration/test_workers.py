@@ -1,0 +1,203 @@
+"""proxy.workers: 2 (SPEC §15): two proxy processes on the same listeners, one shared state.
+
+Each check makes sure both workers really took part (asking each worker's own control endpoint),
+so a test cannot pass because the kernel happened to hand every connection to one of them.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from bus.reqrep import call_sync
+from conftest import Stack, free_port, wait_for
+from greyproxy.config import load_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
+
+ORIGIN_HOST = "127.0.0.2"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = f"hello from origin {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[int]:
+    port = free_port()
+    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    s = Stack({"proxy": {"workers": 2, "holdTimeout": 25}})
+    s.start()
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def worker_endpoints(stack: Stack) -> list[str]:
+    cfg = load_config(stack.cfg_path, env={"GREYPROXY_DATA_HOME": str(stack.data_dir)})
+    eps = cfg.proxy_control_endpoints()
+    assert len(eps) == 2
+    return eps
+
+
+def per_worker(stack: Stack, op: str) -> list[dict]:
+    return [call_sync(ep, "proxy", op, {}, timeout=2.0, retries=2) for ep in worker_endpoints(stack)]
+
+
+def counts_reaching(stack: Stack, key: str, total: int, timeout: float = 10) -> list[int]:
+    """Each worker's `stats[key]`, once they add up to `total`."""
+    def check() -> list[int] | None:
+        c = [int(w[key]) for w in per_worker(stack, "stats")]
+        return c if sum(c) == total else None
+
+    return wait_for(check, timeout, message=f"{key} adding up to {total}")
+
+
+def _connect(stack: Stack, container: str, target: str) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=30)
+    auth = base64.b64encode(f"{container}:x".encode()).decode()
+    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    return s
+
+
+def _read_head(s: socket.socket) -> bytes:
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
+def test_health_lists_each_worker(stack: Stack) -> None:
+    code, body = stack.health()
+    assert code == 200, body
+    services = body["services"]
+    assert services["proxy-0"]["up"] and services["proxy-1"]["up"]
+    assert services["proxy-0"]["pid"] != services["proxy-1"]["pid"]
+    assert services["proxy"]["up"] is True and services["proxy"]["workers"] == ["proxy-0", "proxy-1"]
+    # Both bound the same listening address (SO_REUSEPORT) and serve it.
+    assert {w["active_connections"] for w in per_worker(stack, "stats")} == {0}
+
+
+def test_eight_holds_on_both_workers_released_by_one_bulk_allow(stack: Stack, origin: int) -> None:
+    socks: list[socket.socket] = []
+    try:
+        # 8 held at once; more (up to 16) only if the kernel put all of them on one worker.
+        while len(socks) < 16:
+            socks.append(_connect(stack, f"wk{len(socks)}", f"{ORIGIN_HOST}:{origin}"))
+            if len(socks) >= 8:
+                counts = counts_reaching(stack, "waiting", len(socks))
+                if min(counts) > 0:
+                    break
+        held = len(socks)
+        assert min(counts) > 0, f"all holds on one worker: {counts}"
+        dash = stack.get("/api/dashboard").json()
+        assert dash["waiting"] == held, dash
+        items = stack.get("/api/pending", params={"container": "wk", "limit": 100}).json()["items"]
+        ids = [i["id"] for i in items if i["container_name"].startswith("wk")]
+        assert len(ids) == held
+        t0 = time.monotonic()
+        r = stack.request("POST", "/api/pending/bulk-allow", json={"pending_ids": ids})
+        assert r.status_code == 200, r.text
+        for s in socks:
+            assert _read_head(s).startswith(b"HTTP/1.1 200"), "a held CONNECT was not released"
+        assert time.monotonic() - t0 < 5.0
+        assert stack.get("/api/dashboard").json()["waiting"] == 0
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_dashboard_counts_connections_of_both_workers(stack: Stack, origin: int) -> None:
+    r = stack.request("POST", "/api/rules", json={"container_pattern": "dash*", "destination_pattern": ORIGIN_HOST,
+                                                   "port_pattern": str(origin), "action": "allow"})
+    assert r.status_code == 201, r.text
+    socks = []
+    try:
+        for i in range(10):
+            s = _connect(stack, f"dash{i}", f"{ORIGIN_HOST}:{origin}")
+            assert _read_head(s).startswith(b"HTTP/1.1 200")
+            socks.append(s)
+        per = counts_reaching(stack, "active_connections", 10)
+        assert min(per) > 0, f"all connections on one worker: {per}"
+        assert stack.get("/api/dashboard").json()["active_connections"] == 10
+    finally:
+        for s in socks:
+            s.close()
+        stack.request("DELETE", f"/api/rules/{r.json()['id']}")
+
+
+def test_silent_mode_reaches_every_worker(stack: Stack, origin: int) -> None:
+    r = stack.request("POST", "/api/allowall", json={"mode": "allow", "duration_seconds": 60})
+    assert r.status_code == 200 and r.json()["active"] is True
+    try:
+        assert all(w["active"] and w["mode"] == "allow" for w in per_worker(stack, "allowall.get"))
+        socks = [_connect(stack, f"silent{i}", f"{ORIGIN_HOST}:{origin}") for i in range(8)]
+        try:
+            for s in socks:
+                assert _read_head(s).startswith(b"HTTP/1.1 200")
+            decisions = [w["metrics"]["connections"]["allowed"] for w in per_worker(stack, "stats")]
+            assert min(decisions) > 0, f"one worker took every connection: {decisions}"
+        finally:
+            for s in socks:
+                s.close()
+    finally:
+        r = stack.request("DELETE", "/api/allowall")
+    assert r.json()["active"] is False
+    assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
+
+
+def test_rule_delete_closes_tunnels_on_every_worker(stack: Stack, origin: int) -> None:
+    r = stack.request("POST", "/api/rules", json={"container_pattern": "tun*", "destination_pattern": ORIGIN_HOST,
+                                                   "port_pattern": str(origin), "action": "allow"})
+    assert r.status_code == 201, r.text
+    socks = []
+    try:
+        for i in range(8):
+            s = _connect(stack, f"tun{i}", f"{ORIGIN_HOST}:{origin}")
+            assert _read_head(s).startswith(b"HTTP/1.1 200")
+            socks.append(s)
+        tunnels = counts_reaching(stack, "tunnels", 8)
+        assert min(tunnels) > 0, f"all tunnels on one worker: {tunnels}"
+        t0 = time.monotonic()
+        assert stack.request("DELETE", f"/api/rules/{r.json()['id']}").json()["deleted"] is True
+        for s in socks:
+            s.settimeout(4)
+            try:
+                data = s.recv(1024)
+            except ConnectionResetError:
+                data = b""
+            assert data == b"", data
+        assert time.monotonic() - t0 < 4.0
+    finally:
+        for s in socks:
+            s.close()
