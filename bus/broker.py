@@ -11,7 +11,7 @@ import time
 
 import zmq
 
-from . import message, topics
+from . import curve, message, topics
 
 log = logging.getLogger("greyproxy.bus")
 
@@ -24,6 +24,7 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     ctx = zmq.Context.instance()
     xsub = ctx.socket(zmq.XSUB)
     xsub.setsockopt(zmq.RCVHWM, SUB_HWM)
+    curve.secure(xsub, pub_endpoint, server=True)
     xsub.bind(pub_endpoint)
     # The subscribers' (un)subscriptions travel the other way, XPUB -> XSUB -> every publisher:
     # XPUB (not verbose) passes a prefix's first subscription and last unsubscription (a
@@ -32,6 +33,7 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     # nobody subscribes to (XPUB_VERBOSE here would leave them subscriptions that are gone).
     xpub = ctx.socket(zmq.XPUB)
     xpub.setsockopt(zmq.SNDHWM, SUB_HWM)
+    curve.secure(xpub, sub_endpoint, server=True)
     xpub.bind(sub_endpoint)
     for ep in (pub_endpoint, sub_endpoint):
         if ep.startswith("ipc://"):
@@ -57,6 +59,7 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
 
     hb = ctx.socket(zmq.PUB)
     hb.setsockopt(zmq.LINGER, 0)
+    curve.secure(hb, pub_endpoint, server=False)
     hb.connect(pub_endpoint)
     started = time.time()
     host = socket.gethostname()

@@ -27,6 +27,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from . import curve
+
 log = logging.getLogger("greyproxy.journal")
 
 Record = tuple[str, str, Any]  # (record id, kind, data)
@@ -116,6 +118,7 @@ class JournalWriter:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)  # only queue to a connected recorder
         self._sock.setsockopt(zmq.SNDHWM, self.window * 2)
+        curve.secure(self._sock, self.endpoint, server=False)
         self._sock.connect(self.endpoint)
         self._reader = asyncio.create_task(self._read_acks(self._sock))
 
@@ -226,6 +229,7 @@ class JournalConsumer:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, 10_000)
+        curve.secure(self._sock, endpoint, server=True)
         self._sock.bind(endpoint)
         if endpoint.startswith("ipc://"):
             try:

@@ -11,7 +11,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from . import message
+from . import curve, message
 
 log = logging.getLogger("greyproxy.bus")
 
@@ -45,6 +45,7 @@ class Publisher:
         self._prefixes: set[bytes] = set()  # subscribed prefixes (b"" = everything)
         self._cache: dict[str, bool] = {}  # topic -> wanted, for the current prefixes
         self._unsure_until: float | None = time.monotonic() + settle
+        curve.secure(self._sock, endpoint, server=False)
         self._sock.connect(endpoint)
 
     def _take_subscriptions(self) -> None:
@@ -113,6 +114,7 @@ class Subscriber:
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        curve.secure(self._sock, endpoint, server=False)
         self._sock.connect(endpoint)
         for p in prefixes:
             self._sock.setsockopt(zmq.SUBSCRIBE, p.encode())

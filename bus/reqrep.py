@@ -17,6 +17,8 @@ import orjson
 import zmq
 import zmq.asyncio
 
+from . import curve
+
 log = logging.getLogger("greyproxy.bus")
 
 Handler = Callable[[dict[str, Any]], Awaitable[Any] | Any]
@@ -45,6 +47,7 @@ class ControlServer:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        curve.secure(self._sock, endpoint, server=True)
         self._sock.bind(endpoint)
         if endpoint.startswith("ipc://"):
             try:
@@ -98,8 +101,9 @@ class ControlClient:
     _ids = itertools.count(1)
 
     def __init__(self, endpoint: str, service: str, timeout: float = 0.8, retries: int = 3,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
+                 ctx: zmq.asyncio.Context | None = None, server_key: str | None = None) -> None:
         self.endpoint = endpoint
+        self.server_key = server_key  # tcp:// only: the peer's CURVE public key (default bus.serverKey)
         self.service = service
         self.timeout = timeout
         self.retries = max(1, retries)
@@ -112,6 +116,7 @@ class ControlClient:
         sock.setsockopt(zmq.LINGER, 0)
         # Queue only to a connected peer, so a dead peer does not accumulate requests.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        curve.secure(sock, self.endpoint, server=False, server_key=self.server_key)
         sock.connect(self.endpoint)
         return sock
 

@@ -163,6 +163,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)
     ensure_dirs(cfg)
     setup_logging(args.service)
+    from bus import curve
+
+    curve.configure(cfg.keys_dir, cfg.bus["serverKey"])  # every tcp:// bus socket is CURVE
     for w in cfg.warnings:
         logging.getLogger("greyproxy").warning(w)
     if args.service == "bus":
@@ -227,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_extra_commands() -> None:
     # Later capabilities (events, cert) live in their own modules and register here.
     for mod in ("greyproxy.cli_events", "greyproxy.cli_cert", "greyproxy.cli_env", "greyproxy.cli_export",
-                "greyproxy.cli_service"):
+                "greyproxy.cli_service", "greyproxy.cli_keys"):
         try:
             __import__(mod)
         except ModuleNotFoundError as exc:

@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
+    from bus import curve
+
+    curve.configure(cfg.keys_dir, cfg.bus["serverKey"])
+    curve.secure(sock, cfg.bus["sub"], server=False)
     try:
         sock.connect(cfg.bus["sub"])
     except zmq.ZMQError as exc:

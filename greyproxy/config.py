@@ -92,6 +92,7 @@ _SCHEMA: dict[str, Any] = {
         "requestTimeout": _NUM,
         "requestRetries": int,
         "keysDir": str,
+        "serverKey": str,
     },
     "proxy": {
         "holdTimeout": _NUM,
@@ -467,6 +468,13 @@ def load_config(
         if not worker_env.isdigit() or int(worker_env) >= MAX_WORKERS:
             raise ConfigError(f"{ENV_WORKER}={worker_env!r}: want a worker index from 0 to {MAX_WORKERS - 1}")
         worker = int(worker_env)
+    if raw["bus"]["serverKey"]:
+        from bus.curve import CurveError, check_public_key
+
+        try:
+            check_public_key(raw["bus"]["serverKey"])
+        except CurveError as exc:
+            raise ConfigError(f"config key 'bus.serverKey': {exc}") from None
     keys_dir = Path(raw["bus"]["keysDir"]).expanduser() if raw["bus"]["keysDir"] else data_dir / "keys"
 
     return Config(

@@ -143,6 +143,10 @@ def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], A
 
     exit_with_parent()  # cmd_run did it already; here for callers that come straight in
     ensure_dirs(cfg)
+    from bus import curve
+
+    if not curve.configured():  # as cmd_run: tcp:// bus sockets are CURVE
+        curve.configure(cfg.keys_dir, cfg.bus["serverKey"])
 
     async def runner() -> None:
         rt = ServiceRuntime(name, cfg, announce)

@@ -65,6 +65,7 @@ class ProxyGroup:
         self._configured = list(endpoints)
         self._clients: dict[str, ControlClient] = {}
         self._announced: dict[str, tuple[str, float]] = {}  # endpoint -> (proxy name, last heartbeat)
+        self._keys: dict[str, str] = {}  # tcp:// endpoint -> its CURVE public key, as announced
 
     def note_heartbeat(self, name: str, data: dict[str, Any]) -> None:
         """A heartbeat from a proxy that announces its control endpoint: call it from now on."""
@@ -73,6 +74,12 @@ class ProxyGroup:
             if endpoint not in self._announced and endpoint not in self._configured:
                 log.info("proxy %s announced its control endpoint %s", name, endpoint)
             self._announced[endpoint] = (name, time.time())
+            key = data.get("control_key")
+            if isinstance(key, str) and self._keys.get(endpoint) != key:
+                self._keys[endpoint] = key
+                old = self._clients.pop(endpoint, None)  # a new key: a new socket
+                if old is not None:
+                    old.close()
 
     def endpoints(self) -> list[str]:
         now = time.time()
@@ -83,7 +90,8 @@ class ProxyGroup:
     def _client(self, endpoint: str) -> ControlClient:
         client = self._clients.get(endpoint)
         if client is None:
-            client = self._clients[endpoint] = ControlClient(endpoint, self.service, self.timeout, self.retries)
+            client = self._clients[endpoint] = ControlClient(endpoint, self.service, self.timeout, self.retries,
+                                                             server_key=self._keys.get(endpoint))
         return client
 
     async def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None,

@@ -20,9 +20,7 @@ from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import Rule, RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
-from greyproxy.store import dns_cache, open_database
-from greyproxy.store import pending as pending_table
-from greyproxy.store import rules as rules_table
+from greyproxy.store import open_database
 
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
@@ -35,6 +33,7 @@ from .mitm import Interceptor
 from .pipeline import Recorder
 from .settings_watch import SettingsWatch
 from .socks5_proxy import handle_socks
+from .store_view import LocalView, RecorderView, view_for
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -42,7 +41,7 @@ VERSION_CHECK_EVERY = 2.0   # seconds: heals a missed rules event
 PENDING_COUNT_EVERY = 5.0
 HITS_FLUSH_EVERY = 2.0
 CA_CHECK_EVERY = 2.0        # seconds: rewritten CA files are picked up this fast
-DNS_KEEP = 7 * 86400.0
+DNS_KEEP = 7 * 86400.0      # seconds: DNS names older than this are not reloaded at start
 
 RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, topics.RULES_CHANGED,
                topics.PENDING_ALLOWED, topics.PENDING_DISMISSED)
@@ -51,20 +50,19 @@ RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, to
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
-    def __init__(self, gate: Gate, executor: ThreadPoolExecutor, builtins: bool = True) -> None:
+    def __init__(self, gate: Gate, executor: ThreadPoolExecutor, builtins: bool = True,
+                 view: LocalView | RecorderView | None = None) -> None:
         self.gate = gate
         self.executor = executor
+        self.view = view or LocalView()  # the database, or the recorder's (proxy.rulesFrom)
         self.builtins = builtins  # greyproxy.builtinRules: false leaves the seeded loopback allows out
         self._lock = asyncio.Lock()
 
-    @staticmethod
-    def _version() -> int:
-        from greyproxy.store.models import meta_value
-
-        return meta_value("rules_version")
+    def _version(self) -> int:
+        return self.view.rules_version()
 
     def _load(self) -> tuple[int, RuleSet]:
-        version, rows = rules_table.snapshot()  # one read transaction: the version matches the rows
+        version, rows = self.view.rules()  # one read transaction: the version matches the rows
         rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
                       action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
                  if self.builtins or r[5] != "builtin"]
@@ -128,8 +126,8 @@ async def _listen_names(cfg: Config, gate: Gate, own: str) -> None:
         sub.close()
 
 
-def _load_dns_names() -> dict[str, tuple[str, float]]:
-    rows = dns_cache.names_since(time.time() - DNS_KEEP)
+def _load_dns_names(view: LocalView | RecorderView) -> dict[str, tuple[str, float]]:
+    rows = view.dns_names(time.time() - DNS_KEEP)
     # Memory keeps a name for NAME_TTL after it was last seen; a name reloaded at start counts as
     # seen now, or every mapping older than an hour would be dropped at the first prune.
     now = time.time()
@@ -160,27 +158,27 @@ def _raise_fd_limit(limits: Limits) -> None:
                     "past it fail when accepted", soft, limits.max_connections, want)
 
 
-def _count_pending() -> int:
-    return pending_table.count()
-
-
 async def main(rt: ServiceRuntime) -> None:
     rt.ready = False  # until the listeners and the control socket serve (see the gather below)
     cfg = rt.cfg
     pcfg = cfg.section("proxy")
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="proxy-db")
     loop = asyncio.get_running_loop()
-    await loop.run_in_executor(executor, open_database, cfg.db_path)
+    view = view_for(cfg)
+    if isinstance(view, LocalView):
+        await loop.run_in_executor(executor, open_database, cfg.db_path)
+    else:
+        log.info("rules, settings and pending counts from the recorder at %s", cfg.bus["recorderControl"])
 
     journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(pcfg["journalOutbox"]),
                             outbox_bytes=int(pcfg["journalOutboxMiB"]) * 1024 * 1024)
     local_hosts = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
     gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]),
                 int(pcfg["maxPending"]))
-    loader = RuleLoader(gate, executor, bool(cfg.section("greyproxy").get("builtinRules", True)))
+    loader = RuleLoader(gate, executor, bool(cfg.section("greyproxy").get("builtinRules", True)), view)
     await loader.reload(force=True)
-    gate.names.update(await loop.run_in_executor(executor, _load_dns_names))
-    gate.pending_count = await loop.run_in_executor(executor, _count_pending)
+    gate.names.update(await loop.run_in_executor(executor, _load_dns_names, view))
+    gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
     if cfg.silent_allow:
         gate.set_silent("allow", None)
 
@@ -197,7 +195,7 @@ async def main(rt: ServiceRuntime) -> None:
     if dcfg["enabled"]:
         ctx.docker = DockerIdentity(dcfg["socket"], float(dcfg["cacheTTL"]))
         log.info("container identity through the engine socket %s", dcfg["socket"])
-    settings = SettingsWatch(cfg.bus["sub"], executor)
+    settings = SettingsWatch(cfg.bus["sub"], executor, view=view)
     await settings.load(force=True)
     certs = CAWatcher(cfg.data_dir)
     await loop.run_in_executor(executor, certs.check)
@@ -298,7 +296,7 @@ async def main(rt: ServiceRuntime) -> None:
             if time.monotonic() - last_count > PENDING_COUNT_EVERY:
                 last_count = time.monotonic()
                 with contextlib.suppress(Exception):
-                    gate.pending_count = await loop.run_in_executor(executor, _count_pending)
+                    gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
 
     log.info("proxy up")
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
@@ -322,5 +320,9 @@ async def main(rt: ServiceRuntime) -> None:
 def run(cfg: Config) -> None:
     # Its name on the bus: "proxy", or "proxy-N" for worker N; the heartbeat also says where its
     # control endpoint is, so the API finds every worker (and proxies on other hosts).
-    run_async_service(cfg.proxy_name, cfg, main,
-                      announce={"role": "proxy", "control": cfg.proxy_control, "worker": cfg.worker})
+    from bus import curve
+
+    announce = {"role": "proxy", "control": cfg.proxy_control, "worker": cfg.worker}
+    if cfg.proxy_control.startswith("tcp://") and curve.configured():
+        announce["control_key"] = curve.public_key()  # the API checks our control endpoint by it
+    run_async_service(cfg.proxy_name, cfg, main, announce=announce)

@@ -16,6 +16,8 @@ from typing import Any
 from bus import topics
 from bus.pubsub import Subscriber
 
+from .store_view import LocalView, RecorderView
+
 log = logging.getLogger("greyproxy.proxy")
 
 CHECK_EVERY = 2.0  # seconds between version checks
@@ -23,22 +25,16 @@ CHECK_EVERY = 2.0  # seconds between version checks
 Callback = Callable[[dict[str, Any]], None]
 
 
-def _read_version() -> int:
-    from greyproxy.store.models import meta_value
-
-    return meta_value("settings_version")
-
-
-def _read_all() -> tuple[int, dict[str, Any]]:
+def _read_all(view: LocalView | RecorderView) -> tuple[int, dict[str, Any]]:
     """(settings_version, {key: decoded value}) in one read transaction; undecodable values skipped."""
-    from greyproxy.store import settings
-
-    return settings.read_with_version()
+    return view.settings()
 
 
 class SettingsWatch:
-    def __init__(self, sub_endpoint: str, executor: Executor, check_every: float = CHECK_EVERY) -> None:
+    def __init__(self, sub_endpoint: str, executor: Executor, check_every: float = CHECK_EVERY,
+                 view: LocalView | RecorderView | None = None) -> None:
         self.sub_endpoint = sub_endpoint
+        self.view = view or LocalView()
         self.executor = executor
         self.check_every = check_every
         self.values: dict[str, Any] = {}
@@ -60,9 +56,9 @@ class SettingsWatch:
         loop = asyncio.get_running_loop()
         async with self._lock:
             if not force and self.version >= 0:
-                if await loop.run_in_executor(self.executor, _read_version) == self.version:
+                if await loop.run_in_executor(self.executor, self.view.settings_version) == self.version:
                     return False
-            version, values = await loop.run_in_executor(self.executor, _read_all)
+            version, values = await loop.run_in_executor(self.executor, _read_all, self.view)
             first, self.version = self.version < 0, version
             if values == self.values and not first:
                 return False

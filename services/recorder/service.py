@@ -6,18 +6,22 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bus import topics
 from bus.journal import JournalConsumer
 from bus.pubsub import Publisher
-from bus.reqrep import ControlServer
+from bus.reqrep import ControlServer, RemoteError
 from greyproxy.config import Config
 from greyproxy.metrics import BATCH_BUCKETS, Histogram
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
 
 from . import transactions  # noqa: F401 - registers the `transaction` record kind
+from services.proxy.store_view import OPS as VIEW_OPS
+from services.proxy.store_view import LocalView
+
 from .apply import Deferred, apply_records
 
 log = logging.getLogger("greyproxy.recorder")
@@ -76,7 +80,22 @@ async def main(rt: ServiceRuntime) -> None:
     rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches,
                           "events_skipped": rt.publisher.skipped,
                           "metrics": {"batch_seconds": batch_seconds.snapshot()}})
-    control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats()})
+    # A proxy on another host (proxy.rulesFrom: recorder) reads the rules and settings through these.
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder-view")
+    view = LocalView()
+
+    def view_op(method: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+        async def answer(args: dict[str, Any]) -> Any:
+            if method == "dns_names":  # the one op with an argument: since when (epoch seconds)
+                since = args.get("since")
+                if isinstance(since, bool) or not isinstance(since, (int, float)):
+                    raise RemoteError("since must be a number (epoch seconds)", 400)
+                return await loop.run_in_executor(reader, view.dns_names, float(since))
+            return await loop.run_in_executor(reader, getattr(view, method))
+        return answer
+
+    control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats(),
+                                                          **{op: view_op(m) for op, m in VIEW_OPS.items()}})
     log.info("recorder up: journal %s, db %s", cfg.bus["journal"], cfg.db_path)
     try:
         await asyncio.gather(consumer.serve(), control.serve())

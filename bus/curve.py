@@ -1,0 +1,223 @@
+"""CURVE on every tcp:// bus endpoint (SPEC §15): authenticated and encrypted, peers by known key.
+
+Keys live in the keys directory (bus.keysDir, default <data dir>/keys):
+
+- ``bus.key_secret`` — this host's key pair (ZeroMQ certificate format, 0600), made on first use;
+  ``bus.key`` — its public half, to copy to the other host (``greyproxy keys``).
+- ``authorized/*.key`` — the public keys allowed to connect to this host's tcp:// endpoints
+  (``greyproxy keys allow NAME KEY``); this host's own key is always allowed. Read at each
+  connection, so a key added or removed takes effect without a restart.
+
+A socket that binds a tcp:// endpoint is a CURVE server: a ZAP handler (pyzmq's
+ThreadAuthenticator, one per ZeroMQ context) checks the connecting peer's public key and refuses
+an unknown one, logging the refusal (a warning naming the key). A socket that connects to a
+tcp:// endpoint is a CURVE client with this host's key pair and the server's public key:
+bus.serverKey (the central host's), or this host's own when empty (one host on tcp loopback),
+or a key given per connection (a proxy's control endpoint, announced in its heartbeat).
+ipc:// endpoints stay as they are: the file's permissions (0600) guard them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import zmq
+from zmq.utils import z85
+
+log = logging.getLogger("greyproxy.bus.curve")
+
+KEY_FILE = "bus.key"
+SECRET_FILE = "bus.key_secret"
+AUTHORIZED_DIR = "authorized"
+ZAP_DOMAIN = b"greyproxy"
+
+
+class CurveError(Exception):
+    """Keys missing or malformed (said with the file's path)."""
+
+
+def _cert_text(public: bytes, secret: bytes | None) -> str:
+    lines = ["#   ZeroMQ CURVE certificate (greyproxy keys)", "metadata", "curve",
+             f'    public-key = "{public.decode()}"']
+    if secret is not None:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    return "\n".join(lines) + "\n"
+
+
+def read_cert(path: Path) -> tuple[bytes, bytes | None]:
+    """(public, secret or None) from a certificate file (or a bare z85 public key)."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise CurveError(f"{path}: {exc.strerror or exc}") from None
+    public = secret = None
+    for line in text.splitlines():
+        key, sep, value = line.strip().partition("=")
+        if not sep:
+            continue
+        value = value.strip().strip('"').strip("'")
+        if key.strip() == "public-key":
+            public = value.encode()
+        elif key.strip() == "secret-key":
+            secret = value.encode()
+    if public is None and len(text.strip()) == 40:
+        public = text.strip().encode()
+    if public is None or len(public) != 40 or (secret is not None and len(secret) != 40):
+        raise CurveError(f"{path}: not a CURVE certificate (want 40-character z85 keys)")
+    return public, secret
+
+
+def check_public_key(key: str) -> bytes:
+    key = key.strip()
+    try:
+        if len(key) != 40 or len(z85.decode(key.encode())) != 32:
+            raise ValueError
+    except (ValueError, KeyError, struct.error):
+        raise CurveError(f"{key[:60]!r} is not a CURVE public key (40 characters of z85)") from None
+    return key.encode()
+
+
+def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
+    """This host's key pair, made on first use. Safe when several processes start at once: the
+    first file linked into place wins and everyone reads that one."""
+    keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (keys_dir / AUTHORIZED_DIR).mkdir(exist_ok=True, mode=0o700)
+    secret_path = keys_dir / SECRET_FILE
+    if not secret_path.exists():
+        public, secret = zmq.curve_keypair()
+        tmp = keys_dir / f".{SECRET_FILE}.{os.getpid()}.{threading.get_ident()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_cert_text(public, secret))
+        try:
+            os.link(tmp, secret_path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        finally:
+            tmp.unlink()
+    public, secret = read_cert(secret_path)
+    if secret is None:
+        raise CurveError(f"{secret_path}: has no secret-key")
+    pub_path = keys_dir / KEY_FILE
+    if not pub_path.exists() or read_cert(pub_path)[0] != public:
+        tmp = keys_dir / f".{KEY_FILE}.{os.getpid()}"
+        tmp.write_text(_cert_text(public, None))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, pub_path)
+    return public, secret
+
+
+def authorized_keys(keys_dir: Path) -> dict[bytes, str]:
+    """Allowed public key -> its name (the file's stem)."""
+    out: dict[bytes, str] = {}
+    folder = keys_dir / AUTHORIZED_DIR
+    for path in sorted(folder.glob("*.key")) if folder.is_dir() else []:
+        try:
+            out[read_cert(path)[0]] = path.stem
+        except CurveError as exc:
+            log.warning("ignoring authorized key: %s", exc)
+    return out
+
+
+class _KeyCheck:
+    """The ZAP callback: is this client's key ours or authorized? A refusal is logged."""
+
+    def __init__(self, keys_dir: Path, own: bytes, where: str) -> None:
+        self.keys_dir = keys_dir
+        self.own = own
+        self.where = where
+        self.refused = 0
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        if key == self.own:
+            return True
+        name = authorized_keys(self.keys_dir).get(key)
+        if name is not None:
+            log.debug("bus peer with key %s (%s) allowed", key.decode(), name)
+            return True
+        self.refused += 1
+        log.warning("refused a bus peer on %s: its CURVE key %s is not in %s", self.where, key.decode(),
+                    self.keys_dir / AUTHORIZED_DIR)
+        return False
+
+
+class _State:
+    keys_dir: Path | None = None
+    public: bytes | None = None
+    secret: bytes | None = None
+    server_key: bytes | None = None
+    authenticators: dict[int, Any] = {}
+    checks: list[_KeyCheck] = []
+    lock = threading.Lock()
+
+
+def configured() -> bool:
+    return _State.keys_dir is not None
+
+
+def configure(keys_dir: Path | None, server_key: str = "") -> None:
+    """Called once per process (every `greyproxy run`) with bus.keysDir and bus.serverKey: from then
+    on each tcp:// socket this process opens is a CURVE one."""
+    _State.keys_dir = keys_dir
+    _State.public = _State.secret = None
+    _State.server_key = check_public_key(server_key) if server_key else None
+
+
+def _keys() -> tuple[bytes, bytes]:
+    if _State.keys_dir is None:
+        raise CurveError("a tcp:// bus endpoint needs CURVE keys, and no keys directory is configured")
+    if _State.public is None:
+        _State.public, _State.secret = ensure_keypair(_State.keys_dir)
+    assert _State.secret is not None
+    return _State.public, _State.secret
+
+
+def public_key() -> str | None:
+    """This process's public key (z85) when CURVE is configured, else None."""
+    if _State.keys_dir is None:
+        return None
+    return _keys()[0].decode()
+
+
+def _authenticator(sock: zmq.Socket, endpoint: str) -> None:
+    ctx = sock.context
+    with _State.lock:
+        if id(ctx) in _State.authenticators:
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx, log=logging.getLogger("greyproxy.bus.zap"))
+        auth.start()
+        check = _KeyCheck(_State.keys_dir, _keys()[0], endpoint)  # type: ignore[arg-type]
+        auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=check)
+        _State.authenticators[id(ctx)] = auth
+        _State.checks.append(check)
+
+
+def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | bytes | None = None) -> None:
+    """Make `sock` a CURVE server (it will bind) or client (it will connect) when `endpoint` is tcp://."""
+    if not endpoint.startswith("tcp://") or _State.keys_dir is None:
+        return  # ipc://; or a library user (tests in one process) that did not configure CURVE
+    public, secret = _keys()
+    if server:
+        _authenticator(sock, endpoint)
+        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+    else:
+        if isinstance(server_key, str):
+            server_key = server_key.encode()
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_serverkey = server_key or _State.server_key or public
+
+
+def refused() -> int:
+    """Peers refused so far in this process (all its authenticators)."""
+    return sum(c.refused for c in _State.checks)

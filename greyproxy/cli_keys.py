@@ -1,0 +1,101 @@
+"""`greyproxy keys`: the CURVE keys that guard tcp:// bus endpoints (SPEC §15, bus/curve.py).
+
+    greyproxy keys                 make this host's key pair if missing; print its public key
+    greyproxy keys allow NAME KEY  let the host with public key KEY connect (authorized/NAME.key)
+    greyproxy keys revoke NAME     take that permission back
+    greyproxy keys list            this host's public key and the authorized ones
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+from bus import curve
+
+from .cli import EXTRA_COMMANDS, _add_config_args, _load
+from .config import ConfigError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _keys_dir(args: argparse.Namespace):  # noqa: ANN202
+    cfg = _load(args)
+    assert cfg.keys_dir is not None
+    return cfg.keys_dir
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    keys_dir = _keys_dir(args)
+    try:
+        public, _secret = curve.ensure_keypair(keys_dir)
+    except curve.CurveError as exc:
+        raise ConfigError(str(exc)) from None
+    print(public.decode())
+    print(f"# this host's public key ({keys_dir / curve.KEY_FILE}); on the other host:"
+          f" greyproxy keys allow NAME {public.decode()}", file=sys.stderr)
+    return 0
+
+
+def cmd_allow(args: argparse.Namespace) -> int:
+    if not NAME.match(args.name):
+        raise ConfigError(f"key name {args.name!r}: letters, digits, '.', '_' and '-' only")
+    try:
+        key = curve.check_public_key(args.key)
+    except curve.CurveError as exc:
+        raise ConfigError(str(exc)) from None
+    keys_dir = _keys_dir(args)
+    curve.ensure_keypair(keys_dir)
+    path = keys_dir / curve.AUTHORIZED_DIR / f"{args.name}.key"
+    path.write_text(f'metadata\ncurve\n    public-key = "{key.decode()}"\n')
+    print(f"allowed {args.name}: {key.decode()} ({path})")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    path = _keys_dir(args) / curve.AUTHORIZED_DIR / f"{args.name}.key"
+    if not NAME.match(args.name) or not path.exists():
+        print(f"greyproxy: no authorized key named {args.name!r}", file=sys.stderr)
+        return 1
+    path.unlink()
+    print(f"revoked {args.name}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    keys_dir = _keys_dir(args)
+    public, _ = curve.ensure_keypair(keys_dir)
+    print(f"this host\t{public.decode()}")
+    for key, name in sorted(curve.authorized_keys(keys_dir).items(), key=lambda kv: kv[1]):
+        print(f"{name}\t{key.decode()}")
+    return 0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.description = "CURVE keys for tcp:// bus endpoints (a proxy on another host)."
+    _add_config_args(parser)
+    parser.set_defaults(keys_fn=cmd_show)
+    sub = parser.add_subparsers(dest="keys_command")
+    p = sub.add_parser("show", help="make the key pair if missing and print the public key")
+    _add_config_args(p)
+    p.set_defaults(keys_fn=cmd_show)
+    p = sub.add_parser("allow", help="authorize another host's public key")
+    p.add_argument("name")
+    p.add_argument("key")
+    _add_config_args(p)
+    p.set_defaults(keys_fn=cmd_allow)
+    p = sub.add_parser("revoke", help="remove an authorized key")
+    p.add_argument("name")
+    _add_config_args(p)
+    p.set_defaults(keys_fn=cmd_revoke)
+    p = sub.add_parser("list", help="this host's public key and the authorized ones")
+    _add_config_args(p)
+    p.set_defaults(keys_fn=cmd_list)
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(args.keys_fn(args))
+
+
+EXTRA_COMMANDS["keys"] = (configure, run)

@@ -1,0 +1,97 @@
+"""What the proxy reads from the store: the rules, the settings, the pending count, DNS names.
+
+Two sources with the same methods (all blocking: call them in a worker thread):
+
+- LocalView reads the SQLite database (proxy.rulesFrom: database, the default);
+- RecorderView asks the recorder over the bus (proxy.rulesFrom: recorder): a proxy on another
+  host (SPEC §15), whose store stays on the recorder's host. The recorder answers `view.*`
+  control calls with LocalView (services/recorder/service.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bus.reqrep import call_sync
+
+
+class LocalView:
+    """The local SQLite database, through greyproxy.store."""
+
+    def rules_version(self) -> int:
+        from greyproxy.store.models import meta_value
+
+        return meta_value("rules_version")
+
+    def rules(self) -> tuple[int, list[list[Any]]]:
+        """(rules_version, rows) in one read transaction: the version matches the rows."""
+        from greyproxy.store import rules
+
+        version, rows = rules.snapshot()
+        return version, [list(r) for r in rows]
+
+    def settings_version(self) -> int:
+        from greyproxy.store.models import meta_value
+
+        return meta_value("settings_version")
+
+    def settings(self) -> tuple[int, dict[str, Any]]:
+        """(settings_version, {key: decoded value}) in one read transaction."""
+        from greyproxy.store import settings
+
+        return settings.read_with_version()
+
+    def pending_count(self) -> int:
+        from greyproxy.store import pending
+
+        return pending.count()
+
+    def dns_names(self, since: float) -> list[list[str]]:
+        """[[ip, hostname]] seen since `since` (epoch seconds)."""
+        from greyproxy.store import dns_cache
+
+        return [list(r) for r in dns_cache.names_since(since)]
+
+
+# The recorder's control ops for a RecorderView, each answered by the LocalView method named.
+OPS = {"view.rules_version": "rules_version", "view.rules": "rules", "view.settings_version": "settings_version",
+       "view.settings": "settings", "view.pending_count": "pending_count", "view.dns_names": "dns_names"}
+
+
+class RecorderView:
+    """LocalView's answers, from the recorder's database over its control endpoint."""
+
+    def __init__(self, endpoint: str, timeout: float = 2.0, retries: int = 3) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.retries = retries
+
+    def _ask(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        return call_sync(self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=self.retries)
+
+    def rules_version(self) -> int:
+        return int(self._ask("view.rules_version"))
+
+    def rules(self) -> tuple[int, list[list[Any]]]:
+        version, rows = self._ask("view.rules")
+        return int(version), rows
+
+    def settings_version(self) -> int:
+        return int(self._ask("view.settings_version"))
+
+    def settings(self) -> tuple[int, dict[str, Any]]:
+        version, values = self._ask("view.settings")
+        return int(version), values
+
+    def pending_count(self) -> int:
+        return int(self._ask("view.pending_count"))
+
+    def dns_names(self, since: float) -> list[list[str]]:
+        return self._ask("view.dns_names", {"since": since})
+
+
+def view_for(cfg: Any) -> LocalView | RecorderView:
+    if cfg.section("proxy")["rulesFrom"] == "recorder":
+        return RecorderView(cfg.bus["recorderControl"], max(2.0, float(cfg.bus["requestTimeout"])),
+                            int(cfg.bus["requestRetries"]))
+    return LocalView()

@@ -1,0 +1,192 @@
+"""A proxy on "another host" (SPEC §15): its own data dir, joined to a central bus, recorder and API
+over tcp:// with CURVE keys, all on loopback.
+
+The central stack runs its bus, journal and recorder control on tcp://; the second proxy has
+its own data dir and keys, rulesFrom: recorder, and a tcp:// control endpoint the API learns from
+its heartbeat. Its traffic must be judged by the central rules and recorded centrally; a peer
+whose key the central host does not know is refused, and the refusal logged.
+"""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bus.reqrep import ServiceUnavailable, call_sync
+from conftest import PYTHON, REPO, Stack, free_port, free_ports, service_env, short_tmpdir, wait_for
+
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
+
+ORIGIN_HOST = "127.0.0.2"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = f"hello from origin {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[int]:
+    port = free_port()
+    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+def keys(data_dir: Path, *args: str) -> str:
+    r = subprocess.run([PYTHON, "-m", "greyproxy", "keys", *args], env=service_env(data_dir), cwd=str(REPO),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+class Remote:
+    """`greyproxy run proxy -C FILE` with its own data dir, against the central stack's bus."""
+
+    def __init__(self, stack: Stack, name: str, server_key: str) -> None:
+        self.root = short_tmpdir("gpr")
+        self.data_dir = self.root / "data"
+        self.ports = dict(zip(("http-proxy", "socks5-proxy", "dns-proxy", "control"), free_ports(4)))
+        self.public = keys(self.data_dir)
+        bus = stack.config["bus"]
+        cfg = {
+            "greyproxy": {"addr": ""},
+            "services": [
+                {"name": "http-proxy", "addr": f":{self.ports['http-proxy']}", "handler": {"type": "http"},
+                 "listener": {"type": "tcp"}},
+                {"name": "socks5-proxy", "addr": f":{self.ports['socks5-proxy']}", "handler": {"type": "socks5"},
+                 "listener": {"type": "tcp"}},
+                {"name": "dns-proxy", "addr": ":0", "handler": {"type": "dns"}, "listener": {"type": "dns"}},
+            ],
+            "bus": {"pub": bus["pub"], "sub": bus["sub"], "journal": bus["journal"],
+                    "recorderControl": bus["recorderControl"],
+                    "proxyControl": f"tcp://127.0.0.1:{self.ports['control']}",
+                    "heartbeatInterval": 0.3, "serverKey": server_key},
+            "proxy": {"workers": 1, "name": name, "rulesFrom": "recorder", "holdTimeout": 20},
+        }
+        self.cfg_path = self.root / "config.yaml"
+        self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.log_path = self.root / "proxy.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen([PYTHON, "-m", "greyproxy", "run", "proxy", "-C", str(self.cfg_path)],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=service_env(self.data_dir), cwd=str(REPO), start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def central() -> Iterator[Stack]:
+    p = free_ports(4)
+    s = Stack({"bus": {"pub": f"tcp://127.0.0.1:{p[0]}", "sub": f"tcp://127.0.0.1:{p[1]}",
+                       "journal": f"tcp://127.0.0.1:{p[2]}", "recorderControl": f"tcp://127.0.0.1:{p[3]}"}})
+    s.central_key = keys(s.data_dir)  # type: ignore[attr-defined]
+    s.start()
+    try:
+        yield s
+    finally:
+        s.cleanup()
+
+
+def _curl(port: int, container: str, url: str) -> subprocess.Popen:
+    return subprocess.Popen(["curl", "-s", "-S", "--max-time", "25", "-o", "-", "-w", "\n%{http_code}",
+                             "-x", f"http://{container}@127.0.0.1:{port}", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int) -> None:
+    remote = Remote(central, "proxy-b", central.central_key)  # type: ignore[attr-defined]
+    try:
+        # Each side allows the other's key: the remote connects to the central bus and recorder,
+        # the central API connects to the remote's control endpoint.
+        keys(central.data_dir, "allow", "host-b", remote.public)
+        keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
+        remote.start()
+        wait_for(lambda: (central.health()[1].get("services") or {}).get("proxy-b", {}).get("up"), 20,
+                 message=f"proxy-b up in the central health\n{remote.log()}")
+        # A rule made centrally judges the remote proxy's traffic.
+        r = central.request("POST", "/api/rules", json={"container_pattern": "hostb-ok", "action": "allow",
+                                                         "destination_pattern": ORIGIN_HOST,
+                                                         "port_pattern": str(origin)})
+        assert r.status_code == 201, r.text
+        port = remote.ports["http-proxy"]
+        out = wait_for(lambda: (o := _curl(port, "hostb-ok", f"http://{ORIGIN_HOST}:{origin}/b").communicate(30)[0])
+                       .endswith("\n200") and o, 10, message="the central allow rule reaching proxy-b")
+        assert "hello from origin /b" in out
+        # An unknown destination is held by the remote proxy, pending centrally, released by the API.
+        proc = _curl(port, "hostb-new", f"http://{ORIGIN_HOST}:{origin}/held")
+        entry = wait_for(lambda: next((i for i in central.get("/api/pending", params={"container": "hostb-new"})
+                                       .json()["items"]), None), 10, message="pending entry from proxy-b")
+        assert proc.poll() is None
+        dash = central.get("/api/dashboard").json()
+        assert dash["waiting"] == 1, dash  # the API asked proxy-b over tcp:// (CURVE) too
+        assert central.request("POST", f"/api/pending/{entry['id']}/allow", json={}).status_code == 200
+        out, _ = proc.communicate(timeout=15)
+        assert out.endswith("\n200"), out
+        # Recorded centrally.
+        rows = wait_for(lambda: [i for i in central.get("/api/logs", params={"container": "hostb", "limit": 50})
+                                 .json()["items"] if i["container_name"].startswith("hostb")], 10,
+                        message="proxy-b's log rows in the central database")
+        assert {r["container_name"] for r in rows} >= {"hostb-ok", "hostb-new"}
+        assert not (remote.data_dir / "greyproxy.db").exists(), "the remote proxy must not keep a store"
+    finally:
+        remote.stop()
+
+
+def test_peer_with_unknown_key_is_refused_and_logged(central: Stack, origin: int) -> None:
+    stranger = Remote(central, "proxy-x", central.central_key)  # type: ignore[attr-defined]
+    try:
+        # The stranger trusts the central key, but the central host never allowed the stranger's.
+        keys(stranger.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
+        stranger.start()
+        log_dir = central.data_dir / "logs"
+
+        def refusal() -> bool:
+            text = "".join(p.read_text(errors="replace") for p in log_dir.glob("*.log"))
+            return stranger.public in text and "refused a bus peer" in text
+
+        wait_for(refusal, 20, message="the refusal in the central logs")
+        time.sleep(1.0)
+        services = central.health()[1]["services"]
+        assert "proxy-x" not in services  # its heartbeats never got onto the bus
+        # A plain (non-CURVE) client gets nothing out of a tcp:// endpoint either.
+        with pytest.raises(ServiceUnavailable):
+            call_sync(central.config["bus"]["recorderControl"], "recorder", "view.rules", timeout=0.5, retries=1)
+        # Its rules never arrive: it cannot even start (rulesFrom: recorder answers nobody unknown).
+        assert central.get("/api/logs", params={"container": "stranger"}).json()["items"] == []
+    finally:
+        stranger.stop()

@@ -1,0 +1,81 @@
+"""CURVE keys and the ZAP check (bus/curve.py), in one process on loopback tcp://."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from bus import curve
+from bus.reqrep import ControlClient, ControlServer, ServiceUnavailable
+from conftest import free_port
+
+
+def test_keypair_made_once_even_when_raced(tmp_path: Path) -> None:
+    got: list[tuple[bytes, bytes]] = []
+    threads = [threading.Thread(target=lambda: got.append(curve.ensure_keypair(tmp_path / "k"))) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 1  # everyone reads the one pair that won
+    assert (tmp_path / "k" / curve.SECRET_FILE).stat().st_mode & 0o777 == 0o600
+    assert curve.read_cert(tmp_path / "k" / curve.KEY_FILE) == (got[0][0], None)
+
+
+@pytest.mark.parametrize("bad", ["", "short", "~" * 40, "a" * 41])
+def test_bad_public_keys_are_refused(bad: str) -> None:
+    with pytest.raises(curve.CurveError):
+        curve.check_public_key(bad)
+
+
+def test_known_key_served_unknown_key_refused_and_logged(tmp_path: Path, caplog) -> None:
+    server_dir, client_dir, stranger_dir = tmp_path / "s", tmp_path / "c", tmp_path / "x"
+    server_pub, _ = curve.ensure_keypair(server_dir)
+    client_pub, client_sec = curve.ensure_keypair(client_dir)
+    stranger_pub, stranger_sec = curve.ensure_keypair(stranger_dir)
+    (server_dir / "authorized" / "client.key").write_text(f'public-key = "{client_pub.decode()}"\n')
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+
+    async def call_as(ctx: zmq.asyncio.Context, public: bytes, secret: bytes) -> object:
+        client = ControlClient(endpoint, "srv", 0.5, 1, ctx=ctx)
+        orig = client._open
+
+        def open_with_keys():  # noqa: ANN202 - this client's own key pair, not the process's
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_pub
+            sock.connect(endpoint)
+            return sock
+
+        client._open = open_with_keys  # type: ignore[method-assign]
+        assert orig is not None
+        try:
+            return await client.call("ping")
+        finally:
+            client.close()
+
+    async def go() -> None:
+        curve.configure(server_dir)
+        ctx = zmq.asyncio.Context()
+        server = ControlServer(endpoint, {}, ctx=ctx)
+        task = asyncio.ensure_future(server.serve())
+        try:
+            assert (await call_as(ctx, client_pub, client_sec))["pong"] is True
+            with pytest.raises(ServiceUnavailable):
+                await call_as(ctx, stranger_pub, stranger_sec)
+        finally:
+            task.cancel()
+            server.close()
+            curve.configure(None)
+
+    with caplog.at_level(logging.WARNING, logger="greyproxy.bus.curve"):
+        asyncio.run(go())
+    assert any(stranger_pub.decode() in r.getMessage() and "refused" in r.getMessage() for r in caplog.records)
+    assert not any(client_pub.decode() in r.getMessage() for r in caplog.records)
