@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,11 @@ class ProxyGroup:
         self._clients: dict[str, ControlClient] = {}
         self._announced: dict[str, tuple[str, float]] = {}  # endpoint -> (proxy name, last heartbeat)
         self._keys: dict[str, str] = {}  # tcp:// endpoint -> its CURVE public key, as announced
+        # Silent mode lives in each proxy's memory: what was last set through us, with its end,
+        # is given again to a proxy that (re)starts, so it does not differ from the others.
+        self._silent: tuple[str, float | None] | None = None
+        self._started: dict[str, float] = {}  # proxy name -> started_at of its process
+        self._tasks: set[asyncio.Task] = set()
 
     def note_heartbeat(self, name: str, data: dict[str, Any]) -> None:
         """A heartbeat from a proxy that announces its control endpoint: call it from now on."""
@@ -74,6 +80,14 @@ class ProxyGroup:
             if endpoint not in self._announced and endpoint not in self._configured:
                 log.info("proxy %s announced its control endpoint %s", name, endpoint)
             self._announced[endpoint] = (name, time.time())
+            started = data.get("started_at")
+            if isinstance(started, (int, float)):
+                previous = self._started.get(name)
+                self._started[name] = float(started)
+                if previous != started and self._silent is not None:  # a new process: give it silent mode
+                    task = asyncio.get_running_loop().create_task(self._resync_silent(name, endpoint))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
             key = data.get("control_key")
             if isinstance(key, str) and self._keys.get(endpoint) != key:
                 self._keys[endpoint] = key
@@ -114,7 +128,25 @@ class ProxyGroup:
         if down:
             log.warning("proxy %s: %d of %d proxies did not answer (%s)", op, len(down), len(endpoints),
                         ", ".join(down))
+        if op == "allowall.set" and args:
+            seconds = args.get("duration_seconds") or 0
+            self._silent = (str(args.get("mode") or "allow"), time.time() + seconds if seconds else None)
+        elif op == "allowall.clear":
+            self._silent = None
         return merge(op, results)
+
+    async def _resync_silent(self, name: str, endpoint: str) -> None:
+        if self._silent is None:
+            return
+        mode, until = self._silent
+        seconds = 0 if until is None else math.ceil(until - time.time())
+        if until is not None and seconds <= 0:
+            return
+        try:
+            await self._client(endpoint).call("allowall.set", {"mode": mode, "duration_seconds": seconds})
+            log.info("silent mode %s given again to the restarted proxy %s", mode, name)
+        except (ServiceUnavailable, RemoteError) as exc:
+            log.warning("could not give silent mode to the restarted proxy %s: %s", name, exc)
 
     def close(self) -> None:
         for client in self._clients.values():

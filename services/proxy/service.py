@@ -185,10 +185,15 @@ async def main(rt: ServiceRuntime) -> None:
     limits = Limits(
         header_timeout=float(pcfg["headerTimeout"]), connect_timeout=float(pcfg["connectTimeout"]),
         idle_timeout=float(pcfg["idleTimeout"]), max_header_bytes=int(pcfg["maxHeaderBytes"]),
-        max_headers=int(pcfg["maxHeaders"]), max_connections=int(pcfg["maxConnections"]),
-        max_per_client=int(pcfg["maxConnectionsPerClient"]),
+        max_headers=int(pcfg["maxHeaders"]), max_connections=-(-int(pcfg["maxConnections"]) // cfg.workers),
+        max_per_client=-(-int(pcfg["maxConnectionsPerClient"]) // cfg.workers),
         upstream_pool_size=int(pcfg["upstreamPoolSize"]), upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
     )
+    if cfg.workers > 1:
+        # The caps are split, not shared: each worker allows its share (the kernel spreads a
+        # client's connections over the workers by their addresses, so one may refuse a little early).
+        log.info("worker %s of %d: caps split to %d connections, %d per client", cfg.worker, cfg.workers,
+                 limits.max_connections, limits.max_per_client)
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
     dcfg = cfg.section("greyproxy")["docker"]

@@ -201,3 +201,32 @@ def test_rule_delete_closes_tunnels_on_every_worker(stack: Stack, origin: int) -
     finally:
         for s in socks:
             s.close()
+
+
+def test_restarted_worker_gets_silent_mode_again(stack: Stack) -> None:
+    import os
+    import signal
+
+    r = stack.request("POST", "/api/allowall", json={"mode": "deny", "duration_seconds": 120})
+    assert r.status_code == 200 and r.json()["mode"] == "deny"
+    try:
+        old = stack.health()[1]["services"]["proxy-1"]["pid"]
+        os.kill(old, signal.SIGKILL)  # supervisord starts a new proxy-1, with silent mode off in its memory
+        wait_for(lambda: (s := stack.health()[1]["services"]["proxy-1"])["up"] and s["pid"] != old, 20,
+                 message="proxy-1 restarted")
+        def all_silent() -> list[dict] | None:
+            w = per_worker(stack, "allowall.get")
+            return w if all(x["active"] for x in w) else None
+
+        states = wait_for(all_silent, 10, message="silent mode on the restarted worker")
+        assert all(x["mode"] == "deny" and 0 < x["remaining_seconds"] <= 120 for x in states)
+    finally:
+        stack.request("DELETE", "/api/allowall")
+    assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
+
+
+def test_metrics_list_each_worker_and_sum_them(stack: Stack) -> None:
+    text = stack.get("/metrics").text
+    assert 'greyproxy_up{service="proxy-0"} 1.0' in text and 'greyproxy_up{service="proxy-1"} 1.0' in text
+    assert 'greyproxy_up{service="proxy"} 1.0' in text
+    assert "greyproxy_proxy_active_connections" in text

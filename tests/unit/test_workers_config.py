@@ -106,3 +106,15 @@ def test_group_calls_every_proxy_and_survives_a_down_one(tmp_path) -> None:
                 s.close()
 
     asyncio.run(go())
+
+
+def test_metrics_sum_the_workers_figures() -> None:
+    from services.api.metrics import sum_stats
+
+    a = {"active_connections": 2, "rules": 5, "journal": {"acked": 10},
+         "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [1, 2, 3], "sum": 0.5}}}
+    b = {"active_connections": 3, "rules": 5, "journal": {"acked": 7},
+         "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [0, 4, 4], "sum": 1.0}}}
+    out = sum_stats([a, b])
+    assert out["active_connections"] == 5 and out["rules"] == 5 and out["journal"]["acked"] == 17
+    assert out["metrics"]["decision_seconds"] == {"le": [0.1, 1], "cumulative": [1, 6, 7], "sum": 1.5}
