@@ -5,7 +5,7 @@ Starts nginx and the whole greyproxy stack (as `run.py` does), runs wrk through 
 the stack's processes, its share of a core and its user/system CPU time per request, plus how busy
 the machine was. This is the evidence behind bench/analysis.md's per-request accounting.
 
-    .venv/bin/python bench/cpu_split.py [--duration S] [keepalive] [newconn]
+    .venv/bin/python bench/cpu_split.py [--duration S] [--workers N] [keepalive] [newconn]
 
 Needs nginx and wrk (bench/setup.sh system).
 """
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("loads", nargs="*", help="keepalive and/or newconn (default: both)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds per load (default 8)")
+    ap.add_argument("--workers", type=int, default=1, help="proxy.workers (default 1): each worker is listed")
     args = ap.parse_args(argv)
     bad = [x for x in args.loads if x not in ("keepalive", "newconn")]
     if bad:
@@ -57,11 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     root = Path(tempfile.mkdtemp(prefix="gp-cpu-"))
     origin = NginxOrigin(root / "origin", 1 << 20, None).start()
-    grey = GreyProxy(root / "grey")
+    grey = GreyProxy(root / "grey", workers=args.workers)
     try:
         grey.start()
         _, health = grey.stack.health()
-        pids = {name: s["pid"] for name, s in health["services"].items() if s.get("pid")}
+        pids = {name: s["pid"] for name, s in health["services"].items()
+                if s.get("pid") and not s.get("workers")}  # "proxy" stands for its workers: each is listed
         for load in args.loads or ["keepalive", "newconn"]:
             lua = lua_absolute(origin.port, close=load == "newconn")
             run_wrk(grey.port, lua, 20, 2, root)  # warm-up

@@ -542,6 +542,31 @@ def run(args: argparse.Namespace) -> int:
                 grey.stop()
         res["versions"] = versions(plan, grey)
 
+        # -- greyproxy with more proxy workers (--workers 1,2): the request and tunnel rows, a stack each --
+        for n in [w for w in args.worker_counts if w != 1]:
+            gw = GreyProxy(work / f"grey-w{n}", workers=n)
+            res["settings"][gw.name] = gw.settings
+            log(f"{gw.name}: starting the stack with proxy.workers {n}")
+            try:
+                gw.start()
+            except Unavailable as exc:
+                res["proxies"][gw.name] = {"status": f"n/a: {exc}"}
+                gw.stop()
+                continue
+            try:
+                pw = res["proxies"][gw.name] = {"status": "ok", "pid": gw.main_pid(), "workers": n}
+                if nginx_ok or plan.python_loads:
+                    pw.update(http_loads(gw, origin, plan, work, notes))
+                    why = gw.set_mitm(False, 0.5 if plan.mode != "full" else 2.2)
+                    if not why:
+                        pw["tunnel_mode"] = "mitmEnabled=false (raw tunnels)"
+                    pw.update(tunnel_loads(gw, origin, plan, work, notes))
+                pw["https_intercept"] = {"na": "measured with workers 1 only"}
+            except Unavailable as exc:
+                pw["status"] = f"n/a: {exc}"
+            finally:
+                gw.stop()
+
         # -- peers --
         if plan.peers:
             for cls in (Tinyproxy, Mitmdump, ProxyPy):
@@ -699,10 +724,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="measure greyproxy only")
     ap.add_argument("--profile", action="store_true", help="also profile the proxy and recorder with py-spy")
     ap.add_argument("--duration", type=int, help="seconds per load (overrides the mode's)")
+    ap.add_argument("--workers", default="1", metavar="N[,M...]",
+                    help="proxy.workers values to measure greyproxy with (e.g. 1,2: a column per value; "
+                         "counts past 1 get the request and tunnel rows)")
     ap.add_argument("--out", help="directory for results.json (default bench/out)")
     ap.add_argument("--results-md", help="where to write the markdown report "
                     "(default: bench/results.md for a full run, <out>/results-<mode>.md otherwise)")
     args = ap.parse_args(argv)
+    try:
+        args.worker_counts = sorted({int(x) for x in args.workers.split(",") if x.strip()})
+        if not args.worker_counts or min(args.worker_counts) < 1 or max(args.worker_counts) > 64:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--workers {args.workers!r}: want counts from 1 to 64, like 1,2")
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop_all()

@@ -90,8 +90,12 @@ class ProxyUnderTest:
 class GreyProxy(ProxyUnderTest):
     name = "greyproxy"
 
-    def __init__(self, root: Path, upstream_ca: Path | None = None, want_mitm: bool = False) -> None:
+    def __init__(self, root: Path, upstream_ca: Path | None = None, want_mitm: bool = False,
+                 workers: int = 1) -> None:
         super().__init__(root)
+        self.workers = workers  # proxy.workers (SPEC §15); the column is "greyproxy-wN" past 1
+        if workers != 1:
+            self.name = f"greyproxy-w{workers}"
         self.stack: Any = None
         self.upstream_ca = upstream_ca
         self.want_mitm = want_mitm
@@ -99,7 +103,8 @@ class GreyProxy(ProxyUnderTest):
         self.mitm_na: str | None = "interception not tried"
         self.settings = ("the whole stack (`greyproxy serve`: bus, proxy, api, recorder, maintenance) on free ports "
                          "in a temp data dir; proxy.maxConnectionsPerClient 20000, maxConnections 20000, "
-                         "idleTimeout 600; loads go to 127.0.0.1 (builtin allow rule) plus a rule "
+                         f"idleTimeout 600, proxy.workers {workers} (caps split per worker); loads go to 127.0.0.1 "
+                         "(builtin allow rule) plus a rule "
                          "`bench* → *` for named bench clients")
 
     def start(self) -> None:
@@ -109,7 +114,7 @@ class GreyProxy(ProxyUnderTest):
             raise Unavailable(f"cannot import tests/harness Stack: {exc}") from None
         overrides: dict[str, Any] = {
             "proxy": {"maxConnectionsPerClient": 20000, "maxConnections": 20000, "holdTimeout": 30,
-                      "idleTimeout": 600, "headerTimeout": 30},
+                      "idleTimeout": 600, "headerTimeout": 30, "workers": self.workers},
         }
         if self.upstream_ca is not None:
             overrides["mitm"] = {"upstreamCaFile": str(self.upstream_ca)}

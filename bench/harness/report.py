@@ -11,6 +11,12 @@ PROXIES = ("greyproxy", "tinyproxy", "mitmdump", "proxy.py")
 PEERS = PROXIES[1:]
 GREY = "greyproxy"
 
+
+def columns(res: dict[str, Any]) -> tuple[str, ...]:
+    """greyproxy, its other worker counts (greyproxy-w2 ...: `run.py --workers 1,2`), then the peers."""
+    more = sorted((k for k in res.get("proxies", {}) if k.startswith(GREY + "-w")), key=lambda k: int(k[len(GREY) + 2:]))
+    return (GREY, *more, *PEERS)
+
 Getter = Callable[[dict[str, Any]], Any]
 
 
@@ -85,7 +91,7 @@ def build_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         values: dict[str, float | None] = {}
         na: dict[str, str] = {}
         if path is not None:
-            for name in PROXIES:
+            for name in columns(res):
                 pres = res["proxies"].get(name)
                 if pres is None:
                     na[name] = "not run"
@@ -225,10 +231,12 @@ def _met(row: dict[str, Any]) -> str:
 
 def text_table(res: dict[str, Any]) -> str:
     rows = res["rows"]
-    head = ["figure", "unit", *PROXIES, "grey / best peer", "target"]
-    body = [[r["label"], r["unit"], *[_cell(r, p) for p in PROXIES], _ratio(r), _met(r)] for r in rows]
+    cols = columns(res)
+    head = ["figure", "unit", *cols, "grey / best peer", "target"]
+    body = [[r["label"], r["unit"], *[_cell(r, p) for p in cols], _ratio(r), _met(r)] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) if i in (0, 1, 6, 7) else str(c).rjust(w)  # noqa: E731
+    left = (0, 1, len(cols) + 2, len(cols) + 3)
+    line = lambda cells: "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     out = [line(head), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
@@ -277,12 +285,12 @@ def markdown(res: dict[str, Any]) -> str:
         "(highest for rates, lowest for latencies and memory: for those a ratio below 1× is better than the best "
         "peer). Targets are judged on this run's figures.",
         "",
-        "| figure | unit | " + " | ".join(PROXIES) + " | grey / best peer | target |",
-        "|---|---|" + "---:|" * len(PROXIES) + "---|---|",
+        "| figure | unit | " + " | ".join(columns(res)) + " | grey / best peer | target |",
+        "|---|---|" + "---:|" * len(columns(res)) + "---|---|",
     ]
     for r in res["rows"]:
         lines.append("| " + " | ".join(_md_escape(x) for x in
-                                         [r["label"].strip(), r["unit"], *[_cell(r, p) for p in PROXIES],
+                                         [r["label"].strip(), r["unit"], *[_cell(r, p) for p in columns(res)],
                                           _ratio(r), _met(r)]) + " |")
     lines += ["", "### Targets", "", "| target | figure | met |", "|---|---|---|"]
     for t in res["targets"]:
