@@ -28,10 +28,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check greyproxy bus services tests bench
 
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py --workers 1,2
 
 bench-quick: $(STAMP)
-	$(PY) bench/run.py --quick
+	$(PY) bench/run.py --quick --workers 1,2
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
