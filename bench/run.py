@@ -543,7 +543,7 @@ def run(args: argparse.Namespace) -> int:
         res["versions"] = versions(plan, grey)
 
         # -- greyproxy with more proxy workers (--workers 1,2): the request and tunnel rows, a stack each --
-        for n in [w for w in args.worker_counts if w != 1]:
+        for n in [w for w in getattr(args, "worker_counts", [1]) if w != 1]:
             gw = GreyProxy(work / f"grey-w{n}", workers=n)
             res["settings"][gw.name] = gw.settings
             log(f"{gw.name}: starting the stack with proxy.workers {n}")
