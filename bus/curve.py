@@ -42,8 +42,12 @@ class CurveError(Exception):
 
 
 def _cert_text(public: bytes, secret: bytes | None) -> str:
-    lines = ["#   ZeroMQ CURVE certificate (greyproxy keys)", "metadata", "curve",
-             f'    public-key = "{public.decode()}"']
+    lines = [
+        "#   ZeroMQ CURVE certificate (greyproxy keys)",
+        "metadata",
+        "curve",
+        f'    public-key = "{public.decode()}"',
+    ]
     if secret is not None:
         lines.append(f'    secret-key = "{secret.decode()}"')
     return "\n".join(lines) + "\n"
@@ -89,20 +93,21 @@ def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     (keys_dir / AUTHORIZED_DIR).mkdir(exist_ok=True, mode=0o700)
     secret_path = keys_dir / SECRET_FILE
     if not secret_path.exists():
-        public, secret = zmq.curve_keypair()
+        new_public, new_secret = zmq.curve_keypair()
         tmp = keys_dir / f".{SECRET_FILE}.{os.getpid()}.{threading.get_ident()}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
-            f.write(_cert_text(public, secret))
+            f.write(_cert_text(new_public, new_secret))
         try:
             os.link(tmp, secret_path)
         except FileExistsError:
             pass  # another process made it first: use theirs
         finally:
             tmp.unlink()
-    public, secret = read_cert(secret_path)
-    if secret is None:
+    public, maybe_secret = read_cert(secret_path)
+    if maybe_secret is None:
         raise CurveError(f"{secret_path}: has no secret-key")
+    secret = maybe_secret
     pub_path = keys_dir / KEY_FILE
     if not pub_path.exists() or read_cert(pub_path)[0] != public:
         tmp = keys_dir / f".{KEY_FILE}.{os.getpid()}"
@@ -141,8 +146,12 @@ class _KeyCheck:
             log.debug("bus peer with key %s (%s) allowed", key.decode(), name)
             return True
         self.refused += 1
-        log.warning("refused a bus peer on %s: its CURVE key %s is not in %s", self.where, key.decode(),
-                    self.keys_dir / AUTHORIZED_DIR)
+        log.warning(
+            "refused a bus peer on %s: its CURVE key %s is not in %s",
+            self.where,
+            key.decode(),
+            self.keys_dir / AUTHORIZED_DIR,
+        )
         return False
 
 

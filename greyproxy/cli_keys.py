@@ -1,9 +1,9 @@
 """`greyproxy keys`: the CURVE keys that guard tcp:// bus endpoints (SPEC §15, bus/curve.py).
 
-    greyproxy keys                 make this host's key pair if missing; print its public key
-    greyproxy keys allow NAME KEY  let the host with public key KEY connect (authorized/NAME.key)
-    greyproxy keys revoke NAME     take that permission back
-    greyproxy keys list            this host's public key and the authorized ones
+greyproxy keys                 make this host's key pair if missing; print its public key
+greyproxy keys allow NAME KEY  let the host with public key KEY connect (authorized/NAME.key)
+greyproxy keys revoke NAME     take that permission back
+greyproxy keys list            this host's public key and the authorized ones
 """
 
 from __future__ import annotations
@@ -33,8 +33,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     except curve.CurveError as exc:
         raise ConfigError(str(exc)) from None
     print(public.decode())
-    print(f"# this host's public key ({keys_dir / curve.KEY_FILE}); on the other host:"
-          f" greyproxy keys allow NAME {public.decode()}", file=sys.stderr)
+    print(
+        f"# this host's public key ({keys_dir / curve.KEY_FILE}); on the other host:"
+        f" greyproxy keys allow NAME {public.decode()}",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -1,4 +1,4 @@
-""""The proxy" as the API sees it: every proxy process (workers, proxies on other hosts) at once.
+""" "The proxy" as the API sees it: every proxy process (workers, proxies on other hosts) at once.
 
 A control call goes to each known proxy in parallel and the answers are merged: counts are
 summed (`stats`' active_connections and waiting, `holds.block`'s blocked), lists concatenated
@@ -51,14 +51,22 @@ def merge(op: str, results: list[Any]) -> Any:
         messages = [r.get("message") for r in results if isinstance(r, dict)]
         return {"message": "reloaded" if "reloaded" in messages else (messages[0] if messages else "unchanged")}
     if op == "rules.reload":
-        return {**(first if isinstance(first, dict) else {}),
-                "reloaded": any(isinstance(r, dict) and r.get("reloaded") for r in results)}
+        return {
+            **(first if isinstance(first, dict) else {}),
+            "reloaded": any(isinstance(r, dict) and r.get("reloaded") for r in results),
+        }
     return first
 
 
 class ProxyGroup:
-    def __init__(self, endpoints: list[str], timeout: float, retries: int, stale_after: Callable[[], float],
-                 service: str = "proxy") -> None:
+    def __init__(
+        self,
+        endpoints: list[str],
+        timeout: float,
+        retries: int,
+        stale_after: Callable[[], float],
+        service: str = "proxy",
+    ) -> None:
         self.service = service
         self.timeout = timeout
         self.retries = retries
@@ -97,22 +105,29 @@ class ProxyGroup:
 
     def endpoints(self) -> list[str]:
         now = time.time()
-        extra = [ep for ep, (_n, seen) in self._announced.items()
-                 if ep not in self._configured and now - seen <= self.stale_after()]
+        extra = [
+            ep
+            for ep, (_n, seen) in self._announced.items()
+            if ep not in self._configured and now - seen <= self.stale_after()
+        ]
         return self._configured + extra
 
     def _client(self, endpoint: str) -> ControlClient:
         client = self._clients.get(endpoint)
         if client is None:
-            client = self._clients[endpoint] = ControlClient(endpoint, self.service, self.timeout, self.retries,
-                                                             server_key=self._keys.get(endpoint))
+            client = self._clients[endpoint] = ControlClient(
+                endpoint, self.service, self.timeout, self.retries, server_key=self._keys.get(endpoint)
+            )
         return client
 
-    async def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None,
-                   retries: int | None = None) -> Any:
+    async def call(
+        self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None, retries: int | None = None
+    ) -> Any:
         endpoints = self.endpoints()
-        answers = await asyncio.gather(*(self._client(ep).call(op, args, timeout=timeout, retries=retries)
-                                         for ep in endpoints), return_exceptions=True)
+        answers = await asyncio.gather(
+            *(self._client(ep).call(op, args, timeout=timeout, retries=retries) for ep in endpoints),
+            return_exceptions=True,
+        )
         results, down = [], []
         for ep, answer in zip(endpoints, answers):
             if isinstance(answer, RemoteError):
@@ -126,8 +141,9 @@ class ProxyGroup:
         if not results:
             raise ServiceUnavailable(self.service, f"none of {len(endpoints)} proxies answered")
         if down:
-            log.warning("proxy %s: %d of %d proxies did not answer (%s)", op, len(down), len(endpoints),
-                        ", ".join(down))
+            log.warning(
+                "proxy %s: %d of %d proxies did not answer (%s)", op, len(down), len(endpoints), ", ".join(down)
+            )
         if op == "allowall.set" and args:
             seconds = args.get("duration_seconds") or 0
             self._silent = (str(args.get("mode") or "allow"), time.time() + seconds if seconds else None)

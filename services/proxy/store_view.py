@@ -54,8 +54,14 @@ class LocalView:
 
 
 # The recorder's control ops for a RecorderView, each answered by the LocalView method named.
-OPS = {"view.rules_version": "rules_version", "view.rules": "rules", "view.settings_version": "settings_version",
-       "view.settings": "settings", "view.pending_count": "pending_count", "view.dns_names": "dns_names"}
+OPS = {
+    "view.rules_version": "rules_version",
+    "view.rules": "rules",
+    "view.settings_version": "settings_version",
+    "view.settings": "settings",
+    "view.pending_count": "pending_count",
+    "view.dns_names": "dns_names",
+}
 
 
 class RecorderView:
@@ -92,6 +98,7 @@ class RecorderView:
 
 def view_for(cfg: Any) -> LocalView | RecorderView:
     if cfg.section("proxy")["rulesFrom"] == "recorder":
-        return RecorderView(cfg.bus["recorderControl"], max(2.0, float(cfg.bus["requestTimeout"])),
-                            int(cfg.bus["requestRetries"]))
+        return RecorderView(
+            cfg.bus["recorderControl"], max(2.0, float(cfg.bus["requestTimeout"])), int(cfg.bus["requestRetries"])
+        )
     return LocalView()

@@ -54,8 +54,14 @@ def origin() -> Iterator[int]:
 
 
 def keys(data_dir: Path, *args: str) -> str:
-    r = subprocess.run([PYTHON, "-m", "greyproxy", "keys", *args], env=service_env(data_dir), cwd=str(REPO),
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [PYTHON, "-m", "greyproxy", "keys", *args],
+        env=service_env(data_dir),
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 0, r.stderr
     return r.stdout.strip()
 
@@ -72,16 +78,29 @@ class Remote:
         cfg = {
             "greyproxy": {"addr": ""},
             "services": [
-                {"name": "http-proxy", "addr": f":{self.ports['http-proxy']}", "handler": {"type": "http"},
-                 "listener": {"type": "tcp"}},
-                {"name": "socks5-proxy", "addr": f":{self.ports['socks5-proxy']}", "handler": {"type": "socks5"},
-                 "listener": {"type": "tcp"}},
+                {
+                    "name": "http-proxy",
+                    "addr": f":{self.ports['http-proxy']}",
+                    "handler": {"type": "http"},
+                    "listener": {"type": "tcp"},
+                },
+                {
+                    "name": "socks5-proxy",
+                    "addr": f":{self.ports['socks5-proxy']}",
+                    "handler": {"type": "socks5"},
+                    "listener": {"type": "tcp"},
+                },
                 {"name": "dns-proxy", "addr": ":0", "handler": {"type": "dns"}, "listener": {"type": "dns"}},
             ],
-            "bus": {"pub": bus["pub"], "sub": bus["sub"], "journal": bus["journal"],
-                    "recorderControl": bus["recorderControl"],
-                    "proxyControl": f"tcp://127.0.0.1:{self.ports['control']}",
-                    "heartbeatInterval": 0.3, "serverKey": server_key},
+            "bus": {
+                "pub": bus["pub"],
+                "sub": bus["sub"],
+                "journal": bus["journal"],
+                "recorderControl": bus["recorderControl"],
+                "proxyControl": f"tcp://127.0.0.1:{self.ports['control']}",
+                "heartbeatInterval": 0.3,
+                "serverKey": server_key,
+            },
             "proxy": {"workers": 1, "name": name, "rulesFrom": "recorder", "holdTimeout": 20},
         }
         self.cfg_path = self.root / "config.yaml"
@@ -91,9 +110,15 @@ class Remote:
 
     def start(self) -> None:
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([PYTHON, "-m", "greyproxy", "run", "proxy", "-C", str(self.cfg_path)],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=service_env(self.data_dir), cwd=str(REPO), start_new_session=True)
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "greyproxy", "run", "proxy", "-C", str(self.cfg_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=service_env(self.data_dir),
+                cwd=str(REPO),
+                start_new_session=True,
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -112,8 +137,16 @@ class Remote:
 @pytest.fixture(scope="module")
 def central() -> Iterator[Stack]:
     p = free_ports(4)
-    s = Stack({"bus": {"pub": f"tcp://127.0.0.1:{p[0]}", "sub": f"tcp://127.0.0.1:{p[1]}",
-                       "journal": f"tcp://127.0.0.1:{p[2]}", "recorderControl": f"tcp://127.0.0.1:{p[3]}"}})
+    s = Stack(
+        {
+            "bus": {
+                "pub": f"tcp://127.0.0.1:{p[0]}",
+                "sub": f"tcp://127.0.0.1:{p[1]}",
+                "journal": f"tcp://127.0.0.1:{p[2]}",
+                "recorderControl": f"tcp://127.0.0.1:{p[3]}",
+            }
+        }
+    )
     s.central_key = keys(s.data_dir)  # type: ignore[attr-defined]
     s.start()
     try:
@@ -123,9 +156,25 @@ def central() -> Iterator[Stack]:
 
 
 def _curl(port: int, container: str, url: str) -> subprocess.Popen:
-    return subprocess.Popen(["curl", "-s", "-S", "--max-time", "25", "-o", "-", "-w", "\n%{http_code}",
-                             "-x", f"http://{container}@127.0.0.1:{port}", url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "--max-time",
+            "25",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-x",
+            f"http://{container}@127.0.0.1:{port}",
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int) -> None:
@@ -136,21 +185,42 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
         keys(central.data_dir, "allow", "host-b", remote.public)
         keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
         remote.start()
-        wait_for(lambda: (central.health()[1].get("services") or {}).get("proxy-b", {}).get("up"), 20,
-                 message=f"proxy-b up in the central health\n{remote.log()}")
+        wait_for(
+            lambda: (central.health()[1].get("services") or {}).get("proxy-b", {}).get("up"),
+            20,
+            message=f"proxy-b up in the central health\n{remote.log()}",
+        )
         # A rule made centrally judges the remote proxy's traffic.
-        r = central.request("POST", "/api/rules", json={"container_pattern": "hostb-ok", "action": "allow",
-                                                         "destination_pattern": ORIGIN_HOST,
-                                                         "port_pattern": str(origin)})
+        r = central.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "hostb-ok",
+                "action": "allow",
+                "destination_pattern": ORIGIN_HOST,
+                "port_pattern": str(origin),
+            },
+        )
         assert r.status_code == 201, r.text
         port = remote.ports["http-proxy"]
-        out = wait_for(lambda: (o := _curl(port, "hostb-ok", f"http://{ORIGIN_HOST}:{origin}/b").communicate(30)[0])
-                       .endswith("\n200") and o, 10, message="the central allow rule reaching proxy-b")
+        out = wait_for(
+            lambda: (
+                (o := _curl(port, "hostb-ok", f"http://{ORIGIN_HOST}:{origin}/b").communicate(30)[0]).endswith("\n200")
+                and o
+            ),
+            10,
+            message="the central allow rule reaching proxy-b",
+        )
         assert "hello from origin /b" in out
         # An unknown destination is held by the remote proxy, pending centrally, released by the API.
         proc = _curl(port, "hostb-new", f"http://{ORIGIN_HOST}:{origin}/held")
-        entry = wait_for(lambda: next((i for i in central.get("/api/pending", params={"container": "hostb-new"})
-                                       .json()["items"]), None), 10, message="pending entry from proxy-b")
+        entry = wait_for(
+            lambda: next(
+                (i for i in central.get("/api/pending", params={"container": "hostb-new"}).json()["items"]), None
+            ),
+            10,
+            message="pending entry from proxy-b",
+        )
         assert proc.poll() is None
         dash = central.get("/api/dashboard").json()
         assert dash["waiting"] == 1, dash  # the API asked proxy-b over tcp:// (CURVE) too
@@ -158,9 +228,15 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
         out, _ = proc.communicate(timeout=15)
         assert out.endswith("\n200"), out
         # Recorded centrally.
-        rows = wait_for(lambda: [i for i in central.get("/api/logs", params={"container": "hostb", "limit": 50})
-                                 .json()["items"] if i["container_name"].startswith("hostb")], 10,
-                        message="proxy-b's log rows in the central database")
+        rows = wait_for(
+            lambda: [
+                i
+                for i in central.get("/api/logs", params={"container": "hostb", "limit": 50}).json()["items"]
+                if i["container_name"].startswith("hostb")
+            ],
+            10,
+            message="proxy-b's log rows in the central database",
+        )
         assert {r["container_name"] for r in rows} >= {"hostb-ok", "hostb-new"}
         assert not (remote.data_dir / "greyproxy.db").exists(), "the remote proxy must not keep a store"
     finally:

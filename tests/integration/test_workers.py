@@ -73,6 +73,7 @@ def per_worker(stack: Stack, op: str) -> list[dict]:
 
 def counts_reaching(stack: Stack, key: str, total: int, timeout: float = 10) -> list[int]:
     """Each worker's `stats[key]`, once they add up to `total`."""
+
     def check() -> list[int] | None:
         c = [int(w[key]) for w in per_worker(stack, "stats")]
         return c if sum(c) == total else None
@@ -138,8 +139,16 @@ def test_eight_holds_on_both_workers_released_by_one_bulk_allow(stack: Stack, or
 
 
 def test_dashboard_counts_connections_of_both_workers(stack: Stack, origin: int) -> None:
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "dash*", "destination_pattern": ORIGIN_HOST,
-                                                   "port_pattern": str(origin), "action": "allow"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "dash*",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": str(origin),
+            "action": "allow",
+        },
+    )
     assert r.status_code == 201, r.text
     socks = []
     try:
@@ -177,8 +186,16 @@ def test_silent_mode_reaches_every_worker(stack: Stack, origin: int) -> None:
 
 
 def test_rule_delete_closes_tunnels_on_every_worker(stack: Stack, origin: int) -> None:
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "tun*", "destination_pattern": ORIGIN_HOST,
-                                                   "port_pattern": str(origin), "action": "allow"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "tun*",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": str(origin),
+            "action": "allow",
+        },
+    )
     assert r.status_code == 201, r.text
     socks = []
     try:
@@ -212,8 +229,12 @@ def test_restarted_worker_gets_silent_mode_again(stack: Stack) -> None:
     try:
         old = stack.health()[1]["services"]["proxy-1"]["pid"]
         os.kill(old, signal.SIGKILL)  # supervisord starts a new proxy-1, with silent mode off in its memory
-        wait_for(lambda: (s := stack.health()[1]["services"]["proxy-1"])["up"] and s["pid"] != old, 20,
-                 message="proxy-1 restarted")
+        wait_for(
+            lambda: (s := stack.health()[1]["services"]["proxy-1"])["up"] and s["pid"] != old,
+            20,
+            message="proxy-1 restarted",
+        )
+
         def all_silent() -> list[dict] | None:
             w = per_worker(stack, "allowall.get")
             return w if all(x["active"] for x in w) else None

@@ -84,8 +84,10 @@ def test_group_calls_every_proxy_and_survives_a_down_one(tmp_path) -> None:
         def refuse(args):
             raise RemoteError("mode must be allow or deny", 400)
 
-        servers = [ControlServer(ep, {"stats": lambda args, n=n: {"waiting": n + 1}, "allowall.set": refuse})
-                   for n, ep in enumerate(eps[:2])]  # the third worker is down
+        servers = [
+            ControlServer(ep, {"stats": lambda args, n=n: {"waiting": n + 1}, "allowall.set": refuse})
+            for n, ep in enumerate(eps[:2])
+        ]  # the third worker is down
         tasks = [asyncio.ensure_future(s.serve()) for s in servers]
         group = ProxyGroup(eps, 0.3, 1, lambda: 3.0)
         try:
@@ -111,10 +113,18 @@ def test_group_calls_every_proxy_and_survives_a_down_one(tmp_path) -> None:
 def test_metrics_sum_the_workers_figures() -> None:
     from services.api.metrics import sum_stats
 
-    a = {"active_connections": 2, "rules": 5, "journal": {"acked": 10},
-         "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [1, 2, 3], "sum": 0.5}}}
-    b = {"active_connections": 3, "rules": 5, "journal": {"acked": 7},
-         "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [0, 4, 4], "sum": 1.0}}}
+    a = {
+        "active_connections": 2,
+        "rules": 5,
+        "journal": {"acked": 10},
+        "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [1, 2, 3], "sum": 0.5}},
+    }
+    b = {
+        "active_connections": 3,
+        "rules": 5,
+        "journal": {"acked": 7},
+        "metrics": {"decision_seconds": {"le": [0.1, 1], "cumulative": [0, 4, 4], "sum": 1.0}},
+    }
     out = sum_stats([a, b])
     assert out["active_connections"] == 5 and out["rules"] == 5 and out["journal"]["acked"] == 17
     assert out["metrics"]["decision_seconds"] == {"le": [0.1, 1], "cumulative": [1, 6, 7], "sum": 1.5}
