@@ -251,3 +251,54 @@ def test_metrics_list_each_worker_and_sum_them(stack: Stack) -> None:
     assert 'greyproxy_up{service="proxy-0"} 1.0' in text and 'greyproxy_up{service="proxy-1"} 1.0' in text
     assert 'greyproxy_up{service="proxy"} 1.0' in text
     assert "greyproxy_proxy_active_connections" in text
+
+
+def test_one_journal_takes_every_workers_records(stack: Stack, origin: int) -> None:
+    import subprocess
+
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "jr",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": str(origin),
+            "action": "allow",
+        },
+    )
+    assert r.status_code == 201, r.text
+    before = [w["metrics"]["connections"]["allowed"] for w in per_worker(stack, "stats")]
+    try:
+        for i in range(12):  # a new connection each: the kernel spreads them over the workers
+            out = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "10",
+                    "-x",
+                    f"http://jr@127.0.0.1:{stack.ports['http-proxy']}",
+                    f"http://{ORIGIN_HOST}:{origin}/j{i}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout
+            assert out == "200", out
+        after = [w["metrics"]["connections"]["allowed"] for w in per_worker(stack, "stats")]
+        took = [a - b for a, b in zip(after, before)]
+        assert sum(took) == 12 and min(took) > 0, f"one worker took every request: {took}"
+
+        def rows() -> list[dict] | None:
+            items = stack.get("/api/logs", params={"container": "jr", "limit": 100}).json()["items"]
+            mine = [i for i in items if i["container_name"] == "jr"]
+            return mine if len(mine) >= 12 else None
+
+        logged = wait_for(rows, 10, message="12 log rows")
+        assert len(logged) == 12 and len({i["id"] for i in logged}) == 12  # none lost, none stored twice
+    finally:
+        stack.request("DELETE", f"/api/rules/{r.json()['id']}")
