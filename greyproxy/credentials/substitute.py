@@ -1,0 +1,320 @@
+"""Substitution over one request head (SPEC §12.5) and scrubbing of what was substituted from the
+record (§12.7). Pure: strings in, strings out; the live map is whatever `lookup` answers.
+
+`plan()` checks everything first and substitutes only when nothing is refused (all or nothing):
+
+- every occurrence of `greyproxy:credential:` in a header value (an `Authorization: Basic` token
+  decoded first) and of it raw or with `%3A` anywhere in the target must begin a well-formed,
+  live placeholder, else `unknown_placeholder` (or `credentials_unavailable` without a key);
+- a live one in the path or in a query parameter name: `placeholder_in_path`;
+- a credential with `hosts`: the destination contacted and the request's Host must both match
+  one of them, else `credential_host_mismatch`; an unbound credential in a request that goes
+  upstream in clear: `plaintext_credential`;
+- then header values get the value (its UTF-8 bytes; Basic re-encoded) and query values its
+  percent-encoding; nothing else of the target changes.
+
+Header strings here are the wire's bytes as latin-1 (as `http1` parses them).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import orjson
+
+from greyproxy.policy.patterns import DestinationPattern, analyse_host, destination_pattern, parse_ip
+
+from .placeholders import PLACEHOLDER_RE, PREFIX
+
+__all__ = ["CREDENTIALS_UNAVAILABLE", "HOST_MISMATCH", "IN_PATH", "Live", "PLAINTEXT", "Plan", "REASONS",
+           "Refused", "Scrubber", "UNKNOWN", "authority_host", "plan"]
+
+UNKNOWN = "unknown_placeholder"
+IN_PATH = "placeholder_in_path"
+HOST_MISMATCH = "credential_host_mismatch"
+PLAINTEXT = "plaintext_credential"
+CREDENTIALS_UNAVAILABLE = "credentials_unavailable"
+REASONS = (UNKNOWN, IN_PATH, HOST_MISMATCH, PLAINTEXT, CREDENTIALS_UNAVAILABLE)
+
+_BPREFIX = PREFIX.encode()
+_T_COLON = r"(?::|%3[aA])"
+_TARGET_PREFIX = re.compile(rf"greyproxy{_T_COLON}credential{_T_COLON}")
+_TARGET_PLACEHOLDER = re.compile(
+    rf"greyproxy{_T_COLON}credential{_T_COLON}v1{_T_COLON}([A-Za-z0-9._-]{{1,128}}){_T_COLON}([0-9a-f]{{32}})")
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """One live credential as the proxy holds it. `expires_at` None: a global credential."""
+
+    placeholder: str
+    value: str
+    label: str
+    session_id: str | None = None
+    credential_id: str | None = None
+    hosts: tuple[str, ...] = ()
+    expires_at: float | None = None
+    patterns: tuple[DestinationPattern, ...] = field(default=(), compare=False, repr=False)
+    wire: str = field(default="", compare=False, repr=False)  # the value's UTF-8 bytes as latin-1
+
+    def __post_init__(self) -> None:
+        if not self.patterns and self.hosts:
+            object.__setattr__(self, "patterns", tuple(destination_pattern(h) for h in self.hosts))
+        object.__setattr__(self, "wire", self.value.encode("utf-8").decode("latin-1"))
+
+    def __repr__(self) -> str:  # never the value
+        return f"Live(label={self.label!r}, session_id={self.session_id!r}, hosts={self.hosts!r})"
+
+    def allows(self, host: str) -> bool:
+        """Whether `host` (a name or an IP literal) matches one of the credential's hosts."""
+        h, _v, _n = analyse_host(host)
+        ip = parse_ip(h)
+        return any(p.matches(h, ip) for p in self.patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+    body: str
+    labels: tuple[str, ...] = ()
+    session_id: str | None = None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to send: `headers`/`target` are None when unchanged; `used` the credentials
+    substituted (first-use order); `refused` instead when the request must not go."""
+
+    refused: Refused | None = None
+    headers: list[tuple[str, str]] | None = None
+    target: str | None = None
+    used: list[Live] = field(default_factory=list)
+    basic_tokens: list[str] = field(default_factory=list)  # re-encoded Basic tokens (for the scrub)
+
+    @property
+    def labels(self) -> list[str]:
+        return list(dict.fromkeys(c.label for c in self.used))
+
+    @property
+    def session_id(self) -> str | None:
+        return next((c.session_id for c in self.used if c.session_id is not None), None)
+
+    def scrubber(self) -> Scrubber | None:
+        return Scrubber(self.used, self.basic_tokens) if self.used else None
+
+
+Lookup = Callable[[str], "Live | None"]
+
+
+class _Unknown(Exception):
+    def __init__(self, where: str, scope: str | None) -> None:
+        super().__init__(where)
+        self.where, self.scope = where, scope
+
+
+def _find(text: str, where: str, lookup: Lookup) -> list[tuple[int, int, Live]]:
+    """The live placeholders in a header value (raw prefix), each (start, end, credential)."""
+    out: list[tuple[int, int, Live]] = []
+    pos = text.find(PREFIX)
+    while pos >= 0:
+        m = PLACEHOLDER_RE.match(text, pos)
+        if m is None:
+            raise _Unknown(where, None)
+        live = lookup(m.group(0))
+        if live is None:
+            raise _Unknown(where, m.group(1))
+        out.append((pos, m.end(), live))
+        pos = text.find(PREFIX, m.end())
+    return out
+
+
+def _find_target(text: str, where: str, lookup: Lookup) -> list[tuple[int, int, Live]]:
+    """The live placeholders in a piece of the target, raw or with `:` as `%3A`."""
+    out: list[tuple[int, int, Live]] = []
+    for pm in _TARGET_PREFIX.finditer(text):
+        if out and pm.start() < out[-1][1]:
+            continue
+        m = _TARGET_PLACEHOLDER.match(text, pm.start())
+        if m is None:
+            raise _Unknown(where, None)
+        ph = f"greyproxy:credential:v1:{m.group(1)}:{m.group(2)}"
+        live = lookup(ph)
+        if live is None:
+            raise _Unknown(where, m.group(1))
+        out.append((m.start(), m.end(), live))
+    return out
+
+
+def _splice(text: str, found: list[tuple[int, int, Live]], form: Callable[[Live], str]) -> str:
+    parts: list[str] = []
+    last = 0
+    for start, end, live in found:
+        parts.append(text[last:start])
+        parts.append(form(live))
+        last = end
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+def _basic(value: str) -> bytes | None:
+    """The decoded credentials of an `Authorization: Basic` value, or None."""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "basic" or not token:
+        return None
+    try:
+        return base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def authority_host(authority: str) -> str:
+    """The host of a Host header / authority (`[::1]:8443` → `::1`, `a.example:443` → `a.example`)."""
+    a = authority.strip()
+    if a.startswith("["):
+        end = a.find("]")
+        return a[1:end] if end > 0 else a
+    if a.count(":") == 1:
+        return a.split(":", 1)[0]
+    return a
+
+
+def _name(lname: str) -> str:
+    return "-".join(p[:1].upper() + p[1:] for p in lname.split("-"))
+
+
+def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, destination: str,
+         authority: str = "", plaintext: bool = False, available: bool = True) -> Plan:
+    """Check and substitute one request: `headers` are the fields going upstream, `target` the
+    origin-form target; `destination` the host the request is sent to (intercepted TLS: the name
+    the certificate is verified against), `authority` the request's Host; `plaintext` when the
+    upstream connection is not TLS; `available` False when no key is usable."""
+    # -- find (cheap when there is nothing: one substring search per value and one over the target)
+    hits: list[tuple[int, list[tuple[int, int, Live]], bytes | None]] = []  # (header index, found, basic)
+    target_hits: list[tuple[int, int, Live]] = []
+    path_lives: list[Live] = []
+    try:
+        for i, (k, v) in enumerate(headers):
+            if PREFIX in v:
+                if not available:
+                    return _unavailable()
+                hits.append((i, _find(v, f"header {_name(k.lower())}", lookup), None))
+            elif len(v) > 6 and k.lower() == "authorization":
+                raw = _basic(v)
+                if raw is not None and _BPREFIX in raw:
+                    if not available:
+                        return _unavailable()
+                    hits.append((i, _find(raw.decode("latin-1"), "header Authorization (Basic credentials)", lookup),
+                                 raw))
+        if "greyproxy" in target and _TARGET_PREFIX.search(target):
+            if not available:
+                return _unavailable()
+            path, q, query = target.partition("?")
+            path_lives += [lv for _s, _e, lv in _find_target(path, "the request path", lookup)]
+            if q:
+                offset = len(path) + 1
+                for param in query.split("&"):
+                    pname, eq, pvalue = param.partition("=")
+                    if _TARGET_PREFIX.search(pname):
+                        path_lives += [lv for _s, _e, lv in _find_target(pname, "a query parameter name", lookup)]
+                    if eq and _TARGET_PREFIX.search(pvalue):
+                        at = offset + len(pname) + 1
+                        where = f"query parameter {pname[:64]}"
+                        target_hits += [(at + s, at + e, lv) for s, e, lv in _find_target(pvalue, where, lookup)]
+                    offset += len(param) + 1
+    except _Unknown as u:
+        scope = f" ({'scope ' + u.scope if u.scope else 'malformed'})"
+        return Plan(refused=Refused(UNKNOWN, f"Greyproxy: unknown or expired credential placeholder in {u.where}"
+                                             f"{scope}; it was not sent"))
+    if not hits and not target_hits and not path_lives:
+        return Plan()
+    if path_lives:
+        labels = tuple(dict.fromkeys(lv.label for lv in path_lives))
+        return Plan(refused=Refused(IN_PATH, f"Greyproxy: credential {', '.join(labels)} appears in the request "
+                                             "path or a query parameter name; placeholders are only substituted "
+                                             "in header and query values", labels, path_lives[0].session_id))
+    used: list[Live] = []
+    seen: set[str] = set()
+    for _i, found, _raw in hits:
+        for _s, _e, lv in found:
+            if lv.placeholder not in seen:
+                seen.add(lv.placeholder)
+                used.append(lv)
+    for _s, _e, lv in target_hits:
+        if lv.placeholder not in seen:
+            seen.add(lv.placeholder)
+            used.append(lv)
+    # -- where it may go
+    req_host = authority_host(authority) if authority else ""
+    for lv in used:
+        if lv.patterns:
+            bad = destination if not lv.allows(destination) else (req_host if req_host and not lv.allows(req_host)
+                                                                   else None)
+            if bad is not None:
+                return Plan(refused=Refused(HOST_MISMATCH, f"Greyproxy: credential {lv.label} may only be sent to "
+                                                           f"{', '.join(lv.hosts)}, not {bad}", (lv.label,),
+                                            lv.session_id))
+        elif plaintext:
+            return Plan(refused=Refused(PLAINTEXT, f"Greyproxy: credential {lv.label} is bound to no host and "
+                                                   f"may not be sent in clear (plain HTTP) to {destination}",
+                                        (lv.label,), lv.session_id))
+    # -- substitute
+    out = Plan(used=used)
+    if hits:
+        new = list(headers)
+        for i, found, raw in hits:
+            k, v = new[i]
+            if raw is None:
+                new[i] = (k, _splice(v, found, lambda lv: lv.wire))
+            else:
+                decoded = _splice(raw.decode("latin-1"), found, lambda lv: lv.wire).encode("latin-1")
+                token = base64.b64encode(decoded).decode("ascii")
+                out.basic_tokens.append(token)
+                new[i] = (k, f"{v.strip().partition(' ')[0]} {token}")
+        out.headers = new
+    if target_hits:
+        out.target = _splice(target, target_hits, lambda lv: quote(lv.value, safe=""))
+    return out
+
+
+def _unavailable() -> Plan:
+    return Plan(refused=Refused(CREDENTIALS_UNAVAILABLE, "Greyproxy: credential placeholders cannot be substituted "
+                                                         "because the credential key is unusable; it was not sent"))
+
+
+class Scrubber:
+    """Replaces what was substituted in an exchange — each value raw, percent-encoded (either hex
+    case), JSON-escaped, as header bytes, and each re-encoded Basic token — by `[REDACTED:<label>]`
+    in recorded text (response headers and body, WebSocket messages). Longest first."""
+
+    __slots__ = ("needles", "_re")
+
+    def __init__(self, used: Sequence[Live], basic_tokens: Sequence[str] = ()) -> None:
+        label_of: dict[str, str] = {}
+        for lv in used:
+            v = lv.value
+            pct = quote(v, safe="")
+            forms = {v, lv.wire, pct, pct.lower(), re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), pct),
+                     orjson.dumps(v).decode()[1:-1], quote(v, safe="", encoding="utf-8").replace("%20", "+")}
+            for f in forms:
+                if f:
+                    label_of.setdefault(f, lv.label)
+        labels = ", ".join(dict.fromkeys(lv.label for lv in used))
+        for t in basic_tokens:
+            label_of.setdefault(t, labels)
+            label_of.setdefault(t.rstrip("="), labels)
+        self.needles = sorted(label_of.items(), key=lambda kv: -len(kv[0]))
+        self._re = re.compile("|".join(re.escape(n) for n, _l in self.needles))
+
+    def text(self, s: str | None) -> str | None:
+        if not s:
+            return s
+        labels = dict(self.needles)
+        return self._re.sub(lambda m: f"[REDACTED:{labels[m.group(0)]}]", s)
+
+    def headers(self, h: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {k: [self.text(v) or "" for v in vs] for k, vs in h.items()}
