@@ -9,7 +9,8 @@ ends the chain. The order is fixed by the service (`service.py`):
 
 1. `RuleRecheck` — the rules, judged for the host actually contacted (on the forward proxy the
    gate has just decided it; inside a tunnel it is decided again per request);
-2. `CredentialSubstitution` — placeholders in the upstream head (a later capability: no-op);
+2. `CredentialSubstitution` — placeholders in the upstream head swapped for their values, or the
+   request refused (SPEC §12.5);
 3. later middleware.
 
 The client's request (`Flow.head`) is never changed: the upstream head is built from a copy,
@@ -28,10 +29,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from greyproxy.credentials.substitute import IN_PATH, UNKNOWN, Plan, Scrubber, plan
+
 from . import http1
 from .httpio import phrase
 
 if TYPE_CHECKING:
+    from .credentials import LiveCredentials
     from .gate import Gate, Verdict
 
 __all__ = ["CredentialSubstitution", "Flow", "HookChain", "Refusal", "RequestHook", "RuleRecheck",
@@ -73,7 +77,7 @@ class Flow:
     copy); `render` gives the bytes sent upstream."""
 
     __slots__ = ("container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
-                 "_headers", "_target")
+                 "session_id", "scrubber", "refused_labels", "_headers", "_target")
 
     def __init__(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
                  verdict: Verdict | None = None, server_name: str | None = None) -> None:
@@ -82,6 +86,9 @@ class Flow:
         self.head = head
         self.verdict = verdict
         self.substituted: list[str] | tuple[str, ...] = ()  # credential labels used (stored in the record)
+        self.session_id: str | None = None  # the session of the first session credential substituted
+        self.scrubber: Scrubber | None = None  # what was substituted, to scrub from the recorded response
+        self.refused_labels: tuple[str, ...] = ()  # credential labels a refusal involved
         self._headers: list[tuple[str, str]] | None = None  # the upstream fields once a hook changed them
         self._target: str | None = None
 
@@ -239,11 +246,69 @@ class RuleRecheck:
 
 class CredentialSubstitution:
     """Placeholder credentials in header and query values swapped for their values (SPEC §12.5),
-    recorded as `flow.substituted` labels. A later capability: no-op until then."""
+    or the request refused (fail loudly). Records on the flow: `substituted` (labels),
+    `session_id`, `scrubber` (what to scrub from the recorded response), `refused_labels`.
+
+    Without a live map (`live` None) it is a no-op. A request with no placeholder pays one
+    substring search per header value and one over the target (`substitute.plan`)."""
 
     name = "credentials"
 
-    def __call__(self, flow: Flow) -> Refusal | None:
+    def __init__(self, live: LiveCredentials | None = None) -> None:
+        self.live = live
+
+    def _plan(self, flow: Flow) -> Plan:
+        live = self.live
+        assert live is not None
+        tls = flow.scheme == "https"
+        return plan(flow.upstream_headers(), flow.target, live.lookup, destination=flow.server_name if tls else flow.host,
+                    authority=flow.head.host, plaintext=not tls, available=live.available)
+
+    def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
+        if self.live is None:
+            return None
+        p = self._plan(flow)
+        if p.refused is not None and p.refused.reason == UNKNOWN:
+            return self._again(flow)  # a session created a moment ago: look once more before refusing
+        return self._apply(flow, p)
+
+    async def _again(self, flow: Flow) -> Refusal | None:
+        assert self.live is not None
+        await self.live.recheck()
+        return self._apply(flow, self._plan(flow))
+
+    def _apply(self, flow: Flow, p: Plan) -> Refusal | None:
+        live = self.live
+        assert live is not None
+        if p.refused is not None:
+            r = p.refused
+            flow.refused_labels = r.labels
+            flow.session_id = r.session_id
+            live.refused[r.reason] += 1
+            log.warning("credential refused: %s → %s:%d: %s (labels %s, session %s)", flow.container, flow.host,
+                        flow.port, r.reason, ", ".join(r.labels) or "-", r.session_id or "-")
+            return Refusal(403, r.reason, r.body)
+        if not p.used:
+            return None
+        try:
+            if p.headers is not None:
+                before = flow.upstream_headers()
+                for i, (pair, old) in enumerate(zip(p.headers, before)):
+                    if pair[1] != old[1]:
+                        flow.replace_value(i, pair[1])
+            if p.target is not None:
+                flow.set_target(p.target)
+        except ValueError:  # a placeholder in a field a hook may not change (Host, framing)
+            flow._headers, flow._target = None, None  # nothing substituted leaves
+            live.refused[IN_PATH] += 1
+            labels = tuple(p.labels)
+            flow.refused_labels = labels
+            return Refusal(403, IN_PATH, f"Greyproxy: credential {', '.join(labels)} appears in a header the "
+                                         "proxy does not substitute (Host or message framing)")
+        flow.substituted = p.labels
+        flow.session_id = p.session_id
+        flow.scrubber = p.scrubber()
+        live.used(p.used)
         return None
 
 

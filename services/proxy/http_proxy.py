@@ -145,20 +145,20 @@ async def handle_http(client: ClientConn) -> None:
             if not verdict.allowed:
                 client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
                 if t is not None:
-                    t.finish(status=403, result="blocked")
+                    t.finish(status=403, result="blocked", block_reason="rule")
                 return
             # request hooks (the rule re-check takes the gate's verdict just given)
             flow = Flow(container, "http", head.host, head.port, head, verdict)
             refusal = hooks.run(flow)
             if refusal is not None and not isinstance(refusal, Refusal):
                 refusal = await refusal  # a hook that had to wait
+            if t is not None:
+                t.credentials_from(flow)
             if refusal is not None:
                 client.write(refusal.render())
                 if t is not None:
-                    t.finish(status=refusal.status, result="blocked")
+                    t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
                 return
-            if t is not None:
-                t.substituted = flow.substituted
             request = flow.render(upstream_version(head))
             # exchange
             key = (container, head.host, head.port)

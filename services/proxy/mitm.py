@@ -334,11 +334,11 @@ class Interceptor:
         flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name)
         refusal = await resolve(ctx.hooks.run(flow))
         t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id
+        t.credentials_from(flow)
         if refusal is not None:
             s.client.write(refusal.render())
-            t.finish(status=refusal.status, result="blocked")
+            t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
             return False
-        t.substituted = flow.substituted
         request = flow.render(upstream_version(head))
         for _attempt in (1, 2):
             if s.upstream is None or s.upstream.closed:

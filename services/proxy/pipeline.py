@@ -27,6 +27,7 @@ import orjson
 
 from bus.journal import JournalWriter
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
+from greyproxy.credentials.substitute import Scrubber
 from greyproxy.policy.patterns import normalise_host
 from greyproxy.redaction import Redactor, extra_patterns
 
@@ -99,9 +100,11 @@ class Recorder:
         what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
         return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
 
-    def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None) -> None:
+    def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
         """Journal the record; bodies become text inline when small and plain, else in a worker thread
-        (which also serialises the record, so a 2 MiB body is never dumped on the event loop)."""
+        (which also serialises the record, so a 2 MiB body is never dumped on the event loop).
+        `scrub`: an exchange with substituted credentials has their values scrubbed from the stored
+        response body (after decoding, so a compressed echo is caught too)."""
         self.counts["transactions"] += 1
         rec["url"] = self.redactor.url(rec["url"])  # secrets in the query (?access_token=...)
         limit = self.max_body
@@ -111,6 +114,8 @@ class Recorder:
                 rec["request_body"] = stored_body(*req, limit=limit)
             if resp is not None:
                 rec["response_body"] = stored_body(*resp, limit=limit)
+                if scrub is not None:
+                    rec["response_body"] = scrub.text(rec["response_body"])
             self.journal.append("transaction", rec)
             return
 
@@ -119,6 +124,8 @@ class Recorder:
                 rec["request_body"] = stored_body(*req, limit=limit)
             if resp is not None:
                 rec["response_body"] = stored_body(*resp, limit=limit)
+                if scrub is not None:
+                    rec["response_body"] = scrub.text(rec["response_body"])
             return orjson.Fragment(orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS))
 
         fut = asyncio.get_running_loop().run_in_executor(None, decode)
@@ -139,7 +146,9 @@ class Recorder:
         deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
         url = self.redactor.url("ws" + t.url[4:])  # http:// → ws://, https:// → wss://
         container, dest, port, rule_id = t.container, t.host, t.port, t.rule_id
-        extra = {"request_host": t.request_host, "host_mismatch": t.host_mismatch}
+        extra = {"request_host": t.request_host, "host_mismatch": t.host_mismatch, "session_id": t.session_id,
+                 "substituted_credentials": t.substituted}
+        scrub = t.scrubber
 
         def observer(method: str) -> Callable[[bytes], None]:
             parser, asm = FrameParser(self.max_body), MessageAssembler(deflate, self.max_body)
@@ -153,7 +162,7 @@ class Recorder:
                     for frame in parser.feed(data):
                         msg = asm.feed(frame)
                         if msg is not None:
-                            self._record_ws(container, dest, port, method, url, rule_id, msg, extra)
+                            self._record_ws(container, dest, port, method, url, rule_id, msg, extra, scrub)
                 except WsProtocolError as exc:
                     broken = True  # stop recording this direction; relaying goes on
                     log.info("websocket %s: not recording %s any more: %s", url, method, exc)
@@ -163,8 +172,10 @@ class Recorder:
         return observer("WS_REQ"), observer("WS_RESP")
 
     def _record_ws(self, container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
-                   msg: Message, extra: dict[str, Any]) -> None:
+                   msg: Message, extra: dict[str, Any], scrub: Scrubber | None = None) -> None:
         text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
+        if scrub is not None:
+            text = scrub.text(text)
         size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
         side = "request" if method == "WS_REQ" else "response"
         rec = base_record(container, host, port, method, url, rule_id)
@@ -183,7 +194,8 @@ class Txn:
     the upstream head from a copy) changes them."""
 
     __slots__ = ("recorder", "container", "host", "port", "method", "url", "request_headers", "request_host",
-                 "host_mismatch", "req_ct", "req_ce", "t0", "p0", "req", "resp", "rule_id", "substituted", "done")
+                 "host_mismatch", "req_ct", "req_ce", "t0", "p0", "req", "resp", "rule_id", "substituted", "done",
+                 "session_id", "scrubber", "refused")
 
     def __init__(self, recorder: Recorder, container: str, origin: str, host: str, port: int,
                  head: http1.RequestHead, rule_id: int | None = None, host_mismatch: bool = False) -> None:
@@ -200,7 +212,10 @@ class Txn:
         self.req: BodyCapture | None = None
         self.resp: BodyCapture | None = None
         self.rule_id = rule_id
-        self.substituted: list[str] | tuple[str, ...] = ()
+        self.substituted: list[str] | tuple[str, ...] = ()  # credential labels substituted (SPEC §12.7)
+        self.session_id: str | None = None
+        self.scrubber: Scrubber | None = None  # what was substituted, scrubbed from the recorded response
+        self.refused: tuple[str, ...] = ()  # credential labels a refusal involved
         self.done = False
 
     def _capture(self, content_type: str | None) -> BodyCapture:
@@ -221,10 +236,16 @@ class Txn:
         """`relay` observers recording each WebSocket message after this request's upgrade."""
         return self.recorder.websocket(self, resp)
 
+    def credentials_from(self, flow: Any) -> None:
+        """What the credential hook did to the request (`hooks.Flow`): labels, session, scrubber."""
+        self.substituted, self.session_id, self.scrubber = flow.substituted, flow.session_id, flow.scrubber
+        self.refused = flow.refused_labels
+
     def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
-               result: str = "allowed", error: str | None = None) -> None:
+               result: str = "allowed", error: str | None = None, block_reason: str | None = None) -> None:
         """Send the record: `resp` is the final response relayed (if any), else `status` is what the
-        client was answered; `error` says why the exchange failed or was cut off."""
+        client was answered; `error` says why the exchange failed or was cut off; `block_reason` why
+        a request was refused (`rule` or a credential reason, SPEC §12.5)."""
         if self.done:
             return
         self.done = True
@@ -232,6 +253,10 @@ class Txn:
         req, rcap = self.req, self.resp
         req_ct = self.req_ct
         resp_ct = resp.header("content-type") if resp is not None else None
+        scrub = self.scrubber
+        resp_headers = redactor.headers(resp.headers) if resp is not None else {}
+        if scrub is not None and resp_headers:
+            resp_headers = scrub.headers(resp_headers)
         rec = {
             "timestamp": self.t0, "container_name": self.container,
             "destination_host": self.host, "destination_port": self.port,
@@ -239,19 +264,20 @@ class Txn:
             "request_headers": self.request_headers, "request_body": None,
             "request_body_size": req.size if req is not None else 0, "request_content_type": req_ct,
             "status_code": resp.status if resp is not None else status,
-            "response_headers": redactor.headers(resp.headers) if resp is not None else {},
+            "response_headers": resp_headers,
             "response_body": None, "response_body_size": rcap.size if rcap is not None else 0,
             "response_content_type": resp_ct,
             "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3), "rule_id": self.rule_id,
-            "result": result, "conversation_id": None, "substituted_credentials": self.substituted,
-            "session_id": None, "request_host": self.request_host, "host_mismatch": self.host_mismatch,
-            "error": error,
+            "result": result, "conversation_id": None,
+            "substituted_credentials": list(self.substituted) if result == "allowed" else [],
+            "session_id": self.session_id, "request_host": self.request_host, "host_mismatch": self.host_mismatch,
+            "error": error, "block_reason": block_reason, "refused_credentials": list(self.refused),
         }
         req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None
         if resp is not None and rcap is not None and rcap.data:
             resp_body = (bytes(rcap.data), resp_ct, resp.header("content-encoding"))
-        self.recorder.submit(rec, req_body, resp_body)
+        self.recorder.submit(rec, req_body, resp_body, scrub)
 
 
 def base_record(container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
@@ -264,7 +290,7 @@ def base_record(container: str, host: str, port: int, method: str, url: str, rul
         "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
         "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
         "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
-        "request_host": None, "host_mismatch": False, "error": None,
+        "request_host": None, "host_mismatch": False, "error": None, "block_reason": None, "refused_credentials": [],
     }
 
 

@@ -27,6 +27,7 @@ from .dns_proxy import DnsProxy, start_dns
 from .docker_identity import DockerIdentity
 from .gate import Gate
 from .context import Limits, ProxyContext, start_listener
+from .credentials import LiveCredentials
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
 from .http_proxy import handle_http
 from .mitm import Interceptor
@@ -210,7 +211,9 @@ async def main(rt: ServiceRuntime) -> None:
     settings.on_change(recorder.settings_changed)
     ctx.recorder = recorder
     # The request hooks, in their order (hooks.py); test hooks only from the tests' environment.
-    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(), *hooks_from_env()])
+    credentials = LiveCredentials(cfg.data_dir, executor, journal)
+    await credentials.reload(force=True)
+    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(credentials), *hooks_from_env()])
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
@@ -267,6 +270,10 @@ async def main(rt: ServiceRuntime) -> None:
                 raise RemoteError("keys must be [container, host, port] triples", 400) from None
         return {"blocked": gate.block_holds(keys, str(args.get("reason") or "dismissed"))}
 
+    async def credentials_reload(args: dict[str, Any]) -> dict[str, Any]:
+        changed = await credentials.reload(force=bool(args.get("force")))
+        return {"reloaded": changed, "version": credentials.version, "live": len(credentials.map)}
+
     async def cert_reload(args: dict[str, Any]) -> dict[str, Any]:
         return {"message": await loop.run_in_executor(executor, certs.reload)}
 
@@ -279,10 +286,12 @@ async def main(rt: ServiceRuntime) -> None:
         "rules.reload": rules_reload,
         "holds.block": holds_block,
         "cert.reload": cert_reload,
+        "credentials.reload": credentials_reload,
     })
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
     rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats(),
-                          "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)}})
+                          "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)},
+                          "credentials": credentials.stats()})
 
     async def watch_ca() -> None:
         while True:
@@ -307,7 +316,8 @@ async def main(rt: ServiceRuntime) -> None:
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
-                             settings.run(), watch_ca(), *([_listen_names(cfg, gate, rt.name)] if shared else []))
+                             settings.run(), watch_ca(), credentials.watch(),
+                             *([_listen_names(cfg, gate, rt.name)] if shared else []))
     finally:
         for s in servers:
             s.close()
@@ -315,6 +325,7 @@ async def main(rt: ServiceRuntime) -> None:
         if dns is not None:
             dns.close()
         gate.flush_hits()
+        credentials.flush_uses()
         # Give the recorder a last chance at what is still in the outbox (it is lost with the process).
         flusher = asyncio.ensure_future(journal.run())
         await journal.flush(2.0)
