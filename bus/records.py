@@ -15,8 +15,9 @@ PENDING = "pending"  # a destination no rule covers: a sighting for the pending 
 RULE_HIT = "rule_hit"  # rule hit counts, flushed periodically
 DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
 TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
+CREDENTIAL_USE = "credential_use"  # requests a session / global credential was substituted in (SPEC §12.7)
 
-KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION)
+KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
@@ -70,6 +71,16 @@ class DnsRecord(TypedDict):
     ts: float
 
 
+class CredentialUseRecord(TypedDict):
+    """A `credential_use` record: `count` requests substituted with a credential of session
+    `session_id`, or with the global credential `credential_id` (the other is null), by `ts`."""
+
+    session_id: str | None
+    credential_id: str | None
+    count: int
+    ts: float
+
+
 # A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
 # headers already redacted, bodies decoded and capped (greyproxy.capture).
 TransactionRecord = dict[str, Any]
@@ -112,3 +123,8 @@ def rule_hit_record(rule_id: int, count: float, last_used_at: float) -> RuleHitR
 
 def dns_record(ip: str, hostname: str, ts: float) -> DnsRecord:
     return {"ip": ip, "hostname": hostname, "ts": ts}
+
+
+def credential_use_record(session_id: str | None, credential_id: str | None, count: int,
+                          ts: float) -> CredentialUseRecord:
+    return {"session_id": session_id, "credential_id": credential_id, "count": int(count), "ts": ts}

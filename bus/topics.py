@@ -37,12 +37,15 @@ TRANSACTIONS_STORED = "transactions.stored"  # internal: the recorder committed 
 # Proxy workers (SPEC §15): an ip -> name one worker's DNS proxy learned, for the others.
 DNS_NAME = "dns.name"
 
-# Later capabilities (specified in SPEC §11).
+# Credential substitution (SPEC §12.7): session events carry the session id string, never a value.
 SESSION_CREATED = "session.created"
 SESSION_HEARTBEAT = "session.heartbeat"
 SESSION_DELETED = "session.deleted"
 SESSION_EXPIRED = "session.expired"
 SESSION_SUBSTITUTION = "session.substitution"
+CREDENTIAL_CREATED = "credential.created"
+CREDENTIAL_DELETED = "credential.deleted"
+CREDENTIAL_REFUSED = "credential.refused"
 
 # Public events: forwarded to /ws clients. Internal ones stay on the bus.
 PUBLIC = (
@@ -51,6 +54,7 @@ PUBLIC = (
     SETTINGS_CHANGED, MAINTENANCE_PROGRESS, NOTIFICATION_CLAIMS_CHANGED, CONVERSATION_NEW, CONVERSATION_UPDATED,
     CONVERSATION_DELETED,
     SESSION_CREATED, SESSION_HEARTBEAT, SESSION_DELETED, SESSION_EXPIRED, SESSION_SUBSTITUTION,
+    CREDENTIAL_CREATED, CREDENTIAL_DELETED, CREDENTIAL_REFUSED,
 )
 INTERNAL = (SERVICE_HEARTBEAT, RULES_CHANGED, TRANSACTIONS_STORED, DNS_NAME)
 ALL = PUBLIC + INTERNAL

@@ -170,7 +170,7 @@ def transaction_json(row: dict[str, Any], include_bodies: bool = False) -> dict[
             continue
         value = row.get(col)
         if col in _JSON_COLUMNS:
-            value = _json_field(value, [] if col == "substituted_credentials" else {})
+            value = _json_field(value, [] if col.endswith("_credentials") else {})
         elif col == "timestamp":
             value = rfc3339(value)
         elif col == "duration_ms":

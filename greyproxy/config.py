@@ -117,6 +117,7 @@ _SCHEMA: dict[str, Any] = {
     "mitm": {"bypass": [str], "upstreamCaFile": str},
     "capture": {"maxBodyBytes": int},
     "retention": {"days": _NUM},
+    "credentials": {"requireHosts": bool},
 }
 
 _POSITIVE = {

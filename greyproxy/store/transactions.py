@@ -1,4 +1,4 @@
-"""The `http_transactions` table (migration 2): its columns, the SQL the recorder writes it with, and
+"""The `http_transactions` table (migrations 2, 4 and 6): its columns, the SQL the recorder writes it with, and
 the API's listing and lookup."""
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ COLUMNS = (
     "response_headers", "response_body", "response_body_size", "response_content_type", "duration_ms",
     "rule_id", "result", "conversation_id", "substituted_credentials", "session_id",
     "request_host", "host_mismatch", "error",  # migration 4: the contacted host vs the Host header
+    "block_reason", "refused_credentials",  # migration 6: why a request was refused (SPEC §12.7)
 )
 FIELDS = COLUMNS[1:]  # what a `transaction` journal record fills in
-JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials")  # stored as JSON text
+JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")  # stored as JSON text
 BODY_COLUMNS = ("request_body", "response_body")  # left out of listings
 
 # Hand-written rather than peewee's insert_many, as for logs: one executemany per batch in the

@@ -35,6 +35,7 @@ AREAS: tuple[str, ...] = (
     "transactions",  # /api/transactions
     "export",  # /api/transactions/export.har
     "llm",  # /api/dissectors, /api/endpoint-rules, /api/conversations (SPEC §13)
+    "credentials",  # /api/sessions, /api/credentials (SPEC §12)
     "metrics",  # /metrics
     "ws.resource",  # /ws
     "ui",  # the dashboard: a sink for /, deep links and static/ (routes win over it)

@@ -45,6 +45,8 @@ class ApiContext:
 
     def __post_init__(self) -> None:
         self.ws_hub = Hub(self)
+    # session.key (services/api/credentials.Keyring), made by the credentials area.
+    credentials_key: Any = None
 
     async def db(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a peewee call in the pool: peewee is synchronous and must not block the loop."""

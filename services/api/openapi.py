@@ -183,12 +183,13 @@ SCHEMAS: dict[str, Any] = {
         "duration_us": nullable(INT), "rule_id": nullable(INT), "result": STR, "conversation_id": nullable(STR),
         "substituted_credentials": {"type": "array"}, "session_id": nullable(STR),
         "request_host": nullable(STR), "host_mismatch": BOOL, "error": nullable(STR),
+        "block_reason": nullable(STR), "refused_credentials": {"type": "array", "items": STR},
         "request_body": nullable(STR), "response_body": nullable(STR),
     }, required=["id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
                  "request_headers", "request_body_size", "request_content_type", "status_code",
                  "response_headers", "response_body_size", "response_content_type", "duration_ms", "rule_id",
                  "result", "conversation_id", "substituted_credentials", "session_id", "request_host",
-                 "host_mismatch", "error"],
+                 "host_mismatch", "error", "block_reason", "refused_credentials"],
         description="SPEC §7 (request_body/response_body only in the detail view or with include_bodies=true)"),
     "TransactionPage": list_of("Transaction", paged=True),
     "Har": {**copy.deepcopy(HAR_SCHEMA), "description": "HAR 1.2 (the required fields of the specification)"},
@@ -459,6 +460,76 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         },
     },
 }
+
+
+# ----------------------------------------------------------------------------- credentials (SPEC §12)
+
+_LABEL = {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,128}$"}
+_PLACEHOLDER = {"type": "string", "pattern": r"^greyproxy:credential:v1:[A-Za-z0-9._-]{1,128}:[0-9a-f]{32}$"}
+_HOSTS = {"type": "array", "maxItems": 50, "items": STR,
+          "description": "destination patterns (SPEC §2.2) the credential may be sent to; [] = unbound"}
+_KEY_UNUSABLE = "the credential key (session.key) exists but cannot be used"
+SCHEMAS.update({
+    "SessionInput": obj({
+        "session_id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,128}$", "not": {"const": "global"}},
+        "container_name": {"type": "string", "minLength": 1, "maxLength": 256},
+        "mappings": {"type": "object", "maxProperties": 100, "propertyNames": _PLACEHOLDER,
+                     "additionalProperties": {"type": "string", "minLength": 1},
+                     "description": "placeholder → value (never returned, never logged)"},
+        "labels": {"type": "object", "description": "placeholder → label; keys not in mappings are ignored"},
+        "hosts": {"type": "object", "additionalProperties": _HOSTS, "description": "placeholder → patterns"},
+        "metadata": {"type": "object", "maxProperties": 50, "additionalProperties": {"type": "string"}},
+        "ttl_seconds": {"type": "integer", "description": "absent or <= 0: 900; capped at 3600"},
+        "global_credentials": {"type": "array", "items": STR, "description": "labels of global credentials"},
+    }, required=["session_id", "container_name"],
+        description="SPEC §12.2: at least one of mappings, global_credentials"),
+    "SessionCreated": obj({"session_id": STR, "expires_at": TS, "ttl_seconds": INT, "credential_count": INT,
+                           "global_credentials": {"type": "object", "additionalProperties": STR}}),
+    "Session": obj({
+        "session_id": STR, "container_name": STR, "credential_count": INT,
+        "credential_labels": {"type": "array", "items": STR},
+        "credentials": {"type": "array", "items": obj({"label": STR, "scope": {"type": "string",
+                                                                                "enum": ["session", "global"]},
+                                                       "hosts": {"type": "array", "items": STR}})},
+        "metadata": {"type": "object", "additionalProperties": STR}, "ttl_seconds": INT, "created_at": TS,
+        "expires_at": TS, "last_heartbeat": TS, "substitution_count": INT,
+    }, description="SPEC §12.2: labels and hosts, never a placeholder or a value"),
+    "SessionHeartbeat": obj({"session_id": STR, "expires_at": TS}),
+    "SessionDeleted": obj({"session_id": STR, "deleted": BOOL}),
+    "CredentialInput": obj({"label": _LABEL, "value": {"type": "string", "minLength": 1, "maxLength": 8192},
+                            "hosts": _HOSTS}, required=["label", "value"]),
+    "Credential": obj({"id": {"type": "string", "pattern": r"^cred_[0-9a-f]{16}$"}, "label": STR,
+                       "placeholder": _PLACEHOLDER, "value_preview": STR,
+                       "hosts": {"type": "array", "items": STR}, "created_at": TS, "substitution_count": INT,
+                       "last_used_at": nullable(TS)},
+                      description="SPEC §12.3: the value itself is never returned"),
+    "CredentialDeleted": obj({"id": STR, "deleted": {"type": "boolean", "const": True}}),
+})
+OPERATIONS.update({
+    ("/api/sessions", "GET"): op(
+        "Live credential sessions, newest first (an array, as the reference)",
+        response("the sessions", {"type": "array", "items": ref("Session")}), tag="credentials"),
+    ("/api/sessions", "POST"): op(
+        "Register (or replace) a session: its placeholders substitute when this returns",
+        response("the session", ref("SessionCreated")), tag="credentials", request=body(ref("SessionInput")),
+        errors={"409": "a placeholder held by another live session, or too many sessions", "503": _KEY_UNUSABLE}),
+    ("/api/sessions/{session_id}", "DELETE"): op(
+        "End a session: its placeholders are refused when this returns",
+        response("deleted is false for an unknown id", ref("SessionDeleted")), tag="credentials"),
+    ("/api/sessions/{session_id}/heartbeat", "POST"): op(
+        "Extend a live session by its ttl", response("the new expiry", ref("SessionHeartbeat")),
+        tag="credentials", errors={"404": "session not found or expired"}),
+    ("/api/credentials", "GET"): op(
+        "Global credentials, newest first (an array, as the reference)",
+        response("the credentials", {"type": "array", "items": ref("Credential")}), tag="credentials"),
+    ("/api/credentials", "POST"): op(
+        "Store a global credential (encrypted at rest); its placeholder is in the answer",
+        response("the credential", ref("Credential")), tag="credentials", request=body(ref("CredentialInput")),
+        errors={"409": "a credential with this label exists", "503": _KEY_UNUSABLE}),
+    ("/api/credentials/{cred_id}", "DELETE"): op(
+        "Delete a global credential: refused everywhere when this returns",
+        response("deleted", ref("CredentialDeleted")), tag="credentials", errors={"404": "credential not found"}),
+})
 
 
 # ----------------------------------------------------------------------------- the document

@@ -57,6 +57,8 @@ async def main(rt: ServiceRuntime) -> None:
     ctx = make_context(rt)
     await ctx.db(open_database, cfg.db_path)
     app = create_app(ctx)
+    if ctx.credentials_key is not None:  # session.key made now when absent (SPEC §12.4)
+        await ctx.db(ctx.credentials_key.start)
     server = _Server(uvicorn.Config(
         app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off", http=StrictHttpProtocol,
         proxy_headers=False,  # X-Forwarded-For is anyone's to write: the peer address is the client

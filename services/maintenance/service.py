@@ -25,6 +25,24 @@ from .jobs import JOBS, JobState
 log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
+SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
+
+
+async def sweep_sessions(rt: ServiceRuntime, executor: ThreadPoolExecutor) -> None:
+    from greyproxy.store import sessions
+
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(SESSION_SWEEP_EVERY)
+        try:
+            gone = await loop.run_in_executor(executor, sessions.remove_expired, time.time())
+        except Exception:
+            log.exception("expired session sweep failed")
+            continue
+        for sid in gone:
+            rt.publisher.publish(topics.SESSION_EXPIRED, sid)
+        if gone:
+            log.info("expired credential sessions removed: %s", ", ".join(gone))
 
 
 class JobRunner:
@@ -201,7 +219,7 @@ async def main(rt: ServiceRuntime) -> None:
 
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:
-        await asyncio.gather(control.serve(), periodic(), conversations.serve())
+        await asyncio.gather(control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor))
     finally:
         control.close()
 

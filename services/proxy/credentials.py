@@ -24,6 +24,7 @@ from typing import Any
 
 import orjson
 
+from bus import records
 from bus.journal import JournalWriter
 from greyproxy.credentials import crypto
 from greyproxy.credentials.substitute import Live
@@ -32,7 +33,6 @@ log = logging.getLogger("greyproxy.proxy")
 
 CHECK_EVERY = 2.0  # seconds between version checks (heals a missed reload call)
 USE_FLUSH_EVERY = 2.0  # seconds between credential_use journal records
-USE_KIND = "credential_use"
 
 KEY_OK, KEY_MISSING, KEY_UNUSABLE = "ok", "missing", "unusable"
 
@@ -183,7 +183,7 @@ class LiveCredentials:
         uses, self.uses = self.uses, Counter()
         ts = time.time()
         for (sid, cid), n in uses.items():
-            self.journal.append(USE_KIND, {"session_id": sid, "credential_id": cid, "count": n, "ts": ts})
+            self.journal.append(records.CREDENTIAL_USE, records.credential_use_record(sid, cid, n, ts))
 
     def stats(self) -> dict[str, Any]:
         now = time.time()
