@@ -61,6 +61,7 @@ class Live:
     expires_at: float | None = None
     patterns: tuple[DestinationPattern, ...] = field(default=(), compare=False, repr=False)
     wire: str = field(default="", compare=False, repr=False)  # the value's UTF-8 bytes as latin-1
+    scrub: Scrubber | None = field(default=None, compare=False, repr=False)  # its own, built once (see Plan)
 
     def __post_init__(self) -> None:
         if not self.patterns and self.hosts:
@@ -105,7 +106,15 @@ class Plan:
         return next((c.session_id for c in self.used if c.session_id is not None), None)
 
     def scrubber(self) -> Scrubber | None:
-        return Scrubber(self.used, self.basic_tokens) if self.used else None
+        used = self.used
+        if not used:
+            return None
+        if len(used) == 1 and not self.basic_tokens:  # the usual case: built once per credential
+            lv = used[0]
+            if lv.scrub is None:
+                object.__setattr__(lv, "scrub", Scrubber(used))
+            return lv.scrub
+        return Scrubber(used, self.basic_tokens)
 
 
 Lookup = Callable[[str], "Live | None"]
