@@ -26,6 +26,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -141,8 +142,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA, origi
 
 @pytest.fixture(scope="module")
 def ws_events(stack: Stack) -> Iterator[list[str]]:
-    """Every /ws message while the module runs."""
+    """Every /ws message while the module runs; `greyproxy events --json --type '*'` (every bus topic,
+    internal ones included) writes to <root>/events.jsonl meanwhile."""
     listening, stop = threading.Event(), threading.Event()
+    out = open(stack.root / "events.jsonl", "wb")  # noqa: SIM115 - closed below
+    cli = subprocess.Popen([sys.executable, "-m", "greyproxy", "events", "--json", "--type", "*", "-C",
+                            str(stack.cfg_path)], stdout=out, stderr=subprocess.DEVNULL, env=stack.env)
 
     def watch() -> None:
         url = stack.api.replace("http://", "ws://", 1) + "/ws"
@@ -165,6 +170,9 @@ def ws_events(stack: Stack) -> Iterator[list[str]]:
     yield EVENTS
     stop.set()
     t.join(5)
+    cli.terminate()
+    cli.wait(5)
+    out.close()
 
 
 @pytest.fixture(scope="module")
@@ -595,6 +603,9 @@ def test_12_no_value_anywhere(stack: Stack, world: dict[str, Any], origins: dict
     time.sleep(2.5)  # the counters' flush and the recorder's batch: everything written by now
     written = _everything_written(stack)
     assert "db-wal" in written and any(n.startswith("logs/") for n in written)
+    cli_events = (stack.root / "events.jsonl").read_bytes()  # `greyproxy events --json` (every topic)
+    assert b"session.created" in cli_events and b"service.heartbeat" in cli_events
+    written["greyproxy events --json"] = cli_events
     for value in (VALUE, GVALUE):
         for form in forms(value):
             needle = form.encode()
