@@ -6,7 +6,7 @@ and the value nowhere but at the origin.
 Origins: HTTPS on 127.0.0.2, 127.0.0.3 and 127.0.0.4 (trustme certificates the proxy trusts
 through `mitm.upstreamCaFile`; 127.0.0.4 is in `mitm.bypass`) and plain HTTP on 127.0.0.1. Each
 answers with a JSON echo of what it received (path, headers, body) and echoes the Authorization
-header back in `X-Echo-Auth`, so a value that reached it is in the response the proxy records.
+header back in `X-Echoed`, so a value that reached it is in the response the proxy records.
 The stack runs at DEBUG. Tests run in file order (the last one, item 12, looks at everything the
 module wrote, and makes its own substituted requests first so it cannot pass vacuously).
 """
@@ -84,7 +84,7 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(out)))
         if self.headers.get("Authorization"):
-            self.send_header("X-Echo-Auth", self.headers["Authorization"])
+            self.send_header("X-Echoed", self.headers["Authorization"])
         self.end_headers()
         self.wfile.write(out)
 
@@ -280,13 +280,13 @@ def test_2_headers_query_and_basic_are_substituted(stack: Stack, world: dict[str
     (got,) = received("/two?")
     assert got["headers"]["authorization"] == f"Bearer {VALUE}" and got["headers"]["x-key"] == f"pre-{VALUE}-post"
     assert got["path"] == f"/two?a=1&key={quote(VALUE, safe='')}&b=%7E"  # a=1 and b=%7E byte-identical
-    assert headers["x-echo-auth"] == f"Bearer {VALUE}"  # the client gets the response unmodified
+    assert headers["x-echoed"] == f"Bearer {VALUE}"  # the client gets the response unmodified
     (t,) = txns(stack, "agent-2")
     assert t["substituted_credentials"] == ["KEY"] and t["session_id"] == SID and t["result"] == "allowed"
     assert ph.replace(":", "%3A") in t["url"] and t["request_headers"]["X-Key"] == [f"pre-{ph}-post"]
     detail = api(stack, "GET", f"/api/transactions/{t['id']}").json()
     assert "[REDACTED:KEY]" in detail["response_body"] and VALUE not in json.dumps(detail)
-    assert detail["response_headers"]["X-Echo-Auth"] == ["Bearer [REDACTED:KEY]"]
+    assert detail["response_headers"]["X-Echoed"] == ["Bearer [REDACTED:KEY]"]
 
     basic = base64.b64encode(f"x:{ph}".encode()).decode()
     status, _h, body = curl(stack, "agent-2b", f"https://{BOUND}:{origins[BOUND]}/two-basic",
