@@ -169,56 +169,6 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
         "ALTER TABLE http_transactions ADD COLUMN host_mismatch INTEGER NOT NULL DEFAULT 0",
         "ALTER TABLE http_transactions ADD COLUMN error TEXT",
     ]),
-    (5, "credentials", [
-        # SPEC §12: sessions (placeholder → value maps sealed with session.key, per row) and global
-        # credentials. In clear: labels, hosts, metadata, placeholders, previews; never a value.
-        """CREATE TABLE sessions (
-            session_id TEXT PRIMARY KEY,
-            container_name TEXT NOT NULL,
-            mappings_sealed BLOB NOT NULL,
-            global_labels TEXT NOT NULL DEFAULT '[]',
-            metadata TEXT NOT NULL DEFAULT '{}',
-            ttl_seconds INTEGER NOT NULL,
-            created_at REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            last_heartbeat REAL NOT NULL,
-            substitution_count INTEGER NOT NULL DEFAULT 0,
-            last_used_at REAL
-        )""",
-        "CREATE INDEX sessions_expires ON sessions (expires_at)",
-        # One row per placeholder of a session (its label and hosts): a placeholder belongs to one session.
-        """CREATE TABLE session_credentials (
-            placeholder TEXT PRIMARY KEY,
-            session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
-            label TEXT NOT NULL,
-            hosts TEXT NOT NULL DEFAULT '[]',
-            position INTEGER NOT NULL
-        )""",
-        "CREATE INDEX session_credentials_session ON session_credentials (session_id)",
-        """CREATE TABLE global_credentials (
-            id TEXT PRIMARY KEY,
-            label TEXT NOT NULL UNIQUE,
-            placeholder TEXT NOT NULL UNIQUE,
-            value_sealed BLOB NOT NULL,
-            value_preview TEXT NOT NULL,
-            hosts TEXT NOT NULL DEFAULT '[]',
-            created_at REAL NOT NULL,
-            substitution_count INTEGER NOT NULL DEFAULT 0,
-            last_used_at REAL
-        )""",
-        # The proxy's live map follows this version (as rules_version); the counters do not move it.
-        "INSERT INTO meta (key, value) VALUES ('credentials_version', 1)",
-        *[f"""CREATE TRIGGER {table}_version_{op[:3].lower()} AFTER {op} ON {table}
-             BEGIN UPDATE meta SET value = value + 1 WHERE key = 'credentials_version'; END"""
-          for table, cols in (("sessions", "container_name, mappings_sealed, global_labels, ttl_seconds,"
-                                           " created_at, expires_at"),
-                              ("session_credentials", "session_id, label, hosts"),
-                              ("global_credentials", "label, placeholder, value_sealed, hosts"))
-          for op in ("INSERT", "DELETE", f"UPDATE OF {cols}")],
-        # SPEC §12.7: why a request was refused, and the credential labels a refusal involved.
-        "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
-        "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT NOT NULL DEFAULT '[]'",
-    ]),
 ]
 
 # SPEC §13: LLM conversation tracking. Appended as its own migration (another branch may append
@@ -307,4 +257,56 @@ MIGRATIONS.append((5, "llm conversations", [
     "CREATE INDEX conversations_unit ON conversations (unit)",
     "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
     # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
+]))
+
+# SPEC §12: credential substitution (appended after the LLM one; renumber on merge, never edit a shipped one).
+MIGRATIONS.append((6, "credentials", [
+    # SPEC §12: sessions (placeholder → value maps sealed with session.key, per row) and global
+    # credentials. In clear: labels, hosts, metadata, placeholders, previews; never a value.
+    """CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        container_name TEXT NOT NULL,
+        mappings_sealed BLOB NOT NULL,
+        global_labels TEXT NOT NULL DEFAULT '[]',
+        metadata TEXT NOT NULL DEFAULT '{}',
+        ttl_seconds INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        last_heartbeat REAL NOT NULL,
+        substitution_count INTEGER NOT NULL DEFAULT 0,
+        last_used_at REAL
+    )""",
+    "CREATE INDEX sessions_expires ON sessions (expires_at)",
+    # One row per placeholder of a session (its label and hosts): a placeholder belongs to one session.
+    """CREATE TABLE session_credentials (
+        placeholder TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        hosts TEXT NOT NULL DEFAULT '[]',
+        position INTEGER NOT NULL
+    )""",
+    "CREATE INDEX session_credentials_session ON session_credentials (session_id)",
+    """CREATE TABLE global_credentials (
+        id TEXT PRIMARY KEY,
+        label TEXT NOT NULL UNIQUE,
+        placeholder TEXT NOT NULL UNIQUE,
+        value_sealed BLOB NOT NULL,
+        value_preview TEXT NOT NULL,
+        hosts TEXT NOT NULL DEFAULT '[]',
+        created_at REAL NOT NULL,
+        substitution_count INTEGER NOT NULL DEFAULT 0,
+        last_used_at REAL
+    )""",
+    # The proxy's live map follows this version (as rules_version); the counters do not move it.
+    "INSERT INTO meta (key, value) VALUES ('credentials_version', 1)",
+    *[f"""CREATE TRIGGER {table}_version_{op[:3].lower()} AFTER {op} ON {table}
+         BEGIN UPDATE meta SET value = value + 1 WHERE key = 'credentials_version'; END"""
+      for table, cols in (("sessions", "container_name, mappings_sealed, global_labels, ttl_seconds,"
+                                       " created_at, expires_at"),
+                          ("session_credentials", "session_id, label, hosts"),
+                          ("global_credentials", "label, placeholder, value_sealed, hosts"))
+      for op in ("INSERT", "DELETE", f"UPDATE OF {cols}")],
+    # SPEC §12.7: why a request was refused, and the credential labels a refusal involved.
+    "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
+    "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT NOT NULL DEFAULT '[]'",
 ]))
