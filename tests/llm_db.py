@@ -32,8 +32,8 @@ def insert(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[int]:
             v = r.get(c)
             if c == "host_mismatch":
                 v = 1 if v else 0
-            if c in ("request_headers", "response_headers", "substituted_credentials", "refused_credentials"):
-                v = json.dumps(v if v is not None else ({} if c.endswith("_headers") else []))
+            if c in ("request_headers", "response_headers", "substituted_credentials"):
+                v = json.dumps(v if v is not None else ({} if c != "substituted_credentials" else []))
             vals.append(v)
         cols = list(_COLS)
         if r.get("id"):

@@ -308,5 +308,5 @@ MIGRATIONS.append((6, "credentials", [
       for op in ("INSERT", "DELETE", f"UPDATE OF {cols}")],
     # SPEC §12.7: why a request was refused, and the credential labels a refusal involved.
     "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
-    "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT NOT NULL DEFAULT '[]'",
+    "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT DEFAULT '[]'",  # null (older writers) reads as []
 ]))
