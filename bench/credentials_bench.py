@@ -42,7 +42,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 BODY = b"x" * 1024
-RESPONSE = (b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n" + BODY)
+RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 1024\r\n\r\n" + BODY
 
 
 def free_port() -> int:
@@ -106,12 +106,24 @@ class Serve:
         cfg = {
             "greyproxy": {"addr": f":{self.ports['api']}"},
             "services": [
-                {"name": "http-proxy", "addr": f":{self.ports['http']}", "handler": {"type": "http"},
-                 "listener": {"type": "tcp"}},
-                {"name": "socks5-proxy", "addr": f":{self.ports['socks']}", "handler": {"type": "socks5"},
-                 "listener": {"type": "tcp"}},
-                {"name": "dns-proxy", "addr": f":{self.ports['dns']}", "handler": {"type": "dns"},
-                 "listener": {"type": "dns"}},
+                {
+                    "name": "http-proxy",
+                    "addr": f":{self.ports['http']}",
+                    "handler": {"type": "http"},
+                    "listener": {"type": "tcp"},
+                },
+                {
+                    "name": "socks5-proxy",
+                    "addr": f":{self.ports['socks']}",
+                    "handler": {"type": "socks5"},
+                    "listener": {"type": "tcp"},
+                },
+                {
+                    "name": "dns-proxy",
+                    "addr": f":{self.ports['dns']}",
+                    "handler": {"type": "dns"},
+                    "listener": {"type": "dns"},
+                },
             ],
             "mitm": {"upstreamCaFile": str(origin_ca)},
         }
@@ -123,14 +135,26 @@ class Serve:
         self.api = f"http://127.0.0.1:{self.ports['api']}"
 
     def cli(self, *args: str) -> None:
-        subprocess.run([sys.executable, "-m", "greyproxy", *args, "-C", str(self.cfg)], cwd=self.src, env=self.env,
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, "-m", "greyproxy", *args, "-C", str(self.cfg)],
+            cwd=self.src,
+            env=self.env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
 
     def start(self) -> None:
         self.cli("cert", "generate")
         log = open(self.root / "serve.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen([sys.executable, "-m", "greyproxy", "serve", "-C", str(self.cfg)], cwd=self.src,
-                                     env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "greyproxy", "serve", "-C", str(self.cfg)],
+            cwd=self.src,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -151,9 +175,29 @@ class Serve:
 
 
 def load(serve: Serve, url: str, header: str, n: int, parallel: int) -> dict[str, float]:
-    argv = ["curl", "-s", "--http1.1", "-Z", "--parallel-max", str(parallel), "--noproxy", "",
-            "-x", f"http://bench:x@127.0.0.1:{serve.ports['http']}", "--cacert", str(serve.data / "ca-cert.pem"),
-            "--max-time", "300", "-H", header, "-w", "%{http_code}\\n", "-o", "/dev/null", f"{url}?[1-{n}]"]
+    argv = [
+        "curl",
+        "-s",
+        "--http1.1",
+        "-Z",
+        "--parallel-max",
+        str(parallel),
+        "--noproxy",
+        "",
+        "-x",
+        f"http://bench:x@127.0.0.1:{serve.ports['http']}",
+        "--cacert",
+        str(serve.data / "ca-cert.pem"),
+        "--max-time",
+        "300",
+        "-H",
+        header,
+        "-w",
+        "%{http_code}\\n",
+        "-o",
+        "/dev/null",
+        f"{url}?[1-{n}]",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(argv, capture_output=True, text=True, timeout=320, stdin=subprocess.DEVNULL)
     secs = time.perf_counter() - t0
@@ -176,9 +220,19 @@ def main() -> int:
         url = f"https://127.0.0.1:{port}/1k"
         modes = {"none": "X-Key: " + "n" * 49}
         ph = f"greyproxy:credential:v1:bench:{secrets.token_hex(16)}"
-        r = httpx.post(f"{serve.api}/api/sessions", trust_env=False, timeout=10, json={
-            "session_id": "bench", "container_name": "bench", "mappings": {ph: "sk-bench-" + secrets.token_hex(16)},
-            "labels": {ph: "BENCH_KEY"}, "hosts": {ph: ["127.0.0.1"]}, "ttl_seconds": 3600})
+        r = httpx.post(
+            f"{serve.api}/api/sessions",
+            trust_env=False,
+            timeout=10,
+            json={
+                "session_id": "bench",
+                "container_name": "bench",
+                "mappings": {ph: "sk-bench-" + secrets.token_hex(16)},
+                "labels": {ph: "BENCH_KEY"},
+                "hosts": {ph: ["127.0.0.1"]},
+                "ttl_seconds": 3600,
+            },
+        )
         if r.status_code == 200:
             modes["placeholder"] = f"X-Key: {ph}"
         load(serve, url, modes["none"], max(200, args.requests // 10), args.parallel)  # warm-up
@@ -192,8 +246,10 @@ def main() -> int:
                 if res["errors"]:
                     print(f"warning: {res['errors']} failed requests in {mode}", file=sys.stderr)
                 results[mode].append(res["rps"])
-        summary = {m: {"median_rps": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
-                   for m, v in results.items()}
+        summary = {
+            m: {"median_rps": round(statistics.median(v), 1), "min": round(min(v), 1), "max": round(max(v), 1)}
+            for m, v in results.items()
+        }
         print(json.dumps({"src": str(args.src), "summary": summary}))
     finally:
         serve.stop()

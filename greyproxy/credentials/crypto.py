@@ -19,8 +19,20 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-__all__ = ["KEY_BYTES", "KEY_FILE", "KeyUnusable", "NONCE_BYTES", "SealError", "aad_global", "aad_session",
-           "create_key", "key_path", "load_key", "open_sealed", "seal"]
+__all__ = [
+    "KEY_BYTES",
+    "KEY_FILE",
+    "KeyUnusable",
+    "NONCE_BYTES",
+    "SealError",
+    "aad_global",
+    "aad_session",
+    "create_key",
+    "key_path",
+    "load_key",
+    "open_sealed",
+    "seal",
+]
 
 KEY_FILE = "session.key"
 KEY_BYTES = 32
@@ -68,16 +80,18 @@ def load_key(path: str | os.PathLike[str]) -> bytes | None:
             try:
                 os.fchmod(fd, 0o600)
             except OSError as exc:
-                raise KeyUnusable(f"its mode {stat.S_IMODE(st.st_mode):o} cannot be set to 600: "
-                                  f"{exc.strerror}") from None
+                raise KeyUnusable(
+                    f"its mode {stat.S_IMODE(st.st_mode):o} cannot be set to 600: {exc.strerror}"
+                ) from None
         data = os.read(fd, KEY_BYTES + 1)
     except OSError as exc:
         raise KeyUnusable(exc.strerror or type(exc).__name__) from None
     finally:
         os.close(fd)
     if len(data) != KEY_BYTES:
-        raise KeyUnusable(f"it holds {'more than ' + str(KEY_BYTES) if len(data) > KEY_BYTES else len(data)} "
-                          f"bytes, not {KEY_BYTES}")
+        raise KeyUnusable(
+            f"it holds {'more than ' + str(KEY_BYTES) if len(data) > KEY_BYTES else len(data)} bytes, not {KEY_BYTES}"
+        )
     return data
 
 
@@ -106,7 +120,7 @@ def create_key(path: str | os.PathLike[str]) -> tuple[bytes, bool]:
         os.fchmod(fd, 0o600)
         view = memoryview(key)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -10,8 +10,17 @@ from __future__ import annotations
 import re
 import secrets
 
-__all__ = ["GLOBAL_SCOPE", "PLACEHOLDER_RE", "PREFIX", "SCOPE_RE", "default_label", "is_placeholder",
-           "mint", "scope_of", "shown"]
+__all__ = [
+    "GLOBAL_SCOPE",
+    "PLACEHOLDER_RE",
+    "PREFIX",
+    "SCOPE_RE",
+    "default_label",
+    "is_placeholder",
+    "mint",
+    "scope_of",
+    "shown",
+]
 
 PREFIX = "greyproxy:credential:"
 GLOBAL_SCOPE = "global"

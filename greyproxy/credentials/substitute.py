@@ -31,8 +31,20 @@ from greyproxy.policy.patterns import DestinationPattern, analyse_host, destinat
 
 from .placeholders import PLACEHOLDER_RE, PREFIX
 
-__all__ = ["CREDENTIALS_UNAVAILABLE", "HOST_MISMATCH", "IN_PATH", "Live", "PLAINTEXT", "Plan", "REASONS",
-           "Refused", "Scrubber", "UNKNOWN", "authority_host", "plan"]
+__all__ = [
+    "CREDENTIALS_UNAVAILABLE",
+    "HOST_MISMATCH",
+    "IN_PATH",
+    "Live",
+    "PLAINTEXT",
+    "Plan",
+    "REASONS",
+    "Refused",
+    "Scrubber",
+    "UNKNOWN",
+    "authority_host",
+    "plan",
+]
 
 UNKNOWN = "unknown_placeholder"
 IN_PATH = "placeholder_in_path"
@@ -45,7 +57,8 @@ _BPREFIX = PREFIX.encode()
 _T_COLON = r"(?::|%3[aA])"
 _TARGET_PREFIX = re.compile(rf"greyproxy{_T_COLON}credential{_T_COLON}")
 _TARGET_PLACEHOLDER = re.compile(
-    rf"greyproxy{_T_COLON}credential{_T_COLON}v1{_T_COLON}([A-Za-z0-9._-]{{1,128}}){_T_COLON}([0-9a-f]{{32}})")
+    rf"greyproxy{_T_COLON}credential{_T_COLON}v1{_T_COLON}([A-Za-z0-9._-]{{1,128}}){_T_COLON}([0-9a-f]{{32}})"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,8 +209,16 @@ def _name(lname: str) -> str:
     return "-".join(p[:1].upper() + p[1:] for p in lname.split("-"))
 
 
-def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, destination: str,
-         authority: str = "", plaintext: bool = False, available: bool = True) -> Plan:
+def plan(
+    headers: Sequence[tuple[str, str]],
+    target: str,
+    lookup: Lookup,
+    *,
+    destination: str,
+    authority: str = "",
+    plaintext: bool = False,
+    available: bool = True,
+) -> Plan:
     """Check and substitute one request: `headers` are the fields going upstream, `target` the
     origin-form target; `destination` the host the request is sent to (intercepted TLS: the name
     the certificate is verified against), `authority` the request's Host; `plaintext` when the
@@ -217,8 +238,9 @@ def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, des
                 if raw is not None and _BPREFIX in raw:
                     if not available:
                         return _unavailable()
-                    hits.append((i, _find(raw.decode("latin-1"), "header Authorization (Basic credentials)", lookup),
-                                 raw))
+                    hits.append(
+                        (i, _find(raw.decode("latin-1"), "header Authorization (Basic credentials)", lookup), raw)
+                    )
         if "greyproxy" in target and _TARGET_PREFIX.search(target):
             if not available:
                 return _unavailable()
@@ -237,15 +259,25 @@ def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, des
                     offset += len(param) + 1
     except _Unknown as u:
         scope = f" ({'scope ' + u.scope if u.scope else 'malformed'})"
-        return Plan(refused=Refused(UNKNOWN, f"Greyproxy: unknown or expired credential placeholder in {u.where}"
-                                             f"{scope}; it was not sent"))
+        return Plan(
+            refused=Refused(
+                UNKNOWN, f"Greyproxy: unknown or expired credential placeholder in {u.where}{scope}; it was not sent"
+            )
+        )
     if not hits and not target_hits and not path_lives:
         return Plan()
     if path_lives:
         labels = tuple(dict.fromkeys(lv.label for lv in path_lives))
-        return Plan(refused=Refused(IN_PATH, f"Greyproxy: credential {', '.join(labels)} appears in the request "
-                                             "path or a query parameter name; placeholders are only substituted "
-                                             "in header and query values", labels, path_lives[0].session_id))
+        return Plan(
+            refused=Refused(
+                IN_PATH,
+                f"Greyproxy: credential {', '.join(labels)} appears in the request "
+                "path or a query parameter name; placeholders are only substituted "
+                "in header and query values",
+                labels,
+                path_lives[0].session_id,
+            )
+        )
     used: list[Live] = []
     seen: set[str] = set()
     for _i, found, _raw in hits:
@@ -261,16 +293,30 @@ def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, des
     req_host = authority_host(authority) if authority else ""
     for lv in used:
         if lv.patterns:
-            bad = destination if not lv.allows(destination) else (req_host if req_host and not lv.allows(req_host)
-                                                                   else None)
+            bad = (
+                destination
+                if not lv.allows(destination)
+                else (req_host if req_host and not lv.allows(req_host) else None)
+            )
             if bad is not None:
-                return Plan(refused=Refused(HOST_MISMATCH, f"Greyproxy: credential {lv.label} may only be sent to "
-                                                           f"{', '.join(lv.hosts)}, not {bad}", (lv.label,),
-                                            lv.session_id))
+                return Plan(
+                    refused=Refused(
+                        HOST_MISMATCH,
+                        f"Greyproxy: credential {lv.label} may only be sent to {', '.join(lv.hosts)}, not {bad}",
+                        (lv.label,),
+                        lv.session_id,
+                    )
+                )
         elif plaintext:
-            return Plan(refused=Refused(PLAINTEXT, f"Greyproxy: credential {lv.label} is bound to no host and "
-                                                   f"may not be sent in clear (plain HTTP) to {destination}",
-                                        (lv.label,), lv.session_id))
+            return Plan(
+                refused=Refused(
+                    PLAINTEXT,
+                    f"Greyproxy: credential {lv.label} is bound to no host and "
+                    f"may not be sent in clear (plain HTTP) to {destination}",
+                    (lv.label,),
+                    lv.session_id,
+                )
+            )
     # -- substitute
     out = Plan(used=used)
     if hits:
@@ -291,8 +337,13 @@ def plan(headers: Sequence[tuple[str, str]], target: str, lookup: Lookup, *, des
 
 
 def _unavailable() -> Plan:
-    return Plan(refused=Refused(CREDENTIALS_UNAVAILABLE, "Greyproxy: credential placeholders cannot be substituted "
-                                                         "because the credential key is unusable; it was not sent"))
+    return Plan(
+        refused=Refused(
+            CREDENTIALS_UNAVAILABLE,
+            "Greyproxy: credential placeholders cannot be substituted "
+            "because the credential key is unusable; it was not sent",
+        )
+    )
 
 
 class Scrubber:
@@ -307,8 +358,15 @@ class Scrubber:
         for lv in used:
             v = lv.value
             pct = quote(v, safe="")
-            forms = {v, lv.wire, pct, pct.lower(), re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), pct),
-                     orjson.dumps(v).decode()[1:-1], quote(v, safe="", encoding="utf-8").replace("%20", "+")}
+            forms = {
+                v,
+                lv.wire,
+                pct,
+                pct.lower(),
+                re.sub(r"%[0-9A-F]{2}", lambda m: m.group(0).lower(), pct),
+                orjson.dumps(v).decode()[1:-1],
+                quote(v, safe="", encoding="utf-8").replace("%20", "+"),
+            }
             for f in forms:
                 if f:
                     label_of.setdefault(f, lv.label)

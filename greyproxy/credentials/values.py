@@ -11,8 +11,15 @@ from greyproxy.policy.patterns import validate_destination_pattern
 
 from .placeholders import PREFIX
 
-__all__ = ["LABEL_RE", "MAX_HOSTS", "MAX_VALUE_BYTES", "validate_hosts", "validate_label", "validate_value",
-           "value_preview"]
+__all__ = [
+    "LABEL_RE",
+    "MAX_HOSTS",
+    "MAX_VALUE_BYTES",
+    "validate_hosts",
+    "validate_label",
+    "validate_value",
+    "value_preview",
+]
 
 MAX_VALUE_BYTES = 8 * 1024
 MAX_HOSTS = 50

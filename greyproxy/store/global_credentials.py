@@ -15,8 +15,10 @@ COLUMNS = ("id", "label", "placeholder", "value_preview", "hosts", "created_at",
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM global_credentials"
 
 # Inside the recorder's batch transaction (its raw sqlite3 cursor): one per request substituted.
-ADD_USE = ("UPDATE global_credentials SET substitution_count = substitution_count + ?,"
-           " last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?")
+ADD_USE = (
+    "UPDATE global_credentials SET substitution_count = substitution_count + ?,"
+    " last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
+)
 
 
 class LabelTaken(Exception):
@@ -42,14 +44,16 @@ def get(cred_id: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-def insert(cred_id: str, label: str, placeholder: str, sealed: bytes, preview: str, hosts: list[str],
-           now: float) -> dict[str, Any]:
+def insert(
+    cred_id: str, label: str, placeholder: str, sealed: bytes, preview: str, hosts: list[str], now: float
+) -> dict[str, Any]:
     try:
         with database.atomic("IMMEDIATE"):
             database.execute_sql(
                 "INSERT INTO global_credentials (id, label, placeholder, value_sealed, value_preview, hosts, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (cred_id, label, placeholder, sealed, preview, orjson.dumps(hosts).decode(), now))
+                (cred_id, label, placeholder, sealed, preview, orjson.dumps(hosts).decode(), now),
+            )
     except Exception as exc:  # peewee wraps sqlite3's IntegrityError
         if isinstance(exc, sqlite3.IntegrityError) or type(exc).__name__ == "IntegrityError":
             raise LabelTaken(label) from None
@@ -73,8 +77,12 @@ def placeholders_of(labels: Sequence[str]) -> dict[str, str]:
     if not labels:
         return {}
     marks = ", ".join("?" * len(labels))
-    return {r[0]: r[1] for r in database.execute_sql(
-        f"SELECT label, placeholder FROM global_credentials WHERE label IN ({marks})", tuple(labels))}
+    return {
+        r[0]: r[1]
+        for r in database.execute_sql(
+            f"SELECT label, placeholder FROM global_credentials WHERE label IN ({marks})", tuple(labels)
+        )
+    }
 
 
 def existing_labels() -> set[str]:
@@ -84,5 +92,9 @@ def existing_labels() -> set[str]:
 def sealed_rows() -> list[tuple[str, str, str, bytes, list[str]]]:
     """(id, label, placeholder, value_sealed, hosts) of every global credential (the proxy's live
     map; call inside a read transaction)."""
-    return [(i, label, ph, bytes(blob), orjson.loads(hosts)) for i, label, ph, blob, hosts in database.execute_sql(
-        "SELECT id, label, placeholder, value_sealed, hosts FROM global_credentials")]
+    return [
+        (i, label, ph, bytes(blob), orjson.loads(hosts))
+        for i, label, ph, blob, hosts in database.execute_sql(
+            "SELECT id, label, placeholder, value_sealed, hosts FROM global_credentials"
+        )
+    ]

@@ -18,8 +18,10 @@ from .db import database
 MAX_LIVE = 1000  # live sessions (SPEC §12.2: more → 409)
 
 # Inside the recorder's batch transaction (its raw sqlite3 cursor): one per request substituted.
-ADD_USE = ("UPDATE sessions SET substitution_count = substitution_count + ?,"
-           " last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE session_id = ?")
+ADD_USE = (
+    "UPDATE sessions SET substitution_count = substitution_count + ?,"
+    " last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE session_id = ?"
+)
 
 
 class Conflict(Exception):
@@ -39,9 +41,16 @@ def _rows(query: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
     return [dict(zip(names, row)) for row in cur.fetchall()]
 
 
-def upsert(session_id: str, container: str, sealed: bytes, creds: Sequence[SessionCredential],
-           global_labels: Sequence[str], metadata: dict[str, str], ttl: int,
-           now: float) -> tuple[dict[str, Any], list[str]]:
+def upsert(
+    session_id: str,
+    container: str,
+    sealed: bytes,
+    creds: Sequence[SessionCredential],
+    global_labels: Sequence[str],
+    metadata: dict[str, str],
+    ttl: int,
+    now: float,
+) -> tuple[dict[str, Any], list[str]]:
     """Create or replace the session (SPEC §12.2 upsert): (the stored row, the ids of expired
     sessions removed on the way: one holding a placeholder, or this id's own expired version).
     Conflict for a placeholder another live session holds, or past MAX_LIVE live sessions."""
@@ -50,17 +59,21 @@ def upsert(session_id: str, container: str, sealed: bytes, creds: Sequence[Sessi
         removed: list[str] = []
         if placeholders:
             marks = ", ".join("?" * len(placeholders))
-            holders = _rows(f"SELECT DISTINCT c.session_id, s.expires_at FROM session_credentials c JOIN sessions s"
-                            f" USING (session_id) WHERE c.placeholder IN ({marks}) AND c.session_id != ?",
-                            [*placeholders, session_id])
+            holders = _rows(
+                f"SELECT DISTINCT c.session_id, s.expires_at FROM session_credentials c JOIN sessions s"
+                f" USING (session_id) WHERE c.placeholder IN ({marks}) AND c.session_id != ?",
+                [*placeholders, session_id],
+            )
             live = sorted(h["session_id"] for h in holders if h["expires_at"] > now)
             if live:
                 raise Conflict(f"a placeholder is already registered by live session {live[0]}")
             for h in holders:
                 database.execute_sql("DELETE FROM sessions WHERE session_id = ?", (h["session_id"],))
                 removed.append(h["session_id"])
-        old = _rows("SELECT created_at, expires_at, substitution_count, last_used_at FROM sessions"
-                    " WHERE session_id = ?", (session_id,))
+        old = _rows(
+            "SELECT created_at, expires_at, substitution_count, last_used_at FROM sessions WHERE session_id = ?",
+            (session_id,),
+        )
         if not old or old[0]["expires_at"] <= now:
             n = database.execute_sql("SELECT COUNT(*) FROM sessions WHERE expires_at > ?", (now,)).fetchone()[0]
             if n >= MAX_LIVE:
@@ -77,21 +90,37 @@ def upsert(session_id: str, container: str, sealed: bytes, creds: Sequence[Sessi
             "INSERT INTO sessions (session_id, container_name, mappings_sealed, global_labels, metadata, ttl_seconds,"
             " created_at, expires_at, last_heartbeat, substitution_count, last_used_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (session_id, container, sealed, orjson.dumps(list(global_labels)).decode(),
-             orjson.dumps(metadata).decode(), ttl, created, now + ttl, now, count, last_used))
+            (
+                session_id,
+                container,
+                sealed,
+                orjson.dumps(list(global_labels)).decode(),
+                orjson.dumps(metadata).decode(),
+                ttl,
+                created,
+                now + ttl,
+                now,
+                count,
+                last_used,
+            ),
+        )
         for i, c in enumerate(creds):
-            database.execute_sql("INSERT INTO session_credentials (placeholder, session_id, label, hosts, position)"
-                                 " VALUES (?, ?, ?, ?, ?)", (c.placeholder, session_id, c.label,
-                                                             orjson.dumps(c.hosts).decode(), i))
+            database.execute_sql(
+                "INSERT INTO session_credentials (placeholder, session_id, label, hosts, position)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (c.placeholder, session_id, c.label, orjson.dumps(c.hosts).decode(), i),
+            )
     row = get(session_id)
     assert row is not None
     return row, removed
 
 
 def get(session_id: str) -> dict[str, Any] | None:
-    found = _rows("SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
-                  " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE session_id = ?",
-                  (session_id,))
+    found = _rows(
+        "SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
+        " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE session_id = ?",
+        (session_id,),
+    )
     return _decode(found[0]) if found else None
 
 
@@ -108,8 +137,9 @@ def heartbeat(session_id: str, now: float) -> float | None:
         if not found or found[0]["expires_at"] <= now:
             return None
         expires = now + found[0]["ttl_seconds"]
-        database.execute_sql("UPDATE sessions SET expires_at = ?, last_heartbeat = ? WHERE session_id = ?",
-                             (expires, now, session_id))
+        database.execute_sql(
+            "UPDATE sessions SET expires_at = ?, last_heartbeat = ? WHERE session_id = ?", (expires, now, session_id)
+        )
     return float(expires)
 
 
@@ -120,12 +150,20 @@ def delete(session_id: str) -> bool:
 def list_live(now: float) -> list[dict[str, Any]]:
     """Live sessions, newest created_at first, each with `credentials` [{label, hosts}] in order."""
     with database.atomic():
-        sessions = [_decode(r) for r in _rows(
-            "SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
-            " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE expires_at > ?"
-            " ORDER BY created_at DESC, session_id", (now,))]
-        creds = _rows("SELECT c.session_id, c.label, c.hosts FROM session_credentials c JOIN sessions s"
-                      " USING (session_id) WHERE s.expires_at > ? ORDER BY c.session_id, c.position", (now,))
+        sessions = [
+            _decode(r)
+            for r in _rows(
+                "SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
+                " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE expires_at > ?"
+                " ORDER BY created_at DESC, session_id",
+                (now,),
+            )
+        ]
+        creds = _rows(
+            "SELECT c.session_id, c.label, c.hosts FROM session_credentials c JOIN sessions s"
+            " USING (session_id) WHERE s.expires_at > ? ORDER BY c.session_id, c.position",
+            (now,),
+        )
     by_id: dict[str, list[dict[str, Any]]] = {}
     for c in creds:
         by_id.setdefault(c["session_id"], []).append({"label": c["label"], "hosts": orjson.loads(c["hosts"])})
@@ -137,8 +175,10 @@ def list_live(now: float) -> list[dict[str, Any]]:
 def remove_expired(now: float) -> list[str]:
     """Delete sessions past their expires_at; their ids (maintenance, every 10 s)."""
     with database.atomic("IMMEDIATE"):
-        ids = [r[0] for r in database.execute_sql("SELECT session_id FROM sessions WHERE expires_at <= ?",
-                                                  (now,)).fetchall()]
+        ids = [
+            r[0]
+            for r in database.execute_sql("SELECT session_id FROM sessions WHERE expires_at <= ?", (now,)).fetchall()
+        ]
         if ids:
             database.execute_sql("DELETE FROM sessions WHERE expires_at <= ?", (now,))
     return ids
@@ -149,14 +189,22 @@ def sealed_rows() -> list[tuple[str, bytes, float, list[tuple[str, str, list[str
     [(placeholder, label, hosts)], global_labels). Call inside a read transaction."""
     creds: dict[str, list[tuple[str, str, list[str]]]] = {}
     for ph, sid, label, hosts in database.execute_sql(
-            "SELECT placeholder, session_id, label, hosts FROM session_credentials ORDER BY session_id, position"):
+        "SELECT placeholder, session_id, label, hosts FROM session_credentials ORDER BY session_id, position"
+    ):
         creds.setdefault(sid, []).append((ph, label, orjson.loads(hosts)))
-    return [(sid, bytes(blob), exp, creds.get(sid, []), orjson.loads(globals_))
-            for sid, blob, exp, globals_ in database.execute_sql(
-                "SELECT session_id, mappings_sealed, expires_at, global_labels FROM sessions")]
+    return [
+        (sid, bytes(blob), exp, creds.get(sid, []), orjson.loads(globals_))
+        for sid, blob, exp, globals_ in database.execute_sql(
+            "SELECT session_id, mappings_sealed, expires_at, global_labels FROM sessions"
+        )
+    ]
 
 
 def labels_of(session_id: str) -> list[tuple[str, str]]:
     """(placeholder, label) of a session (the key-loss warning names labels, never values)."""
-    return [(r[0], r[1]) for r in database.execute_sql(
-        "SELECT placeholder, label FROM session_credentials WHERE session_id = ? ORDER BY position", (session_id,))]
+    return [
+        (r[0], r[1])
+        for r in database.execute_sql(
+            "SELECT placeholder, label FROM session_credentials WHERE session_id = ? ORDER BY position", (session_id,)
+        )
+    ]

@@ -73,8 +73,12 @@ class Keyring:
             key, made = crypto.create_key(self.path)
         except crypto.KeyUnusable as exc:
             if self._error != str(exc):
-                log.error("credential key %s is unusable: %s (it is left as it is; credential writes get 503 "
-                          "and the proxy refuses every placeholder until it is fixed)", self.path, exc)
+                log.error(
+                    "credential key %s is unusable: %s (it is left as it is; credential writes get 503 "
+                    "and the proxy refuses every placeholder until it is fixed)",
+                    self.path,
+                    exc,
+                )
             self._error = str(exc)
             return
         self._key, self._error = key, None
@@ -106,12 +110,17 @@ def _drop_undecryptable(key: bytes) -> None:
                 global_credentials.delete(cid)
                 rows += 1
     if rows:
-        log.warning("credential key was missing and a new one was made: %d sealed rows could not be decrypted "
-                    "and were deleted (sessions: %s; labels: %s)", rows, ", ".join(lost_sessions) or "-",
-                    ", ".join(lost_labels) or "-")
+        log.warning(
+            "credential key was missing and a new one was made: %d sealed rows could not be decrypted "
+            "and were deleted (sessions: %s; labels: %s)",
+            rows,
+            ", ".join(lost_sessions) or "-",
+            ", ".join(lost_labels) or "-",
+        )
 
 
 # --------------------------------------------------------------------------- validation
+
 
 def _dict(body: dict[str, Any], name: str) -> dict[str, Any]:
     value = body.get(name)
@@ -196,35 +205,61 @@ def parse_session(body: dict[str, Any], require_hosts: bool) -> dict[str, Any]:
             raise bad_request(f"metadata[{k[:64]!r}] must be a string")
         if len(k.encode()) > MAX_METADATA_BYTES or len(v.encode("utf-8", "surrogatepass")) > MAX_METADATA_BYTES:
             raise bad_request(f"metadata[{k[:64]!r}] is longer than {MAX_METADATA_BYTES} bytes")
-    return {"session_id": sid, "container_name": container, "creds": creds, "values": values,
-            "global_labels": global_labels, "metadata": metadata, "ttl": _ttl(body)}
+    return {
+        "session_id": sid,
+        "container_name": container,
+        "creds": creds,
+        "values": values,
+        "global_labels": global_labels,
+        "metadata": metadata,
+        "ttl": _ttl(body),
+    }
 
 
 # --------------------------------------------------------------------------- shapes
 
+
 def session_json(row: dict[str, Any], globals_by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
     creds = [{"label": c["label"], "scope": "session", "hosts": c["hosts"]} for c in row.get("credentials", [])]
-    creds += [{"label": g, "scope": "global", "hosts": globals_by_label[g]["hosts"]}
-              for g in row["global_labels"] if g in globals_by_label]
+    creds += [
+        {"label": g, "scope": "global", "hosts": globals_by_label[g]["hosts"]}
+        for g in row["global_labels"]
+        if g in globals_by_label
+    ]
     return {
-        "session_id": row["session_id"], "container_name": row["container_name"],
-        "credential_count": len(creds), "credential_labels": [c["label"] for c in creds], "credentials": creds,
-        "metadata": row["metadata"], "ttl_seconds": row["ttl_seconds"], "created_at": rfc3339(row["created_at"]),
-        "expires_at": rfc3339(row["expires_at"]), "last_heartbeat": rfc3339(row["last_heartbeat"]),
+        "session_id": row["session_id"],
+        "container_name": row["container_name"],
+        "credential_count": len(creds),
+        "credential_labels": [c["label"] for c in creds],
+        "credentials": creds,
+        "metadata": row["metadata"],
+        "ttl_seconds": row["ttl_seconds"],
+        "created_at": rfc3339(row["created_at"]),
+        "expires_at": rfc3339(row["expires_at"]),
+        "last_heartbeat": rfc3339(row["last_heartbeat"]),
         "substitution_count": row["substitution_count"],
     }
 
 
 def credential_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {"id": row["id"], "label": row["label"], "placeholder": row["placeholder"],
-            "value_preview": row["value_preview"], "hosts": row["hosts"], "created_at": rfc3339(row["created_at"]),
-            "substitution_count": row["substitution_count"], "last_used_at": rfc3339(row["last_used_at"])}
+    return {
+        "id": row["id"],
+        "label": row["label"],
+        "placeholder": row["placeholder"],
+        "value_preview": row["value_preview"],
+        "hosts": row["hosts"],
+        "created_at": rfc3339(row["created_at"]),
+        "substitution_count": row["substitution_count"],
+        "last_used_at": rfc3339(row["last_used_at"]),
+    }
 
 
 # --------------------------------------------------------------------------- the database work (worker thread)
 
-def _create_session(keyring: Keyring, s: dict[str, Any], now: float) -> tuple[dict[str, Any], dict[str, str],
-                                                                              list[str]]:
+
+def _create_session(
+    keyring: Keyring, s: dict[str, Any], now: float
+) -> tuple[dict[str, Any], dict[str, str], list[str]]:
     key = keyring.key()
     values = s.pop("values")
     sealed = crypto.seal(key, orjson.dumps(values), crypto.aad_session(s["session_id"]))
@@ -234,8 +269,9 @@ def _create_session(keyring: Keyring, s: dict[str, Any], now: float) -> tuple[di
     if missing:
         raise bad_request(f"unknown global credentials: {', '.join(missing)}")
     try:
-        row, removed = sessions.upsert(s["session_id"], s["container_name"], sealed, s["creds"], s["global_labels"],
-                                       s["metadata"], s["ttl"], now)
+        row, removed = sessions.upsert(
+            s["session_id"], s["container_name"], sealed, s["creds"], s["global_labels"], s["metadata"], s["ttl"], now
+        )
     except sessions.Conflict as exc:
         raise ApiError(409, str(exc)) from None
     return row, found, removed
@@ -259,6 +295,7 @@ def _create_credential(keyring: Keyring, label: str, value: str, hosts: list[str
 
 # --------------------------------------------------------------------------- resources
 
+
 async def proxy_reload(ctx: ApiContext) -> None:
     """Let the proxy load the change now (it answers anyway when the proxy is down: it loads at start)."""
     await soft_call(ctx.proxy, "credentials.reload", {}, timeout=RELOAD_TIMEOUT, retries=1)
@@ -279,9 +316,16 @@ class SessionsResource:
         for sid in removed:
             ctx.publish(topics.SESSION_EXPIRED, sid)
         ctx.publish(topics.SESSION_CREATED, row["session_id"])
-        json_response(resp, {"session_id": row["session_id"], "expires_at": rfc3339(row["expires_at"]),
-                             "ttl_seconds": row["ttl_seconds"], "credential_count": len(s["creds"]) + len(found),
-                             "global_credentials": found})
+        json_response(
+            resp,
+            {
+                "session_id": row["session_id"],
+                "expires_at": rfc3339(row["expires_at"]),
+                "ttl_seconds": row["ttl_seconds"],
+                "credential_count": len(s["creds"]) + len(found),
+                "global_credentials": found,
+            },
+        )
 
 
 class SessionHeartbeatResource:
@@ -357,4 +401,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/sessions/{session_id}/heartbeat"), SessionHeartbeatResource(ctx))
     app.add_route(route("/api/credentials"), CredentialsResource(ctx, keyring))
     app.add_route(route("/api/credentials/{cred_id}"), CredentialResource(ctx))
-

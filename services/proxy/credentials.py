@@ -48,8 +48,15 @@ class Snapshot:
 
     __slots__ = ("version", "map", "key", "sessions", "globals", "undecryptable")
 
-    def __init__(self, version: int, mapping: dict[str, Live], key: str, sessions: dict[str, float], globals_: int,
-                 undecryptable: list[str]) -> None:
+    def __init__(
+        self,
+        version: int,
+        mapping: dict[str, Live],
+        key: str,
+        sessions: dict[str, float],
+        globals_: int,
+        undecryptable: list[str],
+    ) -> None:
         self.version, self.map, self.key = version, mapping, key
         self.sessions, self.globals, self.undecryptable = sessions, globals_, undecryptable
 
@@ -94,8 +101,13 @@ def load_snapshot(key_file: Path) -> Snapshot:
 
 
 class LiveCredentials:
-    def __init__(self, data_dir: str | Path, executor: Executor, journal: JournalWriter | None = None,
-                 loader: Callable[[Path], Snapshot] = load_snapshot) -> None:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        executor: Executor,
+        journal: JournalWriter | None = None,
+        loader: Callable[[Path], Snapshot] = load_snapshot,
+    ) -> None:
         self.key_file = crypto.key_path(data_dir)
         self.executor = executor
         self.journal = journal
@@ -151,11 +163,13 @@ class LiveCredentials:
             for what in snap.undecryptable:
                 if what not in self._warned:
                     self._warned.add(what)
-                    log.warning("credentials: %s does not decrypt with %s; its placeholders are refused",
-                                what, self.key_file)
+                    log.warning(
+                        "credentials: %s does not decrypt with %s; its placeholders are refused", what, self.key_file
+                    )
             if changed:
-                log.debug("credentials loaded: %d placeholders (version %d, key %s)", len(snap.map), snap.version,
-                          snap.key)
+                log.debug(
+                    "credentials loaded: %d placeholders (version %d, key %s)", len(snap.map), snap.version, snap.key
+                )
             return changed
 
     async def recheck(self) -> bool:
@@ -187,5 +201,10 @@ class LiveCredentials:
 
     def stats(self) -> dict[str, Any]:
         now = time.time()
-        return {"live_sessions": sum(1 for e in self.sessions.values() if e > now), "live_globals": self.live_globals,
-                "substituted": self.substituted, "refused": dict(self.refused), "key": self.key}
+        return {
+            "live_sessions": sum(1 for e in self.sessions.values() if e > now),
+            "live_globals": self.live_globals,
+            "substituted": self.substituted,
+            "refused": dict(self.refused),
+            "key": self.key,
+        }

@@ -22,9 +22,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
-import ssl
-import stat
 import subprocess
 import sys
 import threading
@@ -41,13 +38,16 @@ from websockets.sync.client import connect as ws_connect
 
 from conftest import Stack, start_https_origin, stack_cli, wait_for
 
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(180),
-              pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required"),
+]
 
 PLAIN = "127.0.0.1"
-BOUND = "127.0.0.2"    # where KEY may go
-OTHER = "127.0.0.3"    # where it may not
-BYPASS = "127.0.0.4"   # mitm.bypass: never intercepted
+BOUND = "127.0.0.2"  # where KEY may go
+OTHER = "127.0.0.3"  # where it may not
+BYPASS = "127.0.0.4"  # mitm.bypass: never intercepted
 SID = "gw-7f3a"
 # A unique value with characters whose percent-encoding differs from the raw text.
 VALUE = f"sk-ant-{secrets.token_hex(12)}:v/a+l~ue"
@@ -65,8 +65,12 @@ def mint(scope: str = SID) -> str:
 
 def forms(value: str) -> list[str]:
     """What must never be stored: the value, its base64 (alone and as Basic x:value), its percent-encoding."""
-    return [value, base64.b64encode(value.encode()).decode(), base64.b64encode(f"x:{value}".encode()).decode(),
-            quote(value, safe="")]
+    return [
+        value,
+        base64.b64encode(value.encode()).decode(),
+        base64.b64encode(f"x:{value}".encode()).decode(),
+        quote(value, safe=""),
+    ]
 
 
 class _Echo(http.server.BaseHTTPRequestHandler):
@@ -76,8 +80,12 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(n).decode("utf-8", "replace") if n else ""
         host = self.server.server_address[0]  # type: ignore[attr-defined]
-        got = {"origin": host, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-               "body": body}
+        got = {
+            "origin": host,
+            "path": self.path,
+            "headers": {k.lower(): v for k, v in self.headers.items()},
+            "body": body,
+        }
         RECEIVED.append(got)
         out = json.dumps(got).encode()
         self.send_response(200)
@@ -131,8 +139,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA, origi
         stack_cli(s, "cert", "generate")
         s.start()
         for host in (BOUND, OTHER, BYPASS):
-            r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": host,
-                                                      "port_pattern": "*", "action": "allow"})
+            r = s.request(
+                "POST",
+                "/api/rules",
+                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
+            )
             assert r.status_code == 201, r.text
         yield s
     finally:
@@ -146,8 +157,12 @@ def ws_events(stack: Stack) -> Iterator[list[str]]:
     internal ones included) writes to <root>/events.jsonl meanwhile."""
     listening, stop = threading.Event(), threading.Event()
     out = open(stack.root / "events.jsonl", "wb")  # noqa: SIM115 - closed below
-    cli = subprocess.Popen([sys.executable, "-m", "greyproxy", "events", "--json", "--type", "*", "-C",
-                            str(stack.cfg_path)], stdout=out, stderr=subprocess.DEVNULL, env=stack.env)
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "greyproxy", "events", "--json", "--type", "*", "-C", str(stack.cfg_path)],
+        stdout=out,
+        stderr=subprocess.DEVNULL,
+        env=stack.env,
+    )
 
     def watch() -> None:
         url = stack.api.replace("http://", "ws://", 1) + "/ws"
@@ -181,9 +196,20 @@ def world(stack: Stack, ws_events: list[str]) -> dict[str, Any]:
     g = api(stack, "POST", "/api/credentials", json={"label": "GLOBAL_TOKEN", "value": GVALUE})
     assert g.status_code == 200, g.text
     ph = mint()
-    r = api(stack, "POST", "/api/sessions", json={
-        "session_id": SID, "container_name": "claude", "mappings": {ph: VALUE}, "labels": {ph: "KEY"},
-        "hosts": {ph: [PLAIN, BOUND]}, "metadata": {"cwd": "/home/me/proj"}, "global_credentials": ["GLOBAL_TOKEN"]})
+    r = api(
+        stack,
+        "POST",
+        "/api/sessions",
+        json={
+            "session_id": SID,
+            "container_name": "claude",
+            "mappings": {ph: VALUE},
+            "labels": {ph: "KEY"},
+            "hosts": {ph: [PLAIN, BOUND]},
+            "metadata": {"cwd": "/home/me/proj"},
+            "global_credentials": ["GLOBAL_TOKEN"],
+        },
+    )
     assert r.status_code == 200, r.text
     return {"ph": ph, "global": g.json(), "session": r.json(), "created": time.time()}
 
@@ -201,8 +227,24 @@ def curl(stack: Stack, container: str, url: str, *args: str, timeout: int = 20) 
     """(status, response headers, body) of a request through the HTTP proxy (tunnelled for https)."""
     proxy = f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}"
     extra = ["-p", "--cacert", str(stack.data_dir / "ca-cert.pem")] if url.startswith("https") else []
-    p = subprocess.run(["curl", "-s", "-S", "-i", "--suppress-connect-headers", "--max-time", str(timeout),
-                        "-x", proxy, *extra, *args, url], capture_output=True, timeout=timeout + 5)
+    p = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "-i",
+            "--suppress-connect-headers",
+            "--max-time",
+            str(timeout),
+            "-x",
+            proxy,
+            *extra,
+            *args,
+            url,
+        ],
+        capture_output=True,
+        timeout=timeout + 5,
+    )
     assert p.returncode == 0, p.stderr.decode(errors="replace")
     head, _, body = p.stdout.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
@@ -261,8 +303,10 @@ def test_1_session_created_and_listed(stack: Stack, world: dict[str, Any]) -> No
     assert r.status_code == 200 and isinstance(r.json(), list)
     (mine,) = [x for x in r.json() if x["session_id"] == SID]
     assert mine["credential_labels"] == ["KEY", "GLOBAL_TOKEN"] and mine["credential_count"] == 2
-    assert mine["credentials"] == [{"label": "KEY", "scope": "session", "hosts": [PLAIN, BOUND]},
-                                   {"label": "GLOBAL_TOKEN", "scope": "global", "hosts": []}]
+    assert mine["credentials"] == [
+        {"label": "KEY", "scope": "session", "hosts": [PLAIN, BOUND]},
+        {"label": "GLOBAL_TOKEN", "scope": "global", "hosts": []},
+    ]
     assert mine["metadata"] == {"cwd": "/home/me/proj"} and mine["container_name"] == "claude"
     assert "greyproxy:credential:" not in r.text and VALUE not in r.text and GVALUE not in r.text
     wait_event("session.created", lambda d: d == SID)
@@ -271,11 +315,14 @@ def test_1_session_created_and_listed(stack: Stack, world: dict[str, Any]) -> No
 # ---------------------------------------------------------------- 2. substitution
 
 
-def test_2_headers_query_and_basic_are_substituted(stack: Stack, world: dict[str, Any], origins: dict[str, int]) -> None:
+def test_2_headers_query_and_basic_are_substituted(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     ph = world["ph"]
     url = f"https://{BOUND}:{origins[BOUND]}/two?a=1&key={ph.replace(':', '%3A')}&b=%7E"
-    status, headers, body = curl(stack, "agent-2", url, "-H", f"Authorization: Bearer {ph}",
-                                 "-H", f"X-Key: pre-{ph}-post")
+    status, headers, body = curl(
+        stack, "agent-2", url, "-H", f"Authorization: Bearer {ph}", "-H", f"X-Key: pre-{ph}-post"
+    )
     assert status == 200, body
     (got,) = received("/two?")
     assert got["headers"]["authorization"] == f"Bearer {VALUE}" and got["headers"]["x-key"] == f"pre-{VALUE}-post"
@@ -289,8 +336,9 @@ def test_2_headers_query_and_basic_are_substituted(stack: Stack, world: dict[str
     assert detail["response_headers"]["X-Echoed"] == ["Bearer [REDACTED:KEY]"]
 
     basic = base64.b64encode(f"x:{ph}".encode()).decode()
-    status, _h, body = curl(stack, "agent-2b", f"https://{BOUND}:{origins[BOUND]}/two-basic",
-                            "-H", f"Authorization: Basic {basic}")
+    status, _h, body = curl(
+        stack, "agent-2b", f"https://{BOUND}:{origins[BOUND]}/two-basic", "-H", f"Authorization: Basic {basic}"
+    )
     assert status == 200, body
     (got,) = received("/two-basic")
     assert got["headers"]["authorization"] == "Basic " + base64.b64encode(f"x:{VALUE}".encode()).decode()
@@ -298,8 +346,9 @@ def test_2_headers_query_and_basic_are_substituted(stack: Stack, world: dict[str
     assert t["substituted_credentials"] == ["KEY"]
 
     # Over a plain http:// forward request (KEY is bound to 127.0.0.1): httpx this time.
-    with httpx.Client(proxy=f"http://agent-2f:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False,
-                      timeout=10) as c:
+    with httpx.Client(
+        proxy=f"http://agent-2f:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10
+    ) as c:
         r = c.get(f"http://{PLAIN}:{origins[PLAIN]}/two-plain?key={ph}", headers={"X-Key": ph})
     assert r.status_code == 200, r.text
     (got,) = received("/two-plain")
@@ -308,11 +357,14 @@ def test_2_headers_query_and_basic_are_substituted(stack: Stack, world: dict[str
     assert t["substituted_credentials"] == ["KEY"] and t["session_id"] == SID
 
 
-def test_2_an_unbound_global_is_refused_over_plain_http(stack: Stack, world: dict[str, Any],
-                                                         origins: dict[str, int]) -> None:
+def test_2_an_unbound_global_is_refused_over_plain_http(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     gph = world["session"]["global_credentials"]["GLOBAL_TOKEN"]
-    text = refused(*curl(stack, "agent-2p", f"http://{PLAIN}:{origins[PLAIN]}/two-clear", "-H", f"X-G: {gph}"),
-                   "plaintext_credential")
+    text = refused(
+        *curl(stack, "agent-2p", f"http://{PLAIN}:{origins[PLAIN]}/two-clear", "-H", f"X-G: {gph}"),
+        "plaintext_credential",
+    )
     assert "GLOBAL_TOKEN" in text and not received("/two-clear")
     # ...and substituted over intercepted HTTPS, with no session recorded (a global only).
     status, _h, _b = curl(stack, "agent-2g", f"https://{OTHER}:{origins[OTHER]}/two-global", "-H", f"X-G: {gph}")
@@ -324,8 +376,9 @@ def test_2_an_unbound_global_is_refused_over_plain_http(stack: Stack, world: dic
 # ---------------------------------------------------------------- 3. fail loudly
 
 
-def test_3_unknown_malformed_deleted_in_path_and_body(stack: Stack, world: dict[str, Any],
-                                                       origins: dict[str, int]) -> None:
+def test_3_unknown_malformed_deleted_in_path_and_body(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     base = f"https://{BOUND}:{origins[BOUND]}"
     gone = mint("gw-gone")
     r = session(stack, session_id="gw-gone", mappings={gone: "short-lived-value-1"})
@@ -351,33 +404,54 @@ def test_3_unknown_malformed_deleted_in_path_and_body(stack: Stack, world: dict[
     (t,) = txns(stack, "agent-3-path")
     assert t["block_reason"] == "placeholder_in_path" and t["refused_credentials"] == ["KEY"]
     # Only in the body: sent unchanged.
-    status, _h, _b = curl(stack, "agent-3-body", f"{base}/body-only", "-d", f"quote {world['ph']} here",
-                          "-H", "Content-Type: text/plain")
+    status, _h, _b = curl(
+        stack, "agent-3-body", f"{base}/body-only", "-d", f"quote {world['ph']} here", "-H", "Content-Type: text/plain"
+    )
     assert status == 200 and received("/body-only")[0]["body"] == f"quote {world['ph']} here"
 
 
 # ---------------------------------------------------------------- 4. host binding
 
 
-def test_4_a_bound_credential_goes_only_where_it_may(stack: Stack, world: dict[str, Any],
-                                                      origins: dict[str, int]) -> None:
+def test_4_a_bound_credential_goes_only_where_it_may(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     ph = world["ph"]
-    text = refused(*curl(stack, "agent-4a", f"https://{OTHER}:{origins[OTHER]}/four", "-H", f"X-Key: {ph}"),
-                   "credential_host_mismatch")
+    text = refused(
+        *curl(stack, "agent-4a", f"https://{OTHER}:{origins[OTHER]}/four", "-H", f"X-Key: {ph}"),
+        "credential_host_mismatch",
+    )
     assert "KEY" in text and BOUND in text and OTHER in text, text
     # Inside a tunnel to 127.0.0.3, a Host header naming the bound host.
-    status, headers, body = curl(stack, "agent-4b", f"https://{OTHER}:{origins[OTHER]}/four-host", "-H",
-                                 f"X-Key: {ph}", "-H", f"Host: {BOUND}:{origins[BOUND]}", "-k")
+    status, headers, body = curl(
+        stack,
+        "agent-4b",
+        f"https://{OTHER}:{origins[OTHER]}/four-host",
+        "-H",
+        f"X-Key: {ph}",
+        "-H",
+        f"Host: {BOUND}:{origins[BOUND]}",
+        "-k",
+    )
     refused(status, headers, body, "credential_host_mismatch")
     assert not received("/four")
     (t,) = txns(stack, "agent-4a")
     assert t["block_reason"] == "credential_host_mismatch" and t["refused_credentials"] == ["KEY"]
     ev = wait_event("credential.refused", lambda d: d.get("transaction_id") == t["id"])["data"]
-    assert ev == {"transaction_id": t["id"], "container_name": "agent-4a", "destination_host": OTHER,
-                  "reason": "credential_host_mismatch", "labels": ["KEY"], "session_id": SID}
+    assert ev == {
+        "transaction_id": t["id"],
+        "container_name": "agent-4a",
+        "destination_host": OTHER,
+        "reason": "credential_host_mismatch",
+        "labels": ["KEY"],
+        "session_id": SID,
+    }
     # The proxy said it in its log (container, destination, reason, labels, session).
-    wait_for(lambda: "credential refused: agent-4a" in (stack.data_dir / "logs" / "proxy.log").read_text(), 5,
-             message="the refusal in proxy.log")
+    wait_for(
+        lambda: "credential refused: agent-4a" in (stack.data_dir / "logs" / "proxy.log").read_text(),
+        5,
+        message="the refusal in proxy.log",
+    )
 
 
 # ---------------------------------------------------------------- 5. ttl
@@ -390,8 +464,9 @@ def test_5_ttl_is_exact(stack: Stack, world: dict[str, Any], origins: dict[str, 
     created = time.time()
     assert curl(stack, "agent-5", f"https://{BOUND}:{origins[BOUND]}/ttl-live", "-H", f"X: {ph}")[0] == 200
     time.sleep(max(0.0, created + 2.5 - time.time()))
-    refused(*curl(stack, "agent-5", f"https://{BOUND}:{origins[BOUND]}/ttl-dead", "-H", f"X: {ph}"),
-            "unknown_placeholder")
+    refused(
+        *curl(stack, "agent-5", f"https://{BOUND}:{origins[BOUND]}/ttl-dead", "-H", f"X: {ph}"), "unknown_placeholder"
+    )
     hb = api(stack, "POST", "/api/sessions/gw-ttl/heartbeat")
     assert hb.status_code == 404 and hb.json() == {"error": "session not found or expired"}
     # Capped at 3600; a heartbeat on a live session moves expires_at.
@@ -420,8 +495,10 @@ def test_6_created_substitutes_at_once_deleted_refused_at_once(stack: Stack, ori
         assert status == 200, body
         assert received(f"/sync-{i}")[0]["headers"]["x"] == f"sync-value-{i}-abcdef"
         assert api(stack, "DELETE", f"/api/sessions/{sid}").json()["deleted"] is True
-        refused(*curl(stack, "agent-6", f"https://{BOUND}:{origins[BOUND]}/sync-gone-{i}", "-H", f"X: {ph}"),
-                "unknown_placeholder")
+        refused(
+            *curl(stack, "agent-6", f"https://{BOUND}:{origins[BOUND]}/sync-gone-{i}", "-H", f"X: {ph}"),
+            "unknown_placeholder",
+        )
         assert api(stack, "DELETE", f"/api/sessions/{sid}").json() == {"session_id": sid, "deleted": False}
     wait_event("session.deleted", lambda d: d == "gw-sync-0")
 
@@ -438,10 +515,16 @@ def test_7_global_credentials(stack: Stack, origins: dict[str, int]) -> None:
     assert PH_RE.fullmatch(item["placeholder"]).group(1) == "global"  # type: ignore[union-attr]
     assert item["hosts"] == [BOUND] and item["substitution_count"] == 0 and item["last_used_at"] is None
     wait_event("credential.created", lambda d: d.get("id") == item["id"])
-    assert api(stack, "POST", "/api/credentials", json={"label": "PREVIEW_20", "value": "abcdefghijklmnopqrst"}
-               ).json()["value_preview"] == "abc***"
-    assert api(stack, "POST", "/api/credentials", json={"label": "PREVIEW_8", "value": "abcdefgh"}
-               ).json()["value_preview"] == "***"
+    assert (
+        api(stack, "POST", "/api/credentials", json={"label": "PREVIEW_20", "value": "abcdefghijklmnopqrst"}).json()[
+            "value_preview"
+        ]
+        == "abc***"
+    )
+    assert (
+        api(stack, "POST", "/api/credentials", json={"label": "PREVIEW_8", "value": "abcdefgh"}).json()["value_preview"]
+        == "***"
+    )
     taken = api(stack, "POST", "/api/credentials", json={"label": "PREVIEW_51", "value": "other-value-123"})
     assert taken.status_code == 409 and taken.json() == {"error": "a credential labelled PREVIEW_51 already exists"}
     listed = api(stack, "GET", "/api/credentials").json()
@@ -450,14 +533,17 @@ def test_7_global_credentials(stack: Stack, origins: dict[str, int]) -> None:
     r = session(stack, session_id="gw-ref", global_credentials=["PREVIEW_51"])
     assert r.status_code == 200 and r.json()["global_credentials"] == {"PREVIEW_51": item["placeholder"]}
     assert api(stack, "DELETE", "/api/sessions/gw-ref").json()["deleted"] is True
-    status, _h, _b = curl(stack, "agent-7", f"https://{BOUND}:{origins[BOUND]}/g-still", "-H",
-                          f"X: {item['placeholder']}")
+    status, _h, _b = curl(
+        stack, "agent-7", f"https://{BOUND}:{origins[BOUND]}/g-still", "-H", f"X: {item['placeholder']}"
+    )
     assert status == 200 and received("/g-still")[0]["headers"]["x"] == v51
     # Deleted: refused at once; an unknown id is 404.
     assert api(stack, "DELETE", f"/api/credentials/{item['id']}").json() == {"id": item["id"], "deleted": True}
     wait_event("credential.deleted", lambda d: d == {"id": item["id"], "label": "PREVIEW_51"})
-    refused(*curl(stack, "agent-7", f"https://{BOUND}:{origins[BOUND]}/g-gone", "-H", f"X: {item['placeholder']}"),
-            "unknown_placeholder")
+    refused(
+        *curl(stack, "agent-7", f"https://{BOUND}:{origins[BOUND]}/g-gone", "-H", f"X: {item['placeholder']}"),
+        "unknown_placeholder",
+    )
     nf = api(stack, "DELETE", f"/api/credentials/{item['id']}")
     assert nf.status_code == 404 and nf.json() == {"error": "credential not found"}
 
@@ -475,7 +561,10 @@ def test_8_bad_input_is_a_400_that_never_echoes_the_value(stack: Stack, world: d
         ({"session_id": "gw-bad", "mappings": {mint("global"): secret}}, "global"),
         ({"session_id": "bad id!", "mappings": {ph: secret}}, "session_id"),
         ({"session_id": "global", "mappings": {ph: secret}}, "session_id"),
-        ({"session_id": "gw-bad", "global_credentials": ["NOPE_A", "NOPE_B"]}, "unknown global credentials: NOPE_A, NOPE_B"),
+        (
+            {"session_id": "gw-bad", "global_credentials": ["NOPE_A", "NOPE_B"]},
+            "unknown global credentials: NOPE_A, NOPE_B",
+        ),
         ({"session_id": "gw-bad"}, "at least one of mappings, global_credentials"),
         ({"session_id": "gw-bad", "mappings": {ph: secret}, "hosts": {ph: ["10.0.0.0/99"]}}, "hosts"),
         ({"session_id": "gw-bad", "mappings": {ph: secret}, "ttl_seconds": "60"}, "ttl_seconds"),
@@ -495,19 +584,31 @@ def test_8_bad_input_is_a_400_that_never_echoes_the_value(stack: Stack, world: d
 # ---------------------------------------------------------------- 9. the proxy killed
 
 
-def test_9_placeholders_substitute_again_after_the_proxy_is_killed(stack: Stack, world: dict[str, Any],
-                                                                     origins: dict[str, int]) -> None:
+def test_9_placeholders_substitute_again_after_the_proxy_is_killed(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     old = stack.pid("proxy")
     assert old
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: (stack.pid("proxy") or old) != old and stack.health()[0] == 200, 30, interval=0.2,
-             message="a new proxy")
+    wait_for(
+        lambda: (stack.pid("proxy") or old) != old and stack.health()[0] == 200, 30, interval=0.2, message="a new proxy"
+    )
     gph = world["session"]["global_credentials"]["GLOBAL_TOKEN"]
 
     def through() -> bool:
         try:
-            return curl(stack, "agent-9", f"https://{BOUND}:{origins[BOUND]}/after-kill", "-H", f"X-Key: {world['ph']}",
-                        "-H", f"X-G: {gph}")[0] == 200
+            return (
+                curl(
+                    stack,
+                    "agent-9",
+                    f"https://{BOUND}:{origins[BOUND]}/after-kill",
+                    "-H",
+                    f"X-Key: {world['ph']}",
+                    "-H",
+                    f"X-G: {gph}",
+                )[0]
+                == 200
+            )
         except AssertionError:
             return False
 
@@ -538,8 +639,9 @@ def test_11_counters(stack: Stack, origins: dict[str, int]) -> None:
 
 
 def test_13_no_placeholder_no_change(stack: Stack, origins: dict[str, int]) -> None:
-    status, _h, _b = curl(stack, "agent-13", f"https://{BOUND}:{origins[BOUND]}/plain?a=%7e&b=greyproxy",
-                          "-H", "X-Thing: greyproxy:cred")
+    status, _h, _b = curl(
+        stack, "agent-13", f"https://{BOUND}:{origins[BOUND]}/plain?a=%7e&b=greyproxy", "-H", "X-Thing: greyproxy:cred"
+    )
     assert status == 200
     got = received("/plain?")[0]
     assert got["path"] == "/plain?a=%7e&b=greyproxy" and got["headers"]["x-thing"] == "greyproxy:cred"
@@ -547,15 +649,32 @@ def test_13_no_placeholder_no_change(stack: Stack, origins: dict[str, int]) -> N
     assert t["substituted_credentials"] == [] and t["block_reason"] is None
 
 
-def test_14_a_bypassed_host_gets_the_placeholder_unchanged(stack: Stack, world: dict[str, Any],
-                                                            origins: dict[str, int]) -> None:
+def test_14_a_bypassed_host_gets_the_placeholder_unchanged(
+    stack: Stack, world: dict[str, Any], origins: dict[str, int]
+) -> None:
     # Not intercepted: the client talks TLS with the origin itself (it trusts the origin's CA).
     proxy = f"http://agent-14:x@127.0.0.1:{stack.ports['http-proxy']}"
     ca = Path(stack.root) / "origin-ca-14.pem"
     ORIGIN_CA[0].cert_pem.write_to_path(str(ca))
-    p = subprocess.run(["curl", "-s", "-S", "--max-time", "20", "-p", "-x", proxy, "--cacert", str(ca),
-                        "-H", f"X-Key: {world['ph']}", f"https://{BYPASS}:{origins[BYPASS]}/bypassed"],
-                       capture_output=True, timeout=25)
+    p = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "--max-time",
+            "20",
+            "-p",
+            "-x",
+            proxy,
+            "--cacert",
+            str(ca),
+            "-H",
+            f"X-Key: {world['ph']}",
+            f"https://{BYPASS}:{origins[BYPASS]}/bypassed",
+        ],
+        capture_output=True,
+        timeout=25,
+    )
     assert p.returncode == 0, p.stderr
     assert received("/bypassed")[0]["headers"]["x-key"] == world["ph"]
 
@@ -586,17 +705,32 @@ def test_12_no_value_anywhere(stack: Stack, world: dict[str, Any], origins: dict
     gph = world["session"]["global_credentials"]["GLOBAL_TOKEN"]
     basic = base64.b64encode(f"x:{ph}".encode()).decode()
     # This test's own substituted requests (so it cannot pass without a value having gone through).
-    status, _h, _b = curl(stack, "agent-12", f"https://{BOUND}:{origins[BOUND]}/twelve?key={ph}",
-                          "-H", f"Authorization: Basic {basic}", "-H", f"X-Key: {ph}", "-H", f"X-G: {gph}")
+    status, _h, _b = curl(
+        stack,
+        "agent-12",
+        f"https://{BOUND}:{origins[BOUND]}/twelve?key={ph}",
+        "-H",
+        f"Authorization: Basic {basic}",
+        "-H",
+        f"X-Key: {ph}",
+        "-H",
+        f"X-G: {gph}",
+    )
     assert status == 200
     got = received("/twelve")[0]
     assert got["headers"]["x-key"] == VALUE and got["headers"]["x-g"] == GVALUE
     txns(stack, "agent-12")
     wait_for(lambda: any("agent-12" in e for e in EVENTS), 10, message="agent-12's transaction on /ws")
     # Every API answer there is.
-    for path, params in (("/api/sessions", None), ("/api/credentials", None), ("/api/health", None),
-                         ("/api/maintenance/status", None), ("/api/openapi.json", None), ("/api/logs", {"limit": 1000}),
-                         ("/api/transactions", {"limit": 1000, "include_bodies": "true"})):
+    for path, params in (
+        ("/api/sessions", None),
+        ("/api/credentials", None),
+        ("/api/health", None),
+        ("/api/maintenance/status", None),
+        ("/api/openapi.json", None),
+        ("/api/logs", {"limit": 1000}),
+        ("/api/transactions", {"limit": 1000, "include_bodies": "true"}),
+    ):
         api(stack, "GET", path, params=params)
     for t in api(stack, "GET", "/api/transactions", params={"limit": 1000}).json()["items"]:
         api(stack, "GET", f"/api/transactions/{t['id']}")

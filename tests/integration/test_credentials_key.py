@@ -18,8 +18,11 @@ import trustme
 
 from conftest import Stack, start_https_origin, stack_cli, wait_for
 
-pytestmark = [pytest.mark.stack, pytest.mark.timeout(180),
-              pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required"),
+]
 
 ORIGIN = "127.0.0.2"
 SEEN: list[str] = []
@@ -52,12 +55,32 @@ def origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, str]
 
 def _through(s: Stack, port: int, header: str) -> tuple[int, str, str]:
     proxy = f"http://agent:x@127.0.0.1:{s.ports['http-proxy']}"
-    p = subprocess.run(["curl", "-s", "-S", "-i", "--suppress-connect-headers", "--max-time", "15", "-p", "-x", proxy,
-                        "--cacert", str(s.data_dir / "ca-cert.pem"), "-H", header, f"https://{ORIGIN}:{port}/k"],
-                       capture_output=True, timeout=20)
+    p = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "-i",
+            "--suppress-connect-headers",
+            "--max-time",
+            "15",
+            "-p",
+            "-x",
+            proxy,
+            "--cacert",
+            str(s.data_dir / "ca-cert.pem"),
+            "-H",
+            header,
+            f"https://{ORIGIN}:{port}/k",
+        ],
+        capture_output=True,
+        timeout=20,
+    )
     assert p.returncode == 0, p.stderr
     head, _, body = p.stdout.decode().partition("\r\n\r\n")
-    reason = next((ln.split(":", 1)[1].strip() for ln in head.split("\r\n") if ln.lower().startswith("x-greyproxy-reason")), "")
+    reason = next(
+        (ln.split(":", 1)[1].strip() for ln in head.split("\r\n") if ln.lower().startswith("x-greyproxy-reason")), ""
+    )
     return int(head.split(" ")[1]), reason, body
 
 
@@ -70,14 +93,28 @@ def test_10_the_key_file(origin: tuple[int, str]) -> None:
         key_file = s.data_dir / "session.key"
         key = key_file.read_bytes()
         assert len(key) == 32 and stat.S_IMODE(key_file.stat().st_mode) == 0o600
-        assert s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": ORIGIN,
-                                                     "action": "allow"}).status_code == 201
+        assert (
+            s.request(
+                "POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": ORIGIN, "action": "allow"}
+            ).status_code
+            == 201
+        )
         ph = f"greyproxy:credential:v1:gw-key:{secrets.token_hex(16)}"
-        r = s.request("POST", "/api/sessions", json={"session_id": "gw-key", "container_name": "c",
-                                                     "mappings": {ph: "key-test-value-1"}, "labels": {ph: "KEYED"}})
+        r = s.request(
+            "POST",
+            "/api/sessions",
+            json={
+                "session_id": "gw-key",
+                "container_name": "c",
+                "mappings": {ph: "key-test-value-1"},
+                "labels": {ph: "KEYED"},
+            },
+        )
         assert r.status_code == 200, r.text
-        assert s.request("POST", "/api/credentials", json={"label": "KEYED_GLOBAL", "value": "global-key-val"}
-                         ).status_code == 200
+        assert (
+            s.request("POST", "/api/credentials", json={"label": "KEYED_GLOBAL", "value": "global-key-val"}).status_code
+            == 200
+        )
         assert _through(s, port, f"X: {ph}")[0] == 200
 
         # 0644 → 0600 after a start, same key, still substituting.
@@ -92,8 +129,15 @@ def test_10_the_key_file(origin: tuple[int, str]) -> None:
         key_file.write_bytes(key[:31])
         s.start()
         assert key_file.read_bytes() == key[:31]
-        r = s.request("POST", "/api/sessions", json={"session_id": "gw-2", "container_name": "c",
-                                                     "mappings": {ph.replace("gw-key", "gw-2"): "another-value-1"}})
+        r = s.request(
+            "POST",
+            "/api/sessions",
+            json={
+                "session_id": "gw-2",
+                "container_name": "c",
+                "mappings": {ph.replace("gw-key", "gw-2"): "another-value-1"},
+            },
+        )
         assert r.status_code == 503 and r.json()["error"].startswith(f"credential key {key_file} is unusable: "), r.text
         r = s.request("POST", "/api/credentials", json={"label": "NEW_ONE", "value": "new-value-123"})
         assert r.status_code == 503, r.text

@@ -15,8 +15,17 @@ from hypothesis import strategies as st
 
 from greyproxy.credentials import crypto
 from greyproxy.credentials.placeholders import PLACEHOLDER_RE, PREFIX, default_label, is_placeholder, mint, scope_of
-from greyproxy.credentials.substitute import (CREDENTIALS_UNAVAILABLE, HOST_MISMATCH, IN_PATH, PLAINTEXT, UNKNOWN,
-                                              Live, Scrubber, authority_host, plan)
+from greyproxy.credentials.substitute import (
+    CREDENTIALS_UNAVAILABLE,
+    HOST_MISMATCH,
+    IN_PATH,
+    PLAINTEXT,
+    UNKNOWN,
+    Live,
+    Scrubber,
+    authority_host,
+    plan,
+)
 from greyproxy.credentials.values import validate_hosts, validate_label, validate_value, value_preview
 
 VALUE = "sk-test-Zq9:/+ é~v"
@@ -24,7 +33,9 @@ PH = mint("gw-7f3a")
 GPH = mint("global")
 
 
-def live(ph: str = PH, value: str = VALUE, label: str = "KEY", hosts: tuple[str, ...] = (), session: str | None = "gw-7f3a") -> Live:
+def live(
+    ph: str = PH, value: str = VALUE, label: str = "KEY", hosts: tuple[str, ...] = (), session: str | None = "gw-7f3a"
+) -> Live:
     return Live(ph, value, label, session, None if session else "cred_0123456789abcdef", hosts, None)
 
 
@@ -34,6 +45,7 @@ def table(*lives: Live):
 
 
 # -- placeholders and values --
+
 
 def test_placeholder_format() -> None:
     assert PLACEHOLDER_RE.fullmatch(PH) and scope_of(PH) == "gw-7f3a" and scope_of(GPH) == "global"
@@ -45,8 +57,9 @@ def test_placeholder_format() -> None:
         mint("a:b")
 
 
-@pytest.mark.parametrize("bad", ["", "a\r\nX-Injected: 1", "nul\x00", "del\x7f", "x" * 8193,
-                                 "pre-" + PREFIX + "v1:a:" + "0" * 32, 42, None])
+@pytest.mark.parametrize(
+    "bad", ["", "a\r\nX-Injected: 1", "nul\x00", "del\x7f", "x" * 8193, "pre-" + PREFIX + "v1:a:" + "0" * 32, 42, None]
+)
 def test_bad_values_are_refused_without_echo(bad: object) -> None:
     with pytest.raises(ValueError) as e:
         validate_value(bad)
@@ -63,8 +76,11 @@ def test_values_labels_hosts() -> None:
     for bad in ("", "a b", "x" * 129, None, "ü"):
         with pytest.raises(ValueError):
             validate_label(bad)
-    assert validate_hosts([" api.example.com ", "*.x.org", "10.0.0.0/8", "api.example.com"]) == \
-        ["api.example.com", "*.x.org", "10.0.0.0/8"]
+    assert validate_hosts([" api.example.com ", "*.x.org", "10.0.0.0/8", "api.example.com"]) == [
+        "api.example.com",
+        "*.x.org",
+        "10.0.0.0/8",
+    ]
     for bad in (["10.0.0.0/99"], ["a b"], "api.example.com", [1], ["x"] * 51, [""]):
         with pytest.raises(ValueError):
             validate_hosts(bad)
@@ -85,6 +101,7 @@ def test_preview_never_more_than_a_quarter(v: str) -> None:
 
 
 # -- encryption at rest --
+
 
 def test_seal_roundtrip_and_row_binding() -> None:
     key = os.urandom(32)
@@ -130,10 +147,16 @@ def test_key_file(tmp_path) -> None:
 
 # -- the substitution plan --
 
+
 def test_headers_query_and_basic_are_substituted() -> None:
     basic = "Basic " + base64.b64encode(f"x:{PH}".encode()).decode()
-    headers = [("Host", "api.example.com"), ("Authorization", "Bearer " + PH), ("X-Key", f"pre-{PH}-post"),
-               ("X-Two", f"{PH},{PH}"), ("Proxy-Note", basic)]
+    headers = [
+        ("Host", "api.example.com"),
+        ("Authorization", "Bearer " + PH),
+        ("X-Key", f"pre-{PH}-post"),
+        ("X-Two", f"{PH},{PH}"),
+        ("Proxy-Note", basic),
+    ]
     headers[-1] = ("Authorization", basic)
     target = f"/v1/x?a=1&key={PH.replace(':', '%3A')}&raw={PH}&b=%7E&c"
     p = plan(headers, target, table(live()), destination="api.example.com", authority="api.example.com")
@@ -191,8 +214,12 @@ def test_host_binding() -> None:
     ok = plan([("X", PH)], "/", get, destination="127.0.0.2", authority="127.0.0.2:8443")
     assert ok.refused is None and ok.labels == ["KEY"]
     assert plan([("X", PH)], "/", get, destination="API.Example.com.", authority="api.example.com").refused is None
-    for dest, auth in (("127.0.0.3", "127.0.0.3"), ("127.0.0.3", "127.0.0.2"), ("127.0.0.2", "evil.example.org"),
-                       ("example.com", "example.com")):
+    for dest, auth in (
+        ("127.0.0.3", "127.0.0.3"),
+        ("127.0.0.3", "127.0.0.2"),
+        ("127.0.0.2", "evil.example.org"),
+        ("example.com", "example.com"),
+    ):
         p = plan([("X", PH)], "/", get, destination=dest, authority=auth)
         assert p.refused is not None and p.refused.reason == HOST_MISMATCH, (dest, auth)
         assert "KEY" in p.refused.body and "127.0.0.2" in p.refused.body and p.headers is None
@@ -228,12 +255,15 @@ def test_authority_host() -> None:
 
 # -- scrubbing --
 
+
 def test_scrubber_forms() -> None:
     lv = live()
     token = base64.b64encode(f"x:{VALUE}".encode()).decode()
     s = Scrubber([lv], [token])
-    text = f'{{"h": "{VALUE}", "q": "{quote(VALUE, safe="")}", "l": "{quote(VALUE, safe="").lower()}", ' \
-           f'"b": "Basic {token}", "w": "{lv.wire}"}}'
+    text = (
+        f'{{"h": "{VALUE}", "q": "{quote(VALUE, safe="")}", "l": "{quote(VALUE, safe="").lower()}", '
+        f'"b": "Basic {token}", "w": "{lv.wire}"}}'
+    )
     out = s.text(text)
     assert out is not None and VALUE not in out and token not in out and lv.wire not in out
     assert quote(VALUE, safe="") not in out and out.count("[REDACTED:KEY]") == 5
@@ -245,8 +275,9 @@ def test_scrubber_forms() -> None:
 
 latin1 = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF), max_size=80)
 names = st.from_regex(r"[A-Za-z][A-Za-z0-9-]{0,15}", fullmatch=True)
-values = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FFF, blacklist_categories=("Cs",)),
-                 min_size=1, max_size=40).filter(lambda v: PREFIX not in v)
+values = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x2FFF, blacklist_categories=("Cs",)), min_size=1, max_size=40
+).filter(lambda v: PREFIX not in v)
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
@@ -258,10 +289,16 @@ def test_plan_never_raises(headers: list[tuple[str, str]], target: str, plaintex
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(names, latin1, latin1), min_size=1, max_size=5), latin1, latin1, values,
-       st.sampled_from([":", "%3A", "%3a"]))
-def test_substituted_heads_keep_no_placeholder(parts: list[tuple[str, str, str]], pre: str, post: str, value: str,
-                                               colon: str) -> None:
+@given(
+    st.lists(st.tuples(names, latin1, latin1), min_size=1, max_size=5),
+    latin1,
+    latin1,
+    values,
+    st.sampled_from([":", "%3A", "%3a"]),
+)
+def test_substituted_heads_keep_no_placeholder(
+    parts: list[tuple[str, str, str]], pre: str, post: str, value: str, colon: str
+) -> None:
     lv = live(value=value)
     headers = [(k, f"{a}{PH}{b}") for k, a, b in parts]
     qsafe = lambda s: quote(s, safe="")  # noqa: E731

@@ -63,8 +63,9 @@ def test_substitution_leaves_the_client_head_alone() -> None:
     loader = Loader()
     loader.map = {PH: Live(PH, VALUE, "KEY", "gw-1", None, ("api.example.com",), 4e9)}
     basic = base64.b64encode(f"x:{PH}".encode()).decode()
-    raw = (f"GET /v1?k={PH} HTTP/1.1\r\nHost: api.example.com\r\nX-Key: {PH}\r\n"
-           f"Authorization: Basic {basic}\r\n\r\n").encode()
+    raw = (
+        f"GET /v1?k={PH} HTTP/1.1\r\nHost: api.example.com\r\nX-Key: {PH}\r\nAuthorization: Basic {basic}\r\n\r\n"
+    ).encode()
 
     async def go() -> None:
         live = make(loader)
@@ -91,16 +92,27 @@ def test_refusals() -> None:
         await live.reload(force=True)
         hook = CredentialSubstitution(live)
         # bound elsewhere: the TLS name decides, and the Host header must match too
-        flow = Flow("agent", "https", "127.0.0.3", 443, head_of(f"GET / HTTP/1.1\r\nHost: api.example.com\r\nX: {PH}\r\n\r\n".encode()),
-                    server_name="evil.example.org")
+        flow = Flow(
+            "agent",
+            "https",
+            "127.0.0.3",
+            443,
+            head_of(f"GET / HTTP/1.1\r\nHost: api.example.com\r\nX: {PH}\r\n\r\n".encode()),
+            server_name="evil.example.org",
+        )
         r = await resolve(hook(flow))
         assert isinstance(r, Refusal) and r.reason == "credential_host_mismatch" and not flow.changed
         assert b"X-Greyproxy-Reason: credential_host_mismatch" in r.render()
         assert "KEY" in r.body and "api.example.com" in r.body and VALUE not in r.body
         assert flow.refused_labels == ("KEY",)
         # plain http:// with a bound credential to its host: fine; expired: unknown after one recheck
-        ok = Flow("agent", "http", "api.example.com", 80,
-                  head_of(f"GET http://api.example.com/ HTTP/1.1\r\nX: {PH}\r\n\r\n".encode(), None))
+        ok = Flow(
+            "agent",
+            "http",
+            "api.example.com",
+            80,
+            head_of(f"GET http://api.example.com/ HTTP/1.1\r\nX: {PH}\r\n\r\n".encode(), None),
+        )
         assert await resolve(hook(ok)) is None
         loader.map = {PH: Live(PH, VALUE, "KEY", "gw-1", None, (), 1.0)}
         await live.reload(force=True)
@@ -124,8 +136,10 @@ def test_a_session_created_a_moment_ago_is_found_with_one_shared_check() -> None
         loader.map = {PH: Live(PH, VALUE, "KEY", "gw-1", None, (), 4e9)}  # written, proxy not told yet
         loader.version = 2
 
-        flows = [Flow("agent", "https", "h", 443, head_of(f"GET / HTTP/1.1\r\nHost: h\r\nX: {PH}\r\n\r\n".encode()))
-                 for _ in range(5)]
+        flows = [
+            Flow("agent", "https", "h", 443, head_of(f"GET / HTTP/1.1\r\nHost: h\r\nX: {PH}\r\n\r\n".encode()))
+            for _ in range(5)
+        ]
         calls = loader.calls
         out = await asyncio.gather(*(resolve(hook(f)) for f in flows))
         assert out == [None] * 5 and all(VALUE in f.render("1.1").decode() for f in flows)

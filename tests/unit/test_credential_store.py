@@ -68,8 +68,15 @@ def test_globals_and_nothing_in_clear(db, tmp_path: Path) -> None:  # noqa: ANN0
     key, _ = crypto.create_key(tmp_path / "session.key")
     value = "gv-" + os.urandom(8).hex()
     ph = mint("global")
-    row = global_credentials.insert("cred_0123456789abcdef", "G", ph, crypto.seal(key, value.encode(),
-                                    crypto.aad_global("cred_0123456789abcdef")), "***", ["h"], 5.0)
+    row = global_credentials.insert(
+        "cred_0123456789abcdef",
+        "G",
+        ph,
+        crypto.seal(key, value.encode(), crypto.aad_global("cred_0123456789abcdef")),
+        "***",
+        ["h"],
+        5.0,
+    )
     assert row["hosts"] == ["h"] and row["placeholder"] == ph and "value_sealed" not in row
     with pytest.raises(global_credentials.LabelTaken):
         global_credentials.insert("cred_1123456789abcdef", "G", mint("global"), b"x", "***", [], 6.0)
