@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 
+from . import sql
 from .db import database
 
 COLUMNS = ("id", "label", "placeholder", "value_preview", "hosts", "created_at", "substitution_count", "last_used_at")
@@ -25,10 +26,9 @@ class LabelTaken(Exception):
     pass
 
 
-def _rows(query: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    cur = database.execute_sql(query, tuple(args))
-    names = [d[0] for d in cur.description]
-    out = [dict(zip(names, row)) for row in cur.fetchall()]
+def _items(query: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Rows as dicts, `hosts` decoded."""
+    out = sql.rows(query, args)
     for r in out:
         r["hosts"] = orjson.loads(r["hosts"])
     return out
@@ -36,11 +36,11 @@ def _rows(query: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
 
 def list_all() -> list[dict[str, Any]]:
     """Newest first."""
-    return _rows(f"{_SELECT} ORDER BY created_at DESC, id")
+    return _items(f"{_SELECT} ORDER BY created_at DESC, id")
 
 
 def get(cred_id: str) -> dict[str, Any] | None:
-    found = _rows(f"{_SELECT} WHERE id = ?", (cred_id,))
+    found = _items(f"{_SELECT} WHERE id = ?", (cred_id,))
     return found[0] if found else None
 
 
@@ -48,7 +48,7 @@ def insert(
     cred_id: str, label: str, placeholder: str, sealed: bytes, preview: str, hosts: list[str], now: float
 ) -> dict[str, Any]:
     try:
-        with database.atomic("IMMEDIATE"):
+        with sql.write_transaction():
             database.execute_sql(
                 "INSERT INTO global_credentials (id, label, placeholder, value_sealed, value_preview, hosts, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -65,7 +65,7 @@ def insert(
 
 def delete(cred_id: str) -> dict[str, Any] | None:
     """The deleted row (id, label), or None when there was none."""
-    with database.atomic("IMMEDIATE"):
+    with sql.write_transaction():
         row = get(cred_id)
         if row is not None:
             database.execute_sql("DELETE FROM global_credentials WHERE id = ?", (cred_id,))

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from . import sql
 from .db import database
 
 MAX_LIVE = 1000  # live sessions (SPEC §12.2: more → 409)
@@ -35,12 +36,6 @@ class SessionCredential:
     hosts: list[str]
 
 
-def _rows(query: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    cur = database.execute_sql(query, tuple(args))
-    names = [d[0] for d in cur.description]
-    return [dict(zip(names, row)) for row in cur.fetchall()]
-
-
 def upsert(
     session_id: str,
     container: str,
@@ -54,12 +49,12 @@ def upsert(
     """Create or replace the session (SPEC §12.2 upsert): (the stored row, the ids of expired
     sessions removed on the way: one holding a placeholder, or this id's own expired version).
     Conflict for a placeholder another live session holds, or past MAX_LIVE live sessions."""
-    with database.atomic("IMMEDIATE"):
+    with sql.write_transaction():
         placeholders = [c.placeholder for c in creds]
         removed: list[str] = []
         if placeholders:
             marks = ", ".join("?" * len(placeholders))
-            holders = _rows(
+            holders = sql.rows(
                 f"SELECT DISTINCT c.session_id, s.expires_at FROM session_credentials c JOIN sessions s"
                 f" USING (session_id) WHERE c.placeholder IN ({marks}) AND c.session_id != ?",
                 [*placeholders, session_id],
@@ -70,7 +65,7 @@ def upsert(
             for h in holders:
                 database.execute_sql("DELETE FROM sessions WHERE session_id = ?", (h["session_id"],))
                 removed.append(h["session_id"])
-        old = _rows(
+        old = sql.rows(
             "SELECT created_at, expires_at, substitution_count, last_used_at FROM sessions WHERE session_id = ?",
             (session_id,),
         )
@@ -116,7 +111,7 @@ def upsert(
 
 
 def get(session_id: str) -> dict[str, Any] | None:
-    found = _rows(
+    found = sql.rows(
         "SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
         " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE session_id = ?",
         (session_id,),
@@ -132,8 +127,8 @@ def _decode(row: dict[str, Any]) -> dict[str, Any]:
 
 def heartbeat(session_id: str, now: float) -> float | None:
     """The new expires_at, or None when the session is unknown or already past its expires_at."""
-    with database.atomic("IMMEDIATE"):
-        found = _rows("SELECT ttl_seconds, expires_at FROM sessions WHERE session_id = ?", (session_id,))
+    with sql.write_transaction():
+        found = sql.rows("SELECT ttl_seconds, expires_at FROM sessions WHERE session_id = ?", (session_id,))
         if not found or found[0]["expires_at"] <= now:
             return None
         expires = now + found[0]["ttl_seconds"]
@@ -149,17 +144,17 @@ def delete(session_id: str) -> bool:
 
 def list_live(now: float) -> list[dict[str, Any]]:
     """Live sessions, newest created_at first, each with `credentials` [{label, hosts}] in order."""
-    with database.atomic():
+    with sql.read_transaction():
         sessions = [
             _decode(r)
-            for r in _rows(
+            for r in sql.rows(
                 "SELECT session_id, container_name, global_labels, metadata, ttl_seconds, created_at, expires_at,"
                 " last_heartbeat, substitution_count, last_used_at FROM sessions WHERE expires_at > ?"
                 " ORDER BY created_at DESC, session_id",
                 (now,),
             )
         ]
-        creds = _rows(
+        creds = sql.rows(
             "SELECT c.session_id, c.label, c.hosts FROM session_credentials c JOIN sessions s"
             " USING (session_id) WHERE s.expires_at > ? ORDER BY c.session_id, c.position",
             (now,),
@@ -174,7 +169,7 @@ def list_live(now: float) -> list[dict[str, Any]]:
 
 def remove_expired(now: float) -> list[str]:
     """Delete sessions past their expires_at; their ids (maintenance, every 10 s)."""
-    with database.atomic("IMMEDIATE"):
+    with sql.write_transaction():
         ids = [
             r[0]
             for r in database.execute_sql("SELECT session_id FROM sessions WHERE expires_at <= ?", (now,)).fetchall()
