@@ -52,6 +52,7 @@ HOST_MISMATCH = "credential_host_mismatch"
 PLAINTEXT = "plaintext_credential"
 CREDENTIALS_UNAVAILABLE = "credentials_unavailable"
 REASONS = (UNKNOWN, IN_PATH, HOST_MISMATCH, PLAINTEXT, CREDENTIALS_UNAVAILABLE)
+_SEEN_HOSTS = 256  # hosts remembered per credential by Live.allows
 
 _BPREFIX = PREFIX.encode()
 _T_COLON = r"(?::|%3[aA])"
@@ -75,6 +76,7 @@ class Live:
     patterns: tuple[DestinationPattern, ...] = field(default=(), compare=False, repr=False)
     wire: str = field(default="", compare=False, repr=False)  # the value's UTF-8 bytes as latin-1
     scrub: Scrubber | None = field(default=None, compare=False, repr=False)  # its own, built once (see Plan)
+    seen_hosts: dict[str, bool] = field(default_factory=dict, compare=False, repr=False)  # allows()' answers
 
     def __post_init__(self) -> None:
         if not self.patterns and self.hosts:
@@ -85,10 +87,17 @@ class Live:
         return f"Live(label={self.label!r}, session_id={self.session_id!r}, hosts={self.hosts!r})"
 
     def allows(self, host: str) -> bool:
-        """Whether `host` (a name or an IP literal) matches one of the credential's hosts."""
-        h, _v, _n = analyse_host(host)
-        ip = parse_ip(h)
-        return any(p.matches(h, ip) for p in self.patterns)
+        """Whether `host` (a name or an IP literal) matches one of the credential's hosts
+        (remembered per host: the same few hosts come again and again)."""
+        seen = self.seen_hosts
+        ok = seen.get(host)
+        if ok is None:
+            h, _v, _n = analyse_host(host)
+            ip = parse_ip(h)
+            ok = any(p.matches(h, ip) for p in self.patterns)
+            if len(seen) < _SEEN_HOSTS:
+                seen[host] = ok
+        return ok
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +149,17 @@ class _Unknown(Exception):
 
 
 def _find(text: str, where: str, lookup: Lookup) -> list[tuple[int, int, Live]]:
-    """The live placeholders in a header value (raw prefix), each (start, end, credential)."""
+    """The live placeholders in a header value (raw prefix), each (start, end, credential);
+    `where` is the field's name ("header <where>" in a refusal)."""
     out: list[tuple[int, int, Live]] = []
     pos = text.find(PREFIX)
     while pos >= 0:
         m = PLACEHOLDER_RE.match(text, pos)
         if m is None:
-            raise _Unknown(where, None)
+            raise _Unknown(_header(where), None)
         live = lookup(m.group(0))
         if live is None:
-            raise _Unknown(where, m.group(1))
+            raise _Unknown(_header(where), m.group(1))
         out.append((pos, m.end(), live))
         pos = text.find(PREFIX, m.end())
     return out
@@ -205,8 +215,11 @@ def authority_host(authority: str) -> str:
     return a
 
 
-def _name(lname: str) -> str:
-    return "-".join(p[:1].upper() + p[1:] for p in lname.split("-"))
+def _header(name: str) -> str:
+    """How a refusal names a header: `header X-Api-Key`."""
+    if name.startswith("Authorization ("):
+        return f"header {name}"
+    return "header " + "-".join(p[:1].upper() + p[1:] for p in name.lower().split("-"))
 
 
 def plan(
@@ -232,14 +245,14 @@ def plan(
             if PREFIX in v:
                 if not available:
                     return _unavailable()
-                hits.append((i, _find(v, f"header {_name(k.lower())}", lookup), None))
+                hits.append((i, _find(v, k, lookup), None))
             elif len(v) > 6 and k.lower() == "authorization":
                 raw = _basic(v)
                 if raw is not None and _BPREFIX in raw:
                     if not available:
                         return _unavailable()
                     hits.append(
-                        (i, _find(raw.decode("latin-1"), "header Authorization (Basic credentials)", lookup), raw)
+                        (i, _find(raw.decode("latin-1"), "Authorization (Basic credentials)", lookup), raw)
                     )
         if "greyproxy" in target and _TARGET_PREFIX.search(target):
             if not available:

@@ -145,6 +145,20 @@ class Flow:
         self._checked(name, value)
         headers[index] = (name, value)
 
+    def replace_values(self, headers: list[tuple[str, str]], current: list[tuple[str, str]] | None = None) -> None:
+        """Take `headers` as the upstream fields: the names and order of `upstream_headers()`
+        (`current`, when the caller has it), values changed where needed (each checked)."""
+        if current is None:
+            current = self.upstream_headers()
+        if len(headers) != len(current):
+            raise ValueError("replace_values changes values only")
+        for (k, v), (k0, v0) in zip(headers, current):
+            if k != k0:
+                raise ValueError("replace_values changes values only")
+            if v != v0:
+                self._checked(k, v)
+        self._headers = headers
+
     def remove_header(self, name: str) -> None:
         lname = self._checked(name)
         self._headers = [(k, v) for k, v in self._own() if k.lower() != lname]
@@ -257,27 +271,29 @@ class CredentialSubstitution:
     def __init__(self, live: LiveCredentials | None = None) -> None:
         self.live = live
 
-    def _plan(self, flow: Flow) -> Plan:
+    def _plan(self, flow: Flow, headers: list[tuple[str, str]]) -> Plan:
         live = self.live
         assert live is not None
         tls = flow.scheme == "https"
-        return plan(flow.upstream_headers(), flow.target, live.lookup, destination=flow.server_name if tls else flow.host,
+        return plan(headers, flow.target, live.lookup, destination=flow.server_name if tls else flow.host,
                     authority=flow.head.host, plaintext=not tls, available=live.available)
 
     def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
         if self.live is None:
             return None
-        p = self._plan(flow)
+        headers = flow.upstream_headers()
+        p = self._plan(flow, headers)
         if p.refused is not None and p.refused.reason == UNKNOWN:
             return self._again(flow)  # a session created a moment ago: look once more before refusing
-        return self._apply(flow, p)
+        return self._apply(flow, p, headers)
 
     async def _again(self, flow: Flow) -> Refusal | None:
         assert self.live is not None
         await self.live.recheck()
-        return self._apply(flow, self._plan(flow))
+        headers = flow.upstream_headers()
+        return self._apply(flow, self._plan(flow, headers), headers)
 
-    def _apply(self, flow: Flow, p: Plan) -> Refusal | None:
+    def _apply(self, flow: Flow, p: Plan, headers: list[tuple[str, str]]) -> Refusal | None:
         live = self.live
         assert live is not None
         if p.refused is not None:
@@ -292,10 +308,7 @@ class CredentialSubstitution:
             return None
         try:
             if p.headers is not None:
-                before = flow.upstream_headers()
-                for i, (pair, old) in enumerate(zip(p.headers, before)):
-                    if pair[1] != old[1]:
-                        flow.replace_value(i, pair[1])
+                flow.replace_values(p.headers, headers)
             if p.target is not None:
                 flow.set_target(p.target)
         except ValueError:  # a placeholder in a field a hook may not change (Host, framing)
