@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gzip
+import json
 from pathlib import Path
+from urllib.parse import quote
 
+import orjson
 import pytest
 
 import services.proxy.credentials as credentials_mod
@@ -15,6 +19,7 @@ from greyproxy.credentials.placeholders import mint
 from greyproxy.credentials.substitute import Live
 from services.proxy import http1
 from services.proxy.credentials import KEY_OK, KEY_UNUSABLE, LiveCredentials, Snapshot
+from services.proxy.pipeline import Recorder, Txn
 from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, Refusal, resolve
 
 PH = mint("gw-1")
@@ -163,3 +168,76 @@ def test_key_unusable_refuses_every_placeholder() -> None:
         assert live.stats()["key"] == "unusable"
 
     run(go())
+
+
+# -- the record: what was substituted is scrubbed from the stored response (SPEC §12.7) --
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, dict]] = []
+
+    def append(self, kind: str, data: object, record_id: str | None = None) -> str:
+        self.records.append((kind, orjson.loads(orjson.dumps(data))))
+        return str(len(self.records))
+
+
+def _resp(raw: bytes) -> http1.ResponseHead:
+    got = http1.parse_response_head(raw, 65536, "GET")
+    assert got is not None
+    return got[0]
+
+
+async def _substituted_txn(rec: Recorder) -> tuple[Txn, Flow]:
+    loader = Loader()
+    loader.map = {PH: Live(PH, VALUE, "KEY", "gw-1", None, (), 4e9)}
+    live = make(loader)
+    head = head_of(
+        f"GET /ws HTTP/1.1\r\nHost: h\r\nX-Key: {PH}\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n".encode()
+    )
+    flow = Flow("agent", "https", "h", 443, head)
+    await live.reload(force=True)
+    assert await resolve(CredentialSubstitution(live)(flow)) is None
+    t = rec.txn("agent", "https://h", "h", 443, head)
+    t.credentials_from(flow)
+    return t, flow
+
+
+def test_echoed_values_are_scrubbed_from_headers_compressed_bodies_and_websocket_messages() -> None:
+    async def main() -> list[tuple[str, dict]]:
+        journal = Journal()
+        rec = Recorder(journal)  # type: ignore[arg-type]
+        t, _flow = await _substituted_txn(rec)
+        body = gzip.compress(f'{{"echo": "{VALUE}", "q": "{quote(VALUE, safe="")}"}}'.encode())
+        resp = _resp(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"X-Echo: " + VALUE.encode() + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+        )
+        t.resp_sink(resp)(body)
+        t.finish(resp)
+        # A WebSocket upgrade recorded by another transaction with the same substitution.
+        t2, _ = await _substituted_txn(rec)
+        up = _resp(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+        _to_server, to_client = t2.websocket_observers(up)
+        payload = f"hello {VALUE}".encode()
+        to_client(bytes([0x81, len(payload)]) + payload)  # one unmasked text frame from the server
+        for _ in range(200):
+            if (
+                any(
+                    k == "transaction" and "response_body" in r and r.get("method") != "GET" for k, r in journal.records
+                )
+                and len(journal.records) >= 2
+            ):
+                break
+            await asyncio.sleep(0.01)
+        return journal.records
+
+    records = asyncio.run(main())
+    text = json.dumps(records)
+    assert VALUE not in text and quote(VALUE, safe="") not in text, text
+    (http,) = [r for _k, r in records if r["method"] == "GET"]
+    assert http["response_headers"]["X-Echo"] == ["[REDACTED:KEY]"]
+    assert http["response_body"].count("[REDACTED:KEY]") == 2
+    assert http["substituted_credentials"] == ["KEY"] and http["session_id"] == "gw-1"
+    (ws,) = [r for _k, r in records if r["method"] == "WS_RESP"]
+    assert ws["response_body"] == "hello [REDACTED:KEY]" and ws["substituted_credentials"] == ["KEY"]
