@@ -446,6 +446,12 @@ def test_4_a_bound_credential_goes_only_where_it_may(
         "labels": ["KEY"],
         "session_id": SID,
     }
+    # ...and on the bus (`greyproxy events --json`, started by the ws_events fixture).
+    wait_for(
+        lambda: f'"transaction_id":{t["id"]}' in (stack.root / "events.jsonl").read_text(),
+        5,
+        message="credential.refused from greyproxy events",
+    )
     # The proxy said it in its log (container, destination, reason, labels, session).
     wait_for(
         lambda: "credential refused: agent-4a" in (stack.data_dir / "logs" / "proxy.log").read_text(),
