@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -366,6 +367,22 @@ def test_2_an_unbound_global_is_refused_over_plain_http(
         "plaintext_credential",
     )
     assert "GLOBAL_TOKEN" in text and not received("/two-clear")
+    # Plain HTTP inside a CONNECT tunnel goes upstream in clear as well: refused the same way.
+    sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
+    with sock:
+        auth = base64.b64encode(b"agent-2t:x").decode()
+        sock.sendall(
+            f"CONNECT {PLAIN}:{origins[PLAIN]} HTTP/1.1\r\nHost: {PLAIN}:{origins[PLAIN]}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
+        resp = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        resp.begin()
+        assert resp.status == 200
+        sock.sendall(f"GET /two-tunnel HTTP/1.1\r\nHost: {PLAIN}\r\nX-G: {gph}\r\n\r\n".encode())
+        resp = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+        resp.begin()
+        assert resp.status == 403 and resp.getheader("X-Greyproxy-Reason") == "plaintext_credential"
+    assert not received("/two-tunnel")
     # ...and substituted over intercepted HTTPS, with no session recorded (a global only).
     status, _h, _b = curl(stack, "agent-2g", f"https://{OTHER}:{origins[OTHER]}/two-global", "-H", f"X-G: {gph}")
     assert status == 200 and received("/two-global")[0]["headers"]["x-g"] == GVALUE
