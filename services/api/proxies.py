@@ -50,7 +50,7 @@ def merge(op: str, results: list[Any]) -> Any:
     if op == "cert.reload":
         messages = [r.get("message") for r in results if isinstance(r, dict)]
         return {"message": "reloaded" if "reloaded" in messages else (messages[0] if messages else "unchanged")}
-    if op == "rules.reload":
+    if op in ("rules.reload", "credentials.reload"):
         return {
             **(first if isinstance(first, dict) else {}),
             "reloaded": any(isinstance(r, dict) and r.get("reloaded") for r in results),

@@ -107,11 +107,13 @@ class LiveCredentials:
         executor: Executor,
         journal: JournalWriter | None = None,
         loader: Callable[[Path], Snapshot] = load_snapshot,
+        local: bool = True,
     ) -> None:
         self.key_file = crypto.key_path(data_dir)
         self.executor = executor
         self.journal = journal
         self.loader = loader
+        self.local = local  # False: no database here (proxy.rulesFrom): nothing to load, every placeholder refused
         self.map: dict[str, Live] = {}
         self.version = -1
         self.key = KEY_MISSING
@@ -148,6 +150,12 @@ class LiveCredentials:
     # -- loading --
     async def reload(self, force: bool = False) -> bool:
         """Load again when the version moved, the key was not usable, or `force`. True if swapped."""
+        if not self.local:
+            if self.version == -1:
+                self.version = 0
+                log.warning("credential substitution needs the database: this proxy refuses every placeholder "
+                            "(credentials_unavailable)")
+            return False
         loop = asyncio.get_running_loop()
         async with self._lock:
             if not force and self.key == KEY_OK:

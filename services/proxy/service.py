@@ -211,7 +211,9 @@ async def main(rt: ServiceRuntime) -> None:
     settings.on_change(recorder.settings_changed)
     ctx.recorder = recorder
     # The request hooks, in their order (hooks.py); test hooks only from the tests' environment.
-    credentials = LiveCredentials(cfg.data_dir, executor, journal)
+    # Credential substitution decrypts from the tables itself (SPEC §12.6): a proxy without the
+    # database (proxy.rulesFrom: recorder) has no credentials and refuses every placeholder.
+    credentials = LiveCredentials(cfg.data_dir, executor, journal, local=isinstance(view, LocalView))
     await credentials.reload(force=True)
     ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(credentials), *hooks_from_env()])
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
