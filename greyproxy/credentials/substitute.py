@@ -251,9 +251,7 @@ def plan(
                 if raw is not None and _BPREFIX in raw:
                     if not available:
                         return _unavailable()
-                    hits.append(
-                        (i, _find(raw.decode("latin-1"), "Authorization (Basic credentials)", lookup), raw)
-                    )
+                    hits.append((i, _find(raw.decode("latin-1"), "Authorization (Basic credentials)", lookup), raw))
         if "greyproxy" in target and _TARGET_PREFIX.search(target):
             if not available:
                 return _unavailable()

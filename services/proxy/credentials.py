@@ -153,8 +153,10 @@ class LiveCredentials:
         if not self.local:
             if self.version == -1:
                 self.version = 0
-                log.warning("credential substitution needs the database: this proxy refuses every placeholder "
-                            "(credentials_unavailable)")
+                log.warning(
+                    "credential substitution needs the database: this proxy refuses every placeholder "
+                    "(credentials_unavailable)"
+                )
             return False
         loop = asyncio.get_running_loop()
         async with self._lock:
