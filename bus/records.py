@@ -15,8 +15,9 @@ PENDING = "pending"  # a destination no rule covers: a sighting for the pending 
 RULE_HIT = "rule_hit"  # rule hit counts, flushed periodically
 DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
 TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
+IDENTITY_USED = "identity_used"  # last use of claimed identities (SPEC §16), flushed periodically
 
-KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION)
+KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, IDENTITY_USED)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
@@ -70,6 +71,13 @@ class DnsRecord(TypedDict):
     ts: float
 
 
+class IdentityUsedRecord(TypedDict):
+    """An `identity_used` record: the claimed identity `name` passed its check at `last_used_at`."""
+
+    name: str
+    last_used_at: float
+
+
 # A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
 # headers already redacted, bodies decoded and capped (greyproxy.capture).
 TransactionRecord = dict[str, Any]
@@ -112,3 +120,7 @@ def rule_hit_record(rule_id: int, count: float, last_used_at: float) -> RuleHitR
 
 def dns_record(ip: str, hostname: str, ts: float) -> DnsRecord:
     return {"ip": ip, "hostname": hostname, "ts": ts}
+
+
+def identity_used_record(name: str, last_used_at: float) -> IdentityUsedRecord:
+    return {"name": name, "last_used_at": last_used_at}

@@ -37,6 +37,8 @@ AREAS: tuple[str, ...] = (
     "llm",  # /api/dissectors, /api/endpoint-rules, /api/conversations (SPEC §13)
     "metrics",  # /metrics
     "ws.resource",  # /ws
+    "identities",  # /api/identities (SPEC §16)
+    "explain",  # /api/rules/explain (SPEC §16)
     "ui",  # the dashboard: a sink for /, deep links and static/ (routes win over it)
 )
 

@@ -72,12 +72,15 @@ class Flow:
     end-to-end fields and target; `set_header`, `remove_header` and `set_target` change it (on a
     copy); `render` gives the bytes sent upstream."""
 
-    __slots__ = ("container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
-                 "_headers", "_target")
+    __slots__ = ("claimed", "container", "scheme", "host", "port", "server_name", "head", "verdict",
+                 "substituted", "_headers", "_target")
 
     def __init__(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
-                 verdict: Verdict | None = None, server_name: str | None = None) -> None:
+                 verdict: Verdict | None = None, server_name: str | None = None, claimed: bool = False) -> None:
         self.container, self.scheme, self.host, self.port = container, scheme, host, port
+        # SPEC §16: `container` is a claimed identity whose secret this connection presented (a
+        # session bound to a claimed identity substitutes only where this is True).
+        self.claimed = claimed
         self.server_name = server_name or host
         self.head = head
         self.verdict = verdict
