@@ -255,3 +255,20 @@ def test_rotation_ends_kept_alive_connections_and_tunnels(stack: Stack, origin: 
             assert tunnel.recv(4096) == b""
         except ConnectionResetError:
             pass
+
+
+def test_every_worker_enforces_the_claim_and_its_rotation(origin: int) -> None:
+    """proxy.workers: 2: the kernel spreads new connections over both workers; each must refuse a
+    claimed name without its secret, and the old secret after a rotation, at once."""
+    with Stack({"proxy": {"workers": 2, "holdTimeout": 1}, "greyproxy": {"builtinRules": False}}) as s:
+        allow(s, "w-agent", origin)
+        secret = claim(s, "w-agent")
+        url = f"http://127.0.0.1:{origin}/"
+        assert {curl(s, "w-agent", "wrong", url)[0] for _ in range(8)} == {"407"}
+        assert {curl(s, "w-agent", secret, url)[0] for _ in range(8)} == {"200"}
+        r = s.request("POST", "/api/identities/w-agent/rotate")
+        assert r.status_code == 200, r.text
+        assert {curl(s, "w-agent", secret, url)[0] for _ in range(8)} == {"407"}
+        assert {curl(s, "w-agent", r.json()["secret"], url)[0] for _ in range(8)} == {"200"}
+        per_worker = [w for w in s.get("/api/health").json().get("services", {}).get("proxy", {}).get("workers", [])]
+        assert len(per_worker) == 2
