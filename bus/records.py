@@ -16,8 +16,9 @@ RULE_HIT = "rule_hit"  # rule hit counts, flushed periodically
 DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
 TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
 CREDENTIAL_USE = "credential_use"  # requests a session / global credential was substituted in (SPEC §12.7)
+IDENTITY_USED = "identity_used"  # last use of claimed identities (SPEC §16), flushed periodically
 
-KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE)
+KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE, IDENTITY_USED)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
@@ -81,6 +82,13 @@ class CredentialUseRecord(TypedDict):
     ts: float
 
 
+class IdentityUsedRecord(TypedDict):
+    """An `identity_used` record: the claimed identity `name` passed its check at `last_used_at`."""
+
+    name: str
+    last_used_at: float
+
+
 # A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
 # headers already redacted, bodies decoded and capped (greyproxy.capture).
 TransactionRecord = dict[str, Any]
@@ -128,3 +136,7 @@ def dns_record(ip: str, hostname: str, ts: float) -> DnsRecord:
 def credential_use_record(session_id: str | None, credential_id: str | None, count: int,
                           ts: float) -> CredentialUseRecord:
     return {"session_id": session_id, "credential_id": credential_id, "count": int(count), "ts": ts}
+
+
+def identity_used_record(name: str, last_used_at: float) -> IdentityUsedRecord:
+    return {"name": name, "last_used_at": last_used_at}

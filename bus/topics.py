@@ -37,6 +37,10 @@ TRANSACTIONS_STORED = "transactions.stored"  # internal: the recorder committed 
 # Proxy workers (SPEC §15): an ip -> name one worker's DNS proxy learned, for the others.
 DNS_NAME = "dns.name"
 
+# Claimed identities (SPEC §16): names and versions only, never a secret nor its hash.
+IDENTITY_CHANGED = "identity.changed"
+IDENTITY_REFUSED = "identity.refused"
+
 # Credential substitution (SPEC §12.7): session events carry the session id string, never a value.
 SESSION_CREATED = "session.created"
 SESSION_HEARTBEAT = "session.heartbeat"
@@ -52,7 +56,7 @@ PUBLIC = (
     PENDING_CREATED, PENDING_UPDATED, PENDING_ALLOWED, PENDING_DISMISSED, WAITERS_CHANGED,
     RULE_CREATED, RULE_UPDATED, RULE_DELETED, LOG_NEW, TRANSACTION_NEW, ALLOWALL_CHANGED,
     SETTINGS_CHANGED, MAINTENANCE_PROGRESS, NOTIFICATION_CLAIMS_CHANGED, CONVERSATION_NEW, CONVERSATION_UPDATED,
-    CONVERSATION_DELETED,
+    CONVERSATION_DELETED, IDENTITY_CHANGED, IDENTITY_REFUSED,
     SESSION_CREATED, SESSION_HEARTBEAT, SESSION_DELETED, SESSION_EXPIRED, SESSION_SUBSTITUTION,
     CREDENTIAL_CREATED, CREDENTIAL_DELETED, CREDENTIAL_REFUSED,
 )

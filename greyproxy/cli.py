@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _load_extra_commands() -> None:
     # Later capabilities (events, cert) live in their own modules and register here.
     for mod in ("greyproxy.cli_events", "greyproxy.cli_cert", "greyproxy.cli_env", "greyproxy.cli_export",
-                "greyproxy.cli_service", "greyproxy.cli_keys"):
+                "greyproxy.cli_service", "greyproxy.cli_keys", "greyproxy.cli_explain"):
         try:
             __import__(mod)
         except ModuleNotFoundError as exc:

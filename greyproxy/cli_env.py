@@ -69,11 +69,34 @@ def _connect_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _userinfo(container: str | None) -> str:
+def _userinfo(container: str | None, secret: str | None = None) -> str:
     if not container:
         return ""
-    # The password is ignored by the proxy, but pip (requests) sends the user name only with one.
-    return f"{quote(container, safe='')}:x@"
+    # An unclaimed name's password is ignored by the proxy, but pip (requests) sends the user name
+    # only with one; a claimed name's password is its secret (SPEC §16).
+    return f"{quote(container, safe='')}:{quote(secret, safe='') if secret else 'x'}@"
+
+
+def claim_secret(cfg: Config, name: str) -> str:
+    """Claim `name` through the running API (or rotate its claim): the new secret (SPEC §16).
+    ConfigError saying why when the API refuses or cannot be reached."""
+    import httpx
+
+    base = f"{cfg.api_base()}/api/identities"
+    try:
+        with httpx.Client(timeout=15.0, trust_env=False) as client:
+            r = client.post(base, json={"name": name, "notes": "greyproxy env --claim"})
+            if r.status_code == 409:  # claimed already: a new secret replaces the old one
+                r = client.post(f"{base}/{quote(name, safe='')}/rotate")
+    except httpx.HTTPError as exc:
+        raise ConfigError(f"--claim: cannot reach the API at {base}: {exc}") from None
+    try:
+        body = r.json()
+    except ValueError:
+        body = {}
+    if r.status_code not in (200, 201) or not isinstance(body.get("secret"), str):
+        raise ConfigError(f"--claim: the API answered {r.status_code}: {body.get('error', r.text[:200])}")
+    return body["secret"]
 
 
 def check_container_name(name: str) -> str:
@@ -86,11 +109,13 @@ def check_container_name(name: str) -> str:
     return name
 
 
-def env_plan(cfg: Config, container: str | None = None, with_ca: bool = True, socks_all: bool = False) -> EnvPlan:
-    """What `greyproxy env` sets, for this config (no I/O but the bundle file)."""
+def env_plan(cfg: Config, container: str | None = None, with_ca: bool = True, socks_all: bool = False,
+             secret: str | None = None) -> EnvPlan:
+    """What `greyproxy env` sets, for this config (no I/O but the bundle file); `secret`: the
+    claimed container's secret, the proxy password in the URLs."""
     variables: list[tuple[str, str]] = []
     notes: list[str] = []
-    user = _userinfo(container)
+    user = _userinfo(container, secret)
     http = cfg.listeners.get("http-proxy")
     socks = cfg.listeners.get("socks5-proxy")
     if http is not None and http.port:
@@ -172,7 +197,14 @@ def cmd_env(args: argparse.Namespace) -> int:
     container = check_container_name(args.container) if args.container is not None else None
     if not args.no_ca:
         ensure_dirs(cfg)
-    plan = env_plan(cfg, container, with_ca=not args.no_ca, socks_all=args.socks)
+    secret = None
+    if args.claim:
+        if container is None:
+            raise ConfigError("--claim needs --container NAME (the name to claim)")
+        secret = claim_secret(cfg, container)
+        print(f"greyproxy env: {container!r} is claimed; its secret is in the proxy URLs below and shown nowhere "
+              "else (run again with --claim for a new one)", file=sys.stderr)
+    plan = env_plan(cfg, container, with_ca=not args.no_ca, socks_all=args.socks, secret=secret)
     for note in plan.notes:
         print(f"greyproxy env: {note}", file=sys.stderr)
     if args.check:
@@ -189,6 +221,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shell", choices=SHELLS, default="sh", help="syntax of the output (default sh)")
     parser.add_argument("--container", metavar="NAME",
                         help="the identity the proxy records this process under (the proxy user name)")
+    parser.add_argument("--claim", action="store_true",
+                        help="claim the --container name through the running API (or rotate its claim) and put its "
+                             "secret in the proxy URLs: then no other process can use the name (SPEC §16)")
     parser.add_argument("--no-ca", action="store_true", help="proxy variables only, no CA trust variables")
     parser.add_argument("--socks", action="store_true",
                         help="ALL_PROXY names the SOCKS5 listener (socks5h://) instead of the HTTP proxy "

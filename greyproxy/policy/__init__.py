@@ -24,10 +24,16 @@ from .ruleset import (
     rule_summary,
     to_epoch,
 )
+from .judge import DECISIONS, Candidate, Guard, Judgement, judge
 from .scopes import SCOPES, parse_duration, registrable_domain, scope_patterns
 
 __all__ = [
     "ACTIONS",
+    "DECISIONS",
+    "Candidate",
+    "Guard",
+    "Judgement",
+    "judge",
     "LAYERS",
     "SCOPES",
     "CompiledRule",

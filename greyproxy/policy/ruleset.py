@@ -301,6 +301,7 @@ class RuleSet:
         "_ordered",
         "_suffix",
         "address",
+        "compiled",
         "rejected",
         "rules",
     )
@@ -320,6 +321,7 @@ class RuleSet:
                 rejected.append((rule, str(exc)))
         self.rejected: tuple[tuple[Rule, str], ...] = tuple(rejected)
         compiled.sort(key=CompiledRule.precedence_key)
+        self.compiled: tuple[CompiledRule, ...] = tuple(compiled)  # in winning order (explain reads it)
         self._ordered: tuple[Rule, ...] = tuple(c.rule for c in compiled)
         # The address rules as a rule set of their own (None when a deny cannot come out of it).
         address = [c for c in compiled if is_address_rule(c)] if not _nested else []

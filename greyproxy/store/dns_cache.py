@@ -18,3 +18,11 @@ def names_since(cutoff: float) -> list[tuple[str, str]]:
 
     query = DnsCache.select(DnsCache.ip, DnsCache.hostname).where(DnsCache.updated_at > cutoff).tuples()
     return list(cast(Iterable[tuple[str, str]], query))  # .tuples(): peewee's types still say models
+
+
+def name_of(ip: str, since: float) -> str | None:
+    """The hostname `ip` was an answer for, if that was seen after `since` (GET /api/rules/explain)."""
+    from .models import DnsCache
+
+    row = DnsCache.get_or_none((DnsCache.ip == ip) & (DnsCache.updated_at > since))
+    return None if row is None else str(row.hostname)

@@ -310,3 +310,31 @@ MIGRATIONS.append((6, "credentials", [
     "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
     "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT DEFAULT '[]'",  # null (older writers) reads as []
 ]))
+
+# SPEC §16: claimed identities. Only an scrypt hash of each secret is stored (greyproxy/identity.py);
+# `version` changes with every rotation, meta key identities_version with every change.
+# (Another branch may append a migration too: renumber on merge, never edit a shipped one.)
+MIGRATIONS.append((7, "claimed identities", [
+    """CREATE TABLE identities (
+        name TEXT PRIMARY KEY,
+        secret_hash TEXT NOT NULL,
+        notes TEXT,
+        created_at REAL NOT NULL,
+        rotated_at REAL,
+        last_used_at REAL,
+        version INTEGER NOT NULL DEFAULT 1
+    ) WITHOUT ROWID""",
+    # meta identities_version: absent (0) until the first claim, then bumped by every change.
+    """CREATE TRIGGER identities_version_ins AFTER INSERT ON identities BEGIN
+         INSERT INTO meta (key, value) VALUES ('identities_version', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1;
+       END""",
+    """CREATE TRIGGER identities_version_del AFTER DELETE ON identities BEGIN
+         INSERT INTO meta (key, value) VALUES ('identities_version', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1;
+       END""",
+    """CREATE TRIGGER identities_version_upd AFTER UPDATE OF secret_hash, version ON identities BEGIN
+         INSERT INTO meta (key, value) VALUES ('identities_version', 1)
+         ON CONFLICT (key) DO UPDATE SET value = value + 1;
+       END""",
+]))

@@ -3,13 +3,16 @@ the API's queries (through the peewee model)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import peewee as pw
 
 from .db import database
 from .models import Rule, meta_value
+
+if TYPE_CHECKING:
+    from greyproxy.policy import RuleSet
 
 COLUMNS = ("id", "container_pattern", "destination_pattern", "port_pattern", "rule_type", "action", "created_at",
            "expires_at", "last_used_at", "created_by", "notes", "source", "session_id", "hit_count")
@@ -30,6 +33,26 @@ def snapshot() -> tuple[int, list[tuple[Any, ...]]]:
     return version, rows
 
 
+def build(rows: Iterable[Sequence[Any]], builtins: bool = True) -> RuleSet:
+    """The RuleSet the proxy decides with, from `snapshot()` rows (local, or the recorder's over the
+    bus): the proxy's RuleLoader and GET /api/rules/explain both build it here, so both judge the
+    same rules. `builtins` False leaves the seeded loopback allows out (greyproxy.builtinRules);
+    malformed rows are left out (RuleSet.rejected)."""
+    from greyproxy.policy import Rule as PolicyRule
+    from greyproxy.policy import RuleSet
+
+    rules = [PolicyRule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
+                        action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
+             if builtins or r[5] != "builtin"]
+    return RuleSet(rules, skip_invalid=True)
+
+
+def rule_set(builtins: bool = True) -> tuple[int, RuleSet]:
+    """(rules_version, the RuleSet) from this database, in one read transaction."""
+    version, rows = snapshot()
+    return version, build(rows, builtins)
+
+
 # --------------------------------------------------------------------------- the API's queries
 # Rows come back as dicts of the stored values, keyed by COLUMNS.
 
@@ -44,6 +67,13 @@ def _dicts(query: pw.ModelSelect[Any]) -> list[dict[str, Any]]:
 
 def get(rule_id: int) -> dict[str, Any] | None:
     return cast("dict[str, Any] | None", Rule.select().where(Rule.id == rule_id).dicts().first())
+
+
+def get_many(rule_ids: list[int]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(0, len(rule_ids), 500):  # within SQLite's bound-parameter limit
+        out += _dicts(Rule.select().where(Rule.id.in_(rule_ids[i:i + 500])))
+    return out
 
 
 def list_page(container: str | None, destination: str | None, action: str | None, include_expired: bool,

@@ -195,6 +195,12 @@ def sealed_rows() -> list[tuple[str, bytes, float, list[tuple[str, str, list[str
     ]
 
 
+def owners() -> dict[str, str]:
+    """session_id → container_name of every session (SPEC §16: a session naming a claimed identity
+    substitutes only on that identity's connections). Call inside a read transaction."""
+    return {sid: name for sid, name in database.execute_sql("SELECT session_id, container_name FROM sessions")}
+
+
 def labels_of(session_id: str) -> list[tuple[str, str]]:
     """(placeholder, label) of a session (the key-loss warning names labels, never values)."""
     return [

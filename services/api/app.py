@@ -38,6 +38,8 @@ AREAS: tuple[str, ...] = (
     "credentials",  # /api/sessions, /api/credentials (SPEC §12)
     "metrics",  # /metrics
     "ws.resource",  # /ws
+    "identities",  # /api/identities (SPEC §16)
+    "explain",  # /api/rules/explain (SPEC §16)
     "ui",  # the dashboard: a sink for /, deep links and static/ (routes win over it)
 )
 

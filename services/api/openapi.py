@@ -614,9 +614,11 @@ class OpenApiResource:
 def install_extensions() -> None:
     """Add the descriptions kept beside their areas (idempotent). Imported here, not at module
     level: openapi_llm builds on this module's helpers, so either may be imported first."""
+    from . import openapi_identity  # SPEC §16 routes
     from . import openapi_llm  # SPEC §13 routes: their descriptions live there
 
     openapi_llm.install()
+    openapi_identity.install()
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> OpenApiResource:

@@ -15,6 +15,7 @@ from .conn import Conn, ConnClosed
 from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
 from .hooks import HookChain
+from .identities import IdentityGuard
 from .pipeline import Recorder
 from .pool import UpstreamPool
 
@@ -78,6 +79,8 @@ class ProxyContext:
                                  idle_timeout=limits.upstream_idle_timeout)
         # Container names from the Docker/Podman engine (greyproxy.docker.enabled); None = off.
         self.docker: DockerIdentity | None = None
+        # Claimed identities (SPEC §16); None = every name is taken at its word (as before).
+        self.identities: IdentityGuard | None = None
         self._refusal_logged = 0.0
 
     def guard(self, ip: str, port: int) -> str | None:
@@ -100,7 +103,7 @@ class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected."""
 
     KIND = "client"
-    __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap")
+    __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap", "claimed", "identity_token")
 
     def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
         super().__init__()
@@ -110,6 +113,10 @@ class ClientConn(Conn):
         self.src_ip = ""
         self.identity: str | None = None  # the client identity this connection is counted for
         self.over_cap = False  # accepted past maxConnections: refused once its request is read
+        # SPEC §16: True when the connection's identity is a claimed name whose secret it presented
+        # (hooks see it as Flow.claimed: what a session bound to a claimed identity keys on).
+        self.claimed = False
+        self.identity_token: tuple[int, str, bytes | None] | None = None  # the identity check this connection passed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

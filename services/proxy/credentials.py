@@ -46,7 +46,7 @@ def _read_version() -> int:
 class Snapshot:
     """One decrypted load: the map, the version it matches, the key's state."""
 
-    __slots__ = ("version", "map", "key", "sessions", "globals", "undecryptable")
+    __slots__ = ("version", "map", "key", "sessions", "globals", "undecryptable", "owners")
 
     def __init__(
         self,
@@ -56,9 +56,11 @@ class Snapshot:
         sessions: dict[str, float],
         globals_: int,
         undecryptable: list[str],
+        owners: dict[str, str] | None = None,
     ) -> None:
         self.version, self.map, self.key = version, mapping, key
         self.sessions, self.globals, self.undecryptable = sessions, globals_, undecryptable
+        self.owners = owners or {}  # session id → its container_name
 
 
 def load_snapshot(key_file: Path) -> Snapshot:
@@ -74,6 +76,7 @@ def load_snapshot(key_file: Path) -> Snapshot:
         version = _read_version()
         srows = sessions.sealed_rows()
         grows = global_credentials.sealed_rows()
+        owners = sessions.owners()
     mapping: dict[str, Live] = {}
     bad: list[str] = []
     if key is None:
@@ -97,7 +100,8 @@ def load_snapshot(key_file: Path) -> Snapshot:
             bad.append(f"global {label}")
             continue
         mapping[ph] = Live(ph, value, label, None, cid, tuple(hosts), None)
-    return Snapshot(version, mapping, state, live_sessions, len(grows) - sum(b.startswith("global ") for b in bad), bad)
+    return Snapshot(version, mapping, state, live_sessions, len(grows) - sum(b.startswith("global ") for b in bad), bad,
+                    owners)
 
 
 class LiveCredentials:
@@ -118,6 +122,7 @@ class LiveCredentials:
         self.version = -1
         self.key = KEY_MISSING
         self.sessions: dict[str, float] = {}  # session id → expires_at
+        self.owners: dict[str, str] = {}  # session id → container_name (claimed-identity binding, SPEC §16)
         self.live_globals = 0
         self.substituted = 0
         self.refused: Counter[str] = Counter()
@@ -170,6 +175,7 @@ class LiveCredentials:
                 log.log(level, "credential key %s: %s", self.key_file, snap.key)
             self.map, self.version, self.key = snap.map, snap.version, snap.key
             self.sessions, self.live_globals = snap.sessions, snap.globals
+            self.owners = snap.owners
             for what in snap.undecryptable:
                 if what not in self._warned:
                     self._warned.add(what)

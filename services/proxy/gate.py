@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import ipaddress
 import logging
 import math
 import time
@@ -21,7 +20,8 @@ from bus import records, topics
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
-from greyproxy.policy.patterns import normalise_host, parse_ip
+from greyproxy.policy.judge import Guard, Judgement, judge
+from greyproxy.policy.patterns import normalise_host
 from greyproxy.timeutil import rfc3339
 from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
@@ -117,8 +117,9 @@ class Gate:
         self.publisher = publisher
         self.rules = RuleSet([])  # also starts the decision cache (see the setter)
         self.rules_version = -1
-        self.own_ports = own_ports
-        self.local_hosts = {h.lower() for h in local_hosts} | {"localhost", "0.0.0.0", "::", "::1"}
+        self.guard_ports = Guard(own_ports, local_hosts)  # the hard guard (policy/judge.py)
+        self.own_ports = self.guard_ports.own_ports
+        self.local_hosts = self.guard_ports.local_hosts
         self.hold_timeout = hold_timeout
         self.max_pending = max_pending
         self.pending_count = 0  # refreshed from the database by the service, bumped on new keys
@@ -153,18 +154,7 @@ class Gate:
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""
-        if port not in self.own_ports:
-            return False
-        h = host.lower().rstrip(".")
-        if h in self.local_hosts or h.endswith(".localhost"):
-            return True
-        try:
-            ip = ipaddress.ip_address(h.strip("[]"))
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return ip.is_loopback or ip.is_unspecified or str(ip) in self.local_hosts
+        return self.guard_ports.refuses(host, port)
 
     # -- the decision --
     async def admit(self, container: str, host: str, port: int, method: str,
@@ -175,12 +165,13 @@ class Gate:
             await self.name_hook(container, host, port)
         resolved = self.resolved_name(host)
         self.decisions += 1
-        verdict = self._decide_now(container, host, port, resolved)
-        if (verdict is None or verdict.allowed) and self._address_rules_apply(container, port):
-            # An address rule denies where this destination resolves to: that deny wins (no hold).
-            denial = await self._address_denial(container, host, port)
-            if denial is not None:
-                verdict = denial
+        j = self.judge(container, host, port, resolved)
+        if j.needs_addresses:
+            # An address rule may deny where this name resolves to: that deny wins (no hold).
+            addrs = await self._addresses_of(host, port)
+            if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
+                j = self.judge(container, host, port, resolved, addrs)
+        verdict = self._verdict(j)
         if verdict is None:
             verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
@@ -198,18 +189,6 @@ class Gate:
     # -- addresses (rules whose destination is an IP or a CIDR) --
     def _address_rules_apply(self, container: str, port: int) -> bool:
         return self.silent.active_mode() is None and self._rules.may_deny_address(container, port)
-
-    async def _address_denial(self, container: str, host: str, port: int) -> Verdict | None:
-        """A blocked verdict when an address rule denies an address `host` is (or resolves to)."""
-        addrs = [host] if parse_ip(host) is not None else await self._addresses_of(host, port)
-        if addrs is None:
-            return None  # no address: the connect fails on its own (and the guard judges any it finds)
-        for ip in addrs:
-            rule = self._rules.address_denial(container, ip, port)
-            if rule is not None:
-                self._hit(rule.id)
-                return Verdict(False, "rule", rule.id)
-        return None
 
     async def _addresses_of(self, host: str, port: int) -> list[str] | None:
         """A name's addresses, looked up (off the loop) at most every ADDRESS_TTL seconds: the
@@ -258,19 +237,25 @@ class Gate:
         if pending is not None:
             self.record(*pending, verdict, mitm_skip_reason=mitm_skip_reason)
 
+    def judge(self, container: str, host: str, port: int, resolved: str | None,
+              addresses: list[str] | None = None, explain: bool = False) -> Judgement:
+        """The decision (policy.judge: the same function GET /api/rules/explain calls)."""
+        return judge(self._rules, container, host, port, resolved=resolved, silent=self.silent.active_mode(),
+                     guard=self.guard_ports, addresses=addresses, decide=self._decide_rules, explain=explain)
+
+    def _verdict(self, j: Judgement) -> Verdict | None:
+        """The verdict for a judgement (None: hold it); counts the winning rule's hit."""
+        if j.decision == "pending":
+            return None
+        if j.rule is not None:
+            self._hit(j.rule.id)
+            return Verdict(j.decision == "allow", "rule", j.rule.id)
+        return Verdict(j.decision == "silent_allow", j.decision)
+
     def _decide_now(self, container: str, host: str, port: int, resolved: str | None) -> Verdict | None:
-        if self.is_own_listener(host, port):
-            return Verdict(False, "guard")
-        mode = self.silent.active_mode()
-        if mode == "allow":
-            return Verdict(True, "silent_allow")
-        if mode == "deny":
-            return Verdict(False, "silent_deny")
-        d = self._decide_rules(container, host, port, resolved)
-        if d.rule is not None:
-            self._hit(d.rule.id)
-            return Verdict(d.rule.action == "allow", "rule", d.rule.id)
-        return None
+        """Rules, silent mode and the guard without resolving the name (address rules judge a
+        literal address only): a kept-alive request's re-check and the release of holds."""
+        return self._verdict(self.judge(container, host, port, resolved))
 
     def check_request(self, container: str, host: str, port: int) -> Verdict:
         """Per-request re-check on a kept-alive connection: rules only, no hold (already decided)."""
@@ -397,6 +382,16 @@ class Gate:
             self.live.pop(cid, None)
             lc.close()
             closed += 1
+        return closed
+
+    def close_identities(self, names: set[str]) -> int:
+        """Close the live connections of these client identities (a claim rotated or deleted)."""
+        closed = 0
+        for cid, lc in list(self.live.items()):
+            if lc.container in names:
+                self.live.pop(cid, None)
+                lc.close()
+                closed += 1
         return closed
 
     # -- live connections --

@@ -35,6 +35,8 @@ from . import http1
 from .httpio import phrase
 
 if TYPE_CHECKING:
+    from greyproxy.credentials.substitute import Live
+
     from .credentials import LiveCredentials
     from .gate import Gate, Verdict
 
@@ -76,12 +78,15 @@ class Flow:
     end-to-end fields and target; `set_header`, `remove_header` and `set_target` change it (on a
     copy); `render` gives the bytes sent upstream."""
 
-    __slots__ = ("container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
+    __slots__ = ("claimed", "container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
                  "session_id", "scrubber", "refused_labels", "_headers", "_target")
 
     def __init__(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
-                 verdict: Verdict | None = None, server_name: str | None = None) -> None:
+                 verdict: Verdict | None = None, server_name: str | None = None, claimed: bool = False) -> None:
         self.container, self.scheme, self.host, self.port = container, scheme, host, port
+        # SPEC §16: `container` is a claimed identity whose secret this connection presented (a
+        # session bound to a claimed identity substitutes only where this is True).
+        self.claimed = claimed
         self.server_name = server_name or host
         self.head = head
         self.verdict = verdict
@@ -268,14 +273,36 @@ class CredentialSubstitution:
 
     name = "credentials"
 
-    def __init__(self, live: LiveCredentials | None = None) -> None:
+    def __init__(self, live: LiveCredentials | None = None, claimed: Callable[[str], bool] | None = None) -> None:
         self.live = live
+        # SPEC §16: `claimed(name)` says whether a name is a claimed identity; a session whose
+        # container_name is one substitutes only on connections that proved that identity.
+        self.claimed = claimed
+
+    def _lookup(self, flow: Flow) -> Callable[[str], Live | None]:
+        live = self.live
+        assert live is not None
+        claimed = self.claimed
+        if claimed is None:
+            return live.lookup
+        owners = live.owners
+
+        def lookup(placeholder: str) -> Live | None:
+            c = live.lookup(placeholder)
+            if c is None or c.session_id is None:
+                return c
+            owner = owners.get(c.session_id)
+            if owner is not None and claimed(owner) and not (flow.claimed and flow.container == owner):
+                return None  # another connection's secret: as unknown here (refused, never substituted)
+            return c
+
+        return lookup
 
     def _plan(self, flow: Flow, headers: list[tuple[str, str]]) -> Plan:
         live = self.live
         assert live is not None
         tls = flow.scheme == "https"
-        return plan(headers, flow.target, live.lookup, destination=flow.server_name if tls else flow.host,
+        return plan(headers, flow.target, self._lookup(flow), destination=flow.server_name if tls else flow.host,
                     authority=flow.head.host, plaintext=not tls, available=live.available)
 
     def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:

@@ -250,17 +250,23 @@ def _filter_hop_by_hop(headers: list[tuple[str, str]], keep_upgrade: bool,
 
 def parse_basic_user(value: str) -> str | None:
     """The user name of a 'Basic base64(user:pass)' credential; the password is dropped unread."""
+    return parse_basic(value)[0]
+
+
+def parse_basic(value: str) -> tuple[str | None, str | None]:
+    """(user, password) of a 'Basic base64(user:pass)' credential; user None when it names no one
+    (malformed, empty, the 'proxy' placeholder); password None when empty."""
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic":
-        return None
+        return None, None
     try:
         decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
     except (binascii.Error, ValueError):
-        return None
-    user, sep, _ = decoded.partition(":")
+        return None, None
+    user, sep, password = decoded.partition(":")
     if not sep or not user or user == "proxy" or not user.isprintable():
-        return None
-    return user
+        return None, None
+    return user, password or None
 
 
 # ---------------------------------------------------------------------------- request head
@@ -282,6 +288,9 @@ class RequestHead:
     expect_continue: bool = False
     upgrade: str | None = None
     proxy_user: str | None = None
+    # The Proxy-Authorization password: checked against a claimed identity's secret (SPEC §16),
+    # never logged or recorded (the field itself is redacted in `headers`).
+    proxy_password: str | None = field(default=None, repr=False, compare=False)
     authority: str = field(default="", repr=False)  # Host value for upstream, from the target
     names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
 
@@ -513,7 +522,7 @@ def _derive_request_headers(head: RequestHead) -> None:
     upgrade = _first(headers, "upgrade", names)
     head.upgrade = upgrade if upgrade and "upgrade" in connection and head.method != "CONNECT" else None
     auth = _first(headers, "proxy-authorization", names)
-    head.proxy_user = parse_basic_user(auth) if auth is not None else None
+    head.proxy_user, head.proxy_password = parse_basic(auth) if auth is not None else (None, None)
     if auth is not None:
         # The credential is consumed here; keeping it would leak the password into logs and captures.
         head.headers = [(k, "[redacted]") if k.lower() == "proxy-authorization" else (k, v) for k, v in headers]

@@ -18,6 +18,7 @@ from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_id
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Verdict
 from .hooks import Flow, Refusal
+from .identities import IdentityGuard
 from .httpio import error_response, read_head
 from .pool import usable
 from .tunnel import run_tunnel
@@ -41,10 +42,37 @@ def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
     return http1.render_response(status, reason, text.encode("utf-8"), headers=[("Retry-After", "1")], close=True)
 
 
+IDENTITY_REFUSED = http1.render_response(
+    407, "Proxy Authentication Required",
+    b"Greyproxy: this client name is claimed; give its secret as the proxy password\n",
+    headers=[("Proxy-Authenticate", 'Basic realm="greyproxy"')], close=True)
+
+
+async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
+    """SPEC §16, once per connection: again only when the name or secret presented, or the claims
+    loaded, change. A request without credentials on a connection that proved a claim keeps it
+    until the claims change (then it must present the secret again)."""
+    token = ids.token(name, head.proxy_password) if head.proxy_user else None
+    if token is not None and token == client.identity_token:
+        return True
+    if token is None:
+        if client.identity_token is not None and client.identity_token[0] == ids.generation:
+            return True
+        token = ids.token(name, None)
+    secret = head.proxy_password if head.proxy_user else None
+    ok = ids.quick(name, secret) or await ids.check(
+        name, secret, src_ip=client.src_ip, protocol="HTTP", host=head.host, port=head.port,
+        method="CONNECT" if head.method == "CONNECT" else "HTTP")
+    client.identity_token = token if ok else None
+    client.claimed = ok and ids.claims.claimed(name)
+    return ok
+
+
 async def handle_http(client: ClientConn) -> None:
     ctx = client.ctx
     gate, limits, hooks = ctx.gate, ctx.limits, ctx.hooks
     identity = default_identity(client)
+    ids = ctx.identities
     pool = ctx.pool
     upstream: Conn | None = None
     upstream_key: tuple[str, str, int] | None = None  # (identity, host, port)
@@ -105,6 +133,10 @@ async def handle_http(client: ClientConn) -> None:
                 identity = head.proxy_user
             elif ctx.docker is not None and client.identity is None:
                 identity = await unnamed_identity(client)
+            if ids is not None and (head.proxy_user or client.claimed) and \
+                    not await check_identity(client, ids, identity, head):
+                client.write(IDENTITY_REFUSED)
+                return
             container = identity
             cap = client.claim(identity)
             if cap is not None:
@@ -148,7 +180,7 @@ async def handle_http(client: ClientConn) -> None:
                     t.finish(status=403, result="blocked", block_reason="rule")
                 return
             # request hooks (the rule re-check takes the gate's verdict just given)
-            flow = Flow(container, "http", head.host, head.port, head, verdict)
+            flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
             refusal = hooks.run(flow)
             if refusal is not None and not isinstance(refusal, Refusal):
                 refusal = await refusal  # a hook that had to wait

@@ -86,6 +86,7 @@ class Session:
     upstream_error: str | None = None
     reused: bool = False  # the upstream served a request before (it may have gone stale since)
     origin: str = ""  # 'scheme://authority' of the host contacted: the start of each record's url
+    claimed: bool = False  # the container is a claimed identity this connection proved (SPEC §16)
 
     def __post_init__(self) -> None:
         self.origin = origin_of(self.scheme, self.host, self.port)
@@ -161,7 +162,8 @@ class Interceptor:
         if kind == "http":
             self.gate.finish_log(verdict)
             self.counts["intercepted_http"] += 1
-            await self._serve(Session(container, host, port, "http", host, verdict, client, upstream), ctx)
+            await self._serve(Session(container, host, port, "http", host, verdict, client, upstream,
+                                      claimed=bool(getattr(client, "claimed", False))), ctx)
             return True
         assert hello is not None
         leaves = self.certs.leaves
@@ -187,7 +189,8 @@ class Interceptor:
             self.gate.finish_log(verdict, HANDSHAKE_FAILED)
             client.abort()
             return True
-        session = Session(container, host, port, "https", name, verdict, tls_client, None)
+        session = Session(container, host, port, "https", name, verdict, tls_client, None,
+                          claimed=bool(getattr(client, "claimed", False)))
         session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, ctx.limits)
         kind = await self._peek_plaintext(session, ctx.limits)
         if kind != "http":
@@ -331,7 +334,7 @@ class Interceptor:
         limits = ctx.limits
         t = self.recorder.txn(s.container, s.origin, s.host, s.port, head,
                               host_mismatch=self._host_mismatch(s, head))
-        flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name)
+        flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name, claimed=s.claimed)
         refusal = await resolve(ctx.hooks.run(flow))
         t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id
         t.credentials_from(flow)

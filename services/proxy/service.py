@@ -18,9 +18,10 @@ from bus.reqrep import ControlServer, RemoteError
 from greyproxy import ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
-from greyproxy.policy import Rule, RuleSet
+from greyproxy.policy import RuleSet
 from greyproxy.runtime import ServiceRuntime, run_async_service
 from greyproxy.store import open_database
+from greyproxy.store import rules as rules_table
 
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
@@ -30,6 +31,7 @@ from .context import Limits, ProxyContext, start_listener
 from .credentials import LiveCredentials
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
 from .http_proxy import handle_http
+from .identities import USE_FLUSH_EVERY, IdentityGuard
 from .mitm import Interceptor
 from .pipeline import Recorder
 from .settings_watch import SettingsWatch
@@ -64,10 +66,7 @@ class RuleLoader:
 
     def _load(self) -> tuple[int, RuleSet]:
         version, rows = self.view.rules()  # one read transaction: the version matches the rows
-        rules = [Rule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
-                      action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
-                 if self.builtins or r[5] != "builtin"]
-        return version, RuleSet(rules, skip_invalid=True)
+        return version, rules_table.build(rows, self.builtins)
 
     async def reload(self, force: bool = False) -> bool:
         loop = asyncio.get_running_loop()
@@ -91,6 +90,24 @@ class RuleLoader:
                 self.gate.close_revoked()
             except Exception:
                 log.exception("rule version check failed")
+
+
+async def _listen_identities(cfg: Config, ids: IdentityGuard) -> None:
+    """identity.changed (names and versions only): load the claims again; and a periodic check
+    of the stored version heals a missed event."""
+    sub = Subscriber(cfg.bus["sub"], (topics.IDENTITY_CHANGED,))
+    try:
+        while True:
+            try:
+                await asyncio.wait_for(sub.recv(), VERSION_CHECK_EVERY)
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await ids.reload()
+            except Exception:
+                log.exception("identities reload failed")
+    finally:
+        sub.close()
 
 
 async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
@@ -197,6 +214,8 @@ async def main(rt: ServiceRuntime) -> None:
                  limits.max_connections, limits.max_per_client)
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
+    ctx.identities = IdentityGuard(executor, journal, rt.publisher, gate, view)
+    await ctx.identities.reload(force=True)
     dcfg = cfg.section("greyproxy")["docker"]
     if dcfg["enabled"]:
         ctx.docker = DockerIdentity(dcfg["socket"], float(dcfg["cacheTTL"]))
@@ -215,7 +234,9 @@ async def main(rt: ServiceRuntime) -> None:
     # database (proxy.rulesFrom: recorder) has no credentials and refuses every placeholder.
     credentials = LiveCredentials(cfg.data_dir, executor, journal, local=isinstance(view, LocalView))
     await credentials.reload(force=True)
-    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(credentials), *hooks_from_env()])
+    identities = ctx.identities
+    claimed = identities.claims.claimed if identities is not None else None
+    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(credentials, claimed), *hooks_from_env()])
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
@@ -279,6 +300,12 @@ async def main(rt: ServiceRuntime) -> None:
     async def cert_reload(args: dict[str, Any]) -> dict[str, Any]:
         return {"message": await loop.run_in_executor(executor, certs.reload)}
 
+    async def identities_reload(args: dict[str, Any]) -> dict[str, Any]:
+        ids = ctx.identities
+        assert ids is not None
+        changed = await ids.reload(force=bool(args.get("force")))
+        return {"reloaded": changed, **ids.stats()}
+
     control = ControlServer(cfg.proxy_control, {
         "stats": stats,
         "waiters": lambda args: {"waiters": gate.waiters()},
@@ -289,11 +316,13 @@ async def main(rt: ServiceRuntime) -> None:
         "holds.block": holds_block,
         "cert.reload": cert_reload,
         "credentials.reload": credentials_reload,
+        "identities.reload": identities_reload,
     })
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
     rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats(),
                           "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)},
-                          "credentials": credentials.stats()})
+                          "credentials": credentials.stats(),
+                          "identities": ctx.identities.stats() if ctx.identities else None})
 
     async def watch_ca() -> None:
         while True:
@@ -305,10 +334,13 @@ async def main(rt: ServiceRuntime) -> None:
                 log.exception("CA file check failed")
 
     async def periodic() -> None:
-        last_count = time.monotonic()
+        last_count = last_use = time.monotonic()
         while True:
             await asyncio.sleep(HITS_FLUSH_EVERY)
             gate.flush_hits()
+            if ctx.identities is not None and time.monotonic() - last_use > USE_FLUSH_EVERY:
+                last_use = time.monotonic()
+                ctx.identities.flush_use()
             if time.monotonic() - last_count > PENDING_COUNT_EVERY:
                 last_count = time.monotonic()
                 with contextlib.suppress(Exception):
@@ -318,6 +350,7 @@ async def main(rt: ServiceRuntime) -> None:
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
+                             _listen_identities(cfg, ctx.identities),
                              settings.run(), watch_ca(), credentials.watch(),
                              *([_listen_names(cfg, gate, rt.name)] if shared else []))
     finally:

@@ -1,8 +1,9 @@
 """Sans-I/O SOCKS5 server side (RFC 1928) with username/password sub-negotiation (RFC 1929).
 
 Feed it the client's bytes, send back what `feed` returns; once `request` is set, the caller
-decides and answers with `reply(code, ...)`. The password is read past and never stored: the
-username only names the client.
+decides and answers with `reply(code, ...)`. The password is read past and never stored (the
+username only names the client), unless the caller holds the authentication to check a claimed
+identity's secret (`hold_auth`, SPEC §16).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ REP_TTL_EXPIRED = 6
 REP_COMMAND_NOT_SUPPORTED = 7
 REP_ADDRESS_TYPE_NOT_SUPPORTED = 8
 
-_GREETING, _AUTH, _REQUEST, _DONE, _FAILED = range(5)
+_GREETING, _AUTH, _REQUEST, _DONE, _FAILED, _AUTH_WAIT = range(6)
 
 
 class SocksError(Exception):
@@ -79,13 +80,18 @@ def _username(raw: bytes) -> str | None:
 class Socks5Server:
     """One client's SOCKS5 handshake.
 
-    `feed` returns the bytes to send. When no method is acceptable (or NMETHODS is 0) it returns
+    `feed` returns the bytes to send. With `hold_auth`, a username/password message sets
+    `pending_auth` and stops: reply with `answer_auth(ok)`. When no method is acceptable (or NMETHODS is 0) it returns
     [b"\\x05\\xff"] and sets `failed`: send that, then close. Bytes fed after the request is parsed
     are appended to `leftover` (early application data for the upstream).
     """
 
-    def __init__(self, max_buffer: int = 1024) -> None:
+    def __init__(self, max_buffer: int = 1024, hold_auth: bool = False) -> None:
         self.max_buffer = max_buffer
+        # hold_auth: stop after the username/password message until `answer_auth` (the password is
+        # kept in `pending_auth` until then); otherwise every credential is accepted at once.
+        self.hold_auth = hold_auth
+        self.pending_auth: tuple[str | None, str | None] | None = None
         self.request: SocksRequest | None = None
         self.leftover = b""
         self.failed = False
@@ -102,7 +108,7 @@ class Socks5Server:
             return []
         self._buf += data
         out: list[bytes] = []
-        while self._state not in (_DONE, _FAILED):
+        while self._state not in (_DONE, _FAILED, _AUTH_WAIT):
             step = {_GREETING: self._greeting, _AUTH: self._auth, _REQUEST: self._request}[self._state]
             used = step(out)
             if used == 0:
@@ -154,10 +160,31 @@ class Socks5Server:
         if len(buf) < total:
             return 0
         self.username = _username(bytes(buf[2:2 + ulen]))
+        if self.hold_auth:
+            # The caller judges the credential (claimed identities, SPEC §16): answer_auth replies.
+            password = bytes(buf[3 + ulen:total])
+            self.pending_auth = (self.username, password.decode("utf-8", "replace") if password else None)
+            buf[3 + ulen:total] = b"\x00" * plen
+            self._state = _AUTH_WAIT
+            return total
         buf[3 + ulen:total] = b"\x00" * plen  # scrub the password before the buffer is trimmed
         out.append(bytes((AUTH_VERSION, 0)))  # identity only: every credential is accepted
         self._state = _REQUEST
         return total
+
+    def answer_auth(self, ok: bool) -> bytes:
+        """The RFC 1929 reply to the credential in `pending_auth` (forgotten now): success, then
+        feed on (bytes already received are parsed by the next `feed`, even b""); or failure
+        (0x01), then close."""
+        if self._state != _AUTH_WAIT:
+            raise RuntimeError("no credential is waiting for an answer")
+        self.pending_auth = None
+        if ok:
+            self._state = _REQUEST
+            return bytes((AUTH_VERSION, 0))
+        self._state, self.failed = _FAILED, True
+        self._buf.clear()
+        return bytes((AUTH_VERSION, 1))
 
     def _request(self, out: list[bytes]) -> int:
         buf = self._buf

@@ -19,7 +19,8 @@ _SOCKS_FAIL = {"refused": socks5.REP_CONNECTION_REFUSED, "network": socks5.REP_N
 async def handle_socks(client: ClientConn) -> None:
     ctx = client.ctx
     gate, limits = ctx.gate, ctx.limits
-    server = socks5.Socks5Server()
+    ids = ctx.identities
+    server = socks5.Socks5Server(hold_auth=ids is not None)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + limits.header_timeout
     try:
@@ -27,6 +28,17 @@ async def handle_socks(client: ClientConn) -> None:
             if client.buf:
                 for out in server.feed(client.take()):
                     client.write(out)
+                if server.pending_auth is not None and ids is not None:
+                    # A claimed name must present its secret (SPEC §16): judged before the request.
+                    name, secret = server.pending_auth
+                    ok = name is None or ids.quick(name, secret) or \
+                        await ids.check(name, secret, src_ip=client.src_ip, protocol="SOCKS5")
+                    client.claimed = ok and ids.claims.claimed(name)
+                    client.write(server.answer_auth(ok))
+                    if not ok:
+                        return
+                    for out in server.feed(b""):
+                        client.write(out)
                 if server.failed:
                     return
                 if server.request is not None:

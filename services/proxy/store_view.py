@@ -52,6 +52,13 @@ class LocalView:
 
         return [list(r) for r in dns_cache.names_since(since)]
 
+    def claims(self) -> tuple[list[list[Any]], int]:
+        """([[name, secret_hash, version]], identities_version) of the claimed identities (SPEC §16)."""
+        from greyproxy.store import identities
+
+        rows, version = identities.claims()
+        return [list(r) for r in rows], version
+
 
 # The recorder's control ops for a RecorderView, each answered by the LocalView method named.
 OPS = {
@@ -61,6 +68,7 @@ OPS = {
     "view.settings": "settings",
     "view.pending_count": "pending_count",
     "view.dns_names": "dns_names",
+    "view.claims": "claims",  # scrypt hashes, point to point (CURVE on tcp://), never a secret
 }
 
 
@@ -94,6 +102,10 @@ class RecorderView:
 
     def dns_names(self, since: float) -> list[list[str]]:
         return self._ask("view.dns_names", {"since": since})
+
+    def claims(self) -> tuple[list[list[Any]], int]:
+        rows, version = self._ask("view.claims")
+        return rows, int(version)
 
 
 def view_for(cfg: Any) -> LocalView | RecorderView:

@@ -18,7 +18,7 @@ from typing import Any
 from bus import records as kinds
 from bus import topics
 from greyproxy.shapes import log_json, pending_json
-from greyproxy.store import dns_cache, journal_applied, logs, pending, rules
+from greyproxy.store import dns_cache, identities, journal_applied, logs, pending, rules
 
 log = logging.getLogger("greyproxy.recorder")
 
@@ -98,6 +98,10 @@ def _apply_rule_hit(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Even
                 (int(data.get("count") or 1), float(data.get("last_used_at") or time.time()), int(data["rule_id"])))
 
 
+def _apply_identity_used(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+    cur.execute(identities.TOUCH, (float(data.get("last_used_at") or time.time()), str(data["name"])))
+
+
 def _apply_dns(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     cur.execute(dns_cache.UPSERT, (data["ip"], data["hostname"], float(data.get("ts") or time.time())))
 
@@ -107,6 +111,7 @@ APPLIERS = {
     kinds.PENDING: _apply_pending,
     kinds.RULE_HIT: _apply_rule_hit,
     kinds.DNS: _apply_dns,
+    kinds.IDENTITY_USED: _apply_identity_used,
 }
 
 

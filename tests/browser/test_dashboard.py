@@ -507,6 +507,44 @@ def test_ten_thousand_pending_entries_stay_windowed(stack: Stack, watched) -> No
 
 # ----------------------------------------------------------------------------- 8. screenshots
 
+def test_why_explains_a_pending_entry_and_a_log_row(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
+    """SPEC §16: "Why?" asks GET /api/rules/explain and shows the decision, the rule and the candidates."""
+    deny = stack.request("POST", "/api/rules", json={"container_pattern": "why-ui", "destination_pattern": ORIGIN,
+                                                     "port_pattern": str(plain_origin), "action": "deny"}).json()
+    code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x",
+                           f"http://why-ui:x@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN}:{plain_origin}/"],
+                          capture_output=True, text=True, timeout=15).stdout
+    assert code == "403"
+    w = watched()
+    w.page.goto(stack.url("/logs?container=why-ui"))
+    row = w.page.locator("table.grid tbody tr", has_text="why-ui").first
+    row.wait_for(timeout=10_000)
+    row.locator("details.why summary").click()
+    explained = row.locator(".explain")
+    explained.wait_for(timeout=5000)
+    text = explained.inner_text()
+    assert "deny" in text and f"#{deny['id']} deny why-ui" in text and "specificity" in text, text
+    assert "/logs" in w.page.url  # opening "Why?" did not follow the row's link
+
+    dest = f"{ORIGIN}:{plain_origin}"
+    curl = _held_curl(stack, "why-pending", f"http://{dest}/")
+    try:
+        w.page.goto(stack.url("/pending"))
+        prow = w.page.locator(".prow", has_text="why-pending").filter(has_text=dest)
+        prow.wait_for(timeout=10_000)
+        prow.locator(".pmain").click()
+        w.page.locator("section.decision details.why summary").click()
+        panel = w.page.locator("section.decision .explain")
+        panel.wait_for(timeout=5000)
+        assert "pending" in panel.inner_text() and "no rule matches" in panel.inner_text()
+    finally:
+        curl.kill()
+        curl.communicate(timeout=5)
+        ids = [e["id"] for e in stack.get("/api/pending", params={"container": "why-pending"}).json()["items"]]
+        stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": ids})
+    w.clean()
+
+
 def test_screenshots_of_every_view_light_and_dark(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
     SHOTS.mkdir(parents=True, exist_ok=True)
     tx = stack.get("/api/transactions", params={"limit": 1, "method": "POST"}).json()["items"]

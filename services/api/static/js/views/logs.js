@@ -2,6 +2,7 @@
 import { h, replace, mono, hostPort, fmtTime, tag, field, select, debounce, fmtNum } from '../util.js';
 import { get } from '../api.js';
 import * as live from '../live.js';
+import { whyDisclosure } from '../explain.js';
 
 const LIMIT = 100;
 
@@ -107,7 +108,9 @@ export function mount(root, params, query, app) {
             h('td', mono(l.container_name)),
             h('td', mono(hostPort(l.destination_host, l.destination_port)), l.resolved_hostname ? h('div.muted.small.mono', l.resolved_hostname) : null),
             h('td', mono(l.method)),
-            h('td', l.reason || '', l.mitm_skip_reason ? h('div.muted.small', `mitm: ${l.mitm_skip_reason}`) : null),
+            h('td', l.reason || '', l.mitm_skip_reason ? h('div.muted.small', `mitm: ${l.mitm_skip_reason}`) : null,
+              l.destination_host && l.destination_port && l.method !== 'DNS'
+                ? whyDisclosure(l.container_name, l.destination_host, l.destination_port, l.resolved_hostname) : null),
             h('td.small', l.rule_summary ? mono(l.rule_summary) : (l.rule_id ? `#${l.rule_id}` : '—')),
             h('td.num', l.response_time_ms == null ? '—' : String(l.response_time_ms)));
         })))),

@@ -3,6 +3,7 @@ import { h, replace, mono, hostPort, fmtTime, fmtAgo, clock, parseTs, toast, cop
 import { get, post, ApiError, facts } from '../api.js';
 import * as live from '../live.js';
 import { VList } from '../vlist.js';
+import { whyDisclosure } from '../explain.js';
 
 const SCOPES = [
   ['exact', 'exact'],
@@ -323,6 +324,7 @@ export function mount(root, params, query, app) {
         h('dt', 'attempts'), h('dd', String(e.attempt_count)),
         h('dt', 'waiting'), (state.panelWait = h('dd', waitBadge(e))),
         h('dt', 'id'), h('dd.mono', String(e.id))),
+      whyDisclosure(e.container_name, e.destination_host, e.destination_port, e.resolved_hostname),
       h('fieldset', h('legend', 'Scope ', h('kbd', 's')),
         radioGroup(`scope-${e.id}`, SCOPES, c.scope, (v) => { state.choice.set(e.id, { ...choiceOf(e.id), scope: v }); renderPanel(); }, labels)),
       h('fieldset', h('legend', 'Duration ', h('kbd', 't')),
