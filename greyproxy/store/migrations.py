@@ -258,3 +258,12 @@ MIGRATIONS.append((5, "llm conversations", [
     "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
     # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
 ]))
+
+# SPEC §15: bodies stored as the captured bytes (a BLOB, zstd-compressed or not) with the charset they
+# decode under, NULL when binary (greyproxy.bodies). Rows from before keep their TEXT body, NULL codec.
+MIGRATIONS.append((6, "stored body codec and charset", [
+    "ALTER TABLE http_transactions ADD COLUMN request_body_codec INTEGER",
+    "ALTER TABLE http_transactions ADD COLUMN request_body_charset TEXT",
+    "ALTER TABLE http_transactions ADD COLUMN response_body_codec INTEGER",
+    "ALTER TABLE http_transactions ADD COLUMN response_body_charset TEXT",
+]))
