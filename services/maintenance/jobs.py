@@ -138,7 +138,7 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
     """`retention.maxDatabaseMiB`: drop the oldest bodies (set NULL, the rows stay), then the oldest
     transactions, then the oldest logs, in batches, until the data is under CAP_LOW_WATER of the
     cap; then give the freed pages back (incremental_vacuum when the file allows it: files created
-    since migration 6; older files keep their size and reuse the free pages). Progress is in KiB:
+    by this version, greyproxy/store/db.py; older files keep their size and reuse the free pages). Progress is in KiB:
     (freed, to free)."""
     cap = float(opts["max_database_mib"]) * MIB
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
