@@ -143,7 +143,7 @@ def through_stack(n: int, bodies: list[bytes]) -> list[tuple[str, int, float, fl
                 c.request(method, f"http://127.0.0.1:{port}{path}", content=body,
                           headers={"Content-Type": "application/json"} if body else {}).raise_for_status()
             total += len(reqs)
-            wait_for(lambda: stack.get("/api/transactions", params={"limit": 1}).json()["total"] >= total, 60,
+            wait_for(lambda want=total: stack.get("/api/transactions", params={"limit": 1}).json()["total"] >= want, 60,
                      message="all stored")
             grown = data_bytes(stack.db_path) - before
             rows.append((name, len(reqs), grown / len(reqs), sent / len(reqs)))
