@@ -109,7 +109,7 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     if req_body is not None or req_size:
         post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
         if req_stored is None:
-            post["comment"] = "body not stored (binary content type)"
+            post["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
         elif len(req_stored.data) < req_size:
             post["comment"] = "body truncated to capture.maxBodyBytes"
         if req_enc:
@@ -125,7 +125,7 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
         if len(resp_stored.data) < resp_size:
             content["comment"] = "body truncated to capture.maxBodyBytes"
     elif resp_size:
-        content["comment"] = "body not stored (binary content type)"
+        content["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
     response: dict[str, Any] = {
         "status": status, "statusText": _REASONS.get(status, ""), "httpVersion": HTTP_VERSION,
         "cookies": [], "headers": resp_headers, "content": content,
