@@ -109,7 +109,9 @@ def over_cap(conn: sqlite3.Connection, cap_mib: float) -> bool:
     if used_bytes(conn) <= cap:
         return False
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a big -wal alone is not data to drop
-    return used_bytes(conn) > cap
+    # ...and when the -wal cannot shrink (a reader holds it), dropping data under the low-water mark
+    # would not help: the job only runs when it has something to drop.
+    return used_bytes(conn) > cap and _data_bytes(conn) > cap * CAP_LOW_WATER
 
 
 def _data_bytes(conn: sqlite3.Connection) -> int:

@@ -92,3 +92,29 @@ def test_config_key(tmp_path: Path) -> None:
     good = tmp_path / "g.yaml"
     good.write_text("retention:\n  maxDatabaseMiB: 100\n")
     assert load_config(good).section("retention")["maxDatabaseMiB"] == 100
+
+
+def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> None:
+    """A TEXT body with NULL codec (what every row stored before this version is) reads as that text
+    through the API's lookup and the HAR export, next to a new BLOB row."""
+    from greyproxy import har
+    from greyproxy.bodies import pack
+    from greyproxy.capture import transaction_json
+    from greyproxy.store.transactions import get_transaction
+
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    conn.execute("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
+                 " method, url, response_body, response_body_size, response_content_type)"
+                 " VALUES (1, 'c', 'h', 80, 'GET', 'http://h/old', 'caf\ufffd text', 12, 'text/plain')")
+    p = pack(b"\xff\xfe binary", "text/plain")
+    conn.execute(_INSERT, (2.0, "http://h/new", p.blob, p.codec, len(b"\xff\xfe binary")))
+    old, new = get_transaction(1), get_transaction(2)
+    assert old is not None and new is not None
+    assert transaction_json(old, include_bodies=True)["response_body"] == "caf\ufffd text"
+    assert har.entry(old)["response"]["content"]["text"] == "caf\ufffd text"
+    item = transaction_json(new, include_bodies=True)
+    assert (item["response_body"], item["response_body_encoding"]) == ("//4gYmluYXJ5", "base64")
+    content = har.entry(new)["response"]["content"]
+    assert content["text"] == "//4gYmluYXJ5" and content["encoding"] == "base64"
+    db.close()
