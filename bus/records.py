@@ -90,7 +90,8 @@ class IdentityUsedRecord(TypedDict):
 
 
 # A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
-# headers already redacted, bodies decoded and capped (greyproxy.capture).
+# headers already redacted, bodies decoded, capped and packed (greyproxy.capture, greyproxy.bodies: base64 of
+# the stored bytes with `<side>_body_codec` and `<side>_body_charset`; a text body without a codec is stored as text).
 TransactionRecord = dict[str, Any]
 
 

@@ -5,10 +5,12 @@ bodies are stored (text-like types, decoded from their content-coding), and the 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 
+from .bodies import Packed, api_value, pack, read_side
 from .shapes import micros, whole_ms
 from .store import transactions as transactions_table
 from .timeutil import rfc3339
@@ -22,6 +24,7 @@ _DECODE_STEP = 64 * 1024  # compressed bytes fed per step, so a bomb never expan
 TRANSACTION_COLUMNS = transactions_table.COLUMNS
 _JSON_COLUMNS = transactions_table.JSON_COLUMNS
 _BODY_COLUMNS = transactions_table.BODY_COLUMNS
+_BODY_META = transactions_table.BODY_META_COLUMNS  # how a body is stored: not part of the item
 
 
 class BodyCapture:
@@ -140,15 +143,18 @@ def decode_body(data: bytes, content_encoding: str | None, limit: int = DEFAULT_
 
 
 def stored_body(data: bytes, content_type: str | None, content_encoding: str | None,
-                limit: int = DEFAULT_MAX_BODY) -> str | None:
-    """The text kept for a body: None for non-text types; decoded first (raw bytes kept on failure)."""
+                limit: int = DEFAULT_MAX_BODY, scrub: Callable[[bytes], bytes] | None = None) -> Packed | None:
+    """The stored form of a body (greyproxy.bodies.pack): None for non-text types; its content-coding
+    undone first (the raw bytes kept when that fails), then `scrub` (credential values, SPEC §12.7)."""
     if not data or not is_text_like(content_type):
         return None
     try:
         data = decode_body(data, content_encoding, limit)
     except ValueError:
         pass
-    return data.decode("utf-8", "replace")
+    if scrub is not None:
+        data = scrub(data)
+    return pack(data, content_type)
 
 
 def _json_field(value: Any, default: Any) -> Any:
@@ -163,13 +169,17 @@ def _json_field(value: Any, default: Any) -> Any:
 
 
 def transaction_json(row: dict[str, Any], include_bodies: bool = False) -> dict[str, Any]:
-    """A stored row (dict) → the SPEC §7 item; bodies only when asked for."""
+    """A stored row (dict) → the SPEC §7 item; bodies only when asked for, as they were captured: a text
+    body as its text, a binary one as base64 with `<side>_body_encoding: "base64"` (SPEC §15)."""
     out: dict[str, Any] = {}
     for col in TRANSACTION_COLUMNS:
-        if col in _BODY_COLUMNS and not include_bodies:
+        if col in _BODY_META or (col in _BODY_COLUMNS and not include_bodies):
             continue
         value = row.get(col)
-        if col in _JSON_COLUMNS:
+        if col in _BODY_COLUMNS:
+            side = col[:-5]  # request / response
+            value, out[f"{side}_body_encoding"] = api_value(read_side(row, side))
+        elif col in _JSON_COLUMNS:
             value = _json_field(value, [] if col.endswith("_credentials") else {})
         elif col == "timestamp":
             value = rfc3339(value)

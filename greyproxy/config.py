@@ -116,7 +116,7 @@ _SCHEMA: dict[str, Any] = {
     "dns": {"upstreams": [str], "timeout": _NUM, "cacheSize": int},
     "mitm": {"bypass": [str], "upstreamCaFile": str},
     "capture": {"maxBodyBytes": int},
-    "retention": {"days": _NUM},
+    "retention": {"days": _NUM, "maxDatabaseMiB": int},
     "credentials": {"requireHosts": bool},
 }
 
@@ -125,7 +125,8 @@ _POSITIVE = {
     "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
     "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
     "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout",
-    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days", "greyproxy.docker.cacheTTL",
+    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days", "retention.maxDatabaseMiB",
+    "greyproxy.docker.cacheTTL",
 }
 
 _NON_NEGATIVE = {"proxy.upstreamPoolSize"}

@@ -18,6 +18,7 @@ from urllib.parse import parse_qsl, urlsplit
 import orjson
 
 from . import __version__
+from .bodies import api_value, read_side
 from .capture import _json_field
 from .redaction import REDACTED
 
@@ -92,7 +93,9 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     req_headers = _headers(row.get("request_headers"))
     resp_headers = _headers(row.get("response_headers"))
     req_size, resp_size = _size(row.get("request_body_size")), _size(row.get("response_body_size"))
-    req_body, resp_body = row.get("request_body"), row.get("response_body")
+    req_stored, resp_stored = read_side(row, "request"), read_side(row, "response")
+    req_body, req_enc = api_value(req_stored)
+    resp_body, resp_enc = api_value(resp_stored)
     cookie = _header(req_headers, "cookie")
     try:
         query = [{"name": k, "value": v} for k, v in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
@@ -105,20 +108,24 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     }
     if req_body is not None or req_size:
         post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
-        if req_body is None:
-            post["comment"] = "body not stored (binary content type)"
-        elif len(req_body.encode("utf-8", "replace")) < req_size:
+        if req_stored is None:
+            post["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
+        elif len(req_stored.data) < req_size:
             post["comment"] = "body truncated to capture.maxBodyBytes"
+        if req_enc:
+            post["_encoding"] = req_enc  # HAR 1.2 has no postData encoding: the content's, prefixed
         request["postData"] = post
     status = row.get("status_code")
     status = int(status) if isinstance(status, int) else 0
     content: dict[str, Any] = {"size": resp_size, "mimeType": row.get("response_content_type") or "x-unknown"}
-    if resp_body is not None:
+    if resp_stored is not None:
         content["text"] = resp_body
-        if len(resp_body.encode("utf-8", "replace")) < resp_size:
+        if resp_enc:
+            content["encoding"] = resp_enc
+        if len(resp_stored.data) < resp_size:
             content["comment"] = "body truncated to capture.maxBodyBytes"
     elif resp_size:
-        content["comment"] = "body not stored (binary content type)"
+        content["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
     response: dict[str, Any] = {
         "status": status, "statusText": _REASONS.get(status, ""), "httpVersion": HTTP_VERSION,
         "cookies": [], "headers": resp_headers, "content": content,

@@ -394,5 +394,12 @@ class Scrubber:
         labels = dict(self.needles)
         return self._re.sub(lambda m: f"[REDACTED:{labels[m.group(0)]}]", s)
 
+    def data(self, b: bytes) -> bytes:
+        """`text` over stored bytes: UTF-8 with any other byte kept as it was (surrogateescape), so
+        the bytes round-trip exactly but for what is scrubbed."""
+        if not b:
+            return b
+        return (self.text(b.decode("utf-8", "surrogateescape")) or "").encode("utf-8", "surrogateescape")
+
     def headers(self, h: dict[str, list[str]]) -> dict[str, list[str]]:
         return {k: [self.text(v) or "" for v in vs] for k, vs in h.items()}

@@ -15,6 +15,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
+from ..bodies import read_side
 from . import usage as U
 from .text import (INPUT_BYTES, PREVIEW_BYTES, RESULT_BYTES, as_json_text, cut_bytes, looks_like_sse, parse_args,
                    sse_json, thinking_preview, tool_summary)
@@ -64,6 +65,10 @@ class Txn:
                 out[str(k).lower()] = [str(x) for x in vals]
             return out
 
+        def body_text(row: dict[str, Any], side: str) -> str | None:
+            stored = read_side(row, side)  # the one read of a stored body (greyproxy.bodies)
+            return stored.lossy_text() if stored is not None else None
+
         def text(value: Any) -> str | None:
             if isinstance(value, bytes):
                 return value.decode("utf-8", "replace")
@@ -74,7 +79,7 @@ class Txn:
             id=int(row.get("id") or 0), method=str(row.get("method") or "").upper(), url=str(row.get("url") or ""),
             host=str(row.get("destination_host") or "").lower(), port=port if isinstance(port, int) else None,
             request_headers=headers(row.get("request_headers")), response_headers=headers(row.get("response_headers")),
-            request_body=text(row.get("request_body")), response_body=text(row.get("response_body")),
+            request_body=body_text(row, "request"), response_body=body_text(row, "response"),
             request_content_type=text(row.get("request_content_type")),
             response_content_type=text(row.get("response_content_type")),
             container_name=str(row.get("container_name") or ""), timestamp=float(row.get("timestamp") or 0),

@@ -36,6 +36,10 @@ def open_database(path: Path | str, migrate: bool = True) -> peewee.SqliteDataba
     db = peewee.SqliteDatabase(str(path), pragmas=PRAGMAS, check_same_thread=False, autoconnect=True)
     database.initialize(db)
     db.connect(reuse_if_open=True)
+    if db.execute_sql("PRAGMA page_count").fetchone()[0] == 0:
+        # A new file: pages freed by the size cap (services/maintenance/jobs.py) can be given back
+        # with PRAGMA incremental_vacuum. Only possible before the first table; older files stay NONE.
+        db.execute_sql("PRAGMA auto_vacuum = INCREMENTAL")
     _enable_wal(db)  # after the chmod: SQLite gives the -wal/-shm files the main file's mode
     for suffix in ("-wal", "-shm"):
         side = Path(f"{path}{suffix}")

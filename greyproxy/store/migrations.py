@@ -338,3 +338,12 @@ MIGRATIONS.append((7, "claimed identities", [
          ON CONFLICT (key) DO UPDATE SET value = value + 1;
        END""",
 ]))
+
+# SPEC §15: bodies stored as the captured bytes (a BLOB, zstd-compressed or not) with the charset they
+# decode under, NULL when binary (greyproxy.bodies). Rows from before keep their TEXT body, NULL codec.
+MIGRATIONS.append((8, "stored body codec and charset", [
+    "ALTER TABLE http_transactions ADD COLUMN request_body_codec INTEGER",
+    "ALTER TABLE http_transactions ADD COLUMN request_body_charset TEXT",
+    "ALTER TABLE http_transactions ADD COLUMN response_body_codec INTEGER",
+    "ALTER TABLE http_transactions ADD COLUMN response_body_charset TEXT",
+]))

@@ -15,10 +15,13 @@ COLUMNS = (
     "rule_id", "result", "conversation_id", "substituted_credentials", "session_id",
     "request_host", "host_mismatch", "error",  # migration 4: the contacted host vs the Host header
     "block_reason", "refused_credentials",  # migration 6: why a request was refused (SPEC §12.7)
+    # migration 6: how each body is stored (greyproxy.bodies); NULL codec = a TEXT body of before
+    "request_body_codec", "request_body_charset", "response_body_codec", "response_body_charset",
 )
 FIELDS = COLUMNS[1:]  # what a `transaction` journal record fills in
 JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")  # stored as JSON text
 BODY_COLUMNS = ("request_body", "response_body")  # left out of listings
+BODY_META_COLUMNS = ("request_body_codec", "request_body_charset", "response_body_codec", "response_body_charset")
 
 # Hand-written rather than peewee's insert_many, as for logs: one executemany per batch in the
 # recorder (bench/run.py's recorder rows), where a query object per batch costs measurably more.

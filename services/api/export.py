@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import falcon
 import falcon.asgi
@@ -33,7 +34,8 @@ _META_SQL = ", ".join(_META) + ", COALESCE(length(request_body), 0) + COALESCE(l
 Key = tuple[float, int]  # (timestamp, id) of the last row sent
 
 
-def _bodies(ids: list[int]) -> dict[int, tuple[str | None, str | None]]:
+def _bodies(ids: list[int]) -> dict[int, tuple[Any, Any]]:
+    """The stored bodies (greyproxy.bodies: read with the codec and charset columns of the row)."""
     marks = ",".join("?" * len(ids))
     cur = database.execute_sql(
         f"SELECT id, request_body, response_body FROM http_transactions WHERE id IN ({marks})", ids)

@@ -185,12 +185,16 @@ SCHEMAS: dict[str, Any] = {
         "request_host": nullable(STR), "host_mismatch": BOOL, "error": nullable(STR),
         "block_reason": nullable(STR), "refused_credentials": {"type": "array", "items": STR},
         "request_body": nullable(STR), "response_body": nullable(STR),
+        "request_body_encoding": nullable({"type": "string", "enum": ["base64"]}),
+        "response_body_encoding": nullable({"type": "string", "enum": ["base64"]}),
     }, required=["id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
                  "request_headers", "request_body_size", "request_content_type", "status_code",
                  "response_headers", "response_body_size", "response_content_type", "duration_ms", "rule_id",
                  "result", "conversation_id", "substituted_credentials", "session_id", "request_host",
                  "host_mismatch", "error", "block_reason", "refused_credentials"],
-        description="SPEC §7 (request_body/response_body only in the detail view or with include_bodies=true)"),
+        description="SPEC §7 (request_body/response_body only in the detail view or with include_bodies=true;"
+                    " a body that is not text under its charset is base64, with <side>_body_encoding \"base64\","
+                    " SPEC §15)"),
     "TransactionPage": list_of("Transaction", paged=True),
     "Har": {**copy.deepcopy(HAR_SCHEMA), "description": "HAR 1.2 (the required fields of the specification)"},
     "Settings": obj({

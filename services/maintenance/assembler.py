@@ -36,7 +36,8 @@ BATCH = 500  # transactions' metadata read at a time
 BODY_CHUNK = 25  # claimed transactions whose bodies are in memory at a time (each up to 2 x capture.maxBodyBytes)
 _META_COLS = "id, timestamp, container_name, destination_host, destination_port, method, url, duration_ms"
 _BODY_COLS = ("id, request_headers, response_headers, request_body, response_body, request_content_type,"
-              " response_content_type, status_code")
+              " response_content_type, status_code, request_body_codec, request_body_charset,"
+              " response_body_codec, response_body_charset")
 Publish = Callable[[str, dict[str, Any]], None]
 
 
@@ -126,12 +127,14 @@ def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> 
         b = bodies.get(txn.id)
         if b is None:
             continue  # deleted meanwhile
-        _id, rh, sh, rb, sb, rct, sct, status = b
+        _id, rh, sh, rb, sb, rct, sct, status, rbc, rbs, sbc, sbs = b
         t = D.Txn.from_row({"id": txn.id, "method": txn.method, "url": txn.url, "destination_host": txn.host,
                             "destination_port": txn.port, "request_headers": rh, "response_headers": sh,
                             "request_body": rb, "response_body": sb, "request_content_type": rct,
                             "response_content_type": sct, "container_name": txn.container_name,
-                            "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status})
+                            "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status,
+                            "request_body_codec": rbc, "request_body_charset": rbs,
+                            "response_body_codec": sbc, "response_body_charset": sbs})
         full.append((t, name))
     return full
 

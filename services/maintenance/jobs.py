@@ -4,6 +4,7 @@ writes are never held back for more than a moment."""
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -76,7 +77,116 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
     if any(removed.values()):
         log.info("pruned %s", {k: v for k, v in removed.items() if v})
 
-JOBS: dict[str, JobFn] = {"prune": prune}
+# --------------------------------------------------------------------------- the size cap (SPEC §15)
+
+MIB = 1024 * 1024
+CAP_LOW_WATER = 0.8  # once over the cap, drop down to this share of it (room for the -wal and what comes next)
+CAP_BODY_BATCH = 200  # rows whose bodies are dropped per transaction (bodies are up to 2 x capture.maxBodyBytes)
+CAP_ROW_BATCH = 500  # rows deleted per transaction
+_NO_BODIES = ("request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
+              " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL")
+
+
+def used_bytes(conn: sqlite3.Connection) -> int:
+    """The bytes the database holds: its pages in use (free pages left out: SQLite reuses them, and
+    incremental_vacuum gives them back) plus the -wal file."""
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return pages * page_size + _wal_size(conn)
+
+
+def _wal_size(conn: sqlite3.Connection) -> int:
+    path = conn.execute("PRAGMA database_list").fetchone()[2]
+    try:
+        return os.path.getsize(f"{path}-wal") if path else 0
+    except OSError:
+        return 0
+
+
+def over_cap(conn: sqlite3.Connection, cap_mib: float) -> bool:
+    """The periodic check: over the cap even after the -wal is checkpointed and truncated?"""
+    cap = cap_mib * MIB
+    if used_bytes(conn) <= cap:
+        return False
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a big -wal alone is not data to drop
+    # ...and when the -wal cannot shrink (a reader holds it), dropping data under the low-water mark
+    # would not help: the job only runs when it has something to drop.
+    return used_bytes(conn) > cap and _data_bytes(conn) > cap * CAP_LOW_WATER
+
+
+def _data_bytes(conn: sqlite3.Connection) -> int:
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return (conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]) \
+        * page_size
+
+
+# (kind, the next rows after an id with their bytes (estimated for rows), what drops them), oldest first.
+_BODY_BYTES = "COALESCE(length(request_body), 0) + COALESCE(length(response_body), 0)"
+_CAP_STEPS = [
+    ("bodies", f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ?"
+               " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?",
+     f"UPDATE http_transactions SET {_NO_BODIES} WHERE id IN ({{marks}})"),
+    ("transactions", f"SELECT id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
+                     " + COALESCE(length(response_headers), 0) + 100 FROM http_transactions WHERE id > ?"
+                     " ORDER BY id LIMIT ?",
+     "DELETE FROM http_transactions WHERE id IN ({marks})"),
+    ("logs", "SELECT id, length(destination_host) + length(container_name) + 100 FROM logs WHERE id > ?"
+             " ORDER BY id LIMIT ?",
+     "DELETE FROM logs WHERE id IN ({marks})"),
+]
+
+
+def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
+    """`retention.maxDatabaseMiB`: drop the oldest bodies (set NULL, the rows stay), then the oldest
+    transactions, then the oldest logs, in batches, until the data is under CAP_LOW_WATER of the
+    cap; then give the freed pages back (incremental_vacuum when the file allows it: files created
+    by this version, greyproxy/store/db.py; older files keep their size and reuse the free pages). Progress is in KiB:
+    (freed, to free)."""
+    cap = float(opts["max_database_mib"]) * MIB
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    start = _data_bytes(conn)
+    target = int(cap * CAP_LOW_WATER)
+    need = max(0, start - target)
+    dropped = {"bodies": 0, "transactions": 0, "logs": 0}
+    if need:
+        for what, pick, drop in _CAP_STEPS:
+            after = 0
+            while (excess := _data_bytes(conn) - target) > 0:
+                ids: list[int] = []
+                size = 0
+                for rid, n in conn.execute(pick, (after, CAP_ROW_BATCH if what != "bodies" else CAP_BODY_BATCH)):
+                    ids.append(rid)
+                    size += n
+                    if size >= excess:  # just enough rows to be under (their bytes, estimated)
+                        break
+                if not ids:
+                    break  # nothing of this kind left: the next kind
+                conn.execute(drop.format(marks=",".join("?" * len(ids))), ids)
+                after = ids[-1]
+                dropped[what] += len(ids)
+                yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
+                time.sleep(0.002)  # let the recorder's batches in
+            if _data_bytes(conn) <= target:
+                break
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    if vacuum:
+        while conn.execute("PRAGMA freelist_count").fetchone()[0]:
+            conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()  # ~8 MiB per step, the lock let go between
+            time.sleep(0.002)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    end = _data_bytes(conn)
+    yield (max(0, start - end) // 1024, need // 1024)
+    if any(dropped.values()):
+        log.warning("database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
+                    " and %d logs; %.1f MiB of data now (was %.1f)%s", cap // MIB, dropped["bodies"],
+                    dropped["transactions"], dropped["logs"], end / MIB, start / MIB,
+                    "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused")
+    elif need:
+        log.warning("database over retention.maxDatabaseMiB (%d MiB) with nothing left to drop", cap // MIB)
+
+
+JOBS: dict[str, JobFn] = {"prune": prune, "size-cap": size_cap}
 
 
 def register(name: str, fn: JobFn) -> None:

@@ -20,11 +20,13 @@ from greyproxy.timeutil import rfc3339
 
 from . import assembler  # noqa: F401 - registers the rebuild-conversations job
 from . import redact  # noqa: F401 - registers the redact-headers job
-from .jobs import JOBS, JobState
+from .jobs import JOBS, JobState, over_cap
 
 log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
+CAP_CHECK_EVERY = 5.0  # the size cap's check: a few PRAGMAs and a stat
+
 SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
 
 
@@ -187,6 +189,9 @@ async def main(rt: ServiceRuntime) -> None:
     db = await loop.run_in_executor(executor, open_database, cfg.db_path)
     runner = JobRunner(rt, db, executor)
 
+    def cap_opts() -> dict[str, Any]:
+        return {"max_database_mib": cfg.section("retention").get("maxDatabaseMiB", 4096)}
+
     def prune_opts() -> dict[str, Any]:
         return {"retention_days": cfg.section("retention")["days"],
                 "pending_ttl_days": cfg.section("proxy")["pendingTtlDays"]}
@@ -196,6 +201,8 @@ async def main(rt: ServiceRuntime) -> None:
         opts = dict(args.get("options") or {})
         if name == "prune":
             opts = prune_opts() | opts
+        if name == "size-cap":
+            opts = cap_opts() | opts
         if name == "rebuild-conversations" and not await loop.run_in_executor(
                 executor, lambda: assembler.enabled(db.connection())):
             raise RemoteError("conversation tracking is disabled", 409)
@@ -217,9 +224,30 @@ async def main(rt: ServiceRuntime) -> None:
                 runner.start("prune", prune_opts())
             await asyncio.sleep(PRUNE_EVERY)
 
+    def check(mib: float) -> bool:
+        return over_cap(db.connection(), mib)
+
+    async def size_cap() -> None:
+        """retention.maxDatabaseMiB (SPEC §15): the size-cap job starts when the database is over it."""
+        while True:
+            await asyncio.sleep(CAP_CHECK_EVERY)
+            if runner.states["size-cap"].running:
+                continue
+            opts = cap_opts()
+            try:
+                over = await loop.run_in_executor(executor, check, opts["max_database_mib"])
+            except Exception:
+                log.exception("size check failed")
+                continue
+            if over:
+                log.info("database over retention.maxDatabaseMiB (%s MiB): dropping the oldest bodies",
+                         opts["max_database_mib"])
+                runner.start("size-cap", opts)
+
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:
-        await asyncio.gather(control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor))
+        await asyncio.gather(control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor),
+                             size_cap())
     finally:
         control.close()
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from bus.journal import JournalWriter
+from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
 from greyproxy.policy.patterns import normalise_host
@@ -101,8 +102,8 @@ class Recorder:
         return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
 
     def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
-        """Journal the record; bodies become text inline when small and plain, else in a worker thread
-        (which also serialises the record, so a 2 MiB body is never dumped on the event loop).
+        """Journal the record; bodies are packed (greyproxy.bodies) inline when small and plain, else in a
+        worker thread (which also serialises the record, so a 2 MiB body is never dumped on the event loop).
         `scrub`: an exchange with substituted credentials has their values scrubbed from the stored
         response body (after decoding, so a compressed echo is caught too)."""
         self.counts["transactions"] += 1
@@ -110,22 +111,12 @@ class Recorder:
         limit = self.max_body
         if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and \
                 (resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])):
-            if req is not None:
-                rec["request_body"] = stored_body(*req, limit=limit)
-            if resp is not None:
-                rec["response_body"] = stored_body(*resp, limit=limit)
-                if scrub is not None:
-                    rec["response_body"] = scrub.text(rec["response_body"])
+            _put_bodies(rec, req, resp, limit, scrub)
             self.journal.append("transaction", rec)
             return
 
         def decode() -> orjson.Fragment:
-            if req is not None:
-                rec["request_body"] = stored_body(*req, limit=limit)
-            if resp is not None:
-                rec["response_body"] = stored_body(*resp, limit=limit)
-                if scrub is not None:
-                    rec["response_body"] = scrub.text(rec["response_body"])
+            _put_bodies(rec, req, resp, limit, scrub)
             return orjson.Fragment(orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS))
 
         fut = asyncio.get_running_loop().run_in_executor(None, decode)
@@ -173,16 +164,28 @@ class Recorder:
 
     def _record_ws(self, container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
                    msg: Message, extra: dict[str, Any], scrub: Scrubber | None = None) -> None:
-        text = msg.payload.decode("utf-8", "replace") if msg.opcode == OP_TEXT else None
-        if scrub is not None:
-            text = scrub.text(text)
         size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
         side = "request" if method == "WS_REQ" else "response"
         rec = base_record(container, host, port, method, url, rule_id)
         rec.update(extra)
-        rec.update({f"{side}_body": text, f"{side}_body_size": size})
+        rec[f"{side}_body_size"] = size
+        if msg.opcode == OP_TEXT and msg.payload:
+            payload = msg.payload if scrub is None else scrub.data(msg.payload)
+            to_record(rec, side, pack(payload, _WS_TEXT))
         self.counts["ws_messages"] += 1
         self.journal.append("transaction", rec)
+
+
+_WS_TEXT = "text/plain; charset=utf-8"  # a WebSocket text message is UTF-8 (RFC 6455 §5.6)
+
+
+def _put_bodies(rec: dict[str, Any], req: Body | None, resp: Body | None, limit: int,
+                scrub: Scrubber | None = None) -> None:
+    for side, body in (("request", req), ("response", resp)):
+        if body is not None:
+            packed = stored_body(*body, limit=limit, scrub=scrub.data if scrub is not None and side == "response" else None)
+            if packed is not None:
+                to_record(rec, side, packed)
 
 
 class Txn:

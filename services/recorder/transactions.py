@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from bus import records, topics
+from greyproxy.bodies import from_record
 from greyproxy.capture import transaction_json
 from greyproxy.credentials.substitute import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
@@ -37,6 +38,8 @@ def _row(data: dict[str, Any]) -> dict[str, Any]:
     if row["result"] is None:
         row["result"] = "allowed"
     row["host_mismatch"] = 1 if row["host_mismatch"] else 0
+    from_record(row, "request")  # base64 in the record → the stored BLOB
+    from_record(row, "response")
     for col in ("container_name", "destination_host", "method", "url"):
         if not isinstance(row[col], str):
             raise ValueError(f"transaction record without {col}")

@@ -179,9 +179,11 @@ def test_decode_caps_output_and_survives_truncation() -> None:
 
 
 def test_stored_body() -> None:
-    assert stored_body(gzip.compress(b'{"a":1}'), "application/json", "gzip") == '{"a":1}'
+    from greyproxy.bodies import RAW, Packed
+
+    assert stored_body(gzip.compress(b'{"a":1}'), "application/json", "gzip") == Packed(b'{"a":1}', RAW, "utf-8")
     assert stored_body(b"\x89PNG", "image/png", None) is None
-    assert stored_body(b"plain", "text/plain", "gzip") == "plain"  # decoding failed: the raw bytes are kept
+    assert stored_body(b"plain", "text/plain", "gzip") == Packed(b"plain", RAW, "utf-8")  # decoding failed: raw kept
     assert stored_body(b"", "text/plain", None) is None
 
 

@@ -1,0 +1,120 @@
+"""retention.maxDatabaseMiB (SPEC §15): the size-cap job drops the oldest bodies first, then the
+oldest rows, and gives the pages back (services/maintenance/jobs.py)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from greyproxy.config import ConfigError, load_config
+from greyproxy.store import open_database
+from services.maintenance.jobs import CAP_LOW_WATER, MIB, over_cap, size_cap, used_bytes
+
+_INSERT = ("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+           " url, response_body, response_body_codec, response_body_charset, response_body_size)"
+           " VALUES (?, 'c', 'h', 80, 'GET', ?, ?, ?, NULL, ?)")
+
+
+def _fill(conn: sqlite3.Connection, n: int, body: int, start: int = 0) -> None:
+    conn.execute("BEGIN")
+    for i in range(start, start + n):
+        data = os.urandom(body) if body else None
+        conn.execute(_INSERT, (1000.0 + i, f"http://h/{i}", data, 0 if body else None, body))
+    conn.execute("COMMIT")
+
+
+def _run(conn: sqlite3.Connection, mib: float) -> list[tuple[int, int]]:
+    return list(size_cap(conn, {"max_database_mib": mib}))
+
+
+def test_oldest_bodies_go_first_and_the_rows_stay(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # a new file: incremental
+    _fill(conn, 300, 8192)  # ~2.5 MiB of incompressible bodies
+    assert over_cap(conn, 1)
+    file_before = os.path.getsize(tmp_path / "g.db")
+    steps = _run(conn, 1)
+    assert steps and steps[-1][0] > 0
+    rows = conn.execute("SELECT id, response_body IS NOT NULL, response_body_size FROM http_transactions"
+                        " ORDER BY id").fetchall()
+    assert len(rows) == 300  # every row kept: bodies were enough
+    kept = [has for _id, has, _size in rows]
+    first_kept = kept.index(1)
+    assert not any(kept[:first_kept]) and all(kept[first_kept:])  # the oldest went, the newest stay
+    assert 0 < first_kept < 300 and rows[0][2] == 8192  # the size of a dropped body is still known
+    assert used_bytes(conn) <= CAP_LOW_WATER * MIB
+    assert os.path.getsize(tmp_path / "g.db") < file_before / 2  # incremental_vacuum gave the pages back
+    assert not over_cap(conn, 1)
+    assert _run(conn, 1)[-1] == (0, 0)  # under the cap: nothing to do
+    db.close()
+
+
+def test_then_the_oldest_rows(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    _fill(conn, 4000, 0)  # rows without bodies: only deleting rows helps
+    _fill(conn, 20, 2048, start=4000)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = used_bytes(conn)
+    cap = before / MIB * 0.6
+    _run(conn, cap)
+    ids = [r[0] for r in conn.execute("SELECT id FROM http_transactions ORDER BY id")]
+    assert ids and ids == list(range(ids[0], 4021))  # the oldest rows went, the rest are whole
+    assert conn.execute("SELECT COUNT(*) FROM http_transactions WHERE response_body IS NOT NULL").fetchone()[0] == 0
+    assert used_bytes(conn) <= CAP_LOW_WATER * cap * MIB
+    db.close()
+
+
+def test_an_old_file_without_auto_vacuum_is_capped_by_its_pages_in_use(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    raw = sqlite3.connect(path)
+    raw.execute("CREATE TABLE x (a)")  # auto_vacuum NONE, as every file before migration 6
+    raw.close()
+    db = open_database(path)
+    conn = db.connection()
+    assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    _fill(conn, 300, 8192)
+    _run(conn, 1)
+    assert used_bytes(conn) <= CAP_LOW_WATER * MIB and not over_cap(conn, 1)  # the free pages are reused
+    db.close()
+
+
+def test_config_key(tmp_path: Path) -> None:
+    for bad in ("0", "-1", "1.5", "big"):
+        cfg = tmp_path / f"c{bad}.yaml"
+        cfg.write_text(f"retention:\n  maxDatabaseMiB: {bad}\n")
+        with pytest.raises(ConfigError, match="maxDatabaseMiB"):
+            load_config(cfg)
+    good = tmp_path / "g.yaml"
+    good.write_text("retention:\n  maxDatabaseMiB: 100\n")
+    assert load_config(good).section("retention")["maxDatabaseMiB"] == 100
+
+
+def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> None:
+    """A TEXT body with NULL codec (what every row stored before this version is) reads as that text
+    through the API's lookup and the HAR export, next to a new BLOB row."""
+    from greyproxy import har
+    from greyproxy.bodies import pack
+    from greyproxy.capture import transaction_json
+    from greyproxy.store.transactions import get_transaction
+
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    conn.execute("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
+                 " method, url, response_body, response_body_size, response_content_type)"
+                 " VALUES (1, 'c', 'h', 80, 'GET', 'http://h/old', 'caf\ufffd text', 12, 'text/plain')")
+    p = pack(b"\xff\xfe binary", "text/plain")
+    conn.execute(_INSERT, (2.0, "http://h/new", p.blob, p.codec, len(b"\xff\xfe binary")))
+    old, new = get_transaction(1), get_transaction(2)
+    assert old is not None and new is not None
+    assert transaction_json(old, include_bodies=True)["response_body"] == "caf\ufffd text"
+    assert har.entry(old)["response"]["content"]["text"] == "caf\ufffd text"
+    item = transaction_json(new, include_bodies=True)
+    assert (item["response_body"], item["response_body_encoding"]) == ("//4gYmluYXJ5", "base64")
+    content = har.entry(new)["response"]["content"]
+    assert content["text"] == "//4gYmluYXJ5" and content["encoding"] == "base64"
+    db.close()
