@@ -38,20 +38,40 @@ class Journal:
 
 
 def record(size: int) -> dict[str, Any]:
-    return {"timestamp": time.time(), "container_name": "c", "destination_host": "h", "destination_port": 80,
-            "method": "GET", "url": "http://h/x", "request_headers": {"Accept": ["*/*"]}, "request_body": None,
-            "request_body_size": 0, "request_content_type": None, "status_code": 200,
-            "response_headers": {"Content-Type": ["text/plain"]}, "response_body": None, "response_body_size": size,
-            "response_content_type": "text/plain", "duration_ms": 1.0, "rule_id": None, "result": "allowed",
-            "conversation_id": None, "substituted_credentials": [], "session_id": None, "request_host": "h",
-            "host_mismatch": False, "error": None}
+    return {
+        "timestamp": time.time(),
+        "container_name": "c",
+        "destination_host": "h",
+        "destination_port": 80,
+        "method": "GET",
+        "url": "http://h/x",
+        "request_headers": {"Accept": ["*/*"]},
+        "request_body": None,
+        "request_body_size": 0,
+        "request_content_type": None,
+        "status_code": 200,
+        "response_headers": {"Content-Type": ["text/plain"]},
+        "response_body": None,
+        "response_body_size": size,
+        "response_content_type": "text/plain",
+        "duration_ms": 1.0,
+        "rule_id": None,
+        "result": "allowed",
+        "conversation_id": None,
+        "substituted_credentials": [],
+        "session_id": None,
+        "request_host": "h",
+        "host_mismatch": False,
+        "error": None,
+    }
 
 
 def main() -> None:
     print(f"tree: {Path(greyproxy.__file__).resolve().parent.parent}")
-    kinds = (("random 1 KiB text/plain", "text/plain", lambda i: os.urandom(1024)),
-             ("JSON 1 KiB", "application/json",
-              lambda i: (b'{"id": %d, "items": [' % i + b'"abc", ' * 140)[:1020] + b'"]}'))
+    kinds = (
+        ("random 1 KiB text/plain", "text/plain", lambda i: os.urandom(1024)),
+        ("JSON 1 KiB", "application/json", lambda i: (b'{"id": %d, "items": [' % i + b'"abc", ' * 140)[:1020] + b'"]}'),
+    )
     for name, ctype, make in kinds:
         bodies = [make(i) for i in range(N)]
 
@@ -69,11 +89,13 @@ def main() -> None:
         recs = [tuple(orjson.loads(e)) for e in out]
         t0 = time.perf_counter()
         for i in range(0, N, 500):
-            apply_records(conn, recs[i:i + 500])
+            apply_records(conn, recs[i : i + 500])
         applied = time.perf_counter() - t0
         db.close()
-        print(f"{name}: proxy submit {secs / N * 1e6:.1f} µs/request, journal record {sum(map(len, out)) / N:.0f} B,"
-              f" recorder {N / applied:,.0f} rec/s")
+        print(
+            f"{name}: proxy submit {secs / N * 1e6:.1f} µs/request, journal record {sum(map(len, out)) / N:.0f} B,"
+            f" recorder {N / applied:,.0f} rec/s"
+        )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,17 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from conftest import Stack, wait_for  # noqa: E402
 
-ANSWER = json.dumps({"id": "msg_1", "type": "message", "role": "assistant", "model": "claude",
-                     "content": [{"type": "text", "text": "Done."}], "stop_reason": "end_turn",
-                     "usage": {"input_tokens": 10, "output_tokens": 2}}).encode()
+ANSWER = json.dumps(
+    {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude",
+        "content": [{"type": "text", "text": "Done."}],
+        "stop_reason": "end_turn",
+        "usage": {"input_tokens": 10, "output_tokens": 2},
+    }
+).encode()
 
 
 def _corpus() -> list[str]:
@@ -58,10 +66,11 @@ def _corpus() -> list[str]:
     import unittest.case as uc
     import pydoc as pd
     import tarfile as tf
+
     pieces: list[str] = []
     for mod in (lg, a, m, j, t, ab, hs, sp, ty, uc, pd, tf):
         src = inspect.getsource(mod)
-        pieces += [src[i:i + 700] for i in range(0, len(src) - 700, 700)]
+        pieces += [src[i : i + 700] for i in range(0, len(src) - 700, 700)]
     return pieces
 
 
@@ -71,20 +80,41 @@ TEXT_1K = [p.encode()[:1024].ljust(1024) for p in (CORPUS[i] + CORPUS[i + 1] for
 
 
 def session_bodies(turns: int) -> list[bytes]:
-    system = [{"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
-              {"type": "text", "text": "\n".join(CORPUS[900:920]), "cache_control": {"type": "ephemeral"}}]
-    tools = [{"name": f"Tool{i}", "description": CORPUS[950 + i][:400],
-              "input_schema": {"type": "object", "properties": {f"arg{k}": {"type": "string", "description":
-                                                                             CORPUS[970 + i + k][:80]}
-                                                                for k in range(4)}, "required": ["arg0"]}}
-             for i in range(12)]
+    system = [
+        {"type": "text", "text": "You are Claude Code, Anthropic's official CLI for Claude."},
+        {"type": "text", "text": "\n".join(CORPUS[900:920]), "cache_control": {"type": "ephemeral"}},
+    ]
+    tools = [
+        {
+            "name": f"Tool{i}",
+            "description": CORPUS[950 + i][:400],
+            "input_schema": {
+                "type": "object",
+                "properties": {
+                    f"arg{k}": {"type": "string", "description": CORPUS[970 + i + k][:80]} for k in range(4)
+                },
+                "required": ["arg0"],
+            },
+        }
+        for i in range(12)
+    ]
     msgs: list[dict[str, Any]] = []
     out = []
     for turn in range(turns):
         msgs.append({"role": "user", "content": [{"type": "text", "text": CORPUS[(2 * turn) % 800]}]})
-        out.append(json.dumps({"model": "claude-opus-4-6", "max_tokens": 32000, "stream": False, "system": system,
-                               "messages": msgs, "tools": tools,
-                               "metadata": {"user_id": "user_abc_account__session_1234"}}).encode())
+        out.append(
+            json.dumps(
+                {
+                    "model": "claude-opus-4-6",
+                    "max_tokens": 32000,
+                    "stream": False,
+                    "system": system,
+                    "messages": msgs,
+                    "tools": tools,
+                    "metadata": {"user_id": "user_abc_account__session_1234"},
+                }
+            ).encode()
+        )
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": CORPUS[(2 * turn + 1) % 800]}]})
     return out
 
@@ -117,8 +147,9 @@ def data_bytes(db: Path) -> int:
     conn = sqlite3.connect(db, timeout=10)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        size, count, free = (conn.execute(f"PRAGMA {p}").fetchone()[0]
-                             for p in ("page_size", "page_count", "freelist_count"))
+        size, count, free = (
+            conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count", "freelist_count")
+        )
         return (count - free) * size
     finally:
         conn.close()
@@ -130,21 +161,31 @@ def through_stack(n: int, bodies: list[bytes]) -> list[tuple[str, int, float, fl
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     rows = []
-    with Stack() as stack, httpx.Client(proxy=f"http://bench:x@127.0.0.1:{stack.ports['http-proxy']}",
-                                        trust_env=False, timeout=10) as c:
+    with (
+        Stack() as stack,
+        httpx.Client(proxy=f"http://bench:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10) as c,
+    ):
         total = 0
-        for name, reqs in (("GET 1 KiB text/plain of random bytes", [("GET", f"/rand/{i}", None) for i in range(n)]),
-                           ("GET 1 KiB text (Python source)", [("GET", f"/text/{i}", None) for i in range(n)]),
-                           (f"LLM session: {len(bodies)} turns, POST /v1/messages",
-                            [("POST", "/v1/messages", b) for b in bodies])):
+        for name, reqs in (
+            ("GET 1 KiB text/plain of random bytes", [("GET", f"/rand/{i}", None) for i in range(n)]),
+            ("GET 1 KiB text (Python source)", [("GET", f"/text/{i}", None) for i in range(n)]),
+            (f"LLM session: {len(bodies)} turns, POST /v1/messages", [("POST", "/v1/messages", b) for b in bodies]),
+        ):
             before = data_bytes(stack.db_path)
             sent = sum(len(b or b"") for _m, _p, b in reqs)
             for method, path, body in reqs:
-                c.request(method, f"http://127.0.0.1:{port}{path}", content=body,
-                          headers={"Content-Type": "application/json"} if body else {}).raise_for_status()
+                c.request(
+                    method,
+                    f"http://127.0.0.1:{port}{path}",
+                    content=body,
+                    headers={"Content-Type": "application/json"} if body else {},
+                ).raise_for_status()
             total += len(reqs)
-            wait_for(lambda want=total: stack.get("/api/transactions", params={"limit": 1}).json()["total"] >= want, 60,
-                     message="all stored")
+            wait_for(
+                lambda want=total: stack.get("/api/transactions", params={"limit": 1}).json()["total"] >= want,
+                60,
+                message="all stored",
+            )
             grown = data_bytes(stack.db_path) - before
             rows.append((name, len(reqs), grown / len(reqs), sent / len(reqs)))
     server.shutdown()
@@ -166,10 +207,18 @@ def compression(bodies: list[bytes]) -> list[tuple[str, int, float]]:
         d = zstandard.train_dictionary(64 * 1024, bodies[:k])
         c = zstandard.ZstdCompressor(level=3, dict_data=d)
         t0 = time.perf_counter()
-        size = sum(len(zstandard.ZstdCompressor(level=3).compress(b)) for b in bodies[:k]) + \
-            sum(len(c.compress(b)) for b in bodies[k:]) + len(d.as_bytes())
-        out.append((f"zstd level 3, dictionary trained on the first {k} bodies", size,
-                    (time.perf_counter() - t0) / len(bodies) * 1e6))
+        size = (
+            sum(len(zstandard.ZstdCompressor(level=3).compress(b)) for b in bodies[:k])
+            + sum(len(c.compress(b)) for b in bodies[k:])
+            + len(d.as_bytes())
+        )
+        out.append(
+            (
+                f"zstd level 3, dictionary trained on the first {k} bodies",
+                size,
+                (time.perf_counter() - t0) / len(bodies) * 1e6,
+            )
+        )
     except zstandard.ZstdError as exc:
         out.append((f"trained dictionary: {exc}", raw, 0.0))
     # Each body against the previous one (a delta: reading one needs the chain back to a full body).
@@ -188,6 +237,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=40, help="turns of the LLM session")
     args = ap.parse_args()
     import greyproxy
+
     print(f"tree: {Path(greyproxy.__file__).resolve().parent.parent}")
     bodies = session_bodies(args.turns)
     print("\n| load | requests | bytes stored per request | body bytes sent per request |\n|---|---|---|---|")

@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         grey.start()
         _, health = grey.stack.health()
-        pids = {name: s["pid"] for name, s in health["services"].items()
-                if s.get("pid") and not s.get("workers")}  # "proxy" stands for its workers: each is listed
+        pids = {
+            name: s["pid"] for name, s in health["services"].items() if s.get("pid") and not s.get("workers")
+        }  # "proxy" stands for its workers: each is listed
         for load in args.loads or ["keepalive", "newconn"]:
             lua = lua_absolute(origin.port, close=load == "newconn")
             run_wrk(grey.port, lua, 20, 2, root)  # warm-up
@@ -75,12 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             dm = [b - a for a, b in zip(m0, m1)]
             n, secs = res["requests"], res["duration_s"]
-            print(f"{load}: {res['rps']:,.0f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
-                  f"{res['errors']} errors; machine idle {100 * dm[3] / sum(dm):.1f}%")
+            print(
+                f"{load}: {res['rps']:,.0f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
+                f"{res['errors']} errors; machine idle {100 * dm[3] / sum(dm):.1f}%"
+            )
             for name in pids:
                 du, ds = after[name][0] - before[name][0], after[name][1] - before[name][1]
-                print(f"  {name:12s} {100 * (du + ds) / secs:5.1f}% of a core  {1e6 * (du + ds) / n:6.1f} µs/request"
-                      f"  (user {1e6 * du / n:6.1f}, system {1e6 * ds / n:6.1f})")
+                print(
+                    f"  {name:12s} {100 * (du + ds) / secs:5.1f}% of a core  {1e6 * (du + ds) / n:6.1f} µs/request"
+                    f"  (user {1e6 * du / n:6.1f}, system {1e6 * ds / n:6.1f})"
+                )
             time.sleep(1)
     finally:
         grey.stop()

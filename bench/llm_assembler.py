@@ -36,8 +36,12 @@ def corpus(n: int) -> list[dict]:
     i = 0
     while len(rows) < n:
         i += 1
-        sid, key, parent, child = str(uuid.uuid4()), str(uuid.uuid4()), f"ses_{uuid.uuid4().hex[:24]}", \
-            f"ses_{uuid.uuid4().hex[:24]}"
+        sid, key, parent, child = (
+            str(uuid.uuid4()),
+            str(uuid.uuid4()),
+            f"ses_{uuid.uuid4().hex[:24]}",
+            f"ses_{uuid.uuid4().hex[:24]}",
+        )
         group = [
             F.claude_code_session(t + i, sid=sid, container="claude"),
             F.codex_ws_session(t + i, container="codex"),
@@ -58,9 +62,11 @@ def corpus(n: int) -> list[dict]:
 def open_store(path: Path) -> sqlite3.Connection:
     conn = llm_db.new_store(path)
     conn.execute(f"PRAGMA synchronous = {PRAGMAS['synchronous']}")  # as the services run it
-    conn.execute("INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
-                 " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST',"
-                 " 'openai-chat', 0, 1, 1, 0)")
+    conn.execute(
+        "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+        " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST',"
+        " 'openai-chat', 0, 1, 1, 0)"
+    )
     return conn
 
 
@@ -68,7 +74,7 @@ def bench_incremental(rows: list[dict], batch: int, workdir: Path) -> tuple[floa
     conn = open_store(workdir / f"inc{batch}.db")
     spent = 0.0
     for k in range(0, len(rows), batch):
-        llm_db.insert(conn, rows[k:k + batch])  # what the recorder commits
+        llm_db.insert(conn, rows[k : k + batch])  # what the recorder commits
         t0 = time.perf_counter()
         AS.run_pass(conn)
         spent += time.perf_counter() - t0
@@ -98,9 +104,18 @@ def bench_long_session(n: int, workdir: Path) -> float:
     last = 0.0
     for i in range(n):
         msgs = msgs + [{"role": "user", "content": f"step {i}: " + "details " * 40}]
-        llm_db.insert(conn, [F.row(F.ANTHROPIC, F.claude_request(list(msgs), F.MAIN_SYSTEM, sid=sid),
-                                   F.anthropic_sse([f"done {i}"]), ts=time.time(),
-                                   req_headers={"user-agent": [F.CLAUDE_UA]})])
+        llm_db.insert(
+            conn,
+            [
+                F.row(
+                    F.ANTHROPIC,
+                    F.claude_request(list(msgs), F.MAIN_SYSTEM, sid=sid),
+                    F.anthropic_sse([f"done {i}"]),
+                    ts=time.time(),
+                    req_headers={"user-agent": [F.CLAUDE_UA]},
+                )
+            ],
+        )
         msgs = msgs + [{"role": "assistant", "content": f"done {i}"}]
         t0 = time.perf_counter()
         AS.run_pass(conn)

@@ -59,8 +59,11 @@ def load(stack: Stack, port: int, clients: int, duration: float, tag: str) -> in
             while time.monotonic() < stop:
                 msgs = msgs[-40:] + [{"role": "user", "content": f"request {done[i]}"}]
                 body = json.dumps(F.chat_request(msgs, stream=False))
-                r = c.post(f"http://127.0.0.1:{port}/v1/chat/completions", content=body,
-                           headers={"Content-Type": "application/json"})
+                r = c.post(
+                    f"http://127.0.0.1:{port}/v1/chat/completions",
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 r.raise_for_status()
                 msgs.append({"role": "assistant", "content": "Done."})
                 done[i] += 1
@@ -95,8 +98,13 @@ def phase(stack: Stack, port: int, clients: int, duration: float, enabled: bool)
                 lag = time.monotonic() - t0 - elapsed
                 break
             time.sleep(0.1)
-    return {"sent": sent, "rps": sent / elapsed, "recorded": stored(stack) - before,
-            "recorded_per_s": (stored(stack) - before) / recorded_at, "lag": lag}
+    return {
+        "sent": sent,
+        "rps": sent / elapsed,
+        "recorded": stored(stack) - before,
+        "recorded_per_s": (stored(stack) - before) / recorded_at,
+        "lag": lag,
+    }
 
 
 def main() -> None:
@@ -110,9 +118,11 @@ def main() -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     with Stack() as stack:  # started by the context manager
-        r = stack.request("POST", "/api/endpoint-rules", json={"host_pattern": "127.0.0.1:*",
-                                                               "path_pattern": "/v1/chat/completions",
-                                                               "decoder_name": "openai-chat"})
+        r = stack.request(
+            "POST",
+            "/api/endpoint-rules",
+            json={"host_pattern": "127.0.0.1:*", "path_pattern": "/v1/chat/completions", "decoder_name": "openai-chat"},
+        )
         r.raise_for_status()
         off = phase(stack, port, args.clients, args.duration, False)
         on = phase(stack, port, args.clients, args.duration, True)

@@ -46,7 +46,15 @@ from harness import greybench, loads, report  # noqa: E402
 from harness.origin import NginxOrigin, PyOrigin, make_tls, nginx_binary, nginx_version  # noqa: E402
 from harness.procs import Managed, cpu_seconds, fd_count, stop_all, system_busy  # noqa: E402
 from harness.proxies import (  # noqa: E402
-    PEERS_VENV, GreyProxy, Mitmdump, ProxyPy, ProxyUnderTest, Tinyproxy, Unavailable, pyspy_binary, tool_version,
+    PEERS_VENV,
+    GreyProxy,
+    Mitmdump,
+    ProxyPy,
+    ProxyUnderTest,
+    Tinyproxy,
+    Unavailable,
+    pyspy_binary,
+    tool_version,
 )
 
 MiB = 1 << 20
@@ -55,28 +63,43 @@ MiB = 1 << 20
 @dataclass
 class Plan:
     mode: str
-    duration: int            # seconds per wrk load
-    warmup: int              # seconds of warm-up before the first load of each proxy (0 = none)
-    conns: int               # concurrent connections of the HTTP loads
-    big_bytes: int           # the download file
-    downloads: int           # downloads per proxy per kind (median reported)
+    duration: int  # seconds per wrk load
+    warmup: int  # seconds of warm-up before the first load of each proxy (0 = none)
+    conns: int  # concurrent connections of the HTTP loads
+    big_bytes: int  # the download file
+    downloads: int  # downloads per proxy per kind (median reported)
     idle_tunnels: int
-    holds: int               # approval measures
-    recorder_n: int          # records driven through the recorder
-    log_rows: int            # rows in the db for GET /api/logs
+    holds: int  # approval measures
+    recorder_n: int  # records driven through the recorder
+    log_rows: int  # rows in the db for GET /api/logs
     log_calls: int
     rule_sizes: list[int]
     rule_queries: int
     https_seconds: float
     peers: bool
-    python_loads: bool       # smoke: Python origin and Python clients instead of nginx/wrk/curl
+    python_loads: bool  # smoke: Python origin and Python clients instead of nginx/wrk/curl
 
 
 PLANS = {
-    "full": Plan("full", 10, 2, 20, 256 * MiB, 3, 1000, 100, 100_000, 1_000_000, 50, [100, 10_000, 100_000],
-                 20_000, 10.0, True, False),
-    "quick": Plan("quick", 2, 0, 20, 16 * MiB, 1, 500, 20, 5_000, 100_000, 20, [100, 10_000],
-                  1_000, 2.0, True, False),
+    "full": Plan(
+        "full",
+        10,
+        2,
+        20,
+        256 * MiB,
+        3,
+        1000,
+        100,
+        100_000,
+        1_000_000,
+        50,
+        [100, 10_000, 100_000],
+        20_000,
+        10.0,
+        True,
+        False,
+    ),
+    "quick": Plan("quick", 2, 0, 20, 16 * MiB, 1, 500, 20, 5_000, 100_000, 20, [100, 10_000], 1_000, 2.0, True, False),
     "smoke": Plan("smoke", 1, 0, 8, 2 * MiB, 1, 50, 5, 300, 5_000, 5, [100, 10_000], 300, 1.0, False, True),
 }
 
@@ -86,6 +109,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- set-up
+
 
 def missing_system() -> list[str]:
     out = []
@@ -119,10 +143,18 @@ def ensure_installed(plan: Plan, allow: bool, notes: list[str]) -> float:
     if plan.peers and missing_peers():
         parts.append("peers")
     for part in parts:
-        log(f"installing ({part}): bench/setup.sh {part} — missing {missing_system() if part == 'system' else missing_peers()}")
+        log(
+            f"installing ({part}): bench/setup.sh {part} — missing {missing_system() if part == 'system' else missing_peers()}"
+        )
         try:
-            p = subprocess.run(["bash", str(BENCH / "setup.sh"), part], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, timeout=900, stdin=subprocess.DEVNULL)
+            p = subprocess.run(
+                ["bash", str(BENCH / "setup.sh"), part],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=900,
+                stdin=subprocess.DEVNULL,
+            )
             if p.returncode != 0:
                 notes.append(f"bench/setup.sh {part} failed ({p.returncode}): {p.stdout.strip()[-300:]}")
                 log(f"setup.sh {part} failed: {p.stdout.strip()[-300:]}")
@@ -141,6 +173,7 @@ def raise_fd_limit() -> int:
 
 # ----------------------------------------------------------------------------- machine / versions
 
+
 def machine_info() -> dict[str, Any]:
     cpu = None
     with contextlib.suppress(OSError):
@@ -158,9 +191,16 @@ def machine_info() -> dict[str, Any]:
         for line in open("/etc/os-release"):
             if line.startswith("PRETTY_NAME="):
                 os_name = line.split("=", 1)[1].strip().strip('"')
-    return {"cpu": cpu, "cores": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "mem_total_mb": mem,
-            "kernel": platform.release(), "os": os_name, "hostname": platform.node(),
-            "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "affinity": len(os.sched_getaffinity(0)),
+        "mem_total_mb": mem,
+        "kernel": platform.release(),
+        "os": os_name,
+        "hostname": platform.node(),
+        "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
 
 
 def _word(text: str | None, i: int) -> str | None:
@@ -185,20 +225,23 @@ def versions(plan: Plan, grey: GreyProxy | None) -> dict[str, str | None]:
 
 # ----------------------------------------------------------------------------- per-proxy loads
 
+
 def _flag(res: dict[str, Any], what: str, notes: list[str], who: str) -> dict[str, Any]:
     """Turn a load with a high error rate into n/a (and note moderate ones)."""
     if "error" in res:
         return res
     rate = res.get("error_rate") or 0.0
     if rate > 0.5:
-        return {"error": f"{rate:.0%} of requests failed", **{k: v for k, v in res.items() if k != 'rps'}}
+        return {"error": f"{rate:.0%} of requests failed", **{k: v for k, v in res.items() if k != "rps"}}
     if rate > 0.01:
         notes.append(f"{who} {what}: {rate:.1%} of requests failed (figure counts successes only)")
     closes = (res.get("socket_errors") or {}).get("read", 0)
     if what == "keep-alive" and closes > 0.5 * max(1, res.get("requests", 0)):
-        notes.append(f"{who} {what}: the proxy closed the client connection after each response ({closes} closes "
-                     f"for {res.get('requests')} responses): it does not keep client connections alive, so its "
-                     "keep-alive figure is really a new-connection figure")
+        notes.append(
+            f"{who} {what}: the proxy closed the client connection after each response ({closes} closes "
+            f"for {res.get('requests')} responses): it does not keep client connections alive, so its "
+            "keep-alive figure is really a new-connection figure"
+        )
     return res
 
 
@@ -207,21 +250,34 @@ def http_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: li
     r: dict[str, Any] = {}
     port = p.port
     if plan.python_loads:
-        r["keepalive"] = _flag(loads.py_http_load(port, origin.port, plan.conns, plan.duration), "keep-alive", notes,
-                               p.name)
-        r["newconn"] = _flag(loads.py_http_load(port, origin.port, plan.conns, plan.duration, close=True),
-                             "new-connection", notes, p.name)
+        r["keepalive"] = _flag(
+            loads.py_http_load(port, origin.port, plan.conns, plan.duration), "keep-alive", notes, p.name
+        )
+        r["newconn"] = _flag(
+            loads.py_http_load(port, origin.port, plan.conns, plan.duration, close=True),
+            "new-connection",
+            notes,
+            p.name,
+        )
         return r
     if not shutil.which("wrk"):
         return {"keepalive": {"na": "not installed: wrk"}, "newconn": {"na": "not installed: wrk"}}
     if plan.warmup:
         loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.warmup, work)
     log(f"  {p.name}: keep-alive {plan.duration}s")
-    r["keepalive"] = _flag(loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.duration, work),
-                           "keep-alive", notes, p.name)
+    r["keepalive"] = _flag(
+        loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.duration, work),
+        "keep-alive",
+        notes,
+        p.name,
+    )
     log(f"  {p.name}: new connection per request {plan.duration}s")
-    r["newconn"] = _flag(loads.run_wrk(port, loads.lua_absolute(origin.port, close=True), plan.conns,
-                                       plan.duration, work), "new-connection", notes, p.name)
+    r["newconn"] = _flag(
+        loads.run_wrk(port, loads.lua_absolute(origin.port, close=True), plan.conns, plan.duration, work),
+        "new-connection",
+        notes,
+        p.name,
+    )
     time.sleep(0.5)
     return r
 
@@ -240,19 +296,23 @@ def tunnel_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: 
         log(f"  {p.name}: downloads {plan.big_bytes // MiB} MiB x{plan.downloads} (CONNECT, plain)")
         url = f"http://127.0.0.1:{origin.port}/big"
         limit = max(30.0, plan.big_bytes / 5e6)  # slower than 5 MB/s counts as a failure
-        r["connect_download"] = _median_download([loads.curl_download(url, port, tunnel=True, timeout=limit)
-                                                  for _ in range(plan.downloads)])
-        r["http_download"] = _median_download([loads.curl_download(url, port, tunnel=False, timeout=limit)
-                                               for _ in range(plan.downloads)])
+        r["connect_download"] = _median_download(
+            [loads.curl_download(url, port, tunnel=True, timeout=limit) for _ in range(plan.downloads)]
+        )
+        r["http_download"] = _median_download(
+            [loads.curl_download(url, port, tunnel=False, timeout=limit) for _ in range(plan.downloads)]
+        )
     r["idle_tunnels"] = idle_tunnels(p, origin.port, plan.idle_tunnels, 1.0 if plan.mode == "full" else 0.5)
     log(f"  {p.name}: new CONNECT tunnels {plan.duration}s")
     tb, why = (None, "smoke mode") if plan.python_loads else loads.tunnelbench_binary(BENCH / "out" / "bin")
     if tb:
-        r["tunnels"] = _flag(loads.run_tunnelbench(tb, port, origin.port, plan.conns, plan.duration), "tunnels",
-                             notes, p.name)
+        r["tunnels"] = _flag(
+            loads.run_tunnelbench(tb, port, origin.port, plan.conns, plan.duration), "tunnels", notes, p.name
+        )
     else:
-        r["tunnels"] = _flag(loads.py_connect_load(port, origin.port, plan.conns, plan.duration), "tunnels",
-                             notes, p.name)
+        r["tunnels"] = _flag(
+            loads.py_connect_load(port, origin.port, plan.conns, plan.duration), "tunnels", notes, p.name
+        )
         r["tunnels"]["client"] = f"python ({why})"
     time.sleep(0.5)
     return r
@@ -279,12 +339,17 @@ def idle_tunnels(p: ProxyUnderTest, origin_port: int, n: int, hold: float = 1.0)
         loads.close_all(socks)
     if rss is None:
         return {"error": "could not read the proxy's RSS"}
-    return {"tunnels": n, "rss_mb": rss / 1024.0, "baseline_mb": (base or 0) / 1024.0,
-            "per_tunnel_kb": (rss - (base or 0)) / n if base else None,
-            "pid_scope": "proxy process only" if isinstance(p, GreyProxy) else "process tree"}
+    return {
+        "tunnels": n,
+        "rss_mb": rss / 1024.0,
+        "baseline_mb": (base or 0) / 1024.0,
+        "per_tunnel_kb": (rss - (base or 0)) / n if base else None,
+        "pid_scope": "proxy process only" if isinstance(p, GreyProxy) else "process tree",
+    }
 
 
 # ----------------------------------------------------------------------------- HTTPS through interception
+
 
 def https_load(p: ProxyUnderTest, tls_url: str, ca: Path, plan: Plan) -> dict[str, Any]:
     ok, why = loads.curl_probe_https(p.port, tls_url, ca)
@@ -303,13 +368,17 @@ def https_load(p: ProxyUnderTest, tls_url: str, ca: Path, plan: Plan) -> dict[st
 
 # ----------------------------------------------------------------------------- profiling (optional)
 
+
 def profile(pid: int, seconds: int, out: Path, load: Any) -> list[str]:
     """py-spy record (raw collapsed stacks) on pid while `load()` runs; top frames as text lines."""
     spy = pyspy_binary()
     if not spy:
         return ["py-spy not installed (bench/setup.sh peers)"]
-    rec = Managed("py-spy", [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw",
-                             "--nonblocking", "-o", str(out)], out.with_suffix(".log")).start()
+    rec = Managed(
+        "py-spy",
+        [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "250", "-f", "raw", "--nonblocking", "-o", str(out)],
+        out.with_suffix(".log"),
+    ).start()
     time.sleep(0.5)
     try:
         load()
@@ -347,6 +416,7 @@ def profile(pid: int, seconds: int, out: Path, load: Any) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- main
+
 
 def method_text(plan: Plan) -> list[str]:
     big = f"{plan.big_bytes // MiB} MiB"
@@ -394,8 +464,11 @@ def run(args: argparse.Namespace) -> int:
     if args.duration:
         plan.duration = args.duration
     out_dir = Path(args.out) if args.out else BENCH / "out"
-    md_path = Path(args.results_md) if args.results_md else (
-        BENCH / "results.md" if mode == "full" else out_dir / f"results-{mode}.md")
+    md_path = (
+        Path(args.results_md)
+        if args.results_md
+        else (BENCH / "results.md" if mode == "full" else out_dir / f"results-{mode}.md")
+    )
     notes: list[str] = []
     fds = raise_fd_limit()
     install_s = ensure_installed(plan, not args.no_install, notes)
@@ -406,9 +479,16 @@ def run(args: argparse.Namespace) -> int:
     t_start = time.monotonic()
     busy0 = system_busy()
     work = Path(tempfile.mkdtemp(prefix="gpb", dir="/tmp"))
-    res: dict[str, Any] = {"mode": mode, "started_at": started.isoformat(timespec="seconds"),
-                           "machine": machine_info(), "proxies": {}, "greyproxy_only": {}, "notes": notes,
-                           "settings": {}, "fd_limit": fds}
+    res: dict[str, Any] = {
+        "mode": mode,
+        "started_at": started.isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "proxies": {},
+        "greyproxy_only": {},
+        "notes": notes,
+        "settings": {},
+        "fd_limit": fds,
+    }
     details: list[str] = []
     origin: Any = None
     try:
@@ -419,8 +499,9 @@ def run(args: argparse.Namespace) -> int:
             res["origin"] = {"kind": "nginx", "port": origin.port, "tls_port": origin.tls_port}
         else:
             if not plan.python_loads:
-                notes.append("nginx not installed: a Python origin was used for the greyproxy-only measures; "
-                             "proxy loads are n/a")
+                notes.append(
+                    "nginx not installed: a Python origin was used for the greyproxy-only measures; proxy loads are n/a"
+                )
             origin = PyOrigin(plan.big_bytes).start()
             res["origin"] = {"kind": "python http.server", "port": origin.port}
         log(f"origin: {res['origin']}")
@@ -428,8 +509,9 @@ def run(args: argparse.Namespace) -> int:
 
         # -- direct download (the CONNECT target's reference) --
         if nginx_ok and shutil.which("curl"):
-            res["direct"] = _median_download([loads.curl_download(f"http://127.0.0.1:{origin.port}/big")
-                                              for _ in range(plan.downloads)])
+            res["direct"] = _median_download(
+                [loads.curl_download(f"http://127.0.0.1:{origin.port}/big") for _ in range(plan.downloads)]
+            )
         elif plan.python_loads:
             res["direct"] = loads.py_download(origin.port, None, False, plan.big_bytes)
         else:
@@ -470,14 +552,17 @@ def run(args: argparse.Namespace) -> int:
                     if fd0 is not None and fd1 is not None and fd1 - fd0 > 200:
                         # Descriptors still held after every tunnel was closed by both ends: a leak. Left as
                         # is it would exhaust the limit and spoil every later measure, so start afresh.
-                        notes.append(f"greyproxy: the proxy process held {fd1 - fd0} more file descriptors after "
-                                     "the tunnel rows than before, with every tunnel closed (a descriptor leak: "
-                                     "once the limit is reached upstream connects fail with 502 'Too many open "
-                                     "files'); the stack was restarted before the remaining measures")
+                        notes.append(
+                            f"greyproxy: the proxy process held {fd1 - fd0} more file descriptors after "
+                            "the tunnel rows than before, with every tunnel closed (a descriptor leak: "
+                            "once the limit is reached upstream connects fail with 502 'Too many open "
+                            "files'); the stack was restarted before the remaining measures"
+                        )
                         log(f"greyproxy: {fd1 - fd0} descriptors leaked by the tunnel rows; restarting the stack")
                         grey.stop()
-                        grey = GreyProxy(work / "grey2", upstream_ca=tls.ca_pem if tls else None,
-                                         want_mitm=tls is not None)
+                        grey = GreyProxy(
+                            work / "grey2", upstream_ca=tls.ca_pem if tls else None, want_mitm=tls is not None
+                        )
                         try:
                             grey.start()
                             g["pid_after_restart"] = grey.main_pid()
@@ -491,16 +576,18 @@ def run(args: argparse.Namespace) -> int:
                 elif grey.mitm_ca is None:
                     g["https_intercept"] = {"na": grey.mitm_na}
                 else:
-                    g["https_intercept"] = https_load(grey, f"https://127.0.0.1:{origin.tls_port}/1k", grey.mitm_ca,
-                                                      plan)
+                    g["https_intercept"] = https_load(
+                        grey, f"https://127.0.0.1:{origin.tls_port}/1k", grey.mitm_ca, plan
+                    )
                 gd = res["greyproxy_only"]
                 log(f"greyproxy: approval latency, {plan.holds} holds")
                 gd["approval"] = greybench.approval_latency(grey.stack.api, grey.port, origin.port, plan.holds)
                 log(f"greyproxy: recorder, {plan.recorder_n} records")
                 rec_pid = grey.service_pid("recorder")
                 cpu0 = {k: cpu_seconds(pid) for k, pid in (("proxy", grey.main_pid()), ("recorder", rec_pid)) if pid}
-                gd["recorder"] = greybench.recorder_throughput(grey.stack.db_path, grey.port, origin.port,
-                                                               plan.recorder_n)
+                gd["recorder"] = greybench.recorder_throughput(
+                    grey.stack.db_path, grey.port, origin.port, plan.recorder_n
+                )
                 cpu1 = {k: cpu_seconds(pid) for k, pid in (("proxy", grey.main_pid()), ("recorder", rec_pid)) if pid}
                 secs = gd["recorder"].get("seconds_to_all_stored") or 0
                 if secs:
@@ -509,29 +596,40 @@ def run(args: argparse.Namespace) -> int:
                 log(f"greyproxy: recorder drain, {plan.recorder_n} records pushed through the journal")
                 cpu0 = cpu_seconds(rec_pid) if rec_pid else None
                 try:
-                    gd["recorder_journal"] = greybench.recorder_drain(greybench.journal_endpoint(grey.stack),
-                                                                      grey.stack.db_path, plan.recorder_n)
+                    gd["recorder_journal"] = greybench.recorder_drain(
+                        greybench.journal_endpoint(grey.stack), grey.stack.db_path, plan.recorder_n
+                    )
                 except Exception as exc:  # noqa: BLE001 - reported as n/a
                     gd["recorder_journal"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
                 secs = gd["recorder_journal"].get("seconds") or 0
                 if cpu0 is not None and secs:
                     gd["recorder_journal"]["recorder_cpu_pct"] = round(100 * (cpu_seconds(rec_pid) - cpu0) / secs)
                 log(f"greyproxy: GET /api/logs at {plan.log_rows} rows")
-                gd["logs_api"] = greybench.logs_api_latency(grey.stack.api, grey.stack.db_path, plan.log_rows,
-                                                            plan.log_calls)
+                gd["logs_api"] = greybench.logs_api_latency(
+                    grey.stack.api, grey.stack.db_path, plan.log_rows, plan.log_calls
+                )
                 if args.profile and nginx_ok and shutil.which("wrk"):
                     prof = out_dir / "profile"
                     prof.mkdir(parents=True, exist_ok=True)
                     log("profiling the proxy under keep-alive load (py-spy)")
-                    lines = profile(grey.main_pid(), plan.duration, prof / "proxy-keepalive.txt",
-                                    lambda: loads.run_wrk(grey.port, loads.lua_absolute(origin.port), plan.conns,
-                                                          plan.duration, work))
+                    lines = profile(
+                        grey.main_pid(),
+                        plan.duration,
+                        prof / "proxy-keepalive.txt",
+                        lambda: loads.run_wrk(
+                            grey.port, loads.lua_absolute(origin.port), plan.conns, plan.duration, work
+                        ),
+                    )
                     details += ["### py-spy: proxy under the keep-alive load", "", "```", *lines, "```", ""]
                     log("profiling the recorder under the recorder load (py-spy)")
-                    lines = profile(grey.service_pid("recorder") or 0, max(3, plan.duration // 2),
-                                    prof / "recorder.txt",
-                                    lambda: greybench.recorder_throughput(grey.stack.db_path, grey.port, origin.port,
-                                                                          plan.recorder_n // 2))
+                    lines = profile(
+                        grey.service_pid("recorder") or 0,
+                        max(3, plan.duration // 2),
+                        prof / "recorder.txt",
+                        lambda: greybench.recorder_throughput(
+                            grey.stack.db_path, grey.port, origin.port, plan.recorder_n // 2
+                        ),
+                    )
                     details += ["### py-spy: recorder under the recorder load", "", "```", *lines, "```", ""]
             except Unavailable as exc:
                 res["greyproxy_only"].setdefault("approval", {"error": str(exc)})
@@ -602,8 +700,9 @@ def run(args: argparse.Namespace) -> int:
                         if mi.ca_cert is None or not mi.ca_cert.exists():
                             mres["https_intercept"] = {"na": "mitmdump wrote no CA certificate"}
                         else:
-                            mres["https_intercept"] = https_load(mi, f"https://127.0.0.1:{origin.tls_port}/1k",
-                                                                 mi.ca_cert, plan)
+                            mres["https_intercept"] = https_load(
+                                mi, f"https://127.0.0.1:{origin.tls_port}/1k", mi.ca_cert, plan
+                            )
                     except Unavailable as exc:
                         mres["https_intercept"] = {"na": str(exc)}
                     finally:
@@ -633,11 +732,15 @@ def run(args: argparse.Namespace) -> int:
     res["finished_at"] = dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
     la = float(res["machine"]["loadavg_before"].split()[0])
     if la > 0.5:
-        notes.append(f"the machine was not idle when the run started (load average {la:.2f} on "
-                     f"{res['machine']['cores']} cores): other work competed for the CPU, figures are lower "
-                     "and noisier than on an idle machine")
-    notes.append("everything (load generator, proxy, origin, and for greyproxy its recorder/api/bus) shares "
-                 f"the same {res['machine']['cores']} cores, so each figure is a whole-system figure")
+        notes.append(
+            f"the machine was not idle when the run started (load average {la:.2f} on "
+            f"{res['machine']['cores']} cores): other work competed for the CPU, figures are lower "
+            "and noisier than on an idle machine"
+        )
+    notes.append(
+        "everything (load generator, proxy, origin, and for greyproxy its recorder/api/bus) shares "
+        f"the same {res['machine']['cores']} cores, so each figure is a whole-system figure"
+    )
     res["rows"] = report.build_rows(res)
     res["targets"] = report.apply_targets(res["rows"], res)
     details = _details(res) + details
@@ -651,8 +754,10 @@ def run(args: argparse.Namespace) -> int:
     print(report.text_table(res))
     print()
     missed = [t for t in res["targets"] if t["met"] is False]
-    print(f"targets: {sum(1 for t in res['targets'] if t['met'])} met, {len(missed)} missed, "
-          f"{sum(1 for t in res['targets'] if t['met'] is None)} n/a")
+    print(
+        f"targets: {sum(1 for t in res['targets'] if t['met'])} met, {len(missed)} missed, "
+        f"{sum(1 for t in res['targets'] if t['met'] is None)} n/a"
+    )
     print(f"wrote {out_dir / 'results.json'} and {md_path} ({res['duration_s']:.0f} s)")
     return 0
 
@@ -662,28 +767,36 @@ def _details(res: dict[str, Any]) -> list[str]:
     g = res["greyproxy_only"]
     a = g.get("approval") or {}
     if a:
-        out.append(f"- approval: {a.get('measured')}/{a.get('holds')} holds measured; allow call sent → first byte "
-                   f"p50 {report._fmt(a.get('call_to_byte_p50_ms'))} ms, p99 {report._fmt(a.get('call_to_byte_p99_ms'))}"
-                   f" ms; answer → first byte max {report._fmt(a.get('max_ms'))} ms"
-                   + (f"; errors: {a.get('errors')}" if a.get("error_count") else ""))
+        out.append(
+            f"- approval: {a.get('measured')}/{a.get('holds')} holds measured; allow call sent → first byte "
+            f"p50 {report._fmt(a.get('call_to_byte_p50_ms'))} ms, p99 {report._fmt(a.get('call_to_byte_p99_ms'))}"
+            f" ms; answer → first byte max {report._fmt(a.get('max_ms'))} ms"
+            + (f"; errors: {a.get('errors')}" if a.get("error_count") else "")
+        )
     r = g.get("recorder") or {}
     if r:
-        out.append(f"- recorder: {r.get('completed')} requests completed in {report._fmt(r.get('load_seconds'))} s "
-                   f"({report._fmt(r.get('load_rps'))} req/s offered by the proxy); {r.get('backlog_at_load_end')} "
-                   f"rows still to write when the load ended, all stored {report._fmt(r.get('drain_seconds'))} s "
-                   f"later (recorder drain rate {report._fmt(r.get('drain_records_per_s'))} rec/s); stored "
-                   f"{r.get('stored')}, lost {r.get('loss')}, duplicates {r.get('duplicates')}; CPU during the "
-                   f"measure: {r.get('cpu_pct')} (% of one core)")
+        out.append(
+            f"- recorder: {r.get('completed')} requests completed in {report._fmt(r.get('load_seconds'))} s "
+            f"({report._fmt(r.get('load_rps'))} req/s offered by the proxy); {r.get('backlog_at_load_end')} "
+            f"rows still to write when the load ended, all stored {report._fmt(r.get('drain_seconds'))} s "
+            f"later (recorder drain rate {report._fmt(r.get('drain_records_per_s'))} rec/s); stored "
+            f"{r.get('stored')}, lost {r.get('loss')}, duplicates {r.get('duplicates')}; CPU during the "
+            f"measure: {r.get('cpu_pct')} (% of one core)"
+        )
     rj = g.get("recorder_journal") or {}
     if rj and "error" not in rj:
-        out.append(f"- recorder through the journal: {rj.get('records')} records acknowledged in "
-                   f"{report._fmt(rj.get('seconds'))} s; stored {rj.get('stored')}, lost {rj.get('loss')}, duplicates "
-                   f"{rj.get('duplicates')}, writer drops {rj.get('dropped')}, resent {rj.get('resent')}; recorder CPU "
-                   f"{rj.get('recorder_cpu_pct')}% of one core")
+        out.append(
+            f"- recorder through the journal: {rj.get('records')} records acknowledged in "
+            f"{report._fmt(rj.get('seconds'))} s; stored {rj.get('stored')}, lost {rj.get('loss')}, duplicates "
+            f"{rj.get('duplicates')}, writer drops {rj.get('dropped')}, resent {rj.get('resent')}; recorder CPU "
+            f"{rj.get('recorder_cpu_pct')}% of one core"
+        )
     lg = g.get("logs_api") or {}
     if lg:
-        out.append(f"- GET /api/logs: {lg.get('rows')} rows (bulk insert {report._fmt(lg.get('insert_seconds'))} s), "
-                   f"{lg.get('calls')} calls, errors {lg.get('errors')}, total reported {lg.get('api_total')}")
+        out.append(
+            f"- GET /api/logs: {lg.get('rows')} rows (bulk insert {report._fmt(lg.get('insert_seconds'))} s), "
+            f"{lg.get('calls')} calls, errors {lg.get('errors')}, total reported {lg.get('api_total')}"
+        )
     rules = g.get("rules") or {}
     if rules.get("raw"):
         out += ["- rules_bench.py output:", "", "```", *rules["raw"].rstrip().splitlines(), "```"]
@@ -697,9 +810,11 @@ def _details(res: dict[str, Any]) -> list[str]:
                 bits.append(f"{k}: {x['requests']} requests, {x.get('errors', 0)} errors")
         it = pres.get("idle_tunnels") or {}
         if "rss_mb" in it:
-            bits.append(f"RSS {report._fmt(it['baseline_mb'])} MB idle → {report._fmt(it['rss_mb'])} MB with "
-                        f"{it['tunnels']} tunnels ({report._fmt(it.get('per_tunnel_kb'))} KiB/tunnel, "
-                        f"{it['pid_scope']})")
+            bits.append(
+                f"RSS {report._fmt(it['baseline_mb'])} MB idle → {report._fmt(it['rss_mb'])} MB with "
+                f"{it['tunnels']} tunnels ({report._fmt(it.get('per_tunnel_kb'))} KiB/tunnel, "
+                f"{it['pid_scope']})"
+            )
         for k in ("connect_download", "http_download"):
             x = pres.get(k) or {}
             if "runs_mbps" in x:
@@ -718,18 +833,28 @@ def _details(res: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short loads, small sizes: under a minute")
-    ap.add_argument("--smoke", action="store_true",
-                    help="CI-sized: greyproxy only, Python origin and load loops; needs no extra packages")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI-sized: greyproxy only, Python origin and load loops; needs no extra packages",
+    )
     ap.add_argument("--no-install", action="store_true", help="never run bench/setup.sh; missing tools are n/a")
     ap.add_argument("--no-peers", action="store_true", help="measure greyproxy only")
     ap.add_argument("--profile", action="store_true", help="also profile the proxy and recorder with py-spy")
     ap.add_argument("--duration", type=int, help="seconds per load (overrides the mode's)")
-    ap.add_argument("--workers", default="1", metavar="N[,M...]",
-                    help="proxy.workers values to measure greyproxy with (e.g. 1,2: a column per value; "
-                         "counts past 1 get the request and tunnel rows)")
+    ap.add_argument(
+        "--workers",
+        default="1",
+        metavar="N[,M...]",
+        help="proxy.workers values to measure greyproxy with (e.g. 1,2: a column per value; "
+        "counts past 1 get the request and tunnel rows)",
+    )
     ap.add_argument("--out", help="directory for results.json (default bench/out)")
-    ap.add_argument("--results-md", help="where to write the markdown report "
-                    "(default: bench/results.md for a full run, <out>/results-<mode>.md otherwise)")
+    ap.add_argument(
+        "--results-md",
+        help="where to write the markdown report "
+        "(default: bench/results.md for a full run, <out>/results-<mode>.md otherwise)",
+    )
     args = ap.parse_args(argv)
     try:
         args.worker_counts = sorted({int(x) for x in args.workers.split(",") if x.strip()})

@@ -38,7 +38,7 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     for ep in (pub_endpoint, sub_endpoint):
         if ep.startswith("ipc://"):
             try:
-                os.chmod(ep[len("ipc://"):], 0o600)
+                os.chmod(ep[len("ipc://") :], 0o600)
             except OSError:
                 pass
 
@@ -67,8 +67,14 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     log.info("bus broker up: publishers -> %s, subscribers <- %s", pub_endpoint, sub_endpoint)
     while not stop.wait(heartbeat_interval):
         seq += 1
-        data = {"service": "bus", "pid": os.getpid(), "host": host, "started_at": started,
-                "uptime": time.time() - started, "stats": {}}
+        data = {
+            "service": "bus",
+            "pid": os.getpid(),
+            "host": host,
+            "started_at": started,
+            "uptime": time.time() - started,
+            "stats": {},
+        }
         try:
             hb.send_multipart(message.encode(topics.SERVICE_HEARTBEAT, data, "bus", seq), zmq.NOBLOCK)
         except zmq.Again:

@@ -41,9 +41,17 @@ _BATCH_TAIL = b"]}"
 class JournalWriter:
     BATCH_WAIT = 0.003  # seconds a record may wait for company before its batch is sent
 
-    def __init__(self, endpoint: str, outbox_limit: int = 200_000, batch_size: int = 500, window: int = 8,
-                 ack_timeout: float = 3.0, ctx: zmq.asyncio.Context | None = None,
-                 outbox_bytes: int = 256 * 1024 * 1024, batch_bytes: int = 1024 * 1024) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        outbox_limit: int = 200_000,
+        batch_size: int = 500,
+        window: int = 8,
+        ack_timeout: float = 3.0,
+        ctx: zmq.asyncio.Context | None = None,
+        outbox_bytes: int = 256 * 1024 * 1024,
+        batch_bytes: int = 1024 * 1024,
+    ) -> None:
         self.endpoint = endpoint
         self.outbox_limit = outbox_limit
         self.outbox_bytes = outbox_bytes
@@ -96,13 +104,22 @@ class JournalWriter:
     def _note_drop(self) -> None:
         self.dropped += 1
         if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-            log.warning("journal outbox full (%d records / %d bytes, recorder away?): %d records dropped so far",
-                        self.outbox_limit, self.outbox_bytes, self.dropped)
+            log.warning(
+                "journal outbox full (%d records / %d bytes, recorder away?): %d records dropped so far",
+                self.outbox_limit,
+                self.outbox_bytes,
+                self.dropped,
+            )
 
     def stats(self) -> dict[str, int]:
-        return {"queued": len(self._queue), "inflight": self._inflight_count, "acked": self.acked,
-                "dropped": self.dropped, "resent": self.resent,
-                "outbox_bytes": self._queued_bytes + self._inflight_bytes}
+        return {
+            "queued": len(self._queue),
+            "inflight": self._inflight_count,
+            "acked": self.acked,
+            "dropped": self.dropped,
+            "resent": self.resent,
+            "outbox_bytes": self._queued_bytes + self._inflight_bytes,
+        }
 
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every appended record is acknowledged (tests and shutdown)."""
@@ -176,8 +193,9 @@ class JournalWriter:
                 if self._inflight:
                     oldest = min(entry[0] for entry in self._inflight.values())
                     if loop.time() - oldest > self._ack_wait:
-                        log.info("journal: no ack for %.1fs, resending %d records", self._ack_wait,
-                                 self._inflight_count)
+                        log.info(
+                            "journal: no ack for %.1fs, resending %d records", self._ack_wait, self._inflight_count
+                        )
                         # A recorder that is alive but slow must not be buried under resends of
                         # what it is already writing: wait longer each time until an ack comes.
                         self._ack_wait = min(self._ack_wait * 2, max(self.ack_timeout, 30.0))
@@ -223,8 +241,15 @@ ApplyFn = Callable[[list[Record]], Any]
 class JournalConsumer:
     """Receives batches, applies them in one call (one transaction), acks after it returns."""
 
-    def __init__(self, endpoint: str, apply: ApplyFn, executor: Executor, after_commit: Callable[[Any], None] | None = None,
-                 max_coalesce: int = 20, ctx: zmq.asyncio.Context | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        apply: ApplyFn,
+        executor: Executor,
+        after_commit: Callable[[Any], None] | None = None,
+        max_coalesce: int = 20,
+        ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -233,7 +258,7 @@ class JournalConsumer:
         self._sock.bind(endpoint)
         if endpoint.startswith("ipc://"):
             try:
-                os.chmod(endpoint[len("ipc://"):], 0o600)
+                os.chmod(endpoint[len("ipc://") :], 0o600)
             except OSError:
                 pass
         self._apply = apply

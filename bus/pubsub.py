@@ -108,8 +108,13 @@ class Publisher:
 class Subscriber:
     """Receives events for the given topic prefixes ('' = everything); detects per-source gaps."""
 
-    def __init__(self, endpoint: str, prefixes: Iterable[str] = ("",), ctx: zmq.asyncio.Context | None = None,
-                 rcvhwm: int = 100_000) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        prefixes: Iterable[str] = ("",),
+        ctx: zmq.asyncio.Context | None = None,
+        rcvhwm: int = 100_000,
+    ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._sock = self._ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)

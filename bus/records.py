@@ -95,11 +95,22 @@ class IdentityUsedRecord(TypedDict):
 TransactionRecord = dict[str, Any]
 
 
-def log_record(container: str, host: str, port: int, method: str, result: str, *,
-               resolved_hostname: str | None = None, rule_id: int | None = None, rule_summary: str | None = None,
-               response_time_ms: float | None = None, reason: str | None = None,
-               mitm_skip_reason: str | None = None, container_id: str = "",
-               timestamp: float | None = None) -> LogRecord:
+def log_record(
+    container: str,
+    host: str,
+    port: int,
+    method: str,
+    result: str,
+    *,
+    resolved_hostname: str | None = None,
+    rule_id: int | None = None,
+    rule_summary: str | None = None,
+    response_time_ms: float | None = None,
+    reason: str | None = None,
+    mitm_skip_reason: str | None = None,
+    container_id: str = "",
+    timestamp: float | None = None,
+) -> LogRecord:
     """The one way to build a `log` record (the gate's verdicts, the DNS proxy's queries)."""
     if result not in (ALLOWED, BLOCKED):
         raise ValueError(f"log result must be {ALLOWED!r} or {BLOCKED!r}, not {result!r}")
@@ -120,10 +131,17 @@ def log_record(container: str, host: str, port: int, method: str, result: str, *
     }
 
 
-def pending_record(container: str, host: str, port: int, resolved_hostname: str | None, waiting: int,
-                   ts: float | None = None) -> PendingRecord:
-    return {"container_name": container, "destination_host": host, "destination_port": port,
-            "resolved_hostname": resolved_hostname, "ts": time.time() if ts is None else ts, "waiting": waiting}
+def pending_record(
+    container: str, host: str, port: int, resolved_hostname: str | None, waiting: int, ts: float | None = None
+) -> PendingRecord:
+    return {
+        "container_name": container,
+        "destination_host": host,
+        "destination_port": port,
+        "resolved_hostname": resolved_hostname,
+        "ts": time.time() if ts is None else ts,
+        "waiting": waiting,
+    }
 
 
 def rule_hit_record(rule_id: int, count: float, last_used_at: float) -> RuleHitRecord:
@@ -134,8 +152,9 @@ def dns_record(ip: str, hostname: str, ts: float) -> DnsRecord:
     return {"ip": ip, "hostname": hostname, "ts": ts}
 
 
-def credential_use_record(session_id: str | None, credential_id: str | None, count: int,
-                          ts: float) -> CredentialUseRecord:
+def credential_use_record(
+    session_id: str | None, credential_id: str | None, count: int, ts: float
+) -> CredentialUseRecord:
     return {"session_id": session_id, "credential_id": credential_id, "count": int(count), "ts": ts}
 
 

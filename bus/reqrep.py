@@ -51,7 +51,7 @@ class ControlServer:
         self._sock.bind(endpoint)
         if endpoint.startswith("ipc://"):
             try:
-                os.chmod(endpoint[len("ipc://"):], 0o600)
+                os.chmod(endpoint[len("ipc://") :], 0o600)
             except OSError:
                 pass
         self.handlers = dict(handlers)
@@ -100,8 +100,15 @@ class ControlClient:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str, service: str, timeout: float = 0.8, retries: int = 3,
-                 ctx: zmq.asyncio.Context | None = None, server_key: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        service: str,
+        timeout: float = 0.8,
+        retries: int = 3,
+        ctx: zmq.asyncio.Context | None = None,
+        server_key: str | None = None,
+    ) -> None:
         self.endpoint = endpoint
         self.server_key = server_key  # tcp:// only: the peer's CURVE public key (default bus.serverKey)
         self.service = service
@@ -125,8 +132,9 @@ class ControlClient:
             self._sock.close(linger=0)
         self._sock = None
 
-    async def call(self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None,
-                   retries: int | None = None) -> Any:
+    async def call(
+        self, op: str, args: dict[str, Any] | None = None, timeout: float | None = None, retries: int | None = None
+    ) -> Any:
         timeout = self.timeout if timeout is None else timeout
         tries = self.retries if retries is None else max(1, retries)
         async with self._lock:
@@ -174,8 +182,9 @@ class ControlClient:
         self._reset()
 
 
-def call_sync(endpoint: str, service: str, op: str, args: dict[str, Any] | None = None,
-              timeout: float = 0.8, retries: int = 3) -> Any:
+def call_sync(
+    endpoint: str, service: str, op: str, args: dict[str, Any] | None = None, timeout: float = 0.8, retries: int = 3
+) -> Any:
     """Blocking form for CLI commands and worker threads (runs its own short event loop)."""
 
     async def go() -> Any:

@@ -26,8 +26,7 @@ from typing import Any
 
 import zstandard
 
-__all__ = ["RAW", "ZSTD", "Body", "Packed", "api_value", "charset_of", "from_record", "pack", "read_body",
-           "to_record"]
+__all__ = ["RAW", "ZSTD", "Body", "Packed", "api_value", "charset_of", "from_record", "pack", "read_body", "to_record"]
 
 RAW, ZSTD = 0, 1
 LEVEL = 3  # bench/results.md: level 3 is as small as 9 on these bodies at a tenth of the time
@@ -148,6 +147,7 @@ def api_value(body: Body | None) -> tuple[str | None, str | None]:
 
 
 # --------------------------------------------------------------------------- journal records
+
 
 def to_record(rec: dict[str, Any], side: str, p: Packed) -> None:
     """Put a packed body into a `transaction` record (base64: the journal is JSON)."""

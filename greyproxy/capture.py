@@ -61,10 +61,19 @@ def is_text_like(content_type: str | None) -> bool:
     if mt.startswith("text/") or mt.endswith(("+json", "+xml")):
         return True
     return mt in {
-        "application/json", "application/xml", "application/javascript", "application/x-javascript",
-        "application/ecmascript", "application/x-www-form-urlencoded", "application/x-ndjson",
-        "application/ndjson", "application/jsonl", "application/json-seq", "application/graphql",
-        "application/x-yaml", "application/yaml",
+        "application/json",
+        "application/xml",
+        "application/javascript",
+        "application/x-javascript",
+        "application/ecmascript",
+        "application/x-www-form-urlencoded",
+        "application/x-ndjson",
+        "application/ndjson",
+        "application/jsonl",
+        "application/json-seq",
+        "application/graphql",
+        "application/x-yaml",
+        "application/yaml",
     }
 
 
@@ -72,7 +81,7 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     d = zlib.decompressobj(wbits)
     out = bytearray()
     for pos in range(0, len(data), _DECODE_STEP):
-        buf = data[pos:pos + _DECODE_STEP]
+        buf = data[pos : pos + _DECODE_STEP]
         while buf and len(out) < limit:
             out += d.decompress(buf, limit - len(out))
             buf = d.unconsumed_tail
@@ -87,7 +96,7 @@ def _unbrotli(data: bytes, limit: int) -> bytes:
     d = brotli.Decompressor()
     out = bytearray()
     for pos in range(0, len(data), _DECODE_STEP):
-        out += d.process(data[pos:pos + _DECODE_STEP], output_buffer_limit=limit - len(out) + 1)
+        out += d.process(data[pos : pos + _DECODE_STEP], output_buffer_limit=limit - len(out) + 1)
         while len(out) <= limit and not d.can_accept_more_data():
             out += d.process(b"", output_buffer_limit=limit - len(out) + 1)
         if len(out) >= limit or d.is_finished():
@@ -142,8 +151,13 @@ def decode_body(data: bytes, content_encoding: str | None, limit: int = DEFAULT_
     return data
 
 
-def stored_body(data: bytes, content_type: str | None, content_encoding: str | None,
-                limit: int = DEFAULT_MAX_BODY, scrub: Callable[[bytes], bytes] | None = None) -> Packed | None:
+def stored_body(
+    data: bytes,
+    content_type: str | None,
+    content_encoding: str | None,
+    limit: int = DEFAULT_MAX_BODY,
+    scrub: Callable[[bytes], bytes] | None = None,
+) -> Packed | None:
     """The stored form of a body (greyproxy.bodies.pack): None for non-text types; its content-coding
     undone first (the raw bytes kept when that fails), then `scrub` (credential values, SPEC §12.7)."""
     if not data or not is_text_like(content_type):

@@ -33,9 +33,25 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
-    "BUNDLE_FILE", "CA_COMMON_NAME", "CAError", "CAExists", "CAWatcher", "CertAuthority", "LeafCache",
-    "ca_bundle_path", "ca_paths", "ca_status", "generate_ca", "install_plan", "is_installed", "leaf_context",
-    "load_ca", "mint_leaf", "system_ca_file", "uninstall_plan", "write_ca_bundle",
+    "BUNDLE_FILE",
+    "CA_COMMON_NAME",
+    "CAError",
+    "CAExists",
+    "CAWatcher",
+    "CertAuthority",
+    "LeafCache",
+    "ca_bundle_path",
+    "ca_paths",
+    "ca_status",
+    "generate_ca",
+    "install_plan",
+    "is_installed",
+    "leaf_context",
+    "load_ca",
+    "mint_leaf",
+    "system_ca_file",
+    "uninstall_plan",
+    "write_ca_bundle",
 ]
 
 log = logging.getLogger("greyproxy.certs")
@@ -123,21 +139,37 @@ def _keep_private(path: Path) -> None:
 
 def _build_ca() -> CertAuthority:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
-                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Greyproxy")])
+    name = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, CA_COMMON_NAME),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Greyproxy"),
+        ]
+    )
     now = _now()
     ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name)
+        .subject_name(name)
+        .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
-                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ski, critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .sign(key, hashes.SHA256())
@@ -152,8 +184,9 @@ def generate_ca(data_dir: Path | str, force: bool = False) -> CertAuthority:
         raise CAExists(f"a CA already exists in {cert_path.parent}")
     cert_path.parent.mkdir(parents=True, exist_ok=True)
     ca = _build_ca()
-    key_pem = ca.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption())
+    key_pem = ca.key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     # Key first: a watcher that sees the new cert with the old key keeps the old pair until both match.
     _write_atomic(key_path, key_pem, 0o600)
     _write_atomic(cert_path, ca.cert_pem, 0o644)
@@ -292,16 +325,22 @@ def _shell_line(plan: list[list[str]]) -> str:
 
 
 def install_commands(cert_path: Path | str) -> dict[str, str]:
-    return {"linux": _shell_line(install_plan(cert_path, "linux")),
-            "macos": _shell_line(install_plan(cert_path, "macos"))}
+    return {
+        "linux": _shell_line(install_plan(cert_path, "linux")),
+        "macos": _shell_line(install_plan(cert_path, "macos")),
+    }
 
 
 def is_installed(ca: CertAuthority) -> bool:
     """Whether this CA is in the system trust store (the anchor file, or the macOS keychain)."""
     if sys.platform == "darwin":
         try:
-            out = subprocess.run(["security", "find-certificate", "-a", "-Z", "-c", CA_COMMON_NAME, MACOS_KEYCHAIN],
-                                 capture_output=True, text=True, timeout=3).stdout
+            out = subprocess.run(
+                ["security", "find-certificate", "-a", "-Z", "-c", CA_COMMON_NAME, MACOS_KEYCHAIN],
+                capture_output=True,
+                text=True,
+                timeout=3,
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return False
         return ca.fingerprint.replace(":", "") in out.replace(" ", "").upper()
@@ -319,9 +358,16 @@ def is_installed(ca: CertAuthority) -> bool:
 def ca_status(data_dir: Path | str) -> dict[str, Any]:
     """GET /api/cert/status (camelCase, as the reference)."""
     cert_path, key_path = ca_paths(data_dir)
-    out: dict[str, Any] = {"generated": False, "certPath": str(cert_path), "keyPath": str(key_path),
-                           "subject": None, "expiresAt": None, "fingerprintSha256": None, "installed": False,
-                           "installCommands": install_commands(cert_path)}
+    out: dict[str, Any] = {
+        "generated": False,
+        "certPath": str(cert_path),
+        "keyPath": str(key_path),
+        "subject": None,
+        "expiresAt": None,
+        "fingerprintSha256": None,
+        "installed": False,
+        "installCommands": install_commands(cert_path),
+    }
     try:
         ca = load_ca(data_dir)
     except CAError as exc:
@@ -329,9 +375,15 @@ def ca_status(data_dir: Path | str) -> dict[str, Any]:
         return out
     if ca is None:
         return out
-    out.update({"generated": True, "subject": ca.subject,
-                "expiresAt": ca.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "fingerprintSha256": ca.fingerprint, "installed": is_installed(ca)})
+    out.update(
+        {
+            "generated": True,
+            "subject": ca.subject,
+            "expiresAt": ca.expires_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "fingerprintSha256": ca.fingerprint,
+            "installed": is_installed(ca),
+        }
+    )
     return out
 
 
@@ -361,16 +413,28 @@ def mint_leaf(ca: CertAuthority, host: str) -> tuple[bytes, bytes]:
         .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName([_san_for(host)]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()), critical=False)
         .sign(ca.key, hashes.SHA256())
     )
     chain = cert.public_bytes(serialization.Encoding.PEM) + ca.cert_pem
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     return chain, key_pem
 
 

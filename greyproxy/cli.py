@@ -14,8 +14,16 @@ import yaml
 
 from . import __version__, ports
 from .config import (
-    ENV_CONFIG, ENV_DATA, ENV_HOST, ENV_SILENT_ALLOW, ENV_SUPERVISOR_PID, ENV_WORKER, Config, ConfigError,
-    ensure_dirs, load_config,
+    ENV_CONFIG,
+    ENV_DATA,
+    ENV_HOST,
+    ENV_SILENT_ALLOW,
+    ENV_SUPERVISOR_PID,
+    ENV_WORKER,
+    Config,
+    ConfigError,
+    ensure_dirs,
+    load_config,
 )
 
 SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
@@ -131,7 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     listen_ports = cfg.ports()
     print(
         f"greyproxy {__version__}: API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix} | "
-        if cfg.api else f"greyproxy {__version__}: API disabled | ",
+        if cfg.api
+        else f"greyproxy {__version__}: API disabled | ",
         " ".join(f"{k} :{v}" for k, v in listen_ports.items() if k != "api"),
         f"| data {cfg.data_dir} | logs {cfg.log_dir}",
         flush=True,
@@ -229,8 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load_extra_commands() -> None:
     # Later capabilities (events, cert) live in their own modules and register here.
-    for mod in ("greyproxy.cli_events", "greyproxy.cli_cert", "greyproxy.cli_env", "greyproxy.cli_export",
-                "greyproxy.cli_service", "greyproxy.cli_keys", "greyproxy.cli_explain"):
+    for mod in (
+        "greyproxy.cli_events",
+        "greyproxy.cli_cert",
+        "greyproxy.cli_env",
+        "greyproxy.cli_export",
+        "greyproxy.cli_service",
+        "greyproxy.cli_keys",
+        "greyproxy.cli_explain",
+    ):
         try:
             __import__(mod)
         except ModuleNotFoundError as exc:

@@ -64,9 +64,11 @@ def cmd_install(args: argparse.Namespace) -> int:
     if not cert_path.exists():
         print("greyproxy: no CA yet; run `greyproxy cert generate` first", file=sys.stderr)
         return 1
-    why = (f"This adds {cert_path} to the system trust store, so programs on this machine accept the\n"
-           "certificates Greyproxy makes when it intercepts HTTPS. Anyone holding the CA key could then\n"
-           "impersonate any site to this machine; the key stays in the data dir, readable only by you.")
+    why = (
+        f"This adds {cert_path} to the system trust store, so programs on this machine accept the\n"
+        "certificates Greyproxy makes when it intercepts HTTPS. Anyone holding the CA key could then\n"
+        "impersonate any site to this machine; the key stays in the data dir, readable only by you."
+    )
     return _run_plan(certs.install_plan(cert_path), why, args.yes)
 
 

@@ -109,8 +109,9 @@ def check_container_name(name: str) -> str:
     return name
 
 
-def env_plan(cfg: Config, container: str | None = None, with_ca: bool = True, socks_all: bool = False,
-             secret: str | None = None) -> EnvPlan:
+def env_plan(
+    cfg: Config, container: str | None = None, with_ca: bool = True, socks_all: bool = False, secret: str | None = None
+) -> EnvPlan:
     """What `greyproxy env` sets, for this config (no I/O but the bundle file); `secret`: the
     claimed container's secret, the proxy password in the URLs."""
     variables: list[tuple[str, str]] = []
@@ -152,8 +153,10 @@ def env_plan(cfg: Config, container: str | None = None, with_ca: bool = True, so
     if with_ca:
         cert_path, _ = certs.ca_paths(cfg.data_dir)
         if not cert_path.exists():
-            notes.append(f"no CA in {cfg.data_dir} yet: HTTPS goes through but is not intercepted "
-                         "(greyproxy cert generate; the bundle then follows)")
+            notes.append(
+                f"no CA in {cfg.data_dir} yet: HTTPS goes through but is not intercepted "
+                "(greyproxy cert generate; the bundle then follows)"
+            )
         bundle = certs.write_ca_bundle(cfg.data_dir)
         if certs.system_ca_file() is None:
             notes.append(f"no system CA bundle found: {bundle} holds only Greyproxy's CA")
@@ -202,8 +205,11 @@ def cmd_env(args: argparse.Namespace) -> int:
         if container is None:
             raise ConfigError("--claim needs --container NAME (the name to claim)")
         secret = claim_secret(cfg, container)
-        print(f"greyproxy env: {container!r} is claimed; its secret is in the proxy URLs below and shown nowhere "
-              "else (run again with --claim for a new one)", file=sys.stderr)
+        print(
+            f"greyproxy env: {container!r} is claimed; its secret is in the proxy URLs below and shown nowhere "
+            "else (run again with --claim for a new one)",
+            file=sys.stderr,
+        )
     plan = env_plan(cfg, container, with_ca=not args.no_ca, socks_all=args.socks, secret=secret)
     for note in plan.notes:
         print(f"greyproxy env: {note}", file=sys.stderr)
@@ -216,27 +222,52 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.description = ("Print the environment that sends a process's traffic through Greyproxy and makes "
-                          "it trust the interception CA: eval \"$(greyproxy env --container NAME)\".")
+    parser.description = (
+        "Print the environment that sends a process's traffic through Greyproxy and makes "
+        'it trust the interception CA: eval "$(greyproxy env --container NAME)".'
+    )
     parser.add_argument("--shell", choices=SHELLS, default="sh", help="syntax of the output (default sh)")
-    parser.add_argument("--container", metavar="NAME",
-                        help="the identity the proxy records this process under (the proxy user name)")
-    parser.add_argument("--claim", action="store_true",
-                        help="claim the --container name through the running API (or rotate its claim) and put its "
-                             "secret in the proxy URLs: then no other process can use the name (SPEC §16)")
+    parser.add_argument(
+        "--container", metavar="NAME", help="the identity the proxy records this process under (the proxy user name)"
+    )
+    parser.add_argument(
+        "--claim",
+        action="store_true",
+        help="claim the --container name through the running API (or rotate its claim) and put its "
+        "secret in the proxy URLs: then no other process can use the name (SPEC §16)",
+    )
     parser.add_argument("--no-ca", action="store_true", help="proxy variables only, no CA trust variables")
-    parser.add_argument("--socks", action="store_true",
-                        help="ALL_PROXY names the SOCKS5 listener (socks5h://) instead of the HTTP proxy "
-                             "(httpx then needs its socks extra)")
-    parser.add_argument("--check", action="store_true",
-                        help="make one request with each runtime present (python, pip, node, npm, curl, git) "
-                             "through the running stack and say which work")
-    parser.add_argument("--check-url", metavar="URL", default="https://pypi.org/simple/pip/",
-                        help="what python, node and curl fetch for --check (default %(default)s)")
-    parser.add_argument("--check-git", metavar="URL", default=None,
-                        help="a git repository URL for git ls-remote in --check (default: --check-url)")
-    parser.add_argument("--check-timeout", metavar="S", type=float, default=30.0,
-                        help="seconds each runtime may take (default %(default)s)")
+    parser.add_argument(
+        "--socks",
+        action="store_true",
+        help="ALL_PROXY names the SOCKS5 listener (socks5h://) instead of the HTTP proxy "
+        "(httpx then needs its socks extra)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="make one request with each runtime present (python, pip, node, npm, curl, git) "
+        "through the running stack and say which work",
+    )
+    parser.add_argument(
+        "--check-url",
+        metavar="URL",
+        default="https://pypi.org/simple/pip/",
+        help="what python, node and curl fetch for --check (default %(default)s)",
+    )
+    parser.add_argument(
+        "--check-git",
+        metavar="URL",
+        default=None,
+        help="a git repository URL for git ls-remote in --check (default: --check-url)",
+    )
+    parser.add_argument(
+        "--check-timeout",
+        metavar="S",
+        type=float,
+        default=30.0,
+        help="seconds each runtime may take (default %(default)s)",
+    )
     _add_config_args(parser)
 
 

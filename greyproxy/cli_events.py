@@ -72,12 +72,19 @@ def human_line(msg: dict[str, Any]) -> str:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.description = ("Print bus events as they happen, one a line (Ctrl-C to stop). By default every public "
-                     "event (those /ws forwards); --type narrows, and can name internal topics too.")
+    p.description = (
+        "Print bus events as they happen, one a line (Ctrl-C to stop). By default every public "
+        "event (those /ws forwards); --type narrows, and can name internal topics too."
+    )
     _add_config_args(p)
-    p.add_argument("-t", "--type", action="append", metavar="T",
-                   help="an event type (pending_request.created), a family (pending_request.*) or * for "
-                        "every topic; repeat or comma-separate for several")
+    p.add_argument(
+        "-t",
+        "--type",
+        action="append",
+        metavar="T",
+        help="an event type (pending_request.created), a family (pending_request.*) or * for "
+        "every topic; repeat or comma-separate for several",
+    )
     p.add_argument("--json", action="store_true", help="print each full bus message as JSON")
 
 

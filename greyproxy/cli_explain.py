@@ -38,8 +38,10 @@ def render(body: dict) -> str:
     rule = body.get("rule")
     lines = [f"decision: {body['decision']}"]
     if rule:
-        lines.append(f"rule:     #{rule['id']} {rule['action']} {rule['container_pattern']} → "
-                     f"{rule['destination_pattern']}:{rule['port_pattern']} ({body.get('layer')} layer)")
+        lines.append(
+            f"rule:     #{rule['id']} {rule['action']} {rule['container_pattern']} → "
+            f"{rule['destination_pattern']}:{rule['port_pattern']} ({body.get('layer')} layer)"
+        )
     lines.append(f"reason:   {body['reason']}")
     if body.get("resolved_hostname"):
         lines.append(f"resolved: {body['resolved_hostname']}")
@@ -51,9 +53,11 @@ def render(body: dict) -> str:
         for c in cands:
             r = c.get("rule") or {}
             mark = "*" if c.get("winner") else ("+" if c["matched"] else "-")
-            lines.append(f"  {mark} #{r.get('id')} {r.get('action', '?'):5} {r.get('source', '?'):7} "
-                         f"spec {c['specificity']:>3}  {r.get('container_pattern')} → {r.get('destination_pattern')}:"
-                         f"{r.get('port_pattern')}  [{c['matched_on']}] {c['why']}")
+            lines.append(
+                f"  {mark} #{r.get('id')} {r.get('action', '?'):5} {r.get('source', '?'):7} "
+                f"spec {c['specificity']:>3}  {r.get('container_pattern')} → {r.get('destination_pattern')}:"
+                f"{r.get('port_pattern')}  [{c['matched_on']}] {c['why']}"
+            )
         lines.append("  (* the winner, + applies, - does not apply)")
     else:
         lines.append("candidates: no rule names this destination")

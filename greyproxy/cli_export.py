@@ -27,8 +27,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     part = out_path.with_name(out_path.name + ".part") if out_path else None
     written = 0
     try:
-        with httpx.stream("GET", url, params=params, timeout=httpx.Timeout(30.0, read=300.0),
-                          trust_env=False) as r:
+        with httpx.stream("GET", url, params=params, timeout=httpx.Timeout(30.0, read=300.0), trust_env=False) as r:
             if r.status_code != 200:
                 r.read()
                 try:

@@ -74,7 +74,11 @@ def _systemd_env(name: str, value: str) -> str:
 
 def systemd_unit_path(env: Mapping[str, str] | None = None) -> Path:
     env = os.environ if env is None else env
-    base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else Path(env.get("HOME", "~")).expanduser() / ".config"
+    base = (
+        Path(env["XDG_CONFIG_HOME"])
+        if env.get("XDG_CONFIG_HOME")
+        else Path(env.get("HOME", "~")).expanduser() / ".config"
+    )
     return base / "systemd" / "user" / UNIT_NAME
 
 
@@ -111,16 +115,18 @@ def launchd_plist_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def render_launchd_plist(argv: list[str], env: dict[str, str], log_dir: Path) -> bytes:
-    return plistlib.dumps({
-        "Label": LAUNCHD_LABEL,
-        "ProgramArguments": argv,
-        "EnvironmentVariables": env,
-        "RunAtLoad": True,
-        "KeepAlive": {"SuccessfulExit": False},  # restarted when it fails, not after a clean stop
-        "StandardOutPath": str(log_dir / "launchd.log"),
-        "StandardErrorPath": str(log_dir / "launchd.log"),
-        "ProcessType": "Background",
-    })
+    return plistlib.dumps(
+        {
+            "Label": LAUNCHD_LABEL,
+            "ProgramArguments": argv,
+            "EnvironmentVariables": env,
+            "RunAtLoad": True,
+            "KeepAlive": {"SuccessfulExit": False},  # restarted when it fails, not after a clean stop
+            "StandardOutPath": str(log_dir / "launchd.log"),
+            "StandardErrorPath": str(log_dir / "launchd.log"),
+            "ProcessType": "Background",
+        }
+    )
 
 
 # ---------------------------------------------------------------- the manager
@@ -136,34 +142,45 @@ class Manager:
     commands: dict[str, list[list[str]]] = field(default_factory=dict)
 
 
-def manager_for(cfg: Config, config: str | None, kind: str | None = None,
-                env: dict[str, str] | None = None, host: str | None = None) -> Manager:
+def manager_for(
+    cfg: Config, config: str | None, kind: str | None = None, env: dict[str, str] | None = None, host: str | None = None
+) -> Manager:
     kind = kind or ("launchd" if sys.platform == "darwin" else "systemd")
     argv = serve_argv(config, host)
     senv = service_env(cfg)
     if kind == "systemd":
         sc = ["systemctl", "--user"]
-        return Manager(kind, systemd_unit_path(env), render_systemd_unit(argv, senv).encode(), {
-            "install": [[*sc, "daemon-reload"], [*sc, "enable", "--now", UNIT_NAME]],
-            "uninstall": [[*sc, "disable", "--now", UNIT_NAME]],
-            "after_uninstall": [[*sc, "daemon-reload"]],
-            "start": [[*sc, "start", UNIT_NAME]],
-            "stop": [[*sc, "stop", UNIT_NAME]],
-            "restart": [[*sc, "restart", UNIT_NAME]],
-            "status": [[*sc, "status", "--no-pager", "--lines=5", UNIT_NAME]],
-        })
+        return Manager(
+            kind,
+            systemd_unit_path(env),
+            render_systemd_unit(argv, senv).encode(),
+            {
+                "install": [[*sc, "daemon-reload"], [*sc, "enable", "--now", UNIT_NAME]],
+                "uninstall": [[*sc, "disable", "--now", UNIT_NAME]],
+                "after_uninstall": [[*sc, "daemon-reload"]],
+                "start": [[*sc, "start", UNIT_NAME]],
+                "stop": [[*sc, "stop", UNIT_NAME]],
+                "restart": [[*sc, "restart", UNIT_NAME]],
+                "status": [[*sc, "status", "--no-pager", "--lines=5", UNIT_NAME]],
+            },
+        )
     domain = f"gui/{os.getuid()}"
     target = f"{domain}/{LAUNCHD_LABEL}"
     path = launchd_plist_path(env)
-    return Manager(kind, path, render_launchd_plist(argv, senv, cfg.log_dir), {
-        "install": [["launchctl", "bootstrap", domain, str(path)]],
-        "uninstall": [["launchctl", "bootout", target]],
-        "after_uninstall": [],
-        "start": [["launchctl", "kickstart", target]],
-        "stop": [["launchctl", "kill", "SIGTERM", target]],
-        "restart": [["launchctl", "kickstart", "-k", target]],
-        "status": [["launchctl", "print", target]],
-    })
+    return Manager(
+        kind,
+        path,
+        render_launchd_plist(argv, senv, cfg.log_dir),
+        {
+            "install": [["launchctl", "bootstrap", domain, str(path)]],
+            "uninstall": [["launchctl", "bootout", target]],
+            "after_uninstall": [],
+            "start": [["launchctl", "kickstart", target]],
+            "stop": [["launchctl", "kill", "SIGTERM", target]],
+            "restart": [["launchctl", "kickstart", "-k", target]],
+            "status": [["launchctl", "print", target]],
+        },
+    )
 
 
 def _run(cmds: list[list[str]], check: bool = True) -> int:
@@ -181,14 +198,17 @@ def _run(cmds: list[list[str]], check: bool = True) -> int:
 
 def _manager(args: argparse.Namespace) -> tuple[Config, Manager]:
     cfg = _load(args)
-    return cfg, manager_for(cfg, getattr(args, "config", None), getattr(args, "manager", None),
-                            host=getattr(args, "host", None))
+    return cfg, manager_for(
+        cfg, getattr(args, "config", None), getattr(args, "manager", None), host=getattr(args, "host", None)
+    )
 
 
 def cmd_install(args: argparse.Namespace) -> int:
     cfg, m = _manager(args)
-    print(f"This installs Greyproxy as your user's {m.kind} service: it starts at login, runs the whole stack "
-          f"as `greyproxy serve` does, and restarts it when it fails.")
+    print(
+        f"This installs Greyproxy as your user's {m.kind} service: it starts at login, runs the whole stack "
+        f"as `greyproxy serve` does, and restarts it when it fails."
+    )
     print(f"File {m.path}{' (replaced)' if m.path.exists() else ''}:")
     print("    " + m.content.decode().replace("\n", "\n    ").rstrip())
     print("Commands:")
@@ -231,6 +251,7 @@ def _simple(action: str) -> object:
             print(f"greyproxy: the service is not installed ({m.path}); greyproxy service install", file=sys.stderr)
             return 1
         return _run(m.commands[action])
+
     return cmd
 
 

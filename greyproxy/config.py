@@ -41,12 +41,16 @@ AUTO_WORKERS_CAP = 8  # proxy.workers: auto = the CPUs, at most this many
 def resolve_workers(value: Any, cpus: int | None = None) -> int:
     """proxy.workers -> a count: 'auto' = the CPUs (at most 8), else an integer from 1 to 64."""
     if value == "auto":
-        n = cpus if cpus is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                           else os.cpu_count() or 1)
+        n = (
+            cpus
+            if cpus is not None
+            else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        )
         return max(1, min(AUTO_WORKERS_CAP, n))
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise ConfigError(f"config key 'proxy.workers': must be auto or an integer from 1 to {MAX_WORKERS},"
-                          f" not {value!r}")
+        raise ConfigError(
+            f"config key 'proxy.workers': must be auto or an integer from 1 to {MAX_WORKERS}, not {value!r}"
+        )
     return value
 
 
@@ -54,7 +58,7 @@ def worker_endpoint(endpoint: str, index: int) -> str:
     """Worker `index`'s own control endpoint derived from bus.proxyControl: ipc://.../x.sock ->
     ipc://.../x-INDEX.sock; tcp://HOST:PORT -> tcp://HOST:PORT+INDEX."""
     if endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
         return f"tcp://{host}:{int(port) + index}"
     base, dot, ext = endpoint.rpartition(".")
     if not dot or "/" in ext:
@@ -121,11 +125,27 @@ _SCHEMA: dict[str, Any] = {
 }
 
 _POSITIVE = {
-    "bus.heartbeatInterval", "bus.requestTimeout", "bus.requestRetries", "proxy.holdTimeout",
-    "proxy.maxPending", "proxy.pendingTtlDays", "proxy.connectTimeout", "proxy.headerTimeout",
-    "proxy.idleTimeout", "proxy.maxHeaderBytes", "proxy.maxHeaders", "proxy.maxConnections",
-    "proxy.maxConnectionsPerClient", "proxy.journalOutbox", "proxy.journalOutboxMiB", "proxy.upstreamIdleTimeout",
-    "dns.timeout", "dns.cacheSize", "capture.maxBodyBytes", "retention.days", "retention.maxDatabaseMiB",
+    "bus.heartbeatInterval",
+    "bus.requestTimeout",
+    "bus.requestRetries",
+    "proxy.holdTimeout",
+    "proxy.maxPending",
+    "proxy.pendingTtlDays",
+    "proxy.connectTimeout",
+    "proxy.headerTimeout",
+    "proxy.idleTimeout",
+    "proxy.maxHeaderBytes",
+    "proxy.maxHeaders",
+    "proxy.maxConnections",
+    "proxy.maxConnectionsPerClient",
+    "proxy.journalOutbox",
+    "proxy.journalOutboxMiB",
+    "proxy.upstreamIdleTimeout",
+    "dns.timeout",
+    "dns.cacheSize",
+    "capture.maxBodyBytes",
+    "retention.days",
+    "retention.maxDatabaseMiB",
     "greyproxy.docker.cacheTTL",
 }
 
@@ -226,6 +246,7 @@ def parse_addr(addr: str, key: str) -> tuple[str, int]:
 
 def _same_bind(a: str, b: str) -> bool:
     """Whether two bind hosts collide on one port: equal, or either is a wildcard."""
+
     def norm(h: str) -> str:
         h = h.strip().lower()
         if h == "localhost":
@@ -299,8 +320,8 @@ class Config:
     source: str = "<embedded default>"
     silent_allow: bool = False
     warnings: list[str] = field(default_factory=list)
-    workers: int = 1            # proxy.workers resolved
-    worker: int | None = None   # this process's worker index (`greyproxy run proxy --worker N`), None = the only one
+    workers: int = 1  # proxy.workers resolved
+    worker: int | None = None  # this process's worker index (`greyproxy run proxy --worker N`), None = the only one
     keys_dir: Path | None = None  # CURVE keys for tcp:// bus endpoints (see bus.curve)
 
     @property
@@ -374,9 +395,7 @@ def _runtime_dir(data_dir: Path) -> Path:
 def _bind_host(host: str, default_host: str, warnings: list[str], key: str) -> str:
     host = host or default_host or "127.0.0.1"
     if host in ("0.0.0.0", "::", "*"):
-        warnings.append(
-            f"{key} binds {host}: every host on the network can reach it; Greyproxy is meant for loopback"
-        )
+        warnings.append(f"{key} binds {host}: every host on the network can reach it; Greyproxy is meant for loopback")
         if host == "*":
             host = "0.0.0.0"
     return host
@@ -507,8 +526,15 @@ def _check_origin(value: str, key: str) -> None:
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError:
         raise ConfigError(f"config key {key!r}: {value!r} is not an origin like http://localhost:3000") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.password \
-            or parts.path not in ("", "/") or parts.query or parts.fragment:
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username
+        or parts.password
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
         raise ConfigError(f"config key {key!r}: {value!r} is not an origin like http://localhost:3000")
 
 

@@ -116,22 +116,69 @@ def _pip_binary() -> str:
 
 
 RUNTIMES = (
-    Runtime("python", "python3", lambda url, a, tmp: ["python3", "-c", PYTHON_SCRIPT, url, str(a.check_timeout)],
-            re.compile(r"^Python-urllib/")),
-    Runtime("pip", "pip", lambda url, a, tmp: [_pip_binary(), "index", "versions", "pip", "--disable-pip-version-check",
-                                               "--no-cache-dir", "--retries", "0", "--timeout", str(int(a.check_timeout))],
-            re.compile(r"^pip/"), _pip_judge),
-    Runtime("node", "node", lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url],
-            re.compile(r"^greyproxy-env-check node/")),
-    Runtime("npm", "npm", lambda url, a, tmp: ["npm", "view", "npm", "version", "--prefer-online",
-                                               "--cache", str(tmp / "npm-cache"), "--no-update-notifier",
-                                               "--fetch-retries", "0"],
-            re.compile(r"^npm/")),
-    Runtime("curl", "curl", lambda url, a, tmp: ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}",
-                                                 "--max-time", str(a.check_timeout), url],
-            re.compile(r"^curl/")),
-    Runtime("git", "git", lambda url, a, tmp: ["git", "ls-remote", a.check_git or url],
-            re.compile(r"^git/"), _git_judge),
+    Runtime(
+        "python",
+        "python3",
+        lambda url, a, tmp: ["python3", "-c", PYTHON_SCRIPT, url, str(a.check_timeout)],
+        re.compile(r"^Python-urllib/"),
+    ),
+    Runtime(
+        "pip",
+        "pip",
+        lambda url, a, tmp: [
+            _pip_binary(),
+            "index",
+            "versions",
+            "pip",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+            "--retries",
+            "0",
+            "--timeout",
+            str(int(a.check_timeout)),
+        ],
+        re.compile(r"^pip/"),
+        _pip_judge,
+    ),
+    Runtime(
+        "node", "node", lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url], re.compile(r"^greyproxy-env-check node/")
+    ),
+    Runtime(
+        "npm",
+        "npm",
+        lambda url, a, tmp: [
+            "npm",
+            "view",
+            "npm",
+            "version",
+            "--prefer-online",
+            "--cache",
+            str(tmp / "npm-cache"),
+            "--no-update-notifier",
+            "--fetch-retries",
+            "0",
+        ],
+        re.compile(r"^npm/"),
+    ),
+    Runtime(
+        "curl",
+        "curl",
+        lambda url, a, tmp: [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            str(a.check_timeout),
+            url,
+        ],
+        re.compile(r"^curl/"),
+    ),
+    Runtime(
+        "git", "git", lambda url, a, tmp: ["git", "ls-remote", a.check_git or url], re.compile(r"^git/"), _git_judge
+    ),
 )
 
 
@@ -146,8 +193,15 @@ def run_runtime(rt: Runtime, env: dict[str, str], args: argparse.Namespace, tmp:
         return Result(rt.name, present=False, detail="not installed")
     argv = rt.argv(args.check_url, args, tmp)
     try:
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=args.check_timeout + 5,
-                              stdin=subprocess.DEVNULL, cwd=str(tmp))
+        proc = subprocess.run(
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=args.check_timeout + 5,
+            stdin=subprocess.DEVNULL,
+            cwd=str(tmp),
+        )
     except subprocess.TimeoutExpired:
         return Result(rt.name, present=True, detail=f"no answer within {args.check_timeout:g} s")
     except OSError as exc:
@@ -164,8 +218,10 @@ def _recorded(cfg: Config, container: str | None, since: float, results: list[Re
     if not want:
         return None
     by_name = {rt.name: rt for rt in RUNTIMES}
-    params: dict[str, str | int] = {"from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
-                                    "limit": 1000}
+    params: dict[str, str | int] = {
+        "from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
+        "limit": 1000,
+    }
     if container:
         params["container"] = container
     try:

@@ -29,20 +29,44 @@ DOCUMENT_TAIL = b"]}}\n"
 HTTP_VERSION = "HTTP/1.1"  # what the proxy speaks to clients (ALPN offers http/1.1 only)
 _WS_METHODS = {"WS_REQ": "send", "WS_RESP": "receive"}
 _REASONS = {
-    101: "Switching Protocols", 200: "OK", 201: "Created", 202: "Accepted", 204: "No Content",
-    206: "Partial Content", 301: "Moved Permanently", 302: "Found", 303: "See Other", 304: "Not Modified",
-    307: "Temporary Redirect", 308: "Permanent Redirect", 400: "Bad Request", 401: "Unauthorized",
-    403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout", 409: "Conflict",
-    413: "Content Too Large", 415: "Unsupported Media Type", 421: "Misdirected Request", 422: "Unprocessable Content",
-    429: "Too Many Requests", 500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    101: "Switching Protocols",
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    206: "Partial Content",
+    301: "Moved Permanently",
+    302: "Found",
+    303: "See Other",
+    304: "Not Modified",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    421: "Misdirected Request",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
     504: "Gateway Timeout",
 }
 
 
 def document_head(comment: str = "") -> bytes:
     """`{"log": {... "entries": [` — entries follow, comma-separated, then DOCUMENT_TAIL."""
-    log: dict[str, Any] = {"version": HAR_VERSION, "creator": {"name": "greyproxy", "version": __version__},
-                           "pages": []}
+    log: dict[str, Any] = {
+        "version": HAR_VERSION,
+        "creator": {"name": "greyproxy", "version": __version__},
+        "pages": [],
+    }
     if comment:
         log["comment"] = comment
     head = orjson.dumps({"log": log})
@@ -102,9 +126,14 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     except ValueError:
         query = []
     request: dict[str, Any] = {
-        "method": method, "url": url, "httpVersion": HTTP_VERSION,
+        "method": method,
+        "url": url,
+        "httpVersion": HTTP_VERSION,
         "cookies": _cookies(cookie, cookie == REDACTED),
-        "headers": req_headers, "queryString": query, "headersSize": -1, "bodySize": req_size,
+        "headers": req_headers,
+        "queryString": query,
+        "headersSize": -1,
+        "bodySize": req_size,
     }
     if req_body is not None or req_size:
         post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
@@ -127,17 +156,28 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     elif resp_size:
         content["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
     response: dict[str, Any] = {
-        "status": status, "statusText": _REASONS.get(status, ""), "httpVersion": HTTP_VERSION,
-        "cookies": [], "headers": resp_headers, "content": content,
-        "redirectURL": _header(resp_headers, "location") or "", "headersSize": -1, "bodySize": resp_size,
+        "status": status,
+        "statusText": _REASONS.get(status, ""),
+        "httpVersion": HTTP_VERSION,
+        "cookies": [],
+        "headers": resp_headers,
+        "content": content,
+        "redirectURL": _header(resp_headers, "location") or "",
+        "headersSize": -1,
+        "bodySize": resp_size,
     }
     duration = row.get("duration_ms")
     total = round(float(duration), 3) if isinstance(duration, (int, float)) and duration >= 0 else 0
     out: dict[str, Any] = {
-        "startedDateTime": _iso(row.get("timestamp")), "time": total, "request": request, "response": response,
-        "cache": {}, "timings": {"blocked": -1, "dns": -1, "connect": -1, "ssl": -1, "send": 0, "wait": total,
-                                 "receive": 0},
-        "_id": row.get("id"), "_container": row.get("container_name"), "_result": row.get("result"),
+        "startedDateTime": _iso(row.get("timestamp")),
+        "time": total,
+        "request": request,
+        "response": response,
+        "cache": {},
+        "timings": {"blocked": -1, "dns": -1, "connect": -1, "ssl": -1, "send": 0, "wait": total, "receive": 0},
+        "_id": row.get("id"),
+        "_container": row.get("container_name"),
+        "_result": row.get("result"),
         "_ruleId": row.get("rule_id"),
     }
     for col, key in (("conversation_id", "_conversationId"), ("session_id", "_sessionId")):
@@ -151,8 +191,12 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     if method in _WS_METHODS:
         text = req_body if method == "WS_REQ" else resp_body
         size = req_size if method == "WS_REQ" else resp_size
-        msg: dict[str, Any] = {"type": _WS_METHODS[method], "time": float(row.get("timestamp") or 0),
-                               "opcode": 1 if text is not None else 2, "data": text or ""}
+        msg: dict[str, Any] = {
+            "type": _WS_METHODS[method],
+            "time": float(row.get("timestamp") or 0),
+            "opcode": 1 if text is not None else 2,
+            "data": text or "",
+        }
         if text is None:
             msg["_size"] = size
         out["_webSocketMessages"] = [msg]
@@ -169,76 +213,128 @@ def entry_bytes(row: dict[str, Any]) -> bytes:
 # Custom fields (starting with "_") and "comment" are allowed everywhere, as the spec allows.
 
 _ISO_8601 = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$"
-_NV = {"type": "object", "required": ["name", "value"],
-       "properties": {"name": {"type": "string"}, "value": {"type": "string"}, "comment": {"type": "string"}}}
+_NV = {
+    "type": "object",
+    "required": ["name", "value"],
+    "properties": {"name": {"type": "string"}, "value": {"type": "string"}, "comment": {"type": "string"}},
+}
 _TIMING = {"type": "number", "minimum": -1}
 
 HAR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["log"],
-    "properties": {"log": {
-        "type": "object",
-        "required": ["version", "creator", "entries"],
-        "properties": {
-            "version": {"type": "string"},
-            "creator": {"type": "object", "required": ["name", "version"],
-                        "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
-            "browser": {"type": "object", "required": ["name", "version"]},
-            "pages": {"type": "array", "items": {
-                "type": "object", "required": ["startedDateTime", "id", "title", "pageTimings"]}},
-            "comment": {"type": "string"},
-            "entries": {"type": "array", "items": {
-                "type": "object",
-                "required": ["startedDateTime", "time", "request", "response", "cache", "timings"],
-                "properties": {
-                    "pageref": {"type": "string"},
-                    "startedDateTime": {"type": "string", "pattern": _ISO_8601},
-                    "time": {"type": "number", "minimum": 0},
-                    "request": {
+    "properties": {
+        "log": {
+            "type": "object",
+            "required": ["version", "creator", "entries"],
+            "properties": {
+                "version": {"type": "string"},
+                "creator": {
+                    "type": "object",
+                    "required": ["name", "version"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+                },
+                "browser": {"type": "object", "required": ["name", "version"]},
+                "pages": {
+                    "type": "array",
+                    "items": {"type": "object", "required": ["startedDateTime", "id", "title", "pageTimings"]},
+                },
+                "comment": {"type": "string"},
+                "entries": {
+                    "type": "array",
+                    "items": {
                         "type": "object",
-                        "required": ["method", "url", "httpVersion", "cookies", "headers", "queryString",
-                                     "headersSize", "bodySize"],
+                        "required": ["startedDateTime", "time", "request", "response", "cache", "timings"],
                         "properties": {
-                            "method": {"type": "string"}, "url": {"type": "string"},
-                            "httpVersion": {"type": "string"},
-                            "cookies": {"type": "array", "items": _NV},
-                            "headers": {"type": "array", "items": _NV},
-                            "queryString": {"type": "array", "items": _NV},
-                            "postData": {
-                                "type": "object", "required": ["mimeType"],
-                                "properties": {"mimeType": {"type": "string"}, "text": {"type": "string"},
-                                               "params": {"type": "array", "items": {
-                                                   "type": "object", "required": ["name"]}}},
-                                "oneOf": [{"required": ["text"]}, {"required": ["params"]}]},
-                            "headersSize": {"type": "integer", "minimum": -1},
-                            "bodySize": {"type": "integer", "minimum": -1},
-                        }},
-                    "response": {
-                        "type": "object",
-                        "required": ["status", "statusText", "httpVersion", "cookies", "headers", "content",
-                                     "redirectURL", "headersSize", "bodySize"],
-                        "properties": {
-                            "status": {"type": "integer"}, "statusText": {"type": "string"},
-                            "httpVersion": {"type": "string"},
-                            "cookies": {"type": "array", "items": _NV},
-                            "headers": {"type": "array", "items": _NV},
-                            "content": {"type": "object", "required": ["size", "mimeType"],
-                                        "properties": {"size": {"type": "integer"},
-                                                       "compression": {"type": "integer"},
-                                                       "mimeType": {"type": "string"},
-                                                       "text": {"type": "string"},
-                                                       "encoding": {"type": "string"}}},
-                            "redirectURL": {"type": "string"},
-                            "headersSize": {"type": "integer", "minimum": -1},
-                            "bodySize": {"type": "integer", "minimum": -1},
-                        }},
-                    "cache": {"type": "object"},
-                    "timings": {"type": "object", "required": ["send", "wait", "receive"],
-                                "properties": {k: _TIMING for k in
-                                               ("blocked", "dns", "connect", "ssl", "send", "wait", "receive")}},
-                    "serverIPAddress": {"type": "string"},
-                    "connection": {"type": "string"},
-                    "comment": {"type": "string"},
-                }}},
-        }}},
+                            "pageref": {"type": "string"},
+                            "startedDateTime": {"type": "string", "pattern": _ISO_8601},
+                            "time": {"type": "number", "minimum": 0},
+                            "request": {
+                                "type": "object",
+                                "required": [
+                                    "method",
+                                    "url",
+                                    "httpVersion",
+                                    "cookies",
+                                    "headers",
+                                    "queryString",
+                                    "headersSize",
+                                    "bodySize",
+                                ],
+                                "properties": {
+                                    "method": {"type": "string"},
+                                    "url": {"type": "string"},
+                                    "httpVersion": {"type": "string"},
+                                    "cookies": {"type": "array", "items": _NV},
+                                    "headers": {"type": "array", "items": _NV},
+                                    "queryString": {"type": "array", "items": _NV},
+                                    "postData": {
+                                        "type": "object",
+                                        "required": ["mimeType"],
+                                        "properties": {
+                                            "mimeType": {"type": "string"},
+                                            "text": {"type": "string"},
+                                            "params": {
+                                                "type": "array",
+                                                "items": {"type": "object", "required": ["name"]},
+                                            },
+                                        },
+                                        "oneOf": [{"required": ["text"]}, {"required": ["params"]}],
+                                    },
+                                    "headersSize": {"type": "integer", "minimum": -1},
+                                    "bodySize": {"type": "integer", "minimum": -1},
+                                },
+                            },
+                            "response": {
+                                "type": "object",
+                                "required": [
+                                    "status",
+                                    "statusText",
+                                    "httpVersion",
+                                    "cookies",
+                                    "headers",
+                                    "content",
+                                    "redirectURL",
+                                    "headersSize",
+                                    "bodySize",
+                                ],
+                                "properties": {
+                                    "status": {"type": "integer"},
+                                    "statusText": {"type": "string"},
+                                    "httpVersion": {"type": "string"},
+                                    "cookies": {"type": "array", "items": _NV},
+                                    "headers": {"type": "array", "items": _NV},
+                                    "content": {
+                                        "type": "object",
+                                        "required": ["size", "mimeType"],
+                                        "properties": {
+                                            "size": {"type": "integer"},
+                                            "compression": {"type": "integer"},
+                                            "mimeType": {"type": "string"},
+                                            "text": {"type": "string"},
+                                            "encoding": {"type": "string"},
+                                        },
+                                    },
+                                    "redirectURL": {"type": "string"},
+                                    "headersSize": {"type": "integer", "minimum": -1},
+                                    "bodySize": {"type": "integer", "minimum": -1},
+                                },
+                            },
+                            "cache": {"type": "object"},
+                            "timings": {
+                                "type": "object",
+                                "required": ["send", "wait", "receive"],
+                                "properties": {
+                                    k: _TIMING for k in ("blocked", "dns", "connect", "ssl", "send", "wait", "receive")
+                                },
+                            },
+                            "serverIPAddress": {"type": "string"},
+                            "connection": {"type": "string"},
+                            "comment": {"type": "string"},
+                        },
+                    },
+                },
+            },
+        }
+    },
 }

@@ -87,31 +87,81 @@ def _buckets(snap: Any) -> tuple[list[tuple[str, float]], float] | None:
 
 # (metric name, kind, help, path in the service's stats, service)
 _SIMPLE: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
-    ("greyproxy_proxy_active_connections", "gauge", "Open client connections (HTTP and SOCKS5)",
-     ("active_connections",), "proxy"),
+    (
+        "greyproxy_proxy_active_connections",
+        "gauge",
+        "Open client connections (HTTP and SOCKS5)",
+        ("active_connections",),
+        "proxy",
+    ),
     ("greyproxy_proxy_tunnels", "gauge", "Allowed connections being relayed", ("tunnels",), "proxy"),
     ("greyproxy_proxy_held_connections", "gauge", "Connections waiting for a decision", ("waiting",), "proxy"),
     ("greyproxy_pending", "gauge", "Pending destinations (the proxy's view)", ("pending_count",), "proxy"),
     ("greyproxy_rules", "gauge", "Active rules loaded in the proxy", ("rules",), "proxy"),
-    ("greyproxy_journal_outbox_records", "gauge", "Records queued or in flight to the recorder",
-     ("journal", "queued"), "proxy"),
-    ("greyproxy_journal_inflight_records", "gauge", "Records sent to the recorder and not yet acknowledged",
-     ("journal", "inflight"), "proxy"),
-    ("greyproxy_journal_outbox_bytes", "gauge", "Serialised bytes held in the journal outbox",
-     ("journal", "outbox_bytes"), "proxy"),
-    ("greyproxy_journal_dropped_records", "counter", "Records dropped because the outbox was full",
-     ("journal", "dropped"), "proxy"),
+    (
+        "greyproxy_journal_outbox_records",
+        "gauge",
+        "Records queued or in flight to the recorder",
+        ("journal", "queued"),
+        "proxy",
+    ),
+    (
+        "greyproxy_journal_inflight_records",
+        "gauge",
+        "Records sent to the recorder and not yet acknowledged",
+        ("journal", "inflight"),
+        "proxy",
+    ),
+    (
+        "greyproxy_journal_outbox_bytes",
+        "gauge",
+        "Serialised bytes held in the journal outbox",
+        ("journal", "outbox_bytes"),
+        "proxy",
+    ),
+    (
+        "greyproxy_journal_dropped_records",
+        "counter",
+        "Records dropped because the outbox was full",
+        ("journal", "dropped"),
+        "proxy",
+    ),
     ("greyproxy_journal_acked_records", "counter", "Records the recorder acknowledged", ("journal", "acked"), "proxy"),
-    ("greyproxy_journal_resent_records", "counter", "Records sent again after no acknowledgement",
-     ("journal", "resent"), "proxy"),
-    ("greyproxy_transactions_captured", "counter", "Transaction records made by the proxy",
-     ("capture", "transactions"), "proxy"),
-    ("greyproxy_websocket_messages_captured", "counter", "WebSocket messages recorded",
-     ("capture", "ws_messages"), "proxy"),
-    ("greyproxy_upstream_pool_idle_connections", "gauge", "Idle upstream connections kept for reuse",
-     ("upstream_pool", "idle"), "proxy"),
-    ("greyproxy_upstream_pool_reused", "counter", "Requests sent on a reused upstream connection",
-     ("upstream_pool", "reused"), "proxy"),
+    (
+        "greyproxy_journal_resent_records",
+        "counter",
+        "Records sent again after no acknowledgement",
+        ("journal", "resent"),
+        "proxy",
+    ),
+    (
+        "greyproxy_transactions_captured",
+        "counter",
+        "Transaction records made by the proxy",
+        ("capture", "transactions"),
+        "proxy",
+    ),
+    (
+        "greyproxy_websocket_messages_captured",
+        "counter",
+        "WebSocket messages recorded",
+        ("capture", "ws_messages"),
+        "proxy",
+    ),
+    (
+        "greyproxy_upstream_pool_idle_connections",
+        "gauge",
+        "Idle upstream connections kept for reuse",
+        ("upstream_pool", "idle"),
+        "proxy",
+    ),
+    (
+        "greyproxy_upstream_pool_reused",
+        "counter",
+        "Requests sent on a reused upstream connection",
+        ("upstream_pool", "reused"),
+        "proxy",
+    ),
     ("greyproxy_dns_queries", "counter", "Queries answered by the DNS proxy", ("dns", "queries"), "proxy"),
     ("greyproxy_dns_cache_hits", "counter", "DNS proxy answers from its cache", ("dns", "cache_hits"), "proxy"),
     ("greyproxy_recorder_records", "counter", "Journal records written by the recorder", ("records",), "recorder"),
@@ -154,8 +204,9 @@ class HeartbeatCollector:
         proxy = stats_of("proxy") or {}
         refused = proxy.get("refused_connections")
         if isinstance(refused, dict):
-            fam = CounterMetricFamily("greyproxy_proxy_refused_connections",
-                                      "Connections refused by a connection cap", labels=["cap"])
+            fam = CounterMetricFamily(
+                "greyproxy_proxy_refused_connections", "Connections refused by a connection cap", labels=["cap"]
+            )
             for cap, n in sorted(refused.items()):
                 if _num(n) is not None:
                     fam.add_metric([str(cap)], float(n))
@@ -164,27 +215,41 @@ class HeartbeatCollector:
         metrics: dict[str, Any] = proxy_metrics if isinstance(proxy_metrics, dict) else {}
         results = metrics.get("connections")
         if isinstance(results, dict):
-            fam = CounterMetricFamily("greyproxy_proxy_connections", "Connection decisions by result",
-                                      labels=["result"])
+            fam = CounterMetricFamily(
+                "greyproxy_proxy_connections", "Connection decisions by result", labels=["result"]
+            )
             for result, n in sorted(results.items()):
                 if _num(n) is not None:
                     fam.add_metric([str(result)], float(n))
             yield fam
         received = metrics.get("bytes_received")
         if isinstance(received, dict):
-            fam = CounterMetricFamily("greyproxy_proxy_bytes_relayed",
-                                      "Bytes received from clients and from upstreams", labels=["side"])
+            fam = CounterMetricFamily(
+                "greyproxy_proxy_bytes_relayed", "Bytes received from clients and from upstreams", labels=["side"]
+            )
             for side, n in sorted(received.items()):
                 if _num(n) is not None:
                     fam.add_metric([str(side)], float(n))
             yield fam
         for key, name, text, stats in (
-            ("decision_seconds", "greyproxy_proxy_decision_seconds",
-             "Time from a connection's request to its allow/block decision, holds included", metrics),
-            ("hold_seconds", "greyproxy_proxy_hold_seconds",
-             "Time connections to unknown destinations waited for a decision", metrics),
-            ("batch_seconds", "greyproxy_recorder_batch_seconds", "Time to write and commit one journal batch",
-             (stats_of("recorder") or {}).get("metrics") or {}),
+            (
+                "decision_seconds",
+                "greyproxy_proxy_decision_seconds",
+                "Time from a connection's request to its allow/block decision, holds included",
+                metrics,
+            ),
+            (
+                "hold_seconds",
+                "greyproxy_proxy_hold_seconds",
+                "Time connections to unknown destinations waited for a decision",
+                metrics,
+            ),
+            (
+                "batch_seconds",
+                "greyproxy_recorder_batch_seconds",
+                "Time to write and commit one journal batch",
+                (stats_of("recorder") or {}).get("metrics") or {},
+            ),
         ):
             parsed = _buckets(stats.get(key)) if isinstance(stats, dict) else None
             if parsed is not None:

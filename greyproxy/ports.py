@@ -34,9 +34,20 @@ RETRY_INTERVAL = 0.25
 PROC = Path("/proc")
 TCP_LISTEN = "0A"
 # /proc/net/tcp's st column (include/net/tcp_states.h)
-TCP_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "03": "SYN_RECV", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
-              "06": "TIME_WAIT", "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0A": "LISTEN",
-              "0B": "CLOSING", "0C": "NEW_SYN_RECV"}
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+    "0C": "NEW_SYN_RECV",
+}
 MAX_COMMAND = 200
 
 log = logging.getLogger("greyproxy.ports")
@@ -78,8 +89,11 @@ class PortBusy(PortError):
     def __init__(self, what: str, host: str, port: int, holders: list[Holder], reason: str) -> None:
         self.what, self.host, self.port, self.holders = what, host, port, holders
         named = "; ".join(dict.fromkeys(h.describe() for h in holders)) or "a program (not named: /proc not readable)"
-        super().__init__(errno.EADDRINUSE, f"{what}: {host or '*'}:{port} is in use by a listening program: {named}"
-                                           + (f" ({reason})" if reason else ""))
+        super().__init__(
+            errno.EADDRINUSE,
+            f"{what}: {host or '*'}:{port} is in use by a listening program: {named}"
+            + (f" ({reason})" if reason else ""),
+        )
 
 
 class PortLingering(PortError):
@@ -94,7 +108,7 @@ def _parse_address(hex_addr: str) -> str:
     if len(raw) == 4:
         return str(ipaddress.IPv4Address(raw[::-1]))  # one little-endian 32-bit word
     # IPv6: four 32-bit words, each in host (little-endian) order
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
     addr = ipaddress.IPv6Address(words)
     return str(addr.ipv4_mapped) if addr.ipv4_mapped is not None else str(addr)
 
@@ -252,13 +266,22 @@ def is_in_use(exc: BaseException) -> bool:
 def _lingering_message(what: str, host: str, port: int, verdict: Verdict, wait: float) -> str:
     n = verdict.lingering
     held = f"{n} closed connection{'s' if n != 1 else ''} (TIME_WAIT)" if n else "connections that are closing"
-    return (f"{what}: {host or '*'}:{port} is held by {held}, not by a listening program; "
-            f"waiting up to {wait:.0f} s for the port to come free")
+    return (
+        f"{what}: {host or '*'}:{port} is held by {held}, not by a listening program; "
+        f"waiting up to {wait:.0f} s for the port to come free"
+    )
 
 
-def wait_until_bindable(what: str, host: str, port: int, kind: int = socket.SOCK_STREAM, *,
-                        wait: float = LINGER_WAIT, say: Callable[[str], None] = print,
-                        proc: Path = PROC) -> None:
+def wait_until_bindable(
+    what: str,
+    host: str,
+    port: int,
+    kind: int = socket.SOCK_STREAM,
+    *,
+    wait: float = LINGER_WAIT,
+    say: Callable[[str], None] = print,
+    proc: Path = PROC,
+) -> None:
     """Return once host:port can be bound. PortBusy at once for a listening program; PortLingering
     when lingering connections still hold it after `wait` s (said once, through `say`, when waiting)."""
     deadline = time.monotonic() + wait
@@ -273,17 +296,26 @@ def wait_until_bindable(what: str, host: str, port: int, kind: int = socket.SOCK
         if verdict.listening:
             raise PortBusy(what, host, port, verdict.holders, "")
         if time.monotonic() >= deadline:
-            raise PortLingering(errno.EADDRINUSE, f"{what}: {host or '*'}:{port} is still in use after {wait:.0f} s"
-                                                  " (connections on it did not close)")
+            raise PortLingering(
+                errno.EADDRINUSE,
+                f"{what}: {host or '*'}:{port} is still in use after {wait:.0f} s (connections on it did not close)",
+            )
         if not said:
             say(_lingering_message(what, host, port, verdict, wait))
             said = True
         time.sleep(RETRY_INTERVAL)
 
 
-async def bind_retrying(bind: Callable[[], Awaitable[T]], what: str, host: str, port: int,
-                        kinds: tuple[int, ...] = (socket.SOCK_STREAM,), *, wait: float = LINGER_WAIT,
-                        logger: logging.Logger = log) -> T:
+async def bind_retrying(
+    bind: Callable[[], Awaitable[T]],
+    what: str,
+    host: str,
+    port: int,
+    kinds: tuple[int, ...] = (socket.SOCK_STREAM,),
+    *,
+    wait: float = LINGER_WAIT,
+    logger: logging.Logger = log,
+) -> T:
     """Run an async bind (a server start); on "address in use" by lingering connections, retry until
     `wait` s have passed (logged once). A listening program raises PortBusy naming it, at once.
     `kinds`: the socket types the bind makes (the DNS proxy: UDP and TCP)."""
@@ -309,5 +341,6 @@ async def bind_retrying(bind: Callable[[], Awaitable[T]], what: str, host: str, 
 
 def _diagnose_all(host: str, port: int, kinds: tuple[int, ...]) -> Verdict:
     verdicts = [diagnose(host, port, kind) for kind in kinds]
-    return Verdict(any(v.listening for v in verdicts), [h for v in verdicts for h in v.holders],
-                   sum(v.lingering for v in verdicts))
+    return Verdict(
+        any(v.listening for v in verdicts), [h for v in verdicts for h in v.holders], sum(v.lingering for v in verdicts)
+    )

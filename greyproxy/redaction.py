@@ -18,12 +18,20 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_plus
 
-__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "URL_HEADERS", "Redactor", "canonical_header_name",
-           "extra_patterns"]
+__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "URL_HEADERS", "Redactor", "canonical_header_name", "extra_patterns"]
 
 DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
-    "Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*", "*token*", "*secret*",
-    "*auth*", "*password*", "*passwd*", "*session*",
+    "Authorization",
+    "Proxy-Authorization",
+    "Cookie",
+    "Set-Cookie",
+    "*api-key*",
+    "*token*",
+    "*secret*",
+    "*auth*",
+    "*password*",
+    "*passwd*",
+    "*session*",
 )
 REDACTED = "[REDACTED]"
 URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
@@ -92,7 +100,7 @@ class Redactor:
         if q < 0 or not isinstance(url, str):
             return url
         h = url.find("#", q)
-        query, tail = (url[q + 1:], "") if h < 0 else (url[q + 1:h], url[h:])
+        query, tail = (url[q + 1 :], "") if h < 0 else (url[q + 1 : h], url[h:])
         parts = query.split("&")
         changed = False
         for i, part in enumerate(parts):
@@ -100,7 +108,7 @@ class Redactor:
             if eq and value != REDACTED and self.matches(unquote_plus(name)):
                 parts[i] = f"{name}={REDACTED}"
                 changed = True
-        return f"{url[:q + 1]}{'&'.join(parts)}{tail}" if changed else url
+        return f"{url[: q + 1]}{'&'.join(parts)}{tail}" if changed else url
 
     def redact_map(self, headers: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         """Re-apply to a stored {name: [values]} map; (new map, whether anything changed)."""

@@ -23,8 +23,8 @@ log = logging.getLogger("greyproxy")
 
 # "1" makes a lone `greyproxy run` exit with its parent too (supervisord's children always do).
 ENV_EXIT_WITH_PARENT = "GREYPROXY_EXIT_WITH_PARENT"
-PARENT_CHECK_EVERY = 1.0   # seconds between getppid() checks (the fallback to PDEATHSIG)
-PARENT_GONE_GRACE = 8.0    # seconds for a clean stop after the parent died, then _exit
+PARENT_CHECK_EVERY = 1.0  # seconds between getppid() checks (the fallback to PDEATHSIG)
+PARENT_GONE_GRACE = 8.0  # seconds for a clean stop after the parent died, then _exit
 _PR_SET_PDEATHSIG = 1
 _watching_parent = False
 # In heartbeats: lets /api/health check a local service's pid (the bus may span machines).
@@ -125,9 +125,16 @@ class ServiceRuntime:
 
     def heartbeat_payload(self) -> dict[str, Any]:
         now = time.time()
-        return {"service": self.name, "pid": os.getpid(), "host": HOSTNAME, "started_at": self.started_at,
-                "uptime": round(now - self.started_at, 3), "ready": self.ready, "stats": self.stats(),
-                **self.announce}
+        return {
+            "service": self.name,
+            "pid": os.getpid(),
+            "host": HOSTNAME,
+            "started_at": self.started_at,
+            "uptime": round(now - self.started_at, 3),
+            "ready": self.ready,
+            "stats": self.stats(),
+            **self.announce,
+        }
 
     async def heartbeat_loop(self) -> None:
         interval = float(self.cfg.bus["heartbeatInterval"])
@@ -136,8 +143,9 @@ class ServiceRuntime:
             await asyncio.sleep(interval)
 
 
-def run_async_service(name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]],
-                      announce: dict[str, Any] | None = None) -> None:
+def run_async_service(
+    name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]], announce: dict[str, Any] | None = None
+) -> None:
     """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives."""
     import uvloop
 

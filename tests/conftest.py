@@ -31,8 +31,26 @@ code that runs, not some other installed copy).
 from __future__ import annotations
 
 from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
-    LISTENER_NAMES, PYTHON, REPO, ServiceProcess, Stack, StackError, TlsHttpServer, base_config, deep_merge,
-    descendants, free_port, free_ports, https_origin, pid_alive, run_service, service_env, short_tmpdir, stack_cli,
-    start_https_origin, wait_for, write_config,
+    LISTENER_NAMES,
+    PYTHON,
+    REPO,
+    ServiceProcess,
+    Stack,
+    StackError,
+    TlsHttpServer,
+    base_config,
+    deep_merge,
+    descendants,
+    free_port,
+    free_ports,
+    https_origin,
+    pid_alive,
+    run_service,
+    service_env,
+    short_tmpdir,
+    stack_cli,
+    start_https_origin,
+    wait_for,
+    write_config,
 )
 from harness.fixtures import make_stack, origin_ca, origin_ca_file, service_runner, short_tmp  # noqa: F401 - fixtures

@@ -38,7 +38,9 @@ def insert(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[int]:
         cols = list(_COLS)
         if r.get("id"):
             cols, vals = ["id", *cols], [r["id"], *vals]
-        cur = conn.execute(f"INSERT INTO http_transactions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals)
+        cur = conn.execute(
+            f"INSERT INTO http_transactions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", vals
+        )
         ids.append(cur.lastrowid)
     return ids
 

@@ -28,8 +28,10 @@ def _auth(user: str) -> str:
 
 # ----------------------------------------------------------------------------- approval latency
 
-def approval_latency(api: str, proxy_port: int, origin_port: int, holds: int, deadline_s: float = 120.0
-                     ) -> dict[str, Any]:
+
+def approval_latency(
+    api: str, proxy_port: int, origin_port: int, holds: int, deadline_s: float = 120.0
+) -> dict[str, Any]:
     """Per hold: a client asks for 127.0.0.2 as a fresh container and waits; we find the pending
     entry, POST /api/pending/:id/allow, and time from the moment the allow call's answer is in
     to the held client's first response byte (and from the moment the call was sent)."""
@@ -46,8 +48,12 @@ def approval_latency(api: str, proxy_port: int, origin_port: int, holds: int, de
             container = f"hold{i}-{nonce}"
             s = socket.create_connection(("127.0.0.1", proxy_port), timeout=15)
             try:
-                s.sendall((f"GET http://{HOLD_HOST}:{origin_port}/1k HTTP/1.1\r\nHost: {HOLD_HOST}:{origin_port}\r\n"
-                           f"Proxy-Authorization: {_auth(container)}\r\n\r\n").encode())
+                s.sendall(
+                    (
+                        f"GET http://{HOLD_HOST}:{origin_port}/1k HTTP/1.1\r\nHost: {HOLD_HOST}:{origin_port}\r\n"
+                        f"Proxy-Authorization: {_auth(container)}\r\n\r\n"
+                    ).encode()
+                )
                 entry_id = None
                 wait_until = time.monotonic() + 10
                 while entry_id is None and time.monotonic() < wait_until:
@@ -77,13 +83,21 @@ def approval_latency(api: str, proxy_port: int, origin_port: int, holds: int, de
                 errors.append(f"{container}: {exc!r}"[:200])
             finally:
                 s.close()
-    return {"holds": holds, "measured": len(from_answer),
-            "p50_ms": pct(from_answer, 50), "p99_ms": pct(from_answer, 99), "max_ms": max(from_answer, default=None),
-            "call_to_byte_p50_ms": pct(from_call, 50), "call_to_byte_p99_ms": pct(from_call, 99),
-            "errors": errors[:10], "error_count": len(errors)}
+    return {
+        "holds": holds,
+        "measured": len(from_answer),
+        "p50_ms": pct(from_answer, 50),
+        "p99_ms": pct(from_answer, 99),
+        "max_ms": max(from_answer, default=None),
+        "call_to_byte_p50_ms": pct(from_call, 50),
+        "call_to_byte_p99_ms": pct(from_call, 99),
+        "errors": errors[:10],
+        "error_count": len(errors),
+    }
 
 
 # ----------------------------------------------------------------------------- recorder
+
 
 def _count_logs(db: Path, container: str) -> int:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
@@ -93,8 +107,9 @@ def _count_logs(db: Path, container: str) -> int:
         con.close()
 
 
-def recorder_throughput(db: Path, proxy_port: int, origin_port: int, n: int, conns: int = 8, depth: int = 64,
-                        settle_s: float = 60.0) -> dict[str, Any]:
+def recorder_throughput(
+    db: Path, proxy_port: int, origin_port: int, n: int, conns: int = 8, depth: int = 64, settle_s: float = 60.0
+) -> dict[str, Any]:
     """N allowed requests as one fresh container; then poll the db until it holds N log rows.
 
     records/s = N / (time from the first request to the N-th row committed). The load is
@@ -118,11 +133,17 @@ def recorder_throughput(db: Path, proxy_port: int, origin_port: int, n: int, con
     backlog = sent - at_load_end
     drain = t_stored - t_load
     return {
-        "requests": n, "completed": sent, "client_errors": load["errors"], "stored": final,
-        "loss": max(0, sent - final), "duplicates": max(0, final - sent),
+        "requests": n,
+        "completed": sent,
+        "client_errors": load["errors"],
+        "stored": final,
+        "loss": max(0, sent - final),
+        "duplicates": max(0, final - sent),
         "records_per_s": final / total if total > 0 else None,
-        "load_seconds": t_load - t0, "load_rps": sent / (t_load - t0) if t_load > t0 else None,
-        "backlog_at_load_end": backlog, "drain_seconds": drain,
+        "load_seconds": t_load - t0,
+        "load_rps": sent / (t_load - t0) if t_load > t0 else None,
+        "backlog_at_load_end": backlog,
+        "drain_seconds": drain,
         "drain_records_per_s": backlog / drain if backlog > 100 and drain > 0 else None,
         "seconds_to_all_stored": total,
     }
@@ -149,11 +170,24 @@ def recorder_drain(endpoint: str, db: Path, n: int, settle_s: float = 120.0) -> 
 
     container = f"bench-journal-{uuid.uuid4().hex[:8]}"
     now = time.time()
-    records = [{"timestamp": now + i * 1e-6, "container_name": container, "container_id": "",
-                "destination_host": f"svc{i % 500}.example.com", "destination_port": 443,
-                "resolved_hostname": None, "method": "CONNECT", "result": "allowed" if i % 5 else "blocked",
-                "rule_id": None, "rule_summary": None, "response_time_ms": 0.021, "reason": "rule",
-                "mitm_skip_reason": None} for i in range(n)]
+    records = [
+        {
+            "timestamp": now + i * 1e-6,
+            "container_name": container,
+            "container_id": "",
+            "destination_host": f"svc{i % 500}.example.com",
+            "destination_port": 443,
+            "resolved_hostname": None,
+            "method": "CONNECT",
+            "result": "allowed" if i % 5 else "blocked",
+            "rule_id": None,
+            "rule_summary": None,
+            "response_time_ms": 0.021,
+            "reason": "rule",
+            "mitm_skip_reason": None,
+        }
+        for i in range(n)
+    ]
 
     async def push() -> dict[str, Any]:
         ctx = zmq.asyncio.Context()
@@ -165,8 +199,13 @@ def recorder_drain(endpoint: str, db: Path, n: int, settle_s: float = 120.0) -> 
             t0 = time.perf_counter()
             ok = await writer.flush(settle_s)
             t1 = time.perf_counter()
-            return {"flushed": ok, "seconds": t1 - t0, "acked": writer.acked, "dropped": writer.dropped,
-                    "resent": writer.resent}
+            return {
+                "flushed": ok,
+                "seconds": t1 - t0,
+                "acked": writer.acked,
+                "dropped": writer.dropped,
+                "resent": writer.resent,
+            }
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -175,12 +214,18 @@ def recorder_drain(endpoint: str, db: Path, n: int, settle_s: float = 120.0) -> 
     out = asyncio.run(push())
     stored = _count_logs(db, container)
     secs = out["seconds"]
-    return {"records": n, "stored": stored, "loss": max(0, n - stored), "duplicates": max(0, stored - n),
-            "records_per_s": (stored / secs) if secs > 0 and out["flushed"] else None,
-            **out}
+    return {
+        "records": n,
+        "stored": stored,
+        "loss": max(0, n - stored),
+        "duplicates": max(0, stored - n),
+        "records_per_s": (stored / secs) if secs > 0 and out["flushed"] else None,
+        **out,
+    }
 
 
 # ----------------------------------------------------------------------------- GET /api/logs at scale
+
 
 def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:
     """rows synthetic log rows straight into the stack's database (executemany). Returns seconds."""
@@ -198,14 +243,29 @@ def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:
             data = []
             for j in range(k):
                 allowed = rng.random() < 0.8
-                data.append((now - 86400.0 * (done + j) / rows, rng.choice(containers), "", rng.choice(hosts),
-                             443, None, "CONNECT", "allowed" if allowed else "blocked", None,
-                             round(rng.random() * 5, 3), "rule" if allowed else "default", None))
+                data.append(
+                    (
+                        now - 86400.0 * (done + j) / rows,
+                        rng.choice(containers),
+                        "",
+                        rng.choice(hosts),
+                        443,
+                        None,
+                        "CONNECT",
+                        "allowed" if allowed else "blocked",
+                        None,
+                        round(rng.random() * 5, 3),
+                        "rule" if allowed else "default",
+                        None,
+                    )
+                )
             with con:
                 con.executemany(
                     "INSERT INTO logs (timestamp, container_name, container_id, destination_host, destination_port,"
                     " resolved_hostname, method, result, rule_id, response_time_ms, reason, mitm_skip_reason)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", data)
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    data,
+                )
             done += k
     finally:
         con.close()
@@ -224,13 +284,21 @@ def logs_api_latency(api: str, db: Path, rows: int, calls: int) -> dict[str, Any
         plain = _timed_logs(client, api, {"limit": 50}, calls)
         # ?container= is a substring (SPEC §5): 'agent7' names one container of the fifty, 'agent1'
         # eleven (agent1, agent10..agent19); both must stay on the (container_name, timestamp) index.
-        by_container = {name: _timed_logs(client, api, {"limit": 50, "container": name}, calls)
-                        for name in ("agent7", "agent1")}
-    return {"rows": stored, "insert_seconds": insert_s, "calls": plain["calls"], "errors": plain["errors"],
-            "p50_ms": plain["p50_ms"], "p99_ms": plain["p99_ms"], "api_total": plain["api_total"],
-            "container": by_container,
-            "container_p50_ms": _worst(c["p50_ms"] for c in by_container.values()),
-            "container_p99_ms": _worst(c["p99_ms"] for c in by_container.values())}
+        by_container = {
+            name: _timed_logs(client, api, {"limit": 50, "container": name}, calls) for name in ("agent7", "agent1")
+        }
+    return {
+        "rows": stored,
+        "insert_seconds": insert_s,
+        "calls": plain["calls"],
+        "errors": plain["errors"],
+        "p50_ms": plain["p50_ms"],
+        "p99_ms": plain["p99_ms"],
+        "api_total": plain["api_total"],
+        "container": by_container,
+        "container_p50_ms": _worst(c["p50_ms"] for c in by_container.values()),
+        "container_p99_ms": _worst(c["p99_ms"] for c in by_container.values()),
+    }
 
 
 def _worst(values: Any) -> float | None:
@@ -253,8 +321,13 @@ def _timed_logs(client: httpx.Client, api: str, params: dict[str, Any], calls: i
         total_seen = body.get("total")
         if i >= 3:  # the first calls warm the page cache and the connection
             samples.append(dt)
-    return {"calls": len(samples), "errors": errors, "p50_ms": pct(samples, 50), "p99_ms": pct(samples, 99),
-            "api_total": total_seen}
+    return {
+        "calls": len(samples),
+        "errors": errors,
+        "p50_ms": pct(samples, 50),
+        "p99_ms": pct(samples, 99),
+        "api_total": total_seen,
+    }
 
 
 # ----------------------------------------------------------------------------- rule decisions
@@ -269,8 +342,9 @@ def rule_decisions(sizes: list[int], queries: int, timeout: float = 300.0) -> di
         return {"error": "bench/rules_bench.py is missing"}
     argv = [sys.executable, str(script), "--rules", ",".join(map(str, sizes)), "--queries", str(queries)]
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        )
     except subprocess.TimeoutExpired:
         return {"error": "rules_bench.py timed out"}
     out: dict[str, Any] = {"sizes": {}, "raw": p.stdout}
@@ -279,8 +353,11 @@ def rule_decisions(sizes: list[int], queries: int, timeout: float = 300.0) -> di
         if m:
             n = int(m.group(1))
             out["sizes"][str(n)] = {
-                "build_ms": float(m.group(2)), "hit_median_us": float(m.group(3)), "hit_p99_us": float(m.group(4)),
-                "miss_median_us": float(m.group(5)), "miss_p99_us": float(m.group(6)),
+                "build_ms": float(m.group(2)),
+                "hit_median_us": float(m.group(3)),
+                "hit_p99_us": float(m.group(4)),
+                "miss_median_us": float(m.group(5)),
+                "miss_p99_us": float(m.group(6)),
                 "hit_rate": int(m.group(7)) / 100.0,
                 "median_us": max(float(m.group(3)), float(m.group(5))),
                 "p99_us": max(float(m.group(4)), float(m.group(6))),

@@ -34,7 +34,7 @@ def basic_auth(user: str) -> str:
 
 # ----------------------------------------------------------------------------- wrk
 
-_LUA_DONE = r'''
+_LUA_DONE = r"""
 done = function(summary, latency, requests)
   local e = summary.errors
   io.write(string.format(
@@ -43,7 +43,7 @@ done = function(summary, latency, requests)
     summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(99), latency.max))
 end
-'''
+"""
 
 
 def lua_absolute(origin_port: int, path: str = "/1k", close: bool = False) -> str:
@@ -59,17 +59,32 @@ def wrk_available() -> bool:
     return shutil.which("wrk") is not None
 
 
-def run_wrk(proxy_port: int, lua: str, conns: int, duration: float, workdir: Path, threads: int = 1,
-            timeout_s: int = 5) -> dict[str, Any]:
+def run_wrk(
+    proxy_port: int, lua: str, conns: int, duration: float, workdir: Path, threads: int = 1, timeout_s: int = 5
+) -> dict[str, Any]:
     """wrk against the proxy; figures from the script's done() hook (exact, in µs)."""
     script = workdir / f"wrk-{time.monotonic_ns()}.lua"
     script.write_text(lua)
     dur = max(1, int(round(duration)))
-    argv = ["wrk", f"-t{threads}", f"-c{conns}", f"-d{dur}s", f"--timeout={timeout_s}s", "-s", str(script),
-            f"http://127.0.0.1:{proxy_port}"]
+    argv = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{dur}s",
+        f"--timeout={timeout_s}s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{proxy_port}",
+    ]
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=dur + 30,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=dur + 30,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return {"error": "wrk did not finish"}
     finally:
@@ -88,8 +103,13 @@ def run_wrk(proxy_port: int, lua: str, conns: int, duration: float, workdir: Pat
     errors = data["connect"] + data["timeout"] + data["status"]
     return {
         "rps": good / secs if secs > 0 else 0.0,
-        "p50_ms": data["p50_us"] / 1000.0, "p99_ms": data["p99_us"] / 1000.0, "max_ms": data["max_us"] / 1000.0,
-        "requests": data["requests"], "duration_s": secs, "errors": errors, "non2xx": data["status"],
+        "p50_ms": data["p50_us"] / 1000.0,
+        "p99_ms": data["p99_us"] / 1000.0,
+        "max_ms": data["max_us"] / 1000.0,
+        "requests": data["requests"],
+        "duration_s": secs,
+        "errors": errors,
+        "non2xx": data["status"],
         "socket_errors": {k: data[k] for k in ("connect", "read", "write", "timeout")},
         "error_rate": errors / max(1, data["requests"] + data["connect"]) if data["requests"] else 1.0,
     }
@@ -109,8 +129,13 @@ def tunnelbench_binary(build_dir: Path) -> tuple[str | None, str]:
     if not cc:
         return None, "no C compiler (cc) to build bench/harness/tunnelbench.c"
     build_dir.mkdir(parents=True, exist_ok=True)
-    p = subprocess.run([cc, "-O2", "-o", str(out), str(_TB_SRC)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [cc, "-O2", "-o", str(out), str(_TB_SRC)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=120,
+    )
     if p.returncode != 0:
         return None, f"building tunnelbench failed: {p.stdout[-300:]}"
     return str(out), ""
@@ -119,8 +144,14 @@ def tunnelbench_binary(build_dir: Path) -> tuple[str | None, str]:
 def run_tunnelbench(binary: str, proxy_port: int, origin_port: int, conns: int, duration: float) -> dict[str, Any]:
     argv = [binary, str(proxy_port), ORIGIN_HOST, str(origin_port), str(conns), str(duration), "/1k"]
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=duration + 30,
-                           stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=duration + 30,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         return {"error": "tunnelbench did not finish"}
     try:
@@ -129,13 +160,21 @@ def run_tunnelbench(binary: str, proxy_port: int, origin_port: int, conns: int, 
         return {"error": f"tunnelbench failed ({p.returncode}): {(p.stdout + p.stderr).strip()[-300:]}"}
     secs = d["seconds"]
     n = d["tunnels"]
-    return {"rps": n / secs if secs > 0 else 0.0, "p50_ms": d["p50_us"] / 1000.0, "p99_ms": d["p99_us"] / 1000.0,
-            "max_ms": d["max_us"] / 1000.0, "requests": n + d["errors"], "errors": d["errors"],
-            "refused": d["refused"], "duration_s": secs,
-            "error_rate": d["errors"] / max(1, n + d["errors"]) if n else 1.0}
+    return {
+        "rps": n / secs if secs > 0 else 0.0,
+        "p50_ms": d["p50_us"] / 1000.0,
+        "p99_ms": d["p99_us"] / 1000.0,
+        "max_ms": d["max_us"] / 1000.0,
+        "requests": n + d["errors"],
+        "errors": d["errors"],
+        "refused": d["refused"],
+        "duration_s": secs,
+        "error_rate": d["errors"] / max(1, n + d["errors"]) if n else 1.0,
+    }
 
 
 # ----------------------------------------------------------------------------- Python HTTP loads
+
 
 def _request(origin_port: int, path: str, close: bool, user: str | None = None) -> bytes:
     hdr = f"GET http://{ORIGIN_HOST}:{origin_port}{path} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin_port}\r\n"
@@ -164,8 +203,15 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, keep
 
 
-async def _http_worker(proxy_port: int, req: bytes, close: bool, deadline: float, lat: list[float],
-                       counts: dict[str, int], max_requests: int) -> None:
+async def _http_worker(
+    proxy_port: int,
+    req: bytes,
+    close: bool,
+    deadline: float,
+    lat: list[float],
+    counts: dict[str, int],
+    max_requests: int,
+) -> None:
     loop = asyncio.get_running_loop()
     reader = writer = None
     try:
@@ -193,8 +239,9 @@ async def _http_worker(proxy_port: int, req: bytes, close: bool, deadline: float
             writer.close()
 
 
-def py_http_load(proxy_port: int, origin_port: int, conns: int, duration: float, close: bool = False,
-                 max_requests: int = 1_000_000) -> dict[str, Any]:
+def py_http_load(
+    proxy_port: int, origin_port: int, conns: int, duration: float, close: bool = False, max_requests: int = 1_000_000
+) -> dict[str, Any]:
     """The smoke-mode stand-in for wrk: conns asyncio clients for `duration` seconds."""
     req = _request(origin_port, "/1k", close)
 
@@ -204,18 +251,26 @@ def py_http_load(proxy_port: int, origin_port: int, conns: int, duration: float,
         counts = {"done": 0, "errors": 0}
         t0 = loop.time()
         deadline = t0 + duration
-        await asyncio.gather(*[_http_worker(proxy_port, req, close, deadline, lat, counts, max_requests)
-                               for _ in range(conns)])
+        await asyncio.gather(
+            *[_http_worker(proxy_port, req, close, deadline, lat, counts, max_requests) for _ in range(conns)]
+        )
         secs = loop.time() - t0
-        return {"rps": counts["done"] / secs, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-                "requests": counts["done"] + counts["errors"], "errors": counts["errors"], "duration_s": secs,
-                "error_rate": counts["errors"] / max(1, counts["done"] + counts["errors"])}
+        return {
+            "rps": counts["done"] / secs,
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "requests": counts["done"] + counts["errors"],
+            "errors": counts["errors"],
+            "duration_s": secs,
+            "error_rate": counts["errors"] / max(1, counts["done"] + counts["errors"]),
+        }
 
     return asyncio.run(main())
 
 
-def py_connect_load(proxy_port: int, origin_port: int, conns: int, duration: float,
-                    max_tunnels: int = 1_000_000) -> dict[str, Any]:
+def py_connect_load(
+    proxy_port: int, origin_port: int, conns: int, duration: float, max_tunnels: int = 1_000_000
+) -> dict[str, Any]:
     """New tunnels per second (smoke mode): CONNECT + one GET, read to EOF, close."""
     auth = f"{ORIGIN_HOST}:{origin_port}"
     connect = f"CONNECT {auth} HTTP/1.1\r\nHost: {auth}\r\n\r\n".encode()
@@ -254,15 +309,22 @@ def py_connect_load(proxy_port: int, origin_port: int, conns: int, duration: flo
         t0 = loop.time()
         await asyncio.gather(*[one(t0 + duration, lat, counts) for _ in range(conns)])
         secs = loop.time() - t0
-        return {"rps": counts["done"] / secs, "p50_ms": pct(lat, 50), "p99_ms": pct(lat, 99),
-                "requests": counts["done"] + counts["errors"], "errors": counts["errors"], "duration_s": secs,
-                "error_rate": counts["errors"] / max(1, counts["done"] + counts["errors"])}
+        return {
+            "rps": counts["done"] / secs,
+            "p50_ms": pct(lat, 50),
+            "p99_ms": pct(lat, 99),
+            "requests": counts["done"] + counts["errors"],
+            "errors": counts["errors"],
+            "duration_s": secs,
+            "error_rate": counts["errors"] / max(1, counts["done"] + counts["errors"]),
+        }
 
     return asyncio.run(main())
 
 
-def pipelined_requests(proxy_port: int, origin_port: int, user: str, total: int, conns: int = 8, depth: int = 64,
-                       deadline_s: float = 120.0) -> dict[str, Any]:
+def pipelined_requests(
+    proxy_port: int, origin_port: int, user: str, total: int, conns: int = 8, depth: int = 64, deadline_s: float = 120.0
+) -> dict[str, Any]:
     """Exactly `total` keep-alive requests (as `user`), pipelined `depth` deep on `conns` connections.
 
     Responses are counted by their status lines (the 1 KiB bodies are all 'x', so they cannot
@@ -287,7 +349,7 @@ def pipelined_requests(proxy_port: int, origin_port: int, user: str, total: int,
                         raise ConnectionError("proxy closed the connection")
                     buf = tail + chunk
                     got += buf.count(marker) - tail.count(marker)
-                    tail = buf[-(len(marker) - 1):]
+                    tail = buf[-(len(marker) - 1) :]
                     if b"HTTP/1.1 4" in buf or b"HTTP/1.1 5" in buf:
                         stats["errors"] += 1
                 sent += k
@@ -311,19 +373,39 @@ def pipelined_requests(proxy_port: int, origin_port: int, user: str, total: int,
 
 # ----------------------------------------------------------------------------- downloads
 
-def curl_download(url: str, proxy_port: int | None = None, tunnel: bool = False, timeout: float = 120.0
-                  ) -> dict[str, Any]:
+
+def curl_download(
+    url: str, proxy_port: int | None = None, tunnel: bool = False, timeout: float = 120.0
+) -> dict[str, Any]:
     """MB/s (10^6 bytes) of one download with curl, bodies discarded."""
-    argv = ["curl", "-s", "-S", "-o", "/dev/null", "--max-time", str(int(timeout)), "-w",
-            "%{http_code} %{size_download} %{time_total}", "--noproxy", ""]
+    argv = [
+        "curl",
+        "-s",
+        "-S",
+        "-o",
+        "/dev/null",
+        "--max-time",
+        str(int(timeout)),
+        "-w",
+        "%{http_code} %{size_download} %{time_total}",
+        "--noproxy",
+        "",
+    ]
     if proxy_port is not None:
         argv += ["-x", f"http://127.0.0.1:{proxy_port}"]
         if tunnel:
             argv.append("-p")
     argv.append(url)
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout + 10,
-                           stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout + 10,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
     except subprocess.TimeoutExpired:
         return {"error": "curl timed out"}
     try:
@@ -336,8 +418,9 @@ def curl_download(url: str, proxy_port: int | None = None, tunnel: bool = False,
     return {"mbps": size_i / secs_f / 1e6 if secs_f > 0 else 0.0, "bytes": size_i, "seconds": secs_f}
 
 
-def py_download(origin_port: int, proxy_port: int | None, tunnel: bool, expect: int, timeout: float = 60.0
-                ) -> dict[str, Any]:
+def py_download(
+    origin_port: int, proxy_port: int | None, tunnel: bool, expect: int, timeout: float = 60.0
+) -> dict[str, Any]:
     """Smoke-mode download: raw socket, HTTP/1.0-style read until the body is complete."""
     target = ("127.0.0.1", proxy_port) if proxy_port else ("127.0.0.1", origin_port)
     t0 = time.perf_counter()
@@ -350,11 +433,11 @@ def py_download(origin_port: int, proxy_port: int | None, tunnel: bool, expect: 
         s.close()
 
 
-def _py_download(s: socket.socket, t0: float, origin_port: int, proxy_port: int | None, tunnel: bool, expect: int,
-                 timeout: float) -> dict[str, Any]:
+def _py_download(
+    s: socket.socket, t0: float, origin_port: int, proxy_port: int | None, tunnel: bool, expect: int, timeout: float
+) -> dict[str, Any]:
     if proxy_port and tunnel:
-        s.sendall(f"CONNECT {ORIGIN_HOST}:{origin_port} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin_port}\r\n\r\n"
-                  .encode())
+        s.sendall(f"CONNECT {ORIGIN_HOST}:{origin_port} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin_port}\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
             c = s.recv(4096)
@@ -394,17 +477,44 @@ def _py_download(s: socket.socket, t0: float, origin_port: int, proxy_port: int 
 
 # ----------------------------------------------------------------------------- HTTPS through interception
 
-def curl_https_load(proxy_port: int, url: str, ca_file: Path, n: int, parallel: int = 20,
-                    timeout: float = 120.0) -> dict[str, Any]:
+
+def curl_https_load(
+    proxy_port: int, url: str, ca_file: Path, n: int, parallel: int = 20, timeout: float = 120.0
+) -> dict[str, Any]:
     """n HTTPS GETs through the proxy (CONNECT, TLS to the proxy's minted certificate), `parallel`
     connections kept alive by one curl process. req/s = successes / wall time."""
-    argv = ["curl", "-s", "--http1.1", "-Z", "--parallel-max", str(parallel), "--noproxy", "",
-            "-x", f"http://127.0.0.1:{proxy_port}", "--cacert", str(ca_file), "--max-time", str(int(timeout)),
-            "-w", "%{http_code}\\n", "-o", "/dev/null", f"{url}?[1-{n}]"]
+    argv = [
+        "curl",
+        "-s",
+        "--http1.1",
+        "-Z",
+        "--parallel-max",
+        str(parallel),
+        "--noproxy",
+        "",
+        "-x",
+        f"http://127.0.0.1:{proxy_port}",
+        "--cacert",
+        str(ca_file),
+        "--max-time",
+        str(int(timeout)),
+        "-w",
+        "%{http_code}\\n",
+        "-o",
+        "/dev/null",
+        f"{url}?[1-{n}]",
+    ]
     t0 = time.perf_counter()
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout + 10,
-                           stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=timeout + 10,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
     except subprocess.TimeoutExpired:
         return {"error": "curl timed out"}
     secs = time.perf_counter() - t0
@@ -412,16 +522,39 @@ def curl_https_load(proxy_port: int, url: str, ca_file: Path, n: int, parallel: 
     ok = sum(1 for c in codes if c == "200")
     if ok == 0:
         return {"error": f"no successful request (curl {p.returncode}): {p.stderr.strip()[-200:]}"}
-    return {"rps": ok / secs, "requests": n, "ok": ok, "errors": n - ok, "seconds": secs,
-            "error_rate": (n - ok) / n}
+    return {"rps": ok / secs, "requests": n, "ok": ok, "errors": n - ok, "seconds": secs, "error_rate": (n - ok) / n}
 
 
 def curl_probe_https(proxy_port: int, url: str, ca_file: Path) -> tuple[bool, str]:
-    argv = ["curl", "-s", "-S", "--http1.1", "--noproxy", "", "-x", f"http://127.0.0.1:{proxy_port}",
-            "--cacert", str(ca_file), "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", url]
+    argv = [
+        "curl",
+        "-s",
+        "-S",
+        "--http1.1",
+        "--noproxy",
+        "",
+        "-x",
+        f"http://127.0.0.1:{proxy_port}",
+        "--cacert",
+        str(ca_file),
+        "--max-time",
+        "10",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        url,
+    ]
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=20,
-                           stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin:/usr/local/bin"})
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=20,
+            stdin=subprocess.DEVNULL,
+            env={"PATH": "/usr/bin:/bin:/usr/local/bin"},
+        )
     except subprocess.TimeoutExpired:
         return False, "probe timed out"
     if p.stdout.strip() == "200":
@@ -431,8 +564,10 @@ def curl_probe_https(proxy_port: int, url: str, ca_file: Path) -> tuple[bool, st
 
 # ----------------------------------------------------------------------------- idle tunnels
 
-def open_idle_tunnels(proxy_port: int, origin_port: int, n: int, deadline_s: float = 60.0
-                      ) -> tuple[list[socket.socket], str | None]:
+
+def open_idle_tunnels(
+    proxy_port: int, origin_port: int, n: int, deadline_s: float = 60.0
+) -> tuple[list[socket.socket], str | None]:
     """n CONNECT tunnels to the origin, established and left idle. (sockets, error or None)."""
     socks: list[socket.socket] = []
     req = f"CONNECT {ORIGIN_HOST}:{origin_port} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin_port}\r\n\r\n".encode()

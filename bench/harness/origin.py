@@ -24,8 +24,8 @@ ONE_K = b"x" * 1024
 
 @dataclass
 class TlsFiles:
-    ca_pem: Path        # the origin's CA (what a proxy must trust upstream)
-    cert_pem: Path      # server chain for 127.0.0.1 / localhost
+    ca_pem: Path  # the origin's CA (what a proxy must trust upstream)
+    cert_pem: Path  # server chain for 127.0.0.1 / localhost
     key_pem: Path
 
 
@@ -97,7 +97,8 @@ class NginxOrigin:
                 "    ssl_session_cache shared:SSL:10m;\n"
                 f"    root {www};\n"
                 "    location / { }\n"
-                "  }\n")
+                "  }\n"
+            )
         user = "user root;\n" if os.geteuid() == 0 else ""
         t = self.root / "tmp"
         conf = (
@@ -122,14 +123,21 @@ class NginxOrigin:
             "    location / { }\n"
             "  }\n"
             f"{tls_block}"
-            "}\n")
+            "}\n"
+        )
         conf_path = self.root / "nginx.conf"
         conf_path.write_text(conf)
-        self.proc = Managed("nginx", [binary, "-p", str(self.root), "-c", str(conf_path), "-e",
-                                      str(self.root / "error.log")], self.root / "nginx.out").start()
+        self.proc = Managed(
+            "nginx",
+            [binary, "-p", str(self.root), "-c", str(conf_path), "-e", str(self.root / "error.log")],
+            self.root / "nginx.out",
+        ).start()
         if not wait_port("127.0.0.1", self.port, 10, self.proc):
-            err = self.proc.tail() + (self.root / "error.log").read_text(errors="replace") \
-                if (self.root / "error.log").exists() else self.proc.tail()
+            err = (
+                self.proc.tail() + (self.root / "error.log").read_text(errors="replace")
+                if (self.root / "error.log").exists()
+                else self.proc.tail()
+            )
             self.stop()
             raise RuntimeError(f"nginx did not start: {err[-800:]}")
         if self.tls_port:

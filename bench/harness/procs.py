@@ -53,8 +53,9 @@ def wait_port(host: str, port: int, timeout: float, proc: "Managed | None" = Non
 class Managed:
     """One subprocess started by the bench, in its own session, output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None,
-                 cwd: str | None = None) -> None:
+    def __init__(
+        self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: str | None = None
+    ) -> None:
         self.name = name
         self.argv = argv
         self.log_path = Path(log_path)
@@ -65,9 +66,15 @@ class Managed:
     def start(self) -> "Managed":
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=self.env, cwd=self.cwd,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
         _STARTED.append(self)
         return self
 
@@ -116,8 +123,15 @@ def stop_all() -> None:
 def run_capture(argv: list[str], timeout: float = 30.0, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run a short command; (exit code, stdout+stderr). Missing binary → (127, message)."""
     try:
-        p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        p = subprocess.run(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=timeout,
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
     except FileNotFoundError as exc:
         return 127, str(exc)
     except subprocess.TimeoutExpired:
@@ -126,6 +140,7 @@ def run_capture(argv: list[str], timeout: float = 30.0, env: dict[str, str] | No
 
 
 # ----------------------------------------------------------------------------- /proc
+
 
 def children_map() -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}

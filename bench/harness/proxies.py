@@ -49,7 +49,7 @@ class Unavailable(Exception):
 
 class ProxyUnderTest:
     name = "?"
-    settings = ""          # how it was configured, for results.md
+    settings = ""  # how it was configured, for results.md
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -87,11 +87,11 @@ class ProxyUnderTest:
 
 # ----------------------------------------------------------------------------- this project
 
+
 class GreyProxy(ProxyUnderTest):
     name = "greyproxy"
 
-    def __init__(self, root: Path, upstream_ca: Path | None = None, want_mitm: bool = False,
-                 workers: int = 1) -> None:
+    def __init__(self, root: Path, upstream_ca: Path | None = None, want_mitm: bool = False, workers: int = 1) -> None:
         super().__init__(root)
         self.workers = workers  # proxy.workers (SPEC §15); the column is "greyproxy-wN" past 1
         if workers != 1:
@@ -101,11 +101,13 @@ class GreyProxy(ProxyUnderTest):
         self.want_mitm = want_mitm
         self.mitm_ca: Path | None = None
         self.mitm_na: str | None = "interception not tried"
-        self.settings = ("the whole stack (`greyproxy serve`: bus, proxy, api, recorder, maintenance) on free ports "
-                         "in a temp data dir; proxy.maxConnectionsPerClient 20000, maxConnections 20000, "
-                         f"idleTimeout 600, proxy.workers {workers} (caps split per worker); loads go to 127.0.0.1 "
-                         "(builtin allow rule) plus a rule "
-                         "`bench* → *` for named bench clients")
+        self.settings = (
+            "the whole stack (`greyproxy serve`: bus, proxy, api, recorder, maintenance) on free ports "
+            "in a temp data dir; proxy.maxConnectionsPerClient 20000, maxConnections 20000, "
+            f"idleTimeout 600, proxy.workers {workers} (caps split per worker); loads go to 127.0.0.1 "
+            "(builtin allow rule) plus a rule "
+            "`bench* → *` for named bench clients"
+        )
 
     def start(self) -> None:
         try:
@@ -113,8 +115,14 @@ class GreyProxy(ProxyUnderTest):
         except ImportError as exc:
             raise Unavailable(f"cannot import tests/harness Stack: {exc}") from None
         overrides: dict[str, Any] = {
-            "proxy": {"maxConnectionsPerClient": 20000, "maxConnections": 20000, "holdTimeout": 30,
-                      "idleTimeout": 600, "headerTimeout": 30, "workers": self.workers},
+            "proxy": {
+                "maxConnectionsPerClient": 20000,
+                "maxConnections": 20000,
+                "holdTimeout": 30,
+                "idleTimeout": 600,
+                "headerTimeout": 30,
+                "workers": self.workers,
+            },
         }
         if self.upstream_ca is not None:
             overrides["mitm"] = {"upstreamCaFile": str(self.upstream_ca)}
@@ -128,8 +136,11 @@ class GreyProxy(ProxyUnderTest):
             self.stack = None
             raise Unavailable(f"stack did not start: {str(exc)[:400]}") from None
         self.port = stack.ports["http-proxy"]
-        r = stack.request("POST", "/api/rules", json={"container_pattern": "bench*", "destination_pattern": "*",
-                                                      "action": "allow", "notes": "bench"})
+        r = stack.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": "bench*", "destination_pattern": "*", "action": "allow", "notes": "bench"},
+        )
         if r.status_code not in (200, 201):
             self.stop()
             raise Unavailable(f"could not add the bench rule: {r.status_code} {r.text[:200]}")
@@ -153,8 +164,14 @@ class GreyProxy(ProxyUnderTest):
             p = Path(word.rstrip(".,:;"))
             if p.suffix in (".pem", ".crt") and p.is_file() and b"BEGIN CERTIFICATE" in p.read_bytes():
                 return p, None
-        cands = sorted(q for q in stack.data_dir.rglob("*") if q.suffix in (".pem", ".crt") and q.is_file()
-                       and "key" not in q.name.lower() and b"BEGIN CERTIFICATE" in q.read_bytes())
+        cands = sorted(
+            q
+            for q in stack.data_dir.rglob("*")
+            if q.suffix in (".pem", ".crt")
+            and q.is_file()
+            and "key" not in q.name.lower()
+            and b"BEGIN CERTIFICATE" in q.read_bytes()
+        )
         if cands:
             return cands[0], None
         return None, f"`greyproxy cert generate` ran but no CA certificate file was found: {out.strip()[-200:]}"
@@ -210,6 +227,7 @@ class GreyProxy(ProxyUnderTest):
 
 # ----------------------------------------------------------------------------- peers
 
+
 def _which(*cands: str) -> str | None:
     for c in cands:
         if os.path.isabs(c):
@@ -222,8 +240,10 @@ def _which(*cands: str) -> str | None:
 
 class Tinyproxy(ProxyUnderTest):
     name = "tinyproxy"
-    settings = ("Debian package, `tinyproxy -d -c <conf>`: MaxClients 4000, Timeout 600, no Via header, "
-                "LogLevel Critical, no ConnectPort restriction")
+    settings = (
+        "Debian package, `tinyproxy -d -c <conf>`: MaxClients 4000, Timeout 600, no Via header, "
+        "LogLevel Critical, no ConnectPort restriction"
+    )
 
     def binary(self) -> str | None:
         return _which("tinyproxy", "/usr/bin/tinyproxy", "/usr/sbin/tinyproxy")
@@ -238,8 +258,9 @@ class Tinyproxy(ProxyUnderTest):
         user = "User nobody\nGroup nogroup\n" if os.geteuid() == 0 else ""
         conf.write_text(
             f"{user}Port {self.port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 4000\n"
-            f"LogFile \"{self.root}/tinyproxy.log\"\nLogLevel Critical\nPidFile \"{self.root}/tinyproxy.pid\"\n"
-            "DisableViaHeader Yes\nAllow 127.0.0.1\n")
+            f'LogFile "{self.root}/tinyproxy.log"\nLogLevel Critical\nPidFile "{self.root}/tinyproxy.pid"\n'
+            "DisableViaHeader Yes\nAllow 127.0.0.1\n"
+        )
         os.chmod(self.root, 0o777)  # it drops to nobody and writes its log here
         self.proc = Managed("tinyproxy", [b, "-d", "-c", str(conf)], self.root / "tinyproxy.out").start()
         self._wait()
@@ -261,9 +282,12 @@ class Mitmdump(ProxyUnderTest):
         self.upstream_ca = upstream_ca
         self.ca_cert: Path | None = None
         base = "`mitmdump -q` (regular mode), flow_detail 0, stream_large_bodies 1m, connection limits default"
-        self.settings = (base + ("; intercepting: every CONNECT decrypted, upstream verified against the origin's "
-                                 "CA (ssl_verify_upstream_trusted_ca)" if intercept else
-                                 "; ignore_hosts '.*' (CONNECT tunnels are passed through raw, not decrypted)"))
+        self.settings = base + (
+            "; intercepting: every CONNECT decrypted, upstream verified against the origin's "
+            "CA (ssl_verify_upstream_trusted_ca)"
+            if intercept
+            else "; ignore_hosts '.*' (CONNECT tunnels are passed through raw, not decrypted)"
+        )
 
     def binary(self) -> str | None:
         return _which(str(PEERS_VENV / "bin" / "mitmdump"), "mitmdump")
@@ -275,8 +299,22 @@ class Mitmdump(ProxyUnderTest):
         self.port = free_port()
         confdir = self.root / "mitm-conf"
         confdir.mkdir(parents=True, exist_ok=True)
-        argv = [b, "-q", "--listen-host", "127.0.0.1", "-p", str(self.port), "--set", f"confdir={confdir}",
-                "--set", "flow_detail=0", "--set", "stream_large_bodies=1m", "--set", "termlog_verbosity=error"]
+        argv = [
+            b,
+            "-q",
+            "--listen-host",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "--set",
+            f"confdir={confdir}",
+            "--set",
+            "flow_detail=0",
+            "--set",
+            "stream_large_bodies=1m",
+            "--set",
+            "termlog_verbosity=error",
+        ]
         if self.intercept:
             if self.upstream_ca is None:
                 raise Unavailable("no origin TLS material")
@@ -304,8 +342,10 @@ class Mitmdump(ProxyUnderTest):
 
 class ProxyPy(ProxyUnderTest):
     name = "proxy.py"
-    settings = ("`proxy --hostname 127.0.0.1` with defaults (threadless, one worker per core), "
-                "--timeout 600, --backlog 4096, --open-file-limit 20000, --log-level WARNING")
+    settings = (
+        "`proxy --hostname 127.0.0.1` with defaults (threadless, one worker per core), "
+        "--timeout 600, --backlog 4096, --open-file-limit 20000, --log-level WARNING"
+    )
 
     def binary(self) -> str | None:
         return _which(str(PEERS_VENV / "bin" / "proxy"))
@@ -317,9 +357,27 @@ class ProxyPy(ProxyUnderTest):
         self.port = free_port()
         data = self.root / "proxypy-data"
         data.mkdir(parents=True, exist_ok=True)
-        self.proc = Managed("proxy.py", [b, "--hostname", "127.0.0.1", "--port", str(self.port), "--timeout", "600",
-                                         "--backlog", "4096", "--open-file-limit", "20000", "--log-level", "WARNING",
-                                         "--data-dir", str(data)], self.root / "proxypy.out").start()
+        self.proc = Managed(
+            "proxy.py",
+            [
+                b,
+                "--hostname",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--timeout",
+                "600",
+                "--backlog",
+                "4096",
+                "--open-file-limit",
+                "20000",
+                "--log-level",
+                "WARNING",
+                "--data-dir",
+                str(data),
+            ],
+            self.root / "proxypy.out",
+        ).start()
         self._wait(30)
 
     def version(self) -> str | None:
@@ -340,4 +398,3 @@ def tool_version(argv: list[str], prefix_strip: str = "") -> str | None:
 
 def pyspy_binary() -> str | None:
     return _which(str(PEERS_VENV / "bin" / "py-spy"), "py-spy")
-

@@ -14,14 +14,18 @@ GREY = "greyproxy"
 
 def columns(res: dict[str, Any]) -> tuple[str, ...]:
     """greyproxy, its other worker counts (greyproxy-w2 ...: `run.py --workers 1,2`), then the peers."""
-    more = sorted((k for k in res.get("proxies", {}) if k.startswith(GREY + "-w")), key=lambda k: int(k[len(GREY) + 2:]))
+    more = sorted(
+        (k for k in res.get("proxies", {}) if k.startswith(GREY + "-w")), key=lambda k: int(k[len(GREY) + 2 :])
+    )
     return (GREY, *more, *PEERS)
+
 
 Getter = Callable[[dict[str, Any]], Any]
 
 
 def _get(path: str) -> Getter:
     """'keepalive.rps' → lambda over one proxy's result dict; a dict with 'na' or 'error' → reason."""
+
     def getter(d: dict[str, Any]) -> Any:
         cur: Any = d
         for part in path.split("."):
@@ -36,6 +40,7 @@ def _get(path: str) -> Getter:
         if isinstance(cur, dict) and ("na" in cur or "error" in cur):
             return ("na", cur.get("na") or cur.get("error"))
         return cur
+
     return getter
 
 
@@ -54,26 +59,48 @@ ROW_SPECS: list[tuple[str, str, str, bool, str | None, str | None]] = [
     ("tunnels_p99_ms", "  new-tunnel latency p99", "ms", False, "tunnels.p99_ms", None),
     ("approval_p50_ms", "approval: allow answer → first byte p50", "ms", False, None, "approval.p50_ms"),
     ("approval_p99_ms", "approval: allow answer → first byte p99", "ms", False, None, "approval.p99_ms"),
-    ("approval_call_p99_ms", "  approval: allow call sent → first byte p99", "ms", False, None,
-     "approval.call_to_byte_p99_ms"),
+    (
+        "approval_call_p99_ms",
+        "  approval: allow call sent → first byte p99",
+        "ms",
+        False,
+        None,
+        "approval.call_to_byte_p99_ms",
+    ),
     ("rules_100_median_us", "rule decision @100 rules: median", "µs", False, None, "rules.sizes.100.median_us"),
     ("rules_100_p99_us", "rule decision @100 rules: p99", "µs", False, None, "rules.sizes.100.p99_us"),
-    ("rules_10000_median_us", "rule decision @10 000 rules: median", "µs", False, None,
-     "rules.sizes.10000.median_us"),
+    ("rules_10000_median_us", "rule decision @10 000 rules: median", "µs", False, None, "rules.sizes.10000.median_us"),
     ("rules_10000_p99_us", "rule decision @10 000 rules: p99", "µs", False, None, "rules.sizes.10000.p99_us"),
-    ("rules_100000_median_us", "rule decision @100 000 rules: median", "µs", False, None,
-     "rules.sizes.100000.median_us"),
+    (
+        "rules_100000_median_us",
+        "rule decision @100 000 rules: median",
+        "µs",
+        False,
+        None,
+        "rules.sizes.100000.median_us",
+    ),
     ("rules_100000_p99_us", "rule decision @100 000 rules: p99", "µs", False, None, "rules.sizes.100000.p99_us"),
-    ("recorder_journal_rps", "recorder: records/s, journal → SQLite", "rec/s", True, None,
-     "recorder_journal.records_per_s"),
+    (
+        "recorder_journal_rps",
+        "recorder: records/s, journal → SQLite",
+        "rec/s",
+        True,
+        None,
+        "recorder_journal.records_per_s",
+    ),
     ("recorder_journal_loss", "  recorder (journal): records lost", "records", False, None, "recorder_journal.loss"),
-    ("recorder_rps", "recorder: records/s end to end through the proxy", "rec/s", True, None,
-     "recorder.records_per_s"),
+    ("recorder_rps", "recorder: records/s end to end through the proxy", "rec/s", True, None, "recorder.records_per_s"),
     ("recorder_loss", "  recorder (through the proxy): records lost", "records", False, None, "recorder.loss"),
     ("logs_api_p50_ms", "GET /api/logs?limit=50 p50", "ms", False, None, "logs_api.p50_ms"),
     ("logs_api_p99_ms", "GET /api/logs?limit=50 p99", "ms", False, None, "logs_api.p99_ms"),
-    ("logs_api_container_p50_ms", "GET /api/logs?container=… p50 (substring; worst of agent7, agent1)", "ms",
-     False, None, "logs_api.container_p50_ms"),
+    (
+        "logs_api_container_p50_ms",
+        "GET /api/logs?container=… p50 (substring; worst of agent7, agent1)",
+        "ms",
+        False,
+        None,
+        "logs_api.container_p50_ms",
+    ),
     ("logs_api_container_p99_ms", "GET /api/logs?container=… p99", "ms", False, None, "logs_api.container_p99_ms"),
     ("idle_rss_mb", "RSS with idle tunnels open", "MB", False, "idle_tunnels.rss_mb", None),
 ]
@@ -126,9 +153,21 @@ def build_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
             g = values.get(GREY)
             if g is not None and best_val:
                 ratio = g / best_val
-        rows.append({"key": key, "label": label, "unit": unit, "higher_is_better": higher,
-                     "values": values, "na": na, "best_peer": best_peer, "best_peer_value": best_val,
-                     "ratio_to_best_peer": ratio, "target": None, "target_met": None})
+        rows.append(
+            {
+                "key": key,
+                "label": label,
+                "unit": unit,
+                "higher_is_better": higher,
+                "values": values,
+                "na": na,
+                "best_peer": best_peer,
+                "best_peer_value": best_val,
+                "ratio_to_best_peer": ratio,
+                "target": None,
+                "target_met": None,
+            }
+        )
     return rows
 
 
@@ -150,15 +189,23 @@ def apply_targets(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[dict[
         out.append({"row": key, "target": text, "met": met, "detail": detail})
 
     g, best = val("keepalive_rps"), by["keepalive_rps"]["best_peer_value"]
-    target("keepalive_rps", "≥ 1.5× best peer", None if g is None or best is None else g >= 1.5 * best,
-           f"{_fmt(g)} vs 1.5 × {_fmt(best)} ({by['keepalive_rps']['best_peer']})")
+    target(
+        "keepalive_rps",
+        "≥ 1.5× best peer",
+        None if g is None or best is None else g >= 1.5 * best,
+        f"{_fmt(g)} vs 1.5 × {_fmt(best)} ({by['keepalive_rps']['best_peer']})",
+    )
     g, t = val("newconn_rps"), val("newconn_rps", "tinyproxy")
     target("newconn_rps", "≥ tinyproxy", None if g is None or t is None else g >= t, f"{_fmt(g)} vs {_fmt(t)}")
     g, t = val("connect_mbps"), val("connect_mbps", "tinyproxy")
     met = None if g is None or t is None or direct is None else (g >= 2 * t and g >= 0.5 * direct)
-    target("connect_mbps", "≥ 2× tinyproxy and ≥ 50% of direct", met,
-           f"{_fmt(g)} MB/s = {(g / t) if g and t else 0:.2f}× tinyproxy ({_fmt(t)}) and "
-           f"{(g / direct) if g and direct else 0:.0%} of a direct download ({_fmt(direct)} MB/s)")
+    target(
+        "connect_mbps",
+        "≥ 2× tinyproxy and ≥ 50% of direct",
+        met,
+        f"{_fmt(g)} MB/s = {(g / t) if g and t else 0:.2f}× tinyproxy ({_fmt(t)}) and "
+        f"{(g / direct) if g and direct else 0:.0%} of a direct download ({_fmt(direct)} MB/s)",
+    )
     g, m = val("https_rps"), val("https_rps", "mitmdump")
     target("https_rps", "≥ 5× mitmdump", None if g is None or m is None else g >= 5 * m, f"{_fmt(g)} vs 5 × {_fmt(m)}")
     g = val("approval_p99_ms")
@@ -169,22 +216,34 @@ def apply_targets(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[dict[
     # bounded by the proxy's request rate and only has to lose nothing.
     g, loss, e2e_loss = val("recorder_journal_rps"), val("recorder_journal_loss"), val("recorder_loss")
     losses = [x for x in (loss, e2e_loss) if x is not None]
-    target("recorder_journal_rps", "≥ 20 000 rec/s, zero loss",
-           None if g is None or loss is None else (g >= 20000 and not any(losses)),
-           f"{_fmt(g)} rec/s journal → SQLite, loss {_fmt(loss)}; through the proxy "
-           f"{_fmt(val('recorder_rps'))} rec/s (bounded by the proxy's req/s), loss {_fmt(e2e_loss)}")
+    target(
+        "recorder_journal_rps",
+        "≥ 20 000 rec/s, zero loss",
+        None if g is None or loss is None else (g >= 20000 and not any(losses)),
+        f"{_fmt(g)} rec/s journal → SQLite, loss {_fmt(loss)}; through the proxy "
+        f"{_fmt(val('recorder_rps'))} rec/s (bounded by the proxy's req/s), loss {_fmt(e2e_loss)}",
+    )
     g = val("logs_api_p50_ms")
     rows_n = ((res.get("greyproxy_only") or {}).get("logs_api") or {}).get("rows")
     scale = "" if mode == "full" else f" (measured at {rows_n} rows, not 1 000 000)"
-    target("logs_api_p50_ms", "≤ 20 ms at 1 000 000 rows", None if g is None else g <= 20,
-           f"{_fmt(g)} ms at {rows_n} rows{scale}")
+    target(
+        "logs_api_p50_ms",
+        "≤ 20 ms at 1 000 000 rows",
+        None if g is None else g <= 20,
+        f"{_fmt(g)} ms at {rows_n} rows{scale}",
+    )
     g = val("logs_api_container_p50_ms")
-    target("logs_api_container_p50_ms", "?container= (substring) ≤ 20 ms at 1 000 000 rows",
-           None if g is None else g <= 20, f"{_fmt(g)} ms at {rows_n} rows{scale}")
+    target(
+        "logs_api_container_p50_ms",
+        "?container= (substring) ≤ 20 ms at 1 000 000 rows",
+        None if g is None else g <= 20,
+        f"{_fmt(g)} ms at {rows_n} rows{scale}",
+    )
     return out
 
 
 # ----------------------------------------------------------------------------- formatting
+
 
 def _fmt(v: Any, unit: str = "") -> str:
     if v is None:
@@ -236,8 +295,12 @@ def text_table(res: dict[str, Any]) -> str:
     body = [[r["label"], r["unit"], *[_cell(r, p) for p in cols], _ratio(r), _met(r)] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     left = (0, 1, len(cols) + 2, len(cols) + 3)
-    line = lambda cells: "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)  # noqa: E731
-                                   for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells: list) -> str:
+        return "  ".join(
+            str(c).ljust(w) if i in left else str(c).rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
     out = [line(head), line(["-" * w for w in widths])]
     out += [line(b) for b in body]
     notes = []
@@ -289,15 +352,21 @@ def markdown(res: dict[str, Any]) -> str:
         "|---|---|" + "---:|" * len(columns(res)) + "---|---|",
     ]
     for r in res["rows"]:
-        lines.append("| " + " | ".join(_md_escape(x) for x in
-                                         [r["label"].strip(), r["unit"], *[_cell(r, p) for p in columns(res)],
-                                          _ratio(r), _met(r)]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                _md_escape(x)
+                for x in [r["label"].strip(), r["unit"], *[_cell(r, p) for p in columns(res)], _ratio(r), _met(r)]
+            )
+            + " |"
+        )
     lines += ["", "### Targets", "", "| target | figure | met |", "|---|---|---|"]
     for t in res["targets"]:
         row = next(r for r in res["rows"] if r["key"] == t["row"])
         met = "met" if t["met"] else "**missed**" if t["met"] is False else "n/a"
-        lines.append(f"| {_md_escape(row['label'].strip())}: {_md_escape(t['target'])} | {_md_escape(t['detail'])} "
-                     f"| {met} |")
+        lines.append(
+            f"| {_md_escape(row['label'].strip())}: {_md_escape(t['target'])} | {_md_escape(t['detail'])} | {met} |"
+        )
     na_lines = []
     for r in res["rows"]:
         for who, why in r["na"].items():
@@ -307,8 +376,15 @@ def markdown(res: dict[str, Any]) -> str:
         lines += ["", "### Not measured", "", *na_lines]
     a = res.get("analysis_md")
     if a:
-        lines += ["", "## Analysis", "", "*Hand-written in `bench/analysis.md` (included by every full run); "
-                  "the figures it quotes are from the run it names.*", "", *a]
+        lines += [
+            "",
+            "## Analysis",
+            "",
+            "*Hand-written in `bench/analysis.md` (included by every full run); "
+            "the figures it quotes are from the run it names.*",
+            "",
+            *a,
+        ]
     d = res.get("details_md")
     if d:
         lines += ["", "## Details", "", *d]

@@ -23,8 +23,13 @@ from .text import PREVIEW_BYTES, cut_bytes, thinking_preview
 GAP_SECONDS = 300.0
 MAIN, SUBAGENT, UTILITY = "main", "subagent", "utility"
 
-_CONTAINER_CLIENTS = {"claude": "claude-code", "codex": "codex", "opencode": "opencode", "aider": "aider",
-                      "gemini": "gemini-cli"}
+_CONTAINER_CLIENTS = {
+    "claude": "claude-code",
+    "codex": "codex",
+    "opencode": "opencode",
+    "aider": "aider",
+    "gemini": "gemini-cli",
+}
 AGENT_TOOLS = ("Agent", "Task", "task", "spawn_agent", "wait_agent")
 
 
@@ -109,16 +114,31 @@ def task_refs(raw_body: str | None) -> list[str]:
 # ------------------------------------------------------------------ real prompts
 
 _SCAFFOLD_PREFIXES = {
-    "claude-code": ("<system-reminder>", "<available-deferred-tools>", "<local-command-caveat>", "<command-name>",
-                    "<command-message>", "<command-args>", "<local-command-stdout>"),
+    "claude-code": (
+        "<system-reminder>",
+        "<available-deferred-tools>",
+        "<local-command-caveat>",
+        "<command-name>",
+        "<command-message>",
+        "<command-args>",
+        "<local-command-stdout>",
+    ),
     "codex": ("<environment_context>", "<permissions>", "<user_instructions>"),
-    "gemini-cli": ("<session_context>", "<extension_context>", "<loaded_context>", "extension_context",
-                   "loaded_context"),
+    "gemini-cli": (
+        "<session_context>",
+        "<extension_context>",
+        "<loaded_context>",
+        "extension_context",
+        "loaded_context",
+    ),
 }
 _SCAFFOLD_TEXTS = {"claude-code": ("Tool loaded.", "[Request interrupted by user]", "clear")}
 _TAGS = {
-    "claude-code": re.compile(r"<(command-name|command-message|command-args|local-command-stdout|system-reminder"
-                              r"|local-command-caveat)>.*?</\1>", re.S),
+    "claude-code": re.compile(
+        r"<(command-name|command-message|command-args|local-command-stdout|system-reminder"
+        r"|local-command-caveat)>.*?</\1>",
+        re.S,
+    ),
     "codex": re.compile(r"<(environment_context|permissions)>.*?</\1>", re.S),
     "gemini-cli": re.compile(r"<(session_context|extension_context|loaded_context)>.*?</\1>", re.S),
 }
@@ -165,8 +185,15 @@ def _response_message(response: dict[str, Any]) -> dict[str, Any]:
     if response.get("text"):
         blocks.append({"type": "text", "text": response["text"]})
     for c in response.get("tool_calls") or []:
-        blocks.append({"type": "tool_use", "name": c.get("tool", ""), "id": c.get("tool_use_id", ""),
-                       "input": c.get("input_preview", ""), "tool_summary": c.get("tool_summary", "")})
+        blocks.append(
+            {
+                "type": "tool_use",
+                "name": c.get("tool", ""),
+                "id": c.get("tool_use_id", ""),
+                "input": c.get("input_preview", ""),
+                "tool_summary": c.get("tool_summary", ""),
+            }
+        )
     return {"role": "assistant", "content": blocks}
 
 
@@ -178,9 +205,16 @@ def _step(message: dict[str, Any]) -> dict[str, Any]:
     thinking = [b["thinking"] for b in message["content"] if b.get("type") == "thinking" and b.get("thinking")]
     if thinking:
         step["thinking_preview"] = thinking_preview("\n".join(thinking))
-    calls = [{"tool": b.get("name", ""), "input_preview": cut_bytes(b.get("input", ""), PREVIEW_BYTES),
-              "tool_summary": b.get("tool_summary", ""), "tool_use_id": b.get("id", "")}
-             for b in message["content"] if b.get("type") == "tool_use"]
+    calls = [
+        {
+            "tool": b.get("name", ""),
+            "input_preview": cut_bytes(b.get("input", ""), PREVIEW_BYTES),
+            "tool_summary": b.get("tool_summary", ""),
+            "tool_use_id": b.get("id", ""),
+        }
+        for b in message["content"]
+        if b.get("type") == "tool_use"
+    ]
     if calls:
         step["tool_calls"] = calls
     return step
@@ -203,8 +237,9 @@ def _iso(ts: float | None) -> str | None:
     return rfc3339(ts) if ts is not None else None
 
 
-def build_conversation(cid: str, reqs: list[dict[str, Any]], utility: list[dict[str, Any]],
-                       parent: str | None) -> dict[str, Any]:
+def build_conversation(
+    cid: str, reqs: list[dict[str, Any]], utility: list[dict[str, Any]], parent: str | None
+) -> dict[str, Any]:
     """One conversation (the detail form, without `updated_at`) from its requests (§13.5.4-6)."""
     reqs = sorted(reqs, key=_order)
     ws = any(str(r["url"]).startswith("wss://") for r in reqs)
@@ -305,26 +340,40 @@ def build_conversation(cid: str, reqs: list[dict[str, Any]], utility: list[dict[
         summary = cut + "..." if len(cut) < len(system_prompt) else cut
     last = turns[-1] if turns else None
     return {
-        "id": cid, "model": model, "container_name": reqs[0]["container_name"], "provider": provider,
-        "client_name": client, "started_at": _iso(float(reqs[0]["timestamp"])),
+        "id": cid,
+        "model": model,
+        "container_name": reqs[0]["container_name"],
+        "provider": provider,
+        "client_name": client,
+        "started_at": _iso(float(reqs[0]["timestamp"])),
         "ended_at": _iso(max(float(r["timestamp"]) for r in reqs)),
-        "turn_count": len(turns), "message_count": len(messages),
+        "turn_count": len(turns),
+        "message_count": len(messages),
         "first_prompt": cut_bytes(first_prompt, 500) if first_prompt else None,
-        "system_prompt_summary": summary, "parent_conversation_id": parent,
+        "system_prompt_summary": summary,
+        "parent_conversation_id": parent,
         "last_turn_has_response": bool(last and any(s.get("text") or s.get("tool_calls") for s in last["steps"])),
-        "last_stop_reason": stop, "linked_subagents": [],
+        "last_stop_reason": stop,
+        "linked_subagents": [],
         "request_ids": [i for t in turns for i in t["request_ids"]],
         "incomplete": best is None,
         "incomplete_reason": "All request bodies truncated; cannot parse messages" if best is None else None,
-        "metadata": {"total_requests": len(reqs), "truncated_requests": truncated,
-                     "parseable_requests": len(reqs) - truncated,
-                     "messages_in_best_request": int(best["message_count"]) if best else 0,
-                     "best_request_id": best["transaction_id"] if best else None,
-                     "utility_requests": len(utility)},
-        "usage": usage_total, "usage_with_subagents": dict(usage_total),
-        "system_prompt": system_prompt, "turns": turns, "messages": messages,
+        "metadata": {
+            "total_requests": len(reqs),
+            "truncated_requests": truncated,
+            "parseable_requests": len(reqs) - truncated,
+            "messages_in_best_request": int(best["message_count"]) if best else 0,
+            "best_request_id": best["transaction_id"] if best else None,
+            "utility_requests": len(utility),
+        },
+        "usage": usage_total,
+        "usage_with_subagents": dict(usage_total),
+        "system_prompt": system_prompt,
+        "turns": turns,
+        "messages": messages,
         # Internal (not in the API): sort keys and the transactions attributed to it.
-        "_started": float(reqs[0]["timestamp"]), "_ended": max(float(r["timestamp"]) for r in reqs),
+        "_started": float(reqs[0]["timestamp"]),
+        "_ended": max(float(r["timestamp"]) for r in reqs),
         "_transactions": [r["transaction_id"] for r in reqs] + [r["transaction_id"] for r in utility],
     }
 
@@ -346,8 +395,7 @@ def _session_threads(reqs: list[dict[str, Any]]) -> list[tuple[str, list[dict[st
             slen = int(r["system_len"])
             groups = buckets.setdefault(slen, [[]])
             n = int(r["message_count"] or 0)
-            if (r["client_name"] == "claude-code" and groups[-1] and slen in last_count
-                    and n < last_count[slen] - 1):
+            if r["client_name"] == "claude-code" and groups[-1] and slen in last_count and n < last_count[slen] - 1:
                 groups.append([])
             groups[-1].append(r)
             last_count[slen] = n
@@ -374,8 +422,7 @@ def _with_ws_inheritance(reqs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def assemble_unit(root: str, sessions: dict[str, list[dict[str, Any]]],
-                  children: list[str]) -> list[dict[str, Any]]:
+def assemble_unit(root: str, sessions: dict[str, list[dict[str, Any]]], children: list[str]) -> list[dict[str, Any]]:
     """Conversations of one unit: the root session and the OpenCode sessions linked to it as
     children (in reference order). Returns the conversations (detail form), linked."""
     convs: list[dict[str, Any]] = []
@@ -396,8 +443,7 @@ def assemble_unit(root: str, sessions: dict[str, list[dict[str, Any]]],
             if suffix == "":
                 convs.append(build_conversation(main_id, group, utility, None))
             else:
-                convs.append(build_conversation(f"{main_id}/{suffix}", group, [],
-                                                main_id if has_main else None))
+                convs.append(build_conversation(f"{main_id}/{suffix}", group, [], main_id if has_main else None))
 
     session_convs(root, None, None)
     has_root_main = any(c["id"] == main_id for c in convs)
@@ -419,8 +465,15 @@ def link(convs: list[dict[str, Any]]) -> None:
         parent = by_id[pid]
         children.sort(key=lambda c: (c["_started"], c["id"]))
         parent["linked_subagents"] = [
-            {"conversation_id": c["id"], "turn_count": c["turn_count"], "started_at": c["started_at"],
-             "ended_at": c["ended_at"], "first_prompt": c["first_prompt"]} for c in children]
+            {
+                "conversation_id": c["id"],
+                "turn_count": c["turn_count"],
+                "started_at": c["started_at"],
+                "ended_at": c["ended_at"],
+                "first_prompt": c["first_prompt"],
+            }
+            for c in children
+        ]
         i = 0
         for t in parent["turns"]:
             for s in t["steps"]:
@@ -434,10 +487,30 @@ def link(convs: list[dict[str, Any]]) -> None:
             c["usage_with_subagents"] = U.add_totals(c["usage"])
 
 
-ITEM_KEYS = ("id", "model", "container_name", "provider", "client_name", "started_at", "ended_at", "updated_at",
-             "turn_count", "message_count", "first_prompt", "system_prompt_summary", "parent_conversation_id",
-             "last_turn_has_response", "last_stop_reason", "linked_subagents", "request_ids", "incomplete",
-             "incomplete_reason", "metadata", "usage", "usage_with_subagents")
+ITEM_KEYS = (
+    "id",
+    "model",
+    "container_name",
+    "provider",
+    "client_name",
+    "started_at",
+    "ended_at",
+    "updated_at",
+    "turn_count",
+    "message_count",
+    "first_prompt",
+    "system_prompt_summary",
+    "parent_conversation_id",
+    "last_turn_has_response",
+    "last_stop_reason",
+    "linked_subagents",
+    "request_ids",
+    "incomplete",
+    "incomplete_reason",
+    "metadata",
+    "usage",
+    "usage_with_subagents",
+)
 DETAIL_KEYS = ITEM_KEYS + ("system_prompt", "turns", "messages")
 
 

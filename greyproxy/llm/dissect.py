@@ -17,8 +17,18 @@ import orjson
 
 from ..bodies import read_side
 from . import usage as U
-from .text import (INPUT_BYTES, PREVIEW_BYTES, RESULT_BYTES, as_json_text, cut_bytes, looks_like_sse, parse_args,
-                   sse_json, thinking_preview, tool_summary)
+from .text import (
+    INPUT_BYTES,
+    PREVIEW_BYTES,
+    RESULT_BYTES,
+    as_json_text,
+    cut_bytes,
+    looks_like_sse,
+    parse_args,
+    sse_json,
+    thinking_preview,
+    tool_summary,
+)
 
 log = logging.getLogger("greyproxy.llm")
 
@@ -76,13 +86,19 @@ class Txn:
 
         port = row.get("destination_port")
         return cls(
-            id=int(row.get("id") or 0), method=str(row.get("method") or "").upper(), url=str(row.get("url") or ""),
-            host=str(row.get("destination_host") or "").lower(), port=port if isinstance(port, int) else None,
-            request_headers=headers(row.get("request_headers")), response_headers=headers(row.get("response_headers")),
-            request_body=body_text(row, "request"), response_body=body_text(row, "response"),
+            id=int(row.get("id") or 0),
+            method=str(row.get("method") or "").upper(),
+            url=str(row.get("url") or ""),
+            host=str(row.get("destination_host") or "").lower(),
+            port=port if isinstance(port, int) else None,
+            request_headers=headers(row.get("request_headers")),
+            response_headers=headers(row.get("response_headers")),
+            request_body=body_text(row, "request"),
+            response_body=body_text(row, "response"),
             request_content_type=text(row.get("request_content_type")),
             response_content_type=text(row.get("response_content_type")),
-            container_name=str(row.get("container_name") or ""), timestamp=float(row.get("timestamp") or 0),
+            container_name=str(row.get("container_name") or ""),
+            timestamp=float(row.get("timestamp") or 0),
             duration_ms=row.get("duration_ms") if isinstance(row.get("duration_ms"), (int, float)) else None,
             status_code=row.get("status_code") if isinstance(row.get("status_code"), int) else None,
             host_mismatch=bool(row.get("host_mismatch")),  # a field of newer records: absent means no
@@ -111,9 +127,13 @@ def text_block(text: str) -> dict[str, Any]:
 
 
 def tool_use_block(name: Any, call_id: Any, arguments: Any) -> dict[str, Any]:
-    return {"type": "tool_use", "name": str(name or ""), "id": str(call_id or ""),
-            "input": cut_bytes(as_json_text(arguments if arguments is not None else {}), INPUT_BYTES),
-            "tool_summary": tool_summary(name, arguments)}
+    return {
+        "type": "tool_use",
+        "name": str(name or ""),
+        "id": str(call_id or ""),
+        "input": cut_bytes(as_json_text(arguments if arguments is not None else {}), INPUT_BYTES),
+        "tool_summary": tool_summary(name, arguments),
+    }
 
 
 def tool_result_block(call_id: Any, content: Any, is_error: Any = False, name: str | None = None) -> dict[str, Any]:
@@ -122,8 +142,12 @@ def tool_result_block(call_id: Any, content: Any, is_error: Any = False, name: s
         content = "\n".join(parts)
     elif not isinstance(content, str):
         content = as_json_text(content) if content is not None else ""
-    block = {"type": "tool_result", "tool_use_id": str(call_id or ""), "content": cut_bytes(content, RESULT_BYTES),
-             "is_error": bool(is_error)}
+    block = {
+        "type": "tool_result",
+        "tool_use_id": str(call_id or ""),
+        "content": cut_bytes(content, RESULT_BYTES),
+        "is_error": bool(is_error),
+    }
     if name is not None:
         block["name"] = name
     return block
@@ -138,9 +162,12 @@ def new_response() -> dict[str, Any]:
 
 
 def call_of(name: Any, call_id: Any, arguments: Any) -> dict[str, Any]:
-    return {"tool": str(name or ""), "input_preview": cut_bytes(as_json_text(arguments if arguments is not None else ""),
-                                                                 PREVIEW_BYTES),
-            "tool_summary": tool_summary(name, arguments), "tool_use_id": str(call_id or "")}
+    return {
+        "tool": str(name or ""),
+        "input_preview": cut_bytes(as_json_text(arguments if arguments is not None else ""), PREVIEW_BYTES),
+        "tool_summary": tool_summary(name, arguments),
+        "tool_use_id": str(call_id or ""),
+    }
 
 
 def finish_response(resp: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -174,9 +201,20 @@ def _json(text: str | None) -> Any:
 
 
 def base_extraction(provider: str, dissector: str) -> Extraction:
-    return {"provider": provider, "dissector": dissector, "session_key": None, "model": "unknown", "system": [],
-            "tools": [], "messages": [], "message_count": 0, "response": None, "stop_reason": None,
-            "usage": U.empty(), "client_hint": None}
+    return {
+        "provider": provider,
+        "dissector": dissector,
+        "session_key": None,
+        "model": "unknown",
+        "system": [],
+        "tools": [],
+        "messages": [],
+        "message_count": 0,
+        "response": None,
+        "stop_reason": None,
+        "usage": U.empty(),
+        "client_hint": None,
+    }
 
 
 def _tools(items: Any, fn_key: str | None = None) -> list[dict[str, Any]]:
@@ -295,8 +333,11 @@ def _anthropic_response(txn: Txn, ex: Extraction) -> None:
                 idx = ev.get("index")
                 if cb.get("type") in ("tool_use", "server_tool_use"):
                     blocks[idx if isinstance(idx, int) else len(blocks)] = {
-                        "name": cb.get("name"), "id": cb.get("id"), "json": "",
-                        "input": cb.get("input") if cb.get("input") else None}
+                        "name": cb.get("name"),
+                        "id": cb.get("id"),
+                        "json": "",
+                        "input": cb.get("input") if cb.get("input") else None,
+                    }
                 elif cb.get("type") == "text" and isinstance(cb.get("text"), str):
                     resp["text"] += cb["text"]
             elif kind == "content_block_delta":
@@ -377,8 +418,13 @@ def _responses_request(body: dict[str, Any], ex: Extraction) -> None:
         role = item.get("role")
         if kind in ("function_call", "custom_tool_call", "local_shell_call"):
             args = item.get("arguments") if kind == "function_call" else item.get("input", item.get("action"))
-            assistant().append(tool_use_block(item.get("name") or ("shell" if kind == "local_shell_call" else ""),
-                                              item.get("call_id"), parse_args(args)))
+            assistant().append(
+                tool_use_block(
+                    item.get("name") or ("shell" if kind == "local_shell_call" else ""),
+                    item.get("call_id"),
+                    parse_args(args),
+                )
+            )
         elif kind in ("function_call_output", "custom_tool_call_output", "local_shell_call_output"):
             block = tool_result_block(item.get("call_id"), item.get("output"))
             if msgs and msgs[-1]["role"] == "user" and all(b["type"] == "tool_result" for b in msgs[-1]["content"]):
@@ -392,8 +438,9 @@ def _responses_request(body: dict[str, Any], ex: Extraction) -> None:
             if text:
                 ex["system"].append(text_block(text))
         elif role == "user":
-            msgs.append({"role": "user", "content": [text_block(_joined_text(item.get("content"),
-                                                                               ("input_text", "text")))]})
+            msgs.append(
+                {"role": "user", "content": [text_block(_joined_text(item.get("content"), ("input_text", "text")))]}
+            )
         elif role == "assistant" or kind == "message":
             text = _joined_text(item.get("content"), ("output_text", "text", "input_text"))
             if text:
@@ -438,21 +485,30 @@ def _responses_stream(events: list[dict[str, Any]], ex: Extraction) -> dict[str,
         kind = ev.get("type")
         if kind == "response.output_text.delta" and isinstance(ev.get("delta"), str):
             resp["text"] += ev["delta"]
-        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta") \
-                and isinstance(ev.get("delta"), str):
+        elif kind in ("response.reasoning_summary_text.delta", "response.reasoning_text.delta") and isinstance(
+            ev.get("delta"), str
+        ):
             resp["thinking"] += ev["delta"]
         elif kind == "response.output_item.added":
             item = _obj(ev.get("item"))
             if item.get("type") in ("function_call", "custom_tool_call"):
-                call = {"name": item.get("name"), "call_id": item.get("call_id"),
-                        "args": _str(item.get("arguments")) or _str(item.get("input")) or "", "done": False}
+                call = {
+                    "name": item.get("name"),
+                    "call_id": item.get("call_id"),
+                    "args": _str(item.get("arguments")) or _str(item.get("input")) or "",
+                    "done": False,
+                }
                 calls.append(call)
                 if isinstance(item.get("id"), str):
                     by_item[item["id"]] = call
                 if isinstance(ev.get("output_index"), int):
                     by_index[ev["output_index"]] = call
-        elif kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done",
-                      "response.custom_tool_call_input.delta", "response.custom_tool_call_input.done"):
+        elif kind in (
+            "response.function_call_arguments.delta",
+            "response.function_call_arguments.done",
+            "response.custom_tool_call_input.delta",
+            "response.custom_tool_call_input.done",
+        ):
             call = by_item.get(ev["item_id"]) if isinstance(ev.get("item_id"), str) else None
             if call is None and isinstance(ev.get("output_index"), int):
                 call = by_index.get(ev["output_index"])
@@ -738,7 +794,7 @@ def dissect_google(txn: Txn) -> Extraction | None:
                 _gemini_candidate(chunk, ex, resp)
         else:
             obj = _json(text)
-            for chunk in (obj if isinstance(obj, list) else [obj]):  # streamGenerateContent without alt=sse: an array
+            for chunk in obj if isinstance(obj, list) else [obj]:  # streamGenerateContent without alt=sse: an array
                 if isinstance(chunk, dict):
                     _gemini_candidate(chunk, ex, resp)
         ex["response"] = finish_response(resp)
@@ -765,19 +821,40 @@ def _host_path(txn: Txn) -> tuple[str, str]:
 
 
 DISSECTORS: tuple[Dissector, ...] = (
-    Dissector("anthropic", "Anthropic Messages API (/v1/messages)", dissect_anthropic,
-              lambda t: _url_is(t, "https://api.anthropic.com/v1/messages")),
-    Dissector("openai", "OpenAI Responses API (/v1/responses)", dissect_openai,
-              lambda t: _url_is(t, "https://api.openai.com/v1/responses")),
-    Dissector("google-ai", "Google Gemini API (/v1beta/models)", dissect_google,
-              lambda t: t.method == "POST" and t.host == "generativelanguage.googleapis.com"
-              and "/v1beta/models/" in t.path),
-    Dissector("openai-chat", "OpenAI Chat Completions API, also used by LiteLLM, Ollama, and other compatible endpoints",
-              dissect_openai_chat,
-              lambda t: t.method == "POST" and t.host in ("api.openai.com", "openrouter.ai")
-              and t.path.endswith("/chat/completions")),
-    Dissector("openai-ws", "OpenAI Responses API over WebSocket (Codex)", dissect_openai_ws,
-              lambda t: t.method in ("WS_REQ", "WS_RESP") and "api.openai.com" in t.url and "/v1/responses" in t.url),
+    Dissector(
+        "anthropic",
+        "Anthropic Messages API (/v1/messages)",
+        dissect_anthropic,
+        lambda t: _url_is(t, "https://api.anthropic.com/v1/messages"),
+    ),
+    Dissector(
+        "openai",
+        "OpenAI Responses API (/v1/responses)",
+        dissect_openai,
+        lambda t: _url_is(t, "https://api.openai.com/v1/responses"),
+    ),
+    Dissector(
+        "google-ai",
+        "Google Gemini API (/v1beta/models)",
+        dissect_google,
+        lambda t: t.method == "POST" and t.host == "generativelanguage.googleapis.com" and "/v1beta/models/" in t.path,
+    ),
+    Dissector(
+        "openai-chat",
+        "OpenAI Chat Completions API, also used by LiteLLM, Ollama, and other compatible endpoints",
+        dissect_openai_chat,
+        lambda t: (
+            t.method == "POST"
+            and t.host in ("api.openai.com", "openrouter.ai")
+            and t.path.endswith("/chat/completions")
+        ),
+    ),
+    Dissector(
+        "openai-ws",
+        "OpenAI Responses API over WebSocket (Codex)",
+        dissect_openai_ws,
+        lambda t: t.method in ("WS_REQ", "WS_RESP") and "api.openai.com" in t.url and "/v1/responses" in t.url,
+    ),
 )
 BY_NAME = {d.name: d for d in DISSECTORS}
 

@@ -64,6 +64,7 @@ def decoder_for(rules: list[dict[str, Any]], txn: Txn) -> str | None:
 
 def validate(body: dict[str, Any]) -> dict[str, Any]:
     """A POST/PUT body → the stored fields; RuleError with the reference's messages."""
+
     def text(name: str) -> str:
         value = body.get(name)
         if value is None or value == "":
@@ -109,5 +110,11 @@ def validate(body: dict[str, Any]) -> dict[str, Any]:
         enabled = True
     if not isinstance(enabled, bool):
         raise RuleError("enabled must be a boolean")
-    return {"host_pattern": host, "path_pattern": path, "method": method, "decoder_name": decoder,
-            "priority": priority, "enabled": enabled}
+    return {
+        "host_pattern": host,
+        "path_pattern": path,
+        "method": method,
+        "decoder_name": decoder,
+        "priority": priority,
+        "enabled": enabled,
+    }

@@ -103,8 +103,11 @@ def tool_summary(name: Any, arguments: Any) -> str:
         elif tool == "skill":
             out = _first_str(args, "name", "skill")
         if out is None:
-            pairs = [f"{k}={v}" for k, v in sorted(args.items(), key=lambda kv: str(kv[0]))
-                     if isinstance(v, str) and len(v) <= 40]
+            pairs = [
+                f"{k}={v}"
+                for k, v in sorted(args.items(), key=lambda kv: str(kv[0]))
+                if isinstance(v, str) and len(v) <= 40
+            ]
             out = ", ".join(pairs)
     if out is None:
         out = ""

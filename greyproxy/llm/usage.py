@@ -32,34 +32,54 @@ def anthropic(raw: Any) -> dict[str, Any]:
     base = _int(raw, "input_tokens")
     read = _int(raw, "cache_read_input_tokens")
     write = _int(raw, "cache_creation_input_tokens")
-    return {"input_tokens": _sum(base, read, write), "output_tokens": _int(raw, "output_tokens"),
-            "cache_read_tokens": read, "cache_write_tokens": write, "reasoning_tokens": None, "raw": raw}
+    return {
+        "input_tokens": _sum(base, read, write),
+        "output_tokens": _int(raw, "output_tokens"),
+        "cache_read_tokens": read,
+        "cache_write_tokens": write,
+        "reasoning_tokens": None,
+        "raw": raw,
+    }
 
 
 def openai_responses(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         return empty()
-    return {"input_tokens": _int(raw, "input_tokens"), "output_tokens": _int(raw, "output_tokens"),
-            "cache_read_tokens": _int(raw, "input_tokens_details", "cached_tokens"), "cache_write_tokens": None,
-            "reasoning_tokens": _int(raw, "output_tokens_details", "reasoning_tokens"), "raw": raw}
+    return {
+        "input_tokens": _int(raw, "input_tokens"),
+        "output_tokens": _int(raw, "output_tokens"),
+        "cache_read_tokens": _int(raw, "input_tokens_details", "cached_tokens"),
+        "cache_write_tokens": None,
+        "reasoning_tokens": _int(raw, "output_tokens_details", "reasoning_tokens"),
+        "raw": raw,
+    }
 
 
 def openai_chat(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         return empty()
-    return {"input_tokens": _int(raw, "prompt_tokens"), "output_tokens": _int(raw, "completion_tokens"),
-            "cache_read_tokens": _int(raw, "prompt_tokens_details", "cached_tokens"), "cache_write_tokens": None,
-            "reasoning_tokens": _int(raw, "completion_tokens_details", "reasoning_tokens"), "raw": raw}
+    return {
+        "input_tokens": _int(raw, "prompt_tokens"),
+        "output_tokens": _int(raw, "completion_tokens"),
+        "cache_read_tokens": _int(raw, "prompt_tokens_details", "cached_tokens"),
+        "cache_write_tokens": None,
+        "reasoning_tokens": _int(raw, "completion_tokens_details", "reasoning_tokens"),
+        "raw": raw,
+    }
 
 
 def google(raw: Any) -> dict[str, Any]:
     if not isinstance(raw, dict):
         return empty()
     thoughts = _int(raw, "thoughtsTokenCount")
-    return {"input_tokens": _int(raw, "promptTokenCount"),
-            "output_tokens": _sum(_int(raw, "candidatesTokenCount"), thoughts),
-            "cache_read_tokens": _int(raw, "cachedContentTokenCount"), "cache_write_tokens": None,
-            "reasoning_tokens": thoughts, "raw": raw}
+    return {
+        "input_tokens": _int(raw, "promptTokenCount"),
+        "output_tokens": _sum(_int(raw, "candidatesTokenCount"), thoughts),
+        "cache_read_tokens": _int(raw, "cachedContentTokenCount"),
+        "cache_write_tokens": None,
+        "reasoning_tokens": thoughts,
+        "raw": raw,
+    }
 
 
 def reported(usage: dict[str, Any] | None) -> bool:

@@ -64,6 +64,7 @@ class Guard:
 @dataclass(slots=True)
 class Candidate:
     """A rule whose destination names this host, its resolved hostname, or one of its addresses."""
+
     rule: Rule
     matched: bool  # container, destination, port all match and the rule is active
     specificity: int
@@ -89,10 +90,20 @@ class Judgement:
         return self.decision in ("allow", "silent_allow")
 
 
-def judge(rules: RuleSet, container: str, host: str, port: int, *, resolved: str | None = None,
-          silent: str | None = None, guard: Guard | None = None, addresses: list[str] | None = None,
-          decide: Callable[[str, str, int, str | None], Decision] | None = None, now: float | None = None,
-          explain: bool = False) -> Judgement:
+def judge(
+    rules: RuleSet,
+    container: str,
+    host: str,
+    port: int,
+    *,
+    resolved: str | None = None,
+    silent: str | None = None,
+    guard: Guard | None = None,
+    addresses: list[str] | None = None,
+    decide: Callable[[str, str, int, str | None], Decision] | None = None,
+    now: float | None = None,
+    explain: bool = False,
+) -> Judgement:
     """The decision for `container` → `host:port` (host already normalised). `decide` replaces
     `rules.decide` (the gate passes its cached one); `explain` adds the candidates."""
     j = _judge(rules, container, host, port, resolved, silent, guard, addresses, decide, now)
@@ -101,17 +112,29 @@ def judge(rules: RuleSet, container: str, host: str, port: int, *, resolved: str
     return j
 
 
-def _judge(rules: RuleSet, container: str, host: str, port: int, resolved: str | None, silent: str | None,
-           guard: Guard | None, addresses: list[str] | None,
-           decide: Callable[[str, str, int, str | None], Decision] | None, now: float | None) -> Judgement:
+def _judge(
+    rules: RuleSet,
+    container: str,
+    host: str,
+    port: int,
+    resolved: str | None,
+    silent: str | None,
+    guard: Guard | None,
+    addresses: list[str] | None,
+    decide: Callable[[str, str, int, str | None], Decision] | None,
+    now: float | None,
+) -> Judgement:
     if guard is not None and guard.refuses(host, port):
         return Judgement("guard")
     if silent == "allow":
         return Judgement("silent_allow")
     if silent == "deny":
         return Judgement("silent_deny")
-    d = decide(container, host, port, resolved) if decide is not None else \
-        rules.decide(container, host, port, resolved_hostname=resolved, now=now)
+    d = (
+        decide(container, host, port, resolved)
+        if decide is not None
+        else rules.decide(container, host, port, resolved_hostname=resolved, now=now)
+    )
     if d.rule is not None and d.rule.action == "deny":
         return Judgement("deny", d.rule, d.matched_on)
     if rules.may_deny_address(container, port, now):
@@ -119,8 +142,9 @@ def _judge(rules: RuleSet, container: str, host: str, port: int, resolved: str |
             if parse_ip(host) is not None:
                 addresses = [host]
             else:
-                return Judgement("allow" if d.rule is not None else "pending", d.rule, d.matched_on,
-                                 needs_addresses=True)
+                return Judgement(
+                    "allow" if d.rule is not None else "pending", d.rule, d.matched_on, needs_addresses=True
+                )
         for ip in addresses:
             rule = rules.address_denial(container, ip, port, now)
             if rule is not None:
@@ -130,8 +154,15 @@ def _judge(rules: RuleSet, container: str, host: str, port: int, resolved: str |
     return Judgement("pending")
 
 
-def candidates(rules: RuleSet, container: str, host: str, port: int, resolved: str | None = None,
-               addresses: list[str] | None = None, now: float | None = None) -> list[Candidate]:
+def candidates(
+    rules: RuleSet,
+    container: str,
+    host: str,
+    port: int,
+    resolved: str | None = None,
+    addresses: list[str] | None = None,
+    now: float | None = None,
+) -> list[Candidate]:
     """Every rule whose destination names this host (or its resolved name, or, for address rules,
     an address it resolves to), in winning order, each saying whether it applies and why not."""
     now = time.time() if now is None else now
@@ -144,8 +175,15 @@ def candidates(rules: RuleSet, container: str, host: str, port: int, resolved: s
         if on is None:
             continue
         why = _why_not(c, container, port, now)
-        out.append(Candidate(c.rule, why is None, c.specificity, on,
-                             why or f"applies: {c.rule.source} layer, specificity {c.specificity}"))
+        out.append(
+            Candidate(
+                c.rule,
+                why is None,
+                c.specificity,
+                on,
+                why or f"applies: {c.rule.source} layer, specificity {c.specificity}",
+            )
+        )
     return out
 
 
@@ -180,13 +218,17 @@ def reason(j: Judgement, container: str, host: str, port: int) -> str:
     if j.decision == "silent_deny":
         return "silent deny-all mode is on: everything is denied until it ends"
     if j.decision == "pending":
-        return (f"no rule matches {container!r} → {dest}: the connection is held for a person's decision "
-                "(a pending entry), then refused when the hold times out")
+        return (
+            f"no rule matches {container!r} → {dest}: the connection is held for a person's decision "
+            "(a pending entry), then refused when the hold times out"
+        )
     r = j.rule
     assert r is not None
     if j.matched_on == "address":
-        return (f"{host} resolves to {j.address}, which address rule {r.id} ({r.destination_pattern}) denies; "
-                "an address deny wins over any allow for the name")
+        return (
+            f"{host} resolves to {j.address}, which address rule {r.id} ({r.destination_pattern}) denies; "
+            "an address deny wins over any allow for the name"
+        )
     head = f"rule {r.id} ({r.action}) wins"
     if j.matched_on == "resolved":
         head += f": no rule matches {host} itself, so the resolved hostname was tried"

@@ -285,9 +285,7 @@ class DestinationPattern:
             if p.startswith(prefix) and rest and not has_glob(rest):
                 return cls(pattern, kind, rest)
         if p.startswith("[") and p.endswith("]") and parse_ip(p[1:-1]) is not None:
-            return cls(
-                pattern, DestKind.EXACT, normalise_host(p)
-            )  # '[::1]' is a literal, not a class
+            return cls(pattern, DestKind.EXACT, normalise_host(p))  # '[::1]' is a literal, not a class
         if has_glob(p):
             prefix, suffix = glob_literal_ends(p)
             middle = p[len(prefix) : len(p) - len(suffix)]
@@ -364,15 +362,11 @@ class PortPattern:
             if not dash:
                 hi_s = lo_s
             if not _ASCII_DIGITS.match(lo_s) or not _ASCII_DIGITS.match(hi_s):
-                raise ValueError(
-                    f"port_pattern {pattern!r}: {item!r} is not a port or a range like 8000-8999"
-                )
+                raise ValueError(f"port_pattern {pattern!r}: {item!r} is not a port or a range like 8000-8999")
             lo, hi = int(lo_s), int(hi_s)
             for value in (lo, hi):
                 if not MIN_PORT <= value <= MAX_PORT:
-                    raise ValueError(
-                        f"port_pattern {pattern!r}: port {value} is outside {MIN_PORT}..{MAX_PORT}"
-                    )
+                    raise ValueError(f"port_pattern {pattern!r}: port {value} is outside {MIN_PORT}..{MAX_PORT}")
             if lo > hi:
                 raise ValueError(f"port_pattern {pattern!r}: range {item!r} runs backwards")
             ranges.append((lo, hi))

@@ -152,9 +152,7 @@ class CompiledRule:
         self.container = container_pattern(rule.container_pattern)
         self.destination = destination_pattern(rule.destination_pattern)
         self.port = port_pattern(rule.port_pattern)
-        self.specificity = (
-            self.container.specificity + self.destination.specificity + self.port.specificity
-        )
+        self.specificity = self.container.specificity + self.destination.specificity + self.port.specificity
         self.expires = math.inf if rule.expires_at is None else float(rule.expires_at)
 
     def matches(self, container: str, host: str, port: int) -> bool:
@@ -200,9 +198,7 @@ class _BucketBuilder:
     def add(self, c: CompiledRule, rank: int, host_glob: _Match) -> None:
         ports = c.port.ports
         if c.container.kind is ContainerKind.EXACT:
-            self.by_container.setdefault(c.container.text, []).append(
-                (rank, c.expires, ports, None, host_glob)
-            )
+            self.by_container.setdefault(c.container.text, []).append((rank, c.expires, ports, None, host_glob))
         else:
             self.others.append((rank, c.expires, ports, c.container.glob, host_glob))
 
@@ -326,8 +322,7 @@ class RuleSet:
         # The address rules as a rule set of their own (None when a deny cannot come out of it).
         address = [c for c in compiled if is_address_rule(c)] if not _nested else []
         self._addr_denies: tuple[CompiledRule, ...] = tuple(c for c in address if c.rule.action == "deny")
-        self.address: RuleSet | None = (RuleSet((c.rule for c in address), _nested=True)
-                                        if self._addr_denies else None)
+        self.address: RuleSet | None = RuleSet((c.rule for c in address), _nested=True) if self._addr_denies else None
         self._addr_cache: dict[tuple[str, int], float] = {}
         self._by_id: dict[int, Rule] = {r.id: r for r in self.rules}
         self._none = len(compiled)  # sentinel rank meaning "no rule"
@@ -411,8 +406,10 @@ class RuleSet:
         until = self._addr_cache.get(key)
         if until is None:
             # Cached until the first of the matching rules expires (an expired rule never returns).
-            until = min((c.expires for c in self._addr_denies
-                         if c.container.matches(container) and c.port.matches(int(port))), default=-math.inf)
+            until = min(
+                (c.expires for c in self._addr_denies if c.container.matches(container) and c.port.matches(int(port))),
+                default=-math.inf,
+            )
             if len(self._addr_cache) >= ADDRESS_CACHE:
                 self._addr_cache.clear()
             self._addr_cache[key] = until
@@ -428,9 +425,7 @@ class RuleSet:
     def match(self, container: str, host: str, port: int, now: float | None = None) -> Rule | None:
         """The winning active rule for this exact destination, or None."""
         name, version, ip = analyse_host(host)
-        rank = self._best_rank(
-            container, name, version, ip, int(port), time.time() if now is None else now
-        )
+        rank = self._best_rank(container, name, version, ip, int(port), time.time() if now is None else now)
         return None if rank == self._none else self._ordered[rank]
 
     def decide(
@@ -452,9 +447,7 @@ class RuleSet:
                 return Decision(rule, "resolved")
         return _NO_DECISION
 
-    def _best_rank(
-        self, container: str, host: str, version: int, ip: int, port: int, now: float
-    ) -> int:
+    def _best_rank(self, container: str, host: str, version: int, ip: int, port: int, now: float) -> int:
         best = self._none
         bucket = self._exact.get(host)
         if bucket is not None:

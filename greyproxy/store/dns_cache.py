@@ -8,8 +8,10 @@ from typing import cast
 COLUMNS = ("ip", "hostname", "updated_at")
 
 # Inside the recorder's batch transaction (its raw sqlite3 cursor).
-UPSERT = ("INSERT INTO dns_cache (ip, hostname, updated_at) VALUES (?, ?, ?)"
-          " ON CONFLICT(ip) DO UPDATE SET hostname = excluded.hostname, updated_at = excluded.updated_at")
+UPSERT = (
+    "INSERT INTO dns_cache (ip, hostname, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT(ip) DO UPDATE SET hostname = excluded.hostname, updated_at = excluded.updated_at"
+)
 
 
 def names_since(cutoff: float) -> list[tuple[str, str]]:

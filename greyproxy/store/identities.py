@@ -31,8 +31,10 @@ def create(name: str, notes: str | None, secret_hash: str) -> dict[str, Any] | N
     """The new claim's row, or None when the name is claimed already."""
     with database.atomic():
         try:
-            database.execute_sql("INSERT INTO identities (name, secret_hash, notes, created_at, version)"
-                                 " VALUES (?, ?, ?, ?, 1)", (name, secret_hash, notes, time.time()))
+            database.execute_sql(
+                "INSERT INTO identities (name, secret_hash, notes, created_at, version) VALUES (?, ?, ?, ?, 1)",
+                (name, secret_hash, notes, time.time()),
+            )
         except peewee.IntegrityError:
             return None
         return _row(database.execute_sql(f"{_SELECT} WHERE name = ?", (name,)).fetchone())
@@ -41,8 +43,10 @@ def create(name: str, notes: str | None, secret_hash: str) -> dict[str, Any] | N
 def rotate(name: str, secret_hash: str) -> dict[str, Any] | None:
     """The claim's row with its new hash and version, or None when the name is not claimed."""
     with database.atomic():
-        cur = database.execute_sql("UPDATE identities SET secret_hash = ?, version = version + 1, rotated_at = ?"
-                                   " WHERE name = ?", (secret_hash, time.time(), name))
+        cur = database.execute_sql(
+            "UPDATE identities SET secret_hash = ?, version = version + 1, rotated_at = ? WHERE name = ?",
+            (secret_hash, time.time(), name),
+        )
         if cur.rowcount == 0:
             return None
         return _row(database.execute_sql(f"{_SELECT} WHERE name = ?", (name,)).fetchone())

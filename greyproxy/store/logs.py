@@ -10,15 +10,27 @@ import orjson
 
 from . import sql
 
-COLUMNS = ("id", "timestamp", "container_name", "container_id", "destination_host", "destination_port",
-           "resolved_hostname", "method", "result", "rule_id", "response_time_ms", "reason", "mitm_skip_reason")
+COLUMNS = (
+    "id",
+    "timestamp",
+    "container_name",
+    "container_id",
+    "destination_host",
+    "destination_port",
+    "resolved_hostname",
+    "method",
+    "result",
+    "rule_id",
+    "response_time_ms",
+    "reason",
+    "mitm_skip_reason",
+)
 FIELDS = COLUMNS[1:]  # what a `log` journal record fills in
 
 # Hand-written rather than peewee's insert_many: the recorder inserts each batch's log records
 # with one executemany of this statement, and bench/run.py's recorder row (records/s) is that
 # loop; a peewee query object per batch costs measurably more there.
 INSERT = f"INSERT INTO logs ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
-
 
 
 # The API's queries below stay hand-written: GET /api/logs has a benchmarked target (bench/run.py:
@@ -47,9 +59,13 @@ def with_containers(f: LogFilter) -> LogFilter:
     """`f` with the container names its substring matches (call inside the read transaction)."""
     if not f.container:
         return f
-    names = [r[0] for r in sql.execute(
-        "SELECT DISTINCT container_name FROM log_counts WHERE container_name LIKE ? ESCAPE '\\'",
-        (sql.like_pattern(f.container),)).fetchall()]
+    names = [
+        r[0]
+        for r in sql.execute(
+            "SELECT DISTINCT container_name FROM log_counts WHERE container_name LIKE ? ESCAPE '\\'",
+            (sql.like_pattern(f.container),),
+        ).fetchall()
+    ]
     return f if len(names) > MAX_IN_NAMES else replace(f, containers=tuple(names))
 
 
@@ -91,7 +107,9 @@ def _log_page(f: LogFilter, limit: int, offset: int) -> list[dict[str, Any]]:
         f"SELECT {cols}, CASE WHEN r.id IS NULL THEN NULL ELSE r.container_pattern || ' → ' ||"
         " r.destination_pattern || ':' || COALESCE(NULLIF(r.port_pattern, ''), '*') END AS rule_summary"
         f" FROM logs l LEFT JOIN rules r ON r.id = l.rule_id WHERE {clause}"
-        " ORDER BY l.timestamp DESC, l.id DESC LIMIT ? OFFSET ?", [*args, limit, offset])
+        " ORDER BY l.timestamp DESC, l.id DESC LIMIT ? OFFSET ?",
+        [*args, limit, offset],
+    )
 
 
 def _log_total(f: LogFilter) -> int:
@@ -133,7 +151,8 @@ def _timeline(from_ts: float, to_ts: float, group_by: str) -> list[dict[str, Any
     rows = sql.execute(
         "SELECT CAST((timestamp - ?) / ? AS INTEGER) AS b, SUM(result = 'allowed'), SUM(result = 'blocked')"
         " FROM logs WHERE timestamp >= ? AND timestamp <= ? GROUP BY b ORDER BY b",
-        (origin, size, from_ts, to_ts)).fetchall()
+        (origin, size, from_ts, to_ts),
+    ).fetchall()
     counts = {float(b) * size + origin: (int(a or 0), int(k or 0)) for b, a, k in rows}
     first, last = bucket_start(from_ts, size, origin), bucket_start(to_ts, size, origin)
     if (last - first) / size <= MAX_FILLED_BUCKETS:
@@ -144,24 +163,35 @@ def _timeline(from_ts: float, to_ts: float, group_by: str) -> list[dict[str, Any
     return [{"ts": s, "allowed": counts.get(s, (0, 0))[0], "blocked": counts.get(s, (0, 0))[1]} for s in slots]
 
 
-def log_stats(from_ts: float, to_ts: float, group_by: str, top_containers: int = 20,
-              top_destinations: int = 10, recent_limit: int = 0) -> dict[str, Any]:
+def log_stats(
+    from_ts: float,
+    to_ts: float,
+    group_by: str,
+    top_containers: int = 20,
+    top_destinations: int = 10,
+    recent_limit: int = 0,
+) -> dict[str, Any]:
     """Totals, per-container counts, top blocked destinations, timeline (and the latest entries)."""
     rng = (from_ts, to_ts)
     with sql.read_transaction():  # one snapshot for every aggregate
         total, allowed, blocked = sql.execute(
             "SELECT COUNT(*), COALESCE(SUM(result = 'allowed'), 0), COALESCE(SUM(result = 'blocked'), 0)"
-            " FROM logs WHERE timestamp >= ? AND timestamp <= ?", rng).fetchone()
+            " FROM logs WHERE timestamp >= ? AND timestamp <= ?",
+            rng,
+        ).fetchone()
         containers = sql.rows(
             "SELECT container_name AS name, COUNT(*) AS total, SUM(result = 'allowed') AS allowed,"
             " SUM(result = 'blocked') AS blocked FROM logs WHERE timestamp >= ? AND timestamp <= ?"
-            " GROUP BY container_name ORDER BY total DESC, name LIMIT ?", (*rng, top_containers))
+            " GROUP BY container_name ORDER BY total DESC, name LIMIT ?",
+            (*rng, top_containers),
+        )
         destinations = sql.rows(
             "SELECT destination_host AS host, destination_port AS port, MAX(resolved_hostname) AS resolved_hostname,"
             " COUNT(*) AS count, json_group_array(DISTINCT container_name) AS containers"
             " FROM logs WHERE result = 'blocked' AND timestamp >= ? AND timestamp <= ?"
             " GROUP BY destination_host, destination_port ORDER BY count DESC, host, port LIMIT ?",
-            (*rng, top_destinations))
+            (*rng, top_destinations),
+        )
         timeline = _timeline(from_ts, to_ts, group_by)
         recent = _log_page(LogFilter(from_ts=from_ts, to_ts=to_ts), recent_limit, 0) if recent_limit else []
     for c in containers:
@@ -169,5 +199,12 @@ def log_stats(from_ts: float, to_ts: float, group_by: str, top_containers: int =
         c["percentage"] = round(c["total"] * 100.0 / total, 2) if total else 0.0
     for d in destinations:
         d["containers"] = sorted(orjson.loads(d["containers"] or "[]"))
-    return {"total": int(total), "allowed": int(allowed), "blocked": int(blocked), "containers": containers,
-            "destinations": destinations, "timeline": timeline, "recent": recent}
+    return {
+        "total": int(total),
+        "allowed": int(allowed),
+        "blocked": int(blocked),
+        "containers": containers,
+        "destinations": destinations,
+        "timeline": timeline,
+        "recent": recent,
+    }

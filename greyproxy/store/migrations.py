@@ -10,8 +10,11 @@ import time
 _NOW = time.time()
 
 MIGRATIONS: list[tuple[int, str, list[str]]] = [
-    (1, "core tables", [
-        """CREATE TABLE rules (
+    (
+        1,
+        "core tables",
+        [
+            """CREATE TABLE rules (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             container_pattern TEXT NOT NULL,
             destination_pattern TEXT NOT NULL,
@@ -27,9 +30,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             session_id TEXT,
             hit_count INTEGER NOT NULL DEFAULT 0
         )""",
-        "CREATE INDEX rules_identity ON rules (container_pattern, destination_pattern, port_pattern, action)",
-        "CREATE INDEX rules_expires ON rules (expires_at)",
-        """CREATE TABLE pending (
+            "CREATE INDEX rules_identity ON rules (container_pattern, destination_pattern, port_pattern, action)",
+            "CREATE INDEX rules_expires ON rules (expires_at)",
+            """CREATE TABLE pending (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             container_name TEXT NOT NULL,
             container_id TEXT NOT NULL DEFAULT '',
@@ -41,9 +44,9 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             attempt_count INTEGER NOT NULL DEFAULT 1,
             UNIQUE (container_name, destination_host, destination_port)
         )""",
-        "CREATE INDEX pending_last_seen ON pending (last_seen)",
-        "CREATE INDEX pending_resolved ON pending (container_name, resolved_hostname, destination_port)",
-        """CREATE TABLE logs (
+            "CREATE INDEX pending_last_seen ON pending (last_seen)",
+            "CREATE INDEX pending_resolved ON pending (container_name, resolved_hostname, destination_port)",
+            """CREATE TABLE logs (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             timestamp REAL NOT NULL,
             container_name TEXT NOT NULL,
@@ -58,54 +61,58 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             reason TEXT,
             mitm_skip_reason TEXT
         )""",
-        "CREATE INDEX logs_timestamp ON logs (timestamp)",
-        "CREATE INDEX logs_container ON logs (container_name, timestamp)",
-        "CREATE INDEX logs_result ON logs (result, timestamp)",
-        """CREATE TABLE settings (
+            "CREATE INDEX logs_timestamp ON logs (timestamp)",
+            "CREATE INDEX logs_container ON logs (container_name, timestamp)",
+            "CREATE INDEX logs_result ON logs (result, timestamp)",
+            """CREATE TABLE settings (
             key TEXT PRIMARY KEY,
             value TEXT NOT NULL,
             updated_at REAL NOT NULL
         )""",
-        """CREATE TABLE dns_cache (
+            """CREATE TABLE dns_cache (
             ip TEXT PRIMARY KEY,
             hostname TEXT NOT NULL,
             updated_at REAL NOT NULL
         )""",
-        "CREATE INDEX dns_cache_updated ON dns_cache (updated_at)",
-        # Idempotent journal: a record id is applied at most once.
-        """CREATE TABLE journal_applied (
+            "CREATE INDEX dns_cache_updated ON dns_cache (updated_at)",
+            # Idempotent journal: a record id is applied at most once.
+            """CREATE TABLE journal_applied (
             record_id TEXT PRIMARY KEY,
             applied_at REAL NOT NULL
         ) WITHOUT ROWID""",
-        "CREATE INDEX journal_applied_at ON journal_applied (applied_at)",
-        # Version counters: a process that may have missed an event compares these.
-        """CREATE TABLE meta (
+            "CREATE INDEX journal_applied_at ON journal_applied (applied_at)",
+            # Version counters: a process that may have missed an event compares these.
+            """CREATE TABLE meta (
             key TEXT PRIMARY KEY,
             value INTEGER NOT NULL
         )""",
-        "INSERT INTO meta (key, value) VALUES ('rules_version', 1), ('settings_version', 1)",
-        """CREATE TRIGGER rules_version_ins AFTER INSERT ON rules
+            "INSERT INTO meta (key, value) VALUES ('rules_version', 1), ('settings_version', 1)",
+            """CREATE TRIGGER rules_version_ins AFTER INSERT ON rules
            BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
-        """CREATE TRIGGER rules_version_del AFTER DELETE ON rules
+            """CREATE TRIGGER rules_version_del AFTER DELETE ON rules
            BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
-        """CREATE TRIGGER rules_version_upd AFTER UPDATE OF container_pattern, destination_pattern,
+            """CREATE TRIGGER rules_version_upd AFTER UPDATE OF container_pattern, destination_pattern,
            port_pattern, action, expires_at, source, session_id ON rules
            BEGIN UPDATE meta SET value = value + 1 WHERE key = 'rules_version'; END""",
-        """CREATE TRIGGER settings_version_ins AFTER INSERT ON settings
+            """CREATE TRIGGER settings_version_ins AFTER INSERT ON settings
            BEGIN UPDATE meta SET value = value + 1 WHERE key = 'settings_version'; END""",
-        """CREATE TRIGGER settings_version_upd AFTER UPDATE ON settings
+            """CREATE TRIGGER settings_version_upd AFTER UPDATE ON settings
            BEGIN UPDATE meta SET value = value + 1 WHERE key = 'settings_version'; END""",
-        # Builtin loopback rules (SPEC §2.3): agents' local dev servers.
-        *[
-            "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, rule_type, action,"
-            f" created_at, created_by, source) VALUES ('*', '{host}', '*', 'glob', 'allow', {_NOW!r}, 'builtin', 'builtin')"
-            for host in ("localhost", "127.0.0.1", "::1")
+            # Builtin loopback rules (SPEC §2.3): agents' local dev servers.
+            *[
+                "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, rule_type, action,"
+                f" created_at, created_by, source) VALUES ('*', '{host}', '*', 'glob', 'allow', {_NOW!r}, 'builtin', 'builtin')"
+                for host in ("localhost", "127.0.0.1", "::1")
+            ],
         ],
-    ]),
-    (2, "http transactions", [
-        # SPEC §7: one row per intercepted request (and per WebSocket data message). Headers are
-        # JSON {name: [values]} already redacted by the proxy; bodies only for text-like types.
-        """CREATE TABLE http_transactions (
+    ),
+    (
+        2,
+        "http transactions",
+        [
+            # SPEC §7: one row per intercepted request (and per WebSocket data message). Headers are
+            # JSON {name: [values]} already redacted by the proxy; bodies only for text-like types.
+            """CREATE TABLE http_transactions (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             timestamp REAL NOT NULL,
             container_name TEXT NOT NULL,
@@ -129,53 +136,66 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             substituted_credentials TEXT NOT NULL DEFAULT '[]',
             session_id TEXT
         )""",
-        "CREATE INDEX http_transactions_timestamp ON http_transactions (timestamp)",
-        "CREATE INDEX http_transactions_container ON http_transactions (container_name, timestamp)",
-        "CREATE INDEX http_transactions_destination ON http_transactions (destination_host)",
-        "CREATE INDEX http_transactions_session ON http_transactions (session_id) WHERE session_id IS NOT NULL",
-        "CREATE INDEX http_transactions_conversation ON http_transactions (conversation_id)"
-        " WHERE conversation_id IS NOT NULL",
-    ]),
-    (3, "log counts", [
-        # GET /api/logs reports an exact `total`; COUNT(*) over a million rows costs ~20 ms, so
-        # the count per (container, result) is kept by triggers in the same transaction as the
-        # rows (exact whoever writes or deletes them). Filters on these columns only sum rows here.
-        """CREATE TABLE log_counts (
+            "CREATE INDEX http_transactions_timestamp ON http_transactions (timestamp)",
+            "CREATE INDEX http_transactions_container ON http_transactions (container_name, timestamp)",
+            "CREATE INDEX http_transactions_destination ON http_transactions (destination_host)",
+            "CREATE INDEX http_transactions_session ON http_transactions (session_id) WHERE session_id IS NOT NULL",
+            "CREATE INDEX http_transactions_conversation ON http_transactions (conversation_id)"
+            " WHERE conversation_id IS NOT NULL",
+        ],
+    ),
+    (
+        3,
+        "log counts",
+        [
+            # GET /api/logs reports an exact `total`; COUNT(*) over a million rows costs ~20 ms, so
+            # the count per (container, result) is kept by triggers in the same transaction as the
+            # rows (exact whoever writes or deletes them). Filters on these columns only sum rows here.
+            """CREATE TABLE log_counts (
             container_name TEXT NOT NULL,
             result TEXT NOT NULL,
             n INTEGER NOT NULL,
             PRIMARY KEY (container_name, result)
         ) WITHOUT ROWID""",
-        "INSERT INTO log_counts (container_name, result, n)"
-        " SELECT container_name, result, COUNT(*) FROM logs GROUP BY container_name, result",
-        """CREATE TRIGGER log_counts_ins AFTER INSERT ON logs BEGIN
+            "INSERT INTO log_counts (container_name, result, n)"
+            " SELECT container_name, result, COUNT(*) FROM logs GROUP BY container_name, result",
+            """CREATE TRIGGER log_counts_ins AFTER INSERT ON logs BEGIN
              INSERT INTO log_counts (container_name, result, n) VALUES (NEW.container_name, NEW.result, 1)
              ON CONFLICT (container_name, result) DO UPDATE SET n = n + 1;
            END""",
-        """CREATE TRIGGER log_counts_del AFTER DELETE ON logs BEGIN
+            """CREATE TRIGGER log_counts_del AFTER DELETE ON logs BEGIN
              UPDATE log_counts SET n = n - 1 WHERE container_name = OLD.container_name AND result = OLD.result;
            END""",
-        """CREATE TRIGGER log_counts_upd AFTER UPDATE OF container_name, result ON logs BEGIN
+            """CREATE TRIGGER log_counts_upd AFTER UPDATE OF container_name, result ON logs BEGIN
              UPDATE log_counts SET n = n - 1 WHERE container_name = OLD.container_name AND result = OLD.result;
              INSERT INTO log_counts (container_name, result, n) VALUES (NEW.container_name, NEW.result, 1)
              ON CONFLICT (container_name, result) DO UPDATE SET n = n + 1;
            END""",
-    ]),
-    (4, "transaction hosts and errors", [
-        # SPEC §7 / issue 13: destination_host and url name the host actually contacted;
-        # request_host is the request's own Host, host_mismatch (0/1) says it named another host.
-        # error: why the exchange failed or was cut off (e.g. a malformed response: status 502).
-        "ALTER TABLE http_transactions ADD COLUMN request_host TEXT",
-        "ALTER TABLE http_transactions ADD COLUMN host_mismatch INTEGER NOT NULL DEFAULT 0",
-        "ALTER TABLE http_transactions ADD COLUMN error TEXT",
-    ]),
+        ],
+    ),
+    (
+        4,
+        "transaction hosts and errors",
+        [
+            # SPEC §7 / issue 13: destination_host and url name the host actually contacted;
+            # request_host is the request's own Host, host_mismatch (0/1) says it named another host.
+            # error: why the exchange failed or was cut off (e.g. a malformed response: status 502).
+            "ALTER TABLE http_transactions ADD COLUMN request_host TEXT",
+            "ALTER TABLE http_transactions ADD COLUMN host_mismatch INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE http_transactions ADD COLUMN error TEXT",
+        ],
+    ),
 ]
 
 # SPEC §13: LLM conversation tracking. Appended as its own migration (another branch may append
 # one too: renumber on merge, never edit a shipped one).
-MIGRATIONS.append((5, "llm conversations", [
-    # Endpoint rules (§13.4); the built-ins are seeded here, user_defined = 0.
-    """CREATE TABLE endpoint_rules (
+MIGRATIONS.append(
+    (
+        5,
+        "llm conversations",
+        [
+            # Endpoint rules (§13.4); the built-ins are seeded here, user_defined = 0.
+            """CREATE TABLE endpoint_rules (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         host_pattern TEXT NOT NULL,
         path_pattern TEXT NOT NULL,
@@ -186,20 +206,20 @@ MIGRATIONS.append((5, "llm conversations", [
         user_defined INTEGER NOT NULL DEFAULT 1,
         created_at REAL NOT NULL
     )""",
-    *[
-        "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
-        f" user_defined, created_at) VALUES ('{h}', '{p}', 'POST', '{d}', 0, 1, 0, {_NOW!r})"
-        for h, p, d in (
-            ("api.anthropic.com", "/v1/messages", "anthropic"),
-            ("api.openai.com", "/v1/responses", "openai"),
-            ("api.openai.com", "/v1/chat/completions", "openai-chat"),
-            ("openrouter.ai", "/api/v1/chat/completions", "openai-chat"),
-            ("generativelanguage.googleapis.com", "/v1beta/models/*", "google-ai"),
-        )
-    ],
-    # One row per dissected transaction: the extraction and where assembly put it. `session` is
-    # the resolved session (the key, or inferred_<id>); lookups only ever look at lower ids.
-    """CREATE TABLE llm_requests (
+            *[
+                "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+                f" user_defined, created_at) VALUES ('{h}', '{p}', 'POST', '{d}', 0, 1, 0, {_NOW!r})"
+                for h, p, d in (
+                    ("api.anthropic.com", "/v1/messages", "anthropic"),
+                    ("api.openai.com", "/v1/responses", "openai"),
+                    ("api.openai.com", "/v1/chat/completions", "openai-chat"),
+                    ("openrouter.ai", "/api/v1/chat/completions", "openai-chat"),
+                    ("generativelanguage.googleapis.com", "/v1beta/models/*", "google-ai"),
+                )
+            ],
+            # One row per dissected transaction: the extraction and where assembly put it. `session` is
+            # the resolved session (the key, or inferred_<id>); lookups only ever look at lower ids.
+            """CREATE TABLE llm_requests (
         transaction_id INTEGER PRIMARY KEY,
         timestamp REAL NOT NULL,
         duration_ms REAL,
@@ -222,25 +242,25 @@ MIGRATIONS.append((5, "llm conversations", [
         usage TEXT NOT NULL,
         extraction TEXT NOT NULL
     )""",
-    "CREATE INDEX llm_requests_session ON llm_requests (session, transaction_id)",
-    "CREATE INDEX llm_requests_keyed ON llm_requests (container_name, dissector, transaction_id)"
-    " WHERE session_key IS NOT NULL",
-    "CREATE INDEX llm_requests_fp ON llm_requests (container_name, dissector, fingerprint, transaction_id)"
-    " WHERE session_key IS NULL",
-    "CREATE INDEX llm_requests_ws ON llm_requests (container_name, url, transaction_id) WHERE method = 'WS_REQ'",
-    # OpenCode child sessions named by a request (`task_id: ses_…`).
-    """CREATE TABLE llm_refs (
+            "CREATE INDEX llm_requests_session ON llm_requests (session, transaction_id)",
+            "CREATE INDEX llm_requests_keyed ON llm_requests (container_name, dissector, transaction_id)"
+            " WHERE session_key IS NOT NULL",
+            "CREATE INDEX llm_requests_fp ON llm_requests (container_name, dissector, fingerprint, transaction_id)"
+            " WHERE session_key IS NULL",
+            "CREATE INDEX llm_requests_ws ON llm_requests (container_name, url, transaction_id) WHERE method = 'WS_REQ'",
+            # OpenCode child sessions named by a request (`task_id: ses_…`).
+            """CREATE TABLE llm_refs (
         child TEXT NOT NULL,
         transaction_id INTEGER NOT NULL,
         session TEXT NOT NULL,
         PRIMARY KEY (child, transaction_id)
     ) WITHOUT ROWID""",
-    "CREATE INDEX llm_refs_txn ON llm_refs (transaction_id)",
-    "CREATE INDEX llm_refs_session ON llm_refs (session)",
-    # Sessions whose conversations must be re-assembled (set with the cursor, cleared with the write).
-    "CREATE TABLE llm_dirty (session TEXT PRIMARY KEY) WITHOUT ROWID",
-    # Conversations (§13.6): filter columns plus the detail as JSON (without updated_at).
-    """CREATE TABLE conversations (
+            "CREATE INDEX llm_refs_txn ON llm_refs (transaction_id)",
+            "CREATE INDEX llm_refs_session ON llm_refs (session)",
+            # Sessions whose conversations must be re-assembled (set with the cursor, cleared with the write).
+            "CREATE TABLE llm_dirty (session TEXT PRIMARY KEY) WITHOUT ROWID",
+            # Conversations (§13.6): filter columns plus the detail as JSON (without updated_at).
+            """CREATE TABLE conversations (
         id TEXT PRIMARY KEY,
         unit TEXT NOT NULL,
         parent_conversation_id TEXT,
@@ -253,17 +273,23 @@ MIGRATIONS.append((5, "llm conversations", [
         updated_at REAL NOT NULL,
         data TEXT NOT NULL
     )""",
-    "CREATE INDEX conversations_ended ON conversations (ended_at)",
-    "CREATE INDEX conversations_unit ON conversations (unit)",
-    "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
-    # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
-]))
+            "CREATE INDEX conversations_ended ON conversations (ended_at)",
+            "CREATE INDEX conversations_unit ON conversations (unit)",
+            "CREATE INDEX conversations_parent ON conversations (parent_conversation_id)",
+            # meta keys conversations_cursor and assembler_version are written by the assembler (absent = 0).
+        ],
+    )
+)
 
 # SPEC §12: credential substitution (appended after the LLM one; renumber on merge, never edit a shipped one).
-MIGRATIONS.append((6, "credentials", [
-    # SPEC §12: sessions (placeholder → value maps sealed with session.key, per row) and global
-    # credentials. In clear: labels, hosts, metadata, placeholders, previews; never a value.
-    """CREATE TABLE sessions (
+MIGRATIONS.append(
+    (
+        6,
+        "credentials",
+        [
+            # SPEC §12: sessions (placeholder → value maps sealed with session.key, per row) and global
+            # credentials. In clear: labels, hosts, metadata, placeholders, previews; never a value.
+            """CREATE TABLE sessions (
         session_id TEXT PRIMARY KEY,
         container_name TEXT NOT NULL,
         mappings_sealed BLOB NOT NULL,
@@ -276,17 +302,17 @@ MIGRATIONS.append((6, "credentials", [
         substitution_count INTEGER NOT NULL DEFAULT 0,
         last_used_at REAL
     )""",
-    "CREATE INDEX sessions_expires ON sessions (expires_at)",
-    # One row per placeholder of a session (its label and hosts): a placeholder belongs to one session.
-    """CREATE TABLE session_credentials (
+            "CREATE INDEX sessions_expires ON sessions (expires_at)",
+            # One row per placeholder of a session (its label and hosts): a placeholder belongs to one session.
+            """CREATE TABLE session_credentials (
         placeholder TEXT PRIMARY KEY,
         session_id TEXT NOT NULL REFERENCES sessions (session_id) ON DELETE CASCADE,
         label TEXT NOT NULL,
         hosts TEXT NOT NULL DEFAULT '[]',
         position INTEGER NOT NULL
     )""",
-    "CREATE INDEX session_credentials_session ON session_credentials (session_id)",
-    """CREATE TABLE global_credentials (
+            "CREATE INDEX session_credentials_session ON session_credentials (session_id)",
+            """CREATE TABLE global_credentials (
         id TEXT PRIMARY KEY,
         label TEXT NOT NULL UNIQUE,
         placeholder TEXT NOT NULL UNIQUE,
@@ -297,25 +323,34 @@ MIGRATIONS.append((6, "credentials", [
         substitution_count INTEGER NOT NULL DEFAULT 0,
         last_used_at REAL
     )""",
-    # The proxy's live map follows this version (as rules_version); the counters do not move it.
-    "INSERT INTO meta (key, value) VALUES ('credentials_version', 1)",
-    *[f"""CREATE TRIGGER {table}_version_{op[:3].lower()} AFTER {op} ON {table}
+            # The proxy's live map follows this version (as rules_version); the counters do not move it.
+            "INSERT INTO meta (key, value) VALUES ('credentials_version', 1)",
+            *[
+                f"""CREATE TRIGGER {table}_version_{op[:3].lower()} AFTER {op} ON {table}
          BEGIN UPDATE meta SET value = value + 1 WHERE key = 'credentials_version'; END"""
-      for table, cols in (("sessions", "container_name, mappings_sealed, global_labels, ttl_seconds,"
-                                       " created_at, expires_at"),
-                          ("session_credentials", "session_id, label, hosts"),
-                          ("global_credentials", "label, placeholder, value_sealed, hosts"))
-      for op in ("INSERT", "DELETE", f"UPDATE OF {cols}")],
-    # SPEC §12.7: why a request was refused, and the credential labels a refusal involved.
-    "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
-    "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT DEFAULT '[]'",  # null (older writers) reads as []
-]))
+                for table, cols in (
+                    ("sessions", "container_name, mappings_sealed, global_labels, ttl_seconds, created_at, expires_at"),
+                    ("session_credentials", "session_id, label, hosts"),
+                    ("global_credentials", "label, placeholder, value_sealed, hosts"),
+                )
+                for op in ("INSERT", "DELETE", f"UPDATE OF {cols}")
+            ],
+            # SPEC §12.7: why a request was refused, and the credential labels a refusal involved.
+            "ALTER TABLE http_transactions ADD COLUMN block_reason TEXT",
+            "ALTER TABLE http_transactions ADD COLUMN refused_credentials TEXT DEFAULT '[]'",  # null (older writers) reads as []
+        ],
+    )
+)
 
 # SPEC §16: claimed identities. Only an scrypt hash of each secret is stored (greyproxy/identity.py);
 # `version` changes with every rotation, meta key identities_version with every change.
 # (Another branch may append a migration too: renumber on merge, never edit a shipped one.)
-MIGRATIONS.append((7, "claimed identities", [
-    """CREATE TABLE identities (
+MIGRATIONS.append(
+    (
+        7,
+        "claimed identities",
+        [
+            """CREATE TABLE identities (
         name TEXT PRIMARY KEY,
         secret_hash TEXT NOT NULL,
         notes TEXT,
@@ -324,26 +359,34 @@ MIGRATIONS.append((7, "claimed identities", [
         last_used_at REAL,
         version INTEGER NOT NULL DEFAULT 1
     ) WITHOUT ROWID""",
-    # meta identities_version: absent (0) until the first claim, then bumped by every change.
-    """CREATE TRIGGER identities_version_ins AFTER INSERT ON identities BEGIN
+            # meta identities_version: absent (0) until the first claim, then bumped by every change.
+            """CREATE TRIGGER identities_version_ins AFTER INSERT ON identities BEGIN
          INSERT INTO meta (key, value) VALUES ('identities_version', 1)
          ON CONFLICT (key) DO UPDATE SET value = value + 1;
        END""",
-    """CREATE TRIGGER identities_version_del AFTER DELETE ON identities BEGIN
+            """CREATE TRIGGER identities_version_del AFTER DELETE ON identities BEGIN
          INSERT INTO meta (key, value) VALUES ('identities_version', 1)
          ON CONFLICT (key) DO UPDATE SET value = value + 1;
        END""",
-    """CREATE TRIGGER identities_version_upd AFTER UPDATE OF secret_hash, version ON identities BEGIN
+            """CREATE TRIGGER identities_version_upd AFTER UPDATE OF secret_hash, version ON identities BEGIN
          INSERT INTO meta (key, value) VALUES ('identities_version', 1)
          ON CONFLICT (key) DO UPDATE SET value = value + 1;
        END""",
-]))
+        ],
+    )
+)
 
 # SPEC §15: bodies stored as the captured bytes (a BLOB, zstd-compressed or not) with the charset they
 # decode under, NULL when binary (greyproxy.bodies). Rows from before keep their TEXT body, NULL codec.
-MIGRATIONS.append((8, "stored body codec and charset", [
-    "ALTER TABLE http_transactions ADD COLUMN request_body_codec INTEGER",
-    "ALTER TABLE http_transactions ADD COLUMN request_body_charset TEXT",
-    "ALTER TABLE http_transactions ADD COLUMN response_body_codec INTEGER",
-    "ALTER TABLE http_transactions ADD COLUMN response_body_charset TEXT",
-]))
+MIGRATIONS.append(
+    (
+        8,
+        "stored body codec and charset",
+        [
+            "ALTER TABLE http_transactions ADD COLUMN request_body_codec INTEGER",
+            "ALTER TABLE http_transactions ADD COLUMN request_body_charset TEXT",
+            "ALTER TABLE http_transactions ADD COLUMN response_body_codec INTEGER",
+            "ALTER TABLE http_transactions ADD COLUMN response_body_charset TEXT",
+        ],
+    )
+)

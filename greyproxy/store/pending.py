@@ -10,19 +10,34 @@ import peewee as pw
 from . import sql
 from .models import Pending
 
-COLUMNS = ("id", "container_name", "container_id", "destination_host", "destination_port", "resolved_hostname",
-           "first_seen", "last_seen", "attempt_count")
+COLUMNS = (
+    "id",
+    "container_name",
+    "container_id",
+    "destination_host",
+    "destination_port",
+    "resolved_hostname",
+    "first_seen",
+    "last_seen",
+    "attempt_count",
+)
 
 # A sighting runs inside the recorder's batch transaction on its raw sqlite3 cursor (peewee's
 # connection is per thread and not the one holding the batch's IMMEDIATE transaction).
 FIND = "SELECT id FROM pending WHERE container_name = ? AND destination_host = ? AND destination_port = ?"
 # Another IP of the same named host: the newest entry under that name takes the sighting.
-FIND_SIBLING = ("SELECT id FROM pending WHERE container_name = ? AND resolved_hostname = ? AND destination_port = ?"
-                " ORDER BY last_seen DESC LIMIT 1")
-INSERT = ("INSERT INTO pending (container_name, container_id, destination_host, destination_port,"
-          " resolved_hostname, first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?, ?, 1)")
-BUMP = ("UPDATE pending SET last_seen = MAX(last_seen, ?), attempt_count = attempt_count + 1,"
-        " resolved_hostname = COALESCE(resolved_hostname, ?) WHERE id = ?")
+FIND_SIBLING = (
+    "SELECT id FROM pending WHERE container_name = ? AND resolved_hostname = ? AND destination_port = ?"
+    " ORDER BY last_seen DESC LIMIT 1"
+)
+INSERT = (
+    "INSERT INTO pending (container_name, container_id, destination_host, destination_port,"
+    " resolved_hostname, first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?, ?, 1)"
+)
+BUMP = (
+    "UPDATE pending SET last_seen = MAX(last_seen, ?), attempt_count = attempt_count + 1,"
+    " resolved_hostname = COALESCE(resolved_hostname, ?) WHERE id = ?"
+)
 GET = f"SELECT {', '.join(COLUMNS)} FROM pending WHERE id = ?"
 
 
@@ -57,8 +72,9 @@ def _filter(container: str | None, destination: str | None) -> tuple[str, list[A
     return " AND ".join(where), args
 
 
-def list_groups(container: str | None, destination: str | None, limit: int,
-                offset: int) -> tuple[list[dict[str, Any]], int]:
+def list_groups(
+    container: str | None, destination: str | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
     """Groups of rows sharing (container, resolved-or-raw host, port), newest last_seen first.
 
     Each group is its latest row with attempts summed, the earliest first_seen and `hosts`
@@ -67,9 +83,13 @@ def list_groups(container: str | None, destination: str | None, limit: int,
     clause, args = _filter(container, destination)
     part = f"PARTITION BY container_name, {GROUP_HOST}, destination_port"
     with sql.read_transaction():
-        total = int(sql.scalar(
-            f"SELECT COUNT(*) FROM (SELECT 1 FROM pending WHERE {clause}"
-            f" GROUP BY container_name, {GROUP_HOST}, destination_port)", args))
+        total = int(
+            sql.scalar(
+                f"SELECT COUNT(*) FROM (SELECT 1 FROM pending WHERE {clause}"
+                f" GROUP BY container_name, {GROUP_HOST}, destination_port)",
+                args,
+            )
+        )
         rows = sql.rows(
             "SELECT id, container_name, container_id, destination_host, destination_port, resolved_hostname,"
             " first_seen, last_seen, attempt_count, hosts FROM ("
@@ -79,7 +99,8 @@ def list_groups(container: str | None, destination: str | None, limit: int,
             f"   ROW_NUMBER() OVER ({part} ORDER BY last_seen DESC, id DESC) AS rn"
             f"  FROM pending WHERE {clause} WINDOW w AS ({part}))"
             " WHERE rn = 1 ORDER BY last_seen DESC, id DESC LIMIT ? OFFSET ?",
-            [*args, limit, offset])
+            [*args, limit, offset],
+        )
     for row in rows:
         row["hosts"] = sorted(set((row["hosts"] or "").split("\x1f")))
     return rows, total
@@ -87,16 +108,21 @@ def list_groups(container: str | None, destination: str | None, limit: int,
 
 def group_count() -> int:
     """How many groups the queue shows (what /api/pending/count answers); SQL as list_groups groups."""
-    return int(sql.scalar(f"SELECT COUNT(*) FROM (SELECT 1 FROM pending"
-                          f" GROUP BY container_name, {GROUP_HOST}, destination_port)"))
+    return int(
+        sql.scalar(
+            f"SELECT COUNT(*) FROM (SELECT 1 FROM pending GROUP BY container_name, {GROUP_HOST}, destination_port)"
+        )
+    )
 
 
 def group_of(row: dict[str, Any]) -> list[dict[str, Any]]:
     """The row and its siblings: same container and port, same resolved-or-raw host."""
     host = row["resolved_hostname"] or row["destination_host"]
     query = Pending.select().where(
-        (Pending.container_name == row["container_name"]) & (Pending.destination_port == row["destination_port"])
-        & (pw.fn.COALESCE(Pending.resolved_hostname, Pending.destination_host) == host))
+        (Pending.container_name == row["container_name"])
+        & (Pending.destination_port == row["destination_port"])
+        & (pw.fn.COALESCE(Pending.resolved_hostname, Pending.destination_host) == host)
+    )
     return list(cast(Iterable[dict[str, Any]], query.dicts()))
 
 
@@ -107,5 +133,5 @@ def delete_rows(rows: Iterable[dict[str, Any]]) -> list[Key]:
         return []
     ids = [r["id"] for r in rows]
     for i in range(0, len(ids), 500):  # stay far below SQLite's bound-parameter limit
-        Pending.delete().where(Pending.id.in_(ids[i:i + 500])).execute()
+        Pending.delete().where(Pending.id.in_(ids[i : i + 500])).execute()
     return [(r["container_name"], r["destination_host"], int(r["destination_port"])) for r in rows]

@@ -14,12 +14,25 @@ from .models import Rule, meta_value
 if TYPE_CHECKING:
     from greyproxy.policy import RuleSet
 
-COLUMNS = ("id", "container_pattern", "destination_pattern", "port_pattern", "rule_type", "action", "created_at",
-           "expires_at", "last_used_at", "created_by", "notes", "source", "session_id", "hit_count")
+COLUMNS = (
+    "id",
+    "container_pattern",
+    "destination_pattern",
+    "port_pattern",
+    "rule_type",
+    "action",
+    "created_at",
+    "expires_at",
+    "last_used_at",
+    "created_by",
+    "notes",
+    "source",
+    "session_id",
+    "hit_count",
+)
 
 # Inside the recorder's batch transaction (its raw sqlite3 cursor).
-ADD_HITS = ("UPDATE rules SET hit_count = hit_count + ?, last_used_at = MAX(COALESCE(last_used_at, 0), ?)"
-            " WHERE id = ?")
+ADD_HITS = "UPDATE rules SET hit_count = hit_count + ?, last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
 
 
 def snapshot() -> tuple[int, list[tuple[Any, ...]]]:
@@ -27,8 +40,16 @@ def snapshot() -> tuple[int, list[tuple[Any, ...]]]:
     (id, container_pattern, destination_pattern, port_pattern, action, source, expires_at, session_id)."""
     with database.atomic():
         version = meta_value("rules_version")
-        query = Rule.select(Rule.id, Rule.container_pattern, Rule.destination_pattern, Rule.port_pattern,
-                            Rule.action, Rule.source, Rule.expires_at, Rule.session_id).tuples()
+        query = Rule.select(
+            Rule.id,
+            Rule.container_pattern,
+            Rule.destination_pattern,
+            Rule.port_pattern,
+            Rule.action,
+            Rule.source,
+            Rule.expires_at,
+            Rule.session_id,
+        ).tuples()
         rows = list(cast(Iterable[tuple[Any, ...]], query))  # .tuples(): peewee's types still say models
     return version, rows
 
@@ -41,9 +62,20 @@ def build(rows: Iterable[Sequence[Any]], builtins: bool = True) -> RuleSet:
     from greyproxy.policy import Rule as PolicyRule
     from greyproxy.policy import RuleSet
 
-    rules = [PolicyRule(id=r[0], container_pattern=r[1], destination_pattern=r[2], port_pattern=r[3] or "*",
-                        action=r[4], source=r[5] or "global", expires_at=r[6], session_id=r[7]) for r in rows
-             if builtins or r[5] != "builtin"]
+    rules = [
+        PolicyRule(
+            id=r[0],
+            container_pattern=r[1],
+            destination_pattern=r[2],
+            port_pattern=r[3] or "*",
+            action=r[4],
+            source=r[5] or "global",
+            expires_at=r[6],
+            session_id=r[7],
+        )
+        for r in rows
+        if builtins or r[5] != "builtin"
+    ]
     return RuleSet(rules, skip_invalid=True)
 
 
@@ -72,12 +104,19 @@ def get(rule_id: int) -> dict[str, Any] | None:
 def get_many(rule_ids: list[int]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for i in range(0, len(rule_ids), 500):  # within SQLite's bound-parameter limit
-        out += _dicts(Rule.select().where(Rule.id.in_(rule_ids[i:i + 500])))
+        out += _dicts(Rule.select().where(Rule.id.in_(rule_ids[i : i + 500])))
     return out
 
 
-def list_page(container: str | None, destination: str | None, action: str | None, include_expired: bool,
-              limit: int, offset: int, now: float) -> tuple[list[dict[str, Any]], int]:
+def list_page(
+    container: str | None,
+    destination: str | None,
+    action: str | None,
+    include_expired: bool,
+    limit: int,
+    offset: int,
+    now: float,
+) -> tuple[list[dict[str, Any]], int]:
     """Newest first, with the exact total of the filter (one snapshot)."""
     query = Rule.select()
     if not include_expired:
@@ -95,8 +134,12 @@ def list_page(container: str | None, destination: str | None, action: str | None
 
 
 def _identical(container_p: str, dest_p: str, port_p: str, action: str) -> pw.Expression:
-    return ((Rule.container_pattern == container_p) & (Rule.destination_pattern == dest_p)
-            & (Rule.port_pattern == port_p) & (Rule.action == action))
+    return (
+        (Rule.container_pattern == container_p)
+        & (Rule.destination_pattern == dest_p)
+        & (Rule.port_pattern == port_p)
+        & (Rule.action == action)
+    )
 
 
 def find_active(container_p: str, dest_p: str, port_p: str, action: str, now: float) -> dict[str, Any] | None:
@@ -107,15 +150,37 @@ def find_active(container_p: str, dest_p: str, port_p: str, action: str, now: fl
 
 def find_expired(container_p: str, dest_p: str, port_p: str, action: str, now: float) -> list[dict[str, Any]]:
     """Expired rules with exactly these patterns and action (the unique index would refuse a new twin)."""
-    return _dicts(Rule.select().where(_identical(container_p, dest_p, port_p, action)
-                                      & Rule.expires_at.is_null(False) & (Rule.expires_at <= now)))
+    return _dicts(
+        Rule.select().where(
+            _identical(container_p, dest_p, port_p, action) & Rule.expires_at.is_null(False) & (Rule.expires_at <= now)
+        )
+    )
 
 
-def insert(container_p: str, dest_p: str, port_p: str, action: str, created_at: float, expires_at: float | None,
-           created_by: str, notes: str | None) -> int:
-    return int(Rule.insert(container_pattern=container_p, destination_pattern=dest_p, port_pattern=port_p,
-                           rule_type="glob", action=action, created_at=created_at, expires_at=expires_at,
-                           created_by=created_by, notes=notes, source="global").execute())
+def insert(
+    container_p: str,
+    dest_p: str,
+    port_p: str,
+    action: str,
+    created_at: float,
+    expires_at: float | None,
+    created_by: str,
+    notes: str | None,
+) -> int:
+    return int(
+        Rule.insert(
+            container_pattern=container_p,
+            destination_pattern=dest_p,
+            port_pattern=port_p,
+            rule_type="glob",
+            action=action,
+            created_at=created_at,
+            expires_at=expires_at,
+            created_by=created_by,
+            notes=notes,
+            source="global",
+        ).execute()
+    )
 
 
 def update(rule_id: int, changes: dict[str, Any]) -> None:
@@ -126,10 +191,20 @@ def update(rule_id: int, changes: dict[str, Any]) -> None:
 
 def delete(rule_ids: list[int]) -> None:
     for i in range(0, len(rule_ids), 500):  # stay far below SQLite's bound-parameter limit
-        Rule.delete().where(Rule.id.in_(rule_ids[i:i + 500])).execute()
+        Rule.delete().where(Rule.id.in_(rule_ids[i : i + 500])).execute()
 
 
 def active_rows(now: float) -> list[dict[str, Any]]:
     """What a RuleSet needs of every active rule."""
-    return _dicts(Rule.select(Rule.id, Rule.container_pattern, Rule.destination_pattern, Rule.port_pattern,
-                              Rule.action, Rule.source, Rule.expires_at, Rule.session_id).where(_active(now)))
+    return _dicts(
+        Rule.select(
+            Rule.id,
+            Rule.container_pattern,
+            Rule.destination_pattern,
+            Rule.port_pattern,
+            Rule.action,
+            Rule.source,
+            Rule.expires_at,
+            Rule.session_id,
+        ).where(_active(now))
+    )

@@ -40,10 +40,14 @@ def write(changes: dict[str, Any], now: float | None = None) -> None:
 
     now = time.time() if now is None else now
     for key, value in changes.items():
-        (Setting.insert(key=key, value=orjson.dumps(value).decode(), updated_at=now)
-         .on_conflict(conflict_target=[Setting.key], update={Setting.value: orjson.dumps(value).decode(),
-                                                             Setting.updated_at: now})
-         .execute())
+        (
+            Setting.insert(key=key, value=orjson.dumps(value).decode(), updated_at=now)
+            .on_conflict(
+                conflict_target=[Setting.key],
+                update={Setting.value: orjson.dumps(value).decode(), Setting.updated_at: now},
+            )
+            .execute()
+        )
 
 
 GET_RAW = "SELECT value FROM settings WHERE key = ?"  # one stored JSON value (maintenance's raw connection)

@@ -9,17 +9,46 @@ from typing import Any
 from . import sql
 
 COLUMNS = (
-    "id", "timestamp", "container_name", "destination_host", "destination_port", "method", "url",
-    "request_headers", "request_body", "request_body_size", "request_content_type", "status_code",
-    "response_headers", "response_body", "response_body_size", "response_content_type", "duration_ms",
-    "rule_id", "result", "conversation_id", "substituted_credentials", "session_id",
-    "request_host", "host_mismatch", "error",  # migration 4: the contacted host vs the Host header
-    "block_reason", "refused_credentials",  # migration 6: why a request was refused (SPEC §12.7)
+    "id",
+    "timestamp",
+    "container_name",
+    "destination_host",
+    "destination_port",
+    "method",
+    "url",
+    "request_headers",
+    "request_body",
+    "request_body_size",
+    "request_content_type",
+    "status_code",
+    "response_headers",
+    "response_body",
+    "response_body_size",
+    "response_content_type",
+    "duration_ms",
+    "rule_id",
+    "result",
+    "conversation_id",
+    "substituted_credentials",
+    "session_id",
+    "request_host",
+    "host_mismatch",
+    "error",  # migration 4: the contacted host vs the Host header
+    "block_reason",
+    "refused_credentials",  # migration 6: why a request was refused (SPEC §12.7)
     # migration 6: how each body is stored (greyproxy.bodies); NULL codec = a TEXT body of before
-    "request_body_codec", "request_body_charset", "response_body_codec", "response_body_charset",
+    "request_body_codec",
+    "request_body_charset",
+    "response_body_codec",
+    "response_body_charset",
 )
 FIELDS = COLUMNS[1:]  # what a `transaction` journal record fills in
-JSON_COLUMNS = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")  # stored as JSON text
+JSON_COLUMNS = (
+    "request_headers",
+    "response_headers",
+    "substituted_credentials",
+    "refused_credentials",
+)  # stored as JSON text
 BODY_COLUMNS = ("request_body", "response_body")  # left out of listings
 BODY_META_COLUMNS = ("request_body_codec", "request_body_charset", "response_body_codec", "response_body_charset")
 
@@ -68,15 +97,17 @@ def where_clause(f: TransactionFilter) -> tuple[str, list[Any]]:
     return " AND ".join(where), args
 
 
-def list_transactions(f: TransactionFilter, limit: int, offset: int,
-                      include_bodies: bool) -> tuple[list[dict[str, Any]], int]:
+def list_transactions(
+    f: TransactionFilter, limit: int, offset: int, include_bodies: bool
+) -> tuple[list[dict[str, Any]], int]:
     clause, args = where_clause(f)
     cols = _ALL_COLUMNS if include_bodies else _LIST_COLUMNS
     with sql.read_transaction():  # the count and the page from one snapshot
         total = int(sql.scalar(f"SELECT COUNT(*) FROM http_transactions WHERE {clause}", args))
         rows = sql.rows(
             f"SELECT {cols} FROM http_transactions WHERE {clause} ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
-            [*args, limit, offset])
+            [*args, limit, offset],
+        )
     return rows, total
 
 
@@ -87,6 +118,7 @@ def get_transaction(tid: int) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- maintenance (raw sqlite3 connection)
 
 COUNT = "SELECT COUNT(*) FROM http_transactions"
-HEADERS_AFTER = ("SELECT id, request_headers, response_headers, url FROM http_transactions WHERE id > ?"
-                 " ORDER BY id LIMIT ?")
+HEADERS_AFTER = (
+    "SELECT id, request_headers, response_headers, url FROM http_transactions WHERE id > ? ORDER BY id LIMIT ?"
+)
 SET_HEADERS = "UPDATE http_transactions SET request_headers = ?, response_headers = ?, url = ? WHERE id = ?"

@@ -47,4 +47,3 @@ class AllowAllResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/allowall"), AllowAllResource(ctx))
-

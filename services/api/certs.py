@@ -71,8 +71,13 @@ class CertReloadResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         result = await self.ctx.proxy.call("cert.reload", {})  # a down proxy is a 503, not a silent no-op
         message = result.get("message") if isinstance(result, dict) else None
-        json_response(resp, {"message": message if message in ("reloaded", "unchanged") else "unchanged",
-                             "certStatus": await status(self.ctx)})
+        json_response(
+            resp,
+            {
+                "message": message if message in ("reloaded", "unchanged") else "unchanged",
+                "certStatus": await status(self.ctx),
+            },
+        )
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
@@ -80,4 +85,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/cert/generate"), CertGenerateResource(ctx))
     app.add_route(route("/api/cert/download"), CertDownloadResource(ctx))
     app.add_route(route("/api/cert/reload"), CertReloadResource(ctx))
-

@@ -45,6 +45,7 @@ class ApiContext:
 
     def __post_init__(self) -> None:
         self.ws_hub = Hub(self)
+
     # session.key (services/api/credentials.Keyring), made by the credentials area.
     credentials_key: Any = None
 

@@ -54,12 +54,20 @@ async def _close_ws(ws: Any, code: int, req: Any = None, message: str | None = N
     if ws is None:
         return
     with contextlib.suppress(Exception):  # the peer may already be gone: nothing more to tell it
-        if (req is not None and ws.unaccepted and 3100 <= code < 3600
-                and DENIAL_EXTENSION in (req.scope.get("extensions") or {})):
+        if (
+            req is not None
+            and ws.unaccepted
+            and 3100 <= code < 3600
+            and DENIAL_EXTENSION in (req.scope.get("extensions") or {})
+        ):
             body = orjson.dumps({"error": message or "refused"})
-            await ws._asgi_send({"type": "websocket.http.response.start", "status": code - 3000,
-                                 "headers": [(b"content-type", b"application/json"),
-                                             (b"content-length", str(len(body)).encode())]})
+            await ws._asgi_send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": code - 3000,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await ws._asgi_send({"type": "websocket.http.response.body", "body": body})
             return
         await ws.close(code)
@@ -104,8 +112,12 @@ async def handle_remote(req, resp, ex, params, ws=None):  # noqa: ANN001
 
 
 async def handle_unexpected(req, resp, ex, params, ws=None):  # noqa: ANN001
-    log.error("unhandled error on %s %s", "WEBSOCKET" if resp is None else req.method, req.path,
-              exc_info=(type(ex), ex, ex.__traceback__))
+    log.error(
+        "unhandled error on %s %s",
+        "WEBSOCKET" if resp is None else req.method,
+        req.path,
+        exc_info=(type(ex), ex, ex.__traceback__),
+    )
     if resp is None:
         return await _close_ws(ws, WS_INTERNAL_ERROR)
     resp.status = falcon.HTTP_500

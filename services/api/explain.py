@@ -113,8 +113,17 @@ async def explain(ctx: ApiContext, container: str, host: str, port: int, resolve
     if j.needs_addresses:
         addresses = await _addresses(host, port)
         if addresses is not None:
-            j = judge(rules, container, host, port, resolved=resolved, silent=silent, guard=guard,
-                      addresses=addresses, explain=True)
+            j = judge(
+                rules,
+                container,
+                host,
+                port,
+                resolved=resolved,
+                silent=silent,
+                guard=guard,
+                addresses=addresses,
+                explain=True,
+            )
     cands = (j.candidates or [])[:MAX_CANDIDATES]
     ids = sorted({c.rule.id for c in cands} | ({j.rule.id} if j.rule is not None else set()))
     rows = await ctx.db(_rows, ids)
@@ -127,9 +136,17 @@ async def explain(ctx: ApiContext, container: str, host: str, port: int, resolve
         "resolved_hostname": resolved,
         "addresses": addresses,
         "silent_mode": silent,
-        "candidates": [{"rule": rows.get(c.rule.id), "matched": c.matched, "specificity": c.specificity,
-                        "matched_on": c.matched_on, "why": c.why,
-                        "winner": j.rule is not None and c.rule.id == j.rule.id} for c in cands],
+        "candidates": [
+            {
+                "rule": rows.get(c.rule.id),
+                "matched": c.matched,
+                "specificity": c.specificity,
+                "matched_on": c.matched_on,
+                "why": c.why,
+                "winner": j.rule is not None and c.rule.id == j.rule.id,
+            }
+            for c in cands
+        ],
     }
 
 
@@ -144,4 +161,3 @@ class ExplainResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/rules/explain"), ExplainResource(ctx))
-

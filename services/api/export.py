@@ -38,19 +38,22 @@ def _bodies(ids: list[int]) -> dict[int, tuple[Any, Any]]:
     """The stored bodies (greyproxy.bodies: read with the codec and charset columns of the row)."""
     marks = ",".join("?" * len(ids))
     cur = database.execute_sql(
-        f"SELECT id, request_body, response_body FROM http_transactions WHERE id IN ({marks})", ids)
+        f"SELECT id, request_body, response_body FROM http_transactions WHERE id IN ({marks})", ids
+    )
     return {row[0]: (row[1], row[2]) for row in cur.fetchall()}
 
 
-def export_page(f: TransactionFilter, after: Key | None, rows: int = PAGE_ROWS,
-                batch_bytes: int = BODY_BATCH_BYTES) -> tuple[list[bytes], Key | None]:
+def export_page(
+    f: TransactionFilter, after: Key | None, rows: int = PAGE_ROWS, batch_bytes: int = BODY_BATCH_BYTES
+) -> tuple[list[bytes], Key | None]:
     """The next page's entries (HAR JSON each) after `after`, and the key to continue from (None: done)."""
     clause, args = where_clause(f)
     if after is not None:
         clause += " AND (timestamp > ? OR (timestamp = ? AND id > ?))"
         args = [*args, after[0], after[0], after[1]]
     cur = database.execute_sql(
-        f"SELECT {_META_SQL} FROM http_transactions WHERE {clause} ORDER BY timestamp, id LIMIT ?", [*args, rows])
+        f"SELECT {_META_SQL} FROM http_transactions WHERE {clause} ORDER BY timestamp, id LIMIT ?", [*args, rows]
+    )
     meta = cur.fetchall()
     if not meta:
         return [], None
@@ -110,5 +113,6 @@ class HarExportResource:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route(EXPORT_PATH), HarExportResource(ctx))
+
 
 __all__ = ["EXPORT_PATH", "HarExportResource", "export_page", "har_stream"]

@@ -65,9 +65,12 @@ async def track_heartbeats(ctx: ApiContext) -> None:
             else:
                 _local_pids.pop(name, None)
             ctx.seen[name] = ServiceSeen(
-                pid=int(data.get("pid") or 0), last_seen=time.time(),
-                started_at=float(data.get("started_at") or 0), uptime=float(data.get("uptime") or 0),
-                stats=data.get("stats") or {}, ready=data.get("ready") is not False,
+                pid=int(data.get("pid") or 0),
+                last_seen=time.time(),
+                started_at=float(data.get("started_at") or 0),
+                uptime=float(data.get("uptime") or 0),
+                stats=data.get("stats") or {},
+                ready=data.get("ready") is not False,
                 role=str(data.get("role") or ""),
             )
             note = getattr(ctx.proxy, "note_heartbeat", None)
@@ -98,6 +101,7 @@ async def _first_heartbeats(ctx: ApiContext) -> None:
     """Right after the API (re)starts it has heard no heartbeat yet: wait for them, briefly, rather
     than report every service down."""
     grace_end = ctx.started_at + ctx.stale_after()
+
     def all_seen() -> bool:
         return all(n in ctx.seen for n in (*(w for w in WATCHED if w != "proxy"), *proxy_names(ctx)))
 
@@ -146,14 +150,21 @@ class HealthResource:
             all_up = all(st["up"] for st in states)
             services["proxy"] = {
                 "up": all_up,
-                "state": "up" if all_up else ("starting" if any(st["state"] == "starting" for st in states) else "down"),
+                "state": "up"
+                if all_up
+                else ("starting" if any(st["state"] == "starting" for st in states) else "down"),
                 "pid": states[0]["pid"] if states else None,
                 "last_seen": states[0]["last_seen"] if states else None,
                 "uptime": states[0]["uptime"] if states else None,
                 "workers": proxies,
             }
-        services["api"] = {"up": True, "state": "up", "pid": os.getpid(), "last_seen": rfc3339(now),
-                           "uptime": round(now - ctx.started_at, 1)}
+        services["api"] = {
+            "up": True,
+            "state": "up",
+            "pid": os.getpid(),
+            "last_seen": rfc3339(now),
+            "uptime": round(now - ctx.started_at, 1),
+        }
         try:
             db_up = await asyncio.wait_for(ctx.db(_db_ok), 2.0)
         except Exception as exc:  # any failure here means the database is not usable

@@ -27,9 +27,14 @@ RELOAD_TIMEOUT = 3.0  # seconds the proxy gets to load the new claims before we 
 
 
 def identity_json(row: dict[str, Any]) -> dict[str, Any]:
-    return {"name": row["name"], "notes": row["notes"], "created_at": rfc3339(row["created_at"]),
-            "rotated_at": rfc3339(row["rotated_at"]), "last_used_at": rfc3339(row["last_used_at"]),
-            "version": int(row["version"])}
+    return {
+        "name": row["name"],
+        "notes": row["notes"],
+        "created_at": rfc3339(row["created_at"]),
+        "rotated_at": rfc3339(row["rotated_at"]),
+        "last_used_at": rfc3339(row["last_used_at"]),
+        "version": int(row["version"]),
+    }
 
 
 def _json(row: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -116,4 +121,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/identities"), IdentitiesResource(ctx))
     app.add_route(route("/api/identities/{name}"), IdentityResource(ctx))
     app.add_route(route("/api/identities/{name}/rotate"), IdentityRotateResource(ctx))
-

@@ -30,8 +30,16 @@ MAX_LIMIT = 500
 
 def _rule_json(row: tuple) -> dict[str, Any]:
     rid, host, path, method, decoder, priority, enabled, user = row
-    return {"id": rid, "host_pattern": host, "path_pattern": path, "method": method, "decoder_name": decoder,
-            "priority": priority, "enabled": bool(enabled), "user_defined": bool(user)}
+    return {
+        "id": rid,
+        "host_pattern": host,
+        "path_pattern": path,
+        "method": method,
+        "decoder_name": decoder,
+        "priority": priority,
+        "enabled": bool(enabled),
+        "user_defined": bool(user),
+    }
 
 
 def list_rules() -> list[dict[str, Any]]:
@@ -41,7 +49,9 @@ def list_rules() -> list[dict[str, Any]]:
 def _duplicate(fields: dict[str, Any], exclude: int | None) -> bool:
     row = database.execute_sql(
         "SELECT 1 FROM endpoint_rules WHERE user_defined = 1 AND host_pattern = ? AND path_pattern = ? AND method = ?"
-        " AND id != ?", (fields["host_pattern"], fields["path_pattern"], fields["method"], exclude or 0)).fetchone()
+        " AND id != ?",
+        (fields["host_pattern"], fields["path_pattern"], fields["method"], exclude or 0),
+    ).fetchone()
     return row is not None
 
 
@@ -52,11 +62,20 @@ def create_rule(fields: dict[str, Any]) -> dict[str, Any] | None:
         cur = database.execute_sql(
             "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
             " user_defined, created_at) VALUES (?, ?, ?, ?, ?, ?, 1, ?)",
-            (fields["host_pattern"], fields["path_pattern"], fields["method"], fields["decoder_name"],
-             fields["priority"], int(fields["enabled"]), time.time()))
+            (
+                fields["host_pattern"],
+                fields["path_pattern"],
+                fields["method"],
+                fields["decoder_name"],
+                fields["priority"],
+                int(fields["enabled"]),
+                time.time(),
+            ),
+        )
         rid = cur.lastrowid
-    return _rule_json(database.execute_sql(f"SELECT {RULE_COLUMNS} FROM endpoint_rules WHERE id = ?",
-                                           (rid,)).fetchone())
+    return _rule_json(
+        database.execute_sql(f"SELECT {RULE_COLUMNS} FROM endpoint_rules WHERE id = ?", (rid,)).fetchone()
+    )
 
 
 def _existing(rid: int) -> tuple | None:
@@ -75,8 +94,16 @@ def update_rule(rid: int, fields: dict[str, Any]) -> str:
         database.execute_sql(
             "UPDATE endpoint_rules SET host_pattern = ?, path_pattern = ?, method = ?, decoder_name = ?, priority = ?,"
             " enabled = ? WHERE id = ?",
-            (fields["host_pattern"], fields["path_pattern"], fields["method"], fields["decoder_name"],
-             fields["priority"], int(fields["enabled"]), rid))
+            (
+                fields["host_pattern"],
+                fields["path_pattern"],
+                fields["method"],
+                fields["decoder_name"],
+                fields["priority"],
+                int(fields["enabled"]),
+                rid,
+            ),
+        )
     return "ok"
 
 
@@ -158,8 +185,12 @@ def _item(row: tuple, detail: bool) -> dict[str, Any]:
 
 def list_conversations(filters: dict[str, Any], limit: int, offset: int) -> tuple[list[dict[str, Any]], int]:
     where, args = ["parent_conversation_id IS NULL"], []
-    for key, col in (("container", "container_name"), ("model", "model"), ("provider", "provider"),
-                     ("client", "client_name")):
+    for key, col in (
+        ("container", "container_name"),
+        ("model", "model"),
+        ("provider", "provider"),
+        ("client", "client_name"),
+    ):
         if filters.get(key):
             where.append(f"{col} = ?")
             args.append(filters[key])
@@ -174,7 +205,8 @@ def list_conversations(filters: dict[str, Any], limit: int, offset: int) -> tupl
         total = int(database.execute_sql(f"SELECT COUNT(*) FROM conversations WHERE {clause}", args).fetchone()[0])
         rows = database.execute_sql(
             f"SELECT data, updated_at FROM conversations WHERE {clause} ORDER BY ended_at DESC, id LIMIT ? OFFSET ?",
-            [*args, limit, offset]).fetchall()
+            [*args, limit, offset],
+        ).fetchall()
     return [_item(r, False) for r in rows], total
 
 
@@ -187,8 +219,8 @@ def list_subagents(cid: str) -> tuple[list[dict[str, Any]], int] | None:
     if database.execute_sql("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
         return None
     rows = database.execute_sql(
-        "SELECT data, updated_at FROM conversations WHERE parent_conversation_id = ? ORDER BY started_at, id",
-        (cid,)).fetchall()
+        "SELECT data, updated_at FROM conversations WHERE parent_conversation_id = ? ORDER BY started_at, id", (cid,)
+    ).fetchall()
     return [_item(r, False) for r in rows], len(rows)
 
 
@@ -207,7 +239,8 @@ class ConversationsResource:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         filters: dict[str, str | float | None] = {
-            k: _text(req, k) for k in ("container", "model", "provider", "client")}
+            k: _text(req, k) for k in ("container", "model", "provider", "client")
+        }
         since, until = time_param(req, "from_date"), time_param(req, "to_date")
         filters["from"], filters["to"] = since, until
         if since is not None and until is not None and since > until:
@@ -245,7 +278,9 @@ def transaction_llm(tid: int) -> dict[str, Any] | None:
     try:
         row = database.execute_sql(
             "SELECT dissector, provider, model, session_key, session, stop_reason, usage, extraction FROM llm_requests"
-            " WHERE transaction_id = ?", (tid,)).fetchone()
+            " WHERE transaction_id = ?",
+            (tid,),
+        ).fetchone()
     except Exception:  # noqa: BLE001 - a store without the table (older schema) has no extraction
         return None
     if row is None:
@@ -254,8 +289,15 @@ def transaction_llm(tid: int) -> dict[str, Any] | None:
     ex = orjson.loads(extraction)
     if key is None and not session.startswith("inferred_"):
         key = session  # a WebSocket response frame (its request's key), or a request joined to a keyed session
-    return {"dissector": dissector, "provider": provider, "model": model, "session_key": key,
-            "stop_reason": stop, "usage": orjson.loads(usage), "response": ex.get("response")}
+    return {
+        "dissector": dissector,
+        "provider": provider,
+        "model": model,
+        "session_key": key,
+        "stop_reason": stop,
+        "usage": orjson.loads(usage),
+        "response": ex.get("response"),
+    }
 
 
 class RebuildResource:

@@ -72,8 +72,9 @@ def stats_body(stats: dict[str, Any], from_ts: float, to_ts: float, group_by: st
         "blocked": stats["blocked"],
         "top_containers": stats["containers"],
         "top_destinations": stats["destinations"],
-        "timeline": [{"timestamp": rfc3339(t["ts"]), "allowed": t["allowed"], "blocked": t["blocked"]}
-                     for t in stats["timeline"]],
+        "timeline": [
+            {"timestamp": rfc3339(t["ts"]), "allowed": t["allowed"], "blocked": t["blocked"]} for t in stats["timeline"]
+        ],
     }
 
 
@@ -85,18 +86,25 @@ class LogsResource:
         result = req.get_param("result") or None
         if result is not None and result not in RESULTS:
             raise bad_request(f"result must be one of {', '.join(RESULTS)}")
-        f = LogFilter(container=req.get_param("container") or None,
-                      destination=req.get_param("destination") or None, result=result,
-                      from_ts=time_param(req, "from_date"), to_ts=time_param(req, "to_date"))
+        f = LogFilter(
+            container=req.get_param("container") or None,
+            destination=req.get_param("destination") or None,
+            result=result,
+            from_ts=time_param(req, "from_date"),
+            to_ts=time_param(req, "to_date"),
+        )
         limit = int_param(req, "limit", 50, lo=1)
         offset = int_param(req, "offset", 0, hi=10**9)
         rows, total = await self.ctx.db(store_ops.list_logs, f, limit, offset)
-        json_response(resp, {
-            "items": [log_json(r, r["rule_summary"]) for r in rows],
-            "total": total,
-            "page": offset // limit + 1,
-            "pages": max(1, math.ceil(total / limit)),
-        })
+        json_response(
+            resp,
+            {
+                "items": [log_json(r, r["rule_summary"]) for r in rows],
+                "total": total,
+                "page": offset // limit + 1,
+                "pages": max(1, math.ceil(total / limit)),
+            },
+        )
 
 
 class LogStatsResource:
@@ -118,9 +126,11 @@ async def live_figures(ctx: ApiContext) -> dict[str, Any]:
     allowall = stats.get("allowall")
     if not isinstance(allowall, dict):  # an older proxy without it in stats: ask directly
         allowall = await soft_call(ctx.proxy, "allowall.get", {}, timeout=STATS_TIMEOUT, retries=1)
-    return {"active_connections": int(stats.get("active_connections") or 0),
-            "waiting": int(stats.get("waiting") or 0),
-            "allowall": allowall if isinstance(allowall, dict) else dict(ALLOWALL_UNKNOWN)}
+    return {
+        "active_connections": int(stats.get("active_connections") or 0),
+        "waiting": int(stats.get("waiting") or 0),
+        "allowall": allowall if isinstance(allowall, dict) else dict(ALLOWALL_UNKNOWN),
+    }
 
 
 def _dashboard_data(from_ts: float, to_ts: float, group_by: str, recent_limit: int) -> dict[str, Any]:
@@ -141,17 +151,20 @@ class DashboardResource:
         group_by = group_by_param(req, from_ts, to_ts)
         recent_limit = int_param(req, "recent_limit", 10, lo=0, hi=100)
         stats, live = await asyncio.gather(
-            self.ctx.db(_dashboard_data, from_ts, to_ts, group_by, recent_limit), live_figures(self.ctx))
+            self.ctx.db(_dashboard_data, from_ts, to_ts, group_by, recent_limit), live_figures(self.ctx)
+        )
         body = stats_body(stats, from_ts, to_ts, group_by)
-        body.update({
-            "period_name": period,
-            "allow_rate": round(stats["allowed"] * 100.0 / stats["total"], 2) if stats["total"] else 0.0,
-            "by_container": stats["containers"],
-            "top_blocked": stats["destinations"],
-            "recent": [log_json(r, r["rule_summary"]) for r in stats["recent"]],
-            "pending_count": stats["pending_count"],
-            **live,
-        })
+        body.update(
+            {
+                "period_name": period,
+                "allow_rate": round(stats["allowed"] * 100.0 / stats["total"], 2) if stats["total"] else 0.0,
+                "by_container": stats["containers"],
+                "top_blocked": stats["destinations"],
+                "recent": [log_json(r, r["rule_summary"]) for r in stats["recent"]],
+                "pending_count": stats["pending_count"],
+                **live,
+            }
+        )
         json_response(resp, body)
 
 
@@ -159,4 +172,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/logs"), LogsResource(ctx))
     app.add_route(route("/api/logs/stats"), LogStatsResource(ctx))
     app.add_route(route("/api/dashboard"), DashboardResource(ctx))
-

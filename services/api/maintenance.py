@@ -18,7 +18,6 @@ from .settings import current_settings
 from .util import json_response
 
 
-
 def _stored_assembler_version() -> int:
     return meta_value("assembler_version")
 
@@ -42,12 +41,18 @@ class MaintenanceStatusResource:
         jobs = result.get("jobs", {}) if isinstance(result, dict) else {}
         stored = await self.ctx.db(_stored_assembler_version)
         enabled = bool((await current_settings(self.ctx)).get("conversationsEnabled", True))
-        json_response(resp, {"jobs": jobs, "assembler_version_current": ASSEMBLER_VERSION,
-                             "assembler_version_stored": stored, "needs_rebuild": stored != ASSEMBLER_VERSION,
-                             "conversations": await self.ctx.db(conversations_status, enabled)})
+        json_response(
+            resp,
+            {
+                "jobs": jobs,
+                "assembler_version_current": ASSEMBLER_VERSION,
+                "assembler_version_stored": stored,
+                "needs_rebuild": stored != ASSEMBLER_VERSION,
+                "conversations": await self.ctx.db(conversations_status, enabled),
+            },
+        )
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/maintenance/redact-headers"), JobStartResource(ctx, "redact-headers"))
     app.add_route(route("/api/maintenance/status"), MaintenanceStatusResource(ctx))
-

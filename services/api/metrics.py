@@ -46,15 +46,21 @@ def sum_stats(parts: list[Any], key: str = "") -> Any:
     """Several proxies' heartbeat figures as one: numbers (and histogram counts) added up."""
     first = parts[0]
     if isinstance(first, bool) or key in SAME_IN_EVERY_PROXY:
-        return max(parts, key=lambda p: p if isinstance(p, (int, float)) and not isinstance(p, bool) else -1) \
-            if key != "le" else first
+        return (
+            max(parts, key=lambda p: p if isinstance(p, (int, float)) and not isinstance(p, bool) else -1)
+            if key != "le"
+            else first
+        )
     if isinstance(first, (int, float)):
         return sum(p for p in parts if isinstance(p, (int, float)) and not isinstance(p, bool))
     if isinstance(first, dict):
         keys = dict.fromkeys(k for p in parts if isinstance(p, dict) for k in p)
         return {k: sum_stats([p[k] for p in parts if isinstance(p, dict) and k in p], k) for k in keys}
-    if isinstance(first, list) and all(isinstance(p, list) and len(p) == len(first) for p in parts) \
-            and all(isinstance(x, (int, float)) for p in parts for x in p):
+    if (
+        isinstance(first, list)
+        and all(isinstance(p, list) and len(p) == len(first) for p in parts)
+        and all(isinstance(x, (int, float)) for p in parts for x in p)
+    ):
         return [sum(col) for col in zip(*parts)]
     return first
 

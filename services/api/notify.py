@@ -62,14 +62,21 @@ def message_text(data: dict[str, Any]) -> str:
 @dataclass
 class Shown:
     """What is needed to close a notification once its entry is decided."""
+
     key: GroupKey
     notification_id: int | None = None  # notify-send --print-id
     group: str | None = None  # terminal-notifier -group
 
 
 class Notifier:
-    def __init__(self, ctx: Any, backend: Backend, cooldown: float = COOLDOWN,
-                 clock: Callable[[], float] = time.monotonic, read_settings: ReadSettings | None = None) -> None:
+    def __init__(
+        self,
+        ctx: Any,
+        backend: Backend,
+        cooldown: float = COOLDOWN,
+        clock: Callable[[], float] = time.monotonic,
+        read_settings: ReadSettings | None = None,
+    ) -> None:
         self.ctx = ctx
         self.read_settings = read_settings
         self.backend = backend
@@ -116,9 +123,11 @@ class Notifier:
         if not (self.backend.available and self.enabled) or self.claimed():
             return False
         try:
-            key: GroupKey = (str(data["container_name"]),
-                             str(data.get("resolved_hostname") or data["destination_host"]),
-                             int(data["destination_port"]))
+            key: GroupKey = (
+                str(data["container_name"]),
+                str(data.get("resolved_hostname") or data["destination_host"]),
+                int(data["destination_port"]),
+            )
         except (KeyError, TypeError, ValueError):
             return False
         now = self.clock()
@@ -177,10 +186,22 @@ class Notifier:
         elif shown.notification_id is not None:
             gdbus = shutil.which("gdbus")
             if gdbus:
-                self._spawn(self._exec([
-                    gdbus, "call", "--session", "--dest", "org.freedesktop.Notifications",
-                    "--object-path", "/org/freedesktop/Notifications",
-                    "--method", "org.freedesktop.Notifications.CloseNotification", str(shown.notification_id)]))
+                self._spawn(
+                    self._exec(
+                        [
+                            gdbus,
+                            "call",
+                            "--session",
+                            "--dest",
+                            "org.freedesktop.Notifications",
+                            "--object-path",
+                            "/org/freedesktop/Notifications",
+                            "--method",
+                            "org.freedesktop.Notifications.CloseNotification",
+                            str(shown.notification_id),
+                        ]
+                    )
+                )
 
     async def _run(self, args: list[str]) -> tuple[int, bytes, bytes]:
         assert self.backend.path is not None
@@ -190,8 +211,8 @@ class Notifier:
         """Run a helper without blocking the loop; a failure is logged, never raised."""
         try:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+            )
         except OSError as exc:
             log.debug("notification helper %s failed to start: %s", argv[0], exc)
             return -1, b"", str(exc).encode()
@@ -208,8 +229,7 @@ class Notifier:
         return proc.returncode or 0, out, err
 
 
-async def run_notifier(ctx: Any, backend: Backend | None = None, *,
-                       read_settings: ReadSettings | None = None) -> None:
+async def run_notifier(ctx: Any, backend: Backend | None = None, *, read_settings: ReadSettings | None = None) -> None:
     """Show OS notifications for pending events until cancelled; returns at once without a backend.
 
     read_settings gives the effective settings (services.api.settings.current_settings: passed in

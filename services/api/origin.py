@@ -59,9 +59,11 @@ def split_host(value: str) -> str | None:
         return None
     if value.startswith("["):
         end = value.find("]")
-        rest = value[end + 1:] if end > 0 else None
-        if rest is None or (rest and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit()
-                                          and 0 < int(rest[1:]) <= 65535)):
+        rest = value[end + 1 :] if end > 0 else None
+        if rest is None or (
+            rest
+            and not (rest.startswith(":") and rest[1:].isascii() and rest[1:].isdigit() and 0 < int(rest[1:]) <= 65535)
+        ):
             return None
         host = value[1:end]
         try:
@@ -152,8 +154,12 @@ def normalize_origins(origins: Iterable[str]) -> frozenset[str]:
     return frozenset(o for o in (normalize_origin(str(x)) for x in origins) if o is not None)
 
 
-def origin_allowed(origin: str | None, allowed: frozenset[str] = frozenset(), own_port: int | None = None,
-                   allowed_origins: frozenset[str] = frozenset()) -> bool:
+def origin_allowed(
+    origin: str | None,
+    allowed: frozenset[str] = frozenset(),
+    own_port: int | None = None,
+    allowed_origins: frozenset[str] = frozenset(),
+) -> bool:
     """Absent (not a browser), the API's own origin, or listed in greyproxy.allowedOrigins.
 
     Own origin: http on a local or configured host, on `own_port` (any port when it is None,
@@ -200,29 +206,51 @@ def _shown(value: str | None) -> str:
     return "(none)" if value is None else repr(value[:100])
 
 
-def refusal(method: str, host: str | None, origin: str | None, fetch_site: str | None = None,
-            allowed: frozenset[str] = frozenset(), *, own_port: int | None = None,
-            allowed_origins: frozenset[str] = frozenset(), browser: bool = False, has_body: bool = False,
-            content_type: str | None = None) -> Refusal | None:
+def refusal(
+    method: str,
+    host: str | None,
+    origin: str | None,
+    fetch_site: str | None = None,
+    allowed: frozenset[str] = frozenset(),
+    *,
+    own_port: int | None = None,
+    allowed_origins: frozenset[str] = frozenset(),
+    browser: bool = False,
+    has_body: bool = False,
+    content_type: str | None = None,
+) -> Refusal | None:
     """Why this request (method "WEBSOCKET" for an upgrade) must be refused; None when it may pass.
 
     `browser`: the request carries Origin or a Sec-Fetch-* header; `has_body`: it has a body.
     """
     if host is None or split_host(host) is None:
-        return Refusal(BAD_REQUEST, f"bad request: Host {_shown(host)} is missing or malformed (one host[:port],"
-                                    " port 1-65535)", "host")
+        return Refusal(
+            BAD_REQUEST,
+            f"bad request: Host {_shown(host)} is missing or malformed (one host[:port], port 1-65535)",
+            "host",
+        )
     if not host_allowed(host, allowed):
-        return Refusal(MISDIRECTED, f"misdirected request: this API does not answer for Host {_shown(host)};"
-                                    " use localhost, a loopback IP or a name in greyproxy.allowedHosts", "host")
+        return Refusal(
+            MISDIRECTED,
+            f"misdirected request: this API does not answer for Host {_shown(host)};"
+            " use localhost, a loopback IP or a name in greyproxy.allowedHosts",
+            "host",
+        )
     if not origin_allowed(origin, allowed, own_port, allowed_origins):
-        return Refusal(FORBIDDEN, f"cross-origin request refused: Origin {_shown(origin)} is not this API's own"
-                                  " origin nor listed in greyproxy.allowedOrigins", "origin")
+        return Refusal(
+            FORBIDDEN,
+            f"cross-origin request refused: Origin {_shown(origin)} is not this API's own"
+            " origin nor listed in greyproxy.allowedOrigins",
+            "origin",
+        )
     if method.upper() in STATE_CHANGING and (fetch_site or "").strip().lower() == "cross-site":
         return Refusal(FORBIDDEN, "cross-site request refused (Sec-Fetch-Site: cross-site)", "fetch-site")
-    if (browser or origin is not None) and has_body and method.upper() in BODY_METHODS \
-            and not json_media(content_type):
-        return Refusal(UNSUPPORTED_MEDIA, f"a browser request with a body must be Content-Type: {JSON_MEDIA}"
-                                          f" (got {_shown(content_type)})", "content-type")
+    if (browser or origin is not None) and has_body and method.upper() in BODY_METHODS and not json_media(content_type):
+        return Refusal(
+            UNSUPPORTED_MEDIA,
+            f"a browser request with a body must be Content-Type: {JSON_MEDIA} (got {_shown(content_type)})",
+            "content-type",
+        )
     return None
 
 
@@ -234,8 +262,9 @@ class LocalOnly:
     accepted, which uvicorn answers with an HTTP 403 whatever the status was.
     """
 
-    def __init__(self, allowed_hosts: Iterable[str] = (), own_port: int | None = None,
-                 allowed_origins: Iterable[str] = ()) -> None:
+    def __init__(
+        self, allowed_hosts: Iterable[str] = (), own_port: int | None = None, allowed_origins: Iterable[str] = ()
+    ) -> None:
         self.allowed = normalize_allowed(allowed_hosts)
         self.own_port = own_port
         self.allowed_origins = normalize_origins(allowed_origins)
@@ -252,9 +281,18 @@ class LocalOnly:
         """The whole decision for one Falcon request (method "WEBSOCKET" for an upgrade)."""
         length = req.content_length
         has_body = bool(length) or req.get_header("Transfer-Encoding") is not None
-        return refusal(method, req.get_header("Host"), req.get_header("Origin"), req.get_header("Sec-Fetch-Site"),
-                       self.allowed, own_port=self.own_port, allowed_origins=self.allowed_origins,
-                       browser=is_browser(req.headers), has_body=has_body, content_type=req.content_type)
+        return refusal(
+            method,
+            req.get_header("Host"),
+            req.get_header("Origin"),
+            req.get_header("Sec-Fetch-Site"),
+            self.allowed,
+            own_port=self.own_port,
+            allowed_origins=self.allowed_origins,
+            browser=is_browser(req.headers),
+            has_body=has_body,
+            content_type=req.content_type,
+        )
 
     def check(self, req: Any, method: str) -> None:
         r = self.refusal_for(req, method)

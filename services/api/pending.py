@@ -54,8 +54,7 @@ def _publish_decision(ctx: ApiContext, d: PendingDecision, action: str) -> dict[
     return rule
 
 
-async def decide(ctx: ApiContext, pending_id: int, action: str, body: Any,
-                 created_by: str = "api") -> dict[str, Any]:
+async def decide(ctx: ApiContext, pending_id: int, action: str, body: Any, created_by: str = "api") -> dict[str, Any]:
     """Allow or deny a pending entry with a rule; 404 for an unknown id, 400 for a bad body."""
     if action not in DECISION_ACTIONS:
         raise bad_request(f"action must be one of {', '.join(DECISION_ACTIONS)}")
@@ -107,9 +106,15 @@ class PendingListResource:
         limit = int_param(req, "limit", 100, lo=1)
         offset = int_param(req, "offset", 0, hi=10**9)
         (rows, total), counts = await asyncio.gather(
-            self.ctx.db(store_ops.list_pending, req.get_param("container") or None,
-                        req.get_param("destination") or None, limit, offset),
-            waiting_counts(self.ctx))
+            self.ctx.db(
+                store_ops.list_pending,
+                req.get_param("container") or None,
+                req.get_param("destination") or None,
+                limit,
+                offset,
+            ),
+            waiting_counts(self.ctx),
+        )
         items = []
         for row in rows:
             port = int(row["destination_port"])
@@ -156,7 +161,8 @@ class PendingBulkAllowResource:
         expires_at = None if seconds is None else now + seconds
         try:
             decisions, missing = await self.ctx.db(
-                store_ops.bulk_decide, ids, "allow", scope, expires_at, notes, "api", now)
+                store_ops.bulk_decide, ids, "allow", scope, expires_at, notes, "api", now
+            )
         except InvalidInput as exc:
             raise bad_request(str(exc)) from None
         rules: dict[int, dict[str, Any]] = {}
@@ -164,8 +170,10 @@ class PendingBulkAllowResource:
             rules.setdefault(d.rule["id"], _publish_decision(self.ctx, d, "allow"))
         if decisions:
             await proxy_reload(self.ctx)
-        json_response(resp, {"rules_created": list(rules.values()), "pending_removed": len(ids) - len(missing),
-                             "not_found": missing})
+        json_response(
+            resp,
+            {"rules_created": list(rules.values()), "pending_removed": len(ids) - len(missing), "not_found": missing},
+        )
 
 
 class PendingBulkDismissResource:
@@ -189,4 +197,3 @@ def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str])
     app.add_route(route("/api/pending/{pending_id:id}"), PendingItemResource(ctx))
     app.add_route(route("/api/pending/{pending_id:id}/allow"), PendingDecisionResource(ctx, "allow"))
     app.add_route(route("/api/pending/{pending_id:id}/deny"), PendingDecisionResource(ctx, "deny"))
-

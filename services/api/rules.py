@@ -56,8 +56,13 @@ async def proxy_block(ctx: ApiContext, keys: Iterable[Key], reason: str) -> None
     """Block the connections held for these keys at once (dismissed / denied)."""
     triples = sorted({(c, h, int(p)) for c, h, p in keys})
     if triples:
-        await soft_call(ctx.proxy, "holds.block", {"keys": [list(k) for k in triples], "reason": reason},
-                        timeout=BLOCK_TIMEOUT, retries=1)
+        await soft_call(
+            ctx.proxy,
+            "holds.block",
+            {"keys": [list(k) for k in triples], "reason": reason},
+            timeout=BLOCK_TIMEOUT,
+            retries=1,
+        )
 
 
 def publish_rule_created(ctx: ApiContext, rule: dict[str, Any], replaced: Iterable[dict[str, Any]] = ()) -> None:
@@ -122,20 +127,43 @@ def _expiry(body: dict[str, Any], where: str, now: float) -> float | None:
 
 
 # The members a rule body may have (SPEC §2.4); anything else is a typo or a misunderstanding: 400.
-CREATE_FIELDS = frozenset({"container_pattern", "destination_pattern", "port_pattern", "action", "rule_type",
-                           "expires_at", "expires_in_seconds", "notes", "created_by"})
+CREATE_FIELDS = frozenset(
+    {
+        "container_pattern",
+        "destination_pattern",
+        "port_pattern",
+        "action",
+        "rule_type",
+        "expires_at",
+        "expires_in_seconds",
+        "notes",
+        "created_by",
+    }
+)
 # An ingest item may be a rule as GET /api/rules lists it (an export): its read-only members are ignored.
 EXPORTED_FIELDS = frozenset({"id", "created_at", "last_used_at", "is_active", "source", "session_id", "hit_count"})
-UPDATE_FIELDS = frozenset({"container_pattern", "destination_pattern", "port_pattern", "action", "rule_type",
-                           "expires_at", "expires_in_seconds", "notes"})
+UPDATE_FIELDS = frozenset(
+    {
+        "container_pattern",
+        "destination_pattern",
+        "port_pattern",
+        "action",
+        "rule_type",
+        "expires_at",
+        "expires_in_seconds",
+        "notes",
+    }
+)
 
 
 def _known_fields(body: dict[str, Any], known: frozenset[str], where: str) -> None:
     unknown = sorted(k for k in body if k not in known)
     if unknown:
         names = ", ".join(repr(k[:100]) for k in unknown[:10])
-        raise bad_request(f"{where}unknown field{'s' if len(unknown) > 1 else ''} {names}; a rule takes "
-                          f"{', '.join(sorted(known - EXPORTED_FIELDS))}")
+        raise bad_request(
+            f"{where}unknown field{'s' if len(unknown) > 1 else ''} {names}; a rule takes "
+            f"{', '.join(sorted(known - EXPORTED_FIELDS))}"
+        )
 
 
 def parse_rule_spec(body: Any, now: float, where: str = "", exported: bool = False) -> RuleSpec:
@@ -196,9 +224,14 @@ class RulesResource:
         if action is not None and action not in ACTIONS:
             raise bad_request(f"action must be one of {', '.join(ACTIONS)}")
         rows, total = await self.ctx.db(
-            store_ops.list_rules, req.get_param("container") or None, req.get_param("destination") or None,
-            action, bool_param(req, "include_expired"), int_param(req, "limit", 100, lo=1),
-            int_param(req, "offset", 0, hi=10**9))
+            store_ops.list_rules,
+            req.get_param("container") or None,
+            req.get_param("destination") or None,
+            action,
+            bool_param(req, "include_expired"),
+            int_param(req, "limit", 100, lo=1),
+            int_param(req, "offset", 0, hi=10**9),
+        )
         now = time.time()
         json_response(resp, {"items": [rule_json(r, now) for r in rows], "total": total})
 
@@ -229,8 +262,10 @@ class RuleResource:
         if current.get("source") == "builtin":
             # Builtin rules are the seeded loopback allows: they are switched off as a whole in the
             # config (greyproxy.builtinRules: false), never edited into something else (a deny).
-            raise bad_request(f"builtin rule {rule_id} cannot be edited; set greyproxy.builtinRules: false"
-                              " in the config to switch the builtin rules off, and add your own rules")
+            raise bad_request(
+                f"builtin rule {rule_id} cannot be edited; set greyproxy.builtinRules: false"
+                " in the config to switch the builtin rules off, and add your own rules"
+            )
         result = await self.ctx.db(store_ops.update_rule, rule_id, changes)
         if result is None:
             raise not_found(f"rule {rule_id} not found")
@@ -268,12 +303,12 @@ class RulesIngestResource:
             self.ctx.publish(topics.PENDING_ALLOWED, {"pending_id": pending_id, "rule": rule_json(rule)})
         if res.imported:
             await proxy_reload(self.ctx)  # releases the held connections the new allows cover
-        json_response(resp, {"imported": len(res.imported), "skipped": res.skipped,
-                             "pending_cleaned": len(res.cleaned_keys)})
+        json_response(
+            resp, {"imported": len(res.imported), "skipped": res.skipped, "pending_cleaned": len(res.cleaned_keys)}
+        )
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/rules"), RulesResource(ctx))
     app.add_route(route("/api/rules/ingest"), RulesIngestResource(ctx))
     app.add_route(route("/api/rules/{rule_id:id}"), RuleResource(ctx))
-

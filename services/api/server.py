@@ -43,8 +43,10 @@ class StrictHttpProtocol(HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:
         """uvicorn's 400, as JSON `{"error": ...}` naming what was wrong (SPEC conventions)."""
         body = orjson.dumps({"error": getattr(self, "_refusal", None) or "invalid HTTP request"})
-        self.transport.write(b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body))
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+        )
         self.transport.close()
 
     def on_headers_complete(self) -> None:

@@ -59,12 +59,25 @@ async def main(rt: ServiceRuntime) -> None:
     app = create_app(ctx)
     if ctx.credentials_key is not None:  # session.key made now when absent (SPEC §12.4)
         await ctx.db(ctx.credentials_key.start)
-    server = _Server(uvicorn.Config(
-        app, host=cfg.api.host, port=cfg.api.port, loop="none", lifespan="off", http=StrictHttpProtocol,
-        proxy_headers=False,  # X-Forwarded-For is anyone's to write: the peer address is the client
-        log_level="warning", access_log=False, ws="websockets-sansio", ws_ping_interval=20, ws_ping_timeout=20,
-        timeout_keep_alive=30, server_header=False, date_header=False,
-    ))
+    server = _Server(
+        uvicorn.Config(
+            app,
+            host=cfg.api.host,
+            port=cfg.api.port,
+            loop="none",
+            lifespan="off",
+            http=StrictHttpProtocol,
+            proxy_headers=False,  # X-Forwarded-For is anyone's to write: the peer address is the client
+            log_level="warning",
+            access_log=False,
+            ws="websockets-sansio",
+            ws_ping_interval=20,
+            ws_ping_timeout=20,
+            timeout_keep_alive=30,
+            server_header=False,
+            date_header=False,
+        )
+    )
     api_host, api_port = cfg.api.host, cfg.api.port
 
     async def bind() -> socket.socket:

@@ -20,8 +20,12 @@ from .util import json_response, read_json
 
 THEMES = ("system", "light", "dark")
 BOOLEAN_KEYS = ("notificationsEnabled", "mitmEnabled", "conversationsEnabled", "logDnsQueries")
-BOOLEAN_DEFAULTS = {"notificationsEnabled": True, "mitmEnabled": True, "conversationsEnabled": True,
-                    "logDnsQueries": False}
+BOOLEAN_DEFAULTS = {
+    "notificationsEnabled": True,
+    "mitmEnabled": True,
+    "conversationsEnabled": True,
+    "logDnsQueries": False,
+}
 NOTIFICATION_FACTS = ("available", "backend", "active_claims")  # shown by GET, ignored on PUT (round trips)
 MAX_EXTRA_HEADERS = 200
 MAX_HEADER_PATTERN = 200
@@ -138,8 +142,11 @@ class SettingsResource:
 
 
 def notifications_body(ctx: ApiContext, settings: dict[str, Any]) -> dict[str, Any]:
-    return {"enabled": settings["notificationsEnabled"], **notifications_info(),
-            "active_claims": ctx.notification_claims}
+    return {
+        "enabled": settings["notificationsEnabled"],
+        **notifications_info(),
+        "active_claims": ctx.notification_claims,
+    }
 
 
 class NotificationsResource:
@@ -164,4 +171,3 @@ class NotificationsResource:
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/settings"), SettingsResource(ctx))
     app.add_route(route("/api/notifications"), NotificationsResource(ctx))
-

@@ -20,7 +20,12 @@ from typing import Any
 from greyproxy.policy import Rule, RuleSet, scope_patterns, validate_port_pattern
 from greyproxy.store import sql
 from greyproxy.store.logs import (  # noqa: F401 - the API's logs queries, with their table
-    BUCKETS, MAX_FILLED_BUCKETS, LogFilter, bucket_start, list_logs, log_stats,
+    BUCKETS,
+    MAX_FILLED_BUCKETS,
+    LogFilter,
+    bucket_start,
+    list_logs,
+    log_stats,
 )
 from greyproxy.store import pending as pending_table
 from greyproxy.store import rules as rules_table
@@ -45,6 +50,7 @@ def _write():  # noqa: ANN202 - peewee's context manager
 @dataclass(frozen=True)
 class RuleSpec:
     """A validated rule to create (patterns already normalised by greyproxy.policy)."""
+
     container_pattern: str
     destination_pattern: str
     port_pattern: str = "*"
@@ -65,8 +71,15 @@ def get_rule(rule_id: int) -> dict[str, Any] | None:
     return rules_table.get(rule_id)
 
 
-def list_rules(container: str | None, destination: str | None, action: str | None, include_expired: bool,
-               limit: int, offset: int, now: float | None = None) -> tuple[list[dict[str, Any]], int]:
+def list_rules(
+    container: str | None,
+    destination: str | None,
+    action: str | None,
+    include_expired: bool,
+    limit: int,
+    offset: int,
+    now: float | None = None,
+) -> tuple[list[dict[str, Any]], int]:
     now = time.time() if now is None else now
     return rules_table.list_page(container, destination, action, include_expired, limit, offset, now)
 
@@ -148,8 +161,13 @@ def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None) -> IngestR
             by_id = {r["id"]: r for r in imported}
             covered = []
             for row in pending_table.all_rows():
-                d = rules.decide(row["container_name"], row["destination_host"], int(row["destination_port"]),
-                                 resolved_hostname=row["resolved_hostname"], now=now)
+                d = rules.decide(
+                    row["container_name"],
+                    row["destination_host"],
+                    int(row["destination_port"]),
+                    resolved_hostname=row["resolved_hostname"],
+                    now=now,
+                )
                 if d.allowed and d.rule is not None:
                     covered.append(row)
                     rule = by_id.get(d.rule.id) or get_rule(d.rule.id)
@@ -166,8 +184,9 @@ def get_pending(pending_id: int) -> dict[str, Any] | None:
     return pending_table.get(pending_id)
 
 
-def list_pending(container: str | None, destination: str | None, limit: int,
-                 offset: int) -> tuple[list[dict[str, Any]], int]:
+def list_pending(
+    container: str | None, destination: str | None, limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
     """Groups of rows sharing (container, resolved-or-raw host, port), newest last_seen first."""
     return pending_table.list_groups(container, destination, limit, offset)
 
@@ -189,8 +208,15 @@ class PendingDecision:
     keys: list[Key]  # held-connection keys of every pending row removed
 
 
-def _decide_in_tx(row: dict[str, Any], action: str, scope: str, expires_at: float | None, notes: str | None,
-                  created_by: str, now: float) -> PendingDecision:
+def _decide_in_tx(
+    row: dict[str, Any],
+    action: str,
+    scope: str,
+    expires_at: float | None,
+    notes: str | None,
+    created_by: str,
+    now: float,
+) -> PendingDecision:
     host = row["resolved_hostname"] or row["destination_host"]
     try:
         container_p, dest_p, port_p = scope_patterns(scope, row["container_name"], host, row["destination_port"])
@@ -202,8 +228,15 @@ def _decide_in_tx(row: dict[str, Any], action: str, scope: str, expires_at: floa
     return PendingDecision(int(row["id"]), res.rule, res.created, res.replaced, keys)
 
 
-def decide_pending(pending_id: int, action: str, scope: str, expires_at: float | None, notes: str | None,
-                   created_by: str = "api", now: float | None = None) -> PendingDecision | None:
+def decide_pending(
+    pending_id: int,
+    action: str,
+    scope: str,
+    expires_at: float | None,
+    notes: str | None,
+    created_by: str = "api",
+    now: float | None = None,
+) -> PendingDecision | None:
     """Turn a pending entry into a rule (an identical active one is reused) and remove its group."""
     now = time.time() if now is None else now
     with _write():
@@ -213,9 +246,15 @@ def decide_pending(pending_id: int, action: str, scope: str, expires_at: float |
         return _decide_in_tx(row, action, scope, expires_at, notes, created_by, now)
 
 
-def bulk_decide(pending_ids: Sequence[int], action: str, scope: str, expires_at: float | None,
-                notes: str | None, created_by: str = "api",
-                now: float | None = None) -> tuple[list[PendingDecision], list[int]]:
+def bulk_decide(
+    pending_ids: Sequence[int],
+    action: str,
+    scope: str,
+    expires_at: float | None,
+    notes: str | None,
+    created_by: str = "api",
+    now: float | None = None,
+) -> tuple[list[PendingDecision], list[int]]:
     """decide_pending for many ids in one transaction; ids already removed as siblings count as done."""
     now = time.time() if now is None else now
     decisions: list[PendingDecision] = []

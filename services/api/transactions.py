@@ -30,10 +30,14 @@ def filter_from(req: falcon.asgi.Request) -> TransactionFilter:
     """The list's filters from the query (shared by the list and the HAR export)."""
     method = _text_param(req, "method", 32)
     f = TransactionFilter(
-        container=_text_param(req, "container"), destination=_text_param(req, "destination"),
-        method=method.upper() if method else None, session_id=_text_param(req, "session_id"),
+        container=_text_param(req, "container"),
+        destination=_text_param(req, "destination"),
+        method=method.upper() if method else None,
+        session_id=_text_param(req, "session_id"),
         conversation_id=_text_param(req, "conversation_id"),
-        from_ts=time_param(req, "from_date"), to_ts=time_param(req, "to_date"))
+        from_ts=time_param(req, "from_date"),
+        to_ts=time_param(req, "to_date"),
+    )
     if f.from_ts is not None and f.to_ts is not None and f.from_ts > f.to_ts:
         raise bad_request("from_date must not be after to_date")
     return f
@@ -49,12 +53,15 @@ class TransactionsResource:
         offset = int_param(req, "offset", 0, hi=10**9)
         include_bodies = bool_param(req, "include_bodies")
         rows, total = await self.ctx.db(list_transactions, f, limit, offset, include_bodies)
-        json_response(resp, {
-            "items": [transaction_json(r, include_bodies) for r in rows],
-            "total": total,
-            "page": offset // limit + 1,
-            "pages": max(1, math.ceil(total / limit)),
-        })
+        json_response(
+            resp,
+            {
+                "items": [transaction_json(r, include_bodies) for r in rows],
+                "total": total,
+                "page": offset // limit + 1,
+                "pages": max(1, math.ceil(total / limit)),
+            },
+        )
 
 
 class TransactionResource:
@@ -66,10 +73,11 @@ class TransactionResource:
         if row is None:
             raise not_found(f"transaction {tid} not found")
         # SPEC §13.6: `llm`, the dissector's view of it, or null.
-        json_response(resp, transaction_json(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)})
+        json_response(
+            resp, transaction_json(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)}
+        )
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route("/api/transactions"), TransactionsResource(ctx))
     app.add_route(route("/api/transactions/{tid:id}"), TransactionResource(ctx))
-

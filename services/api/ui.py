@@ -40,8 +40,10 @@ from greyproxy.redaction import DEFAULT_REDACTED_HEADERS
 from .context import ApiContext
 from .errors import ApiError
 
-CSP = ("default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; "
-       "frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'")
+CSP = (
+    "default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; "
+    "frame-ancestors 'none'; base-uri 'self'; form-action 'self'; object-src 'none'"
+)
 SECURITY_HEADERS = {
     "Content-Security-Policy": CSP,
     "X-Content-Type-Options": "nosniff",
@@ -52,8 +54,13 @@ CACHE_CONTROL = "no-cache"  # always revalidate; the ETag makes that a 304
 STATIC_DIR = "static"
 INDEX = "index.html"
 SCOPES_PATH = "ui/scopes"
-TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",
-         ".html": "text/html; charset=utf-8", ".svg": "image/svg+xml", ".json": "application/json"}
+TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+}
 _SAFE_NAME = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*\Z")
 
 
@@ -90,8 +97,9 @@ def render_index(prefix: str, facts: dict[str, Any]) -> Asset:
     """index.html with the base URL (the prefix, ending in '/') and the config facts the app needs."""
     template = resources.files(__package__).joinpath(STATIC_DIR, INDEX).read_text("utf-8")
     base = prefix.rstrip("/") + "/"
-    page = (template.replace("{{base}}", html.escape(base, quote=True))
-            .replace("{{facts}}", html.escape(orjson.dumps(facts).decode(), quote=True)))
+    page = template.replace("{{base}}", html.escape(base, quote=True)).replace(
+        "{{facts}}", html.escape(orjson.dumps(facts).decode(), quote=True)
+    )
     return _asset(page.encode(), INDEX)
 
 
@@ -102,8 +110,13 @@ def ui_facts(ctx: ApiContext) -> dict[str, Any]:
     except (KeyError, TypeError, ValueError):
         hold = 30.0
     listeners = {name: lst.port for name, lst in cfg.listeners.items()}
-    return {"version": __version__, "holdTimeout": hold, "prefix": cfg.path_prefix.rstrip("/") + "/",
-            "proxyPort": listeners.get("http-proxy"), "defaultRedactedHeaders": list(DEFAULT_REDACTED_HEADERS)}
+    return {
+        "version": __version__,
+        "holdTimeout": hold,
+        "prefix": cfg.path_prefix.rstrip("/") + "/",
+        "proxyPort": listeners.get("http-proxy"),
+        "defaultRedactedHeaders": list(DEFAULT_REDACTED_HEADERS),
+    }
 
 
 class Dashboard:
@@ -121,9 +134,9 @@ class Dashboard:
 
     def lookup(self, path: str) -> Asset | None:
         """The asset for a request path (relative to the prefix); None for a missing static file."""
-        rel = path[len(self.prefix):].lstrip("/")
+        rel = path[len(self.prefix) :].lstrip("/")
         if rel == STATIC_DIR or rel.startswith(STATIC_DIR + "/"):
-            name = rel[len(STATIC_DIR) + 1:]
+            name = rel[len(STATIC_DIR) + 1 :]
             if not _SAFE_NAME.match(name):
                 return None
             return self.assets.get(name)

@@ -116,12 +116,24 @@ def json_response(resp: falcon.asgi.Response, data: Any, status: int = 200) -> N
 
 
 def _kind(value: Any) -> str:
-    return "null" if value is None else {bool: "boolean", int: "integer", float: "number", str: "string",
-                                         list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    return (
+        "null"
+        if value is None
+        else {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}.get(
+            type(value), type(value).__name__
+        )
+    )
 
 
-def str_field(body: dict[str, Any], name: str, default: Any = None, *, required: bool = False,
-              max_len: int = 10_000, where: str = "") -> Any:
+def str_field(
+    body: dict[str, Any],
+    name: str,
+    default: Any = None,
+    *,
+    required: bool = False,
+    max_len: int = 10_000,
+    where: str = "",
+) -> Any:
     """A string member of a JSON body; null/absent gives `default` (or 400 when required)."""
     value = body.get(name)
     if value is None:
@@ -135,8 +147,15 @@ def str_field(body: dict[str, Any], name: str, default: Any = None, *, required:
     return value
 
 
-def int_field(body: dict[str, Any], name: str, default: Any = None, *, lo: int | None = None,
-              hi: int | None = None, where: str = "") -> Any:
+def int_field(
+    body: dict[str, Any],
+    name: str,
+    default: Any = None,
+    *,
+    lo: int | None = None,
+    hi: int | None = None,
+    where: str = "",
+) -> Any:
     """An integer member of a JSON body (booleans refused); null/absent gives `default`."""
     value = body.get(name)
     if value is None:
@@ -144,8 +163,9 @@ def int_field(body: dict[str, Any], name: str, default: Any = None, *, lo: int |
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad_request(f"{where}{name} must be an integer, not {_kind(value)}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise bad_request(f"{where}{name} must be between {lo} and {hi}" if hi is not None
-                          else f"{where}{name} must be at least {lo}")
+        raise bad_request(
+            f"{where}{name} must be between {lo} and {hi}" if hi is not None else f"{where}{name} must be at least {lo}"
+        )
     return value
 
 
@@ -166,8 +186,14 @@ def id_list_field(body: dict[str, Any], name: str, max_items: int = 10_000) -> l
     return list(out)
 
 
-async def soft_call(client: ControlClient, op: str, args: dict[str, Any] | None = None, timeout: float | None = None,
-                    retries: int = 1, default: Any = None) -> Any:
+async def soft_call(
+    client: ControlClient,
+    op: str,
+    args: dict[str, Any] | None = None,
+    timeout: float | None = None,
+    retries: int = 1,
+    default: Any = None,
+) -> Any:
     """A control call whose failure must not fail the request: `default` when the peer is down or refuses."""
     try:
         return await client.call(op, args or {}, timeout=timeout, retries=retries)

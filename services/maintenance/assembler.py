@@ -35,9 +35,11 @@ LOCK = threading.Lock()
 BATCH = 500  # transactions' metadata read at a time
 BODY_CHUNK = 25  # claimed transactions whose bodies are in memory at a time (each up to 2 x capture.maxBodyBytes)
 _META_COLS = "id, timestamp, container_name, destination_host, destination_port, method, url, duration_ms"
-_BODY_COLS = ("id, request_headers, response_headers, request_body, response_body, request_content_type,"
-              " response_content_type, status_code, request_body_codec, request_body_charset,"
-              " response_body_codec, response_body_charset")
+_BODY_COLS = (
+    "id, request_headers, response_headers, request_body, response_body, request_content_type,"
+    " response_content_type, status_code, request_body_codec, request_body_charset,"
+    " response_body_codec, response_body_charset"
+)
 Publish = Callable[[str, dict[str, Any]], None]
 
 
@@ -58,8 +60,10 @@ def meta_get(conn: sqlite3.Connection, key: str) -> int:
 
 
 def _meta_set(conn: sqlite3.Connection, key: str, value: int) -> None:
-    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                 (key, value))
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
 
 
 def enabled(conn: sqlite3.Connection) -> bool:
@@ -74,22 +78,37 @@ def enabled(conn: sqlite3.Connection) -> bool:
 
 
 def load_rules(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-    cur = conn.execute("SELECT id, host_pattern, path_pattern, method, decoder_name, priority, enabled, user_defined"
-                       " FROM endpoint_rules WHERE enabled = 1")
+    cur = conn.execute(
+        "SELECT id, host_pattern, path_pattern, method, decoder_name, priority, enabled, user_defined"
+        " FROM endpoint_rules WHERE enabled = 1"
+    )
     names = [d[0] for d in cur.description]
     return R.ordered([dict(zip(names, row)) for row in cur.fetchall()])
 
 
 def _txn_meta(row: tuple) -> D.Txn:
     tid, ts, container, host, port, method, url, duration = row
-    return D.Txn(id=tid, method=str(method).upper(), url=url, host=str(host).lower(), port=port,
-                 request_headers={}, response_headers={}, request_body=None, response_body=None,
-                 request_content_type=None, response_content_type=None, container_name=container,
-                 timestamp=float(ts), duration_ms=duration)
+    return D.Txn(
+        id=tid,
+        method=str(method).upper(),
+        url=url,
+        host=str(host).lower(),
+        port=port,
+        request_headers={},
+        response_headers={},
+        request_body=None,
+        response_body=None,
+        request_content_type=None,
+        response_content_type=None,
+        container_name=container,
+        timestamp=float(ts),
+        duration_ms=duration,
+    )
 
 
-def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: int,
-                 upto: int | None = None) -> Iterator[tuple[int, list[tuple[D.Txn, str]]]]:
+def claimed_rows(
+    conn: sqlite3.Connection, rules: list[dict[str, Any]], after: int, upto: int | None = None
+) -> Iterator[tuple[int, list[tuple[D.Txn, str]]]]:
     """Consecutive id ranges after `after` as (last id of the range, [(transaction, dissector)]).
 
     Metadata is read BATCH rows at a time; bodies only for claimed rows, BODY_CHUNK at a time (a
@@ -110,7 +129,7 @@ def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: i
             if name is not None:
                 claimed.append((txn, name))
         for i in range(0, len(claimed), BODY_CHUNK):
-            chunk = claimed[i:i + BODY_CHUNK]
+            chunk = claimed[i : i + BODY_CHUNK]
             last = chunk[-1][0].id if i + BODY_CHUNK < len(claimed) else rows[-1][0]
             yield last, _with_bodies(conn, chunk)
         if not claimed:
@@ -120,21 +139,41 @@ def claimed_rows(conn: sqlite3.Connection, rules: list[dict[str, Any]], after: i
 
 def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> list[tuple[D.Txn, str]]:
     ids = [t.id for t, _n in claimed]
-    bodies = {r[0]: r for r in conn.execute(
-        f"SELECT {_BODY_COLS} FROM http_transactions WHERE id IN ({','.join('?' * len(ids))})", ids)}
+    bodies = {
+        r[0]: r
+        for r in conn.execute(
+            f"SELECT {_BODY_COLS} FROM http_transactions WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
+    }
     full = []
     for txn, name in claimed:
         b = bodies.get(txn.id)
         if b is None:
             continue  # deleted meanwhile
         _id, rh, sh, rb, sb, rct, sct, status, rbc, rbs, sbc, sbs = b
-        t = D.Txn.from_row({"id": txn.id, "method": txn.method, "url": txn.url, "destination_host": txn.host,
-                            "destination_port": txn.port, "request_headers": rh, "response_headers": sh,
-                            "request_body": rb, "response_body": sb, "request_content_type": rct,
-                            "response_content_type": sct, "container_name": txn.container_name,
-                            "timestamp": txn.timestamp, "duration_ms": txn.duration_ms, "status_code": status,
-                            "request_body_codec": rbc, "request_body_charset": rbs,
-                            "response_body_codec": sbc, "response_body_charset": sbs})
+        t = D.Txn.from_row(
+            {
+                "id": txn.id,
+                "method": txn.method,
+                "url": txn.url,
+                "destination_host": txn.host,
+                "destination_port": txn.port,
+                "request_headers": rh,
+                "response_headers": sh,
+                "request_body": rb,
+                "response_body": sb,
+                "request_content_type": rct,
+                "response_content_type": sct,
+                "container_name": txn.container_name,
+                "timestamp": txn.timestamp,
+                "duration_ms": txn.duration_ms,
+                "status_code": status,
+                "request_body_codec": rbc,
+                "request_body_charset": rbs,
+                "response_body_codec": sbc,
+                "response_body_charset": sbs,
+            }
+        )
         full.append((t, name))
     return full
 
@@ -142,8 +181,9 @@ def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> 
 def count_claimed(conn: sqlite3.Connection, rules: list[dict[str, Any]]) -> int:
     n, after = 0, 0
     while True:
-        rows = conn.execute(f"SELECT {_META_COLS} FROM http_transactions WHERE id > ? ORDER BY id LIMIT 5000",
-                            (after,)).fetchall()
+        rows = conn.execute(
+            f"SELECT {_META_COLS} FROM http_transactions WHERE id > ? ORDER BY id LIMIT 5000", (after,)
+        ).fetchall()
         if not rows:
             return n
         n += sum(1 for row in rows if R.decoder_for(rules, _txn_meta(row)) is not None)
@@ -169,14 +209,16 @@ def _dissected(batch: list[tuple[D.Txn, str]], flagged: set[int]) -> list[tuple[
     return out
 
 
-def _resolve(conn: sqlite3.Connection, txn: D.Txn, name: str, ex: dict[str, Any],
-             client: str, thread: str, fp: str) -> tuple[str, str, str]:
+def _resolve(
+    conn: sqlite3.Connection, txn: D.Txn, name: str, ex: dict[str, Any], client: str, thread: str, fp: str
+) -> tuple[str, str, str]:
     """(session, client, thread) from this request and lower-id rows only (§13.5.1)."""
     if name == "openai-ws" and txn.method == "WS_RESP":
         row = conn.execute(
             "SELECT session, client_name, thread FROM llm_requests WHERE container_name = ? AND url = ?"
             " AND method = 'WS_REQ' AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
-            (txn.container_name, txn.url, txn.id)).fetchone()
+            (txn.container_name, txn.url, txn.id),
+        ).fetchone()
         if row is not None:
             return row[0], row[1], row[2]
     key = ex.get("session_key")
@@ -185,51 +227,91 @@ def _resolve(conn: sqlite3.Connection, txn: D.Txn, name: str, ex: dict[str, Any]
     row = conn.execute(
         "SELECT session, timestamp FROM llm_requests WHERE container_name = ? AND dissector = ?"
         " AND session_key IS NOT NULL AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
-        (txn.container_name, name, txn.id)).fetchone()
+        (txn.container_name, name, txn.id),
+    ).fetchone()
     if row is not None and 0 <= txn.timestamp - float(row[1]) <= A.GAP_SECONDS:
         return row[0], client, thread
     row = conn.execute(
         "SELECT session, timestamp, message_count FROM llm_requests WHERE container_name = ? AND dissector = ?"
         " AND fingerprint = ? AND session_key IS NULL AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",
-        (txn.container_name, name, fp, txn.id)).fetchone()
-    if (row is not None and txn.timestamp - float(row[1]) <= A.GAP_SECONDS
-            and int(ex["message_count"]) >= int(row[2]) - 1):
+        (txn.container_name, name, fp, txn.id),
+    ).fetchone()
+    if (
+        row is not None
+        and txn.timestamp - float(row[1]) <= A.GAP_SECONDS
+        and int(ex["message_count"]) >= int(row[2]) - 1
+    ):
         return row[0], client, thread
     return f"inferred_{txn.id}", client, thread
 
 
-_INSERT_REQ = ("INSERT INTO llm_requests (transaction_id, timestamp, duration_ms, container_name, dissector, provider,"
-               " method, url, session_key, session, fingerprint, message_count, client_name, thread, model,"
-               " stop_reason, system_len, prompt_count, has_response, usage, extraction)"
-               " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_INSERT_REQ = (
+    "INSERT INTO llm_requests (transaction_id, timestamp, duration_ms, container_name, dissector, provider,"
+    " method, url, session_key, session, fingerprint, message_count, client_name, thread, model,"
+    " stop_reason, system_len, prompt_count, has_response, usage, extraction)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
-def store_batch(conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.Txn, str, dict[str, Any]]],
-                cursor_key: str | None) -> set[str]:
+def store_batch(
+    conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.Txn, str, dict[str, Any]]], cursor_key: str | None
+) -> set[str]:
     """Replace the llm_requests of ids in (lo, hi] by these; mark their sessions dirty; move the cursor."""
     prepared = []
     for txn, name, ex in items:
         client = A.client_name(txn, ex)
-        prepared.append((txn, name, ex, client, A.thread_of(client, ex), A.fingerprint(ex),
-                         A.task_refs(txn.request_body) if ex["provider"] == "openai" else []))
+        prepared.append(
+            (
+                txn,
+                name,
+                ex,
+                client,
+                A.thread_of(client, ex),
+                A.fingerprint(ex),
+                A.task_refs(txn.request_body) if ex["provider"] == "openai" else [],
+            )
+        )
 
     def write() -> set[str]:
         sessions: set[str] = set()
-        old = conn.execute("SELECT DISTINCT session FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?",
-                           (lo, hi)).fetchall()
+        old = conn.execute(
+            "SELECT DISTINCT session FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi)
+        ).fetchall()
         sessions.update(r[0] for r in old)
         conn.execute("DELETE FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
         conn.execute("DELETE FROM llm_refs WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
         for txn, name, ex, client, thread, fp, refs in prepared:
             session, client, thread = _resolve(conn, txn, name, ex, client, thread, fp)
-            conn.execute(_INSERT_REQ, (
-                txn.id, txn.timestamp, txn.duration_ms, txn.container_name, name, ex["provider"], txn.method,
-                txn.url, ex.get("session_key") or None, session, fp, int(ex["message_count"]), client, thread,
-                str(ex.get("model") or "unknown"), ex.get("stop_reason"), A.system_length(ex),
-                A.count_prompts(ex["messages"], client), int(bool(ex.get("response"))),
-                orjson.dumps(ex["usage"]).decode(), orjson.dumps(ex).decode()))
-            conn.executemany("INSERT OR IGNORE INTO llm_refs (child, transaction_id, session) VALUES (?, ?, ?)",
-                             [(c, txn.id, session) for c in refs if c != session])
+            conn.execute(
+                _INSERT_REQ,
+                (
+                    txn.id,
+                    txn.timestamp,
+                    txn.duration_ms,
+                    txn.container_name,
+                    name,
+                    ex["provider"],
+                    txn.method,
+                    txn.url,
+                    ex.get("session_key") or None,
+                    session,
+                    fp,
+                    int(ex["message_count"]),
+                    client,
+                    thread,
+                    str(ex.get("model") or "unknown"),
+                    ex.get("stop_reason"),
+                    A.system_length(ex),
+                    A.count_prompts(ex["messages"], client),
+                    int(bool(ex.get("response"))),
+                    orjson.dumps(ex["usage"]).decode(),
+                    orjson.dumps(ex).decode(),
+                ),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO llm_refs (child, transaction_id, session) VALUES (?, ?, ?)",
+                [(c, txn.id, session) for c in refs if c != session],
+            )
             sessions.add(session)
         conn.executemany("INSERT OR IGNORE INTO llm_dirty (session) VALUES (?)", [(s,) for s in sessions])
         if cursor_key:
@@ -248,7 +330,8 @@ def parent_of(conn: sqlite3.Connection, session: str) -> str | None:
     row = conn.execute(
         "SELECT r.session FROM llm_refs r WHERE r.child = ? AND r.session != ?"
         " AND EXISTS (SELECT 1 FROM llm_requests q WHERE q.session = ?) ORDER BY r.transaction_id LIMIT 1",
-        (session, session, session)).fetchone()
+        (session, session, session),
+    ).fetchone()
     return row[0] if row else None
 
 
@@ -274,7 +357,9 @@ def _requests(conn: sqlite3.Connection, session: str) -> list[dict[str, Any]]:
     cur = conn.execute(
         "SELECT transaction_id, timestamp, duration_ms, container_name, dissector, provider, method, url, session,"
         " client_name, thread, model, message_count, stop_reason, system_len, prompt_count, has_response, usage"
-        " FROM llm_requests WHERE session = ? ORDER BY transaction_id", (session,))
+        " FROM llm_requests WHERE session = ? ORDER BY transaction_id",
+        (session,),
+    )
     names = [d[0] for d in cur.description]
     out = []
     for row in cur.fetchall():
@@ -291,12 +376,21 @@ def _extraction(conn: sqlite3.Connection, tid: int) -> dict[str, Any]:
 
 
 def _event(conv: dict[str, Any]) -> dict[str, Any]:
-    return {"conversation_id": conv["id"], "parent_conversation_id": conv["parent_conversation_id"],
-            "turn_count": conv["turn_count"], "ended_at": conv["ended_at"], "usage": conv["usage"]}
+    return {
+        "conversation_id": conv["id"],
+        "parent_conversation_id": conv["parent_conversation_id"],
+        "turn_count": conv["turn_count"],
+        "ended_at": conv["ended_at"],
+        "usage": conv["usage"],
+    }
 
 
-def assemble_and_store(conn: sqlite3.Connection, root: str, events: list[tuple[str, dict[str, Any]]] | None,
-                       produced: set[str] | None = None) -> None:
+def assemble_and_store(
+    conn: sqlite3.Connection,
+    root: str,
+    events: list[tuple[str, dict[str, Any]]] | None,
+    produced: set[str] | None = None,
+) -> None:
     """Re-assemble one unit whole and write it in one short transaction; events only when asked."""
     children = unit_children(conn, root)
     members = [root, *children]
@@ -315,8 +409,10 @@ def assemble_and_store(conn: sqlite3.Connection, root: str, events: list[tuple[s
 
     def write() -> None:
         ph = ",".join("?" * len(members))
-        existing = {r[0]: (r[1], r[2]) for r in conn.execute(
-            f"SELECT id, data, unit FROM conversations WHERE unit IN ({ph})", members)}
+        existing = {
+            r[0]: (r[1], r[2])
+            for r in conn.execute(f"SELECT id, data, unit FROM conversations WHERE unit IN ({ph})", members)
+        }
         new_ids = {c["id"] for c, *_ in rows}
         for cid in existing.keys() - new_ids:
             conn.execute("DELETE FROM conversations WHERE id = ?", (cid,))
@@ -340,14 +436,27 @@ def assemble_and_store(conn: sqlite3.Connection, root: str, events: list[tuple[s
                 " provider = excluded.provider, client_name = excluded.client_name, model = excluded.model,"
                 " started_at = excluded.started_at, ended_at = excluded.ended_at, updated_at = excluded.updated_at,"
                 " data = excluded.data",
-                (c["id"], root, c["parent_conversation_id"], c["container_name"], c["provider"], c["client_name"],
-                 c["model"], started, ended, now, data))
+                (
+                    c["id"],
+                    root,
+                    c["parent_conversation_id"],
+                    c["container_name"],
+                    c["provider"],
+                    c["client_name"],
+                    c["model"],
+                    started,
+                    ended,
+                    now,
+                    data,
+                ),
+            )
             if events is not None:
                 events.append((topics.CONVERSATION_NEW if old is None else topics.CONVERSATION_UPDATED, _event(c)))
         for i in range(0, len(txn_ids), 500):
-            chunk = txn_ids[i:i + 500]
-            cur = conn.execute(f"SELECT id, conversation_id FROM http_transactions WHERE id IN"
-                               f" ({','.join('?' * len(chunk))})", chunk)
+            chunk = txn_ids[i : i + 500]
+            cur = conn.execute(
+                f"SELECT id, conversation_id FROM http_transactions WHERE id IN ({','.join('?' * len(chunk))})", chunk
+            )
             changes = [(owner.get(tid), tid) for tid, cid in cur.fetchall() if cid != owner.get(tid)]
             if changes:
                 conn.executemany("UPDATE http_transactions SET conversation_id = ? WHERE id = ?", changes)
@@ -397,8 +506,12 @@ def run_pass(conn: sqlite3.Connection, publish: Publish | None = None, limit_bat
 
 
 def _flagged(conn: sqlite3.Connection, ids: list[int]) -> set[int]:
-    return {r[0] for r in conn.execute(
-        f"SELECT id FROM http_transactions WHERE host_mismatch AND id IN ({','.join('?' * len(ids))})", ids)}
+    return {
+        r[0]
+        for r in conn.execute(
+            f"SELECT id FROM http_transactions WHERE host_mismatch AND id IN ({','.join('?' * len(ids))})", ids
+        )
+    }
 
 
 def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:

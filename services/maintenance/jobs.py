@@ -77,14 +77,17 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
     if any(removed.values()):
         log.info("pruned %s", {k: v for k, v in removed.items() if v})
 
+
 # --------------------------------------------------------------------------- the size cap (SPEC §15)
 
 MIB = 1024 * 1024
 CAP_LOW_WATER = 0.8  # once over the cap, drop down to this share of it (room for the -wal and what comes next)
 CAP_BODY_BATCH = 200  # rows whose bodies are dropped per transaction (bodies are up to 2 x capture.maxBodyBytes)
 CAP_ROW_BATCH = 500  # rows deleted per transaction
-_NO_BODIES = ("request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
-              " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL")
+_NO_BODIES = (
+    "request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
+    " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL"
+)
 
 
 def used_bytes(conn: sqlite3.Connection) -> int:
@@ -116,23 +119,32 @@ def over_cap(conn: sqlite3.Connection, cap_mib: float) -> bool:
 
 def _data_bytes(conn: sqlite3.Connection) -> int:
     page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    return (conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]) \
-        * page_size
+    return (
+        conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
+    ) * page_size
 
 
 # (kind, the next rows after an id with their bytes (estimated for rows), what drops them), oldest first.
 _BODY_BYTES = "COALESCE(length(request_body), 0) + COALESCE(length(response_body), 0)"
 _CAP_STEPS = [
-    ("bodies", f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ?"
-               " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?",
-     f"UPDATE http_transactions SET {_NO_BODIES} WHERE id IN ({{marks}})"),
-    ("transactions", f"SELECT id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
-                     " + COALESCE(length(response_headers), 0) + 100 FROM http_transactions WHERE id > ?"
-                     " ORDER BY id LIMIT ?",
-     "DELETE FROM http_transactions WHERE id IN ({marks})"),
-    ("logs", "SELECT id, length(destination_host) + length(container_name) + 100 FROM logs WHERE id > ?"
-             " ORDER BY id LIMIT ?",
-     "DELETE FROM logs WHERE id IN ({marks})"),
+    (
+        "bodies",
+        f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ?"
+        " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?",
+        f"UPDATE http_transactions SET {_NO_BODIES} WHERE id IN ({{marks}})",
+    ),
+    (
+        "transactions",
+        f"SELECT id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
+        " + COALESCE(length(response_headers), 0) + 100 FROM http_transactions WHERE id > ?"
+        " ORDER BY id LIMIT ?",
+        "DELETE FROM http_transactions WHERE id IN ({marks})",
+    ),
+    (
+        "logs",
+        "SELECT id, length(destination_host) + length(container_name) + 100 FROM logs WHERE id > ? ORDER BY id LIMIT ?",
+        "DELETE FROM logs WHERE id IN ({marks})",
+    ),
 ]
 
 
@@ -178,10 +190,17 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
     end = _data_bytes(conn)
     yield (max(0, start - end) // 1024, need // 1024)
     if any(dropped.values()):
-        log.warning("database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
-                    " and %d logs; %.1f MiB of data now (was %.1f)%s", cap // MIB, dropped["bodies"],
-                    dropped["transactions"], dropped["logs"], end / MIB, start / MIB,
-                    "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused")
+        log.warning(
+            "database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
+            " and %d logs; %.1f MiB of data now (was %.1f)%s",
+            cap // MIB,
+            dropped["bodies"],
+            dropped["transactions"],
+            dropped["logs"],
+            end / MIB,
+            start / MIB,
+            "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused",
+        )
     elif need:
         log.warning("database over retention.maxDatabaseMiB (%d MiB) with nothing left to drop", cap // MIB)
 

@@ -193,8 +193,10 @@ async def main(rt: ServiceRuntime) -> None:
         return {"max_database_mib": cfg.section("retention").get("maxDatabaseMiB", 4096)}
 
     def prune_opts() -> dict[str, Any]:
-        return {"retention_days": cfg.section("retention")["days"],
-                "pending_ttl_days": cfg.section("proxy")["pendingTtlDays"]}
+        return {
+            "retention_days": cfg.section("retention")["days"],
+            "pending_ttl_days": cfg.section("proxy")["pendingTtlDays"],
+        }
 
     async def start(args: dict[str, Any]) -> dict[str, Any]:
         name = str(args.get("job", ""))
@@ -204,17 +206,21 @@ async def main(rt: ServiceRuntime) -> None:
         if name == "size-cap":
             opts = cap_opts() | opts
         if name == "rebuild-conversations" and not await loop.run_in_executor(
-                executor, lambda: assembler.enabled(db.connection())):
+            executor, lambda: assembler.enabled(db.connection())
+        ):
             raise RemoteError("conversation tracking is disabled", 409)
         return runner.start(name, opts)
 
     conversations = ConversationLoop(rt, db, executor, runner)
 
-    control = ControlServer(cfg.bus["maintenanceControl"], {
-        "job.start": start,
-        "job.status": lambda args: runner.status(),
-        "stats": lambda args: rt.stats(),
-    })
+    control = ControlServer(
+        cfg.bus["maintenanceControl"],
+        {
+            "job.start": start,
+            "job.status": lambda args: runner.status(),
+            "stats": lambda args: rt.stats(),
+        },
+    )
     rt.add_stats(lambda: {"jobs_running": [n for n, s in runner.states.items() if s.running]})
 
     async def periodic() -> None:
@@ -240,14 +246,17 @@ async def main(rt: ServiceRuntime) -> None:
                 log.exception("size check failed")
                 continue
             if over:
-                log.info("database over retention.maxDatabaseMiB (%s MiB): dropping the oldest bodies",
-                         opts["max_database_mib"])
+                log.info(
+                    "database over retention.maxDatabaseMiB (%s MiB): dropping the oldest bodies",
+                    opts["max_database_mib"],
+                )
                 runner.start("size-cap", opts)
 
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:
-        await asyncio.gather(control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor),
-                             size_cap())
+        await asyncio.gather(
+            control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor), size_cap()
+        )
     finally:
         control.close()
 

@@ -35,8 +35,22 @@ RECEIVED = {"client": 0, "upstream": 0}
 
 class Conn(asyncio.BufferedProtocol):
     KIND = "upstream"
-    __slots__ = ("transport", "buf", "eof", "closed", "peer", "_waiter", "_drain", "_paused_by_peer",
-                 "on_close", "bytes_in", "_closed_fut", "_reading_paused", "idle_mark", "_fd")
+    __slots__ = (
+        "transport",
+        "buf",
+        "eof",
+        "closed",
+        "peer",
+        "_waiter",
+        "_drain",
+        "_paused_by_peer",
+        "on_close",
+        "bytes_in",
+        "_closed_fut",
+        "_reading_paused",
+        "idle_mark",
+        "_fd",
+    )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None

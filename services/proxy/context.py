@@ -75,8 +75,11 @@ class ProxyContext:
         # set by the service, None = not recorded).
         self.recorder: Recorder | None = None
         # Idle upstream connections of the forward proxy, per (client identity, host, port).
-        self.pool = UpstreamPool(per_key=limits.upstream_pool_size, total=limits.upstream_pool_total,
-                                 idle_timeout=limits.upstream_idle_timeout)
+        self.pool = UpstreamPool(
+            per_key=limits.upstream_pool_size,
+            total=limits.upstream_pool_total,
+            idle_timeout=limits.upstream_idle_timeout,
+        )
         # Container names from the Docker/Podman engine (greyproxy.docker.enabled); None = off.
         self.docker: DockerIdentity | None = None
         # Claimed identities (SPEC §16); None = every name is taken at its word (as before).
@@ -91,12 +94,21 @@ class ProxyContext:
         now = asyncio.get_running_loop().time()
         if now - self._refusal_logged >= 1.0:  # at most one line a second under a flood
             self._refusal_logged = now
-            log.warning("connection cap %s reached: refusing %s (%d active; refused so far: %s)",
-                        cap, identity, self.active, self.refused)
+            log.warning(
+                "connection cap %s reached: refusing %s (%d active; refused so far: %s)",
+                cap,
+                identity,
+                self.active,
+                self.refused,
+            )
 
     def stats(self) -> dict[str, object]:
-        return {"active_connections": self.active, "clients": len(self.per_client),
-                "refused_connections": dict(self.refused), "upstream_pool": self.pool.stats()}
+        return {
+            "active_connections": self.active,
+            "clients": len(self.per_client),
+            "refused_connections": dict(self.refused),
+            "upstream_pool": self.pool.stats(),
+        }
 
 
 class ClientConn(Conn):
@@ -198,8 +210,10 @@ async def unnamed_identity(conn: ClientConn) -> str:
     return default_identity(conn)
 
 
-async def start_listener(ctx: ProxyContext, host: str, port: int, handler,
-                         reuse_port: bool = False) -> asyncio.AbstractServer:
+async def start_listener(
+    ctx: ProxyContext, host: str, port: int, handler, reuse_port: bool = False
+) -> asyncio.AbstractServer:
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048,
-                                    reuse_port=reuse_port or None)
+    return await loop.create_server(
+        lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048, reuse_port=reuse_port or None
+    )

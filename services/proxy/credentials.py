@@ -100,8 +100,9 @@ def load_snapshot(key_file: Path) -> Snapshot:
             bad.append(f"global {label}")
             continue
         mapping[ph] = Live(ph, value, label, None, cid, tuple(hosts), None)
-    return Snapshot(version, mapping, state, live_sessions, len(grows) - sum(b.startswith("global ") for b in bad), bad,
-                    owners)
+    return Snapshot(
+        version, mapping, state, live_sessions, len(grows) - sum(b.startswith("global ") for b in bad), bad, owners
+    )
 
 
 class LiveCredentials:

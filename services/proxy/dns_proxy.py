@@ -49,21 +49,21 @@ from .settings_watch import SettingsWatch
 
 log = logging.getLogger("greyproxy.proxy.dns")
 
-MAX_TTL = 86400                 # never cache an answer longer than a day, whatever it claims
-UDP_MIN_PAYLOAD = 512           # RFC 1035 limit for a client without EDNS
-MAX_UDP_INFLIGHT = 4096         # queries being answered at once over UDP; beyond, drop (client retries)
-MAX_TCP_CONNECTIONS = 512       # open TCP client connections
-MAX_TCP_PIPELINE = 16           # queries answered concurrently on one TCP connection
-MAX_TCP_QUERY = 16384           # a query frame larger than this closes the connection
-TCP_IDLE_TIMEOUT = 10.0         # seconds a TCP client may sit between queries
-TCP_FRAME_TIMEOUT = 5.0         # seconds to receive the rest of a frame once its length arrived
-UPSTREAM_PENALTY = 30.0         # seconds a failing upstream is tried after the healthy ones
-PTR_DEADLINE = 0.3              # seconds a connection waits for a reverse lookup
-PTR_NEGATIVE_TTL = 300.0        # seconds an IP without a (confirmed) PTR name is not asked again
-PTR_CACHE_LIMIT = 65536         # negative PTR entries kept
-PERSIST_REFRESH = 3600.0        # re-journal an unchanged ip → name this often (keeps dns_cache fresh)
-PERSIST_LIMIT = 65536           # ip → name pairs remembered as already journaled
-NAMES_PRUNE_EVERY = 300.0       # seconds between sweeps of expired gate.names entries
+MAX_TTL = 86400  # never cache an answer longer than a day, whatever it claims
+UDP_MIN_PAYLOAD = 512  # RFC 1035 limit for a client without EDNS
+MAX_UDP_INFLIGHT = 4096  # queries being answered at once over UDP; beyond, drop (client retries)
+MAX_TCP_CONNECTIONS = 512  # open TCP client connections
+MAX_TCP_PIPELINE = 16  # queries answered concurrently on one TCP connection
+MAX_TCP_QUERY = 16384  # a query frame larger than this closes the connection
+TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP client may sit between queries
+TCP_FRAME_TIMEOUT = 5.0  # seconds to receive the rest of a frame once its length arrived
+UPSTREAM_PENALTY = 30.0  # seconds a failing upstream is tried after the healthy ones
+PTR_DEADLINE = 0.3  # seconds a connection waits for a reverse lookup
+PTR_NEGATIVE_TTL = 300.0  # seconds an IP without a (confirmed) PTR name is not asked again
+PTR_CACHE_LIMIT = 65536  # negative PTR entries kept
+PERSIST_REFRESH = 3600.0  # re-journal an unchanged ip → name this often (keeps dns_cache fresh)
+PERSIST_LIMIT = 65536  # ip → name pairs remembered as already journaled
+NAMES_PRUNE_EVERY = 300.0  # seconds between sweeps of expired gate.names entries
 LOG_SETTING = "logDnsQueries"
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
@@ -74,6 +74,7 @@ CacheKey = tuple[str, int, int, bool, int]  # (qname, rdtype, rdclass, edns?, fl
 
 
 # ----------------------------------------------------------------------------- pure parts
+
 
 class AnswerCache:
     """Upstream answers (wire bytes) by query key, kept for their TTL; least recently used goes first."""
@@ -158,8 +159,11 @@ def address_names(response: dns.message.Message) -> list[tuple[str, str]]:
     for rrset in response.answer:
         if rrset.rdtype in _ADDRESS_TYPES and rrset.rdclass == dns.rdataclass.IN:
             # 0.0.0.0 / :: is how filtering resolvers say "blocked": not an address of that name.
-            out.extend((normalise_host(rd.address), name) for rd in rrset
-                       if not ipaddress.ip_address(rd.address).is_unspecified)
+            out.extend(
+                (normalise_host(rd.address), name)
+                for rd in rrset
+                if not ipaddress.ip_address(rd.address).is_unspecified
+            )
     return out
 
 
@@ -197,6 +201,7 @@ def error_reply(query: dns.message.Message, rcode: dns.rcode.Rcode) -> bytes:
 @dataclass(slots=True)
 class Decoded:
     """A query to answer (`query` set), an immediate reply (`reply` set), or neither (drop)."""
+
     query: dns.message.Message | None = None
     reply: bytes | None = None
 
@@ -227,9 +232,14 @@ def forward_query(query: dns.message.Message) -> dns.message.Message:
     (client cookies and subnets are not ours to pass on, and the answer is shared through the cache)."""
     q = query.question[0]
     use_edns: int | bool = query.edns if query.edns >= 0 else False
-    fwd = dns.message.make_query(q.name, q.rdtype, q.rdclass, use_edns=use_edns,
-                                 want_dnssec=bool(query.ednsflags & dns.flags.DO),
-                                 payload=1232 if query.edns >= 0 else None)
+    fwd = dns.message.make_query(
+        q.name,
+        q.rdtype,
+        q.rdclass,
+        use_edns=use_edns,
+        want_dnssec=bool(query.ednsflags & dns.flags.DO),
+        payload=1232 if query.edns >= 0 else None,
+    )
     fwd.flags = query.flags & _COPIED_QUERY_FLAGS
     return fwd
 
@@ -261,6 +271,7 @@ def udp_limit(query: dns.message.Message) -> int:
 
 # ----------------------------------------------------------------------------- upstreams
 
+
 class Forwarder:
     """Asks the upstream resolvers in order; a failing one is moved to the back for a while."""
 
@@ -285,8 +296,9 @@ class Forwarder:
             try:
                 self.sent += 1
                 # ignore_errors: a stray or forged datagram does not end the wait for the real answer.
-                resp = await dns.asyncquery.udp(fwd, host, timeout=self.timeout, port=port,
-                                                ignore_unexpected=True, ignore_errors=True)
+                resp = await dns.asyncquery.udp(
+                    fwd, host, timeout=self.timeout, port=port, ignore_unexpected=True, ignore_errors=True
+                )
                 if resp.flags & dns.flags.TC:
                     self.tcp_retries += 1
                     resp = await dns.asyncquery.tcp(fwd, host, timeout=self.timeout, port=port)
@@ -307,6 +319,7 @@ class Forwarder:
 
 # ----------------------------------------------------------------------------- upstreams
 
+
 def _system_upstreams() -> list[tuple[str, int]]:
     """Nameservers from /etc/resolv.conf (worker thread: it reads a file)."""
     try:
@@ -322,6 +335,7 @@ def _system_upstreams() -> list[tuple[str, int]]:
 
 
 # ----------------------------------------------------------------------------- the server
+
 
 class _UdpServer(asyncio.DatagramProtocol):
     def __init__(self, proxy: DnsProxy) -> None:
@@ -339,8 +353,17 @@ class _UdpServer(asyncio.DatagramProtocol):
 
 
 class DnsProxy:
-    def __init__(self, gate: Gate, journal: JournalWriter, executor: Executor, forwarder: Forwarder,
-                 cache_size: int, host: str, port: int, settings: SettingsWatch | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        journal: JournalWriter,
+        executor: Executor,
+        forwarder: Forwarder,
+        cache_size: int,
+        host: str,
+        port: int,
+        settings: SettingsWatch | None = None,
+    ) -> None:
         self.gate = gate
         self.journal = journal
         self.executor = executor
@@ -360,17 +383,34 @@ class DnsProxy:
         self._persisted: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._udp_inflight = 0
         self._tcp_conns = 0
-        self.counts = {"queries": 0, "udp": 0, "tcp": 0, "cache_hits": 0, "servfail": 0, "malformed": 0,
-                       "dropped": 0, "names": 0, "ptr_lookups": 0, "ptr_names": 0}
+        self.counts = {
+            "queries": 0,
+            "udp": 0,
+            "tcp": 0,
+            "cache_hits": 0,
+            "servfail": 0,
+            "malformed": 0,
+            "dropped": 0,
+            "names": 0,
+            "ptr_lookups": 0,
+            "ptr_names": 0,
+        }
 
     # -- lifecycle --
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        _t, self._udp = await loop.create_datagram_endpoint(lambda: _UdpServer(self), local_addr=(self.host, self.port),
-                                                            reuse_port=self.reuse_port or None)
+        _t, self._udp = await loop.create_datagram_endpoint(
+            lambda: _UdpServer(self), local_addr=(self.host, self.port), reuse_port=self.reuse_port or None
+        )
         try:
-            self._tcp = await asyncio.start_server(self._serve_tcp, self.host, self.port, reuse_address=True,
-                                                   reuse_port=self.reuse_port or None, limit=MAX_TCP_QUERY + 2)
+            self._tcp = await asyncio.start_server(
+                self._serve_tcp,
+                self.host,
+                self.port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                limit=MAX_TCP_QUERY + 2,
+            )
         except BaseException:
             self._udp.transport.close()  # type: ignore[union-attr]
             raise
@@ -390,10 +430,16 @@ class DnsProxy:
             t.cancel()
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counts, "cache_entries": len(self.cache), "upstream_queries": self.forwarder.sent,
-                "upstream_failures": self.forwarder.failures, "tcp_retries": self.forwarder.tcp_retries,
-                "upstreams": [f"{h}:{p}" for h, p in self.forwarder.upstreams], "log_queries": self.log_queries,
-                "tcp_connections": self._tcp_conns}
+        return {
+            **self.counts,
+            "cache_entries": len(self.cache),
+            "upstream_queries": self.forwarder.sent,
+            "upstream_failures": self.forwarder.failures,
+            "tcp_retries": self.forwarder.tcp_retries,
+            "upstreams": [f"{h}:{p}" for h, p in self.forwarder.upstreams],
+            "log_queries": self.log_queries,
+            "tcp_connections": self._tcp_conns,
+        }
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
@@ -597,8 +643,11 @@ class DnsProxy:
             task = asyncio.ensure_future(self._reverse(h))
             self._ptr[h] = task
             task.add_done_callback(lambda _t: self._ptr.pop(h, None))
-        decided = (gate.is_own_listener(h, port) or gate.silent.active_mode() is not None
-                   or gate.rules.decide(container, h, port).rule is not None)
+        decided = (
+            gate.is_own_listener(h, port)
+            or gate.silent.active_mode() is not None
+            or gate.rules.decide(container, h, port).rule is not None
+        )
         if not decided:
             await asyncio.wait({task}, timeout=PTR_DEADLINE)  # the lookup goes on past the deadline
 
@@ -639,8 +688,12 @@ class DnsProxy:
     # -- logging queries (setting logDnsQueries) --
     def _log_query(self, query: dns.message.Message, client_ip: str, elapsed_ms: float) -> None:
         name = query.question[0].name.to_text(omit_final_dot=True).lower() or "."
-        self.journal.append(records.LOG, records.log_record(
-            f"unknown-{client_ip}", name, 53, "DNS", records.ALLOWED, response_time_ms=elapsed_ms, reason="dns"))
+        self.journal.append(
+            records.LOG,
+            records.log_record(
+                f"unknown-{client_ip}", name, 53, "DNS", records.ALLOWED, response_time_ms=elapsed_ms, reason="dns"
+            ),
+        )
 
     def _apply_settings(self, values: dict[str, Any]) -> None:
         value = values.get(LOG_SETTING) is True
@@ -649,8 +702,14 @@ class DnsProxy:
         self.log_queries = value
 
 
-async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: Executor,
-                    settings: SettingsWatch | None = None, reuse_port: bool = False) -> DnsProxy:
+async def start_dns(
+    cfg: Config,
+    gate: Gate,
+    journal: JournalWriter,
+    executor: Executor,
+    settings: SettingsWatch | None = None,
+    reuse_port: bool = False,
+) -> DnsProxy:
     """Start the DNS listeners on the `dns-proxy` address (UDP and TCP)."""
     lst = cfg.listeners["dns-proxy"]
     dcfg = cfg.section("dns")
@@ -664,15 +723,24 @@ async def start_dns(cfg: Config, gate: Gate, journal: JournalWriter, executor: E
         upstreams = await asyncio.get_running_loop().run_in_executor(executor, _system_upstreams)
     # Forwarding to our own listener would loop every query until it times out.
     wildcard = lst.host in ("", "0.0.0.0", "::")
-    upstreams = [u for u in upstreams if not (u[1] == lst.port and (
-        u[0] == lst.host or (wildcard and ipaddress.ip_address(u[0].split("%", 1)[0]).is_loopback)))]
+    upstreams = [
+        u
+        for u in upstreams
+        if not (
+            u[1] == lst.port
+            and (u[0] == lst.host or (wildcard and ipaddress.ip_address(u[0].split("%", 1)[0]).is_loopback))
+        )
+    ]
     if not upstreams:
         log.warning("DNS proxy has no upstream resolvers: every query will get SERVFAIL")
     forwarder = Forwarder(upstreams, float(dcfg.get("timeout") or 2.0))
-    proxy = DnsProxy(gate, journal, executor, forwarder, int(dcfg.get("cacheSize") or 0), lst.host, lst.port,
-                     settings)
+    proxy = DnsProxy(gate, journal, executor, forwarder, int(dcfg.get("cacheSize") or 0), lst.host, lst.port, settings)
     proxy.reuse_port = reuse_port  # workers share the address (SO_REUSEPORT)
     await proxy.start()
-    log.info("dns-proxy listening on %s:%d (udp+tcp), upstreams %s", lst.host, lst.port,
-             ", ".join(f"{h}:{p}" for h, p in upstreams) or "none")
+    log.info(
+        "dns-proxy listening on %s:%d (udp+tcp), upstreams %s",
+        lst.host,
+        lst.port,
+        ", ".join(f"{h}:{p}" for h, p in upstreams) or "none",
+    )
     return proxy

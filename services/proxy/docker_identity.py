@@ -86,11 +86,14 @@ class _Answer:
 
 async def engine_get(socket_path: str, path: str, timeout: float = REQUEST_TIMEOUT) -> Any:
     """GET `path` from the Engine API on a Unix socket; the decoded JSON body."""
+
     async def exchange() -> Any:
         reader, writer = await asyncio.open_unix_connection(socket_path)
         try:
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: greyproxy\r\n"
-                         "Accept: application/json\r\nConnection: close\r\n\r\n".encode())
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: docker\r\nUser-Agent: greyproxy\r\n"
+                "Accept: application/json\r\nConnection: close\r\n\r\n".encode()
+            )
             await writer.drain()
             answer = _Answer()
             parser = httptools.HttpResponseParser(answer)
@@ -149,8 +152,12 @@ class DockerIdentity:
             self.failing = False
         except EngineError as exc:
             if not self.failing:
-                log.warning("container identity: cannot ask the engine at %s (%s); connections without a "
-                            "proxy user name are named unknown-<ip>", self.socket_path, exc)
+                log.warning(
+                    "container identity: cannot ask the engine at %s (%s); connections without a "
+                    "proxy user name are named unknown-<ip>",
+                    self.socket_path,
+                    exc,
+                )
             self.failing = True
             self.by_ip = {}
         finally:
@@ -172,5 +179,10 @@ class DockerIdentity:
         return found
 
     def stats(self) -> dict[str, Any]:
-        return {"socket": self.socket_path, "containers": len(self.by_ip), "lookups": self.lookups,
-                "fetches": self.fetches, "reachable": not self.failing}
+        return {
+            "socket": self.socket_path,
+            "containers": len(self.by_ip),
+            "lookups": self.lookups,
+            "fetches": self.fetches,
+            "reachable": not self.failing,
+        }

@@ -36,8 +36,21 @@ from .conn import ConnClosed
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
 
-__all__ = ["AWAIT_RESPONSE", "DONE", "Exchange", "FAILED", "RETRYABLE", "SEND_REQUEST", "SEND_RESPONSE", "STALE",
-           "STATES", "SWITCHED", "State", "TRANSITIONS", "upstream_version"]
+__all__ = [
+    "AWAIT_RESPONSE",
+    "DONE",
+    "Exchange",
+    "FAILED",
+    "RETRYABLE",
+    "SEND_REQUEST",
+    "SEND_RESPONSE",
+    "STALE",
+    "STATES",
+    "SWITCHED",
+    "State",
+    "TRANSITIONS",
+    "upstream_version",
+]
 
 
 class State:
@@ -52,13 +65,13 @@ class State:
         return f"<State {self.value}>"
 
 
-SEND_REQUEST = State("send_request")      # the upstream head goes out, the request body starts
+SEND_REQUEST = State("send_request")  # the upstream head goes out, the request body starts
 AWAIT_RESPONSE = State("await_response")  # reading the origin's answer (1xx relayed on the way)
-SEND_RESPONSE = State("send_response")    # the final head and its body go to the client
-SWITCHED = State("switched")              # 101: bytes both ways until either side ends
-DONE = State("done")                      # ended; see client_keep / upstream_reusable
-FAILED = State("failed")                  # answered with an error of ours, or cut off
-STALE = State("stale")                    # a reused upstream closed unanswered: send it again
+SEND_RESPONSE = State("send_response")  # the final head and its body go to the client
+SWITCHED = State("switched")  # 101: bytes both ways until either side ends
+DONE = State("done")  # ended; see client_keep / upstream_reusable
+FAILED = State("failed")  # answered with an error of ours, or cut off
+STALE = State("stale")  # a reused upstream closed unanswered: send it again
 STATES = (SEND_REQUEST, AWAIT_RESPONSE, SEND_RESPONSE, SWITCHED, DONE, FAILED, STALE)
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -86,11 +99,34 @@ class Exchange:
     connection may carry another request), `upstream_reusable` (the upstream connection ended the
     exchange cleanly and may serve another; when False this exchange has closed it), `error`."""
 
-    __slots__ = ("client", "upstream", "head", "limits", "txn", "reused", "state", "client_keep",
-                 "upstream_reusable", "error", "final", "status", "_body", "_continued", "_interim_seen", "_owed")
+    __slots__ = (
+        "client",
+        "upstream",
+        "head",
+        "limits",
+        "txn",
+        "reused",
+        "state",
+        "client_keep",
+        "upstream_reusable",
+        "error",
+        "final",
+        "status",
+        "_body",
+        "_continued",
+        "_interim_seen",
+        "_owed",
+    )
 
-    def __init__(self, client: Stream, upstream: Stream, head: http1.RequestHead, limits: Any,
-                 txn: Txn | None = None, reused: bool = False) -> None:
+    def __init__(
+        self,
+        client: Stream,
+        upstream: Stream,
+        head: http1.RequestHead,
+        limits: Any,
+        txn: Txn | None = None,
+        reused: bool = False,
+    ) -> None:
         self.client = client
         self.upstream = upstream
         self.head = head
@@ -140,8 +176,9 @@ class Exchange:
                     self._fail(502, f"bad response from upstream: {exc}")
                     break
                 except http1.HttpError:  # read_head's "closed mid-head"
-                    self._fail(502, "bad response from upstream: the connection closed in the middle of the "
-                                    "response head")
+                    self._fail(
+                        502, "bad response from upstream: the connection closed in the middle of the response head"
+                    )
                     break
                 if got is None:
                     self._unanswered()
@@ -218,7 +255,9 @@ class Exchange:
     async def _switch(self, resp: http1.ResponseHead, n: int) -> None:
         """101: relay both ways until either side ends (only for a request that asked to upgrade)."""
         if self.head.upgrade is None:
-            self._fail(502, "bad response from upstream: 101 Switching Protocols to a request that asked for no upgrade")
+            self._fail(
+                502, "bad response from upstream: 101 Switching Protocols to a request that asked for no upgrade"
+            )
             return
         self._to(SWITCHED)
         self.client.write(self.upstream.take(n))
@@ -248,8 +287,13 @@ class Exchange:
             self.client.write(out)
             self.final = resp
             return None
-        reader = http1.BodyReader(resp.content_length, resp.chunked, until_close=resp.until_close,
-                                  sink=t.resp_sink(resp) if t is not None else None, response=True)
+        reader = http1.BodyReader(
+            resp.content_length,
+            resp.chunked,
+            until_close=resp.until_close,
+            sink=t.resp_sink(resp) if t is not None else None,
+            response=True,
+        )
         done = False
         if upstream.buf:
             # The body bytes already here leave with the head in one send (one wakeup of the client).
@@ -274,8 +318,11 @@ class Exchange:
         except asyncio.TimeoutError:
             self._cut_off("the upstream stalled in the middle of the response body")
         except ConnClosed:
-            self._cut_off("the client went away during the response" if client.closed
-                          else "the upstream closed before the response body ended")
+            self._cut_off(
+                "the client went away during the response"
+                if client.closed
+                else "the upstream closed before the response body ended"
+            )
 
     async def _request_body_end(self) -> None:
         """The response is out; the request body must have ended too for both connections to go on."""

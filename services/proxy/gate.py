@@ -54,6 +54,7 @@ class Verdict:
 @dataclass(slots=True)
 class Admission:
     """The last connection the gate admitted in this task: what `Gate.guard` judges addresses for."""
+
     container: str
     host: str
     port: int
@@ -69,6 +70,7 @@ _ADMITTED: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("gr
 @dataclass
 class Hold:
     """One held connection waiting for a person's decision."""
+
     key: Key
     resolved: str | None
     future: asyncio.Future = field(repr=False)
@@ -77,6 +79,7 @@ class Hold:
 @dataclass
 class LiveConn:
     """A connection the gate let through; closed if the rule that allowed it goes away."""
+
     container: str
     host: str
     port: int
@@ -106,13 +109,24 @@ class SilentMode:
         remaining = None
         if mode and self.expires_at is not None:
             remaining = max(0, int(round(self.expires_at - now)))
-        return {"active": mode is not None, "mode": mode,
-                "expires_at": rfc3339(self.expires_at) if mode else None, "remaining_seconds": remaining}
+        return {
+            "active": mode is not None,
+            "mode": mode,
+            "expires_at": rfc3339(self.expires_at) if mode else None,
+            "remaining_seconds": remaining,
+        }
 
 
 class Gate:
-    def __init__(self, journal: JournalWriter, publisher: Publisher, own_ports: set[int],
-                 local_hosts: set[str], hold_timeout: float, max_pending: int) -> None:
+    def __init__(
+        self,
+        journal: JournalWriter,
+        publisher: Publisher,
+        own_ports: set[int],
+        local_hosts: set[str],
+        hold_timeout: float,
+        max_pending: int,
+    ) -> None:
         self.journal = journal
         self.publisher = publisher
         self.rules = RuleSet([])  # also starts the decision cache (see the setter)
@@ -157,8 +171,9 @@ class Gate:
         return self.guard_ports.refuses(host, port)
 
     # -- the decision --
-    async def admit(self, container: str, host: str, port: int, method: str,
-                    client_gone: asyncio.Future | None = None) -> Verdict:
+    async def admit(
+        self, container: str, host: str, port: int, method: str, client_gone: asyncio.Future | None = None
+    ) -> Verdict:
         t0 = time.perf_counter()
         host = normalise_host(host)
         if self.name_hook is not None:
@@ -225,10 +240,21 @@ class Gate:
         self._hit(rule.id)
         v = adm.verdict
         v.log_pending = None  # a deferred tunnel entry becomes this block instead
-        self.record(adm.container, adm.host, adm.port, adm.method,
-                    Verdict(False, "rule", rule.id, v.resolved_hostname, v.elapsed_ms))
-        log.info("%s -> %s:%d refused: it resolves to %s, which rule %d denies", adm.container, adm.host,
-                 adm.port, ip, rule.id)
+        self.record(
+            adm.container,
+            adm.host,
+            adm.port,
+            adm.method,
+            Verdict(False, "rule", rule.id, v.resolved_hostname, v.elapsed_ms),
+        )
+        log.info(
+            "%s -> %s:%d refused: it resolves to %s, which rule %d denies",
+            adm.container,
+            adm.host,
+            adm.port,
+            ip,
+            rule.id,
+        )
         return f"resolves to {ip}, which rule {rule.id} denies"
 
     def finish_log(self, verdict: Verdict, mitm_skip_reason: str | None = None) -> None:
@@ -237,11 +263,28 @@ class Gate:
         if pending is not None:
             self.record(*pending, verdict, mitm_skip_reason=mitm_skip_reason)
 
-    def judge(self, container: str, host: str, port: int, resolved: str | None,
-              addresses: list[str] | None = None, explain: bool = False) -> Judgement:
+    def judge(
+        self,
+        container: str,
+        host: str,
+        port: int,
+        resolved: str | None,
+        addresses: list[str] | None = None,
+        explain: bool = False,
+    ) -> Judgement:
         """The decision (policy.judge: the same function GET /api/rules/explain calls)."""
-        return judge(self._rules, container, host, port, resolved=resolved, silent=self.silent.active_mode(),
-                     guard=self.guard_ports, addresses=addresses, decide=self._decide_rules, explain=explain)
+        return judge(
+            self._rules,
+            container,
+            host,
+            port,
+            resolved=resolved,
+            silent=self.silent.active_mode(),
+            guard=self.guard_ports,
+            addresses=addresses,
+            decide=self._decide_rules,
+            explain=explain,
+        )
 
     def _verdict(self, j: Judgement) -> Verdict | None:
         """The verdict for a judgement (None: hold it); counts the winning rule's hit."""
@@ -263,8 +306,9 @@ class Gate:
         v = self._decide_now(container, host, port, self.resolved_name(host))
         return v if v is not None else Verdict(False, "default_deny")
 
-    async def _hold(self, container: str, host: str, port: int, resolved: str | None,
-                    client_gone: asyncio.Future | None) -> Verdict:
+    async def _hold(
+        self, container: str, host: str, port: int, resolved: str | None, client_gone: asyncio.Future | None
+    ) -> Verdict:
         key: Key = (container, host, port)
         if key not in self.holds and self.pending_count >= self.max_pending:
             return Verdict(False, "queue_full")
@@ -297,14 +341,21 @@ class Gate:
                 self.holds.pop(key, None)
 
     def _waiters_changed(self, key: Key, previous: int, current: int) -> None:
-        self.publisher.publish(topics.WAITERS_CHANGED, {
-            "container_name": key[0], "host": key[1], "port": key[2],
-            "previous_count": previous, "current_count": current,
-        })
+        self.publisher.publish(
+            topics.WAITERS_CHANGED,
+            {
+                "container_name": key[0],
+                "host": key[1],
+                "port": key[2],
+                "previous_count": previous,
+                "current_count": current,
+            },
+        )
 
     def waiters(self) -> list[dict[str, Any]]:
-        return [{"container_name": k[0], "host": k[1], "port": k[2], "count": len(v)}
-                for k, v in self.holds.items() if v]
+        return [
+            {"container_name": k[0], "host": k[1], "port": k[2], "count": len(v)} for k, v in self.holds.items() if v
+        ]
 
     def waiting(self) -> int:
         return sum(len(v) for v in self.holds.values())
@@ -397,8 +448,9 @@ class Gate:
     # -- live connections --
     def track(self, container: str, host: str, port: int, verdict: Verdict, close: Callable[[], None]) -> int:
         self._live_ids += 1
-        self.live[self._live_ids] = LiveConn(container, normalise_host(host), port, verdict.resolved_hostname,
-                                             verdict.rule_id, close)
+        self.live[self._live_ids] = LiveConn(
+            container, normalise_host(host), port, verdict.resolved_hostname, verdict.rule_id, close
+        )
         return self._live_ids
 
     def untrack(self, cid: int) -> None:
@@ -419,8 +471,9 @@ class Gate:
         for rule_id, (count, last) in hits.items():
             self.journal.append(records.RULE_HIT, records.rule_hit_record(rule_id, count, last))
 
-    def record(self, container: str, host: str, port: int, method: str, verdict: Verdict,
-               mitm_skip_reason: str | None = None) -> None:
+    def record(
+        self, container: str, host: str, port: int, method: str, verdict: Verdict, mitm_skip_reason: str | None = None
+    ) -> None:
         summary = None
         if verdict.rule_id is not None:
             summary = self._summaries.get(verdict.rule_id)
@@ -428,11 +481,23 @@ class Gate:
                 rule = self.rules.get(verdict.rule_id)
                 if rule is not None:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
-        self.journal.append(records.LOG, records.log_record(
-            container, host, port, method, ALLOWED if verdict.allowed else BLOCKED,
-            resolved_hostname=verdict.resolved_hostname, rule_id=verdict.rule_id, rule_summary=summary,
-            response_time_ms=verdict.elapsed_ms, reason=verdict.reason, mitm_skip_reason=mitm_skip_reason,
-            container_id=self.container_ids.get(container, "")))
+        self.journal.append(
+            records.LOG,
+            records.log_record(
+                container,
+                host,
+                port,
+                method,
+                ALLOWED if verdict.allowed else BLOCKED,
+                resolved_hostname=verdict.resolved_hostname,
+                rule_id=verdict.rule_id,
+                rule_summary=summary,
+                response_time_ms=verdict.elapsed_ms,
+                reason=verdict.reason,
+                mitm_skip_reason=mitm_skip_reason,
+                container_id=self.container_ids.get(container, ""),
+            ),
+        )
 
     # -- silent mode --
     def set_silent(self, mode: str | None, duration: float | None) -> dict[str, Any]:

@@ -40,8 +40,17 @@ if TYPE_CHECKING:
     from .credentials import LiveCredentials
     from .gate import Gate, Verdict
 
-__all__ = ["CredentialSubstitution", "Flow", "HookChain", "Refusal", "RequestHook", "RuleRecheck",
-           "TEST_HOOKS_ENV", "hooks_from_env", "resolve"]
+__all__ = [
+    "CredentialSubstitution",
+    "Flow",
+    "HookChain",
+    "Refusal",
+    "RequestHook",
+    "RuleRecheck",
+    "TEST_HOOKS_ENV",
+    "hooks_from_env",
+    "resolve",
+]
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -51,8 +60,19 @@ DENIED_BODY = "Request denied by proxy"  # SPEC §7: a per-request rule deny
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110 §5.1 field name
 # Fields a hook may not set or drop: framing, the connection's own, and Host (the request goes to
 # the host that was decided; a hook cannot send it elsewhere by renaming it).
-_PROTECTED = frozenset({"content-length", "transfer-encoding", "host", "connection", "upgrade", "keep-alive",
-                        "proxy-connection", "te", "trailer"})
+_PROTECTED = frozenset(
+    {
+        "content-length",
+        "transfer-encoding",
+        "host",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,8 +85,13 @@ class Refusal:
     body: str
 
     def render(self) -> bytes:
-        return http1.render_response(self.status, phrase(self.status), self.body.encode("utf-8"), close=True,
-                                     headers=[("Content-Type", "text/plain; charset=utf-8"), (REASON_HEADER, self.reason)])
+        return http1.render_response(
+            self.status,
+            phrase(self.status),
+            self.body.encode("utf-8"),
+            close=True,
+            headers=[("Content-Type", "text/plain; charset=utf-8"), (REASON_HEADER, self.reason)],
+        )
 
 
 class Flow:
@@ -78,11 +103,34 @@ class Flow:
     end-to-end fields and target; `set_header`, `remove_header` and `set_target` change it (on a
     copy); `render` gives the bytes sent upstream."""
 
-    __slots__ = ("claimed", "container", "scheme", "host", "port", "server_name", "head", "verdict", "substituted",
-                 "session_id", "scrubber", "refused_labels", "_headers", "_target")
+    __slots__ = (
+        "claimed",
+        "container",
+        "scheme",
+        "host",
+        "port",
+        "server_name",
+        "head",
+        "verdict",
+        "substituted",
+        "session_id",
+        "scrubber",
+        "refused_labels",
+        "_headers",
+        "_target",
+    )
 
-    def __init__(self, container: str, scheme: str, host: str, port: int, head: http1.RequestHead,
-                 verdict: Verdict | None = None, server_name: str | None = None, claimed: bool = False) -> None:
+    def __init__(
+        self,
+        container: str,
+        scheme: str,
+        host: str,
+        port: int,
+        head: http1.RequestHead,
+        verdict: Verdict | None = None,
+        server_name: str | None = None,
+        claimed: bool = False,
+    ) -> None:
         self.container, self.scheme, self.host, self.port = container, scheme, host, port
         # SPEC §16: `container` is a claimed identity whose secret this connection presented (a
         # session bound to a claimed identity substitutes only where this is True).
@@ -180,8 +228,9 @@ class Flow:
         """The request head sent upstream."""
         head = self.head
         headers = self._headers if self._headers is not None else head.upstream_headers()
-        return http1.render_request_head(head.method, self._target if self._target is not None else head.path,
-                                         version, headers)
+        return http1.render_request_head(
+            head.method, self._target if self._target is not None else head.path, version, headers
+        )
 
 
 class RequestHook(Protocol):
@@ -302,8 +351,15 @@ class CredentialSubstitution:
         live = self.live
         assert live is not None
         tls = flow.scheme == "https"
-        return plan(headers, flow.target, self._lookup(flow), destination=flow.server_name if tls else flow.host,
-                    authority=flow.head.host, plaintext=not tls, available=live.available)
+        return plan(
+            headers,
+            flow.target,
+            self._lookup(flow),
+            destination=flow.server_name if tls else flow.host,
+            authority=flow.head.host,
+            plaintext=not tls,
+            available=live.available,
+        )
 
     def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
         if self.live is None:
@@ -328,8 +384,15 @@ class CredentialSubstitution:
             flow.refused_labels = r.labels
             flow.session_id = r.session_id
             live.refused[r.reason] += 1
-            log.warning("credential refused: %s → %s:%d: %s (labels %s, session %s)", flow.container, flow.host,
-                        flow.port, r.reason, ", ".join(r.labels) or "-", r.session_id or "-")
+            log.warning(
+                "credential refused: %s → %s:%d: %s (labels %s, session %s)",
+                flow.container,
+                flow.host,
+                flow.port,
+                r.reason,
+                ", ".join(r.labels) or "-",
+                r.session_id or "-",
+            )
             return Refusal(403, r.reason, r.body)
         if not p.used:
             return None
@@ -343,8 +406,12 @@ class CredentialSubstitution:
             live.refused[IN_PATH] += 1
             labels = tuple(p.labels)
             flow.refused_labels = labels
-            return Refusal(403, IN_PATH, f"Greyproxy: credential {', '.join(labels)} appears in a header the "
-                                         "proxy does not substitute (Host or message framing)")
+            return Refusal(
+                403,
+                IN_PATH,
+                f"Greyproxy: credential {', '.join(labels)} appears in a header the "
+                "proxy does not substitute (Host or message framing)",
+            )
         flow.substituted = p.labels
         flow.session_id = p.session_id
         flow.scrubber = p.scrubber()

@@ -42,8 +42,18 @@ _H2_PREFACE = b"PRI * HTTP/2.0"
 _VERSIONS = ("1.0", "1.1")
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) plus the legacy ones clients still send to proxies.
-_HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "proxy-authorization",
-                         "proxy-authenticate", "te", "trailer", "upgrade"})
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "upgrade",
+    }
+)
 # A client must never be able to strip message framing (or Host) by naming it in Connection.
 _NEVER_CONNECTION_DROPPED = frozenset({"content-length", "transfer-encoding", "host"})
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -131,7 +141,7 @@ def _split_authority(authority: str, port_required: bool, default_port: int) -> 
         close = authority.find("]")
         if close < 0:
             raise _bad("unterminated IPv6 literal")
-        host_part, rest = authority[:close + 1], authority[close + 1:]
+        host_part, rest = authority[: close + 1], authority[close + 1 :]
         if rest and not rest.startswith(":"):
             raise _bad("junk after IPv6 literal")
         port_text = rest[1:] if rest else None
@@ -199,8 +209,9 @@ def _keep_alive(version: str, connection: list[str]) -> bool:
     return version == "1.1" or "keep-alive" in connection
 
 
-def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception],
-             names: Names = None) -> tuple[bool, int | None, bool]:
+def _framing(
+    headers: list[tuple[str, str]], err: Callable[[str], Exception], names: Names = None
+) -> tuple[bool, int | None, bool]:
     """(chunked, content_length, until_close_if_response) from TE/CL, refusing ambiguous framing."""
     if names is not None and "transfer-encoding" not in names and "content-length" not in names:
         return False, None, True
@@ -210,8 +221,9 @@ def _framing(headers: list[tuple[str, str]], err: Callable[[str], Exception],
     return _framing_of(te, has_te, cls, err)
 
 
-def _framing_of(te: list[str], has_te: bool, cls: list[str], err: Callable[[str], Exception]
-                ) -> tuple[bool, int | None, bool]:
+def _framing_of(
+    te: list[str], has_te: bool, cls: list[str], err: Callable[[str], Exception]
+) -> tuple[bool, int | None, bool]:
     """_framing from the Transfer-Encoding tokens, whether that field is present, the Content-Length values."""
     if has_te and cls:
         raise err("both Content-Length and Transfer-Encoding")  # the classic smuggling pair
@@ -228,8 +240,9 @@ def _framing_of(te: list[str], has_te: bool, cls: list[str], err: Callable[[str]
     return False, None, True
 
 
-def _filter_hop_by_hop(headers: list[tuple[str, str]], keep_upgrade: bool,
-                       names: Names = None) -> list[tuple[str, str]]:
+def _filter_hop_by_hop(
+    headers: list[tuple[str, str]], keep_upgrade: bool, names: Names = None
+) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields, all Proxy-*, and whatever Connection names (never framing/Host)."""
     if names is not None and names.isdisjoint(_HOP_BY_HOP) and not any(n.startswith("proxy-") for n in names):
         return list(headers)  # nothing to drop (no Connection field, so it names nothing either)
@@ -350,8 +363,9 @@ def _run_parser(parser: httptools.HttpRequestParser | httptools.HttpResponsePars
     return None
 
 
-def _decode_headers(raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]
-                    ) -> tuple[list[tuple[str, str]], frozenset[str]]:
+def _decode_headers(
+    raw: list[tuple[bytes, bytes]], err: Callable[[str], Exception]
+) -> tuple[list[tuple[str, str]], frozenset[str]]:
     """A request's fields as text, and the set of their names lower-cased (most lookups in a
     request are for absent fields). Response heads take their own single pass instead."""
     headers = [(name.decode("latin-1"), value.decode("latin-1").strip(" \t")) for name, value in raw]
@@ -396,8 +410,9 @@ def _idna_request_line(head: bytes, line_end: int) -> bytes:
     return b" ".join((method, prefix + name.encode("ascii") + path, version)) + head[line_end:]
 
 
-def parse_request_head(buf: bytes, max_header_bytes: int = 65536, max_headers: int = 100,
-                       origin: tuple[str, str, int] | None = None) -> tuple[RequestHead, int] | None:
+def parse_request_head(
+    buf: bytes, max_header_bytes: int = 65536, max_headers: int = 100, origin: tuple[str, str, int] | None = None
+) -> tuple[RequestHead, int] | None:
     """Parse one request head from the start of `buf`: None if incomplete, else (head, bytes used).
 
     `origin=(scheme, host, port)` parses a request sent to an origin server (inside a tunnel):
@@ -511,8 +526,11 @@ def _derive_request_headers(head: RequestHead) -> None:
         # Codings before chunked ('gzip, chunked') are legal but no client sends them to a proxy,
         # and servers disagree on them: only exactly 'chunked' is accepted in a request.
         raise _bad("Transfer-Encoding must be exactly 'chunked'")
-    if not chunked and (names is None or "transfer-encoding" in names) and \
-            any(k.lower() == "transfer-encoding" for k, _ in headers):
+    if (
+        not chunked
+        and (names is None or "transfer-encoding" in names)
+        and any(k.lower() == "transfer-encoding" for k, _ in headers)
+    ):
         raise _bad("Transfer-Encoding must end with chunked")
     head.chunked, head.content_length = chunked, length
     connection = _tokens(headers, "connection", names)
@@ -555,8 +573,9 @@ class ResponseHead:
         return _first(self.headers, name)
 
 
-def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
-                        request_method: str = "GET") -> tuple[ResponseHead, int] | None:
+def parse_response_head(
+    buf: bytes, max_header_bytes: int = 65536, request_method: str = "GET"
+) -> tuple[ResponseHead, int] | None:
     """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad."""
     end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
     if end < 0:
@@ -613,19 +632,36 @@ def parse_response_head(buf: bytes, max_header_bytes: int = 65536,
         raise UpstreamError("control character in header value")
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
-    bodiless = (request_method.upper() == "HEAD" or 100 <= status < 200 or status in (204, 304)
-                or (request_method.upper() == "CONNECT" and 200 <= status < 300))
+    bodiless = (
+        request_method.upper() == "HEAD"
+        or 100 <= status < 200
+        or status in (204, 304)
+        or (request_method.upper() == "CONNECT" and 200 <= status < 300)
+    )
     if bodiless:
         has_body, until_close = False, False
     else:
         has_body = chunked or until_close or (length or 0) > 0
     keep_alive = _keep_alive(version, connection) and not until_close
-    head = ResponseHead(version=version, status=status, reason=col.status.decode("latin-1"),
-                        headers=headers, keep_alive=keep_alive, chunked=chunked and not bodiless,
-                        content_length=length, has_body=has_body, until_close=until_close, index=index)
+    head = ResponseHead(
+        version=version,
+        status=status,
+        reason=col.status.decode("latin-1"),
+        headers=headers,
+        keep_alive=keep_alive,
+        chunked=chunked and not bodiless,
+        content_length=length,
+        has_body=has_body,
+        until_close=until_close,
+        index=index,
+    )
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
-    if version == "1.1" and not other_hop and buf[:1] not in (b"\r", b"\n") and \
-            (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"])):
+    if (
+        version == "1.1"
+        and not other_hop
+        and buf[:1] not in (b"\r", b"\n")
+        and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"]))
+    ):
         head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
     return head, consumed
 
@@ -676,7 +712,7 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
                 return raw
             i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
-                return raw[:i + 2] + raw[i + len(_THEIR_KEEP_ALIVE):-2] + b"Connection: close\r\n\r\n"
+                return raw[: i + 2] + raw[i + len(_THEIR_KEEP_ALIVE) : -2] + b"Connection: close\r\n\r\n"
         else:
             return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)
@@ -688,11 +724,13 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
     return "".join(lines).encode("latin-1")
 
 
-def render_response(status: int, reason: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None,
-                    close: bool = True) -> bytes:
+def render_response(
+    status: int, reason: str, body: bytes = b"", headers: list[tuple[str, str]] | None = None, close: bool = True
+) -> bytes:
     """A complete proxy-generated response (403/502/...) framed by Content-Length."""
-    extra = [(k, v) for k, v in (headers or [])
-             if k.lower() not in ("content-length", "transfer-encoding", "connection")]
+    extra = [
+        (k, v) for k, v in (headers or []) if k.lower() not in ("content-length", "transfer-encoding", "connection")
+    ]
     if not any(k.lower() == "content-type" for k, _ in extra):
         extra.append(("Content-Type", "text/plain; charset=utf-8"))
     extra.append(("Content-Length", str(len(body))))
@@ -726,8 +764,14 @@ class BodyReader:
     `sink`, when given, receives the body's payload (chunk framing removed) as it passes, for capture.
     """
 
-    def __init__(self, content_length: int | None, chunked: bool, until_close: bool = False,
-                 sink: Callable[[bytes | memoryview], None] | None = None, response: bool = False) -> None:
+    def __init__(
+        self,
+        content_length: int | None,
+        chunked: bool,
+        until_close: bool = False,
+        sink: Callable[[bytes | memoryview], None] | None = None,
+        response: bool = False,
+    ) -> None:
         self.sink = sink
         # Whose fault broken framing is: the client's (HttpError 400) or the origin's (UpstreamError).
         self._err: Callable[[str], Exception] = UpstreamError if response else _bad
@@ -765,14 +809,14 @@ class BodyReader:
             if self._state == _DATA:
                 take = min(self.remaining, n - pos)
                 if self.sink is not None:
-                    self.sink(memoryview(data)[pos:pos + take])
+                    self.sink(memoryview(data)[pos : pos + take])
                 pos += take
                 self.remaining -= take
                 if self.remaining == 0:
                     self._state = _DATA_END
             elif self._state == _DATA_END:
                 need = 2 - len(self._line)
-                self._line += data[pos:pos + need]
+                self._line += data[pos : pos + need]
                 pos += min(need, n - pos)
                 if len(self._line) == 2:
                     if self._line != b"\r\n":
@@ -794,7 +838,7 @@ class BodyReader:
             if len(self._line) > limit:
                 raise self._err("chunk framing line too long")
             return len(data)
-        self._line += data[pos:lf + 1]
+        self._line += data[pos : lf + 1]
         if len(self._line) > limit + 1:
             raise self._err("chunk framing line too long")
         line = bytes(self._line)

@@ -33,19 +33,25 @@ def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
     """The refusal of a connection past a connection cap: 503 (overall) or 429 (this client)."""
     if cap == CAP_OVERALL:
         status, reason = 503, "Service Unavailable"
-        text = (f"Greyproxy: too many open connections (proxy.{CAP_OVERALL} = {limits.max_connections}); "
-                "try again later\n")
+        text = (
+            f"Greyproxy: too many open connections (proxy.{CAP_OVERALL} = {limits.max_connections}); try again later\n"
+        )
     else:
         status, reason = 429, "Too Many Requests"
-        text = (f"Greyproxy: too many open connections for client {identity!r} "
-                f"(proxy.{CAP_PER_CLIENT} = {limits.max_per_client}); close some and try again\n")
+        text = (
+            f"Greyproxy: too many open connections for client {identity!r} "
+            f"(proxy.{CAP_PER_CLIENT} = {limits.max_per_client}); close some and try again\n"
+        )
     return http1.render_response(status, reason, text.encode("utf-8"), headers=[("Retry-After", "1")], close=True)
 
 
 IDENTITY_REFUSED = http1.render_response(
-    407, "Proxy Authentication Required",
+    407,
+    "Proxy Authentication Required",
     b"Greyproxy: this client name is claimed; give its secret as the proxy password\n",
-    headers=[("Proxy-Authenticate", 'Basic realm="greyproxy"')], close=True)
+    headers=[("Proxy-Authenticate", 'Basic realm="greyproxy"')],
+    close=True,
+)
 
 
 async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
@@ -61,8 +67,14 @@ async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head
         token = ids.token(name, None)
     secret = head.proxy_password if head.proxy_user else None
     ok = ids.quick(name, secret) or await ids.check(
-        name, secret, src_ip=client.src_ip, protocol="HTTP", host=head.host, port=head.port,
-        method="CONNECT" if head.method == "CONNECT" else "HTTP")
+        name,
+        secret,
+        src_ip=client.src_ip,
+        protocol="HTTP",
+        host=head.host,
+        port=head.port,
+        method="CONNECT" if head.method == "CONNECT" else "HTTP",
+    )
     client.identity_token = token if ok else None
     client.claimed = ok and ids.claims.claimed(name)
     return ok
@@ -133,8 +145,11 @@ async def handle_http(client: ClientConn) -> None:
                 identity = head.proxy_user
             elif ctx.docker is not None and client.identity is None:
                 identity = await unnamed_identity(client)
-            if ids is not None and (head.proxy_user or client.claimed) and \
-                    not await check_identity(client, ids, identity, head):
+            if (
+                ids is not None
+                and (head.proxy_user or client.claimed)
+                and not await check_identity(client, ids, identity, head)
+            ):
                 client.write(IDENTITY_REFUSED)
                 return
             container = identity
@@ -163,8 +178,11 @@ async def handle_http(client: ClientConn) -> None:
                 return
 
             if head.scheme != "http":
-                client.write(error_response(400, "Bad Request",
-                                            "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"))
+                client.write(
+                    error_response(
+                        400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"
+                    )
+                )
                 return
             # decide
             verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
@@ -172,8 +190,11 @@ async def handle_http(client: ClientConn) -> None:
                 return
             # The record's snapshot of what the client sent (the absolute URI names the host contacted).
             rec = ctx.recorder
-            t = rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id) \
-                if rec is not None else None
+            t = (
+                rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+                if rec is not None
+                else None
+            )
             if not verdict.allowed:
                 client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
                 if t is not None:

@@ -23,8 +23,9 @@ __all__ = ["body_error", "cancel", "error_response", "phrase", "read_head", "rel
 T = TypeVar("T")
 
 
-async def read_head(conn: Stream, limits: Any, parse: Callable[[bytes], T | None],
-                    first_timeout: float | None) -> T | None:
+async def read_head(
+    conn: Stream, limits: Any, parse: Callable[[bytes], T | None], first_timeout: float | None
+) -> T | None:
     """Read until a full head parses (`parse(buf)` → value or None while incomplete). None when the
     peer closed cleanly before sending anything; HttpError(400) when it closed mid-head.
 
@@ -60,8 +61,9 @@ def phrase(status: int) -> str:
         return "Error"
 
 
-def error_response(status: int, reason: str, text: str, close: bool = True,
-                   headers: list[tuple[str, str]] | None = None) -> bytes:
+def error_response(
+    status: int, reason: str, text: str, close: bool = True, headers: list[tuple[str, str]] | None = None
+) -> bytes:
     """A short text/plain answer of the proxy's own (403, 502, 504, ...)."""
     return http1.render_response(status, reason, (text.rstrip("\n") + "\n").encode(), headers=headers, close=close)
 

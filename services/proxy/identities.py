@@ -34,8 +34,14 @@ USE_FLUSH_EVERY = 10.0  # seconds between last-use writes (through the journal)
 
 
 class IdentityGuard:
-    def __init__(self, executor: ThreadPoolExecutor, journal: JournalWriter, publisher: Publisher,
-                 gate: Gate | None = None, view: Any = None) -> None:
+    def __init__(
+        self,
+        executor: ThreadPoolExecutor,
+        journal: JournalWriter,
+        publisher: Publisher,
+        gate: Gate | None = None,
+        view: Any = None,
+    ) -> None:
         self.claims = Claims()
         self.view = view  # where the claims are read (services/proxy/store_view.py); None: the database
         self.executor = executor
@@ -71,8 +77,17 @@ class IdentityGuard:
             return True
         return None
 
-    async def check(self, name: str, secret: str | None, *, src_ip: str, protocol: str, host: str = "",
-                    port: int = 0, method: str = "") -> bool:
+    async def check(
+        self,
+        name: str,
+        secret: str | None,
+        *,
+        src_ip: str,
+        protocol: str,
+        host: str = "",
+        port: int = 0,
+        method: str = "",
+    ) -> bool:
         """Whether a connection may use `name`; a refusal is recorded here."""
         claims = self.claims
         ok = claims.judge(name, secret)
@@ -85,15 +100,38 @@ class IdentityGuard:
             return True
         self.refused += 1
         now = time.time()
-        log.info("identity %r refused from %s (%s): %s", name, src_ip, protocol,
-                 "no secret" if not secret else "wrong secret")
-        self.journal.append(records.LOG, records.log_record(
-            name, host, port, method or protocol, records.BLOCKED, response_time_ms=0.0, reason=REFUSED,
-            timestamp=now))
-        self.publisher.publish(topics.IDENTITY_REFUSED, {
-            "name": name, "protocol": protocol, "client_ip": src_ip, "destination_host": host or None,
-            "destination_port": port or None, "secret_given": bool(secret), "ts": now,
-        })
+        log.info(
+            "identity %r refused from %s (%s): %s",
+            name,
+            src_ip,
+            protocol,
+            "no secret" if not secret else "wrong secret",
+        )
+        self.journal.append(
+            records.LOG,
+            records.log_record(
+                name,
+                host,
+                port,
+                method or protocol,
+                records.BLOCKED,
+                response_time_ms=0.0,
+                reason=REFUSED,
+                timestamp=now,
+            ),
+        )
+        self.publisher.publish(
+            topics.IDENTITY_REFUSED,
+            {
+                "name": name,
+                "protocol": protocol,
+                "client_ip": src_ip,
+                "destination_host": host or None,
+                "destination_port": port or None,
+                "secret_given": bool(secret),
+                "ts": now,
+            },
+        )
         return False
 
     def token(self, name: str, secret: str | None) -> tuple[int, str, bytes | None]:

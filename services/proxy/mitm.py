@@ -58,7 +58,8 @@ MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling i
 # A request line, and every prefix of one (so a half-arrived line is not called "not HTTP").
 _REQUEST_LINE = re.compile(rb"[A-Z][A-Z_-]{0,19} [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
 _REQUEST_PREFIX = re.compile(
-    rb"[A-Z][A-Z_-]{0,19}(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?")
+    rb"[A-Z][A-Z_-]{0,19}(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?"
+)
 
 
 def http_state(buf: bytes | bytearray) -> str:
@@ -75,11 +76,12 @@ def http_state(buf: bytes | bytearray) -> str:
 @dataclass
 class Session:
     """One intercepted tunnel."""
+
     container: str
-    host: str               # the tunnel's destination (what the client CONNECTed to)
+    host: str  # the tunnel's destination (what the client CONNECTed to)
     port: int
-    scheme: str             # 'https' (TLS terminated) or 'http' (plain HTTP in the tunnel)
-    server_name: str        # upstream SNI / verification name
+    scheme: str  # 'https' (TLS terminated) or 'http' (plain HTTP in the tunnel)
+    server_name: str  # upstream SNI / verification name
     verdict: Verdict
     client: Stream
     upstream: Stream | None  # None once closed: the next request connects again
@@ -95,8 +97,15 @@ class Session:
 class Interceptor:
     """The tunnel hook (`ProxyContext.tunnel_hook`) and its shared state."""
 
-    def __init__(self, gate: Gate, recorder: Recorder, certs: CAWatcher, settings: SettingsWatch,
-                 bypass: list[str], upstream_ca_file: str = "") -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        recorder: Recorder,
+        certs: CAWatcher,
+        settings: SettingsWatch,
+        bypass: list[str],
+        upstream_ca_file: str = "",
+    ) -> None:
         self.gate = gate
         self.recorder = recorder  # transaction records (shared with the forward proxy)
         self.certs = certs
@@ -135,8 +144,12 @@ class Interceptor:
         self.mitm_enabled = enabled if isinstance(enabled, bool) else True
 
     def stats(self) -> dict[str, Any]:
-        return {"ca": self.certs.ca is not None, "enabled": self.mitm_enabled,
-                "leaves": len(self.certs.leaves) if self.certs.leaves is not None else 0, **self.counts}
+        return {
+            "ca": self.certs.ca is not None,
+            "enabled": self.mitm_enabled,
+            "leaves": len(self.certs.leaves) if self.certs.leaves is not None else 0,
+            **self.counts,
+        }
 
     def bypassed(self, *hosts: str | None) -> bool:
         for h in hosts:
@@ -149,8 +162,17 @@ class Interceptor:
         return False
 
     # -- the hook --
-    async def __call__(self, ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str,
-                       port: int, verdict: Verdict, method: str) -> bool:
+    async def __call__(
+        self,
+        ctx: ProxyContext,
+        client: Conn,
+        upstream: Conn,
+        container: str,
+        host: str,
+        port: int,
+        verdict: Verdict,
+        method: str,
+    ) -> bool:
         kind, hello = await self._peek(client, upstream, ctx.limits)
         if kind == "other":
             return self._skip(verdict, NON_TLS)
@@ -162,8 +184,20 @@ class Interceptor:
         if kind == "http":
             self.gate.finish_log(verdict)
             self.counts["intercepted_http"] += 1
-            await self._serve(Session(container, host, port, "http", host, verdict, client, upstream,
-                                      claimed=bool(getattr(client, "claimed", False))), ctx)
+            await self._serve(
+                Session(
+                    container,
+                    host,
+                    port,
+                    "http",
+                    host,
+                    verdict,
+                    client,
+                    upstream,
+                    claimed=bool(getattr(client, "claimed", False)),
+                ),
+                ctx,
+            )
             return True
         assert hello is not None
         leaves = self.certs.leaves
@@ -189,8 +223,17 @@ class Interceptor:
             self.gate.finish_log(verdict, HANDSHAKE_FAILED)
             client.abort()
             return True
-        session = Session(container, host, port, "https", name, verdict, tls_client, None,
-                          claimed=bool(getattr(client, "claimed", False)))
+        session = Session(
+            container,
+            host,
+            port,
+            "https",
+            name,
+            verdict,
+            tls_client,
+            None,
+            claimed=bool(getattr(client, "claimed", False)),
+        )
         session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, ctx.limits)
         kind = await self._peek_plaintext(session, ctx.limits)
         if kind != "http":
@@ -293,7 +336,9 @@ class Interceptor:
                     got = await read_head(s.client, limits, parse, None if first else limits.idle_timeout)
                 except asyncio.TimeoutError:
                     if first or s.client.buf:
-                        s.client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
+                        s.client.write(
+                            error_response(408, "Request Timeout", "Greyproxy: request headers took too long")
+                        )
                     return
                 except http1.HttpError as exc:
                     s.client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
@@ -324,16 +369,21 @@ class Interceptor:
         self.counts["host_mismatch"] += 1
         if now - self._mismatch_logged >= 1.0:  # at most one line a second
             self._mismatch_logged = now
-            log.warning("host mismatch: %s sent Host %r inside its tunnel to %s:%d (recorded as %s, "
-                        "host_mismatch; %d so far)", s.container, host, s.host, s.port, s.host,
-                        self.counts["host_mismatch"])
+            log.warning(
+                "host mismatch: %s sent Host %r inside its tunnel to %s:%d (recorded as %s, host_mismatch; %d so far)",
+                s.container,
+                host,
+                s.host,
+                s.port,
+                s.host,
+                self.counts["host_mismatch"],
+            )
         return True
 
     async def _exchange(self, s: Session, head: http1.RequestHead, ctx: ProxyContext) -> bool:
         """One request/response on an intercepted connection. True if the client connection stays open."""
         limits = ctx.limits
-        t = self.recorder.txn(s.container, s.origin, s.host, s.port, head,
-                              host_mismatch=self._host_mismatch(s, head))
+        t = self.recorder.txn(s.container, s.origin, s.host, s.port, head, host_mismatch=self._host_mismatch(s, head))
         flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name, claimed=s.claimed)
         refusal = await resolve(ctx.hooks.run(flow))
         t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id

@@ -95,8 +95,16 @@ class Recorder:
     def stats(self) -> dict[str, int]:
         return dict(self.counts)
 
-    def txn(self, container: str, origin: str, host: str, port: int, head: http1.RequestHead,
-            rule_id: int | None = None, host_mismatch: bool = False) -> Txn:
+    def txn(
+        self,
+        container: str,
+        origin: str,
+        host: str,
+        port: int,
+        head: http1.RequestHead,
+        rule_id: int | None = None,
+        host_mismatch: bool = False,
+    ) -> Txn:
         """The record of a request just read: `origin` ('scheme://authority') and `host`/`port` name
         what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
         return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
@@ -109,8 +117,9 @@ class Recorder:
         self.counts["transactions"] += 1
         rec["url"] = self.redactor.url(rec["url"])  # secrets in the query (?access_token=...)
         limit = self.max_body
-        if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and \
-                (resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])):
+        if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and (
+            resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])
+        ):
             _put_bodies(rec, req, resp, limit, scrub)
             self.journal.append("transaction", rec)
             return
@@ -137,8 +146,12 @@ class Recorder:
         deflate = deflate_negotiated(resp.header("sec-websocket-extensions"))
         url = self.redactor.url("ws" + t.url[4:])  # http:// → ws://, https:// → wss://
         container, dest, port, rule_id = t.container, t.host, t.port, t.rule_id
-        extra = {"request_host": t.request_host, "host_mismatch": t.host_mismatch, "session_id": t.session_id,
-                 "substituted_credentials": t.substituted}
+        extra = {
+            "request_host": t.request_host,
+            "host_mismatch": t.host_mismatch,
+            "session_id": t.session_id,
+            "substituted_credentials": t.substituted,
+        }
         scrub = t.scrubber
 
         def observer(method: str) -> Callable[[bytes], None]:
@@ -162,8 +175,18 @@ class Recorder:
 
         return observer("WS_REQ"), observer("WS_RESP")
 
-    def _record_ws(self, container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
-                   msg: Message, extra: dict[str, Any], scrub: Scrubber | None = None) -> None:
+    def _record_ws(
+        self,
+        container: str,
+        host: str,
+        port: int,
+        method: str,
+        url: str,
+        rule_id: int | None,
+        msg: Message,
+        extra: dict[str, Any],
+        scrub: Scrubber | None = None,
+    ) -> None:
         size = len(msg.payload) if msg.compressed and not msg.truncated else msg.size  # the message's own size
         side = "request" if method == "WS_REQ" else "response"
         rec = base_record(container, host, port, method, url, rule_id)
@@ -179,11 +202,14 @@ class Recorder:
 _WS_TEXT = "text/plain; charset=utf-8"  # a WebSocket text message is UTF-8 (RFC 6455 §5.6)
 
 
-def _put_bodies(rec: dict[str, Any], req: Body | None, resp: Body | None, limit: int,
-                scrub: Scrubber | None = None) -> None:
+def _put_bodies(
+    rec: dict[str, Any], req: Body | None, resp: Body | None, limit: int, scrub: Scrubber | None = None
+) -> None:
     for side, body in (("request", req), ("response", resp)):
         if body is not None:
-            packed = stored_body(*body, limit=limit, scrub=scrub.data if scrub is not None and side == "response" else None)
+            packed = stored_body(
+                *body, limit=limit, scrub=scrub.data if scrub is not None and side == "response" else None
+            )
             if packed is not None:
                 to_record(rec, side, packed)
 
@@ -196,12 +222,41 @@ class Txn:
     one contacted (`host_mismatch`). Nothing done to the request afterwards (request hooks build
     the upstream head from a copy) changes them."""
 
-    __slots__ = ("recorder", "container", "host", "port", "method", "url", "request_headers", "request_host",
-                 "host_mismatch", "req_ct", "req_ce", "t0", "p0", "req", "resp", "rule_id", "substituted", "done",
-                 "session_id", "scrubber", "refused")
+    __slots__ = (
+        "recorder",
+        "container",
+        "host",
+        "port",
+        "method",
+        "url",
+        "request_headers",
+        "request_host",
+        "host_mismatch",
+        "req_ct",
+        "req_ce",
+        "t0",
+        "p0",
+        "req",
+        "resp",
+        "rule_id",
+        "substituted",
+        "done",
+        "session_id",
+        "scrubber",
+        "refused",
+    )
 
-    def __init__(self, recorder: Recorder, container: str, origin: str, host: str, port: int,
-                 head: http1.RequestHead, rule_id: int | None = None, host_mismatch: bool = False) -> None:
+    def __init__(
+        self,
+        recorder: Recorder,
+        container: str,
+        origin: str,
+        host: str,
+        port: int,
+        head: http1.RequestHead,
+        rule_id: int | None = None,
+        host_mismatch: bool = False,
+    ) -> None:
         self.recorder, self.container = recorder, container
         self.host, self.port = _dest_host(host), port
         self.method = head.method
@@ -244,8 +299,14 @@ class Txn:
         self.substituted, self.session_id, self.scrubber = flow.substituted, flow.session_id, flow.scrubber
         self.refused = flow.refused_labels
 
-    def finish(self, resp: http1.ResponseHead | None = None, status: int | None = None,
-               result: str = "allowed", error: str | None = None, block_reason: str | None = None) -> None:
+    def finish(
+        self,
+        resp: http1.ResponseHead | None = None,
+        status: int | None = None,
+        result: str = "allowed",
+        error: str | None = None,
+        block_reason: str | None = None,
+    ) -> None:
         """Send the record: `resp` is the final response relayed (if any), else `status` is what the
         client was answered; `error` says why the exchange failed or was cut off; `block_reason` why
         a request was refused (`rule` or a credential reason, SPEC §12.5)."""
@@ -261,20 +322,32 @@ class Txn:
         if scrub is not None and resp_headers:
             resp_headers = scrub.headers(resp_headers)
         rec = {
-            "timestamp": self.t0, "container_name": self.container,
-            "destination_host": self.host, "destination_port": self.port,
-            "method": self.method, "url": self.url,
-            "request_headers": self.request_headers, "request_body": None,
-            "request_body_size": req.size if req is not None else 0, "request_content_type": req_ct,
+            "timestamp": self.t0,
+            "container_name": self.container,
+            "destination_host": self.host,
+            "destination_port": self.port,
+            "method": self.method,
+            "url": self.url,
+            "request_headers": self.request_headers,
+            "request_body": None,
+            "request_body_size": req.size if req is not None else 0,
+            "request_content_type": req_ct,
             "status_code": resp.status if resp is not None else status,
             "response_headers": resp_headers,
-            "response_body": None, "response_body_size": rcap.size if rcap is not None else 0,
+            "response_body": None,
+            "response_body_size": rcap.size if rcap is not None else 0,
             "response_content_type": resp_ct,
-            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3), "rule_id": self.rule_id,
-            "result": result, "conversation_id": None,
+            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3),
+            "rule_id": self.rule_id,
+            "result": result,
+            "conversation_id": None,
             "substituted_credentials": list(self.substituted) if result == "allowed" else [],
-            "session_id": self.session_id, "request_host": self.request_host, "host_mismatch": self.host_mismatch,
-            "error": error, "block_reason": block_reason, "refused_credentials": list(self.refused),
+            "session_id": self.session_id,
+            "request_host": self.request_host,
+            "host_mismatch": self.host_mismatch,
+            "error": error,
+            "block_reason": block_reason,
+            "refused_credentials": list(self.refused),
         }
         req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None
@@ -283,22 +356,47 @@ class Txn:
         self.recorder.submit(rec, req_body, resp_body, scrub)
 
 
-def base_record(container: str, host: str, port: int, method: str, url: str, rule_id: int | None,
-                ts: float | None = None) -> dict[str, Any]:
+def base_record(
+    container: str, host: str, port: int, method: str, url: str, rule_id: int | None, ts: float | None = None
+) -> dict[str, Any]:
     """A transaction record with every column, nothing exchanged yet."""
     return {
-        "timestamp": ts if ts is not None else time.time(), "container_name": container,
-        "destination_host": _dest_host(host), "destination_port": port, "method": method,
-        "url": url, "request_headers": {}, "request_body": None, "request_body_size": 0,
-        "request_content_type": None, "status_code": None, "response_headers": {}, "response_body": None,
-        "response_body_size": 0, "response_content_type": None, "duration_ms": None, "rule_id": rule_id,
-        "result": "allowed", "conversation_id": None, "substituted_credentials": [], "session_id": None,
-        "request_host": None, "host_mismatch": False, "error": None, "block_reason": None, "refused_credentials": [],
+        "timestamp": ts if ts is not None else time.time(),
+        "container_name": container,
+        "destination_host": _dest_host(host),
+        "destination_port": port,
+        "method": method,
+        "url": url,
+        "request_headers": {},
+        "request_body": None,
+        "request_body_size": 0,
+        "request_content_type": None,
+        "status_code": None,
+        "response_headers": {},
+        "response_body": None,
+        "response_body_size": 0,
+        "response_content_type": None,
+        "duration_ms": None,
+        "rule_id": rule_id,
+        "result": "allowed",
+        "conversation_id": None,
+        "substituted_credentials": [],
+        "session_id": None,
+        "request_host": None,
+        "host_mismatch": False,
+        "error": None,
+        "block_reason": None,
+        "refused_credentials": [],
     }
 
 
-async def relay(a: Stream, b: Stream, idle: float, see_ab: Callable[[bytes], None] | None = None,
-                see_ba: Callable[[bytes], None] | None = None) -> None:
+async def relay(
+    a: Stream,
+    b: Stream,
+    idle: float,
+    see_ab: Callable[[bytes], None] | None = None,
+    see_ba: Callable[[bytes], None] | None = None,
+) -> None:
     """Copy both ways until either side ends, or until nothing has passed in EITHER direction for
     `idle` seconds (a long one-way stream lives on); then both are closed. `see_*` get each chunk."""
     loop = asyncio.get_running_loop()

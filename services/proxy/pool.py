@@ -118,5 +118,10 @@ class UpstreamPool:
 
 def usable(conn: Conn) -> bool:
     """Open, not half-closed by the origin, and nothing unread (an idle origin has nothing to say)."""
-    return not conn.closed and not conn.eof and not conn.buf and conn.transport is not None \
+    return (
+        not conn.closed
+        and not conn.eof
+        and not conn.buf
+        and conn.transport is not None
         and not conn.transport.is_closing()
+    )

@@ -40,21 +40,32 @@ from .store_view import LocalView, RecorderView, view_for
 
 log = logging.getLogger("greyproxy.proxy")
 
-VERSION_CHECK_EVERY = 2.0   # seconds: heals a missed rules event
+VERSION_CHECK_EVERY = 2.0  # seconds: heals a missed rules event
 PENDING_COUNT_EVERY = 5.0
 HITS_FLUSH_EVERY = 2.0
-CA_CHECK_EVERY = 2.0        # seconds: rewritten CA files are picked up this fast
-DNS_KEEP = 7 * 86400.0      # seconds: DNS names older than this are not reloaded at start
+CA_CHECK_EVERY = 2.0  # seconds: rewritten CA files are picked up this fast
+DNS_KEEP = 7 * 86400.0  # seconds: DNS names older than this are not reloaded at start
 
-RULE_TOPICS = (topics.RULE_CREATED, topics.RULE_UPDATED, topics.RULE_DELETED, topics.RULES_CHANGED,
-               topics.PENDING_ALLOWED, topics.PENDING_DISMISSED)
+RULE_TOPICS = (
+    topics.RULE_CREATED,
+    topics.RULE_UPDATED,
+    topics.RULE_DELETED,
+    topics.RULES_CHANGED,
+    topics.PENDING_ALLOWED,
+    topics.PENDING_DISMISSED,
+)
 
 
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
-    def __init__(self, gate: Gate, executor: ThreadPoolExecutor, builtins: bool = True,
-                 view: LocalView | RecorderView | None = None) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        executor: ThreadPoolExecutor,
+        builtins: bool = True,
+        view: LocalView | RecorderView | None = None,
+    ) -> None:
         self.gate = gate
         self.executor = executor
         self.view = view or LocalView()  # the database, or the recorder's (proxy.rulesFrom)
@@ -172,8 +183,13 @@ def _raise_fd_limit(limits: Limits) -> None:
         log.warning("could not raise the open-files limit: %s", exc)
         return
     if soft != resource.RLIM_INFINITY and soft < want:
-        log.warning("open-files limit %d is below what proxy.maxConnections=%d needs (%d): connections "
-                    "past it fail when accepted", soft, limits.max_connections, want)
+        log.warning(
+            "open-files limit %d is below what proxy.maxConnections=%d needs (%d): connections "
+            "past it fail when accepted",
+            soft,
+            limits.max_connections,
+            want,
+        )
 
 
 async def main(rt: ServiceRuntime) -> None:
@@ -188,11 +204,13 @@ async def main(rt: ServiceRuntime) -> None:
     else:
         log.info("rules, settings and pending counts from the recorder at %s", cfg.bus["recorderControl"])
 
-    journal = JournalWriter(cfg.bus["journal"], outbox_limit=int(pcfg["journalOutbox"]),
-                            outbox_bytes=int(pcfg["journalOutboxMiB"]) * 1024 * 1024)
+    journal = JournalWriter(
+        cfg.bus["journal"],
+        outbox_limit=int(pcfg["journalOutbox"]),
+        outbox_bytes=int(pcfg["journalOutboxMiB"]) * 1024 * 1024,
+    )
     local_hosts = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
-    gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]),
-                int(pcfg["maxPending"]))
+    gate = Gate(journal, rt.publisher, cfg.own_ports, local_hosts, float(pcfg["holdTimeout"]), int(pcfg["maxPending"]))
     loader = RuleLoader(gate, executor, bool(cfg.section("greyproxy").get("builtinRules", True)), view)
     await loader.reload(force=True)
     gate.names.update(await loop.run_in_executor(executor, _load_dns_names, view))
@@ -201,17 +219,26 @@ async def main(rt: ServiceRuntime) -> None:
         gate.set_silent("allow", None)
 
     limits = Limits(
-        header_timeout=float(pcfg["headerTimeout"]), connect_timeout=float(pcfg["connectTimeout"]),
-        idle_timeout=float(pcfg["idleTimeout"]), max_header_bytes=int(pcfg["maxHeaderBytes"]),
-        max_headers=int(pcfg["maxHeaders"]), max_connections=-(-int(pcfg["maxConnections"]) // cfg.workers),
+        header_timeout=float(pcfg["headerTimeout"]),
+        connect_timeout=float(pcfg["connectTimeout"]),
+        idle_timeout=float(pcfg["idleTimeout"]),
+        max_header_bytes=int(pcfg["maxHeaderBytes"]),
+        max_headers=int(pcfg["maxHeaders"]),
+        max_connections=-(-int(pcfg["maxConnections"]) // cfg.workers),
         max_per_client=-(-int(pcfg["maxConnectionsPerClient"]) // cfg.workers),
-        upstream_pool_size=int(pcfg["upstreamPoolSize"]), upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
+        upstream_pool_size=int(pcfg["upstreamPoolSize"]),
+        upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
     )
     if cfg.workers > 1:
         # The caps are split, not shared: each worker allows its share (the kernel spreads a
         # client's connections over the workers by their addresses, so one may refuse a little early).
-        log.info("worker %s of %d: caps split to %d connections, %d per client", cfg.worker, cfg.workers,
-                 limits.max_connections, limits.max_per_client)
+        log.info(
+            "worker %s of %d: caps split to %d connections, %d per client",
+            cfg.worker,
+            cfg.workers,
+            limits.max_connections,
+            limits.max_per_client,
+        )
     _raise_fd_limit(limits)
     ctx = ProxyContext(gate, limits)
     ctx.identities = IdentityGuard(executor, journal, rt.publisher, gate, view)
@@ -259,17 +286,30 @@ async def main(rt: ServiceRuntime) -> None:
     dns: DnsProxy | None = None
     if dns_lst and dns_lst.port:
         start_dns_once = functools.partial(start_dns, cfg, gate, journal, executor, settings, reuse_port=shared)
-        dns = await ports.bind_retrying(start_dns_once, "dns-proxy", dns_lst.host, dns_lst.port,
-                                        (socket.SOCK_DGRAM, socket.SOCK_STREAM), logger=log)
+        dns = await ports.bind_retrying(
+            start_dns_once, "dns-proxy", dns_lst.host, dns_lst.port, (socket.SOCK_DGRAM, socket.SOCK_STREAM), logger=log
+        )
 
     def stats(args: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {**ctx.stats(), "tunnels": len(gate.live), "waiting": gate.waiting(),
-                "decisions": gate.decisions, "rules": len(gate.rules), "rules_version": gate.rules_version,
-                "pending_count": gate.pending_count, "allowall": gate.silent.status(), "journal": journal.stats(),
-                "metrics": {"connections": dict(gate.results), "decision_seconds": gate.decision_seconds.snapshot(),
-                            "hold_seconds": gate.hold_seconds.snapshot(), "bytes_received": dict(RECEIVED)},
-                **({"dns": dns.stats()} if dns is not None else {}),
-                **({"docker": ctx.docker.stats()} if ctx.docker is not None else {})}
+        return {
+            **ctx.stats(),
+            "tunnels": len(gate.live),
+            "waiting": gate.waiting(),
+            "decisions": gate.decisions,
+            "rules": len(gate.rules),
+            "rules_version": gate.rules_version,
+            "pending_count": gate.pending_count,
+            "allowall": gate.silent.status(),
+            "journal": journal.stats(),
+            "metrics": {
+                "connections": dict(gate.results),
+                "decision_seconds": gate.decision_seconds.snapshot(),
+                "hold_seconds": gate.hold_seconds.snapshot(),
+                "bytes_received": dict(RECEIVED),
+            },
+            **({"dns": dns.stats()} if dns is not None else {}),
+            **({"docker": ctx.docker.stats()} if ctx.docker is not None else {}),
+        }
 
     def allowall_set(args: dict[str, Any]) -> dict[str, Any]:
         mode = args.get("mode") or "allow"
@@ -306,23 +346,31 @@ async def main(rt: ServiceRuntime) -> None:
         changed = await ids.reload(force=bool(args.get("force")))
         return {"reloaded": changed, **ids.stats()}
 
-    control = ControlServer(cfg.proxy_control, {
-        "stats": stats,
-        "waiters": lambda args: {"waiters": gate.waiters()},
-        "allowall.get": lambda args: gate.silent.status(),
-        "allowall.set": allowall_set,
-        "allowall.clear": lambda args: gate.set_silent(None, None),
-        "rules.reload": rules_reload,
-        "holds.block": holds_block,
-        "cert.reload": cert_reload,
-        "credentials.reload": credentials_reload,
-        "identities.reload": identities_reload,
-    })
+    control = ControlServer(
+        cfg.proxy_control,
+        {
+            "stats": stats,
+            "waiters": lambda args: {"waiters": gate.waiters()},
+            "allowall.get": lambda args: gate.silent.status(),
+            "allowall.set": allowall_set,
+            "allowall.clear": lambda args: gate.set_silent(None, None),
+            "rules.reload": rules_reload,
+            "holds.block": holds_block,
+            "cert.reload": cert_reload,
+            "credentials.reload": credentials_reload,
+            "identities.reload": identities_reload,
+        },
+    )
     rt.add_stats(lambda: {k: v for k, v in stats().items() if k != "allowall"})
-    rt.add_stats(lambda: {"mitm": interceptor.stats(), "capture": recorder.stats(),
-                          "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)},
-                          "credentials": credentials.stats(),
-                          "identities": ctx.identities.stats() if ctx.identities else None})
+    rt.add_stats(
+        lambda: {
+            "mitm": interceptor.stats(),
+            "capture": recorder.stats(),
+            "request_hooks": {"chain": ctx.hooks.names, "refused": dict(ctx.hooks.refused)},
+            "credentials": credentials.stats(),
+            "identities": ctx.identities.stats() if ctx.identities else None,
+        }
+    )
 
     async def watch_ca() -> None:
         while True:
@@ -349,10 +397,18 @@ async def main(rt: ServiceRuntime) -> None:
     log.info("proxy up")
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
-        await asyncio.gather(journal.run(), control.serve(), loader.watch(), _listen_bus(cfg, loader), periodic(),
-                             _listen_identities(cfg, ctx.identities),
-                             settings.run(), watch_ca(), credentials.watch(),
-                             *([_listen_names(cfg, gate, rt.name)] if shared else []))
+        await asyncio.gather(
+            journal.run(),
+            control.serve(),
+            loader.watch(),
+            _listen_bus(cfg, loader),
+            periodic(),
+            _listen_identities(cfg, ctx.identities),
+            settings.run(),
+            watch_ca(),
+            credentials.watch(),
+            *([_listen_names(cfg, gate, rt.name)] if shared else []),
+        )
     finally:
         for s in servers:
             s.close()

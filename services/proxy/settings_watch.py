@@ -31,8 +31,13 @@ def _read_all(view: LocalView | RecorderView) -> tuple[int, dict[str, Any]]:
 
 
 class SettingsWatch:
-    def __init__(self, sub_endpoint: str, executor: Executor, check_every: float = CHECK_EVERY,
-                 view: LocalView | RecorderView | None = None) -> None:
+    def __init__(
+        self,
+        sub_endpoint: str,
+        executor: Executor,
+        check_every: float = CHECK_EVERY,
+        view: LocalView | RecorderView | None = None,
+    ) -> None:
         self.sub_endpoint = sub_endpoint
         self.view = view or LocalView()
         self.executor = executor

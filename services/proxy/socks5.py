@@ -14,11 +14,27 @@ from dataclasses import dataclass
 from .http1 import canonical_host
 
 __all__ = [
-    "ATYP_DOMAIN", "ATYP_IPV4", "ATYP_IPV6", "CMD_BIND", "CMD_CONNECT", "CMD_UDP_ASSOCIATE",
-    "METHOD_NO_ACCEPTABLE", "METHOD_NO_AUTH", "METHOD_USERPASS",
-    "REP_ADDRESS_TYPE_NOT_SUPPORTED", "REP_COMMAND_NOT_SUPPORTED", "REP_CONNECTION_REFUSED",
-    "REP_GENERAL_FAILURE", "REP_HOST_UNREACHABLE", "REP_NETWORK_UNREACHABLE", "REP_NOT_ALLOWED",
-    "REP_SUCCEEDED", "REP_TTL_EXPIRED", "Socks5Server", "SocksError", "SocksRequest",
+    "ATYP_DOMAIN",
+    "ATYP_IPV4",
+    "ATYP_IPV6",
+    "CMD_BIND",
+    "CMD_CONNECT",
+    "CMD_UDP_ASSOCIATE",
+    "METHOD_NO_ACCEPTABLE",
+    "METHOD_NO_AUTH",
+    "METHOD_USERPASS",
+    "REP_ADDRESS_TYPE_NOT_SUPPORTED",
+    "REP_COMMAND_NOT_SUPPORTED",
+    "REP_CONNECTION_REFUSED",
+    "REP_GENERAL_FAILURE",
+    "REP_HOST_UNREACHABLE",
+    "REP_NETWORK_UNREACHABLE",
+    "REP_NOT_ALLOWED",
+    "REP_SUCCEEDED",
+    "REP_TTL_EXPIRED",
+    "Socks5Server",
+    "SocksError",
+    "SocksRequest",
 ]
 
 VERSION = 5
@@ -134,7 +150,7 @@ class Socks5Server:
         n = buf[1]
         if len(buf) < 2 + n:
             return 0
-        methods = set(buf[2:2 + n])
+        methods = set(buf[2 : 2 + n])
         if METHOD_USERPASS in methods:
             self.method, self._state = METHOD_USERPASS, _AUTH  # a username is how a client names itself
         elif METHOD_NO_AUTH in methods:
@@ -159,15 +175,15 @@ class Socks5Server:
         total = 3 + ulen + plen
         if len(buf) < total:
             return 0
-        self.username = _username(bytes(buf[2:2 + ulen]))
+        self.username = _username(bytes(buf[2 : 2 + ulen]))
         if self.hold_auth:
             # The caller judges the credential (claimed identities, SPEC §16): answer_auth replies.
-            password = bytes(buf[3 + ulen:total])
+            password = bytes(buf[3 + ulen : total])
             self.pending_auth = (self.username, password.decode("utf-8", "replace") if password else None)
-            buf[3 + ulen:total] = b"\x00" * plen
+            buf[3 + ulen : total] = b"\x00" * plen
             self._state = _AUTH_WAIT
             return total
-        buf[3 + ulen:total] = b"\x00" * plen  # scrub the password before the buffer is trimmed
+        buf[3 + ulen : total] = b"\x00" * plen  # scrub the password before the buffer is trimmed
         out.append(bytes((AUTH_VERSION, 0)))  # identity only: every credential is accepted
         self._state = _REQUEST
         return total
@@ -222,8 +238,7 @@ class Socks5Server:
         port = int.from_bytes(buf[addr_end:total], "big")
         if port == 0 and buf[1] == CMD_CONNECT:
             raise SocksError(REP_GENERAL_FAILURE, "port 0")
-        self.request = SocksRequest(command=buf[1], host=host, port=port, address_type=atyp,
-                                    username=self.username)
+        self.request = SocksRequest(command=buf[1], host=host, port=port, address_type=atyp, username=self.username)
         self._state = _DONE
         return total
 

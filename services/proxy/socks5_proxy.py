@@ -11,9 +11,14 @@ from .context import ClientConn, unnamed_identity
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
 
-_SOCKS_FAIL = {"refused": socks5.REP_CONNECTION_REFUSED, "network": socks5.REP_NETWORK_UNREACHABLE,
-               "dns": socks5.REP_HOST_UNREACHABLE, "unreachable": socks5.REP_HOST_UNREACHABLE,
-               "timeout": socks5.REP_TTL_EXPIRED, "guard": socks5.REP_NOT_ALLOWED}
+_SOCKS_FAIL = {
+    "refused": socks5.REP_CONNECTION_REFUSED,
+    "network": socks5.REP_NETWORK_UNREACHABLE,
+    "dns": socks5.REP_HOST_UNREACHABLE,
+    "unreachable": socks5.REP_HOST_UNREACHABLE,
+    "timeout": socks5.REP_TTL_EXPIRED,
+    "guard": socks5.REP_NOT_ALLOWED,
+}
 
 
 async def handle_socks(client: ClientConn) -> None:
@@ -31,8 +36,11 @@ async def handle_socks(client: ClientConn) -> None:
                 if server.pending_auth is not None and ids is not None:
                     # A claimed name must present its secret (SPEC §16): judged before the request.
                     name, secret = server.pending_auth
-                    ok = name is None or ids.quick(name, secret) or \
-                        await ids.check(name, secret, src_ip=client.src_ip, protocol="SOCKS5")
+                    ok = (
+                        name is None
+                        or ids.quick(name, secret)
+                        or await ids.check(name, secret, src_ip=client.src_ip, protocol="SOCKS5")
+                    )
                     client.claimed = ok and ids.claims.claimed(name)
                     client.write(server.answer_auth(ok))
                     if not ok:

@@ -45,7 +45,7 @@ def looks_like_tls(buf: bytes | bytearray) -> bool | None:
 def _u(data: bytes, pos: int, n: int) -> int:
     if pos + n > len(data):
         raise NotClientHello("truncated ClientHello")
-    return int.from_bytes(data[pos:pos + n], "big")
+    return int.from_bytes(data[pos : pos + n], "big")
 
 
 def parse_client_hello(buf: bytes | bytearray) -> ClientHello | None:
@@ -57,14 +57,14 @@ def parse_client_hello(buf: bytes | bytearray) -> ClientHello | None:
             return None
         if buf[pos] != 0x16 or buf[pos + 1] != 0x03:
             raise NotClientHello("not a TLS handshake record")
-        rec_len = int.from_bytes(buf[pos + 3:pos + 5], "big")
+        rec_len = int.from_bytes(buf[pos + 3 : pos + 5], "big")
         if rec_len == 0 or rec_len > 16384 + 2048:
             raise NotClientHello("bad TLS record length")
         if len(buf) - pos - 5 < rec_len:
             if pos + 5 + rec_len > MAX_HELLO:
                 raise NotClientHello("ClientHello too large")
             return None
-        hs += buf[pos + 5:pos + 5 + rec_len]
+        hs += buf[pos + 5 : pos + 5 + rec_len]
         pos += 5 + rec_len
         if len(hs) >= 4:
             if hs[0] != 0x01:
@@ -73,7 +73,7 @@ def parse_client_hello(buf: bytes | bytearray) -> ClientHello | None:
             if msg_len > MAX_HELLO:
                 raise NotClientHello("ClientHello too large")
             if len(hs) >= 4 + msg_len:
-                return _hello_fields(bytes(hs[4:4 + msg_len]))
+                return _hello_fields(bytes(hs[4 : 4 + msg_len]))
 
 
 def _hello_fields(body: bytes) -> ClientHello:
@@ -91,7 +91,7 @@ def _hello_fields(body: bytes) -> ClientHello:
     alpn: list[str] = []
     while pos + 4 <= end:
         ext_type, ext_len = _u(body, pos, 2), _u(body, pos + 2, 2)
-        data = body[pos + 4:pos + 4 + ext_len]
+        data = body[pos + 4 : pos + 4 + ext_len]
         if len(data) != ext_len:
             raise NotClientHello("truncated extension")
         pos += 4 + ext_len
@@ -99,7 +99,7 @@ def _hello_fields(body: bytes) -> ClientHello:
             p, list_end = 2, 2 + _u(data, 0, 2)
             while p + 3 <= min(list_end, len(data)):
                 name_type, name_len = data[p], _u(data, p + 1, 2)
-                name = data[p + 3:p + 3 + name_len]
+                name = data[p + 3 : p + 3 + name_len]
                 p += 3 + name_len
                 if name_type == 0 and name:
                     try:
@@ -111,7 +111,7 @@ def _hello_fields(body: bytes) -> ClientHello:
             p, list_end = 2, min(2 + _u(data, 0, 2), len(data))
             while p < list_end:
                 n = data[p]
-                alpn.append(data[p + 1:p + 1 + n].decode("latin-1"))
+                alpn.append(data[p + 1 : p + 1 + n].decode("latin-1"))
                 p += 1 + n
     return ClientHello(sni or None, tuple(alpn))
 
@@ -120,13 +120,13 @@ class TlsStream:
     """TLS on top of a `Conn`, with the same reading/writing surface (`buf`, `read_more`, `take`,
     `write`, `drain`, `close`), so the HTTP code runs unchanged over plain or TLS connections."""
 
-    def __init__(self, raw: Conn, context: ssl.SSLContext, server_side: bool,
-                 server_hostname: str | None = None) -> None:
+    def __init__(
+        self, raw: Conn, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None
+    ) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self._in, self._out, server_side=server_side,
-                                       server_hostname=server_hostname)
+        self.sslobj = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
         self.buf = bytearray()
         self.eof = False  # no more plaintext will come (close_notify or the socket's EOF)
 

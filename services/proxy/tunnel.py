@@ -14,8 +14,9 @@ from .gate import Verdict
 log = logging.getLogger("greyproxy.proxy")
 
 
-async def run_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str, port: int,
-                     verdict: Verdict, method: str) -> None:
+async def run_tunnel(
+    ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str, port: int, verdict: Verdict, method: str
+) -> None:
     """Pipe both ways until both sides are closed; closed early if the allowing rule goes away."""
     gate = ctx.gate
 
@@ -27,8 +28,9 @@ async def run_tunnel(ctx: ProxyContext, client: Conn, upstream: Conn, container:
     loop = asyncio.get_running_loop()
     quiet_since, seen = loop.time(), client.bytes_in + upstream.bytes_in
     try:
-        if ctx.tunnel_hook is not None and await ctx.tunnel_hook(ctx, client, upstream, container, host, port,
-                                                                 verdict, method):
+        if ctx.tunnel_hook is not None and await ctx.tunnel_hook(
+            ctx, client, upstream, container, host, port, verdict, method
+        ):
             return
         splice(client, upstream)
         if client.bytes_in + upstream.bytes_in != seen:

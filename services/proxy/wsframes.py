@@ -26,15 +26,15 @@ class Frame:
     fin: bool
     rsv1: bool
     opcode: int
-    length: int      # true payload length
-    payload: bytes   # unmasked, at most the parser's limit
+    length: int  # true payload length
+    payload: bytes  # unmasked, at most the parser's limit
 
 
 @dataclass(slots=True)
 class Message:
-    opcode: int      # OP_TEXT or OP_BINARY
-    size: int        # true size on the wire (compressed size when deflated)
-    payload: bytes   # inflated when compressed, capped
+    opcode: int  # OP_TEXT or OP_BINARY
+    size: int  # true size on the wire (compressed size when deflated)
+    payload: bytes  # inflated when compressed, capped
     compressed: bool
     truncated: bool
 
@@ -88,7 +88,7 @@ class FrameParser:
             pos = 10
         if opcode in _CONTROL_OPS and (length > 125 or not fin):
             raise WsProtocolError("control frames must be short and unfragmented")
-        self._mask = bytes(h[pos:pos + 4]) if b1 & 0x80 else None
+        self._mask = bytes(h[pos : pos + 4]) if b1 & 0x80 else None
         self._frame = Frame(fin, bool(b0 & 0x40), opcode, length, b"")
         self._remaining = length
         self._seen = 0
@@ -103,7 +103,7 @@ class FrameParser:
             if self._frame is None:
                 # Header bytes arrive in any split: take at most the 14 a header can need.
                 take = min(14 - len(self._head), n - pos)
-                self._head += view[pos:pos + take]
+                self._head += view[pos : pos + take]
                 used = self._parse_head()
                 if used is None:
                     return out
@@ -114,7 +114,7 @@ class FrameParser:
             take = min(self._remaining, n - pos)
             room = self.limit - len(self._payload)
             if room > 0 and take:
-                piece = bytes(view[pos:pos + min(take, room)])
+                piece = bytes(view[pos : pos + min(take, room)])
                 self._payload += _unmask(piece, self._mask, self._seen) if self._mask else piece
             self._seen += take
             self._remaining -= take
@@ -165,7 +165,7 @@ class MessageAssembler:
             self._size, self._parts, self._lost = 0, bytearray(), False
         self._size += frame.length
         room = self.limit - len(self._parts)
-        self._parts += frame.payload[:max(room, 0)]
+        self._parts += frame.payload[: max(room, 0)]
         self._lost = self._lost or frame.length > len(frame.payload) or len(frame.payload) > max(room, 0)
         if not frame.fin:
             return None
@@ -186,7 +186,7 @@ class MessageAssembler:
             while buf:
                 chunk = d.decompress(buf, 256 * 1024)
                 if len(out) < self.limit:
-                    out += chunk[:self.limit - len(out)]
+                    out += chunk[: self.limit - len(out)]
                 buf = d.unconsumed_tail  # keep inflating past the cap: the window must stay whole
         except zlib.error:
             self._broken = True

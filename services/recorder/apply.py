@@ -94,8 +94,10 @@ def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event
 
 
 def _apply_rule_hit(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    cur.execute(rules.ADD_HITS,
-                (int(data.get("count") or 1), float(data.get("last_used_at") or time.time()), int(data["rule_id"])))
+    cur.execute(
+        rules.ADD_HITS,
+        (int(data.get("count") or 1), float(data.get("last_used_at") or time.time()), int(data["rule_id"])),
+    )
 
 
 def _apply_identity_used(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -130,9 +132,16 @@ def register(kind: str, fn, run_fn=None) -> None:
 _RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError)
 
 
-def apply_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event], table: str, sql: str,
-              build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]], topic: str,
-              payload: Callable[[dict[str, Any], Any], Any]) -> None:
+def apply_run(
+    cur: sqlite3.Cursor,
+    run: list[Record],
+    events: list[Event],
+    table: str,
+    sql: str,
+    build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]],
+    topic: str,
+    payload: Callable[[dict[str, Any], Any], Any],
+) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
     per proxied request, so runs are long). `build(data)` gives the row and its parameters; each
     row's event on `topic` is published after the commit with the payload `payload(row, data)`,
@@ -160,6 +169,7 @@ def apply_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event], table
 def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:
     """executemany `sql` into an AUTOINCREMENT `table`; the new rows' ids in order. This is the only
     writer inside its IMMEDIATE transaction, so they are the sequence's next ones."""
+
     def seq() -> int:
         row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         return int(row[0]) if row else 0
@@ -224,7 +234,7 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
         cur.execute("RELEASE fresh")
     seen: set[str] = set()
     for i in range(0, len(records), _ID_CHUNK):
-        ids = [r[0] for r in records[i:i + _ID_CHUNK]]
+        ids = [r[0] for r in records[i : i + _ID_CHUNK]]
         seen.update(row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids))
     fresh = []
     for rec in records:

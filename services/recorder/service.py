@@ -77,9 +77,14 @@ async def main(rt: ServiceRuntime) -> None:
         publish_events(rt.publisher, events)
 
     consumer = JournalConsumer(cfg.bus["journal"], apply, writer, after_commit)
-    rt.add_stats(lambda: {"records": consumer.records, "batches": consumer.applied_batches,
-                          "events_skipped": rt.publisher.skipped,
-                          "metrics": {"batch_seconds": batch_seconds.snapshot()}})
+    rt.add_stats(
+        lambda: {
+            "records": consumer.records,
+            "batches": consumer.applied_batches,
+            "events_skipped": rt.publisher.skipped,
+            "metrics": {"batch_seconds": batch_seconds.snapshot()},
+        }
+    )
     # A proxy on another host (proxy.rulesFrom: recorder) reads the rules and settings through these.
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder-view")
     view = LocalView()
@@ -92,10 +97,12 @@ async def main(rt: ServiceRuntime) -> None:
                     raise RemoteError("since must be a number (epoch seconds)", 400)
                 return await loop.run_in_executor(reader, view.dns_names, float(since))
             return await loop.run_in_executor(reader, getattr(view, method))
+
         return answer
 
-    control = ControlServer(cfg.bus["recorderControl"], {"stats": lambda args: rt.stats(),
-                                                          **{op: view_op(m) for op, m in VIEW_OPS.items()}})
+    control = ControlServer(
+        cfg.bus["recorderControl"], {"stats": lambda args: rt.stats(), **{op: view_op(m) for op, m in VIEW_OPS.items()}}
+    )
     log.info("recorder up: journal %s, db %s", cfg.bus["journal"], cfg.db_path)
     try:
         await asyncio.gather(consumer.serve(), control.serve())

@@ -23,8 +23,12 @@ from greyproxy.store import transactions as table
 from .apply import Deferred, Event, Record, apply_run, register
 
 _COLUMNS = table.FIELDS
-_JSON: dict[str, Any] = {"request_headers": {}, "response_headers": {}, "substituted_credentials": [],
-                         "refused_credentials": []}
+_JSON: dict[str, Any] = {
+    "request_headers": {},
+    "response_headers": {},
+    "substituted_credentials": [],
+    "refused_credentials": [],
+}
 _INTS = ("destination_port", "request_body_size", "response_body_size")
 _params_of = itemgetter(*_COLUMNS)
 
@@ -60,10 +64,17 @@ def _payload(row: dict[str, Any], data: Any) -> dict[str, Any]:
 
 def refused_event(row: dict[str, Any]) -> Event:
     """`credential.refused` for a request the credential hook refused (SPEC §12.7), after the commit."""
-    return (topics.CREDENTIAL_REFUSED, {
-        "transaction_id": row["id"], "container_name": row["container_name"],
-        "destination_host": row["destination_host"], "reason": row["block_reason"],
-        "labels": list(row.get("refused_credentials") or []), "session_id": row.get("session_id")})
+    return (
+        topics.CREDENTIAL_REFUSED,
+        {
+            "transaction_id": row["id"],
+            "container_name": row["container_name"],
+            "destination_host": row["destination_host"],
+            "reason": row["block_reason"],
+            "labels": list(row.get("refused_credentials") or []),
+            "session_id": row.get("session_id"),
+        },
+    )
 
 
 def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:

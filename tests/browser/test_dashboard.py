@@ -36,8 +36,16 @@ playwright_api = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.stack
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ORIGIN = "127.0.0.2"  # not covered by the builtin rules (those name 127.0.0.1, localhost, ::1)
 TX_AGENT = "agent-tx"
 SHOTS = REPO / "docs" / "screenshots"
@@ -49,6 +57,7 @@ if not os.path.exists(CHROMIUM):
 
 
 # ----------------------------------------------------------------------------- origins
+
 
 class _Plain(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802
@@ -84,8 +93,9 @@ class _Framer(http.server.BaseHTTPRequestHandler):
         if self.path == "/inner":
             body = b"<!doctype html><p id=inner>framable</p>"
         else:
-            body = (f'<!doctype html><iframe id="dash" src="{self.target}"></iframe>'
-                    f'<iframe id="own" src="/inner"></iframe>').encode()
+            body = (
+                f'<!doctype html><iframe id="dash" src="{self.target}"></iframe><iframe id="own" src="/inner"></iframe>'
+            ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
@@ -104,6 +114,7 @@ def _serve(handler: type, host: str = "127.0.0.1") -> tuple[http.server.Threadin
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def origin_ca() -> trustme.CA:
@@ -132,11 +143,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
     origin_ca.cert_pem.write_to_path(str(ca_file))
     s = Stack({"proxy": {"holdTimeout": 15}, "mitm": {"upstreamCaFile": str(ca_file)}})
     try:
-        subprocess.run([PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)], env=s.env,
-                       cwd=str(REPO), capture_output=True, timeout=30, check=True)
+        subprocess.run(
+            [PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)],
+            env=s.env,
+            cwd=str(REPO),
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
         s.start()
-        r = s.request("POST", "/api/rules", json={"container_pattern": TX_AGENT, "destination_pattern": ORIGIN,
-                                                  "port_pattern": "*", "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": TX_AGENT, "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+        )
         assert r.status_code == 201, r.text
         yield s
     finally:
@@ -168,6 +188,7 @@ class Watched:
         def finished(r) -> None:  # noqa: ANN001
             with contextlib.suppress(Exception):
                 self.bytes[r.url] = int((r.sizes() or {}).get("responseBodySize") or 0)
+
         self.page.on("requestfinished", finished)
 
     def close(self) -> None:
@@ -193,9 +214,24 @@ def watched(browser) -> Iterator:  # noqa: ANN001
 
 
 def _held_curl(stack: Stack, container: str, url: str, timeout: int = 20) -> subprocess.Popen:
-    return subprocess.Popen(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", str(timeout),
-                             "-x", f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}", url],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            str(timeout),
+            "-x",
+            f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}",
+            url,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _rules(stack: Stack, **params: str) -> list[dict]:
@@ -206,9 +242,18 @@ def _rules(stack: Stack, **params: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------- 1. served, headers, framing
 
+
 def test_app_page_deep_links_headers_and_api_404s(stack: Stack) -> None:
-    for path in ("/", "/pending", "/rules", "/logs", "/transactions/42", "/conversations/session_x/subagent_1",
-                 "/settings", "/no/such/view"):
+    for path in (
+        "/",
+        "/pending",
+        "/rules",
+        "/logs",
+        "/transactions/42",
+        "/conversations/session_x/subagent_1",
+        "/settings",
+        "/no/such/view",
+    ):
         r = stack.get(path)
         assert r.status_code == 200, (path, r.status_code)
         assert r.headers["content-type"].startswith("text/html")
@@ -253,14 +298,18 @@ def test_overview_loads_clean_within_budget_and_framing_is_refused(stack: Stack,
         time.sleep(0.5)
         dash = f.page.frame_locator("#dash")
         assert dash.locator("#nav").count() == 0, "the dashboard rendered inside another origin's frame"
-        assert any("frame-ancestors" in e or "Refused to frame" in e for e in f.errors) or \
-            f.page.frames[1].url in ("", "about:blank", "chrome-error://chromewebdata/")
+        assert any("frame-ancestors" in e or "Refused to frame" in e for e in f.errors) or f.page.frames[1].url in (
+            "",
+            "about:blank",
+            "chrome-error://chromewebdata/",
+        )
     finally:
         server.shutdown()
         server.server_close()
 
 
 # ----------------------------------------------------------------------------- 2, 3. pending
+
 
 def test_held_curl_appears_within_a_second_and_a_allows_it(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
     w = watched()
@@ -315,13 +364,18 @@ def test_deny_subdomain_wildcard_previews_exactly_the_rule_created(stack: Stack,
     rules = [r for r in _rules(stack, container="agent-psl")]
     assert len(rules) == 1, rules
     r = rules[0]
-    assert (r["container_pattern"], r["destination_pattern"], r["port_pattern"], r["action"]) == \
-        ("agent-psl", "**.example.co.uk", "*", "deny")
+    assert (r["container_pattern"], r["destination_pattern"], r["port_pattern"], r["action"]) == (
+        "agent-psl",
+        "**.example.co.uk",
+        "*",
+        "deny",
+    )
     assert shown == f"deny {r['container_pattern']} → {r['destination_pattern']}:{r['port_pattern']} (permanent)"
     w.clean()
 
 
 # ----------------------------------------------------------------------------- 4. rules
+
 
 def test_rule_create_error_at_the_field_then_edit_and_delete(stack: Stack, watched) -> None:  # noqa: ANN001
     w = watched()
@@ -332,8 +386,9 @@ def test_rule_create_error_at_the_field_then_edit_and_delete(stack: Stack, watch
     form.get_by_label("Container pattern").fill("agent-form")
     form.get_by_label("Destination pattern").fill("bad host")
     form.get_by_role("button", name="Create rule").click()
-    expected = stack.request("POST", "/api/rules", json={"container_pattern": "agent-form",
-                                                         "destination_pattern": "bad host"}).json()["error"]
+    expected = stack.request(
+        "POST", "/api/rules", json={"container_pattern": "agent-form", "destination_pattern": "bad host"}
+    ).json()["error"]
     err = form.locator("[data-field=destination_pattern] .field-error")
     err.wait_for(timeout=5000)
     assert err.inner_text() == expected
@@ -372,6 +427,7 @@ def test_rule_create_error_at_the_field_then_edit_and_delete(stack: Stack, watch
 
 # ----------------------------------------------------------------------------- 5. reconnect
 
+
 def test_banner_across_an_api_restart_and_views_current_after(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
     w = watched()
     p = w.page
@@ -402,6 +458,7 @@ def test_banner_across_an_api_restart_and_views_current_after(stack: Stack, plai
 
 # ----------------------------------------------------------------------------- 6. theme
 
+
 def test_dark_theme_is_applied_at_once_and_persists(stack: Stack, watched) -> None:  # noqa: ANN001
     w = watched()
     p = w.page
@@ -417,8 +474,11 @@ def test_dark_theme_is_applied_at_once_and_persists(stack: Stack, watched) -> No
     # A fresh browser profile (no local cache) gets it from the setting.
     fresh = watched()
     fresh.page.goto(stack.url("/overview"))
-    wait_for(lambda: fresh.page.evaluate("document.documentElement.dataset.theme") == "dark", 5,
-             message="dark from the server setting")
+    wait_for(
+        lambda: fresh.page.evaluate("document.documentElement.dataset.theme") == "dark",
+        5,
+        message="dark from the server setting",
+    )
     assert fresh.page.evaluate("getComputedStyle(document.body).backgroundColor") == bg != "rgb(246, 247, 249)"
     assert stack.request("PUT", "/api/settings", json={"theme": "system"}).status_code == 200
     w.clean()
@@ -427,19 +487,39 @@ def test_dark_theme_is_applied_at_once_and_persists(stack: Stack, watched) -> No
 
 # ----------------------------------------------------------------------------- 7. transaction detail
 
+
 def test_transaction_detail_pretty_json_and_redacted_headers(stack: Stack, tls_origin: int, watched) -> None:  # noqa: ANN001
     secret = "Bearer sk-test-do-not-show-0123456789"
     payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "n": 1}
-    r = subprocess.run(["curl", "-s", "-S", "--max-time", "15", "--cacert", str(stack.data_dir / "ca-cert.pem"),
-                        "-x", f"http://{TX_AGENT}:x@127.0.0.1:{stack.ports['http-proxy']}",
-                        "-H", f"Authorization: {secret}", "-H", "Content-Type: application/json",
-                        "--data", json.dumps(payload), f"https://{ORIGIN}:{tls_origin}/v1/echo"],
-                       capture_output=True, text=True, timeout=20)
+    r = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-S",
+            "--max-time",
+            "15",
+            "--cacert",
+            str(stack.data_dir / "ca-cert.pem"),
+            "-x",
+            f"http://{TX_AGENT}:x@127.0.0.1:{stack.ports['http-proxy']}",
+            "-H",
+            f"Authorization: {secret}",
+            "-H",
+            "Content-Type: application/json",
+            "--data",
+            json.dumps(payload),
+            f"https://{ORIGIN}:{tls_origin}/v1/echo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert r.returncode == 0 and json.loads(r.stdout)["ok"] is True, (r.stdout, r.stderr)
 
     def tx() -> dict | None:
         items = stack.get("/api/transactions", params={"container": TX_AGENT, "method": "POST"}).json()["items"]
         return items[0] if items else None
+
     t = wait_for(tx, 10, message="the transaction recorded")
     w = watched()
     p = w.page
@@ -464,6 +544,7 @@ def test_transaction_detail_pretty_json_and_redacted_headers(stack: Stack, tls_o
 
 # ----------------------------------------------------------------------------- scale
 
+
 def test_ten_thousand_pending_entries_stay_windowed(stack: Stack, watched) -> None:  # noqa: ANN001
     import sqlite3
 
@@ -473,8 +554,11 @@ def test_ten_thousand_pending_entries_stay_windowed(stack: Stack, watched) -> No
         cols = {row[1] for row in con.execute("PRAGMA table_info(pending)")}
         assert {"container_name", "destination_host", "destination_port"} <= cols, cols
         rows = [("agent-bulk", f"h{i}.bulk.example", 443, now - i, now - i, 1) for i in range(10_000)]
-        con.executemany("INSERT INTO pending (container_name, destination_host, destination_port, "
-                        "first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?)", rows)
+        con.executemany(
+            "INSERT INTO pending (container_name, destination_host, destination_port, "
+            "first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
         con.commit()
     finally:
         con.close()
@@ -485,8 +569,11 @@ def test_ten_thousand_pending_entries_stay_windowed(stack: Stack, watched) -> No
         p.goto(stack.url("/pending"))
         p.locator(".prow").first.wait_for(timeout=5000)
         first_paint = time.monotonic() - t0
-        wait_for(lambda: "10,0" in p.locator("h1 .count").inner_text() or "10 0" in p.locator("h1 .count").inner_text(),
-                 10, message="the whole queue counted")
+        wait_for(
+            lambda: "10,0" in p.locator("h1 .count").inner_text() or "10 0" in p.locator("h1 .count").inner_text(),
+            10,
+            message="the whole queue counted",
+        )
         assert p.locator(".prow").count() < 80, "rows outside the window were rendered"
         t1 = time.monotonic()
         for _ in range(50):
@@ -498,22 +585,50 @@ def test_ten_thousand_pending_entries_stay_windowed(stack: Stack, watched) -> No
         assert first_paint < 5, first_paint
         w.clean()
     finally:
-        ids = [i["id"] for i in stack.get("/api/pending", params={"container": "agent-bulk", "limit": 10000},
-                                          timeout=30).json()["items"]]
+        ids = [
+            i["id"]
+            for i in stack.get("/api/pending", params={"container": "agent-bulk", "limit": 10000}, timeout=30).json()[
+                "items"
+            ]
+        ]
         for i in range(0, len(ids), 2000):
-            r = stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": ids[i:i + 2000]}, timeout=60)
+            r = stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": ids[i : i + 2000]}, timeout=60)
             assert r.status_code == 200, r.text
 
 
 # ----------------------------------------------------------------------------- 8. screenshots
 
+
 def test_why_explains_a_pending_entry_and_a_log_row(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
     """SPEC §16: "Why?" asks GET /api/rules/explain and shows the decision, the rule and the candidates."""
-    deny = stack.request("POST", "/api/rules", json={"container_pattern": "why-ui", "destination_pattern": ORIGIN,
-                                                     "port_pattern": str(plain_origin), "action": "deny"}).json()
-    code = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x",
-                           f"http://why-ui:x@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN}:{plain_origin}/"],
-                          capture_output=True, text=True, timeout=15).stdout
+    deny = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "why-ui",
+            "destination_pattern": ORIGIN,
+            "port_pattern": str(plain_origin),
+            "action": "deny",
+        },
+    ).json()
+    code = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://why-ui:x@127.0.0.1:{stack.ports['http-proxy']}",
+            f"http://{ORIGIN}:{plain_origin}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    ).stdout
     assert code == "403"
     w = watched()
     w.page.goto(stack.url("/logs?container=why-ui"))
@@ -548,9 +663,15 @@ def test_why_explains_a_pending_entry_and_a_log_row(stack: Stack, plain_origin: 
 def test_screenshots_of_every_view_light_and_dark(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
     SHOTS.mkdir(parents=True, exist_ok=True)
     tx = stack.get("/api/transactions", params={"limit": 1, "method": "POST"}).json()["items"]
-    curls = [_held_curl(stack, name, url, timeout=12) for name, url in (
-        ("claude", f"http://{ORIGIN}:{plain_origin}/"), ("claude", "http://registry.npmjs.org/"),
-        ("codex", "http://api.github.com/"), ("opencode", "http://files.pythonhosted.org/"))]
+    curls = [
+        _held_curl(stack, name, url, timeout=12)
+        for name, url in (
+            ("claude", f"http://{ORIGIN}:{plain_origin}/"),
+            ("claude", "http://registry.npmjs.org/"),
+            ("codex", "http://api.github.com/"),
+            ("opencode", "http://files.pythonhosted.org/"),
+        )
+    ]
     try:
         wait_for(lambda: stack.get("/api/pending/count").json()["count"] >= 4, 10, message="pending entries")
         for scheme in ("light", "dark"):

@@ -55,8 +55,12 @@ def service_runner() -> Iterator[Callable[..., ServiceProcess]]:
     (if still running) at teardown."""
     procs: list[ServiceProcess] = []
 
-    def start(name: str, cfg_path: str | os.PathLike, env: dict[str, str] | None = None,
-              log_path: str | os.PathLike | None = None) -> ServiceProcess:
+    def start(
+        name: str,
+        cfg_path: str | os.PathLike,
+        env: dict[str, str] | None = None,
+        log_path: str | os.PathLike | None = None,
+    ) -> ServiceProcess:
         sp = run_service(name, cfg_path, env, log_path)
         procs.append(sp)
         return sp

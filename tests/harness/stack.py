@@ -14,8 +14,18 @@ from typing import Any
 import httpx
 
 from .util import (
-    LISTENER_NAMES, PYTHON, REPO, _is_ours, _kill_pids, _tail, descendants, free_ports, pid_alive, service_env,
-    short_tmpdir, write_config,
+    LISTENER_NAMES,
+    PYTHON,
+    REPO,
+    _is_ours,
+    _kill_pids,
+    _tail,
+    descendants,
+    free_ports,
+    pid_alive,
+    service_env,
+    short_tmpdir,
+    write_config,
 )
 
 
@@ -61,8 +71,12 @@ class Stack:
         with open(self.serve_log, "ab") as out:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "greyproxy", "serve", "-C", str(self.cfg_path), *extra_args],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env, cwd=str(REPO), start_new_session=True,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=str(REPO),
+                start_new_session=True,
             )
         try:
             self.wait_healthy(timeout)
@@ -191,6 +205,7 @@ class Stack:
 
 # ----------------------------------------------------------------------------- one service
 
+
 class ServiceProcess:
     """One ``greyproxy run <name>`` process, its output in ``log_path``."""
 
@@ -227,8 +242,9 @@ class ServiceProcess:
         return f"== {self.name} ({self.log_path}) ==\n{_tail(self.log_path, lines)}"
 
 
-def run_service(name: str, cfg_path: str | os.PathLike, env: dict[str, str] | None = None,
-                log_path: str | os.PathLike | None = None) -> ServiceProcess:
+def run_service(
+    name: str, cfg_path: str | os.PathLike, env: dict[str, str] | None = None, log_path: str | os.PathLike | None = None
+) -> ServiceProcess:
     """Start ``python -m greyproxy run <name> -C cfg_path`` in its own session.
 
     env: the full environment (see service_env(); GREYPROXY_DATA_HOME picks the data dir).
@@ -241,13 +257,24 @@ def run_service(name: str, cfg_path: str | os.PathLike, env: dict[str, str] | No
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(
             [PYTHON, "-m", "greyproxy", "run", name, "-C", str(cfg_path)],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, cwd=str(REPO), start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=str(REPO),
+            start_new_session=True,
         )
     return ServiceProcess(name, proc, log_path)
 
 
 def stack_cli(stack: Stack, *args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """``greyproxy <args> -C <the stack's config>`` with the stack's environment (check=True)."""
-    return subprocess.run([PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)], env=stack.env,
-                          cwd=str(REPO), capture_output=True, text=True, timeout=timeout, check=True)
+    return subprocess.run(
+        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
+        env=stack.env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )

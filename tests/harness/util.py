@@ -20,9 +20,17 @@ REPO = Path(__file__).resolve().parent.parent.parent
 PYTHON = sys.executable
 LISTENER_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
 # Variables of ours that must not leak from the developer's shell into a test process.
-_OUR_ENV = ("GREYPROXY_CONFIG", "GREYPROXY_HOST", "GREYPROXY_SILENT_ALLOW", "GREYPROXY_DATA_HOME",
-            "GREYPROXY_RUN_DIR", "GREYPROXY_LOG_DIR", "GREYPROXY_PYTHON", "GREYPROXY_SUPERVISOR_PID",
-            "GREYPROXY_EXIT_WITH_PARENT")
+_OUR_ENV = (
+    "GREYPROXY_CONFIG",
+    "GREYPROXY_HOST",
+    "GREYPROXY_SILENT_ALLOW",
+    "GREYPROXY_DATA_HOME",
+    "GREYPROXY_RUN_DIR",
+    "GREYPROXY_LOG_DIR",
+    "GREYPROXY_PYTHON",
+    "GREYPROXY_SUPERVISOR_PID",
+    "GREYPROXY_EXIT_WITH_PARENT",
+)
 
 T = TypeVar("T")
 
@@ -88,12 +96,24 @@ def base_config(ports: dict[str, int]) -> dict[str, Any]:
     return {
         "greyproxy": {"addr": f":{ports['api']}"},
         "services": [
-            {"name": "http-proxy", "addr": f":{ports['http-proxy']}", "handler": {"type": "http"},
-             "listener": {"type": "tcp"}},
-            {"name": "socks5-proxy", "addr": f":{ports['socks5-proxy']}", "handler": {"type": "socks5"},
-             "listener": {"type": "tcp"}},
-            {"name": "dns-proxy", "addr": f":{ports['dns-proxy']}", "handler": {"type": "dns"},
-             "listener": {"type": "dns"}},
+            {
+                "name": "http-proxy",
+                "addr": f":{ports['http-proxy']}",
+                "handler": {"type": "http"},
+                "listener": {"type": "tcp"},
+            },
+            {
+                "name": "socks5-proxy",
+                "addr": f":{ports['socks5-proxy']}",
+                "handler": {"type": "socks5"},
+                "listener": {"type": "tcp"},
+            },
+            {
+                "name": "dns-proxy",
+                "addr": f":{ports['dns-proxy']}",
+                "handler": {"type": "dns"},
+                "listener": {"type": "dns"},
+            },
         ],
         "bus": {"heartbeatInterval": 0.3},
         # One proxy process as before proxy.workers existed (auto would start one per CPU); the
@@ -120,8 +140,6 @@ def service_env(data_dir: Path | None = None, **extra: str) -> dict[str, str]:
         env["GREYPROXY_DATA_HOME"] = str(data_dir)
     env.update(extra)
     return env
-
-
 
 
 def pid_alive(pid: int) -> bool:

@@ -77,17 +77,39 @@ def rule(stack: Stack, **body: Any) -> dict:
 
 
 def curl_code(stack: Stack, user: str, url: str) -> str:
-    done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x",
-                           f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}", url],
-                          capture_output=True, text=True, timeout=15)
+    done = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
     return done.stdout
 
 
 def connect_status(stack: Stack, user: str, target: bytes) -> bytes:
     auth = base64.b64encode(f"{user}:x".encode())
     with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as s:
-        s.sendall(b"CONNECT " + target + b" HTTP/1.1\r\nHost: " + target + b"\r\nProxy-Authorization: Basic "
-                  + auth + b"\r\n\r\n")
+        s.sendall(
+            b"CONNECT "
+            + target
+            + b" HTTP/1.1\r\nHost: "
+            + target
+            + b"\r\nProxy-Authorization: Basic "
+            + auth
+            + b"\r\n\r\n"
+        )
         return s.recv(4096).split(b"\r\n", 1)[0]
 
 
@@ -108,8 +130,9 @@ def log_entries(stack: Stack, container: str) -> list[dict]:
 
 def test_a_name_is_judged_by_the_address_it_resolves_to(stack: Stack, origins: tuple[int, int]) -> None:
     denied, open_port = origins
-    deny = rule(stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied),
-                action="deny")
+    deny = rule(
+        stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied), action="deny"
+    )
     # The builtin rules allow `localhost`; the address deny wins over that name allow.
     for url in (f"http://localhost:{denied}/", f"http://127.0.0.1:{denied}/", f"http://LOCALHOST.:{denied}/"):
         assert curl_code(stack, "addr-a", url) == "403", url
@@ -132,8 +155,9 @@ def test_a_name_is_judged_by_the_address_it_resolves_to(stack: Stack, origins: t
 
 def test_a_broad_allow_does_not_open_a_denied_range(stack: Stack, origins: tuple[int, int]) -> None:
     denied, open_port = origins
-    deny = rule(stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied),
-                action="deny")
+    deny = rule(
+        stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied), action="deny"
+    )
     rule(stack, container_pattern="addr-broad", destination_pattern="*", action="allow")  # specificity 200
     assert curl_code(stack, "addr-broad", f"http://localhost:{denied}/") == "403"
     assert curl_code(stack, "addr-broad", f"http://127.0.0.1:{denied}/") == "403"  # the literal too
@@ -157,11 +181,15 @@ def test_unicode_rule_names_are_punycode_and_match_both_forms(stack: Stack) -> N
     assert {e["rule_id"] for e in entries} == {r["id"], wild["id"]}
     # Refused in patterns: NUL, a bidi override, wildcards mixed into a Unicode label.
     for bad in ("a\u0000b.example", "\u202egro.elgoog", "日*.example", "exa\u200bmple.com"):
-        res = httpx.post(stack.url("/api/rules"), json={"container_pattern": "idn", "destination_pattern": bad},
-                         timeout=5)
-        assert res.status_code == 400 and "destination_pattern" in res.json()["error"] or "label" in res.json()["error"], bad
-    res = httpx.post(stack.url("/api/rules"), json={"container_pattern": "a\u202eb", "destination_pattern": "x.example"},
-                     timeout=5)
+        res = httpx.post(
+            stack.url("/api/rules"), json={"container_pattern": "idn", "destination_pattern": bad}, timeout=5
+        )
+        assert (
+            res.status_code == 400 and "destination_pattern" in res.json()["error"] or "label" in res.json()["error"]
+        ), bad
+    res = httpx.post(
+        stack.url("/api/rules"), json={"container_pattern": "a\u202eb", "destination_pattern": "x.example"}, timeout=5
+    )
     assert res.status_code == 400 and "container_pattern" in res.json()["error"]
     # A CONNECT naming a bidi override or NUL is a 400, never a pending entry.
     assert connect_status(stack, "idn", "\u202eevil.example:443".encode()).startswith(b"HTTP/1.1 400")

@@ -134,19 +134,42 @@ def test_browser_writes_must_be_json_and_scripts_need_not(stack: Stack, client: 
             r = client.post(stack.url("/api/rules"), content=body, headers={"Origin": org, "Content-Type": ctype})
             assert r.status_code == 415 and "application/json" in r.json()["error"], (org, ctype, r.status_code)
     # Fetch metadata alone marks a browser too (a same-origin fetch may omit Origin on a GET, not on writes).
-    r = client.post(stack.url("/api/rules"), content=body,
-                    headers={"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Content-Type": "text/plain"})
+    r = client.post(
+        stack.url("/api/rules"),
+        content=body,
+        headers={"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Content-Type": "text/plain"},
+    )
     assert r.status_code == 415
     assert trust_rules(stack, client) == []
-    r = client.post(stack.url("/api/rules"), content=body,
-                    headers={"Origin": own(stack), "Content-Type": "application/json; charset=utf-8"})
+    r = client.post(
+        stack.url("/api/rules"),
+        content=body,
+        headers={"Origin": own(stack), "Content-Type": "application/json; charset=utf-8"},
+    )
     assert r.status_code == 201, r.text
-    r = client.post(stack.url("/api/rules"), content=body, headers={"Origin": LISTED, "Content-Type": "application/json"})
+    r = client.post(
+        stack.url("/api/rules"), content=body, headers={"Origin": LISTED, "Content-Type": "application/json"}
+    )
     assert r.status_code == 201, r.text
     # curl and scripts: no Origin, no Sec-Fetch-*: any content type (the README's `curl -d` examples).
-    done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST",
-                           stack.url("/api/allowall"), "-d", '{"mode": "allow", "duration_seconds": 60}'],
-                          capture_output=True, text=True, timeout=10)
+    done = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            stack.url("/api/allowall"),
+            "-d",
+            '{"mode": "allow", "duration_seconds": 60}',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     assert done.stdout == "200", done
     assert client.get(stack.url("/api/allowall")).json()["active"] is True
     assert client.delete(stack.url("/api/allowall"), headers={"Origin": own(stack)}).status_code == 200  # no body
@@ -170,7 +193,9 @@ def test_ws_upgrade_follows_the_origin_rule(stack: Stack) -> None:
 
 def test_malformed_requests_are_400_without_a_traceback(stack: Stack) -> None:
     port = stack.ports["api"]
-    status, body = raw(stack, f"GET /api/health HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.example\r\n\r\n".encode())
+    status, body = raw(
+        stack, f"GET /api/health HTTP/1.1\r\nHost: localhost:{port}\r\nHost: evil.example\r\n\r\n".encode()
+    )
     assert status == 400 and "Host" in orjson.loads(body)["error"]
     status, body = raw(stack, b"GET /api/health\r\n\r\n")  # HTTP/0.9
     assert status == 400 and "version" in orjson.loads(body)["error"]
@@ -194,12 +219,20 @@ def test_forwarded_for_is_not_trusted(stack: Stack) -> None:
     # A refused request is logged with the peer address; X-Forwarded-For must not rewrite it. (The one
     # cross-site refusal of this module: refusals of one kind are logged once per 10 s.)
     marker = "/api/xff-probe"
-    status, _ = raw(stack, (f"POST {marker} HTTP/1.1\r\nHost: localhost\r\nOrigin: {own(stack)}\r\n"
-                            "Sec-Fetch-Site: cross-site\r\nX-Forwarded-For: 203.0.113.9\r\n"
-                            "Content-Length: 0\r\n\r\n").encode())
+    status, _ = raw(
+        stack,
+        (
+            f"POST {marker} HTTP/1.1\r\nHost: localhost\r\nOrigin: {own(stack)}\r\n"
+            "Sec-Fetch-Site: cross-site\r\nX-Forwarded-For: 203.0.113.9\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode(),
+    )
     assert status == 403
-    line = wait_for(lambda: next((ln for ln in api_log(stack).splitlines() if marker in ln), None), 5,
-                    message="the refusal in api.log")
+    line = wait_for(
+        lambda: next((ln for ln in api_log(stack).splitlines() if marker in ln), None),
+        5,
+        message="the refusal in api.log",
+    )
     assert "127.0.0.1" in line and "203.0.113.9" not in line, line
 
 
@@ -222,8 +255,11 @@ def test_unknown_rule_fields_are_named(stack: Stack, client: httpx.Client) -> No
 
 
 def test_builtin_rules_cannot_be_edited(stack: Stack, client: httpx.Client) -> None:
-    builtins = [r for r in client.get(stack.url("/api/rules"), params={"limit": 1000}).json()["items"]
-                if r["source"] == "builtin"]
+    builtins = [
+        r
+        for r in client.get(stack.url("/api/rules"), params={"limit": 1000}).json()["items"]
+        if r["source"] == "builtin"
+    ]
     assert {r["destination_pattern"] for r in builtins} == {"localhost", "127.0.0.1", "::1"}
     for change in ({"action": "deny"}, {"destination_pattern": "*"}, {"notes": "mine now"}):
         r = client.put(stack.url(f"/api/rules/{builtins[0]['id']}"), json=change)
@@ -233,9 +269,14 @@ def test_builtin_rules_cannot_be_edited(stack: Stack, client: httpx.Client) -> N
 
 
 def test_ids_that_are_not_integers_are_400(stack: Stack, client: httpx.Client) -> None:
-    for method, path in (("GET", "/api/rules/abc"), ("PUT", "/api/rules/1.5"), ("DELETE", "/api/rules/-3"),
-                         ("GET", "/api/transactions/x1"), ("POST", "/api/pending/abc/allow"),
-                         ("DELETE", "/api/pending/1e3")):
+    for method, path in (
+        ("GET", "/api/rules/abc"),
+        ("PUT", "/api/rules/1.5"),
+        ("DELETE", "/api/rules/-3"),
+        ("GET", "/api/transactions/x1"),
+        ("POST", "/api/pending/abc/allow"),
+        ("DELETE", "/api/pending/1e3"),
+    ):
         r = client.request(method, stack.url(path), json={} if method in ("PUT", "POST") else None)
         assert r.status_code == 400 and r.json() == {"error": "invalid id"}, (method, path, r.status_code, r.text)
     assert client.get(stack.url("/api/rules/999999")).status_code == 404  # an integer id: not found
@@ -245,12 +286,26 @@ def test_ids_that_are_not_integers_are_400(stack: Stack, client: httpx.Client) -
 
 
 def _curl_proxy(stack: Stack, user: str, url: str) -> None:
-    subprocess.run(["curl", "-s", "-o", "/dev/null", "--max-time", "10", "-x",
-                    f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}", url], timeout=15, check=False)
+    subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}",
+            url,
+        ],
+        timeout=15,
+        check=False,
+    )
 
 
-def test_container_filter_is_a_substring_and_times_are_integers(stack: Stack, client: httpx.Client,
-                                                                origin: int) -> None:
+def test_container_filter_is_a_substring_and_times_are_integers(
+    stack: Stack, client: httpx.Client, origin: int
+) -> None:
     client.post(stack.url("/api/rules"), json={"container_pattern": "*", "destination_pattern": ORIGIN_HOST})
     for user in ("team-alpha-1", "team-alpha-2", "beta-team"):
         _curl_proxy(stack, user, f"http://{ORIGIN_HOST}:{origin}/{user}")
@@ -300,9 +355,24 @@ def test_path_prefix_and_builtins_switched_off(origin: int) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         try:
             t0 = time.monotonic()
-            done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x",
-                                   f"http://agent@127.0.0.1:{s.ports['http-proxy']}", f"http://127.0.0.1:{local}/"],
-                                  capture_output=True, text=True, timeout=15)
+            done = subprocess.run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--max-time",
+                    "10",
+                    "-x",
+                    f"http://agent@127.0.0.1:{s.ports['http-proxy']}",
+                    f"http://127.0.0.1:{local}/",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=15,
+            )
             assert done.stdout == "403", done
             assert time.monotonic() - t0 >= 0.9  # it was held (no rule), not allowed
             pending = s.get("/api/pending").json()["items"]

@@ -21,14 +21,28 @@ pytestmark = pytest.mark.stack
 
 # Rows that smoke mode measures for greyproxy: each must be a positive number.
 MEASURED = (
-    "keepalive_rps", "keepalive_p50_ms", "keepalive_p99_ms",
-    "newconn_rps", "newconn_p50_ms", "newconn_p99_ms",
-    "connect_mbps", "http_mbps",
-    "tunnels_rps", "tunnels_p99_ms",
-    "approval_p99_ms", "approval_call_p99_ms",
-    "rules_100_median_us", "rules_100_p99_us", "rules_10000_median_us", "rules_10000_p99_us",
-    "recorder_rps", "recorder_journal_rps",
-    "logs_api_p50_ms", "logs_api_p99_ms", "logs_api_container_p50_ms", "logs_api_container_p99_ms",
+    "keepalive_rps",
+    "keepalive_p50_ms",
+    "keepalive_p99_ms",
+    "newconn_rps",
+    "newconn_p50_ms",
+    "newconn_p99_ms",
+    "connect_mbps",
+    "http_mbps",
+    "tunnels_rps",
+    "tunnels_p99_ms",
+    "approval_p99_ms",
+    "approval_call_p99_ms",
+    "rules_100_median_us",
+    "rules_100_p99_us",
+    "rules_10000_median_us",
+    "rules_10000_p99_us",
+    "recorder_rps",
+    "recorder_journal_rps",
+    "logs_api_p50_ms",
+    "logs_api_p99_ms",
+    "logs_api_container_p50_ms",
+    "logs_api_container_p99_ms",
     "idle_rss_mb",
 )
 # Rows present but not measured in smoke mode (n/a with a reason).
@@ -43,7 +57,11 @@ def test_bench_smoke(tmp_path: Path) -> None:
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "run.py"), "--quick", "--smoke", "--no-install", "--out", str(out)],
-        cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=85,
+        cwd=str(REPO),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=85,
         stdin=subprocess.DEVNULL,
     )
     elapsed = time.monotonic() - t0

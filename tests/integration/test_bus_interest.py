@@ -102,8 +102,7 @@ def recv_all(s: zmq.Socket, wait: float = 0.3) -> list[dict[str, Any]]:
 
 
 def becomes(pub: Publisher, topic: str, value: bool, timeout: float = UNSUB_WAIT) -> None:
-    wait_for(lambda: pub.wanted(topic) is value, timeout, interval=0.02,
-             message=f"wanted({topic!r}) to become {value}")
+    wait_for(lambda: pub.wanted(topic) is value, timeout, interval=0.02, message=f"wanted({topic!r}) to become {value}")
 
 
 def publish_until_received(pub: Publisher, sub: zmq.Socket, topic: str, timeout: float = 10.0) -> int:
@@ -212,8 +211,15 @@ def test_events_still_delivered_across_a_broker_restart(bus: Bus) -> None:
 
 
 def _log(marker: str, i: int) -> dict[str, Any]:
-    return {"reason": f"{marker}-{i}", "container_name": CONTAINER, "destination_host": "h.example",
-            "destination_port": 80, "method": "GET", "result": "allowed", "timestamp": 1000.0 + i}
+    return {
+        "reason": f"{marker}-{i}",
+        "container_name": CONTAINER,
+        "destination_host": "h.example",
+        "destination_port": 80,
+        "method": "GET",
+        "result": "allowed",
+        "timestamp": 1000.0 + i,
+    }
 
 
 def _journal(endpoint: str, records: list[tuple[str, Any]]) -> None:
@@ -284,8 +290,13 @@ def test_recorder_publishes_per_request_events_only_while_wanted(bus: Bus) -> No
         assert time.monotonic() < deadline, "the recorder kept publishing log.new with no subscriber"
     # ...every record is still stored, and other kinds' events are still published.
     before = _skipped(bus)
-    pend = {"container_name": CONTAINER, "destination_host": "held.example", "destination_port": 443,
-            "ts": time.time(), "waiting": 1}
+    pend = {
+        "container_name": CONTAINER,
+        "destination_host": "held.example",
+        "destination_port": 443,
+        "ts": time.time(),
+        "waiting": 1,
+    }
     _journal(bus.ep["journal"], [("log", _log("unseen", i)) for i in range(30)] + [("pending", pend)])
     assert _skipped(bus) == before + 30
     got = recv_all(pending_watcher, 1.0)

@@ -102,4 +102,3 @@ def test_serve_refuses_a_listening_program_at_once_naming_it(short_tmp) -> None:
     finally:
         holder.close()
         stack.cleanup()
-

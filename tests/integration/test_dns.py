@@ -65,8 +65,10 @@ class FakeUpstream:
         self.tc_names: set[str] = set()
         self._lock = threading.Lock()
         self.port, self._udp, self._tcp = self._bind()
-        self._threads = [threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-                         for s in (self._udp, self._tcp)]
+        self._threads = [
+            threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+            for s in (self._udp, self._tcp)
+        ]
         for t in self._threads:
             t.start()
 
@@ -140,8 +142,9 @@ class FakeUpstream:
 
     def count(self, name: str, rdtype: str = "A", proto: str | None = None) -> int:
         with self._lock:
-            return sum(n for (nm, t, p), n in self.seen.items() if nm == name and t == rdtype
-                       and (proto is None or p == proto))
+            return sum(
+                n for (nm, t, p), n in self.seen.items() if nm == name and t == rdtype and (proto is None or p == proto)
+            )
 
     def close(self) -> None:
         for s in (self._udp, self._tcp):
@@ -183,8 +186,9 @@ class TinyOrigin:
         self.sock.close()
 
 
-def query(port: int, name: str, rdtype: str = "A", *, tcp: bool = False, edns: bool = True,
-          timeout: float = 3.0) -> dns.message.Message:
+def query(
+    port: int, name: str, rdtype: str = "A", *, tcp: bool = False, edns: bool = True, timeout: float = 3.0
+) -> dns.message.Message:
     """One query to the proxy as dig sends it (EDNS0, 1232-byte UDP payload; edns=False: plain 512)."""
     q = dns.message.make_query(name, rdtype, use_edns=0 if edns else False, payload=1232)
     if tcp:
@@ -248,14 +252,20 @@ def proxy_log(stack: Stack) -> str:
 def journal_barrier(stack: Stack, tag: str) -> None:
     """Return once an entry the proxy journals now has been recorded: everything it journaled
     before has been too (one FIFO journal per proxy process). A denied request makes the entry."""
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": "**.barrier.test",
-                                                  "action": "deny"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "*", "destination_pattern": "**.barrier.test", "action": "deny"},
+    )
     assert r.status_code == 201, r.text
     host = f"{tag}.barrier.test"
     with httpx.Client(proxy=f"http://127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10) as c:
         assert c.get(f"http://{host}/").status_code == 403
-    wait_for(lambda: stack.get("/api/logs", params={"destination": host}).json()["total"] >= 1, 10,
-             message=f"the barrier entry {host}")
+    wait_for(
+        lambda: stack.get("/api/logs", params={"destination": host}).json()["total"] >= 1,
+        10,
+        message=f"the barrier entry {host}",
+    )
 
 
 def write_setting(stack: Stack, key: str, json_value: str) -> None:
@@ -263,14 +273,17 @@ def write_setting(stack: Stack, key: str, json_value: str) -> None:
     conn = sqlite3.connect(str(stack.db_path), timeout=10)
     try:
         with conn:
-            conn.execute("INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
-                         " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                         (key, json_value, time.time()))
+            conn.execute(
+                "INSERT INTO settings (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                (key, json_value, time.time()),
+            )
     finally:
         conn.close()
 
 
 # ----------------------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def upstream() -> Iterator[FakeUpstream]:
@@ -288,8 +301,7 @@ def origin() -> Iterator[TinyOrigin]:
 
 @pytest.fixture(scope="module")
 def stack(upstream: FakeUpstream) -> Iterator[Stack]:
-    s = Stack({"dns": {"upstreams": [f"127.0.0.1:{upstream.port}"], "timeout": 0.5},
-               "proxy": {"holdTimeout": 15}})
+    s = Stack({"dns": {"upstreams": [f"127.0.0.1:{upstream.port}"], "timeout": 0.5}, "proxy": {"holdTimeout": 15}})
     s.start()
     try:
         yield s
@@ -306,6 +318,7 @@ def _fake_defaults(upstream: FakeUpstream) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- 1. forward + cache
+
 
 def test_udp_forward_then_cache(stack: Stack, upstream: FakeUpstream) -> None:
     assert answer(stack.dns_port, "example.test") == ["127.0.0.9"]
@@ -343,13 +356,18 @@ def test_tcp_forward_then_cache(stack: Stack, upstream: FakeUpstream) -> None:
 
 # ----------------------------------------------------------------------------- 2. failover, SERVFAIL
 
+
 def test_failover_and_servfail(make_stack) -> None:
     silent, live = FakeUpstream(), FakeUpstream()
     silent.silent = True
     dead = free_port()  # nothing listens there: the kernel refuses at once
     try:
-        s = make_stack(dns={"upstreams": [f"127.0.0.1:{dead}", f"127.0.0.1:{silent.port}",
-                                          f"127.0.0.1:{live.port}"], "timeout": 0.5})
+        s = make_stack(
+            dns={
+                "upstreams": [f"127.0.0.1:{dead}", f"127.0.0.1:{silent.port}", f"127.0.0.1:{live.port}"],
+                "timeout": 0.5,
+            }
+        )
         t0 = time.monotonic()
         assert answer(s.dns_port, "second.example.test") == ["127.0.0.11"]
         assert time.monotonic() - t0 < 2.0
@@ -373,8 +391,10 @@ def test_failover_and_servfail(make_stack) -> None:
 
 # ----------------------------------------------------------------------------- 3. enrichment + rules
 
-def test_socks_to_resolved_ip_gets_hostname_and_name_rule(stack: Stack, upstream: FakeUpstream,
-                                                            origin: TinyOrigin) -> None:
+
+def test_socks_to_resolved_ip_gets_hostname_and_name_rule(
+    stack: Stack, upstream: FakeUpstream, origin: TinyOrigin
+) -> None:
     assert answer(stack.dns_port, "api.example.test") == [ORIGIN_HOST]
     held, reply = socks_connect(stack.socks_port, "agent-dns", ORIGIN_HOST, origin.port, timeout=0.5)
     assert reply == b"", "no rule covers it: the connection must be held"
@@ -382,8 +402,16 @@ def test_socks_to_resolved_ip_gets_hostname_and_name_rule(stack: Stack, upstream
         entry = wait_for(lambda: pending_for(stack, "agent-dns"), 10, message="pending entry")
         assert entry["destination_host"] == ORIGIN_HOST
         assert entry["resolved_hostname"] == "api.example.test"
-        r = stack.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": "**.example.test",
-                                                      "port_pattern": "*", "action": "allow"})
+        r = stack.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "*",
+                "destination_pattern": "**.example.test",
+                "port_pattern": "*",
+                "action": "allow",
+            },
+        )
         assert r.status_code == 201, r.text
         rule_id = r.json()["id"]
         try:
@@ -392,9 +420,15 @@ def test_socks_to_resolved_ip_gets_hostname_and_name_rule(stack: Stack, upstream
             fresh, reply = socks_connect(stack.socks_port, "agent-dns", ORIGIN_HOST, origin.port)
             fresh.close()
             assert reply[:2] == b"\x05\x00", reply
-            logs = wait_for(lambda: [i for i in stack.get("/api/logs", params={"container": "agent-dns"}).json()["items"]
-                                     if i["result"] == "allowed" and i["container_name"] == "agent-dns"], 5,
-                            message="allowed log")
+            logs = wait_for(
+                lambda: [
+                    i
+                    for i in stack.get("/api/logs", params={"container": "agent-dns"}).json()["items"]
+                    if i["result"] == "allowed" and i["container_name"] == "agent-dns"
+                ],
+                5,
+                message="allowed log",
+            )
             assert logs[0]["resolved_hostname"] == "api.example.test" and logs[0]["rule_id"] == rule_id
         finally:
             stack.request("DELETE", f"/api/rules/{rule_id}")
@@ -422,13 +456,19 @@ def test_ptr_fallback_is_forward_confirmed(stack: Stack, upstream: FakeUpstream)
 
 # ----------------------------------------------------------------------------- 4. survives a restart
 
+
 def test_mapping_survives_proxy_restart(make_stack) -> None:
     fake = FakeUpstream()
     try:
         s = make_stack(dns={"upstreams": [f"127.0.0.1:{fake.port}"], "timeout": 0.5})
         assert answer(s.dns_port, "api.example.test") == [ORIGIN_HOST]
-        wait_for(lambda: db_rows(s, "SELECT hostname FROM dns_cache WHERE ip = ?", (ORIGIN_HOST,))
-                 == [("api.example.test",)], 10, message="dns_cache row")
+        wait_for(
+            lambda: (
+                db_rows(s, "SELECT hostname FROM dns_cache WHERE ip = ?", (ORIGIN_HOST,)) == [("api.example.test",)]
+            ),
+            10,
+            message="dns_cache row",
+        )
         # Learnt two days ago: within the 7-day reload window, though older than the 1 h memory TTL.
         conn = sqlite3.connect(str(s.db_path), timeout=10)
         try:
@@ -440,8 +480,9 @@ def test_mapping_survives_proxy_restart(make_stack) -> None:
         assert old
         os.kill(old, signal.SIGKILL)
         fake.silent = True  # after the restart nothing can be learnt again: only the reload can know
-        wait_for(lambda: (s.pid("proxy") or old) != old and s.health()[0] == 200, 20, interval=0.2,
-                 message="a new proxy pid")
+        wait_for(
+            lambda: (s.pid("proxy") or old) != old and s.health()[0] == 200, 20, interval=0.2, message="a new proxy pid"
+        )
 
         def fresh_connect() -> socket.socket:
             sock, _ = socks_connect(s.socks_port, "agent-fresh", ORIGIN_HOST, 9, timeout=0.2)
@@ -462,8 +503,11 @@ def test_mapping_survives_proxy_restart(make_stack) -> None:
 _labels = st.from_regex(r"[a-z0-9-]{1,12}", fullmatch=True)
 _queries = st.builds(
     lambda name, rdtype, edns, qid: _make_wire(f"{name}.example.test", rdtype, edns, qid),
-    _labels, st.sampled_from(["A", "AAAA", "TXT", "MX", "PTR", "ANY", "SOA", "CNAME"]), st.booleans(),
-    st.integers(0, 0xFFFF))
+    _labels,
+    st.sampled_from(["A", "AAAA", "TXT", "MX", "PTR", "ANY", "SOA", "CNAME"]),
+    st.booleans(),
+    st.integers(0, 0xFFFF),
+)
 
 
 def _make_wire(name: str, rdtype: str, edns: bool, qid: int) -> bytes:
@@ -490,7 +534,7 @@ def _mutated(draw: st.DrawFn) -> bytes:
             del wire[i]
         elif op == "count" and len(wire) >= 12:
             j = draw(st.sampled_from([4, 6, 8, 10]))  # a section count that lies
-            wire[j:j + 2] = struct.pack("!H", draw(st.integers(0, 0xFFFF)))
+            wire[j : j + 2] = struct.pack("!H", draw(st.integers(0, 0xFFFF)))
     return bytes(wire)
 
 
@@ -523,9 +567,14 @@ def test_fuzzed_packets_do_not_break_the_listener(stack: Stack, upstream: FakeUp
         sock.close()
 
     # TCP: truncated frames, oversized frames, zero-length frames, garbage of the announced length.
-    frames = [struct.pack("!H", 100) + b"\x00" * 10, struct.pack("!H", 65535) + random.randbytes(65535),
-              struct.pack("!H", 0), struct.pack("!H", 30) + random.randbytes(30), b"\x00",
-              struct.pack("!H", 40000) + b"x" * 100]
+    frames = [
+        struct.pack("!H", 100) + b"\x00" * 10,
+        struct.pack("!H", 65535) + random.randbytes(65535),
+        struct.pack("!H", 0),
+        struct.pack("!H", 30) + random.randbytes(30),
+        b"\x00",
+        struct.pack("!H", 40000) + b"x" * 100,
+    ]
     for frame in frames:
         with socket.create_connection(addr, timeout=5) as c:
             with contextlib.suppress(OSError):
@@ -559,6 +608,7 @@ def _recv_id(sock: socket.socket, qid: int) -> bytes:
 
 # ----------------------------------------------------------------------------- 6. TC → TCP
 
+
 def test_truncated_upstream_answer_is_retried_over_tcp(stack: Stack, upstream: FakeUpstream) -> None:
     upstream.tc_names.add("big.example.test")
     want = sorted(RECORDS[("big.example.test", "A")])
@@ -575,6 +625,7 @@ def test_truncated_upstream_answer_is_retried_over_tcp(stack: Stack, upstream: F
 
 # ----------------------------------------------------------------------------- 7. logging queries
 
+
 def test_log_dns_queries_setting(stack: Stack, upstream: FakeUpstream) -> None:
     assert stack.get("/api/settings").json()["logDnsQueries"] is False
     answer(stack.dns_port, "quiet.example.test")
@@ -589,7 +640,11 @@ def test_log_dns_queries_setting(stack: Stack, upstream: FakeUpstream) -> None:
     rows = wait_for(lambda: logged("logged.example.test"), 10, interval=0.3, message="a DNS log entry")
     row = rows[0]
     assert (row["container_name"], row["destination_port"], row["result"], row["reason"]) == (
-        "unknown-127.0.0.1", 53, "allowed", "dns")
+        "unknown-127.0.0.1",
+        53,
+        "allowed",
+        "dns",
+    )
     assert dns_logs(stack, "quiet.example.test") == []  # off by default
 
     # Off again through the API: the bus event reaches the proxy at once. "Not logged" is judged

@@ -16,7 +16,8 @@ from conftest import short_tmpdir, wait_for
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 _spec = importlib.util.spec_from_file_location(
-    "docker_fake", Path(__file__).resolve().parent.parent / "unit" / "test_docker_identity.py")
+    "docker_fake", Path(__file__).resolve().parent.parent / "unit" / "test_docker_identity.py"
+)
 _mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_mod)  # type: ignore[union-attr]
 FakeEngine = _mod.FakeEngine
@@ -27,16 +28,23 @@ ID = "d" * 64
 def test_connections_are_named_after_their_container(make_stack) -> None:
     sock_dir = short_tmpdir("gpd")
     engine = FakeEngine(sock_dir / "docker.sock")
-    engine.containers = [{"Id": ID, "Names": ["/web-agent"],
-                          "NetworkSettings": {"Networks": {"bridge": {"IPAddress": "127.0.0.1"}}}}]
+    engine.containers = [
+        {"Id": ID, "Names": ["/web-agent"], "NetworkSettings": {"Networks": {"bridge": {"IPAddress": "127.0.0.1"}}}}
+    ]
     try:
         stack = make_stack(greyproxy={"docker": {"enabled": True, "socket": str(engine.path), "cacheTTL": 5}})
         http_proxy = f"127.0.0.1:{stack.ports['http-proxy']}"
         api = f"{stack.api}/api/health"  # a destination that answers: blocked by the guard, logged all the same
-        for proxy in (f"http://{http_proxy}", f"http://named:x@{http_proxy}",
-                      f"socks5h://127.0.0.1:{stack.ports['socks5-proxy']}"):
-            subprocess.run(["curl", "-sS", "-o", "/dev/null", "--max-time", "10", "-x", proxy, api],
-                           capture_output=True, timeout=20)
+        for proxy in (
+            f"http://{http_proxy}",
+            f"http://named:x@{http_proxy}",
+            f"socks5h://127.0.0.1:{stack.ports['socks5-proxy']}",
+        ):
+            subprocess.run(
+                ["curl", "-sS", "-o", "/dev/null", "--max-time", "10", "-x", proxy, api],
+                capture_output=True,
+                timeout=20,
+            )
 
         def logs() -> list[dict] | None:
             items = stack.get("/api/logs", params={"limit": 50}).json()["items"]

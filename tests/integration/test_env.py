@@ -31,8 +31,20 @@ ORIGIN = "localhost"
 ORIGIN_IP = "127.0.0.1"
 GIT_SHA = "1f2e3d4c5b6a79880796a5b4c3d2e1f001122334"
 # Variables a developer's shell may carry that would let a runtime succeed without `greyproxy env`.
-_STRIP_PREFIXES = ("PIP_", "npm_config_", "NPM_CONFIG_", "GIT_", "CURL_", "REQUESTS_", "SSL_CERT", "NODE_",
-                   "AWS_CA", "DENO_", "NIX_SSL", "CARGO_HTTP")
+_STRIP_PREFIXES = (
+    "PIP_",
+    "npm_config_",
+    "NPM_CONFIG_",
+    "GIT_",
+    "CURL_",
+    "REQUESTS_",
+    "SSL_CERT",
+    "NODE_",
+    "AWS_CA",
+    "DENO_",
+    "NIX_SSL",
+    "CARGO_HTTP",
+)
 _STRIP_EXACT = {"http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy"}
 
 
@@ -78,20 +90,35 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         if path in ("/simple/tinypkg/", "/simple/pip/"):
             digest = hashlib.sha256(WHEEL).hexdigest()
             name = "tinypkg-0.1-py3-none-any.whl" if "tinypkg" in path else "pip-99.0-py3-none-any.whl"
-            self._send(200, f'<html><body><a href="/files/{name}#sha256={digest}">{name}</a></body></html>'
-                       .encode(), "text/html")
+            self._send(
+                200,
+                f'<html><body><a href="/files/{name}#sha256={digest}">{name}</a></body></html>'.encode(),
+                "text/html",
+            )
         elif path == f"/files/{WHEEL_NAME}":
             self._send(200, WHEEL, "application/octet-stream")
         elif path.strip("/") in ("tinypkg", "npm"):  # an npm registry packument
             name = path.strip("/")
-            doc = {"name": name, "dist-tags": {"latest": "1.0.0"}, "versions": {"1.0.0": {
-                "name": name, "version": "1.0.0",
-                "dist": {"tarball": f"{base}/{name}/-/{name}-1.0.0.tgz", "shasum": "0" * 40}}}}
+            doc = {
+                "name": name,
+                "dist-tags": {"latest": "1.0.0"},
+                "versions": {
+                    "1.0.0": {
+                        "name": name,
+                        "version": "1.0.0",
+                        "dist": {"tarball": f"{base}/{name}/-/{name}-1.0.0.tgz", "shasum": "0" * 40},
+                    }
+                },
+            }
             self._send(200, json.dumps(doc).encode(), "application/json")
         elif path == "/repo.git/info/refs" and query == "service=git-upload-pack":
-            body = (_pkt("# service=git-upload-pack\n") + b"0000"
-                    + _pkt(f"{GIT_SHA} HEAD\0symref=HEAD:refs/heads/main agent=git/test-origin\n")
-                    + _pkt(f"{GIT_SHA} refs/heads/main\n") + b"0000")
+            body = (
+                _pkt("# service=git-upload-pack\n")
+                + b"0000"
+                + _pkt(f"{GIT_SHA} HEAD\0symref=HEAD:refs/heads/main agent=git/test-origin\n")
+                + _pkt(f"{GIT_SHA} refs/heads/main\n")
+                + b"0000"
+            )
             self._send(200, body, "application/x-git-upload-pack-advertisement")
         else:
             self._send(200, f"hello {path}\n".encode(), "text/plain")
@@ -119,11 +146,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
     origin_ca.cert_pem.write_to_path(str(ca_file))
     s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file)}})
     try:
-        subprocess.run([PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)], env=s.env,
-                       cwd=str(REPO), capture_output=True, text=True, timeout=30, check=True)
+        subprocess.run(
+            [PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)],
+            env=s.env,
+            cwd=str(REPO),
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
         s.start()
-        r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": ORIGIN,
-                                                  "port_pattern": "*", "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+        )
         assert r.status_code == 201, r.text
         yield s
     finally:
@@ -133,8 +170,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
 
 def _bare_env(stack: Stack) -> dict[str, str]:
     """The stack's environment without any proxy or CA variable: a shell before `greyproxy env`."""
-    env = {k: v for k, v in stack.env.items()
-           if not k.startswith(_STRIP_PREFIXES) and k.lower() not in _STRIP_EXACT}
+    env = {k: v for k, v in stack.env.items() if not k.startswith(_STRIP_PREFIXES) and k.lower() not in _STRIP_EXACT}
     env["npm_config_update_notifier"] = "false"
     env["GIT_TERMINAL_PROMPT"] = "0"
     env["GREYPROXY"] = f"{PYTHON} -m greyproxy"
@@ -142,12 +178,16 @@ def _bare_env(stack: Stack) -> dict[str, str]:
     return env
 
 
-def _in_agent_shell(stack: Stack, script: str, tmp: Path, container: str = "agent",
-                    env_args: str = "") -> subprocess.CompletedProcess:
-    full = (f'eval "$($GREYPROXY env --container {container} {env_args} -C "$GREYPROXY_CFG")" || exit 99\n'
-            f"cd {tmp}\n{script}")
-    return subprocess.run(["bash", "-c", full], env=_bare_env(stack), capture_output=True, text=True, timeout=120,
-                          cwd=str(REPO))
+def _in_agent_shell(
+    stack: Stack, script: str, tmp: Path, container: str = "agent", env_args: str = ""
+) -> subprocess.CompletedProcess:
+    full = (
+        f'eval "$($GREYPROXY env --container {container} {env_args} -C "$GREYPROXY_CFG")" || exit 99\n'
+        f"cd {tmp}\n{script}"
+    )
+    return subprocess.run(
+        ["bash", "-c", full], env=_bare_env(stack), capture_output=True, text=True, timeout=120, cwd=str(REPO)
+    )
 
 
 def _transaction(stack: Stack, container: str, path: str) -> dict:
@@ -163,8 +203,10 @@ def _transaction(stack: Stack, container: str, path: str) -> dict:
         return wait_for(find, 10, message=f"a transaction {path} under {container}")
     except AssertionError:
         r = stack.get("/api/transactions", params={"limit": 20})
-        raise AssertionError(f"no transaction {path} under {container}; latest: "
-                             f"{[(i['container_name'], i['url']) for i in r.json()['items']]}") from None
+        raise AssertionError(
+            f"no transaction {path} under {container}; latest: "
+            f"{[(i['container_name'], i['url']) for i in r.json()['items']]}"
+        ) from None
 
 
 def _ua(item: dict) -> str:
@@ -185,14 +227,23 @@ def test_bare_shell_has_no_proxy_or_ca(stack: Stack, origin: int, tmp_path: Path
     _need("curl")
     env = _bare_env(stack)
     assert not any(k.lower().endswith("_proxy") for k in env)
-    p = subprocess.run(["curl", "-sS", "--max-time", "10", f"https://{ORIGIN}:{origin}/bare"], env=env,
-                       capture_output=True, text=True, timeout=20)
+    p = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", f"https://{ORIGIN}:{origin}/bare"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert p.returncode != 0 and "certificate" in p.stderr.lower(), p.stderr
 
 
 def test_pip_download_through_env(stack: Stack, origin: int, tmp_path: Path) -> None:
-    p = _in_agent_shell(stack, f"{PYTHON} -m pip download --no-deps --no-cache-dir --disable-pip-version-check "
-                               f"--index-url https://{ORIGIN}:{origin}/simple/ -d dl tinypkg", tmp_path)
+    p = _in_agent_shell(
+        stack,
+        f"{PYTHON} -m pip download --no-deps --no-cache-dir --disable-pip-version-check "
+        f"--index-url https://{ORIGIN}:{origin}/simple/ -d dl tinypkg",
+        tmp_path,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert (tmp_path / "dl" / WHEEL_NAME).read_bytes() == WHEEL
     item = _transaction(stack, "agent", f"/files/{WHEEL_NAME}")
@@ -202,8 +253,11 @@ def test_pip_download_through_env(stack: Stack, origin: int, tmp_path: Path) -> 
 
 def test_npm_view_through_env(stack: Stack, origin: int, tmp_path: Path) -> None:
     _need("npm")
-    p = _in_agent_shell(stack, f"npm view tinypkg version --registry https://{ORIGIN}:{origin}/ "
-                               f"--cache {tmp_path}/npm-cache --prefer-online", tmp_path)
+    p = _in_agent_shell(
+        stack,
+        f"npm view tinypkg version --registry https://{ORIGIN}:{origin}/ --cache {tmp_path}/npm-cache --prefer-online",
+        tmp_path,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.strip() == "1.0.0"
     item = _transaction(stack, "agent", "/tinypkg")
@@ -228,14 +282,16 @@ def test_git_ls_remote_through_env(stack: Stack, origin: int, tmp_path: Path) ->
 
 def test_python_clients_through_env(stack: Stack, origin: int, tmp_path: Path) -> None:
     """urllib, requests-style (pip's vendored requests) and httpx all honour the same variables."""
-    script = (f"{PYTHON} - <<'EOF'\n"
-              "import urllib.request, httpx\n"
-              "from pip._vendor import requests\n"
-              f"base = 'https://{ORIGIN}:{origin}'\n"
-              "print(urllib.request.urlopen(base + '/py-urllib', timeout=20).status)\n"
-              "print(requests.get(base + '/py-requests', timeout=20).status_code)\n"
-              "print(httpx.get(base + '/py-httpx', timeout=20).status_code)\n"
-              "EOF")
+    script = (
+        f"{PYTHON} - <<'EOF'\n"
+        "import urllib.request, httpx\n"
+        "from pip._vendor import requests\n"
+        f"base = 'https://{ORIGIN}:{origin}'\n"
+        "print(urllib.request.urlopen(base + '/py-urllib', timeout=20).status)\n"
+        "print(requests.get(base + '/py-requests', timeout=20).status_code)\n"
+        "print(httpx.get(base + '/py-httpx', timeout=20).status_code)\n"
+        "EOF"
+    )
     p = _in_agent_shell(stack, script, tmp_path)
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["200", "200", "200"]
@@ -248,13 +304,34 @@ def test_env_check_reports_each_runtime(stack: Stack, origin: int, tmp_path: Pat
     env = _bare_env(stack)
     env["PIP_INDEX_URL"] = f"{base}/simple/"
     env["npm_config_registry"] = f"{base}/"
-    cmd = [PYTHON, "-m", "greyproxy", "env", "--check", "--container", "checker", "--check-url", f"{base}/check",
-           "--check-git", f"{base}/repo.git", "--check-timeout", "30", "-C", str(stack.cfg_path)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "greyproxy",
+        "env",
+        "--check",
+        "--container",
+        "checker",
+        "--check-url",
+        f"{base}/check",
+        "--check-git",
+        f"{base}/repo.git",
+        "--check-timeout",
+        "30",
+        "-C",
+        str(stack.cfg_path),
+    ]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
     print(p.stdout)
     lines = {ln.split()[0]: ln for ln in p.stdout.splitlines()[1:] if ln.startswith("  ") and ln.split()}
-    for name, binary in (("python", "python3"), ("pip", "pip"), ("node", "node"), ("npm", "npm"),
-                         ("curl", "curl"), ("git", "git")):
+    for name, binary in (
+        ("python", "python3"),
+        ("pip", "pip"),
+        ("node", "node"),
+        ("npm", "npm"),
+        ("curl", "curl"),
+        ("git", "git"),
+    ):
         if name == "pip" and not (shutil.which("pip") or shutil.which("pip3")):
             assert "absent" in lines[name]
         elif shutil.which(binary) is None:
@@ -286,26 +363,45 @@ def _reachable(url: str) -> bool:
 def test_real_registries_through_env(stack: Stack, tmp_path: Path) -> None:
     """Where this machine reaches PyPI and the npm registry, plain pip and npm go through the
     proxy to them, intercepted (the proxy verifies them against the system trust store)."""
-    targets = {"pypi": _reachable("https://pypi.org/simple/six/"),
-               "npm": _reachable("https://registry.npmjs.org/left-pad") and shutil.which("npm") is not None}
+    targets = {
+        "pypi": _reachable("https://pypi.org/simple/six/"),
+        "npm": _reachable("https://registry.npmjs.org/left-pad") and shutil.which("npm") is not None,
+    }
     if not any(targets.values()):
         pytest.skip("neither PyPI nor the npm registry is reachable from here")
     for host in ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org"):
-        r = stack.request("POST", "/api/rules", json={"container_pattern": "real-agent", "destination_pattern": host,
-                                                      "port_pattern": "443", "action": "allow"})
+        r = stack.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "real-agent",
+                "destination_pattern": host,
+                "port_pattern": "443",
+                "action": "allow",
+            },
+        )
         assert r.status_code == 201, r.text
     if targets["pypi"]:
         # PIP_CONFIG_FILE=/dev/null: no machine-wide pip.conf (local wheel dirs, extra indexes) takes part.
-        p = _in_agent_shell(stack, f"PIP_CONFIG_FILE=/dev/null {PYTHON} -m pip download --no-deps --no-cache-dir "
-                                   "--disable-pip-version-check --only-binary :all: -d dl six==1.16.0",
-                            tmp_path, container="real-agent")
+        p = _in_agent_shell(
+            stack,
+            f"PIP_CONFIG_FILE=/dev/null {PYTHON} -m pip download --no-deps --no-cache-dir "
+            "--disable-pip-version-check --only-binary :all: -d dl six==1.16.0",
+            tmp_path,
+            container="real-agent",
+        )
         assert p.returncode == 0, p.stdout + p.stderr
         assert list((tmp_path / "dl").glob("six-1.16.0-*.whl"))
         item = _transaction(stack, "real-agent", ".whl")
         assert item["destination_host"] == "files.pythonhosted.org" and _ua(item).startswith("pip/")
     if targets["npm"]:
-        p = _in_agent_shell(stack, f"npm view left-pad version --registry https://registry.npmjs.org/ "
-                                   f"--cache {tmp_path}/npm-cache --prefer-online", tmp_path, container="real-agent")
+        p = _in_agent_shell(
+            stack,
+            f"npm view left-pad version --registry https://registry.npmjs.org/ "
+            f"--cache {tmp_path}/npm-cache --prefer-online",
+            tmp_path,
+            container="real-agent",
+        )
         assert p.returncode == 0, p.stdout + p.stderr
         assert p.stdout.strip()
         assert _ua(_transaction(stack, "real-agent", "/left-pad")).startswith("npm/")

@@ -68,9 +68,24 @@ def explain(stack: Stack, container: str, host: str, port: int, **extra: str) ->
 
 
 def curl_code(stack: Stack, user: str, url: str) -> str:
-    done = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x",
-                           f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}", url],
-                          capture_output=True, text=True, timeout=15)
+    done = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
     return done.stdout
 
 
@@ -118,10 +133,14 @@ def test_explain_names_the_winner_and_why(stack: Stack, origin: int) -> None:
 
 
 def test_explain_refuses_bad_queries(stack: Stack) -> None:
-    for params in ({}, {"container": "a"}, {"container": "a", "host": "x.example"},
-                   {"container": "a", "host": "x.example", "port": "0"},
-                   {"container": "a", "host": "x.example", "port": "http"},
-                   {"container": "a", "host": "a b", "port": "80"}):
+    for params in (
+        {},
+        {"container": "a"},
+        {"container": "a", "host": "x.example"},
+        {"container": "a", "host": "x.example", "port": "0"},
+        {"container": "a", "host": "x.example", "port": "http"},
+        {"container": "a", "host": "a b", "port": "80"},
+    ):
         r = stack.get("/api/rules/explain", params=params)
         assert r.status_code == 400 and r.json()["error"], (params, r.text)
 
@@ -129,8 +148,13 @@ def test_explain_refuses_bad_queries(stack: Stack) -> None:
 def test_cli_prints_the_explanation(stack: Stack) -> None:
     c = "cli-" + uuid.uuid4().hex[:6]
     rule = add_rule(stack, container_pattern=c, destination_pattern="*.cli.example", action="allow")
-    done = subprocess.run([sys.executable, "-m", "greyproxy", "explain", c, "api.cli.example:8443", "-C",
-                           str(stack.cfg_path)], env=stack.env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [sys.executable, "-m", "greyproxy", "explain", c, "api.cli.example:8443", "-C", str(stack.cfg_path)],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr
     assert "decision: allow" in done.stdout and f"#{rule['id']} allow" in done.stdout and "reason:" in done.stdout
 
@@ -161,10 +185,18 @@ def outcome(entry: dict) -> str:
 def test_explain_agrees_with_the_proxy(stack: Stack, origin: int) -> None:
     counter = iter(range(10_000))
 
-    @settings(max_examples=25, deadline=None, derandomize=True,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-    @given(rules=rule_sets(origin), host=st.sampled_from(("127.0.0.1", "localhost")),
-           guard=st.booleans(), silent=st.sampled_from((None, None, None, "allow", "deny")))
+    @settings(
+        max_examples=25,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+    @given(
+        rules=rule_sets(origin),
+        host=st.sampled_from(("127.0.0.1", "localhost")),
+        guard=st.booleans(),
+        silent=st.sampled_from((None, None, None, "allow", "deny")),
+    )
     def check(rules: list[tuple[str, str, str, str]], host: str, guard: bool, silent: str | None) -> None:
         c = f"pt{next(counter)}"
         for r in stack.get("/api/rules", params={"limit": 1000, "include_expired": "true"}).json()["items"]:
@@ -178,8 +210,11 @@ def test_explain_agrees_with_the_proxy(stack: Stack, origin: int) -> None:
             port = stack.ports["socks5-proxy"] if guard else origin
             said = explain(stack, c, host, port)
             curl_code(stack, c, f"http://{host}:{port}/")
-            entries = wait_for(lambda: stack.get("/api/logs", params={"container": c, "limit": 5}).json()["items"],
-                               10, message="the connection's log entry")
+            entries = wait_for(
+                lambda: stack.get("/api/logs", params={"container": c, "limit": 5}).json()["items"],
+                10,
+                message="the connection's log entry",
+            )
         finally:
             if silent:
                 stack.request("DELETE", "/api/allowall")

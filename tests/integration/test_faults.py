@@ -36,13 +36,14 @@ from greyproxy.config import load_config
 pytestmark = pytest.mark.stack
 
 ORIGIN = "127.0.0.2"
-CLIENTS = 60          # concurrent clients of the load
-PAUSE = 0.2           # seconds each client waits between requests (keeps the load bounded)
+CLIENTS = 60  # concurrent clients of the load
+PAUSE = 0.2  # seconds each client waits between requests (keeps the load bounded)
 REQUEST_TIMEOUT = 30  # generous: the machine may be busy
 RESTART_TIMEOUT = 25  # supervisord restart + Python start on a loaded machine
 
 
 # ----------------------------------------------------------------------------- 1. parent death
+
 
 def test_children_exit_when_supervisord_is_killed(make_stack) -> None:
     s = make_stack()
@@ -52,9 +53,12 @@ def test_children_exit_when_supervisord_is_killed(make_stack) -> None:
     os.kill(s.proc.pid, signal.SIGKILL)
     s.proc.wait(10)
     t0 = time.monotonic()
-    wait_for(lambda: not any(pid_alive(p) for p in everything), 10, interval=0.1,
-             message=f"every program of the killed supervisord to exit (left: "
-                     f"{[p for p in everything if pid_alive(p)]})")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in everything),
+        10,
+        interval=0.1,
+        message=f"every program of the killed supervisord to exit (left: {[p for p in everything if pid_alive(p)]})",
+    )
     assert time.monotonic() - t0 < 10
 
 
@@ -79,8 +83,13 @@ time.sleep(60)
 
 def test_parent_watch_without_pdeathsig() -> None:
     """The getppid() fallback alone also ends a process whose parent was killed -9."""
-    parent = subprocess.Popen([PYTHON, "-c", _FALLBACK_PARENT, _FALLBACK_CHILD, str(REPO)], stdout=subprocess.PIPE,
-                              text=True, env=service_env(), start_new_session=True)
+    parent = subprocess.Popen(
+        [PYTHON, "-c", _FALLBACK_PARENT, _FALLBACK_CHILD, str(REPO)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=service_env(),
+        start_new_session=True,
+    )
     child = None
     try:
         child = int(parent.stdout.readline().strip())
@@ -95,6 +104,7 @@ def test_parent_watch_without_pdeathsig() -> None:
 
 
 # ----------------------------------------------------------------------------- the load
+
 
 @dataclass
 class Result:
@@ -117,8 +127,10 @@ class Load:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         auth = base64.b64encode(f"{self.container}:x".encode()).decode()
-        self._request = (f"GET http://{ORIGIN}:{self.origin_port}/ok HTTP/1.1\r\nHost: {ORIGIN}:{self.origin_port}\r\n"
-                         f"Proxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n").encode()
+        self._request = (
+            f"GET http://{ORIGIN}:{self.origin_port}/ok HTTP/1.1\r\nHost: {ORIGIN}:{self.origin_port}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\nConnection: close\r\n\r\n"
+        ).encode()
 
     def start(self) -> Load:
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
@@ -238,6 +250,7 @@ class BusWatcher:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _health(stack: Stack, timeout: float = 5.0) -> tuple[int, dict, float]:
     t0 = time.monotonic()
     r = httpx.get(stack.url("/api/health"), timeout=timeout, trust_env=False)
@@ -297,14 +310,17 @@ def _pending_request(stack: Stack, container: str, host: str) -> None:
     """A plain-HTTP request to a destination no rule covers: held, then blocked (hold timeout)."""
     auth = base64.b64encode(f"{container}:x".encode()).decode()
     with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=REQUEST_TIMEOUT) as s:
-        s.sendall(f"GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: Basic {auth}\r\n"
-                  f"Connection: close\r\n\r\n".encode())
+        s.sendall(
+            f"GET http://{host}/ HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: Basic {auth}\r\n"
+            f"Connection: close\r\n\r\n".encode()
+        )
         with contextlib.suppress(OSError):
             while s.recv(4096):
                 pass
 
 
 # ----------------------------------------------------------------------------- 2. the fault run
+
 
 def test_services_killed_under_load_lose_nothing(make_stack) -> None:
     s = make_stack(timeout=40, proxy={"holdTimeout": 3})
@@ -313,8 +329,16 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
     watcher: BusWatcher | None = None
     load = Load(s.ports["http-proxy"], origin_port, "fault-load")
     try:
-        r = s.request("POST", "/api/rules", json={"container_pattern": "fault-*", "destination_pattern": ORIGIN,
-                                                  "port_pattern": str(origin_port), "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "fault-*",
+                "destination_pattern": ORIGIN,
+                "port_pattern": str(origin_port),
+                "action": "allow",
+            },
+        )
         assert r.status_code == 201, r.text
         load.start()
         wait_for(lambda: load.successes() >= CLIENTS, 20, message="the load to get going")
@@ -345,24 +369,41 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
 
         watcher = BusWatcher(cfg.bus["sub"], ("rule.created", "pending_request.", "waiters.changed"))
         time.sleep(0.5)  # zmq's slow joiner
-        r = s.request("POST", "/api/rules", json={"container_pattern": "after-restart", "action": "allow",
-                                                  "destination_pattern": ORIGIN, "port_pattern": str(origin_port)})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "after-restart",
+                "action": "allow",
+                "destination_pattern": ORIGIN,
+                "port_pattern": str(origin_port),
+            },
+        )
         assert r.status_code == 201, r.text
         rule_id = r.json()["id"]
-        wait_for(lambda: watcher.seen("rule.created", lambda d: d.get("id") == rule_id), 10,
-                 message="rule.created from the API on the new broker")
+        wait_for(
+            lambda: watcher.seen("rule.created", lambda d: d.get("id") == rule_id),
+            10,
+            message="rule.created from the API on the new broker",
+        )
         # The new rule reached the proxy: its client is let through at once, not held (then 403).
-        with httpx.Client(proxy=f"http://after-restart:x@127.0.0.1:{s.ports['http-proxy']}", trust_env=False,
-                          timeout=REQUEST_TIMEOUT) as client:
+        with httpx.Client(
+            proxy=f"http://after-restart:x@127.0.0.1:{s.ports['http-proxy']}", trust_env=False, timeout=REQUEST_TIMEOUT
+        ) as client:
             r = client.get(f"http://{ORIGIN}:{origin_port}/after-restart")
             assert r.status_code == 200 and r.text == "ok", r.text
         held = threading.Thread(target=_pending_request, args=(s, "fault-pending", "pending-after-restart.test"))
         held.start()
-        wait_for(lambda: watcher.seen("waiters.changed", lambda d: d.get("container_name") == "fault-pending"), 15,
-                 message="waiters.changed from the proxy on the new broker")
-        wait_for(lambda: watcher.seen("pending_request.created",
-                                      lambda d: d.get("container_name") == "fault-pending"), 15,
-                 message="pending_request.created from the recorder on the new broker")
+        wait_for(
+            lambda: watcher.seen("waiters.changed", lambda d: d.get("container_name") == "fault-pending"),
+            15,
+            message="waiters.changed from the proxy on the new broker",
+        )
+        wait_for(
+            lambda: watcher.seen("pending_request.created", lambda d: d.get("container_name") == "fault-pending"),
+            15,
+            message="pending_request.created from the recorder on the new broker",
+        )
         held.join(REQUEST_TIMEOUT)
         _load_moves_on(load)
     finally:
@@ -374,8 +415,12 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
     assert not failures, f"{len(failures)} of {len(load.results)} requests failed, e.g. {failures[:5]}"
     assert done >= 5 * CLIENTS, done
     # ... and once the recorder has drained, each has its log entry, once.
-    wait_for(lambda: _log_rows(s, "fault-load") >= done, 60, interval=0.2,
-             message=f"{done} log entries for fault-load (have {_log_rows(s, 'fault-load')})")
+    wait_for(
+        lambda: _log_rows(s, "fault-load") >= done,
+        60,
+        interval=0.2,
+        message=f"{done} log entries for fault-load (have {_log_rows(s, 'fault-load')})",
+    )
     stats = call_sync(cfg.bus["proxyControl"], "proxy", "stats", timeout=2, retries=3)["journal"]
     assert stats["dropped"] == 0 and stats["queued"] == 0 and stats["inflight"] == 0, stats
     assert _log_rows(s, "fault-load") == done
@@ -398,8 +443,11 @@ def test_services_killed_under_load_lose_nothing(make_stack) -> None:
 
         back_at = wait_for(served_again, 20, interval=0.1, message="the proxy serving again")
         assert back_at - killed_at < 15, f"the proxy took {back_at - killed_at:.1f}s to serve again"
-        wait_for(lambda: sum(1 for r in list(load.results) if r.ok and r.start > back_at) >= 2 * CLIENTS, 20,
-                 message="the load to go on after the restart")
+        wait_for(
+            lambda: sum(1 for r in list(load.results) if r.ok and r.start > back_at) >= 2 * CLIENTS,
+            20,
+            message="the load to go on after the restart",
+        )
     finally:
         load.stop()
         origin_stop.set()

@@ -139,8 +139,9 @@ def _proxy(stack: Stack, container: str) -> str:
 
 
 def _curl(*args: str, timeout: int = 20) -> tuple[int, bytes, str]:
-    p = subprocess.run(["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True,
-                       timeout=timeout + 5)
+    p = subprocess.run(
+        ["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5
+    )
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
 
@@ -194,7 +195,8 @@ class _RawWs:
         self.sock.sendall(
             f"GET {url} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nProxy-Authorization: Basic {auth}\r\n"
-            f"{extra_headers}\r\n".encode())
+            f"{extra_headers}\r\n".encode()
+        )
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             chunk = self.sock.recv(4096)
@@ -238,13 +240,29 @@ class _RawWs:
 
 def test_plain_get_and_json_post_are_recorded_with_headers_redacted(stack: Stack, origin: int) -> None:
     proxy = ["-x", _proxy(stack, "fwd-agent")]
-    code, out, err = _curl(*proxy, f"http://{HOST}:{origin}/json?q=1", "-H", f"Authorization: Bearer {SECRET}",
-                           "-H", f"X-Api-Key: {SECRET}", "-H", "X-Plain: visible")
+    code, out, err = _curl(
+        *proxy,
+        f"http://{HOST}:{origin}/json?q=1",
+        "-H",
+        f"Authorization: Bearer {SECRET}",
+        "-H",
+        f"X-Api-Key: {SECRET}",
+        "-H",
+        "X-Plain: visible",
+    )
     assert code == 0, err
     assert json.loads(out) == JSON_BODY
     post = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    code, out, err = _curl(*proxy, f"http://{HOST}:{origin}/echo", "-H", "Content-Type: application/json",
-                           "-H", f"Authorization: Bearer {SECRET}", "--data-binary", json.dumps(post))
+    code, out, err = _curl(
+        *proxy,
+        f"http://{HOST}:{origin}/echo",
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        f"Authorization: Bearer {SECRET}",
+        "--data-binary",
+        json.dumps(post),
+    )
     assert code == 0, err
     assert json.loads(out) == {"echo": post}
 
@@ -277,8 +295,11 @@ def test_plain_get_and_json_post_are_recorded_with_headers_redacted(stack: Stack
     listed = _transactions(stack, container="fwd-agent", method="POST", destination="127.0.0")
     assert [t["id"] for t in listed] == [pst["id"]] and "request_body" not in listed[0]
     # The request log still has its own entry per request (method HTTP).
-    logs = [x for x in stack.get("/api/logs", params={"container": "fwd-agent"}).json()["items"]
-            if x["container_name"] == "fwd-agent"]
+    logs = [
+        x
+        for x in stack.get("/api/logs", params={"container": "fwd-agent"}).json()["items"]
+        if x["container_name"] == "fwd-agent"
+    ]
     assert logs and all(x["method"] == "HTTP" for x in logs)
     _assert_secret_not_stored(stack, SECRET, "origin-cookie")
 
@@ -306,11 +327,20 @@ def test_keep_alive_connection_gives_one_record_per_request(stack: Stack, origin
 
 
 def test_blocked_request_is_recorded(stack: Stack, origin: int) -> None:
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "fwd-denied", "destination_pattern": HOST,
-                                                  "port_pattern": str(origin), "action": "deny"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "fwd-denied",
+            "destination_pattern": HOST,
+            "port_pattern": str(origin),
+            "action": "deny",
+        },
+    )
     assert r.status_code == 201, r.text
-    code, out, err = _curl("-x", _proxy(stack, "fwd-denied"), "-o", "/dev/null", "-w", "%{http_code}",
-                           f"http://{HOST}:{origin}/nope")
+    code, out, err = _curl(
+        "-x", _proxy(stack, "fwd-denied"), "-o", "/dev/null", "-w", "%{http_code}", f"http://{HOST}:{origin}/nope"
+    )
     assert out == b"403", (code, out, err)
     t = _wait_transactions(stack, "fwd-denied", 1)[0]
     assert t["status_code"] == 403 and t["result"] == "blocked" and t["method"] == "GET"
@@ -374,8 +404,13 @@ def test_one_way_stream_outlives_idle_timeout_in_an_intercepted_tunnel(stack: St
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    with connect(f"ws://{HOST}:{ws_origin}/stream", proxy=_proxy(stack, "mitm-stream"), open_timeout=10,
-                 ping_interval=None, compression=None) as ws:
+    with connect(
+        f"ws://{HOST}:{ws_origin}/stream",
+        proxy=_proxy(stack, "mitm-stream"),
+        open_timeout=10,
+        ping_interval=None,
+        compression=None,
+    ) as ws:
         got = []
         while True:
             msg = ws.recv(timeout=IDLE * 2)
@@ -389,7 +424,9 @@ def test_one_way_stream_outlives_idle_timeout_in_an_intercepted_tunnel(stack: St
         assert time.monotonic() - t0 < IDLE * 3
     frames = _wait_transactions(stack, "mitm-stream", len(got), method="WS_RESP")
     assert all(t["url"] == f"ws://{HOST}:{ws_origin}/stream" for t in frames)
-    log = [x for x in stack.get("/api/logs", params={"container": "mitm-stream"}).json()["items"]
-           if x["container_name"] == "mitm-stream"]
+    log = [
+        x
+        for x in stack.get("/api/logs", params={"container": "mitm-stream"}).json()["items"]
+        if x["container_name"] == "mitm-stream"
+    ]
     assert log and log[0]["method"] == "CONNECT" and log[0]["mitm_skip_reason"] is None
-

@@ -115,10 +115,14 @@ def _mixed_capture(stack: Stack, origin: int, ws_origin: int, container: str) ->
 
     proxy = f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}"
     with httpx.Client(proxy=proxy, timeout=10, trust_env=False) as c:
-        assert c.get(f"http://{HOST}:{origin}/get?q=1&r=two", headers={"Authorization": f"Bearer {SECRET}",
-                                                                      "Cookie": "a=1; b=2"}).status_code == 200
-        r = c.post(f"http://{HOST}:{origin}/post", json={"model": "m", "n": 1},
-                   headers={"X-Api-Key": SECRET})
+        assert (
+            c.get(
+                f"http://{HOST}:{origin}/get?q=1&r=two",
+                headers={"Authorization": f"Bearer {SECRET}", "Cookie": "a=1; b=2"},
+            ).status_code
+            == 200
+        )
+        r = c.post(f"http://{HOST}:{origin}/post", json={"model": "m", "n": 1}, headers={"X-Api-Key": SECRET})
         assert r.json() == {"echo": {"model": "m", "n": 1}}
         with c.stream("GET", f"http://{HOST}:{origin}/sse") as s:
             assert b"".join(s.iter_bytes()).count(b"data: event") == SSE_EVENTS
@@ -148,8 +152,11 @@ def test_mixed_capture_exports_valid_har(stack: Stack, origin: int, ws_origin: i
     jsonschema.Draft202012Validator(HAR_SCHEMA).validate(doc)
     entries = doc["log"]["entries"]
     assert [e["startedDateTime"] for e in entries] == sorted(e["startedDateTime"] for e in entries)
-    by_path = {e["request"]["url"].split(str(origin), 1)[-1]: e for e in entries if e["request"]["method"] in
-               ("GET", "POST") and e["response"]["status"] != 101}
+    by_path = {
+        e["request"]["url"].split(str(origin), 1)[-1]: e
+        for e in entries
+        if e["request"]["method"] in ("GET", "POST") and e["response"]["status"] != 101
+    }
     get = by_path["/get?q=1&r=two"]
     assert {"name": "q", "value": "1"} in get["request"]["queryString"]
     assert {"name": "Authorization", "value": "[REDACTED]"} in get["request"]["headers"]
@@ -172,9 +179,14 @@ def test_mixed_capture_exports_valid_har(stack: Stack, origin: int, ws_origin: i
 
     # The CLI writes the same document to a file.
     out = tmp_path / "capture.har"
-    subprocess.run([PYTHON, "-m", "greyproxy", "export", "--har", str(out), "--container", "har-agent",
-                    "-C", str(stack.cfg_path)], env=stack.env, cwd=str(REPO), check=True, timeout=60,
-                   capture_output=True)
+    subprocess.run(
+        [PYTHON, "-m", "greyproxy", "export", "--har", str(out), "--container", "har-agent", "-C", str(stack.cfg_path)],
+        env=stack.env,
+        cwd=str(REPO),
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
     assert orjson.loads(out.read_bytes()) == orjson.loads(_export(stack, container="har-agent"))
     assert not (tmp_path / "capture.har.part").exists()
 
@@ -183,14 +195,20 @@ def test_export_route_filters_and_errors(stack: Stack) -> None:
     doc = orjson.loads(_export(stack, container="nobody-at-all"))
     assert doc["log"]["entries"] == [] and doc["log"]["version"] == "1.2"
     jsonschema.Draft202012Validator(HAR_SCHEMA).validate(doc)
-    r = stack.get("/api/transactions/export.har", params={"from_date": "2030-01-01T00:00:00Z",
-                                                          "to_date": "2020-01-01T00:00:00Z"})
+    r = stack.get(
+        "/api/transactions/export.har", params={"from_date": "2030-01-01T00:00:00Z", "to_date": "2020-01-01T00:00:00Z"}
+    )
     assert r.status_code == 400 and "from_date" in r.json()["error"]
     assert stack.get("/api/transactions/999999999").status_code == 404  # the id route is still there
     assert stack.get("/api/transactions/export.json").status_code == 400  # not an id (issue 13 item 10)
-    p = subprocess.run([PYTHON, "-m", "greyproxy", "export", "--har", "-", "--from", "garbage",
-                        "-C", str(stack.cfg_path)], env=stack.env, cwd=str(REPO), timeout=60, capture_output=True,
-                       text=True)
+    p = subprocess.run(
+        [PYTHON, "-m", "greyproxy", "export", "--har", "-", "--from", "garbage", "-C", str(stack.cfg_path)],
+        env=stack.env,
+        cwd=str(REPO),
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and "400" in p.stderr
 
 
@@ -209,19 +227,37 @@ def test_100k_transactions_export_in_bounded_memory(stack: Stack) -> None:
     t0 = time.time() - 3 * 3600  # recent: older rows are pruned past retention while the export runs
 
     def row(i: int) -> list:
-        values = {"timestamp": t0 + i * 0.01, "container_name": "bulk", "destination_host": "api.test",
-                  "destination_port": 443, "method": "POST", "url": f"https://api.test/v1/chat?i={i}",
-                  "request_headers": headers, "request_body": body, "request_body_size": len(body),
-                  "request_content_type": "application/json", "status_code": 200, "response_headers": headers,
-                  "response_body": body, "response_body_size": len(body), "response_content_type": "application/json",
-                  "duration_ms": 12.5, "rule_id": None, "result": "allowed", "conversation_id": None,
-                  "substituted_credentials": "[]", "session_id": None}
+        values = {
+            "timestamp": t0 + i * 0.01,
+            "container_name": "bulk",
+            "destination_host": "api.test",
+            "destination_port": 443,
+            "method": "POST",
+            "url": f"https://api.test/v1/chat?i={i}",
+            "request_headers": headers,
+            "request_body": body,
+            "request_body_size": len(body),
+            "request_content_type": "application/json",
+            "status_code": 200,
+            "response_headers": headers,
+            "response_body": body,
+            "response_body_size": len(body),
+            "response_content_type": "application/json",
+            "duration_ms": 12.5,
+            "rule_id": None,
+            "result": "allowed",
+            "conversation_id": None,
+            "substituted_credentials": "[]",
+            "session_id": None,
+        }
         return [values.get(c, 0 if c == "host_mismatch" else None) for c in cols]
 
     con = sqlite3.connect(stack.db_path, timeout=30)
     with con:
-        con.executemany(f"INSERT INTO http_transactions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        (row(i) for i in range(n)))
+        con.executemany(
+            f"INSERT INTO http_transactions ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+            (row(i) for i in range(n)),
+        )
     con.close()
 
     api_pid = stack.pid("api")
@@ -240,8 +276,13 @@ def test_100k_transactions_export_in_bounded_memory(stack: Stack) -> None:
     count, size, tail = 0, 0, b""
     started = time.monotonic()
     try:
-        with httpx.stream("GET", stack.url("/api/transactions/export.har"), params={"container": "bulk"},
-                          timeout=httpx.Timeout(30, read=120), trust_env=False) as r:
+        with httpx.stream(
+            "GET",
+            stack.url("/api/transactions/export.har"),
+            params={"container": "bulk"},
+            timeout=httpx.Timeout(30, read=120),
+            trust_env=False,
+        ) as r:
             assert r.status_code == 200
             first = b""
             for chunk in r.iter_bytes():
@@ -250,15 +291,17 @@ def test_100k_transactions_export_in_bounded_memory(stack: Stack) -> None:
                 size += len(chunk)
                 data = tail + chunk
                 count += data.count(MARK)
-                tail = data[-(len(MARK) - 1):]  # shorter than MARK: no match is counted twice
+                tail = data[-(len(MARK) - 1) :]  # shorter than MARK: no match is counted twice
             ending = tail
     finally:
         done.set()
         sampler.join(5)
     elapsed = time.monotonic() - started
     growth_mib = (peak[0] - before) / 1024
-    print(f"\nHAR export of {n} transactions: {size / 2**20:.0f} MiB in {elapsed:.1f} s; API RSS "
-          f"{before / 1024:.0f} MiB before, peak {peak[0] / 1024:.0f} MiB (+{growth_mib:.1f} MiB)")
+    print(
+        f"\nHAR export of {n} transactions: {size / 2**20:.0f} MiB in {elapsed:.1f} s; API RSS "
+        f"{before / 1024:.0f} MiB before, peak {peak[0] / 1024:.0f} MiB (+{growth_mib:.1f} MiB)"
+    )
     assert count == n
     assert first.startswith(b'{"log":{"version":"1.2"') and ending.endswith(b"]}}\n")
     assert growth_mib < 50, f"API RSS grew by {growth_mib:.1f} MiB while exporting"

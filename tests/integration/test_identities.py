@@ -84,9 +84,28 @@ class WsTap:
 
 def curl(stack: Stack, user: str, password: str | None, url: str) -> tuple[str, str]:
     cred = user if password is None else f"{user}:{password}"
-    done = subprocess.run(["curl", "-s", "-D", "-", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10",
-                           "--proxy-user", cred, "-x", f"http://127.0.0.1:{stack.ports['http-proxy']}", url],
-                          capture_output=True, text=True, timeout=15)
+    done = subprocess.run(
+        [
+            "curl",
+            "-s",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            "--proxy-user",
+            cred,
+            "-x",
+            f"http://127.0.0.1:{stack.ports['http-proxy']}",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=15,
+    )
     return done.stdout[-3:], done.stdout[:-3]
 
 
@@ -107,8 +126,16 @@ def socks(stack: Stack, user: str, password: str, port: int) -> tuple[int, int |
 
 
 def allow(stack: Stack, container: str, port: int) -> None:
-    r = stack.request("POST", "/api/rules", json={"container_pattern": container, "destination_pattern": "127.0.0.1",
-                                                   "port_pattern": str(port), "action": "allow"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": container,
+            "destination_pattern": "127.0.0.1",
+            "port_pattern": str(port),
+            "action": "allow",
+        },
+    )
     assert r.status_code == 201, r.text
 
 
@@ -141,22 +168,32 @@ def test_claimed_name_needs_its_secret(stack: Stack, origin: int) -> None:
     # CONNECT too (the tunnel is refused before it is decided).
     with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as s:
         auth = base64.b64encode(b"agent-a:nope").decode()
-        s.sendall(f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
-                  .encode())
+        s.sendall(
+            f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
         assert s.recv(4096).startswith(b"HTTP/1.1 407")
 
     assert socks(stack, "agent-a", "wrong", origin) == (1, None)
     assert socks(stack, "agent-a", secret, origin) == (0, 0)
     assert socks(stack, "agent-c", "any", origin) == (0, 2)  # unclaimed, no rule: not allowed (hold timeout)
 
-    refused = wait_for(lambda: len([e for e in logs(stack, "agent-a") if e["reason"] == "identity_refused"]) >= 4
-                       and logs(stack, "agent-a"), 10, message="refusal log entries")
+    refused = wait_for(
+        lambda: (
+            len([e for e in logs(stack, "agent-a") if e["reason"] == "identity_refused"]) >= 4
+            and logs(stack, "agent-a")
+        ),
+        10,
+        message="refusal log entries",
+    )
     assert {e["result"] for e in refused if e["reason"] == "identity_refused"} == {"blocked"}
     wait_for(lambda: sum('"identity.refused"' in m for m in tap.messages) >= 4, 10, message="identity.refused events")
     listed = stack.get("/api/identities").json()
     assert [i["name"] for i in listed["items"]] == ["agent-a"] and "secret" not in json.dumps(listed)
-    wait_for(lambda: stack.get("/api/identities").json()["items"][0]["last_used_at"] is not None, 20,
-             message="last use recorded")
+    wait_for(
+        lambda: stack.get("/api/identities").json()["items"][0]["last_used_at"] is not None,
+        20,
+        message="last use recorded",
+    )
 
     # Rotation: the old secret fails at once, the new one works.
     r = stack.request("POST", "/api/identities/agent-a/rotate")
@@ -194,8 +231,24 @@ def test_bad_names_are_refused(stack: Stack) -> None:
 
 
 def env_claim(stack: Stack, name: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "greyproxy", "env", "--container", name, "--claim", "--no-ca",
-                           "-C", str(stack.cfg_path)], env=stack.env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "greyproxy",
+            "env",
+            "--container",
+            name,
+            "--claim",
+            "--no-ca",
+            "-C",
+            str(stack.cfg_path),
+        ],
+        env=stack.env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert done.returncode == 0, done.stderr + stack.logs(80)
     return done
 
@@ -217,8 +270,10 @@ def test_env_claim_prints_urls_with_the_secret(stack: Stack, origin: int) -> Non
 
 def _http_get(sock: socket.socket, origin: int, user: str, password: str) -> bytes:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    sock.sendall(f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n"
-                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    sock.sendall(
+        f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+    )
     data = b""
     while b"\r\n\r\n" not in data or (data.startswith(b"HTTP/1.1 200") and not data.endswith(b"reached\n")):
         chunk = sock.recv(4096)
@@ -231,12 +286,15 @@ def _http_get(sock: socket.socket, origin: int, user: str, password: str) -> byt
 def test_rotation_ends_kept_alive_connections_and_tunnels(stack: Stack, origin: int) -> None:
     allow(stack, "keep-agent", origin)
     secret = claim(stack, "keep-agent")
-    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as kept, \
-            socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as tunnel:
+    with (
+        socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as kept,
+        socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as tunnel,
+    ):
         assert _http_get(kept, origin, "keep-agent", secret).startswith(b"HTTP/1.1 200")
         auth = base64.b64encode(f"keep-agent:{secret}".encode()).decode()
-        tunnel.sendall(f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
-                       .encode())
+        tunnel.sendall(
+            f"CONNECT 127.0.0.1:{origin} HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
         assert tunnel.recv(4096).startswith(b"HTTP/1.1 200")
         claim(stack, "keep-other")  # the claims change, but not this name's: its connections go on
         assert _http_get(kept, origin, "keep-agent", secret).startswith(b"HTTP/1.1 200")

@@ -72,8 +72,14 @@ def rec_setup(short_tmp: Path, service_runner) -> RecorderSetup:
 
 
 def _record(i: int) -> dict:
-    return {"reason": f"r{i}", "container_name": CONTAINER, "destination_host": "h", "destination_port": 1,
-            "method": "HTTP", "result": "allowed"}
+    return {
+        "reason": f"r{i}",
+        "container_name": CONTAINER,
+        "destination_host": "h",
+        "destination_port": 1,
+        "method": "HTTP",
+        "result": "allowed",
+    }
 
 
 class WriterHarness:
@@ -226,8 +232,13 @@ def test_apply_records_batches_logs_and_keeps_ids_events_and_other_kinds(tmp_pat
     db = open_database(tmp_path / "t.db")
     try:
         conn = db.connection()
-        pend = {"container_name": CONTAINER, "destination_host": "held.example", "destination_port": 443,
-                "ts": time.time(), "waiting": 1}
+        pend = {
+            "container_name": CONTAINER,
+            "destination_host": "held.example",
+            "destination_port": 443,
+            "ts": time.time(),
+            "waiting": 1,
+        }
         batch = [(f"a-{i}", "log", _record(i)) for i in range(300)]
         batch.insert(100, ("p-1", "pending", pend))
         batch.insert(200, ("bad-2", "log", {"container_name": None, "result": "allowed"}))  # NOT NULL

@@ -119,8 +119,11 @@ class Origin:
     @staticmethod
     def _answer(writer: asyncio.StreamWriter, status: int, body: bytes, close: bool) -> None:
         reason = {200: "OK", 417: "Expectation Failed"}[status]
-        writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
-                     f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode() + body)
+        writer.write(
+            f"HTTP/1.1 {status} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: {'close' if close else 'keep-alive'}\r\n\r\n".encode()
+            + body
+        )
 
     async def _echo(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -156,8 +159,16 @@ def origin() -> Iterator[Origin]:
 
 @pytest.fixture(scope="module")
 def tight() -> Iterator[Stack]:
-    s = Stack({"proxy": {"headerTimeout": HEADER_TIMEOUT, "idleTimeout": IDLE_TIMEOUT,
-                         "maxHeaderBytes": MAX_HEADER_BYTES, "maxHeaders": 100}})
+    s = Stack(
+        {
+            "proxy": {
+                "headerTimeout": HEADER_TIMEOUT,
+                "idleTimeout": IDLE_TIMEOUT,
+                "maxHeaderBytes": MAX_HEADER_BYTES,
+                "maxHeaders": 100,
+            }
+        }
+    )
     s.start()
     try:
         yield s
@@ -173,8 +184,10 @@ def _auth(user: str) -> str:
 
 
 def _get(origin: Origin, path: str, user: str = "agent", extra: str = "") -> bytes:
-    return (f"GET http://127.0.0.1:{origin.http_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{origin.http_port}\r\n"
-            f"{_auth(user)}\r\n{extra}\r\n").encode()
+    return (
+        f"GET http://127.0.0.1:{origin.http_port}{path} HTTP/1.1\r\nHost: 127.0.0.1:{origin.http_port}\r\n"
+        f"{_auth(user)}\r\n{extra}\r\n"
+    ).encode()
 
 
 def _connect(port: int, timeout: float = 10.0) -> socket.socket:
@@ -299,8 +312,12 @@ def test_slow_socks5_handshake_is_closed_at_the_header_deadline(tight: Stack, or
         s.sendall(b"\x05\x01\x02")
         assert s.recv(2) == b"\x05\x02"
         t0 = time.monotonic()
-        got, took = _slow_send(s, b"\x01\x05slowy\x02pw\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
-                               + struct.pack("!H", origin.echo_port))
+        got, took = _slow_send(
+            s,
+            b"\x01\x05slowy\x02pw\x05\x01\x00\x01"
+            + socket.inet_aton("127.0.0.1")
+            + struct.pack("!H", origin.echo_port),
+        )
     finally:
         s.close()
     assert got == b"", got  # closed, no reply: the handshake never finished
@@ -389,8 +406,9 @@ def _smuggling_request(name: str, lines: list[str], target: str, auth: bool) -> 
 @pytest.mark.parametrize("name", sorted(SMUGGLING))
 def test_smuggling_is_refused_and_the_next_client_is_served(tight: Stack, origin: Origin, name: str) -> None:
     hp = tight.ports["http-proxy"]
-    answer, closed = _exchange(hp, _smuggling_request(name, SMUGGLING[name], f"http://127.0.0.1:{origin.http_port}",
-                                                      True))
+    answer, closed = _exchange(
+        hp, _smuggling_request(name, SMUGGLING[name], f"http://127.0.0.1:{origin.http_port}", True)
+    )
     assert answer.startswith(b"HTTP/1.1 400 Bad Request"), answer[:200]
     assert closed, "the connection must be closed after a smuggling attempt"
     assert not any(line.startswith(f"POST /{name} ") or "smuggled" in line for line in origin.seen)
@@ -438,8 +456,10 @@ BAD_BODIES = {
 def test_malformed_chunked_body_is_400(tight: Stack, origin: Origin, name: str, intercepted: bool) -> None:
     target = "" if intercepted else f"http://127.0.0.1:{origin.http_port}"
     auth = "" if intercepted else f"{_auth('smuggler')}\r\n"
-    data = (f"POST {target}/upload HTTP/1.1\r\nHost: 127.0.0.1:{origin.http_port}\r\n{auth}"
-            "Transfer-Encoding: chunked\r\n\r\n").encode() + BAD_BODIES[name]
+    data = (
+        f"POST {target}/upload HTTP/1.1\r\nHost: 127.0.0.1:{origin.http_port}\r\n{auth}"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + BAD_BODIES[name]
     s = _intercepted(tight, origin) if intercepted else _connect(tight.ports["http-proxy"])
     try:
         t0 = time.monotonic()
@@ -463,24 +483,65 @@ def test_expect_100_continue_is_relayed(tight: Stack, origin: Origin, tmp_path: 
     proxy = f"http://expecter:pw@127.0.0.1:{tight.ports['http-proxy']}"
     t0 = time.monotonic()
     # A long expect timeout: had the 100 not come through, curl would sit on the body for 20 s.
-    out = subprocess.run(["curl", "-sS", "--max-time", "15", "-x", proxy, "--expect100-timeout", "20",
-                          "-H", "Expect: 100-continue", "--data-binary", f"@{body}", "-w", "\n%{http_code}",
-                          f"http://127.0.0.1:{origin.http_port}/upload"],
-                         capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "-x",
+            proxy,
+            "--expect100-timeout",
+            "20",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            f"@{body}",
+            "-w",
+            "\n%{http_code}",
+            f"http://127.0.0.1:{origin.http_port}/upload",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.stdout.endswith(f"got {2 << 20} bytes\n\n200"), (out.stdout[-200:], out.stderr)
     assert time.monotonic() - t0 < 8
     # Chunked, small, and with a 100 as well.
-    out = subprocess.run(["curl", "-sS", "--max-time", "15", "-x", proxy, "--expect100-timeout", "20",
-                          "-H", "Expect: 100-continue", "-H", "Transfer-Encoding: chunked", "--data-binary", "abc",
-                          f"http://127.0.0.1:{origin.http_port}/upload"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "-x",
+            proxy,
+            "--expect100-timeout",
+            "20",
+            "-H",
+            "Expect: 100-continue",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            "abc",
+            f"http://127.0.0.1:{origin.http_port}/upload",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert out.stdout == "got 3 bytes\n", (out.stdout, out.stderr)
 
 
 def test_expect_answered_without_100_ends_the_connection(tight: Stack, origin: Origin) -> None:
     s = _connect(tight.ports["http-proxy"])
     try:
-        s.sendall((f"POST http://127.0.0.1:{origin.http_port}/reject HTTP/1.1\r\nHost: x\r\n{_auth('expecter')}\r\n"
-                   "Content-Length: 40\r\nExpect: 100-continue\r\n\r\n").encode())
+        s.sendall(
+            (
+                f"POST http://127.0.0.1:{origin.http_port}/reject HTTP/1.1\r\nHost: x\r\n{_auth('expecter')}\r\n"
+                "Content-Length: 40\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
         t0 = time.monotonic()
         answer = _read_response(s, 5)
         assert answer.startswith(b"HTTP/1.1 417") and b"Connection: close" in answer, answer
@@ -491,10 +552,28 @@ def test_expect_answered_without_100_ends_the_connection(tight: Stack, origin: O
             s.sendall(b"GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n" + b"y" * 40)
     finally:
         s.close()
-    curl = subprocess.run(["curl", "-sS", "--max-time", "15", "-x",
-                           f"http://expecter:pw@127.0.0.1:{tight.ports['http-proxy']}", "--expect100-timeout", "20",
-                           "-H", "Expect: 100-continue", "--data-binary", "z" * 5000, "-w", "\n%{http_code}",
-                           f"http://127.0.0.1:{origin.http_port}/reject"], capture_output=True, text=True, timeout=30)
+    curl = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "15",
+            "-x",
+            f"http://expecter:pw@127.0.0.1:{tight.ports['http-proxy']}",
+            "--expect100-timeout",
+            "20",
+            "-H",
+            "Expect: 100-continue",
+            "--data-binary",
+            "z" * 5000,
+            "-w",
+            "\n%{http_code}",
+            f"http://127.0.0.1:{origin.http_port}/reject",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert curl.stdout.endswith("\n417"), (curl.stdout, curl.stderr)
     # Judged after a later exchange through the proxy to that origin has completed (not after a sleep):
     # the smuggled bytes were sent before it and never reached the origin.
@@ -540,8 +619,14 @@ async def _open_idle(port: int, request: bytes, n: int) -> tuple[list[asyncio.St
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 20)
             except asyncio.IncompleteReadError as exc:
                 return exc.partial or b"<closed>"
-            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                           if line.lower().startswith(b"content-length:")), 0)
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ),
+                0,
+            )
             return head + await asyncio.wait_for(reader.readexactly(length), 20)
 
     answers = await asyncio.gather(*(one() for _ in range(n)))
@@ -598,6 +683,7 @@ def test_connection_caps(capped: Stack, origin: Origin, many_fds: None) -> None:
         await asyncio.gather(*(w.wait_closed() for w in hog + bulk), return_exceptions=True)
 
     asyncio.run(scenario())
+
     # Once they are gone, the late client gets through.
     def late_ok() -> bytes | None:
         answer = _exchange(hp, _get(origin, "/close/late-ok", "late"), False)[0]

@@ -118,13 +118,24 @@ def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 
 def _cli(stack: Stack, *args: str) -> None:
-    subprocess.run([PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)], env=stack.env, cwd=str(REPO),
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
+        env=stack.env,
+        cwd=str(REPO),
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
 
 
-RULES = [("/v1/messages", "anthropic", "POST"), ("/v1/responses", "openai", "POST"),
-         ("/v1/chat/completions", "openai-chat", "POST"), ("/v1beta/models/*", "google-ai", "POST"),
-         ("/v1/responses", "openai-ws", "WS_REQ"), ("/v1/responses", "openai-ws", "WS_RESP")]
+RULES = [
+    ("/v1/messages", "anthropic", "POST"),
+    ("/v1/responses", "openai", "POST"),
+    ("/v1/chat/completions", "openai-chat", "POST"),
+    ("/v1beta/models/*", "google-ai", "POST"),
+    ("/v1/responses", "openai-ws", "WS_REQ"),
+    ("/v1/responses", "openai-ws", "WS_RESP"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +146,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
     try:
         _cli(s, "cert", "generate")
         s.start()
-        r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": ORIGIN,
-                                                  "port_pattern": "*", "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+        )
         assert r.status_code == 201, r.text
         for path, decoder, method in RULES:
-            r = s.request("POST", "/api/endpoint-rules", json={"host_pattern": f"{ORIGIN}:*", "path_pattern": path,
-                                                               "decoder_name": decoder, "method": method})
+            r = s.request(
+                "POST",
+                "/api/endpoint-rules",
+                json={"host_pattern": f"{ORIGIN}:*", "path_pattern": path, "decoder_name": decoder, "method": method},
+            )
             assert r.status_code == 201, r.text
         yield s
     finally:
@@ -209,24 +226,35 @@ def test_fresh_store_is_rebuilt_at_start(stack: Stack) -> None:
 def test_dissectors_listed(stack: Stack) -> None:
     r = stack.get("/api/dissectors")
     assert r.status_code == 200
-    assert r.json() == {"dissectors": [
-        {"name": "anthropic", "description": "Anthropic Messages API (/v1/messages)"},
-        {"name": "openai", "description": "OpenAI Responses API (/v1/responses)"},
-        {"name": "google-ai", "description": "Google Gemini API (/v1beta/models)"},
-        {"name": "openai-chat", "description": "OpenAI Chat Completions API, also used by LiteLLM, Ollama, and "
-                                               "other compatible endpoints"},
-        {"name": "openai-ws", "description": "OpenAI Responses API over WebSocket (Codex)"}]}
+    assert r.json() == {
+        "dissectors": [
+            {"name": "anthropic", "description": "Anthropic Messages API (/v1/messages)"},
+            {"name": "openai", "description": "OpenAI Responses API (/v1/responses)"},
+            {"name": "google-ai", "description": "Google Gemini API (/v1beta/models)"},
+            {
+                "name": "openai-chat",
+                "description": "OpenAI Chat Completions API, also used by LiteLLM, Ollama, and "
+                "other compatible endpoints",
+            },
+            {"name": "openai-ws", "description": "OpenAI Responses API over WebSocket (Codex)"},
+        ]
+    }
 
 
 def test_endpoint_rules_rest(stack: Stack) -> None:
     rules = stack.get("/api/endpoint-rules").json()["rules"]
-    builtins = [(r["host_pattern"], r["path_pattern"], r["decoder_name"], r["method"], r["priority"])
-                for r in rules if not r["user_defined"]]
-    assert builtins == [("api.anthropic.com", "/v1/messages", "anthropic", "POST", 0),
-                        ("api.openai.com", "/v1/responses", "openai", "POST", 0),
-                        ("api.openai.com", "/v1/chat/completions", "openai-chat", "POST", 0),
-                        ("openrouter.ai", "/api/v1/chat/completions", "openai-chat", "POST", 0),
-                        ("generativelanguage.googleapis.com", "/v1beta/models/*", "google-ai", "POST", 0)]
+    builtins = [
+        (r["host_pattern"], r["path_pattern"], r["decoder_name"], r["method"], r["priority"])
+        for r in rules
+        if not r["user_defined"]
+    ]
+    assert builtins == [
+        ("api.anthropic.com", "/v1/messages", "anthropic", "POST", 0),
+        ("api.openai.com", "/v1/responses", "openai", "POST", 0),
+        ("api.openai.com", "/v1/chat/completions", "openai-chat", "POST", 0),
+        ("openrouter.ai", "/api/v1/chat/completions", "openai-chat", "POST", 0),
+        ("generativelanguage.googleapis.com", "/v1beta/models/*", "google-ai", "POST", 0),
+    ]
     # User rules of equal priority come before the built-ins.
     assert [r["user_defined"] for r in rules] == sorted((r["user_defined"] for r in rules), reverse=True)
 
@@ -270,9 +298,15 @@ def test_endpoint_rules_rest(stack: Stack) -> None:
 
 
 def test_rule_maps_a_self_hosted_endpoint_plain_http(stack: Stack, plain_origin: int) -> None:
-    r = stack.request("POST", "/api/endpoint-rules", json={
-        "host_pattern": f"{ORIGIN}:{plain_origin}", "path_pattern": "/v1/chat/completions",
-        "decoder_name": "openai-chat"})
+    r = stack.request(
+        "POST",
+        "/api/endpoint-rules",
+        json={
+            "host_pattern": f"{ORIGIN}:{plain_origin}",
+            "path_pattern": "/v1/chat/completions",
+            "decoder_name": "openai-chat",
+        },
+    )
     assert r.status_code == 201
     rows = F.local_chat_session(container="litellm")
     done = send(stack, rows[:1], "litellm", plain_origin, scheme="http")
@@ -294,8 +328,11 @@ def test_claude_code_session_through_the_proxy(stack: Stack, origin: int) -> Non
     sub_id = f"{main_id}/subagent_2000_1"
     main = conversation(stack, main_id, pred=lambda c: c["metadata"]["total_requests"] == 3)
     assert time.monotonic() - done[-1] < 2.5
-    ids = sorted(t["id"] for t in txns(stack, "claude") if sid in (stack.get(
-        f"/api/transactions/{t['id']}").json()["request_body"] or ""))
+    ids = sorted(
+        t["id"]
+        for t in txns(stack, "claude")
+        if sid in (stack.get(f"/api/transactions/{t['id']}").json()["request_body"] or "")
+    )
     assert len(ids) == 6
     # Acceptance 4: the SSE response as the transaction's llm view.
     llm = stack.get(f"/api/transactions/{ids[0]}").json()["llm"]
@@ -339,13 +376,21 @@ def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) 
     parent = conversation(stack, f"session_{F.OC_PARENT}", pred=lambda c: c["metadata"]["total_requests"] == 3)
     first = stack.get(f"/api/transactions/{parent['turns'][0]['request_ids'][0]}").json()["llm"]
     calls = first["response"]["tool_calls"]
-    assert [json.loads(c["input_preview"]) for c in calls] == [{"pattern": "load_config", "path": "/src"},
-                                                                {"pattern": "**/*.yaml"}]
+    assert [json.loads(c["input_preview"]) for c in calls] == [
+        {"pattern": "load_config", "path": "/src"},
+        {"pattern": "**/*.yaml"},
+    ]
     assert parent["linked_subagents"][0]["conversation_id"] == f"session_{F.OC_PARENT}/subagent_1"
 
     send(stack, F.local_chat_session(container="chat-a"), "chat-a", origin)
-    ids = sorted(t["id"] for t in wait_for(lambda: txns(stack, "chat-a") if len(txns(stack, "chat-a")) == 2 else None,
-                                           5, message="two chat transactions"))
+    ids = sorted(
+        t["id"]
+        for t in wait_for(
+            lambda: txns(stack, "chat-a") if len(txns(stack, "chat-a")) == 2 else None,
+            5,
+            message="two chat transactions",
+        )
+    )
     conv = conversation(stack, f"session_inferred_{ids[0]}", pred=lambda c: c["metadata"]["total_requests"] == 2)
     streamed = stack.get(f"/api/transactions/{ids[0]}").json()["llm"]["usage"]
     plain = stack.get(f"/api/transactions/{ids[1]}").json()["llm"]["usage"]
@@ -354,8 +399,14 @@ def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) 
     assert conv["usage"]["input_tokens"] == 3100
 
     send(stack, F.gemini_session(), "gemini", origin)
-    gem = sorted(t["id"] for t in wait_for(lambda: txns(stack, "gemini") if len(txns(stack, "gemini")) == 3 else None,
-                                           5, message="three gemini transactions"))
+    gem = sorted(
+        t["id"]
+        for t in wait_for(
+            lambda: txns(stack, "gemini") if len(txns(stack, "gemini")) == 3 else None,
+            5,
+            message="three gemini transactions",
+        )
+    )
     conv = conversation(stack, f"session_inferred_{gem[0]}", pred=lambda c: c["metadata"]["total_requests"] == 2)
     llm = stack.get(f"/api/transactions/{gem[1]}").json()["llm"]
     assert llm["model"] == "gemini-2.5-pro" and llm["usage"]["input_tokens"] == 7000
@@ -381,8 +432,9 @@ def test_codex_websocket_session(stack: Stack, ws_origin: int) -> None:
         ws.send(reqs[2]["request_body"])
         ws.recv(timeout=5)
         assert "Codex." in ws.recv(timeout=5)
-    conv = conversation(stack, f"session_{F.CODEX_KEY}", timeout=5,
-                        pred=lambda c: c["usage"]["requests_with_usage"] == 2)
+    conv = conversation(
+        stack, f"session_{F.CODEX_KEY}", timeout=5, pred=lambda c: c["usage"]["requests_with_usage"] == 2
+    )
     assert conv["provider"] == "openai" and conv["client_name"] == "codex"
     assert [[s.get("text") for s in t["steps"]] for t in conv["turns"]] == [["Hello."], ["Codex."]]
     assert conv["usage"]["input_tokens"] == 6500 and conv["usage"]["output_tokens"] == 60
@@ -457,8 +509,7 @@ def _insert_bulk(stack: Stack, n_sessions: int) -> None:
         rows = []
         t0 = time.time() - 3600  # recent: older rows would be pruned (retention) under the test
         for i in range(n_sessions):
-            for r in F.local_chat_session(t0 + i, container=f"bulk-{i}",
-                                          url=f"https://{ORIGIN}:1/v1/chat/completions"):
+            for r in F.local_chat_session(t0 + i, container=f"bulk-{i}", url=f"https://{ORIGIN}:1/v1/chat/completions"):
                 rows.append(r)
         conn.execute("BEGIN IMMEDIATE")
         llm_db.insert(conn, rows)
@@ -470,12 +521,20 @@ def _insert_bulk(stack: Stack, n_sessions: int) -> None:
 def test_rebuild_job(stack: Stack, origin: int) -> None:
     """Acceptance 14 and 16's "none during a rebuild"."""
     send(stack, F.local_chat_session(container="doomed"), "doomed", origin)
-    doomed = sorted(t["id"] for t in wait_for(lambda: txns(stack, "doomed") if len(txns(stack, "doomed")) == 2
-                                              else None, 5, message="doomed transactions"))
+    doomed = sorted(
+        t["id"]
+        for t in wait_for(
+            lambda: txns(stack, "doomed") if len(txns(stack, "doomed")) == 2 else None, 5, message="doomed transactions"
+        )
+    )
     conversation(stack, f"session_inferred_{doomed[0]}", timeout=5)
     _insert_bulk(stack, 1500)
-    wait_for(lambda: stack.get("/api/conversations", params={"container": "bulk-1499"}).json()["total"] == 1, 60,
-             interval=0.5, message="the bulk assembled")
+    wait_for(
+        lambda: stack.get("/api/conversations", params={"container": "bulk-1499"}).json()["total"] == 1,
+        60,
+        interval=0.5,
+        message="the bulk assembled",
+    )
     time.sleep(1.0)  # that pass's events are published once it ends
     conn = sqlite3.connect(str(stack.db_path), timeout=30)
     conn.execute(f"DELETE FROM http_transactions WHERE id IN ({doomed[0]}, {doomed[1]})")
@@ -493,8 +552,15 @@ def test_rebuild_job(stack: Stack, origin: int) -> None:
                 break
             time.sleep(0.05)
         assert min(totals) > 0, "conversations were unreadable during the rebuild"
-        seen = _drain(c, lambda m: m["type"] == "maintenance.progress" and m["data"]["job"] == "rebuild-conversations"
-                      and m["data"]["done"], 30)
+        seen = _drain(
+            c,
+            lambda m: (
+                m["type"] == "maintenance.progress"
+                and m["data"]["job"] == "rebuild-conversations"
+                and m["data"]["done"]
+            ),
+            30,
+        )
     progress = [m["data"] for m in seen if m["type"] == "maintenance.progress"]
     assert progress[-1]["processed"] == progress[-1]["total"] >= 3000 and "error" not in progress[-1]
     assert not [m for m in seen if m["type"].startswith("conversation.")], "conversation events during a rebuild"
@@ -514,8 +580,15 @@ def test_maintenance_killed_under_traffic(stack: Stack, origin: int) -> None:
     rows, msgs = [], []
     for i in range(30):
         msgs = msgs + [{"role": "user", "content": f"step {i}"}]
-        rows.append(F.row(F.ANTHROPIC, F.claude_request(list(msgs), F.MAIN_SYSTEM, sid=sid),
-                          F.anthropic_sse([f"ok {i}"]), ts=F.T0, req_headers=h))
+        rows.append(
+            F.row(
+                F.ANTHROPIC,
+                F.claude_request(list(msgs), F.MAIN_SYSTEM, sid=sid),
+                F.anthropic_sse([f"ok {i}"]),
+                ts=F.T0,
+                req_headers=h,
+            )
+        )
         msgs = msgs + [{"role": "assistant", "content": f"ok {i}"}]
     pid = stack.pid("maintenance")
     sender = threading.Thread(target=send, args=(stack, rows, "claude-kill", origin))
@@ -533,8 +606,11 @@ def test_maintenance_killed_under_traffic(stack: Stack, origin: int) -> None:
 
 def test_conversation_list_filters(stack: Stack, origin: int) -> None:
     send(stack, F.gemini_session(), "gemini-f", origin)
-    wait_for(lambda: stack.get("/api/conversations", params={"container": "gemini-f"}).json()["total"] == 1, 5,
-             message="the gemini conversation")
+    wait_for(
+        lambda: stack.get("/api/conversations", params={"container": "gemini-f"}).json()["total"] == 1,
+        5,
+        message="the gemini conversation",
+    )
 
     def ids(**params: Any) -> list[str]:
         r = stack.get("/api/conversations", params=params)
@@ -551,7 +627,11 @@ def test_conversation_list_filters(stack: Stack, origin: int) -> None:
     assert all(c["parent_conversation_id"] is None for c in everything["items"])  # top-level only
     page = stack.get("/api/conversations", params={"limit": 1, "offset": 1}).json()["items"]
     assert page == everything["items"][1:2] or page[0]["id"] == everything["items"][1]["id"]
-    for bad in ({"limit": 501}, {"limit": 0}, {"from_date": "yesterday"},
-                {"from_date": "2030-01-01T00:00:00Z", "to_date": "2020-01-01T00:00:00Z"}):
+    for bad in (
+        {"limit": 501},
+        {"limit": 0},
+        {"from_date": "yesterday"},
+        {"from_date": "2030-01-01T00:00:00Z", "to_date": "2020-01-01T00:00:00Z"},
+    ):
         assert stack.get("/api/conversations", params=bad).status_code == 400, bad
     assert stack.get("/api/conversations/nope").json() == {"error": "not found"}

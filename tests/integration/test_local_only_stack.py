@@ -46,8 +46,13 @@ def rules_named(stack: Stack, client: httpx.Client) -> list[dict]:
 def test_foreign_host_is_misdirected(stack: Stack, client: httpx.Client) -> None:
     port = stack.ports["api"]
     for host in ("evil.example", f"evil.example:{port}", f"localhost.evil.example:{port}"):
-        for method, path in (("GET", "/api/health"), ("GET", "/api/rules"), ("POST", "/api/rules"),
-                             ("GET", "/api/no-such-route"), ("GET", "/api/openapi.json")):
+        for method, path in (
+            ("GET", "/api/health"),
+            ("GET", "/api/rules"),
+            ("POST", "/api/rules"),
+            ("GET", "/api/no-such-route"),
+            ("GET", "/api/openapi.json"),
+        ):
             r = client.request(method, stack.url(path), headers={"Host": host}, json=RULE if method == "POST" else None)
             assert r.status_code == 421, (host, method, path, r.status_code)
             assert r.headers["content-type"].startswith("application/json")
@@ -57,8 +62,15 @@ def test_foreign_host_is_misdirected(stack: Stack, client: httpx.Client) -> None
 
 def test_local_and_allowed_hosts_are_served(stack: Stack, client: httpx.Client) -> None:
     port = stack.ports["api"]
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.1",
-                 EXTRA_HOST, f"{EXTRA_HOST}:{port}"):
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        "localhost",
+        f"[::1]:{port}",
+        "127.0.0.1",
+        EXTRA_HOST,
+        f"{EXTRA_HOST}:{port}",
+    ):
         r = client.get(stack.url("/api/pending/count"), headers={"Host": host})
         assert r.status_code == 200 and "count" in r.json(), (host, r.status_code, r.text)
 
@@ -72,8 +84,11 @@ def test_cross_origin_writes_are_forbidden_and_plain_clients_are_not(stack: Stac
         r = client.delete(stack.url("/api/allowall"), headers={"Origin": origin})
         assert r.status_code == 403
     # The browser's fetch metadata alone is enough for a write, whatever the Origin says.
-    r = client.post(stack.url("/api/rules"), json=RULE,
-                    headers={"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "cross-site"})
+    r = client.post(
+        stack.url("/api/rules"),
+        json=RULE,
+        headers={"Origin": f"http://127.0.0.1:{port}", "Sec-Fetch-Site": "cross-site"},
+    )
     assert r.status_code == 403 and "Sec-Fetch-Site" in r.json()["error"]
     assert rules_named(stack, client) == []
 
@@ -81,16 +96,20 @@ def test_cross_origin_writes_are_forbidden_and_plain_clients_are_not(stack: Stac
     r = client.post(stack.url("/api/rules"), json=RULE)
     assert r.status_code == 201, r.text
     # Same origin (a loopback host form or an allowed name, on the API's port): works.
-    for origin, host in ((f"http://127.0.0.1:{port}", None), (f"http://localhost:{port}", None),
-                         (f"http://{EXTRA_HOST}:{port}", f"{EXTRA_HOST}:{port}")):
+    for origin, host in (
+        (f"http://127.0.0.1:{port}", None),
+        (f"http://localhost:{port}", None),
+        (f"http://{EXTRA_HOST}:{port}", f"{EXTRA_HOST}:{port}"),
+    ):
         headers = {"Origin": origin, "Sec-Fetch-Site": "same-origin"}
         if host:
             headers["Host"] = host
         r = client.post(stack.url("/api/rules"), json=RULE, headers=headers)
         assert r.status_code == 201, (origin, r.text)  # the identical active rule comes back
     # Another port is another origin (issue 13 item 1): a dev server page on localhost:5173 is refused.
-    r = client.post(stack.url("/api/rules"), json=RULE, headers={"Origin": "http://localhost:5173",
-                                                                  "Sec-Fetch-Site": "same-site"})
+    r = client.post(
+        stack.url("/api/rules"), json=RULE, headers={"Origin": "http://localhost:5173", "Sec-Fetch-Site": "same-site"}
+    )
     assert r.status_code == 403, r.text
     rules = rules_named(stack, client)
     assert len(rules) == 1
@@ -119,9 +138,15 @@ def test_websocket_upgrade_is_checked_the_same_way(stack: Stack) -> None:
         with pytest.raises(InvalidStatus) as info, connect(ws_url(stack), open_timeout=5, **headers):
             pass
         assert info.value.response.status_code == 403
-    with pytest.raises(InvalidStatus) as info, connect(
-            ws_url(stack), open_timeout=5, origin=f"http://127.0.0.1:{port}",
-            additional_headers={"Sec-Fetch-Site": "cross-site"}):
+    with (
+        pytest.raises(InvalidStatus) as info,
+        connect(
+            ws_url(stack),
+            open_timeout=5,
+            origin=f"http://127.0.0.1:{port}",
+            additional_headers={"Sec-Fetch-Site": "cross-site"},
+        ),
+    ):
         pass
     assert info.value.response.status_code == 403
     # DNS rebinding: the right address, a foreign name.

@@ -56,35 +56,47 @@ def _scrape(stack: Stack) -> dict[tuple[str, tuple], float]:
 
 def test_metrics_parse_and_move_with_traffic(make_stack, origin: int) -> None:
     stack = make_stack(proxy={"holdTimeout": 1})
-    before = wait_for(lambda: (m := _scrape(stack)) and ("greyproxy_proxy_connections_total",
-                                                         (("result", "allowed"),)) in m and m,
-                      10, message="the proxy's figures in /metrics")
+    before = wait_for(
+        lambda: (m := _scrape(stack)) and ("greyproxy_proxy_connections_total", (("result", "allowed"),)) in m and m,
+        10,
+        message="the proxy's figures in /metrics",
+    )
     for svc in ("proxy", "recorder", "maintenance", "bus", "api"):
         assert before[("greyproxy_up", (("service", svc),))] == 1.0, svc
 
     proxy = f"http://metrics-agent:x@127.0.0.1:{stack.ports['http-proxy']}"
     for _ in range(3):
-        p = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-x", proxy, f"http://127.0.0.1:{origin}/m"],
-                           capture_output=True, timeout=20)
+        p = subprocess.run(
+            ["curl", "-sS", "-o", "/dev/null", "-x", proxy, f"http://127.0.0.1:{origin}/m"],
+            capture_output=True,
+            timeout=20,
+        )
         assert p.returncode == 0, p.stderr
     # An unknown destination: held for holdTimeout, then blocked.
-    subprocess.run(["curl", "-sS", "-o", "/dev/null", "-x", proxy, "http://198.51.100.7:81/"],
-                   capture_output=True, timeout=20)
+    subprocess.run(
+        ["curl", "-sS", "-o", "/dev/null", "-x", proxy, "http://198.51.100.7:81/"], capture_output=True, timeout=20
+    )
 
     def moved() -> dict | None:
         m = _scrape(stack)
-        ok = (m[("greyproxy_proxy_connections_total", (("result", "allowed"),))]
-              >= before[("greyproxy_proxy_connections_total", (("result", "allowed"),))] + 3
-              and m[("greyproxy_proxy_connections_total", (("result", "blocked"),))]
-              >= before[("greyproxy_proxy_connections_total", (("result", "blocked"),))] + 1
-              and m[("greyproxy_proxy_hold_seconds_count", ())] >= before[("greyproxy_proxy_hold_seconds_count", ())] + 1
-              and m.get(("greyproxy_transactions_captured_total", ()), 0) >= 3
-              and m[("greyproxy_proxy_bytes_relayed_total", (("side", "upstream"),))] >= 15000
-              and m.get(("greyproxy_recorder_batches_total", ()), 0) > before.get(("greyproxy_recorder_batches_total", ()), 0))
+        ok = (
+            m[("greyproxy_proxy_connections_total", (("result", "allowed"),))]
+            >= before[("greyproxy_proxy_connections_total", (("result", "allowed"),))] + 3
+            and m[("greyproxy_proxy_connections_total", (("result", "blocked"),))]
+            >= before[("greyproxy_proxy_connections_total", (("result", "blocked"),))] + 1
+            and m[("greyproxy_proxy_hold_seconds_count", ())] >= before[("greyproxy_proxy_hold_seconds_count", ())] + 1
+            and m.get(("greyproxy_transactions_captured_total", ()), 0) >= 3
+            and m[("greyproxy_proxy_bytes_relayed_total", (("side", "upstream"),))] >= 15000
+            and m.get(("greyproxy_recorder_batches_total", ()), 0)
+            > before.get(("greyproxy_recorder_batches_total", ()), 0)
+        )
         return m if ok else None
 
     after = wait_for(moved, 15, interval=0.3, message="counters moving with the traffic")
-    assert after[("greyproxy_proxy_decision_seconds_count", ())] >= before[("greyproxy_proxy_decision_seconds_count", ())] + 4
+    assert (
+        after[("greyproxy_proxy_decision_seconds_count", ())]
+        >= before[("greyproxy_proxy_decision_seconds_count", ())] + 4
+    )
     assert after[("greyproxy_proxy_hold_seconds_sum", ())] >= 0.9  # one hold of holdTimeout = 1 s
     assert after[("greyproxy_recorder_batch_seconds_count", ())] >= 1
     assert ("greyproxy_journal_dropped_records_total", ()) in after

@@ -61,11 +61,17 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         if path == "/json":
             self._send(200, json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="session=origin-secret")
         elif path == "/redirect":  # a secret in a URL-valued response header
-            self._send(302, b"moved\n", "text/plain", Location="https://app.example/cb?code=7&access_token=loc-secret",
-                       Content_Location="/r?session_id=cl-secret")
+            self._send(
+                302,
+                b"moved\n",
+                "text/plain",
+                Location="https://app.example/cb?code=7&access_token=loc-secret",
+                Content_Location="/r?session_id=cl-secret",
+            )
         elif path == "/gzip":
-            self._send(200, gzip.compress(json.dumps({"codec": "gzip"}).encode()), "application/json",
-                       Content_Encoding="gzip")
+            self._send(
+                200, gzip.compress(json.dumps({"codec": "gzip"}).encode()), "application/json", Content_Encoding="gzip"
+            )
         elif path == "/br":
             self._send(200, brotli.compress(b"hello brotli " * 100), "text/plain; charset=utf-8", Content_Encoding="br")
         elif path == "/big":
@@ -178,8 +184,11 @@ def stack(origin_ca_file: Path) -> Iterator[Stack]:
         _cli(s, "cert", "generate")  # before start: the proxy loads it at once
         s.start()
         for host in (ORIGIN, BYPASSED):
-            r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": host,
-                                                      "port_pattern": "*", "action": "allow"})
+            r = s.request(
+                "POST",
+                "/api/rules",
+                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
+            )
             assert r.status_code == 201, r.text
         yield s
     finally:
@@ -191,8 +200,15 @@ def stack(origin_ca_file: Path) -> Iterator[Stack]:
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)], env=stack.env, cwd=str(REPO),
-                          capture_output=True, text=True, timeout=30, check=True)
+    return subprocess.run(
+        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
+        env=stack.env,
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
 
 
 def _gp_ca(stack: Stack) -> str:
@@ -200,7 +216,9 @@ def _gp_ca(stack: Stack) -> str:
 
 
 def _curl(*args: str, timeout: int = 20) -> tuple[int, bytes, str]:
-    p = subprocess.run(["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5)
+    p = subprocess.run(
+        ["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5
+    )
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
 
@@ -231,8 +249,11 @@ def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET
 
 def _log_entry(stack: Stack, container: str) -> dict:
     def find() -> dict | None:
-        items = [i for i in stack.get("/api/logs", params={"container": container}).json()["items"]
-                 if i["container_name"] == container]
+        items = [
+            i
+            for i in stack.get("/api/logs", params={"container": container}).json()["items"]
+            if i["container_name"] == container
+        ]
         return items[0] if items else None
 
     return wait_for(find, 10, message=f"log entry for {container}")
@@ -249,8 +270,10 @@ def _tls_through_proxy(stack: Stack, container: str, port: int, cafile: str) -> 
     """A raw CONNECT through the HTTP proxy, then TLS trusting `cafile`."""
     sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
     auth = base64.b64encode(f"{container}:x".encode()).decode()
-    sock.sendall(f"CONNECT {ORIGIN}:{port} HTTP/1.1\r\nHost: {ORIGIN}:{port}\r\n"
-                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    sock.sendall(
+        f"CONNECT {ORIGIN}:{port} HTTP/1.1\r\nHost: {ORIGIN}:{port}\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1024)
@@ -272,8 +295,16 @@ def _get(sock: ssl.SSLSocket, port: int, path: str) -> http.client.HTTPResponse:
 
 
 def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> None:
-    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent"), f"https://{ORIGIN}:{origin}/json",
-                           "-H", "Authorization: Bearer sk-live", "-H", "X-Api-Key: k")
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        *_via_http(stack, "agent"),
+        f"https://{ORIGIN}:{origin}/json",
+        "-H",
+        "Authorization: Bearer sk-live",
+        "-H",
+        "X-Api-Key: k",
+    )
     assert code == 0, err
     assert json.loads(out) == JSON_BODY
     t = _one_transaction(stack, "agent", "/json")
@@ -306,8 +337,13 @@ def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> N
 
 
 def test_socks5_intercepted(stack: Stack, origin: int) -> None:
-    code, out, err = _curl("--cacert", _gp_ca(stack), "-x", f"socks5h://agent-socks:x@127.0.0.1:{stack.socks_port}",
-                           f"https://{ORIGIN}:{origin}/json?via=socks")
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        "-x",
+        f"socks5h://agent-socks:x@127.0.0.1:{stack.socks_port}",
+        f"https://{ORIGIN}:{origin}/json?via=socks",
+    )
     assert code == 0, err
     assert json.loads(out) == JSON_BODY
     t = _one_transaction(stack, "agent-socks", "/json?via=socks")
@@ -341,14 +377,27 @@ def test_sse_streams_unbuffered_and_is_recorded_whole(stack: Stack, origin: int)
 
 def test_compressed_bodies_stored_decoded_and_big_ones_capped(stack: Stack, origin: int, tmp_path: Path) -> None:
     for path in ("/gzip", "/br"):
-        code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-codec"),
-                                f"https://{ORIGIN}:{origin}{path}", "-o", "/dev/null")
+        code, _out, err = _curl(
+            "--cacert",
+            _gp_ca(stack),
+            *_via_http(stack, "agent-codec"),
+            f"https://{ORIGIN}:{origin}{path}",
+            "-o",
+            "/dev/null",
+        )
         assert code == 0, err
     assert json.loads(_one_transaction(stack, "agent-codec", "/gzip")["response_body"]) == {"codec": "gzip"}
     assert _one_transaction(stack, "agent-codec", "/br")["response_body"] == "hello brotli " * 100
     target = tmp_path / "big"
-    code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-big"),
-                            f"https://{ORIGIN}:{origin}/big", "-o", str(target), timeout=30)
+    code, _out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        *_via_http(stack, "agent-big"),
+        f"https://{ORIGIN}:{origin}/big",
+        "-o",
+        str(target),
+        timeout=30,
+    )
     assert code == 0, err
     assert target.stat().st_size == BIG_SIZE
     t = _one_transaction(stack, "agent-big", "/big")
@@ -356,21 +405,32 @@ def test_compressed_bodies_stored_decoded_and_big_ones_capped(stack: Stack, orig
     assert len(t["response_body"]) == 2 * 1024 * 1024
     assert target.read_bytes()[:1000].decode() == t["response_body"][:1000]
     # A request body is captured too (and its size), with the 100-continue dance relayed.
-    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-post"), "-H",
-                           "Content-Type: application/json", "-H", "Expect: 100-continue", "--data-binary",
-                           '{"q": "hi"}', f"https://{ORIGIN}:{origin}/post")
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        *_via_http(stack, "agent-post"),
+        "-H",
+        "Content-Type: application/json",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        '{"q": "hi"}',
+        f"https://{ORIGIN}:{origin}/post",
+    )
     assert code == 0 and json.loads(out) == {"got": 11}, err
     t = _one_transaction(stack, "agent-post", "/post", "POST")
     assert t["request_body"] == '{"q": "hi"}' and t["request_body_size"] == 11
 
 
-def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(stack: Stack, origin: int,
-                                                                     origin_ca: trustme.CA, tmp_path: Path) -> None:
+def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(
+    stack: Stack, origin: int, origin_ca: trustme.CA, tmp_path: Path
+) -> None:
     code, _out, err = _curl(*_via_http(stack, "agent-untrusting"), f"https://{ORIGIN}:{origin}/json")
     assert code != 0  # the system store does not know the Greyproxy CA
     assert _log_entry(stack, "agent-untrusting")["mitm_skip_reason"] == "handshake_failed"
-    code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-after"),
-                           f"https://{ORIGIN}:{origin}/json")
+    code, out, err = _curl(
+        "--cacert", _gp_ca(stack), *_via_http(stack, "agent-after"), f"https://{ORIGIN}:{origin}/json"
+    )
     assert code == 0 and json.loads(out) == JSON_BODY, err
 
     origin_ca_file = tmp_path / "origin-ca.pem"
@@ -380,8 +440,9 @@ def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(stack: Stack
     try:
         # The origin's own certificate reaches the client: only the trustme CA verifies it.
         def piped() -> bool:
-            code, out, _err = _curl("--cacert", str(origin_ca_file), *_via_http(stack, "agent-piped"),
-                                    f"https://{ORIGIN}:{origin}/json")
+            code, out, _err = _curl(
+                "--cacert", str(origin_ca_file), *_via_http(stack, "agent-piped"), f"https://{ORIGIN}:{origin}/json"
+            )
             return code == 0 and json.loads(out) == JSON_BODY
 
         wait_for(piped, 10, interval=0.2, message="an untouched tunnel")
@@ -391,8 +452,9 @@ def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(stack: Stack
         assert stack.request("PUT", "/api/settings", json={"mitmEnabled": True}).status_code == 200
 
         def intercepted_again() -> bool:  # the proxy follows the setting asynchronously: later tests need it
-            code, _out, _err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-mitm-back"),
-                                     f"https://{ORIGIN}:{origin}/json")
+            code, _out, _err = _curl(
+                "--cacert", _gp_ca(stack), *_via_http(stack, "agent-mitm-back"), f"https://{ORIGIN}:{origin}/json"
+            )
             return code == 0
 
         wait_for(intercepted_again, 10, interval=0.2, message="interception switched back on")
@@ -403,8 +465,16 @@ def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack:
     try:
         resp = _get(sock, origin, "/json")
         assert resp.status == 200 and json.loads(resp.read()) == JSON_BODY
-        r = stack.request("POST", "/api/rules", json={"container_pattern": "agent-deny", "destination_pattern": ORIGIN,
-                                                      "port_pattern": str(origin), "action": "deny"})
+        r = stack.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "agent-deny",
+                "destination_pattern": ORIGIN,
+                "port_pattern": str(origin),
+                "action": "deny",
+            },
+        )
         assert r.status_code == 201, r.text
         # The API has the proxy reload before answering; still, wait for the effect, not a fixed margin.
         seen: list[tuple[http.client.HTTPResponse, bytes]] = []
@@ -421,8 +491,11 @@ def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack:
         assert len(seen) <= 2, [r.status for r, _ in seen]  # denied at once (one in flight at most)
     finally:
         sock.close()
-    blocked = wait_for(lambda: [t for t in _transactions(stack, container="agent-deny") if t["result"] == "blocked"],
-                       10, message="the blocked request's record")
+    blocked = wait_for(
+        lambda: [t for t in _transactions(stack, container="agent-deny") if t["result"] == "blocked"],
+        10,
+        message="the blocked request's record",
+    )
     assert blocked[0]["status_code"] == 403
 
 
@@ -464,8 +537,9 @@ def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_
     assert old.read_bytes() != Path(_gp_ca(stack)).read_bytes()
 
     def new_ca_works() -> bool:
-        code, out, _err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-newca"),
-                                f"https://{ORIGIN}:{origin}/json")
+        code, out, _err = _curl(
+            "--cacert", _gp_ca(stack), *_via_http(stack, "agent-newca"), f"https://{ORIGIN}:{origin}/json"
+        )
         return code == 0
 
     wait_for(new_ca_works, 8, interval=0.3, message="leaves from the new CA")
@@ -512,16 +586,25 @@ def _progress_events(stack: Stack, seconds: float, started: threading.Event) -> 
 
 
 def test_redact_headers_job(stack: Stack, origin: int) -> None:
-    code, _out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "agent-custom"),
-                            f"https://{ORIGIN}:{origin}/custom", "-H", "X-Custom: visible-before")
+    code, _out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        *_via_http(stack, "agent-custom"),
+        f"https://{ORIGIN}:{origin}/custom",
+        "-H",
+        "X-Custom: visible-before",
+    )
     assert code == 0, err
-    assert _header(_one_transaction(stack, "agent-custom", "/custom")["request_headers"], "X-Custom") == ["visible-before"]
+    assert _header(_one_transaction(stack, "agent-custom", "/custom")["request_headers"], "X-Custom") == [
+        "visible-before"
+    ]
     # Many rows, so the job runs long enough for a second start to find it running.
     with sqlite3.connect(stack.db_path, timeout=10) as db:
         db.executemany(
             "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
             " url, request_headers) VALUES (?, 'filler', 'filler.test', 443, 'GET', 'https://filler.test/', ?)",
-            [(time.time() - 3600, '{"X-Custom": ["filler"]}') for _ in range(30_000)])
+            [(time.time() - 3600, '{"X-Custom": ["filler"]}') for _ in range(30_000)],
+        )
     r = stack.request("PUT", "/api/settings", json={"redactedHeaders": ["x-custom"]})
     assert r.status_code == 200 and "x-custom" in r.json()["redactedHeaders"]
 
@@ -549,14 +632,17 @@ def test_redact_headers_job(stack: Stack, origin: int) -> None:
     assert any(not e["done"] for e in mine) and mine[-1]["done"] is True
     assert _header(_one_transaction(stack, "agent-custom", "/custom")["request_headers"], "X-Custom") == ["[REDACTED]"]
     with sqlite3.connect(stack.db_path, timeout=10) as db:
-        left = db.execute("SELECT COUNT(*) FROM http_transactions WHERE request_headers LIKE '%filler\"%'").fetchone()[0]
+        left = db.execute("SELECT COUNT(*) FROM http_transactions WHERE request_headers LIKE '%filler\"%'").fetchone()[
+            0
+        ]
     assert left == 0
     stack.request("PUT", "/api/settings", json={"redactedHeaders": []})
 
 
 def test_plain_http_inside_a_tunnel_is_handled_alike(stack: Stack, plain_origin: int) -> None:
-    code, out, err = _curl(*_via_http(stack, "agent-plain"), f"http://{ORIGIN}:{plain_origin}/inside",
-                           "-H", "Cookie: c=secret-cookie")
+    code, out, err = _curl(
+        *_via_http(stack, "agent-plain"), f"http://{ORIGIN}:{plain_origin}/inside", "-H", "Cookie: c=secret-cookie"
+    )
     assert code == 0 and out == b"path /inside\n", err
     t = _one_transaction(stack, "agent-plain", "/inside")
     assert t["url"] == f"http://{ORIGIN}:{plain_origin}/inside" and t["status_code"] == 200
@@ -564,9 +650,9 @@ def test_plain_http_inside_a_tunnel_is_handled_alike(stack: Stack, plain_origin:
     assert _log_entry(stack, "agent-plain")["mitm_skip_reason"] is None
 
 
-def test_other_protocols_and_bypassed_hosts_are_piped_untouched(stack: Stack, echo_origin: int,
-                                                                 bypassed_origin: int, tmp_path: Path,
-                                                                 origin_ca: trustme.CA) -> None:
+def test_other_protocols_and_bypassed_hosts_are_piped_untouched(
+    stack: Stack, echo_origin: int, bypassed_origin: int, tmp_path: Path, origin_ca: trustme.CA
+) -> None:
     sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
     with sock:
         auth = base64.b64encode(b"agent-echo:x").decode()
@@ -578,21 +664,27 @@ def test_other_protocols_and_bypassed_hosts_are_piped_untouched(stack: Stack, ec
 
     origin_ca_file = tmp_path / "origin-ca.pem"
     origin_ca.cert_pem.write_to_path(str(origin_ca_file))
-    code, out, err = _curl("--cacert", str(origin_ca_file), *_via_http(stack, "agent-bypass"),
-                           f"https://{BYPASSED}:{bypassed_origin}/json")
+    code, out, err = _curl(
+        "--cacert", str(origin_ca_file), *_via_http(stack, "agent-bypass"), f"https://{BYPASSED}:{bypassed_origin}/json"
+    )
     assert code == 0 and json.loads(out) == JSON_BODY, err
     assert _log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"
 
 
 # ---------------------------------------------------------------- issue 13 items 4 and 14: redaction
 
-SECRET_HEADERS = {"X-Auth": "hdr-auth-secret", "X-Password": "hdr-password-secret", "Api_Key": "hdr-apikey-secret",
-                  "X-Session-Id": "hdr-session-secret"}
+SECRET_HEADERS = {
+    "X-Auth": "hdr-auth-secret",
+    "X-Password": "hdr-password-secret",
+    "Api_Key": "hdr-apikey-secret",
+    "X-Session-Id": "hdr-session-secret",
+}
 
 
 def _stored_bytes(stack: Stack) -> bytes:
-    return b"".join(p.read_bytes() for p in (stack.db_path, stack.db_path.with_name(stack.db_path.name + "-wal"))
-                    if p.exists())
+    return b"".join(
+        p.read_bytes() for p in (stack.db_path, stack.db_path.with_name(stack.db_path.name + "-wal")) if p.exists()
+    )
 
 
 def _tx_with_path(stack: Stack, container: str, path: str) -> dict:
@@ -605,18 +697,25 @@ def _tx_with_path(stack: Stack, container: str, path: str) -> dict:
 
 def test_secret_header_names_and_query_values_are_redacted(stack: Stack, origin: int, plain_origin: int) -> None:
     hdrs = [a for k, v in SECRET_HEADERS.items() for a in ("-H", f"{k}: {v}")]
-    cases = (("red-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
-             ("red-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+    cases = (
+        ("red-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+        ("red-fwd", [], f"http://{ORIGIN}:{plain_origin}"),
+    )
     for container, extra, base in cases:
-        code, _out, err = _curl(*extra, *_via_http(stack, container), *hdrs,
-                                f"{base}/redirect?access_token=url-secret&x=1&API_KEY=url-key-secret")
+        code, _out, err = _curl(
+            *extra,
+            *_via_http(stack, container),
+            *hdrs,
+            f"{base}/redirect?access_token=url-secret&x=1&API_KEY=url-key-secret",
+        )
         assert code == 0, err
         t = _tx_with_path(stack, container, "/redirect")
         assert t["url"] == f"{base}/redirect?access_token=[REDACTED]&x=1&API_KEY=[REDACTED]", t["url"]
         for name in SECRET_HEADERS:
             assert _header(t["request_headers"], name) == ["[REDACTED]"], (container, name, t["request_headers"])
         assert _header(t["response_headers"], "Location") == [
-            "https://app.example/cb?code=7&access_token=[REDACTED]"], t["response_headers"]
+            "https://app.example/cb?code=7&access_token=[REDACTED]"
+        ], t["response_headers"]
         assert _header(t["response_headers"], "Content-Location") == ["/r?session_id=[REDACTED]"]
         assert t["status_code"] == 302
     stored = _stored_bytes(stack)
@@ -624,14 +723,17 @@ def test_secret_header_names_and_query_values_are_redacted(stack: Stack, origin:
         assert secret.encode() not in stored, secret
 
 
-def test_a_header_added_to_the_setting_is_redacted_in_live_capture(stack: Stack, origin: int,
-                                                                  plain_origin: int) -> None:
+def test_a_header_added_to_the_setting_is_redacted_in_live_capture(
+    stack: Stack, origin: int, plain_origin: int
+) -> None:
     # Issue 13 item 14: the proxy follows PUT /api/settings for new requests, forward and intercepted.
     r = stack.request("PUT", "/api/settings", json={"redactedHeaders": ["x-team-note"]})
     assert r.status_code == 200 and "x-team-note" in r.json()["redactedHeaders"]
     try:
-        cases = (("live-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
-                 ("live-fwd", [], f"http://{ORIGIN}:{plain_origin}"))
+        cases = (
+            ("live-mitm", ["--cacert", _gp_ca(stack)], f"https://{ORIGIN}:{origin}"),
+            ("live-fwd", [], f"http://{ORIGIN}:{plain_origin}"),
+        )
         for container, extra, base in cases:
             n = 0
 
@@ -640,10 +742,13 @@ def test_a_header_added_to_the_setting_is_redacted_in_live_capture(stack: Stack,
                 nonlocal n
                 n += 1
                 path = f"/note-{n}"
-                code, _out, err = _curl(*extra, *_via_http(stack, container), "-H", "X-Team-Note: team-note-secret",
-                                        f"{base}{path}")
+                code, _out, err = _curl(
+                    *extra, *_via_http(stack, container), "-H", "X-Team-Note: team-note-secret", f"{base}{path}"
+                )
                 assert code == 0, err
-                return _header(_tx_with_path(stack, container, path)["request_headers"], "X-Team-Note") == ["[REDACTED]"]
+                return _header(_tx_with_path(stack, container, path)["request_headers"], "X-Team-Note") == [
+                    "[REDACTED]"
+                ]
 
             wait_for(redacted_now, 10, interval=0.1, message=f"{container}: X-Team-Note redacted")
             # And it stays so: the next request too.
@@ -663,9 +768,13 @@ def test_redact_headers_job_reapplies_query_and_new_defaults(stack: Stack) -> No
         cur = db.execute(
             "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
             " url, request_headers, response_headers) VALUES (?, 'old-row', 'old.test', 443, 'GET', ?, ?, ?)",
-            (time.time() - 60, "https://old.test/p?access_token=old-url-secret&q=1",
-             json.dumps({"Api_Key": ["old-key-secret"], "Accept": ["*/*"]}),
-             json.dumps({"Location": ["https://old.test/cb?password=old-loc-secret"]})))
+            (
+                time.time() - 60,
+                "https://old.test/p?access_token=old-url-secret&q=1",
+                json.dumps({"Api_Key": ["old-key-secret"], "Accept": ["*/*"]}),
+                json.dumps({"Location": ["https://old.test/cb?password=old-loc-secret"]}),
+            ),
+        )
         row_id = cur.lastrowid
 
     def idle() -> bool:

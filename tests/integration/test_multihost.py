@@ -227,6 +227,7 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
         assert central.request("POST", f"/api/pending/{entry['id']}/allow", json={}).status_code == 200
         out, _ = proc.communicate(timeout=15)
         assert out.endswith("\n200"), out
+
         # Recorded centrally.
         def both_logged() -> set[str] | None:
             items = central.get("/api/logs", params={"container": "hostb", "limit": 50}).json()["items"]

@@ -52,8 +52,13 @@ SEED_HOST = "127.0.0.2"  # loopback, but no builtin rule covers it
 MAX_FAILURES_PER_OPERATION = 3
 # How invalid input may be refused: schemathesis' default list lacks 413 (a body past 4 MiB).
 REJECTED = [400, 403, 404, 405, 409, 413, 415, 421, 422]
-CONFORMANCE = [not_a_server_error, status_code_conformance, content_type_conformance,
-               response_headers_conformance, response_schema_conformance]
+CONFORMANCE = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 # Positive cases may still be refused (a pattern the schema cannot express, an unknown id): only
 # conformance is checked. Negative cases must also be refused.
 CHECKS = {GenerationMode.POSITIVE: CONFORMANCE, GenerationMode.NEGATIVE: [*CONFORMANCE, negative_data_rejection]}
@@ -67,16 +72,24 @@ def _describe(case: Any, exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc)[:1500]}\n    reproduce: {curl[:800]}"
 
 
-def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, session: Any,
-                   examples: int) -> tuple[int | None, list[str]]:
+def fuzz_operation(
+    operation: Any, mode: GenerationMode, base_url: str, session: Any, examples: int
+) -> tuple[int | None, list[str]]:
     """(cases sent, failure reports) for one operation in one generation mode; None cases: the
     operation has no input to make invalid (no negative case can exist)."""
     failures: list[str] = []
     sent = 0
 
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=not RANDOM,
-              suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate],
-              print_blob=False, report_multiple_bugs=False)
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=not RANDOM,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+        print_blob=False,
+        report_multiple_bugs=False,
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def run(case: Any) -> None:
         nonlocal sent
@@ -119,8 +132,9 @@ def test_api_conforms_to_its_openapi_document(make_stack) -> None:
     session = requests.Session()
     session.trust_env = False  # no proxy from the environment between us and the stack
     t0 = time.monotonic()
-    config = schemathesis.Config.from_dict({"checks": {"negative_data_rejection": {
-        "expected-statuses": REJECTED}}})  # not discover(): no stray schemathesis.toml may change the rules
+    config = schemathesis.Config.from_dict(
+        {"checks": {"negative_data_rejection": {"expected-statuses": REJECTED}}}
+    )  # not discover(): no stray schemathesis.toml may change the rules
     schema = schemathesis.openapi.from_url(f"{base_url}/api/openapi.json", config=config, timeout=10, proxies={})
     schema.validate()  # the document itself is valid OpenAPI 3.1
 

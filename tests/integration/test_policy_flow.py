@@ -83,8 +83,12 @@ def stack() -> Iterator[Stack]:
 
 
 def _curl(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(["curl", "-s", "-S", "--max-time", "25", "-o", "-", "-w", "\n%{http_code}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["curl", "-s", "-S", "--max-time", "25", "-o", "-", "-w", "\n%{http_code}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _pending_for(stack: Stack, container: str, port: int) -> dict | None:
@@ -95,8 +99,9 @@ def _pending_for(stack: Stack, container: str, port: int) -> dict | None:
     return None
 
 
-def _allow_and_time(stack: Stack, proc: subprocess.Popen, container: str, port: int, body: dict | None = None
-                    ) -> tuple[str, float, dict]:
+def _allow_and_time(
+    stack: Stack, proc: subprocess.Popen, container: str, port: int, body: dict | None = None
+) -> tuple[str, float, dict]:
     entry = wait_for(lambda: _pending_for(stack, container, port), 10, message=f"pending entry for {container}")
     assert proc.poll() is None, "the client must still be waiting while the entry is pending"
     r = stack.request("POST", f"/api/pending/{entry['id']}/allow", json=body or {})
@@ -125,21 +130,28 @@ def test_http_hold_then_allow(stack: Stack, origin: int) -> None:
     rule = answer["rule"]
     assert answer["pending_removed"] is True
     assert (rule["container_pattern"], rule["destination_pattern"], rule["port_pattern"]) == (
-        "agent1", ORIGIN_HOST, str(origin))
+        "agent1",
+        ORIGIN_HOST,
+        str(origin),
+    )
     rules = stack.get("/api/rules", params={"container": "agent1"}).json()["items"]
     assert any(r["id"] == rule["id"] for r in rules)
     assert _pending_for(stack, "agent1", origin) is None
     # The decision is logged (through the journal, a moment later).
-    logs = wait_for(lambda: [r for r in _log_rows(stack, "agent1") if r["result"] == "allowed"], 5,
-                    message="allowed log entry")
+    logs = wait_for(
+        lambda: [r for r in _log_rows(stack, "agent1") if r["result"] == "allowed"], 5, message="allowed log entry"
+    )
     assert logs[0]["method"] == "HTTP" and logs[0]["rule_id"] == rule["id"]
     assert logs[0]["rule_summary"] == f"agent1 → {ORIGIN_HOST}:{origin}"
     # A second request is allowed at once by the new rule.
     out2 = _curl("-x", f"http://agent1@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{origin}/again")
     assert out2.communicate(timeout=10)[0].endswith("\n200")
     # Hit counts are batched into the rule (SPEC §2.1) within a few seconds.
-    wait_for(lambda: stack.get("/api/rules", params={"container": "agent1"}).json()["items"][0]["hit_count"] >= 1,
-             8, message="hit_count")
+    wait_for(
+        lambda: stack.get("/api/rules", params={"container": "agent1"}).json()["items"][0]["hit_count"] >= 1,
+        8,
+        message="hit_count",
+    )
 
 
 def test_socks5_hold_then_allow(stack: Stack, origin: int) -> None:
@@ -208,14 +220,24 @@ def test_hold_timeout(make_stack, origin: int) -> None:
 
 
 def test_deleting_rule_closes_tunnel(stack: Stack, origin: int) -> None:
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "agent7", "destination_pattern": ORIGIN_HOST,
-                                                   "port_pattern": str(origin), "action": "allow"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "agent7",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": str(origin),
+            "action": "allow",
+        },
+    )
     assert r.status_code == 201, r.text
     rule_id = r.json()["id"]
     s = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=5)
     auth = base64.b64encode(b"agent7:x").decode()
-    s.sendall(f"CONNECT {ORIGIN_HOST}:{origin} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin}\r\n"
-              f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    s.sendall(
+        f"CONNECT {ORIGIN_HOST}:{origin} HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin}\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+    )
     assert s.recv(1024).startswith(b"HTTP/1.1 200")
     # The tunnel works...
     s.sendall(f"GET /t HTTP/1.1\r\nHost: {ORIGIN_HOST}\r\n\r\n".encode())
@@ -245,12 +267,16 @@ def _recv_until(s: socket.socket, marker: bytes, limit: float = 5.0) -> bytes:
 
 
 def test_guard_blocks_own_api_port(stack: Stack) -> None:
-    proc = _curl("-x", f"http://agent8@127.0.0.1:{stack.ports['http-proxy']}",
-                 f"http://127.0.0.1:{stack.ports['api']}/api/health")
+    proc = _curl(
+        "-x",
+        f"http://agent8@127.0.0.1:{stack.ports['http-proxy']}",
+        f"http://127.0.0.1:{stack.ports['api']}/api/health",
+    )
     out, _ = proc.communicate(timeout=10)
     assert out.endswith("\n403"), out
-    proc = _curl("--socks5-hostname", f"agent8:x@127.0.0.1:{stack.socks_port}",
-                 f"http://localhost:{stack.ports['http-proxy']}/")
+    proc = _curl(
+        "--socks5-hostname", f"agent8:x@127.0.0.1:{stack.socks_port}", f"http://localhost:{stack.ports['http-proxy']}/"
+    )
     proc.communicate(timeout=10)
     assert proc.returncode != 0
     logs = wait_for(lambda: [r for r in _log_rows(stack, "agent8") if r["reason"] == "guard"], 5, message="guard log")
@@ -259,19 +285,30 @@ def test_guard_blocks_own_api_port(stack: Stack) -> None:
 
 
 def test_keepalive_rechecks_each_request(stack: Stack, origin: int) -> None:
-    stack.request("POST", "/api/rules", json={"container_pattern": "agent9", "destination_pattern": ORIGIN_HOST,
-                                               "port_pattern": str(origin), "action": "allow"})
+    stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "agent9",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": str(origin),
+            "action": "allow",
+        },
+    )
     s = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=5)
     auth = base64.b64encode(b"agent9:").decode()
-    req = (f"GET http://{ORIGIN_HOST}:{origin}/k1 HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin}\r\n"
-           f"Proxy-Authorization: Basic {auth}\r\n\r\n").encode()
+    req = (
+        f"GET http://{ORIGIN_HOST}:{origin}/k1 HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin}\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\n\r\n"
+    ).encode()
     s.sendall(req)
     assert b"/k1" in _recv_until(s, b"/k1\n")
     s.sendall(req.replace(b"/k1", b"/k2"))
     assert b"/k2" in _recv_until(s, b"/k2\n")
     # Same connection, a destination this identity has a deny rule for: 403 on that request.
-    stack.request("POST", "/api/rules", json={"container_pattern": "agent9", "destination_pattern": "127.0.0.3",
-                                               "action": "deny"})
+    stack.request(
+        "POST", "/api/rules", json={"container_pattern": "agent9", "destination_pattern": "127.0.0.3", "action": "deny"}
+    )
     s.sendall(f"GET http://127.0.0.3:{origin}/k3 HTTP/1.1\r\nHost: 127.0.0.3\r\n\r\n".encode())
     assert _recv_until(s, b"\r\n").startswith(b"HTTP/1.1 403")
     s.close()
@@ -280,17 +317,22 @@ def test_keepalive_rechecks_each_request(stack: Stack, origin: int) -> None:
 
 
 def test_post_bodies_chunked_and_expect(stack: Stack, origin: int) -> None:
-    stack.request("POST", "/api/rules", json={"container_pattern": "agent10", "destination_pattern": ORIGIN_HOST,
-                                               "action": "allow"})
+    stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "agent10", "destination_pattern": ORIGIN_HOST, "action": "allow"},
+    )
     base = ["-x", f"http://agent10@127.0.0.1:{stack.ports['http-proxy']}"]
     out, _ = _curl(*base, "--data-binary", "hello-body", f"http://{ORIGIN_HOST}:{origin}/p").communicate(timeout=10)
     assert "got 10 bytes: hello-body" in out and out.endswith("\n200")
-    out, _ = _curl(*base, "-H", "Transfer-Encoding: chunked", "--data-binary", "chunky",
-                   f"http://{ORIGIN_HOST}:{origin}/p").communicate(timeout=10)
+    out, _ = _curl(
+        *base, "-H", "Transfer-Encoding: chunked", "--data-binary", "chunky", f"http://{ORIGIN_HOST}:{origin}/p"
+    ).communicate(timeout=10)
     assert "got 6 bytes: chunky" in out, out
     big = "x" * 2000
-    out, _ = _curl(*base, "-H", "Expect: 100-continue", "--data-binary", big,
-                   f"http://{ORIGIN_HOST}:{origin}/p").communicate(timeout=10)
+    out, _ = _curl(
+        *base, "-H", "Expect: 100-continue", "--data-binary", big, f"http://{ORIGIN_HOST}:{origin}/p"
+    ).communicate(timeout=10)
     assert "got 2000 bytes" in out, out
     out, _ = _curl(*base, "-0", f"http://{ORIGIN_HOST}:{origin}/ten").communicate(timeout=10)
     assert "hello from origin /ten" in out and out.endswith("\n200")
@@ -354,18 +396,25 @@ def test_bad_input_gets_errors_and_proxy_keeps_serving(stack: Stack, origin: int
     assert got.startswith(b"HTTP/1.1 408") or got == b"", got
     assert time.monotonic() - t0 < 5
     # And a normal client is still served.
-    stack.request("POST", "/api/rules", json={"container_pattern": "agent11", "destination_pattern": ORIGIN_HOST,
-                                               "action": "allow"})
+    stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "agent11", "destination_pattern": ORIGIN_HOST, "action": "allow"},
+    )
     out, _ = _curl("-x", f"http://agent11@127.0.0.1:{hp}", f"http://{ORIGIN_HOST}:{origin}/ok").communicate(timeout=10)
     assert out.endswith("\n200")
 
 
 def test_upstream_refused_gives_502(stack: Stack) -> None:
     dead = free_port()
-    stack.request("POST", "/api/rules", json={"container_pattern": "agent12", "destination_pattern": ORIGIN_HOST,
-                                               "action": "allow"})
-    out, _ = _curl("-x", f"http://agent12@127.0.0.1:{stack.ports['http-proxy']}",
-                   f"http://{ORIGIN_HOST}:{dead}/").communicate(timeout=10)
+    stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "agent12", "destination_pattern": ORIGIN_HOST, "action": "allow"},
+    )
+    out, _ = _curl(
+        "-x", f"http://agent12@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{dead}/"
+    ).communicate(timeout=10)
     assert out.endswith("\n502") and "refused" in out, out
     s = socket.create_connection(("127.0.0.1", stack.socks_port), timeout=5)
     s.sendall(b"\x05\x01\x02")
@@ -381,8 +430,9 @@ def test_silent_allow_mode(stack: Stack, origin: int) -> None:
     r = stack.request("POST", "/api/allowall", json={"mode": "allow", "duration_seconds": 60})
     assert r.status_code == 200 and r.json()["active"] is True and r.json()["mode"] == "allow"
     try:
-        out, _ = _curl("-x", f"http://agent13@127.0.0.1:{stack.ports['http-proxy']}",
-                       f"http://{ORIGIN_HOST}:{origin}/silent").communicate(timeout=10)
+        out, _ = _curl(
+            "-x", f"http://agent13@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{origin}/silent"
+        ).communicate(timeout=10)
         assert out.endswith("\n200")
         logs = wait_for(lambda: _log_rows(stack, "agent13"), 5, message="log")
         assert logs[0]["reason"] == "silent_allow" and logs[0]["rule_id"] is None

@@ -170,6 +170,7 @@ def test_call_sync_reaches_a_server_in_another_thread(short_tmp: Path) -> None:
 
 # ----------------------------------------------------------------------------- a real service
 
+
 def test_maintenance_jobs_over_control(short_tmp: Path, service_runner) -> None:
     """`greyproxy run maintenance` alone: prune runs to the end, and a second start while it runs
     is refused with 409."""
@@ -177,8 +178,10 @@ def test_maintenance_jobs_over_control(short_tmp: Path, service_runner) -> None:
 
     data = short_tmp / "data"
     cfg = short_tmp / "cfg.yaml"
-    endpoints = {k: f"ipc://{short_tmp}/{k}.sock" for k in
-                 ("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl")}
+    endpoints = {
+        k: f"ipc://{short_tmp}/{k}.sock"
+        for k in ("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl")
+    }
     write_config(cfg, {"bus": endpoints})
     ctl = endpoints["maintenanceControl"]
 
@@ -188,7 +191,9 @@ def test_maintenance_jobs_over_control(short_tmp: Path, service_runner) -> None:
     rows = [(old, "c", "h", 1, "HTTP", "allowed") for _ in range(40_000)]
     db.connection().executemany(
         "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
-        " VALUES (?, ?, ?, ?, ?, ?)", rows)
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        rows,
+    )
     db.connection().execute("INSERT INTO journal_applied (record_id, applied_at) VALUES ('old', ?)", (old,))
     db.close()
 

@@ -40,7 +40,9 @@ TLS = "127.0.0.6"  # an address no builtin rule covers: the module's stack allow
 SPOOF = "api.openai.com"
 RECEIVED: list[dict[str, str]] = []  # what the origins received: (path, headers) of each request
 LONG_HEAD = b"HTTP/1.1 200 OK\r\nX-Long: " + b"a" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok"  # > maxHeaderBytes
-BAD_CHUNK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"
+BAD_CHUNK = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"
+)
 
 
 class _Origin(http.server.BaseHTTPRequestHandler):
@@ -101,8 +103,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
     try:
         stack_cli(s, "cert", "generate")  # before start: the proxy loads it at once
         s.start()
-        r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": TLS,
-                                                  "port_pattern": "*", "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": "*", "destination_pattern": TLS, "port_pattern": "*", "action": "allow"},
+        )
         assert r.status_code == 201, r.text
         yield s
     finally:
@@ -114,7 +119,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
 
 
 def _curl(*args: str, timeout: int = 20) -> tuple[int, bytes, str]:
-    p = subprocess.run(["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5)
+    p = subprocess.run(
+        ["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5
+    )
     return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
 
@@ -149,8 +156,9 @@ def _read_response(sock: socket.socket | ssl.SSLSocket) -> tuple[int, dict[str, 
 def _connect_tunnel(stack: Stack, container: str, host: str, port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
     auth = base64.b64encode(f"{container}:x".encode()).decode()
-    sock.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-                 f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    sock.sendall(
+        f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode()
+    )
     head = b""
     while b"\r\n\r\n" not in head:
         chunk = sock.recv(1024)
@@ -164,8 +172,9 @@ def _connect_tunnel(stack: Stack, container: str, host: str, port: int) -> socke
 
 
 def test_bad_chunk_size_is_a_502_with_a_record_on_the_forward_path(stack: Stack, plain_origin: int) -> None:
-    code, out, err = _curl("-x", _proxy(stack, "fault-fwd"), "-w", "%{http_code}", "-o", "/dev/null",
-                           f"http://{PLAIN}:{plain_origin}/zzz")
+    code, out, err = _curl(
+        "-x", _proxy(stack, "fault-fwd"), "-w", "%{http_code}", "-o", "/dev/null", f"http://{PLAIN}:{plain_origin}/zzz"
+    )
     assert out == b"502", (code, out, err)
     t = _transactions(stack, "fault-fwd")[0]
     assert t["status_code"] == 502 and "malformed chunk size" in t["error"], t
@@ -176,8 +185,10 @@ def test_bad_chunk_size_is_a_502_with_a_record_on_the_forward_path(stack: Stack,
     with sock:
         auth = base64.b64encode(b"fault-keep:x").decode()
         for path, want in (("/zzz", 502), ("/ok", 200)):
-            sock.sendall(f"GET http://{PLAIN}:{plain_origin}{path} HTTP/1.1\r\nHost: {PLAIN}:{plain_origin}\r\n"
-                         f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET http://{PLAIN}:{plain_origin}{path} HTTP/1.1\r\nHost: {PLAIN}:{plain_origin}\r\n"
+                f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+            )
             status, headers, body = _read_response(sock)
             assert status == want, (path, status, body)
             if want == 502:
@@ -186,8 +197,18 @@ def test_bad_chunk_size_is_a_502_with_a_record_on_the_forward_path(stack: Stack,
 
 
 def test_bad_chunk_size_is_a_502_with_a_record_inside_an_intercepted_tunnel(stack: Stack, tls_origin: int) -> None:
-    code, out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "fault-mitm"), "-w", "%{http_code}",
-                           "-o", "/dev/null", f"https://{TLS}:{tls_origin}/zzz")
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        "-p",
+        "-x",
+        _proxy(stack, "fault-mitm"),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        f"https://{TLS}:{tls_origin}/zzz",
+    )
     assert out == b"502", (code, out, err)
     t = _transactions(stack, "fault-mitm")[0]
     assert t["status_code"] == 502 and "malformed chunk size" in t["error"], t
@@ -203,11 +224,28 @@ def test_bad_chunk_size_is_a_502_with_a_record_inside_an_intercepted_tunnel(stac
 
 
 def test_an_over_long_response_head_is_a_502_on_both_paths(stack: Stack, plain_origin: int, tls_origin: int) -> None:
-    code, out, err = _curl("-x", _proxy(stack, "long-fwd"), "-w", "%{http_code}", "-o", "/dev/null",
-                           f"http://{PLAIN}:{plain_origin}/long-head")
+    code, out, err = _curl(
+        "-x",
+        _proxy(stack, "long-fwd"),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        f"http://{PLAIN}:{plain_origin}/long-head",
+    )
     assert out == b"502", (code, out, err)
-    code, out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "long-mitm"), "-w", "%{http_code}",
-                           "-o", "/dev/null", f"https://{TLS}:{tls_origin}/long-head")
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        "-p",
+        "-x",
+        _proxy(stack, "long-mitm"),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        f"https://{TLS}:{tls_origin}/long-head",
+    )
     assert out == b"502", (code, out, err)
     for container in ("long-fwd", "long-mitm"):
         t = _transactions(stack, container)[0]
@@ -248,8 +286,9 @@ def test_a_hooks_secret_reaches_the_origin_and_nothing_else(stack: Stack, plain_
     try:
         code, out, err = _curl("-x", _proxy(stack, "hook-fwd"), f"http://{PLAIN}:{plain_origin}/hook-fwd")
         assert code == 0 and json.loads(out)["path"] == "/hook-fwd", (out, err)
-        code, out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "hook-mitm"),
-                               f"https://{TLS}:{tls_origin}/hook-mitm")
+        code, out, err = _curl(
+            "--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "hook-mitm"), f"https://{TLS}:{tls_origin}/hook-mitm"
+        )
         assert code == 0 and json.loads(out)["path"] == "/hook-mitm", (out, err)
         fwd, mitm = _transactions(stack, "hook-fwd")[0], _transactions(stack, "hook-mitm")[0]
         wait_for(lambda: sum("/hook-" in e for e in events) >= 2, 10, message="both transaction.new events on /ws")
@@ -273,10 +312,19 @@ def test_a_hooks_secret_reaches_the_origin_and_nothing_else(stack: Stack, plain_
 # ---------------------------------------------------------------- the host contacted is the record's
 
 
-def test_records_name_the_host_contacted_and_flag_a_spoofed_host(stack: Stack, plain_origin: int,
-                                                                  tls_origin: int) -> None:
-    code, out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "spoof-tls"), "-H", f"Host: {SPOOF}",
-                           f"https://{TLS}:{tls_origin}/spoof")
+def test_records_name_the_host_contacted_and_flag_a_spoofed_host(
+    stack: Stack, plain_origin: int, tls_origin: int
+) -> None:
+    code, out, err = _curl(
+        "--cacert",
+        _gp_ca(stack),
+        "-p",
+        "-x",
+        _proxy(stack, "spoof-tls"),
+        "-H",
+        f"Host: {SPOOF}",
+        f"https://{TLS}:{tls_origin}/spoof",
+    )
     assert code == 0 and json.loads(out)["host"] == SPOOF, err  # the origin saw the Host the client sent
     t = _transactions(stack, "spoof-tls")[0]
     assert t["destination_host"] == TLS and t["destination_port"] == tls_origin
@@ -293,23 +341,35 @@ def test_records_name_the_host_contacted_and_flag_a_spoofed_host(stack: Stack, p
     assert t["request_host"] == SPOOF and t["host_mismatch"] is True
 
     # An honest request: the same host, no flag.
-    code, _out, err = _curl("--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "honest"),
-                            f"https://{TLS}:{tls_origin}/honest")
+    code, _out, err = _curl(
+        "--cacert", _gp_ca(stack), "-p", "-x", _proxy(stack, "honest"), f"https://{TLS}:{tls_origin}/honest"
+    )
     assert code == 0, err
     t = _transactions(stack, "honest")[0]
     assert t["request_host"] == TLS and t["host_mismatch"] is False and t["error"] is None
 
     # The per-request rule check judges the host contacted, not the Host header: a deny for the
     # spoofed name does not apply to a tunnel to another host, a deny for the contacted one does.
-    r = stack.request("POST", "/api/rules", json={"container_pattern": "spoof-rules", "destination_pattern": SPOOF,
-                                                  "port_pattern": "*", "action": "deny"})
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "spoof-rules", "destination_pattern": SPOOF, "port_pattern": "*", "action": "deny"},
+    )
     assert r.status_code == 201, r.text
     ctx = ssl.create_default_context(cafile=_gp_ca(stack))
     with ctx.wrap_socket(_connect_tunnel(stack, "spoof-rules", TLS, tls_origin), server_hostname=TLS) as tls:
         tls.sendall(f"GET /judged HTTP/1.1\r\nHost: {SPOOF}\r\n\r\n".encode())
         assert _read_response(tls)[0] == 200
-        r = stack.request("POST", "/api/rules", json={"container_pattern": "spoof-rules", "destination_pattern": TLS,
-                                                      "port_pattern": "*", "action": "deny"})
+        r = stack.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "spoof-rules",
+                "destination_pattern": TLS,
+                "port_pattern": "*",
+                "action": "deny",
+            },
+        )
         assert r.status_code == 201, r.text
         tls.sendall(f"GET /judged-again HTTP/1.1\r\nHost: {SPOOF}\r\n\r\n".encode())
         status, headers, body = _read_response(tls)

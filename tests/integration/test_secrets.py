@@ -30,11 +30,11 @@ pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None
 
 ORIGIN = "127.0.0.2"
 TAG = uuid.uuid4().hex[:12]
-PASSWORD = f"SECRETPASS{TAG}"                 # proxy password (HTTP Basic and SOCKS5)
-AUTHORIZATION = f"sk-authz-{TAG}"             # Authorization: Bearer ...
-COOKIE = f"cookie-{TAG}"                      # Cookie: sid=...
-API_KEY = f"apikey-{TAG}"                     # X-Api-Key (matches *api-key*)
-SET_COOKIE = f"setcookie-{TAG}"               # the origin's Set-Cookie
+PASSWORD = f"SECRETPASS{TAG}"  # proxy password (HTTP Basic and SOCKS5)
+AUTHORIZATION = f"sk-authz-{TAG}"  # Authorization: Bearer ...
+COOKIE = f"cookie-{TAG}"  # Cookie: sid=...
+API_KEY = f"apikey-{TAG}"  # X-Api-Key (matches *api-key*)
+SET_COOKIE = f"setcookie-{TAG}"  # the origin's Set-Cookie
 SECRETS = [PASSWORD, AUTHORIZATION, COOKIE, API_KEY, SET_COOKIE]
 
 
@@ -83,8 +83,11 @@ def stack(origin_ca_file: Path) -> Iterator[Stack]:
         s.db_path.touch()
         os.chmod(s.db_path, 0o644)
         s.start(timeout=40)
-        r = s.request("POST", "/api/rules", json={"container_pattern": "*", "destination_pattern": ORIGIN,
-                                                  "port_pattern": "*", "action": "allow"})
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+        )
         assert r.status_code == 201, r.text
         yield s
     finally:
@@ -102,8 +105,14 @@ def _curl(*args: str) -> tuple[int, bytes, str]:
 
 
 def _secret_headers() -> list[str]:
-    return ["-H", f"Authorization: Bearer {AUTHORIZATION}", "-H", f"Cookie: sid={COOKIE}",
-            "-H", f"X-Api-Key: {API_KEY}"]
+    return [
+        "-H",
+        f"Authorization: Bearer {AUTHORIZATION}",
+        "-H",
+        f"Cookie: sid={COOKIE}",
+        "-H",
+        f"X-Api-Key: {API_KEY}",
+    ]
 
 
 def _raw(stack: Stack, data: bytes) -> bytes:
@@ -172,30 +181,57 @@ def test_no_secret_reaches_logs_or_database(stack: Stack, tls_origin: int, plain
     ca = str(stack.data_dir / "ca-cert.pem")
     proxy_port = stack.ports["http-proxy"]
     # HTTPS, intercepted, through the HTTP proxy with a proxy password.
-    code, out, err = _curl("--cacert", ca, "-x", f"http://agent-secret:{PASSWORD}@127.0.0.1:{proxy_port}",
-                           *_secret_headers(), f"https://{ORIGIN}:{tls_origin}/tls")
+    code, out, err = _curl(
+        "--cacert",
+        ca,
+        "-x",
+        f"http://agent-secret:{PASSWORD}@127.0.0.1:{proxy_port}",
+        *_secret_headers(),
+        f"https://{ORIGIN}:{tls_origin}/tls",
+    )
     assert code == 0 and b"/tls" in out, err
     # Plain HTTP inside a CONNECT tunnel.
-    code, out, err = _curl("-p", "-x", f"http://agent-plain:{PASSWORD}@127.0.0.1:{proxy_port}", *_secret_headers(),
-                           f"http://{ORIGIN}:{plain_origin}/tunnelled")
+    code, out, err = _curl(
+        "-p",
+        "-x",
+        f"http://agent-plain:{PASSWORD}@127.0.0.1:{proxy_port}",
+        *_secret_headers(),
+        f"http://{ORIGIN}:{plain_origin}/tunnelled",
+    )
     assert code == 0 and b"/tunnelled" in out, err
     # Plain HTTP forwarded by the proxy.
-    code, out, err = _curl("-x", f"http://agent-forward:{PASSWORD}@127.0.0.1:{proxy_port}", *_secret_headers(),
-                           f"http://{ORIGIN}:{plain_origin}/forwarded")
+    code, out, err = _curl(
+        "-x",
+        f"http://agent-forward:{PASSWORD}@127.0.0.1:{proxy_port}",
+        *_secret_headers(),
+        f"http://{ORIGIN}:{plain_origin}/forwarded",
+    )
     assert code == 0 and b"/forwarded" in out, err
     # SOCKS5 with a username/password, intercepted.
-    code, out, err = _curl("--cacert", ca, "-x", f"socks5h://agent-socks:{PASSWORD}@127.0.0.1:{stack.socks_port}",
-                           *_secret_headers(), f"https://{ORIGIN}:{tls_origin}/socks")
+    code, out, err = _curl(
+        "--cacert",
+        ca,
+        "-x",
+        f"socks5h://agent-socks:{PASSWORD}@127.0.0.1:{stack.socks_port}",
+        *_secret_headers(),
+        f"https://{ORIGIN}:{tls_origin}/socks",
+    )
     assert code == 0 and b"/socks" in out, err
     # Held then blocked (pending entry, blocked log), and a malformed request: both carry the password.
     auth = base64.b64encode(f"agent-held:{PASSWORD}".encode()).decode()
-    reply = _raw(stack, f"GET http://held.example.test/ HTTP/1.1\r\nHost: held.example.test\r\n"
-                        f"Proxy-Authorization: Basic {auth}\r\nAuthorization: Bearer {AUTHORIZATION}\r\n"
-                        f"Connection: close\r\n\r\n".encode())
+    reply = _raw(
+        stack,
+        f"GET http://held.example.test/ HTTP/1.1\r\nHost: held.example.test\r\n"
+        f"Proxy-Authorization: Basic {auth}\r\nAuthorization: Bearer {AUTHORIZATION}\r\n"
+        f"Connection: close\r\n\r\n".encode(),
+    )
     assert reply.startswith(b"HTTP/1.1 403"), reply[:100]
     auth = base64.b64encode(f"agent-bad:{PASSWORD}".encode()).decode()
-    reply = _raw(stack, f"GET http://{ORIGIN}:{plain_origin}/ HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
-                        f"Cookie: {COOKIE}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".encode())
+    reply = _raw(
+        stack,
+        f"GET http://{ORIGIN}:{plain_origin}/ HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n"
+        f"Cookie: {COOKIE}\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n".encode(),
+    )
     assert reply.startswith(b"HTTP/1.1 400"), reply[:100]
 
     # Everything was recorded (so the records did reach the database) ...
@@ -205,10 +241,13 @@ def test_no_secret_reaches_logs_or_database(stack: Stack, tls_origin: int, plain
         logs = stack.get("/api/logs", params={"limit": 100}).json()["items"]
         names = {e["container_name"] for e in logs}
         pending = stack.get("/api/pending").json()["items"]
-        return (any(u.endswith("/tls") for u in urls) and any(u.endswith("/socks") for u in urls)
-                and any(u.endswith("/tunnelled") for u in urls)
-                and {"agent-secret", "agent-plain", "agent-forward", "agent-socks", "agent-held"} <= names
-                and any(p["container_name"] == "agent-held" for p in pending))
+        return (
+            any(u.endswith("/tls") for u in urls)
+            and any(u.endswith("/socks") for u in urls)
+            and any(u.endswith("/tunnelled") for u in urls)
+            and {"agent-secret", "agent-plain", "agent-forward", "agent-socks", "agent-held"} <= names
+            and any(p["container_name"] == "agent-held" for p in pending)
+        )
 
     wait_for(recorded, 15, interval=0.2, message="transactions, logs and the pending entry recorded")
     detail = stack.get("/api/transactions", params={"container": "agent-secret", "include_bodies": "true"}).json()

@@ -14,7 +14,15 @@ import pytest
 import yaml
 
 from conftest import (
-    PYTHON, REPO, Stack, free_ports, pid_alive, service_env, short_tmpdir, wait_for, write_config,
+    PYTHON,
+    REPO,
+    Stack,
+    free_ports,
+    pid_alive,
+    service_env,
+    short_tmpdir,
+    wait_for,
+    write_config,
 )
 from greyproxy import __version__
 
@@ -40,6 +48,7 @@ def _up(stack: Stack, service: str, other_than: int | None = None) -> int | None
 
 # ----------------------------------------------------------------------------- 1. startup
 
+
 def test_serve_reports_every_service_up(stack: Stack) -> None:
     assert stack.startup_seconds is not None and stack.startup_seconds < 15, stack.startup_seconds
     code, body = stack.health()
@@ -61,11 +70,13 @@ def test_serve_reports_every_service_up(stack: Stack) -> None:
 
 # ----------------------------------------------------------------------------- 2. faults
 
+
 @pytest.mark.parametrize("service", ["recorder", "proxy", "maintenance"])
 def test_frozen_then_killed_service_is_reported_and_restarted(stack: Stack, service: str) -> None:
     old = wait_for(lambda: _up(stack, service), 15, message=f"{service} up before the fault")
     os.kill(old, signal.SIGSTOP)
     try:
+
         def degraded():
             code, body = stack.health()
             return code == 503 and body["status"] == "degraded" and service in body.get("down", []) and body
@@ -74,8 +85,9 @@ def test_frozen_then_killed_service_is_reported_and_restarted(stack: Stack, serv
         assert body["services"][service]["up"] is False
     finally:
         os.kill(old, signal.SIGKILL)  # also ends the stopped state
-    new = wait_for(lambda: _up(stack, service, other_than=old), 15, interval=0.1,
-                   message=f"{service} restarted with a new pid")
+    new = wait_for(
+        lambda: _up(stack, service, other_than=old), 15, interval=0.1, message=f"{service} restarted with a new pid"
+    )
     assert new != old and pid_alive(new)
     assert not pid_alive(old)
 
@@ -84,13 +96,15 @@ def test_plain_kill_of_recorder_is_restarted(stack: Stack) -> None:
     old = wait_for(lambda: _up(stack, "recorder"), 15, message="recorder up")
     os.kill(old, signal.SIGKILL)
     t0 = time.monotonic()
-    new = wait_for(lambda: _up(stack, "recorder", other_than=old), 15, interval=0.1,
-                   message="recorder restarted with a new pid")
+    new = wait_for(
+        lambda: _up(stack, "recorder", other_than=old), 15, interval=0.1, message="recorder restarted with a new pid"
+    )
     assert new != old
     assert time.monotonic() - t0 < 15
 
 
 # ----------------------------------------------------------------------------- 3. shutdown
+
 
 def test_sigterm_stops_serve_and_every_child(make_stack) -> None:
     s = make_stack()
@@ -105,16 +119,26 @@ def test_sigterm_stops_serve_and_every_child(make_stack) -> None:
         s.proc.wait(10)
     except subprocess.TimeoutExpired:
         pytest.fail(f"serve still running 10s after SIGTERM\n{s.logs()}")
-    wait_for(lambda: not any(pid_alive(p) for p in pids + supervisor_children),
-             max(0.1, 10 - (time.monotonic() - t0)), message="every child gone")
+    wait_for(
+        lambda: not any(pid_alive(p) for p in pids + supervisor_children),
+        max(0.1, 10 - (time.monotonic() - t0)),
+        message="every child gone",
+    )
     assert time.monotonic() - t0 < 10
 
 
 # ----------------------------------------------------------------------------- 4. CLI and config
 
+
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = 15) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, "-m", "greyproxy", *args], capture_output=True, text=True,
-                          env=env if env is not None else service_env(), cwd=str(REPO), timeout=timeout)
+    return subprocess.run(
+        [PYTHON, "-m", "greyproxy", *args],
+        capture_output=True,
+        text=True,
+        env=env if env is not None else service_env(),
+        cwd=str(REPO),
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -130,17 +154,18 @@ BAD_CONFIGS = [
     ("unknown key", "greyproxy:\n  addr: ':0'\n  bogusKey: 1\n", "greyproxy.bogusKey"),
     ("unknown nested", "proxy:\n  holdTimout: 3\n", "proxy.holdTimout"),
     ("bad port", "greyproxy:\n  addr: ':70000'\n", "greyproxy.addr"),
-    ("bad listener port",
-     "services:\n  - {name: http-proxy, addr: ':http', handler: {type: http}, listener: {type: tcp}}\n",
-     "services[0].addr"),
+    (
+        "bad listener port",
+        "services:\n  - {name: http-proxy, addr: ':http', handler: {type: http}, listener: {type: tcp}}\n",
+        "services[0].addr",
+    ),
     ("invalid yaml", "greyproxy: {addr: ':1'\nproxy: [\n", "invalid YAML"),
 ]
 
 
 @pytest.mark.parametrize("command", ["serve", "config"])
 @pytest.mark.parametrize("label,text,needle", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
-def test_bad_config_exits_2_with_one_line(cli_tmp: Path, command: str, label: str, text: str,
-                                          needle: str) -> None:
+def test_bad_config_exits_2_with_one_line(cli_tmp: Path, command: str, label: str, text: str, needle: str) -> None:
     cfg = cli_tmp / "bad.yaml"
     cfg.write_text(text)
     r = _cli(command, "-C", str(cfg), env=service_env(cli_tmp / "data"))

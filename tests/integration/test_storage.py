@@ -81,8 +81,9 @@ def _stack(**overrides: Any) -> Iterator[Stack]:
 
 
 def _client(stack: Stack, container: str) -> httpx.Client:
-    return httpx.Client(proxy=f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False,
-                        timeout=10)
+    return httpx.Client(
+        proxy=f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10
+    )
 
 
 def _rows(stack: Stack, sql: str, args: tuple = ()) -> list[tuple]:
@@ -98,16 +99,22 @@ def _data_bytes(stack: Stack) -> int:
     conn = sqlite3.connect(stack.db_path, timeout=10)
     try:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        size, count, free = (conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count",
-                                                                                   "freelist_count"))
+        size, count, free = (
+            conn.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "page_count", "freelist_count")
+        )
         return (count - free) * size
     finally:
         conn.close()
 
 
 def _recorded(stack: Stack, container: str, n: int) -> None:
-    wait_for(lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE container_name = ?",
-                           (container,))[0][0] >= n, 30, message=f"{n} transactions of {container}")
+    wait_for(
+        lambda: (
+            _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE container_name = ?", (container,))[0][0] >= n
+        ),
+        30,
+        message=f"{n} transactions of {container}",
+    )
 
 
 def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(origin: int) -> None:
@@ -123,15 +130,19 @@ def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(or
         # Now the body is its 1024 bytes; the row, its log entry and the indexes (with B-tree pages of
         # 4 KiB holding two such rows) bring it to ~2.4 KB (bench/results.md).
         assert per_request < 2800, f"{per_request:.0f} bytes stored per request"
-        lengths = _rows(stack, "SELECT length(response_body), typeof(response_body), response_body_charset"
-                               " FROM http_transactions WHERE container_name = 'storage'")
+        lengths = _rows(
+            stack,
+            "SELECT length(response_body), typeof(response_body), response_body_charset"
+            " FROM http_transactions WHERE container_name = 'storage'",
+        )
         assert all(length <= 1024 and kind == "blob" and charset is None for length, kind, charset in lengths)
 
         for path in ("/text/5000/a", "/latin/300/b", "/rand/1024/c", "/rand/10/d"):
             assert client.get(f"http://{HOST}:{origin}{path}").status_code == 200
         _recorded(stack, "storage", n + 4)
-        items = stack.get("/api/transactions", params={"container": "storage", "limit": 500,
-                                                       "include_bodies": "true"}).json()["items"]
+        items = stack.get(
+            "/api/transactions", params={"container": "storage", "limit": 500, "include_bodies": "true"}
+        ).json()["items"]
         by_path = {it["url"].split(str(origin), 1)[1]: it for it in items}
         for path, item in by_path.items():
             tid = item["id"]
@@ -146,8 +157,10 @@ def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(or
                 assert detail["response_body_encoding"] is None and detail["response_body"].encode() == sent
             assert item["response_body"] == detail["response_body"]  # the listing reads them the same way
         assert len(by_path) == n + 4
-        text_row = _rows(stack, "SELECT length(response_body), response_body_codec FROM http_transactions"
-                                " WHERE url LIKE '%/text/5000/a'")[0]
+        text_row = _rows(
+            stack,
+            "SELECT length(response_body), response_body_codec FROM http_transactions WHERE url LIKE '%/text/5000/a'",
+        )[0]
         assert text_row[1] == 1 and text_row[0] < 500  # zstd at rest
 
 
@@ -160,8 +173,11 @@ def _ws(stack: Stack):  # noqa: ANN202
 
 
 def test_max_database_mib_drops_the_oldest_bodies_then_rows(origin: int) -> None:
-    with _stack(retention={"maxDatabaseMiB": 1}) as stack, _client(stack, "capped") as client, \
-            contextlib.closing(_ws(stack)) as ws:
+    with (
+        _stack(retention={"maxDatabaseMiB": 1}) as stack,
+        _client(stack, "capped") as client,
+        contextlib.closing(_ws(stack)) as ws,
+    ):
         progress: list[dict[str, Any]] = []
         i = 0
 
@@ -202,8 +218,14 @@ def test_max_database_mib_drops_the_oldest_bodies_then_rows(origin: int) -> None
             if first > 1:
                 break
         _recorded_last = f"/rand/4096/pad/{i - 1}"
-        wait_for(lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?",
-                               (f"%{_recorded_last}",))[0][0] == 1, 30, message="the last request recorded")
+        wait_for(
+            lambda: (
+                _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%{_recorded_last}",))[0][0]
+                == 1
+            ),
+            30,
+            message="the last request recorded",
+        )
         rows = _rows(stack, "SELECT id, response_body IS NOT NULL FROM http_transactions ORDER BY id")
         assert rows[0][0] > 1, "no row dropped"
         flags = [has for _id, has in rows]

@@ -18,7 +18,10 @@ import pytest
 
 from conftest import Stack, wait_for
 
-pytestmark = [pytest.mark.stack, pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")]
+pytestmark = [
+    pytest.mark.stack,
+    pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors"),
+]
 
 TUNNELS = 60
 
@@ -111,8 +114,11 @@ def test_closed_tunnels_release_descriptors(stack: Stack, origin_closes_first: b
             assert _tunnel(port, origin.port, not origin_closes_first) == b"pong:ping\n"
         # Both ends of every tunnel are closed: the proxy must let go of both descriptors (no timeout
         # is involved: the idle timeout is minutes long).
-        wait_for(lambda: _fds(pid) <= before + 4, 5,
-                 message=f"proxy descriptors back near {before} after {TUNNELS} closed tunnels")
+        wait_for(
+            lambda: _fds(pid) <= before + 4,
+            5,
+            message=f"proxy descriptors back near {before} after {TUNNELS} closed tunnels",
+        )
     finally:
         origin.close()
 
@@ -171,7 +177,7 @@ def _echo_through_tunnel(proxy_port: int, origin_port: int, size: int, seed: int
             left, i = size, 0
             while left:
                 # Vary the pieces so chunk edges fall everywhere.
-                piece = block[(i * 7919) % 4096:][: min(left, 65536 + (i * 104729) % 300_000)]
+                piece = block[(i * 7919) % 4096 :][: min(left, 65536 + (i * 104729) % 300_000)]
                 sent_hash.update(piece)
                 s.sendall(piece)
                 left -= len(piece)
@@ -203,9 +209,12 @@ def test_tunnel_relays_every_byte_in_order_under_backpressure(stack: Stack) -> N
     try:
         size = 48 << 20
         out: dict[int, tuple[int, bool]] = {}
-        threads = [threading.Thread(target=_echo_through_tunnel,
-                                    args=(stack.ports["http-proxy"], origin.port, size, seed, out), daemon=True)
-                   for seed in (1, 2)]
+        threads = [
+            threading.Thread(
+                target=_echo_through_tunnel, args=(stack.ports["http-proxy"], origin.port, size, seed, out), daemon=True
+            )
+            for seed in (1, 2)
+        ]
         for t in threads:
             t.start()
         for t in threads:

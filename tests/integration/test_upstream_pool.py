@@ -77,8 +77,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 if path.startswith("/flaky") and served > 1:
                     return  # a kept connection dropped just as a request arrives: no answer at all
                 body = f"conn {conn_no} req {served} {method}\n".encode()
-                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s"
-                             % (len(body), body))
+                sock.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                )
                 if path.startswith("/then-close"):
                     time.sleep(0.2)
                     return  # an origin closing an idle kept-alive connection (its own keep-alive timeout)
@@ -108,9 +109,22 @@ def stack() -> Iterator[Stack]:
 def curl(stack: Stack, user: str, url: str, *extra: str) -> tuple[int, str]:
     """One request on a new client connection: (status, body)."""
     p = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-x", f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}",
-         "-w", "\n%{http_code}", *extra, url],
-        capture_output=True, text=True, timeout=20)
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}",
+            "-w",
+            "\n%{http_code}",
+            *extra,
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     body, _, code = p.stdout.rpartition("\n")
     return int(code or 0), body
 
@@ -140,6 +154,7 @@ def test_a_dropped_kept_connection_is_retried_for_a_get(stack: Stack, origin: Or
     status, body = curl(stack, "carol", base + "/flaky-get")
     # Connection 1 closes on the second request without a word: sent again on connection 2.
     assert (status, body.strip()) == (200, "conn 2 req 1 GET")
+
     # One record of that request, with the answer that reached the client.
     def carols() -> list | None:
         items = stack.request("GET", "/api/transactions", params={"container": "carol"}).json()["items"]
@@ -172,8 +187,20 @@ def test_the_same_client_connection_also_survives_a_dropped_upstream(stack: Stac
     base = f"http://{HOST}:{origin.server_address[1]}"
     # Two requests on one client connection (curl reuses it): the second hits the dropped upstream.
     p = subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-x", f"http://erin:x@127.0.0.1:{stack.ports['http-proxy']}",
-         base + "/ok", base + "/flaky-again"], capture_output=True, text=True, timeout=20)
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-x",
+            f"http://erin:x@127.0.0.1:{stack.ports['http-proxy']}",
+            base + "/ok",
+            base + "/flaky-again",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
     assert p.stdout.split("\n")[:2] == ["conn 1 req 1 GET", "conn 2 req 1 GET"], p.stdout + p.stderr
 
 

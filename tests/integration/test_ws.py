@@ -96,8 +96,12 @@ def recv(c: ClientConnection, timeout: float = 5.0) -> dict[str, Any]:
     return orjson.loads(c.recv(timeout=timeout))
 
 
-def recv_until(c: ClientConnection, pred: Callable[[dict[str, Any]], bool], timeout: float = 5.0,
-               seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def recv_until(
+    c: ClientConnection,
+    pred: Callable[[dict[str, Any]], bool],
+    timeout: float = 5.0,
+    seen: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     """The first message matching pred; everything read before it goes into `seen`."""
     deadline = time.monotonic() + timeout
     while True:
@@ -115,8 +119,12 @@ def recv_until(c: ClientConnection, pred: Callable[[dict[str, Any]], bool], time
             seen.append(msg)
 
 
-def command(c: ClientConnection, obj: dict[str, Any] | str, reply_types: tuple[str, ...],
-            seen: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def command(
+    c: ClientConnection,
+    obj: dict[str, Any] | str,
+    reply_types: tuple[str, ...],
+    seen: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     c.send(obj if isinstance(obj, str) else orjson.dumps(obj).decode())
     msg = recv_until(c, lambda m: m["type"] in reply_types, seen=seen)
     assert "timestamp" in msg, msg
@@ -132,14 +140,35 @@ def test_pending_allow_over_ws(stack: Stack, origin: int) -> None:
     with open_ws(stack) as c:
         t0 = time.monotonic()
         proc = subprocess.Popen(
-            ["curl", "-s", "-S", "--max-time", "20", "-o", "/dev/null", "-w", "%{http_code}",
-             "-x", f"http://agentws@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{origin}/"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                "curl",
+                "-s",
+                "-S",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-x",
+                f"http://agentws@127.0.0.1:{stack.ports['http-proxy']}",
+                f"http://{ORIGIN_HOST}:{origin}/",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             got: dict[str, dict[str, Any]] = {}
             while len(got) < 2:
-                m = recv_until(c, lambda m: is_event(m, "pending_request.created", container_name="agentws")
-                               or is_event(m, "waiters.changed", container_name="agentws"), timeout=3)
+                m = recv_until(
+                    c,
+                    lambda m: (
+                        is_event(m, "pending_request.created", container_name="agentws")
+                        or is_event(m, "waiters.changed", container_name="agentws")
+                    ),
+                    timeout=3,
+                )
                 got.setdefault(m["type"], m)
             # At the moment of the hold, not at its end (the hold lasts 20 s); loose for a busy machine.
             assert time.monotonic() - t0 < 3.0, f"events took {time.monotonic() - t0:.2f}s"
@@ -208,8 +237,7 @@ def test_notification_claims(stack: Stack) -> None:
     with open_ws(stack) as a, open_ws(stack) as b:
         seen: list[dict[str, Any]] = []
         assert command(a, {"command": "claim_notifications"}, ("notification_claimed",))["active_claims"] == 1
-        assert command(b, {"command": "claim_notifications"},
-                       ("notification_claimed",), seen)["active_claims"] == 2
+        assert command(b, {"command": "claim_notifications"}, ("notification_claimed",), seen)["active_claims"] == 2
         # Claiming twice on one connection is one claim.
         assert command(b, {"command": "claim_notifications"}, ("notification_claimed",), seen)["active_claims"] == 2
         if not any(is_event(m, "notification.claims_changed", active_claims=2) for m in seen):
@@ -254,16 +282,32 @@ def test_errors_and_upgrade_checks(stack: Stack) -> None:
 def test_events_cli(stack: Stack, origin: int) -> None:
     proc = subprocess.Popen(
         [PYTHON, "-m", "greyproxy", "events", "--type", "pending_request.created", "-C", str(stack.cfg_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env, cwd=str(REPO))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=stack.env,
+        cwd=str(REPO),
+    )
     curl = None
     try:
         assert proc.stderr is not None and proc.stdout is not None
         assert "listening on" in proc.stderr.readline()
         time.sleep(0.3)  # the SUB subscription travels to the broker
         curl = subprocess.Popen(
-            ["curl", "-s", "--max-time", "20", "-o", "/dev/null",
-             "-x", f"http://agentcli@127.0.0.1:{stack.ports['http-proxy']}", f"http://{ORIGIN_HOST}:{origin}/cli"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                "curl",
+                "-s",
+                "--max-time",
+                "20",
+                "-o",
+                "/dev/null",
+                "-x",
+                f"http://agentcli@127.0.0.1:{stack.ports['http-proxy']}",
+                f"http://{ORIGIN_HOST}:{origin}/cli",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         line = _readline(proc, 8)
         clock, topic, rest = line.split(" ", 2)
         assert len(clock) == 8 and clock[2] == ":" and topic == "pending_request.created", line
@@ -380,6 +424,8 @@ def _flood(stack: Stack, bus_pub: Publisher, api_pid: int, slow: ClientConnectio
     assert n_events - lost_before_api <= len(seqs) + sum(fast_drops) <= n_events, (len(seqs), sum(fast_drops))
     # The slow client's drop notices count every event it lost, other topics' too (heartbeats, ...).
     assert n_events - lost_before_api <= len(slow_seqs) + slow_drops <= n_events + 100, (len(slow_seqs), slow_drops)
-    print(f"flood: published in {t_pub:.1f} s, fast done at {t_fast:.1f} s, rss +{growth_mb:.1f} MB, "
-          f"fast got {len(seqs)} (drops {sum(fast_drops)}), "
-          f"slow got {len(slow_seqs)} then dropped {dropped['count']}")
+    print(
+        f"flood: published in {t_pub:.1f} s, fast done at {t_fast:.1f} s, rss +{growth_mb:.1f} MB, "
+        f"fast got {len(seqs)} (drops {sum(fast_drops)}), "
+        f"slow got {len(slow_seqs)} then dropped {dropped['count']}"
+    )

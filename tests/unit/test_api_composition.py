@@ -18,14 +18,21 @@ from services.api.ws.hub import Hub
 API = Path(__file__).resolve().parents[2] / "services" / "api"
 MODULES = sorted(
     ".".join(("services", "api", *p.relative_to(API).with_suffix("").parts)).removesuffix(".__init__")
-    for p in API.rglob("*.py") if p.name != "__main__.py"
+    for p in API.rglob("*.py")
+    if p.name != "__main__.py"
 )
 
 
 def _ctx(tmp_path: Path) -> ApiContext:
     cfg = load_config(env={"GREYPROXY_DATA_HOME": str(tmp_path)})
-    return ApiContext(cfg=cfg, publisher=None, db_executor=ThreadPoolExecutor(1), proxy=None,  # type: ignore[arg-type]
-                      recorder=None, maintenance=None)  # type: ignore[arg-type]
+    return ApiContext(
+        cfg=cfg,
+        publisher=None,
+        db_executor=ThreadPoolExecutor(1),
+        proxy=None,  # type: ignore[arg-type]
+        recorder=None,
+        maintenance=None,
+    )  # type: ignore[arg-type]
 
 
 def test_every_module_imports_first_without_a_cycle() -> None:

@@ -46,10 +46,18 @@ def client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[falcon.t
     cfg = load_config(config, env={"GREYPROXY_DATA_HOME": str(tmp_path / "data")})
     socks = tempfile.mkdtemp(prefix="gpf")  # ipc:// paths must stay short
     executor = ThreadPoolExecutor(2)
-    clients = [ControlClient(f"ipc://{socks}/{name}", name, timeout=0.05, retries=1)
-               for name in ("proxy", "recorder", "maintenance")]
-    ctx = ApiContext(cfg=cfg, publisher=NoBus(), db_executor=executor,  # type: ignore[arg-type]
-                     proxy=clients[0], recorder=clients[1], maintenance=clients[2])
+    clients = [
+        ControlClient(f"ipc://{socks}/{name}", name, timeout=0.05, retries=1)
+        for name in ("proxy", "recorder", "maintenance")
+    ]
+    ctx = ApiContext(
+        cfg=cfg,
+        publisher=NoBus(),
+        db_executor=executor,  # type: ignore[arg-type]
+        proxy=clients[0],
+        recorder=clients[1],
+        maintenance=clients[2],
+    )
     try:
         yield falcon.testing.TestClient(create_app(ctx))
     finally:

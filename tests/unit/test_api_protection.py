@@ -18,36 +18,74 @@ from services.api.origin import BAD_REQUEST, FORBIDDEN, MISDIRECTED, UNSUPPORTED
 ALLOWED = origin.normalize_allowed(["greyproxy.lan", "10.0.0.5", "[fd00::1]"])
 
 
-@pytest.mark.parametrize("host, status", [
-    ("localhost", None), ("localhost:43080", None), ("LOCALHOST:1", None), ("ui.localhost:3000", None),
-    ("127.0.0.1", None), ("127.0.0.1:43080", None), ("127.9.8.7:1", None),
-    ("[::1]", None), ("[::1]:43080", None), ("[::ffff:127.0.0.1]:80", None),
-    ("greyproxy.lan", None), ("greyproxy.lan:43080", None), ("10.0.0.5:43080", None), ("[fd00::1]:1", None),
-    (None, BAD_REQUEST), ("", BAD_REQUEST), ("evil.example", MISDIRECTED), ("evil.example:43080", MISDIRECTED),
-    ("localhost.evil.example", MISDIRECTED), ("127.0.0.1.nip.io", MISDIRECTED), ("10.0.0.6", MISDIRECTED),
-    ("::1", BAD_REQUEST),  # an unbracketed IPv6 literal is not a Host header
-    ("localhost, evil.example", BAD_REQUEST), ("user@localhost", BAD_REQUEST), ("localhost:http", BAD_REQUEST),
-    # a port out of range is no port at all (RFC 9112 §3.2: an invalid Host is a 400)
-    ("localhost:99999", BAD_REQUEST), ("localhost:0", BAD_REQUEST), ("[::1]:65536", BAD_REQUEST),
-    ("localhost:65535", None), ("localhost:\u0661", BAD_REQUEST),
-])
+@pytest.mark.parametrize(
+    "host, status",
+    [
+        ("localhost", None),
+        ("localhost:43080", None),
+        ("LOCALHOST:1", None),
+        ("ui.localhost:3000", None),
+        ("127.0.0.1", None),
+        ("127.0.0.1:43080", None),
+        ("127.9.8.7:1", None),
+        ("[::1]", None),
+        ("[::1]:43080", None),
+        ("[::ffff:127.0.0.1]:80", None),
+        ("greyproxy.lan", None),
+        ("greyproxy.lan:43080", None),
+        ("10.0.0.5:43080", None),
+        ("[fd00::1]:1", None),
+        (None, BAD_REQUEST),
+        ("", BAD_REQUEST),
+        ("evil.example", MISDIRECTED),
+        ("evil.example:43080", MISDIRECTED),
+        ("localhost.evil.example", MISDIRECTED),
+        ("127.0.0.1.nip.io", MISDIRECTED),
+        ("10.0.0.6", MISDIRECTED),
+        ("::1", BAD_REQUEST),  # an unbracketed IPv6 literal is not a Host header
+        ("localhost, evil.example", BAD_REQUEST),
+        ("user@localhost", BAD_REQUEST),
+        ("localhost:http", BAD_REQUEST),
+        # a port out of range is no port at all (RFC 9112 §3.2: an invalid Host is a 400)
+        ("localhost:99999", BAD_REQUEST),
+        ("localhost:0", BAD_REQUEST),
+        ("[::1]:65536", BAD_REQUEST),
+        ("localhost:65535", None),
+        ("localhost:\u0661", BAD_REQUEST),
+    ],
+)
 def test_host_is_checked_for_every_method(host: str | None, status: int | None) -> None:
     for method in ("GET", "POST", "WEBSOCKET"):
         got = refusal(method, host, None, None, ALLOWED)
         assert (got.status if got else None) == status, (method, host, got)
 
 
-@pytest.mark.parametrize("org, ok", [
-    (None, True), ("http://localhost:5173", True), ("http://127.0.0.1:43080", True), ("https://[::1]:8443", True),
-    ("http://greyproxy.lan:43080", True), ("http://dev.localhost", True),
-    ("http://evil.example", False), ("http://evil.example:43080", False), ("null", False), ("", False),
-    ("file://", False), ("http://localhost.evil.example", False), ("http://user@localhost", False),
-])
+@pytest.mark.parametrize(
+    "org, ok",
+    [
+        (None, True),
+        ("http://localhost:5173", True),
+        ("http://127.0.0.1:43080", True),
+        ("https://[::1]:8443", True),
+        ("http://greyproxy.lan:43080", True),
+        ("http://dev.localhost", True),
+        ("http://evil.example", False),
+        ("http://evil.example:43080", False),
+        ("null", False),
+        ("", False),
+        ("file://", False),
+        ("http://localhost.evil.example", False),
+        ("http://user@localhost", False),
+    ],
+)
 def test_foreign_origin_is_refused_whatever_the_method(org: str | None, ok: bool) -> None:
     for method in ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "WEBSOCKET"):
         got = refusal(method, "localhost:43080", org, None, ALLOWED)
-        assert got is None if ok else (got is not None and got.status == FORBIDDEN and got.kind == "origin"), \
-            (method, org, got)
+        assert got is None if ok else (got is not None and got.status == FORBIDDEN and got.kind == "origin"), (
+            method,
+            org,
+            got,
+        )
 
 
 @pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "WEBSOCKET", "post"])
@@ -62,14 +100,27 @@ def test_cross_site_fetch_metadata_refuses_state_changes(method: str) -> None:
 OWN = 43080
 
 
-@pytest.mark.parametrize("org, ok", [
-    ("http://localhost:43080", True), ("http://127.0.0.1:43080", True), ("http://[::1]:43080", True),
-    ("http://dev.localhost:43080", True), ("http://greyproxy.lan:43080", True), ("HTTP://LOCALHOST:43080", True),
-    ("http://localhost:3000", False), ("http://127.0.0.1:8888", False), ("http://localhost", False),
-    ("https://localhost:43080", False), ("http://evil.example:43080", False),
-    ("http://tool.example:8080", True), ("http://tool.example:8081", False), ("http://tool.example", False),
-    ("https://app.example", True), ("https://app.example:443", True),
-])
+@pytest.mark.parametrize(
+    "org, ok",
+    [
+        ("http://localhost:43080", True),
+        ("http://127.0.0.1:43080", True),
+        ("http://[::1]:43080", True),
+        ("http://dev.localhost:43080", True),
+        ("http://greyproxy.lan:43080", True),
+        ("HTTP://LOCALHOST:43080", True),
+        ("http://localhost:3000", False),
+        ("http://127.0.0.1:8888", False),
+        ("http://localhost", False),
+        ("https://localhost:43080", False),
+        ("http://evil.example:43080", False),
+        ("http://tool.example:8080", True),
+        ("http://tool.example:8081", False),
+        ("http://tool.example", False),
+        ("https://app.example", True),
+        ("https://app.example:443", True),
+    ],
+)
 def test_origin_must_be_the_apis_own_or_listed(org: str, ok: bool) -> None:
     listed = origin.normalize_origins(["http://tool.example:8080", "https://app.example"])
     for method in ("GET", "POST", "DELETE", "WEBSOCKET"):
@@ -80,28 +131,58 @@ def test_origin_must_be_the_apis_own_or_listed(org: str, ok: bool) -> None:
                 assert got.status == FORBIDDEN and got.kind == "origin"
 
 
-@pytest.mark.parametrize("ctype, ok", [
-    ("application/json", True), ("application/json; charset=utf-8", True), ("Application/JSON", True),
-    ("text/plain", False), ("text/plain;charset=UTF-8", False), ("application/x-www-form-urlencoded", False),
-    ("multipart/form-data; boundary=x", False), (None, False), ("", False), ("application/jsonx", False),
-])
+@pytest.mark.parametrize(
+    "ctype, ok",
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON", True),
+        ("text/plain", False),
+        ("text/plain;charset=UTF-8", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        (None, False),
+        ("", False),
+        ("application/jsonx", False),
+    ],
+)
 def test_browser_writes_with_a_body_must_be_json(ctype: str | None, ok: bool) -> None:
     own = f"http://localhost:{OWN}"
     for method in ("POST", "PUT", "PATCH", "DELETE"):
         for org, site in ((own, None), (None, "same-origin"), (own, "same-origin"), (None, "none")):
-            got = refusal(method, "localhost:43080", org, site, own_port=OWN, browser=True, has_body=True,
-                          content_type=ctype)
+            got = refusal(
+                method, "localhost:43080", org, site, own_port=OWN, browser=True, has_body=True, content_type=ctype
+            )
             assert (got is None) is ok, (method, org, site, ctype, got)
             if not ok:
                 assert got.status == UNSUPPORTED_MEDIA and got.kind == "content-type"
         # Without a body (a DELETE, an empty POST) there is nothing a form could smuggle.
-        assert refusal(method, "localhost:43080", own, None, own_port=OWN, browser=True, has_body=False,
-                       content_type=ctype) is None
+        assert (
+            refusal(
+                method, "localhost:43080", own, None, own_port=OWN, browser=True, has_body=False, content_type=ctype
+            )
+            is None
+        )
         # curl and scripts: neither Origin nor Sec-Fetch-*, any content type (README's `curl -d`).
-        assert refusal(method, "localhost:43080", None, None, own_port=OWN, browser=False, has_body=True,
-                       content_type=ctype) is None
-    assert refusal("GET", "localhost:43080", own, "same-origin", own_port=OWN, browser=True, has_body=True,
-                   content_type="text/plain") is None  # reads change nothing
+        assert (
+            refusal(
+                method, "localhost:43080", None, None, own_port=OWN, browser=False, has_body=True, content_type=ctype
+            )
+            is None
+        )
+    assert (
+        refusal(
+            "GET",
+            "localhost:43080",
+            own,
+            "same-origin",
+            own_port=OWN,
+            browser=True,
+            has_body=True,
+            content_type="text/plain",
+        )
+        is None
+    )  # reads change nothing
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
@@ -155,8 +236,9 @@ def app() -> falcon.asgi.App:
     return a
 
 
-def request(app: falcon.asgi.App, method: str, path: str, host: str = "localhost:43080",
-            **headers: str) -> falcon.testing.Result:
+def request(
+    app: falcon.asgi.App, method: str, path: str, host: str = "localhost:43080", **headers: str
+) -> falcon.testing.Result:
     client = falcon.testing.TestClient(app)
     hdrs = {k.replace("_", "-"): v for k, v in headers.items()}
     return client.simulate_request(method, path, host=host, headers=hdrs, json={} if method != "GET" else None)
@@ -209,8 +291,10 @@ def test_middleware_checks_websocket_upgrades(app: falcon.asgi.App) -> None:
     assert asyncio.run(_ws(app, "/echo", Origin="http://localhost:43080")) == ("accepted", "hi")
     assert asyncio.run(_ws(app, "/echo", Origin="http://evil.example")) == ("closed", 3403)
     assert asyncio.run(_ws(app, "/echo", host="evil.example")) == ("closed", 3421)
-    assert asyncio.run(_ws(app, "/echo", **{"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "cross-site"})) \
-        == ("closed", 3403)
+    assert asyncio.run(_ws(app, "/echo", **{"Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "cross-site"})) == (
+        "closed",
+        3403,
+    )
 
 
 def test_error_handlers_close_websockets_instead_of_failing(app: falcon.asgi.App) -> None:
@@ -220,15 +304,19 @@ def test_error_handlers_close_websockets_instead_of_failing(app: falcon.asgi.App
     assert asyncio.run(_ws(app, "/ws-late-503")) == ("closed", 3503)
 
 
-@pytest.mark.parametrize("addr, extra, expected", [
-    (":43080", [], []),
-    ("0.0.0.0:43080", ["a.lan"], ["a.lan"]),
-    ("[::]:43080", [], []),
-    ("192.168.1.5:43080", [], ["192.168.1.5"]),
-    ("[fd00::5]:43080", ["a.lan"], ["a.lan", "fd00::5"]),
-])
-def test_configured_hosts_include_a_specific_bind_address(tmp_path, addr: str, extra: list[str],
-                                                          expected: list[str]) -> None:
+@pytest.mark.parametrize(
+    "addr, extra, expected",
+    [
+        (":43080", [], []),
+        ("0.0.0.0:43080", ["a.lan"], ["a.lan"]),
+        ("[::]:43080", [], []),
+        ("192.168.1.5:43080", [], ["192.168.1.5"]),
+        ("[fd00::5]:43080", ["a.lan"], ["a.lan", "fd00::5"]),
+    ],
+)
+def test_configured_hosts_include_a_specific_bind_address(
+    tmp_path, addr: str, extra: list[str], expected: list[str]
+) -> None:
     from greyproxy.config import load_config
 
     path = tmp_path / "c.yaml"
@@ -249,21 +337,39 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 _SCHEMES = st.sampled_from(["http", "https", "ws", "wss", "HTTP", "file", "chrome-extension", ""])
-_HOSTS = st.sampled_from(["localhost", "127.0.0.1", "[::1]", "dev.localhost", "greyproxy.lan", "evil.example",
-                          "localhost.evil.example", "127.0.0.1.nip.io", "", "[::ffff:127.0.0.1]"])
+_HOSTS = st.sampled_from(
+    [
+        "localhost",
+        "127.0.0.1",
+        "[::1]",
+        "dev.localhost",
+        "greyproxy.lan",
+        "evil.example",
+        "localhost.evil.example",
+        "127.0.0.1.nip.io",
+        "",
+        "[::ffff:127.0.0.1]",
+    ]
+)
 _PORTS = st.one_of(st.none(), st.integers(min_value=0, max_value=70000))
 
 
-@given(_SCHEMES, _HOSTS, _PORTS, st.sampled_from(["", "/", "/x", "?q", "#f"]), st.sampled_from(
-    ["GET", "POST", "PUT", "DELETE", "WEBSOCKET"]))
+@given(
+    _SCHEMES,
+    _HOSTS,
+    _PORTS,
+    st.sampled_from(["", "/", "/x", "?q", "#f"]),
+    st.sampled_from(["GET", "POST", "PUT", "DELETE", "WEBSOCKET"]),
+)
 @settings(max_examples=600, deadline=None)
-def test_only_the_own_origin_or_a_listed_one_passes(scheme: str, host: str, port: int | None, tail: str,
-                                                    method: str) -> None:
+def test_only_the_own_origin_or_a_listed_one_passes(
+    scheme: str, host: str, port: int | None, tail: str, method: str
+) -> None:
     org = f"{scheme}://{host}" + ("" if port is None else f":{port}") + tail
     listed = origin.normalize_origins(["http://tool.example:8080"])
     got = refusal(method, "localhost:43080", org, None, ALLOWED, own_port=OWN, allowed_origins=listed)
     own_host = host in ("localhost", "127.0.0.1", "[::1]", "dev.localhost", "greyproxy.lan", "[::ffff:127.0.0.1]")
-    expected_ok = (scheme.lower() in ("http", "ws") and own_host and port == OWN and tail in ("", "/"))
+    expected_ok = scheme.lower() in ("http", "ws") and own_host and port == OWN and tail in ("", "/")
     assert (got is None) == expected_ok, (org, got)
     if got is not None:
         assert got.status == FORBIDDEN and got.kind == "origin"
@@ -272,8 +378,9 @@ def test_only_the_own_origin_or_a_listed_one_passes(scheme: str, host: str, port
 @given(st.text(max_size=60), st.sampled_from(["GET", "POST", "WEBSOCKET"]))
 @settings(max_examples=400, deadline=None)
 def test_any_origin_or_host_text_gets_a_clean_decision(text: str, method: str) -> None:
-    for got in (refusal(method, "localhost:43080", text, None, own_port=OWN),
-                refusal(method, text, None, None, own_port=OWN),
-                refusal(method, "localhost:43080", None, text, own_port=OWN, browser=True, has_body=True,
-                        content_type=text)):
+    for got in (
+        refusal(method, "localhost:43080", text, None, own_port=OWN),
+        refusal(method, text, None, None, own_port=OWN),
+        refusal(method, "localhost:43080", None, text, own_port=OWN, browser=True, has_body=True, content_type=text),
+    ):
         assert got is None or got.status in (BAD_REQUEST, MISDIRECTED, FORBIDDEN, UNSUPPORTED_MEDIA)

@@ -88,6 +88,7 @@ class FakeProxy:
             def handler(args: dict[str, Any]) -> Any:
                 self.calls.append((op, args))
                 return result() if callable(result) else result
+
             return handler
 
         def set_allowall(args: dict[str, Any]) -> dict[str, Any]:
@@ -95,9 +96,12 @@ class FakeProxy:
             if args.get("mode") not in ("allow", "deny"):
                 raise RemoteError("mode must be allow or deny", 400)
             dur = args.get("duration_seconds") or 0
-            self.allowall = {"active": True, "mode": args["mode"],
-                             "expires_at": rfc3339(time.time() + dur) if dur else None,
-                             "remaining_seconds": dur or None}
+            self.allowall = {
+                "active": True,
+                "mode": args["mode"],
+                "expires_at": rfc3339(time.time() + dur) if dur else None,
+                "remaining_seconds": dur or None,
+            }
             return self.allowall
 
         def clear_allowall(args: dict[str, Any]) -> dict[str, Any]:
@@ -207,21 +211,40 @@ class Api:
     def sql(self, query: str, args: tuple = ()) -> list[tuple]:
         return self.db.execute_sql(query, args).fetchall()
 
-    def add_pending(self, container: str, host: str, port: int, resolved: str | None = None,
-                    first: float | None = None, last: float | None = None, attempts: int = 1) -> int:
+    def add_pending(
+        self,
+        container: str,
+        host: str,
+        port: int,
+        resolved: str | None = None,
+        first: float | None = None,
+        last: float | None = None,
+        attempts: int = 1,
+    ) -> int:
         now = time.time()
         cur = self.db.execute_sql(
             "INSERT INTO pending (container_name, destination_host, destination_port, resolved_hostname,"
             " first_seen, last_seen, attempt_count) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (container, host, port, resolved, first or now, last or now, attempts))
+            (container, host, port, resolved, first or now, last or now, attempts),
+        )
         return cur.lastrowid
 
-    def add_log(self, ts: float, container: str, host: str, port: int, result: str, rule_id: int | None = None,
-                resolved: str | None = None, method: str = "CONNECT") -> int:
+    def add_log(
+        self,
+        ts: float,
+        container: str,
+        host: str,
+        port: int,
+        result: str,
+        rule_id: int | None = None,
+        resolved: str | None = None,
+        method: str = "CONNECT",
+    ) -> int:
         cur = self.db.execute_sql(
             "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, resolved_hostname,"
             " method, result, rule_id, response_time_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1.5, 'rule')",
-            (ts, container, host, port, resolved, method, result, rule_id))
+            (ts, container, host, port, resolved, method, result, rule_id),
+        )
         return cur.lastrowid
 
     def close(self) -> None:
@@ -296,11 +319,15 @@ def test_rules_list_builtins_shape_and_pagination(api):
 def test_rules_list_filters(api):
     new_rule(api, container_pattern="opencode", destination_pattern="registry.npmjs.org", port_pattern="443")
     new_rule(api, container_pattern="claude", destination_pattern="api.anthropic.com", action="deny")
-    api.sql("INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at,"
-            " expires_at) VALUES ('old', 'gone.example', '*', 'allow', ?, ?)", (time.time() - 100, time.time() - 10))
+    api.sql(
+        "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at,"
+        " expires_at) VALUES ('old', 'gone.example', '*', 'allow', ?, ?)",
+        (time.time() - 100, time.time() - 10),
+    )
     assert [r["container_pattern"] for r in api.get("/api/rules", container="code").json["items"]] == ["opencode"]
     assert [r["destination_pattern"] for r in api.get("/api/rules", destination="NPMJS").json["items"]] == [
-        "registry.npmjs.org"]
+        "registry.npmjs.org"
+    ]
     assert [r["action"] for r in api.get("/api/rules", action="deny").json["items"]] == ["deny"]
     assert api.get("/api/rules", destination="gone").json == {"items": [], "total": 0}
     expired = api.get("/api/rules", destination="gone", include_expired="true").json
@@ -308,11 +335,18 @@ def test_rules_list_filters(api):
     assert api.get("/api/rules", destination="50%_").json["items"] == []  # LIKE wildcards are literal
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"limit": "abc"}, "limit"), ({"limit": "0"}, "limit"), ({"limit": "-3"}, "limit"),
-    ({"offset": "-1"}, "offset"), ({"offset": "x"}, "offset"), ({"action": "maybe"}, "action"),
-    ({"include_expired": "perhaps"}, "include_expired"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"limit": "abc"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "-3"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+        ({"offset": "x"}, "offset"),
+        ({"action": "maybe"}, "action"),
+        ({"include_expired": "perhaps"}, "include_expired"),
+    ],
+)
 def test_rules_list_bad_query(api, params, field):
     res = api.get("/api/rules", **params)
     assert res.status_code == 400
@@ -336,8 +370,15 @@ def test_rule_create_defaults_and_event(api):
 
 
 def test_rule_create_normalises_and_keeps_fields(api):
-    rule = new_rule(api, port_pattern=" 80, 443 ", notes="npm", created_by="dashboard", rule_type="glob",
-                    action="deny", destination_pattern="  10.0.0.0/8 ")
+    rule = new_rule(
+        api,
+        port_pattern=" 80, 443 ",
+        notes="npm",
+        created_by="dashboard",
+        rule_type="glob",
+        action="deny",
+        destination_pattern="  10.0.0.0/8 ",
+    )
     assert rule["port_pattern"] == "80,443"
     assert rule["destination_pattern"] == "10.0.0.0/8"
     assert (rule["notes"], rule["created_by"], rule["action"]) == ("npm", "dashboard", "deny")
@@ -347,8 +388,15 @@ def test_rule_create_normalises_and_keeps_fields(api):
 def test_rule_create_identical_active_is_reused(api):
     first = new_rule(api, port_pattern="443")
     api.events()
-    again = api.post("/api/rules", {"container_pattern": "agent", "destination_pattern": "example.com",
-                                    "port_pattern": "443", "notes": "different notes"})
+    again = api.post(
+        "/api/rules",
+        {
+            "container_pattern": "agent",
+            "destination_pattern": "example.com",
+            "port_pattern": "443",
+            "notes": "different notes",
+        },
+    )
     assert again.status_code == 201
     assert again.json["id"] == first["id"]
     assert api.get("/api/rules").json["total"] == 4
@@ -357,8 +405,11 @@ def test_rule_create_identical_active_is_reused(api):
 
 
 def test_rule_create_replaces_expired_identical(api):
-    api.sql("INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at,"
-            " expires_at) VALUES ('agent', 'example.com', '*', 'allow', ?, ?)", (time.time() - 100, time.time() - 1))
+    api.sql(
+        "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at,"
+        " expires_at) VALUES ('agent', 'example.com', '*', 'allow', ?, ?)",
+        (time.time() - 100, time.time() - 1),
+    )
     old_id = api.sql("SELECT MAX(id) FROM rules")[0][0]
     rule = new_rule(api)
     assert rule["id"] != old_id and rule["is_active"]
@@ -378,35 +429,48 @@ def test_rule_create_expiry(api):
     assert new_rule(api, destination_pattern="d.example", expires_at=None)["expires_at"] is None
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"destination_pattern": "x.com"}, "container_pattern"),
-    ({"container_pattern": "a"}, "destination_pattern"),
-    ({"container_pattern": 5, "destination_pattern": "x.com"}, "container_pattern"),
-    ({"container_pattern": "a", "destination_pattern": ["x.com"]}, "destination_pattern"),
-    ({"container_pattern": "  ", "destination_pattern": "x.com"}, "container_pattern"),
-    ({"container_pattern": "a b", "destination_pattern": "x.com"}, "container_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "10.0.0.0/99"}, "destination_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "action": "block"}, "action"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "action": True}, "action"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "rule_type": "regex"}, "rule_type"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "rule_type": "permanent"}, "rule_type"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "70000"}, "port_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "https"}, "port_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "9000-8000"}, "port_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": True}, "port_pattern"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_at": "tomorrow"}, "expires_at"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_at": 12345}, "expires_at"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_at": "2001-01-01T00:00:00Z"}, "expires_at"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": 0}, "expires_in_seconds"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": -5}, "expires_in_seconds"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": "60"}, "expires_in_seconds"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": True}, "expires_in_seconds"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": 1.5}, "expires_in_seconds"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": 60,
-      "expires_at": "2999-01-01T00:00:00Z"}, "expires_at"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "notes": 7}, "notes"),
-    ({"container_pattern": "a", "destination_pattern": "x.com", "created_by": {}}, "created_by"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"destination_pattern": "x.com"}, "container_pattern"),
+        ({"container_pattern": "a"}, "destination_pattern"),
+        ({"container_pattern": 5, "destination_pattern": "x.com"}, "container_pattern"),
+        ({"container_pattern": "a", "destination_pattern": ["x.com"]}, "destination_pattern"),
+        ({"container_pattern": "  ", "destination_pattern": "x.com"}, "container_pattern"),
+        ({"container_pattern": "a b", "destination_pattern": "x.com"}, "container_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "10.0.0.0/99"}, "destination_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "action": "block"}, "action"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "action": True}, "action"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "rule_type": "regex"}, "rule_type"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "rule_type": "permanent"}, "rule_type"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "70000"}, "port_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "https"}, "port_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": "9000-8000"}, "port_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "port_pattern": True}, "port_pattern"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_at": "tomorrow"}, "expires_at"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_at": 12345}, "expires_at"),
+        (
+            {"container_pattern": "a", "destination_pattern": "x.com", "expires_at": "2001-01-01T00:00:00Z"},
+            "expires_at",
+        ),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": 0}, "expires_in_seconds"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": -5}, "expires_in_seconds"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": "60"}, "expires_in_seconds"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": True}, "expires_in_seconds"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "expires_in_seconds": 1.5}, "expires_in_seconds"),
+        (
+            {
+                "container_pattern": "a",
+                "destination_pattern": "x.com",
+                "expires_in_seconds": 60,
+                "expires_at": "2999-01-01T00:00:00Z",
+            },
+            "expires_at",
+        ),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "notes": 7}, "notes"),
+        ({"container_pattern": "a", "destination_pattern": "x.com", "created_by": {}}, "created_by"),
+    ],
+)
 def test_rule_create_rejects_bad_fields(api, body, field):
     res = api.post("/api/rules", body)
     assert res.status_code == 400, res.json
@@ -414,9 +478,15 @@ def test_rule_create_rejects_bad_fields(api, body, field):
     assert api.get("/api/rules").json["total"] == 3  # nothing stored
 
 
-@pytest.mark.parametrize("raw, message", [
-    (b"{not json", "invalid JSON"), (b"", "required"), (b"[1, 2]", "object"), (b'"text"', "object"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (b"{not json", "invalid JSON"),
+        (b"", "required"),
+        (b"[1, 2]", "object"),
+        (b'"text"', "object"),
+    ],
+)
 def test_rule_create_bad_bodies(api, raw, message):
     res = api.post("/api/rules", raw=raw)
     assert res.status_code == 400
@@ -443,10 +513,10 @@ def test_rule_update_partial(api):
     assert updated["container_pattern"] == "agent" and updated["created_at"] == rule["created_at"]
     assert api.events("rule.updated") == [updated]
     assert api.get(f"/api/rules/{rule['id']}").json == updated
-    renamed = api.put(f"/api/rules/{rule['id']}", {"container_pattern": "other", "destination_pattern": "*.x.io",
-                                                   "notes": None}).json
-    assert (renamed["container_pattern"], renamed["destination_pattern"], renamed["notes"]) == (
-        "other", "*.x.io", None)
+    renamed = api.put(
+        f"/api/rules/{rule['id']}", {"container_pattern": "other", "destination_pattern": "*.x.io", "notes": None}
+    ).json
+    assert (renamed["container_pattern"], renamed["destination_pattern"], renamed["notes"]) == ("other", "*.x.io", None)
 
 
 def test_rule_update_expiry_set_and_clear(api):
@@ -469,12 +539,20 @@ def test_rule_update_empty_body_changes_nothing(api):
     assert api.events() == []
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"action": "sometimes"}, "action"), ({"action": None}, "action"), ({"port_pattern": "1-2-3"}, "port_pattern"),
-    ({"container_pattern": ""}, "container_pattern"), ({"destination_pattern": None}, "destination_pattern"),
-    ({"expires_at": "next week"}, "expires_at"), ({"expires_at": 5}, "expires_at"), ({"notes": 1}, "notes"),
-    ({"rule_type": "regex"}, "rule_type"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"action": "sometimes"}, "action"),
+        ({"action": None}, "action"),
+        ({"port_pattern": "1-2-3"}, "port_pattern"),
+        ({"container_pattern": ""}, "container_pattern"),
+        ({"destination_pattern": None}, "destination_pattern"),
+        ({"expires_at": "next week"}, "expires_at"),
+        ({"expires_at": 5}, "expires_at"),
+        ({"notes": 1}, "notes"),
+        ({"rule_type": "regex"}, "rule_type"),
+    ],
+)
 def test_rule_update_rejects_bad_fields(api, body, field):
     rule = new_rule(api)
     res = api.put(f"/api/rules/{rule['id']}", body)
@@ -538,13 +616,22 @@ def test_ingest_imports_skips_and_cleans_pending(live):
     denied = live.add_pending("b", "evil.example", 80)
     live.events()
     live.proxy.calls.clear()
-    res = live.post("/api/rules/ingest", [
-        {"container_pattern": "a", "destination_pattern": "known.example", "port_pattern": "443"},  # exists
-        {"container_pattern": "a", "destination_pattern": "**.github.com", "notes": "gh"},
-        {"container_pattern": "a", "destination_pattern": "**.github.com", "notes": "dup in batch"},
-        {"container_pattern": "b", "destination_pattern": "evil.example", "action": "deny",
-         "id": 99, "created_at": "ignored", "is_active": True},  # an exported rule's extra fields are ignored
-    ])
+    res = live.post(
+        "/api/rules/ingest",
+        [
+            {"container_pattern": "a", "destination_pattern": "known.example", "port_pattern": "443"},  # exists
+            {"container_pattern": "a", "destination_pattern": "**.github.com", "notes": "gh"},
+            {"container_pattern": "a", "destination_pattern": "**.github.com", "notes": "dup in batch"},
+            {
+                "container_pattern": "b",
+                "destination_pattern": "evil.example",
+                "action": "deny",
+                "id": 99,
+                "created_at": "ignored",
+                "is_active": True,
+            },  # an exported rule's extra fields are ignored
+        ],
+    )
     assert res.status_code == 200
     assert res.json == {"imported": 2, "skipped": 2, "pending_cleaned": 2}
     left = {r[0] for r in live.sql("SELECT id FROM pending")}
@@ -561,11 +648,14 @@ def test_ingest_imports_skips_and_cleans_pending(live):
 
 def test_ingest_is_all_or_nothing(api):
     api.add_pending("a", "x.example", 443)
-    res = api.post("/api/rules/ingest", [
-        {"container_pattern": "a", "destination_pattern": "x.example"},
-        {"container_pattern": "a", "destination_pattern": "y.example"},
-        {"container_pattern": "a", "destination_pattern": "z.example", "port_pattern": "99999"},
-    ])
+    res = api.post(
+        "/api/rules/ingest",
+        [
+            {"container_pattern": "a", "destination_pattern": "x.example"},
+            {"container_pattern": "a", "destination_pattern": "y.example"},
+            {"container_pattern": "a", "destination_pattern": "z.example", "port_pattern": "99999"},
+        ],
+    )
     assert res.status_code == 400
     assert "item 2" in error_of(res) and "port_pattern" in error_of(res)
     assert api.get("/api/rules").json["total"] == 3
@@ -573,10 +663,15 @@ def test_ingest_is_all_or_nothing(api):
     assert api.events() == []
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"container_pattern": "a"}, "array"), ([5], "item 0"), ([{"destination_pattern": "x"}], "item 0"),
-    ([{"container_pattern": "a", "destination_pattern": "x", "action": "nope"}], "item 0"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({"container_pattern": "a"}, "array"),
+        ([5], "item 0"),
+        ([{"destination_pattern": "x"}], "item 0"),
+        ([{"container_pattern": "a", "destination_pattern": "x", "action": "nope"}], "item 0"),
+    ],
+)
 def test_ingest_rejects_bad_items(api, body, message):
     res = api.post("/api/rules/ingest", body)
     assert res.status_code == 400
@@ -594,14 +689,11 @@ def test_ingest_empty_and_bad_json(api):
 def seed_siblings(api: Api) -> dict[str, int]:
     now = time.time()
     return {
-        "ip1": api.add_pending("c1", "1.2.3.4", 443, resolved="api.x.com", first=now - 300, last=now - 60,
-                               attempts=2),
-        "ip2": api.add_pending("c1", "5.6.7.8", 443, resolved="api.x.com", first=now - 200, last=now - 10,
-                               attempts=3),
+        "ip1": api.add_pending("c1", "1.2.3.4", 443, resolved="api.x.com", first=now - 300, last=now - 60, attempts=2),
+        "ip2": api.add_pending("c1", "5.6.7.8", 443, resolved="api.x.com", first=now - 200, last=now - 10, attempts=3),
         "name": api.add_pending("c1", "api.x.com", 443, first=now - 100, last=now - 30, attempts=4),
         "other_port": api.add_pending("c1", "api.x.com", 80, first=now - 50, last=now - 40),
-        "other_container": api.add_pending("c2", "1.2.3.4", 443, resolved="api.x.com", first=now - 20,
-                                           last=now - 5),
+        "other_container": api.add_pending("c2", "1.2.3.4", 443, resolved="api.x.com", first=now - 20, last=now - 5),
     }
 
 
@@ -618,8 +710,18 @@ def test_pending_groups_siblings(api):
     first_seen = {r[0]: r[1] for r in api.sql("SELECT id, first_seen FROM pending")}
     assert group["first_seen"] == rfc3339(first_seen[ids["ip1"]])
     assert group["waiting"] == 0  # the proxy is down
-    assert set(group) == {"id", "container_name", "container_id", "destination_host", "destination_port",
-                          "resolved_hostname", "first_seen", "last_seen", "attempt_count", "waiting"}
+    assert set(group) == {
+        "id",
+        "container_name",
+        "container_id",
+        "destination_host",
+        "destination_port",
+        "resolved_hostname",
+        "first_seen",
+        "last_seen",
+        "attempt_count",
+        "waiting",
+    }
     assert api.get("/api/pending/count").json == {"count": 3}
 
 
@@ -666,7 +768,11 @@ def test_allow_default_exact_removes_siblings(live):
     rule = res.json["rule"]
     assert res.json["pending_removed"] is True
     assert (rule["container_pattern"], rule["destination_pattern"], rule["port_pattern"], rule["action"]) == (
-        "c1", "api.x.com", "443", "allow")
+        "c1",
+        "api.x.com",
+        "443",
+        "allow",
+    )
     assert rule["expires_at"] is None and rule["created_by"] == "api"
     left = {r[0] for r in live.sql("SELECT id FROM pending")}
     assert left == {ids["other_port"], ids["other_container"]}
@@ -686,13 +792,16 @@ def test_allow_reuses_identical_active_rule(live):
     assert [t for t, _ in events] == ["pending_request.allowed"]
 
 
-@pytest.mark.parametrize("scope, host, resolved, expected", [
-    ("exact", "1.2.3.4", None, ("c1", "1.2.3.4", "8443")),
-    ("any_port", "api.example.com", None, ("c1", "api.example.com", "*")),
-    ("subdomain_wildcard", "a.b.co.uk", None, ("c1", "**.b.co.uk", "*")),
-    ("subdomain_wildcard", "9.9.9.9", "deep.api.github.com", ("c1", "**.github.com", "*")),
-    ("all_containers", "10.1.1.1", "svc.internal.example", ("*", "svc.internal.example", "8443")),
-])
+@pytest.mark.parametrize(
+    "scope, host, resolved, expected",
+    [
+        ("exact", "1.2.3.4", None, ("c1", "1.2.3.4", "8443")),
+        ("any_port", "api.example.com", None, ("c1", "api.example.com", "*")),
+        ("subdomain_wildcard", "a.b.co.uk", None, ("c1", "**.b.co.uk", "*")),
+        ("subdomain_wildcard", "9.9.9.9", "deep.api.github.com", ("c1", "**.github.com", "*")),
+        ("all_containers", "10.1.1.1", "svc.internal.example", ("*", "svc.internal.example", "8443")),
+    ],
+)
 def test_allow_scopes(api, scope, host, resolved, expected):
     pid = api.add_pending("c1", host, 8443, resolved=resolved)
     res = api.post(f"/api/pending/{pid}/allow", {"scope": scope})
@@ -701,10 +810,20 @@ def test_allow_scopes(api, scope, host, resolved, expected):
     assert (rule["container_pattern"], rule["destination_pattern"], rule["port_pattern"]) == expected
 
 
-@pytest.mark.parametrize("duration, seconds", [
-    ("once", 30), ("1h", 3600), ("12h", 43200), ("24h", 86400), ("7d", 7 * 86400), ("30d", 30 * 86400),
-    ("45m", 2700), ("2d", 2 * 86400), ("permanent", None),
-])
+@pytest.mark.parametrize(
+    "duration, seconds",
+    [
+        ("once", 30),
+        ("1h", 3600),
+        ("12h", 43200),
+        ("24h", 86400),
+        ("7d", 7 * 86400),
+        ("30d", 30 * 86400),
+        ("45m", 2700),
+        ("2d", 2 * 86400),
+        ("permanent", None),
+    ],
+)
 def test_allow_durations(api, duration, seconds):
     pid = api.add_pending("c1", "dur.example", 443)
     rule = api.post(f"/api/pending/{pid}/allow", {"duration": duration, "notes": "why"}).json["rule"]
@@ -716,10 +835,17 @@ def test_allow_durations(api, duration, seconds):
         assert rule["is_active"] is True
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"scope": "planet"}, "scope"), ({"scope": 3}, "scope"), ({"duration": "forever"}, "duration"),
-    ({"duration": "0h"}, "duration"), ({"duration": 60}, "duration"), ({"notes": ["x"]}, "notes"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"scope": "planet"}, "scope"),
+        ({"scope": 3}, "scope"),
+        ({"duration": "forever"}, "duration"),
+        ({"duration": "0h"}, "duration"),
+        ({"duration": 60}, "duration"),
+        ({"notes": ["x"]}, "notes"),
+    ],
+)
 def test_decision_rejects_bad_body(api, body, field):
     pid = api.add_pending("c1", "bad.example", 443)
     for action in ("allow", "deny"):
@@ -745,15 +871,22 @@ def test_deny_creates_deny_rule_and_blocks_holds(live):
     assert res.status_code == 200
     rule = res.json["rule"]
     assert (rule["container_pattern"], rule["destination_pattern"], rule["port_pattern"], rule["action"]) == (
-        "c1", "api.x.com", "*", "deny")
+        "c1",
+        "api.x.com",
+        "*",
+        "deny",
+    )
     events = live.events()
     assert ("pending_request.dismissed", {"pending_id": ids["name"], "rule": rule}) in events
     assert ("rule.created", rule) in events
     assert live.proxy.ops() == ["rules.reload", "holds.block"]
     block = live.proxy.calls[1][1]
     assert block["reason"] == "rule"
-    assert sorted(map(tuple, block["keys"])) == [("c1", "1.2.3.4", 443), ("c1", "5.6.7.8", 443),
-                                                 ("c1", "api.x.com", 443)]
+    assert sorted(map(tuple, block["keys"])) == [
+        ("c1", "1.2.3.4", 443),
+        ("c1", "5.6.7.8", 443),
+        ("c1", "api.x.com", 443),
+    ]
 
 
 def test_decisions_succeed_with_the_proxy_down(api):
@@ -780,15 +913,21 @@ def test_dismiss(live):
 def test_bulk_allow(live):
     ids = seed_siblings(live)
     live.events()
-    res = live.post("/api/pending/bulk-allow", {"pending_ids": [ids["ip2"], ids["other_container"], 9999,
-                                                                ids["ip1"]], "scope": "subdomain_wildcard",
-                                                "duration": "1h"})
+    res = live.post(
+        "/api/pending/bulk-allow",
+        {
+            "pending_ids": [ids["ip2"], ids["other_container"], 9999, ids["ip1"]],
+            "scope": "subdomain_wildcard",
+            "duration": "1h",
+        },
+    )
     assert res.status_code == 200
     body = res.json
     assert body["not_found"] == [9999]
     assert body["pending_removed"] == 3  # ip1 went with its sibling ip2
-    patterns = sorted((r["container_pattern"], r["destination_pattern"], r["port_pattern"])
-                      for r in body["rules_created"])
+    patterns = sorted(
+        (r["container_pattern"], r["destination_pattern"], r["port_pattern"]) for r in body["rules_created"]
+    )
     assert patterns == [("c1", "**.x.com", "*"), ("c2", "**.x.com", "*")]
     assert all(r["expires_at"] is not None for r in body["rules_created"])
     assert {r[0] for r in live.sql("SELECT id FROM pending")} == {ids["other_port"]}
@@ -811,10 +950,16 @@ def test_bulk_dismiss(live):
 
 
 @pytest.mark.parametrize("path", ["/api/pending/bulk-allow", "/api/pending/bulk-dismiss"])
-@pytest.mark.parametrize("body, field", [
-    ({}, "pending_ids"), ({"pending_ids": 5}, "pending_ids"), ({"pending_ids": ["1"]}, "pending_ids[0]"),
-    ({"pending_ids": [1, True]}, "pending_ids[1]"), ([1, 2], "object"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "pending_ids"),
+        ({"pending_ids": 5}, "pending_ids"),
+        ({"pending_ids": ["1"]}, "pending_ids[0]"),
+        ({"pending_ids": [1, True]}, "pending_ids[1]"),
+        ([1, 2], "object"),
+    ],
+)
 def test_bulk_rejects_bad_ids(api, path, body, field):
     res = api.post(path, body)
     assert res.status_code == 400
@@ -826,9 +971,15 @@ def test_bulk_allow_rejects_bad_scope_and_empty_list(api):
     res = api.post("/api/pending/bulk-allow", {"pending_ids": [pid], "scope": "nope"})
     assert res.status_code == 400 and "scope" in error_of(res)
     assert api.post("/api/pending/bulk-allow", {"pending_ids": []}).json == {
-        "rules_created": [], "pending_removed": 0, "not_found": []}
+        "rules_created": [],
+        "pending_removed": 0,
+        "not_found": [],
+    }
     assert api.post("/api/pending/bulk-dismiss", {"pending_ids": []}).json == {
-        "status": "ok", "removed": 0, "not_found": []}
+        "status": "ok",
+        "removed": 0,
+        "not_found": [],
+    }
 
 
 # --------------------------------------------------------------------------- logs
@@ -849,9 +1000,22 @@ def test_logs_list_filters_summary_and_pages(api):
     assert [i["destination_host"] for i in body["items"]] == ["evil.com", "1.1.1.1", "x.com"]
     summaries = [i["rule_summary"] for i in body["items"]]
     assert summaries == [None, None, "c1 → x.com:443"]
-    assert set(body["items"][0]) >= {"id", "timestamp", "container_name", "container_id", "destination_host",
-                                     "destination_port", "resolved_hostname", "method", "result", "rule_id",
-                                     "rule_summary", "response_time_ms", "reason", "mitm_skip_reason"}
+    assert set(body["items"][0]) >= {
+        "id",
+        "timestamp",
+        "container_name",
+        "container_id",
+        "destination_host",
+        "destination_port",
+        "resolved_hostname",
+        "method",
+        "result",
+        "rule_id",
+        "rule_summary",
+        "response_time_ms",
+        "reason",
+        "mitm_skip_reason",
+    }
     assert [i["container_name"] for i in api.get("/api/logs", container="c2").json["items"]] == ["c2"]
     assert [i["destination_host"] for i in api.get("/api/logs", destination="one.one").json["items"]] == ["1.1.1.1"]
     assert [i["result"] for i in api.get("/api/logs", result="blocked").json["items"]] == ["blocked"]
@@ -869,8 +1033,15 @@ def test_logs_total_stays_exact_through_inserts_deletes_and_updates(api):
         api.add_log(now - i, f"c{i % 3}", f"h{i % 7}.com", 443, "allowed" if i % 4 else "blocked")
 
     def check() -> None:
-        for params in ({}, {"container": "c1"}, {"result": "blocked"}, {"container": "c2", "result": "allowed"},
-                       {"container": "nobody"}, {"destination": "h3"}, {"from_date": rfc3339(now - 30)}):
+        for params in (
+            {},
+            {"container": "c1"},
+            {"result": "blocked"},
+            {"container": "c2", "result": "allowed"},
+            {"container": "nobody"},
+            {"destination": "h3"},
+            {"from_date": rfc3339(now - 30)},
+        ):
             where, args = ["1 = 1"], []
             for key, col in (("container", "container_name"), ("result", "result")):
                 if key in params:
@@ -887,18 +1058,28 @@ def test_logs_total_stays_exact_through_inserts_deletes_and_updates(api):
 
     check()
     api.sql("DELETE FROM logs WHERE container_name = 'c0' AND timestamp < ?", (now - 20,))
-    api.sql("UPDATE logs SET result = 'blocked', container_name = 'c2' WHERE container_name = 'c1' AND result = 'allowed'"
-            " AND timestamp > ?", (now - 40,))
+    api.sql(
+        "UPDATE logs SET result = 'blocked', container_name = 'c2' WHERE container_name = 'c1' AND result = 'allowed'"
+        " AND timestamp > ?",
+        (now - 40,),
+    )
     check()
     api.sql("DELETE FROM logs")
     assert api.get("/api/logs").json["total"] == 0
     check()
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"result": "maybe"}, "result"), ({"from_date": "yesterday"}, "from_date"), ({"to_date": "12/01/2026"}, "to_date"),
-    ({"limit": "0"}, "limit"), ({"limit": "ten"}, "limit"), ({"offset": "-1"}, "offset"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"result": "maybe"}, "result"),
+        ({"from_date": "yesterday"}, "from_date"),
+        ({"to_date": "12/01/2026"}, "to_date"),
+        ({"limit": "0"}, "limit"),
+        ({"limit": "ten"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+    ],
+)
 def test_logs_bad_query(api, params, field):
     res = api.get("/api/logs", **params)
     assert res.status_code == 400
@@ -933,8 +1114,13 @@ def test_logs_stats(api):
         {"name": "alpha", "total": 4, "allowed": 3, "blocked": 1, "percentage": 66.67},
         {"name": "beta", "total": 2, "allowed": 0, "blocked": 2, "percentage": 33.33},
     ]
-    assert s["top_destinations"][0] == {"host": "bad.example", "port": 443, "resolved_hostname": "bad-name.example",
-                                        "count": 2, "containers": ["alpha", "beta"]}
+    assert s["top_destinations"][0] == {
+        "host": "bad.example",
+        "port": 443,
+        "resolved_hostname": "bad-name.example",
+        "count": 2,
+        "containers": ["alpha", "beta"],
+    }
     assert [d["host"] for d in s["top_destinations"]] == ["bad.example", "other.example"]
     assert s["timeline"] == [
         {"timestamp": "2026-02-02T00:00:00Z", "allowed": 2, "blocked": 1},
@@ -945,14 +1131,21 @@ def test_logs_stats(api):
 
 def test_logs_stats_grouping(api):
     base = seed_stats_logs(api)
-    day = api.get("/api/logs/stats", from_date=rfc3339(base - 86400), to_date=rfc3339(base + 86399),
-                  group_by="day").json
-    assert day["timeline"] == [{"timestamp": "2026-02-01T00:00:00Z", "allowed": 0, "blocked": 1},
-                               {"timestamp": "2026-02-02T00:00:00Z", "allowed": 3, "blocked": 3}]
-    week = api.get("/api/logs/stats", from_date="2026-01-20T00:00:00Z", to_date="2026-02-08T00:00:00Z",
-                   group_by="week").json
-    assert [t["timestamp"] for t in week["timeline"]] == ["2026-01-19T00:00:00Z", "2026-01-26T00:00:00Z",
-                                                          "2026-02-02T00:00:00Z"]  # weeks start on Monday
+    day = api.get(
+        "/api/logs/stats", from_date=rfc3339(base - 86400), to_date=rfc3339(base + 86399), group_by="day"
+    ).json
+    assert day["timeline"] == [
+        {"timestamp": "2026-02-01T00:00:00Z", "allowed": 0, "blocked": 1},
+        {"timestamp": "2026-02-02T00:00:00Z", "allowed": 3, "blocked": 3},
+    ]
+    week = api.get(
+        "/api/logs/stats", from_date="2026-01-20T00:00:00Z", to_date="2026-02-08T00:00:00Z", group_by="week"
+    ).json
+    assert [t["timestamp"] for t in week["timeline"]] == [
+        "2026-01-19T00:00:00Z",
+        "2026-01-26T00:00:00Z",
+        "2026-02-02T00:00:00Z",
+    ]  # weeks start on Monday
     assert week["timeline"][1] == {"timestamp": "2026-01-26T00:00:00Z", "allowed": 0, "blocked": 1}  # Sunday 23:00
     assert week["timeline"][2]["allowed"] == 3
     auto = api.get("/api/logs/stats", from_date="2026-01-01T00:00:00Z", to_date="2026-01-10T00:00:00Z").json
@@ -972,10 +1165,14 @@ def test_logs_stats_defaults_to_today(api):
     assert s["total_requests"] == 1 and s["group_by"] == "hour"
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"group_by": "month"}, "group_by"), ({"from_date": "x"}, "from_date"),
-    ({"from_date": "2026-02-02T00:00:00Z", "to_date": "2026-02-01T00:00:00Z"}, "from_date"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"group_by": "month"}, "group_by"),
+        ({"from_date": "x"}, "from_date"),
+        ({"from_date": "2026-02-02T00:00:00Z", "to_date": "2026-02-01T00:00:00Z"}, "from_date"),
+    ],
+)
 def test_logs_stats_bad_query(api, params, field):
     res = api.get("/api/logs/stats", **params)
     assert res.status_code == 400
@@ -996,24 +1193,27 @@ def test_dashboard_with_live_proxy(live):
         live.add_log(now - 60 + i, "beta", "c.example", 443, "allowed")
     live.add_log(now - 40 * 86400, "old", "old.example", 443, "allowed")
     seed_siblings(live)
-    live.proxy.stats = {"active_connections": 5, "waiting": 2,
-                        "allowall": {"active": True, "mode": "allow", "expires_at": None, "remaining_seconds": None}}
+    live.proxy.stats = {
+        "active_connections": 5,
+        "waiting": 2,
+        "allowall": {"active": True, "mode": "allow", "expires_at": None, "remaining_seconds": None},
+    }
     res = live.get("/api/dashboard", period="7d", recent_limit=2)
     assert res.status_code == 200
     d = res.json
     assert (d["total_requests"], d["allowed"], d["blocked"]) == (5, 4, 1)
     assert d["allow_rate"] == 80.0
     assert d["by_container"][0]["name"] == "beta" and d["by_container"] == d["top_containers"]
-    assert d["top_blocked"] == [{"host": "b.example", "port": 443, "resolved_hostname": None, "count": 1,
-                                 "containers": ["alpha"]}]
+    assert d["top_blocked"] == [
+        {"host": "b.example", "port": 443, "resolved_hostname": None, "count": 1, "containers": ["alpha"]}
+    ]
     assert [r["destination_host"] for r in d["recent"]] == ["c.example", "c.example"]
     assert d["pending_count"] == 3
     assert (d["active_connections"], d["waiting"]) == (5, 2)
     assert d["allowall"]["active"] is True and d["allowall"]["mode"] == "allow"
     assert d["group_by"] == "day" and len(d["timeline"]) == 8
     assert live.get("/api/dashboard", period="30d").json["total_requests"] == 5
-    assert live.get("/api/dashboard", period="30d", from_date=rfc3339(now - 50 * 86400)).json[
-        "total_requests"] == 6
+    assert live.get("/api/dashboard", period="30d", from_date=rfc3339(now - 50 * 86400)).json["total_requests"] == 6
 
 
 def test_dashboard_with_proxy_down(api):
@@ -1024,11 +1224,16 @@ def test_dashboard_with_proxy_down(api):
     assert d["recent"][0]["destination_host"] == "x.example"
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"period": "year"}, "period"), ({"recent_limit": "many"}, "recent_limit"), ({"recent_limit": "500"},
-                                                                                  "recent_limit"),
-    ({"group_by": "minute"}, "group_by"), ({"to_date": "soon"}, "to_date"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"period": "year"}, "period"),
+        ({"recent_limit": "many"}, "recent_limit"),
+        ({"recent_limit": "500"}, "recent_limit"),
+        ({"group_by": "minute"}, "group_by"),
+        ({"to_date": "soon"}, "to_date"),
+    ],
+)
 def test_dashboard_bad_query(api, params, field):
     res = api.get("/api/dashboard", **params)
     assert res.status_code == 400
@@ -1038,8 +1243,19 @@ def test_dashboard_bad_query(api, params, field):
 # --------------------------------------------------------------------------- settings and notifications
 
 
-DEFAULT_HEADERS = ["Authorization", "Proxy-Authorization", "Cookie", "Set-Cookie", "*api-key*", "*token*",
-                   "*secret*", "*auth*", "*password*", "*passwd*", "*session*"]  # issue 13 item 4
+DEFAULT_HEADERS = [
+    "Authorization",
+    "Proxy-Authorization",
+    "Cookie",
+    "Set-Cookie",
+    "*api-key*",
+    "*token*",
+    "*secret*",
+    "*auth*",
+    "*password*",
+    "*passwd*",
+    "*session*",
+]  # issue 13 item 4
 
 
 @pytest.fixture
@@ -1052,15 +1268,22 @@ def no_backend(monkeypatch, tmp_path):
 def test_settings_defaults(api, no_backend):
     res = api.get("/api/settings")
     assert res.status_code == 200
-    assert res.json == {"theme": "system", "notificationsEnabled": True, "mitmEnabled": True,
-                        "conversationsEnabled": True, "redactedHeaders": DEFAULT_HEADERS, "logDnsQueries": False,
-                        "notifications": {"available": False, "backend": "none"}}
+    assert res.json == {
+        "theme": "system",
+        "notificationsEnabled": True,
+        "mitmEnabled": True,
+        "conversationsEnabled": True,
+        "redactedHeaders": DEFAULT_HEADERS,
+        "logDnsQueries": False,
+        "notifications": {"available": False, "backend": "none"},
+    }
 
 
 def test_settings_update_persist_and_event(api, no_backend):
     api.events()
-    res = api.put("/api/settings", {"theme": "dark", "mitmEnabled": False, "redactedHeaders": ["X-Internal", "cookie",
-                                                                                               "*sid*"]})
+    res = api.put(
+        "/api/settings", {"theme": "dark", "mitmEnabled": False, "redactedHeaders": ["X-Internal", "cookie", "*sid*"]}
+    )
     assert res.status_code == 200
     s = res.json
     assert s["theme"] == "dark" and s["mitmEnabled"] is False and s["notificationsEnabled"] is True
@@ -1084,16 +1307,25 @@ def test_settings_round_trip_and_empty_update(api, no_backend):
     assert api.put("/api/settings", {"notifications": {"enabled": False}}).json["notificationsEnabled"] is False
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"colour": "blue"}, "colour"), ({"theme": "neon"}, "theme"), ({"theme": 1}, "theme"),
-    ({"mitmEnabled": "yes"}, "mitmEnabled"), ({"notificationsEnabled": 1}, "notificationsEnabled"),
-    ({"conversationsEnabled": None}, "conversationsEnabled"), ({"logDnsQueries": "false"}, "logDnsQueries"),
-    ({"redactedHeaders": "X-A"}, "redactedHeaders"), ({"redactedHeaders": [1]}, "redactedHeaders[0]"),
-    ({"redactedHeaders": ["ok", "has space"]}, "redactedHeaders[1]"), ({"redactedHeaders": [""]}, "redactedHeaders[0]"),
-    ({"notifications": {"enabled": "on"}}, "notifications.enabled"), ({"notifications": {"sound": True}},
-                                                                       "notifications.sound"),
-    ({"notifications": True}, "notifications"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"colour": "blue"}, "colour"),
+        ({"theme": "neon"}, "theme"),
+        ({"theme": 1}, "theme"),
+        ({"mitmEnabled": "yes"}, "mitmEnabled"),
+        ({"notificationsEnabled": 1}, "notificationsEnabled"),
+        ({"conversationsEnabled": None}, "conversationsEnabled"),
+        ({"logDnsQueries": "false"}, "logDnsQueries"),
+        ({"redactedHeaders": "X-A"}, "redactedHeaders"),
+        ({"redactedHeaders": [1]}, "redactedHeaders[0]"),
+        ({"redactedHeaders": ["ok", "has space"]}, "redactedHeaders[1]"),
+        ({"redactedHeaders": [""]}, "redactedHeaders[0]"),
+        ({"notifications": {"enabled": "on"}}, "notifications.enabled"),
+        ({"notifications": {"sound": True}}, "notifications.sound"),
+        ({"notifications": True}, "notifications"),
+    ],
+)
 def test_settings_rejects_bad_values(api, body, field):
     res = api.put("/api/settings", body)
     assert res.status_code == 400
@@ -1109,8 +1341,12 @@ def test_settings_bad_bodies(api):
 
 
 def test_notifications_get_and_put(api, no_backend):
-    assert api.get("/api/notifications").json == {"enabled": True, "available": False, "backend": "none",
-                                                  "active_claims": 0}
+    assert api.get("/api/notifications").json == {
+        "enabled": True,
+        "available": False,
+        "backend": "none",
+        "active_claims": 0,
+    }
     api.ctx.notification_claims = 2  # maintained by the /ws layer
     api.events()
     res = api.put("/api/notifications", {"enabled": False})
@@ -1145,11 +1381,18 @@ def test_allowall_proxy_down_is_503(api):
         assert "proxy" in error_of(res)
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"mode": "sometimes"}, "mode"), ({"mode": 1}, "mode"), ({"duration_seconds": 28801}, "duration_seconds"),
-    ({"duration_seconds": -1}, "duration_seconds"), ({"duration_seconds": "60"}, "duration_seconds"),
-    ({"duration_seconds": True}, "duration_seconds"), ({"duration_seconds": 1.5}, "duration_seconds"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"mode": "sometimes"}, "mode"),
+        ({"mode": 1}, "mode"),
+        ({"duration_seconds": 28801}, "duration_seconds"),
+        ({"duration_seconds": -1}, "duration_seconds"),
+        ({"duration_seconds": "60"}, "duration_seconds"),
+        ({"duration_seconds": True}, "duration_seconds"),
+        ({"duration_seconds": 1.5}, "duration_seconds"),
+    ],
+)
 def test_allowall_validates_before_asking_the_proxy(api, body, field):
     res = api.post("/api/allowall", body)
     assert res.status_code == 400  # not 503: the body is wrong whatever the proxy's state
@@ -1199,8 +1442,14 @@ def fake_backend(tmp_path: Path, name: str) -> tuple[notify.Backend, Path]:
 
 
 def created(pid: int, host: str = "api.example.com", port: int = 443, waiting: int = 1) -> dict[str, Any]:
-    return {"id": pid, "container_name": "agent", "destination_host": host, "destination_port": port,
-            "resolved_hostname": None, "waiting": waiting}
+    return {
+        "id": pid,
+        "container_name": "agent",
+        "destination_host": host,
+        "destination_port": port,
+        "resolved_hostname": None,
+        "waiting": waiting,
+    }
 
 
 def test_notifier_notify_send(tmp_path):
@@ -1308,9 +1557,20 @@ def test_run_notifier_reacts_to_bus_events(tmp_path, sock_dir, monkeypatch):
         task = asyncio.create_task(notify.run_notifier(ctx, backend))
         try:
             for _ in range(100):  # until the subscription is through, and then one notification ran
-                pub.send_multipart([b"pending_request.created",
-                                    orjson.dumps({"type": "pending_request.created", "data": created(9), "ts": 0,
-                                                  "source": "recorder", "seq": 1})])
+                pub.send_multipart(
+                    [
+                        b"pending_request.created",
+                        orjson.dumps(
+                            {
+                                "type": "pending_request.created",
+                                "data": created(9),
+                                "ts": 0,
+                                "source": "recorder",
+                                "seq": 1,
+                            }
+                        ),
+                    ]
+                )
                 await asyncio.sleep(0.05)
                 if log_file.exists() and log_file.read_text():
                     break

@@ -11,12 +11,26 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from greyproxy.bodies import (RAW, ZSTD, Body, api_value, charset_of, from_record, pack, read_body, read_side,
-                              to_record)
+from greyproxy.bodies import RAW, ZSTD, Body, api_value, charset_of, from_record, pack, read_body, read_side, to_record
 from greyproxy.capture import transaction_json
 
-_LABELS = ["utf-8", "UTF-8", "latin-1", "iso-8859-1", "utf-16", "utf-16-be", "shift_jis", "cp1252", "ascii",
-           "koi8-r", "gb18030", "utf-32", "no-such-charset", "", '"utf-8"']
+_LABELS = [
+    "utf-8",
+    "UTF-8",
+    "latin-1",
+    "iso-8859-1",
+    "utf-16",
+    "utf-16-be",
+    "shift_jis",
+    "cp1252",
+    "ascii",
+    "koi8-r",
+    "gb18030",
+    "utf-32",
+    "no-such-charset",
+    "",
+    '"utf-8"',
+]
 
 
 def _roundtrip(data: bytes, content_type: str | None) -> Body | None:
@@ -29,8 +43,11 @@ def _roundtrip(data: bytes, content_type: str | None) -> Body | None:
 
 
 @settings(max_examples=400, deadline=None)
-@given(data=st.binary(max_size=4096), label=st.sampled_from(_LABELS) | st.text(max_size=12),
-       media=st.sampled_from(["text/plain", "application/json", "text/html"]))
+@given(
+    data=st.binary(max_size=4096),
+    label=st.sampled_from(_LABELS) | st.text(max_size=12),
+    media=st.sampled_from(["text/plain", "application/json", "text/html"]),
+)
 def test_any_bytes_under_any_charset_label_round_trip_exactly(data: bytes, label: str, media: str) -> None:
     ct = f"{media}; charset={label}"
     body = _roundtrip(data, ct)
@@ -106,4 +123,6 @@ def test_bad_records_are_refused() -> None:
         read_body(b"x", 7, None)
     legacy = {"response_body": "plain text"}  # an older producer: kept as text
     from_record(legacy, "response")
-    assert legacy["response_body"] == "plain text" and read_side(legacy, "response") == Body(b"plain text", "plain text")
+    assert legacy["response_body"] == "plain text" and read_side(legacy, "response") == Body(
+        b"plain text", "plain text"
+    )

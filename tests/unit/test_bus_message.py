@@ -13,8 +13,11 @@ from bus import message, topics
 from bus.message import BadMessage
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
     lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(), children, max_size=5),
     max_leaves=20,
 )
@@ -60,19 +63,22 @@ def test_topics_are_unique_and_partitioned() -> None:
         assert t == t.strip() and t.isascii() and "." in t
 
 
-@pytest.mark.parametrize("frames,why", [
-    ([], "expected 2 frames"),
-    ([b"t"], "expected 2 frames"),
-    ([b"t", b"{}", b"extra"], "expected 2 frames"),
-    ([b"t", b""], "not JSON"),
-    ([b"t", b"{not json"], "not JSON"),
-    ([b"t", b"\xff\xfe"], "not JSON"),
-    ([b"t", b"[1, 2]"], "type/data"),
-    ([b"t", b"null"], "type/data"),
-    ([b"t", b'"string"'], "type/data"),
-    ([b"t", b'{"type": "t"}'], "type/data"),
-    ([b"t", b'{"data": 1}'], "type/data"),
-])
+@pytest.mark.parametrize(
+    "frames,why",
+    [
+        ([], "expected 2 frames"),
+        ([b"t"], "expected 2 frames"),
+        ([b"t", b"{}", b"extra"], "expected 2 frames"),
+        ([b"t", b""], "not JSON"),
+        ([b"t", b"{not json"], "not JSON"),
+        ([b"t", b"\xff\xfe"], "not JSON"),
+        ([b"t", b"[1, 2]"], "type/data"),
+        ([b"t", b"null"], "type/data"),
+        ([b"t", b'"string"'], "type/data"),
+        ([b"t", b'{"type": "t"}'], "type/data"),
+        ([b"t", b'{"data": 1}'], "type/data"),
+    ],
+)
 def test_malformed_frames(frames: list[bytes], why: str) -> None:
     with pytest.raises(BadMessage, match=why):
         message.decode(frames)

@@ -39,15 +39,20 @@ def _svc(name: str, addr) -> dict:
 INVALID = [
     ("unknown top-level key", {"bogus": 1}, "'bogus'"),
     ("unknown nested key", {"greyproxy": {"adr": ":1"}}, "'greyproxy.adr'"),
-    ("unknown deeply nested key", {"greyproxy": {"notifications": {"enabled": True, "sound": 1}}},
-     "'greyproxy.notifications.sound'"),
+    (
+        "unknown deeply nested key",
+        {"greyproxy": {"notifications": {"enabled": True, "sound": 1}}},
+        "'greyproxy.notifications.sound'",
+    ),
     ("unknown key in a listener", {"services": [dict(_svc("http-proxy", ":1"), extra=1)]}, "services[0].extra"),
     ("unknown listener name", {"services": [_svc("ftp-proxy", ":1")]}, "services[0].name"),
-    ("listener listed twice", {"services": [_svc("http-proxy", ":1"), _svc("http-proxy", ":2")]},
-     "services[1].name"),
+    ("listener listed twice", {"services": [_svc("http-proxy", ":1"), _svc("http-proxy", ":2")]}, "services[1].name"),
     ("listener without addr", {"services": [{"name": "http-proxy"}]}, "services[0].addr"),
-    ("listener handler not a mapping", {"services": [dict(_svc("http-proxy", ":1"), handler="http")]},
-     "services[0].handler"),
+    (
+        "listener handler not a mapping",
+        {"services": [dict(_svc("http-proxy", ":1"), handler="http")]},
+        "services[0].handler",
+    ),
     ("services not a list", {"services": {"name": "http-proxy"}}, "'services'"),
     ("section not a mapping", {"proxy": 5}, "'proxy'"),
     ("null section", {"greyproxy": None}, "'greyproxy'"),
@@ -74,20 +79,30 @@ INVALID = [
     ("inproc bus endpoint", {"bus": {"journal": "inproc://journal"}}, "bus.journal"),
     ("path as bus endpoint", {"bus": {"pub": "/tmp/pub.sock"}}, "bus.pub"),
     ("http bus endpoint", {"bus": {"sub": "http://127.0.0.1:1"}}, "bus.sub"),
-    ("origin with a path", {"greyproxy": {"allowedOrigins": ["http://localhost:3000/app"]}},
-     "greyproxy.allowedOrigins[0]"),
-    ("origin without a scheme", {"greyproxy": {"allowedOrigins": ["http://ok.example", "localhost:3000"]}},
-     "greyproxy.allowedOrigins[1]"),
-    ("origin with a bad port", {"greyproxy": {"allowedOrigins": ["http://localhost:99999"]}},
-     "greyproxy.allowedOrigins[0]"),
+    (
+        "origin with a path",
+        {"greyproxy": {"allowedOrigins": ["http://localhost:3000/app"]}},
+        "greyproxy.allowedOrigins[0]",
+    ),
+    (
+        "origin without a scheme",
+        {"greyproxy": {"allowedOrigins": ["http://ok.example", "localhost:3000"]}},
+        "greyproxy.allowedOrigins[1]",
+    ),
+    (
+        "origin with a bad port",
+        {"greyproxy": {"allowedOrigins": ["http://localhost:99999"]}},
+        "greyproxy.allowedOrigins[0]",
+    ),
     ("origin not a string", {"greyproxy": {"allowedOrigins": [3]}}, "greyproxy.allowedOrigins"),
     ("builtinRules not a boolean", {"greyproxy": {"builtinRules": "no"}}, "greyproxy.builtinRules"),
 ]
 
 
 @pytest.mark.parametrize("label,data,needle", INVALID, ids=[c[0] for c in INVALID])
-def test_invalid_config_is_one_line_naming_the_key(tmp_path: Path, env: dict, label: str, data: dict,
-                                                   needle: str) -> None:
+def test_invalid_config_is_one_line_naming_the_key(
+    tmp_path: Path, env: dict, label: str, data: dict, needle: str
+) -> None:
     with pytest.raises(ConfigError) as info:
         load_dict(tmp_path, data, env)
     msg = str(info.value)
@@ -134,20 +149,25 @@ def test_user_values_merge_over_defaults(tmp_path: Path, env: dict) -> None:
     assert cfg.source.endswith("cfg.yaml")
 
 
-@pytest.mark.parametrize("addr,expected", [
-    (":43051", ("", 43051)),
-    ("127.0.0.1:1", ("127.0.0.1", 1)),
-    ("[::1]:1234", ("::1", 1234)),
-    ("[::]:0", ("::", 0)),
-    (" localhost:65535 ", ("localhost", 65535)),
-])
+@pytest.mark.parametrize(
+    "addr,expected",
+    [
+        (":43051", ("", 43051)),
+        ("127.0.0.1:1", ("127.0.0.1", 1)),
+        ("[::1]:1234", ("::1", 1234)),
+        ("[::]:0", ("::", 0)),
+        (" localhost:65535 ", ("localhost", 65535)),
+    ],
+)
 def test_parse_addr(addr: str, expected: tuple[str, int]) -> None:
     assert parse_addr(addr, "k") == expected
 
 
 def test_bare_port_binds_loopback_and_host_overrides(tmp_path: Path, env: dict) -> None:
-    data = {"greyproxy": {"addr": ":18080"}, "services": [_svc("http-proxy", ":18051"),
-                                                           _svc("socks5-proxy", "[::1]:1234")]}
+    data = {
+        "greyproxy": {"addr": ":18080"},
+        "services": [_svc("http-proxy", ":18051"), _svc("socks5-proxy", "[::1]:1234")],
+    }
     cfg = load_dict(tmp_path, data, env)
     assert cfg.api.host == "127.0.0.1" and cfg.api.port == 18080
     assert cfg.listeners["http-proxy"].host == "127.0.0.1"
@@ -178,9 +198,18 @@ def test_all_interfaces_warns(tmp_path: Path, env: dict, host: str) -> None:
     assert any("services[0].addr" in w for w in explicit.warnings)
 
 
-@pytest.mark.parametrize("prefix,expected", [
-    ("/", "/"), ("", "/"), ("  ", "/"), ("/gp", "/gp"), ("/gp/", "/gp"), ("//gp//", "/gp"), ("/a/b/", "/a/b"),
-])
+@pytest.mark.parametrize(
+    "prefix,expected",
+    [
+        ("/", "/"),
+        ("", "/"),
+        ("  ", "/"),
+        ("/gp", "/gp"),
+        ("/gp/", "/gp"),
+        ("//gp//", "/gp"),
+        ("/a/b/", "/a/b"),
+    ],
+)
 def test_path_prefix_normalised(tmp_path: Path, env: dict, prefix: str, expected: str) -> None:
     cfg = load_dict(tmp_path, {"greyproxy": {"pathPrefix": prefix}}, env)
     assert cfg.path_prefix == expected
@@ -244,7 +273,7 @@ def test_long_data_dir_gets_a_short_runtime_dir(tmp_path: Path) -> None:
     assert not str(cfg.run_dir).startswith(str(data))
     assert str(cfg.run_dir).startswith(f"/tmp/greyproxy-{os.getuid()}-")
     for key in ENDPOINTS:
-        assert len(cfg.bus[key][len("ipc://"):]) < 100, cfg.bus[key]
+        assert len(cfg.bus[key][len("ipc://") :]) < 100, cfg.bus[key]
     # Stable for the same data dir, different for another one.
     assert load_config(None, env={"GREYPROXY_DATA_HOME": str(data)}).run_dir == cfg.run_dir
     other = load_config(None, env={"GREYPROXY_DATA_HOME": str(data) + "2"})

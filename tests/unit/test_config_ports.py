@@ -18,12 +18,19 @@ REPO = Path(__file__).resolve().parent.parent.parent
 
 def _svc(name: str, addr: str) -> dict:
     kind = {"http-proxy": "http", "socks5-proxy": "socks5", "dns-proxy": "dns"}[name]
-    return {"name": name, "addr": addr, "handler": {"type": kind}, "listener": {"type": kind if kind == "dns" else "tcp"}}
+    return {
+        "name": name,
+        "addr": addr,
+        "handler": {"type": kind},
+        "listener": {"type": kind if kind == "dns" else "tcp"},
+    }
 
 
 def _config(api: str, http: str, socks: str, dns: str) -> dict:
-    return {"greyproxy": {"addr": api},
-            "services": [_svc("http-proxy", http), _svc("socks5-proxy", socks), _svc("dns-proxy", dns)]}
+    return {
+        "greyproxy": {"addr": api},
+        "services": [_svc("http-proxy", http), _svc("socks5-proxy", socks), _svc("dns-proxy", dns)],
+    }
 
 
 def _load(tmp_path: Path, data: dict, host: str | None = None):
@@ -37,14 +44,26 @@ CONFLICTS = [
     ("http and socks", _config(":9100", ":9101", ":9101", ":9103"), ("'services[0].addr'", "'services[1].addr'")),
     ("socks and dns", _config(":9100", ":9101", ":9102", ":9102"), ("'services[1].addr'", "'services[2].addr'")),
     ("api and dns", _config(":9100", ":9101", ":9102", ":9100"), ("'greyproxy.addr'", "'services[2].addr'")),
-    ("explicit loopback vs bare port", _config("127.0.0.1:9100", ":9100", ":9102", ":9103"),
-     ("'greyproxy.addr'", "'services[0].addr'")),
-    ("wildcard vs loopback", _config("0.0.0.0:9100", ":9101", "127.0.0.1:9100", ":9103"),
-     ("'greyproxy.addr'", "'services[1].addr'")),
-    ("localhost vs 127.0.0.1", _config("localhost:9100", "127.0.0.1:9100", ":9102", ":9103"),
-     ("'greyproxy.addr'", "'services[0].addr'")),
-    ("v6 spellings", _config("[::1]:9100", "[0:0::1]:9100", ":9102", ":9103"),
-     ("'greyproxy.addr'", "'services[0].addr'")),
+    (
+        "explicit loopback vs bare port",
+        _config("127.0.0.1:9100", ":9100", ":9102", ":9103"),
+        ("'greyproxy.addr'", "'services[0].addr'"),
+    ),
+    (
+        "wildcard vs loopback",
+        _config("0.0.0.0:9100", ":9101", "127.0.0.1:9100", ":9103"),
+        ("'greyproxy.addr'", "'services[1].addr'"),
+    ),
+    (
+        "localhost vs 127.0.0.1",
+        _config("localhost:9100", "127.0.0.1:9100", ":9102", ":9103"),
+        ("'greyproxy.addr'", "'services[0].addr'"),
+    ),
+    (
+        "v6 spellings",
+        _config("[::1]:9100", "[0:0::1]:9100", ":9102", ":9103"),
+        ("'greyproxy.addr'", "'services[0].addr'"),
+    ),
 ]
 
 
@@ -59,12 +78,16 @@ def test_port_conflict_names_both_keys(tmp_path: Path, label: str, data: dict, k
     assert "9100" in msg or "9101" in msg or "9102" in msg
 
 
-@pytest.mark.parametrize("data", [
-    _config(":9100", ":9101", ":9102", ":9103"),
-    _config("127.0.0.1:9100", "127.0.0.2:9100", ":9102", ":9103"),  # other loopback address: no clash
-    _config(":0", ":0", ":9102", ":0"),  # port 0 = listener off
-    _config("", ":9101", ":9102", ":9103"),  # API disabled
-], ids=["distinct ports", "distinct hosts", "disabled listeners", "api disabled"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        _config(":9100", ":9101", ":9102", ":9103"),
+        _config("127.0.0.1:9100", "127.0.0.2:9100", ":9102", ":9103"),  # other loopback address: no clash
+        _config(":0", ":0", ":9102", ":0"),  # port 0 = listener off
+        _config("", ":9101", ":9102", ":9103"),  # API disabled
+    ],
+    ids=["distinct ports", "distinct hosts", "disabled listeners", "api disabled"],
+)
 def test_no_conflict(tmp_path: Path, data: dict) -> None:
     _load(tmp_path, data)
 
@@ -80,10 +103,20 @@ def test_host_flag_makes_bare_ports_collide_with_an_explicit_one(tmp_path: Path)
 def test_port_conflict_exits_2_with_one_line(tmp_path: Path, command: str) -> None:
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(_config(":9100", ":9101", ":9101", ":9103")))
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
-           "HOME": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-m", "greyproxy", command, "-C", str(cfg)], capture_output=True,
-                       text=True, env=env, cwd=str(REPO), timeout=60)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
+        "HOME": str(tmp_path),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "greyproxy", command, "-C", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(REPO),
+        timeout=60,
+    )
     assert r.returncode == 2, (r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -109,18 +142,31 @@ def test_serve_refuses_a_port_another_program_holds(tmp_path: Path, taken: str) 
     api, http, socks, dns = ports
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text(yaml.safe_dump(_config(f":{api}", f":{http}", f":{socks}", f":{dns}")))
-    kind, port = {"api": (socket.SOCK_STREAM, api), "socks": (socket.SOCK_STREAM, socks),
-                  "dns-udp": (socket.SOCK_DGRAM, dns)}[taken]
+    kind, port = {
+        "api": (socket.SOCK_STREAM, api),
+        "socks": (socket.SOCK_STREAM, socks),
+        "dns-udp": (socket.SOCK_DGRAM, dns),
+    }[taken]
     holder = socket.socket(socket.AF_INET, kind)
     holder.bind(("127.0.0.1", port))
     if kind == socket.SOCK_STREAM:
         holder.listen()
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
-           "HOME": str(tmp_path)}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
+        "HOME": str(tmp_path),
+    }
     try:
         t0 = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "greyproxy", "serve", "-C", str(cfg)], capture_output=True,
-                           text=True, env=env, cwd=str(REPO), timeout=60)
+        r = subprocess.run(
+            [sys.executable, "-m", "greyproxy", "serve", "-C", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=str(REPO),
+            timeout=60,
+        )
         took = time.monotonic() - t0
     finally:
         holder.close()

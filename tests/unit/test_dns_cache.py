@@ -48,8 +48,9 @@ def _key(name: str) -> tuple:
     return (name, 1, 1, True, 0)
 
 
-def _response(name: str, rdtype: str, values: list[str], ttl: int = 300, rcode: int = dns.rcode.NOERROR
-              ) -> dns.message.Message:
+def _response(
+    name: str, rdtype: str, values: list[str], ttl: int = 300, rcode: int = dns.rcode.NOERROR
+) -> dns.message.Message:
     r = dns.message.make_response(dns.message.make_query(name, rdtype))
     r.set_rcode(rcode)
     if values:
@@ -58,6 +59,7 @@ def _response(name: str, rdtype: str, values: list[str], ttl: int = 300, rcode: 
 
 
 # ----------------------------------------------------------------------------- AnswerCache
+
 
 def test_cache_expires_by_ttl_and_reports_age() -> None:
     clock = Clock()
@@ -100,6 +102,7 @@ def test_cache_skips_zero_ttl_and_zero_size_and_caps_ttl() -> None:
 
 # ----------------------------------------------------------------------------- TTLs
 
+
 def test_answer_ttl_is_the_least_answer_ttl() -> None:
     r = _response("x.test.", "A", ["10.0.0.1"], ttl=300)
     r.answer.append(dns.rrset.from_text_list("x.test.", 30, "IN", "AAAA", ["::1"]))
@@ -117,7 +120,7 @@ def test_answer_ttl_negative_uses_soa_and_errors_are_not_cached() -> None:
     tc = _response("x.test.", "A", ["10.0.0.1"])
     tc.flags |= dns.flags.TC
     assert answer_ttl(tc) == 0
-    assert answer_ttl(_response("x.test.", "A", ["10.0.0.1"], ttl=10 ** 7)) == MAX_TTL
+    assert answer_ttl(_response("x.test.", "A", ["10.0.0.1"], ttl=10**7)) == MAX_TTL
 
 
 def test_age_response_counts_ttls_down() -> None:
@@ -128,6 +131,7 @@ def test_age_response_counts_ttls_down() -> None:
 
 
 # ----------------------------------------------------------------------------- ip → name
+
 
 def test_address_names_map_every_address_to_the_queried_name() -> None:
     r = dns.message.make_response(dns.message.make_query("WWW.Example.TEST.", "A"))
@@ -161,6 +165,7 @@ def test_cache_key_ignores_case_and_id_but_not_type_edns_or_dnssec_bits() -> Non
 
 # ----------------------------------------------------------------------------- decoding client bytes
 
+
 def test_decode_valid_query() -> None:
     q = dns.message.make_query("example.test.", "A")
     d = decode_query(q.to_wire())
@@ -186,10 +191,17 @@ def test_decode_rejects_bad_input() -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.one_of(st.binary(max_size=300),
-                 st.builds(lambda name, junk, cut: (dns.message.make_query(f"{name}.test.", "A").to_wire() + junk)[:cut],
-                           st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True), st.binary(max_size=20),
-                           st.integers(0, 80))))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.builds(
+            lambda name, junk, cut: (dns.message.make_query(f"{name}.test.", "A").to_wire() + junk)[:cut],
+            st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True),
+            st.binary(max_size=20),
+            st.integers(0, 80),
+        ),
+    )
+)
 def test_decode_never_raises_and_replies_are_well_formed(data: bytes) -> None:
     d = decode_query(data)
     if d.reply is not None:
@@ -200,8 +212,9 @@ def test_decode_never_raises_and_replies_are_well_formed(data: bytes) -> None:
 def test_forward_query_is_fresh_and_clean() -> None:
     from dns.edns import GenericOption
 
-    q = dns.message.make_query("Example.test.", "AAAA", use_edns=0, want_dnssec=True, payload=4096,
-                               options=[GenericOption(10, b"12345678")])
+    q = dns.message.make_query(
+        "Example.test.", "AAAA", use_edns=0, want_dnssec=True, payload=4096, options=[GenericOption(10, b"12345678")]
+    )
     q.flags |= dns.flags.CD
     fwd = forward_query(q)
     assert fwd.question == q.question and not fwd.options and fwd.edns == 0
@@ -225,6 +238,7 @@ def test_parse_upstream_and_udp_limit() -> None:
 
 # ----------------------------------------------------------------------------- the gate's 1 h expiry
 
+
 def test_gate_forgets_names_after_an_hour() -> None:
     gate = Gate(None, None, set(), set(), 1.0, 10)  # type: ignore[arg-type]
     gate.names["10.0.0.1"] = ("fresh.test", time.time() - 60)
@@ -235,6 +249,7 @@ def test_gate_forgets_names_after_an_hour() -> None:
 
 
 # ----------------------------------------------------------------------------- answer path, in process
+
 
 class ScriptedForwarder(Forwarder):
     """Answers from a dict after a delay; counts what it was asked."""

@@ -21,9 +21,17 @@ from greyproxy.config import ConfigError, load_config
 from services.proxy.docker_identity import DockerIdentity, EngineError, containers_by_ip, engine_get
 
 CONTAINERS = [
-    {"Id": "a" * 64, "Names": ["/web-agent"], "State": "running",
-     "NetworkSettings": {"Networks": {"bridge": {"IPAddress": "172.17.0.2", "GlobalIPv6Address": "fd00::2"},
-                                      "other": {"IPAddress": "10.9.0.5"}}}},
+    {
+        "Id": "a" * 64,
+        "Names": ["/web-agent"],
+        "State": "running",
+        "NetworkSettings": {
+            "Networks": {
+                "bridge": {"IPAddress": "172.17.0.2", "GlobalIPv6Address": "fd00::2"},
+                "other": {"IPAddress": "10.9.0.5"},
+            }
+        },
+    },
     {"Id": "b" * 64, "Names": ["/db"], "NetworkSettings": {"Networks": {"host": {"IPAddress": ""}}}},
 ]
 
@@ -48,8 +56,9 @@ class FakeEngine:
 
             def do_GET(self) -> None:  # noqa: N802
                 engine.requests.append(self.path)
-                body = json.dumps(engine.containers if self.path.startswith("/containers/json")
-                                  else {"message": "page not found"}).encode()
+                body = json.dumps(
+                    engine.containers if self.path.startswith("/containers/json") else {"message": "page not found"}
+                ).encode()
                 status = engine.status if self.path.startswith("/containers/json") else 404
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -58,7 +67,7 @@ class FakeEngine:
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     for i in range(0, len(body), 7):
-                        part = body[i:i + 7]
+                        part = body[i : i + 7]
                         self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
                     self.wfile.write(b"0\r\n\r\n")
                 else:
@@ -89,18 +98,28 @@ def engine(short_tmp: Path) -> Iterator[FakeEngine]:
 
 def test_containers_by_ip() -> None:
     m = containers_by_ip(CONTAINERS)
-    assert m == {"172.17.0.2": ("web-agent", "a" * 64), "fd00::2": ("web-agent", "a" * 64),
-                 "10.9.0.5": ("web-agent", "a" * 64)}
+    assert m == {
+        "172.17.0.2": ("web-agent", "a" * 64),
+        "fd00::2": ("web-agent", "a" * 64),
+        "10.9.0.5": ("web-agent", "a" * 64),
+    }
     with pytest.raises(EngineError):
         containers_by_ip({"message": "nope"})
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),
-                    lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                            st.dictionaries(st.sampled_from(["Id", "Names", "NetworkSettings",
-                                                                             "Networks", "IPAddress", "x"]),
-                                                            inner, max_size=4)), max_leaves=25))
+@given(
+    st.recursive(
+        st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),
+        lambda inner: st.one_of(
+            st.lists(inner, max_size=4),
+            st.dictionaries(
+                st.sampled_from(["Id", "Names", "NetworkSettings", "Networks", "IPAddress", "x"]), inner, max_size=4
+            ),
+        ),
+        max_leaves=25,
+    )
+)
 def test_any_engine_json_gives_a_map_or_a_clear_error(doc: Any) -> None:
     try:
         m = containers_by_ip(doc)
@@ -133,8 +152,10 @@ def test_unknown_address_refreshes_at_most_once_a_second(engine: FakeEngine, mon
         assert await d.lookup("172.17.0.9") is None
         assert await d.lookup("172.17.0.9") is None
         assert len(engine.requests) == 1  # the miss right after a fetch does not fetch again
-        engine.containers = [*CONTAINERS, {"Id": "c" * 64, "Names": ["/new"],
-                                           "NetworkSettings": {"Networks": {"n": {"IPAddress": "172.17.0.9"}}}}]
+        engine.containers = [
+            *CONTAINERS,
+            {"Id": "c" * 64, "Names": ["/new"], "NetworkSettings": {"Networks": {"n": {"IPAddress": "172.17.0.9"}}}},
+        ]
         monkeypatch.setattr(mod, "MISS_REFRESH", 0.0)
         assert await d.lookup("172.17.0.9") == ("new", "c" * 64)  # a container that just started
         assert len(engine.requests) == 2
@@ -168,8 +189,7 @@ def test_concurrent_lookups_share_one_fetch(engine: FakeEngine) -> None:
     asyncio.run(main())
 
 
-def test_unreachable_or_failing_engine_is_logged_once(short_tmp: Path, engine: FakeEngine, caplog,
-                                                      monkeypatch) -> None:
+def test_unreachable_or_failing_engine_is_logged_once(short_tmp: Path, engine: FakeEngine, caplog, monkeypatch) -> None:
     import services.proxy.docker_identity as mod
 
     monkeypatch.setattr(mod, "MISS_REFRESH", 0.0)

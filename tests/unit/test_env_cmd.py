@@ -128,8 +128,12 @@ def test_fish_quoting_round_trips(value: str) -> None:
 @pytest.mark.skipif(shutil.which("pwsh") is None, reason="PowerShell is not installed")
 def test_powershell_quoting_runs() -> None:
     out = render(EnvPlan([("GP_TEST_VALUE", "it's $HOME `x`")], []), "powershell")
-    p = subprocess.run(["pwsh", "-NoProfile", "-Command", out + "Write-Output $Env:GP_TEST_VALUE"],
-                       capture_output=True, text=True, timeout=30)
+    p = subprocess.run(
+        ["pwsh", "-NoProfile", "-Command", out + "Write-Output $Env:GP_TEST_VALUE"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert p.stdout.strip() == "it's $HOME `x`"
 
 

@@ -106,9 +106,17 @@ GET = b"GET http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nUser-Agent: t\
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
 
 
-async def _play(request: bytes, answer: list[bytes] | None, *, reused: bool = False, client_rest: bytes = b"",
-                end_upstream: bool = False, between: float = 0.02,
-                journal: FakeJournal | None = None, flow_edit: Any = None) -> tuple[Exchange, MemStream, MemStream]:
+async def _play(
+    request: bytes,
+    answer: list[bytes] | None,
+    *,
+    reused: bool = False,
+    client_rest: bytes = b"",
+    end_upstream: bool = False,
+    between: float = 0.02,
+    journal: FakeJournal | None = None,
+    flow_edit: Any = None,
+) -> tuple[Exchange, MemStream, MemStream]:
     """Run one exchange: the client sent `request` (+ `client_rest`), the origin answers the pieces
     of `answer` (one feed each, `between` s apart), then closes if `end_upstream`."""
     head = _head(request)
@@ -138,7 +146,7 @@ async def _play(request: bytes, answer: list[bytes] | None, *, reused: bool = Fa
 def _response(data: bytes) -> tuple[http1.ResponseHead, bytes]:
     got = http1.parse_response_head(bytes(data), 65536, "GET")
     assert got is not None, data
-    return got[0], bytes(data[got[1]:])
+    return got[0], bytes(data[got[1] :])
 
 
 def _record(journal: FakeJournal) -> dict[str, Any]:
@@ -196,14 +204,17 @@ def test_origin_connection_close_ends_reuse_but_not_the_client() -> None:
 # ---------------------------------------------------------------- origin faults are the origin's
 
 
-@pytest.mark.parametrize("answer, why", [
-    ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"], "malformed chunk size"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"], "Content-Length"),
-    ([b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], "Content-Length"),
-    ([b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"], "too large"),
-    ([b"SSH-2.0-OpenSSH\r\n\r\n"], "bad response"),
-    ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "asked for no upgrade"),
-])
+@pytest.mark.parametrize(
+    "answer, why",
+    [
+        ([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\nhello\r\n0\r\n\r\n"], "malformed chunk size"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"], "Content-Length"),
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n"], "Content-Length"),
+        ([b"HTTP/1.1 200 OK\r\nX: " + b"a" * 70000 + b"\r\n\r\n"], "too large"),
+        ([b"SSH-2.0-OpenSSH\r\n\r\n"], "bad response"),
+        ([b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"], "asked for no upgrade"),
+    ],
+)
 def test_a_malformed_answer_is_a_502_and_the_client_stays(answer: list[bytes], why: str) -> None:
     async def main() -> None:
         journal = FakeJournal()
@@ -223,8 +234,10 @@ def test_a_malformed_answer_is_a_502_and_the_client_stays(answer: list[bytes], w
 def test_a_bad_chunk_after_the_head_went_out_cuts_the_client_off() -> None:
     async def main() -> None:
         journal = FakeJournal()
-        answer = [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
-                  b"ZZZ\r\n"]
+        answer = [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"ZZZ\r\n",
+        ]
         ex, client, upstream = await _play(GET, answer, journal=journal)
         assert ex.state is FAILED and not ex.client_keep
         assert client.aborted and upstream.aborted
@@ -296,10 +309,14 @@ def test_interim_answers_go_to_http11_clients_only() -> None:
 def test_an_asked_for_upgrade_switches_and_relays_both_ways() -> None:
     async def main() -> None:
         journal = FakeJournal()
-        req = (b"GET http://origin.test/ws HTTP/1.1\r\nHost: origin.test\r\nConnection: Upgrade\r\n"
-               b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x\r\n\r\n")
-        answer = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-                  b"\x81\x02hi"]
+        req = (
+            b"GET http://origin.test/ws HTTP/1.1\r\nHost: origin.test\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x\r\n\r\n"
+        )
+        answer = [
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            b"\x81\x02hi",
+        ]
         ex, client, upstream = await _play(req, answer, end_upstream=True, journal=journal)
         assert ex.state is DONE and not ex.client_keep and not ex.upstream_reusable
         assert bytes(client.written).startswith(b"HTTP/1.1 101") and bytes(client.written).endswith(b"\x81\x02hi")
@@ -316,6 +333,7 @@ def test_an_asked_for_upgrade_switches_and_relays_both_ways() -> None:
 def test_a_hooks_change_reaches_the_origin_and_never_the_record() -> None:
     """The record is the client's request: a hook's header (a secret) goes upstream only. Breaking the
     snapshot (a record that reads the upstream head, or a hook that changes the client's head) fails here."""
+
     async def main() -> None:
         journal = FakeJournal()
         client_head = _head(GET)
@@ -342,8 +360,9 @@ def test_a_hooks_change_reaches_the_origin_and_never_the_record() -> None:
 def test_flow_is_copy_on_write_and_guards_framing_and_injection() -> None:
     head = _head(b"GET http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\nAccept: a\r\naccept: b\r\n\r\n")
     flow = Flow("agent", "http", head.host, head.port, head)
-    assert not flow.changed and flow.render("1.1") == http1.render_request_head("GET", "/x", "1.1",
-                                                                                head.upstream_headers())
+    assert not flow.changed and flow.render("1.1") == http1.render_request_head(
+        "GET", "/x", "1.1", head.upstream_headers()
+    )
     original = list(head.headers)
     flow.set_header("ACCEPT", "c")
     assert [v for k, v in flow.upstream_headers() if k.lower() == "accept"] == ["c"] and flow.changed
@@ -394,6 +413,7 @@ def test_chain_runs_in_order_and_stops_at_the_first_refusal() -> None:
                 return None
 
             return wait()
+
     head = _head(GET)
 
     async def main() -> None:
@@ -441,12 +461,26 @@ def test_rule_recheck_judges_the_contacted_host_and_takes_a_given_verdict() -> N
 # ---------------------------------------------------------------- whatever the origin sends
 
 
-_PIECES = st.sampled_from([
-    b"HTTP/1.1 200 OK\r\n", b"HTTP/1.0 204 No Content\r\n", b"HTTP/1.1 100 Continue\r\n\r\n",
-    b"HTTP/1.1 101 Switching Protocols\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 3\r\n",
-    b"Content-Length: 99999999999999999999\r\n", b"Connection: close\r\n", b"\r\n", b"5\r\nhello\r\n",
-    b"0\r\n\r\n", b"ZZZ\r\n", b"abc", b"\x00\xff", b"HTTP/2 200\r\n", b" folded\r\n",
-])
+_PIECES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK\r\n",
+        b"HTTP/1.0 204 No Content\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n",
+        b"Transfer-Encoding: chunked\r\n",
+        b"Content-Length: 3\r\n",
+        b"Content-Length: 99999999999999999999\r\n",
+        b"Connection: close\r\n",
+        b"\r\n",
+        b"5\r\nhello\r\n",
+        b"0\r\n\r\n",
+        b"ZZZ\r\n",
+        b"abc",
+        b"\x00\xff",
+        b"HTTP/2 200\r\n",
+        b" folded\r\n",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

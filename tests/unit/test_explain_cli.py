@@ -19,11 +19,33 @@ def test_targets() -> None:
 
 
 def test_render_marks_the_winner() -> None:
-    rule = {"id": 3, "action": "deny", "container_pattern": "a", "destination_pattern": "x.example",
-            "port_pattern": "*", "source": "global"}
-    out = render({"decision": "deny", "rule": rule, "layer": "global", "reason": "because",
-                  "candidates": [{"rule": rule, "matched": True, "specificity": 210, "matched_on": "host",
-                                  "why": "applies", "winner": True}]})
+    rule = {
+        "id": 3,
+        "action": "deny",
+        "container_pattern": "a",
+        "destination_pattern": "x.example",
+        "port_pattern": "*",
+        "source": "global",
+    }
+    out = render(
+        {
+            "decision": "deny",
+            "rule": rule,
+            "layer": "global",
+            "reason": "because",
+            "candidates": [
+                {
+                    "rule": rule,
+                    "matched": True,
+                    "specificity": 210,
+                    "matched_on": "host",
+                    "why": "applies",
+                    "winner": True,
+                }
+            ],
+        }
+    )
     assert "decision: deny" in out and "#3 deny a → x.example:*" in out and "  * #3 deny" in out
-    assert "no rule names" in render({"decision": "pending", "rule": None, "layer": None, "reason": "r",
-                                      "candidates": []})
+    assert "no rule names" in render(
+        {"decision": "pending", "rule": None, "layer": None, "reason": "r", "candidates": []}
+    )

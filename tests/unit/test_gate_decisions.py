@@ -49,8 +49,9 @@ def test_cached_decisions_follow_rule_swaps() -> None:
 
 def test_a_cached_winner_stops_at_its_expiry() -> None:
     soon = time.time() + 0.3
-    g = gate_with(Rule(1, "*", "api.example.com", action="allow", expires_at=soon),
-                  Rule(2, "*", "*.example.com", action="deny"))
+    g = gate_with(
+        Rule(1, "*", "api.example.com", action="allow", expires_at=soon), Rule(2, "*", "*.example.com", action="deny")
+    )
     assert admit(g, "a", "api.example.com").rule_id == 1
     assert admit(g, "a", "api.example.com").rule_id == 1
     time.sleep(max(0.0, soon - time.time()) + 0.05)

@@ -23,14 +23,28 @@ VALIDATOR = jsonschema.Draft202012Validator(har.HAR_SCHEMA)
 
 def _row(**over) -> dict:
     row = {c: None for c in TRANSACTION_COLUMNS}
-    row.update({"id": 1, "timestamp": 1_770_000_000.25, "container_name": "agent", "destination_host": "api.test",
-                "destination_port": 443, "method": "GET", "url": "https://api.test/v1/x?a=1&b=&a=2",
-                "request_headers": orjson.dumps({"Authorization": ["[REDACTED]"], "Cookie": ["s=1; t=2"]}).decode(),
-                "request_body_size": 0, "status_code": 200,
-                "response_headers": {"Content-Type": ["application/json"], "Location": ["/next"]},
-                "response_body": '{"ok": true}', "response_body_size": 12,
-                "response_content_type": "application/json", "duration_ms": 12.5, "result": "allowed",
-                "substituted_credentials": '["__GREYPROXY_KEY__"]', "host_mismatch": 0})
+    row.update(
+        {
+            "id": 1,
+            "timestamp": 1_770_000_000.25,
+            "container_name": "agent",
+            "destination_host": "api.test",
+            "destination_port": 443,
+            "method": "GET",
+            "url": "https://api.test/v1/x?a=1&b=&a=2",
+            "request_headers": orjson.dumps({"Authorization": ["[REDACTED]"], "Cookie": ["s=1; t=2"]}).decode(),
+            "request_body_size": 0,
+            "status_code": 200,
+            "response_headers": {"Content-Type": ["application/json"], "Location": ["/next"]},
+            "response_body": '{"ok": true}',
+            "response_body_size": 12,
+            "response_content_type": "application/json",
+            "duration_ms": 12.5,
+            "result": "allowed",
+            "substituted_credentials": '["__GREYPROXY_KEY__"]',
+            "host_mismatch": 0,
+        }
+    )
     row.update(over)
     return row
 
@@ -47,8 +61,11 @@ def test_entry_fields() -> None:
     e = doc["log"]["entries"][0]
     assert e["startedDateTime"] == "2026-02-02T02:40:00.250Z"
     assert {"name": "Authorization", "value": "[REDACTED]"} in e["request"]["headers"]
-    assert e["request"]["queryString"] == [{"name": "a", "value": "1"}, {"name": "b", "value": ""},
-                                           {"name": "a", "value": "2"}]
+    assert e["request"]["queryString"] == [
+        {"name": "a", "value": "1"},
+        {"name": "b", "value": ""},
+        {"name": "a", "value": "2"},
+    ]
     assert e["request"]["cookies"] == [{"name": "s", "value": "1"}, {"name": "t", "value": "2"}]
     assert "postData" not in e["request"]
     assert e["response"]["content"] == {"size": 12, "mimeType": "application/json", "text": '{"ok": true}'}
@@ -64,15 +81,43 @@ def test_redacted_cookie_gives_no_cookies() -> None:
 
 def test_post_bodies_binary_truncated_and_websocket() -> None:
     rows = [
-        _row(id=2, method="POST", request_body='{"q": 1}', request_body_size=8, request_content_type="application/json"),
-        _row(id=3, method="POST", request_body=None, request_body_size=500, request_content_type="image/png",
-             response_body=None, response_body_size=70, response_content_type="image/png"),
+        _row(
+            id=2, method="POST", request_body='{"q": 1}', request_body_size=8, request_content_type="application/json"
+        ),
+        _row(
+            id=3,
+            method="POST",
+            request_body=None,
+            request_body_size=500,
+            request_content_type="image/png",
+            response_body=None,
+            response_body_size=70,
+            response_content_type="image/png",
+        ),
         _row(id=4, response_body="abc", response_body_size=10_000),
         _row(id=5, method="GET", url="https://ws.test/s", status_code=101, response_body=None, response_body_size=0),
-        _row(id=6, method="WS_REQ", url="wss://ws.test/s", request_body="hi", request_body_size=2, status_code=None,
-             response_body=None, response_body_size=0, duration_ms=None, response_headers={}),
-        _row(id=7, method="WS_RESP", url="wss://ws.test/s", request_body=None, status_code=None,
-             response_body=None, response_body_size=9, duration_ms=None),
+        _row(
+            id=6,
+            method="WS_REQ",
+            url="wss://ws.test/s",
+            request_body="hi",
+            request_body_size=2,
+            status_code=None,
+            response_body=None,
+            response_body_size=0,
+            duration_ms=None,
+            response_headers={},
+        ),
+        _row(
+            id=7,
+            method="WS_RESP",
+            url="wss://ws.test/s",
+            request_body=None,
+            status_code=None,
+            response_body=None,
+            response_body_size=9,
+            duration_ms=None,
+        ),
     ]
     doc = _doc(rows)
     VALIDATOR.validate(doc)
@@ -84,17 +129,27 @@ def test_post_bodies_binary_truncated_and_websocket() -> None:
     assert e[5]["_resourceType"] == "websocket" and e[5]["response"]["statusText"] == "Switching Protocols"
     assert e[6]["_webSocketMessages"][0]["type"] == "send" and e[6]["_webSocketMessages"][0]["data"] == "hi"
     assert e[6]["response"]["status"] == 0 and e[6]["time"] == 0
-    assert e[7]["_webSocketMessages"][0] == {"type": "receive", "time": 1_770_000_000.25, "opcode": 2, "data": "",
-                                              "_size": 9}
+    assert e[7]["_webSocketMessages"][0] == {
+        "type": "receive",
+        "time": 1_770_000_000.25,
+        "opcode": 2,
+        "data": "",
+        "_size": 9,
+    }
 
 
 def test_schema_rejects_missing_required_fields() -> None:
     """The checker itself can fail: drop each required field once."""
     doc = _doc([_row()])
     e = doc["log"]["entries"][0]
-    for obj, field in ((doc["log"], "creator"), (e, "timings"), (e["request"], "headersSize"),
-                       (e["response"], "redirectURL"), (e["response"]["content"], "mimeType"),
-                       (e["timings"], "wait")):
+    for obj, field in (
+        (doc["log"], "creator"),
+        (e, "timings"),
+        (e["request"], "headersSize"),
+        (e["response"], "redirectURL"),
+        (e["response"]["content"], "mimeType"),
+        (e["timings"], "wait"),
+    ):
         saved = obj.pop(field)
         with pytest.raises(jsonschema.ValidationError):
             VALIDATOR.validate(doc)
@@ -107,17 +162,38 @@ _header_map = st.dictionaries(st.text(min_size=1, max_size=10), st.lists(st.text
 
 
 @settings(max_examples=200, deadline=None)
-@given(method=st.text(max_size=10), url=st.text(max_size=60), status=st.one_of(st.none(), st.integers(0, 999)),
-       req_body=_text, resp_body=_text, req_size=st.one_of(st.none(), st.integers(-5, 10**9)),
-       resp_size=st.one_of(st.none(), st.integers(-5, 10**9)), headers=_header_map,
-       raw_headers=st.one_of(st.none(), st.text(max_size=20)), ts=st.one_of(st.none(), st.floats(0, 4e9)),
-       dur=st.one_of(st.none(), st.floats(-10, 1e7, allow_nan=False)), ctype=_text)
-def test_any_stored_row_gives_a_valid_entry(method, url, status, req_body, resp_body, req_size, resp_size, headers,
-                                           raw_headers, ts, dur, ctype) -> None:
-    row = _row(method=method, url=url, status_code=status, request_body=req_body, response_body=resp_body,
-               request_body_size=req_size, response_body_size=resp_size, request_headers=headers,
-               response_headers=raw_headers, timestamp=ts, duration_ms=dur, request_content_type=ctype,
-               response_content_type=ctype)
+@given(
+    method=st.text(max_size=10),
+    url=st.text(max_size=60),
+    status=st.one_of(st.none(), st.integers(0, 999)),
+    req_body=_text,
+    resp_body=_text,
+    req_size=st.one_of(st.none(), st.integers(-5, 10**9)),
+    resp_size=st.one_of(st.none(), st.integers(-5, 10**9)),
+    headers=_header_map,
+    raw_headers=st.one_of(st.none(), st.text(max_size=20)),
+    ts=st.one_of(st.none(), st.floats(0, 4e9)),
+    dur=st.one_of(st.none(), st.floats(-10, 1e7, allow_nan=False)),
+    ctype=_text,
+)
+def test_any_stored_row_gives_a_valid_entry(
+    method, url, status, req_body, resp_body, req_size, resp_size, headers, raw_headers, ts, dur, ctype
+) -> None:
+    row = _row(
+        method=method,
+        url=url,
+        status_code=status,
+        request_body=req_body,
+        response_body=resp_body,
+        request_body_size=req_size,
+        response_body_size=resp_size,
+        request_headers=headers,
+        response_headers=raw_headers,
+        timestamp=ts,
+        duration_ms=dur,
+        request_content_type=ctype,
+        response_content_type=ctype,
+    )
     VALIDATOR.validate(_doc([row]))
 
 
@@ -132,8 +208,12 @@ def _insert(n: int, body: str | None = "x" * 100, ts0: float = 1000.0, same_ts: 
     cols = [c for c in TRANSACTION_COLUMNS if c != "id"]
     rows = []
     for i in range(n):
-        r = _row(timestamp=ts0 + i // same_ts, request_body=body, response_body=body,
-                 container_name="agent" if i % 2 else "other")
+        r = _row(
+            timestamp=ts0 + i // same_ts,
+            request_body=body,
+            response_body=body,
+            container_name="agent" if i % 2 else "other",
+        )
         rows.append([r[c] if not isinstance(r[c], (dict, list)) else orjson.dumps(r[c]).decode() for c in cols])
     marks = ",".join("?" * len(cols))
     with database.atomic():

@@ -49,8 +49,9 @@ def _get(ctx: FakeCtx) -> tuple[int, dict]:
 def test_broker_down_names_only_the_bus_while_the_other_processes_live(monkeypatch) -> None:
     dead = _dead_pid()
     me = os.getpid()
-    ctx = FakeCtx({"bus": _seen(dead, 10), "proxy": _seen(me, 10), "recorder": _seen(dead, 10),
-                   "maintenance": _seen(me, 0.1)})
+    ctx = FakeCtx(
+        {"bus": _seen(dead, 10), "proxy": _seen(me, 10), "recorder": _seen(dead, 10), "maintenance": _seen(me, 0.1)}
+    )
     monkeypatch.setattr(health, "_local_pids", {"bus": dead, "proxy": me, "recorder": dead, "maintenance": me})
     code, body = _get(ctx)
     assert code == 503
@@ -61,8 +62,9 @@ def test_broker_down_names_only_the_bus_while_the_other_processes_live(monkeypat
 def test_a_killed_local_service_is_down_at_once_and_a_remote_one_waits_for_staleness(monkeypatch) -> None:
     dead = _dead_pid()
     me = os.getpid()
-    ctx = FakeCtx({"bus": _seen(me, 0.1), "proxy": _seen(dead, 0.1), "recorder": _seen(dead, 0.1),
-                   "maintenance": _seen(me, 10)})
+    ctx = FakeCtx(
+        {"bus": _seen(me, 0.1), "proxy": _seen(dead, 0.1), "recorder": _seen(dead, 0.1), "maintenance": _seen(me, 10)}
+    )
     # recorder's heartbeat came from another host: its pid means nothing here
     monkeypatch.setattr(health, "_local_pids", {"bus": me, "proxy": dead, "maintenance": me})
     code, body = _get(ctx)

@@ -22,9 +22,11 @@ FIELDS = U.FIELDS
 @pytest.fixture
 def conn(tmp_path: Path):
     c = llm_db.new_store(tmp_path / "a.db")
-    c.execute("INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
-              " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST', 'openai-chat',"
-              " 0, 1, 1, 0)")
+    c.execute(
+        "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+        " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST', 'openai-chat',"
+        " 0, 1, 1, 0)"
+    )
     yield c
     c.close()
 
@@ -46,12 +48,27 @@ def usage_of(conn, tid: int) -> dict[str, Any]:
 def test_turns_from_real_prompts(conn) -> None:
     """Acceptance 6: the second request repeats the first prompt; two turns with those prompts."""
     h = {"user-agent": [F.CLAUDE_UA]}
-    r1 = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hello"}], F.MAIN_SYSTEM),
-               F.anthropic_sse(["Hi!"]), ts=F.T0, req_headers=h)
-    r2 = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hello"},
-                                              {"role": "assistant", "content": "Hi!"},
-                                              {"role": "user", "content": "what's your name"}], F.MAIN_SYSTEM),
-               F.anthropic_sse(["Claude."]), ts=F.T0 + 5, req_headers=h)
+    r1 = F.row(
+        F.ANTHROPIC,
+        F.claude_request([{"role": "user", "content": "hello"}], F.MAIN_SYSTEM),
+        F.anthropic_sse(["Hi!"]),
+        ts=F.T0,
+        req_headers=h,
+    )
+    r2 = F.row(
+        F.ANTHROPIC,
+        F.claude_request(
+            [
+                {"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "Hi!"},
+                {"role": "user", "content": "what's your name"},
+            ],
+            F.MAIN_SYSTEM,
+        ),
+        F.anthropic_sse(["Claude."]),
+        ts=F.T0 + 5,
+        req_headers=h,
+    )
     ids = feed(conn, [r1, r2])
     conv = llm_db.conversation(conn, f"session_{F.SID}")
     assert [t["user_prompt"] for t in conv["turns"]] == ["hello", "what's your name"]
@@ -132,8 +149,9 @@ def test_sessionless_chat_per_container_and_gap(conn) -> None:
     later = F.local_chat_session(F.T0 + 1000, container="alpha")
     ids = feed(conn, [a[0], b[0], a[1], b[1], *later])
     convs = llm_db.snapshot(conn)["conversations"]
-    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[1]}",
-                                    f"session_inferred_{ids[4]}"])
+    assert sorted(convs) == sorted(
+        [f"session_inferred_{ids[0]}", f"session_inferred_{ids[1]}", f"session_inferred_{ids[4]}"]
+    )
     assert convs[f"session_inferred_{ids[0]}"]["request_ids"] == [ids[0], ids[2]]
     assert convs[f"session_inferred_{ids[0]}"]["container_name"] == "alpha"
 
@@ -184,8 +202,10 @@ def test_rule_change_applies_from_the_next_pass_history_by_rebuild(conn) -> None
     rows = F.local_chat_session(container="alpha", url="http://vllm.lan:8000/v1/chat/completions")
     feed(conn, rows)
     assert llm_db.snapshot(conn)["conversations"] == {}
-    conn.execute("INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
-                 " user_defined, created_at) VALUES ('vllm.lan:*', '/v1/*/completions', 'POST', 'openai-chat', 0, 1, 1, 0)")
+    conn.execute(
+        "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+        " user_defined, created_at) VALUES ('vllm.lan:*', '/v1/*/completions', 'POST', 'openai-chat', 0, 1, 1, 0)"
+    )
     AS.run_pass(conn)
     assert llm_db.snapshot(conn)["conversations"] == {}
     rebuild(conn)
@@ -198,10 +218,16 @@ def test_rule_change_applies_from_the_next_pass_history_by_rebuild(conn) -> None
 def corpus() -> list[list[dict[str, Any]]]:
     """Sessions of a mixed corpus, each a list of rows in its own order."""
     gem2 = F.gemini_session(F.T0 + 30, container="gemini")
-    return [F.claude_code_session(F.T0), F.opencode_session(F.T0 + 1), F.codex_ws_session(F.T0 + 2),
-            F.gemini_session(F.T0 + 3, container="gemini"), gem2,
-            F.local_chat_session(F.T0 + 4, container="alpha"), F.local_chat_session(F.T0 + 5, container="beta"),
-            F.local_chat_session(F.T0 + 400, container="alpha")]
+    return [
+        F.claude_code_session(F.T0),
+        F.opencode_session(F.T0 + 1),
+        F.codex_ws_session(F.T0 + 2),
+        F.gemini_session(F.T0 + 3, container="gemini"),
+        gem2,
+        F.local_chat_session(F.T0 + 4, container="alpha"),
+        F.local_chat_session(F.T0 + 5, container="beta"),
+        F.local_chat_session(F.T0 + 400, container="alpha"),
+    ]
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -218,7 +244,7 @@ def test_incremental_passes_equal_a_rebuild(tmp_path_factory, data) -> None:
     conn = llm_db.new_store(tmp_path_factory.mktemp("p") / "p.db")
     try:
         for k in range(0, len(order), per_pass):
-            llm_db.insert(conn, order[k:k + per_pass])
+            llm_db.insert(conn, order[k : k + per_pass])
             AS.run_pass(conn)
         incremental = llm_db.snapshot(conn)
         rebuild(conn)
@@ -240,15 +266,28 @@ def test_user_id_forms_make_one_conversation(conn) -> None:
     rows = []
     for i, kind in enumerate(("legacy", "json", "object")):
         msgs = msgs + [{"role": "user", "content": f"prompt {i}"}]
-        rows.append(F.row(F.ANTHROPIC, F.claude_request(list(msgs), F.MAIN_SYSTEM, user_id=kind),
-                          F.anthropic_sse([f"answer {i}"]), ts=F.T0 + i, req_headers=h))
+        rows.append(
+            F.row(
+                F.ANTHROPIC,
+                F.claude_request(list(msgs), F.MAIN_SYSTEM, user_id=kind),
+                F.anthropic_sse([f"answer {i}"]),
+                ts=F.T0 + i,
+                req_headers=h,
+            )
+        )
         msgs = msgs + [{"role": "assistant", "content": f"answer {i}"}]
     ids = feed(conn, rows)
     conv = llm_db.conversation(conn, "session_9d4a2584-4176-4653-be44-7d5f270feb21")
     assert conv["request_ids"] == ids and conv["turn_count"] == 3
     for value in ("", None):
-        r = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "x"}], F.MAIN_SYSTEM, user_id=value),
-                  None, ts=F.T0 + 1000, container=f"other-{value!r}", req_headers=h)
+        r = F.row(
+            F.ANTHROPIC,
+            F.claude_request([{"role": "user", "content": "x"}], F.MAIN_SYSTEM, user_id=value),
+            None,
+            ts=F.T0 + 1000,
+            container=f"other-{value!r}",
+            req_headers=h,
+        )
         (tid,) = feed(conn, [r])
         key = conn.execute("SELECT session_key, session FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
         assert key == (None, f"inferred_{tid}")

@@ -28,10 +28,18 @@ def plain(usage: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_anthropic_sse_text_tool_input_stop_and_usage() -> None:
-    body = F.anthropic_sse(["Hello", " world"], ("Read", "toolu_9", ['{"file_', 'path": "/home/user/src/main.go"}']),
-                           stop="tool_use", usage_start={"input_tokens": 10, "cache_read_input_tokens": 100,
-                                                         "cache_creation_input_tokens": 5, "output_tokens": 1},
-                           usage_end={"output_tokens": 42})
+    body = F.anthropic_sse(
+        ["Hello", " world"],
+        ("Read", "toolu_9", ['{"file_', 'path": "/home/user/src/main.go"}']),
+        stop="tool_use",
+        usage_start={
+            "input_tokens": 10,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 5,
+            "output_tokens": 1,
+        },
+        usage_end={"output_tokens": 42},
+    )
     r = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hi"}], "You are terse."), body, ts=F.T0)
     ex = run(r)
     assert ex is not None and ex["provider"] == "anthropic" and ex["model"] == "claude-opus-4-6"
@@ -42,21 +50,35 @@ def test_anthropic_sse_text_tool_input_stop_and_usage() -> None:
     assert call["tool_summary"] == "src/main.go"
     assert ex["stop_reason"] == "tool_use"
     # input = input + cache read + cache write; message_delta's output_tokens overrides message_start's.
-    assert plain(ex["usage"]) == {"input_tokens": 115, "output_tokens": 42, "cache_read_tokens": 100,
-                                  "cache_write_tokens": 5, "reasoning_tokens": None}
+    assert plain(ex["usage"]) == {
+        "input_tokens": 115,
+        "output_tokens": 42,
+        "cache_read_tokens": 100,
+        "cache_write_tokens": 5,
+        "reasoning_tokens": None,
+    }
     assert ex["usage"]["raw"]["output_tokens"] == 42
     assert ex["system"] == [{"type": "text", "text": "You are terse."}]  # a string system is accepted
 
 
 def test_anthropic_json_response() -> None:
-    r = F.row(F.ANTHROPIC, F.claude_request([{"role": "user", "content": "hi"}], F.MAIN_SYSTEM),
-              F.anthropic_json("Hello world", ("Read", "toolu_9", {"file_path": "/home/user/src/main.go"}),
-                               stop="tool_use"), ts=F.T0, resp_ct="application/json")
+    r = F.row(
+        F.ANTHROPIC,
+        F.claude_request([{"role": "user", "content": "hi"}], F.MAIN_SYSTEM),
+        F.anthropic_json("Hello world", ("Read", "toolu_9", {"file_path": "/home/user/src/main.go"}), stop="tool_use"),
+        ts=F.T0,
+        resp_ct="application/json",
+    )
     ex = run(r)
     assert ex["response"]["text"] == "Hello world" and ex["stop_reason"] == "tool_use"
     assert ex["response"]["tool_calls"][0]["tool_summary"] == "src/main.go"
-    assert plain(ex["usage"]) == {"input_tokens": 50112, "output_tokens": 900, "cache_read_tokens": 48000,
-                                  "cache_write_tokens": 2100, "reasoning_tokens": None}
+    assert plain(ex["usage"]) == {
+        "input_tokens": 50112,
+        "output_tokens": 900,
+        "cache_read_tokens": 48000,
+        "cache_write_tokens": 2100,
+        "reasoning_tokens": None,
+    }
 
 
 @pytest.mark.parametrize("kind", ["legacy", "json", "object"])
@@ -92,8 +114,13 @@ def test_anthropic_messages_blocks() -> None:
     roles = [m["role"] for m in ex["messages"]]
     assert roles == ["user", "assistant", "user", "assistant", "user"] and ex["message_count"] == 5
     tool_use = ex["messages"][1]["content"][1]
-    assert tool_use == {"type": "tool_use", "name": "Read", "id": "toolu_01",
-                        "input": '{"file_path":"/home/user/src/main_test.go"}', "tool_summary": "src/main_test.go"}
+    assert tool_use == {
+        "type": "tool_use",
+        "name": "Read",
+        "id": "toolu_01",
+        "input": '{"file_path":"/home/user/src/main_test.go"}',
+        "tool_summary": "src/main_test.go",
+    }
     result = ex["messages"][4]["content"][0]
     assert result["type"] == "tool_result" and result["content"] == "Add is called from main.go:12"  # text parts joined
     assert ex["response"]["thinking"] == "The caller passes ints; fine."
@@ -111,8 +138,13 @@ def test_responses_parallel_calls_keep_their_own_arguments() -> None:
     assert json.loads(calls[1]["input_preview"]) == {"pattern": "**/*.yaml"}
     assert calls[0]["tool_summary"] == "pattern: load_config in src" and calls[1]["tool_summary"] == "**/*.yaml"
     assert ex["stop_reason"] == "completed" and ex["session_key"] == F.OC_PARENT
-    assert plain(ex["usage"]) == {"input_tokens": 5000, "output_tokens": 300, "cache_read_tokens": 4096,
-                                  "cache_write_tokens": None, "reasoning_tokens": 128}
+    assert plain(ex["usage"]) == {
+        "input_tokens": 5000,
+        "output_tokens": 300,
+        "cache_read_tokens": 4096,
+        "cache_write_tokens": None,
+        "reasoning_tokens": 128,
+    }
 
 
 def test_responses_arguments_by_output_index_and_incomplete_status() -> None:
@@ -135,19 +167,31 @@ def test_responses_request_items() -> None:
 
 
 def test_responses_session_header_fallback() -> None:
-    r = F.row(F.OPENAI_RESPONSES, {"model": "gpt-5", "input": [{"role": "developer", "content": "be brief"}]},
-              None, ts=F.T0, req_headers={"session_id": ["abc-123"]})
+    r = F.row(
+        F.OPENAI_RESPONSES,
+        {"model": "gpt-5", "input": [{"role": "developer", "content": "be brief"}]},
+        None,
+        ts=F.T0,
+        req_headers={"session_id": ["abc-123"]},
+    )
     ex = run(r)
     assert ex["session_key"] == "abc-123" and ex["system"] == [{"type": "text", "text": "be brief"}]
 
 
 def test_responses_json() -> None:
-    resp = json.dumps({"id": "resp_1", "object": "response", "status": "completed", "model": "gpt-5",
-                       "output": [{"type": "function_call", "call_id": "c1", "name": "read",
-                                   "arguments": '{"filePath":"/a/b/c.py"}'},
-                                  {"type": "message", "role": "assistant",
-                                   "content": [{"type": "output_text", "text": "ok"}]}],
-                       "usage": {"input_tokens": 9, "output_tokens": 3}})
+    resp = json.dumps(
+        {
+            "id": "resp_1",
+            "object": "response",
+            "status": "completed",
+            "model": "gpt-5",
+            "output": [
+                {"type": "function_call", "call_id": "c1", "name": "read", "arguments": '{"filePath":"/a/b/c.py"}'},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+            ],
+            "usage": {"input_tokens": 9, "output_tokens": 3},
+        }
+    )
     r = F.row(F.OPENAI_RESPONSES, {"model": "gpt-5", "input": "hi"}, resp, ts=F.T0, resp_ct="application/json")
     ex = run(r)
     assert ex["response"]["text"] == "ok" and ex["response"]["tool_calls"][0]["tool_summary"] == "b/c.py"
@@ -161,10 +205,17 @@ def test_chat_stream_with_include_usage_and_parallel_calls() -> None:
     ex = run(F.local_chat_session()[0], "openai-chat")
     calls = ex["response"]["tool_calls"]
     assert [(c["tool"], json.loads(c["input_preview"])) for c in calls] == [
-        ("read_file", {"path": "README.md"}), ("run", {"cmd": "ls"})]
+        ("read_file", {"path": "README.md"}),
+        ("run", {"cmd": "ls"}),
+    ]
     assert ex["stop_reason"] == "tool_calls"
-    assert plain(ex["usage"]) == {"input_tokens": 1500, "output_tokens": 40, "cache_read_tokens": 1024,
-                                  "cache_write_tokens": None, "reasoning_tokens": 0}
+    assert plain(ex["usage"]) == {
+        "input_tokens": 1500,
+        "output_tokens": 40,
+        "cache_read_tokens": 1024,
+        "cache_write_tokens": None,
+        "reasoning_tokens": 0,
+    }
     assert ex["system"][0]["text"] == F.LONG_SYSTEM and ex["model"] == "qwen2.5-coder:32b"
 
 
@@ -177,8 +228,12 @@ def test_chat_json_and_tool_messages() -> None:
 
 
 def test_chat_builtin_match_openrouter_and_reasoning() -> None:
-    r = F.row("https://openrouter.ai/api/v1/chat/completions", F.chat_request([{"role": "user", "content": "x"}]),
-              F.chat_stream(["ok"], reasoning="thinking hard"), ts=F.T0)
+    r = F.row(
+        "https://openrouter.ai/api/v1/chat/completions",
+        F.chat_request([{"role": "user", "content": "x"}]),
+        F.chat_stream(["ok"], reasoning="thinking hard"),
+        ts=F.T0,
+    )
     ex = run(r)
     assert ex["provider"] == "openai-chat" and ex["response"]["thinking"] == "thinking hard"
 
@@ -191,8 +246,13 @@ def test_gemini_alt_sse_model_from_url_and_usage() -> None:
     assert ex["provider"] == "google-ai" and ex["model"] == "gemini-2.5-pro" and ex["session_key"] is None
     assert ex["response"]["text"] == "There are two Go files: main.go and main_test.go."
     assert ex["stop_reason"] == "STOP"
-    assert plain(ex["usage"]) == {"input_tokens": 7000, "output_tokens": 350, "cache_read_tokens": 6000,
-                                  "cache_write_tokens": None, "reasoning_tokens": 300}
+    assert plain(ex["usage"]) == {
+        "input_tokens": 7000,
+        "output_tokens": 350,
+        "cache_read_tokens": 6000,
+        "cache_write_tokens": None,
+        "reasoning_tokens": 300,
+    }
     msgs = ex["messages"]
     assert msgs[2]["role"] == "assistant" and msgs[2]["content"][0]["tool_summary"] == "List Go files"
     assert msgs[3]["content"][0]["type"] == "tool_result" and msgs[3]["content"][0]["name"] == "run_shell_command"
@@ -200,11 +260,22 @@ def test_gemini_alt_sse_model_from_url_and_usage() -> None:
 
 def test_gemini_signature_only_part_and_json_array() -> None:
     body = {"contents": [{"role": "model", "parts": [{"thoughtSignature": "abc"}]}]}
-    resp = json.dumps([{"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
-                       {"candidates": [{"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS"}],
-                        "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2}}])
-    r = F.row("https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent",
-              body, resp, ts=F.T0, resp_ct="application/json")
+    resp = json.dumps(
+        [
+            {"candidates": [{"content": {"parts": [{"text": "a"}]}}]},
+            {
+                "candidates": [{"content": {"parts": [{"text": "b"}]}, "finishReason": "MAX_TOKENS"}],
+                "usageMetadata": {"promptTokenCount": 5, "candidatesTokenCount": 2},
+            },
+        ]
+    )
+    r = F.row(
+        "https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+        body,
+        resp,
+        ts=F.T0,
+        resp_ct="application/json",
+    )
     ex = run(r)
     assert ex["messages"][0]["content"] == [{"type": "thinking", "thinking": "[thinking: opaque signature]"}]
     assert ex["response"]["text"] == "ab" and ex["stop_reason"] == "MAX_TOKENS" and ex["usage"]["output_tokens"] == 2
@@ -249,17 +320,33 @@ def test_summaries_and_truncation() -> None:
 
 
 def test_sse_parsing_rules() -> None:
-    body = "event:a\r\ndata:{\"x\":1}\r\n\r\nevent: b\ndata: line1\ndata: line2\n\ndata: [DONE]\n\ndata: cut"
+    body = 'event:a\r\ndata:{"x":1}\r\n\r\nevent: b\ndata: line1\ndata: line2\n\ndata: [DONE]\n\ndata: cut'
     assert sse_events(body) == [("a", '{"x":1}'), ("b", "line1\nline2"), ("", "cut")]
 
 
 # ------------------------------------------------------------------ endpoint rules (acceptance 2, matching)
 
 
-def _rule(rid: int, host: str, path: str, decoder: str, method: str = "POST", priority: int = 0,
-          user: bool = True, enabled: bool = True) -> dict[str, Any]:
-    return {"id": rid, "host_pattern": host, "path_pattern": path, "method": method, "decoder_name": decoder,
-            "priority": priority, "enabled": enabled, "user_defined": user}
+def _rule(
+    rid: int,
+    host: str,
+    path: str,
+    decoder: str,
+    method: str = "POST",
+    priority: int = 0,
+    user: bool = True,
+    enabled: bool = True,
+) -> dict[str, Any]:
+    return {
+        "id": rid,
+        "host_pattern": host,
+        "path_pattern": path,
+        "method": method,
+        "decoder_name": decoder,
+        "priority": priority,
+        "enabled": enabled,
+        "user_defined": user,
+    }
 
 
 def test_rule_matching_order_and_globs() -> None:
@@ -270,52 +357,126 @@ def test_rule_matching_order_and_globs() -> None:
     assert R.decoder_for(R.ordered([builtin, dict(user, enabled=False)]), t) == "openai-chat"
     assert R.decoder_for(R.ordered([dict(builtin, priority=5), user]), t) == "openai-chat"
     local = D.Txn.from_row(F.row(F.LOCAL, {}, None, ts=F.T0))
-    assert R.decoder_for([_rule(1, "LiteLLM.local:4000", "/v1/chat/completions", "openai-chat")], local) == "openai-chat"
-    assert R.decoder_for([_rule(1, "litellm.local", "/v1/chat/completions", "openai-chat", method="GET")], local) is None
+    assert (
+        R.decoder_for([_rule(1, "LiteLLM.local:4000", "/v1/chat/completions", "openai-chat")], local) == "openai-chat"
+    )
+    assert (
+        R.decoder_for([_rule(1, "litellm.local", "/v1/chat/completions", "openai-chat", method="GET")], local) is None
+    )
     assert R.decoder_for([_rule(1, "*.local", "/v1/*", "openai-chat", method="*")], local) == "openai-chat"
     assert R.decoder_for([], local) is None
 
 
-@pytest.mark.parametrize(("body", "message"), [
-    ({"host_pattern": "x", "path_pattern": "/a", "decoder_name": "nope"}, "unknown decoder_name: nope"),
-    ({"host_pattern": "x", "path_pattern": "a", "decoder_name": "openai"}, "path_pattern must start with /"),
-    ({"host_pattern": "*", "path_pattern": "/a", "decoder_name": "openai"},
-     "host_pattern must not be empty or a bare wildcard"),
-    ({"host_pattern": "%", "path_pattern": "/a", "decoder_name": "openai"},
-     "host_pattern must not be empty or a bare wildcard"),
-    ({"host_pattern": "", "path_pattern": "/a", "decoder_name": "openai"},
-     "host_pattern must not be empty or a bare wildcard"),
-    ({"host_pattern": "x", "path_pattern": "/a", "decoder_name": "openai", "method": "FOOBAR"},
-     "invalid method: FOOBAR; expected a standard HTTP method or *"),
-    ({"host_pattern": "x", "path_pattern": "/a", "decoder_name": "openai", "method": "WS_REQ"},
-     "invalid method: WS_REQ; expected a standard HTTP method or *"),
-])
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"host_pattern": "x", "path_pattern": "/a", "decoder_name": "nope"}, "unknown decoder_name: nope"),
+        ({"host_pattern": "x", "path_pattern": "a", "decoder_name": "openai"}, "path_pattern must start with /"),
+        (
+            {"host_pattern": "*", "path_pattern": "/a", "decoder_name": "openai"},
+            "host_pattern must not be empty or a bare wildcard",
+        ),
+        (
+            {"host_pattern": "%", "path_pattern": "/a", "decoder_name": "openai"},
+            "host_pattern must not be empty or a bare wildcard",
+        ),
+        (
+            {"host_pattern": "", "path_pattern": "/a", "decoder_name": "openai"},
+            "host_pattern must not be empty or a bare wildcard",
+        ),
+        (
+            {"host_pattern": "x", "path_pattern": "/a", "decoder_name": "openai", "method": "FOOBAR"},
+            "invalid method: FOOBAR; expected a standard HTTP method or *",
+        ),
+        (
+            {"host_pattern": "x", "path_pattern": "/a", "decoder_name": "openai", "method": "WS_REQ"},
+            "invalid method: WS_REQ; expected a standard HTTP method or *",
+        ),
+    ],
+)
 def test_rule_validation_messages(body: dict[str, Any], message: str) -> None:
     with pytest.raises(R.RuleError, match=f"^{message.replace('*', '[*]')}$"):
         R.validate(body)
 
 
 def test_rule_validation_accepts() -> None:
-    v = R.validate({"host_pattern": "*.example.com", "path_pattern": "/v1/*", "decoder_name": "openai", "method": "post"})
-    assert v == {"host_pattern": "*.example.com", "path_pattern": "/v1/*", "method": "POST", "decoder_name": "openai",
-                 "priority": 0, "enabled": True}
-    assert R.validate({"host_pattern": "h", "path_pattern": "/", "decoder_name": "openai-ws",
-                       "method": "ws_resp"})["method"] == "WS_RESP"
-    assert R.validate({"host_pattern": "h", "path_pattern": "/", "decoder_name": "openai", "method": "*"})["method"] == "*"
+    v = R.validate(
+        {"host_pattern": "*.example.com", "path_pattern": "/v1/*", "decoder_name": "openai", "method": "post"}
+    )
+    assert v == {
+        "host_pattern": "*.example.com",
+        "path_pattern": "/v1/*",
+        "method": "POST",
+        "decoder_name": "openai",
+        "priority": 0,
+        "enabled": True,
+    }
+    assert (
+        R.validate({"host_pattern": "h", "path_pattern": "/", "decoder_name": "openai-ws", "method": "ws_resp"})[
+            "method"
+        ]
+        == "WS_RESP"
+    )
+    assert (
+        R.validate({"host_pattern": "h", "path_pattern": "/", "decoder_name": "openai", "method": "*"})["method"] == "*"
+    )
 
 
 # ------------------------------------------------------------------ fuzz: never raise
 
 _json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["type", "role", "content", "text", "messages", "input", "model", "system", "tools", "delta",
-                         "choices", "candidates", "parts", "usage", "response", "output", "metadata", "user_id",
-                         "index", "item", "item_id", "output_index", "arguments", "function", "tool_calls",
-                         "functionCall", "name", "id", "message", "content_block", "partial_json", "stop_reason",
-                         "usageMetadata", "contents", "instructions", "status", "call_id", "output"]),
-        inner, max_size=5),
-    max_leaves=25)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "role",
+                    "content",
+                    "text",
+                    "messages",
+                    "input",
+                    "model",
+                    "system",
+                    "tools",
+                    "delta",
+                    "choices",
+                    "candidates",
+                    "parts",
+                    "usage",
+                    "response",
+                    "output",
+                    "metadata",
+                    "user_id",
+                    "index",
+                    "item",
+                    "item_id",
+                    "output_index",
+                    "arguments",
+                    "function",
+                    "tool_calls",
+                    "functionCall",
+                    "name",
+                    "id",
+                    "message",
+                    "content_block",
+                    "partial_json",
+                    "stop_reason",
+                    "usageMetadata",
+                    "contents",
+                    "instructions",
+                    "status",
+                    "call_id",
+                    "output",
+                ]
+            ),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=25,
+)
 
 
 def _body(draw_value: Any) -> str:
@@ -323,19 +484,32 @@ def _body(draw_value: Any) -> str:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
-@given(name=st.sampled_from([d.name for d in D.DISSECTORS]), method=st.sampled_from(["POST", "WS_REQ", "WS_RESP"]),
-       req=_json_values | st.text(max_size=200), resp=_json_values | st.text(max_size=200), sse_mode=st.booleans(),
-       headers=st.dictionaries(st.text(max_size=10), st.lists(st.text(max_size=20), max_size=2), max_size=3))
-def test_dissectors_never_raise(name: str, method: str, req: Any, resp: Any, sse_mode: bool,
-                                headers: dict[str, list[str]]) -> None:
+@given(
+    name=st.sampled_from([d.name for d in D.DISSECTORS]),
+    method=st.sampled_from(["POST", "WS_REQ", "WS_RESP"]),
+    req=_json_values | st.text(max_size=200),
+    resp=_json_values | st.text(max_size=200),
+    sse_mode=st.booleans(),
+    headers=st.dictionaries(st.text(max_size=10), st.lists(st.text(max_size=20), max_size=2), max_size=3),
+)
+def test_dissectors_never_raise(
+    name: str, method: str, req: Any, resp: Any, sse_mode: bool, headers: dict[str, list[str]]
+) -> None:
     req_text = req if isinstance(req, str) else json.dumps(req)
     if sse_mode:
         items = resp if isinstance(resp, list) else [resp]
         resp_text = "".join(f"event: x\ndata: {json.dumps(i)}\n\n" for i in items)
     else:
         resp_text = resp if isinstance(resp, str) else json.dumps(resp)
-    r = F.row("https://api.openai.com/v1/responses?alt=sse", req_text, resp_text, ts=F.T0, method=method,
-              req_headers=headers, resp_ct="text/event-stream" if sse_mode else "application/json")
+    r = F.row(
+        "https://api.openai.com/v1/responses?alt=sse",
+        req_text,
+        resp_text,
+        ts=F.T0,
+        method=method,
+        req_headers=headers,
+        resp_ct="text/event-stream" if sse_mode else "application/json",
+    )
     t = D.Txn.from_row(r)
     fn = D.BY_NAME[name].fn
     ex = fn(t)  # the bare function, not the guarded run(): a raise here is a bug
@@ -345,8 +519,13 @@ def test_dissectors_never_raise(name: str, method: str, req: Any, resp: Any, sse
 
 
 def _fixture_rows() -> list[dict[str, Any]]:
-    rows = (F.claude_code_session() + F.codex_ws_session() + F.opencode_session() + F.gemini_session()
-            + F.local_chat_session())
+    rows = (
+        F.claude_code_session()
+        + F.codex_ws_session()
+        + F.opencode_session()
+        + F.gemini_session()
+        + F.local_chat_session()
+    )
     return [r for r in rows if r["request_body"] or r["response_body"]]
 
 
@@ -393,13 +572,22 @@ def test_dissectors_never_raise_on_mutated_provider_traffic(data: Any, index: in
 
 
 @settings(max_examples=200, deadline=None)
-@given(row=st.fixed_dictionaries({}, optional={
-    "id": st.integers() | st.text(), "method": st.text() | st.none() | st.integers(),
-    "url": st.text() | st.none(), "destination_host": st.text() | st.integers(),
-    "destination_port": st.integers() | st.text(), "request_headers": st.text() | st.integers() | st.none(),
-    "request_body": st.text() | st.binary(), "response_body": st.text() | st.binary() | st.integers(),
-    "timestamp": st.floats(allow_nan=False, allow_infinity=False) | st.none(),
-}))
+@given(
+    row=st.fixed_dictionaries(
+        {},
+        optional={
+            "id": st.integers() | st.text(),
+            "method": st.text() | st.none() | st.integers(),
+            "url": st.text() | st.none(),
+            "destination_host": st.text() | st.integers(),
+            "destination_port": st.integers() | st.text(),
+            "request_headers": st.text() | st.integers() | st.none(),
+            "request_body": st.text() | st.binary(),
+            "response_body": st.text() | st.binary() | st.integers(),
+            "timestamp": st.floats(allow_nan=False, allow_infinity=False) | st.none(),
+        },
+    )
+)
 def test_txn_from_any_row(row: dict[str, Any]) -> None:
     try:
         t = D.Txn.from_row(row)

@@ -24,18 +24,31 @@ def test_prune_removes_only_what_is_past_retention(tmp_path: Path) -> None:
     now = time.time()
     old, fresh = now - 31 * DAY, now - 1 * DAY
     for i, ts in enumerate((old, old, fresh)):
-        conn.execute("INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
-                     " VALUES (?, 'a', ?, 443, 'CONNECT', 'allowed')", (ts, f"h{i}.test"))
-        conn.execute("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
-                     " method, url) VALUES (?, 'a', ?, 443, 'GET', 'https://x.test/')", (ts, f"h{i}.test"))
-    conn.execute("INSERT INTO dns_cache (ip, hostname, updated_at) VALUES ('10.0.0.1', 'old.test', ?),"
-                 " ('10.0.0.2', 'new.test', ?)", (now - 8 * DAY, fresh))
-    conn.execute("INSERT INTO pending (container_name, destination_host, destination_port, first_seen, last_seen)"
-                 " VALUES ('a', 'stale.test', 443, ?, ?), ('a', 'live.test', 443, ?, ?)",
-                 (now - 9 * DAY, now - 8 * DAY, fresh, fresh))
-    conn.execute("INSERT INTO rules (container_pattern, destination_pattern, action, created_at, expires_at)"
-                 " VALUES ('*', 'expired-long-ago.test', 'allow', ?, ?), ('*', 'expired-now.test', 'allow', ?, ?)",
-                 (old, now - 8 * DAY, old, now - 60))
+        conn.execute(
+            "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
+            " VALUES (?, 'a', ?, 443, 'CONNECT', 'allowed')",
+            (ts, f"h{i}.test"),
+        )
+        conn.execute(
+            "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
+            " method, url) VALUES (?, 'a', ?, 443, 'GET', 'https://x.test/')",
+            (ts, f"h{i}.test"),
+        )
+    conn.execute(
+        "INSERT INTO dns_cache (ip, hostname, updated_at) VALUES ('10.0.0.1', 'old.test', ?),"
+        " ('10.0.0.2', 'new.test', ?)",
+        (now - 8 * DAY, fresh),
+    )
+    conn.execute(
+        "INSERT INTO pending (container_name, destination_host, destination_port, first_seen, last_seen)"
+        " VALUES ('a', 'stale.test', 443, ?, ?), ('a', 'live.test', 443, ?, ?)",
+        (now - 9 * DAY, now - 8 * DAY, fresh, fresh),
+    )
+    conn.execute(
+        "INSERT INTO rules (container_pattern, destination_pattern, action, created_at, expires_at)"
+        " VALUES ('*', 'expired-long-ago.test', 'allow', ?, ?), ('*', 'expired-now.test', 'allow', ?, ?)",
+        (old, now - 8 * DAY, old, now - 60),
+    )
 
     progress = list(prune(conn, {"retention_days": 30, "pending_ttl_days": 7}))
     assert progress and progress[-1][0] == progress[-1][1]

@@ -39,22 +39,33 @@ def test_families_from_heartbeats() -> None:
     h.observe(0.0005)
     h.observe(2.0)
     seen = {
-        "proxy": (True, {"active_connections": 3, "waiting": 1, "pending_count": 2,
-                         "journal": {"queued": 4, "inflight": 1, "dropped": 7, "acked": 9, "resent": 0,
-                                     "outbox_bytes": 100},
-                         "refused_connections": {"maxConnections": 1, "maxConnectionsPerClient": 2},
-                         "metrics": {"connections": {"allowed": 5, "blocked": 2},
-                                     "decision_seconds": h.snapshot(), "hold_seconds": Histogram([1.0]).snapshot(),
-                                     "bytes_received": {"client": 10, "upstream": 20}}}),
+        "proxy": (
+            True,
+            {
+                "active_connections": 3,
+                "waiting": 1,
+                "pending_count": 2,
+                "journal": {"queued": 4, "inflight": 1, "dropped": 7, "acked": 9, "resent": 0, "outbox_bytes": 100},
+                "refused_connections": {"maxConnections": 1, "maxConnectionsPerClient": 2},
+                "metrics": {
+                    "connections": {"allowed": 5, "blocked": 2},
+                    "decision_seconds": h.snapshot(),
+                    "hold_seconds": Histogram([1.0]).snapshot(),
+                    "bytes_received": {"client": 10, "upstream": 20},
+                },
+            },
+        ),
         "recorder": (True, {"records": 11, "batches": 3, "metrics": {"batch_seconds": h.snapshot()}}),
         "maintenance": (False, {}),
         "api": (True, {}),
     }
     fams = _render(seen)
-    assert _samples(fams["greyproxy_up"]) == {("greyproxy_up", (("service", "api"),)): 1.0,
-                                              ("greyproxy_up", (("service", "maintenance"),)): 0.0,
-                                              ("greyproxy_up", (("service", "proxy"),)): 1.0,
-                                              ("greyproxy_up", (("service", "recorder"),)): 1.0}
+    assert _samples(fams["greyproxy_up"]) == {
+        ("greyproxy_up", (("service", "api"),)): 1.0,
+        ("greyproxy_up", (("service", "maintenance"),)): 0.0,
+        ("greyproxy_up", (("service", "proxy"),)): 1.0,
+        ("greyproxy_up", (("service", "recorder"),)): 1.0,
+    }
     conns = _samples(fams["greyproxy_proxy_connections"])
     assert conns[("greyproxy_proxy_connections_total", (("result", "allowed"),))] == 5
     assert fams["greyproxy_proxy_held_connections"].samples[0].value == 1
@@ -65,23 +76,30 @@ def test_families_from_heartbeats() -> None:
     assert dec[("greyproxy_proxy_decision_seconds_bucket", (("le", "+Inf"),))] == 2
     assert dec[("greyproxy_proxy_decision_seconds_count", ())] == 2
     assert "greyproxy_recorder_batch_seconds" in fams
-    assert _samples(fams["greyproxy_proxy_bytes_relayed"])[("greyproxy_proxy_bytes_relayed_total",
-                                                            (("side", "upstream"),))] == 20
+    assert (
+        _samples(fams["greyproxy_proxy_bytes_relayed"])[
+            ("greyproxy_proxy_bytes_relayed_total", (("side", "upstream"),))
+        ]
+        == 20
+    )
 
 
-_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
-                               st.text(max_size=8)),
-                     lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                             st.dictionaries(st.text(max_size=12), inner, max_size=4)),
-                     max_leaves=20)
+_json = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(10**12), 10**12), st.floats(allow_nan=True), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+    max_leaves=20,
+)
 _keys = st.sampled_from(["active_connections", "journal", "metrics", "refused_connections", "records", "x"])
 _metric_keys = st.sampled_from(["connections", "decision_seconds", "hold_seconds", "bytes_received", "batch_seconds"])
 _stats = st.dictionaries(_keys, st.one_of(_json, st.dictionaries(_metric_keys, _json, max_size=4)), max_size=5)
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["proxy", "recorder", "bus", "maintenance"]),
-                       st.tuples(st.booleans(), _stats), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["proxy", "recorder", "bus", "maintenance"]), st.tuples(st.booleans(), _stats), max_size=4
+    )
+)
 def test_any_heartbeat_content_renders_parsable_text(seen) -> None:
     """Heartbeats come over the bus: whatever they hold, /metrics stays valid exposition text."""
     _render(seen)

@@ -13,22 +13,37 @@ from services.proxy.mitm import http_state
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@pytest.mark.parametrize("data,state", [
-    (b"GET / HTTP/1.1\r\n", "http"),
-    (b"POST /v1/messages?x=1 HTTP/1.0\r\nHost: a\r\n", "http"),
-    (b"OPTIONS * HTTP/1.1\n", "http"),
-    (b"G", "more"), (b"GET", "more"), (b"GET /a", "more"), (b"GET /a HTT", "more"), (b"GET /a HTTP/1.1\r", "more"),
-    (b"SET k v\r\n", "other"), (b"PING\r\n", "other"), (b"get / HTTP/1.1\r\n", "other"),
-    (b"GET / HTTP/2.0\r\n", "other"), (b"PRI * HTTP/2.0\r\n", "other"), (b"SSH-2.0-OpenSSH\r\n", "other"),
-    (b"\x16\x03\x01", "other"), (b"GET /a XTTP", "other"),
-])
+@pytest.mark.parametrize(
+    "data,state",
+    [
+        (b"GET / HTTP/1.1\r\n", "http"),
+        (b"POST /v1/messages?x=1 HTTP/1.0\r\nHost: a\r\n", "http"),
+        (b"OPTIONS * HTTP/1.1\n", "http"),
+        (b"G", "more"),
+        (b"GET", "more"),
+        (b"GET /a", "more"),
+        (b"GET /a HTT", "more"),
+        (b"GET /a HTTP/1.1\r", "more"),
+        (b"SET k v\r\n", "other"),
+        (b"PING\r\n", "other"),
+        (b"get / HTTP/1.1\r\n", "other"),
+        (b"GET / HTTP/2.0\r\n", "other"),
+        (b"PRI * HTTP/2.0\r\n", "other"),
+        (b"SSH-2.0-OpenSSH\r\n", "other"),
+        (b"\x16\x03\x01", "other"),
+        (b"GET /a XTTP", "other"),
+    ],
+)
 def test_http_state(data: bytes, state: str) -> None:
     assert http_state(data) == state
 
 
-@given(st.sampled_from([b"GET", b"POST", b"DELETE", b"M-SEARCH"]), st.text(
-    alphabet="abcdefghijklmnopqrstuvwxyz0123456789/?=&%.-_", min_size=1, max_size=60).map(str.encode),
-    st.sampled_from([b"1.0", b"1.1"]), st.sampled_from([b"\r\n", b"\n"]))
+@given(
+    st.sampled_from([b"GET", b"POST", b"DELETE", b"M-SEARCH"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789/?=&%.-_", min_size=1, max_size=60).map(str.encode),
+    st.sampled_from([b"1.0", b"1.1"]),
+    st.sampled_from([b"\r\n", b"\n"]),
+)
 @FUZZ
 def test_every_prefix_of_a_request_line_waits(method: bytes, target: bytes, version: bytes, eol: bytes) -> None:
     line = method + b" /" + target + b" HTTP/" + version + eol
@@ -69,13 +84,16 @@ def test_absolute_form_is_accepted_towards_an_origin() -> None:
     assert (head.host, head.path) == ("api.example.com", "/a")
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET /a HTTP/1.1\r\n\r\n",  # no Host in 1.1
-    b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-    b"GET a HTTP/1.1\r\nHost: a\r\n\r\n",
-    b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
-    b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /a HTTP/1.1\r\n\r\n",  # no Host in 1.1
+        b"GET /a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET a HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"CONNECT a:443 HTTP/1.1\r\nHost: a\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+    ],
+)
 def test_origin_form_rejects(raw: bytes) -> None:
     with pytest.raises(HttpError):
         parse_request_head(raw, origin=("https", "a", 443))
@@ -92,7 +110,7 @@ def test_body_reader_sink_gets_payload_without_chunk_framing() -> None:
     wire = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-T: 1\r\n\r\nNEXT"
     out = bytearray()
     for i in range(0, len(wire), 3):  # any split
-        data, rest, done = r.feed(wire[i:i + 3])
+        data, rest, done = r.feed(wire[i : i + 3])
         out += data
         if done:
             break

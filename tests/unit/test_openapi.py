@@ -30,8 +30,14 @@ def make_app(tmp_path: Path, prefix: str) -> falcon.asgi.App:
     config.write_text(f'greyproxy: {{pathPrefix: "{prefix}"}}\n')
     cfg = load_config(config, env={"GREYPROXY_DATA_HOME": str(tmp_path / "data")})
     # Building the app and its document touches neither the bus nor the database.
-    ctx = ApiContext(cfg=cfg, publisher=None, db_executor=ThreadPoolExecutor(1), proxy=None,  # type: ignore[arg-type]
-                     recorder=None, maintenance=None)  # type: ignore[arg-type]
+    ctx = ApiContext(
+        cfg=cfg,
+        publisher=None,
+        db_executor=ThreadPoolExecutor(1),
+        proxy=None,  # type: ignore[arg-type]
+        recorder=None,
+        maintenance=None,
+    )  # type: ignore[arg-type]
     return create_app(ctx)
 
 
@@ -47,7 +53,7 @@ def router_operations(app: falcon.asgi.App, prefix: str) -> set[tuple[str, str]]
     for node in _nodes(app._router._roots):
         if node.resource is None:
             continue
-        path = _PARAM.sub(r"{\1}", node.uri_template)[len(prefix):]
+        path = _PARAM.sub(r"{\1}", node.uri_template)[len(prefix) :]
         for method, responder in node.method_map.items():
             if getattr(responder, "__self__", None) is not node.resource:
                 continue  # Falcon's defaults: OPTIONS and 405 for methods the resource lacks
@@ -67,8 +73,12 @@ def served(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[falcon.asgi.
 def test_every_routed_operation_is_documented_and_nothing_else(served) -> None:
     app, prefix, doc = served
     routed = router_operations(app, prefix)
-    documented = {(path, method.upper()) for path, item in doc["paths"].items() for method in item
-                  if method.upper() in HTTP_METHODS}
+    documented = {
+        (path, method.upper())
+        for path, item in doc["paths"].items()
+        for method in item
+        if method.upper() in HTTP_METHODS
+    }
     assert len(routed) >= 30, routed  # the areas registered themselves
     assert routed - documented == set(), "served but missing from /api/openapi.json"
     assert documented - routed == set(), "documented but not served"
@@ -80,8 +90,9 @@ def test_every_routed_operation_is_documented_and_nothing_else(served) -> None:
 
 def test_operations_are_complete(served) -> None:
     _app, prefix, doc = served
-    assert doc["openapi"].startswith("3.1") and doc["servers"] == [{"url": prefix or "/",
-                                                                    "description": doc["servers"][0]["description"]}]
+    assert doc["openapi"].startswith("3.1") and doc["servers"] == [
+        {"url": prefix or "/", "description": doc["servers"][0]["description"]}
+    ]
     ids = set()
     for path, item in doc["paths"].items():
         for method, op in item.items():
@@ -125,26 +136,83 @@ def test_shapes_match_what_the_api_builds() -> None:
     from greyproxy.shapes import log_json, pending_json, rule_json
 
     rows = {
-        "Rule": rule_json({"id": 1, "container_pattern": "*", "destination_pattern": "a.com", "port_pattern": "*",
-                           "rule_type": "glob", "action": "allow", "created_at": 1.7e9, "expires_at": None,
-                           "last_used_at": None, "created_by": "api", "notes": None, "source": "global",
-                           "session_id": None, "hit_count": 0}),
-        "Pending": pending_json({"id": 1, "container_name": "c", "container_id": "", "destination_host": "a.com",
-                                 "destination_port": 443, "resolved_hostname": None, "first_seen": 1.7e9,
-                                 "last_seen": 1.7e9, "attempt_count": 2}, 1),
-        "LogEntry": log_json({"id": 1, "timestamp": 1.7e9, "container_name": "c", "container_id": "",
-                              "destination_host": "a.com", "destination_port": 443, "resolved_hostname": None,
-                              "method": "CONNECT", "result": "blocked", "rule_id": None, "response_time_ms": 1.25,
-                              "reason": "default_deny", "mitm_skip_reason": None}, None),
-        "Transaction": transaction_json({"id": 1, "timestamp": 1.7e9, "container_name": "c",
-                                         "destination_host": "a.com", "destination_port": 443, "method": "GET",
-                                         "url": "https://a.com/", "request_headers": '{"Accept": ["*/*"]}',
-                                         "request_body": None, "request_body_size": 0,
-                                         "request_content_type": None, "status_code": 200,
-                                         "response_headers": "{}", "response_body": "hi", "response_body_size": 2,
-                                         "response_content_type": "text/plain", "duration_ms": 3.5,
-                                         "rule_id": 4, "result": "allowed", "conversation_id": None,
-                                         "substituted_credentials": "[]", "session_id": None}, include_bodies=True),
+        "Rule": rule_json(
+            {
+                "id": 1,
+                "container_pattern": "*",
+                "destination_pattern": "a.com",
+                "port_pattern": "*",
+                "rule_type": "glob",
+                "action": "allow",
+                "created_at": 1.7e9,
+                "expires_at": None,
+                "last_used_at": None,
+                "created_by": "api",
+                "notes": None,
+                "source": "global",
+                "session_id": None,
+                "hit_count": 0,
+            }
+        ),
+        "Pending": pending_json(
+            {
+                "id": 1,
+                "container_name": "c",
+                "container_id": "",
+                "destination_host": "a.com",
+                "destination_port": 443,
+                "resolved_hostname": None,
+                "first_seen": 1.7e9,
+                "last_seen": 1.7e9,
+                "attempt_count": 2,
+            },
+            1,
+        ),
+        "LogEntry": log_json(
+            {
+                "id": 1,
+                "timestamp": 1.7e9,
+                "container_name": "c",
+                "container_id": "",
+                "destination_host": "a.com",
+                "destination_port": 443,
+                "resolved_hostname": None,
+                "method": "CONNECT",
+                "result": "blocked",
+                "rule_id": None,
+                "response_time_ms": 1.25,
+                "reason": "default_deny",
+                "mitm_skip_reason": None,
+            },
+            None,
+        ),
+        "Transaction": transaction_json(
+            {
+                "id": 1,
+                "timestamp": 1.7e9,
+                "container_name": "c",
+                "destination_host": "a.com",
+                "destination_port": 443,
+                "method": "GET",
+                "url": "https://a.com/",
+                "request_headers": '{"Accept": ["*/*"]}',
+                "request_body": None,
+                "request_body_size": 0,
+                "request_content_type": None,
+                "status_code": 200,
+                "response_headers": "{}",
+                "response_body": "hi",
+                "response_body_size": 2,
+                "response_content_type": "text/plain",
+                "duration_ms": 3.5,
+                "rule_id": 4,
+                "result": "allowed",
+                "conversation_id": None,
+                "substituted_credentials": "[]",
+                "session_id": None,
+            },
+            include_bodies=True,
+        ),
     }
     for name, instance in rows.items():
         schema = {**openapi.SCHEMAS[name], "$defs": {}}

@@ -106,8 +106,10 @@ def test_relay_ends_when_a_side_ends_and_closes_both() -> None:
 
 
 def _head() -> http1.RequestHead:
-    raw = (b"POST http://api.example/v1/x?y=1 HTTP/1.1\r\nHost: api.example\r\nContent-Type: application/json\r\n"
-           b"Authorization: Bearer sk-secret\r\nx-my-token: t\r\nAccept: a\r\naccept: b\r\nContent-Length: 2\r\n\r\n")
+    raw = (
+        b"POST http://api.example/v1/x?y=1 HTTP/1.1\r\nHost: api.example\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer sk-secret\r\nx-my-token: t\r\nAccept: a\r\naccept: b\r\nContent-Length: 2\r\n\r\n"
+    )
     head, _n = http1.parse_request_head(raw, 65536, 100)
     return head
 
@@ -143,7 +145,9 @@ def test_record_shape_redaction_and_inline_body() -> None:
     assert len(records) == 1
     kind, r = records[0]
     assert kind == "transaction"
-    assert r["url"] == "http://api.example/v1/x?y=1" and r["method"] == "POST" and r["destination_host"] == "api.example"
+    assert (
+        r["url"] == "http://api.example/v1/x?y=1" and r["method"] == "POST" and r["destination_host"] == "api.example"
+    )
     assert r["destination_port"] == 80 and r["rule_id"] == 7 and r["container_name"] == "agent"
     assert r["request_headers"]["Authorization"] == ["[REDACTED]"]
     assert r["request_headers"]["X-My-Token"] == ["[REDACTED]"]
@@ -176,8 +180,10 @@ def test_compressed_or_big_bodies_are_decoded_off_the_loop() -> None:
     async def main() -> list[tuple[str, Any]]:
         journal = FakeJournal()
         rec = Recorder(journal)  # type: ignore[arg-type]
-        for resp, body in ((_resp("text/plain", "gzip"), gzip.compress(b"zipped text")),
-                           (_resp("text/plain"), b"x" * (INLINE_DECODE_MAX + 1))):
+        for resp, body in (
+            (_resp("text/plain", "gzip"), gzip.compress(b"zipped text")),
+            (_resp("text/plain"), b"x" * (INLINE_DECODE_MAX + 1)),
+        ):
             t = rec.txn("agent", "http://h", "h", 80, _head())
             t.resp_sink(resp)(body)
             t.finish(resp)
@@ -205,19 +211,43 @@ def test_recorder_applies_a_run_of_transactions_at_once_and_drops_only_bad_ones(
     from services.recorder.apply import apply_records
 
     def rec(i: int) -> dict[str, Any]:
-        return {"timestamp": 1000.0 + i, "container_name": "c", "destination_host": "h", "destination_port": 80,
-                "method": "GET", "url": f"http://h/{i}", "request_headers": {"Authorization": ["[REDACTED]"]},
-                "response_headers": {}, "status_code": 200, "response_body": f"body {i}", "response_body_size": 6}
+        return {
+            "timestamp": 1000.0 + i,
+            "container_name": "c",
+            "destination_host": "h",
+            "destination_port": 80,
+            "method": "GET",
+            "url": f"http://h/{i}",
+            "request_headers": {"Authorization": ["[REDACTED]"]},
+            "response_headers": {},
+            "status_code": 200,
+            "response_body": f"body {i}",
+            "response_body_size": 6,
+        }
 
     db = open_database(tmp_path / "t.db")
     try:
         conn = db.connection()
-        conn.execute("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
-                     " method, url) VALUES (1, 'old', 'h', 80, 'GET', 'http://h/old')")
+        conn.execute(
+            "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
+            " method, url) VALUES (1, 'old', 'h', 80, 'GET', 'http://h/old')"
+        )
         conn.execute("DELETE FROM http_transactions")  # the AUTOINCREMENT sequence stays ahead of MAX(id)
         records = [(f"t-{i}", "transaction", rec(i)) for i in range(40)]
-        records.append(("log-1", "log", {"timestamp": 1.0, "container_name": "c", "destination_host": "h",
-                                         "destination_port": 80, "method": "HTTP", "result": "allowed"}))
+        records.append(
+            (
+                "log-1",
+                "log",
+                {
+                    "timestamp": 1.0,
+                    "container_name": "c",
+                    "destination_host": "h",
+                    "destination_port": 80,
+                    "method": "HTTP",
+                    "result": "allowed",
+                },
+            )
+        )
 
         from services.recorder import apply as apply_mod
 
@@ -238,7 +268,9 @@ def test_recorder_applies_a_run_of_transactions_at_once_and_drops_only_bad_ones(
         records += more
         tx_events = [e for e in events if e[0] == "transaction.new"]
         assert len(tx_events) == 50 and len(events) == 51
-        rows = conn.execute("SELECT id, url, response_body, request_headers FROM http_transactions ORDER BY id").fetchall()
+        rows = conn.execute(
+            "SELECT id, url, response_body, request_headers FROM http_transactions ORDER BY id"
+        ).fetchall()
         assert [r[1] for r in rows] == [f"http://h/{i}" for i in range(50)]
         assert [e[1]["id"] for e in tx_events] == [r[0] for r in rows]  # event ids are the rows' ids
         assert [e[1]["url"] for e in tx_events] == [r[1] for r in rows]

@@ -47,8 +47,12 @@ def test_address_rules_judge_resolved_addresses() -> None:
 
 
 def test_candidates_say_why_a_rule_does_not_apply() -> None:
-    rules = rs(Rule(1, "b", "x.example", action="allow"), Rule(2, "a", "x.example", "80", action="allow"),
-               Rule(3, "a", "x.example", action="allow", expires_at=1.0), Rule(4, "a", "y.example", action="deny"))
+    rules = rs(
+        Rule(1, "b", "x.example", action="allow"),
+        Rule(2, "a", "x.example", "80", action="allow"),
+        Rule(3, "a", "x.example", action="allow", expires_at=1.0),
+        Rule(4, "a", "y.example", action="deny"),
+    )
     j = judge(rules, "a", "x.example", 443, explain=True)
     assert j.decision == "pending"
     why = {c.rule.id: c.why for c in j.candidates or []}

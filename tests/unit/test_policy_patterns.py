@@ -184,9 +184,7 @@ def test_container_specificity(pattern: str, specificity: int) -> None:
         ("1000-60000", "1000-60000", [1000, 60000], [999, 60001]),
     ],
 )
-def test_port_patterns(
-    pattern: str | None, normalised: str, inside: list[int], outside: list[int]
-) -> None:
+def test_port_patterns(pattern: str | None, normalised: str, inside: list[int], outside: list[int]) -> None:
     parsed = PortPattern.parse(pattern)
     assert parsed.text == normalised
     assert validate_port_pattern(pattern) == normalised
@@ -326,17 +324,33 @@ from greyproxy.policy import Rule, RuleSet  # noqa: E402
 from greyproxy.policy.patterns import ascii_host  # noqa: E402
 
 
-@pytest.mark.parametrize("pattern, stored", [
-    ("日本.example", "xn--wgv71a.example"), ("xn--wgv71a.example", "xn--wgv71a.example"),
-    ("*.日本.example", "*.xn--wgv71a.example"), ("**.BÜCHER.de", "**.xn--bcher-kva.de"),
-    ("api.example.com", "api.example.com"), ("10.0.0.0/8", "10.0.0.0/8"),
-])
+@pytest.mark.parametrize(
+    "pattern, stored",
+    [
+        ("日本.example", "xn--wgv71a.example"),
+        ("xn--wgv71a.example", "xn--wgv71a.example"),
+        ("*.日本.example", "*.xn--wgv71a.example"),
+        ("**.BÜCHER.de", "**.xn--bcher-kva.de"),
+        ("api.example.com", "api.example.com"),
+        ("10.0.0.0/8", "10.0.0.0/8"),
+    ],
+)
 def test_destination_patterns_are_stored_in_punycode(pattern: str, stored: str) -> None:
     assert validate_destination_pattern(pattern) == stored
 
 
-@pytest.mark.parametrize("pattern", ["a\x00b.example", "\u202egro.elgoog", "ex\u200bample.com", "x\x07.com",
-                                     "日*.example", "a\u2066b.com", "\u061c.example"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "a\x00b.example",
+        "\u202egro.elgoog",
+        "ex\u200bample.com",
+        "x\x07.com",
+        "日*.example",
+        "a\u2066b.com",
+        "\u061c.example",
+    ],
+)
 def test_control_and_bidi_characters_are_refused(pattern: str) -> None:
     with pytest.raises(ValueError):
         validate_destination_pattern(pattern)

@@ -372,9 +372,7 @@ def test_rule_from_dict() -> None:
     ],
 )
 def test_rule_from_dict_expiry_forms(expires: Any, epoch: float | None) -> None:
-    rule = Rule.from_dict(
-        {"container_pattern": "*", "destination_pattern": "x", "expires_at": expires}
-    )
+    rule = Rule.from_dict({"container_pattern": "*", "destination_pattern": "x", "expires_at": expires})
     assert rule.expires_at == epoch
     assert (rule.id, rule.port_pattern, rule.action, rule.source) == (0, "*", "allow", "global")
 
@@ -411,9 +409,7 @@ def test_rule_from_row_object() -> None:
         session_id = None
 
     assert Rule.from_row(Row()) == Rule(5, "web", "a.com", "80")
-    assert (
-        Rule.from_row({"id": 5, "container_pattern": "web", "destination_pattern": "a.com"}).id == 5
-    )
+    assert Rule.from_row({"id": 5, "container_pattern": "web", "destination_pattern": "a.com"}).id == 5
 
 
 def test_rule_is_active() -> None:
@@ -431,8 +427,7 @@ def test_builtin_rules_allow_loopback() -> None:
     seeded = builtin_rules()
     assert [d["destination_pattern"] for d in seeded] == ["localhost", "127.0.0.1", "::1"]
     assert all(
-        (d["container_pattern"], d["port_pattern"], d["action"], d["source"])
-        == ("*", "*", "allow", "builtin")
+        (d["container_pattern"], d["port_pattern"], d["action"], d["source"]) == ("*", "*", "allow", "builtin")
         for d in seeded
     )
     rs = RuleSet(Rule.from_dict({**d, "id": i + 1}) for i, d in enumerate(seeded))
@@ -533,9 +528,7 @@ def rule_lists(draw: st.DrawFn) -> list[Rule]:
 
 def reference_match(rules: list[Rule], container: str, host: str, port: int) -> Rule | None:
     """Brute force: every active rule whose predicate matches, best precedence key wins."""
-    live = [
-        c for c in map(compile_rule, rules) if c.is_active(NOW) and c.matches(container, host, port)
-    ]
+    live = [c for c in map(compile_rule, rules) if c.is_active(NOW) and c.matches(container, host, port)]
     return min(live, key=CompiledRule.precedence_key).rule if live else None
 
 

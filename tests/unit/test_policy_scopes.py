@@ -101,9 +101,7 @@ def test_registrable_domain(host: str, domain: str) -> None:
         ("exact", "agent*", "example.com", 80, ("agent[*]", "example.com", "80")),
     ],
 )
-def test_scope_patterns(
-    scope: str, container: str, host: str, port: int | str, patterns: tuple[str, str, str]
-) -> None:
+def test_scope_patterns(scope: str, container: str, host: str, port: int | str, patterns: tuple[str, str, str]) -> None:
     assert scope_patterns(scope, container, host, port) == patterns
 
 

@@ -38,7 +38,10 @@ SAMPLE_TCP6 = """\
 def test_parse_proc_net_reads_state_address_and_inode() -> None:
     rows = ports.parse_proc_net(SAMPLE_TCP, 0xA898, udp=False)
     assert [(r.address, r.state, r.inode) for r in rows] == [
-        ("127.0.0.1", "LISTEN", 4242), ("127.0.0.1", "TIME_WAIT", 0), ("127.0.0.2", "LISTEN", 77)]
+        ("127.0.0.1", "LISTEN", 4242),
+        ("127.0.0.1", "TIME_WAIT", 0),
+        ("127.0.0.2", "LISTEN", 77),
+    ]
     assert [r.listening for r in rows] == [True, False, True]
     six = ports.parse_proc_net(SAMPLE_TCP6, 0xA898, udp=False)
     assert [(r.address, r.inode) for r in six] == [("::", 555), ("::1", 556)]
@@ -60,7 +63,10 @@ def test_holders_from_a_fake_proc_match_addresses_and_name_the_program(tmp_path)
     assert found is not None
     # 127.0.0.2 cannot clash with 127.0.0.1; the IPv6 wildcard can (and ::1 cannot)
     assert [(h.address, h.state, h.pid) for h in found] == [
-        ("127.0.0.1", "LISTEN", 321), ("127.0.0.1", "TIME_WAIT", None), ("::", "LISTEN", None)]
+        ("127.0.0.1", "LISTEN", 321),
+        ("127.0.0.1", "TIME_WAIT", None),
+        ("::", "LISTEN", None),
+    ]
     assert found[0].command == "nc -l 43160"
     verdict = ports.diagnose("127.0.0.1", 0xA898, socket.SOCK_STREAM, proc)
     assert verdict.listening and verdict.lingering == 1
@@ -177,8 +183,9 @@ def test_bind_retrying_waits_for_lingering_and_refuses_programs(peer: socket.soc
 
     async def scenario() -> socket.socket:
         loop = asyncio.get_running_loop()
-        loop.call_later(0.8, lambda: (cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
-                                      cli.close()))
+        loop.call_later(
+            0.8, lambda: (cli.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)), cli.close())
+        )
         return await ports.bind_retrying(bind, "API", "127.0.0.1", port, wait=20)
 
     with caplog.at_level(logging.WARNING, logger="greyproxy.ports"):

@@ -244,23 +244,25 @@ def test_proxy_user_absent() -> None:
 
 
 def test_hop_by_hop_removal() -> None:
-    head = parse(req(
-        "POST http://api.example:8080/v1?x=1 HTTP/1.1",
-        "Host: evil.example",
-        "User-Agent: t/1",
-        "Connection: keep-alive, X-Secret, Content-Length, Transfer-Encoding, Host",
-        "Keep-Alive: timeout=5",
-        "Proxy-Connection: keep-alive",
-        f"Proxy-Authorization: {basic('a:b')}",
-        "Proxy-Authenticate: Basic",
-        "Proxy-Custom: 1",
-        "TE: trailers",
-        "Trailer: X-Checksum",
-        "X-Secret: dropped",
-        "Upgrade: h2c",
-        "Transfer-Encoding: chunked",
-        "Accept: */*",
-    ))
+    head = parse(
+        req(
+            "POST http://api.example:8080/v1?x=1 HTTP/1.1",
+            "Host: evil.example",
+            "User-Agent: t/1",
+            "Connection: keep-alive, X-Secret, Content-Length, Transfer-Encoding, Host",
+            "Keep-Alive: timeout=5",
+            "Proxy-Connection: keep-alive",
+            f"Proxy-Authorization: {basic('a:b')}",
+            "Proxy-Authenticate: Basic",
+            "Proxy-Custom: 1",
+            "TE: trailers",
+            "Trailer: X-Checksum",
+            "X-Secret: dropped",
+            "Upgrade: h2c",
+            "Transfer-Encoding: chunked",
+            "Accept: */*",
+        )
+    )
     assert head.upgrade is None
     assert head.upstream_headers() == [
         ("Host", "api.example:8080"),
@@ -269,8 +271,10 @@ def test_hop_by_hop_removal() -> None:
         ("Accept", "*/*"),
     ]
     wire = render_request_head(head.method, head.path, "1.1", head.upstream_headers())
-    assert wire == (b"POST /v1?x=1 HTTP/1.1\r\nHost: api.example:8080\r\nUser-Agent: t/1\r\n"
-                    b"Transfer-Encoding: chunked\r\nAccept: */*\r\n\r\n")
+    assert wire == (
+        b"POST /v1?x=1 HTTP/1.1\r\nHost: api.example:8080\r\nUser-Agent: t/1\r\n"
+        b"Transfer-Encoding: chunked\r\nAccept: */*\r\n\r\n"
+    )
 
 
 def test_host_header_added_when_missing_and_replaces_client_host() -> None:
@@ -409,8 +413,8 @@ def test_consumed_count_and_following_bytes() -> None:
     body = b"hello"
     raw = req("POST http://e.com/ HTTP/1.1", "Content-Length: 5", body=body) + b"GET http://e.com/2 HTTP/1.1\r\n\r\n"
     head, n = parse_request_head(raw)  # type: ignore[misc]
-    assert raw[n:n + 5] == body
-    nxt, m = parse_request_head(raw[n + 5:])  # type: ignore[misc]
+    assert raw[n : n + 5] == body
+    nxt, m = parse_request_head(raw[n + 5 :])  # type: ignore[misc]
     assert nxt.path == "/2" and n + 5 + m == len(raw)
 
 
@@ -431,10 +435,12 @@ def test_connect_with_early_data() -> None:
 
 
 def chunked_message() -> bytes:
-    return (b"5\r\nhello\r\n"
-            b"1a;name=value;x=\"q\"\r\nabcdefghijklmnopqrstuvwxyz\r\n"
-            b"A \t;ext\r\n0123456789\r\n"
-            b"0\r\nX-Trailer: yes\r\nX-Other:\r\n\r\n")
+    return (
+        b"5\r\nhello\r\n"
+        b'1a;name=value;x="q"\r\nabcdefghijklmnopqrstuvwxyz\r\n'
+        b"A \t;ext\r\n0123456789\r\n"
+        b"0\r\nX-Trailer: yes\r\nX-Other:\r\n\r\n"
+    )
 
 
 def run_reader(reader: BodyReader, pieces: list[bytes]) -> tuple[bytes, bytes, list[bool]]:
@@ -483,28 +489,28 @@ def test_chunked_minimal_and_leading_zeros() -> None:
 @pytest.mark.parametrize(
     "data",
     [
-        b"5\nhello\r\n0\r\n\r\n",            # bare LF after size
-        b"5\r\nhello\n0\r\n\r\n",            # bare LF after data
-        b"5\r\nhelloXX0\r\n\r\n",            # data longer than declared
-        b"5\r\nhel\r\n0\r\n\r\n",              # data shorter: CRLF counted as data, then junk
-        b"g\r\n",                            # not hex
-        b"-1\r\n",                           # negative
-        b"\r\n",                             # empty size
-        b"5 \r\nhello\r\n",                  # whitespace without an extension
-        b" 5\r\nhello\r\n",                  # leading whitespace
-        b"5\r\r\nhello\r\n",                 # stray CR
-        b"5;a\x00b\r\nhello\r\n",            # control byte in extension
-        b"11111111111111111\r\n",            # 17 hex digits
-        b"1" + b";" * 5000 + b"\r\n",        # size line too long
-        b"0\r\nbad trailer\r\n\r\n",         # trailer is not a field
-        b"0\r\nX: y\nZ: w\r\n\r\n",          # bare LF in trailers
+        b"5\nhello\r\n0\r\n\r\n",  # bare LF after size
+        b"5\r\nhello\n0\r\n\r\n",  # bare LF after data
+        b"5\r\nhelloXX0\r\n\r\n",  # data longer than declared
+        b"5\r\nhel\r\n0\r\n\r\n",  # data shorter: CRLF counted as data, then junk
+        b"g\r\n",  # not hex
+        b"-1\r\n",  # negative
+        b"\r\n",  # empty size
+        b"5 \r\nhello\r\n",  # whitespace without an extension
+        b" 5\r\nhello\r\n",  # leading whitespace
+        b"5\r\r\nhello\r\n",  # stray CR
+        b"5;a\x00b\r\nhello\r\n",  # control byte in extension
+        b"11111111111111111\r\n",  # 17 hex digits
+        b"1" + b";" * 5000 + b"\r\n",  # size line too long
+        b"0\r\nbad trailer\r\n\r\n",  # trailer is not a field
+        b"0\r\nX: y\nZ: w\r\n\r\n",  # bare LF in trailers
     ],
 )
 def test_malformed_chunked_is_400(data: bytes) -> None:
     reader = BodyReader(None, True)
     with pytest.raises(HttpError) as info:
         for i in range(len(data)):
-            reader.feed(data[i:i + 1])
+            reader.feed(data[i : i + 1])
     assert info.value.status == 400
     with pytest.raises(HttpError):
         BodyReader(None, True).feed(data)
@@ -563,15 +569,21 @@ def test_until_close_body() -> None:
         ("GET", "HTTP/1.1 404 Not Found\r\nContent-Length: 3", True, False, False, 3, True),
     ],
 )
-def test_response_framing(method: str, head: str, has_body: bool, until_close: bool, chunked: bool,
-                          length: int | None, keep_alive: bool) -> None:
+def test_response_framing(
+    method: str, head: str, has_body: bool, until_close: bool, chunked: bool, length: int | None, keep_alive: bool
+) -> None:
     raw = (head + "\r\n\r\n").encode()
     got = parse_response_head(raw + b"BODY", request_method=method)
     assert got is not None
     resp, n = got
     assert n == len(raw)
     assert (resp.has_body, resp.until_close, resp.chunked, resp.content_length, resp.keep_alive) == (
-        has_body, until_close, chunked, length, keep_alive)
+        has_body,
+        until_close,
+        chunked,
+        length,
+        keep_alive,
+    )
 
 
 def test_response_fields() -> None:
@@ -629,9 +641,11 @@ def test_upstream_error_is_not_http_error() -> None:
 def test_render_response_head_replaces_hop_by_hop() -> None:
     resp, _ = parse_response_head(  # type: ignore[misc]
         b"HTTP/1.0 200 OK\r\nConnection: close, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n"
-        b"Proxy-Authenticate: Basic\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\n")
+        b"Proxy-Authenticate: Basic\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\n\r\n"
+    )
     assert render_response_head(resp, keep_alive=True) == (
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\nConnection: keep-alive\r\n\r\n")
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=b\r\nConnection: keep-alive\r\n\r\n"
+    )
     assert render_response_head(resp, keep_alive=False).endswith(b"\r\nConnection: close\r\n\r\n")
 
 
@@ -640,7 +654,8 @@ def test_render_response_head_replaces_hop_by_hop() -> None:
 
 def test_render_request_head_bytes() -> None:
     assert render_request_head("GET", "/a?b", "1.0", [("Host", "e.com"), ("X", "é")]) == (
-        b"GET /a?b HTTP/1.0\r\nHost: e.com\r\nX: \xe9\r\n\r\n")
+        b"GET /a?b HTTP/1.0\r\nHost: e.com\r\nX: \xe9\r\n\r\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -660,10 +675,11 @@ def test_render_request_head_refuses_injection(args: tuple) -> None:
 def test_render_response() -> None:
     assert render_response(403, "Forbidden", b"Blocked\n") == (
         b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: 8\r\n"
-        b"Connection: close\r\n\r\nBlocked\n")
-    assert render_response(502, "Bad Gateway", headers=[("Content-Type", "text/html"), ("Content-Length", "99"),
-                                                        ("X-A", "b")], close=False) == (
-        b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nX-A: b\r\nContent-Length: 0\r\n\r\n")
+        b"Connection: close\r\n\r\nBlocked\n"
+    )
+    assert render_response(
+        502, "Bad Gateway", headers=[("Content-Type", "text/html"), ("Content-Length", "99"), ("X-A", "b")], close=False
+    ) == (b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/html\r\nX-A: b\r\nContent-Length: 0\r\n\r\n")
 
 
 def test_rendered_response_parses_back() -> None:
@@ -717,8 +733,10 @@ def test_socks_userpass_preferred_and_username_kept() -> None:
     assert (server.request.host, server.request.port, server.request.username) == ("example.com", 443, "agent1")
 
 
-@pytest.mark.parametrize(("user", "expected"), [(b"", None), (b"proxy", None), (b"Proxy", "Proxy"),
-                                                (b"\xff\xfe", None), (b"a\x01b", None), ("ü".encode(), "ü")])
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [(b"", None), (b"proxy", None), (b"Proxy", "Proxy"), (b"\xff\xfe", None), (b"a\x01b", None), ("ü".encode(), "ü")],
+)
 def test_socks_placeholder_usernames(user: bytes, expected: str | None) -> None:
     server, out = run_socks([greeting(2), auth(user, b"pw"), request(1, 1, bytes(4), 1)])
     assert out == [b"\x05\x02", b"\x01\x00"]
@@ -750,7 +768,9 @@ def test_socks_address_types(atyp: int, addr: bytes, host: str) -> None:
 
 
 def test_socks_split_at_every_byte() -> None:
-    data = greeting(0, 2) + auth(b"agent9", b"pw") + request(1, 4, ipaddress.IPv6Address("fe80::2").packed, 22) + b"EARLY"
+    data = (
+        greeting(0, 2) + auth(b"agent9", b"pw") + request(1, 4, ipaddress.IPv6Address("fe80::2").packed, 22) + b"EARLY"
+    )
     for i in range(len(data) + 1):
         for j in range(i, len(data) + 1, 5):
             server, out = run_socks([data[:i], data[i:j], data[j:]])
@@ -813,8 +833,12 @@ def test_socks_bind_and_udp_are_parsed(cmd: int, expected: int) -> None:
 
 def test_socks_unicode_names_are_taken_in_idna_form() -> None:
     # Issue 13 item 5: rules hold punycode; a UTF-8 name (ATYP=3) is judged and resolved as that form.
-    for name, want in (("bücher.de", "xn--bcher-kva.de"), ("日本.example", "xn--wgv71a.example"),
-                       ("BÜCHER.DE", "xn--bcher-kva.de"), ("xn--bcher-kva.de", "xn--bcher-kva.de")):
+    for name, want in (
+        ("bücher.de", "xn--bcher-kva.de"),
+        ("日本.example", "xn--wgv71a.example"),
+        ("BÜCHER.DE", "xn--bcher-kva.de"),
+        ("xn--bcher-kva.de", "xn--bcher-kva.de"),
+    ):
         server = Socks5Server()
         server.feed(greeting(0))
         server.feed(request(1, 3, name.encode(), 443))
@@ -890,9 +914,16 @@ def test_fuzz_request_head_only_http_errors(data: bytes) -> None:
 
 
 @FUZZ
-@given(st.sampled_from([b"GET http://e.com/ HTTP/1.1\r\n", b"CONNECT e.com:443 HTTP/1.1\r\n",
-                        b"POST http://e.com/ HTTP/1.0\r\nContent-Length: 3\r\n"]),
-       st.binary(max_size=300))
+@given(
+    st.sampled_from(
+        [
+            b"GET http://e.com/ HTTP/1.1\r\n",
+            b"CONNECT e.com:443 HTTP/1.1\r\n",
+            b"POST http://e.com/ HTTP/1.0\r\nContent-Length: 3\r\n",
+        ]
+    ),
+    st.binary(max_size=300),
+)
 def test_fuzz_request_head_after_valid_prefix(prefix: bytes, data: bytes) -> None:
     try:
         parse_request_head(prefix + data)
@@ -912,8 +943,10 @@ def test_fuzz_response_head_only_upstream_errors(data: bytes, method: str) -> No
 
 
 @FUZZ
-@given(st.lists(st.binary(max_size=40), max_size=20),
-       st.sampled_from([(None, True, False), (7, False, False), (None, False, True), (0, False, False)]))
+@given(
+    st.lists(st.binary(max_size=40), max_size=20),
+    st.sampled_from([(None, True, False), (7, False, False), (None, False, True), (0, False, False)]),
+)
 def test_fuzz_body_reader(pieces: list[bytes], mode: tuple[int | None, bool, bool]) -> None:
     reader = BodyReader(*mode)
     total_in = total_out = 0
@@ -960,12 +993,44 @@ def test_fuzz_socks_after_valid_greeting(pieces: list[bytes]) -> None:
 # --- framing: whatever the CL/TE lines, a request is either unambiguous or refused with 400
 
 _TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-framing_name = st.sampled_from(["Content-Length", "content-length", "CONTENT-LENGTH", "Transfer-Encoding",
-                                "transfer-encoding", "Content-Length ", "Transfer-Encoding\t", "X-Other"])
+framing_name = st.sampled_from(
+    [
+        "Content-Length",
+        "content-length",
+        "CONTENT-LENGTH",
+        "Transfer-Encoding",
+        "transfer-encoding",
+        "Content-Length ",
+        "Transfer-Encoding\t",
+        "X-Other",
+    ]
+)
 framing_value = st.one_of(
-    st.sampled_from(["chunked", "Chunked", " chunked ", "gzip, chunked", "chunked, gzip", "identity", "xchunked",
-                     "chunked;q=1", "chunked,", "", "0", "5", "05", "5, 5", "+5", "-5", "0x5", "5 5", "5.0",
-                     "99999999999999999999", "1e3"]),
+    st.sampled_from(
+        [
+            "chunked",
+            "Chunked",
+            " chunked ",
+            "gzip, chunked",
+            "chunked, gzip",
+            "identity",
+            "xchunked",
+            "chunked;q=1",
+            "chunked,",
+            "",
+            "0",
+            "5",
+            "05",
+            "5, 5",
+            "+5",
+            "-5",
+            "0x5",
+            "5 5",
+            "5.0",
+            "99999999999999999999",
+            "1e3",
+        ]
+    ),
     st.from_regex(r"[0-9]{1,20}", fullmatch=True),
     st.text(alphabet="chunkedCHUNKED ,;\t0123456789\x00\r\n\x0b", max_size=12),
 )
@@ -983,8 +1048,7 @@ def _outcome(raw: bytes, origin: tuple[str, str, int] | None) -> tuple[str, obje
 
 
 @FUZZ
-@given(st.lists(st.tuples(framing_name, framing_value), max_size=4), st.sampled_from(["1.0", "1.1"]),
-       st.booleans())
+@given(st.lists(st.tuples(framing_name, framing_value), max_size=4), st.sampled_from(["1.0", "1.1"]), st.booleans())
 def test_fuzz_request_framing_is_unambiguous_or_400(fields: list[tuple[str, str]], version: str, fold: bool) -> None:
     lines = [f"{k}: {v}" for k, v in fields]
     if fold and lines:
@@ -1036,8 +1100,11 @@ def test_fuzz_header_bytes_never_pass_control_characters(name: bytes, value: byt
 # --- round trips of generated valid messages
 
 label = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?", fullmatch=True)
-hostname = st.lists(label, min_size=1, max_size=4).map(".".join).filter(
-    lambda h: re.fullmatch(r"[0-9]+|0x[0-9a-f]*", h.split(".")[-1]) is None)  # numeric TLDs are IPv4 spellings
+hostname = (
+    st.lists(label, min_size=1, max_size=4)
+    .map(".".join)
+    .filter(lambda h: re.fullmatch(r"[0-9]+|0x[0-9a-f]*", h.split(".")[-1]) is None)
+)  # numeric TLDs are IPv4 spellings
 ipv4 = st.ip_addresses(v=4).map(str)
 ipv6 = st.ip_addresses(v=6).map(str)
 token = st.from_regex(r"X-[A-Za-z0-9-]{1,12}", fullmatch=True)
@@ -1046,12 +1113,24 @@ path_part = st.from_regex(r"(/[A-Za-z0-9._~%!$&'()*+,;=:@-]{0,10}){0,4}(\?[A-Za-
 
 
 @FUZZ
-@given(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
-       st.one_of(hostname, ipv4, ipv6), st.one_of(st.none(), st.integers(1, 65535)), path_part,
-       st.lists(st.tuples(token, field_value), max_size=8), st.sampled_from(["1.0", "1.1"]),
-       st.one_of(st.none(), st.integers(0, 10**12)))
-def test_roundtrip_generated_requests(method: str, host: str, port: int | None, path: str,
-                                      headers: list[tuple[str, str]], version: str, length: int | None) -> None:
+@given(
+    st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]),
+    st.one_of(hostname, ipv4, ipv6),
+    st.one_of(st.none(), st.integers(1, 65535)),
+    path_part,
+    st.lists(st.tuples(token, field_value), max_size=8),
+    st.sampled_from(["1.0", "1.1"]),
+    st.one_of(st.none(), st.integers(0, 10**12)),
+)
+def test_roundtrip_generated_requests(
+    method: str,
+    host: str,
+    port: int | None,
+    path: str,
+    headers: list[tuple[str, str]],
+    version: str,
+    length: int | None,
+) -> None:
     authority = f"[{host}]" if ":" in host else host
     if port is not None:
         authority += f":{port}"
@@ -1074,11 +1153,15 @@ def test_roundtrip_generated_requests(method: str, host: str, port: int | None, 
 
 
 @FUZZ
-@given(st.lists(st.binary(min_size=1, max_size=50), max_size=6),
-       st.lists(st.tuples(token, field_value), max_size=3),
-       st.lists(st.integers(0, 400), max_size=5), st.binary(max_size=10))
-def test_roundtrip_chunked_bodies(chunks: list[bytes], trailers: list[tuple[str, str]],
-                                  cuts: list[int], tail: bytes) -> None:
+@given(
+    st.lists(st.binary(min_size=1, max_size=50), max_size=6),
+    st.lists(st.tuples(token, field_value), max_size=3),
+    st.lists(st.integers(0, 400), max_size=5),
+    st.binary(max_size=10),
+)
+def test_roundtrip_chunked_bodies(
+    chunks: list[bytes], trailers: list[tuple[str, str]], cuts: list[int], tail: bytes
+) -> None:
     msg = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks) + b"0\r\n"
     msg += b"".join(f"{k}: {v}\r\n".encode() for k, v in trailers) + b"\r\n"
     data = msg + tail
@@ -1089,9 +1172,12 @@ def test_roundtrip_chunked_bodies(chunks: list[bytes], trailers: list[tuple[str,
 
 
 @FUZZ
-@given(st.one_of(hostname.map(lambda h: (3, h)), ipv4.map(lambda h: (1, h)), ipv6.map(lambda h: (4, h))),
-       st.integers(1, 65535), st.one_of(st.none(), st.binary(min_size=1, max_size=20)),
-       st.lists(st.integers(0, 120), max_size=6))
+@given(
+    st.one_of(hostname.map(lambda h: (3, h)), ipv4.map(lambda h: (1, h)), ipv6.map(lambda h: (4, h))),
+    st.integers(1, 65535),
+    st.one_of(st.none(), st.binary(min_size=1, max_size=20)),
+    st.lists(st.integers(0, 120), max_size=6),
+)
 def test_roundtrip_generated_socks(target: tuple[int, str], port: int, user: bytes | None, cuts: list[int]) -> None:
     atyp, host = target
     addr = host.encode() if atyp == 3 else ipaddress.ip_address(host).packed
@@ -1117,8 +1203,14 @@ def test_roundtrip_generated_socks(target: tuple[int, str], port: int, user: byt
 
 # --- mutations of valid messages reach deeper parser states than random bytes
 
-VALID_REQUEST = req("POST http://e.com:8080/p?q HTTP/1.1", "Host: e.com", "Connection: keep-alive, X-A",
-                    "X-A: 1", "Transfer-Encoding: chunked", f"Proxy-Authorization: {basic('u:p')}")
+VALID_REQUEST = req(
+    "POST http://e.com:8080/p?q HTTP/1.1",
+    "Host: e.com",
+    "Connection: keep-alive, X-A",
+    "X-A: 1",
+    "Transfer-Encoding: chunked",
+    f"Proxy-Authorization: {basic('u:p')}",
+)
 VALID_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"
 
 
@@ -1144,8 +1236,10 @@ def test_fuzz_mutated_request(edits: list[tuple[int, int]]) -> None:
 
 
 @FUZZ
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
-       st.sampled_from(["GET", "HEAD"]))
+@given(
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+    st.sampled_from(["GET", "HEAD"]),
+)
 def test_fuzz_mutated_response(edits: list[tuple[int, int]], method: str) -> None:
     try:
         parse_response_head(mutate(VALID_RESPONSE, edits), request_method=method)
@@ -1176,35 +1270,46 @@ def test_render_response_head_relays_a_clean_head_as_received() -> None:
     resp2, _ = parse_response_head(raw2)  # type: ignore[misc]
     assert render_response_head(resp2, keep_alive=True) == raw2
     assert render_response_head(resp2, keep_alive=False) == (
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+    )
 
 
-@pytest.mark.parametrize("extra", [
-    b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n",  # names another field
-    b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
-    b"Connection: keep-alive\r\nConnection: keep-alive\r\n",
-    b"Proxy-Authenticate: Basic\r\n",
-    b"Upgrade: h2c\r\n",
-    b"Trailer: X-Checksum\r\n",
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b"Connection: keep-alive, X-Hop\r\nX-Hop: 1\r\n",  # names another field
+        b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n",
+        b"Connection: keep-alive\r\nConnection: keep-alive\r\n",
+        b"Proxy-Authenticate: Basic\r\n",
+        b"Upgrade: h2c\r\n",
+        b"Trailer: X-Checksum\r\n",
+    ],
+)
 def test_render_response_head_rebuilds_a_head_with_hop_by_hop_fields(extra: bytes) -> None:
     resp, _ = parse_response_head(b"HTTP/1.1 200 OK\r\nServer: x\r\n" + extra + b"Content-Length: 2\r\n\r\n")  # type: ignore[misc]
     assert render_response_head(resp, keep_alive=True) == (
-        b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n")
+        b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\n"
+    )
 
 
 def test_render_response_head_closing_replaces_their_keep_alive() -> None:
     for conn_line in (b"Connection: keep-alive", b"connection: Keep-Alive"):
         resp, _ = parse_response_head(  # type: ignore[misc]
-            b"HTTP/1.1 200 OK\r\nServer: x\r\n" + conn_line + b"\r\nContent-Length: 2\r\n\r\n")
+            b"HTTP/1.1 200 OK\r\nServer: x\r\n" + conn_line + b"\r\nContent-Length: 2\r\n\r\n"
+        )
         assert render_response_head(resp, keep_alive=False) == (
-            b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n")
+            b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+        )
 
 
 # ---------------------------------------------------------------- issue 13 item 5: Unicode names
 
-_IDN_LABELS = st.text(alphabet=st.characters(min_codepoint=0x61, max_codepoint=0x7a) | st.sampled_from(
-    "äöüßéñ日本語한국어ελληνικάрусский\u202e\u200b\u0000\u0007\u061c"), min_size=1, max_size=12)
+_IDN_LABELS = st.text(
+    alphabet=st.characters(min_codepoint=0x61, max_codepoint=0x7A)
+    | st.sampled_from("äöüßéñ日本語한국어ελληνικάрусский\u202e\u200b\u0000\u0007\u061c"),
+    min_size=1,
+    max_size=12,
+)
 
 
 @given(st.lists(_IDN_LABELS, min_size=1, max_size=3), st.sampled_from(["CONNECT", "GET"]))
@@ -1229,11 +1334,14 @@ def test_unicode_targets_parse_to_idna_or_a_400(labels: list[str], method: str) 
         assert "xn--" in head.host
 
 
-@pytest.mark.parametrize(("target", "want_target", "want_port"), [
-    (b"http://b\xc3\xbccher.de/p", "http://xn--bcher-kva.de/p", 80),
-    (b"http://b\xc3\xbccher.de:8080/p", "http://xn--bcher-kva.de:8080/p", 8080),
-    (b"https://B\xc3\x9cCHER.de:8443", "https://xn--bcher-kva.de:8443", 8443),
-])
+@pytest.mark.parametrize(
+    ("target", "want_target", "want_port"),
+    [
+        (b"http://b\xc3\xbccher.de/p", "http://xn--bcher-kva.de/p", 80),
+        (b"http://b\xc3\xbccher.de:8080/p", "http://xn--bcher-kva.de:8080/p", 8080),
+        (b"https://B\xc3\x9cCHER.de:8443", "https://xn--bcher-kva.de:8443", 8443),
+    ],
+)
 def test_unicode_absolute_form_keeps_scheme_and_port(target: bytes, want_target: str, want_port: int) -> None:
     # The rewrite splits "scheme://" (bytes) off first, then the text authority at its last ":" (str):
     # the scheme separator and the port's colon must each land in their own place.

@@ -14,21 +14,43 @@ from services.recorder.service import publish_events
 
 
 def _log(i: int) -> dict[str, Any]:
-    return {"timestamp": 1000.0 + i, "container_name": "c", "destination_host": "h", "destination_port": 80,
-            "method": "GET", "result": "allowed", "reason": f"r{i}", "response_time_ms": 1.23456,
-            "rule_summary": "c → h:80"}
+    return {
+        "timestamp": 1000.0 + i,
+        "container_name": "c",
+        "destination_host": "h",
+        "destination_port": 80,
+        "method": "GET",
+        "result": "allowed",
+        "reason": f"r{i}",
+        "response_time_ms": 1.23456,
+        "rule_summary": "c → h:80",
+    }
 
 
 def _tx(i: int) -> dict[str, Any]:
-    return {"timestamp": 1000.0 + i, "container_name": "c", "destination_host": "h", "destination_port": 80,
-            "method": "GET", "url": f"http://h/{i}", "request_headers": {"A": ["b"]}, "response_headers": {},
-            "status_code": 200, "response_body": "secret body", "response_body_size": 11, "duration_ms": 2.5}
+    return {
+        "timestamp": 1000.0 + i,
+        "container_name": "c",
+        "destination_host": "h",
+        "destination_port": 80,
+        "method": "GET",
+        "url": f"http://h/{i}",
+        "request_headers": {"A": ["b"]},
+        "response_headers": {},
+        "status_code": 200,
+        "response_body": "secret body",
+        "response_body_size": 11,
+        "duration_ms": 2.5,
+    }
 
 
 def _batch(tag: str) -> list[tuple[str, str, Any]]:
     pend = {"container_name": "c", "destination_host": "held", "destination_port": 443, "ts": 1000.0, "waiting": 2}
-    return ([(f"{tag}l{i}", "log", _log(i)) for i in range(5)] + [(f"{tag}t{i}", "transaction", _tx(i)) for i in range(4)]
-            + [(f"{tag}p", "pending", pend)])
+    return (
+        [(f"{tag}l{i}", "log", _log(i)) for i in range(5)]
+        + [(f"{tag}t{i}", "transaction", _tx(i)) for i in range(4)]
+        + [(f"{tag}p", "pending", pend)]
+    )
 
 
 def test_lazy_events_are_the_eager_ones_deferred(tmp_path: Path) -> None:
@@ -104,20 +126,26 @@ def test_only_wanted_topics_are_built_and_published() -> None:
         built.append(row["id"])
         return {"id": row["id"]}
 
-    events = [(topics.LOG_NEW, Deferred(payload, {"id": 1}, None)),
-              (topics.TRANSACTION_NEW, Deferred(payload, {"id": 2}, None)),
-              (topics.PENDING_CREATED, {"id": 3}),
-              (topics.LOG_NEW, Deferred(payload, {"id": 4}, None)),
-              (topics.TRANSACTION_NEW, Deferred(payload, {"id": 5}, None))]
+    events = [
+        (topics.LOG_NEW, Deferred(payload, {"id": 1}, None)),
+        (topics.TRANSACTION_NEW, Deferred(payload, {"id": 2}, None)),
+        (topics.PENDING_CREATED, {"id": 3}),
+        (topics.LOG_NEW, Deferred(payload, {"id": 4}, None)),
+        (topics.TRANSACTION_NEW, Deferred(payload, {"id": 5}, None)),
+    ]
     pub = FakePublisher({topics.TRANSACTION_NEW, topics.PENDING_CREATED})
     publish_events(pub, events)  # type: ignore[arg-type]
-    assert pub.sent == [(topics.TRANSACTION_NEW, {"id": 2}), (topics.PENDING_CREATED, {"id": 3}),
-                        (topics.TRANSACTION_NEW, {"id": 5})]
+    assert pub.sent == [
+        (topics.TRANSACTION_NEW, {"id": 2}),
+        (topics.PENDING_CREATED, {"id": 3}),
+        (topics.TRANSACTION_NEW, {"id": 5}),
+    ]
     assert built == [2, 5]  # log.new payloads never built
     # + transactions.stored, once per batch with transactions (nobody here wants it)
     assert pub.seq == 6 and pub.skipped == 3  # seq counts skipped events as before
-    assert sorted(pub.asked) == sorted({topics.LOG_NEW, topics.TRANSACTION_NEW, topics.PENDING_CREATED,
-                                        topics.TRANSACTIONS_STORED})
+    assert sorted(pub.asked) == sorted(
+        {topics.LOG_NEW, topics.TRANSACTION_NEW, topics.PENDING_CREATED, topics.TRANSACTIONS_STORED}
+    )
 
     nobody = FakePublisher(set())
     publish_events(nobody, events * 100)  # type: ignore[arg-type]

@@ -22,10 +22,17 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "db"
 
 
-@pytest.mark.parametrize(("table", "module"), [
-    ("logs", logs), ("pending", pending), ("rules", rules), ("dns_cache", dns_cache),
-    ("http_transactions", transactions), ("settings", settings),
-])
+@pytest.mark.parametrize(
+    ("table", "module"),
+    [
+        ("logs", logs),
+        ("pending", pending),
+        ("rules", rules),
+        ("dns_cache", dns_cache),
+        ("http_transactions", transactions),
+        ("settings", settings),
+    ],
+)
 def test_column_lists_are_the_schema(db_path: Path, table: str, module: typing.Any) -> None:
     conn = sqlite3.connect(db_path)
     try:
@@ -49,9 +56,18 @@ def test_payload_types_name_the_table_fields() -> None:
 
 
 def test_log_record_builder() -> None:
-    rec = records.log_record("agent", "example.com", 443, "CONNECT", records.BLOCKED, rule_id=7,
-                             rule_summary="* → example.com:*", response_time_ms=1.23456, reason="rule",
-                             timestamp=100.0)
+    rec = records.log_record(
+        "agent",
+        "example.com",
+        443,
+        "CONNECT",
+        records.BLOCKED,
+        rule_id=7,
+        rule_summary="* → example.com:*",
+        response_time_ms=1.23456,
+        reason="rule",
+        timestamp=100.0,
+    )
     assert set(rec) == set(typing.get_type_hints(records.LogRecord))
     assert rec["response_time_ms"] == 1.235 and rec["container_id"] == "" and rec["resolved_hostname"] is None
     assert rec["timestamp"] == 100.0
@@ -64,15 +80,29 @@ def test_built_records_apply(db_path: Path) -> None:
     conn = sqlite3.connect(db_path, isolation_level=None)
     try:
         batch = [
-            ("r1", records.LOG, records.log_record("agent", "example.com", 443, "CONNECT", records.ALLOWED,
-                                                   response_time_ms=2.0, reason="rule", rule_summary="s")),
+            (
+                "r1",
+                records.LOG,
+                records.log_record(
+                    "agent",
+                    "example.com",
+                    443,
+                    "CONNECT",
+                    records.ALLOWED,
+                    response_time_ms=2.0,
+                    reason="rule",
+                    rule_summary="s",
+                ),
+            ),
             ("r2", records.PENDING, records.pending_record("agent", "10.0.0.1", 443, "example.com", 2, ts=5.0)),
             ("r3", records.DNS, records.dns_record("10.0.0.1", "example.com", 6.0)),
             ("r4", records.RULE_HIT, records.rule_hit_record(1, 3.0, 7.0)),
         ]
         events = apply_records(conn, batch)
-        row = conn.execute("SELECT container_name, destination_host, result, reason, response_time_ms FROM logs"
-                           " ORDER BY id DESC LIMIT 1").fetchone()
+        row = conn.execute(
+            "SELECT container_name, destination_host, result, reason, response_time_ms FROM logs"
+            " ORDER BY id DESC LIMIT 1"
+        ).fetchone()
         assert row == ("agent", "example.com", "allowed", "rule", 2.0)
         assert conn.execute("SELECT resolved_hostname, attempt_count FROM pending").fetchone() == ("example.com", 1)
         assert conn.execute("SELECT hostname FROM dns_cache WHERE ip = '10.0.0.1'").fetchone() == ("example.com",)
@@ -99,4 +129,5 @@ def test_store_reads_through_peewee(db_path: Path) -> None:
         assert values == {"theme": "light", "logDnsQueries": True} and v >= 2
     finally:
         from greyproxy.store import database
+
         database.close()

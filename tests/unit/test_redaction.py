@@ -15,10 +15,23 @@ from greyproxy.capture import BodyCapture, decode_body, is_text_like, stored_bod
 from greyproxy.redaction import REDACTED, Redactor, canonical_header_name, extra_patterns
 
 
-@pytest.mark.parametrize("name", [
-    "Authorization", "authorization", "PROXY-AUTHORIZATION", "Cookie", "set-cookie", "X-Api-Key",
-    "x-goog-api-key", "Api-Key", "X-Auth-Token", "token", "X-Client-Secret", "SECRET",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Authorization",
+        "authorization",
+        "PROXY-AUTHORIZATION",
+        "Cookie",
+        "set-cookie",
+        "X-Api-Key",
+        "x-goog-api-key",
+        "Api-Key",
+        "X-Auth-Token",
+        "token",
+        "X-Client-Secret",
+        "SECRET",
+    ],
+)
 def test_defaults_redact(name: str) -> None:
     assert Redactor().matches(name)
 
@@ -36,11 +49,22 @@ def test_extra_patterns_are_case_insensitive_globs() -> None:
 
 
 def test_headers_map_redacts_values_and_keeps_others() -> None:
-    pairs = [("authorization", "Bearer sk-live"), ("X-Api-Key", "k"), ("content-type", "application/json"),
-             ("Set-Cookie", "a=1"), ("set-cookie", "b=2"), ("X-Custom", "v")]
+    pairs = [
+        ("authorization", "Bearer sk-live"),
+        ("X-Api-Key", "k"),
+        ("content-type", "application/json"),
+        ("Set-Cookie", "a=1"),
+        ("set-cookie", "b=2"),
+        ("X-Custom", "v"),
+    ]
     out = Redactor().headers(pairs)
-    assert out == {"Authorization": [REDACTED], "X-Api-Key": [REDACTED], "Content-Type": ["application/json"],
-                   "Set-Cookie": [REDACTED, REDACTED], "X-Custom": ["v"]}
+    assert out == {
+        "Authorization": [REDACTED],
+        "X-Api-Key": [REDACTED],
+        "Content-Type": ["application/json"],
+        "Set-Cookie": [REDACTED, REDACTED],
+        "X-Custom": ["v"],
+    }
     assert "sk-live" not in repr(out)
 
 
@@ -53,17 +77,32 @@ def test_redact_map_reapplies_and_reports_changes() -> None:
 
 
 # Issue 13 item 4: what an outside review found stored in clear.
-@pytest.mark.parametrize("name", [
-    "X-Auth", "X-Password", "Api_Key", "X_API_KEY", "x-passwd", "X-Session-Id", "Session", "X-User-Password",
-    "X_Auth_Token", "Client_Secret", "x_goog_api_key",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Auth",
+        "X-Password",
+        "Api_Key",
+        "X_API_KEY",
+        "x-passwd",
+        "X-Session-Id",
+        "Session",
+        "X-User-Password",
+        "X_Auth_Token",
+        "Client_Secret",
+        "x_goog_api_key",
+    ],
+)
 def test_new_defaults_and_underscores_redact(name: str) -> None:
     assert Redactor().matches(name)
 
 
-@given(st.sampled_from(["api-key", "auth", "password", "passwd", "secret", "session", "token"]),
-       st.text(alphabet="abcxyz-_", max_size=6), st.text(alphabet="abcxyz-_", max_size=6),
-       st.sampled_from([str.lower, str.upper, str.title]))
+@given(
+    st.sampled_from(["api-key", "auth", "password", "passwd", "secret", "session", "token"]),
+    st.text(alphabet="abcxyz-_", max_size=6),
+    st.text(alphabet="abcxyz-_", max_size=6),
+    st.sampled_from([str.lower, str.upper, str.title]),
+)
 @settings(max_examples=300, deadline=None)
 def test_any_spelling_of_a_secret_name_is_redacted(core: str, before: str, after: str, case) -> None:
     # '_' and '-' alike, any case, any surrounding text: in a header name and as a query parameter.
@@ -80,23 +119,36 @@ def test_user_patterns_treat_underscore_and_dash_alike() -> None:
     assert r.matches("X-My-Header") and r.matches("x_my_header") and not r.matches("x-myheader")
 
 
-@pytest.mark.parametrize("url, want", [
-    ("https://a.example/cb?access_token=abc", f"https://a.example/cb?access_token={REDACTED}"),
-    ("https://a.example/cb?code=1&access_token=abc#frag", f"https://a.example/cb?code=1&access_token={REDACTED}#frag"),
-    ("https://a.example/cb?API_KEY=k&api%2Dkey=k2&x=1", f"https://a.example/cb?API_KEY={REDACTED}&api%2Dkey={REDACTED}&x=1"),
-    ("https://a.example/cb?password", "https://a.example/cb?password"),  # no value: nothing to hide
-    ("https://a.example/cb?q=token", "https://a.example/cb?q=token"),  # a value is not a name
-    ("https://a.example/token/path", "https://a.example/token/path"),
-    ("https://a.example/?", "https://a.example/?"),
-    ("https://a.example/?&&session=1&", f"https://a.example/?&&session={REDACTED}&"),
-])
+@pytest.mark.parametrize(
+    "url, want",
+    [
+        ("https://a.example/cb?access_token=abc", f"https://a.example/cb?access_token={REDACTED}"),
+        (
+            "https://a.example/cb?code=1&access_token=abc#frag",
+            f"https://a.example/cb?code=1&access_token={REDACTED}#frag",
+        ),
+        (
+            "https://a.example/cb?API_KEY=k&api%2Dkey=k2&x=1",
+            f"https://a.example/cb?API_KEY={REDACTED}&api%2Dkey={REDACTED}&x=1",
+        ),
+        ("https://a.example/cb?password", "https://a.example/cb?password"),  # no value: nothing to hide
+        ("https://a.example/cb?q=token", "https://a.example/cb?q=token"),  # a value is not a name
+        ("https://a.example/token/path", "https://a.example/token/path"),
+        ("https://a.example/?", "https://a.example/?"),
+        ("https://a.example/?&&session=1&", f"https://a.example/?&&session={REDACTED}&"),
+    ],
+)
 def test_query_values_are_redacted_by_name(url: str, want: str) -> None:
     assert Redactor().url(url) == want
 
 
 def test_url_headers_get_query_redaction_and_stored_maps_too() -> None:
-    pairs = [("Location", "https://app.example/cb?access_token=s3&state=x"), ("Referer", "http://a/?password=p"),
-             ("Content-Location", "/r?session_id=9"), ("Link", "</x?token=1>")]
+    pairs = [
+        ("Location", "https://app.example/cb?access_token=s3&state=x"),
+        ("Referer", "http://a/?password=p"),
+        ("Content-Location", "/r?session_id=9"),
+        ("Link", "</x?token=1>"),
+    ]
     out = Redactor().headers(pairs)
     assert out["Location"] == [f"https://app.example/cb?access_token={REDACTED}&state=x"]
     assert out["Referer"] == [f"http://a/?password={REDACTED}"]
@@ -104,8 +156,11 @@ def test_url_headers_get_query_redaction_and_stored_maps_too() -> None:
     assert out["Link"] == ["</x?token=1>"]  # only the URL-valued headers named in the issue
     stored = {"Location": ["https://app.example/cb?access_token=s3"], "X-Auth": ["v"], "Accept": ["*/*"]}
     new, changed = Redactor().redact_map(stored)
-    assert changed and new == {"Location": [f"https://app.example/cb?access_token={REDACTED}"],
-                               "X-Auth": [REDACTED], "Accept": ["*/*"]}
+    assert changed and new == {
+        "Location": [f"https://app.example/cb?access_token={REDACTED}"],
+        "X-Auth": [REDACTED],
+        "Accept": ["*/*"],
+    }
     assert Redactor().redact_map(new) == (new, False)
 
 
@@ -138,9 +193,18 @@ def test_matching_is_case_insensitive(name: str) -> None:
 
 
 def test_text_like() -> None:
-    for ct in ("text/plain", "text/event-stream; charset=utf-8", "application/json", "Application/JSON",
-               "application/vnd.api+json", "application/atom+xml", "application/xml", "application/javascript",
-               "application/x-www-form-urlencoded", "application/x-ndjson"):
+    for ct in (
+        "text/plain",
+        "text/event-stream; charset=utf-8",
+        "application/json",
+        "Application/JSON",
+        "application/vnd.api+json",
+        "application/atom+xml",
+        "application/xml",
+        "application/javascript",
+        "application/x-www-form-urlencoded",
+        "application/x-ndjson",
+    ):
         assert is_text_like(ct), ct
     for ct in (None, "", "image/png", "application/octet-stream", "application/grpc", "multipart/form-data"):
         assert not is_text_like(ct), ct
@@ -153,14 +217,17 @@ def test_capture_keeps_a_capped_copy_and_the_true_size() -> None:
     assert bytes(c.data) == b"1234567890" and c.size == 16 and c.truncated
 
 
-@pytest.mark.parametrize("coding,encode", [
-    ("gzip", gzip.compress),
-    ("deflate", zlib.compress),
-    ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send
-    ("br", brotli.compress),
-    ("zstd", zstandard.ZstdCompressor().compress),
-    ("gzip, br", lambda b: brotli.compress(gzip.compress(b))),
-])
+@pytest.mark.parametrize(
+    "coding,encode",
+    [
+        ("gzip", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda b: zlib.compress(b)[2:-4]),  # raw deflate, as some servers send
+        ("br", brotli.compress),
+        ("zstd", zstandard.ZstdCompressor().compress),
+        ("gzip, br", lambda b: brotli.compress(gzip.compress(b))),
+    ],
+)
 def test_decode_body(coding: str, encode) -> None:  # noqa: ANN001
     text = b'{"hello": "world"}' * 100
     assert decode_body(encode(text), coding) == text
@@ -188,10 +255,20 @@ def test_stored_body() -> None:
 
 
 def test_transaction_json_shape() -> None:
-    row = {"id": 3, "timestamp": 0.0, "request_headers": '{"A": ["b"]}', "response_headers": None,
-           "substituted_credentials": "[]", "request_body": "x", "response_body": "y", "duration_ms": 1.23456}
+    row = {
+        "id": 3,
+        "timestamp": 0.0,
+        "request_headers": '{"A": ["b"]}',
+        "response_headers": None,
+        "substituted_credentials": "[]",
+        "request_body": "x",
+        "response_body": "y",
+        "duration_ms": 1.23456,
+    }
     item = transaction_json(row)
     assert item["timestamp"] == "1970-01-01T00:00:00Z" and item["request_headers"] == {"A": ["b"]}
     assert item["response_headers"] == {} and item["substituted_credentials"] == []
-    assert "request_body" not in item and item["duration_ms"] == 1 and item["duration_us"] == 1235  # integers (issue 13 item 9)
+    assert (
+        "request_body" not in item and item["duration_ms"] == 1 and item["duration_us"] == 1235
+    )  # integers (issue 13 item 9)
     assert transaction_json(row, include_bodies=True)["response_body"] == "y"

@@ -46,8 +46,15 @@ def logs(g: Gate) -> list[dict[str, Any]]:
 
 
 def test_ruleset_address_denial() -> None:
-    rs = RuleSet([Rule(1, "*", "127.0.0.0/8", "8081", "deny"), Rule(2, "agent", "*", "*", "allow"),
-                  Rule(3, "*", "10.1.2.3", "443", "allow"), Rule(4, "*", "10.0.0.0/8", "*", "deny"), *BUILTINS])
+    rs = RuleSet(
+        [
+            Rule(1, "*", "127.0.0.0/8", "8081", "deny"),
+            Rule(2, "agent", "*", "*", "allow"),
+            Rule(3, "*", "10.1.2.3", "443", "allow"),
+            Rule(4, "*", "10.0.0.0/8", "*", "deny"),
+            *BUILTINS,
+        ]
+    )
     assert rs.may_deny_address("agent", 8081) and rs.may_deny_address("x", 22)  # 10/8 denies any port
     assert rs.address_denial("agent", "127.0.0.1", 8081).id == 1
     assert rs.address_denial("agent", "127.0.0.1", 8080) is None  # the builtin allow wins there
@@ -121,15 +128,27 @@ addresses = st.ip_addresses(v=4).map(str)
 prefixes = st.integers(min_value=0, max_value=32)
 
 
-@given(st.lists(st.tuples(addresses, prefixes, st.sampled_from(["allow", "deny"]),
-                          st.sampled_from(["*", "agent"]), st.sampled_from(["*", "80", "443,8080"])),
-                max_size=8),
-       addresses, st.sampled_from([80, 443, 8080]))
+@given(
+    st.lists(
+        st.tuples(
+            addresses,
+            prefixes,
+            st.sampled_from(["allow", "deny"]),
+            st.sampled_from(["*", "agent"]),
+            st.sampled_from(["*", "80", "443,8080"]),
+        ),
+        max_size=8,
+    ),
+    addresses,
+    st.sampled_from([80, 443, 8080]),
+)
 @settings(max_examples=300, deadline=None)
 def test_address_denial_is_the_winning_address_rule(raw: list, ip: str, port: int) -> None:
     # The reference model: among the address rules alone, SPEC §2.3 order; a deny winner is the answer.
-    rules = [Rule(i + 1, c, str(ipaddress.ip_network(f"{a}/{p}", strict=False)), ports, action)
-             for i, (a, p, action, c, ports) in enumerate(raw)]
+    rules = [
+        Rule(i + 1, c, str(ipaddress.ip_network(f"{a}/{p}", strict=False)), ports, action)
+        for i, (a, p, action, c, ports) in enumerate(raw)
+    ]
     rs = RuleSet(rules)
     winner = RuleSet(rules).match("agent", ip, port)
     want = winner.id if winner is not None and winner.action == "deny" else None

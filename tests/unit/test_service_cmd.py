@@ -30,8 +30,9 @@ def _verify(unit: Path) -> str:
     return "\n".join(line for line in (p.stdout + p.stderr).splitlines() if str(unit) in line or p.returncode)
 
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 
 
 @needs_systemd_analyze
@@ -96,9 +97,15 @@ exit 0
 """)
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GREYPROXY_")}
-    env.update({"PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", "HOME": str(tmp_path / "home"),
-                "XDG_CONFIG_HOME": str(tmp_path / "xdg"), "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
-                "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+            "HOME": str(tmp_path / "home"),
+            "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+            "GREYPROXY_DATA_HOME": str(tmp_path / "data"),
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
@@ -106,8 +113,15 @@ def _gp(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     config = Path(env["HOME"]).parent / "config.yaml"
     # An API port nothing listens on: status must say the API is not reachable.
     config.write_text("greyproxy: {addr: ':1'}\n")
-    return subprocess.run([sys.executable, "-m", "greyproxy", "service", *args, "-C", str(config)], env=env,
-                          capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "greyproxy", "service", *args, "-C", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=str(REPO),
+    )
 
 
 def _calls(env: dict[str, str]) -> list[str]:
@@ -133,8 +147,11 @@ def test_install_start_stop_restart_status_uninstall(fake_env: dict[str, str]) -
     assert _calls(fake_env) == ["--user daemon-reload", "--user enable --now greyproxy.service"]
     for action in ("start", "stop", "restart"):
         assert _gp(fake_env, action).returncode == 0
-    assert _calls(fake_env)[2:] == ["--user start greyproxy.service", "--user stop greyproxy.service",
-                                    "--user restart greyproxy.service"]
+    assert _calls(fake_env)[2:] == [
+        "--user start greyproxy.service",
+        "--user stop greyproxy.service",
+        "--user restart greyproxy.service",
+    ]
     p = _gp(fake_env, "status")
     assert "fake: active (running)" in p.stdout and "not reachable" in p.stdout and p.returncode == 3
     p = _gp(fake_env, "uninstall", "--yes")
@@ -152,8 +169,15 @@ def test_status_reports_the_running_stack(fake_env: dict[str, str], make_stack) 
     unit = Path(env["XDG_CONFIG_HOME"]) / "systemd" / "user" / "greyproxy.service"
     unit.parent.mkdir(parents=True)
     unit.write_text("[Service]\n")
-    p = subprocess.run([sys.executable, "-m", "greyproxy", "service", "status", "-C", str(stack.cfg_path)],
-                       env=env, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL, cwd=str(REPO))
+    p = subprocess.run(
+        [sys.executable, "-m", "greyproxy", "service", "status", "-C", str(stack.cfg_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        cwd=str(REPO),
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert f"API {stack.api}/api/health: ok" in p.stdout
     assert _calls(env) == ["--user status --no-pager --lines=5 greyproxy.service"]

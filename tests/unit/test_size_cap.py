@@ -13,9 +13,11 @@ from greyproxy.config import ConfigError, load_config
 from greyproxy.store import open_database
 from services.maintenance.jobs import CAP_LOW_WATER, MIB, over_cap, size_cap, used_bytes
 
-_INSERT = ("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
-           " url, response_body, response_body_codec, response_body_charset, response_body_size)"
-           " VALUES (?, 'c', 'h', 80, 'GET', ?, ?, ?, NULL, ?)")
+_INSERT = (
+    "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+    " url, response_body, response_body_codec, response_body_charset, response_body_size)"
+    " VALUES (?, 'c', 'h', 80, 'GET', ?, ?, ?, NULL, ?)"
+)
 
 
 def _fill(conn: sqlite3.Connection, n: int, body: int, start: int = 0) -> None:
@@ -39,8 +41,9 @@ def test_oldest_bodies_go_first_and_the_rows_stay(tmp_path: Path) -> None:
     file_before = os.path.getsize(tmp_path / "g.db")
     steps = _run(conn, 1)
     assert steps and steps[-1][0] > 0
-    rows = conn.execute("SELECT id, response_body IS NOT NULL, response_body_size FROM http_transactions"
-                        " ORDER BY id").fetchall()
+    rows = conn.execute(
+        "SELECT id, response_body IS NOT NULL, response_body_size FROM http_transactions ORDER BY id"
+    ).fetchall()
     assert len(rows) == 300  # every row kept: bodies were enough
     kept = [has for _id, has, _size in rows]
     first_kept = kept.index(1)
@@ -104,9 +107,11 @@ def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> No
 
     db = open_database(tmp_path / "g.db")
     conn = db.connection()
-    conn.execute("INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
-                 " method, url, response_body, response_body_size, response_content_type)"
-                 " VALUES (1, 'c', 'h', 80, 'GET', 'http://h/old', 'caf\ufffd text', 12, 'text/plain')")
+    conn.execute(
+        "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port,"
+        " method, url, response_body, response_body_size, response_content_type)"
+        " VALUES (1, 'c', 'h', 80, 'GET', 'http://h/old', 'caf\ufffd text', 12, 'text/plain')"
+    )
     p = pack(b"\xff\xfe binary", "text/plain")
     conn.execute(_INSERT, (2.0, "http://h/new", p.blob, p.codec, len(b"\xff\xfe binary")))
     old, new = get_transaction(1), get_transaction(2)

@@ -78,16 +78,21 @@ def test_builtin_rules_and_counters(tmp_path: Path) -> None:
     try:
         rows = db.execute_sql(
             "SELECT container_pattern, destination_pattern, port_pattern, action, source, created_by"
-            " FROM rules ORDER BY id").fetchall()
+            " FROM rules ORDER BY id"
+        ).fetchall()
         assert rows == [("*", h, "*", "allow", "builtin", "builtin") for h in ("localhost", "127.0.0.1", "::1")]
         assert current_version(db) == max(v for v, _n, _s in migrations.MIGRATIONS)
         version = db.execute_sql("SELECT value FROM meta WHERE key = 'rules_version'").fetchone()[0]
-        db.execute_sql("INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
-                       " VALUES ('c', 'd', 'deny', 0)")
+        db.execute_sql(
+            "INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
+            " VALUES ('c', 'd', 'deny', 0)"
+        )
         assert db.execute_sql("SELECT value FROM meta WHERE key = 'rules_version'").fetchone()[0] == version + 1
         with pytest.raises(pw.IntegrityError):  # the CHECK constraint
-            db.execute_sql("INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
-                           " VALUES ('c', 'd', 'maybe', 0)")
+            db.execute_sql(
+                "INSERT INTO rules (container_pattern, destination_pattern, action, created_at)"
+                " VALUES ('c', 'd', 'maybe', 0)"
+            )
     finally:
         db.close()
 
@@ -104,8 +109,11 @@ def test_pragmas(tmp_path: Path) -> None:
             assert side.exists() and stat.S_IMODE(os.stat(side).st_mode) == 0o600, side
         # peewee connects once per thread: a worker thread's connection gets the same settings.
         seen: list = []
-        worker = threading.Thread(target=lambda: seen.extend(
-            db.execute_sql(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "foreign_keys", "busy_timeout")))
+        worker = threading.Thread(
+            target=lambda: seen.extend(
+                db.execute_sql(f"PRAGMA {p}").fetchone()[0] for p in ("journal_mode", "foreign_keys", "busy_timeout")
+            )
+        )
         worker.start()
         worker.join(10)
         assert seen[:2] == ["wal", 1] and seen[2] >= 1000, seen
@@ -174,23 +182,33 @@ def test_log_counts_migration_counts_existing_rows(tmp_path: Path) -> None:
     con = sqlite3.connect(path, isolation_level=None)
     try:
         # Back to "before migration 3", with rows written meanwhile.
-        for stmt in ("DROP TRIGGER log_counts_ins", "DROP TRIGGER log_counts_del", "DROP TRIGGER log_counts_upd",
-                     "DROP TABLE log_counts", "DELETE FROM schema_migrations WHERE version = 3"):
+        for stmt in (
+            "DROP TRIGGER log_counts_ins",
+            "DROP TRIGGER log_counts_del",
+            "DROP TRIGGER log_counts_upd",
+            "DROP TABLE log_counts",
+            "DELETE FROM schema_migrations WHERE version = 3",
+        ):
             con.execute(stmt)
         con.executemany(
             "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
-            " VALUES (?, ?, 'h', 1, 'HTTP', ?)", [(float(i), f"c{i % 2}", "allowed" if i % 3 else "blocked")
-                                                   for i in range(30)])
+            " VALUES (?, ?, 'h', 1, 'HTTP', ?)",
+            [(float(i), f"c{i % 2}", "allowed" if i % 3 else "blocked") for i in range(30)],
+        )
     finally:
         con.close()
     db = open_database(path)  # applies migration 3 again
     try:
         assert current_version(db) >= 3
         got = db.execute_sql("SELECT container_name, result, n FROM log_counts ORDER BY 1, 2").fetchall()
-        want = db.execute_sql("SELECT container_name, result, COUNT(*) FROM logs GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+        want = db.execute_sql(
+            "SELECT container_name, result, COUNT(*) FROM logs GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
         assert got == want and sum(r[2] for r in got) == 30
-        db.execute_sql("INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
-                       " VALUES (1, 'c9', 'h', 1, 'HTTP', 'allowed')")
+        db.execute_sql(
+            "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result)"
+            " VALUES (1, 'c9', 'h', 1, 'HTTP', 'allowed')"
+        )
         assert db.execute_sql("SELECT SUM(n) FROM log_counts").fetchone()[0] == 31
     finally:
         db.close()

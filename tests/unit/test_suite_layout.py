@@ -15,8 +15,11 @@ def _modules() -> list[Path]:
 
 
 def test_modules_that_start_processes_are_marked_stack() -> None:
-    unmarked = [p.relative_to(TESTS) for p in _modules()
-                if STARTS_PROCESSES.search(p.read_text()) and "pytest.mark.stack" not in p.read_text()]
+    unmarked = [
+        p.relative_to(TESTS)
+        for p in _modules()
+        if STARTS_PROCESSES.search(p.read_text()) and "pytest.mark.stack" not in p.read_text()
+    ]
     assert unmarked == [], f"add `pytestmark = pytest.mark.stack` to {unmarked}"
 
 

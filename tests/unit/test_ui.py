@@ -18,8 +18,14 @@ from services.api.context import ApiContext
 def _client(tmp_path: Path, prefix: str) -> falcon.testing.TestClient:
     (tmp_path / "c.yaml").write_text(f'greyproxy: {{pathPrefix: "{prefix}"}}\n')
     cfg = load_config(tmp_path / "c.yaml", env={"GREYPROXY_DATA_HOME": str(tmp_path / "data")})
-    ctx = ApiContext(cfg=cfg, publisher=None, db_executor=ThreadPoolExecutor(1), proxy=None,  # type: ignore[arg-type]
-                     recorder=None, maintenance=None)  # type: ignore[arg-type]
+    ctx = ApiContext(
+        cfg=cfg,
+        publisher=None,
+        db_executor=ThreadPoolExecutor(1),
+        proxy=None,  # type: ignore[arg-type]
+        recorder=None,
+        maintenance=None,
+    )  # type: ignore[arg-type]
     return _Local(create_app(ctx))
 
 
@@ -59,16 +65,21 @@ def test_assets_fit_the_first_load_budget() -> None:
     assert sum(len(a.body) for a in assets.values()) < 300 * 1024
 
 
-@pytest.mark.parametrize("host,port", [("a.b.example.co.uk", 443), ("api.github.com", 8443), ("10.1.2.3", 22),
-                                        ("weird[1]*.example", 80)])
+@pytest.mark.parametrize(
+    "host,port", [("a.b.example.co.uk", 443), ("api.github.com", 8443), ("10.1.2.3", 22), ("weird[1]*.example", 80)]
+)
 def test_scope_preview_is_the_rule_the_decision_creates(tmp_path: Path, host: str, port: int) -> None:
     c = _client(tmp_path, "/")
     r = c.simulate_get("/ui/scopes", params={"container": "claude", "host": host, "port": str(port)})
     assert r.status_code == 200, r.text
     for scope, patterns in r.json.items():
         assert tuple(patterns.values()) == scope_patterns(scope, "claude", host, port)
-    assert r.json["subdomain_wildcard"]["destination_pattern"] in ("**.example.co.uk", "**.github.com", "10.1.2.3",
-                                                                    "**.weird[[]1][*].example")
+    assert r.json["subdomain_wildcard"]["destination_pattern"] in (
+        "**.example.co.uk",
+        "**.github.com",
+        "10.1.2.3",
+        "**.weird[[]1][*].example",
+    )
 
 
 def test_scope_preview_bad_input_is_a_400_naming_it(tmp_path: Path) -> None:

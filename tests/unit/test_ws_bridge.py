@@ -144,28 +144,68 @@ def test_queue_is_bounded_ordered_and_accounts_for_everything(size: int, ops: li
 ALLOWED = origin.normalize_allowed(["greyproxy.internal", "10.0.0.5", "[fd00::1]", "::2"])
 
 
-@pytest.mark.parametrize("host,ok", [
-    ("127.0.0.1:43080", True), ("127.0.0.1", True), ("127.8.9.10:1", True), ("localhost:43080", True),
-    ("LOCALHOST", True), ("localhost.", True), ("app.localhost:80", True), ("[::1]:43080", True), ("[::1]", True),
-    ("[::ffff:127.0.0.1]:80", True), ("greyproxy.internal:8080", True), ("10.0.0.5", True),
-    ("[fd00::1]:1", True), ("[0::2]:9", True),
-    ("evil.example", False), ("evil.example:43080", False), ("localhost.evil.example", False),
-    ("127.0.0.1.evil.example", False), ("10.0.0.6", False), ("0.0.0.0:43080", False), ("::1", False),
-    ("[::1]x", False), ("127.0.0.1:port", False), ("", False), (None, False), ("a b", False),
-    ("user@localhost", False), ("localhost/x", False), ("[nonsense]:1", False), (":43080", False),
-])
+@pytest.mark.parametrize(
+    "host,ok",
+    [
+        ("127.0.0.1:43080", True),
+        ("127.0.0.1", True),
+        ("127.8.9.10:1", True),
+        ("localhost:43080", True),
+        ("LOCALHOST", True),
+        ("localhost.", True),
+        ("app.localhost:80", True),
+        ("[::1]:43080", True),
+        ("[::1]", True),
+        ("[::ffff:127.0.0.1]:80", True),
+        ("greyproxy.internal:8080", True),
+        ("10.0.0.5", True),
+        ("[fd00::1]:1", True),
+        ("[0::2]:9", True),
+        ("evil.example", False),
+        ("evil.example:43080", False),
+        ("localhost.evil.example", False),
+        ("127.0.0.1.evil.example", False),
+        ("10.0.0.6", False),
+        ("0.0.0.0:43080", False),
+        ("::1", False),
+        ("[::1]x", False),
+        ("127.0.0.1:port", False),
+        ("", False),
+        (None, False),
+        ("a b", False),
+        ("user@localhost", False),
+        ("localhost/x", False),
+        ("[nonsense]:1", False),
+        (":43080", False),
+    ],
+)
 def test_host_table(host: str | None, ok: bool) -> None:
     assert origin.host_allowed(host, ALLOWED) is ok
 
 
-@pytest.mark.parametrize("org,ok", [
-    (None, True), ("http://127.0.0.1:43080", True), ("http://localhost:3000", True), ("https://localhost", True),
-    ("http://[::1]:43080", True), ("http://greyproxy.internal", True), ("http://10.0.0.5:9", True),
-    ("http://evil.example", False), ("http://evil.example:43080", False), ("null", False), ("", False),
-    ("file://", False), ("chrome-extension://abcdef", False), ("http://localhost.evil.example", False),
-    ("http://user@localhost", False), ("http://localhost:99999", False), ("http://localhost/path", False),
-    ("localhost", False),
-])
+@pytest.mark.parametrize(
+    "org,ok",
+    [
+        (None, True),
+        ("http://127.0.0.1:43080", True),
+        ("http://localhost:3000", True),
+        ("https://localhost", True),
+        ("http://[::1]:43080", True),
+        ("http://greyproxy.internal", True),
+        ("http://10.0.0.5:9", True),
+        ("http://evil.example", False),
+        ("http://evil.example:43080", False),
+        ("null", False),
+        ("", False),
+        ("file://", False),
+        ("chrome-extension://abcdef", False),
+        ("http://localhost.evil.example", False),
+        ("http://user@localhost", False),
+        ("http://localhost:99999", False),
+        ("http://localhost/path", False),
+        ("localhost", False),
+    ],
+)
 def test_origin_table(org: str | None, ok: bool) -> None:
     assert origin.origin_allowed(org, ALLOWED) is ok
 
@@ -240,11 +280,19 @@ def test_commands_and_claims_through_a_connection(monkeypatch: pytest.MonkeyPatc
     async def scenario() -> tuple[FakeSocket, FakeContext]:
         ctx = FakeContext()
         hub = ws_hub.Hub(ctx)  # type: ignore[arg-type]
-        script = ['{"command":"ping"}', "{oops", "[1]", '{"command":"dance"}', '{"nocommand":1}',
-                  '{"command":"allow","pending_id":7,"scope":"any_port"}',
-                  '{"command":"deny","pending_id":8}', '{"command":"dismiss","pending_id":7}',
-                  '{"command":"subscribe","event_type":"log.*"}', '{"command":"claim_notifications"}',
-                  '{"command":"claim_notifications"}']
+        script = [
+            '{"command":"ping"}',
+            "{oops",
+            "[1]",
+            '{"command":"dance"}',
+            '{"nocommand":1}',
+            '{"command":"allow","pending_id":7,"scope":"any_port"}',
+            '{"command":"deny","pending_id":8}',
+            '{"command":"dismiss","pending_id":7}',
+            '{"command":"subscribe","event_type":"log.*"}',
+            '{"command":"claim_notifications"}',
+            '{"command":"claim_notifications"}',
+        ]
         sock = FakeSocket(script)
         conn = resource.Connection(hub, sock)
         hub.add(conn)
@@ -261,22 +309,42 @@ def test_commands_and_claims_through_a_connection(monkeypatch: pytest.MonkeyPatc
 
     sock, ctx = asyncio.run(scenario())
     types = [m["type"] for m in sock.sent]
-    assert types == ["connected", "pong", "error", "error", "error", "error", "command_success", "error",
-                     "command_success", "subscribed", "notification_claimed", "notification_claimed", "log.new"]
+    assert types == [
+        "connected",
+        "pong",
+        "error",
+        "error",
+        "error",
+        "error",
+        "command_success",
+        "error",
+        "command_success",
+        "subscribed",
+        "notification_claimed",
+        "notification_claimed",
+        "log.new",
+    ]
     assert all("timestamp" in m for m in sock.sent[:-1])
     assert sock.sent[2]["error"] == "invalid JSON"
     assert sock.sent[4]["error"] == "unknown command: dance"
     assert sock.sent[5]["error"] == "missing command"
-    assert sock.sent[6] == {"type": "command_success", "command": "allow", "pending_id": 7, "rule_id": 42,
-                            "timestamp": sock.sent[6]["timestamp"]}
+    assert sock.sent[6] == {
+        "type": "command_success",
+        "command": "allow",
+        "pending_id": 7,
+        "rule_id": 42,
+        "timestamp": sock.sent[6]["timestamp"],
+    }
     assert sock.sent[7]["error"] == "pending request 8 not found"
     assert (sock.sent[7]["command"], sock.sent[7]["pending_id"]) == ("deny", 8)
     assert sock.sent[8]["removed"] is True
     assert sock.sent[10]["active_claims"] == 1 and sock.sent[11]["active_claims"] == 1
     assert sock.sent[12] == {"type": "log.new", "data": {"id": 2}}
     # One claim, then released with the connection: two changes, both published on the bus.
-    assert ctx.published == [("notification.claims_changed", {"active_claims": 1}),
-                             ("notification.claims_changed", {"active_claims": 0})]
+    assert ctx.published == [
+        ("notification.claims_changed", {"active_claims": 1}),
+        ("notification.claims_changed", {"active_claims": 0}),
+    ]
     assert ctx.notification_claims == 0
 
 

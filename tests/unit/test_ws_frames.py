@@ -10,7 +10,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.proxy.wsframes import (
-    OP_BINARY, OP_CLOSE, OP_CONT, OP_PING, OP_TEXT, FrameParser, MessageAssembler, WsProtocolError,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONT,
+    OP_PING,
+    OP_TEXT,
+    FrameParser,
+    MessageAssembler,
+    WsProtocolError,
     deflate_negotiated,
 )
 
@@ -51,8 +58,11 @@ def test_basic_frames_masked_and_not() -> None:
     p = FrameParser()
     data = frame(OP_TEXT, b"hello", mask=b"\x01\x02\x03\x04") + frame(OP_BINARY, b"\x00\xff") + frame(OP_PING, b"")
     frames = p.feed(data)
-    assert [(f.opcode, f.payload, f.fin) for f in frames] == [(OP_TEXT, b"hello", True), (OP_BINARY, b"\x00\xff", True),
-                                                              (OP_PING, b"", True)]
+    assert [(f.opcode, f.payload, f.fin) for f in frames] == [
+        (OP_TEXT, b"hello", True),
+        (OP_BINARY, b"\x00\xff", True),
+        (OP_PING, b"", True),
+    ]
 
 
 @pytest.mark.parametrize("size", [125, 126, 65535, 65536, 70000])
@@ -69,9 +79,12 @@ def test_payload_capped_but_length_true() -> None:
     assert frames[1].payload == b"next"  # the stream stays in sync past a capped frame
 
 
-@given(messages=st.lists(st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), st.binary(max_size=300),
-                                   st.booleans()), min_size=1, max_size=8),
-       cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12))
+@given(
+    messages=st.lists(
+        st.tuples(st.sampled_from([OP_TEXT, OP_BINARY]), st.binary(max_size=300), st.booleans()), min_size=1, max_size=8
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
 @FUZZ
 def test_any_split_gives_the_same_frames(messages, cuts) -> None:  # noqa: ANN001
     data = b"".join(frame(op, pl, mask=os.urandom(4) if masked else None) for op, pl, masked in messages)
@@ -105,8 +118,11 @@ def test_protocol_errors() -> None:
 
 def test_fragmented_message_with_interleaved_control() -> None:
     p, asm = FrameParser(), MessageAssembler(deflate=False)
-    data = (frame(OP_TEXT, b"hel", fin=False, mask=b"1234") + frame(OP_PING, b"p", mask=b"5678")
-            + frame(OP_CONT, b"lo", mask=b"9abc"))
+    data = (
+        frame(OP_TEXT, b"hel", fin=False, mask=b"1234")
+        + frame(OP_PING, b"p", mask=b"5678")
+        + frame(OP_CONT, b"lo", mask=b"9abc")
+    )
     msgs = [m for f in p.feed(data) if (m := asm.feed(f)) is not None]
     assert len(msgs) == 1 and msgs[0].opcode == OP_TEXT and msgs[0].payload == b"hello" and msgs[0].size == 5
 

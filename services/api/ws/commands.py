@@ -97,6 +97,7 @@ def _decision_command(action: str) -> Command:
         body = {k: msg[k] for k in ("scope", "duration", "notes") if k in msg}
         result = await pending.decide(conn.hub.ctx, pid, action, body, created_by=CREATED_BY)
         return reply("command_success", command=action, pending_id=pid, rule_id=result["rule"]["id"])
+
     return run
 
 

@@ -55,6 +55,7 @@ def reply(type_: str, **fields: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- pure parts
 
+
 def parse_pattern(pattern: Any) -> tuple[str, bool]:
     """('topic', False) for an exact public type, ('prefix.', True) for 'family.*' or '*'; ValueError otherwise."""
     if not isinstance(pattern, str) or not pattern.strip():
@@ -119,6 +120,7 @@ class EventFilter:
 @dataclass(frozen=True)
 class Dropped:
     """Marks a gap in one connection's stream: `count` events were dropped here."""
+
     count: int
 
 

@@ -41,8 +41,9 @@ class Socket(Protocol):
 class Connection:
     """One accepted /ws client: its filter, its queues, a writer task and the command reader."""
 
-    def __init__(self, hub: Hub, ws: Socket, peer: str = "?", queue_size: int = QUEUE_SIZE,
-                 send_timeout: float = SEND_TIMEOUT) -> None:
+    def __init__(
+        self, hub: Hub, ws: Socket, peer: str = "?", queue_size: int = QUEUE_SIZE, send_timeout: float = SEND_TIMEOUT
+    ) -> None:
         self.hub = hub
         self.ws = ws
         self.peer = peer
@@ -66,8 +67,10 @@ class Connection:
 
     async def run(self) -> None:
         """Greet, then read commands and write events until either side ends."""
-        greeting = reply("connected", message="greyproxy control WebSocket: commands are JSON objects with "
-                                              "a 'command' (see docs/events.md)")
+        greeting = reply(
+            "connected",
+            message="greyproxy control WebSocket: commands are JSON objects with a 'command' (see docs/events.md)",
+        )
         try:
             await asyncio.wait_for(self.ws.send_text(encode(greeting)), self.send_timeout)
         except TimeoutError:
@@ -82,8 +85,11 @@ class Connection:
         done: set[asyncio.Task[None]] = set()
         try:
             while not done and not self._send_stuck():
-                done, _ = await asyncio.wait({writer, reader}, timeout=min(WATCH_INTERVAL, self.send_timeout / 2),
-                                             return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {writer, reader},
+                    timeout=min(WATCH_INTERVAL, self.send_timeout / 2),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
         finally:
             for task in (writer, reader):
                 task.cancel()
@@ -147,8 +153,11 @@ class WebSocketResource:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         """A plain HTTP GET (no upgrade): say what this route is instead of a bare 405."""
-        raise falcon.HTTPError(falcon.HTTP_426, description="this is a WebSocket endpoint: connect with an"
-                               " Upgrade: websocket request", headers={"Upgrade": "websocket"})
+        raise falcon.HTTPError(
+            falcon.HTTP_426,
+            description="this is a WebSocket endpoint: connect with an Upgrade: websocket request",
+            headers={"Upgrade": "websocket"},
+        )
 
     async def on_websocket(self, req: falcon.asgi.Request, ws: falcon.asgi.WebSocket) -> None:
         # The LocalOnly middleware has refused foreign Hosts and Origins already; the same check
