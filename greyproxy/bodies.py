@@ -156,15 +156,23 @@ def to_record(rec: dict[str, Any], side: str, p: Packed) -> None:
     rec[f"{side}_body_charset"] = p.charset
 
 
+def _side_columns(side: str) -> tuple[str, str, str]:
+    """A side's body columns: (body, codec, charset)."""
+    return f"{side}_body", f"{side}_body_codec", f"{side}_body_charset"
+
+
+_SIDE_COLUMNS = {side: _side_columns(side) for side in ("request", "response")}
+
+
 def from_record(row: dict[str, Any], side: str) -> None:
     """The recorder's half of `to_record`: a base64 body with a codec → its BLOB. A record without a
     codec (an older producer) keeps its text body as it is (read back like a pre-migration-6 row)."""
-    col = f"{side}_body"
-    value, codec = row.get(col), row.get(f"{col}_codec")
+    col, codec_col, charset_col = _SIDE_COLUMNS.get(side) or _side_columns(side)
+    value, codec = row.get(col), row.get(codec_col)
     if codec is None:
         if value is not None and not isinstance(value, str):
             raise ValueError(f"transaction record: {col} must be text")
-        row[f"{col}_charset"] = None
+        row[charset_col] = None
         return
     if codec not in (RAW, ZSTD) or not isinstance(value, str):
         raise ValueError(f"transaction record: bad {col} (codec {codec!r})")
@@ -172,6 +180,6 @@ def from_record(row: dict[str, Any], side: str) -> None:
         row[col] = base64.b64decode(value, validate=True)
     except binascii.Error as exc:
         raise ValueError(f"transaction record: {col} is not base64: {exc}") from None
-    charset = row.get(f"{col}_charset")
+    charset = row.get(charset_col)
     if charset is not None and not isinstance(charset, str):
         raise ValueError(f"transaction record: bad {col}_charset")

@@ -60,7 +60,8 @@ class Redactor:
         globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
         self._glob = re.compile("|".join(globs)) if globs else None
         self._seen: dict[str, bool] = {}
-        self._names: dict[str, tuple[str, bool]] = {}  # raw name -> (canonical name, redacted?)
+        # raw name -> (canonical name, redacted?, a URL header?)
+        self._names: dict[str, tuple[str, bool, bool]] = {}
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -78,13 +79,14 @@ class Redactor:
         for name, value in pairs:
             hit = names.get(name)  # once per record and header: the same few names come back every time
             if hit is None:
-                hit = (canonical_header_name(name), self.matches(name))
+                key = canonical_header_name(name)
+                hit = (key, self.matches(name), key.lower() in URL_HEADERS)
                 if len(names) < _CACHE_LIMIT:
                     names[name] = hit
-            key, redacted = hit
+            key, redacted, url = hit
             if redacted:
                 value = REDACTED
-            elif key.lower() in URL_HEADERS:
+            elif url:
                 value = self.url(value)
             values = out.get(key)
             if values is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import math
 import time
@@ -26,6 +27,9 @@ from greyproxy.timeutil import rfc3339
 from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 from .upstream import UpstreamFailure, resolve
+
+# A pure function of a value that repeats (the hosts asked for): cached, bounded.
+_normalise_host = functools.lru_cache(maxsize=4096)(normalise_host)
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -175,7 +179,7 @@ class Gate:
         self, container: str, host: str, port: int, method: str, client_gone: asyncio.Future | None = None
     ) -> Verdict:
         t0 = time.perf_counter()
-        host = normalise_host(host)
+        host = _normalise_host(host)
         if self.name_hook is not None:
             await self.name_hook(container, host, port)
         resolved = self.resolved_name(host)

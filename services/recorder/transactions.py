@@ -31,6 +31,8 @@ _JSON: dict[str, Any] = {
 }
 _INTS = ("destination_port", "request_body_size", "response_body_size")
 _params_of = itemgetter(*_COLUMNS)
+# Where the JSON columns sit in a row's parameters (with the value stored for a missing one).
+_JSON_AT = tuple((_COLUMNS.index(col), default) for col, default in _JSON.items())
 
 
 def _row(data: dict[str, Any]) -> dict[str, Any]:
@@ -51,11 +53,11 @@ def _row(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _params(row: dict[str, Any]) -> tuple:
-    stored = dict(row)
-    for col, default in _JSON.items():
-        value = row[col]
-        stored[col] = orjson.dumps(value if value is not None else default).decode()
-    return _params_of(stored)
+    params = list(_params_of(row))
+    for i, default in _JSON_AT:
+        value = params[i]
+        params[i] = orjson.dumps(value if value is not None else default).decode()
+    return tuple(params)
 
 
 def _payload(row: dict[str, Any], data: Any) -> dict[str, Any]:
