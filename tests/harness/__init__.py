@@ -4,10 +4,11 @@ tests/conftest.py re-exports every name here and the fixtures of ``harness.fixtu
 modules keep importing from ``conftest`` (``from conftest import Stack, free_port, ...``); new code
 may import from ``harness`` directly. Modules: ``util`` (ports, temp dirs, polling, configs,
 processes), ``stack`` (``Stack``, ``ServiceProcess``, ``run_service``, ``stack_cli``), ``tls``
-(``start_https_origin``, ``https_origin``), ``fixtures`` (``make_stack``, ``service_runner``,
+(``start_https_origin``, ``https_origin``), ``origin`` (``plain_origin``, ``ReachedHandler``), ``fixtures`` (``make_stack``, ``service_runner``,
 ``short_tmp``, ``origin_ca``, ``origin_ca_file``).
 """
 
+from .origin import ReachedHandler, plain_origin
 from .stack import ServiceProcess, Stack, StackError, run_service, stack_cli
 from .tls import TlsHttpServer, https_origin, start_https_origin
 from .util import (
@@ -30,6 +31,7 @@ __all__ = [
     "LISTENER_NAMES",
     "PYTHON",
     "REPO",
+    "ReachedHandler",
     "ServiceProcess",
     "Stack",
     "StackError",
@@ -39,6 +41,7 @@ __all__ = [
     "descendants",
     "free_port",
     "free_ports",
+    "plain_origin",
     "https_origin",
     "pid_alive",
     "run_service",
