@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__, ports
+from . import __version__
 from .config import (
     ENV_CONFIG,
     ENV_DATA,
@@ -81,13 +81,17 @@ def listen_addresses(cfg: Config) -> list[tuple[str, str, int, int]]:
     return wanted
 
 
-def ports_in_use(cfg: Config, say: Callable[[str], None] = print, wait: float = ports.LINGER_WAIT) -> list[str]:
+def ports_in_use(cfg: Config, say: Callable[[str], None] = print, wait: float | None = None) -> list[str]:
     """The configured listening addresses that cannot be had, one line each; [] when all are free.
 
     Checked before supervisord starts: a taken port would otherwise make the program that needs it
     exit and be restarted over and over, with the reason only in its log file. A port a program
     listens on is reported at once, naming the program; one held only by connections that are
-    closing (TIME_WAIT) is waited for, up to `wait` s (said once through `say`)."""
+    closing (TIME_WAIT) is waited for, up to `wait` s (default ports.LINGER_WAIT; said once through `say`)."""
+    from . import ports  # here, not at the top: it brings asyncio into every service process
+
+    if wait is None:
+        wait = ports.LINGER_WAIT
     wanted = listen_addresses(cfg)
     problems: list[str] = []
     lingering = []
@@ -255,7 +259,11 @@ def _load_extra_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    _load_extra_commands()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] != ["run"]:
+        # A service process (`greyproxy run NAME`) needs none of the extra commands: importing them
+        # would load what they need (cryptography for `cert`, ...) into every one of the five.
+        _load_extra_commands()
     args = build_parser().parse_args(argv)
     try:
         code = args.fn(args)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -15,7 +14,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bus import topics
-from bus.pubsub import Publisher
 
 from .config import ENV_SUPERVISOR_PID, Config, ensure_dirs
 
@@ -99,6 +97,8 @@ class ServiceRuntime:
         self.announce = dict(announce or {})  # extra heartbeat fields (a proxy: role, control endpoint, worker)
         self.cfg = cfg
         self.started_at = time.time()
+        from bus.pubsub import Publisher  # here: the bus process (no event loop) never loads asyncio
+
         self.publisher = Publisher(cfg.bus["pub"], name)
         self._stats: list[Callable[[], dict[str, Any]]] = []
         # Sent in every heartbeat; /api/health counts a service up only once it is ready. A
@@ -137,6 +137,8 @@ class ServiceRuntime:
         }
 
     async def heartbeat_loop(self) -> None:
+        import asyncio
+
         interval = float(self.cfg.bus["heartbeatInterval"])
         while True:
             self.publisher.publish(topics.SERVICE_HEARTBEAT, self.heartbeat_payload())
@@ -147,6 +149,8 @@ def run_async_service(
     name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]], announce: dict[str, Any] | None = None
 ) -> None:
     """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives."""
+    import asyncio
+
     import uvloop
 
     exit_with_parent()  # cmd_run did it already; here for callers that come straight in

@@ -9,7 +9,6 @@ from typing import Any
 
 import falcon
 import falcon.asgi
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from greyproxy.metrics import HeartbeatCollector
 
@@ -67,10 +66,15 @@ def sum_stats(parts: list[Any], key: str = "") -> Any:
 
 class MetricsResource:
     def __init__(self, ctx: ApiContext) -> None:
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(HeartbeatCollector(lambda: heartbeat_snapshot(ctx)))
+        self.ctx = ctx
+        self.registry: Any = None  # built by the first scrape: prometheus_client loads only in an API that is scraped
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+        if self.registry is None:
+            self.registry = CollectorRegistry(auto_describe=False)
+            self.registry.register(HeartbeatCollector(lambda: heartbeat_snapshot(self.ctx)))
         resp.content_type = CONTENT_TYPE_LATEST
         resp.set_header("Cache-Control", "no-store")
         resp.data = generate_latest(self.registry)
