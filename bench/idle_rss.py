@@ -122,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, p in res["processes"].items():
         mods = p.get("modules") or []
         heavy = ", ".join(f"{k} {v}" for k, v in top_packages(mods).most_common(10))
-        print(
-            f"{name:12s} {(p['rss_kb'] or 0) / 1024:7.1f} {(p['pss_kb'] or 0) / 1024:7.1f} {len(mods):8d}  {heavy}"
-        )
+        print(f"{name:12s} {(p['rss_kb'] or 0) / 1024:7.1f} {(p['pss_kb'] or 0) / 1024:7.1f} {len(mods):8d}  {heavy}")
     print(f"{'total':12s} {res['total_rss_kb'] / 1024:7.1f} {res['total_pss_kb'] / 1024:7.1f}")
     if args.modules:
         for name, p in res["processes"].items():
