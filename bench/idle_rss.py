@@ -6,7 +6,10 @@ RSS and PSS (/proc/PID/smaps_rollup) and the names in its sys.modules (written b
 tests/harness/moddump/sitecustomize.py on request), and prints a table per process plus the
 heaviest top-level packages each one imported.
 
-    .venv/bin/python bench/idle_rss.py [--settle S] [--json FILE] [--modules]
+    .venv/bin/python bench/idle_rss.py [--settle S] [--json FILE] [--modules] [--src TREE]
+
+--src measures another checkout (e.g. `git archive main | tar -x -C /tmp/gp-main`): its code and its
+tests/harness, with this tree's module dumper.
 
 Nothing to install: Python only.
 """
@@ -14,6 +17,7 @@ Nothing to install: Python only.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -72,12 +76,25 @@ def service_pids(health: dict[str, Any]) -> dict[str, int]:
     return pids
 
 
-def measure(settle: float = 3.0, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def _stack_class(src: Path | None) -> Any:
+    if src is None:
+        return _test_harness().Stack  # the suite's own helper
+    name = "idle_rss_src_harness"
+    pkg = src / "tests" / "harness"
+    spec = importlib.util.spec_from_file_location(name, pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    assert spec is not None and spec.loader is not None, f"no tests/harness in {src}"
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module.Stack
+
+
+def measure(settle: float = 3.0, overrides: dict[str, Any] | None = None, src: Path | None = None) -> dict[str, Any]:
     """Start the stack with the module dumper, let it idle `settle` s, measure; stop it.
 
     Returns {"processes": {name: {"pid", "rss_kb", "pss_kb", "modules": [...]}}, "total_rss_kb", ...}.
     """
-    Stack = _test_harness().Stack  # noqa: N806 - the suite's own helper
+    Stack = _stack_class(src)  # noqa: N806
     dump_dir = Path(tempfile.mkdtemp(prefix="gp-mods-"))
     trigger = dump_dir / "now"
     stack = Stack(overrides or {})
@@ -116,8 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the figures (and module lists) to this file")
     ap.add_argument("--modules", action="store_true", help="print every process's module list")
     ap.add_argument("--workers", type=int, default=1, help="proxy.workers (default 1)")
+    ap.add_argument("--src", type=Path, help="measure this checkout instead of the one holding this script")
     args = ap.parse_args(argv)
-    res = measure(args.settle, {"proxy": {"workers": args.workers}})
+    res = measure(args.settle, {"proxy": {"workers": args.workers}}, args.src.resolve() if args.src else None)
     print(f"{'process':12s} {'RSS MB':>7s} {'PSS MB':>7s} {'modules':>8s}  heaviest top-level packages (modules)")
     for name, p in res["processes"].items():
         mods = p.get("modules") or []
