@@ -4,6 +4,7 @@ Starts nginx and the whole greyproxy stack (as `run.py` does), runs wrk through 
 (20 connections, 1 KiB, kept alive and/or a new connection per request) and prints, for each of
 the stack's processes, its share of a core and its user/system CPU time per request, plus how busy
 the machine was. This is the evidence behind bench/analysis.md's per-request accounting.
+`bench/run.py` takes the same figures with `Meter` below for every load of its greyproxy columns.
 
     .venv/bin/python bench/cpu_split.py [--duration S] [--workers N] [keepalive] [newconn]
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(BENCH))
 
 from harness.loads import lua_absolute, run_wrk  # noqa: E402
 from harness.origin import NginxOrigin  # noqa: E402
-from harness.procs import stop_all  # noqa: E402
+from harness.procs import stop_all, tree  # noqa: E402
 from harness.proxies import GreyProxy  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -42,6 +43,82 @@ def cpu(pid: int) -> tuple[float, float]:
 def machine() -> list[int]:
     with open("/proc/stat") as f:
         return [int(x) for x in f.readline().split()[1:]]
+
+
+def tree_cpu(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of pid and its descendants, with the children it has reaped (a peer
+    that forks a process per connection)."""
+    user = system = 0.0
+    for p in tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        user += (int(fields[11]) + int(fields[13])) / TICK
+        system += (int(fields[12]) + int(fields[14])) / TICK
+    return user, system
+
+
+def stack_pids(stack: object) -> dict[str, int]:
+    """service -> pid of each of the stack's processes from /api/health; "proxy" stands for its
+    workers (proxy-0, proxy-1 ...), each listed under its own name."""
+    _, health = stack.health()  # type: ignore[attr-defined]
+    return {name: s["pid"] for name, s in health["services"].items() if s.get("pid") and not s.get("workers")}
+
+
+class Meter:
+    """CPU time each of a set of processes spends over one load, per request served.
+
+    `pids`: name -> pid; `tree` counts each pid with its descendants (peers). `stop(requests, seconds)`
+    returns {"idle_pct": the machine's idle share, "processes": {name: {"core_pct", "us", "user_us",
+    "system_us"}}}; with `client=True` the CPU of the children this process reaped meanwhile (the
+    load generator: wrk, curl, tunnelbench) is reported too, as "client".
+    """
+
+    def __init__(self, pids: dict[str, int], tree: bool = False, client: bool = False) -> None:
+        self.pids, self.read, self.client = pids, (tree_cpu if tree else cpu), client
+
+    def start(self) -> "Meter":
+        import resource
+
+        self.before = {k: self.read(p) for k, p in self.pids.items()}
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.c0, self.m0 = (ru.ru_utime, ru.ru_stime), machine()
+        return self
+
+    def stop(self, requests: float, seconds: float) -> dict:
+        import resource
+
+        after, m1 = {k: self.read(p) for k, p in self.pids.items()}, machine()
+        ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+        deltas = {k: (after[k][0] - self.before[k][0], after[k][1] - self.before[k][1]) for k in self.pids}
+        if self.client:
+            deltas["client"] = (ru.ru_utime - self.c0[0], ru.ru_stime - self.c0[1])
+        dm = [b - a for a, b in zip(self.m0, m1)]
+        n, secs = max(1.0, requests), max(1e-9, seconds)
+        return {
+            "idle_pct": 100 * dm[3] / max(1, sum(dm)),
+            "requests": requests,
+            "processes": {
+                k: {
+                    "core_pct": 100 * (du + ds) / secs,
+                    "us": 1e6 * (du + ds) / n,
+                    "user_us": 1e6 * du / n,
+                    "system_us": 1e6 * ds / n,
+                }
+                for k, (du, ds) in deltas.items()
+            },
+        }
+
+
+def split_lines(split: dict) -> list[str]:
+    """One line per process of a `Meter.stop` result."""
+    return [
+        f"  {name:12s} {f['core_pct']:5.1f}% of a core  {f['us']:6.1f} µs/request"
+        f"  (user {f['user_us']:6.1f}, system {f['system_us']:6.1f})"
+        for name, f in split["processes"].items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,31 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     grey = GreyProxy(root / "grey", workers=args.workers)
     try:
         grey.start()
-        _, health = grey.stack.health()
-        pids = {
-            name: s["pid"] for name, s in health["services"].items() if s.get("pid") and not s.get("workers")
-        }  # "proxy" stands for its workers: each is listed
+        pids = stack_pids(grey.stack)
         for load in args.loads or ["keepalive", "newconn"]:
             lua = lua_absolute(origin.port, close=load == "newconn")
             run_wrk(grey.port, lua, 20, 2, root)  # warm-up
-            before, m0 = {k: cpu(p) for k, p in pids.items()}, machine()
+            meter = Meter(pids).start()
             res = run_wrk(grey.port, lua, 20, args.duration, root)
-            after, m1 = {k: cpu(p) for k, p in pids.items()}, machine()
             if "error" in res:
                 print(f"{load}: {res['error']}")
                 continue
-            dm = [b - a for a, b in zip(m0, m1)]
-            n, secs = res["requests"], res["duration_s"]
+            split = meter.stop(res["requests"], res["duration_s"])
             print(
                 f"{load}: {res['rps']:,.0f} req/s, p50 {res['p50_ms']:.2f} ms, p99 {res['p99_ms']:.2f} ms, "
-                f"{res['errors']} errors; machine idle {100 * dm[3] / sum(dm):.1f}%"
+                f"{res['errors']} errors; machine idle {split['idle_pct']:.1f}%"
             )
-            for name in pids:
-                du, ds = after[name][0] - before[name][0], after[name][1] - before[name][1]
-                print(
-                    f"  {name:12s} {100 * (du + ds) / secs:5.1f}% of a core  {1e6 * (du + ds) / n:6.1f} µs/request"
-                    f"  (user {1e6 * du / n:6.1f}, system {1e6 * ds / n:6.1f})"
-                )
+            print("\n".join(split_lines(split)))
             time.sleep(1)
     finally:
         grey.stop()

@@ -42,6 +42,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(REPO))
 
+from cpu_split import Meter, stack_pids  # noqa: E402
 from harness import greybench, loads, report  # noqa: E402
 from harness.origin import NginxOrigin, PyOrigin, make_tls, nginx_binary, nginx_version  # noqa: E402
 from harness.procs import Managed, cpu_seconds, fd_count, stop_all, system_busy  # noqa: E402
@@ -245,6 +246,29 @@ def _flag(res: dict[str, Any], what: str, notes: list[str], who: str) -> dict[st
     return res
 
 
+def metered(p: ProxyUnderTest, origin: Any, load: Any) -> dict[str, Any]:
+    """Run `load()` with the CPU each process spends per request served (cpu_split.Meter) put into
+    its result as "cpu": greyproxy's five processes (each proxy worker apart), a peer's process tree,
+    the nginx origin ("origin") and the load generator this process ran ("client")."""
+    pids: dict[str, int] = {}
+    try:
+        if isinstance(p, GreyProxy):
+            if p.stack is not None:
+                pids = stack_pids(p.stack)
+        elif p.main_pid():
+            pids = {"proxy": p.main_pid()}  # type: ignore[dict-item]
+    except Exception:  # noqa: BLE001 - no split, the load still runs
+        pids = {}
+    if isinstance(origin, NginxOrigin) and origin.proc is not None:
+        pids["origin"] = origin.proc.pid
+    meter = Meter(pids, tree=True, client=True).start() if pids else None
+    res = load()
+    secs = res.get("duration_s") or res.get("seconds")
+    if meter is not None and "error" not in res and res.get("rps") and secs:
+        res["cpu"] = meter.stop(res["rps"] * secs, secs)
+    return res
+
+
 def http_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: list[str]) -> dict[str, Any]:
     """Plain HTTP through the forward proxy: keep-alive and a new connection per request."""
     r: dict[str, Any] = {}
@@ -266,14 +290,20 @@ def http_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: li
         loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.warmup, work)
     log(f"  {p.name}: keep-alive {plan.duration}s")
     r["keepalive"] = _flag(
-        loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.duration, work),
+        metered(
+            p, origin, lambda: loads.run_wrk(port, loads.lua_absolute(origin.port), plan.conns, plan.duration, work)
+        ),
         "keep-alive",
         notes,
         p.name,
     )
     log(f"  {p.name}: new connection per request {plan.duration}s")
     r["newconn"] = _flag(
-        loads.run_wrk(port, loads.lua_absolute(origin.port, close=True), plan.conns, plan.duration, work),
+        metered(
+            p,
+            origin,
+            lambda: loads.run_wrk(port, loads.lua_absolute(origin.port, close=True), plan.conns, plan.duration, work),
+        ),
         "new-connection",
         notes,
         p.name,
@@ -307,7 +337,10 @@ def tunnel_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: 
     tb, why = (None, "smoke mode") if plan.python_loads else loads.tunnelbench_binary(BENCH / "out" / "bin")
     if tb:
         r["tunnels"] = _flag(
-            loads.run_tunnelbench(tb, port, origin.port, plan.conns, plan.duration), "tunnels", notes, p.name
+            metered(p, origin, lambda: loads.run_tunnelbench(tb, port, origin.port, plan.conns, plan.duration)),
+            "tunnels",
+            notes,
+            p.name,
         )
     else:
         r["tunnels"] = _flag(
@@ -351,7 +384,7 @@ def idle_tunnels(p: ProxyUnderTest, origin_port: int, n: int, hold: float = 1.0)
 # ----------------------------------------------------------------------------- HTTPS through interception
 
 
-def https_load(p: ProxyUnderTest, tls_url: str, ca: Path, plan: Plan) -> dict[str, Any]:
+def https_load(p: ProxyUnderTest, tls_url: str, ca: Path, plan: Plan, origin: Any = None) -> dict[str, Any]:
     ok, why = loads.curl_probe_https(p.port, tls_url, ca)
     if not ok:
         return {"na": f"interception probe failed: {why}"}
@@ -360,7 +393,13 @@ def https_load(p: ProxyUnderTest, tls_url: str, ca: Path, plan: Plan) -> dict[st
         return cal
     n = int(min(200_000, max(500, cal["rps"] * plan.https_seconds)))
     log(f"  {p.name}: HTTPS intercepted, {n} requests")
-    res = loads.curl_https_load(p.port, tls_url, ca, n, parallel=plan.conns, timeout=max(60.0, plan.https_seconds * 6))
+    res = metered(
+        p,
+        origin,
+        lambda: loads.curl_https_load(
+            p.port, tls_url, ca, n, parallel=plan.conns, timeout=max(60.0, plan.https_seconds * 6)
+        ),
+    )
     if "error" not in res and res["error_rate"] > 0.5:
         return {"error": f"{res['error_rate']:.0%} of HTTPS requests failed"}
     return res
@@ -577,7 +616,7 @@ def run(args: argparse.Namespace) -> int:
                     g["https_intercept"] = {"na": grey.mitm_na}
                 else:
                     g["https_intercept"] = https_load(
-                        grey, f"https://127.0.0.1:{origin.tls_port}/1k", grey.mitm_ca, plan
+                        grey, f"https://127.0.0.1:{origin.tls_port}/1k", grey.mitm_ca, plan, origin
                     )
                 gd = res["greyproxy_only"]
                 log(f"greyproxy: approval latency, {plan.holds} holds")
@@ -642,7 +681,9 @@ def run(args: argparse.Namespace) -> int:
 
         # -- greyproxy with more proxy workers (--workers 1,2): the request and tunnel rows, a stack each --
         for n in [w for w in getattr(args, "worker_counts", [1]) if w != 1]:
-            gw = GreyProxy(work / f"grey-w{n}", workers=n)
+            gw = GreyProxy(
+                work / f"grey-w{n}", upstream_ca=tls.ca_pem if tls else None, want_mitm=tls is not None, workers=n
+            )
             res["settings"][gw.name] = gw.settings
             log(f"{gw.name}: starting the stack with proxy.workers {n}")
             try:
@@ -655,11 +696,21 @@ def run(args: argparse.Namespace) -> int:
                 pw = res["proxies"][gw.name] = {"status": "ok", "pid": gw.main_pid(), "workers": n}
                 if nginx_ok or plan.python_loads:
                     pw.update(http_loads(gw, origin, plan, work, notes))
-                    why = gw.set_mitm(False, 0.5 if plan.mode != "full" else 2.2)
+                    settle = 0.5 if plan.mode != "full" else 2.2
+                    why = gw.set_mitm(False, settle)
                     if not why:
                         pw["tunnel_mode"] = "mitmEnabled=false (raw tunnels)"
                     pw.update(tunnel_loads(gw, origin, plan, work, notes))
-                pw["https_intercept"] = {"na": "measured with workers 1 only"}
+                    if not why:
+                        gw.set_mitm(True, settle)
+                if tls is None or not nginx_ok:
+                    pw["https_intercept"] = {"na": "no TLS origin in this mode"}
+                elif gw.mitm_ca is None:
+                    pw["https_intercept"] = {"na": gw.mitm_na}
+                else:
+                    pw["https_intercept"] = https_load(
+                        gw, f"https://127.0.0.1:{origin.tls_port}/1k", gw.mitm_ca, plan, origin
+                    )
             except Unavailable as exc:
                 pw["status"] = f"n/a: {exc}"
             finally:
@@ -701,7 +752,7 @@ def run(args: argparse.Namespace) -> int:
                             mres["https_intercept"] = {"na": "mitmdump wrote no CA certificate"}
                         else:
                             mres["https_intercept"] = https_load(
-                                mi, f"https://127.0.0.1:{origin.tls_port}/1k", mi.ca_cert, plan
+                                mi, f"https://127.0.0.1:{origin.tls_port}/1k", mi.ca_cert, plan, origin
                             )
                     except Unavailable as exc:
                         mres["https_intercept"] = {"na": str(exc)}
@@ -743,6 +794,7 @@ def run(args: argparse.Namespace) -> int:
     )
     res["rows"] = report.build_rows(res)
     res["targets"] = report.apply_targets(res["rows"], res)
+    res["predictions"] = report.predictions(res)
     details = _details(res) + details
     res["details_md"] = details
     res["method_md"] = method_text(plan)
@@ -753,6 +805,10 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(report.text_table(res))
     print()
+    cpu = report.cpu_markdown(res)
+    if cpu:
+        print("\n".join(cpu))
+        print()
     missed = [t for t in res["targets"] if t["met"] is False]
     print(
         f"targets: {sum(1 for t in res['targets'] if t['met'])} met, {len(missed)} missed, "

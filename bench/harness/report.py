@@ -367,6 +367,7 @@ def markdown(res: dict[str, Any]) -> str:
         lines.append(
             f"| {_md_escape(row['label'].strip())}: {_md_escape(t['target'])} | {_md_escape(t['detail'])} | {met} |"
         )
+    lines += ["", *cpu_markdown(res)] if cpu_markdown(res) else []
     na_lines = []
     for r in res["rows"]:
         for who, why in r["na"].items():
@@ -403,4 +404,185 @@ def write_outputs(res: dict[str, Any], out_dir: Path, md_path: Path | None) -> N
     (out_dir / "results.json").write_text(json.dumps(clean, indent=2, default=str) + "\n")
     if md_path is not None:
         md_path.parent.mkdir(parents=True, exist_ok=True)
-        md_path.write_text(markdown(res))
+        md_path.write_text(merge_markdown(md_path.read_text() if md_path.exists() else "", markdown(res)))
+
+
+RUN_BEGIN, RUN_END = "<!-- bench-run:begin -->", "<!-- bench-run:end -->"
+RUN_HEADINGS = ("Machine", "Versions", "Results", "Analysis", "Details", "How each figure is measured")
+RUN_HEADINGS += ("Configuration of each proxy", "Notes")  # what markdown() writes
+
+
+def merge_markdown(old: str, generated: str) -> str:
+    """The report with this run's part (the title, then RUN_BEGIN ... RUN_END) replaced and every
+    hand-written section after it kept: what follows RUN_END, or (a file from before the markers)
+    everything from the first `<!-- name:begin -->` line or `## ` heading this writer does not produce."""
+    title, _, body = generated.partition("\n")
+    part = f"{title}\n{RUN_BEGIN}\n{body.strip()}\n{RUN_END}\n"
+    if RUN_END in old:
+        tail = old.partition(RUN_END)[2]
+        return part + ("\n" + tail.lstrip("\n") if tail.strip() else "")
+    ours = {line for line in generated.splitlines() if line.startswith("## ")} | {f"## {h}" for h in RUN_HEADINGS}
+    kept: list[str] = []
+    for i, line in enumerate(old.splitlines()):
+        if (line.startswith("<!-- ") and line.endswith(":begin -->")) or (line.startswith("## ") and line not in ours):
+            kept = old.splitlines()[i:]
+            break
+    return part + ("\n" + "\n".join(kept) + "\n" if kept else "")
+
+
+# ----------------------------------------------------------------------------- CPU per request, cores
+
+CPU_LOADS = (
+    ("keepalive", "keep-alive"),
+    ("newconn", "new connection"),
+    ("tunnels", "new tunnels"),
+    ("https_intercept", "intercepted HTTPS"),
+)
+OTHERS = ("maintenance", "bus", "api")  # O in the prediction
+LOADGEN = ("origin", "client")  # L: nginx and the load generator, which share the machine
+CORES = (4, 8)
+# Processes a peer runs its requests on when it has C cores: tinyproxy a thread per connection,
+# proxy.py one worker per core (its default); mitmdump one asyncio process.
+PEER_WORKERS = {"tinyproxy": None, "proxy.py": None, "mitmdump": 1}  # None: one per core
+# What each target compares on the predicted rates (as in apply_targets).
+PREDICTED_TARGETS = {
+    "keepalive": ("≥ 1.5× best peer", lambda peers: 1.5 * max(peers.values())),
+    "newconn": ("≥ tinyproxy", lambda peers: peers.get("tinyproxy")),
+    "tunnels": ("≥ tinyproxy", lambda peers: peers.get("tinyproxy")),
+    "https_intercept": ("≥ 5× mitmdump", lambda peers: 5 * peers["mitmdump"] if "mitmdump" in peers else None),
+}
+
+
+def _split(res: dict[str, Any], who: str, load: str) -> dict[str, Any] | None:
+    x = (res.get("proxies", {}).get(who) or {}).get(load)
+    return x.get("cpu") if isinstance(x, dict) else None
+
+
+def cpu_parts(split: dict[str, Any]) -> dict[str, Any]:
+    """P (every proxy process), each worker, R, O, L (µs per request) from a Meter result."""
+    procs = split["processes"]
+    workers = {k: v["us"] for k, v in procs.items() if k == "proxy" or k.startswith("proxy-")}
+    return {
+        "P": sum(workers.values()),
+        "workers": workers,
+        "R": procs.get("recorder", {}).get("us"),
+        "O": sum(procs[k]["us"] for k in OTHERS if k in procs),
+        "L": sum(procs[k]["us"] for k in LOADGEN if k in procs),
+        "each": {k: v["us"] for k, v in procs.items()},
+    }
+
+
+def predict(parts: dict[str, Any], cores: int, workers: int | None = None) -> tuple[float, str]:
+    """rate ≈ min(W·10⁶/P, 10⁶/R, C·10⁶/(P+R+O+L)) and what bounds it. W = C unless given."""
+    w = cores if workers is None else workers
+    p, r, o, load = parts["P"], parts.get("R") or 0.0, parts.get("O") or 0.0, parts["L"]
+    bounds = {"the proxy processes": w * 1e6 / p if p else float("inf")}
+    if r:
+        bounds["the recorder (one process)"] = 1e6 / r
+    bounds["the cores (all processes)"] = cores * 1e6 / (p + r + o + load)
+    name = min(bounds, key=lambda k: bounds[k])
+    return bounds[name], name
+
+
+def predictions(res: dict[str, Any]) -> dict[str, Any]:
+    """Per load: each column's parts and predicted rate on 4 and 8 cores; targets judged on the
+    greyproxy (workers 1) prediction against the peers' predictions."""
+    out: dict[str, Any] = {}
+    for load, _label in CPU_LOADS:
+        per: dict[str, Any] = {}
+        for who in columns(res):
+            split = _split(res, who, load)
+            if not split:
+                continue
+            parts = cpu_parts(split)
+            w = PEER_WORKERS.get(who) if who in PEERS else None
+            per[who] = {
+                "parts": parts,
+                "rate": {c: predict(parts, c, w)[0] for c in CORES},
+                "bound": {c: predict(parts, c, w)[1] for c in CORES},
+            }
+        targets = {}
+        if GREY in per and load in PREDICTED_TARGETS:
+            text, want_fn = PREDICTED_TARGETS[load]
+            for c in CORES:
+                peers = {k: v["rate"][c] for k, v in per.items() if k in PEERS}
+                want = want_fn(peers) if peers else None
+                got = per[GREY]["rate"][c]
+                targets[c] = {"target": text, "want": want, "got": got, "met": None if want is None else got >= want}
+        out[load] = {"columns": per, "targets": targets}
+    return out
+
+
+def cpu_markdown(res: dict[str, Any]) -> list[str]:
+    """The CPU-per-request table and the 4/8-core prediction (empty when nothing was metered)."""
+    pred = res.get("predictions") or predictions(res)
+    if not any(v["columns"] for v in pred.values()):
+        return []
+    lines = [
+        "### CPU per request per process",
+        "",
+        "µs of CPU (user + system, from /proc) each process spent over the load, divided by the requests "
+        "served (`bench/cpu_split.py`'s `Meter`); *origin* is nginx, *client* the load generator (wrk, "
+        "tunnelbench, curl). A peer's *proxy* is its whole process tree.",
+        "",
+        "| load | column | req/s | proxy | recorder | maintenance | bus | api | origin | client | machine idle |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for load, label in CPU_LOADS:
+        for who, c in pred[load]["columns"].items():
+            parts, each = c["parts"], c["parts"]["each"]
+            ws = parts["workers"]
+            proxy = _fmt(parts["P"]) + (f" ({' + '.join(_fmt(v) for v in ws.values())})" if len(ws) > 1 else "")
+            rps = ((res["proxies"].get(who) or {}).get(load) or {}).get("rps")
+            split = _split(res, who, load) or {}
+            cells = [_fmt(each[k]) if k in each else "—" for k in ("recorder", *OTHERS, *LOADGEN)]
+            lines.append(
+                f"| {label} | {who} | {_fmt(rps)} | {proxy} | "
+                + " | ".join(cells)
+                + f" | {split.get('idle_pct', 0):.0f}% |"
+            )
+    lines += [
+        "",
+        "### Prediction for 4 and 8 cores",
+        "",
+        "From this run's CPU per request above, with W proxy workers on C cores (`proxy.workers: auto` = C):",
+        "",
+        "    rate ≈ min( W·10⁶/P ,  10⁶/R ,  C·10⁶/(P + R + O + L) )",
+        "",
+        "P = µs per request of all proxy processes together, R = the recorder (one process), O = maintenance + "
+        "bus + api, L = the origin and the load generator, which need the same cores (measured here, not "
+        "assumed). For a peer: R = O = 0 and W = C (tinyproxy: a thread per connection; proxy.py: a worker "
+        "per core), W = 1 for mitmdump (one process). This assumes the per-request CPU stays what it is "
+        "here and that nothing else is shared: on this 2-core machine every process competes for the cores "
+        "with the others, which inflates the figures (more so with 2 workers), so a prediction from them is "
+        "a conservative one.",
+        "",
+        "| load | column | P | R | O | L | 4 cores | 8 cores | bound on 8 cores by |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for load, label in CPU_LOADS:
+        for who, c in pred[load]["columns"].items():
+            p = c["parts"]
+            lines.append(
+                f"| {label} | {who} | {_fmt(p['P'])} | {_fmt(p['R']) if who not in PEERS else '—'} | "
+                f"{_fmt(p['O']) if who not in PEERS else '—'} | {_fmt(p['L'])} | {_fmt(c['rate'][4])} | "
+                f"{_fmt(c['rate'][8])} | {c['bound'][8]} |"
+            )
+    lines += [
+        "",
+        "Targets on the predicted rates (greyproxy from its workers-1 figures, against the peers' predictions):",
+        "",
+        "| load | target | 4 cores | 8 cores |",
+        "|---|---|---|---|",
+    ]
+    for load, label in CPU_LOADS:
+        t = pred[load]["targets"]
+        if not t:
+            continue
+        cells = []
+        for c in CORES:
+            x = t[c]
+            verdict = "n/a" if x["met"] is None else "met" if x["met"] else "**missed**"
+            cells.append(f"{_fmt(x['got'])} vs {_fmt(x['want'])}: {verdict}")
+        lines.append(f"| {label} | {t[CORES[0]]['target']} | " + " | ".join(cells) + " |")
+    return lines
