@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: serve test lint install bench bench-quick clean
+.PHONY: serve test lint install bench bench-quick bench-soak bench-rss clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) bench/run.py --quick --workers 1,2
+
+bench-soak: $(STAMP)
+	$(PY) bench/soak.py --results-md bench/results.md
+
+bench-rss: $(STAMP)
+	$(PY) bench/idle_rss.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
