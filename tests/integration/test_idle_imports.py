@@ -24,9 +24,9 @@ pytestmark = pytest.mark.stack
 HEAVY = ("falcon", "uvicorn", "peewee", "cryptography", "dns", "prometheus_client", "httptools", "websockets")
 FORBIDDEN = {
     "bus": (*HEAVY, "zstandard", "brotli", "publicsuffixlist", "asyncio", "uvloop", "services", "greyproxy.store"),
-    "recorder": (*HEAVY[:2], *HEAVY[3:], "greyproxy.llm", "services.api", "services.maintenance"),
+    "recorder": (*HEAVY[:2], *HEAVY[3:], "services.api", "services.maintenance"),
     "maintenance": (*HEAVY[:2], *HEAVY[3:], "publicsuffixlist", "services.api", "services.proxy", "services.recorder"),
-    "proxy": ("falcon", "uvicorn", "prometheus_client", "greyproxy.llm", "services.api", "services.recorder"),
+    "proxy": ("falcon", "uvicorn", "prometheus_client", "services.api", "services.recorder"),
     # prometheus_client: only once /metrics is scraped; the proxy stack and dnspython never.
     "api": ("dns", "prometheus_client", "services.proxy.service", "services.proxy.http1", "services.recorder"),
 }
