@@ -400,6 +400,7 @@ def judge(res: dict[str, Any]) -> dict[str, Any]:
         "under_cap_after_first_run": bool(after) and all(x["max_file_bytes"] <= cap for x in after),
         "max_file_mib_after_first_run": max((x["max_file_bytes"] for x in after), default=0) / MIB,
         "max_file_mib": max((x["max_file_bytes"] for x in s), default=0) / MIB,
+        "max_data_wal_mib_after_first_run": max((x.get("data_wal_bytes", 0) for x in after), default=0) / MIB,
         "recorded_every_interval": len(s) > 1 and all(b > a for a, b in zip(newest, newest[1:])),
         "api_newest_grows": len(s) > 1
         and all((b["newest_api"].get("id") or 0) > (a["newest_api"].get("id") or 0) for a, b in zip(s, s[1:])),
@@ -438,8 +439,9 @@ def markdown(res: dict[str, Any], command: str) -> str:
     lines += [
         "",
         f"- Under the cap ({res['cap_mib']} MiB) in every interval after the first cap run: "
-        f"{yes[c['under_cap_after_first_run']]} (largest {c['max_file_mib_after_first_run']:.1f} MiB; before the "
-        f"first run {c['max_file_mib']:.1f} MiB at most in the whole soak).",
+        f"{yes[c['under_cap_after_first_run']]}: database + -wal up to {c['max_file_mib_after_first_run']:.1f} MiB "
+        f"(polled), pages in use + -wal up to {c.get('max_data_wal_mib_after_first_run', 0):.1f} MiB (at the "
+        "samples; the cap's own measure).",
         f"- Traffic still recorded: the newest id grew in every interval: {yes[c['recorded_every_interval']]}; "
         f"through the API: {yes[c['api_newest_grows']]}.",
         f"- The cap acted: {res['cap_events']['runs']} size-cap runs (`maintenance.progress` events with "
