@@ -44,5 +44,6 @@ def test_short_soak_keeps_the_database_bounded_and_recording(tmp_path: Path) -> 
     assert checks["max_file_mib"] <= 2 * CAP, f"database + -wal reached {checks['max_file_mib']:.1f} MiB"
     assert samples[-1]["data_bytes"] <= 1.25 * CAP * (1 << 20), samples[-1]
     assert samples[-1]["oldest_id"] > 1, "no row was dropped"
-    assert verify["checked"] >= 40 and set(verify["kinds"]) == {"text", "random bytes", "llm"}, verify
-    assert checks["bodies_identical"] and verify["identical"] == verify["checked"], verify
+    # read back after every interval and at the end; a body the cap has just dropped reads null
+    assert verify["checked"] >= 60 and set(verify["kinds"]) == {"text", "random bytes", "llm"}, verify
+    assert checks["bodies_identical"] and not verify["mismatches"] and verify["identical"] >= 30, verify
