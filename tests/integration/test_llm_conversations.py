@@ -417,6 +417,28 @@ def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) 
 # ---------------------------------------------------------------- acceptance 8: Codex over WebSocket
 
 
+def test_sessionless_history_cut_by_more_than_one_message_is_a_new_conversation(stack: Stack, origin: int) -> None:
+    """SPEC §13.5.1 (acceptance 11's grouping): message counts 1, 3, 5, 4, 2, 3 from one client with
+    one system text: the fall by 1 stays in the conversation, the fall by 2 starts a new one."""
+    c = "shrink-" + uuid.uuid4().hex[:6]
+    send(stack, F.shrinking_chat_session(container=c), c, origin)
+    ids = sorted(
+        t["id"]
+        for t in wait_for(
+            lambda: txns(stack, c) if len(txns(stack, c)) == len(F.SHRINKING_COUNTS) else None,
+            5,
+            message="six chat transactions",
+        )
+    )
+    first = conversation(stack, f"session_inferred_{ids[0]}", pred=lambda conv: len(conv["request_ids"]) >= 4)
+    second = conversation(stack, f"session_inferred_{ids[4]}", pred=lambda conv: len(conv["request_ids"]) >= 2)
+    assert (first["request_ids"], second["request_ids"]) == (ids[:4], ids[4:])
+    assert first["container_name"] == second["container_name"] == c
+    assert [t["user_prompt"] for t in second["turns"]] == ["list the files", "what does main.py do"]
+    listed = stack.get("/api/conversations", params={"container": c}).json()
+    assert sorted(x["id"] for x in listed["items"]) == sorted([first["id"], second["id"]])
+
+
 def test_codex_websocket_session(stack: Stack, ws_origin: int) -> None:
     from websockets.sync.client import connect
 
