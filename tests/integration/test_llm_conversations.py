@@ -8,7 +8,6 @@ dissectors. One stack serves the module; each test uses its own containers and s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.server
@@ -30,7 +29,8 @@ import pytest
 import trustme
 
 import llm_fixtures as F
-from conftest import PYTHON, REPO, Stack, free_port, start_https_origin, wait_for
+import harness
+from conftest import PYTHON, REPO, Stack, https_origin, server_context, wait_for, websocket_origin
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
@@ -66,55 +66,27 @@ class _Provider(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, ORIGIN, _Provider)
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, ORIGIN, _Provider) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def plain_origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((ORIGIN, 0), _Provider)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with harness.plain_origin(_Provider, ORIGIN) as port:
+        yield port
+
+
+async def _ws_provider(ws) -> None:  # noqa: ANN001
+    async for msg in ws:
+        for frame in WS_SCRIPT.get(_key(msg), []):
+            await ws.send(frame)
 
 
 @pytest.fixture(scope="module")
 def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    from websockets.asyncio.server import serve
-
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(ORIGIN).configure_cert(ctx)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-
-    async def provider(ws) -> None:  # noqa: ANN001
-        async for msg in ws:
-            for frame in WS_SCRIPT.get(_key(msg), []):
-                await ws.send(frame)
-
-    async def main() -> None:
-        async with serve(provider, ORIGIN, port, ssl=ctx):
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
+    with websocket_origin(_ws_provider, ORIGIN, ssl=server_context(origin_ca, ORIGIN)) as port:
+        yield port
 
 
 def _cli(stack: Stack, *args: str) -> None:

@@ -29,7 +29,8 @@ import httpx
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, free_port, https_origin, wait_for
+import harness
+from conftest import PYTHON, REPO, Stack, https_origin, server_context, wait_for, websocket_origin
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -116,13 +117,8 @@ def bypassed_origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def plain_origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN, port), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with harness.plain_origin(_Origin, ORIGIN) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -149,32 +145,15 @@ def echo_origin() -> Iterator[int]:
     srv.close()
 
 
+async def _ws_echo(ws) -> None:  # noqa: ANN001
+    async for msg in ws:
+        await ws.send(msg)
+
+
 @pytest.fixture(scope="module")
 def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    from websockets.asyncio.server import serve
-
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(ORIGIN).configure_cert(ctx)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-
-    async def echo(ws) -> None:  # noqa: ANN001
-        async for msg in ws:
-            await ws.send(msg)
-
-    async def main() -> None:
-        async with serve(echo, ORIGIN, port, ssl=ctx):
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
+    with websocket_origin(_ws_echo, ORIGIN, ssl=server_context(origin_ca, ORIGIN)) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
