@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from greyproxy import config as C
-from test_openapi import make_app, router_operations
+from harness.api import offline_app
+from test_openapi import router_operations
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DOC = REPO / "docs" / "configuration.md"
@@ -116,7 +117,7 @@ def _served_matcher() -> list[tuple[re.Pattern[str], str]]:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        ops = router_operations(make_app(Path(tmp), "/"), "")
+        ops = router_operations(offline_app(Path(tmp), "/"), "")
     return [(re.compile("^" + re.sub(r"\\\{\w+\\\}", "[^/]+", re.escape(p)) + "$"), m) for p, m in ops]
 
 

@@ -20,13 +20,13 @@ import pytest
 
 from greyproxy import __version__
 from services.api import openapi
-from test_openapi import make_app
+from harness.api import offline_app
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "openapi.json"
 
 
 def _document(tmp_path: Path, prefix: str) -> dict:
-    app = make_app(tmp_path, prefix)
+    app = offline_app(tmp_path, prefix)
     openapi.install_extensions()
     doc = openapi.build_document(app, prefix.rstrip("/"))
     assert doc["info"]["version"] == __version__
