@@ -9,6 +9,8 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``, 
 - ``write_config(path, overrides, ports)`` -- a YAML config on the given ports, overrides deep-merged.
 - ``service_env(data_dir, **extra)`` -- os.environ minus our GREYPROXY_* variables, repo on PYTHONPATH.
 - ``Stack`` -- the whole stack (``greyproxy serve``) on free ports in a private data dir.
+- ``intercepting_stack(overrides, upstream_ca_file, allow, env)`` -- a started ``Stack`` with its
+  interception CA, trusting the origins' CA, allowing ``* -> host`` for each host of ``allow``.
 - ``run_service(name, cfg_path, env)`` -- one ``greyproxy run <name>`` process (``ServiceProcess``).
 - ``pid_alive(pid)`` / ``descendants(pid)`` -- process inspection through /proc.
 - ``start_https_origin(ca, host, handler)`` -- an HTTPS origin (``TlsHttpServer``) with a trustme cert;
@@ -63,6 +65,7 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     free_port,
     free_ports,
     https_origin,
+    intercepting_stack,
     log_entries,
     pid_alive,
     plain_origin,

@@ -5,7 +5,7 @@ modules keep importing from ``conftest`` (``from conftest import Stack, free_por
 may import from ``harness`` directly. Modules:
 
 - ``util``: ports, temp dirs, polling, configs, processes;
-- ``stack``: ``Stack``, ``ServiceProcess``, ``run_service``, ``stack_cli``;
+- ``stack``: ``Stack``, ``intercepting_stack``, ``ServiceProcess``, ``run_service``, ``stack_cli``;
 - ``tls``: ``start_https_origin``, ``https_origin``, ``server_context``;
 - ``origin``: ``plain_origin``, ``websocket_origin``, the handlers ``OriginHandler``,
   ``ReachedHandler``, ``HelloHandler``, ``PathHandler``, ``JsonEchoHandler``;
@@ -24,7 +24,7 @@ from .origin import (
     plain_origin,
     websocket_origin,
 )
-from .stack import ServiceProcess, Stack, StackError, run_service, stack_cli
+from .stack import ServiceProcess, Stack, StackError, intercepting_stack, run_service, stack_cli
 from .tls import TlsHttpServer, https_origin, server_context, start_https_origin
 from .util import (
     LISTENER_NAMES,
@@ -69,6 +69,7 @@ __all__ = [
     "proxy_connect",
     "proxy_url",
     "https_origin",
+    "intercepting_stack",
     "pid_alive",
     "run_service",
     "server_context",

@@ -12,14 +12,13 @@ import contextlib
 import hashlib
 import http.server
 import json
-import shutil
 import sqlite3
 import ssl
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -30,7 +29,14 @@ import trustme
 
 import llm_fixtures as F
 import harness
-from conftest import PYTHON, REPO, Stack, https_origin, server_context, wait_for, websocket_origin
+from conftest import (
+    Stack,
+    https_origin,
+    intercepting_stack,
+    server_context,
+    wait_for,
+    websocket_origin,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
@@ -89,17 +95,6 @@ def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
         yield port
 
 
-def _cli(stack: Stack, *args: str) -> None:
-    subprocess.run(
-        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
-        env=stack.env,
-        cwd=str(REPO),
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-
-
 RULES = [
     ("/v1/messages", "anthropic", "POST"),
     ("/v1/responses", "openai", "POST"),
@@ -111,19 +106,8 @@ RULES = [
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"mitm": {"upstreamCaFile": str(ca_file)}})
-    try:
-        _cli(s, "cert", "generate")
-        s.start()
-        r = s.request(
-            "POST",
-            "/api/rules",
-            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
-        )
-        assert r.status_code == 201, r.text
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    with intercepting_stack(None, origin_ca_file, allow=(ORIGIN,)) as s:
         for path, decoder, method in RULES:
             r = s.request(
                 "POST",
@@ -132,9 +116,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
             )
             assert r.status_code == 201, r.text
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers

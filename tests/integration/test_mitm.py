@@ -30,7 +30,15 @@ import pytest
 import trustme
 
 import harness
-from conftest import PYTHON, REPO, Stack, https_origin, server_context, wait_for, websocket_origin
+from conftest import (
+    Stack,
+    https_origin,
+    intercepting_stack,
+    server_context,
+    stack_cli,
+    wait_for,
+    websocket_origin,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -158,36 +166,13 @@ def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def stack(origin_ca_file: Path) -> Iterator[Stack]:
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(origin_ca_file), "bypass": [BYPASSED]}})
-    try:
-        _cli(s, "cert", "generate")  # before start: the proxy loads it at once
-        s.start()
-        for host in (ORIGIN, BYPASSED):
-            r = s.request(
-                "POST",
-                "/api/rules",
-                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
-            )
-            assert r.status_code == 201, r.text
+    with intercepting_stack(
+        {"proxy": {"holdTimeout": 2}, "mitm": {"bypass": [BYPASSED]}}, origin_ca_file, allow=(ORIGIN, BYPASSED)
+    ) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
-        env=stack.env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
 
 
 def _gp_ca(stack: Stack) -> str:
@@ -512,7 +497,7 @@ def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_
     shutil.copy(_gp_ca(stack), old)
     r = stack.request("POST", "/api/cert/generate")
     assert r.status_code == 409 and "error" in r.json()
-    _cli(stack, "cert", "generate", "-f")
+    stack_cli(stack, "cert", "generate", "-f")
     assert old.read_bytes() != Path(_gp_ca(stack)).read_bytes()
 
     def new_ca_works() -> bool:
@@ -526,7 +511,7 @@ def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_
     assert code != 0
     r = stack.request("POST", "/api/cert/reload")
     assert r.status_code == 200 and r.json()["message"] == "unchanged"
-    assert _cli(stack, "cert", "reload").stdout.strip() == "unchanged"  # the CLI goes through the same API
+    assert stack_cli(stack, "cert", "reload").stdout.strip() == "unchanged"  # the CLI goes through the same API
     status = stack.get("/api/cert/status").json()
     assert status["generated"] is True and status["fingerprintSha256"] == r.json()["certStatus"]["fingerprintSha256"]
     dl = stack.get("/api/cert/download")
