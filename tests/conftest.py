@@ -22,7 +22,7 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``, 
   subclass of ``OriginHandler`` (its ``reply(body, content_type, status, **headers)``);
   ``websocket_origin(handler, host, ssl)`` a WebSocket one.
 - ``curl_proxy(stack, url, user, password, *curl_options)`` -- curl through the stack's HTTP proxy:
-  (status code, response head); ``curl_proxy_cmd`` the same command line (for Popen), ``proxy_url``.
+  (status code, response head); ``proxy_url(stack, user, password)`` the proxy's URL.
 - ``curl(*args, timeout)`` -- ``curl -s -S --max-time T <args>``: (exit code, stdout, stderr).
 - ``proxy_connect(stack, user, target)`` -- a socket that sent ``CONNECT target`` to the proxy.
 - ``add_rule(stack, **body)`` -- POST /api/rules, asserting 201; ``log_entries(stack, container)``.
@@ -59,7 +59,6 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     base_config,
     curl,
     curl_proxy,
-    curl_proxy_cmd,
     deep_merge,
     descendants,
     free_port,

@@ -9,12 +9,12 @@ may import from ``harness`` directly. Modules:
 - ``tls``: ``start_https_origin``, ``https_origin``, ``server_context``;
 - ``origin``: ``plain_origin``, ``websocket_origin``, the handlers ``OriginHandler``,
   ``ReachedHandler``, ``HelloHandler``, ``PathHandler``, ``JsonEchoHandler``;
-- ``clients``: ``curl``, ``curl_proxy``, ``curl_proxy_cmd``, ``proxy_url``, ``proxy_connect``,
+- ``clients``: ``curl``, ``curl_proxy``, ``proxy_url``, ``proxy_connect``,
   ``add_rule``, ``log_entries``;
 - ``fixtures``: ``make_stack``, ``service_runner``, ``short_tmp``, ``origin_ca``, ``origin_ca_file``.
 """
 
-from .clients import add_rule, curl, curl_proxy, curl_proxy_cmd, log_entries, proxy_connect, proxy_url
+from .clients import add_rule, curl, curl_proxy, log_entries, proxy_connect, proxy_url
 from .origin import (
     HelloHandler,
     JsonEchoHandler,
@@ -59,7 +59,6 @@ __all__ = [
     "base_config",
     "curl",
     "curl_proxy",
-    "curl_proxy_cmd",
     "deep_merge",
     "descendants",
     "free_port",

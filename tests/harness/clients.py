@@ -17,33 +17,6 @@ def proxy_url(stack: Stack, user: str | None = None, password: str | None = None
     return f"http://{cred}127.0.0.1:{stack.ports['http-proxy']}"
 
 
-def curl_proxy_cmd(
-    stack: Stack,
-    url: str,
-    user: str | None = None,
-    password: str | None = None,
-    *extra: str,
-    max_time: float = 10,
-    head: bool = False,
-) -> list[str]:
-    """The curl command line of ``curl_proxy`` (for a curl held in the background with Popen)."""
-    return [
-        "curl",
-        "-s",
-        *(["-D", "-"] if head else []),
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        f"{max_time:g}",
-        *extra,
-        "-x",
-        proxy_url(stack, user, password),
-        url,
-    ]
-
-
 def curl_proxy(
     stack: Stack,
     url: str,
@@ -56,8 +29,10 @@ def curl_proxy(
     """curl ``url`` through the stack's HTTP proxy as ``user[:password]`` (``extra``: more curl
     options). Returns (the status code as curl prints it, ``000`` for no answer; the response
     head(s) when ``head``, else "")."""
+    cmd = ["curl", "-s", *(["-D", "-"] if head else []), "-o", "/dev/null", "-w", "%{http_code}"]
+    cmd += ["--max-time", f"{max_time:g}", *extra, "-x", proxy_url(stack, user, password), url]
     done = subprocess.run(
-        curl_proxy_cmd(stack, url, user, password, *extra, max_time=max_time, head=head),
+        cmd,
         capture_output=True,
         text=True,
         timeout=max_time + 5,
