@@ -156,6 +156,26 @@ def test_sessionless_chat_per_container_and_gap(conn) -> None:
     assert convs[f"session_inferred_{ids[0]}"]["container_name"] == "alpha"
 
 
+def test_sessionless_message_count_falling_by_more_than_one_starts_a_new_group(conn) -> None:
+    """SPEC §13.5.1 (acceptance 11's grouping): within one (container, dissector, fingerprint) and
+    5 minutes, a request whose message count is at most 1 below the previous one's stays in the
+    group; a fall by more than 1 starts a new group, which later requests join."""
+    ids = [i for r in F.shrinking_chat_session(container="shrink") for i in feed(conn, [r])]  # a pass each
+    counts = dict(conn.execute("SELECT transaction_id, message_count FROM llm_requests").fetchall())
+    assert [counts[i] for i in ids] == list(F.SHRINKING_COUNTS)  # 1, 3, 5, 4 (−1), 2 (−2), 3
+    sessions = [
+        conn.execute("SELECT session FROM llm_requests WHERE transaction_id = ?", (i,)).fetchone()[0] for i in ids
+    ]
+    assert sessions == [f"inferred_{ids[0]}"] * 4 + [f"inferred_{ids[4]}"] * 2
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[4]}"])
+    assert convs[f"session_inferred_{ids[0]}"]["request_ids"] == ids[:4]
+    assert convs[f"session_inferred_{ids[4]}"]["request_ids"] == ids[4:]
+    # A rebuild (one pass over all of them) groups them the same way.
+    assert rebuild(conn)
+    assert llm_db.snapshot(conn)["conversations"] == convs
+
+
 def test_truncated_only_is_incomplete(conn) -> None:
     rows = [F.truncated(r, 50) for r in F.local_chat_session()]
     feed(conn, rows)
@@ -291,23 +311,3 @@ def test_user_id_forms_make_one_conversation(conn) -> None:
         (tid,) = feed(conn, [r])
         key = conn.execute("SELECT session_key, session FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
         assert key == (None, f"inferred_{tid}")
-
-
-def test_sessionless_message_count_falling_by_more_than_one_starts_a_new_group(conn) -> None:
-    """SPEC §13.5.1 (acceptance 11's grouping): within one (container, dissector, fingerprint) and
-    5 minutes, a request whose message count is at most 1 below the previous one's stays in the
-    group; a fall by more than 1 starts a new group, which later requests join."""
-    ids = [i for r in F.shrinking_chat_session(container="shrink") for i in feed(conn, [r])]  # a pass each
-    counts = dict(conn.execute("SELECT transaction_id, message_count FROM llm_requests").fetchall())
-    assert [counts[i] for i in ids] == list(F.SHRINKING_COUNTS)  # 1, 3, 5, 4 (−1), 2 (−2), 3
-    sessions = [
-        conn.execute("SELECT session FROM llm_requests WHERE transaction_id = ?", (i,)).fetchone()[0] for i in ids
-    ]
-    assert sessions == [f"inferred_{ids[0]}"] * 4 + [f"inferred_{ids[4]}"] * 2
-    convs = llm_db.snapshot(conn)["conversations"]
-    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[4]}"])
-    assert convs[f"session_inferred_{ids[0]}"]["request_ids"] == ids[:4]
-    assert convs[f"session_inferred_{ids[4]}"]["request_ids"] == ids[4:]
-    # A rebuild (one pass over all of them) groups them the same way.
-    assert rebuild(conn)
-    assert llm_db.snapshot(conn)["conversations"] == convs
