@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from bus import topics
+from greyproxy.bodies import Reader
 from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.llm import assemble as A
 from greyproxy.llm import dissect as D
@@ -205,34 +206,34 @@ def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> 
         )
     }
     full = []
+    reader = Reader(conn.execute)  # delta bodies (greyproxy.bodies)
     for txn, name in claimed:
         b = bodies.get(txn.id)
         if b is None:
             continue  # deleted meanwhile
         _id, rh, sh, rb, sb, rct, sct, status, rbc, rbs, sbc, sbs = b
-        t = D.Txn.from_row(
-            {
-                "id": txn.id,
-                "method": txn.method,
-                "url": txn.url,
-                "destination_host": txn.host,
-                "destination_port": txn.port,
-                "request_headers": rh,
-                "response_headers": sh,
-                "request_body": rb,
-                "response_body": sb,
-                "request_content_type": rct,
-                "response_content_type": sct,
-                "container_name": txn.container_name,
-                "timestamp": txn.timestamp,
-                "duration_ms": txn.duration_ms,
-                "status_code": status,
-                "request_body_codec": rbc,
-                "request_body_charset": rbs,
-                "response_body_codec": sbc,
-                "response_body_charset": sbs,
-            }
-        )
+        row = {
+            "id": txn.id,
+            "method": txn.method,
+            "url": txn.url,
+            "destination_host": txn.host,
+            "destination_port": txn.port,
+            "request_headers": rh,
+            "response_headers": sh,
+            "request_body": rb,
+            "response_body": sb,
+            "request_content_type": rct,
+            "response_content_type": sct,
+            "container_name": txn.container_name,
+            "timestamp": txn.timestamp,
+            "duration_ms": txn.duration_ms,
+            "status_code": status,
+            "request_body_codec": rbc,
+            "request_body_charset": rbs,
+            "response_body_codec": sbc,
+            "response_body_charset": sbs,
+        }
+        t = D.Txn.from_row(reader.inline([row])[0])
         full.append((t, name))
     return full
 
