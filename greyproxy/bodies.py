@@ -225,7 +225,7 @@ def from_record(row: dict[str, Any], side: str) -> None:
 # --------------------------------------------------------------------------- deltas (migration 9)
 
 DELTA_MIN = 2048  # smaller bodies are stored alone (and not remembered as bases)
-DELTA_CHAIN = 16  # a chain holds a self-contained body and at most DELTA_CHAIN - 1 deltas after it
+DELTA_CHAIN = 32  # a chain holds a self-contained body and at most DELTA_CHAIN - 1 deltas after it
 DELTA_PREFIX = 0.25  # a base must share this share of the new body as a common prefix, at least...
 DELTA_PREFIX_MIN = 1024  # ...and this many bytes (an LLM request repeats its conversation's start)
 DELTA_CANDIDATES = 4  # earlier bodies remembered per stream: the one sharing the longest prefix is the base
