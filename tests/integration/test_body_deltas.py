@@ -190,6 +190,7 @@ def test_an_llm_session_is_stored_as_deltas_and_reads_back_identically(origin: i
         raw = sum(len(b) for b in sent.values())
         assert stored * 8 < raw, (stored, raw)  # well past zstd alone (~4x on such text; binary: 1x)
         assert _check_api(stack, sent) == len(sent)
+
         # The assembler read them too (through the same reader): the session is a conversation.
         def turns() -> int:
             convs = stack.get("/api/conversations").json()["items"]
