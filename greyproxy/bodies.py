@@ -231,6 +231,7 @@ DELTA_PREFIX_MIN = 1024  # ...and this many bytes (an LLM request repeats its co
 DELTA_CANDIDATES = 4  # earlier bodies remembered per stream: the one sharing the longest prefix is the base
 DELTA_CACHE_BYTES = 32 * 1024 * 1024  # the recorder's memory for them (decoded bytes + stored blobs)
 _BLOCK = 4096
+_CHAIN_LIMIT = 4096  # frames a read follows at most, whatever DELTA_CHAIN was when the chain was written
 
 
 def _dict(base: bytes) -> zstandard.ZstdCompressionDict:
@@ -296,7 +297,7 @@ class Reader:
         pending: list[tuple[int, bytes]] = []  # deltas to apply, newest first
         cur_id: int | None = tid
         data: bytes | None = None
-        for _ in range(DELTA_CHAIN * 4 + 1):  # chains are ≤ DELTA_CHAIN long; a loop would be a bug
+        for _ in range(_CHAIN_LIMIT):  # chains are ≤ DELTA_CHAIN long (as long as when written); a loop would be a bug
             key = (cur_id, side)
             hit = self._cache.get(key)
             if hit is not None:
@@ -373,16 +374,37 @@ def detach(execute: Any, ids: list[int], reader: Reader | None = None) -> int:
     return n
 
 
+_HEAD = 4096  # the first bytes of a body compared before anything is decompressed in full
+
+
+def _head(blob: bytes, codec: int) -> bytes:
+    """The first _HEAD bytes of a stored (RAW or ZSTD) body, decompressing no more than that."""
+    if codec == RAW:
+        return blob[:_HEAD]
+    with _dctx().stream_reader(blob) as r:
+        return r.read(_HEAD)
+
+
 class _Last:
-    """A body the recorder stored, remembered as a possible base."""
+    """A body the recorder stored, remembered as a possible base: its stored blob and first bytes;
+    its whole content decoded only when a later body's first bytes match (`content`)."""
 
-    __slots__ = ("id", "data", "blob", "codec", "base", "depth")
+    __slots__ = ("id", "blob", "codec", "base", "depth", "head", "data")
 
-    def __init__(self, tid: int, data: bytes, blob: bytes, codec: int, base: int | None, depth: int) -> None:
-        self.id, self.data, self.blob, self.codec, self.base, self.depth = tid, data, blob, codec, base, depth
+    def __init__(
+        self, tid: int, blob: bytes, codec: int, base: int | None, depth: int, head: bytes, data: bytes | None
+    ) -> None:
+        self.id, self.blob, self.codec, self.base, self.depth = tid, blob, codec, base, depth
+        self.head, self.data = head, data
+
+    def content(self) -> bytes:
+        if self.data is None:  # only stored-alone bodies are remembered without their content
+            self.data = _dctx().decompress(self.blob) if self.codec == ZSTD else self.blob
+        return self.data
 
     def size(self) -> int:
-        return len(self.data) + len(self.blob) + 100
+        data = self.data
+        return len(self.blob) + len(self.head) + (len(data) if data is not None and data is not self.blob else 0) + 150
 
 
 class DeltaEncoder:
@@ -423,12 +445,21 @@ class DeltaEncoder:
             if codec == RAW:
                 size = len(blob)
             elif codec == ZSTD:
-                size = zstandard.frame_content_size(blob)
+                try:
+                    size = zstandard.frame_content_size(blob)  # -1 when the frame does not say
+                except zstandard.ZstdError:
+                    continue
             else:
                 continue
             if size < DELTA_MIN:
                 continue
-            self._side(cur, row, side, blob, codec)
+            self._side(cur, row, side, blob, codec, size)
+
+    def _content(self, last: _Last) -> bytes:
+        before = last.size()
+        data = last.content()
+        self.held += last.size() - before
+        return data
 
     def _still_stored(self, cur: Any, side: str, last: _Last) -> bool:
         """Whether the row still holds exactly what was remembered (not dropped, re-encoded, nor a
@@ -442,22 +473,29 @@ class DeltaEncoder:
             is not None
         )
 
-    def _side(self, cur: Any, row: dict[str, Any], side: str, blob: bytes, codec: int) -> None:
-        data = _dctx().decompress(blob) if codec == ZSTD else blob
+    def _side(self, cur: Any, row: dict[str, Any], side: str, blob: bytes, codec: int, size: int) -> None:
+        head = _head(blob, codec)
+        data: bytes | None = blob if codec == RAW else None
         key = self._key(row, side)
         lasts = self.streams.pop(key, None) or []
         best: _Last | None = None
-        best_len = max(DELTA_PREFIX_MIN, int(len(data) * DELTA_PREFIX)) - 1
+        best_len = max(DELTA_PREFIX_MIN, int(size * DELTA_PREFIX)) - 1
         for last in lasts:
-            n = common_prefix(data, last.data)
+            n = common_prefix(head, last.head)
+            if n >= min(len(head), len(last.head)):  # the first bytes agree: compare them whole
+                if data is None:
+                    data = _dctx().decompress(blob)
+                n = common_prefix(data, self._content(last))
             if n > best_len:
                 best, best_len = last, n
         if best is not None and best.depth + 1 >= self.chain:
             best = None  # its chain is full: this body starts the next one (not a fork off an older one)
         tid = int(row["id"])
-        entry = _Last(tid, data, blob, codec, None, 0)
+        entry = _Last(tid, blob, codec, None, 0, head, data)
         if best is not None and self._still_stored(cur, side, best):
-            z = delta(data, best.data)
+            if data is None:
+                data = _dctx().decompress(blob)
+            z = delta(data, self._content(best))
             if len(z) < len(blob):
                 cur.execute(
                     f"UPDATE http_transactions SET {side}_body = ?, {side}_body_codec = ?, {side}_body_base = ?"
@@ -466,7 +504,7 @@ class DeltaEncoder:
                 )
                 self.counts["deltas"] += 1
                 self.counts["saved_bytes"] += len(blob) - len(z)
-                entry = _Last(tid, data, z, ZSTD_DELTA, best.id, best.depth + 1)
+                entry = _Last(tid, z, ZSTD_DELTA, best.id, best.depth + 1, head, data)
         elif best is not None:
             lasts.remove(best)
             self.held -= best.size()
