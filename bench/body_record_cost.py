@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Cost of a body per request (SPEC §15): the proxy's `Recorder.submit` (decode/pack the body and
 serialise the record as the journal does) and the recorder's `apply_records` of those records into
-a fresh SQLite file in batches of 500; 5 000 responses with a 1 KiB body, random or JSON; and 400
+a fresh SQLite file in batches of 500; 5 000 responses with a 1 KiB body, random or JSON; 2 000
+different 8 KiB JSON responses (bodies past the size where the recorder looks for a delta); and 400
 LLM request bodies (10 agents, each in its own container, turn by turn through bench/body_storage.py's
 40-turn session: the bodies the recorder stores as deltas, greyproxy.bodies), with the recorder's
 CPU per record and the request bytes stored.
@@ -81,6 +82,12 @@ def main() -> None:
             "JSON 1 KiB",
             "application/json",
             [(b'{"id": %d, "items": [' % i + b'"abc", ' * 140)[:1020] + b'"]}' for i in range(N)],
+            1,
+        ),
+        (
+            "8 KiB JSON, each different (one URL)",
+            "application/json",
+            [b'{"id": %d, "data": "%s"}' % (i, os.urandom(4080).hex().encode()) for i in range(2000)],
             1,
         ),
         (

@@ -229,6 +229,9 @@ DELTA_CHAIN = 32  # a chain holds a self-contained body and at most DELTA_CHAIN 
 DELTA_PREFIX = 0.25  # a base must share this share of the new body as a common prefix, at least...
 DELTA_PREFIX_MIN = 1024  # ...and this many bytes (an LLM request repeats its conversation's start)
 DELTA_CANDIDATES = 4  # earlier bodies remembered per stream: the one sharing the longest prefix is the base
+# Request bodies only: an LLM request repeats its conversation, an answer is new text; and plain
+# traffic (GETs) has no request body, so it never pays for the look (bench/results.md).
+DELTA_SIDES = ("request",)
 DELTA_CACHE_BYTES = 32 * 1024 * 1024  # the recorder's memory for them (decoded bytes + stored blobs)
 _BLOCK = 4096
 _CHAIN_LIMIT = 4096  # frames a read follows at most, whatever DELTA_CHAIN was when the chain was written
@@ -297,7 +300,7 @@ class Reader:
         pending: list[tuple[int, bytes]] = []  # deltas to apply, newest first
         cur_id: int | None = tid
         data: bytes | None = None
-        for _ in range(_CHAIN_LIMIT):  # chains are ≤ DELTA_CHAIN long (as long as when written); a loop would be a bug
+        for _ in range(_CHAIN_LIMIT):  # chains are ≤ DELTA_CHAIN long (when written); a loop would be a bug
             key = (cur_id, side)
             hit = self._cache.get(key)
             if hit is not None:
@@ -374,51 +377,34 @@ def detach(execute: Any, ids: list[int], reader: Reader | None = None) -> int:
     return n
 
 
-_HEAD = 4096  # the first bytes of a body compared before anything is decompressed in full
-
-
-def _head(blob: bytes, codec: int) -> bytes:
-    """The first _HEAD bytes of a stored (RAW or ZSTD) body, decompressing no more than that."""
-    if codec == RAW:
-        return blob[:_HEAD]
-    with _dctx().stream_reader(blob) as r:
-        return r.read(_HEAD)
-
-
 class _Last:
-    """A body the recorder stored, remembered as a possible base: its stored blob and first bytes;
-    its whole content decoded only when a later body's first bytes match (`content`)."""
+    """A body the recorder stored, remembered as a possible base."""
 
-    __slots__ = ("id", "blob", "codec", "base", "depth", "head", "data")
+    __slots__ = ("id", "data", "blob", "codec", "base", "depth")
 
-    def __init__(
-        self, tid: int, blob: bytes, codec: int, base: int | None, depth: int, head: bytes, data: bytes | None
-    ) -> None:
-        self.id, self.blob, self.codec, self.base, self.depth = tid, blob, codec, base, depth
-        self.head, self.data = head, data
-
-    def content(self) -> bytes:
-        if self.data is None:  # only stored-alone bodies are remembered without their content
-            self.data = _dctx().decompress(self.blob) if self.codec == ZSTD else self.blob
-        return self.data
+    def __init__(self, tid: int, data: bytes, blob: bytes, codec: int, base: int | None, depth: int) -> None:
+        self.id, self.data, self.blob, self.codec, self.base, self.depth = tid, data, blob, codec, base, depth
 
     def size(self) -> int:
-        data = self.data
-        return len(self.blob) + len(self.head) + (len(data) if data is not None and data is not self.blob else 0) + 150
+        return len(self.data) + len(self.blob) + 100
 
 
 class DeltaEncoder:
     """The recorder's half (one per recorder process): after a transaction row is inserted,
-    `stored(cur, row)` re-encodes each of its bodies as a delta against the earlier body of the
+    `stored(cur, row)` re-encodes each of its bodies (of `sides`) as a delta against the earlier body of the
     same stream (side, container, method, URL without its query) that shares the longest prefix
     with it, when that one is still stored as remembered and its chain is short enough; and
     remembers the body. Memory: at most `cache_bytes` of remembered bodies (least recently used
     streams forgotten first)."""
 
     def __init__(
-        self, cache_bytes: int = DELTA_CACHE_BYTES, chain: int = DELTA_CHAIN, candidates: int = DELTA_CANDIDATES
+        self,
+        cache_bytes: int = DELTA_CACHE_BYTES,
+        chain: int = DELTA_CHAIN,
+        candidates: int = DELTA_CANDIDATES,
+        sides: tuple[str, ...] = DELTA_SIDES,
     ) -> None:
-        self.cache_bytes, self.chain, self.candidates = cache_bytes, chain, candidates
+        self.cache_bytes, self.chain, self.candidates, self.sides = cache_bytes, chain, candidates, sides
         self.streams: dict[tuple, list[_Last]] = {}
         self.held = 0
         self.counts = {"deltas": 0, "alone": 0, "saved_bytes": 0}
@@ -437,7 +423,7 @@ class DeltaEncoder:
         if row.get("_delta_seen"):
             return
         row["_delta_seen"] = True
-        for side in _SIDES:
+        for side in self.sides:
             blob = row.get(f"{side}_body")
             if blob is None or type(blob) is not bytes:
                 continue
@@ -453,13 +439,7 @@ class DeltaEncoder:
                 continue
             if size < DELTA_MIN:
                 continue
-            self._side(cur, row, side, blob, codec, size)
-
-    def _content(self, last: _Last) -> bytes:
-        before = last.size()
-        data = last.content()
-        self.held += last.size() - before
-        return data
+            self._side(cur, row, side, blob, codec)
 
     def _still_stored(self, cur: Any, side: str, last: _Last) -> bool:
         """Whether the row still holds exactly what was remembered (not dropped, re-encoded, nor a
@@ -473,29 +453,25 @@ class DeltaEncoder:
             is not None
         )
 
-    def _side(self, cur: Any, row: dict[str, Any], side: str, blob: bytes, codec: int, size: int) -> None:
-        head = _head(blob, codec)
-        data: bytes | None = blob if codec == RAW else None
+    def _side(self, cur: Any, row: dict[str, Any], side: str, blob: bytes, codec: int) -> None:
+        data = _dctx().decompress(blob) if codec == ZSTD else blob
         key = self._key(row, side)
         lasts = self.streams.pop(key, None) or []
         best: _Last | None = None
-        best_len = max(DELTA_PREFIX_MIN, int(size * DELTA_PREFIX)) - 1
+        best_len = max(DELTA_PREFIX_MIN, int(len(data) * DELTA_PREFIX)) - 1
+        quick = best_len + 1  # bytes every base must share: compared first, in one go
         for last in lasts:
-            n = common_prefix(head, last.head)
-            if n >= min(len(head), len(last.head)):  # the first bytes agree: compare them whole
-                if data is None:
-                    data = _dctx().decompress(blob)
-                n = common_prefix(data, self._content(last))
+            if data[:quick] != last.data[:quick]:
+                continue
+            n = common_prefix(data, last.data)
             if n > best_len:
                 best, best_len = last, n
         if best is not None and best.depth + 1 >= self.chain:
             best = None  # its chain is full: this body starts the next one (not a fork off an older one)
         tid = int(row["id"])
-        entry = _Last(tid, blob, codec, None, 0, head, data)
+        entry = _Last(tid, data, blob, codec, None, 0)
         if best is not None and self._still_stored(cur, side, best):
-            if data is None:
-                data = _dctx().decompress(blob)
-            z = delta(data, self._content(best))
+            z = delta(data, best.data)
             if len(z) < len(blob):
                 cur.execute(
                     f"UPDATE http_transactions SET {side}_body = ?, {side}_body_codec = ?, {side}_body_base = ?"
@@ -504,7 +480,7 @@ class DeltaEncoder:
                 )
                 self.counts["deltas"] += 1
                 self.counts["saved_bytes"] += len(blob) - len(z)
-                entry = _Last(tid, z, ZSTD_DELTA, best.id, best.depth + 1, head, data)
+                entry = _Last(tid, data, z, ZSTD_DELTA, best.id, best.depth + 1)
         elif best is not None:
             lasts.remove(best)
             self.held -= best.size()

@@ -225,6 +225,7 @@ def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) 
     chain = B.DELTA_CHAIN
     B.DELTA_CHAIN = data.draw(st.sampled_from([2, 3, 16]))
     T.DELTAS.chain = B.DELTA_CHAIN
+    T.DELTAS.sides = data.draw(st.sampled_from([("request",), ("request", "response")]))  # responses too
     try:
         convs = {k: conversation(30, k, size=data.draw(st.sampled_from([1500, 4000]))) for k in range(3)}
         pos = dict.fromkeys(convs, 0)
@@ -245,7 +246,7 @@ def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) 
                         body = b"tiny %d" % k
                     else:
                         body = None
-                    resp = data.draw(st.sampled_from([None, b"ok", convs[k][0]]))
+                    resp = data.draw(st.sampled_from([None, b"ok", convs[k][0], convs[k][pos[k] % 30]]))
                     ts += data.draw(st.sampled_from([1.0, 86400.0]))
                     recs.append((record(0, f"c{k % 2}", f"https://api.example/v{k}", body, resp, ts), body, resp))
                 s.add(recs)
@@ -277,6 +278,7 @@ def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) 
     finally:
         B.DELTA_CHAIN = chain
         T.DELTAS.chain = chain
+        T.DELTAS.sides = B.DELTA_SIDES
         s.close()
 
 
@@ -317,6 +319,18 @@ def test_detach_reencodes_the_first_dependent(tmp_path: Path) -> None:
         s.close()
 
 
+def test_responses_are_stored_alone(tmp_path: Path) -> None:
+    """Only request bodies are compressed against earlier ones (DELTA_SIDES): an answer is new text."""
+    s = Store(tmp_path / "s.db")
+    try:
+        for i, b in enumerate(conversation(4, 6)):
+            s.add([(record(i, "c", "https://api.example/x", None, b, 1000 + i), None, b)])
+        assert {r[0] for r in s.conn.execute("SELECT response_body_codec FROM http_transactions")} == {B.ZSTD}
+        s.check()
+    finally:
+        s.close()
+
+
 def test_no_delta_for_small_or_unrelated_bodies(tmp_path: Path) -> None:
     s = Store(tmp_path / "u.db")
     try:
@@ -330,8 +344,8 @@ def test_no_delta_for_small_or_unrelated_bodies(tmp_path: Path) -> None:
         s.close()
 
 
-def test_a_prefix_shorter_than_the_first_bytes_compared_still_makes_a_delta(tmp_path: Path) -> None:
-    """Bodies whose first 4 KiB differ (at byte 3000) but share enough of a prefix: a delta."""
+def test_a_partial_common_prefix_makes_a_delta(tmp_path: Path) -> None:
+    """Bodies that differ after their first 3 000 bytes (of 5 000): enough of a prefix, a delta."""
     s = Store(tmp_path / "p.db")
     try:
         common = os.urandom(1500).hex().encode()  # 3000 bytes
