@@ -11,10 +11,10 @@ of http_transactions, migration 6):
 
 Rows written before migration 6 hold the body as TEXT with NULL codec: read as that text.
 
-Deltas (migration 9, `<side>_body_base`): the recorder stores a body that repeats most of the
-previous body of its stream (an LLM request repeats the whole conversation each turn) as a zstd
+Deltas (migration 9, `<side>_body_base`): the recorder stores a request body that repeats most of
+an earlier body of its stream (an LLM request repeats the whole conversation each turn) as a zstd
 frame compressed with that earlier body as a raw-content dictionary (codec `ZSTD_DELTA`, the base
-row's id in `<side>_body_base`, same side). Reading one walks the chain back to a self-contained
+row's id in `<side>_body_base`, same side; `DELTA_SIDES`). Reading one walks the chain back to a self-contained
 body (at most `DELTA_CHAIN` frames): `Reader` does it, and every reader of stored rows (the API,
 the HAR export, the assembler, the size cap and retention) goes through `Reader.inline` or
 `read_side(..., reader)`. Dropping a body another one depends on first re-encodes that dependent
