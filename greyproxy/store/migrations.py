@@ -390,3 +390,21 @@ MIGRATIONS.append(
         ],
     )
 )
+
+# Issue 18 item 4 (branch i18-delta; renumber on merge): a stored body may be a zstd delta against an
+# earlier body of the same side (codec 2, greyproxy.bodies): the base row's id. The partial indexes
+# find a base's dependents when it is dropped (retention, the size cap), for the delta rows only.
+MIGRATIONS.append(
+    (
+        9,
+        "stored body delta bases",
+        [
+            "ALTER TABLE http_transactions ADD COLUMN request_body_base INTEGER",
+            "ALTER TABLE http_transactions ADD COLUMN response_body_base INTEGER",
+            "CREATE INDEX http_transactions_request_body_base ON http_transactions (request_body_base)"
+            " WHERE request_body_base IS NOT NULL",
+            "CREATE INDEX http_transactions_response_body_base ON http_transactions (response_body_base)"
+            " WHERE response_body_base IS NOT NULL",
+        ],
+    )
+)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..bodies import Reader
 from . import sql
 
 COLUMNS = (
@@ -108,11 +109,17 @@ def list_transactions(
             f"SELECT {cols} FROM http_transactions WHERE {clause} ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
+        if include_bodies:
+            Reader(sql.execute).inline(rows)  # delta bodies resolved here, in the pool (greyproxy.bodies)
     return rows, total
 
 
 def get_transaction(tid: int) -> dict[str, Any] | None:
-    return sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
+    with sql.read_transaction():  # the row and its bodies' delta chain from one snapshot
+        row = sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
+        if row is not None:
+            Reader(sql.execute).inline([row])
+    return row
 
 
 # --------------------------------------------------------------------------- maintenance (raw sqlite3 connection)

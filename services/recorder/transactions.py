@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from bus import records, topics
-from greyproxy.bodies import from_record
+from greyproxy.bodies import DeltaEncoder, from_record
 from greyproxy.capture import transaction_json
 from greyproxy.credentials.substitute import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
@@ -31,6 +31,7 @@ _JSON: dict[str, Any] = {
 }
 _INTS = ("destination_port", "request_body_size", "response_body_size")
 _params_of = itemgetter(*_COLUMNS)
+DELTAS = DeltaEncoder()  # bodies stored as deltas against their stream's earlier one (greyproxy.bodies)
 # Where the JSON columns sit in a row's parameters (with the value stored for a missing one).
 _JSON_AT = tuple((_COLUMNS.index(col), default) for col, default in _JSON.items())
 
@@ -83,6 +84,7 @@ def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Ev
     row = _row(data)
     cur.execute(table.INSERT, _params(row))
     row["id"] = cur.lastrowid
+    DELTAS.stored(cur, row)
     events.append((topics.TRANSACTION_NEW, Deferred(_payload, row, data)))
     if row["block_reason"] in CREDENTIAL_REASONS:
         events.append(refused_event(row))
@@ -101,6 +103,7 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
     for topic, ev in events[start:]:
         if topic == topics.TRANSACTION_NEW and type(ev) is Deferred:
             row = ev.row
+            DELTAS.stored(cur, row)  # once per row (rows applied one at a time, after a bad one, had it)
             if row.get("block_reason") in CREDENTIAL_REASONS and row["id"] not in told:
                 events.append(refused_event(row))
 
