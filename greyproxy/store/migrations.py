@@ -390,3 +390,35 @@ MIGRATIONS.append(
         ],
     )
 )
+
+# Issue 18 item 1: what a proxied request costs the recorder (bench/record_cost.py). Another branch may
+# append a migration too: renumber on merge, never edit a shipped one.
+MIGRATIONS.append(
+    (
+        9,
+        "cheaper recording",
+        [
+            # Applied journal records as id ranges per writer (one row per batch, not one per record):
+            # a record id is `<writer>-<hex sequence>` (bus/journal.py); any other id is its own writer
+            # with sequence 0. Ranges of one writer never overlap. journal_applied stays for the ids
+            # applied before this migration (a resend across the upgrade), pruned as before.
+            """CREATE TABLE journal_ranges (
+        writer TEXT NOT NULL,
+        lo INTEGER NOT NULL,
+        hi INTEGER NOT NULL,
+        applied_at REAL NOT NULL
+    )""",
+            "CREATE UNIQUE INDEX journal_ranges_writer ON journal_ranges (writer, lo, hi)",
+            "CREATE INDEX journal_ranges_at ON journal_ranges (applied_at)",
+            # log_counts: the recorder (the one writer of logs) adds a batch's counts in the batch's
+            # transaction, one upsert per (container, result) rather than a trigger per row, which
+            # cost more than the row itself. Deletes and updates keep their triggers.
+            "DROP TRIGGER log_counts_ins",
+            # The listing's container/destination filters are substrings (LIKE '%…%'): no index can
+            # seek them; their counts scan a covering index, which one index on both columns is.
+            "DROP INDEX http_transactions_container",
+            "DROP INDEX http_transactions_destination",
+            "CREATE INDEX http_transactions_names ON http_transactions (container_name, destination_host)",
+        ],
+    )
+)
