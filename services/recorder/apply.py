@@ -65,9 +65,37 @@ class Deferred:
         return self.fn(self.row, self.data)
 
 
+class Rows:
+    """The events of a run of rows inserted together, one per row, none built yet: `fn(row, data)`
+    for each, called by `build()` once someone wants them (usually nobody: then they cost this)."""
+
+    __slots__ = ("fn", "cols", "params", "ids", "datas")
+
+    def __init__(
+        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: list[int], datas: list
+    ) -> None:
+        self.fn, self.cols, self.params, self.ids, self.datas = fn, cols, params, ids, datas
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self) -> list[Row]:
+        return [Row(self.cols, p, i) for p, i in zip(self.params, self.ids)]
+
+    def build(self) -> list[Any]:
+        fn = self.fn
+        return [fn(row, data) for row, data in zip(self.rows(), self.datas)]
+
+
 def materialize(events: list[Event]) -> list[Event]:
-    """The events with every Deferred payload built."""
-    return [(t, d.build() if type(d) is Deferred else d) for t, d in events]
+    """The events with every Deferred payload built (a Rows entry: one event per row)."""
+    out: list[Event] = []
+    for t, d in events:
+        if type(d) is Rows:
+            out.extend((t, payload) for payload in d.build())
+        else:
+            out.append((t, d.build() if type(d) is Deferred else d))
+    return out
 
 
 def _log_params(data: dict[str, Any], now: float) -> tuple:
@@ -192,7 +220,7 @@ def apply_run(
     per proxied request, so runs are long). `build(data)` gives the row's values in `cols` order;
     `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
     published after the commit with the payload `payload(row, data)`, deferred (built only if
-    someone wants it). Any bad record: the run is undone and applied one record at a time, so only
+    someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
     the bad one is dropped."""
     try:
         params = [build(data) for _rid, _kind, data in run]
@@ -210,7 +238,7 @@ def apply_run(
         cur.execute("RELEASE run")
         _apply_each(cur, run, events)
         return
-    events.extend((topic, Deferred(payload, Row(cols, p, rid), rec[2])) for p, rid, rec in zip(params, ids, run))
+    events.append((topic, Rows(payload, cols, params, ids, [rec[2] for rec in run])))
 
 
 def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:

@@ -19,7 +19,7 @@ from greyproxy.credentials.substitute import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
 from greyproxy.store import transactions as table
 
-from .apply import Deferred, Event, Record, Row, apply_run, register
+from .apply import Deferred, Event, Record, Row, Rows, apply_run, register
 
 _COLUMNS = table.FIELDS
 _AT = {c: i for i, c in enumerate(_COLUMNS)}
@@ -111,7 +111,12 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
     # Refusals by the credential hook are rare: look for them only among this run's rows.
     told = {d["transaction_id"] for t, d in events[start:] if t == topics.CREDENTIAL_REFUSED}
     for topic, ev in events[start:]:
-        if topic == topics.TRANSACTION_NEW and type(ev) is Deferred:
+        if topic != topics.TRANSACTION_NEW:
+            continue
+        if type(ev) is Rows:
+            if any(p[_BLOCK] in CREDENTIAL_REASONS for p in ev.params):
+                events.extend(refused_event(r) for r in ev.rows() if r.params[_BLOCK] in CREDENTIAL_REASONS)
+        elif type(ev) is Deferred:
             row = ev.row
             if row.params[_BLOCK] in CREDENTIAL_REASONS and row.id not in told:
                 events.append(refused_event(row))
