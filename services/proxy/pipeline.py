@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from bus.journal import JournalWriter
+from bus.records import TRANSACTION, transaction_values
 from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
@@ -121,18 +122,18 @@ class Recorder:
             resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])
         ):
             _put_bodies(rec, req, resp, limit, scrub)
-            self.journal.append("transaction", rec)
+            self.journal.append(TRANSACTION, transaction_values(rec))
             return
 
         def decode() -> orjson.Fragment:
             _put_bodies(rec, req, resp, limit, scrub)
-            return orjson.Fragment(orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS))
+            return orjson.Fragment(orjson.dumps(transaction_values(rec)))
 
         fut = asyncio.get_running_loop().run_in_executor(None, decode)
 
         def done(f: asyncio.Future) -> None:
             try:
-                self.journal.append("transaction", f.result())
+                self.journal.append(TRANSACTION, f.result())
             except Exception:
                 log.exception("could not build a transaction record")
 
@@ -196,7 +197,7 @@ class Recorder:
             payload = msg.payload if scrub is None else scrub.data(msg.payload)
             to_record(rec, side, pack(payload, _WS_TEXT))
         self.counts["ws_messages"] += 1
-        self.journal.append("transaction", rec)
+        self.journal.append(TRANSACTION, transaction_values(rec))
 
 
 _WS_TEXT = "text/plain; charset=utf-8"  # a WebSocket text message is UTF-8 (RFC 6455 §5.6)

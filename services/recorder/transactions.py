@@ -39,10 +39,24 @@ _SIDES = tuple(
 _dumps = orjson.dumps
 
 
-def _params(data: dict[str, Any], now: float) -> list[Any]:
+_N = len(_COLUMNS)
+_SHAPE2_IS_FIELDS = records.TRANSACTION_FIELDS == _COLUMNS  # else a shape-2 array is mapped by name
+
+
+def _params(data: list[Any] | dict[str, Any], now: float) -> list[Any]:
     """A `transaction` record's values in FIELDS order, as stored (JSON columns as text, bodies as
-    greyproxy.bodies stores them). ValueError/TypeError for a record that cannot be stored."""
-    p = list(map(data.get, _COLUMNS))
+    greyproxy.bodies stores them). The record is an array (shape 2, bus/records.py), or an object
+    (shape 1, from a proxy of before). ValueError/TypeError for a record that cannot be stored."""
+    if type(data) is list:
+        n = len(data)
+        if n > len(records.TRANSACTION_FIELDS):
+            raise ValueError(f"transaction record with {n} values (at most {len(records.TRANSACTION_FIELDS)})")
+        if _SHAPE2_IS_FIELDS:
+            p = data + [None] * (_N - n) if n < _N else data
+        else:  # pragma: no cover - a column added to the table and not to the record's shape
+            p = list(map(dict(zip(records.TRANSACTION_FIELDS, data)).get, _COLUMNS))
+    else:
+        p = list(map(data.get, _COLUMNS))
     if p[_TS] is None:
         p[_TS] = now
     for i in _INTS_AT:
@@ -62,7 +76,8 @@ def _params(data: dict[str, Any], now: float) -> list[Any]:
             raise ValueError(f"transaction record without {_COLUMNS[i]}")
     for i, default in _JSON_AT:
         value = p[i]
-        p[i] = (_dumps(value) if value is not None else default).decode()
+        if type(value) is not str:  # shape 2 carries JSON text, stored as it is
+            p[i] = (_dumps(value) if value is not None else default).decode()
     return p
 
 
