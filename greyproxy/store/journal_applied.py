@@ -4,6 +4,8 @@ recorders before migration 9 and still read while it holds rows (both kept a day
 
 from __future__ import annotations
 
+import re
+
 # A record id is `<writer>-<sequence in lower-case hex>` (bus/journal.py); the ranges of one writer
 # never overlap, so those overlapping [lo, hi] are the last one starting at or before lo and any
 # starting inside it.
@@ -22,14 +24,10 @@ def select_applied(n: int) -> str:
     return f"SELECT record_id FROM journal_applied WHERE record_id IN ({','.join('?' * n)})"
 
 
+_ID = re.compile(r"(.*)-([1-9a-f][0-9a-f]*|0)", re.S)  # canonical hex only: '0a' and 'a' must not be one record
+
+
 def writer_seq(record_id: str) -> tuple[str, int]:
     """(writer, sequence) of a record id; an id of another form is a writer of its own (sequence 0)."""
-    writer, sep, tail = record_id.rpartition("-")
-    if sep and tail:
-        try:
-            n = int(tail, 16)
-        except ValueError:
-            return record_id, 0
-        if f"{n:x}" == tail:  # canonical only: '0a' and 'a' must not name the same record
-            return writer, n
-    return record_id, 0
+    m = _ID.fullmatch(record_id)
+    return (m[1], int(m[2], 16)) if m is not None else (record_id, 0)

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from itertools import chain
+from operator import itemgetter
 from typing import Any
 
 from bus import records as kinds
@@ -30,6 +31,7 @@ Record = tuple[str, str, Any]  # (record id, kind, data)
 LOG_COLUMNS = logs.FIELDS
 _L_TS, _L_CID = LOG_COLUMNS.index("timestamp"), LOG_COLUMNS.index("container_id")
 _L_NAME, _L_RESULT = LOG_COLUMNS.index("container_name"), LOG_COLUMNS.index("result")
+_name_result = itemgetter(_L_NAME, _L_RESULT)
 
 
 class Row:
@@ -121,7 +123,7 @@ def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
         p = params[0]
         cur.execute(logs.ADD_COUNT, (p[_L_NAME], p[_L_RESULT], 1))
         return
-    counts = Counter((p[_L_NAME], p[_L_RESULT]) for p in params)
+    counts = Counter(map(_name_result, params))
     cur.executemany(logs.ADD_COUNT, [(name, result, n) for (name, result), n in counts.items()])
 
 
