@@ -91,16 +91,21 @@ class JournalWriter:
     def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
         rid = record_id or f"{self._prefix}{next(self._counter):x}"
         enc = orjson.dumps([rid, kind, data], option=orjson.OPT_NON_STR_KEYS)
-        # Bounded memory, in flight included: the oldest unsent records go first; when every
-        # record is in flight (nothing unsent to give up), the new one is the one dropped.
-        while self._queue and self._over(len(enc)):
-            self._queued_bytes -= len(self._queue.popleft())
-            self._note_drop()
-        if self._over(len(enc)):
-            self._note_drop()
-            return rid
+        size = len(enc)
+        if (
+            len(self._queue) + self._inflight_count >= self.outbox_limit
+            or self._queued_bytes + self._inflight_bytes + size > self.outbox_bytes
+        ):
+            # Bounded memory, in flight included: the oldest unsent records go first; when every
+            # record is in flight (nothing unsent to give up), the new one is the one dropped.
+            while self._queue and self._over(size):
+                self._queued_bytes -= len(self._queue.popleft())
+                self._note_drop()
+            if self._over(size):
+                self._note_drop()
+                return rid
         self._queue.append(enc)
-        self._queued_bytes += len(enc)
+        self._queued_bytes += size
         if kind in self.URGENT:
             self._urgent = True
             self._urgent_set.set()

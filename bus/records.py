@@ -134,8 +134,8 @@ TRANSACTION_FIELDS = (  # shape 2's order: never reorder, only append
     "response_body_charset",
 )
 TRANSACTION_JSON = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")
-_JSON_DEFAULTS = {"request_headers": b"{}", "response_headers": b"{}"}
-_JSON_AT = tuple((TRANSACTION_FIELDS.index(c), _JSON_DEFAULTS.get(c, b"[]")) for c in TRANSACTION_JSON)
+_JSON_DEFAULTS = {"request_headers": "{}", "response_headers": "{}"}
+_JSON_AT = tuple((TRANSACTION_FIELDS.index(c), _JSON_DEFAULTS.get(c, "[]")) for c in TRANSACTION_JSON)
 
 
 def transaction_fields(values: TransactionValues) -> TransactionRecord:
@@ -148,13 +148,18 @@ def transaction_fields(values: TransactionValues) -> TransactionRecord:
     return rec
 
 
-def transaction_values(rec: TransactionRecord) -> TransactionValues:
-    """A transaction record (shape 1, as the proxy builds it) as it travels (shape 2)."""
-    values = list(map(rec.get, TRANSACTION_FIELDS))
+def json_fields_as_text(values: TransactionValues) -> TransactionValues:
+    """Shape-2 values with the JSON fields still Python values → with them as JSON text (in place)."""
     for i, default in _JSON_AT:
         value = values[i]
-        values[i] = (orjson.dumps(value) if value is not None else default).decode()
+        if type(value) is not str:
+            values[i] = orjson.dumps(value).decode() if value else default
     return values
+
+
+def transaction_values(rec: TransactionRecord) -> TransactionValues:
+    """A transaction record (shape 1, as the proxy builds it) as it travels (shape 2)."""
+    return json_fields_as_text(list(map(rec.get, TRANSACTION_FIELDS)))
 
 
 def log_record(
