@@ -8,6 +8,11 @@ side decodes the journal batches as `JournalConsumer` does, applies them (`apply
 fresh database file) and publishes the batch's events with nobody subscribed (`publish_events`).
 
     .venv/bin/python bench/record_cost.py [--requests N] [--batch R] [--runs K]
+    .venv/bin/python bench/record_cost.py --stack [--requests N]
+
+`--stack`: the same requests' records (built beforehand) pushed through the journal into a
+running stack's recorder with the proxy's JournalWriter, as bench/run.py's "journal → SQLite" row
+does with log records only: records/s (first send → last ack) and the recorder's CPU per request.
 
 Run it in another tree to compare (cd there; PYTHONPATH=.): it adapts to the record API it finds.
 Figures: CPU time (`time.process_time`) per request, the minimum over the runs.
@@ -19,6 +24,7 @@ import argparse
 import asyncio
 import gc
 import shutil
+import sqlite3
 import sys
 import tempfile
 import time
@@ -38,9 +44,7 @@ from services.recorder import apply as apply_mod  # noqa: E402
 from services.recorder import service  # noqa: E402
 from services.recorder import transactions  # noqa: E402,F401 - registers the transaction kind
 
-REQUEST = (
-    b"GET http://127.0.0.1:8080/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"  # what wrk sends
-)
+REQUEST = b"GET http://127.0.0.1:8080/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"  # what wrk sends
 RESPONSE = (
     b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 10:47:00 GMT\r\n"
     b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
@@ -120,8 +124,57 @@ def decode(body: bytes) -> list[Any]:
     return [(str(r[0]), str(r[1]), r[2]) for r in b["r"]]
 
 
+def stack_drain(n: int) -> int:
+    """Push n requests' records through a real stack's journal; print records/s and recorder CPU."""
+    import zmq.asyncio
+
+    sys.path.insert(0, str(Path.cwd() / "bench"))
+    from harness import greybench
+    from harness.procs import cpu_seconds, stop_all
+    from harness.proxies import GreyProxy
+
+    root = Path(tempfile.mkdtemp(prefix="gp-recdrain-"))
+    grey = GreyProxy(root)
+    try:
+        grey.start()
+        endpoint = greybench.journal_endpoint(grey.stack)
+        pid = grey.service_pid("recorder")
+        assert pid, "no recorder pid"
+
+        async def push() -> tuple[float, int, int]:
+            ctx = zmq.asyncio.Context()
+            writer = JournalWriter(endpoint, outbox_limit=10**7, outbox_bytes=10**11, ctx=ctx)
+            proxy_side(writer, Recorder(writer), n)  # serialised into the outbox; nothing sent yet
+            records = len(writer._queue)
+            task = asyncio.create_task(writer.run())
+            c0, t0 = cpu_seconds(pid), time.perf_counter()
+            ok = await writer.flush(300)
+            t1, c1 = time.perf_counter(), cpu_seconds(pid)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            ctx.destroy(linger=0)
+            assert ok and writer.dropped == 0, writer.stats()
+            return t1 - t0, records, int(1e6 * (c1 - c0) / n)
+
+        secs, records, cpu_us = asyncio.run(push())
+        con = sqlite3.connect(f"file:{grey.stack.db_path}?mode=ro", uri=True, timeout=10)
+        stored = con.execute("SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)").fetchone()
+        con.close()
+        print(
+            f"stack: {n} requests = {records} records through the journal in {secs:.2f} s: {records / secs:,.0f} records/s"
+            f" ({n / secs:,.0f} requests/s); recorder CPU {cpu_us} µs/request; stored logs/transactions {stored}"
+        )
+        assert stored[0] >= n and stored[1] >= n, stored
+    finally:
+        grey.stop()
+        stop_all()
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--stack", action="store_true", help="through a running stack's journal (see above)")
     ap.add_argument("--requests", type=int, default=20_000)
     ap.add_argument("--batch", type=int, default=18, help="requests per journal batch (18: ~6 000 req/s, 3 ms)")
     ap.add_argument("--runs", type=int, default=5)
@@ -129,6 +182,8 @@ def main() -> int:
     args = ap.parse_args()
     print(f"tree: {Path(greyproxy.__file__).resolve().parent.parent}")
     n = args.requests
+    if args.stack:
+        return stack_drain(n)
     best: dict[str, float] = {}
     rec_per_req = 0.0
     for run in range(args.runs):
@@ -173,7 +228,9 @@ def main() -> int:
 
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(25)
-            stored = conn.execute("SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)").fetchone()
+            stored = conn.execute(
+                "SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)"
+            ).fetchone()
             assert stored == (n, n), stored
             db.close()
         finally:
