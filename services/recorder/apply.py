@@ -2,8 +2,12 @@
 
 Returns the events to publish after the commit (so a subscriber that reads the database on
 an event finds the change). With `lazy=True` the per-request events (`log.new`,
-`transaction.new`) come back as `Deferred` payloads, built only if someone subscribes to the
-topic when they are published (see services/recorder/service.py).
+`transaction.new`) come back as `Deferred` payloads (a run of rows inserted together: one `Rows`
+entry), built only if someone subscribes to the topic when they are published (see
+services/recorder/service.py).
+
+Applied record ids are kept as ranges per writer (`journal_ranges`, migration 9), the log rows'
+`log_counts` added here per batch; docs/architecture.md ("journal.py") says why.
 """
 
 from __future__ import annotations
