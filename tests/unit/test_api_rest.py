@@ -26,6 +26,7 @@ import zmq.asyncio
 from bus.pubsub import Publisher
 from bus.reqrep import ControlClient, ControlServer, RemoteError
 from greyproxy.config import load_config
+from greyproxy.store import logs as logs_store
 from greyproxy.store import open_database
 from greyproxy.timeutil import parse_time, rfc3339
 from harness.api import LocalClient
@@ -237,6 +238,7 @@ class Api:
             " method, result, rule_id, response_time_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1.5, 'rule')",
             (ts, container, host, port, resolved, method, result, rule_id),
         )
+        self.db.execute_sql(logs_store.ADD_COUNT, (container, result, 1))  # as the recorder does (migration 9)
         return cur.lastrowid
 
     def close(self) -> None:
