@@ -138,9 +138,14 @@ class Conn(asyncio.BufferedProtocol):
         if self._closed_fut is not None and not self._closed_fut.done():
             self._closed_fut.set_result(None)
         peer = self.peer
-        if peer is not None and not peer.closed:
-            # Let buffered bytes reach the peer before it is closed.
-            peer.transport.close()  # type: ignore[union-attr]
+        if peer is not None:
+            if not peer.closed:
+                # Let buffered bytes reach the peer before it is closed.
+                peer.transport.close()  # type: ignore[union-attr]
+            elif peer.peer is self:
+                # Both ends are gone: unlink them, so that the pair is freed at once by its
+                # reference counts and not left for the cyclic garbage collector.
+                self.peer = peer.peer = None
         if self.on_close is not None:
             cb, self.on_close = self.on_close, None
             cb()
