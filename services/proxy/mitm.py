@@ -152,6 +152,8 @@ class Interceptor:
         }
 
     def bypassed(self, *hosts: str | None) -> bool:
+        if not self.bypass:
+            return False  # the usual case: no name to normalise
         for h in hosts:
             if not h:
                 continue
