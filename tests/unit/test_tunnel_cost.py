@@ -184,3 +184,107 @@ def test_a_closed_tunnel_leaves_no_cyclic_garbage(saved_garbage: None, first: st
         assert uvloop.run(main()) == 0
     else:
         assert run(main()) == 0
+
+
+# ---------------------------------------------------------------- upstream addresses, cached briefly
+
+
+class FakeResolver:
+    """Stands in for the loop's getaddrinfo: counts lookups, answers from a table that can change."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int, **kw: Any) -> list[tuple]:
+        self.calls += 1
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in self.answers[host]]
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeResolver]:
+    from services.proxy import upstream
+
+    upstream._addresses.clear()
+    fake = FakeResolver({"svc.test": ["127.0.0.1"]})
+    real_get_loop = asyncio.get_running_loop
+
+    def patched() -> asyncio.AbstractEventLoop:
+        loop = real_get_loop()
+        loop.getaddrinfo = fake  # type: ignore[method-assign]
+        return loop
+
+    monkeypatch.setattr(upstream.asyncio, "get_running_loop", patched)
+    yield fake
+    upstream._addresses.clear()
+
+
+def test_a_names_addresses_are_looked_up_once_for_a_while(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            assert await upstream._resolve(loop, "svc.test", 443, 5.0) == [("127.0.0.1", 443)]
+        assert resolver.calls == 1
+        assert await upstream._resolve(loop, "svc.test", 80, 5.0) == [("127.0.0.1", 80)]  # per port
+        assert resolver.calls == 2
+        # An IP literal is never looked up nor kept.
+        assert await upstream._resolve(loop, "10.1.2.3", 443, 5.0) == [("10.1.2.3", 443)]
+        assert resolver.calls == 2 and ("10.1.2.3", 443) not in upstream._addresses
+        # Once the entry is old, the next connection looks the name up again.
+        addrs, _exp = upstream._addresses[("svc.test", 443)]
+        upstream._addresses[("svc.test", 443)] = (addrs, loop.time() - 0.001)
+        resolver.answers["svc.test"] = ["127.0.0.2"]
+        assert await upstream._resolve(loop, "svc.test", 443, 5.0) == [("127.0.0.2", 443)]
+        assert resolver.calls == 3
+
+    run(main())
+
+
+def test_a_failed_lookup_is_not_kept(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            with pytest.raises(upstream.UpstreamFailure) as exc:
+                await upstream._resolve(loop, "nowhere.test", 443, 5.0)
+            assert exc.value.kind == "dns"
+        assert resolver.calls == 2
+
+    run(main())
+
+
+def test_a_moved_name_is_looked_up_again_when_its_cached_address_fails(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()  # nothing listens there: refused
+        try:
+            resolver.answers["svc.test"] = ["127.0.0.1"]
+            conn = await upstream.connect("svc.test", port, 5.0, lambda ip, p: None)
+            conn.abort()
+            assert resolver.calls == 1
+            # The name "moves": what is cached now refuses (simulated by pointing the cache at a dead port).
+            addrs, exp = upstream._addresses[("svc.test", port)]
+            upstream._addresses[("svc.test", port)] = ([("127.0.0.1", dead_port)], exp)
+            conn = await upstream.connect("svc.test", port, 5.0, lambda ip, p: None)
+            conn.abort()
+            assert resolver.calls == 2  # looked up again, and connected to the fresh address
+            # A name that is not cached and refuses is not looked up twice.
+            upstream._addresses.clear()
+            with pytest.raises(upstream.UpstreamFailure) as exc:
+                await upstream.connect("svc.test", dead_port, 5.0, lambda ip, p: None)
+            assert exc.value.kind == "refused" and resolver.calls == 3
+        finally:
+            srv.close()
+
+    run(main())
