@@ -8,11 +8,17 @@ LLM session's bodies compress.
    earlier turn; the turns' text is taken from the standard library's source so it does not repeat
    itself). Bytes stored per request = growth of the database's pages in use (page_count −
    freelist_count, after a TRUNCATE checkpoint) / requests: the row, its log entry, the indexes.
-2. Offline, the same session's request bodies: per-row zstd at levels 1/3/9/19 (what is stored:
-   level 3), a zstd dictionary trained on the container's earlier bodies, and each body
+2. Offline, the same session's request bodies: per-row zstd at levels 1/3/9/19 (level 3 is
+   the proxy's), a zstd dictionary trained on the container's earlier bodies, and each body
    compressed against the previous one (raw-content dictionary, a delta).
+3. Offline, what the recorder stores (greyproxy.bodies.DeltaEncoder through the recorder's real
+   `apply_records` into a SQLite file): the session with chains of at most N frames for several N,
+   bytes stored and the CPU to read a body back (cold `bodies.Reader`, mean and worst); and a
+   session whose stream interleaves a main conversation, a subagent's and one-off utility calls,
+   with 1 or 4 remembered bodies per stream (4: the one sharing the longest prefix is the base),
+   against keying by the conversation itself (each in its own container).
 
-    .venv/bin/python bench/body_storage.py [--n 300] [--turns 40]
+    .venv/bin/python bench/body_storage.py [--n 300] [--turns 40] [--offline]
 
 Run from another tree (PYTHONPATH=that tree, cwd = that tree) to measure it: it prints which.
 """
@@ -231,15 +237,135 @@ def compression(bodies: list[bytes]) -> list[tuple[str, int, float]]:
     return out
 
 
+def _record(container: str, body: bytes, ts: float) -> dict[str, Any]:
+    from greyproxy import bodies as B
+
+    rec: dict[str, Any] = {
+        "timestamp": ts,
+        "container_name": container,
+        "destination_host": "api.anthropic.com",
+        "destination_port": 443,
+        "method": "POST",
+        "url": "https://api.anthropic.com/v1/messages?beta=true",
+        "request_headers": {},
+        "request_body_size": len(body),
+        "request_content_type": "application/json",
+        "status_code": 200,
+        "response_headers": {},
+        "response_body": None,
+        "response_body_size": 0,
+        "duration_ms": 1.0,
+        "result": "allowed",
+    }
+    B.to_record(rec, "request", B.pack(body, "application/json"))
+    return rec
+
+
+def stored_deltas(stream: list[tuple[str, bytes]], chain: int, candidates: int) -> tuple[int, float, float, float, int]:
+    """(request body bytes stored, mean µs to read one cold, worst µs, recorder µs per body, deltas)
+    for `stream` [(container, body)] recorded one record per batch by the real recorder."""
+    import tempfile
+
+    import orjson
+
+    from greyproxy import bodies as B
+    from greyproxy.store import open_database
+    from services.recorder import transactions as T
+    from services.recorder.apply import apply_records
+
+    T.DELTAS = B.DeltaEncoder(chain=chain, candidates=candidates)
+    with tempfile.TemporaryDirectory() as d:
+        db = open_database(Path(d) / "d.db")
+        conn = db.connection()
+        cpu = 0.0
+        for i, (container, body) in enumerate(stream):
+            rec = orjson.loads(orjson.dumps(_record(container, body, 1000.0 + i)))
+            t0 = time.process_time()
+            apply_records(conn, [(f"r{i}", "transaction", rec)])
+            cpu += time.process_time() - t0
+        size = conn.execute("SELECT SUM(length(request_body)) FROM http_transactions").fetchone()[0]
+        n_delta = conn.execute("SELECT COUNT(*) FROM http_transactions WHERE request_body_codec = 2").fetchone()[0]
+        times = []
+        for (tid,) in conn.execute("SELECT id FROM http_transactions ORDER BY id").fetchall():
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.process_time()
+                data = B.Reader(conn.execute).content(tid, "request")
+                best = min(best, time.process_time() - t0)
+            assert data == stream[tid - 1][1], tid
+            times.append(best * 1e6)
+        db.close()
+    return size, sum(times) / len(times), max(times), cpu / len(stream) * 1e6, n_delta
+
+
+def interleaved(turns: int) -> list[tuple[str, int, bytes]]:
+    """One stream (container "claude", POST /v1/messages): a main conversation of `turns` turns,
+    a subagent's (another system prompt) from turn 5 for 15 turns, a one-off utility call (a short
+    system prompt, a title request) every 4th turn: [(conversation, body)]."""
+    main = session_bodies(turns)
+    sub = [b.replace(b"You are Claude Code", b"You are a subagent of Claude Code") for b in session_bodies(15)]
+    sub = [b.replace(CORPUS[900][:200].encode(), CORPUS[1000][:200].encode()) for b in sub]
+    out: list[tuple[str, int, bytes]] = []
+    for t in range(turns):
+        out.append(("main", t, main[t]))
+        if 5 <= t < 20:
+            out.append(("sub", t, sub[t - 5]))
+        if t % 4 == 3:
+            title = json.dumps(
+                {
+                    "model": "claude-haiku",
+                    "system": "Write a title",
+                    "messages": [{"role": "user", "content": CORPUS[t][:300]}],
+                }
+            ).encode()
+            out.append((f"util{t}", t, title))
+    return out
+
+
+def offline_deltas(bodies: list[bytes], turns: int) -> None:
+    from greyproxy import bodies as B
+
+    raw = sum(map(len, bodies))
+    print("\nWhat the recorder stores (the session's request bodies, a chain of at most N frames):\n")
+    print(
+        "| N | bytes stored | ratio | recorder µs per body | read µs per body, mean | worst |\n|---|---|---|---|---|---|"
+    )
+    for chain in (1, 4, 8, 16, 32, 64):
+        size, mean, worst, rec_us, _n = stored_deltas([("claude", b) for b in bodies], chain, 4)
+        label = "1 (no deltas)" if chain == 1 else str(chain)
+        print(f"| {label} | {size:,} | {raw / size:.1f}× | {rec_us:,.0f} | {mean:,.0f} | {worst:,.0f} |")
+    mixed = interleaved(turns)
+    raw = sum(len(b) for _c, _t, b in mixed)
+    print(
+        f"\nOne stream interleaving a main conversation, a subagent and utility calls ({len(mixed)} bodies, {raw:,} bytes; N = {B.DELTA_CHAIN}):\n"
+    )
+    print("| base chosen among | bytes stored | ratio | deltas |\n|---|---|---|---|")
+    for label, stream, cands in (
+        ("the previous body of the stream", [("claude", b) for _c, _t, b in mixed], 1),
+        (
+            "the stream's last 4 bodies, longest common prefix (what is built)",
+            [("claude", b) for _c, _t, b in mixed],
+            4,
+        ),
+        ("the previous body of the same conversation (keyed by it)", [(c, b) for c, _t, b in mixed], 1),
+    ):
+        size, _mean, _worst, _rec, n = stored_deltas(stream, B.DELTA_CHAIN, cands)
+        print(f"| {label} | {size:,} | {raw / size:.1f}× | {n} of {len(stream)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=300, help="GETs of each kind")
     ap.add_argument("--turns", type=int, default=40, help="turns of the LLM session")
+    ap.add_argument("--offline", action="store_true", help="only the offline tables (no stack)")
     args = ap.parse_args()
     import greyproxy
 
     print(f"tree: {Path(greyproxy.__file__).resolve().parent.parent}")
     bodies = session_bodies(args.turns)
+    if args.offline:
+        offline_deltas(bodies, args.turns)
+        return
     print("\n| load | requests | bytes stored per request | body bytes sent per request |\n|---|---|---|---|")
     for name, n, per, sent in through_stack(args.n, bodies):
         print(f"| {name} | {n} | {per:,.0f} | {sent:,.0f} |")
@@ -248,6 +374,11 @@ def main() -> None:
     print("| stored as | bytes | ratio | µs per body |\n|---|---|---|---|")
     for name, size, us in compression(bodies):
         print(f"| {name} | {size:,} | {raw / size:.1f}× | {us:,.0f} |")
+    try:
+        from greyproxy.bodies import DeltaEncoder  # noqa: F401 - only in trees that store deltas
+    except ImportError:
+        return
+    offline_deltas(bodies, args.turns)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Any, Literal, NotRequired, TypedDict
 
+import orjson
+
 LOG = "log"  # every connection decision (and DNS queries when logDnsQueries is on)
 PENDING = "pending"  # a destination no rule covers: a sighting for the pending queue
 RULE_HIT = "rule_hit"  # rule hit counts, flushed periodically
@@ -92,7 +94,72 @@ class IdentityUsedRecord(TypedDict):
 # A `transaction` record: the columns of http_transactions but `id` (greyproxy.store.transactions.FIELDS),
 # headers already redacted, bodies decoded, capped and packed (greyproxy.capture, greyproxy.bodies: base64 of
 # the stored bytes with `<side>_body_codec` and `<side>_body_charset`; a text body without a codec is stored as text).
+# Shape 2 (what the proxy writes): an array of the values in TRANSACTION_FIELDS order, the JSON columns
+# (TRANSACTION_JSON) as JSON text, so the recorder stores them without decoding and encoding them again;
+# a shorter array leaves the fields after it null. Shape 1 (proxies before shape 2, still accepted): an
+# object with those fields as keys, the JSON columns as JSON values.
 TransactionRecord = dict[str, Any]
+TransactionValues = list[Any]
+
+TRANSACTION_FIELDS = (  # shape 2's order: never reorder, only append
+    "timestamp",
+    "container_name",
+    "destination_host",
+    "destination_port",
+    "method",
+    "url",
+    "request_headers",
+    "request_body",
+    "request_body_size",
+    "request_content_type",
+    "status_code",
+    "response_headers",
+    "response_body",
+    "response_body_size",
+    "response_content_type",
+    "duration_ms",
+    "rule_id",
+    "result",
+    "conversation_id",
+    "substituted_credentials",
+    "session_id",
+    "request_host",
+    "host_mismatch",
+    "error",
+    "block_reason",
+    "refused_credentials",
+    "request_body_codec",
+    "request_body_charset",
+    "response_body_codec",
+    "response_body_charset",
+)
+TRANSACTION_JSON = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")
+_JSON_DEFAULTS = {"request_headers": "{}", "response_headers": "{}"}
+_JSON_AT = tuple((TRANSACTION_FIELDS.index(c), _JSON_DEFAULTS.get(c, "[]")) for c in TRANSACTION_JSON)
+
+
+def transaction_fields(values: TransactionValues) -> TransactionRecord:
+    """A shape-2 record read back as shape 1 (names, JSON columns decoded): for readers and tests."""
+    rec = dict(zip(TRANSACTION_FIELDS, values))
+    rec.update({c: None for c in TRANSACTION_FIELDS[len(values) :]})
+    for col in TRANSACTION_JSON:
+        if isinstance(rec[col], str):
+            rec[col] = orjson.loads(rec[col])
+    return rec
+
+
+def json_fields_as_text(values: TransactionValues) -> TransactionValues:
+    """Shape-2 values with the JSON fields still Python values → with them as JSON text (in place)."""
+    for i, default in _JSON_AT:
+        value = values[i]
+        if type(value) is not str:
+            values[i] = orjson.dumps(value).decode() if value else default
+    return values
+
+
+def transaction_values(rec: TransactionRecord) -> TransactionValues:
+    """A transaction record (shape 1, as the proxy builds it) as it travels (shape 2)."""
+    return json_fields_as_text(list(map(rec.get, TRANSACTION_FIELDS)))
 
 
 def log_record(

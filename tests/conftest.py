@@ -9,11 +9,23 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``, 
 - ``write_config(path, overrides, ports)`` -- a YAML config on the given ports, overrides deep-merged.
 - ``service_env(data_dir, **extra)`` -- os.environ minus our GREYPROXY_* variables, repo on PYTHONPATH.
 - ``Stack`` -- the whole stack (``greyproxy serve``) on free ports in a private data dir.
+- ``intercepting_stack(overrides, upstream_ca_file, allow, env)`` -- a started ``Stack`` with its
+  interception CA, trusting the origins' CA, allowing ``* -> host`` for each host of ``allow``.
 - ``run_service(name, cfg_path, env)`` -- one ``greyproxy run <name>`` process (``ServiceProcess``).
 - ``pid_alive(pid)`` / ``descendants(pid)`` -- process inspection through /proc.
 - ``start_https_origin(ca, host, handler)`` -- an HTTPS origin (``TlsHttpServer``) with a trustme cert;
-  ``https_origin(...)`` is the same as a context manager yielding the port.
+  ``https_origin(...)`` is the same as a context manager yielding the port;
+  ``server_context(ca, host)`` the TLS context alone (for ``websocket_origin(..., ssl=...)``).
 - ``stack_cli(stack, *args)`` -- ``greyproxy <args> -C <stack config>`` with the stack's env.
+- ``plain_origin(handler, host)`` -- a threaded HTTP origin for a ``with`` block (yields the port);
+  handlers ``ReachedHandler`` / ``HelloHandler`` / ``PathHandler`` / ``JsonEchoHandler``, or a
+  subclass of ``OriginHandler`` (its ``reply(body, content_type, status, **headers)``);
+  ``websocket_origin(handler, host, ssl)`` a WebSocket one.
+- ``curl_proxy(stack, url, user, password, *curl_options)`` -- curl through the stack's HTTP proxy:
+  (status code, response head); ``proxy_url(stack, user, password)`` the proxy's URL.
+- ``curl(*args, timeout)`` -- ``curl -s -S --max-time T <args>``: (exit code, stdout, stderr).
+- ``proxy_connect(stack, user, target)`` -- a socket that sent ``CONNECT target`` to the proxy.
+- ``add_rule(stack, **body)`` -- POST /api/rules, asserting 201; ``log_entries(stack, container)``.
 
 Fixtures (they always clean up, even when the test fails):
 
@@ -34,25 +46,38 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     LISTENER_NAMES,
     PYTHON,
     REPO,
+    HelloHandler,
+    JsonEchoHandler,
+    OriginHandler,
+    PathHandler,
     ReachedHandler,
     ServiceProcess,
     Stack,
     StackError,
     TlsHttpServer,
+    add_rule,
     base_config,
+    curl,
+    curl_proxy,
     deep_merge,
     descendants,
     free_port,
     free_ports,
     https_origin,
+    intercepting_stack,
+    log_entries,
     pid_alive,
     plain_origin,
+    proxy_connect,
+    proxy_url,
     run_service,
+    server_context,
     service_env,
     short_tmpdir,
     stack_cli,
     start_https_origin,
     wait_for,
+    websocket_origin,
     write_config,
 )
 from harness.fixtures import make_stack, origin_ca, origin_ca_file, service_runner, short_tmp  # noqa: F401 - fixtures

@@ -1012,3 +1012,31 @@ def truncated(r: dict[str, Any], keep: int = 120) -> dict[str, Any]:
     out = dict(r)
     out["request_body"] = (r["request_body"] or "")[:keep]
     return out
+
+
+# Message counts of shrinking_chat_session's requests: up to 5, down by exactly 1 (the same
+# group), then down by 2 (SPEC §13.5.1: a fall by more than 1 starts a new group), then up again.
+SHRINKING_COUNTS = (1, 3, 5, 4, 2, 3)
+
+
+def shrinking_chat_session(t: float = T0, container: str = "agent", url: str = LOCAL) -> list[dict[str, Any]]:
+    """Sessionless chat completions (one system text, so one fingerprint), 2 s apart, whose message
+    counts are SHRINKING_COUNTS: an agent that trimmed its history once a little and once a lot."""
+    turns = [
+        {"role": "user", "content": "list the files"},
+        {"role": "assistant", "content": "README.md and main.py."},
+        {"role": "user", "content": "what does main.py do"},
+        {"role": "assistant", "content": "It prints hello."},
+        {"role": "user", "content": "make it print goodbye"},
+    ]
+    return [
+        row(
+            url,
+            chat_request(turns[:n], stream=False),
+            chat_json(f"answer {i}"),
+            ts=t + 2 * i,
+            container=container,
+            resp_ct="application/json",
+        )
+        for i, n in enumerate(SHRINKING_COUNTS)
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import collections
 import random
 import re
 import socket
@@ -265,6 +266,13 @@ def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:
                     " resolved_hostname, method, result, rule_id, response_time_ms, reason, mitm_skip_reason)"
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     data,
+                )
+                # log_counts, as the recorder keeps it (greyproxy/store/logs.py ADD_COUNT, migration 9)
+                counts = collections.Counter((r[1], r[7]) for r in data)
+                con.executemany(
+                    "INSERT INTO log_counts (container_name, result, n) VALUES (?, ?, ?)"
+                    " ON CONFLICT (container_name, result) DO UPDATE SET n = n + excluded.n",
+                    [(c, r, n) for (c, r), n in counts.items()],
                 )
             done += k
     finally:

@@ -810,6 +810,10 @@ class Dissector:
     description: str
     fn: Callable[[Txn], Extraction | None]
     matches: Callable[[Txn], bool]
+    # What `matches` implies, for a cheap first look over many stored rows (the assembler's SQL):
+    # a matching transaction's host is one of `hosts`, or its URL contains one of `url_has`.
+    hosts: tuple[str, ...] = ()
+    url_has: tuple[str, ...] = ()
 
 
 def _url_is(txn: Txn, url: str) -> bool:
@@ -826,18 +830,21 @@ DISSECTORS: tuple[Dissector, ...] = (
         "Anthropic Messages API (/v1/messages)",
         dissect_anthropic,
         lambda t: _url_is(t, "https://api.anthropic.com/v1/messages"),
+        url_has=("https://api.anthropic.com/v1/messages",),
     ),
     Dissector(
         "openai",
         "OpenAI Responses API (/v1/responses)",
         dissect_openai,
         lambda t: _url_is(t, "https://api.openai.com/v1/responses"),
+        url_has=("https://api.openai.com/v1/responses",),
     ),
     Dissector(
         "google-ai",
         "Google Gemini API (/v1beta/models)",
         dissect_google,
         lambda t: t.method == "POST" and t.host == "generativelanguage.googleapis.com" and "/v1beta/models/" in t.path,
+        hosts=("generativelanguage.googleapis.com",),
     ),
     Dissector(
         "openai-chat",
@@ -848,12 +855,14 @@ DISSECTORS: tuple[Dissector, ...] = (
             and t.host in ("api.openai.com", "openrouter.ai")
             and t.path.endswith("/chat/completions")
         ),
+        hosts=("api.openai.com", "openrouter.ai"),
     ),
     Dissector(
         "openai-ws",
         "OpenAI Responses API over WebSocket (Codex)",
         dissect_openai_ws,
         lambda t: t.method in ("WS_REQ", "WS_RESP") and "api.openai.com" in t.url and "/v1/responses" in t.url,
+        url_has=("api.openai.com",),
     ),
 )
 BY_NAME = {d.name: d for d in DISSECTORS}

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from .dissect import BY_NAME, Txn, builtin_match
+from .dissect import BY_NAME, DISSECTORS, Txn, builtin_match
 
 BUILTIN_RULES: tuple[tuple[str, str, str], ...] = (
     ("api.anthropic.com", "/v1/messages", "anthropic"),
@@ -60,6 +60,27 @@ def decoder_for(rules: list[dict[str, Any]], txn: Txn) -> str | None:
         if rule["enabled"] and rule["decoder_name"] in BY_NAME and rule_matches(rule, txn):
             return rule["decoder_name"]
     return builtin_match(txn)
+
+
+# What a built-in match implies (see Dissector.hosts / url_has): the assembler's first look.
+BUILTIN_HOSTS = frozenset(h for d in DISSECTORS for h in d.hosts)
+BUILTIN_URL_HAS = tuple(dict.fromkeys(u for d in DISSECTORS for u in d.url_has))
+
+
+def host_may_match(rules: list[dict[str, Any]], host: str, port: int | None) -> bool:
+    """Whether some transaction to `host` (as stored) and `port` could be claimed, other than by a
+    built-in through its URL (`BUILTIN_URL_HAS`): a superset of `decoder_for`, host by host, so the
+    assembler reads only these hosts' rows (method and path are checked on those by decoder_for)."""
+    host = str(host or "").lower()
+    if host in BUILTIN_HOSTS:
+        return True
+    hosts = [host] + ([f"{host}:{port}"] if port else [])
+    return any(
+        rule["enabled"]
+        and rule["decoder_name"] in BY_NAME
+        and any(glob_match(rule["host_pattern"], h, fold=True) for h in hosts)
+        for rule in rules
+    )
 
 
 def validate(body: dict[str, Any]) -> dict[str, Any]:

@@ -390,3 +390,53 @@ MIGRATIONS.append(
         ],
     )
 )
+
+# Issue 18 item 4: a stored body may be a zstd delta against an
+# earlier body of the same side (codec 2, greyproxy.bodies): the base row's id. The partial indexes
+# find a base's dependents when it is dropped (retention, the size cap), for the delta rows only.
+MIGRATIONS.append(
+    (
+        9,
+        "stored body delta bases",
+        [
+            "ALTER TABLE http_transactions ADD COLUMN request_body_base INTEGER",
+            "ALTER TABLE http_transactions ADD COLUMN response_body_base INTEGER",
+            "CREATE INDEX http_transactions_request_body_base ON http_transactions (request_body_base)"
+            " WHERE request_body_base IS NOT NULL",
+            "CREATE INDEX http_transactions_response_body_base ON http_transactions (response_body_base)"
+            " WHERE response_body_base IS NOT NULL",
+        ],
+    )
+)
+
+# Issue 18 item 1: what a proxied request costs the recorder (bench/record_cost.py). Never edit a shipped
+# migration: append a new one.
+MIGRATIONS.append(
+    (
+        10,
+        "cheaper recording",
+        [
+            # Applied journal records as id ranges per writer (one row per batch, not one per record):
+            # a record id is `<writer>-<hex sequence>` (bus/journal.py); any other id is its own writer
+            # with sequence 0. Ranges of one writer never overlap. journal_applied stays for the ids
+            # applied before this migration (a resend across the upgrade), pruned as before.
+            """CREATE TABLE journal_ranges (
+        writer TEXT NOT NULL,
+        lo INTEGER NOT NULL,
+        hi INTEGER NOT NULL,
+        applied_at REAL NOT NULL
+    )""",
+            "CREATE UNIQUE INDEX journal_ranges_writer ON journal_ranges (writer, lo, hi)",
+            "CREATE INDEX journal_ranges_at ON journal_ranges (applied_at)",
+            # log_counts: the recorder (the one writer of logs) adds a batch's counts in the batch's
+            # transaction, one upsert per (container, result) rather than a trigger per row, which
+            # cost more than the row itself. Deletes and updates keep their triggers.
+            "DROP TRIGGER log_counts_ins",
+            # The listing's container/destination filters are substrings (LIKE '%…%'): no index can
+            # seek them; their counts scan a covering index, which one index on both columns is.
+            "DROP INDEX http_transactions_container",
+            "DROP INDEX http_transactions_destination",
+            "CREATE INDEX http_transactions_names ON http_transactions (container_name, destination_host)",
+        ],
+    )
+)

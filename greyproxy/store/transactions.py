@@ -1,4 +1,4 @@
-"""The `http_transactions` table (migrations 2, 4 and 6): its columns, the SQL the recorder writes it with, and
+"""The `http_transactions` table (migrations 2, 4, 6, 8 and 9): its columns, the SQL the recorder writes it with, and
 the API's listing and lookup."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..bodies import Reader
 from . import sql
 
 COLUMNS = (
@@ -41,8 +42,12 @@ COLUMNS = (
     "request_body_charset",
     "response_body_codec",
     "response_body_charset",
+    # migration 9: the base row of a body stored as a delta (greyproxy.bodies.DeltaEncoder sets it
+    # after the insert; never in a journal record)
+    "request_body_base",
+    "response_body_base",
 )
-FIELDS = COLUMNS[1:]  # what a `transaction` journal record fills in
+FIELDS = COLUMNS[1:-2]  # what a `transaction` journal record fills in
 JSON_COLUMNS = (
     "request_headers",
     "response_headers",
@@ -50,7 +55,14 @@ JSON_COLUMNS = (
     "refused_credentials",
 )  # stored as JSON text
 BODY_COLUMNS = ("request_body", "response_body")  # left out of listings
-BODY_META_COLUMNS = ("request_body_codec", "request_body_charset", "response_body_codec", "response_body_charset")
+BODY_META_COLUMNS = (  # how a body is stored: not part of the API's item
+    "request_body_codec",
+    "request_body_charset",
+    "response_body_codec",
+    "response_body_charset",
+    "request_body_base",
+    "response_body_base",
+)
 
 # Hand-written rather than peewee's insert_many, as for logs: one executemany per batch in the
 # recorder (bench/run.py's recorder rows), where a query object per batch costs measurably more.
@@ -108,11 +120,17 @@ def list_transactions(
             f"SELECT {cols} FROM http_transactions WHERE {clause} ORDER BY timestamp DESC, id DESC LIMIT ? OFFSET ?",
             [*args, limit, offset],
         )
+        if include_bodies:
+            Reader(sql.execute).inline(rows)  # delta bodies resolved here, in the pool (greyproxy.bodies)
     return rows, total
 
 
 def get_transaction(tid: int) -> dict[str, Any] | None:
-    return sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
+    with sql.read_transaction():  # the row and its bodies' delta chain from one snapshot
+        row = sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
+        if row is not None:
+            Reader(sql.execute).inline([row])
+    return row
 
 
 # --------------------------------------------------------------------------- maintenance (raw sqlite3 connection)

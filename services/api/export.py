@@ -16,6 +16,7 @@ import falcon
 import falcon.asgi
 
 from greyproxy import har
+from greyproxy.bodies import Reader
 from greyproxy.capture import TRANSACTION_COLUMNS
 from greyproxy.store import database
 from greyproxy.store.transactions import TransactionFilter, where_clause
@@ -58,6 +59,7 @@ def export_page(
     if not meta:
         return [], None
     out: list[bytes] = []
+    reader = Reader(database.execute_sql)  # delta bodies (greyproxy.bodies): a chain's frames decoded once
     i = 0
     while i < len(meta):
         j, size = i, 0
@@ -69,7 +71,7 @@ def export_page(
         for r in group:
             row = dict(zip(_META, r))
             row["request_body"], row["response_body"] = bodies.get(row["id"], (None, None))
-            out.append(har.entry_bytes(row))
+            out.append(har.entry_bytes(reader.inline([row])[0]))
         i = j
     last = meta[-1]
     key = (last[_META.index("timestamp")], last[0])

@@ -76,8 +76,14 @@ ID = {"type": "integer", "minimum": 1, "maximum": MAX_ID}
 PORT = {"type": "integer", "minimum": 0, "maximum": 65535}
 
 
+def array_of(item: str, **extra: Any) -> dict[str, Any]:
+    """An array of the named schema (`extra`: maxItems and the like)."""
+    return {"type": "array", "items": ref(item), **extra}
+
+
 def list_of(item: str, paged: bool = False) -> dict[str, Any]:
-    props: dict[str, Any] = {"items": {"type": "array", "items": ref(item)}, "total": {"type": "integer", "minimum": 0}}
+    """`{items: [item], total}` (paged: plus `page`, `pages`), the shape of every listing."""
+    props: dict[str, Any] = {"items": array_of(item), "total": {"type": "integer", "minimum": 0}}
     if paged:
         props["page"] = {"type": "integer", "minimum": 1}
         props["pages"] = {"type": "integer", "minimum": 1}
@@ -192,7 +198,7 @@ SCHEMAS: dict[str, Any] = {
     ),
     "BulkAllowResult": obj(
         {
-            "rules_created": {"type": "array", "items": ref("Rule")},
+            "rules_created": array_of("Rule"),
             "pending_removed": {"type": "integer", "minimum": 0},
             "not_found": {"type": "array", "items": INT},
         }
@@ -233,8 +239,8 @@ SCHEMAS: dict[str, Any] = {
             "total_requests": INT,
             "allowed": INT,
             "blocked": INT,
-            "top_containers": {"type": "array", "items": ref("ContainerCount")},
-            "top_destinations": {"type": "array", "items": ref("BlockedDestination"), "maxItems": 10},
+            "top_containers": array_of("ContainerCount"),
+            "top_destinations": array_of("BlockedDestination", maxItems=10),
             "timeline": {"type": "array", "items": obj({"timestamp": TS, "allowed": INT, "blocked": INT})},
         },
         description="GET /api/logs/stats",
@@ -460,9 +466,9 @@ SCHEMAS["Dashboard"] = {
             {
                 "period_name": {"type": "string", "enum": ["today", "7d", "30d"]},
                 "allow_rate": {"type": "number", "minimum": 0, "maximum": 100},
-                "by_container": {"type": "array", "items": ref("ContainerCount"), "maxItems": 20},
-                "top_blocked": {"type": "array", "items": ref("BlockedDestination"), "maxItems": 10},
-                "recent": {"type": "array", "items": ref("LogEntry")},
+                "by_container": array_of("ContainerCount", maxItems=20),
+                "top_blocked": array_of("BlockedDestination", maxItems=10),
+                "recent": array_of("LogEntry"),
                 "pending_count": {"type": "integer", "minimum": 0},
                 "active_connections": {"type": "integer", "minimum": 0},
                 "waiting": {"type": "integer", "minimum": 0},
@@ -477,9 +483,11 @@ SCHEMAS["Dashboard"] = {
 # ----------------------------------------------------------------------------- operation helpers
 
 
-def q(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
-    # Every query parameter is optional, and an empty value (`?limit=`) means the same as none.
-    p: dict[str, Any] = {"name": name, "in": "query", "required": False, "allowEmptyValue": True, "schema": schema}
+def q(name: str, schema: dict[str, Any], description: str = "", required: bool = False) -> dict[str, Any]:
+    """A query parameter. An optional one's empty value (`?limit=`) means the same as none."""
+    p: dict[str, Any] = {"name": name, "in": "query", "required": required, "allowEmptyValue": True, "schema": schema}
+    if required:
+        del p["allowEmptyValue"]
     if description:
         p["description"] = description
     return p
@@ -496,6 +504,17 @@ DESTINATION = q("destination", STR, "substring of the destination host or its re
 FROM_DATE = q("from_date", TS_INPUT)
 TO_DATE = q("to_date", TS_INPUT)
 GROUP_BY = q("group_by", {"type": "string", "enum": ["hour", "day", "week", "auto"], "default": "auto"})
+TEXT = {"type": "string", "maxLength": 1000}  # a free-text filter
+# GET /api/transactions and its HAR export take the same filters.
+TRANSACTION_FILTERS = [
+    q("container", TEXT),
+    q("destination", TEXT),
+    q("method", {"type": "string", "maxLength": 32}),
+    q("session_id", TEXT),
+    q("conversation_id", TEXT),
+    FROM_DATE,
+    TO_DATE,
+]
 
 
 def response(description: str, schema: dict[str, Any] | None = None, media: str = JSON) -> dict[str, Any]:
@@ -553,6 +572,7 @@ def op(
 
 
 SERVICE_DOWN = "a service it needs (named in `service`) does not answer"
+UNKNOWN_ID = {"404": "unknown id"}
 
 # (path relative to the prefix, METHOD) -> operation. Path parameters are added from the route.
 OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
@@ -587,17 +607,15 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "Import rules, all or nothing; identical active rules are skipped",
         response("counts", ref("IngestResult")),
         tag="rules",
-        request=body({"type": "array", "items": ref("RuleInput"), "maxItems": 10_000}),
+        request=body(array_of("RuleInput", maxItems=10_000)),
     ),
-    ("/api/rules/{rule_id}", "GET"): op(
-        "One rule", response("the rule", ref("Rule")), tag="rules", errors={"404": "unknown id"}
-    ),
+    ("/api/rules/{rule_id}", "GET"): op("One rule", response("the rule", ref("Rule")), tag="rules", errors=UNKNOWN_ID),
     ("/api/rules/{rule_id}", "PUT"): op(
         "Change a rule's patterns, action, notes or expiry",
         response("the rule", ref("Rule")),
         tag="rules",
         request=body(ref("RuleUpdate")),
-        errors={"404": "unknown id"},
+        errors=UNKNOWN_ID,
     ),
     ("/api/rules/{rule_id}", "DELETE"): op(
         "Delete a rule (live tunnels it allowed are closed)",
@@ -628,20 +646,16 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         response("removed is false for an unknown id", ref("Dismissed")),
         tag="pending",
     ),
-    ("/api/pending/{pending_id}/allow", "POST"): op(
-        "Allow an entry with a rule",
-        response("the rule", ref("DecisionResult")),
-        tag="pending",
-        request=body(ref("Decision"), required=False, description="optional; empty = {}"),
-        errors={"404": "unknown id"},
-    ),
-    ("/api/pending/{pending_id}/deny", "POST"): op(
-        "Deny an entry with a rule",
-        response("the rule", ref("DecisionResult")),
-        tag="pending",
-        request=body(ref("Decision"), required=False, description="optional; empty = {}"),
-        errors={"404": "unknown id"},
-    ),
+    **{
+        (f"/api/pending/{{pending_id}}/{action}", "POST"): op(
+            f"{action.capitalize()} an entry with a rule",
+            response("the rule", ref("DecisionResult")),
+            tag="pending",
+            request=body(ref("Decision"), required=False, description="optional; empty = {}"),
+            errors=UNKNOWN_ID,
+        )
+        for action in ("allow", "deny")
+    },
     ("/api/logs", "GET"): op(
         "The connection log, newest first",
         response("a page of entries", ref("LogPage")),
@@ -679,13 +693,7 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         response("a page", ref("TransactionPage")),
         tag="transactions",
         params=[
-            q("container", {"type": "string", "maxLength": 1000}),
-            q("destination", {"type": "string", "maxLength": 1000}),
-            q("method", {"type": "string", "maxLength": 32}),
-            q("session_id", {"type": "string", "maxLength": 1000}),
-            q("conversation_id", {"type": "string", "maxLength": 1000}),
-            FROM_DATE,
-            TO_DATE,
+            *TRANSACTION_FILTERS,
             limit(50, 1000),
             OFFSET,
             q("include_bodies", {"type": "boolean", "default": False}),
@@ -696,21 +704,13 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "redacted headers stay redacted)",
         response("a HAR 1.2 document", ref("Har")),
         tag="transactions",
-        params=[
-            q("container", {"type": "string", "maxLength": 1000}),
-            q("destination", {"type": "string", "maxLength": 1000}),
-            q("method", {"type": "string", "maxLength": 32}),
-            q("session_id", {"type": "string", "maxLength": 1000}),
-            q("conversation_id", {"type": "string", "maxLength": 1000}),
-            FROM_DATE,
-            TO_DATE,
-        ],
+        params=TRANSACTION_FILTERS,
     ),
     ("/api/transactions/{tid}", "GET"): op(
         "One transaction with its bodies",
         response("the transaction", ref("Transaction")),
         tag="transactions",
-        errors={"404": "unknown id"},
+        errors=UNKNOWN_ID,
     ),
     ("/api/allowall", "GET"): op(
         "Silent mode status",
@@ -890,7 +890,7 @@ OPERATIONS.update(
     {
         ("/api/sessions", "GET"): op(
             "Live credential sessions, newest first (an array, as the reference)",
-            response("the sessions", {"type": "array", "items": ref("Session")}),
+            response("the sessions", array_of("Session")),
             tag="credentials",
         ),
         ("/api/sessions", "POST"): op(
@@ -913,7 +913,7 @@ OPERATIONS.update(
         ),
         ("/api/credentials", "GET"): op(
             "Global credentials, newest first (an array, as the reference)",
-            response("the credentials", {"type": "array", "items": ref("Credential")}),
+            response("the credentials", array_of("Credential")),
             tag="credentials",
         ),
         ("/api/credentials", "POST"): op(

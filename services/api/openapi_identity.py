@@ -26,13 +26,7 @@ SECRET = {
     "description": "32 random bytes, URL-safe base64: shown in this answer only, stored as a hash",
 }
 LAYER = {"type": "string", "enum": ["global", "session", "builtin"]}
-
-
-def _required(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
-    p = o.q(name, schema, description)
-    p["required"] = True
-    p.pop("allowEmptyValue", None)
-    return p
+_NON_EMPTY = {"type": "string", "minLength": 1, "maxLength": 1000}
 
 
 SCHEMAS: dict[str, Any] = {
@@ -40,9 +34,7 @@ SCHEMAS: dict[str, Any] = {
     "IdentityWithSecret": o.obj(
         {**IDENTITY_PROPS, "secret": SECRET}, description="SPEC §16: a claim just made or rotated, with its secret"
     ),
-    "IdentityList": o.obj(
-        {"items": {"type": "array", "items": o.ref("Identity")}, "total": {"type": "integer", "minimum": 0}}
-    ),
+    "IdentityList": o.list_of("Identity"),
     "IdentityInput": o.obj(
         {
             "name": {
@@ -115,14 +107,10 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         o.response("the explanation", o.ref("Explanation")),
         tag="rules",
         params=[
-            _required("container", {"type": "string", "minLength": 1, "maxLength": 1000}, "the client identity"),
-            _required("host", {"type": "string", "minLength": 1, "maxLength": 1000}, "host name or IP address"),
-            _required("port", {"type": "integer", "minimum": 1, "maximum": 65535}),
-            o.q(
-                "resolved",
-                {"type": "string", "maxLength": 1000},
-                "the hostname an IP destination was resolved from (default: the DNS cache's)",
-            ),
+            o.q("container", _NON_EMPTY, "the client identity", required=True),
+            o.q("host", _NON_EMPTY, "host name or IP address", required=True),
+            o.q("port", {"type": "integer", "minimum": 1, "maximum": 65535}, required=True),
+            o.q("resolved", o.TEXT, "the hostname an IP destination was resolved from (default: the DNS cache's)"),
         ],
     ),
 }

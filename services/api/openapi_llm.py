@@ -104,7 +104,7 @@ SCHEMAS: dict[str, Any] = {
         required=["host_pattern", "path_pattern", "decoder_name"],
         description="POST and PUT (full replacement) of /api/endpoint-rules; WS_REQ/WS_RESP only with openai-ws",
     ),
-    "EndpointRuleList": o.obj({"rules": {"type": "array", "items": o.ref("EndpointRule")}}),
+    "EndpointRuleList": o.obj({"rules": o.array_of("EndpointRule")}),
     "Ok": o.obj({"ok": {"type": "boolean", "const": True}}),
     "Conversation": o.obj(ITEM_PROPS, required=list(ITEM_PROPS), description="SPEC §13.6"),
     "ConversationDetail": o.obj(
@@ -132,9 +132,7 @@ SCHEMAS: dict[str, Any] = {
         },
         required=[*ITEM_PROPS, "system_prompt", "turns", "messages"],
     ),
-    "ConversationList": o.obj(
-        {"items": {"type": "array", "items": o.ref("Conversation")}, "total": {"type": "integer", "minimum": 0}}
-    ),
+    "ConversationList": o.list_of("Conversation"),
     "TransactionLlm": o.nullable(
         o.obj(
             {
@@ -191,10 +189,8 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         o.response("a page", o.ref("ConversationList")),
         tag="conversations",
         params=[
-            o.q("container", {"type": "string", "maxLength": 1000}, "exact container name"),
-            o.q("model", {"type": "string", "maxLength": 1000}),
-            o.q("provider", {"type": "string", "maxLength": 1000}),
-            o.q("client", {"type": "string", "maxLength": 1000}),
+            o.q("container", o.TEXT, "exact container name"),
+            *(o.q(name, o.TEXT) for name in ("model", "provider", "client")),
             o.FROM_DATE,
             o.TO_DATE,
             o.limit(50, 500),

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from bus import topics
+from greyproxy.bodies import Reader
 from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.llm import assemble as A
 from greyproxy.llm import dissect as D
@@ -32,7 +33,8 @@ from .jobs import register
 log = logging.getLogger("greyproxy.maintenance.assembler")
 
 LOCK = threading.Lock()
-BATCH = 500  # transactions' metadata read at a time
+WINDOW = 2000  # ids whose hosts are judged, and whose candidates' metadata is read, at a time
+EMPTY_RANGE = 50_000  # unclaimed ids after which the cursor moves even with nothing claimed
 BODY_CHUNK = 25  # claimed transactions whose bodies are in memory at a time (each up to 2 x capture.maxBodyBytes)
 _META_COLS = "id, timestamp, container_name, destination_host, destination_port, method, url, duration_ms"
 _BODY_COLS = (
@@ -106,35 +108,93 @@ def _txn_meta(row: tuple) -> D.Txn:
     )
 
 
+class Candidates:
+    """Which stored rows might be LLM calls, found in SQL: rows to a host some rule (or built-in)
+    can claim, or whose URL holds a built-in's URL mark. Plain traffic is skipped without a
+    Python object per row; `decoder_for` then decides exactly on the few candidates. Hosts are
+    judged once per (host, port) while the rules stay the same."""
+
+    def __init__(self, rules: list[dict[str, Any]]) -> None:
+        self.rules = rules
+        self.judged: dict[tuple[str, int | None], bool] = {}
+
+    def rows(self, conn: sqlite3.Connection, lo: int, hi: int) -> list[tuple]:
+        """The candidates' metadata among ids in (lo, hi]: one grouped scan judges the window's
+        (host, port) pairs and says whether a URL holds a mark; a second read only if some can match."""
+        marks = R.BUILTIN_URL_HAS
+        has_mark = " OR ".join(["instr(url, ?) > 0"] * len(marks)) or "0"
+        hosts: dict[str, None] = {}
+        any_mark = False
+        for host, port, marked in conn.execute(
+            f"SELECT destination_host, destination_port, MAX({has_mark}) FROM http_transactions"
+            " WHERE id > ? AND id <= ? GROUP BY destination_host, destination_port",
+            (*marks, lo, hi),
+        ):
+            any_mark = any_mark or bool(marked)
+            key = (host, port)
+            ok = self.judged.get(key)
+            if ok is None:
+                ok = self.judged[key] = R.host_may_match(self.rules, host, port if isinstance(port, int) else None)
+            if ok:
+                hosts[host] = None
+        if not hosts and not any_mark:
+            return []
+        where = [f"destination_host IN ({','.join('?' * len(hosts))})"] if hosts else []
+        if any_mark:
+            where.append(has_mark)
+        return conn.execute(
+            f"SELECT {_META_COLS} FROM http_transactions WHERE id > ? AND id <= ? AND ({' OR '.join(where)})"
+            " ORDER BY id",
+            (lo, hi, *hosts, *(marks if any_mark else ())),
+        ).fetchall()
+
+
+def _windows(conn: sqlite3.Connection, after: int, upto: int | None) -> Iterator[tuple[int, int]]:
+    """(lo, hi] id windows of at most WINDOW ids over the stored rows after `after` (gaps skipped)."""
+    top = conn.execute("SELECT COALESCE(MAX(id), 0) FROM http_transactions").fetchone()[0]
+    if upto is not None:
+        top = min(top, upto)
+    lo = after
+    while lo < top:
+        nxt = conn.execute("SELECT MIN(id) FROM http_transactions WHERE id > ?", (lo,)).fetchone()[0]
+        if nxt is None or nxt > top:
+            yield lo, top
+            return
+        lo = max(lo, nxt - 1)
+        hi = min(lo + WINDOW, top)
+        yield lo, hi
+        lo = hi
+
+
 def claimed_rows(
     conn: sqlite3.Connection, rules: list[dict[str, Any]], after: int, upto: int | None = None
 ) -> Iterator[tuple[int, list[tuple[D.Txn, str]]]]:
     """Consecutive id ranges after `after` as (last id of the range, [(transaction, dissector)]).
 
-    Metadata is read BATCH rows at a time; bodies only for claimed rows, BODY_CHUNK at a time (a
-    range ends at its last claimed row), so memory stays bounded by BODY_CHUNK bodies."""
-    while True:
-        sql = f"SELECT {_META_COLS} FROM http_transactions WHERE id > ?"
-        args: list[Any] = [after]
-        if upto is not None:
-            sql += " AND id <= ?"
-            args.append(upto)
-        rows = conn.execute(sql + " ORDER BY id LIMIT ?", (*args, BATCH)).fetchall()
-        if not rows:
-            return
+    Candidates' metadata is read a window of ≤ WINDOW ids at a time; bodies only for claimed
+    rows, BODY_CHUNK at a time (a range ends at its last claimed row), so memory stays bounded by
+    BODY_CHUNK bodies. Windows with nothing claimed are merged into the next range (the last
+    range ends at the last id read)."""
+    cand = Candidates(rules)
+    told = seen = after  # the end of the last range yielded, of the last window read
+    for lo, hi in _windows(conn, after, upto):
+        seen = hi
         claimed: list[tuple[D.Txn, str]] = []
-        for row in rows:
+        for row in cand.rows(conn, lo, hi):
             txn = _txn_meta(row)
             name = R.decoder_for(rules, txn)
             if name is not None:
                 claimed.append((txn, name))
         for i in range(0, len(claimed), BODY_CHUNK):
             chunk = claimed[i : i + BODY_CHUNK]
-            last = chunk[-1][0].id if i + BODY_CHUNK < len(claimed) else rows[-1][0]
+            last = chunk[-1][0].id if i + BODY_CHUNK < len(claimed) else hi
             yield last, _with_bodies(conn, chunk)
-        if not claimed:
-            yield rows[-1][0], []
-        after = rows[-1][0]
+            told = last
+        if hi - told >= EMPTY_RANGE:
+            yield hi, []  # a long run of unclaimed rows: move the cursor now and then
+            told = hi
+    if seen > told:
+        yield seen, []
 
 
 def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> list[tuple[D.Txn, str]]:
@@ -146,48 +206,46 @@ def _with_bodies(conn: sqlite3.Connection, claimed: list[tuple[D.Txn, str]]) -> 
         )
     }
     full = []
+    reader = Reader(conn.execute)  # delta bodies (greyproxy.bodies)
     for txn, name in claimed:
         b = bodies.get(txn.id)
         if b is None:
             continue  # deleted meanwhile
         _id, rh, sh, rb, sb, rct, sct, status, rbc, rbs, sbc, sbs = b
-        t = D.Txn.from_row(
-            {
-                "id": txn.id,
-                "method": txn.method,
-                "url": txn.url,
-                "destination_host": txn.host,
-                "destination_port": txn.port,
-                "request_headers": rh,
-                "response_headers": sh,
-                "request_body": rb,
-                "response_body": sb,
-                "request_content_type": rct,
-                "response_content_type": sct,
-                "container_name": txn.container_name,
-                "timestamp": txn.timestamp,
-                "duration_ms": txn.duration_ms,
-                "status_code": status,
-                "request_body_codec": rbc,
-                "request_body_charset": rbs,
-                "response_body_codec": sbc,
-                "response_body_charset": sbs,
-            }
-        )
+        row = {
+            "id": txn.id,
+            "method": txn.method,
+            "url": txn.url,
+            "destination_host": txn.host,
+            "destination_port": txn.port,
+            "request_headers": rh,
+            "response_headers": sh,
+            "request_body": rb,
+            "response_body": sb,
+            "request_content_type": rct,
+            "response_content_type": sct,
+            "container_name": txn.container_name,
+            "timestamp": txn.timestamp,
+            "duration_ms": txn.duration_ms,
+            "status_code": status,
+            "request_body_codec": rbc,
+            "request_body_charset": rbs,
+            "response_body_codec": sbc,
+            "response_body_charset": sbs,
+        }
+        t = D.Txn.from_row(reader.inline([row])[0])
         full.append((t, name))
     return full
 
 
 def count_claimed(conn: sqlite3.Connection, rules: list[dict[str, Any]]) -> int:
-    n, after = 0, 0
-    while True:
-        rows = conn.execute(
-            f"SELECT {_META_COLS} FROM http_transactions WHERE id > ? ORDER BY id LIMIT 5000", (after,)
-        ).fetchall()
-        if not rows:
-            return n
-        n += sum(1 for row in rows if R.decoder_for(rules, _txn_meta(row)) is not None)
-        after = rows[-1][0]
+    cand = Candidates(rules)
+    return sum(
+        1
+        for lo, hi in _windows(conn, 0, None)
+        for row in cand.rows(conn, lo, hi)
+        if R.decoder_for(rules, _txn_meta(row)) is not None
+    )
 
 
 # ------------------------------------------------------------------ dissecting and resolving sessions

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from greyproxy.bodies import Reader, detach
+
 log = logging.getLogger("greyproxy.maintenance")
 
 DAY = 86_400.0
@@ -49,6 +51,41 @@ def _delete_in_batches(conn: sqlite3.Connection, table: str, where: str, params:
         time.sleep(0.005)
 
 
+def _write(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        out = fn()
+        conn.execute("COMMIT")
+        return out
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def drop_transactions(conn: sqlite3.Connection, ids: list[int], sql: str, reader: Reader | None = None) -> int:
+    """Run `sql` (a DELETE or an UPDATE that drops bodies, with `{marks}` for the ids) on `ids` in one
+    write transaction, after re-encoding as self-contained the bodies outside `ids` stored as deltas
+    against theirs (greyproxy.bodies.detach): every body left still reads back."""
+
+    def write() -> int:
+        detach(conn.execute, ids, reader)
+        return conn.execute(sql.format(marks=",".join("?" * len(ids))), ids).rowcount
+
+    return _write(conn, write) if ids else 0
+
+
+def _prune_transactions(conn: sqlite3.Connection, before: float) -> int:
+    removed = 0
+    while True:
+        ids = [
+            r[0] for r in conn.execute(f"SELECT id FROM http_transactions WHERE timestamp < ? LIMIT {BATCH}", (before,))
+        ]
+        removed += drop_transactions(conn, ids, "DELETE FROM http_transactions WHERE id IN ({marks})")
+        if len(ids) < BATCH:
+            return removed
+        time.sleep(0.005)
+
+
 def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
     """Retention: old logs and transactions, rules expired over 7 days ago, stale pending, old journal ids."""
     now = time.time()
@@ -62,12 +99,17 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
         ("rules", "expires_at IS NOT NULL AND expires_at < ? AND source != 'builtin'", (now - 7 * DAY,)),
         ("pending", "last_seen < ?", (now - pending_ttl,)),
         ("journal_applied", "applied_at < ?", (now - DAY,)),
+        ("journal_ranges", "applied_at < ?", (now - DAY,)),  # migration 9
         ("dns_cache", "updated_at < ?", (now - 7 * DAY,)),
     ]
     total = len(steps)
     removed: dict[str, int] = {}
     for i, (table, where, params) in enumerate(steps, 1):
         try:
+            if table == "http_transactions":  # bodies may be delta bases of newer ones (greyproxy.bodies)
+                removed[table] = _prune_transactions(conn, params[0])
+                yield i, total
+                continue
             removed[table] = _delete_in_batches(conn, table, where, params)
         except sqlite3.OperationalError as exc:
             if "no such table" not in str(exc):
@@ -86,7 +128,8 @@ CAP_BODY_BATCH = 200  # rows whose bodies are dropped per transaction (bodies ar
 CAP_ROW_BATCH = 500  # rows deleted per transaction
 _NO_BODIES = (
     "request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
-    " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL"
+    " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL,"
+    " request_body_base = NULL, response_body_base = NULL"
 )
 
 
@@ -160,6 +203,7 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
     target = int(cap * CAP_LOW_WATER)
     need = max(0, start - target)
     dropped = {"bodies": 0, "transactions": 0, "logs": 0}
+    reader = Reader(conn.execute)
     if need:
         for what, pick, drop in _CAP_STEPS:
             after = 0
@@ -173,7 +217,10 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
                         break
                 if not ids:
                     break  # nothing of this kind left: the next kind
-                conn.execute(drop.format(marks=",".join("?" * len(ids))), ids)
+                if what == "logs":
+                    conn.execute(drop.format(marks=",".join("?" * len(ids))), ids)
+                else:
+                    drop_transactions(conn, ids, drop, reader)
                 after = ids[-1]
                 dropped[what] += len(ids)
                 yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)

@@ -138,9 +138,14 @@ class Conn(asyncio.BufferedProtocol):
         if self._closed_fut is not None and not self._closed_fut.done():
             self._closed_fut.set_result(None)
         peer = self.peer
-        if peer is not None and not peer.closed:
-            # Let buffered bytes reach the peer before it is closed.
-            peer.transport.close()  # type: ignore[union-attr]
+        if peer is not None:
+            if not peer.closed:
+                # Let buffered bytes reach the peer before it is closed.
+                peer.transport.close()  # type: ignore[union-attr]
+            elif peer.peer is self:
+                # Both ends are gone: unlink them, so that the pair is freed at once by its
+                # reference counts and not left for the cyclic garbage collector.
+                self.peer = peer.peer = None
         if self.on_close is not None:
             cb, self.on_close = self.on_close, None
             cb()
@@ -279,3 +284,35 @@ def splice(a: Conn, b: Conn) -> None:
     # A side that already hit EOF both ways with nothing left: close both.
     if a.closed and b.closed:
         return
+
+
+async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
+    """Wait until `a` or `b` gets more bytes, reaches EOF or closes: True; False after `timeout`.
+
+    Without a task: one future is both connections' waiter (what `read_more` waits on) and one
+    timer bounds it. The caller looks at what arrived (a wakeup may bring nothing new: look again).
+    """
+    if a.eof or (b is not None and b.eof):
+        return True
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    for c in (a, b):
+        if c is not None:
+            c._waiter = fut
+            if c._reading_paused:
+                c._reading_paused = False
+                c.transport.resume_reading()  # type: ignore[union-attr]
+    timer = None if timeout is None else loop.call_later(max(0.0, timeout), _expire, fut)
+    try:
+        await fut
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        if timer is not None:
+            timer.cancel()
+        # A later reader's waiter is never cleared (see read_more).
+        if a._waiter is fut:
+            a._waiter = None
+        if b is not None and b._waiter is fut:
+            b._waiter = None

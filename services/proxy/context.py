@@ -142,7 +142,7 @@ class ClientConn(Conn):
             return
         self.over_cap = ctx.active >= limits.max_connections
         ctx.active += 1
-        self.task = asyncio.ensure_future(self._run())
+        self.task = asyncio.get_running_loop().create_task(self._run())
 
     def claim(self, identity: str) -> str | None:
         """Count this connection for `identity`. The name of the cap that refuses it, or None."""

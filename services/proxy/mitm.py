@@ -32,7 +32,7 @@ from greyproxy.certs import CAWatcher
 from greyproxy.policy.patterns import DestinationPattern, normalise_host, parse_ip
 
 from . import http1
-from .conn import Conn, ConnClosed
+from .conn import Conn, ConnClosed, wait_either
 from .context import Limits, ProxyContext
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Gate, Verdict
@@ -152,6 +152,8 @@ class Interceptor:
         }
 
     def bypassed(self, *hosts: str | None) -> bool:
+        if not self.bypass:
+            return False  # the usual case: no name to normalise
         for h in hosts:
             if not h:
                 continue
@@ -270,7 +272,7 @@ class Interceptor:
                 deadline = loop.time() + limits.header_timeout  # a started hello/line must finish soon
             # Nobody speaking at all is an idle tunnel: after idleTimeout the caller's watch closes it.
             timeout = limits.idle_timeout if deadline is None else max(0.0, deadline - loop.time())
-            if not await _either(client, upstream, timeout):
+            if not await wait_either(client, upstream, timeout):  # in this task: no task per tunnel
                 return "other", None
 
     async def _peek_plaintext(self, s: Session, limits: Limits) -> str:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from bus.journal import JournalWriter
+from bus.records import TRANSACTION, TRANSACTION_FIELDS, json_fields_as_text, transaction_values
 from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
@@ -109,30 +110,34 @@ class Recorder:
         what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
         return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
 
-    def submit(self, rec: dict[str, Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
-        """Journal the record; bodies are packed (greyproxy.bodies) inline when small and plain, else in a
+    def submit(self, values: list[Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
+        """Journal the record (shape 2: `values` in TRANSACTION_FIELDS order, the JSON fields still
+        Python values); bodies are packed (greyproxy.bodies) inline when small and plain, else in a
         worker thread (which also serialises the record, so a 2 MiB body is never dumped on the event loop).
         `scrub`: an exchange with substituted credentials has their values scrubbed from the stored
         response body (after decoding, so a compressed echo is caught too)."""
         self.counts["transactions"] += 1
-        rec["url"] = self.redactor.url(rec["url"])  # secrets in the query (?access_token=...)
+        values[_URL] = self.redactor.url(values[_URL])  # secrets in the query (?access_token=...)
         limit = self.max_body
+        if req is None and resp is None:
+            self.journal.append(TRANSACTION, json_fields_as_text(values))
+            return
         if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and (
             resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])
         ):
-            _put_bodies(rec, req, resp, limit, scrub)
-            self.journal.append("transaction", rec)
+            _put_bodies(values, req, resp, limit, scrub)
+            self.journal.append(TRANSACTION, json_fields_as_text(values))
             return
 
         def decode() -> orjson.Fragment:
-            _put_bodies(rec, req, resp, limit, scrub)
-            return orjson.Fragment(orjson.dumps(rec, option=orjson.OPT_NON_STR_KEYS))
+            _put_bodies(values, req, resp, limit, scrub)
+            return orjson.Fragment(orjson.dumps(json_fields_as_text(values)))
 
         fut = asyncio.get_running_loop().run_in_executor(None, decode)
 
         def done(f: asyncio.Future) -> None:
             try:
-                self.journal.append("transaction", f.result())
+                self.journal.append(TRANSACTION, f.result())
             except Exception:
                 log.exception("could not build a transaction record")
 
@@ -196,14 +201,18 @@ class Recorder:
             payload = msg.payload if scrub is None else scrub.data(msg.payload)
             to_record(rec, side, pack(payload, _WS_TEXT))
         self.counts["ws_messages"] += 1
-        self.journal.append("transaction", rec)
+        self.journal.append(TRANSACTION, transaction_values(rec))
 
 
 _WS_TEXT = "text/plain; charset=utf-8"  # a WebSocket text message is UTF-8 (RFC 6455 §5.6)
 
 
+_AT = {name: i for i, name in enumerate(TRANSACTION_FIELDS)}  # a field's place in a shape-2 record
+_URL = _AT["url"]
+
+
 def _put_bodies(
-    rec: dict[str, Any], req: Body | None, resp: Body | None, limit: int, scrub: Scrubber | None = None
+    values: list[Any], req: Body | None, resp: Body | None, limit: int, scrub: Scrubber | None = None
 ) -> None:
     for side, body in (("request", req), ("response", resp)):
         if body is not None:
@@ -211,7 +220,10 @@ def _put_bodies(
                 *body, limit=limit, scrub=scrub.data if scrub is not None and side == "response" else None
             )
             if packed is not None:
-                to_record(rec, side, packed)
+                fields: dict[str, Any] = {}
+                to_record(fields, side, packed)
+                for name, value in fields.items():
+                    values[_AT[name]] = value  # a field to_record sets must be one of TRANSACTION_FIELDS
 
 
 class Txn:
@@ -321,39 +333,44 @@ class Txn:
         resp_headers = redactor.headers(resp.headers) if resp is not None else {}
         if scrub is not None and resp_headers:
             resp_headers = scrub.headers(resp_headers)
-        rec = {
-            "timestamp": self.t0,
-            "container_name": self.container,
-            "destination_host": self.host,
-            "destination_port": self.port,
-            "method": self.method,
-            "url": self.url,
-            "request_headers": self.request_headers,
-            "request_body": None,
-            "request_body_size": req.size if req is not None else 0,
-            "request_content_type": req_ct,
-            "status_code": resp.status if resp is not None else status,
-            "response_headers": resp_headers,
-            "response_body": None,
-            "response_body_size": rcap.size if rcap is not None else 0,
-            "response_content_type": resp_ct,
-            "duration_ms": round((time.perf_counter() - self.p0) * 1000, 3),
-            "rule_id": self.rule_id,
-            "result": result,
-            "conversation_id": None,
-            "substituted_credentials": list(self.substituted) if result == "allowed" else [],
-            "session_id": self.session_id,
-            "request_host": self.request_host,
-            "host_mismatch": self.host_mismatch,
-            "error": error,
-            "block_reason": block_reason,
-            "refused_credentials": list(self.refused),
-        }
+        # The record in TRANSACTION_FIELDS order (bus/records.py: shape 2).
+        values = [
+            self.t0,
+            self.container,
+            self.host,
+            self.port,
+            self.method,
+            self.url,
+            self.request_headers,
+            None,
+            req.size if req is not None else 0,
+            req_ct,
+            resp.status if resp is not None else status,
+            resp_headers,
+            None,
+            rcap.size if rcap is not None else 0,
+            resp_ct,
+            round((time.perf_counter() - self.p0) * 1000, 3),
+            self.rule_id,
+            result,
+            None,  # conversation_id
+            list(self.substituted) if result == "allowed" else [],
+            self.session_id,
+            self.request_host,
+            self.host_mismatch,
+            error,
+            block_reason,
+            list(self.refused),
+            None,
+            None,
+            None,
+            None,
+        ]
         req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None
         if resp is not None and rcap is not None and rcap.data:
             resp_body = (bytes(rcap.data), resp_ct, resp.header("content-encoding"))
-        self.recorder.submit(rec, req_body, resp_body, scrub)
+        self.recorder.submit(values, req_body, resp_body, scrub)
 
 
 def base_record(

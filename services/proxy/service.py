@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import socket
 import time
@@ -395,6 +396,7 @@ async def main(rt: ServiceRuntime) -> None:
                     gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
 
     log.info("proxy up")
+    tune_gc()
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(
@@ -422,6 +424,22 @@ async def main(rt: ServiceRuntime) -> None:
         await journal.flush(2.0)
         flusher.cancel()
         control.close()
+
+
+# A connection, tunnel or request leaves no reference cycle behind (tests/unit/test_tunnel_cost.py):
+# its objects are freed by their reference counts, so the cyclic collector has nothing to find in
+# them. With the default threshold (700) it still ran every few connections, walking the young
+# objects of every connection in flight, and a full collection every few seconds walked all that
+# startup had built (rules, certificates, modules: ~45 000 objects, ~15 ms each time).
+GC_THRESHOLD = (5000, 10, 10)
+
+
+def tune_gc() -> None:
+    """Once started: what startup built moves out of the collector's way (gc.freeze), and the
+    first generation is collected after 5 000 net new objects instead of 700."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def run(cfg: Config) -> None:

@@ -37,7 +37,9 @@ async def run_tunnel(
             quiet_since = loop.time()
         watch = IdleWatch(client, upstream, ctx.limits.idle_timeout, quiet_since)
         try:
-            await asyncio.gather(client.wait_closed(), upstream.wait_closed())
+            # One after the other, in this task (gather would wrap each in a task of its own).
+            await client.wait_closed()
+            await upstream.wait_closed()
         finally:
             watch.cancel()
     finally:

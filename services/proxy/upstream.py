@@ -38,10 +38,37 @@ def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
     return None
 
 
+# A name's addresses are reused for a few seconds: a lookup costs ~50 µs of CPU even when
+# /etc/hosts answers (a resolver thread and back), more through DNS, on every new tunnel or
+# connection to that name. Short enough that a moved server is followed soon; a connection that
+# fails on every cached address looks the name up again at once (`connect`).
+ADDRESS_TTL = 10.0
+ADDRESS_CACHE = 10_000  # names kept (they come from clients): past this the cache starts over
+
+_addresses: dict[tuple[str, int], tuple[list[tuple[str, int]], float]] = {}
+
+
+def forget(host: str, port: int) -> None:
+    """Drop a name's cached addresses (they did not answer)."""
+    _addresses.pop((host, port), None)
+
+
 async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> list[tuple[str, int]]:
     addrs = _literal(host, port)
     if addrs is not None:
         return addrs
+    now = loop.time()
+    hit = _addresses.get((host, port))
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    addrs = await _lookup(loop, host, port, timeout)
+    if len(_addresses) >= ADDRESS_CACHE:
+        _addresses.clear()
+    _addresses[(host, port)] = (addrs, now + ADDRESS_TTL)
+    return addrs
+
+
+async def _lookup(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout: float) -> list[tuple[str, int]]:
     try:
         async with asyncio.timeout(timeout):
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
@@ -62,7 +89,28 @@ async def connect(host: str, port: int, timeout: float, guard: Callable[[str, in
     before it is tried: truthy refuses the whole connection (a string says why)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    hit = _addresses.get((host, port))
+    cached = hit is not None and hit[1] > loop.time()
     addrs = await _resolve(loop, host, port, timeout)
+    try:
+        return await _connect_first(loop, host, port, addrs, deadline, guard)
+    except UpstreamFailure as exc:
+        if not cached or exc.kind in ("guard", "timeout"):
+            raise
+    # Every cached address failed: the name may have moved. Once more with a fresh lookup.
+    forget(host, port)
+    addrs = await _resolve(loop, host, port, max(0.0, deadline - loop.time()))
+    return await _connect_first(loop, host, port, addrs, deadline, guard)
+
+
+async def _connect_first(
+    loop: asyncio.AbstractEventLoop,
+    host: str,
+    port: int,
+    addrs: list[tuple[str, int]],
+    deadline: float,
+    guard: Callable[[str, int], bool | str | None],
+) -> Conn:
     last: UpstreamFailure | None = None
     for ip, aport in addrs:
         why = guard(ip, port)

@@ -2,16 +2,23 @@
 
 Returns the events to publish after the commit (so a subscriber that reads the database on
 an event finds the change). With `lazy=True` the per-request events (`log.new`,
-`transaction.new`) come back as `Deferred` payloads, built only if someone subscribes to the
-topic when they are published (see services/recorder/service.py).
+`transaction.new`) come back as `Deferred` payloads (a run of rows inserted together: one `Rows`
+entry), built only if someone subscribes to the topic when they are published (see
+services/recorder/service.py).
+
+Applied record ids are kept as ranges per writer (`journal_ranges`, migration 9), the log rows'
+`log_counts` added here per batch; docs/architecture.md ("journal.py") says why.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -26,7 +33,32 @@ Event = tuple[str, Any]
 Record = tuple[str, str, Any]  # (record id, kind, data)
 
 LOG_COLUMNS = logs.FIELDS
-_log_params = itemgetter(*LOG_COLUMNS)
+_L_TS, _L_CID = LOG_COLUMNS.index("timestamp"), LOG_COLUMNS.index("container_id")
+_L_NAME, _L_RESULT = LOG_COLUMNS.index("container_name"), LOG_COLUMNS.index("result")
+_name_result = itemgetter(_L_NAME, _L_RESULT)
+
+
+class Row:
+    """A row just inserted: its columns' names, the values bound (as stored) and its id. Event
+    payloads read it; `as_dict()` is only called when one is built."""
+
+    __slots__ = ("cols", "params", "id")
+
+    def __init__(self, cols: tuple[str, ...], params: tuple | list, id: int | None = None) -> None:
+        self.cols, self.params, self.id = cols, params, id
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key == "id":
+            return self.id
+        try:
+            return self.params[self.cols.index(key)]
+        except ValueError:
+            return default
+
+    def as_dict(self) -> dict[str, Any]:
+        row = dict(zip(self.cols, self.params))
+        row["id"] = self.id
+        return row
 
 
 class Deferred:
@@ -34,44 +66,92 @@ class Deferred:
 
     __slots__ = ("fn", "row", "data")
 
-    def __init__(self, fn: Callable[[dict[str, Any], Any], Any], row: dict[str, Any], data: Any) -> None:
+    def __init__(self, fn: Callable[[Any, Any], Any], row: Any, data: Any) -> None:
         self.fn, self.row, self.data = fn, row, data
 
     def build(self) -> Any:
         return self.fn(self.row, self.data)
 
 
+class Rows:
+    """The events of a run of rows inserted together, one per row, none built yet: `fn(row, data)`
+    for each, called by `build()` once someone wants them (usually nobody: then they cost this)."""
+
+    __slots__ = ("fn", "cols", "params", "ids", "datas")
+
+    def __init__(
+        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: list[int], datas: list
+    ) -> None:
+        self.fn, self.cols, self.params, self.ids, self.datas = fn, cols, params, ids, datas
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self) -> list[Row]:
+        return [Row(self.cols, p, i) for p, i in zip(self.params, self.ids)]
+
+    def build(self) -> list[Any]:
+        fn = self.fn
+        return [fn(row, data) for row, data in zip(self.rows(), self.datas)]
+
+
 def materialize(events: list[Event]) -> list[Event]:
-    """The events with every Deferred payload built."""
-    return [(t, d.build() if type(d) is Deferred else d) for t, d in events]
+    """The events with every Deferred payload built (a Rows entry: one event per row)."""
+    out: list[Event] = []
+    for t, d in events:
+        if type(d) is Rows:
+            out.extend((t, payload) for payload in d.build())
+        else:
+            out.append((t, d.build() if type(d) is Deferred else d))
+    return out
 
 
-def _log_row(data: dict[str, Any]) -> dict[str, Any]:
-    row = {k: data.get(k) for k in LOG_COLUMNS}
-    row["container_id"] = row["container_id"] or ""
-    if row["timestamp"] is None:
-        row["timestamp"] = time.time()
-    return row
+def _log_params(data: dict[str, Any], now: float) -> tuple:
+    """A `log` record's values in LOG_COLUMNS order, as stored."""
+    params = tuple(map(data.get, LOG_COLUMNS))
+    if params[_L_TS] is None or params[_L_CID] is None:
+        fixed = list(params)
+        fixed[_L_TS] = now if fixed[_L_TS] is None else fixed[_L_TS]
+        fixed[_L_CID] = fixed[_L_CID] or ""
+        params = tuple(fixed)
+    return params
 
 
-def _log_payload(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
-    return log_json(row, data.get("rule_summary"))
+def _log_payload(row: Row, data: dict[str, Any]) -> dict[str, Any]:
+    return log_json(row.as_dict(), data.get("rule_summary"))
+
+
+def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
+    """log_counts for inserted log rows (migration 9: kept here, one upsert per container and result)."""
+    if len(params) == 1:
+        p = params[0]
+        cur.execute(logs.ADD_COUNT, (p[_L_NAME], p[_L_RESULT], 1))
+        return
+    counts = Counter(map(_name_result, params))
+    cur.executemany(logs.ADD_COUNT, [(name, result, n) for (name, result), n in counts.items()])
 
 
 def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    row = _log_row(data)
-    cur.execute(logs.INSERT, _log_params(row))
-    row["id"] = cur.lastrowid
-    events.append((topics.LOG_NEW, Deferred(_log_payload, row, data)))
-
-
-def _log_build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
-    row = _log_row(data)
-    return row, _log_params(row)
+    params = _log_params(data, time.time())
+    cur.execute(logs.INSERT, params)
+    _add_log_counts(cur, [params])
+    events.append((topics.LOG_NEW, Deferred(_log_payload, Row(LOG_COLUMNS, params, cur.lastrowid), data)))
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    apply_run(cur, run, events, "logs", logs.INSERT, _log_build, topics.LOG_NEW, _log_payload)
+    now = time.time()
+    apply_run(
+        cur,
+        run,
+        events,
+        "logs",
+        logs.INSERT,
+        LOG_COLUMNS,
+        lambda d: _log_params(d, now),
+        topics.LOG_NEW,
+        _log_payload,
+        _add_log_counts,
+    )
 
 
 def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
@@ -138,46 +218,71 @@ def apply_run(
     events: list[Event],
     table: str,
     sql: str,
-    build: Callable[[dict[str, Any]], tuple[dict[str, Any], tuple]],
+    cols: tuple[str, ...],
+    build: Callable[[Any], tuple | list],
     topic: str,
-    payload: Callable[[dict[str, Any], Any], Any],
+    payload: Callable[[Row, Any], Any],
+    after: Callable[[sqlite3.Cursor, list], None] | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data)` gives the row and its parameters; each
-    row's event on `topic` is published after the commit with the payload `payload(row, data)`,
-    deferred (built only if someone wants it). Any bad record: the run is undone and applied one
-    record at a time, so only the bad one is dropped."""
+    per proxied request, so runs are long). `build(data)` gives the row's values in `cols` order;
+    `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
+    published after the commit with the payload `payload(row, data)`, deferred (built only if
+    someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
+    the bad one is dropped."""
     try:
-        built = [build(data) for _rid, _kind, data in run]
+        params = [build(data) for _rid, _kind, data in run]
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
         _apply_each(cur, run, events)
         return
     cur.execute("SAVEPOINT run")
     try:
-        ids = insert_run(cur, table, sql, [params for _row, params in built])
+        ids = insert_run(cur, table, sql, params)
+        if after is not None:
+            after(cur, params)
         cur.execute("RELEASE run")
     except _RUN_ERRORS:
         cur.execute("ROLLBACK TO run")
         cur.execute("RELEASE run")
         _apply_each(cur, run, events)
         return
-    for (row, _params), rid, (_r, _k, data) in zip(built, ids, run):
-        row["id"] = rid
-        events.append((topic, Deferred(payload, row, data)))
+    events.append((topic, Rows(payload, cols, params, ids, [rec[2] for rec in run])))
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list[tuple]) -> list[int]:
-    """executemany `sql` into an AUTOINCREMENT `table`; the new rows' ids in order. This is the only
-    writer inside its IMMEDIATE transaction, so they are the sequence's next ones."""
+# Rows per INSERT statement: one statement of many rows costs SQLite much less per row than as many
+# executions of a one-row statement (a third less for a log row; bench/results.md, record-cost). A few
+# fixed sizes keep the statements few (each is compiled once and cached by sqlite3).
+MULTI_ROWS = (32, 8)
+
+
+@functools.lru_cache(maxsize=64)
+def _multi_row(sql: str, n: int) -> str:
+    """`INSERT ... VALUES (?, ...)` for n rows."""
+    head, sep, values = sql.partition(" VALUES ")
+    return head + sep + ", ".join([values] * n)
+
+
+def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[int]:
+    """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
+    in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
+    next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted."""
 
     def seq() -> int:
         row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
         return int(row[0]) if row else 0
 
     base = seq()
-    cur.executemany(sql, params)
-    if seq() == base + len(params):
-        return list(range(base + 1, base + len(params) + 1))
+    i, total = 0, len(params)
+    for size in MULTI_ROWS:
+        if total - i >= size:
+            stmt = _multi_row(sql, size)
+            while total - i >= size:
+                cur.execute(stmt, list(chain.from_iterable(params[i : i + size])))
+                i += size
+    if i < total:
+        cur.executemany(sql, params[i:])
+    if seq() == base + total:
+        return list(range(base + 1, base + total + 1))
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
 
 
@@ -221,28 +326,56 @@ _ID_CHUNK = 500  # bound parameters per "already applied?" query
 
 
 def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Record]:
-    """The records not applied before (nor earlier in this batch), now marked applied."""
-    # The usual batch has only new ids: marking them all at once (the primary key refuses an id
-    # seen before) spares a look-up per record. A refusal means a resend: undo, sort them out.
-    cur.execute("SAVEPOINT fresh")
-    try:
-        cur.executemany(journal_applied.MARK, [(rec[0], now) for rec in records])
-        cur.execute("RELEASE fresh")
-        return records
-    except sqlite3.IntegrityError:
-        cur.execute("ROLLBACK TO fresh")
-        cur.execute("RELEASE fresh")
-    seen: set[str] = set()
-    for i in range(0, len(records), _ID_CHUNK):
-        ids = [r[0] for r in records[i : i + _ID_CHUNK]]
-        seen.update(row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids))
-    fresh = []
+    """The records not applied before (nor earlier in this batch), now marked applied: per writer,
+    one look-up of the ranges overlapping the batch's and one range row per run of consecutive
+    sequence numbers (usually one per batch and writer)."""
+    writer_seq = journal_applied.writer_seq
+    by_writer: dict[str, list[int]] = {}
+    keys: list[tuple[str, int]] = []
     for rec in records:
-        if rec[0] in seen:
-            continue  # already applied: a resend after a lost ack
-        seen.add(rec[0])
-        fresh.append(rec)
-    cur.executemany(journal_applied.MARK, [(rec[0], now) for rec in fresh])
+        key = writer_seq(rec[0])
+        keys.append(key)
+        seqs = by_writer.get(key[0])
+        if seqs is None:
+            by_writer[key[0]] = [key[1]]
+        else:
+            seqs.append(key[1])
+    applied: set[tuple[str, int]] = set()
+    for writer, seqs in by_writer.items():
+        lo, hi = min(seqs), max(seqs)
+        for a, b in cur.execute(journal_applied.RANGES_OVERLAPPING, (writer, lo, hi)):
+            applied.update((writer, s) for s in seqs if a <= s <= b)
+    if cur.execute(journal_applied.ANY_LEGACY).fetchone() is not None:
+        # Ids applied by a recorder from before migration 9 (a resend across the upgrade).
+        for i in range(0, len(records), _ID_CHUNK):
+            ids = [r[0] for r in records[i : i + _ID_CHUNK]]
+            old = {row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids)}
+            applied.update(
+                key for rec, key in zip(records[i : i + _ID_CHUNK], keys[i : i + _ID_CHUNK]) if rec[0] in old
+            )
+    fresh: list[Record] = []
+    if not applied and sum(map(len, by_writer.values())) == sum(len(set(s)) for s in by_writer.values()):
+        fresh = records  # the usual batch: all new, no id twice
+        new_seqs = by_writer
+    else:
+        new_seqs = {}
+        for rec, key in zip(records, keys):
+            if key in applied:
+                continue  # already applied: a resend after a lost ack (or twice in this batch)
+            applied.add(key)
+            fresh.append(rec)
+            new_seqs.setdefault(key[0], []).append(key[1])
+    marks = []
+    for writer, seqs in new_seqs.items():
+        seqs = sorted(seqs)
+        start = prev = seqs[0]
+        for s in seqs[1:]:
+            if s != prev + 1:
+                marks.append((writer, start, prev, now))
+                start = s
+            prev = s
+        marks.append((writer, start, prev, now))
+    cur.executemany(journal_applied.MARK_RANGE, marks)
     return fresh
 
 

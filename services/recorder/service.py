@@ -22,7 +22,7 @@ from . import transactions  # noqa: F401 - registers the `transaction` record ki
 from services.proxy.store_view import OPS as VIEW_OPS
 from services.proxy.store_view import LocalView
 
-from .apply import Deferred, apply_records
+from .apply import Deferred, Rows, apply_records
 
 log = logging.getLogger("greyproxy.recorder")
 
@@ -38,15 +38,27 @@ def publish_events(publisher: Publisher, events: list[tuple[str, Any]]) -> None:
     wanted: dict[str, bool] = {}  # once per topic per batch
     last_id = 0
     for topic, data in events:
-        if topic == topics.TRANSACTION_NEW and type(data) is Deferred:
-            last_id = max(last_id, int(data.row.get("id") or 0))
+        kind = type(data)
+        if topic == topics.TRANSACTION_NEW:
+            if kind is Rows:
+                last_id = max(last_id, data.ids[-1])
+            elif kind is Deferred:
+                last_id = max(last_id, int(data.row.get("id") or 0))
         want = wanted.get(topic)
         if want is None:
             want = wanted[topic] = publisher.wanted(topic)
+        if kind is Rows:  # one event per row
+            if want:
+                for payload in data.build():
+                    publisher.publish(topic, payload, check=False)
+            else:
+                for _ in range(len(data)):
+                    publisher.skip()
+            continue
         if not want:
             publisher.skip()
             continue
-        if type(data) is Deferred:
+        if kind is Deferred:
             data = data.build()
         publisher.publish(topic, data, check=False)
     if last_id:

@@ -8,100 +8,159 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from operator import itemgetter
 from typing import Any
 
 import orjson
 
 from bus import records, topics
-from greyproxy.bodies import from_record
+from greyproxy.bodies import DeltaEncoder, from_record
 from greyproxy.capture import transaction_json
 from greyproxy.credentials.substitute import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
 from greyproxy.store import transactions as table
 
-from .apply import Deferred, Event, Record, apply_run, register
+from .apply import Deferred, Event, Record, Row, Rows, apply_run, register
 
 _COLUMNS = table.FIELDS
-_JSON: dict[str, Any] = {
-    "request_headers": {},
-    "response_headers": {},
-    "substituted_credentials": [],
-    "refused_credentials": [],
-}
-_INTS = ("destination_port", "request_body_size", "response_body_size")
-_params_of = itemgetter(*_COLUMNS)
-# Where the JSON columns sit in a row's parameters (with the value stored for a missing one).
-_JSON_AT = tuple((_COLUMNS.index(col), default) for col, default in _JSON.items())
+_AT = {c: i for i, c in enumerate(_COLUMNS)}
+_JSON_AT = (  # where the JSON columns sit in a row's values, with the value stored for a missing one
+    (_AT["request_headers"], b"{}"),
+    (_AT["response_headers"], b"{}"),
+    (_AT["substituted_credentials"], b"[]"),
+    (_AT["refused_credentials"], b"[]"),
+)
+_INTS_AT = tuple(_AT[c] for c in ("destination_port", "request_body_size", "response_body_size"))
+_TEXT_AT = tuple(_AT[c] for c in ("container_name", "destination_host", "method", "url"))
+_TS, _RESULT, _MISMATCH, _BLOCK = _AT["timestamp"], _AT["result"], _AT["host_mismatch"], _AT["block_reason"]
+_SIDES = tuple(
+    (side, _AT[f"{side}_body"], _AT[f"{side}_body_codec"], _AT[f"{side}_body_charset"])
+    for side in ("request", "response")
+)
+_dumps = orjson.dumps
+DELTAS = DeltaEncoder()  # bodies stored as deltas against their stream's earlier one (greyproxy.bodies)
+_DELTA_AT = tuple(
+    (c, _AT[c])
+    for c in (
+        "container_name",
+        "method",
+        "url",
+        "request_body",
+        "request_body_codec",
+        "response_body",
+        "response_body_codec",
+    )
+)
+_BODIES_AT = (_AT["request_body"], _AT["response_body"])
 
 
-def _row(data: dict[str, Any]) -> dict[str, Any]:
-    row = {c: data.get(c) for c in _COLUMNS}
-    if row["timestamp"] is None:
-        row["timestamp"] = time.time()
-    for col in _INTS:
-        row[col] = int(row[col] or 0)
-    if row["result"] is None:
-        row["result"] = "allowed"
-    row["host_mismatch"] = 1 if row["host_mismatch"] else 0
-    from_record(row, "request")  # base64 in the record → the stored BLOB
-    from_record(row, "response")
-    for col in ("container_name", "destination_host", "method", "url"):
-        if not isinstance(row[col], str):
-            raise ValueError(f"transaction record without {col}")
-    return row
+def _deltas(cur: sqlite3.Cursor, params: list[Any] | tuple, tid: int) -> None:
+    """Store the row's bodies as deltas where they can be (greyproxy.bodies.DeltaEncoder), once per
+    inserted row, in the same write transaction."""
+    if params[_BODIES_AT[0]] is None and params[_BODIES_AT[1]] is None:
+        return
+    row = {c: params[i] for c, i in _DELTA_AT}
+    row["id"] = tid
+    DELTAS.stored(cur, row)
 
 
-def _params(row: dict[str, Any]) -> tuple:
-    params = list(_params_of(row))
+_N = len(_COLUMNS)
+_SHAPE2_IS_FIELDS = records.TRANSACTION_FIELDS == _COLUMNS  # else a shape-2 array is mapped by name
+
+
+def _params(data: list[Any] | dict[str, Any], now: float) -> list[Any]:
+    """A `transaction` record's values in FIELDS order, as stored (JSON columns as text, bodies as
+    greyproxy.bodies stores them). The record is an array (shape 2, bus/records.py), or an object
+    (shape 1, from a proxy of before). ValueError/TypeError for a record that cannot be stored."""
+    if type(data) is list:
+        n = len(data)
+        if n > len(records.TRANSACTION_FIELDS):
+            raise ValueError(f"transaction record with {n} values (at most {len(records.TRANSACTION_FIELDS)})")
+        if _SHAPE2_IS_FIELDS:
+            p = data + [None] * (_N - n) if n < _N else data
+        else:  # pragma: no cover - a column added to the table and not to the record's shape
+            p = list(map(dict(zip(records.TRANSACTION_FIELDS, data)).get, _COLUMNS))
+    else:
+        p = list(map(data.get, _COLUMNS))
+    if p[_TS] is None:
+        p[_TS] = now
+    for i in _INTS_AT:
+        p[i] = int(p[i] or 0)
+    if p[_RESULT] is None:
+        p[_RESULT] = "allowed"
+    p[_MISMATCH] = 1 if p[_MISMATCH] else 0
+    for side, body, codec, charset in _SIDES:
+        if p[body] is None and p[codec] is None:
+            p[charset] = None  # as from_record leaves a side without a body
+        else:
+            row = {f"{side}_body": p[body], f"{side}_body_codec": p[codec], f"{side}_body_charset": p[charset]}
+            from_record(row, side)  # base64 in the record → the stored BLOB
+            p[body], p[charset] = row[f"{side}_body"], row[f"{side}_body_charset"]
+    for i in _TEXT_AT:
+        if type(p[i]) is not str:
+            raise ValueError(f"transaction record without {_COLUMNS[i]}")
     for i, default in _JSON_AT:
-        value = params[i]
-        params[i] = orjson.dumps(value if value is not None else default).decode()
-    return tuple(params)
+        value = p[i]
+        if type(value) is not str:  # shape 2 carries JSON text, stored as it is
+            p[i] = (_dumps(value) if value is not None else default).decode()
+    return p
 
 
-def _payload(row: dict[str, Any], data: Any) -> dict[str, Any]:
-    return transaction_json(row, include_bodies=False)
+def _payload(row: Row, data: Any) -> dict[str, Any]:
+    return transaction_json(row.as_dict(), include_bodies=False)
 
 
-def refused_event(row: dict[str, Any]) -> Event:
+def refused_event(row: Row) -> Event:
     """`credential.refused` for a request the credential hook refused (SPEC §12.7), after the commit."""
     return (
         topics.CREDENTIAL_REFUSED,
         {
-            "transaction_id": row["id"],
-            "container_name": row["container_name"],
-            "destination_host": row["destination_host"],
-            "reason": row["block_reason"],
-            "labels": list(row.get("refused_credentials") or []),
+            "transaction_id": row.id,
+            "container_name": row.get("container_name"),
+            "destination_host": row.get("destination_host"),
+            "reason": row.get("block_reason"),
+            "labels": list(orjson.loads(row.get("refused_credentials") or "[]")),
             "session_id": row.get("session_id"),
         },
     )
 
 
 def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    row = _row(data)
-    cur.execute(table.INSERT, _params(row))
-    row["id"] = cur.lastrowid
+    params = _params(data, time.time())
+    cur.execute(table.INSERT, params)
+    row = Row(_COLUMNS, params, cur.lastrowid)
+    _deltas(cur, params, row.id)
     events.append((topics.TRANSACTION_NEW, Deferred(_payload, row, data)))
-    if row["block_reason"] in CREDENTIAL_REASONS:
+    if params[_BLOCK] in CREDENTIAL_REASONS:
         events.append(refused_event(row))
-
-
-def _build(data: dict[str, Any]) -> tuple[dict[str, Any], tuple]:
-    row = _row(data)
-    return row, _params(row)
 
 
 def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
     start = len(events)
-    apply_run(cur, run, events, "http_transactions", table.INSERT, _build, topics.TRANSACTION_NEW, _payload)
+    now = time.time()
+    apply_run(
+        cur,
+        run,
+        events,
+        "http_transactions",
+        table.INSERT,
+        _COLUMNS,
+        lambda d: _params(d, now),
+        topics.TRANSACTION_NEW,
+        _payload,
+    )
     # Refusals by the credential hook are rare: look for them only among this run's rows.
     told = {d["transaction_id"] for t, d in events[start:] if t == topics.CREDENTIAL_REFUSED}
     for topic, ev in events[start:]:
-        if topic == topics.TRANSACTION_NEW and type(ev) is Deferred:
+        if topic != topics.TRANSACTION_NEW:
+            continue
+        if type(ev) is Rows:
+            for p, tid in zip(ev.params, ev.ids):  # (a row applied alone, a Deferred, had it already)
+                _deltas(cur, p, tid)
+            if any(p[_BLOCK] in CREDENTIAL_REASONS for p in ev.params):
+                events.extend(refused_event(r) for r in ev.rows() if r.params[_BLOCK] in CREDENTIAL_REASONS)
+        elif type(ev) is Deferred:
             row = ev.row
-            if row.get("block_reason") in CREDENTIAL_REASONS and row["id"] not in told:
+            if row.params[_BLOCK] in CREDENTIAL_REASONS and row.id not in told:
                 events.append(refused_event(row))
 
 

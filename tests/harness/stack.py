@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -278,3 +279,35 @@ def stack_cli(stack: Stack, *args: str, timeout: float = 30) -> subprocess.Compl
         timeout=timeout,
         check=True,
     )
+
+
+@contextlib.contextmanager
+def intercepting_stack(
+    overrides: dict | None = None,
+    upstream_ca_file: str | os.PathLike | None = None,
+    allow: Iterable[str] = (),
+    env: dict[str, str] | None = None,
+) -> Iterator[Stack]:
+    """A started ``Stack`` that intercepts HTTPS: its CA generated before start (the proxy loads it
+    at once), ``upstream_ca_file`` trusted for the origins (``mitm.upstreamCaFile``; the module's
+    ``origin_ca_file``), an allow rule ``* -> host``, any port, for each host of ``allow``, ``env``
+    added to its processes' environment. Stopped and removed when the block ends."""
+    over = dict(overrides or {})
+    if upstream_ca_file is not None:
+        over["mitm"] = {**over.get("mitm", {}), "upstreamCaFile": str(upstream_ca_file)}
+    s = Stack(over)
+    s.env.update(env or {})
+    try:
+        stack_cli(s, "cert", "generate")
+        s.start()
+        for host in allow:
+            r = s.request(
+                "POST",
+                "/api/rules",
+                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
+            )
+            assert r.status_code == 201, r.text
+        yield s
+    finally:
+        s.cleanup()
+        shutil.rmtree(s.root, ignore_errors=True)

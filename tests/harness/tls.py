@@ -32,14 +32,20 @@ class TlsHttpServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
+def server_context(ca: Any, host: str, *more_names: str) -> ssl.SSLContext:
+    """A server-side TLS context with a certificate from `ca` (a ``trustme.CA``) for `host` and
+    `more_names` (an HTTPS or a ``websocket_origin(..., ssl=...)`` origin)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(host, *more_names).configure_cert(ctx)
+    return ctx
+
+
 def start_https_origin(ca: Any, host: str, handler: type, *more_names: str) -> tuple[TlsHttpServer, int]:
     """Serve `handler` (a BaseHTTPRequestHandler) over TLS on host:<free port> with a certificate
     from `ca` (a ``trustme.CA``) for `host` and `more_names`, in a daemon thread. Returns
     (server, port); the caller calls ``server.shutdown(); server.server_close()``. Let the proxy
     trust it through ``mitm.upstreamCaFile`` (``ca.cert_pem.write_to_path(...)``)."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert(host, *more_names).configure_cert(ctx)
-    server = TlsHttpServer((host, 0), handler, ctx)
+    server = TlsHttpServer((host, 0), handler, server_context(ca, host, *more_names))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, server.server_address[1]
 

@@ -10,20 +10,15 @@ Clients are real: curl, and raw sockets for CONNECT and SOCKS5 bytes.
 
 from __future__ import annotations
 
-import base64
-import http.server
 import shutil
 import socket
 import struct
-import subprocess
-import threading
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 
-from conftest import Stack, free_port, wait_for
+from conftest import Stack, add_rule, curl_proxy, log_entries, plain_origin, proxy_connect, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -31,37 +26,11 @@ IDN = "日本.example"
 IDN_ASCII = "xn--wgv71a.example"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = b"reached\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def _serve(host: str) -> tuple[http.server.ThreadingHTTPServer, int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((host, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, port
-
-
 @pytest.fixture(scope="module")
 def origins() -> Iterator[tuple[int, int]]:
     """(denied port, open port), both on 127.0.0.1."""
-    a, pa = _serve("127.0.0.1")
-    b, pb = _serve("127.0.0.1")
-    yield pa, pb
-    for s in (a, b):
-        s.shutdown()
-        s.server_close()
+    with plain_origin() as pa, plain_origin() as pb:
+        yield pa, pb
 
 
 @pytest.fixture(scope="module")
@@ -70,46 +39,8 @@ def stack() -> Iterator[Stack]:
         yield s
 
 
-def rule(stack: Stack, **body: Any) -> dict:
-    r = stack.request("POST", "/api/rules", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def curl_code(stack: Stack, user: str, url: str) -> str:
-    done = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "-x",
-            f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    return done.stdout
-
-
 def connect_status(stack: Stack, user: str, target: bytes) -> bytes:
-    auth = base64.b64encode(f"{user}:x".encode())
-    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as s:
-        s.sendall(
-            b"CONNECT "
-            + target
-            + b" HTTP/1.1\r\nHost: "
-            + target
-            + b"\r\nProxy-Authorization: Basic "
-            + auth
-            + b"\r\n\r\n"
-        )
+    with proxy_connect(stack, user, target) as s:
         return s.recv(4096).split(b"\r\n", 1)[0]
 
 
@@ -124,19 +55,15 @@ def socks_reply(stack: Stack, user: str, name: bytes, port: int) -> int:
         return s.recv(10)[1]
 
 
-def log_entries(stack: Stack, container: str) -> list[dict]:
-    return stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
-
-
 def test_a_name_is_judged_by_the_address_it_resolves_to(stack: Stack, origins: tuple[int, int]) -> None:
     denied, open_port = origins
-    deny = rule(
+    deny = add_rule(
         stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied), action="deny"
     )
     # The builtin rules allow `localhost`; the address deny wins over that name allow.
     for url in (f"http://localhost:{denied}/", f"http://127.0.0.1:{denied}/", f"http://LOCALHOST.:{denied}/"):
-        assert curl_code(stack, "addr-a", url) == "403", url
-    assert curl_code(stack, "addr-a", f"http://localhost:{open_port}/") == "200"
+        assert curl_proxy(stack, url, "addr-a")[0] == "403", url
+    assert curl_proxy(stack, f"http://localhost:{open_port}/", "addr-a")[0] == "200"
     assert connect_status(stack, "addr-b", f"localhost:{denied}".encode()).startswith(b"HTTP/1.1 403")
     assert socks_reply(stack, "addr-c", b"localhost", denied) == 0x02  # connection not allowed by ruleset
     assert socks_reply(stack, "addr-c", b"localhost", open_port) == 0x00
@@ -155,23 +82,25 @@ def test_a_name_is_judged_by_the_address_it_resolves_to(stack: Stack, origins: t
 
 def test_a_broad_allow_does_not_open_a_denied_range(stack: Stack, origins: tuple[int, int]) -> None:
     denied, open_port = origins
-    deny = rule(
+    deny = add_rule(
         stack, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern=str(denied), action="deny"
     )
-    rule(stack, container_pattern="addr-broad", destination_pattern="*", action="allow")  # specificity 200
-    assert curl_code(stack, "addr-broad", f"http://localhost:{denied}/") == "403"
-    assert curl_code(stack, "addr-broad", f"http://127.0.0.1:{denied}/") == "403"  # the literal too
-    assert curl_code(stack, "addr-broad", f"http://localhost:{open_port}/") == "200"
+    add_rule(stack, container_pattern="addr-broad", destination_pattern="*", action="allow")  # specificity 200
+    assert curl_proxy(stack, f"http://localhost:{denied}/", "addr-broad")[0] == "403"
+    assert curl_proxy(stack, f"http://127.0.0.1:{denied}/", "addr-broad")[0] == "403"  # the literal too
+    assert curl_proxy(stack, f"http://localhost:{open_port}/", "addr-broad")[0] == "200"
     entries = wait_for(lambda: [e for e in log_entries(stack, "addr-broad") if e["result"] == "blocked"], 10)
     assert {e["rule_id"] for e in entries} == {deny["id"]}
 
 
 def test_unicode_rule_names_are_punycode_and_match_both_forms(stack: Stack) -> None:
-    r = rule(stack, container_pattern="idn", destination_pattern=IDN, port_pattern="443", action="deny")
+    r = add_rule(stack, container_pattern="idn", destination_pattern=IDN, port_pattern="443", action="deny")
     assert r["destination_pattern"] == IDN_ASCII
-    again = rule(stack, container_pattern="idn", destination_pattern=IDN_ASCII, port_pattern="443", action="deny")
+    again = add_rule(stack, container_pattern="idn", destination_pattern=IDN_ASCII, port_pattern="443", action="deny")
     assert again["id"] == r["id"]  # the same rule, whichever form was written
-    wild = rule(stack, container_pattern="idn", destination_pattern="*.日本.example", port_pattern="443", action="deny")
+    wild = add_rule(
+        stack, container_pattern="idn", destination_pattern="*.日本.example", port_pattern="443", action="deny"
+    )
     assert wild["destination_pattern"] == f"*.{IDN_ASCII}"
     for target in (f"{IDN}:443".encode(), f"{IDN_ASCII}:443".encode(), f"www.{IDN}:443".encode()):
         assert connect_status(stack, "idn", target).startswith(b"HTTP/1.1 403"), target

@@ -14,14 +14,11 @@ Clients are real: httpx, raw sockets where the exact bytes matter, websockets, c
 
 from __future__ import annotations
 
-import http.server
 import shutil
 import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import orjson
@@ -29,7 +26,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from conftest import Stack, free_port, wait_for
+from conftest import HelloHandler, Stack, curl_proxy, plain_origin, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -39,29 +36,10 @@ ORIGIN_HOST = "127.0.0.2"  # no builtin rule covers it
 RULE = {"container_pattern": "trust", "destination_pattern": "trust.example.com", "port_pattern": "443"}
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = b"hello\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with plain_origin(HelloHandler, ORIGIN_HOST) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -285,30 +263,12 @@ def test_ids_that_are_not_integers_are_400(stack: Stack, client: httpx.Client) -
 # ----------------------------------------------------------------------------- items 8 and 9
 
 
-def _curl_proxy(stack: Stack, user: str, url: str) -> None:
-    subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "--max-time",
-            "10",
-            "-x",
-            f"http://{user}@127.0.0.1:{stack.ports['http-proxy']}",
-            url,
-        ],
-        timeout=15,
-        check=False,
-    )
-
-
 def test_container_filter_is_a_substring_and_times_are_integers(
     stack: Stack, client: httpx.Client, origin: int
 ) -> None:
     client.post(stack.url("/api/rules"), json={"container_pattern": "*", "destination_pattern": ORIGIN_HOST})
     for user in ("team-alpha-1", "team-alpha-2", "beta-team"):
-        _curl_proxy(stack, user, f"http://{ORIGIN_HOST}:{origin}/{user}")
+        curl_proxy(stack, f"http://{ORIGIN_HOST}:{origin}/{user}", user)
 
     def logs(container: str) -> list[dict]:
         body = client.get(stack.url("/api/logs"), params={"container": container, "limit": 100}).json()
@@ -350,33 +310,10 @@ def test_path_prefix_and_builtins_switched_off(origin: int) -> None:
         with connect(f"ws://127.0.0.1:{port}/gp/ws", open_timeout=5) as c:
             assert orjson.loads(c.recv(timeout=5))["type"] == "connected"
         # greyproxy.builtinRules: false: the loopback allows are not applied (held, then blocked).
-        local = free_port()
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", local), _Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
+        with plain_origin(HelloHandler) as local:
             t0 = time.monotonic()
-            done = subprocess.run(
-                [
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "10",
-                    "-x",
-                    f"http://agent@127.0.0.1:{s.ports['http-proxy']}",
-                    f"http://127.0.0.1:{local}/",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=15,
-            )
-            assert done.stdout == "403", done
+            code, _ = curl_proxy(s, f"http://127.0.0.1:{local}/", "agent")
+            assert code == "403"
             assert time.monotonic() - t0 >= 0.9  # it was held (no rule), not allowed
             pending = s.get("/api/pending").json()["items"]
             assert any(p["destination_host"] == "127.0.0.1" and p["destination_port"] == local for p in pending)
-        finally:
-            server.shutdown()
-            server.server_close()

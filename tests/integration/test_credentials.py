@@ -37,7 +37,7 @@ import pytest
 import trustme
 from websockets.sync.client import connect as ws_connect
 
-from conftest import Stack, start_https_origin, stack_cli, wait_for
+from conftest import Stack, intercepting_stack, start_https_origin, wait_for
 
 pytestmark = [
     pytest.mark.stack,
@@ -131,25 +131,14 @@ def origins(origin_ca: trustme.CA) -> Iterator[dict[str, int]]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA, origins: dict[str, int]) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file), "bypass": [BYPASS]}})
-    s.env["GREYPROXY_LOG_LEVEL"] = "DEBUG"
-    try:
-        stack_cli(s, "cert", "generate")
-        s.start()
-        for host in (BOUND, OTHER, BYPASS):
-            r = s.request(
-                "POST",
-                "/api/rules",
-                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
-            )
-            assert r.status_code == 201, r.text
+def stack(origin_ca_file: Path, origins: dict[str, int]) -> Iterator[Stack]:
+    with intercepting_stack(
+        {"proxy": {"holdTimeout": 2}, "mitm": {"bypass": [BYPASS]}},
+        origin_ca_file,
+        allow=(BOUND, OTHER, BYPASS),
+        env={"GREYPROXY_LOG_LEVEL": "DEBUG"},
+    ) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, start_https_origin, wait_for
+from conftest import PYTHON, REPO, Stack, intercepting_stack, start_https_origin, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -128,11 +128,6 @@ class _Origin(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
     server, port = start_https_origin(origin_ca, ORIGIN_IP, _Origin, ORIGIN)
     yield port
@@ -141,31 +136,9 @@ def origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file)}})
-    try:
-        subprocess.run(
-            [PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)],
-            env=s.env,
-            cwd=str(REPO),
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        )
-        s.start()
-        r = s.request(
-            "POST",
-            "/api/rules",
-            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
-        )
-        assert r.status_code == 201, r.text
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    with intercepting_stack({"proxy": {"holdTimeout": 2}}, origin_ca_file, allow=(ORIGIN,)) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 def _bare_env(stack: Stack) -> dict[str, str]:

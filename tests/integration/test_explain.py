@@ -11,13 +11,12 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Stack, plain_origin, wait_for
+from conftest import Stack, add_rule, curl_proxy, log_entries, plain_origin, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -34,38 +33,10 @@ def stack() -> Iterator[Stack]:
         yield s
 
 
-def add_rule(stack: Stack, **body: Any) -> dict:
-    r = stack.request("POST", "/api/rules", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
 def explain(stack: Stack, container: str, host: str, port: int, **extra: str) -> dict:
     r = stack.get("/api/rules/explain", params={"container": container, "host": host, "port": str(port), **extra})
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def curl_code(stack: Stack, user: str, url: str) -> str:
-    done = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "-x",
-            f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    return done.stdout
 
 
 def test_explain_names_the_winner_and_why(stack: Stack, origin: int) -> None:
@@ -89,7 +60,7 @@ def test_explain_names_the_winner_and_why(stack: Stack, origin: int) -> None:
     g = add_rule(stack, container_pattern="*", destination_pattern="*", port_pattern=str(origin), action="deny")
     body = explain(stack, c, "127.0.0.1", origin)
     assert body["decision"] == "deny" and body["rule"]["id"] == g["id"] and "overrides" in body["reason"]
-    assert curl_code(stack, c, f"http://127.0.0.1:{origin}/") == "403"
+    assert curl_proxy(stack, f"http://127.0.0.1:{origin}/", c, "x")[0] == "403"
 
     # The guard: the stack's own API port.
     body = explain(stack, c, "127.0.0.1", stack.ports["api"])
@@ -188,9 +159,9 @@ def test_explain_agrees_with_the_proxy(stack: Stack, origin: int) -> None:
         try:
             port = stack.ports["socks5-proxy"] if guard else origin
             said = explain(stack, c, host, port)
-            curl_code(stack, c, f"http://{host}:{port}/")
+            curl_proxy(stack, f"http://{host}:{port}/", c, "x")
             entries = wait_for(
-                lambda: stack.get("/api/logs", params={"container": c, "limit": 5}).json()["items"],
+                lambda: log_entries(stack, c, limit=5),
                 10,
                 message="the connection's log entry",
             )

@@ -13,14 +13,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import http.server
 import json
 import os
 import shutil
 import socket
 import struct
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +26,7 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Stack, wait_for
+from conftest import JsonEchoHandler, Stack, curl, plain_origin, proxy_url, wait_for, websocket_origin
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -44,105 +41,51 @@ STREAM_FOR = 3 * IDLE  # a one-way stream three idle periods long
 # ---------------------------------------------------------------- origins
 
 
-class _Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _send(self, body: bytes, ctype: str, **headers: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k.replace("_", "-"), v)
-        self.end_headers()
-        self.wfile.write(body)
-
+class _Origin(JsonEchoHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path.startswith("/json"):
-            self._send(json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="sid=origin-cookie")
+            self.reply(json.dumps(JSON_BODY).encode(), "application/json", Set_Cookie="sid=origin-cookie")
         elif self.path.startswith("/binary"):
-            self._send(bytes(range(256)) * 4, "application/octet-stream")
+            self.reply(bytes(range(256)) * 4, "application/octet-stream")
         else:
             # Which origin-side connection served it: equal ports = one kept-alive upstream connection.
-            self._send(f"peer {self.client_address[1]}\n".encode(), "text/plain")
-
-    def do_POST(self) -> None:  # noqa: N802
-        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._send(json.dumps({"echo": json.loads(data)}).encode(), "application/json")
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self.reply(f"peer {self.client_address[1]}\n".encode(), "text/plain")
 
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((HOST, 0), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with plain_origin(_Origin, HOST) as port:
+        yield port
+
+
+async def _ws_handler(ws) -> None:  # noqa: ANN001
+    """/stream sends a message every STREAM_EVERY s for STREAM_FOR s and then stays open without a
+    word (until the peer goes); any other path echoes each message."""
+    if ws.request.path.startswith("/stream"):
+        n = int(STREAM_FOR / STREAM_EVERY)
+        for i in range(n):
+            await ws.send(f"tick {i}")
+            await asyncio.sleep(STREAM_EVERY)
+        await ws.send("end")
+        await ws.wait_closed()
+        return
+    async for msg in ws:
+        await ws.send(msg)
 
 
 @pytest.fixture(scope="module")
 def ws_origin() -> Iterator[int]:
-    """/echo echoes each message; /stream sends a message every STREAM_EVERY s for STREAM_FOR s and then
-    stays open without a word (until the peer goes)."""
-    from websockets.asyncio.server import serve
-
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-    port: list[int] = []
-
-    async def handler(ws) -> None:  # noqa: ANN001
-        if ws.request.path.startswith("/stream"):
-            n = int(STREAM_FOR / STREAM_EVERY)
-            for i in range(n):
-                await ws.send(f"tick {i}")
-                await asyncio.sleep(STREAM_EVERY)
-            await ws.send("end")
-            await ws.wait_closed()
-            return
-        async for msg in ws:
-            await ws.send(msg)
-
-    async def main() -> None:
-        async with serve(handler, HOST, 0, ping_interval=None, compression=None) as server:
-            port.append(server.sockets[0].getsockname()[1])
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port[0]
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
+    with websocket_origin(_ws_handler, HOST, ping_interval=None, compression=None) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    s = Stack({"proxy": {"idleTimeout": IDLE, "holdTimeout": 2}})
-    try:
-        s.start()
+    with Stack({"proxy": {"idleTimeout": IDLE, "holdTimeout": 2}}) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _proxy(stack: Stack, container: str) -> str:
-    return f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}"
-
-
-def _curl(*args: str, timeout: int = 20) -> tuple[int, bytes, str]:
-    p = subprocess.run(
-        ["curl", "-s", "-S", "--max-time", str(timeout), *args], capture_output=True, timeout=timeout + 5
-    )
-    return p.returncode, p.stdout, p.stderr.decode(errors="replace")
 
 
 def _transactions(stack: Stack, **params: Any) -> list[dict]:
@@ -239,8 +182,8 @@ class _RawWs:
 
 
 def test_plain_get_and_json_post_are_recorded_with_headers_redacted(stack: Stack, origin: int) -> None:
-    proxy = ["-x", _proxy(stack, "fwd-agent")]
-    code, out, err = _curl(
+    proxy = ["-x", proxy_url(stack, "fwd-agent", "x")]
+    code, out, err = curl(
         *proxy,
         f"http://{HOST}:{origin}/json?q=1",
         "-H",
@@ -253,7 +196,7 @@ def test_plain_get_and_json_post_are_recorded_with_headers_redacted(stack: Stack
     assert code == 0, err
     assert json.loads(out) == JSON_BODY
     post = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
-    code, out, err = _curl(
+    code, out, err = curl(
         *proxy,
         f"http://{HOST}:{origin}/echo",
         "-H",
@@ -305,7 +248,7 @@ def test_plain_get_and_json_post_are_recorded_with_headers_redacted(stack: Stack
 
 
 def test_binary_body_counted_not_stored(stack: Stack, origin: int) -> None:
-    code, out, err = _curl("-x", _proxy(stack, "fwd-binary"), f"http://{HOST}:{origin}/binary")
+    code, out, err = curl("-x", proxy_url(stack, "fwd-binary", "x"), f"http://{HOST}:{origin}/binary")
     assert code == 0 and len(out) == 1024, err
     t = _detail(stack, _wait_transactions(stack, "fwd-binary", 1)[0])
     assert t["response_body"] is None and t["response_body_size"] == 1024
@@ -313,7 +256,7 @@ def test_binary_body_counted_not_stored(stack: Stack, origin: int) -> None:
 
 
 def test_keep_alive_connection_gives_one_record_per_request(stack: Stack, origin: int) -> None:
-    with httpx.Client(proxy=_proxy(stack, "fwd-keepalive"), timeout=10, trust_env=False) as client:
+    with httpx.Client(proxy=proxy_url(stack, "fwd-keepalive", "x"), timeout=10, trust_env=False) as client:
         first = client.get(f"http://{HOST}:{origin}/one", headers={"Authorization": f"Bearer {SECRET}"})
         second = client.get(f"http://{HOST}:{origin}/two")
     assert first.status_code == second.status_code == 200
@@ -338,8 +281,14 @@ def test_blocked_request_is_recorded(stack: Stack, origin: int) -> None:
         },
     )
     assert r.status_code == 201, r.text
-    code, out, err = _curl(
-        "-x", _proxy(stack, "fwd-denied"), "-o", "/dev/null", "-w", "%{http_code}", f"http://{HOST}:{origin}/nope"
+    code, out, err = curl(
+        "-x",
+        proxy_url(stack, "fwd-denied", "x"),
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        f"http://{HOST}:{origin}/nope",
     )
     assert out == b"403", (code, out, err)
     t = _wait_transactions(stack, "fwd-denied", 1)[0]
@@ -406,7 +355,7 @@ def test_one_way_stream_outlives_idle_timeout_in_an_intercepted_tunnel(stack: St
 
     with connect(
         f"ws://{HOST}:{ws_origin}/stream",
-        proxy=_proxy(stack, "mitm-stream"),
+        proxy=proxy_url(stack, "mitm-stream", "x"),
         open_timeout=10,
         ping_interval=None,
         compression=None,

@@ -6,8 +6,6 @@ transactions exported with the API process's memory measured while it streams.
 
 from __future__ import annotations
 
-import asyncio
-import http.server
 import json
 import sqlite3
 import subprocess
@@ -15,14 +13,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import jsonschema
 import orjson
 import pytest
 
-from conftest import PYTHON, REPO, Stack, wait_for
+from conftest import PYTHON, REPO, JsonEchoHandler, Stack, plain_origin, proxy_url, wait_for, websocket_origin
 from greyproxy.capture import TRANSACTION_COLUMNS
 from greyproxy.har import HAR_SCHEMA
 
@@ -34,16 +31,7 @@ SSE_EVENTS = 3
 MARK = b'"startedDateTime"'  # once per entry
 
 
-class _Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def _send(self, body: bytes, ctype: str) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
+class _Origin(JsonEchoHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         if self.path.startswith("/sse"):
             self.send_response(200)
@@ -57,51 +45,24 @@ class _Origin(http.server.BaseHTTPRequestHandler):
                 time.sleep(0.05)
             self.wfile.write(b"0\r\n\r\n")
         else:
-            self._send(json.dumps({"path": self.path}).encode(), "application/json")
-
-    def do_POST(self) -> None:  # noqa: N802
-        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self._send(json.dumps({"echo": json.loads(data)}).encode(), "application/json")
-
-    def log_message(self, *args: Any) -> None:
-        pass
+            self.reply(json.dumps({"path": self.path}).encode(), "application/json")
 
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((HOST, 0), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with plain_origin(_Origin, HOST) as port:
+        yield port
+
+
+async def _echo(ws) -> None:  # noqa: ANN001
+    async for msg in ws:
+        await ws.send(msg)
 
 
 @pytest.fixture(scope="module")
 def ws_origin() -> Iterator[int]:
-    from websockets.asyncio.server import serve
-
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-    port: list[int] = []
-
-    async def echo(ws) -> None:  # noqa: ANN001
-        async for msg in ws:
-            await ws.send(msg)
-
-    async def main() -> None:
-        async with serve(echo, HOST, 0, ping_interval=None, compression=None) as server:
-            port.append(server.sockets[0].getsockname()[1])
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port[0]
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
+    with websocket_origin(_echo, HOST, ping_interval=None, compression=None) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +74,7 @@ def stack() -> Iterator[Stack]:
 def _mixed_capture(stack: Stack, origin: int, ws_origin: int, container: str) -> None:
     from websockets.sync.client import connect
 
-    proxy = f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}"
+    proxy = proxy_url(stack, container, "x")
     with httpx.Client(proxy=proxy, timeout=10, trust_env=False) as c:
         assert (
             c.get(

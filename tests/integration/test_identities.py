@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from conftest import Stack, plain_origin, wait_for
+from conftest import Stack, add_rule, curl_proxy, log_entries, plain_origin, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -62,30 +62,9 @@ class WsTap:
 
 
 def curl(stack: Stack, user: str, password: str | None, url: str) -> tuple[str, str]:
+    """(status code, response head) of `curl --proxy-user user[:password]` through the HTTP proxy."""
     cred = user if password is None else f"{user}:{password}"
-    done = subprocess.run(
-        [
-            "curl",
-            "-s",
-            "-D",
-            "-",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-            "--proxy-user",
-            cred,
-            "-x",
-            f"http://127.0.0.1:{stack.ports['http-proxy']}",
-            url,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=15,
-    )
-    return done.stdout[-3:], done.stdout[:-3]
+    return curl_proxy(stack, url, None, None, "--proxy-user", cred, head=True)
 
 
 def socks(stack: Stack, user: str, password: str, port: int) -> tuple[int, int | None]:
@@ -105,17 +84,9 @@ def socks(stack: Stack, user: str, password: str, port: int) -> tuple[int, int |
 
 
 def allow(stack: Stack, container: str, port: int) -> None:
-    r = stack.request(
-        "POST",
-        "/api/rules",
-        json={
-            "container_pattern": container,
-            "destination_pattern": "127.0.0.1",
-            "port_pattern": str(port),
-            "action": "allow",
-        },
+    add_rule(
+        stack, container_pattern=container, destination_pattern="127.0.0.1", port_pattern=str(port), action="allow"
     )
-    assert r.status_code == 201, r.text
 
 
 def claim(stack: Stack, name: str) -> str:
@@ -126,10 +97,6 @@ def claim(stack: Stack, name: str) -> str:
     secret = body["secret"]
     assert len(base64.urlsafe_b64decode(secret + "=" * (-len(secret) % 4))) == 32
     return secret
-
-
-def logs(stack: Stack, container: str) -> list[dict]:
-    return stack.get("/api/logs", params={"container": container, "limit": 100}).json()["items"]
 
 
 def test_claimed_name_needs_its_secret(stack: Stack, origin: int) -> None:
@@ -158,8 +125,8 @@ def test_claimed_name_needs_its_secret(stack: Stack, origin: int) -> None:
 
     refused = wait_for(
         lambda: (
-            len([e for e in logs(stack, "agent-a") if e["reason"] == "identity_refused"]) >= 4
-            and logs(stack, "agent-a")
+            len([e for e in log_entries(stack, "agent-a") if e["reason"] == "identity_refused"]) >= 4
+            and log_entries(stack, "agent-a")
         ),
         10,
         message="refusal log entries",

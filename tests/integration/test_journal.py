@@ -211,7 +211,7 @@ def test_apply_records_is_idempotent_on_record_id(tmp_path: Path) -> None:
         assert len(apply_records(conn, mixed)) == 20
         count, distinct = conn.execute("SELECT COUNT(*), COUNT(DISTINCT reason) FROM logs").fetchone()
         assert (count, distinct) == (120, 120)
-        assert conn.execute("SELECT COUNT(*) FROM journal_applied").fetchone()[0] == 120
+        assert conn.execute("SELECT SUM(hi - lo + 1) FROM journal_ranges").fetchone()[0] == 120
         # A malformed record is dropped (but marked applied) without blocking its batch-mates.
         bad = [("bad-1", "log", {"container_name": "x"}), ("ok-1", "log", _record(999))]
         assert len(apply_records(conn, bad)) == 1
@@ -253,7 +253,7 @@ def test_apply_records_batches_logs_and_keeps_ids_events_and_other_kinds(tmp_pat
         assert all(rows[e["id"]] == e["reason"] for e in logs)  # each event names its own row
         assert sorted(e["reason"] for e in logs) == sorted(f"r{i}" for i in range(300))
         assert conn.execute("SELECT COUNT(*) FROM pending").fetchone()[0] == 1
-        assert conn.execute("SELECT COUNT(*) FROM journal_applied").fetchone()[0] == 303
+        assert conn.execute("SELECT SUM(hi - lo + 1) FROM journal_ranges").fetchone()[0] == 303
         # A row SQLite refuses midway through the executemany: the run is redone record by record.
         refused = [(f"c-{i}", "log", _record(2000 + i)) for i in range(50)]
         refused.insert(25, ("bad-4", "log", {"container_name": None, "result": "allowed"}))

@@ -8,19 +8,17 @@ dissectors. One stack serves the module; each test uses its own containers and s
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import http.server
 import json
-import shutil
 import sqlite3
 import ssl
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -30,7 +28,15 @@ import pytest
 import trustme
 
 import llm_fixtures as F
-from conftest import PYTHON, REPO, Stack, free_port, start_https_origin, wait_for
+import harness
+from conftest import (
+    Stack,
+    https_origin,
+    intercepting_stack,
+    server_context,
+    wait_for,
+    websocket_origin,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.timeout(300)]
 
@@ -66,66 +72,27 @@ class _Provider(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, ORIGIN, _Provider)
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, ORIGIN, _Provider) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def plain_origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((ORIGIN, 0), _Provider)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with harness.plain_origin(_Provider, ORIGIN) as port:
+        yield port
+
+
+async def _ws_provider(ws) -> None:  # noqa: ANN001
+    async for msg in ws:
+        for frame in WS_SCRIPT.get(_key(msg), []):
+            await ws.send(frame)
 
 
 @pytest.fixture(scope="module")
 def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    from websockets.asyncio.server import serve
-
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(ORIGIN).configure_cert(ctx)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-
-    async def provider(ws) -> None:  # noqa: ANN001
-        async for msg in ws:
-            for frame in WS_SCRIPT.get(_key(msg), []):
-                await ws.send(frame)
-
-    async def main() -> None:
-        async with serve(provider, ORIGIN, port, ssl=ctx):
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
-
-
-def _cli(stack: Stack, *args: str) -> None:
-    subprocess.run(
-        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
-        env=stack.env,
-        cwd=str(REPO),
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
+    with websocket_origin(_ws_provider, ORIGIN, ssl=server_context(origin_ca, ORIGIN)) as port:
+        yield port
 
 
 RULES = [
@@ -139,19 +106,8 @@ RULES = [
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"mitm": {"upstreamCaFile": str(ca_file)}})
-    try:
-        _cli(s, "cert", "generate")
-        s.start()
-        r = s.request(
-            "POST",
-            "/api/rules",
-            json={"container_pattern": "*", "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
-        )
-        assert r.status_code == 201, r.text
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    with intercepting_stack(None, origin_ca_file, allow=(ORIGIN,)) as s:
         for path, decoder, method in RULES:
             r = s.request(
                 "POST",
@@ -160,9 +116,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> It
             )
             assert r.status_code == 201, r.text
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers
@@ -415,6 +368,28 @@ def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) 
 
 
 # ---------------------------------------------------------------- acceptance 8: Codex over WebSocket
+
+
+def test_sessionless_history_cut_by_more_than_one_message_is_a_new_conversation(stack: Stack, origin: int) -> None:
+    """SPEC §13.5.1 (acceptance 11's grouping): message counts 1, 3, 5, 4, 2, 3 from one client with
+    one system text: the fall by 1 stays in the conversation, the fall by 2 starts a new one."""
+    c = "shrink-" + uuid.uuid4().hex[:6]
+    send(stack, F.shrinking_chat_session(container=c), c, origin)
+    ids = sorted(
+        t["id"]
+        for t in wait_for(
+            lambda: txns(stack, c) if len(txns(stack, c)) == len(F.SHRINKING_COUNTS) else None,
+            5,
+            message="six chat transactions",
+        )
+    )
+    first = conversation(stack, f"session_inferred_{ids[0]}", pred=lambda conv: len(conv["request_ids"]) >= 4)
+    second = conversation(stack, f"session_inferred_{ids[4]}", pred=lambda conv: len(conv["request_ids"]) >= 2)
+    assert (first["request_ids"], second["request_ids"]) == (ids[:4], ids[4:])
+    assert first["container_name"] == second["container_name"] == c
+    assert [t["user_prompt"] for t in second["turns"]] == ["list the files", "what does main.py do"]
+    listed = stack.get("/api/conversations", params={"container": c}).json()
+    assert sorted(x["id"] for x in listed["items"]) == sorted([first["id"], second["id"]])
 
 
 def test_codex_websocket_session(stack: Stack, ws_origin: int) -> None:

@@ -29,7 +29,16 @@ import httpx
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, free_port, https_origin, wait_for
+import harness
+from conftest import (
+    Stack,
+    https_origin,
+    intercepting_stack,
+    server_context,
+    stack_cli,
+    wait_for,
+    websocket_origin,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -116,13 +125,8 @@ def bypassed_origin(origin_ca: trustme.CA) -> Iterator[int]:
 
 @pytest.fixture(scope="module")
 def plain_origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN, port), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with harness.plain_origin(_Origin, ORIGIN) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
@@ -149,66 +153,26 @@ def echo_origin() -> Iterator[int]:
     srv.close()
 
 
+async def _ws_echo(ws) -> None:  # noqa: ANN001
+    async for msg in ws:
+        await ws.send(msg)
+
+
 @pytest.fixture(scope="module")
 def ws_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    from websockets.asyncio.server import serve
-
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    origin_ca.issue_cert(ORIGIN).configure_cert(ctx)
-    port = free_port()
-    loop = asyncio.new_event_loop()
-    stop = loop.create_future()
-    ready = threading.Event()
-
-    async def echo(ws) -> None:  # noqa: ANN001
-        async for msg in ws:
-            await ws.send(msg)
-
-    async def main() -> None:
-        async with serve(echo, ORIGIN, port, ssl=ctx):
-            ready.set()
-            await stop
-
-    t = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
-    t.start()
-    assert ready.wait(10)
-    yield port
-    loop.call_soon_threadsafe(stop.set_result, None)
-    t.join(5)
+    with websocket_origin(_ws_echo, ORIGIN, ssl=server_context(origin_ca, ORIGIN)) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def stack(origin_ca_file: Path) -> Iterator[Stack]:
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(origin_ca_file), "bypass": [BYPASSED]}})
-    try:
-        _cli(s, "cert", "generate")  # before start: the proxy loads it at once
-        s.start()
-        for host in (ORIGIN, BYPASSED):
-            r = s.request(
-                "POST",
-                "/api/rules",
-                json={"container_pattern": "*", "destination_pattern": host, "port_pattern": "*", "action": "allow"},
-            )
-            assert r.status_code == 201, r.text
+    with intercepting_stack(
+        {"proxy": {"holdTimeout": 2}, "mitm": {"bypass": [BYPASSED]}}, origin_ca_file, allow=(ORIGIN, BYPASSED)
+    ) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PYTHON, "-m", "greyproxy", *args, "-C", str(stack.cfg_path)],
-        env=stack.env,
-        cwd=str(REPO),
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
 
 
 def _gp_ca(stack: Stack) -> str:
@@ -533,7 +497,7 @@ def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_
     shutil.copy(_gp_ca(stack), old)
     r = stack.request("POST", "/api/cert/generate")
     assert r.status_code == 409 and "error" in r.json()
-    _cli(stack, "cert", "generate", "-f")
+    stack_cli(stack, "cert", "generate", "-f")
     assert old.read_bytes() != Path(_gp_ca(stack)).read_bytes()
 
     def new_ca_works() -> bool:
@@ -547,7 +511,7 @@ def test_ca_rewrite_is_picked_up_without_restart(stack: Stack, origin: int, tmp_
     assert code != 0
     r = stack.request("POST", "/api/cert/reload")
     assert r.status_code == 200 and r.json()["message"] == "unchanged"
-    assert _cli(stack, "cert", "reload").stdout.strip() == "unchanged"  # the CLI goes through the same API
+    assert stack_cli(stack, "cert", "reload").stdout.strip() == "unchanged"  # the CLI goes through the same API
     status = stack.get("/api/cert/status").json()
     assert status["generated"] is True and status["fingerprintSha256"] == r.json()["certStatus"]["fingerprintSha256"]
     dl = stack.get("/api/cert/download")

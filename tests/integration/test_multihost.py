@@ -9,48 +9,39 @@ whose key the central host does not know is refused, and the refusal logged.
 
 from __future__ import annotations
 
-import http.server
 import shutil
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 from bus.reqrep import ServiceUnavailable, call_sync
-from conftest import PYTHON, REPO, Stack, free_port, free_ports, service_env, short_tmpdir, wait_for
+from conftest import (
+    PYTHON,
+    REPO,
+    PathHandler,
+    Stack,
+    add_rule,
+    free_ports,
+    log_entries,
+    plain_origin,
+    service_env,
+    short_tmpdir,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
 ORIGIN_HOST = "127.0.0.2"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802
-        body = f"hello from origin {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with plain_origin(PathHandler, ORIGIN_HOST) as port:
+        yield port
 
 
 def keys(data_dir: Path, *args: str) -> str:
@@ -75,36 +66,30 @@ class Remote:
         self.ports = dict(zip(("http-proxy", "socks5-proxy", "dns-proxy", "control"), free_ports(4)))
         self.public = keys(self.data_dir)
         bus = stack.config["bus"]
-        cfg = {
-            "greyproxy": {"addr": ""},
-            "services": [
-                {
-                    "name": "http-proxy",
-                    "addr": f":{self.ports['http-proxy']}",
-                    "handler": {"type": "http"},
-                    "listener": {"type": "tcp"},
-                },
-                {
-                    "name": "socks5-proxy",
-                    "addr": f":{self.ports['socks5-proxy']}",
-                    "handler": {"type": "socks5"},
-                    "listener": {"type": "tcp"},
-                },
-                {"name": "dns-proxy", "addr": ":0", "handler": {"type": "dns"}, "listener": {"type": "dns"}},
-            ],
-            "bus": {
-                "pub": bus["pub"],
-                "sub": bus["sub"],
-                "journal": bus["journal"],
-                "recorderControl": bus["recorderControl"],
-                "proxyControl": f"tcp://127.0.0.1:{self.ports['control']}",
-                "heartbeatInterval": 0.3,
-                "serverKey": server_key,
-            },
-            "proxy": {"workers": 1, "name": name, "rulesFrom": "recorder", "holdTimeout": 20},
-        }
         self.cfg_path = self.root / "config.yaml"
-        self.cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        # The harness's base config (a fast heartbeat, one worker) on these ports, without the API
+        # and the DNS listener, against the central bus and recorder.
+        write_config(
+            self.cfg_path,
+            {
+                "greyproxy": {"addr": ""},
+                "bus": {
+                    "pub": bus["pub"],
+                    "sub": bus["sub"],
+                    "journal": bus["journal"],
+                    "recorderControl": bus["recorderControl"],
+                    "proxyControl": f"tcp://127.0.0.1:{self.ports['control']}",
+                    "serverKey": server_key,
+                },
+                "proxy": {"name": name, "rulesFrom": "recorder", "holdTimeout": 20},
+            },
+            {
+                "api": 0,
+                "http-proxy": self.ports["http-proxy"],
+                "socks5-proxy": self.ports["socks5-proxy"],
+                "dns-proxy": 0,
+            },
+        )
         self.log_path = self.root / "proxy.log"
         self.proc: subprocess.Popen | None = None
 
@@ -148,11 +133,8 @@ def central() -> Iterator[Stack]:
         }
     )
     s.central_key = keys(s.data_dir)  # type: ignore[attr-defined]
-    s.start()
-    try:
+    with s:
         yield s
-    finally:
-        s.cleanup()
 
 
 def _curl(port: int, container: str, url: str) -> subprocess.Popen:
@@ -191,17 +173,13 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
             message=f"proxy-b up in the central health\n{remote.log()}",
         )
         # A rule made centrally judges the remote proxy's traffic.
-        r = central.request(
-            "POST",
-            "/api/rules",
-            json={
-                "container_pattern": "hostb-ok",
-                "action": "allow",
-                "destination_pattern": ORIGIN_HOST,
-                "port_pattern": str(origin),
-            },
+        add_rule(
+            central,
+            container_pattern="hostb-ok",
+            action="allow",
+            destination_pattern=ORIGIN_HOST,
+            port_pattern=str(origin),
         )
-        assert r.status_code == 201, r.text
         port = remote.ports["http-proxy"]
         out = wait_for(
             lambda: (
@@ -230,8 +208,7 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
 
         # Recorded centrally.
         def both_logged() -> set[str] | None:
-            items = central.get("/api/logs", params={"container": "hostb", "limit": 50}).json()["items"]
-            names = {i["container_name"] for i in items}
+            names = {i["container_name"] for i in log_entries(central, "hostb", limit=50)}
             return names if names >= {"hostb-ok", "hostb-new"} else None
 
         wait_for(both_logged, 10, message="proxy-b's log rows (hostb-ok, hostb-new) in the central database")

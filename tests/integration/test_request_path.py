@@ -31,7 +31,8 @@ import trustme
 from hooks_for_tests import HEADER, SECRET
 from websockets.sync.client import connect as ws_connect
 
-from conftest import Stack, start_https_origin, stack_cli, wait_for
+import harness
+from conftest import Stack, https_origin, intercepting_stack, service_env, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -70,49 +71,26 @@ class _Origin(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture(scope="module")
-def origin_ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture(scope="module")
 def plain_origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((PLAIN, 0), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    with harness.plain_origin(_Origin, PLAIN) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def tls_origin(origin_ca: trustme.CA) -> Iterator[int]:
-    server, port = start_https_origin(origin_ca, TLS, _Origin)
-    yield port
-    server.shutdown()
-    server.server_close()
+    with https_origin(origin_ca, TLS, _Origin) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, origin_ca: trustme.CA) -> Iterator[Stack]:
-    ca_file = tmp_path_factory.mktemp("origin-ca") / "origin-ca.pem"
-    origin_ca.cert_pem.write_to_path(str(ca_file))
-    s = Stack({"proxy": {"holdTimeout": 2}, "mitm": {"upstreamCaFile": str(ca_file)}})
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
     here = str(Path(__file__).resolve().parent)
-    s.env["PYTHONPATH"] = os.pathsep.join([s.env["PYTHONPATH"], here])
-    s.env["GREYPROXY_TEST_REQUEST_HOOKS"] = "hooks_for_tests:hooks"
-    try:
-        stack_cli(s, "cert", "generate")  # before start: the proxy loads it at once
-        s.start()
-        r = s.request(
-            "POST",
-            "/api/rules",
-            json={"container_pattern": "*", "destination_pattern": TLS, "port_pattern": "*", "action": "allow"},
-        )
-        assert r.status_code == 201, r.text
+    hooks = {
+        "PYTHONPATH": os.pathsep.join([service_env()["PYTHONPATH"], here]),
+        "GREYPROXY_TEST_REQUEST_HOOKS": "hooks_for_tests:hooks",
+    }
+    with intercepting_stack({"proxy": {"holdTimeout": 2}}, origin_ca_file, allow=(TLS,), env=hooks) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- helpers

@@ -6,18 +6,15 @@ so a test cannot pass because the kernel happened to hand every connection to on
 
 from __future__ import annotations
 
-import base64
-import http.server
 import shutil
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from bus.reqrep import call_sync
-from conftest import Stack, free_port, wait_for
+from conftest import PathHandler, Stack, add_rule, curl_proxy, log_entries, plain_origin, proxy_connect, wait_for
 from greyproxy.config import load_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
@@ -25,39 +22,16 @@ pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None
 ORIGIN_HOST = "127.0.0.2"
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802
-        body = f"hello from origin {self.path}\n".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with plain_origin(PathHandler, ORIGIN_HOST) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    s = Stack({"proxy": {"workers": 2, "holdTimeout": 25}})
-    s.start()
-    try:
+    with Stack({"proxy": {"workers": 2, "holdTimeout": 25}}) as s:
         yield s
-    finally:
-        s.cleanup()
 
 
 def worker_endpoints(stack: Stack) -> list[str]:
@@ -82,10 +56,7 @@ def counts_reaching(stack: Stack, key: str, total: int, timeout: float = 10) -> 
 
 
 def _connect(stack: Stack, container: str, target: str) -> socket.socket:
-    s = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=30)
-    auth = base64.b64encode(f"{container}:x".encode()).decode()
-    s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
-    return s
+    return proxy_connect(stack, container, target, timeout=30)
 
 
 def _read_head(s: socket.socket) -> bytes:
@@ -139,17 +110,9 @@ def test_eight_holds_on_both_workers_released_by_one_bulk_allow(stack: Stack, or
 
 
 def test_dashboard_counts_connections_of_both_workers(stack: Stack, origin: int) -> None:
-    r = stack.request(
-        "POST",
-        "/api/rules",
-        json={
-            "container_pattern": "dash*",
-            "destination_pattern": ORIGIN_HOST,
-            "port_pattern": str(origin),
-            "action": "allow",
-        },
+    rule = add_rule(
+        stack, container_pattern="dash*", destination_pattern=ORIGIN_HOST, port_pattern=str(origin), action="allow"
     )
-    assert r.status_code == 201, r.text
     socks = []
     try:
         for i in range(10):
@@ -162,7 +125,7 @@ def test_dashboard_counts_connections_of_both_workers(stack: Stack, origin: int)
     finally:
         for s in socks:
             s.close()
-        stack.request("DELETE", f"/api/rules/{r.json()['id']}")
+        stack.request("DELETE", f"/api/rules/{rule['id']}")
 
 
 def test_silent_mode_reaches_every_worker(stack: Stack, origin: int) -> None:
@@ -186,17 +149,9 @@ def test_silent_mode_reaches_every_worker(stack: Stack, origin: int) -> None:
 
 
 def test_rule_delete_closes_tunnels_on_every_worker(stack: Stack, origin: int) -> None:
-    r = stack.request(
-        "POST",
-        "/api/rules",
-        json={
-            "container_pattern": "tun*",
-            "destination_pattern": ORIGIN_HOST,
-            "port_pattern": str(origin),
-            "action": "allow",
-        },
+    rule = add_rule(
+        stack, container_pattern="tun*", destination_pattern=ORIGIN_HOST, port_pattern=str(origin), action="allow"
     )
-    assert r.status_code == 201, r.text
     socks = []
     try:
         for i in range(8):
@@ -206,7 +161,7 @@ def test_rule_delete_closes_tunnels_on_every_worker(stack: Stack, origin: int) -
         tunnels = counts_reaching(stack, "tunnels", 8)
         assert min(tunnels) > 0, f"all tunnels on one worker: {tunnels}"
         t0 = time.monotonic()
-        assert stack.request("DELETE", f"/api/rules/{r.json()['id']}").json()["deleted"] is True
+        assert stack.request("DELETE", f"/api/rules/{rule['id']}").json()["deleted"] is True
         for s in socks:
             s.settimeout(8)
             try:
@@ -254,51 +209,23 @@ def test_metrics_list_each_worker_and_sum_them(stack: Stack) -> None:
 
 
 def test_one_journal_takes_every_workers_records(stack: Stack, origin: int) -> None:
-    import subprocess
-
-    r = stack.request(
-        "POST",
-        "/api/rules",
-        json={
-            "container_pattern": "jr",
-            "destination_pattern": ORIGIN_HOST,
-            "port_pattern": str(origin),
-            "action": "allow",
-        },
+    rule = add_rule(
+        stack, container_pattern="jr", destination_pattern=ORIGIN_HOST, port_pattern=str(origin), action="allow"
     )
-    assert r.status_code == 201, r.text
     before = [w["metrics"]["connections"]["allowed"] for w in per_worker(stack, "stats")]
     try:
         for i in range(12):  # a new connection each: the kernel spreads them over the workers
-            out = subprocess.run(
-                [
-                    "curl",
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--max-time",
-                    "10",
-                    "-x",
-                    f"http://jr@127.0.0.1:{stack.ports['http-proxy']}",
-                    f"http://{ORIGIN_HOST}:{origin}/j{i}",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=20,
-            ).stdout
+            out, _ = curl_proxy(stack, f"http://{ORIGIN_HOST}:{origin}/j{i}", "jr")
             assert out == "200", out
         after = [w["metrics"]["connections"]["allowed"] for w in per_worker(stack, "stats")]
         took = [a - b for a, b in zip(after, before)]
         assert sum(took) == 12 and min(took) > 0, f"one worker took every request: {took}"
 
         def rows() -> list[dict] | None:
-            items = stack.get("/api/logs", params={"container": "jr", "limit": 100}).json()["items"]
-            mine = [i for i in items if i["container_name"] == "jr"]
+            mine = [i for i in log_entries(stack, "jr") if i["container_name"] == "jr"]
             return mine if len(mine) >= 12 else None
 
         logged = wait_for(rows, 10, message="12 log rows")
         assert len(logged) == 12 and len({i["id"] for i in logged}) == 12  # none lost, none stored twice
     finally:
-        stack.request("DELETE", f"/api/rules/{r.json()['id']}")
+        stack.request("DELETE", f"/api/rules/{rule['id']}")

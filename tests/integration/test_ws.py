@@ -9,7 +9,6 @@ which no builtin rule covers.
 from __future__ import annotations
 
 import contextlib
-import http.server
 import itertools
 import shutil
 import socket
@@ -25,7 +24,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from bus.pubsub import Publisher
-from conftest import PYTHON, REPO, Stack, free_port, wait_for
+from conftest import PYTHON, REPO, HelloHandler, Stack, plain_origin, wait_for
 from greyproxy.config import load_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
@@ -35,29 +34,10 @@ PAD = "x" * 100  # flood events of ~150 bytes: more than the kernel's socket buf
 _marks = itertools.count()
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = b"hello\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:  # keep test output quiet
-        pass
-
-
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    port = free_port()
-    server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield port
-    server.shutdown()
-    server.server_close()
+    with plain_origin(HelloHandler, ORIGIN_HOST) as port:
+        yield port
 
 
 @pytest.fixture(scope="module")

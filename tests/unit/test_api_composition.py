@@ -5,12 +5,11 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import falcon.testing
 
-from greyproxy.config import load_config
+from harness.api import offline_context
 from services.api import app, health
 from services.api.context import ApiContext
 from services.api.ws.hub import Hub
@@ -24,15 +23,7 @@ MODULES = sorted(
 
 
 def _ctx(tmp_path: Path) -> ApiContext:
-    cfg = load_config(env={"GREYPROXY_DATA_HOME": str(tmp_path)})
-    return ApiContext(
-        cfg=cfg,
-        publisher=None,
-        db_executor=ThreadPoolExecutor(1),
-        proxy=None,  # type: ignore[arg-type]
-        recorder=None,
-        maintenance=None,
-    )  # type: ignore[arg-type]
+    return offline_context(tmp_path)
 
 
 def test_every_module_imports_first_without_a_cycle() -> None:

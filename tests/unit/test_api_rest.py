@@ -26,8 +26,10 @@ import zmq.asyncio
 from bus.pubsub import Publisher
 from bus.reqrep import ControlClient, ControlServer, RemoteError
 from greyproxy.config import load_config
+from greyproxy.store import logs as logs_store
 from greyproxy.store import open_database
 from greyproxy.timeutil import parse_time, rfc3339
+from harness.api import LocalClient
 from services.api import logs as logs_mod
 from services.api import notify
 from services.api import pending as pending_mod
@@ -143,15 +145,6 @@ class FakeProxy:
         self._thread.join(5)
 
 
-class LocalTestClient(falcon.testing.TestClient):
-    """Requests as a local client sends them: Host localhost (Falcon's default Host is a foreign name,
-    which the API's LocalOnly middleware answers with 421)."""
-
-    def simulate_request(self, *args: Any, **kwargs: Any) -> falcon.testing.Result:
-        kwargs.setdefault("host", "localhost")
-        return super().simulate_request(*args, **kwargs)
-
-
 class Api:
     """The app plus its world: database, captured events, and (optionally) a live fake proxy."""
 
@@ -171,7 +164,7 @@ class Api:
             recorder=ControlClient(f"ipc://{sock_dir}/nobody-r", "recorder", timeout=0.05, retries=1),
             maintenance=ControlClient(f"ipc://{sock_dir}/nobody-m", "maintenance", timeout=0.05, retries=1),
         )
-        self.client = LocalTestClient(create_app(self.ctx))
+        self.client = LocalClient(create_app(self.ctx))
         self.prefix = prefix.rstrip("/")
         self._warm_up()
 
@@ -245,6 +238,7 @@ class Api:
             " method, result, rule_id, response_time_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1.5, 'rule')",
             (ts, container, host, port, resolved, method, result, rule_id),
         )
+        self.db.execute_sql(logs_store.ADD_COUNT, (container, result, 1))  # as the recorder does (migration 9)
         return cur.lastrowid
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import orjson
 import pytest
 
 import services.proxy.credentials as credentials_mod
+from bus import records
 from greyproxy.credentials.placeholders import mint
 from greyproxy.credentials.substitute import Live
 from services.proxy import http1
@@ -178,7 +179,10 @@ class Journal:
         self.records: list[tuple[str, dict]] = []
 
     def append(self, kind: str, data: object, record_id: str | None = None) -> str:
-        self.records.append((kind, orjson.loads(orjson.dumps(data))))
+        data = orjson.loads(orjson.dumps(data))
+        if kind == records.TRANSACTION:  # shape 2 (an array) read back by name
+            data = records.transaction_fields(data)
+        self.records.append((kind, data))
         return str(len(self.records))
 
 

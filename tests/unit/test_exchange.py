@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from bus import records
 from services.proxy import http1
 from services.proxy.context import Limits
 from services.proxy.exchange import (
@@ -92,7 +93,10 @@ class FakeJournal:
         self.records: list[tuple[str, Any]] = []
 
     def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
-        self.records.append((kind, orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))))
+        data = orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))
+        if kind == records.TRANSACTION:  # shape 2 (an array) read back by name
+            data = records.transaction_fields(data)
+        self.records.append((kind, data))
         return str(len(self.records))
 
 

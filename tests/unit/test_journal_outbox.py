@@ -119,3 +119,38 @@ def test_count_bound_still_batches_by_count(loop) -> None:
         w.append("log", {"i": i})
     w._fill(0.0)
     assert [len(_ids(b)) for b in sock.bodies] == [7, 7, 6]
+
+
+def test_records_wait_for_company_but_a_pending_sighting_goes_at_once(loop) -> None:
+    """A log record waits up to BATCH_WAIT for others to share its batch (one recorder commit for
+    many requests); a pending sighting (someone waits for the approval prompt) cuts the wait short."""
+
+    async def scenario() -> tuple[list[list[str]], list[list[str]], float]:
+        w = _writer()
+        sock = _FakeSocket(asyncio.get_running_loop())
+
+        def fake_open() -> None:
+            w._sock = sock  # type: ignore[assignment]
+
+        w._open = fake_open  # type: ignore[method-assign]
+        task = asyncio.create_task(w.run())
+        await asyncio.sleep(0.01)
+        first = w.append("log", {"i": 1})
+        await asyncio.sleep(w.BATCH_WAIT / 4)
+        early = [_ids(b) for b in sock.bodies]  # still waiting for company
+        t0 = asyncio.get_running_loop().time()
+        second = w.append("pending", {"container_name": "c"})
+        while not sock.bodies and asyncio.get_running_loop().time() - t0 < 1:
+            await asyncio.sleep(0.001)
+        took = asyncio.get_running_loop().time() - t0
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        assert [_ids(b) for b in sock.bodies] == [[first, second]]
+        return early, [_ids(b) for b in sock.bodies], took
+
+    early, sent, took = loop.run_until_complete(scenario())
+    assert early == []
+    assert took < JournalWriter.BATCH_WAIT / 2, took

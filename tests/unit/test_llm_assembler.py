@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import llm_db
 import llm_fixtures as F
+from greyproxy.llm import rules as R
 from greyproxy.llm import usage as U
 from services.maintenance import assembler as AS
 
@@ -156,6 +157,26 @@ def test_sessionless_chat_per_container_and_gap(conn) -> None:
     assert convs[f"session_inferred_{ids[0]}"]["container_name"] == "alpha"
 
 
+def test_sessionless_message_count_falling_by_more_than_one_starts_a_new_group(conn) -> None:
+    """SPEC §13.5.1 (acceptance 11's grouping): within one (container, dissector, fingerprint) and
+    5 minutes, a request whose message count is at most 1 below the previous one's stays in the
+    group; a fall by more than 1 starts a new group, which later requests join."""
+    ids = [i for r in F.shrinking_chat_session(container="shrink") for i in feed(conn, [r])]  # a pass each
+    counts = dict(conn.execute("SELECT transaction_id, message_count FROM llm_requests").fetchall())
+    assert [counts[i] for i in ids] == list(F.SHRINKING_COUNTS)  # 1, 3, 5, 4 (−1), 2 (−2), 3
+    sessions = [
+        conn.execute("SELECT session FROM llm_requests WHERE transaction_id = ?", (i,)).fetchone()[0] for i in ids
+    ]
+    assert sessions == [f"inferred_{ids[0]}"] * 4 + [f"inferred_{ids[4]}"] * 2
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[4]}"])
+    assert convs[f"session_inferred_{ids[0]}"]["request_ids"] == ids[:4]
+    assert convs[f"session_inferred_{ids[4]}"]["request_ids"] == ids[4:]
+    # A rebuild (one pass over all of them) groups them the same way.
+    assert rebuild(conn)
+    assert llm_db.snapshot(conn)["conversations"] == convs
+
+
 def test_truncated_only_is_incomplete(conn) -> None:
     rows = [F.truncated(r, 50) for r in F.local_chat_session()]
     feed(conn, rows)
@@ -291,3 +312,103 @@ def test_user_id_forms_make_one_conversation(conn) -> None:
         (tid,) = feed(conn, [r])
         key = conn.execute("SELECT session_key, session FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
         assert key == (None, f"inferred_{tid}")
+
+
+# ------------------------------------------------------------------ the first look in SQL (issue 18)
+
+_HOSTS = [
+    "api.anthropic.com",
+    "API.OpenAI.com",
+    "api.openai.com",
+    "openrouter.ai",
+    "example.org",
+    "generativelanguage.googleapis.com",
+    "litellm.local",
+    "vllm.lan",
+    "10.0.0.7",
+    "Example.ORG",
+]
+_PATHS = [
+    "/v1/messages",
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/api/v1/chat/completions",
+    "/v1beta/models/gemini:generateContent",
+    "/",
+    "/x?u=api.openai.com/v1/responses",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_candidates_in_sql_claim_exactly_what_decoder_for_claims(tmp_path_factory, data) -> None:
+    """Whatever the rows (any host's case, ports, methods, URLs naming another host, deleted rows
+    leaving gaps, windows of any size), the ranges claimed_rows yields cover every id once and
+    claim exactly the rows decoder_for claims when run on every row."""
+    n = data.draw(st.integers(1, 40))
+    rows = []
+    for _ in range(n):
+        host = data.draw(st.sampled_from(_HOSTS))
+        port = data.draw(st.sampled_from([443, 80, 4000, 8000]))
+        scheme = data.draw(st.sampled_from(["https", "http", "wss"]))
+        url_host = data.draw(st.sampled_from([host, host.lower(), "api.openai.com"]))
+        url = f"{scheme}://{url_host}{'' if port in (443, 80) else f':{port}'}{data.draw(st.sampled_from(_PATHS))}"
+        r = F.row(url, None, None, ts=F.T0, method=data.draw(st.sampled_from(["POST", "GET", "WS_REQ", "WS_RESP"])))
+        r["destination_host"], r["destination_port"] = host, port
+        rows.append(r)
+    conn = llm_db.new_store(tmp_path_factory.mktemp("c") / "c.db")
+    window = AS.WINDOW
+    try:
+        conn.execute(
+            "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+            " user_defined, created_at) VALUES (?, '/v1/*', '*', 'openai-chat', 0, 1, 1, 0)",
+            (data.draw(st.sampled_from(["litellm.local:4000", "VLLM.lan", "*.lan:8000", "10.0.0.*"])),),
+        )
+        ids = llm_db.insert(conn, rows)
+        gone = data.draw(st.sets(st.sampled_from(ids), max_size=len(ids) // 2))
+        conn.executemany("DELETE FROM http_transactions WHERE id = ?", [(i,) for i in gone])
+        AS.WINDOW = data.draw(st.sampled_from([1, 2, 5, 2000]))
+        after = data.draw(st.sampled_from([0, ids[0], ids[len(ids) // 2]]))
+        rules = AS.load_rules(conn)
+        every = conn.execute(f"SELECT {AS._META_COLS} FROM http_transactions WHERE id > ? ORDER BY id", (after,))
+        expected = {
+            row[0]: name for row in every.fetchall() if (name := R.decoder_for(rules, AS._txn_meta(row))) is not None
+        }
+        got: dict[int, str] = {}
+        lo = after
+        for hi, batch in AS.claimed_rows(conn, rules, after):
+            assert hi > lo
+            for txn, name in batch:
+                assert lo < txn.id <= hi
+                got[txn.id] = name
+            lo = hi
+        top = max(set(ids) - gone, default=0)
+        assert lo == max(top, after) and got == expected
+        assert AS.count_claimed(conn, rules) == len(
+            [
+                1
+                for row in conn.execute(f"SELECT {AS._META_COLS} FROM http_transactions").fetchall()
+                if R.decoder_for(rules, AS._txn_meta(row)) is not None
+            ]
+        )
+    finally:
+        AS.WINDOW = window
+        conn.close()
+
+
+def test_builtin_matches_imply_their_first_look() -> None:
+    """Each built-in dissector's `matches` implies its declared hosts / URL marks (what the SQL uses)."""
+    from greyproxy.llm import dissect as D
+
+    for d in D.DISSECTORS:
+        assert d.hosts or d.url_has, d.name
+    for host in _HOSTS:
+        for path in _PATHS:
+            for method in ("POST", "WS_REQ", "WS_RESP"):
+                for scheme in ("https", "wss"):
+                    t = D.Txn(
+                        0, method, f"{scheme}://{host.lower()}{path}", host.lower(), 443, {}, {}, None, None, None, None
+                    )
+                    for d in D.DISSECTORS:
+                        if d.matches(t):
+                            assert t.host in d.hosts or any(u in t.url for u in d.url_has), (d.name, t)

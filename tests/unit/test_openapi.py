@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,29 +15,16 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
-from greyproxy.config import load_config
+from harness.api import offline_app
 from services.api import openapi
-from services.api.app import create_app
-from services.api.context import ApiContext
 
 HTTP_METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 _PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 
 
 def make_app(tmp_path: Path, prefix: str) -> falcon.asgi.App:
-    config = tmp_path / "config.yaml"
-    config.write_text(f'greyproxy: {{pathPrefix: "{prefix}"}}\n')
-    cfg = load_config(config, env={"GREYPROXY_DATA_HOME": str(tmp_path / "data")})
     # Building the app and its document touches neither the bus nor the database.
-    ctx = ApiContext(
-        cfg=cfg,
-        publisher=None,
-        db_executor=ThreadPoolExecutor(1),
-        proxy=None,  # type: ignore[arg-type]
-        recorder=None,
-        maintenance=None,
-    )  # type: ignore[arg-type]
-    return create_app(ctx)
+    return offline_app(tmp_path, prefix)
 
 
 def _nodes(nodes: list[Any]) -> Iterator[Any]:

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from bus import records
 from greyproxy.bodies import from_record, read_side
 from greyproxy.redaction import Redactor
 from services.proxy import http1
@@ -65,7 +66,10 @@ class FakeJournal:
 
     def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
         # What the real writer does with it: one orjson dump (a Fragment passes through as is).
-        self.records.append((kind, orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))))
+        data = orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS))
+        if kind == records.TRANSACTION:  # shape 2 (an array) read back by name
+            data = records.transaction_fields(data)
+        self.records.append((kind, data))
         return str(len(self.records))
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from bus import topics
 from greyproxy.store import open_database
 from services.recorder import transactions  # noqa: F401 - registers the `transaction` kind
-from services.recorder.apply import Deferred, apply_records, materialize
+from services.recorder.apply import Deferred, Rows, apply_records, materialize
 from services.recorder.service import publish_events
 
 
@@ -91,7 +91,7 @@ def test_resends_and_repeats_are_applied_once(tmp_path: Path) -> None:
         assert len(events) == 10
         assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 10
         assert conn.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0] == 8
-        assert conn.execute("SELECT COUNT(*) FROM journal_applied").fetchone()[0] == 20
+        assert conn.execute("SELECT SUM(hi - lo + 1) FROM journal_ranges").fetchone()[0] == 20
         assert conn.execute("SELECT attempt_count FROM pending").fetchone()[0] == 2
     finally:
         db.close()
@@ -157,3 +157,25 @@ def test_only_wanted_topics_are_built_and_published() -> None:
     assert assembler.sent == [(topics.TRANSACTIONS_STORED, {"last_id": 5})]  # the batch's highest id
     publish_events(assembler, events[2:3])  # type: ignore[arg-type]
     assert len(assembler.sent) == 1  # a batch without transactions: no event
+
+
+def test_a_run_of_rows_is_one_entry_built_only_when_wanted(tmp_path: Path) -> None:
+    """A batch's run of log/transaction rows comes back as one Rows entry: published as one event
+    per row when wanted, counted as skipped (one per row) when not, and never built then."""
+    db = open_database(tmp_path / "t.db")
+    try:
+        events = apply_records(db.connection(), _batch("r"), lazy=True)
+    finally:
+        db.close()
+    runs = {t: d for t, d in events if isinstance(d, Rows)}
+    assert set(runs) == {topics.LOG_NEW, topics.TRANSACTION_NEW}
+    assert len(runs[topics.LOG_NEW]) == 5 and len(runs[topics.TRANSACTION_NEW]) == 4
+    nobody = FakePublisher(set())
+    publish_events(nobody, events)  # type: ignore[arg-type]
+    assert nobody.sent == [] and nobody.skipped == 11  # 5 + 4 + the pending one + transactions.stored
+    watcher = FakePublisher({topics.LOG_NEW, topics.TRANSACTIONS_STORED})
+    publish_events(watcher, events)  # type: ignore[arg-type]
+    logs = [d for t, d in watcher.sent if t == topics.LOG_NEW]
+    assert [e["id"] for e in logs] == [1, 2, 3, 4, 5] and [e["reason"] for e in logs] == [f"r{i}" for i in range(5)]
+    assert watcher.sent[-1] == (topics.TRANSACTIONS_STORED, {"last_id": 4})
+    assert watcher.skipped == 5  # the transactions and the pending entry

@@ -131,3 +131,62 @@ def test_store_reads_through_peewee(db_path: Path) -> None:
         from greyproxy.store import database
 
         database.close()
+
+
+def test_transaction_shape_2_is_the_table_fields_in_order() -> None:
+    # Never reordered (a journal written before an upgrade is read by the recorder after it).
+    assert records.TRANSACTION_FIELDS == transactions.FIELDS
+    assert set(records.TRANSACTION_JSON) == set(transactions.JSON_COLUMNS)
+
+
+def test_both_transaction_shapes_store_the_same_row(db_path: Path) -> None:
+    """Shape 2 (an array, JSON columns as text: what the proxy writes) and shape 1 (an object: a
+    proxy of before, still in a journal at upgrade) store identical rows and events; a shorter
+    array leaves the rest null; a longer one is dropped alone."""
+    rec = {
+        "timestamp": 1000.5,
+        "container_name": "c",
+        "destination_host": "h.example",
+        "destination_port": 443,
+        "method": "POST",
+        "url": "https://h.example/x",
+        "request_headers": {"Content-Type": ["application/json"], "X-Q": ['a "quoted" \\ value']},
+        "request_body": None,
+        "request_body_size": 3,
+        "status_code": 201,
+        "response_headers": {"Server": ["t"]},
+        "response_body_size": 0,
+        "duration_ms": 1.25,
+        "rule_id": 4,
+        "result": "allowed",
+        "substituted_credentials": ["k"],
+        "host_mismatch": True,
+        "refused_credentials": [],
+    }
+    values = records.transaction_values(rec)
+    assert all(isinstance(values[records.TRANSACTION_FIELDS.index(c)], str) for c in records.TRANSACTION_JSON)
+    assert records.transaction_fields(values) == {**dict.fromkeys(records.TRANSACTION_FIELDS), **rec}
+    short = values[: records.TRANSACTION_FIELDS.index("error")]  # a shape-2 writer from before `error`
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        events = apply_records(
+            conn,
+            [
+                ("w-1", "transaction", rec),
+                ("w-2", "transaction", values),
+                ("w-3", "transaction", short),
+                ("w-4", "transaction", [*values, "one too many"]),
+            ],
+        )
+        rows = conn.execute(f"SELECT {', '.join(transactions.FIELDS)} FROM http_transactions ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 3 and rows[0] == rows[1] == rows[2]
+    stored = dict(zip(transactions.FIELDS, rows[0]))
+    assert stored["request_headers"] == '{"Content-Type":["application/json"],"X-Q":["a \\"quoted\\" \\\\ value"]}'
+    assert stored["host_mismatch"] == 1 and stored["substituted_credentials"] == '["k"]'
+    payloads = [d for t, d in events if t == "transaction.new"]
+    assert len(payloads) == 3
+    assert [{k: v for k, v in p.items() if k != "id"} for p in payloads[1:]] == [
+        {k: v for k, v in payloads[0].items() if k != "id"}
+    ] * 2

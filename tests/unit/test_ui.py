@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import falcon.testing
 import pytest
 
-from greyproxy.config import load_config
 from greyproxy.policy import scope_patterns
+from harness.api import LocalClient, offline_app
 from services.api import ui
-from services.api.app import create_app
-from services.api.context import ApiContext
 
 
 def _client(tmp_path: Path, prefix: str) -> falcon.testing.TestClient:
-    (tmp_path / "c.yaml").write_text(f'greyproxy: {{pathPrefix: "{prefix}"}}\n')
-    cfg = load_config(tmp_path / "c.yaml", env={"GREYPROXY_DATA_HOME": str(tmp_path / "data")})
-    ctx = ApiContext(
-        cfg=cfg,
-        publisher=None,
-        db_executor=ThreadPoolExecutor(1),
-        proxy=None,  # type: ignore[arg-type]
-        recorder=None,
-        maintenance=None,
-    )  # type: ignore[arg-type]
-    return _Local(create_app(ctx))
-
-
-class _Local(falcon.testing.TestClient):
-    """Requests with `Host: localhost` unless told otherwise (the API answers local names only)."""
-
-    def simulate_request(self, *args, **kwargs):  # noqa: ANN002,ANN003,ANN201
-        kwargs.setdefault("host", "localhost")
-        return super().simulate_request(*args, **kwargs)
+    return LocalClient(offline_app(tmp_path, prefix))
 
 
 @pytest.mark.parametrize("prefix", ["/", "/proxy"])

@@ -1,0 +1,232 @@
+"""The interception hook's look at a tunnel's first bytes (SPEC §7), through the real stack.
+
+The look runs inside the connection's own task (no task per tunnel, services/proxy/conn.py
+`wait_either`); these tests hold it to what it decides and logs, with the client's bytes arriving
+late, in pieces, never, or after the server has spoken first.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from conftest import PYTHON, REPO, Stack, https_origin, plain_origin, wait_for
+
+pytestmark = pytest.mark.stack
+
+HOST = "127.0.0.1"  # allowed by the built-in rules
+SNI = "origin.test"
+
+
+class _Json(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        body = json.dumps({"path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def stack(origin_ca_file: Path) -> Iterator[Stack]:
+    s = Stack({"proxy": {"headerTimeout": 5}, "mitm": {"upstreamCaFile": str(origin_ca_file)}})
+    try:
+        subprocess.run(
+            [PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)],
+            env=s.env,
+            cwd=str(REPO),
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        s.start()
+        yield s
+    finally:
+        s.cleanup()
+        shutil.rmtree(s.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def tls_origin(origin_ca: trustme.CA) -> Iterator[int]:
+    with https_origin(origin_ca, HOST, _Json, SNI) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def http_origin() -> Iterator[int]:
+    with plain_origin() as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def banner_origin() -> Iterator[int]:
+    """A server that speaks first (as SMTP or SSH do), then echoes."""
+    srv = socket.create_server((HOST, 0))
+    port = srv.getsockname()[1]
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            conn.sendall(b"220 banner first\r\n")
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield port
+    srv.close()
+
+
+def _tunnel(stack: Stack, container: str, port: int) -> tuple[socket.socket, bytes]:
+    """A tunnel through the proxy, and whatever of the tunnel's bytes came with the 200."""
+    sock = socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10)
+    auth = base64.b64encode(f"{container}:x".encode()).decode()
+    sock.sendall(f"CONNECT {HOST}:{port} HTTP/1.1\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        chunk = sock.recv(1024)
+        assert chunk, reply
+        reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    return sock, reply.split(b"\r\n\r\n", 1)[1]
+
+
+def _recv_until(sock: socket.socket, end: bytes, data: bytes = b"") -> bytes:
+    while end not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _log_entry(stack: Stack, container: str) -> dict:
+    def find() -> dict | None:
+        items = [
+            i
+            for i in stack.get("/api/logs", params={"container": container}).json()["items"]
+            if i["container_name"] == container
+        ]
+        return items[0] if items else None
+
+    return wait_for(find, 10, message=f"log entry for {container}")
+
+
+def _transactions(stack: Stack, container: str) -> list[dict]:
+    r = stack.get("/api/transactions", params={"container": container, "limit": 50})
+    assert r.status_code == 200, r.text
+    return [i for i in r.json()["items"] if i["container_name"] == container]
+
+
+def test_a_client_silent_for_a_while_then_speaking_http_is_intercepted(stack: Stack, http_origin: int) -> None:
+    sock, early = _tunnel(stack, "peek-silent", http_origin)
+    assert early == b""  # the origin waits for a request
+    with sock:
+        time.sleep(1.5)  # the look waits (in the handler's own task) without a deadline of its own
+        sock.sendall(f"GET /late HTTP/1.1\r\nHost: {HOST}:{http_origin}\r\nConnection: close\r\n\r\n".encode())
+        reply = _recv_until(sock, b"reached\n")
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"reached\n"), reply
+    assert _log_entry(stack, "peek-silent")["mitm_skip_reason"] is None  # intercepted: no skip reason
+    t = wait_for(lambda: _transactions(stack, "peek-silent"), 10, message="the transaction")[0]
+    assert t["url"] == f"http://{HOST}:{http_origin}/late" and t["status_code"] == 200
+
+
+def test_a_request_line_in_pieces_is_intercepted(stack: Stack, http_origin: int) -> None:
+    request = f"GET /pieces HTTP/1.1\r\nHost: {HOST}:{http_origin}\r\nConnection: close\r\n\r\n".encode()
+    sock, _ = _tunnel(stack, "peek-pieces", http_origin)
+    with sock:
+        for i in range(0, len(request), 3):
+            sock.sendall(request[i : i + 3])
+            time.sleep(0.01)
+        reply = _recv_until(sock, b"reached\n")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    t = wait_for(lambda: _transactions(stack, "peek-pieces"), 10, message="the transaction")[0]
+    assert t["url"] == f"http://{HOST}:{http_origin}/pieces"
+
+
+def test_a_client_hello_in_pieces_is_intercepted(stack: Stack, tls_origin: int) -> None:
+    ctx = ssl.create_default_context(cafile=str(stack.data_dir / "ca-cert.pem"))  # trusts the Greyproxy CA
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=SNI)
+    sock, _ = _tunnel(stack, "peek-hello", tls_origin)
+    with sock:
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        hello = outgoing.read()
+        assert hello[:2] == b"\x16\x03" and len(hello) > 40
+        for i in range(0, len(hello), 7):  # a few bytes at a time: the look waits for the whole hello
+            sock.sendall(hello[i : i + 7])
+            time.sleep(0.005)
+        while True:
+            data = sock.recv(65536)
+            assert data, "the proxy closed during the handshake"
+            incoming.write(data)
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+        if outgoing.pending:
+            sock.sendall(outgoing.read())
+        issuer = dict(rdn[0] for rdn in tls.getpeercert()["issuer"])
+        assert issuer["commonName"] == "Greyproxy CA"  # the proxy's leaf: intercepted
+        tls.write(f"GET /hello HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(outgoing.read())
+        plain = b""
+        while b'"/hello"' not in plain:
+            data = sock.recv(65536)
+            if not data:
+                break
+            incoming.write(data)
+            try:
+                while chunk := tls.read(65536):
+                    plain += chunk
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                pass
+    assert plain.startswith(b"HTTP/1.1 200") and plain.endswith(b'{"path": "/hello"}'), plain
+    assert _log_entry(stack, "peek-hello")["mitm_skip_reason"] is None
+    t = wait_for(lambda: _transactions(stack, "peek-hello"), 10, message="the transaction")[0]
+    assert t["url"].endswith("/hello") and t["status_code"] == 200
+
+
+def test_a_server_speaking_first_is_piped_at_once(stack: Stack, banner_origin: int) -> None:
+    sock, early = _tunnel(stack, "peek-banner", banner_origin)  # the banner may come with the 200
+    with sock:
+        sock.settimeout(3)  # the client says nothing: the banner must not wait for it
+        assert _recv_until(sock, b"\r\n", early) == b"220 banner first\r\n"
+        sock.sendall(b"EHLO x\r\n")
+        assert _recv_until(sock, b"EHLO x\r\n") == b"EHLO x\r\n"
+    assert _log_entry(stack, "peek-banner")["mitm_skip_reason"] == "non_tls"
+
+
+def test_a_client_that_leaves_without_a_byte_is_logged(stack: Stack, http_origin: int) -> None:
+    sock, _ = _tunnel(stack, "peek-gone", http_origin)
+    time.sleep(0.3)
+    sock.close()
+    assert _log_entry(stack, "peek-gone")["mitm_skip_reason"] == "non_tls"

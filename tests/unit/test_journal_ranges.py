@@ -1,0 +1,128 @@
+"""Applied journal records remembered as id ranges per writer (migration 9): every record applied
+exactly once whatever order batches and resends arrive in; ids applied by a recorder from before
+(journal_applied) still count; log_counts kept with the rows by the recorder."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from greyproxy.store import journal_applied, open_database
+from services.recorder import transactions  # noqa: F401 - registers the `transaction` kind
+from services.recorder.apply import apply_records
+
+
+def _log(i: int, container: str = "c", result: str = "allowed") -> dict[str, Any]:
+    return {
+        "timestamp": 1000.0 + i,
+        "container_name": container,
+        "container_id": "",
+        "destination_host": "h",
+        "destination_port": 80,
+        "method": "GET",
+        "result": result,
+        "reason": f"r{i}",
+    }
+
+
+def _rec(writer: str, seq: int) -> tuple[str, str, Any]:
+    return (f"{writer}-{seq:x}", "log", _log(seq, container=writer))
+
+
+def test_writer_seq_takes_canonical_hex_only() -> None:
+    assert journal_applied.writer_seq("ab12-1f") == ("ab12", 31)
+    assert journal_applied.writer_seq("a-b-0") == ("a-b", 0)
+    # Anything else is a writer of its own: '0a' and 'a' must not be the same record.
+    for odd in ("w-0a", "w-A", "w-", "plain", "w-1_0", "w- 1", "w-0x1"):
+        assert journal_applied.writer_seq(odd) == (odd, 0)
+
+
+def test_batches_in_any_order_with_resends_apply_each_record_once(tmp_path: Path) -> None:
+    """Two writers, batches cut differently on resend, later ones before earlier ones (a recorder
+    restart while a batch was in flight), drops in the sequence (a full outbox): stored once each."""
+    rng = random.Random(7)
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        seqs = {"wa": [s for s in range(1, 400) if s % 37], "wb": list(range(1, 250))}  # wa: gaps
+        records = [_rec(w, s) for w in seqs for s in seqs[w]]
+        expected = len(records)
+        applied = 0
+        for _round in range(6):
+            batch_recs = rng.sample(records, rng.randint(1, 120))
+            batch_recs.sort(key=lambda r: (r[0].split("-")[0], int(r[0].split("-")[1], 16)))
+            if rng.random() < 0.5:
+                batch_recs += batch_recs[: rng.randint(0, 5)]  # a resend coalesced with its original
+            applied += len(apply_records(conn, batch_recs))
+        applied += len(apply_records(conn, list(reversed(records))))  # everything resent
+        assert applied == expected
+        assert apply_records(conn, records) == []
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == expected
+        ranges = conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY writer, lo").fetchall()
+        covered = {(w, s) for w, lo, hi in ranges for s in range(lo, hi + 1)}
+        assert covered == {(w, s) for w in seqs for s in seqs[w]}  # exactly the ids applied: no overlap
+        assert sum(hi - lo + 1 for _w, lo, hi in ranges) == expected
+    finally:
+        db.close()
+
+
+def test_a_usual_batch_is_one_range_row(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        apply_records(conn, [_rec("w", s) for s in range(1, 41)])
+        apply_records(conn, [_rec("w", s) for s in range(41, 81)])
+        assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [
+            ("w", 1, 40),
+            ("w", 41, 80),
+        ]
+    finally:
+        db.close()
+
+
+def test_ids_applied_before_migration_9_are_not_applied_again(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        conn.executemany(journal_applied.MARK, [(f"w-{s:x}", time.time()) for s in range(1, 6)])
+        events = apply_records(conn, [_rec("w", s) for s in range(1, 11)])  # 1-5 applied by the old recorder
+        assert sorted(e["reason"] for _t, e in events) == sorted(f"r{s}" for s in range(6, 11))
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 5
+    finally:
+        db.close()
+
+
+def test_log_counts_are_kept_with_the_rows(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        batch = [
+            (f"w-{i + 1:x}", "log", _log(i, container=f"c{i % 3}", result="blocked" if i % 4 == 0 else "allowed"))
+            for i in range(50)
+        ]
+        apply_records(conn, batch)
+        apply_records(conn, [(f"x-{i + 1:x}", "log", _log(i, container="c9")) for i in range(1)])  # one alone
+        apply_records(conn, batch[:10])  # a resend: nothing counted twice
+        group = "SELECT container_name, result, COUNT(*) FROM logs GROUP BY 1, 2 ORDER BY 1, 2"
+        counts = "SELECT container_name, result, n FROM log_counts WHERE n > 0 ORDER BY 1, 2"
+        assert conn.execute(counts).fetchall() == conn.execute(group).fetchall()
+        conn.execute("DELETE FROM logs WHERE container_name = 'c1'")  # maintenance: the delete trigger
+        assert conn.execute(counts).fetchall() == conn.execute(group).fetchall()
+    finally:
+        db.close()
+
+
+def test_a_resend_starting_inside_an_applied_range_skips_its_applied_part(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        assert len(apply_records(conn, [_rec("w", s) for s in range(1, 41)])) == 40
+        assert len(apply_records(conn, [_rec("w", s) for s in range(61, 71)])) == 10
+        # Re-cut on resend: 20-40 applied (a range starting before), 41-60 new, 61-65 applied (one inside).
+        events = apply_records(conn, [_rec("w", s) for s in range(20, 66)])
+        assert sorted(int(e["reason"][1:]) for _t, e in events) == list(range(41, 61))
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 70
+    finally:
+        db.close()

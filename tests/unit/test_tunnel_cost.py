@@ -1,0 +1,290 @@
+"""The per-tunnel plumbing, without the stack: the first-bytes wait runs in the handler's own task
+(no task per tunnel), and a closed tunnel's pair of connections is freed by reference counting
+(no reference cycle left for the garbage collector; the proxy raises its collection threshold on
+that basis, services/proxy/service.py `tune_gc`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from services.proxy.conn import Conn, splice, wait_either
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def make_conn() -> Conn:
+    c = Conn()
+    c.connection_made(FakeTransport())  # type: ignore[arg-type]
+    return c
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# ---------------------------------------------------------------- wait_either
+
+
+@pytest.mark.parametrize("side", ["a", "b"])
+def test_wait_either_wakes_on_bytes_from_either_side(side: str) -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        asyncio.get_running_loop().call_later(0.02, (a if side == "a" else b).data_received, b"x")
+        assert await wait_either(a, b, 5.0) is True
+        assert (a if side == "a" else b).buf == b"x"
+        assert a._waiter is None and b._waiter is None  # nothing left behind for a later reader
+
+    run(main())
+
+
+@pytest.mark.parametrize("event", ["eof", "lost"])
+def test_wait_either_wakes_on_eof_and_close(event: str) -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        loop = asyncio.get_running_loop()
+        if event == "eof":
+            loop.call_later(0.02, b.eof_received)
+        else:
+            loop.call_later(0.02, a.connection_lost, None)
+        assert await wait_either(a, b, 5.0) is True
+        # Already at EOF: at once, without waiting for the timeout.
+        t0 = loop.time()
+        assert await wait_either(a, b, 5.0) is True
+        assert loop.time() - t0 < 0.5
+
+    run(main())
+
+
+def test_wait_either_times_out_and_cleans_up() -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await wait_either(a, b, 0.1) is False
+        assert 0.09 <= loop.time() - t0 < 1.0
+        assert a._waiter is None and b._waiter is None
+        # A normal read afterwards still gets its bytes.
+        loop.call_later(0.01, a.data_received, b"later")
+        assert await a.read_more(1.0) is True
+
+    run(main())
+
+
+def test_wait_either_starts_no_task() -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        before = len(asyncio.all_tasks())
+        seen: list[int] = []
+
+        def look() -> None:
+            seen.append(len(asyncio.all_tasks()))
+            a.data_received(b"\x16\x03")
+
+        asyncio.get_running_loop().call_later(0.05, look)
+        assert await wait_either(a, b, 5.0) is True
+        assert seen == [before]  # while it waited: only this test's own task
+
+    run(main())
+
+
+def test_wait_either_resumes_a_paused_reader() -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        a._reading_paused = True
+        a.transport.paused = True  # type: ignore[union-attr]
+        asyncio.get_running_loop().call_later(0.01, a.data_received, b"x")
+        assert await wait_either(a, b, 1.0) is True
+        assert a.transport.paused is False  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_wait_either_cancelled_leaves_no_waiter() -> None:
+    async def main() -> None:
+        a, b = make_conn(), make_conn()
+        t = asyncio.ensure_future(wait_either(a, b, 5.0))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        assert a._waiter is None and b._waiter is None
+
+    run(main())
+
+
+# ---------------------------------------------------------------- no reference cycles
+
+
+@pytest.fixture
+def saved_garbage() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        yield
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+async def _pair(loop: asyncio.AbstractEventLoop) -> tuple[Conn, socket.socket]:
+    """A Conn on one end of a real socket pair; the other end, a non-blocking socket."""
+    s1, s2 = socket.socketpair()
+    s2.setblocking(False)
+    _t, conn = await loop.create_connection(Conn, sock=s1)
+    return conn, s2
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("first", ["client", "upstream"])
+def test_a_closed_tunnel_leaves_no_cyclic_garbage(saved_garbage: None, first: str, loop_kind: str) -> None:
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        client, client_peer = await _pair(loop)
+        upstream, upstream_peer = await _pair(loop)
+        splice(client, upstream)
+        await loop.sock_sendall(client_peer, b"hello")
+        assert await asyncio.wait_for(loop.sock_recv(upstream_peer, 100), 5) == b"hello"
+        one, other = (client_peer, upstream_peer) if first == "client" else (upstream_peer, client_peer)
+        one.close()  # one side hangs up (its FIN is passed on), then the other
+        assert await asyncio.wait_for(loop.sock_recv(other, 100), 5) == b""
+        other.close()
+        await asyncio.wait_for(client.wait_closed(), 5)  # the tunnel closes both
+        await asyncio.wait_for(upstream.wait_closed(), 5)
+        del client, upstream
+        await asyncio.sleep(0.05)
+        gc.collect()
+        return sum(isinstance(o, Conn) for o in gc.garbage)
+
+    if loop_kind == "uvloop":  # what the proxy runs on
+        uvloop = pytest.importorskip("uvloop")
+        assert uvloop.run(main()) == 0
+    else:
+        assert run(main()) == 0
+
+
+# ---------------------------------------------------------------- upstream addresses, cached briefly
+
+
+class FakeResolver:
+    """Stands in for the loop's getaddrinfo: counts lookups, answers from a table that can change."""
+
+    def __init__(self, answers: dict[str, list[str]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int, **kw: Any) -> list[tuple]:
+        self.calls += 1
+        if host not in self.answers:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in self.answers[host]]
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeResolver]:
+    from services.proxy import upstream
+
+    upstream._addresses.clear()
+    fake = FakeResolver({"svc.test": ["127.0.0.1"]})
+    real_get_loop = asyncio.get_running_loop
+
+    def patched() -> asyncio.AbstractEventLoop:
+        loop = real_get_loop()
+        loop.getaddrinfo = fake  # type: ignore[method-assign]
+        return loop
+
+    monkeypatch.setattr(upstream.asyncio, "get_running_loop", patched)
+    yield fake
+    upstream._addresses.clear()
+
+
+def test_a_names_addresses_are_looked_up_once_for_a_while(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(5):
+            assert await upstream._resolve(loop, "svc.test", 443, 5.0) == [("127.0.0.1", 443)]
+        assert resolver.calls == 1
+        assert await upstream._resolve(loop, "svc.test", 80, 5.0) == [("127.0.0.1", 80)]  # per port
+        assert resolver.calls == 2
+        # An IP literal is never looked up nor kept.
+        assert await upstream._resolve(loop, "10.1.2.3", 443, 5.0) == [("10.1.2.3", 443)]
+        assert resolver.calls == 2 and ("10.1.2.3", 443) not in upstream._addresses
+        # Once the entry is old, the next connection looks the name up again.
+        addrs, _exp = upstream._addresses[("svc.test", 443)]
+        upstream._addresses[("svc.test", 443)] = (addrs, loop.time() - 0.001)
+        resolver.answers["svc.test"] = ["127.0.0.2"]
+        assert await upstream._resolve(loop, "svc.test", 443, 5.0) == [("127.0.0.2", 443)]
+        assert resolver.calls == 3
+
+    run(main())
+
+
+def test_a_failed_lookup_is_not_kept(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            with pytest.raises(upstream.UpstreamFailure) as exc:
+                await upstream._resolve(loop, "nowhere.test", 443, 5.0)
+            assert exc.value.kind == "dns"
+        assert resolver.calls == 2
+
+    run(main())
+
+
+def test_a_moved_name_is_looked_up_again_when_its_cached_address_fails(resolver: FakeResolver) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        srv = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()  # nothing listens there: refused
+        try:
+            resolver.answers["svc.test"] = ["127.0.0.1"]
+            conn = await upstream.connect("svc.test", port, 5.0, lambda ip, p: None)
+            conn.abort()
+            assert resolver.calls == 1
+            # The name "moves": what is cached now refuses (simulated by pointing the cache at a dead port).
+            addrs, exp = upstream._addresses[("svc.test", port)]
+            upstream._addresses[("svc.test", port)] = ([("127.0.0.1", dead_port)], exp)
+            conn = await upstream.connect("svc.test", port, 5.0, lambda ip, p: None)
+            conn.abort()
+            assert resolver.calls == 2  # looked up again, and connected to the fresh address
+            # A name that is not cached and refuses is not looked up twice.
+            upstream._addresses.clear()
+            with pytest.raises(upstream.UpstreamFailure) as exc:
+                await upstream.connect("svc.test", dead_port, 5.0, lambda ip, p: None)
+            assert exc.value.kind == "refused" and resolver.calls == 3
+        finally:
+            srv.close()
+
+    run(main())
