@@ -136,6 +136,7 @@ def canonical_host(raw: str) -> str:
     return host
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and the same few authorities come back on every request
 def _split_authority(authority: str, port_required: bool, default_port: int) -> tuple[str, int]:
     """'host[:port]' or '[v6][:port]' → (canonical host, port); HttpError(400) on anything odd."""
     if "@" in authority:
@@ -312,9 +313,23 @@ class RequestHead:
     # True when the head as received contains no `greyproxy` at all (parse_request_head sets it): no
     # credential placeholder can be in its fields or target (hooks.CredentialSubstitution skips it).
     placeholder_free: bool = field(default=False, repr=False, compare=False)
+    # True for a head parse_request_head built: its method, target and every field name and value
+    # hold no CR, LF or NUL (the parser and the checks there saw to it), so `render_upstream` need
+    # not check them again. A head built by hand is rendered with the checks.
+    parsed: bool = field(default=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         return _first(self.headers, name, self.names)
+
+    def render_upstream(self, version: str) -> bytes:
+        """The head sent upstream when no hook changed it: `render_request_head` of the target's
+        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
+        if not self.parsed:
+            return render_request_head(self.method, self.path, version, self.upstream_headers())
+        lines = [f"{self.method} {self.path} HTTP/{version}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in self.upstream_headers()]
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     def upstream_headers(self) -> list[tuple[str, str]]:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
@@ -502,7 +517,9 @@ def parse_request_head(
     else:
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
-    head = RequestHead(method, target, version, headers, names=names)
+        if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
+            raise _bad("control character in the request target")
+    head = RequestHead(method, target, version, headers, names=names, parsed=True)
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
     head.placeholder_free = _PLACEHOLDER_MARK not in head_bytes
     if origin is None:
@@ -562,8 +579,17 @@ def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) 
         raise _bad("missing Host header")  # RFC 9112 §3.2: mandatory in HTTP/1.1
 
 
+# The fields _derive_request_headers reads; a head with none of them (the usual GET) takes the defaults.
+_REQUEST_FIELDS = frozenset(
+    {"transfer-encoding", "content-length", "connection", "expect", "upgrade", "proxy-authorization"}
+)
+
+
 def _derive_request_headers(head: RequestHead) -> None:
     headers, names = head.headers, head.names
+    if names is not None and names.isdisjoint(_REQUEST_FIELDS):
+        head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
+        return  # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
     chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":
         raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty
