@@ -382,10 +382,11 @@ def _plain_lines(text: str) -> list[str] | None:
     or LF, no NUL, no folded line. None otherwise: the parser's own reading is taken (`_Collector`).
     So the fields of a plain head cost two string operations each instead of a callback and two
     decodes (tests/unit/test_proxy_parsers.py checks both readings agree)."""
-    n = text.count("\r\n")
+    lines = text.split("\r\n")
+    n = len(lines) - 1  # CRLFs: then no other CR or LF when these counts agree
     if text.count("\n") != n or text.count("\r") != n or "\x00" in text or "\r\n " in text or "\r\n\t" in text:
         return None
-    return text.split("\r\n")
+    return lines
 
 
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
