@@ -53,6 +53,7 @@ class Conn(asyncio.BufferedProtocol):
         "_deadline",
         "_timer",
         "_timed",
+        "_loop",
     )
 
     def __init__(self) -> None:
@@ -74,6 +75,9 @@ class Conn(asyncio.BufferedProtocol):
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._timed: asyncio.Future | None = None  # the waiter that deadline is for
+        # The event loop, looked up once: asyncio.get_running_loop() costs a getpid() system call
+        # (CPython checks the loop was not inherited across a fork), which adds up per read.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -184,7 +188,7 @@ class Conn(asyncio.BufferedProtocol):
             self.transport.resume_reading()  # type: ignore[union-attr]
         buf = self.buf
         before = len(buf)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         fut = None
         deadline = None if timeout is None else loop.time() + timeout
         # The usual case, one reader at a time: the connection's timer enforces this read's deadline.
@@ -222,6 +226,10 @@ class Conn(asyncio.BufferedProtocol):
                 self._deadline = self._timed = None  # this read is over: the timer, if armed, finds nothing
         return len(buf) > before
 
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = loop = asyncio.get_running_loop()
+        return loop
+
     def _on_timer(self) -> None:
         """The connection's read timer: the timed read times out when its deadline has come, else the
         timer waits on until that deadline (a later read moved it, or the read is between wakeups)."""
@@ -229,7 +237,7 @@ class Conn(asyncio.BufferedProtocol):
         fut, deadline = self._timed, self._deadline
         if deadline is None:
             return  # nobody is waiting with a deadline (the next timed read arms it again)
-        loop = asyncio.get_running_loop()
+        loop = self._loop or self._bind_loop()
         if fut is not None and not fut.done() and loop.time() + 0.001 >= deadline:  # the clock has ms steps
             self._deadline = self._timed = None
             fut.set_exception(TimeoutError())
