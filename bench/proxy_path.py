@@ -7,7 +7,7 @@ written. What the kernel does (the two sends and two reads per request) is not i
 `bench/cpu_split.py` measures the whole process. A bare forwarder over the same in-memory
 connections is measured too: what the loop and `Conn` themselves cost.
 
-    .venv/bin/python bench/proxy_path.py [--requests N] [--rounds R] [--root DIR] [--no-record]
+    .venv/bin/python bench/proxy_path.py [--requests N] [--rounds R] [--root DIR] [--no-record] [--functions]
 
 `--root` imports the proxy from another checkout (e.g. a `git archive` of an older commit) so
 old and new code can be measured alternately on the same machine. Figures: CPU µs per request
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 import time
 from pathlib import Path
@@ -202,12 +203,53 @@ async def bare(n: int) -> float:
     return spent / n
 
 
+def functions(rounds: int, n: int = 20000) -> None:
+    """Per-function CPU µs (min over the rounds) of the request path's pieces."""
+    from services.proxy import http1
+    from services.proxy.hooks import Flow
+
+    ctx, _ = _setup(False)
+    gate = ctx.gate
+    asyncio.run(_name_hook_like_dns(ctx))
+
+    def run_coro(c: Any) -> Any:  # an async function that does not wait, run without a loop
+        try:
+            c.send(None)
+        except StopIteration as stop:
+            return stop.value
+        raise RuntimeError("it waited")
+
+    head = http1.parse_request_head(REQUEST, 65536, 100)[0]  # type: ignore[index]
+    verdict = run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP", None))
+
+    def hooks() -> bytes:
+        flow = Flow("unknown-127.0.0.1", "http", head.host, head.port, head, verdict)
+        ctx.hooks.run(flow)
+        return flow.render("1.1")
+
+    cases = [
+        ("parse_request_head (wrk's GET)", lambda: http1.parse_request_head(REQUEST, 65536, 100)),
+        ("parse_response_head (nginx's 200)", lambda: http1.parse_response_head(RESPONSE, 65536, "GET")),
+        ("Gate.admit with the log record", lambda: run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP"))),
+        ("Flow + HookChain.run + Flow.render", hooks),
+    ]
+    for name, fn in cases:
+        best = math.inf
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for _ in range(n):
+                fn()
+            best = min(best, time.process_time() - t0)
+        print(f"  {name:40s} {1e6 * best / n:6.2f} µs")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--root", default=str(Path(__file__).resolve().parent.parent), help="checkout to import from")
     ap.add_argument("--no-record", action="store_true", help="no transaction record (ctx.recorder None)")
+    ap.add_argument("--functions", action="store_true", help="also time the path's pieces one by one")
     args = ap.parse_args(argv)
     sys.path.insert(0, args.root)
     import logging
@@ -221,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.root}: request path {1e6 * path:.1f} µs/request, bare forwarder {1e6 * base:.1f} µs, "
         f"difference {1e6 * (path - base):.1f} µs (record {'off' if args.no_record else 'on'})"
     )
+    if args.functions:
+        functions(args.rounds)
     return 0
 
 
