@@ -230,7 +230,10 @@ def functions(rounds: int, n: int = 20000) -> None:
     cases = [
         ("parse_request_head (wrk's GET)", lambda: http1.parse_request_head(REQUEST, 65536, 100)),
         ("parse_response_head (nginx's 200)", lambda: http1.parse_response_head(RESPONSE, 65536, "GET")),
-        ("Gate.admit with the log record", lambda: run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP"))),
+        (
+            "Gate.admit with the log record",
+            lambda: run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP")),
+        ),
         ("Flow + HookChain.run + Flow.render", hooks),
     ]
     for name, fn in cases:

@@ -491,7 +491,7 @@ def parse_request_head(
     if not head_bytes[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
     lines = _plain_lines(head_bytes[:-4].decode("latin-1"))
-    request_line = lines[0].split(" ") if lines is not None else ()
+    request_line: list[str] = lines[0].split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
         col: _Collector | _HeadEnd = _HeadEnd()
     else:
@@ -662,7 +662,7 @@ def parse_response_head(
         return None
     consumed = end + len(_HEAD_END)
     lines = _plain_lines(buf[:end].decode("latin-1"))
-    status_line = lines[0].split(" ", 2) if lines is not None else ()
+    status_line: list[str] = lines[0].split(" ", 2) if lines is not None else []
     col: _Collector | _HeadEnd = _HeadEnd() if len(status_line) >= 2 else _Collector()
     parser = httptools.HttpResponseParser(col)
     problem = _run_parser(parser, buf[:consumed])
@@ -713,7 +713,9 @@ def parse_response_head(
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     method = request_method if request_method.isupper() else request_method.upper()
-    bodiless = method == "HEAD" or 100 <= status < 200 or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300)
+    bodiless = (
+        method == "HEAD" or 100 <= status < 200 or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300)
+    )
     if bodiless:
         has_body, until_close = False, False
     else:

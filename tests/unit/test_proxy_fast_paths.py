@@ -270,7 +270,7 @@ def test_credential_hook_shortcut_answers_as_the_full_look(path: str, fields: li
 
 NGINX = (
     b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n"
-    b"Connection: keep-alive\r\nETag: \"x\"\r\n\r\nhello"
+    b'Connection: keep-alive\r\nETag: "x"\r\n\r\nhello'
 )
 
 
