@@ -50,6 +50,10 @@ class Conn(asyncio.BufferedProtocol):
         "_reading_paused",
         "idle_mark",
         "_fd",
+        "_deadline",
+        "_timer",
+        "_timed",
+        "_loop",
     )
 
     def __init__(self) -> None:
@@ -66,6 +70,14 @@ class Conn(asyncio.BufferedProtocol):
         self._closed_fut: asyncio.Future | None = None
         self.idle_mark = 0.0
         self._fd = -1  # the socket's descriptor once piped, for direct writes from the peer (-1: none)
+        # The current read's deadline (loop time, None: none) and the one timer per connection that
+        # enforces it: re-armed only when it would fire late, so a read costs no timer of its own.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timed: asyncio.Future | None = None  # the waiter that deadline is for
+        # The event loop, looked up once: asyncio.get_running_loop() costs a getpid() system call
+        # (CPython checks the loop was not inherited across a fork), which adds up per read.
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +144,9 @@ class Conn(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.eof = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._wake()
         if self._drain is not None and not self._drain.done():
             self._drain.set_exception(ConnClosed())
@@ -176,28 +191,63 @@ class Conn(asyncio.BufferedProtocol):
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
-        before = len(self.buf)
-        loop = asyncio.get_running_loop()
+        buf = self.buf
+        before = len(buf)
+        loop = self._loop or self._bind_loop()
+        fut = None
         deadline = None if timeout is None else loop.time() + timeout
-        while len(self.buf) == before and not self.eof:
-            # A local future: a cancelled or timed-out earlier reader must never clear the waiter
-            # of a reader that started after it (it would then sleep through the next bytes).
-            fut = loop.create_future()
-            self._waiter = fut
-            try:
-                if deadline is None:
-                    await fut
-                else:
-                    # A timer on the future, not wait_for (which costs a task per read in 3.11).
-                    timer = loop.call_later(max(0.0, deadline - loop.time()), _expire, fut)
-                    try:
-                        await fut
-                    finally:
+        # The usual case, one reader at a time: the connection's timer enforces this read's deadline.
+        # A reader that starts while another still waits (that one is then left to its deadline:
+        # only the newest waiter is woken) keeps a timer of its own, as every read once did.
+        shared = self._waiter is None or self._waiter.done()
+        if shared:
+            self._deadline = deadline
+            if deadline is not None:
+                timer = self._timer
+                if timer is None or timer.when() > deadline:
+                    if timer is not None:
                         timer.cancel()
-            finally:
-                if self._waiter is fut:
-                    self._waiter = None
-        return len(self.buf) > before
+                    self._timer = loop.call_at(deadline, self._on_timer)
+        try:
+            while len(buf) == before and not self.eof:
+                # A local future: a cancelled or timed-out earlier reader must never clear the waiter
+                # of a reader that started after it (it would then sleep through the next bytes).
+                fut = loop.create_future()
+                self._waiter = fut
+                own = None
+                if shared:
+                    self._timed = fut
+                elif deadline is not None:
+                    own = loop.call_at(deadline, _expire, fut)
+                try:
+                    await fut
+                finally:
+                    if own is not None:
+                        own.cancel()
+                    if self._waiter is fut:
+                        self._waiter = None
+        finally:
+            if shared and self._timed is fut:
+                self._deadline = self._timed = None  # this read is over: the timer, if armed, finds nothing
+        return len(buf) > before
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = loop = asyncio.get_running_loop()
+        return loop
+
+    def _on_timer(self) -> None:
+        """The connection's read timer: the timed read times out when its deadline has come, else the
+        timer waits on until that deadline (a later read moved it, or the read is between wakeups)."""
+        self._timer = None
+        fut, deadline = self._timed, self._deadline
+        if deadline is None:
+            return  # nobody is waiting with a deadline (the next timed read arms it again)
+        loop = self._loop or self._bind_loop()
+        if fut is not None and not fut.done() and loop.time() + 0.001 >= deadline:  # the clock has ms steps
+            self._deadline = self._timed = None
+            fut.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def take(self, n: int | None = None) -> bytes:
         if n is None or n >= len(self.buf):

@@ -85,6 +85,9 @@ class ProxyContext:
         # Claimed identities (SPEC §16); None = every name is taken at its word (as before).
         self.identities: IdentityGuard | None = None
         self._refusal_logged = 0.0
+        # The listeners' event loop, looked up once (asyncio.get_running_loop() costs a getpid()
+        # system call; every accepted connection needs the loop for its task).
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def guard(self, ip: str, port: int) -> str | None:
         return self.gate.guard(ip, port)
@@ -142,7 +145,11 @@ class ClientConn(Conn):
             return
         self.over_cap = ctx.active >= limits.max_connections
         ctx.active += 1
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        loop = ctx.loop
+        if loop is None:
+            loop = ctx.loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.task = loop.create_task(self._run())
 
     def claim(self, identity: str) -> str | None:
         """Count this connection for `identity`. The name of the cap that refuses it, or None."""
@@ -188,7 +195,7 @@ class ClientConn(Conn):
     def gone(self) -> asyncio.Future:
         """A future that completes when the client disconnects (ends a hold early)."""
         if self._closed_fut is None:
-            self._closed_fut = asyncio.get_running_loop().create_future()
+            self._closed_fut = (self._loop or self._bind_loop()).create_future()
             if self.closed:
                 self._closed_fut.set_result(None)
         return self._closed_fut

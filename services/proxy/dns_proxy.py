@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import struct
@@ -46,6 +47,9 @@ from greyproxy.policy.patterns import analyse_host, normalise_host
 
 from .gate import NAME_TTL, Gate
 from .settings_watch import SettingsWatch
+
+# A pure function of the hosts asked for, which repeat (ensure_name runs for every decision): cached, bounded.
+_analyse_host = functools.lru_cache(maxsize=4096)(analyse_host)
 
 log = logging.getLogger("greyproxy.proxy.dns")
 
@@ -624,19 +628,20 @@ class DnsProxy:
                 del self.gate.names[ip]
 
     # -- PTR fallback for connections to raw IPs --
-    async def ensure_name(self, container: str, host: str, port: int) -> None:
-        """Start a reverse lookup for an unnamed IP; wait up to PTR_DEADLINE only when the name could
-        change the decision (no rule, silent mode or guard already decides on the raw host)."""
-        h, version, _ip = analyse_host(host)  # inet_pton, several times cheaper than ipaddress
+    def ensure_name(self, container: str, host: str, port: int) -> Awaitable[Any] | None:
+        """Start a reverse lookup for an unnamed IP; what to await (up to PTR_DEADLINE) only when the
+        name could change the decision (no rule, silent mode or guard already decides on the raw
+        host), else None: a name, a host already named or known to have no name costs no coroutine."""
+        h, version, _ip = _analyse_host(host)
         if not version:
-            return
+            return None
         gate = self.gate
         if gate.resolved_name(h) is not None:
-            return
+            return None
         expires = self._ptr_negative.get(h)
         if expires is not None:
             if expires > time.monotonic():
-                return
+                return None
             del self._ptr_negative[h]
         task = self._ptr.get(h)
         if task is None:
@@ -649,7 +654,8 @@ class DnsProxy:
             or gate.rules.decide(container, h, port).rule is not None
         )
         if not decided:
-            await asyncio.wait({task}, timeout=PTR_DEADLINE)  # the lookup goes on past the deadline
+            return asyncio.wait({task}, timeout=PTR_DEADLINE)  # the lookup goes on past the deadline
+        return None
 
     async def _reverse(self, ip: str) -> None:
         """PTR through the upstreams, confirmed forward (the name must resolve back to the IP: whoever

@@ -159,9 +159,9 @@ class Gate:
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
         # mitm_skip_reason, which is known only once the client's first bytes are seen.
         self.defer_tunnel_logs = False
-        # Awaited before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
-        # PTR fallback sets it; it must return quickly).
-        self.name_hook: Callable[[str, str, int], Awaitable[None]] | None = None
+        # Called before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
+        # PTR fallback sets it): what to await first, or None (the usual case: nothing to wait for).
+        self.name_hook: Callable[[str, str, int], Awaitable[Any] | None] | None = None
 
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
@@ -180,8 +180,11 @@ class Gate:
     ) -> Verdict:
         t0 = time.perf_counter()
         host = _normalise_host(host)
-        if self.name_hook is not None:
-            await self.name_hook(container, host, port)
+        hook = self.name_hook
+        if hook is not None:
+            wait = hook(container, host, port)
+            if wait is not None:
+                await wait
         resolved = self.resolved_name(host)
         self.decisions += 1
         j = self.judge(container, host, port, resolved)

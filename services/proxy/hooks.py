@@ -227,6 +227,8 @@ class Flow:
     def render(self, version: str) -> bytes:
         """The request head sent upstream."""
         head = self.head
+        if self._headers is None and self._target is None:
+            return head.render_upstream(version)  # the same bytes, fewer checks (http1.RequestHead.parsed)
         headers = self._headers if self._headers is not None else head.upstream_headers()
         return http1.render_request_head(
             head.method, self._target if self._target is not None else head.path, version, headers
@@ -363,6 +365,17 @@ class CredentialSubstitution:
 
     def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
         if self.live is None:
+            return None
+        head = flow.head
+        if (
+            head.placeholder_free
+            and flow._headers is None
+            and flow._target is None
+            and head.names is not None
+            and "authorization" not in head.names
+        ):
+            # Nothing to find (the common case): no `greyproxy` anywhere in the head as received (so
+            # in no value and not in the target) and no Authorization field (Basic credentials).
             return None
         headers = flow.upstream_headers()
         p = self._plan(flow, headers)

@@ -63,6 +63,9 @@ _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what inet_aton would read 
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.S)
 _CL_RE = re.compile(r"[0-9]{1,18}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+# Every spelling of a credential placeholder (greyproxy.credentials: `greyproxy:credential:` in a
+# value, `greyproxy%3Acredential%3A` in a target) starts with this (Basic credentials aside: base64).
+_PLACEHOLDER_MARK = b"greyproxy"
 
 
 # RFC 9110 wording; older Pythons' HTTPStatus still says 'Request-URI Too Long' and the like.
@@ -133,6 +136,7 @@ def canonical_host(raw: str) -> str:
     return host
 
 
+@functools.lru_cache(maxsize=4096)  # pure, and the same few authorities come back on every request
 def _split_authority(authority: str, port_required: bool, default_port: int) -> tuple[str, int]:
     """'host[:port]' or '[v6][:port]' → (canonical host, port); HttpError(400) on anything odd."""
     if "@" in authority:
@@ -285,7 +289,7 @@ def parse_basic(value: str) -> tuple[str | None, str | None]:
 # ---------------------------------------------------------------------------- request head
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it cheaper to build and read
 class RequestHead:
     method: str
     target: str
@@ -306,9 +310,26 @@ class RequestHead:
     proxy_password: str | None = field(default=None, repr=False, compare=False)
     authority: str = field(default="", repr=False)  # Host value for upstream, from the target
     names: frozenset[str] | None = field(default=None, repr=False, compare=False)  # lower-case field names
+    # True when the head as received contains no `greyproxy` at all (parse_request_head sets it): no
+    # credential placeholder can be in its fields or target (hooks.CredentialSubstitution skips it).
+    placeholder_free: bool = field(default=False, repr=False, compare=False)
+    # True for a head parse_request_head built: its method, target and every field name and value
+    # hold no CR, LF or NUL (the parser and the checks there saw to it), so `render_upstream` need
+    # not check them again. A head built by hand is rendered with the checks.
+    parsed: bool = field(default=False, repr=False, compare=False)
 
     def header(self, name: str) -> str | None:
         return _first(self.headers, name, self.names)
+
+    def render_upstream(self, version: str) -> bytes:
+        """The head sent upstream when no hook changed it: `render_request_head` of the target's
+        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
+        if not self.parsed:
+            return render_request_head(self.method, self.path, version, self.upstream_headers())
+        lines = [f"{self.method} {self.path} HTTP/{version}\r\n"]
+        lines += [f"{k}: {v}\r\n" for k, v in self.upstream_headers()]
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     def upstream_headers(self) -> list[tuple[str, str]]:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
@@ -341,6 +362,31 @@ class _Collector:
 
     def on_headers_complete(self) -> None:
         self.complete = True
+
+
+class _HeadEnd:
+    """httptools callback target when the head's text is split by `_plain_lines`: only its end."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = False
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+
+def _plain_lines(text: str) -> list[str] | None:
+    """The lines of a head the parser accepted (its text without the final CRLF CRLF), when splitting
+    them reads every field exactly as the parser's callbacks do: each line ends in CRLF, no other CR
+    or LF, no NUL, no folded line. None otherwise: the parser's own reading is taken (`_Collector`).
+    So the fields of a plain head cost two string operations each instead of a callback and two
+    decodes (tests/unit/test_proxy_parsers.py checks both readings agree)."""
+    lines = text.split("\r\n")
+    n = len(lines) - 1  # CRLFs: then no other CR or LF when these counts agree
+    if text.count("\n") != n or text.count("\r") != n or "\x00" in text or "\r\n " in text or "\r\n\t" in text:
+        return None
+    return lines
 
 
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
@@ -440,26 +486,43 @@ def parse_request_head(
     if consumed > max_header_bytes:
         raise _too_big(buf, start, max_header_bytes)
 
-    col = _Collector()
-    parser = httptools.HttpRequestParser(col)
     head_bytes = buf[start:consumed]
     line_end = head_bytes.find(b"\r\n")
     if not head_bytes[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
+    lines = _plain_lines(head_bytes[:-4].decode("latin-1"))
+    request_line: list[str] = lines[0].split(" ") if lines is not None else []
+    if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
+        col: _Collector | _HeadEnd = _HeadEnd()
+    else:
+        lines, col = None, _Collector()
+    parser = httptools.HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
     if not col.complete:
         raise _bad("incomplete request head")
-    if len(col.headers) > max_headers:
+    if lines is not None:
+        if len(lines) - 1 > max_headers:
+            raise HttpError(431, "too many headers")
+    elif len(col.headers) > max_headers:  # type: ignore[union-attr]
         raise HttpError(431, "too many headers")
     version = parser.get_http_version()
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP/{version} is not supported")
     method = parser.get_method().decode("latin-1")
-    target = col.url.decode("latin-1")
-    headers, names = _decode_headers(col.headers, _bad)
-    head = RequestHead(method=method, target=target, version=version, headers=headers, names=names)
+    if lines is not None:
+        target = request_line[1]
+        headers = [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines[1:]]]
+        names = frozenset([k.lower() for k, _v in headers])
+    else:
+        target = col.url.decode("latin-1")  # type: ignore[union-attr]
+        headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
+        if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
+            raise _bad("control character in the request target")
+    head = RequestHead(method, target, version, headers, names=names, parsed=True)
+    # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
+    head.placeholder_free = _PLACEHOLDER_MARK not in head_bytes
     if origin is None:
         _derive_target(head)
     else:
@@ -517,8 +580,17 @@ def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) 
         raise _bad("missing Host header")  # RFC 9112 §3.2: mandatory in HTTP/1.1
 
 
+# The fields _derive_request_headers reads; a head with none of them (the usual GET) takes the defaults.
+_REQUEST_FIELDS = frozenset(
+    {"transfer-encoding", "content-length", "connection", "expect", "upgrade", "proxy-authorization"}
+)
+
+
 def _derive_request_headers(head: RequestHead) -> None:
     headers, names = head.headers, head.names
+    if names is not None and names.isdisjoint(_REQUEST_FIELDS):
+        head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
+        return  # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
     chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":
         raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty
@@ -549,7 +621,7 @@ def _derive_request_headers(head: RequestHead) -> None:
 # ---------------------------------------------------------------------------- response head
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it cheaper to build and read
 class ResponseHead:
     version: str
     status: int
@@ -589,7 +661,9 @@ def parse_response_head(
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
     consumed = end + len(_HEAD_END)
-    col = _Collector()
+    lines = _plain_lines(buf[:end].decode("latin-1"))
+    status_line: list[str] = lines[0].split(" ", 2) if lines is not None else []
+    col: _Collector | _HeadEnd = _HeadEnd() if len(status_line) >= 2 else _Collector()
     parser = httptools.HttpResponseParser(col)
     problem = _run_parser(parser, buf[:consumed])
     if problem is not None:
@@ -600,43 +674,47 @@ def parse_response_head(
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
-    # One pass over the fields: their text, and what framing, keep-alive and relaying need.
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[str, str]]
+    if type(col) is _HeadEnd:
+        assert lines is not None
+        reason = status_line[2] if len(status_line) == 3 else ""
+        headers = [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines[1:]]]
+    else:
+        reason = col.status.decode("latin-1")  # type: ignore[union-attr]
+        headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t")) for k, v in col.headers]  # type: ignore[union-attr]
+        if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
+            raise UpstreamError("control character in header value")
+    # lower-case name -> first value (built backwards: the first of a repeated name is kept)
+    index = {k.lower(): v for k, v in reversed(headers)}
+    # What framing, keep-alive and relaying need: the framing and hop-by-hop fields, every value of each.
     te: list[str] = []
     has_te = False
     cls: list[str] = []
     connection: list[str] = []
     n_connection = 0
-    other_hop = False  # a hop-by-hop field other than Connection (or any Proxy-*)
-    index: dict[str, str] = {}
-    for raw_name, raw_value in col.headers:
-        k, v = raw_name.decode("latin-1"), raw_value.decode("latin-1").strip(" \t")
-        headers.append((k, v))
-        lk = k.lower()
-        if lk not in index:
-            index[lk] = v
-        if lk in _RESPONSE_FIELDS:
+    other_hop = any(n.startswith("proxy-") for n in index) if "proxy-" in "\n".join(index) else False
+    special = index.keys() & _RESPONSE_FIELDS
+    if special:
+        repeated = len(index) != len(headers)
+        for lk in special:
+            values = [v for k, v in headers if k.lower() == lk] if repeated else [index[lk]]
             if lk == "content-length":
-                cls.append(v)
+                cls = values
             elif lk == "transfer-encoding":
                 has_te = True
-                te.extend(_split_tokens(v))
+                for v in values:
+                    te.extend(_split_tokens(v))
             elif lk == "connection":
-                n_connection += 1
-                connection.extend(_split_tokens(v))
+                n_connection = len(values)
+                for v in values:
+                    connection.extend(_split_tokens(v))
             else:
                 other_hop = True
-        elif lk.startswith("proxy-"):
-            other_hop = True
-    if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
-        raise UpstreamError("control character in header value")
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
+    method = request_method if request_method.isupper() else request_method.upper()
     bodiless = (
-        request_method.upper() == "HEAD"
-        or 100 <= status < 200
-        or status in (204, 304)
-        or (request_method.upper() == "CONNECT" and 200 <= status < 300)
+        method == "HEAD" or 100 <= status < 200 or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300)
     )
     if bodiless:
         has_body, until_close = False, False
@@ -644,16 +722,18 @@ def parse_response_head(
         has_body = chunked or until_close or (length or 0) > 0
     keep_alive = _keep_alive(version, connection) and not until_close
     head = ResponseHead(
-        version=version,
-        status=status,
-        reason=col.status.decode("latin-1"),
-        headers=headers,
-        keep_alive=keep_alive,
-        chunked=chunked and not bodiless,
-        content_length=length,
-        has_body=has_body,
-        until_close=until_close,
-        index=index,
+        version,
+        status,
+        reason,
+        headers,
+        keep_alive,
+        chunked and not bodiless,
+        length,
+        has_body,
+        until_close,
+        None,
+        False,
+        index,
     )
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
     if (

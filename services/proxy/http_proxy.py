@@ -219,8 +219,10 @@ async def handle_http(client: ClientConn) -> None:
             try:
                 if upstream is None or upstream_key != key or not clean or not usable(upstream):
                     upstream, reused = await attach(key, verdict, fresh=False)
-                elif cid is not None and cid in gate.live:
-                    gate.live[cid].rule_id = verdict.rule_id
+                elif cid is not None:
+                    lc = gate.live.get(cid)
+                    if lc is not None:
+                        lc.rule_id = verdict.rule_id
                 clean = False
                 ex = Exchange(client, upstream, head, limits, t, reused)
                 if await ex.run(request) is STALE:

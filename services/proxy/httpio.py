@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from time import monotonic
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -34,18 +35,19 @@ async def read_head(
     connection, or a response), the first byte may take up to `first_timeout`, and the header
     deadline runs from that byte. TimeoutError past either.
     """
-    loop = asyncio.get_running_loop()
-    now = loop.time()
+    # Deadlines on the monotonic clock (a vDSO call; asyncio.get_running_loop() would cost a
+    # getpid() system call per head): read_more takes what remains of them.
+    now = monotonic()
     deadline = now + limits.header_timeout if first_timeout is None or conn.buf else None
     idle_deadline = now + first_timeout if first_timeout is not None else None
     while True:
         if conn.buf:
             if deadline is None:
-                deadline = loop.time() + limits.header_timeout
+                deadline = monotonic() + limits.header_timeout
             parsed = parse(bytes(conn.buf))
             if parsed is not None:
                 return parsed
-        remaining = (deadline if deadline is not None else idle_deadline) - loop.time()  # type: ignore[operator]
+        remaining = (deadline if deadline is not None else idle_deadline) - monotonic()  # type: ignore[operator]
         if remaining <= 0:
             raise asyncio.TimeoutError()
         if not await conn.read_more(remaining):
