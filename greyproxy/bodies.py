@@ -298,7 +298,7 @@ class Reader:
         if side not in _SIDES:
             raise ValueError(f"no such body side: {side!r}")
         pending: list[tuple[int, bytes]] = []  # deltas to apply, newest first
-        cur_id: int | None = tid
+        cur_id: int = tid
         data: bytes | None = None
         for _ in range(_CHAIN_LIMIT):  # chains are ≤ DELTA_CHAIN long (when written); a loop would be a bug
             key = (cur_id, side)

@@ -71,7 +71,7 @@ def _params(data: list[Any] | dict[str, Any], now: float) -> list[Any]:
     """A `transaction` record's values in FIELDS order, as stored (JSON columns as text, bodies as
     greyproxy.bodies stores them). The record is an array (shape 2, bus/records.py), or an object
     (shape 1, from a proxy of before). ValueError/TypeError for a record that cannot be stored."""
-    if type(data) is list:
+    if isinstance(data, list):
         n = len(data)
         if n > len(records.TRANSACTION_FIELDS):
             raise ValueError(f"transaction record with {n} values (at most {len(records.TRANSACTION_FIELDS)})")
@@ -128,7 +128,7 @@ def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Ev
     params = _params(data, time.time())
     cur.execute(table.INSERT, params)
     row = Row(_COLUMNS, params, cur.lastrowid)
-    _deltas(cur, params, row.id)
+    _deltas(cur, params, int(cur.lastrowid or 0))
     events.append((topics.TRANSACTION_NEW, Deferred(_payload, row, data)))
     if params[_BLOCK] in CREDENTIAL_REASONS:
         events.append(refused_event(row))
