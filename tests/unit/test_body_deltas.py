@@ -303,6 +303,30 @@ def test_size_cap_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
         s.close()
 
 
+def test_size_cap_dropping_whole_rows_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
+    """Recent transactions keep their bodies: the cap deletes the oldest rows, cutting chains in the
+    middle (their bases among the deleted rows); every body left still reads back identical."""
+    s = Store(tmp_path / "c.db")
+    now = time.time()
+    try:
+        for k in range(12):
+            recs = []
+            for i, b in enumerate(conversation(10, 10 + k, size=30000)):
+                resp = os.urandom(3000) if i % 5 == 0 else None
+                ts = now - 600 + i * 12 + k  # the chains interleave in time
+                recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, ts), b, resp))
+            s.add(recs)
+        s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        list(jobs.size_cap(s.conn, {"max_database_mib": jobs.used_bytes(s.conn) / jobs.MIB * 0.9}))
+        kept, dropped, deltas = s.conn.execute(
+            "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
+        ).fetchone()
+        assert 0 < kept < 120 and dropped == 0 and deltas > 0  # rows went, no body alone
+        s.check()
+    finally:
+        s.close()
+
+
 def test_detach_reencodes_the_first_dependent(tmp_path: Path) -> None:
     s = Store(tmp_path / "d.db")
     try:
