@@ -285,7 +285,8 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the -wal is reused, not grown
     if vacuum:
         while conn.execute("PRAGMA freelist_count").fetchone()[0]:
-            conn.execute(f"PRAGMA incremental_vacuum({CAP_VACUUM_PAGES})").fetchall()  # the lock let go between
+            # executescript steps the statement to its end: execute() would free a single page per call
+            conn.executescript(f"PRAGMA incremental_vacuum({CAP_VACUUM_PAGES});")  # the lock let go between
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             time.sleep(0.002)
     _truncate_wal(conn)
