@@ -123,12 +123,13 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
 # --------------------------------------------------------------------------- the size cap (SPEC §15)
 
 MIB = 1024 * 1024
-CAP_HIGH_WATER = 0.9  # the job starts when the database holds more than this share of the cap...
-CAP_LOW_WATER = 0.8  # ...and drops down to this share: what arrives between checks stays under the cap
+CAP_HIGH_WATER = 0.85  # the job starts when the database holds more than this share of the cap...
+CAP_LOW_WATER = 0.7  # ...and drops down to this share: what arrives between checks and the -wal of the
+# job's own steps stay under the cap (measured: bench/results.md, soak)
 CAP_BODY_AGE = 3600.0  # bodies alone are dropped only from transactions older than this (seconds)
 CAP_BODY_BATCH = 100  # rows whose bodies are dropped per write transaction (bodies are up to 2 x capture.maxBodyBytes)
 CAP_ROW_BATCH = 500  # transactions + logs deleted per write transaction
-CAP_VACUUM_PAGES = 256  # pages given back per incremental_vacuum step (1 MiB at 4 KiB pages)
+CAP_VACUUM_PAGES = 128  # pages given back per incremental_vacuum step (512 KiB at 4 KiB pages), -wal truncated between
 CAP_CHECKPOINT_WAIT_MS = 100  # how long a TRUNCATE checkpoint may wait for readers (it holds writers back meanwhile)
 _NO_BODIES = (
     "request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
@@ -165,16 +166,38 @@ def _truncate_wal(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
 
 
+def wal_room(conn: sqlite3.Connection, cap: float) -> int:
+    """The room the cap keeps for the -wal: between two of the recorder's checkpoints it grows to
+    `wal_autocheckpoint` pages (4 MiB by default) and the file keeps that size, so the data must leave
+    that much of the cap free; at most a quarter of a small cap."""
+    pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int(min(pages * page_size, cap / 4))
+
+
+def counted_bytes(conn: sqlite3.Connection, cap: float) -> int:
+    """What the cap counts (bytes, `cap` in bytes): the pages in use plus the -wal, the -wal at least
+    its room (wal_room)."""
+    return _data_bytes(conn) + max(_wal_size(conn), wal_room(conn, cap))
+
+
 def over_cap(conn: sqlite3.Connection, cap_mib: float) -> bool:
-    """The periodic check: does the database (pages in use + -wal) hold more than CAP_HIGH_WATER of
+    """The periodic check: does the database (pages in use + -wal) count more than CAP_HIGH_WATER of
     the cap, even after the -wal is checkpointed and truncated?"""
-    high = cap_mib * MIB * CAP_HIGH_WATER
-    if used_bytes(conn) <= high:
+    cap = cap_mib * MIB
+    if counted_bytes(conn, cap) <= cap * CAP_HIGH_WATER:
         return False
     _truncate_wal(conn)  # a big -wal alone is not data to drop
     # ...and when the -wal cannot shrink (a reader holds it), dropping data under the low-water mark
     # would not help: the job only runs when it has something to drop.
-    return used_bytes(conn) > high and _data_bytes(conn) > cap_mib * MIB * CAP_LOW_WATER
+    return counted_bytes(conn, cap) > cap * CAP_HIGH_WATER and _data_bytes(conn) > _data_target(conn, cap)
+
+
+def _data_target(conn: sqlite3.Connection, cap: float) -> int:
+    """The data the job drops down to: the low-water mark less the -wal (its room, or what could not be
+    truncated because a reader holds it, up to the gap between the marks)."""
+    wal = max(wal_room(conn, cap), min(_wal_size(conn), int(cap * (CAP_HIGH_WATER - CAP_LOW_WATER))))
+    return int(cap * CAP_LOW_WATER) - wal
 
 
 def _data_bytes(conn: sqlite3.Connection) -> int:
@@ -267,8 +290,7 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
     now = float(opts.get("now") or time.time())
     _truncate_wal(conn)
     start = _data_bytes(conn)
-    # the -wal that could not be truncated (a reader holds it) counts too
-    target = int(cap * CAP_LOW_WATER) - min(_wal_size(conn), int(cap * (CAP_HIGH_WATER - CAP_LOW_WATER)))
+    target = _data_target(conn, cap)
     need = max(0, start - target)
     dropped = {"bodies": 0, "transactions": 0, "logs": 0}
     reader = Reader(conn.execute)
@@ -287,7 +309,9 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
         while conn.execute("PRAGMA freelist_count").fetchone()[0]:
             # executescript steps the statement to its end: execute() would free a single page per call
             conn.executescript(f"PRAGMA incremental_vacuum({CAP_VACUUM_PAGES});")  # the lock let go between
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            # the moved pages are in the -wal and the file shrinks only at a checkpoint: one per step,
+            # so file + -wal never hold the old size plus all that moved
+            _truncate_wal(conn)
             time.sleep(0.002)
     _truncate_wal(conn)
     end = _data_bytes(conn)

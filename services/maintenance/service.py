@@ -26,7 +26,7 @@ from .jobs import CAP_HIGH_WATER, JOBS, JobState, over_cap
 log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
-CAP_CHECK_EVERY = 1.0  # the size cap's check: a few PRAGMAs and a stat (~0.1 ms)
+CAP_CHECK_EVERY = 0.5  # the size cap's check: a few PRAGMAs and a stat (~0.1 ms)
 
 SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
 

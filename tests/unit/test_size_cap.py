@@ -13,7 +13,17 @@ import pytest
 
 from greyproxy.config import ConfigError, load_config
 from greyproxy.store import open_database
-from services.maintenance.jobs import CAP_HIGH_WATER, CAP_LOW_WATER, MIB, over_cap, size_cap, used_bytes
+from services.maintenance.jobs import (
+    CAP_HIGH_WATER,
+    CAP_LOW_WATER,
+    MIB,
+    _data_bytes,
+    counted_bytes,
+    over_cap,
+    size_cap,
+    used_bytes,
+    wal_room,
+)
 
 _INSERT = (
     "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
@@ -64,8 +74,7 @@ def test_then_the_oldest_rows(tmp_path: Path) -> None:
     _fill(conn, 4000, 0)  # rows without bodies: only deleting rows helps
     _fill(conn, 20, 2048, start=4000)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    before = used_bytes(conn)
-    cap = before / MIB * 0.6
+    cap = _data_bytes(conn) * 0.7 / (CAP_LOW_WATER - 0.25) / MIB  # keeps ~70 % (its -wal room: a quarter)
     _run(conn, cap)
     ids = [r[0] for r in conn.execute("SELECT id FROM http_transactions ORDER BY id")]
     assert ids and ids == list(range(ids[0], 4021))  # the oldest rows went, the rest are whole
@@ -124,9 +133,15 @@ def test_the_check_starts_at_the_high_water_mark(tmp_path: Path) -> None:
     conn = db.connection()
     _fill_recent(conn, 100, time.time())
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    used = used_bytes(conn) / MIB
-    assert not over_cap(conn, used / CAP_HIGH_WATER * 1.02)  # under 90 % of the cap: nothing
-    assert over_cap(conn, used / CAP_HIGH_WATER * 0.98)  # just over 90 % (still under the cap itself)
+    data = _data_bytes(conn)
+    # a small cap keeps a quarter of itself for the -wal: counted = data + cap / 4
+    under, over = data / (CAP_HIGH_WATER - 0.02 - 0.25), data / (CAP_HIGH_WATER + 0.02 - 0.25)
+    assert wal_room(conn, under) == under // 4 and counted_bytes(conn, under) < CAP_HIGH_WATER * under
+    assert not over_cap(conn, under / MIB)  # under 85 % of the cap: nothing
+    assert over_cap(conn, over / MIB)  # just over 85 %, still under the cap itself
+    assert counted_bytes(conn, over) < over
+    # a big cap keeps the -wal's full room: wal_autocheckpoint pages
+    assert wal_room(conn, 1 << 30) == 1000 * conn.execute("PRAGMA page_size").fetchone()[0]
     db.close()
 
 
