@@ -451,7 +451,7 @@ def markdown(res: dict[str, Any], command: str) -> str:
         f"the HTTP proxy to nginx: text answers of 2–8 KiB, `text/plain` answers of 1–6 KiB of random bytes "
         f"(stored as binary), and one LLM-shaped `POST /v1/messages` (a growing conversation, 1–20 KiB JSON) per "
         f"six answers. Load average {res['loadavg_before']} before, {res['loadavg_after']} after (2 cores shared "
-        "with other work). Sizes in MiB; *max* is the largest database + -wal seen (polled every 0.5 s) in the "
+        "with other work). Sizes in MiB; *max* is the largest database + -wal seen (polled every 0.1 s) in the "
         "interval; *data* the pages in use (what the cap counts, with the -wal); *ids* are the oldest and newest "
         "transaction kept; *newest (API)* is `GET /api/transactions?limit=1`.",
         "",
