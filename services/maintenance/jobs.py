@@ -9,6 +9,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from greyproxy.bodies import Reader, detach
@@ -243,6 +244,16 @@ def _drop_old_bodies(conn: sqlite3.Connection, target: int, before: float, reade
         time.sleep(0.002)  # let the recorder's batches in
 
 
+def _delete_rows(conn: sqlite3.Connection, tx: list[int], logs: list[int], reader: Reader) -> None:
+    """In the caller's write transaction: transactions `tx` (bodies stored as deltas against theirs made
+    self-contained first) and logs `logs`."""
+    if tx:
+        detach(conn.execute, tx, reader)
+        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({','.join('?' * len(tx))})", tx)
+    if logs:
+        conn.execute(f"DELETE FROM logs WHERE id IN ({','.join('?' * len(logs))})", logs)
+
+
 def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> Iterator[tuple[int, int]]:
     """Whole transactions and logs together in timestamp order (the oldest of either first) until the
     data is under `target`. Yields (transactions, logs) per batch."""
@@ -265,15 +276,7 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
             if size >= excess:
                 break
         tx, logs = picked["transactions"], picked["logs"]
-
-        def write() -> None:
-            if tx:
-                detach(conn.execute, tx, reader)  # bodies stored as deltas against these: self-contained
-                conn.execute(f"DELETE FROM http_transactions WHERE id IN ({','.join('?' * len(tx))})", tx)
-            if logs:
-                conn.execute(f"DELETE FROM logs WHERE id IN ({','.join('?' * len(logs))})", logs)
-
-        _write(conn, write)
+        _write(conn, partial(_delete_rows, conn, tx, logs, reader))
         yield len(tx), len(logs)
         time.sleep(0.002)  # let the recorder's batches in
 
