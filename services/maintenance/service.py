@@ -27,6 +27,7 @@ log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
 CAP_CHECK_EVERY = 0.5  # the size cap's check: a few PRAGMAs and a stat (~0.1 ms)
+CAP_IDLE_BACKOFF = 30.0  # after a run that could free nothing
 
 SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
 
@@ -258,6 +259,7 @@ async def main(rt: ServiceRuntime) -> None:
                     await asyncio.sleep(0.1)
                 if runner.states["size-cap"].processed > 0:
                     continue  # it freed something: check again at once
+                await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing it may drop (other tables): not every 0.5 s
             await asyncio.sleep(CAP_CHECK_EVERY)
 
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
