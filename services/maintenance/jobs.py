@@ -9,6 +9,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from greyproxy.bodies import Reader, detach
@@ -123,9 +124,14 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
 # --------------------------------------------------------------------------- the size cap (SPEC §15)
 
 MIB = 1024 * 1024
-CAP_LOW_WATER = 0.8  # once over the cap, drop down to this share of it (room for the -wal and what comes next)
-CAP_BODY_BATCH = 200  # rows whose bodies are dropped per transaction (bodies are up to 2 x capture.maxBodyBytes)
-CAP_ROW_BATCH = 500  # rows deleted per transaction
+CAP_HIGH_WATER = 0.85  # the job starts when the database holds more than this share of the cap...
+CAP_LOW_WATER = 0.7  # ...and drops down to this share: what arrives between checks and the -wal of the
+# job's own steps stay under the cap (measured: bench/results.md, soak)
+CAP_BODY_AGE = 3600.0  # bodies alone are dropped only from transactions older than this (seconds)
+CAP_BODY_BATCH = 100  # rows whose bodies are dropped per write transaction (bodies are up to 2 x capture.maxBodyBytes)
+CAP_ROW_BATCH = 500  # transactions + logs deleted per write transaction
+CAP_VACUUM_PAGES = 128  # pages given back per incremental_vacuum step (512 KiB at 4 KiB pages), -wal truncated between
+CAP_CHECKPOINT_WAIT_MS = 100  # how long a TRUNCATE checkpoint may wait for readers (it holds writers back meanwhile)
 _NO_BODIES = (
     "request_body = NULL, request_body_codec = NULL, request_body_charset = NULL,"
     " response_body = NULL, response_body_codec = NULL, response_body_charset = NULL,"
@@ -136,9 +142,7 @@ _NO_BODIES = (
 def used_bytes(conn: sqlite3.Connection) -> int:
     """The bytes the database holds: its pages in use (free pages left out: SQLite reuses them, and
     incremental_vacuum gives them back) plus the -wal file."""
-    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-    pages = conn.execute("PRAGMA page_count").fetchone()[0] - conn.execute("PRAGMA freelist_count").fetchone()[0]
-    return pages * page_size + _wal_size(conn)
+    return _data_bytes(conn) + _wal_size(conn)
 
 
 def _wal_size(conn: sqlite3.Connection) -> int:
@@ -149,15 +153,52 @@ def _wal_size(conn: sqlite3.Connection) -> int:
         return 0
 
 
+def _truncate_wal(conn: sqlite3.Connection) -> None:
+    """Checkpoint and truncate the -wal, waiting at most CAP_CHECKPOINT_WAIT_MS for readers: while a
+    TRUNCATE checkpoint waits it blocks the writers (the recorder), so it must not wait for long. A
+    checkpoint that cannot finish is retried at the next check."""
+    timeout = conn.execute("PRAGMA busy_timeout").fetchone()[0]
+    conn.execute(f"PRAGMA busy_timeout = {CAP_CHECKPOINT_WAIT_MS}")
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.OperationalError:
+        pass  # locked: the -wal stays as it is for now
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {int(timeout)}")
+
+
+def wal_room(conn: sqlite3.Connection, cap: float) -> int:
+    """The room the cap keeps for the -wal: between two of the recorder's checkpoints it grows to
+    `wal_autocheckpoint` pages (4 MiB by default) and the file keeps that size, so the data must leave
+    that much of the cap free; at most a quarter of a small cap."""
+    pages = conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0]
+    page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+    return int(min(pages * page_size, cap / 4))
+
+
+def counted_bytes(conn: sqlite3.Connection, cap: float) -> int:
+    """What the cap counts (bytes, `cap` in bytes): the pages in use plus the -wal, the -wal at least
+    its room (wal_room)."""
+    return _data_bytes(conn) + max(_wal_size(conn), wal_room(conn, cap))
+
+
 def over_cap(conn: sqlite3.Connection, cap_mib: float) -> bool:
-    """The periodic check: over the cap even after the -wal is checkpointed and truncated?"""
+    """The periodic check: does the database (pages in use + -wal) count more than CAP_HIGH_WATER of
+    the cap, even after the -wal is checkpointed and truncated?"""
     cap = cap_mib * MIB
-    if used_bytes(conn) <= cap:
+    if counted_bytes(conn, cap) <= cap * CAP_HIGH_WATER:
         return False
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a big -wal alone is not data to drop
+    _truncate_wal(conn)  # a big -wal alone is not data to drop
     # ...and when the -wal cannot shrink (a reader holds it), dropping data under the low-water mark
     # would not help: the job only runs when it has something to drop.
-    return used_bytes(conn) > cap and _data_bytes(conn) > cap * CAP_LOW_WATER
+    return counted_bytes(conn, cap) > cap * CAP_HIGH_WATER and _data_bytes(conn) > _data_target(conn, cap)
+
+
+def _data_target(conn: sqlite3.Connection, cap: float) -> int:
+    """The data the job drops down to: the low-water mark less the -wal (its room, or what could not be
+    truncated because a reader holds it, up to the gap between the marks)."""
+    wal = max(wal_room(conn, cap), min(_wal_size(conn), int(cap * (CAP_HIGH_WATER - CAP_LOW_WATER))))
+    return int(cap * CAP_LOW_WATER) - wal
 
 
 def _data_bytes(conn: sqlite3.Connection) -> int:
@@ -167,85 +208,128 @@ def _data_bytes(conn: sqlite3.Connection) -> int:
     ) * page_size
 
 
-# (kind, the next rows after an id with their bytes (estimated for rows), what drops them), oldest first.
+# The next rows after a (timestamp, id) with their bytes (estimated), oldest first.
 _BODY_BYTES = "COALESCE(length(request_body), 0) + COALESCE(length(response_body), 0)"
-_CAP_STEPS = [
-    (
-        "bodies",
-        f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ?"
-        " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?",
-        f"UPDATE http_transactions SET {_NO_BODIES} WHERE id IN ({{marks}})",
-    ),
-    (
-        "transactions",
-        f"SELECT id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
-        " + COALESCE(length(response_headers), 0) + 100 FROM http_transactions WHERE id > ?"
-        " ORDER BY id LIMIT ?",
-        "DELETE FROM http_transactions WHERE id IN ({marks})",
-    ),
-    (
-        "logs",
-        "SELECT id, length(destination_host) + length(container_name) + 100 FROM logs WHERE id > ? ORDER BY id LIMIT ?",
-        "DELETE FROM logs WHERE id IN ({marks})",
-    ),
-]
+_OLD_BODIES = (
+    f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ? AND timestamp < ?"
+    " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?"
+)
+_NEXT_ROWS = {
+    "transactions": f"SELECT timestamp, id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
+    " + COALESCE(length(response_headers), 0) + 200 FROM http_transactions"
+    " WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
+    "logs": "SELECT timestamp, id, length(destination_host) + length(container_name) + COALESCE(length(reason), 0)"
+    " + 120 FROM logs WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
+}
+
+
+def _drop_old_bodies(conn: sqlite3.Connection, target: int, before: float, reader: Reader) -> Iterator[int]:
+    """Bodies (set NULL, the rows stay) of transactions older than `before`, oldest first, until the
+    data is under `target`. Yields how many rows per batch."""
+    after = 0
+    drop = f"UPDATE http_transactions SET {_NO_BODIES} WHERE id IN ({{marks}})"
+    while (excess := _data_bytes(conn) - target) > 0:
+        ids: list[int] = []
+        size = 0
+        for rid, n in conn.execute(_OLD_BODIES, (after, before, CAP_BODY_BATCH)):
+            ids.append(rid)
+            size += n
+            if size >= excess:  # just enough rows to be under (their bytes, estimated)
+                break
+        if not ids:
+            return
+        drop_transactions(conn, ids, drop, reader)
+        after = ids[-1]
+        yield len(ids)
+        time.sleep(0.002)  # let the recorder's batches in
+
+
+def _delete_rows(conn: sqlite3.Connection, tx: list[int], logs: list[int], reader: Reader) -> None:
+    """In the caller's write transaction: transactions `tx` (bodies stored as deltas against theirs made
+    self-contained first) and logs `logs`."""
+    if tx:
+        detach(conn.execute, tx, reader)
+        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({','.join('?' * len(tx))})", tx)
+    if logs:
+        conn.execute(f"DELETE FROM logs WHERE id IN ({','.join('?' * len(logs))})", logs)
+
+
+def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> Iterator[tuple[int, int]]:
+    """Whole transactions and logs together in timestamp order (the oldest of either first) until the
+    data is under `target`. Yields (transactions, logs) per batch."""
+    cursor = {"transactions": (-1.0, 0), "logs": (-1.0, 0)}
+    while (excess := _data_bytes(conn) - target) > 0:
+        rows = [
+            (ts, what, rid, n)
+            for what, sql in _NEXT_ROWS.items()
+            for ts, rid, n in conn.execute(sql, (*cursor[what], CAP_ROW_BATCH))
+        ]
+        if not rows:
+            return
+        rows.sort()
+        picked: dict[str, list[int]] = {"transactions": [], "logs": []}
+        size = 0
+        for ts, what, rid, n in rows[:CAP_ROW_BATCH]:
+            picked[what].append(rid)
+            cursor[what] = (ts, rid)
+            size += n
+            if size >= excess:
+                break
+        tx, logs = picked["transactions"], picked["logs"]
+        _write(conn, partial(_delete_rows, conn, tx, logs, reader))
+        yield len(tx), len(logs)
+        time.sleep(0.002)  # let the recorder's batches in
 
 
 def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
-    """`retention.maxDatabaseMiB`: drop the oldest bodies (set NULL, the rows stay), then the oldest
-    transactions, then the oldest logs, in batches, until the data is under CAP_LOW_WATER of the
-    cap; then give the freed pages back (incremental_vacuum when the file allows it: files created
-    by this version, greyproxy/store/db.py; older files keep their size and reuse the free pages). Progress is in KiB:
-    (freed, to free)."""
+    """`retention.maxDatabaseMiB`: bring the database (pages in use + -wal) under CAP_LOW_WATER of
+    the cap, in short write transactions: first the bodies of transactions older than CAP_BODY_AGE
+    (set NULL, the rows stay), oldest first; then whole transactions and logs together, the oldest
+    of either first, so the newest of both survive. Then give the freed pages back
+    (incremental_vacuum in small steps when the file allows it: files created by this version,
+    greyproxy/store/db.py; older files keep their size and reuse the free pages) and truncate the
+    -wal. Progress is in KiB: (freed, to free)."""
     cap = float(opts["max_database_mib"]) * MIB
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    now = float(opts.get("now") or time.time())
+    _truncate_wal(conn)
     start = _data_bytes(conn)
-    target = int(cap * CAP_LOW_WATER)
+    target = _data_target(conn, cap)
     need = max(0, start - target)
     dropped = {"bodies": 0, "transactions": 0, "logs": 0}
     reader = Reader(conn.execute)
-    if need:
-        for what, pick, drop in _CAP_STEPS:
-            after = 0
-            while (excess := _data_bytes(conn) - target) > 0:
-                ids: list[int] = []
-                size = 0
-                for rid, n in conn.execute(pick, (after, CAP_ROW_BATCH if what != "bodies" else CAP_BODY_BATCH)):
-                    ids.append(rid)
-                    size += n
-                    if size >= excess:  # just enough rows to be under (their bytes, estimated)
-                        break
-                if not ids:
-                    break  # nothing of this kind left: the next kind
-                if what == "logs":
-                    conn.execute(drop.format(marks=",".join("?" * len(ids))), ids)
-                else:
-                    drop_transactions(conn, ids, drop, reader)
-                after = ids[-1]
-                dropped[what] += len(ids)
-                yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
-                time.sleep(0.002)  # let the recorder's batches in
-            if _data_bytes(conn) <= target:
-                break
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    if need:
+        for n in _drop_old_bodies(conn, target, now - CAP_BODY_AGE, reader):
+            dropped["bodies"] += n
+            yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
+        for i, (tx, logs) in enumerate(_drop_oldest_rows(conn, target, reader), 1):
+            dropped["transactions"] += tx
+            dropped["logs"] += logs
+            yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
+            if i % 8 == 0:
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the -wal is reused, not grown
     if vacuum:
         while conn.execute("PRAGMA freelist_count").fetchone()[0]:
-            conn.execute("PRAGMA incremental_vacuum(2000)").fetchall()  # ~8 MiB per step, the lock let go between
+            # executescript steps the statement to its end: execute() would free a single page per call
+            conn.executescript(f"PRAGMA incremental_vacuum({CAP_VACUUM_PAGES});")  # the lock let go between
+            # the moved pages are in the -wal and the file shrinks only at a checkpoint: one per step,
+            # so file + -wal never hold the old size plus all that moved
+            _truncate_wal(conn)
             time.sleep(0.002)
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    _truncate_wal(conn)
     end = _data_bytes(conn)
     yield (max(0, start - end) // 1024, need // 1024)
     if any(dropped.values()):
         log.warning(
             "database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
-            " and %d logs; %.1f MiB of data now (was %.1f)%s",
+            " and %d logs; %.1f MiB of data now (was %.1f), -wal %.1f MiB%s",
             cap // MIB,
             dropped["bodies"],
             dropped["transactions"],
             dropped["logs"],
             end / MIB,
             start / MIB,
+            _wal_size(conn) / MIB,
             "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused",
         )
     elif need:

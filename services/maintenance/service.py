@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,12 +21,13 @@ from greyproxy.timeutil import rfc3339
 
 from . import assembler  # noqa: F401 - registers the rebuild-conversations job
 from . import redact  # noqa: F401 - registers the redact-headers job
-from .jobs import JOBS, JobState, over_cap
+from .jobs import CAP_HIGH_WATER, JOBS, JobState, over_cap
 
 log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
-CAP_CHECK_EVERY = 5.0  # the size cap's check: a few PRAGMAs and a stat
+CAP_CHECK_EVERY = 0.5  # the size cap's check: a few PRAGMAs and a stat (~0.1 ms)
+CAP_IDLE_BACKOFF = 30.0  # after a run that could free nothing
 
 SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
 
@@ -234,23 +236,31 @@ async def main(rt: ServiceRuntime) -> None:
         return over_cap(db.connection(), mib)
 
     async def size_cap() -> None:
-        """retention.maxDatabaseMiB (SPEC §15): the size-cap job starts when the database is over it."""
+        """retention.maxDatabaseMiB (SPEC §15): the size-cap job starts when the database holds more
+        than CAP_HIGH_WATER of it; checked again at once after each run (still over: run again)."""
         while True:
-            await asyncio.sleep(CAP_CHECK_EVERY)
-            if runner.states["size-cap"].running:
-                continue
+            while runner.states["size-cap"].running:
+                await asyncio.sleep(0.1)
             opts = cap_opts()
             try:
                 over = await loop.run_in_executor(executor, check, opts["max_database_mib"])
             except Exception:
                 log.exception("size check failed")
-                continue
+                over = False
             if over:
                 log.info(
-                    "database over retention.maxDatabaseMiB (%s MiB): dropping the oldest bodies",
+                    "database over %d %% of retention.maxDatabaseMiB (%s MiB): dropping the oldest data",
+                    round(CAP_HIGH_WATER * 100),
                     opts["max_database_mib"],
                 )
-                runner.start("size-cap", opts)
+                with contextlib.suppress(RemoteError):  # started through the API meanwhile
+                    runner.start("size-cap", opts)
+                while runner.states["size-cap"].running:
+                    await asyncio.sleep(0.1)
+                if runner.states["size-cap"].processed > 0:
+                    continue  # it freed something: check again at once
+                await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing it may drop (other tables): not every 0.5 s
+            await asyncio.sleep(CAP_CHECK_EVERY)
 
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:

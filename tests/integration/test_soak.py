@@ -3,10 +3,10 @@
 
 What it holds to: the cap acts (its `maintenance.progress` event and its log line), transactions keep
 being recorded in every interval (the newest id grows, in the database and through the API), the
-database stays bounded (without the cap it would pass 40 MiB here), and the newest bodies read back
-through the API are byte-identical to what the origin and the client sent. The strict "under the cap
-at every moment" is the 10-minute soak's to judge (bench/results.md): the cap is checked every 5 s
-and the file also holds SQLite's -wal, so a 16 MiB cap is passed by what arrives between checks.
+database file + its -wal stay under the cap at every moment the soak's file watcher sampled (without
+the cap they would pass 40 MiB here), the newest transactions and logs are present while the oldest
+are gone, and the newest bodies read back through the API are byte-identical to what the origin and
+the client sent.
 """
 
 from __future__ import annotations
@@ -41,9 +41,16 @@ def test_short_soak_keeps_the_database_bounded_and_recording(tmp_path: Path) -> 
     assert checks["cap_acted"], (res["cap_events"], res["cap_log"])
     assert any("dropped the oldest" in line for line in res["cap_log"]), res["cap_log"]
     assert checks["recorded_every_interval"] and checks["api_newest_grows"], samples
-    assert checks["max_file_mib"] <= 2 * CAP, f"database + -wal reached {checks['max_file_mib']:.1f} MiB"
-    assert samples[-1]["data_bytes"] <= 1.25 * CAP * (1 << 20), samples[-1]
-    assert samples[-1]["oldest_id"] > 1, "no row was dropped"
+    # the file watcher samples db + -wal sizes many times a second over the whole run
+    over = [(x["t"], x["max_file_bytes"] / (1 << 20)) for x in samples if x["max_file_bytes"] > CAP * (1 << 20)]
+    assert not over, f"database + -wal over the {CAP} MiB cap: {over}"
+    assert checks["max_file_mib"] <= CAP, checks
+    assert all(x["data_wal_bytes"] <= CAP * (1 << 20) for x in samples), samples
+    last = samples[-1]
+    assert last["oldest_id"] > 1, "no transaction was dropped"
+    assert last["oldest_log_ts"] > res["first_log_ts"] + 5, "the oldest logs were not dropped"
+    # the newest of both survive: logs and transactions of the last interval are there
+    assert last["newest_log_ts"] >= last["wall"] - 9 and last["newest_tx_ts"] >= last["wall"] - 9, last
     # read back after every interval and at the end; a body the cap has just dropped reads null
     assert verify["checked"] >= 60 and set(verify["kinds"]) == {"text", "random bytes", "llm"}, verify
     assert checks["bodies_identical"] and not verify["mismatches"] and verify["identical"] >= 30, verify

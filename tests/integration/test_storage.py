@@ -1,7 +1,8 @@
 """Storage that stays bounded (SPEC §15), through the real stack: a body labelled text that is not
 valid in its charset is stored as its bytes (not inflated by replacement characters), the API
 gives every body back as it was captured, and `retention.maxDatabaseMiB` is kept by maintenance
-(the oldest bodies first, then the oldest rows) with a `maintenance.progress` event.
+(bodies of old transactions first, then the oldest transactions and logs together) with a
+`maintenance.progress` event.
 
 Origin on 127.0.0.1 (allowed by the builtin loopback rule); client httpx through the HTTP proxy.
 """
@@ -172,7 +173,7 @@ def _ws(stack: Stack):  # noqa: ANN202
     return c
 
 
-def test_max_database_mib_drops_the_oldest_bodies_then_rows(origin: int) -> None:
+def test_max_database_mib_drops_the_oldest_transactions_and_logs_together(origin: int) -> None:
     with (
         _stack(retention={"maxDatabaseMiB": 1}) as stack,
         _client(stack, "capped") as client,
@@ -196,38 +197,41 @@ def test_max_database_mib_drops_the_oldest_bodies_then_rows(origin: int) -> None
                 if msg["type"] == "maintenance.progress" and msg["data"]["job"] == "size-cap":
                     progress.append(msg["data"])
 
-        # 1. Bodies: ~1.2 MiB of them (the rows alone are ~0.5 MiB); the cap drops the oldest, every row stays.
+        # 1. ~1.5 MiB of recent transactions (bodies younger than an hour are not dropped alone): the
+        # cap deletes the oldest transactions and the oldest logs together; the newest stay whole.
+        def recorded_last() -> None:  # counting rows does not work: the cap deletes some
+            last = f"/rand/4096/{'plain' if i <= 300 else 'pad'}/{i - 1}"
+            wait_for(
+                lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%{last}",))[0][0],
+                30,
+                message="the last request recorded",
+            )
+
         send(300, "plain")
-        _recorded(stack, "capped", 300)
+        recorded_last()
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not any(p["done"] for p in progress):
             drain(time.monotonic() + 1)
         assert any(p["done"] for p in progress), "no size-cap run within 30 s"
         assert progress[-1]["total"] > 0 and "error" not in progress[-1]
-        rows = _rows(stack, "SELECT id, response_body IS NOT NULL FROM http_transactions ORDER BY id")
-        assert len(rows) == 300  # rows kept
-        flags = [has for _id, has in rows]
-        assert flags[0] == 0 and flags[-1] == 1 and flags == sorted(flags), "not the oldest bodies first"
         assert "dropped the oldest" in stack.logs(400)
 
-        # 2. Rows: keep sending; once no old body is left, the oldest rows go. Traffic is recorded.
-        for _ in range(6):
-            send(300, "pad")  # rows of ~2.5 KB without their bodies
-            drain(time.monotonic() + 6)
-            first = _rows(stack, "SELECT MIN(id) FROM http_transactions")[0][0]
-            if first > 1:
-                break
-        _recorded_last = f"/rand/4096/pad/{i - 1}"
-        wait_for(
-            lambda: (
-                _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%{_recorded_last}",))[0][0]
-                == 1
-            ),
-            30,
-            message="the last request recorded",
-        )
-        rows = _rows(stack, "SELECT id, response_body IS NOT NULL FROM http_transactions ORDER BY id")
-        assert rows[0][0] > 1, "no row dropped"
-        flags = [has for _id, has in rows]
-        assert flags == sorted(flags)
-        assert _data_bytes(stack) <= 1024 * 1024 * 1.2
+        def check_kept() -> None:
+            rows = _rows(stack, "SELECT id, response_body IS NOT NULL, timestamp FROM http_transactions ORDER BY id")
+            assert rows and rows[0][0] > 1, "no transaction dropped"
+            assert [r[0] for r in rows] == list(range(rows[0][0], rows[-1][0] + 1)), "not the oldest first"
+            assert all(has for _id, has, _ts in rows), "a recent transaction lost its body"
+            ((log_lo, log_n),) = _rows(stack, "SELECT MIN(timestamp), COUNT(*) FROM logs")
+            assert log_n < i, "no log dropped"
+            assert abs(log_lo - rows[0][2]) < 2, "logs and transactions not cut at the same moment"
+
+        check_kept()
+
+        # 2. Keep sending: the cap keeps acting, traffic is recorded, the newest are there.
+        for _ in range(3):
+            send(300, "pad")
+            drain(time.monotonic() + 3)
+        recorded_last()
+        drain(time.monotonic() + 3)
+        check_kept()
+        assert _data_bytes(stack) <= 1024 * 1024

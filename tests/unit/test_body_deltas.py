@@ -282,6 +282,12 @@ def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) 
         s.close()
 
 
+def _cap_keeping(conn: Any, share: float) -> float:
+    """A cap (MiB) under which the size-cap job keeps about `share` of the data (a small cap: its
+    -wal room is a quarter of it, services/maintenance/jobs.py wal_room)."""
+    return jobs._data_bytes(conn) * share / (jobs.CAP_LOW_WATER - 0.25) / jobs.MIB
+
+
 def test_size_cap_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
     """The cap drops the oldest bodies first: a chain cut in the middle leaves its later bodies readable."""
     s = Store(tmp_path / "c.db")
@@ -293,11 +299,36 @@ def test_size_cap_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
                 recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, 1000 + i), b, resp))
             s.add(recs)
         s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        list(jobs.size_cap(s.conn, {"max_database_mib": jobs.used_bytes(s.conn) / jobs.MIB * 0.9}))
+        list(jobs.size_cap(s.conn, {"max_database_mib": _cap_keeping(s.conn, 0.7)}))
         kept, dropped, deltas = s.conn.execute(
             "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
         ).fetchone()
         assert kept == 120 and 0 < dropped < kept and deltas > 0
+        s.check()
+    finally:
+        s.close()
+
+
+def test_size_cap_dropping_whole_rows_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
+    """Recent transactions keep their bodies: the cap deletes the oldest rows, cutting chains in the
+    middle (their bases among the deleted rows); every body left still reads back identical."""
+    s = Store(tmp_path / "c.db")
+    now = time.time()
+    try:
+        for k in range(12):
+            recs = []
+            for i, b in enumerate(conversation(10, 10 + k, size=30000)):
+                resp = os.urandom(3000) if i % 5 == 0 else None
+                ts = now - 600 + k * 45 + i * 5  # one chain after the other
+                recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, ts), b, resp))
+            s.add(recs)
+        s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        list(jobs.size_cap(s.conn, {"max_database_mib": _cap_keeping(s.conn, 0.7)}))
+        kept, dropped, deltas = s.conn.execute(
+            "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
+        ).fetchone()
+        assert 0 < kept < 120 and dropped == 0 and deltas > 0  # rows went, no body alone
+        assert kept % 10, kept  # a chain was cut in the middle: its first rows (the bases) went
         s.check()
     finally:
         s.close()

@@ -1,17 +1,29 @@
-"""retention.maxDatabaseMiB (SPEC §15): the size-cap job drops the oldest bodies first, then the
-oldest rows, and gives the pages back (services/maintenance/jobs.py)."""
+"""retention.maxDatabaseMiB (SPEC §15): over CAP_HIGH_WATER of the cap, the size-cap job drops the
+bodies of old transactions first, then the oldest transactions and logs together by timestamp, down
+to CAP_LOW_WATER, and gives the pages back (services/maintenance/jobs.py)."""
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from greyproxy.config import ConfigError, load_config
 from greyproxy.store import open_database
-from services.maintenance.jobs import CAP_LOW_WATER, MIB, over_cap, size_cap, used_bytes
+from services.maintenance.jobs import (
+    CAP_HIGH_WATER,
+    CAP_LOW_WATER,
+    MIB,
+    _data_bytes,
+    counted_bytes,
+    over_cap,
+    size_cap,
+    used_bytes,
+    wal_room,
+)
 
 _INSERT = (
     "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
@@ -62,13 +74,74 @@ def test_then_the_oldest_rows(tmp_path: Path) -> None:
     _fill(conn, 4000, 0)  # rows without bodies: only deleting rows helps
     _fill(conn, 20, 2048, start=4000)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    before = used_bytes(conn)
-    cap = before / MIB * 0.6
+    cap = _data_bytes(conn) * 0.7 / (CAP_LOW_WATER - 0.25) / MIB  # keeps ~70 % (its -wal room: a quarter)
     _run(conn, cap)
     ids = [r[0] for r in conn.execute("SELECT id FROM http_transactions ORDER BY id")]
     assert ids and ids == list(range(ids[0], 4021))  # the oldest rows went, the rest are whole
     assert conn.execute("SELECT COUNT(*) FROM http_transactions WHERE response_body IS NOT NULL").fetchone()[0] == 0
     assert used_bytes(conn) <= CAP_LOW_WATER * cap * MIB
+    db.close()
+
+
+_LOG = (
+    "INSERT INTO logs (timestamp, container_name, destination_host, destination_port, method, result, reason)"
+    " VALUES (?, 'c', ?, 443, 'CONNECT', 'allowed', ?)"
+)
+
+
+def _fill_recent(conn: sqlite3.Connection, seconds: int, now: float) -> None:
+    """`seconds` of recent traffic: each second 2 transactions with bodies and 40 logs."""
+    conn.execute("BEGIN")
+    for t in range(seconds):
+        ts = now - seconds + t
+        for j in range(2):
+            conn.execute(_INSERT, (ts + j / 10, f"http://h/{t}/{j}", os.urandom(3000), 0, 3000))
+        for j in range(40):
+            conn.execute(_LOG, (ts + j / 100, f"host{t}.example", "r" * 100))
+    conn.execute("COMMIT")
+
+
+def test_the_newest_transactions_and_logs_stay_the_oldest_of_both_go(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    now = time.time()
+    _fill_recent(conn, 600, now)  # ten minutes: logs hold about as many bytes as transactions
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    cap = used_bytes(conn) / MIB / 1.5
+    assert over_cap(conn, cap)
+    steps = _run(conn, cap)
+    assert steps[-1][0] > 0
+    assert used_bytes(conn) <= CAP_LOW_WATER * cap * MIB  # data + -wal under the low-water mark
+    assert os.path.getsize(tmp_path / "g.db") + os.path.getsize(tmp_path / "g.db-wal") <= CAP_LOW_WATER * cap * MIB
+    assert not over_cap(conn, cap)
+    tx_lo, tx_hi, tx_n, no_body = conn.execute(
+        "SELECT MIN(timestamp), MAX(timestamp), COUNT(*), SUM(response_body IS NULL) FROM http_transactions"
+    ).fetchone()
+    log_lo, log_hi, log_n = conn.execute("SELECT MIN(timestamp), MAX(timestamp), COUNT(*) FROM logs").fetchone()
+    assert tx_hi > now - 1.5 and log_hi > now - 1.5  # the newest of both kept
+    assert tx_lo > now - 600 + 60 and log_lo > now - 600 + 60  # the oldest of both gone...
+    assert abs(tx_lo - log_lo) < 2  # ...up to the same moment: one cut across both tables
+    assert no_body == 0  # recent transactions keep their bodies: whole rows went
+    # what is left is whole: every row from the cut on
+    assert tx_n == conn.execute("SELECT COUNT(*) FROM http_transactions WHERE timestamp >= ?", (tx_lo,)).fetchone()[0]
+    assert 0 < tx_n < 1200 and 0 < log_n < 24000
+    db.close()
+
+
+def test_the_check_starts_at_the_high_water_mark(tmp_path: Path) -> None:
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    _fill_recent(conn, 100, time.time())
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = _data_bytes(conn)
+    # a small cap keeps a quarter of itself for the -wal: counted = data + cap / 4
+    under, over = data / (CAP_HIGH_WATER - 0.02 - 0.25), data / (CAP_HIGH_WATER + 0.02 - 0.25)
+    assert wal_room(conn, under) == under // 4 and counted_bytes(conn, under) < CAP_HIGH_WATER * under
+    assert not over_cap(conn, under / MIB)  # under 85 % of the cap: nothing
+    assert over_cap(conn, over / MIB)  # just over 85 %, still under the cap itself
+    assert counted_bytes(conn, over) < over
+    # a big cap keeps the -wal's full room: wal_autocheckpoint pages
+    assert wal_room(conn, 1 << 30) == 1000 * conn.execute("PRAGMA page_size").fetchone()[0]
     db.close()
 
 
