@@ -92,6 +92,7 @@ class JournalWriter:
         self._soon: asyncio.Handle | None = None  # a flush at the end of this loop turn
         self._urgent = False  # an urgent record is queued: send without waiting for company
         self._ack_wait = ack_timeout  # grows after each timeout, back to ack_timeout on an ack
+        self._runs = 0  # run() calls so far: only the latest one owns the socket
         self.dropped = 0
         self.acked = 0
         self.resent = 0
@@ -243,6 +244,11 @@ class JournalWriter:
                 self._schedule()  # the window has room again
 
     async def run(self) -> None:
+        # A second run() (the proxy's last flush at shutdown) takes over from one whose cancellation
+        # has not been processed yet; the earlier one then leaves the socket alone.
+        self._runs += 1
+        mine = self._runs
+        self._reset()
         loop = self._loop = asyncio.get_running_loop()
         self._open()
         try:
@@ -261,12 +267,13 @@ class JournalWriter:
                         self._reset()
                         self._open()
         finally:
-            for handle in (self._timer, self._soon):
-                if handle is not None:
-                    handle.cancel()
-            self._timer = self._soon = None
-            self._reset()
-            self._loop = None
+            if self._runs == mine:
+                for handle in (self._timer, self._soon):
+                    if handle is not None:
+                        handle.cancel()
+                self._timer = self._soon = None
+                self._reset()
+                self._loop = None
 
     def _take_batch(self) -> tuple[list[Encoded], int]:
         """Up to batch_size records and batch_bytes bytes from the front (at least one record)."""

@@ -165,3 +165,33 @@ def test_non_string_keys_still_encode(key: object) -> None:
     w = JournalWriter("ipc:///nonexistent")
     w.append("log", {key: "v"})
     assert orjson.loads(w._queue[0])[2] == {str(key): "v"}
+
+
+def test_a_second_run_takes_over_from_one_still_being_cancelled() -> None:
+    """The proxy's shutdown starts run() again for a last flush while the first run's cancellation
+    may not have been processed yet: the first one's cleanup must not close the second's socket."""
+
+    async def scenario() -> None:
+        w = JournalWriter("ipc:///nonexistent")
+        socks: list[_Socket] = []
+
+        def fake_open() -> None:
+            socks.append(_Socket())
+            w._sock = socks[-1]  # type: ignore[assignment]
+
+        w._open = fake_open  # type: ignore[method-assign]
+        first = asyncio.create_task(w.run())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(w.run())  # starts before the first sees its cancellation
+        first.cancel()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert first.cancelled()
+        rid = w.append("pending", {"container_name": "c"})
+        await asyncio.sleep(0)
+        assert len(socks) == 2 and w._sock is socks[1]
+        assert [_ids(b) for b in socks[1].bodies] == [[rid]]
+        await _stop(second)
+        assert w._sock is None
+
+    asyncio.run(scenario())
