@@ -30,6 +30,7 @@ import orjson
 from greyproxy.policy.patterns import DestinationPattern, analyse_host, destination_pattern, parse_ip
 
 from .placeholders import PLACEHOLDER_RE, PREFIX
+from .reasons import CREDENTIALS_UNAVAILABLE, HOST_MISMATCH, IN_PATH, PLAINTEXT, REASONS, UNKNOWN
 
 __all__ = [
     "CREDENTIALS_UNAVAILABLE",
@@ -46,12 +47,6 @@ __all__ = [
     "plan",
 ]
 
-UNKNOWN = "unknown_placeholder"
-IN_PATH = "placeholder_in_path"
-HOST_MISMATCH = "credential_host_mismatch"
-PLAINTEXT = "plaintext_credential"
-CREDENTIALS_UNAVAILABLE = "credentials_unavailable"
-REASONS = (UNKNOWN, IN_PATH, HOST_MISMATCH, PLAINTEXT, CREDENTIALS_UNAVAILABLE)
 _SEEN_HOSTS = 256  # hosts remembered per credential by Live.allows
 
 _BPREFIX = PREFIX.encode()

@@ -15,7 +15,7 @@ import orjson
 from bus import records, topics
 from greyproxy.bodies import DeltaEncoder, from_record
 from greyproxy.capture import transaction_json
-from greyproxy.credentials.substitute import REASONS as CREDENTIAL_REASONS
+from greyproxy.credentials.reasons import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
 from greyproxy.store import transactions as table
 

@@ -24,7 +24,14 @@ pytestmark = pytest.mark.stack
 HEAVY = ("falcon", "uvicorn", "peewee", "cryptography", "dns", "prometheus_client", "httptools", "websockets")
 FORBIDDEN = {
     "bus": (*HEAVY, "zstandard", "brotli", "publicsuffixlist", "asyncio", "uvloop", "services", "greyproxy.store"),
-    "recorder": (*HEAVY[:2], *HEAVY[3:], "services.api", "services.maintenance"),
+    "recorder": (
+        *HEAVY[:2],
+        *HEAVY[3:],
+        "publicsuffixlist",
+        "greyproxy.policy",
+        "services.api",
+        "services.maintenance",
+    ),
     "maintenance": (*HEAVY[:2], *HEAVY[3:], "publicsuffixlist", "services.api", "services.proxy", "services.recorder"),
     "proxy": ("falcon", "uvicorn", "prometheus_client", "services.api", "services.recorder"),
     # prometheus_client: only once /metrics is scraped; the proxy stack and dnspython never.
