@@ -107,16 +107,38 @@ def _log_where(f: LogFilter, alias: str = "") -> tuple[str, list[Any]]:
     return " AND ".join(where), args
 
 
+# A page for several container names: each name's newest offset + limit rows read from the
+# (container_name, timestamp) index, merged. With `container_name IN (…)` alone the planner either
+# scans the timestamp index and filters (hundreds of ms when the newest rows are another container's:
+# 263 ms for 11 names at 1 000 000 rows after 200 000 rows of one busy container) or sorts every
+# matching row; the merge reads at most names × (offset + limit) index entries. Beyond this many
+# entries (deep pages of many names) the IN form is kept.
+MAX_MERGED_ENTRIES = 100_000
+MAX_MERGED_NAMES = 400  # SQLite allows 500 terms in a compound SELECT
+
+
 def _log_page(f: LogFilter, limit: int, offset: int) -> list[dict[str, Any]]:
-    clause, args = _log_where(f, "l")
     cols = ", ".join(f"l.{c}" for c in COLUMNS)
-    return sql.rows(
+    head = (
         f"SELECT {cols}, CASE WHEN r.id IS NULL THEN NULL ELSE r.container_pattern || ' → ' ||"
         " r.destination_pattern || ':' || COALESCE(NULLIF(r.port_pattern, ''), '*') END AS rule_summary"
-        f" FROM logs l LEFT JOIN rules r ON r.id = l.rule_id WHERE {clause}"
-        " ORDER BY l.timestamp DESC, l.id DESC LIMIT ? OFFSET ?",
-        [*args, limit, offset],
+        " FROM logs l LEFT JOIN rules r ON r.id = l.rule_id"
     )
+    order = " ORDER BY l.timestamp DESC, l.id DESC LIMIT ? OFFSET ?"
+    names = f.containers
+    if names is not None and 1 < len(names) <= MAX_MERGED_NAMES and len(names) * (limit + offset) <= MAX_MERGED_ENTRIES:
+        clause, args = _log_where(replace(f, container=None, containers=None))
+        pick = (
+            "SELECT id FROM (SELECT id FROM logs INDEXED BY logs_container"
+            f" WHERE container_name = ? AND {clause} ORDER BY timestamp DESC, id DESC LIMIT ?)"
+        )
+        pick_args: list[Any] = []
+        for name in names:
+            pick_args.extend([name, *args, limit + offset])
+        picks = " UNION ALL ".join([pick] * len(names))
+        return sql.rows(f"{head} WHERE l.id IN ({picks}){order}", [*pick_args, limit, offset])
+    clause, args = _log_where(f, "l")
+    return sql.rows(f"{head} WHERE {clause}{order}", [*args, limit, offset])
 
 
 def _log_total(f: LogFilter) -> int:
