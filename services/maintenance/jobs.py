@@ -124,8 +124,8 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
 # --------------------------------------------------------------------------- the size cap (SPEC §15)
 
 MIB = 1024 * 1024
-CAP_HIGH_WATER = 0.85  # the job starts when the database holds more than this share of the cap...
-CAP_LOW_WATER = 0.7  # ...and drops down to this share: what arrives between checks and the -wal of the
+CAP_HIGH_WATER = 0.8  # the job starts when the database holds more than this share of the cap...
+CAP_LOW_WATER = 0.65  # ...and drops down to this share: what arrives between checks and the -wal of the
 # job's own steps stay under the cap (measured: bench/results.md, soak)
 CAP_BODY_AGE = 3600.0  # bodies alone are dropped only from transactions older than this (seconds)
 CAP_BODY_BATCH = 100  # rows whose bodies are dropped per write transaction (bodies are up to 2 x capture.maxBodyBytes)
