@@ -267,7 +267,7 @@ def bulk_insert_logs(db: Path, rows: int, batch: int = 50_000) -> float:
                     " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                     data,
                 )
-                # log_counts, as the recorder keeps it (greyproxy/store/logs.py ADD_COUNT, migration 9)
+                # log_counts, as the recorder keeps it (greyproxy/store/logs.py ADD_COUNT, migration 10)
                 counts = collections.Counter((r[1], r[7]) for r in data)
                 con.executemany(
                     "INSERT INTO log_counts (container_name, result, n) VALUES (?, ?, ?)"

@@ -31,7 +31,7 @@ FIELDS = COLUMNS[1:]  # what a `log` journal record fills in
 # with one executemany of this statement, and bench/run.py's recorder row (records/s) is that
 # loop; a peewee query object per batch costs measurably more there.
 INSERT = f"INSERT INTO logs ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
-# log_counts (migration 3) for rows inserted: `n` more rows of (container_name, result). Since migration 9
+# log_counts (migration 3) for rows inserted: `n` more rows of (container_name, result). Since migration 10
 # whoever inserts into logs adds these in the same transaction (the recorder: one per container and
 # result per batch; a trigger per row cost more than the row); deletes and updates have triggers.
 ADD_COUNT = (

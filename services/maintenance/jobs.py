@@ -100,7 +100,7 @@ def prune(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int,
         ("rules", "expires_at IS NOT NULL AND expires_at < ? AND source != 'builtin'", (now - 7 * DAY,)),
         ("pending", "last_seen < ?", (now - pending_ttl,)),
         ("journal_applied", "applied_at < ?", (now - DAY,)),
-        ("journal_ranges", "applied_at < ?", (now - DAY,)),  # migration 9
+        ("journal_ranges", "applied_at < ?", (now - DAY,)),  # migration 10
         ("dns_cache", "updated_at < ?", (now - 7 * DAY,)),
     ]
     total = len(steps)

@@ -6,7 +6,7 @@ an event finds the change). With `lazy=True` the per-request events (`log.new`,
 entry), built only if someone subscribes to the topic when they are published (see
 services/recorder/service.py).
 
-Applied record ids are kept as ranges per writer (`journal_ranges`, migration 9), the log rows'
+Applied record ids are kept as ranges per writer (`journal_ranges`, migration 10), the log rows'
 `log_counts` added here per batch; docs/architecture.md ("journal.py") says why.
 """
 
@@ -122,7 +122,7 @@ def _log_payload(row: Row, data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
-    """log_counts for inserted log rows (migration 9: kept here, one upsert per container and result)."""
+    """log_counts for inserted log rows (migration 10: kept here, one upsert per container and result)."""
     if len(params) == 1:
         p = params[0]
         cur.execute(logs.ADD_COUNT, (p[_L_NAME], p[_L_RESULT], 1))
@@ -346,7 +346,7 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
         for a, b in cur.execute(journal_applied.RANGES_OVERLAPPING, (writer, lo, hi)):
             applied.update((writer, s) for s in seqs if a <= s <= b)
     if cur.execute(journal_applied.ANY_LEGACY).fetchone() is not None:
-        # Ids applied by a recorder from before migration 9 (a resend across the upgrade).
+        # Ids applied by a recorder from before migration 10 (a resend across the upgrade).
         for i in range(0, len(records), _ID_CHUNK):
             ids = [r[0] for r in records[i : i + _ID_CHUNK]]
             old = {row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids)}
@@ -375,7 +375,7 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
                 start = s
             prev = s
         marks.append((writer, start, prev, now))
-    cur.executemany(journal_applied.MARK_RANGE, marks)
+    journal_applied.mark_ranges(cur, marks)
     return fresh
 
 

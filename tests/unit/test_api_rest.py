@@ -238,7 +238,7 @@ class Api:
             " method, result, rule_id, response_time_ms, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1.5, 'rule')",
             (ts, container, host, port, resolved, method, result, rule_id),
         )
-        self.db.execute_sql(logs_store.ADD_COUNT, (container, result, 1))  # as the recorder does (migration 9)
+        self.db.execute_sql(logs_store.ADD_COUNT, (container, result, 1))  # as the recorder does (migration 10)
         return cur.lastrowid
 
     def close(self) -> None:

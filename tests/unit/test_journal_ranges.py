@@ -1,4 +1,4 @@
-"""Applied journal records remembered as id ranges per writer (migration 9): every record applied
+"""Applied journal records remembered as id ranges per writer (migration 10): every record applied
 exactly once whatever order batches and resends arrive in; ids applied by a recorder from before
 (journal_applied) still count; log_counts kept with the rows by the recorder."""
 
@@ -73,11 +73,9 @@ def test_a_usual_batch_is_one_range_row(tmp_path: Path) -> None:
     try:
         conn = db.connection()
         apply_records(conn, [_rec("w", s) for s in range(1, 41)])
-        apply_records(conn, [_rec("w", s) for s in range(41, 81)])
-        assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [
-            ("w", 1, 40),
-            ("w", 41, 80),
-        ]
+        assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [("w", 1, 40)]
+        apply_records(conn, [_rec("w", s) for s in range(41, 81)])  # the next batch extends it
+        assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [("w", 1, 80)]
     finally:
         db.close()
 
@@ -124,5 +122,28 @@ def test_a_resend_starting_inside_an_applied_range_skips_its_applied_part(tmp_pa
         events = apply_records(conn, [_rec("w", s) for s in range(20, 66)])
         assert sorted(int(e["reason"][1:]) for _t, e in events) == list(range(41, 61))
         assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 70
+    finally:
+        db.close()
+
+
+def test_a_writer_in_order_keeps_one_range_row(tmp_path: Path) -> None:
+    """Batches that continue their writer's last range extend its row (one row per writer while
+    records arrive in order, not one per batch); a gap starts a new row; resends stay skipped."""
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        for start in range(1, 1001, 50):  # twenty batches of one writer, in order
+            assert len(apply_records(conn, [_rec("wa", s) for s in range(start, start + 50)])) == 50
+        rows = conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY writer, lo").fetchall()
+        assert rows == [("wa", 1, 1000)]
+        assert apply_records(conn, [_rec("wa", 500), _rec("wa", 1000)]) == []  # resends inside it
+        apply_records(conn, [_rec("wa", s) for s in range(1100, 1110)])  # records 1001..1099 lost
+        apply_records(conn, [_rec("wb", 1)])
+        rows = conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY writer, lo").fetchall()
+        assert rows == [("wa", 1, 1000), ("wa", 1100, 1109), ("wb", 1, 1)]
+        assert len(apply_records(conn, [_rec("wa", 1050), _rec("wa", 1110)])) == 2  # a late one, the next one
+        rows = conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY writer, lo").fetchall()
+        assert rows == [("wa", 1, 1000), ("wa", 1050, 1050), ("wa", 1100, 1110), ("wb", 1, 1)]
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 1000 + 10 + 1 + 2
     finally:
         db.close()

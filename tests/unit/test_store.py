@@ -183,7 +183,7 @@ def test_log_counts_migration_counts_existing_rows(tmp_path: Path) -> None:
     try:
         # Back to "before migration 3", with rows written meanwhile.
         for stmt in (
-            "DROP TRIGGER IF EXISTS log_counts_ins",  # gone since migration 9 (the recorder counts)
+            "DROP TRIGGER IF EXISTS log_counts_ins",  # gone since migration 10 (the recorder counts)
             "DROP TRIGGER log_counts_del",
             "DROP TRIGGER log_counts_upd",
             "DROP TABLE log_counts",
