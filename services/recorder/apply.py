@@ -327,8 +327,8 @@ _ID_CHUNK = 500  # bound parameters per "already applied?" query
 
 def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Record]:
     """The records not applied before (nor earlier in this batch), now marked applied: per writer,
-    one look-up of the ranges overlapping the batch's and one range row per run of consecutive
-    sequence numbers (usually one per batch and writer)."""
+    one look-up of the ranges overlapping the batch's and one range per run of consecutive
+    sequence numbers (extending the writer's last row when it continues it: journal_applied.mark_ranges)."""
     writer_seq = journal_applied.writer_seq
     by_writer: dict[str, list[int]] = {}
     keys: list[tuple[str, int]] = []
