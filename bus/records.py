@@ -8,7 +8,7 @@ A payload travels as JSON: the TypedDicts below say which fields each kind carri
 from __future__ import annotations
 
 import time
-from typing import Any, Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict, cast
 
 import orjson
 
@@ -196,6 +196,72 @@ def log_record(
         "reason": reason,
         "mitm_skip_reason": mitm_skip_reason,
     }
+
+
+# A `log` record travels in one of two shapes too. Shape 2 (what the proxy writes): an array of the
+# values in LOG_FIELDS order (the columns of `logs` but `id`, then `rule_summary` for `log.new`); a
+# shorter array leaves the fields after it null. Shape 1 (proxies before shape 2, still accepted): an
+# object with those fields as keys (`log_record`).
+LogValues = list[Any]
+LOG_FIELDS = (  # shape 2's order: never reorder, only append
+    "timestamp",
+    "container_name",
+    "container_id",
+    "destination_host",
+    "destination_port",
+    "resolved_hostname",
+    "method",
+    "result",
+    "rule_id",
+    "response_time_ms",
+    "reason",
+    "mitm_skip_reason",
+    "rule_summary",
+)
+
+
+def log_values(
+    container: str,
+    host: str,
+    port: int,
+    method: str,
+    result: str,
+    resolved_hostname: str | None = None,
+    rule_id: int | None = None,
+    rule_summary: str | None = None,
+    response_time_ms: float | None = None,
+    reason: str | None = None,
+    mitm_skip_reason: str | None = None,
+    container_id: str = "",
+    timestamp: float | None = None,
+) -> LogValues:
+    """`log_record`'s record as it travels (shape 2): the same checks, the same values, in LOG_FIELDS order."""
+    if result not in (ALLOWED, BLOCKED):
+        raise ValueError(f"log result must be {ALLOWED!r} or {BLOCKED!r}, not {result!r}")
+    return [
+        time.time() if timestamp is None else timestamp,
+        container,
+        container_id,
+        host,
+        port,
+        resolved_hostname,
+        method,
+        result,
+        rule_id,
+        None if response_time_ms is None else round(response_time_ms, 3),
+        reason,
+        mitm_skip_reason,
+        rule_summary,
+    ]
+
+
+def log_fields(data: LogValues | LogRecord) -> LogRecord:
+    """A `log` record of either shape as shape 1 (an object): for readers and tests."""
+    if isinstance(data, dict):
+        return data
+    rec = dict(zip(LOG_FIELDS, data))
+    rec.update({c: None for c in LOG_FIELDS[len(data) :]})
+    return cast(LogRecord, rec)
 
 
 def pending_record(

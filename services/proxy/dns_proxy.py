@@ -696,7 +696,7 @@ class DnsProxy:
         name = query.question[0].name.to_text(omit_final_dot=True).lower() or "."
         self.journal.append(
             records.LOG,
-            records.log_record(
+            records.log_values(
                 f"unknown-{client_ip}", name, 53, "DNS", records.ALLOWED, response_time_ms=elapsed_ms, reason="dns"
             ),
         )

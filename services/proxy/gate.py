@@ -187,15 +187,24 @@ class Gate:
                 await wait
         resolved = self.resolved_name(host)
         self.decisions += 1
-        j = self.judge(container, host, port, resolved)
-        if j.needs_addresses:
-            # An address rule may deny where this name resolves to: that deny wins (no hold).
-            addrs = await self._addresses_of(host, port)
-            if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
-                j = self.judge(container, host, port, resolved, addrs)
-        verdict = self._verdict(j)
-        if verdict is None:
-            verdict = await self._hold(container, host, port, resolved, client_gone)
+        key = (container, host, port, resolved)
+        hit = self._verdicts.get(key) if self.silent.mode is None else None
+        if hit is not None and (hit[3] == math.inf or time.time() < hit[3]):
+            if hit[2] is not None:
+                self._hit(hit[2])
+            verdict = Verdict(hit[0], hit[1], hit[2])
+        else:
+            j = self.judge(container, host, port, resolved)
+            if j.needs_addresses:
+                # An address rule may deny where this name resolves to: that deny wins (no hold).
+                addrs = await self._addresses_of(host, port)
+                if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
+                    j = self.judge(container, host, port, resolved, addrs)
+            elif j.decision != "pending" and self.silent.mode is None:
+                self._remember(key, j)
+            verdict = self._verdict(j)
+            if verdict is None:
+                verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
         elapsed = time.perf_counter() - t0
         verdict.elapsed_ms = elapsed * 1000
@@ -402,6 +411,25 @@ class Gate:
         # replaced (and this cache with it) or its winning rule expires (a rule that loses now can
         # only lose more as others expire, and an expired rule never comes back).
         self._decisions: dict[tuple[str, str, int, str | None], tuple[Decision, float]] = {}
+        # Whole verdicts of `admit` per (container, host, port, resolved name), by the same reasoning:
+        # (allowed, reason, rule id, valid until). Only judgements made without silent mode (none is
+        # used while a silent mode is set: it may end by the clock) and without looking up addresses
+        # (those are re-judged each time); holds are never cached. Every rule swap (`set_rules`, this
+        # setter) starts it over; silent mode changes (`set_silent`) too.
+        self._verdicts: dict[tuple[str, str, int, str | None], tuple[bool, str, int | None, float]] = {}
+
+    def _remember(self, key: tuple[str, str, int, str | None], j: Judgement) -> None:
+        """Keep a judgement made without silent mode and without looking up addresses (`_verdicts`)."""
+        if len(self._verdicts) >= DECISION_CACHE:
+            self._verdicts.clear()  # bounded (destinations come from clients): start over
+        rule = j.rule
+        expires = rule.expires_at if rule is not None else None
+        self._verdicts[key] = (
+            j.decision == "allow",
+            "rule" if rule is not None else j.decision,
+            rule.id if rule is not None else None,
+            expires if expires is not None else math.inf,
+        )
 
     def _decide_rules(self, container: str, host: str, port: int, resolved: str | None) -> Decision:
         key = (container, host, port, resolved)
@@ -490,19 +518,19 @@ class Gate:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append(
             records.LOG,
-            records.log_record(
+            records.log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS)
                 container,
                 host,
                 port,
                 method,
                 ALLOWED if verdict.allowed else BLOCKED,
-                resolved_hostname=verdict.resolved_hostname,
-                rule_id=verdict.rule_id,
-                rule_summary=summary,
-                response_time_ms=verdict.elapsed_ms,
-                reason=verdict.reason,
-                mitm_skip_reason=mitm_skip_reason,
-                container_id=self.container_ids.get(container, ""),
+                verdict.resolved_hostname,
+                verdict.rule_id,
+                summary,
+                verdict.elapsed_ms,
+                verdict.reason,
+                mitm_skip_reason,
+                self.container_ids.get(container, ""),
             ),
         )
 
@@ -514,6 +542,7 @@ class Gate:
             s._timer = None
         s.mode = mode
         s.expires_at = time.time() + duration if (mode and duration) else None
+        self._verdicts = {}  # (not used while a mode is set; started over anyway)
         if mode and duration:
             s._timer = asyncio.get_running_loop().call_later(duration, self._silent_expired)
         status = s.status()

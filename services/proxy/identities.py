@@ -109,7 +109,7 @@ class IdentityGuard:
         )
         self.journal.append(
             records.LOG,
-            records.log_record(
+            records.log_values(
                 name,
                 host,
                 port,

@@ -106,9 +106,21 @@ def materialize(events: list[Event]) -> list[Event]:
     return out
 
 
-def _log_params(data: dict[str, Any], now: float) -> tuple:
-    """A `log` record's values in LOG_COLUMNS order, as stored."""
-    params = tuple(map(data.get, LOG_COLUMNS))
+_N_LOG = len(LOG_COLUMNS)
+assert kinds.LOG_FIELDS[:_N_LOG] == LOG_COLUMNS  # shape 2 starts with the columns, in their order
+_L_SUMMARY = kinds.LOG_FIELDS.index("rule_summary")
+
+
+def _log_params(data: list[Any] | dict[str, Any], now: float) -> tuple:
+    """A `log` record's values in LOG_COLUMNS order, as stored: from an array (shape 2, bus/records.py
+    LOG_FIELDS; a shorter one leaves the rest null, a longer one is refused) or an object (shape 1)."""
+    if type(data) is list:
+        n = len(data)
+        if n > len(kinds.LOG_FIELDS):
+            raise ValueError(f"a log record of {n} fields (at most {len(kinds.LOG_FIELDS)})")
+        params = tuple(data[:_N_LOG]) if n >= _N_LOG else (*data, *(None,) * (_N_LOG - n))
+    else:
+        params = tuple(map(data.get, LOG_COLUMNS))  # type: ignore[union-attr]
     if params[_L_TS] is None or params[_L_CID] is None:
         fixed = list(params)
         fixed[_L_TS] = now if fixed[_L_TS] is None else fixed[_L_TS]
@@ -117,8 +129,10 @@ def _log_params(data: dict[str, Any], now: float) -> tuple:
     return params
 
 
-def _log_payload(row: Row, data: dict[str, Any]) -> dict[str, Any]:
-    return log_json(row.as_dict(), data.get("rule_summary"))
+def _log_payload(row: Row, data: list[Any] | dict[str, Any]) -> dict[str, Any]:
+    if type(data) is list:
+        return log_json(row.as_dict(), data[_L_SUMMARY] if len(data) > _L_SUMMARY else None)
+    return log_json(row.as_dict(), data.get("rule_summary"))  # type: ignore[union-attr]
 
 
 def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
@@ -131,7 +145,7 @@ def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
     cur.executemany(logs.ADD_COUNT, [(name, result, n) for (name, result), n in counts.items()])
 
 
-def _apply_log(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+def _apply_log(cur: sqlite3.Cursor, data: list[Any] | dict[str, Any], events: list[Event]) -> None:
     params = _log_params(data, time.time())
     cur.execute(logs.INSERT, params)
     _add_log_counts(cur, [params])

@@ -1,5 +1,6 @@
 """The gate's per-destination decision cache (services/proxy/gate.py): it must answer exactly what
-the rule set answers now, across rule swaps and rule expiry."""
+the rule set answers now, across rule swaps, rule expiry, silent mode and names learnt; and the
+whole verdicts `admit` keeps (`Gate._verdicts`) answer what an uncached judgement answers."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import asyncio
 import time
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bus import records
 from greyproxy.policy import Rule, RuleSet
 from services.proxy.gate import Gate
 
@@ -66,3 +71,87 @@ def test_the_cache_is_bounded() -> None:
     for i in range(gate_mod.DECISION_CACHE + 10):
         assert admit(g, "a", f"h{i}.example.com").allowed
     assert len(g._decisions) <= gate_mod.DECISION_CACHE
+
+
+# -- the verdict cache (Gate._verdicts): admit answers what an uncached judgement answers, always --
+
+_HOSTS = ["api.example.com", "x.example.com", "10.0.0.1", "127.0.0.1", "other.test"]
+_RULES = st.builds(
+    lambda i, c, d, p, a, ttl: Rule(i, c, d, p, a, expires_at=None if ttl is None else time.time() + ttl),
+    st.integers(1, 9),
+    st.sampled_from(["*", "a", "b"]),
+    st.sampled_from(["*", "api.example.com", "*.example.com", "10.0.0.0/8", "127.0.0.1", "name.test"]),
+    st.sampled_from(["*", "443", "80"]),
+    st.sampled_from(["allow", "deny"]),
+    st.sampled_from([None, None, -1.0, 3600.0]),
+)
+_STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("admit"), st.sampled_from(["a", "b"]), st.sampled_from(_HOSTS), st.sampled_from([443, 80, 1])),
+        st.tuples(st.just("rules"), st.lists(_RULES, max_size=4)),
+        st.tuples(st.just("silent"), st.sampled_from([None, "allow", "deny"])),
+        st.tuples(st.just("name"), st.sampled_from(["10.0.0.1", "127.0.0.1"]), st.sampled_from(["name.test", None])),
+    ),
+    max_size=25,
+)
+
+
+def _expected(g: Gate, container: str, host: str, port: int) -> tuple[bool, str, int | None]:
+    """What an uncached gate answers: the judgement now (a hold times out: no one decides it here)."""
+    j = g.judge(container, host, port, g.resolved_name(host))
+    if j.decision == "pending":
+        return (False, "hold_timeout", None)
+    if j.rule is not None:
+        return (j.decision == "allow", "rule", j.rule.id)
+    return (j.decision == "silent_allow", j.decision, None)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_RULES, max_size=4), _STEPS)
+def test_cached_verdicts_answer_as_an_uncached_judgement(first: list[Rule], steps: list[Any]) -> None:
+    g = Gate(Journal(), Publisher(), {1}, {"127.0.0.1"}, 0.001, 10)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        g.set_rules(RuleSet(first), 1)
+        for i, step in enumerate(steps):
+            if step[0] == "admit":
+                _, c, h, p = step
+                want = _expected(g, c, h, p)
+                v = await g.admit(c, h, p, "HTTP")
+                assert (v.allowed, v.reason, v.rule_id) == want, step
+            elif step[0] == "rules":
+                g.set_rules(RuleSet(step[1]), i + 2)
+            elif step[0] == "silent":
+                g.set_silent(step[1], None)
+            elif step[2] is None:
+                g.names.pop(step[1], None)
+            else:
+                g.names[step[1]] = (step[2], time.time())
+
+    asyncio.run(run())
+
+
+def test_a_cached_verdict_gives_way_to_silent_mode_and_back() -> None:
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"))
+
+    async def run() -> None:
+        assert (await g.admit("a", "api.example.com", 443, "HTTP")).rule_id == 1
+        assert ("a", "api.example.com", 443, None) in g._verdicts  # cached
+        g.set_silent("deny", 0.2)
+        v = await g.admit("a", "api.example.com", 443, "HTTP")
+        assert (v.allowed, v.reason) == (False, "silent_deny")
+        g.silent.expires_at = time.time() - 1  # over by the clock before its timer fired
+        v = await g.admit("a", "api.example.com", 443, "HTTP")
+        assert (v.allowed, v.rule_id) == (True, 1)
+        g.set_silent(None, None)
+
+    asyncio.run(run())
+
+
+def test_cached_verdicts_count_hits_and_log_every_request() -> None:
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"))
+    for _ in range(3):
+        admit(g, "a", "api.example.com")
+    assert g._hits[1][0] == 3
+    logged = [records.log_fields(d) for k, d in g.journal.records if k == "log"]  # type: ignore[attr-defined]
+    assert [(r["rule_id"], r["result"], r["destination_host"]) for r in logged] == [(1, "allowed", "api.example.com")] * 3

@@ -14,6 +14,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bus import records
 from greyproxy.policy import Rule, RuleSet
 from services.proxy.gate import Gate
 
@@ -42,7 +43,7 @@ def gate_with(*rules: Rule) -> Gate:
 
 
 def logs(g: Gate) -> list[dict[str, Any]]:
-    return [d for k, d in g.journal.records if k == "log"]  # type: ignore[attr-defined]
+    return [records.log_fields(d) for k, d in g.journal.records if k == "log"]  # type: ignore[attr-defined]
 
 
 def test_ruleset_address_denial() -> None:
