@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bus import records
@@ -108,6 +108,14 @@ def _expected(g: Gate, container: str, host: str, port: int) -> tuple[bool, str,
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(_RULES, max_size=4), _STEPS)
+@example(
+    [Rule(1, "*", "*", "*", "allow")],
+    [("admit", "a", "x.example.com", 443), ("silent", "deny"), ("admit", "a", "x.example.com", 443)],
+)
+@example(
+    [Rule(1, "*", "name.test", "*", "deny"), Rule(2, "*", "*", "*", "allow")],
+    [("admit", "a", "10.0.0.1", 443), ("name", "10.0.0.1", "name.test"), ("admit", "a", "10.0.0.1", 443)],
+)
 def test_cached_verdicts_answer_as_an_uncached_judgement(first: list[Rule], steps: list[Any]) -> None:
     g = Gate(Journal(), Publisher(), {1}, {"127.0.0.1"}, 0.001, 10)  # type: ignore[arg-type]
 

@@ -190,3 +190,56 @@ def test_both_transaction_shapes_store_the_same_row(db_path: Path) -> None:
     assert [{k: v for k, v in p.items() if k != "id"} for p in payloads[1:]] == [
         {k: v for k, v in payloads[0].items() if k != "id"}
     ] * 2
+
+
+def test_log_shape_2_is_the_table_fields_in_order_then_the_summary() -> None:
+    # Never reordered (a journal written before an upgrade is read by the recorder after it).
+    assert records.LOG_FIELDS == (*logs.FIELDS, "rule_summary")
+    assert set(records.LOG_FIELDS) == set(typing.get_type_hints(records.LogRecord))
+
+
+def test_log_values_are_the_log_record_in_order() -> None:
+    kw: dict[str, typing.Any] = {
+        "resolved_hostname": "h.example",
+        "rule_id": 3,
+        "rule_summary": "s",
+        "response_time_ms": 1.23456,
+        "reason": "rule",
+        "mitm_skip_reason": "pinned",
+        "container_id": "abc",
+        "timestamp": 5.0,
+    }
+    values = records.log_values("agent", "10.0.0.1", 443, "CONNECT", records.BLOCKED, **kw)
+    rec = records.log_record("agent", "10.0.0.1", 443, "CONNECT", records.BLOCKED, **kw)
+    assert values == [rec[k] for k in records.LOG_FIELDS]  # type: ignore[literal-required]
+    assert records.log_fields(values) == rec and records.log_fields(rec) is rec
+    assert records.log_fields(values[:3])["rule_summary"] is None
+    with pytest.raises(ValueError, match="log result"):
+        records.log_values("agent", "example.com", 443, "CONNECT", "maybe")
+
+
+def test_both_log_shapes_store_the_same_row_and_event(db_path: Path) -> None:
+    """Shape 2 (an array: what the proxy writes) and shape 1 (an object: a proxy of before) store
+    identical rows and `log.new` events, alone and in a run; a shorter array leaves the rest null, a
+    longer one is dropped alone."""
+    kw: dict[str, typing.Any] = {"rule_id": 4, "rule_summary": "* → h:*", "response_time_ms": 0.5, "reason": "rule"}
+    rec = records.log_record("c", "h.example", 443, "CONNECT", records.ALLOWED, timestamp=1000.5, **kw)
+    values = records.log_values("c", "h.example", 443, "CONNECT", records.ALLOWED, timestamp=1000.5, **kw)
+    short = values[: records.LOG_FIELDS.index("mitm_skip_reason")]
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    cols = ", ".join(logs.FIELDS)
+    try:
+        for batch in (
+            [("w-1", "log", rec)],
+            [("w-2", "log", values)],
+            [("w-3", "log", rec), ("w-4", "log", values), ("w-5", "log", [*values, "one too many"])],
+            [("w-6", "log", short), ("w-7", "log", [*values, "one too many"])],
+        ):
+            events = apply_records(conn, batch)
+            assert [t for t, _ in events] == ["log.new"] * (len(batch) - (batch[-1][0] in ("w-5", "w-7")))
+            for _t, payload in events:
+                assert payload["rule_summary"] == ("* → h:*" if len(batch[0][2]) != len(short) else None)
+        rows = conn.execute(f"SELECT {cols} FROM logs ORDER BY id").fetchall()
+    finally:
+        conn.close()
+    assert len(rows) == 5 and len(set(rows)) == 1
