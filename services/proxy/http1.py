@@ -365,7 +365,7 @@ class _Collector:
 
 
 class _HeadEnd:
-    """httptools callback target when the head's text is split by `_plain_lines`: only its end."""
+    """httptools callback target when the head is read by splitting its text (`_SPLIT_READING`): only its end."""
 
     __slots__ = ("complete",)
 
@@ -376,17 +376,14 @@ class _HeadEnd:
         self.complete = True
 
 
-def _plain_lines(text: str) -> list[str] | None:
-    """The lines of a head the parser accepted (its text without the final CRLF CRLF), when splitting
-    them reads every field exactly as the parser's callbacks do: each line ends in CRLF, no other CR
-    or LF, no NUL, no folded line. None otherwise: the parser's own reading is taken (`_Collector`).
-    So the fields of a plain head cost two string operations each instead of a callback and two
-    decodes (tests/unit/test_proxy_parsers.py checks both readings agree)."""
-    lines = text.split("\r\n")
-    n = len(lines) - 1  # CRLFs: then no other CR or LF when these counts agree
-    if text.count("\n") != n or text.count("\r") != n or "\x00" in text or "\r\n " in text or "\r\n\t" in text:
-        return None
-    return lines
+# A head the parser accepts is read by splitting its text at CRLF (its fields: `line.partition(":")`)
+# instead of through the parser's callbacks: two string operations a field instead of a callback and
+# two decodes. Both readings agree because the parser refuses every head where they would not: a bare
+# CR or LF anywhere, a NUL or other control character in a field, a line starting with a space or a
+# tab (folded), a space before a field's colon. tests/unit/test_proxy_fast_paths.py pins those
+# refusals (an httptools that accepted one would fail there) and checks both readings agree on any
+# head; it turns this off to get the callbacks' reading.
+_SPLIT_READING = True
 
 
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
@@ -490,7 +487,7 @@ def parse_request_head(
     line_end = head_bytes.find(b"\r\n")
     if not head_bytes[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
-    lines = _plain_lines(head_bytes[:-4].decode("latin-1"))
+    lines: list[str] | None = head_bytes[:-4].decode("latin-1").split("\r\n") if _SPLIT_READING else None
     request_line: list[str] = lines[0].split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
         col: _Collector | _HeadEnd = _HeadEnd()
@@ -507,15 +504,17 @@ def parse_request_head(
             raise HttpError(431, "too many headers")
     elif len(col.headers) > max_headers:  # type: ignore[union-attr]
         raise HttpError(431, "too many headers")
-    version = parser.get_http_version()
+    # (the parser read '<protocol>/<digit>.<digit>' at the end of a request line it accepted, and the
+    # method as written: it knows methods by their exact spelling)
+    version = request_line[2][-3:] if lines is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP/{version} is not supported")
-    method = parser.get_method().decode("latin-1")
     if lines is not None:
-        target = request_line[1]
-        headers = [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines[1:]]]
+        method, target = request_line[0], request_line[1]
+        headers = _split_fields(lines[1:])
         names = frozenset([k.lower() for k, _v in headers])
     else:
+        method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
@@ -626,7 +625,9 @@ class ResponseHead:
     version: str
     status: int
     reason: str
-    headers: list[tuple[str, str]]
+    # The fields as (name, value) pairs: `headers`. None until first asked for when the head is plain
+    # (`text` set): they are then split from its text.
+    _headers: list[tuple[str, str]] | None = field(repr=False, compare=False)
     keep_alive: bool
     chunked: bool
     content_length: int | None
@@ -636,19 +637,65 @@ class ResponseHead:
     # at most one `Connection: keep-alive` (`raw_keep_alive`). None: render_response_head rebuilds it.
     raw: bytes | None = field(default=None, repr=False, compare=False)
     raw_keep_alive: bool = field(default=False, repr=False, compare=False)
-    # lower-case name -> first value, when the parser built it (else header() scans)
+    # lower-case name -> first value, when the parser's callbacks read the fields (else header() looks in `lower`)
     index: dict[str, str] | None = field(default=None, repr=False, compare=False)
+    # The head's text when it is read by splitting it (`_SPLIT_READING`), without the final CRLF CRLF,
+    # and the same lower-cased: each field is a line, its name what stands between a CRLF and the
+    # line's first colon.
+    text: str | None = field(default=None, repr=False, compare=False)
+    lower: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        h = self._headers
+        if h is None:
+            assert self.text is not None
+            h = self._headers = _split_fields(self.text.split("\r\n")[1:])
+        return h
+
+    @headers.setter
+    def headers(self, value: list[tuple[str, str]]) -> None:
+        self._headers = value
 
     def header(self, name: str) -> str | None:
+        lower = self.lower
+        if lower is not None:
+            lname = name.lower()
+            i = lower.find(f"\r\n{lname}:")
+            if i < 0:
+                return None
+            text = self.text
+            assert text is not None
+            start = i + len(lname) + 3
+            stop = text.find("\r\n", start)
+            return text[start:stop].strip(" \t") if stop >= 0 else text[start:].strip(" \t")
         if self.index is not None:
             return self.index.get(name.lower())
         return _first(self.headers, name)
 
 
+def _split_fields(lines: list[str]) -> list[tuple[str, str]]:
+    """A plain head's field lines as (name, value) pairs, the value without its surrounding blanks:
+    what the parser's callbacks give for them (tests/unit/test_proxy_fast_paths.py)."""
+    return [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines]]
+
+
+# A plain response head's framing and hop-by-hop fields, found in its lower-cased text in one pass:
+# `\r\n` + the name + `:` starts such a field's line (see ResponseHead.text). Proxy-* by prefix.
+_RESPONSE_FIELD_RE = re.compile(
+    r"\r\n(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):"
+)
+
+
 def parse_response_head(
     buf: bytes, max_header_bytes: int = 65536, request_method: str = "GET"
 ) -> tuple[ResponseHead, int] | None:
-    """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad."""
+    """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad.
+
+    The parser checks every head. One whose status line has a status (the usual one) is then read
+    from its text (`_SPLIT_READING`): version, status and reason from the status line, the framing
+    and hop-by-hop fields by looking for them, the field list only when someone asks for it
+    (`ResponseHead.headers`). Any other head is read from the parser's callbacks."""
     end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
     if end < 0:
         if len(buf) > max_header_bytes:
@@ -661,55 +708,75 @@ def parse_response_head(
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
     consumed = end + len(_HEAD_END)
-    lines = _plain_lines(buf[:end].decode("latin-1"))
-    status_line: list[str] = lines[0].split(" ", 2) if lines is not None else []
-    col: _Collector | _HeadEnd = _HeadEnd() if len(status_line) >= 2 else _Collector()
+    text: str | None = buf[:end].decode("latin-1")
+    first = text.find("\r\n")  # type: ignore[union-attr]
+    status_line = (text[:first] if first >= 0 else text).split(" ", 2)  # type: ignore[index]
+    if len(status_line) < 2 or not _SPLIT_READING:
+        text = None
+    col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
     parser = httptools.HttpResponseParser(col)
     problem = _run_parser(parser, buf[:consumed])
     if problem is not None:
         raise UpstreamError(problem)
     if not col.complete:
         raise UpstreamError("incomplete response head")
-    version = parser.get_http_version()
+    # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
+    version = status_line[0][-3:] if text is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
-    headers: list[tuple[str, str]]
-    if type(col) is _HeadEnd:
-        assert lines is not None
-        reason = status_line[2] if len(status_line) == 3 else ""
-        headers = [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines[1:]]]
-    else:
-        reason = col.status.decode("latin-1")  # type: ignore[union-attr]
-        headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t")) for k, v in col.headers]  # type: ignore[union-attr]
-        if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
-            raise UpstreamError("control character in header value")
-    # lower-case name -> first value (built backwards: the first of a repeated name is kept)
-    index = {k.lower(): v for k, v in reversed(headers)}
-    # What framing, keep-alive and relaying need: the framing and hop-by-hop fields, every value of each.
     te: list[str] = []
     has_te = False
     cls: list[str] = []
     connection: list[str] = []
     n_connection = 0
-    other_hop = any(n.startswith("proxy-") for n in index) if "proxy-" in "\n".join(index) else False
-    special = index.keys() & _RESPONSE_FIELDS
-    if special:
-        repeated = len(index) != len(headers)
-        for lk in special:
-            values = [v for k, v in headers if k.lower() == lk] if repeated else [index[lk]]
+    headers: list[tuple[str, str]] | None = None
+    index: dict[str, str] | None = None
+    lower: str | None = None
+    if text is not None:
+        reason = status_line[2] if len(status_line) == 3 else ""
+        lower = text.lower()  # (latin-1: the same length, so the same offsets)
+        other_hop = False
+        for m in _RESPONSE_FIELD_RE.finditer(lower):
+            lk, start = m.group(1), m.end()
+            stop = text.find("\r\n", start)
+            value = (text[start:stop] if stop >= 0 else text[start:]).strip(" \t")
             if lk == "content-length":
-                cls = values
+                cls.append(value)
+            elif lk == "connection":
+                n_connection += 1
+                connection.extend(_split_tokens(value))
             elif lk == "transfer-encoding":
                 has_te = True
-                for v in values:
-                    te.extend(_split_tokens(v))
-            elif lk == "connection":
-                n_connection = len(values)
-                for v in values:
-                    connection.extend(_split_tokens(v))
+                te.extend(_split_tokens(value))
             else:
                 other_hop = True
+    else:
+        reason = col.status.decode("latin-1")  # type: ignore[union-attr]
+        headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t")) for k, v in col.headers]  # type: ignore[union-attr]
+        if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
+            raise UpstreamError("control character in header value")
+        # lower-case name -> first value (built backwards: the first of a repeated name is kept)
+        index = {k.lower(): v for k, v in reversed(headers)}
+        # What framing, keep-alive and relaying need: the framing and hop-by-hop fields, every value of each.
+        other_hop = any(n.startswith("proxy-") for n in index) if "proxy-" in "\n".join(index) else False
+        special = index.keys() & _RESPONSE_FIELDS
+        if special:
+            repeated = len(index) != len(headers)
+            for lk in special:
+                values = [v for k, v in headers if k.lower() == lk] if repeated else [index[lk]]
+                if lk == "content-length":
+                    cls = values
+                elif lk == "transfer-encoding":
+                    has_te = True
+                    for v in values:
+                        te.extend(_split_tokens(v))
+                elif lk == "connection":
+                    n_connection = len(values)
+                    for v in values:
+                        connection.extend(_split_tokens(v))
+                else:
+                    other_hop = True
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     method = request_method if request_method.isupper() else request_method.upper()
@@ -734,6 +801,8 @@ def parse_response_head(
         None,
         False,
         index,
+        text,
+        lower,
     )
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
     if (
@@ -748,6 +817,9 @@ def parse_response_head(
 
 # Response fields the single pass looks at: framing, and the hop-by-hop ones.
 _RESPONSE_FIELDS = frozenset({"content-length", "transfer-encoding"}) | _HOP_BY_HOP
+# The hop-by-hop fields a plain response head is looked through for that are not read, only seen
+# (their presence means the head is not relayed as received); Proxy-* are looked for by prefix.
+_OTHER_HOP_NEEDLES = tuple(f"\r\n{n}:" for n in sorted(_HOP_BY_HOP - {"connection"}) if not n.startswith("proxy-"))
 
 
 # ---------------------------------------------------------------------------- rendering
