@@ -62,6 +62,8 @@ class Redactor:
         self._seen: dict[str, bool] = {}
         # raw name -> (canonical name, redacted?, a URL header?)
         self._names: dict[str, tuple[str, bool, bool]] = {}
+        # a field's line -> (canonical name, value as recorded), for `header_lines`
+        self._lines: dict[str, tuple[str, str]] = {}
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -72,6 +74,42 @@ class Redactor:
                 self._seen[lname] = hit
         return hit
 
+    def _name(self, name: str) -> tuple[str, bool, bool]:
+        """(canonical name, redacted?, a URL header?) of a raw header name, remembered."""
+        key = canonical_header_name(name)
+        hit = (key, self.matches(name), key.lower() in URL_HEADERS)
+        if len(self._names) < _CACHE_LIMIT:
+            self._names[name] = hit
+        return hit
+
+    def header_lines(self, lines: Iterable[str]) -> dict[str, list[str]]:
+        """`headers` of fields given as the lines of a head (`name:value`, the value taken without its
+        surrounding blanks): what `headers` gives for the pairs read from them, without the pairs.
+        Most lines of a server's answers come back word for word (Server, Content-Type, Vary, ...):
+        each line's (canonical name, value as recorded) is remembered, bounded, but for a redacted
+        name (whose line holds a secret, and whose value is recorded as REDACTED anyway)."""
+        out: dict[str, list[str]] = {}
+        seen = self._lines
+        for line in lines:
+            got = seen.get(line)
+            if got is None:
+                name, _, value = line.partition(":")
+                key, redacted, url = self._names.get(name) or self._name(name)
+                if redacted:
+                    got = (key, REDACTED)
+                else:
+                    got = (key, self.url(value.strip(" \t")) if url else value.strip(" \t"))
+                    if len(seen) >= _CACHE_LIMIT:
+                        seen.clear()  # (lines come from peers: bounded, start over)
+                    seen[line] = got
+            key, value = got
+            values = out.get(key)
+            if values is None:
+                out[key] = [value]
+            else:
+                values.append(value)
+        return out
+
     def headers(self, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """Header pairs → {canonical name: [values]} with matching values replaced."""
         out: dict[str, list[str]] = {}
@@ -79,10 +117,7 @@ class Redactor:
         for name, value in pairs:
             hit = names.get(name)  # once per record and header: the same few names come back every time
             if hit is None:
-                key = canonical_header_name(name)
-                hit = (key, self.matches(name), key.lower() in URL_HEADERS)
-                if len(names) < _CACHE_LIMIT:
-                    names[name] = hit
+                hit = self._name(name)
             key, redacted, url = hit
             if redacted:
                 value = REDACTED

@@ -657,21 +657,35 @@ class ResponseHead:
     def headers(self, value: list[tuple[str, str]]) -> None:
         self._headers = value
 
+    def field_lines(self) -> list[str] | None:
+        """The fields as the lines of the head (`name:value`), while `headers` has not been built (nor
+        set): for a reader that can take them so (`Redactor.header_lines`). Else None: read `headers`."""
+        if self._headers is not None or self.text is None:
+            return None
+        return self.text.split("\r\n")[1:]
+
     def header(self, name: str) -> str | None:
         lower = self.lower
         if lower is not None:
-            lname = name.lower()
-            i = lower.find(f"\r\n{lname}:")
+            needle = _NEEDLES.get(name) or f"\r\n{name.lower()}:"
+            i = lower.find(needle)
             if i < 0:
                 return None
             text = self.text
             assert text is not None
-            start = i + len(lname) + 3
+            start = i + len(needle)
             stop = text.find("\r\n", start)
             return text[start:stop].strip(" \t") if stop >= 0 else text[start:].strip(" \t")
         if self.index is not None:
             return self.index.get(name.lower())
         return _first(self.headers, name)
+
+
+# What `ResponseHead.header` looks for, for the names the proxy asks every response for.
+_NEEDLES = {
+    n: f"\r\n{n.lower()}:"
+    for n in ("content-type", "Content-Type", "content-encoding", "Content-Encoding", "sec-websocket-extensions")
+}
 
 
 def _split_fields(lines: list[str]) -> list[tuple[str, str]]:

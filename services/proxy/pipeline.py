@@ -250,6 +250,7 @@ class Txn:
         "p0",
         "req",
         "resp",
+        "resp_ct",
         "rule_id",
         "substituted",
         "done",
@@ -281,6 +282,7 @@ class Txn:
         self.t0, self.p0 = time.time(), time.perf_counter()
         self.req: BodyCapture | None = None
         self.resp: BodyCapture | None = None
+        self.resp_ct: tuple[http1.ResponseHead, str | None] | None = None  # (head, its Content-Type): resp_sink's
         self.rule_id = rule_id
         self.substituted: list[str] | tuple[str, ...] = ()  # credential labels substituted (SPEC §12.7)
         self.session_id: str | None = None
@@ -299,7 +301,8 @@ class Txn:
 
     def resp_sink(self, resp: http1.ResponseHead) -> Callable[[bytes | memoryview], None]:
         """The `BodyReader` sink for the (final) response's body."""
-        self.resp = cap = self._capture(resp.header("content-type"))
+        self.resp_ct = (resp, resp.header("content-type"))
+        self.resp = cap = self._capture(self.resp_ct[1])
         return cap.add
 
     def websocket_observers(self, resp: http1.ResponseHead) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
@@ -328,9 +331,16 @@ class Txn:
         redactor = self.recorder.redactor
         req, rcap = self.req, self.resp
         req_ct = self.req_ct
-        resp_ct = resp.header("content-type") if resp is not None else None
+        if resp is None:
+            resp_ct = None
+        else:  # (looked up once: by resp_sink for this very head, when it was called)
+            resp_ct = self.resp_ct[1] if self.resp_ct is not None and self.resp_ct[0] is resp else resp.header("content-type")
         scrub = self.scrubber
-        resp_headers = redactor.headers(resp.headers) if resp is not None else {}
+        if resp is None:
+            resp_headers = {}
+        else:
+            lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
+            resp_headers = redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines)
         if scrub is not None and resp_headers:
             resp_headers = scrub.headers(resp_headers)
         # The record in TRANSACTION_FIELDS order (bus/records.py: shape 2).

@@ -272,3 +272,35 @@ def test_transaction_json_shape() -> None:
         "request_body" not in item and item["duration_ms"] == 1 and item["duration_us"] == 1235
     )  # integers (issue 13 item 9)
     assert transaction_json(row, include_bodies=True)["response_body"] == "y"
+
+
+_LINE_NAMES = st.sampled_from(
+    ["Server", "content-type", "Set-Cookie", "X-Api-Key", "Location", "referer", "X-A", "x-a", "Vary", "ETag"]
+)
+_LINE_VALUES = st.sampled_from(
+    ["", "nginx", " padded ", "\tt\t", "a:b", "/p?token=s&x=1", "https://h/?access_token=t", "sid=1; Path=/"]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_LINE_NAMES, st.sampled_from([":", ": ", ":\t"]), _LINE_VALUES), max_size=8), st.integers(1, 3))
+def test_header_lines_record_what_headers_records(fields: list[tuple[str, str, str]], rounds: int) -> None:
+    """`header_lines` (a plain head's field lines, remembered line by line) gives what `headers` gives
+    for the pairs the parser reads from those lines, every time (the remembered lines too), and keeps
+    no line of a redacted field."""
+    r = Redactor(["x-a"])
+    lines = [k + sep + v for k, sep, v in fields]
+    pairs = [(k, (sep[1:] + v).strip(" \t")) for k, sep, v in fields]
+    for _ in range(rounds):
+        assert r.header_lines(lines) == r.headers(pairs)
+    assert not any(line.lower().startswith(("set-cookie", "x-api-key", "x-a")) for line in r._lines)
+
+
+def test_header_lines_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from greyproxy import redaction
+
+    monkeypatch.setattr(redaction, "_CACHE_LIMIT", 8)
+    r = Redactor()
+    for i in range(50):
+        assert r.header_lines([f"Date: {i}"]) == {"Date": [str(i)]}
+        assert len(r._lines) <= 8
