@@ -202,9 +202,8 @@ class Gate:
                     j = self.judge(container, host, port, resolved, addrs)
             elif j.decision != "pending" and self.silent.mode is None:
                 self._remember(key, j)
-            verdict = self._verdict(j)
-            if verdict is None:
-                verdict = await self._hold(container, host, port, resolved, client_gone)
+            now = self._verdict(j)
+            verdict = now if now is not None else await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
         elapsed = time.perf_counter() - t0
         verdict.elapsed_ms = elapsed * 1000

@@ -722,11 +722,10 @@ def parse_response_head(
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
     consumed = end + len(_HEAD_END)
-    text: str | None = buf[:end].decode("latin-1")
-    first = text.find("\r\n")  # type: ignore[union-attr]
-    status_line = (text[:first] if first >= 0 else text).split(" ", 2)  # type: ignore[index]
-    if len(status_line) < 2 or not _SPLIT_READING:
-        text = None
+    whole = buf[:end].decode("latin-1")
+    first = whole.find("\r\n")
+    status_line = (whole[:first] if first >= 0 else whole).split(" ", 2)
+    text = whole if len(status_line) >= 2 and _SPLIT_READING else None
     col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
     parser = httptools.HttpResponseParser(col)
     problem = _run_parser(parser, buf[:consumed])

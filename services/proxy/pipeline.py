@@ -334,7 +334,9 @@ class Txn:
         if resp is None:
             resp_ct = None
         else:  # (looked up once: by resp_sink for this very head, when it was called)
-            resp_ct = self.resp_ct[1] if self.resp_ct is not None and self.resp_ct[0] is resp else resp.header("content-type")
+            resp_ct = (
+                self.resp_ct[1] if self.resp_ct is not None and self.resp_ct[0] is resp else resp.header("content-type")
+            )
         scrub = self.scrubber
         if resp is None:
             resp_headers = {}

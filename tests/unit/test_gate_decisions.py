@@ -87,7 +87,9 @@ _RULES = st.builds(
 )
 _STEPS = st.lists(
     st.one_of(
-        st.tuples(st.just("admit"), st.sampled_from(["a", "b"]), st.sampled_from(_HOSTS), st.sampled_from([443, 80, 1])),
+        st.tuples(
+            st.just("admit"), st.sampled_from(["a", "b"]), st.sampled_from(_HOSTS), st.sampled_from([443, 80, 1])
+        ),
         st.tuples(st.just("rules"), st.lists(_RULES, max_size=4)),
         st.tuples(st.just("silent"), st.sampled_from([None, "allow", "deny"])),
         st.tuples(st.just("name"), st.sampled_from(["10.0.0.1", "127.0.0.1"]), st.sampled_from(["name.test", None])),
@@ -162,4 +164,6 @@ def test_cached_verdicts_count_hits_and_log_every_request() -> None:
         admit(g, "a", "api.example.com")
     assert g._hits[1][0] == 3
     logged = [records.log_fields(d) for k, d in g.journal.records if k == "log"]  # type: ignore[attr-defined]
-    assert [(r["rule_id"], r["result"], r["destination_host"]) for r in logged] == [(1, "allowed", "api.example.com")] * 3
+    assert [(r["rule_id"], r["result"], r["destination_host"]) for r in logged] == [
+        (1, "allowed", "api.example.com")
+    ] * 3

@@ -271,7 +271,9 @@ def test_the_parser_refuses_what_splitting_would_read_otherwise(first: str, fiel
         at = fields[line].index(":")
     fields[line] = fields[line][:at] + bad + fields[line][at:]
     raw = ("\r\n".join([first, *fields]) + "\r\n\r\n").encode("latin-1")
-    parser = httptools.HttpResponseParser(object()) if first.startswith("HTTP") else httptools.HttpRequestParser(object())
+    parser = (
+        httptools.HttpResponseParser(object()) if first.startswith("HTTP") else httptools.HttpRequestParser(object())
+    )
     with pytest.raises(httptools.HttpParserError):
         parser.feed_data(raw)
 

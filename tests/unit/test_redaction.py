@@ -283,7 +283,9 @@ _LINE_VALUES = st.sampled_from(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.tuples(_LINE_NAMES, st.sampled_from([":", ": ", ":\t"]), _LINE_VALUES), max_size=8), st.integers(1, 3))
+@given(
+    st.lists(st.tuples(_LINE_NAMES, st.sampled_from([":", ": ", ":\t"]), _LINE_VALUES), max_size=8), st.integers(1, 3)
+)
 def test_header_lines_record_what_headers_records(fields: list[tuple[str, str, str]], rounds: int) -> None:
     """`header_lines` (a plain head's field lines, remembered line by line) gives what `headers` gives
     for the pairs the parser reads from those lines, every time (the remembered lines too), and keeps
