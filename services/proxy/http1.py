@@ -182,6 +182,9 @@ Names = frozenset[str] | None
 
 def _split_tokens(value: str) -> list[str]:
     """A comma-separated field value's tokens, lower-cased, empties dropped."""
+    if "," not in value:  # (the usual one token: the same, without the list's loop)
+        token = value.strip().lower()
+        return [token] if token else []
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
@@ -511,20 +514,29 @@ def parse_request_head(
         raise HttpError(505, f"HTTP/{version} is not supported")
     if lines is not None:
         method, target = request_line[0], request_line[1]
-        headers = _split_fields(lines[1:])
-        names = frozenset([k.lower() for k, _v in headers])
+        headers = []
+        raw_names = []
+        for line in lines[1:]:  # (`_split_fields`, and the names: one loop)
+            k, _, v = line.partition(":")
+            headers.append((k, v.strip(" \t")))
+            raw_names.append(k)
+        names = frozenset(map(str.lower, raw_names))
     else:
         method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
-    head = RequestHead(method, target, version, headers, names=names, parsed=True)
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
-    head.placeholder_free = _PLACEHOLDER_MARK not in head_bytes
+    placeholder_free = _PLACEHOLDER_MARK not in head_bytes
     if origin is None:
-        _derive_target(head)
+        scheme, host, port, path, authority = _target_parts(method, target)
+        head = RequestHead(
+            method, target, version, headers, host, port, scheme, path, version == "1.1", False, None, False, None,
+            None, None, authority, names, placeholder_free, True,
+        )  # fmt: skip
     else:
+        head = RequestHead(method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True)
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
     return head, consumed
@@ -532,25 +544,28 @@ def parse_request_head(
 
 def _derive_target(head: RequestHead) -> None:
     """host/port/scheme/path/authority from the request-target (authority- or absolute-form)."""
-    if head.method == "CONNECT":
-        head.host, head.port = _split_authority(head.target, True, 0)
-        head.authority = head.target
-        return
-    m = _SCHEME_RE.fullmatch(head.target)
+    head.scheme, head.host, head.port, head.path, head.authority = _target_parts(head.method, head.target)
+
+
+def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
+    """(scheme, host, port, path, authority) of a request-target in authority- or absolute-form."""
+    if method == "CONNECT":
+        host, port = _split_authority(target, True, 0)
+        return "", host, port, "", target
+    m = _SCHEME_RE.fullmatch(target)
     if m is None:
         raise HttpError(400, "absolute URI required")
-    scheme, authority, rest = m.group(1).lower(), m.group(2), m.group(3)
+    scheme, authority, rest = m.group(1, 2, 3)
+    scheme = scheme.lower()
     if scheme not in _DEFAULT_PORTS:
         raise _bad(f"unsupported scheme {scheme!r}")
-    head.scheme = scheme
-    head.host, head.port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
-    head.authority = authority
+    host, port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
     path = rest.partition("#")[0]  # fragments are never sent to a server
     if not path:
-        path = "*" if head.method == "OPTIONS" else "/"  # RFC 9112 §3.2.4
+        path = "*" if method == "OPTIONS" else "/"  # RFC 9112 §3.2.4
     elif path.startswith("?"):
         path = "/" + path
-    head.path = path
+    return scheme, host, port, path, authority
 
 
 def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) -> None:

@@ -572,3 +572,9 @@ def test_a_response_is_recorded_alike_from_its_lines_or_its_pairs(raw: bytes, me
         assert _recorded(raw, method) == fast
     # A hook that set the fields: those are recorded, not the head's lines.
     assert "X-Set-By-A-Hook" in _recorded(raw, method, set_headers=True)[10]
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from(list(" \t,aB-\xe9\x85\x0b")), max_size=12))
+def test_a_value_of_one_token_is_split_as_any_other(value: str) -> None:
+    assert http1._split_tokens(value) == [t.strip().lower() for t in value.split(",") if t.strip()]
