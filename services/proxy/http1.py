@@ -536,7 +536,9 @@ def parse_request_head(
             None, None, authority, names, placeholder_free, True,
         )  # fmt: skip
     else:
-        head = RequestHead(method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True)
+        head = RequestHead(
+            method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True
+        )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
     return head, consumed
