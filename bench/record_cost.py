@@ -81,9 +81,29 @@ def proxy_side(writer: JournalWriter, recorder: Recorder, n: int) -> None:
     resp_head, _ = http1.parse_response_head(RESPONSE)
     v = Verdict()
     combined = hasattr(recorder, "request")  # the one-record-per-request API, if this tree has it
+    log_values = getattr(records, "log_values", None)  # the log record as an array (shape 2), if this tree has it
     for _ in range(n):
         if combined:
             t = recorder.request("c1", "127.0.0.1", 8080, "HTTP", v, req_head, "http://127.0.0.1:8080")
+        elif log_values is not None:
+            writer.append(
+                records.LOG,
+                log_values(
+                    "c1",
+                    "127.0.0.1",
+                    8080,
+                    "HTTP",
+                    records.ALLOWED,
+                    v.resolved_hostname,
+                    v.rule_id,
+                    "* → 127.0.0.1:*",
+                    v.elapsed_ms,
+                    v.reason,
+                    None,
+                    "",
+                ),
+            )
+            t = recorder.txn("c1", "http://127.0.0.1:8080", "127.0.0.1", 8080, req_head, v.rule_id)
         else:
             writer.append(
                 records.LOG,
