@@ -578,3 +578,12 @@ def test_a_response_is_recorded_alike_from_its_lines_or_its_pairs(raw: bytes, me
 @given(st.text(alphabet=st.sampled_from(list(" \t,aB-\xe9\x85\x0b")), max_size=12))
 def test_a_value_of_one_token_is_split_as_any_other(value: str) -> None:
     assert http1._split_tokens(value) == [t.strip().lower() for t in value.split(",") if t.strip()]
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from(list("0129 +-x\t\u00b2\u0663\uff11")), max_size=20))
+@example("1" * 18)
+@example("1" * 19)
+@example("")
+def test_content_length_check_is_the_regex(value: str) -> None:
+    assert http1._content_length_ok(value) == (http1._CL_RE.fullmatch(value) is not None)
