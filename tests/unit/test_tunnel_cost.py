@@ -186,6 +186,43 @@ def test_a_closed_tunnel_leaves_no_cyclic_garbage(saved_garbage: None, first: st
         assert run(main()) == 0
 
 
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_the_descriptor_for_direct_writes_is_looked_up_only_for_large_chunks(loop_kind: str) -> None:
+    """A tunnel that passes only small chunks never builds the socket object (get_extra_info("socket")
+    costs an object and a getsockname() call per connection); a large chunk goes to the socket directly."""
+    from services.proxy.conn import DIRECT_WRITE_MIN, FD_UNKNOWN
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_peer = await _pair(loop)
+        upstream, upstream_peer = await _pair(loop)
+        splice(client, upstream)
+        assert client._fd == upstream._fd == FD_UNKNOWN
+        await loop.sock_sendall(client_peer, b"small")
+        assert await asyncio.wait_for(loop.sock_recv(upstream_peer, 100), 5) == b"small"
+        assert upstream._fd == FD_UNKNOWN  # written through the transport: no lookup
+        big = bytes(range(256)) * (4 * DIRECT_WRITE_MIN // 256)
+        await loop.sock_sendall(client_peer, big)
+        got = b""
+        while len(got) < len(big):
+            chunk = await asyncio.wait_for(loop.sock_recv(upstream_peer, 1 << 20), 5)
+            assert chunk
+            got += chunk
+        assert got == big
+        assert upstream._fd == upstream.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
+        assert client._fd == FD_UNKNOWN  # nothing large went the other way
+        client_peer.close()
+        upstream_peer.close()
+        await asyncio.wait_for(client.wait_closed(), 5)
+        await asyncio.wait_for(upstream.wait_closed(), 5)
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        run(main())
+
+
 # ---------------------------------------------------------------- upstream addresses, cached briefly
 
 
