@@ -355,12 +355,14 @@ def splice(a: Conn, b: Conn) -> None:
 async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
     """Wait until `a` or `b` gets more bytes, reaches EOF or closes: True; False after `timeout`.
 
-    Without a task: one future is both connections' waiter (what `read_more` waits on) and one
-    timer bounds it. The caller looks at what arrived (a wakeup may bring nothing new: look again).
+    Without a task: one future is both connections' waiter (what `read_more` waits on), bounded by
+    `a`'s own read timer as a `read_more` is (usually already armed for an earlier, nearer deadline:
+    no timer of its own). The caller looks at what arrived (a wakeup may bring nothing new: look again).
     """
     if a.eof or (b is not None and b.eof):
         return True
-    loop = asyncio.get_running_loop()
+    loop = a._loop or a._bind_loop()
+    shared = a._waiter is None or a._waiter.done()  # else someone reads `a` too: a timer of our own
     fut = loop.create_future()
     for c in (a, b):
         if c is not None:
@@ -368,15 +370,28 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
             if c._reading_paused:
                 c._reading_paused = False
                 c.transport.resume_reading()  # type: ignore[union-attr]
-    timer = None if timeout is None else loop.call_later(max(0.0, timeout), _expire, fut)
+    own = None
+    if timeout is not None:
+        deadline = loop.time() + max(0.0, timeout)
+        if shared:
+            a._deadline, a._timed = deadline, fut
+            timer = a._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                a._timer = loop.call_at(deadline, a._on_timer)
+        else:
+            own = loop.call_at(deadline, _expire, fut)
     try:
         await fut
         return True
     except TimeoutError:
         return False
     finally:
-        if timer is not None:
-            timer.cancel()
+        if own is not None:
+            own.cancel()
+        if a._timed is fut:
+            a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
         # A later reader's waiter is never cleared (see read_more).
         if a._waiter is fut:
             a._waiter = None
