@@ -24,6 +24,21 @@ _scratch = memoryview(bytearray(PIPE_READ))  # every Conn's reads land here firs
 _parse_scratch = _scratch[:PARSE_READ]
 
 
+# A chunk at least this big is written straight to the peer's socket (below it the copy into the
+# transport costs less than looking the descriptor up: get_extra_info("socket") builds a socket
+# object and makes a getsockname() call, once per connection).
+DIRECT_WRITE_MIN = 16 << 10
+FD_UNKNOWN = -2
+
+
+def _fileno(transport: asyncio.Transport) -> int:
+    sock = transport.get_extra_info("socket")
+    try:
+        return sock.fileno() if sock is not None else -1
+    except (AttributeError, OSError):
+        return -1
+
+
 class ConnClosed(Exception):
     """The peer went away while we were waiting for it."""
 
@@ -69,7 +84,9 @@ class Conn(asyncio.BufferedProtocol):
         self.bytes_in = 0
         self._closed_fut: asyncio.Future | None = None
         self.idle_mark = 0.0
-        self._fd = -1  # the socket's descriptor once piped, for direct writes from the peer (-1: none)
+        # The socket's descriptor once piped, for direct writes from the peer (-1: none, FD_UNKNOWN:
+        # not looked up yet; a tunnel that only ever passes small chunks never looks it up).
+        self._fd = -1
         # The current read's deadline (loop time, None: none) and the one timer per connection that
         # enforces it: re-armed only when it would fire late, so a read costs no timer of its own.
         self._deadline: float | None = None
@@ -101,9 +118,12 @@ class Conn(asyncio.BufferedProtocol):
         the transport (ordering kept), the rest (copied: the scratch is reused) through the transport."""
         t = self.transport
         sent = 0
-        if self._fd >= 0 and not t.is_closing() and not t.get_write_buffer_size():  # type: ignore[union-attr]
+        fd = self._fd
+        if fd == FD_UNKNOWN and n >= DIRECT_WRITE_MIN:
+            fd = self._fd = _fileno(t)  # type: ignore[arg-type]
+        if fd >= 0 and not t.is_closing() and not t.get_write_buffer_size():  # type: ignore[union-attr]
             try:
-                sent = os.write(self._fd, _scratch[:n])
+                sent = os.write(fd, _scratch[:n])
             except BlockingIOError:
                 sent = 0
             except OSError:
@@ -290,11 +310,7 @@ class Conn(asyncio.BufferedProtocol):
         if self.buf:
             peer.write(self.take())
         self.peer = peer
-        sock = self.transport.get_extra_info("socket")  # type: ignore[union-attr]
-        try:
-            self._fd = sock.fileno() if sock is not None else -1
-        except (AttributeError, OSError):
-            self._fd = -1
+        self._fd = FD_UNKNOWN  # looked up when the first large chunk is written to it
         if self._reading_paused:
             self._reading_paused = False
             self.transport.resume_reading()  # type: ignore[union-attr]
@@ -339,12 +355,14 @@ def splice(a: Conn, b: Conn) -> None:
 async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
     """Wait until `a` or `b` gets more bytes, reaches EOF or closes: True; False after `timeout`.
 
-    Without a task: one future is both connections' waiter (what `read_more` waits on) and one
-    timer bounds it. The caller looks at what arrived (a wakeup may bring nothing new: look again).
+    Without a task: one future is both connections' waiter (what `read_more` waits on), bounded by
+    `a`'s own read timer as a `read_more` is (usually already armed for an earlier, nearer deadline:
+    no timer of its own). The caller looks at what arrived (a wakeup may bring nothing new: look again).
     """
     if a.eof or (b is not None and b.eof):
         return True
-    loop = asyncio.get_running_loop()
+    loop = a._loop or a._bind_loop()
+    shared = a._waiter is None or a._waiter.done()  # else someone reads `a` too: a timer of our own
     fut = loop.create_future()
     for c in (a, b):
         if c is not None:
@@ -352,15 +370,28 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
             if c._reading_paused:
                 c._reading_paused = False
                 c.transport.resume_reading()  # type: ignore[union-attr]
-    timer = None if timeout is None else loop.call_later(max(0.0, timeout), _expire, fut)
+    own = None
+    if timeout is not None:
+        deadline = loop.time() + max(0.0, timeout)
+        if shared:
+            a._deadline, a._timed = deadline, fut
+            timer = a._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                a._timer = loop.call_at(deadline, a._on_timer)
+        else:
+            own = loop.call_at(deadline, _expire, fut)
     try:
         await fut
         return True
     except TimeoutError:
         return False
     finally:
-        if timer is not None:
-            timer.cancel()
+        if own is not None:
+            own.cancel()
+        if a._timed is fut:
+            a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
         # A later reader's waiter is never cleared (see read_more).
         if a._waiter is fut:
             a._waiter = None

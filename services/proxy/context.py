@@ -18,6 +18,7 @@ from .hooks import HookChain
 from .identities import IdentityGuard
 from .pipeline import Recorder
 from .pool import UpstreamPool
+from .tunnel import IdleSweeper
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -84,6 +85,8 @@ class ProxyContext:
         self.docker: DockerIdentity | None = None
         # Claimed identities (SPEC §16); None = every name is taken at its word (as before).
         self.identities: IdentityGuard | None = None
+        # The spliced tunnels, closed once idle for limits.idle_timeout (tunnel.py).
+        self.idle_sweeper = IdleSweeper(limits.idle_timeout)
         self._refusal_logged = 0.0
         # The listeners' event loop, looked up once (asyncio.get_running_loop() costs a getpid()
         # system call; every accepted connection needs the loop for its task).
@@ -118,7 +121,18 @@ class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected."""
 
     KIND = "client"
-    __slots__ = ("handler", "ctx", "task", "src_ip", "identity", "over_cap", "claimed", "identity_token")
+    __slots__ = (
+        "handler",
+        "ctx",
+        "task",
+        "src_ip",
+        "identity",
+        "over_cap",
+        "claimed",
+        "identity_token",
+        "counted",
+        "detached",
+    )
 
     def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
         super().__init__()
@@ -132,6 +146,9 @@ class ClientConn(Conn):
         # (hooks see it as Flow.claimed: what a session bound to a claimed identity keys on).
         self.claimed = False
         self.identity_token: tuple[int, str, bytes | None] | None = None  # the identity check this connection passed
+        self.counted = False  # in ctx.active (from accept until `finish`)
+        # Outlives its handler's task: a spliced tunnel (tunnel.py) calls `finish` once both ends closed.
+        self.detached = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -145,6 +162,7 @@ class ClientConn(Conn):
             return
         self.over_cap = ctx.active >= limits.max_connections
         ctx.active += 1
+        self.counted = True
         loop = ctx.loop
         if loop is None:
             loop = ctx.loop = asyncio.get_running_loop()
@@ -188,9 +206,16 @@ class ClientConn(Conn):
         except Exception:
             log.exception("connection handler failed")
         finally:
+            if not self.detached:
+                self.finish()
+
+    def finish(self) -> None:
+        """Done with this connection: no longer counted against the caps (once), and closed."""
+        if self.counted:
+            self.counted = False
             self.ctx.active -= 1
             self._release()
-            self.close()
+        self.close()
 
     def gone(self) -> asyncio.Future:
         """A future that completes when the client disconnects (ends a hold early)."""

@@ -483,7 +483,7 @@ class Gate:
     def track(self, container: str, host: str, port: int, verdict: Verdict, close: Callable[[], None]) -> int:
         self._live_ids += 1
         self.live[self._live_ids] = LiveConn(
-            container, normalise_host(host), port, verdict.resolved_hostname, verdict.rule_id, close
+            container, _normalise_host(host), port, verdict.resolved_hostname, verdict.rule_id, close
         )
         return self._live_ids
 

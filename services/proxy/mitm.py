@@ -260,7 +260,7 @@ class Interceptor:
 
         A server that speaks first (SSH, SMTP...) makes it 'other' at once, so it is never held up.
         """
-        loop = asyncio.get_running_loop()
+        loop = client._loop or client._bind_loop()  # (asyncio.get_running_loop() costs a getpid())
         deadline: float | None = None
         while True:
             kind, hello = _classify(client.buf)

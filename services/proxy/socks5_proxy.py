@@ -26,7 +26,7 @@ async def handle_socks(client: ClientConn) -> None:
     gate, limits = ctx.gate, ctx.limits
     ids = ctx.identities
     server = socks5.Socks5Server(hold_auth=ids is not None)
-    loop = asyncio.get_running_loop()
+    loop = client._loop or client._bind_loop()  # (asyncio.get_running_loop() costs a getpid())
     deadline = loop.time() + limits.header_timeout
     try:
         while server.request is None:

@@ -1,84 +1,152 @@
 """Tunnels (CONNECT and SOCKS5): an allowed, connected pair of connections handed to the tunnel
 hook (HTTPS interception) or spliced both ways, closed when idle or when its rule goes away.
+
+A spliced tunnel needs no task: once `splice()` has joined the two connections the handler's task
+ends, and the tunnel is finished (untracked, its client connection no longer counted) by the
+second of its two `connection_lost` callbacks. One timer per `IdleSweeper` (one per listener
+context) closes the tunnels where no byte has passed either way for `idleTimeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from .conn import Conn, splice
-from .context import ProxyContext
 from .gate import Verdict
+
+if TYPE_CHECKING:
+    from .context import ClientConn, ProxyContext
 
 log = logging.getLogger("greyproxy.proxy")
 
 
-async def run_tunnel(
-    ctx: ProxyContext, client: Conn, upstream: Conn, container: str, host: str, port: int, verdict: Verdict, method: str
-) -> None:
-    """Pipe both ways until both sides are closed; closed early if the allowing rule goes away."""
-    gate = ctx.gate
+class Tunnel:
+    """One tunnel from its admission to the close of both its connections."""
 
-    def close_both() -> None:
-        client.abort()
-        upstream.abort()
+    __slots__ = ("ctx", "client", "upstream", "cid", "seen", "since", "ended")
 
-    cid = gate.track(container, host, port, verdict, close_both)
-    loop = asyncio.get_running_loop()
-    quiet_since, seen = loop.time(), client.bytes_in + upstream.bytes_in
-    try:
-        if ctx.tunnel_hook is not None and await ctx.tunnel_hook(
-            ctx, client, upstream, container, host, port, verdict, method
-        ):
+    def __init__(self, ctx: ProxyContext, client: ClientConn, upstream: Conn) -> None:
+        self.ctx, self.client, self.upstream = ctx, client, upstream
+        self.cid = 0
+        self.seen = 0  # bytes both ways when the sweeper last saw them change
+        self.since = 0.0  # loop time of that change (or of the start: a tunnel where nobody speaks)
+        self.ended = False
+
+    def abort(self) -> None:
+        """Close both ends at once (its rule went away, its identity was rotated)."""
+        self.client.abort()
+        self.upstream.abort()
+
+    def _lost(self) -> None:
+        """A connection's connection_lost: the tunnel is over once both are closed."""
+        if self.client.closed and self.upstream.closed:
+            self.end()
+
+    def end(self) -> None:
+        """Once: forget the tunnel, close what is still open, stop counting its client connection."""
+        if self.ended:
             return
+        self.ended = True
+        ctx = self.ctx
+        ctx.idle_sweeper.discard(self)
+        ctx.gate.untrack(self.cid)
+        self.client.on_close = self.upstream.on_close = None
+        self.upstream.close()
+        self.client.finish()
+
+
+async def run_tunnel(
+    ctx: ProxyContext,
+    client: ClientConn,
+    upstream: Conn,
+    container: str,
+    host: str,
+    port: int,
+    verdict: Verdict,
+    method: str,
+) -> None:
+    """Hand the pair to the tunnel hook, else splice it both ways and return at once: the tunnel
+    lives on without a task until both ends are closed (idle ones are closed by the sweeper; a
+    tunnel whose rule goes away is closed by the gate)."""
+    gate = ctx.gate
+    tunnel = Tunnel(ctx, client, upstream)
+    tunnel.cid = gate.track(container, host, port, verdict, tunnel.abort)
+    loop = client._loop or client._bind_loop()
+    start, seen = loop.time(), client.bytes_in + upstream.bytes_in
+    spliced = False
+    try:
+        hook = ctx.tunnel_hook
+        if hook is not None and await hook(ctx, client, upstream, container, host, port, verdict, method):
+            return
+        gate.finish_log(verdict)  # the hook wrote it with its mitm_skip_reason; a plain tunnel here
         splice(client, upstream)
-        if client.bytes_in + upstream.bytes_in != seen:
-            quiet_since = loop.time()
-        watch = IdleWatch(client, upstream, ctx.limits.idle_timeout, quiet_since)
-        try:
-            # One after the other, in this task (gather would wrap each in a task of its own).
-            await client.wait_closed()
-            await upstream.wait_closed()
-        finally:
-            watch.cancel()
+        total = client.bytes_in + upstream.bytes_in
+        tunnel.seen, tunnel.since = total, (start if total == seen else loop.time())
+        client.detached = spliced = True
+        client.on_close = upstream.on_close = tunnel._lost
+        ctx.idle_sweeper.add(tunnel)
+        tunnel._lost()  # both ends may be closed already
     finally:
-        gate.finish_log(verdict)  # the hook writes it with its mitm_skip_reason; a plain tunnel here
-        gate.untrack(cid)
-        client.close()
-        upstream.close()
+        if not spliced:
+            gate.finish_log(verdict)
+            gate.untrack(tunnel.cid)
+            client.close()
+            upstream.close()
 
 
-class IdleWatch:
-    """Closes a spliced tunnel once no byte has passed either way for `idle` seconds.
+class IdleSweeper:
+    """Closes spliced tunnels once no byte has passed either way for `idle` seconds.
 
-    One timer per tunnel, checked every idle/4: the relay itself stays free of per-chunk work
-    (it only bumps `bytes_in`), and a tunnel is closed between idle and 1.25 x idle after its last byte.
+    One timer for all of them, every idle/4 while there are any: the relay itself stays free of
+    per-chunk work (it only bumps `bytes_in`), a tunnel costs no timer of its own, and a tunnel is
+    closed between idle and 1.25 x idle after its last byte (a tunnel where nobody ever spoke:
+    after its start).
     """
 
-    __slots__ = ("a", "b", "idle", "step", "seen", "since", "handle")
-
-    def __init__(self, a: Conn, b: Conn, idle: float, since: float) -> None:
-        self.a, self.b, self.idle = a, b, idle
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
         self.step = max(idle / 4, 0.05)
-        self.seen = a.bytes_in + b.bytes_in
-        self.since = since
-        self.handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(self.step, self._check)
+        self.tunnels: dict[Tunnel, None] = {}  # in the order they started
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
-    def _check(self) -> None:
-        now = asyncio.get_running_loop().time()
-        total = self.a.bytes_in + self.b.bytes_in
-        if total != self.seen:
-            self.seen, self.since = total, now
-        elif now - self.since >= self.idle:
-            log.info("closing a tunnel idle for %.0f s", now - self.since)
-            self.handle = None
-            self.a.close()
-            self.b.close()
-            return
-        self.handle = asyncio.get_running_loop().call_later(self.step, self._check)
+    def __len__(self) -> int:
+        return len(self.tunnels)
 
-    def cancel(self) -> None:
-        if self.handle is not None:
-            self.handle.cancel()
-            self.handle = None
+    def add(self, tunnel: Tunnel) -> None:
+        self.tunnels[tunnel] = None
+        if self._timer is None:
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            self._timer = loop.call_later(self.step, self._sweep)
+
+    def discard(self, tunnel: Tunnel) -> None:
+        self.tunnels.pop(tunnel, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        idle = []
+        for t in self.tunnels:
+            total = t.client.bytes_in + t.upstream.bytes_in
+            if total != t.seen:
+                t.seen, t.since = total, now
+            elif now - t.since >= self.idle:
+                idle.append(t)
+        for t in idle:
+            log.info("closing a tunnel idle for %.0f s", now - t.since)
+            self.tunnels.pop(t, None)
+            t.client.close()
+            t.upstream.close()
+        if self.tunnels:
+            self._timer = loop.call_later(self.step, self._sweep)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -88,10 +88,14 @@ async def connect(host: str, port: int, timeout: float, guard: Callable[[str, in
     """Connect to the first address of `host` that answers. `guard(ip, port)` judges every address
     before it is tried: truthy refuses the whole connection (a string says why)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    now = loop.time()
+    deadline = now + timeout
+    addrs = _literal(host, port)
+    if addrs is not None:  # an IP literal: nothing to look up, nothing cached
+        return await _connect_first(loop, host, port, addrs, deadline, guard)
     hit = _addresses.get((host, port))
-    cached = hit is not None and hit[1] > loop.time()
-    addrs = await _resolve(loop, host, port, timeout)
+    cached = hit is not None and hit[1] > now
+    addrs = hit[0] if cached else await _resolve(loop, host, port, timeout)  # type: ignore[index]
     try:
         return await _connect_first(loop, host, port, addrs, deadline, guard)
     except UpstreamFailure as exc:
@@ -101,6 +105,22 @@ async def connect(host: str, port: int, timeout: float, guard: Callable[[str, in
     forget(host, port)
     addrs = await _resolve(loop, host, port, max(0.0, deadline - loop.time()))
     return await _connect_first(loop, host, port, addrs, deadline, guard)
+
+
+class _Deadline:
+    """Cancels the connecting task at its deadline (what asyncio.timeout does, with one object and
+    one timer: a Timeout object, its state checks and a second loop lookup cost more than the rest
+    of connect's own Python on loopback)."""
+
+    __slots__ = ("task", "fired")
+
+    def __init__(self, task: asyncio.Task) -> None:
+        self.task = task
+        self.fired = False
+
+    def __call__(self) -> None:
+        self.fired = True
+        self.task.cancel()
 
 
 async def _connect_first(
@@ -122,12 +142,18 @@ async def _connect_first(
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
+        # Not wait_for (one more task per call), nor asyncio.timeout (see _Deadline).
+        task = asyncio.current_task(loop)
+        assert task is not None
+        expire = _Deadline(task)
+        timer = loop.call_at(deadline, expire)
         try:
-            # asyncio.timeout, not wait_for: wait_for wraps the connect in one more task per call.
-            async with asyncio.timeout(remaining):
-                _t, conn = await loop.create_connection(Conn, ip, aport)
+            _t, conn = await loop.create_connection(Conn, ip, aport)
             return conn  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
-        except TimeoutError:
+        except asyncio.CancelledError:
+            # Ours (the deadline) unless someone else cancelled the task too.
+            if not expire.fired or task.uncancel() > 0:
+                raise
             last = UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
         except ConnectionRefusedError:
             last = UpstreamFailure("refused", f"connection to {host}:{port} refused")
@@ -138,5 +164,7 @@ async def _connect_first(
                 last = UpstreamFailure("refused", f"connection to {host}:{port} refused")
             else:
                 last = UpstreamFailure("unreachable", f"cannot reach {host}:{port}: {exc.strerror or exc}")
+        finally:
+            timer.cancel()
     assert last is not None
     raise last

@@ -14,7 +14,7 @@ from services.proxy import http1
 from services.proxy.conn import Conn
 from services.proxy.context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, ProxyContext
 from services.proxy.httpio import read_head
-from services.proxy.tunnel import IdleWatch
+from services.proxy.tunnel import IdleSweeper, Tunnel, run_tunnel
 
 
 class FakeTransport:
@@ -206,26 +206,152 @@ def test_read_head_errors_and_clean_close() -> None:
 # ---------------------------------------------------------------- tunnel idleness
 
 
-def test_idle_watch_closes_a_quiet_tunnel_and_spares_a_busy_one() -> None:
+def _spliced(sweeper: IdleSweeper, since: float) -> Tunnel:
+    """Two connections spliced and handed to the sweeper, as run_tunnel does."""
+    ctx = ProxyContext(gate=None, limits=Limits())  # type: ignore[arg-type]
+    t = Tunnel(ctx, make_conn(), make_conn())  # type: ignore[arg-type]
+    t.since = since
+    sweeper.add(t)
+    return t
+
+
+def test_idle_sweeper_closes_a_quiet_tunnel_and_spares_a_busy_one() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        a, b = make_conn(), make_conn()
+        sweeper = IdleSweeper(0.4)
         t0 = loop.time()
-        watch = IdleWatch(a, b, 0.4, t0)
-        await asyncio.wait_for(a.wait_closed(), 2)
-        await asyncio.wait_for(b.wait_closed(), 2)
-        assert 0.4 <= loop.time() - t0 < 1.5  # closed by the idle watch (0.4 s); loose for a busy machine
-        watch.cancel()
-
-        a, b = make_conn(), make_conn()
-        watch = IdleWatch(a, b, 0.4, loop.time())
+        quiet = _spliced(sweeper, t0)
+        busy = _spliced(sweeper, t0)
         for i in range(10):  # a byte every 0.1 s for a second: never idle
             await asyncio.sleep(0.1)
-            (a if i % 2 else b).data_received(b"z")
-        assert not a.closed and not b.closed
-        watch.cancel()
-        await asyncio.sleep(0.6)
-        assert not a.closed  # a cancelled watch does nothing
+            (busy.client if i % 2 else busy.upstream).data_received(b"z")
+            if i == 8:
+                assert quiet.client.closed and quiet.upstream.closed  # closed by the sweeper (0.4 s)
+        assert not busy.client.closed and not busy.upstream.closed
+        assert list(sweeper.tunnels) == [busy]  # the closed one is no longer looked at
+        sweeper.discard(busy)
+        await asyncio.sleep(0.3)
+        assert sweeper._timer is None  # nothing left to watch: no timer either
+        await asyncio.sleep(0.4)
+        assert not busy.client.closed  # a discarded tunnel is left alone
+
+    run(main())
+
+
+def test_idle_sweeper_closes_after_idle_not_before() -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sweeper = IdleSweeper(0.4)
+        t0 = loop.time()
+        t = _spliced(sweeper, t0)
+        await asyncio.wait_for(t.client.wait_closed(), 2)
+        await asyncio.wait_for(t.upstream.wait_closed(), 2)
+        assert 0.4 <= loop.time() - t0 < 1.5  # loose for a busy machine
+
+    run(main())
+
+
+# ---------------------------------------------------------------- spliced tunnels
+
+
+class _Journal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any]] = []
+
+    def append(self, kind: str, data: Any) -> str:
+        self.records.append((kind, data))
+        return str(len(self.records))
+
+
+class _Publisher:
+    def publish(self, topic: str, data: Any) -> None:
+        pass
+
+
+def _tunnel_ctx() -> ProxyContext:
+    from greyproxy.policy import Rule, RuleSet
+    from services.proxy.gate import Gate
+
+    gate = Gate(_Journal(), _Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]
+    gate.set_rules(RuleSet([Rule(7, "*", "example.com", action="allow")]), 1)
+    gate.defer_tunnel_logs = True
+    return ProxyContext(gate, Limits(max_connections=10, max_per_client=5))
+
+
+async def _spliced_tunnel(ctx: ProxyContext) -> tuple[ClientConn, Conn, asyncio.Task]:
+    """A client connection whose handler admits a CONNECT to example.com:443 and runs the tunnel."""
+    upstream = Conn()
+    upstream.connection_made(FakeTransport(upstream, ("93.184.216.34", 443)))  # type: ignore[arg-type]
+
+    async def handler(client: ClientConn) -> None:
+        assert client.claim("alice") is None
+        verdict = await ctx.gate.admit("alice", "example.com", 443, "CONNECT")
+        await run_tunnel(ctx, client, upstream, "alice", "example.com", 443, verdict, "CONNECT")
+
+    client, _t = _accept(ctx)
+    client.handler = handler
+    await asyncio.wait_for(client.task, 2)  # type: ignore[arg-type]
+    return client, upstream, client.task  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("first", ["client", "upstream"])
+def test_a_spliced_tunnel_outlives_its_task_and_is_finished_by_its_closes(first: str) -> None:
+    async def main() -> None:
+        ctx = _tunnel_ctx()
+        client, upstream, task = await _spliced_tunnel(ctx)
+        assert task.done() and task.exception() is None  # no task while it only relays
+        # Still counted, tracked and watched: the caps, rule deletes and idleness see it.
+        assert ctx.active == 1 and ctx.per_client == {"alice": 1}
+        assert len(ctx.gate.live) == 1 and len(ctx.idle_sweeper) == 1
+        logs = [d for kind, d in ctx.gate.journal.records if kind == "log"]  # type: ignore[attr-defined]
+        assert len(logs) == 1 and logs[0]["result"] == "allowed" and logs[0]["rule_id"] == 7
+        client.data_received(b"ping")  # relayed as is
+        assert upstream.transport.written == b"ping"  # type: ignore[union-attr]
+        # One end closes; the tunnel closes the other (after its buffered bytes) and then ends.
+        one = client if first == "client" else upstream
+        one.transport.close()  # type: ignore[union-attr]
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client.closed and upstream.closed
+        assert ctx.active == 0 and ctx.per_client == {}
+        assert ctx.gate.live == {} and len(ctx.idle_sweeper) == 0
+
+    run(main())
+
+
+def test_a_revoked_rule_closes_a_spliced_tunnel() -> None:
+    from greyproxy.policy import RuleSet
+
+    async def main() -> None:
+        ctx = _tunnel_ctx()
+        client, upstream, _task = await _spliced_tunnel(ctx)
+        ctx.gate.set_rules(RuleSet([]), 2)  # the allowing rule is deleted
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client.transport.aborted  # type: ignore[union-attr]
+        assert client.closed and upstream.closed
+        assert ctx.active == 0 and ctx.gate.live == {} and len(ctx.idle_sweeper) == 0
+
+    run(main())
+
+
+def test_a_tunnel_whose_ends_closed_before_the_splice_ends_at_once() -> None:
+    async def main() -> None:
+        ctx = _tunnel_ctx()
+        upstream = Conn()
+        upstream.connection_made(FakeTransport(upstream))  # type: ignore[arg-type]
+
+        async def handler(client: ClientConn) -> None:
+            assert client.claim("alice") is None
+            verdict = await ctx.gate.admit("alice", "example.com", 443, "CONNECT")
+            client.connection_lost(None)
+            upstream.connection_lost(None)
+            await run_tunnel(ctx, client, upstream, "alice", "example.com", 443, verdict, "CONNECT")
+
+        client, _t = _accept(ctx)
+        client.handler = handler
+        await asyncio.wait_for(client.task, 2)  # type: ignore[arg-type]
+        assert ctx.active == 0 and ctx.per_client == {} and ctx.gate.live == {} and len(ctx.idle_sweeper) == 0
 
     run(main())
 

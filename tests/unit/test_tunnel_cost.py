@@ -109,6 +109,36 @@ def test_wait_either_starts_no_task() -> None:
     run(main())
 
 
+def test_wait_either_is_bounded_by_the_connections_read_timer() -> None:
+    """No timer of its own: `a`'s read timer, already armed by an earlier read for a nearer deadline
+    (as read_head's header deadline is), bounds the wait too; a nearer deadline moves it earlier."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = make_conn(), make_conn()
+        loop.call_later(0.01, a.data_received, b"CONNECT")
+        assert await a.read_more(30.0) is True  # arms a's timer for 30 s from now
+        armed = a._timer
+        assert armed is not None
+        timers: list[Any] = []
+        real_call_at, real_call_later = loop.call_at, loop.call_later
+        loop.call_at = lambda *args, **kw: timers.append(args) or real_call_at(*args, **kw)  # type: ignore[method-assign]
+        loop.call_later = lambda *args, **kw: timers.append(args) or real_call_later(*args, **kw)  # type: ignore[method-assign]
+        loop.call_soon(b.data_received, b"x")
+        assert await wait_either(a, b, 600.0) is True
+        assert timers == [] and a._timer is armed  # the 30 s timer covers a 600 s wait
+        assert a._timed is None and a._deadline is None  # nothing left for that timer to time out
+        # A deadline nearer than the armed timer re-arms it: the wait still ends on time.
+        t0 = loop.time()
+        assert await wait_either(a, b, 0.1) is False
+        assert 0.09 <= loop.time() - t0 < 1.0 and len(timers) == 1
+        # Later reads still time out by their own deadlines.
+        with pytest.raises(TimeoutError):
+            await a.read_more(0.05)
+
+    run(main())
+
+
 def test_wait_either_resumes_a_paused_reader() -> None:
     async def main() -> None:
         a, b = make_conn(), make_conn()
@@ -184,6 +214,43 @@ def test_a_closed_tunnel_leaves_no_cyclic_garbage(saved_garbage: None, first: st
         assert uvloop.run(main()) == 0
     else:
         assert run(main()) == 0
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_the_descriptor_for_direct_writes_is_looked_up_only_for_large_chunks(loop_kind: str) -> None:
+    """A tunnel that passes only small chunks never builds the socket object (get_extra_info("socket")
+    costs an object and a getsockname() call per connection); a large chunk goes to the socket directly."""
+    from services.proxy.conn import DIRECT_WRITE_MIN, FD_UNKNOWN
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        client, client_peer = await _pair(loop)
+        upstream, upstream_peer = await _pair(loop)
+        splice(client, upstream)
+        assert client._fd == upstream._fd == FD_UNKNOWN
+        await loop.sock_sendall(client_peer, b"small")
+        assert await asyncio.wait_for(loop.sock_recv(upstream_peer, 100), 5) == b"small"
+        assert upstream._fd == FD_UNKNOWN  # written through the transport: no lookup
+        big = bytes(range(256)) * (4 * DIRECT_WRITE_MIN // 256)
+        await loop.sock_sendall(client_peer, big)
+        got = b""
+        while len(got) < len(big):
+            chunk = await asyncio.wait_for(loop.sock_recv(upstream_peer, 1 << 20), 5)
+            assert chunk
+            got += chunk
+        assert got == big
+        assert upstream._fd == upstream.transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
+        assert client._fd == FD_UNKNOWN  # nothing large went the other way
+        client_peer.close()
+        upstream_peer.close()
+        await asyncio.wait_for(client.wait_closed(), 5)
+        await asyncio.wait_for(upstream.wait_closed(), 5)
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main())
+    else:
+        run(main())
 
 
 # ---------------------------------------------------------------- upstream addresses, cached briefly
@@ -286,5 +353,53 @@ def test_a_moved_name_is_looked_up_again_when_its_cached_address_fails(resolver:
             assert exc.value.kind == "refused" and resolver.calls == 3
         finally:
             srv.close()
+
+    run(main())
+
+
+# ---------------------------------------------------------------- the connect deadline
+
+
+@pytest.fixture
+def hanging_connect() -> Iterator[None]:
+    """Every connect hangs (as one to an address that drops SYNs does)."""
+    real = asyncio.BaseEventLoop.create_connection
+
+    async def hang(self: Any, *args: Any, **kw: Any) -> Any:
+        await asyncio.sleep(3600)
+
+    asyncio.BaseEventLoop.create_connection = hang  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        asyncio.BaseEventLoop.create_connection = real  # type: ignore[method-assign]
+
+
+def test_a_connect_past_its_deadline_is_a_timeout_and_the_task_goes_on(hanging_connect: None) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(upstream.UpstreamFailure) as exc:
+            await upstream.connect("127.0.0.1", 9, 0.2, lambda ip, p: None)
+        assert exc.value.kind == "timeout" and exc.value.http_answer()[0] == 504
+        assert 0.15 <= loop.time() - t0 < 2.0
+        task = asyncio.current_task()
+        assert task is not None and task.cancelling() == 0  # the deadline's cancel is consumed
+        await asyncio.sleep(0.01)  # and the task is not cancelled later
+
+    run(main())
+
+
+def test_a_connect_cancelled_from_outside_stays_cancelled(hanging_connect: None) -> None:
+    from services.proxy import upstream
+
+    async def main() -> None:
+        task = asyncio.ensure_future(upstream.connect("127.0.0.1", 9, 5.0, lambda ip, p: None))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     run(main())

@@ -1,0 +1,404 @@
+"""The proxy's CPU per new connection, in process, over real loopback sockets.
+
+The proxy's HTTP listener (`context.start_listener` + `http_proxy.handle_http`, with the real gate,
+caps, identities off, the HTTPS interception hook and a log record encoded per connection as the
+journal would) runs on uvloop in this process; nginx is the origin; the load generator is a
+separate process:
+
+- `tunnels-splice`: bench/harness/tunnelbench.c (CONNECT, wait for the 200, one GET through the
+  tunnel, close), interception off: every tunnel is looked at (first bytes) and spliced;
+- `tunnels`: the same with interception on: the GET inside the tunnel is read as plain HTTP and recorded;
+- `newconn`: wrk with `Connection: close`, a plain-HTTP request on a new connection each time;
+- `bare`: a 40-line uvloop Protocol tunnel (parse CONNECT, `create_connection`, 200, relay) under
+  the `tunnels-splice` load: the floor for Python on uvloop.
+
+The figure is this process's CPU (user + system, `getrusage`) per tunnel/request: the proxy's own
+work including its syscalls and what the kernel does in them, without the rest of the stack
+(bus, recorder) and without the journal's zmq send (the record is encoded, then dropped).
+
+    .venv/bin/python bench/conn_path.py [--duration S] [--rounds R] [--root DIR] [--profile FILE] [LOAD ...]
+
+`--root` imports the proxy from another checkout (e.g. a `git archive` of an older commit) so old
+and new code can be measured alternately; `--profile` writes a cProfile of the last round.
+Needs nginx, wrk, a C compiler (bench/setup.sh system).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary  # noqa: E402
+from harness.origin import NginxOrigin  # noqa: E402
+from harness.procs import stop_all  # noqa: E402
+
+LOADS = ("tunnels-splice", "tunnels", "newconn", "bare")
+CONNS = 20
+
+
+class NullJournal:
+    """Encodes what it is given (as the real journal does on append) and keeps nothing."""
+
+    def __init__(self) -> None:
+        import orjson
+
+        self.dumps, self.opt, self.n = orjson.dumps, orjson.OPT_NON_STR_KEYS, 0
+
+    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
+        self.dumps(["id", kind, data], option=self.opt)
+        self.n += 1
+        return str(self.n)
+
+
+class NullPublisher:
+    def publish(self, *_a: Any, **_k: Any) -> None:
+        return None
+
+
+class FixedSettings:
+    """What the Interceptor needs of SettingsWatch: one on_change call with the values."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    def on_change(self, fn: Any) -> None:
+        fn(self.values)
+
+
+def proxy_context(mitm: bool, tmp: Path) -> Any:
+    from greyproxy.certs import CAWatcher
+    from greyproxy.policy import RuleSet
+    from greyproxy.policy.ruleset import Rule, builtin_rules
+    from services.proxy.context import Limits, ProxyContext
+    from services.proxy.credentials import LiveCredentials
+    from services.proxy.gate import Gate
+    from services.proxy.hooks import CredentialSubstitution, HookChain, RuleRecheck
+    from services.proxy.mitm import Interceptor
+    from services.proxy.pipeline import Recorder
+
+    journal = NullJournal()
+    gate = Gate(journal, NullPublisher(), {43051, 43052, 43053, 43080}, {"127.0.0.1"}, 30.0, 100)  # type: ignore[arg-type]
+    rules = [Rule.from_dict({**r, "id": i + 1}) for i, r in enumerate(builtin_rules())]
+    gate.set_rules(RuleSet(rules), 1)
+    ctx = ProxyContext(gate, Limits())
+    recorder = Recorder(journal)  # type: ignore[arg-type]
+    ctx.recorder = recorder
+    creds = LiveCredentials("/nonexistent", None, None)  # type: ignore[arg-type]
+    ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(creds, None)])
+    certs = CAWatcher(tmp)
+    certs.check()
+    ctx.tunnel_hook = Interceptor(gate, recorder, certs, FixedSettings({"mitmEnabled": mitm}), [])  # type: ignore[arg-type]
+    gate.defer_tunnel_logs = True
+    return ctx
+
+
+async def proxy_listener(mitm: bool, tmp: Path) -> asyncio.AbstractServer:
+    from services.proxy.context import start_listener
+    from services.proxy.http_proxy import handle_http
+
+    return await start_listener(proxy_context(mitm, tmp), "127.0.0.1", 0, handle_http)
+
+
+class BarePipe(asyncio.Protocol):
+    """One side of the bare tunnel: everything read goes to the peer."""
+
+    def __init__(self) -> None:
+        self.peer: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None:
+            self.peer.close()
+            self.peer = None
+
+
+class BareTunnel(BarePipe):
+    """The client side: reads the CONNECT head, connects, answers 200, then relays."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.buf = b""
+        self.up: BarePipe | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is not None:
+            self.peer.write(data)
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end >= 0 and self.up is None:
+            host, _, port = self.buf.split(b" ", 2)[1].decode().rpartition(":")
+            self.up = BarePipe()
+            asyncio.get_running_loop().create_task(self._connect(host, int(port), self.buf[end + 4 :]))
+
+    async def _connect(self, host: str, port: int, rest: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            t, _ = await loop.create_connection(lambda: self.up, host, port)  # type: ignore[return-value]
+        except OSError:
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        assert self.up is not None and self.transport is not None
+        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            t.write(rest)
+        self.peer, self.up.peer = t, self.transport  # type: ignore[assignment]
+
+
+async def bare_listener() -> asyncio.AbstractServer:
+    return await asyncio.get_running_loop().create_server(BareTunnel, "127.0.0.1", 0, backlog=2048)
+
+
+async def one_round(load: str, origin_port: int, secs: float, tb: str | None, root: Path, profile: Any) -> float:
+    tmp = Path(tempfile.mkdtemp(prefix="gp-connpath-"))
+    server = await (bare_listener() if load == "bare" else proxy_listener(load == "tunnels", tmp))
+    gc.collect()  # as the proxy's service does once started (service.tune_gc)
+    gc.freeze()
+    gc.set_threshold(5000, 10, 10)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+
+    def drive(duration: float) -> dict:
+        if load == "newconn":
+            return run_wrk(port, lua_absolute(origin_port, close=True), CONNS, duration, root)
+        assert tb is not None
+        return run_tunnelbench(tb, port, origin_port, CONNS, duration)
+
+    try:
+        await loop.run_in_executor(None, drive, 1.0)  # warm-up
+        await asyncio.sleep(0.3)
+        if profile is not None:
+            profile.enable()
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        res = await loop.run_in_executor(None, drive, secs)
+        await asyncio.sleep(0.3)  # let the last connections close
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        if profile is not None:
+            profile.disable()
+    finally:
+        server.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if "error" in res:
+        raise SystemExit(f"{load}: {res['error']}")
+    n = max(1, res["requests"])
+    user, system = r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
+    print(
+        f"  {load:15s} {res['rps']:7,.0f}/s  {1e6 * (user + system) / n:6.1f} µs each "
+        f"(user {1e6 * user / n:5.1f}, system {1e6 * system / n:5.1f}), {res['errors']} errors",
+        flush=True,
+    )
+    return (user + system) / n
+
+
+# ----------------------------------------------------------------------------- in memory (--memory)
+
+ORIGIN = "127.0.0.1:8080"
+CONNECT = f"CONNECT {ORIGIN} HTTP/1.1\r\nHost: {ORIGIN}\r\n\r\n".encode()
+GET_IN_TUNNEL = f"GET /1k HTTP/1.1\r\nHost: {ORIGIN}\r\nConnection: close\r\n\r\n".encode()
+GET_CLOSE = f"GET http://{ORIGIN}/1k HTTP/1.1\r\nHost: {ORIGIN}\r\nConnection: close\r\n\r\n".encode()
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 10:47:00 GMT\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+    b"Last-Modified: Sat, 05 Dec 2026 10:00:00 GMT\r\nConnection: close\r\n"
+    b'ETag: "6932b5a0-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
+)
+
+
+class MemTransport:
+    """Enough of an asyncio transport for `Conn`: writes go to `on_write`, closing calls
+    connection_lost soon (as a loop's transport does)."""
+
+    def __init__(self, proto: Any, on_write: Any) -> None:
+        self.proto, self.on_write, self.closing = proto, on_write, False
+        self.loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        self.on_write(bytes(data))
+
+    def writelines(self, data: Any) -> None:
+        self.on_write(b"".join(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.loop.call_soon(self.proto.connection_lost, None)
+
+    abort = close
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name in ("peername", "sockname"):
+            return ("127.0.0.1", 40000)
+        return default
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        pass
+
+
+async def in_memory(load: str, n: int, profile: Any) -> float:
+    """CPU seconds per connection of the proxy's Python alone: the listener's protocol objects over
+    in-memory transports. The client and the origin answer each write at once (call_soon); the
+    origin sends its response and closes, then the client closes."""
+    from services.proxy import http_proxy
+    from services.proxy.conn import Conn
+    from services.proxy.context import ClientConn
+
+    tmp = Path(tempfile.mkdtemp(prefix="gp-connpath-"))
+    ctx = proxy_context(load == "tunnels", tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    loop = asyncio.get_running_loop()
+
+    async def connect(host: str, port: int, timeout: float, guard: Any) -> Conn:
+        up = Conn()
+
+        def origin_got(data: bytes) -> None:
+            loop.call_soon(up.data_received, RESPONSE)
+            loop.call_soon(up.eof_received)
+            loop.call_soon(up.transport.close)  # type: ignore[union-attr]
+
+        up.connection_made(MemTransport(up, origin_got))
+        return up
+
+    real_connect = http_proxy.connect
+    http_proxy.connect = connect
+    try:
+
+        async def one() -> None:
+            client = ClientConn(ctx, http_proxy.handle_http)
+
+            def client_got(data: bytes) -> None:
+                if data.startswith(b"HTTP/1.1 200 Connection established"):
+                    loop.call_soon(client.data_received, GET_IN_TUNNEL)
+                elif data.startswith(b"HTTP/1.1 200 OK"):
+                    loop.call_soon(client.eof_received)
+                    loop.call_soon(client.transport.close)  # type: ignore[union-attr]
+
+            client.connection_made(MemTransport(client, client_got))
+            client.data_received(GET_CLOSE if load == "newconn" else CONNECT)
+            await client.task  # type: ignore[misc]
+            while not client.closed:
+                await asyncio.sleep(0)
+
+        for _ in range(200):  # warm
+            await one()
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(5000, 10, 10)
+        if profile is not None:
+            profile.enable()
+        t0 = time.process_time()
+        for _ in range(n):
+            await one()
+        spent = time.process_time() - t0
+        if profile is not None:
+            profile.disable()
+        assert ctx.active == 0 and not ctx.gate.live, (ctx.active, ctx.gate.live)
+    finally:
+        http_proxy.connect = real_connect
+    return spent / n
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("loads", nargs="*", help=f"{', '.join(LOADS)} (default: tunnels-splice newconn)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds per round (default 5)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--root", default=str(BENCH.parent), help="checkout to import the proxy from")
+    ap.add_argument("--memory", action="store_true", help="in memory: the proxy's Python alone, no sockets")
+    ap.add_argument("--count", type=int, default=20000, help="connections per round with --memory")
+    ap.add_argument("--profile", help="write a cProfile of the last round of the last load here")
+    args = ap.parse_args(argv)
+    loads = args.loads or ["tunnels-splice", "newconn"]
+    bad = [x for x in loads if x not in LOADS]
+    if bad:
+        ap.error(f"unknown load {bad[0]!r} ({', '.join(LOADS)})")
+    sys.path.insert(0, args.root)
+    import logging
+
+    import uvloop
+
+    logging.disable(logging.WARNING)
+    if args.memory:
+        print(f"{args.root} (in memory):")
+        for load in loads:
+            if load == "bare":
+                continue
+            best = float("inf")
+            for i in range(args.rounds):
+                profile = None
+                if args.profile and load == loads[-1] and i == args.rounds - 1:
+                    import cProfile
+
+                    profile = cProfile.Profile()
+                best = min(best, uvloop.run(in_memory(load, args.count, profile)))
+                if profile is not None:
+                    profile.dump_stats(args.profile)
+            print(f"  {load:15s} {1e6 * best:6.1f} µs each (min of {args.rounds})")
+        return 0
+    tb = None
+    if any(x != "newconn" for x in loads):
+        tb, why = tunnelbench_binary(BENCH / "out" / "bin")
+        if tb is None:
+            print(f"conn_path: {why}", file=sys.stderr)
+            return 2
+    if not shutil.which("nginx") or ("newconn" in loads and not shutil.which("wrk")):
+        print("conn_path: needs nginx and wrk (bench/setup.sh system)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="gp-connpath-"))
+    origin = NginxOrigin(work / "origin", 1 << 20, None).start()
+    print(f"{args.root}:")
+    try:
+        for load in loads:
+            best = float("inf")
+            for i in range(args.rounds):
+                profile = None
+                if args.profile and load == loads[-1] and i == args.rounds - 1:
+                    import cProfile
+
+                    profile = cProfile.Profile()
+                best = min(best, uvloop.run(one_round(load, origin.port, args.duration, tb, work, profile)))
+                if profile is not None:
+                    profile.dump_stats(args.profile)
+                time.sleep(0.5)
+            print(f"{load}: min {1e6 * best:.1f} µs")
+    finally:
+        origin.stop()
+        stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
