@@ -495,6 +495,7 @@ def parse_request_head(
     line_end = head_bytes.find(b"\r\n")
     if not head_bytes[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
+        line_end = head_bytes.find(b"\r\n")
     lines: list[str] | None = head_bytes[:-4].decode("latin-1").split("\r\n") if _SPLIT_READING else None
     request_line: list[str] = lines[0].split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
@@ -517,6 +518,9 @@ def parse_request_head(
     version = request_line[2][-3:] if lines is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP/{version} is not supported")
+    if not head_bytes[line_end - 8 : line_end - 3] == b"HTTP/":
+        # (the parser also takes RTSP/ and ICE/ as the protocol of a request line)
+        raise _bad("not an HTTP request line (the protocol is not HTTP/)")
     if lines is not None:
         method, target = request_line[0], request_line[1]
         headers = []
@@ -744,6 +748,9 @@ def parse_response_head(
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
     consumed = end + len(_HEAD_END)
+    if not buf.startswith(b"HTTP/"):
+        # (the parser also takes RTSP/ and ICE/ status lines: not an HTTP answer)
+        raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
     status_line = (whole[:first] if first >= 0 else whole).split(" ", 2)
@@ -770,6 +777,8 @@ def parse_response_head(
     lower: str | None = None
     if text is not None:
         reason = status_line[2] if len(status_line) == 3 else ""
+        if "\x00" in reason:  # (the parser lets a NUL through in the reason; CR and LF it refuses)
+            raise UpstreamError("control character in the response's reason phrase")
         lower = text.lower()  # (latin-1: the same length, so the same offsets)
         other_hop = False
         for m in _RESPONSE_FIELD_RE.finditer(lower):
@@ -788,6 +797,8 @@ def parse_response_head(
                 other_hop = True
     else:
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
+        if _BAD_VALUE_CHARS.search(reason):
+            raise UpstreamError("control character in the response's reason phrase")
         headers = [(k.decode("latin-1"), v.decode("latin-1").strip(" \t")) for k, v in col.headers]  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search("".join([v for _k, v in headers])):
             raise UpstreamError("control character in header value")
