@@ -116,6 +116,7 @@ class Exchange:
         "_continued",
         "_interim_seen",
         "_owed",
+        "_reader",
     )
 
     def __init__(
@@ -143,6 +144,7 @@ class Exchange:
         self._continued = False  # a 100 Continue came
         self._interim_seen = False  # any 1xx came
         self._owed = False  # the request body is still owed when the answer is complete
+        self._reader: http1.BodyReader | None = None  # the response body's rest, when `step` sent the head
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -154,18 +156,57 @@ class Exchange:
 
         The usual exchange (an answer whose body came with its head) awaits nothing but the
         response head: the steps are plain methods, and only the longer paths are coroutines."""
-        head, limits, t, upstream = self.head, self.limits, self.txn, self.upstream
+        self.send(request)
+        return await self.proceed()
+
+    def send(self, request: bytes) -> None:
+        """SEND_REQUEST → AWAIT_RESPONSE: the upstream head goes out, a request body starts relaying."""
+        head, t = self.head, self.txn
+        self.upstream.write(request)
+        self._to(AWAIT_RESPONSE)
+        if head.chunked or (head.content_length or 0) > 0:
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+            self._body = start_body(self.client, self.upstream, reader, self.limits.idle_timeout)
+
+    def step(self) -> bool:
+        """Without waiting (the kept-alive cycle in `keepalive.py`, a request without a body): when
+        upstream.buf holds the final answer's head, send it on with the body bytes that came with it.
+        True when that ended the exchange (`_end` done); False when `proceed` must go on: nothing
+        consumed (no complete head yet, a 1xx or 101, a head that does not parse: `proceed` meets the
+        same), or the head went out and the rest of the body is to be relayed."""
+        upstream = self.upstream
+        if self.state is not AWAIT_RESPONSE or self._body is not None or not upstream.buf:
+            return False
+        try:
+            got = http1.parse_response_head(bytes(upstream.buf), self.limits.max_header_bytes, self.head.method)
+        except http1.UpstreamError:
+            return False
+        if got is None or got[0].status < 200:
+            return False
+        resp, n = got
+        del upstream.buf[:n]
+        more = self._send_head(resp)
+        if more is not None:
+            self._reader = more
+            return False
+        if self.state is SEND_RESPONSE:
+            self._done(resp)
+        self._end()
+        return True
+
+    async def proceed(self) -> State:
+        """The rest of the exchange after `send` (or after a `step` that left the body to relay)."""
+        head, limits, upstream = self.head, self.limits, self.upstream
         max_bytes, method = limits.max_header_bytes, head.method
 
         def parse(buf: bytes) -> tuple[http1.ResponseHead, int] | None:
             return http1.parse_response_head(buf, max_bytes, method)
 
-        upstream.write(request)
-        self._to(AWAIT_RESPONSE)
-        if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
-            self._body = start_body(self.client, upstream, reader, limits.idle_timeout)
         try:
+            if self.state is SEND_RESPONSE and self._reader is not None:
+                await self._relay_response_body(self._reader)
+                if self.state is SEND_RESPONSE:
+                    self._done(self.final)  # type: ignore[arg-type]
             while self.state is AWAIT_RESPONSE:
                 try:
                     got = await read_head(upstream, limits, parse, limits.idle_timeout)
@@ -200,14 +241,20 @@ class Exchange:
         finally:
             if self._body is not None and not self._body.done():
                 await cancel(self._body)
-            if not self.upstream_reusable:
-                if self.state is DONE and self.error is None:
-                    upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
-                else:
-                    upstream.abort()
-            if t is not None and self.state is not STALE:
-                t.finish(self.final, status=self.status, error=self.error)
+            self._end()
         return self.state
+
+    def _end(self) -> None:
+        """The exchange is over (or abandoned): an upstream it cannot leave reusable is closed, and
+        the record sent (unless it is to be sent again: STALE)."""
+        t = self.txn
+        if not self.upstream_reusable:
+            if self.state is DONE and self.error is None:
+                self.upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
+            else:
+                self.upstream.abort()
+        if t is not None and self.state is not STALE:
+            t.finish(self.final, status=self.status, error=self.error)
 
     # -- AWAIT_RESPONSE --
     def _interim(self, resp: http1.ResponseHead, n: int) -> None:
