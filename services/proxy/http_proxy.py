@@ -240,9 +240,7 @@ async def handle_http(client: ClientConn) -> None:
                     got = await read_head(client, limits, parse_req, None if first else limits.idle_timeout)
                 except asyncio.TimeoutError:
                     if first or client.buf:
-                        client.write(
-                            error_response(408, "Request Timeout", "Greyproxy: request headers took too long")
-                        )
+                        client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
                     return
                 except http1.HttpError as exc:
                     client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
