@@ -117,6 +117,7 @@ class Exchange:
         "_interim_seen",
         "_owed",
         "_reader",
+        "_body_sent",
     )
 
     def __init__(
@@ -145,6 +146,7 @@ class Exchange:
         self._interim_seen = False  # any 1xx came
         self._owed = False  # the request body is still owed when the answer is complete
         self._reader: http1.BodyReader | None = None  # the response body's rest, when `step` sent the head
+        self._body_sent = False  # the request body went out with the head (`send`)
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -159,9 +161,17 @@ class Exchange:
         self.send(request)
         return await self.proceed()
 
-    def send(self, request: bytes) -> None:
-        """SEND_REQUEST → AWAIT_RESPONSE: the upstream head goes out, a request body starts relaying."""
+    def send(self, request: bytes, body: bytes | None = None) -> None:
+        """SEND_REQUEST → AWAIT_RESPONSE: the upstream head goes out, a request body starts relaying.
+        `body`: the whole (Content-Length) request body, already read: it goes out with the head."""
         head, t = self.head, self.txn
+        if body is not None:
+            if t is not None:
+                t.req_sink()(body)
+            self._body_sent = True
+            self.upstream.write(request + body)
+            self._to(AWAIT_RESPONSE)
+            return
         self.upstream.write(request)
         self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
@@ -269,7 +279,13 @@ class Exchange:
     def _unanswered(self) -> None:
         """The upstream closed without a byte of answer."""
         head = self.head
-        if self.reused and self._body is None and not self._interim_seen and head.method in RETRYABLE:
+        if (
+            self.reused
+            and self._body is None
+            and not self._body_sent
+            and not self._interim_seen
+            and head.method in RETRYABLE
+        ):
             self._to(STALE)  # the origin closed the kept connection as the request went out
             return None
         exc = body_error(self._body)

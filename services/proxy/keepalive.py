@@ -1,8 +1,8 @@
 """The kept-alive request cycle of the HTTP forward proxy, run in the connections' callbacks.
 
 Once a client connection's request has ended with its upstream connection kept clean, the next
-requests for the same destination usually need no waiting at all: the head is read in full, the
-gate answers from its rules, the hooks answer at once, the request goes out on the kept upstream
+requests for the same destination usually need no waiting at all: the head (and a Content-Length
+body, if any) is read in full, the gate answers from its rules, the hooks answer at once, the request goes out on the kept upstream
 connection, and the origin's answer arrives with its body. `KeptAlive` serves those requests from
 the connections' protocol callbacks (`Conn.watcher`): no task wakeup, future or coroutine frame
 per read. The request steps themselves are the handler's own (`prepare`, a coroutine that does
@@ -13,8 +13,9 @@ Anything else is handed back to the handler's coroutine (`http_proxy.handle_http
 reached, with what was done so far (`Handover`):
 
     READ      the client's bytes are not a complete head, or it closed: read it as usual
-    HEAD      a complete head this cycle does not serve (the first of a new destination, a body,
-              an upgrade, CONNECT, a claimed identity, a bad scheme...): nothing of it consumed
+    HEAD      a complete head this cycle does not serve (a new destination, a chunked body or one
+              not all here, an upgrade, CONNECT, a claimed identity, a bad scheme...): nothing of
+              it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
     EXCHANGE  the answer needs more than this read (a 1xx, a body to stream, the origin closing,
               a head split over reads): the exchange in its state, continued by `Exchange.proceed`
@@ -285,25 +286,26 @@ class KeptAlive:
             if got is None:
                 self._hand(Handover(READ))
                 return
-            head = got[0]
-            if not self._servable(head):
+            head, n = got
+            if not self._servable(head, len(client.buf) - n):
                 h = Handover(HEAD)
                 h.got = got
                 self._hand(h)
                 return
-            del client.buf[: got[1]]
+            del client.buf[:n]
             self._request(head)
             return
 
-    def _servable(self, head: http1.RequestHead) -> bool:
-        """This cycle serves `head` (else the handler does, from the head on)."""
+    def _servable(self, head: http1.RequestHead, buffered: int) -> bool:
+        """This cycle serves `head`, `buffered` bytes after it already here (else the handler does,
+        from the head on)."""
         client, upstream = self.client, self.upstream
         name = head.proxy_user or self.identity
         return (
             head.method != "CONNECT"
             and head.scheme == "http"
             and not head.chunked
-            and not head.content_length
+            and (not head.content_length or head.content_length <= buffered)  # no body, or all of it here
             and head.upgrade is None
             # the handler's identity steps would do nothing: no lookup, no claim to check, no cap
             and name == client.identity
@@ -346,7 +348,13 @@ class KeptAlive:
         self.clean = False
         ex = Exchange(self.client, upstream, head, self.limits, t, True)
         self.exchange, self.head, self.prepared = ex, head, prepared
-        ex.send(request)
+        body = None
+        size = head.content_length
+        if size:  # all here (`_servable`); taken only now: a handler that takes over relays it itself
+            buf = self.client.buf
+            body = bytes(buf[:size])
+            del buf[:size]
+        ex.send(request, body)
         assert ex.state is AWAIT_RESPONSE
         self.state = _AWAIT  # the answer comes in the upstream's callback (its buffer was empty)
         self._arm()
