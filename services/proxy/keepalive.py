@@ -193,13 +193,12 @@ class KeptAlive:
 
     # -- deadlines --
     def _arm(self) -> None:
+        """The current wait's deadline. Deadlines only move later (the same timeout from a later now),
+        so an armed timer is never late: when it fires early it waits on (`_on_timer`)."""
         loop = self.loop
-        self._deadline = loop.time() + self.limits.idle_timeout
-        timer = self._timer
-        if timer is None or timer.when() > self._deadline:
-            if timer is not None:
-                timer.cancel()
-            self._timer = loop.call_at(self._deadline, self._on_timer)
+        self._deadline = deadline = loop.time() + self.limits.idle_timeout
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
