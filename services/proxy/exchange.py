@@ -350,6 +350,17 @@ class Exchange:
             self.client.write(out)
             self.final = resp
             return None
+        size, buf = resp.content_length, upstream.buf
+        if size is not None and not resp.chunked and len(buf) >= size:
+            # The whole (Content-Length) body came with the head, as a small answer does: it leaves
+            # with the head in one send, with no reader (what one would pass on and capture).
+            data = bytes(buf[:size])
+            del buf[:size]
+            if t is not None:
+                t.resp_sink(resp)(data)
+            self.client.write(out + data)
+            self.final = resp
+            return None
         reader = http1.BodyReader(
             resp.content_length,
             resp.chunked,
