@@ -55,18 +55,22 @@ IDENTITY_REFUSED = http1.render_response(
 )
 
 
+def identity_known(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
+    """`check_identity` need not look: this connection passed it for what `head` presents (the same
+    name and secret, or no credentials after a proved claim) and the claims loaded are the same."""
+    if head.proxy_user:
+        return ids.token(name, head.proxy_password) == client.identity_token
+    return client.identity_token is not None and client.identity_token[0] == ids.generation
+
+
 async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
     """SPEC §16, once per connection: again only when the name or secret presented, or the claims
     loaded, change. A request without credentials on a connection that proved a claim keeps it
     until the claims change (then it must present the secret again)."""
-    token = ids.token(name, head.proxy_password) if head.proxy_user else None
-    if token is not None and token == client.identity_token:
+    if identity_known(client, ids, name, head):
         return True
-    if token is None:
-        if client.identity_token is not None and client.identity_token[0] == ids.generation:
-            return True
-        token = ids.token(name, None)
     secret = head.proxy_password if head.proxy_user else None
+    token = ids.token(name, secret)
     ok = ids.quick(name, secret) or await ids.check(
         name,
         secret,
@@ -219,7 +223,7 @@ async def handle_http(client: ClientConn) -> None:
             handed: Handover | None = None
             if not first and clean and upstream is not None and upstream_key is not None and usable(upstream):
                 if fast is None:
-                    fast = KeptAlive(client, parse_req, prepare)
+                    fast = KeptAlive(client, parse_req, prepare, identity_known)
                 try:
                     handed = await fast.serve(identity, upstream, upstream_key, cid)
                 finally:

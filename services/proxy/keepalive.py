@@ -14,8 +14,8 @@ reached, with what was done so far (`Handover`):
 
     READ      the client's bytes are not a complete head, or it closed: read it as usual
     HEAD      a complete head this cycle does not serve (a new destination, a chunked body or one
-              not all here, an upgrade, CONNECT, a claimed identity, a bad scheme...): nothing of
-              it consumed
+              not all here, an upgrade, CONNECT, a name or secret to check again, a bad
+              scheme...): nothing of it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
     EXCHANGE  the answer needs more than this read (a 1xx, a body to stream, the origin closing,
               a head split over reads): the exchange in its state, continued by `Exchange.proceed`
@@ -42,6 +42,7 @@ from .pool import usable
 if TYPE_CHECKING:
     from .context import ClientConn
     from .gate import Verdict
+    from .identities import IdentityGuard
     from .pipeline import Txn
 
 __all__ = ["END", "EXCHANGE", "HEAD", "PREPARE", "RAISE", "READ", "Handover", "KeptAlive", "Prepared", "resume"]
@@ -112,6 +113,7 @@ class KeptAlive:
         "limits",
         "parse",
         "prepare",
+        "known",
         "gate",
         "loop",
         "state",
@@ -133,10 +135,12 @@ class KeptAlive:
         client: ClientConn,
         parse: Callable[[bytes], tuple[http1.RequestHead, int] | None],
         prepare: PrepareFn,
+        known: Callable[[ClientConn, IdentityGuard, str, http1.RequestHead], bool],
     ) -> None:
         ctx = client.ctx
         self.client, self.limits, self.gate = client, ctx.limits, ctx.gate
         self.parse, self.prepare = parse, prepare
+        self.known = known  # the identity check passed before for what a head presents (http_proxy.identity_known)
         self.loop = client._loop or asyncio.get_running_loop()
         self.state = _OFF
         self.identity = ""
@@ -300,16 +304,17 @@ class KeptAlive:
         from the head on)."""
         client, upstream = self.client, self.upstream
         name = head.proxy_user or self.identity
+        ids = client.ctx.identities
         return (
             head.method != "CONNECT"
             and head.scheme == "http"
             and not head.chunked
             and (not head.content_length or head.content_length <= buffered)  # no body, or all of it here
             and head.upgrade is None
-            # the handler's identity steps would do nothing: no lookup, no claim to check, no cap
+            # the handler's identity steps would do nothing: no lookup, the check passed before, no cap
             and name == client.identity
             and not client.over_cap
-            and (client.ctx.identities is None or not (head.proxy_user or client.claimed))
+            and (ids is None or not (head.proxy_user or client.claimed) or self.known(client, ids, name, head))
             # the kept upstream serves it
             and self.clean
             and self.key == (name, head.host, head.port)

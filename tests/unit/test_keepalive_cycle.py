@@ -17,6 +17,8 @@ script of answer pieces per request path, each piece one read). What is checked:
 from __future__ import annotations
 
 import asyncio
+import base64
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from unittest import mock
 
@@ -25,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bus import records
+from greyproxy.identity import Claim, hash_secret
 from greyproxy.policy import RuleSet
 from greyproxy.policy.ruleset import Rule
 from services.proxy import http_proxy, keepalive
@@ -32,6 +35,7 @@ from services.proxy.conn import Conn
 from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.gate import Gate
 from services.proxy.hooks import HookChain, Refusal, RuleRecheck
+from services.proxy.identities import IdentityGuard
 from services.proxy.pipeline import Recorder
 
 OK = b"HTTP/1.1 200 OK\r\nServer: t\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello"
@@ -336,6 +340,52 @@ def test_a_buffered_request_body_goes_out_with_the_head_and_into_the_record() ->
             await p.finish()
 
     asyncio.run(main())
+
+
+def test_named_and_claimed_clients_are_served_inside_the_callbacks() -> None:
+    """A client naming itself (Proxy-Authorization on every request, as curl sends it) and one using
+    a claimed name with its secret: the cycle serves them once the check passed; a wrong secret
+    later goes to the handler, which refuses it (407)."""
+
+    def auth(user: str, secret: str) -> bytes:
+        return b"Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{secret}".encode()) + b"\r\n"
+
+    async def main(user: str, secret: str) -> None:
+        p = Proxy()
+        executor = ThreadPoolExecutor(1)
+        ids = IdentityGuard(executor, p.journal, Publisher(), p.gate)  # type: ignore[arg-type]
+        ids.claims.replace([Claim("claimed-agent", hash_secret("s3cret"), 1)], 1)
+        p.ctx.identities = ids
+        try:
+            with mock.patch.object(http_proxy, "connect", p.connect):
+                p.start()
+                p.send(_get("/ok", extra=auth(user, secret)))
+                await asyncio.sleep(0.2)  # a claimed name's first check runs scrypt in a thread
+                await p.settle()
+                assert p.wire.out.count(b"hello") == 1, p.wire.out
+                (origin,) = p.origins
+                sent = len(origin.out)
+                p.send(_get(MANUAL, extra=auth(user, secret)))  # served in the callback
+                assert origin.out[sent:].startswith(b"GET /manual HTTP/1.1\r\n")
+                assert b"Proxy-Authorization" not in origin.out
+                origin.proto.data_received(OK)  # type: ignore[attr-defined]
+                assert p.wire.out.count(b"hello") == 2
+                assert p.journal.transactions()[-1]["container_name"] == user
+                sent = len(origin.out)
+                p.send(_get(MANUAL, extra=auth(user, "wrong")))
+                if user == "claimed-agent":
+                    assert origin.out[sent:] == b""  # not from the callback: the handler checks it
+                    await asyncio.sleep(0.2)
+                    await p.settle()
+                    assert b"407 Proxy Authentication Required" in p.wire.out and p.client.closed
+                else:  # an unclaimed name takes any secret: as check_identity, at once
+                    assert origin.out[sent:].startswith(b"GET /manual")
+                await p.finish()
+        finally:
+            executor.shutdown()
+
+    asyncio.run(main("named-agent", "x"))
+    asyncio.run(main("claimed-agent", "s3cret"))
 
 
 # ---------------------------------------------------------------- same as the coroutine alone
