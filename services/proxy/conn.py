@@ -284,6 +284,11 @@ class Conn(asyncio.BufferedProtocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is full: `drain` would wait."""
+        return self._drain is not None and not self._drain.done()
+
     async def drain(self) -> None:
         if self.closed:
             raise ConnClosed()

@@ -204,6 +204,50 @@ class Exchange:
         self._end()
         return True
 
+    def pump(self) -> bool:
+        """SEND_RESPONSE without waiting (after `step` sent the head): the body bytes in upstream.buf
+        go on to the client, and the upstream's end ends a body read until close. True when the
+        exchange ended (`_end` done), as `relay_body` would end it; False: more body is to come."""
+        reader, upstream, client = self._reader, self.upstream, self.client
+        assert reader is not None and self.state is SEND_RESPONSE
+        if upstream.buf:
+            try:
+                data, rest, done = reader.feed(upstream.take())
+            except http1.UpstreamError as exc:
+                self._cut_off(f"bad response from upstream: {exc}")
+                self._end()
+                return True
+            if rest:
+                upstream.buf[:0] = rest
+            if data:
+                client.write(data)
+                if client.closed:  # what relay_body's drain says
+                    self._cut_off("the client went away during the response")
+                    self._end()
+                    return True
+            if done:
+                self._done(self.final)  # type: ignore[arg-type]
+                self._end()
+                return True
+        if upstream.eof:
+            if reader.until_close:
+                self._done(self.final)  # type: ignore[arg-type]
+            else:
+                self._cut_off(
+                    "the client went away during the response"
+                    if client.closed
+                    else "the upstream closed before the response body ended"
+                )
+            self._end()
+            return True
+        return False
+
+    def stalled(self) -> bool:
+        """The upstream said nothing for `idle_timeout` in the middle of the body (`pump`'s deadline)."""
+        self._cut_off("the upstream stalled in the middle of the response body")
+        self._end()
+        return True
+
     async def proceed(self) -> State:
         """The rest of the exchange after `send` (or after a `step` that left the body to relay)."""
         head, limits, upstream = self.head, self.limits, self.upstream
@@ -214,7 +258,7 @@ class Exchange:
 
         try:
             if self.state is SEND_RESPONSE and self._reader is not None:
-                await self._relay_response_body(self._reader)
+                await self._relay_response_body(self._reader, drain=True)
                 if self.state is SEND_RESPONSE:
                     self._done(self.final)  # type: ignore[arg-type]
             while self.state is AWAIT_RESPONSE:
@@ -383,9 +427,12 @@ class Exchange:
         self.final = resp
         return None if done else reader
 
-    async def _relay_response_body(self, reader: http1.BodyReader) -> None:
+    async def _relay_response_body(self, reader: http1.BodyReader, drain: bool = False) -> None:
+        """The rest of the response body (`drain`: a write of `pump` may still be waiting to go out)."""
         client = self.client
         try:
+            if drain:
+                await client.drain()
             await relay_body(self.upstream, client, reader, self.limits.idle_timeout)
         except http1.UpstreamError as exc:
             self._cut_off(f"bad response from upstream: {exc}")

@@ -3,7 +3,8 @@
 Once a client connection's request has ended with its upstream connection kept clean, the next
 requests for the same destination usually need no waiting at all: the head (and a Content-Length
 body, if any) is read in full, the gate answers from its rules, the hooks answer at once, the request goes out on the kept upstream
-connection, and the origin's answer arrives with its body. `KeptAlive` serves those requests from
+connection, and the origin's answer arrives with its body (or its body streams on from the
+upstream's callbacks while the client takes it). `KeptAlive` serves those requests from
 the connections' protocol callbacks (`Conn.watcher`): no task wakeup, future or coroutine frame
 per read. The request steps themselves are the handler's own (`prepare`, a coroutine that does
 not suspend in that case, driven here by hand) and the exchange is `exchange.Exchange`
@@ -17,14 +18,16 @@ reached, with what was done so far (`Handover`):
               not all here, an upgrade, CONNECT, a name or secret to check again, a bad
               scheme...): nothing of it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
-    EXCHANGE  the answer needs more than this read (a 1xx, a body to stream, the origin closing,
-              a head split over reads): the exchange in its state, continued by `Exchange.proceed`
+    EXCHANGE  the answer needs the handler (a 1xx, a head split over reads, the origin closing
+              before the head, a client whose buffer is full in the middle of the body): the
+              exchange in its state, continued by `Exchange.proceed`
     END       the connection is done (no keep-alive, an answer that ends it, idle too long)
     RAISE     a step raised: re-raised by the handler
 
 Deadlines are the usual ones: between requests the next one's first byte may take `idle_timeout`
-(then the connection ends, as the coroutine's read would end it), and the origin's answer too
-(then 504, as `Exchange.proceed` answers). One timer per connection enforces them, re-armed only
+(then the connection ends, as the coroutine's read would end it), the origin's answer too (then
+504, as `Exchange.proceed` answers), and each read of its body (then it is cut off, as
+`relay_body` does). One timer per connection enforces them, re-armed only
 when it fires before the current deadline.
 """
 
@@ -36,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import http1
 from .conn import Conn
-from .exchange import AWAIT_RESPONSE, Exchange
+from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
 from .pool import usable
 
 if TYPE_CHECKING:
@@ -53,7 +56,8 @@ PrepareFn = Callable[[http1.RequestHead, str], Coroutine[Any, Any, "Prepared | N
 
 READ, HEAD, PREPARE, EXCHANGE, END, RAISE = "read", "head", "prepare", "exchange", "end", "raise"
 
-_OFF, _IDLE, _AWAIT = 0, 1, 2  # not serving; waiting for the next request; waiting for the answer
+# not serving; waiting for the next request; for the answer; for more of its body
+_OFF, _IDLE, _AWAIT, _BODY = 0, 1, 2, 3
 
 
 class Handover:
@@ -170,7 +174,7 @@ class KeptAlive:
 
     def stop(self) -> None:
         """The handler is gone (cancelled) while this was serving: what an abandoned exchange does."""
-        if self.state is _AWAIT and self.exchange is not None:
+        if (self.state is _AWAIT or self.state is _BODY) and self.exchange is not None:
             self.clean = False
             self.exchange._end()
         self._unwatch()
@@ -217,7 +221,7 @@ class KeptAlive:
             return
         ex = self.exchange
         assert ex is not None
-        self._run(ex, self._timed_out)
+        self._run(ex, self._timed_out if self.state is _AWAIT else Exchange.stalled)
 
     @staticmethod
     def _timed_out(ex: Exchange) -> bool:
@@ -233,7 +237,11 @@ class KeptAlive:
         # read once the answer is out) and its close is seen then, as in the handler.
 
     def _on_upstream(self) -> None:
-        if self.state is not _AWAIT:
+        state = self.state
+        if state is _BODY:
+            self._run(self.exchange, Exchange.pump)  # type: ignore[arg-type]
+            return
+        if state is not _AWAIT:
             return  # an idle kept connection that speaks or closes is not usable for the next request
         ex = self.exchange
         assert ex is not None
@@ -255,6 +263,13 @@ class KeptAlive:
                 self._hand(h)
             return
         if not ended:
+            if ex.state is SEND_RESPONSE and not self.client.write_paused:
+                # The head went out, more body is to come: it streams from the upstream's callback
+                # while the client takes it (else `proceed` waits for the client, then relays).
+                self.state = _BODY
+                self._arm()
+                self.upstream.resume_reading()  # type: ignore[union-attr]
+                return
             self._hand_exchange(ex)
             return
         self.clean = ex.upstream_reusable

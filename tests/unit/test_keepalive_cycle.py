@@ -56,6 +56,13 @@ SCRIPTS: dict[str, list[Any]] = {
     "/badbody": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n"],
     "/hangup": ["close"],
     "/twice": [OK + OK],  # an answer more than asked for: the connection is not reused
+    "/chunkedsplit": [
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        b"4\r\ndefg\r\n",
+        b"0\r\n\r\n",
+    ],
+    "/cutbody": [b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc", b"de", "close"],  # the client is cut off
+    "/badlater": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", b"ZZ\r\n"],
 }
 MANUAL = "/manual"  # the origin says nothing: the test answers by hand
 
@@ -526,6 +533,53 @@ def test_idle_and_answer_deadlines_in_the_callbacks() -> None:
             await asyncio.wait_for(p.client.task, 1)  # type: ignore[arg-type]
             assert p.client.closed and len(p.wire.out) == before
             assert len(p.ctx.pool) == 1  # the clean upstream was parked
+
+    asyncio.run(main())
+
+
+def test_a_body_over_several_reads_streams_from_the_callbacks_and_stalls_like_the_relay() -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 10\r\n\r\n"
+
+    async def main() -> None:
+        p = Proxy(Limits(idle_timeout=0.05, header_timeout=1.0))
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok"))
+            await p.settle()
+            (origin,) = p.origins
+            up = origin.proto
+            p.send(_get(MANUAL))
+            answered = len(p.wire.out)
+            up.data_received(head + b"hel")  # type: ignore[attr-defined]
+            assert p.wire.out[answered:].endswith(b"\r\n\r\nhel")
+            up.data_received(b"lo")  # type: ignore[attr-defined]  # on to the client at once
+            assert p.wire.out.endswith(b"hello")
+            up.data_received(b"world")  # type: ignore[attr-defined]
+            assert p.wire.out.endswith(b"helloworld") and p.journal.transactions()[-1]["response_body_size"] == 10
+            # a full client buffer: the handler waits for the client, then relays the rest
+            p.send(_get(MANUAL))
+            up.data_received(head + b"abc")  # type: ignore[attr-defined]
+            p.client.pause_writing()
+            up.data_received(b"de")  # type: ignore[attr-defined]
+            await p.settle()
+            up.data_received(b"fgh")  # type: ignore[attr-defined]
+            await p.settle()
+            assert p.wire.out.endswith(b"abcde")  # the rest waits until the client's buffer drains
+            p.client.resume_writing()
+            await p.settle()
+            assert p.wire.out.endswith(b"abcdefgh")
+            up.data_received(b"ij")  # type: ignore[attr-defined]
+            await p.settle()
+            assert p.wire.out.endswith(b"abcdefghij") and p.journal.transactions()[-1]["error"] is None
+            # back in the cycle: a body that stalls is cut off at the deadline, as the relay does
+            p.send(_get(MANUAL))
+            await p.settle()
+            assert origin.out.endswith(b"GET /manual HTTP/1.1\r\nHost: ok.test\r\nUser-Agent: t\r\n\r\n")
+            up.data_received(head + b"abc")  # type: ignore[attr-defined]
+            await asyncio.wait_for(p.client.task, 1)  # type: ignore[arg-type]
+            rec = p.journal.transactions()[-1]
+            assert rec["error"] == "the upstream stalled in the middle of the response body"
+            assert p.client.closed and origin.closing and len(p.ctx.pool) == 0
 
     asyncio.run(main())
 
