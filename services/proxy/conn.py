@@ -69,6 +69,7 @@ class Conn(asyncio.BufferedProtocol):
         "_timer",
         "_timed",
         "_loop",
+        "watcher",
     )
 
     def __init__(self) -> None:
@@ -95,6 +96,9 @@ class Conn(asyncio.BufferedProtocol):
         # The event loop, looked up once: asyncio.get_running_loop() costs a getpid() system call
         # (CPython checks the loop was not inherited across a fork), which adds up per read.
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called, in place of waking a reader, when bytes, EOF or the close arrive: the HTTP proxy's
+        # kept-alive request cycle (keepalive.py) runs in these callbacks while nobody reads.
+        self.watcher: Callable[[], None] | None = None
 
     # -- asyncio.Protocol --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -200,6 +204,10 @@ class Conn(asyncio.BufferedProtocol):
 
     # -- reading while speaking a protocol --
     def _wake(self) -> None:
+        watcher = self.watcher
+        if watcher is not None:
+            watcher()
+            return
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
@@ -251,6 +259,12 @@ class Conn(asyncio.BufferedProtocol):
                 self._deadline = self._timed = None  # this read is over: the timer, if armed, finds nothing
         return len(buf) > before
 
+    def resume_reading(self) -> None:
+        """Read from the socket again if a full buffer (READ_LIMIT) paused it (read_more does this too)."""
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resume_reading()  # type: ignore[union-attr]
+
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
         self._loop = loop = asyncio.get_running_loop()
         return loop
@@ -289,6 +303,11 @@ class Conn(asyncio.BufferedProtocol):
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+
+    @property
+    def write_paused(self) -> bool:
+        """The transport's buffer is full: `drain` would wait."""
+        return self._drain is not None and not self._drain.done()
 
     async def drain(self) -> None:
         if self.closed:

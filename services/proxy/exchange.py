@@ -116,6 +116,8 @@ class Exchange:
         "_continued",
         "_interim_seen",
         "_owed",
+        "_reader",
+        "_body_sent",
     )
 
     def __init__(
@@ -143,6 +145,8 @@ class Exchange:
         self._continued = False  # a 100 Continue came
         self._interim_seen = False  # any 1xx came
         self._owed = False  # the request body is still owed when the answer is complete
+        self._reader: http1.BodyReader | None = None  # the response body's rest, when `step` sent the head
+        self._body_sent = False  # the request body went out with the head (`send`)
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -154,18 +158,109 @@ class Exchange:
 
         The usual exchange (an answer whose body came with its head) awaits nothing but the
         response head: the steps are plain methods, and only the longer paths are coroutines."""
-        head, limits, t, upstream = self.head, self.limits, self.txn, self.upstream
+        self.send(request)
+        return await self.proceed()
+
+    def send(self, request: bytes, body: bytes | None = None) -> None:
+        """SEND_REQUEST → AWAIT_RESPONSE: the upstream head goes out, a request body starts relaying.
+        `body`: the whole (Content-Length) request body, already read: it goes out with the head."""
+        head, t = self.head, self.txn
+        if body is not None:
+            if t is not None:
+                t.req_sink()(body)
+            self._body_sent = True
+            self.upstream.write(request + body)
+            self._to(AWAIT_RESPONSE)
+            return
+        self.upstream.write(request)
+        self._to(AWAIT_RESPONSE)
+        if head.chunked or (head.content_length or 0) > 0:
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+            self._body = start_body(self.client, self.upstream, reader, self.limits.idle_timeout)
+
+    def step(self) -> bool:
+        """Without waiting (the kept-alive cycle in `keepalive.py`, a request without a body): when
+        upstream.buf holds the final answer's head, send it on with the body bytes that came with it.
+        True when that ended the exchange (`_end` done); False when `proceed` must go on: nothing
+        consumed (no complete head yet, a 1xx or 101, a head that does not parse: `proceed` meets the
+        same), or the head went out and the rest of the body is to be relayed."""
+        upstream = self.upstream
+        if self.state is not AWAIT_RESPONSE or self._body is not None or not upstream.buf:
+            return False
+        try:
+            got = http1.parse_response_head(bytes(upstream.buf), self.limits.max_header_bytes, self.head.method)
+        except http1.UpstreamError:
+            return False
+        if got is None or got[0].status < 200:
+            return False
+        resp, n = got
+        del upstream.buf[:n]
+        more = self._send_head(resp)
+        if more is not None:
+            self._reader = more
+            return False
+        if self.state is SEND_RESPONSE:
+            self._done(resp)
+        self._end()
+        return True
+
+    def pump(self) -> bool:
+        """SEND_RESPONSE without waiting (after `step` sent the head): the body bytes in upstream.buf
+        go on to the client, and the upstream's end ends a body read until close. True when the
+        exchange ended (`_end` done), as `relay_body` would end it; False: more body is to come."""
+        reader, upstream, client = self._reader, self.upstream, self.client
+        assert reader is not None and self.state is SEND_RESPONSE
+        if upstream.buf:
+            try:
+                data, rest, done = reader.feed(upstream.take())
+            except http1.UpstreamError as exc:
+                self._cut_off(f"bad response from upstream: {exc}")
+                self._end()
+                return True
+            if rest:
+                upstream.buf[:0] = rest
+            if data:
+                client.write(data)
+                if client.closed:  # what relay_body's drain says
+                    self._cut_off("the client went away during the response")
+                    self._end()
+                    return True
+            if done:
+                self._done(self.final)  # type: ignore[arg-type]
+                self._end()
+                return True
+        if upstream.eof:
+            if reader.until_close:
+                self._done(self.final)  # type: ignore[arg-type]
+            else:
+                self._cut_off(
+                    "the client went away during the response"
+                    if client.closed
+                    else "the upstream closed before the response body ended"
+                )
+            self._end()
+            return True
+        return False
+
+    def stalled(self) -> bool:
+        """The upstream said nothing for `idle_timeout` in the middle of the body (`pump`'s deadline)."""
+        self._cut_off("the upstream stalled in the middle of the response body")
+        self._end()
+        return True
+
+    async def proceed(self) -> State:
+        """The rest of the exchange after `send` (or after a `step` that left the body to relay)."""
+        head, limits, upstream = self.head, self.limits, self.upstream
         max_bytes, method = limits.max_header_bytes, head.method
 
         def parse(buf: bytes) -> tuple[http1.ResponseHead, int] | None:
             return http1.parse_response_head(buf, max_bytes, method)
 
-        upstream.write(request)
-        self._to(AWAIT_RESPONSE)
-        if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
-            self._body = start_body(self.client, upstream, reader, limits.idle_timeout)
         try:
+            if self.state is SEND_RESPONSE and self._reader is not None:
+                await self._relay_response_body(self._reader, drain=True)
+                if self.state is SEND_RESPONSE:
+                    self._done(self.final)  # type: ignore[arg-type]
             while self.state is AWAIT_RESPONSE:
                 try:
                     got = await read_head(upstream, limits, parse, limits.idle_timeout)
@@ -200,14 +295,20 @@ class Exchange:
         finally:
             if self._body is not None and not self._body.done():
                 await cancel(self._body)
-            if not self.upstream_reusable:
-                if self.state is DONE and self.error is None:
-                    upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
-                else:
-                    upstream.abort()
-            if t is not None and self.state is not STALE:
-                t.finish(self.final, status=self.status, error=self.error)
+            self._end()
         return self.state
+
+    def _end(self) -> None:
+        """The exchange is over (or abandoned): an upstream it cannot leave reusable is closed, and
+        the record sent (unless it is to be sent again: STALE)."""
+        t = self.txn
+        if not self.upstream_reusable:
+            if self.state is DONE and self.error is None:
+                self.upstream.close()  # e.g. `Connection: close` from the origin: its last bytes go first
+            else:
+                self.upstream.abort()
+        if t is not None and self.state is not STALE:
+            t.finish(self.final, status=self.status, error=self.error)
 
     # -- AWAIT_RESPONSE --
     def _interim(self, resp: http1.ResponseHead, n: int) -> None:
@@ -222,7 +323,13 @@ class Exchange:
     def _unanswered(self) -> None:
         """The upstream closed without a byte of answer."""
         head = self.head
-        if self.reused and self._body is None and not self._interim_seen and head.method in RETRYABLE:
+        if (
+            self.reused
+            and self._body is None
+            and not self._body_sent
+            and not self._interim_seen
+            and head.method in RETRYABLE
+        ):
             self._to(STALE)  # the origin closed the kept connection as the request went out
             return None
         exc = body_error(self._body)
@@ -287,6 +394,17 @@ class Exchange:
             self.client.write(out)
             self.final = resp
             return None
+        size, buf = resp.content_length, upstream.buf
+        if size is not None and not resp.chunked and len(buf) >= size:
+            # The whole (Content-Length) body came with the head, as a small answer does: it leaves
+            # with the head in one send, with no reader (what one would pass on and capture).
+            data = bytes(buf[:size])
+            del buf[:size]
+            if t is not None:
+                t.resp_sink(resp)(data)
+            self.client.write(out + data)
+            self.final = resp
+            return None
         reader = http1.BodyReader(
             resp.content_length,
             resp.chunked,
@@ -309,9 +427,12 @@ class Exchange:
         self.final = resp
         return None if done else reader
 
-    async def _relay_response_body(self, reader: http1.BodyReader) -> None:
+    async def _relay_response_body(self, reader: http1.BodyReader, drain: bool = False) -> None:
+        """The rest of the response body (`drain`: a write of `pump` may still be waiting to go out)."""
         client = self.client
         try:
+            if drain:
+                await client.drain()
             await relay_body(self.upstream, client, reader, self.limits.idle_timeout)
         except http1.UpstreamError as exc:
             self._cut_off(f"bad response from upstream: {exc}")

@@ -20,6 +20,7 @@ from .gate import Verdict
 from .hooks import Flow, Refusal
 from .identities import IdentityGuard
 from .httpio import error_response, read_head
+from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, Handover, KeptAlive, Prepared, resume
 from .pool import usable
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
@@ -54,18 +55,22 @@ IDENTITY_REFUSED = http1.render_response(
 )
 
 
+def identity_known(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
+    """`check_identity` need not look: this connection passed it for what `head` presents (the same
+    name and secret, or no credentials after a proved claim) and the claims loaded are the same."""
+    if head.proxy_user:
+        return ids.token(name, head.proxy_password) == client.identity_token
+    return client.identity_token is not None and client.identity_token[0] == ids.generation
+
+
 async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
     """SPEC §16, once per connection: again only when the name or secret presented, or the claims
     loaded, change. A request without credentials on a connection that proved a claim keeps it
     until the claims change (then it must present the secret again)."""
-    token = ids.token(name, head.proxy_password) if head.proxy_user else None
-    if token is not None and token == client.identity_token:
+    if identity_known(client, ids, name, head):
         return True
-    if token is None:
-        if client.identity_token is not None and client.identity_token[0] == ids.generation:
-            return True
-        token = ids.token(name, None)
     secret = head.proxy_password if head.proxy_user else None
+    token = ids.token(name, secret)
     ok = ids.quick(name, secret) or await ids.check(
         name,
         secret,
@@ -125,20 +130,128 @@ async def handle_http(client: ClientConn) -> None:
     def parse_req(buf: bytes):  # noqa: ANN202
         return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
 
+    async def prepare(head: http1.RequestHead, container: str) -> Prepared | None:
+        """A request's steps before the exchange: decision, record snapshot, hooks, the upstream head.
+        None when it was answered here (the connection then ends). Usually nothing in it waits:
+        the kept-alive cycle (keepalive.py) then runs it without a task."""
+        if head.scheme != "http":
+            client.write(
+                error_response(
+                    400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"
+                )
+            )
+            return None
+        # decide
+        verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
+        if client.closed:
+            return None
+        # The record's snapshot of what the client sent (the absolute URI names the host contacted).
+        rec = ctx.recorder
+        t = (
+            rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+            if rec is not None
+            else None
+        )
+        if not verdict.allowed:
+            client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+            if t is not None:
+                t.finish(status=403, result="blocked", block_reason="rule")
+            return None
+        # request hooks (the rule re-check takes the gate's verdict just given)
+        flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
+        refusal = hooks.run(flow)
+        if refusal is not None and not isinstance(refusal, Refusal):
+            refusal = await refusal  # a hook that had to wait
+        if t is not None:
+            t.credentials_from(flow)
+        if refusal is not None:
+            client.write(refusal.render())
+            if t is not None:
+                t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
+            return None
+        return verdict, t, flow.render(upstream_version(head))
+
+    async def exchange(head: http1.RequestHead, prepared: Prepared, ex: Exchange | None = None) -> bool:
+        """The exchange of a prepared request on a kept or pooled upstream connection (`ex`: one the
+        kept-alive cycle started); whether the client connection goes on."""
+        nonlocal upstream, clean
+        verdict, t, request = prepared
+        key = (identity, head.host, head.port)
+        try:
+            if ex is not None:
+                clean = False
+                state = await ex.proceed()
+            else:
+                reused = True  # the connection served a request before (it may have gone stale since)
+                if upstream is None or upstream_key != key or not clean or not usable(upstream):
+                    upstream, reused = await attach(key, verdict, fresh=False)
+                elif cid is not None:
+                    lc = gate.live.get(cid)
+                    if lc is not None:
+                        lc.rule_id = verdict.rule_id
+                clean = False
+                ex = Exchange(client, upstream, head, limits, t, reused)
+                state = await ex.run(request)
+            if state is STALE:
+                # The origin had closed the kept connection as the request went out (nothing
+                # was answered, nothing was consumed): once more on a new connection.
+                upstream, _ = await attach(key, verdict, fresh=True)
+                ex = Exchange(client, upstream, head, limits, t)
+                await ex.run(request)
+        except UpstreamFailure as exc:
+            upstream = None
+            status, reason, text = exc.http_answer()
+            client.write(error_response(status, reason, text))
+            if t is not None:
+                t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed", error=str(exc))
+            return False
+        clean = ex.upstream_reusable
+        return ex.client_keep
+
+    async def resumed(h: Handover) -> bool:
+        """A request the kept-alive cycle began and handed over; whether the client connection goes on."""
+        assert h.head is not None
+        if h.kind is PREPARE:
+            prepared = await resume(h.coro, h.waiting)  # type: ignore[arg-type]
+            return prepared is not None and await exchange(h.head, prepared)
+        assert h.prepared is not None
+        return await exchange(h.head, h.prepared, h.exchange)
+
+    fast: KeptAlive | None = None  # the kept-alive cycle, once a request left a clean upstream
     try:
         while True:
-            try:
-                got = await read_head(client, limits, parse_req, None if first else limits.idle_timeout)
-            except asyncio.TimeoutError:
-                if first or client.buf:
-                    client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
-                return
-            except http1.HttpError as exc:
-                client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
-                return
-            if got is None:
-                return
-            head, n = got
+            handed: Handover | None = None
+            if not first and clean and upstream is not None and upstream_key is not None and usable(upstream):
+                if fast is None:
+                    fast = KeptAlive(client, parse_req, prepare, identity_known)
+                try:
+                    handed = await fast.serve(identity, upstream, upstream_key, cid)
+                finally:
+                    fast.stop()
+                    clean = fast.clean
+                if handed.kind is END:
+                    return
+                if handed.kind is RAISE:
+                    raise handed.exc  # type: ignore[misc]
+                if handed.kind is PREPARE or handed.kind is EXCHANGE:
+                    if not await resumed(handed):
+                        return
+                    continue
+            if handed is not None and handed.kind is HEAD:
+                got = handed.got
+            else:
+                try:
+                    got = await read_head(client, limits, parse_req, None if first else limits.idle_timeout)
+                except asyncio.TimeoutError:
+                    if first or client.buf:
+                        client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
+                    return
+                except http1.HttpError as exc:
+                    client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
+                    return
+                if got is None:
+                    return
+            head, n = got  # type: ignore[misc]
             del client.buf[:n]
             first = False
             if head.proxy_user:
@@ -177,69 +290,10 @@ async def handle_http(client: ClientConn) -> None:
                 await run_tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
                 return
 
-            if head.scheme != "http":
-                client.write(
-                    error_response(
-                        400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"
-                    )
-                )
-                return
-            # decide
-            verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
-            if client.closed:
-                return
-            # The record's snapshot of what the client sent (the absolute URI names the host contacted).
-            rec = ctx.recorder
-            t = (
-                rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
-                if rec is not None
-                else None
-            )
-            if not verdict.allowed:
-                client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
-                if t is not None:
-                    t.finish(status=403, result="blocked", block_reason="rule")
-                return
-            # request hooks (the rule re-check takes the gate's verdict just given)
-            flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
-            refusal = hooks.run(flow)
-            if refusal is not None and not isinstance(refusal, Refusal):
-                refusal = await refusal  # a hook that had to wait
-            if t is not None:
-                t.credentials_from(flow)
-            if refusal is not None:
-                client.write(refusal.render())
-                if t is not None:
-                    t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
-                return
-            request = flow.render(upstream_version(head))
-            # exchange
-            key = (container, head.host, head.port)
-            reused = True  # the connection served a request before (it may have gone stale since)
-            try:
-                if upstream is None or upstream_key != key or not clean or not usable(upstream):
-                    upstream, reused = await attach(key, verdict, fresh=False)
-                elif cid is not None:
-                    lc = gate.live.get(cid)
-                    if lc is not None:
-                        lc.rule_id = verdict.rule_id
-                clean = False
-                ex = Exchange(client, upstream, head, limits, t, reused)
-                if await ex.run(request) is STALE:
-                    # The origin had closed the kept connection as the request went out (nothing
-                    # was answered, nothing was consumed): once more on a new connection.
-                    upstream, _ = await attach(key, verdict, fresh=True)
-                    ex = Exchange(client, upstream, head, limits, t)
-                    await ex.run(request)
-            except UpstreamFailure as exc:
-                upstream = None
-                status, reason, text = exc.http_answer()
-                client.write(error_response(status, reason, text))
-                if t is not None:
-                    t.finish(status=status, result="blocked" if exc.kind == "guard" else "allowed", error=str(exc))
-                return
-            clean = ex.upstream_reusable
-            if not ex.client_keep:
+            prepared = await prepare(head, container)
+            if prepared is None or not await exchange(head, prepared):
                 return
     finally:
+        if fast is not None:
+            fast.close()
         release()
