@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from bus import records
 from services.proxy import http1
 from services.proxy.conn import Conn
 from services.proxy.context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, ProxyContext
@@ -303,7 +304,7 @@ def test_a_spliced_tunnel_outlives_its_task_and_is_finished_by_its_closes(first:
         # Still counted, tracked and watched: the caps, rule deletes and idleness see it.
         assert ctx.active == 1 and ctx.per_client == {"alice": 1}
         assert len(ctx.gate.live) == 1 and len(ctx.idle_sweeper) == 1
-        logs = [d for kind, d in ctx.gate.journal.records if kind == "log"]  # type: ignore[attr-defined]
+        logs = [records.log_fields(d) for kind, d in ctx.gate.journal.records if kind == "log"]  # type: ignore[attr-defined]
         assert len(logs) == 1 and logs[0]["result"] == "allowed" and logs[0]["rule_id"] == 7
         client.data_received(b"ping")  # relayed as is
         assert upstream.transport.written == b"ping"  # type: ignore[union-attr]
