@@ -1,0 +1,61 @@
+"""The harness's free_ports: a port is handed out once per process, and pytest-xdist workers
+take disjoint ports (so a stack's listeners never get a port another pick already named)."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import util
+
+
+class _ScriptedSocket:
+    """A socket whose bind(("127.0.0.1", 0)) gets the next port of a script (as the kernel may
+    offer a port again once the socket that held it is closed)."""
+
+    script: list[int] = []
+
+    def __init__(self, *args: object) -> None:
+        self.port = 0
+
+    def bind(self, addr: tuple[str, int]) -> None:
+        self.port = self.script.pop(0)
+
+    def getsockname(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> type[_ScriptedSocket]:
+    monkeypatch.setattr(util.socket, "socket", _ScriptedSocket)
+    monkeypatch.setattr(util, "_HANDED_OUT", set())
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    return _ScriptedSocket
+
+
+def test_a_port_is_handed_out_once(scripted: type[_ScriptedSocket]) -> None:
+    scripted.script = [40001, 40002, 40001, 40002, 40003, 40001, 40004]
+    assert util.free_ports(2) == [40001, 40002]
+    assert util.free_ports(1) == [40003]  # the kernel offered 40001 and 40002 again
+    assert util.free_port() == 40004
+
+
+def test_xdist_workers_take_disjoint_ports(scripted: type[_ScriptedSocket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
+    scripted.script = [40010, 40011, 40012, 40013]
+    assert util.free_ports(2) == [40011, 40013]
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    scripted.script = [40020, 40021, 40022]
+    assert util.free_ports(2) == [40020, 40022]
+
+
+def test_real_ports_are_distinct_and_free() -> None:
+    first, second = util.free_ports(20), util.free_ports(20)
+    assert len(set(first) | set(second)) == 40
+    for port in first[:3]:
+        with util.socket.socket() as s:
+            s.bind(("127.0.0.1", port))  # nobody holds it
