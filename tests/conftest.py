@@ -25,6 +25,8 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``, 
   (status code, response head); ``proxy_url(stack, user, password)`` the proxy's URL.
 - ``curl(*args, timeout)`` -- ``curl -s -S --max-time T <args>``: (exit code, stdout, stderr).
 - ``proxy_connect(stack, user, target)`` -- a socket that sent ``CONNECT target`` to the proxy.
+- ``examples(n)`` (``from harness.fuzz import examples``) -- a property test's ``max_examples``:
+  n under ``HYPOTHESIS_PROFILE=ci-deep``, a quarter (at least 25) in the everyday run.
 - ``add_rule(stack, **body)`` -- POST /api/rules, asserting 201; ``log_entries(stack, container)``.
 
 Fixtures (they always clean up, even when the test fails):
@@ -81,3 +83,7 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     write_config,
 )
 from harness.fixtures import make_stack, origin_ca, origin_ca_file, service_runner, short_tmp  # noqa: F401 - fixtures
+from harness.fuzz import register_profiles
+
+# Property tests run a quarter of their examples unless HYPOTHESIS_PROFILE=ci-deep (harness/fuzz.py).
+register_profiles()

@@ -22,6 +22,7 @@ from greyproxy.store import open_database
 from services.maintenance import jobs
 from services.recorder import transactions as T
 from services.recorder.apply import apply_records
+from harness.fuzz import examples
 
 
 def record(i: int, container: str, url: str, req: bytes | None, resp: bytes | None, ts: float) -> dict[str, Any]:
@@ -215,7 +216,7 @@ def test_a_rolled_back_batch_is_not_used_as_a_base(tmp_path: Path) -> None:
         s.close()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) -> None:
     """Random bodies on a few streams (growing conversations, fresh text, binary, small ones),

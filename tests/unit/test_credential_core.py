@@ -27,6 +27,7 @@ from greyproxy.credentials.substitute import (
     plan,
 )
 from greyproxy.credentials.values import validate_hosts, validate_label, validate_value, value_preview
+from harness.fuzz import examples
 
 VALUE = "sk-test-Zq9:/+ é~v"
 PH = mint("gw-7f3a")
@@ -280,7 +281,7 @@ values = st.text(
 ).filter(lambda v: PREFIX not in v)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(names, latin1), max_size=6), latin1, st.booleans())
 def test_plan_never_raises(headers: list[tuple[str, str]], target: str, plaintext: bool) -> None:
     p = plan(headers, "/" + target, table(live()), destination="h", plaintext=plaintext)
@@ -288,7 +289,7 @@ def test_plan_never_raises(headers: list[tuple[str, str]], target: str, plaintex
         assert p.headers is None and p.target is None
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(names, latin1, latin1), min_size=1, max_size=5),
     latin1,
@@ -314,7 +315,7 @@ def test_substituted_heads_keep_no_placeholder(
     assert unquote(p.target.split("&key=")[1].split("&y=")[0]) == pre + value + post
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.text(max_size=60), st.text(max_size=60), st.from_regex(r"[A-Za-z0-9_.~+/=-]{8,40}", fullmatch=True))
 def test_scrubber_leaves_no_value(a: str, b: str, value: str) -> None:
     lv = live(value=value)

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from greyproxy.config import ConfigError, load_config
 from services.proxy.docker_identity import DockerIdentity, EngineError, containers_by_ip, engine_get
+from harness.fuzz import examples
 
 CONTAINERS = [
     {
@@ -107,7 +108,7 @@ def test_containers_by_ip() -> None:
         containers_by_ip({"message": "nope"})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.recursive(
         st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),

@@ -1,11 +1,12 @@
-"""The harness's free_ports: a port is handed out once per process, and pytest-xdist workers
-take disjoint ports (so a stack's listeners never get a port another pick already named)."""
+"""The harness's own helpers: free_ports hands a port out once per process and pytest-xdist
+workers take disjoint ports (so a stack's listeners never get a port another pick already
+named); examples() bounds the everyday property runs and keeps the thorough one whole."""
 
 from __future__ import annotations
 
 import pytest
 
-from harness import util
+from harness import fuzz, util
 
 
 class _ScriptedSocket:
@@ -59,3 +60,8 @@ def test_real_ports_are_distinct_and_free() -> None:
     for port in first[:3]:
         with util.socket.socket() as s:
             s.bind(("127.0.0.1", port))  # nobody holds it
+
+
+def test_examples_are_a_quarter_every_day_and_all_in_the_deep_profile() -> None:
+    assert [fuzz.examples(n, "ci-deep") for n in (10, 100, 1000)] == [10, 100, 1000]
+    assert [fuzz.examples(n, "default") for n in (10, 60, 100, 400, 1000)] == [10, 25, 25, 100, 250]
