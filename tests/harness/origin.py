@@ -80,7 +80,7 @@ def plain_origin(
     """A threaded HTTP origin on host:<free port> (the port is yielded) until the block ends."""
     server = http.server.ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield server.server_address[1]
     finally:
