@@ -180,7 +180,12 @@ def test_nothing_to_do_is_untouched() -> None:
 
 
 @pytest.mark.parametrize("where", ["header", "query", "basic"])
-@pytest.mark.parametrize("ph", [mint("gw-7f3a"), "greyproxy:credential:v1:gw-7f3a:zz", PREFIX, GPH])
+# Fixed ids: the minted placeholders are random, and pytest-xdist's workers must collect the same names.
+@pytest.mark.parametrize(
+    "ph",
+    [mint("gw-7f3a"), "greyproxy:credential:v1:gw-7f3a:zz", PREFIX, GPH],
+    ids=["unknown", "malformed", "prefix-alone", "unknown-global"],
+)
 def test_unknown_or_malformed_is_refused(where: str, ph: str) -> None:
     headers, target = [("Host", "a")], "/"
     if where == "header":
@@ -202,7 +207,11 @@ def test_unavailable_refuses_every_placeholder() -> None:
     assert plan([("X", "nothing")], "/", table(), destination="a", available=False).refused is None
 
 
-@pytest.mark.parametrize("target", [f"/{PH}/x", f"/a%2F{PH.replace(':', '%3A')}", f"/p?{PH}=1", f"/p?a=1&{PH}"])
+@pytest.mark.parametrize(
+    "target",
+    [f"/{PH}/x", f"/a%2F{PH.replace(':', '%3A')}", f"/p?{PH}=1", f"/p?a=1&{PH}"],
+    ids=["path", "encoded-path", "query-name", "query-value"],
+)
 def test_live_placeholder_in_path_or_name(target: str) -> None:
     p = plan([("X", PH)], target, table(live()), destination="a")
     assert p.refused is not None and p.refused.reason == IN_PATH and p.refused.labels == ("KEY",)
