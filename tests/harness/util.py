@@ -44,7 +44,8 @@ _HANDED_OUT_LOCK = threading.Lock()
 
 def _worker_slot() -> tuple[int, int]:
     """(index, count) of this pytest-xdist worker, (0, 1) outside xdist: each worker only takes the
-    ports whose number modulo count is its index, so two workers never pick the same port."""
+    ports whose number halved, modulo count, is its index, so two workers never pick the same port
+    (halved: Linux hands out even ports to bind(("", 0)) while it has some, odd ones to connect)."""
     name, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
     if name.startswith("gw") and name[2:].isdigit() and count.isdigit() and int(count) > 0:
         return int(name[2:]) % int(count), int(count)
@@ -72,7 +73,7 @@ def free_ports(n: int) -> list[int]:
                 socks.append(s)
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-                if port % count == index and port not in _HANDED_OUT:
+                if (port // 2) % count == index and port not in _HANDED_OUT:
                     chosen.append(port)
             _HANDED_OUT.update(chosen)
         return chosen

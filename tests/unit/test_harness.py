@@ -47,11 +47,18 @@ def test_a_port_is_handed_out_once(scripted: type[_ScriptedSocket]) -> None:
 def test_xdist_workers_take_disjoint_ports(scripted: type[_ScriptedSocket], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
-    scripted.script = [40010, 40011, 40012, 40013]
-    assert util.free_ports(2) == [40011, 40013]
+    scripted.script = [40010, 40012, 40014, 40016]  # even ports, as Linux gives bind(0)
+    assert util.free_ports(2) == [40010, 40014]
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
-    scripted.script = [40020, 40021, 40022]
-    assert util.free_ports(2) == [40020, 40022]
+    scripted.script = [40020, 40022, 40024]
+    assert util.free_ports(2) == [40020, 40024]
+
+
+def test_each_xdist_worker_gets_real_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        assert len(set(util.free_ports(8))) == 8
 
 
 def test_real_ports_are_distinct_and_free() -> None:
