@@ -18,8 +18,11 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/greyproxy serve $(ARGS)
 
+# The suite in PYTEST_WORKERS pytest-xdist processes, a test file to a worker (a module's stack
+# fixture is started once); PYTEST_WORKERS=0 runs it in this process.
+PYTEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # ruff (lint, then the formatter's check) and mypy over the packages; settings in pyproject.toml.
 lint: $(STAMP)

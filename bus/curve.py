@@ -110,7 +110,7 @@ def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     secret = maybe_secret
     pub_path = keys_dir / KEY_FILE
     if not pub_path.exists() or read_cert(pub_path)[0] != public:
-        tmp = keys_dir / f".{KEY_FILE}.{os.getpid()}"
+        tmp = keys_dir / f".{KEY_FILE}.{os.getpid()}.{threading.get_ident()}"
         tmp.write_text(_cert_text(public, None))
         os.chmod(tmp, 0o644)
         os.replace(tmp, pub_path)

@@ -391,10 +391,10 @@ class _Last:
 
 class DeltaEncoder:
     """The recorder's half (one per recorder process): after a transaction row is inserted,
-    `stored(cur, row)` re-encodes each of its bodies (of `sides`) as a delta against the earlier body of the
-    same stream (side, container, method, URL without its query) that shares the longest prefix
-    with it, when that one is still stored as remembered and its chain is short enough; and
-    remembers the body. Memory: at most `cache_bytes` of remembered bodies (least recently used
+    `stored(cur, tid, container, method, url, request, response)` re-encodes each of its bodies (of
+    `sides`) as a delta against the earlier body of the same stream (side, container, method, URL
+    without its query) that shares the longest prefix with it, when that one is still stored as
+    remembered and its chain is short enough; and remembers the body. Memory: at most `cache_bytes` of remembered bodies (least recently used
     streams forgotten first)."""
 
     def __init__(
@@ -409,25 +409,27 @@ class DeltaEncoder:
         self.held = 0
         self.counts = {"deltas": 0, "alone": 0, "saved_bytes": 0}
 
-    def _key(self, row: dict[str, Any], side: str) -> tuple:
-        url = row.get("url") or ""
-        return (side, row.get("container_name"), row.get("method"), url.split("?", 1)[0])
-
     def forget(self) -> None:
         self.streams.clear()
         self.held = 0
 
-    def stored(self, cur: Any, row: dict[str, Any]) -> None:
-        """After `row` (with its id) is inserted, with `cur` in the same write transaction. Once per
-        row: a row seen before (marked) is left alone."""
-        if row.get("_delta_seen"):
-            return
-        row["_delta_seen"] = True
+    def stored(
+        self,
+        cur: Any,
+        tid: int,
+        container: str | None,
+        method: str | None,
+        url: str | None,
+        request: tuple[Any, Any],
+        response: tuple[Any, Any],
+    ) -> None:
+        """Once after row `tid` is inserted, with `cur` in the same write transaction: the row's
+        stream (container, method, url) and each side's stored (body, codec)."""
+        path = (url or "").split("?", 1)[0]
         for side in self.sides:
-            blob = row.get(f"{side}_body")
+            blob, codec = request if side == "request" else response
             if blob is None or type(blob) is not bytes:
                 continue
-            codec = row.get(f"{side}_body_codec")
             if codec == RAW:
                 size = len(blob)
             elif codec == ZSTD:
@@ -439,7 +441,7 @@ class DeltaEncoder:
                 continue
             if size < DELTA_MIN:
                 continue
-            self._side(cur, row, side, blob, codec)
+            self._side(cur, tid, (side, container, method, path), side, blob, codec)
 
     def _still_stored(self, cur: Any, side: str, last: _Last) -> bool:
         """Whether the row still holds exactly what was remembered (not dropped, re-encoded, nor a
@@ -453,9 +455,8 @@ class DeltaEncoder:
             is not None
         )
 
-    def _side(self, cur: Any, row: dict[str, Any], side: str, blob: bytes, codec: int) -> None:
+    def _side(self, cur: Any, tid: int, key: tuple, side: str, blob: bytes, codec: int) -> None:
         data = _dctx().decompress(blob) if codec == ZSTD else blob
-        key = self._key(row, side)
         lasts = self.streams.pop(key, None) or []
         best: _Last | None = None
         best_len = max(DELTA_PREFIX_MIN, int(len(data) * DELTA_PREFIX)) - 1
@@ -468,7 +469,6 @@ class DeltaEncoder:
                 best, best_len = last, n
         if best is not None and best.depth + 1 >= self.chain:
             best = None  # its chain is full: this body starts the next one (not a fork off an older one)
-        tid = int(row["id"])
         entry = _Last(tid, data, blob, codec, None, 0)
         if best is not None and self._still_stored(cur, side, best):
             z = delta(data, best.data)

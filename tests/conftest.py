@@ -20,12 +20,16 @@ Plain helpers (import them with ``from conftest import free_port, Stack, ...``, 
 - ``plain_origin(handler, host)`` -- a threaded HTTP origin for a ``with`` block (yields the port);
   handlers ``ReachedHandler`` / ``HelloHandler`` / ``PathHandler`` / ``JsonEchoHandler``, or a
   subclass of ``OriginHandler`` (its ``reply(body, content_type, status, **headers)``);
-  ``websocket_origin(handler, host, ssl)`` a WebSocket one.
+  ``websocket_origin(handler, host, ssl)`` a WebSocket one; ``echo_origin(host, banner)`` a TCP echo
+  server (the banner sent first).
 - ``curl_proxy(stack, url, user, password, *curl_options)`` -- curl through the stack's HTTP proxy:
   (status code, response head); ``proxy_url(stack, user, password)`` the proxy's URL.
 - ``curl(*args, timeout)`` -- ``curl -s -S --max-time T <args>``: (exit code, stdout, stderr).
 - ``proxy_connect(stack, user, target)`` -- a socket that sent ``CONNECT target`` to the proxy.
-- ``add_rule(stack, **body)`` -- POST /api/rules, asserting 201; ``log_entries(stack, container)``.
+- ``examples(n)`` (``from harness.fuzz import examples``) -- a property test's ``max_examples``:
+  n under ``HYPOTHESIS_PROFILE=ci-deep``, a quarter (at least 25) in the everyday run.
+- ``add_rule(stack, **body)`` -- POST /api/rules, asserting 201; ``log_entries(stack, container)``;
+  ``wait_log_entry(stack, container)`` the newest entry of exactly that container, waited for.
 
 Fixtures (they always clean up, even when the test fails):
 
@@ -61,11 +65,13 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     curl_proxy,
     deep_merge,
     descendants,
+    echo_origin,
     free_port,
     free_ports,
     https_origin,
     intercepting_stack,
     log_entries,
+    wait_log_entry,
     pid_alive,
     plain_origin,
     proxy_connect,
@@ -81,3 +87,7 @@ from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     write_config,
 )
 from harness.fixtures import make_stack, origin_ca, origin_ca_file, service_runner, short_tmp  # noqa: F401 - fixtures
+from harness.fuzz import register_profiles
+
+# Property tests run a quarter of their examples unless HYPOTHESIS_PROFILE=ci-deep (harness/fuzz.py).
+register_profiles()

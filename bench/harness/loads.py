@@ -15,6 +15,7 @@ import socket
 import statistics
 import subprocess
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -239,21 +240,18 @@ async def _http_worker(
             writer.close()
 
 
-def py_http_load(
-    proxy_port: int, origin_port: int, conns: int, duration: float, close: bool = False, max_requests: int = 1_000_000
+def _timed_clients(
+    conns: int, duration: float, client: Callable[[float, list[float], dict[str, int]], Awaitable[None]]
 ) -> dict[str, Any]:
-    """The smoke-mode stand-in for wrk: conns asyncio clients for `duration` seconds."""
-    req = _request(origin_port, "/1k", close)
+    """Run `conns` copies of ``client(deadline, latencies_ms, counts)`` until `duration` seconds
+    have passed (counts: "done" and "errors"); the load's rate, latencies and error share."""
 
     async def main() -> dict[str, Any]:
         loop = asyncio.get_running_loop()
         lat: list[float] = []
         counts = {"done": 0, "errors": 0}
         t0 = loop.time()
-        deadline = t0 + duration
-        await asyncio.gather(
-            *[_http_worker(proxy_port, req, close, deadline, lat, counts, max_requests) for _ in range(conns)]
-        )
+        await asyncio.gather(*[client(t0 + duration, lat, counts) for _ in range(conns)])
         secs = loop.time() - t0
         return {
             "rps": counts["done"] / secs,
@@ -266,6 +264,18 @@ def py_http_load(
         }
 
     return asyncio.run(main())
+
+
+def py_http_load(
+    proxy_port: int, origin_port: int, conns: int, duration: float, close: bool = False, max_requests: int = 1_000_000
+) -> dict[str, Any]:
+    """The smoke-mode stand-in for wrk: conns asyncio clients for `duration` seconds."""
+    req = _request(origin_port, "/1k", close)
+    return _timed_clients(
+        conns,
+        duration,
+        lambda deadline, lat, counts: _http_worker(proxy_port, req, close, deadline, lat, counts, max_requests),
+    )
 
 
 def py_connect_load(
@@ -302,24 +312,7 @@ def py_connect_load(
                 counts["errors"] += 1
                 await asyncio.sleep(0.01)
 
-    async def main() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        lat: list[float] = []
-        counts = {"done": 0, "errors": 0}
-        t0 = loop.time()
-        await asyncio.gather(*[one(t0 + duration, lat, counts) for _ in range(conns)])
-        secs = loop.time() - t0
-        return {
-            "rps": counts["done"] / secs,
-            "p50_ms": pct(lat, 50),
-            "p99_ms": pct(lat, 99),
-            "requests": counts["done"] + counts["errors"],
-            "errors": counts["errors"],
-            "duration_s": secs,
-            "error_rate": counts["errors"] / max(1, counts["done"] + counts["errors"]),
-        }
-
-    return asyncio.run(main())
+    return _timed_clients(conns, duration, one)
 
 
 def pipelined_requests(

@@ -38,29 +38,20 @@ _SIDES = tuple(
 )
 _dumps = orjson.dumps
 DELTAS = DeltaEncoder()  # bodies stored as deltas against their stream's earlier one (greyproxy.bodies)
-_DELTA_AT = tuple(
-    (c, _AT[c])
-    for c in (
-        "container_name",
-        "method",
-        "url",
-        "request_body",
-        "request_body_codec",
-        "response_body",
-        "response_body_codec",
-    )
-)
-_BODIES_AT = (_AT["request_body"], _AT["response_body"])
+# What DeltaEncoder.stored takes from a row's values: its stream, each side's body and codec.
+_CONTAINER, _METHOD, _URL = _AT["container_name"], _AT["method"], _AT["url"]
+_REQ_BODY, _REQ_CODEC = _AT["request_body"], _AT["request_body_codec"]
+_RESP_BODY, _RESP_CODEC = _AT["response_body"], _AT["response_body_codec"]
 
 
-def _deltas(cur: sqlite3.Cursor, params: list[Any] | tuple, tid: int) -> None:
+def _deltas(cur: sqlite3.Cursor, p: list[Any] | tuple, tid: int) -> None:
     """Store the row's bodies as deltas where they can be (greyproxy.bodies.DeltaEncoder), once per
     inserted row, in the same write transaction."""
-    if params[_BODIES_AT[0]] is None and params[_BODIES_AT[1]] is None:
+    if p[_REQ_BODY] is None and p[_RESP_BODY] is None:
         return
-    row = {c: params[i] for c, i in _DELTA_AT}
-    row["id"] = tid
-    DELTAS.stored(cur, row)
+    DELTAS.stored(
+        cur, tid, p[_CONTAINER], p[_METHOD], p[_URL], (p[_REQ_BODY], p[_REQ_CODEC]), (p[_RESP_BODY], p[_RESP_CODEC])
+    )
 
 
 _N = len(_COLUMNS)

@@ -109,7 +109,7 @@ class _Framer(http.server.BaseHTTPRequestHandler):
 def _serve(handler: type, host: str = "127.0.0.1") -> tuple[http.server.ThreadingHTTPServer, int]:
     server = http.server.ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, server.server_address[1]
 
 

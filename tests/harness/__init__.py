@@ -7,15 +7,16 @@ may import from ``harness`` directly. Modules:
 - ``util``: ports, temp dirs, polling, configs, processes;
 - ``stack``: ``Stack``, ``intercepting_stack``, ``ServiceProcess``, ``run_service``, ``stack_cli``;
 - ``tls``: ``start_https_origin``, ``https_origin``, ``server_context``;
-- ``origin``: ``plain_origin``, ``websocket_origin``, the handlers ``OriginHandler``,
+- ``origin``: ``plain_origin``, ``websocket_origin``, ``echo_origin``, the handlers ``OriginHandler``,
   ``ReachedHandler``, ``HelloHandler``, ``PathHandler``, ``JsonEchoHandler``;
 - ``clients``: ``curl``, ``curl_proxy``, ``proxy_url``, ``proxy_connect``,
-  ``add_rule``, ``log_entries``;
+  ``add_rule``, ``log_entries``, ``wait_log_entry``;
 - ``fixtures``: ``make_stack``, ``service_runner``, ``short_tmp``, ``origin_ca``, ``origin_ca_file``.
 """
 
-from .clients import add_rule, curl, curl_proxy, log_entries, proxy_connect, proxy_url
+from .clients import add_rule, curl, curl_proxy, log_entries, proxy_connect, proxy_url, wait_log_entry
 from .origin import (
+    echo_origin,
     HelloHandler,
     JsonEchoHandler,
     OriginHandler,
@@ -64,7 +65,9 @@ __all__ = [
     "free_port",
     "free_ports",
     "log_entries",
+    "wait_log_entry",
     "plain_origin",
+    "echo_origin",
     "proxy_connect",
     "proxy_url",
     "https_origin",

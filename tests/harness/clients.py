@@ -9,6 +9,7 @@ import subprocess
 from typing import Any
 
 from .stack import Stack
+from .util import wait_for
 
 
 def proxy_url(stack: Stack, user: str | None = None, password: str | None = None) -> str:
@@ -70,3 +71,12 @@ def add_rule(stack: Stack, **body: Any) -> dict:
 def log_entries(stack: Stack, container: str, limit: int = 100) -> list[dict]:
     """GET /api/logs?container=...: the newest entries whose container name contains ``container``."""
     return stack.get("/api/logs", params={"container": container, "limit": limit}).json()["items"]
+
+
+def wait_log_entry(stack: Stack, container: str, timeout: float = 10.0) -> dict:
+    """The newest log entry of exactly ``container``, waiting up to ``timeout`` seconds for one."""
+
+    def find() -> dict | None:
+        return next((i for i in log_entries(stack, container) if i["container_name"] == container), None)
+
+    return wait_for(find, timeout, message=f"log entry for {container}")

@@ -6,6 +6,8 @@
   ``JsonEchoHandler`` echoes a POSTed JSON body.
 - ``plain_origin(handler, host)``: serve a handler class on host:<free port> for a ``with`` block.
 - ``websocket_origin(handler, host)``: a ``websockets`` server in its own thread and event loop.
+- ``echo_origin(host, banner)``: a TCP server (neither TLS nor HTTP) that echoes what it gets,
+  after sending ``banner`` first when given (as SMTP or SSH servers speak first).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import contextlib
 import http.server
 import json
+import socket
 import ssl as _ssl
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -80,12 +83,40 @@ def plain_origin(
     """A threaded HTTP origin on host:<free port> (the port is yielded) until the block ends."""
     server = http.server.ThreadingHTTPServer((host, 0), handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def echo_origin(host: str = "127.0.0.1", banner: bytes = b"") -> Iterator[int]:
+    """A TCP echo server on host:<free port> (yielded) until the block ends, a thread per
+    connection; each connection gets `banner` first."""
+    srv = socket.create_server((host, 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            if banner:
+                conn.sendall(banner)
+            while data := conn.recv(4096):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
 
 
 @contextlib.contextmanager

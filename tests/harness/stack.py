@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -193,6 +194,20 @@ class Stack:
             if isinstance(svc, dict) and svc.get("pid"):
                 self._known_pids.add(int(svc["pid"]))
         self._known_pids.update(self.child_pids())
+
+    def db_rows(self, sql: str, args: tuple = (), timeout: float = 10.0) -> list[tuple]:
+        """`sql` on the stack's database, read-only (a connection of its own, closed after)."""
+        conn = sqlite3.connect(f"file:{self.db_path}?mode=ro", uri=True, timeout=timeout)
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            conn.close()
+
+    def proxy_client(self, user: str, timeout: float = 10.0) -> httpx.Client:
+        """An httpx client whose requests go through the HTTP proxy as `user` (password x)."""
+        return httpx.Client(
+            proxy=f"http://{user}:x@127.0.0.1:{self.ports['http-proxy']}", trust_env=False, timeout=timeout
+        )
 
     def logs(self, lines: int = 40) -> str:
         """The tail of serve's output and of every log in <data>/logs."""

@@ -46,7 +46,7 @@ def start_https_origin(ca: Any, host: str, handler: type, *more_names: str) -> t
     (server, port); the caller calls ``server.shutdown(); server.server_close()``. Let the proxy
     trust it through ``mitm.upstreamCaFile`` (``ca.cert_pem.write_to_path(...)``)."""
     server = TlsHttpServer((host, 0), handler, server_context(ca, host, *more_names))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server, server.server_address[1]
 
 

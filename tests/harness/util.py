@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,22 +36,47 @@ _OUR_ENV = (
 T = TypeVar("T")
 
 
+# Every port free_ports() handed out in this process: never handed out twice, so two picks (a
+# stack's listeners and, later, its bus's tcp ports) cannot name the same port.
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def _worker_slot() -> tuple[int, int]:
+    """(index, count) of this pytest-xdist worker, (0, 1) outside xdist: each worker only takes the
+    ports whose number halved, modulo count, is its index, so two workers never pick the same port
+    (halved: Linux hands out even ports to bind(("", 0)) while it has some, odd ones to connect)."""
+    name, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if name.startswith("gw") and name[2:].isdigit() and count.isdigit() and int(count) > 0:
+        return int(name[2:]) % int(count), int(count)
+    return 0, 1
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nobody listens on right now (see free_ports)."""
+    return free_ports(1)[0]
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free ports (all held open together while choosing, so none repeats)."""
-    socks = []
+    """n distinct TCP ports on 127.0.0.1 that nobody listens on right now and that this process
+    never handed out before (nor, under pytest-xdist, another worker: see _worker_slot). The
+    sockets stay bound while choosing, so the kernel offers a new port each time."""
+    index, count = _worker_slot()
+    socks: list[socket.socket] = []
+    chosen: list[int] = []
     try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+        with _HANDED_OUT_LOCK:
+            while len(chosen) < n:
+                if len(socks) >= 64 * count * (n + 8):
+                    raise RuntimeError(f"no {n} free ports after trying {len(socks)}")
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+                if (port // 2) % count == index and port not in _HANDED_OUT:
+                    chosen.append(port)
+            _HANDED_OUT.update(chosen)
+        return chosen
     finally:
         for s in socks:
             s.close()

@@ -121,7 +121,7 @@ def origins(origin_ca: trustme.CA) -> Iterator[dict[str, int]]:
         ports[host] = port
     plain = http.server.ThreadingHTTPServer((PLAIN, 0), _Echo)
     plain.daemon_threads = True
-    threading.Thread(target=plain.serve_forever, daemon=True).start()
+    threading.Thread(target=plain.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     servers.append(plain)
     ports[PLAIN] = plain.server_address[1]
     yield ports

@@ -41,7 +41,7 @@ def origin() -> Iterator[int]:
     port = free_port()
     server = http.server.ThreadingHTTPServer((ORIGIN, port), _Echo)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield port
     server.shutdown()
     server.server_close()

@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Stack, free_port, wait_for
+from harness.fuzz import examples
 
 pytestmark = pytest.mark.stack
 
@@ -549,7 +550,7 @@ def test_fuzzed_packets_do_not_break_the_listener(stack: Stack, upstream: FakeUp
             while True:
                 sock.recv(65535)
 
-    @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck), database=None)
     @given(st.one_of(st.binary(max_size=600), _mutated()))
     def send(packet: bytes) -> None:
         sock.sendto(packet, addr)

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import Stack, add_rule, curl_proxy, log_entries, plain_origin, wait_for
+from harness.fuzz import examples
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
 
@@ -136,7 +137,7 @@ def test_explain_agrees_with_the_proxy(stack: Stack, origin: int) -> None:
     counter = iter(range(10_000))
 
     @settings(
-        max_examples=25,
+        max_examples=examples(25),
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

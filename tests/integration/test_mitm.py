@@ -37,6 +37,7 @@ from conftest import (
     server_context,
     stack_cli,
     wait_for,
+    wait_log_entry,
     websocket_origin,
 )
 
@@ -53,17 +54,9 @@ SSE_EVERY = 0.2
 # ---------------------------------------------------------------- origins
 
 
-class _Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Origin(harness.OriginHandler):
     def _send(self, status: int, body: bytes, ctype: str, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers.items():
-            self.send_header(k.replace("_", "-"), v)
-        self.end_headers()
-        self.wfile.write(body)
+        self.reply(body, ctype, status, **headers)
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?")[0]
@@ -107,9 +100,6 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         data = self.rfile.read(n)
         self._send(200, json.dumps({"got": len(data)}).encode(), "application/json")
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 @pytest.fixture(scope="module")
 def origin(origin_ca: trustme.CA) -> Iterator[int]:
@@ -132,25 +122,8 @@ def plain_origin() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def echo_origin() -> Iterator[int]:
     """A line-echo TCP server: neither TLS nor HTTP."""
-    srv = socket.create_server((ORIGIN, 0))
-    port = srv.getsockname()[1]
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(4096):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield port
-    srv.close()
+    with harness.echo_origin(ORIGIN) as port:
+        yield port
 
 
 async def _ws_echo(ws) -> None:  # noqa: ANN001
@@ -209,18 +182,6 @@ def _one_transaction(stack: Stack, container: str, path: str, method: str = "GET
     r = stack.get(f"/api/transactions/{item['id']}")
     assert r.status_code == 200, r.text
     return r.json()
-
-
-def _log_entry(stack: Stack, container: str) -> dict:
-    def find() -> dict | None:
-        items = [
-            i
-            for i in stack.get("/api/logs", params={"container": container}).json()["items"]
-            if i["container_name"] == container
-        ]
-        return items[0] if items else None
-
-    return wait_for(find, 10, message=f"log entry for {container}")
 
 
 def _header(headers: dict[str, list[str]], name: str) -> list[str] | None:
@@ -290,7 +251,7 @@ def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> N
     listed = _transactions(stack, container="agent", method="GET", destination="127.0.0")
     assert listed and "response_body" not in listed[0] and "request_headers" in listed[0]
     assert "response_body" in _transactions(stack, container="agent", include_bodies="true")[0]
-    log = _log_entry(stack, "agent")
+    log = wait_log_entry(stack, "agent")
     assert log["method"] == "CONNECT" and log["result"] == "allowed" and log["mitm_skip_reason"] is None
     # The secret never reached the database, not even the write-ahead log.
     for suffix in ("", "-wal"):
@@ -312,7 +273,7 @@ def test_socks5_intercepted(stack: Stack, origin: int) -> None:
     assert json.loads(out) == JSON_BODY
     t = _one_transaction(stack, "agent-socks", "/json?via=socks")
     assert t["status_code"] == 200 and json.loads(t["response_body"]) == JSON_BODY
-    log = _log_entry(stack, "agent-socks")
+    log = wait_log_entry(stack, "agent-socks")
     assert log["method"] == "SOCKS5" and log["mitm_skip_reason"] is None
 
 
@@ -391,7 +352,7 @@ def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(
 ) -> None:
     code, _out, err = _curl(*_via_http(stack, "agent-untrusting"), f"https://{ORIGIN}:{origin}/json")
     assert code != 0  # the system store does not know the Greyproxy CA
-    assert _log_entry(stack, "agent-untrusting")["mitm_skip_reason"] == "handshake_failed"
+    assert wait_log_entry(stack, "agent-untrusting")["mitm_skip_reason"] == "handshake_failed"
     code, out, err = _curl(
         "--cacert", _gp_ca(stack), *_via_http(stack, "agent-after"), f"https://{ORIGIN}:{origin}/json"
     )
@@ -410,7 +371,7 @@ def test_untrusting_client_fails_handshake_and_mitm_can_be_disabled(
             return code == 0 and json.loads(out) == JSON_BODY
 
         wait_for(piped, 10, interval=0.2, message="an untouched tunnel")
-        assert _log_entry(stack, "agent-piped")["mitm_skip_reason"] == "mitm_disabled"
+        assert wait_log_entry(stack, "agent-piped")["mitm_skip_reason"] == "mitm_disabled"
         assert not _transactions(stack, container="agent-piped")
     finally:
         assert stack.request("PUT", "/api/settings", json={"mitmEnabled": True}).status_code == 200
@@ -611,7 +572,7 @@ def test_plain_http_inside_a_tunnel_is_handled_alike(stack: Stack, plain_origin:
     t = _one_transaction(stack, "agent-plain", "/inside")
     assert t["url"] == f"http://{ORIGIN}:{plain_origin}/inside" and t["status_code"] == 200
     assert _header(t["request_headers"], "Cookie") == ["[REDACTED]"] and t["response_body"] == "path /inside\n"
-    assert _log_entry(stack, "agent-plain")["mitm_skip_reason"] is None
+    assert wait_log_entry(stack, "agent-plain")["mitm_skip_reason"] is None
 
 
 def test_other_protocols_and_bypassed_hosts_are_piped_untouched(
@@ -624,7 +585,7 @@ def test_other_protocols_and_bypassed_hosts_are_piped_untouched(
         assert sock.recv(1024).startswith(b"HTTP/1.1 200")
         sock.sendall(b"PING not-http\r\n")
         assert sock.recv(1024) == b"PING not-http\r\n"
-    assert _log_entry(stack, "agent-echo")["mitm_skip_reason"] == "non_tls"
+    assert wait_log_entry(stack, "agent-echo")["mitm_skip_reason"] == "non_tls"
 
     origin_ca_file = tmp_path / "origin-ca.pem"
     origin_ca.cert_pem.write_to_path(str(origin_ca_file))
@@ -632,7 +593,7 @@ def test_other_protocols_and_bypassed_hosts_are_piped_untouched(
         "--cacert", str(origin_ca_file), *_via_http(stack, "agent-bypass"), f"https://{BYPASSED}:{bypassed_origin}/json"
     )
     assert code == 0 and json.loads(out) == JSON_BODY, err
-    assert _log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"
+    assert wait_log_entry(stack, "agent-bypass")["mitm_skip_reason"] == "mitm_bypass"
 
 
 # ---------------------------------------------------------------- issue 13 items 4 and 14: redaction

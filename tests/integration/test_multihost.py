@@ -10,7 +10,6 @@ whose key the central host does not know is refused, and the refusal logged.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -122,26 +121,19 @@ class Remote:
 
 @pytest.fixture(scope="module")
 def central() -> Iterator[Stack]:
-    # The bus's four tcp ports stay bound (not listening) while the Stack picks its own four, so
-    # the two picks cannot return the same port (a socks5 listener once got the bus's port).
-    held = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(4)]
-    try:
-        for h in held:
-            h.bind(("127.0.0.1", 0))
-        p = [h.getsockname()[1] for h in held]
-        s = Stack(
-            {
-                "bus": {
-                    "pub": f"tcp://127.0.0.1:{p[0]}",
-                    "sub": f"tcp://127.0.0.1:{p[1]}",
-                    "journal": f"tcp://127.0.0.1:{p[2]}",
-                    "recorderControl": f"tcp://127.0.0.1:{p[3]}",
-                }
+    # free_ports never hands out a port twice, so the Stack's own four cannot be the bus's (a socks5
+    # listener once got the bus's port).
+    p = free_ports(4)
+    s = Stack(
+        {
+            "bus": {
+                "pub": f"tcp://127.0.0.1:{p[0]}",
+                "sub": f"tcp://127.0.0.1:{p[1]}",
+                "journal": f"tcp://127.0.0.1:{p[2]}",
+                "recorderControl": f"tcp://127.0.0.1:{p[3]}",
             }
-        )
-    finally:
-        for h in held:
-            h.close()
+        }
+    )
     s.central_key = keys(s.data_dir)  # type: ignore[attr-defined]
     with s:
         yield s

@@ -65,7 +65,7 @@ def origin() -> Iterator[int]:
     port = free_port()
     server = http.server.ThreadingHTTPServer((ORIGIN_HOST, port), _Handler)
     server.daemon_threads = True
-    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     t.start()
     yield port
     server.shutdown()

@@ -64,7 +64,7 @@ def tls_origin(origin_ca: trustme.CA) -> Iterator[int]:
 def plain_origin() -> Iterator[int]:
     server = http.server.ThreadingHTTPServer((ORIGIN, free_port()), _Origin)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()
     server.server_close()

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import http.server
 import os
-import shutil
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import orjson
 import pytest
 
-from conftest import Stack, wait_for
+from conftest import OriginHandler, Stack, plain_origin, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -33,9 +29,7 @@ SENT: dict[str, bytes] = {}  # path -> the body the origin answered
 PAD = "p" * 2000  # a response header that makes rows without bodies weigh something
 
 
-class _Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Origin(OriginHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         kind, _, rest = self.path.strip("/").partition("/")
         size = int(rest.split("/")[0] or 1024)
@@ -48,51 +42,13 @@ class _Origin(http.server.BaseHTTPRequestHandler):
         else:
             body = ("plain text, repeated. " * size)[:size].encode()
         SENT[self.path] = body
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        if kind == "rand" and "pad" in self.path:
-            self.send_header("X-Pad", PAD)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(body, ctype, **({"X_Pad": PAD} if kind == "rand" and "pad" in self.path else {}))
 
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((HOST, 0), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-@contextlib.contextmanager
-def _stack(**overrides: Any) -> Iterator[Stack]:
-    s = Stack(overrides)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
-
-
-def _client(stack: Stack, container: str) -> httpx.Client:
-    return httpx.Client(
-        proxy=f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10
-    )
-
-
-def _rows(stack: Stack, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    with plain_origin(_Origin, HOST) as port:
+        yield port
 
 
 def _data_bytes(stack: Stack) -> int:
@@ -111,7 +67,7 @@ def _data_bytes(stack: Stack) -> int:
 def _recorded(stack: Stack, container: str, n: int) -> None:
     wait_for(
         lambda: (
-            _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE container_name = ?", (container,))[0][0] >= n
+            stack.db_rows("SELECT COUNT(*) FROM http_transactions WHERE container_name = ?", (container,))[0][0] >= n
         ),
         30,
         message=f"{n} transactions of {container}",
@@ -120,7 +76,7 @@ def _recorded(stack: Stack, container: str, n: int) -> None:
 
 def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(origin: int) -> None:
     n = 300
-    with _stack() as stack, _client(stack, "storage") as client:
+    with Stack() as stack, stack.proxy_client("storage") as client:
         _recorded_before = _data_bytes(stack)
         for i in range(n):
             r = client.get(f"http://{HOST}:{origin}/rand/1024/{i}")
@@ -131,8 +87,7 @@ def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(or
         # Now the body is its 1024 bytes; the row, its log entry and the indexes (with B-tree pages of
         # 4 KiB holding two such rows) bring it to ~2.4 KB (bench/results.md).
         assert per_request < 2800, f"{per_request:.0f} bytes stored per request"
-        lengths = _rows(
-            stack,
+        lengths = stack.db_rows(
             "SELECT length(response_body), typeof(response_body), response_body_charset"
             " FROM http_transactions WHERE container_name = 'storage'",
         )
@@ -158,8 +113,7 @@ def test_random_bytes_labelled_text_are_stored_as_bytes_and_read_back_exactly(or
                 assert detail["response_body_encoding"] is None and detail["response_body"].encode() == sent
             assert item["response_body"] == detail["response_body"]  # the listing reads them the same way
         assert len(by_path) == n + 4
-        text_row = _rows(
-            stack,
+        text_row = stack.db_rows(
             "SELECT length(response_body), response_body_codec FROM http_transactions WHERE url LIKE '%/text/5000/a'",
         )[0]
         assert text_row[1] == 1 and text_row[0] < 500  # zstd at rest
@@ -175,8 +129,8 @@ def _ws(stack: Stack):  # noqa: ANN202
 
 def test_max_database_mib_drops_the_oldest_transactions_and_logs_together(origin: int) -> None:
     with (
-        _stack(retention={"maxDatabaseMiB": 1}) as stack,
-        _client(stack, "capped") as client,
+        Stack({"retention": {"maxDatabaseMiB": 1}}) as stack,
+        stack.proxy_client("capped") as client,
         contextlib.closing(_ws(stack)) as ws,
     ):
         progress: list[dict[str, Any]] = []
@@ -202,7 +156,7 @@ def test_max_database_mib_drops_the_oldest_transactions_and_logs_together(origin
         def recorded_last() -> None:  # counting rows does not work: the cap deletes some
             last = f"/rand/4096/{'plain' if i <= 300 else 'pad'}/{i - 1}"
             wait_for(
-                lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%{last}",))[0][0],
+                lambda: stack.db_rows("SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%{last}",))[0][0],
                 30,
                 message="the last request recorded",
             )
@@ -217,11 +171,11 @@ def test_max_database_mib_drops_the_oldest_transactions_and_logs_together(origin
         assert "dropped the oldest" in stack.logs(400)
 
         def check_kept() -> None:
-            rows = _rows(stack, "SELECT id, response_body IS NOT NULL, timestamp FROM http_transactions ORDER BY id")
+            rows = stack.db_rows("SELECT id, response_body IS NOT NULL, timestamp FROM http_transactions ORDER BY id")
             assert rows and rows[0][0] > 1, "no transaction dropped"
             assert [r[0] for r in rows] == list(range(rows[0][0], rows[-1][0] + 1)), "not the oldest first"
             assert all(has for _id, has, _ts in rows), "a recent transaction lost its body"
-            ((log_lo, log_n),) = _rows(stack, "SELECT MIN(timestamp), COUNT(*) FROM logs")
+            ((log_lo, log_n),) = stack.db_rows("SELECT MIN(timestamp), COUNT(*) FROM logs")
             assert log_n < i, "no log dropped"
             assert abs(log_lo - rows[0][2]) < 2, "logs and transactions not cut at the same moment"
 

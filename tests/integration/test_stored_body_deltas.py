@@ -10,14 +10,9 @@ Origin on 127.0.0.1 (the builtin loopback rule allows it); client httpx through 
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.server
 import json
 import os
 import random
-import shutil
-import sqlite3
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +20,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import Stack, wait_for
+from conftest import OriginHandler, Stack, plain_origin, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -33,50 +28,20 @@ HOST = "127.0.0.1"
 ANSWER = b'{"type":"message","content":[{"type":"text","text":"ok"}],"stop_reason":"end_turn"}'
 
 
-class _Origin(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Origin(OriginHandler):
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         # Binary answers on /bin (random bytes labelled text: stored as bytes, read back as base64).
-        body = os.urandom(3000) if self.path.startswith("/bin") else ANSWER
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain" if self.path.startswith("/bin") else "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        if self.path.startswith("/bin"):
+            self.reply(os.urandom(3000), "text/plain")
+        else:
+            self.reply(ANSWER, "application/json")
 
 
 @pytest.fixture(scope="module")
 def origin() -> Iterator[int]:
-    server = http.server.ThreadingHTTPServer((HOST, 0), _Origin)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
-    server.shutdown()
-    server.server_close()
-
-
-@contextlib.contextmanager
-def _stack(**overrides: Any) -> Iterator[Stack]:
-    s = Stack(overrides)
-    try:
-        s.start()
-        yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
-
-
-def _rows(stack: Stack, sql: str, args: tuple = ()) -> list[tuple]:
-    conn = sqlite3.connect(f"file:{stack.db_path}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+    with plain_origin(_Origin, HOST) as port:
+        yield port
 
 
 def conversation(turns: int, seed: int, system_size: int = 6000) -> list[bytes]:
@@ -124,7 +89,9 @@ def _send(client: httpx.Client, origin: int, path: str, bodies: list[bytes]) -> 
 
 
 def _wait_recorded(stack: Stack, n: int) -> None:
-    wait_for(lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions")[0][0] >= n, 30, message=f"{n} transactions")
+    wait_for(
+        lambda: stack.db_rows("SELECT COUNT(*) FROM http_transactions")[0][0] >= n, 30, message=f"{n} transactions"
+    )
 
 
 def _body_of(item: dict[str, Any], side: str) -> bytes | None:
@@ -161,8 +128,8 @@ def _check_api(stack: Stack, sent: dict[str, bytes], all_rows: bool = True) -> i
 
 def test_an_llm_session_is_stored_as_deltas_and_reads_back_identically(origin: int) -> None:
     with (
-        _stack() as stack,
-        httpx.Client(proxy=f"http://claude:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10) as c,
+        Stack() as stack,
+        stack.proxy_client("claude") as c,
     ):
         # The origin stands for an Anthropic endpoint: the assembler dissects what it is sent.
         rule = {"host_pattern": f"{HOST}:{origin}", "path_pattern": "/v1/messages", "decoder_name": "anthropic"}
@@ -179,14 +146,13 @@ def test_an_llm_session_is_stored_as_deltas_and_reads_back_identically(origin: i
                 sent[url] = sub[t]
         sent |= _send(c, origin, "/bin/upload", binary_conversation(12, 3))
         _wait_recorded(stack, len(sent))
-        codecs = _rows(
-            stack,
+        codecs = stack.db_rows(
             "SELECT request_body_codec, request_body_charset IS NULL, COUNT(*) FROM http_transactions"
             " GROUP BY 1, 2 ORDER BY 1, 2",
         )
         by = {(codec, binary): n for codec, binary, n in codecs}
         assert by.get((2, 0), 0) >= 30 and by.get((2, 1), 0) >= 10, codecs  # text and binary deltas
-        stored = _rows(stack, "SELECT SUM(length(request_body)) FROM http_transactions")[0][0]
+        stored = stack.db_rows("SELECT SUM(length(request_body)) FROM http_transactions")[0][0]
         raw = sum(len(b) for b in sent.values())
         assert stored * 8 < raw, (stored, raw)  # well past zstd alone (~4x on such text; binary: 1x)
         assert _check_api(stack, sent) == len(sent)
@@ -201,8 +167,8 @@ def test_an_llm_session_is_stored_as_deltas_and_reads_back_identically(origin: i
 
 def test_the_size_cap_leaves_every_remaining_body_readable(origin: int) -> None:
     with (
-        _stack(retention={"maxDatabaseMiB": 1}) as stack,
-        httpx.Client(proxy=f"http://agent:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10) as c,
+        Stack({"retention": {"maxDatabaseMiB": 1}}) as stack,
+        stack.proxy_client("agent") as c,
     ):
         sent: dict[str, bytes] = {}
         for k in range(40):
@@ -212,18 +178,18 @@ def test_the_size_cap_leaves_every_remaining_body_readable(origin: int) -> None:
                 break
         _wait_recorded(stack, 1)
         wait_for(
-            lambda: _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%/{k}?turn=9",))[0][0],
+            lambda: stack.db_rows("SELECT COUNT(*) FROM http_transactions WHERE url LIKE ?", (f"%/{k}?turn=9",))[0][0],
             30,
             message="the last request recorded",
         )
         wait_for(lambda: "dropped the oldest" in stack.logs(400), 60, message="the size cap acting")
         # recent transactions keep their bodies: the cap deletes the oldest rows, chains cut with them
         wait_for(
-            lambda: _rows(stack, "SELECT MIN(id) FROM http_transactions")[0][0] > 1,
+            lambda: stack.db_rows("SELECT MIN(id) FROM http_transactions")[0][0] > 1,
             30,
             message="the oldest transactions dropped",
         )
-        kept = _rows(stack, "SELECT COUNT(*) FROM http_transactions WHERE request_body_codec = 2")[0][0]
+        kept = stack.db_rows("SELECT COUNT(*) FROM http_transactions WHERE request_body_codec = 2")[0][0]
         assert kept > 0, "no delta left to read"
         assert _check_api(stack, sent, all_rows=False) > 0
         assert orjson.loads(stack.get("/api/maintenance/status").content)["jobs"]["size-cap"]["error"] is None

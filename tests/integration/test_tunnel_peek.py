@@ -8,22 +8,26 @@ late, in pieces, never, or after the server has spoken first.
 from __future__ import annotations
 
 import base64
-import http.server
 import json
-import shutil
 import socket
 import ssl
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trustme
 
-from conftest import PYTHON, REPO, Stack, https_origin, plain_origin, wait_for
+from conftest import (
+    OriginHandler,
+    Stack,
+    echo_origin,
+    https_origin,
+    intercepting_stack,
+    plain_origin,
+    wait_for,
+    wait_log_entry,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -31,38 +35,15 @@ HOST = "127.0.0.1"  # allowed by the built-in rules
 SNI = "origin.test"
 
 
-class _Json(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
+class _Json(OriginHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-        body = json.dumps({"path": self.path}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
+        self.reply(json.dumps({"path": self.path}).encode(), "application/json")
 
 
 @pytest.fixture(scope="module")
 def stack(origin_ca_file: Path) -> Iterator[Stack]:
-    s = Stack({"proxy": {"headerTimeout": 5}, "mitm": {"upstreamCaFile": str(origin_ca_file)}})
-    try:
-        subprocess.run(
-            [PYTHON, "-m", "greyproxy", "cert", "generate", "-C", str(s.cfg_path)],
-            env=s.env,
-            cwd=str(REPO),
-            capture_output=True,
-            timeout=30,
-            check=True,
-        )
-        s.start()
+    with intercepting_stack({"proxy": {"headerTimeout": 5}}, origin_ca_file) as s:
         yield s
-    finally:
-        s.cleanup()
-        shutil.rmtree(s.root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -80,26 +61,8 @@ def http_origin() -> Iterator[int]:
 @pytest.fixture(scope="module")
 def banner_origin() -> Iterator[int]:
     """A server that speaks first (as SMTP or SSH do), then echoes."""
-    srv = socket.create_server((HOST, 0))
-    port = srv.getsockname()[1]
-
-    def serve(conn: socket.socket) -> None:
-        with conn:
-            conn.sendall(b"220 banner first\r\n")
-            while data := conn.recv(4096):
-                conn.sendall(data)
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    yield port
-    srv.close()
+    with echo_origin(HOST, banner=b"220 banner first\r\n") as port:
+        yield port
 
 
 def _tunnel(stack: Stack, container: str, port: int) -> tuple[socket.socket, bytes]:
@@ -125,18 +88,6 @@ def _recv_until(sock: socket.socket, end: bytes, data: bytes = b"") -> bytes:
     return data
 
 
-def _log_entry(stack: Stack, container: str) -> dict:
-    def find() -> dict | None:
-        items = [
-            i
-            for i in stack.get("/api/logs", params={"container": container}).json()["items"]
-            if i["container_name"] == container
-        ]
-        return items[0] if items else None
-
-    return wait_for(find, 10, message=f"log entry for {container}")
-
-
 def _transactions(stack: Stack, container: str) -> list[dict]:
     r = stack.get("/api/transactions", params={"container": container, "limit": 50})
     assert r.status_code == 200, r.text
@@ -151,7 +102,7 @@ def test_a_client_silent_for_a_while_then_speaking_http_is_intercepted(stack: St
         sock.sendall(f"GET /late HTTP/1.1\r\nHost: {HOST}:{http_origin}\r\nConnection: close\r\n\r\n".encode())
         reply = _recv_until(sock, b"reached\n")
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"reached\n"), reply
-    assert _log_entry(stack, "peek-silent")["mitm_skip_reason"] is None  # intercepted: no skip reason
+    assert wait_log_entry(stack, "peek-silent")["mitm_skip_reason"] is None  # intercepted: no skip reason
     t = wait_for(lambda: _transactions(stack, "peek-silent"), 10, message="the transaction")[0]
     assert t["url"] == f"http://{HOST}:{http_origin}/late" and t["status_code"] == 200
 
@@ -210,7 +161,7 @@ def test_a_client_hello_in_pieces_is_intercepted(stack: Stack, tls_origin: int) 
             except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
                 pass
     assert plain.startswith(b"HTTP/1.1 200") and plain.endswith(b'{"path": "/hello"}'), plain
-    assert _log_entry(stack, "peek-hello")["mitm_skip_reason"] is None
+    assert wait_log_entry(stack, "peek-hello")["mitm_skip_reason"] is None
     t = wait_for(lambda: _transactions(stack, "peek-hello"), 10, message="the transaction")[0]
     assert t["url"].endswith("/hello") and t["status_code"] == 200
 
@@ -222,11 +173,11 @@ def test_a_server_speaking_first_is_piped_at_once(stack: Stack, banner_origin: i
         assert _recv_until(sock, b"\r\n", early) == b"220 banner first\r\n"
         sock.sendall(b"EHLO x\r\n")
         assert _recv_until(sock, b"EHLO x\r\n") == b"EHLO x\r\n"
-    assert _log_entry(stack, "peek-banner")["mitm_skip_reason"] == "non_tls"
+    assert wait_log_entry(stack, "peek-banner")["mitm_skip_reason"] == "non_tls"
 
 
 def test_a_client_that_leaves_without_a_byte_is_logged(stack: Stack, http_origin: int) -> None:
     sock, _ = _tunnel(stack, "peek-gone", http_origin)
     time.sleep(0.3)
     sock.close()
-    assert _log_entry(stack, "peek-gone")["mitm_skip_reason"] == "non_tls"
+    assert wait_log_entry(stack, "peek-gone")["mitm_skip_reason"] == "non_tls"

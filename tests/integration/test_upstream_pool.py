@@ -94,7 +94,7 @@ class _Handler(socketserver.BaseRequestHandler):
 @pytest.fixture
 def origin() -> Iterator[Origin]:
     server = Origin()
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()

@@ -335,6 +335,7 @@ def test_configured_hosts_include_a_specific_bind_address(
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from harness.fuzz import examples  # noqa: E402
 
 _SCHEMES = st.sampled_from(["http", "https", "ws", "wss", "HTTP", "file", "chrome-extension", ""])
 _HOSTS = st.sampled_from(
@@ -361,7 +362,7 @@ _PORTS = st.one_of(st.none(), st.integers(min_value=0, max_value=70000))
     st.sampled_from(["", "/", "/x", "?q", "#f"]),
     st.sampled_from(["GET", "POST", "PUT", "DELETE", "WEBSOCKET"]),
 )
-@settings(max_examples=600, deadline=None)
+@settings(max_examples=examples(600), deadline=None)
 def test_only_the_own_origin_or_a_listed_one_passes(
     scheme: str, host: str, port: int | None, tail: str, method: str
 ) -> None:
@@ -376,7 +377,7 @@ def test_only_the_own_origin_or_a_listed_one_passes(
 
 
 @given(st.text(max_size=60), st.sampled_from(["GET", "POST", "WEBSOCKET"]))
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 def test_any_origin_or_host_text_gets_a_clean_decision(text: str, method: str) -> None:
     for got in (
         refusal(method, "localhost:43080", text, None, own_port=OWN),

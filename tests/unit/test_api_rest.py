@@ -52,19 +52,36 @@ class EventSink:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.bind(endpoint)
-        self.seen: list[tuple[str, Any]] = []
 
-    def drain(self, wait: float = 0.2) -> list[tuple[str, Any]]:
+    def receive(self, wait: float) -> tuple[str, Any] | None:
+        """The next (topic, data), or None when nothing arrives within `wait` seconds."""
+        if not self.sock.poll(max(1, int(wait * 1000))):
+            return None
+        topic, payload = self.sock.recv_multipart()
+        return topic.decode(), orjson.loads(payload)["data"]
+
+    def poll_for(self, topic: str, wait: float) -> bool:
+        """Receive until a message on `topic` arrives (True, at once) or `wait` seconds pass
+        (False); what arrived before it is dropped."""
         deadline = time.monotonic() + wait
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not self.sock.poll(int(left * 1000)):
-                break
-            topic, payload = self.sock.recv_multipart()
-            self.seen.append((topic.decode(), orjson.loads(payload)["data"]))
-            deadline = time.monotonic() + 0.05  # a burst is over once it pauses
-        out, self.seen = self.seen, []
-        return out
+        while (left := deadline - time.monotonic()) > 0:
+            got = self.receive(left)
+            if got is None:
+                return False
+            if got[0] == topic:
+                return True
+        return False
+
+    def until(self, topic: str, wait: float = 10.0) -> list[tuple[str, Any]]:
+        """Everything received before the next message on `topic` (a marker the test published
+        after what it looks at: one publisher's messages arrive in order)."""
+        out: list[tuple[str, Any]] = []
+        deadline = time.monotonic() + wait
+        while (got := self.receive(max(0.0, deadline - time.monotonic()))) is not None:
+            if got[0] == topic:
+                return out
+            out.append(got)
+        raise AssertionError(f"the marker {topic} never arrived (got {out})")
 
     def close(self) -> None:
         self.sock.close()
@@ -170,9 +187,9 @@ class Api:
 
     def _warm_up(self) -> None:
         """zmq drops what a PUB sends before the subscription arrives: publish until one gets through."""
-        for _ in range(100):
+        for _ in range(1000):
             self.ctx.publish("test.warmup", {})
-            if any(t == "test.warmup" for t, _ in self.sink.drain(0.05)):
+            if self.sink.poll_for("test.warmup", 0.005):
                 return
         raise AssertionError("the event sink never received a message")
 
@@ -198,7 +215,10 @@ class Api:
         return self.client.simulate_delete(self.url(path))
 
     def events(self, topic: str | None = None) -> list[Any]:
-        got = self.sink.drain()
+        """The events published since the last call: the API publishes (on this thread) while it
+        answers, so all of them arrive before a marker published now."""
+        self.ctx.publish("test.mark", {})
+        got = [(t, data) for t, data in self.sink.until("test.mark") if t != "test.warmup"]  # a late warm-up
         return [data for t, data in got if topic is None or t == topic] if topic else got
 
     def sql(self, query: str, args: tuple = ()) -> list[tuple]:
@@ -260,12 +280,14 @@ def sock_dir():
 
 
 @pytest.fixture(autouse=True)
-def short_proxy_timeouts(monkeypatch):
-    # The proxy is often deliberately absent: keep each unanswered nudge short.
-    monkeypatch.setattr(rules_mod, "RELOAD_TIMEOUT", 0.1)
-    monkeypatch.setattr(rules_mod, "BLOCK_TIMEOUT", 0.1)
-    monkeypatch.setattr(pending_mod, "WAITERS_TIMEOUT", 0.1)
-    monkeypatch.setattr(logs_mod, "STATS_TIMEOUT", 0.1)
+def short_proxy_timeouts(request, monkeypatch):
+    # The proxy is often deliberately absent: keep each unanswered nudge short (shortest where
+    # nobody can answer; a live fake proxy in its own thread gets 0.1 s, for a busy machine).
+    timeout = 0.1 if "live" in request.fixturenames else 0.01
+    monkeypatch.setattr(rules_mod, "RELOAD_TIMEOUT", timeout)
+    monkeypatch.setattr(rules_mod, "BLOCK_TIMEOUT", timeout)
+    monkeypatch.setattr(pending_mod, "WAITERS_TIMEOUT", timeout)
+    monkeypatch.setattr(logs_mod, "STATS_TIMEOUT", timeout)
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from greyproxy.bodies import RAW, ZSTD, Body, api_value, charset_of, from_record, pack, read_body, read_side, to_record
 from greyproxy.capture import transaction_json
+from harness.fuzz import examples
 
 _LABELS = [
     "utf-8",
@@ -42,7 +43,7 @@ def _roundtrip(data: bytes, content_type: str | None) -> Body | None:
     return read_side(row, "response")
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     data=st.binary(max_size=4096),
     label=st.sampled_from(_LABELS) | st.text(max_size=12),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from greyproxy.store import open_database
 from services.maintenance import jobs
 from services.recorder import transactions as T
 from services.recorder.apply import apply_records
+from harness.fuzz import examples
 
 
 def record(i: int, container: str, url: str, req: bytes | None, resp: bytes | None, ts: float) -> dict[str, Any]:
@@ -116,8 +118,18 @@ class Store:
             out[tid] = d
         return out
 
+    def add_one(self, container: str, url: str, req: bytes | None, resp: bytes | None, ts: float) -> None:
+        """One transaction (its own batch) with these bodies."""
+        self.add([(record(0, container, url, req, resp, ts), req, resp)])
+
     def close(self) -> None:
         self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def conversation(turns: int, seed: int, size: int = 3000) -> list[bytes]:
@@ -134,12 +146,11 @@ def conversation(turns: int, seed: int, size: int = 3000) -> list[bytes]:
 
 
 def test_a_conversation_is_stored_as_a_chain_and_reads_back(tmp_path: Path) -> None:
-    s = Store(tmp_path / "a.db")
-    try:
+    with Store(tmp_path / "a.db") as s:
         bodies = conversation(40, 1)
         resp = os.urandom(5000)  # binary, with a text label: stored as bytes, charset NULL
         for i, b in enumerate(bodies):
-            s.add([(record(i, "claude", "https://api.example/v1/messages", b, resp, 1000 + i), b, resp)])
+            s.add_one("claude", "https://api.example/v1/messages", b, resp, 1000 + i)
         codecs = s.codecs()
         assert codecs[0] == B.ZSTD and codecs.count(B.ZSTD_DELTA) >= 35
         # bounded chains: reading any body takes at most DELTA_CHAIN frames
@@ -160,8 +171,6 @@ def test_a_conversation_is_stored_as_a_chain_and_reads_back(tmp_path: Path) -> N
         assert har.entry(last)["request"]["postData"]["text"] == bodies[-1].decode()
         with pytest.raises(ValueError, match="Reader"):
             B.read_side(dict(last, request_body_codec=B.ZSTD_DELTA, request_body=b"x"), "request")
-    finally:
-        s.close()
 
 
 def test_a_wrong_base_fails_instead_of_giving_other_bytes() -> None:
@@ -182,25 +191,21 @@ def test_common_prefix() -> None:
 def test_streams_interleaved_pick_the_base_sharing_the_longest_prefix(tmp_path: Path) -> None:
     """A main conversation and a subagent's on the same stream (same container, URL): each body is
     a delta against the earlier body of its own conversation."""
-    s = Store(tmp_path / "i.db")
-    try:
+    with Store(tmp_path / "i.db") as s:
         main, sub = conversation(10, 2), conversation(10, 3)
         for i in range(10):
             for b in (main[i], sub[i]):
-                s.add([(record(i, "claude", "https://api.example/v1/messages?beta=true", b, None, 1000 + i), b, None)])
+                s.add_one("claude", "https://api.example/v1/messages?beta=true", b, None, 1000 + i)
         rows = s.conn.execute("SELECT id, request_body_base FROM http_transactions ORDER BY id").fetchall()
         for (tid, base), prev in zip(rows[2:], rows):
             assert base == prev[0], (tid, base)  # two rows back: the same conversation
         s.check()
-    finally:
-        s.close()
 
 
 def test_a_rolled_back_batch_is_not_used_as_a_base(tmp_path: Path) -> None:
-    s = Store(tmp_path / "r.db")
-    try:
+    with Store(tmp_path / "r.db") as s:
         bodies = conversation(6, 4)
-        s.add([(record(0, "c", "https://api.example/v1/m", bodies[0], None, 1000), bodies[0], None)])
+        s.add_one("c", "https://api.example/v1/m", bodies[0], None, 1000)
         # A batch whose transaction is rolled back after the encoder saw it (e.g. the disk filled).
         cur = s.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
@@ -208,14 +213,12 @@ def test_a_rolled_back_batch_is_not_used_as_a_base(tmp_path: Path) -> None:
         cur.execute("ROLLBACK")
         # The same id is taken again by another body of the stream: it must not be read against the lost one.
         other = conversation(3, 9)[2]
-        s.add([(record(2, "c", "https://api.example/v1/m", other, None, 1002), other, None)])
-        s.add([(record(3, "c", "https://api.example/v1/m", bodies[2], None, 1003), bodies[2], None)])
+        s.add_one("c", "https://api.example/v1/m", other, None, 1002)
+        s.add_one("c", "https://api.example/v1/m", bodies[2], None, 1003)
         s.check()
-    finally:
-        s.close()
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=examples(30), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_random_streams_with_retention_always_read_back(tmp_path_factory, data) -> None:
     """Random bodies on a few streams (growing conversations, fresh text, binary, small ones),
@@ -288,102 +291,80 @@ def _cap_keeping(conn: Any, share: float) -> float:
     return jobs._data_bytes(conn) * share / (jobs.CAP_LOW_WATER - 0.25) / jobs.MIB
 
 
+def _chains_capped(s: Store, ts: Callable[[int, int], float]) -> tuple[int, int, int]:
+    """Twelve 10-turn chains whose first (self-contained) bodies hold most of the bytes (the i-th
+    body of chain k at ts(k, i)), then the size cap keeping about 70% of the data: (rows kept,
+    request bodies dropped, request deltas left)."""
+    for k in range(12):
+        recs = []
+        for i, b in enumerate(conversation(10, 10 + k, size=30000)):
+            resp = os.urandom(3000) if i % 5 == 0 else None
+            recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, ts(k, i)), b, resp))
+        s.add(recs)
+    s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    list(jobs.size_cap(s.conn, {"max_database_mib": _cap_keeping(s.conn, 0.7)}))
+    return s.conn.execute(
+        "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
+    ).fetchone()
+
+
 def test_size_cap_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
     """The cap drops the oldest bodies first: a chain cut in the middle leaves its later bodies readable."""
-    s = Store(tmp_path / "c.db")
-    try:
-        for k in range(12):  # chains whose first (self-contained) bodies hold most of the bytes
-            recs = []
-            for i, b in enumerate(conversation(10, 10 + k, size=30000)):
-                resp = os.urandom(3000) if i % 5 == 0 else None
-                recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, 1000 + i), b, resp))
-            s.add(recs)
-        s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        list(jobs.size_cap(s.conn, {"max_database_mib": _cap_keeping(s.conn, 0.7)}))
-        kept, dropped, deltas = s.conn.execute(
-            "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
-        ).fetchone()
+    with Store(tmp_path / "c.db") as s:
+        kept, dropped, deltas = _chains_capped(s, lambda k, i: 1000 + i)
         assert kept == 120 and 0 < dropped < kept and deltas > 0
         s.check()
-    finally:
-        s.close()
 
 
 def test_size_cap_dropping_whole_rows_keeps_every_remaining_body_readable(tmp_path: Path) -> None:
     """Recent transactions keep their bodies: the cap deletes the oldest rows, cutting chains in the
     middle (their bases among the deleted rows); every body left still reads back identical."""
-    s = Store(tmp_path / "c.db")
     now = time.time()
-    try:
-        for k in range(12):
-            recs = []
-            for i, b in enumerate(conversation(10, 10 + k, size=30000)):
-                resp = os.urandom(3000) if i % 5 == 0 else None
-                ts = now - 600 + k * 45 + i * 5  # one chain after the other
-                recs.append((record(i, f"c{k}", "https://api.example/v1/messages", b, resp, ts), b, resp))
-            s.add(recs)
-        s.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        list(jobs.size_cap(s.conn, {"max_database_mib": _cap_keeping(s.conn, 0.7)}))
-        kept, dropped, deltas = s.conn.execute(
-            "SELECT COUNT(*), SUM(request_body IS NULL), SUM(request_body_codec = 2) FROM http_transactions"
-        ).fetchone()
+    with Store(tmp_path / "c.db") as s:
+        kept, dropped, deltas = _chains_capped(s, lambda k, i: now - 600 + k * 45 + i * 5)  # one chain after another
         assert 0 < kept < 120 and dropped == 0 and deltas > 0  # rows went, no body alone
         assert kept % 10, kept  # a chain was cut in the middle: its first rows (the bases) went
         s.check()
-    finally:
-        s.close()
 
 
 def test_detach_reencodes_the_first_dependent(tmp_path: Path) -> None:
-    s = Store(tmp_path / "d.db")
-    try:
+    with Store(tmp_path / "d.db") as s:
         bodies = conversation(5, 5)
         for i, b in enumerate(bodies):
-            s.add([(record(i, "c", "https://api.example/v1/m", b, None, 1000 + i), b, None)])
+            s.add_one("c", "https://api.example/v1/m", b, None, 1000 + i)
         ids = sorted(s.sent)
         assert s.codecs() == [B.ZSTD] + [B.ZSTD_DELTA] * 4
         n = jobs.drop_transactions(s.conn, ids[:2], "DELETE FROM http_transactions WHERE id IN ({marks})")
         assert n == 2
         assert s.codecs() == [B.ZSTD, B.ZSTD_DELTA, B.ZSTD_DELTA]  # the first left is self-contained now
         s.check()
-    finally:
-        s.close()
 
 
 def test_responses_are_stored_alone(tmp_path: Path) -> None:
     """Only request bodies are compressed against earlier ones (DELTA_SIDES): an answer is new text."""
-    s = Store(tmp_path / "s.db")
-    try:
+    with Store(tmp_path / "s.db") as s:
         for i, b in enumerate(conversation(4, 6)):
-            s.add([(record(i, "c", "https://api.example/x", None, b, 1000 + i), None, b)])
+            s.add_one("c", "https://api.example/x", None, b, 1000 + i)
         assert {r[0] for r in s.conn.execute("SELECT response_body_codec FROM http_transactions")} == {B.ZSTD}
         s.check()
-    finally:
-        s.close()
 
 
 def test_no_delta_for_small_or_unrelated_bodies(tmp_path: Path) -> None:
-    s = Store(tmp_path / "u.db")
-    try:
+    with Store(tmp_path / "u.db") as s:
         for i in range(5):
             small, rand = b'{"n": %d}' % i, os.urandom(4096)
-            s.add([(record(i, "c", "https://api.example/x", small, rand, 1000 + i), small, rand)])
+            s.add_one("c", "https://api.example/x", small, rand, 1000 + i)
         assert set(s.codecs()) == {B.RAW}
         assert {r[0] for r in s.conn.execute("SELECT response_body_codec FROM http_transactions")} == {B.RAW}
         s.check()
-    finally:
-        s.close()
 
 
 def test_a_partial_common_prefix_makes_a_delta(tmp_path: Path) -> None:
     """Bodies that differ after their first 3 000 bytes (of 5 000): enough of a prefix, a delta."""
-    s = Store(tmp_path / "p.db")
-    try:
+    with Store(tmp_path / "p.db") as s:
         common = os.urandom(1500).hex().encode()  # 3000 bytes
         for i in range(3):
             body = common + os.urandom(1000).hex().encode()
-            s.add([(record(i, "c", "https://api.example/x", body, None, 1000 + i), body, None)])
+            s.add_one("c", "https://api.example/x", body, None, 1000 + i)
         assert s.codecs() == [B.ZSTD, B.ZSTD_DELTA, B.ZSTD_DELTA]
         s.check()
-    finally:
-        s.close()

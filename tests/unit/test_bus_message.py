@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from bus import message, topics
 from bus.message import BadMessage
+from harness.fuzz import examples
 
 json_values = st.recursive(
     st.none()
@@ -88,7 +89,7 @@ def test_bad_message_is_a_value_error() -> None:
     assert issubclass(BadMessage, ValueError)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=4))
 def test_decode_arbitrary_frames_only_raises_bad_message(frames: list[bytes]) -> None:
     try:
@@ -98,7 +99,7 @@ def test_decode_arbitrary_frames_only_raises_bad_message(frames: list[bytes]) ->
     assert isinstance(msg, dict) and "type" in msg and "data" in msg
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(json_values, st.binary(max_size=16))
 def test_decode_arbitrary_json_only_raises_bad_message(value, topic: bytes) -> None:
     for body in (orjson.dumps(value), orjson.dumps({"type": "t", "data": value}), orjson.dumps(value)[:-1]):
@@ -109,7 +110,7 @@ def test_decode_arbitrary_json_only_raises_bad_message(value, topic: bytes) -> N
         assert isinstance(msg, dict)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(st.text(min_size=1, max_size=40), json_values, st.text(max_size=20), st.integers(0, 2**53))
 def test_round_trip_any_payload(topic: str, data, source: str, seq: int) -> None:
     msg = message.decode(message.encode(topic, data, source, seq))

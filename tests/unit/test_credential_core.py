@@ -27,6 +27,7 @@ from greyproxy.credentials.substitute import (
     plan,
 )
 from greyproxy.credentials.values import validate_hosts, validate_label, validate_value, value_preview
+from harness.fuzz import examples
 
 VALUE = "sk-test-Zq9:/+ é~v"
 PH = mint("gw-7f3a")
@@ -179,7 +180,12 @@ def test_nothing_to_do_is_untouched() -> None:
 
 
 @pytest.mark.parametrize("where", ["header", "query", "basic"])
-@pytest.mark.parametrize("ph", [mint("gw-7f3a"), "greyproxy:credential:v1:gw-7f3a:zz", PREFIX, GPH])
+# Fixed ids: the minted placeholders are random, and pytest-xdist's workers must collect the same names.
+@pytest.mark.parametrize(
+    "ph",
+    [mint("gw-7f3a"), "greyproxy:credential:v1:gw-7f3a:zz", PREFIX, GPH],
+    ids=["unknown", "malformed", "prefix-alone", "unknown-global"],
+)
 def test_unknown_or_malformed_is_refused(where: str, ph: str) -> None:
     headers, target = [("Host", "a")], "/"
     if where == "header":
@@ -201,7 +207,11 @@ def test_unavailable_refuses_every_placeholder() -> None:
     assert plan([("X", "nothing")], "/", table(), destination="a", available=False).refused is None
 
 
-@pytest.mark.parametrize("target", [f"/{PH}/x", f"/a%2F{PH.replace(':', '%3A')}", f"/p?{PH}=1", f"/p?a=1&{PH}"])
+@pytest.mark.parametrize(
+    "target",
+    [f"/{PH}/x", f"/a%2F{PH.replace(':', '%3A')}", f"/p?{PH}=1", f"/p?a=1&{PH}"],
+    ids=["path", "encoded-path", "query-name", "query-value"],
+)
 def test_live_placeholder_in_path_or_name(target: str) -> None:
     p = plan([("X", PH)], target, table(live()), destination="a")
     assert p.refused is not None and p.refused.reason == IN_PATH and p.refused.labels == ("KEY",)
@@ -280,7 +290,7 @@ values = st.text(
 ).filter(lambda v: PREFIX not in v)
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(names, latin1), max_size=6), latin1, st.booleans())
 def test_plan_never_raises(headers: list[tuple[str, str]], target: str, plaintext: bool) -> None:
     p = plan(headers, "/" + target, table(live()), destination="h", plaintext=plaintext)
@@ -288,7 +298,7 @@ def test_plan_never_raises(headers: list[tuple[str, str]], target: str, plaintex
         assert p.headers is None and p.target is None
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(st.tuples(names, latin1, latin1), min_size=1, max_size=5),
     latin1,
@@ -314,7 +324,7 @@ def test_substituted_heads_keep_no_placeholder(
     assert unquote(p.target.split("&key=")[1].split("&y=")[0]) == pre + value + post
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.text(max_size=60), st.text(max_size=60), st.from_regex(r"[A-Za-z0-9_.~+/=-]{8,40}", fullmatch=True))
 def test_scrubber_leaves_no_value(a: str, b: str, value: str) -> None:
     lv = live(value=value)

@@ -34,6 +34,7 @@ from services.proxy.dns_proxy import (
     udp_limit,
 )
 from services.proxy.gate import NAME_TTL, Gate
+from harness.fuzz import examples
 
 
 class Clock:
@@ -190,7 +191,7 @@ def test_decode_rejects_bad_input() -> None:
     assert dns.message.from_wire(decode_query(two.to_wire()).reply).rcode() == dns.rcode.FORMERR
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(
     st.one_of(
         st.binary(max_size=300),

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from greyproxy.config import ConfigError, load_config
 from services.proxy.docker_identity import DockerIdentity, EngineError, containers_by_ip, engine_get
+from harness.fuzz import examples
 
 CONTAINERS = [
     {
@@ -82,7 +83,8 @@ class FakeEngine:
             daemon_threads = True
 
         self.server = Server(str(path), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        # A short poll interval: shutdown() waits for the serving loop's next look (0.5 s by default).
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -107,7 +109,7 @@ def test_containers_by_ip() -> None:
         containers_by_ip({"message": "nope"})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     st.recursive(
         st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=10)),

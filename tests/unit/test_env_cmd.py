@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from greyproxy import certs
 from greyproxy.cli_env import BUNDLE_VARS, NODE_VAR, EnvPlan, check_container_name, env_plan, render
 from greyproxy.config import ConfigError, load_config
+from harness.fuzz import examples
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_bundle_without_a_ca_is_the_system_bundle(cfg) -> None:
 _values = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(_values)
 def test_sh_quoting_round_trips(value: str) -> None:
     out = render(EnvPlan([("GP_TEST_VALUE", value)], []), "sh")
@@ -117,7 +118,7 @@ def test_sh_quoting_round_trips(value: str) -> None:
 
 
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(_values)
 def test_fish_quoting_round_trips(value: str) -> None:
     out = render(EnvPlan([("GP_TEST_VALUE", value)], []), "fish")

@@ -29,6 +29,7 @@ from services.proxy.exchange import (
 from services.proxy.gate import Verdict
 from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, Refusal, RuleRecheck, resolve
 from services.proxy.pipeline import Recorder
+from harness.fuzz import examples
 
 LIMITS = Limits(header_timeout=1.0, idle_timeout=1.0, connect_timeout=1.0)
 SECRET = "sk-hook-" + "5e" * 12
@@ -487,7 +488,7 @@ _PIECES = st.sampled_from(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.one_of(_PIECES, st.binary(max_size=12)), max_size=8), st.booleans())
 def test_any_answer_ends_the_exchange_cleanly_with_a_well_formed_reply(pieces: list[bytes], joined: bool) -> None:
     """Whatever bytes the origin sends before it closes, the exchange ends DONE or FAILED without

@@ -17,6 +17,7 @@ from greyproxy.capture import TRANSACTION_COLUMNS
 from greyproxy.store import database, open_database
 from services.api.export import export_page
 from services.api.transactions import TransactionFilter
+from harness.fuzz import examples
 
 VALIDATOR = jsonschema.Draft202012Validator(har.HAR_SCHEMA)
 
@@ -161,7 +162,7 @@ _text = st.one_of(st.none(), st.text(max_size=30))
 _header_map = st.dictionaries(st.text(min_size=1, max_size=10), st.lists(st.text(max_size=10), max_size=3), max_size=4)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     method=st.text(max_size=10),
     url=st.text(max_size=60),

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from greyproxy.identity import Claim, Claims, check_name, hash_secret, new_secret, verify_secret
 from services.proxy import socks5
 from services.proxy.http1 import parse_basic, parse_basic_user
+from harness.fuzz import examples
 
 
 def test_secret_is_32_random_bytes_and_only_its_hash_is_kept() -> None:
@@ -76,7 +77,7 @@ def test_socks5_holds_the_authentication_for_the_caller() -> None:
     assert legacy.feed(_greet_auth(b"agent", b"x")) == [b"\x05\x02", b"\x01\x00"] and legacy.pending_auth is None
 
 
-@settings(max_examples=200)
+@settings(max_examples=examples(200))
 @given(st.binary(max_size=80))
 def test_socks5_hold_auth_survives_any_bytes(data: bytes) -> None:
     s = socks5.Socks5Server(hold_auth=True)

@@ -16,6 +16,7 @@ import llm_fixtures as F
 from greyproxy.llm import rules as R
 from greyproxy.llm import usage as U
 from services.maintenance import assembler as AS
+from harness.fuzz import examples
 
 FIELDS = U.FIELDS
 
@@ -251,7 +252,7 @@ def corpus() -> list[list[dict[str, Any]]]:
     ]
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_incremental_passes_equal_a_rebuild(tmp_path_factory, data) -> None:
     sessions = [list(s) for s in corpus()]
@@ -339,7 +340,7 @@ _PATHS = [
 ]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@settings(max_examples=examples(60), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
 def test_candidates_in_sql_claim_exactly_what_decoder_for_claims(tmp_path_factory, data) -> None:
     """Whatever the rows (any host's case, ports, methods, URLs naming another host, deleted rows

@@ -13,6 +13,7 @@ import llm_fixtures as F
 from greyproxy.llm import dissect as D
 from greyproxy.llm import rules as R
 from greyproxy.llm.text import cut_bytes, sse_events, tool_summary
+from harness.fuzz import examples
 
 
 def run(r: dict[str, Any], name: str | None = None) -> dict[str, Any] | None:
@@ -483,7 +484,7 @@ def _body(draw_value: Any) -> str:
     return json.dumps(draw_value)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=list(HealthCheck))
 @given(
     name=st.sampled_from([d.name for d in D.DISSECTORS]),
     method=st.sampled_from(["POST", "WS_REQ", "WS_RESP"]),
@@ -558,7 +559,7 @@ def _mutate_body(draw: Any, text: str | None) -> str | None:
         return "\n".join(out)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), index=st.integers(0, len(FIXTURE_ROWS) - 1))
 def test_dissectors_never_raise_on_mutated_provider_traffic(data: Any, index: int) -> None:
     r = dict(FIXTURE_ROWS[index])
@@ -571,7 +572,7 @@ def test_dissectors_never_raise_on_mutated_provider_traffic(data: Any, index: in
             json.dumps(ex)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     row=st.fixed_dictionaries(
         {},

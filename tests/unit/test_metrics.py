@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from greyproxy.metrics import HeartbeatCollector, Histogram
+from harness.fuzz import examples
 
 
 def _render(seen: dict[str, tuple[bool, dict[str, Any]]]) -> dict[str, Any]:
@@ -94,7 +95,7 @@ _metric_keys = st.sampled_from(["connections", "decision_seconds", "hold_seconds
 _stats = st.dictionaries(_keys, st.one_of(_json, st.dictionaries(_metric_keys, _json, max_size=4)), max_size=5)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     st.dictionaries(
         st.sampled_from(["proxy", "recorder", "bus", "maintenance"]), st.tuples(st.booleans(), _stats), max_size=4

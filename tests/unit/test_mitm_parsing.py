@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from services.proxy.http1 import BodyReader, HttpError, parse_request_head
 from services.proxy.mitm import http_state
+from harness.fuzz import examples
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize(

@@ -319,6 +319,7 @@ def test_ipv4_mapped_ipv6_is_judged_as_ipv4() -> None:
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from harness.fuzz import examples  # noqa: E402
 
 from greyproxy.policy import Rule, RuleSet  # noqa: E402
 from greyproxy.policy.patterns import ascii_host  # noqa: E402
@@ -364,7 +365,7 @@ def test_container_patterns_refuse_controls_too() -> None:
 
 
 @given(st.text(max_size=40))
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 def test_any_destination_pattern_is_refused_or_stored_clean(text: str) -> None:
     try:
         stored = validate_destination_pattern(text)
@@ -377,7 +378,7 @@ def test_any_destination_pattern_is_refused_or_stored_clean(text: str) -> None:
 
 
 @given(st.lists(st.text(alphabet="abcÜ日本ü", min_size=1, max_size=8), min_size=1, max_size=3).map(".".join))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_a_unicode_rule_matches_its_name_in_either_form(name: str) -> None:
     try:
         stored = validate_destination_pattern(name)

@@ -18,6 +18,7 @@ from greyproxy.policy import (
     compile_rule,
     rule_summary,
 )
+from harness.fuzz import examples
 
 NOW = 1_800_000_000.0
 
@@ -563,7 +564,7 @@ def queries(draw: st.DrawFn, rules: list[Rule]) -> tuple[str, str, int]:
     return container, instance_of(rule.destination_pattern, filler), port
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), rules=rule_lists())
 def test_index_agrees_with_brute_force(data: st.DataObject, rules: list[Rule]) -> None:
     container, host, port = data.draw(queries(rules), label="query")
@@ -575,7 +576,7 @@ def test_index_agrees_with_brute_force(data: st.DataObject, rules: list[Rule]) -
         assert compile_rule(got).matches(container, host, port) and got.is_active(NOW)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     rules=rule_lists(),
     container=st.sampled_from(CONTAINERS),

@@ -35,8 +35,9 @@ from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.credentials import KEY_OK, LiveCredentials
 from services.proxy.gate import Gate, Verdict
 from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, RuleRecheck
+from harness.fuzz import examples
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @contextmanager

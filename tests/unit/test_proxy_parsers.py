@@ -33,8 +33,9 @@ from services.proxy.socks5 import (
     Socks5Server,
     SocksError,
 )
+from harness.fuzz import examples
 
-FUZZ = settings(max_examples=300, deadline=1000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=examples(300), deadline=1000, suppress_health_check=[HealthCheck.too_slow])
 
 
 def req(first_line: str, *headers: str, body: bytes = b"") -> bytes:
@@ -1313,7 +1314,7 @@ _IDN_LABELS = st.text(
 
 
 @given(st.lists(_IDN_LABELS, min_size=1, max_size=3), st.sampled_from(["CONNECT", "GET"]))
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_unicode_targets_parse_to_idna_or_a_400(labels: list[str], method: str) -> None:
     name = ".".join(labels) + ".example"
     target = f"{name}:443" if method == "CONNECT" else f"http://{name}:80/p"
@@ -1354,7 +1355,7 @@ def test_unicode_absolute_form_keeps_scheme_and_port(target: bytes, want_target:
 
 
 @given(st.lists(_IDN_LABELS, min_size=1, max_size=3))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_socks_unicode_names_parse_to_idna_or_fail(labels: list[str]) -> None:
     name = (".".join(labels) + ".example").encode()
     if len(name) > 255:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from greyproxy.capture import BodyCapture, decode_body, is_text_like, stored_body, transaction_json
 from greyproxy.redaction import REDACTED, Redactor, canonical_header_name, extra_patterns
+from harness.fuzz import examples
 
 
 @pytest.mark.parametrize(
@@ -103,7 +104,7 @@ def test_new_defaults_and_underscores_redact(name: str) -> None:
     st.text(alphabet="abcxyz-_", max_size=6),
     st.sampled_from([str.lower, str.upper, str.title]),
 )
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_any_spelling_of_a_secret_name_is_redacted(core: str, before: str, after: str, case) -> None:
     # '_' and '-' alike, any case, any surrounding text: in a header name and as a query parameter.
     for variant in (core, core.replace("-", "_")):
@@ -165,7 +166,7 @@ def test_url_headers_get_query_redaction_and_stored_maps_too() -> None:
 
 
 @given(st.text(max_size=200))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_url_redaction_never_fails_and_is_idempotent(url: str) -> None:
     r = Redactor(["x-*"])
     once = r.url(url)
@@ -182,7 +183,7 @@ def test_canonical_name_and_extra_patterns() -> None:
 
 
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-_0123456789", min_size=1, max_size=40))
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_matching_is_case_insensitive(name: str) -> None:
     r = Redactor(["x-*-id"])
     assert r.matches(name) == r.matches(name.upper()) == r.matches(name.lower())

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bus import records
 from greyproxy.policy import Rule, RuleSet
 from services.proxy.gate import Gate
+from harness.fuzz import examples
 
 
 class Journal:
@@ -143,7 +144,7 @@ prefixes = st.integers(min_value=0, max_value=32)
     addresses,
     st.sampled_from([80, 443, 8080]),
 )
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 def test_address_denial_is_the_winning_address_rule(raw: list, ip: str, port: int) -> None:
     # The reference model: among the address rules alone, SPEC §2.3 order; a deny winner is the answer.
     rules = [

@@ -17,6 +17,7 @@ from services.api import origin
 from services.api.ws import commands, resource
 from services.api.ws import hub as ws_hub
 from services.api.errors import not_found
+from harness.fuzz import examples
 
 # ----------------------------------------------------------------------------- filters
 
@@ -110,7 +111,7 @@ def test_queue_needs_room_for_notice_and_event() -> None:
         ws_hub.EventQueue(1)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(size=st.integers(2, 8), ops=st.lists(st.booleans(), max_size=200))
 def test_queue_is_bounded_ordered_and_accounts_for_everything(size: int, ops: list[bool]) -> None:
     q = ws_hub.EventQueue(size)
