@@ -176,9 +176,7 @@ class Gate:
         return self.guard_ports.refuses(host, port)
 
     # -- the decision --
-    async def admit(
-        self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None
-    ) -> Verdict:
+    async def admit(self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None) -> Verdict:
         """The verdict for a connection to (host, port). `client_gone`: a future that completes when
         the client disconnects (ends a hold early), or a function making it, called only for a hold
         (a decision that does not wait makes no future)."""
