@@ -220,6 +220,7 @@ RESPONSE = (
     b"Last-Modified: Sat, 05 Dec 2026 10:00:00 GMT\r\nConnection: close\r\n"
     b'ETag: "6932b5a0-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
 )
+RESPONSE_KEPT = RESPONSE.replace(b"Connection: close", b"Connection: keep-alive")
 
 
 class MemTransport:
@@ -270,7 +271,9 @@ class MemTransport:
 async def in_memory(load: str, n: int, profile: Any) -> float:
     """CPU seconds per connection of the proxy's Python alone: the listener's protocol objects over
     in-memory transports. The client and the origin answer each write at once (call_soon); the
-    origin sends its response and closes, then the client closes."""
+    origin sends its response and closes (`newconn`: keeps its connection, as nginx does for the
+    proxy's upstream requests, so the proxy's upstream pool serves the next client connection), then
+    the client closes."""
     from services.proxy import http_proxy
     from services.proxy.conn import Conn
     from services.proxy.context import ClientConn
@@ -284,6 +287,9 @@ async def in_memory(load: str, n: int, profile: Any) -> float:
         up = Conn()
 
         def origin_got(data: bytes) -> None:
+            if load == "newconn":  # as nginx answers the proxy's upstream request: kept alive (pooled)
+                loop.call_soon(up.data_received, RESPONSE_KEPT)
+                return
             loop.call_soon(up.data_received, RESPONSE)
             loop.call_soon(up.eof_received)
             loop.call_soon(up.transport.close)  # type: ignore[union-attr]

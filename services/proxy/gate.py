@@ -34,6 +34,7 @@ _normalise_host = functools.lru_cache(maxsize=4096)(normalise_host)
 log = logging.getLogger("greyproxy.proxy")
 
 Key = tuple[str, str, int]  # (container, host, port)
+ClientGone = asyncio.Future | Callable[[], asyncio.Future] | None  # see Gate.admit
 
 ALLOWED = records.ALLOWED
 BLOCKED = records.BLOCKED
@@ -175,9 +176,10 @@ class Gate:
         return self.guard_ports.refuses(host, port)
 
     # -- the decision --
-    async def admit(
-        self, container: str, host: str, port: int, method: str, client_gone: asyncio.Future | None = None
-    ) -> Verdict:
+    async def admit(self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None) -> Verdict:
+        """The verdict for a connection to (host, port). `client_gone`: a future that completes when
+        the client disconnects (ends a hold early), or a function making it, called only for a hold
+        (a decision that does not wait makes no future)."""
         t0 = time.perf_counter()
         host = _normalise_host(host)
         hook = self.name_hook
@@ -322,8 +324,10 @@ class Gate:
         return v if v is not None else Verdict(False, "default_deny")
 
     async def _hold(
-        self, container: str, host: str, port: int, resolved: str | None, client_gone: asyncio.Future | None
+        self, container: str, host: str, port: int, resolved: str | None, client_gone: ClientGone
     ) -> Verdict:
+        if callable(client_gone):
+            client_gone = client_gone()
         key: Key = (container, host, port)
         if key not in self.holds and self.pending_count >= self.max_pending:
             return Verdict(False, "queue_full")

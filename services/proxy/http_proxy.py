@@ -142,7 +142,7 @@ async def handle_http(client: ClientConn) -> None:
             )
             return None
         # decide
-        verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone())
+        verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone)
         if client.closed:
             return None
         # The record's snapshot of what the client sent (the absolute URI names the host contacted).
@@ -272,7 +272,7 @@ async def handle_http(client: ClientConn) -> None:
                 return
 
             if head.method == "CONNECT":
-                verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone())
+                verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone)
                 if client.closed:
                     gate.finish_log(verdict)
                     return

@@ -62,7 +62,9 @@ class UpstreamPool:
         if not self.enabled or not usable(conn):
             conn.close()
             return
-        loop = asyncio.get_running_loop()
+        # The connection's loop (asyncio.get_running_loop() costs a getpid() system call in CPython
+        # 3.11, and this runs once per plain-HTTP client connection that ends).
+        loop = conn._loop or conn._bind_loop()
         q = self._idle.get(key)
         if q is None:
             q = self._idle[key] = deque()

@@ -68,7 +68,7 @@ async def handle_socks(client: ClientConn) -> None:
     if req.command != socks5.CMD_CONNECT:
         client.write(server.reply(socks5.REP_COMMAND_NOT_SUPPORTED))
         return
-    verdict = await gate.admit(container, req.host, req.port, "SOCKS5", client.gone())
+    verdict = await gate.admit(container, req.host, req.port, "SOCKS5", client.gone)
     if client.closed:
         gate.finish_log(verdict)
         return

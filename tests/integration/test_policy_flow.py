@@ -206,6 +206,24 @@ def test_dismiss_blocks_held_connection(stack: Stack, origin: int) -> None:
     assert logs[0]["reason"] == "dismissed"
 
 
+def test_client_leaving_ends_its_hold(stack: Stack, origin: int) -> None:
+    """A held client that drops its connection is let go at once (Gate.admit's client_gone, made only for a
+    hold): logged blocked with reason client_gone long before the 20 s hold timeout."""
+    auth = base64.b64encode(b"agentgone:").decode()
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as sock:
+        sock.sendall(
+            f"GET http://{ORIGIN_HOST}:{origin}/g HTTP/1.1\r\nHost: {ORIGIN_HOST}:{origin}\r\n"
+            f"Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
+        wait_for(lambda: _pending_for(stack, "agentgone", origin), 10, message="pending entry")
+        # Reset, not a FIN: a half-closed client may still be reading its answer.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    logs = wait_for(lambda: _log_rows(stack, "agentgone"), 10, message="log")
+    assert time.monotonic() - t0 < 15  # not the hold timeout (20 s)
+    assert logs[0]["result"] == "blocked" and logs[0]["reason"] == "client_gone"
+
+
 def test_hold_timeout(make_stack, origin: int) -> None:
     s = make_stack(proxy={"holdTimeout": 2})
     t0 = time.monotonic()

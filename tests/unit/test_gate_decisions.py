@@ -167,3 +167,31 @@ def test_cached_verdicts_count_hits_and_log_every_request() -> None:
     assert [(r["rule_id"], r["result"], r["destination_host"]) for r in logged] == [
         (1, "allowed", "api.example.com")
     ] * 3
+
+
+# -- client_gone given as a function (the proxy passes `ClientConn.gone`): called for a hold only --
+
+
+def test_client_gone_function_is_called_only_for_a_hold() -> None:
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"))
+    g.hold_timeout = 5.0
+    calls: list[int] = []
+
+    async def main() -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+
+        def make() -> asyncio.Future:
+            calls.append(1)
+            return gone
+
+        allowed = await g.admit("a", "api.example.com", 443, "HTTP", make)
+        assert calls == []  # a decision that does not wait makes no future
+        loop.call_later(0.05, gone.set_result, None)  # the client disconnects while held
+        held = await asyncio.wait_for(g.admit("a", "unknown.example.com", 443, "HTTP", make), 2)
+        return allowed, held
+
+    allowed, held = asyncio.run(main())
+    assert allowed.allowed and allowed.rule_id == 1
+    assert calls == [1]
+    assert (held.allowed, held.reason) == (False, "client_gone")

@@ -122,3 +122,26 @@ def test_idle_connections_are_swept() -> None:
         assert closed(c) and len(pool) == 0
 
     run(go())
+
+
+def test_put_takes_the_connections_loop_not_get_running_loop(monkeypatch) -> None:  # noqa: ANN001
+    """Parking costs no asyncio.get_running_loop() (a getpid() system call in CPython 3.11): the
+    loop is the connection's own; the sweeper still runs on it."""
+    from services.proxy import pool as pool_mod
+
+    async def go() -> None:
+        pool = UpstreamPool(per_key=4, total=16, idle_timeout=0.2)
+        c = conn()
+        c._bind_loop()  # as a connection that has read (every upstream that served an exchange)
+
+        def no(*_a: object) -> None:
+            raise AssertionError("get_running_loop() on the parking path")
+
+        with monkeypatch.context() as m:
+            m.setattr(pool_mod.asyncio, "get_running_loop", no)
+            pool.put(A, c)
+        assert len(pool) == 1
+        await asyncio.sleep(0.4)  # the sweeper closes it after idle_timeout
+        assert len(pool) == 0 and closed(c)
+
+    run(go())
