@@ -42,28 +42,10 @@ sys.path.insert(0, str(BENCH))
 from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary  # noqa: E402
 from harness.origin import NginxOrigin  # noqa: E402
 from harness.procs import stop_all  # noqa: E402
+from harness.inproc import RESPONSE_CLOSE as RESPONSE, RESPONSE_KEPT, MemTransport, NullJournal, NullPublisher  # noqa: E402
 
 LOADS = ("tunnels-splice", "tunnels", "newconn", "bare")
 CONNS = 20
-
-
-class NullJournal:
-    """Encodes what it is given (as the real journal does on append) and keeps nothing."""
-
-    def __init__(self) -> None:
-        import orjson
-
-        self.dumps, self.opt, self.n = orjson.dumps, orjson.OPT_NON_STR_KEYS, 0
-
-    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
-        self.dumps(["id", kind, data], option=self.opt)
-        self.n += 1
-        return str(self.n)
-
-
-class NullPublisher:
-    def publish(self, *_a: Any, **_k: Any) -> None:
-        return None
 
 
 class FixedSettings:
@@ -214,58 +196,6 @@ ORIGIN = "127.0.0.1:8080"
 CONNECT = f"CONNECT {ORIGIN} HTTP/1.1\r\nHost: {ORIGIN}\r\n\r\n".encode()
 GET_IN_TUNNEL = f"GET /1k HTTP/1.1\r\nHost: {ORIGIN}\r\nConnection: close\r\n\r\n".encode()
 GET_CLOSE = f"GET http://{ORIGIN}/1k HTTP/1.1\r\nHost: {ORIGIN}\r\nConnection: close\r\n\r\n".encode()
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 10:47:00 GMT\r\n"
-    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
-    b"Last-Modified: Sat, 05 Dec 2026 10:00:00 GMT\r\nConnection: close\r\n"
-    b'ETag: "6932b5a0-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
-)
-RESPONSE_KEPT = RESPONSE.replace(b"Connection: close", b"Connection: keep-alive")
-
-
-class MemTransport:
-    """Enough of an asyncio transport for `Conn`: writes go to `on_write`, closing calls
-    connection_lost soon (as a loop's transport does)."""
-
-    def __init__(self, proto: Any, on_write: Any) -> None:
-        self.proto, self.on_write, self.closing = proto, on_write, False
-        self.loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes) -> None:
-        self.on_write(bytes(data))
-
-    def writelines(self, data: Any) -> None:
-        self.on_write(b"".join(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            self.loop.call_soon(self.proto.connection_lost, None)
-
-    abort = close
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        if name in ("peername", "sockname"):
-            return ("127.0.0.1", 40000)
-        return default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
 
 
 async def in_memory(load: str, n: int, profile: Any) -> float:

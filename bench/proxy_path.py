@@ -24,76 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.inproc import RESPONSE_KEPT as RESPONSE, MemTransport, NullJournal, NullPublisher  # noqa: E402
 
 REQUEST = b"GET http://127.0.0.1:8080/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
-# An nginx answer, as nginx sends it (1 KiB body).
-RESPONSE = (
-    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sat, 05 Dec 2026 10:47:00 GMT\r\n"
-    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
-    b"Last-Modified: Sat, 05 Dec 2026 10:00:00 GMT\r\nConnection: keep-alive\r\n"
-    b'ETag: "6932b5a0-400"\r\nAccept-Ranges: bytes\r\n\r\n' + b"x" * 1024
-)
-
-
-class NullJournal:
-    """Encodes what it is given (as the real journal does on append) and keeps nothing."""
-
-    def __init__(self) -> None:
-        self.n = 0
-
-    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
-        orjson.dumps(["id", kind, data], option=orjson.OPT_NON_STR_KEYS)
-        self.n += 1
-        return str(self.n)
-
-
-class NullPublisher:
-    def publish(self, *_a: Any, **_k: Any) -> None:
-        return None
-
-
-class MemTransport:
-    """Enough of an asyncio transport for `Conn`: writes go to `on_write`."""
-
-    def __init__(self, proto: Any, on_write: Any) -> None:
-        self.proto = proto
-        self.on_write = on_write
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.on_write(data)
-
-    def writelines(self, data: Any) -> None:
-        self.on_write(b"".join(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.proto.connection_lost, None)
-
-    abort = close
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        pass
 
 
 def _setup(no_record: bool) -> tuple[Any, Any]:

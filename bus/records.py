@@ -178,24 +178,25 @@ def log_record(
     container_id: str = "",
     timestamp: float | None = None,
 ) -> LogRecord:
-    """The one way to build a `log` record (the gate's verdicts, the DNS proxy's queries)."""
-    if result not in (ALLOWED, BLOCKED):
-        raise ValueError(f"log result must be {ALLOWED!r} or {BLOCKED!r}, not {result!r}")
-    return {
-        "timestamp": time.time() if timestamp is None else timestamp,
-        "container_name": container,
-        "container_id": container_id,
-        "destination_host": host,
-        "destination_port": port,
-        "resolved_hostname": resolved_hostname,
-        "method": method,
-        "result": result,
-        "rule_id": rule_id,
-        "rule_summary": rule_summary,
-        "response_time_ms": None if response_time_ms is None else round(response_time_ms, 3),
-        "reason": reason,
-        "mitm_skip_reason": mitm_skip_reason,
-    }
+    """A `log` record as an object (shape 1: what proxies before shape 2 sent; for readers and
+    tests): `log_values`' record, the same checks and values, by field name."""
+    return log_fields(
+        log_values(
+            container,
+            host,
+            port,
+            method,
+            result,
+            resolved_hostname,
+            rule_id,
+            rule_summary,
+            response_time_ms,
+            reason,
+            mitm_skip_reason,
+            container_id,
+            timestamp,
+        )
+    )
 
 
 # A `log` record travels in one of two shapes too. Shape 2 (what the proxy writes): an array of the
@@ -235,7 +236,8 @@ def log_values(
     container_id: str = "",
     timestamp: float | None = None,
 ) -> LogValues:
-    """`log_record`'s record as it travels (shape 2): the same checks, the same values, in LOG_FIELDS order."""
+    """The one way to build a `log` record (the gate's verdicts, the DNS proxy's queries), as it
+    travels (shape 2): its values in LOG_FIELDS order."""
     if result not in (ALLOWED, BLOCKED):
         raise ValueError(f"log result must be {ALLOWED!r} or {BLOCKED!r}, not {result!r}")
     return [

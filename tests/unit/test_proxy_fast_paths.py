@@ -36,6 +36,7 @@ from services.proxy.credentials import KEY_OK, LiveCredentials
 from services.proxy.gate import Gate, Verdict
 from services.proxy.hooks import CredentialSubstitution, Flow, HookChain, RuleRecheck
 from harness.fuzz import examples
+from harness.wire import Wire
 
 FUZZ = settings(max_examples=examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -363,30 +364,6 @@ class _Publisher:
         return None
 
 
-class _Transport:
-    def __init__(self, proto: Conn, on_write: Any) -> None:
-        self.proto, self.on_write, self.closing = proto, on_write, False
-
-    def write(self, data: bytes) -> None:
-        self.on_write(data)
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        if not self.closing:
-            self.closing = True
-            asyncio.get_running_loop().call_soon(self.proto.connection_lost, None)
-
-    abort = close
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
 REQUESTS = [
     b"GET http://127.0.0.1:8080/a HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n",
     b"GET http://127.0.0.1:8080/b?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAccept:*/*\r\nX-Pad:  v  \r\n\r\n",
@@ -415,7 +392,7 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
             if data.startswith((b"GET", b"POST")):
                 loop.call_soon(up.data_received, NGINX)
 
-        up.connection_made(_Transport(up, origin))  # type: ignore[arg-type]
+        up.connection_made(Wire(up, origin))  # type: ignore[arg-type]
         return up
 
     client = ClientConn(ctx, http_proxy.handle_http)
@@ -428,7 +405,7 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
             client.transport.close()  # type: ignore[union-attr]
 
     with mock.patch.object(http_proxy, "connect", connect):
-        client.connection_made(_Transport(client, answered))  # type: ignore[arg-type]
+        client.connection_made(Wire(client, answered))  # type: ignore[arg-type]
         client.data_received(pending.pop(0))
         await asyncio.wait_for(client.task, 5)  # type: ignore[arg-type]
     return bytes(upstream_got), bytes(client_got)
@@ -454,7 +431,7 @@ def test_whole_loop_sends_the_same_bytes_with_and_without_the_shortcuts() -> Non
 
 def _conn() -> Conn:
     c = Conn()
-    c.connection_made(_Transport(c, lambda _d: None))  # type: ignore[arg-type]
+    c.connection_made(Wire(c, lambda _d: None))  # type: ignore[arg-type]
     return c
 
 
