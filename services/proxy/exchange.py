@@ -323,6 +323,13 @@ class Exchange:
     def _unanswered(self) -> None:
         """The upstream closed without a byte of answer."""
         head = self.head
+        if self.client.closed:
+            # Nobody is left to answer: the client left, or the proxy closed both connections (a
+            # rule that allowed them revoked, an identity rotated). Not the origin's fault, and
+            # never sent again: after a revocation the request must not leave a second time.
+            self.error = "the client connection closed before the answer came"
+            self._to(FAILED)
+            return None
         if (
             self.reused
             and self._body is None

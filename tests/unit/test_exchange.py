@@ -121,9 +121,11 @@ async def _play(
     between: float = 0.02,
     journal: FakeJournal | None = None,
     flow_edit: Any = None,
+    client_gone: bool = False,
 ) -> tuple[Exchange, MemStream, MemStream]:
     """Run one exchange: the client sent `request` (+ `client_rest`), the origin answers the pieces
-    of `answer` (one feed each, `between` s apart), then closes if `end_upstream`."""
+    of `answer` (one feed each, `between` s apart), then closes if `end_upstream` (the client's
+    connection closed just before when `client_gone`: it left, or the proxy closed both)."""
     head = _head(request)
     client, upstream = MemStream("client"), MemStream("upstream")
     client.feed(client_rest)
@@ -140,6 +142,8 @@ async def _play(
             upstream.feed(piece)
         if end_upstream:
             await asyncio.sleep(between)
+            if client_gone:
+                client.close()
             upstream.end()
 
     feeder = asyncio.ensure_future(origin())
@@ -278,6 +282,21 @@ def test_a_reused_connection_closed_unanswered_is_stale_only_for_a_retryable_req
         assert ex.state is FAILED and _response(client.written)[0].status == 502
         ex, client, _up = await _play(GET, None, reused=False, end_upstream=True)
         assert ex.state is FAILED  # a fresh connection that closes is the origin's fault, not staleness
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("reused", [True, False])
+def test_an_upstream_closed_after_the_client_left_is_neither_resent_nor_the_origins_fault(reused: bool) -> None:
+    """Both connections closed (the client left, or its rule was revoked and the proxy closed both):
+    a GET on a reused upstream is not sent again (STALE), and the record does not blame the origin."""
+
+    async def main() -> None:
+        journal = FakeJournal()
+        ex, client, _up = await _play(GET, None, reused=reused, end_upstream=True, client_gone=True, journal=journal)
+        assert ex.state is FAILED and not ex.client_keep and client.written == b""
+        rec = _record(journal)
+        assert rec["status_code"] is None and rec["error"] == "the client connection closed before the answer came"
 
     asyncio.run(main())
 

@@ -1,0 +1,143 @@
+"""The HTTP forward proxy's request path under real clients and misbehaving origins: what the
+client gets, how its connection ends, and what the transaction records say.
+
+A defect hunt against the request path (keepalive.py serving kept-alive requests in callbacks,
+exchange.py, http1.py's split reading); most scenarios tried were fine and are covered elsewhere
+(tests/integration/test_request_path.py, test_upstream_pool.py, test_limits.py,
+test_policy_flow.py). The tests here are the ones that found something.
+
+The origin is a small threaded HTTP/1.1 server whose paths misbehave on purpose, and which
+counts every request line it receives (`Origin.seen`), so a test can tell whether a request left
+the proxy once, twice or never.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import Stack, add_rule, wait_for
+
+pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
+
+HOST = "127.0.0.1"
+SLOW = 1.5  # seconds /slow... waits before answering
+
+
+class Origin(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__((HOST, 0), _Handler)
+        self.lock = threading.Lock()
+        self.seen: list[str] = []  # request targets, in the order they arrived
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def count(self, path: str) -> int:
+        with self.lock:
+            return sum(1 for p in self.seen if p == path)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: Origin
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(30)
+        buf = b""
+        try:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                with self.server.lock:
+                    self.server.seen.append(path)
+                if path.startswith("/slow"):
+                    time.sleep(SLOW)
+                body = f"answer to {path}\n".encode()
+                sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        except OSError:
+            return
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    with Stack() as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def origin() -> Iterator[Origin]:
+    server = Origin()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _curl(stack: Stack, user: str, *urls: str) -> subprocess.Popen:
+    """curl through the proxy as `user`, every URL on one client connection; prints each status."""
+    cmd = ["curl", "-s", "--max-time", "10", "-x", f"http://{user}:x@127.0.0.1:{stack.ports['http-proxy']}"]
+    for url in urls:
+        cmd += ["-o", "/dev/null", "-w", "%{http_code}\n", url]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _transactions(stack: Stack, container: str) -> list[dict]:
+    return stack.get("/api/transactions", params={"container": container, "limit": 100}).json()["items"]
+
+
+@pytest.mark.parametrize("kept", ["same client connection", "parked upstream"])
+def test_a_request_whose_rule_is_revoked_while_it_waits_is_never_sent_again(
+    stack: Stack, origin: Origin, kept: str
+) -> None:
+    """The rule that let a request through is turned to deny while the origin takes its time: the
+    proxy closes both connections (SPEC §2.4). That close must not read as a kept upstream connection
+    the origin dropped (which a GET is sent again for, on a new connection): the request would leave
+    a second time after the deny, and be recorded `200 allowed` for a client that got nothing."""
+    user = "revoked-" + kept.split()[0]
+    base = f"http://localhost:{origin.port}"  # a name: the address guard does not stop the resend
+    rule = add_rule(
+        stack, container_pattern=user, destination_pattern="localhost", port_pattern=str(origin.port), action="allow"
+    )
+    slow = f"/slow-{user}"
+    if kept == "same client connection":
+        curl = _curl(stack, user, base + "/warm", base + slow)
+    else:  # the first request's upstream connection is parked, the second client connection takes it
+        first = _curl(stack, user, base + "/warm")
+        assert first.communicate(timeout=15)[0].split() == ["200"]
+        curl = _curl(stack, user, base + slow)
+    wait_for(lambda: origin.count(slow) == 1, 10, message="the origin got the request")
+    r = stack.request("PUT", f"/api/rules/{rule['id']}", json={"action": "deny"})
+    assert r.status_code == 200, r.text
+    out, _ = curl.communicate(timeout=15)
+    # No answer on that connection (curl, whose kept connection died, tries once more on a new one:
+    # refused by the rule now).
+    assert out.split()[-1] in ("000", "403"), out
+    time.sleep(SLOW + 0.5)  # a resent request would have been answered by now
+    assert origin.count(slow) == 1, origin.seen
+
+    def slow_records() -> list[dict] | None:
+        rows = [t for t in _transactions(stack, user) if t["url"].endswith(slow)]
+        return rows if any(t["result"] == "allowed" for t in rows) else None
+
+    rows = wait_for(slow_records, 10, message="the record of the revoked request")
+    assert not [t for t in rows if t["status_code"] == 200 or t["response_body_size"]], rows
+    revoked = [t for t in rows if t["result"] == "allowed"]
+    assert len(revoked) == 1 and revoked[0]["error"], rows
+    assert "upstream" not in revoked[0]["error"], revoked  # not the origin's fault
