@@ -323,15 +323,13 @@ class Exchange:
     def _unanswered(self) -> None:
         """The upstream closed without a byte of answer."""
         head = self.head
-        if self.client.closed:
-            # Nobody is left to answer: the client left, or the proxy closed both connections (a
-            # rule that allowed them revoked, an identity rotated). Not the origin's fault, and
-            # never sent again: after a revocation the request must not leave a second time.
-            self.error = "the client connection closed before the answer came"
-            self._to(FAILED)
-            return None
+        # Nobody is left to answer when the client connection closed: the client left, or the proxy
+        # closed both connections (a rule that allowed them revoked, an identity rotated). Then the
+        # request is never sent again: after a revocation it must not leave a second time.
+        gone = self.client.closed
         if (
-            self.reused
+            not gone
+            and self.reused
             and self._body is None
             and not self._body_sent
             and not self._interim_seen
@@ -342,12 +340,29 @@ class Exchange:
         exc = body_error(self._body)
         if isinstance(exc, http1.HttpError):  # the client's body was malformed (it aborted the upstream)
             return self._fail(exc.status, str(exc), reason=exc.reason, client_fault=True)
-        if exc is None:
-            return self._fail(502, "upstream closed the connection without answering")
-        # The client went away (or stalled) in the middle of its body: nobody left to answer.
-        self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
-        self._to(FAILED)
-        return None
+        if exc is not None and (gone or self.client.eof or isinstance(exc, TimeoutError)):
+            # The client went away (or stalled) in the middle of its body: nobody left to answer.
+            self.error = self._body_failure(exc)
+            self._to(FAILED)
+            return None
+        if gone:  # not the origin's fault
+            self.error = "the client connection closed before the answer came"
+            self._to(FAILED)
+            return None
+        # (A body relay that failed because the upstream closed under it is the origin's doing too.)
+        return self._fail(502, "upstream closed the connection without answering")
+
+    def _body_failure(self, exc: BaseException) -> str:
+        """Why the request body did not all reach the upstream, saying whose doing it was."""
+        if isinstance(exc, TimeoutError):
+            why = "the client stalled in the middle of it"
+        elif self.client.eof or self.client.closed:
+            why = "the client closed its connection in the middle of it"
+        elif self.upstream.closed:
+            why = "the upstream closed its connection in the middle of it"
+        else:
+            why = str(exc) or type(exc).__name__
+        return f"the request body did not arrive: {why}"
 
     def _fail(self, status: int, text: str, reason: str | None = None, client_fault: bool = False) -> None:
         """Answer the client with an error of ours; its connection stays open when its request was
@@ -459,7 +474,7 @@ class Exchange:
         try:
             await asyncio.wait_for(self._body, self.limits.idle_timeout)  # type: ignore[arg-type]
         except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
-            self.error = f"the request body did not arrive: {exc or type(exc).__name__}"
+            self.error = self._body_failure(exc)
             self._owed = True
 
     def _done(self, resp: http1.ResponseHead) -> None:

@@ -13,6 +13,7 @@ the proxy once, twice or never.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import socketserver
@@ -69,10 +70,33 @@ class _Handler(socketserver.BaseRequestHandler):
                     self.server.seen.append(path)
                 if path.startswith("/slow"):
                     time.sleep(SLOW)
+                length = _content_length(head)
+                if path.startswith("/half-then-close"):  # reads half the request body, then hangs up
+                    while len(buf) < length // 2:
+                        data = sock.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    sock.close()
+                    return
+                while len(buf) < length:  # the request body, read in full
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                buf = buf[length:]
                 body = f"answer to {path}\n".encode()
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         except OSError:
             return
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +165,42 @@ def test_a_request_whose_rule_is_revoked_while_it_waits_is_never_sent_again(
     revoked = [t for t in rows if t["result"] == "allowed"]
     assert len(revoked) == 1 and revoked[0]["error"], rows
     assert "upstream" not in revoked[0]["error"], revoked  # not the origin's fault
+
+
+@pytest.fixture(scope="module")
+def upload(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("upload") / "body.bin"
+    path.write_bytes(os.urandom(8 << 20))
+    return str(path)
+
+
+def test_an_upload_cut_short_says_whose_doing_it_was(stack: Stack, origin: Origin, upload: str) -> None:
+    """curl uploads 8 MiB. When curl gives up half way (--max-time), the record says the client
+    closed its connection in the middle of the body (it said 'the request body did not arrive: '
+    with no reason); when the origin hangs up half way, curl gets a 502 and the record blames the
+    upstream (it could also end with no answer at all, depending on which side noticed first)."""
+    proxy = f"http://cut-upload:x@127.0.0.1:{stack.ports['http-proxy']}"
+    base = f"http://{HOST}:{origin.port}"
+    add_rule(stack, container_pattern="cut-upload", destination_pattern=HOST, port_pattern="*", action="allow")
+    slow = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", "--limit-rate", "1M", "-H",
+         "Expect:", "-x", proxy, "--data-binary", "@" + upload, base + "/sink"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert slow.stdout == "000" and slow.returncode == 28  # curl's own timeout
+    cut = subprocess.run(
+        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-H", "Expect:", "-x", proxy,
+         "--data-binary", "@" + upload, base + "/half-then-close"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert cut.stdout == "502", (cut.stdout, cut.stderr)
+
+    def records() -> dict[str, dict] | None:
+        rows = {t["url"].rsplit("/", 1)[1]: t for t in _transactions(stack, "cut-upload")}
+        return rows if {"sink", "half-then-close"} <= rows.keys() else None
+
+    rows = wait_for(records, 10, message="both records")
+    sink, half = rows["sink"], rows["half-then-close"]
+    assert sink["error"] == "the request body did not arrive: the client closed its connection in the middle of it"
+    assert sink["status_code"] is None and 0 < sink["request_body_size"] < 8 << 20, sink
+    assert half["status_code"] == 502 and half["error"] == "upstream closed the connection without answering", half
