@@ -118,6 +118,7 @@ class Exchange:
         "_owed",
         "_reader",
         "_body_sent",
+        "_body_bytes",
     )
 
     def __init__(
@@ -147,6 +148,7 @@ class Exchange:
         self._owed = False  # the request body is still owed when the answer is complete
         self._reader: http1.BodyReader | None = None  # the response body's rest, when `step` sent the head
         self._body_sent = False  # the request body went out with the head (`send`)
+        self._body_bytes = 0  # request body bytes the background relay has passed on (its progress)
 
     def _to(self, state: State) -> None:
         if state not in TRANSITIONS[self.state]:
@@ -175,7 +177,14 @@ class Exchange:
         self.upstream.write(request)
         self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=t.req_sink() if t is not None else None)
+            sink = t.req_sink() if t is not None else None
+
+            def counted(data: bytes | memoryview) -> None:
+                self._body_bytes += len(data)
+                if sink is not None:
+                    sink(data)
+
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=counted)
             self._body = start_body(self.client, self.upstream, reader, self.limits.idle_timeout)
 
     def step(self) -> bool:
@@ -261,10 +270,18 @@ class Exchange:
                 await self._relay_response_body(self._reader, drain=True)
                 if self.state is SEND_RESPONSE:
                     self._done(self.final)  # type: ignore[arg-type]
+            progress = 0  # the request body's bytes relayed when the upstream's deadline last came
             while self.state is AWAIT_RESPONSE:
                 try:
                     got = await read_head(upstream, limits, parse, limits.idle_timeout)
                 except asyncio.TimeoutError:
+                    body = self._body
+                    if body is not None and not body.done() and self._body_bytes != progress:
+                        # The request body is still on its way (an upload longer than idle_timeout;
+                        # its relay has its own deadline for the client): an origin answers once it
+                        # has it, so its deadline runs again from here.
+                        progress = self._body_bytes
+                        continue
                     self._fail(504, "the upstream did not answer in time")
                     break
                 except http1.UpstreamError as exc:

@@ -13,6 +13,7 @@ the proxy once, twice or never.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -71,6 +72,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 if path.startswith("/slow"):
                     time.sleep(SLOW)
                 length = _content_length(head)
+                if path.startswith("/stuck"):  # reads nothing more, answers nothing
+                    time.sleep(30)
+                    return
                 if path.startswith("/half-then-close"):  # reads half the request body, then hangs up
                     while len(buf) < length // 2:
                         data = sock.recv(65536)
@@ -84,8 +88,10 @@ class _Handler(socketserver.BaseRequestHandler):
                     if not data:
                         return
                     buf += data
-                buf = buf[length:]
+                received, buf = buf[:length], buf[length:]
                 body = f"answer to {path}\n".encode()
+                if path.startswith("/sha256"):
+                    body = hashlib.sha256(received).hexdigest().encode()
                 sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         except OSError:
             return
@@ -204,3 +210,32 @@ def test_an_upload_cut_short_says_whose_doing_it_was(stack: Stack, origin: Origi
     assert sink["error"] == "the request body did not arrive: the client closed its connection in the middle of it"
     assert sink["status_code"] is None and 0 < sink["request_body_size"] < 8 << 20, sink
     assert half["status_code"] == 502 and half["error"] == "upstream closed the connection without answering", half
+
+
+def test_an_upload_longer_than_the_idle_timeout_is_not_cut_with_a_504(make_stack, origin: Origin, upload: str) -> None:
+    """The origin's answer was awaited from the moment the request head went out: an upload still
+    flowing after `proxy.idleTimeout` (600 s by default: a 10-minute upload) got `504 the upstream did
+    not answer in time` in the middle of its body, on the forward path and inside a tunnel alike. Its
+    deadline now runs again while the body moves; an origin that stops reading it still gets its 504."""
+    idle = 1.0
+    stack = make_stack(proxy={"idleTimeout": idle})
+    add_rule(stack, container_pattern="*", destination_pattern=HOST, port_pattern="*", action="allow")
+    base = f"http://{HOST}:{origin.port}"
+    want = hashlib.sha256(open(upload, "rb").read()).hexdigest()
+    for tunnel in ([], ["-p"]):
+        t0 = time.monotonic()
+        out = subprocess.run(
+            ["curl", "-s", *tunnel, "-w", " %{http_code}", "--max-time", "20", "--limit-rate", "3M", "-H", "Expect:",
+             "-x", stack.http_proxy_url, "--data-binary", "@" + upload, base + "/sha256"],
+            capture_output=True, text=True, timeout=30,
+        ).stdout  # fmt: skip
+        assert time.monotonic() - t0 > 2 * idle  # the upload outlasted the idle timeout
+        assert out == f"{want} 200", (tunnel, out)
+    t0 = time.monotonic()
+    out = subprocess.run(
+        ["curl", "-s", "-w", " %{http_code}", "--max-time", "20", "-H", "Expect:", "-x", stack.http_proxy_url,
+         "--data-binary", "@" + upload, base + "/stuck"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout  # fmt: skip
+    assert out.endswith(" 504") and "did not answer in time" in out, out
+    assert time.monotonic() - t0 < 4 * idle + 3
