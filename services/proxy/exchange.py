@@ -231,7 +231,7 @@ class Exchange:
             if data:
                 client.write(data)
                 if client.closed:  # what relay_body's drain says
-                    self._cut_off("the client went away during the response")
+                    self._cut_off(self._client_gone("during the response"))
                     self._end()
                     return True
             if done:
@@ -243,7 +243,7 @@ class Exchange:
                 self._done(self.final)  # type: ignore[arg-type]
             else:
                 self._cut_off(
-                    "the client went away during the response"
+                    self._client_gone("during the response")
                     if client.closed
                     else "the upstream closed before the response body ended"
                 )
@@ -363,11 +363,20 @@ class Exchange:
             self._to(FAILED)
             return None
         if gone:  # not the origin's fault
-            self.error = "the client connection closed before the answer came"
+            self.error = self._client_gone("before the answer came")
             self._to(FAILED)
             return None
         # (A body relay that failed because the upstream closed under it is the origin's doing too.)
         return self._fail(502, "upstream closed the connection without answering")
+
+    def _client_gone(self, when: str) -> str:
+        """Why the client's connection is closed. With the upstream closed too, Greyproxy may have
+        closed both (a rule that allowed them revoked, an identity rotated: gate.close_revoked,
+        close_identities abort both at once), which the connections alone cannot tell from a client
+        that reset its connection: the record says both."""
+        if self.upstream.closed:
+            return f"the client connection closed {when} (the client left, or Greyproxy closed both: a rule or identity revoked)"
+        return f"the client went away {when}"
 
     def _body_failure(self, exc: BaseException) -> str:
         """Why the request body did not all reach the upstream, saying whose doing it was."""
@@ -479,7 +488,7 @@ class Exchange:
             self._cut_off("the upstream stalled in the middle of the response body")
         except ConnClosed:
             self._cut_off(
-                "the client went away during the response"
+                self._client_gone("during the response")
                 if client.closed
                 else "the upstream closed before the response body ended"
             )

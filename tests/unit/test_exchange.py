@@ -296,7 +296,7 @@ def test_an_upstream_closed_after_the_client_left_is_neither_resent_nor_the_orig
         ex, client, _up = await _play(GET, None, reused=reused, end_upstream=True, client_gone=True, journal=journal)
         assert ex.state is FAILED and not ex.client_keep and client.written == b""
         rec = _record(journal)
-        assert rec["status_code"] is None and rec["error"] == "the client connection closed before the answer came"
+        assert rec["status_code"] is None and rec["error"] == "the client went away before the answer came"
 
     asyncio.run(main())
 
