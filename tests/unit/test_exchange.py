@@ -301,10 +301,12 @@ def test_an_upstream_closed_after_the_client_left_is_neither_resent_nor_the_orig
     asyncio.run(main())
 
 
-def test_a_request_body_the_client_never_finishes_is_recorded_as_its_doing() -> None:
-    """The client sends half its body, then closes: the body relay fails and aborts the upstream;
-    the record says what the client did (it once said only 'the request body did not arrive: ',
-    with an empty reason), and the origin is not blamed."""
+@pytest.mark.parametrize("client_does", ["closes", "stalls"])
+def test_a_request_body_the_client_never_finishes_is_recorded_as_its_doing(client_does: str) -> None:
+    """The client sends half its body, then closes (or goes quiet past idle_timeout): the body relay
+    fails and aborts the upstream; the record says what the client did (it once said only 'the
+    request body did not arrive: ', with an empty reason; a stall was the upstream's 504), and the
+    origin is not blamed."""
 
     async def main() -> None:
         journal = FakeJournal()
@@ -314,11 +316,12 @@ def test_a_request_body_the_client_never_finishes_is_recorded_as_its_doing() -> 
         client.feed(b"hello")
         t = Recorder(journal).txn("agent", "http://origin.test", head.host, head.port, head, 1)  # type: ignore[arg-type]
         ex = Exchange(client, upstream, head, LIMITS, t)
-        asyncio.get_running_loop().call_later(0.05, client.end)
+        if client_does == "closes":
+            asyncio.get_running_loop().call_later(0.05, client.end)
         await asyncio.wait_for(ex.run(head.render_upstream("1.1")), 5)
         assert ex.state is FAILED and not ex.client_keep and upstream.aborted and client.written == b""
-        what = "the client closed its connection in the middle of it"
-        assert _record(journal)["error"] == f"the request body did not arrive: {what}"
+        what = "closed its connection" if client_does == "closes" else "stalled"
+        assert _record(journal)["error"] == f"the request body did not arrive: the client {what} in the middle of it"
 
     asyncio.run(main())
 
