@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -15,6 +16,15 @@ log = logging.getLogger("greyproxy.store")
 
 # Every model binds to this proxy; open_database() points it at the real file.
 database = peewee.DatabaseProxy()
+
+# Binding a None or a bytes value costs Python 3.11's sqlite3 an AttributeError built and thrown away
+# per value: it looks the value's type up in the adapter registry, then `__adapt__` on its protocol
+# type, whose failed look-up formats the message (433 ns per None bound against 91 for an int; the
+# recorder binds 13 None values per proxied request: 11 of a transaction row, 2 of a log row). A
+# type in the registry is adapted at once: {}.get(None) gives None back, bytes(b) gives b itself, both
+# C calls (183 and 448 ns against 433 and 794). The values bound are the same (NULL, the BLOB).
+sqlite3.register_adapter(type(None), {}.get)
+sqlite3.register_adapter(bytes, bytes)
 
 # The -wal's pages a committing connection checkpoints past (SQLite's automatic checkpoint, which
 # runs inside that COMMIT). Maintenance checkpoints the -wal every `database.checkpointInterval`
