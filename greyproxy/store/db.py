@@ -23,7 +23,7 @@ database = peewee.DatabaseProxy()
 # recorder binds 13 None values per proxied request: 11 of a transaction row, 2 of a log row). A
 # type in the registry is adapted at once: {}.get(None) gives None back, bytes(b) gives b itself, both
 # C calls (183 and 448 ns against 433 and 794). The values bound are the same (NULL, the BLOB).
-sqlite3.register_adapter(type(None), {}.get)
+sqlite3.register_adapter(type(None), {}.get)  # type: ignore[arg-type]  # dict.get: overloaded
 sqlite3.register_adapter(bytes, bytes)
 
 # The -wal's pages a committing connection checkpoints past (SQLite's automatic checkpoint, which
