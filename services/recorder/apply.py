@@ -380,17 +380,12 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     """The records not applied before (nor earlier in this batch), now marked applied: per writer,
     one look-up of the ranges overlapping the batch's and one range per run of consecutive
     sequence numbers (extending the writer's last row when it continues it: journal_applied.mark_ranges)."""
-    writer_seq = journal_applied.writer_seq
-    by_writer: dict[str, list[int]] = {}
-    keys: list[tuple[str, int]] = []
-    for rec in records:
-        key = writer_seq(rec[0])
-        keys.append(key)
-        seqs = by_writer.get(key[0])
-        if seqs is None:
-            by_writer[key[0]] = [key[1]]
-        else:
-            seqs.append(key[1])
+    keys = journal_applied.writer_seqs([rec[0] for rec in records])
+    writers = list(dict.fromkeys(map(itemgetter(0), keys)))  # in order of appearance
+    if len(writers) == 1:  # one proxy (or worker) per batch: no grouping
+        by_writer = {writers[0]: list(map(itemgetter(1), keys))}
+    else:  # a few writers (proxy workers) coalesced: a pass each
+        by_writer = {w: [s for x, s in keys if x == w] for w in writers}
     applied: set[tuple[str, int]] = set()
     for writer, seqs in by_writer.items():
         lo, hi = min(seqs), max(seqs)
@@ -419,6 +414,9 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     marks = []
     for writer, seqs in new_seqs.items():
         seqs = sorted(seqs)
+        if seqs[-1] - seqs[0] + 1 == len(seqs):  # consecutive (no id twice here): one range
+            marks.append((writer, seqs[0], seqs[-1], now))
+            continue
         start = prev = seqs[0]
         for s in seqs[1:]:
             if s != prev + 1:
