@@ -181,9 +181,9 @@ WAL_RESTART_WAIT_MS = 50  # how long the second step may hold the recorder back 
 class WalCheckpointer:
     """Maintenance's checkpoint of the -wal, every `database.checkpointInterval` seconds, so that the
     recorder's COMMITs do not run SQLite's automatic checkpoint (it did, every 1 000 pages: copying the
-    pages to the database file and syncing it, ~1.2 µs CPU a request; bench/results.md, s6-c). The
-    recorder's `wal_autocheckpoint` (`database.walAutocheckpoint`, 4 000 pages) stays as the bound
-    when maintenance is down or behind.
+    pages to the database file and syncing it, ~0.8 µs CPU a request and the wait for the sync;
+    bench/results.md, s6-c). The recorder's `wal_autocheckpoint` (`database.walAutocheckpoint`, 4 000
+    pages) stays as the bound when maintenance is down or behind.
 
     One `run()`: nothing when the -wal is unchanged since the last one (its mtime and size: idle costs a
     stat). Else a PASSIVE checkpoint copies the -wal's pages into the database file without holding
