@@ -152,12 +152,13 @@ def decode(body: bytes) -> list[Any]:
     return [(str(r[0]), str(r[1]), r[2]) for r in b["r"]]
 
 
-def checkpointer(path: str, every: float, stop: Any) -> None:
+def checkpointer(path: str, every: float, stop: Any, ready: Any) -> None:
     """Maintenance's checkpoints of the -wal (a process of its own, as in the stack)."""
     from services.maintenance.jobs import WalCheckpointer
 
     conn = sqlite3.connect(path, isolation_level=None, timeout=10)
     wal = WalCheckpointer(conn)
+    ready.set()
     while not stop.wait(every):
         wal.run()
     conn.close()
@@ -174,10 +175,12 @@ def start_checkpointer(path: Path, every: float) -> Any:
 
     if not hasattr(jobs, "WalCheckpointer"):
         return None
-    ctx = multiprocessing.get_context("fork")
-    stop = ctx.Event()
-    proc = ctx.Process(target=checkpointer, args=(str(path), every, stop), daemon=True)
+    ctx = multiprocessing.get_context("spawn")  # fork would leave the parent copy-on-write faults to pay
+    stop, ready = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=checkpointer, args=(str(path), every, stop, ready), daemon=True)
     proc.start()
+    if not ready.wait(30):
+        raise RuntimeError("the checkpointer process did not start")
     return proc, stop
 
 
