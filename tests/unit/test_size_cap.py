@@ -176,6 +176,20 @@ def test_config_key(tmp_path: Path) -> None:
     assert load_config(good).section("retention")["maxDatabaseMiB"] == 100
 
 
+def test_database_checkpoint_settings(tmp_path: Path) -> None:
+    """database.checkpointInterval: seconds, 0 = off; database.walAutocheckpoint: pages, > 0 (0 would
+    leave the -wal unbounded whenever maintenance is down)."""
+    assert load_config(None).section("database") == {"checkpointInterval": 0.5, "walAutocheckpoint": WAL_AUTOCHECKPOINT}
+    for key, bad in (("checkpointInterval", "-1"), ("walAutocheckpoint", "0"), ("walAutocheckpoint", "1.5")):
+        cfg = tmp_path / f"c{key}{bad}.yaml"
+        cfg.write_text(f"database:\n  {key}: {bad}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_config(cfg)
+    good = tmp_path / "g.yaml"
+    good.write_text("database:\n  checkpointInterval: 0\n  walAutocheckpoint: 500\n")
+    assert load_config(good).section("database") == {"checkpointInterval": 0, "walAutocheckpoint": 500}
+
+
 def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> None:
     """A TEXT body with NULL codec (what every row stored before this version is) reads as that text
     through the API's lookup and the HAR export, next to a new BLOB row."""
