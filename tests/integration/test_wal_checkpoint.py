@@ -32,7 +32,7 @@ pytestmark = pytest.mark.stack
 INTERVAL = 0.5  # database.checkpointInterval (its default)
 BOUND = 4000  # database.walAutocheckpoint, pages (its default)
 PER_TICK, TICK = 400, 0.02  # 20 000 records/s: ~2 400 -wal pages/s (0.12 a log record), ~1 200 per interval
-PHASE_SECONDS = 5.0  # per phase ~12 000 pages: three times the bound
+PHASE_RECORDS = 100_000  # per phase (5 s at that pace): ~12 000 pages, three times the bound
 CONTAINER = "walc"
 HEADER, FRAME = 32, 4096 + 24  # the -wal's header and one frame (page + its header) at 4 KiB pages
 
@@ -76,15 +76,14 @@ class ApiReader(threading.Thread):
                 time.sleep(0.02)
 
 
-async def push(endpoint: str, start: int, seconds: float) -> int:
-    """PER_TICK log records every TICK for `seconds`, then until all are committed; how many."""
+async def push(endpoint: str, start: int, count: int) -> int:
+    """`count` log records, PER_TICK every TICK, then until all are committed; how many."""
     ctx = zmq.asyncio.Context()
     writer = JournalWriter(endpoint, ctx=ctx)
     task = asyncio.create_task(writer.run())
     n = start
     try:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < seconds:
+        while n < start + count:
             for _ in range(PER_TICK):
                 writer.append(
                     records.LOG,
@@ -138,11 +137,11 @@ def test_wal_stays_bounded_with_maintenance_running_and_stopped(short_tmp: Path,
     #    checkpoint alone would not do: the recorder commits during it, the -wal never starts over.
     watcher = WalWatcher(wal)
     watcher.start()
-    n1 = asyncio.run(push(bus["journal"], 0, PHASE_SECONDS))
+    n1 = asyncio.run(push(bus["journal"], 0, PHASE_RECORDS))
     watcher.stop.set()
     watcher.join()
     ckpt = (maintenance_stats() or {}).get("checkpoints")
-    assert ckpt and ckpt["runs"] >= PHASE_SECONDS / INTERVAL / 2, (ckpt, logs())
+    assert ckpt and ckpt["runs"] >= PHASE_RECORDS / (PER_TICK / TICK) / INTERVAL / 2, (ckpt, logs())
     print(f"\nmaintenance running: {n1} records, -wal at most {watcher.max_pages} pages, checkpoints {ckpt}")
     assert watcher.max_pages <= 0.6 * BOUND, f"-wal reached {watcher.max_pages} pages with maintenance running"
 
@@ -150,13 +149,13 @@ def test_wal_stays_bounded_with_maintenance_running_and_stopped(short_tmp: Path,
     assert procs["maintenance"].stop() == 0, logs()
     watcher = WalWatcher(wal)
     watcher.start()
-    n2 = asyncio.run(push(bus["journal"], n1, PHASE_SECONDS))
+    n2 = asyncio.run(push(bus["journal"], n1, PHASE_RECORDS))
     watcher.stop.set()
     watcher.join()
     written = n2 * 0.1  # pages the phase wrote at least (0.12 per record measured)
     print(f"maintenance stopped: {n2} records, -wal at most {watcher.max_pages} pages")
     assert written > 2 * BOUND, "the phase wrote too little to test the bound"
-    assert BOUND * 0.8 <= watcher.max_pages <= BOUND + 300, (
+    assert BOUND * 0.8 <= watcher.max_pages <= BOUND + 600, (  # + a few batches a reader held it up
         f"-wal reached {watcher.max_pages} pages with maintenance stopped (bound {BOUND}, ~{written:.0f} written)"
     )
 
