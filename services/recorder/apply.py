@@ -153,7 +153,6 @@ def _apply_log(cur: sqlite3.Cursor, data: list[Any] | dict[str, Any], events: li
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    now = time.time()
     apply_run(
         cur,
         run,
@@ -161,7 +160,7 @@ def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) 
         "logs",
         logs.INSERT,
         LOG_COLUMNS,
-        lambda d: _log_params(d, now),
+        _log_params,
         topics.LOG_NEW,
         _log_payload,
         _add_log_counts,
@@ -234,20 +233,21 @@ def apply_run(
     table: str,
     sql: str,
     cols: tuple[str, ...],
-    build: Callable[[Any], tuple | list],
+    build: Callable[[Any, float], tuple | list],
     topic: str,
     payload: Callable[[Row, Any], Any],
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
     lean: Lean | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data)` gives the row's values in `cols` order;
+    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order;
     `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
     published after the commit with the payload `payload(row, data)`, deferred (built only if
     someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
     the bad one is dropped."""
     try:
-        params = [build(data) for _rid, _kind, data in run]
+        now = time.time()
+        params = [build(data, now) for _rid, _kind, data in run]
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
         _apply_each(cur, run, events)
         return

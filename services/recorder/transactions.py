@@ -147,7 +147,6 @@ def apply_transaction(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Ev
 
 def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
     start = len(events)
-    now = time.time()
     apply_run(
         cur,
         run,
@@ -155,7 +154,7 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
         "http_transactions",
         table.INSERT,
         _COLUMNS,
-        lambda d: _params(d, now),
+        _params,
         topics.TRANSACTION_NEW,
         _payload,
         lean=LEAN,
