@@ -7,12 +7,16 @@ The request of `bench/cpu_split.py` (wrk's GET through the forward proxy, nginx'
 side decodes the journal batches as `JournalConsumer` does, applies them (`apply_records`, into a
 fresh database file) and publishes the batch's events with nobody subscribed (`publish_events`).
 
-    .venv/bin/python bench/record_cost.py [--requests N] [--batch R] [--runs K]
+    .venv/bin/python bench/record_cost.py [--requests N] [--batch R] [--runs K] [--checkpointer S]
     .venv/bin/python bench/record_cost.py --stack [--requests N]
 
 `--stack`: the same requests' records (built beforehand) pushed through the journal into a
 running stack's recorder with the proxy's JournalWriter, as bench/run.py's "journal → SQLite" row
 does with log records only: records/s (first send → last ack) and the recorder's CPU per request.
+
+`--checkpointer S`: another process checkpoints the database's -wal every S seconds as maintenance
+does (services/maintenance/jobs.py, WalCheckpointer; a tree without it: nothing), so that the
+recorder's COMMITs checkpoint only past `wal_autocheckpoint` pages, as in the stack.
 
 Run it in another tree to compare (cd there; PYTHONPATH=.): it adapts to the record API it finds.
 Figures: CPU time (`time.process_time`) per request, the minimum over the runs.
@@ -148,6 +152,38 @@ def decode(body: bytes) -> list[Any]:
     return [(str(r[0]), str(r[1]), r[2]) for r in b["r"]]
 
 
+def checkpointer(path: str, every: float, stop: Any, ready: Any) -> None:
+    """Maintenance's checkpoints of the -wal (a process of its own, as in the stack)."""
+    from services.maintenance.jobs import WalCheckpointer
+
+    conn = sqlite3.connect(path, isolation_level=None, timeout=10)
+    wal = WalCheckpointer(conn)
+    ready.set()
+    while not stop.wait(every):
+        wal.run()
+    conn.close()
+
+
+def start_checkpointer(path: Path, every: float) -> Any:
+    """The checkpointer process and its stop event, or None (off, or a tree without WalCheckpointer)."""
+    import importlib.util
+    import multiprocessing
+
+    if every <= 0 or importlib.util.find_spec("services.maintenance.jobs") is None:
+        return None
+    from services.maintenance import jobs
+
+    if not hasattr(jobs, "WalCheckpointer"):
+        return None
+    ctx = multiprocessing.get_context("spawn")  # fork would leave the parent copy-on-write faults to pay
+    stop, ready = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=checkpointer, args=(str(path), every, stop, ready), daemon=True)
+    proc.start()
+    if not ready.wait(30):
+        raise RuntimeError("the checkpointer process did not start")
+    return proc, stop
+
+
 def stack_drain(n: int) -> int:
     """Push n requests' records through a real stack's journal; print records/s and recorder CPU."""
     import zmq.asyncio
@@ -204,6 +240,9 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="cProfile the recorder side once")
     ap.add_argument("--parse", action="store_true", help="parse each response head in the proxy side's loop too")
+    ap.add_argument(
+        "--checkpointer", type=float, default=0, metavar="S", help="checkpoint the -wal every S s from another process"
+    )
     args = ap.parse_args()
     print(f"tree: {Path(greyproxy.__file__).resolve().parent.parent}")
     n = args.requests
@@ -228,6 +267,7 @@ def main() -> int:
         try:
             db = open_database(root / "greyproxy.db")
             conn = db.connection()
+            ckpt = start_checkpointer(root / "greyproxy.db", args.checkpointer)
             pub = Publisher()
             gc.collect()
             t_dec = t_apply = t_pub = 0.0
@@ -257,6 +297,9 @@ def main() -> int:
                 "SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)"
             ).fetchone()
             assert stored == (n, n), stored
+            if ckpt is not None:
+                ckpt[1].set()
+                ckpt[0].join(10)
             db.close()
         finally:
             shutil.rmtree(root, ignore_errors=True)

@@ -121,6 +121,7 @@ _SCHEMA: dict[str, Any] = {
     "mitm": {"bypass": [str], "upstreamCaFile": str},
     "capture": {"maxBodyBytes": int},
     "retention": {"days": _NUM, "maxDatabaseMiB": int},
+    "database": {"checkpointInterval": _NUM, "walAutocheckpoint": int},
     "credentials": {"requireHosts": bool},
 }
 
@@ -146,10 +147,11 @@ _POSITIVE = {
     "capture.maxBodyBytes",
     "retention.days",
     "retention.maxDatabaseMiB",
+    "database.walAutocheckpoint",
     "greyproxy.docker.cacheTTL",
 }
 
-_NON_NEGATIVE = {"proxy.upstreamPoolSize"}
+_NON_NEGATIVE = {"proxy.upstreamPoolSize", "database.checkpointInterval"}
 
 
 def default_config_text() -> str:

@@ -55,7 +55,7 @@ async def main(rt: ServiceRuntime) -> None:
         await asyncio.Event().wait()
         return
     ctx = make_context(rt)
-    await ctx.db(open_database, cfg.db_path)
+    await ctx.db(open_database, cfg.db_path, True, cfg.section("database")["walAutocheckpoint"])
     app = create_app(ctx)
     if ctx.credentials_key is not None:  # session.key made now when absent (SPEC §12.4)
         await ctx.db(ctx.credentials_key.start)

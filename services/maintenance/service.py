@@ -21,7 +21,7 @@ from greyproxy.timeutil import rfc3339
 
 from . import assembler  # noqa: F401 - registers the rebuild-conversations job
 from . import redact  # noqa: F401 - registers the redact-headers job
-from .jobs import CAP_HIGH_WATER, JOBS, JobState, over_cap
+from .jobs import CAP_HIGH_WATER, JOBS, JobState, WalCheckpointer, over_cap
 
 log = logging.getLogger("greyproxy.maintenance")
 
@@ -188,7 +188,9 @@ async def main(rt: ServiceRuntime) -> None:
     cfg = rt.cfg
     executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="maintenance")
     loop = asyncio.get_running_loop()
-    db = await loop.run_in_executor(executor, open_database, cfg.db_path)
+    db = await loop.run_in_executor(
+        executor, open_database, cfg.db_path, True, cfg.section("database")["walAutocheckpoint"]
+    )
     runner = JobRunner(rt, db, executor)
 
     def cap_opts() -> dict[str, Any]:
@@ -262,10 +264,31 @@ async def main(rt: ServiceRuntime) -> None:
                 await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing it may drop (other tables): not every 0.5 s
             await asyncio.sleep(CAP_CHECK_EVERY)
 
+    async def checkpoints() -> None:
+        """database.checkpointInterval: the -wal is checkpointed here rather than in the recorder's
+        COMMITs (jobs.WalCheckpointer), on a thread of its own so that no job holds it up."""
+        interval = float(cfg.section("database")["checkpointInterval"])
+        if interval <= 0:
+            return  # the writers' automatic checkpoint (database.walAutocheckpoint) does it alone
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maintenance-wal")
+        wal = await loop.run_in_executor(thread, lambda: WalCheckpointer(db.connection()))
+        rt.add_stats(lambda: {"checkpoints": wal.stats()})
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await loop.run_in_executor(thread, wal.run)
+            except Exception:
+                log.exception("checkpoint failed")  # the recorder's own checkpoint bounds the -wal meanwhile
+
     log.info("maintenance up: control %s", cfg.bus["maintenanceControl"])
     try:
         await asyncio.gather(
-            control.serve(), periodic(), conversations.serve(), sweep_sessions(rt, executor), size_cap()
+            control.serve(),
+            periodic(),
+            conversations.serve(),
+            sweep_sessions(rt, executor),
+            size_cap(),
+            checkpoints(),
         )
     finally:
         control.close()

@@ -153,7 +153,6 @@ def _apply_log(cur: sqlite3.Cursor, data: list[Any] | dict[str, Any], events: li
 
 
 def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) -> None:
-    now = time.time()
     apply_run(
         cur,
         run,
@@ -161,10 +160,11 @@ def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) 
         "logs",
         logs.INSERT,
         LOG_COLUMNS,
-        lambda d: _log_params(d, now),
+        _log_params,
         topics.LOG_NEW,
         _log_payload,
         _add_log_counts,
+        LOG_LEAN,
     )
 
 
@@ -233,25 +233,27 @@ def apply_run(
     table: str,
     sql: str,
     cols: tuple[str, ...],
-    build: Callable[[Any], tuple | list],
+    build: Callable[[Any, float], tuple | list],
     topic: str,
     payload: Callable[[Row, Any], Any],
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
+    lean: Lean | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data)` gives the row's values in `cols` order;
+    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order;
     `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
     published after the commit with the payload `payload(row, data)`, deferred (built only if
     someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
     the bad one is dropped."""
     try:
-        params = [build(data) for _rid, _kind, data in run]
+        now = time.time()
+        params = [build(data, now) for _rid, _kind, data in run]
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
         _apply_each(cur, run, events)
         return
     cur.execute("SAVEPOINT run")
     try:
-        ids = insert_run(cur, table, sql, params)
+        ids = insert_run(cur, table, sql, params, lean)
         if after is not None:
             after(cur, params)
         cur.execute("RELEASE run")
@@ -276,10 +278,39 @@ def _multi_row(sql: str, n: int) -> str:
     return head + sep + ", ".join([values] * n)
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[int]:
+class Lean:
+    """A table's one-row INSERT without the columns that are NULL in most rows: left out, they take
+    their default, NULL (`nullable` must name only columns whose default is NULL), so a row stores
+    the same. Binding a None costs Python 3.11's sqlite3 ~180 ns (greyproxy/store/db.py: its adapter
+    look-up), a transaction row has 11 of them: a statement of rows that all have those columns
+    NULL binds the others only. Whether they do is checked in C (itemgetter, tuple compare)."""
+
+    def __init__(self, table: str, cols: tuple[str, ...], nullable: tuple[str, ...]) -> None:
+        at = [cols.index(c) for c in nullable]
+        keep = [i for i in range(len(cols)) if i not in at]
+        assert len(at) >= 2 and len(keep) >= 2  # itemgetter of one index gives the value, not a tuple
+        self.nulls, self.none, self.keep = itemgetter(*at), (None,) * len(at), itemgetter(*keep)
+        self.sql = f"INSERT INTO {table} ({', '.join(cols[i] for i in keep)}) VALUES ({', '.join('?' * len(keep))})"
+
+    def fits(self, rows: list) -> bool:
+        """Every one of `rows` (value lists in `cols` order) has None in each `nullable` column."""
+        return all(map(self.none.__eq__, map(self.nulls, rows)))
+
+    def values(self, rows: list) -> list:
+        """The rows' values, the `nullable` columns left out, in one flat list."""
+        return list(chain.from_iterable(map(self.keep, rows)))
+
+
+# A log row names no resolved host (the destination was a name, or an address without one) and no
+# reason for not intercepting in most cases.
+LOG_LEAN = Lean("logs", LOG_COLUMNS, ("resolved_hostname", "mitm_skip_reason"))
+
+
+def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list, lean: Lean | None = None) -> list[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
     in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
-    next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted."""
+    next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
+    `lean`: the statement without the mostly-NULL columns, used for each statement whose rows fit it."""
 
     def seq() -> int:
         row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
@@ -288,13 +319,19 @@ def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[
     base = seq()
     i, total = 0, len(params)
     for size in MULTI_ROWS:
-        if total - i >= size:
-            stmt = _multi_row(sql, size)
-            while total - i >= size:
-                cur.execute(stmt, list(chain.from_iterable(params[i : i + size])))
-                i += size
+        while total - i >= size:
+            rows = params[i : i + size]
+            if lean is not None and lean.fits(rows):
+                cur.execute(_multi_row(lean.sql, size), lean.values(rows))
+            else:
+                cur.execute(_multi_row(sql, size), list(chain.from_iterable(rows)))
+            i += size
     if i < total:
-        cur.executemany(sql, params[i:])
+        rows = params[i:]
+        if lean is not None and lean.fits(rows):
+            cur.executemany(lean.sql, map(lean.keep, rows))
+        else:
+            cur.executemany(sql, rows)
     if seq() == base + total:
         return list(range(base + 1, base + total + 1))
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
@@ -343,17 +380,12 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     """The records not applied before (nor earlier in this batch), now marked applied: per writer,
     one look-up of the ranges overlapping the batch's and one range per run of consecutive
     sequence numbers (extending the writer's last row when it continues it: journal_applied.mark_ranges)."""
-    writer_seq = journal_applied.writer_seq
-    by_writer: dict[str, list[int]] = {}
-    keys: list[tuple[str, int]] = []
-    for rec in records:
-        key = writer_seq(rec[0])
-        keys.append(key)
-        seqs = by_writer.get(key[0])
-        if seqs is None:
-            by_writer[key[0]] = [key[1]]
-        else:
-            seqs.append(key[1])
+    keys = journal_applied.writer_seqs([rec[0] for rec in records])
+    writers = list(dict.fromkeys(map(itemgetter(0), keys)))  # in order of appearance
+    if len(writers) == 1:  # one proxy (or worker) per batch: no grouping
+        by_writer = {writers[0]: list(map(itemgetter(1), keys))}
+    else:  # a few writers (proxy workers) coalesced: a pass each
+        by_writer = {w: [s for x, s in keys if x == w] for w in writers}
     applied: set[tuple[str, int]] = set()
     for writer, seqs in by_writer.items():
         lo, hi = min(seqs), max(seqs)
@@ -382,6 +414,9 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     marks = []
     for writer, seqs in new_seqs.items():
         seqs = sorted(seqs)
+        if seqs[-1] - seqs[0] + 1 == len(seqs):  # consecutive (no id twice here): one range
+            marks.append((writer, seqs[0], seqs[-1], now))
+            continue
         start = prev = seqs[0]
         for s in seqs[1:]:
             if s != prev + 1:

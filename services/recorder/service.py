@@ -74,7 +74,11 @@ async def main(rt: ServiceRuntime) -> None:
     # One writer thread: SQLite has one writer anyway, and it keeps the event loop free.
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recorder-db")
     loop = asyncio.get_running_loop()
-    db = await loop.run_in_executor(writer, open_database, cfg.db_path)
+    # Its COMMITs checkpoint the -wal only past database.walAutocheckpoint pages: maintenance does it
+    # every database.checkpointInterval (services/maintenance/jobs.py, WalCheckpointer).
+    db = await loop.run_in_executor(
+        writer, open_database, cfg.db_path, True, cfg.section("database")["walAutocheckpoint"]
+    )
 
     batch_seconds = Histogram(BATCH_BUCKETS)  # GET /metrics: greyproxy_recorder_batch_seconds
 

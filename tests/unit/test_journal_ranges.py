@@ -39,6 +39,15 @@ def test_writer_seq_takes_canonical_hex_only() -> None:
         assert journal_applied.writer_seq(odd) == (odd, 0)
 
 
+def test_writer_seqs_is_writer_seq_of_each() -> None:
+    usual = [f"w{i % 2}-{i:x}" for i in range(300)] + ["a-b-0", "-1f"]
+    assert journal_applied.writer_seqs(usual) == [journal_applied.writer_seq(i) for i in usual]
+    for odd in ("w-0a", "w-A", "w-", "plain", "w-1_0", "w- 1", "w-0x1", "w-+1", "w-\u0661"):
+        ids = usual[:5] + [odd] + usual[5:9]
+        assert journal_applied.writer_seqs(ids) == [journal_applied.writer_seq(i) for i in ids], odd
+        assert journal_applied.writer_seqs(ids)[5] == (odd, 0)
+
+
 def test_batches_in_any_order_with_resends_apply_each_record_once(tmp_path: Path) -> None:
     """Two writers, batches cut differently on resend, later ones before earlier ones (a recorder
     restart while a batch was in flight), drops in the sequence (a full outbox): stored once each."""

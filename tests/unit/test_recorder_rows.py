@@ -98,3 +98,51 @@ def test_runs_store_the_rows_one_at_a_time_stores(tmp_path: Path) -> None:
             "session_id": None,
         }
     ]
+
+
+def test_rows_without_the_mostly_null_columns_store_the_same(tmp_path: Path) -> None:
+    """apply.Lean: statements whose rows all have the mostly-NULL columns NULL leave them out (their
+    default, NULL, is stored); a statement with one row that has any of them binds them all."""
+    from services.recorder.apply import LOG_LEAN
+    from services.recorder.transactions import LEAN
+
+    small = base64.b64encode(b'{"n": 1}').decode()
+    recs: list[tuple[str, str, Any]] = []
+    for i in range(53):  # 32 plain, 8 with one body among them, 8 plain, 5 plain (the executemany)
+        extra: dict[str, Any] = {"session_id": "s1"} if i == 35 else {}
+        if i == 36:
+            extra = {"response_body": small, "response_body_size": 8, "response_content_type": "text/plain"}
+        recs.append((f"w-{2 * i + 1:x}", "transaction", _tx(i, **extra)))
+        log = _log(i) + [2.5, "r", "tls-pinned" if i == 3 else None]
+        recs.append((f"w-{2 * i + 2:x}", "log", log))
+    db = open_database(tmp_path / "runs.db")
+    statements: list[str] = []
+    try:
+        conn = db.connection()
+        for table, lean in (("http_transactions", LEAN), ("logs", LOG_LEAN)):  # each left-out column defaults to NULL
+            defaults = {r[1]: r[4] for r in conn.execute(f"PRAGMA table_info({table})")}
+            left_out = set(defaults) - set(lean.sql.partition("(")[2].partition(")")[0].split(", ")) - {"id"}
+            assert left_out and all(defaults[c] is None for c in left_out), (table, left_out)
+        conn.set_trace_callback(statements.append)
+        apply_records(conn, recs)
+    finally:
+        db.close()
+    db = open_database(tmp_path / "each.db")
+    try:
+        for rec in recs:
+            apply_records(db.connection(), [rec])
+    finally:
+        db.close()
+    runs, each = _dump(tmp_path / "runs.db"), _dump(tmp_path / "each.db")
+    assert runs == each and len(runs["http_transactions"]) == 53
+    assert [[type(v) for v in r] for r in runs["http_transactions"]] == [
+        [type(v) for v in r] for r in each["http_transactions"]
+    ]
+    inserts = [s.partition(" VALUES ")[0] for s in statements if s.startswith("INSERT INTO http_transactions")]
+    head = LEAN.sql.partition(" VALUES ")[0]
+    # lean: the first 32, the 8 after the mixed 8, the 5 (executemany: a statement each)
+    assert inserts.count(head) == 7 and len(inserts) == 8, inserts
+    logs_ = [s.partition(" VALUES ")[0] for s in statements if s.startswith("INSERT INTO logs")]
+    assert logs_.count(LOG_LEAN.sql.partition(" VALUES ")[0]) == 7 and len(logs_) == 8, (
+        logs_
+    )  # row 3: the first 32 full

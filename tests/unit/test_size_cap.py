@@ -13,10 +13,12 @@ import pytest
 
 from greyproxy.config import ConfigError, load_config
 from greyproxy.store import open_database
+from greyproxy.store.db import WAL_AUTOCHECKPOINT
 from services.maintenance.jobs import (
     CAP_HIGH_WATER,
     CAP_LOW_WATER,
     MIB,
+    WalCheckpointer,
     _data_bytes,
     counted_bytes,
     over_cap,
@@ -141,8 +143,11 @@ def test_the_check_starts_at_the_high_water_mark(tmp_path: Path) -> None:
     assert not over_cap(conn, under / MIB)  # under 85 % of the cap: nothing
     assert over_cap(conn, over / MIB)  # just over 85 %, still under the cap itself
     assert counted_bytes(conn, over) < over
-    # a big cap keeps the -wal's full room: wal_autocheckpoint pages
-    assert wal_room(conn, 1 << 30) == 1000 * conn.execute("PRAGMA page_size").fetchone()[0]
+    # a big cap keeps the -wal's full room: wal_autocheckpoint pages (database.walAutocheckpoint)
+    assert wal_room(conn, 1 << 30) == WAL_AUTOCHECKPOINT * conn.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    db = open_database(tmp_path / "g.db", wal_autocheckpoint=500)
+    assert wal_room(db.connection(), 1 << 30) == 500 * db.connection().execute("PRAGMA page_size").fetchone()[0]
     db.close()
 
 
@@ -171,6 +176,20 @@ def test_config_key(tmp_path: Path) -> None:
     assert load_config(good).section("retention")["maxDatabaseMiB"] == 100
 
 
+def test_database_checkpoint_settings(tmp_path: Path) -> None:
+    """database.checkpointInterval: seconds, 0 = off; database.walAutocheckpoint: pages, > 0 (0 would
+    leave the -wal unbounded whenever maintenance is down)."""
+    assert load_config(None).section("database") == {"checkpointInterval": 0.5, "walAutocheckpoint": WAL_AUTOCHECKPOINT}
+    for key, bad in (("checkpointInterval", "-1"), ("walAutocheckpoint", "0"), ("walAutocheckpoint", "1.5")):
+        cfg = tmp_path / f"c{key}{bad}.yaml"
+        cfg.write_text(f"database:\n  {key}: {bad}\n")
+        with pytest.raises(ConfigError, match=key):
+            load_config(cfg)
+    good = tmp_path / "g.yaml"
+    good.write_text("database:\n  checkpointInterval: 0\n  walAutocheckpoint: 500\n")
+    assert load_config(good).section("database") == {"checkpointInterval": 0, "walAutocheckpoint": 500}
+
+
 def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> None:
     """A TEXT body with NULL codec (what every row stored before this version is) reads as that text
     through the API's lookup and the HAR export, next to a new BLOB row."""
@@ -196,4 +215,43 @@ def test_rows_stored_before_migration_6_read_as_their_text(tmp_path: Path) -> No
     assert (item["response_body"], item["response_body_encoding"]) == ("//4gYmluYXJ5", "base64")
     content = har.entry(new)["response"]["content"]
     assert content["text"] == "//4gYmluYXJ5" and content["encoding"] == "base64"
+    db.close()
+
+
+def test_maintenance_checkpoints_so_that_the_next_write_starts_the_wal_over(tmp_path: Path) -> None:
+    """A -wal started over is written from its beginning: its file, which keeps its size, does not grow."""
+    db = open_database(tmp_path / "g.db")
+    writer = db.connection()
+    size = lambda: os.path.getsize(tmp_path / "g.db-wal")  # noqa: E731
+    other = sqlite3.connect(tmp_path / "g.db", isolation_level=None, timeout=10)  # maintenance's connection
+    wal = WalCheckpointer(other)
+    assert wal.run() is True  # the migrations' pages
+    assert wal.run() is False  # unchanged since: a stat, no checkpoint
+    _fill(writer, 200, 2048, start=10_000)
+    high = size()
+    assert wal.run() is True and wal.busy == 0 and wal.last_pages > 100
+    assert wal.runs == 2 and wal.stats() == {"runs": 2, "busy": 0, "last_pages": wal.last_pages}
+    _fill(writer, 200, 2048, start=20_000)
+    assert size() < 1.1 * high  # written over from the beginning (a few pages more: the tree grew), not appended
+
+    # A reader on the -wal: the second step waits for it at most WAL_RESTART_WAIT_MS and gives up;
+    # the -wal grows until a run after the reader is done.
+    reader = sqlite3.connect(tmp_path / "g.db", isolation_level=None, timeout=10)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0] == 400
+    t0 = time.monotonic()
+    assert wal.run() is True and wal.busy == 1
+    assert time.monotonic() - t0 < 1
+    _fill(writer, 200, 2048, start=30_000)
+    assert size() > 1.8 * high  # appended: not started over
+    assert reader.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0] == 400  # still its snapshot
+    reader.execute("COMMIT")
+    high = size()
+    assert wal.run() is True and wal.busy == 1
+    _fill(writer, 200, 2048, start=40_000)
+    assert size() == high  # well within what it already had
+    assert writer.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0] == 800
+    assert reader.execute("SELECT COUNT(*) FROM http_transactions").fetchone()[0] == 800
+    reader.close()
+    other.close()
     db.close()
