@@ -42,14 +42,14 @@ sys.path.insert(0, str(BENCH))
 from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary  # noqa: E402
 from harness.origin import NginxOrigin  # noqa: E402
 from harness.procs import stop_all  # noqa: E402
-from harness.inproc import (
+from harness.inproc import (  # noqa: E402
     RESPONSE_CLOSE as RESPONSE,
     RESPONSE_KEPT,
     MemTransport,
     NullJournal,
     NullPublisher,
     compiled_note,
-)  # noqa: E402
+)
 
 LOADS = ("tunnels-splice", "tunnels", "newconn", "bare")
 CONNS = 20
