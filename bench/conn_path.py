@@ -42,7 +42,14 @@ sys.path.insert(0, str(BENCH))
 from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary  # noqa: E402
 from harness.origin import NginxOrigin  # noqa: E402
 from harness.procs import stop_all  # noqa: E402
-from harness.inproc import RESPONSE_CLOSE as RESPONSE, RESPONSE_KEPT, MemTransport, NullJournal, NullPublisher  # noqa: E402
+from harness.inproc import (  # noqa: E402
+    RESPONSE_CLOSE as RESPONSE,
+    RESPONSE_KEPT,
+    MemTransport,
+    NullJournal,
+    NullPublisher,
+    compiled_note,
+)
 
 LOADS = ("tunnels-splice", "tunnels", "newconn", "bare")
 CONNS = 20
@@ -302,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                 if profile is not None:
                     profile.dump_stats(args.profile)
             print(f"  {load:15s} {1e6 * best:6.1f} µs each (min of {args.rounds})")
+        print(f"  ({compiled_note()})")
         return 0
     tb = None
     if any(x != "newconn" for x in loads):
@@ -329,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                     profile.dump_stats(args.profile)
                 time.sleep(0.5)
             print(f"{load}: min {1e6 * best:.1f} µs")
+        print(f"({compiled_note()})")
     finally:
         origin.stop()
         stop_all()

@@ -26,7 +26,7 @@ from typing import Any
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness.inproc import RESPONSE_KEPT as RESPONSE, MemTransport, NullJournal, NullPublisher  # noqa: E402
+from harness.inproc import RESPONSE_KEPT as RESPONSE, MemTransport, NullJournal, NullPublisher, compiled_note  # noqa: E402
 
 REQUEST = b"GET http://127.0.0.1:8080/1k HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     base = min(uvloop.run(bare(args.requests)) for _ in range(args.rounds))
     print(
         f"{args.root}: request path {1e6 * path:.1f} µs/request, bare forwarder {1e6 * base:.1f} µs, "
-        f"difference {1e6 * (path - base):.1f} µs (record {'off' if args.no_record else 'on'})"
+        f"difference {1e6 * (path - base):.1f} µs (record {'off' if args.no_record else 'on'}; {compiled_note()})"
     )
     if args.functions:
         functions(args.rounds)

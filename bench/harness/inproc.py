@@ -22,6 +22,18 @@ RESPONSE_KEPT = (
 RESPONSE_CLOSE = RESPONSE_KEPT.replace(b"Connection: keep-alive", b"Connection: close")
 
 
+def compiled_note() -> str:
+    """How the proxy's hot modules ran (greyproxy/compiled.py), for a bench's result line."""
+    import sys
+
+    compiled = sys.modules.get("greyproxy.compiled")
+    if compiled is None:
+        return "pure Python (no greyproxy/compiled.py)"
+    state = compiled.status()
+    n = sum(s == "compiled" for s in state.values())
+    return f"compiled: {n} of {len(compiled.MODULES)} hot modules" if n else "pure Python"
+
+
 class NullJournal:
     """Encodes what it is given (as the real journal does on append) and keeps nothing."""
 

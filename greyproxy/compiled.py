@@ -1,0 +1,117 @@
+"""The proxy's hot modules compiled with Cython, loaded only while their .py is unchanged.
+
+`pip install` (editable or not) compiles the modules in `MODULES` from their unchanged .py files
+(Cython's pure-Python mode, see setup.py) into `greyproxy/_compiled/`, one file per module named
+after the module and the digest of the source it was compiled from:
+`services.proxy.http1.<digest>.cpython-311-x86_64-linux-gnu.so`. No extension module ever lies
+beside a .py, so Python's own import system never prefers one to the source.
+
+`install()` (run by each top-level package's `__init__`) puts `CompiledFinder` first on
+`sys.meta_path`. For a module that has compiled files it finds the .py the import would load,
+hashes it, and loads the compiled file only if one was built from exactly those bytes; otherwise
+the .py is imported as usual. So a developer who edits a .py runs the edit (as Python) at once;
+`make compile` compiles it again. The figures: bench/results.md, "s6-e".
+
+`GREYPROXY_PURE=1` runs everything as Python: for cProfile, py-spy and debuggers, which see no
+Python frames inside compiled functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec, PathFinder
+from importlib.util import spec_from_file_location
+from pathlib import Path
+from typing import Sequence
+
+# The modules compiled by setup.py: the request path's and the new connection's hot modules
+# (bench/proxy_path.py --functions, bench/conn_path.py --profile), all pure Python.
+MODULES = (
+    "services/proxy/http1.py",
+    "services/proxy/keepalive.py",
+    "services/proxy/exchange.py",
+    "services/proxy/gate.py",
+    "services/proxy/pipeline.py",
+    "services/proxy/conn.py",
+    "services/proxy/hooks.py",
+    "services/proxy/http_proxy.py",
+    "services/proxy/pool.py",
+    "services/proxy/context.py",
+    "services/proxy/upstream.py",
+    "services/proxy/tunnel.py",
+    "services/proxy/httpio.py",
+    "services/proxy/mitm.py",
+    "greyproxy/redaction.py",
+    "greyproxy/capture.py",
+    "greyproxy/metrics.py",
+    "bus/records.py",
+)
+
+DIRECTORY = Path(__file__).resolve().parent / "_compiled"
+SUFFIX = EXTENSION_SUFFIXES[0]  # this interpreter's ABI: '.cpython-311-x86_64-linux-gnu.so'
+
+
+def source_digest(source: bytes) -> str:
+    """The digest of a module's source that names its compiled file (setup.py uses it too)."""
+    return hashlib.sha256(source).hexdigest()[:16]
+
+
+def compiled_name(module: str, digest: str) -> str:
+    """`services.proxy.http1` + digest -> the compiled file's name in DIRECTORY."""
+    return f"{module}.{digest}{SUFFIX}"
+
+
+class CompiledFinder:
+    """A meta path finder: a module's compiled file if it was built from the .py found, else nothing."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.built: dict[str, set[str]] = {}  # module -> digests of the compiled files present
+        self.state: dict[str, str] = {}  # module -> "compiled" or "python (changed since compiled)"
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            names = []
+        for name in names:
+            if name.endswith(SUFFIX):
+                module, _, digest = name[: -len(SUFFIX)].rpartition(".")
+                self.built.setdefault(module, set()).add(digest)
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None = None, target: object = None) -> ModuleSpec | None:
+        digests = self.built.get(fullname)
+        if digests is None:
+            return None
+        spec = PathFinder.find_spec(fullname, path)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            return spec
+        try:
+            digest = source_digest(Path(spec.origin).read_bytes())
+        except OSError:
+            return spec
+        if digest not in digests:
+            self.state[fullname] = "python (changed since compiled)"
+            return spec
+        compiled = str(self.directory / compiled_name(fullname, digest))
+        self.state[fullname] = "compiled"
+        return spec_from_file_location(fullname, compiled, loader=ExtensionFileLoader(fullname, compiled))
+
+
+def install() -> None:
+    """Put the finder first on sys.meta_path (once per process); GREYPROXY_PURE=1 leaves it out."""
+    if os.environ.get("GREYPROXY_PURE", "") not in ("", "0"):
+        return
+    if any(isinstance(f, CompiledFinder) for f in sys.meta_path):
+        return
+    finder = CompiledFinder(DIRECTORY)
+    if finder.built:
+        sys.meta_path.insert(0, finder)
+
+
+def status() -> dict[str, str]:
+    """Each compiled-capable module imported so far: "compiled" or why it runs as Python."""
+    for finder in sys.meta_path:
+        if isinstance(finder, CompiledFinder):
+            return dict(finder.state)
+    return {}
