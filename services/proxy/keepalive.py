@@ -44,6 +44,7 @@ when it fires before the current deadline (or a deadline moves earlier).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Generator
 from time import monotonic
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,8 @@ if TYPE_CHECKING:
     from .gate import Verdict
     from .identities import IdentityGuard
     from .pipeline import Txn
+
+log = logging.getLogger("greyproxy.proxy")
 
 __all__ = [
     "END",
@@ -162,6 +165,7 @@ class KeptAlive:
         "deadlines",
         "_deadline",
         "_queue",
+        "_timeout",
     )
 
     def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn) -> None:
@@ -186,6 +190,7 @@ class KeptAlive:
         self.deadlines: Deadlines = ctx.deadlines
         self._deadline = 0.0  # the current wait's (loop time)
         self._queue: dict[KeptAlive, None] | None = None  # where `deadlines` keeps this cycle while it waits
+        self._timeout = 0.0  # the timeout of that queue
 
     # -- from accept --
     def begin(self, identity: str) -> None:
@@ -273,6 +278,12 @@ class KeptAlive:
     # -- deadlines --
     def _arm(self, timeout: float) -> None:
         """The current wait's deadline: `timeout` from now (`_on_timer` then)."""
+        q = self._queue
+        if q is not None and self._timeout == timeout:  # the usual case, inline: to the end of its queue
+            self._deadline = self.loop.time() + timeout
+            del q[self]
+            q[self] = None
+            return
         self.deadlines.arm(self, timeout)
 
     def _on_timer(self) -> None:
@@ -414,10 +425,13 @@ class KeptAlive:
         ids = ctx.identities
         if ids is not None and (head.proxy_user or client.claimed) and not self.quick(client, ids, name, head):
             return False  # a secret to verify (scrypt) or to refuse (407): the handler's check
-        if client.over_cap or (name != client.identity and ctx.per_client.get(name, 0) >= self.limits.max_per_client):
-            return False  # refused (503 / 429) by the handler's count
-        client.claim(name)  # counted (or already)
-        self.identity = name
+        if client.over_cap:
+            return False  # refused (503) by the handler's count
+        if name != client.identity:
+            if ctx.per_client.get(name, 0) >= self.limits.max_per_client:
+                return False  # refused (429) by the handler's count
+            client.claim(name)  # counted for it
+            self.identity = name
         return True
 
     def _request(self, head: http1.RequestHead) -> None:
@@ -505,7 +519,7 @@ class Deadlines:
         if old is not None:
             del old[cycle]
         q[cycle] = None
-        cycle._queue = q
+        cycle._queue, cycle._timeout = q, timeout
         if timeout not in self.timers:
             self.timers[timeout] = loop.call_at(deadline, self._fire, timeout, loop)
 
@@ -520,7 +534,10 @@ class Deadlines:
                 return
             del q[cycle]
             cycle._queue = None
-            cycle._on_timer()  # (it may wait again: at the end of a queue, with a later deadline)
+            try:
+                cycle._on_timer()  # (it may wait again: at the end of a queue, with a later deadline)
+            except Exception:  # one connection's failure leaves the others' deadlines standing
+                log.exception("request cycle deadline failed")
 
 
 def close_both(client: ClientConn, upstream: Conn) -> Callable[[], None]:
