@@ -1,8 +1,9 @@
 """The proxy's CPU per new connection, in process, over real loopback sockets.
 
-The proxy's HTTP listener (`context.start_listener` + `http_proxy.handle_http`, with the real gate,
-caps, identities off, the HTTPS interception hook and a log record encoded per connection as the
-journal would) runs on uvloop in this process; nginx is the origin; the load generator is a
+The proxy's HTTP listener (`context.start_listener` + `http_proxy.handle_http`, connections begun
+in their callbacks by `http_proxy.begin_http` as the service starts them when the tree has it, with
+the real gate, caps, identities off, the HTTPS interception hook and a log record encoded per
+connection as the journal would) runs on uvloop in this process; nginx is the origin; the load generator is a
 separate process:
 
 - `tunnels-splice`: bench/harness/tunnelbench.c (CONNECT, wait for the 200, one GET through the
