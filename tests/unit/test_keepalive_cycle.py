@@ -903,3 +903,33 @@ def test_a_connection_served_in_its_callbacks_leaves_no_reference_cycle() -> Non
         gc.garbage.clear()
         gc.enable()
     assert left == 0
+
+
+def test_waiting_connections_share_one_timer_and_each_keeps_its_deadline() -> None:
+    """Silent new connections opened one after another: one timer for their header deadline, and
+    each gets its 408 when its own deadline comes (not the first one's, not late)."""
+
+    async def main() -> None:
+        p = Proxy(Limits(idle_timeout=5.0, header_timeout=0.1), begin=True)
+        loop = asyncio.get_running_loop()
+        opened: list[tuple[float, Wire, ClientConn]] = []
+        for _ in range(3):
+            p.open()
+            p.start()
+            opened.append((loop.time(), p.wire, p.client))
+            await asyncio.sleep(0.03)
+        assert len(p.ctx.deadlines) == 3 and len(p.ctx.deadlines.timers) == 1
+        answered: dict[int, float] = {}
+        while len(answered) < 3 and loop.time() < opened[0][0] + 2:
+            for i, (_t, wire, _c) in enumerate(opened):
+                if i not in answered and wire.out:
+                    answered[i] = loop.time()
+            await asyncio.sleep(0.002)
+        for i, (t, wire, client) in enumerate(opened):
+            assert wire.out.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert t + 0.1 - 0.002 <= answered[i] <= t + 0.1 + 0.08, (i, answered[i] - t)
+            p.client = client
+            await p.ended()
+        assert len(p.ctx.deadlines) == 0 and p.ctx.active == 0
+
+    asyncio.run(main())
