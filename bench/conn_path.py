@@ -1,8 +1,9 @@
 """The proxy's CPU per new connection, in process, over real loopback sockets.
 
-The proxy's HTTP listener (`context.start_listener` + `http_proxy.handle_http`, with the real gate,
-caps, identities off, the HTTPS interception hook and a log record encoded per connection as the
-journal would) runs on uvloop in this process; nginx is the origin; the load generator is a
+The proxy's HTTP listener (`context.start_listener` + `http_proxy.handle_http`, connections begun
+in their callbacks by `http_proxy.begin_http` as the service starts them when the tree has it, with
+the real gate, caps, identities off, the HTTPS interception hook and a log record encoded per
+connection as the journal would) runs on uvloop in this process; nginx is the origin; the load generator is a
 separate process:
 
 - `tunnels-splice`: bench/harness/tunnelbench.c (CONNECT, wait for the 200, one GET through the
@@ -93,10 +94,13 @@ def proxy_context(mitm: bool, tmp: Path) -> Any:
 
 
 async def proxy_listener(mitm: bool, tmp: Path) -> asyncio.AbstractServer:
+    from services.proxy import http_proxy
     from services.proxy.context import start_listener
-    from services.proxy.http_proxy import handle_http
 
-    return await start_listener(proxy_context(mitm, tmp), "127.0.0.1", 0, handle_http)
+    # As the service starts it (a tree from before `begin_http`: the handler's task at accept).
+    begin = getattr(http_proxy, "begin_http", None)
+    extra = {"begin": begin} if begin is not None else {}
+    return await start_listener(proxy_context(mitm, tmp), "127.0.0.1", 0, http_proxy.handle_http, **extra)
 
 
 class BarePipe(asyncio.Protocol):
@@ -237,9 +241,12 @@ async def in_memory(load: str, n: int, profile: Any) -> float:
     real_connect = http_proxy.connect
     http_proxy.connect = connect
     try:
+        begin = getattr(http_proxy, "begin_http", None)  # as the service's listener starts a connection
 
         async def one() -> None:
-            client = ClientConn(ctx, http_proxy.handle_http)
+            client = (
+                ClientConn(ctx, http_proxy.handle_http, begin) if begin else ClientConn(ctx, http_proxy.handle_http)
+            )
 
             def client_got(data: bytes) -> None:
                 if data.startswith(b"HTTP/1.1 200 Connection established"):
@@ -250,7 +257,8 @@ async def in_memory(load: str, n: int, profile: Any) -> float:
 
             client.connection_made(MemTransport(client, client_got))
             client.data_received(GET_CLOSE if load == "newconn" else CONNECT)
-            await client.task  # type: ignore[misc]
+            if client.task is not None:  # (none when served in the callbacks to its end)
+                await client.task
             while not client.closed:
                 await asyncio.sleep(0)
 

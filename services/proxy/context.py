@@ -1,7 +1,8 @@
 """What the listeners share: the `proxy:` limits, the `ProxyContext` (gate, caps, recorder, request
 hooks, upstream pool, tunnel hook) and `ClientConn`, an accepted client connection counted
 against the connection caps. `start_listener` serves a handler (`http_proxy.handle_http`,
-`socks5_proxy.handle_socks`) on a port.
+`socks5_proxy.handle_socks`) on a port; a listener may begin its connections in their callbacks
+(`http_proxy.begin_http`), the handler's task starting only when that hands a connection over.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from .conn import Conn, ConnClosed
 from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
 from .hooks import HookChain
 from .identities import IdentityGuard
+from .keepalive import Deadlines
 from .pipeline import Recorder
 from .pool import UpstreamPool
 from .tunnel import IdleSweeper
@@ -85,6 +88,8 @@ class ProxyContext:
         self.docker: DockerIdentity | None = None
         # Claimed identities (SPEC §16); None = every name is taken at its word (as before).
         self.identities: IdentityGuard | None = None
+        # The HTTP proxy's request cycles' deadlines (keepalive.py).
+        self.deadlines = Deadlines()
         # The spliced tunnels, closed once idle for limits.idle_timeout (tunnel.py).
         self.idle_sweeper = IdleSweeper(limits.idle_timeout)
         self._refusal_logged = 0.0
@@ -118,11 +123,14 @@ class ProxyContext:
 
 
 class ClientConn(Conn):
-    """An accepted client connection: starts its handler task once connected."""
+    """An accepted client connection: starts its handler task once connected, or `begin` runs it in its
+    callbacks until it needs the handler (then `start`)."""
 
     KIND = "client"
     __slots__ = (
         "handler",
+        "begin",
+        "cycle",
         "ctx",
         "task",
         "src_ip",
@@ -134,10 +142,19 @@ class ClientConn(Conn):
         "detached",
     )
 
-    def __init__(self, ctx: ProxyContext, handler: Callable[["ClientConn"], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        handler: Callable[["ClientConn"], Awaitable[None]],
+        begin: Callable[["ClientConn"], None] | None = None,
+    ) -> None:
         super().__init__()
         self.ctx = ctx
         self.handler = handler
+        # Called once connected instead of starting the handler's task: it serves the connection in
+        # its callbacks and calls `start` when the handler must go on (the HTTP proxy's first request).
+        self.begin = begin
+        self.cycle: Any = None  # what `begin` set up, for the handler to take over (keepalive.KeptAlive)
         self.task: asyncio.Task | None = None
         self.src_ip = ""
         self.identity: str | None = None  # the client identity this connection is counted for
@@ -167,7 +184,14 @@ class ClientConn(Conn):
         if loop is None:
             loop = ctx.loop = asyncio.get_running_loop()
         self._loop = loop
-        self.task = loop.create_task(self._run())
+        if self.begin is not None:
+            self.begin(self)
+        else:
+            self.task = loop.create_task(self._run())
+
+    def start(self) -> None:
+        """The handler's task, for a connection `begin` took: it goes on where that left it."""
+        self.task = (self._loop or self._bind_loop()).create_task(self._run())
 
     def claim(self, identity: str) -> str | None:
         """Count this connection for `identity`. The name of the cap that refuses it, or None."""
@@ -243,9 +267,20 @@ async def unnamed_identity(conn: ClientConn) -> str:
 
 
 async def start_listener(
-    ctx: ProxyContext, host: str, port: int, handler, reuse_port: bool = False
+    ctx: ProxyContext,
+    host: str,
+    port: int,
+    handler,
+    reuse_port: bool = False,
+    begin: Callable[[ClientConn], None] | None = None,
 ) -> asyncio.AbstractServer:
+    """Serve `handler` on (host, port); `begin`: how a connection starts (see `ClientConn`)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: ClientConn(ctx, handler), host, port, reuse_address=True, backlog=2048, reuse_port=reuse_port or None
+        lambda: ClientConn(ctx, handler, begin),
+        host,
+        port,
+        reuse_address=True,
+        backlog=2048,
+        reuse_port=reuse_port or None,
     )

@@ -4,7 +4,9 @@ requests, each one through the request path
     read head (httpio) → decide (gate.admit) → record snapshot (pipeline.Txn) → request hooks
     (hooks.py) → exchange (exchange.py) on a kept or pooled upstream connection → record sent
 
-on a kept-alive client connection.
+on a kept-alive client connection. A connection begins in its callbacks (`begin_http`,
+keepalive.py): requests that need no waiting are served there, and `handle_http`'s task starts
+only when one does (or never).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .gate import Verdict
 from .hooks import Flow, Refusal
 from .identities import IdentityGuard
 from .httpio import error_response, read_head
-from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, Handover, KeptAlive, Prepared, resume
+from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, Handover, KeptAlive, Prepared, close_both, resume
 from .pool import usable
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
@@ -63,15 +65,29 @@ def identity_known(client: ClientConn, ids: IdentityGuard, name: str, head: http
     return client.identity_token is not None and client.identity_token[0] == ids.generation
 
 
+def identity_passed(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
+    """`check_identity` without waiting: True when it passed (before, or now: an unclaimed name, a
+    secret verified before in this process; remembered as `check_identity` remembers it); False when
+    it must look further (scrypt, or a refusal to record)."""
+    if identity_known(client, ids, name, head):
+        return True
+    secret = head.proxy_password if head.proxy_user else None
+    if not ids.quick(name, secret):
+        return False
+    client.identity_token = ids.token(name, secret)
+    client.claimed = ids.claims.claimed(name)
+    return True
+
+
 async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head: http1.RequestHead) -> bool:
     """SPEC §16, once per connection: again only when the name or secret presented, or the claims
     loaded, change. A request without credentials on a connection that proved a claim keeps it
     until the claims change (then it must present the secret again)."""
-    if identity_known(client, ids, name, head):
+    if identity_passed(client, ids, name, head):
         return True
     secret = head.proxy_password if head.proxy_user else None
     token = ids.token(name, secret)
-    ok = ids.quick(name, secret) or await ids.check(
+    ok = await ids.check(
         name,
         secret,
         src_ip=client.src_ip,
@@ -85,9 +101,57 @@ async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head
     return ok
 
 
+async def prepare(client: ClientConn, head: http1.RequestHead, container: str) -> Prepared | None:
+    """A request's steps before the exchange: decision, record snapshot, hooks, the upstream head.
+    None when it was answered here (the connection then ends). Usually nothing in it waits:
+    the request cycle (keepalive.py) then runs it without a task."""
+    ctx = client.ctx
+    gate = ctx.gate
+    if head.scheme != "http":
+        client.write(
+            error_response(400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https")
+        )
+        return None
+    # decide
+    verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone)
+    if client.closed:
+        return None
+    # The record's snapshot of what the client sent (the absolute URI names the host contacted).
+    rec = ctx.recorder
+    t = (
+        rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+        if rec is not None
+        else None
+    )
+    if not verdict.allowed:
+        client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+        if t is not None:
+            t.finish(status=403, result="blocked", block_reason="rule")
+        return None
+    # request hooks (the rule re-check takes the gate's verdict just given)
+    flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
+    refusal = ctx.hooks.run(flow)
+    if refusal is not None and not isinstance(refusal, Refusal):
+        refusal = await refusal  # a hook that had to wait
+    if t is not None:
+        t.credentials_from(flow)
+    if refusal is not None:
+        client.write(refusal.render())
+        if t is not None:
+            t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
+        return None
+    return verdict, t, flow.render(upstream_version(head))
+
+
+def begin_http(client: ClientConn) -> None:
+    """The HTTP listener's start of a connection (`ClientConn.begin`): its requests are served in its
+    callbacks while nothing needs waiting (keepalive.py); `handle_http` takes over where that stops."""
+    KeptAlive(client, prepare, identity_passed).begin(default_identity(client))
+
+
 async def handle_http(client: ClientConn) -> None:
     ctx = client.ctx
-    gate, limits, hooks = ctx.gate, ctx.limits, ctx.hooks
+    gate, limits = ctx.gate, ctx.limits
     identity = default_identity(client)
     ids = ctx.identities
     pool = ctx.pool
@@ -95,7 +159,17 @@ async def handle_http(client: ClientConn) -> None:
     upstream_key: tuple[str, str, int] | None = None  # (identity, host, port)
     clean = False  # the upstream's last exchange ended cleanly: it may serve another request
     cid: int | None = None
-    first = True
+    first = True  # no request head read yet
+    header_deadline: float | None = None  # the first head's, when the connection began before this task
+    # A connection `begin_http` began: the cycle hands over what it reached (as `serve` does).
+    fast: KeptAlive | None = client.cycle
+    handed: Handover | None = None
+    if fast is not None:
+        client.cycle = None  # (no reference cycle left behind)
+        handed, fast.handed = fast.handed, None
+        identity, upstream, upstream_key, cid, clean = fast.identity, fast.upstream, fast.key, fast.cid, fast.clean
+        first = fast.first
+        header_deadline = fast.header_deadline
 
     def release() -> None:
         """Done with the current upstream: parked for a later request when clean, else closed."""
@@ -119,57 +193,11 @@ async def handle_http(client: ClientConn) -> None:
         reused = parked is not None
         up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
         upstream, upstream_key, clean = up, key, False
-
-        def close_both(u: Conn = up) -> None:
-            client.abort()
-            u.abort()
-
-        cid = gate.track(key[0], key[1], key[2], verdict, close_both)
+        cid = gate.track(key[0], key[1], key[2], verdict, close_both(client, up))
         return up, reused
 
     def parse_req(buf: bytes):  # noqa: ANN202
         return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-
-    async def prepare(head: http1.RequestHead, container: str) -> Prepared | None:
-        """A request's steps before the exchange: decision, record snapshot, hooks, the upstream head.
-        None when it was answered here (the connection then ends). Usually nothing in it waits:
-        the kept-alive cycle (keepalive.py) then runs it without a task."""
-        if head.scheme != "http":
-            client.write(
-                error_response(
-                    400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https"
-                )
-            )
-            return None
-        # decide
-        verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone)
-        if client.closed:
-            return None
-        # The record's snapshot of what the client sent (the absolute URI names the host contacted).
-        rec = ctx.recorder
-        t = (
-            rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
-            if rec is not None
-            else None
-        )
-        if not verdict.allowed:
-            client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
-            if t is not None:
-                t.finish(status=403, result="blocked", block_reason="rule")
-            return None
-        # request hooks (the rule re-check takes the gate's verdict just given)
-        flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
-        refusal = hooks.run(flow)
-        if refusal is not None and not isinstance(refusal, Refusal):
-            refusal = await refusal  # a hook that had to wait
-        if t is not None:
-            t.credentials_from(flow)
-        if refusal is not None:
-            client.write(refusal.render())
-            if t is not None:
-                t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
-            return None
-        return verdict, t, flow.render(upstream_version(head))
 
     async def exchange(head: http1.RequestHead, prepared: Prepared, ex: Exchange | None = None) -> bool:
         """The exchange of a prepared request on a kept or pooled upstream connection (`ex`: one the
@@ -217,31 +245,45 @@ async def handle_http(client: ClientConn) -> None:
         assert h.prepared is not None
         return await exchange(h.head, h.prepared, h.exchange)
 
-    fast: KeptAlive | None = None  # the kept-alive cycle, once a request left a clean upstream
     try:
         while True:
-            handed: Handover | None = None
-            if not first and clean and upstream is not None and upstream_key is not None and usable(upstream):
+            if (
+                handed is None
+                and not first
+                and clean
+                and upstream is not None
+                and upstream_key is not None
+                and usable(upstream)
+            ):
+                # the request cycle, once a request left a clean upstream
                 if fast is None:
-                    fast = KeptAlive(client, parse_req, prepare, identity_known)
+                    fast = KeptAlive(client, prepare, identity_passed)
                 try:
                     handed = await fast.serve(identity, upstream, upstream_key, cid)
                 finally:
                     fast.stop()
                     clean = fast.clean
+            if handed is not None:
                 if handed.kind is END:
                     return
                 if handed.kind is RAISE:
                     raise handed.exc  # type: ignore[misc]
                 if handed.kind is PREPARE or handed.kind is EXCHANGE:
-                    if not await resumed(handed):
+                    h, handed = handed, None
+                    if not await resumed(h):
                         return
                     continue
             if handed is not None and handed.kind is HEAD:
                 got = handed.got
             else:
                 try:
-                    got = await read_head(client, limits, parse_req, None if first else limits.idle_timeout)
+                    got = await read_head(
+                        client,
+                        limits,
+                        parse_req,
+                        None if first else limits.idle_timeout,
+                        header_deadline if first else None,
+                    )
                 except asyncio.TimeoutError:
                     if first or client.buf:
                         client.write(error_response(408, "Request Timeout", "Greyproxy: request headers took too long"))
@@ -251,6 +293,7 @@ async def handle_http(client: ClientConn) -> None:
                     return
                 if got is None:
                     return
+            handed = None
             head, n = got  # type: ignore[misc]
             del client.buf[:n]
             first = False
@@ -290,7 +333,7 @@ async def handle_http(client: ClientConn) -> None:
                 await run_tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
                 return
 
-            prepared = await prepare(head, container)
+            prepared = await prepare(client, head, container)
             if prepared is None or not await exchange(head, prepared):
                 return
     finally:

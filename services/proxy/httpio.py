@@ -25,7 +25,11 @@ T = TypeVar("T")
 
 
 async def read_head(
-    conn: Stream, limits: Any, parse: Callable[[bytes], T | None], first_timeout: float | None
+    conn: Stream,
+    limits: Any,
+    parse: Callable[[bytes], T | None],
+    first_timeout: float | None,
+    deadline: float | None = None,
 ) -> T | None:
     """Read until a full head parses (`parse(buf)` → value or None while incomplete). None when the
     peer closed cleanly before sending anything; HttpError(400) when it closed mid-head.
@@ -33,12 +37,14 @@ async def read_head(
     Without `first_timeout` (a client's first request) the whole head must arrive within
     `limits.header_timeout`, counted from now. With it (the next request on a kept-alive
     connection, or a response), the first byte may take up to `first_timeout`, and the header
-    deadline runs from that byte. TimeoutError past either.
+    deadline runs from that byte. TimeoutError past either. `deadline` (time.monotonic): the header
+    deadline when it started before this read (a connection's first head, from accept).
     """
     # Deadlines on the monotonic clock (a vDSO call; asyncio.get_running_loop() would cost a
     # getpid() system call per head): read_more takes what remains of them.
     now = monotonic()
-    deadline = now + limits.header_timeout if first_timeout is None or conn.buf else None
+    if deadline is None and (first_timeout is None or conn.buf):
+        deadline = now + limits.header_timeout
     idle_deadline = now + first_timeout if first_timeout is not None else None
     while True:
         if conn.buf:

@@ -1,40 +1,52 @@
-"""The kept-alive request cycle of the HTTP forward proxy, run in the connections' callbacks.
+"""The request cycle of the HTTP forward proxy, run in the connections' callbacks.
 
-Once a client connection's request has ended with its upstream connection kept clean, the next
-requests for the same destination usually need no waiting at all: the head (and a Content-Length
-body, if any) is read in full, the gate answers from its rules, the hooks answer at once, the request goes out on the kept upstream
-connection, and the origin's answer arrives with its body (or its body streams on from the
-upstream's callbacks while the client takes it). `KeptAlive` serves those requests from
-the connections' protocol callbacks (`Conn.watcher`): no task wakeup, future or coroutine frame
-per read. The request steps themselves are the handler's own (`prepare`, a coroutine that does
-not suspend in that case, driven here by hand) and the exchange is `exchange.Exchange`
-(`send`, `step`), so both ways give the same answers and the same records.
+Most requests need no waiting at all: the head (and a Content-Length body, if any) is read in
+full, the client's identity is known at once, the gate answers from its rules, the hooks answer at
+once, the request goes out on a kept upstream connection, and the origin's answer arrives with
+its body (or its body streams on from the upstream's callbacks while the client takes it).
+`KeptAlive` serves those requests from the connections' protocol callbacks (`Conn.watcher`): no
+task wakeup, future or coroutine frame per read. The request steps themselves are the handler's
+own (`prepare`, a coroutine that does not suspend in that case, driven here by hand; the identity
+check's quick answer) and the exchange is `exchange.Exchange` (`send`, `step`), so both ways give
+the same answers and the same records.
+
+It serves a connection from its start (`begin`, the HTTP listener's: a new connection's first
+request, on an upstream parked in the pool for the same client and destination), and the handler's
+task starts only when it hands the connection over; and it serves a handler's connection again
+(`serve`) once a request left a clean upstream. A connection it served to its end (the client's
+`Connection: close`, its close, its idle deadline) never had a task: the cycle releases the
+upstream (parked when clean) and finishes the connection as the handler would.
 
 Anything else is handed back to the handler's coroutine (`http_proxy.handle_http`) at the point
 reached, with what was done so far (`Handover`):
 
-    READ      the client's bytes are not a complete head, or it closed: read it as usual
+    READ      the client's bytes are not a complete head, or it closed with bytes unread, or its
+              first head did not come in time: read it as usual (under the first head's deadline)
     HEAD      a complete head this cycle does not serve (a new destination, a chunked body or one
-              not all here, an upgrade, CONNECT, a name or secret to check again, a bad
-              scheme...): nothing of it consumed
+              not all here, an upgrade, CONNECT, a name to look up, a secret to verify or refuse,
+              a connection cap, a bad scheme...): nothing of it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
     EXCHANGE  the answer needs the handler (a 1xx, a head split over reads, the origin closing
               before the head, a client whose buffer is full in the middle of the body): the
-              exchange in its state, continued by `Exchange.proceed`
+              exchange in its state, continued by `Exchange.proceed`; or (no exchange) a first
+              request prepared with no upstream parked for it: the handler connects
     END       the connection is done (no keep-alive, an answer that ends it, idle too long)
     RAISE     a step raised: re-raised by the handler
 
-Deadlines are the usual ones: between requests the next one's first byte may take `idle_timeout`
-(then the connection ends, as the coroutine's read would end it), the origin's answer too (then
-504, as `Exchange.proceed` answers), and each read of its body (then it is cut off, as
-`relay_body` does). One timer per connection enforces them, re-armed only
-when it fires before the current deadline.
+Deadlines are the usual ones: a new connection's first head must be in by `header_timeout` from
+accept (else the handler answers 408, as its own read would), between requests the next one's
+first byte may take `idle_timeout` (then the connection ends, as the coroutine's read would end
+it), the origin's answer too (then 504, as `Exchange.proceed` answers), and each read of its body
+(then it is cut off, as `relay_body` does). One timer per connection enforces them, re-armed only
+when it fires before the current deadline (or a deadline moves earlier).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine, Generator
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import http1
@@ -48,11 +60,28 @@ if TYPE_CHECKING:
     from .identities import IdentityGuard
     from .pipeline import Txn
 
-__all__ = ["END", "EXCHANGE", "HEAD", "PREPARE", "RAISE", "READ", "Handover", "KeptAlive", "Prepared", "resume"]
+log = logging.getLogger("greyproxy.proxy")
+
+__all__ = [
+    "END",
+    "EXCHANGE",
+    "HEAD",
+    "PREPARE",
+    "RAISE",
+    "READ",
+    "Handover",
+    "KeptAlive",
+    "Prepared",
+    "Deadlines",
+    "close_both",
+    "resume",
+]
 
 # (verdict, transaction record, upstream request head) of a request that passed the gate and hooks
 Prepared = tuple["Verdict", "Txn | None", bytes]
-PrepareFn = Callable[[http1.RequestHead, str], Coroutine[Any, Any, "Prepared | None"]]
+PrepareFn = Callable[["ClientConn", http1.RequestHead, str], Coroutine[Any, Any, "Prepared | None"]]
+# The identity check's answer without waiting (http_proxy.identity_passed): False when the handler must check
+QuickFn = Callable[["ClientConn", "IdentityGuard", str, http1.RequestHead], bool]
 
 READ, HEAD, PREPARE, EXCHANGE, END, RAISE = "read", "head", "prepare", "exchange", "end", "raise"
 
@@ -72,7 +101,7 @@ class Handover:
         self.coro: Coroutine[Any, Any, Prepared | None] | None = None  # PREPARE: the suspended steps
         self.waiting: Any = None  # PREPARE: what they wait for (the future they yielded)
         self.prepared: Prepared | None = None  # EXCHANGE
-        self.exchange: Exchange | None = None  # EXCHANGE
+        self.exchange: Exchange | None = None  # EXCHANGE (None: not sent, no upstream yet)
         self.exc: BaseException | None = None  # RAISE
 
 
@@ -110,14 +139,14 @@ def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> _Resume:
 
 
 class KeptAlive:
-    """One client connection's kept-alive cycle. `serve` runs it until a `Handover`."""
+    """One client connection's request cycle. `begin` (from accept) or `serve` (from the handler) runs
+    it until a `Handover`."""
 
     __slots__ = (
         "client",
         "limits",
-        "parse",
         "prepare",
-        "known",
+        "quick",
         "gate",
         "loop",
         "state",
@@ -129,22 +158,21 @@ class KeptAlive:
         "exchange",
         "head",
         "prepared",
+        "first",
+        "header_deadline",
+        "handed",
         "_fut",
+        "deadlines",
         "_deadline",
-        "_timer",
+        "_queue",
+        "_timeout",
     )
 
-    def __init__(
-        self,
-        client: ClientConn,
-        parse: Callable[[bytes], tuple[http1.RequestHead, int] | None],
-        prepare: PrepareFn,
-        known: Callable[[ClientConn, IdentityGuard, str, http1.RequestHead], bool],
-    ) -> None:
+    def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn) -> None:
         ctx = client.ctx
         self.client, self.limits, self.gate = client, ctx.limits, ctx.gate
-        self.parse, self.prepare = parse, prepare
-        self.known = known  # the identity check passed before for what a head presents (http_proxy.identity_known)
+        self.prepare = prepare  # the request steps (http_proxy.prepare)
+        self.quick = quick  # the identity check without waiting (http_proxy.identity_passed)
         self.loop = client._loop or asyncio.get_running_loop()
         self.state = _OFF
         self.identity = ""
@@ -155,9 +183,28 @@ class KeptAlive:
         self.exchange: Exchange | None = None
         self.head: http1.RequestHead | None = None
         self.prepared: Prepared | None = None
+        self.first = True  # no request head taken from this connection yet
+        self.header_deadline = 0.0  # the first head's deadline (time.monotonic), from `begin`
+        self.handed: Handover | None = None  # where the handler's task starts (a connection `begin` took)
         self._fut: asyncio.Future | None = None
-        self._deadline = 0.0
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadlines: Deadlines = ctx.deadlines
+        self._deadline = 0.0  # the current wait's (loop time)
+        self._queue: dict[KeptAlive, None] | None = None  # where `deadlines` keeps this cycle while it waits
+        self._timeout = 0.0  # the timeout of that queue
+
+    # -- from accept --
+    def begin(self, identity: str) -> None:
+        """A new connection (no handler task): its requests are served here until one needs the
+        handler, which then starts where this left off (`handed`); `identity`: the default one."""
+        client = self.client
+        client.cycle = self
+        self.identity = identity
+        self.header_deadline = monotonic() + self.limits.header_timeout
+        client.watcher = self._on_client
+        self.state = _IDLE
+        self._arm(self.limits.header_timeout)
+        if client.buf or client.eof:
+            self._next()
 
     # -- the handler's side --
     def serve(
@@ -166,6 +213,7 @@ class KeptAlive:
         """Serve requests on the kept clean `upstream` (for `key`) from the callbacks; the future's
         result says where the handler goes on (done at once when the first request is not for here)."""
         self.identity, self.upstream, self.key, self.cid, self.clean = identity, upstream, key, cid, True
+        self.first = False
         self._fut = fut = self.loop.create_future()
         self.client.watcher = self._on_client
         upstream.watcher = self._on_upstream
@@ -181,10 +229,11 @@ class KeptAlive:
         self._fut = None
 
     def close(self) -> None:
-        """The connection is over: no timer left behind."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """The connection is over: no deadline left behind."""
+        q = self._queue
+        if q is not None:
+            self._queue = None
+            del q[self]
 
     def _unwatch(self) -> None:
         self.state = _OFF
@@ -196,28 +245,54 @@ class KeptAlive:
         self._unwatch()
         self.exchange = self.head = self.prepared = None
         fut, self._fut = self._fut, None
-        if fut is not None and not fut.done():
-            fut.set_result(h)
+        if fut is not None:
+            if not fut.done():
+                fut.set_result(h)
+            return
+        client = self.client
+        if client.task is not None:
+            return  # the handler stopped the cycle (`stop`)
+        # Begun from accept, no handler yet: the connection ends here, or the handler starts.
+        if h.kind is END:
+            self._finish()
+        else:
+            self.handed = h
+            client.start()
+
+    def _finish(self) -> None:
+        """The end of a connection no handler took: what the handler's end does (its upstream
+        released: parked when clean, else closed; the connection no longer counted, and closed)."""
+        self.close()
+        self.client.cycle = None  # (no reference cycle left: both are freed by their counts)
+        cid, self.cid = self.cid, None
+        if cid is not None:
+            self.gate.untrack(cid)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            if self.clean and self.key is not None:
+                self.client.ctx.pool.put(self.key, upstream)
+            else:
+                upstream.close()
+        self.client.finish()
 
     # -- deadlines --
-    def _arm(self) -> None:
-        """The current wait's deadline. Deadlines only move later (the same timeout from a later now),
-        so an armed timer is never late: when it fires early it waits on (`_on_timer`)."""
-        loop = self.loop
-        self._deadline = deadline = loop.time() + self.limits.idle_timeout
-        if self._timer is None:
-            self._timer = loop.call_at(deadline, self._on_timer)
+    def _arm(self, timeout: float) -> None:
+        """The current wait's deadline: `timeout` from now (`_on_timer` then)."""
+        q = self._queue
+        if q is not None and self._timeout == timeout:  # the usual case, inline: to the end of its queue
+            self._deadline = self.loop.time() + timeout
+            del q[self]
+            q[self] = None
+            return
+        self.deadlines.arm(self, timeout)
 
     def _on_timer(self) -> None:
-        self._timer = None
+        """The current wait's deadline has come (`Deadlines`)."""
         if self.state is _OFF:
             return
-        loop = self.loop
-        if loop.time() + 0.001 < self._deadline:  # the clock has ms steps
-            self._timer = loop.call_at(self._deadline, self._on_timer)
-            return
         if self.state is _IDLE:
-            self._hand(Handover(END))  # as the handler's read of a next request that never came
+            # as the handler's read of a next request that never came; a first one: its 408
+            self._hand(Handover(READ if self.first else END))
             return
         ex = self.exchange
         assert ex is not None
@@ -267,7 +342,7 @@ class KeptAlive:
                 # The head went out, more body is to come: it streams from the upstream's callback
                 # while the client takes it (else `proceed` waits for the client, then relays).
                 self.state = _BODY
-                self._arm()
+                self._arm(self.limits.idle_timeout)
                 self.upstream.resume_reading()  # type: ignore[union-attr]
                 return
             self._hand_exchange(ex)
@@ -288,58 +363,80 @@ class KeptAlive:
     def _next(self) -> None:
         """Serve the client's buffered requests; wait for the next one (or hand over)."""
         client = self.client
-        while True:
+        buf = client.buf
+        if not buf:
             if client.eof:
-                self._hand(Handover(READ))
+                self._hand(Handover(END))  # closed between requests: as the handler's read, no answer
                 return
-            if not client.buf:
-                self.state = _IDLE
-                self._arm()
-                client.resume_reading()
-                return
-            try:
-                got = self.parse(bytes(client.buf))
-            except http1.HttpError:
-                got = None  # the handler's read answers it
-            if got is None:
-                self._hand(Handover(READ))
-                return
-            head, n = got
-            if not self._servable(head, len(client.buf) - n):
-                h = Handover(HEAD)
-                h.got = got
-                self._hand(h)
-                return
-            del client.buf[:n]
-            self._request(head)
+            self.state = _IDLE
+            if not self.first:  # (a first head's deadline runs from `begin`)
+                self._arm(self.limits.idle_timeout)
+            client.resume_reading()
             return
+        if client.eof:  # bytes before a close: the handler's read takes them
+            self._hand(Handover(READ))
+            return
+        limits = self.limits
+        try:
+            got = http1.parse_request_head(bytes(buf), limits.max_header_bytes, limits.max_headers)
+        except http1.HttpError:
+            got = None  # the handler's read answers it
+        if got is None:
+            self._hand(Handover(READ))
+            return
+        head, n = got
+        try:
+            servable = self._servable(head, len(buf) - n)
+        except BaseException as exc:  # what the handler's identity steps would have raised
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
+            return
+        if not servable:
+            h = Handover(HEAD)
+            h.got = got
+            self._hand(h)
+            return
+        del buf[:n]
+        self.first = False
+        self._request(head)
 
     def _servable(self, head: http1.RequestHead, buffered: int) -> bool:
         """This cycle serves `head`, `buffered` bytes after it already here (else the handler does,
-        from the head on)."""
-        client, upstream = self.client, self.upstream
-        name = head.proxy_user or self.identity
-        ids = client.ctx.identities
-        return (
+        from the head on). True after the handler's identity steps, which then answered at once: the
+        name (no container lookup), the identity check (`quick`), the connection caps (counted)."""
+        if not (
             head.method != "CONNECT"
             and head.scheme == "http"
             and not head.chunked
             and (not head.content_length or head.content_length <= buffered)  # no body, or all of it here
             and head.upgrade is None
-            # the handler's identity steps would do nothing: no lookup, the check passed before, no cap
-            and name == client.identity
-            and not client.over_cap
-            and (ids is None or not (head.proxy_user or client.claimed) or self.known(client, ids, name, head))
-            # the kept upstream serves it
-            and self.clean
-            and self.key == (name, head.host, head.port)
-            and upstream is not None
-            and usable(upstream)
-        )
+        ):
+            return False
+        client, upstream = self.client, self.upstream
+        name = head.proxy_user or self.identity
+        if upstream is not None:
+            # the kept upstream serves it: the same client and destination, clean
+            if not (self.clean and self.key == (name, head.host, head.port) and usable(upstream)):
+                return False
+        ctx = client.ctx
+        if not head.proxy_user and ctx.docker is not None and client.identity is None:
+            return False  # the container's name is looked up first
+        ids = ctx.identities
+        if ids is not None and (head.proxy_user or client.claimed) and not self.quick(client, ids, name, head):
+            return False  # a secret to verify (scrypt) or to refuse (407): the handler's check
+        if client.over_cap:
+            return False  # refused (503) by the handler's count
+        if name != client.identity:
+            if ctx.per_client.get(name, 0) >= self.limits.max_per_client:
+                return False  # refused (429) by the handler's count
+            client.claim(name)  # counted for it
+            self.identity = name
+        return True
 
     def _request(self, head: http1.RequestHead) -> None:
         """The request steps, then the request sent upstream (or a handover)."""
-        coro = self.prepare(head, self.identity)
+        coro = self.prepare(self.client, head, self.identity)
         try:
             waiting = coro.send(None)
         except StopIteration as stop:
@@ -359,8 +456,20 @@ class KeptAlive:
             return
         verdict, t, request = prepared
         upstream = self.upstream
-        assert upstream is not None
-        if self.cid is not None:
+        if upstream is None:
+            # The connection's first request: an upstream parked for this client and destination (as
+            # the handler's `attach`), else the handler connects one.
+            key = (self.identity, head.host, head.port)
+            upstream = self.client.ctx.pool.get(key)
+            if upstream is None:
+                h = Handover(EXCHANGE)
+                h.head, h.prepared = head, prepared
+                self._hand(h)
+                return
+            self.upstream, self.key = upstream, key
+            self.cid = self.gate.track(key[0], key[1], key[2], verdict, close_both(self.client, upstream))
+            upstream.watcher = self._on_upstream
+        elif self.cid is not None:
             lc = self.gate.live.get(self.cid)
             if lc is not None:
                 lc.rule_id = verdict.rule_id
@@ -376,5 +485,66 @@ class KeptAlive:
         ex.send(request, body)
         assert ex.state is AWAIT_RESPONSE
         self.state = _AWAIT  # the answer comes in the upstream's callback (its buffer was empty)
-        self._arm()
+        self._arm(self.limits.idle_timeout)
         upstream.resume_reading()
+
+
+class Deadlines:
+    """The request cycles' deadlines: one timer per timeout, not one per connection.
+
+    The cycles waiting with the same timeout are kept in the order they were armed (arming again
+    moves one to the end), which is the order of their deadlines: one timer, at the first one's
+    deadline, serves them all, and arming, moving or dropping a deadline is a dict operation. (A
+    new connection's own timer, made at accept and cancelled at its end, cost more than serving
+    its request's steps in the callbacks saved.) A cycle is called (`_on_timer`) once its deadline
+    has come, at most a millisecond early (the loop's clock has ms steps).
+    """
+
+    __slots__ = ("queues", "timers")
+
+    def __init__(self) -> None:
+        self.queues: dict[float, dict[KeptAlive, None]] = {}  # by timeout: the cycles waiting, in order
+        self.timers: dict[float, asyncio.TimerHandle] = {}  # by timeout: at its first cycle's deadline
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.queues.values())
+
+    def arm(self, cycle: KeptAlive, timeout: float) -> None:
+        loop = cycle.loop
+        cycle._deadline = deadline = loop.time() + timeout
+        q = self.queues.get(timeout)
+        if q is None:
+            q = self.queues[timeout] = {}
+        old = cycle._queue
+        if old is not None:
+            del old[cycle]
+        q[cycle] = None
+        cycle._queue, cycle._timeout = q, timeout
+        if timeout not in self.timers:
+            self.timers[timeout] = loop.call_at(deadline, self._fire, timeout, loop)
+
+    def _fire(self, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
+        del self.timers[timeout]
+        q = self.queues[timeout]
+        now = loop.time() + 0.001  # the clock has ms steps
+        while q:
+            cycle = next(iter(q))
+            if cycle._deadline > now:
+                self.timers[timeout] = loop.call_at(cycle._deadline, self._fire, timeout, loop)
+                return
+            del q[cycle]
+            cycle._queue = None
+            try:
+                cycle._on_timer()  # (it may wait again: at the end of a queue, with a later deadline)
+            except Exception:  # one connection's failure leaves the others' deadlines standing
+                log.exception("request cycle deadline failed")
+
+
+def close_both(client: ClientConn, upstream: Conn) -> Callable[[], None]:
+    """What a rule change calls to end a tracked request's connections (`Gate.track`)."""
+
+    def close() -> None:
+        client.abort()
+        upstream.abort()
+
+    return close

@@ -31,7 +31,7 @@ from .gate import Gate
 from .context import Limits, ProxyContext, start_listener
 from .credentials import LiveCredentials
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
-from .http_proxy import handle_http
+from .http_proxy import begin_http, handle_http
 from .identities import USE_FLUSH_EVERY, IdentityGuard
 from .mitm import Interceptor
 from .pipeline import Recorder
@@ -275,12 +275,13 @@ async def main(rt: ServiceRuntime) -> None:
     # Workers (proxy.workers > 1) share each listening address: the kernel spreads connections
     # (and DNS datagrams) over the sockets bound with SO_REUSEPORT.
     shared = cfg.workers > 1 or cfg.worker is not None
-    handlers = {"http-proxy": handle_http, "socks5-proxy": handle_socks}
-    for name, handler in handlers.items():
+    # (handler, how a connection begins: the HTTP proxy serves requests in the callbacks until one waits)
+    handlers = {"http-proxy": (handle_http, begin_http), "socks5-proxy": (handle_socks, None)}
+    for name, (handler, begin) in handlers.items():
         lst = cfg.listeners.get(name)
         if lst is None or not lst.port:
             continue
-        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler, reuse_port=shared)
+        start = functools.partial(start_listener, ctx, lst.host, lst.port, handler, reuse_port=shared, begin=begin)
         servers.append(await ports.bind_retrying(start, name, lst.host, lst.port, logger=log))
         log.info("%s listening on %s:%d", name, lst.host, lst.port)
     dns_lst = cfg.listeners.get("dns-proxy")

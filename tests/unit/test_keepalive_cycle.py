@@ -11,13 +11,20 @@ script of answer pieces per request path, each piece one read). What is checked:
   origin and to the client, ends the same connections and journals the same records as the
   handler's coroutine alone (the cycle off);
 - what the cycle hands back: a hold (the request waits in the handler for the decision), a hook
-  that waits, a rule change closing the connection, the idle and answer deadlines (504).
+  that waits, a rule change closing the connection, the idle and answer deadlines (504);
+- a new connection begun in its callbacks (`http_proxy.begin_http`, as the service's listener
+  starts it): its first request is served there on an upstream parked in the pool, with no handler
+  task at all when nothing waits; and for any sequence of connections and requests, the same bytes,
+  connection ends, records and counts as when every connection starts the handler's task at
+  accept; the identity check (a claimed name: 407), the caps (429/503), holds, partial heads and the
+  header deadline (408) handed to the handler.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from unittest import mock
@@ -133,9 +140,11 @@ RULES = [
 
 
 class Proxy:
-    """One client connection through the real handler, with scripted origins."""
+    """One client connection through the real handler, with scripted origins (`open`: another one,
+    on the same proxy). `begin`: connections begin in their callbacks (as the service's listener
+    starts them), else the handler's task starts at accept."""
 
-    def __init__(self, limits: Limits | None = None, hooks: list[Any] | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, hooks: list[Any] | None = None, begin: bool = False) -> None:
         self.journal = Journal()
         self.gate = Gate(self.journal, Publisher(), {43051}, {"127.0.0.1"}, 5.0, 10)  # type: ignore[arg-type]
         self.gate.set_rules(RuleSet(list(RULES)), 1)
@@ -143,7 +152,12 @@ class Proxy:
         self.ctx.recorder = Recorder(self.journal)  # type: ignore[arg-type]
         self.ctx.hooks = HookChain(hooks if hooks is not None else [RuleRecheck(self.gate)])
         self.origins: list[Wire] = []  # one per upstream connection, in the order opened
-        self.client = ClientConn(self.ctx, http_proxy.handle_http)
+        self.begin = http_proxy.begin_http if begin else None
+        self.open()
+
+    def open(self) -> None:
+        """A new client connection (`start` connects it)."""
+        self.client = ClientConn(self.ctx, http_proxy.handle_http, self.begin)
         self.wire = Wire(self.client)
 
     async def connect(self, host: str, port: int, timeout: float, guard: Any) -> Conn:
@@ -187,9 +201,21 @@ class Proxy:
             await asyncio.sleep(0)
 
     async def finish(self) -> None:
+        """The client closes (unless it was closed); until the connection is over."""
         if not self.client.closed:
             self.wire.close()
-        await asyncio.wait_for(self.client.task, 5)  # type: ignore[arg-type]
+        await self.ended()
+
+    async def ended(self, timeout: float = 5.0) -> None:
+        """Until the connection is over: its handler's task done (if one started), closed, not counted."""
+        client = self.client
+        async with asyncio.timeout(timeout):
+            while True:
+                if client.task is not None:
+                    await client.task
+                if client.closed and not client.counted and (client.task is None or client.task.done()):
+                    return
+                await asyncio.sleep(0.001)
 
 
 def cycle_off() -> Any:
@@ -556,5 +582,355 @@ def test_a_partial_head_is_read_by_the_handler_under_the_header_deadline() -> No
             p.send(b"GET http://ok.test/ok HTTP/1.1\r\n")  # never completed: 408 at the header deadline
             await asyncio.wait_for(p.client.task, 1)  # type: ignore[arg-type]
             assert b"408 Request Timeout" in p.wire.out
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- a new connection, begun in its callbacks
+
+
+def _observed(p: Proxy) -> dict[str, Any]:
+    """What both ways must agree on after a run: the origins' bytes, the records (without the clock),
+    the counts left behind."""
+    logs = [[x for x in rec if not isinstance(x, float)] for kind, rec in p.journal.records if kind == records.LOG]
+    return {
+        "origins": [bytes(o.out) for o in p.origins],
+        "transactions": p.journal.transactions(),
+        "logs": logs,
+        "kinds": p.journal.kinds(),
+        "active": p.ctx.active,
+        "per_client": dict(p.ctx.per_client),
+        "pool": len(p.ctx.pool),
+        "live": len(p.gate.live),
+        "refused": dict(p.ctx.refused),
+    }
+
+
+async def _connections(conns: list[list[bytes]], begin: bool, limits: Limits | None = None) -> dict[str, Any]:
+    """One client connection after another on the same proxy (its pool carries upstreams from one
+    to the next); each piece sent on its own, after the answers to the one before."""
+    p = Proxy(limits, begin=begin)
+    clients = []
+    with mock.patch.object(http_proxy, "connect", p.connect):
+        for i, pieces in enumerate(conns):
+            if i:
+                p.open()
+            p.start()
+            for piece in pieces:
+                if p.client.closed:
+                    break
+                p.send(piece)
+                await p.settle()
+            closed = p.client.closed or p.wire.closing
+            await p.finish()
+            clients.append((bytes(p.wire.out), closed))
+    return {"clients": clients, **_observed(p)}
+
+
+def connections_both_ways(conns: list[list[bytes]], limits: Limits | None = None) -> tuple[Any, Any]:
+    new = asyncio.run(_connections(conns, True, limits))
+    old = asyncio.run(_connections(conns, False, limits))
+    return new, old
+
+
+def _auth(user: str, secret: str) -> bytes:
+    return b"Proxy-Authorization: Basic " + base64.b64encode(f"{user}:{secret}".encode()) + b"\r\n"
+
+
+CLOSE = b"Connection: close\r\n"
+FIRST_REQUESTS = [
+    *REQUESTS,
+    _get("/ok", extra=CLOSE),
+    _get("/split", extra=CLOSE),
+    _get("/ok", host="two.test", extra=CLOSE),
+    _get("/ok", extra=_auth("named-agent", "x")),
+    _get("/ok", extra=_auth("named-agent", "x") + CLOSE),
+    b"GET http://ok.test/ok HTTP/1.1\r\nHo",  # a partial head (completed, or not, by what follows)
+    b"st: ok.test\r\n\r\n",
+]
+
+
+def test_a_new_connections_first_request_is_served_in_the_callbacks_on_a_parked_upstream() -> None:
+    async def main() -> None:
+        p = Proxy(begin=True)
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok"))  # nothing parked yet: the handler connects
+            await p.settle()
+            assert p.wire.out.endswith(b"hello") and p.client.task is not None
+            await p.finish()
+            assert len(p.ctx.pool) == 1 and p.ctx.active == 0  # the clean upstream was parked
+
+            p.open()
+            p.start()
+            (origin,) = p.origins
+            sent = len(origin.out)
+            p.send(_get(MANUAL, extra=b"X-N: 2\r\n"))
+            # written on the parked upstream before this call returned: no task, nothing awaited
+            assert origin.out[sent:].startswith(b"GET /manual HTTP/1.1\r\nHost: ok.test\r\n")
+            assert p.client.task is None and len(p.ctx.pool) == 0 and len(p.gate.live) == 1
+            assert p.ctx.per_client == {"unknown-127.0.0.1": 1} and p.ctx.active == 1
+            origin.proto.data_received(OK)  # type: ignore[attr-defined]
+            assert p.wire.out == OK.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n")
+            assert p.journal.kinds()[-2:] == ["log", "transaction"]
+            assert p.journal.transactions()[-1]["url"] == "http://ok.test/manual"
+            # the next one on the same connection, ending it: still no task, the connection done
+            p.send(_get(MANUAL, extra=CLOSE))
+            origin.proto.data_received(OK)  # type: ignore[attr-defined]
+            assert p.wire.out.endswith(b"Connection: close\r\n\r\nhello") and p.wire.closing
+            assert p.client.task is None and not p.client.counted and p.ctx.active == 0
+            assert p.ctx.per_client == {} and not p.gate.live and len(p.ctx.pool) == 1  # parked again
+            assert len(p.origins) == 1 and p.ctx.pool.stats()["reused"] == 1
+            await p.ended()
+
+    asyncio.run(main())
+
+
+def test_a_new_connection_that_closes_or_says_nothing() -> None:
+    """Closed before a byte: ended in the callbacks, no answer. Nothing by the header deadline (from
+    accept): 408 from the handler, as its own read answers it."""
+
+    async def main() -> None:
+        p = Proxy(Limits(idle_timeout=5.0, header_timeout=0.05), begin=True)
+        p.start()
+        p.client.eof_received()
+        p.wire.close()
+        await p.ended()
+        assert p.client.task is None and p.wire.out == b"" and p.ctx.active == 0
+        p.open()
+        p.start()
+        await asyncio.sleep(0.03)
+        assert p.client.task is None and p.wire.out == b""
+        await p.ended(1.0)
+        assert p.wire.out.startswith(b"HTTP/1.1 408 Request Timeout\r\n") and p.client.task is not None
+        assert p.ctx.active == 0 and len(p.ctx.deadlines) == 0
+
+    asyncio.run(main())
+
+
+def test_new_connections_give_the_same_bytes_records_and_counts_both_ways() -> None:
+    cases = [
+        [[_get("/ok")], [_get("/ok")], [_get("/ok", extra=CLOSE)]],
+        [[_get("/ok", extra=CLOSE)], [_get("/ok", extra=CLOSE)], [_get("/split", extra=CLOSE)]],
+        [[_get("/ok")], [_get("/close")], [_get("/ok")], [_get("/hangup")], [_get("/ok")]],
+        [[_get("/ok")], [_get("/ok", host="denied.test")], [_get("/ok", host="two.test")]],
+        [[_get("/ok")], [b"GET https://ok.test/ok HTTP/1.1\r\nHost: ok.test\r\n\r\n"], [_get("/ok")]],
+        [[_get("/ok")], [FIRST_REQUESTS[-2], FIRST_REQUESTS[-1]], [FIRST_REQUESTS[-2]]],
+        [[_get("/ok")], [_get("/ok", extra=_auth("named-agent", "x"))], [_get("/ok", extra=_auth("named-agent", "y"))]],
+        [[_get("/ok")], [REQUESTS[-6]], [REQUESTS[-5], REQUESTS[-4]], [_get("/ok") + _get("/split")]],
+    ]
+    for conns in cases:
+        new, old = connections_both_ways(conns)
+        assert new == old, conns
+    # and the first of them was served in the callbacks: its upstream was reused
+    assert new["clients"][0][0].endswith(b"hello")
+
+
+PIECE = st.one_of(
+    st.sampled_from(FIRST_REQUESTS),
+    st.tuples(st.sampled_from(FIRST_REQUESTS), st.sampled_from(FIRST_REQUESTS)).map(b"".join),  # pipelined
+)
+
+
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(PIECE, min_size=1, max_size=3), min_size=1, max_size=4))
+def test_any_sequence_of_new_connections_gives_the_same_both_ways(conns: list[list[bytes]]) -> None:
+    """A connection that parks an upstream, then connections each sending its pieces in turn."""
+    new, old = connections_both_ways([[_get("/ok")], *conns])
+    assert new == old
+
+
+def test_a_first_request_that_needs_a_hold_waits_in_the_handler() -> None:
+    async def run(begin: bool) -> tuple[Any, ...]:
+        p = Proxy(begin=begin)
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok"))
+            await p.settle()
+            await p.finish()
+            p.gate.rules = RuleSet([r for r in RULES if r.id != 1])  # no rule decides ok.test now
+            p.open()
+            p.start()
+            p.send(_get("/ok", extra=b"X-N: 2\r\n"))
+            await p.settle()
+            held = (p.gate.waiting(), p.client.task is not None, p.wire.out.count(b"hello"))
+            p.gate.set_rules(RuleSet(list(RULES)), 2)  # allowed: released
+            await p.settle()
+            p.send(_get("/ok", extra=CLOSE))
+            await p.settle()
+            await p.ended()
+        return held, bytes(p.wire.out), _observed(p)
+
+    new, old = asyncio.run(run(True)), asyncio.run(run(False))
+    assert new[0] == (1, True, 0)  # held in the handler's task (begun in the callbacks, handed over)
+    assert new[1:] == old[1:]
+    assert new[1].count(b"hello") == 2 and len(new[2]["origins"]) == 1  # on the parked upstream
+
+
+def test_claimed_names_on_new_connections() -> None:
+    """A claimed name's secret is verified once (scrypt, in the handler); later connections presenting
+    it are served in the callbacks; a wrong secret is refused by the handler (407): the same both ways."""
+
+    async def run(begin: bool) -> tuple[Any, ...]:
+        p = Proxy(begin=begin)
+        executor = ThreadPoolExecutor(1)
+        ids = IdentityGuard(executor, p.journal, Publisher(), p.gate)  # type: ignore[arg-type]
+        ids.claims.replace([Claim("claimed-agent", hash_secret("s3cret"), 1)], 1)
+        p.ctx.identities = ids
+        outs, tasks = [], []
+        try:
+            with mock.patch.object(http_proxy, "connect", p.connect):
+                for secret in ("s3cret", "s3cret", "wrong", "s3cret", None):
+                    if outs:
+                        p.open()
+                    p.start()
+                    extra = _auth("claimed-agent", secret) if secret else b""
+                    p.send(_get("/ok", extra=extra + CLOSE))
+                    await asyncio.sleep(0.2)  # a first check runs scrypt in a thread
+                    await p.settle()
+                    await p.ended()
+                    outs.append(bytes(p.wire.out))
+                    tasks.append(p.client.task is not None)
+        finally:
+            executor.shutdown()
+        return outs, tasks, ids.refused, _observed(p)
+
+    new, old = asyncio.run(run(True)), asyncio.run(run(False))
+    outs, tasks, refused, _ = new
+    assert outs[0].endswith(b"hello") and outs[1].endswith(b"hello") and outs[3].endswith(b"hello")
+    assert b"407 Proxy Authentication Required" in outs[2] and refused == 1
+    assert outs[4].endswith(b"hello")  # no name given: the default identity, unclaimed
+    # scrypt and the refusal in the handler; and the default identity has no upstream parked: it connects
+    assert tasks == [True, False, True, False, True]
+    assert (outs, refused, new[3]) == (old[0], old[2], old[3])
+
+
+def test_connection_caps_on_new_connections_answer_as_the_handler() -> None:
+    """Past the per-client cap (429) and the overall one (503): refused by the handler's count, the
+    same bytes and counts both ways; the connection that holds the slot is served in the callbacks."""
+
+    async def run(begin: bool, limits: Limits) -> tuple[Any, ...]:
+        p = Proxy(limits, begin=begin)
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok"))
+            await p.settle()
+            await p.finish()  # an upstream parked
+            p.open()
+            p.start()
+            p.send(_get("/ok"))  # holds the slot, kept open
+            await p.settle()
+            holder, holder_wire = p.client, p.wire
+            p.open()
+            p.start()
+            p.send(_get("/ok"))
+            await p.settle()
+            await p.ended()
+            refused = bytes(p.wire.out)
+            holder_out = bytes(holder_wire.out)
+            holder_wire.close()
+            await p.settle()
+            assert holder.closed and not holder.counted
+        return refused, holder_out, _observed(p)
+
+    for limits, status in (
+        (Limits(idle_timeout=2.0, header_timeout=2.0, max_per_client=1), b"429 Too Many Requests"),
+        (Limits(idle_timeout=2.0, header_timeout=2.0, max_connections=1), b"503 Service Unavailable"),
+    ):
+        new, old = asyncio.run(run(True, limits)), asyncio.run(run(False, limits))
+        assert new[0].startswith(b"HTTP/1.1 " + status) and new[1].endswith(b"hello")
+        assert new == old
+
+
+def test_partial_first_heads_and_the_header_deadline_both_ways() -> None:
+    """A first head over several reads goes to the handler, under the deadline counted from accept."""
+
+    async def run(begin: bool, pieces: list[tuple[float, bytes]]) -> tuple[Any, ...]:
+        p = Proxy(Limits(idle_timeout=5.0, header_timeout=0.1), begin=begin)
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok"))
+            await p.settle()
+            await p.finish()
+            p.open()
+            p.start()
+            for delay, piece in pieces:
+                await asyncio.sleep(delay)
+                if not p.client.closed:
+                    p.send(piece)
+                await p.settle()
+            await p.ended(2.0)
+        return bytes(p.wire.out), _observed(p)
+
+    head = _get("/ok", extra=CLOSE)
+    for pieces in (
+        [(0.0, head[:10]), (0.02, head[10:])],  # completed in time: answered
+        [(0.0, head[:10]), (0.15, head[10:])],  # not: 408
+        [(0.06, head[:10]), (0.06, head[10:])],  # the deadline runs from accept, not the first byte: 408
+        [(0.0, b"GET http://ok.test/ok HTTP/1.1\r\nBad Field\r\n\r\n")],  # malformed: 400
+    ):
+        new, old = asyncio.run(run(True, pieces)), asyncio.run(run(False, pieces))
+        assert new == old, pieces
+    assert new[0].startswith(b"HTTP/1.1 400 ")
+
+
+def test_a_connection_served_in_its_callbacks_leaves_no_reference_cycle() -> None:
+    async def main() -> None:
+        p = Proxy(begin=True)
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            p.start()
+            p.send(_get("/ok", extra=CLOSE))
+            await p.settle()
+            await p.ended()
+            for _ in range(3):
+                p.open()
+                p.start()
+                p.send(_get("/ok", extra=CLOSE))
+                await p.settle()
+                await p.ended()
+                assert p.client.task is None
+                p.wire.proto = None  # (the test's transport and the connection refer to each other)
+
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        asyncio.run(main())
+        gc.collect()
+        left = sum(isinstance(o, keepalive.KeptAlive) for o in gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == 0
+
+
+def test_waiting_connections_share_one_timer_and_each_keeps_its_deadline() -> None:
+    """Silent new connections opened one after another: one timer for their header deadline, and
+    each gets its 408 when its own deadline comes (not the first one's, not late)."""
+
+    async def main() -> None:
+        p = Proxy(Limits(idle_timeout=5.0, header_timeout=0.3), begin=True)
+        loop = asyncio.get_running_loop()
+        opened: list[tuple[float, Wire, ClientConn]] = []
+        for _ in range(3):
+            p.open()
+            p.start()
+            opened.append((loop.time(), p.wire, p.client))
+            if len(opened) < 3:
+                await asyncio.sleep(0.1)
+        assert len(p.ctx.deadlines) == 3 and len(p.ctx.deadlines.timers) == 1
+        answered: dict[int, float] = {}
+        while len(answered) < 3 and loop.time() < opened[0][0] + 2:
+            for i, (_t, wire, _c) in enumerate(opened):
+                if i not in answered and wire.out:
+                    answered[i] = loop.time()
+            await asyncio.sleep(0.002)
+        for i, (t, wire, client) in enumerate(opened):
+            assert wire.out.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+            assert t + 0.3 - 0.002 <= answered[i] <= t + 0.3 + 0.06, (i, answered[i] - t)
+            p.client = client
+            await p.ended()
+        assert len(p.ctx.deadlines) == 0 and p.ctx.active == 0
 
     asyncio.run(main())
