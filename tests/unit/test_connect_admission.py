@@ -1,11 +1,15 @@
-"""A CONNECT's admission, without sockets: the parsed-head cache (`http_proxy.parse_head`)."""
+"""A CONNECT's admission, without sockets: the parsed-head cache (`http_proxy.parse_head`) and the
+tunnel's deferred log entry (`Gate.finish_log`)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+from typing import Any
 
 import pytest
 
+from bus import records
 from services.proxy import http1, http_proxy
 from services.proxy.context import Limits
 from services.proxy.http_proxy import parse_head
@@ -100,3 +104,58 @@ def test_the_cache_is_bounded() -> None:
     for i in range(http_proxy.CONNECT_HEADS + 5):
         parse_head(b"CONNECT h%d.example:443 HTTP/1.1\r\nHost: h%d.example:443\r\n\r\n" % (i, i), limits)
         assert len(http_proxy._connect_heads) <= http_proxy.CONNECT_HEADS
+
+
+# ---------------------------------------------------------------- the tunnel's deferred log entry
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any]] = []
+
+    def append(self, kind: str, data: Any) -> str:
+        self.records.append((kind, data))
+        return str(len(self.records))
+
+
+class Publisher:
+    def publish(self, topic: str, data: Any) -> None:
+        pass
+
+
+def test_a_deferred_tunnel_entry_is_written_once_with_its_skip_reason() -> None:
+    """`Gate.finish_log` writes what `Gate.record` would have written at the decision, plus the
+    mitm_skip_reason known only once the first bytes were seen; once."""
+    from greyproxy.policy import RuleSet
+    from greyproxy.policy.ruleset import Rule
+    from services.proxy.gate import Gate
+
+    async def main() -> None:
+        g = Gate(Journal(), Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]
+        g.set_rules(RuleSet([Rule.from_dict({"id": 7, "container_pattern": "*", "destination_pattern": "*",
+                                             "action": "allow"})]), 1)  # fmt: skip
+        g.defer_tunnel_logs = True
+        v = await g.admit("alice", "Example.COM", 443, "CONNECT")
+        assert v.allowed and v.log_pending is not None and not g.journal.records  # type: ignore[attr-defined]
+        g.finish_log(v, "mitm_disabled")
+        g.finish_log(v, "non_tls")  # the second call writes nothing
+        ((kind, data),) = g.journal.records  # type: ignore[attr-defined]
+        got = records.log_fields(data)
+        assert kind == "log"
+        assert (got["container_name"], got["destination_host"], got["destination_port"], got["method"]) == (
+            "alice", "example.com", 443, "CONNECT"
+        )  # fmt: skip
+        assert (got["result"], got["rule_id"], got["reason"], got["mitm_skip_reason"]) == (
+            "allowed", 7, "rule", "mitm_disabled"
+        )  # fmt: skip
+        # the same values as the entry written at once (interception off)
+        g.defer_tunnel_logs = False
+        v2 = await g.admit("alice", "Example.COM", 443, "CONNECT")
+        g.finish_log(v2)
+        now = records.log_fields(g.journal.records[1][1])  # type: ignore[attr-defined]
+        for field in ("container_name", "destination_host", "destination_port", "method", "result", "rule_id",
+                      "reason", "rule_summary", "container_id", "resolved_hostname"):  # fmt: skip
+            assert got[field] == now[field], field
+        assert now["mitm_skip_reason"] is None
+
+    asyncio.run(main())
