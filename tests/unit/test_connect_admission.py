@@ -1,0 +1,161 @@
+"""A CONNECT's admission, without sockets: the parsed-head cache (`http_proxy.parse_head`) and the
+tunnel's deferred log entry (`Gate.finish_log`)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import pytest
+
+from bus import records
+from services.proxy import http1, http_proxy
+from services.proxy.context import Limits
+from services.proxy.http_proxy import parse_head
+
+CONNECT = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nUser-Agent: curl/8.5.0\r\n\r\n"
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache() -> None:
+    http_proxy._connect_heads.clear()
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The buffers the real parser was called for."""
+    seen: list[bytes] = []
+    real = http1.parse_request_head
+
+    def counting(buf: bytes, *a: object, **k: object) -> object:
+        seen.append(buf)
+        return real(buf, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(http1, "parse_request_head", counting)
+    return seen
+
+
+def fields(head: http1.RequestHead) -> tuple:
+    return (head.method, head.target, head.version, head.headers, head.host, head.port, head.keep_alive,
+            head.proxy_user, head.proxy_password, head.authority, head.names)  # fmt: skip
+
+
+def test_a_repeated_connect_head_is_parsed_once_and_reads_the_same(parses: list[bytes]) -> None:
+    limits = Limits()
+    first = parse_head(CONNECT, limits)
+    again = parse_head(bytes(CONNECT), limits)
+    assert parses == [CONNECT]
+    assert first is not None and again is not None
+    fresh = http1.parse_request_head(CONNECT, limits.max_header_bytes, limits.max_headers)
+    assert fresh is not None
+    assert again[1] == first[1] == fresh[1] == len(CONNECT)
+    assert fields(again[0]) == fields(fresh[0])
+    # Another destination is another head.
+    other = CONNECT.replace(b"example.com", b"example.org")
+    got = parse_head(other, limits)
+    assert got is not None and got[0].host == "example.org"
+    assert len(parses) == 3
+
+
+@pytest.mark.parametrize(
+    "buf",
+    [
+        # the password must not outlive its connection
+        CONNECT[:-2] + b"Proxy-Authorization: Basic " + base64.b64encode(b"alice:s3cret") + b"\r\n\r\n",
+        # bytes after the head (a client that does not wait for the 200): never the same twice
+        CONNECT + b"\x16\x03\x01\x02\x00",
+        # a long head (the cache is bounded in bytes too)
+        CONNECT[:-2] + b"X-Pad: " + b"p" * 2048 + b"\r\n\r\n",
+        # a plain request
+        b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n",
+        # incomplete
+        CONNECT[:-2],
+    ],
+)
+def test_what_is_not_kept(parses: list[bytes], buf: bytes) -> None:
+    limits = Limits()
+    assert parse_head(buf, limits) == parse_head(buf, limits)
+    assert len(parses) == 2
+    assert not http_proxy._connect_heads
+
+
+def test_a_refused_head_is_refused_every_time(parses: list[bytes]) -> None:
+    bad = b"CONNECT example.com:99999 HTTP/1.1\r\nHost: example.com\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(http1.HttpError, match="bad port"):
+            parse_head(bad, Limits())
+    assert len(parses) == 2 and not http_proxy._connect_heads
+
+
+def test_the_limits_are_applied_to_a_kept_head() -> None:
+    """A head kept under larger limits is still refused under smaller ones (config reload)."""
+    assert parse_head(CONNECT, Limits()) is not None
+    with pytest.raises(http1.HttpError) as exc:
+        parse_head(CONNECT, Limits(max_headers=1))
+    assert exc.value.status == 431
+    with pytest.raises(http1.HttpError) as exc:
+        parse_head(CONNECT, Limits(max_header_bytes=40))
+    assert exc.value.status in (414, 431)
+
+
+def test_the_cache_is_bounded() -> None:
+    limits = Limits()
+    for i in range(http_proxy.CONNECT_HEADS + 5):
+        parse_head(b"CONNECT h%d.example:443 HTTP/1.1\r\nHost: h%d.example:443\r\n\r\n" % (i, i), limits)
+        assert len(http_proxy._connect_heads) <= http_proxy.CONNECT_HEADS
+
+
+# ---------------------------------------------------------------- the tunnel's deferred log entry
+
+
+class Journal:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, Any]] = []
+
+    def append(self, kind: str, data: Any) -> str:
+        self.records.append((kind, data))
+        return str(len(self.records))
+
+
+class Publisher:
+    def publish(self, topic: str, data: Any) -> None:
+        pass
+
+
+def test_a_deferred_tunnel_entry_is_written_once_with_its_skip_reason() -> None:
+    """`Gate.finish_log` writes what `Gate.record` would have written at the decision, plus the
+    mitm_skip_reason known only once the first bytes were seen; once."""
+    from greyproxy.policy import RuleSet
+    from greyproxy.policy.ruleset import Rule
+    from services.proxy.gate import Gate
+
+    async def main() -> None:
+        g = Gate(Journal(), Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]
+        g.set_rules(RuleSet([Rule.from_dict({"id": 7, "container_pattern": "*", "destination_pattern": "*",
+                                             "action": "allow"})]), 1)  # fmt: skip
+        g.defer_tunnel_logs = True
+        v = await g.admit("alice", "Example.COM", 443, "CONNECT")
+        assert v.allowed and v.log_pending is not None and not g.journal.records  # type: ignore[attr-defined]
+        g.finish_log(v, "mitm_disabled")
+        g.finish_log(v, "non_tls")  # the second call writes nothing
+        ((kind, data),) = g.journal.records  # type: ignore[attr-defined]
+        got = records.log_fields(data)
+        assert kind == "log"
+        assert (got["container_name"], got["destination_host"], got["destination_port"], got["method"]) == (
+            "alice", "example.com", 443, "CONNECT"
+        )  # fmt: skip
+        assert (got["result"], got["rule_id"], got["reason"], got["mitm_skip_reason"]) == (
+            "allowed", 7, "rule", "mitm_disabled"
+        )  # fmt: skip
+        # the same values as the entry written at once (interception off)
+        g.defer_tunnel_logs = False
+        v2 = await g.admit("alice", "Example.COM", 443, "CONNECT")
+        g.finish_log(v2)
+        now = records.log_fields(g.journal.records[1][1])  # type: ignore[attr-defined]
+        for field in ("container_name", "destination_host", "destination_port", "method", "result", "rule_id",
+                      "reason", "rule_summary", "container_id", "resolved_hostname"):  # fmt: skip
+            assert got[field] == now[field], field
+        assert now["mitm_skip_reason"] is None
+
+    asyncio.run(main())
