@@ -368,4 +368,7 @@ async def handle_http(client: ClientConn) -> None:
     finally:
         if fast is not None:
             fast.close()
+            # Compiled (Cython), a coroutine's locals live in the scope its inner functions share,
+            # which they refer back to: a cycle only the collector frees. Not with the cycle in it.
+            fast = None
         release()

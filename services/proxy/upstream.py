@@ -61,7 +61,11 @@ async def _resolve(loop: asyncio.AbstractEventLoop, host: str, port: int, timeou
     hit = _addresses.get((host, port))
     if hit is not None and hit[1] > now:
         return hit[0]
-    addrs = await _lookup(loop, host, port, timeout)
+    lookup = _lookup(loop, host, port, timeout)
+    # Its deadline (asyncio.timeout) needs a task: a request step driven by hand from a
+    # connection's callbacks (keepalive.py) has none, so the lookup gets one of its own there,
+    # which the step then waits for as it would for any future (and hands over to the handler).
+    addrs = await (lookup if asyncio.current_task(loop) is not None else loop.create_task(lookup))
     if len(_addresses) >= ADDRESS_CACHE:
         _addresses.clear()
     _addresses[(host, port)] = (addrs, now + ADDRESS_TTL)

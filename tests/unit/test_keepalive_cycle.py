@@ -767,6 +767,46 @@ def test_a_first_request_that_needs_a_hold_waits_in_the_handler() -> None:
     assert new[1].count(b"hello") == 2 and len(new[2]["origins"]) == 1  # on the parked upstream
 
 
+def test_a_first_request_judged_by_its_addresses_looks_them_up_in_the_handler() -> None:
+    """An address rule makes the gate look the name up (with its deadline, which needs a task): the
+    step begun in the callbacks waits for the lookup like any other wait and goes on in the handler,
+    with the same answers as a handler started at accept (it raised "Timeout should be used inside a
+    task" before)."""
+    rules = [
+        *RULES,
+        Rule(id=4, container_pattern="*", destination_pattern="localhost"),
+        Rule(id=5, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern="81", action="deny"),
+        Rule(id=6, container_pattern="*", destination_pattern="10.0.0.0/8", port_pattern="82", action="deny"),
+    ]
+    asks = [_get("/ok", host=h, extra=CLOSE) for h in ("localhost:81", "localhost:82", "localhost:82")]
+
+    async def run(begin: bool) -> tuple[list[bytes], dict[str, Any]]:
+        p = Proxy(begin=begin)
+        p.gate.set_rules(RuleSet(rules), 2)
+        answers = []
+        with mock.patch.object(http_proxy, "connect", p.connect):
+            for i, ask in enumerate(asks):
+                if i:
+                    p.open()
+                p.start()
+                # from a loop callback, as a transport delivers it: no current task
+                asyncio.get_running_loop().call_soon(p.send, ask)
+                for _ in range(100):  # the lookup runs in the resolver's thread
+                    await p.settle(5)
+                    if p.wire.closing or p.client.closed:
+                        break
+                    await asyncio.sleep(0.005)
+                await p.finish()
+                answers.append(bytes(p.wire.out))
+        return answers, _observed(p)
+
+    new, old = asyncio.run(run(True)), asyncio.run(run(False))
+    assert new == old
+    denied, allowed, again = new[0]
+    assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert allowed.endswith(b"hello") and again.endswith(b"hello")
+
+
 def test_claimed_names_on_new_connections() -> None:
     """A claimed name's secret is verified once (scrypt, in the handler); later connections presenting
     it are served in the callbacks; a wrong secret is refused by the handler (407): the same both ways."""
