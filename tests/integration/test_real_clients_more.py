@@ -120,4 +120,3 @@ def test_a_client_that_stays_is_still_held_then_allowed(stack: Stack, origin: in
     out, _ = curl.communicate(timeout=15)
     assert out == "reached\n 200", out
     assert "/stayed" in SEEN
-
