@@ -140,6 +140,7 @@ class ClientConn(Conn):
         "identity_token",
         "counted",
         "detached",
+        "_gone_fut",
     )
 
     def __init__(
@@ -166,6 +167,7 @@ class ClientConn(Conn):
         self.counted = False  # in ctx.active (from accept until `finish`)
         # Outlives its handler's task: a spliced tunnel (tunnel.py) calls `finish` once both ends closed.
         self.detached = False
+        self._gone_fut: asyncio.Future | None = None  # made by `gone` (a hold only)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -242,12 +244,30 @@ class ClientConn(Conn):
         self.close()
 
     def gone(self) -> asyncio.Future:
-        """A future that completes when the client disconnects (ends a hold early)."""
-        if self._closed_fut is None:
-            self._closed_fut = (self._loop or self._bind_loop()).create_future()
-            if self.closed:
-                self._closed_fut.set_result(None)
-        return self._closed_fut
+        """A future that completes when the client disconnects or ends its sending side (ends a hold
+        early). A held client has had no answer yet: its FIN is what curl --max-time, requests'
+        and httpx's timeouts send when they give up (a reset is rare), so it counts as gone, as
+        nginx counts a client's close while its request waits upstream."""
+        fut = self._gone_fut
+        if fut is None:
+            fut = self._gone_fut = (self._loop or self._bind_loop()).create_future()
+            if self.closed or self.eof:
+                fut.set_result(None)
+        return fut
+
+    def _left(self) -> None:
+        fut = self._gone_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def eof_received(self) -> bool:
+        keep_open = super().eof_received()
+        self._left()
+        return keep_open
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._left()
 
 
 def default_identity(conn: ClientConn) -> str:
