@@ -456,13 +456,16 @@ class Gate:
         self.close_revoked()
 
     def close_revoked(self) -> int:
-        """Close live connections whose allowing rule was deleted or no longer allows them."""
+        """Close live connections whose allowing rule was deleted or turned to deny (SPEC §2.4), unless
+        another rule allows them now. A rule that only expired keeps what it let in: expiry ends what
+        the rule admits from then on, not the connections it admitted (an "allow once" rule expires
+        30 s after the approval it answered; a clone or a stream it let through goes on)."""
         closed = 0
         for cid, lc in list(self.live.items()):
             if lc.rule_id is None:
                 continue
             rule = self.rules.get(lc.rule_id)
-            if rule is not None and rule.action == "allow" and rule.is_active():
+            if rule is not None and rule.action == "allow":
                 continue
             d = self.rules.decide(lc.container, lc.host, lc.port, resolved_hostname=lc.resolved)
             if d.rule is not None and d.rule.action == "allow":

@@ -97,9 +97,9 @@ class RuleLoader:
             await asyncio.sleep(VERSION_CHECK_EVERY)
             try:
                 await self.reload()
-                # An expired rule changes the answer without changing the version.
+                # An expired rule changes the answer without changing the version (the held
+                # connections are judged again; the live ones it let in stay, see close_revoked).
                 self.gate.reevaluate_holds()
-                self.gate.close_revoked()
             except Exception:
                 log.exception("rule version check failed")
 

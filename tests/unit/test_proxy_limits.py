@@ -336,6 +336,30 @@ def test_a_revoked_rule_closes_a_spliced_tunnel() -> None:
     run(main())
 
 
+def test_an_expired_rule_keeps_the_tunnel_it_let_in_and_a_delete_closes_it() -> None:
+    """"Allow once" is a rule expiring 30 s after the approval: the held connection it released goes
+    on past that (SPEC §2.4 closes on delete or deny); deleting the expired rule closes it."""
+    import time
+
+    from greyproxy.policy import Rule, RuleSet
+
+    async def main() -> None:
+        ctx = _tunnel_ctx()
+        soon = time.time() + 0.05
+        ctx.gate.set_rules(RuleSet([Rule(8, "*", "example.com", action="allow", expires_at=soon)]), 2)
+        client, upstream, _task = await _spliced_tunnel(ctx)
+        await asyncio.sleep(0.1)
+        assert not ctx.gate.rules.get(8).is_active()  # type: ignore[union-attr]
+        ctx.gate.reevaluate_holds()  # what the rule watcher does on its clock
+        assert ctx.gate.close_revoked() == 0 and not client.closed and len(ctx.gate.live) == 1
+        ctx.gate.set_rules(RuleSet([]), 3)  # maintenance deletes it (or a person does)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert client.closed and upstream.closed and ctx.gate.live == {}
+
+    run(main())
+
+
 def test_a_tunnel_whose_ends_closed_before_the_splice_ends_at_once() -> None:
     async def main() -> None:
         ctx = _tunnel_ctx()
