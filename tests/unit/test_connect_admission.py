@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Any
 
 import pytest
 
@@ -13,6 +12,7 @@ from bus import records
 from services.proxy import http1, http_proxy
 from services.proxy.context import Limits
 from services.proxy.http_proxy import parse_head
+from harness.fakes import Journal, Publisher
 
 CONNECT = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nUser-Agent: curl/8.5.0\r\n\r\n"
 
@@ -107,20 +107,6 @@ def test_the_cache_is_bounded() -> None:
 
 
 # ---------------------------------------------------------------- the tunnel's deferred log entry
-
-
-class Journal:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, Any]] = []
-
-    def append(self, kind: str, data: Any) -> str:
-        self.records.append((kind, data))
-        return str(len(self.records))
-
-
-class Publisher:
-    def publish(self, topic: str, data: Any) -> None:
-        pass
 
 
 def test_a_deferred_tunnel_entry_is_written_once_with_its_skip_reason() -> None:

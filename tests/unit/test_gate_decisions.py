@@ -14,20 +14,7 @@ from hypothesis import strategies as st
 from bus import records
 from greyproxy.policy import Rule, RuleSet
 from services.proxy.gate import Gate
-
-
-class Journal:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, Any]] = []
-
-    def append(self, kind: str, data: Any) -> str:
-        self.records.append((kind, data))
-        return str(len(self.records))
-
-
-class Publisher:
-    def publish(self, topic: str, data: Any) -> None:
-        pass
+from harness.fakes import Journal, Publisher
 
 
 def gate_with(*rules: Rule) -> Gate:

@@ -18,20 +18,7 @@ from bus import records
 from greyproxy.policy import Rule, RuleSet
 from services.proxy.gate import Gate
 from harness.fuzz import examples
-
-
-class Journal:
-    def __init__(self) -> None:
-        self.records: list[tuple[str, Any]] = []
-
-    def append(self, kind: str, data: Any) -> str:
-        self.records.append((kind, data))
-        return str(len(self.records))
-
-
-class Publisher:
-    def publish(self, topic: str, data: Any) -> None:
-        pass
+from harness.fakes import Journal, Publisher
 
 
 BUILTINS = [Rule(90, "*", h, "*", "allow", "builtin") for h in ("localhost", "127.0.0.1", "::1")]
