@@ -337,7 +337,7 @@ def test_a_revoked_rule_closes_a_spliced_tunnel() -> None:
 
 
 def test_an_expired_rule_keeps_the_tunnel_it_let_in_and_a_delete_closes_it() -> None:
-    """"Allow once" is a rule expiring 30 s after the approval: the held connection it released goes
+    """ "Allow once" is a rule expiring 30 s after the approval: the held connection it released goes
     on past that (SPEC §2.4 closes on delete or deny); deleting the expired rule closes it."""
     import time
 
