@@ -11,7 +11,8 @@ check's quick answer) and the exchange is `exchange.Exchange` (`send`, `step`), 
 the same answers and the same records.
 
 It serves a connection from its start (`begin`, the HTTP listener's: a new connection's first
-request, on an upstream parked in the pool for the same client and destination), and the handler's
+request, on an upstream parked in the pool for the same client and destination; or its CONNECT:
+decision, upstream connect (`upstream.Connecting`), 200 and the tunnel's first look), and the handler's
 task starts only when it hands the connection over; and it serves a handler's connection again
 (`serve`) once a request left a clean upstream. A connection it served to its end (the client's
 `Connection: close`, its close, its idle deadline) never had a task: the cycle releases the
@@ -23,9 +24,12 @@ reached, with what was done so far (`Handover`):
     READ      the client's bytes are not a complete head, or it closed with bytes unread, or its
               first head did not come in time: read it as usual (under the first head's deadline)
     HEAD      a complete head this cycle does not serve (a new destination, a chunked body or one
-              not all here, an upgrade, CONNECT, a name to look up, a secret to verify or refuse,
-              a connection cap, a bad scheme...): nothing of it consumed
+              not all here, an upgrade, a CONNECT after other requests, a name to look up, a secret
+              to verify or refuse, a connection cap, a bad scheme...): nothing of it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
+              (a CONNECT's: its decision, `admit`; the handler then connects)
+    TUNNEL    a CONNECT admitted: its upstream needs a name looked up (`connect` in the handler),
+              or its tunnel (`run_tunnel`) waits a second time: the suspended coroutine
     EXCHANGE  the answer needs the handler (a 1xx, a head split over reads, the origin closing
               before the head, a client whose buffer is full in the middle of the body): the
               exchange in its state, continued by `Exchange.proceed`; or (no exchange) a first
