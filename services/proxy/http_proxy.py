@@ -22,7 +22,7 @@ from .exchange import STALE, Exchange, upstream_version
 from .gate import Verdict
 from .hooks import Flow, Refusal
 from .identities import IdentityGuard
-from .httpio import error_response, read_head
+from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
 from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, TUNNEL, Handover, KeptAlive, Prepared, close_both, resume
 from .pool import usable
 from .tunnel import run_tunnel
@@ -31,35 +31,6 @@ from .upstream import UpstreamFailure, connect
 log = logging.getLogger("greyproxy.proxy")
 
 FORBIDDEN_BODY = "Blocked by Greyproxy: this destination is not allowed"
-
-# Parsed CONNECT heads by their exact bytes. A client opens its tunnels to a destination with the
-# same head every time (curl, Node, Python clients: request line, Host, User-Agent,
-# Proxy-Connection), and parsing it costs more than the rest of the tunnel's admission. The parse is
-# a pure function of the bytes and the limits, so a hit gives the same head, the same answers and
-# the same records. Kept only for a CONNECT head that is the whole buffer (nothing pipelined after
-# it) and carries no Proxy-Authorization (its password is not kept past its connection). The heads
-# are shared: nothing changes a CONNECT head once parsed. Bounded: heads of up to CONNECT_HEAD_BYTES
-# (a client's are ~100-300 bytes), and past CONNECT_HEADS of them it starts over (at most 2 MiB).
-CONNECT_HEADS = 1024
-CONNECT_HEAD_BYTES = 2048
-_connect_heads: dict[bytes, tuple[http1.RequestHead, int, int, int]] = {}
-
-
-def parse_head(buf: bytes, limits: Limits) -> tuple[http1.RequestHead, int] | None:
-    """`http1.parse_request_head` under the connection limits; CONNECT heads through `_connect_heads`."""
-    if buf[:8] != b"CONNECT ":
-        return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-    hit = _connect_heads.get(buf)
-    if hit is not None and hit[2] == limits.max_header_bytes and hit[3] == limits.max_headers:
-        return hit[0], hit[1]
-    got = http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-    if (
-        got is not None and got[1] == len(buf) <= CONNECT_HEAD_BYTES and "proxy-authorization" not in got[0].names  # type: ignore[operator]
-    ):
-        if len(_connect_heads) >= CONNECT_HEADS:
-            _connect_heads.clear()
-        _connect_heads[buf] = (got[0], got[1], limits.max_header_bytes, limits.max_headers)
-    return got
 
 
 def cap_response(cap: str, identity: str, limits: Limits) -> bytes:

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
-from .httpio import error_response
+from .httpio import error_response, parse_head
 from .pool import usable
 from .tunnel import run_tunnel
 from .upstream import Connecting, UpstreamFailure
@@ -396,7 +396,7 @@ class KeptAlive:
             return
         limits = self.limits
         try:
-            got = http1.parse_request_head(bytes(buf), limits.max_header_bytes, limits.max_headers)
+            got = parse_head(bytes(buf), limits)  # (a CONNECT head seen before: not parsed again)
         except http1.HttpError:
             got = None  # the handler's read answers it
         if got is None:

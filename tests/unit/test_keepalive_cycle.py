@@ -1165,3 +1165,22 @@ def test_any_sequence_of_new_connects_gives_the_same_both_ways(
 ) -> None:
     new, old = tunnels_both_ways(conns, tmp_path, hook)
     assert _without_tasks(new) == _without_tasks(old)
+
+
+def test_a_repeated_connect_head_is_parsed_once_in_the_callbacks(tmp_path: Any) -> None:
+    """The request cycle parses heads as the handler does (`parse_head`): a CONNECT head seen before
+    is not parsed again."""
+    from services.proxy import http1
+
+    http_proxy._connect_heads.clear()
+    seen: list[bytes] = []
+    real = http1.parse_request_head
+
+    def counting(buf: bytes, *a: Any) -> Any:
+        seen.append(buf)
+        return real(buf, *a)
+
+    with mock.patch.object(http1, "parse_request_head", counting):
+        new, _old = tunnels_both_ways([[_connect_head("ok.test"), INSIDE]] * 3, tmp_path)
+    assert [out for out, _t in new["clients"]] == [b"HTTP/1.1 200 Connection established\r\n\r\n" + OK] * 3
+    assert seen.count(_connect_head("ok.test")) == 1  # once for both runs (one cache), not per connection
