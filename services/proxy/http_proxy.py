@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from . import http1
 from .conn import Conn
@@ -21,8 +22,8 @@ from .exchange import STALE, Exchange, upstream_version
 from .gate import Verdict
 from .hooks import Flow, Refusal
 from .identities import IdentityGuard
-from .httpio import error_response, read_head
-from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, Handover, KeptAlive, Prepared, close_both, resume
+from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
+from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, TUNNEL, Handover, KeptAlive, Prepared, close_both, resume
 from .pool import usable
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
@@ -30,35 +31,6 @@ from .upstream import UpstreamFailure, connect
 log = logging.getLogger("greyproxy.proxy")
 
 FORBIDDEN_BODY = "Blocked by Greyproxy: this destination is not allowed"
-
-# Parsed CONNECT heads by their exact bytes. A client opens its tunnels to a destination with the
-# same head every time (curl, Node, Python clients: request line, Host, User-Agent,
-# Proxy-Connection), and parsing it costs more than the rest of the tunnel's admission. The parse is
-# a pure function of the bytes and the limits, so a hit gives the same head, the same answers and
-# the same records. Kept only for a CONNECT head that is the whole buffer (nothing pipelined after
-# it) and carries no Proxy-Authorization (its password is not kept past its connection). The heads
-# are shared: nothing changes a CONNECT head once parsed. Bounded: heads of up to CONNECT_HEAD_BYTES
-# (a client's are ~100-300 bytes), and past CONNECT_HEADS of them it starts over (at most 2 MiB).
-CONNECT_HEADS = 1024
-CONNECT_HEAD_BYTES = 2048
-_connect_heads: dict[bytes, tuple[http1.RequestHead, int, int, int]] = {}
-
-
-def parse_head(buf: bytes, limits: Limits) -> tuple[http1.RequestHead, int] | None:
-    """`http1.parse_request_head` under the connection limits; CONNECT heads through `_connect_heads`."""
-    if buf[:8] != b"CONNECT ":
-        return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-    hit = _connect_heads.get(buf)
-    if hit is not None and hit[2] == limits.max_header_bytes and hit[3] == limits.max_headers:
-        return hit[0], hit[1]
-    got = http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-    if (
-        got is not None and got[1] == len(buf) <= CONNECT_HEAD_BYTES and "proxy-authorization" not in got[0].names  # type: ignore[operator]
-    ):
-        if len(_connect_heads) >= CONNECT_HEADS:
-            _connect_heads.clear()
-        _connect_heads[buf] = (got[0], got[1], limits.max_header_bytes, limits.max_headers)
-    return got
 
 
 def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
@@ -172,10 +144,43 @@ async def prepare(client: ClientConn, head: http1.RequestHead, container: str) -
     return verdict, t, flow.render(upstream_version(head))
 
 
+async def admit_connect(client: ClientConn, head: http1.RequestHead, container: str) -> Verdict | None:
+    """A CONNECT's decision: its verdict when allowed (its log entry still to write: `run_tunnel` or
+    the connect failure writes it), None when answered here (403) or the client left meanwhile.
+    Usually it does not wait: the request cycle (keepalive.py) then runs it without a task."""
+    gate = client.ctx.gate
+    verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone)
+    if client.closed:
+        gate.finish_log(verdict)
+        return None
+    if not verdict.allowed:
+        client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+        return None
+    return verdict
+
+
+async def open_tunnel(
+    client: ClientConn, head: http1.RequestHead, container: str, verdict: Verdict, release: Callable[[], None]
+) -> None:
+    """An admitted CONNECT's upstream connect (502/504/403 when it fails), its 200 and its tunnel;
+    `release`: the handler's, for an upstream kept from earlier requests."""
+    ctx = client.ctx
+    try:
+        up = await connect(head.host, head.port, ctx.limits.connect_timeout, ctx.guard)
+    except UpstreamFailure as exc:
+        ctx.gate.finish_log(verdict)
+        client.write(error_response(*exc.http_answer()))
+        return
+    release()
+    client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+    await run_tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
+
+
 def begin_http(client: ClientConn) -> None:
-    """The HTTP listener's start of a connection (`ClientConn.begin`): its requests are served in its
-    callbacks while nothing needs waiting (keepalive.py); `handle_http` takes over where that stops."""
-    KeptAlive(client, prepare, identity_passed).begin(default_identity(client))
+    """The HTTP listener's start of a connection (`ClientConn.begin`): its requests, and a CONNECT's
+    admission, upstream connect and tunnel, are served in its callbacks while nothing needs waiting
+    (keepalive.py); `handle_http` takes over where that stops."""
+    KeptAlive(client, prepare, identity_passed, admit_connect).begin(default_identity(client))
 
 
 async def handle_http(client: ClientConn) -> None:
@@ -268,6 +273,11 @@ async def handle_http(client: ClientConn) -> None:
     async def resumed(h: Handover) -> bool:
         """A request the kept-alive cycle began and handed over; whether the client connection goes on."""
         assert h.head is not None
+        if h.head.method == "CONNECT":  # (PREPARE: its decision waits)
+            verdict = await resume(h.coro, h.waiting)  # type: ignore[arg-type]
+            if verdict is not None:
+                await open_tunnel(client, h.head, identity, verdict, release)
+            return False
         if h.kind is PREPARE:
             prepared = await resume(h.coro, h.waiting)  # type: ignore[arg-type]
             return prepared is not None and await exchange(h.head, prepared)
@@ -297,6 +307,13 @@ async def handle_http(client: ClientConn) -> None:
                     return
                 if handed.kind is RAISE:
                     raise handed.exc  # type: ignore[misc]
+                if handed.kind is TUNNEL:
+                    if handed.coro is not None:  # the tunnel, past its first wait
+                        await resume(handed.coro, handed.waiting)
+                    else:  # admitted, its upstream to connect
+                        assert handed.head is not None and handed.verdict is not None
+                        await open_tunnel(client, handed.head, identity, handed.verdict, release)
+                    return
                 if handed.kind is PREPARE or handed.kind is EXCHANGE:
                     h, handed = handed, None
                     if not await resumed(h):
@@ -344,22 +361,9 @@ async def handle_http(client: ClientConn) -> None:
                 return
 
             if head.method == "CONNECT":
-                verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone)
-                if client.closed:
-                    gate.finish_log(verdict)
-                    return
-                if not verdict.allowed:
-                    client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
-                    return
-                try:
-                    up = await connect(head.host, head.port, limits.connect_timeout, ctx.guard)
-                except UpstreamFailure as exc:
-                    gate.finish_log(verdict)
-                    client.write(error_response(*exc.http_answer()))
-                    return
-                release()
-                client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                await run_tunnel(ctx, client, up, container, head.host, head.port, verdict, "CONNECT")
+                verdict = await admit_connect(client, head, container)
+                if verdict is not None:
+                    await open_tunnel(client, head, container, verdict, release)
                 return
 
             prepared = await prepare(client, head, container)

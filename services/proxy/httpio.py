@@ -19,9 +19,40 @@ from .conn import ConnClosed
 if TYPE_CHECKING:
     from .pipeline import Stream
 
-__all__ = ["body_error", "cancel", "error_response", "phrase", "read_head", "relay_body", "start_body"]
+__all__ = ["body_error", "cancel", "error_response", "parse_head", "phrase", "read_head", "relay_body", "start_body"]
 
 T = TypeVar("T")
+
+# Parsed CONNECT heads by their exact bytes. A client opens its tunnels to a destination with the
+# same head every time (curl, Node, Python clients: request line, Host, User-Agent,
+# Proxy-Connection), and parsing it costs more than the rest of the tunnel's admission. The parse is
+# a pure function of the bytes and the limits, so a hit gives the same head, the same answers and
+# the same records. Kept only for a CONNECT head that is the whole buffer (nothing pipelined after
+# it) and carries no Proxy-Authorization (its password is not kept past its connection). The heads
+# are shared: nothing changes a CONNECT head once parsed. Bounded: heads of up to CONNECT_HEAD_BYTES
+# (a client's are ~100-300 bytes), and past CONNECT_HEADS of them it starts over (at most 2 MiB).
+CONNECT_HEADS = 1024
+CONNECT_HEAD_BYTES = 2048
+_connect_heads: dict[bytes, tuple[http1.RequestHead, int, int, int]] = {}
+
+
+def parse_head(buf: bytes, limits: Any) -> tuple[http1.RequestHead, int] | None:
+    """`http1.parse_request_head` under the connection limits (`context.Limits`); CONNECT heads
+    through `_connect_heads`. The HTTP listener's parse of a request head, in its handler and its
+    request cycle alike (keepalive.py)."""
+    if buf[:8] != b"CONNECT ":
+        return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
+    hit = _connect_heads.get(buf)
+    if hit is not None and hit[2] == limits.max_header_bytes and hit[3] == limits.max_headers:
+        return hit[0], hit[1]
+    got = http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
+    if (
+        got is not None and got[1] == len(buf) <= CONNECT_HEAD_BYTES and "proxy-authorization" not in got[0].names  # type: ignore[operator]
+    ):
+        if len(_connect_heads) >= CONNECT_HEADS:
+            _connect_heads.clear()
+        _connect_heads[buf] = (got[0], got[1], limits.max_header_bytes, limits.max_headers)
+    return got
 
 
 async def read_head(

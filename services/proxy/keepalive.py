@@ -11,7 +11,8 @@ check's quick answer) and the exchange is `exchange.Exchange` (`send`, `step`), 
 the same answers and the same records.
 
 It serves a connection from its start (`begin`, the HTTP listener's: a new connection's first
-request, on an upstream parked in the pool for the same client and destination), and the handler's
+request, on an upstream parked in the pool for the same client and destination; or its CONNECT:
+decision, upstream connect (`upstream.Connecting`), 200 and the tunnel's first look), and the handler's
 task starts only when it hands the connection over; and it serves a handler's connection again
 (`serve`) once a request left a clean upstream. A connection it served to its end (the client's
 `Connection: close`, its close, its idle deadline) never had a task: the cycle releases the
@@ -23,9 +24,12 @@ reached, with what was done so far (`Handover`):
     READ      the client's bytes are not a complete head, or it closed with bytes unread, or its
               first head did not come in time: read it as usual (under the first head's deadline)
     HEAD      a complete head this cycle does not serve (a new destination, a chunked body or one
-              not all here, an upgrade, CONNECT, a name to look up, a secret to verify or refuse,
-              a connection cap, a bad scheme...): nothing of it consumed
+              not all here, an upgrade, a CONNECT after other requests, a name to look up, a secret
+              to verify or refuse, a connection cap, a bad scheme...): nothing of it consumed
     PREPARE   the request steps have to wait (a hold, a lookup, a hook): the suspended coroutine
+              (a CONNECT's: its decision, `admit`; the handler then connects)
+    TUNNEL    a CONNECT admitted: its upstream needs a name looked up (`connect` in the handler),
+              or its tunnel (`run_tunnel`) waits a second time: the suspended coroutine
     EXCHANGE  the answer needs the handler (a 1xx, a head split over reads, the origin closing
               before the head, a client whose buffer is full in the middle of the body): the
               exchange in its state, continued by `Exchange.proceed`; or (no exchange) a first
@@ -52,7 +56,10 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
+from .httpio import error_response, parse_head
 from .pool import usable
+from .tunnel import run_tunnel
+from .upstream import Connecting, UpstreamFailure
 
 if TYPE_CHECKING:
     from .context import ClientConn
@@ -69,6 +76,7 @@ __all__ = [
     "PREPARE",
     "RAISE",
     "READ",
+    "TUNNEL",
     "Handover",
     "KeptAlive",
     "Prepared",
@@ -82,8 +90,10 @@ Prepared = tuple["Verdict", "Txn | None", bytes]
 PrepareFn = Callable[["ClientConn", http1.RequestHead, str], Coroutine[Any, Any, "Prepared | None"]]
 # The identity check's answer without waiting (http_proxy.identity_passed): False when the handler must check
 QuickFn = Callable[["ClientConn", "IdentityGuard", str, http1.RequestHead], bool]
+# A CONNECT's decision (http_proxy.admit_connect): its verdict when allowed, None when answered
+AdmitFn = Callable[["ClientConn", http1.RequestHead, str], Coroutine[Any, Any, "Verdict | None"]]
 
-READ, HEAD, PREPARE, EXCHANGE, END, RAISE = "read", "head", "prepare", "exchange", "end", "raise"
+READ, HEAD, PREPARE, EXCHANGE, TUNNEL, END, RAISE = "read", "head", "prepare", "exchange", "tunnel", "end", "raise"
 
 # not serving; waiting for the next request; for the answer; for more of its body
 _OFF, _IDLE, _AWAIT, _BODY = 0, 1, 2, 3
@@ -92,7 +102,7 @@ _OFF, _IDLE, _AWAIT, _BODY = 0, 1, 2, 3
 class Handover:
     """Where the handler's coroutine takes over (see the module doc); the fields its `kind` uses."""
 
-    __slots__ = ("kind", "got", "head", "coro", "waiting", "prepared", "exchange", "exc")
+    __slots__ = ("kind", "got", "head", "coro", "waiting", "prepared", "exchange", "verdict", "exc")
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -102,6 +112,7 @@ class Handover:
         self.waiting: Any = None  # PREPARE: what they wait for (the future they yielded)
         self.prepared: Prepared | None = None  # EXCHANGE
         self.exchange: Exchange | None = None  # EXCHANGE (None: not sent, no upstream yet)
+        self.verdict: Verdict | None = None  # TUNNEL: the CONNECT's (allowed) verdict
         self.exc: BaseException | None = None  # RAISE
 
 
@@ -147,6 +158,7 @@ class KeptAlive:
         "limits",
         "prepare",
         "quick",
+        "admit",
         "gate",
         "loop",
         "state",
@@ -158,6 +170,8 @@ class KeptAlive:
         "exchange",
         "head",
         "prepared",
+        "verdict",
+        "tunnel",
         "first",
         "header_deadline",
         "handed",
@@ -168,11 +182,12 @@ class KeptAlive:
         "_timeout",
     )
 
-    def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn) -> None:
+    def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn, admit: AdmitFn | None = None) -> None:
         ctx = client.ctx
         self.client, self.limits, self.gate = client, ctx.limits, ctx.gate
         self.prepare = prepare  # the request steps (http_proxy.prepare)
         self.quick = quick  # the identity check without waiting (http_proxy.identity_passed)
+        self.admit = admit  # a CONNECT's decision (http_proxy.admit_connect); None: CONNECT goes to the handler
         self.loop = client._loop or asyncio.get_running_loop()
         self.state = _OFF
         self.identity = ""
@@ -183,6 +198,8 @@ class KeptAlive:
         self.exchange: Exchange | None = None
         self.head: http1.RequestHead | None = None
         self.prepared: Prepared | None = None
+        self.verdict: Verdict | None = None  # a CONNECT's while its upstream connects
+        self.tunnel: Coroutine[Any, Any, None] | None = None  # `run_tunnel` while it waits for the first bytes
         self.first = True  # no request head taken from this connection yet
         self.header_deadline = 0.0  # the first head's deadline (time.monotonic), from `begin`
         self.handed: Handover | None = None  # where the handler's task starts (a connection `begin` took)
@@ -273,7 +290,8 @@ class KeptAlive:
                 self.client.ctx.pool.put(self.key, upstream)
             else:
                 upstream.close()
-        self.client.finish()
+        if not self.client.detached:  # (a spliced tunnel's client is finished by the tunnel)
+            self.client.finish()
 
     # -- deadlines --
     def _arm(self, timeout: float) -> None:
@@ -378,7 +396,11 @@ class KeptAlive:
             return
         limits = self.limits
         try:
-            got = http1.parse_request_head(bytes(buf), limits.max_header_bytes, limits.max_headers)
+            data = bytes(buf)
+            if data[:8] == b"CONNECT ":
+                got = parse_head(data, limits)  # (a CONNECT head seen before: not parsed again)
+            else:  # (what parse_head does for the others, one call less on every new connection)
+                got = http1.parse_request_head(data, limits.max_header_bytes, limits.max_headers)
         except http1.HttpError:
             got = None  # the handler's read answers it
         if got is None:
@@ -386,7 +408,10 @@ class KeptAlive:
             return
         head, n = got
         try:
-            servable = self._servable(head, len(buf) - n)
+            if head.method == "CONNECT":
+                servable = self.admit is not None and self.upstream is None and self._admissible(head)
+            else:
+                servable = self._servable(head, len(buf) - n)
         except BaseException as exc:  # what the handler's identity steps would have raised
             h = Handover(RAISE)
             h.exc = exc
@@ -399,7 +424,10 @@ class KeptAlive:
             return
         del buf[:n]
         self.first = False
-        self._request(head)
+        if head.method == "CONNECT":
+            self._connect(head)
+        else:
+            self._request(head)
 
     def _servable(self, head: http1.RequestHead, buffered: int) -> bool:
         """This cycle serves `head`, `buffered` bytes after it already here (else the handler does,
@@ -413,12 +441,18 @@ class KeptAlive:
             and head.upgrade is None
         ):
             return False
-        client, upstream = self.client, self.upstream
-        name = head.proxy_user or self.identity
+        upstream = self.upstream
         if upstream is not None:
+            name = head.proxy_user or self.identity
             # the kept upstream serves it: the same client and destination, clean
             if not (self.clean and self.key == (name, head.host, head.port) and usable(upstream)):
                 return False
+        return self._admissible(head)
+
+    def _admissible(self, head: http1.RequestHead) -> bool:
+        """The handler's identity steps for `head` answered at once (see `_servable`)."""
+        client = self.client
+        name = head.proxy_user or self.identity
         ctx = client.ctx
         if not head.proxy_user and ctx.docker is not None and client.identity is None:
             return False  # the container's name is looked up first
@@ -487,6 +521,93 @@ class KeptAlive:
         self.state = _AWAIT  # the answer comes in the upstream's callback (its buffer was empty)
         self._arm(self.limits.idle_timeout)
         upstream.resume_reading()
+
+    # -- a CONNECT (a new tunnel) --
+    def _connect(self, head: http1.RequestHead) -> None:
+        """A CONNECT the handler's identity steps passed at once: its decision (`admit`, driven by
+        hand as `prepare` is), then the upstream connect (`Connecting`), the 200 and the tunnel, as
+        the handler's CONNECT steps do; handed over where one of them has to wait."""
+        self.close()  # the first head's deadline is met
+        self._unwatch()  # the client's bytes wait in its buffer for the tunnel (as in the handler)
+        coro = self.admit(self.client, head, self.identity)  # type: ignore[misc]
+        try:
+            waiting = coro.send(None)
+        except StopIteration as stop:
+            verdict = stop.value
+        except BaseException as exc:
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
+            return
+        else:
+            h = Handover(PREPARE)  # a hold: the handler waits for the decision, then connects
+            h.head, h.coro, h.waiting = head, coro, waiting
+            self._hand(h)
+            return
+        if verdict is None:
+            self._hand(Handover(END))  # answered (403) or the client left
+            return
+        self.head, self.verdict = head, verdict
+        c = Connecting(
+            head.host, head.port, self.limits.connect_timeout, self.client.ctx.guard, self._connected, self.loop
+        )
+        try:
+            started = c.start()
+        except BaseException as exc:
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
+            return
+        if not started:
+            self._hand_tunnel(head, verdict)  # a name to look up: the handler's `connect`
+
+    def _hand_tunnel(self, head: http1.RequestHead, verdict: Verdict) -> None:
+        h = Handover(TUNNEL)
+        h.head, h.verdict = head, verdict
+        self._hand(h)
+
+    def _connected(self, up: Conn | None, failure: UpstreamFailure | None) -> None:
+        """The tunnel's upstream connect is over (`Connecting`)."""
+        head, verdict = self.head, self.verdict
+        self.head = self.verdict = None
+        assert head is not None and verdict is not None
+        client = self.client
+        if up is None:
+            if failure is None:  # every cached address failed: the handler looks the name up again
+                self._hand_tunnel(head, verdict)
+                return
+            self.gate.finish_log(verdict)
+            client.write(error_response(*failure.http_answer()))
+            self._hand(Handover(END))
+            return
+        client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        self.tunnel = run_tunnel(client.ctx, client, up, self.identity, head.host, head.port, verdict, "CONNECT")
+        self._run_tunnel(None)
+
+    def _run_tunnel(self, fut: Any) -> None:
+        """`run_tunnel` driven by hand: its first wait (the look at the client's first bytes) goes on
+        from that future's callback; a second one goes to the handler's task, which goes on with it."""
+        coro = self.tunnel
+        assert coro is not None
+        self.tunnel = None
+        try:
+            waiting = coro.send(None)
+        except StopIteration:
+            self._hand(Handover(END))  # spliced (the tunnel lives on in its callbacks) or closed
+            return
+        except BaseException as exc:
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
+            return
+        if fut is None and isinstance(waiting, asyncio.Future):
+            waiting._asyncio_future_blocking = False
+            self.tunnel = coro
+            waiting.add_done_callback(self._run_tunnel)
+            return
+        h = Handover(TUNNEL)
+        h.coro, h.waiting = coro, waiting
+        self._hand(h)
 
 
 class Deadlines:

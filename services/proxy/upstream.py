@@ -6,6 +6,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from .conn import Conn
 
@@ -159,16 +160,135 @@ async def _connect_first(
             if not expire.fired or task.uncancel() > 0:
                 raise
             last = UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
-        except ConnectionRefusedError:
-            last = UpstreamFailure("refused", f"connection to {host}:{port} refused")
         except OSError as exc:
-            if exc.errno in (errno.ENETUNREACH, errno.EAFNOSUPPORT):
-                last = UpstreamFailure("network", f"network unreachable for {host}:{port}")
-            elif exc.errno == errno.ECONNREFUSED:
-                last = UpstreamFailure("refused", f"connection to {host}:{port} refused")
-            else:
-                last = UpstreamFailure("unreachable", f"cannot reach {host}:{port}: {exc.strerror or exc}")
+            last = _failure(exc, host, port)
         finally:
             timer.cancel()
     assert last is not None
     raise last
+
+
+def _failure(exc: OSError, host: str, port: int) -> UpstreamFailure:
+    """The failure kind of a connect attempt that raised `exc`."""
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return UpstreamFailure("refused", f"connection to {host}:{port} refused")
+    if exc.errno in (errno.ENETUNREACH, errno.EAFNOSUPPORT):
+        return UpstreamFailure("network", f"network unreachable for {host}:{port}")
+    return UpstreamFailure("unreachable", f"cannot reach {host}:{port}: {exc.strerror or exc}")
+
+
+class Connecting:
+    """`connect` driven from callbacks, for a caller without a task (keepalive.py's CONNECT): the
+    same addresses in the same order, the same guard, deadline and failures, `done(conn, None)` or
+    `done(None, failure)` called once. Only where `connect` would not look a name up: `start` is
+    False for a name whose addresses are not cached, and `done(None, None)` says that every cached
+    address failed and the name must be looked up again (`connect`, which the caller's task runs:
+    the cache entry is already dropped)."""
+
+    __slots__ = (
+        "loop",
+        "host",
+        "port",
+        "addrs",
+        "i",
+        "deadline",
+        "guard",
+        "done",
+        "coro",
+        "fut",
+        "timer",
+        "fired",
+        "cached",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float,
+        guard: Callable[[str, int], bool | str | None],
+        done: Callable[[Conn | None, UpstreamFailure | None], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.loop, self.host, self.port, self.guard, self.done = loop, host, port, guard, done
+        self.deadline = loop.time() + timeout
+        self.addrs: list[tuple[str, int]] = []
+        self.i = 0
+        self.coro: Any = None
+        self.fut: asyncio.Future | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.fired = False
+        self.cached = False
+
+    def start(self) -> bool:
+        """Begin connecting (False: a name to look up first; nothing was done)."""
+        host, port = self.host, self.port
+        addrs = _literal(host, port)
+        if addrs is None:
+            hit = _addresses.get((host, port))
+            if hit is None or hit[1] <= self.loop.time():
+                return False
+            addrs, self.cached = hit[0], True
+        self.addrs = addrs
+        self._try()
+        return True
+
+    def _try(self) -> None:
+        """The next address (as `_connect_first`'s loop)."""
+        host, port, loop = self.host, self.port, self.loop
+        ip, aport = self.addrs[self.i]
+        self.i += 1
+        why = self.guard(ip, port)
+        if why:
+            reason = why if isinstance(why, str) else "resolves to this proxy's own listener"
+            self.done(None, UpstreamFailure("guard", f"{host}:{port} {reason}"))
+            return
+        if self.deadline - loop.time() <= 0:
+            self.done(None, UpstreamFailure("timeout", f"connecting to {host}:{port} timed out"))
+            return
+        self.fired = False
+        self.timer = loop.call_at(self.deadline, self._expire)
+        self.coro = loop.create_connection(Conn, ip, aport)
+        self._step(None)
+
+    def _step(self, _fut: Any) -> None:
+        """Go on with the connecting coroutine (what its task's step would do)."""
+        self.fut = None
+        try:
+            fut = self.coro.send(None)
+        except StopIteration as stop:
+            self.timer.cancel()  # type: ignore[union-attr]
+            self.coro = None
+            self.done(stop.value[1], None)  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
+            return
+        except (asyncio.CancelledError, OSError) as exc:
+            self.timer.cancel()  # type: ignore[union-attr]
+            self.coro = None
+            host, port = self.host, self.port
+            if isinstance(exc, asyncio.CancelledError):
+                failure = UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
+            else:
+                failure = _failure(exc, host, port)
+            if self.i < len(self.addrs):
+                self._try()
+                return
+            if self.cached and failure.kind not in ("guard", "timeout"):
+                forget(host, port)  # every cached address failed: the name may have moved
+                self.done(None, None)
+                return
+            self.done(None, failure)
+            return
+        except BaseException:
+            self.timer.cancel()  # type: ignore[union-attr]
+            self.coro = None
+            raise
+        fut._asyncio_future_blocking = False
+        self.fut = fut
+        fut.add_done_callback(self._step)
+
+    def _expire(self) -> None:
+        """The deadline: the pending connect is cancelled (as `_Deadline` cancels the task)."""
+        self.fired = True
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.cancel()  # its callback goes on with the coroutine, which sees the cancellation

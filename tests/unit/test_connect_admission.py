@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from typing import Any
+from unittest import mock
 
 import pytest
 
@@ -145,3 +147,101 @@ def test_a_deferred_tunnel_entry_is_written_once_with_its_skip_reason() -> None:
         assert now["mitm_skip_reason"] is None
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- the connect driven from callbacks
+
+
+def _connecting(host: str, port: int, timeout: float = 2.0, guard: Any = None) -> Any:
+    """(`upstream.Connecting`'s outcome, or 'lookup' when it did not start; `upstream.connect`'s)."""
+    from services.proxy import upstream
+
+    async def main() -> tuple[Any, Any]:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        g = guard or (lambda ip, port: None)
+        c = upstream.Connecting(host, port, timeout, g, lambda conn, failure: fut.set_result((conn, failure)), loop)
+        if not c.start():
+            got: Any = "lookup"
+        else:
+            conn, failure = await fut
+            got = ("conn", type(conn).__name__) if conn is not None else (failure and (failure.kind, str(failure)))
+            if conn is not None:
+                conn.close()
+        try:
+            conn = await upstream.connect(host, port, timeout, g)
+            want: Any = ("conn", type(conn).__name__)
+            conn.close()
+        except upstream.UpstreamFailure as exc:
+            want = (exc.kind, str(exc))
+        return got, want
+
+    return main
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_the_connect_from_callbacks_answers_as_connect(loop_kind: str) -> None:
+    import uvloop
+
+    from services.proxy import upstream
+
+    run = asyncio.run if loop_kind == "asyncio" else uvloop.run
+
+    async def listening() -> tuple[Any, Any]:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            return await _connecting("127.0.0.1", port)()
+        finally:
+            server.close()
+
+    got, want = run(listening())
+    assert got == want == ("conn", "Conn")
+    closed = _free_port()
+    got, want = run(_connecting("127.0.0.1", closed)())
+    assert got == want == ("refused", f"connection to 127.0.0.1:{closed} refused")
+    got, want = run(_connecting("127.0.0.1", closed, guard=lambda ip, port: "is denied by rule 3")())
+    assert got == want == ("guard", f"127.0.0.1:{closed} is denied by rule 3")
+    assert run(_connecting("not-cached.invalid", 443)())[0] == "lookup"
+
+    # a connect that never completes: the deadline, the same failure
+    async def never(self: Any, *_a: Any, **_k: Any) -> Any:
+        await asyncio.get_running_loop().create_future()
+
+    loop_cls = type(asyncio.new_event_loop()) if loop_kind == "asyncio" else uvloop.Loop
+    with mock.patch.object(loop_cls, "create_connection", never):
+        got, want = run(_connecting("127.0.0.1", closed, timeout=0.05)())
+    assert got == want == ("timeout", f"connecting to 127.0.0.1:{closed} timed out")
+
+    # a cached name: the next address after a refusal; all refused: the name is looked up again
+    async def cached() -> Any:
+        loop = asyncio.get_running_loop()
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        out = []
+        try:
+            for addrs in ([("127.0.0.2", closed), ("127.0.0.1", port)], [("127.0.0.1", closed), ("127.0.0.2", closed)]):
+                upstream._addresses[("cached.test", port)] = (addrs, loop.time() + 10)
+                fut = loop.create_future()
+                c = upstream.Connecting(
+                    "cached.test", port, 2.0, lambda ip, port: None, lambda *r, f=fut: f.set_result(r), loop
+                )
+                assert c.start()
+                conn, failure = await fut
+                out.append((type(conn).__name__, failure, ("cached.test", port) in upstream._addresses))
+                if conn is not None:
+                    conn.close()
+        finally:
+            server.close()
+            upstream._addresses.clear()
+        return out
+
+    assert run(cached()) == [("Conn", None, True), ("NoneType", None, False)]

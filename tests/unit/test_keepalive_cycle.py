@@ -44,6 +44,7 @@ from services.proxy.gate import Gate
 from services.proxy.hooks import HookChain, Refusal, RuleRecheck
 from services.proxy.identities import IdentityGuard
 from services.proxy.pipeline import Recorder
+from services.proxy.upstream import UpstreamFailure
 
 from harness.wire import Wire
 
@@ -74,6 +75,12 @@ SCRIPTS: dict[str, list[Any]] = {
     "/badlater": [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", b"ZZ\r\n"],
 }
 MANUAL = "/manual"  # the origin says nothing: the test answers by hand
+# Tunnel destinations whose upstream connect fails: (kind, message % (host, port)), as upstream.connect says
+CONNECT_FAILURES = {
+    "refused.tunnel.test": ("refused", "connection to %s:%d refused"),
+    "slow.tunnel.test": ("timeout", "connecting to %s:%d timed out"),
+    "guarded.tunnel.test": ("guard", "%s:%d resolves to this proxy's own listener"),
+}
 
 
 def _get(
@@ -136,6 +143,7 @@ RULES = [
     Rule(id=1, container_pattern="*", destination_pattern="ok.test"),
     Rule(id=2, container_pattern="*", destination_pattern="two.test"),
     Rule(id=3, container_pattern="*", destination_pattern="denied.test", action="deny"),
+    Rule(id=4, container_pattern="*", destination_pattern="*.tunnel.test"),
 ]
 
 
@@ -161,6 +169,14 @@ class Proxy:
         self.wire = Wire(self.client)
 
     async def connect(self, host: str, port: int, timeout: float, guard: Any) -> Conn:
+        failure = CONNECT_FAILURES.get(host)
+        if failure is not None:
+            await asyncio.sleep(0)
+            raise UpstreamFailure(failure[0], failure[1] % (host, port))
+        return self.origin()
+
+    def origin(self) -> Conn:
+        """A new upstream connection to the scripted origin."""
         up = Conn()
         loop = asyncio.get_running_loop()
 
@@ -774,9 +790,9 @@ def test_a_first_request_judged_by_its_addresses_looks_them_up_in_the_handler() 
     task" before)."""
     rules = [
         *RULES,
-        Rule(id=4, container_pattern="*", destination_pattern="localhost"),
-        Rule(id=5, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern="81", action="deny"),
-        Rule(id=6, container_pattern="*", destination_pattern="10.0.0.0/8", port_pattern="82", action="deny"),
+        Rule(id=14, container_pattern="*", destination_pattern="localhost"),
+        Rule(id=15, container_pattern="*", destination_pattern="127.0.0.0/8", port_pattern="81", action="deny"),
+        Rule(id=16, container_pattern="*", destination_pattern="10.0.0.0/8", port_pattern="82", action="deny"),
     ]
     asks = [_get("/ok", host=h, extra=CLOSE) for h in ("localhost:81", "localhost:82", "localhost:82")]
 
@@ -974,3 +990,237 @@ def test_waiting_connections_share_one_timer_and_each_keeps_its_deadline() -> No
         assert len(p.ctx.deadlines) == 0 and p.ctx.active == 0
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- a new CONNECT in the callbacks
+
+
+class ConnectingTo:
+    """`upstream.Connecting` for the tests: the scripted origin (`Proxy.origin`) a loop turn later, the
+    same failures as `Proxy.connect`; a name whose addresses are not cached (`lookup.`) is not started,
+    one whose cached addresses all failed (`moved.`) says so: both go to the handler's `connect`."""
+
+    def __init__(self, p: Proxy, host: str, port: int, timeout: float, guard: Any, done: Any, loop: Any) -> None:
+        self.p, self.host, self.port, self.done, self.loop = p, host, port, done, loop
+
+    def start(self) -> bool:
+        if self.host.startswith("lookup."):
+            return False
+        self.loop.call_soon(self._over)
+        return True
+
+    def _over(self) -> None:
+        failure = CONNECT_FAILURES.get(self.host)
+        if failure is not None:
+            self.done(None, UpstreamFailure(failure[0], failure[1] % (self.host, self.port)))
+        elif self.host.startswith("moved."):
+            self.done(None, None)
+        else:
+            self.done(self.p.origin(), None)
+
+
+def _connect_head(host: str, extra: bytes = b"") -> bytes:
+    return b"CONNECT %s:443 HTTP/1.1\r\nHost: %s:443\r\n%s\r\n" % (host.encode(), host.encode(), extra)
+
+
+INSIDE = b"GET /ok HTTP/1.1\r\nHost: ok.test\r\n\r\n"  # plain HTTP through the tunnel
+HELLO = bytes.fromhex("16030100") + b"\x00\x05hello"  # a TLS record that is no ClientHello: "other"
+TUNNELS = [
+    [_connect_head("ok.test"), INSIDE],
+    [_connect_head("ok.test") + INSIDE],  # the first bytes right behind the head
+    [_connect_head("ok.tunnel.test"), b"SSH-2.0-test\r\n"],
+    [_connect_head("ok.test"), HELLO],
+    [_connect_head("denied.test")],
+    [_connect_head("refused.tunnel.test")],
+    [_connect_head("slow.tunnel.test")],
+    [_connect_head("guarded.tunnel.test")],
+    [_connect_head("lookup.tunnel.test"), INSIDE],
+    [_connect_head("moved.tunnel.test"), INSIDE],
+    [_connect_head("ok.test", _auth("named-agent", "x")), INSIDE],
+    [_get("/ok"), _connect_head("ok.test"), INSIDE],  # after a plain request: the handler's
+    [b"CONNECT ok.test:443 HTTP/1.1\r\nHo", b"st: ok.test:443\r\n\r\n", INSIDE],  # a partial head
+    [_connect_head("ok.test"), b""],  # nobody speaks (the look waits, then the client closes)
+]
+
+
+def _interceptor(p: Proxy, mitm: bool, tmp: Any) -> Any:
+    from greyproxy.certs import CAWatcher
+    from services.proxy.mitm import Interceptor
+
+    class Settings:
+        def on_change(self, fn: Any) -> None:
+            fn({"mitmEnabled": mitm})
+
+    certs = CAWatcher(tmp)
+    certs.check()
+    p.gate.defer_tunnel_logs = True
+    return Interceptor(p.gate, p.ctx.recorder, certs, Settings(), [])  # type: ignore[arg-type]
+
+
+async def _tunnels(
+    conns: list[list[bytes]], begin: bool, hook: str, tmp: Any, limits: Limits | None = None, ids: bool = False
+) -> dict[str, Any]:
+    """One client connection after another (pieces sent in turn); `hook`: none, off (interception
+    off: looked at and spliced), on (plain HTTP inside is intercepted)."""
+    p = Proxy(limits, begin=begin)
+    if hook != "none":
+        p.ctx.tunnel_hook = _interceptor(p, hook == "on", tmp)
+    executor = ThreadPoolExecutor(1)
+    if ids:
+        guard = IdentityGuard(executor, p.journal, Publisher(), p.gate)  # type: ignore[arg-type]
+        guard.claims.replace([Claim("claimed-agent", hash_secret("s3cret"), 1)], 1)
+        p.ctx.identities = guard
+    clients = []
+    try:
+        with (
+            mock.patch.object(http_proxy, "connect", p.connect),
+            mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(p, *a)),
+        ):
+            for i, pieces in enumerate(conns):
+                if i:
+                    p.open()
+                p.start()
+                for piece in pieces:
+                    if p.client.closed:
+                        break
+                    if piece:
+                        p.send(piece)
+                    await p.settle()
+                    if ids:
+                        await asyncio.sleep(0.2)  # a first check runs scrypt in a thread
+                        await p.settle()
+                task = p.client.task is not None
+                await p.finish()
+                clients.append((bytes(p.wire.out), task))
+    finally:
+        executor.shutdown()
+    return {"clients": clients, **_observed(p)}
+
+
+def tunnels_both_ways(conns: list[list[bytes]], tmp: Any, hook: str = "off", **kw: Any) -> tuple[Any, Any]:
+    new = asyncio.run(_tunnels(conns, True, hook, tmp, **kw))
+    old = asyncio.run(_tunnels(conns, False, hook, tmp, **kw))
+    return new, old
+
+
+def _without_tasks(run: dict[str, Any]) -> dict[str, Any]:
+    return {**run, "clients": [out for out, _task in run["clients"]]}
+
+
+def test_a_new_connect_is_served_in_the_callbacks_with_no_task(tmp_path: Any) -> None:
+    """Admitted, connected, answered 200, looked at and spliced without the handler's task; the
+    same bytes, records (the deferred log entry with its skip reason) and counts as the handler."""
+    for hook in ("none", "off"):
+        conns = [[_connect_head("ok.test"), INSIDE], [_connect_head("ok.test") + INSIDE]]
+        new, old = tunnels_both_ways(conns, tmp_path, hook)
+        assert _without_tasks(new) == _without_tasks(old)
+        for out, task in new["clients"]:
+            assert out == b"HTTP/1.1 200 Connection established\r\n\r\n" + OK and not task
+        assert all(task for _out, task in old["clients"])
+        assert new["active"] == 0 and new["live"] == 0
+    logs = new["logs"]
+    assert len(logs) == 2 and all("mitm_disabled" in rec for rec in logs)  # the look's skip reason
+
+
+def test_every_tunnel_case_gives_the_same_bytes_and_records_both_ways(tmp_path: Any) -> None:
+    for hook in ("none", "off", "on"):
+        for conns in TUNNELS:
+            new, old = tunnels_both_ways([conns], tmp_path, hook)
+            assert _without_tasks(new) == _without_tasks(old), (hook, conns)
+    # and in one run on one proxy, one connection after another
+    new, old = tunnels_both_ways(TUNNELS, tmp_path, "on")
+    assert _without_tasks(new) == _without_tasks(old)
+    answers = [out.split(b"\r\n", 1)[0] for out, _task in new["clients"]]
+    assert answers[4:8] == [
+        b"HTTP/1.1 403 Forbidden",
+        b"HTTP/1.1 502 Bad Gateway",
+        b"HTTP/1.1 504 Gateway Timeout",
+        b"HTTP/1.1 403 Forbidden",
+    ]
+    # intercepted (a second wait) and names to look up go to the handler's task; failures do not
+    tasks = [task for _out, task in new["clients"]]
+    assert tasks[0] and not tasks[2] and not tasks[4] and not tasks[5] and tasks[8] and tasks[9]
+
+
+def test_a_held_connect_waits_in_the_handler_then_tunnels(tmp_path: Any) -> None:
+    async def run(begin: bool) -> tuple[Any, ...]:
+        p = Proxy(begin=begin)
+        p.ctx.tunnel_hook = _interceptor(p, False, tmp_path)
+        with (
+            mock.patch.object(http_proxy, "connect", p.connect),
+            mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(p, *a)),
+        ):
+            p.gate.rules = RuleSet([r for r in RULES if r.id != 1])  # no rule decides ok.test now
+            p.start()
+            p.send(_connect_head("ok.test"))
+            await p.settle()
+            held = (p.gate.waiting(), p.client.task is not None, bytes(p.wire.out))
+            p.gate.set_rules(RuleSet(list(RULES)), 2)  # allowed: released
+            await p.settle()
+            p.send(INSIDE)
+            await p.settle()
+            await p.finish()
+        return held, bytes(p.wire.out), _observed(p)
+
+    new, old = asyncio.run(run(True)), asyncio.run(run(False))
+    assert new[0] == (1, True, b"")
+    assert new[1] == b"HTTP/1.1 200 Connection established\r\n\r\n" + OK
+    assert new[1:] == old[1:]
+
+
+def test_claimed_names_and_caps_on_new_connects(tmp_path: Any) -> None:
+    """A claimed name: verified once in the handler, then tunnels in the callbacks; a wrong secret
+    refused by the handler (407). Past the caps: 429/503 from the handler. The same both ways."""
+    conns = [
+        [_connect_head("ok.test", _auth("claimed-agent", "s3cret")), INSIDE],
+        [_connect_head("ok.test", _auth("claimed-agent", "s3cret")), INSIDE],
+        [_connect_head("ok.test", _auth("claimed-agent", "wrong")), INSIDE],
+        [_connect_head("ok.test"), INSIDE],
+    ]
+    new, old = tunnels_both_ways(conns, tmp_path, ids=True)
+    assert _without_tasks(new) == _without_tasks(old)
+    outs = [out for out, _t in new["clients"]]
+    assert outs[0].endswith(OK) and outs[1].endswith(OK) and outs[3].endswith(OK)
+    assert outs[2].startswith(b"HTTP/1.1 407 Proxy Authentication Required\r\n")
+    assert [t for _o, t in new["clients"]] == [True, False, True, False]
+
+    for limits, status in (
+        (Limits(idle_timeout=2.0, header_timeout=2.0, max_per_client=0), b"429 Too Many Requests"),
+        (Limits(idle_timeout=2.0, header_timeout=2.0, max_connections=0), b"503 Service Unavailable"),
+    ):
+        new, old = tunnels_both_ways([[_connect_head("ok.test"), INSIDE]], tmp_path, limits=limits)
+        assert _without_tasks(new) == _without_tasks(old)
+        assert new["clients"][0][0].startswith(b"HTTP/1.1 " + status)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.lists(st.sampled_from(TUNNELS), min_size=1, max_size=4),
+    st.sampled_from(["none", "off", "on"]),
+)
+def test_any_sequence_of_new_connects_gives_the_same_both_ways(
+    tmp_path: Any, conns: list[list[bytes]], hook: str
+) -> None:
+    new, old = tunnels_both_ways(conns, tmp_path, hook)
+    assert _without_tasks(new) == _without_tasks(old)
+
+
+def test_a_repeated_connect_head_is_parsed_once_in_the_callbacks(tmp_path: Any) -> None:
+    """The request cycle parses heads as the handler does (`parse_head`): a CONNECT head seen before
+    is not parsed again."""
+    from services.proxy import http1
+
+    http_proxy._connect_heads.clear()
+    seen: list[bytes] = []
+    real = http1.parse_request_head
+
+    def counting(buf: bytes, *a: Any) -> Any:
+        seen.append(buf)
+        return real(buf, *a)
+
+    with mock.patch.object(http1, "parse_request_head", counting):
+        new, _old = tunnels_both_ways([[_connect_head("ok.test"), INSIDE]] * 3, tmp_path)
+    assert [out for out, _t in new["clients"]] == [b"HTTP/1.1 200 Connection established\r\n\r\n" + OK] * 3
+    assert seen.count(_connect_head("ok.test")) == 1  # once for both runs (one cache), not per connection
