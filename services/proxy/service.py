@@ -16,7 +16,7 @@ from bus import topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
 from bus.reqrep import ControlServer, RemoteError
-from greyproxy import ports
+from greyproxy import compiled, ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import RuleSet
@@ -396,7 +396,13 @@ async def main(rt: ServiceRuntime) -> None:
                 with contextlib.suppress(Exception):
                     gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
 
-    log.info("proxy up")
+    states = compiled.status()
+    log.info(
+        "proxy up (hot modules compiled: %d of %d imported%s)",
+        sum(v == "compiled" for v in states.values()),
+        len(states),
+        "" if states else "; pure Python: GREYPROXY_PURE, or not compiled at install",
+    )
     tune_gc()
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
