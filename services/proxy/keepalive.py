@@ -108,7 +108,7 @@ class Handover:
         self.kind = kind
         self.got: tuple[http1.RequestHead, int] | None = None  # HEAD: the parsed head, (head, length)
         self.head: http1.RequestHead | None = None  # PREPARE, EXCHANGE: the request's head
-        self.coro: Coroutine[Any, Any, Prepared | None] | None = None  # PREPARE: the suspended steps
+        self.coro: Coroutine[Any, Any, Any] | None = None  # PREPARE: the suspended steps (`prepare`, `admit_connect`)
         self.waiting: Any = None  # PREPARE: what they wait for (the future they yielded)
         self.prepared: Prepared | None = None  # EXCHANGE
         self.exchange: Exchange | None = None  # EXCHANGE (None: not sent, no upstream yet)
