@@ -136,6 +136,12 @@ async def _connect_first(
     deadline: float,
     guard: Callable[[str, int], bool | str | None],
 ) -> Conn:
+    # Its deadline (_Deadline) cancels the connecting task: a step driven by hand from a connection's
+    # callbacks (keepalive.py: an intercepted tunnel's request past its first wait) has none, so the
+    # connect gets a task of its own there, which the step waits for as for any future.
+    task = asyncio.current_task(loop)
+    if task is None:
+        return await loop.create_task(_connect_first(loop, host, port, addrs, deadline, guard))
     last: UpstreamFailure | None = None
     for ip, aport in addrs:
         why = guard(ip, port)
@@ -148,8 +154,6 @@ async def _connect_first(
         if remaining <= 0:
             raise UpstreamFailure("timeout", f"connecting to {host}:{port} timed out")
         # Not wait_for (one more task per call), nor asyncio.timeout (see _Deadline).
-        task = asyncio.current_task(loop)
-        assert task is not None
         expire = _Deadline(task)
         timer = loop.call_at(deadline, expire)
         try:

@@ -245,3 +245,58 @@ def test_the_connect_from_callbacks_answers_as_connect(loop_kind: str) -> None:
         return out
 
     assert run(cached()) == [("Conn", None, True), ("NoneType", None, False)]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_connect_driven_by_hand_from_a_callback_has_its_deadline(loop_kind: str) -> None:
+    """`upstream.connect` reached by a step driven from a connection's callbacks (an intercepted
+    tunnel's request past its first wait, keepalive.py): no current task. It connects, and its
+    deadline still holds (it raised AssertionError before: its deadline cancels a task)."""
+    import uvloop
+
+    from services.proxy import upstream
+
+    run = asyncio.run if loop_kind == "asyncio" else uvloop.run
+
+    async def by_hand(host: str, port: int, timeout: float) -> Any:
+        """Drive `connect` from loop callbacks, as keepalive.KeptAlive._run_tunnel does; its outcome."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        coro = upstream.connect(host, port, timeout, lambda ip, port: None)
+
+        def step(_fut: Any = None) -> None:
+            assert asyncio.current_task(loop) is None
+            try:
+                waiting = coro.send(None)
+            except StopIteration as stop:
+                done.set_result(("conn", type(stop.value).__name__))
+                stop.value.close()
+            except upstream.UpstreamFailure as exc:
+                done.set_result((exc.kind, str(exc)))
+            except BaseException as exc:  # noqa: BLE001 - what the test looks for
+                done.set_result(("raised", type(exc).__name__))
+            else:
+                waiting._asyncio_future_blocking = False
+                waiting.add_done_callback(step)
+
+        loop.call_soon(step)
+        return await asyncio.wait_for(done, 5)
+
+    async def listening() -> Any:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        try:
+            return await by_hand("127.0.0.1", server.sockets[0].getsockname()[1], 2.0)
+        finally:
+            server.close()
+
+    assert run(listening()) == ("conn", "Conn")
+    closed = _free_port()
+    assert run(by_hand("127.0.0.1", closed, 2.0)) == ("refused", f"connection to 127.0.0.1:{closed} refused")
+
+    async def never(self: Any, *_a: Any, **_k: Any) -> Any:
+        await asyncio.get_running_loop().create_future()
+
+    loop_cls = type(asyncio.new_event_loop()) if loop_kind == "asyncio" else uvloop.Loop
+    with mock.patch.object(loop_cls, "create_connection", never):
+        got = run(by_hand("127.0.0.1", closed, 0.05))
+    assert got == ("timeout", f"connecting to 127.0.0.1:{closed} timed out")
