@@ -497,8 +497,17 @@ class Exchange:
         """The response is out; the request body must have ended too for both connections to go on."""
         if self._owed:
             return
+        body = self._body
+        assert body is not None
         try:
-            await asyncio.wait_for(self._body, self.limits.idle_timeout)  # type: ignore[arg-type]
+            # Not wait_for: from Python 3.12 on it needs a current task, and an intercepted tunnel's
+            # request past its first wait runs from the connection's callbacks (keepalive.py).
+            if not body.done():
+                await asyncio.wait((body,), timeout=self.limits.idle_timeout)
+                if not body.done():
+                    body.cancel()  # (as wait_for's timeout; `proceed` waits for its end)
+                    raise asyncio.TimeoutError
+            body.result()
         except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
             self.error = self._body_failure(exc)
             self._owed = True

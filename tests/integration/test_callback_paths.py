@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
-from conftest import OriginHandler, Stack, intercepting_stack, plain_origin
+from conftest import JsonEchoHandler, OriginHandler, Stack, intercepting_stack, plain_origin
 
 pytestmark = pytest.mark.stack
 
@@ -56,3 +56,21 @@ def test_pipelined_requests_in_an_intercepted_tunnel_reconnect_to_an_origin_that
     assert b"closing /1" in got, got
     assert b"closing /2" in got, got
     assert "connection handler failed" not in stack.logs(200)
+
+
+def test_a_pipelined_upload_in_an_intercepted_tunnel_is_answered(stack: Stack) -> None:
+    """CONNECT and a POST at once: the answer is the tunnel's first wait, so the request body's end
+    is awaited from the callbacks, without a task (`Exchange._request_body_end`; with Python 3.12's
+    wait_for that raised: tests/unit/test_exchange.py)."""
+    body = b'{"a": 1}'
+    with plain_origin(JsonEchoHandler) as port:
+        target = f"127.0.0.1:{port}".encode()
+        post = b"POST /x HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n" % (
+            target,
+            len(body),
+        )
+        with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as s:
+            s.sendall(b"CONNECT " + target + b" HTTP/1.1\r\n\r\n" + post + b"Connection: close\r\n\r\n" + body)
+            got = _read_all(s)
+    assert got.startswith(b"HTTP/1.1 200 Connection established\r\n\r\nHTTP/1.1 200 OK\r\n"), got[:120]
+    assert got.endswith(b'{"echo": {"a": 1}}'), got
