@@ -13,8 +13,8 @@ from typing import Any
 # never overlap, so those overlapping [lo, hi] are the last one starting at or before lo and any
 # starting inside it.
 RANGES_OVERLAPPING = (
-    "SELECT lo, hi FROM journal_ranges WHERE writer = ?1 AND lo <= ?3 AND lo >= COALESCE("
-    "(SELECT lo FROM journal_ranges WHERE writer = ?1 AND lo <= ?2 ORDER BY lo DESC LIMIT 1), ?2)"
+    "SELECT lo, hi FROM journal_ranges WHERE writer = :writer AND lo <= :hi AND lo >= COALESCE("
+    "(SELECT lo FROM journal_ranges WHERE writer = :writer AND lo <= :lo ORDER BY lo DESC LIMIT 1), :lo)"
 )
 MARK_RANGE = "INSERT INTO journal_ranges (writer, lo, hi, applied_at) VALUES (?, ?, ?, ?)"
 LAST_RANGE = "SELECT rowid, hi FROM journal_ranges WHERE writer = ? ORDER BY lo DESC LIMIT 1"

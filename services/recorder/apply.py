@@ -389,7 +389,7 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     applied: set[tuple[str, int]] = set()
     for writer, seqs in by_writer.items():
         lo, hi = min(seqs), max(seqs)
-        for a, b in cur.execute(journal_applied.RANGES_OVERLAPPING, (writer, lo, hi)):
+        for a, b in cur.execute(journal_applied.RANGES_OVERLAPPING, {"writer": writer, "lo": lo, "hi": hi}):
             applied.update((writer, s) for s in seqs if a <= s <= b)
     if cur.execute(journal_applied.ANY_LEGACY).fetchone() is not None:
         # Ids applied by a recorder from before migration 10 (a resend across the upgrade).
