@@ -468,22 +468,27 @@ class KeptAlive:
             self.identity = name
         return True
 
-    def _request(self, head: http1.RequestHead) -> None:
-        """The request steps, then the request sent upstream (or a handover)."""
-        coro = self.prepare(self.client, head, self.identity)
+    def _drive(self, coro: Coroutine[Any, Any, Any], head: http1.RequestHead) -> tuple[bool, Any]:
+        """A request step (`prepare`, `admit`) run by hand up to its first wait: (True, its result)
+        when it had none; else (False, None), handed over: PREPARE (the handler waits for what it
+        yielded, then goes on with it) or RAISE (what it raised)."""
         try:
             waiting = coro.send(None)
         except StopIteration as stop:
-            prepared = stop.value
+            return True, stop.value
         except BaseException as exc:
             h = Handover(RAISE)
             h.exc = exc
-            self._hand(h)
-            return
         else:
             h = Handover(PREPARE)
             h.head, h.coro, h.waiting = head, coro, waiting
-            self._hand(h)
+        self._hand(h)
+        return False, None
+
+    def _request(self, head: http1.RequestHead) -> None:
+        """The request steps, then the request sent upstream (or a handover)."""
+        done, prepared = self._drive(self.prepare(self.client, head, self.identity), head)
+        if not done:
             return
         if prepared is None:
             self._hand(Handover(END))  # answered (403, a refusal, ...): the connection ends
@@ -529,20 +534,9 @@ class KeptAlive:
         the handler's CONNECT steps do; handed over where one of them has to wait."""
         self.close()  # the first head's deadline is met
         self._unwatch()  # the client's bytes wait in its buffer for the tunnel (as in the handler)
-        coro = self.admit(self.client, head, self.identity)  # type: ignore[misc]
-        try:
-            waiting = coro.send(None)
-        except StopIteration as stop:
-            verdict = stop.value
-        except BaseException as exc:
-            h = Handover(RAISE)
-            h.exc = exc
-            self._hand(h)
-            return
-        else:
-            h = Handover(PREPARE)  # a hold: the handler waits for the decision, then connects
-            h.head, h.coro, h.waiting = head, coro, waiting
-            self._hand(h)
+        # (a hold hands over: the handler waits for the decision, then connects)
+        done, verdict = self._drive(self.admit(self.client, head, self.identity), head)  # type: ignore[misc]
+        if not done:
             return
         if verdict is None:
             self._hand(Handover(END))  # answered (403) or the client left
