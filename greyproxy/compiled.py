@@ -47,6 +47,7 @@ MODULES = (
     "greyproxy/capture.py",
     "greyproxy/metrics.py",
     "bus/records.py",
+    "bus/journal.py",
 )
 
 DIRECTORY = Path(__file__).resolve().parent / "_compiled"

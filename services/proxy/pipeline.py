@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import orjson
 
 from bus.journal import JournalWriter
-from bus.records import TRANSACTION, TRANSACTION_FIELDS, json_fields_as_text, transaction_values
+from bus.records import TRANSACTION, TRANSACTION_FIELDS, json_fields_as_text, ms3, transaction_values
 from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
@@ -362,7 +362,7 @@ class Txn:
             None,
             rcap.size if rcap is not None else 0,
             resp_ct,
-            round((time.perf_counter() - self.p0) * 1000, 3),
+            ms3((time.perf_counter() - self.p0) * 1000),
             self.rule_id,
             result,
             None,  # conversation_id

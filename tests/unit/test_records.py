@@ -243,3 +243,17 @@ def test_both_log_shapes_store_the_same_row_and_event(db_path: Path) -> None:
     finally:
         conn.close()
     assert len(rows) == 5 and len(set(rows)) == 1
+
+
+def test_ms3_is_round_to_three_decimals_except_on_exact_ties() -> None:
+    """Durations travel as milliseconds to three decimals (`records.ms3`, the hot path's round)."""
+    import random
+
+    rng = random.Random(7)
+    values = [0.0, 0.0004, 0.0006, 1.0, 12.3456, 999.9999, 30000.0] + [rng.uniform(0, 60_000) for _ in range(20_000)]
+    for v in values:
+        got = records.ms3(v)
+        assert abs(got - v) <= 0.0005 + 1e-9
+        if abs(v * 1000 - round(v * 1000) - 0.5) > 1e-6 and abs(v * 1000 - round(v * 1000) + 0.5) > 1e-6:
+            assert got == round(v, 3), v  # the same double, so the same JSON text
+    assert records.log_values("c", "h", 1, "GET", records.ALLOWED, response_time_ms=1.23456)[9] == 1.235
