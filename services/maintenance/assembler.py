@@ -28,7 +28,7 @@ from greyproxy.llm import assemble as A
 from greyproxy.llm import dissect as D
 from greyproxy.llm import rules as R
 
-from .jobs import register
+from .jobs import register, write_txn
 
 log = logging.getLogger("greyproxy.maintenance.assembler")
 
@@ -43,17 +43,6 @@ _BODY_COLS = (
     " response_body_codec, response_body_charset"
 )
 Publish = Callable[[str, dict[str, Any]], None]
-
-
-def _write(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        out = fn()
-        conn.execute("COMMIT")
-        return out
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
 
 
 def meta_get(conn: sqlite3.Connection, key: str) -> int:
@@ -376,7 +365,7 @@ def store_batch(
             _meta_set(conn, cursor_key, hi)
         return sessions
 
-    return _write(conn, write)
+    return write_txn(conn, write)
 
 
 # ------------------------------------------------------------------ units of linked sessions
@@ -520,7 +509,7 @@ def assemble_and_store(
                 conn.executemany("UPDATE http_transactions SET conversation_id = ? WHERE id = ?", changes)
         conn.execute(f"DELETE FROM llm_dirty WHERE session IN ({ph})", members)
 
-    _write(conn, write)
+    write_txn(conn, write)
 
 
 def _assemble_dirty(conn: sqlite3.Connection, events: list[tuple[str, dict[str, Any]]] | None) -> int:
@@ -533,7 +522,7 @@ def _assemble_dirty(conn: sqlite3.Connection, events: list[tuple[str, dict[str, 
                 roots[unit_root(conn, child)] = None
     for root in roots:
         assemble_and_store(conn, root, events)
-    _write(conn, lambda: conn.execute("DELETE FROM llm_dirty"))
+    write_txn(conn, lambda: conn.execute("DELETE FROM llm_dirty"))
     return len(roots)
 
 
@@ -587,8 +576,8 @@ def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[in
             lo = hi
             yield processed, max(total, processed)
         # Rows of transactions deleted (or unclaimed) above the last one read.
-        _write(conn, lambda: conn.execute("DELETE FROM llm_requests WHERE transaction_id > ?", (lo,)))
-        _write(conn, lambda: conn.execute("DELETE FROM llm_refs WHERE transaction_id > ?", (lo,)))
+        write_txn(conn, lambda: conn.execute("DELETE FROM llm_requests WHERE transaction_id > ?", (lo,)))
+        write_txn(conn, lambda: conn.execute("DELETE FROM llm_refs WHERE transaction_id > ?", (lo,)))
         produced: set[str] = set()
         roots: dict[str, None] = {}
         for (s,) in conn.execute("SELECT DISTINCT session FROM llm_requests ORDER BY session").fetchall():
@@ -605,7 +594,7 @@ def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[in
             _meta_set(conn, "conversations_cursor", max(lo, meta_get(conn, "conversations_cursor")))
             _meta_set(conn, "assembler_version", ASSEMBLER_VERSION)
 
-        _write(conn, finish)
+        write_txn(conn, finish)
         yield max(total, processed), max(total, processed)
 
 

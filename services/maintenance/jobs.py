@@ -52,7 +52,8 @@ def _delete_in_batches(conn: sqlite3.Connection, table: str, where: str, params:
         time.sleep(0.005)
 
 
-def _write(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
+def write_txn(conn: sqlite3.Connection, fn: Callable[[], Any]) -> Any:
+    """Run `fn` in one BEGIN IMMEDIATE transaction on `conn`: committed if it returns, rolled back if it raises."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         out = fn()
@@ -72,7 +73,7 @@ def drop_transactions(conn: sqlite3.Connection, ids: list[int], sql: str, reader
         detach(conn.execute, ids, reader)
         return conn.execute(sql.format(marks=",".join("?" * len(ids))), ids).rowcount
 
-    return _write(conn, write) if ids else 0
+    return write_txn(conn, write) if ids else 0
 
 
 def _prune_transactions(conn: sqlite3.Connection, before: float) -> int:
@@ -343,7 +344,7 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
             if size >= excess:
                 break
         tx, logs = picked["transactions"], picked["logs"]
-        _write(conn, partial(_delete_rows, conn, tx, logs, reader))
+        write_txn(conn, partial(_delete_rows, conn, tx, logs, reader))
         yield len(tx), len(logs)
         time.sleep(0.002)  # let the recorder's batches in
 
