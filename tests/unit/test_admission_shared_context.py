@@ -346,3 +346,50 @@ def test_a_parked_upstream_is_judged_again_for_the_next_requests_admission(loop_
     first, reused, denied = LOOPS[loop_kind](main())
     assert first.startswith(b"HTTP/1.1 200 OK\r\n") and reused.startswith(b"HTTP/1.1 200 OK\r\n")
     assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"which rule 3 denies" in denied
+
+
+# ---------------------------------------------------------------- SOCKS5
+
+
+def socks_request(user: str, port: int) -> bytes:
+    """Greeting (user name/password), the RFC 1929 sub-negotiation and a CONNECT to NAME:port."""
+    u, name = user.encode(), NAME.encode()
+    return (
+        b"\x05\x01\x02"
+        + b"\x01" + bytes([len(u)]) + u + b"\x01x"
+        + b"\x05\x01\x00\x03" + bytes([len(name)]) + name + port.to_bytes(2, "big")
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("loop_kind", sorted(LOOPS))
+def test_socks5_connections_interleaved_in_one_listener_context(loop_kind: str) -> None:
+    """The SOCKS5 listener's handler for bob and alice, their bytes delivered from callbacks in the
+    listener's one context in turn: bob's connect refused by the address rule (reply 0x02, logged as
+    his block), alice's tunnel connected (0x00)."""
+    from services.proxy.socks5_proxy import handle_socks
+
+    async def main() -> None:
+        origin = Origin()
+        await origin.start()
+        try:
+            lis = Listener(origin)
+            conns = {}
+            for user in ("bob", "alice"):
+                client = ClientConn(lis.ctx, handle_socks)
+                wire = Wire(client)
+                lis.later(client.connection_made, wire)
+                conns[user] = (client, wire)
+            for user in ("bob", "alice"):
+                lis.later(conns[user][0].data_received, socks_request(user, origin.port))
+            # greeting answer (2 bytes), auth answer (2), then the reply: its code is byte 5
+            await until(lambda: all(len(w.out) >= 6 for _c, w in conns.values()))
+            assert conns["bob"][1].out[5] == 0x02 and conns["alice"][1].out[5] == 0x00
+            await until(lambda: origin.accepted == 1)
+            assert [e for e in lis.logs() if e[1] == "blocked"] == [("bob", "blocked", 1)]
+            for _c, w in conns.values():
+                w.close()
+            await settle()
+        finally:
+            origin.close()
+
+    LOOPS[loop_kind](main())
