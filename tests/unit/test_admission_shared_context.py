@@ -197,7 +197,8 @@ def test_a_connect_after_another_connections_admission_is_judged_for_its_own(loo
             bob, bob_wire = lis.accept(begin=lambda c: None)  # the steps are driven below
             alice, alice_wire = lis.accept(begin=lambda c: None)
             await settle()
-            bob_head, alice_head = head_of(connect_head("bob", origin.port)), head_of(connect_head("alice", origin.port))
+            bob_head = head_of(connect_head("bob", origin.port))
+            alice_head = head_of(connect_head("alice", origin.port))
             vb = await lis.drive(http_proxy.admit_connect(bob, bob_head, "bob"))
             va = await lis.drive(http_proxy.admit_connect(alice, alice_head, "alice"))
             assert isinstance(vb, Verdict) and vb.allowed and isinstance(va, Verdict) and va.allowed
