@@ -97,9 +97,6 @@ class ProxyContext:
         # system call; every accepted connection needs the loop for its task).
         self.loop: asyncio.AbstractEventLoop | None = None
 
-    def guard(self, ip: str, port: int) -> str | None:
-        return self.gate.guard(ip, port)
-
     def note_refusal(self, cap: str, identity: str) -> None:
         self.refused[cap] += 1
         now = asyncio.get_running_loop().time()

@@ -8,7 +8,6 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import functools
 import logging
 import math
@@ -58,18 +57,36 @@ class Verdict:
 
 @dataclass(slots=True)
 class Admission:
-    """The last connection the gate admitted in this task: what `Gate.guard` judges addresses for."""
+    """One admitted connection's right to connect upstream: the client, the destination and the
+    verdict `Gate.admit` gave it. Passed explicitly to whatever connects for that connection
+    (`upstream.connect` / `upstream.Connecting` take it as their guard: calling it judges one
+    address, `Gate.guard`); never kept in shared state (contextvars: uvloop runs all connections of
+    one listener in one context), so a connect is judged for the connection it serves."""
 
+    gate: Gate
     container: str
     host: str
     port: int
     method: str
     verdict: Verdict
 
+    def __call__(self, ip: str, port: int) -> str | None:
+        """The guard of a connect for this admission: why `ip` is refused, or None."""
+        return self.gate.guard(ip, port, self)
 
-# Set by Gate.admit in the connection's own task, read by Gate.guard when that task connects
-# upstream (upstream.connect calls the guard for every address it is about to try).
-_ADMITTED: contextvars.ContextVar[Admission | None] = contextvars.ContextVar("greyproxy_admitted", default=None)
+    def keeps(self, conn: Any) -> bool:
+        """Whether `conn`, an idle upstream connected for an earlier admission of the same client
+        and destination (the pool's), may serve this one: its address is judged again by the
+        address rules as they are now (without a log entry: a refused one is closed and the fresh
+        connect is judged, and logged, as any)."""
+        gate = self.gate
+        if not gate._address_rules_apply(self.container, self.port):
+            return True  # the usual case: no address rule could deny it
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not peer:
+            return False
+        return gate._rules.address_denial(self.container, peer[0], self.port) is None
 
 
 @dataclass
@@ -215,7 +232,6 @@ class Gate:
             verdict.log_pending = (container, host, port, method)
         else:
             self.record(container, host, port, method, verdict)
-        _ADMITTED.set(Admission(container, host, port, method, verdict) if verdict.allowed else None)
         return verdict
 
     # -- addresses (rules whose destination is an IP or a CIDR) --
@@ -239,17 +255,16 @@ class Gate:
         self._addresses[host] = (addrs, now)
         return addrs
 
-    def guard(self, ip: str, port: int) -> str | None:
-        """Judge one address an admitted connection is about to connect to; why not, or None.
+    def guard(self, ip: str, port: int, adm: Admission) -> str | None:
+        """Judge one address the admitted connection `adm` is about to connect to; why not, or None.
 
-        Never the stack's own listeners; and an address an address rule denies for the client this
-        task admitted last (a name may resolve differently now than when it was admitted). Such a
-        refusal is logged as a block by that rule, in place of the tunnel's pending allow entry.
+        Never the stack's own listeners; and an address an address rule denies for `adm`'s client
+        (a name may resolve differently now than when it was admitted). Such a refusal is logged as
+        a block by that rule, in place of the tunnel's pending allow entry.
         """
         if self.is_own_listener(ip, port):
             return "resolves to this proxy's own listener"
-        adm = _ADMITTED.get()
-        if adm is None or not self._address_rules_apply(adm.container, port):
+        if not self._address_rules_apply(adm.container, port):
             return None
         rule = self._rules.address_denial(adm.container, ip, port)
         if rule is None:
@@ -257,9 +272,10 @@ class Gate:
         self._hit(rule.id)
         v = adm.verdict
         v.log_pending = None  # a deferred tunnel entry becomes this block instead
+        host = _normalise_host(adm.host)
         self.record(
             adm.container,
-            adm.host,
+            host,
             adm.port,
             adm.method,
             Verdict(False, "rule", rule.id, v.resolved_hostname, v.elapsed_ms),
@@ -267,7 +283,7 @@ class Gate:
         log.info(
             "%s -> %s:%d refused: it resolves to %s, which rule %d denies",
             adm.container,
-            adm.host,
+            host,
             adm.port,
             ip,
             rule.id,

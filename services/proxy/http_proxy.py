@@ -19,7 +19,7 @@ from . import http1
 from .conn import Conn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
-from .gate import Verdict
+from .gate import Admission, Verdict
 from .hooks import Flow, Refusal
 from .identities import IdentityGuard
 from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
@@ -165,8 +165,9 @@ async def open_tunnel(
     """An admitted CONNECT's upstream connect (502/504/403 when it fails), its 200 and its tunnel;
     `release`: the handler's, for an upstream kept from earlier requests."""
     ctx = client.ctx
+    admission = Admission(ctx.gate, container, head.host, head.port, "CONNECT", verdict)
     try:
-        up = await connect(head.host, head.port, ctx.limits.connect_timeout, ctx.guard)
+        up = await connect(head.host, head.port, ctx.limits.connect_timeout, admission)
     except UpstreamFailure as exc:
         ctx.gate.finish_log(verdict)
         client.write(error_response(*exc.http_answer()))
@@ -219,13 +220,15 @@ async def handle_http(client: ClientConn) -> None:
             upstream = None
 
     async def attach(key: tuple[str, str, int], verdict: Verdict, fresh: bool) -> tuple[Conn, bool]:
-        """An upstream for `key`: a parked one unless `fresh`, else a new connection (UpstreamFailure).
-        (connection, whether it served a request before)."""
+        """An upstream for `key`: a parked one unless `fresh`, else a new connection (UpstreamFailure),
+        either judged for this request's admission (`verdict`). (connection, whether it served a
+        request before)."""
         nonlocal upstream, upstream_key, cid, clean
         release()
-        parked = None if fresh else pool.get(key)
+        admission = Admission(gate, key[0], key[1], key[2], "HTTP", verdict)
+        parked = None if fresh else pool.get(key, admission)
         reused = parked is not None
-        up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, ctx.guard)
+        up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, admission)
         upstream, upstream_key, clean = up, key, False
         cid = gate.track(key[0], key[1], key[2], verdict, close_both(client, up))
         return up, reused

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
+from .gate import Admission
 from .httpio import error_response, parse_head
 from .pool import usable
 from .tunnel import run_tunnel
@@ -499,7 +500,7 @@ class KeptAlive:
             # The connection's first request: an upstream parked for this client and destination (as
             # the handler's `attach`), else the handler connects one.
             key = (self.identity, head.host, head.port)
-            upstream = self.client.ctx.pool.get(key)
+            upstream = self.client.ctx.pool.get(key, Admission(self.gate, key[0], key[1], key[2], "HTTP", verdict))
             if upstream is None:
                 h = Handover(EXCHANGE)
                 h.head, h.prepared = head, prepared
@@ -542,9 +543,8 @@ class KeptAlive:
             self._hand(Handover(END))  # answered (403) or the client left
             return
         self.head, self.verdict = head, verdict
-        c = Connecting(
-            head.host, head.port, self.limits.connect_timeout, self.client.ctx.guard, self._connected, self.loop
-        )
+        admission = Admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
+        c = Connecting(head.host, head.port, self.limits.connect_timeout, admission, self._connected, self.loop)
         try:
             started = c.start()
         except BaseException as exc:

@@ -35,7 +35,7 @@ from . import http1
 from .conn import Conn, ConnClosed, wait_either
 from .context import Limits, ProxyContext
 from .exchange import STALE, Exchange, upstream_version
-from .gate import Gate, Verdict
+from .gate import Admission, Gate, Verdict
 from .hooks import Flow, resolve
 from .httpio import error_response, read_head
 from .pipeline import Recorder, Stream, Txn, origin_of, relay
@@ -89,6 +89,7 @@ class Session:
     reused: bool = False  # the upstream served a request before (it may have gone stale since)
     origin: str = ""  # 'scheme://authority' of the host contacted: the start of each record's url
     claimed: bool = False  # the container is a claimed identity this connection proved (SPEC §16)
+    method: str = "CONNECT"  # the tunnel's ('CONNECT' or 'SOCKS5'): its admission's, for a reconnect
 
     def __post_init__(self) -> None:
         self.origin = origin_of(self.scheme, self.host, self.port)
@@ -197,6 +198,7 @@ class Interceptor:
                     client,
                     upstream,
                     claimed=bool(getattr(client, "claimed", False)),
+                    method=method,
                 ),
                 ctx,
             )
@@ -235,6 +237,7 @@ class Interceptor:
             tls_client,
             None,
             claimed=bool(getattr(client, "claimed", False)),
+            method=method,
         )
         session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, ctx.limits)
         kind = await self._peek_plaintext(session, ctx.limits)
@@ -315,7 +318,9 @@ class Interceptor:
 
     async def _reconnect(self, s: Session, ctx: ProxyContext) -> Stream:
         """A fresh upstream connection after the previous one closed (raises UpstreamFailure)."""
-        raw = await connect(s.host, s.port, ctx.limits.connect_timeout, ctx.guard)
+        # Judged for the tunnel's own admission (the verdict that let it in), as its first connect was.
+        admission = Admission(self.gate, s.container, s.host, s.port, s.method, s.verdict)
+        raw = await connect(s.host, s.port, ctx.limits.connect_timeout, admission)
         if s.scheme == "http":
             return raw
         tls, err = await self._upstream_tls(raw, s.server_name, ctx.limits)

@@ -6,7 +6,8 @@ connections that ended an exchange cleanly are parked here and handed to the nex
 same destination **from the same client identity**: connections are never shared between
 identities, so connection-bound state at an origin (a login tied to a connection, NTLM) cannot
 leak from one client to another. Each request is still judged by the rules before a connection
-is taken from here.
+is taken from here, and the connection's address is judged again for that request's admission
+(an address rule added since it was parked refuses it: it is closed, and a fresh connect is judged).
 
 Bounded: at most `per_key` idle connections per (identity, host, port) and `total` overall (the
 oldest goes first); a parked connection is closed after `idle_timeout` seconds. One that the
@@ -17,8 +18,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
+from typing import TYPE_CHECKING
 
 from .conn import Conn
+
+if TYPE_CHECKING:
+    from .gate import Admission
 
 Key = tuple[str, str, int]  # (client identity, host, port)
 
@@ -41,13 +46,15 @@ class UpstreamPool:
     def __len__(self) -> int:
         return self._count
 
-    def get(self, key: Key) -> Conn | None:
-        """A live idle connection for `key` (most recently parked first), or None."""
+    def get(self, key: Key, admission: Admission) -> Conn | None:
+        """A live idle connection for `key` (most recently parked first) that `admission` (the new
+        request's, for the same client and destination) keeps: its address judged again by the rules
+        as they are now (`Admission.keeps`); or None. One it refuses is closed."""
         q = self._idle.get(key)
         while q:
             _t, conn = q.pop()
             self._count -= 1
-            if usable(conn):
+            if usable(conn) and admission.keeps(conn):
                 if not q:
                     del self._idle[key]
                 self.reused += 1

@@ -8,6 +8,7 @@ import asyncio
 
 from . import socks5
 from .context import ClientConn, unnamed_identity
+from .gate import Admission
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
 
@@ -75,8 +76,9 @@ async def handle_socks(client: ClientConn) -> None:
     if not verdict.allowed:
         client.write(server.reply(socks5.REP_NOT_ALLOWED))
         return
+    admission = Admission(gate, container, req.host, req.port, "SOCKS5", verdict)
     try:
-        up = await connect(req.host, req.port, limits.connect_timeout, ctx.guard)
+        up = await connect(req.host, req.port, limits.connect_timeout, admission)
     except UpstreamFailure as exc:
         gate.finish_log(verdict)
         client.write(server.reply(_SOCKS_FAIL.get(exc.kind, socks5.REP_GENERAL_FAILURE)))

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 
+from greyproxy.policy import Rule, RuleSet
 from services.proxy.conn import Conn
+from services.proxy.gate import Admission, Gate, Verdict
 from services.proxy.pool import UpstreamPool
+from harness.fakes import Journal, Publisher
 
 
 class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, peer: str = "192.0.2.1") -> None:
+        super().__init__({"peername": (peer, 80)})
         self.closing = False
         self.aborted = False
 
@@ -25,9 +28,9 @@ class FakeTransport(asyncio.Transport):
         self.closing = self.aborted = True
 
 
-def conn() -> Conn:
+def conn(peer: str = "192.0.2.1") -> Conn:
     c = Conn()
-    c.connection_made(FakeTransport())
+    c.connection_made(FakeTransport(peer))
     return c
 
 
@@ -37,6 +40,12 @@ def closed(c: Conn) -> bool:
 
 A = ("alice", "example.com", 80)
 B = ("bob", "example.com", 80)
+GATE = Gate(Journal(), Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]  # no address rule
+
+
+def admission(key: tuple[str, str, int], gate: Gate = GATE) -> Admission:
+    """A new request's admission for `key` (what the pool judges a parked connection for)."""
+    return Admission(gate, key[0], key[1], key[2], "HTTP", Verdict(True, "rule", 1))
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -49,10 +58,10 @@ def test_get_gives_back_the_most_recent_connection_of_that_key_only() -> None:
         c1, c2 = conn(), conn()
         pool.put(A, c1)
         pool.put(A, c2)
-        assert pool.get(B) is None  # another identity never gets alice's connections
-        assert pool.get(A) is c2
-        assert pool.get(A) is c1
-        assert pool.get(A) is None
+        assert pool.get(B, admission(B)) is None  # another identity never gets alice's connections
+        assert pool.get(A, admission(A)) is c2
+        assert pool.get(A, admission(A)) is c1
+        assert pool.get(A, admission(A)) is None
         assert len(pool) == 0 and pool.stats()["reused"] == 2
         pool.close_all()
 
@@ -70,7 +79,7 @@ def test_per_key_and_total_bounds_close_the_oldest() -> None:
         for c in b:
             pool.put(B, c)
         assert len(pool) == 3 and closed(a[1])  # the oldest overall went
-        assert pool.get(A) is a[2]
+        assert pool.get(A, admission(A)) is a[2]
         pool.close_all()
         assert all(closed(c) for c in (a[0], a[1], *b)) and not closed(a[2])  # a[2] is in use
 
@@ -87,7 +96,7 @@ def test_unusable_connections_are_never_handed_out() -> None:
         eof.eof_received()  # the origin closed its side while parked
         chatty.data_received(b"HTTP/1.1 408 Request Timeout\r\n\r\n")  # unsolicited bytes
         gone.connection_lost(None)
-        assert pool.get(A) is good
+        assert pool.get(A, admission(A)) is good
         assert closed(eof) and closed(chatty)
         # A connection that is already unusable is not parked at all.
         done = conn()
@@ -103,7 +112,7 @@ def test_disabled_pool_closes_at_once() -> None:
         pool = UpstreamPool(per_key=0, total=0, idle_timeout=30)
         c = conn()
         pool.put(A, c)
-        assert closed(c) and pool.get(A) is None
+        assert closed(c) and pool.get(A, admission(A)) is None
 
     run(go())
 
@@ -143,5 +152,29 @@ def test_put_takes_the_connections_loop_not_get_running_loop(monkeypatch) -> Non
         assert len(pool) == 1
         await asyncio.sleep(0.4)  # the sweeper closes it after idle_timeout
         assert len(pool) == 0 and closed(c)
+
+    run(go())
+
+
+def test_a_parked_connection_is_judged_again_for_the_new_requests_admission() -> None:
+    """An address rule added while a connection was parked: the next request of that client does
+    not get it (closed; its fresh connect is judged and logged as any); other clients' rules and
+    other addresses do not matter. No log entry for the refused parked connection."""
+
+    async def go() -> None:
+        gate = Gate(Journal(), Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]
+        pool = UpstreamPool(per_key=4, total=16, idle_timeout=30)
+        denied, other = conn("192.0.2.1"), conn("198.51.100.1")
+        pool.put(A, other)
+        pool.put(A, denied)  # most recent: tried first
+        gate.set_rules(RuleSet([Rule(1, "alice", "192.0.2.0/24", "*", "deny"), Rule(2, "*", "*", "*", "allow")]), 2)
+        assert pool.get(A, admission(A, gate)) is other
+        assert closed(denied) and len(pool) == 0
+        assert not gate.journal.records  # type: ignore[attr-defined]
+        # another client's address rule does not refuse alice's connections
+        mine = conn("192.0.2.1")
+        pool.put(B, mine)
+        assert pool.get(B, admission(B, gate)) is mine
+        pool.close_all()
 
     run(go())

@@ -1,8 +1,9 @@
 """Address rules (issue 13 item 2): a rule whose destination is an IP or a CIDR also judges the
 addresses a name resolves to, and the address each connection is about to use; a deny there wins.
 
-RuleSet.address_denial / may_deny_address are pure; the Gate tests drive admit() and guard() in
-one task, as a listener does (admit, then upstream.connect calling the guard per address).
+RuleSet.address_denial / may_deny_address are pure; the Gate tests drive admit() and then guard()
+for that admission, as a listener does (admit, then upstream.connect calling the admission, its
+guard, per address).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 
 from bus import records
 from greyproxy.policy import Rule, RuleSet
-from services.proxy.gate import Gate
+from services.proxy.gate import Admission, Gate
 from harness.fuzz import examples
 from harness.fakes import Journal, Publisher
 
@@ -80,7 +81,7 @@ def test_silent_allow_bypasses_address_rules_like_all_rules() -> None:
         g.set_silent("allow", None)
         v = await g.admit("agent", "localhost", 8081, "HTTP")
         assert v.allowed and v.reason == "silent_allow"
-        assert g.guard("127.0.0.1", 8081) is None
+        assert Admission(g, "agent", "localhost", 8081, "HTTP", v)("127.0.0.1", 8081) is None
 
     asyncio.run(run())
 
@@ -94,12 +95,13 @@ def test_guard_judges_the_address_actually_connected_to() -> None:
     async def run() -> None:
         v = await g.admit("agent", "metadata.invalid", 80, "CONNECT")  # does not resolve: nothing to judge yet
         assert v.allowed and v.log_pending is not None
-        assert g.guard("192.0.2.7", 80) is None
-        why = g.guard("169.254.169.254", 80)
+        adm = Admission(g, "agent", "Metadata.Invalid.", 80, "CONNECT", v)  # the host as the client gave it
+        assert adm("192.0.2.7", 80) is None
+        why = adm("169.254.169.254", 80)
         assert why and "169.254.169.254" in why and "rule 1" in why
         assert v.log_pending is None
         g.finish_log(v)  # what the listener does after the failure: nothing more is written
-        assert g.guard("127.0.0.1", 1) is not None  # the own-listener guard as before
+        assert adm("127.0.0.1", 1) is not None  # the own-listener guard as before
 
     asyncio.run(run())
     entries = logs(g)
@@ -107,10 +109,24 @@ def test_guard_judges_the_address_actually_connected_to() -> None:
     assert entries[0]["destination_host"] == "metadata.invalid" and entries[0]["method"] == "CONNECT"
 
 
-def test_guard_outside_an_admission_only_protects_own_listeners() -> None:
-    g = gate_with(Rule(1, "*", "0.0.0.0/0", "*", "deny"))
-    assert g.guard("192.0.2.1", 80) is None  # no admitted connection in this context
-    assert g.guard("127.0.0.1", 1)
+def test_the_guard_judges_the_admission_it_is_given() -> None:
+    """Address rules per client: each connect is judged for the admission passed to it, whatever
+    was admitted since (nothing about the last admission is kept anywhere else)."""
+    g = gate_with(Rule(1, "bob", "192.0.2.0/24", "*", "deny"), Rule(2, "*", "*", "*", "allow"))
+
+    async def run() -> None:
+        va = await g.admit("alice", "svc.example", 80, "HTTP")
+        vb = await g.admit("bob", "svc.example", 80, "HTTP")  # (does not resolve: allowed by the name)
+        a = Admission(g, "alice", "svc.example", 80, "HTTP", va)
+        b = Admission(g, "bob", "svc.example", 80, "HTTP", vb)
+        assert a("192.0.2.1", 80) is None  # alice's, though bob was admitted last
+        assert "rule 1" in (b("192.0.2.1", 80) or "")
+        assert a("192.0.2.1", 80) is None
+        assert a("127.0.0.1", 1) and b("127.0.0.1", 1)  # the own listeners: for everyone
+
+    asyncio.run(run())
+    blocked = [e for e in logs(g) if e["result"] == "blocked"]
+    assert [(e["container_name"], e["rule_id"]) for e in blocked] == [("bob", 1)]
 
 
 addresses = st.ip_addresses(v=4).map(str)
@@ -172,7 +188,8 @@ def test_a_names_addresses_are_looked_up_once_per_ttl(monkeypatch) -> None:
         answers["rebinder.example"] = ["169.254.169.254"]  # rebound after admission: cached says fine...
         v = await g.admit("agent", "rebinder.example", 80, "HTTP")
         assert v.allowed
-        assert "rule 1" in (g.guard("169.254.169.254", 80) or "")  # ...the connect to it is refused
+        adm = Admission(g, "agent", "rebinder.example", 80, "HTTP", v)
+        assert "rule 1" in (adm("169.254.169.254", 80) or "")  # ...the connect to it is refused
         g._addresses.clear()  # past the TTL: the admission sees the new address
         v = await g.admit("agent", "rebinder.example", 80, "HTTP")
         assert (v.allowed, v.rule_id) == (False, 1)
