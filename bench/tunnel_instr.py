@@ -152,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=str(BENCH.parent), help="checkout to import the proxy from")
     ap.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
-    ap.add_argument("--load", choices=("tunnels-splice", "tunnels", "newconn", "keepalive", "bare"), default="tunnels-splice")
+    ap.add_argument(
+        "--load", choices=("tunnels-splice", "tunnels", "newconn", "keepalive", "bare"), default="tunnels-splice"
+    )
     ap.add_argument("--conns", type=int, default=0, help="connections at once (default: 1 callgrind, 20 strace)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds measured (default 8)")
     ap.add_argument("--keep", help="keep the callgrind dump here")
