@@ -3,7 +3,9 @@ listener, in process, over loopback sockets.
 
 The listener is `bench/conn_path.py`'s (real gate, interception hook, log records encoded and
 dropped), served in a child process; nginx is the origin; bench/harness/tunnelbench.c drives it from
-outside (CONNECT, one GET through the tunnel, close). Instruction counts do not change with the
+outside (CONNECT, one GET through the tunnel, close); `--load newconn`: wrk drives plain-HTTP
+requests with `Connection: close` instead (a new connection per request), `--load keepalive` the
+same requests on one kept-alive connection (the per-request part of `newconn`). Instruction counts do not change with the
 machine's load, unlike CPU times: old and new code can be compared on a busy machine.
 
 - `--tool callgrind` (default): the child runs under valgrind; after a warm-up its counters are
@@ -12,7 +14,8 @@ machine's load, unlike CPU times: old and new code can be compared on a busy mac
   Single runs of the same tree agree within ~1-2 % (more when few tunnels were made).
 - `--tool strace`: `strace -c -p` on the child during the run (20 connections): calls per tunnel.
 
-    .venv/bin/python bench/tunnel_instr.py [--root DIR] [--tool callgrind|strace] [--load tunnels-splice|tunnels|bare]
+    .venv/bin/python bench/tunnel_instr.py [--root DIR] [--tool callgrind|strace]
+        [--load tunnels-splice|tunnels|newconn|keepalive|bare]
         [--conns N] [--duration S] [--keep FILE]
 
 `--root` imports the proxy from another checkout (e.g. a `git archive` of main); `--keep` keeps the
@@ -63,7 +66,7 @@ def serve(root: str, load: str) -> None:
 
 
 def measure(args: argparse.Namespace) -> int:
-    from harness.loads import run_tunnelbench, tunnelbench_binary
+    from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary
     from harness.origin import NginxOrigin
     from harness.procs import stop_all
 
@@ -88,13 +91,19 @@ def measure(args: argparse.Namespace) -> int:
             "--compress-pos=no",
         ] + cmd
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def drive(duration: float) -> dict:
+        if args.load in ("newconn", "keepalive"):
+            return run_wrk(port, lua_absolute(origin.port, close=args.load == "newconn"), conns, duration, work)
+        return run_tunnelbench(tb, port, origin.port, conns, duration)
+
     try:
         port = int(child.stdout.readline())  # type: ignore[union-attr]
-        run_tunnelbench(tb, port, origin.port, conns, 2.0)  # warm-up
+        drive(2.0)  # warm-up
         time.sleep(0.5)
         if tool == "callgrind":
             subprocess.run(["callgrind_control", "-z", str(child.pid)], capture_output=True, timeout=60)
-            res = run_tunnelbench(tb, port, origin.port, conns, args.duration)
+            res = drive(args.duration)
             time.sleep(0.5)
             subprocess.run(["callgrind_control", "-d", str(child.pid)], capture_output=True, timeout=60)
             time.sleep(1.0)
@@ -106,14 +115,15 @@ def measure(args: argparse.Namespace) -> int:
                 int(line.split()[1]) for line in Path(dumps[-1]).read_text().splitlines() if line.startswith("summary:")
             )
             n = res["requests"]
-            print(f"{args.root} {args.load}: {n} tunnels, {total:,} instructions, {total / n:,.0f} per tunnel")
+            what = {"newconn": "connections", "keepalive": "requests"}.get(args.load, "tunnels")
+            print(f"{args.root} {args.load}: {n} {what}, {total:,} instructions, {total / n:,.0f} each")
             if args.keep:
                 shutil.copy(dumps[-1], args.keep)
         else:
             out = work / "strace.txt"
             st = subprocess.Popen(["strace", "-c", "-p", str(child.pid), "-o", str(out)], stderr=subprocess.DEVNULL)
             time.sleep(0.5)
-            res = run_tunnelbench(tb, port, origin.port, conns, args.duration)
+            res = drive(args.duration)
             time.sleep(0.3)
             st.send_signal(2)
             st.wait(10)
@@ -142,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--root", default=str(BENCH.parent), help="checkout to import the proxy from")
     ap.add_argument("--tool", choices=("callgrind", "strace"), default="callgrind")
-    ap.add_argument("--load", choices=("tunnels-splice", "tunnels", "bare"), default="tunnels-splice")
+    ap.add_argument(
+        "--load", choices=("tunnels-splice", "tunnels", "newconn", "keepalive", "bare"), default="tunnels-splice"
+    )
     ap.add_argument("--conns", type=int, default=0, help="connections at once (default: 1 callgrind, 20 strace)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds measured (default 8)")
     ap.add_argument("--keep", help="keep the callgrind dump here")

@@ -54,6 +54,7 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
+_HOP_BY_HOP_BUT_CONNECTION = _HOP_BY_HOP - {"connection"}
 # A client must never be able to strip message framing (or Host) by naming it in Connection.
 _NEVER_CONNECTION_DROPPED = frozenset({"content-length", "transfer-encoding", "host"})
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -252,12 +253,32 @@ def _framing_of(
     return False, None, True
 
 
+def _proxy_names(names: frozenset[str]) -> bool:
+    """A Proxy-* field among these (lower-case) names (a loop: `any()` of a generator costs more)."""
+    for n in names:
+        if n.startswith("proxy-"):
+            return True
+    return False
+
+
 def _filter_hop_by_hop(
     headers: list[tuple[str, str]], keep_upgrade: bool, names: Names = None
 ) -> list[tuple[str, str]]:
     """Drop hop-by-hop fields, all Proxy-*, and whatever Connection names (never framing/Host)."""
-    if names is not None and names.isdisjoint(_HOP_BY_HOP) and not any(n.startswith("proxy-") for n in names):
-        return list(headers)  # nothing to drop (no Connection field, so it names nothing either)
+    if names is not None and names.isdisjoint(_HOP_BY_HOP_BUT_CONNECTION) and not _proxy_names(names):
+        if "connection" not in names:
+            return list(headers)  # nothing to drop (no Connection field, so it names nothing either)
+        # Only a Connection field (a client's `close`, `keep-alive`): it goes, in one pass; so would
+        # the fields it names, when one is here (then the general loop below)
+        kept: list[tuple[str, str]] = []
+        tokens: list[str] = []
+        for k, v in headers:
+            if k.lower() == "connection":
+                tokens += _split_tokens(v)
+            else:
+                kept.append((k, v))
+        if names.isdisjoint(tokens) or names.intersection(tokens) <= _NEVER_CONNECTION_DROPPED:
+            return kept
     named = set(_tokens(headers, "connection", names)) - _NEVER_CONNECTION_DROPPED
     if keep_upgrade:
         named.discard("upgrade")
@@ -609,13 +630,18 @@ def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) 
 _REQUEST_FIELDS = frozenset(
     {"transfer-encoding", "content-length", "connection", "expect", "upgrade", "proxy-authorization"}
 )
+_REQUEST_FIELDS_BUT_CONNECTION = _REQUEST_FIELDS - {"connection"}
 
 
 def _derive_request_headers(head: RequestHead) -> None:
     headers, names = head.headers, head.names
-    if names is not None and names.isdisjoint(_REQUEST_FIELDS):
-        head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
-        return  # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
+    if names is not None and names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION):
+        # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
+        if "connection" not in names:
+            head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
+        else:  # (a client closing after this request: `Connection: close`)
+            head.keep_alive = _keep_alive(head.version, _tokens(headers, "connection"))
+        return
     chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":
         raise _bad("Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1: framing is faulty

@@ -35,6 +35,24 @@ def test_histogram_buckets() -> None:
         Histogram([1.0, 0.5])
 
 
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    st.lists(st.floats(min_value=0.0, max_value=10.0), min_size=0, max_size=5, unique=True).map(sorted),
+    st.lists(st.floats(allow_nan=True, allow_infinity=True), max_size=20),
+)
+def test_histogram_counts_each_value_in_its_bucket(bounds: list[float], values: list[float]) -> None:
+    """The bucket of a value is the first bound it does not exceed (le), +Inf past them all; the
+    first bound's own shortcut included (a value equal to it, below it, NaN, no bounds at all)."""
+    import bisect
+
+    h = Histogram(bounds)
+    expected = [0] * (len(bounds) + 1)
+    for v in [*values, *bounds]:
+        h.observe(v)
+        expected[bisect.bisect_left(bounds, v)] += 1
+    assert h.counts == expected
+
+
 def test_families_from_heartbeats() -> None:
     h = Histogram([0.001, 1.0])
     h.observe(0.0005)

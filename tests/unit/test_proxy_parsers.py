@@ -7,7 +7,7 @@ import ipaddress
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.proxy.http1 import (
@@ -1368,3 +1368,66 @@ def test_socks_unicode_names_parse_to_idna_or_fail(labels: list[str]) -> None:
         assert exc.reply == REP_GENERAL_FAILURE
         return
     assert server.request is not None and server.request.host.isascii()
+
+
+# Field names (any spelling) and Connection values for the shortcuts of `_filter_hop_by_hop` and
+# `_derive_request_headers`: the same answers with the head's names known (the shortcuts) as unknown.
+_SHORTCUT_NAMES = st.sampled_from(
+    ["Connection", "connection", "CONNECTION", "Host", "X-A", "x-b", "Keep-Alive", "Proxy-X", "Upgrade",
+     "Content-Length", "Expect", "Accept"]
+)  # fmt: skip
+_SHORTCUT_CONNECTION = st.lists(
+    st.sampled_from(["close", "keep-alive", "Close", "x-a", "X-B", "host", "content-length", "upgrade", "te", ""]),
+    max_size=3,
+).map(", ".join)
+
+
+@FUZZ
+@given(
+    st.lists(st.tuples(_SHORTCUT_NAMES, _SHORTCUT_CONNECTION), max_size=5),
+    st.sampled_from(["1.0", "1.1"]),
+    st.booleans(),
+)
+@example([("Connection", "close, x-a"), ("X-A", "1")], "1.1", False)
+@example([("connection", "keep-alive"), ("Host", "x")], "1.0", True)
+def test_known_names_shortcuts_answer_as_the_general_path(
+    fields: list[tuple[str, str]], version: str, keep_upgrade: bool
+) -> None:
+    from dataclasses import replace
+
+    from services.proxy import http1
+
+    # a Content-Length field's value must be a number for the head to parse
+    fields = [(k, "0" if k == "Content-Length" else v) for k, v in fields]
+    raw = "\r\n".join([f"GET http://e.com/ HTTP/{version}", "Host: e.com", *[f"{k}: {v}" for k, v in fields]])
+    try:
+        got = parse_request_head((raw + "\r\n\r\n").encode("latin-1"))
+    except HttpError:
+        return
+    assert got is not None
+    head = got[0]
+    assert head.names is not None
+    general = http1._filter_hop_by_hop(head.headers, keep_upgrade, None)
+    assert http1._filter_hop_by_hop(head.headers, keep_upgrade, head.names) == general
+    unknown = replace(head, names=None)
+    http1._derive_request_headers(unknown)
+    assert (unknown.keep_alive, unknown.chunked, unknown.content_length, unknown.expect_continue, unknown.upgrade) == (
+        head.keep_alive,
+        head.chunked,
+        head.content_length,
+        head.expect_continue,
+        head.upgrade,
+    )
+
+
+def test_connection_close_shortcuts() -> None:
+    head = parse(req("GET http://e.com/ HTTP/1.1", "Connection: close", "Accept: */*"))
+    assert not head.keep_alive
+    assert head.upstream_headers() == [("Host", "e.com"), ("Accept", "*/*")]
+    # a Connection field naming a field that is here: that one goes too (the general loop)
+    head = parse(req("GET http://e.com/ HTTP/1.1", "Connection: close, X-A", "X-A: 1", "Accept: */*"))
+    assert not head.keep_alive
+    assert head.upstream_headers() == [("Host", "e.com"), ("Accept", "*/*")]
+    head = parse(req("GET http://e.com/ HTTP/1.0", "Connection: keep-alive"))
+    assert head.keep_alive
+    assert head.upstream_headers() == [("Host", "e.com")]

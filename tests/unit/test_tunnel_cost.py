@@ -403,3 +403,135 @@ def test_a_connect_cancelled_from_outside_stays_cancelled(hanging_connect: None)
             await task
 
     run(main())
+
+
+# ---------------------------------------------------------------- the first-bytes look while nobody speaks
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_quiet_looks_end_at_their_own_deadlines_on_one_timer(loop_kind: str) -> None:
+    """Looks where nobody speaks each end (False) once they waited their timeout, on one timer for
+    them all and none on the connections; a look that gets bytes ends at once and leaves nothing."""
+    from services.proxy.mitm import QuietLooks
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        looks = QuietLooks()
+
+        async def one(delay: float, timeout: float) -> tuple[bool, float, Conn]:
+            await asyncio.sleep(delay)
+            a, b = make_conn(), make_conn()
+            t0 = loop.time()
+            got = await looks.wait(a, b, timeout, loop)
+            return got, loop.time() - t0, a
+
+        # three silent looks starting 50 ms apart, and one that gets a byte
+        async def spoken() -> tuple[bool, float, Conn]:
+            a, b = make_conn(), make_conn()
+            loop.call_later(0.03, a.data_received, b"\x16\x03")
+            t0 = loop.time()
+            return await looks.wait(a, b, 0.3, loop), loop.time() - t0, a
+
+        results = await asyncio.wait_for(asyncio.gather(one(0, 0.3), one(0.05, 0.3), one(0.1, 0.3), spoken()), 5)
+        for got, took, a in results[:3]:
+            assert got is False
+            assert 0.295 <= took < 0.3 + 0.25, took  # at its own deadline (the clock has ms steps)
+            assert a._timer is None and a._waiter is None  # no timer of its own, nothing left behind
+        got, took, a = results[3]
+        assert got is True and took < 0.25 and a.buf == b"\x16\x03" and a._timer is None
+        assert len(looks) == 0
+
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        run(main())
+
+
+def test_quiet_looks_arm_one_timer_for_many_looks() -> None:
+    from services.proxy.mitm import QuietLooks
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        looks = QuietLooks()
+        armed: list[Any] = []
+        real_call_at = loop.call_at
+
+        def call_at(when: float, cb: Any, *args: Any, **kw: Any) -> Any:
+            if cb == looks._fire:
+                armed.append(when)
+            return real_call_at(when, cb, *args, **kw)
+
+        loop.call_at = call_at  # type: ignore[method-assign]
+        pairs = [(make_conn(), make_conn()) for _ in range(20)]
+        waits = [asyncio.ensure_future(looks.wait(a, b, 30.0, loop)) for a, b in pairs]
+        await asyncio.sleep(0.01)
+        assert len(looks) == 20 and len(armed) == 1
+        for a, _b in pairs:
+            a.data_received(b"GET / HTTP/1.1\r\n")
+        assert await asyncio.gather(*waits) == [True] * 20
+        assert len(looks) == 0 and len(armed) == 1
+        # a shorter timeout than the ones waiting: still ends on time (a timer of its own)
+        a, b = make_conn(), make_conn()
+        long = asyncio.ensure_future(looks.wait(make_conn(), make_conn(), 30.0, loop))
+        await asyncio.sleep(0)
+        t0 = loop.time()
+        assert await asyncio.wait_for(looks.wait(a, b, 0.05, loop), 5) is False
+        assert 0.045 <= loop.time() - t0 < 1.0
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        assert len(looks) == 0  # a cancelled look leaves nothing behind
+
+    run(main())
+
+
+def test_quiet_looks_follow_a_new_event_loop() -> None:
+    """An interceptor outlives an event loop in tests (and a restarted loop): a timer left on the
+    old loop never fires, so the looks on a new loop arm their own."""
+    from services.proxy.mitm import QuietLooks
+
+    looks = QuietLooks()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await asyncio.wait_for(looks.wait(make_conn(), make_conn(), 0.05, loop), 5) is False
+        assert 0.045 <= loop.time() - t0 < 1.0
+
+    async def leave_one() -> None:
+        loop = asyncio.get_running_loop()
+        t = asyncio.ensure_future(looks.wait(make_conn(), make_conn(), 30.0, loop))
+        await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    run(leave_one())  # its timer stays armed on a loop that is then closed
+    run(main())
+
+
+def test_a_look_where_nobody_speaks_is_other_after_the_idle_timeout() -> None:
+    """The interceptor's look at a tunnel's first bytes (`_peek`): nobody speaking for idleTimeout is
+    'other' (the tunnel is then piped and swept), on the looks' shared timer."""
+    from services.proxy.context import Limits
+    from services.proxy.mitm import Interceptor, QuietLooks
+
+    hook = object.__new__(Interceptor)  # (only the look: no gate, recorder or certificates)
+    hook._quiet = QuietLooks()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        a, b = make_conn(), make_conn()
+        t0 = loop.time()
+        got = await asyncio.wait_for(hook._peek(a, b, Limits(idle_timeout=0.1, header_timeout=5.0)), 5)
+        assert got == ("other", None)
+        assert 0.095 <= loop.time() - t0 < 1.0
+        assert a._timer is None and len(hook._quiet) == 0
+        # a client that speaks (a request line) is seen at once
+        a, b = make_conn(), make_conn()
+        loop.call_later(0.02, a.data_received, b"GET / HTTP/1.1\r\n")
+        assert await asyncio.wait_for(hook._peek(a, b, Limits(idle_timeout=30.0)), 5) == ("http", None)
+
+    run(main())
