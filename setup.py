@@ -2,7 +2,8 @@
 
 The modules in greyproxy/compiled.py's MODULES are compiled from their unchanged .py files
 (Cython's pure-Python mode) into greyproxy/_compiled/<module>.<digest of the .py><EXT_SUFFIX>,
-never beside the .py; greyproxy/compiled.py loads one only while the .py still has that digest.
+never beside the .py; greyproxy/compiled.py loads one only while the .py still has that digest
+(with a Cython .pxd beside the .py: the .py's, the .pxd's and those of the modules it cimports).
 An editable install (`make install`) copies them into the source tree's greyproxy/_compiled/ and
 compiles only the modules whose current source has no compiled file yet (`make compile`); a wheel
 carries them as package files. Without Cython or a C compiler, or with GREYPROXY_COMPILE=0, the
@@ -73,7 +74,7 @@ class BuildCompiled(build_ext):
             _warn("Cython is not installed: nothing compiled")
             self.extensions = []
             return
-        self.digests = {e.name: compiled.source_digest((HERE / e.sources[0]).read_bytes()) for e in self.extensions}
+        self.digests = {e.name: compiled.module_digest(HERE / e.sources[0]) for e in self.extensions}
         if self.editable_mode or self.inplace:  # compile only what the source tree lacks
             self.extensions = [e for e in self.extensions if not self._in_source(e.name).exists()]
         if not self.extensions:

@@ -12,6 +12,12 @@ hashes it, and loads the compiled file only if one was built from exactly those 
 the .py is imported as usual. So a developer who edits a .py runs the edit (as Python) at once;
 `make compile` compiles it again. The figures: bench/results.md, "s6-e".
 
+A module may have a Cython declaration file beside it (`http1.pxd` beside `http1.py`: its classes
+as extension types with typed attributes, Cython's "augmenting .pxd"; Python never reads it). Its
+compiled file is then named after the .py, the .pxd and the modules the .pxd cimports (their own
+digests): a compiled module that reads another's extension types by their C layout is loaded only
+with that module compiled from the same sources (else both run as Python), see `module_digest`.
+
 `GREYPROXY_PURE=1` runs everything as Python: for cProfile, py-spy and debuggers, which see no
 Python frames inside compiled functions.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import sys
 from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec, PathFinder
 from importlib.util import spec_from_file_location
@@ -55,8 +62,58 @@ SUFFIX = EXTENSION_SUFFIXES[0]  # this interpreter's ABI: '.cpython-311-x86_64-l
 
 
 def source_digest(source: bytes) -> str:
-    """The digest of a module's source that names its compiled file (setup.py uses it too)."""
+    """The digest of a module's source that names its compiled file (one without a .pxd)."""
     return hashlib.sha256(source).hexdigest()[:16]
+
+
+# `from services.proxy.http1 cimport RequestHead` / `cimport services.proxy.http1` in a .pxd
+_CIMPORT = re.compile(rb"^\s*(?:from\s+([\w.]+)\s+cimport\b|cimport\s+([\w.]+))", re.M)
+
+
+def cimports(pxd: bytes) -> list[str]:
+    """The modules a .pxd cimports (absolute names; `cython` and C libraries included)."""
+    return [(m.group(1) or m.group(2)).decode() for m in _CIMPORT.finditer(pxd)]
+
+
+def module_digest(py: Path, _seen: frozenset[Path] = frozenset()) -> str:
+    """The digest that names a module's compiled file (setup.py uses it too): its source's, or with
+    a .pxd beside it, that of the source, the .pxd and the digests of the project modules the .pxd
+    cimports (found from the .py's directory up), so editing any of them makes it run as Python."""
+    source = py.read_bytes()
+    pxd_path = py.with_suffix(".pxd")
+    try:
+        pxd = pxd_path.read_bytes()
+    except OSError:
+        return source_digest(source)
+    parts = [source, b"\0pxd\0", pxd]
+    for dep in cimports(pxd):
+        dep_py = _find_module(py.parent, dep)
+        if dep_py is not None and dep_py not in _seen:
+            parts += [b"\0", dep.encode(), b"=", module_digest(dep_py, _seen | {py}).encode()]
+    return source_digest(b"".join(parts))
+
+
+def module_dependencies(py: Path) -> list[tuple[str, Path]]:
+    """The project modules (name, .py) whose .pxd declarations `py`'s compiled file was built against."""
+    try:
+        pxd = py.with_suffix(".pxd").read_bytes()
+    except OSError:
+        return []
+    out = []
+    for dep in cimports(pxd):
+        dep_py = _find_module(py.parent, dep)
+        if dep_py is not None:
+            out.append((dep, dep_py))
+    return out
+
+
+def _find_module(start: Path, dotted: str) -> Path | None:
+    """`services.proxy.http1` -> .../services/proxy/http1.py in `start` or a directory above it."""
+    rel = Path(*dotted.split(".")).with_suffix(".py")
+    for base in (start, *start.parents):
+        if (base / rel).is_file():
+            return base / rel
+    return None
 
 
 def compiled_name(module: str, digest: str) -> str:
@@ -87,13 +144,19 @@ class CompiledFinder:
         spec = PathFinder.find_spec(fullname, path)
         if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             return spec
+        py = Path(spec.origin)
         try:
-            digest = source_digest(Path(spec.origin).read_bytes())
+            digest = module_digest(py)
+            deps = module_dependencies(py)
         except OSError:
             return spec
         if digest not in digests:
             self.state[fullname] = "python (changed since compiled)"
             return spec
+        for dep, dep_py in deps:  # (built, but one it was built against was not: a compile that failed)
+            if module_digest(dep_py) not in self.built.get(dep, ()):
+                self.state[fullname] = f"python ({dep} is not compiled)"
+                return spec
         compiled = str(self.directory / compiled_name(fullname, digest))
         self.state[fullname] = "compiled"
         return spec_from_file_location(fullname, compiled, loader=ExtensionFileLoader(fullname, compiled))

@@ -325,7 +325,7 @@ class Exchange:
             else:
                 self.upstream.abort()
         if t is not None and self.state is not STALE:
-            t.finish(self.final, status=self.status, error=self.error)
+            t.finish(self.final, self.status, "allowed", self.error)  # (positional: a C call, exchange.pxd)
 
     # -- AWAIT_RESPONSE --
     def _interim(self, resp: http1.ResponseHead, n: int) -> None:

@@ -84,6 +84,8 @@ class Recorder:
     followed through `settings_changed`.
     """
 
+    __slots__ = ("journal", "max_body", "redactor", "counts")  # (pipeline.pxd: an extension type when compiled)
+
     def __init__(self, journal: JournalWriter, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.journal = journal
         self.max_body = max_body

@@ -77,9 +77,68 @@ def test_this_install_imports_every_hot_module_compiled_where_it_was_built() -> 
     for path in compiled.MODULES:
         name = path[:-3].replace("/", ".")
         module = importlib.import_module(name)
-        so = compiled.DIRECTORY / compiled.compiled_name(name, compiled.source_digest((ROOT / path).read_bytes()))
+        so = compiled.DIRECTORY / compiled.compiled_name(name, compiled.module_digest(ROOT / path))
         if so.exists():
             assert module.__file__ == str(so), name
             assert compiled.status()[name] == "compiled"
         else:
             assert module.__file__ == str(ROOT / path), name
+
+
+def _declared(tmp_path: Path) -> tuple[Path, Path]:
+    """A module with a .pxd that cimports another project module's declarations."""
+    pkg, out = _tree(tmp_path, b"class A:\n    __slots__ = ('x',)\n")
+    (pkg / "mod.pxd").write_text("from gp_compiled_probe.dep cimport B\ncdef class A:\n    cdef public B x\n")
+    (pkg / "dep.py").write_text("class B:\n    __slots__ = ('y',)\n")
+    (pkg / "dep.pxd").write_text("cdef class B:\n    cdef public object y\n")
+    for name, py in ((MODULE, pkg / "mod.py"), ("gp_compiled_probe.dep", pkg / "dep.py")):
+        (out / compiled.compiled_name(name, compiled.module_digest(py))).write_bytes(b"")
+    return pkg, out
+
+
+def test_a_module_with_a_pxd_is_named_after_its_pxd_and_what_that_cimports(tmp_path: Path) -> None:
+    pkg, out = _declared(tmp_path)
+    py = pkg / "mod.py"
+    assert compiled.cimports((pkg / "mod.pxd").read_bytes()) == ["gp_compiled_probe.dep"]
+    assert compiled.module_digest(py) != compiled.source_digest(py.read_bytes())
+    spec = compiled.CompiledFinder(out).find_spec(MODULE, [str(pkg)])
+    assert spec is not None and isinstance(spec.loader, ExtensionFileLoader)
+    for edited, text in ((pkg / "mod.pxd", "cdef class A:\n    cdef public object x\n"), (pkg / "dep.py", "B = 1\n")):
+        before = edited.read_text()
+        edited.write_text(text)  # the .pxd, or a module whose declarations it was compiled against
+        finder = compiled.CompiledFinder(out)
+        spec = finder.find_spec(MODULE, [str(pkg)])
+        assert spec is not None and spec.origin == str(py), edited
+        assert finder.state == {MODULE: "python (changed since compiled)"}
+        edited.write_text(before)
+
+
+def test_a_module_built_against_one_that_was_not_compiled_runs_as_python(tmp_path: Path) -> None:
+    pkg, out = _declared(tmp_path)
+    for so in out.glob("gp_compiled_probe.dep.*"):
+        so.unlink()  # its compile failed (no C compiler for it, say): its extension types are Python classes
+    (out / f"gp_compiled_probe.dep.0000000000000000{compiled.SUFFIX}").write_bytes(b"")  # another source's
+    finder = compiled.CompiledFinder(out)
+    spec = finder.find_spec(MODULE, [str(pkg)])
+    assert spec is not None and spec.origin == str(pkg / "mod.py")
+    assert finder.state == {MODULE: "python (gp_compiled_probe.dep is not compiled)"}
+
+
+def test_the_pxd_files_declare_exactly_the_slots_of_their_classes() -> None:
+    """An attribute in __slots__ but not in the .pxd would not exist on the compiled class."""
+    import re
+
+    for path in compiled.MODULES:
+        pxd = (ROOT / path).with_suffix(".pxd")
+        if not pxd.exists():
+            continue
+        module = importlib.import_module(path[:-3].replace("/", "."))
+        for cls, body in re.findall(r"^cdef class (\w+).*?:\n((?:[ \t]+.*\n|\n)*)", pxd.read_text(), re.M):
+            declared = set()
+            for decl in re.findall(r"^\s+cdef public (.*)$", body, re.M):
+                names = decl.split(None, 1)[1] if len(decl.split(",")[0].split()) > 1 else decl
+                declared |= {n.strip() for n in names.split(",")}
+            slots = getattr(module, cls).__dict__.get("__slots__")
+            if slots is None:  # a compiled class: its attributes are descriptors
+                slots = [k for k, v in vars(getattr(module, cls)).items() if type(v).__name__ == "getset_descriptor"]
+            assert declared == set(slots), (path, cls, declared ^ set(slots))

@@ -1,0 +1,22 @@
+# Cython declarations for pipeline.py (an "augmenting .pxd": Python never reads it; setup.py compiles
+# pipeline.py with it, greyproxy/compiled.py). Recorder and Txn become extension types: their
+# attributes are C struct fields (read and set without a dictionary lookup in the compiled modules
+# that cimport them), their cpdef methods are called through a C vtable. Every attribute is `public`:
+# Python code and the tests read and set them as before. Keep the attribute lists equal to the
+# classes' __slots__ (tests/unit/test_compiled.py checks).
+
+cdef class Recorder:
+    cdef public object journal, max_body, redactor, counts
+
+
+cdef class Txn:
+    cdef public Recorder recorder
+    cdef public object container, host, port, method, url, request_headers, request_host, host_mismatch
+    cdef public object req_ct, req_ce, t0, p0, req, resp, resp_ct, rule_id, substituted, done
+    cdef public object session_id, scrubber, refused
+
+    cpdef _capture(self, content_type)
+    cpdef req_sink(self)
+    cpdef resp_sink(self, resp)
+    cpdef credentials_from(self, flow)
+    cpdef finish(self, resp=*, status=*, result=*, error=*, block_reason=*)
