@@ -14,7 +14,7 @@ import ipaddress
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from http import HTTPStatus
 
 import httptools
@@ -318,7 +318,10 @@ def parse_basic(value: str) -> tuple[str | None, str | None]:
 # ---------------------------------------------------------------------------- request head
 
 
-@dataclass(slots=True)  # one per request: slots make it cheaper to build and read
+# One per request. Compiled, the heads are extension types (http1.pxd: Cython's dataclass, its fields
+# C struct fields that the other compiled modules read directly); as Python they get __slots__ at the
+# end of this module (`_slotted`: what dataclass(slots=True) does, which Cython does not take).
+@dataclass
 class RequestHead:
     method: str
     target: str
@@ -672,7 +675,7 @@ def _derive_request_headers(head: RequestHead) -> None:
 # ---------------------------------------------------------------------------- response head
 
 
-@dataclass(slots=True)  # one per request: slots make it cheaper to build and read
+@dataclass  # (see RequestHead)
 class ResponseHead:
     version: str
     status: int
@@ -1081,3 +1084,20 @@ class BodyReader:
                 raise self._err("malformed trailer field")
             self._trailer_bytes += len(line)
         return lf + 1
+
+
+def _slotted(cls: type) -> type:
+    """As Python, a dataclass's class with __slots__ for its fields (what dataclass(slots=True) makes:
+    cheaper to build and read, no stray attributes); compiled, an extension type has them already."""
+    if not cls.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE: unset on an extension type
+        return cls
+    names = tuple(f.name for f in fields(cls))
+    ns = {k: v for k, v in cls.__dict__.items() if k not in names and k not in ("__dict__", "__weakref__")}
+    ns["__slots__"] = names
+    new = type(cls)(cls.__name__, cls.__bases__, ns)
+    new.__qualname__ = cls.__qualname__
+    return new
+
+
+# (through globals(): a compiled module's extension types are not names that can be assigned)
+globals().update({name: _slotted(globals()[name]) for name in ("RequestHead", "ResponseHead")})

@@ -5,6 +5,9 @@
 # Python code and the tests read and set them as before. Keep the attribute lists equal to the
 # classes' __slots__ (tests/unit/test_compiled.py checks).
 
+from services.proxy.http1 cimport ResponseHead
+
+
 cdef class Recorder:
     cdef public object journal, max_body, redactor, counts
 
@@ -17,6 +20,6 @@ cdef class Txn:
 
     cpdef _capture(self, content_type)
     cpdef req_sink(self)
-    cpdef resp_sink(self, resp)
+    cpdef resp_sink(self, ResponseHead resp)
     cpdef credentials_from(self, flow)
-    cpdef finish(self, resp=*, status=*, result=*, error=*, block_reason=*)
+    cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
