@@ -237,13 +237,14 @@ class Proxy:
 def cycle_off() -> Any:
     """The cycle never serves: every request goes the handler's coroutine way (as before it)."""
 
-    def serve(self: keepalive.KeptAlive, *_a: Any) -> asyncio.Future:
-        self.clean = True  # the upstream stays as the handler had it
-        fut = self.loop.create_future()
-        fut.set_result(keepalive.Handover(keepalive.READ))
-        return fut
+    class Off(keepalive.KeptAlive):  # (compiled, KeptAlive is an extension type: its methods cannot be patched)
+        def serve(self, *_a: Any) -> asyncio.Future:
+            self.clean = True  # the upstream stays as the handler had it
+            fut = self.loop.create_future()
+            fut.set_result(keepalive.Handover(keepalive.READ))
+            return fut
 
-    return mock.patch.object(keepalive.KeptAlive, "serve", serve)
+    return mock.patch.object(http_proxy, "KeptAlive", Off)
 
 
 async def _run(batches: list[list[bytes]]) -> tuple[bytes, list[bytes], list[dict[str, Any]], list[str], bool]:
