@@ -1,0 +1,14 @@
+# Cython declarations for hooks.py (an "augmenting .pxd", see pipeline.pxd): a request's Flow is an
+# extension type, its attributes C struct fields, the client's head read as a C struct.
+
+from services.proxy.http1 cimport RequestHead
+
+
+cdef class Flow:
+    cdef public object claimed, container, scheme, host, port, server_name
+    cdef public RequestHead head
+    cdef public object verdict, substituted, session_id, scrubber, refused_labels, _headers, _target
+
+    cpdef upstream_headers(self)
+    cpdef _own(self)
+    cpdef render(self, version)
