@@ -31,7 +31,7 @@ import sys
 from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader, ModuleSpec, PathFinder
 from importlib.util import spec_from_file_location
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 # The modules compiled by setup.py: the request path's and the new connection's hot modules
 # (bench/proxy_path.py --functions, bench/conn_path.py --profile), all pure Python.
@@ -120,6 +120,24 @@ def compiled_name(module: str, digest: str) -> str:
     """`services.proxy.http1` + digest -> the compiled file's name in DIRECTORY."""
     return f"{module}.{digest}{SUFFIX}"
 
+
+
+def slotted(module_globals: dict[str, Any], *names: str) -> None:
+    """Give the named dataclasses of a module __slots__ for their fields when they run as Python
+    (what dataclass(slots=True) makes: cheaper to build and read, no stray attributes). Compiled,
+    a class with a .pxd is an extension type (Cython's dataclass, which takes no `slots=`) and has
+    its fields as C struct fields already: left as it is. Called at the end of the module, through
+    its globals() (a compiled module's extension types are not names that can be assigned)."""
+    for name in names:
+        cls = module_globals[name]
+        if not cls.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE: unset on an extension type
+            continue
+        fields = tuple(cls.__dataclass_fields__)
+        ns = {k: v for k, v in cls.__dict__.items() if k not in fields and k not in ("__dict__", "__weakref__")}
+        ns["__slots__"] = fields
+        new = type(cls)(cls.__name__, cls.__bases__, ns)
+        new.__qualname__ = cls.__qualname__
+        module_globals[name] = new
 
 class CompiledFinder:
     """A meta path finder: a module's compiled file if it was built from the .py found, else nothing."""

@@ -14,11 +14,12 @@ import ipaddress
 import itertools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
 
+from greyproxy.compiled import slotted
 from greyproxy.policy.patterns import ascii_host, refuse_controls
 
 __all__ = [
@@ -320,7 +321,7 @@ def parse_basic(value: str) -> tuple[str | None, str | None]:
 
 # One per request. Compiled, the heads are extension types (http1.pxd: Cython's dataclass, its fields
 # C struct fields that the other compiled modules read directly); as Python they get __slots__ at the
-# end of this module (`_slotted`: what dataclass(slots=True) does, which Cython does not take).
+# end of this module (greyproxy.compiled.slotted: what dataclass(slots=True) does, which Cython does not take).
 @dataclass
 class RequestHead:
     method: str
@@ -1086,18 +1087,4 @@ class BodyReader:
         return lf + 1
 
 
-def _slotted(cls: type) -> type:
-    """As Python, a dataclass's class with __slots__ for its fields (what dataclass(slots=True) makes:
-    cheaper to build and read, no stray attributes); compiled, an extension type has them already."""
-    if not cls.__flags__ & (1 << 9):  # Py_TPFLAGS_HEAPTYPE: unset on an extension type
-        return cls
-    names = tuple(f.name for f in fields(cls))
-    ns = {k: v for k, v in cls.__dict__.items() if k not in names and k not in ("__dict__", "__weakref__")}
-    ns["__slots__"] = names
-    new = type(cls)(cls.__name__, cls.__bases__, ns)
-    new.__qualname__ = cls.__qualname__
-    return new
-
-
-# (through globals(): a compiled module's extension types are not names that can be assigned)
-globals().update({name: _slotted(globals()[name]) for name in ("RequestHead", "ResponseHead")})
+slotted(globals(), "RequestHead", "ResponseHead")  # (as Python: __slots__, see RequestHead)
