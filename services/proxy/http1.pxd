@@ -2,6 +2,8 @@
 # heads are extension types (Cython's dataclass: the same __init__, repr, eq, fields() and replace()),
 # their fields C struct fields read directly by the compiled modules that cimport them.
 
+cimport cython
+
 cdef class RequestHead:
     cdef public object method, target, version, headers, host, port, scheme, path, keep_alive, chunked
     cdef public object content_length, expect_continue, upgrade, proxy_user, proxy_password, authority
@@ -18,3 +20,23 @@ cdef class ResponseHead:
 
     cpdef field_lines(self)
     cpdef header(self, name)
+
+
+# The request parser's locals typed (C calls for the bytes/str/list methods; `buf` must be bytes).
+@cython.locals(
+    start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
+    lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
+    line=str, k=str, v=str, head=RequestHead,
+)
+cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
+
+
+
+# The response parser's locals typed (as the request's; no generator expression in it: a cpdef
+# function takes no closure).
+@cython.locals(
+    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, status_line=list, text=str,
+    version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead,
+)
+cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)

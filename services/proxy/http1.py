@@ -835,7 +835,7 @@ def parse_response_head(
         # lower-case name -> first value (built backwards: the first of a repeated name is kept)
         index = {k.lower(): v for k, v in reversed(headers)}
         # What framing, keep-alive and relaying need: the framing and hop-by-hop fields, every value of each.
-        other_hop = any(n.startswith("proxy-") for n in index) if "proxy-" in "\n".join(index) else False
+        other_hop = any([n.startswith("proxy-") for n in index]) if "proxy-" in "\n".join(index) else False
         special = index.keys() & _RESPONSE_FIELDS
         if special:
             repeated = len(index) != len(headers)
