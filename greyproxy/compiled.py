@@ -121,7 +121,6 @@ def compiled_name(module: str, digest: str) -> str:
     return f"{module}.{digest}{SUFFIX}"
 
 
-
 def slotted(module_globals: dict[str, Any], *names: str) -> None:
     """Give the named dataclasses of a module __slots__ for their fields when they run as Python
     (what dataclass(slots=True) makes: cheaper to build and read, no stray attributes). Compiled,
@@ -138,6 +137,7 @@ def slotted(module_globals: dict[str, Any], *names: str) -> None:
         new = type(cls)(cls.__name__, cls.__bases__, ns)
         new.__qualname__ = cls.__qualname__
         module_globals[name] = new
+
 
 class CompiledFinder:
     """A meta path finder: a module's compiled file if it was built from the .py found, else nothing."""
