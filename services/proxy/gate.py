@@ -19,7 +19,6 @@ from typing import Any
 from bus import records, topics
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
-from greyproxy.compiled import slotted
 from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.judge import Guard, Judgement, judge
 from greyproxy.policy.patterns import normalise_host
@@ -45,7 +44,7 @@ ADDRESS_TTL = 30.0  # seconds a name's addresses are reused for the admission ch
 ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
 
 
-@dataclass  # (compiled: an extension type, gate.pxd; as Python: __slots__, at the end of the module)
+@dataclass(slots=True)
 class Verdict:
     allowed: bool
     reason: str
@@ -582,6 +581,3 @@ class Gate:
         self.silent.expires_at = None
         if self.announce_silent:
             self.publisher.publish(topics.ALLOWALL_CHANGED, self.silent.status())
-
-
-slotted(globals(), "Verdict")  # (greyproxy.compiled.slotted)
