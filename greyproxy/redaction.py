@@ -53,6 +53,8 @@ def extra_patterns(value: Any) -> list[str]:
 class Redactor:
     """Decides which header names are redacted; immutable once built (swap it when settings change)."""
 
+    __slots__ = ("patterns", "_exact", "_glob", "_seen", "_names", "_lines")  # (redaction.pxd, compiled)
+
     def __init__(self, extra: Iterable[str] = ()) -> None:
         patterns = [_fold(p) for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
         self.patterns: tuple[str, ...] = tuple(dict.fromkeys(patterns))

@@ -5,11 +5,13 @@
 # Python code and the tests read and set them as before. Keep the attribute lists equal to the
 # classes' __slots__ (tests/unit/test_compiled.py checks).
 
+from greyproxy.redaction cimport Redactor
 from services.proxy.http1 cimport ResponseHead
 
 
 cdef class Recorder:
-    cdef public object journal, max_body, redactor, counts
+    cdef public object journal, max_body, counts
+    cdef public Redactor redactor
 
 
 cdef class Txn:

@@ -1,0 +1,17 @@
+# Cython declarations for redaction.py (an "augmenting .pxd", see services/proxy/pipeline.pxd): the
+# Redactor every transaction record goes through is an extension type, its caches typed dicts.
+
+cimport cython
+
+
+cdef class Redactor:
+    cdef public object patterns, _exact, _glob
+    cdef public dict _seen, _names, _lines
+
+    cpdef bint matches(self, name) except -1
+    cpdef _name(self, name)
+    @cython.locals(out=dict, seen=dict, values=list, line=str, got=tuple)
+    cpdef dict header_lines(self, lines)
+    @cython.locals(out=dict, names=dict, values=list, hit=tuple)
+    cpdef dict headers(self, pairs)
+    cpdef url(self, url)
