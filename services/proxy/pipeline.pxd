@@ -5,6 +5,7 @@
 # Python code and the tests read and set them as before. Keep the attribute lists equal to the
 # classes' __slots__ (tests/unit/test_compiled.py checks).
 
+from greyproxy.capture cimport BodyCapture
 from greyproxy.redaction cimport Redactor
 from services.proxy.http1 cimport ResponseHead
 
@@ -17,7 +18,8 @@ cdef class Recorder:
 cdef class Txn:
     cdef public Recorder recorder
     cdef public object container, host, port, method, url, request_headers, request_host, host_mismatch
-    cdef public object req_ct, req_ce, t0, p0, req, resp, resp_ct, rule_id, substituted, done
+    cdef public object req_ct, req_ce, t0, p0, resp_ct, rule_id, substituted, done
+    cdef public BodyCapture req, resp
     cdef public object session_id, scrubber, refused
 
     cpdef _capture(self, content_type)
