@@ -197,3 +197,23 @@ def status() -> dict[str, str]:
         if isinstance(finder, CompiledFinder):
             return dict(finder.state)
     return {}
+
+
+def main() -> int:
+    """`python -c 'import greyproxy.compiled as c; c.main()'`: import every hot module and say how each runs; exit 1 when
+    one runs as Python (a module that failed to compile at install only warns there: CI runs this
+    where a C compiler is present, so such a module fails the build instead of slowing it quietly)."""
+    import importlib
+
+    install()
+    for path in MODULES:
+        importlib.import_module(path[:-3].replace("/", "."))
+    states = status()
+    for name in sorted(states):
+        print(f"{name}: {states[name]}")
+    missing = [p for p in MODULES if states.get(p[:-3].replace("/", ".")) != "compiled"]
+    if missing:
+        print(f"{len(missing)} of {len(MODULES)} hot modules run as Python: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    print(f"all {len(MODULES)} hot modules compiled")
+    return 0
