@@ -72,7 +72,10 @@ class Admission:
 
     def __call__(self, ip: str, port: int) -> str | None:
         """The guard of a connect for this admission: why `ip` is refused, or None."""
-        return self.gate.guard(ip, port, self)
+        gate = self.gate
+        if port not in gate.own_ports and gate._rules.address is None:
+            return None  # the usual case: not a listener's port, no address deny rule (`Gate.guard`)
+        return gate.guard(ip, port, self)
 
     def keeps(self, conn: Any) -> bool:
         """Whether `conn`, an idle upstream connected for an earlier admission of the same client
@@ -80,7 +83,7 @@ class Admission:
         address rules as they are now (without a log entry: a refused one is closed and the fresh
         connect is judged, and logged, as any)."""
         gate = self.gate
-        if not gate._address_rules_apply(self.container, self.port):
+        if gate._rules.address is None or not gate._address_rules_apply(self.container, self.port):
             return True  # the usual case: no address rule could deny it
         transport = conn.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
