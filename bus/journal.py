@@ -83,6 +83,7 @@ class JournalWriter:
         self._inflight_bytes = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._idle_set = True  # what `_idle.is_set()` says, read per append without a Python call
         # The socket is driven without zmq.asyncio's futures: sends are plain NOBLOCK sends (EAGAIN:
         # no recorder connected, the batch stays queued), acks are read when the socket's FD says
         # so. `_owner` is the zmq.asyncio socket the context tracks (closed by ctx.destroy too).
@@ -108,24 +109,27 @@ class JournalWriter:
         except orjson.JSONEncodeError:  # a dict with non-str keys (the option costs ~0.2 µs a record)
             enc = orjson.dumps([rid, kind, data], option=orjson.OPT_NON_STR_KEYS)
         size = len(enc)
+        queue = self._queue
         if (
-            len(self._queue) + self._inflight_count >= self.outbox_limit
+            len(queue) + self._inflight_count >= self.outbox_limit
             or self._queued_bytes + self._inflight_bytes + size > self.outbox_bytes
         ):
             # Bounded memory, in flight included: the oldest unsent records go first; when every
             # record is in flight (nothing unsent to give up), the new one is the one dropped.
-            while self._queue and self._over(size):
-                self._queued_bytes -= len(self._queue.popleft())
+            while queue and self._over(size):
+                self._queued_bytes -= len(queue.popleft())
                 self._note_drop()
             if self._over(size):
                 self._note_drop()
                 return rid
-        self._queue.append(enc)
+        queue.append(enc)
         self._queued_bytes += size
-        self._idle.clear()
+        if self._idle_set:
+            self._idle_set = False
+            self._idle.clear()
         if kind in self.URGENT:
             self._urgent = True
-        if self._soon is None and (self._timer is None or self._urgent or len(self._queue) >= self.batch_size):
+        if self._soon is None and (self._timer is None or self._urgent or len(queue) >= self.batch_size):
             self._schedule()
         return rid
 
@@ -242,6 +246,7 @@ class JournalWriter:
         if got:
             if not self._queue and not self._inflight:
                 self._idle.set()
+                self._idle_set = True
             elif self._queue and self._timer is None:
                 self._schedule()  # the window has room again
 

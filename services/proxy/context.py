@@ -146,7 +146,7 @@ class ClientConn(Conn):
         handler: Callable[["ClientConn"], Awaitable[None]],
         begin: Callable[["ClientConn"], None] | None = None,
     ) -> None:
-        super().__init__()
+        Conn.__init__(self)  # (not super(): a super object and its MRO walk per accepted connection)
         self.ctx = ctx
         self.handler = handler
         # Called once connected instead of starting the handler's task: it serves the connection in
@@ -167,7 +167,7 @@ class ClientConn(Conn):
         self._gone_fut: asyncio.Future | None = None  # made by `gone` (a hold only)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
+        Conn.connection_made(self, transport)
         self.src_ip = self.peername()[0]
         ctx, limits = self.ctx, self.ctx.limits
         # Past the cap a connection is still read (so it gets a 503 / SOCKS5 failure it can
@@ -258,12 +258,12 @@ class ClientConn(Conn):
             fut.set_result(None)
 
     def eof_received(self) -> bool:
-        keep_open = super().eof_received()
+        keep_open = Conn.eof_received(self)
         self._left()
         return keep_open
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+        Conn.connection_lost(self, exc)
         self._left()
 
 

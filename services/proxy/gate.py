@@ -37,6 +37,12 @@ ClientGone = asyncio.Future | Callable[[], asyncio.Future] | None  # see Gate.ad
 
 ALLOWED = records.ALLOWED
 BLOCKED = records.BLOCKED
+# Looked up once (compiled, a module attribute costs a lookup on every use; these run per connection).
+_LOG = records.LOG
+_log_values = records.log_values
+_perf_counter = time.perf_counter
+_time = time.time
+_INF = math.inf
 DECISION_CACHE = 10_000  # cached rule decisions (see Gate._decisions)
 NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays valid (SPEC §6: memory, 1 h)
 RESOLVE_TIMEOUT = 5.0  # seconds the gate waits for a name's addresses when an address rule could deny it
@@ -72,7 +78,10 @@ class Admission:
 
     def __call__(self, ip: str, port: int) -> str | None:
         """The guard of a connect for this admission: why `ip` is refused, or None."""
-        return self.gate.guard(ip, port, self)
+        gate = self.gate
+        if port not in gate.own_ports and gate._rules.address is None:
+            return None  # the usual case: not a listener's port, no address deny rule (`Gate.guard`)
+        return gate.guard(ip, port, self)
 
     def keeps(self, conn: Any) -> bool:
         """Whether `conn`, an idle upstream connected for an earlier admission of the same client
@@ -80,7 +89,7 @@ class Admission:
         address rules as they are now (without a log entry: a refused one is closed and the fresh
         connect is judged, and logged, as any)."""
         gate = self.gate
-        if not gate._address_rules_apply(self.container, self.port):
+        if gate._rules.address is None or not gate._address_rules_apply(self.container, self.port):
             return True  # the usual case: no address rule could deny it
         transport = conn.transport
         peer = transport.get_extra_info("peername") if transport is not None else None
@@ -197,7 +206,7 @@ class Gate:
         """The verdict for a connection to (host, port). `client_gone`: a future that completes when
         the client disconnects (ends a hold early), or a function making it, called only for a hold
         (a decision that does not wait makes no future)."""
-        t0 = time.perf_counter()
+        t0 = _perf_counter()
         host = _normalise_host(host)
         hook = self.name_hook
         if hook is not None:
@@ -208,7 +217,7 @@ class Gate:
         self.decisions += 1
         key = (container, host, port, resolved)
         hit = self._verdicts.get(key) if self.silent.mode is None else None
-        if hit is not None and (hit[3] == math.inf or time.time() < hit[3]):
+        if hit is not None and (hit[3] == _INF or _time() < hit[3]):
             if hit[2] is not None:
                 self._hit(hit[2])
             verdict = Verdict(hit[0], hit[1], hit[2])
@@ -224,7 +233,7 @@ class Gate:
             now = self._verdict(j)
             verdict = now if now is not None else await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
-        elapsed = time.perf_counter() - t0
+        elapsed = _perf_counter() - t0
         verdict.elapsed_ms = elapsed * 1000
         self.results["allowed" if verdict.allowed else "blocked"] += 1
         self.decision_seconds.observe(elapsed)
@@ -517,7 +526,7 @@ class Gate:
     # -- records --
     def _hit(self, rule_id: int) -> None:
         h = self._hits.get(rule_id)
-        now = time.time()
+        now = _time()
         if h is None:
             self._hits[rule_id] = [1, now]
         else:
@@ -540,8 +549,8 @@ class Gate:
                 if rule is not None:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append(
-            records.LOG,
-            records.log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS)
+            _LOG,
+            _log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS)
                 container,
                 host,
                 port,

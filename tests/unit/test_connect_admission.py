@@ -300,3 +300,152 @@ def test_connect_driven_by_hand_from_a_callback_has_its_deadline(loop_kind: str)
     with mock.patch.object(loop_cls, "create_connection", never):
         got = run(by_hand("127.0.0.1", closed, 0.05))
     assert got == ("timeout", f"connecting to 127.0.0.1:{closed} timed out")
+
+
+# ---------------------------------------------------------------- the connects' shared deadline timer
+
+
+def _hanging(loop_kind: str) -> Any:
+    """(run, the loop class, a `create_connection` that never completes) for `loop_kind`."""
+    import uvloop
+
+    async def never(self: Any, *_a: Any, **_k: Any) -> Any:
+        await asyncio.get_running_loop().create_future()
+
+    run = asyncio.run if loop_kind == "asyncio" else uvloop.run
+    loop_cls = type(asyncio.new_event_loop()) if loop_kind == "asyncio" else uvloop.Loop
+    return run, loop_cls, never
+
+
+def _start_hanging(port: int, timeout: float, out: list) -> Any:
+    """A `Connecting` to a connect that never completes; appends (failure kind, seconds waited)."""
+    from services.proxy import upstream
+
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    def done(conn: Any, failure: Any) -> None:
+        out.append((failure.kind if failure is not None else conn, loop.time() - t0))
+
+    c = upstream.Connecting("127.0.0.1", port, timeout, lambda ip, p: None, done, loop)
+    assert c.start()
+    return c
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_connects_in_flight_share_one_deadline_timer(loop_kind: str) -> None:
+    """Connects started together wait on one timer and each fails at its own deadline ('timeout',
+    not before); a shorter timeout than those waiting is not held up by them; a connect that ends
+    leaves the queue."""
+    from services.proxy import upstream
+
+    run, loop_cls, never = _hanging(loop_kind)
+    port = _free_port()
+    armed: list[float] = []
+    real_call_at = loop_cls.call_at
+
+    def counting(self: Any, when: float, cb: Any, *args: Any, **kw: Any) -> Any:
+        if getattr(cb, "__name__", "") in ("_fire", "_expire"):  # the connects' (not the sleeps')
+            armed.append(when)
+        return real_call_at(self, when, cb, *args, **kw)
+
+    async def main() -> tuple[list, list]:
+        loop = asyncio.get_running_loop()
+        many: list = []
+        for _ in range(20):
+            _start_hanging(port, 0.2, many)
+        assert len(upstream._DEADLINES.waiting) == 20
+        short: list = []
+        await asyncio.sleep(0.02)
+        _start_hanging(port, 0.05, short)  # out of order: a timer of its own
+        t0 = loop.time()
+        while len(many) < 20 and loop.time() - t0 < 3:
+            await asyncio.sleep(0.01)
+        return many, short
+
+    with mock.patch.object(loop_cls, "create_connection", never), mock.patch.object(loop_cls, "call_at", counting):
+        many, short = run(main())
+    assert [kind for kind, _ in many] == ["timeout"] * 20
+    assert all(0.195 <= waited < 1.0 for _, waited in many), many
+    assert short and short[0][0] == "timeout" and 0.045 <= short[0][1] < 0.15, short
+    assert len(armed) <= 4, (
+        armed
+    )  # one for the twenty (asyncio's clock moves between them: maybe a re-arm), one for the short
+    assert not upstream._DEADLINES.waiting
+
+    # a connect that succeeds leaves the queue at once
+    async def succeeds() -> Any:
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        out: list = []
+        try:
+            c = _start_hanging(server.sockets[0].getsockname()[1], 5.0, out)
+            assert c in upstream._DEADLINES.waiting
+            while not out:
+                await asyncio.sleep(0.005)
+            conn = out[0][0]
+            conn.close()
+            return conn, c in upstream._DEADLINES.waiting
+        finally:
+            server.close()
+
+    conn, queued = run(succeeds())
+    assert type(conn).__name__ == "Conn" and queued is False
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_closed_loops_connects_do_not_stay_queued(loop_kind: str) -> None:
+    """A connect still in flight when its event loop closes is dropped from the shared queue when the
+    next loop connects, and the next loop's connects get their deadline."""
+    from services.proxy import upstream
+
+    run, loop_cls, never = _hanging(loop_kind)
+    port = _free_port()
+
+    async def left_behind() -> Any:
+        return _start_hanging(port, 30.0, [])
+
+    async def next_loop() -> tuple[bool, list]:
+        out: list = []
+        c = _start_hanging(port, 0.05, out)
+        stale_gone = len(upstream._DEADLINES.waiting) == 1 and c in upstream._DEADLINES.waiting
+        await asyncio.sleep(0.3)
+        return stale_gone, out
+
+    with mock.patch.object(loop_cls, "create_connection", never):
+        old = run(left_behind())
+        assert old in upstream._DEADLINES.waiting  # its loop is closed: nothing will end it
+        stale_gone, out = run(next_loop())
+    assert stale_gone
+    assert out and out[0][0] == "timeout" and 0.045 <= out[0][1] < 0.25, out
+    assert not upstream._DEADLINES.waiting
+
+
+def test_connects_on_two_live_loops_each_get_their_deadline() -> None:
+    """Two event loops at once (threads): the second loop's connects, while the first loop's are
+    queued, arm timers of their own; both end at their deadlines."""
+    import threading
+
+    run, loop_cls, never = _hanging("asyncio")
+    port = _free_port()
+    first: list = []
+    queued = threading.Event()
+
+    async def a() -> None:
+        _start_hanging(port, 0.4, first)
+        queued.set()
+        await asyncio.sleep(0.8)
+
+    async def b() -> list:
+        out: list = []
+        _start_hanging(port, 0.05, out)
+        await asyncio.sleep(0.3)
+        return out
+
+    with mock.patch.object(loop_cls, "create_connection", never):
+        t = threading.Thread(target=run, args=(a(),))
+        t.start()
+        assert queued.wait(5)
+        second = run(b())
+        t.join(5)
+    assert second and second[0][0] == "timeout" and 0.045 <= second[0][1] < 0.25, second
+    assert first and first[0][0] == "timeout" and 0.395 <= first[0][1] < 0.7, first

@@ -145,7 +145,9 @@ def test_real_sockets_acks_read_from_the_fd_and_few_sends_under_a_burst() -> Non
             # A pending sighting still goes at once and its ack is read without a timer's help.
             t0 = asyncio.get_running_loop().time()
             ids.append(w.append("pending", {"container_name": "c"}))
+            assert not w._idle.is_set()  # busy again after an idle moment: flush waits for its ack
             assert await w.flush(5)
+            assert w.acked == len(ids) and w.stats()["inflight"] == 0
             assert asyncio.get_running_loop().time() - t0 < w.BATCH_WAIT
             await _stop(task)
             serving.cancel()

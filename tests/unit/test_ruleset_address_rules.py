@@ -129,6 +129,20 @@ def test_the_guard_judges_the_admission_it_is_given() -> None:
     assert [(e["container_name"], e["rule_id"]) for e in blocked] == [("bob", 1)]
 
 
+@given(st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "192.0.2.7", "10.1.2.3"]), st.sampled_from([1, 80, 443]))
+@settings(max_examples=examples(60), deadline=None)
+def test_the_guard_without_address_rules_is_the_gate_guard(ip: str, port: int) -> None:
+    """No address rule (the usual case, which `Admission.__call__` answers without `Gate.guard`):
+    the same answer as `Gate.guard`; the own listeners refused on a loopback address, nothing else."""
+    g = gate_with(Rule(2, "*", "*", "*", "allow"))
+    v = asyncio.run(g.admit("alice", "svc.example", port, "CONNECT"))
+    a = Admission(g, "alice", "svc.example", port, "CONNECT", v)
+    assert a(ip, port) == g.guard(ip, port, a)
+    refused = port == 1 and ip in ("127.0.0.1", "::1", "0.0.0.0")
+    assert (a(ip, port) == "resolves to this proxy's own listener") is refused
+    assert refused or a(ip, port) is None
+
+
 addresses = st.ip_addresses(v=4).map(str)
 prefixes = st.integers(min_value=0, max_value=32)
 
