@@ -349,7 +349,7 @@ def test_deny_subdomain_wildcard_previews_exactly_the_rule_created(stack: Stack,
     curl = _held_curl(stack, "agent-psl", "http://x.b.example.co.uk/")
     try:
         row = w.page.locator(".prow", has_text="agent-psl")
-        row.wait_for(timeout=3000)
+        row.wait_for(timeout=10_000)  # (how soon it appears: test_held_curl_appears_within_a_second…)
         row.locator(".pmain").click()
         w.page.locator(".decision label.radio", has_text="subdomain wildcard").click()
         preview = w.page.locator(".rule-preview[data-action=deny]")
