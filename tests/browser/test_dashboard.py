@@ -374,6 +374,45 @@ def test_deny_subdomain_wildcard_previews_exactly_the_rule_created(stack: Stack,
     w.clean()
 
 
+def test_a_request_held_while_the_pending_list_loads_is_still_shown(stack: Stack, watched) -> None:  # noqa: ANN001
+    """The pending list can be read before a request is held and arrive after that request's live
+    event (someone opens the page just as an agent is held): the row must not vanish with it."""
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/logs"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)  # events flow before the hold
+    held: list[subprocess.Popen] = []
+
+    def stale_list(route) -> None:  # noqa: ANN001
+        if held:
+            route.continue_()
+            return
+        response = route.fetch()  # the list as it is now: without the request held next
+        held.append(_held_curl(stack, "agent-race", "http://race.example/"))
+        wait_for(
+            lambda: stack.get("/api/pending", params={"container": "agent-race"}).json()["items"],
+            10,
+            message="the held request pending",
+        )
+        time.sleep(0.5)  # its live event reaches the page while this list is still on its way
+        route.fulfill(response=response)
+
+    p.route(re.compile(r".*/api/pending(\?.*)?$"), stale_list)
+    try:
+        p.locator("#nav a[data-view=pending]").click()
+        p.locator(".prow", has_text="agent-race").wait_for(timeout=5000)
+        assert held, "the pending list was not read through the route"
+        time.sleep(0.3)
+        assert p.locator(".prow", has_text="agent-race").count() == 1
+    finally:
+        p.unroute(re.compile(r".*/api/pending(\?.*)?$"))
+        for curl in held:
+            if curl.poll() is None:
+                curl.kill()
+            curl.communicate(timeout=5)
+    w.clean()
+
+
 # ----------------------------------------------------------------------------- 4. rules
 
 

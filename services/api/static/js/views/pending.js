@@ -63,9 +63,20 @@ export function mount(root, params, query, app) {
   const keyOf = (e) => `${e.container_name}|${(e.resolved_hostname || e.destination_host || '').toLowerCase()}|${e.destination_port}`;
   const ruleHost = (e) => e.resolved_hostname || e.destination_host;
 
+  // Live changes that arrive while a load is in flight: the list it gets may have been read before
+  // them (a request held just as the page opened), so they are applied again to what it gets.
   let loadSeq = 0;
+  let inflight = null; // { up: Map(id -> entry), gone: Set(id) } for the current load
+  // (An entry the load's list has is left as the list says: it may have been read after the event.)
+  function replay(seen) {
+    for (const e of seen.up.values()) {
+      if (!seen.gone.has(e.id) && !state.items.some((x) => x.id === e.id || keyOf(x) === keyOf(e))) applyUpsert(e);
+    }
+    for (const id of seen.gone) applyRemove(id);
+  }
   async function load() {
     const seq = ++loadSeq;
+    const seen = inflight = { up: new Map(), gone: new Set() };
     state.error = null;
     try {
       const out = [];
@@ -77,15 +88,17 @@ export function mount(root, params, query, app) {
         total = page.total;
         out.push(...page.items);
         offset += PAGE;
-        if (offset === PAGE) { state.items = out.slice(); state.total = total; state.loading = false; render(); }
+        if (offset === PAGE) { state.items = out.slice(); state.total = total; state.loading = false; replay(seen); render(); }
       } while (offset < total && offset < 20000);
       if (seq !== loadSeq) return;
       state.items = out;
       state.total = total;
+      replay(seen);
     } catch (e) {
       if (seq !== loadSeq) return;
       state.error = e.message;
     }
+    if (inflight === seen) inflight = null;
     state.loading = false;
     if (state.focus == null || !state.items.some((e) => e.id === state.focus)) state.focus = state.items[0]?.id ?? null;
     for (const id of [...state.selected]) if (!state.items.some((e) => e.id === id)) state.selected.delete(id);
@@ -102,6 +115,12 @@ export function mount(root, params, query, app) {
 
   function upsert(e) {
     if (!e || e.id == null || !matchesFilter(e)) return;
+    if (inflight) { inflight.up.set(e.id, e); inflight.gone.delete(e.id); }
+    applyUpsert(e);
+    render();
+  }
+
+  function applyUpsert(e) {
     const k = keyOf(e);
     const i = state.items.findIndex((x) => x.id === e.id || keyOf(x) === k);
     if (i >= 0) {
@@ -113,18 +132,23 @@ export function mount(root, params, query, app) {
       vlist.shiftBy(1);
       if (state.focus == null) state.focus = e.id;
     }
-    render();
   }
 
   function remove(id) {
+    if (inflight) { inflight.gone.add(id); inflight.up.delete(id); }
+    if (!state.items.some((x) => x.id === id)) { reload(); return; } // a sibling row we do not show by that id: re-read
+    applyRemove(id);
+    render();
+  }
+
+  function applyRemove(id) {
     const i = state.items.findIndex((x) => x.id === id);
-    if (i < 0) { reload(); return; } // a sibling row we do not show by that id: re-read
+    if (i < 0) return;
     const wasFocus = state.focus === id;
     state.items.splice(i, 1);
     state.total = Math.max(0, state.total - 1);
     state.selected.delete(id);
     if (wasFocus) state.focus = (state.items[i] || state.items[i - 1] || {}).id ?? null;
-    render();
   }
 
   function waiters(w) {
