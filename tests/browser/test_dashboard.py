@@ -413,6 +413,50 @@ def test_a_request_held_while_the_pending_list_loads_is_still_shown(stack: Stack
     w.clean()
 
 
+def test_a_decision_logged_while_the_logs_list_loads_is_still_shown(stack: Stack, watched) -> None:  # noqa: ANN001
+    """The logs list can be read before a decision is logged and arrive after its live event: the
+    row must be shown on top of that list, not dropped with the count of new rows."""
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "agent-lograce", "destination_pattern": "lograce.example", "action": "deny"},
+    )
+    assert r.status_code == 201, r.text
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/pending"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)  # events flow before the request
+    answers: list[str] = []
+
+    def stale_list(route) -> None:  # noqa: ANN001
+        if answers:
+            route.continue_()
+            return
+        response = route.fetch()  # the list as it is now: without the decision made next
+        proxy = f"http://agent-lograce:x@127.0.0.1:{stack.ports['http-proxy']}"
+        curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x", proxy]
+        answers.append(
+            subprocess.run([*curl, "http://lograce.example/"], capture_output=True, text=True, timeout=20).stdout
+        )
+        wait_for(
+            lambda: stack.get("/api/logs", params={"container": "agent-lograce"}).json()["items"],
+            10,
+            message="the decision logged",
+        )
+        time.sleep(0.5)  # its live event reaches the page while this list is still on its way
+        route.fulfill(response=response)
+
+    pattern = re.compile(r".*/api/logs(\?.*)?$")
+    p.route(pattern, stale_list)
+    try:
+        p.locator("#nav a[data-view=logs]").click()
+        p.locator("table.grid tr", has_text="agent-lograce").wait_for(timeout=5000)
+        assert answers == ["403"], answers
+    finally:
+        p.unroute(pattern)
+    w.clean()
+
+
 # ----------------------------------------------------------------------------- 4. rules
 
 

@@ -48,13 +48,27 @@ export function mount(root, params, query, app) {
     renderNote();
   }
 
+  // Rows that arrive while a load is in flight: its list may have been read before them, so the
+  // ones newer than all it holds go on top of it (page 1, live) or count as new rows held back.
+  let during = null;
   async function load() {
     loading = true;
+    const seen = during = new Map(); // id -> row
     try {
       data = await get('logs', { ...filters, limit: LIMIT, offset: (page - 1) * LIMIT });
       error = null;
+      const top = data.items.reduce((m, l) => Math.max(m, Number(l.id) || 0), 0);
+      const missed = [...seen.values()].filter((l) => Number(l.id) > top).sort((a, b) => b.id - a.id).slice(0, LIMIT);
       fresh = 0;
+      if (page === 1 && !paused) {
+        data.items = [...missed, ...data.items].slice(0, LIMIT);
+        data.total += missed.length;
+        data.pages = Math.max(1, Math.ceil(data.total / LIMIT));
+      } else {
+        fresh = missed.length;
+      }
     } catch (e) { error = e.message; }
+    if (during === seen) during = null;
     loading = false;
     render();
   }
@@ -68,7 +82,9 @@ export function mount(root, params, query, app) {
   }
 
   function onLog(l) {
-    if (!data || !matches(l)) return;
+    if (!matches(l)) return;
+    if (during) during.set(l.id, l);
+    if (!data) return;
     if (paused || page !== 1 || loading) { fresh += 1; renderNote(); return; }
     data.items = [l, ...data.items].slice(0, LIMIT);
     data.total += 1;
