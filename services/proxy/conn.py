@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from typing import Any
 
 # Past this much unread data we stop reading from the socket (backpressure on a slow parser).
 READ_LIMIT = 1 << 20
@@ -416,3 +417,43 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
             a._waiter = None
         if b is not None and b._waiter is fut:
             b._waiter = None
+
+
+class FirstDeadlines:
+    """Deadlines that come in the order they were queued (waits that share one timeout), served by one
+    timer at the first one instead of a uvloop timer each (one armed and cancelled costs ~7 000
+    instructions, ~2 % of a spliced tunnel's). `waiting` maps each waiter to its deadline (loop
+    time), in that order; a subclass queues waiters and says what `expire(waiter)` does once its
+    deadline has come. Users: `mitm.QuietLooks`, `upstream._ConnectDeadlines`."""
+
+    __slots__ = ("waiting", "timer", "loop")
+
+    def __init__(self) -> None:
+        self.waiting: dict[Any, float] = {}  # waiter -> its deadline (loop time), in that order
+        self.timer: asyncio.TimerHandle | None = None  # at the first one's deadline or before
+        self.loop: asyncio.AbstractEventLoop | None = None  # the timer's (and the waiters')
+
+    def __len__(self) -> int:
+        return len(self.waiting)
+
+    def in_order(self, waiter: object, deadline: float) -> bool:
+        """Whether `waiter` can join the queue: not in it already, and not due before its last one."""
+        waiting = self.waiting
+        return not waiting or (waiter not in waiting and deadline >= next(reversed(waiting.values())))
+
+    def expire(self, waiter: Any) -> None:
+        raise NotImplementedError
+
+    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self.loop:
+            return  # a timer of a loop given up for another
+        self.timer = None
+        waiting = self.waiting
+        now = loop.time() + 0.001  # the clock has ms steps (as a timer of its own would fire)
+        while waiting:
+            waiter, deadline = next(iter(waiting.items()))
+            if deadline > now:
+                self.timer = loop.call_at(deadline, self._fire, loop)
+                return
+            del waiting[waiter]
+            self.expire(waiter)

@@ -32,7 +32,7 @@ from greyproxy.certs import CAWatcher
 from greyproxy.policy.patterns import DestinationPattern, normalise_host, parse_ip
 
 from . import http1
-from .conn import Conn, ConnClosed, wait_either
+from .conn import Conn, ConnClosed, FirstDeadlines, wait_either
 from .context import Limits, ProxyContext
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Gate, Verdict
@@ -95,53 +95,32 @@ class Session:
         self.origin = origin_of(self.scheme, self.host, self.port)
 
 
-class QuietLooks:
+class QuietLooks(FirstDeadlines):
     """The looks at tunnels' first bytes while nobody has spoken yet, each ended (`wait_either`'s
-    False) once it has waited `timeout`: one timer for them all, not one per tunnel (a uvloop timer
-    armed and cancelled costs ~7 000 instructions, ~2 % of a spliced tunnel's). They wait with the
-    same timeout (`idleTimeout`), so the order they started in is the order of their deadlines: one
-    timer at the first one's deadline serves them all, and a look starting or ending is a dict
-    operation (as `keepalive.Deadlines` does for the request cycles)."""
+    False) once it has waited `timeout`: one timer for them all (`FirstDeadlines`). They wait with the
+    same timeout (`idleTimeout`), so the order they started in is the order of their deadlines."""
 
-    __slots__ = ("waiting", "timer", "loop")
-
-    def __init__(self) -> None:
-        self.waiting: dict[Conn, float] = {}  # client -> its look's deadline (loop time), in that order
-        self.timer: asyncio.TimerHandle | None = None  # at the first one's deadline or before
-        self.loop: asyncio.AbstractEventLoop | None = None  # the timer's
-
-    def __len__(self) -> int:
-        return len(self.waiting)
+    __slots__ = ()
 
     async def wait(self, client: Conn, upstream: Conn, timeout: float, loop: asyncio.AbstractEventLoop) -> bool:
         """`wait_either(client, upstream, timeout)`: True when either got bytes, reached EOF or closed,
         False after `timeout`."""
-        waiting = self.waiting
         deadline = loop.time() + timeout
-        if client in waiting or (waiting and deadline < next(reversed(waiting.values()))):
+        if not self.in_order(client, deadline):
             # (out of order: a shorter timeout than those waiting; or a second look at one client)
             return await wait_either(client, upstream, timeout)
-        waiting[client] = deadline
+        self.waiting[client] = deadline
         if self.timer is None or self.loop is not loop:
             self.timer, self.loop = loop.call_at(deadline, self._fire, loop), loop
         try:
             return await wait_either(client, upstream, None)
         finally:
-            waiting.pop(client, None)
+            self.waiting.pop(client, None)
 
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.timer = None
-        waiting = self.waiting
-        now = loop.time() + 0.001  # the clock has ms steps
-        while waiting:
-            client, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                self.timer = loop.call_at(deadline, self._fire, loop)
-                return
-            del waiting[client]
-            fut = client._waiter  # the look's (`wait_either` waits on it; nobody else reads the client)
-            if fut is not None and not fut.done():
-                fut.set_exception(TimeoutError())
+    def expire(self, client: Conn) -> None:
+        fut = client._waiter  # the look's (`wait_either` waits on it; nobody else reads the client)
+        if fut is not None and not fut.done():
+            fut.set_exception(TimeoutError())
 
 
 class Interceptor:

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .conn import Conn
+from .conn import Conn, FirstDeadlines
 
 
 class UpstreamFailure(Exception):
@@ -306,22 +306,15 @@ class Connecting:
             fut.cancel()  # its callback goes on with the coroutine, which sees the cancellation
 
 
-class _ConnectDeadlines:
-    """The deadlines of the connects in flight (`Connecting`): one timer for them all, not one per
-    connect (a uvloop timer armed and cancelled costs ~7 000 instructions, ~2 % of a tunnel's). They
-    wait with the same timeout (`connectTimeout`), so the order they start in is their deadlines'
-    order: one timer at the first one's deadline serves them all (as `keepalive.Deadlines` and
-    `mitm.QuietLooks` do). One event loop's at a time: a connect on another loop while this one's
+class _ConnectDeadlines(FirstDeadlines):
+    """The deadlines of the connects in flight (`Connecting`): one timer for them all
+    (`FirstDeadlines`). They wait with the same timeout (`connectTimeout`), so the order they start in
+    is their deadlines' order. One event loop's at a time: a connect on another loop while this one's
     are in flight (threads), a shorter timeout than those waiting, or a second address of one
     connect out of order, arms a timer of its own; the connects of a loop that closed (nothing will
     finish them) are dropped when the next loop's first one comes."""
 
-    __slots__ = ("waiting", "timer", "loop")
-
-    def __init__(self) -> None:
-        self.waiting: dict[Connecting, float] = {}  # connect -> its deadline (loop time), in that order
-        self.timer: asyncio.TimerHandle | None = None  # at the first one's deadline or before
-        self.loop: asyncio.AbstractEventLoop | None = None  # the waiting connects' and the timer's
+    __slots__ = ()
 
     def arm(self, c: Connecting) -> bool:
         """Queue `c`'s deadline (`c._expire` is called once it has come); False: not queued."""
@@ -336,26 +329,15 @@ class _ConnectDeadlines:
                 self.timer.cancel()
             self.timer, self.loop = None, loop
         deadline = c.deadline
-        if waiting and (c in waiting or deadline < next(reversed(waiting.values()))):
+        if not self.in_order(c, deadline):
             return False
         waiting[c] = deadline
         if self.timer is None:
             self.timer = loop.call_at(deadline, self._fire, loop)
         return True
 
-    def _fire(self, loop: asyncio.AbstractEventLoop) -> None:
-        if loop is not self.loop:
-            return  # a timer of a loop given up (`arm`)
-        self.timer = None
-        waiting = self.waiting
-        now = loop.time() + 0.001  # the clock has ms steps (as a timer of its own would fire)
-        while waiting:
-            c, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                self.timer = loop.call_at(deadline, self._fire, loop)
-                return
-            del waiting[c]
-            c._expire()
+    def expire(self, c: Connecting) -> None:
+        c._expire()
 
 
 _DEADLINES = _ConnectDeadlines()
