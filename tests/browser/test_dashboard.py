@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -374,6 +374,32 @@ def test_deny_subdomain_wildcard_previews_exactly_the_rule_created(stack: Stack,
     w.clean()
 
 
+@contextlib.contextmanager
+def _list_read_before(page, api_path: str, happen: Callable[[], None]) -> Iterator[list[bool]]:  # noqa: ANN001
+    """While inside: the page's first read of the list at `api_path` is answered with the list as
+    it was read, but only after `happen()` (which makes a change and waits until the API shows it)
+    and half a second more, so that the change's live event reaches the page while that stale list
+    is still on its way. Yields a list that holds True once that read went through the route."""
+    pattern = re.compile(rf".*{re.escape(api_path)}(\?.*)?$")
+    routed: list[bool] = []
+
+    def stale_list(route) -> None:  # noqa: ANN001
+        if routed:
+            route.continue_()
+            return
+        routed.append(True)
+        response = route.fetch()  # the list as it is now: without the change made next
+        happen()
+        time.sleep(0.5)
+        route.fulfill(response=response)
+
+    page.route(pattern, stale_list)
+    try:
+        yield routed
+    finally:
+        page.unroute(pattern)
+
+
 def test_a_request_held_while_the_pending_list_loads_is_still_shown(stack: Stack, watched) -> None:  # noqa: ANN001
     """The pending list can be read before a request is held and arrive after that request's live
     event (someone opens the page just as an agent is held): the row must not vanish with it."""
@@ -383,29 +409,22 @@ def test_a_request_held_while_the_pending_list_loads_is_still_shown(stack: Stack
     p.wait_for_selector("#live[data-state=connected]", timeout=10_000)  # events flow before the hold
     held: list[subprocess.Popen] = []
 
-    def stale_list(route) -> None:  # noqa: ANN001
-        if held:
-            route.continue_()
-            return
-        response = route.fetch()  # the list as it is now: without the request held next
+    def hold() -> None:
         held.append(_held_curl(stack, "agent-race", "http://race.example/"))
         wait_for(
             lambda: stack.get("/api/pending", params={"container": "agent-race"}).json()["items"],
             10,
             message="the held request pending",
         )
-        time.sleep(0.5)  # its live event reaches the page while this list is still on its way
-        route.fulfill(response=response)
 
-    p.route(re.compile(r".*/api/pending(\?.*)?$"), stale_list)
     try:
-        p.locator("#nav a[data-view=pending]").click()
-        p.locator(".prow", has_text="agent-race").wait_for(timeout=5000)
-        assert held, "the pending list was not read through the route"
-        time.sleep(0.3)
-        assert p.locator(".prow", has_text="agent-race").count() == 1
+        with _list_read_before(p, "/api/pending", hold) as routed:
+            p.locator("#nav a[data-view=pending]").click()
+            p.locator(".prow", has_text="agent-race").wait_for(timeout=5000)
+            assert routed, "the pending list was not read through the route"
+            time.sleep(0.3)
+            assert p.locator(".prow", has_text="agent-race").count() == 1
     finally:
-        p.unroute(re.compile(r".*/api/pending(\?.*)?$"))
         for curl in held:
             if curl.poll() is None:
                 curl.kill()
@@ -428,11 +447,7 @@ def test_a_decision_logged_while_the_logs_list_loads_is_still_shown(stack: Stack
     p.wait_for_selector("#live[data-state=connected]", timeout=10_000)  # events flow before the request
     answers: list[str] = []
 
-    def stale_list(route) -> None:  # noqa: ANN001
-        if answers:
-            route.continue_()
-            return
-        response = route.fetch()  # the list as it is now: without the decision made next
+    def decide() -> None:
         proxy = f"http://agent-lograce:x@127.0.0.1:{stack.ports['http-proxy']}"
         curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-x", proxy]
         answers.append(
@@ -443,17 +458,12 @@ def test_a_decision_logged_while_the_logs_list_loads_is_still_shown(stack: Stack
             10,
             message="the decision logged",
         )
-        time.sleep(0.5)  # its live event reaches the page while this list is still on its way
-        route.fulfill(response=response)
 
-    pattern = re.compile(r".*/api/logs(\?.*)?$")
-    p.route(pattern, stale_list)
-    try:
+    with _list_read_before(p, "/api/logs", decide) as routed:
         p.locator("#nav a[data-view=logs]").click()
         p.locator("table.grid tr", has_text="agent-lograce").wait_for(timeout=5000)
+        assert routed, "the logs list was not read through the route"
         assert answers == ["403"], answers
-    finally:
-        p.unroute(pattern)
     w.clean()
 
 
