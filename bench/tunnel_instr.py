@@ -80,7 +80,7 @@ def measure(args: argparse.Namespace) -> int:
         return 2
     conns = args.conns or (1 if tool == "callgrind" else 20)
     work = Path(tempfile.mkdtemp(prefix="gp-instr-"))
-    origin = NginxOrigin(work / "origin", 1 << 20, None).start()
+    origin = NginxOrigin(work / "origin", 1 << 20, None, unique_heads=args.unique_heads).start()
     cmd = [sys.executable, __file__, "--serve", "--root", args.root, "--load", args.load]
     if tool == "callgrind":
         cmd = [
@@ -158,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conns", type=int, default=0, help="connections at once (default: 1 callgrind, 20 strace)")
     ap.add_argument("--duration", type=float, default=8.0, help="seconds measured (default 8)")
     ap.add_argument("--keep", help="keep the callgrind dump here")
+    ap.add_argument(
+        "--unique-heads",
+        action="store_true",
+        help="the origin adds an X-Request-Id of its own to each answer (no two response heads alike)",
+    )
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:

@@ -68,10 +68,13 @@ def nginx_version() -> str | None:
 
 
 class NginxOrigin:
-    def __init__(self, root: Path, big_bytes: int, tls: TlsFiles | None) -> None:
+    def __init__(self, root: Path, big_bytes: int, tls: TlsFiles | None, unique_heads: bool = False) -> None:
         self.root = root
         self.big_bytes = big_bytes
         self.tls = tls
+        # Each answer carries a header of its own (X-Request-Id, as most real APIs send): no two
+        # response heads alike, so a memo keyed by a head's text never hits.
+        self.unique_heads = unique_heads
         self.port = 0
         self.tls_port = 0
         self.proc: Managed | None = None
@@ -119,7 +122,8 @@ class NginxOrigin:
             f"  fastcgi_temp_path {t}/fastcgi;\n  uwsgi_temp_path {t}/uwsgi;\n  scgi_temp_path {t}/scgi;\n"
             "  server {\n"
             f"{listens}"
-            f"    root {www};\n"
+            + ("    add_header X-Request-Id $request_id always;\n" if self.unique_heads else "")
+            + f"    root {www};\n"
             "    location / { }\n"
             "  }\n"
             f"{tls_block}"
