@@ -2,6 +2,9 @@
 # mode and its verdicts are extension types, their attributes C struct fields, the steps of a
 # decision and of its log record called through a C vtable.
 
+cimport cython
+
+from bus.records cimport log_values
 from greyproxy.metrics cimport Histogram
 
 
@@ -28,16 +31,16 @@ cdef class Gate:
     cdef public dict holds, live
     cdef public object _live_ids
     cdef public dict _hits, _summaries, names, _addresses, container_ids
-    cdef public object decisions
-    cdef public dict results
+    cdef public Py_ssize_t decisions, allowed_count, blocked_count
     cdef public Histogram decision_seconds, hold_seconds
     cdef public object defer_tunnel_logs, name_hook
 
     cpdef resolved_name(self, host)
     cpdef is_own_listener(self, host, port)
     cpdef admit_now(self, container, host, port, method, client_gone=*)
+    @cython.locals(hit=tuple, key=tuple)
     cpdef _decide(self, t0, container, host, port, method, client_gone)
-    cpdef Verdict _decided(self, t0, container, host, port, method, Verdict verdict)
+    cpdef Verdict _decided(self, t0, container, host, port, method, Verdict verdict, now=*)
     cpdef _address_rules_apply(self, container, port)
     cpdef guard(self, ip, port, Admission adm)
     cpdef finish_log(self, Verdict verdict, mitm_skip_reason=*)
@@ -46,8 +49,15 @@ cdef class Gate:
     cpdef _decide_rules(self, container, host, port, resolved)
     cpdef track(self, container, host, port, Verdict verdict, close)
     cpdef untrack(self, cid)
-    cpdef _hit(self, rule_id)
-    cpdef record(self, container, host, port, method, Verdict verdict, mitm_skip_reason=*)
+    @cython.locals(h=list)
+    cpdef _hit(self, rule_id, now=*)
+    cpdef record(self, container, host, port, method, Verdict verdict, mitm_skip_reason=*, now=*)
+
+
+@cython.locals(hosts=dict)
+cpdef _normalise_host(host)
+@cython.locals(v=Verdict)
+cdef Verdict _new_verdict(allowed, reason, rule_id, resolved)
 
 
 cdef class Admission:

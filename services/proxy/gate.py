@@ -8,7 +8,6 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bus import records, topics
+from bus.records import log_values
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
@@ -28,8 +28,22 @@ from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 from .upstream import UpstreamFailure, resolve
 
-# A pure function of a value that repeats (the hosts asked for): cached, bounded.
-_normalise_host = functools.lru_cache(maxsize=4096)(normalise_host)
+# normalise_host's answers: a pure function of a value that repeats (the hosts asked for).
+_hosts: dict[str, str] = {}
+HOST_CACHE = 4096  # hosts whose normal form is kept
+
+
+def _normalise_host(host: str) -> str:
+    """`normalise_host`, cached (bounded: hosts come from clients; a full cache starts over)."""
+    hosts = _hosts
+    normal = hosts.get(host)
+    if normal is None:
+        normal = normalise_host(host)
+        if len(hosts) >= HOST_CACHE:
+            hosts.clear()
+        hosts[host] = normal
+    return normal
+
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -40,7 +54,6 @@ ALLOWED = records.ALLOWED
 BLOCKED = records.BLOCKED
 # Looked up once (compiled, a module attribute costs a lookup on every use; these run per connection).
 _LOG = records.LOG
-_log_values = records.log_values
 _perf_counter = time.perf_counter
 _time = time.time
 _INF = math.inf
@@ -63,6 +76,19 @@ class Verdict:
     elapsed_ms: float = 0.0
     # (container, host, port, method) of a tunnel's log entry still to write (see Gate.finish_log).
     log_pending: tuple[str, str, int, str] | None = None
+
+
+def _new_verdict(allowed: bool, reason: str, rule_id: int | None, resolved: str | None) -> Verdict:
+    """`Verdict(allowed, reason, rule_id, resolved)`; compiled, without the call of its __init__
+    (a decision makes one per request)."""
+    v = Verdict.__new__(Verdict)
+    v.allowed = allowed
+    v.reason = reason
+    v.rule_id = rule_id
+    v.resolved_hostname = resolved
+    v.elapsed_ms = 0.0
+    v.log_pending = None
+    return v
 
 
 @dataclass
@@ -179,7 +205,8 @@ class Gate:
         "_addresses",
         "container_ids",
         "decisions",
-        "results",
+        "allowed_count",
+        "blocked_count",
         "decision_seconds",
         "hold_seconds",
         "defer_tunnel_logs",
@@ -216,8 +243,9 @@ class Gate:
         self._addresses: dict[str, tuple[list[str], float]] = {}  # name -> (its addresses, looked up at)
         self.container_ids: dict[str, str] = {}  # container name -> id, from the engine (greyproxy.docker)
         self.decisions = 0
-        # For GET /metrics (sent in the heartbeat): decisions by result, and how long they took.
-        self.results = {"allowed": 0, "blocked": 0}
+        # For GET /metrics (sent in the heartbeat): decisions by result (`results`), and how long they took.
+        self.allowed_count = 0
+        self.blocked_count = 0
         self.decision_seconds = Histogram(DECISION_BUCKETS)
         self.hold_seconds = Histogram(DECISION_BUCKETS)
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
@@ -226,6 +254,11 @@ class Gate:
         # Called before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
         # PTR fallback sets it): what to await first, or None (the usual case: nothing to wait for).
         self.name_hook: Callable[[str, str, int], Awaitable[Any] | None] | None = None
+
+    @property
+    def results(self) -> dict[str, int]:
+        """Decisions given, by result (GET /metrics)."""
+        return {"allowed": self.allowed_count, "blocked": self.blocked_count}
 
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
@@ -274,10 +307,13 @@ class Gate:
         silent = self.silent.mode is not None
         if not silent:
             hit = self._verdicts.get(key)
-            if hit is not None and (hit[3] == _INF or _time() < hit[3]):
-                if hit[2] is not None:
-                    self._hit(hit[2])
-                return self._decided(t0, container, host, port, method, Verdict(hit[0], hit[1], hit[2], resolved))
+            if hit is not None:
+                now = _time()  # (one clock reading for the rule's hit and the log entry)
+                if hit[3] == _INF or now < hit[3]:
+                    if hit[2] is not None:
+                        self._hit(hit[2], now)
+                    verdict = _new_verdict(hit[0], hit[1], hit[2], resolved)
+                    return self._decided(t0, container, host, port, method, verdict, now)
         j = self.judge(container, host, port, resolved)
         if j.needs_addresses:
             # An address rule may deny where this name resolves to: that deny wins (no hold).
@@ -319,18 +355,23 @@ class Gate:
         verdict.resolved_hostname = resolved
         return self._decided(t0, container, host, port, method, verdict)
 
-    def _decided(self, t0: float, container: str, host: str, port: int, method: str, verdict: Verdict) -> Verdict:
+    def _decided(
+        self, t0: float, container: str, host: str, port: int, method: str, verdict: Verdict, now: float | None = None
+    ) -> Verdict:
         """A verdict given: its time, the metrics, its log entry (an allowed tunnel's deferred when
-        HTTPS interception is installed: `finish_log`)."""
+        HTTPS interception is installed: `finish_log`); `now`: the clock (time.time) if read already."""
         elapsed = _perf_counter() - t0
         verdict.elapsed_ms = elapsed * 1000
         allowed = verdict.allowed
-        self.results["allowed" if allowed else "blocked"] += 1
+        if allowed:
+            self.allowed_count += 1
+        else:
+            self.blocked_count += 1
         self.decision_seconds.observe(elapsed)
         if allowed and self.defer_tunnel_logs and (method == "CONNECT" or method == "SOCKS5"):
             verdict.log_pending = (container, host, port, method)
         else:
-            self.record(container, host, port, method, verdict)
+            self.record(container, host, port, method, verdict, None, now)
         return verdict
 
     # -- addresses (rules whose destination is an IP or a CIDR) --
@@ -425,8 +466,8 @@ class Gate:
             return None
         if j.rule is not None:
             self._hit(j.rule.id)
-            return Verdict(j.decision == "allow", "rule", j.rule.id, resolved)
-        return Verdict(j.decision == "silent_allow", j.decision, None, resolved)
+            return _new_verdict(j.decision == "allow", "rule", j.rule.id, resolved)
+        return _new_verdict(j.decision == "silent_allow", j.decision, None, resolved)
 
     def _decide_now(self, container: str, host: str, port: int, resolved: str | None) -> Verdict | None:
         """Rules, silent mode and the guard without resolving the name (address rules judge a
@@ -614,9 +655,11 @@ class Gate:
         self.live.pop(cid, None)
 
     # -- records --
-    def _hit(self, rule_id: int) -> None:
+    def _hit(self, rule_id: int, now: float | None = None) -> None:
+        """Count a hit of rule `rule_id` (at `now`, time.time, if read already)."""
         h = self._hits.get(rule_id)
-        now = _time()
+        if now is None:
+            now = _time()
         if h is None:
             self._hits[rule_id] = [1, now]
         else:
@@ -629,8 +672,16 @@ class Gate:
             self.journal.append(records.RULE_HIT, records.rule_hit_record(rule_id, count, last))
 
     def record(
-        self, container: str, host: str, port: int, method: str, verdict: Verdict, mitm_skip_reason: str | None = None
+        self,
+        container: str,
+        host: str,
+        port: int,
+        method: str,
+        verdict: Verdict,
+        mitm_skip_reason: str | None = None,
+        now: float | None = None,
     ) -> None:
+        """The log entry of a decision (`now`: its time, time.time, if read already)."""
         summary = None
         if verdict.rule_id is not None:
             summary = self._summaries.get(verdict.rule_id)
@@ -640,7 +691,7 @@ class Gate:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append(
             _LOG,
-            _log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS)
+            log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS; compiled, a C call)
                 container,
                 host,
                 port,
@@ -653,6 +704,7 @@ class Gate:
                 verdict.reason,
                 mitm_skip_reason,
                 self.container_ids.get(container, ""),
+                now,
             ),
         )
 
