@@ -38,7 +38,7 @@ cdef class Gate:
     cpdef resolved_name(self, host)
     cpdef is_own_listener(self, host, port)
     cpdef admit_now(self, container, host, port, method, client_gone=*)
-    @cython.locals(hit=tuple, key=tuple)
+    @cython.locals(hit=tuple, key=tuple, cached=Verdict)
     cpdef _decide(self, t0, container, host, port, method, client_gone)
     cpdef Verdict _decided(self, t0, container, host, port, method, Verdict verdict, now=*)
     cpdef _address_rules_apply(self, container, port)

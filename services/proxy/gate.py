@@ -312,8 +312,8 @@ class Gate:
                 if hit[3] == _INF or now < hit[3]:
                     if hit[2] is not None:
                         self._hit(hit[2], now)
-                    verdict = _new_verdict(hit[0], hit[1], hit[2], resolved)
-                    return self._decided(t0, container, host, port, method, verdict, now)
+                    cached = _new_verdict(hit[0], hit[1], hit[2], resolved)
+                    return self._decided(t0, container, host, port, method, cached, now)
         j = self.judge(container, host, port, resolved)
         if j.needs_addresses:
             # An address rule may deny where this name resolves to: that deny wins (no hold).
