@@ -155,7 +155,17 @@ def functions(rounds: int, n: int = 20000) -> None:
         raise RuntimeError("it waited")
 
     head = http1.parse_request_head(REQUEST, 65536, 100)[0]  # type: ignore[index]
-    verdict = run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP", None))
+    if hasattr(gate, "admit_now"):  # (a decision that does not wait: its verdict, no coroutine)
+
+        def decide() -> Any:
+            return gate.admit_now("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP")
+
+    else:  # (a checkout from before Gate.admit_now, --root)
+
+        def decide() -> Any:
+            return run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP"))
+
+    verdict = decide()
 
     def hooks() -> bytes:
         flow = Flow("unknown-127.0.0.1", "http", head.host, head.port, head, verdict)
@@ -165,10 +175,7 @@ def functions(rounds: int, n: int = 20000) -> None:
     cases = [
         ("parse_request_head (wrk's GET)", lambda: http1.parse_request_head(REQUEST, 65536, 100)),
         ("parse_response_head (nginx's 200)", lambda: http1.parse_response_head(RESPONSE, 65536, "GET")),
-        (
-            "Gate.admit with the log record",
-            lambda: run_coro(gate.admit("unknown-127.0.0.1", "127.0.0.1", 8080, "HTTP")),
-        ),
+        ("Gate.admit(_now) with the log record", decide),
         ("Flow + HookChain.run + Flow.render", hooks),
     ]
     for name, fn in cases:

@@ -8,27 +8,42 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 from bus import records, topics
+from bus.records import log_values
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.judge import Guard, Judgement, judge
 from greyproxy.policy.patterns import normalise_host
 from greyproxy.timeutil import rfc3339
+from greyproxy.compiled import slotted
 from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 from .upstream import UpstreamFailure, resolve
 
-# A pure function of a value that repeats (the hosts asked for): cached, bounded.
-_normalise_host = functools.lru_cache(maxsize=4096)(normalise_host)
+# normalise_host's answers: a pure function of a value that repeats (the hosts asked for).
+_hosts: dict[str, str] = {}
+HOST_CACHE = 4096  # hosts whose normal form is kept
+
+
+def _normalise_host(host: str) -> str:
+    """`normalise_host`, cached (bounded: hosts come from clients; a full cache starts over)."""
+    hosts = _hosts
+    normal = hosts.get(host)
+    if normal is None:
+        normal = normalise_host(host)
+        if len(hosts) >= HOST_CACHE:
+            hosts.clear()
+        hosts[host] = normal
+    return normal
+
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -39,7 +54,6 @@ ALLOWED = records.ALLOWED
 BLOCKED = records.BLOCKED
 # Looked up once (compiled, a module attribute costs a lookup on every use; these run per connection).
 _LOG = records.LOG
-_log_values = records.log_values
 _perf_counter = time.perf_counter
 _time = time.time
 _INF = math.inf
@@ -50,7 +64,10 @@ ADDRESS_TTL = 30.0  # seconds a name's addresses are reused for the admission ch
 ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
 
 
-@dataclass(slots=True)
+# Verdict, Admission and LiveConn are dataclasses given __slots__ at the end of this module (as
+# Python, greyproxy.compiled.slotted); compiled, they, SilentMode and Gate are extension types
+# (gate.pxd): their fields C struct fields, the decision's steps called through a C vtable.
+@dataclass
 class Verdict:
     allowed: bool
     reason: str
@@ -61,7 +78,20 @@ class Verdict:
     log_pending: tuple[str, str, int, str] | None = None
 
 
-@dataclass(slots=True)
+def _new_verdict(allowed: bool, reason: str, rule_id: int | None, resolved: str | None) -> Verdict:
+    """`Verdict(allowed, reason, rule_id, resolved)`; compiled, without the call of its __init__
+    (a decision makes one per request)."""
+    v = Verdict.__new__(Verdict)
+    v.allowed = allowed
+    v.reason = reason
+    v.rule_id = rule_id
+    v.resolved_hostname = resolved
+    v.elapsed_ms = 0.0
+    v.log_pending = None
+    return v
+
+
+@dataclass
 class Admission:
     """One admitted connection's right to connect upstream: the client, the destination and the
     verdict `Gate.admit` gave it. Passed explicitly to whatever connects for that connection
@@ -122,6 +152,8 @@ class LiveConn:
 class SilentMode:
     """Allow-all / deny-all, in memory only (lost on restart by design)."""
 
+    __slots__ = ("mode", "expires_at", "_timer")
+
     def __init__(self) -> None:
         self.mode: str | None = None
         self.expires_at: float | None = None
@@ -149,6 +181,38 @@ class SilentMode:
 
 
 class Gate:
+    __slots__ = (
+        "journal",
+        "publisher",
+        "_rules",
+        "_decisions",
+        "_verdicts",
+        "rules_version",
+        "guard_ports",
+        "own_ports",
+        "local_hosts",
+        "hold_timeout",
+        "max_pending",
+        "pending_count",
+        "silent",
+        "announce_silent",
+        "holds",
+        "live",
+        "_live_ids",
+        "_hits",
+        "_summaries",
+        "names",
+        "_addresses",
+        "container_ids",
+        "decisions",
+        "allowed_count",
+        "blocked_count",
+        "decision_seconds",
+        "hold_seconds",
+        "defer_tunnel_logs",
+        "name_hook",
+    )
+
     def __init__(
         self,
         journal: JournalWriter,
@@ -179,8 +243,9 @@ class Gate:
         self._addresses: dict[str, tuple[list[str], float]] = {}  # name -> (its addresses, looked up at)
         self.container_ids: dict[str, str] = {}  # container name -> id, from the engine (greyproxy.docker)
         self.decisions = 0
-        # For GET /metrics (sent in the heartbeat): decisions by result, and how long they took.
-        self.results = {"allowed": 0, "blocked": 0}
+        # For GET /metrics (sent in the heartbeat): decisions by result (`results`), and how long they took.
+        self.allowed_count = 0
+        self.blocked_count = 0
         self.decision_seconds = Histogram(DECISION_BUCKETS)
         self.hold_seconds = Histogram(DECISION_BUCKETS)
         # Set when HTTPS interception is installed: an allowed tunnel's log entry waits for its
@@ -189,6 +254,11 @@ class Gate:
         # Called before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
         # PTR fallback sets it): what to await first, or None (the usual case: nothing to wait for).
         self.name_hook: Callable[[str, str, int], Awaitable[Any] | None] | None = None
+
+    @property
+    def results(self) -> dict[str, int]:
+        """Decisions given, by result (GET /metrics)."""
+        return {"allowed": self.allowed_count, "blocked": self.blocked_count}
 
     # -- facts about a destination --
     def resolved_name(self, host: str) -> str | None:
@@ -202,45 +272,106 @@ class Gate:
         return self.guard_ports.refuses(host, port)
 
     # -- the decision --
-    async def admit(self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None) -> Verdict:
-        """The verdict for a connection to (host, port). `client_gone`: a future that completes when
-        the client disconnects (ends a hold early), or a function making it, called only for a hold
-        (a decision that does not wait makes no future)."""
+    def admit_now(
+        self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None
+    ) -> Verdict | Coroutine[Any, Any, Verdict]:
+        """The verdict for a connection to (host, port), given at once when nothing has to wait (the
+        usual case: no coroutine is made); else the coroutine of the decision's rest, which waits (the
+        name hook's lookup, a name's addresses for an address rule, a hold) and gives the verdict.
+        `client_gone`: a future that completes when the client disconnects (ends a hold early), or a
+        function making it, called only for a hold (a decision that does not wait makes no future).
+        Its log entry is written when the verdict is given (an allowed tunnel's: see `finish_log`)."""
         t0 = _perf_counter()
         host = _normalise_host(host)
         hook = self.name_hook
         if hook is not None:
             wait = hook(container, host, port)
             if wait is not None:
-                await wait
+                return self._admit_later(t0, container, host, port, method, client_gone, wait, None, None)
+        return self._decide(t0, container, host, port, method, client_gone)
+
+    async def admit(self, container: str, host: str, port: int, method: str, client_gone: ClientGone = None) -> Verdict:
+        """`admit_now`'s verdict, waited for when it has to wait."""
+        got = self.admit_now(container, host, port, method, client_gone)
+        if type(got) is Verdict:
+            return got
+        return await got  # type: ignore[misc]
+
+    def _decide(
+        self, t0: float, container: str, host: str, port: int, method: str, client_gone: ClientGone
+    ) -> Verdict | Coroutine[Any, Any, Verdict]:
+        """`admit_now` once the name hook has nothing (more) to wait for."""
         resolved = self.resolved_name(host)
         self.decisions += 1
         key = (container, host, port, resolved)
-        hit = self._verdicts.get(key) if self.silent.mode is None else None
-        if hit is not None and (hit[3] == _INF or _time() < hit[3]):
-            if hit[2] is not None:
-                self._hit(hit[2])
-            verdict = Verdict(hit[0], hit[1], hit[2])
-        else:
-            j = self.judge(container, host, port, resolved)
-            if j.needs_addresses:
-                # An address rule may deny where this name resolves to: that deny wins (no hold).
-                addrs = await self._addresses_of(host, port)
-                if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
-                    j = self.judge(container, host, port, resolved, addrs)
-            elif j.decision != "pending" and self.silent.mode is None:
-                self._remember(key, j)
-            now = self._verdict(j)
-            verdict = now if now is not None else await self._hold(container, host, port, resolved, client_gone)
+        silent = self.silent.mode is not None
+        if not silent:
+            hit = self._verdicts.get(key)
+            if hit is not None:
+                now = _time()  # (one clock reading for the rule's hit and the log entry)
+                if hit[3] == _INF or now < hit[3]:
+                    if hit[2] is not None:
+                        self._hit(hit[2], now)
+                    cached = _new_verdict(hit[0], hit[1], hit[2], resolved)
+                    return self._decided(t0, container, host, port, method, cached, now)
+        j = self.judge(container, host, port, resolved)
+        if j.needs_addresses:
+            # An address rule may deny where this name resolves to: that deny wins (no hold).
+            return self._admit_later(t0, container, host, port, method, client_gone, None, j, resolved)
+        if not silent and j.decision != "pending":
+            self._remember(key, j)
+        verdict = self._verdict(j, resolved)
+        if verdict is None:
+            return self._admit_later(t0, container, host, port, method, client_gone, None, None, resolved)
+        return self._decided(t0, container, host, port, method, verdict)
+
+    async def _admit_later(
+        self,
+        t0: float,
+        container: str,
+        host: str,
+        port: int,
+        method: str,
+        client_gone: ClientGone,
+        wait: Awaitable[Any] | None,
+        j: Judgement | None,
+        resolved: str | None,
+    ) -> Verdict:
+        """The rest of a decision that waits: for the name hook's lookup (`wait`), then the decision;
+        for the addresses of a name an address rule may deny (`j`, the judgement without them); for
+        a person (a hold)."""
+        if wait is not None:
+            await wait
+            got = self._decide(t0, container, host, port, method, client_gone)
+            return got if type(got) is Verdict else await got  # type: ignore[misc]
+        if j is not None:
+            addrs = await self._addresses_of(host, port)
+            if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
+                j = self.judge(container, host, port, resolved, addrs)
+            verdict = self._verdict(j, resolved)
+            if verdict is not None:
+                return self._decided(t0, container, host, port, method, verdict)
+        verdict = await self._hold(container, host, port, resolved, client_gone)
         verdict.resolved_hostname = resolved
+        return self._decided(t0, container, host, port, method, verdict)
+
+    def _decided(
+        self, t0: float, container: str, host: str, port: int, method: str, verdict: Verdict, now: float | None = None
+    ) -> Verdict:
+        """A verdict given: its time, the metrics, its log entry (an allowed tunnel's deferred when
+        HTTPS interception is installed: `finish_log`); `now`: the clock (time.time) if read already."""
         elapsed = _perf_counter() - t0
         verdict.elapsed_ms = elapsed * 1000
-        self.results["allowed" if verdict.allowed else "blocked"] += 1
+        allowed = verdict.allowed
+        if allowed:
+            self.allowed_count += 1
+        else:
+            self.blocked_count += 1
         self.decision_seconds.observe(elapsed)
-        if verdict.allowed and self.defer_tunnel_logs and method in ("CONNECT", "SOCKS5"):
+        if allowed and self.defer_tunnel_logs and (method == "CONNECT" or method == "SOCKS5"):
             verdict.log_pending = (container, host, port, method)
         else:
-            self.record(container, host, port, method, verdict)
+            self.record(container, host, port, method, verdict, None, now)
         return verdict
 
     # -- addresses (rules whose destination is an IP or a CIDR) --
@@ -329,14 +460,14 @@ class Gate:
             explain=explain,
         )
 
-    def _verdict(self, j: Judgement) -> Verdict | None:
+    def _verdict(self, j: Judgement, resolved: str | None = None) -> Verdict | None:
         """The verdict for a judgement (None: hold it); counts the winning rule's hit."""
         if j.decision == "pending":
             return None
         if j.rule is not None:
             self._hit(j.rule.id)
-            return Verdict(j.decision == "allow", "rule", j.rule.id)
-        return Verdict(j.decision == "silent_allow", j.decision)
+            return _new_verdict(j.decision == "allow", "rule", j.rule.id, resolved)
+        return _new_verdict(j.decision == "silent_allow", j.decision, None, resolved)
 
     def _decide_now(self, container: str, host: str, port: int, resolved: str | None) -> Verdict | None:
         """Rules, silent mode and the guard without resolving the name (address rules judge a
@@ -524,9 +655,11 @@ class Gate:
         self.live.pop(cid, None)
 
     # -- records --
-    def _hit(self, rule_id: int) -> None:
+    def _hit(self, rule_id: int, now: float | None = None) -> None:
+        """Count a hit of rule `rule_id` (at `now`, time.time, if read already)."""
         h = self._hits.get(rule_id)
-        now = _time()
+        if now is None:
+            now = _time()
         if h is None:
             self._hits[rule_id] = [1, now]
         else:
@@ -539,8 +672,16 @@ class Gate:
             self.journal.append(records.RULE_HIT, records.rule_hit_record(rule_id, count, last))
 
     def record(
-        self, container: str, host: str, port: int, method: str, verdict: Verdict, mitm_skip_reason: str | None = None
+        self,
+        container: str,
+        host: str,
+        port: int,
+        method: str,
+        verdict: Verdict,
+        mitm_skip_reason: str | None = None,
+        now: float | None = None,
     ) -> None:
+        """The log entry of a decision (`now`: its time, time.time, if read already)."""
         summary = None
         if verdict.rule_id is not None:
             summary = self._summaries.get(verdict.rule_id)
@@ -550,7 +691,7 @@ class Gate:
                     summary = self._summaries[verdict.rule_id] = rule_summary(rule)
         self.journal.append(
             _LOG,
-            _log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS)
+            log_values(  # (shape 2, positional: bus/records.py LOG_FIELDS; compiled, a C call)
                 container,
                 host,
                 port,
@@ -563,6 +704,7 @@ class Gate:
                 verdict.reason,
                 mitm_skip_reason,
                 self.container_ids.get(container, ""),
+                now,
             ),
         )
 
@@ -590,3 +732,6 @@ class Gate:
         self.silent.expires_at = None
         if self.announce_silent:
             self.publisher.publish(topics.ALLOWALL_CHANGED, self.silent.status())
+
+
+slotted(globals(), "Verdict", "Admission", "LiveConn")  # (as Python: __slots__, see Verdict)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import http1
 from .conn import Conn
@@ -27,6 +28,13 @@ from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, TUNNEL, Handover, Ke
 from .pool import usable
 from .tunnel import run_tunnel
 from .upstream import UpstreamFailure, connect
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
+
+    from .pipeline import Txn
+
+T = TypeVar("T")
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -102,21 +110,49 @@ async def check_identity(client: ClientConn, ids: IdentityGuard, name: str, head
     return ok
 
 
-async def prepare(client: ClientConn, head: http1.RequestHead, container: str) -> Prepared | None:
+def prepare(
+    client: ClientConn, head: http1.RequestHead, container: str
+) -> Prepared | None | Coroutine[Any, Any, Prepared | None]:
     """A request's steps before the exchange: decision, record snapshot, hooks, the upstream head.
-    None when it was answered here (the connection then ends). Usually nothing in it waits:
-    the request cycle (keepalive.py) then runs it without a task."""
-    ctx = client.ctx
-    gate = ctx.gate
+    None when it was answered here (the connection then ends). Usually nothing in them waits: their
+    result, with no coroutine made (the request cycle, keepalive.py, serves it in its callbacks);
+    else the coroutine of the steps from the one that waits on (`later`), which gives it."""
     if head.scheme != "http":
         client.write(
             error_response(400, "Bad Request", "Greyproxy: only http:// URLs can be forwarded; use CONNECT for https")
         )
         return None
     # decide
-    verdict = await gate.admit(container, head.host, head.port, "HTTP", client.gone)
+    gate = client.ctx.gate
+    verdict = gate.admit_now(container, head.host, head.port, "HTTP", client.gone)
+    if type(verdict) is not Verdict:
+        return _prepare_later(client, head, container, verdict)  # type: ignore[arg-type]
+    return _admitted(client, head, container, verdict)
+
+
+def later(got: T | Coroutine[Any, Any, T]) -> TypeIs[Coroutine[Any, Any, T]]:
+    """Whether a `prepare` or `admit_connect` result is the coroutine of steps that wait (else
+    it is the result: a Prepared tuple, a Verdict or None)."""
+    return got is not None and type(got) is not tuple and type(got) is not Verdict
+
+
+async def _prepare_later(
+    client: ClientConn, head: http1.RequestHead, container: str, deciding: Coroutine[Any, Any, Verdict]
+) -> Prepared | None:
+    """`prepare` from a decision that waits."""
+    got = _admitted(client, head, container, await deciding)
+    if later(got):
+        return await got
+    return got
+
+
+def _admitted(
+    client: ClientConn, head: http1.RequestHead, container: str, verdict: Verdict
+) -> Prepared | None | Coroutine[Any, Any, Prepared | None]:
+    """`prepare` once decided: the record's snapshot, a 403 or the hooks."""
     if client.closed:
         return None
+    ctx = client.ctx
     # The record's snapshot of what the client sent (the absolute URI names the host contacted).
     rec = ctx.recorder
     t = (
@@ -127,31 +163,63 @@ async def prepare(client: ClientConn, head: http1.RequestHead, container: str) -
     if not verdict.allowed:
         client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
         if t is not None:
-            t.finish(status=403, result="blocked", block_reason="rule")
+            t.finish(None, 403, "blocked", None, "rule")  # (positional: a C call, http_proxy.pxd)
         return None
-    # request hooks (the rule re-check takes the gate's verdict just given)
-    flow = Flow(container, "http", head.host, head.port, head, verdict, claimed=client.claimed)
+    # request hooks (the rule re-check takes the gate's verdict just given); positional: a keyword costs more
+    flow = Flow(container, "http", head.host, head.port, head, verdict, None, client.claimed)
     refusal = ctx.hooks.run(flow)
     if refusal is not None and not isinstance(refusal, Refusal):
-        refusal = await refusal  # a hook that had to wait
+        return _hooks_later(client, head, verdict, t, flow, refusal)  # a hook that has to wait
+    return _hooked(client, head, verdict, t, flow, refusal)
+
+
+async def _hooks_later(
+    client: ClientConn,
+    head: http1.RequestHead,
+    verdict: Verdict,
+    t: Txn | None,
+    flow: Flow,
+    refusal: Awaitable[Refusal | None],
+) -> Prepared | None:
+    """`prepare` from a hook that waits."""
+    return _hooked(client, head, verdict, t, flow, await refusal)
+
+
+def _hooked(
+    client: ClientConn, head: http1.RequestHead, verdict: Verdict, t: Txn | None, flow: Flow, refusal: Refusal | None
+) -> Prepared | None:
+    """`prepare` once the hooks answered: the refusal written, or the request prepared."""
     if t is not None:
         t.credentials_from(flow)
     if refusal is not None:
         client.write(refusal.render())
         if t is not None:
-            t.finish(status=refusal.status, result="blocked", block_reason=refusal.reason)
+            t.finish(None, refusal.status, "blocked", None, refusal.reason)  # (positional: see `_admitted`)
         return None
     return verdict, t, flow.render(upstream_version(head))
 
 
-async def admit_connect(client: ClientConn, head: http1.RequestHead, container: str) -> Verdict | None:
+def admit_connect(
+    client: ClientConn, head: http1.RequestHead, container: str
+) -> Verdict | None | Coroutine[Any, Any, Verdict | None]:
     """A CONNECT's decision: its verdict when allowed (its log entry still to write: `run_tunnel` or
     the connect failure writes it), None when answered here (403) or the client left meanwhile.
-    Usually it does not wait: the request cycle (keepalive.py) then runs it without a task."""
+    Usually it does not wait: the request cycle (keepalive.py) then runs it in its callbacks; else
+    the coroutine of the decision's rest (`later`), which gives it."""
     gate = client.ctx.gate
-    verdict = await gate.admit(container, head.host, head.port, "CONNECT", client.gone)
+    verdict = gate.admit_now(container, head.host, head.port, "CONNECT", client.gone)
+    if type(verdict) is not Verdict:
+        return _admit_connect_later(client, verdict)  # type: ignore[arg-type]
+    return _connect_admitted(client, verdict)
+
+
+async def _admit_connect_later(client: ClientConn, deciding: Coroutine[Any, Any, Verdict]) -> Verdict | None:
+    return _connect_admitted(client, await deciding)
+
+
+def _connect_admitted(client: ClientConn, verdict: Verdict) -> Verdict | None:
     if client.closed:
-        gate.finish_log(verdict)
+        client.ctx.gate.finish_log(verdict)
         return None
     if not verdict.allowed:
         client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
@@ -364,12 +432,16 @@ async def handle_http(client: ClientConn) -> None:
                 return
 
             if head.method == "CONNECT":
-                verdict = await admit_connect(client, head, container)
+                verdict = admit_connect(client, head, container)
+                if later(verdict):
+                    verdict = await verdict
                 if verdict is not None:
                     await open_tunnel(client, head, container, verdict, release)
                 return
 
-            prepared = await prepare(client, head, container)
+            prepared = prepare(client, head, container)
+            if later(prepared):
+                prepared = await prepared
             if prepared is None or not await exchange(head, prepared):
                 return
     finally:

@@ -6,8 +6,9 @@ once, the request goes out on a kept upstream connection, and the origin's answe
 its body (or its body streams on from the upstream's callbacks while the client takes it).
 `KeptAlive` serves those requests from the connections' protocol callbacks (`Conn.watcher`): no
 task wakeup, future or coroutine frame per read. The request steps themselves are the handler's
-own (`prepare`, a coroutine that does not suspend in that case, driven here by hand; the identity
-check's quick answer) and the exchange is `exchange.Exchange` (`send`, `step`), so both ways give
+own (`prepare`, which answers at once in that case and makes no coroutine, else gives the
+coroutine of its steps from the one that waits, driven here by hand; the identity check's quick
+answer) and the exchange is `exchange.Exchange` (`send`, `step`), so both ways give
 the same answers and the same records.
 
 It serves a connection from its start (`begin`, the HTTP listener's: a new connection's first
@@ -56,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
-from .gate import Admission
+from .gate import Admission, Verdict
 from .httpio import error_response, parse_head
 from .pool import usable
 from .tunnel import run_tunnel
@@ -64,7 +65,6 @@ from .upstream import Connecting, UpstreamFailure
 
 if TYPE_CHECKING:
     from .context import ClientConn
-    from .gate import Verdict
     from .identities import IdentityGuard
     from .pipeline import Txn
 
@@ -88,11 +88,13 @@ __all__ = [
 
 # (verdict, transaction record, upstream request head) of a request that passed the gate and hooks
 Prepared = tuple["Verdict", "Txn | None", bytes]
-PrepareFn = Callable[["ClientConn", http1.RequestHead, str], Coroutine[Any, Any, "Prepared | None"]]
+# The request steps (http_proxy.prepare): their result, or the coroutine of the steps that wait (`_drive`)
+PrepareFn = Callable[["ClientConn", http1.RequestHead, str], "Prepared | None | Coroutine[Any, Any, Prepared | None]"]
 # The identity check's answer without waiting (http_proxy.identity_passed): False when the handler must check
 QuickFn = Callable[["ClientConn", "IdentityGuard", str, http1.RequestHead], bool]
-# A CONNECT's decision (http_proxy.admit_connect): its verdict when allowed, None when answered
-AdmitFn = Callable[["ClientConn", http1.RequestHead, str], Coroutine[Any, Any, "Verdict | None"]]
+# A CONNECT's decision (http_proxy.admit_connect): its verdict when allowed, None when answered; or
+# the coroutine of the decision that waits
+AdmitFn = Callable[["ClientConn", http1.RequestHead, str], "Verdict | None | Coroutine[Any, Any, Verdict | None]"]
 
 READ, HEAD, PREPARE, EXCHANGE, TUNNEL, END, RAISE = "read", "head", "prepare", "exchange", "tunnel", "end", "raise"
 
@@ -470,9 +472,10 @@ class KeptAlive:
         return True
 
     def _drive(self, coro: Coroutine[Any, Any, Any], head: http1.RequestHead) -> tuple[bool, Any]:
-        """A request step (`prepare`, `admit`) run by hand up to its first wait: (True, its result)
-        when it had none; else (False, None), handed over: PREPARE (the handler waits for what it
-        yielded, then goes on with it) or RAISE (what it raised)."""
+        """The coroutine of request steps that wait (what `prepare` or `admit` returned: the steps
+        from the one that waits on) run by hand up to its first wait: (True, its result) when it
+        had none; else (False, None), handed over: PREPARE (the handler waits for what it yielded,
+        then goes on with it) or RAISE (what it raised)."""
         try:
             waiting = coro.send(None)
         except StopIteration as stop:
@@ -488,9 +491,17 @@ class KeptAlive:
 
     def _request(self, head: http1.RequestHead) -> None:
         """The request steps, then the request sent upstream (or a handover)."""
-        done, prepared = self._drive(self.prepare(self.client, head, self.identity), head)
-        if not done:
+        try:
+            prepared = self.prepare(self.client, head, self.identity)
+        except BaseException as exc:  # (raised by a step: the handler re-raises it, as in `_drive`)
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
             return
+        if prepared is not None and type(prepared) is not tuple:  # steps that wait (see `_drive`)
+            done, prepared = self._drive(prepared, head)  # type: ignore[arg-type]
+            if not done:
+                return
         if prepared is None:
             self._hand(Handover(END))  # answered (403, a refusal, ...): the connection ends
             return
@@ -530,15 +541,23 @@ class KeptAlive:
 
     # -- a CONNECT (a new tunnel) --
     def _connect(self, head: http1.RequestHead) -> None:
-        """A CONNECT the handler's identity steps passed at once: its decision (`admit`, driven by
-        hand as `prepare` is), then the upstream connect (`Connecting`), the 200 and the tunnel, as
+        """A CONNECT the handler's identity steps passed at once: its decision (`admit`, run as
+        `prepare` is), then the upstream connect (`Connecting`), the 200 and the tunnel, as
         the handler's CONNECT steps do; handed over where one of them has to wait."""
         self.close()  # the first head's deadline is met
         self._unwatch()  # the client's bytes wait in its buffer for the tunnel (as in the handler)
         # (a hold hands over: the handler waits for the decision, then connects)
-        done, verdict = self._drive(self.admit(self.client, head, self.identity), head)  # type: ignore[misc]
-        if not done:
+        try:
+            verdict = self.admit(self.client, head, self.identity)  # type: ignore[misc]
+        except BaseException as exc:  # (as in `_request`)
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
             return
+        if verdict is not None and type(verdict) is not Verdict:  # a decision that waits (see `_drive`)
+            done, verdict = self._drive(verdict, head)  # type: ignore[arg-type]
+            if not done:
+                return
         if verdict is None:
             self._hand(Handover(END))  # answered (403) or the client left
             return

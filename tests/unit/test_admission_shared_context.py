@@ -182,6 +182,12 @@ def _status(wire: Wire) -> bytes:
 # ---------------------------------------------------------------- a step connecting after another admission
 
 
+async def admit_connect(client: ClientConn, head: http1.RequestHead, name: str) -> Verdict | None:
+    """`http_proxy.admit_connect` as the handler runs it: its result, or its steps' coroutine awaited."""
+    got = http_proxy.admit_connect(client, head, name)
+    return await got if http_proxy.later(got) else got
+
+
 @pytest.mark.parametrize("loop_kind", sorted(LOOPS))
 def test_a_connect_after_another_connections_admission_is_judged_for_its_own(loop_kind: str) -> None:
     """CONNECT's steps as the handler runs them (`admit_connect`, then `open_tunnel`), driven from
@@ -199,8 +205,8 @@ def test_a_connect_after_another_connections_admission_is_judged_for_its_own(loo
             await settle()
             bob_head = head_of(connect_head("bob", origin.port))
             alice_head = head_of(connect_head("alice", origin.port))
-            vb = await lis.drive(http_proxy.admit_connect(bob, bob_head, "bob"))
-            va = await lis.drive(http_proxy.admit_connect(alice, alice_head, "alice"))
+            vb = await lis.drive(admit_connect(bob, bob_head, "bob"))
+            va = await lis.drive(admit_connect(alice, alice_head, "alice"))
             assert isinstance(vb, Verdict) and vb.allowed and isinstance(va, Verdict) and va.allowed
             await lis.drive(http_proxy.open_tunnel(bob, bob_head, "bob", vb, lambda: None))
             assert _status(bob_wire) == b"HTTP/1.1 403 Forbidden"

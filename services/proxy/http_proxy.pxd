@@ -1,0 +1,21 @@
+# Cython declarations for http_proxy.py (an "augmenting .pxd", see pipeline.pxd): the request steps
+# (`prepare`, `admit_connect`) read the head, the verdict, the flow and the record as C structs and
+# call one another, and the gate's decision, through C.
+
+cimport cython
+
+from services.proxy.gate cimport Gate, Verdict
+from services.proxy.hooks cimport Flow
+from services.proxy.http1 cimport RequestHead
+from services.proxy.pipeline cimport Txn
+
+
+cpdef bint later(got) except -1
+@cython.locals(gate=Gate)
+cpdef prepare(client, RequestHead head, container)
+@cython.locals(t=Txn, flow=Flow)
+cpdef _admitted(client, RequestHead head, container, Verdict verdict)
+cpdef _hooked(client, RequestHead head, Verdict verdict, Txn t, Flow flow, refusal)
+@cython.locals(gate=Gate)
+cpdef admit_connect(client, RequestHead head, container)
+cpdef _connect_admitted(client, Verdict verdict)

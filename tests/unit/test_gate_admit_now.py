@@ -1,0 +1,355 @@
+"""A decision that does not wait is given at once, with no coroutine; one that waits goes on in one.
+
+`Gate.admit_now` gives the verdict of a decision that waits for nothing (a cached verdict, a rule,
+silent mode, the guard: the usual case) without making a coroutine, and the coroutine of the
+decision's rest (`Gate._admit_later`) when it has to wait: for the name hook's lookup, for a name's
+addresses an address rule may deny, for a person (a hold). The request steps (`http_proxy.prepare`,
+`http_proxy.admit_connect`) do the same. Checked here: which way each kind of decision takes, that
+both ways give the same verdicts, log entries, rule hits and metrics (hypothesis: every decision
+also made through the waiting way, by a name hook that always makes it wait), and that the request
+steps give the same results at once or from their coroutine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from bus import records
+from greyproxy.policy import Rule, RuleSet
+from services.proxy import http1, http_proxy
+from services.proxy.context import ClientConn, Limits, ProxyContext
+from services.proxy.gate import Gate, Verdict
+from harness.fakes import Journal, Publisher
+from harness.wire import Wire
+
+
+class CountingGate(Gate):
+    """A gate counting the coroutines of decisions that wait (`_admit_later` is a Python method, so
+    a subclass sees every call, compiled too)."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.later = 0
+
+    def _admit_later(self, *args: Any) -> Any:
+        self.later += 1
+        return super()._admit_later(*args)
+
+
+def gate_with(*rules: Rule, hold_timeout: float = 5.0) -> CountingGate:
+    g = CountingGate(Journal(), Publisher(), {43051}, {"127.0.0.1"}, hold_timeout, 10)
+    g.set_rules(RuleSet(list(rules)), 1)
+    return g
+
+
+def logs(g: Gate) -> list[dict[str, Any]]:
+    """The log entries, without what depends on the clock."""
+    out = []
+    for kind, data in g.journal.records:
+        if kind == records.LOG:
+            f = dict(records.log_fields(data))
+            del f["timestamp"], f["response_time_ms"]
+            out.append(f)
+    return out
+
+
+def pending(g: Gate) -> list[dict[str, Any]]:
+    """The pending sightings, without their time."""
+    return [{k: v for k, v in data.items() if k != "ts"} for kind, data in g.journal.records if kind == records.PENDING]
+
+
+def fields(v: Verdict) -> tuple[Any, ...]:
+    return (v.allowed, v.reason, v.rule_id, v.resolved_hostname, v.log_pending)
+
+
+def test_a_decision_that_does_not_wait_is_given_at_once() -> None:
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"), Rule(2, "*", "bad.example.com", action="deny"))
+    for _ in range(2):  # judged, then from the cache of verdicts
+        v = g.admit_now("agent", "API.example.com.", 443, "HTTP")
+        assert type(v) is Verdict and fields(v) == (True, "rule", 1, None, None)
+    v = g.admit_now("agent", "bad.example.com", 80, "HTTP")
+    assert type(v) is Verdict and fields(v) == (False, "rule", 2, None, None)
+    v = g.admit_now("agent", "127.0.0.1", 43051, "HTTP")  # the guard: the stack's own listener
+    assert type(v) is Verdict and not v.allowed and v.rule_id is None
+    g.names["192.0.2.7"] = ("api.example.com", time.time())  # an address the DNS proxy named
+    v = g.admit_now("agent", "192.0.2.7", 443, "HTTP")
+    assert type(v) is Verdict and fields(v) == (True, "rule", 1, "api.example.com", None)
+    assert g.later == 0
+    assert [(f["destination_host"], f["result"], f["rule_id"]) for f in logs(g)] == [
+        ("api.example.com", "allowed", 1),
+        ("api.example.com", "allowed", 1),
+        ("bad.example.com", "blocked", 2),
+        ("127.0.0.1", "blocked", None),
+        ("192.0.2.7", "allowed", 1),
+    ]
+    assert g.results == {"allowed": 3, "blocked": 2} and g.decision_seconds.count == 5 and g.decisions == 5
+    assert {rid: h[0] for rid, h in g._hits.items()} == {1: 3, 2: 1}
+
+
+def test_silent_mode_and_a_deferred_tunnel_entry_are_given_at_once() -> None:
+    async def main() -> None:
+        g = gate_with()
+        g.defer_tunnel_logs = True
+        g.set_silent("allow", None)
+        v = g.admit_now("agent", "new.example.com", 443, "CONNECT")
+        assert type(v) is Verdict and fields(v) == (
+            True,
+            "silent_allow",
+            None,
+            None,
+            ("agent", "new.example.com", 443, "CONNECT"),
+        )
+        assert logs(g) == []  # the tunnel's entry waits for its mitm_skip_reason
+        g.finish_log(v, "pinned")
+        assert [(f["result"], f["reason"], f["mitm_skip_reason"]) for f in logs(g)] == [
+            ("allowed", "silent_allow", "pinned")
+        ]
+        assert g.later == 0
+
+    asyncio.run(main())
+
+
+def test_a_hold_goes_on_in_the_coroutine_and_ends_as_admit_does() -> None:
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "api.example.com", action="allow"))
+        gone = asyncio.get_running_loop().create_future()
+        made: list[int] = []
+
+        def client_gone() -> asyncio.Future:
+            made.append(1)
+            return gone
+
+        got = g.admit_now("agent", "held.example.com", 443, "HTTP", client_gone)
+        assert type(got) is not Verdict and g.later == 1
+        assert logs(g) == [] and g.results == {"allowed": 0, "blocked": 0}  # decided once it is given
+        task = asyncio.ensure_future(got)
+        async with asyncio.timeout(5):
+            while not g.holds:
+                await asyncio.sleep(0.001)
+        assert made == [1]  # the client's future, made for the hold only
+        assert [k for k, _ in g.journal.records] == [records.PENDING]
+        g.set_rules(RuleSet([Rule(1, "*", "api.example.com"), Rule(2, "*", "held.example.com")]), 2)
+        v = await task
+        assert fields(v) == (True, "rule", 2, None, None) and v.elapsed_ms > 0
+        assert [(f["destination_host"], f["result"], f["rule_id"]) for f in logs(g)] == [
+            ("held.example.com", "allowed", 2)
+        ]
+        assert g.results == {"allowed": 1, "blocked": 0} and g.hold_seconds.count == 1
+        assert g.decision_seconds.count == 1
+        # the client leaves while held: client_gone, logged as the block it is
+        got = g.admit_now("agent", "other.example.com", 443, "HTTP", client_gone)
+        task = asyncio.ensure_future(got)
+        await asyncio.sleep(0.01)
+        gone.set_result(None)
+        v = await task
+        assert fields(v) == (False, "client_gone", None, None, None)
+        assert logs(g)[-1]["reason"] == "client_gone" and g.later == 2
+
+    asyncio.run(main())
+
+
+def test_an_address_rule_looks_the_addresses_up_in_the_coroutine(monkeypatch: pytest.MonkeyPatch) -> None:
+    import services.proxy.gate as gate_mod
+
+    async def fake_resolve(loop: Any, host: str, port: int, timeout: float) -> list[tuple[str, int]]:
+        await asyncio.sleep(0)
+        return [("169.254.169.254" if host == "metadata.example" else "192.0.2.10", port)]
+
+    monkeypatch.setattr(gate_mod, "resolve", fake_resolve)
+
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "169.254.0.0/16", "*", "deny"), Rule(2, "agent", "*", "*", "allow"))
+        got = g.admit_now("agent", "metadata.example", 80, "HTTP")
+        assert type(got) is not Verdict and g.later == 1
+        v = await got
+        assert fields(v) == (False, "rule", 1, None, None)
+        got = g.admit_now("agent", "api.example", 80, "HTTP")  # looked up, allowed by the name
+        assert type(got) is not Verdict
+        v = await got
+        assert fields(v) == (True, "rule", 2, None, None)
+        assert [(f["destination_host"], f["result"], f["rule_id"]) for f in logs(g)] == [
+            ("metadata.example", "blocked", 1),
+            ("api.example", "allowed", 2),
+        ]
+        assert {rid: h[0] for rid, h in g._hits.items()} == {1: 1, 2: 1}
+        # an address literal is judged by the rules at once (nothing to look up)
+        v = g.admit_now("agent", "169.254.169.254", 80, "HTTP")
+        assert type(v) is Verdict and fields(v) == (False, "rule", 1, None, None)
+
+    asyncio.run(main())
+
+
+def test_the_name_hook_waits_in_the_coroutine_only_when_it_gives_something_to_wait_for() -> None:
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "named.example", action="allow"))
+        asked: list[str] = []
+
+        async def ptr(host: str) -> None:
+            await asyncio.sleep(0)
+            g.names[host] = ("named.example", time.time())
+
+        def hook(container: str, host: str, port: int) -> Any:
+            asked.append(host)
+            return ptr(host) if host == "192.0.2.9" and host not in g.names else None
+
+        g.name_hook = hook
+        v = g.admit_now("agent", "named.example", 443, "HTTP")
+        assert type(v) is Verdict and g.later == 0
+        got = g.admit_now("agent", "192.0.2.9", 443, "HTTP")
+        assert type(got) is not Verdict and g.later == 1
+        v = await got
+        assert fields(v) == (True, "rule", 1, "named.example", None)
+        v = g.admit_now("agent", "192.0.2.9", 443, "HTTP")  # named now: at once
+        assert type(v) is Verdict and fields(v) == (True, "rule", 1, "named.example", None)
+        assert asked == ["named.example", "192.0.2.9", "192.0.2.9"] and g.later == 1
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------- both ways give the same
+
+CONTAINERS = ["agent", "other"]
+HOSTS = ["api.example.com", "a.example.com", "b.example.org", "127.0.0.1", "192.0.2.1"]
+PORTS = [80, 443, 43051]
+rules_st = st.lists(
+    st.tuples(
+        st.sampled_from(["*", "agent"]),
+        st.sampled_from(["api.example.com", "*.example.com", "*", "192.0.2.0/24", "b.example.org"]),
+        st.sampled_from(["*", "443", "80"]),
+        st.sampled_from(["allow", "deny"]),
+    ),
+    max_size=5,
+)
+requests_st = st.lists(
+    st.tuples(
+        st.sampled_from(CONTAINERS),
+        st.sampled_from(HOSTS),
+        st.sampled_from(PORTS),
+        st.sampled_from(["HTTP", "CONNECT", "SOCKS5"]),
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@given(rules_st, requests_st, st.sampled_from([None, "allow", "deny"]), st.booleans())
+@example([("*", "*", "*", "allow")], [("agent", "api.example.com", 443, "CONNECT")] * 2, None, True)
+@example(
+    [("*", "192.0.2.0/24", "*", "deny"), ("agent", "*.example.com", "*", "allow")],
+    [
+        ("agent", "a.example.com", 80, "HTTP"),
+        ("other", "a.example.com", 80, "SOCKS5"),
+        ("agent", "192.0.2.1", 80, "HTTP"),
+    ],
+    None,
+    False,
+)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_the_waiting_way_gives_what_the_immediate_way_gives(
+    raw: list[tuple[str, str, str, str]], requests: list[tuple[str, str, int, str]], silent: str | None, defer: bool
+) -> None:
+    """Every decision made twice: on a gate with no name hook (at once, where it does not hold) and on
+    one whose name hook makes every decision wait first (its coroutine). Same verdicts, log entries,
+    rule hits, metrics and pending sightings; and no coroutine on the first but for holds."""
+
+    async def run(hooked: bool) -> tuple[CountingGate, list[tuple[Any, ...]]]:
+        g = gate_with(*[Rule(i + 1, *r) for i, r in enumerate(raw)], hold_timeout=0.005)
+        g.defer_tunnel_logs = defer
+        if silent is not None:
+            g.set_silent(silent, None)
+        if hooked:
+            g.name_hook = lambda c, h, p: asyncio.sleep(0)
+        out = []
+        for container, host, port, method in requests:
+            got = g.admit_now(container, host, port, method)
+            immediate = type(got) is Verdict
+            v = got if immediate else await got  # type: ignore[misc]
+            if v.log_pending is not None:
+                g.finish_log(v)
+            out.append((*fields(v)[:4], immediate))
+        return g, out
+
+    async def resolve(loop: Any, host: str, port: int, timeout: float) -> list[tuple[str, int]]:
+        await asyncio.sleep(0)
+        return [("192.0.2.1", port)]  # where every name resolves (an address rule may deny it)
+
+    with mock.patch("services.proxy.gate.resolve", resolve):
+        now, now_out = asyncio.run(run(False))
+        waited, waited_out = asyncio.run(run(True))
+    assert [o[:4] for o in now_out] == [o[:4] for o in waited_out]
+    assert not any(o[4] for o in waited_out)  # every one through the coroutine
+    holds = [o for o in now_out if o[1] in ("hold_timeout", "queue_full")]
+    assert all(not o[4] for o in holds)
+    if not any("/" in r[1] for r in raw):  # no address rule: nothing else waits
+        assert all(o[4] for o in now_out if o not in holds)
+    waits = sum(not o[4] for o in now_out)
+    assert now.later == waits and waited.later == len(requests) + waits  # (waiting after the hook: once more)
+    assert logs(now) == logs(waited)
+    assert pending(now) == pending(waited)
+    assert {k: h[0] for k, h in now._hits.items()} == {k: h[0] for k, h in waited._hits.items()}
+    assert now.results == waited.results and now.decisions == waited.decisions
+    assert now.decision_seconds.count == waited.decision_seconds.count == len(requests)
+
+
+# ---------------------------------------------------------------- the request steps
+
+
+def _head(data: bytes) -> http1.RequestHead:
+    got = http1.parse_request_head(data, 65536, 100)
+    assert got is not None
+    return got[0]
+
+
+def test_the_request_steps_answer_at_once_or_from_their_coroutine() -> None:
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "ok.test", action="allow"), Rule(2, "*", "no.test", action="deny"))
+        ctx = ProxyContext(g, Limits())
+        client = ClientConn(ctx, http_proxy.handle_http, lambda c: None)
+        wire = Wire(client)
+        client.connection_made(wire)  # type: ignore[arg-type]
+
+        got = http_proxy.prepare(client, _head(b"GET http://ok.test/a HTTP/1.1\r\nHost: ok.test\r\n\r\n"), "agent")
+        assert type(got) is tuple and not http_proxy.later(got)
+        verdict, t, request = got
+        assert fields(verdict) == (True, "rule", 1, None, None) and t is None
+        assert request == b"GET /a HTTP/1.1\r\nHost: ok.test\r\n\r\n"
+        v = http_proxy.admit_connect(
+            client, _head(b"CONNECT ok.test:443 HTTP/1.1\r\nHost: ok.test:443\r\n\r\n"), "agent"
+        )
+        assert type(v) is Verdict and v.allowed and g.later == 0
+
+        # a hold: the steps' coroutine, which gives what they give at once once released
+        got = http_proxy.prepare(client, _head(b"GET http://held.test/a HTTP/1.1\r\nHost: held.test\r\n\r\n"), "agent")
+        assert http_proxy.later(got) and g.later == 1
+        connect = http_proxy.admit_connect(
+            client, _head(b"CONNECT held.test:443 HTTP/1.1\r\nHost: held.test:443\r\n\r\n"), "agent"
+        )
+        assert http_proxy.later(connect) and g.later == 2
+        tasks = [asyncio.ensure_future(got), asyncio.ensure_future(connect)]
+        async with asyncio.timeout(5):
+            while sum(len(w) for w in g.holds.values()) < 2:
+                await asyncio.sleep(0.001)
+        g.set_rules(
+            RuleSet([Rule(1, "*", "ok.test"), Rule(2, "*", "no.test", action="deny"), Rule(3, "*", "held.test")]), 2
+        )
+        prepared, connected = await asyncio.gather(*tasks)
+        assert fields(prepared[0]) == (True, "rule", 3, None, None)
+        assert prepared[2] == b"GET /a HTTP/1.1\r\nHost: held.test\r\n\r\n"
+        assert fields(connected) == (True, "rule", 3, None, None)
+
+        # a deny: answered (403) at once, nothing to go on with
+        assert (
+            http_proxy.prepare(client, _head(b"GET http://no.test/ HTTP/1.1\r\nHost: no.test\r\n\r\n"), "agent") is None
+        )
+        assert bytes(wire.out).startswith(b"HTTP/1.1 403 Forbidden\r\n") and g.later == 2
+        client.connection_lost(None)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
