@@ -294,7 +294,7 @@ async def start_listener(
     """Serve `handler` on (host, port); `begin`: how a connection starts (see `ClientConn`)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: ClientConn(ctx, handler, begin),
+        lambda: ClientConn(ctx, handler, begin),  # type: ignore[arg-type,return-value]  # (a protocol by duck typing, conn.Conn)
         host,
         port,
         reuse_address=True,
