@@ -4,12 +4,16 @@
 
 cimport cython
 
+from services.proxy.conn cimport Conn
 from services.proxy.exchange cimport Exchange
 from services.proxy.http1 cimport RequestHead
 
 
 cdef class KeptAlive:
-    cdef public object client, limits, prepare, quick, admit, gate, loop, state, identity, upstream
+    # (client: a context.ClientConn, declared as the Conn it derives from: context.py imports this
+    # module, so this one cannot cimport it; its own attributes are read as Python attributes)
+    cdef public Conn client, upstream
+    cdef public object limits, prepare, quick, admit, gate, loop, state, identity
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
@@ -21,8 +25,10 @@ cdef class KeptAlive:
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
-    @cython.locals(head=RequestHead)
+    @cython.locals(head=RequestHead, client=Conn, buf=bytearray)
     cpdef _next(self)
+    @cython.locals(upstream=Conn)
     cpdef bint _servable(self, RequestHead head, buffered) except -1
     cpdef bint _admissible(self, RequestHead head) except -1
+    @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
