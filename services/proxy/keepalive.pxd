@@ -5,30 +5,45 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
+from services.proxy.context cimport ClientConn
 from services.proxy.exchange cimport Exchange
 from services.proxy.http1 cimport RequestHead
 
 
+cdef class Deadlines
+
+
 cdef class KeptAlive:
-    # (client: a context.ClientConn, declared as the Conn it derives from: context.py imports this
-    # module, so this one cannot cimport it; its own attributes are read as Python attributes)
-    cdef public Conn client, upstream
+    cdef public ClientConn client
+    cdef public Conn upstream
     cdef public object limits, prepare, quick, admit, gate, loop, state, identity
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
-    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut, deadlines
+    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut
+    cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
     cpdef _unwatch(self)
+    @cython.locals(client=ClientConn)
     cpdef _hand(self, h)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
-    @cython.locals(head=RequestHead, client=Conn, buf=bytearray)
+    @cython.locals(head=RequestHead, client=ClientConn, buf=bytearray)
     cpdef _next(self)
     @cython.locals(upstream=Conn)
     cpdef bint _servable(self, RequestHead head, buffered) except -1
+    @cython.locals(client=ClientConn)
     cpdef bint _admissible(self, RequestHead head) except -1
     @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
+
+
+# The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
+cdef class Deadlines:
+    cdef public dict queues, timers
+
+    cpdef arm(self, KeptAlive cycle, timeout)
+    @cython.locals(cycle=KeptAlive)
+    cpdef _fire(self, timeout, loop)

@@ -1,12 +1,13 @@
 # Cython declarations for tunnel.py (an "augmenting .pxd", see pipeline.pxd): a tunnel is an extension
-# type, its two connections read as conn.Conn's C structs (the client one is a context.ClientConn:
-# context.py imports this module, so this one declares it as the Conn it derives from).
+# type, its context and two connections read as C structs (context.pxd, conn.pxd; the client one is a
+# context.ClientConn, declared as the Conn it derives from: the tests build tunnels of plain Conns).
 
 from services.proxy.conn cimport Conn
+from services.proxy.context cimport ProxyContext
 
 
 cdef class Tunnel:
-    cdef public object ctx
+    cdef public ProxyContext ctx
     cdef public Conn client, upstream
     cdef public object cid, seen, since
     cdef public bint ended
