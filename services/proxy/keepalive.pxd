@@ -13,6 +13,13 @@ from services.proxy.http1 cimport RequestHead
 cdef class Deadlines
 
 
+# Where the handler's coroutine takes over: made and filled in by the cycle's steps (C struct fields).
+cdef class Handover:
+    cdef public object kind, got, coro, waiting, prepared, verdict, exc
+    cdef public RequestHead head
+    cdef public Exchange exchange
+
+
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
@@ -26,7 +33,7 @@ cdef class KeptAlive:
 
     cpdef _unwatch(self)
     @cython.locals(client=ClientConn)
-    cpdef _hand(self, h)
+    cpdef _hand(self, Handover h)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
