@@ -4,6 +4,8 @@
 # protocol by its `get_buffer` (duck typing: it is not an asyncio.Protocol); see Conn's docstring.
 # Keep the attribute lists equal to Conn's __slots__ (tests/unit/test_compiled.py checks).
 
+cimport cython
+
 cdef class Conn:
     cdef public object transport
     cdef public bytearray buf
@@ -38,3 +40,6 @@ cpdef Py_ssize_t _fileno(transport) except? -3
 cpdef _expire(fut)
 cpdef _finish_tunnel(Conn a, Conn b)
 cpdef splice(Conn a, Conn b)
+@cython.locals(c=Conn)
+cpdef _either_start(Conn a, Conn b, timeout)
+cpdef _either_end(Conn a, Conn b, fut, own)

@@ -389,8 +389,27 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
     `a`'s own read timer as a `read_more` is (usually already armed for an earlier, nearer deadline:
     no timer of its own). The caller looks at what arrived (a wakeup may bring nothing new: look again).
     """
-    if a.eof or (b is not None and b.eof):
+    started = _either_start(a, b, timeout)
+    if started is None:
+        return True  # at EOF already
+    fut, own = started
+    try:
+        await fut
         return True
+    except TimeoutError:
+        return False
+    finally:
+        _either_end(a, b, fut, own)
+
+
+def _either_start(
+    a: Conn, b: Conn | None, timeout: float | None
+) -> tuple[asyncio.Future, asyncio.TimerHandle | None] | None:
+    """`wait_either`'s start: the future both connections wake and the timer of its own (if it needs
+    one); None when either is at EOF already. (Not in the coroutine: compiled, here the connections
+    are read as C structs, conn.pxd.)"""
+    if a.eof or (b is not None and b.eof):
+        return None
     loop = a._loop or a._bind_loop()
     shared = a._waiter is None or a._waiter.done()  # else someone reads `a` too: a timer of our own
     fut = loop.create_future()
@@ -412,21 +431,20 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
                 a._timer = loop.call_at(deadline, a._on_timer)
         else:
             own = loop.call_at(deadline, _expire, fut)
-    try:
-        await fut
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        if own is not None:
-            own.cancel()
-        if a._timed is fut:
-            a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
-        # A later reader's waiter is never cleared (see read_more).
-        if a._waiter is fut:
-            a._waiter = None
-        if b is not None and b._waiter is fut:
-            b._waiter = None
+    return fut, own
+
+
+def _either_end(a: Conn, b: Conn | None, fut: asyncio.Future, own: asyncio.TimerHandle | None) -> None:
+    """`wait_either`'s end, however it ended."""
+    if own is not None:
+        own.cancel()
+    if a._timed is fut:
+        a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
+    # A later reader's waiter is never cleared (see read_more).
+    if a._waiter is fut:
+        a._waiter = None
+    if b is not None and b._waiter is fut:
+        b._waiter = None
 
 
 class FirstDeadlines:

@@ -12,6 +12,8 @@ cdef class Tunnel:
     cdef public object cid, seen, since
     cdef public bint ended
 
+    cpdef track(self, container, host, port, verdict)
+    cpdef join(self)
     cpdef abort(self)
     cpdef _lost(self)
     cpdef end(self)
