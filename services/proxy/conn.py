@@ -2,8 +2,9 @@
 then a zero-copy-ish pipe to a peer connection with flow control (pause/resume reading).
 
 Both sides of a tunnel are `Conn`s; in pipe mode each chunk read goes straight to the peer, with
-no other Python work per chunk. Reads land in one shared scratch buffer (asyncio.BufferedProtocol:
-the event loop is single-threaded and a read is handed over before the next one starts); in pipe
+no other Python work per chunk. Reads land in one shared scratch buffer (a buffered protocol's
+`get_buffer`, on uvloop: the event loop is single-threaded and a read is handed over before the
+next one starts); in pipe
 mode the chunk is written from there to the peer's socket when nothing is queued on it, so a
 byte is copied only by the kernel, and only what the socket does not take at once is copied
 into the peer transport's queue. Large reads (2 MiB) are what make a relayed download fast.
@@ -49,7 +50,17 @@ class ConnClosed(Exception):
 RECEIVED = {"client": 0, "upstream": 0}
 
 
-class Conn(asyncio.BufferedProtocol):
+class Conn:
+    """One TCP connection, an asyncio protocol (every callback a transport may call is here).
+
+    Compiled, an extension type (conn.pxd: its attributes C struct fields, its callbacks and steps
+    called through a C vtable), which cannot subclass asyncio.BufferedProtocol (a Python class): so
+    it subclasses nothing, as Python too. uvloop serves any protocol with `get_buffer` that is not an
+    asyncio.Protocol as a buffered one (reads land in `get_buffer`'s scratch, `buffer_updated`);
+    asyncio's own loops (some tests) see no BufferedProtocol and call `data_received` with the bytes
+    read, which does the same work with them (in pipe mode through `_send`, as `buffer_updated`).
+    """
+
     KIND = "upstream"
     __slots__ = (
         "transport",
@@ -59,12 +70,10 @@ class Conn(asyncio.BufferedProtocol):
         "peer",
         "_waiter",
         "_drain",
-        "_paused_by_peer",
         "on_close",
         "bytes_in",
         "_closed_fut",
         "_reading_paused",
-        "idle_mark",
         "_fd",
         "_deadline",
         "_timer",
@@ -85,7 +94,6 @@ class Conn(asyncio.BufferedProtocol):
         self.on_close: Callable[[], None] | None = None
         self.bytes_in = 0
         self._closed_fut: asyncio.Future | None = None
-        self.idle_mark = 0.0
         # The socket's descriptor once piped, for direct writes from the peer (-1: none, FD_UNKNOWN:
         # not looked up yet; a tunnel that only ever passes small chunks never looks it up).
         self._fd = -1
@@ -116,11 +124,12 @@ class Conn(asyncio.BufferedProtocol):
         self.bytes_in += nbytes
         RECEIVED[self.KIND] += nbytes
         if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
-            peer._send_from_scratch(nbytes)
+            peer._send(_scratch, nbytes)
 
-    def _send_from_scratch(self, n: int) -> None:
-        """Write _scratch[:n] to this connection: straight to the socket when nothing is queued on
-        the transport (ordering kept), the rest (copied: the scratch is reused) through the transport."""
+    def _send(self, data: bytes | memoryview, n: int) -> None:
+        """Write data[:n] to this connection (a chunk read in pipe mode): straight to the socket when
+        nothing is queued on the transport (ordering kept), the rest through the transport (copied
+        when `data` is the scratch, which is reused; bytes are passed as they are)."""
         t = self.transport
         sent = 0
         fd = self._fd
@@ -128,20 +137,21 @@ class Conn(asyncio.BufferedProtocol):
             fd = self._fd = _fileno(t)  # type: ignore[arg-type]
         if fd >= 0 and not t.is_closing() and not t.get_write_buffer_size():  # type: ignore[union-attr]
             try:
-                sent = os.write(fd, _scratch[:n])
-            except BlockingIOError:
+                sent = os.write(fd, data[:n])
+            except OSError:  # (BlockingIOError included) the transport's own write reports an error below
                 sent = 0
-            except OSError:
-                sent = 0  # the transport's own write reports the error (and closes) below
         if sent < n:
-            t.write(bytes(_scratch[sent:n]))  # type: ignore[union-attr]
+            t.write(bytes(data[sent:n]))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
+        """Bytes read (asyncio's own loops; uvloop calls `buffer_updated`): to the peer in pipe mode,
+        else appended to `buf` for the reader."""
         self.bytes_in += len(data)
         RECEIVED[self.KIND] += len(data)
         peer = self.peer
         if peer is not None:
-            peer.transport.write(data)  # type: ignore[union-attr]
+            if not peer.closed:  # (as buffer_updated)
+                peer._send(data, len(data))
             return
         self.buf += data
         if len(self.buf) > READ_LIMIT and not self._reading_paused:
@@ -379,8 +389,27 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
     `a`'s own read timer as a `read_more` is (usually already armed for an earlier, nearer deadline:
     no timer of its own). The caller looks at what arrived (a wakeup may bring nothing new: look again).
     """
-    if a.eof or (b is not None and b.eof):
+    started = _either_start(a, b, timeout)
+    if started is None:
+        return True  # at EOF already
+    fut, own = started
+    try:
+        await fut
         return True
+    except TimeoutError:
+        return False
+    finally:
+        _either_end(a, b, fut, own)
+
+
+def _either_start(
+    a: Conn, b: Conn | None, timeout: float | None
+) -> tuple[asyncio.Future, asyncio.TimerHandle | None] | None:
+    """`wait_either`'s start: the future both connections wake and the timer of its own (if it needs
+    one); None when either is at EOF already. (Not in the coroutine: compiled, here the connections
+    are read as C structs, conn.pxd.)"""
+    if a.eof or (b is not None and b.eof):
+        return None
     loop = a._loop or a._bind_loop()
     shared = a._waiter is None or a._waiter.done()  # else someone reads `a` too: a timer of our own
     fut = loop.create_future()
@@ -402,21 +431,20 @@ async def wait_either(a: Conn, b: Conn | None, timeout: float | None) -> bool:
                 a._timer = loop.call_at(deadline, a._on_timer)
         else:
             own = loop.call_at(deadline, _expire, fut)
-    try:
-        await fut
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        if own is not None:
-            own.cancel()
-        if a._timed is fut:
-            a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
-        # A later reader's waiter is never cleared (see read_more).
-        if a._waiter is fut:
-            a._waiter = None
-        if b is not None and b._waiter is fut:
-            b._waiter = None
+    return fut, own
+
+
+def _either_end(a: Conn, b: Conn | None, fut: asyncio.Future, own: asyncio.TimerHandle | None) -> None:
+    """`wait_either`'s end, however it ended."""
+    if own is not None:
+        own.cancel()
+    if a._timed is fut:
+        a._deadline = a._timed = None  # the timer, if still armed, finds nothing to time out
+    # A later reader's waiter is never cleared (see read_more).
+    if a._waiter is fut:
+        a._waiter = None
+    if b is not None and b._waiter is fut:
+        b._waiter = None
 
 
 class FirstDeadlines:

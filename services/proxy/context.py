@@ -18,10 +18,8 @@ from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
 from .hooks import HookChain
 from .identities import IdentityGuard
-from .keepalive import Deadlines
 from .pipeline import Recorder
 from .pool import UpstreamPool
-from .tunnel import IdleSweeper
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -66,7 +64,31 @@ class ProxyContext:
     overall cap only. Refusals are answered in the protocol (503/429, SOCKS5 general failure).
     """
 
+    # (context.pxd: an extension type when compiled; keep these equal to its attributes)
+    __slots__ = (
+        "gate",
+        "limits",
+        "active",
+        "per_client",
+        "refused",
+        "tunnel_hook",
+        "hooks",
+        "recorder",
+        "pool",
+        "docker",
+        "identities",
+        "deadlines",
+        "idle_sweeper",
+        "_refusal_logged",
+        "loop",
+    )
+
     def __init__(self, gate: Gate, limits: Limits) -> None:
+        # (imported here: keepalive.py and tunnel.py read this module's extension types, compiled,
+        # so they import it when they are imported; it must not import them first)
+        from .keepalive import Deadlines
+        from .tunnel import IdleSweeper
+
         self.gate = gate
         self.limits = limits
         self.active = 0
@@ -294,7 +316,7 @@ async def start_listener(
     """Serve `handler` on (host, port); `begin`: how a connection starts (see `ClientConn`)."""
     loop = asyncio.get_running_loop()
     return await loop.create_server(
-        lambda: ClientConn(ctx, handler, begin),
+        lambda: ClientConn(ctx, handler, begin),  # type: ignore[arg-type,return-value]  # (a protocol by duck typing, conn.Conn)
         host,
         port,
         reuse_address=True,

@@ -4,25 +4,53 @@
 
 cimport cython
 
+from services.proxy.conn cimport Conn
+from services.proxy.context cimport ClientConn
 from services.proxy.exchange cimport Exchange
 from services.proxy.http1 cimport RequestHead
 
 
+cdef class Deadlines
+
+
+# Where the handler's coroutine takes over: made and filled in by the cycle's steps (C struct fields).
+cdef class Handover:
+    cdef public object kind, got, coro, waiting, prepared, verdict, exc
+    cdef public RequestHead head
+    cdef public Exchange exchange
+
+
 cdef class KeptAlive:
-    cdef public object client, limits, prepare, quick, admit, gate, loop, state, identity, upstream
+    cdef public ClientConn client
+    cdef public Conn upstream
+    cdef public object limits, prepare, quick, admit, gate, loop, state, identity
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
-    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut, deadlines
+    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut
+    cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
     cpdef _unwatch(self)
-    cpdef _hand(self, h)
+    @cython.locals(client=ClientConn)
+    cpdef _hand(self, Handover h)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
-    @cython.locals(head=RequestHead)
+    @cython.locals(head=RequestHead, client=ClientConn, buf=bytearray)
     cpdef _next(self)
+    @cython.locals(upstream=Conn)
     cpdef bint _servable(self, RequestHead head, buffered) except -1
+    @cython.locals(client=ClientConn)
     cpdef bint _admissible(self, RequestHead head) except -1
+    @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
+
+
+# The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
+cdef class Deadlines:
+    cdef public dict queues, timers
+
+    cpdef arm(self, KeptAlive cycle, timeout)
+    @cython.locals(cycle=KeptAlive)
+    cpdef _fire(self, timeout, loop)

@@ -29,6 +29,9 @@ Key = tuple[str, str, int]  # (client identity, host, port)
 
 
 class UpstreamPool:
+    # (pool.pxd: an extension type when compiled; keep these equal to its attributes)
+    __slots__ = ("per_key", "total", "idle_timeout", "_idle", "_count", "_sweeper", "reused", "parked")
+
     def __init__(self, per_key: int = 32, total: int = 512, idle_timeout: float = 30.0) -> None:
         self.per_key = per_key
         self.total = total

@@ -34,6 +34,26 @@ class Tunnel:
         self.since = 0.0  # loop time of that change (or of the start: a tunnel where nobody speaks)
         self.ended = False
 
+    def track(self, container: str, host: str, port: int, verdict: Verdict) -> None:
+        """Tracked by the gate (closed when its rule goes away) from now; the bytes seen so far."""
+        client, upstream = self.client, self.upstream
+        self.cid = self.ctx.gate.track(container, host, port, verdict, self.abort)
+        loop = client._loop or client._bind_loop()
+        self.seen, self.since = client.bytes_in + upstream.bytes_in, loop.time()
+
+    def join(self) -> None:
+        """Splice both ways: from now on the tunnel lives in its connections' callbacks, watched by
+        the idle sweeper (its idle time counted from the last byte seen, else from `track`)."""
+        client, upstream = self.client, self.upstream
+        splice(client, upstream)
+        total = client.bytes_in + upstream.bytes_in
+        if total != self.seen:
+            self.seen, self.since = total, (client._loop or client._bind_loop()).time()
+        client.detached = True
+        client.on_close = upstream.on_close = self._lost
+        self.ctx.idle_sweeper.add(self)
+        self._lost()  # both ends may be closed already
+
     def abort(self) -> None:
         """Close both ends at once (its rule went away, its identity was rotated)."""
         self.client.abort()
@@ -72,22 +92,15 @@ async def run_tunnel(
     tunnel whose rule goes away is closed by the gate)."""
     gate = ctx.gate
     tunnel = Tunnel(ctx, client, upstream)
-    tunnel.cid = gate.track(container, host, port, verdict, tunnel.abort)
-    loop = client._loop or client._bind_loop()
-    start, seen = loop.time(), client.bytes_in + upstream.bytes_in
+    tunnel.track(container, host, port, verdict)
     spliced = False
     try:
         hook = ctx.tunnel_hook
         if hook is not None and await hook(ctx, client, upstream, container, host, port, verdict, method):
             return
         gate.finish_log(verdict)  # the hook wrote it with its mitm_skip_reason; a plain tunnel here
-        splice(client, upstream)
-        total = client.bytes_in + upstream.bytes_in
-        tunnel.seen, tunnel.since = total, (start if total == seen else loop.time())
-        client.detached = spliced = True
-        client.on_close = upstream.on_close = tunnel._lost
-        ctx.idle_sweeper.add(tunnel)
-        tunnel._lost()  # both ends may be closed already
+        tunnel.join()
+        spliced = True
     finally:
         if not spliced:
             gate.finish_log(verdict)

@@ -157,7 +157,7 @@ async def _connect_first(
         expire = _Deadline(task)
         timer = loop.call_at(deadline, expire)
         try:
-            _t, conn = await loop.create_connection(Conn, ip, aport)
+            _t, conn = await loop.create_connection(Conn, ip, aport)  # type: ignore[type-var]  # (a protocol by duck typing, conn.Conn)
             return conn  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
         except asyncio.CancelledError:
             # Ours (the deadline) unless someone else cancelled the task too.

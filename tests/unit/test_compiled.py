@@ -152,3 +152,23 @@ def test_the_pxd_files_declare_exactly_the_attributes_of_their_classes() -> None
                 declared |= {n.strip() for n in names.split(",")}
             attributes = _attributes(tree, cls)
             assert declared == attributes, (path, cls, declared ^ attributes)
+
+
+def test_the_classes_a_pxd_declares_are_extension_types_where_compiled() -> None:
+    """conn.pxd's Conn, context.pxd's ClientConn, ...: compiled, each is a C type (not a heap type:
+    no instance dict, its attributes C struct fields); as Python (GREYPROXY_PURE=1), a slotted class."""
+    checked = 0
+    for path in compiled.MODULES:
+        pxd = (ROOT / path).with_suffix(".pxd")
+        if not pxd.exists():
+            continue
+        name = path[:-3].replace("/", ".")
+        module = importlib.import_module(name)
+        is_compiled = compiled.status().get(name) == "compiled"
+        for cls_name in re.findall(r"^cdef class (\w+)", pxd.read_text(), re.M):
+            cls = getattr(module, cls_name)
+            assert bool(cls.__flags__ & (1 << 9)) is not is_compiled, (name, cls_name)  # Py_TPFLAGS_HEAPTYPE
+            if not is_compiled:
+                assert "__slots__" in vars(cls), (name, cls_name)
+            checked += 1
+    assert checked >= 10

@@ -1,0 +1,45 @@
+# Cython declarations for conn.py (an "augmenting .pxd", see pipeline.pxd): a connection is an
+# extension type, its attributes C struct fields (read directly by the compiled modules that cimport
+# it), its transport callbacks and steps called through a C vtable. uvloop takes it for a buffered
+# protocol by its `get_buffer` (duck typing: it is not an asyncio.Protocol); see Conn's docstring.
+# Keep the attribute lists equal to Conn's __slots__ (tests/unit/test_compiled.py checks).
+
+cimport cython
+
+cdef class Conn:
+    cdef public object transport
+    cdef public bytearray buf
+    cdef public bint eof, closed, _reading_paused
+    cdef public Conn peer
+    cdef public object _waiter, _drain, on_close, _closed_fut
+    cdef public Py_ssize_t bytes_in, _fd
+    cdef public object _deadline, _timer, _timed, _loop, watcher
+
+    cpdef connection_made(self, transport)
+    cpdef get_buffer(self, sizehint)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
+    cpdef _send(self, data, Py_ssize_t n)
+    cpdef data_received(self, data)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
+    cpdef pause_writing(self)
+    cpdef resume_writing(self)
+    cpdef _wake(self)
+    cpdef resume_reading(self)
+    cpdef _bind_loop(self)
+    cpdef _on_timer(self)
+    cpdef take(self, n=*)
+    cpdef write(self, data)
+    cpdef close(self)
+    cpdef abort(self)
+    cpdef pipe_to(self, Conn peer)
+    cpdef peername(self)
+
+
+cpdef Py_ssize_t _fileno(transport) except? -3
+cpdef _expire(fut)
+cpdef _finish_tunnel(Conn a, Conn b)
+cpdef splice(Conn a, Conn b)
+@cython.locals(c=Conn)
+cpdef _either_start(Conn a, Conn b, timeout)
+cpdef _either_end(Conn a, Conn b, fut, own)

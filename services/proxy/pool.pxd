@@ -1,0 +1,21 @@
+# Cython declarations for pool.py (an "augmenting .pxd", see pipeline.pxd): the pool is an extension
+# type, and the connections it parks and hands out are read as conn.Conn's C structs.
+
+cimport cython
+
+from services.proxy.conn cimport Conn
+
+
+cdef class UpstreamPool:
+    cdef public object per_key, total, idle_timeout, _idle, _sweeper
+    cdef public Py_ssize_t _count, reused, parked
+
+    @cython.locals(conn=Conn)
+    cpdef get(self, key, admission)
+    cpdef put(self, key, Conn conn)
+    cpdef _close_oldest(self, q)
+    cpdef _drop_oldest(self)
+    cpdef _sweep(self)
+
+
+cpdef bint usable(Conn conn) except -1

@@ -1,0 +1,17 @@
+# Cython declarations for upstream.py (an "augmenting .pxd", see pipeline.pxd): a connect driven from
+# callbacks (`Connecting`, one per new CONNECT tunnel) is an extension type, its attributes C struct
+# fields, its steps called through a C vtable. Keep the attribute lists equal to its __slots__
+# (tests/unit/test_compiled.py checks).
+
+cdef class Connecting:
+    cdef public object loop, host, port, addrs
+    cdef public Py_ssize_t i
+    cdef public double deadline
+    cdef public object guard, done, coro, fut, timer
+    cdef public bint fired, cached
+
+    cpdef bint start(self) except -1
+    cpdef _try(self)
+    cpdef _disarm(self)
+    cpdef _step(self, _fut)
+    cpdef _expire(self)
