@@ -37,6 +37,22 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 @cython.locals(
     end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, status_line=list, text=str,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
-    stop=Py_ssize_t, value=str, method=str, head=ResponseHead,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, n=Py_ssize_t, kind=int,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
+
+
+# The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+cpdef list _split_tokens(str value)
+cpdef bint _keep_alive(str version, list connection)
+@cython.locals(c=Py_UCS4)
+cpdef bint _content_length_ok(str value)
+cpdef tuple _framing_of(list te, bint has_te, list cls, err)
+cpdef _run_parser(parser, bytes data)
+
+@cython.locals(c=Py_UCS4)
+cpdef int _response_field(str lower, Py_ssize_t start) except -1
+
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
+cpdef tuple _target_parts(str method, str target)
+cpdef _derive_request_headers(RequestHead head)

@@ -231,8 +231,13 @@ def _framing(
 
 
 def _content_length_ok(value: str) -> bool:
-    """`_CL_RE.fullmatch(value)` (1 to 18 ASCII digits) without the regex engine."""
-    return len(value) <= 18 and value.isdigit() and value.isascii()
+    """`_CL_RE.fullmatch(value)` (1 to 18 ASCII digits) without the regex engine (compiled: a C loop)."""
+    if not 0 < len(value) <= 18:
+        return False
+    for c in value:
+        if not "0" <= c <= "9":
+            return False
+    return True
 
 
 def _framing_of(
@@ -562,7 +567,8 @@ def parse_request_head(
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
-    placeholder_free = _PLACEHOLDER_MARK not in head_bytes
+    # (`find`, not `in`: bytes' `in` first tries its argument as an int, and pays for that TypeError)
+    placeholder_free = head_bytes.find(_PLACEHOLDER_MARK) < 0
     if origin is None:
         scheme, host, port, path, authority = _target_parts(method, target)
         head = RequestHead(
@@ -588,15 +594,33 @@ def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
     if method == "CONNECT":
         host, port = _split_authority(target, True, 0)
         return "", host, port, "", target
-    m = _SCHEME_RE.fullmatch(target)
-    if m is None:
-        raise HttpError(400, "absolute URI required")
-    scheme, authority, rest = m.group(1, 2, 3)
-    scheme = scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise _bad(f"unsupported scheme {scheme!r}")
-    host, port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
-    path = rest.partition("#")[0]  # fragments are never sent to a server
+    # `_SCHEME_RE`'s reading of the usual `http://` target without the regex engine (the tests compare
+    # them): the authority ends at the first of `/`, `?` and `#`.
+    if target.startswith("http://"):
+        scheme = "http"
+        start = 7
+        end = target.find("/", 7)
+        if end < 0:
+            end = len(target)
+        stop = target.find("?", 7, end)
+        if stop >= 0:
+            end = stop
+        stop = target.find("#", 7, end)
+        if stop >= 0:
+            end = stop
+        authority, rest = target[start:end], target[end:]
+        host, port = _split_authority(authority, False, 80)
+    else:
+        m = _SCHEME_RE.fullmatch(target)
+        if m is None:
+            raise HttpError(400, "absolute URI required")
+        scheme, authority, rest = m.group(1, 2, 3)
+        scheme = scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise _bad(f"unsupported scheme {scheme!r}")
+        host, port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
+    stop = rest.find("#")
+    path = rest[:stop] if stop >= 0 else rest  # fragments are never sent to a server
     if not path:
         path = "*" if method == "OPTIONS" else "/"  # RFC 9112 §3.2.4
     elif path.startswith("?"):
@@ -656,7 +680,7 @@ def _derive_request_headers(head: RequestHead) -> None:
     if (
         not chunked
         and (names is None or "transfer-encoding" in names)
-        and any(k.lower() == "transfer-encoding" for k, _ in headers)
+        and any([k.lower() == "transfer-encoding" for k, _ in headers])  # (a list: cpdef takes no closure)
     ):
         raise _bad("Transfer-Encoding must end with chunked")
     head.chunked, head.content_length = chunked, length
@@ -750,11 +774,41 @@ def _split_fields(lines: list[str]) -> list[tuple[str, str]]:
     return [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines]]
 
 
-# A plain response head's framing and hop-by-hop fields, found in its lower-cased text in one pass:
-# `\r\n` + the name + `:` starts such a field's line (see ResponseHead.text). Proxy-* by prefix.
+# A plain response head's framing and hop-by-hop fields, in its lower-cased text: the name + `:`
+# starts such a field's line (see ResponseHead.text). Proxy-* by prefix. What `_response_field` tells
+# apart (tests/unit/test_proxy_fast_paths.py compares them).
 _RESPONSE_FIELD_RE = re.compile(
     r"\r\n(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):"
 )
+# `_response_field`'s kinds 1-3 (content-length, connection, transfer-encoding): the length of `name:`.
+_FIELD_NAME_LENGTHS = (0, 15, 11, 18)
+
+
+def _response_field(lower: str, start: int) -> int:
+    """Which field the line of a parsed head's lower-cased text at `start` is: 1 content-length,
+    2 connection, 3 transfer-encoding, 4 another hop-by-hop field (te, trailer, keep-alive, upgrade,
+    proxy-*), 0 any other. Told by the first letter first: most fields are none of these."""
+    c = lower[start]  # (a field line is never empty: the head ends at the first empty line)
+    if c == "c":
+        if lower.startswith("content-length:", start):
+            return 1
+        if lower.startswith("connection:", start):
+            return 2
+    elif c == "t":
+        if lower.startswith("transfer-encoding:", start):
+            return 3
+        if lower.startswith("te:", start) or lower.startswith("trailer:", start):
+            return 4
+    elif c == "k":
+        if lower.startswith("keep-alive:", start):
+            return 4
+    elif c == "u":
+        if lower.startswith("upgrade:", start):
+            return 4
+    elif c == "p":
+        if lower.startswith("proxy-", start):
+            return 4
+    return 0
 
 
 def parse_response_head(
@@ -811,20 +865,28 @@ def parse_response_head(
             raise UpstreamError("control character in the response's reason phrase")
         lower = text.lower()  # (latin-1: the same length, so the same offsets)
         other_hop = False
-        for m in _RESPONSE_FIELD_RE.finditer(lower):
-            lk, start = m.group(1), m.end()
-            stop = text.find("\r\n", start)
-            value = (text[start:stop] if stop >= 0 else text[start:]).strip(" \t")
-            if lk == "content-length":
+        # Line by line (`_response_field`): the framing and hop-by-hop fields are told by their first
+        # letters; the others cost a find and a comparison each.
+        n = len(text)
+        stop = first  # (the CRLF before the next field line; -1: none)
+        while stop >= 0:
+            start = stop + 2
+            stop = lower.find("\r\n", start)
+            kind = _response_field(lower, start)
+            if kind == 0:
+                continue
+            if kind > 3:
+                other_hop = True
+                continue
+            value = text[start + _FIELD_NAME_LENGTHS[kind] : stop if stop >= 0 else n].strip(" \t")
+            if kind == 1:
                 cls.append(value)
-            elif lk == "connection":
+            elif kind == 2:
                 n_connection += 1
                 connection.extend(_split_tokens(value))
-            elif lk == "transfer-encoding":
+            else:
                 has_te = True
                 te.extend(_split_tokens(value))
-            else:
-                other_hop = True
     else:
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(reason):
@@ -855,7 +917,7 @@ def parse_response_head(
                     other_hop = True
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
-    method = request_method if request_method.isupper() else request_method.upper()
+    method = request_method if request_method == "GET" or request_method.isupper() else request_method.upper()
     bodiless = (
         method == "HEAD" or 100 <= status < 200 or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300)
     )
