@@ -10,7 +10,9 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
+    @cython.locals(out=list, k=str, v=str)
     cpdef render_upstream(self, version)
+    @cython.locals(kept=list, rest=list, out=list, k=str, v=str)
     cpdef upstream_headers(self)
 
 
@@ -18,15 +20,22 @@ cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
     cdef public object until_close, raw, raw_keep_alive, index, text, lower
 
+    @cython.locals(text=str)
     cpdef field_lines(self)
+    @cython.locals(lower=str, text=str, needle=str, i=Py_ssize_t, start=Py_ssize_t, stop=Py_ssize_t, needles=dict, value=str)
     cpdef header(self, name)
+
+
+# The parsers' callback target for a head read by splitting it (one per parse: cheap as an extension type).
+cdef class _HeadEnd:
+    cdef public bint complete
 
 
 # The request parser's locals typed (C calls for the bytes/str/list methods; `buf` must be bytes).
 @cython.locals(
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
-    line=str, k=str, v=str, head=RequestHead,
+    line=str, k=str, v=str, head=RequestHead, text=str,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -56,3 +65,10 @@ cpdef int _response_field(str lower, Py_ssize_t start) except -1
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
 cpdef tuple _target_parts(str method, str target)
 cpdef _derive_request_headers(RequestHead head)
+
+# The field helpers of heads (C calls from their methods).
+cpdef list _tokens(headers, str name, names=*)
+cpdef _first(headers, str name, names=*)
+@cython.locals(n=str)
+cpdef bint _proxy_names(names)
+cpdef list _filter_hop_by_hop(headers, bint keep_upgrade, names=*)

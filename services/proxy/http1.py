@@ -67,7 +67,8 @@ _CL_RE = re.compile(r"[0-9]{1,18}")  # what `_content_length_ok` checks (tests c
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Every spelling of a credential placeholder (greyproxy.credentials: `greyproxy:credential:` in a
 # value, `greyproxy%3Acredential%3A` in a target) starts with this (Basic credentials aside: base64).
-_PLACEHOLDER_MARK = b"greyproxy"
+# (Looked for in a head's latin-1 text: str.find; bytes' `in` would first try it as an int.)
+_PLACEHOLDER_MARK = "greyproxy"
 
 
 # RFC 9110 wording; older Pythons' HTTPStatus still says 'Request-URI Too Long' and the like.
@@ -364,10 +365,11 @@ class RequestHead:
         path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
         if not self.parsed:
             return render_request_head(self.method, self.path, version, self.upstream_headers())
-        lines = [f"{self.method} {self.path} HTTP/{version}\r\n"]
-        lines += [f"{k}: {v}\r\n" for k, v in self.upstream_headers()]
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        out = [self.method, " ", self.path, " HTTP/", version, "\r\n"]  # (one join of all the pieces)
+        for k, v in self.upstream_headers():
+            out += (k, ": ", v, "\r\n")
+        out.append("\r\n")
+        return "".join(out).encode("latin-1")
 
     def upstream_headers(self) -> list[tuple[str, str]]:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
@@ -522,11 +524,19 @@ def parse_request_head(
         raise _too_big(buf, start, max_header_bytes)
 
     head_bytes = buf[start:consumed]
-    line_end = head_bytes.find(b"\r\n")
-    if not head_bytes[:line_end].isascii():
+    # The head's text (latin-1: the same offsets as its bytes), without the final CRLF CRLF: looked
+    # through as text, where `isascii` is a flag and `find` parses no arguments.
+    text = head_bytes[:-4].decode("latin-1")
+    line_end = text.find("\r\n")
+    if line_end < 0:
+        line_end = len(text)
+    if not text.isascii() and not text[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
-        line_end = head_bytes.find(b"\r\n")
-    lines: list[str] | None = head_bytes[:-4].decode("latin-1").split("\r\n") if _SPLIT_READING else None
+        text = head_bytes[:-4].decode("latin-1")
+        line_end = text.find("\r\n")
+        if line_end < 0:
+            line_end = len(text)
+    lines: list[str] | None = text.split("\r\n") if _SPLIT_READING else None
     request_line: list[str] = lines[0].split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
         col: _Collector | _HeadEnd = _HeadEnd()
@@ -548,7 +558,7 @@ def parse_request_head(
     version = request_line[2][-3:] if lines is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP/{version} is not supported")
-    if not head_bytes[line_end - 8 : line_end - 3] == b"HTTP/":
+    if not text.startswith("HTTP/", line_end - 8, line_end - 3):
         # (the parser also takes RTSP/ and ICE/ as the protocol of a request line)
         raise _bad("not an HTTP request line (the protocol is not HTTP/)")
     if lines is not None:
@@ -567,8 +577,7 @@ def parse_request_head(
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
-    # (`find`, not `in`: bytes' `in` first tries its argument as an int, and pays for that TypeError)
-    placeholder_free = head_bytes.find(_PLACEHOLDER_MARK) < 0
+    placeholder_free = text.find(_PLACEHOLDER_MARK) < 0
     if origin is None:
         scheme, host, port, path, authority = _target_parts(method, target)
         head = RequestHead(
@@ -740,14 +749,16 @@ class ResponseHead:
     def field_lines(self) -> list[str] | None:
         """The fields as the lines of the head (`name:value`), while `headers` has not been built (nor
         set): for a reader that can take them so (`Redactor.header_lines`). Else None: read `headers`."""
-        if self._headers is not None or self.text is None:
+        text = self.text
+        if self._headers is not None or text is None:
             return None
-        return self.text.split("\r\n")[1:]
+        return text.split("\r\n")[1:]
 
     def header(self, name: str) -> str | None:
         lower = self.lower
         if lower is not None:
-            needle = _NEEDLES.get(name) or f"\r\n{name.lower()}:"
+            needles = _NEEDLES
+            needle = needles.get(name) or f"\r\n{name.lower()}:"
             i = lower.find(needle)
             if i < 0:
                 return None
@@ -755,7 +766,8 @@ class ResponseHead:
             assert text is not None
             start = i + len(needle)
             stop = text.find("\r\n", start)
-            return text[start:stop].strip(" \t") if stop >= 0 else text[start:].strip(" \t")
+            value = text[start:stop] if stop >= 0 else text[start:]
+            return value.strip(" \t")
         if self.index is not None:
             return self.index.get(name.lower())
         return _first(self.headers, name)
