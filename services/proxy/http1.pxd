@@ -35,7 +35,7 @@ cdef class _HeadEnd:
 @cython.locals(
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
-    line=str, k=str, v=str, head=RequestHead, text=str,
+    line=str, k=str, v=str, head=RequestHead, text=str, first_line=str,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -44,9 +44,10 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 # The response parser's locals typed (as the request's; no generator expression in it: a cpdef
 # function takes no closure).
 @cython.locals(
-    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, status_line=list, text=str,
+    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
+    head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
-    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, n=Py_ssize_t, kind=int,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 

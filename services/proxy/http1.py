@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
+from httptools import HttpRequestParser, HttpResponseParser  # (module globals: cheaper to reach than attributes)
 
 from greyproxy.compiled import slotted
 from greyproxy.policy.patterns import ascii_host, refuse_controls
@@ -511,7 +512,7 @@ def parse_request_head(
             raise _too_big(buf, start, max_header_bytes)
         # Catch garbage early (e.g. TLS sent to the HTTP port) instead of waiting for 64 KiB.
         probe = _Collector()
-        problem = _run_parser(httptools.HttpRequestParser(probe), buf[start:])
+        problem = _run_parser(HttpRequestParser(probe), buf[start:])
         if problem is not None:
             raise _bad(problem)
         if probe.complete:
@@ -537,12 +538,13 @@ def parse_request_head(
         if line_end < 0:
             line_end = len(text)
     lines: list[str] | None = text.split("\r\n") if _SPLIT_READING else None
-    request_line: list[str] = lines[0].split(" ") if lines is not None else []
+    first_line = lines[0] if lines is not None else ""
+    request_line: list[str] = first_line.split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
         col: _Collector | _HeadEnd = _HeadEnd()
     else:
         lines, col = None, _Collector()
-    parser = httptools.HttpRequestParser(col)
+    parser = HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
@@ -837,7 +839,7 @@ def parse_response_head(
         if len(buf) > max_header_bytes:
             raise UpstreamError("response head too large")
         probe = _Collector()
-        problem = _run_parser(httptools.HttpResponseParser(probe), buf)
+        problem = _run_parser(HttpResponseParser(probe), buf)
         if problem is not None:
             raise UpstreamError(problem)
         if probe.complete:
@@ -849,17 +851,20 @@ def parse_response_head(
         raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
-    status_line = (whole[:first] if first >= 0 else whole).split(" ", 2)
-    text = whole if len(status_line) >= 2 and _SPLIT_READING else None
+    line_end = first if first >= 0 else len(whole)
+    # The status line's `split(" ", 2)`, by its spaces: version, status and reason.
+    space = whole.find(" ", 0, line_end)
+    text = whole if space >= 0 and _SPLIT_READING else None
     col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
-    parser = httptools.HttpResponseParser(col)
-    problem = _run_parser(parser, buf[:consumed])
+    parser = HttpResponseParser(col)
+    head_bytes = buf[:consumed]
+    problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise UpstreamError(problem)
     if not col.complete:
         raise UpstreamError("incomplete response head")
     # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
-    version = status_line[0][-3:] if text is not None else parser.get_http_version()
+    version = whole[space - 3 : space] if text is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
@@ -872,14 +877,15 @@ def parse_response_head(
     index: dict[str, str] | None = None
     lower: str | None = None
     if text is not None:
-        reason = status_line[2] if len(status_line) == 3 else ""
+        space = whole.find(" ", space + 1, line_end)
+        reason = whole[space + 1 : line_end] if space >= 0 else ""
         if "\x00" in reason:  # (the parser lets a NUL through in the reason; CR and LF it refuses)
             raise UpstreamError("control character in the response's reason phrase")
         lower = text.lower()  # (latin-1: the same length, so the same offsets)
         other_hop = False
         # Line by line (`_response_field`): the framing and hop-by-hop fields are told by their first
         # letters; the others cost a find and a comparison each.
-        n = len(text)
+        size = len(text)
         stop = first  # (the CRLF before the next field line; -1: none)
         while stop >= 0:
             start = stop + 2
@@ -890,7 +896,7 @@ def parse_response_head(
             if kind > 3:
                 other_hop = True
                 continue
-            value = text[start + _FIELD_NAME_LENGTHS[kind] : stop if stop >= 0 else n].strip(" \t")
+            value = text[start + _FIELD_NAME_LENGTHS[kind] : stop if stop >= 0 else size].strip(" \t")
             if kind == 1:
                 cls.append(value)
             elif kind == 2:
@@ -954,14 +960,14 @@ def parse_response_head(
         text,
         lower,
     )
-    # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
+    # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it,
+    # which the check for `HTTP/` above refused).
     if (
         version == "1.1"
         and not other_hop
-        and buf[:1] not in (b"\r", b"\n")
         and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"]))
     ):
-        head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
+        head.raw, head.raw_keep_alive = head_bytes, n_connection == 1
     return head, consumed
 
 
