@@ -240,6 +240,9 @@ def test_request_head_split_reads_like_the_parser(raw: bytes) -> None:
     "GET",
 )
 @example(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nconnection: close\r\n\r\n", "GET")
+@example(b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 0\r\n\r\n", "GET")
+@example(b"HTTP/1.1 200\r\nTrailer: x\r\nTE: y\r\n\r\n", "GET")
+@example(b"HTTP/1.1  200 OK\r\n\r\n", "GET")
 def test_response_head_split_reads_like_the_parser(raw: bytes, method: str) -> None:
     fast = outcome(http1.parse_response_head, raw, 65536, method)
     with long_way():
