@@ -12,7 +12,7 @@ cdef class RequestHead:
     cpdef header(self, name)
     @cython.locals(out=list, k=str, v=str)
     cpdef render_upstream(self, version)
-    @cython.locals(kept=list, rest=list, out=list, k=str, v=str)
+    @cython.locals(kept=list, out=list)
     cpdef upstream_headers(self)
 
 

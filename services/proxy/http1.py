@@ -376,8 +376,11 @@ class RequestHead:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
         # RFC 9112 §3.2.2: a proxy replaces Host with the target's authority (no Host/URI mismatch).
         kept = _filter_hop_by_hop(self.headers, self.upgrade is not None, self.names)
-        rest = [(k, v) for k, v in kept if k.lower() != "host"] if self.names is None or "host" in self.names else kept
-        out = [("Host", self.authority)] + rest
+        out = [("Host", self.authority)]
+        if self.names is None or "host" in self.names:
+            out += [kv for kv in kept if kv[0].lower() != "host"]  # (the pairs themselves, not copies)
+        else:
+            out += kept
         if self.upgrade is not None:
             out.append(("Connection", "upgrade"))
         return out
