@@ -10,7 +10,9 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
+    @cython.locals(out=list, k=str, v=str)
     cpdef render_upstream(self, version)
+    @cython.locals(kept=list, out=list)
     cpdef upstream_headers(self)
 
 
@@ -18,15 +20,22 @@ cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
     cdef public object until_close, raw, raw_keep_alive, index, text, lower
 
+    @cython.locals(text=str)
     cpdef field_lines(self)
+    @cython.locals(lower=str, text=str, needle=str, i=Py_ssize_t, start=Py_ssize_t, stop=Py_ssize_t, needles=dict, value=str)
     cpdef header(self, name)
+
+
+# The parsers' callback target for a head read by splitting it (one per parse: cheap as an extension type).
+cdef class _HeadEnd:
+    cdef public bint complete
 
 
 # The request parser's locals typed (C calls for the bytes/str/list methods; `buf` must be bytes).
 @cython.locals(
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
-    line=str, k=str, v=str, head=RequestHead,
+    line=str, k=str, v=str, head=RequestHead, text=str, first_line=str,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -35,8 +44,32 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 # The response parser's locals typed (as the request's; no generator expression in it: a cpdef
 # function takes no closure).
 @cython.locals(
-    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, status_line=list, text=str,
+    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
+    head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
-    stop=Py_ssize_t, value=str, method=str, head=ResponseHead,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
+
+
+# The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+cpdef list _split_tokens(str value)
+cpdef bint _keep_alive(str version, list connection)
+@cython.locals(c=Py_UCS4)
+cpdef bint _content_length_ok(str value)
+cpdef tuple _framing_of(list te, bint has_te, list cls, err)
+cpdef _run_parser(parser, bytes data)
+
+@cython.locals(c=Py_UCS4)
+cpdef int _response_field(str lower, Py_ssize_t start) except -1
+
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
+cpdef tuple _target_parts(str method, str target)
+cpdef _derive_request_headers(RequestHead head)
+
+# The field helpers of heads (C calls from their methods).
+cpdef list _tokens(headers, str name, names=*)
+cpdef _first(headers, str name, names=*)
+@cython.locals(n=str)
+cpdef bint _proxy_names(names)
+cpdef list _filter_hop_by_hop(headers, bint keep_upgrade, names=*)

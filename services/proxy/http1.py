@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 import httptools
+from httptools import HttpRequestParser, HttpResponseParser  # (module globals: cheaper to reach than attributes)
 
 from greyproxy.compiled import slotted
 from greyproxy.policy.patterns import ascii_host, refuse_controls
@@ -67,7 +68,8 @@ _CL_RE = re.compile(r"[0-9]{1,18}")  # what `_content_length_ok` checks (tests c
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 # Every spelling of a credential placeholder (greyproxy.credentials: `greyproxy:credential:` in a
 # value, `greyproxy%3Acredential%3A` in a target) starts with this (Basic credentials aside: base64).
-_PLACEHOLDER_MARK = b"greyproxy"
+# (Looked for in a head's latin-1 text: str.find; bytes' `in` would first try it as an int.)
+_PLACEHOLDER_MARK = "greyproxy"
 
 
 # RFC 9110 wording; older Pythons' HTTPStatus still says 'Request-URI Too Long' and the like.
@@ -231,8 +233,13 @@ def _framing(
 
 
 def _content_length_ok(value: str) -> bool:
-    """`_CL_RE.fullmatch(value)` (1 to 18 ASCII digits) without the regex engine."""
-    return len(value) <= 18 and value.isdigit() and value.isascii()
+    """`_CL_RE.fullmatch(value)` (1 to 18 ASCII digits) without the regex engine (compiled: a C loop)."""
+    if not 0 < len(value) <= 18:
+        return False
+    for c in value:
+        if not "0" <= c <= "9":
+            return False
+    return True
 
 
 def _framing_of(
@@ -359,17 +366,21 @@ class RequestHead:
         path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
         if not self.parsed:
             return render_request_head(self.method, self.path, version, self.upstream_headers())
-        lines = [f"{self.method} {self.path} HTTP/{version}\r\n"]
-        lines += [f"{k}: {v}\r\n" for k, v in self.upstream_headers()]
-        lines.append("\r\n")
-        return "".join(lines).encode("latin-1")
+        out = [self.method, " ", self.path, " HTTP/", version, "\r\n"]  # (one join of all the pieces)
+        for k, v in self.upstream_headers():
+            out += (k, ": ", v, "\r\n")
+        out.append("\r\n")
+        return "".join(out).encode("latin-1")
 
     def upstream_headers(self) -> list[tuple[str, str]]:
         """Headers to send upstream: end-to-end ones only, with Host taken from the target."""
         # RFC 9112 §3.2.2: a proxy replaces Host with the target's authority (no Host/URI mismatch).
         kept = _filter_hop_by_hop(self.headers, self.upgrade is not None, self.names)
-        rest = [(k, v) for k, v in kept if k.lower() != "host"] if self.names is None or "host" in self.names else kept
-        out = [("Host", self.authority)] + rest
+        out = [("Host", self.authority)]
+        if self.names is None or "host" in self.names:
+            out += [kv for kv in kept if kv[0].lower() != "host"]  # (the pairs themselves, not copies)
+        else:
+            out += kept
         if self.upgrade is not None:
             out.append(("Connection", "upgrade"))
         return out
@@ -504,7 +515,7 @@ def parse_request_head(
             raise _too_big(buf, start, max_header_bytes)
         # Catch garbage early (e.g. TLS sent to the HTTP port) instead of waiting for 64 KiB.
         probe = _Collector()
-        problem = _run_parser(httptools.HttpRequestParser(probe), buf[start:])
+        problem = _run_parser(HttpRequestParser(probe), buf[start:])
         if problem is not None:
             raise _bad(problem)
         if probe.complete:
@@ -517,17 +528,26 @@ def parse_request_head(
         raise _too_big(buf, start, max_header_bytes)
 
     head_bytes = buf[start:consumed]
-    line_end = head_bytes.find(b"\r\n")
-    if not head_bytes[:line_end].isascii():
+    # The head's text (latin-1: the same offsets as its bytes), without the final CRLF CRLF: looked
+    # through as text, where `isascii` is a flag and `find` parses no arguments.
+    text = head_bytes[:-4].decode("latin-1")
+    line_end = text.find("\r\n")
+    if line_end < 0:
+        line_end = len(text)
+    if not text.isascii() and not text[:line_end].isascii():
         head_bytes = _idna_request_line(head_bytes, line_end)  # the parser takes ASCII targets only
-        line_end = head_bytes.find(b"\r\n")
-    lines: list[str] | None = head_bytes[:-4].decode("latin-1").split("\r\n") if _SPLIT_READING else None
-    request_line: list[str] = lines[0].split(" ") if lines is not None else []
+        text = head_bytes[:-4].decode("latin-1")
+        line_end = text.find("\r\n")
+        if line_end < 0:
+            line_end = len(text)
+    lines: list[str] | None = text.split("\r\n") if _SPLIT_READING else None
+    first_line = lines[0] if lines is not None else ""
+    request_line: list[str] = first_line.split(" ") if lines is not None else []
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
         col: _Collector | _HeadEnd = _HeadEnd()
     else:
         lines, col = None, _Collector()
-    parser = httptools.HttpRequestParser(col)
+    parser = HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
@@ -543,7 +563,7 @@ def parse_request_head(
     version = request_line[2][-3:] if lines is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise HttpError(505, f"HTTP/{version} is not supported")
-    if not head_bytes[line_end - 8 : line_end - 3] == b"HTTP/":
+    if not text.startswith("HTTP/", line_end - 8, line_end - 3):
         # (the parser also takes RTSP/ and ICE/ as the protocol of a request line)
         raise _bad("not an HTTP request line (the protocol is not HTTP/)")
     if lines is not None:
@@ -562,7 +582,7 @@ def parse_request_head(
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
-    placeholder_free = _PLACEHOLDER_MARK not in head_bytes
+    placeholder_free = text.find(_PLACEHOLDER_MARK) < 0
     if origin is None:
         scheme, host, port, path, authority = _target_parts(method, target)
         head = RequestHead(
@@ -588,15 +608,33 @@ def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
     if method == "CONNECT":
         host, port = _split_authority(target, True, 0)
         return "", host, port, "", target
-    m = _SCHEME_RE.fullmatch(target)
-    if m is None:
-        raise HttpError(400, "absolute URI required")
-    scheme, authority, rest = m.group(1, 2, 3)
-    scheme = scheme.lower()
-    if scheme not in _DEFAULT_PORTS:
-        raise _bad(f"unsupported scheme {scheme!r}")
-    host, port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
-    path = rest.partition("#")[0]  # fragments are never sent to a server
+    # `_SCHEME_RE`'s reading of the usual `http://` target without the regex engine (the tests compare
+    # them): the authority ends at the first of `/`, `?` and `#`.
+    if target.startswith("http://"):
+        scheme = "http"
+        start = 7
+        end = target.find("/", 7)
+        if end < 0:
+            end = len(target)
+        stop = target.find("?", 7, end)
+        if stop >= 0:
+            end = stop
+        stop = target.find("#", 7, end)
+        if stop >= 0:
+            end = stop
+        authority, rest = target[start:end], target[end:]
+        host, port = _split_authority(authority, False, 80)
+    else:
+        m = _SCHEME_RE.fullmatch(target)
+        if m is None:
+            raise HttpError(400, "absolute URI required")
+        scheme, authority, rest = m.group(1, 2, 3)
+        scheme = scheme.lower()
+        if scheme not in _DEFAULT_PORTS:
+            raise _bad(f"unsupported scheme {scheme!r}")
+        host, port = _split_authority(authority, False, _DEFAULT_PORTS[scheme])
+    stop = rest.find("#")
+    path = rest[:stop] if stop >= 0 else rest  # fragments are never sent to a server
     if not path:
         path = "*" if method == "OPTIONS" else "/"  # RFC 9112 §3.2.4
     elif path.startswith("?"):
@@ -656,7 +694,7 @@ def _derive_request_headers(head: RequestHead) -> None:
     if (
         not chunked
         and (names is None or "transfer-encoding" in names)
-        and any(k.lower() == "transfer-encoding" for k, _ in headers)
+        and any([k.lower() == "transfer-encoding" for k, _ in headers])  # (a list: cpdef takes no closure)
     ):
         raise _bad("Transfer-Encoding must end with chunked")
     head.chunked, head.content_length = chunked, length
@@ -716,14 +754,16 @@ class ResponseHead:
     def field_lines(self) -> list[str] | None:
         """The fields as the lines of the head (`name:value`), while `headers` has not been built (nor
         set): for a reader that can take them so (`Redactor.header_lines`). Else None: read `headers`."""
-        if self._headers is not None or self.text is None:
+        text = self.text
+        if self._headers is not None or text is None:
             return None
-        return self.text.split("\r\n")[1:]
+        return text.split("\r\n")[1:]
 
     def header(self, name: str) -> str | None:
         lower = self.lower
         if lower is not None:
-            needle = _NEEDLES.get(name) or f"\r\n{name.lower()}:"
+            needles = _NEEDLES
+            needle = needles.get(name) or f"\r\n{name.lower()}:"
             i = lower.find(needle)
             if i < 0:
                 return None
@@ -731,7 +771,8 @@ class ResponseHead:
             assert text is not None
             start = i + len(needle)
             stop = text.find("\r\n", start)
-            return text[start:stop].strip(" \t") if stop >= 0 else text[start:].strip(" \t")
+            value = text[start:stop] if stop >= 0 else text[start:]
+            return value.strip(" \t")
         if self.index is not None:
             return self.index.get(name.lower())
         return _first(self.headers, name)
@@ -750,11 +791,41 @@ def _split_fields(lines: list[str]) -> list[tuple[str, str]]:
     return [(k, v.strip(" \t")) for k, _, v in [line.partition(":") for line in lines]]
 
 
-# A plain response head's framing and hop-by-hop fields, found in its lower-cased text in one pass:
-# `\r\n` + the name + `:` starts such a field's line (see ResponseHead.text). Proxy-* by prefix.
+# A plain response head's framing and hop-by-hop fields, in its lower-cased text: the name + `:`
+# starts such a field's line (see ResponseHead.text). Proxy-* by prefix. What `_response_field` tells
+# apart (tests/unit/test_proxy_fast_paths.py compares them).
 _RESPONSE_FIELD_RE = re.compile(
     r"\r\n(content-length|transfer-encoding|connection|keep-alive|te|trailer|upgrade|proxy-[^:]*):"
 )
+# `_response_field`'s kinds 1-3 (content-length, connection, transfer-encoding): the length of `name:`.
+_FIELD_NAME_LENGTHS = (0, 15, 11, 18)
+
+
+def _response_field(lower: str, start: int) -> int:
+    """Which field the line of a parsed head's lower-cased text at `start` is: 1 content-length,
+    2 connection, 3 transfer-encoding, 4 another hop-by-hop field (te, trailer, keep-alive, upgrade,
+    proxy-*), 0 any other. Told by the first letter first: most fields are none of these."""
+    c = lower[start]  # (a field line is never empty: the head ends at the first empty line)
+    if c == "c":
+        if lower.startswith("content-length:", start):
+            return 1
+        if lower.startswith("connection:", start):
+            return 2
+    elif c == "t":
+        if lower.startswith("transfer-encoding:", start):
+            return 3
+        if lower.startswith("te:", start) or lower.startswith("trailer:", start):
+            return 4
+    elif c == "k":
+        if lower.startswith("keep-alive:", start):
+            return 4
+    elif c == "u":
+        if lower.startswith("upgrade:", start):
+            return 4
+    elif c == "p":
+        if lower.startswith("proxy-", start):
+            return 4
+    return 0
 
 
 def parse_response_head(
@@ -771,7 +842,7 @@ def parse_response_head(
         if len(buf) > max_header_bytes:
             raise UpstreamError("response head too large")
         probe = _Collector()
-        problem = _run_parser(httptools.HttpResponseParser(probe), buf)
+        problem = _run_parser(HttpResponseParser(probe), buf)
         if problem is not None:
             raise UpstreamError(problem)
         if probe.complete:
@@ -783,17 +854,20 @@ def parse_response_head(
         raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
-    status_line = (whole[:first] if first >= 0 else whole).split(" ", 2)
-    text = whole if len(status_line) >= 2 and _SPLIT_READING else None
+    line_end = first if first >= 0 else len(whole)
+    # The status line's `split(" ", 2)`, by its spaces: version, status and reason.
+    space = whole.find(" ", 0, line_end)
+    text = whole if space >= 0 and _SPLIT_READING else None
     col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
-    parser = httptools.HttpResponseParser(col)
-    problem = _run_parser(parser, buf[:consumed])
+    parser = HttpResponseParser(col)
+    head_bytes = buf[:consumed]
+    problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise UpstreamError(problem)
     if not col.complete:
         raise UpstreamError("incomplete response head")
     # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
-    version = status_line[0][-3:] if text is not None else parser.get_http_version()
+    version = whole[space - 3 : space] if text is not None else parser.get_http_version()
     if version not in _VERSIONS:
         raise UpstreamError(f"unsupported response version HTTP/{version}")
     status = parser.get_status_code()
@@ -806,25 +880,34 @@ def parse_response_head(
     index: dict[str, str] | None = None
     lower: str | None = None
     if text is not None:
-        reason = status_line[2] if len(status_line) == 3 else ""
+        space = whole.find(" ", space + 1, line_end)
+        reason = whole[space + 1 : line_end] if space >= 0 else ""
         if "\x00" in reason:  # (the parser lets a NUL through in the reason; CR and LF it refuses)
             raise UpstreamError("control character in the response's reason phrase")
         lower = text.lower()  # (latin-1: the same length, so the same offsets)
         other_hop = False
-        for m in _RESPONSE_FIELD_RE.finditer(lower):
-            lk, start = m.group(1), m.end()
-            stop = text.find("\r\n", start)
-            value = (text[start:stop] if stop >= 0 else text[start:]).strip(" \t")
-            if lk == "content-length":
+        # Line by line (`_response_field`): the framing and hop-by-hop fields are told by their first
+        # letters; the others cost a find and a comparison each.
+        size = len(text)
+        stop = first  # (the CRLF before the next field line; -1: none)
+        while stop >= 0:
+            start = stop + 2
+            stop = lower.find("\r\n", start)
+            kind = _response_field(lower, start)
+            if kind == 0:
+                continue
+            if kind > 3:
+                other_hop = True
+                continue
+            value = text[start + _FIELD_NAME_LENGTHS[kind] : stop if stop >= 0 else size].strip(" \t")
+            if kind == 1:
                 cls.append(value)
-            elif lk == "connection":
+            elif kind == 2:
                 n_connection += 1
                 connection.extend(_split_tokens(value))
-            elif lk == "transfer-encoding":
+            else:
                 has_te = True
                 te.extend(_split_tokens(value))
-            else:
-                other_hop = True
     else:
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(reason):
@@ -855,7 +938,7 @@ def parse_response_head(
                     other_hop = True
     chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
-    method = request_method if request_method.isupper() else request_method.upper()
+    method = request_method if request_method == "GET" or request_method.isupper() else request_method.upper()
     bodiless = (
         method == "HEAD" or 100 <= status < 200 or status in (204, 304) or (method == "CONNECT" and 200 <= status < 300)
     )
@@ -880,14 +963,14 @@ def parse_response_head(
         text,
         lower,
     )
-    # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it).
+    # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it,
+    # which the check for `HTTP/` above refused).
     if (
         version == "1.1"
         and not other_hop
-        and buf[:1] not in (b"\r", b"\n")
         and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"]))
     ):
-        head.raw, head.raw_keep_alive = buf[:consumed], n_connection == 1
+        head.raw, head.raw_keep_alive = head_bytes, n_connection == 1
     return head, consumed
 
 

@@ -240,6 +240,9 @@ def test_request_head_split_reads_like_the_parser(raw: bytes) -> None:
     "GET",
 )
 @example(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nconnection: close\r\n\r\n", "GET")
+@example(b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nContent-Length: 0\r\n\r\n", "GET")
+@example(b"HTTP/1.1 200\r\nTrailer: x\r\nTE: y\r\n\r\n", "GET")
+@example(b"HTTP/1.1  200 OK\r\n\r\n", "GET")
 def test_response_head_split_reads_like_the_parser(raw: bytes, method: str) -> None:
     fast = outcome(http1.parse_response_head, raw, 65536, method)
     with long_way():
@@ -599,3 +602,116 @@ def test_a_request_line_with_another_protocol_is_the_clients_fault(protocol: str
         http1.parse_request_head(idna)
     ok = http1.parse_request_head("GET http://ex\u00e4mple.com/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     assert ok is not None and ok[0].version == "1.1"
+
+
+@FUZZ
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "content-length",
+                "connection",
+                "transfer-encoding",
+                "te",
+                "trailer",
+                "keep-alive",
+                "upgrade",
+                "proxy-connection",
+                "proxy-",
+                "content-type",
+                "connectionx",
+                "t",
+                "tex",
+                "c",
+                "p",
+                "proxy",
+                "u",
+                "upgrades",
+                "k",
+                "x-a",
+                "transfer-encodings",
+                "contentlength",
+            ]
+        ),  # fmt: skip
+        min_size=1,
+        max_size=6,
+    ),
+    st.sampled_from(["", " 1", ":", "\t,x"]),
+)
+def test_response_field_kinds_are_the_regex(names: list[str], value: str) -> None:
+    """`_response_field` (a parsed response head's framing and hop-by-hop fields, told line by line)
+    finds the fields `_RESPONSE_FIELD_RE` finds, and no other."""
+    lower = "http/1.1 200 ok\r\n" + "\r\n".join(f"{n}:{value}" for n in names)
+    by_regex = {m.start() + 2: m.group(1) for m in http1._RESPONSE_FIELD_RE.finditer(lower)}
+    start = 0
+    for name in names:
+        start = lower.index("\r\n", start) + 2
+        kind = http1._response_field(lower, start)
+        expected = by_regex.get(start)
+        wanted = {"content-length": 1, "connection": 2, "transfer-encoding": 3}.get(
+            expected or "", 4 if expected else 0
+        )
+        assert kind == wanted, (name, expected)
+
+
+_TARGETS = st.builds(
+    "".join,
+    st.lists(
+        st.sampled_from(
+            [
+                "http://",
+                "HTTP://",
+                "https://",
+                "h.example",
+                ":80",
+                ":8080",
+                "/",
+                "?",
+                "#",
+                "a",
+                "@",
+                "[::1]",
+                ":",
+                "ftp://",
+                "%2F",
+            ]
+        ),
+        max_size=7,
+    ),
+)
+
+
+def _target_parts_by_regex(method: str, target: str) -> Any:
+    """What `_target_parts` read before its `http://` shortcut: `_SCHEME_RE` for every target."""
+    if method == "CONNECT":
+        return http1._target_parts(method, target)
+    m = http1._SCHEME_RE.fullmatch(target)
+    if m is None:
+        raise http1.HttpError(400, "absolute URI required")
+    scheme, authority, rest = m.group(1, 2, 3)
+    scheme = scheme.lower()
+    if scheme not in http1._DEFAULT_PORTS:
+        raise http1.HttpError(400, f"unsupported scheme {scheme!r}")
+    host, port = http1._split_authority(authority, False, http1._DEFAULT_PORTS[scheme])
+    path = rest.partition("#")[0]
+    if not path:
+        path = "*" if method == "OPTIONS" else "/"
+    elif path.startswith("?"):
+        path = "/" + path
+    return scheme, host, port, path, authority
+
+
+@FUZZ
+@given(st.sampled_from(["GET", "OPTIONS", "POST"]), _TARGETS)
+@example("GET", "http://h.example:8080/a?b#c")
+@example("GET", "http://h.example?x/y")
+@example("GET", "http://h.example#x?/y")
+@example("OPTIONS", "http://h.example")
+def test_target_parts_read_http_targets_as_the_regex(method: str, target: str) -> None:
+    def of(fn: Any) -> Any:
+        try:
+            return fn(method, target)
+        except http1.HttpError as exc:
+            return (exc.status, str(exc))
+
+    assert of(http1._target_parts) == of(_target_parts_by_regex)
