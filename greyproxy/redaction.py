@@ -135,9 +135,9 @@ class Redactor:
     def url(self, url: str) -> str:
         """`url` with the values of query parameters whose names match replaced by [REDACTED]
         (everything else byte for byte as it was)."""
-        q = url.find("?")
-        if q < 0 or not isinstance(url, str):
+        if not isinstance(url, str) or "?" not in url:  # (most URLs: a containment test, no method call)
             return url
+        q = url.find("?")
         h = url.find("#", q)
         query, tail = (url[q + 1 :], "") if h < 0 else (url[q + 1 : h], url[h:])
         parts = query.split("&")

@@ -5,20 +5,29 @@
 # Python code and the tests read and set them as before. Keep the attribute lists equal to the
 # classes' __slots__ (tests/unit/test_compiled.py checks).
 
+cimport cython
+
 from greyproxy.capture cimport BodyCapture
 from greyproxy.redaction cimport Redactor
 from services.proxy.http1 cimport ResponseHead
 
 
 cdef class Recorder:
-    cdef public object journal, max_body, counts
+    cdef public object journal, max_body, counts, transactions
     cdef public Redactor redactor
+    cdef public dict _heads
+    cdef public object _heads_of
+
+    @cython.locals(heads=dict, redactor=Redactor, got=tuple, facts=tuple, plain=bint)
+    cpdef tuple head_facts(self, ResponseHead resp, bint keep=*)
 
 
 cdef class Txn:
     cdef public Recorder recorder
     cdef public object container, host, port, method, url, request_headers, request_host, host_mismatch
-    cdef public object req_ct, req_ce, t0, p0, resp_ct, rule_id, substituted, done
+    cdef public object req_ct, req_ce, t0, p0, rule_id, substituted, done
+    cdef public ResponseHead resp_head
+    cdef public tuple resp_facts
     cdef public BodyCapture req, resp
     cdef public object session_id, scrubber, refused
 
@@ -26,4 +35,9 @@ cdef class Txn:
     cpdef req_sink(self)
     cpdef resp_sink(self, ResponseHead resp)
     cpdef credentials_from(self, flow)
+    @cython.locals(facts=tuple)
     cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
+
+
+cpdef str _fields_text(dict fields)
+cpdef str _labels_text(labels)

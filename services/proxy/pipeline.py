@@ -31,7 +31,7 @@ from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
 from greyproxy.policy.patterns import normalise_host
-from greyproxy.redaction import Redactor, extra_patterns
+from greyproxy.redaction import REDACTED, Redactor, extra_patterns
 
 from . import http1
 from .conn import ConnClosed
@@ -48,6 +48,7 @@ INLINE_DECODE_MAX = 16 * 1024
 # Pure functions of values that repeat (hosts, content types): cached, bounded.
 _dest_host = functools.lru_cache(maxsize=4096)(normalise_host)
 _text_like = functools.lru_cache(maxsize=1024)(is_text_like)
+_wall, _clock = time.time, time.perf_counter  # (module globals: no attribute lookup on `time` per request)
 
 Body = tuple[bytes, "str | None", "str | None"]  # (captured bytes, content type, content encoding)
 
@@ -84,19 +85,63 @@ class Recorder:
     followed through `settings_changed`.
     """
 
-    __slots__ = ("journal", "max_body", "redactor", "counts")  # (pipeline.pxd: an extension type when compiled)
+    __slots__ = (  # (pipeline.pxd: an extension type when compiled)
+        "journal",
+        "max_body",
+        "redactor",
+        "counts",
+        "transactions",
+        "_heads",
+        "_heads_of",
+    )
 
     def __init__(self, journal: JournalWriter, max_body: int = DEFAULT_MAX_BODY) -> None:
         self.journal = journal
         self.max_body = max_body
         self.redactor = Redactor()
         self.counts: Counter[str] = Counter()
+        self.transactions = 0  # records made (a plain count: the Counter costs ~1.7k instructions a request)
+        # A response head's text -> its `head_facts`, for heads whose fields hold nothing redacted: a
+        # server answers the same request with the same head, byte for byte, mostly (bounded: heads come
+        # from peers). Made with the redactor `_heads_of`: another redactor starts it over.
+        self._heads: dict[str, HeadFacts] = {}
+        self._heads_of: Redactor | None = None
 
     def settings_changed(self, values: dict[str, Any]) -> None:
         self.redactor = Redactor(extra_patterns(values.get("redactedHeaders")))
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counts)
+        out = dict(self.counts)
+        if self.transactions:
+            out["transactions"] = self.transactions
+        return out
+
+    def head_facts(self, resp: http1.ResponseHead, keep: bool = True) -> HeadFacts:
+        """What a record takes from a response head: (its fields as recorded, redacted, as JSON text;
+        its Content-Type; whether a body of that type is stored; its Content-Encoding, looked up only
+        for a stored type). Remembered, when `keep`, for a plain head (`text`, fields not split) up to
+        _HEAD_MEMO_TEXT long whose recorded fields hold no [REDACTED] (no secret is kept as a key)."""
+        text = resp.text
+        heads = self._heads
+        redactor = self.redactor
+        if self._heads_of is not redactor:
+            heads.clear()
+            self._heads_of = redactor
+        plain = text is not None and resp._headers is None
+        if plain:
+            got = heads.get(text)
+            if got is not None:
+                return got
+        ct = resp.header("content-type")
+        stored = _text_like(ct)
+        lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
+        fields = _fields_text(redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines))
+        facts = (fields, ct, stored, resp.header("content-encoding") if stored else None)
+        if keep and plain and len(text) <= _HEAD_MEMO_TEXT and REDACTED not in fields:
+            if len(heads) >= _HEAD_MEMO_SIZE:
+                heads.clear()
+            heads[text] = facts
+        return facts
 
     def txn(
         self,
@@ -113,27 +158,34 @@ class Recorder:
         return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
 
     def submit(self, values: list[Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
-        """Journal the record (shape 2: `values` in TRANSACTION_FIELDS order, the JSON fields still
-        Python values); bodies are packed (greyproxy.bodies) inline when small and plain, else in a
+        """Journal the record (shape 2: `values` in TRANSACTION_FIELDS order, the JSON fields as JSON
+        text or still Python values); bodies are packed (greyproxy.bodies) inline when small and plain, else in a
         worker thread (which also serialises the record, so a 2 MiB body is never dumped on the event loop).
         `scrub`: an exchange with substituted credentials has their values scrubbed from the stored
         response body (after decoding, so a compressed echo is caught too)."""
-        self.counts["transactions"] += 1
+        self.transactions += 1
         values[_URL] = self.redactor.url(values[_URL])  # secrets in the query (?access_token=...)
         limit = self.max_body
+        if not (
+            type(values[_REQ_HEADERS]) is str
+            and type(values[_RESP_HEADERS]) is str
+            and type(values[_SUBSTITUTED]) is str
+            and type(values[_REFUSED]) is str
+        ):
+            json_fields_as_text(values)  # (Txn.finish gives them as text already)
         if req is None and resp is None:
-            self.journal.append(TRANSACTION, json_fields_as_text(values))
+            self.journal.append(TRANSACTION, values)
             return
         if (req is None or (len(req[0]) <= INLINE_DECODE_MAX and not req[2])) and (
             resp is None or (len(resp[0]) <= INLINE_DECODE_MAX and not resp[2])
         ):
             _put_bodies(values, req, resp, limit, scrub)
-            self.journal.append(TRANSACTION, json_fields_as_text(values))
+            self.journal.append(TRANSACTION, values)
             return
 
         def decode() -> orjson.Fragment:
             _put_bodies(values, req, resp, limit, scrub)
-            return orjson.Fragment(orjson.dumps(json_fields_as_text(values)))
+            return orjson.Fragment(orjson.dumps(values))
 
         fut = asyncio.get_running_loop().run_in_executor(None, decode)
 
@@ -211,6 +263,23 @@ _WS_TEXT = "text/plain; charset=utf-8"  # a WebSocket text message is UTF-8 (RFC
 
 _AT = {name: i for i, name in enumerate(TRANSACTION_FIELDS)}  # a field's place in a shape-2 record
 _URL = _AT["url"]
+_REQ_HEADERS, _RESP_HEADERS = _AT["request_headers"], _AT["response_headers"]
+_SUBSTITUTED, _REFUSED = _AT["substituted_credentials"], _AT["refused_credentials"]
+
+# (fields as recorded: JSON text, Content-Type, body stored?, Content-Encoding): Recorder.head_facts
+HeadFacts = tuple[str, "str | None", bool, "str | None"]
+_HEAD_MEMO_SIZE = 256  # response heads remembered per Recorder
+_HEAD_MEMO_TEXT = 4096  # the longest head text remembered (so at most ~2 MiB in all)
+
+
+def _fields_text(fields: dict[str, list[str]]) -> str:
+    """Recorded header fields ({name: [values]}) as the JSON text a record carries (as json_fields_as_text)."""
+    return orjson.dumps(fields).decode() if fields else "{}"
+
+
+def _labels_text(labels: list[str] | tuple[str, ...]) -> str:
+    """Credential labels as the JSON text a record carries (as json_fields_as_text)."""
+    return orjson.dumps(list(labels)).decode() if labels else "[]"
 
 
 def _put_bodies(
@@ -252,7 +321,8 @@ class Txn:
         "p0",
         "req",
         "resp",
-        "resp_ct",
+        "resp_head",
+        "resp_facts",
         "rule_id",
         "substituted",
         "done",
@@ -281,10 +351,11 @@ class Txn:
         self.host_mismatch = host_mismatch
         self.req_ct = head.header("content-type")
         self.req_ce = head.header("content-encoding") if self.req_ct is not None else None
-        self.t0, self.p0 = time.time(), time.perf_counter()
+        self.t0, self.p0 = _wall(), _clock()
         self.req: BodyCapture | None = None
         self.resp: BodyCapture | None = None
-        self.resp_ct: tuple[http1.ResponseHead, str | None] | None = None  # (head, its Content-Type): resp_sink's
+        self.resp_head: http1.ResponseHead | None = None  # the head resp_sink was given, and
+        self.resp_facts: HeadFacts | None = None  # what the record takes from it (Recorder.head_facts)
         self.rule_id = rule_id
         self.substituted: list[str] | tuple[str, ...] = ()  # credential labels substituted (SPEC §12.7)
         self.session_id: str | None = None
@@ -303,8 +374,11 @@ class Txn:
 
     def resp_sink(self, resp: http1.ResponseHead) -> Callable[[bytes | memoryview], None]:
         """The `BodyReader` sink for the (final) response's body."""
-        self.resp_ct = (resp, resp.header("content-type"))
-        self.resp = cap = self._capture(self.resp_ct[1])
+        recorder = self.recorder
+        facts = recorder.head_facts(resp, self.scrubber is None)
+        self.resp_head, self.resp_facts = resp, facts
+        # A body that will not be stored (binary) is only counted: no copy at all.
+        self.resp = cap = BodyCapture(recorder.max_body if facts[2] else 0)
         return cap.add
 
     def websocket_observers(self, resp: http1.ResponseHead) -> tuple[Callable[[bytes], None], Callable[[bytes], None]]:
@@ -330,23 +404,22 @@ class Txn:
         if self.done:
             return
         self.done = True
-        redactor = self.recorder.redactor
         req, rcap = self.req, self.resp
         req_ct = self.req_ct
-        if resp is None:
-            resp_ct = None
-        else:  # (looked up once: by resp_sink for this very head, when it was called)
-            resp_ct = (
-                self.resp_ct[1] if self.resp_ct is not None and self.resp_ct[0] is resp else resp.header("content-type")
-            )
         scrub = self.scrubber
+        facts: HeadFacts | None = None
         if resp is None:
-            resp_headers = {}
-        else:
-            lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
-            resp_headers = redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines)
-        if scrub is not None and resp_headers:
-            resp_headers = scrub.headers(resp_headers)
+            resp_ct, resp_headers = None, "{}"
+        else:  # (taken once: by resp_sink for this very head, when it was called)
+            facts = self.resp_facts if self.resp_head is resp else None
+            if facts is None:
+                facts = self.recorder.head_facts(resp, scrub is None)
+            resp_ct, resp_headers = facts[1], facts[0]
+            if scrub is not None and resp_headers != "{}":
+                redactor = self.recorder.redactor
+                lines = resp.field_lines()
+                fields = redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines)
+                resp_headers = _fields_text(scrub.headers(fields))
         # The record in TRANSACTION_FIELDS order (bus/records.py: shape 2).
         values = [
             self.t0,
@@ -355,7 +428,7 @@ class Txn:
             self.port,
             self.method,
             self.url,
-            self.request_headers,
+            _fields_text(self.request_headers),
             None,
             req.size if req is not None else 0,
             req_ct,
@@ -364,17 +437,17 @@ class Txn:
             None,
             rcap.size if rcap is not None else 0,
             resp_ct,
-            ms3((time.perf_counter() - self.p0) * 1000),
+            ms3((_clock() - self.p0) * 1000),
             self.rule_id,
             result,
             None,  # conversation_id
-            list(self.substituted) if result == "allowed" else [],
+            _labels_text(self.substituted) if result == "allowed" else "[]",
             self.session_id,
             self.request_host,
             self.host_mismatch,
             error,
             block_reason,
-            list(self.refused),
+            _labels_text(self.refused),
             None,
             None,
             None,
@@ -383,7 +456,8 @@ class Txn:
         req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None
         if resp is not None and rcap is not None and rcap.data:
-            resp_body = (bytes(rcap.data), resp_ct, resp.header("content-encoding"))
+            assert facts is not None
+            resp_body = (bytes(rcap.data), resp_ct, facts[3] if facts[2] else resp.header("content-encoding"))
         self.recorder.submit(values, req_body, resp_body, scrub)
 
 
