@@ -38,8 +38,13 @@ def loop():
     loop.close()
 
 
+class _Writer(JournalWriter):
+    """A JournalWriter whose methods a test may replace on the instance (the class itself is an
+    extension type when compiled, bus/journal.pxd)."""
+
+
 def _writer(**kw) -> JournalWriter:
-    return JournalWriter("ipc:///nonexistent", **kw)
+    return _Writer("ipc:///nonexistent", **kw)
 
 
 def _ids(body: bytes) -> list[str]:

@@ -43,6 +43,11 @@ def _ids(body: bytes) -> list[str]:
     return [r[0] for r in orjson.loads(body)["r"]]
 
 
+class Writer(JournalWriter):
+    """A JournalWriter whose methods a test may replace on the instance (the class itself is an
+    extension type when compiled, bus/journal.pxd)."""
+
+
 async def _started(w: JournalWriter, sock: _Socket) -> asyncio.Task:
     def fake_open() -> None:
         w._sock = sock  # type: ignore[assignment]
@@ -63,7 +68,7 @@ async def _stop(task: asyncio.Task) -> None:
 
 def test_many_appends_make_one_send_after_the_batch_wait() -> None:
     async def scenario() -> None:
-        w = JournalWriter("ipc:///nonexistent")
+        w = Writer("ipc:///nonexistent")
         sock = _Socket()
         task = await _started(w, sock)
         ids = []
@@ -80,7 +85,7 @@ def test_many_appends_make_one_send_after_the_batch_wait() -> None:
 
 def test_a_pending_record_goes_at_the_end_of_its_loop_turn_with_the_turns_other_records() -> None:
     async def scenario() -> None:
-        w = JournalWriter("ipc:///nonexistent")
+        w = Writer("ipc:///nonexistent")
         sock = _Socket()
         task = await _started(w, sock)
         before = [w.append("log", {"i": i}) for i in range(3)]
@@ -101,7 +106,7 @@ def test_a_pending_record_goes_at_the_end_of_its_loop_turn_with_the_turns_other_
 
 def test_a_full_socket_keeps_every_record_and_sends_them_later_in_order() -> None:
     async def scenario() -> None:
-        w = JournalWriter("ipc:///nonexistent", batch_size=50)
+        w = Writer("ipc:///nonexistent", batch_size=50)
         w.TICK = 0.01
         sock = _Socket()
         sock.full = True
@@ -174,7 +179,7 @@ def test_a_second_run_takes_over_from_one_still_being_cancelled() -> None:
     may not have been processed yet: the first one's cleanup must not close the second's socket."""
 
     async def scenario() -> None:
-        w = JournalWriter("ipc:///nonexistent")
+        w = Writer("ipc:///nonexistent")
         socks: list[_Socket] = []
 
         def fake_open() -> None:
