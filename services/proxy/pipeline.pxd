@@ -9,7 +9,10 @@ cimport cython
 
 from greyproxy.capture cimport BodyCapture
 from greyproxy.redaction cimport Redactor
-from services.proxy.http1 cimport ResponseHead
+from services.proxy.http1 cimport RequestHead, ResponseHead
+
+
+cdef class Txn
 
 
 cdef class Recorder:
@@ -20,6 +23,9 @@ cdef class Recorder:
 
     @cython.locals(heads=dict, redactor=Redactor, got=tuple, facts=tuple, plain=bint)
     cpdef tuple head_facts(self, ResponseHead resp, bint keep=*)
+    @cython.locals(t=Txn)
+    cpdef Txn txn(self, container, origin, host, port, RequestHead head, rule_id=*, host_mismatch=*)
+    cpdef submit(self, list values, tuple req, tuple resp, scrub=*)
 
 
 cdef class Txn:
@@ -31,6 +37,7 @@ cdef class Txn:
     cdef public BodyCapture req, resp
     cdef public object session_id, scrubber, refused
 
+    cpdef _start(self, Recorder recorder, container, origin, host, port, RequestHead head, rule_id, host_mismatch)
     cpdef _capture(self, content_type)
     cpdef req_sink(self)
     cpdef resp_sink(self, ResponseHead resp)

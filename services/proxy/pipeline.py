@@ -155,7 +155,9 @@ class Recorder:
     ) -> Txn:
         """The record of a request just read: `origin` ('scheme://authority') and `host`/`port` name
         what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
-        return Txn(self, container, origin, host, port, head, rule_id, host_mismatch)
+        t = Txn.__new__(Txn)  # (compiled: no call of __init__ through its Python arguments)
+        t._start(self, container, origin, host, port, head, rule_id, host_mismatch)
+        return t
 
     def submit(self, values: list[Any], req: Body | None, resp: Body | None, scrub: Scrubber | None = None) -> None:
         """Journal the record (shape 2: `values` in TRANSACTION_FIELDS order, the JSON fields as JSON
@@ -182,6 +184,13 @@ class Recorder:
             _put_bodies(values, req, resp, limit, scrub)
             self.journal.append(TRANSACTION, values)
             return
+        self._submit_later(values, req, resp, limit, scrub)
+
+    def _submit_later(
+        self, values: list[Any], req: Body | None, resp: Body | None, limit: int, scrub: Scrubber | None
+    ) -> None:
+        """`submit`'s bodies that are decoded and serialised in a worker thread, the record journaled
+        when that is done (its own method: `submit` makes no closures)."""
 
         def decode() -> orjson.Fragment:
             _put_bodies(values, req, resp, limit, scrub)
@@ -342,6 +351,20 @@ class Txn:
         rule_id: int | None = None,
         host_mismatch: bool = False,
     ) -> None:
+        self._start(recorder, container, origin, host, port, head, rule_id, host_mismatch)
+
+    def _start(
+        self,
+        recorder: Recorder,
+        container: str,
+        origin: str,
+        host: str,
+        port: int,
+        head: http1.RequestHead,
+        rule_id: int | None,
+        host_mismatch: bool,
+    ) -> None:
+        """__init__'s work (Recorder.txn calls it on a Txn made without __init__)."""
         self.recorder, self.container = recorder, container
         self.host, self.port = _dest_host(host), port
         self.method = head.method
