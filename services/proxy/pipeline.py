@@ -281,14 +281,23 @@ _HEAD_MEMO_SIZE = 256  # response heads remembered per Recorder
 _HEAD_MEMO_TEXT = 4096  # the longest head text remembered (so at most ~2 MiB in all)
 
 
+_dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per call)
+
+
 def _fields_text(fields: dict[str, list[str]]) -> str:
     """Recorded header fields ({name: [values]}) as the JSON text a record carries (as json_fields_as_text)."""
-    return orjson.dumps(fields).decode() if fields else "{}"
+    if not fields:
+        return "{}"
+    text = _dumps(fields)
+    return text.decode()
 
 
 def _labels_text(labels: list[str] | tuple[str, ...]) -> str:
     """Credential labels as the JSON text a record carries (as json_fields_as_text)."""
-    return orjson.dumps(list(labels)).decode() if labels else "[]"
+    if not labels:
+        return "[]"
+    text = _dumps(list(labels))
+    return text.decode()
 
 
 def _put_bodies(
