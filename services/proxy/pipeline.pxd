@@ -21,7 +21,7 @@ cdef class Recorder:
     cdef public dict _heads
     cdef public object _heads_of
 
-    @cython.locals(heads=dict, redactor=Redactor, got=tuple, facts=tuple, plain=bint)
+    @cython.locals(heads=dict, redactor=Redactor, got=tuple, facts=tuple, key=str)
     cpdef tuple head_facts(self, ResponseHead resp, bint keep=*)
     @cython.locals(t=Txn)
     cpdef Txn txn(self, container, origin, host, port, RequestHead head, rule_id=*, host_mismatch=*)

@@ -121,15 +121,14 @@ class Recorder:
         its Content-Type; whether a body of that type is stored; its Content-Encoding, looked up only
         for a stored type). Remembered, when `keep`, for a plain head (`text`, fields not split) up to
         _HEAD_MEMO_TEXT long whose recorded fields hold no [REDACTED] (no secret is kept as a key)."""
-        text = resp.text
         heads = self._heads
         redactor = self.redactor
         if self._heads_of is not redactor:
             heads.clear()
             self._heads_of = redactor
-        plain = text is not None and resp._headers is None
-        if plain:
-            got = heads.get(text)
+        key = resp.text if resp._headers is None else None  # (a plain head's text, its fields not split)
+        if key is not None:
+            got = heads.get(key)
             if got is not None:
                 return got
         ct = resp.header("content-type")
@@ -137,10 +136,10 @@ class Recorder:
         lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
         fields = _fields_text(redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines))
         facts = (fields, ct, stored, resp.header("content-encoding") if stored else None)
-        if keep and plain and len(text) <= _HEAD_MEMO_TEXT and REDACTED not in fields:
+        if keep and key is not None and len(key) <= _HEAD_MEMO_TEXT and REDACTED not in fields:
             if len(heads) >= _HEAD_MEMO_SIZE:
                 heads.clear()
-            heads[text] = facts
+            heads[key] = facts
         return facts
 
     def txn(
