@@ -46,6 +46,7 @@ cdef class Txn:
     cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
 
 
+cpdef _dest_host(host)
 @cython.locals(text=bytes)
 cpdef str _fields_text(dict fields)
 @cython.locals(text=bytes)

@@ -46,8 +46,21 @@ log = logging.getLogger("greyproxy.capture")
 INLINE_DECODE_MAX = 16 * 1024
 
 # Pure functions of values that repeat (hosts, content types): cached, bounded.
-_dest_host = functools.lru_cache(maxsize=4096)(normalise_host)
 _text_like = functools.lru_cache(maxsize=1024)(is_text_like)
+_HOSTS: dict[str, str] = {}  # host as contacted -> as recorded (normalise_host), for _dest_host
+
+
+def _dest_host(host: str) -> str:
+    """`normalise_host(host)`, remembered (bounded: started over when full; a dict look-up costs a
+    tenth of an lru_cache call, and this runs for every record)."""
+    got = _HOSTS.get(host)
+    if got is None:
+        got = normalise_host(host)
+        if len(_HOSTS) >= 4096:
+            _HOSTS.clear()
+        _HOSTS[host] = got
+    return got
+
 _wall, _clock = time.time, time.perf_counter  # (module globals: no attribute lookup on `time` per request)
 
 Body = tuple[bytes, "str | None", "str | None"]  # (captured bytes, content type, content encoding)
