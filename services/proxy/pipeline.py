@@ -61,6 +61,7 @@ def _dest_host(host: str) -> str:
         _HOSTS[host] = got
     return got
 
+
 _wall, _clock = time.time, time.perf_counter  # (module globals: no attribute lookup on `time` per request)
 
 Body = tuple[bytes, "str | None", "str | None"]  # (captured bytes, content type, content encoding)
