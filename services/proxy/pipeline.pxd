@@ -18,11 +18,9 @@ cdef class Txn
 cdef class Recorder:
     cdef public object journal, max_body, counts, transactions
     cdef public Redactor redactor
-    cdef public dict _heads
-    cdef public object _heads_of
 
-    @cython.locals(heads=dict, redactor=Redactor, got=tuple, facts=tuple, key=str)
-    cpdef tuple head_facts(self, ResponseHead resp, bint keep=*)
+    @cython.locals(redactor=Redactor)
+    cpdef tuple head_facts(self, ResponseHead resp)
     @cython.locals(t=Txn)
     cpdef Txn txn(self, container, origin, host, port, RequestHead head, rule_id=*, host_mismatch=*)
     cpdef submit(self, list values, tuple req, tuple resp, scrub=*)

@@ -31,7 +31,7 @@ from greyproxy.bodies import pack, to_record
 from greyproxy.capture import DEFAULT_MAX_BODY, BodyCapture, is_text_like, stored_body
 from greyproxy.credentials.substitute import Scrubber
 from greyproxy.policy.patterns import normalise_host
-from greyproxy.redaction import REDACTED, Redactor, extra_patterns
+from greyproxy.redaction import Redactor, extra_patterns
 
 from . import http1
 from .conn import ConnClosed
@@ -105,8 +105,6 @@ class Recorder:
         "redactor",
         "counts",
         "transactions",
-        "_heads",
-        "_heads_of",
     )
 
     def __init__(self, journal: JournalWriter, max_body: int = DEFAULT_MAX_BODY) -> None:
@@ -115,11 +113,6 @@ class Recorder:
         self.redactor = Redactor()
         self.counts: Counter[str] = Counter()
         self.transactions = 0  # records made (a plain count: the Counter costs ~1.7k instructions a request)
-        # A response head's text -> its `head_facts`, for heads whose fields hold nothing redacted: a
-        # server answers the same request with the same head, byte for byte, mostly (bounded: heads come
-        # from peers). Made with the redactor `_heads_of`: another redactor starts it over.
-        self._heads: dict[str, HeadFacts] = {}
-        self._heads_of: Redactor | None = None
 
     def settings_changed(self, values: dict[str, Any]) -> None:
         self.redactor = Redactor(extra_patterns(values.get("redactedHeaders")))
@@ -130,31 +123,16 @@ class Recorder:
             out["transactions"] = self.transactions
         return out
 
-    def head_facts(self, resp: http1.ResponseHead, keep: bool = True) -> HeadFacts:
+    def head_facts(self, resp: http1.ResponseHead) -> HeadFacts:
         """What a record takes from a response head: (its fields as recorded, redacted, as JSON text;
         its Content-Type; whether a body of that type is stored; its Content-Encoding, looked up only
-        for a stored type). Remembered, when `keep`, for a plain head (`text`, fields not split) up to
-        _HEAD_MEMO_TEXT long whose recorded fields hold no [REDACTED] (no secret is kept as a key)."""
-        heads = self._heads
-        redactor = self.redactor
-        if self._heads_of is not redactor:
-            heads.clear()
-            self._heads_of = redactor
-        key = resp.text if resp._headers is None else None  # (a plain head's text, its fields not split)
-        if key is not None:
-            got = heads.get(key)
-            if got is not None:
-                return got
+        for a stored type)."""
         ct = resp.header("content-type")
         stored = _text_like(ct)
+        redactor = self.redactor
         lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
         fields = _fields_text(redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines))
-        facts = (fields, ct, stored, resp.header("content-encoding") if stored else None)
-        if keep and key is not None and len(key) <= _HEAD_MEMO_TEXT and REDACTED not in fields:
-            if len(heads) >= _HEAD_MEMO_SIZE:
-                heads.clear()
-            heads[key] = facts
-        return facts
+        return (fields, ct, stored, resp.header("content-encoding") if stored else None)
 
     def txn(
         self,
@@ -290,8 +268,6 @@ _SUBSTITUTED, _REFUSED = _AT["substituted_credentials"], _AT["refused_credential
 
 # (fields as recorded: JSON text, Content-Type, body stored?, Content-Encoding): Recorder.head_facts
 HeadFacts = tuple[str, "str | None", bool, "str | None"]
-_HEAD_MEMO_SIZE = 256  # response heads remembered per Recorder
-_HEAD_MEMO_TEXT = 4096  # the longest head text remembered (so at most ~2 MiB in all)
 
 
 _dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per call)
@@ -420,7 +396,7 @@ class Txn:
     def resp_sink(self, resp: http1.ResponseHead) -> Callable[[bytes | memoryview], None]:
         """The `BodyReader` sink for the (final) response's body."""
         recorder = self.recorder
-        facts = recorder.head_facts(resp, self.scrubber is None)
+        facts = recorder.head_facts(resp)
         self.resp_head, self.resp_facts = resp, facts
         # A body that will not be stored (binary) is only counted: no copy at all.
         self.resp = cap = BodyCapture(recorder.max_body if facts[2] else 0)
@@ -458,7 +434,7 @@ class Txn:
         else:  # (taken once: by resp_sink for this very head, when it was called)
             facts = self.resp_facts if self.resp_head is resp else None
             if facts is None:
-                facts = self.recorder.head_facts(resp, scrub is None)
+                facts = self.recorder.head_facts(resp)
             resp_ct, resp_headers = facts[1], facts[0]
             if scrub is not None and resp_headers != "{}":
                 redactor = self.recorder.redactor

@@ -2,10 +2,10 @@
 exchanges, byte for byte as the journal serialises them (`JournalWriter.append`: one orjson dump of
 the data), but for the clock fields (`timestamp`, `duration_ms`, set to 0 here).
 
-These pin what is recorded, so that work done to make recording cheaper (`Recorder.head_facts`
-remembering response heads, the JSON fields taken as text) changes nothing that reaches the journal,
-the recorder's rows or the API. Each exchange is recorded twice by the same Recorder: the second time
-from what the first remembered."""
+These pin what is recorded, so that work done to make recording cheaper (the JSON fields made as
+text, per line of a head) changes nothing that reaches the journal, the recorder's rows or the API.
+Each exchange is recorded twice by the same Recorder: the second time from what its redactor
+remembered of the first's lines."""
 
 from __future__ import annotations
 
@@ -227,7 +227,7 @@ def recorded(kind: str, times: int = 2) -> list[bytes]:
 def test_the_record_of_each_exchange_is_pinned_byte_for_byte(kind: str) -> None:
     first, again = recorded(kind)
     assert first == EXPECTED[kind]
-    assert again == first  # the second, from what the Recorder remembered of the first
+    assert again == first  # the second, from what the redactor remembered of the first's lines
 
 
 def test_the_pinned_records_read_back_with_secrets_redacted() -> None:
@@ -243,8 +243,8 @@ def test_the_pinned_records_read_back_with_secrets_redacted() -> None:
     assert b"s3cr3t" not in EXPECTED["substituted"] and b"sk-secret" not in EXPECTED["api"]
 
 
-def test_a_remembered_head_is_redacted_by_the_current_settings() -> None:
-    """A head remembered with one redactor is not reused with another: after `redactedHeaders`
+def test_a_head_is_redacted_by_the_current_settings() -> None:
+    """What one redactor remembered of a head's lines is not reused by another: after `redactedHeaders`
     changes (or the redactor is swapped), the same head is recorded with the new patterns."""
 
     async def main() -> list[dict[str, Any]]:
@@ -264,26 +264,3 @@ def test_a_remembered_head_is_redacted_by_the_current_settings() -> None:
     assert first["response_headers"]["X-Custom"] == ["private"]
     assert changed["response_headers"]["X-Custom"] == ["[REDACTED]"]
     assert back["response_headers"]["X-Custom"] == ["private"]
-
-
-def test_a_head_with_a_redacted_field_is_not_remembered() -> None:
-    """No secret is kept as a key: a head whose fields hold a redacted value is recorded every time
-    anew; a head without one is remembered (once), and the memory stays bounded (in heads, and in
-    the length of a head kept)."""
-
-    async def main() -> tuple[list[str], Recorder]:
-        rec = Recorder(Journal())  # type: ignore[arg-type]
-        long = NOT_MODIFIED.replace(b"Server: s", b"Server: " + b"s" * 5000)  # too long to be kept
-        for raw in (API_JSON, NGINX_1K, NGINX_1K, API_JSON, long):
-            t = rec.txn("c1", "http://h", "h", 80, request(WRK_GET))
-            t.finish(response(raw))
-        remembered = list(rec._heads)
-        for i in range(600):
-            t = rec.txn("c1", "http://h", "h", 80, request(WRK_GET))
-            t.finish(response(NOT_MODIFIED.replace(b'"x"', b'"%d"' % i)))
-        return remembered, rec
-
-    remembered, rec = asyncio.run(main())
-    assert remembered == [NGINX_1K[:-4].decode()]
-    assert 0 < len(rec._heads) <= 256
-    assert rec.stats()["transactions"] == 605
