@@ -9,9 +9,13 @@ cdef class Redactor:
     cdef public dict _seen, _names, _lines
 
     cpdef bint matches(self, name) except -1
-    cpdef _name(self, name)
-    @cython.locals(out=dict, seen=dict, values=list, line=str, got=tuple)
+    cpdef tuple _name(self, name)
+    @cython.locals(seen=dict, hit=tuple, got=tuple, pick=tuple, name=str, value=str)
+    cpdef tuple _line(self, str line)
+    @cython.locals(out=dict, seen=dict, values=list, line=str, got=tuple, key=str)
     cpdef dict header_lines(self, lines)
-    @cython.locals(out=dict, names=dict, values=list, hit=tuple)
+    @cython.locals(parts=list, keys=list, seen=dict, line=str, got=tuple, pick=tuple)
+    cpdef tuple recorded_lines(self, list lines)
+    @cython.locals(out=dict, names=dict, values=list, hit=tuple, key=str)
     cpdef dict headers(self, pairs)
     cpdef url(self, url)

@@ -18,6 +18,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_plus
 
+import orjson
+
 __all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "URL_HEADERS", "Redactor", "canonical_header_name", "extra_patterns"]
 
 DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
@@ -36,6 +38,11 @@ DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
 REDACTED = "[REDACTED]"
 URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
 _CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
+# The fields whose first value `recorded_lines` also gives (1: Content-Type, 2: Content-Encoding), by
+# lower-case name: what a record keeps of a response besides its fields.
+_PICKED = {"content-type": 1, "content-encoding": 2}
+_dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per line)
+_REDACTED_JSON = _dumps(REDACTED).decode() + "]"
 
 
 def canonical_header_name(name: str) -> str:
@@ -62,10 +69,10 @@ class Redactor:
         globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
         self._glob = re.compile("|".join(globs)) if globs else None
         self._seen: dict[str, bool] = {}
-        # raw name -> (canonical name, redacted?, a URL header?)
-        self._names: dict[str, tuple[str, bool, bool]] = {}
-        # a field's line -> (canonical name, value as recorded), for `header_lines`
-        self._lines: dict[str, tuple[str, str]] = {}
+        # raw name -> (canonical name, redacted?, a URL header?, ...): `_name`
+        self._names: dict[str, tuple[str, bool, bool, int, str]] = {}
+        # a field's line -> its recorded form (`_line`), for `header_lines` and `recorded_lines`
+        self._lines: dict[str, tuple[str, str, str, tuple[int, str] | None]] = {}
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -76,41 +83,91 @@ class Redactor:
                 self._seen[lname] = hit
         return hit
 
-    def _name(self, name: str) -> tuple[str, bool, bool]:
-        """(canonical name, redacted?, a URL header?) of a raw header name, remembered."""
+    def _name(self, name: str) -> tuple[str, bool, bool, int, str]:
+        """(canonical name, redacted?, a URL header?, 1 for Content-Type / 2 for Content-Encoding / 0,
+        the JSON text that starts the name's field in `recorded_lines`: `"Name":[`) of a raw header
+        name, remembered."""
         key = canonical_header_name(name)
-        hit = (key, self.matches(name), key.lower() in URL_HEADERS)
+        hit = (
+            key,
+            self.matches(name),
+            key.lower() in URL_HEADERS,
+            _PICKED.get(name.lower(), 0),
+            _dumps(key).decode() + ":[",
+        )
         if len(self._names) < _CACHE_LIMIT:
             self._names[name] = hit
         return hit
+
+    def _line(self, line: str) -> tuple[str, str, str, tuple[int, str] | None]:
+        """A field's line (`name:value`) as recorded: (canonical name, value as recorded, the JSON text
+        of `"name":["value"]` as orjson writes it, (1 or 2, its value) for a Content-Type or
+        Content-Encoding field else None). Remembered, bounded, but for a redacted name (whose line
+        holds a secret, and whose value is recorded as REDACTED anyway)."""
+        name, _, value = line.partition(":")
+        hit = self._names.get(name)
+        if hit is None:
+            hit = self._name(name)
+        value = value.strip(" \t")
+        role = hit[3]
+        pick = (role, value) if role else None
+        if hit[1]:
+            return (hit[0], REDACTED, hit[4] + _REDACTED_JSON, pick)
+        if hit[2]:
+            value = self.url(value)
+        got = (hit[0], value, hit[4] + _dumps(value).decode() + "]", pick)
+        seen = self._lines
+        if len(seen) >= _CACHE_LIMIT:
+            seen.clear()  # (lines come from peers: bounded, start over)
+        seen[line] = got
+        return got
 
     def header_lines(self, lines: Iterable[str]) -> dict[str, list[str]]:
         """`headers` of fields given as the lines of a head (`name:value`, the value taken without its
         surrounding blanks): what `headers` gives for the pairs read from them, without the pairs.
         Most lines of a server's answers come back word for word (Server, Content-Type, Vary, ...):
-        each line's (canonical name, value as recorded) is remembered, bounded, but for a redacted
-        name (whose line holds a secret, and whose value is recorded as REDACTED anyway)."""
+        each line's recorded form is remembered (`_line`)."""
         out: dict[str, list[str]] = {}
         seen = self._lines
         for line in lines:
             got = seen.get(line)
             if got is None:
-                name, _, value = line.partition(":")
-                key, redacted, url = self._names.get(name) or self._name(name)
-                if redacted:
-                    got = (key, REDACTED)
-                else:
-                    got = (key, self.url(value.strip(" \t")) if url else value.strip(" \t"))
-                    if len(seen) >= _CACHE_LIMIT:
-                        seen.clear()  # (lines come from peers: bounded, start over)
-                    seen[line] = got
-            key, value = got
+                got = self._line(line)
+            key = got[0]
             values = out.get(key)
             if values is None:
-                out[key] = [value]
+                out[key] = [got[1]]
             else:
-                values.append(value)
+                values.append(got[1])
         return out
+
+    def recorded_lines(self, lines: list[str]) -> tuple[str, str | None, str | None]:
+        """What a record keeps of fields given as the lines of a head: (`header_lines(lines)` as JSON
+        text, as orjson writes it; the first Content-Type value; the first Content-Encoding value, as
+        `ResponseHead.header` reads them, unredacted). The JSON text is joined from each line's,
+        remembered with the line (`_line`): no map of lists is built, nor dumped, but when a name
+        comes back (`Vary` twice: its values are one list)."""
+        parts: list[str] = []
+        keys: list[str] = []
+        ct: str | None = None
+        ce: str | None = None
+        seen = self._lines
+        for line in lines:
+            got = seen.get(line)
+            if got is None:
+                got = self._line(line)
+            pick = got[3]
+            if pick is not None:
+                if pick[0] == 1:
+                    if ct is None:
+                        ct = pick[1]
+                elif ce is None:
+                    ce = pick[1]
+            keys.append(got[0])
+            parts.append(got[2])
+        if len(set(keys)) != len(keys):  # a name more than once: its values are one list
+            return _dumps(self.header_lines(lines)).decode(), ct, ce
+        return "{" + ",".join(parts) + "}", ct, ce
 
     def headers(self, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """Header pairs → {canonical name: [values]} with matching values replaced."""
@@ -120,10 +177,10 @@ class Redactor:
             hit = names.get(name)  # once per record and header: the same few names come back every time
             if hit is None:
                 hit = self._name(name)
-            key, redacted, url = hit
-            if redacted:
+            key = hit[0]
+            if hit[1]:
                 value = REDACTED
-            elif url:
+            elif hit[2]:
                 value = self.url(value)
             values = out.get(key)
             if values is None:

@@ -125,14 +125,22 @@ class Recorder:
 
     def head_facts(self, resp: http1.ResponseHead) -> HeadFacts:
         """What a record takes from a response head: (its fields as recorded, redacted, as JSON text;
-        its Content-Type; whether a body of that type is stored; its Content-Encoding, looked up only
-        for a stored type)."""
-        ct = resp.header("content-type")
-        stored = _text_like(ct)
+        its Content-Type; whether a body of that type is stored; its Content-Encoding, for a stored
+        type). A plain head's fields are read from its lines, all in one pass (`Redactor.recorded_lines`)."""
         redactor = self.redactor
         lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
-        fields = _fields_text(redactor.headers(resp.headers) if lines is None else redactor.header_lines(lines))
-        return (fields, ct, stored, resp.header("content-encoding") if stored else None)
+        if lines is not None:
+            fields, ct, ce = redactor.recorded_lines(lines)
+            stored = _text_like(ct)
+            return (fields, ct, stored, ce if stored else None)
+        ct = resp.header("content-type")
+        stored = _text_like(ct)
+        return (
+            _fields_text(redactor.headers(resp.headers)),
+            ct,
+            stored,
+            resp.header("content-encoding") if stored else None,
+        )
 
     def txn(
         self,
