@@ -6,16 +6,17 @@ cimport cython
 
 cdef class Redactor:
     cdef public object patterns, _exact, _glob
-    cdef public dict _seen, _names, _lines
+    cdef public dict _seen, _names, _bits, _fields
 
     cpdef bint matches(self, name) except -1
+    @cython.locals(bits=dict)
     cpdef tuple _name(self, name)
-    @cython.locals(seen=dict, hit=tuple, got=tuple, pick=tuple, name=str, value=str)
-    cpdef tuple _line(self, str line)
-    @cython.locals(out=dict, seen=dict, values=list, line=str, got=tuple, key=str)
+    @cython.locals(seen=dict, hit=tuple, got=tuple, pick=tuple, line=str, name=str, value=str, text=bytes)
+    cpdef tuple _field(self, field)
+    @cython.locals(out=dict, seen=dict, values=list, got=tuple, key=str)
     cpdef dict header_lines(self, lines)
-    @cython.locals(parts=list, keys=list, seen=dict, line=str, got=tuple, pick=tuple)
-    cpdef tuple recorded_lines(self, list lines)
+    @cython.locals(parts=list, seen=dict, got=tuple, pick=tuple, mask=Py_ssize_t, bit=Py_ssize_t, twice=bint)
+    cpdef tuple recorded(self, list fields)
     @cython.locals(out=dict, names=dict, values=list, hit=tuple, key=str)
     cpdef dict headers(self, pairs)
     cpdef url(self, url)

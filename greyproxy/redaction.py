@@ -38,11 +38,12 @@ DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
 REDACTED = "[REDACTED]"
 URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
 _CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
-# The fields whose first value `recorded_lines` also gives (1: Content-Type, 2: Content-Encoding), by
+# The fields whose first value `Redactor.recorded` also gives (1: Content-Type, 2: Content-Encoding), by
 # lower-case name: what a record keeps of a response besides its fields.
 _PICKED = {"content-type": 1, "content-encoding": 2}
 _dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per line)
 _REDACTED_JSON = _dumps(REDACTED).decode() + "]"
+_BITS = 62  # canonical names with a bit of their own in `Redactor.recorded`'s check (the 63rd shared)
 
 
 def canonical_header_name(name: str) -> str:
@@ -60,7 +61,7 @@ def extra_patterns(value: Any) -> list[str]:
 class Redactor:
     """Decides which header names are redacted; immutable once built (swap it when settings change)."""
 
-    __slots__ = ("patterns", "_exact", "_glob", "_seen", "_names", "_lines")  # (redaction.pxd, compiled)
+    __slots__ = ("patterns", "_exact", "_glob", "_seen", "_names", "_bits", "_fields")  # (redaction.pxd, compiled)
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
         patterns = [_fold(p) for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
@@ -70,9 +71,11 @@ class Redactor:
         self._glob = re.compile("|".join(globs)) if globs else None
         self._seen: dict[str, bool] = {}
         # raw name -> (canonical name, redacted?, a URL header?, ...): `_name`
-        self._names: dict[str, tuple[str, bool, bool, int, str]] = {}
-        # a field's line -> its recorded form (`_line`), for `header_lines` and `recorded_lines`
-        self._lines: dict[str, tuple[str, str, str, tuple[int, str] | None]] = {}
+        self._names: dict[str, tuple[str, bool, bool, int, str, int]] = {}
+        self._bits: dict[str, int] = {}  # canonical name -> its bit (`_name`)
+        # a field (a head's line, or a (name, value) pair) -> its recorded form (`_field`), for
+        # `header_lines` and `recorded`
+        self._fields: dict[str | tuple[str, str], tuple[str, str, str, tuple[int, str] | None, int]] = {}
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -83,56 +86,71 @@ class Redactor:
                 self._seen[lname] = hit
         return hit
 
-    def _name(self, name: str) -> tuple[str, bool, bool, int, str]:
+    def _name(self, name: str) -> tuple[str, bool, bool, int, str, int]:
         """(canonical name, redacted?, a URL header?, 1 for Content-Type / 2 for Content-Encoding / 0,
-        the JSON text that starts the name's field in `recorded_lines`: `"Name":[`) of a raw header
-        name, remembered."""
+        the JSON text that starts the name's field in `recorded`: `"Name":[`, the name's bit in
+        `recorded`'s check for a name met twice) of a raw header name, remembered."""
         key = canonical_header_name(name)
+        bits = self._bits
+        bit = bits.get(key)
+        if bit is None:
+            # The first _BITS canonical names each get their own bit; later ones all share the last
+            # (two of them in one head read as a name met twice: recorded the slow way, still right).
+            bit = 1 << min(len(bits), _BITS)
+            if len(bits) < _CACHE_LIMIT:
+                bits[key] = bit  # (never forgotten: a name's bit must stay what its `_names` entry says)
         hit = (
             key,
             self.matches(name),
             key.lower() in URL_HEADERS,
             _PICKED.get(name.lower(), 0),
             _dumps(key).decode() + ":[",
+            bit,
         )
         if len(self._names) < _CACHE_LIMIT:
             self._names[name] = hit
         return hit
 
-    def _line(self, line: str) -> tuple[str, str, str, tuple[int, str] | None]:
-        """A field's line (`name:value`) as recorded: (canonical name, value as recorded, the JSON text
-        of `"name":["value"]` as orjson writes it, (1 or 2, its value) for a Content-Type or
-        Content-Encoding field else None). Remembered, bounded, but for a redacted name (whose line
-        holds a secret, and whose value is recorded as REDACTED anyway)."""
-        name, _, value = line.partition(":")
+    def _field(self, field: str | tuple[str, str]) -> tuple[str, str, str, tuple[int, str] | None, int]:
+        """A field, a head's line (`name:value`, the value taken without its surrounding blanks) or a
+        (name, value) pair, as recorded: (canonical name, value as recorded, the JSON text of
+        `"Name":["value"]` as orjson writes it, (1 or 2, its value) for a Content-Type or
+        Content-Encoding field else None, the name's bit). Remembered, bounded, but for a redacted
+        name (whose field holds a secret, and whose value is recorded as REDACTED anyway)."""
+        if type(field) is str:
+            line = field
+            name, _, value = line.partition(":")
+            value = value.strip(" \t")
+        else:
+            name, value = field
         hit = self._names.get(name)
         if hit is None:
             hit = self._name(name)
-        value = value.strip(" \t")
         role = hit[3]
         pick = (role, value) if role else None
         if hit[1]:
-            return (hit[0], REDACTED, hit[4] + _REDACTED_JSON, pick)
+            return (hit[0], REDACTED, hit[4] + _REDACTED_JSON, pick, hit[5])
         if hit[2]:
             value = self.url(value)
-        got = (hit[0], value, hit[4] + _dumps(value).decode() + "]", pick)
-        seen = self._lines
+        text = _dumps(value)
+        got = (hit[0], value, f"{hit[4]}{text.decode()}]", pick, hit[5])
+        seen = self._fields
         if len(seen) >= _CACHE_LIMIT:
-            seen.clear()  # (lines come from peers: bounded, start over)
-        seen[line] = got
+            seen.clear()  # (fields come from peers: bounded, start over)
+        seen[field] = got
         return got
 
-    def header_lines(self, lines: Iterable[str]) -> dict[str, list[str]]:
+    def header_lines(self, lines: Iterable[str] | Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """`headers` of fields given as the lines of a head (`name:value`, the value taken without its
-        surrounding blanks): what `headers` gives for the pairs read from them, without the pairs.
-        Most lines of a server's answers come back word for word (Server, Content-Type, Vary, ...):
-        each line's recorded form is remembered (`_line`)."""
+        surrounding blanks), or as pairs: what `headers` gives for the pairs read from them, without
+        the pairs. Most lines of a server's answers come back word for word (Server, Content-Type,
+        Vary, ...): each field's recorded form is remembered (`_field`)."""
         out: dict[str, list[str]] = {}
-        seen = self._lines
-        for line in lines:
-            got = seen.get(line)
+        seen = self._fields
+        for field in lines:
+            got = seen.get(field)
             if got is None:
-                got = self._line(line)
+                got = self._field(field)
             key = got[0]
             values = out.get(key)
             if values is None:
@@ -141,21 +159,22 @@ class Redactor:
                 values.append(got[1])
         return out
 
-    def recorded_lines(self, lines: list[str]) -> tuple[str, str | None, str | None]:
-        """What a record keeps of fields given as the lines of a head: (`header_lines(lines)` as JSON
-        text, as orjson writes it; the first Content-Type value; the first Content-Encoding value, as
-        `ResponseHead.header` reads them, unredacted). The JSON text is joined from each line's,
-        remembered with the line (`_line`): no map of lists is built, nor dumped, but when a name
-        comes back (`Vary` twice: its values are one list)."""
+    def recorded(self, fields: list[str] | list[tuple[str, str]]) -> tuple[str, str | None, str | None]:
+        """What a record keeps of a head's fields, given as its lines or as (name, value) pairs:
+        (`header_lines(fields)` as JSON text, as orjson writes it; the first Content-Type value; the
+        first Content-Encoding value, as the heads' `header` reads them, unredacted). The JSON text is
+        joined from each field's, remembered with the field (`_field`): no map of lists is built, nor
+        dumped, but when a name comes back (`Vary` twice: its values are one list)."""
         parts: list[str] = []
-        keys: list[str] = []
         ct: str | None = None
         ce: str | None = None
-        seen = self._lines
-        for line in lines:
-            got = seen.get(line)
+        seen = self._fields
+        mask = 0  # the bits of the names met so far
+        twice = False
+        for field in fields:
+            got = seen.get(field)
             if got is None:
-                got = self._line(line)
+                got = self._field(field)
             pick = got[3]
             if pick is not None:
                 if pick[0] == 1:
@@ -163,11 +182,14 @@ class Redactor:
                         ct = pick[1]
                 elif ce is None:
                     ce = pick[1]
-            keys.append(got[0])
+            bit = got[4]
+            if mask & bit:
+                twice = True
+            mask |= bit
             parts.append(got[2])
-        if len(set(keys)) != len(keys):  # a name more than once: its values are one list
-            return _dumps(self.header_lines(lines)).decode(), ct, ce
-        return "{" + ",".join(parts) + "}", ct, ce
+        if twice:  # a name more than once (or two names sharing a bit): its values are one list
+            return _dumps(self.header_lines(fields)).decode(), ct, ce
+        return f"{{{','.join(parts)}}}", ct, ce
 
     def headers(self, pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
         """Header pairs → {canonical name: [values]} with matching values replaced."""

@@ -126,21 +126,11 @@ class Recorder:
     def head_facts(self, resp: http1.ResponseHead) -> HeadFacts:
         """What a record takes from a response head: (its fields as recorded, redacted, as JSON text;
         its Content-Type; whether a body of that type is stored; its Content-Encoding, for a stored
-        type). A plain head's fields are read from its lines, all in one pass (`Redactor.recorded_lines`)."""
-        redactor = self.redactor
+        type), read in one pass over its fields (`Redactor.recorded`)."""
         lines = resp.field_lines()  # (a plain head's fields are not split into pairs just for this)
-        if lines is not None:
-            fields, ct, ce = redactor.recorded_lines(lines)
-            stored = _text_like(ct)
-            return (fields, ct, stored, ce if stored else None)
-        ct = resp.header("content-type")
+        fields, ct, ce = self.redactor.recorded(resp.headers if lines is None else lines)
         stored = _text_like(ct)
-        return (
-            _fields_text(redactor.headers(resp.headers)),
-            ct,
-            stored,
-            resp.header("content-encoding") if stored else None,
-        )
+        return (fields, ct, stored, ce if stored else None)
 
     def txn(
         self,
@@ -375,11 +365,12 @@ class Txn:
         self.host, self.port = _dest_host(host), port
         self.method = head.method
         self.url = origin + head.path
-        self.request_headers = recorder.redactor.headers(head.headers)
+        # (the fields as recorded, JSON text; the first Content-Type and Content-Encoding)
+        self.request_headers, ct, ce = recorder.redactor.recorded(head.headers)
         self.request_host = head.host or None
         self.host_mismatch = host_mismatch
-        self.req_ct = head.header("content-type")
-        self.req_ce = head.header("content-encoding") if self.req_ct is not None else None
+        self.req_ct = ct
+        self.req_ce = ce if ct is not None else None
         self.t0, self.p0 = _wall(), _clock()
         self.req: BodyCapture | None = None
         self.resp: BodyCapture | None = None
@@ -457,7 +448,7 @@ class Txn:
             self.port,
             self.method,
             self.url,
-            _fields_text(self.request_headers),
+            self.request_headers,
             None,
             req.size if req is not None else 0,
             req_ct,

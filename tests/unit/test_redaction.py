@@ -296,7 +296,7 @@ def test_header_lines_record_what_headers_records(fields: list[tuple[str, str, s
     pairs = [(k, (sep[1:] + v).strip(" \t")) for k, sep, v in fields]
     for _ in range(rounds):
         assert r.header_lines(lines) == r.headers(pairs)
-    assert not any(line.lower().startswith(("set-cookie", "x-api-key", "x-a")) for line in r._lines)
+    assert not any(line.lower().startswith(("set-cookie", "x-api-key", "x-a")) for line in r._fields)
 
 
 def test_header_lines_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -306,4 +306,4 @@ def test_header_lines_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     r = Redactor()
     for i in range(50):
         assert r.header_lines([f"Date: {i}"]) == {"Date": [str(i)]}
-        assert len(r._lines) <= 8
+        assert len(r._fields) <= 8
