@@ -307,3 +307,55 @@ def test_header_lines_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None
     for i in range(50):
         assert r.header_lines([f"Date: {i}"]) == {"Date": [str(i)]}
         assert len(r._fields) <= 8
+
+
+_RECORDED_NAMES = st.sampled_from(
+    ["Server", "content-type", "Content-Type", "Content-Encoding", "CONTENT-ENCODING", "Set-Cookie", "X-Api-Key"]
+    + ["Location", "X-A", "x-a", "Vary", "ETag", "X-Request-Id"]
+)
+_RECORDED_VALUES = st.sampled_from(
+    ["", "nginx", " padded ", "text/html", "gzip", 'a "q" \\ c', "caf\xe9", "\x1f\x7f", "/p?token=s&x=1", "sid=1"]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    fields=st.lists(st.tuples(_RECORDED_NAMES, st.sampled_from([":", ": ", ":\t"]), _RECORDED_VALUES), max_size=10),
+    rounds=st.integers(1, 3),
+    bits=st.sampled_from([62, 1, 0]),
+)
+def test_recorded_is_the_json_of_what_headers_records(
+    fields: list[tuple[str, str, str]], rounds: int, bits: int
+) -> None:
+    """`recorded` (each field's JSON remembered, joined) gives, from a head's lines or from its pairs,
+    every time, orjson's text of what `headers` records (a name met twice: its values one list), and
+    the first Content-Type and Content-Encoding values unredacted, as a head's `header` reads them.
+    With few bits (`_BITS`) names share them: still the same text. No redacted field is remembered."""
+    import orjson
+
+    from greyproxy import redaction
+
+    kept, redaction._BITS = redaction._BITS, bits
+    try:
+        r = Redactor(["x-a", "content-encoding"])  # (a picked field redacted: its value is still picked)
+        lines = [k + sep + v for k, sep, v in fields]
+        pairs = [(k, (sep[1:] + v).strip(" \t")) for k, sep, v in fields]
+        want = orjson.dumps(r.headers(pairs)).decode()
+        ct = next((v for k, v in pairs if k.lower() == "content-type"), None)
+        ce = next((v for k, v in pairs if k.lower() == "content-encoding"), None)
+        for _ in range(rounds):
+            assert r.recorded(lines) == (want, ct, ce)
+            assert r.recorded(pairs) == (want, ct, ce)
+    finally:
+        redaction._BITS = kept
+    for field in r._fields:
+        assert not r.matches(field[0] if isinstance(field, tuple) else field.partition(":")[0])
+
+
+def test_recorded_names_met_twice_are_one_list() -> None:
+    r = Redactor()
+    lines = ["Vary: Accept", "Server: s", "vary: Origin", "Set-Cookie: a=1", "set-cookie: b=2"]
+    text, ct, ce = r.recorded(lines)
+    assert text == '{"Vary":["Accept","Origin"],"Server":["s"],"Set-Cookie":["[REDACTED]","[REDACTED]"]}'
+    assert (ct, ce) == (None, None)
+    assert r.recorded([]) == ("{}", None, None)
