@@ -753,7 +753,7 @@ class ResponseHead:
 
     def field_lines(self) -> list[str] | None:
         """The fields as the lines of the head (`name:value`), while `headers` has not been built (nor
-        set): for a reader that can take them so (`Redactor.header_lines`). Else None: read `headers`."""
+        set): for a reader that can take them so (`Redactor.recorded`). Else None: read `headers`."""
         text = self.text
         if self._headers is not None or text is None:
             return None
