@@ -117,7 +117,7 @@ class Redactor:
         `"Name":["value"]` as orjson writes it, (1 or 2, its value) for a Content-Type or
         Content-Encoding field else None, the name's bit). Remembered, bounded, but for a redacted
         name (whose field holds a secret, and whose value is recorded as REDACTED anyway)."""
-        if type(field) is str:
+        if isinstance(field, str):
             line = field
             name, _, value = line.partition(":")
             value = value.strip(" \t")
