@@ -25,6 +25,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from unittest import mock
@@ -216,6 +218,15 @@ class Proxy:
         for _ in range(turns):
             await asyncio.sleep(0)
 
+    async def until(self, check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        """Until `check()` holds (work in a thread, such as scrypt, takes what the machine gives it)."""
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not within {timeout} s: {what}")
+            await asyncio.sleep(0.01)
+        await self.settle()
+
     async def finish(self) -> None:
         """The client closes (unless it was closed); until the connection is over."""
         if not self.client.closed:
@@ -367,8 +378,8 @@ def test_named_and_claimed_clients_are_served_inside_the_callbacks() -> None:
             with mock.patch.object(http_proxy, "connect", p.connect):
                 p.start()
                 p.send(_get("/ok", extra=auth(user, secret)))
-                await asyncio.sleep(0.2)  # a claimed name's first check runs scrypt in a thread
-                await p.settle()
+                # (a claimed name's first check runs scrypt in a thread)
+                await p.until(lambda: b"hello" in p.wire.out, "the first answer")
                 assert p.wire.out.count(b"hello") == 1, p.wire.out
                 (origin,) = p.origins
                 sent = len(origin.out)
@@ -382,8 +393,7 @@ def test_named_and_claimed_clients_are_served_inside_the_callbacks() -> None:
                 p.send(_get(MANUAL, extra=auth(user, "wrong")))
                 if user == "claimed-agent":
                     assert origin.out[sent:] == b""  # not from the callback: the handler checks it
-                    await asyncio.sleep(0.2)
-                    await p.settle()
+                    await p.until(lambda: p.client.closed, "the refusal")
                     assert b"407 Proxy Authentication Required" in p.wire.out and p.client.closed
                 else:  # an unclaimed name takes any secret: as check_identity, at once
                     assert origin.out[sent:].startswith(b"GET /manual")
