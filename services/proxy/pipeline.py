@@ -144,7 +144,7 @@ class Recorder:
     ) -> Txn:
         """The record of a request just read: `origin` ('scheme://authority') and `host`/`port` name
         what is contacted; `head` is the client's request, snapshotted now (see the module doc)."""
-        t = Txn.__new__(Txn)  # (compiled: no call of __init__ through its Python arguments)
+        t = Txn.__new__(Txn)  # (made only here; compiled, `_start` is a C call, not __init__'s Python arguments)
         t._start(self, container, origin, host, port, head, rule_id, host_mismatch)
         return t
 
@@ -308,7 +308,7 @@ class Txn:
     Taken when the request is read: the URL (of the host contacted), the redacted request
     headers, the request's own Host (`request_host`) and whether it names another host than the
     one contacted (`host_mismatch`). Nothing done to the request afterwards (request hooks build
-    the upstream head from a copy) changes them."""
+    the upstream head from a copy) changes them. Made by `Recorder.txn`."""
 
     __slots__ = (
         "recorder",
@@ -335,19 +335,6 @@ class Txn:
         "scrubber",
         "refused",
     )
-
-    def __init__(
-        self,
-        recorder: Recorder,
-        container: str,
-        origin: str,
-        host: str,
-        port: int,
-        head: http1.RequestHead,
-        rule_id: int | None = None,
-        host_mismatch: bool = False,
-    ) -> None:
-        self._start(recorder, container, origin, host, port, head, rule_id, host_mismatch)
 
     def _start(
         self,
