@@ -163,7 +163,7 @@ async def bare_listener() -> asyncio.AbstractServer:
 async def one_round(load: str, origin_port: int, secs: float, tb: str | None, root: Path, profile: Any) -> float:
     tmp = Path(tempfile.mkdtemp(prefix="gp-connpath-"))
     server = await (bare_listener() if load == "bare" else proxy_listener(load == "tunnels", tmp))
-    gc.collect()  # as the proxy's service does once started (service.tune_gc)
+    gc.collect()  # as the proxy's service does once started (runtime.tune_gc)
     gc.freeze()
     gc.set_threshold(5000, 10, 10)
     port = server.sockets[0].getsockname()[1]

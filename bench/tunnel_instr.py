@@ -56,7 +56,7 @@ def serve(root: str, load: str) -> None:
         server = await (
             conn_path.bare_listener() if load == "bare" else conn_path.proxy_listener(load == "tunnels", tmp)
         )
-        gc.collect()  # as the proxy's service does once started (service.tune_gc)
+        gc.collect()  # as the proxy's service does once started (runtime.tune_gc)
         gc.freeze()
         gc.set_threshold(5000, 10, 10)
         print(server.sockets[0].getsockname()[1], flush=True)

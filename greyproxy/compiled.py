@@ -55,6 +55,9 @@ MODULES = (
     "greyproxy/metrics.py",
     "bus/records.py",
     "bus/journal.py",
+    "services/recorder/apply.py",
+    "services/recorder/transactions.py",
+    "greyproxy/store/journal_applied.py",
 )
 
 DIRECTORY = Path(__file__).resolve().parent / "_compiled"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import gc
 import logging
 import socket
 import time
@@ -20,7 +19,7 @@ from greyproxy import compiled, ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
 from greyproxy.policy import RuleSet
-from greyproxy.runtime import ServiceRuntime, run_async_service
+from greyproxy.runtime import ServiceRuntime, run_async_service, tune_gc
 from greyproxy.store import open_database
 from greyproxy.store import rules as rules_table
 
@@ -403,7 +402,7 @@ async def main(rt: ServiceRuntime) -> None:
         len(states),
         "" if states else "; pure Python: GREYPROXY_PURE, or not compiled at install",
     )
-    tune_gc()
+    tune_gc(GC_THRESHOLD)
     loop.call_soon(rt.mark_ready)  # after the gather below has started serving the control socket
     try:
         await asyncio.gather(
@@ -439,14 +438,6 @@ async def main(rt: ServiceRuntime) -> None:
 # objects of every connection in flight, and a full collection every few seconds walked all that
 # startup had built (rules, certificates, modules: ~45 000 objects, ~15 ms each time).
 GC_THRESHOLD = (5000, 10, 10)
-
-
-def tune_gc() -> None:
-    """Once started: what startup built moves out of the collector's way (gc.freeze), and the
-    first generation is collected after 5 000 net new objects instead of 700."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLD)
 
 
 def run(cfg: Config) -> None:

@@ -224,6 +224,7 @@ def register(kind: str, fn, run_fn=None) -> None:
 
 
 _RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+_RECORD_ERRORS = (AttributeError, KeyError, *_RUN_ERRORS)  # a record applied alone
 
 
 def apply_run(
@@ -366,7 +367,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
             cur.execute("SAVEPOINT rec")
             fn(cur, data, events)
             cur.execute("RELEASE rec")
-        except (AttributeError, KeyError, *_RUN_ERRORS) as exc:
+        except _RECORD_ERRORS as exc:
             # A malformed record must not block the ones behind it: drop it, keep it marked applied.
             cur.execute("ROLLBACK TO rec")
             cur.execute("RELEASE rec")
@@ -380,7 +381,16 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     """The records not applied before (nor earlier in this batch), now marked applied: per writer,
     one look-up of the ranges overlapping the batch's and one range per run of consecutive
     sequence numbers (extending the writer's last row when it continues it: journal_applied.mark_ranges)."""
-    keys = journal_applied.writer_seqs([rec[0] for rec in records])
+    ids = [rec[0] for rec in records]
+    run = journal_applied.consecutive(ids)
+    if run is not None:  # one writer's ids in order, each once (the usual batch): no per-id keys
+        writer, lo = run
+        hi = lo + len(ids) - 1
+        near = cur.execute(journal_applied.RANGES_OVERLAPPING, {"writer": writer, "lo": lo, "hi": hi})
+        if all(b < lo for _a, b in near) and cur.execute(journal_applied.ANY_LEGACY).fetchone() is None:
+            journal_applied.mark_ranges(cur, [(writer, lo, hi, now)])
+            return records
+    keys = journal_applied.writer_seqs(ids)
     writers = list(dict.fromkeys(map(itemgetter(0), keys)))  # in order of appearance
     if len(writers) == 1:  # one proxy (or worker) per batch: no grouping
         by_writer = {writers[0]: list(map(itemgetter(1), keys))}

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from greyproxy.store import journal_applied, open_database
 from services.recorder import transactions  # noqa: F401 - registers the `transaction` kind
 from services.recorder.apply import apply_records
@@ -48,6 +51,35 @@ def test_writer_seqs_is_writer_seq_of_each() -> None:
         assert journal_applied.writer_seqs(ids)[5] == (odd, 0)
 
 
+def test_consecutive_is_one_writers_run_in_order() -> None:
+    assert journal_applied.consecutive([f"ab-{s:x}" for s in range(9, 40)]) == ("ab", 9)
+    assert journal_applied.consecutive(["a-b-f", "a-b-10"]) == ("a-b", 15)
+    for ids in (
+        [],
+        ["w-1", "w-3"],  # a gap
+        ["w-2", "w-1"],  # out of order
+        ["w-1", "w-1"],  # twice
+        ["w-1", "x-2"],  # another writer
+        ["w-9", "w-0a"],  # not canonical
+        ["w-0", "w-1"],  # sequence 0: bus/journal.py never writes it
+        ["plain", "plain"],
+    ):
+        assert journal_applied.consecutive(ids) is None, ids
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["w-1", "w-2", "w-3", "w-a", "w-b", "w-02", "x-2", "w-0", "w-", "w-c"]), max_size=6))
+def test_consecutive_agrees_with_writer_seqs(ids: list[str]) -> None:
+    keys = journal_applied.writer_seqs(ids)
+    run = journal_applied.consecutive(ids)
+    expected = (
+        keys[0]
+        if keys and keys[0][1] > 0 and all(k == (keys[0][0], keys[0][1] + i) for i, k in enumerate(keys))
+        else None
+    )
+    assert run == expected
+
+
 def test_batches_in_any_order_with_resends_apply_each_record_once(tmp_path: Path) -> None:
     """Two writers, batches cut differently on resend, later ones before earlier ones (a recorder
     restart while a batch was in flight), drops in the sequence (a full outbox): stored once each."""
@@ -85,6 +117,25 @@ def test_a_usual_batch_is_one_range_row(tmp_path: Path) -> None:
         assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [("w", 1, 40)]
         apply_records(conn, [_rec("w", s) for s in range(41, 81)])  # the next batch extends it
         assert conn.execute("SELECT writer, lo, hi FROM journal_ranges ORDER BY lo").fetchall() == [("w", 1, 80)]
+    finally:
+        db.close()
+
+
+def test_a_writers_next_batch_is_not_parsed_id_by_id(tmp_path: Path, monkeypatch) -> None:
+    """The usual batch (one writer's ids continuing its last range) takes `consecutive`'s path;
+    ids are told one by one only for a batch that may hold applied ones."""
+    told: list[int] = []
+    each = journal_applied.writer_seqs
+    monkeypatch.setattr(journal_applied, "writer_seqs", lambda ids: told.append(len(ids)) or each(ids))
+    db = open_database(tmp_path / "t.db")
+    try:
+        conn = db.connection()
+        for start in (1, 41, 81):
+            assert len(apply_records(conn, [_rec("w", s) for s in range(start, start + 40)])) == 40
+        assert told == []
+        assert len(apply_records(conn, [_rec("w", s) for s in range(100, 131)])) == 10  # 100-120 applied
+        assert told == [31]
+        assert conn.execute("SELECT writer, lo, hi FROM journal_ranges").fetchall() == [("w", 1, 130)]
     finally:
         db.close()
 

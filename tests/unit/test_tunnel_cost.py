@@ -1,7 +1,7 @@
 """The per-tunnel plumbing, without the stack: the first-bytes wait runs in the handler's own task
 (no task per tunnel), and a closed tunnel's pair of connections is freed by reference counting
 (no reference cycle left for the garbage collector; the proxy raises its collection threshold on
-that basis, services/proxy/service.py `tune_gc`).
+that basis, greyproxy/runtime.py `tune_gc`).
 """
 
 from __future__ import annotations
