@@ -72,8 +72,8 @@ class Publisher:  # nobody subscribed: every event is skipped (the usual case)
     def wanted(self, topic: str) -> bool:
         return False
 
-    def skip(self) -> None:
-        self.skipped += 1
+    def skip(self, n: int = 1) -> None:
+        self.skipped += n
 
     def publish(self, topic: str, data: Any, check: bool = True) -> None:  # pragma: no cover
         raise AssertionError("nobody subscribed")

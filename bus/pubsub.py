@@ -98,10 +98,10 @@ class Publisher:
         except zmq.Again:
             self.dropped += 1
 
-    def skip(self) -> None:
-        """Count an event not built because `wanted` said no one wants it (keeps `seq` as if sent)."""
-        self.seq += 1
-        self.skipped += 1
+    def skip(self, n: int = 1) -> None:
+        """Count n events not built because `wanted` said no one wants them (keeps `seq` as if sent)."""
+        self.seq += n
+        self.skipped += n
 
     def close(self) -> None:
         self._sock.close()

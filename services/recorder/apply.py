@@ -284,22 +284,31 @@ class Lean:
     their default, NULL (`nullable` must name only columns whose default is NULL), so a row stores
     the same. Binding a None costs Python 3.11's sqlite3 ~180 ns (greyproxy/store/db.py: its adapter
     look-up), a transaction row has 11 of them: a statement of rows that all have those columns
-    NULL binds the others only. Whether they do is checked in C (itemgetter, tuple compare)."""
+    NULL binds the others only."""
 
     def __init__(self, table: str, cols: tuple[str, ...], nullable: tuple[str, ...]) -> None:
         at = [cols.index(c) for c in nullable]
         keep = [i for i in range(len(cols)) if i not in at]
         assert len(at) >= 2 and len(keep) >= 2  # itemgetter of one index gives the value, not a tuple
-        self.nulls, self.none, self.keep = itemgetter(*at), (None,) * len(at), itemgetter(*keep)
+        self.at, self.keep = tuple(at), itemgetter(*keep)
         self.sql = f"INSERT INTO {table} ({', '.join(cols[i] for i in keep)}) VALUES ({', '.join('?' * len(keep))})"
 
     def fits(self, rows: list) -> bool:
         """Every one of `rows` (value lists in `cols` order) has None in each `nullable` column."""
-        return all(map(self.none.__eq__, map(self.nulls, rows)))
+        at = self.at
+        for row in rows:  # compiled (greyproxy/compiled.py): indexed look-ups, no tuple per row
+            for i in at:
+                if row[i] is not None:
+                    return False
+        return True
 
     def values(self, rows: list) -> list:
         """The rows' values, the `nullable` columns left out, in one flat list."""
-        return list(chain.from_iterable(map(self.keep, rows)))
+        out: list = []
+        keep = self.keep
+        for row in rows:
+            out.extend(keep(row))  # a tuple's items copied at once, not one iterator step each
+        return out
 
 
 # A log row names no resolved host (the destination was a name, or an address without one) and no

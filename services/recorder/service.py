@@ -58,8 +58,7 @@ def publish_events(publisher: Publisher, events: list[tuple[str, Any]]) -> None:
                 for payload in data.build():
                     publisher.publish(topic, payload, check=False)
             else:
-                for _ in range(len(data)):
-                    publisher.skip()
+                publisher.skip(len(data))
             continue
         if not want:
             publisher.skip()

@@ -109,9 +109,9 @@ class FakePublisher:
         self.asked.append(topic)
         return topic in self.want
 
-    def skip(self) -> None:
-        self.seq += 1
-        self.skipped += 1
+    def skip(self, n: int = 1) -> None:
+        self.seq += n
+        self.skipped += n
 
     def publish(self, topic: str, data: Any, *, check: bool = True) -> None:
         assert not check
