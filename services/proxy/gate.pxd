@@ -42,6 +42,7 @@ cdef class Gate:
     cpdef _decide(self, t0, container, host, port, method, client_gone)
     cpdef Verdict _decided(self, t0, container, host, port, method, Verdict verdict, now=*)
     cpdef _address_rules_apply(self, container, port)
+    cpdef bint keeps(self, container, port, conn)
     cpdef guard(self, ip, port, Admission adm)
     cpdef finish_log(self, Verdict verdict, mitm_skip_reason=*)
     cpdef _verdict(self, j, resolved=*)

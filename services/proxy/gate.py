@@ -115,17 +115,8 @@ class Admission:
 
     def keeps(self, conn: Any) -> bool:
         """Whether `conn`, an idle upstream connected for an earlier admission of the same client
-        and destination (the pool's), may serve this one: its address is judged again by the
-        address rules as they are now (without a log entry: a refused one is closed and the fresh
-        connect is judged, and logged, as any)."""
-        gate = self.gate
-        if gate._rules.address is None or not gate._address_rules_apply(self.container, self.port):
-            return True  # the usual case: no address rule could deny it
-        transport = conn.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        if not peer:
-            return False
-        return gate._rules.address_denial(self.container, peer[0], self.port) is None
+        and destination (the pool's), may serve this one (`Gate.keeps`)."""
+        return self.gate.keeps(self.container, self.port, conn)
 
 
 @dataclass
@@ -394,6 +385,20 @@ class Gate:
             self._addresses.clear()  # bounded (names come from clients): start over
         self._addresses[host] = (addrs, now)
         return addrs
+
+    def keeps(self, container: str, port: int, conn: Any) -> bool:
+        """Whether `conn`, an upstream connected earlier for `container`'s requests to `port` (parked
+        in the pool, or kept on the client's connection between its requests), may serve the next
+        one: its address is judged again by the address rules as they are now (without a log
+        entry: a refused one is closed and the fresh connect is judged, and logged, as any)."""
+        rules = self._rules
+        if rules.address is None or not self._address_rules_apply(container, port):
+            return True  # the usual case: no address rule could deny it
+        transport = conn.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not peer:
+            return False
+        return rules.address_denial(container, peer[0], port) is None
 
     def guard(self, ip: str, port: int, adm: Admission) -> str | None:
         """Judge one address the admitted connection `adm` is about to connect to; why not, or None.

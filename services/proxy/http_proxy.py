@@ -318,6 +318,11 @@ async def handle_http(client: ClientConn) -> None:
                 reused = True  # the connection served a request before (it may have gone stale since)
                 if upstream is None or upstream_key != key or not clean or not usable(upstream):
                     upstream, reused = await attach(key, verdict, fresh=False)
+                elif not gate.keeps(key[0], key[2], upstream):
+                    # An address rule added since it connected denies where it goes: closed, not
+                    # parked (`attach` releases it), and a fresh connect is judged (and logged).
+                    clean = False
+                    upstream, reused = await attach(key, verdict, fresh=False)
                 elif cid is not None:
                     lc = gate.live.get(cid)
                     if lc is not None:

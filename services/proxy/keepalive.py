@@ -447,8 +447,15 @@ class KeptAlive:
         upstream = self.upstream
         if upstream is not None:
             name = head.proxy_user or self.identity
-            # the kept upstream serves it: the same client and destination, clean
-            if not (self.clean and self.key == (name, head.host, head.port) and usable(upstream)):
+            # the kept upstream serves it: the same client and destination, clean, its address not
+            # denied by an address rule added since it connected (else the handler's exchange closes
+            # it and connects afresh, judged)
+            if not (
+                self.clean
+                and self.key == (name, head.host, head.port)
+                and usable(upstream)
+                and self.gate.keeps(name, head.port, upstream)
+            ):
                 return False
         return self._admissible(head)
 

@@ -7,7 +7,8 @@ same destination **from the same client identity**: connections are never shared
 identities, so connection-bound state at an origin (a login tied to a connection, NTLM) cannot
 leak from one client to another. Each request is still judged by the rules before a connection
 is taken from here, and the connection's address is judged again for that request's admission
-(an address rule added since it was parked refuses it: it is closed, and a fresh connect is judged).
+(an address rule added since it was parked refuses it: it is closed, and a fresh connect is judged;
+`Gate.keeps`, which also judges an upstream kept on a client's connection before its next request).
 
 Bounded: at most `per_key` idle connections per (identity, host, port) and `total` overall (the
 oldest goes first); a parked connection is closed after `idle_timeout` seconds. One that the

@@ -355,6 +355,49 @@ def test_a_parked_upstream_is_judged_again_for_the_next_requests_admission(loop_
     assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"which rule 3 denies" in denied
 
 
+@pytest.mark.parametrize("loop_kind", sorted(LOOPS))
+@pytest.mark.parametrize("begin", [True, False], ids=["callbacks", "handler"])
+def test_an_upstream_kept_on_the_connection_is_judged_again_for_its_next_request(loop_kind: str, begin: bool) -> None:
+    """Alice's first request on a kept-alive connection leaves its upstream (to 127.0.0.1) kept on
+    that connection; then an address rule denying alice 127.0.0.1 is added. Her next request on the
+    same connection is admitted (the gate's lookup saw the name elsewhere) but the kept upstream
+    does not serve it: it is closed, and the fresh connect is refused by the rule (403, one block
+    entry). Without a rule change the second request is served on the kept upstream."""
+
+    async def main() -> tuple[bytes, ...]:
+        origin = Origin()
+        await origin.start()
+        try:
+            lis = Listener(origin)
+            client, wire = lis.accept(http_proxy.begin_http if begin else None)
+            out = []
+            for step in ("first", "kept", "denied"):
+                if step == "denied":
+                    rules = [Rule(3, "alice", "127.0.0.0/8", "*", "deny"), *RULES]
+                    lis.gate.set_rules(RuleSet(rules), 2)
+                    lis.moved()
+                before = len(wire.out)
+                lis.later(client.data_received, get_head("alice", origin.port))
+                if step == "denied":
+                    await until(lambda w=wire: w.closing)
+                else:
+                    await until(
+                        lambda w=wire, b=before: b"HTTP/1.1" in bytes(w.out[b:]) and bytes(w.out).endswith(b"ok")
+                    )
+                out.append(bytes(wire.out[before:]))
+            await until(lambda: origin.open == 0)  # the refused kept connection was closed
+            assert origin.accepted == 1
+            assert [e for e in lis.logs() if e[1] == "blocked"] == [("alice", "blocked", 3)]
+            return tuple(out)
+        finally:
+            lis.ctx.pool.close_all()
+            origin.close()
+
+    first, kept, denied = LOOPS[loop_kind](main())
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n") and kept.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert denied.startswith(b"HTTP/1.1 403 Forbidden\r\n") and b"which rule 3 denies" in denied
+
+
 # ---------------------------------------------------------------- SOCKS5
 
 
