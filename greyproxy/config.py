@@ -113,6 +113,7 @@ _SCHEMA: dict[str, Any] = {
         "journalOutboxMiB": int,
         "upstreamPoolSize": int,
         "upstreamIdleTimeout": _NUM,
+        "halfClosedClients": bool,
         "workers": (int, str),
         "name": str,
         "rulesFrom": str,

@@ -217,8 +217,7 @@ class Conn:
     def _wake(self) -> None:
         watcher = self.watcher
         if watcher is not None:
-            watcher()
-            return
+            watcher()  # (a reader waiting too is woken as well: an exchange watches a body's relay)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)

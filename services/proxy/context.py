@@ -37,6 +37,7 @@ class Limits:
     max_per_client: int = 1000
     upstream_pool_size: int = 32  # idle upstream connections kept per (client, destination); 0: none
     upstream_idle_timeout: float = 30.0
+    half_closed_clients: bool = False  # a client's EOF while its answer is awaited: still answer it
 
     @property
     def upstream_pool_total(self) -> int:

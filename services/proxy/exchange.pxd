@@ -13,7 +13,7 @@ cdef class Exchange:
     cdef public Txn txn
     cdef public ResponseHead final
     cdef public object reused, state, client_keep, upstream_reusable, error, status
-    cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes
+    cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes, _left
 
     cpdef _to(self, state)
     @cython.locals(resp=ResponseHead)
@@ -29,3 +29,5 @@ cdef class Exchange:
     cpdef _send_head(self, ResponseHead resp)
     cpdef _done(self, ResponseHead resp)
     cpdef _cut_off(self, text)
+    cpdef bint client_left(self) except -1
+    cpdef _client_event(self)

@@ -35,6 +35,7 @@ from . import http1
 from .conn import ConnClosed
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
+from .tls import TlsStream
 
 __all__ = [
     "AWAIT_RESPONSE",
@@ -119,6 +120,7 @@ class Exchange:
         "_reader",
         "_body_sent",
         "_body_bytes",
+        "_left",
     )
 
     def __init__(
@@ -148,6 +150,7 @@ class Exchange:
         self._owed = False  # the request body is still owed when the answer is complete
         self._reader: http1.BodyReader | None = None  # the response body's rest, when `step` sent the head
         self._body_sent = False  # the request body went out with the head (`send`)
+        self._left = False  # the client left while the answer was awaited or relayed (`client_left`)
         self._body_bytes = 0  # request body bytes the background relay has passed on (its progress)
 
     def _to(self, state: State) -> None:
@@ -239,12 +242,12 @@ class Exchange:
                 self._end()
                 return True
         if upstream.eof:
-            if reader.until_close:
+            if reader.until_close and not self._left:
                 self._done(self.final)  # type: ignore[arg-type]
             else:
                 self._cut_off(
                     self._client_gone("during the response")
-                    if client.closed
+                    if client.closed or self._left
                     else "the upstream closed before the response body ended"
                 )
             self._end()
@@ -265,6 +268,17 @@ class Exchange:
         def parse(buf: bytes) -> tuple[http1.ResponseHead, int] | None:
             return http1.parse_response_head(buf, max_bytes, method)
 
+        # The client's connection (the socket under TLS) tells this exchange of its end while the
+        # answer is awaited or relayed (unless someone else watches it: the kept-alive cycle does
+        # that itself).
+        raw: Any = self.client.raw if type(self.client) is TlsStream else self.client  # a Conn (or a test's stream)
+        watch = None
+        if (
+            not limits.half_closed_clients and getattr(raw, "watcher", False) is None
+        ):  # (a stream without one: not watched)
+            watch = raw.watcher = self._client_event
+            if raw.eof:  # it left already (while the upstream was connected, say)
+                self.client_left()
         try:
             if self.state is SEND_RESPONSE and self._reader is not None:
                 await self._relay_response_body(self._reader, drain=True)
@@ -288,6 +302,9 @@ class Exchange:
                     self._fail(502, f"bad response from upstream: {exc}")
                     break
                 except http1.HttpError:  # read_head's "closed mid-head"
+                    if self._left:
+                        self._unanswered()
+                        break
                     self._fail(
                         502, "bad response from upstream: the connection closed in the middle of the response head"
                     )
@@ -310,10 +327,44 @@ class Exchange:
                 else:
                     self._interim(resp, n)
         finally:
+            if watch is not None and raw.watcher is watch:
+                raw.watcher = None
             if self._body is not None and not self._body.done():
                 await cancel(self._body)
             self._end()
         return self.state
+
+    def _client_event(self) -> None:
+        """The client connection's watcher while `proceed` waits: bytes (a pipelined request: they
+        wait in its buffer) or its end."""
+        client = self.client
+        raw = client.raw if type(client) is TlsStream else client
+        if raw.eof:
+            self.client_left()
+
+    def client_left(self) -> bool:
+        """The client's connection ended (its EOF or close) while the answer was awaited or relayed,
+        the request all sent: nobody will read the answer, so the upstream is aborted now (an LLM
+        stops generating a completion nobody reads) rather than at the next write that fails, and
+        the record says the client went away. A client that only half-closed is treated the same
+        (as squid's and nginx's defaults do; `proxy.halfClosedClients: true` keeps answering it).
+        False, nothing done: not in those states, a request body still on its way (its relay ends
+        the exchange), or the upstream already closing (Greyproxy closes both when a rule that
+        allowed them is revoked: the record says that, not that the client left)."""
+        state = self.state
+        if self._left or (state is not AWAIT_RESPONSE and state is not SEND_RESPONSE):
+            return False
+        body = self._body
+        if body is not None and not body.done():
+            return False
+        up = self.upstream
+        conn = up.raw if type(up) is TlsStream else up
+        transport = getattr(conn, "transport", None)
+        if conn.closed or (transport is not None and transport.is_closing()):
+            return False  # already ending: Greyproxy closing both (a rule revoked), or the origin's close
+        self._left = True
+        up.abort()
+        return True
 
     def _end(self) -> None:
         """The exchange is over (or abandoned): an upstream it cannot leave reusable is closed, and
@@ -343,7 +394,7 @@ class Exchange:
         # Nobody is left to answer when the client connection closed: the client left, or the proxy
         # closed both connections (a rule that allowed them revoked, an identity rotated). Then the
         # request is never sent again: after a revocation it must not leave a second time.
-        gone = self.client.closed
+        gone = self.client.closed or self._left
         if (
             not gone
             and self.reused
@@ -374,7 +425,7 @@ class Exchange:
         closed both (a rule that allowed them revoked, an identity rotated: gate.close_revoked,
         close_identities abort both at once), which the connections alone cannot tell from a client
         that reset its connection: the record says both."""
-        if self.upstream.closed:
+        if self.upstream.closed and not self._left:
             return f"the client connection closed {when} (the client left, or Greyproxy closed both: a rule or identity revoked)"
         return f"the client went away {when}"
 
@@ -482,6 +533,8 @@ class Exchange:
             if drain:
                 await client.drain()
             await relay_body(self.upstream, client, reader, self.limits.idle_timeout)
+            if self._left:  # (a body read until close ends at the abort: not the whole body)
+                self._cut_off(self._client_gone("during the response"))
         except http1.UpstreamError as exc:
             self._cut_off(f"bad response from upstream: {exc}")
         except asyncio.TimeoutError:
@@ -489,7 +542,7 @@ class Exchange:
         except ConnClosed:
             self._cut_off(
                 self._client_gone("during the response")
-                if client.closed
+                if client.closed or self._left
                 else "the upstream closed before the response body ended"
             )
 

@@ -327,10 +327,15 @@ class KeptAlive:
 
     # -- callbacks --
     def _on_client(self) -> None:
-        if self.state is _IDLE:
+        state = self.state
+        if state is _IDLE:
             self._next()
-        # While an answer is awaited the client's bytes wait in its buffer (a pipelined request is
-        # read once the answer is out) and its close is seen then, as in the handler.
+        elif (state is _AWAIT or state is _BODY) and self.client.eof and not self.limits.half_closed_clients:
+            # The client left while its answer was awaited or relayed: the upstream is aborted at
+            # once (`Exchange.client_left`); its close then ends the exchange in `_on_upstream`.
+            self.exchange.client_left()  # type: ignore[union-attr]
+        # Otherwise the client's bytes wait in its buffer while an answer is awaited (a pipelined
+        # request is read once the answer is out).
 
     def _on_upstream(self) -> None:
         state = self.state

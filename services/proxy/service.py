@@ -228,6 +228,7 @@ async def main(rt: ServiceRuntime) -> None:
         max_per_client=-(-int(pcfg["maxConnectionsPerClient"]) // cfg.workers),
         upstream_pool_size=int(pcfg["upstreamPoolSize"]),
         upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
+        half_closed_clients=bool(pcfg["halfClosedClients"]),
     )
     if cfg.workers > 1:
         # The caps are split, not shared: each worker allows its share (the kernel spreads a
