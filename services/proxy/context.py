@@ -46,6 +46,8 @@ class Limits:
 
 # Called after a CONNECT/SOCKS tunnel is allowed and connected, before piping. Returns True when it
 # took the connection over (HTTPS interception); None/False → plain tunnel. Set by later capabilities.
+# A hook may also answer without waiting (`first_look`, mitm.Interceptor's): the HTTP listener's new
+# tunnels are then looked at from their connections' callbacks, the hook awaited only when it says so.
 TunnelHook = Callable[["ProxyContext", Conn, Conn, str, str, int, Verdict, str], Awaitable[bool]]
 
 

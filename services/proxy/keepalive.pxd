@@ -8,6 +8,7 @@ from services.proxy.conn cimport Conn
 from services.proxy.context cimport ClientConn
 from services.proxy.exchange cimport Exchange
 from services.proxy.http1 cimport RequestHead
+from services.proxy.tunnel cimport Tunnel
 
 
 cdef class Deadlines
@@ -27,7 +28,9 @@ cdef class KeptAlive:
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
-    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut
+    cdef public object prepared, verdict, tunnel, look
+    cdef public Tunnel looked
+    cdef public object first, header_deadline, handed, _fut
     cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
@@ -45,6 +48,11 @@ cdef class KeptAlive:
     cpdef bint _admissible(self, RequestHead head) except -1
     @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
+    @cython.locals(tunnel=Tunnel, head=RequestHead)
+    cpdef _look(self, bint quiet_over)
+    @cython.locals(tunnel=Tunnel)
+    cpdef _end_look(self)
+    cpdef _join(self, Tunnel tunnel)
 
 
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).

@@ -86,13 +86,16 @@ async def run_tunnel(
     port: int,
     verdict: Verdict,
     method: str,
+    tunnel: Tunnel | None = None,
 ) -> None:
     """Hand the pair to the tunnel hook, else splice it both ways and return at once: the tunnel
     lives on without a task until both ends are closed (idle ones are closed by the sweeper; a
-    tunnel whose rule goes away is closed by the gate)."""
+    tunnel whose rule goes away is closed by the gate). `tunnel`: the pair's, tracked already (its
+    first bytes looked at from the callbacks, keepalive.py)."""
     gate = ctx.gate
-    tunnel = Tunnel(ctx, client, upstream)
-    tunnel.track(container, host, port, verdict)
+    if tunnel is None:
+        tunnel = Tunnel(ctx, client, upstream)
+        tunnel.track(container, host, port, verdict)
     spliced = False
     try:
         hook = ctx.tunnel_hook
