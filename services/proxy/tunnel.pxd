@@ -2,8 +2,13 @@
 # type, its context and two connections read as C structs (context.pxd, conn.pxd; the client one is a
 # context.ClientConn, declared as the Conn it derives from: the tests build tunnels of plain Conns).
 
+cimport cython
+
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ProxyContext
+
+
+cdef class IdleSweeper
 
 
 cdef class Tunnel:
@@ -13,7 +18,22 @@ cdef class Tunnel:
     cdef public bint ended
 
     cpdef track(self, container, host, port, verdict)
+    @cython.locals(sweeper=IdleSweeper)
     cpdef join(self)
     cpdef abort(self)
     cpdef _lost(self)
+    @cython.locals(sweeper=IdleSweeper)
     cpdef end(self)
+
+
+# One timer for the idle spliced tunnels (a tunnel's add and discard: C calls).
+cdef class IdleSweeper:
+    cdef public double idle, step
+    cdef public dict tunnels
+    cdef public object _timer, _loop
+
+    cpdef add(self, Tunnel tunnel)
+    cpdef discard(self, Tunnel tunnel)
+    @cython.locals(t=Tunnel)
+    cpdef _sweep(self)
+    cpdef close(self)
