@@ -148,6 +148,10 @@ class _Resume:
                     return stop.value
 
 
+# The connection is done: one Handover for all (an END has no fields, nobody changes it).
+_ENDED = Handover(END)
+
+
 def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> _Resume:
     """`await resume(coro, waiting)`: the result of a coroutine that `coro.send(None)` left waiting."""
     return _Resume(coro, waiting)
@@ -379,7 +383,7 @@ class KeptAlive:
         self.clean = ex.upstream_reusable
         self.exchange = self.head = self.prepared = None
         if not ex.client_keep:
-            self._hand(Handover(END))
+            self._hand(_ENDED)
             return
         self._next()
 
@@ -395,7 +399,7 @@ class KeptAlive:
         buf = client.buf
         if not buf:
             if client.eof:
-                self._hand(Handover(END))  # closed between requests: as the handler's read, no answer
+                self._hand(_ENDED)  # closed between requests: as the handler's read, no answer
                 return
             self.state = _IDLE
             if not self.first:  # (a first head's deadline runs from `begin`)
@@ -511,7 +515,7 @@ class KeptAlive:
             if not done:
                 return
         if prepared is None:
-            self._hand(Handover(END))  # answered (403, a refusal, ...): the connection ends
+            self._hand(_ENDED)  # answered (403, a refusal, ...): the connection ends
             return
         verdict, t, request = prepared
         upstream = self.upstream
@@ -567,7 +571,7 @@ class KeptAlive:
             if not done:
                 return
         if verdict is None:
-            self._hand(Handover(END))  # answered (403) or the client left
+            self._hand(_ENDED)  # answered (403) or the client left
             return
         self.head, self.verdict = head, verdict
         admission = Admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
@@ -599,7 +603,7 @@ class KeptAlive:
                 return
             self.gate.finish_log(verdict)
             client.write(error_response(*failure.http_answer()))
-            self._hand(Handover(END))
+            self._hand(_ENDED)
             return
         client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         ctx = client.ctx
@@ -677,7 +681,7 @@ class KeptAlive:
     def _join(self, tunnel: Tunnel) -> None:
         """A plain tunnel: spliced, it lives on in its connections' callbacks; this cycle is done."""
         tunnel.join()
-        self._hand(Handover(END))
+        self._hand(_ENDED)
 
     def _run_tunnel(self, fut: Any) -> None:
         """`run_tunnel` driven by hand: its first wait (the look at the client's first bytes) goes on
@@ -688,7 +692,7 @@ class KeptAlive:
         try:
             waiting = coro.send(None)
         except StopIteration:
-            self._hand(Handover(END))  # spliced (the tunnel lives on in its callbacks) or closed
+            self._hand(_ENDED)  # spliced (the tunnel lives on in its callbacks) or closed
             return
         except BaseException as exc:
             h = Handover(RAISE)
