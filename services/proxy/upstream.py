@@ -27,12 +27,18 @@ class UpstreamFailure(Exception):
         return 502, "Bad Gateway", f"Greyproxy: {self}"
 
 
+_inet_pton = socket.inet_pton
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
     """An IP literal needs no lookup: (ip, port) at once (a resolver round trip through a worker
     thread costs more than the whole request on loopback). None for a name."""
-    for family in (socket.AF_INET, socket.AF_INET6):
+    if not host or (":" not in host and not host[-1].isdigit()):
+        return None  # a name (an IPv4 literal ends in a digit, an IPv6 one has a colon): no exceptions raised
+    for family in _FAMILIES:
         try:
-            socket.inet_pton(family, host)
+            _inet_pton(family, host)
         except (OSError, ValueError):
             continue
         return [(host, port)]

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.proxy.conn import Conn, splice, wait_either
 
@@ -286,6 +288,28 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeResolver]:
     monkeypatch.setattr(upstream.asyncio, "get_running_loop", patched)
     yield fake
     upstream._addresses.clear()
+
+
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+@given(st.one_of(st.text(max_size=40), st.ip_addresses().map(str), st.from_regex(r"[0-9a-f:.]{1,20}", fullmatch=True)))
+@settings(max_examples=300, deadline=None)
+def test_an_ip_literal_is_told_from_a_name_without_a_lookup(host: str) -> None:
+    """`upstream._literal` (a name is told at once by its last character, without inet_pton's
+    exceptions) agrees with inet_pton on anything."""
+    from services.proxy.upstream import _literal
+
+    assert _literal(host, 443) == ([(host, 443)] if _is_ip(host) else None)
+    for name in ("ok.test", "host1", "1.2.3.4.", "::1", "127.0.0.1", "", "fe80::1%eth0", "1.2.3"):
+        assert _literal(name, 80) == ([(name, 80)] if _is_ip(name) else None)
 
 
 def test_a_names_addresses_are_looked_up_once_for_a_while(resolver: FakeResolver) -> None:
