@@ -43,3 +43,13 @@ cpdef splice(Conn a, Conn b)
 @cython.locals(c=Conn)
 cpdef _either_start(Conn a, Conn b, timeout)
 cpdef _either_end(Conn a, Conn b, fut, own)
+
+
+# Deadlines served by one timer (a subclass's queue: upstream._ConnectDeadlines, mitm.QuietLooks).
+cdef class FirstDeadlines:
+    cdef public dict waiting
+    cdef public object timer, loop
+
+    cpdef bint in_order(self, waiter, deadline) except -1
+    cpdef expire(self, waiter)
+    cpdef _fire(self, loop)

@@ -258,14 +258,16 @@ class Connecting:
             return
         self.fired = False
         # The deadline: in the loop's shared queue (`_ConnectDeadlines`), else a timer of its own.
-        self.timer = None if _DEADLINES.arm(self) else loop.call_at(self.deadline, self._expire)
+        deadlines = _DEADLINES  # (compiled: a C call, upstream.pxd)
+        self.timer = None if deadlines.arm(self) else loop.call_at(self.deadline, self._expire)
         self.coro = loop.create_connection(Conn, ip, aport)
         self._step(None)
 
     def _disarm(self) -> None:
         timer = self.timer
         if timer is None:
-            _DEADLINES.waiting.pop(self, None)
+            deadlines = _DEADLINES
+            deadlines.waiting.pop(self, None)
         else:
             timer.cancel()
 
