@@ -48,7 +48,7 @@ cdef class KeptAlive:
     cpdef bint _admissible(self, RequestHead head) except -1
     @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
-    @cython.locals(tunnel=Tunnel, head=RequestHead)
+    @cython.locals(tunnel=Tunnel, head=RequestHead, client=Conn, upstream=Conn)
     cpdef _look(self, bint quiet_over)
     @cython.locals(tunnel=Tunnel)
     cpdef _end_look(self)

@@ -631,13 +631,19 @@ class KeptAlive:
             self._look(False)
 
     def _look(self, quiet_over: bool) -> None:
-        """The tunnel hook's look at a new tunnel's first bytes (`first_look`): waits (from the
-        connections' callbacks, under idleTimeout) while nobody has spoken; then the tunnel is
-        spliced, or `run_tunnel` goes on with it (the hook's `__call__`, to intercept it)."""
+        """The tunnel hook's look at a new tunnel's first bytes (`first_look`, asked once either end
+        has spoken, reached EOF or closed): waits (from the connections' callbacks, under
+        idleTimeout) while nobody has; then the tunnel is spliced, or `run_tunnel` goes on with it
+        (the hook's `__call__`, to intercept it)."""
         tunnel, head, verdict = self.looked, self.head, self.verdict
         assert tunnel is not None and head is not None and verdict is not None and self.look is not None
+        client, upstream = tunnel.client, tunnel.upstream
+        if not (quiet_over or client.buf or client.eof or upstream.buf or upstream.eof):
+            if self._queue is None:
+                self._arm(self.limits.idle_timeout)  # nobody has spoken yet: idleTimeout from now at most
+            return
         try:
-            got = self.look(tunnel.client, tunnel.upstream, head.host, verdict, quiet_over)
+            got = self.look(client, upstream, head.host, verdict, quiet_over)
         except BaseException as exc:  # (what `run_tunnel` does when its hook raises)
             self._end_look()
             self.gate.finish_log(verdict)
@@ -648,9 +654,9 @@ class KeptAlive:
             h.exc = exc
             self._hand(h)
             return
-        if got is None:
+        if got is None:  # (asked again at the next bytes, EOF or close)
             if self._queue is None:
-                self._arm(self.limits.idle_timeout)  # (once: its deadline runs from the start of the look)
+                self._arm(self.limits.idle_timeout)
             return
         self._end_look()
         if got:
