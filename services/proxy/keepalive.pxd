@@ -7,6 +7,7 @@ cimport cython
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ClientConn
 from services.proxy.exchange cimport Exchange
+from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
 from services.proxy.tunnel cimport Tunnel
 
@@ -24,7 +25,8 @@ cdef class Handover:
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
-    cdef public object limits, prepare, quick, admit, gate, loop, state, identity
+    cdef public object limits, prepare, quick, admit, loop, state, identity
+    cdef public Gate gate
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head

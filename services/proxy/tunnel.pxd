@@ -6,6 +6,7 @@ cimport cython
 
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ProxyContext
+from services.proxy.gate cimport Gate
 
 
 cdef class IdleSweeper
@@ -17,12 +18,13 @@ cdef class Tunnel:
     cdef public object cid, seen, since
     cdef public bint ended
 
+    @cython.locals(gate=Gate)
     cpdef track(self, container, host, port, verdict)
     @cython.locals(sweeper=IdleSweeper)
     cpdef join(self)
     cpdef abort(self)
     cpdef _lost(self)
-    @cython.locals(sweeper=IdleSweeper)
+    @cython.locals(sweeper=IdleSweeper, gate=Gate)
     cpdef end(self)
 
 

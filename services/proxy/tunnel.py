@@ -37,7 +37,8 @@ class Tunnel:
     def track(self, container: str, host: str, port: int, verdict: Verdict) -> None:
         """Tracked by the gate (closed when its rule goes away) from now; the bytes seen so far."""
         client, upstream = self.client, self.upstream
-        self.cid = self.ctx.gate.track(container, host, port, verdict, self.abort)
+        gate = self.ctx.gate  # (compiled: a Gate's, its track a C call; tunnel.pxd)
+        self.cid = gate.track(container, host, port, verdict, self.abort)
         loop = client._loop or client._bind_loop()
         self.seen, self.since = client.bytes_in + upstream.bytes_in, loop.time()
 
@@ -71,9 +72,9 @@ class Tunnel:
             return
         self.ended = True
         ctx = self.ctx
-        sweeper = ctx.idle_sweeper
+        sweeper, gate = ctx.idle_sweeper, ctx.gate
         sweeper.discard(self)
-        ctx.gate.untrack(self.cid)
+        gate.untrack(self.cid)
         self.client.on_close = self.upstream.on_close = None
         self.upstream.close()
         self.client.finish()
