@@ -147,7 +147,6 @@ class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected, or `begin` runs it in its
     callbacks until it needs the handler (then `start`)."""
 
-    KIND = "client"
     __slots__ = (
         "handler",
         "begin",
@@ -171,6 +170,7 @@ class ClientConn(Conn):
         begin: Callable[["ClientConn"], None] | None = None,
     ) -> None:
         Conn.__init__(self)  # (not super(): a super object and its MRO walk per accepted connection)
+        self.client_side = True
         self.ctx = ctx
         self.handler = handler
         # Called once connected instead of starting the handler's task: it serves the connection in

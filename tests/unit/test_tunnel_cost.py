@@ -559,3 +559,35 @@ def test_a_look_where_nobody_speaks_is_other_after_the_idle_timeout() -> None:
         assert await asyncio.wait_for(hook._peek(a, b, Limits(idle_timeout=30.0)), 5) == ("http", None)
 
     run(main())
+
+
+def test_bytes_received_are_counted_by_side_on_every_read() -> None:
+    """GET /metrics' greyproxy_proxy_bytes_relayed: every read counts at once, by the side it came from
+    (a client connection, `Conn.client_side`, or an upstream one), buffered or piped."""
+    from services.proxy.conn import RECEIVED
+    from services.proxy.context import ClientConn, Limits, ProxyContext
+
+    class Sink(FakeTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += data
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    before = RECEIVED.snapshot()
+    client = ClientConn(ProxyContext(None, Limits()), None)  # type: ignore[arg-type]
+    client.transport = sink = Sink()  # type: ignore[assignment]  # (no handler started)
+    up = make_conn()
+    client.data_received(b"12345")  # buffered (a head being read)
+    up.data_received(b"ab")
+    assert RECEIVED.snapshot() == {"client": before["client"] + 5, "upstream": before["upstream"] + 2}
+    up.take()
+    client.take()
+    splice(client, up)
+    up.data_received(b"xyz")  # piped to the client
+    assert sink.out == b"xyz"
+    assert RECEIVED.snapshot() == {"client": before["client"] + 5, "upstream": before["upstream"] + 5}
