@@ -47,6 +47,7 @@ cdef class Conn:
 
 cpdef Py_ssize_t _fileno(transport) except? -3
 cpdef _expire(fut)
+@cython.locals(c=Conn)
 cpdef _finish_tunnel(Conn a, Conn b)
 cpdef splice(Conn a, Conn b)
 @cython.locals(c=Conn)

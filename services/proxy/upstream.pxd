@@ -27,6 +27,10 @@ cdef class Connecting:
     cpdef _expire(self)
 
 
+@cython.locals(last=Py_UCS4)
+cpdef _literal(str host, port)
+
+
 # The connects' deadlines on one timer (conn.FirstDeadlines): a connect's arm and disarm are C calls.
 cdef class _ConnectDeadlines(FirstDeadlines):
     cpdef bint arm(self, Connecting c) except -1

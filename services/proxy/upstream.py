@@ -34,7 +34,10 @@ _FAMILIES = (socket.AF_INET, socket.AF_INET6)
 def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
     """An IP literal needs no lookup: (ip, port) at once (a resolver round trip through a worker
     thread costs more than the whole request on loopback). None for a name."""
-    if not host or (":" not in host and not host[-1].isdigit()):
+    if not host:
+        return None
+    last = host[-1]
+    if not ("0" <= last <= "9") and ":" not in host:
         return None  # a name (an IPv4 literal ends in a digit, an IPv6 one has a colon): no exceptions raised
     for family in _FAMILIES:
         try:
