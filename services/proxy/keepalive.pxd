@@ -5,7 +5,7 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
-from services.proxy.context cimport ClientConn
+from services.proxy.context cimport ClientConn, ProxyContext
 from services.proxy.exchange cimport Exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
@@ -50,6 +50,9 @@ cdef class KeptAlive:
     cpdef bint _admissible(self, RequestHead head) except -1
     @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
+    cpdef _connect(self, RequestHead head)
+    @cython.locals(client=ClientConn, ctx=ProxyContext, head=RequestHead, tunnel=Tunnel)
+    cpdef _connected(self, Conn up, failure)
     @cython.locals(tunnel=Tunnel, head=RequestHead, client=Conn, upstream=Conn)
     cpdef _look(self, bint quiet_over)
     @cython.locals(tunnel=Tunnel)
