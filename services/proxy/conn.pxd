@@ -6,7 +6,14 @@
 
 cimport cython
 
+cdef class Received:
+    cdef public Py_ssize_t client, upstream
+
+    cpdef dict snapshot(self)
+
+
 cdef class Conn:
+    cdef public bint client_side
     cdef public object transport
     cdef public bytearray buf
     cdef public bint eof, closed, _reading_paused
@@ -17,8 +24,10 @@ cdef class Conn:
 
     cpdef connection_made(self, transport)
     cpdef get_buffer(self, sizehint)
+    @cython.locals(received=Received)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
     cpdef _send(self, data, Py_ssize_t n)
+    @cython.locals(received=Received, n=Py_ssize_t)
     cpdef data_received(self, data)
     cpdef eof_received(self)
     cpdef connection_lost(self, exc)
@@ -38,8 +47,19 @@ cdef class Conn:
 
 cpdef Py_ssize_t _fileno(transport) except? -3
 cpdef _expire(fut)
+@cython.locals(c=Conn)
 cpdef _finish_tunnel(Conn a, Conn b)
 cpdef splice(Conn a, Conn b)
 @cython.locals(c=Conn)
 cpdef _either_start(Conn a, Conn b, timeout)
 cpdef _either_end(Conn a, Conn b, fut, own)
+
+
+# Deadlines served by one timer (a subclass's queue: upstream._ConnectDeadlines, mitm.QuietLooks).
+cdef class FirstDeadlines:
+    cdef public dict waiting
+    cdef public object timer, loop
+
+    cpdef bint in_order(self, waiter, deadline) except -1
+    cpdef expire(self, waiter)
+    cpdef _fire(self, loop)

@@ -47,6 +47,8 @@ class Limits:
 
 # Called after a CONNECT/SOCKS tunnel is allowed and connected, before piping. Returns True when it
 # took the connection over (HTTPS interception); None/False → plain tunnel. Set by later capabilities.
+# A hook may also answer without waiting (`first_look`, mitm.Interceptor's): the HTTP listener's new
+# tunnels are then looked at from their connections' callbacks, the hook awaited only when it says so.
 TunnelHook = Callable[["ProxyContext", Conn, Conn, str, str, int, Verdict, str], Awaitable[bool]]
 
 
@@ -146,7 +148,6 @@ class ClientConn(Conn):
     """An accepted client connection: starts its handler task once connected, or `begin` runs it in its
     callbacks until it needs the handler (then `start`)."""
 
-    KIND = "client"
     __slots__ = (
         "handler",
         "begin",
@@ -170,6 +171,7 @@ class ClientConn(Conn):
         begin: Callable[["ClientConn"], None] | None = None,
     ) -> None:
         Conn.__init__(self)  # (not super(): a super object and its MRO walk per accepted connection)
+        self.client_side = True
         self.ctx = ctx
         self.handler = handler
         # Called once connected instead of starting the handler's task: it serves the connection in

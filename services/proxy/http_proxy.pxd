@@ -4,6 +4,7 @@
 
 cimport cython
 
+from services.proxy.context cimport ClientConn
 from services.proxy.gate cimport Gate, Verdict
 from services.proxy.hooks cimport Flow
 from services.proxy.http1 cimport RequestHead
@@ -12,10 +13,11 @@ from services.proxy.pipeline cimport Txn
 
 cpdef bint later(got) except -1
 @cython.locals(gate=Gate)
-cpdef prepare(client, RequestHead head, container)
+cpdef prepare(ClientConn client, RequestHead head, container)
 @cython.locals(t=Txn, flow=Flow)
-cpdef _admitted(client, RequestHead head, container, Verdict verdict)
-cpdef _hooked(client, RequestHead head, Verdict verdict, Txn t, Flow flow, refusal)
+cpdef _admitted(ClientConn client, RequestHead head, container, Verdict verdict)
+cpdef _hooked(ClientConn client, RequestHead head, Verdict verdict, Txn t, Flow flow, refusal)
 @cython.locals(gate=Gate)
-cpdef admit_connect(client, RequestHead head, container)
-cpdef _connect_admitted(client, Verdict verdict)
+cpdef admit_connect(ClientConn client, RequestHead head, container)
+@cython.locals(gate=Gate)
+cpdef _connect_admitted(ClientConn client, Verdict verdict)

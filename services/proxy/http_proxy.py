@@ -219,7 +219,8 @@ async def _admit_connect_later(client: ClientConn, deciding: Coroutine[Any, Any,
 
 def _connect_admitted(client: ClientConn, verdict: Verdict) -> Verdict | None:
     if client.closed:
-        client.ctx.gate.finish_log(verdict)
+        gate = client.ctx.gate
+        gate.finish_log(verdict)
         return None
     if not verdict.allowed:
         client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))

@@ -5,9 +5,11 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
-from services.proxy.context cimport ClientConn
+from services.proxy.context cimport ClientConn, ProxyContext
 from services.proxy.exchange cimport Exchange
+from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
+from services.proxy.tunnel cimport Tunnel
 
 
 cdef class Deadlines
@@ -23,11 +25,14 @@ cdef class Handover:
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
-    cdef public object limits, prepare, quick, admit, gate, loop, state, identity
+    cdef public object limits, prepare, quick, admit, loop, state, identity
+    cdef public Gate gate
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
-    cdef public object prepared, verdict, tunnel, first, header_deadline, handed, _fut
+    cdef public object prepared, verdict, tunnel, look
+    cdef public Tunnel looked
+    cdef public object first, header_deadline, handed, _fut
     cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
@@ -45,6 +50,14 @@ cdef class KeptAlive:
     cpdef bint _admissible(self, RequestHead head) except -1
     @cython.locals(upstream=Conn)
     cpdef _request(self, RequestHead head)
+    cpdef _connect(self, RequestHead head)
+    @cython.locals(client=ClientConn, ctx=ProxyContext, head=RequestHead, tunnel=Tunnel)
+    cpdef _connected(self, Conn up, failure)
+    @cython.locals(tunnel=Tunnel, head=RequestHead, client=Conn, upstream=Conn)
+    cpdef _look(self, bint quiet_over)
+    @cython.locals(tunnel=Tunnel)
+    cpdef _end_look(self)
+    cpdef _join(self, Tunnel tunnel)
 
 
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).

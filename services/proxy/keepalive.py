@@ -60,7 +60,7 @@ from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
 from .gate import Admission, Verdict
 from .httpio import error_response, parse_head
 from .pool import usable
-from .tunnel import run_tunnel
+from .tunnel import Tunnel, run_tunnel
 from .upstream import Connecting, UpstreamFailure
 
 if TYPE_CHECKING:
@@ -98,8 +98,9 @@ AdmitFn = Callable[["ClientConn", http1.RequestHead, str], "Verdict | None | Cor
 
 READ, HEAD, PREPARE, EXCHANGE, TUNNEL, END, RAISE = "read", "head", "prepare", "exchange", "tunnel", "end", "raise"
 
-# not serving; waiting for the next request; for the answer; for more of its body
-_OFF, _IDLE, _AWAIT, _BODY = 0, 1, 2, 3
+# not serving; waiting for the next request; for the answer; for more of its body; for a new tunnel's
+# first bytes (the tunnel hook's `first_look`)
+_OFF, _IDLE, _AWAIT, _BODY, _LOOK = 0, 1, 2, 3, 4
 
 
 class Handover:
@@ -147,6 +148,10 @@ class _Resume:
                     return stop.value
 
 
+# The connection is done: one Handover for all (an END has no fields, nobody changes it).
+_ENDED = Handover(END)
+
+
 def resume(coro: Coroutine[Any, Any, Any], waiting: Any) -> _Resume:
     """`await resume(coro, waiting)`: the result of a coroutine that `coro.send(None)` left waiting."""
     return _Resume(coro, waiting)
@@ -175,6 +180,8 @@ class KeptAlive:
         "prepared",
         "verdict",
         "tunnel",
+        "look",
+        "looked",
         "first",
         "header_deadline",
         "handed",
@@ -203,6 +210,8 @@ class KeptAlive:
         self.prepared: Prepared | None = None
         self.verdict: Verdict | None = None  # a CONNECT's while its upstream connects
         self.tunnel: Coroutine[Any, Any, None] | None = None  # `run_tunnel` while it waits for the first bytes
+        self.look: Callable[..., bool | None] | None = None  # the tunnel hook's `first_look` while it looks
+        self.looked: Tunnel | None = None  # the tunnel it looks at (tracked, not joined yet)
         self.first = True  # no request head taken from this connection yet
         self.header_deadline = 0.0  # the first head's deadline (time.monotonic), from `begin`
         self.handed: Handover | None = None  # where the handler's task starts (a connection `begin` took)
@@ -311,6 +320,9 @@ class KeptAlive:
         """The current wait's deadline has come (`Deadlines`)."""
         if self.state is _OFF:
             return
+        if self.state is _LOOK:
+            self._look(True)  # nobody spoke for idleTimeout
+            return
         if self.state is _IDLE:
             # as the handler's read of a next request that never came; a first one: its 408
             self._hand(Handover(READ if self.first else END))
@@ -376,7 +388,7 @@ class KeptAlive:
         self.clean = ex.upstream_reusable
         self.exchange = self.head = self.prepared = None
         if not ex.client_keep:
-            self._hand(Handover(END))
+            self._hand(_ENDED)
             return
         self._next()
 
@@ -392,7 +404,7 @@ class KeptAlive:
         buf = client.buf
         if not buf:
             if client.eof:
-                self._hand(Handover(END))  # closed between requests: as the handler's read, no answer
+                self._hand(_ENDED)  # closed between requests: as the handler's read, no answer
                 return
             self.state = _IDLE
             if not self.first:  # (a first head's deadline runs from `begin`)
@@ -515,7 +527,7 @@ class KeptAlive:
             if not done:
                 return
         if prepared is None:
-            self._hand(Handover(END))  # answered (403, a refusal, ...): the connection ends
+            self._hand(_ENDED)  # answered (403, a refusal, ...): the connection ends
             return
         verdict, t, request = prepared
         upstream = self.upstream
@@ -571,7 +583,7 @@ class KeptAlive:
             if not done:
                 return
         if verdict is None:
-            self._hand(Handover(END))  # answered (403) or the client left
+            self._hand(_ENDED)  # answered (403) or the client left
             return
         self.head, self.verdict = head, verdict
         admission = Admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
@@ -603,11 +615,91 @@ class KeptAlive:
                 return
             self.gate.finish_log(verdict)
             client.write(error_response(*failure.http_answer()))
-            self._hand(Handover(END))
+            self._hand(_ENDED)
             return
         client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        self.tunnel = run_tunnel(client.ctx, client, up, self.identity, head.host, head.port, verdict, "CONNECT")
-        self._run_tunnel(None)
+        ctx = client.ctx
+        hook = ctx.tunnel_hook
+        look = None if hook is None else getattr(hook, "first_look", None)
+        if hook is not None and look is None:  # a hook that can only be awaited
+            self.tunnel = run_tunnel(ctx, client, up, self.identity, head.host, head.port, verdict, "CONNECT")
+            self._run_tunnel(None)
+            return
+        # `run_tunnel`'s steps without its coroutine: tracked, looked at by the hook from the
+        # connections' callbacks while nobody has spoken, then spliced (or run_tunnel's to go on)
+        tunnel = Tunnel(ctx, client, up)
+        tunnel.track(self.identity, head.host, head.port, verdict)
+        if look is None:
+            self.gate.finish_log(verdict)
+            self._join(tunnel)
+            return
+        self.head, self.verdict, self.look, self.looked = head, verdict, look, tunnel
+        self.state = _LOOK
+        client.watcher = up.watcher = self._on_look
+        self._look(False)
+
+    def _on_look(self) -> None:
+        if self.state is _LOOK:
+            self._look(False)
+
+    def _look(self, quiet_over: bool) -> None:
+        """The tunnel hook's look at a new tunnel's first bytes (`first_look`, asked once either end
+        has spoken, reached EOF or closed): waits (from the connections' callbacks, under
+        idleTimeout) while nobody has; then the tunnel is spliced, or `run_tunnel` goes on with it
+        (the hook's `__call__`, to intercept it)."""
+        tunnel, head, verdict = self.looked, self.head, self.verdict
+        assert tunnel is not None and head is not None and verdict is not None and self.look is not None
+        client, upstream = tunnel.client, tunnel.upstream
+        if not (quiet_over or client.buf or client.eof or upstream.buf or upstream.eof):
+            if self._queue is None:
+                self._arm(self.limits.idle_timeout)  # nobody has spoken yet: idleTimeout from now at most
+            return
+        try:
+            got = self.look(client, upstream, head.host, verdict, quiet_over)
+        except BaseException as exc:  # (what `run_tunnel` does when its hook raises)
+            self._end_look()
+            self.gate.finish_log(verdict)
+            self.gate.untrack(tunnel.cid)
+            tunnel.client.close()
+            tunnel.upstream.close()
+            h = Handover(RAISE)
+            h.exc = exc
+            self._hand(h)
+            return
+        if got is None:  # (asked again at the next bytes, EOF or close)
+            if self._queue is None:
+                self._arm(self.limits.idle_timeout)
+            return
+        self._end_look()
+        if got:
+            self.tunnel = run_tunnel(
+                tunnel.ctx,
+                tunnel.client,
+                tunnel.upstream,
+                self.identity,
+                head.host,
+                head.port,
+                verdict,
+                "CONNECT",
+                tunnel,
+            )
+            self._run_tunnel(None)
+            return
+        self.gate.finish_log(verdict)  # (written by the look with its skip reason: as `run_tunnel`)
+        self._join(tunnel)
+
+    def _end_look(self) -> None:
+        tunnel = self.looked
+        assert tunnel is not None
+        self.close()  # no deadline left
+        self.state = _OFF
+        tunnel.client.watcher = tunnel.upstream.watcher = None
+        self.head = self.verdict = self.look = self.looked = None
+
+    def _join(self, tunnel: Tunnel) -> None:
+        """A plain tunnel: spliced, it lives on in its connections' callbacks; this cycle is done."""
+        tunnel.join()
+        self._hand(_ENDED)
 
     def _run_tunnel(self, fut: Any) -> None:
         """`run_tunnel` driven by hand: its first wait (the look at the client's first bytes) goes on
@@ -618,7 +710,7 @@ class KeptAlive:
         try:
             waiting = coro.send(None)
         except StopIteration:
-            self._hand(Handover(END))  # spliced (the tunnel lives on in its callbacks) or closed
+            self._hand(_ENDED)  # spliced (the tunnel lives on in its callbacks) or closed
             return
         except BaseException as exc:
             h = Handover(RAISE)

@@ -206,13 +206,10 @@ class Interceptor:
         method: str,
     ) -> bool:
         kind, hello = await self._peek(client, upstream, ctx.limits)
-        if kind == "other":
-            return self._skip(verdict, NON_TLS)
-        if not self.mitm_enabled:
-            return self._skip(verdict, MITM_DISABLED)
+        reason = self._skip_reason(kind, hello, host)
+        if reason is not None:
+            return self._skip(verdict, reason)
         sni = hello.sni if hello is not None else None
-        if self.bypassed(host, sni):
-            return self._skip(verdict, MITM_BYPASS)
         if kind == "http":
             self.gate.finish_log(verdict)
             self.counts["intercepted_http"] += 1
@@ -281,6 +278,38 @@ class Interceptor:
         self.counts["intercepted_tls"] += 1
         await self._serve(session, ctx)
         return True
+
+    def first_look(
+        self, client: Conn, upstream: Conn, host: str, verdict: Verdict, quiet_over: bool = False
+    ) -> bool | None:
+        """The hook's answer from what the tunnel's ends have done so far, without waiting (a tunnel
+        looked at from the connections' callbacks, keepalive.py): None while nobody has spoken (ask
+        again when someone does, or with `quiet_over` once nobody spoke for idleTimeout, as `_peek`
+        waits); False when the tunnel is to be piped untouched (its log entry written with why, as
+        `__call__` writes it); True when `__call__` must take it (to intercept it, or to wait for the
+        rest of a first message begun)."""
+        kind, hello = _classify(client.buf)
+        if kind == "more":
+            if quiet_over or upstream.buf or upstream.eof or client.eof:
+                kind = "other"  # (as `_peek`)
+            elif client.buf:
+                return True  # a hello or request line begun: `_peek` waits for its rest, under its deadline
+            else:
+                return None
+        reason = self._skip_reason(kind, hello, host)
+        if reason is None:
+            return True
+        return self._skip(verdict, reason)
+
+    def _skip_reason(self, kind: str, hello: ClientHello | None, host: str) -> str | None:
+        """Why a tunnel whose first bytes are `kind` (`_peek`) is piped untouched; None: looked at further."""
+        if kind == "other":
+            return NON_TLS
+        if not self.mitm_enabled:
+            return MITM_DISABLED
+        if self.bypassed(host, hello.sni if hello is not None else None):
+            return MITM_BYPASS
+        return None
 
     def _skip(self, verdict: Verdict, reason: str) -> bool:
         self.counts[reason] += 1

@@ -307,7 +307,7 @@ async def main(rt: ServiceRuntime) -> None:
                 "connections": dict(gate.results),
                 "decision_seconds": gate.decision_seconds.snapshot(),
                 "hold_seconds": gate.hold_seconds.snapshot(),
-                "bytes_received": dict(RECEIVED),
+                "bytes_received": RECEIVED.snapshot(),
             },
             **({"dns": dns.stats()} if dns is not None else {}),
             **({"docker": ctx.docker.stats()} if ctx.docker is not None else {}),

@@ -2,8 +2,14 @@
 # type, its context and two connections read as C structs (context.pxd, conn.pxd; the client one is a
 # context.ClientConn, declared as the Conn it derives from: the tests build tunnels of plain Conns).
 
+cimport cython
+
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ProxyContext
+from services.proxy.gate cimport Gate
+
+
+cdef class IdleSweeper
 
 
 cdef class Tunnel:
@@ -12,8 +18,24 @@ cdef class Tunnel:
     cdef public object cid, seen, since
     cdef public bint ended
 
+    @cython.locals(gate=Gate)
     cpdef track(self, container, host, port, verdict)
+    @cython.locals(sweeper=IdleSweeper)
     cpdef join(self)
     cpdef abort(self)
     cpdef _lost(self)
+    @cython.locals(sweeper=IdleSweeper, gate=Gate)
     cpdef end(self)
+
+
+# One timer for the idle spliced tunnels (a tunnel's add and discard: C calls).
+cdef class IdleSweeper:
+    cdef public double idle, step
+    cdef public dict tunnels
+    cdef public object _timer, _loop
+
+    cpdef add(self, Tunnel tunnel)
+    cpdef discard(self, Tunnel tunnel)
+    @cython.locals(t=Tunnel)
+    cpdef _sweep(self)
+    cpdef close(self)

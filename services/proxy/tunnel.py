@@ -37,7 +37,8 @@ class Tunnel:
     def track(self, container: str, host: str, port: int, verdict: Verdict) -> None:
         """Tracked by the gate (closed when its rule goes away) from now; the bytes seen so far."""
         client, upstream = self.client, self.upstream
-        self.cid = self.ctx.gate.track(container, host, port, verdict, self.abort)
+        gate = self.ctx.gate  # (compiled: a Gate's, its track a C call; tunnel.pxd)
+        self.cid = gate.track(container, host, port, verdict, self.abort)
         loop = client._loop or client._bind_loop()
         self.seen, self.since = client.bytes_in + upstream.bytes_in, loop.time()
 
@@ -51,7 +52,8 @@ class Tunnel:
             self.seen, self.since = total, (client._loop or client._bind_loop()).time()
         client.detached = True
         client.on_close = upstream.on_close = self._lost
-        self.ctx.idle_sweeper.add(self)
+        sweeper = self.ctx.idle_sweeper  # (compiled: an IdleSweeper's, a C call; tunnel.pxd)
+        sweeper.add(self)
         self._lost()  # both ends may be closed already
 
     def abort(self) -> None:
@@ -70,8 +72,9 @@ class Tunnel:
             return
         self.ended = True
         ctx = self.ctx
-        ctx.idle_sweeper.discard(self)
-        ctx.gate.untrack(self.cid)
+        sweeper, gate = ctx.idle_sweeper, ctx.gate
+        sweeper.discard(self)
+        gate.untrack(self.cid)
         self.client.on_close = self.upstream.on_close = None
         self.upstream.close()
         self.client.finish()
@@ -86,13 +89,16 @@ async def run_tunnel(
     port: int,
     verdict: Verdict,
     method: str,
+    tunnel: Tunnel | None = None,
 ) -> None:
     """Hand the pair to the tunnel hook, else splice it both ways and return at once: the tunnel
     lives on without a task until both ends are closed (idle ones are closed by the sweeper; a
-    tunnel whose rule goes away is closed by the gate)."""
+    tunnel whose rule goes away is closed by the gate). `tunnel`: the pair's, tracked already (its
+    first bytes looked at from the callbacks, keepalive.py)."""
     gate = ctx.gate
-    tunnel = Tunnel(ctx, client, upstream)
-    tunnel.track(container, host, port, verdict)
+    if tunnel is None:
+        tunnel = Tunnel(ctx, client, upstream)
+        tunnel.track(container, host, port, verdict)
     spliced = False
     try:
         hook = ctx.tunnel_hook
@@ -117,6 +123,8 @@ class IdleSweeper:
     closed between idle and 1.25 x idle after its last byte (a tunnel where nobody ever spoke:
     after its start).
     """
+
+    __slots__ = ("idle", "step", "tunnels", "_timer", "_loop")
 
     def __init__(self, idle: float) -> None:
         self.idle = idle

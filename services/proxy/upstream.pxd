@@ -3,6 +3,14 @@
 # fields, its steps called through a C vtable. Keep the attribute lists equal to its __slots__
 # (tests/unit/test_compiled.py checks).
 
+cimport cython
+
+from services.proxy.conn cimport FirstDeadlines
+
+
+cdef class _ConnectDeadlines
+
+
 cdef class Connecting:
     cdef public object loop, host, port, addrs
     cdef public Py_ssize_t i
@@ -11,7 +19,19 @@ cdef class Connecting:
     cdef public bint fired, cached
 
     cpdef bint start(self) except -1
+    @cython.locals(deadlines=_ConnectDeadlines)
     cpdef _try(self)
+    @cython.locals(deadlines=_ConnectDeadlines)
     cpdef _disarm(self)
     cpdef _step(self, _fut)
     cpdef _expire(self)
+
+
+@cython.locals(last=Py_UCS4)
+cpdef _literal(str host, port)
+
+
+# The connects' deadlines on one timer (conn.FirstDeadlines): a connect's arm and disarm are C calls.
+cdef class _ConnectDeadlines(FirstDeadlines):
+    cpdef bint arm(self, Connecting c) except -1
+    cpdef expire(self, c)

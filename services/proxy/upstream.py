@@ -27,12 +27,21 @@ class UpstreamFailure(Exception):
         return 502, "Bad Gateway", f"Greyproxy: {self}"
 
 
+_inet_pton = socket.inet_pton
+_FAMILIES = (socket.AF_INET, socket.AF_INET6)
+
+
 def _literal(host: str, port: int) -> list[tuple[str, int]] | None:
     """An IP literal needs no lookup: (ip, port) at once (a resolver round trip through a worker
     thread costs more than the whole request on loopback). None for a name."""
-    for family in (socket.AF_INET, socket.AF_INET6):
+    if not host:
+        return None
+    last = host[-1]
+    if not ("0" <= last <= "9") and ":" not in host:
+        return None  # a name (an IPv4 literal ends in a digit, an IPv6 one has a colon): no exceptions raised
+    for family in _FAMILIES:
         try:
-            socket.inet_pton(family, host)
+            _inet_pton(family, host)
         except (OSError, ValueError):
             continue
         return [(host, port)]
@@ -252,14 +261,16 @@ class Connecting:
             return
         self.fired = False
         # The deadline: in the loop's shared queue (`_ConnectDeadlines`), else a timer of its own.
-        self.timer = None if _DEADLINES.arm(self) else loop.call_at(self.deadline, self._expire)
+        deadlines = _DEADLINES  # (compiled: a C call, upstream.pxd)
+        self.timer = None if deadlines.arm(self) else loop.call_at(self.deadline, self._expire)
         self.coro = loop.create_connection(Conn, ip, aport)
         self._step(None)
 
     def _disarm(self) -> None:
         timer = self.timer
         if timer is None:
-            _DEADLINES.waiting.pop(self, None)
+            deadlines = _DEADLINES
+            deadlines.waiting.pop(self, None)
         else:
             timer.cancel()
 

@@ -1153,6 +1153,61 @@ def test_every_tunnel_case_gives_the_same_bytes_and_records_both_ways(tmp_path: 
     assert tasks[0] and not tasks[2] and not tasks[4] and not tasks[5] and tasks[8] and tasks[9]
 
 
+def test_a_new_tunnel_is_looked_at_from_the_callbacks_with_no_coroutine(tmp_path: Any) -> None:
+    """While nobody has spoken the interceptor's look waits in the connections' callbacks (its
+    `first_look`, asked again on every byte, EOF or close): no `run_tunnel` coroutine, no future."""
+
+    async def run() -> tuple[Any, ...]:
+        p = Proxy(begin=True)
+        p.ctx.tunnel_hook = _interceptor(p, False, tmp_path)
+        with mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(p, *a)):
+            p.start()
+            p.send(_connect_head("ok.test"))
+            await p.settle()
+            cycle = p.client.cycle
+            looking = (cycle.looked is not None, cycle.tunnel, p.client._waiter, p.client.task, len(p.gate.live))
+            p.send(INSIDE)
+            await p.settle()
+            after = (p.client.cycle, p.client.detached, bytes(p.wire.out))
+            await p.finish()
+        return looking, after, _observed(p)
+
+    looking, after, observed = asyncio.run(run())
+    assert looking == (True, None, None, None, 1)  # looked at, tracked; nothing awaits
+    assert after == (None, True, b"HTTP/1.1 200 Connection established\r\n\r\n" + OK)  # spliced, the cycle gone
+    assert observed["origins"] == [INSIDE] and observed["live"] == 0 and observed["active"] == 0
+    assert len(observed["logs"]) == 1 and "mitm_disabled" in observed["logs"][0]
+
+
+def test_a_quiet_new_tunnel_is_piped_after_the_idle_timeout_both_ways(tmp_path: Any) -> None:
+    """Nobody speaks for idleTimeout: the look ends as the handler's `_peek` ends it (`non_tls`, then
+    spliced: what comes later passes untouched), on the cycles' deadline timer."""
+
+    async def run(begin: bool) -> tuple[Any, ...]:
+        p = Proxy(Limits(idle_timeout=0.2, header_timeout=2.0), begin=begin)
+        p.ctx.tunnel_hook = _interceptor(p, True, tmp_path)  # (interception on: a later request is not looked at)
+        with (
+            mock.patch.object(http_proxy, "connect", p.connect),
+            mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(p, *a)),
+        ):
+            p.start()
+            p.send(_connect_head("ok.test"))
+            await p.settle()
+            quiet = len(p.journal.records)
+            await p.until(lambda: p.client.detached, "the quiet tunnel spliced", 5.0)
+            p.send(INSIDE)
+            await p.settle()
+            await p.finish()
+        return quiet, bytes(p.wire.out), _observed(p)
+
+    new, old = asyncio.run(run(True)), asyncio.run(run(False))
+    assert new == old
+    quiet, out, observed = new
+    assert quiet == 0 and out == b"HTTP/1.1 200 Connection established\r\n\r\n" + OK
+    assert observed["transactions"] == [] and observed["origins"] == [INSIDE]  # piped, not intercepted
+    assert len(observed["logs"]) == 1 and "non_tls" in observed["logs"][0]
+
+
 def test_a_held_connect_waits_in_the_handler_then_tunnels(tmp_path: Any) -> None:
     async def run(begin: bool) -> tuple[Any, ...]:
         p = Proxy(begin=begin)

@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.proxy.conn import Conn, splice, wait_either
 
@@ -288,6 +290,28 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeResolver]:
     upstream._addresses.clear()
 
 
+def _is_ip(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+            return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
+@given(st.one_of(st.text(max_size=40), st.ip_addresses().map(str), st.from_regex(r"[0-9a-f:.]{1,20}", fullmatch=True)))
+@settings(max_examples=300, deadline=None)
+def test_an_ip_literal_is_told_from_a_name_without_a_lookup(host: str) -> None:
+    """`upstream._literal` (a name is told at once by its last character, without inet_pton's
+    exceptions) agrees with inet_pton on anything."""
+    from services.proxy.upstream import _literal
+
+    assert _literal(host, 443) == ([(host, 443)] if _is_ip(host) else None)
+    for name in ("ok.test", "host1", "1.2.3.4.", "::1", "127.0.0.1", "", "fe80::1%eth0", "1.2.3"):
+        assert _literal(name, 80) == ([(name, 80)] if _is_ip(name) else None)
+
+
 def test_a_names_addresses_are_looked_up_once_for_a_while(resolver: FakeResolver) -> None:
     from services.proxy import upstream
 
@@ -535,3 +559,35 @@ def test_a_look_where_nobody_speaks_is_other_after_the_idle_timeout() -> None:
         assert await asyncio.wait_for(hook._peek(a, b, Limits(idle_timeout=30.0)), 5) == ("http", None)
 
     run(main())
+
+
+def test_bytes_received_are_counted_by_side_on_every_read() -> None:
+    """GET /metrics' greyproxy_proxy_bytes_relayed: every read counts at once, by the side it came from
+    (a client connection, `Conn.client_side`, or an upstream one), buffered or piped."""
+    from services.proxy.conn import RECEIVED
+    from services.proxy.context import ClientConn, Limits, ProxyContext
+
+    class Sink(FakeTransport):
+        def __init__(self) -> None:
+            super().__init__()
+            self.out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += data
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+    before = RECEIVED.snapshot()
+    client = ClientConn(ProxyContext(None, Limits()), None)  # type: ignore[arg-type]
+    client.transport = sink = Sink()  # type: ignore[assignment]  # (no handler started)
+    up = make_conn()
+    client.data_received(b"12345")  # buffered (a head being read)
+    up.data_received(b"ab")
+    assert RECEIVED.snapshot() == {"client": before["client"] + 5, "upstream": before["upstream"] + 2}
+    up.take()
+    client.take()
+    splice(client, up)
+    up.data_received(b"xyz")  # piped to the client
+    assert sink.out == b"xyz"
+    assert RECEIVED.snapshot() == {"client": before["client"] + 5, "upstream": before["upstream"] + 5}
