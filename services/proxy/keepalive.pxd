@@ -7,6 +7,7 @@ cimport cython
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ClientConn
 from services.proxy.exchange cimport Exchange
+from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
 
 
@@ -23,7 +24,8 @@ cdef class Handover:
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
-    cdef public object limits, prepare, quick, admit, gate, loop, state, identity
+    cdef public object limits, prepare, quick, admit, loop, state, identity
+    cdef public Gate gate
     cdef public object key, cid, clean
     cdef public Exchange exchange
     cdef public RequestHead head
@@ -31,9 +33,12 @@ cdef class KeptAlive:
     cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
+    cpdef close(self)
     cpdef _unwatch(self)
     @cython.locals(client=ClientConn)
     cpdef _hand(self, Handover h)
+    @cython.locals(client=ClientConn, upstream=Conn)
+    cpdef _finish(self)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)

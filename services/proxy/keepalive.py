@@ -283,18 +283,19 @@ class KeptAlive:
         """The end of a connection no handler took: what the handler's end does (its upstream
         released: parked when clean, else closed; the connection no longer counted, and closed)."""
         self.close()
-        self.client.cycle = None  # (no reference cycle left: both are freed by their counts)
+        client = self.client
+        client.cycle = None  # (no reference cycle left: both are freed by their counts)
         cid, self.cid = self.cid, None
         if cid is not None:
             self.gate.untrack(cid)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             if self.clean and self.key is not None:
-                self.client.ctx.pool.put(self.key, upstream)
+                client.ctx.pool.put(self.key, upstream)
             else:
                 upstream.close()
-        if not self.client.detached:  # (a spliced tunnel's client is finished by the tunnel)
-            self.client.finish()
+        if not client.detached:  # (a spliced tunnel's client is finished by the tunnel)
+            client.finish()
 
     # -- deadlines --
     def _arm(self, timeout: float) -> None:
