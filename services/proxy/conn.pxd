@@ -15,6 +15,7 @@ cdef class Conn:
     cdef public Py_ssize_t bytes_in, _fd
     cdef public object _deadline, _timer, _timed, _loop, watcher
 
+    cpdef _setup(self)
     cpdef connection_made(self, transport)
     cpdef get_buffer(self, sizehint)
     cpdef buffer_updated(self, Py_ssize_t nbytes)

@@ -83,6 +83,11 @@ class Conn:
     )
 
     def __init__(self) -> None:
+        self._setup()
+
+    def _setup(self) -> None:
+        """A new connection's attributes (`__init__`'s; a subclass's `__init__` calls this, compiled a C
+        call, instead of `Conn.__init__` through Python)."""
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()
         self.eof = False

@@ -35,3 +35,6 @@ cdef class ClientConn(Conn):
     cpdef _left(self)
     cpdef eof_received(self)
     cpdef connection_lost(self, exc)
+
+
+cpdef str default_identity(ClientConn conn)

@@ -4,9 +4,12 @@
 
 cimport cython
 
+from services.proxy.context cimport ClientConn, default_identity
 from services.proxy.gate cimport Gate, Verdict
 from services.proxy.hooks cimport Flow
 from services.proxy.http1 cimport RequestHead
+# (under another name: `KeptAlive` stays the module's global, which tests replace with a subclass)
+from services.proxy.keepalive cimport KeptAlive as Cycle
 from services.proxy.pipeline cimport Txn
 
 
@@ -19,3 +22,5 @@ cpdef _hooked(client, RequestHead head, Verdict verdict, Txn t, Flow flow, refus
 @cython.locals(gate=Gate)
 cpdef admit_connect(client, RequestHead head, container)
 cpdef _connect_admitted(client, Verdict verdict)
+@cython.locals(cycle=Cycle)
+cpdef begin_http(ClientConn client)

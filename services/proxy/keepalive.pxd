@@ -33,6 +33,8 @@ cdef class KeptAlive:
     cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
+    @cython.locals(client=ClientConn)
+    cpdef begin(self, identity)
     cpdef close(self)
     cpdef _unwatch(self)
     @cython.locals(client=ClientConn)
