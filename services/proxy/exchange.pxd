@@ -3,7 +3,7 @@
 
 cimport cython
 
-from services.proxy.http1 cimport RequestHead, ResponseHead
+from services.proxy.http1 cimport RequestHead, ResponseHead, render_response_head
 from services.proxy.pipeline cimport Txn
 
 

@@ -12,7 +12,7 @@ cdef class RequestHead:
     cpdef header(self, name)
     @cython.locals(out=list, k=str, v=str)
     cpdef render_upstream(self, version)
-    @cython.locals(kept=list, out=list)
+    @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
 
 
@@ -53,6 +53,7 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+@cython.locals(token=str)
 cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)
 @cython.locals(c=Py_UCS4)
@@ -68,8 +69,12 @@ cpdef tuple _target_parts(str method, str target)
 cpdef _derive_request_headers(RequestHead head)
 
 # The field helpers of heads (C calls from their methods).
+@cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)
 @cython.locals(n=str)
 cpdef bint _proxy_names(names)
+@cython.locals(k=str, lk=str, kept=list, tokens=list, out=list)
 cpdef list _filter_hop_by_hop(headers, bint keep_upgrade, names=*)
+@cython.locals(raw=bytes, i=Py_ssize_t)
+cpdef bytes render_response_head(ResponseHead resp, bint keep_alive)

@@ -187,7 +187,8 @@ Names = frozenset[str] | None
 def _split_tokens(value: str) -> list[str]:
     """A comma-separated field value's tokens, lower-cased, empties dropped."""
     if "," not in value:  # (the usual one token: the same, without the list's loop)
-        token = value.strip().lower()
+        token = value.strip()
+        token = token.lower()
         return [token] if token else []
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
@@ -198,7 +199,8 @@ def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> l
         return []
     out: list[str] = []
     for k, v in headers:
-        if k.lower() == name:
+        # (a name that lower-cases to an ASCII one has its length: the other names are not lower-cased)
+        if len(k) == len(name) and k.lower() == name:
             out.extend(_split_tokens(v))
     return out
 
@@ -281,7 +283,7 @@ def _filter_hop_by_hop(
         kept: list[tuple[str, str]] = []
         tokens: list[str] = []
         for k, v in headers:
-            if k.lower() == "connection":
+            if len(k) == 10 and k.lower() == "connection":  # (see `_tokens`)
                 tokens += _split_tokens(v)
             else:
                 kept.append((k, v))
@@ -378,7 +380,10 @@ class RequestHead:
         kept = _filter_hop_by_hop(self.headers, self.upgrade is not None, self.names)
         out = [("Host", self.authority)]
         if self.names is None or "host" in self.names:
-            out += [kv for kv in kept if kv[0].lower() != "host"]  # (the pairs themselves, not copies)
+            for kv in kept:  # (the pairs themselves, not copies)
+                k = kv[0]
+                if len(k) != 4 or k.lower() != "host":  # (see `_tokens`)
+                    out.append(kv)
         else:
             out += kept
         if self.upgrade is not None:
@@ -1023,7 +1028,7 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
                 return raw
             i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
-                return raw[: i + 2] + raw[i + len(_THEIR_KEEP_ALIVE) : -2] + b"Connection: close\r\n\r\n"
+                return b"".join((raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n"))
         else:
             return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)
