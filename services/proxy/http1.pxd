@@ -18,7 +18,7 @@ cdef class RequestHead:
 
 cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
-    cdef public object until_close, raw, raw_keep_alive, index, text, lower
+    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at
 
     @cython.locals(text=str)
     cpdef field_lines(self)
@@ -47,7 +47,7 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
     end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
     head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
-    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 

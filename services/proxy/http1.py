@@ -743,6 +743,9 @@ class ResponseHead:
     # line's first colon.
     text: str | None = field(default=None, repr=False, compare=False)
     lower: str | None = field(default=None, repr=False, compare=False)
+    # Where in `raw` its one Connection field's line starts (its CRLF before), when read from the text;
+    # -1: not known. (A client closing after this answer: `render_response_head` replaces it there.)
+    connection_at: int = field(default=-1, repr=False, compare=False)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -881,6 +884,7 @@ def parse_response_head(
     cls: list[str] = []
     connection: list[str] = []
     n_connection = 0
+    connection_at = -1  # (the split reading's: where the Connection field's line starts)
     headers: list[tuple[str, str]] | None = None
     index: dict[str, str] | None = None
     lower: str | None = None
@@ -909,6 +913,7 @@ def parse_response_head(
                 cls.append(value)
             elif kind == 2:
                 n_connection += 1
+                connection_at = start - 2
                 connection.extend(_split_tokens(value))
             else:
                 has_te = True
@@ -976,6 +981,8 @@ def parse_response_head(
         and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"]))
     ):
         head.raw, head.raw_keep_alive = head_bytes, n_connection == 1
+        if n_connection == 1:
+            head.connection_at = connection_at
     return head, consumed
 
 
@@ -1026,7 +1033,9 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
         if resp.raw_keep_alive:
             if keep_alive:
                 return raw
-            i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
+            i = resp.connection_at  # (from the parse: no search)
+            if i < 0 or not raw.startswith(_THEIR_KEEP_ALIVE, i):
+                i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
                 return b"".join((raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n"))
         else:
