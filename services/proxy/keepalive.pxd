@@ -35,12 +35,14 @@ cdef class KeptAlive:
 
     @cython.locals(client=ClientConn)
     cpdef begin(self, identity)
+    @cython.locals(q=dict)
     cpdef close(self)
     cpdef _unwatch(self)
     @cython.locals(client=ClientConn)
     cpdef _hand(self, Handover h)
     @cython.locals(client=ClientConn, upstream=Conn)
     cpdef _finish(self)
+    @cython.locals(q=dict)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
@@ -58,6 +60,7 @@ cdef class KeptAlive:
 cdef class Deadlines:
     cdef public dict queues, timers
 
+    @cython.locals(q=dict, old=dict)
     cpdef arm(self, KeptAlive cycle, timeout)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)

@@ -219,10 +219,11 @@ class KeptAlive:
         client = self.client
         client.cycle = self
         self.identity = identity
-        self.header_deadline = monotonic() + self.limits.header_timeout
+        timeout = self.limits.header_timeout
+        self.header_deadline = monotonic() + timeout
         client.watcher = self._on_client
         self.state = _IDLE
-        self._arm(self.limits.header_timeout)
+        self._arm(timeout)
         if client.buf or client.eof:
             self._next()
 
