@@ -5,7 +5,7 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
-from services.proxy.context cimport ClientConn
+from services.proxy.context cimport ClientConn, Limits
 from services.proxy.exchange cimport Exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
@@ -24,7 +24,8 @@ cdef class Handover:
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
-    cdef public object limits, prepare, quick, admit, loop, state, identity
+    cdef public Limits limits
+    cdef public object prepare, quick, admit, loop, state, identity
     cdef public Gate gate
     cdef public object key, cid, clean
     cdef public Exchange exchange
