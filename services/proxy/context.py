@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from greyproxy.compiled import slotted
+
 from .conn import Conn, ConnClosed
 from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
@@ -326,3 +328,6 @@ async def start_listener(
         backlog=2048,
         reuse_port=reuse_port or None,
     )
+
+
+slotted(globals(), "Limits")  # (as Python: __slots__, as http1's heads; compiled, an extension type: context.pxd)
