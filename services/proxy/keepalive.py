@@ -186,12 +186,13 @@ class KeptAlive:
     )
 
     def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn, admit: AdmitFn | None = None) -> None:
-        ctx = client.ctx
-        self.client, self.limits, self.gate = client, ctx.limits, ctx.gate
+        self.client = client
+        ctx = self.client.ctx  # (through the typed attribute: C struct reads, compiled)
+        self.limits, self.gate = ctx.limits, ctx.gate
         self.prepare = prepare  # the request steps (http_proxy.prepare)
         self.quick = quick  # the identity check without waiting (http_proxy.identity_passed)
         self.admit = admit  # a CONNECT's decision (http_proxy.admit_connect); None: CONNECT goes to the handler
-        self.loop = client._loop or asyncio.get_running_loop()
+        self.loop = self.client._loop or asyncio.get_running_loop()
         self.state = _OFF
         self.identity = ""
         self.upstream: Conn | None = None
