@@ -22,6 +22,7 @@ cdef class Conn:
     cdef public Py_ssize_t bytes_in, _fd
     cdef public object _deadline, _timer, _timed, _loop, watcher
 
+    cpdef _setup(self)
     cpdef connection_made(self, transport)
     cpdef get_buffer(self, sizehint)
     @cython.locals(received=Received)

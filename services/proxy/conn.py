@@ -95,6 +95,11 @@ class Conn:
     )
 
     def __init__(self) -> None:
+        self._setup()
+
+    def _setup(self) -> None:
+        """A new connection's attributes (`__init__`'s; a subclass's `__init__` calls this, compiled a C
+        call, instead of `Conn.__init__` through Python)."""
         self.client_side = False  # an accepted client connection (context.ClientConn): counted as such in RECEIVED
         self.transport: asyncio.Transport | None = None
         self.buf = bytearray()

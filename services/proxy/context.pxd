@@ -8,8 +8,15 @@ from services.proxy.conn cimport Conn
 from services.proxy.pool cimport UpstreamPool
 
 
+# (a dataclass: Cython's, compiled; its fields read as C struct fields where a `Limits` is typed)
+cdef class Limits:
+    cdef public object header_timeout, connect_timeout, idle_timeout, max_header_bytes, max_headers
+    cdef public object max_connections, max_per_client, upstream_pool_size, upstream_idle_timeout, half_closed_clients
+
+
 cdef class ProxyContext:
-    cdef public object gate, limits
+    cdef public object gate
+    cdef public Limits limits
     cdef public Py_ssize_t active
     cdef public dict per_client, refused
     cdef public object tunnel_hook, hooks, recorder
@@ -35,3 +42,6 @@ cdef class ClientConn(Conn):
     cpdef _left(self)
     cpdef eof_received(self)
     cpdef connection_lost(self, exc)
+
+
+cpdef str default_identity(ClientConn conn)

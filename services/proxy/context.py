@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from greyproxy.compiled import slotted
+
 from .conn import Conn, ConnClosed
 from .docker_identity import DockerIdentity
 from .gate import Gate, Verdict
@@ -170,7 +172,7 @@ class ClientConn(Conn):
         handler: Callable[["ClientConn"], Awaitable[None]],
         begin: Callable[["ClientConn"], None] | None = None,
     ) -> None:
-        Conn.__init__(self)  # (not super(): a super object and its MRO walk per accepted connection)
+        self._setup()  # Conn's attributes (not super(): a super object and its MRO walk per accepted connection)
         self.client_side = True
         self.ctx = ctx
         self.handler = handler
@@ -193,15 +195,18 @@ class ClientConn(Conn):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         Conn.connection_made(self, transport)
-        self.src_ip = self.peername()[0]
-        ctx, limits = self.ctx, self.ctx.limits
+        # (`peername`'s address, without the port's conversion and the tuple it builds)
+        info = transport.get_extra_info("peername")
+        self.src_ip = str(info[0]) if info else ""
+        ctx = self.ctx
+        cap = ctx.limits.max_connections
         # Past the cap a connection is still read (so it gets a 503 / SOCKS5 failure it can
         # understand); past the cap plus a margin it is dropped at once, to keep descriptors bounded.
-        if ctx.active >= limits.max_connections + max(64, limits.max_connections // 10):
+        if ctx.active >= cap + max(64, cap // 10):
             ctx.note_refusal(CAP_OVERALL, f"unknown-{self.src_ip}")
             transport.abort()  # type: ignore[attr-defined]
             return
-        self.over_cap = ctx.active >= limits.max_connections
+        self.over_cap = ctx.active >= cap
         ctx.active += 1
         self.counted = True
         loop = ctx.loop
@@ -326,3 +331,6 @@ async def start_listener(
         backlog=2048,
         reuse_port=reuse_port or None,
     )
+
+
+slotted(globals(), "Limits")  # (as Python: __slots__, as http1's heads; compiled, an extension type: context.pxd)

@@ -3,12 +3,14 @@
 
 cimport cython
 
-from services.proxy.http1 cimport RequestHead, ResponseHead
+from services.proxy.context cimport Limits
+from services.proxy.http1 cimport RequestHead, ResponseHead, render_response_head
 from services.proxy.pipeline cimport Txn
 
 
 cdef class Exchange:
-    cdef public object client, upstream, limits
+    cdef public object client, upstream
+    cdef public Limits limits
     cdef public RequestHead head
     cdef public Txn txn
     cdef public ResponseHead final

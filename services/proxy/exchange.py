@@ -33,6 +33,7 @@ from typing import Any
 
 from . import http1
 from .conn import ConnClosed
+from .http1 import render_response_head
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
 from .tls import TlsStream
@@ -488,7 +489,7 @@ class Exchange:
         # So this exchange ends both connections instead of waiting for (or guessing at) them.
         self._owed = head.expect_continue and not self._continued and body is not None and not body.done()
         self.client_keep = head.keep_alive and not resp.until_close and not self._owed
-        out = http1.render_response_head(resp, keep_alive=self.client_keep)
+        out = render_response_head(resp, self.client_keep)  # (positional: a C call, exchange.pxd)
         if not resp.has_body:
             self.client.write(out)
             self.final = resp

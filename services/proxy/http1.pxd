@@ -12,13 +12,13 @@ cdef class RequestHead:
     cpdef header(self, name)
     @cython.locals(out=list, k=str, v=str)
     cpdef render_upstream(self, version)
-    @cython.locals(kept=list, out=list)
+    @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
 
 
 cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
-    cdef public object until_close, raw, raw_keep_alive, index, text, lower
+    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at
 
     @cython.locals(text=str)
     cpdef field_lines(self)
@@ -47,12 +47,13 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
     end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
     head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
-    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int,
+    stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+@cython.locals(token=str)
 cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)
 @cython.locals(c=Py_UCS4)
@@ -68,8 +69,12 @@ cpdef tuple _target_parts(str method, str target)
 cpdef _derive_request_headers(RequestHead head)
 
 # The field helpers of heads (C calls from their methods).
+@cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)
 @cython.locals(n=str)
 cpdef bint _proxy_names(names)
+@cython.locals(k=str, lk=str, kept=list, tokens=list, out=list)
 cpdef list _filter_hop_by_hop(headers, bint keep_upgrade, names=*)
+@cython.locals(raw=bytes, i=Py_ssize_t)
+cpdef bytes render_response_head(ResponseHead resp, bint keep_alive)

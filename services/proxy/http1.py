@@ -187,7 +187,8 @@ Names = frozenset[str] | None
 def _split_tokens(value: str) -> list[str]:
     """A comma-separated field value's tokens, lower-cased, empties dropped."""
     if "," not in value:  # (the usual one token: the same, without the list's loop)
-        token = value.strip().lower()
+        token = value.strip()
+        token = token.lower()
         return [token] if token else []
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
@@ -198,7 +199,8 @@ def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> l
         return []
     out: list[str] = []
     for k, v in headers:
-        if k.lower() == name:
+        # (a name that lower-cases to an ASCII one has its length: the other names are not lower-cased)
+        if len(k) == len(name) and k.lower() == name:
             out.extend(_split_tokens(v))
     return out
 
@@ -281,7 +283,7 @@ def _filter_hop_by_hop(
         kept: list[tuple[str, str]] = []
         tokens: list[str] = []
         for k, v in headers:
-            if k.lower() == "connection":
+            if len(k) == 10 and k.lower() == "connection":  # (see `_tokens`)
                 tokens += _split_tokens(v)
             else:
                 kept.append((k, v))
@@ -378,7 +380,10 @@ class RequestHead:
         kept = _filter_hop_by_hop(self.headers, self.upgrade is not None, self.names)
         out = [("Host", self.authority)]
         if self.names is None or "host" in self.names:
-            out += [kv for kv in kept if kv[0].lower() != "host"]  # (the pairs themselves, not copies)
+            for kv in kept:  # (the pairs themselves, not copies)
+                k = kv[0]
+                if len(k) != 4 or k.lower() != "host":  # (see `_tokens`)
+                    out.append(kv)
         else:
             out += kept
         if self.upgrade is not None:
@@ -738,6 +743,9 @@ class ResponseHead:
     # line's first colon.
     text: str | None = field(default=None, repr=False, compare=False)
     lower: str | None = field(default=None, repr=False, compare=False)
+    # Where in `raw` its one Connection field's line starts (its CRLF before), when read from the text;
+    # -1: not known. (A client closing after this answer: `render_response_head` replaces it there.)
+    connection_at: int = field(default=-1, repr=False, compare=False)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
@@ -876,6 +884,7 @@ def parse_response_head(
     cls: list[str] = []
     connection: list[str] = []
     n_connection = 0
+    connection_at = -1  # (the split reading's: where the Connection field's line starts)
     headers: list[tuple[str, str]] | None = None
     index: dict[str, str] | None = None
     lower: str | None = None
@@ -904,6 +913,7 @@ def parse_response_head(
                 cls.append(value)
             elif kind == 2:
                 n_connection += 1
+                connection_at = start - 2
                 connection.extend(_split_tokens(value))
             else:
                 has_te = True
@@ -971,6 +981,8 @@ def parse_response_head(
         and (n_connection == 0 or (n_connection == 1 and connection == ["keep-alive"]))
     ):
         head.raw, head.raw_keep_alive = head_bytes, n_connection == 1
+        if n_connection == 1:
+            head.connection_at = connection_at
     return head, consumed
 
 
@@ -1021,9 +1033,11 @@ def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
         if resp.raw_keep_alive:
             if keep_alive:
                 return raw
-            i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
+            i = resp.connection_at  # (from the parse: no search)
+            if i < 0 or not raw.startswith(_THEIR_KEEP_ALIVE, i):
+                i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
-                return raw[: i + 2] + raw[i + len(_THEIR_KEEP_ALIVE) : -2] + b"Connection: close\r\n\r\n"
+                return b"".join((raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n"))
         else:
             return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
     _check_field(resp.reason)

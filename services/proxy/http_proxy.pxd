@@ -4,10 +4,12 @@
 
 cimport cython
 
-from services.proxy.context cimport ClientConn
+from services.proxy.context cimport ClientConn, default_identity
 from services.proxy.gate cimport Gate, Verdict
 from services.proxy.hooks cimport Flow
 from services.proxy.http1 cimport RequestHead
+# (under another name: `KeptAlive` stays the module's global, which tests replace with a subclass)
+from services.proxy.keepalive cimport KeptAlive as Cycle
 from services.proxy.pipeline cimport Txn
 
 
@@ -21,3 +23,5 @@ cpdef _hooked(ClientConn client, RequestHead head, Verdict verdict, Txn t, Flow 
 cpdef admit_connect(ClientConn client, RequestHead head, container)
 @cython.locals(gate=Gate)
 cpdef _connect_admitted(ClientConn client, Verdict verdict)
+@cython.locals(cycle=Cycle)
+cpdef begin_http(ClientConn client)

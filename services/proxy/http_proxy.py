@@ -250,7 +250,8 @@ def begin_http(client: ClientConn) -> None:
     """The HTTP listener's start of a connection (`ClientConn.begin`): its requests, and a CONNECT's
     admission, upstream connect and tunnel, are served in its callbacks while nothing needs waiting
     (keepalive.py); `handle_http` takes over where that stops."""
-    KeptAlive(client, prepare, identity_passed, admit_connect).begin(default_identity(client))
+    cycle = KeptAlive(client, prepare, identity_passed, admit_connect)
+    cycle.begin(default_identity(client))  # (C calls, compiled)
 
 
 async def handle_http(client: ClientConn) -> None:

@@ -5,7 +5,7 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
-from services.proxy.context cimport ClientConn, ProxyContext
+from services.proxy.context cimport ClientConn, Limits, ProxyContext
 from services.proxy.exchange cimport Exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
@@ -25,7 +25,8 @@ cdef class Handover:
 cdef class KeptAlive:
     cdef public ClientConn client
     cdef public Conn upstream
-    cdef public object limits, prepare, quick, admit, loop, state, identity
+    cdef public Limits limits
+    cdef public object prepare, quick, admit, loop, state, identity
     cdef public Gate gate
     cdef public object key, cid, clean
     cdef public Exchange exchange
@@ -36,9 +37,16 @@ cdef class KeptAlive:
     cdef public Deadlines deadlines
     cdef public object _deadline, _queue, _timeout
 
+    @cython.locals(client=ClientConn)
+    cpdef begin(self, identity)
+    @cython.locals(q=dict)
+    cpdef close(self)
     cpdef _unwatch(self)
     @cython.locals(client=ClientConn)
     cpdef _hand(self, Handover h)
+    @cython.locals(client=ClientConn, upstream=Conn)
+    cpdef _finish(self)
+    @cython.locals(q=dict)
     cpdef _arm(self, timeout)
     cpdef _run(self, Exchange ex, step)
     cpdef _hand_exchange(self, Exchange ex)
@@ -64,6 +72,7 @@ cdef class KeptAlive:
 cdef class Deadlines:
     cdef public dict queues, timers
 
+    @cython.locals(q=dict, old=dict)
     cpdef arm(self, KeptAlive cycle, timeout)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)

@@ -193,12 +193,13 @@ class KeptAlive:
     )
 
     def __init__(self, client: ClientConn, prepare: PrepareFn, quick: QuickFn, admit: AdmitFn | None = None) -> None:
-        ctx = client.ctx
-        self.client, self.limits, self.gate = client, ctx.limits, ctx.gate
+        self.client = client
+        ctx = self.client.ctx  # (through the typed attribute: C struct reads, compiled)
+        self.limits, self.gate = ctx.limits, ctx.gate
         self.prepare = prepare  # the request steps (http_proxy.prepare)
         self.quick = quick  # the identity check without waiting (http_proxy.identity_passed)
         self.admit = admit  # a CONNECT's decision (http_proxy.admit_connect); None: CONNECT goes to the handler
-        self.loop = client._loop or asyncio.get_running_loop()
+        self.loop = self.client._loop or asyncio.get_running_loop()
         self.state = _OFF
         self.identity = ""
         self.upstream: Conn | None = None
@@ -228,10 +229,11 @@ class KeptAlive:
         client = self.client
         client.cycle = self
         self.identity = identity
-        self.header_deadline = monotonic() + self.limits.header_timeout
+        timeout = self.limits.header_timeout
+        self.header_deadline = monotonic() + timeout
         client.watcher = self._on_client
         self.state = _IDLE
-        self._arm(self.limits.header_timeout)
+        self._arm(timeout)
         if client.buf or client.eof:
             self._next()
 
@@ -292,18 +294,19 @@ class KeptAlive:
         """The end of a connection no handler took: what the handler's end does (its upstream
         released: parked when clean, else closed; the connection no longer counted, and closed)."""
         self.close()
-        self.client.cycle = None  # (no reference cycle left: both are freed by their counts)
+        client = self.client
+        client.cycle = None  # (no reference cycle left: both are freed by their counts)
         cid, self.cid = self.cid, None
         if cid is not None:
             self.gate.untrack(cid)
         upstream, self.upstream = self.upstream, None
         if upstream is not None:
             if self.clean and self.key is not None:
-                self.client.ctx.pool.put(self.key, upstream)
+                client.ctx.pool.put(self.key, upstream)
             else:
                 upstream.close()
-        if not self.client.detached:  # (a spliced tunnel's client is finished by the tunnel)
-            self.client.finish()
+        if not client.detached:  # (a spliced tunnel's client is finished by the tunnel)
+            client.finish()
 
     # -- deadlines --
     def _arm(self, timeout: float) -> None:

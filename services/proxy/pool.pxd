@@ -7,7 +7,8 @@ from services.proxy.conn cimport Conn
 
 
 cdef class UpstreamPool:
-    cdef public object per_key, total, idle_timeout, _idle, _sweeper
+    cdef public object per_key, total, idle_timeout, _sweeper
+    cdef public dict _idle
     cdef public Py_ssize_t _count, reused, parked
 
     @cython.locals(conn=Conn)

@@ -573,7 +573,7 @@ def test_the_request_body_end_is_awaited_without_a_task(monkeypatch: pytest.Monk
     async def body_end(body_takes: float, idle_timeout: float) -> tuple[Any, ...]:
         loop = asyncio.get_running_loop()
         peer = SimpleNamespace(eof=False, closed=False)
-        ex = exchange_module.Exchange(peer, peer, None, SimpleNamespace(idle_timeout=idle_timeout))  # type: ignore[arg-type]
+        ex = exchange_module.Exchange(peer, peer, None, Limits(idle_timeout=idle_timeout))  # type: ignore[arg-type]
         ex._body = body = loop.create_task(asyncio.sleep(body_takes))
         coro, done = ex._request_body_end(), loop.create_future()
 
