@@ -6,7 +6,7 @@ transaction per request), batched as the proxy's JournalWriter sends them (`--pe
 batch) and coalesced as the JournalConsumer takes them (`--coalesce` batches a transaction), are
 decoded as the consumer does, applied (`apply_records`, into a fresh database file) and their
 events published with nobody subscribed, after the recorder's own `tune_gc`. Run under callgrind
-twice, for N1 and N2 requests: the difference over N2 - N1 is the per-request figure (start-up,
+twice, for N1 and N2 requests (their batches built beforehand, outside the measured run): the difference over N2 - N1 is the per-request figure (start-up,
 imports and the database's creation cancel out). No checkpointer runs (its timing would vary).
 
     .venv/bin/python bench/recorder_instr.py [--n1 10000] [--n2 30000] [--per 500] [--coalesce 4]
@@ -30,28 +30,46 @@ sys.path.insert(0, str(Path.cwd()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def apply_once(n: int, per: int, coalesce: int) -> None:
-    """The measured run: build the batches, then decode, apply and publish them."""
-    import gc
-
-    import orjson
+def build(n: int, per: int, path: str) -> None:
+    """The journal batches of n requests as the proxy sends them, written to `path` (pickled):
+    built outside the measured run, which then only loads them."""
+    import pickle
 
     import record_cost as rc
-    from greyproxy.runtime import tune_gc
-    from services.recorder.service import GC_THRESHOLD
 
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     writer = rc.JournalWriter("ipc:///nonexistent", outbox_limit=10**9, outbox_bytes=10**12)
     rc.proxy_side(writer, rc.Recorder(writer), n)
-    bodies = rc.batches(list(writer._queue), per)
-    del writer
+    with open(path, "wb") as f:
+        pickle.dump(rc.batches(list(writer._queue), per), f)
+    loop.close()
+
+
+def apply_once(n: int, path: str, coalesce: int) -> None:
+    """The measured run: decode, apply and publish the batches built by `build`."""
+    import gc
+    import pickle
+
+    import orjson
+
+    import record_cost as rc
+
+    try:  # (a tree from before the recorder tuned its collector: the defaults)
+        from greyproxy.runtime import tune_gc
+        from services.recorder.service import GC_THRESHOLD
+    except ImportError:
+        tune_gc, GC_THRESHOLD = None, None
+
+    with open(path, "rb") as f:
+        bodies = pickle.load(f)
     with tempfile.TemporaryDirectory(prefix="gp-recinstr-") as root:
         db = rc.open_database(Path(root) / "greyproxy.db")
         conn = db.connection()
         pub = rc.Publisher()
         gc.collect()
-        tune_gc(GC_THRESHOLD)
+        if tune_gc is not None:
+            tune_gc(GC_THRESHOLD)
         for i in range(0, len(bodies), coalesce):
             records = []
             for body in bodies[i : i + coalesce]:  # as JournalConsumer.serve decodes them
@@ -61,11 +79,12 @@ def apply_once(n: int, per: int, coalesce: int) -> None:
         stored = conn.execute("SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)").fetchone()
         assert stored == (n, n), stored
         db.close()
-    loop.close()
 
 
 def instructions(n: int, per: int, coalesce: int) -> int:
     with tempfile.TemporaryDirectory() as tmp:
+        batches = f"{tmp}/batches.pickle"
+        build(n, per, batches)
         out = subprocess.run(
             [
                 "valgrind",
@@ -75,8 +94,8 @@ def instructions(n: int, per: int, coalesce: int) -> int:
                 __file__,
                 "--run",
                 str(n),
-                "--per",
-                str(per),
+                "--batches",
+                batches,
                 "--coalesce",
                 str(coalesce),
             ],
@@ -96,9 +115,10 @@ def main() -> int:
     ap.add_argument("--per", type=int, default=500, help="records per journal batch (JournalWriter.batch_size)")
     ap.add_argument("--coalesce", type=int, default=4, help="batches applied in one transaction")
     ap.add_argument("--run", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run is not None:
-        apply_once(args.run, args.per, args.coalesce)
+        apply_once(args.run, args.batches, args.coalesce)
         return 0
     a = instructions(args.n1, args.per, args.coalesce)
     b = instructions(args.n2, args.per, args.coalesce)
