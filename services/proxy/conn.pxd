@@ -9,6 +9,7 @@ cimport cython
 cdef class Received:
     cdef public Py_ssize_t client, upstream
 
+    cpdef add(self, bint client_side, Py_ssize_t n)
     cpdef dict snapshot(self)
 
 

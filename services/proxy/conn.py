@@ -55,6 +55,13 @@ class Received:
         self.client = 0  # by client connections (`Conn.client_side`)
         self.upstream = 0
 
+    def add(self, client_side: bool, n: int) -> None:
+        """n bytes read by a client connection (`client_side`) or an upstream one."""
+        if client_side:
+            self.client += n
+        else:
+            self.upstream += n
+
     def snapshot(self) -> dict[str, int]:
         return {"client": self.client, "upstream": self.upstream}
 
@@ -140,11 +147,8 @@ class Conn:
             self.data_received(_scratch[:nbytes])  # appended (copied) to buf
             return
         self.bytes_in += nbytes
-        received = RECEIVED
-        if self.client_side:
-            received.client += nbytes
-        else:
-            received.upstream += nbytes
+        received: Received = RECEIVED
+        received.add(self.client_side, nbytes)
         if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
             peer._send(_scratch, nbytes)
 
@@ -170,11 +174,8 @@ class Conn:
         else appended to `buf` for the reader."""
         n = len(data)
         self.bytes_in += n
-        received = RECEIVED
-        if self.client_side:
-            received.client += n
-        else:
-            received.upstream += n
+        received: Received = RECEIVED
+        received.add(self.client_side, n)
         peer = self.peer
         if peer is not None:
             if not peer.closed:  # (as buffer_updated)

@@ -33,3 +33,5 @@ cdef class Exchange:
     cpdef _cut_off(self, text)
     cpdef bint client_left(self) except -1
     cpdef _client_event(self)
+
+cpdef _socket_of(stream)

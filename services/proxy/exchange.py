@@ -96,6 +96,11 @@ def upstream_version(head: http1.RequestHead) -> str:
     return "1.0" if head.version == "1.0" else "1.1"
 
 
+def _socket_of(stream: Any) -> Any:
+    """The connection whose socket carries `stream`: the raw one under TLS."""
+    return stream.raw if type(stream) is TlsStream else stream
+
+
 class Exchange:
     """One request/response. After `run`: `state` (DONE, FAILED or STALE), `client_keep` (the client
     connection may carry another request), `upstream_reusable` (the upstream connection ended the
@@ -272,7 +277,7 @@ class Exchange:
         # The client's connection (the socket under TLS) tells this exchange of its end while the
         # answer is awaited or relayed (unless someone else watches it: the kept-alive cycle does
         # that itself).
-        raw: Any = self.client.raw if type(self.client) is TlsStream else self.client  # a Conn (or a test's stream)
+        raw: Any = _socket_of(self.client)  # a Conn (or a test's stream)
         watch = None
         if (
             not limits.half_closed_clients and getattr(raw, "watcher", False) is None
@@ -338,9 +343,7 @@ class Exchange:
     def _client_event(self) -> None:
         """The client connection's watcher while `proceed` waits: bytes (a pipelined request: they
         wait in its buffer) or its end."""
-        client = self.client
-        raw = client.raw if type(client) is TlsStream else client
-        if raw.eof:
+        if _socket_of(self.client).eof:
             self.client_left()
 
     def client_left(self) -> bool:
@@ -359,7 +362,7 @@ class Exchange:
         if body is not None and not body.done():
             return False
         up = self.upstream
-        conn = up.raw if type(up) is TlsStream else up
+        conn = _socket_of(up)
         transport = getattr(conn, "transport", None)
         if conn.closed or (transport is not None and transport.is_closing()):
             return False  # already ending: Greyproxy closing both (a rule revoked), or the origin's close

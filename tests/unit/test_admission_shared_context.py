@@ -116,6 +116,13 @@ class Listener:
         self.gate._addresses[NAME] = ([MOVED], time.monotonic())
         upstream._addresses[(NAME, self.origin.port)] = ([("127.0.0.1", self.origin.port)], self.loop.time() + 60)
 
+    def deny_alice_the_origin(self) -> None:
+        """Rule 3 (an address rule) denies alice 127.0.0.1, where the origin is; the gate's lookup
+        of NAME saw it elsewhere, so her requests are still admitted: only a connect's guard, or
+        the check of an upstream connected before, meets the rule."""
+        self.gate.set_rules(RuleSet([Rule(3, "alice", "127.0.0.0/8", "*", "deny"), *RULES]), 2)
+        self.moved()
+
     def later(self, fn: Any, *args: Any) -> None:
         """`fn(*args)` from a loop callback in the listener's context (no current task)."""
         self.loop.call_soon(fn, *args, context=self.shared)
@@ -330,9 +337,7 @@ def test_a_parked_upstream_is_judged_again_for_the_next_requests_admission(loop_
             out = []
             for step in ("first", "reused", "denied"):
                 if step == "denied":
-                    rules = [Rule(3, "alice", "127.0.0.0/8", "*", "deny"), *RULES]
-                    lis.gate.set_rules(RuleSet(rules), 2)
-                    lis.moved()
+                    lis.deny_alice_the_origin()
                 client, wire = lis.accept(http_proxy.begin_http if begin else None)
                 lis.later(client.data_received, get_head("alice", origin.port, b"Connection: close\r\n"))
                 await until(lambda w=wire: w.closing)
@@ -373,9 +378,7 @@ def test_an_upstream_kept_on_the_connection_is_judged_again_for_its_next_request
             out = []
             for step in ("first", "kept", "denied"):
                 if step == "denied":
-                    rules = [Rule(3, "alice", "127.0.0.0/8", "*", "deny"), *RULES]
-                    lis.gate.set_rules(RuleSet(rules), 2)
-                    lis.moved()
+                    lis.deny_alice_the_origin()
                 before = len(wire.out)
                 lis.later(client.data_received, get_head("alice", origin.port))
                 if step == "denied":
