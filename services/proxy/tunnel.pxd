@@ -1,11 +1,12 @@
 # Cython declarations for tunnel.py (an "augmenting .pxd", see pipeline.pxd): a tunnel is an extension
 # type, its context and two connections read as C structs (context.pxd, conn.pxd; the client one is a
-# context.ClientConn, declared as the Conn it derives from: the tests build tunnels of plain Conns).
+# context.ClientConn, declared as the Conn it derives from: the tests build tunnels of plain Conns;
+# `join` and `end`, which only a ClientConn's tunnel reaches, read it as one).
 
 cimport cython
 
-from services.proxy.conn cimport Conn
-from services.proxy.context cimport ProxyContext
+from services.proxy.conn cimport Conn, splice
+from services.proxy.context cimport ClientConn, ProxyContext
 from services.proxy.gate cimport Gate
 
 
@@ -20,11 +21,11 @@ cdef class Tunnel:
 
     @cython.locals(gate=Gate)
     cpdef track(self, container, host, port, verdict)
-    @cython.locals(sweeper=IdleSweeper)
+    @cython.locals(sweeper=IdleSweeper, client=ClientConn)
     cpdef join(self)
     cpdef abort(self)
     cpdef _lost(self)
-    @cython.locals(sweeper=IdleSweeper, gate=Gate)
+    @cython.locals(sweeper=IdleSweeper, gate=Gate, client=ClientConn)
     cpdef end(self)
 
 

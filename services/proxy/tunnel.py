@@ -75,9 +75,10 @@ class Tunnel:
         sweeper, gate = ctx.idle_sweeper, ctx.gate
         sweeper.discard(self)
         gate.untrack(self.cid)
-        self.client.on_close = self.upstream.on_close = None
+        client = self.client  # (compiled: a ClientConn, its `finish` a C call; tunnel.pxd)
+        client.on_close = self.upstream.on_close = None
         self.upstream.close()
-        self.client.finish()
+        client.finish()
 
 
 async def run_tunnel(

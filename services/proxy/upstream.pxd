@@ -5,7 +5,7 @@
 
 cimport cython
 
-from services.proxy.conn cimport FirstDeadlines
+from services.proxy.conn cimport Conn, FirstDeadlines
 
 
 cdef class _ConnectDeadlines
@@ -17,18 +17,21 @@ cdef class Connecting:
     cdef public double deadline
     cdef public object guard, done, coro, fut, timer
     cdef public bint fired, cached
+    cdef public Conn conn
 
     cpdef bint start(self) except -1
     @cython.locals(deadlines=_ConnectDeadlines)
     cpdef _try(self)
     @cython.locals(deadlines=_ConnectDeadlines)
     cpdef _disarm(self)
+    @cython.locals(connected=bint)
     cpdef _step(self, _fut)
     cpdef _expire(self)
 
 
-@cython.locals(last=Py_UCS4)
 cpdef _literal(str host, port)
+@cython.locals(octets=int, value=int, ch=Py_UCS4)
+cpdef bint _ipv4(str host) except -1
 
 
 # The connects' deadlines on one timer (conn.FirstDeadlines): a connect's arm and disarm are C calls.

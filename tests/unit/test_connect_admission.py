@@ -166,6 +166,9 @@ def _connecting(host: str, port: int, timeout: float = 2.0, guard: Any = None) -
         else:
             conn, failure = await fut
             got = ("conn", type(conn).__name__) if conn is not None else (failure and (failure.kind, str(failure)))
+            # the connection given is the one connected (the factory's, `Connecting.conn`), not kept after
+            assert conn is None or conn.transport.get_protocol() is conn
+            assert c.conn is None and c.coro is None
             if conn is not None:
                 conn.close()
         try:

@@ -3,12 +3,14 @@ BodyReader's payload sink used for capture."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.proxy.http1 import BodyReader, HttpError, parse_request_head
-from services.proxy.mitm import http_state
+from services.proxy.mitm import MAX_PEEK, http_state
 from harness.fuzz import examples
 
 FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -57,6 +59,66 @@ def test_every_prefix_of_a_request_line_waits(method: bytes, target: bytes, vers
 @FUZZ
 def test_http_state_is_total(data: bytes) -> None:
     assert http_state(data) in ("http", "other", "more")
+
+
+# What `http_state` stood for as regular expressions (before it read the bytes itself, mitm._request_line):
+# a whole request line, and every prefix of one.
+_REQUEST_LINE = re.compile(rb"[A-Z][A-Z_-]{0,19} [\x21-\x7e]+ HTTP/1\.[01]\r?\n")
+_REQUEST_PREFIX = re.compile(
+    rb"[A-Z][A-Z_-]{0,19}(?: [\x21-\x7e]*(?: (?:H(?:T(?:T(?:P(?:/(?:1(?:\.(?:[01]\r?)?)?)?)?)?)?)?)?)?)?"
+)
+
+
+def _http_state_by_regex(buf: bytes) -> str:
+    nl = buf.find(b"\n", 0, MAX_PEEK)
+    if nl >= 0:
+        m = _REQUEST_LINE.match(buf)
+        return "http" if m is not None and m.end() == nl + 1 else "other"
+    if len(buf) >= MAX_PEEK:
+        return "other"
+    return "more" if _REQUEST_PREFIX.fullmatch(buf) else "other"
+
+
+_LINES = [
+    b"GET / HTTP/1.1\r\n",
+    b"M-SEARCH * HTTP/1.0\n",
+    b"ABCDEFGHIJKLMNOPQRST x HTTP/1.1\n",  # a method of 20: the longest
+    b"ABCDEFGHIJKLMNOPQRSTU x HTTP/1.1\n",
+    b"GET  HTTP/1.1\r\n",  # no target
+    b"OPTIONS * HTTP/1.1\r\n\r\n",
+    b"GET /" + b"a" * (MAX_PEEK - 20) + b" HTTP/1.1\r\n",  # its LF within MAX_PEEK
+    b"GET /" + b"a" * (MAX_PEEK - 10) + b" HTTP/1.1\r\n",  # past it
+]
+# bytes that make or break a request line where they land
+_BYTES = st.sampled_from(b"GETPOHX_-a/ \r\n01.~!\x7f\x00\x16")
+
+
+@st.composite
+def _near_request_lines(draw: st.DrawFn) -> bytes:
+    """A request line (or its start), a few bytes inserted, replaced or dropped, maybe cut short."""
+    data = bytearray(draw(st.sampled_from(_LINES)))
+    for _ in range(draw(st.integers(0, 3))):
+        i = draw(st.integers(0, len(data)))
+        op = draw(st.sampled_from(["insert", "replace", "drop", "cut"]))
+        if op == "insert":
+            data[i:i] = bytes([draw(_BYTES)])
+        elif op == "replace" and i < len(data):
+            data[i] = draw(_BYTES)
+        elif op == "drop" and i < len(data):
+            del data[i]
+        elif op == "cut":
+            del data[i:]
+    return bytes(data)
+
+
+@given(st.one_of(_near_request_lines(), st.lists(_BYTES, max_size=40).map(bytes), st.binary(max_size=60)))
+@FUZZ
+def test_http_state_reads_what_the_regular_expressions_say(data: bytes) -> None:
+    """Read byte by byte, a request line (and every prefix of one) is what the regular expressions said,
+    from bytes or a bytearray (the connections' buffers)."""
+    want = _http_state_by_regex(data)
+    assert http_state(data) == want
+    assert http_state(bytearray(data)) == want
 
 
 def _parse(raw: bytes, origin=("https", "api.example.com", 443)):  # noqa: ANN001, ANN202

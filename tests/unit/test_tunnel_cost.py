@@ -300,7 +300,20 @@ def _is_ip(host: str) -> bool:
     return False
 
 
-@given(st.one_of(st.text(max_size=40), st.ip_addresses().map(str), st.from_regex(r"[0-9a-f:.]{1,20}", fullmatch=True)))
+@given(
+    st.one_of(
+        st.text(max_size=40),
+        st.ip_addresses().map(str),
+        st.from_regex(r"[0-9a-f:.]{1,20}", fullmatch=True),
+        # dotted quads and near ones (leading zeros, octets past 255, too few or many, a stray byte)
+        st.lists(
+            st.sampled_from(["0", "00", "01", "9", "10", "99", "100", "249", "255", "256", "999"]),
+            min_size=3,
+            max_size=5,
+        ).map(".".join),
+        st.from_regex(r"[0-9.]{1,17}[\x00 x\u0663]?", fullmatch=True),
+    )
+)
 @settings(max_examples=300, deadline=None)
 def test_an_ip_literal_is_told_from_a_name_without_a_lookup(host: str) -> None:
     """`upstream._literal` (a name is told at once by its last character, without inet_pton's
@@ -308,7 +321,19 @@ def test_an_ip_literal_is_told_from_a_name_without_a_lookup(host: str) -> None:
     from services.proxy.upstream import _literal
 
     assert _literal(host, 443) == ([(host, 443)] if _is_ip(host) else None)
-    for name in ("ok.test", "host1", "1.2.3.4.", "::1", "127.0.0.1", "", "fe80::1%eth0", "1.2.3"):
+    for name in (
+        "ok.test",
+        "host1",
+        "1.2.3.4.",
+        "::1",
+        "127.0.0.1",
+        "",
+        "fe80::1%eth0",
+        "1.2.3",
+        "01.2.3.4",
+        "0.0.0.0",
+        "1.2.3.255",
+    ):
         assert _literal(name, 80) == ([(name, 80)] if _is_ip(name) else None)
 
 
@@ -542,7 +567,7 @@ def test_a_look_where_nobody_speaks_is_other_after_the_idle_timeout() -> None:
     from services.proxy.context import Limits
     from services.proxy.mitm import Interceptor, QuietLooks
 
-    hook = object.__new__(Interceptor)  # (only the look: no gate, recorder or certificates)
+    hook = Interceptor.__new__(Interceptor)  # (only the look: no gate, recorder or certificates)
     hook._quiet = QuietLooks()
 
     async def main() -> None:
