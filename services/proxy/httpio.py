@@ -40,9 +40,10 @@ def parse_head(buf: bytes, limits: Any) -> tuple[http1.RequestHead, int] | None:
     """`http1.parse_request_head` under the connection limits (`context.Limits`); CONNECT heads
     through `_connect_heads`. The HTTP listener's parse of a request head, in its handler and its
     request cycle alike (keepalive.py)."""
-    if buf[:8] != b"CONNECT ":
+    if not buf.startswith(b"CONNECT "):
         return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
-    hit = _connect_heads.get(buf)
+    heads = _connect_heads  # (compiled: a dict's get, a C call; httpio.pxd)
+    hit = heads.get(buf)
     if hit is not None and hit[2] == limits.max_header_bytes and hit[3] == limits.max_headers:
         return hit[0], hit[1]
     got = http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers)
