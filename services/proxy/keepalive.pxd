@@ -4,15 +4,17 @@
 
 cimport cython
 
-from services.proxy.conn cimport Conn
+from services.proxy.conn cimport Conn, FirstDeadlines
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
 from services.proxy.exchange cimport Exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
+from services.proxy.mitm cimport Interceptor
 from services.proxy.tunnel cimport Tunnel
 
 
 cdef class Deadlines
+cdef class _Looks
 
 
 # Where the handler's coroutine takes over: made and filled in by the cycle's steps (C struct fields).
@@ -61,9 +63,11 @@ cdef class KeptAlive:
     cpdef _connect(self, RequestHead head)
     @cython.locals(client=ClientConn, ctx=ProxyContext, head=RequestHead, tunnel=Tunnel)
     cpdef _connected(self, Conn up, failure)
-    @cython.locals(tunnel=Tunnel, head=RequestHead, client=Conn, upstream=Conn)
+    @cython.locals(tunnel=Tunnel, head=RequestHead, client=Conn, upstream=Conn, interceptor=Interceptor)
     cpdef _look(self, bint quiet_over)
-    @cython.locals(tunnel=Tunnel)
+    @cython.locals(looks=_Looks)
+    cpdef _arm_look(self)
+    @cython.locals(tunnel=Tunnel, looks=_Looks)
     cpdef _end_look(self)
     cpdef _join(self, Tunnel tunnel)
 
@@ -76,3 +80,9 @@ cdef class Deadlines:
     cpdef arm(self, KeptAlive cycle, timeout)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)
+
+
+# New tunnels' looks while nobody has spoken (conn.FirstDeadlines): a look's arm and end are C calls.
+cdef class _Looks(FirstDeadlines):
+    cpdef bint arm(self, KeptAlive cycle, timeout) except -1
+    cpdef expire(self, cycle)

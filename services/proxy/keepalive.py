@@ -55,10 +55,11 @@ from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from . import http1
-from .conn import Conn
+from .conn import Conn, FirstDeadlines
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
 from .gate import Admission, Verdict
 from .httpio import error_response, parse_head
+from .mitm import Interceptor
 from .pool import usable
 from .tunnel import Tunnel, run_tunnel
 from .upstream import Connecting, UpstreamFailure
@@ -211,7 +212,9 @@ class KeptAlive:
         self.prepared: Prepared | None = None
         self.verdict: Verdict | None = None  # a CONNECT's while its upstream connects
         self.tunnel: Coroutine[Any, Any, None] | None = None  # `run_tunnel` while it waits for the first bytes
-        self.look: Callable[..., bool | None] | None = None  # the tunnel hook's `first_look` while it looks
+        # while it looks: the tunnel hook's `first_look`, or the hook itself when it is an Interceptor
+        # (compiled: its `first_look` then a C call, keepalive.pxd)
+        self.look: Any = None  # (a `first_look`, Callable[..., bool | None], or an Interceptor)
         self.looked: Tunnel | None = None  # the tunnel it looks at (tracked, not joined yet)
         self.first = True  # no request head taken from this connection yet
         self.header_deadline = 0.0  # the first head's deadline (time.monotonic), from `begin`
@@ -623,7 +626,8 @@ class KeptAlive:
         client.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         ctx = client.ctx
         hook = ctx.tunnel_hook
-        look = None if hook is None else getattr(hook, "first_look", None)
+        # (an Interceptor, the service's hook: itself, its `first_look` called in `_look`)
+        look: Any = hook if type(hook) is Interceptor else None if hook is None else getattr(hook, "first_look", None)
         if hook is not None and look is None:  # a hook that can only be awaited
             self.tunnel = run_tunnel(ctx, client, up, self.identity, head.host, head.port, verdict, "CONNECT")
             self._run_tunnel(None)
@@ -654,11 +658,15 @@ class KeptAlive:
         assert tunnel is not None and head is not None and verdict is not None and self.look is not None
         client, upstream = tunnel.client, tunnel.upstream
         if not (quiet_over or client.buf or client.eof or upstream.buf or upstream.eof):
-            if self._queue is None:
-                self._arm(self.limits.idle_timeout)  # nobody has spoken yet: idleTimeout from now at most
+            self._arm_look()  # nobody has spoken yet: idleTimeout from now at most
             return
         try:
-            got = self.look(client, upstream, head.host, verdict, quiet_over)
+            look = self.look
+            if type(look) is Interceptor:
+                interceptor = look
+                got = interceptor.first_look(client, upstream, head.host, verdict, quiet_over)
+            else:
+                got = look(client, upstream, head.host, verdict, quiet_over)
         except BaseException as exc:  # (what `run_tunnel` does when its hook raises)
             self._end_look()
             self.gate.finish_log(verdict)
@@ -670,8 +678,7 @@ class KeptAlive:
             self._hand(h)
             return
         if got is None:  # (asked again at the next bytes, EOF or close)
-            if self._queue is None:
-                self._arm(self.limits.idle_timeout)
+            self._arm_look()
             return
         self._end_look()
         if got:
@@ -691,9 +698,20 @@ class KeptAlive:
         self.gate.finish_log(verdict)  # (written by the look with its skip reason: as `run_tunnel`)
         self._join(tunnel)
 
+    def _arm_look(self) -> None:
+        """The look's deadline, unless armed already: idleTimeout from now, in `_LOOKS` (else, out of
+        its order, as any other wait's)."""
+        looks = _LOOKS  # (compiled: its arm a C call, keepalive.pxd)
+        if self._queue is None and self not in looks.waiting:
+            timeout = self.limits.idle_timeout
+            if not looks.arm(self, timeout):
+                self._arm(timeout)
+
     def _end_look(self) -> None:
         tunnel = self.looked
         assert tunnel is not None
+        looks = _LOOKS
+        looks.waiting.pop(self, None)
         self.close()  # no deadline left
         self.state = _OFF
         tunnel.client.watcher = tunnel.upstream.watcher = None
@@ -779,6 +797,44 @@ class Deadlines:
                 cycle._on_timer()  # (it may wait again: at the end of a queue, with a later deadline)
             except Exception:  # one connection's failure leaves the others' deadlines standing
                 log.exception("request cycle deadline failed")
+
+
+class _Looks(FirstDeadlines):
+    """The deadlines of new tunnels' looks at their first bytes while nobody has spoken
+    (`KeptAlive._look`): one timer for them all (`FirstDeadlines`; a cycle's arm in `Deadlines`
+    costs ~400 instructions more, its float timeout hashed twice). They wait with the same timeout
+    (`idleTimeout`), so the order they start in is their deadlines' order. One event loop's at a time:
+    a look on another loop while this one's wait (threads), or one out of order (a shorter timeout
+    than those waiting), is armed in `Deadlines` instead; the looks of a loop that closed (nothing
+    will end them) are dropped when the next loop's first one comes (as `upstream._ConnectDeadlines`)."""
+
+    __slots__ = ()
+
+    def arm(self, cycle: KeptAlive, timeout: float) -> bool:
+        """Queue `cycle`'s look for `timeout` from now (`cycle._on_timer` then); False: not queued."""
+        loop = cycle.loop
+        waiting = self.waiting
+        if loop is not self.loop:
+            old = self.loop
+            if waiting and old is not None and not old.is_closed():
+                return False  # another live loop's looks wait
+            waiting.clear()  # (a closed loop's: they can never end)
+            if self.timer is not None and old is not None and not old.is_closed():
+                self.timer.cancel()
+            self.timer, self.loop = None, loop
+        deadline = loop.time() + timeout
+        if not self.in_order(cycle, deadline):
+            return False
+        waiting[cycle] = deadline
+        if self.timer is None:
+            self.timer = loop.call_at(deadline, self._fire, loop)
+        return True
+
+    def expire(self, cycle: KeptAlive) -> None:
+        cycle._on_timer()  # (its state: _LOOK, the look ends as `non_tls`, or over already)
+
+
+_LOOKS = _Looks()
 
 
 def close_both(client: ClientConn, upstream: Conn) -> Callable[[], None]:

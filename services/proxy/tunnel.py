@@ -51,7 +51,7 @@ class Tunnel:
         if total != self.seen:
             self.seen, self.since = total, (client._loop or client._bind_loop()).time()
         client.detached = True
-        client.on_close = upstream.on_close = self._lost
+        client.on_close = upstream.on_close = self  # (`__call__`: no bound method made per tunnel)
         sweeper = self.ctx.idle_sweeper  # (compiled: an IdleSweeper's, a C call; tunnel.pxd)
         sweeper.add(self)
         self._lost()  # both ends may be closed already
@@ -60,6 +60,10 @@ class Tunnel:
         """Close both ends at once (its rule went away, its identity was rotated)."""
         self.client.abort()
         self.upstream.abort()
+
+    def __call__(self) -> None:
+        """Its connections' `on_close`: `_lost`."""
+        self._lost()
 
     def _lost(self) -> None:
         """A connection's connection_lost: the tunnel is over once both are closed."""

@@ -256,7 +256,7 @@ class Connecting:
         self.timer: asyncio.TimerHandle | None = None
         self.fired = False
         self.cached = False
-        self.conn: Conn | None = None  # the current attempt's protocol (`_protocol`)
+        self.conn: Conn | None = None  # the current attempt's protocol (`__call__`)
 
     def start(self) -> bool:
         """Begin connecting (False: a name to look up first; nothing was done)."""
@@ -288,12 +288,13 @@ class Connecting:
         # The deadline: in the loop's shared queue (`_ConnectDeadlines`), else a timer of its own.
         deadlines = _DEADLINES  # (compiled: a C call, upstream.pxd)
         self.timer = None if deadlines.arm(self) else loop.call_at(self.deadline, self._expire)
-        self.coro = loop.create_connection(self._protocol, ip, aport)
+        self.coro = loop.create_connection(self, ip, aport)  # (its protocol factory: `__call__`)
         self._step(None)
 
-    def _protocol(self) -> Conn:
-        """The attempt's protocol (`create_connection`'s factory), kept: its end need not be read
-        from the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
+    def __call__(self) -> Conn:
+        """The attempt's protocol (`create_connection` calls this as its protocol factory; a bound
+        method would be one more object per connect), kept: the connect's end need not read it from
+        the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
         conn = self.conn = Conn()
         return conn
 

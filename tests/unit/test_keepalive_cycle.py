@@ -32,6 +32,7 @@ from typing import Any
 from unittest import mock
 
 import orjson
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -45,6 +46,7 @@ from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.gate import Gate
 from services.proxy.hooks import HookChain, Refusal, RuleRecheck
 from services.proxy.identities import IdentityGuard
+from services.proxy.mitm import Interceptor
 from services.proxy.pipeline import Recorder
 from services.proxy.upstream import UpstreamFailure
 
@@ -1054,7 +1056,8 @@ TUNNELS = [
 ]
 
 
-def _interceptor(p: Proxy, mitm: bool, tmp: Any) -> Any:
+def _interceptor(p: Proxy, mitm: bool, tmp: Any, kind: Any = None) -> Any:
+    """The service's tunnel hook (`kind`: a subclass of Interceptor instead, its look found by name)."""
     from greyproxy.certs import CAWatcher
     from services.proxy.mitm import Interceptor
 
@@ -1065,7 +1068,7 @@ def _interceptor(p: Proxy, mitm: bool, tmp: Any) -> Any:
     certs = CAWatcher(tmp)
     certs.check()
     p.gate.defer_tunnel_logs = True
-    return Interceptor(p.gate, p.ctx.recorder, certs, Settings(), [])  # type: ignore[arg-type]
+    return (kind or Interceptor)(p.gate, p.ctx.recorder, certs, Settings(), [])  # type: ignore[arg-type]
 
 
 async def _tunnels(
@@ -1153,30 +1156,75 @@ def test_every_tunnel_case_gives_the_same_bytes_and_records_both_ways(tmp_path: 
     assert tasks[0] and not tasks[2] and not tasks[4] and not tasks[5] and tasks[8] and tasks[9]
 
 
-def test_a_new_tunnel_is_looked_at_from_the_callbacks_with_no_coroutine(tmp_path: Any) -> None:
+class _SubInterceptor(Interceptor):
+    """A hook deriving from the service's: its look is found by name (`first_look`), not called as
+    the Interceptor's C method."""
+
+
+@pytest.mark.parametrize("kind", [None, _SubInterceptor])
+def test_a_new_tunnel_is_looked_at_from_the_callbacks_with_no_coroutine(tmp_path: Any, kind: Any) -> None:
     """While nobody has spoken the interceptor's look waits in the connections' callbacks (its
-    `first_look`, asked again on every byte, EOF or close): no `run_tunnel` coroutine, no future."""
+    `first_look`, asked again on every byte, EOF or close): no `run_tunnel` coroutine, no future;
+    its deadline waits in the looks' queue (`keepalive._LOOKS`), not in the cycles' `Deadlines`."""
 
     async def run() -> tuple[Any, ...]:
         p = Proxy(begin=True)
-        p.ctx.tunnel_hook = _interceptor(p, False, tmp_path)
+        p.ctx.tunnel_hook = _interceptor(p, False, tmp_path, kind)
         with mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(p, *a)):
             p.start()
             p.send(_connect_head("ok.test"))
             await p.settle()
             cycle = p.client.cycle
             looking = (cycle.looked is not None, cycle.tunnel, p.client._waiter, p.client.task, len(p.gate.live))
+            queued = (list(keepalive._LOOKS.waiting) == [cycle], len(p.ctx.deadlines))
             p.send(INSIDE)
             await p.settle()
-            after = (p.client.cycle, p.client.detached, bytes(p.wire.out))
+            after = (p.client.cycle, p.client.detached, bytes(p.wire.out), len(keepalive._LOOKS.waiting))
             await p.finish()
-        return looking, after, _observed(p)
+        return looking, queued, after, _observed(p)
 
-    looking, after, observed = asyncio.run(run())
+    looking, queued, after, observed = asyncio.run(run())
     assert looking == (True, None, None, None, 1)  # looked at, tracked; nothing awaits
-    assert after == (None, True, b"HTTP/1.1 200 Connection established\r\n\r\n" + OK)  # spliced, the cycle gone
+    assert queued == (True, 0)
+    assert after == (None, True, b"HTTP/1.1 200 Connection established\r\n\r\n" + OK, 0)  # spliced, the cycle gone
     assert observed["origins"] == [INSIDE] and observed["live"] == 0 and observed["active"] == 0
     assert len(observed["logs"]) == 1 and "mitm_disabled" in observed["logs"][0]
+
+
+def test_quiet_looks_with_different_timeouts_each_end_at_their_own(tmp_path: Any) -> None:
+    """Looks wait in `keepalive._LOOKS` in the order of their deadlines; one with a shorter
+    idleTimeout than one waiting there is armed in its cycles' `Deadlines` instead: each ends (as
+    `non_tls`, spliced) once nobody has spoken for its own idleTimeout."""
+
+    async def run() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        slow = Proxy(Limits(idle_timeout=5.0, header_timeout=2.0), begin=True)
+        fast = Proxy(Limits(idle_timeout=0.2, header_timeout=2.0), begin=True)
+        for p in (slow, fast):
+            p.ctx.tunnel_hook = _interceptor(p, True, tmp_path)
+        with mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(slow, *a)):
+            slow.start()
+            slow.send(_connect_head("ok.test"))
+            await slow.settle()
+        t0 = loop.time()
+        with mock.patch.object(keepalive, "Connecting", lambda *a: ConnectingTo(fast, *a)):
+            fast.start()
+            fast.send(_connect_head("ok.test"))
+            await fast.settle()
+            where = (len(keepalive._LOOKS.waiting), len(fast.ctx.deadlines), len(slow.ctx.deadlines))
+            await fast.until(lambda: fast.client.detached, "the quiet tunnel spliced", 5.0)
+        waited = loop.time() - t0
+        still = (slow.client.detached, len(keepalive._LOOKS.waiting))
+        for p in (fast, slow):
+            await p.finish()
+        return where, waited, still, _observed(fast), _observed(slow), len(keepalive._LOOKS.waiting)
+
+    where, waited, still, fast, slow, left = asyncio.run(run())
+    assert where == (1, 1, 0)  # the slow look in the looks' queue, the fast one in its cycles' deadlines
+    assert 0.19 <= waited < 2.0
+    assert still == (False, 1)  # the slow look waits on
+    assert len(fast["logs"]) == 1 and "non_tls" in fast["logs"][0]
+    assert len(slow["logs"]) == 1 and left == 0  # (its client's close ended it: nothing left waiting)
 
 
 def test_a_quiet_new_tunnel_is_piped_after_the_idle_timeout_both_ways(tmp_path: Any) -> None:
