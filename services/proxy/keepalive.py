@@ -352,6 +352,8 @@ class KeptAlive:
             # The client left while its answer was awaited or relayed: the upstream is aborted at
             # once (`Exchange.client_left`); its close then ends the exchange in `_on_upstream`.
             self.exchange.client_left()  # type: ignore[union-attr]
+        elif state is _LOOK:  # a new tunnel's look (the upstream's watcher too, meanwhile: `_connected`)
+            self._look(False)
         # Otherwise the client's bytes wait in its buffer while an answer is awaited (a pipelined
         # request is read once the answer is out).
 
@@ -575,7 +577,9 @@ class KeptAlive:
         `prepare` is), then the upstream connect (`Connecting`), the 200 and the tunnel, as
         the handler's CONNECT steps do; handed over where one of them has to wait."""
         self.close()  # the first head's deadline is met
-        self._unwatch()  # the client's bytes wait in its buffer for the tunnel (as in the handler)
+        # The client's bytes wait in its buffer for the tunnel (as in the handler): not served while
+        # _OFF (its watcher, `_on_client`, stays: the look's, once connected).
+        self.state = _OFF
         # (a hold hands over: the handler waits for the decision, then connects)
         try:
             verdict = self.admit(self.client, head, self.identity)  # type: ignore[misc]
@@ -642,12 +646,11 @@ class KeptAlive:
             return
         self.head, self.verdict, self.look, self.looked = head, verdict, look, tunnel
         self.state = _LOOK
-        client.watcher = up.watcher = self._on_look
+        watcher = client.watcher  # `_on_client` (its look for both ends: no second bound method made)
+        if watcher is None:
+            watcher = client.watcher = self._on_client
+        up.watcher = watcher
         self._look(False)
-
-    def _on_look(self) -> None:
-        if self.state is _LOOK:
-            self._look(False)
 
     def _look(self, quiet_over: bool) -> None:
         """The tunnel hook's look at a new tunnel's first bytes (`first_look`, asked once either end
