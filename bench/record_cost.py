@@ -79,17 +79,23 @@ class Publisher:  # nobody subscribed: every event is skipped (the usual case)
         raise AssertionError("nobody subscribed")
 
 
-def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = False) -> None:
+def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = False, unique: bool = False) -> None:
     """n requests: the gate's log record and the exchange's transaction, as the proxy builds them.
     `parse`: each request's response head is parsed too (the record reads its fields from the head:
-    how much of that work the parse does and how much the record varies between trees)."""
+    how much of that work the parse does and how much the record varies between trees).
+    `unique`: each request has its own URL and its answer its own X-Request-Id (as real traffic varies
+    them: no two transactions' URL and response headers alike; the recorder binds a value shared by
+    all rows of a statement once, apply.Shape)."""
     req_head, _ = http1.parse_request_head(REQUEST)
     resp_head, _ = http1.parse_response_head(RESPONSE)
     v = Verdict()
     combined = hasattr(recorder, "request")  # the one-record-per-request API, if this tree has it
     log_values = getattr(records, "log_values", None)  # the log record as an array (shape 2), if this tree has it
-    for _ in range(n):
-        if parse:
+    for i in range(n):
+        if unique:
+            req_head, _ = http1.parse_request_head(REQUEST.replace(b"/1k ", b"/1k?r=%d " % i))
+            resp_head, _ = http1.parse_response_head(RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %08x\r\n\r\n" % i))
+        elif parse:
             resp_head, _ = http1.parse_response_head(RESPONSE)
         if combined:
             t = recorder.request("c1", "127.0.0.1", 8080, "HTTP", v, req_head, "http://127.0.0.1:8080")

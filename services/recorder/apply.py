@@ -292,7 +292,7 @@ def _shared(rows: list) -> tuple[int, ...]:
             t = type(v)
             if t is str or t is bytes or v is None:  # equal only to its own kind
                 out.append(c)
-            elif (t is int or (t is float and v != 0.0)) and len(set(map(type, col))) == 1:
+            elif (t is int or (t is float and v != 0.0)) and list(map(type, col)).count(t) == n:
                 out.append(c)
         c += 1
     return tuple(out)
@@ -506,9 +506,10 @@ def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]],
     cur.execute("BEGIN IMMEDIATE")
     try:
         fresh = _fresh(cur, records, now)
-        log_recs = [rec for rec in fresh if rec[1] == kinds.LOG]
+        log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
+        log_recs = [rec for rec in fresh if rec[1] == log_kind]
         if len(log_recs) < len(fresh):
-            _apply_others(cur, [rec for rec in fresh if rec[1] != kinds.LOG], events)
+            _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
         if len(log_recs) > 1:
             _apply_log_run(cur, log_recs, events)
         else:

@@ -144,9 +144,13 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
         if topic != topics.TRANSACTION_NEW:
             continue
         if type(ev) is Rows:
+            refused = False
             for p, tid in zip(ev.params, ev.ids):  # (a row applied alone, a Deferred, had it already)
-                _deltas(cur, p, tid)
-            if any(p[_BLOCK] in CREDENTIAL_REASONS for p in ev.params):
+                if p[_REQ_BODY] is not None or p[_RESP_BODY] is not None:
+                    _deltas(cur, p, tid)
+                if p[_BLOCK] is not None and p[_BLOCK] in CREDENTIAL_REASONS:
+                    refused = True
+            if refused:
                 events.extend(refused_event(r) for r in ev.rows() if r.params[_BLOCK] in CREDENTIAL_REASONS)
         elif type(ev) is Deferred:
             row = ev.row
