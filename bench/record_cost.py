@@ -94,7 +94,9 @@ def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = 
     for i in range(n):
         if unique:
             req_head, _ = http1.parse_request_head(REQUEST.replace(b"/1k ", b"/1k?r=%d " % i))
-            resp_head, _ = http1.parse_response_head(RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %08x\r\n\r\n" % i))
+            resp_head, _ = http1.parse_response_head(
+                RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %08x\r\n\r\n" % i)
+            )
         elif parse:
             resp_head, _ = http1.parse_response_head(RESPONSE)
         if combined:

@@ -118,7 +118,9 @@ def main() -> int:
     ap.add_argument("--per", type=int, default=500, help="records per journal batch (JournalWriter.batch_size)")
     ap.add_argument("--coalesce", type=int, default=4, help="batches applied in one transaction")
     ap.add_argument(
-        "--unique", action="store_true", help="each request its own URL and response X-Request-Id (record_cost.proxy_side)"
+        "--unique",
+        action="store_true",
+        help="each request its own URL and response X-Request-Id (record_cost.proxy_side)",
     )
     ap.add_argument("--run", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
