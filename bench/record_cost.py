@@ -210,7 +210,7 @@ def stack_drain(n: int) -> int:
         assert pid, "no recorder pid"
         mpid = grey.service_pid("maintenance")  # its checkpoints of the -wal and the assembler's passes
 
-        async def push() -> tuple[float, int, int]:
+        async def push() -> tuple[float, int, float, float]:
             ctx = zmq.asyncio.Context()
             writer = JournalWriter(endpoint, outbox_limit=10**7, outbox_bytes=10**11, ctx=ctx)
             proxy_side(writer, Recorder(writer), n)  # serialised into the outbox; nothing sent yet
@@ -225,7 +225,7 @@ def stack_drain(n: int) -> int:
             await asyncio.gather(task, return_exceptions=True)
             ctx.destroy(linger=0)
             assert ok and writer.dropped == 0, writer.stats()
-            return t1 - t0, records, int(1e6 * (c1 - c0) / n), 1e6 * (m1 - m0) / n
+            return t1 - t0, records, 1e6 * (c1 - c0) / n, 1e6 * (m1 - m0) / n
 
         secs, records, cpu_us, maint_us = asyncio.run(push())
         con = sqlite3.connect(f"file:{grey.stack.db_path}?mode=ro", uri=True, timeout=10)
@@ -233,7 +233,7 @@ def stack_drain(n: int) -> int:
         con.close()
         print(
             f"stack: {n} requests = {records} records through the journal in {secs:.2f} s: {records / secs:,.0f} records/s"
-            f" ({n / secs:,.0f} requests/s); recorder CPU {cpu_us} µs/request, maintenance {maint_us:.1f} µs/request;"
+            f" ({n / secs:,.0f} requests/s); recorder CPU {cpu_us:.1f} µs/request, maintenance {maint_us:.1f} µs/request;"
             f" stored logs/transactions {stored}"
         )
         assert stored[0] >= n and stored[1] >= n, stored

@@ -273,9 +273,11 @@ def apply_run(
 
 
 # Rows per INSERT statement: one statement of many rows costs SQLite much less per row than as many
-# executions of a one-row statement (a third less for a log row; bench/results.md, record-cost). A few
-# fixed sizes keep the statements few (each is compiled once and cached by sqlite3).
-MULTI_ROWS = (32, 8)
+# executions of a one-row statement (a third less for a log row; bench/results.md, record-cost), and
+# each statement has its fixed cost (its cursors opened, the AUTOINCREMENT sequence read and written
+# back). Sizes in powers of two: any number of rows in few statements (18, a batch at ~6 000 requests/s:
+# 16 + 2), of few distinct sizes (each compiled once and cached by sqlite3).
+MULTI_ROWS = (32, 16, 8, 4, 2, 1)
 
 
 def _shared(rows: list) -> tuple[int, ...]:
@@ -370,14 +372,10 @@ def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
     in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
     next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
-    Rows go in statements of MULTI_ROWS rows (the rest: one statement of them), each a Shape: the
-    columns equal in all its rows bound once."""
-
-    def seq() -> int:
-        row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
-        return int(row[0]) if row else 0
-
-    base = seq()
+    Rows go in statements of MULTI_ROWS rows, each a Shape: the columns equal in all its rows bound
+    once."""
+    row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    base = int(row[0]) if row else 0
     i, total = 0, len(params)
     for size in MULTI_ROWS:
         while total - i >= size:
@@ -385,11 +383,7 @@ def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[
             shape = shape_of(sql, rows)
             cur.execute(shape.sql, shape.values(rows))
             i += size
-    if i < total:
-        rows = params[i:]
-        shape = shape_of(sql, rows)
-        cur.execute(shape.sql, shape.values(rows))
-    if seq() == base + total:
+    if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
         return list(range(base + 1, base + total + 1))
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
 
