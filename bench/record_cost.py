@@ -79,17 +79,25 @@ class Publisher:  # nobody subscribed: every event is skipped (the usual case)
         raise AssertionError("nobody subscribed")
 
 
-def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = False) -> None:
+def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = False, unique: bool = False) -> None:
     """n requests: the gate's log record and the exchange's transaction, as the proxy builds them.
     `parse`: each request's response head is parsed too (the record reads its fields from the head:
-    how much of that work the parse does and how much the record varies between trees)."""
+    how much of that work the parse does and how much the record varies between trees).
+    `unique`: each request has its own URL and its answer its own X-Request-Id (as real traffic varies
+    them: no two transactions' URL and response headers alike; the recorder binds a value shared by
+    all rows of a statement once, apply.Shape)."""
     req_head, _ = http1.parse_request_head(REQUEST)
     resp_head, _ = http1.parse_response_head(RESPONSE)
     v = Verdict()
     combined = hasattr(recorder, "request")  # the one-record-per-request API, if this tree has it
     log_values = getattr(records, "log_values", None)  # the log record as an array (shape 2), if this tree has it
-    for _ in range(n):
-        if parse:
+    for i in range(n):
+        if unique:
+            req_head, _ = http1.parse_request_head(REQUEST.replace(b"/1k ", b"/1k?r=%d " % i))
+            resp_head, _ = http1.parse_response_head(
+                RESPONSE.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %08x\r\n\r\n" % i)
+            )
+        elif parse:
             resp_head, _ = http1.parse_response_head(RESPONSE)
         if combined:
             t = recorder.request("c1", "127.0.0.1", 8080, "HTTP", v, req_head, "http://127.0.0.1:8080")
@@ -202,7 +210,7 @@ def stack_drain(n: int) -> int:
         assert pid, "no recorder pid"
         mpid = grey.service_pid("maintenance")  # its checkpoints of the -wal and the assembler's passes
 
-        async def push() -> tuple[float, int, int]:
+        async def push() -> tuple[float, int, float, float]:
             ctx = zmq.asyncio.Context()
             writer = JournalWriter(endpoint, outbox_limit=10**7, outbox_bytes=10**11, ctx=ctx)
             proxy_side(writer, Recorder(writer), n)  # serialised into the outbox; nothing sent yet
@@ -217,7 +225,7 @@ def stack_drain(n: int) -> int:
             await asyncio.gather(task, return_exceptions=True)
             ctx.destroy(linger=0)
             assert ok and writer.dropped == 0, writer.stats()
-            return t1 - t0, records, int(1e6 * (c1 - c0) / n), 1e6 * (m1 - m0) / n
+            return t1 - t0, records, 1e6 * (c1 - c0) / n, 1e6 * (m1 - m0) / n
 
         secs, records, cpu_us, maint_us = asyncio.run(push())
         con = sqlite3.connect(f"file:{grey.stack.db_path}?mode=ro", uri=True, timeout=10)
@@ -225,7 +233,7 @@ def stack_drain(n: int) -> int:
         con.close()
         print(
             f"stack: {n} requests = {records} records through the journal in {secs:.2f} s: {records / secs:,.0f} records/s"
-            f" ({n / secs:,.0f} requests/s); recorder CPU {cpu_us} µs/request, maintenance {maint_us:.1f} µs/request;"
+            f" ({n / secs:,.0f} requests/s); recorder CPU {cpu_us:.1f} µs/request, maintenance {maint_us:.1f} µs/request;"
             f" stored logs/transactions {stored}"
         )
         assert stored[0] >= n and stored[1] >= n, stored

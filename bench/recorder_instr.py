@@ -9,7 +9,10 @@ events published with nobody subscribed, after the recorder's own `tune_gc`. Run
 twice, for N1 and N2 requests (their batches built beforehand, outside the measured run): the difference over N2 - N1 is the per-request figure (start-up,
 imports and the database's creation cancel out). No checkpointer runs (its timing would vary).
 
-    .venv/bin/python bench/recorder_instr.py [--n1 10000] [--n2 30000] [--per 500] [--coalesce 4]
+    .venv/bin/python bench/recorder_instr.py [--n1 10000] [--n2 30000] [--per 500] [--coalesce 4] [--unique]
+
+`--unique`: each request its own URL and its answer its own X-Request-Id (the recorder binds a value
+all rows of a multi-row INSERT share once: identical records would flatter it; real traffic varies these).
 
 `GREYPROXY_PURE=1` in the environment: the same as pure Python. Run it in another tree to compare
 (cd there): it measures the tree it is started from. About a minute per run.
@@ -30,7 +33,7 @@ sys.path.insert(0, str(Path.cwd()))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def build(n: int, per: int, path: str) -> None:
+def build(n: int, per: int, path: str, unique: bool = False) -> None:
     """The journal batches of n requests as the proxy sends them, written to `path` (pickled):
     built outside the measured run, which then only loads them."""
     import pickle
@@ -40,7 +43,7 @@ def build(n: int, per: int, path: str) -> None:
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
     writer = rc.JournalWriter("ipc:///nonexistent", outbox_limit=10**9, outbox_bytes=10**12)
-    rc.proxy_side(writer, rc.Recorder(writer), n)
+    rc.proxy_side(writer, rc.Recorder(writer), n, unique=unique)
     with open(path, "wb") as f:
         pickle.dump(rc.batches(list(writer._queue), per), f)
     loop.close()
@@ -81,10 +84,10 @@ def apply_once(n: int, path: str, coalesce: int) -> None:
         db.close()
 
 
-def instructions(n: int, per: int, coalesce: int) -> int:
+def instructions(n: int, per: int, coalesce: int, unique: bool = False) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         batches = f"{tmp}/batches.pickle"
-        build(n, per, batches)
+        build(n, per, batches, unique)
         out = subprocess.run(
             [
                 "valgrind",
@@ -114,16 +117,22 @@ def main() -> int:
     ap.add_argument("--n2", type=int, default=30_000)
     ap.add_argument("--per", type=int, default=500, help="records per journal batch (JournalWriter.batch_size)")
     ap.add_argument("--coalesce", type=int, default=4, help="batches applied in one transaction")
+    ap.add_argument(
+        "--unique",
+        action="store_true",
+        help="each request its own URL and response X-Request-Id (record_cost.proxy_side)",
+    )
     ap.add_argument("--run", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.run is not None:
         apply_once(args.run, args.batches, args.coalesce)
         return 0
-    a = instructions(args.n1, args.per, args.coalesce)
-    b = instructions(args.n2, args.per, args.coalesce)
+    a = instructions(args.n1, args.per, args.coalesce, args.unique)
+    b = instructions(args.n2, args.per, args.coalesce, args.unique)
     pure = " (GREYPROXY_PURE=1)" if os.environ.get("GREYPROXY_PURE") else ""
-    print(f"{Path.cwd()}{pure}: recorder {(b - a) / (args.n2 - args.n1):,.0f} instructions per request")
+    unique = " (--unique)" if args.unique else ""
+    print(f"{Path.cwd()}{pure}{unique}: recorder {(b - a) / (args.n2 - args.n1):,.0f} instructions per request")
     return 0
 
 

@@ -12,13 +12,10 @@ Applied record ids are kept as ranges per writer (`journal_ranges`, migration 10
 
 from __future__ import annotations
 
-import functools
 import logging
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable
-from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -35,7 +32,6 @@ Record = tuple[str, str, Any]  # (record id, kind, data)
 LOG_COLUMNS = logs.FIELDS
 _L_TS, _L_CID = LOG_COLUMNS.index("timestamp"), LOG_COLUMNS.index("container_id")
 _L_NAME, _L_RESULT = LOG_COLUMNS.index("container_name"), LOG_COLUMNS.index("result")
-_name_result = itemgetter(_L_NAME, _L_RESULT)
 
 
 class Row:
@@ -137,11 +133,23 @@ def _log_payload(row: Row, data: list[Any] | dict[str, Any]) -> dict[str, Any]:
 
 def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
     """log_counts for inserted log rows (migration 10: kept here, one upsert per container and result)."""
+    if not params:
+        return
     if len(params) == 1:
         p = params[0]
         cur.execute(logs.ADD_COUNT, (p[_L_NAME], p[_L_RESULT], 1))
         return
-    counts = Counter(map(_name_result, params))
+    counts: dict[tuple[Any, Any], int] = {}
+    name = result = None
+    run = 0
+    for p in params:  # runs of one (container, result): a compare each, not a tuple hashed per row
+        if run and p[_L_NAME] == name and p[_L_RESULT] == result:
+            run += 1
+            continue
+        if run:
+            counts[name, result] = counts.get((name, result), 0) + run
+        name, result, run = p[_L_NAME], p[_L_RESULT], 1
+    counts[name, result] = counts.get((name, result), 0) + run
     cur.executemany(logs.ADD_COUNT, [(name, result, n) for (name, result), n in counts.items()])
 
 
@@ -164,7 +172,6 @@ def _apply_log_run(cur: sqlite3.Cursor, run: list[Record], events: list[Event]) 
         topics.LOG_NEW,
         _log_payload,
         _add_log_counts,
-        LOG_LEAN,
     )
 
 
@@ -238,7 +245,6 @@ def apply_run(
     topic: str,
     payload: Callable[[Row, Any], Any],
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
-    lean: Lean | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
     per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order;
@@ -254,7 +260,7 @@ def apply_run(
         return
     cur.execute("SAVEPOINT run")
     try:
-        ids = insert_run(cur, table, sql, params, lean)
+        ids = insert_run(cur, table, sql, params)
         if after is not None:
             after(cur, params)
         cur.execute("RELEASE run")
@@ -267,82 +273,117 @@ def apply_run(
 
 
 # Rows per INSERT statement: one statement of many rows costs SQLite much less per row than as many
-# executions of a one-row statement (a third less for a log row; bench/results.md, record-cost). A few
-# fixed sizes keep the statements few (each is compiled once and cached by sqlite3).
-MULTI_ROWS = (32, 8)
+# executions of a one-row statement (a third less for a log row; bench/results.md, record-cost), and
+# each statement has its fixed cost (its cursors opened, the AUTOINCREMENT sequence read and written
+# back). Sizes in powers of two: any number of rows in few statements (18, a batch at ~6 000 requests/s:
+# 16 + 2), of few distinct sizes (each compiled once and cached by sqlite3).
+MULTI_ROWS = (32, 16, 8, 4, 2, 1)
 
 
-@functools.lru_cache(maxsize=64)
-def _multi_row(sql: str, n: int) -> str:
-    """`INSERT ... VALUES (?, ...)` for n rows."""
-    head, sep, values = sql.partition(" VALUES ")
-    return head + sep + ", ".join([values] * n)
+def _shared(rows: list) -> tuple[int, ...]:
+    """The columns whose value is the same in every one of `rows` (value lists of one length): equal
+    and of one type (1, 1.0 and True are equal in Python, not as stored in every column), a float
+    only when not zero (0.0 == -0.0)."""
+    n = len(rows)
+    out = []
+    c = 0
+    for col in zip(*rows):  # the columns, transposed in C
+        v = col[0]
+        last = col[n - 1]
+        if (last is v or last == v) and col.count(v) == n:  # (most varying columns fail the first test)
+            t = type(v)
+            if t is str or t is bytes or v is None:  # equal only to its own kind
+                out.append(c)
+            elif (t is int or (t is float and v != 0.0)) and list(map(type, col)).count(t) == n:
+                out.append(c)
+        c += 1
+    return tuple(out)
 
 
-class Lean:
-    """A table's one-row INSERT without the columns that are NULL in most rows: left out, they take
-    their default, NULL (`nullable` must name only columns whose default is NULL), so a row stores
-    the same. Binding a None costs Python 3.11's sqlite3 ~180 ns (greyproxy/store/db.py: its adapter
-    look-up), a transaction row has 11 of them: a statement of rows that all have those columns
-    NULL binds the others only."""
+class Shape:
+    """A multi-row INSERT for `size` rows of a table's columns where the columns `shared` hold one
+    value in every row: each such column is bound once (`?N` named in every row) or, when that value
+    is None, written NULL; the other columns are bound per row. What a row stores is the same as
+    with every value bound (the same value, bound once). Binding a value costs Python's sqlite3 and
+    SQLite ~600 instructions (a text one is copied: malloc, memcpy, free, their mutexes); a busy
+    agent's requests repeat most columns (container, host, method, result, rule...)."""
 
-    def __init__(self, table: str, cols: tuple[str, ...], nullable: tuple[str, ...]) -> None:
-        at = [cols.index(c) for c in nullable]
-        keep = [i for i in range(len(cols)) if i not in at]
-        assert len(at) >= 2 and len(keep) >= 2  # itemgetter of one index gives the value, not a tuple
-        self.at, self.keep = tuple(at), itemgetter(*keep)
-        self.sql = f"INSERT INTO {table} ({', '.join(cols[i] for i in keep)}) VALUES ({', '.join('?' * len(keep))})"
+    __slots__ = ("sql", "bound", "varying", "one")
 
-    def fits(self, rows: list) -> bool:
-        """Every one of `rows` (value lists in `cols` order) has None in each `nullable` column."""
-        at = self.at
-        for row in rows:  # compiled (greyproxy/compiled.py): indexed look-ups, no tuple per row
-            for i in at:
-                if row[i] is not None:
-                    return False
-        return True
+    def __init__(self, head: str, ncols: int, size: int, shared: tuple[int, ...], nulls: tuple[int, ...]) -> None:
+        slot: dict[int, str] = {c: "NULL" for c in nulls}
+        bound = [c for c in shared if c not in slot]
+        for i, c in enumerate(bound):
+            slot[c] = f"?{i + 1}"
+        varying = [c for c in range(ncols) if c not in slot]
+        rows = []
+        num = len(bound)
+        for _ in range(size):
+            cells = []
+            for c in range(ncols):
+                if c in slot:
+                    cells.append(slot[c])
+                else:
+                    num += 1
+                    cells.append(f"?{num}")
+            rows.append(f"({', '.join(cells)})")
+        self.sql = f"{head} VALUES {', '.join(rows)}"
+        self.bound = tuple(bound)
+        self.varying = tuple(varying)
+        # the varying columns' values of a row as a tuple (itemgetter of one index gives the value)
+        self.one = len(varying) == 1
 
     def values(self, rows: list) -> list:
-        """The rows' values, the `nullable` columns left out, in one flat list."""
-        out: list = []
-        keep = self.keep
-        for row in rows:
-            out.extend(keep(row))  # a tuple's items copied at once, not one iterator step each
+        """The statement's parameters: the shared values once, then each row's varying ones."""
+        first = rows[0]
+        out = [first[c] for c in self.bound]
+        varying = self.varying
+        if self.one:
+            c = varying[0]
+            for row in rows:
+                out.append(row[c])
+        elif varying:
+            get = itemgetter(*varying)
+            for row in rows:
+                out.extend(get(row))  # a tuple's items copied at once, not one iterator step each
         return out
 
 
-# A log row names no resolved host (the destination was a name, or an address without one) and no
-# reason for not intercepting in most cases.
-LOG_LEAN = Lean("logs", LOG_COLUMNS, ("resolved_hostname", "mitm_skip_reason"))
+_SHAPES: dict[tuple, Shape] = {}
+MAX_SHAPES = 64  # statements kept (sqlite3 keeps its 128 most recent compiled)
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list, lean: Lean | None = None) -> list[int]:
+def shape_of(sql: str, rows: list) -> Shape:
+    """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`)."""
+    ncols = len(rows[0])
+    shared = _shared(rows) if len(rows) > 1 else tuple(range(ncols))
+    first = rows[0]
+    nulls = tuple([c for c in shared if first[c] is None])
+    key = (sql, len(rows), shared, nulls)
+    shape = _SHAPES.get(key)
+    if shape is None:
+        if len(_SHAPES) >= MAX_SHAPES:
+            _SHAPES.clear()  # traffic that keeps changing shape: start over (statements recompiled)
+        shape = _SHAPES[key] = Shape(sql.partition(" VALUES ")[0], ncols, len(rows), shared, nulls)
+    return shape
+
+
+def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
     in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
     next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
-    `lean`: the statement without the mostly-NULL columns, used for each statement whose rows fit it."""
-
-    def seq() -> int:
-        row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
-        return int(row[0]) if row else 0
-
-    base = seq()
+    Rows go in statements of MULTI_ROWS rows, each a Shape: the columns equal in all its rows bound
+    once."""
+    row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+    base = int(row[0]) if row else 0
     i, total = 0, len(params)
     for size in MULTI_ROWS:
         while total - i >= size:
             rows = params[i : i + size]
-            if lean is not None and lean.fits(rows):
-                cur.execute(_multi_row(lean.sql, size), lean.values(rows))
-            else:
-                cur.execute(_multi_row(sql, size), list(chain.from_iterable(rows)))
+            shape = shape_of(sql, rows)
+            cur.execute(shape.sql, shape.values(rows))
             i += size
-    if i < total:
-        rows = params[i:]
-        if lean is not None and lean.fits(rows):
-            cur.executemany(lean.sql, map(lean.keep, rows))
-        else:
-            cur.executemany(sql, rows)
-    if seq() == base + total:
+    if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
         return list(range(base + 1, base + total + 1))
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
 
@@ -459,9 +500,10 @@ def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]],
     cur.execute("BEGIN IMMEDIATE")
     try:
         fresh = _fresh(cur, records, now)
-        log_recs = [rec for rec in fresh if rec[1] == kinds.LOG]
+        log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
+        log_recs = [rec for rec in fresh if rec[1] == log_kind]
         if len(log_recs) < len(fresh):
-            _apply_others(cur, [rec for rec in fresh if rec[1] != kinds.LOG], events)
+            _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
         if len(log_recs) > 1:
             _apply_log_run(cur, log_recs, events)
         else:

@@ -19,7 +19,7 @@ from greyproxy.credentials.reasons import REASONS as CREDENTIAL_REASONS
 from greyproxy.store import global_credentials, sessions
 from greyproxy.store import transactions as table
 
-from .apply import Deferred, Event, Lean, Record, Row, Rows, apply_run, register
+from .apply import Deferred, Event, Record, Row, Rows, apply_run, register
 
 _COLUMNS = table.FIELDS
 _AT = {c: i for i, c in enumerate(_COLUMNS)}
@@ -53,26 +53,6 @@ def _deltas(cur: sqlite3.Cursor, p: list[Any] | tuple, tid: int) -> None:
         cur, tid, p[_CONTAINER], p[_METHOD], p[_URL], (p[_REQ_BODY], p[_REQ_CODEC]), (p[_RESP_BODY], p[_RESP_CODEC])
     )
 
-
-# Columns NULL in a row without bodies, credentials, conversation or error (most rows): runs of such
-# rows are inserted without them (apply.Lean). Their default is NULL (tests/unit/test_recorder_rows.py).
-LEAN = Lean(
-    "http_transactions",
-    _COLUMNS,
-    (
-        "request_body",
-        "request_content_type",
-        "response_body",
-        "conversation_id",
-        "session_id",
-        "error",
-        "block_reason",
-        "request_body_codec",
-        "request_body_charset",
-        "response_body_codec",
-        "response_body_charset",
-    ),
-)
 
 _N = len(_COLUMNS)
 _SHAPE2_IS_FIELDS = records.TRANSACTION_FIELDS == _COLUMNS  # else a shape-2 array is mapped by name
@@ -157,7 +137,6 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
         _params,
         topics.TRANSACTION_NEW,
         _payload,
-        lean=LEAN,
     )
     # Refusals by the credential hook are rare: look for them only among this run's rows.
     told = {d["transaction_id"] for t, d in events[start:] if t == topics.CREDENTIAL_REFUSED}
@@ -165,9 +144,13 @@ def apply_transaction_run(cur: sqlite3.Cursor, run: list[Record], events: list[E
         if topic != topics.TRANSACTION_NEW:
             continue
         if type(ev) is Rows:
+            refused = False
             for p, tid in zip(ev.params, ev.ids):  # (a row applied alone, a Deferred, had it already)
-                _deltas(cur, p, tid)
-            if any(p[_BLOCK] in CREDENTIAL_REASONS for p in ev.params):
+                if p[_REQ_BODY] is not None or p[_RESP_BODY] is not None:
+                    _deltas(cur, p, tid)
+                if p[_BLOCK] is not None and p[_BLOCK] in CREDENTIAL_REASONS:
+                    refused = True
+            if refused:
                 events.extend(refused_event(r) for r in ev.rows() if r.params[_BLOCK] in CREDENTIAL_REASONS)
         elif type(ev) is Deferred:
             row = ev.row

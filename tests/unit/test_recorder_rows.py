@@ -5,14 +5,18 @@ refusal by the credential hook inside a run is told once (issue 18 item 1: the p
 from __future__ import annotations
 
 import base64
+import sqlite3
 from pathlib import Path
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus import topics
 from greyproxy.credentials.reasons import REASONS
 from greyproxy.store import open_database
 from services.recorder import transactions  # noqa: F401 - registers the `transaction` kind
-from services.recorder.apply import apply_records
+from services.recorder.apply import apply_records, insert_run, shape_of
 
 _TABLES = ("logs", "log_counts", "http_transactions", "journal_ranges")
 
@@ -100,15 +104,13 @@ def test_runs_store_the_rows_one_at_a_time_stores(tmp_path: Path) -> None:
     ]
 
 
-def test_rows_without_the_mostly_null_columns_store_the_same(tmp_path: Path) -> None:
-    """apply.Lean: statements whose rows all have the mostly-NULL columns NULL leave them out (their
-    default, NULL, is stored); a statement with one row that has any of them binds them all."""
-    from services.recorder.apply import LOG_LEAN
-    from services.recorder.transactions import LEAN
-
+def test_columns_shared_by_a_statement_s_rows_are_bound_once(tmp_path: Path) -> None:
+    """apply.Shape: in a multi-row INSERT a column with one value in all its rows is bound once (or
+    written NULL), the others per row; the rows stored are those the records applied one at a time
+    store, whatever mix of shared and varying columns (a body, a session, a skip reason here and there)."""
     small = base64.b64encode(b'{"n": 1}').decode()
     recs: list[tuple[str, str, Any]] = []
-    for i in range(53):  # 32 plain, 8 with one body among them, 8 plain, 5 plain (the executemany)
+    for i in range(53):  # statements of 32, 8, 8 and 5 rows
         extra: dict[str, Any] = {"session_id": "s1"} if i == 35 else {}
         if i == 36:
             extra = {"response_body": small, "response_body_size": 8, "response_content_type": "text/plain"}
@@ -116,15 +118,8 @@ def test_rows_without_the_mostly_null_columns_store_the_same(tmp_path: Path) -> 
         log = _log(i) + [2.5, "r", "tls-pinned" if i == 3 else None]
         recs.append((f"w-{2 * i + 2:x}", "log", log))
     db = open_database(tmp_path / "runs.db")
-    statements: list[str] = []
     try:
-        conn = db.connection()
-        for table, lean in (("http_transactions", LEAN), ("logs", LOG_LEAN)):  # each left-out column defaults to NULL
-            defaults = {r[1]: r[4] for r in conn.execute(f"PRAGMA table_info({table})")}
-            left_out = set(defaults) - set(lean.sql.partition("(")[2].partition(")")[0].split(", ")) - {"id"}
-            assert left_out and all(defaults[c] is None for c in left_out), (table, left_out)
-        conn.set_trace_callback(statements.append)
-        apply_records(conn, recs)
+        apply_records(db.connection(), recs)
     finally:
         db.close()
     db = open_database(tmp_path / "each.db")
@@ -134,15 +129,61 @@ def test_rows_without_the_mostly_null_columns_store_the_same(tmp_path: Path) -> 
     finally:
         db.close()
     runs, each = _dump(tmp_path / "runs.db"), _dump(tmp_path / "each.db")
-    assert runs == each and len(runs["http_transactions"]) == 53
-    assert [[type(v) for v in r] for r in runs["http_transactions"]] == [
-        [type(v) for v in r] for r in each["http_transactions"]
+    assert runs == each and len(runs["http_transactions"]) == 53 and len(runs["logs"]) == 53
+    for table in ("http_transactions", "logs"):
+        assert [[type(v) for v in r] for r in runs[table]] == [[type(v) for v in r] for r in each[table]]
+
+
+def test_shape_binds_a_shared_column_once() -> None:
+    sql = "INSERT INTO t (a, b, c, d, e, f) VALUES (?, ?, ?, ?, ?, ?)"
+    rows = [
+        ["x", i, None, "same", float(f"1.{5 if i < 9 else 0}"), 7 if i % 2 else 7.0]  # 7 == 7.0, not one value
+        for i in range(4)
     ]
-    inserts = [s.partition(" VALUES ")[0] for s in statements if s.startswith("INSERT INTO http_transactions")]
-    head = LEAN.sql.partition(" VALUES ")[0]
-    # lean: the first 32, the 8 after the mixed 8, the 5 (executemany: a statement each)
-    assert inserts.count(head) == 7 and len(inserts) == 8, inserts
-    logs_ = [s.partition(" VALUES ")[0] for s in statements if s.startswith("INSERT INTO logs")]
-    assert logs_.count(LOG_LEAN.sql.partition(" VALUES ")[0]) == 7 and len(logs_) == 8, (
-        logs_
-    )  # row 3: the first 32 full
+    shape = shape_of(sql, rows)
+    assert shape.bound == (0, 3, 4)  # "x", "same", 1.5 (equal floats); None is written NULL
+    assert shape.varying == (1, 5)
+    assert shape.sql.count("?1,") == 4 and shape.sql.count("NULL") == 4
+    assert shape.values(rows) == ["x", "same", 1.5, 0, 7.0, 1, 7, 2, 7.0, 3, 7]
+    assert [type(v) for v in shape.values(rows)[4::2]] == [float, int, float, int]
+    one = shape_of(sql, rows[:1])  # a statement of one row: its None values written NULL, the rest bound
+    assert one.sql.count("NULL") == 1 and one.values(rows[:1]) == ["x", 0, "same", 1.5, 7.0]
+    signed = shape_of(sql, [[*r[:4], -0.0 if i else 0.0, 1] for i, r in enumerate(rows)])
+    assert 4 in signed.varying and 5 in signed.bound  # 0.0 == -0.0: never shared
+
+
+_AFFINITIES = ("TEXT", "INTEGER", "REAL", "NUMERIC", "BLOB", "")
+_VALUES = (None, 0, 1, -1, True, False, 0.0, -0.0, 1.0, 2.5, float("nan"), "", "1", "a", "1.0", b"", b"1", 2**62)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(_VALUES), min_size=len(_AFFINITIES), max_size=len(_AFFINITIES)),
+        min_size=1,
+        max_size=90,
+    )
+)
+def test_insert_run_stores_what_one_row_statements_store(rows: list[list[Any]]) -> None:
+    """Any rows, of values equal across types (1, 1.0, True, "1"...), into columns of every affinity:
+    insert_run (shared columns bound once, statements of 32, 8 and the rest) stores each value as the
+    one-row INSERT of each row does, and gives the new rows' ids."""
+    cols = [f"c{i}" for i in range(len(_AFFINITIES))]
+    ddl = ", ".join(f"{c} {a}".strip() for c, a in zip(cols, _AFFINITIES))
+    one = f"INSERT INTO t ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    stored = []
+    for multi in (True, False):
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        conn.execute(f"CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, {ddl})")
+        conn.execute("INSERT INTO t (c0) VALUES ('first')")
+        cur = conn.cursor()
+        conn.execute("BEGIN IMMEDIATE")
+        if multi:
+            assert insert_run(cur, "t", one, [list(r) for r in rows]) == list(range(2, len(rows) + 2))
+        else:
+            cur.executemany(one, rows)
+        conn.execute("COMMIT")
+        q = ", ".join(f"quote({c}), typeof({c})" for c in cols)
+        stored.append(conn.execute(f"SELECT id, {q} FROM t ORDER BY id").fetchall())
+        conn.close()
+    assert stored[0] == stored[1]
