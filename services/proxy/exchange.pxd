@@ -18,6 +18,7 @@ cdef class Exchange:
     cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes, _left
 
     cpdef _to(self, state)
+    cpdef send(self, request, body=*)
     @cython.locals(resp=ResponseHead)
     cpdef bint step(self) except -1
     cpdef bint pump(self) except -1
@@ -35,3 +36,4 @@ cdef class Exchange:
     cpdef _client_event(self)
 
 cpdef _socket_of(stream)
+cpdef _counted(Exchange ex, sink, data)

@@ -29,6 +29,8 @@ them, except that an upstream this exchange cannot leave reusable is closed by i
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from . import http1
@@ -94,6 +96,13 @@ RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 def upstream_version(head: http1.RequestHead) -> str:
     """An HTTP/1.0 client's request goes upstream as HTTP/1.0, so its answer is never chunked."""
     return "1.0" if head.version == "1.0" else "1.1"
+
+
+def _counted(ex: Exchange, sink: Callable[[bytes | memoryview], None] | None, data: bytes | memoryview) -> None:
+    """The request body's sink (`Exchange.send`): its progress counted, then the record's sink."""
+    ex._body_bytes += len(data)
+    if sink is not None:
+        sink(data)
 
 
 def _socket_of(stream: Any) -> Any:
@@ -187,13 +196,7 @@ class Exchange:
         self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
             sink = t.req_sink() if t is not None else None
-
-            def counted(data: bytes | memoryview) -> None:
-                self._body_bytes += len(data)
-                if sink is not None:
-                    sink(data)
-
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=counted)
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=functools.partial(_counted, self, sink))
             self._body = start_body(self.client, self.upstream, reader, self.limits.idle_timeout)
 
     def step(self) -> bool:
@@ -501,7 +504,7 @@ class Exchange:
         if size is not None and not resp.chunked and len(buf) >= size:
             # The whole (Content-Length) body came with the head, as a small answer does: it leaves
             # with the head in one send, with no reader (what one would pass on and capture).
-            data = bytes(buf[:size])
+            data = buf[:size]  # (a copy: the record's capture and the write below take any bytes-like)
             del buf[:size]
             if t is not None:
                 t.resp_sink(resp)(data)

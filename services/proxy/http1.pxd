@@ -10,7 +10,7 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
-    @cython.locals(out=list, k=str, v=str)
+    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
     cpdef render_upstream(self, version)
     @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
@@ -61,8 +61,10 @@ cpdef bint _content_length_ok(str value)
 cpdef tuple _framing_of(list te, bint has_te, list cls, err)
 cpdef _run_parser(parser, bytes data)
 
+@cython.locals(end=Py_ssize_t)
+cpdef bint _at(str text, Py_ssize_t start, str word, str usual) except -1
 @cython.locals(c=Py_UCS4)
-cpdef int _response_field(str lower, Py_ssize_t start) except -1
+cpdef int _response_field(str text, Py_ssize_t start) except -1
 
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
 cpdef tuple _target_parts(str method, str target)

@@ -72,7 +72,7 @@ cdef class KeptAlive:
 cdef class Deadlines:
     cdef public dict queues, timers
 
-    @cython.locals(q=dict, old=dict)
+    @cython.locals(q=dict, old=dict, timed=bint)
     cpdef arm(self, KeptAlive cycle, timeout)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)

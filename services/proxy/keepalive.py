@@ -538,7 +538,7 @@ class KeptAlive:
             # The connection's first request: an upstream parked for this client and destination (as
             # the handler's `attach`), else the handler connects one.
             key = (self.identity, head.host, head.port)
-            upstream = self.client.ctx.pool.get(key, Admission(self.gate, key[0], key[1], key[2], "HTTP", verdict))
+            upstream = self.client.ctx.pool.take(key, self.gate)  # (judged as its admission would: Gate.keeps)
             if upstream is None:
                 h = Handover(EXCHANGE)
                 h.head, h.prepared = head, prepared
@@ -759,9 +759,11 @@ class Deadlines:
         old = cycle._queue
         if old is not None:
             del old[cycle]
+        # (a queue with cycles in it has its timer: `_fire` arms it again for the ones it leaves)
+        timed = bool(q) or timeout in self.timers
         q[cycle] = None
         cycle._queue, cycle._timeout = q, timeout
-        if timeout not in self.timers:
+        if not timed:
             self.timers[timeout] = loop.call_at(deadline, self._fire, timeout, loop)
 
     def _fire(self, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
@@ -771,7 +773,8 @@ class Deadlines:
         while q:
             cycle = next(iter(q))
             if cycle._deadline > now:
-                self.timers[timeout] = loop.call_at(cycle._deadline, self._fire, timeout, loop)
+                if timeout not in self.timers:  # (else a cycle that waited again armed it: `arm`)
+                    self.timers[timeout] = loop.call_at(cycle._deadline, self._fire, timeout, loop)
                 return
             del q[cycle]
             cycle._queue = None
