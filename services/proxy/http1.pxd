@@ -68,9 +68,11 @@ cpdef int _response_field(str text, Py_ssize_t start) except -1
 
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
 cpdef tuple _target_parts(str method, str target)
+@cython.locals(tokens=list, kv=tuple, k=str)
 cpdef _derive_request_headers(RequestHead head)
 
 # The field helpers of heads (C calls from their methods).
+cpdef _add_tokens(list tokens, str value)
 @cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)

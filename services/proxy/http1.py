@@ -196,6 +196,15 @@ def _split_tokens(value: str) -> list[str]:
     return [t.strip().lower() for t in value.split(",") if t.strip()]
 
 
+def _add_tokens(tokens: list[str], value: str) -> None:
+    """`tokens += _split_tokens(value)`; a Connection field's usual values (`close`, `keep-alive`) as
+    they are."""
+    if value == "close" or value == "keep-alive":
+        tokens.append(value)
+    else:
+        tokens += _split_tokens(value)
+
+
 def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> list[str]:
     """The tokens (`_split_tokens`) of every `name` header (lower-case)."""
     if names is not None and name not in names:
@@ -383,13 +392,14 @@ class RequestHead:
             for kv in headers:
                 k = kv[0]
                 n = len(k)
-                # (a name that lower-cases to an ASCII one has its length: see `_tokens`)
-                if n == 4 and k.lower() == "host":
+                # (a name that lower-cases to an ASCII one has its length: see `_tokens`; the usual
+                # spelling is compared first)
+                if n == 4 and (k == "Host" or k.lower() == "host"):
                     continue
-                if n == 10 and k.lower() == "connection":
+                if n == 10 and (k == "Connection" or k.lower() == "connection"):
                     if tokens is None:
                         tokens = []
-                    tokens += _split_tokens(kv[1])
+                    _add_tokens(tokens, kv[1])
                     continue
                 if n >= 6 and (k[0] == "p" or k[0] == "P") and k[:6].lower() == "proxy-":
                     continue
@@ -715,8 +725,13 @@ def _derive_request_headers(head: RequestHead) -> None:
         # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
         if "connection" not in names:
             head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
-        else:  # (a client closing after this request: `Connection: close`)
-            head.keep_alive = _keep_alive(head.version, _tokens(headers, "connection"))
+        else:  # (a client closing after this request: `Connection: close`; `_tokens`, inline)
+            tokens: list[str] = []
+            for kv in headers:
+                k = kv[0]
+                if len(k) == 10 and (k == "Connection" or k.lower() == "connection"):
+                    _add_tokens(tokens, kv[1])
+            head.keep_alive = _keep_alive(head.version, tokens)
         return
     chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":

@@ -76,3 +76,12 @@ cdef class Deadlines:
     cpdef arm(self, KeptAlive cycle, timeout)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)
+
+
+# What a rule change calls to end a tracked request's connections (`close_both`'s).
+cdef class BothEnds:
+    cdef public Conn client, upstream
+
+
+@cython.locals(both=BothEnds)
+cpdef close_both(Conn client, Conn upstream)
