@@ -1017,22 +1017,12 @@ def parse_response_head(
     else:
         has_body = chunked or until_close or (length or 0) > 0
     keep_alive = _keep_alive(version, connection) and not until_close
-    head = ResponseHead(
-        version,
-        status,
-        reason,
-        headers,
-        keep_alive,
-        chunked and not bodiless,
-        length,
-        has_body,
-        until_close,
-        None,
-        False,
-        index,
-        text,
-        lower,
-    )
+    # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
+    head = ResponseHead.__new__(ResponseHead)
+    head.version, head.status, head.reason, head._headers = version, status, reason, headers
+    head.keep_alive, head.chunked, head.content_length = keep_alive, chunked and not bodiless, length
+    head.has_body, head.until_close, head.raw, head.raw_keep_alive = has_body, until_close, None, False
+    head.index, head.text, head.lower, head.connection_at = index, text, lower, -1
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it,
     # which the check for `HTTP/` above refused).
     if (
@@ -1084,29 +1074,34 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
 _THEIR_KEEP_ALIVE = b"\r\nConnection: keep-alive\r\n"
 
 
-def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
-    """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
+def render_response_head(resp: ResponseHead, keep_alive: bool, body: bytes | bytearray = b"") -> bytes:
+    """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours; then
+    `body` (what of the body goes out with it: one piece, joined once)."""
     raw = resp.raw
     if raw is not None:
         # Nothing hop-by-hop to drop (the parser checked every field): the bytes as received, with
         # our Connection field, or theirs when it already says what ours would.
         if resp.raw_keep_alive:
             if keep_alive:
-                return raw
+                return raw + body if body else raw
             i = resp.connection_at  # (from the parse: no search)
             if i < 0 or not raw.startswith(_THEIR_KEEP_ALIVE, i):
                 i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
-                return b"".join((raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n"))
+                return b"".join(
+                    (raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n", body)
+                )
         else:
-            return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+            ours = b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+            return b"".join((raw[:-2], ours, body))
     _check_field(resp.reason)
     headers = _filter_hop_by_hop(resp.headers, False)
     _check_fields(headers)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
     lines += [f"{k}: {v}\r\n" for k, v in headers]
     lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
-    return "".join(lines).encode("latin-1")
+    out = "".join(lines).encode("latin-1")
+    return out + body if body else out
 
 
 def render_response(

@@ -6,7 +6,7 @@ cimport cython
 
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
-from services.proxy.exchange cimport Exchange
+from services.proxy.exchange cimport Exchange, new_exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
 from services.proxy.tunnel cimport Tunnel
@@ -48,7 +48,7 @@ cdef class KeptAlive:
     cpdef _finish(self)
     @cython.locals(q=dict)
     cpdef _arm(self, timeout)
-    cpdef _run(self, Exchange ex, step)
+    cpdef _run(self, Exchange ex, int step)
     cpdef _hand_exchange(self, Exchange ex)
     @cython.locals(head=RequestHead, client=ClientConn, buf=bytearray)
     cpdef _next(self)
@@ -73,7 +73,7 @@ cdef class Deadlines:
     cdef public dict queues, timers
 
     @cython.locals(q=dict, old=dict, timed=bint)
-    cpdef arm(self, KeptAlive cycle, timeout)
+    cpdef arm(self, KeptAlive cycle, timeout, double deadline=*)
     @cython.locals(cycle=KeptAlive)
     cpdef _fire(self, timeout, loop)
 

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import http1
 from .conn import Conn
-from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
+from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange, new_exchange
 from .gate import Admission, Verdict
 from .httpio import error_response, parse_head
 from .pool import usable
@@ -101,6 +101,9 @@ READ, HEAD, PREPARE, EXCHANGE, TUNNEL, END, RAISE = "read", "head", "prepare", "
 # not serving; waiting for the next request; for the answer; for more of its body; for a new tunnel's
 # first bytes (the tunnel hook's `first_look`)
 _OFF, _IDLE, _AWAIT, _BODY, _LOOK = 0, 1, 2, 3, 4
+
+# An exchange's steps the cycle runs (`KeptAlive._run`)
+_STEP, _PUMP, _STALLED, _TIMED_OUT = 0, 1, 2, 3
 
 
 class Handover:
@@ -230,10 +233,10 @@ class KeptAlive:
         client.cycle = self
         self.identity = identity
         timeout = self.limits.header_timeout
-        self.header_deadline = monotonic() + timeout
+        self.header_deadline = deadline = monotonic() + timeout
         client.watcher = self._on_client
         self.state = _IDLE
-        self._arm(timeout)
+        self.deadlines.arm(self, timeout, deadline)  # (`_arm`'s, for a cycle in no queue yet)
         if client.buf or client.eof:
             self._next()
 
@@ -332,7 +335,7 @@ class KeptAlive:
             return
         ex = self.exchange
         assert ex is not None
-        self._run(ex, self._timed_out if self.state is _AWAIT else Exchange.stalled)
+        self._run(ex, _TIMED_OUT if self.state is _AWAIT else _STALLED)
 
     @staticmethod
     def _timed_out(ex: Exchange) -> bool:
@@ -355,7 +358,7 @@ class KeptAlive:
     def _on_upstream(self) -> None:
         state = self.state
         if state is _BODY:
-            self._run(self.exchange, Exchange.pump)  # type: ignore[arg-type]
+            self._run(self.exchange, _PUMP)  # type: ignore[arg-type]
             return
         if state is not _AWAIT:
             return  # an idle kept connection that speaks or closes is not usable for the next request
@@ -364,11 +367,22 @@ class KeptAlive:
         if self.upstream.eof:  # type: ignore[union-attr]
             self._hand_exchange(ex)  # `proceed` reads what is there and sees the close
             return
-        self._run(ex, Exchange.step)
+        self._run(ex, _STEP)
 
-    def _run(self, ex: Exchange, step: Callable[[Exchange], bool]) -> None:
+    def _run(self, ex: Exchange, step: int) -> None:
+        """An exchange's next step without waiting (`_STEP`: `Exchange.step`, `_PUMP`: `pump`,
+        `_STALLED`: `stalled`, `_TIMED_OUT`: `_timed_out`; told by a number: compiled, each a C call,
+        where a method passed as an object would be made and called through Python each time), then
+        where the cycle goes on."""
         try:
-            ended = step(ex)
+            if step == _STEP:
+                ended = ex.step()
+            elif step == _PUMP:
+                ended = ex.pump()
+            elif step == _STALLED:
+                ended = ex.stalled()
+            else:
+                ended = self._timed_out(ex)
         except BaseException as exc:  # what the handler would have propagated, after the exchange's end
             self.clean = False
             try:
@@ -552,7 +566,7 @@ class KeptAlive:
             if lc is not None:
                 lc.rule_id = verdict.rule_id
         self.clean = False
-        ex = Exchange(self.client, upstream, head, self.limits, t, True)
+        ex = new_exchange(self.client, upstream, head, self.limits, t, True)
         self.exchange, self.head, self.prepared = ex, head, prepared
         body = None
         size = head.content_length
@@ -753,9 +767,10 @@ class Deadlines:
     def __len__(self) -> int:
         return sum(len(q) for q in self.queues.values())
 
-    def arm(self, cycle: KeptAlive, timeout: float) -> None:
+    def arm(self, cycle: KeptAlive, timeout: float, deadline: float = 0.0) -> None:
+        """`cycle` waits `timeout` from now: its deadline (`deadline` when given: time.monotonic)."""
         loop = cycle.loop
-        cycle._deadline = monotonic() + timeout
+        cycle._deadline = deadline if deadline else monotonic() + timeout
         q = self.queues.get(timeout)
         if q is None:
             q = self.queues[timeout] = {}

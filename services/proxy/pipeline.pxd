@@ -44,6 +44,7 @@ cdef class Txn:
     cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
 
 
+@cython.locals(hosts=dict)
 cpdef _dest_host(host)
 @cython.locals(text=bytes)
 cpdef str _fields_text(dict fields)

@@ -53,12 +53,13 @@ _HOSTS: dict[str, str] = {}  # host as contacted -> as recorded (normalise_host)
 def _dest_host(host: str) -> str:
     """`normalise_host(host)`, remembered (bounded: started over when full; a dict look-up costs a
     tenth of an lru_cache call, and this runs for every record)."""
-    got = _HOSTS.get(host)
+    hosts = _HOSTS  # (typed, compiled: dict calls in C)
+    got = hosts.get(host)
     if got is None:
         got = normalise_host(host)
-        if len(_HOSTS) >= 4096:
-            _HOSTS.clear()
-        _HOSTS[host] = got
+        if len(hosts) >= 4096:
+            hosts.clear()
+        hosts[host] = got
     return got
 
 

@@ -77,7 +77,7 @@ class UpstreamPool:
 
     def put(self, key: Key, conn: Conn) -> None:
         """Park a connection whose last exchange ended cleanly; closes it instead when it cannot be kept."""
-        if not self.enabled or not usable(conn):
+        if self.per_key <= 0 or self.total <= 0 or not usable(conn):  # (`enabled`, inline)
             conn.close()
             return
         idle = self._idle
