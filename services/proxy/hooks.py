@@ -287,9 +287,11 @@ class HookChain:
         """The first refusal, or None; an awaitable of that when a hook has to wait. Synchronous
         hooks (the usual case) cost no coroutine: callers do `r = chain.run(flow)` and await `r`
         only when it is neither None nor a `Refusal` (`resolve` does that)."""
-        for i, hook in enumerate(self.hooks):
+        i = 0
+        for hook in self.hooks:
             out = hook(flow)
             if out is None:
+                i += 1
                 continue
             if isinstance(out, Refusal):
                 self.refused[hook.name] = self.refused.get(hook.name, 0) + 1

@@ -70,12 +70,12 @@ cdef class KeptAlive:
 
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
 cdef class Deadlines:
-    cdef public dict queues, timers
+    cdef public dict queues
 
-    @cython.locals(q=dict, old=dict, timed=bint)
+    @cython.locals(entry=list, q=dict, old=dict, timed=bint)
     cpdef arm(self, KeptAlive cycle, timeout, double deadline=*)
-    @cython.locals(cycle=KeptAlive)
-    cpdef _fire(self, timeout, loop)
+    @cython.locals(cycle=KeptAlive, q=dict)
+    cpdef _fire(self, list entry, loop)
 
 
 # What a rule change calls to end a tracked request's connections (`close_both`'s).

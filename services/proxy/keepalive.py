@@ -758,41 +758,48 @@ class Deadlines:
     iteration): a timer that comes early is armed again for the rest.
     """
 
-    __slots__ = ("queues", "timers")
+    __slots__ = ("queues",)
 
     def __init__(self) -> None:
-        self.queues: dict[float, dict[KeptAlive, None]] = {}  # by timeout: the cycles waiting, in order
-        self.timers: dict[float, asyncio.TimerHandle] = {}  # by timeout: at its first cycle's deadline
+        # by timeout: [the cycles waiting (in order), the timer at the first one's deadline or None]
+        # (one look-up gives both)
+        self.queues: dict[float, list[Any]] = {}
+
+    @property
+    def timers(self) -> dict[float, asyncio.TimerHandle]:
+        """The timers armed, by timeout."""
+        return {t: e[1] for t, e in self.queues.items() if e[1] is not None}
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(e[0]) for e in self.queues.values())
 
     def arm(self, cycle: KeptAlive, timeout: float, deadline: float = 0.0) -> None:
         """`cycle` waits `timeout` from now: its deadline (`deadline` when given: time.monotonic)."""
         loop = cycle.loop
         cycle._deadline = deadline if deadline else monotonic() + timeout
-        q = self.queues.get(timeout)
-        if q is None:
-            q = self.queues[timeout] = {}
+        entry = self.queues.get(timeout)
+        if entry is None:
+            entry = self.queues[timeout] = [{}, None]
+        q = entry[0]
         old = cycle._queue
         if old is not None:
             del old[cycle]
         # (a queue with cycles in it has its timer: `_fire` arms it again for the ones it leaves)
-        timed = bool(q) or timeout in self.timers
+        timed = bool(q) or entry[1] is not None
         q[cycle] = None
         cycle._queue, cycle._timeout = q, timeout
         if not timed:
-            self.timers[timeout] = loop.call_later(timeout, self._fire, timeout, loop)
+            entry[1] = loop.call_later(timeout, self._fire, entry, loop)
 
-    def _fire(self, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
-        del self.timers[timeout]
-        q = self.queues[timeout]
+    def _fire(self, entry: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+        entry[1] = None
+        q = entry[0]
         now = monotonic() + 0.001  # (a deadline a millisecond away has come)
         while q:
             cycle = next(iter(q))
             if cycle._deadline > now:
-                if timeout not in self.timers:  # (else a cycle that waited again armed it: `arm`)
-                    self.timers[timeout] = loop.call_later(cycle._deadline - now + 0.001, self._fire, timeout, loop)
+                if entry[1] is None:  # (else a cycle that waited again armed it: `arm`)
+                    entry[1] = loop.call_later(cycle._deadline - now + 0.001, self._fire, entry, loop)
                 return
             del q[cycle]
             cycle._queue = None
