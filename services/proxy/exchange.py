@@ -521,11 +521,11 @@ class Exchange:
             # The whole (Content-Length) body came with the head, as a small answer does: it leaves
             # with the head in one send (joined with it once), with no reader (what one would pass on
             # and capture).
-            data = buf[:size]  # (a copy: the record's capture and the head's join take any bytes-like)
-            out = render_response_head(resp, keep, data)
+            whole = buf[:size]  # (a copy: the record's capture and the head's join take any bytes-like)
+            out = render_response_head(resp, keep, whole)
             del buf[:size]
             if t is not None:
-                t.resp_sink(resp)(data)
+                t.resp_sink(resp)(whole)
             self.client.write(out)
             self.final = resp
             return None

@@ -815,6 +815,9 @@ class BothEnds:
 
     __slots__ = ("client", "upstream")
 
+    client: Conn
+    upstream: Conn
+
     def __call__(self) -> None:
         self.client.abort()
         self.upstream.abort()
