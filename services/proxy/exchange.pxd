@@ -18,6 +18,7 @@ cdef class Exchange:
     cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes, _left
 
     cpdef _setup(self, client, upstream, RequestHead head, Limits limits, Txn txn, reused)
+    @cython.locals(transitions=dict, allowed=frozenset)
     cpdef _to(self, state)
     cpdef send(self, request, body=*)
     @cython.locals(resp=ResponseHead)
