@@ -4,6 +4,8 @@
 # attribute lists equal to the classes' __slots__ (tests/unit/test_compiled.py checks). keepalive.pxd
 # and tunnel.pxd cimport these, so context.py imports neither of those modules at its top.
 
+cimport cython
+
 from services.proxy.conn cimport Conn
 from services.proxy.pool cimport UpstreamPool
 
@@ -33,6 +35,7 @@ cdef class ClientConn(Conn):
     cdef public bint over_cap, counted, detached
     cdef public object _gone_fut
 
+    @cython.locals(cap=Py_ssize_t)
     cpdef connection_made(self, transport)
     cpdef start(self)
     cpdef claim(self, identity)

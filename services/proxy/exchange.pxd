@@ -17,7 +17,10 @@ cdef class Exchange:
     cdef public object reused, state, client_keep, upstream_reusable, error, status
     cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes, _left
 
+    cpdef _setup(self, client, upstream, RequestHead head, Limits limits, Txn txn, reused)
+    @cython.locals(transitions=dict, allowed=frozenset)
     cpdef _to(self, state)
+    cpdef send(self, request, body=*)
     @cython.locals(resp=ResponseHead)
     cpdef bint step(self) except -1
     cpdef bint pump(self) except -1
@@ -34,4 +37,8 @@ cdef class Exchange:
     cpdef bint client_left(self) except -1
     cpdef _client_event(self)
 
+cpdef str upstream_version(RequestHead head)
 cpdef _socket_of(stream)
+@cython.locals(ex=Exchange)
+cpdef Exchange new_exchange(client, upstream, RequestHead head, Limits limits, Txn txn, reused)
+cpdef _counted(Exchange ex, sink, data)

@@ -29,6 +29,8 @@ them, except that an upstream this exchange cannot leave reusable is closed by i
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from . import http1
@@ -96,6 +98,23 @@ def upstream_version(head: http1.RequestHead) -> str:
     return "1.0" if head.version == "1.0" else "1.1"
 
 
+def new_exchange(
+    client: Stream, upstream: Stream, head: http1.RequestHead, limits: Any, txn: Txn | None, reused: bool
+) -> Exchange:
+    """`Exchange(client, upstream, head, limits, txn, reused)` (compiled: made and set up by C calls,
+    without __init__'s Python arguments; the kept-alive cycle makes one per request)."""
+    ex = Exchange.__new__(Exchange)
+    ex._setup(client, upstream, head, limits, txn, reused)
+    return ex
+
+
+def _counted(ex: Exchange, sink: Callable[[bytes | memoryview], None] | None, data: bytes | memoryview) -> None:
+    """The request body's sink (`Exchange.send`): its progress counted, then the record's sink."""
+    ex._body_bytes += len(data)
+    if sink is not None:
+        sink(data)
+
+
 def _socket_of(stream: Any) -> Any:
     """The connection whose socket carries `stream`: the raw one under TLS."""
     return stream.raw if type(stream) is TlsStream else stream
@@ -138,6 +157,12 @@ class Exchange:
         txn: Txn | None = None,
         reused: bool = False,
     ) -> None:
+        self._setup(client, upstream, head, limits, txn, reused)
+
+    def _setup(
+        self, client: Stream, upstream: Stream, head: http1.RequestHead, limits: Any, txn: Txn | None, reused: bool
+    ) -> None:
+        """`__init__`'s work (`new_exchange` calls it on an Exchange made without __init__)."""
         self.client = client
         self.upstream = upstream
         self.head = head
@@ -160,7 +185,9 @@ class Exchange:
         self._body_bytes = 0  # request body bytes the background relay has passed on (its progress)
 
     def _to(self, state: State) -> None:
-        if state not in TRANSITIONS[self.state]:
+        transitions = TRANSITIONS  # (typed, compiled: the look-ups in C)
+        allowed = transitions[self.state]
+        if state not in allowed:
             raise RuntimeError(f"exchange: {self.state.value} → {state.value} is not a transition")
         self.state = state
 
@@ -187,13 +214,7 @@ class Exchange:
         self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
             sink = t.req_sink() if t is not None else None
-
-            def counted(data: bytes | memoryview) -> None:
-                self._body_bytes += len(data)
-                if sink is not None:
-                    sink(data)
-
-            reader = http1.BodyReader(head.content_length, head.chunked, sink=counted)
+            reader = http1.BodyReader(head.content_length, head.chunked, sink=functools.partial(_counted, self, sink))
             self._body = start_body(self.client, self.upstream, reader, self.limits.idle_timeout)
 
     def step(self) -> bool:
@@ -202,17 +223,17 @@ class Exchange:
         True when that ended the exchange (`_end` done); False when `proceed` must go on: nothing
         consumed (no complete head yet, a 1xx or 101, a head that does not parse: `proceed` meets the
         same), or the head went out and the rest of the body is to be relayed."""
-        upstream = self.upstream
-        if self.state is not AWAIT_RESPONSE or self._body is not None or not upstream.buf:
+        buf = self.upstream.buf
+        if self.state is not AWAIT_RESPONSE or self._body is not None or not buf:
             return False
         try:
-            got = http1.parse_response_head(bytes(upstream.buf), self.limits.max_header_bytes, self.head.method)
+            got = http1.parse_response_head(bytes(buf), self.limits.max_header_bytes, self.head.method)
         except http1.UpstreamError:
             return False
         if got is None or got[0].status < 200:
             return False
         resp, n = got
-        del upstream.buf[:n]
+        del buf[:n]
         more = self._send_head(resp)
         if more is not None:
             self._reader = more
@@ -491,23 +512,26 @@ class Exchange:
         # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
         # So this exchange ends both connections instead of waiting for (or guessing at) them.
         self._owed = head.expect_continue and not self._continued and body is not None and not body.done()
-        self.client_keep = head.keep_alive and not resp.until_close and not self._owed
-        out = render_response_head(resp, self.client_keep)  # (positional: a C call, exchange.pxd)
+        self.client_keep = keep = head.keep_alive and not resp.until_close and not self._owed
+        # (positional: C calls, exchange.pxd)
         if not resp.has_body:
-            self.client.write(out)
+            self.client.write(render_response_head(resp, keep, b""))
             self.final = resp
             return None
         size, buf = resp.content_length, upstream.buf
         if size is not None and not resp.chunked and len(buf) >= size:
             # The whole (Content-Length) body came with the head, as a small answer does: it leaves
-            # with the head in one send, with no reader (what one would pass on and capture).
-            data = bytes(buf[:size])
+            # with the head in one send (joined with it once), with no reader (what one would pass on
+            # and capture).
+            whole = buf[:size]  # (a copy: the record's capture and the head's join take any bytes-like)
+            out = render_response_head(resp, keep, whole)
             del buf[:size]
             if t is not None:
-                t.resp_sink(resp)(data)
-            self.client.write(out + data)
+                t.resp_sink(resp)(whole)
+            self.client.write(out)
             self.final = resp
             return None
+        out = render_response_head(resp, keep, b"")
         reader = http1.BodyReader(
             resp.content_length,
             resp.chunked,

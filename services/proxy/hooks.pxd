@@ -1,6 +1,8 @@
 # Cython declarations for hooks.py (an "augmenting .pxd", see pipeline.pxd): a request's Flow is an
 # extension type, its attributes C struct fields, the client's head read as a C struct.
 
+cimport cython
+
 from services.proxy.http1 cimport RequestHead
 
 
@@ -9,6 +11,14 @@ cdef class Flow:
     cdef public RequestHead head
     cdef public object verdict, substituted, session_id, scrubber, refused_labels, _headers, _target
 
+    cpdef _setup(self, container, scheme, host, port, RequestHead head, verdict, server_name, claimed)
     cpdef upstream_headers(self)
     cpdef _own(self)
     cpdef render(self, version)
+
+
+@cython.locals(head=RequestHead)
+cpdef bint _nothing_to_find(Flow flow) except -1
+
+@cython.locals(flow=Flow)
+cpdef Flow new_flow(container, scheme, host, port, RequestHead head, verdict, server_name, claimed)

@@ -131,6 +131,20 @@ class Flow:
         server_name: str | None = None,
         claimed: bool = False,
     ) -> None:
+        self._setup(container, scheme, host, port, head, verdict, server_name, claimed)
+
+    def _setup(
+        self,
+        container: str,
+        scheme: str,
+        host: str,
+        port: int,
+        head: http1.RequestHead,
+        verdict: Verdict | None,
+        server_name: str | None,
+        claimed: bool,
+    ) -> None:
+        """`__init__`'s work (`new_flow` calls it on a Flow made without __init__)."""
         self.container, self.scheme, self.host, self.port = container, scheme, host, port
         # SPEC §16: `container` is a claimed identity whose secret this connection presented (a
         # session bound to a claimed identity substitutes only where this is True).
@@ -235,6 +249,23 @@ class Flow:
         )
 
 
+def new_flow(
+    container: str,
+    scheme: str,
+    host: str,
+    port: int,
+    head: http1.RequestHead,
+    verdict: Verdict | None,
+    server_name: str | None,
+    claimed: bool,
+) -> Flow:
+    """`Flow(...)` with every argument given (compiled: made and set up by C calls, without
+    __init__'s Python arguments; the HTTP proxy makes one per request)."""
+    flow = Flow.__new__(Flow)
+    flow._setup(container, scheme, host, port, head, verdict, server_name, claimed)
+    return flow
+
+
 class RequestHook(Protocol):
     name: str
 
@@ -256,9 +287,11 @@ class HookChain:
         """The first refusal, or None; an awaitable of that when a hook has to wait. Synchronous
         hooks (the usual case) cost no coroutine: callers do `r = chain.run(flow)` and await `r`
         only when it is neither None nor a `Refusal` (`resolve` does that)."""
-        for i, hook in enumerate(self.hooks):
+        i = 0
+        for hook in self.hooks:
             out = hook(flow)
             if out is None:
+                i += 1
                 continue
             if isinstance(out, Refusal):
                 self.refused[hook.name] = self.refused.get(hook.name, 0) + 1
@@ -314,6 +347,21 @@ class RuleRecheck:
         return Refusal(403, "rule", DENIED_BODY)
 
 
+def _nothing_to_find(flow: Flow) -> bool:
+    """No placeholder credential can be in the request (the common case): no `greyproxy` anywhere
+    in the head as received (so in no value and not in the target), no hook changed its fields or
+    target, and no Authorization field (Basic credentials). (A function: compiled, the flow and its
+    head read as C structs.)"""
+    head = flow.head
+    return (
+        head.placeholder_free
+        and flow._headers is None
+        and flow._target is None
+        and head.names is not None
+        and "authorization" not in head.names
+    )
+
+
 class CredentialSubstitution:
     """Placeholder credentials in header and query values swapped for their values (SPEC §12.5),
     or the request refused (fail loudly). Records on the flow: `substituted` (labels),
@@ -364,18 +412,7 @@ class CredentialSubstitution:
         )
 
     def __call__(self, flow: Flow) -> Refusal | None | Awaitable[Refusal | None]:
-        if self.live is None:
-            return None
-        head = flow.head
-        if (
-            head.placeholder_free
-            and flow._headers is None
-            and flow._target is None
-            and head.names is not None
-            and "authorization" not in head.names
-        ):
-            # Nothing to find (the common case): no `greyproxy` anywhere in the head as received (so
-            # in no value and not in the target) and no Authorization field (Basic credentials).
+        if self.live is None or _nothing_to_find(flow):
             return None
         headers = flow.upstream_headers()
         p = self._plan(flow, headers)

@@ -10,7 +10,7 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
-    @cython.locals(out=list, k=str, v=str)
+    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
     cpdef render_upstream(self, version)
     @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
@@ -61,14 +61,18 @@ cpdef bint _content_length_ok(str value)
 cpdef tuple _framing_of(list te, bint has_te, list cls, err)
 cpdef _run_parser(parser, bytes data)
 
+@cython.locals(end=Py_ssize_t)
+cpdef bint _at(str text, Py_ssize_t start, str word, str usual) except -1
 @cython.locals(c=Py_UCS4)
-cpdef int _response_field(str lower, Py_ssize_t start) except -1
+cpdef int _response_field(str text, Py_ssize_t start) except -1
 
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
 cpdef tuple _target_parts(str method, str target)
+@cython.locals(tokens=list, kv=tuple, k=str)
 cpdef _derive_request_headers(RequestHead head)
 
 # The field helpers of heads (C calls from their methods).
+cpdef _add_tokens(list tokens, str value)
 @cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)
@@ -77,4 +81,4 @@ cpdef bint _proxy_names(names)
 @cython.locals(k=str, lk=str, kept=list, tokens=list, out=list)
 cpdef list _filter_hop_by_hop(headers, bint keep_upgrade, names=*)
 @cython.locals(raw=bytes, i=Py_ssize_t)
-cpdef bytes render_response_head(ResponseHead resp, bint keep_alive)
+cpdef bytes render_response_head(ResponseHead resp, bint keep_alive, body=*)

@@ -57,6 +57,9 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _HOP_BY_HOP_BUT_CONNECTION = _HOP_BY_HOP - {"connection"}
+# The hop-by-hop fields but Connection and the Proxy-* ones (`RequestHead.render_upstream` drops those
+# itself): a head with none of these renders upstream in one pass.
+_HOP_BY_HOP_PLAIN = frozenset(n for n in _HOP_BY_HOP_BUT_CONNECTION if not n.startswith("proxy-"))
 # A client must never be able to strip message framing (or Host) by naming it in Connection.
 _NEVER_CONNECTION_DROPPED = frozenset({"content-length", "transfer-encoding", "host"})
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
@@ -191,6 +194,15 @@ def _split_tokens(value: str) -> list[str]:
         token = token.lower()
         return [token] if token else []
     return [t.strip().lower() for t in value.split(",") if t.strip()]
+
+
+def _add_tokens(tokens: list[str], value: str) -> None:
+    """`tokens += _split_tokens(value)`; a Connection field's usual values (`close`, `keep-alive`) as
+    they are."""
+    if value == "close" or value == "keep-alive":
+        tokens.append(value)
+    else:
+        tokens += _split_tokens(value)
 
 
 def _tokens(headers: list[tuple[str, str]], name: str, names: Names = None) -> list[str]:
@@ -368,6 +380,33 @@ class RequestHead:
         path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
         if not self.parsed:
             return render_request_head(self.method, self.path, version, self.upstream_headers())
+        names = self.names
+        if names is not None and names.isdisjoint(_HOP_BY_HOP_PLAIN):
+            # The usual head: no hop-by-hop field but perhaps Proxy-* ones and a Connection field (a
+            # client's `close`, `keep-alive`): `upstream_headers()` in one pass over the fields, which
+            # drops those (and Host, ours first), unless the Connection field names one that is here
+            # (then the general way below drops that too).
+            out = [self.method, " ", self.path, " HTTP/", version, "\r\nHost: ", self.authority, "\r\n"]
+            tokens: list[str] | None = None
+            headers = self.headers
+            for kv in headers:
+                k = kv[0]
+                n = len(k)
+                # (a name that lower-cases to an ASCII one has its length: see `_tokens`; the usual
+                # spelling is compared first)
+                if n == 4 and (k == "Host" or k.lower() == "host"):
+                    continue
+                if n == 10 and (k == "Connection" or k.lower() == "connection"):
+                    if tokens is None:
+                        tokens = []
+                    _add_tokens(tokens, kv[1])
+                    continue
+                if n >= 6 and (k[0] == "p" or k[0] == "P") and k[:6].lower() == "proxy-":
+                    continue
+                out += (k, ": ", kv[1], "\r\n")
+            if tokens is None or names.isdisjoint(tokens) or names.intersection(tokens) <= _NEVER_CONNECTION_DROPPED:
+                out.append("\r\n")
+                return "".join(out).encode("latin-1")
         out = [self.method, " ", self.path, " HTTP/", version, "\r\n"]  # (one join of all the pieces)
         for k, v in self.upstream_headers():
             out += (k, ": ", v, "\r\n")
@@ -686,8 +725,13 @@ def _derive_request_headers(head: RequestHead) -> None:
         # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
         if "connection" not in names:
             head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
-        else:  # (a client closing after this request: `Connection: close`)
-            head.keep_alive = _keep_alive(head.version, _tokens(headers, "connection"))
+        else:  # (a client closing after this request: `Connection: close`; `_tokens`, inline)
+            tokens: list[str] = []
+            for kv in headers:
+                k = kv[0]
+                if len(k) == 10 and (k == "Connection" or k.lower() == "connection"):
+                    _add_tokens(tokens, kv[1])
+            head.keep_alive = _keep_alive(head.version, tokens)
         return
     chunked, length, _ = _framing(headers, _bad, names)
     if chunked and head.version == "1.0":
@@ -739,8 +783,8 @@ class ResponseHead:
     # lower-case name -> first value, when the parser's callbacks read the fields (else header() looks in `lower`)
     index: dict[str, str] | None = field(default=None, repr=False, compare=False)
     # The head's text when it is read by splitting it (`_SPLIT_READING`), without the final CRLF CRLF,
-    # and the same lower-cased: each field is a line, its name what stands between a CRLF and the
-    # line's first colon.
+    # and the same lower-cased (made by `header` when first asked: the parse reads the text as it
+    # is): each field is a line, its name what stands between a CRLF and the line's first colon.
     text: str | None = field(default=None, repr=False, compare=False)
     lower: str | None = field(default=None, repr=False, compare=False)
     # Where in `raw` its one Connection field's line starts (its CRLF before), when read from the text;
@@ -769,6 +813,8 @@ class ResponseHead:
 
     def header(self, name: str) -> str | None:
         lower = self.lower
+        if lower is None and self.text is not None:
+            lower = self.lower = self.text.lower()  # (latin-1: the same length, so the same offsets)
         if lower is not None:
             needles = _NEEDLES
             needle = needles.get(name) or f"\r\n{name.lower()}:"
@@ -809,29 +855,44 @@ _RESPONSE_FIELD_RE = re.compile(
 _FIELD_NAME_LENGTHS = (0, 15, 11, 18)
 
 
-def _response_field(lower: str, start: int) -> int:
-    """Which field the line of a parsed head's lower-cased text at `start` is: 1 content-length,
-    2 connection, 3 transfer-encoding, 4 another hop-by-hop field (te, trailer, keep-alive, upgrade,
-    proxy-*), 0 any other. Told by the first letter first: most fields are none of these."""
-    c = lower[start]  # (a field line is never empty: the head ends at the first empty line)
-    if c == "c":
-        if lower.startswith("content-length:", start):
+def _at(text: str, start: int, word: str, usual: str) -> bool:
+    """Whether `word` (lower-case ASCII) stands in `text` at `start` in any letter case: what
+    `text.lower().startswith(word, start)` says of a latin-1 text (whose lower-casing maps no other
+    character to an ASCII one, nor changes its length), without lowering the whole text. `usual`:
+    the usual spelling (looked for first)."""
+    if text.startswith(usual, start):
+        return True
+    end = start + len(word)
+    # (the last character of each `word` has no case: one that is not there rules it out at once)
+    if end > len(text) or text[end - 1] != word[len(word) - 1]:
+        return False
+    return text[start:end].lower() == word
+
+
+def _response_field(text: str, start: int) -> int:
+    """Which field the line of a parsed head's text at `start` is, its name in any letter case:
+    1 content-length, 2 connection, 3 transfer-encoding, 4 another hop-by-hop field (te, trailer,
+    keep-alive, upgrade, proxy-*), 0 any other. Told by the first letter first: most fields are none
+    of these."""
+    c = text[start]  # (a field line is never empty: the head ends at the first empty line)
+    if c == "C" or c == "c":
+        if _at(text, start, "content-length:", "Content-Length:"):
             return 1
-        if lower.startswith("connection:", start):
+        if _at(text, start, "connection:", "Connection:"):
             return 2
-    elif c == "t":
-        if lower.startswith("transfer-encoding:", start):
+    elif c == "T" or c == "t":
+        if _at(text, start, "transfer-encoding:", "Transfer-Encoding:"):
             return 3
-        if lower.startswith("te:", start) or lower.startswith("trailer:", start):
+        if _at(text, start, "te:", "TE:") or _at(text, start, "trailer:", "Trailer:"):
             return 4
-    elif c == "k":
-        if lower.startswith("keep-alive:", start):
+    elif c == "K" or c == "k":
+        if _at(text, start, "keep-alive:", "Keep-Alive:"):
             return 4
-    elif c == "u":
-        if lower.startswith("upgrade:", start):
+    elif c == "U" or c == "u":
+        if _at(text, start, "upgrade:", "Upgrade:"):
             return 4
-    elif c == "p":
-        if lower.startswith("proxy-", start):
+    elif c == "P" or c == "p":
+        if _at(text, start, "proxy-", "Proxy-"):
             return 4
     return 0
 
@@ -893,7 +954,6 @@ def parse_response_head(
         reason = whole[space + 1 : line_end] if space >= 0 else ""
         if "\x00" in reason:  # (the parser lets a NUL through in the reason; CR and LF it refuses)
             raise UpstreamError("control character in the response's reason phrase")
-        lower = text.lower()  # (latin-1: the same length, so the same offsets)
         other_hop = False
         # Line by line (`_response_field`): the framing and hop-by-hop fields are told by their first
         # letters; the others cost a find and a comparison each.
@@ -901,8 +961,8 @@ def parse_response_head(
         stop = first  # (the CRLF before the next field line; -1: none)
         while stop >= 0:
             start = stop + 2
-            stop = lower.find("\r\n", start)
-            kind = _response_field(lower, start)
+            stop = text.find("\r\n", start)
+            kind = _response_field(text, start)
             if kind == 0:
                 continue
             if kind > 3:
@@ -957,22 +1017,12 @@ def parse_response_head(
     else:
         has_body = chunked or until_close or (length or 0) > 0
     keep_alive = _keep_alive(version, connection) and not until_close
-    head = ResponseHead(
-        version,
-        status,
-        reason,
-        headers,
-        keep_alive,
-        chunked and not bodiless,
-        length,
-        has_body,
-        until_close,
-        None,
-        False,
-        index,
-        text,
-        lower,
-    )
+    # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
+    head = ResponseHead.__new__(ResponseHead)
+    head.version, head.status, head.reason, head._headers = version, status, reason, headers
+    head.keep_alive, head.chunked, head.content_length = keep_alive, chunked and not bodiless, length
+    head.has_body, head.until_close, head.raw, head.raw_keep_alive = has_body, until_close, None, False
+    head.index, head.text, head.lower, head.connection_at = index, text, lower, -1
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it,
     # which the check for `HTTP/` above refused).
     if (
@@ -1024,29 +1074,34 @@ def render_request_head(method: str, path: str, version: str, headers: list[tupl
 _THEIR_KEEP_ALIVE = b"\r\nConnection: keep-alive\r\n"
 
 
-def render_response_head(resp: ResponseHead, keep_alive: bool) -> bytes:
-    """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours."""
+def render_response_head(resp: ResponseHead, keep_alive: bool, body: bytes | bytearray = b"") -> bytes:
+    """The upstream response head as relayed to the client: hop-by-hop fields replaced by ours; then
+    `body` (what of the body goes out with it: one piece, joined once)."""
     raw = resp.raw
     if raw is not None:
         # Nothing hop-by-hop to drop (the parser checked every field): the bytes as received, with
         # our Connection field, or theirs when it already says what ours would.
         if resp.raw_keep_alive:
             if keep_alive:
-                return raw
+                return raw + body if body else raw
             i = resp.connection_at  # (from the parse: no search)
             if i < 0 or not raw.startswith(_THEIR_KEEP_ALIVE, i):
                 i = raw.find(_THEIR_KEEP_ALIVE)  # the usual spelling; any other goes the long way below
             if i >= 0:
-                return b"".join((raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n"))
+                return b"".join(
+                    (raw[: i + 2], raw[i + len(_THEIR_KEEP_ALIVE) : -2], b"Connection: close\r\n\r\n", body)
+                )
         else:
-            return raw[:-2] + (b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n")
+            ours = b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n"
+            return b"".join((raw[:-2], ours, body))
     _check_field(resp.reason)
     headers = _filter_hop_by_hop(resp.headers, False)
     _check_fields(headers)
     lines = [f"HTTP/1.1 {resp.status} {resp.reason}\r\n"]
     lines += [f"{k}: {v}\r\n" for k, v in headers]
     lines.append("Connection: keep-alive\r\n\r\n" if keep_alive else "Connection: close\r\n\r\n")
-    return "".join(lines).encode("latin-1")
+    out = "".join(lines).encode("latin-1")
+    return out + body if body else out
 
 
 def render_response(

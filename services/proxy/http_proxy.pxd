@@ -5,8 +5,9 @@
 cimport cython
 
 from services.proxy.context cimport ClientConn, default_identity
+from services.proxy.exchange cimport upstream_version
 from services.proxy.gate cimport Gate, Verdict
-from services.proxy.hooks cimport Flow
+from services.proxy.hooks cimport Flow, new_flow
 from services.proxy.http1 cimport RequestHead
 # (under another name: `KeptAlive` stays the module's global, which tests replace with a subclass)
 from services.proxy.keepalive cimport KeptAlive as Cycle

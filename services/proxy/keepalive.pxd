@@ -6,7 +6,7 @@ cimport cython
 
 from services.proxy.conn cimport Conn, FirstDeadlines
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
-from services.proxy.exchange cimport Exchange
+from services.proxy.exchange cimport Exchange, new_exchange
 from services.proxy.gate cimport Gate
 from services.proxy.http1 cimport RequestHead
 from services.proxy.mitm cimport Interceptor
@@ -50,7 +50,7 @@ cdef class KeptAlive:
     cpdef _finish(self)
     @cython.locals(q=dict)
     cpdef _arm(self, timeout)
-    cpdef _run(self, Exchange ex, step)
+    cpdef _run(self, Exchange ex, int step)
     cpdef _hand_exchange(self, Exchange ex)
     @cython.locals(head=RequestHead, client=ClientConn, buf=bytearray)
     cpdef _next(self)
@@ -74,15 +74,24 @@ cdef class KeptAlive:
 
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
 cdef class Deadlines:
-    cdef public dict queues, timers
+    cdef public dict queues
 
-    @cython.locals(q=dict, old=dict)
-    cpdef arm(self, KeptAlive cycle, timeout)
-    @cython.locals(cycle=KeptAlive)
-    cpdef _fire(self, timeout, loop)
+    @cython.locals(entry=list, q=dict, old=dict, timed=bint)
+    cpdef arm(self, KeptAlive cycle, timeout, double deadline=*)
+    @cython.locals(cycle=KeptAlive, q=dict)
+    cpdef _fire(self, list entry, loop)
 
 
 # New tunnels' looks while nobody has spoken (conn.FirstDeadlines): a look's arm and end are C calls.
 cdef class _Looks(FirstDeadlines):
     cpdef bint arm(self, KeptAlive cycle, timeout) except -1
     cpdef expire(self, cycle)
+
+
+# What a rule change calls to end a tracked request's connections (`close_both`'s).
+cdef class BothEnds:
+    cdef public Conn client, upstream
+
+
+@cython.locals(both=BothEnds)
+cpdef close_both(Conn client, Conn upstream)

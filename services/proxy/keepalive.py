@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import http1
 from .conn import Conn, FirstDeadlines
-from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange
+from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange, new_exchange
 from .gate import Admission, Verdict
 from .httpio import error_response, parse_head
 from .mitm import Interceptor
@@ -102,6 +102,9 @@ READ, HEAD, PREPARE, EXCHANGE, TUNNEL, END, RAISE = "read", "head", "prepare", "
 # not serving; waiting for the next request; for the answer; for more of its body; for a new tunnel's
 # first bytes (the tunnel hook's `first_look`)
 _OFF, _IDLE, _AWAIT, _BODY, _LOOK = 0, 1, 2, 3, 4
+
+# An exchange's steps the cycle runs (`KeptAlive._run`)
+_STEP, _PUMP, _STALLED, _TIMED_OUT = 0, 1, 2, 3
 
 
 class Handover:
@@ -221,7 +224,7 @@ class KeptAlive:
         self.handed: Handover | None = None  # where the handler's task starts (a connection `begin` took)
         self._fut: asyncio.Future | None = None
         self.deadlines: Deadlines = ctx.deadlines
-        self._deadline = 0.0  # the current wait's (loop time)
+        self._deadline = 0.0  # the current wait's (time.monotonic: `Deadlines`)
         self._queue: dict[KeptAlive, None] | None = None  # where `deadlines` keeps this cycle while it waits
         self._timeout = 0.0  # the timeout of that queue
 
@@ -233,10 +236,10 @@ class KeptAlive:
         client.cycle = self
         self.identity = identity
         timeout = self.limits.header_timeout
-        self.header_deadline = monotonic() + timeout
+        self.header_deadline = deadline = monotonic() + timeout
         client.watcher = self._on_client
         self.state = _IDLE
-        self._arm(timeout)
+        self.deadlines.arm(self, timeout, deadline)  # (`_arm`'s, for a cycle in no queue yet)
         if client.buf or client.eof:
             self._next()
 
@@ -316,7 +319,7 @@ class KeptAlive:
         """The current wait's deadline: `timeout` from now (`_on_timer` then)."""
         q = self._queue
         if q is not None and self._timeout == timeout:  # the usual case, inline: to the end of its queue
-            self._deadline = self.loop.time() + timeout
+            self._deadline = monotonic() + timeout
             del q[self]
             q[self] = None
             return
@@ -335,7 +338,7 @@ class KeptAlive:
             return
         ex = self.exchange
         assert ex is not None
-        self._run(ex, self._timed_out if self.state is _AWAIT else Exchange.stalled)
+        self._run(ex, _TIMED_OUT if self.state is _AWAIT else _STALLED)
 
     @staticmethod
     def _timed_out(ex: Exchange) -> bool:
@@ -360,7 +363,7 @@ class KeptAlive:
     def _on_upstream(self) -> None:
         state = self.state
         if state is _BODY:
-            self._run(self.exchange, Exchange.pump)  # type: ignore[arg-type]
+            self._run(self.exchange, _PUMP)  # type: ignore[arg-type]
             return
         if state is not _AWAIT:
             return  # an idle kept connection that speaks or closes is not usable for the next request
@@ -369,11 +372,22 @@ class KeptAlive:
         if self.upstream.eof:  # type: ignore[union-attr]
             self._hand_exchange(ex)  # `proceed` reads what is there and sees the close
             return
-        self._run(ex, Exchange.step)
+        self._run(ex, _STEP)
 
-    def _run(self, ex: Exchange, step: Callable[[Exchange], bool]) -> None:
+    def _run(self, ex: Exchange, step: int) -> None:
+        """An exchange's next step without waiting (`_STEP`: `Exchange.step`, `_PUMP`: `pump`,
+        `_STALLED`: `stalled`, `_TIMED_OUT`: `_timed_out`; told by a number: compiled, each a C call,
+        where a method passed as an object would be made and called through Python each time), then
+        where the cycle goes on."""
         try:
-            ended = step(ex)
+            if step == _STEP:
+                ended = ex.step()
+            elif step == _PUMP:
+                ended = ex.pump()
+            elif step == _STALLED:
+                ended = ex.stalled()
+            else:
+                ended = self._timed_out(ex)
         except BaseException as exc:  # what the handler would have propagated, after the exchange's end
             self.clean = False
             try:
@@ -543,7 +557,7 @@ class KeptAlive:
             # The connection's first request: an upstream parked for this client and destination (as
             # the handler's `attach`), else the handler connects one.
             key = (self.identity, head.host, head.port)
-            upstream = self.client.ctx.pool.get(key, Admission(self.gate, key[0], key[1], key[2], "HTTP", verdict))
+            upstream = self.client.ctx.pool.take(key, self.gate)  # (judged as its admission would: Gate.keeps)
             if upstream is None:
                 h = Handover(EXCHANGE)
                 h.head, h.prepared = head, prepared
@@ -557,7 +571,7 @@ class KeptAlive:
             if lc is not None:
                 lc.rule_id = verdict.rule_id
         self.clean = False
-        ex = Exchange(self.client, upstream, head, self.limits, t, True)
+        ex = new_exchange(self.client, upstream, head, self.limits, t, True)
         self.exchange, self.head, self.prepared = ex, head, prepared
         body = None
         size = head.content_length
@@ -759,40 +773,54 @@ class Deadlines:
     deadline, serves them all, and arming, moving or dropping a deadline is a dict operation. (A
     new connection's own timer, made at accept and cancelled at its end, cost more than serving
     its request's steps in the callbacks saved.) A cycle is called (`_on_timer`) once its deadline
-    has come, at most a millisecond early (the loop's clock has ms steps).
+    has come, at most a millisecond early. The deadlines are in `time.monotonic()`'s clock (a C call:
+    the loop's `time()`, a method called by name, cost several times more, twice per request), the
+    timer in the loop's, which runs behind it by at most a few ms (its ms steps, read once an
+    iteration): a timer that comes early is armed again for the rest.
     """
 
-    __slots__ = ("queues", "timers")
+    __slots__ = ("queues",)
 
     def __init__(self) -> None:
-        self.queues: dict[float, dict[KeptAlive, None]] = {}  # by timeout: the cycles waiting, in order
-        self.timers: dict[float, asyncio.TimerHandle] = {}  # by timeout: at its first cycle's deadline
+        # by timeout: [the cycles waiting (in order), the timer at the first one's deadline or None]
+        # (one look-up gives both)
+        self.queues: dict[float, list[Any]] = {}
+
+    @property
+    def timers(self) -> dict[float, asyncio.TimerHandle]:
+        """The timers armed, by timeout."""
+        return {t: e[1] for t, e in self.queues.items() if e[1] is not None}
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.queues.values())
+        return sum(len(e[0]) for e in self.queues.values())
 
-    def arm(self, cycle: KeptAlive, timeout: float) -> None:
+    def arm(self, cycle: KeptAlive, timeout: float, deadline: float = 0.0) -> None:
+        """`cycle` waits `timeout` from now: its deadline (`deadline` when given: time.monotonic)."""
         loop = cycle.loop
-        cycle._deadline = deadline = loop.time() + timeout
-        q = self.queues.get(timeout)
-        if q is None:
-            q = self.queues[timeout] = {}
+        cycle._deadline = deadline if deadline else monotonic() + timeout
+        entry = self.queues.get(timeout)
+        if entry is None:
+            entry = self.queues[timeout] = [{}, None]
+        q = entry[0]
         old = cycle._queue
         if old is not None:
             del old[cycle]
+        # (a queue with cycles in it has its timer: `_fire` arms it again for the ones it leaves)
+        timed = bool(q) or entry[1] is not None
         q[cycle] = None
         cycle._queue, cycle._timeout = q, timeout
-        if timeout not in self.timers:
-            self.timers[timeout] = loop.call_at(deadline, self._fire, timeout, loop)
+        if not timed:
+            entry[1] = loop.call_later(timeout, self._fire, entry, loop)
 
-    def _fire(self, timeout: float, loop: asyncio.AbstractEventLoop) -> None:
-        del self.timers[timeout]
-        q = self.queues[timeout]
-        now = loop.time() + 0.001  # the clock has ms steps
+    def _fire(self, entry: list[Any], loop: asyncio.AbstractEventLoop) -> None:
+        entry[1] = None
+        q = entry[0]
+        now = monotonic() + 0.001  # (a deadline a millisecond away has come)
         while q:
             cycle = next(iter(q))
             if cycle._deadline > now:
-                self.timers[timeout] = loop.call_at(cycle._deadline, self._fire, timeout, loop)
+                if entry[1] is None:  # (else a cycle that waited again armed it: `arm`)
+                    entry[1] = loop.call_later(cycle._deadline - now + 0.001, self._fire, entry, loop)
                 return
             del q[cycle]
             cycle._queue = None
@@ -840,11 +868,22 @@ class _Looks(FirstDeadlines):
 _LOOKS = _Looks()
 
 
+class BothEnds:
+    """What a rule change calls to end a tracked request's connections (`Gate.track`): both aborted.
+    (An object, not a closure: compiled, one small extension type, cheaper to make per connection.)"""
+
+    __slots__ = ("client", "upstream")
+
+    client: Conn
+    upstream: Conn
+
+    def __call__(self) -> None:
+        self.client.abort()
+        self.upstream.abort()
+
+
 def close_both(client: ClientConn, upstream: Conn) -> Callable[[], None]:
     """What a rule change calls to end a tracked request's connections (`Gate.track`)."""
-
-    def close() -> None:
-        client.abort()
-        upstream.abort()
-
-    return close
+    both = BothEnds.__new__(BothEnds)
+    both.client, both.upstream = client, upstream
+    return both

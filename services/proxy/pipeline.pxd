@@ -9,6 +9,7 @@ cimport cython
 
 from greyproxy.capture cimport BodyCapture
 from greyproxy.redaction cimport Redactor
+from services.proxy.hooks cimport Flow
 from services.proxy.http1 cimport RequestHead, ResponseHead
 
 
@@ -39,11 +40,13 @@ cdef class Txn:
     cpdef _capture(self, content_type)
     cpdef req_sink(self)
     cpdef resp_sink(self, ResponseHead resp)
+    @cython.locals(f=Flow)
     cpdef credentials_from(self, flow)
     @cython.locals(facts=tuple)
     cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
 
 
+@cython.locals(hosts=dict)
 cpdef _dest_host(host)
 @cython.locals(text=bytes)
 cpdef str _fields_text(dict fields)

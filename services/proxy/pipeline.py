@@ -35,6 +35,7 @@ from greyproxy.redaction import Redactor, extra_patterns
 
 from . import http1
 from .conn import ConnClosed
+from .hooks import Flow
 from .wsframes import OP_TEXT, FrameParser, Message, MessageAssembler, WsProtocolError, deflate_negotiated
 
 __all__ = ["INLINE_DECODE_MAX", "Recorder", "Stream", "Txn", "base_record", "origin_of", "relay"]
@@ -53,12 +54,13 @@ _HOSTS: dict[str, str] = {}  # host as contacted -> as recorded (normalise_host)
 def _dest_host(host: str) -> str:
     """`normalise_host(host)`, remembered (bounded: started over when full; a dict look-up costs a
     tenth of an lru_cache call, and this runs for every record)."""
-    got = _HOSTS.get(host)
+    hosts = _HOSTS  # (typed, compiled: dict calls in C)
+    got = hosts.get(host)
     if got is None:
         got = normalise_host(host)
-        if len(_HOSTS) >= 4096:
-            _HOSTS.clear()
-        _HOSTS[host] = got
+        if len(hosts) >= 4096:
+            hosts.clear()
+        hosts[host] = got
     return got
 
 
@@ -394,6 +396,11 @@ class Txn:
 
     def credentials_from(self, flow: Any) -> None:
         """What the credential hook did to the request (`hooks.Flow`): labels, session, scrubber."""
+        if type(flow) is Flow:  # (compiled: read as a C struct)
+            f: Flow = flow
+            self.substituted, self.session_id, self.scrubber = f.substituted, f.session_id, f.scrubber
+            self.refused = f.refused_labels
+            return
         self.substituted, self.session_id, self.scrubber = flow.substituted, flow.session_id, flow.scrubber
         self.refused = flow.refused_labels
 

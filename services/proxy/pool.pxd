@@ -4,6 +4,7 @@
 cimport cython
 
 from services.proxy.conn cimport Conn
+from services.proxy.gate cimport Gate
 
 
 cdef class UpstreamPool:
@@ -11,10 +12,12 @@ cdef class UpstreamPool:
     cdef public dict _idle
     cdef public Py_ssize_t _count, reused, parked
 
-    @cython.locals(conn=Conn)
     cpdef get(self, key, admission)
+    @cython.locals(conn=Conn, q=object)
+    cpdef take(self, tuple key, Gate gate)
     cpdef put(self, key, Conn conn)
     cpdef _close_oldest(self, q)
+    @cython.locals(idle=dict)
     cpdef _drop_oldest(self)
     cpdef _sweep(self)
 

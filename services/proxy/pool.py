@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .conn import Conn
 
 if TYPE_CHECKING:
-    from .gate import Admission
+    from .gate import Admission, Gate
 
 Key = tuple[str, str, int]  # (client identity, host, port)
 
@@ -57,43 +58,44 @@ class UpstreamPool:
         """A live idle connection for `key` (most recently parked first) that `admission` (the new
         request's, for the same client and destination) keeps: its address judged again by the rules
         as they are now (`Admission.keeps`); or None. One it refuses is closed."""
+        return self.take(key, admission.gate)
+
+    def take(self, key: Key, gate: Gate) -> Conn | None:
+        """`get` for a new request of `key`'s client to its destination, judged by `gate` (`Gate.keeps`,
+        what its admission's `keeps` asks), without an `Admission` made for it."""
         q = self._idle.get(key)
         while q:
             _t, conn = q.pop()
             self._count -= 1
-            if usable(conn) and admission.keeps(conn):
-                if not q:
-                    del self._idle[key]
+            if usable(conn) and gate.keeps(key[0], key[2], conn):
+                # (an emptied queue stays, for the key's next `put`: most often this connection's, as
+                # its client's connection ends; `_sweep` drops the ones left empty)
                 self.reused += 1
                 return conn
             conn.abort()
-        if q is not None:
-            del self._idle[key]
         return None
 
     def put(self, key: Key, conn: Conn) -> None:
         """Park a connection whose last exchange ended cleanly; closes it instead when it cannot be kept."""
-        if not self.enabled or not usable(conn):
+        if self.per_key <= 0 or self.total <= 0 or not usable(conn):  # (`enabled`, inline)
             conn.close()
             return
-        # The connection's loop (asyncio.get_running_loop() costs a getpid() system call in CPython
-        # 3.11, and this runs once per plain-HTTP client connection that ends).
-        loop = conn._loop or conn._bind_loop()
         idle = self._idle
-        q = idle.get(key)
+        q = idle.pop(key, None)
         if q is None:
-            q = idle[key] = deque()
-        else:
-            del idle[key]  # to the end: the most recently parked
-            idle[key] = q
+            q = deque()
+        idle[key] = q  # (at the end: the most recently parked)
         if len(q) >= self.per_key:
             self._close_oldest(q)
-        q.append((loop.time(), conn))
+        q.append((monotonic(), conn))
         self._count += 1
         self.parked += 1
         while self._count > self.total:
             self._drop_oldest()
         if self._sweeper is None:
+            # The connection's loop (asyncio.get_running_loop() costs a getpid() system call in CPython
+            # 3.11, and this runs once per plain-HTTP client connection that ends).
+            loop = conn._loop or conn._bind_loop()
             self._sweeper = loop.call_later(max(self.idle_timeout / 4, 0.05), self._sweep)
 
     def _close_oldest(self, q: deque[tuple[float, Conn]]) -> None:
@@ -101,15 +103,20 @@ class UpstreamPool:
         self._count -= 1
 
     def _drop_oldest(self) -> None:
-        key, q = next(iter(self._idle.items()))
+        idle = self._idle
+        while True:
+            key, q = next(iter(idle.items()))
+            if q:
+                break
+            del idle[key]  # (left empty by `take`)
         self._close_oldest(q)
         if not q:
-            del self._idle[key]
+            del idle[key]
 
     def _sweep(self) -> None:
         self._sweeper = None
         loop = asyncio.get_running_loop()
-        cutoff = loop.time() - self.idle_timeout
+        cutoff = monotonic() - self.idle_timeout  # (the clock of the parking times: `put`)
         for key in list(self._idle):
             q = self._idle[key]
             while q and (q[0][0] <= cutoff or not usable(q[0][1])):
