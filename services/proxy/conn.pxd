@@ -57,11 +57,12 @@ cpdef _either_start(Conn a, Conn b, timeout)
 cpdef _either_end(Conn a, Conn b, fut, own)
 
 
-# Deadlines served by one timer (a subclass's queue: upstream._ConnectDeadlines, mitm.QuietLooks).
+# Deadlines served by one timer (a subclass's queue: upstream._ConnectDeadlines, mitm.QuietLooks, keepalive._Looks).
 cdef class FirstDeadlines:
     cdef public dict waiting
     cdef public object timer, loop
 
     cpdef bint in_order(self, waiter, deadline) except -1
+    cpdef bint queue(self, waiter, loop, double deadline) except -1
     cpdef expire(self, waiter)
     cpdef _fire(self, loop)

@@ -479,7 +479,7 @@ class FirstDeadlines:
     timer at the first one instead of a uvloop timer each (one armed and cancelled costs ~7 000
     instructions, ~2 % of a spliced tunnel's). `waiting` maps each waiter to its deadline (loop
     time), in that order; a subclass queues waiters and says what `expire(waiter)` does once its
-    deadline has come. Users: `mitm.QuietLooks`, `upstream._ConnectDeadlines`."""
+    deadline has come. Users: `mitm.QuietLooks`, `upstream._ConnectDeadlines`, `keepalive._Looks`."""
 
     __slots__ = ("waiting", "timer", "loop")
 
@@ -495,6 +495,28 @@ class FirstDeadlines:
         """Whether `waiter` can join the queue: not in it already, and not due before its last one."""
         waiting = self.waiting
         return not waiting or (waiter not in waiting and deadline >= next(reversed(waiting.values())))
+
+    def queue(self, waiter: object, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
+        """Queue `waiter` until `deadline` (`loop`'s time; `expire(waiter)` then); False: not queued,
+        the caller times it itself. One event loop's waiters at a time: a waiter of another loop
+        while this one's wait (threads), or one out of order (`in_order`), is not queued; the
+        waiters of a loop that closed (nothing will end them) are dropped when the next loop's
+        first one comes."""
+        waiting = self.waiting
+        if loop is not self.loop:
+            old = self.loop
+            if waiting and old is not None and not old.is_closed():
+                return False  # another live loop's waiters
+            waiting.clear()  # (a closed loop's: they can never end)
+            if self.timer is not None and old is not None and not old.is_closed():
+                self.timer.cancel()
+            self.timer, self.loop = None, loop
+        if not self.in_order(waiter, deadline):
+            return False
+        waiting[waiter] = deadline
+        if self.timer is None:
+            self.timer = loop.call_at(deadline, self._fire, loop)
+        return True
 
     def expire(self, waiter: Any) -> None:
         raise NotImplementedError

@@ -837,29 +837,14 @@ class _Looks(FirstDeadlines):
     (`idleTimeout`), so the order they start in is their deadlines' order. One event loop's at a time:
     a look on another loop while this one's wait (threads), or one out of order (a shorter timeout
     than those waiting), is armed in `Deadlines` instead; the looks of a loop that closed (nothing
-    will end them) are dropped when the next loop's first one comes (as `upstream._ConnectDeadlines`)."""
+    will end them) are dropped when the next loop's first one comes (`FirstDeadlines.queue`)."""
 
     __slots__ = ()
 
     def arm(self, cycle: KeptAlive, timeout: float) -> bool:
         """Queue `cycle`'s look for `timeout` from now (`cycle._on_timer` then); False: not queued."""
         loop = cycle.loop
-        waiting = self.waiting
-        if loop is not self.loop:
-            old = self.loop
-            if waiting and old is not None and not old.is_closed():
-                return False  # another live loop's looks wait
-            waiting.clear()  # (a closed loop's: they can never end)
-            if self.timer is not None and old is not None and not old.is_closed():
-                self.timer.cancel()
-            self.timer, self.loop = None, loop
-        deadline = loop.time() + timeout
-        if not self.in_order(cycle, deadline):
-            return False
-        waiting[cycle] = deadline
-        if self.timer is None:
-            self.timer = loop.call_at(deadline, self._fire, loop)
-        return True
+        return self.queue(cycle, loop, loop.time() + timeout)
 
     def expire(self, cycle: KeptAlive) -> None:
         cycle._on_timer()  # (its state: _LOOK, the look ends as `non_tls`, or over already)

@@ -366,23 +366,7 @@ class _ConnectDeadlines(FirstDeadlines):
 
     def arm(self, c: Connecting) -> bool:
         """Queue `c`'s deadline (`c._expire` is called once it has come); False: not queued."""
-        loop = c.loop
-        waiting = self.waiting
-        if loop is not self.loop:
-            old = self.loop
-            if waiting and old is not None and not old.is_closed():
-                return False  # another live loop's connects are in flight
-            waiting.clear()  # (a closed loop's: they can never finish)
-            if self.timer is not None and old is not None and not old.is_closed():
-                self.timer.cancel()
-            self.timer, self.loop = None, loop
-        deadline = c.deadline
-        if not self.in_order(c, deadline):
-            return False
-        waiting[c] = deadline
-        if self.timer is None:
-            self.timer = loop.call_at(deadline, self._fire, loop)
-        return True
+        return self.queue(c, c.loop, c.deadline)
 
     def expire(self, c: Connecting) -> None:
         c._expire()
