@@ -4,13 +4,15 @@
     bench/run.py            full run (~10 s per load; 256 MiB download; 1 000 000 log rows)
     bench/run.py --quick    under a minute (2 s loads, 16 MiB, 100 000 rows)
     bench/run.py --quick --smoke
-                            CI-sized: greyproxy only, a Python origin and Python load loops,
-                            no nginx/wrk/peers needed, nothing installed (tests/integration/test_bench_smoke.py)
+                            CI-sized: greyproxy (and the bare uvloop tunnel) only, a Python origin and
+                            Python load loops, no nginx/wrk/peers needed, nothing installed
+                            (tests/integration/test_bench_smoke.py)
 
 It starts an nginx origin on loopback, then each proxy in turn (greyproxy = the whole stack via
 tests/conftest.py's Stack; tinyproxy; mitmdump; proxy.py) and drives the same loads through
-each; then the measures only this project has (approval latency, recorder, GET /api/logs at
-scale, rule decisions via bench/rules_bench.py). It prints one table and writes
+each, and a bare uvloop CONNECT tunnel on the CONNECT loads (harness/bare_tunnel.py: the floor the
+CONNECT download target is judged against, not a peer); then the measures only this project has
+(approval latency, recorder, GET /api/logs at scale, rule decisions via bench/rules_bench.py). It prints one table and writes
 bench/results.md (full) or bench/out/results-<mode>.md, and bench/out/results.json.
 
 Missing tools are installed on demand by bench/setup.sh (apt: nginx wrk tinyproxy curl; pip into
