@@ -334,7 +334,8 @@ def connect_downloads(ps: list[ProxyUnderTest], origin: Any, plan: Plan, runs: i
     so that each meets the same machine (single downloads swing 2× on a busy one); the median each."""
     if not plan.python_loads and not shutil.which("curl"):
         return {p.name: {"na": "not installed: curl"} for p in ps}
-    log(f"  {', '.join(p.name for p in ps)}: CONNECT downloads {plan.big_bytes // MiB} MiB x{runs}, alternating")
+    turns = ", taking turns" if len(ps) > 1 else ""
+    log(f"  {', '.join(p.name for p in ps)}: CONNECT downloads {plan.big_bytes // MiB} MiB x{runs}{turns}")
     got: dict[str, list[dict[str, Any]]] = {p.name: [] for p in ps}
     for _ in range(runs):
         for p in ps:
