@@ -12,8 +12,9 @@ It starts an nginx origin on loopback, then each proxy in turn (greyproxy = the 
 tests/conftest.py's Stack; tinyproxy; mitmdump; proxy.py) and drives the same loads through
 each, and a bare uvloop CONNECT tunnel on the CONNECT loads (harness/bare_tunnel.py: the floor the
 CONNECT download target is judged against, not a peer); then the measures only this project has
-(approval latency, recorder, GET /api/logs at scale, rule decisions via bench/rules_bench.py). It prints one table and writes
-bench/results.md (full) or bench/out/results-<mode>.md, and bench/out/results.json.
+(approval latency, recorder, GET /api/logs at scale, rule decisions via bench/rules_bench.py). It
+prints one table and writes bench/results.md (full) or bench/out/results-<mode>.md, and
+bench/out/results.json.
 
 Missing tools are installed on demand by bench/setup.sh (apt: nginx wrk tinyproxy curl; pip into
 bench/.venv-peers: mitmproxy proxy.py py-spy) unless --no-install; whatever is still missing is
