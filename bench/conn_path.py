@@ -10,8 +10,9 @@ separate process:
   tunnel, close), interception off: every tunnel is looked at (first bytes) and spliced;
 - `tunnels`: the same with interception on: the GET inside the tunnel is read as plain HTTP and recorded;
 - `newconn`: wrk with `Connection: close`, a plain-HTTP request on a new connection each time;
-- `bare`: a 40-line uvloop Protocol tunnel (parse CONNECT, `create_connection`, 200, relay) under
-  the `tunnels-splice` load: the floor for Python on uvloop.
+- `bare`: a 40-line uvloop Protocol tunnel (harness/bare_tunnel.py: parse CONNECT, `create_connection`,
+  200, relay) under the `tunnels-splice` load: the floor for Python on uvloop (`bench/run.py` runs the
+  same tunnel as its own process, the `bare-uvloop` column).
 
 The figure is this process's CPU (user + system, `getrusage`) per tunnel/request: the proxy's own
 work including its syscalls and what the kernel does in them, without the rest of the stack
@@ -40,6 +41,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from harness.bare_tunnel import bare_listener  # noqa: E402
 from harness.loads import lua_absolute, run_tunnelbench, run_wrk, tunnelbench_binary  # noqa: E402
 from harness.origin import NginxOrigin  # noqa: E402
 from harness.procs import stop_all  # noqa: E402
@@ -101,63 +103,6 @@ async def proxy_listener(mitm: bool, tmp: Path) -> asyncio.AbstractServer:
     begin = getattr(http_proxy, "begin_http", None)
     extra = {"begin": begin} if begin is not None else {}
     return await start_listener(proxy_context(mitm, tmp), "127.0.0.1", 0, http_proxy.handle_http, **extra)
-
-
-class BarePipe(asyncio.Protocol):
-    """One side of the bare tunnel: everything read goes to the peer."""
-
-    def __init__(self) -> None:
-        self.peer: asyncio.Transport | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None:
-            self.peer.write(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.peer is not None:
-            self.peer.close()
-            self.peer = None
-
-
-class BareTunnel(BarePipe):
-    """The client side: reads the CONNECT head, connects, answers 200, then relays."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.buf = b""
-        self.up: BarePipe | None = None
-
-    def data_received(self, data: bytes) -> None:
-        if self.peer is not None:
-            self.peer.write(data)
-            return
-        self.buf += data
-        end = self.buf.find(b"\r\n\r\n")
-        if end >= 0 and self.up is None:
-            host, _, port = self.buf.split(b" ", 2)[1].decode().rpartition(":")
-            self.up = BarePipe()
-            asyncio.get_running_loop().create_task(self._connect(host, int(port), self.buf[end + 4 :]))
-
-    async def _connect(self, host: str, port: int, rest: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            t, _ = await loop.create_connection(lambda: self.up, host, port)  # type: ignore[return-value]
-        except OSError:
-            self.transport.close()  # type: ignore[union-attr]
-            return
-        assert self.up is not None and self.transport is not None
-        self.transport.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        if rest:
-            t.write(rest)
-        self.peer, self.up.peer = t, self.transport  # type: ignore[assignment]
-
-
-async def bare_listener() -> asyncio.AbstractServer:
-    return await asyncio.get_running_loop().create_server(BareTunnel, "127.0.0.1", 0, backlog=2048)
 
 
 async def one_round(load: str, origin_port: int, secs: float, tb: str | None, root: Path, profile: Any) -> float:

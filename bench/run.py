@@ -4,14 +4,17 @@
     bench/run.py            full run (~10 s per load; 256 MiB download; 1 000 000 log rows)
     bench/run.py --quick    under a minute (2 s loads, 16 MiB, 100 000 rows)
     bench/run.py --quick --smoke
-                            CI-sized: greyproxy only, a Python origin and Python load loops,
-                            no nginx/wrk/peers needed, nothing installed (tests/integration/test_bench_smoke.py)
+                            CI-sized: greyproxy (and the bare uvloop tunnel) only, a Python origin and
+                            Python load loops, no nginx/wrk/peers needed, nothing installed
+                            (tests/integration/test_bench_smoke.py)
 
 It starts an nginx origin on loopback, then each proxy in turn (greyproxy = the whole stack via
 tests/conftest.py's Stack; tinyproxy; mitmdump; proxy.py) and drives the same loads through
-each; then the measures only this project has (approval latency, recorder, GET /api/logs at
-scale, rule decisions via bench/rules_bench.py). It prints one table and writes
-bench/results.md (full) or bench/out/results-<mode>.md, and bench/out/results.json.
+each, and a bare uvloop CONNECT tunnel on the CONNECT loads (harness/bare_tunnel.py: the floor the
+CONNECT download target is judged against, not a peer); then the measures only this project has
+(approval latency, recorder, GET /api/logs at scale, rule decisions via bench/rules_bench.py). It
+prints one table and writes bench/results.md (full) or bench/out/results-<mode>.md, and
+bench/out/results.json.
 
 Missing tools are installed on demand by bench/setup.sh (apt: nginx wrk tinyproxy curl; pip into
 bench/.venv-peers: mitmproxy proxy.py py-spy) unless --no-install; whatever is still missing is
@@ -48,6 +51,7 @@ from harness.origin import NginxOrigin, PyOrigin, make_tls, nginx_binary, nginx_
 from harness.procs import Managed, cpu_seconds, fd_count, stop_all, system_busy  # noqa: E402
 from harness.proxies import (  # noqa: E402
     PEERS_VENV,
+    BareUvloop,
     GreyProxy,
     Mitmdump,
     ProxyPy,
@@ -79,6 +83,7 @@ class Plan:
     https_seconds: float
     peers: bool
     python_loads: bool  # smoke: Python origin and Python clients instead of nginx/wrk/curl
+    connect_runs: int = 1  # CONNECT downloads each of greyproxy and the bare uvloop tunnel, alternating
 
 
 PLANS = {
@@ -99,10 +104,14 @@ PLANS = {
         10.0,
         True,
         False,
+        5,
     ),
-    "quick": Plan("quick", 2, 0, 20, 16 * MiB, 1, 500, 20, 5_000, 100_000, 20, [100, 10_000], 1_000, 2.0, True, False),
-    "smoke": Plan("smoke", 1, 0, 8, 2 * MiB, 1, 50, 5, 300, 5_000, 5, [100, 10_000], 300, 1.0, False, True),
+    "quick": Plan(
+        "quick", 2, 0, 20, 16 * MiB, 1, 500, 20, 5_000, 100_000, 20, [100, 10_000], 1_000, 2.0, True, False, 3
+    ),
+    "smoke": Plan("smoke", 1, 0, 8, 2 * MiB, 1, 50, 5, 300, 5_000, 5, [100, 10_000], 300, 1.0, False, True, 1),
 }
+CONNECT_ONLY = "a CONNECT-only tunnel (the floor, bench/harness/bare_tunnel.py)"
 
 
 def log(msg: str) -> None:
@@ -213,6 +222,7 @@ def versions(plan: Plan, grey: GreyProxy | None) -> dict[str, str | None]:
     v: dict[str, str | None] = {"python": platform.python_version()}
     g = grey or GreyProxy(Path("/tmp"))
     v["greyproxy"] = g.version()
+    v["uvloop"] = (BareUvloop(Path("/tmp")).version() or "").replace("uvloop ", "") or None
     if not plan.python_loads:
         v["nginx"] = nginx_version()
         v["wrk"] = _word(tool_version(["wrk", "-v"]), 1)
@@ -312,26 +322,50 @@ def http_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: li
     return r
 
 
-def tunnel_loads(p: ProxyUnderTest, origin: Any, plan: Plan, work: Path, notes: list[str]) -> dict[str, Any]:
+def download(p: ProxyUnderTest, origin: Any, plan: Plan, tunnel: bool) -> dict[str, Any]:
+    """One download of the big file through p: CONNECT (tunnel) or an absolute-URI GET."""
+    if plan.python_loads:
+        return loads.py_download(origin.port, p.port, tunnel, plan.big_bytes)
+    limit = max(30.0, plan.big_bytes / 5e6)  # slower than 5 MB/s counts as a failure
+    return loads.curl_download(f"http://127.0.0.1:{origin.port}/big", p.port, tunnel=tunnel, timeout=limit)
+
+
+def connect_downloads(ps: list[ProxyUnderTest], origin: Any, plan: Plan, runs: int) -> dict[str, dict[str, Any]]:
+    """The CONNECT download through each of ps, `runs` times, the proxies taking turns (p1, p2, p1, p2 ...)
+    so that each meets the same machine (single downloads swing 2× on a busy one); the median each."""
+    if not plan.python_loads and not shutil.which("curl"):
+        return {p.name: {"na": "not installed: curl"} for p in ps}
+    turns = ", taking turns" if len(ps) > 1 else ""
+    log(f"  {', '.join(p.name for p in ps)}: CONNECT downloads {plan.big_bytes // MiB} MiB x{runs}{turns}")
+    got: dict[str, list[dict[str, Any]]] = {p.name: [] for p in ps}
+    for _ in range(runs):
+        for p in ps:
+            got[p.name].append(download(p, origin, plan, tunnel=True))
+    return {name: _median_download(x) for name, x in got.items()}
+
+
+def tunnel_loads(
+    p: ProxyUnderTest,
+    origin: Any,
+    plan: Plan,
+    work: Path,
+    notes: list[str],
+    connect: dict[str, Any] | None = None,
+    plain: bool = True,
+) -> dict[str, Any]:
     """CONNECT: tunnel and plain downloads of the big file, idle tunnels' memory, new tunnels per second
-    (last: it opens the most connections)."""
+    (last: it opens the most connections). `connect`: the CONNECT download already taken (alternating
+    with the bare uvloop tunnel's); `plain=False`: a CONNECT-only tunnel, no plain download."""
     r: dict[str, Any] = {}
     port = p.port
-    if plan.python_loads:
-        r["connect_download"] = loads.py_download(origin.port, port, True, plan.big_bytes)
-        r["http_download"] = loads.py_download(origin.port, port, False, plan.big_bytes)
-    elif not shutil.which("curl"):
-        r["connect_download"] = r["http_download"] = {"na": "not installed: curl"}
+    r["connect_download"] = connect or connect_downloads([p], origin, plan, plan.downloads)[p.name]
+    if not plain:
+        r["http_download"] = {"na": CONNECT_ONLY}
+    elif not plan.python_loads and not shutil.which("curl"):
+        r["http_download"] = {"na": "not installed: curl"}
     else:
-        log(f"  {p.name}: downloads {plan.big_bytes // MiB} MiB x{plan.downloads} (CONNECT, plain)")
-        url = f"http://127.0.0.1:{origin.port}/big"
-        limit = max(30.0, plan.big_bytes / 5e6)  # slower than 5 MB/s counts as a failure
-        r["connect_download"] = _median_download(
-            [loads.curl_download(url, port, tunnel=True, timeout=limit) for _ in range(plan.downloads)]
-        )
-        r["http_download"] = _median_download(
-            [loads.curl_download(url, port, tunnel=False, timeout=limit) for _ in range(plan.downloads)]
-        )
+        log(f"  {p.name}: plain downloads {plan.big_bytes // MiB} MiB x{plan.downloads}")
+        r["http_download"] = _median_download([download(p, origin, plan, tunnel=False) for _ in range(plan.downloads)])
     r["idle_tunnels"] = idle_tunnels(p, origin.port, plan.idle_tunnels, 1.0 if plan.mode == "full" else 0.5)
     log(f"  {p.name}: new CONNECT tunnels {plan.duration}s")
     tb, why = (None, "smoke mode") if plan.python_loads else loads.tunnelbench_binary(BENCH / "out" / "bin")
@@ -465,7 +499,14 @@ def method_text(plan: Plan) -> list[str]:
         "http://127.0.0.1:<nginx>/1k` in absolute form to the proxy (new-connection: `Connection: close`). "
         "req/s counts 2xx answers; p50/p99 from wrk's latency histogram.",
         f"- **downloads**: curl, {big} file (`/big`, sparse), median of {plan.downloads}; CONNECT = `curl -p` "
-        "(tunnel), plain = absolute-URI GET. MB = 10^6 bytes. Direct = curl straight to nginx.",
+        "(tunnel), plain = absolute-URI GET. MB = 10^6 bytes. Direct = curl straight to nginx. greyproxy's "
+        f"(workers 1) and the bare uvloop tunnel's CONNECT downloads take turns, {plan.connect_runs} each "
+        "(median), so the CONNECT target's ≥ 90 % compares downloads taken side by side.",
+        "- **bare-uvloop**: `bench/harness/bare_tunnel.py` as its own process (this project's Python and uvloop; "
+        "a CONNECT head parsed, `create_connection`, 200, a relay with flow control; no rules, log, caps or "
+        "timers), started before greyproxy and idle until its rows: its CONNECT downloads alternate with "
+        "greyproxy's; idle tunnels and new tunnels/s (metered like the peers) after the greyproxy stacks "
+        "have stopped. The floor for a Python proxy on uvloop, not a peer: never the best peer.",
         "- **HTTPS intercepted**: nginx TLS listener (throwaway CA); one curl process, `-Z --parallel-max "
         f"{plan.conns}` keep-alive connections through CONNECT, trusting only the proxy's CA (so a success proves "
         "interception); req/s = successes / wall time over ~"
@@ -557,6 +598,21 @@ def run(args: argparse.Namespace) -> int:
             res["direct"] = {"na": "nginx/curl not installed"}
         log(f"direct download: {res['direct'].get('mbps', res['direct'])}")
 
+        # -- the floor: a bare uvloop CONNECT tunnel, its own process, started now so that its CONNECT
+        # downloads alternate with greyproxy's; its other rows are measured after greyproxy's --
+        bare = BareUvloop(work / "bare")
+        res["settings"][bare.name] = bare.settings
+        fres = res["proxies"][bare.name] = {"status": "ok"}
+        floor: BareUvloop | None = None
+        if not (nginx_ok or plan.python_loads):
+            fres["status"] = "n/a: nginx not installed"
+        else:
+            try:
+                bare.start()
+                floor, fres["pid"] = bare, bare.main_pid()
+            except Unavailable as exc:
+                fres["status"] = f"n/a: {exc}"
+
         # -- this project --
         grey = GreyProxy(work / "grey", upstream_ca=tls.ca_pem if tls else None, want_mitm=tls is not None)
         res["settings"]["greyproxy"] = grey.settings
@@ -582,7 +638,11 @@ def run(args: argparse.Namespace) -> int:
                         g["tunnel_mode"] = "mitmEnabled=false (raw tunnels)"
                     pid0 = grey.main_pid()
                     fd0 = fd_count(pid0) if pid0 else None
-                    g.update(tunnel_loads(grey, origin, plan, work, notes))
+                    connect = None
+                    if floor is not None:
+                        both = connect_downloads([grey, floor], origin, plan, plan.connect_runs)
+                        connect, fres["connect_download"] = both[grey.name], both[floor.name]
+                    g.update(tunnel_loads(grey, origin, plan, work, notes, connect))
                     time.sleep(1.0)
                     fd1 = fd_count(pid0) if pid0 else None
                     g["proxy_fds"] = {"before_tunnel_rows": fd0, "after_tunnel_rows": fd1}
@@ -716,6 +776,16 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 gw.stop()
 
+        # -- the floor's own rows (the stacks are stopped, as for the peers) --
+        if floor is not None:
+            log(f"{floor.name}: CONNECT rows")
+            try:
+                for k in ("keepalive", "newconn", "https_intercept"):
+                    fres[k] = {"na": CONNECT_ONLY}
+                fres.update(tunnel_loads(floor, origin, plan, work, notes, fres.get("connect_download"), plain=False))
+            finally:
+                floor.stop()
+
         # -- peers --
         if plan.peers:
             for cls in (Tinyproxy, Mitmdump, ProxyPy):
@@ -795,6 +865,7 @@ def run(args: argparse.Namespace) -> int:
     res["rows"] = report.build_rows(res)
     res["targets"] = report.apply_targets(res["rows"], res)
     res["predictions"] = report.predictions(res)
+    res["floor"] = report.floor(res, res["predictions"])
     details = _details(res) + details
     res["details_md"] = details
     res["method_md"] = method_text(plan)

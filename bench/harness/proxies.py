@@ -225,6 +225,42 @@ class GreyProxy(ProxyUnderTest):
         return status_kb(pid) if pid else None
 
 
+# ----------------------------------------------------------------------------- the floor
+
+
+class BareUvloop(ProxyUnderTest):
+    """harness/bare_tunnel.py as its own process: a CONNECT-only tunnel, no rules, no records. Not a
+    peer (the ratio to the best peer never counts it): the floor a Python proxy on uvloop stands on,
+    for the CONNECT download target (≥ 90 % of it) and beside tinyproxy's CPU per new tunnel."""
+
+    name = "bare-uvloop"
+    settings = (
+        "bench/harness/bare_tunnel.py in its own process (this project's Python, uvloop): reads the CONNECT "
+        "head, `create_connection`, 200, relays with flow control; no rules, no log, no caps, no timers; "
+        "CONNECT only (the plain-HTTP and intercepted rows are n/a)"
+    )
+
+    def start(self) -> None:
+        try:
+            import uvloop  # noqa: F401 - the tunnel's event loop
+        except ImportError:
+            raise Unavailable("not installed: uvloop") from None
+        self.port = free_port()
+        self.proc = Managed(
+            self.name,
+            [sys.executable, str(BENCH / "harness" / "bare_tunnel.py"), "--port", str(self.port)],
+            self.root / "bare-uvloop.out",
+        ).start()
+        self._wait()
+
+    def version(self) -> str | None:
+        try:
+            import uvloop
+        except ImportError:
+            return None
+        return f"uvloop {uvloop.__version__}"
+
+
 # ----------------------------------------------------------------------------- peers
 
 

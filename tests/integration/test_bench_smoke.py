@@ -47,6 +47,9 @@ MEASURED = (
 )
 # Rows present but not measured in smoke mode (n/a with a reason).
 NOT_MEASURED = ("https_rps", "rules_100000_median_us")
+# The bare uvloop tunnel (the floor, its own process) runs in smoke mode too: the CONNECT rows only.
+FLOOR_MEASURED = ("connect_mbps", "tunnels_rps", "idle_rss_mb")
+FLOOR_NA = ("keepalive_rps", "newconn_rps", "http_mbps", "https_rps")
 
 
 @pytest.mark.timeout(90)
@@ -84,6 +87,17 @@ def test_bench_smoke(tmp_path: Path) -> None:
         assert isinstance(value, (int, float)) and value > 0, (key, value, rows[key]["na"])
     for key in NOT_MEASURED:
         assert rows[key]["values"].get("greyproxy") is None and rows[key]["na"].get("greyproxy"), key
+    assert res["proxies"]["bare-uvloop"]["status"] == "ok", res["proxies"]["bare-uvloop"]
+    for key in FLOOR_MEASURED:
+        value = rows[key]["values"].get("bare-uvloop")
+        assert isinstance(value, (int, float)) and value > 0, (key, value, rows[key]["na"])
+    for key in FLOOR_NA:
+        assert "CONNECT-only" in rows[key]["na"]["bare-uvloop"], key
+    # The floor is no peer: with the peers skipped there is no best peer, whatever it measured.
+    assert rows["connect_mbps"]["best_peer"] is None
+    connect = next(t for t in res["targets"] if t["row"] == "connect_mbps")
+    assert "of the bare uvloop tunnel (" in connect["detail"], connect
+    assert "bare uvloop tunnel (n/a" not in connect["detail"], connect
     # The recorder stored every record exactly once.
     rec = res["greyproxy_only"]["recorder"]
     assert rec["loss"] == 0 and rec["duplicates"] == 0 and rec["stored"] == rec["completed"] > 0, rec

@@ -77,3 +77,122 @@ def test_predictions_judge_the_targets_on_predicted_rates(report) -> None:
     assert t4["met"] is False
     lines = "\n".join(report.cpu_markdown(res))
     assert "rate ≈ min( W·10⁶/P" in lines and "| 80 (40 + 40) |" in lines
+
+
+# ----------------------------------------------------------------------------- the bare uvloop tunnel (the floor)
+
+
+def _split(**us: float) -> dict:
+    return {"idle_pct": 0.0, "processes": {k: {"us": v} for k, v in us.items()}}
+
+
+def _res(connect: dict[str, float | None], direct: float | None = 2000.0) -> dict:
+    """A run with only CONNECT download figures (the other rows n/a), as run.py leaves them."""
+    proxies: dict = {}
+    for who, mbps in connect.items():
+        proxies[who] = {"status": "ok", "connect_download": {"mbps": mbps} if mbps is not None else {"na": "not run"}}
+    return {"mode": "full", "proxies": proxies, "greyproxy_only": {}, "direct": {"mbps": direct}}
+
+
+def _connect_target(report, res: dict) -> dict:
+    rows = report.build_rows(res)
+    return next(t for t in report.apply_targets(rows, res) if t["row"] == "connect_mbps")
+
+
+def test_the_floor_is_a_column_beside_the_peers_but_never_the_best_peer(report) -> None:
+    res = _res({"greyproxy": 1000.0, "bare-uvloop": 5000.0, "tinyproxy": 400.0, "mitmdump": 450.0})
+    res["proxies"]["greyproxy-w2"] = {"status": "ok"}
+    assert report.columns(res) == ("greyproxy", "greyproxy-w2", "bare-uvloop", "tinyproxy", "mitmdump", "proxy.py")
+    row = next(r for r in report.build_rows(res) if r["key"] == "connect_mbps")
+    assert row["values"]["bare-uvloop"] == 5000.0
+    # the best *peer* is mitmdump (450), not the floor's 5 000
+    assert row["best_peer"] == "mitmdump" and row["ratio_to_best_peer"] == pytest.approx(1000 / 450)
+    text = report.text_table({**res, "rows": [row]})
+    assert "bare-uvloop" in text.splitlines()[0] and "2.22× mitmdump" in text
+
+
+@pytest.mark.parametrize(
+    ("grey", "tiny", "bare", "met"),
+    [
+        (1000.0, 400.0, 1050.0, True),  # 2.5× tinyproxy, 95 % of the floor
+        (1000.0, 400.0, 1111.2, False),  # 2.5× tinyproxy but 89.99 % of the floor
+        (1000.0, 501.0, 1000.0, False),  # 100 % of the floor but 1.996× tinyproxy
+        (1000.0, 400.0, None, None),  # no floor: cannot judge the second condition
+        (1000.0, 600.0, None, False),  # ... unless the first already fails
+        (1000.0, None, 1000.0, None),  # no tinyproxy
+    ],
+)
+def test_connect_target_needs_2x_tinyproxy_and_90_percent_of_the_floor(report, grey, tiny, bare, met) -> None:
+    t = _connect_target(report, _res({"greyproxy": grey, "tinyproxy": tiny, "bare-uvloop": bare}))
+    assert t["target"] == "≥ 2× tinyproxy and ≥ 90% of a bare uvloop tunnel"
+    assert t["met"] is met
+
+
+def test_connect_target_keeps_the_share_of_direct_as_information(report) -> None:
+    # 40 % of a direct download: once a failure of the old "≥ 50% of direct", now only told
+    t = _connect_target(report, _res({"greyproxy": 1000.0, "tinyproxy": 400.0, "bare-uvloop": 1050.0}, 2500.0))
+    assert t["met"] is True
+    assert t["detail"] == (
+        "1 000 MB/s = 2.50× tinyproxy (400 MB/s) and 95% of the bare uvloop tunnel (1 050 MB/s); "
+        "40% of a direct download (2 500 MB/s)"
+    )
+
+
+def _tunnels(p: float, L: float, user: float | None = None, **more: float) -> dict:  # noqa: N803 - L as in the doc
+    split = _split(proxy=p, origin=L / 2, client=L / 2, **more)
+    if user is not None:
+        split["processes"]["proxy"].update(user_us=user, system_us=p - user)
+    return {"status": "ok", "tunnels": {"rps": 1000.0, "cpu": split}}
+
+
+def test_floor_sits_beside_tinyproxy_in_the_cpu_tables_and_is_no_peer(report) -> None:
+    res = {
+        "proxies": {
+            "greyproxy": _tunnels(120.0, 70.0, recorder=10.0, bus=1.0),
+            "bare-uvloop": _tunnels(93.0, 70.0, user=30.0),
+            "tinyproxy": _tunnels(83.0, 70.0),
+        }
+    }
+    pred = report.predictions(res)["tunnels"]
+    # W = C for the floor (once per core): min(4e6/93, 4e6/163) = the cores
+    assert pred["columns"]["bare-uvloop"]["rate"][4] == pytest.approx(4e6 / 163)
+    # the target compares greyproxy with tinyproxy, never with the floor
+    assert pred["targets"][4]["want"] == pytest.approx(4e6 / 153)
+    lines = report.cpu_markdown(res)
+    rows = [x for x in lines if x.startswith("| new tunnels |")]
+    assert [x.split(" | ")[1] for x in rows[:3]] == ["greyproxy", "bare-uvloop", "tinyproxy"]
+    assert any(x.startswith("| new tunnels | bare-uvloop | 93.0 | — | — | 70.0 | 24 540 |") for x in lines), lines
+
+
+def test_floor_line_says_what_the_floor_means_for_new_tunnels(report) -> None:
+    res = {
+        "proxies": {
+            "greyproxy": _tunnels(134.9, 70.0, recorder=10.0),
+            "bare-uvloop": _tunnels(92.6, 70.0, user=29.4),
+            "tinyproxy": _tunnels(83.0, 70.0),
+        }
+    }
+    f = report.floor(res)
+    assert f["floor_us"] == pytest.approx(92.6) and f["tinyproxy_us"] == 83.0 and f["grey_us"] == pytest.approx(134.9)
+    assert f["floor_over_tinyproxy"] == pytest.approx(92.6 / 83.0)
+    line = report.floor_line(f)
+    assert "spent 92.6 µs of CPU per new tunnel (user 29.4, system 63.2), tinyproxy 83.0: 1.12×" in line
+    # predicted on 4 cores: 4e6/162.6 = 24 600 vs 4e6/153 = 26 144, 94 %
+    assert "predicted on 4 cores 24 600 vs 26 144" in line
+    assert "The floor alone costs more than tinyproxy" in line and "94% of tinyproxy's predicted rate" in line
+    assert "greyproxy spent 135 µs, 42.3 above the floor." in line
+    assert line in report.cpu_markdown(res)
+
+    # a floor below tinyproxy leaves room: how much, and whether greyproxy is within it
+    res["proxies"]["bare-uvloop"] = _tunnels(60.0, 70.0, user=20.0)
+    line = report.floor_line(report.floor(res))
+    assert "The floor leaves 23.0 µs per tunnel for what a proxy adds to it" in line
+    assert "greyproxy spent 135 µs, 74.9 above the floor, 51.9 µs more than the target allows." in line
+    res["proxies"]["greyproxy"] = _tunnels(80.0, 70.0)
+    assert report.floor_line(report.floor(res)).endswith("greyproxy spent 80.0 µs, 20.0 above the floor: within it.")
+    res["proxies"]["greyproxy"] = _tunnels(58.9, 70.0)
+    assert "greyproxy spent 58.9 µs, 1.10 below (a noisy run" in report.floor_line(report.floor(res))
+
+    # without tinyproxy (or without the floor) there is no line
+    del res["proxies"]["tinyproxy"]
+    assert report.floor(res) is None and report.floor_line(None) == ""
