@@ -231,6 +231,15 @@ def apply_targets(rows: list[dict[str, Any]], res: dict[str, Any]) -> list[dict[
         f"{_fmt(g)} MB/s = {_share(g, t, 'x')} tinyproxy ({_fmt(t)} MB/s) and {_share(g, b)} of the bare "
         f"uvloop tunnel ({_fmt(b)} MB/s); {_share(g, direct)} of a direct download ({_fmt(direct)} MB/s)",
     )
+    # The measured rate; the floor's (a bare uvloop tunnel, same run) says how much of the gap any
+    # proxy on uvloop has to carry.
+    g, t, b = val("tunnels_rps"), val("tunnels_rps", "tinyproxy"), val("tunnels_rps", FLOOR)
+    target(
+        "tunnels_rps",
+        "≥ tinyproxy",
+        None if g is None or t is None else g >= t,
+        f"{_fmt(g)} vs {_fmt(t)} (the bare uvloop tunnel: {_fmt(b)})",
+    )
     g, m = val("https_rps"), val("https_rps", "mitmdump")
     target("https_rps", "≥ 5× mitmdump", None if g is None or m is None else g >= 5 * m, f"{_fmt(g)} vs 5 × {_fmt(m)}")
     g = val("approval_p99_ms")

@@ -196,3 +196,18 @@ def test_floor_line_says_what_the_floor_means_for_new_tunnels(report) -> None:
     # without tinyproxy (or without the floor) there is no line
     del res["proxies"]["tinyproxy"]
     assert report.floor(res) is None and report.floor_line(None) == ""
+
+
+@pytest.mark.parametrize(
+    ("grey", "tiny", "met"), [(12000.0, 11765.0, True), (7673.0, 11765.0, False), (7673.0, None, None)]
+)
+def test_new_tunnels_are_judged_on_the_measured_rate_against_tinyproxy(report, grey, tiny, met) -> None:
+    """Issue 18 lists "new tunnels/s ≥ tinyproxy" among the targets: the measured row is judged (not only
+    the predicted rates), and its text gives the bare uvloop tunnel's rate of the same run."""
+    res = _res({})
+    for who, rps in (("greyproxy", grey), ("tinyproxy", tiny), ("bare-uvloop", 9342.0)):
+        res["proxies"][who] = {"status": "ok", "tunnels": {"rps": rps} if rps is not None else {"na": "not run"}}
+    rows = report.build_rows(res)
+    t = next(t for t in report.apply_targets(rows, res) if t["row"] == "tunnels_rps")
+    assert t["target"] == "≥ tinyproxy" and t["met"] is met
+    assert t["detail"].endswith("(the bare uvloop tunnel: 9 342)"), t["detail"]
