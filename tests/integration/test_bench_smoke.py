@@ -113,7 +113,7 @@ def test_bench_smoke(tmp_path: Path) -> None:
     for name, figures in res["greyproxy_only"]["logs_api"]["container"].items():
         assert figures["errors"] == 0 and figures["calls"] > 0, (name, figures)
     # Every target is listed, judged where it can be.
-    assert len(res["targets"]) == 9  # the eighth and ninth: GET /api/logs, without and with ?container=
+    assert len(res["targets"]) == 10  # with new tunnels/s (measured) and GET /api/logs, without and with ?container=
     assert {t["row"] for t in res["targets"]} <= set(rows)
 
     assert (out / "results-smoke.md").read_text().startswith("# Benchmark results")
