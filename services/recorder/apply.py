@@ -21,13 +21,13 @@ from typing import Any
 
 from bus import records as kinds
 from bus import topics
+from bus.journal import Record, id_text
 from greyproxy.shapes import log_json, pending_json
 from greyproxy.store import dns_cache, identities, journal_applied, logs, pending, rules
 
 log = logging.getLogger("greyproxy.recorder")
 
 Event = tuple[str, Any]
-Record = tuple[str, str, Any]  # (record id, kind, data)
 
 LOG_COLUMNS = logs.FIELDS
 _L_TS, _L_CID = LOG_COLUMNS.index("timestamp"), LOG_COLUMNS.index("container_id")
@@ -411,7 +411,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
     for rid, kind, data in records:
         fn = APPLIERS.get(kind)
         if fn is None:
-            log.warning("journal: unknown record kind %r (id %s) skipped", kind, rid)
+            log.warning("journal: unknown record kind %r (id %s) skipped", kind, id_text(rid))
             continue
         try:
             cur.execute("SAVEPOINT rec")
@@ -421,7 +421,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
             # A malformed record must not block the ones behind it: drop it, keep it marked applied.
             cur.execute("ROLLBACK TO rec")
             cur.execute("RELEASE rec")
-            log.warning("journal: bad %s record %s dropped: %s", kind, rid, exc)
+            log.warning("journal: bad %s record %s dropped: %s", kind, id_text(rid), exc)
 
 
 _ID_CHUNK = 500  # bound parameters per "already applied?" query
@@ -454,11 +454,9 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     if cur.execute(journal_applied.ANY_LEGACY).fetchone() is not None:
         # Ids applied by a recorder from before migration 10 (a resend across the upgrade).
         for i in range(0, len(records), _ID_CHUNK):
-            ids = [r[0] for r in records[i : i + _ID_CHUNK]]
+            ids = [id_text(r[0]) for r in records[i : i + _ID_CHUNK]]
             old = {row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids)}
-            applied.update(
-                key for rec, key in zip(records[i : i + _ID_CHUNK], keys[i : i + _ID_CHUNK]) if rec[0] in old
-            )
+            applied.update(key for text, key in zip(ids, keys[i : i + _ID_CHUNK]) if text in old)
     fresh: list[Record] = []
     if not applied and sum(map(len, by_writer.values())) == sum(len(set(s)) for s in by_writer.values()):
         fresh = records  # the usual batch: all new, no id twice
@@ -488,8 +486,9 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     return fresh
 
 
-def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]], lazy: bool = False) -> list[Event]:
-    """Apply a batch in one transaction; a record id already applied is skipped. The log records
+def apply_records(conn: sqlite3.Connection, records: list[Record], lazy: bool = False) -> list[Event]:
+    """Apply a batch in one transaction; a record id already applied is skipped (an id is a
+    (writer, sequence) pair or its text, bus/journal.py: either names the same record). The log records
     (the bulk of the journal) go in together with one executemany, after the other kinds, each
     kind in its own order (log rows depend on no other record, and no other record on them).
     The events to publish come back with their payloads built, or with `lazy` some of them as
