@@ -52,7 +52,7 @@ def writer_seq(record_id: str) -> tuple[str, int]:
     return (m[1], int(m[2], 16)) if m is not None else (record_id, 0)
 
 
-_sep, _hex, _writer, _seq = itemgetter(1), itemgetter(2), itemgetter(0), itemgetter(1)
+_sep, _hex, _writer = itemgetter(1), itemgetter(2), itemgetter(0)
 
 
 def _pair(record_id: Any) -> tuple[str, int]:
@@ -70,15 +70,7 @@ def consecutive(record_ids: list[Any]) -> tuple[str, int] | None:
         return None
     first = record_ids[0]
     if type(first) is tuple:
-        writer, seq = first
-        n = len(record_ids)
-        # every id a pair of that writer (compared by identity first: one batch's ids share its object),
-        # their sequence numbers seq, seq + 1, ... (compared as lists: the loops in C)
-        if type(record_ids[n - 1]) is not tuple or list(map(_writer, record_ids)).count(writer) != n:
-            return None
-        if type(seq) is not int or list(map(_seq, record_ids)) != list(range(seq, seq + n)):
-            return None
-        return writer, seq
+        return _consecutive_pairs(record_ids)
     if type(first) is not str:
         return None
     writer, seq = writer_seq(first)
@@ -88,6 +80,30 @@ def consecutive(record_ids: list[Any]) -> tuple[str, int] | None:
     if [f"{prefix}{s:x}" for s in range(seq, seq + len(record_ids))] != record_ids:
         return None
     return writer, seq
+
+
+def _consecutive_pairs(record_ids: list[Any]) -> tuple[str, int] | None:
+    """`consecutive` of (writer, sequence) pairs: one loop, the sequence numbers C integers when
+    compiled (journal_applied.pxd); a number past them (not one a writer makes) is no run."""
+    writer, first = record_ids[0]
+    if type(first) is not int:
+        return None
+    try:
+        expect = first
+        for rid in record_ids:
+            if type(rid) is not tuple or len(rid) != 2:
+                return None
+            w, seq = rid
+            if type(seq) is not int:
+                return None
+            s = seq
+            # (one batch's ids share its writer object: identity first)
+            if s != expect or (w is not writer and w != writer):
+                return None
+            expect += 1
+    except OverflowError:
+        return None
+    return writer, first
 
 
 def writer_seqs(record_ids: list[Any]) -> list[tuple[str, int]]:

@@ -107,18 +107,20 @@ assert kinds.LOG_FIELDS[:_N_LOG] == LOG_COLUMNS  # shape 2 starts with the colum
 _L_SUMMARY = kinds.LOG_FIELDS.index("rule_summary")
 
 
-def _log_params(data: list[Any] | dict[str, Any], now: float) -> tuple:
+def _log_params(data: list[Any] | dict[str, Any], now: float) -> tuple | list:
     """A `log` record's values in LOG_COLUMNS order, as stored: from an array (shape 2, bus/records.py
-    LOG_FIELDS; a shorter one leaves the rest null, a longer one is refused) or an object (shape 1)."""
+    LOG_FIELDS; a shorter one leaves the rest null, a longer one is refused) or an object (shape 1).
+    A whole array is its own values (the `rule_summary` after the columns is not stored: insert_run
+    is told how many columns a row has), not copied."""
     if type(data) is list:
         n = len(data)
         if n > len(kinds.LOG_FIELDS):
             raise ValueError(f"a log record of {n} fields (at most {len(kinds.LOG_FIELDS)})")
-        params = tuple(data[:_N_LOG]) if n >= _N_LOG else (*data, *(None,) * (_N_LOG - n))
+        params = data if n >= _N_LOG else (*data, *(None,) * (_N_LOG - n))
     else:
         params = tuple(map(data.get, LOG_COLUMNS))  # type: ignore[union-attr]
     if params[_L_TS] is None or params[_L_CID] is None:
-        fixed = list(params)
+        fixed = list(params[:_N_LOG])
         fixed[_L_TS] = now if fixed[_L_TS] is None else fixed[_L_TS]
         fixed[_L_CID] = fixed[_L_CID] or ""
         params = tuple(fixed)
@@ -131,7 +133,7 @@ def _log_payload(row: Row, data: list[Any] | dict[str, Any]) -> dict[str, Any]:
     return log_json(row.as_dict(), data.get("rule_summary"))  # type: ignore[union-attr]
 
 
-def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
+def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple | list]) -> None:
     """log_counts for inserted log rows (migration 10: kept here, one upsert per container and result)."""
     if not params:
         return
@@ -155,6 +157,8 @@ def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
 
 def _apply_log(cur: sqlite3.Cursor, data: list[Any] | dict[str, Any], events: list[Event]) -> None:
     params = _log_params(data, time.time())
+    if len(params) > _N_LOG:
+        params = params[:_N_LOG]
     cur.execute(logs.INSERT, params)
     _add_log_counts(cur, [params])
     events.append((topics.LOG_NEW, Deferred(_log_payload, Row(LOG_COLUMNS, params, cur.lastrowid), data)))
@@ -247,7 +251,7 @@ def apply_run(
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order;
+    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order (any past them not stored);
     `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
     published after the commit with the payload `payload(row, data)`, deferred (built only if
     someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
@@ -260,7 +264,7 @@ def apply_run(
         return
     cur.execute("SAVEPOINT run")
     try:
-        ids = insert_run(cur, table, sql, params)
+        ids = insert_run(cur, table, sql, params, len(cols))
         if after is not None:
             after(cur, params)
         cur.execute("RELEASE run")
@@ -280,14 +284,18 @@ def apply_run(
 MULTI_ROWS = (32, 16, 8, 4, 2, 1)
 
 
-def _shared(rows: list) -> tuple[int, ...]:
-    """The columns whose value is the same in every one of `rows` (value lists of one length): equal
-    and of one type (1, 1.0 and True are equal in Python, not as stored in every column), a float
-    only when not zero (0.0 == -0.0)."""
+def _shared(rows: list, ncols: int = 0) -> tuple[int, ...]:
+    """The columns (of the first `ncols`: all when 0) whose value is the same in every one of `rows`
+    (value lists): equal and of one type (1, 1.0 and True are equal in Python, not as stored in
+    every column), a float only when not zero (0.0 == -0.0)."""
     n = len(rows)
     out = []
     c = 0
+    if not ncols:
+        ncols = len(rows[0])
     for col in zip(*rows):  # the columns, transposed in C
+        if c == ncols:
+            break
         v = col[0]
         last = col[n - 1]
         if (last is v or last == v) and col.count(v) == n:  # (most varying columns fail the first test)
@@ -353,10 +361,12 @@ _SHAPES: dict[tuple, Shape] = {}
 MAX_SHAPES = 64  # statements kept (sqlite3 keeps its 128 most recent compiled)
 
 
-def shape_of(sql: str, rows: list) -> Shape:
-    """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`)."""
-    ncols = len(rows[0])
-    shared = _shared(rows) if len(rows) > 1 else tuple(range(ncols))
+def shape_of(sql: str, rows: list, ncols: int = 0) -> Shape:
+    """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`) of `ncols`
+    columns (0: as many as the first row has values; a row may hold more, not stored)."""
+    if not ncols:
+        ncols = len(rows[0])
+    shared = _shared(rows, ncols) if len(rows) > 1 else tuple(range(ncols))
     first = rows[0]
     nulls = tuple([c for c in shared if first[c] is None])
     key = (sql, len(rows), shared, nulls)
@@ -368,10 +378,10 @@ def shape_of(sql: str, rows: list) -> Shape:
     return shape
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[int]:
+def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list, ncols: int = 0) -> list[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
-    in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
-    next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
+    in order (`ncols`: the columns of `sql`, when a row holds values past them, not stored). This
+    is the only writer inside its IMMEDIATE transaction, so they are the sequence's next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
     Rows go in statements of MULTI_ROWS rows, each a Shape: the columns equal in all its rows bound
     once."""
     row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
@@ -380,7 +390,7 @@ def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[
     for size in MULTI_ROWS:
         while total - i >= size:
             rows = params[i : i + size]
-            shape = shape_of(sql, rows)
+            shape = shape_of(sql, rows, ncols)
             cur.execute(shape.sql, shape.values(rows))
             i += size
     if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
