@@ -287,24 +287,28 @@ MULTI_ROWS = (32, 16, 8, 4, 2, 1)
 def _shared(rows: list, ncols: int = 0) -> tuple[int, ...]:
     """The columns (of the first `ncols`: all when 0) whose value is the same in every one of `rows`
     (value lists): equal and of one type (1, 1.0 and True are equal in Python, not as stored in
-    every column), a float only when not zero (0.0 == -0.0)."""
+    every column), a float only when not zero (0.0 == -0.0). A column is looked at down the rows
+    only when its first and last values agree (most varying columns fail that)."""
     n = len(rows)
     out = []
-    c = 0
     if not ncols:
         ncols = len(rows[0])
-    for col in zip(*rows):  # the columns, transposed in C
-        if c == ncols:
-            break
-        v = col[0]
-        last = col[n - 1]
-        if (last is v or last == v) and col.count(v) == n:  # (most varying columns fail the first test)
-            t = type(v)
-            if t is str or t is bytes or v is None:  # equal only to its own kind
-                out.append(c)
-            elif (t is int or (t is float and v != 0.0)) and list(map(type, col)).count(t) == n:
-                out.append(c)
-        c += 1
+    first = rows[0]
+    last = rows[n - 1]
+    for c in range(ncols):
+        v = first[c]
+        w = last[c]
+        if not (w is v or w == v):
+            continue
+        t = type(v)
+        if not (t is str or t is bytes or v is None or t is int or (t is float and v != 0.0)):
+            continue
+        for row in rows:
+            x = row[c]
+            if x is not v and (type(x) is not t or x != v):
+                break
+        else:
+            out.append(c)
     return tuple(out)
 
 
