@@ -234,7 +234,15 @@ def register(kind: str, fn, run_fn=None) -> None:
         RUN_APPLIERS[kind] = run_fn
 
 
-_RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+# (ProgrammingError: a value sqlite3 cannot bind, say an object where a log record has text)
+_RUN_ERRORS = (
+    TypeError,
+    ValueError,
+    OverflowError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+)
 _RECORD_ERRORS = (AttributeError, KeyError, *_RUN_ERRORS)  # a record applied alone
 
 
@@ -251,10 +259,13 @@ def apply_run(
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order (any past them not stored);
-    `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
-    published after the commit with the payload `payload(row, data)`, deferred (built only if
-    someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
+    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order
+    (any past them not stored); `after(cur, values)` runs with the rows (derived tables). Each row's
+    event on `topic` is published after the commit with the payload `payload(row, data)`, deferred
+    (built only if someone wants it: the run's events are one `Rows` entry). A record that cannot be
+    built is applied alone (dropped if bad) before any row of the run is written. A row SQLite refuses:
+    at first (`apply_records`' fast pass) the batch's whole transaction is undone (`_Redo`), then in the
+    careful pass the run is written in a savepoint, undone and applied one record at a time, so only
     the bad one is dropped."""
     try:
         now = time.time()
@@ -262,18 +273,43 @@ def apply_run(
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
         _apply_each(cur, run, events)
         return
-    cur.execute("SAVEPOINT run")
-    try:
-        ids = insert_run(cur, table, sql, params, len(cols))
-        if after is not None:
-            after(cur, params)
-        cur.execute("RELEASE run")
-    except _RUN_ERRORS:
-        cur.execute("ROLLBACK TO run")
-        cur.execute("RELEASE run")
-        _apply_each(cur, run, events)
-        return
+    if not _pass.careful:
+        try:
+            ids = insert_run(cur, table, sql, params, len(cols), fast=True)
+            if after is not None:
+                after(cur, params)
+        except _RUN_ERRORS as exc:
+            raise _Redo() from exc
+    else:
+        cur.execute("SAVEPOINT run")
+        try:
+            ids = insert_run(cur, table, sql, params, len(cols))
+            if after is not None:
+                after(cur, params)
+            cur.execute("RELEASE run")
+        except _RUN_ERRORS:
+            cur.execute("ROLLBACK TO run")
+            cur.execute("RELEASE run")
+            _apply_each(cur, run, events)
+            return
     events.append((topic, Rows(payload, cols, params, ids, [rec[2] for rec in run])))
+
+
+class _Redo(Exception):
+    """The fast pass met a row SQLite refused (or could not bind): the batch's transaction is undone
+    (by SQLite itself for a refused row: INSERT OR ROLLBACK) and the batch applied again, carefully."""
+
+
+class _Pass:
+    """Which pass `apply_records` is in (it runs on the recorder's one writer thread)."""
+
+    __slots__ = ("careful",)
+
+    def __init__(self) -> None:
+        self.careful = False
+
+
+_pass = _Pass()
 
 
 # Rows per INSERT statement: one statement of many rows costs SQLite much less per row than as many
@@ -365,36 +401,43 @@ _SHAPES: dict[tuple, Shape] = {}
 MAX_SHAPES = 64  # statements kept (sqlite3 keeps its 128 most recent compiled)
 
 
-def shape_of(sql: str, rows: list, ncols: int = 0) -> Shape:
+def shape_of(sql: str, rows: list, ncols: int = 0, fast: bool = False) -> Shape:
     """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`) of `ncols`
-    columns (0: as many as the first row has values; a row may hold more, not stored)."""
+    columns (0: as many as the first row has values; a row may hold more, not stored); `fast`: as an
+    INSERT OR ROLLBACK (insert_run)."""
     if not ncols:
         ncols = len(rows[0])
     shared = _shared(rows, ncols) if len(rows) > 1 else tuple(range(ncols))
     first = rows[0]
     nulls = tuple([c for c in shared if first[c] is None])
-    key = (sql, len(rows), shared, nulls)
+    key = (sql, len(rows), shared, nulls, fast)
     shape = _SHAPES.get(key)
     if shape is None:
         if len(_SHAPES) >= MAX_SHAPES:
             _SHAPES.clear()  # traffic that keeps changing shape: start over (statements recompiled)
-        shape = _SHAPES[key] = Shape(sql.partition(" VALUES ")[0], ncols, len(rows), shared, nulls)
+        head = sql.partition(" VALUES ")[0]
+        if fast:
+            head = head.replace("INSERT INTO ", "INSERT OR ROLLBACK INTO ", 1)
+        shape = _SHAPES[key] = Shape(head, ncols, len(rows), shared, nulls)
     return shape
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list, ncols: int = 0) -> list[int]:
+def insert_run(
+    cur: sqlite3.Cursor, table: str, sql: str, params: list, ncols: int = 0, fast: bool = False
+) -> list[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
     in order (`ncols`: the columns of `sql`, when a row holds values past them, not stored). This
     is the only writer inside its IMMEDIATE transaction, so they are the sequence's next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
     Rows go in statements of MULTI_ROWS rows, each a Shape: the columns equal in all its rows bound
-    once."""
+    once. `fast`: the statements are INSERT OR ROLLBACK (a refused row undoes the whole transaction,
+    so SQLite keeps no statement journal: every page a statement changes copied aside first)."""
     row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     base = int(row[0]) if row else 0
     i, total = 0, len(params)
     for size in MULTI_ROWS:
         while total - i >= size:
             rows = params[i : i + size]
-            shape = shape_of(sql, rows, ncols)
+            shape = shape_of(sql, rows, ncols, fast)
             cur.execute(shape.sql, shape.values(rows))
             i += size
     if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
@@ -506,23 +549,46 @@ def apply_records(conn: sqlite3.Connection, records: list[Record], lazy: bool = 
     (the bulk of the journal) go in together with one executemany, after the other kinds, each
     kind in its own order (log rows depend on no other record, and no other record on them).
     The events to publish come back with their payloads built, or with `lazy` some of them as
-    `Deferred` ones, for the publisher to build only if someone subscribes to their topic."""
-    events: list[Event] = []
+    `Deferred` ones, for the publisher to build only if someone subscribes to their topic.
+    A run's rows go in without a savepoint first; a row SQLite refuses there undoes the whole
+    transaction and the batch is applied again with one per run (apply_run), dropping only the bad
+    record: SQLite copies every page a savepoint's statements change aside (a tenth of a logged
+    request's cost), for the rare batch that needs it."""
     now = time.time()
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
     try:
-        fresh = _fresh(cur, records, now)
-        log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
-        log_recs = [rec for rec in fresh if rec[1] == log_kind]
-        if len(log_recs) < len(fresh):
-            _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
-        if len(log_recs) > 1:
-            _apply_log_run(cur, log_recs, events)
-        else:
-            _apply_each(cur, log_recs, events)
+        try:
+            events = _apply_fresh(cur, records, now)
+        except _Redo as exc:
+            # A row refused in the fast pass: everything again, each run in a savepoint (apply_run).
+            log.info("journal: a batch of %d records applied again, carefully: %s", len(records), exc.__cause__)
+            if conn.in_transaction:
+                cur.execute("ROLLBACK")
+            cur.execute("BEGIN IMMEDIATE")
+            _pass.careful = True
+            try:
+                events = _apply_fresh(cur, records, now)
+            finally:
+                _pass.careful = False
         cur.execute("COMMIT")
     except BaseException:
-        cur.execute("ROLLBACK")
+        if conn.in_transaction:
+            cur.execute("ROLLBACK")
         raise
     return events if lazy else materialize(events)
+
+
+def _apply_fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Event]:
+    """`apply_records`' work inside its transaction: the records not applied before, applied."""
+    events: list[Event] = []
+    fresh = _fresh(cur, records, now)
+    log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
+    log_recs = [rec for rec in fresh if rec[1] == log_kind]
+    if len(log_recs) < len(fresh):
+        _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
+    if len(log_recs) > 1:
+        _apply_log_run(cur, log_recs, events)
+    else:
+        _apply_each(cur, log_recs, events)
+    return events

@@ -237,3 +237,43 @@ def test_the_consumer_refuses_a_malformed_batch_logs_it_and_goes_on(caplog) -> N
     assert any(
         "refusing a malformed batch" in r.getMessage() and "record 0 is not" in r.getMessage() for r in caplog.records
     )
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{35: "null"}, {5: "null", 36: "null"}, {29: "unbindable"}, {17: "null", 29: "unbindable"}],
+    ids=["second-statement", "both-statements", "unbindable", "null-and-unbindable"],
+)
+def test_rows_sqlite_refuses_mid_run_are_dropped_alone(tmp_path: Path, caplog, bad: dict[int, str]) -> None:
+    """The fast pass writes runs without savepoints (INSERT OR ROLLBACK): a row SQLite refuses undoes
+    the batch, applied again carefully; only the bad records are dropped, each of the others stored once
+    (40 log rows: statements of 32 and 8)."""
+    w = JournalWriter("ipc:///nonexistent", batch_size=1000)
+    for i in range(40):
+        container = None if bad.get(i) == "null" else "c"  # logs.container_name is NOT NULL
+        reason = {"not": "text"} if bad.get(i) == "unbindable" else f"r{i}"
+        w.append(records.LOG, records.log_values(container, "h", 80, "GET", records.ALLOWED, reason=reason))  # type: ignore[arg-type]
+        if i % 10 == 0:
+            rec = {"timestamp": 1.0, "container_name": "c", "destination_host": "h", "destination_port": 80}
+            rec.update(method="GET", url=f"http://h/{i}", request_headers={}, response_headers={})
+            w.append(records.TRANSACTION, records.transaction_values(rec))
+    _bid, recs = decode_batch(_sent(w))
+    db = open_database(tmp_path / "g.db")
+    try:
+        conn = db.connection()
+        with caplog.at_level(logging.INFO, "greyproxy.recorder"):
+            events = apply_records(conn, recs)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("applied again, carefully" in m for m in messages)
+        assert sum("dropped" in m for m in messages) == len(bad)
+        reasons = [r[0] for r in conn.execute("SELECT reason FROM logs ORDER BY id")]
+        assert reasons == [f"r{i}" for i in range(40) if i not in bad]
+        assert conn.execute("SELECT url FROM http_transactions ORDER BY id").fetchall() == [
+            (f"http://h/{i}",) for i in range(0, 40, 10)
+        ]
+        assert conn.execute("SELECT SUM(n) FROM log_counts").fetchone()[0] == 40 - len(bad)
+        assert len([e for e in events if e[0] == "log.new"]) == 40 - len(bad)
+        assert apply_records(conn, recs) == []  # all marked applied, the dropped ones too
+        assert conn.execute("SELECT COUNT(*) FROM logs").fetchone()[0] == 40 - len(bad)
+    finally:
+        db.close()
