@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
@@ -76,7 +76,7 @@ class Rows:
     __slots__ = ("fn", "cols", "params", "ids", "datas")
 
     def __init__(
-        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: list[int], datas: list
+        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: Sequence[int], datas: list
     ) -> None:
         self.fn, self.cols, self.params, self.ids, self.datas = fn, cols, params, ids, datas
 
@@ -424,7 +424,7 @@ def shape_of(sql: str, rows: list, ncols: int = 0, fast: bool = False) -> Shape:
 
 def insert_run(
     cur: sqlite3.Cursor, table: str, sql: str, params: list, ncols: int = 0, fast: bool = False
-) -> list[int]:
+) -> Sequence[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
     in order (`ncols`: the columns of `sql`, when a row holds values past them, not stored). This
     is the only writer inside its IMMEDIATE transaction, so they are the sequence's next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
@@ -441,7 +441,7 @@ def insert_run(
             cur.execute(shape.sql, shape.values(rows))
             i += size
     if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
-        return list(range(base + 1, base + total + 1))
+        return range(base + 1, base + total + 1)  # (not a list: no int object per row until one is read)
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
 
 
@@ -450,8 +450,12 @@ def _apply_others(cur: sqlite3.Cursor, records: list[Record], events: list[Event
     singles: list[Record] = []
     runs: dict[str, list[Record]] = {}
     for rec in records:
-        if rec[1] in RUN_APPLIERS:
-            runs.setdefault(rec[1], []).append(rec)
+        kind = rec[1]
+        run = runs.get(kind)
+        if run is not None:
+            run.append(rec)
+        elif kind in RUN_APPLIERS:
+            runs[kind] = [rec]
         else:
             singles.append(rec)
     if singles:
