@@ -96,13 +96,16 @@ def decode_batch(body: bytes) -> tuple[int, list[Record]]:
     out: list[Record] = []
     i = 0
     for r in recs:
-        if type(r) is not list or len(r) != 3 or type(r[1]) is not str:
+        if type(r) is not list:
             raise MalformedBatch(f"record {i} is not [id, kind, data]")
-        rid = r[0]
+        rec = r  # (a list: indexed directly when compiled, journal.pxd)
+        if len(rec) != 3 or type(rec[1]) is not str:
+            raise MalformedBatch(f"record {i} is not [id, kind, data]")
+        rid = rec[0]
         if type(rid) is int and writer is not None and rid > 0:
-            out.append(((writer, rid), r[1], r[2]))
+            out.append(((writer, rid), rec[1], rec[2]))
         elif type(rid) is str:
-            out.append((rid, r[1], r[2]))
+            out.append((rid, rec[1], rec[2]))
         else:
             raise MalformedBatch(f"record {i}: bad id {rid!r}")
         i += 1
