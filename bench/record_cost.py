@@ -143,7 +143,14 @@ def proxy_side(writer: JournalWriter, recorder: Recorder, n: int, parse: bool = 
         t.finish(resp_head)
 
 
-def batches(encoded: list[bytes], per_batch: int) -> list[bytes]:
+def batches(encoded: list[bytes], per_batch: int, writer: str = "bench") -> list[bytes]:
+    """The writer's records as its batches (`writer`: its name, for a tree whose batches carry it)."""
+    batch_body = getattr(jmod, "batch_body", None)
+    if batch_body is not None:
+        return [
+            batch_body(i // per_batch + 1, writer, encoded[i : i + per_batch])
+            for i in range(0, len(encoded), per_batch)
+        ]
     head, tail = jmod._BATCH_HEAD, jmod._BATCH_TAIL
     return [
         b"".join((head % (i + 1), b",".join(encoded[i : i + per_batch]), tail))

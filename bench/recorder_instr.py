@@ -45,7 +45,7 @@ def build(n: int, per: int, path: str, unique: bool = False) -> None:
     writer = rc.JournalWriter("ipc:///nonexistent", outbox_limit=10**9, outbox_bytes=10**12)
     rc.proxy_side(writer, rc.Recorder(writer), n, unique=unique)
     with open(path, "wb") as f:
-        pickle.dump(rc.batches(list(writer._queue), per), f)
+        pickle.dump(rc.batches(list(writer._queue), per, getattr(writer, "writer", "bench")), f)
     loop.close()
 
 
@@ -53,8 +53,6 @@ def apply_once(n: int, path: str, coalesce: int) -> None:
     """The measured run: decode, apply and publish the batches built by `build`."""
     import gc
     import pickle
-
-    import orjson
 
     import record_cost as rc
 
@@ -76,7 +74,7 @@ def apply_once(n: int, path: str, coalesce: int) -> None:
         for i in range(0, len(bodies), coalesce):
             records = []
             for body in bodies[i : i + coalesce]:  # as JournalConsumer.serve decodes them
-                records.extend([(str(r[0]), str(r[1]), r[2]) for r in orjson.loads(body)["r"]])
+                records.extend(rc.decode(body))
             events = rc.apply_mod.apply_records(conn, records, lazy=True)
             rc.service.publish_events(pub, events)
         stored = conn.execute("SELECT (SELECT COUNT(*) FROM logs), (SELECT COUNT(*) FROM http_transactions)").fetchone()

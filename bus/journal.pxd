@@ -22,3 +22,7 @@ cdef class JournalWriter:
     cpdef _schedule(self)
     @cython.locals(count=Py_ssize_t, size=Py_ssize_t)
     cpdef bint _over(self, Py_ssize_t extra) except -1
+
+
+@cython.locals(i=Py_ssize_t, rec=list, out=list)
+cpdef tuple decode_batch(body)

@@ -6,7 +6,9 @@ resends everything in flight after an ack timeout on a fresh socket.
 The outbox is bounded in records and in bytes, counting what is in flight: past either bound
 the oldest unsent record is dropped (or, when everything is in flight, the new one), counted in
 `dropped` and logged. Records are serialized once, when appended, so their size is known and a
-batch stays under `batch_bytes` (a record bigger than that travels alone).
+batch stays under `batch_bytes` (a record bigger than that travels alone). A record carries its
+sequence number, the batch its writer's name once (docs/events.md, "The journal"): a record's id is
+`(writer, sequence)`, spelt `<writer>-<sequence in hex>` where it is text (`id_text`).
 Consumer: applies batches (the caller's function, expected to be idempotent on record id),
 then acknowledges them.
 """
@@ -32,16 +34,82 @@ from .records import PENDING
 
 log = logging.getLogger("greyproxy.journal")
 
-Record = tuple[str, str, Any]  # (record id, kind, data)
-Encoded = bytes  # one record as it travels: the JSON array [record id, kind, data]
+# (record id, kind, data): the id is (writer, sequence) for a record of a batch naming its writer, the
+# id's text for one of a batch without (a proxy of before; a record appended with its own id).
+RecordId = tuple[str, int] | str
+Record = tuple[RecordId, str, Any]
+Encoded = bytes  # one record as it travels: the JSON array [sequence number (or id text), kind, data]
 
-_BATCH_HEAD = b'{"b":%d,"r":['
+# A batch naming its writer lists its records under "s" (not "r"): a recorder from before it finds no
+# "r" and refuses the batch (unacknowledged, resent) rather than taking the numbers for ids.
+_BATCH_HEAD = b'{"b":%d,"w":"%s","s":['
 _BATCH_TAIL = b"]}"
 # ZMQ_EVENTS is a plain int; `& zmq.POLLIN` (an IntFlag) would go through enum.Flag.__and__ (~3 µs).
 _POLLIN = int(zmq.POLLIN)
 
 
 _dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per record)
+_loads = orjson.loads
+
+
+def id_text(rid: RecordId) -> str:
+    """A record id as text, `<writer>-<sequence in lower-case hex>` (as batches without a writer spell it)."""
+    if type(rid) is tuple:
+        return f"{rid[0]}-{rid[1]:x}"
+    return str(rid)
+
+
+def batch_body(bid: int, writer: str, records: list[Encoded]) -> bytes:
+    """A batch as it travels: `{"b": bid, "w": writer, "s": [records...]}` (`writer` is hex: no escaping)."""
+    return b"".join((_BATCH_HEAD % (bid, writer.encode()), b",".join(records), _BATCH_TAIL))
+
+
+class MalformedBatch(ValueError):
+    """A journal batch the recorder cannot read: refused (not acknowledged), the reason logged."""
+
+
+def decode_batch(body: bytes) -> tuple[int, list[Record]]:
+    """(batch id, records) of a batch as it travels: one naming its writer (`"w"`, its records in
+    `"s"`, each one's first element its sequence number, or the id text of a record appended with its
+    own id), or one of before (records in `"r"`, each one's first element its id text). MalformedBatch
+    says what is wrong."""
+    try:
+        batch = _loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBatch(f"not JSON ({exc})") from None
+    if type(batch) is not dict:
+        raise MalformedBatch("not a JSON object")
+    bid = batch.get("b")
+    if type(bid) is not int:
+        raise MalformedBatch('no integer batch id "b"')
+    writer = batch.get("w")
+    if writer is None:
+        recs = batch.get("r")
+        if type(recs) is not list:
+            raise MalformedBatch('no record array "r" (nor a writer "w")')
+    else:
+        if type(writer) is not str or not writer:
+            raise MalformedBatch('writer "w" is not a non-empty string')
+        recs = batch.get("s")
+        if type(recs) is not list:
+            raise MalformedBatch('a writer "w" but no record array "s"')
+    out: list[Record] = []
+    i = 0
+    for r in recs:
+        if type(r) is not list:
+            raise MalformedBatch(f"record {i} is not [id, kind, data]")
+        rec = r  # (a list: indexed directly when compiled, journal.pxd)
+        if len(rec) != 3 or type(rec[1]) is not str:
+            raise MalformedBatch(f"record {i} is not [id, kind, data]")
+        rid = rec[0]
+        if type(rid) is int and writer is not None and rid > 0:
+            out.append(((writer, rid), rec[1], rec[2]))
+        elif type(rid) is str:
+            out.append((rid, rec[1], rec[2]))
+        else:
+            raise MalformedBatch(f"record {i}: bad id {rid!r}")
+        i += 1
+    return bid, out
 
 
 class JournalWriter:
@@ -142,12 +210,19 @@ class JournalWriter:
         self.sends = 0  # batches sent (resends included)
 
     # -- producer side (event loop thread) --
-    def append(self, kind: str, data: Any, record_id: str | None = None) -> str:
+    @property
+    def writer(self) -> str:
+        """This writer's name in its records' ids (`(writer, sequence)`, see `id_text`)."""
+        return self._prefix[:-1]
+
+    def append(self, kind: str, data: Any, record_id: str | None = None) -> int | str:
+        """Queue a record; its sequence number comes back (its id is `(self.writer, sequence)`), or
+        `record_id` when given (the record then travels with that id as text)."""
         if record_id:
-            rid = record_id
+            rid: Any = record_id
         else:
             self._seq += 1
-            rid = f"{self._prefix}{self._seq:x}"
+            rid = self._seq  # (an int travels without being spelt in hex: the batch names the writer)
         try:
             enc = _dumps([rid, kind, data])
         except orjson.JSONEncodeError:  # a dict with non-str keys (the option costs ~0.2 µs a record)
@@ -345,7 +420,7 @@ class JournalWriter:
         while self._queue and len(self._inflight) < self.window:
             records, nbytes = self._take_batch()
             bid = next(self._batch_ids)
-            body = b"".join((_BATCH_HEAD % bid, b",".join(records), _BATCH_TAIL))
+            body = batch_body(bid, self._prefix[:-1], records)
             try:
                 self._sock.send_multipart([b"", body], zmq.NOBLOCK)
             except zmq.ZMQError:  # EAGAIN: no recorder connected (IMMEDIATE) or the window's HWM
@@ -408,11 +483,10 @@ class JournalConsumer:
             records: list[Record] = []
             for frames in pending:
                 try:
-                    body = orjson.loads(frames[-1])
-                    bid = int(body["b"])
-                    batch = [(str(r[0]), str(r[1]), r[2]) for r in body["r"]]
-                except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, IndexError):
-                    log.warning("journal: dropping malformed batch")
+                    bid, batch = decode_batch(frames[-1])
+                except MalformedBatch as exc:
+                    # Not acknowledged: nothing of it is applied (a writer resends it after its ack timeout).
+                    log.warning("journal: refusing a malformed batch of %d bytes: %s", len(frames[-1]), exc)
                     continue
                 acks.append((frames[0], bid))
                 records.extend(batch)

@@ -55,14 +55,25 @@ def writer_seq(record_id: str) -> tuple[str, int]:
 _sep, _hex, _writer = itemgetter(1), itemgetter(2), itemgetter(0)
 
 
-def consecutive(record_ids: list[str]) -> tuple[str, int] | None:
-    """(writer, first sequence) when the ids are one writer's consecutive sequence numbers in order,
-    `<writer>-<s:x>` for s from the first's on (a writer's batch, or its batches coalesced: the usual
-    case); else None (`writer_seqs` then tells each id). One id is parsed; the others are compared
-    with the ids that sequence spells, which costs a third of parsing each."""
+def _pair(record_id: Any) -> tuple[str, int]:
+    """(writer, sequence) of an id of either form."""
+    return record_id if type(record_id) is tuple else writer_seq(record_id)
+
+
+def consecutive(record_ids: list[Any]) -> tuple[str, int] | None:
+    """(writer, first sequence) when the ids are one writer's consecutive sequence numbers in order
+    (a writer's batch, or its batches coalesced: the usual case); else None (`writer_seqs` then tells
+    each id). An id is a (writer, sequence) pair (a batch naming its writer, bus/journal.py) or its
+    text `<writer>-<s:x>`: of text ids one is parsed, the others compared with the ids that sequence
+    spells, which costs a third of parsing each."""
     if not record_ids:
         return None
-    writer, seq = writer_seq(record_ids[0])
+    first = record_ids[0]
+    if type(first) is tuple:
+        return _consecutive_pairs(record_ids)
+    if type(first) is not str:
+        return None
+    writer, seq = writer_seq(first)
     if not seq:  # no sequence: not a writer's id (or sequence 0, never written by bus/journal.py)
         return None
     prefix = writer + "-"
@@ -71,10 +82,37 @@ def consecutive(record_ids: list[str]) -> tuple[str, int] | None:
     return writer, seq
 
 
-def writer_seqs(record_ids: list[str]) -> list[tuple[str, int]]:
-    """`writer_seq` of each id, its loops in C (a batch's ids are split, parsed and checked canonical
-    as lists): the usual batch, every id `<writer>-<canonical hex>`, costs a fraction of a call per
-    id; a batch with any other id, one call each."""
+def _consecutive_pairs(record_ids: list[Any]) -> tuple[str, int] | None:
+    """`consecutive` of (writer, sequence) pairs: one loop, the sequence numbers C integers when
+    compiled (journal_applied.pxd); a number past them (not one a writer makes) is no run."""
+    writer, first = record_ids[0]
+    if type(first) is not int:
+        return None
+    try:
+        expect = first
+        for rid in record_ids:
+            if type(rid) is not tuple or len(rid) != 2:
+                return None
+            w, seq = rid
+            if type(seq) is not int:
+                return None
+            s = seq
+            # (one batch's ids share its writer object: identity first)
+            if s != expect or (w is not writer and w != writer):
+                return None
+            expect += 1
+    except OverflowError:
+        return None
+    return writer, first
+
+
+def writer_seqs(record_ids: list[Any]) -> list[tuple[str, int]]:
+    """(writer, sequence) of each id: a pair as it is, a text id `writer_seq`'d, its loops in C (a
+    batch's ids are split, parsed and checked canonical as lists): the usual batch of text ids, every
+    id `<writer>-<canonical hex>`, costs a fraction of a call per id; a batch with any other id, one
+    call each."""
+    if not all(map(str.__instancecheck__, record_ids)):
+        return list(map(_pair, record_ids))
     parts = list(map(str.rpartition, record_ids, repeat("-")))
     hexes = list(map(_hex, parts))
     try:

@@ -15,19 +15,19 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 from typing import Any
 
 from bus import records as kinds
 from bus import topics
+from bus.journal import Record, id_text
 from greyproxy.shapes import log_json, pending_json
 from greyproxy.store import dns_cache, identities, journal_applied, logs, pending, rules
 
 log = logging.getLogger("greyproxy.recorder")
 
 Event = tuple[str, Any]
-Record = tuple[str, str, Any]  # (record id, kind, data)
 
 LOG_COLUMNS = logs.FIELDS
 _L_TS, _L_CID = LOG_COLUMNS.index("timestamp"), LOG_COLUMNS.index("container_id")
@@ -76,7 +76,7 @@ class Rows:
     __slots__ = ("fn", "cols", "params", "ids", "datas")
 
     def __init__(
-        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: list[int], datas: list
+        self, fn: Callable[[Any, Any], Any], cols: tuple[str, ...], params: list, ids: Sequence[int], datas: list
     ) -> None:
         self.fn, self.cols, self.params, self.ids, self.datas = fn, cols, params, ids, datas
 
@@ -107,18 +107,20 @@ assert kinds.LOG_FIELDS[:_N_LOG] == LOG_COLUMNS  # shape 2 starts with the colum
 _L_SUMMARY = kinds.LOG_FIELDS.index("rule_summary")
 
 
-def _log_params(data: list[Any] | dict[str, Any], now: float) -> tuple:
+def _log_params(data: list[Any] | dict[str, Any], now: float) -> tuple | list:
     """A `log` record's values in LOG_COLUMNS order, as stored: from an array (shape 2, bus/records.py
-    LOG_FIELDS; a shorter one leaves the rest null, a longer one is refused) or an object (shape 1)."""
+    LOG_FIELDS; a shorter one leaves the rest null, a longer one is refused) or an object (shape 1).
+    A whole array is its own values (the `rule_summary` after the columns is not stored: insert_run
+    is told how many columns a row has), not copied."""
     if type(data) is list:
         n = len(data)
         if n > len(kinds.LOG_FIELDS):
             raise ValueError(f"a log record of {n} fields (at most {len(kinds.LOG_FIELDS)})")
-        params = tuple(data[:_N_LOG]) if n >= _N_LOG else (*data, *(None,) * (_N_LOG - n))
+        params = data if n >= _N_LOG else (*data, *(None,) * (_N_LOG - n))
     else:
         params = tuple(map(data.get, LOG_COLUMNS))  # type: ignore[union-attr]
     if params[_L_TS] is None or params[_L_CID] is None:
-        fixed = list(params)
+        fixed = list(params[:_N_LOG])
         fixed[_L_TS] = now if fixed[_L_TS] is None else fixed[_L_TS]
         fixed[_L_CID] = fixed[_L_CID] or ""
         params = tuple(fixed)
@@ -131,7 +133,7 @@ def _log_payload(row: Row, data: list[Any] | dict[str, Any]) -> dict[str, Any]:
     return log_json(row.as_dict(), data.get("rule_summary"))  # type: ignore[union-attr]
 
 
-def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
+def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple | list]) -> None:
     """log_counts for inserted log rows (migration 10: kept here, one upsert per container and result)."""
     if not params:
         return
@@ -155,6 +157,8 @@ def _add_log_counts(cur: sqlite3.Cursor, params: list[tuple]) -> None:
 
 def _apply_log(cur: sqlite3.Cursor, data: list[Any] | dict[str, Any], events: list[Event]) -> None:
     params = _log_params(data, time.time())
+    if len(params) > _N_LOG:
+        params = params[:_N_LOG]
     cur.execute(logs.INSERT, params)
     _add_log_counts(cur, [params])
     events.append((topics.LOG_NEW, Deferred(_log_payload, Row(LOG_COLUMNS, params, cur.lastrowid), data)))
@@ -230,7 +234,15 @@ def register(kind: str, fn, run_fn=None) -> None:
         RUN_APPLIERS[kind] = run_fn
 
 
-_RUN_ERRORS = (TypeError, ValueError, OverflowError, sqlite3.IntegrityError, sqlite3.InterfaceError)
+# (ProgrammingError: a value sqlite3 cannot bind, say an object where a log record has text)
+_RUN_ERRORS = (
+    TypeError,
+    ValueError,
+    OverflowError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+)
 _RECORD_ERRORS = (AttributeError, KeyError, *_RUN_ERRORS)  # a record applied alone
 
 
@@ -247,10 +259,13 @@ def apply_run(
     after: Callable[[sqlite3.Cursor, list], None] | None = None,
 ) -> None:
     """A run of records of one kind as one executemany of `sql` into `table` (there is one record
-    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order;
-    `after(cur, values)` runs in the same savepoint (derived tables). Each row's event on `topic` is
-    published after the commit with the payload `payload(row, data)`, deferred (built only if
-    someone wants it: the run's events are one `Rows` entry). Any bad record: the run is undone and applied one record at a time, so only
+    per proxied request, so runs are long). `build(data, now)` gives the row's values in `cols` order
+    (any past them not stored); `after(cur, values)` runs with the rows (derived tables). Each row's
+    event on `topic` is published after the commit with the payload `payload(row, data)`, deferred
+    (built only if someone wants it: the run's events are one `Rows` entry). A record that cannot be
+    built is applied alone (dropped if bad) before any row of the run is written. A row SQLite refuses:
+    at first (`apply_records`' fast pass) the batch's whole transaction is undone (`_Redo`), then in the
+    careful pass the run is written in a savepoint, undone and applied one record at a time, so only
     the bad one is dropped."""
     try:
         now = time.time()
@@ -258,18 +273,43 @@ def apply_run(
     except (AttributeError, KeyError, TypeError, ValueError):  # orjson's encode error is a TypeError
         _apply_each(cur, run, events)
         return
-    cur.execute("SAVEPOINT run")
-    try:
-        ids = insert_run(cur, table, sql, params)
-        if after is not None:
-            after(cur, params)
-        cur.execute("RELEASE run")
-    except _RUN_ERRORS:
-        cur.execute("ROLLBACK TO run")
-        cur.execute("RELEASE run")
-        _apply_each(cur, run, events)
-        return
+    if not _pass.careful:
+        try:
+            ids = insert_run(cur, table, sql, params, len(cols), fast=True)
+            if after is not None:
+                after(cur, params)
+        except _RUN_ERRORS as exc:
+            raise _Redo() from exc
+    else:
+        cur.execute("SAVEPOINT run")
+        try:
+            ids = insert_run(cur, table, sql, params, len(cols))
+            if after is not None:
+                after(cur, params)
+            cur.execute("RELEASE run")
+        except _RUN_ERRORS:
+            cur.execute("ROLLBACK TO run")
+            cur.execute("RELEASE run")
+            _apply_each(cur, run, events)
+            return
     events.append((topic, Rows(payload, cols, params, ids, [rec[2] for rec in run])))
+
+
+class _Redo(Exception):
+    """The fast pass met a row SQLite refused (or could not bind): the batch's transaction is undone
+    (by SQLite itself for a refused row: INSERT OR ROLLBACK) and the batch applied again, carefully."""
+
+
+class _Pass:
+    """Which pass `apply_records` is in (it runs on the recorder's one writer thread)."""
+
+    __slots__ = ("careful",)
+
+    def __init__(self) -> None:
+        self.careful = False
+
+
+_pass = _Pass()
 
 
 # Rows per INSERT statement: one statement of many rows costs SQLite much less per row than as many
@@ -280,23 +320,31 @@ def apply_run(
 MULTI_ROWS = (32, 16, 8, 4, 2, 1)
 
 
-def _shared(rows: list) -> tuple[int, ...]:
-    """The columns whose value is the same in every one of `rows` (value lists of one length): equal
-    and of one type (1, 1.0 and True are equal in Python, not as stored in every column), a float
-    only when not zero (0.0 == -0.0)."""
+def _shared(rows: list, ncols: int = 0) -> tuple[int, ...]:
+    """The columns (of the first `ncols`: all when 0) whose value is the same in every one of `rows`
+    (value lists): equal and of one type (1, 1.0 and True are equal in Python, not as stored in
+    every column), a float only when not zero (0.0 == -0.0). A column is looked at down the rows
+    only when its first and last values agree (most varying columns fail that)."""
     n = len(rows)
     out = []
-    c = 0
-    for col in zip(*rows):  # the columns, transposed in C
-        v = col[0]
-        last = col[n - 1]
-        if (last is v or last == v) and col.count(v) == n:  # (most varying columns fail the first test)
-            t = type(v)
-            if t is str or t is bytes or v is None:  # equal only to its own kind
-                out.append(c)
-            elif (t is int or (t is float and v != 0.0)) and list(map(type, col)).count(t) == n:
-                out.append(c)
-        c += 1
+    if not ncols:
+        ncols = len(rows[0])
+    first = rows[0]
+    last = rows[n - 1]
+    for c in range(ncols):
+        v = first[c]
+        w = last[c]
+        if not (w is v or w == v):
+            continue
+        t = type(v)
+        if not (t is str or t is bytes or v is None or t is int or (t is float and v != 0.0)):
+            continue
+        for row in rows:
+            x = row[c]
+            if x is not v and (type(x) is not t or x != v):
+                break
+        else:
+            out.append(c)
     return tuple(out)
 
 
@@ -353,38 +401,47 @@ _SHAPES: dict[tuple, Shape] = {}
 MAX_SHAPES = 64  # statements kept (sqlite3 keeps its 128 most recent compiled)
 
 
-def shape_of(sql: str, rows: list) -> Shape:
-    """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`)."""
-    ncols = len(rows[0])
-    shared = _shared(rows) if len(rows) > 1 else tuple(range(ncols))
+def shape_of(sql: str, rows: list, ncols: int = 0, fast: bool = False) -> Shape:
+    """The Shape for `rows` under `sql` (a one-row `INSERT INTO t (cols) VALUES (?, ...)`) of `ncols`
+    columns (0: as many as the first row has values; a row may hold more, not stored); `fast`: as an
+    INSERT OR ROLLBACK (insert_run)."""
+    if not ncols:
+        ncols = len(rows[0])
+    shared = _shared(rows, ncols) if len(rows) > 1 else tuple(range(ncols))
     first = rows[0]
     nulls = tuple([c for c in shared if first[c] is None])
-    key = (sql, len(rows), shared, nulls)
+    key = (sql, len(rows), shared, nulls, fast)
     shape = _SHAPES.get(key)
     if shape is None:
         if len(_SHAPES) >= MAX_SHAPES:
             _SHAPES.clear()  # traffic that keeps changing shape: start over (statements recompiled)
-        shape = _SHAPES[key] = Shape(sql.partition(" VALUES ")[0], ncols, len(rows), shared, nulls)
+        head = sql.partition(" VALUES ")[0]
+        if fast:
+            head = head.replace("INSERT INTO ", "INSERT OR ROLLBACK INTO ", 1)
+        shape = _SHAPES[key] = Shape(head, ncols, len(rows), shared, nulls)
     return shape
 
 
-def insert_run(cur: sqlite3.Cursor, table: str, sql: str, params: list) -> list[int]:
+def insert_run(
+    cur: sqlite3.Cursor, table: str, sql: str, params: list, ncols: int = 0, fast: bool = False
+) -> Sequence[int]:
     """Insert rows (`sql` is the one-row INSERT) into an AUTOINCREMENT `table`; the new rows' ids
-    in order. This is the only writer inside its IMMEDIATE transaction, so they are the sequence's
-    next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
+    in order (`ncols`: the columns of `sql`, when a row holds values past them, not stored). This
+    is the only writer inside its IMMEDIATE transaction, so they are the sequence's next ones. A row SQLite refuses raises, the rows before it of the same statement not inserted.
     Rows go in statements of MULTI_ROWS rows, each a Shape: the columns equal in all its rows bound
-    once."""
+    once. `fast`: the statements are INSERT OR ROLLBACK (a refused row undoes the whole transaction,
+    so SQLite keeps no statement journal: every page a statement changes copied aside first)."""
     row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     base = int(row[0]) if row else 0
     i, total = 0, len(params)
     for size in MULTI_ROWS:
         while total - i >= size:
             rows = params[i : i + size]
-            shape = shape_of(sql, rows)
+            shape = shape_of(sql, rows, ncols, fast)
             cur.execute(shape.sql, shape.values(rows))
             i += size
     if total and cur.lastrowid == base + total:  # the last row's id: the sequence's base + total
-        return list(range(base + 1, base + total + 1))
+        return range(base + 1, base + total + 1)  # (not a list: no int object per row until one is read)
     return [r[0] for r in cur.execute(f"SELECT id FROM {table} WHERE id > ? ORDER BY id", (base,))]  # pragma: no cover
 
 
@@ -393,8 +450,12 @@ def _apply_others(cur: sqlite3.Cursor, records: list[Record], events: list[Event
     singles: list[Record] = []
     runs: dict[str, list[Record]] = {}
     for rec in records:
-        if rec[1] in RUN_APPLIERS:
-            runs.setdefault(rec[1], []).append(rec)
+        kind = rec[1]
+        run = runs.get(kind)
+        if run is not None:
+            run.append(rec)
+        elif kind in RUN_APPLIERS:
+            runs[kind] = [rec]
         else:
             singles.append(rec)
     if singles:
@@ -411,7 +472,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
     for rid, kind, data in records:
         fn = APPLIERS.get(kind)
         if fn is None:
-            log.warning("journal: unknown record kind %r (id %s) skipped", kind, rid)
+            log.warning("journal: unknown record kind %r (id %s) skipped", kind, id_text(rid))
             continue
         try:
             cur.execute("SAVEPOINT rec")
@@ -421,7 +482,7 @@ def _apply_each(cur: sqlite3.Cursor, records: list[Record], events: list[Event])
             # A malformed record must not block the ones behind it: drop it, keep it marked applied.
             cur.execute("ROLLBACK TO rec")
             cur.execute("RELEASE rec")
-            log.warning("journal: bad %s record %s dropped: %s", kind, rid, exc)
+            log.warning("journal: bad %s record %s dropped: %s", kind, id_text(rid), exc)
 
 
 _ID_CHUNK = 500  # bound parameters per "already applied?" query
@@ -454,11 +515,9 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     if cur.execute(journal_applied.ANY_LEGACY).fetchone() is not None:
         # Ids applied by a recorder from before migration 10 (a resend across the upgrade).
         for i in range(0, len(records), _ID_CHUNK):
-            ids = [r[0] for r in records[i : i + _ID_CHUNK]]
+            ids = [id_text(r[0]) for r in records[i : i + _ID_CHUNK]]
             old = {row[0] for row in cur.execute(journal_applied.select_applied(len(ids)), ids)}
-            applied.update(
-                key for rec, key in zip(records[i : i + _ID_CHUNK], keys[i : i + _ID_CHUNK]) if rec[0] in old
-            )
+            applied.update(key for text, key in zip(ids, keys[i : i + _ID_CHUNK]) if text in old)
     fresh: list[Record] = []
     if not applied and sum(map(len, by_writer.values())) == sum(len(set(s)) for s in by_writer.values()):
         fresh = records  # the usual batch: all new, no id twice
@@ -488,28 +547,52 @@ def _fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Recor
     return fresh
 
 
-def apply_records(conn: sqlite3.Connection, records: list[tuple[str, str, Any]], lazy: bool = False) -> list[Event]:
-    """Apply a batch in one transaction; a record id already applied is skipped. The log records
+def apply_records(conn: sqlite3.Connection, records: list[Record], lazy: bool = False) -> list[Event]:
+    """Apply a batch in one transaction; a record id already applied is skipped (an id is a
+    (writer, sequence) pair or its text, bus/journal.py: either names the same record). The log records
     (the bulk of the journal) go in together with one executemany, after the other kinds, each
     kind in its own order (log rows depend on no other record, and no other record on them).
     The events to publish come back with their payloads built, or with `lazy` some of them as
-    `Deferred` ones, for the publisher to build only if someone subscribes to their topic."""
-    events: list[Event] = []
+    `Deferred` ones, for the publisher to build only if someone subscribes to their topic.
+    A run's rows go in without a savepoint first; a row SQLite refuses there undoes the whole
+    transaction and the batch is applied again with one per run (apply_run), dropping only the bad
+    record: SQLite copies every page a savepoint's statements change aside (a tenth of a logged
+    request's cost), for the rare batch that needs it."""
     now = time.time()
     cur = conn.cursor()
     cur.execute("BEGIN IMMEDIATE")
     try:
-        fresh = _fresh(cur, records, now)
-        log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
-        log_recs = [rec for rec in fresh if rec[1] == log_kind]
-        if len(log_recs) < len(fresh):
-            _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
-        if len(log_recs) > 1:
-            _apply_log_run(cur, log_recs, events)
-        else:
-            _apply_each(cur, log_recs, events)
+        try:
+            events = _apply_fresh(cur, records, now)
+        except _Redo as exc:
+            # A row refused in the fast pass: everything again, each run in a savepoint (apply_run).
+            log.info("journal: a batch of %d records applied again, carefully: %s", len(records), exc.__cause__)
+            if conn.in_transaction:
+                cur.execute("ROLLBACK")
+            cur.execute("BEGIN IMMEDIATE")
+            _pass.careful = True
+            try:
+                events = _apply_fresh(cur, records, now)
+            finally:
+                _pass.careful = False
         cur.execute("COMMIT")
     except BaseException:
-        cur.execute("ROLLBACK")
+        if conn.in_transaction:
+            cur.execute("ROLLBACK")
         raise
     return events if lazy else materialize(events)
+
+
+def _apply_fresh(cur: sqlite3.Cursor, records: list[Record], now: float) -> list[Event]:
+    """`apply_records`' work inside its transaction: the records not applied before, applied."""
+    events: list[Event] = []
+    fresh = _fresh(cur, records, now)
+    log_kind = kinds.LOG  # (a module attribute looked up once, not per record)
+    log_recs = [rec for rec in fresh if rec[1] == log_kind]
+    if len(log_recs) < len(fresh):
+        _apply_others(cur, [rec for rec in fresh if rec[1] != log_kind], events)
+    if len(log_recs) > 1:
+        _apply_log_run(cur, log_recs, events)
+    else:
+        _apply_each(cur, log_recs, events)
+    return events

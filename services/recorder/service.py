@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from bus import topics
-from bus.journal import JournalConsumer
+from bus.journal import JournalConsumer, Record
 from bus.pubsub import Publisher
 from bus.reqrep import ControlServer, RemoteError
 from greyproxy.config import Config
@@ -87,7 +87,7 @@ async def main(rt: ServiceRuntime) -> None:
 
     batch_seconds = Histogram(BATCH_BUCKETS)  # GET /metrics: greyproxy_recorder_batch_seconds
 
-    def apply(records: list[tuple[str, str, Any]]) -> list[tuple[str, Any]]:
+    def apply(records: list[Record]) -> list[tuple[str, Any]]:
         t0 = time.perf_counter()
         try:
             return apply_records(db.connection(), records, lazy=True)

@@ -29,19 +29,20 @@ _JSON_AT = (  # where the JSON columns sit in a row's values, with the value sto
     (_AT["substituted_credentials"], b"[]"),
     (_AT["refused_credentials"], b"[]"),
 )
-_INTS_AT = tuple(_AT[c] for c in ("destination_port", "request_body_size", "response_body_size"))
 _TEXT_AT = tuple(_AT[c] for c in ("container_name", "destination_host", "method", "url"))
 _TS, _RESULT, _MISMATCH, _BLOCK = _AT["timestamp"], _AT["result"], _AT["host_mismatch"], _AT["block_reason"]
-_SIDES = tuple(
-    (side, _AT[f"{side}_body"], _AT[f"{side}_body_codec"], _AT[f"{side}_body_charset"])
-    for side in ("request", "response")
-)
 _dumps = orjson.dumps
 DELTAS = DeltaEncoder()  # bodies stored as deltas against their stream's earlier one (greyproxy.bodies)
 # What DeltaEncoder.stored takes from a row's values: its stream, each side's body and codec.
 _CONTAINER, _METHOD, _URL = _AT["container_name"], _AT["method"], _AT["url"]
 _REQ_BODY, _REQ_CODEC = _AT["request_body"], _AT["request_body_codec"]
 _RESP_BODY, _RESP_CODEC = _AT["response_body"], _AT["response_body_codec"]
+# The places `_params` looks at one by one (C integers when compiled: transactions.pxd).
+_PORT, _HOST = _AT["destination_port"], _AT["destination_host"]
+_REQ_SIZE, _RESP_SIZE = _AT["request_body_size"], _AT["response_body_size"]
+_REQ_CHARSET, _RESP_CHARSET = _AT["request_body_charset"], _AT["response_body_charset"]
+_REQ_HEADERS, _RESP_HEADERS = _AT["request_headers"], _AT["response_headers"]
+_SUBSTITUTED, _REFUSED = _AT["substituted_credentials"], _AT["refused_credentials"]
 
 
 def _deltas(cur: sqlite3.Cursor, p: list[Any] | tuple, tid: int) -> None:
@@ -72,28 +73,54 @@ def _params(data: list[Any] | dict[str, Any], now: float) -> list[Any]:
             p = list(map(dict(zip(records.TRANSACTION_FIELDS, data)).get, _COLUMNS))
     else:
         p = list(map(data.get, _COLUMNS))
+    # (each place by name, not a loop over a tuple of places: a record of a plain request is only
+    # looked at, each look a C index when compiled)
     if p[_TS] is None:
         p[_TS] = now
-    for i in _INTS_AT:
-        p[i] = int(p[i] or 0)
+    if type(p[_PORT]) is not int:
+        p[_PORT] = int(p[_PORT] or 0)
+    if type(p[_REQ_SIZE]) is not int:
+        p[_REQ_SIZE] = int(p[_REQ_SIZE] or 0)
+    if type(p[_RESP_SIZE]) is not int:
+        p[_RESP_SIZE] = int(p[_RESP_SIZE] or 0)
     if p[_RESULT] is None:
         p[_RESULT] = "allowed"
     p[_MISMATCH] = 1 if p[_MISMATCH] else 0
-    for side, body, codec, charset in _SIDES:
-        if p[body] is None and p[codec] is None:
-            p[charset] = None  # as from_record leaves a side without a body
-        else:
-            row = {f"{side}_body": p[body], f"{side}_body_codec": p[codec], f"{side}_body_charset": p[charset]}
-            from_record(row, side)  # base64 in the record → the stored BLOB
-            p[body], p[charset] = row[f"{side}_body"], row[f"{side}_body_charset"]
-    for i in _TEXT_AT:
-        if type(p[i]) is not str:
-            raise ValueError(f"transaction record without {_COLUMNS[i]}")
-    for i, default in _JSON_AT:
-        value = p[i]
-        if type(value) is not str:  # shape 2 carries JSON text, stored as it is
-            p[i] = (_dumps(value) if value is not None else default).decode()
+    if p[_REQ_BODY] is None and p[_REQ_CODEC] is None:
+        p[_REQ_CHARSET] = None  # as from_record leaves a side without a body
+    else:
+        _body(p, "request", _REQ_BODY, _REQ_CODEC, _REQ_CHARSET)
+    if p[_RESP_BODY] is None and p[_RESP_CODEC] is None:
+        p[_RESP_CHARSET] = None
+    else:
+        _body(p, "response", _RESP_BODY, _RESP_CODEC, _RESP_CHARSET)
+    if (
+        type(p[_CONTAINER]) is not str
+        or type(p[_HOST]) is not str
+        or type(p[_METHOD]) is not str
+        or type(p[_URL]) is not str
+    ):
+        for i in _TEXT_AT:
+            if type(p[i]) is not str:
+                raise ValueError(f"transaction record without {_COLUMNS[i]}")
+    if (
+        type(p[_REQ_HEADERS]) is not str
+        or type(p[_RESP_HEADERS]) is not str
+        or type(p[_SUBSTITUTED]) is not str
+        or type(p[_REFUSED]) is not str
+    ):
+        for i, default in _JSON_AT:
+            value = p[i]
+            if type(value) is not str:  # shape 2 carries JSON text, stored as it is
+                p[i] = (_dumps(value) if value is not None else default).decode()
     return p
+
+
+def _body(p: list[Any], side: str, body: int, codec: int, charset: int) -> None:
+    """A side's body as stored (greyproxy.bodies.from_record: base64 in the record → the BLOB)."""
+    row = {f"{side}_body": p[body], f"{side}_body_codec": p[codec], f"{side}_body_charset": p[charset]}
+    from_record(row, side)
+    p[body], p[charset] = row[f"{side}_body"], row[f"{side}_body_charset"]
 
 
 def _payload(row: Row, data: Any) -> dict[str, Any]:

@@ -47,8 +47,8 @@ def _writer(**kw) -> JournalWriter:
     return _Writer("ipc:///nonexistent", **kw)
 
 
-def _ids(body: bytes) -> list[str]:
-    return [r[0] for r in orjson.loads(body)["r"]]
+def _ids(body: bytes) -> list[int | str]:  # the records as sent: their sequence numbers
+    return [r[0] for r in orjson.loads(body)["s"]]
 
 
 def test_oldest_unsent_records_are_dropped_past_the_record_bound(caplog) -> None:
@@ -111,9 +111,10 @@ def test_batches_are_bounded_by_bytes_and_a_huge_record_travels_alone(loop) -> N
             assert len(body) <= 10_000 + 64, len(body)
     assert sent == small + [huge] + tail  # order kept, nothing lost
     assert len(sock.bodies) >= 5
-    # The wire format the consumer reads: {"b": id, "r": [[id, kind, data], ...]}.
+    # The wire format the consumer reads: {"b": id, "w": writer, "s": [[sequence, kind, data], ...]}.
     first = orjson.loads(sock.bodies[0])
-    assert isinstance(first["b"], int) and first["r"][0][1] == "log" and first["r"][0][2]["i"] == 0
+    assert isinstance(first["b"], int) and first["w"] == w.writer
+    assert first["s"][0] == [small[0], "log", {"i": 0, "pad": "p" * 1000}]
 
 
 def test_count_bound_still_batches_by_count(loop) -> None:

@@ -39,8 +39,8 @@ class _Socket:
         pass
 
 
-def _ids(body: bytes) -> list[str]:
-    return [r[0] for r in orjson.loads(body)["r"]]
+def _ids(body: bytes) -> list[int | str]:  # the records as sent: their sequence numbers
+    return [r[0] for r in orjson.loads(body)["s"]]
 
 
 class Writer(JournalWriter):
@@ -159,7 +159,9 @@ def test_real_sockets_acks_read_from_the_fd_and_few_sends_under_a_burst() -> Non
             await asyncio.gather(serving, return_exceptions=True)
             cons.close()
         ctx.destroy(linger=0)
-        assert [r[0] for r in applied] == ids
+        assert [r[0] for r in applied] == [
+            (w.writer, seq) for seq in ids
+        ]  # (writer, sequence): the batch names the writer
 
     try:
         uvloop.run(scenario())

@@ -179,7 +179,7 @@ def test_insert_run_stores_what_one_row_statements_store(rows: list[list[Any]]) 
         cur = conn.cursor()
         conn.execute("BEGIN IMMEDIATE")
         if multi:
-            assert insert_run(cur, "t", one, [list(r) for r in rows]) == list(range(2, len(rows) + 2))
+            assert list(insert_run(cur, "t", one, [list(r) for r in rows])) == list(range(2, len(rows) + 2))
         else:
             cur.executemany(one, rows)
         conn.execute("COMMIT")
