@@ -587,11 +587,24 @@ def parse_request_head(
     lines: list[str] | None = text.split("\r\n") if _SPLIT_READING else None
     first_line = lines[0] if lines is not None else ""
     request_line: list[str] = first_line.split(" ") if lines is not None else []
+    pair: tuple[_HeadEnd, HttpRequestParser] | None = None
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
-        col: _Collector | _HeadEnd = _HeadEnd()
+        pool = _REQUEST_PARSERS
+        if pool:  # (a parser a head like this one left where the next head starts: `_REUSE_BLOCKERS`)
+            try:
+                pair = pool.pop()  # (atomic: two threads' parses never share one)
+            except IndexError:
+                pair = None
+        if pair is not None:
+            col: _Collector | _HeadEnd = pair[0]
+            col.complete = False
+            parser = pair[1]
+        else:
+            col = _HeadEnd()
+            parser = HttpRequestParser(col)
     else:
         lines, col = None, _Collector()
-    parser = HttpRequestParser(col)
+        parser = HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
@@ -639,7 +652,23 @@ def parse_request_head(
         )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
+    if lines is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+        # The parser took this head whole and is where the next one starts (a request without a body
+        # that keeps its connection, as llhttp reads it): kept for the next parse, which then makes
+        # none (HttpRequestParser's making, its callbacks looked up, costs ~2 500 instructions).
+        pool = _REQUEST_PARSERS
+        if len(pool) < _REQUEST_PARSERS_MAX:
+            pool.append((col, parser) if pair is None else pair)
     return head, consumed
+
+
+# Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
+# taken from the end, given back after a head that left it so; a head that failed keeps its parser).
+_REQUEST_PARSERS: list[tuple[_HeadEnd, HttpRequestParser]] = []
+_REQUEST_PARSERS_MAX = 8
+# A head with one of these fields may leave llhttp elsewhere than at the next head's start (a body to
+# read, the connection to close after it, an upgrade), as do HTTP/1.0 and CONNECT: its parser is dropped.
+_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "connection", "proxy-connection", "upgrade"})
 
 
 def _derive_target(head: RequestHead) -> None:

@@ -715,3 +715,74 @@ def test_target_parts_read_http_targets_as_the_regex(method: str, target: str) -
             return (exc.status, str(exc))
 
     assert of(http1._target_parts) == of(_target_parts_by_regex)
+
+
+@contextmanager
+def fresh_request_parsers(keep: bool) -> Iterator[None]:
+    """An empty pool of kept request parsers (`http1._REQUEST_PARSERS`); `keep=False`: none is kept."""
+    pool = http1._REQUEST_PARSERS
+    saved = pool[:]
+    pool.clear()
+    try:
+        with mock.patch.object(http1, "_REQUEST_PARSERS_MAX", 8 if keep else 0):
+            yield
+    finally:
+        pool[:] = saved
+
+
+@FUZZ
+@given(st.lists(heads(_REQUEST_LINES), min_size=2, max_size=5))
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+def test_a_kept_request_parser_reads_any_head_as_a_new_one(raws: list[bytes]) -> None:
+    """Heads parsed one after another on parsers kept from the ones before give what each gives on a
+    parser of its own (a head that leaves its parser elsewhere than at the next head's start, such
+    as `Connection: close` or a body to come, must not pass it on)."""
+    with fresh_request_parsers(keep=False):
+        alone = [outcome(http1.parse_request_head, raw, 65536, 100) for raw in raws]
+    with fresh_request_parsers(keep=True):
+        kept = [outcome(http1.parse_request_head, raw, 65536, 100) for raw in raws]
+    assert kept == alone
+
+
+def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
+    """A kept-alive GET's parser serves the next head (no parser made for it); a head that ends its
+    connection or brings a body does not leave one."""
+    plain = b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
+    made = []
+    real = http1.HttpRequestParser
+
+    def making(col: Any) -> Any:
+        made.append(col)
+        return real(col)
+
+    with fresh_request_parsers(keep=True), mock.patch.object(http1, "HttpRequestParser", making):
+        for _ in range(3):
+            assert http1.parse_request_head(plain) is not None
+        assert len(made) == 1 and len(http1._REQUEST_PARSERS) == 1
+        for other in (
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+        ):
+            assert http1.parse_request_head(other) is not None
+            assert http1._REQUEST_PARSERS == []
+            assert http1.parse_request_head(plain) is not None  # a new one, kept again
+        assert len(made) == 5
+        with pytest.raises(http1.HttpError):
+            http1.parse_request_head(b"GET http://h/ HTTP/1.1\r\nHo st: h\r\n\r\n")
+        assert http1._REQUEST_PARSERS == []  # (a parser that refused a head is dropped)
