@@ -24,6 +24,7 @@ from .gate import Admission, Verdict
 from .hooks import Flow, Refusal, new_flow
 from .identities import IdentityGuard
 from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
+from .pipeline import Recorder
 from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, TUNNEL, Handover, KeptAlive, Prepared, close_both, resume
 from .pool import usable
 from .tunnel import run_tunnel
@@ -155,11 +156,13 @@ def _admitted(
     ctx = client.ctx
     # The record's snapshot of what the client sent (the absolute URI names the host contacted).
     rec = ctx.recorder
-    t = (
-        rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
-        if rec is not None
-        else None
-    )
+    if type(rec) is Recorder:  # (the service's: compiled, a C call)
+        recorder: Recorder = rec
+        t = recorder.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+    elif rec is not None:
+        t = rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+    else:
+        t = None
     if not verdict.allowed:
         client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
         if t is not None:
