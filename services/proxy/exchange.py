@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import http1
-from .conn import ConnClosed
+from .conn import Conn, ConnClosed
 from .http1 import render_response_head
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
@@ -113,6 +113,15 @@ def _counted(ex: Exchange, sink: Callable[[bytes | memoryview], None] | None, da
     ex._body_bytes += len(data)
     if sink is not None:
         sink(data)
+
+
+def _write(stream: Stream, data: bytes) -> None:
+    """`stream.write(data)` (compiled: a connection's write is a C call, exchange.pxd)."""
+    if isinstance(stream, Conn):
+        conn: Conn = stream
+        conn.write(data)
+        return
+    stream.write(data)
 
 
 def _socket_of(stream: Any) -> Any:
@@ -207,10 +216,10 @@ class Exchange:
             if t is not None:
                 t.req_sink()(body)
             self._body_sent = True
-            self.upstream.write(request + body)
+            _write(self.upstream, request + body)
             self._to(AWAIT_RESPONSE)
             return
-        self.upstream.write(request)
+        _write(self.upstream, request)
         self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
             sink = t.req_sink() if t is not None else None
@@ -515,7 +524,7 @@ class Exchange:
         self.client_keep = keep = head.keep_alive and not resp.until_close and not self._owed
         # (positional: C calls, exchange.pxd)
         if not resp.has_body:
-            self.client.write(render_response_head(resp, keep, b""))
+            _write(self.client, render_response_head(resp, keep, b""))
             self.final = resp
             return None
         size, buf = resp.content_length, upstream.buf
@@ -528,7 +537,7 @@ class Exchange:
             del buf[:size]
             if t is not None:
                 t.resp_sink(resp)(whole)
-            self.client.write(out)
+            _write(self.client, out)
             self.final = resp
             return None
         out = render_response_head(resp, keep, b"")
@@ -550,7 +559,7 @@ class Exchange:
             if rest:
                 upstream.buf[:0] = rest
             out += data
-        self.client.write(out)
+        _write(self.client, out)
         self.final = resp
         return None if done else reader
 
