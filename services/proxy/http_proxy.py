@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import http1
-from .conn import Conn
+from .conn import Conn, StreamConn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Verdict
@@ -304,7 +304,12 @@ async def handle_http(client: ClientConn) -> None:
         admission = Admission(gate, key[0], key[1], key[2], "HTTP", verdict)
         parked = None if fresh else pool.get(key, admission)
         reused = parked is not None
-        up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, admission)
+        # (a plain-HTTP upstream is never piped: StreamConn, read as a plain protocol)
+        up = (
+            parked
+            if parked is not None
+            else await connect(key[1], key[2], limits.connect_timeout, admission, protocol=StreamConn)
+        )
         upstream, upstream_key, clean = up, key, False
         cid = gate.track(key[0], key[1], key[2], verdict, close_both(client, up))
         return up, reused

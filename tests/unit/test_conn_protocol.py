@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from services.proxy.conn import Conn, splice
+from services.proxy.conn import Conn, StreamConn, splice
 from services.proxy.context import ClientConn
 
 CALLBACKS = {
@@ -115,3 +115,63 @@ def test_a_spliced_pair_relays_both_ways_on_either_loop(loop_kind: str) -> None:
         await asyncio.wait_for(upstream.wait_closed(), 5)
 
     _run(loop_kind, main)
+
+
+class CountedStream(StreamConn):
+    """A StreamConn that notes how its reads arrive."""
+
+    __slots__ = ("via",)
+
+    def __init__(self) -> None:
+        StreamConn.__init__(self)
+        self.via: set[str] = set()
+
+    def get_buffer(self, sizehint: int) -> Any:
+        self.via.add("get_buffer")
+        return Conn.get_buffer(self, sizehint)
+
+    def data_received(self, data: bytes) -> None:
+        self.via.add("data_received")
+        Conn.data_received(self, data)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_stream_conn_is_read_as_a_plain_protocol(loop_kind: str) -> None:
+    """A plain-HTTP upstream (conn.StreamConn) gets its reads as bytes in data_received on uvloop too
+    (no get_buffer call per read), into the same buffer, with the same end."""
+
+    async def main() -> set[str]:
+        loop = asyncio.get_running_loop()
+        s1, s2 = socket.socketpair()
+        s2.setblocking(False)
+        _t, conn = await loop.create_connection(CountedStream, sock=s1)  # type: ignore[type-var]
+        await loop.sock_sendall(s2, b"HTTP/1.1 200 OK\r\n\r\n")
+        while len(conn.buf) < 19:
+            assert await conn.read_more(5.0)
+        assert conn.take() == b"HTTP/1.1 200 OK\r\n\r\n" and conn.bytes_in == 19
+        s2.close()
+        assert await conn.read_more(5.0) is False and conn.eof
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        return conn.via
+
+    assert _run(loop_kind, main) == {"data_received"}
+
+
+def test_upstream_connect_makes_the_class_asked_for() -> None:
+    """`upstream.connect(..., protocol=StreamConn)` (the HTTP proxy's plain-HTTP upstreams) gives a
+    StreamConn; without it a Conn (a tunnel's upstream: read into the scratch, piped)."""
+    from services.proxy.upstream import connect
+
+    async def main() -> list[type]:
+        server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        got = []
+        for kw in ({"protocol": StreamConn}, {}):
+            up = await connect("127.0.0.1", port, 5.0, lambda _ip, _port: None, **kw)
+            got.append(type(up))
+            up.close()
+        server.close()
+        return got
+
+    assert _run("uvloop", main) == [StreamConn, Conn]

@@ -30,7 +30,7 @@ from greyproxy.credentials.substitute import Live
 from greyproxy.policy import RuleSet
 from greyproxy.policy.ruleset import Rule, builtin_rules
 from services.proxy import http1, http_proxy
-from services.proxy.conn import Conn
+from services.proxy.conn import Conn, StreamConn
 from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.credentials import KEY_OK, LiveCredentials
 from services.proxy.gate import Gate, Verdict
@@ -377,6 +377,9 @@ REQUESTS = [
 ]
 
 
+_PROTOCOLS_ASKED: list[type[Conn]] = []  # the connection classes `_through_proxy`'s upstreams were asked as
+
+
 async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
     """Every request on one kept-alive client connection; (bytes the origin got, bytes the client got)."""
     gate = Gate(_Journal(), _Publisher(), {43051}, {"127.0.0.1"}, 1.0, 10)  # type: ignore[arg-type]
@@ -387,8 +390,9 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
     upstream_got, client_got = bytearray(), bytearray()
     pending = list(requests)
 
-    async def connect(host: str, port: int, timeout: float, guard: Any) -> Conn:
-        up = Conn()
+    async def connect(host: str, port: int, timeout: float, guard: Any, protocol: type[Conn] = Conn) -> Conn:
+        _PROTOCOLS_ASKED.append(protocol)
+        up = protocol()
 
         def origin(data: bytes) -> None:
             upstream_got.extend(data)
@@ -415,7 +419,10 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
 
 
 def test_whole_loop_sends_the_same_bytes_with_and_without_the_shortcuts() -> None:
+    _PROTOCOLS_ASKED.clear()
     fast = asyncio.run(_through_proxy(REQUESTS))
+    # A plain-HTTP upstream is connected as a StreamConn (read as a plain protocol: conn.StreamConn)
+    assert _PROTOCOLS_ASKED and set(_PROTOCOLS_ASKED) == {StreamConn}
     with long_way():
         slow = asyncio.run(_through_proxy(REQUESTS))
     assert fast == slow
