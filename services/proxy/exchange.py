@@ -220,7 +220,10 @@ class Exchange:
             self._to(AWAIT_RESPONSE)
             return
         _write(self.upstream, request)
-        self._to(AWAIT_RESPONSE)
+        if self.state is SEND_REQUEST:  # (`_to`'s check for this one transition, inline)
+            self.state = AWAIT_RESPONSE
+        else:
+            self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
             sink = t.req_sink() if t is not None else None
             reader = http1.BodyReader(head.content_length, head.chunked, sink=functools.partial(_counted, self, sink))
@@ -515,7 +518,10 @@ class Exchange:
     def _send_head(self, resp: http1.ResponseHead) -> http1.BodyReader | None:
         """The final head goes to the client, with the body bytes already here (checked first: a bad
         start is still a clean 502). The reader when more body is to come, else None."""
-        self._to(SEND_RESPONSE)
+        if self.state is AWAIT_RESPONSE:  # (`_to`'s check for this one transition, inline)
+            self.state = SEND_RESPONSE
+        else:
+            self._to(SEND_RESPONSE)
         head, upstream, t, body = self.head, self.upstream, self.txn, self._body
         # Answered without a 100 while the body is still owed: the client may never send it
         # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
@@ -608,7 +614,10 @@ class Exchange:
             self.upstream.abort()  # it may still wait for the body nobody will send
         else:
             self.upstream_reusable = resp.keep_alive and not resp.until_close
-        self._to(DONE)
+        if self.state is SEND_RESPONSE:  # (`_to`'s check for this one transition, inline)
+            self.state = DONE
+        else:
+            self._to(DONE)
 
     def _cut_off(self, text: str) -> None:
         """The response broke after its head went out: the client can only be cut off."""
