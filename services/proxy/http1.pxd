@@ -58,6 +58,9 @@ cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)
 @cython.locals(c=Py_UCS4)
 cpdef bint _content_length_ok(str value)
+@cython.locals(c=Py_UCS4, n=Py_ssize_t)
+cpdef Py_ssize_t _content_length_value(str value) except? -2
+@cython.locals(length=Py_ssize_t)
 cpdef tuple _framing_of(list te, bint has_te, list cls, err)
 cpdef _run_parser(parser, bytes data)
 

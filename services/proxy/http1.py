@@ -256,6 +256,19 @@ def _content_length_ok(value: str) -> bool:
     return True
 
 
+def _content_length_value(value: str) -> int:
+    """A Content-Length value's number: `int(value)` when `_content_length_ok(value)`, else -1
+    (compiled: one C loop, without int()'s parse of a str)."""
+    if not 0 < len(value) <= 18:
+        return -1
+    n = 0
+    for c in value:
+        if not "0" <= c <= "9":
+            return -1
+        n = n * 10 + (ord(c) - 48)
+    return n
+
+
 def _framing_of(
     te: list[str], has_te: bool, cls: list[str], err: Callable[[str], Exception]
 ) -> tuple[bool, int | None, bool]:
@@ -269,9 +282,10 @@ def _framing_of(
             raise err("bad Transfer-Encoding")
         return te[-1] == "chunked", None, te[-1] != "chunked"
     if cls:
-        if not _content_length_ok(cls[0]):
+        length = _content_length_value(cls[0])
+        if length < 0:
             raise err("bad Content-Length")
-        return False, int(cls[0]), False
+        return False, length, False
     return False, None, True
 
 

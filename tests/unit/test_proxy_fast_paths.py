@@ -571,8 +571,13 @@ def test_a_value_of_one_token_is_split_as_any_other(value: str) -> None:
 @example("1" * 18)
 @example("1" * 19)
 @example("")
+@example("999999999999999999")
+@example("000000000000000012")
 def test_content_length_check_is_the_regex(value: str) -> None:
-    assert http1._content_length_ok(value) == (http1._CL_RE.fullmatch(value) is not None)
+    ok = http1._CL_RE.fullmatch(value) is not None
+    assert http1._content_length_ok(value) == ok
+    # (the number read in one loop: int() of what the regex takes, -1 for the rest)
+    assert http1._content_length_value(value) == (int(value) if ok else -1)
 
 
 @pytest.mark.parametrize("split", [True, False])
