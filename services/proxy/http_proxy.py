@@ -125,7 +125,8 @@ def prepare(
         return None
     # decide
     gate = client.ctx.gate
-    verdict = gate.admit_now(container, head.host, head.port, "HTTP", client.gone)
+    # (the bound method as Python makes it: see `admit_connect`)
+    verdict = gate.admit_now(container, head.host, head.port, "HTTP", getattr(client, "gone"))  # noqa: B009
     if type(verdict) is not Verdict:
         return _prepare_later(client, head, container, verdict)  # type: ignore[arg-type]
     return _admitted(client, head, container, verdict)
