@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import http1
-from .conn import Conn, StreamConn
+from .conn import Conn, PipeConn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Verdict
@@ -243,7 +243,7 @@ async def open_tunnel(
     ctx = client.ctx
     admission = Admission(ctx.gate, container, head.host, head.port, "CONNECT", verdict)
     try:
-        up = await connect(head.host, head.port, ctx.limits.connect_timeout, admission)
+        up = await connect(head.host, head.port, ctx.limits.connect_timeout, admission, protocol=PipeConn)
     except UpstreamFailure as exc:
         ctx.gate.finish_log(verdict)
         client.write(error_response(*exc.http_answer()))
@@ -305,12 +305,7 @@ async def handle_http(client: ClientConn) -> None:
         admission = Admission(gate, key[0], key[1], key[2], "HTTP", verdict)
         parked = None if fresh else pool.get(key, admission)
         reused = parked is not None
-        # (a plain-HTTP upstream is never piped: StreamConn, read as a plain protocol)
-        up = (
-            parked
-            if parked is not None
-            else await connect(key[1], key[2], limits.connect_timeout, admission, protocol=StreamConn)
-        )
+        up = parked if parked is not None else await connect(key[1], key[2], limits.connect_timeout, admission)
         upstream, upstream_key, clean = up, key, False
         cid = gate.track(key[0], key[1], key[2], verdict, close_both(client, up))
         return up, reused

@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .conn import Conn, FirstDeadlines
+from .conn import Conn, FirstDeadlines, PipeConn
 
 
 class UpstreamFailure(Exception):
@@ -130,7 +130,7 @@ async def connect(
 ) -> Conn:
     """Connect to the first address of `host` that answers. `guard(ip, port)` judges every address
     before it is tried: truthy refuses the whole connection (a string says why). `protocol`: the
-    connection's class (`conn.StreamConn` for one that is never piped: a plain-HTTP upstream)."""
+    connection's class (`conn.PipeConn` for a tunnel's upstream)."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     deadline = now + timeout
@@ -303,7 +303,7 @@ class Connecting:
         """The attempt's protocol (`create_connection` calls this as its protocol factory; a bound
         method would be one more object per connect), kept: the connect's end need not read it from
         the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
-        conn = self.conn = Conn()
+        conn = self.conn = PipeConn()  # (a tunnel's upstream)
         return conn
 
     def _disarm(self) -> None:

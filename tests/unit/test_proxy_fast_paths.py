@@ -30,7 +30,7 @@ from greyproxy.credentials.substitute import Live
 from greyproxy.policy import RuleSet
 from greyproxy.policy.ruleset import Rule, builtin_rules
 from services.proxy import http1, http_proxy
-from services.proxy.conn import Conn, StreamConn
+from services.proxy.conn import Conn, PipeConn
 from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.credentials import KEY_OK, LiveCredentials
 from services.proxy.gate import Gate, Verdict
@@ -421,8 +421,8 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
 def test_whole_loop_sends_the_same_bytes_with_and_without_the_shortcuts() -> None:
     _PROTOCOLS_ASKED.clear()
     fast = asyncio.run(_through_proxy(REQUESTS))
-    # A plain-HTTP upstream is connected as a StreamConn (read as a plain protocol: conn.StreamConn)
-    assert _PROTOCOLS_ASKED and set(_PROTOCOLS_ASKED) == {StreamConn}
+    # A plain-HTTP upstream is connected as a plain Conn (read as a plain protocol), not a PipeConn
+    assert _PROTOCOLS_ASKED and set(_PROTOCOLS_ASKED) == {Conn} and PipeConn not in _PROTOCOLS_ASKED
     with long_way():
         slow = asyncio.run(_through_proxy(REQUESTS))
     assert fast == slow
