@@ -18,7 +18,7 @@ cdef class RequestHead:
 
 cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
-    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at
+    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at, lines
 
     @cython.locals(text=str)
     cpdef field_lines(self)
@@ -48,6 +48,7 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
     head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
     stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
+    lines=list, line=str, pos=Py_ssize_t,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
@@ -69,7 +70,7 @@ cpdef bint _at(str text, Py_ssize_t start, str word, str usual) except -1
 @cython.locals(c=Py_UCS4)
 cpdef int _response_field(str text, Py_ssize_t start) except -1
 
-@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str, hit=tuple)
 cpdef tuple _target_parts(str method, str target)
 @cython.locals(tokens=list, kv=tuple, k=str)
 cpdef _derive_request_headers(RequestHead head)

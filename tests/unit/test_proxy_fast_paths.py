@@ -74,7 +74,7 @@ def outcome(fn: Any, *args: Any) -> Any:
     fields.pop("placeholder_free", None)  # (the long way clears these two on purpose)
     fields.pop("parsed", None)
     if isinstance(head, http1.ResponseHead):
-        for how in ("_headers", "index", "text", "lower"):  # how the fields are kept: read them instead
+        for how in ("_headers", "index", "text", "lower", "lines"):  # how the fields are kept: read them instead
             fields.pop(how)
         fields["lookups"] = [head.header(name) for name in _LOOKUPS]  # (before the list is built)
         fields["headers"] = head.headers
@@ -250,6 +250,8 @@ def test_response_head_split_reads_like_the_parser(raw: bytes, method: str) -> N
     assert fast == slow
     if fast is not None and not isinstance(fast[0], str):
         resp = http1.parse_response_head(raw, 65536, method)[0]  # type: ignore[index]
+        if resp.text is not None:  # the field lines the parse split once are the text's
+            assert resp.field_lines() is resp.lines and resp.lines == resp.text.split("\r\n")[1:]
         for keep in (True, False):
             assert http1.render_response_head(resp, keep)  # renders either way
 
@@ -798,3 +800,45 @@ def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
         with pytest.raises(http1.HttpError):
             http1.parse_request_head(b"GET http://h/ HTTP/1.1\r\nHo st: h\r\n\r\n")
         assert http1._REQUEST_PARSERS == []  # (a parser that refused a head is dropped)
+
+
+def test_a_parsed_request_head_has_every_field_as_its_dataclass_would() -> None:
+    """`parse_request_head` sets the head's fields one by one (no __init__ call): each is what
+    RequestHead(...) with the parsed values gives, the defaults included."""
+    head, n = http1.parse_request_head(b"GET http://h.example:8080/a?b HTTP/1.1\r\nHost: h.example:8080\r\n\r\n")  # type: ignore[misc]
+    want = http1.RequestHead(
+        "GET",
+        "http://h.example:8080/a?b",
+        "1.1",
+        [("Host", "h.example:8080")],
+        host="h.example",
+        port=8080,
+        scheme="http",
+        path="/a?b",
+        authority="h.example:8080",
+        names=frozenset({"host"}),
+        placeholder_free=True,
+        parsed=True,
+    )
+    for f in dataclasses.fields(want):
+        assert getattr(head, f.name) == getattr(want, f.name), f.name
+        assert type(getattr(head, f.name)) is type(getattr(want, f.name)), f.name
+    assert n == 64
+
+
+def test_an_http_targets_authority_is_read_once_and_alike() -> None:
+    """`_target_parts` remembers an http:// target's authority as `_split_authority` reads it (bounded);
+    one it refuses is refused every time, never remembered."""
+    http1._HTTP_AUTHORITIES.clear()
+    for _ in range(2):
+        for authority, want in (("h:1", ("h", 1)), ("h:2", ("h", 2)), ("H", ("h", 80)), ("[::1]:9", ("::1", 9))):
+            assert http1._target_parts("GET", f"http://{authority}/x")[1:3] == want
+            assert http1._HTTP_AUTHORITIES[authority] == want
+    for bad in ("h:0", "a@h", "h:x"):
+        for _ in range(2):
+            with pytest.raises(http1.HttpError):
+                http1._target_parts("GET", f"http://{bad}/")
+        assert bad not in http1._HTTP_AUTHORITIES
+    for i in range(5000):
+        http1._target_parts("GET", f"http://h{i}/")
+    assert len(http1._HTTP_AUTHORITIES) <= 4096
