@@ -167,7 +167,7 @@ class Conn:
             if not peer.closed:  # (as buffer_updated)
                 peer._send(data, len(data))
             return
-        self.buf += data
+        self.buf.extend(data)  # (bytearray.extend: without += dispatching through the number slots first)
         if len(self.buf) > READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
