@@ -609,13 +609,14 @@ def parse_request_head(
                 pair = pool.pop()  # (atomic: two threads' parses never share one)
             except IndexError:
                 pair = None
-        if pair is not None:
-            col: _Collector | _HeadEnd = pair[0]
-            col.complete = False
-            parser = pair[1]
+        if pair is None:
+            done = _HeadEnd()
+            pair = kept = (done, HttpRequestParser(done))
         else:
-            col = _HeadEnd()
-            parser = HttpRequestParser(col)
+            kept = pair
+        col: _Collector | _HeadEnd = kept[0]
+        col.complete = False
+        parser = kept[1]
     else:
         lines, col = None, _Collector()
         parser = HttpRequestParser(col)
@@ -669,13 +670,13 @@ def parse_request_head(
         )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
-    if lines is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+    if pair is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
         # The parser took this head whole and is where the next one starts (a request without a body
         # that keeps its connection, as llhttp reads it): kept for the next parse, which then makes
         # none (HttpRequestParser's making, its callbacks looked up, costs ~2 500 instructions).
         pool = _REQUEST_PARSERS
         if len(pool) < _REQUEST_PARSERS_MAX:
-            pool.append((col, parser) if pair is None else pair)
+            pool.append(pair)
     return head, consumed
 
 

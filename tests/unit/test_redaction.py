@@ -370,7 +370,7 @@ def test_a_field_value_is_written_as_orjson_writes_it(value: str) -> None:
 
     from greyproxy import redaction
 
-    for v in (value, value.encode("latin-1", "replace").decode("latin-1"), f"{value}\x7f\"\\\t/é"):
+    for v in (value, value.encode("latin-1", "replace").decode("latin-1"), f'{value}\x7f"\\\t/é'):
         assert redaction._json_string(v) == orjson.dumps(v).decode()
     r = Redactor()
     lines = [f"X-A:{value}", "Server: nginx"]
