@@ -41,6 +41,8 @@ cdef class Exchange:
 cpdef str upstream_version(RequestHead head)
 @cython.locals(conn=Conn)
 cpdef _write(stream, data)
+@cython.locals(conn=Conn)
+cpdef _buffer(stream)
 cpdef _socket_of(stream)
 @cython.locals(ex=Exchange)
 cpdef Exchange new_exchange(client, upstream, RequestHead head, Limits limits, Txn txn, reused)

@@ -124,6 +124,14 @@ def _write(stream: Stream, data: bytes) -> None:
     stream.write(data)
 
 
+def _buffer(stream: Stream) -> bytearray:
+    """`stream.buf` (compiled: a connection's read as a C struct field, exchange.pxd)."""
+    if isinstance(stream, Conn):
+        conn: Conn = stream
+        return conn.buf
+    return stream.buf
+
+
 def _socket_of(stream: Any) -> Any:
     """The connection whose socket carries `stream`: the raw one under TLS."""
     return stream.raw if type(stream) is TlsStream else stream
@@ -235,7 +243,7 @@ class Exchange:
         True when that ended the exchange (`_end` done); False when `proceed` must go on: nothing
         consumed (no complete head yet, a 1xx or 101, a head that does not parse: `proceed` meets the
         same), or the head went out and the rest of the body is to be relayed."""
-        buf = self.upstream.buf
+        buf = _buffer(self.upstream)
         if self.state is not AWAIT_RESPONSE or self._body is not None or not buf:
             return False
         try:
@@ -533,7 +541,7 @@ class Exchange:
             _write(self.client, render_response_head(resp, keep, b""))
             self.final = resp
             return None
-        size, buf = resp.content_length, upstream.buf
+        size, buf = resp.content_length, _buffer(upstream)
         if size is not None and not resp.chunked and len(buf) >= size:
             # The whole (Content-Length) body came with the head, as a small answer does: it leaves
             # with the head in one send (joined with it once), with no reader (what one would pass on
