@@ -842,3 +842,29 @@ def test_an_http_targets_authority_is_read_once_and_alike() -> None:
     for i in range(5000):
         http1._target_parts("GET", f"http://h{i}/")
     assert len(http1._HTTP_AUTHORITIES) <= 4096
+
+
+def test_a_tunnels_upstream_is_connected_as_a_pipe_conn() -> None:
+    """The handler's CONNECT (`open_tunnel`) asks `connect` for a PipeConn (read into the scratch and
+    piped to the client: a download's speed), where a plain-HTTP request asks for a plain Conn."""
+    from services.proxy.upstream import UpstreamFailure
+
+    asked: list[Any] = []
+
+    async def connect(host: str, port: int, timeout: float, guard: Any, protocol: type[Conn] = Conn) -> Conn:
+        asked.append(protocol)
+        raise UpstreamFailure("refused", f"connection to {host}:{port} refused")
+
+    async def main() -> bytes:
+        gate = Gate(_Journal(), _Publisher(), {43051}, {"127.0.0.1"}, 1.0, 10)  # type: ignore[arg-type]
+        ctx = ProxyContext(gate, Limits(idle_timeout=2.0, header_timeout=2.0))
+        got = bytearray()
+        client = ClientConn(ctx, http_proxy.handle_http)
+        client.connection_made(Wire(client, got.extend))  # type: ignore[arg-type]
+        head = http1.parse_request_head(b"CONNECT h.example:443 HTTP/1.1\r\nHost: h.example:443\r\n\r\n")[0]  # type: ignore[index]
+        with mock.patch.object(http_proxy, "connect", connect):
+            await http_proxy.open_tunnel(client, head, "c", Verdict(True, "rule", 1), lambda: None)
+        return bytes(got)
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 502") and asked == [PipeConn]
