@@ -6,12 +6,12 @@ cimport cython
 
 cdef class Redactor:
     cdef public object patterns, _exact, _glob
-    cdef public dict _seen, _names, _bits, _fields
+    cdef public dict _seen, _names, _bits, _fields, _varying
 
     cpdef bint matches(self, name) except -1
     @cython.locals(bits=dict)
     cpdef tuple _name(self, name)
-    @cython.locals(seen=dict, hit=tuple, got=tuple, pick=tuple, line=str, name=str, value=str, text=bytes)
+    @cython.locals(seen=dict, hit=tuple, got=tuple, pick=tuple, line=str, name=str, value=str, varying=dict, count=Py_ssize_t)
     cpdef tuple _field(self, field)
     @cython.locals(out=dict, seen=dict, values=list, got=tuple, key=str)
     cpdef dict header_lines(self, lines)
@@ -20,3 +20,6 @@ cdef class Redactor:
     @cython.locals(out=dict, names=dict, values=list, hit=tuple, key=str)
     cpdef dict headers(self, pairs)
     cpdef url(self, url)
+
+
+cpdef str _json_string(str value)

@@ -46,6 +46,19 @@ _REDACTED_JSON = _dumps(REDACTED).decode() + "]"
 _BITS = 62  # canonical names with a bit of their own in `Redactor.recorded`'s check (the 63rd shared)
 
 
+# The fields of one name `Redactor._field` remembers at most (until its cache starts over): a name whose
+# value changes with every answer has more, one that repeats its values (Server, Content-Type) fewer.
+_VARYING = 64
+
+
+def _json_string(value: str) -> str:
+    """`orjson.dumps(value).decode()`: a value of printable ASCII without `"` or `\\` (the usual field
+    value) is written as it is between quotes, without the call (tests compare them)."""
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    return _dumps(value).decode()
+
+
 def canonical_header_name(name: str) -> str:
     """'x-api-key' → 'X-Api-Key' (Go's canonical MIME form, which the reference stores)."""
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
@@ -61,7 +74,16 @@ def extra_patterns(value: Any) -> list[str]:
 class Redactor:
     """Decides which header names are redacted; immutable once built (swap it when settings change)."""
 
-    __slots__ = ("patterns", "_exact", "_glob", "_seen", "_names", "_bits", "_fields")  # (redaction.pxd, compiled)
+    __slots__ = (
+        "patterns",
+        "_exact",
+        "_glob",
+        "_seen",
+        "_names",
+        "_bits",
+        "_fields",
+        "_varying",
+    )  # (redaction.pxd, compiled)
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
         patterns = [_fold(p) for p in (*DEFAULT_REDACTED_HEADERS, *extra)]
@@ -76,6 +98,7 @@ class Redactor:
         # a field (a head's line, or a (name, value) pair) -> its recorded form (`_field`), for
         # `header_lines` and `recorded`
         self._fields: dict[str | tuple[str, str], tuple[str, str, str, tuple[int, str] | None, int]] = {}
+        self._varying: dict[str, int] = {}  # raw name -> how many of its fields `_fields` holds (`_field`)
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -132,11 +155,18 @@ class Redactor:
             return (hit[0], REDACTED, hit[4] + _REDACTED_JSON, pick, hit[5])
         if hit[2]:
             value = self.url(value)
-        text = _dumps(value)
-        got = (hit[0], value, f"{hit[4]}{text.decode()}]", pick, hit[5])
+        got = (hit[0], value, f"{hit[4]}{_json_string(value)}]", pick, hit[5])
+        # A name whose fields keep changing (Date, X-Request-Id, ...) is not remembered past `_VARYING`
+        # of them: its lines would only fill the bounded cache and push out the ones that come back.
+        varying = self._varying
+        count = varying.get(name, 0)
+        if count >= _VARYING:
+            return got
         seen = self._fields
         if len(seen) >= _CACHE_LIMIT:
             seen.clear()  # (fields come from peers: bounded, start over)
+            varying.clear()
+        varying[name] = count + 1
         seen[field] = got
         return got
 

@@ -25,9 +25,6 @@ cdef class Conn:
 
     cpdef _setup(self)
     cpdef connection_made(self, transport)
-    cpdef get_buffer(self, sizehint)
-    @cython.locals(received=Received)
-    cpdef buffer_updated(self, Py_ssize_t nbytes)
     cpdef _send(self, data, Py_ssize_t n)
     @cython.locals(received=Received, n=Py_ssize_t)
     cpdef data_received(self, data)
@@ -45,6 +42,13 @@ cdef class Conn:
     cpdef abort(self)
     cpdef pipe_to(self, Conn peer)
     cpdef peername(self)
+
+
+# A tunnel's upstream: a buffered protocol (reads into the scratch).
+cdef class PipeConn(Conn):
+    cpdef get_buffer(self, sizehint)
+    @cython.locals(received=Received)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
 
 
 cpdef Py_ssize_t _fileno(transport) except? -3

@@ -2,12 +2,13 @@
 then a zero-copy-ish pipe to a peer connection with flow control (pause/resume reading).
 
 Both sides of a tunnel are `Conn`s; in pipe mode each chunk read goes straight to the peer, with
-no other Python work per chunk. Reads land in one shared scratch buffer (a buffered protocol's
-`get_buffer`, on uvloop: the event loop is single-threaded and a read is handed over before the
-next one starts); in pipe
-mode the chunk is written from there to the peer's socket when nothing is queued on it, so a
-byte is copied only by the kernel, and only what the socket does not take at once is copied
-into the peer transport's queue. Large reads (2 MiB) are what make a relayed download fast.
+no other Python work per chunk. A tunnel's upstream (`PipeConn`, a buffered protocol) reads into
+one shared scratch buffer (`get_buffer`, on uvloop: the event loop is single-threaded and a read is
+handed over before the next one starts); in pipe mode the chunk is written from there to the peer's
+socket when nothing is queued on it, so a byte is copied only by the kernel, and only what the
+socket does not take at once is copied into the peer transport's queue. Large reads (2 MiB) are
+what make a relayed download fast. A client and a plain-HTTP upstream are plain protocols (their
+reads come as bytes: what is parsed pays no `get_buffer` call per read; an upload goes on as it came).
 """
 
 from __future__ import annotations
@@ -73,11 +74,10 @@ class Conn:
     """One TCP connection, an asyncio protocol (every callback a transport may call is here).
 
     Compiled, an extension type (conn.pxd: its attributes C struct fields, its callbacks and steps
-    called through a C vtable), which cannot subclass asyncio.BufferedProtocol (a Python class): so
-    it subclasses nothing, as Python too. uvloop serves any protocol with `get_buffer` that is not an
-    asyncio.Protocol as a buffered one (reads land in `get_buffer`'s scratch, `buffer_updated`);
-    asyncio's own loops (some tests) see no BufferedProtocol and call `data_received` with the bytes
-    read, which does the same work with them (in pipe mode through `_send`, as `buffer_updated`).
+    called through a C vtable), which cannot subclass asyncio.Protocol (a Python class): so it
+    subclasses nothing, as Python too. A plain protocol: each read comes as bytes to `data_received`
+    (an accepted client, a plain-HTTP upstream: what is parsed; a client's upload through a tunnel, in
+    uvloop's reads of up to 256 KiB). A tunnel's upstream is a `PipeConn`, read into the scratch.
     """
 
     __slots__ = (
@@ -138,20 +138,6 @@ class Conn:
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        return _scratch if self.peer is not None else _parse_scratch
-
-    def buffer_updated(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is None:
-            self.data_received(_scratch[:nbytes])  # appended (copied) to buf
-            return
-        self.bytes_in += nbytes
-        received: Received = RECEIVED
-        received.add(self.client_side, nbytes)
-        if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
-            peer._send(_scratch, nbytes)
-
     def _send(self, data: bytes | memoryview, n: int) -> None:
         """Write data[:n] to this connection (a chunk read in pipe mode): straight to the socket when
         nothing is queued on the transport (ordering kept), the rest through the transport (copied
@@ -170,7 +156,7 @@ class Conn:
             t.write(bytes(data[sent:n]))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        """Bytes read (asyncio's own loops; uvloop calls `buffer_updated`): to the peer in pipe mode,
+        """Bytes read (a PipeConn's on uvloop come to `buffer_updated`): to the peer in pipe mode,
         else appended to `buf` for the reader."""
         n = len(data)
         self.bytes_in += n
@@ -181,7 +167,7 @@ class Conn:
             if not peer.closed:  # (as buffer_updated)
                 peer._send(data, len(data))
             return
-        self.buf += data
+        self.buf.extend(data)  # (bytearray.extend: without += dispatching through the number slots first)
         if len(self.buf) > READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
             self.transport.pause_reading()  # type: ignore[union-attr]
@@ -384,6 +370,32 @@ class Conn:
         if not info:
             return ("", 0)
         return (str(info[0]), int(info[1]))
+
+
+class PipeConn(Conn):
+    """A tunnel's upstream connection: read as a buffered protocol. uvloop serves any protocol with
+    `get_buffer` that is not an asyncio.Protocol as a buffered one: its reads land in the shared
+    scratch (`get_buffer`: 2 MiB once piped) and `buffer_updated` writes them from there straight to
+    the peer's socket, which is what makes a relayed download fast. (Not for what is parsed: uvloop
+    calls `get_buffer` from C, taking the GIL again, on every read, ~1 000 instructions, and the
+    scratch's slice is copied into `buf`.) asyncio's own loops (some tests) see no BufferedProtocol
+    and call `data_received`, which does the same work with the bytes."""
+
+    __slots__ = ()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _scratch if self.peer is not None else _parse_scratch
+
+    def buffer_updated(self, nbytes: int) -> None:
+        peer = self.peer
+        if peer is None:
+            self.data_received(_scratch[:nbytes])  # appended (copied) to buf
+            return
+        self.bytes_in += nbytes
+        received: Received = RECEIVED
+        received.add(self.client_side, nbytes)
+        if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
+            peer._send(_scratch, nbytes)
 
 
 def _expire(fut: asyncio.Future) -> None:

@@ -3,6 +3,7 @@
 
 cimport cython
 
+from services.proxy.conn cimport Conn
 from services.proxy.context cimport Limits
 from services.proxy.http1 cimport RequestHead, ResponseHead, render_response_head
 from services.proxy.pipeline cimport Txn
@@ -38,6 +39,10 @@ cdef class Exchange:
     cpdef _client_event(self)
 
 cpdef str upstream_version(RequestHead head)
+@cython.locals(conn=Conn)
+cpdef _write(stream, data)
+@cython.locals(conn=Conn)
+cpdef _buffer(stream)
 cpdef _socket_of(stream)
 @cython.locals(ex=Exchange)
 cpdef Exchange new_exchange(client, upstream, RequestHead head, Limits limits, Txn txn, reused)

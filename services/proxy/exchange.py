@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import http1
-from .conn import ConnClosed
+from .conn import Conn, ConnClosed
 from .http1 import render_response_head
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
@@ -113,6 +113,23 @@ def _counted(ex: Exchange, sink: Callable[[bytes | memoryview], None] | None, da
     ex._body_bytes += len(data)
     if sink is not None:
         sink(data)
+
+
+def _write(stream: Stream, data: bytes) -> None:
+    """`stream.write(data)` (compiled: a connection's write is a C call, exchange.pxd)."""
+    if isinstance(stream, Conn):
+        conn: Conn = stream
+        conn.write(data)
+        return
+    stream.write(data)
+
+
+def _buffer(stream: Stream) -> bytearray:
+    """`stream.buf` (compiled: a connection's read as a C struct field, exchange.pxd)."""
+    if isinstance(stream, Conn):
+        conn: Conn = stream
+        return conn.buf
+    return stream.buf
 
 
 def _socket_of(stream: Any) -> Any:
@@ -207,11 +224,14 @@ class Exchange:
             if t is not None:
                 t.req_sink()(body)
             self._body_sent = True
-            self.upstream.write(request + body)
+            _write(self.upstream, request + body)
             self._to(AWAIT_RESPONSE)
             return
-        self.upstream.write(request)
-        self._to(AWAIT_RESPONSE)
+        _write(self.upstream, request)
+        if self.state is SEND_REQUEST:  # (`_to`'s check for this one transition, inline)
+            self.state = AWAIT_RESPONSE
+        else:
+            self._to(AWAIT_RESPONSE)
         if head.chunked or (head.content_length or 0) > 0:
             sink = t.req_sink() if t is not None else None
             reader = http1.BodyReader(head.content_length, head.chunked, sink=functools.partial(_counted, self, sink))
@@ -223,7 +243,7 @@ class Exchange:
         True when that ended the exchange (`_end` done); False when `proceed` must go on: nothing
         consumed (no complete head yet, a 1xx or 101, a head that does not parse: `proceed` meets the
         same), or the head went out and the rest of the body is to be relayed."""
-        buf = self.upstream.buf
+        buf = _buffer(self.upstream)
         if self.state is not AWAIT_RESPONSE or self._body is not None or not buf:
             return False
         try:
@@ -506,7 +526,10 @@ class Exchange:
     def _send_head(self, resp: http1.ResponseHead) -> http1.BodyReader | None:
         """The final head goes to the client, with the body bytes already here (checked first: a bad
         start is still a clean 502). The reader when more body is to come, else None."""
-        self._to(SEND_RESPONSE)
+        if self.state is AWAIT_RESPONSE:  # (`_to`'s check for this one transition, inline)
+            self.state = SEND_RESPONSE
+        else:
+            self._to(SEND_RESPONSE)
         head, upstream, t, body = self.head, self.upstream, self.txn, self._body
         # Answered without a 100 while the body is still owed: the client may never send it
         # (RFC 9110 §10.1.1), and bytes it sends next could be either the body or a new request.
@@ -515,10 +538,10 @@ class Exchange:
         self.client_keep = keep = head.keep_alive and not resp.until_close and not self._owed
         # (positional: C calls, exchange.pxd)
         if not resp.has_body:
-            self.client.write(render_response_head(resp, keep, b""))
+            _write(self.client, render_response_head(resp, keep, b""))
             self.final = resp
             return None
-        size, buf = resp.content_length, upstream.buf
+        size, buf = resp.content_length, _buffer(upstream)
         if size is not None and not resp.chunked and len(buf) >= size:
             # The whole (Content-Length) body came with the head, as a small answer does: it leaves
             # with the head in one send (joined with it once), with no reader (what one would pass on
@@ -528,7 +551,7 @@ class Exchange:
             del buf[:size]
             if t is not None:
                 t.resp_sink(resp)(whole)
-            self.client.write(out)
+            _write(self.client, out)
             self.final = resp
             return None
         out = render_response_head(resp, keep, b"")
@@ -550,7 +573,7 @@ class Exchange:
             if rest:
                 upstream.buf[:0] = rest
             out += data
-        self.client.write(out)
+        _write(self.client, out)
         self.final = resp
         return None if done else reader
 
@@ -599,7 +622,10 @@ class Exchange:
             self.upstream.abort()  # it may still wait for the body nobody will send
         else:
             self.upstream_reusable = resp.keep_alive and not resp.until_close
-        self._to(DONE)
+        if self.state is SEND_RESPONSE:  # (`_to`'s check for this one transition, inline)
+            self.state = DONE
+        else:
+            self._to(DONE)
 
     def _cut_off(self, text: str) -> None:
         """The response broke after its head went out: the client can only be cut off."""

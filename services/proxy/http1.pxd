@@ -18,7 +18,7 @@ cdef class RequestHead:
 
 cdef class ResponseHead:
     cdef public object version, status, reason, _headers, keep_alive, chunked, content_length, has_body
-    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at
+    cdef public object until_close, raw, raw_keep_alive, index, text, lower, connection_at, lines
 
     @cython.locals(text=str)
     cpdef field_lines(self)
@@ -35,7 +35,7 @@ cdef class _HeadEnd:
 @cython.locals(
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
-    line=str, k=str, v=str, head=RequestHead, text=str, first_line=str,
+    line=str, k=str, v=str, head=RequestHead, text=str, first_line=str, pair=tuple, pool=list, done=_HeadEnd, kept=tuple,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -48,6 +48,7 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
     head_bytes=bytes,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
     stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
+    lines=list, line=str, pos=Py_ssize_t,
 )
 cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
@@ -58,6 +59,9 @@ cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)
 @cython.locals(c=Py_UCS4)
 cpdef bint _content_length_ok(str value)
+@cython.locals(c=Py_UCS4, n=Py_ssize_t)
+cpdef Py_ssize_t _content_length_value(str value) except? -2
+@cython.locals(length=Py_ssize_t)
 cpdef tuple _framing_of(list te, bint has_te, list cls, err)
 cpdef _run_parser(parser, bytes data)
 
@@ -66,7 +70,7 @@ cpdef bint _at(str text, Py_ssize_t start, str word, str usual) except -1
 @cython.locals(c=Py_UCS4)
 cpdef int _response_field(str text, Py_ssize_t start) except -1
 
-@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str)
+@cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str, hit=tuple)
 cpdef tuple _target_parts(str method, str target)
 @cython.locals(tokens=list, kv=tuple, k=str)
 cpdef _derive_request_headers(RequestHead head)

@@ -256,6 +256,19 @@ def _content_length_ok(value: str) -> bool:
     return True
 
 
+def _content_length_value(value: str) -> int:
+    """A Content-Length value's number: `int(value)` when `_content_length_ok(value)`, else -1
+    (compiled: one C loop, without int()'s parse of a str)."""
+    if not 0 < len(value) <= 18:
+        return -1
+    n = 0
+    for c in value:
+        if not "0" <= c <= "9":
+            return -1
+        n = n * 10 + (ord(c) - 48)
+    return n
+
+
 def _framing_of(
     te: list[str], has_te: bool, cls: list[str], err: Callable[[str], Exception]
 ) -> tuple[bool, int | None, bool]:
@@ -269,9 +282,10 @@ def _framing_of(
             raise err("bad Transfer-Encoding")
         return te[-1] == "chunked", None, te[-1] != "chunked"
     if cls:
-        if not _content_length_ok(cls[0]):
+        length = _content_length_value(cls[0])
+        if length < 0:
             raise err("bad Content-Length")
-        return False, int(cls[0]), False
+        return False, length, False
     return False, None, True
 
 
@@ -587,11 +601,25 @@ def parse_request_head(
     lines: list[str] | None = text.split("\r\n") if _SPLIT_READING else None
     first_line = lines[0] if lines is not None else ""
     request_line: list[str] = first_line.split(" ") if lines is not None else []
+    pair: tuple[_HeadEnd, HttpRequestParser] | None = None
     if len(request_line) == 3:  # the usual head: the parser checks it, the split reads it
-        col: _Collector | _HeadEnd = _HeadEnd()
+        pool = _REQUEST_PARSERS
+        if pool:  # (a parser a head like this one left where the next head starts: `_REUSE_BLOCKERS`)
+            try:
+                pair = pool.pop()  # (atomic: two threads' parses never share one)
+            except IndexError:
+                pair = None
+        if pair is None:
+            done = _HeadEnd()
+            pair = kept = (done, HttpRequestParser(done))
+        else:
+            kept = pair
+        col: _Collector | _HeadEnd = kept[0]
+        col.complete = False
+        parser = kept[1]
     else:
         lines, col = None, _Collector()
-    parser = HttpRequestParser(col)
+        parser = HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
     if problem is not None:
         raise _bad(problem)
@@ -629,17 +657,36 @@ def parse_request_head(
     placeholder_free = text.find(_PLACEHOLDER_MARK) < 0
     if origin is None:
         scheme, host, port, path, authority = _target_parts(method, target)
-        head = RequestHead(
-            method, target, version, headers, host, port, scheme, path, version == "1.1", False, None, False, None,
-            None, None, authority, names, placeholder_free, True,
-        )  # fmt: skip
+        # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
+        head = RequestHead.__new__(RequestHead)
+        head.method, head.target, head.version, head.headers = method, target, version, headers
+        head.host, head.port, head.scheme, head.path = host, port, scheme, path
+        head.keep_alive, head.chunked, head.content_length, head.expect_continue = version == "1.1", False, None, False
+        head.upgrade, head.proxy_user, head.proxy_password, head.authority = None, None, None, authority
+        head.names, head.placeholder_free, head.parsed = names, placeholder_free, True
     else:
         head = RequestHead(
             method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True
         )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
+    if pair is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+        # The parser took this head whole and is where the next one starts (a request without a body
+        # that keeps its connection, as llhttp reads it): kept for the next parse, which then makes
+        # none (HttpRequestParser's making, its callbacks looked up, costs ~2 500 instructions).
+        pool = _REQUEST_PARSERS
+        if len(pool) < _REQUEST_PARSERS_MAX:
+            pool.append(pair)
     return head, consumed
+
+
+# Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
+# taken from the end, given back after a head that left it so; a head that failed keeps its parser).
+_REQUEST_PARSERS: list[tuple[_HeadEnd, HttpRequestParser]] = []
+_REQUEST_PARSERS_MAX = 8
+# A head with one of these fields may leave llhttp elsewhere than at the next head's start (a body to
+# read, the connection to close after it, an upgrade), as do HTTP/1.0 and CONNECT: its parser is dropped.
+_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "connection", "proxy-connection", "upgrade"})
 
 
 def _derive_target(head: RequestHead) -> None:
@@ -667,7 +714,13 @@ def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
         if stop >= 0:
             end = stop
         authority, rest = target[start:end], target[end:]
-        host, port = _split_authority(authority, False, 80)
+        hit = _HTTP_AUTHORITIES.get(authority)
+        if hit is None:
+            hit = _split_authority(authority, False, 80)  # (raises for a bad one: never remembered)
+            if len(_HTTP_AUTHORITIES) >= 4096:
+                _HTTP_AUTHORITIES.clear()  # (authorities come from clients: bounded, start over)
+            _HTTP_AUTHORITIES[authority] = hit
+        host, port = hit
     else:
         m = _SCHEME_RE.fullmatch(target)
         if m is None:
@@ -684,6 +737,11 @@ def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
     elif path.startswith("?"):
         path = "/" + path
     return scheme, host, port, path, authority
+
+
+# An http:// target's authority -> `_split_authority(authority, False, 80)` (a dict's look-up: the
+# lru_cache's call, which builds and hashes a key of its three arguments, cost ~1 000 instructions)
+_HTTP_AUTHORITIES: dict[str, tuple[str, int]] = {}
 
 
 def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) -> None:
@@ -790,13 +848,16 @@ class ResponseHead:
     # Where in `raw` its one Connection field's line starts (its CRLF before), when read from the text;
     # -1: not known. (A client closing after this answer: `render_response_head` replaces it there.)
     connection_at: int = field(default=-1, repr=False, compare=False)
+    # The field lines of `text` (split once by the parse; read, never changed), or None: split `text`.
+    lines: list[str] | None = field(default=None, repr=False, compare=False)
 
     @property
     def headers(self) -> list[tuple[str, str]]:
         h = self._headers
         if h is None:
             assert self.text is not None
-            h = self._headers = _split_fields(self.text.split("\r\n")[1:])
+            lines = self.lines
+            h = self._headers = _split_fields(self.text.split("\r\n")[1:] if lines is None else lines)
         return h
 
     @headers.setter
@@ -809,7 +870,8 @@ class ResponseHead:
         text = self.text
         if self._headers is not None or text is None:
             return None
-        return text.split("\r\n")[1:]
+        lines = self.lines
+        return text.split("\r\n")[1:] if lines is None else lines
 
     def header(self, name: str) -> str | None:
         lower = self.lower
@@ -949,6 +1011,7 @@ def parse_response_head(
     headers: list[tuple[str, str]] | None = None
     index: dict[str, str] | None = None
     lower: str | None = None
+    lines: list[str] | None = None
     if text is not None:
         space = whole.find(" ", space + 1, line_end)
         reason = whole[space + 1 : line_end] if space >= 0 else ""
@@ -956,28 +1019,28 @@ def parse_response_head(
             raise UpstreamError("control character in the response's reason phrase")
         other_hop = False
         # Line by line (`_response_field`): the framing and hop-by-hop fields are told by their first
-        # letters; the others cost a find and a comparison each.
-        size = len(text)
-        stop = first  # (the CRLF before the next field line; -1: none)
-        while stop >= 0:
-            start = stop + 2
-            stop = text.find("\r\n", start)
-            kind = _response_field(text, start)
-            if kind == 0:
-                continue
-            if kind > 3:
-                other_hop = True
-                continue
-            value = text[start + _FIELD_NAME_LENGTHS[kind] : stop if stop >= 0 else size].strip(" \t")
-            if kind == 1:
-                cls.append(value)
-            elif kind == 2:
-                n_connection += 1
-                connection_at = start - 2
-                connection.extend(_split_tokens(value))
-            else:
-                has_te = True
-                te.extend(_split_tokens(value))
+        # letters; the others cost a comparison each. The lines are kept for the record's reading of
+        # the fields (`field_lines`: split once).
+        lines = text.split("\r\n")
+        pos = len(lines[0])  # (where in the text the CRLF before the next line is)
+        del lines[0]  # (the status line: `lines` holds the fields)
+        for line in lines:
+            kind = _response_field(line, 0)
+            if kind != 0:
+                if kind > 3:
+                    other_hop = True
+                else:
+                    value = line[_FIELD_NAME_LENGTHS[kind] :].strip(" \t")
+                    if kind == 1:
+                        cls.append(value)
+                    elif kind == 2:
+                        n_connection += 1
+                        connection_at = pos
+                        connection.extend(_split_tokens(value))
+                    else:
+                        has_te = True
+                        te.extend(_split_tokens(value))
+            pos += len(line) + 2
     else:
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(reason):
@@ -1022,7 +1085,7 @@ def parse_response_head(
     head.version, head.status, head.reason, head._headers = version, status, reason, headers
     head.keep_alive, head.chunked, head.content_length = keep_alive, chunked and not bodiless, length
     head.has_body, head.until_close, head.raw, head.raw_keep_alive = has_body, until_close, None, False
-    head.index, head.text, head.lower, head.connection_at = index, text, lower, -1
+    head.index, head.text, head.lower, head.connection_at, head.lines = index, text, lower, -1, lines
     # Relayed as received only when it is exactly a head (httptools tolerates blank lines before it,
     # which the check for `HTTP/` above refused).
     if (

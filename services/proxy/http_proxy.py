@@ -17,13 +17,14 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import http1
-from .conn import Conn
+from .conn import Conn, PipeConn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Verdict
 from .hooks import Flow, Refusal, new_flow
 from .identities import IdentityGuard
 from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
+from .pipeline import Recorder
 from .keepalive import END, EXCHANGE, HEAD, PREPARE, RAISE, TUNNEL, Handover, KeptAlive, Prepared, close_both, resume
 from .pool import usable
 from .tunnel import run_tunnel
@@ -124,7 +125,8 @@ def prepare(
         return None
     # decide
     gate = client.ctx.gate
-    verdict = gate.admit_now(container, head.host, head.port, "HTTP", client.gone)
+    # (the bound method as Python makes it: see `admit_connect`)
+    verdict = gate.admit_now(container, head.host, head.port, "HTTP", getattr(client, "gone"))  # noqa: B009
     if type(verdict) is not Verdict:
         return _prepare_later(client, head, container, verdict)  # type: ignore[arg-type]
     return _admitted(client, head, container, verdict)
@@ -155,11 +157,13 @@ def _admitted(
     ctx = client.ctx
     # The record's snapshot of what the client sent (the absolute URI names the host contacted).
     rec = ctx.recorder
-    t = (
-        rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
-        if rec is not None
-        else None
-    )
+    if type(rec) is Recorder:  # (the service's: compiled, a C call)
+        recorder: Recorder = rec
+        t = recorder.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+    elif rec is not None:
+        t = rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
+    else:
+        t = None
     if not verdict.allowed:
         client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
         if t is not None:
@@ -239,7 +243,7 @@ async def open_tunnel(
     ctx = client.ctx
     admission = Admission(ctx.gate, container, head.host, head.port, "CONNECT", verdict)
     try:
-        up = await connect(head.host, head.port, ctx.limits.connect_timeout, admission)
+        up = await connect(head.host, head.port, ctx.limits.connect_timeout, admission, protocol=PipeConn)
     except UpstreamFailure as exc:
         ctx.gate.finish_log(verdict)
         client.write(error_response(*exc.http_answer()))

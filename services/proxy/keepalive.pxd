@@ -7,7 +7,7 @@ cimport cython
 from services.proxy.conn cimport Conn, FirstDeadlines
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
 from services.proxy.exchange cimport Exchange, new_exchange
-from services.proxy.gate cimport Gate
+from services.proxy.gate cimport Gate, LiveConn
 from services.proxy.http1 cimport RequestHead
 from services.proxy.mitm cimport Interceptor
 from services.proxy.tunnel cimport Tunnel
@@ -58,7 +58,7 @@ cdef class KeptAlive:
     cpdef bint _servable(self, RequestHead head, buffered) except -1
     @cython.locals(client=ClientConn)
     cpdef bint _admissible(self, RequestHead head) except -1
-    @cython.locals(upstream=Conn)
+    @cython.locals(upstream=Conn, lc=LiveConn)
     cpdef _request(self, RequestHead head)
     cpdef _connect(self, RequestHead head)
     @cython.locals(client=ClientConn, ctx=ProxyContext, head=RequestHead, tunnel=Tunnel)

@@ -439,7 +439,7 @@ class KeptAlive:
         limits = self.limits
         try:
             data = bytes(buf)
-            if data[:8] == b"CONNECT ":
+            if data.startswith(b"CONNECT "):
                 got = parse_head(data, limits)  # (a CONNECT head seen before: not parsed again)
             else:  # (what parse_head does for the others, one call less on every new connection)
                 got = http1.parse_request_head(data, limits.max_header_bytes, limits.max_headers)

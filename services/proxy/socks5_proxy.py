@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from . import socks5
+from .conn import PipeConn
 from .context import ClientConn, unnamed_identity
 from .gate import Admission
 from .tunnel import run_tunnel
@@ -78,7 +79,7 @@ async def handle_socks(client: ClientConn) -> None:
         return
     admission = Admission(gate, container, req.host, req.port, "SOCKS5", verdict)
     try:
-        up = await connect(req.host, req.port, limits.connect_timeout, admission)
+        up = await connect(req.host, req.port, limits.connect_timeout, admission, protocol=PipeConn)
     except UpstreamFailure as exc:
         gate.finish_log(verdict)
         client.write(server.reply(_SOCKS_FAIL.get(exc.kind, socks5.REP_GENERAL_FAILURE)))

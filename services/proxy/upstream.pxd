@@ -5,7 +5,7 @@
 
 cimport cython
 
-from services.proxy.conn cimport Conn, FirstDeadlines
+from services.proxy.conn cimport Conn, FirstDeadlines, PipeConn
 
 
 cdef class _ConnectDeadlines

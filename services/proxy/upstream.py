@@ -8,7 +8,7 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from .conn import Conn, FirstDeadlines
+from .conn import Conn, FirstDeadlines, PipeConn
 
 
 class UpstreamFailure(Exception):
@@ -121,27 +121,34 @@ async def _lookup(loop: asyncio.AbstractEventLoop, host: str, port: int, timeout
 resolve = _resolve  # the gate judges a name's addresses with the same lookup
 
 
-async def connect(host: str, port: int, timeout: float, guard: Callable[[str, int], bool | str | None]) -> Conn:
+async def connect(
+    host: str,
+    port: int,
+    timeout: float,
+    guard: Callable[[str, int], bool | str | None],
+    protocol: type[Conn] = Conn,
+) -> Conn:
     """Connect to the first address of `host` that answers. `guard(ip, port)` judges every address
-    before it is tried: truthy refuses the whole connection (a string says why)."""
+    before it is tried: truthy refuses the whole connection (a string says why). `protocol`: the
+    connection's class (`conn.PipeConn` for a tunnel's upstream)."""
     loop = asyncio.get_running_loop()
     now = loop.time()
     deadline = now + timeout
     addrs = _literal(host, port)
     if addrs is not None:  # an IP literal: nothing to look up, nothing cached
-        return await _connect_first(loop, host, port, addrs, deadline, guard)
+        return await _connect_first(loop, host, port, addrs, deadline, guard, protocol)
     hit = _addresses.get((host, port))
     cached = hit is not None and hit[1] > now
     addrs = hit[0] if cached else await _resolve(loop, host, port, timeout)  # type: ignore[index]
     try:
-        return await _connect_first(loop, host, port, addrs, deadline, guard)
+        return await _connect_first(loop, host, port, addrs, deadline, guard, protocol)
     except UpstreamFailure as exc:
         if not cached or exc.kind in ("guard", "timeout"):
             raise
     # Every cached address failed: the name may have moved. Once more with a fresh lookup.
     forget(host, port)
     addrs = await _resolve(loop, host, port, max(0.0, deadline - loop.time()))
-    return await _connect_first(loop, host, port, addrs, deadline, guard)
+    return await _connect_first(loop, host, port, addrs, deadline, guard, protocol)
 
 
 class _Deadline:
@@ -167,13 +174,14 @@ async def _connect_first(
     addrs: list[tuple[str, int]],
     deadline: float,
     guard: Callable[[str, int], bool | str | None],
+    protocol: type[Conn] = Conn,
 ) -> Conn:
     # Its deadline (_Deadline) cancels the connecting task: a step driven by hand from a connection's
     # callbacks (keepalive.py: an intercepted tunnel's request past its first wait) has none, so the
     # connect gets a task of its own there, which the step waits for as for any future.
     task = asyncio.current_task(loop)
     if task is None:
-        return await loop.create_task(_connect_first(loop, host, port, addrs, deadline, guard))
+        return await loop.create_task(_connect_first(loop, host, port, addrs, deadline, guard, protocol))
     last: UpstreamFailure | None = None
     for ip, aport in addrs:
         why = guard(ip, port)
@@ -189,7 +197,7 @@ async def _connect_first(
         expire = _Deadline(task)
         timer = loop.call_at(deadline, expire)
         try:
-            _t, conn = await loop.create_connection(Conn, ip, aport)  # type: ignore[type-var]  # (a protocol by duck typing, conn.Conn)
+            _t, conn = await loop.create_connection(protocol, ip, aport)  # type: ignore[type-var]  # (a protocol by duck typing, conn.Conn)
             return conn  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
         except asyncio.CancelledError:
             # Ours (the deadline) unless someone else cancelled the task too.
@@ -295,7 +303,7 @@ class Connecting:
         """The attempt's protocol (`create_connection` calls this as its protocol factory; a bound
         method would be one more object per connect), kept: the connect's end need not read it from
         the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
-        conn = self.conn = Conn()
+        conn = self.conn = PipeConn()  # (a tunnel's upstream)
         return conn
 
     def _disarm(self) -> None:

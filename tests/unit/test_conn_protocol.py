@@ -1,7 +1,8 @@
 """conn.Conn as an event loop's protocol: compiled it is an extension type that subclasses no asyncio
-class (conn.pxd), so it must have every callback a transport may call itself, uvloop must still serve
-it as a buffered protocol (by duck typing) and asyncio's own loops, which then call data_received,
-must get the same bytes to the same places."""
+class (conn.pxd), so it must have every callback a transport may call itself; a Conn (a client, a
+plain-HTTP upstream) is read as a plain protocol, a PipeConn (a tunnel's upstream) as a buffered one
+on uvloop (by duck typing), and asyncio's own loops, which call data_received for both, must get the
+same bytes to the same places."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from services.proxy.conn import Conn, splice
+from services.proxy.conn import Conn, PipeConn, splice
 from services.proxy.context import ClientConn
 
 CALLBACKS = {
@@ -34,23 +35,28 @@ def test_every_callback_of_asyncios_protocols_is_on_the_connection_classes() -> 
         if not name.startswith("_") and callable(getattr(cls, name))
     }
     assert asyncio_callbacks == CALLBACKS  # (a callback asyncio adds one day must be added to Conn)
-    for cls in (Conn, ClientConn):
-        for name in CALLBACKS:
+    buffered = {"get_buffer", "buffer_updated"}
+    for cls in (Conn, ClientConn, PipeConn):
+        for name in CALLBACKS - buffered:
             assert callable(getattr(cls, name, None)), (cls, name)
+    # A PipeConn is a buffered protocol; the others are plain ones (uvloop: no get_buffer per read).
+    for name in buffered:
+        assert callable(getattr(PipeConn, name, None))
+        assert not hasattr(Conn, name) and not hasattr(ClientConn, name)
 
 
-class Counted(Conn):
-    """A Conn that notes how its reads arrive (a subclass: an extension type's methods cannot be patched)."""
+class Counted(PipeConn):
+    """A PipeConn that notes how its reads arrive (a subclass: an extension type's methods cannot be patched)."""
 
     __slots__ = ("via",)
 
     def __init__(self) -> None:
-        Conn.__init__(self)
+        PipeConn.__init__(self)
         self.via: set[str] = set()
 
     def get_buffer(self, sizehint: int) -> Any:
         self.via.add("get_buffer")
-        return Conn.get_buffer(self, sizehint)
+        return PipeConn.get_buffer(self, sizehint)
 
     def data_received(self, data: bytes) -> None:
         self.via.add("data_received")
@@ -109,6 +115,103 @@ def test_a_spliced_pair_relays_both_ways_on_either_loop(loop_kind: str) -> None:
             await send
             assert got == data
         assert client.bytes_in == 100 and upstream.bytes_in == 3 << 20
+        for s in outer:
+            s.close()
+        await asyncio.wait_for(client.wait_closed(), 5)
+        await asyncio.wait_for(upstream.wait_closed(), 5)
+
+    _run(loop_kind, main)
+
+
+class CountedPlain(Conn):
+    """A Conn that notes how its reads arrive."""
+
+    __slots__ = ("via",)
+
+    def __init__(self) -> None:
+        Conn.__init__(self)
+        self.via: set[str] = set()
+
+    def data_received(self, data: bytes) -> None:
+        self.via.add("data_received")
+        Conn.data_received(self, data)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_conn_is_read_as_a_plain_protocol(loop_kind: str) -> None:
+    """A client or a plain-HTTP upstream (a Conn) gets its reads as bytes in data_received on uvloop
+    too (no get_buffer call from C per read), into the same buffer, with the same end."""
+
+    async def main() -> set[str]:
+        loop = asyncio.get_running_loop()
+        s1, s2 = socket.socketpair()
+        s2.setblocking(False)
+        _t, conn = await loop.create_connection(CountedPlain, sock=s1)  # type: ignore[type-var]
+        await loop.sock_sendall(s2, b"HTTP/1.1 200 OK\r\n\r\n")
+        while len(conn.buf) < 19:
+            assert await conn.read_more(5.0)
+        assert conn.take() == b"HTTP/1.1 200 OK\r\n\r\n" and conn.bytes_in == 19
+        s2.close()
+        assert await conn.read_more(5.0) is False and conn.eof
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        return conn.via
+
+    assert _run(loop_kind, main) == {"data_received"}
+
+
+def test_upstream_connect_makes_the_class_asked_for() -> None:
+    """`upstream.connect` gives a Conn (a plain-HTTP upstream: parsed), a PipeConn when asked (a
+    tunnel's upstream: read into the scratch, piped); a connect from callbacks (`Connecting`, a new
+    CONNECT tunnel's) makes a PipeConn."""
+    from services.proxy.upstream import Connecting, connect
+
+    async def main() -> list[type]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        got = []
+        for kw in ({}, {"protocol": PipeConn}):
+            up = await connect("127.0.0.1", port, 5.0, lambda _ip, _port: None, **kw)
+            got.append(type(up))
+            up.close()
+        fut = loop.create_future()
+        c = Connecting("127.0.0.1", port, 5.0, lambda _ip, _port: None, lambda up, _f: fut.set_result(up), loop)
+        c.start()
+        up = await asyncio.wait_for(fut, 5)
+        got.append(type(up))
+        up.close()
+        server.close()
+        return got
+
+    assert _run("uvloop", main) == [Conn, PipeConn, PipeConn]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_plain_client_and_a_buffered_upstream_relay_both_ways(loop_kind: str) -> None:
+    """A tunnel as the proxy makes it: the client a plain Conn (an upload comes as bytes), the upstream a
+    PipeConn (a download from the scratch straight to the client's socket)."""
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(2)]
+        outer = [b for _a, b in pairs]
+        for s in outer:
+            s.setblocking(False)
+        _t1, client = await loop.create_connection(Conn, sock=pairs[0][0])  # type: ignore[type-var]
+        _t2, upstream = await loop.create_connection(PipeConn, sock=pairs[1][0])  # type: ignore[type-var]
+        splice(client, upstream)
+        for src, dst, size in ((outer[0], outer[1], 3 << 20), (outer[1], outer[0], 3 << 20)):
+            data = bytes(range(256)) * (size // 256)
+            send = loop.create_task(loop.sock_sendall(src, data))
+            got = bytearray()
+            while len(got) < len(data):
+                chunk = await asyncio.wait_for(loop.sock_recv(dst, 1 << 20), 5)
+                assert chunk
+                got += chunk
+            await send
+            assert got == data
+        assert client.bytes_in == 3 << 20 and upstream.bytes_in == 3 << 20
         for s in outer:
             s.close()
         await asyncio.wait_for(client.wait_closed(), 5)

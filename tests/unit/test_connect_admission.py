@@ -12,6 +12,7 @@ import pytest
 
 from bus import records
 from services.proxy import http1, http_proxy
+from services.proxy.conn import PipeConn
 from services.proxy.context import Limits
 from services.proxy.http_proxy import parse_head
 from harness.fakes import Journal, Publisher
@@ -172,7 +173,7 @@ def _connecting(host: str, port: int, timeout: float = 2.0, guard: Any = None) -
             if conn is not None:
                 conn.close()
         try:
-            conn = await upstream.connect(host, port, timeout, g)
+            conn = await upstream.connect(host, port, timeout, g, protocol=PipeConn)  # (a tunnel's, as Connecting's)
             want: Any = ("conn", type(conn).__name__)
             conn.close()
         except upstream.UpstreamFailure as exc:
@@ -207,7 +208,7 @@ def test_the_connect_from_callbacks_answers_as_connect(loop_kind: str) -> None:
             server.close()
 
     got, want = run(listening())
-    assert got == want == ("conn", "Conn")
+    assert got == want == ("conn", "PipeConn")
     closed = _free_port()
     got, want = run(_connecting("127.0.0.1", closed)())
     assert got == want == ("refused", f"connection to 127.0.0.1:{closed} refused")
@@ -247,7 +248,7 @@ def test_the_connect_from_callbacks_answers_as_connect(loop_kind: str) -> None:
             upstream._addresses.clear()
         return out
 
-    assert run(cached()) == [("Conn", None, True), ("NoneType", None, False)]
+    assert run(cached()) == [("PipeConn", None, True), ("NoneType", None, False)]
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
@@ -392,7 +393,7 @@ def test_connects_in_flight_share_one_deadline_timer(loop_kind: str) -> None:
             server.close()
 
     conn, queued = run(succeeds())
-    assert type(conn).__name__ == "Conn" and queued is False
+    assert type(conn).__name__ == "PipeConn" and queued is False
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])

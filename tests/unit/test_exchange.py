@@ -20,6 +20,7 @@ from services.proxy.exchange import (
     DONE,
     FAILED,
     SEND_REQUEST,
+    SEND_RESPONSE,
     STALE,
     TRANSITIONS,
     Exchange,
@@ -180,6 +181,29 @@ def test_transitions_are_explicit_and_enforced() -> None:
     ex._to(FAILED)
     with pytest.raises(RuntimeError):
         ex._to(AWAIT_RESPONSE)
+
+
+def test_the_steps_own_transitions_are_checked_too() -> None:
+    """`send`, `_send_head` and `_done` move along the table without `_to`'s look-ups when the state is
+    the one they expect; from any other they are refused as `_to` refuses them."""
+    resp = http1.parse_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")[0]  # type: ignore[index]
+    ex = Exchange(MemStream("c"), MemStream("u"), _head(GET), LIMITS)
+    ex._to(AWAIT_RESPONSE)
+    ex._to(FAILED)
+    with pytest.raises(RuntimeError, match="not a transition"):
+        ex.send(b"GET / HTTP/1.1\r\n\r\n")
+    with pytest.raises(RuntimeError, match="not a transition"):
+        ex._send_head(resp)
+    with pytest.raises(RuntimeError, match="not a transition"):
+        ex._done(resp)
+    ex = Exchange(MemStream("c"), MemStream("u"), _head(GET), LIMITS)
+    ex.send(b"GET / HTTP/1.1\r\n\r\n")
+    assert ex.state is AWAIT_RESPONSE
+    with pytest.raises(RuntimeError, match="not a transition"):
+        ex._done(resp)  # (DONE only after the head went out)
+    assert ex._send_head(resp) is None and ex.state is SEND_RESPONSE
+    ex._done(resp)
+    assert ex.state is DONE
 
 
 # ---------------------------------------------------------------- plain exchanges

@@ -172,16 +172,16 @@ class Proxy:
         self.client = ClientConn(self.ctx, http_proxy.handle_http, self.begin)
         self.wire = Wire(self.client)
 
-    async def connect(self, host: str, port: int, timeout: float, guard: Any) -> Conn:
+    async def connect(self, host: str, port: int, timeout: float, guard: Any, protocol: type[Conn] = Conn) -> Conn:
         failure = CONNECT_FAILURES.get(host)
         if failure is not None:
             await asyncio.sleep(0)
             raise UpstreamFailure(failure[0], failure[1] % (host, port))
-        return self.origin()
+        return self.origin(protocol)
 
-    def origin(self) -> Conn:
-        """A new upstream connection to the scripted origin."""
-        up = Conn()
+    def origin(self, protocol: type[Conn] = Conn) -> Conn:
+        """A new upstream connection (of `protocol`, as upstream.connect makes) to the scripted origin."""
+        up = protocol()
         loop = asyncio.get_running_loop()
 
         def origin(data: bytes) -> None:

@@ -30,7 +30,7 @@ from greyproxy.credentials.substitute import Live
 from greyproxy.policy import RuleSet
 from greyproxy.policy.ruleset import Rule, builtin_rules
 from services.proxy import http1, http_proxy
-from services.proxy.conn import Conn
+from services.proxy.conn import Conn, PipeConn
 from services.proxy.context import ClientConn, Limits, ProxyContext
 from services.proxy.credentials import KEY_OK, LiveCredentials
 from services.proxy.gate import Gate, Verdict
@@ -74,7 +74,7 @@ def outcome(fn: Any, *args: Any) -> Any:
     fields.pop("placeholder_free", None)  # (the long way clears these two on purpose)
     fields.pop("parsed", None)
     if isinstance(head, http1.ResponseHead):
-        for how in ("_headers", "index", "text", "lower"):  # how the fields are kept: read them instead
+        for how in ("_headers", "index", "text", "lower", "lines"):  # how the fields are kept: read them instead
             fields.pop(how)
         fields["lookups"] = [head.header(name) for name in _LOOKUPS]  # (before the list is built)
         fields["headers"] = head.headers
@@ -250,6 +250,8 @@ def test_response_head_split_reads_like_the_parser(raw: bytes, method: str) -> N
     assert fast == slow
     if fast is not None and not isinstance(fast[0], str):
         resp = http1.parse_response_head(raw, 65536, method)[0]  # type: ignore[index]
+        if resp.text is not None:  # the field lines the parse split once are the text's
+            assert resp.field_lines() is resp.lines and resp.lines == resp.text.split("\r\n")[1:]
         for keep in (True, False):
             assert http1.render_response_head(resp, keep)  # renders either way
 
@@ -377,6 +379,9 @@ REQUESTS = [
 ]
 
 
+_PROTOCOLS_ASKED: list[type[Conn]] = []  # the connection classes `_through_proxy`'s upstreams were asked as
+
+
 async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
     """Every request on one kept-alive client connection; (bytes the origin got, bytes the client got)."""
     gate = Gate(_Journal(), _Publisher(), {43051}, {"127.0.0.1"}, 1.0, 10)  # type: ignore[arg-type]
@@ -387,8 +392,9 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
     upstream_got, client_got = bytearray(), bytearray()
     pending = list(requests)
 
-    async def connect(host: str, port: int, timeout: float, guard: Any) -> Conn:
-        up = Conn()
+    async def connect(host: str, port: int, timeout: float, guard: Any, protocol: type[Conn] = Conn) -> Conn:
+        _PROTOCOLS_ASKED.append(protocol)
+        up = protocol()
 
         def origin(data: bytes) -> None:
             upstream_got.extend(data)
@@ -415,7 +421,10 @@ async def _through_proxy(requests: list[bytes]) -> tuple[bytes, bytes]:
 
 
 def test_whole_loop_sends_the_same_bytes_with_and_without_the_shortcuts() -> None:
+    _PROTOCOLS_ASKED.clear()
     fast = asyncio.run(_through_proxy(REQUESTS))
+    # A plain-HTTP upstream is connected as a plain Conn (read as a plain protocol), not a PipeConn
+    assert _PROTOCOLS_ASKED and set(_PROTOCOLS_ASKED) == {Conn} and PipeConn not in _PROTOCOLS_ASKED
     with long_way():
         slow = asyncio.run(_through_proxy(REQUESTS))
     assert fast == slow
@@ -564,8 +573,13 @@ def test_a_value_of_one_token_is_split_as_any_other(value: str) -> None:
 @example("1" * 18)
 @example("1" * 19)
 @example("")
+@example("999999999999999999")
+@example("000000000000000012")
 def test_content_length_check_is_the_regex(value: str) -> None:
-    assert http1._content_length_ok(value) == (http1._CL_RE.fullmatch(value) is not None)
+    ok = http1._CL_RE.fullmatch(value) is not None
+    assert http1._content_length_ok(value) == ok
+    # (the number read in one loop: int() of what the regex takes, -1 for the rest)
+    assert http1._content_length_value(value) == (int(value) if ok else -1)
 
 
 @pytest.mark.parametrize("split", [True, False])
@@ -715,3 +729,142 @@ def test_target_parts_read_http_targets_as_the_regex(method: str, target: str) -
             return (exc.status, str(exc))
 
     assert of(http1._target_parts) == of(_target_parts_by_regex)
+
+
+@contextmanager
+def fresh_request_parsers(keep: bool) -> Iterator[None]:
+    """An empty pool of kept request parsers (`http1._REQUEST_PARSERS`); `keep=False`: none is kept."""
+    pool = http1._REQUEST_PARSERS
+    saved = pool[:]
+    pool.clear()
+    try:
+        with mock.patch.object(http1, "_REQUEST_PARSERS_MAX", 8 if keep else 0):
+            yield
+    finally:
+        pool[:] = saved
+
+
+@FUZZ
+@given(st.lists(heads(_REQUEST_LINES), min_size=2, max_size=5))
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+def test_a_kept_request_parser_reads_any_head_as_a_new_one(raws: list[bytes]) -> None:
+    """Heads parsed one after another on parsers kept from the ones before give what each gives on a
+    parser of its own (a head that leaves its parser elsewhere than at the next head's start, such
+    as `Connection: close` or a body to come, must not pass it on)."""
+    with fresh_request_parsers(keep=False):
+        alone = [outcome(http1.parse_request_head, raw, 65536, 100) for raw in raws]
+    with fresh_request_parsers(keep=True):
+        kept = [outcome(http1.parse_request_head, raw, 65536, 100) for raw in raws]
+    assert kept == alone
+
+
+def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
+    """A kept-alive GET's parser serves the next head (no parser made for it); a head that ends its
+    connection or brings a body does not leave one."""
+    plain = b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
+    made = []
+    real = http1.HttpRequestParser
+
+    def making(col: Any) -> Any:
+        made.append(col)
+        return real(col)
+
+    with fresh_request_parsers(keep=True), mock.patch.object(http1, "HttpRequestParser", making):
+        for _ in range(3):
+            assert http1.parse_request_head(plain) is not None
+        assert len(made) == 1 and len(http1._REQUEST_PARSERS) == 1
+        for other in (
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+            b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
+            b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
+        ):
+            assert http1.parse_request_head(other) is not None
+            assert http1._REQUEST_PARSERS == []
+            assert http1.parse_request_head(plain) is not None  # a new one, kept again
+        assert len(made) == 5
+        with pytest.raises(http1.HttpError):
+            http1.parse_request_head(b"GET http://h/ HTTP/1.1\r\nHo st: h\r\n\r\n")
+        assert http1._REQUEST_PARSERS == []  # (a parser that refused a head is dropped)
+
+
+def test_a_parsed_request_head_has_every_field_as_its_dataclass_would() -> None:
+    """`parse_request_head` sets the head's fields one by one (no __init__ call): each is what
+    RequestHead(...) with the parsed values gives, the defaults included."""
+    head, n = http1.parse_request_head(b"GET http://h.example:8080/a?b HTTP/1.1\r\nHost: h.example:8080\r\n\r\n")  # type: ignore[misc]
+    want = http1.RequestHead(
+        "GET",
+        "http://h.example:8080/a?b",
+        "1.1",
+        [("Host", "h.example:8080")],
+        host="h.example",
+        port=8080,
+        scheme="http",
+        path="/a?b",
+        authority="h.example:8080",
+        names=frozenset({"host"}),
+        placeholder_free=True,
+        parsed=True,
+    )
+    for f in dataclasses.fields(want):
+        assert getattr(head, f.name) == getattr(want, f.name), f.name
+        assert type(getattr(head, f.name)) is type(getattr(want, f.name)), f.name
+    assert n == 64
+
+
+def test_an_http_targets_authority_is_read_once_and_alike() -> None:
+    """`_target_parts` remembers an http:// target's authority as `_split_authority` reads it (bounded);
+    one it refuses is refused every time, never remembered."""
+    http1._HTTP_AUTHORITIES.clear()
+    for _ in range(2):
+        for authority, want in (("h:1", ("h", 1)), ("h:2", ("h", 2)), ("H", ("h", 80)), ("[::1]:9", ("::1", 9))):
+            assert http1._target_parts("GET", f"http://{authority}/x")[1:3] == want
+            assert http1._HTTP_AUTHORITIES[authority] == want
+    for bad in ("h:0", "a@h", "h:x"):
+        for _ in range(2):
+            with pytest.raises(http1.HttpError):
+                http1._target_parts("GET", f"http://{bad}/")
+        assert bad not in http1._HTTP_AUTHORITIES
+    for i in range(5000):
+        http1._target_parts("GET", f"http://h{i}/")
+    assert len(http1._HTTP_AUTHORITIES) <= 4096
+
+
+def test_a_tunnels_upstream_is_connected_as_a_pipe_conn() -> None:
+    """The handler's CONNECT (`open_tunnel`) asks `connect` for a PipeConn (read into the scratch and
+    piped to the client: a download's speed), where a plain-HTTP request asks for a plain Conn."""
+    from services.proxy.upstream import UpstreamFailure
+
+    asked: list[Any] = []
+
+    async def connect(host: str, port: int, timeout: float, guard: Any, protocol: type[Conn] = Conn) -> Conn:
+        asked.append(protocol)
+        raise UpstreamFailure("refused", f"connection to {host}:{port} refused")
+
+    async def main() -> bytes:
+        gate = Gate(_Journal(), _Publisher(), {43051}, {"127.0.0.1"}, 1.0, 10)  # type: ignore[arg-type]
+        ctx = ProxyContext(gate, Limits(idle_timeout=2.0, header_timeout=2.0))
+        got = bytearray()
+        client = ClientConn(ctx, http_proxy.handle_http)
+        client.connection_made(Wire(client, got.extend))  # type: ignore[arg-type]
+        head = http1.parse_request_head(b"CONNECT h.example:443 HTTP/1.1\r\nHost: h.example:443\r\n\r\n")[0]  # type: ignore[index]
+        with mock.patch.object(http_proxy, "connect", connect):
+            await http_proxy.open_tunnel(client, head, "c", Verdict(True, "rule", 1), lambda: None)
+        return bytes(got)
+
+    answer = asyncio.run(main())
+    assert answer.startswith(b"HTTP/1.1 502") and asked == [PipeConn]

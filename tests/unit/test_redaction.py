@@ -359,3 +359,44 @@ def test_recorded_names_met_twice_are_one_list() -> None:
     assert text == '{"Vary":["Accept","Origin"],"Server":["s"],"Set-Cookie":["[REDACTED]","[REDACTED]"]}'
     assert (ct, ce) == (None, None)
     assert r.recorded([]) == ("{}", None, None)
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(st.text(max_size=12))
+def test_a_field_value_is_written_as_orjson_writes_it(value: str) -> None:
+    """The recorded JSON text of a value (printable ASCII between quotes as it is, without orjson's
+    call) is what orjson writes, for any value."""
+    import orjson
+
+    from greyproxy import redaction
+
+    for v in (value, value.encode("latin-1", "replace").decode("latin-1"), f'{value}\x7f"\\\t/é'):
+        assert redaction._json_string(v) == orjson.dumps(v).decode()
+    r = Redactor()
+    lines = [f"X-A:{value}", "Server: nginx"]
+    assert orjson.loads(r.recorded(lines)[0]) == r.header_lines(lines)
+
+
+def test_a_name_whose_values_keep_changing_is_not_remembered_past_a_few() -> None:
+    """X-Request-Id's lines (a new value every answer) do not fill the fields' cache and push out the
+    lines that come back (Server): those stay remembered; every record is still right."""
+    import orjson
+
+    from greyproxy import redaction
+
+    r = Redactor()
+    server = None
+    for i in range(3 * redaction._VARYING):
+        lines = ["Server: nginx", f"X-Request-Id: {i:08x}", "Content-Type: text/plain"]
+        got = r.recorded(lines)
+        assert orjson.loads(got[0]) == {
+            "Server": ["nginx"],
+            "X-Request-Id": [f"{i:08x}"],
+            "Content-Type": ["text/plain"],
+        }
+        assert got[1] == "text/plain"
+        if server is None:
+            server = r._fields["Server: nginx"]
+        assert r._fields["Server: nginx"] is server  # (remembered once, never made again)
+    kept = [f for f in r._fields if isinstance(f, str) and f.startswith("X-Request-Id")]
+    assert len(kept) == redaction._VARYING
