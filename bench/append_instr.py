@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import os
 import pickle
-import re
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -63,28 +61,14 @@ def append_all(path: str, load_only: bool = False) -> None:
 
 def instructions(n: int, unique: bool) -> int:
     """The appends' instructions for n requests: a run that appends less one that only loads the records."""
+    from recorder_instr import callgrind
+
     counts = []
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/records.pickle"
         build(n, path, unique)
         for mode in ("--run", "--load"):
-            out = subprocess.run(
-                [
-                    "valgrind",
-                    "--tool=callgrind",
-                    f"--callgrind-out-file={tmp}/cg.out",
-                    sys.executable,
-                    __file__,
-                    mode,
-                    path,
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stderr
-            m = re.search(r"Collected : (\d+)", out)
-            assert m, out[-2000:]
-            counts.append(int(m.group(1)))
+            counts.append(callgrind(__file__, [mode, path], tmp))
     return counts[0] - counts[1]
 
 

@@ -82,31 +82,24 @@ def apply_once(n: int, path: str, coalesce: int) -> None:
         db.close()
 
 
+def callgrind(script: str, args: list[str], tmp: str) -> int:
+    """Instructions callgrind counted for `python script args...` (its dump goes to tmp)."""
+    out = subprocess.run(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.out", sys.executable, script, *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    m = re.search(r"Collected : (\d+)", out)
+    assert m, out[-2000:]
+    return int(m.group(1))
+
+
 def instructions(n: int, per: int, coalesce: int, unique: bool = False) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         batches = f"{tmp}/batches.pickle"
         build(n, per, batches, unique)
-        out = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={tmp}/cg.out",
-                sys.executable,
-                __file__,
-                "--run",
-                str(n),
-                "--batches",
-                batches,
-                "--coalesce",
-                str(coalesce),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    m = re.search(r"Collected : (\d+)", out)
-    assert m, out[-2000:]
-    return int(m.group(1))
+        return callgrind(__file__, ["--run", str(n), "--batches", batches, "--coalesce", str(coalesce)], tmp)
 
 
 def main() -> int:
