@@ -70,24 +70,31 @@ def _run(loop_kind: str, main: Any) -> Any:
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_uvloop_reads_into_the_scratch_and_asyncio_calls_data_received(loop_kind: str) -> None:
+def _read_then_eof(loop_kind: str, cls: type[Conn], message: bytes) -> set[str]:
+    """A connection of class `cls` reads `message` from its peer, then the peer's end: the same bytes,
+    counts and end whichever way its reads arrive. Returns how they arrived (cls.via)."""
+
     async def main() -> set[str]:
         loop = asyncio.get_running_loop()
         s1, s2 = socket.socketpair()
         s2.setblocking(False)
-        _t, conn = await loop.create_connection(Counted, sock=s1)  # type: ignore[type-var]
-        await loop.sock_sendall(s2, b"GET / HTTP/1.1\r\n\r\n")
-        while len(conn.buf) < 18:
+        _t, conn = await loop.create_connection(cls, sock=s1)  # type: ignore[type-var]
+        await loop.sock_sendall(s2, message)
+        while len(conn.buf) < len(message):
             assert await conn.read_more(5.0)
-        assert conn.take() == b"GET / HTTP/1.1\r\n\r\n" and conn.bytes_in == 18
+        assert conn.take() == message and conn.bytes_in == len(message)
         s2.close()
         assert await conn.read_more(5.0) is False and conn.eof
         conn.close()
         await asyncio.wait_for(conn.wait_closed(), 5)
-        return conn.via
+        return conn.via  # type: ignore[attr-defined]
 
-    via = _run(loop_kind, main)
+    return _run(loop_kind, main)
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_uvloop_reads_into_the_scratch_and_asyncio_calls_data_received(loop_kind: str) -> None:
+    via = _read_then_eof(loop_kind, Counted, b"GET / HTTP/1.1\r\n\r\n")
     assert via == ({"get_buffer", "data_received"} if loop_kind == "uvloop" else {"data_received"})
 
 
@@ -142,22 +149,7 @@ def test_a_conn_is_read_as_a_plain_protocol(loop_kind: str) -> None:
     """A client or a plain-HTTP upstream (a Conn) gets its reads as bytes in data_received on uvloop
     too (no get_buffer call from C per read), into the same buffer, with the same end."""
 
-    async def main() -> set[str]:
-        loop = asyncio.get_running_loop()
-        s1, s2 = socket.socketpair()
-        s2.setblocking(False)
-        _t, conn = await loop.create_connection(CountedPlain, sock=s1)  # type: ignore[type-var]
-        await loop.sock_sendall(s2, b"HTTP/1.1 200 OK\r\n\r\n")
-        while len(conn.buf) < 19:
-            assert await conn.read_more(5.0)
-        assert conn.take() == b"HTTP/1.1 200 OK\r\n\r\n" and conn.bytes_in == 19
-        s2.close()
-        assert await conn.read_more(5.0) is False and conn.eof
-        conn.close()
-        await asyncio.wait_for(conn.wait_closed(), 5)
-        return conn.via
-
-    assert _run(loop_kind, main) == {"data_received"}
+    assert _read_then_eof(loop_kind, CountedPlain, b"HTTP/1.1 200 OK\r\n\r\n") == {"data_received"}
 
 
 def test_upstream_connect_makes_the_class_asked_for() -> None:
