@@ -8,6 +8,7 @@ against the connection caps. `start_listener` serves a handler (`http_proxy.hand
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -352,7 +353,8 @@ async def start_listener(
     TCP_DEFER_ACCEPT's seconds (`DEFER_ACCEPT`; 0: off)."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: ClientConn(ctx, handler, begin),  # type: ignore[arg-type,return-value]  # (a protocol by duck typing, conn.Conn)
+        # (the type called with its arguments bound: no function of ours called per accepted connection)
+        functools.partial(ClientConn, ctx, handler, begin),  # type: ignore[arg-type]  # (a protocol by duck typing, conn.Conn)
         host,
         port,
         reuse_address=True,
