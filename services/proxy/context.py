@@ -8,7 +8,9 @@ against the connection caps. `start_listener` serves a handler (`http_proxy.hand
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -313,6 +315,31 @@ async def unnamed_identity(conn: ClientConn) -> str:
     return default_identity(conn)
 
 
+# Seconds a new connection may stay silent before it is accepted anyway (TCP_DEFER_ACCEPT, Linux): the
+# proxy's clients always speak first (an HTTP request head, a SOCKS5 greeting), so the kernel hands
+# a connection over only once its first bytes are there, and accepting it and reading them take one
+# wakeup of the event loop instead of two. A client that says nothing is accepted after this long
+# (the kernel's SYN-ACK retransmission schedule rounds it up: 1 s, 3 s, 7 s...) and meets
+# headerTimeout from then; one that connects and closes is accepted at once. 0: accept at once.
+DEFER_ACCEPT = 1
+
+
+def defer_accept(server: asyncio.Server, seconds: float) -> bool:
+    """TCP_DEFER_ACCEPT on the server's listening sockets (`seconds` > 0); whether it was set on them
+    (False: off, or not on this platform)."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None or seconds <= 0:
+        return False
+    done = True
+    for sock in server.sockets:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, max(1, round(seconds)))
+        except OSError as exc:
+            log.warning("TCP_DEFER_ACCEPT not set on %s: %s", sock.getsockname(), exc)
+            done = False
+    return done
+
+
 async def start_listener(
     ctx: ProxyContext,
     host: str,
@@ -320,17 +347,22 @@ async def start_listener(
     handler,
     reuse_port: bool = False,
     begin: Callable[[ClientConn], None] | None = None,
+    defer: float = DEFER_ACCEPT,
 ) -> asyncio.AbstractServer:
-    """Serve `handler` on (host, port); `begin`: how a connection starts (see `ClientConn`)."""
+    """Serve `handler` on (host, port); `begin`: how a connection starts (see `ClientConn`); `defer`:
+    TCP_DEFER_ACCEPT's seconds (`DEFER_ACCEPT`; 0: off)."""
     loop = asyncio.get_running_loop()
-    return await loop.create_server(
-        lambda: ClientConn(ctx, handler, begin),  # type: ignore[arg-type,return-value]  # (a protocol by duck typing, conn.Conn)
+    server = await loop.create_server(
+        # (the type called with its arguments bound: no function of ours called per accepted connection)
+        functools.partial(ClientConn, ctx, handler, begin),  # type: ignore[arg-type]  # (a protocol by duck typing, conn.Conn)
         host,
         port,
         reuse_address=True,
         backlog=2048,
         reuse_port=reuse_port or None,
     )
+    defer_accept(server, defer)
+    return server
 
 
 slotted(globals(), "Limits")  # (as Python: __slots__, as http1's heads; compiled, an extension type: context.pxd)

@@ -324,6 +324,36 @@ def test_slow_socks5_handshake_is_closed_at_the_header_deadline(tight: Stack, or
     assert time.monotonic() - t0 <= HEADER_TIMEOUT + 2.5 and took >= HEADER_TIMEOUT - 1.5, took
 
 
+def test_a_silent_client_is_accepted_after_the_deferral_then_meets_the_header_deadline(
+    tight: Stack, origin: Origin
+) -> None:
+    """The listeners defer accepting a connection until its first bytes (TCP_DEFER_ACCEPT,
+    context.DEFER_ACCEPT = 1 s): one that says nothing is handed over after the deferral and then
+    meets headerTimeout (a 408 on the HTTP port; the SOCKS5 port closes it without a reply); one that
+    speaks at once is served at once (the other tests here)."""
+    from services.proxy.context import DEFER_ACCEPT
+
+    s = _connect(tight.ports["http-proxy"])
+    t0 = time.monotonic()
+    try:
+        got = _read_response(s, HEADER_TIMEOUT + DEFER_ACCEPT + 5)
+        took = time.monotonic() - t0
+    finally:
+        s.close()
+    assert got.startswith(b"HTTP/1.1 408"), got
+    # Without the deferral the 408 comes at HEADER_TIMEOUT (the other deadline tests' bounds).
+    assert HEADER_TIMEOUT + DEFER_ACCEPT - 0.3 <= took <= HEADER_TIMEOUT + DEFER_ACCEPT + 2.5, took
+    s = _connect(tight.socks_port)
+    t0 = time.monotonic()
+    try:
+        closed = _closed_within(s, HEADER_TIMEOUT + DEFER_ACCEPT + 5)
+    finally:
+        s.close()
+    assert (
+        closed is not None and HEADER_TIMEOUT + DEFER_ACCEPT - 0.3 <= closed <= HEADER_TIMEOUT + DEFER_ACCEPT + 2.5
+    ), closed
+
+
 def test_idle_tunnels_are_closed_after_idle_timeout(tight: Stack, origin: Origin) -> None:
     def tunnel() -> socket.socket:
         s = _connect(tight.ports["http-proxy"])
