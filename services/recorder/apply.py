@@ -316,8 +316,12 @@ _pass = _Pass()
 # executions of a one-row statement (a third less for a log row; bench/results.md, record-cost), and
 # each statement has its fixed cost (its cursors opened, the AUTOINCREMENT sequence read and written
 # back). Sizes in powers of two: any number of rows in few statements (18, a batch at ~6 000 requests/s:
-# 16 + 2), of few distinct sizes (each compiled once and cached by sqlite3).
-MULTI_ROWS = (32, 16, 8, 4, 2, 1)
+# 16 + 2), of few distinct sizes (each compiled once and cached by sqlite3). Up to 128 rows: ~2 100
+# instructions less per recorded request than up to 32 (a log row and a transaction row; bench/results.md,
+# s12-a; 256 no better, 512 worse); what a statement costs to compile grows with its rows, so per row it
+# does not. A size whose parameters SQLite would refuse (SQLITE_LIMIT_VARIABLE_NUMBER: 32 766 since
+# 3.32, 999 before) is skipped.
+MULTI_ROWS = (128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def _shared(rows: list, ncols: int = 0) -> tuple[int, ...]:
@@ -434,7 +438,10 @@ def insert_run(
     row = cur.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
     base = int(row[0]) if row else 0
     i, total = 0, len(params)
+    most = cur.connection.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // (ncols or len(params[0])) if total else 0
     for size in MULTI_ROWS:
+        if size > most and size > 1:
+            continue  # more parameters than SQLite takes in one statement (all of them bound, at worst)
         while total - i >= size:
             rows = params[i : i + size]
             shape = shape_of(sql, rows, ncols, fast)

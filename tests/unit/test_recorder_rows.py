@@ -161,12 +161,12 @@ _VALUES = (None, 0, 1, -1, True, False, 0.0, -0.0, 1.0, 2.5, float("nan"), "", "
     st.lists(
         st.lists(st.sampled_from(_VALUES), min_size=len(_AFFINITIES), max_size=len(_AFFINITIES)),
         min_size=1,
-        max_size=90,
+        max_size=300,
     )
 )
 def test_insert_run_stores_what_one_row_statements_store(rows: list[list[Any]]) -> None:
     """Any rows, of values equal across types (1, 1.0, True, "1"...), into columns of every affinity:
-    insert_run (shared columns bound once, statements of 32, 8 and the rest) stores each value as the
+    insert_run (shared columns bound once, statements of 128, 64, 32... rows and the rest) stores each value as the
     one-row INSERT of each row does, and gives the new rows' ids."""
     cols = [f"c{i}" for i in range(len(_AFFINITIES))]
     ddl = ", ".join(f"{c} {a}".strip() for c, a in zip(cols, _AFFINITIES))
@@ -187,3 +187,18 @@ def test_insert_run_stores_what_one_row_statements_store(rows: list[list[Any]]) 
         stored.append(conn.execute(f"SELECT id, {q} FROM t ORDER BY id").fetchall())
         conn.close()
     assert stored[0] == stored[1]
+
+
+def test_insert_run_keeps_under_sqlites_variable_limit() -> None:
+    """A statement of more parameters than the connection takes (SQLITE_LIMIT_VARIABLE_NUMBER: 999 before
+    SQLite 3.32) is never made: the rows go in smaller ones, stored the same."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY AUTOINCREMENT, a, b, c, d, e, f)")
+    conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 100)  # 16 rows of 6 varying values at most
+    rows = [[i, f"s{i}", i * 0.5, -i, f"t{i}", i % 7] for i in range(300)]
+    one = "INSERT INTO t (a, b, c, d, e, f) VALUES (?, ?, ?, ?, ?, ?)"
+    cur = conn.cursor()
+    conn.execute("BEGIN IMMEDIATE")
+    assert list(insert_run(cur, "t", one, rows)) == list(range(1, 301))
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT a, b, c, d, e, f FROM t ORDER BY id").fetchall() == [tuple(r) for r in rows]
