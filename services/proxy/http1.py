@@ -611,7 +611,11 @@ def parse_request_head(
                 pair = None
         if pair is None:
             done = _HeadEnd()
-            pair = kept = (done, HttpRequestParser(done))
+            fresh = HttpRequestParser(done)
+            # (past a message that does not keep its connection, `Connection: close` or HTTP/1.0, it
+            # goes on to the next head instead of refusing data after it: `_REUSE_BLOCKERS`)
+            fresh.set_dangerous_leniencies(lenient_keep_alive=True)
+            pair = kept = (done, fresh)
         else:
             kept = pair
         col: _Collector | _HeadEnd = kept[0]
@@ -670,10 +674,11 @@ def parse_request_head(
         )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
-    if pair is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
-        # The parser took this head whole and is where the next one starts (a request without a body
-        # that keeps its connection, as llhttp reads it): kept for the next parse, which then makes
-        # none (HttpRequestParser's making, its callbacks looked up, costs ~2 500 instructions).
+    if pair is not None and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+        # The parser took this head whole and is where the next one starts (a request without a body,
+        # as llhttp reads it; one that closes its connection too: the parser is lenient about that
+        # alone): kept for the next parse, which then makes none (HttpRequestParser's making, its
+        # callbacks looked up, costs ~2 500 instructions).
         pool = _REQUEST_PARSERS
         if len(pool) < _REQUEST_PARSERS_MAX:
             pool.append(pair)
@@ -685,8 +690,11 @@ def parse_request_head(
 _REQUEST_PARSERS: list[tuple[_HeadEnd, HttpRequestParser]] = []
 _REQUEST_PARSERS_MAX = 8
 # A head with one of these fields may leave llhttp elsewhere than at the next head's start (a body to
-# read, the connection to close after it, an upgrade), as do HTTP/1.0 and CONNECT: its parser is dropped.
-_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "connection", "proxy-connection", "upgrade"})
+# read, an upgrade), as does CONNECT: its parser is dropped. (The end of a message that closes its
+# connection, `Connection: close`, `Proxy-Connection: close` or HTTP/1.0 without keep-alive, would
+# leave a strict parser closed, refusing any data after it; the kept parsers are lenient about that
+# alone, `lenient_keep_alive`, which llhttp reads nowhere else: they go on to the next head.)
+_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "upgrade"})
 
 
 def _derive_target(head: RequestHead) -> None:

@@ -755,6 +755,15 @@ def fresh_request_parsers(keep: bool) -> Iterator[None]:
 )
 @example(
     [
+        b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+@example(
+    [
         b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
         b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
         b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
@@ -773,8 +782,9 @@ def test_a_kept_request_parser_reads_any_head_as_a_new_one(raws: list[bytes]) ->
 
 
 def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
-    """A kept-alive GET's parser serves the next head (no parser made for it); a head that ends its
-    connection or brings a body does not leave one."""
+    """A GET's parser serves the next head (no parser made for it), one that ends its connection
+    too (`Connection: close`, HTTP/1.0: the kept parsers are lenient about that alone); a head that
+    brings a body or a tunnel does not leave one."""
     plain = b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
     made = []
     real = http1.HttpRequestParser
@@ -787,16 +797,23 @@ def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
         for _ in range(3):
             assert http1.parse_request_head(plain) is not None
         assert len(made) == 1 and len(http1._REQUEST_PARSERS) == 1
-        for other in (
+        for closing in (
             b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
             b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n",
+        ):
+            assert http1.parse_request_head(closing) is not None
+            assert len(http1._REQUEST_PARSERS) == 1
+            assert http1.parse_request_head(plain) is not None
+        assert len(made) == 1
+        for other in (
             b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
             b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
         ):
             assert http1.parse_request_head(other) is not None
             assert http1._REQUEST_PARSERS == []
             assert http1.parse_request_head(plain) is not None  # a new one, kept again
-        assert len(made) == 5
+        assert len(made) == 3
         with pytest.raises(http1.HttpError):
             http1.parse_request_head(b"GET http://h/ HTTP/1.1\r\nHo st: h\r\n\r\n")
         assert http1._REQUEST_PARSERS == []  # (a parser that refused a head is dropped)
