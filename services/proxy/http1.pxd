@@ -36,6 +36,7 @@ cdef class _HeadEnd:
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
     line=str, k=str, v=str, head=RequestHead, text=str, first_line=str, pair=tuple, pool=list, done=_HeadEnd, kept=tuple,
+    colon=Py_ssize_t,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -54,6 +55,8 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+@cython.locals(end=Py_ssize_t)
+cpdef str _value_at(str line, Py_ssize_t start)
 @cython.locals(token=str)
 cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)

@@ -885,3 +885,18 @@ def test_a_tunnels_upstream_is_connected_as_a_pipe_conn() -> None:
 
     answer = asyncio.run(main())
     assert answer.startswith(b"HTTP/1.1 502") and asked == [PipeConn]
+
+
+@FUZZ
+@given(st.text(alphabet=" \t:ab\xe9\r", max_size=12), st.integers(0, 14))
+def test_value_at_is_strip_of_the_rest(line: str, start: int) -> None:
+    """`_value_at(line, start)` (the parsers' reading of a field's value) is `line[start:].strip(" \\t")`."""
+    assert http1._value_at(line, start) == line[start:].strip(" \t")
+
+
+@FUZZ
+@given(st.sampled_from(["keep-alive", "close", "Close", " close", "close, x", "", " ", "a,,b", "KEEP-ALIVE "]))
+def test_split_tokens_of_the_usual_values(value: str) -> None:
+    """The usual Connection values (`keep-alive`, `close`) are their own token, as the general reading gives."""
+    want = [t.strip().lower() for t in value.split(",") if t.strip()]
+    assert http1._split_tokens(value) == want
