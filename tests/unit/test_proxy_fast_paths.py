@@ -900,3 +900,24 @@ def test_split_tokens_of_the_usual_values(value: str) -> None:
     """The usual Connection values (`keep-alive`, `close`) are their own token, as the general reading gives."""
     want = [t.strip().lower() for t in value.split(",") if t.strip()]
     assert http1._split_tokens(value) == want
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["GET", "OPTIONS", "POST", "CONNECT"]), _TARGETS), min_size=1, max_size=6))
+@example([("GET", "http://h.example"), ("OPTIONS", "http://h.example")])
+@example([("GET", "http://h.example:443"), ("CONNECT", "h.example:443")])
+def test_a_remembered_target_reads_as_a_new_one(requests: list[tuple[str, str]]) -> None:
+    """Request heads read one after another (their targets' parts remembered, `http1._TARGETS`) give
+    what each gives read alone: the same head or the same refusal, OPTIONS and CONNECT included."""
+
+    def read(method: str, target: str) -> Any:
+        raw = f"{method} {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode("latin-1")
+        return outcome(http1.parse_request_head, raw, 65536, 100)
+
+    alone = []
+    for method, target in requests:
+        http1._TARGETS.clear()
+        alone.append(read(method, target))
+    http1._TARGETS.clear()
+    assert [read(m, t) for m, t in requests] == alone
+    assert [read(m, t) for m, t in requests] == alone  # (now remembered)
