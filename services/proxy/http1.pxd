@@ -55,7 +55,7 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
-@cython.locals(end=Py_ssize_t)
+@cython.locals(end=Py_ssize_t, c=Py_UCS4)
 cpdef str _value_at(str line, Py_ssize_t start)
 @cython.locals(token=str)
 cpdef list _split_tokens(str value)
@@ -83,6 +83,8 @@ cpdef _add_tokens(list tokens, str value)
 @cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)
+@cython.locals(t=str)
+cpdef bint _names_dropped(frozenset names, list tokens) except -1
 @cython.locals(n=str)
 cpdef bint _proxy_names(names)
 @cython.locals(k=str, lk=str, kept=list, tokens=list, out=list)

@@ -921,3 +921,32 @@ def test_a_remembered_target_reads_as_a_new_one(requests: list[tuple[str, str]])
     http1._TARGETS.clear()
     assert [read(m, t) for m, t in requests] == alone
     assert [read(m, t) for m, t in requests] == alone  # (now remembered)
+
+
+def test_a_default_identity_is_one_string_per_address() -> None:
+    """`default_identity` gives `unknown-<address>`, the same string object for the same address (the
+    dicts keyed by identities then compare it by reference), bounded."""
+    from services.proxy import context
+    from services.proxy.context import ClientConn, default_identity
+
+    def conn(ip: str) -> ClientConn:
+        c = ClientConn.__new__(ClientConn)
+        c.src_ip = ip
+        return c
+
+    a, b = default_identity(conn("10.0.0." + "1")), default_identity(conn("10.0.0." + "1"))
+    assert a == "unknown-10.0.0.1" and a is b
+    assert default_identity(conn("::1")) == "unknown-::1" and default_identity(conn("")) == "unknown-"
+    for i in range(5000):
+        assert default_identity(conn(f"10.1.{i // 256}.{i % 256}")) == f"unknown-10.1.{i // 256}.{i % 256}"
+    assert len(context._DEFAULT_NAMES) <= 4096
+
+
+@FUZZ
+@given(
+    st.frozensets(st.sampled_from(["host", "content-length", "x-a", "te", "close", "keep-alive"])),
+    st.lists(st.sampled_from(["host", "content-length", "x-a", "te", "close", "keep-alive", "upgrade"]), max_size=4),
+)
+def test_names_dropped_is_the_set_reading(names: frozenset[str], tokens: list[str]) -> None:
+    want = not (names.isdisjoint(tokens) or names.intersection(tokens) <= http1._NEVER_CONNECTION_DROPPED)
+    assert http1._names_dropped(names, tokens) == want
