@@ -10,8 +10,10 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
-    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
+    @cython.locals(last=tuple, headers=list)
     cpdef render_upstream(self, version)
+    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
+    cpdef _render_parsed(self, version)
     @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
 
@@ -36,7 +38,7 @@ cdef class _HeadEnd:
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
     line=str, k=str, v=str, head=RequestHead, text=str, first_line=str, pair=tuple, pool=list, done=_HeadEnd, kept=tuple,
-    colon=Py_ssize_t, parts=tuple,
+    colon=Py_ssize_t, parts=tuple, last=tuple,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 

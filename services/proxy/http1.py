@@ -420,9 +420,28 @@ class RequestHead:
 
     def render_upstream(self, version: str) -> bytes:
         """The head sent upstream when no hook changed it: `render_request_head` of the target's
-        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
+        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`). A parsed
+        head like the one rendered last (its method, path, authority and fields equal: what the
+        rendering reads, the names and the upgrade being read from them) gets the same bytes."""
         if not self.parsed:
             return render_request_head(self.method, self.path, version, self.upstream_headers())
+        last = _LAST_RENDER[0]  # (one tuple read, one written: threads never see half of one)
+        headers = self.headers
+        if (
+            last is not None
+            and last[4] == headers
+            and last[1] == self.path
+            and last[0] == self.method
+            and last[3] == self.authority
+            and last[2] == version
+        ):
+            return last[5]
+        out = self._render_parsed(version)
+        _LAST_RENDER[0] = (self.method, self.path, version, self.authority, list(headers), out)
+        return out
+
+    def _render_parsed(self, version: str) -> bytes:
+        """`render_upstream` of a parsed head."""
         names = self.names
         if names is not None and names.isdisjoint(_HOP_BY_HOP_PLAIN):
             # The usual head: no hop-by-hop field but perhaps Proxy-* ones and a Connection field (a
@@ -684,7 +703,12 @@ def parse_request_head(
                 v = _value_at(line, colon + 1)
             headers.append((k, v))
             raw_names.append(k)
-        names = frozenset(map(str.lower, raw_names))
+        last = _LAST_NAMES[0]  # (the last head's field names: most heads repeat them; one tuple read)
+        if last is not None and last[0] == raw_names:
+            names = last[1]
+        else:
+            names = frozenset(map(str.lower, raw_names))
+            _LAST_NAMES[0] = (raw_names, names)
     else:
         method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
@@ -725,6 +749,12 @@ def parse_request_head(
             pool.append(pair)
     return head, consumed
 
+
+# The last request head's field names as received and their lower-cased set (`parse_request_head`),
+# and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
+# its fields, the bytes). Each one tuple, replaced whole.
+_LAST_NAMES: list[tuple[list[str], frozenset[str]] | None] = [None]
+_LAST_RENDER: list[tuple[str, str, str, str, list[tuple[str, str]], bytes] | None] = [None]
 
 # Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
 # taken from the end, given back after a head that left it so; a head that failed keeps its parser).

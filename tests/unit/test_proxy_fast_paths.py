@@ -950,3 +950,32 @@ def test_a_default_identity_is_one_string_per_address() -> None:
 def test_names_dropped_is_the_set_reading(names: frozenset[str], tokens: list[str]) -> None:
     want = not (names.isdisjoint(tokens) or names.intersection(tokens) <= http1._NEVER_CONNECTION_DROPPED)
     assert http1._names_dropped(names, tokens) == want
+
+
+@FUZZ
+@given(st.lists(heads(_REQUEST_LINES), min_size=2, max_size=5), st.sampled_from(["1.1", "1.0"]))
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX: 1\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"GET http://h/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"GET http://h:81/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"HEAD http://h:81/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"HEAD http://h:81/a HTTP/1.1\r\nHost: h\r\ny: 1\r\n\r\n",
+    ],
+    "1.1",
+)
+def test_heads_in_a_row_read_and_render_as_each_alone(raws: list[bytes], version: str) -> None:
+    """Request heads parsed and rendered upstream one after another (the last head's field names and
+    rendering remembered: `_LAST_NAMES`, `_LAST_RENDER`) give what each gives after a clean start."""
+
+    def one(raw: bytes) -> Any:
+        got = outcome(http1.parse_request_head, raw, 65536, 100)
+        parsed = http1.parse_request_head(raw, 65536, 100) if isinstance(got, tuple) and len(got) == 2 else None
+        return got, (parsed[0].render_upstream(version) if parsed is not None else None)
+
+    alone = []
+    for raw in raws:
+        http1._LAST_NAMES[0] = http1._LAST_RENDER[0] = None
+        alone.append(one(raw))
+    assert [one(raw) for raw in raws] == alone
