@@ -7,6 +7,7 @@ cimport cython
 cdef class Redactor:
     cdef public object patterns, _exact, _glob
     cdef public dict _seen, _names, _bits, _fields, _varying
+    cdef public list _last_lines, _last_pairs
 
     cpdef bint matches(self, name) except -1
     @cython.locals(bits=dict)
@@ -15,7 +16,10 @@ cdef class Redactor:
     cpdef tuple _field(self, field)
     @cython.locals(out=dict, seen=dict, values=list, got=tuple, key=str)
     cpdef dict header_lines(self, lines)
-    @cython.locals(parts=list, seen=dict, got=tuple, pick=tuple, mask=Py_ssize_t, bit=Py_ssize_t, twice=bint)
+    @cython.locals(
+        parts=list, seen=dict, got=tuple, pick=tuple, mask=Py_ssize_t, bit=Py_ssize_t, twice=bint, last=list,
+        prev=tuple, entry=tuple, n=Py_ssize_t, i=Py_ssize_t,
+    )
     cpdef tuple recorded(self, list fields)
     @cython.locals(out=dict, names=dict, values=list, hit=tuple, key=str)
     cpdef dict headers(self, pairs)

@@ -44,6 +44,7 @@ _PICKED = {"content-type": 1, "content-encoding": 2}
 _dumps = orjson.dumps  # (a module global: no attribute lookup on `orjson` per line)
 _REDACTED_JSON = _dumps(REDACTED).decode() + "]"
 _BITS = 62  # canonical names with a bit of their own in `Redactor.recorded`'s check (the 63rd shared)
+_NOTHING = (None, None)  # `Redactor.recorded`'s place of a redacted field (equal to no field)
 
 
 # The fields of one name `Redactor._field` remembers at most (until its cache starts over): a name whose
@@ -83,6 +84,8 @@ class Redactor:
         "_bits",
         "_fields",
         "_varying",
+        "_last_lines",
+        "_last_pairs",
     )  # (redaction.pxd, compiled)
 
     def __init__(self, extra: Iterable[str] = ()) -> None:
@@ -99,6 +102,13 @@ class Redactor:
         # `header_lines` and `recorded`
         self._fields: dict[str | tuple[str, str], tuple[str, str, str, tuple[int, str] | None, int]] = {}
         self._varying: dict[str, int] = {}  # raw name -> how many of its fields `_fields` holds (`_field`)
+        # The fields `recorded` was last given at each place, as lines and as pairs, each with its
+        # recorded form (`_field`'s; `_NOTHING` where that was a redacted field's, which is never
+        # kept): most heads repeat the one before field for field (the same server, the same client),
+        # and a comparison with the field there costs a fraction of the look-up in `_fields` (a
+        # new line's hash, then the same comparison).
+        self._last_lines: list[tuple[Any, Any]] = []
+        self._last_pairs: list[tuple[Any, Any]] = []
 
     def matches(self, name: str) -> bool:
         lname = _fold(name)
@@ -201,10 +211,26 @@ class Redactor:
         seen = self._fields
         mask = 0  # the bits of the names met so far
         twice = False
+        last = self._last_lines if fields and type(fields[0]) is str else self._last_pairs
+        n = len(last)
+        i = 0
         for field in fields:
-            got = seen.get(field)
+            got = None
+            if i < n:
+                prev = last[i]
+                if prev[0] == field:
+                    got = prev[1]
             if got is None:
-                got = self._field(field)
+                got = seen.get(field)
+                if got is None:
+                    got = self._field(field)
+                entry = (field, got) if got[1] is not REDACTED else _NOTHING
+                if i < n:
+                    last[i] = entry
+                else:
+                    last.append(entry)
+                    n += 1
+            i += 1
             pick = got[3]
             if pick is not None:
                 if pick[0] == 1:

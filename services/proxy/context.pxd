@@ -47,4 +47,5 @@ cdef class ClientConn(Conn):
     cpdef connection_lost(self, exc)
 
 
+@cython.locals(names=dict, name=str)
 cpdef str default_identity(ClientConn conn)

@@ -300,7 +300,20 @@ class ClientConn(Conn):
 
 
 def default_identity(conn: ClientConn) -> str:
-    return f"unknown-{conn.src_ip}"
+    """`unknown-<client address>`: one string per address (bounded), so the dicts every request looks
+    its identity up in (caps, upstream pool, gate) compare it by reference and never hash it again."""
+    ip = conn.src_ip
+    names = _DEFAULT_NAMES
+    name = names.get(ip)
+    if name is None:
+        name = f"unknown-{ip}"
+        if len(names) >= 4096:
+            names.clear()  # (addresses come from clients: bounded, start over)
+        names[ip] = name
+    return name
+
+
+_DEFAULT_NAMES: dict[str, str] = {}  # client address -> its default identity (`default_identity`)
 
 
 async def unnamed_identity(conn: ClientConn) -> str:

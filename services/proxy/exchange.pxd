@@ -17,6 +17,7 @@ cdef class Exchange:
     cdef public ResponseHead final
     cdef public object reused, state, client_keep, upstream_reusable, error, status
     cdef public object _body, _continued, _interim_seen, _owed, _reader, _body_sent, _body_bytes, _left
+    cdef public Py_ssize_t _passed
 
     cpdef _setup(self, client, upstream, RequestHead head, Limits limits, Txn txn, reused)
     @cython.locals(transitions=dict, allowed=frozenset)
@@ -35,6 +36,9 @@ cdef class Exchange:
     cpdef _send_head(self, ResponseHead resp)
     cpdef _done(self, ResponseHead resp)
     cpdef _cut_off(self, text)
+    cpdef _mark(self)
+    @cython.locals(passed=Py_ssize_t)
+    cpdef _undelivered(self)
     cpdef bint client_left(self) except -1
     cpdef _client_event(self)
 

@@ -163,6 +163,7 @@ class Exchange:
         "_body_sent",
         "_body_bytes",
         "_left",
+        "_passed",
     )
 
     def __init__(
@@ -200,6 +201,9 @@ class Exchange:
         self._body_sent = False  # the request body went out with the head (`send`)
         self._left = False  # the client left while the answer was awaited or relayed (`client_left`)
         self._body_bytes = 0  # request body bytes the background relay has passed on (its progress)
+        # The response body's bytes the client was handed as of the last write of it: what the record
+        # counted then, less what the client's transport still held (`_mark`, `_undelivered`).
+        self._passed = 0
 
     def _to(self, state: State) -> None:
         transitions = TRANSITIONS  # (typed, compiled: the look-ups in C)
@@ -284,6 +288,7 @@ class Exchange:
                     self._cut_off(self._client_gone("during the response"))
                     self._end()
                     return True
+                self._mark()
             if done:
                 self._done(self.final)  # type: ignore[arg-type]
                 self._end()
@@ -575,7 +580,10 @@ class Exchange:
             out += data
         _write(self.client, out)
         self.final = resp
-        return None if done else reader
+        if done:
+            return None
+        self._mark()
+        return reader
 
     async def _relay_response_body(self, reader: http1.BodyReader, drain: bool = False) -> None:
         """The rest of the response body (`drain`: a write of `pump` may still be waiting to go out)."""
@@ -583,7 +591,7 @@ class Exchange:
         try:
             if drain:
                 await client.drain()
-            await relay_body(self.upstream, client, reader, self.limits.idle_timeout)
+            await relay_body(self.upstream, client, reader, self.limits.idle_timeout, self._mark)
             if self._left:  # (a body read until close ends at the abort: not the whole body)
                 self._cut_off(self._client_gone("during the response"))
         except http1.UpstreamError as exc:
@@ -632,5 +640,40 @@ class Exchange:
         self.error = text
         self.client_keep = False
         self.upstream_reusable = False
+        self._undelivered()  # (before the abort drops what the client's transport still holds)
         self.client.abort()
         self._to(FAILED)
+
+    def _mark(self) -> None:
+        """After a write of the response body to the client (while it is connected): the bytes of it
+        handed over so far, for the record of a cut (`_undelivered`)."""
+        t = self.txn
+        cap = t.resp if t is not None else None
+        if cap is None:
+            return
+        transport = getattr(_socket_of(self.client), "transport", None)
+        pending = transport.get_write_buffer_size() if transport is not None else 0
+        passed = cap.size - pending
+        self._passed = passed if passed > 0 else 0
+
+    def _undelivered(self) -> None:
+        """A cut response's record counts the body bytes the client was handed, not those read from
+        the origin: less what its transport still holds (dropped by the abort), and less what came
+        after the client went away (written nowhere). A client gone already: as of the last write
+        (`_mark`; its transport's buffer is emptied by then). The stored copy is cut to the same."""
+        t = self.txn
+        cap = t.resp if t is not None else None
+        if cap is None:
+            return
+        raw = _socket_of(self.client)
+        transport = getattr(raw, "transport", None)
+        if not raw.closed and transport is not None and not transport.is_closing():
+            passed = cap.size - transport.get_write_buffer_size()
+            if passed < 0:
+                passed = 0
+        else:
+            passed = self._passed
+        if passed < cap.size:
+            cap.size = passed
+            if len(cap.data) > passed:
+                del cap.data[passed:]

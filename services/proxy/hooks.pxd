@@ -22,3 +22,12 @@ cpdef bint _nothing_to_find(Flow flow) except -1
 
 @cython.locals(flow=Flow)
 cpdef Flow new_flow(container, scheme, host, port, RequestHead head, verdict, server_name, claimed)
+
+
+# The request hooks' chain (an extension type: its `run` a C call from the request steps, which
+# skips the built-in hooks' calls where their first test passes the request).
+cdef class HookChain:
+    cdef public object hooks, refused
+
+    @cython.locals(i=Py_ssize_t)
+    cpdef run(self, Flow flow)

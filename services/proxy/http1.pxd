@@ -10,8 +10,10 @@ cdef class RequestHead:
     cdef public object names, placeholder_free, parsed
 
     cpdef header(self, name)
-    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
+    @cython.locals(last=tuple, headers=list)
     cpdef render_upstream(self, version)
+    @cython.locals(out=list, k=str, v=str, kv=tuple, tokens=list, n=Py_ssize_t, headers=list)
+    cpdef _render_parsed(self, version)
     @cython.locals(kept=list, out=list, kv=tuple, k=str)
     cpdef upstream_headers(self)
 
@@ -36,6 +38,7 @@ cdef class _HeadEnd:
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
     line=str, k=str, v=str, head=RequestHead, text=str, first_line=str, pair=tuple, pool=list, done=_HeadEnd, kept=tuple,
+    colon=Py_ssize_t, parts=tuple, last=tuple,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -54,6 +57,8 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
+@cython.locals(end=Py_ssize_t, c=Py_UCS4)
+cpdef str _value_at(str line, Py_ssize_t start)
 @cython.locals(token=str)
 cpdef list _split_tokens(str value)
 cpdef bint _keep_alive(str version, list connection)
@@ -80,6 +85,8 @@ cpdef _add_tokens(list tokens, str value)
 @cython.locals(k=str, out=list)
 cpdef list _tokens(headers, str name, names=*)
 cpdef _first(headers, str name, names=*)
+@cython.locals(t=str)
+cpdef bint _names_dropped(frozenset names, list tokens) except -1
 @cython.locals(n=str)
 cpdef bint _proxy_names(names)
 @cython.locals(k=str, lk=str, kept=list, tokens=list, out=list)

@@ -187,8 +187,27 @@ def _split_authority(authority: str, port_required: bool, default_port: int) -> 
 Names = frozenset[str] | None
 
 
+def _value_at(line: str, start: int) -> str:
+    """`line[start:].strip(" \t")`: a field's value from where it starts in its line (compiled: C loops
+    over the characters, one slice, no method call; tests compare them)."""
+    end = len(line)
+    while start < end:
+        c = line[start]
+        if c != " " and c != "\t":
+            break
+        start += 1
+    while end > start:
+        c = line[end - 1]
+        if c != " " and c != "\t":
+            break
+        end -= 1
+    return line[start:end]
+
+
 def _split_tokens(value: str) -> list[str]:
     """A comma-separated field value's tokens, lower-cased, empties dropped."""
+    if value == "keep-alive" or value == "close":  # (a Connection field's usual values, as they are)
+        return [value]
     if "," not in value:  # (the usual one token: the same, without the list's loop)
         token = value.strip()
         token = token.lower()
@@ -287,6 +306,16 @@ def _framing_of(
             raise err("bad Content-Length")
         return False, length, False
     return False, None, True
+
+
+def _names_dropped(names: frozenset[str], tokens: list[str]) -> bool:
+    """Whether a Connection field's `tokens` name a field among `names` that it drops (any but framing
+    and Host): `not (names.isdisjoint(tokens) or names.intersection(tokens) <= _NEVER_CONNECTION_DROPPED)`
+    (compiled: a C loop of set look-ups, no method calls; tests compare them)."""
+    for t in tokens:
+        if t in names and t not in _NEVER_CONNECTION_DROPPED:
+            return True
+    return False
 
 
 def _proxy_names(names: frozenset[str]) -> bool:
@@ -391,9 +420,28 @@ class RequestHead:
 
     def render_upstream(self, version: str) -> bytes:
         """The head sent upstream when no hook changed it: `render_request_head` of the target's
-        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`)."""
+        path and `upstream_headers()`, without its checks for a parsed head (see `parsed`). A parsed
+        head like the one rendered last (its method, path, authority and fields equal: what the
+        rendering reads, the names and the upgrade being read from them) gets the same bytes."""
         if not self.parsed:
             return render_request_head(self.method, self.path, version, self.upstream_headers())
+        last = _LAST_RENDER[0]  # (one tuple read, one written: threads never see half of one)
+        headers = self.headers
+        if (
+            last is not None
+            and last[4] == headers
+            and last[1] == self.path
+            and last[0] == self.method
+            and last[3] == self.authority
+            and last[2] == version
+        ):
+            return last[5]
+        out = self._render_parsed(version)
+        _LAST_RENDER[0] = (self.method, self.path, version, self.authority, list(headers), out)
+        return out
+
+    def _render_parsed(self, version: str) -> bytes:
+        """`render_upstream` of a parsed head."""
         names = self.names
         if names is not None and names.isdisjoint(_HOP_BY_HOP_PLAIN):
             # The usual head: no hop-by-hop field but perhaps Proxy-* ones and a Connection field (a
@@ -418,7 +466,7 @@ class RequestHead:
                 if n >= 6 and (k[0] == "p" or k[0] == "P") and k[:6].lower() == "proxy-":
                     continue
                 out += (k, ": ", kv[1], "\r\n")
-            if tokens is None or names.isdisjoint(tokens) or names.intersection(tokens) <= _NEVER_CONNECTION_DROPPED:
+            if tokens is None or not _names_dropped(names, tokens):
                 out.append("\r\n")
                 return "".join(out).encode("latin-1")
         out = [self.method, " ", self.path, " HTTP/", version, "\r\n"]  # (one join of all the pieces)
@@ -611,7 +659,11 @@ def parse_request_head(
                 pair = None
         if pair is None:
             done = _HeadEnd()
-            pair = kept = (done, HttpRequestParser(done))
+            fresh = HttpRequestParser(done)
+            # (past a message that does not keep its connection, `Connection: close` or HTTP/1.0, it
+            # goes on to the next head instead of refusing data after it: `_REUSE_BLOCKERS`)
+            fresh.set_dangerous_leniencies(lenient_keep_alive=True)
+            pair = kept = (done, fresh)
         else:
             kept = pair
         col: _Collector | _HeadEnd = kept[0]
@@ -643,10 +695,20 @@ def parse_request_head(
         headers = []
         raw_names = []
         for line in lines[1:]:  # (`_split_fields`, and the names: one loop)
-            k, _, v = line.partition(":")
-            headers.append((k, v.strip(" \t")))
+            colon = line.find(":")
+            if colon < 0:  # (`line.partition(":")`'s reading; the parser refuses such a line)
+                k, v = line, ""
+            else:
+                k = line[:colon]
+                v = _value_at(line, colon + 1)
+            headers.append((k, v))
             raw_names.append(k)
-        names = frozenset(map(str.lower, raw_names))
+        last = _LAST_NAMES[0]  # (the last head's field names: most heads repeat them; one tuple read)
+        if last is not None and last[0] == raw_names:
+            names = last[1]
+        else:
+            names = frozenset(map(str.lower, raw_names))
+            _LAST_NAMES[0] = (raw_names, names)
     else:
         method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
@@ -656,7 +718,14 @@ def parse_request_head(
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
     placeholder_free = text.find(_PLACEHOLDER_MARK) < 0
     if origin is None:
-        scheme, host, port, path, authority = _target_parts(method, target)
+        parts = _TARGETS.get(target) if method != "CONNECT" and method != "OPTIONS" else None
+        if parts is None:
+            parts = _target_parts(method, target)  # (raises for a bad one: never remembered)
+            if method != "CONNECT" and method != "OPTIONS":
+                if len(_TARGETS) >= 4096:
+                    _TARGETS.clear()  # (targets come from clients: bounded, start over)
+                _TARGETS[target] = parts
+        scheme, host, port, path, authority = parts
         # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
         head = RequestHead.__new__(RequestHead)
         head.method, head.target, head.version, head.headers = method, target, version, headers
@@ -670,23 +739,33 @@ def parse_request_head(
         )
         _derive_origin_target(head, *origin)
     _derive_request_headers(head)
-    if pair is not None and version == "1.1" and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
-        # The parser took this head whole and is where the next one starts (a request without a body
-        # that keeps its connection, as llhttp reads it): kept for the next parse, which then makes
-        # none (HttpRequestParser's making, its callbacks looked up, costs ~2 500 instructions).
+    if pair is not None and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+        # The parser took this head whole and is where the next one starts (a request without a body,
+        # as llhttp reads it; one that closes its connection too: the parser is lenient about that
+        # alone): kept for the next parse, which then makes none (HttpRequestParser's making, its
+        # callbacks looked up, costs ~2 500 instructions).
         pool = _REQUEST_PARSERS
         if len(pool) < _REQUEST_PARSERS_MAX:
             pool.append(pair)
     return head, consumed
 
 
+# The last request head's field names as received and their lower-cased set (`parse_request_head`),
+# and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
+# its fields, the bytes). Each one tuple, replaced whole.
+_LAST_NAMES: list[tuple[list[str], frozenset[str]] | None] = [None]
+_LAST_RENDER: list[tuple[str, str, str, str, list[tuple[str, str]], bytes] | None] = [None]
+
 # Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
 # taken from the end, given back after a head that left it so; a head that failed keeps its parser).
 _REQUEST_PARSERS: list[tuple[_HeadEnd, HttpRequestParser]] = []
 _REQUEST_PARSERS_MAX = 8
 # A head with one of these fields may leave llhttp elsewhere than at the next head's start (a body to
-# read, the connection to close after it, an upgrade), as do HTTP/1.0 and CONNECT: its parser is dropped.
-_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "connection", "proxy-connection", "upgrade"})
+# read, an upgrade), as does CONNECT: its parser is dropped. (The end of a message that closes its
+# connection, `Connection: close`, `Proxy-Connection: close` or HTTP/1.0 without keep-alive, would
+# leave a strict parser closed, refusing any data after it; the kept parsers are lenient about that
+# alone, `lenient_keep_alive`, which llhttp reads nowhere else: they go on to the next head.)
+_REUSE_BLOCKERS = frozenset({"content-length", "transfer-encoding", "upgrade"})
 
 
 def _derive_target(head: RequestHead) -> None:
@@ -738,6 +817,11 @@ def _target_parts(method: str, target: str) -> tuple[str, str, int, str, str]:
         path = "/" + path
     return scheme, host, port, path, authority
 
+
+# A request-target -> `_target_parts(method, target)`, for the methods whose parts depend on the target
+# alone (not CONNECT, nor OPTIONS: its empty path is `*`): a client sends the same URLs again and
+# again, and the parts cost ~2 500 instructions to read (a dict's look-up: ~200).
+_TARGETS: dict[str, tuple[str, str, int, str, str]] = {}
 
 # An http:// target's authority -> `_split_authority(authority, False, 80)` (a dict's look-up: the
 # lru_cache's call, which builds and hashes a key of its three arguments, cost ~1 000 instructions)
@@ -1030,7 +1114,7 @@ def parse_response_head(
                 if kind > 3:
                     other_hop = True
                 else:
-                    value = line[_FIELD_NAME_LENGTHS[kind] :].strip(" \t")
+                    value = _value_at(line, _FIELD_NAME_LENGTHS[kind])
                     if kind == 1:
                         cls.append(value)
                     elif kind == 2:

@@ -21,7 +21,7 @@ from .conn import Conn, PipeConn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Verdict
-from .hooks import Flow, Refusal, new_flow
+from .hooks import Flow, HookChain, Refusal, new_flow
 from .identities import IdentityGuard
 from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
 from .pipeline import Recorder
@@ -171,7 +171,12 @@ def _admitted(
         return None
     # request hooks (the rule re-check takes the gate's verdict just given); positional: a keyword costs more
     flow = new_flow(container, "http", head.host, head.port, head, verdict, None, client.claimed)
-    refusal = ctx.hooks.run(flow)
+    hooks = ctx.hooks
+    if type(hooks) is HookChain:  # (the service's: compiled, a C call)
+        chain: HookChain = hooks
+        refusal = chain.run(flow)
+    else:
+        refusal = hooks.run(flow)
     if refusal is not None and not isinstance(refusal, Refusal):
         return _hooks_later(client, head, verdict, t, flow, refusal)  # a hook that has to wait
     return _hooked(client, head, verdict, t, flow, refusal)

@@ -108,18 +108,25 @@ def error_response(
     return http1.render_response(status, reason, (text.rstrip("\n") + "\n").encode(), headers=headers, close=close)
 
 
-async def relay_body(src: Stream, dst: Stream, reader: http1.BodyReader, timeout: float) -> None:
+async def relay_body(
+    src: Stream, dst: Stream, reader: http1.BodyReader, timeout: float, wrote: Callable[[], None] | None = None
+) -> None:
     """Copy one message body from src to dst as-is; leftover bytes stay in src.buf.
 
     ConnClosed when src ends before the body does (or dst is gone), TimeoutError when src is
-    silent for `timeout`, and the reader's framing errors (HttpError / UpstreamError)."""
+    silent for `timeout`, and the reader's framing errors (HttpError / UpstreamError). `wrote`:
+    called after each write to dst (before its drain), while dst is open."""
     while True:
         if src.buf:
+            if wrote is not None and dst.closed:  # (a response body: nothing counted past a client that left)
+                raise ConnClosed()
             data, rest, done = reader.feed(src.take())
             if rest:
                 src.buf[:0] = rest
             if data:
                 dst.write(data)
+                if wrote is not None:
+                    wrote()
                 await dst.drain()
             if done:
                 return

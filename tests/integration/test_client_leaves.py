@@ -33,6 +33,7 @@ HOST = "127.0.0.1"
 TLS_HOST = "127.0.0.2"
 WAIT = 15.0  # seconds /slow and /stream wait for the proxy to close before giving up
 QUICK = 0.8  # seconds /quick waits before answering
+BIG = 256 << 20  # bytes of /big
 
 CLOSED: dict[str, float | None] = {}  # path (with its ?tag) -> seconds from request to close seen; None: not closed
 LOCK = threading.Lock()
@@ -74,6 +75,19 @@ class _Origin(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
             self.wfile.flush()
             self._until_closed()  # then quiet: the next event would come much later
+        elif self.path.startswith("/big"):
+            # A download far bigger than every buffer on the way: written until the proxy stops it.
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(BIG))
+            self.end_headers()
+            chunk = b"\0" * (64 << 10)
+            try:
+                for _ in range(BIG // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                pass
+            self.close_connection = True
         else:  # /quick
             time.sleep(QUICK)
             body = b"quick answer\n"
@@ -201,3 +215,65 @@ def test_half_closed_clients_are_answered_when_configured(make_stack, origin: in
     assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"quick answer\n"), out
     t = _transaction(stack, "half-kept")
     assert t["status_code"] == 200 and t["error"] is None
+
+
+def _tx_queue(local_port: int, remote_port: int) -> int:
+    """Bytes the socket 127.0.0.1:local_port → 127.0.0.1:remote_port has in its kernel send queue
+    (written by its process, not yet taken by the peer), from /proc/net/tcp."""
+    want = (f"0100007F:{local_port:04X}", f"0100007F:{remote_port:04X}")
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()
+        if (f[1], f[2]) == want:
+            return int(f[4].split(":")[0], 16)
+    raise AssertionError(f"no socket {want} in /proc/net/tcp")
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the proxy's send queue from /proc/net/tcp")
+def test_a_cut_download_records_the_bytes_the_client_was_handed(stack: Stack, origin: int) -> None:
+    """A client that reads part of a large download, stops reading (the proxy's writes back up in
+    its transport), then closes: the record's response_body_size is what left the proxy for the
+    client (read by it, in its socket's queue, in the proxy socket's queue), not what was read
+    from the origin, and the record says the client went away."""
+    import fcntl
+    import termios
+
+    container = "leave-cut-download"
+    proxy_port = stack.ports["http-proxy"]
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 10)  # (a small window: little in flight)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", proxy_port))
+    try:
+        s.sendall(
+            b"GET http://%s:%d/big?%s HTTP/1.1\r\nHost: %s:%d\r\nProxy-Authorization: Basic %s\r\n\r\n"
+            % (HOST.encode(), origin, container.encode(), HOST.encode(), origin, _basic(container))
+        )
+        got = b""
+        while b"\r\n\r\n" not in got:
+            data = s.recv(65536)
+            assert data, got
+            got += data
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        read = len(body)
+        while read < (1 << 20):
+            data = s.recv(65536)
+            assert data
+            read += len(data)
+        time.sleep(1.5)  # not reading: the proxy's writes back up (its socket's queue, then its transport)
+        queued = _int(fcntl.ioctl(s.fileno(), termios.FIONREAD, b"\0\0\0\0"))
+        in_flight = _tx_queue(proxy_port, s.getsockname()[1])
+    finally:
+        s.close()  # unread bytes: a reset
+    handed = read + queued + in_flight
+    t = _transaction(stack, container, f"/big?{container}")
+    assert t["status_code"] == 200 and t["error"] == "the client went away during the response", t
+    # (a lower bound when the client reset its connection: its transport's buffer as of the proxy's
+    # last write to it, emptied by the reset)
+    assert 0 < t["response_body_size"] <= handed < BIG, (t["response_body_size"], read, queued, in_flight)
+
+
+def _int(raw: bytes) -> int:
+    import struct
+
+    return int(struct.unpack("i", raw)[0])

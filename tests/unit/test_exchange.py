@@ -5,6 +5,7 @@ what each side sends, what each side must receive, the final state and the recor
 from __future__ import annotations
 
 import asyncio
+import base64
 from typing import Any
 
 import orjson
@@ -123,12 +124,13 @@ async def _play(
     journal: FakeJournal | None = None,
     flow_edit: Any = None,
     client_gone: bool = False,
+    held: bool = False,
 ) -> tuple[Exchange, MemStream, MemStream]:
     """Run one exchange: the client sent `request` (+ `client_rest`), the origin answers the pieces
     of `answer` (one feed each, `between` s apart), then closes if `end_upstream` (the client's
     connection closed just before when `client_gone`: it left, or the proxy closed both)."""
     head = _head(request)
-    client, upstream = MemStream("client"), MemStream("upstream")
+    client, upstream = (_Held if held else MemStream)("client"), MemStream("upstream")
     client.feed(client_rest)
     rec = Recorder(journal) if journal is not None else None  # type: ignore[arg-type]
     t = rec.txn("agent", "http://" + head.authority, head.host, head.port, head, 1) if rec is not None else None
@@ -278,6 +280,49 @@ def test_a_bad_chunk_after_the_head_went_out_cuts_the_client_off() -> None:
         rec = _record(journal)
         assert rec["status_code"] == 200 and "malformed chunk size" in rec["error"]
         assert rec["response_body_size"] == 5
+
+    asyncio.run(main())
+
+
+class _Held(MemStream):
+    """A client whose transport keeps the last `PENDING` bytes written unsent (its write buffer)."""
+
+    PENDING = 3
+
+    @property
+    def transport(self) -> _Held:
+        return self
+
+    def get_write_buffer_size(self) -> int:
+        return min(self.PENDING, len(self.written))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+@pytest.mark.parametrize("gone", [False, True])
+def test_a_cut_response_records_what_the_client_was_handed(gone: bool) -> None:
+    """Cut off in the middle of the body: the record counts (and keeps) the body bytes the client's
+    transport passed on, not those read from the origin: less what it still held at the cut (the
+    abort drops them); a client gone already, as of the last write to it (its buffer is emptied)."""
+
+    async def main() -> None:
+        journal = FakeJournal()
+        answer = [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+            b"5\r\nworld\r\n",
+        ]
+        if not gone:
+            answer.append(b"ZZZ\r\n")
+        ex, client, _upstream = await _play(
+            GET, answer, journal=journal, end_upstream=gone, client_gone=gone, held=True
+        )
+        assert ex.state is FAILED and client.aborted
+        rec = _record(journal)
+        assert rec["status_code"] == 200 and rec["error"]
+        # 10 bytes of body passed on, the last 3 still in the transport (of the chunk framing and body)
+        assert rec["response_body_size"] == 7, rec
+        assert base64.b64decode(rec["response_body"]) == b"hellowo", rec  # (the stored copy: packed)
 
     asyncio.run(main())
 

@@ -755,6 +755,15 @@ def fresh_request_parsers(keep: bool) -> Iterator[None]:
 )
 @example(
     [
+        b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
+    ]
+)
+@example(
+    [
         b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
         b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
         b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n",
@@ -773,8 +782,9 @@ def test_a_kept_request_parser_reads_any_head_as_a_new_one(raws: list[bytes]) ->
 
 
 def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
-    """A kept-alive GET's parser serves the next head (no parser made for it); a head that ends its
-    connection or brings a body does not leave one."""
+    """A GET's parser serves the next head (no parser made for it), one that ends its connection
+    too (`Connection: close`, HTTP/1.0: the kept parsers are lenient about that alone); a head that
+    brings a body or a tunnel does not leave one."""
     plain = b"GET http://h/ HTTP/1.1\r\nHost: h\r\n\r\n"
     made = []
     real = http1.HttpRequestParser
@@ -787,16 +797,23 @@ def test_a_plain_request_head_leaves_its_parser_for_the_next() -> None:
         for _ in range(3):
             assert http1.parse_request_head(plain) is not None
         assert len(made) == 1 and len(http1._REQUEST_PARSERS) == 1
-        for other in (
+        for closing in (
             b"GET http://h/ HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
             b"GET http://h/ HTTP/1.0\r\nHost: h\r\n\r\n",
+            b"GET http://h/ HTTP/1.1\r\nHost: h\r\nProxy-Connection: close\r\n\r\n",
+        ):
+            assert http1.parse_request_head(closing) is not None
+            assert len(http1._REQUEST_PARSERS) == 1
+            assert http1.parse_request_head(plain) is not None
+        assert len(made) == 1
+        for other in (
             b"POST http://h/ HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n",
             b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n",
         ):
             assert http1.parse_request_head(other) is not None
             assert http1._REQUEST_PARSERS == []
             assert http1.parse_request_head(plain) is not None  # a new one, kept again
-        assert len(made) == 5
+        assert len(made) == 3
         with pytest.raises(http1.HttpError):
             http1.parse_request_head(b"GET http://h/ HTTP/1.1\r\nHo st: h\r\n\r\n")
         assert http1._REQUEST_PARSERS == []  # (a parser that refused a head is dropped)
@@ -868,3 +885,97 @@ def test_a_tunnels_upstream_is_connected_as_a_pipe_conn() -> None:
 
     answer = asyncio.run(main())
     assert answer.startswith(b"HTTP/1.1 502") and asked == [PipeConn]
+
+
+@FUZZ
+@given(st.text(alphabet=" \t:ab\xe9\r", max_size=12), st.integers(0, 14))
+def test_value_at_is_strip_of_the_rest(line: str, start: int) -> None:
+    """`_value_at(line, start)` (the parsers' reading of a field's value) is `line[start:].strip(" \\t")`."""
+    assert http1._value_at(line, start) == line[start:].strip(" \t")
+
+
+@FUZZ
+@given(st.sampled_from(["keep-alive", "close", "Close", " close", "close, x", "", " ", "a,,b", "KEEP-ALIVE "]))
+def test_split_tokens_of_the_usual_values(value: str) -> None:
+    """The usual Connection values (`keep-alive`, `close`) are their own token, as the general reading gives."""
+    want = [t.strip().lower() for t in value.split(",") if t.strip()]
+    assert http1._split_tokens(value) == want
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from(["GET", "OPTIONS", "POST", "CONNECT"]), _TARGETS), min_size=1, max_size=6))
+@example([("GET", "http://h.example"), ("OPTIONS", "http://h.example")])
+@example([("GET", "http://h.example:443"), ("CONNECT", "h.example:443")])
+def test_a_remembered_target_reads_as_a_new_one(requests: list[tuple[str, str]]) -> None:
+    """Request heads read one after another (their targets' parts remembered, `http1._TARGETS`) give
+    what each gives read alone: the same head or the same refusal, OPTIONS and CONNECT included."""
+
+    def read(method: str, target: str) -> Any:
+        raw = f"{method} {target} HTTP/1.1\r\nHost: h\r\n\r\n".encode("latin-1")
+        return outcome(http1.parse_request_head, raw, 65536, 100)
+
+    alone = []
+    for method, target in requests:
+        http1._TARGETS.clear()
+        alone.append(read(method, target))
+    http1._TARGETS.clear()
+    assert [read(m, t) for m, t in requests] == alone
+    assert [read(m, t) for m, t in requests] == alone  # (now remembered)
+
+
+def test_a_default_identity_is_one_string_per_address() -> None:
+    """`default_identity` gives `unknown-<address>`, the same string object for the same address (the
+    dicts keyed by identities then compare it by reference), bounded."""
+    from services.proxy import context
+    from services.proxy.context import ClientConn, default_identity
+
+    def conn(ip: str) -> ClientConn:
+        c = ClientConn.__new__(ClientConn)
+        c.src_ip = ip
+        return c
+
+    a, b = default_identity(conn("10.0.0." + "1")), default_identity(conn("10.0.0." + "1"))
+    assert a == "unknown-10.0.0.1" and a is b
+    assert default_identity(conn("::1")) == "unknown-::1" and default_identity(conn("")) == "unknown-"
+    for i in range(5000):
+        assert default_identity(conn(f"10.1.{i // 256}.{i % 256}")) == f"unknown-10.1.{i // 256}.{i % 256}"
+    assert len(context._DEFAULT_NAMES) <= 4096
+
+
+@FUZZ
+@given(
+    st.frozensets(st.sampled_from(["host", "content-length", "x-a", "te", "close", "keep-alive"])),
+    st.lists(st.sampled_from(["host", "content-length", "x-a", "te", "close", "keep-alive", "upgrade"]), max_size=4),
+)
+def test_names_dropped_is_the_set_reading(names: frozenset[str], tokens: list[str]) -> None:
+    want = not (names.isdisjoint(tokens) or names.intersection(tokens) <= http1._NEVER_CONNECTION_DROPPED)
+    assert http1._names_dropped(names, tokens) == want
+
+
+@FUZZ
+@given(st.lists(heads(_REQUEST_LINES), min_size=2, max_size=5), st.sampled_from(["1.1", "1.0"]))
+@example(
+    [
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nX: 1\r\n\r\n",
+        b"GET http://h/ HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"GET http://h/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"GET http://h:81/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"HEAD http://h:81/a HTTP/1.1\r\nHost: h\r\nx: 1\r\n\r\n",
+        b"HEAD http://h:81/a HTTP/1.1\r\nHost: h\r\ny: 1\r\n\r\n",
+    ],
+    "1.1",
+)
+def test_heads_in_a_row_read_and_render_as_each_alone(raws: list[bytes], version: str) -> None:
+    """Request heads parsed and rendered upstream one after another (the last head's field names and
+    rendering remembered: `_LAST_NAMES`, `_LAST_RENDER`) give what each gives after a clean start."""
+
+    def one(raw: bytes) -> Any:
+        got = outcome(http1.parse_request_head, raw, 65536, 100)
+        parsed = http1.parse_request_head(raw, 65536, 100) if isinstance(got, tuple) and len(got) == 2 else None
+        return got, (parsed[0].render_upstream(version) if parsed is not None else None)
+
+    alone = []
+    for raw in raws:
+        http1._LAST_NAMES[0] = http1._LAST_RENDER[0] = None
+        alone.append(one(raw))
+    assert [one(raw) for raw in raws] == alone

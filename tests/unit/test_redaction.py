@@ -348,7 +348,7 @@ def test_recorded_is_the_json_of_what_headers_records(
             assert r.recorded(pairs) == (want, ct, ce)
     finally:
         redaction._BITS = kept
-    for field in r._fields:
+    for field in [*r._fields, *(f for f, _ in r._last_lines + r._last_pairs if f is not None)]:
         assert not r.matches(field[0] if isinstance(field, tuple) else field.partition(":")[0])
 
 
@@ -400,3 +400,26 @@ def test_a_name_whose_values_keep_changing_is_not_remembered_past_a_few() -> Non
         assert r._fields["Server: nginx"] is server  # (remembered once, never made again)
     kept = [f for f in r._fields if isinstance(f, str) and f.startswith("X-Request-Id")]
     assert len(kept) == redaction._VARYING
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    st.lists(
+        st.lists(st.tuples(_RECORDED_NAMES, st.sampled_from([":", ": "]), _RECORDED_VALUES), max_size=6),
+        min_size=2,
+        max_size=6,
+    )
+)
+def test_recorded_reads_each_head_as_a_new_redactor_would(heads: list[list[tuple[str, str, str]]]) -> None:
+    """Heads one after another on one Redactor (each field compared with the one at its place in the
+    head before, `_last_lines` / `_last_pairs`) are recorded as a Redactor of their own records them,
+    as lines and as pairs; no redacted field is kept at its place."""
+    r = Redactor(["x-a"])
+    for fields in heads:
+        lines = [k + sep + v for k, sep, v in fields]
+        pairs = [(k, (sep[1:] + v).strip(" \t")) for k, sep, v in fields]
+        assert r.recorded(lines) == Redactor(["x-a"]).recorded(lines)
+        assert r.recorded(pairs) == Redactor(["x-a"]).recorded(pairs)
+    for field, _got in r._last_lines + r._last_pairs:
+        if field is not None:
+            assert not r.matches(field[0] if isinstance(field, tuple) else field.partition(":")[0])
