@@ -269,6 +269,34 @@ def test_keep_alive_connection_gives_one_record_per_request(stack: Stack, origin
     _assert_secret_not_stored(stack, SECRET)
 
 
+@pytest.mark.parametrize("closing", ["HTTP/1.1 with Connection: close", "HTTP/1.0"])
+def test_a_request_pipelined_after_a_closing_one_never_goes_upstream(stack: Stack, origin: int, closing: str) -> None:
+    """A request head that closes its connection ends it: bytes pipelined after it are not read as a
+    next request (the proxy's kept request parsers are lenient about keep-alive; the connection's
+    own reading of the head closes it), neither sent to the origin nor recorded."""
+    container = "fwd-closepipe-10" if closing == "HTTP/1.0" else "fwd-closepipe-11"
+    auth = base64.b64encode(f"{container}:x".encode()).decode()
+    first = (
+        f"GET http://{HOST}:{origin}/first HTTP/1.0\r\nHost: {HOST}:{origin}\r\n"
+        if closing == "HTTP/1.0"
+        else f"GET http://{HOST}:{origin}/first HTTP/1.1\r\nHost: {HOST}:{origin}\r\nConnection: close\r\n"
+    )
+    second = f"GET http://{HOST}:{origin}/second HTTP/1.1\r\nHost: {HOST}:{origin}\r\n"
+    with socket.create_connection((HOST, stack.ports["http-proxy"]), timeout=10) as sock:
+        sock.sendall(
+            f"{first}Proxy-Authorization: Basic {auth}\r\n\r\n{second}Proxy-Authorization: Basic {auth}\r\n\r\n".encode()
+        )
+        got = b""
+        while chunk := sock.recv(65536):  # the proxy closes after the first answer
+            got += chunk
+    assert got.count(b"HTTP/1.") == 1 and got.startswith(b"HTTP/1.") and b" 200 " in got.split(b"\r\n", 1)[0], got
+    items = _wait_transactions(stack, container, 1)
+    time.sleep(0.5)  # (a second record, were there one, is written by then: the first already was)
+    urls = [t["url"] for t in _transactions(stack, container=container)]
+    assert urls == [f"http://{HOST}:{origin}/first"], urls
+    assert len(items) == 1
+
+
 def test_blocked_request_is_recorded(stack: Stack, origin: int) -> None:
     r = stack.request(
         "POST",
