@@ -16,7 +16,7 @@ machine's load, unlike CPU times: old and new code can be compared on a busy mac
 
     .venv/bin/python bench/tunnel_instr.py [--root DIR] [--tool callgrind|strace]
         [--load tunnels-splice|tunnels|newconn|keepalive|bare]
-        [--conns N] [--duration S] [--keep FILE]
+        [--conns N] [--duration S] [--keep FILE] [--uvloop-table ours|standard]
 
 `--root` imports the proxy from another checkout (e.g. a `git archive` of main); `--keep` keeps the
 callgrind dump (`callgrind_annotate FILE`). Needs valgrind or strace, nginx and a C compiler.
@@ -39,13 +39,21 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 
-def serve(root: str, load: str) -> None:
+def serve(root: str, load: str, table: str) -> None:
     """The child: the listener on a free port (printed), until killed."""
     import asyncio
     import gc
     import logging
 
     sys.path.insert(0, root)
+    if load != "bare" and table == "ours":
+        # as the services import it (greyproxy.runtime); a checkout without it: uvloop as it is
+        try:
+            from greyproxy.transport_table import import_uvloop
+        except ImportError:
+            pass
+        else:
+            import_uvloop()
     import conn_path
     import uvloop
 
@@ -81,7 +89,17 @@ def measure(args: argparse.Namespace) -> int:
     conns = args.conns or (1 if tool == "callgrind" else 20)
     work = Path(tempfile.mkdtemp(prefix="gp-instr-"))
     origin = NginxOrigin(work / "origin", 1 << 20, None, unique_heads=args.unique_heads).start()
-    cmd = [sys.executable, __file__, "--serve", "--root", args.root, "--load", args.load]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--serve",
+        "--root",
+        args.root,
+        "--load",
+        args.load,
+        "--uvloop-table",
+        args.uvloop_table,
+    ]
     if tool == "callgrind":
         cmd = [
             "valgrind",
@@ -163,10 +181,17 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the origin adds an X-Request-Id of its own to each answer (no two response heads alike)",
     )
+    ap.add_argument(
+        "--uvloop-table",
+        choices=("ours", "standard"),
+        default="ours",
+        help="the proxy's loop keeps its transports in greyproxy.transport_table's table, as the services "
+        "do (default), or in uvloop's own WeakValueDictionary; the bare tunnel always uses uvloop's",
+    )
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
-        serve(args.root, args.load)
+        serve(args.root, args.load, args.uvloop_table)
         return 0
     return measure(args)
 

@@ -58,6 +58,7 @@ MODULES = (
     "services/recorder/apply.py",
     "services/recorder/transactions.py",
     "greyproxy/store/journal_applied.py",
+    "greyproxy/transport_table.py",
 )
 
 DIRECTORY = Path(__file__).resolve().parent / "_compiled"

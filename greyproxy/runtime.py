@@ -159,10 +159,13 @@ class ServiceRuntime:
 def run_async_service(
     name: str, cfg: Config, main: Callable[[ServiceRuntime], Awaitable[None]], announce: dict[str, Any] | None = None
 ) -> None:
-    """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives."""
+    """Run main(runtime) on uvloop until it returns or SIGTERM/SIGINT arrives (its loop keeping its
+    transports in a `TransportTable`: greyproxy/transport_table.py)."""
     import asyncio
 
-    import uvloop
+    from .transport_table import import_uvloop
+
+    uvloop = import_uvloop()
 
     exit_with_parent()  # cmd_run did it already; here for callers that come straight in
     ensure_dirs(cfg)
