@@ -211,3 +211,30 @@ def test_new_tunnels_are_judged_on_the_measured_rate_against_tinyproxy(report, g
     t = next(t for t in report.apply_targets(rows, res) if t["row"] == "tunnels_rps")
     assert t["target"] == "≥ tinyproxy" and t["met"] is met
     assert t["detail"].endswith("(the bare uvloop tunnel: 9 342)"), t["detail"]
+
+
+@pytest.mark.parametrize(("affinity", "judged"), [(2, True), (1, False), (4, False)])
+def test_the_rate_targets_are_judged_again_at_the_default_workers_when_measured(report, affinity, judged) -> None:
+    """`proxy.workers: auto` is a worker per CPU: on a 2-CPU machine a `--workers 1,2` run measured it
+    (greyproxy-w2), and the rate targets are judged on that column too, as entries of their own; the
+    rows keep the workers-1 marks. Without the default's column (1 CPU: it is workers 1; 4 CPUs: no
+    greyproxy-w4 here) there are no such entries."""
+    res = _res({})
+    res["machine"] = {"cores": affinity, "affinity": affinity}
+    for who, rps in (("greyproxy", 7000.0), ("greyproxy-w2", 9000.0), ("tinyproxy", 4000.0), ("proxy.py", 5000.0)):
+        res["proxies"][who] = {"status": "ok", "keepalive": {"rps": rps}, "tunnels": {"rps": rps}}
+    rows = report.build_rows(res)
+    targets = report.apply_targets(rows, res)
+    again = [t for t in targets if t.get("who") == "greyproxy-w2"]
+    first = next(t for t in targets if t["row"] == "keepalive_rps" and "who" not in t)
+    assert first["met"] is False and first["detail"].startswith("7 000 vs 1.5 × 5 000")
+    row = next(r for r in rows if r["key"] == "keepalive_rps")
+    assert row["target_met"] is False  # the row's mark: workers 1
+    if not judged:
+        assert again == []
+        return
+    ka = next(t for t in again if t["row"] == "keepalive_rps")
+    assert ka["met"] is True and ka["detail"].startswith("9 000 vs 1.5 × 5 000")
+    assert ka["target"] == "≥ 1.5× best peer, at the default workers (auto = 2 here)"
+    tun = next(t for t in again if t["row"] == "tunnels_rps")
+    assert tun["met"] is True and tun["detail"].startswith("9 000 vs 4 000")
