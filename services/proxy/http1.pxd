@@ -46,14 +46,18 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
 # The response parser's locals typed (as the request's; no generator expression in it: a cpdef
 # function takes no closure).
+@cython.locals(end=Py_ssize_t)
+cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 @cython.locals(
-    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
-    head_bytes=bytes,
+    consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
+    head_bytes=bytes, status=Py_ssize_t,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
     stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
     lines=list, line=str, pos=Py_ssize_t,
 )
-cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
+cpdef tuple _response_head(bytes buf, Py_ssize_t end, str request_method, bint plain)
+@cython.locals(c="unsigned char", status=Py_ssize_t, state=int, i=Py_ssize_t)
+cpdef Py_ssize_t _plain_status(bytes buf, Py_ssize_t end) except -2
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).

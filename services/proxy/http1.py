@@ -526,6 +526,10 @@ class _HeadEnd:
         self.complete = True
 
 
+# Whether this module runs compiled (`_HeadEnd` is then an extension type: see greyproxy.compiled.slotted).
+_COMPILED = not _HeadEnd.__flags__ & (1 << 9)
+
+
 # A head the parser accepts is read by splitting its text at CRLF (its fields: `line.partition(":")`)
 # instead of through the parser's callbacks: two string operations a field instead of a callback and
 # two decodes. Both readings agree because the parser refuses every head where they would not: a bare
@@ -1043,15 +1047,80 @@ def _response_field(text: str, start: int) -> int:
     return 0
 
 
+# A plain response head's text (without the final CRLF CRLF): an HTTP/1.0 or 1.1 status line with a
+# three-digit status and a reason of printable ASCII and tabs, then fields each a token, a colon and a
+# value of printable ASCII and tabs, every line ended by CRLF. The parser accepts every such head but
+# for its framing fields (which `_response_head` reads itself, and hands to the parser whenever its
+# own reading of them would refuse the head) and reads it as splitting its text does
+# (tests/unit/test_proxy_fast_paths.py: any head this matches, the parser accepts). `_plain_status`
+# is this without the regex engine.
+_PLAIN_RESPONSE_RE = re.compile(
+    rb"HTTP/1\.[01] ([0-9]{3})(?: [\t\x20-\x7e]*)?(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*)*"
+)
+
+
+def _plain_status(buf: bytes, end: int) -> int:
+    """The status of a plain response head, `buf[:end]` (`_PLAIN_RESPONSE_RE` matches it whole), or
+    -1 for any other head (compiled: one C loop over its bytes; tests compare it with the regex)."""
+    if end < 12 or not (buf.startswith(b"HTTP/1.1 ") or buf.startswith(b"HTTP/1.0 ")):
+        return -1
+    status = 0
+    for i in range(9, 12):  # (indexes, not a slice: compiled, no copy)
+        c = buf[i]
+        if not 48 <= c <= 57:  # (bytes: ints; compiled, C chars)
+            return -1
+        status = status * 10 + (c - 48)
+    # The state (literal numbers: compiled, C comparisons): 0 after the status, 1 in a reason or a
+    # value, 2 after a CR, 3 at a field line's start, 4 in a field's name.
+    state = 0
+    for i in range(12, end):
+        c = buf[i]
+        if state == 1:
+            if 32 <= c <= 126 or c == 9:  # (printable ASCII, a tab)
+                continue
+            if c != 13:
+                return -1
+            state = 2
+        elif state == 4:
+            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+                continue
+            if c != 58:  # (':')
+                return -1
+            state = 1
+        elif state == 2:
+            if c != 10:
+                return -1
+            state = 3
+        elif state == 3:
+            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+                state = 4
+            else:
+                return -1
+        elif c == 32:  # (after the status: the reason's space, or the line's end)
+            state = 1
+        elif c == 13:
+            state = 2
+        else:
+            return -1
+    return status if state == 1 or state == 0 else -1
+
+
+def _plain_status_re(buf: bytes, end: int) -> int:
+    """`_plain_status` by the regex (run as Python, where the regex engine's loop is the faster)."""
+    m = _PLAIN_RESPONSE_RE.fullmatch(buf, 0, end)
+    return int(m.group(1)) if m is not None else -1
+
+
 def parse_response_head(
     buf: bytes, max_header_bytes: int = 65536, request_method: str = "GET"
 ) -> tuple[ResponseHead, int] | None:
     """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad.
 
-    The parser checks every head. One whose status line has a status (the usual one) is then read
-    from its text (`_SPLIT_READING`): version, status and reason from the status line, the framing
-    and hop-by-hop fields by looking for them, the field list only when someone asks for it
-    (`ResponseHead.headers`). Any other head is read from the parser's callbacks."""
+    The parser checks every head but a plain one (`_PLAIN_RESPONSE_RE`), which it is known to accept.
+    One whose status line has a status (the usual one) is then read from its text (`_SPLIT_READING`):
+    version, status and reason from the status line, the framing and hop-by-hop fields by looking for
+    them, the field list only when someone asks for it (`ResponseHead.headers`). Any other head is
+    read from the parser's callbacks."""
     end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
     if end < 0:
         if len(buf) > max_header_bytes:
@@ -1063,29 +1132,42 @@ def parse_response_head(
         if probe.complete:
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
-    consumed = end + len(_HEAD_END)
     if not buf.startswith(b"HTTP/"):
         # (the parser also takes RTSP/ and ICE/ status lines: not an HTTP answer)
         raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
+    return _response_head(buf, end, request_method, _SPLIT_READING)
+
+
+def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tuple[ResponseHead, int]:
+    """`parse_response_head` of a head that ends at `end` (its CRLF CRLF) and starts with `HTTP/`;
+    `plain`: a plain head (`_PLAIN_RESPONSE_RE`) is read without the parser."""
+    consumed = end + len(_HEAD_END)
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
     line_end = first if first >= 0 else len(whole)
     # The status line's `split(" ", 2)`, by its spaces: version, status and reason.
     space = whole.find(" ", 0, line_end)
     text = whole if space >= 0 and _SPLIT_READING else None
-    col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
-    parser = HttpResponseParser(col)
     head_bytes = buf[:consumed]
-    problem = _run_parser(parser, head_bytes)
-    if problem is not None:
-        raise UpstreamError(problem)
-    if not col.complete:
-        raise UpstreamError("incomplete response head")
-    # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
-    version = whole[space - 3 : space] if text is not None else parser.get_http_version()
-    if version not in _VERSIONS:
-        raise UpstreamError(f"unsupported response version HTTP/{version}")
-    status = parser.get_status_code()
+    status = (
+        (_plain_status(buf, end) if _COMPILED else _plain_status_re(buf, end)) if plain and text is not None else -1
+    )
+    if status < 0 or status == 101:  # (a 101 the parser refuses unless it names its upgrade: its word)
+        plain = False
+        col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
+        parser = HttpResponseParser(col)
+        problem = _run_parser(parser, head_bytes)
+        if problem is not None:
+            raise UpstreamError(problem)
+        if not col.complete:
+            raise UpstreamError("incomplete response head")
+        # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
+        version = whole[space - 3 : space] if text is not None else parser.get_http_version()
+        if version not in _VERSIONS:
+            raise UpstreamError(f"unsupported response version HTTP/{version}")
+        status = parser.get_status_code()
+    else:
+        version = whole[5:8]  # ('1.0' or '1.1': the plain head's)
     te: list[str] = []
     has_te = False
     cls: list[str] = []
@@ -1126,6 +1208,7 @@ def parse_response_head(
                         te.extend(_split_tokens(value))
             pos += len(line) + 2
     else:
+        assert not plain
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(reason):
             raise UpstreamError("control character in the response's reason phrase")
@@ -1153,7 +1236,15 @@ def parse_response_head(
                         connection.extend(_split_tokens(v))
                 else:
                     other_hop = True
-    chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
+    if plain:
+        # The parser refuses some framing the plain head's reading refuses too, with its own words:
+        # a head refused here is refused as the parser refuses it.
+        try:
+            chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
+        except UpstreamError:
+            return _response_head(buf, end, request_method, False)
+    else:
+        chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     method = request_method if request_method == "GET" or request_method.isupper() else request_method.upper()
     bodiless = (

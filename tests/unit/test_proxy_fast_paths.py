@@ -979,3 +979,92 @@ def test_heads_in_a_row_read_and_render_as_each_alone(raws: list[bytes], version
         http1._LAST_NAMES[0] = http1._LAST_RENDER[0] = None
         alone.append(one(raw))
     assert [one(raw) for raw in raws] == alone
+
+
+# Response heads byte by byte, mostly plain (`http1._PLAIN_RESPONSE_RE`), with the bytes a plain head
+# must not hold mixed in: controls, DEL, obs-text, separators in names, bare CR or LF.
+_PLAIN_STATUS_LINES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.0 200 OK",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200 ",
+        b"HTTP/1.1 304 Not Modified",
+        b"HTTP/1.1 101 Switching Protocols",
+        b"HTTP/1.1 100 Continue",
+        b"HTTP/1.1 103 Early Hints",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.0 101 Switching Protocols",
+        b"HTTP/1.1 007 Odd",
+        b"HTTP/1.1 20x OK",
+        b"HTTP/1.1 2000 OK",
+        b"HTTP/1.2 200 OK",
+        b"HTTP/2.0 200 OK",
+        b"HTTP/1.1  200 OK",
+        b"HTTP/1.1 200\tOK",
+        b"HTTP/1.1 200 \tO\tK",
+        b"HTTP/1.1 200 O\x7fK",
+        b"HTTP/1.1 200 O\x80K",
+        b"HTTP/1.1 200 O\x00K",
+        b"HTTP/1.1 200 O\rK",
+    ]
+)
+_NAME_BYTES = st.sampled_from(
+    [b"a", b"Z", b"0", b"-", b"!", b"~", b"|", b"`", b"{", b" ", b"\t", b"\x00", b"\x80", b"\x7f", b"/"]
+)
+_VALUE_BYTES = st.sampled_from(
+    [b"a", b" ", b"\t", b"~", b":", b'"', b"\x7f", b"\x80", b"\xff", b"\x00", b"\x01", b"\x0b", b"\x1f", b"\r", b"\n"]
+)
+_PLAIN_NAMES = st.sampled_from(
+    [b"Content-Length", b"Transfer-Encoding", b"Connection", b"Content-Type", b"X-A", b"TE", b"Upgrade", b"Proxy-A"]
+)
+_PLAIN_VALUES = st.sampled_from(
+    [b"5", b"0", b"chunked", b"gzip", b"keep-alive", b"close", b"upgrade", b"websocket", b"text/html", b" 1 ", b""]
+)
+
+
+@st.composite
+def _byte_field(draw: Any) -> bytes:
+    if draw(st.integers(0, 3)):  # mostly a plain field
+        name, value = draw(_PLAIN_NAMES), draw(_PLAIN_VALUES)
+    else:
+        name = b"".join(draw(st.lists(_NAME_BYTES, max_size=4)))
+        value = b"".join(draw(st.lists(_VALUE_BYTES, max_size=4)))
+    return name + draw(st.sampled_from([b":", b": ", b" :", b":\t"])) + value
+
+
+@st.composite
+def _byte_heads(draw: Any) -> bytes:
+    lines = [draw(_PLAIN_STATUS_LINES), *draw(st.lists(_byte_field(), max_size=5))]
+    eols = [draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])) for _ in lines]
+    return b"".join(line + eol for line, eol in zip(lines, eols)) + b"\r\n" + draw(st.sampled_from([b"", b"body"]))
+
+
+@FUZZ
+@given(_byte_heads())
+@example(b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nA{: b\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 1 2\r\n\r\n")
+@example(b"HTTP/1.1 200\r\n\r\n")
+def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes) -> None:
+    """A plain response head (`_PLAIN_RESPONSE_RE`) is read without the parser: the same head or the
+    same error as the parser's callbacks give (its framing refused by the parser's words, the parser
+    asked then); the compiled loop `_plain_status` takes exactly what the regex takes; and every plain
+    head with sound framing is one the parser accepts."""
+    end = raw.find(b"\r\n\r\n")
+    plain = http1._plain_status(raw, end) if end >= 0 else -1
+    assert plain == (http1._plain_status_re(raw, end) if end >= 0 else -1)
+    for method in ("GET", "HEAD"):
+        fast = outcome(http1.parse_response_head, raw, 65536, method)
+        with long_way():
+            slow = outcome(http1.parse_response_head, raw, 65536, method)
+        assert fast == slow
+    if plain >= 0 and plain != 101 and not isinstance(fast[0], str):  # type: ignore[index]
+        parser = httptools.HttpResponseParser(object())
+        try:
+            parser.feed_data(raw[: end + 4])
+        except httptools.HttpParserUpgrade:
+            pass
+        assert parser.get_status_code() == plain
