@@ -56,8 +56,8 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
     lines=list, line=str, pos=Py_ssize_t,
 )
 cpdef tuple _response_head(bytes buf, Py_ssize_t end, str request_method, bint plain)
-@cython.locals(c="unsigned char", status=Py_ssize_t, state=int, i=Py_ssize_t)
-cpdef Py_ssize_t _plain_status(bytes buf, Py_ssize_t end) except -2
+@cython.locals(c="unsigned char", state=int, i=Py_ssize_t, n=Py_ssize_t, stop=Py_ssize_t)
+cpdef Py_ssize_t _plain_end(bytes buf, Py_ssize_t max_header_bytes) except -2
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).

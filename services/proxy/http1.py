@@ -1047,33 +1047,37 @@ def _response_field(text: str, start: int) -> int:
     return 0
 
 
-# A plain response head's text (without the final CRLF CRLF): an HTTP/1.0 or 1.1 status line with a
-# three-digit status and a reason of printable ASCII and tabs, then fields each a token, a colon and a
-# value of printable ASCII and tabs, every line ended by CRLF. The parser accepts every such head but
-# for its framing fields (which `_response_head` reads itself, and hands to the parser whenever its
-# own reading of them would refuse the head) and reads it as splitting its text does
-# (tests/unit/test_proxy_fast_paths.py: any head this matches, the parser accepts). `_plain_status`
-# is this without the regex engine.
+# A plain response head: an HTTP/1.0 or 1.1 status line with a three-digit status and a reason of
+# printable ASCII and tabs, then fields each a token, a colon and a value of printable ASCII and tabs,
+# every line ended by CRLF, then the empty line. The parser accepts every such head but for its
+# framing fields (which `_response_head` reads itself, and hands to the parser whenever its own
+# reading of them would refuse the head) and a 101 (which it refuses unless the head names its
+# upgrade), and reads it as splitting its text does (tests/unit/test_proxy_fast_paths.py: any plain
+# head, the parser accepts). `_plain_end` is this without the regex engine.
 _PLAIN_RESPONSE_RE = re.compile(
-    rb"HTTP/1\.[01] ([0-9]{3})(?: [\t\x20-\x7e]*)?(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*)*"
+    rb"HTTP/1\.[01] [0-9]{3}(?: [\t\x20-\x7e]*)?(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*)*\r\n\r\n"
 )
 
 
-def _plain_status(buf: bytes, end: int) -> int:
-    """The status of a plain response head, `buf[:end]` (`_PLAIN_RESPONSE_RE` matches it whole), or
-    -1 for any other head (compiled: one C loop over its bytes; tests compare it with the regex)."""
-    if end < 12 or not (buf.startswith(b"HTTP/1.1 ") or buf.startswith(b"HTTP/1.0 ")):
+def _plain_end(buf: bytes, max_header_bytes: int) -> int:
+    """Where the plain response head at the start of `buf` ends (its CRLF CRLF, at most
+    `max_header_bytes` in: as `parse_response_head` finds the end of a head), when `buf` starts with
+    one (`_PLAIN_RESPONSE_RE` matches there); else -1 (not plain, not all here, too long). Compiled:
+    one C loop over its bytes, which finds its end too (tests compare it with the regex)."""
+    n = len(buf)
+    if n < 16 or not (buf.startswith(b"HTTP/1.1 ") or buf.startswith(b"HTTP/1.0 ")):
         return -1
-    status = 0
     for i in range(9, 12):  # (indexes, not a slice: compiled, no copy)
         c = buf[i]
         if not 48 <= c <= 57:  # (bytes: ints; compiled, C chars)
             return -1
-        status = status * 10 + (c - 48)
+    stop = max_header_bytes + 4  # (the CRLF CRLF within the first max_header_bytes + 4 bytes)
+    if stop > n:
+        stop = n
     # The state (literal numbers: compiled, C comparisons): 0 after the status, 1 in a reason or a
-    # value, 2 after a CR, 3 at a field line's start, 4 in a field's name.
+    # value, 2 after a line's CR, 3 at a line's start, 4 in a field's name, 5 after the empty line's CR.
     state = 0
-    for i in range(12, end):
+    for i in range(12, stop):
         c = buf[i]
         if state == 1:
             if 32 <= c <= 126 or c == 9:  # (printable ASCII, a tab)
@@ -1094,21 +1098,25 @@ def _plain_status(buf: bytes, end: int) -> int:
         elif state == 3:
             if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
                 state = 4
+            elif c == 13:
+                state = 5
             else:
                 return -1
+        elif state == 5:
+            return i - 3 if c == 10 else -1
         elif c == 32:  # (after the status: the reason's space, or the line's end)
             state = 1
         elif c == 13:
             state = 2
         else:
             return -1
-    return status if state == 1 or state == 0 else -1
+    return -1
 
 
-def _plain_status_re(buf: bytes, end: int) -> int:
-    """`_plain_status` by the regex (run as Python, where the regex engine's loop is the faster)."""
-    m = _PLAIN_RESPONSE_RE.fullmatch(buf, 0, end)
-    return int(m.group(1)) if m is not None else -1
+def _plain_end_re(buf: bytes, max_header_bytes: int) -> int:
+    """`_plain_end` by the regex (run as Python, where the regex engine's loop is the faster)."""
+    m = _PLAIN_RESPONSE_RE.match(buf, 0, max_header_bytes + 4)
+    return m.end() - 4 if m is not None else -1
 
 
 def parse_response_head(
@@ -1121,6 +1129,11 @@ def parse_response_head(
     version, status and reason from the status line, the framing and hop-by-hop fields by looking for
     them, the field list only when someone asks for it (`ResponseHead.headers`). Any other head is
     read from the parser's callbacks."""
+    if _SPLIT_READING:
+        end = _plain_end(buf, max_header_bytes) if _COMPILED else _plain_end_re(buf, max_header_bytes)
+        # (a 101 the parser refuses unless the head names its upgrade: its word)
+        if end >= 0 and not (buf[9] == 49 and buf[10] == 48 and buf[11] == 49):
+            return _response_head(buf, end, request_method, True)
     end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
     if end < 0:
         if len(buf) > max_header_bytes:
@@ -1135,12 +1148,12 @@ def parse_response_head(
     if not buf.startswith(b"HTTP/"):
         # (the parser also takes RTSP/ and ICE/ status lines: not an HTTP answer)
         raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
-    return _response_head(buf, end, request_method, _SPLIT_READING)
+    return _response_head(buf, end, request_method, False)
 
 
 def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tuple[ResponseHead, int]:
     """`parse_response_head` of a head that ends at `end` (its CRLF CRLF) and starts with `HTTP/`;
-    `plain`: a plain head (`_PLAIN_RESPONSE_RE`) is read without the parser."""
+    `plain`: it is a plain head (`_plain_end`), not a 101: read without the parser."""
     consumed = end + len(_HEAD_END)
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
@@ -1149,11 +1162,7 @@ def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tu
     space = whole.find(" ", 0, line_end)
     text = whole if space >= 0 and _SPLIT_READING else None
     head_bytes = buf[:consumed]
-    status = (
-        (_plain_status(buf, end) if _COMPILED else _plain_status_re(buf, end)) if plain and text is not None else -1
-    )
-    if status < 0 or status == 101:  # (a 101 the parser refuses unless it names its upgrade: its word)
-        plain = False
+    if not plain:
         col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
         parser = HttpResponseParser(col)
         problem = _run_parser(parser, head_bytes)
@@ -1166,8 +1175,9 @@ def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tu
         if version not in _VERSIONS:
             raise UpstreamError(f"unsupported response version HTTP/{version}")
         status = parser.get_status_code()
-    else:
-        version = whole[5:8]  # ('1.0' or '1.1': the plain head's)
+    else:  # (the plain head's: '1.0' or '1.1', three digits)
+        version = whole[5:8]
+        status = (buf[9] - 48) * 100 + (buf[10] - 48) * 10 + (buf[11] - 48)
     te: list[str] = []
     has_te = False
     cls: list[str] = []

@@ -1010,7 +1010,7 @@ _PLAIN_STATUS_LINES = st.sampled_from(
     ]
 )
 _NAME_BYTES = st.sampled_from(
-    [b"a", b"Z", b"0", b"-", b"!", b"~", b"|", b"`", b"{", b" ", b"\t", b"\x00", b"\x80", b"\x7f", b"/"]
+    [b"a", b"Z", b"0", b"-", b"!", b"~", b"|", b"`", b"{", b" ", b"\t", b"\x00", b"\x80", b"\x7f", b"/", b"\r"]
 )
 _VALUE_BYTES = st.sampled_from(
     [b"a", b" ", b"\t", b"~", b":", b'"', b"\x7f", b"\x80", b"\xff", b"\x00", b"\x01", b"\x0b", b"\x1f", b"\r", b"\n"]
@@ -1048,14 +1048,20 @@ def _byte_heads(draw: Any) -> bytes:
 @example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n")
 @example(b"HTTP/1.1 200 OK\r\nContent-Length: 1 2\r\n\r\n")
 @example(b"HTTP/1.1 200\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\n\rX: y\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\r\n\r\n")
+@example(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
 def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes) -> None:
     """A plain response head (`_PLAIN_RESPONSE_RE`) is read without the parser: the same head or the
     same error as the parser's callbacks give (its framing refused by the parser's words, the parser
-    asked then); the compiled loop `_plain_status` takes exactly what the regex takes; and every plain
+    asked then); the compiled loop `_plain_end` takes exactly what the regex takes; and every plain
     head with sound framing is one the parser accepts."""
-    end = raw.find(b"\r\n\r\n")
-    plain = http1._plain_status(raw, end) if end >= 0 else -1
-    assert plain == (http1._plain_status_re(raw, end) if end >= 0 else -1)
+    end = http1._plain_end(raw, 65536)
+    assert end == http1._plain_end_re(raw, 65536)
+    assert end < 0 or end == raw.find(b"\r\n\r\n")
+    for limit in (end - 1, end, end + 1):  # (the head's end counts as `parse_response_head` counts it)
+        assert http1._plain_end(raw, limit) == http1._plain_end_re(raw, limit)
+    plain = int(raw[9:12]) if end >= 0 else -1
     for method in ("GET", "HEAD"):
         fast = outcome(http1.parse_response_head, raw, 65536, method)
         with long_way():
@@ -1068,3 +1074,5 @@ def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes)
         except httptools.HttpParserUpgrade:
             pass
         assert parser.get_status_code() == plain
+    if end >= 0:  # incomplete: not plain (yet)
+        assert http1._plain_end(raw[: end + 3], 65536) == http1._plain_end_re(raw[: end + 3], 65536) == -1
