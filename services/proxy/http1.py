@@ -543,6 +543,28 @@ _SPLIT_READING = True
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
 
 
+def _head_end(buf: bytes, start: int, stop: int) -> int:
+    """`buf.find(b"\\r\\n\\r\\n", start, stop)` for `start`, `stop` >= 0 (compiled: a C loop that looks at every fourth byte
+    outside CRs and LFs, without the method call and its argument parsing; tests compare them)."""
+    n = len(buf)
+    if stop > n:
+        stop = n
+    if start < 0:
+        start = 0
+    i = start + 3  # (where the empty line's LF would be)
+    while i < stop:
+        c = buf[i]
+        if c == 10:
+            if buf[i - 1] == 13 and buf[i - 2] == 10 and buf[i - 3] == 13:
+                return i - 3
+            i += 1
+        elif c == 13:
+            i += 1
+        else:  # (no CRLF CRLF holds this byte: the next that could end one is 4 on)
+            i += 4
+    return -1
+
+
 def _skip_blank_lines(buf: bytes) -> int:
     """RFC 9112 §2.2: empty lines before a request line are ignored (some clients send them)."""
     m = _BLANK_LINES.match(buf)
@@ -619,7 +641,8 @@ def parse_request_head(
     if buf.startswith(_H2_PREFACE, start):
         raise HttpError(505, "HTTP/2 is not supported by this proxy")
     # Sizes count from the very start of buf, so endless blank lines are bounded too.
-    end = buf.find(_HEAD_END, start, max_header_bytes + len(_HEAD_END))
+    stop = max_header_bytes + len(_HEAD_END)
+    end = _head_end(buf, start, stop) if _COMPILED else buf.find(_HEAD_END, start, stop)
     if end < 0:
         if len(buf) > max_header_bytes:
             raise _too_big(buf, start, max_header_bytes)
@@ -709,14 +732,16 @@ def parse_request_head(
             raw_names.append(k)
         last = _LAST_NAMES[0]  # (the last head's field names: most heads repeat them; one tuple read)
         if last is not None and last[0] == raw_names:
-            names = last[1]
+            names, facts = last[1], last[2]
         else:
             names = frozenset(map(str.lower, raw_names))
-            _LAST_NAMES[0] = (raw_names, names)
+            facts = _names_facts(names)
+            _LAST_NAMES[0] = (raw_names, names, facts)
     else:
         method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
+        facts = _names_facts(names)
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
@@ -742,8 +767,8 @@ def parse_request_head(
             method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True
         )
         _derive_origin_target(head, *origin)
-    _derive_request_headers(head)
-    if pair is not None and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+    _derive_request_headers(head, facts & 2 != 0)  # (`_names_facts`; literal bits: compiled, C operations)
+    if pair is not None and facts & 1 and method != "CONNECT":
         # The parser took this head whole and is where the next one starts (a request without a body,
         # as llhttp reads it; one that closes its connection too: the parser is lenient about that
         # alone): kept for the next parse, which then makes none (HttpRequestParser's making, its
@@ -754,11 +779,24 @@ def parse_request_head(
     return head, consumed
 
 
-# The last request head's field names as received and their lower-cased set (`parse_request_head`),
-# and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
+# The last request head's field names as received, their lower-cased set and what it says
+# (`_names_facts`), for `parse_request_head`; and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
 # its fields, the bytes). Each one tuple, replaced whole.
-_LAST_NAMES: list[tuple[list[str], frozenset[str]] | None] = [None]
+_LAST_NAMES: list[tuple[list[str], frozenset[str], int] | None] = [None]
 _LAST_RENDER: list[tuple[str, str, str, str, list[tuple[str, str]], bytes] | None] = [None]
+
+
+def _names_facts(names: frozenset[str]) -> int:
+    """What a request head's lower-cased field names say (a pure function of them, remembered with them
+    in `_LAST_NAMES`): bit 1, none of them blocks its parser's reuse (`_REUSE_BLOCKERS`); bit 2, none
+    is one `_derive_request_headers` reads but Connection (`_REQUEST_FIELDS_BUT_CONNECTION`)."""
+    facts = 0
+    if names.isdisjoint(_REUSE_BLOCKERS):
+        facts |= 1
+    if names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION):
+        facts |= 2
+    return facts
+
 
 # Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
 # taken from the end, given back after a head that left it so; a head that failed keeps its parser).
@@ -865,9 +903,11 @@ _REQUEST_FIELDS = frozenset(
 _REQUEST_FIELDS_BUT_CONNECTION = _REQUEST_FIELDS - {"connection"}
 
 
-def _derive_request_headers(head: RequestHead) -> None:
+def _derive_request_headers(head: RequestHead, none_derived: bool = False) -> None:
+    """keep_alive, chunked, content_length, expect_continue, upgrade and proxy_* from the head's fields
+    (`none_derived`: its names are known to hold none of `_REQUEST_FIELDS_BUT_CONNECTION`)."""
     headers, names = head.headers, head.names
-    if names is not None and names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION):
+    if names is not None and (none_derived or names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION)):
         # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
         if "connection" not in names:
             head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field

@@ -1076,3 +1076,39 @@ def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes)
         assert parser.get_status_code() == plain
     if end >= 0:  # incomplete: not plain (yet)
         assert http1._plain_end(raw[: end + 3], 65536) == http1._plain_end_re(raw[: end + 3], 65536) == -1
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b"bcd", b"\r\r\n\n"]), max_size=12).map(
+        b"".join
+    ),
+    st.integers(0, 40),
+    st.integers(0, 60),
+)
+@example(b"\r\n\r\n", 0, 4)
+@example(b"\r\n\r\n", 0, 3)
+@example(b"x\r\n\r\n", 1, 5)
+@example(b"\r\n\r\r\n\r\n", 0, 100)
+@example(b"abcd\r\n\r\n", 0, 100)
+@example(b"abcdefgh\r\n\r\n", 1, 100)
+def test_head_end_is_find(buf: bytes, start: int, stop: int) -> None:
+    """`_head_end` (the request head's end, found by a compiled loop) is `bytes.find` of CRLF CRLF."""
+    assert http1._head_end(buf, start, stop) == buf.find(b"\r\n\r\n", start, stop)
+
+
+def test_a_request_heads_names_say_what_their_set_says() -> None:
+    """What `parse_request_head` remembers with the last head's names (`_names_facts`) is what the set
+    of names says: a head with other names after it is read as a head alone."""
+    plain = b"GET http://h.example/ HTTP/1.1\r\nHost: h.example\r\n\r\n"
+    framed = b"GET http://h.example/ HTTP/1.1\r\nHost: h.example\r\nContent-Length: 2\r\n\r\nok"
+    for first, second in ((plain, framed), (framed, plain), (plain, plain), (framed, framed)):
+        http1._LAST_NAMES[0] = None
+        http1.parse_request_head(first)
+        got = outcome(http1.parse_request_head, second, 65536, 100)
+        http1._LAST_NAMES[0] = None
+        assert got == outcome(http1.parse_request_head, second, 65536, 100)
+    for names in (frozenset({"host"}), frozenset({"host", "content-length"}), frozenset({"upgrade"}), frozenset()):
+        facts = http1._names_facts(names)
+        assert bool(facts & 1) == names.isdisjoint(http1._REUSE_BLOCKERS)
+        assert bool(facts & 2) == names.isdisjoint(http1._REQUEST_FIELDS_BUT_CONNECTION)
