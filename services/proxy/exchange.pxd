@@ -5,7 +5,7 @@ cimport cython
 
 from services.proxy.conn cimport Conn
 from services.proxy.context cimport Limits
-from services.proxy.http1 cimport RequestHead, ResponseHead, render_response_head
+from services.proxy.http1 cimport RequestHead, ResponseHead, parse_response_head, render_response_head
 from services.proxy.pipeline cimport Txn
 
 

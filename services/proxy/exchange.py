@@ -35,7 +35,7 @@ from typing import Any
 
 from . import http1
 from .conn import Conn, ConnClosed
-from .http1 import render_response_head
+from .http1 import parse_response_head, render_response_head
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
 from .tls import TlsStream
@@ -251,7 +251,8 @@ class Exchange:
         if self.state is not AWAIT_RESPONSE or self._body is not None or not buf:
             return False
         try:
-            got = http1.parse_response_head(bytes(buf), self.limits.max_header_bytes, self.head.method)
+            # (the name imported: compiled, a C call, exchange.pxd; not the module's attribute through Python)
+            got = parse_response_head(bytes(buf), self.limits.max_header_bytes, self.head.method)
         except http1.UpstreamError:
             return False
         if got is None or got[0].status < 200:

@@ -38,7 +38,7 @@ cdef class _HeadEnd:
     start=Py_ssize_t, end=Py_ssize_t, consumed=Py_ssize_t, line_end=Py_ssize_t, head_bytes=bytes,
     lines=list, request_line=list, version=str, method=str, target=str, headers=list, raw_names=list,
     line=str, k=str, v=str, head=RequestHead, text=str, first_line=str, pair=tuple, pool=list, done=_HeadEnd, kept=tuple,
-    colon=Py_ssize_t, parts=tuple, last=tuple,
+    colon=Py_ssize_t, parts=tuple, last=tuple, facts=int, stop=Py_ssize_t,
 )
 cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
@@ -46,14 +46,18 @@ cpdef parse_request_head(bytes buf, max_header_bytes=*, max_headers=*, origin=*)
 
 # The response parser's locals typed (as the request's; no generator expression in it: a cpdef
 # function takes no closure).
+@cython.locals(end=Py_ssize_t)
+cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 @cython.locals(
-    end=Py_ssize_t, consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
-    head_bytes=bytes,
+    consumed=Py_ssize_t, whole=str, first=Py_ssize_t, line_end=Py_ssize_t, space=Py_ssize_t, text=str,
+    head_bytes=bytes, status=Py_ssize_t,
     version=str, te=list, cls=list, connection=list, lower=str, reason=str, lk=str, start=Py_ssize_t,
     stop=Py_ssize_t, value=str, method=str, head=ResponseHead, size=Py_ssize_t, kind=int, connection_at=Py_ssize_t,
     lines=list, line=str, pos=Py_ssize_t,
 )
-cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
+cpdef tuple _response_head(bytes buf, Py_ssize_t end, str request_method, bint plain)
+@cython.locals(c="unsigned char", state=int, i=Py_ssize_t, n=Py_ssize_t, stop=Py_ssize_t)
+cpdef Py_ssize_t _plain_end(bytes buf, Py_ssize_t max_header_bytes) except -2
 
 
 # The parsers' helpers: C calls from them (cpdef: still callable from Python, as the tests do).
@@ -78,7 +82,11 @@ cpdef int _response_field(str text, Py_ssize_t start) except -1
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str, hit=tuple)
 cpdef tuple _target_parts(str method, str target)
 @cython.locals(tokens=list, kv=tuple, k=str)
-cpdef _derive_request_headers(RequestHead head)
+cpdef _derive_request_headers(RequestHead head, bint none_derived=*)
+@cython.locals(facts=int)
+cpdef int _names_facts(frozenset names) except -1
+@cython.locals(n=Py_ssize_t, i=Py_ssize_t, c="unsigned char")
+cpdef Py_ssize_t _head_end(bytes buf, Py_ssize_t start, Py_ssize_t stop) except -2
 
 # The field helpers of heads (C calls from their methods).
 cpdef _add_tokens(list tokens, str value)

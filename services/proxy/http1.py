@@ -526,6 +526,10 @@ class _HeadEnd:
         self.complete = True
 
 
+# Whether this module runs compiled (`_HeadEnd` is then an extension type: see greyproxy.compiled.slotted).
+_COMPILED = not _HeadEnd.__flags__ & (1 << 9)
+
+
 # A head the parser accepts is read by splitting its text at CRLF (its fields: `line.partition(":")`)
 # instead of through the parser's callbacks: two string operations a field instead of a callback and
 # two decodes. Both readings agree because the parser refuses every head where they would not: a bare
@@ -537,6 +541,28 @@ _SPLIT_READING = True
 
 
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
+
+
+def _head_end(buf: bytes, start: int, stop: int) -> int:
+    """`buf.find(b"\\r\\n\\r\\n", start, stop)` for `start`, `stop` >= 0 (compiled: a C loop that looks at every fourth byte
+    outside CRs and LFs, without the method call and its argument parsing; tests compare them)."""
+    n = len(buf)
+    if stop > n:
+        stop = n
+    if start < 0:
+        start = 0
+    i = start + 3  # (where the empty line's LF would be)
+    while i < stop:
+        c = buf[i]
+        if c == 10:
+            if buf[i - 1] == 13 and buf[i - 2] == 10 and buf[i - 3] == 13:
+                return i - 3
+            i += 1
+        elif c == 13:
+            i += 1
+        else:  # (no CRLF CRLF holds this byte: the next that could end one is 4 on)
+            i += 4
+    return -1
 
 
 def _skip_blank_lines(buf: bytes) -> int:
@@ -615,7 +641,8 @@ def parse_request_head(
     if buf.startswith(_H2_PREFACE, start):
         raise HttpError(505, "HTTP/2 is not supported by this proxy")
     # Sizes count from the very start of buf, so endless blank lines are bounded too.
-    end = buf.find(_HEAD_END, start, max_header_bytes + len(_HEAD_END))
+    stop = max_header_bytes + len(_HEAD_END)
+    end = _head_end(buf, start, stop) if _COMPILED else buf.find(_HEAD_END, start, stop)
     if end < 0:
         if len(buf) > max_header_bytes:
             raise _too_big(buf, start, max_header_bytes)
@@ -705,14 +732,16 @@ def parse_request_head(
             raw_names.append(k)
         last = _LAST_NAMES[0]  # (the last head's field names: most heads repeat them; one tuple read)
         if last is not None and last[0] == raw_names:
-            names = last[1]
+            names, facts = last[1], last[2]
         else:
             names = frozenset(map(str.lower, raw_names))
-            _LAST_NAMES[0] = (raw_names, names)
+            facts = _names_facts(names)
+            _LAST_NAMES[0] = (raw_names, names, facts)
     else:
         method = parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
+        facts = _names_facts(names)
         if _BAD_VALUE_CHARS.search(target):  # (the parser refuses these too: `parsed` relies on it)
             raise _bad("control character in the request target")
     # What the credential hook looks for, in any spelling it reads, is absent from the whole head.
@@ -738,8 +767,8 @@ def parse_request_head(
             method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True
         )
         _derive_origin_target(head, *origin)
-    _derive_request_headers(head)
-    if pair is not None and names.isdisjoint(_REUSE_BLOCKERS) and method != "CONNECT":
+    _derive_request_headers(head, facts & 2 != 0)  # (`_names_facts`; literal bits: compiled, C operations)
+    if pair is not None and facts & 1 and method != "CONNECT":
         # The parser took this head whole and is where the next one starts (a request without a body,
         # as llhttp reads it; one that closes its connection too: the parser is lenient about that
         # alone): kept for the next parse, which then makes none (HttpRequestParser's making, its
@@ -750,11 +779,24 @@ def parse_request_head(
     return head, consumed
 
 
-# The last request head's field names as received and their lower-cased set (`parse_request_head`),
-# and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
+# The last request head's field names as received, their lower-cased set and what it says
+# (`_names_facts`), for `parse_request_head`; and the last parsed head `render_upstream` rendered: (method, path, version, authority, a copy of
 # its fields, the bytes). Each one tuple, replaced whole.
-_LAST_NAMES: list[tuple[list[str], frozenset[str]] | None] = [None]
+_LAST_NAMES: list[tuple[list[str], frozenset[str], int] | None] = [None]
 _LAST_RENDER: list[tuple[str, str, str, str, list[tuple[str, str]], bytes] | None] = [None]
+
+
+def _names_facts(names: frozenset[str]) -> int:
+    """What a request head's lower-cased field names say (a pure function of them, remembered with them
+    in `_LAST_NAMES`): bit 1, none of them blocks its parser's reuse (`_REUSE_BLOCKERS`); bit 2, none
+    is one `_derive_request_headers` reads but Connection (`_REQUEST_FIELDS_BUT_CONNECTION`)."""
+    facts = 0
+    if names.isdisjoint(_REUSE_BLOCKERS):
+        facts |= 1
+    if names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION):
+        facts |= 2
+    return facts
+
 
 # Request parsers left where a new head starts, each with its callback target (`parse_request_head`:
 # taken from the end, given back after a head that left it so; a head that failed keeps its parser).
@@ -861,9 +903,11 @@ _REQUEST_FIELDS = frozenset(
 _REQUEST_FIELDS_BUT_CONNECTION = _REQUEST_FIELDS - {"connection"}
 
 
-def _derive_request_headers(head: RequestHead) -> None:
+def _derive_request_headers(head: RequestHead, none_derived: bool = False) -> None:
+    """keep_alive, chunked, content_length, expect_continue, upgrade and proxy_* from the head's fields
+    (`none_derived`: its names are known to hold none of `_REQUEST_FIELDS_BUT_CONNECTION`)."""
     headers, names = head.headers, head.names
-    if names is not None and names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION):
+    if names is not None and (none_derived or names.isdisjoint(_REQUEST_FIELDS_BUT_CONNECTION)):
         # chunked, content_length, expect_continue, upgrade, proxy_*: their defaults
         if "connection" not in names:
             head.keep_alive = head.version == "1.1"  # _keep_alive without a Connection field
@@ -1043,15 +1087,93 @@ def _response_field(text: str, start: int) -> int:
     return 0
 
 
+# A plain response head: an HTTP/1.0 or 1.1 status line with a three-digit status and a reason of
+# printable ASCII and tabs, then fields each a token, a colon and a value of printable ASCII and tabs,
+# every line ended by CRLF, then the empty line. The parser accepts every such head but for its
+# framing fields (which `_response_head` reads itself, and hands to the parser whenever its own
+# reading of them would refuse the head) and a 101 (which it refuses unless the head names its
+# upgrade), and reads it as splitting its text does (tests/unit/test_proxy_fast_paths.py: any plain
+# head, the parser accepts). `_plain_end` is this without the regex engine.
+_PLAIN_RESPONSE_RE = re.compile(
+    rb"HTTP/1\.[01] [0-9]{3}(?: [\t\x20-\x7e]*)?(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[\t\x20-\x7e]*)*\r\n\r\n"
+)
+
+
+def _plain_end(buf: bytes, max_header_bytes: int) -> int:
+    """Where the plain response head at the start of `buf` ends (its CRLF CRLF, at most
+    `max_header_bytes` in: as `parse_response_head` finds the end of a head), when `buf` starts with
+    one (`_PLAIN_RESPONSE_RE` matches there); else -1 (not plain, not all here, too long). Compiled:
+    one C loop over its bytes, which finds its end too (tests compare it with the regex)."""
+    n = len(buf)
+    if n < 16 or not (buf.startswith(b"HTTP/1.1 ") or buf.startswith(b"HTTP/1.0 ")):
+        return -1
+    for i in range(9, 12):  # (indexes, not a slice: compiled, no copy)
+        c = buf[i]
+        if not 48 <= c <= 57:  # (bytes: ints; compiled, C chars)
+            return -1
+    stop = max_header_bytes + 4  # (the CRLF CRLF within the first max_header_bytes + 4 bytes)
+    if stop > n:
+        stop = n
+    # The state (literal numbers: compiled, C comparisons): 0 after the status, 1 in a reason or a
+    # value, 2 after a line's CR, 3 at a line's start, 4 in a field's name, 5 after the empty line's CR.
+    state = 0
+    for i in range(12, stop):
+        c = buf[i]
+        if state == 1:
+            if 32 <= c <= 126 or c == 9:  # (printable ASCII, a tab)
+                continue
+            if c != 13:
+                return -1
+            state = 2
+        elif state == 4:
+            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+                continue
+            if c != 58:  # (':')
+                return -1
+            state = 1
+        elif state == 2:
+            if c != 10:
+                return -1
+            state = 3
+        elif state == 3:
+            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+                state = 4
+            elif c == 13:
+                state = 5
+            else:
+                return -1
+        elif state == 5:
+            return i - 3 if c == 10 else -1
+        elif c == 32:  # (after the status: the reason's space, or the line's end)
+            state = 1
+        elif c == 13:
+            state = 2
+        else:
+            return -1
+    return -1
+
+
+def _plain_end_re(buf: bytes, max_header_bytes: int) -> int:
+    """`_plain_end` by the regex (what the tests compare the loop with)."""
+    m = _PLAIN_RESPONSE_RE.match(buf, 0, max_header_bytes + 4)
+    return m.end() - 4 if m is not None else -1
+
+
 def parse_response_head(
     buf: bytes, max_header_bytes: int = 65536, request_method: str = "GET"
 ) -> tuple[ResponseHead, int] | None:
     """Parse one response head: None if incomplete, else (head, bytes used). UpstreamError if bad.
 
-    The parser checks every head. One whose status line has a status (the usual one) is then read
-    from its text (`_SPLIT_READING`): version, status and reason from the status line, the framing
-    and hop-by-hop fields by looking for them, the field list only when someone asks for it
-    (`ResponseHead.headers`). Any other head is read from the parser's callbacks."""
+    The parser checks every head but a plain one (`_PLAIN_RESPONSE_RE`; compiled), which it is known to accept.
+    One whose status line has a status (the usual one) is then read from its text (`_SPLIT_READING`):
+    version, status and reason from the status line, the framing and hop-by-hop fields by looking for
+    them, the field list only when someone asks for it (`ResponseHead.headers`). Any other head is
+    read from the parser's callbacks."""
+    if _SPLIT_READING and _COMPILED:  # (as Python, the parser's C costs less than a loop or the regex)
+        end = _plain_end(buf, max_header_bytes)
+        # (a 101 the parser refuses unless the head names its upgrade: its word)
+        if end >= 0 and not (buf[9] == 49 and buf[10] == 48 and buf[11] == 49):
+            return _response_head(buf, end, request_method, True)
     end = buf.find(_HEAD_END, 0, max_header_bytes + len(_HEAD_END))
     if end < 0:
         if len(buf) > max_header_bytes:
@@ -1063,29 +1185,39 @@ def parse_response_head(
         if probe.complete:
             raise UpstreamError("response head not terminated by CRLF CRLF")
         return None
-    consumed = end + len(_HEAD_END)
     if not buf.startswith(b"HTTP/"):
         # (the parser also takes RTSP/ and ICE/ status lines: not an HTTP answer)
         raise UpstreamError("not an HTTP response (the status line does not start with HTTP/)")
+    return _response_head(buf, end, request_method, False)
+
+
+def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tuple[ResponseHead, int]:
+    """`parse_response_head` of a head that ends at `end` (its CRLF CRLF) and starts with `HTTP/`;
+    `plain`: it is a plain head (`_plain_end`), not a 101: read without the parser."""
+    consumed = end + len(_HEAD_END)
     whole = buf[:end].decode("latin-1")
     first = whole.find("\r\n")
     line_end = first if first >= 0 else len(whole)
     # The status line's `split(" ", 2)`, by its spaces: version, status and reason.
     space = whole.find(" ", 0, line_end)
     text = whole if space >= 0 and _SPLIT_READING else None
-    col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
-    parser = HttpResponseParser(col)
     head_bytes = buf[:consumed]
-    problem = _run_parser(parser, head_bytes)
-    if problem is not None:
-        raise UpstreamError(problem)
-    if not col.complete:
-        raise UpstreamError("incomplete response head")
-    # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
-    version = whole[space - 3 : space] if text is not None else parser.get_http_version()
-    if version not in _VERSIONS:
-        raise UpstreamError(f"unsupported response version HTTP/{version}")
-    status = parser.get_status_code()
+    if not plain:
+        col: _Collector | _HeadEnd = _HeadEnd() if text is not None else _Collector()
+        parser = HttpResponseParser(col)
+        problem = _run_parser(parser, head_bytes)
+        if problem is not None:
+            raise UpstreamError(problem)
+        if not col.complete:
+            raise UpstreamError("incomplete response head")
+        # (the parser read 'HTTP/<digit>.<digit>' at the start of a status line it accepted)
+        version = whole[space - 3 : space] if text is not None else parser.get_http_version()
+        if version not in _VERSIONS:
+            raise UpstreamError(f"unsupported response version HTTP/{version}")
+        status = parser.get_status_code()
+    else:  # (the plain head's: '1.0' or '1.1', three digits)
+        version = whole[5:8]
+        status = (buf[9] - 48) * 100 + (buf[10] - 48) * 10 + (buf[11] - 48)
     te: list[str] = []
     has_te = False
     cls: list[str] = []
@@ -1126,6 +1258,7 @@ def parse_response_head(
                         te.extend(_split_tokens(value))
             pos += len(line) + 2
     else:
+        assert not plain
         reason = col.status.decode("latin-1")  # type: ignore[union-attr]
         if _BAD_VALUE_CHARS.search(reason):
             raise UpstreamError("control character in the response's reason phrase")
@@ -1153,7 +1286,15 @@ def parse_response_head(
                         connection.extend(_split_tokens(v))
                 else:
                     other_hop = True
-    chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
+    if plain:
+        # The parser refuses some framing the plain head's reading refuses too, with its own words:
+        # a head refused here is refused as the parser refuses it.
+        try:
+            chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
+        except UpstreamError:
+            return _response_head(buf, end, request_method, False)
+    else:
+        chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     method = request_method if request_method == "GET" or request_method.isupper() else request_method.upper()
     bodiless = (

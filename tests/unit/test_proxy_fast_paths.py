@@ -979,3 +979,137 @@ def test_heads_in_a_row_read_and_render_as_each_alone(raws: list[bytes], version
         http1._LAST_NAMES[0] = http1._LAST_RENDER[0] = None
         alone.append(one(raw))
     assert [one(raw) for raw in raws] == alone
+
+
+# Response heads byte by byte, mostly plain (`http1._PLAIN_RESPONSE_RE`), with the bytes a plain head
+# must not hold mixed in: controls, DEL, obs-text, separators in names, bare CR or LF.
+_PLAIN_STATUS_LINES = st.sampled_from(
+    [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.0 200 OK",
+        b"HTTP/1.1 200",
+        b"HTTP/1.1 200 ",
+        b"HTTP/1.1 304 Not Modified",
+        b"HTTP/1.1 101 Switching Protocols",
+        b"HTTP/1.1 100 Continue",
+        b"HTTP/1.1 103 Early Hints",
+        b"HTTP/1.1 204 No Content",
+        b"HTTP/1.0 101 Switching Protocols",
+        b"HTTP/1.1 007 Odd",
+        b"HTTP/1.1 20x OK",
+        b"HTTP/1.1 2000 OK",
+        b"HTTP/1.2 200 OK",
+        b"HTTP/2.0 200 OK",
+        b"HTTP/1.1  200 OK",
+        b"HTTP/1.1 200\tOK",
+        b"HTTP/1.1 200 \tO\tK",
+        b"HTTP/1.1 200 O\x7fK",
+        b"HTTP/1.1 200 O\x80K",
+        b"HTTP/1.1 200 O\x00K",
+        b"HTTP/1.1 200 O\rK",
+    ]
+)
+_NAME_BYTES = st.sampled_from(
+    [b"a", b"Z", b"0", b"-", b"!", b"~", b"|", b"`", b"{", b" ", b"\t", b"\x00", b"\x80", b"\x7f", b"/", b"\r"]
+)
+_VALUE_BYTES = st.sampled_from(
+    [b"a", b" ", b"\t", b"~", b":", b'"', b"\x7f", b"\x80", b"\xff", b"\x00", b"\x01", b"\x0b", b"\x1f", b"\r", b"\n"]
+)
+_PLAIN_NAMES = st.sampled_from(
+    [b"Content-Length", b"Transfer-Encoding", b"Connection", b"Content-Type", b"X-A", b"TE", b"Upgrade", b"Proxy-A"]
+)
+_PLAIN_VALUES = st.sampled_from(
+    [b"5", b"0", b"chunked", b"gzip", b"keep-alive", b"close", b"upgrade", b"websocket", b"text/html", b" 1 ", b""]
+)
+
+
+@st.composite
+def _byte_field(draw: Any) -> bytes:
+    if draw(st.integers(0, 3)):  # mostly a plain field
+        name, value = draw(_PLAIN_NAMES), draw(_PLAIN_VALUES)
+    else:
+        name = b"".join(draw(st.lists(_NAME_BYTES, max_size=4)))
+        value = b"".join(draw(st.lists(_VALUE_BYTES, max_size=4)))
+    return name + draw(st.sampled_from([b":", b": ", b" :", b":\t"])) + value
+
+
+@st.composite
+def _byte_heads(draw: Any) -> bytes:
+    lines = [draw(_PLAIN_STATUS_LINES), *draw(st.lists(_byte_field(), max_size=5))]
+    eols = [draw(st.sampled_from([b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r"])) for _ in lines]
+    return b"".join(line + eol for line, eol in zip(lines, eols)) + b"\r\n" + draw(st.sampled_from([b"", b"body"]))
+
+
+@FUZZ
+@given(_byte_heads())
+@example(b"HTTP/1.1 200 OK\r\nX: a\x7fb\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nA{: b\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 1 2\r\n\r\n")
+@example(b"HTTP/1.1 200\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\n\rX: y\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\r\n\r\n")
+@example(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes) -> None:
+    """A plain response head (`_PLAIN_RESPONSE_RE`) is read without the parser: the same head or the
+    same error as the parser's callbacks give (its framing refused by the parser's words, the parser
+    asked then); the compiled loop `_plain_end` takes exactly what the regex takes; and every plain
+    head with sound framing is one the parser accepts."""
+    end = http1._plain_end(raw, 65536)
+    assert end == http1._plain_end_re(raw, 65536)
+    assert end < 0 or end == raw.find(b"\r\n\r\n")
+    for limit in (end - 1, end, end + 1):  # (the head's end counts as `parse_response_head` counts it)
+        assert http1._plain_end(raw, limit) == http1._plain_end_re(raw, limit)
+    plain = int(raw[9:12]) if end >= 0 else -1
+    for method in ("GET", "HEAD"):
+        with mock.patch.object(http1, "_COMPILED", True):  # (the plain reading as Python too: its loop)
+            fast = outcome(http1.parse_response_head, raw, 65536, method)
+        with long_way():
+            slow = outcome(http1.parse_response_head, raw, 65536, method)
+        assert fast == slow
+    if plain >= 0 and plain != 101 and not isinstance(fast[0], str):  # type: ignore[index]
+        parser = httptools.HttpResponseParser(object())
+        try:
+            parser.feed_data(raw[: end + 4])
+        except httptools.HttpParserUpgrade:
+            pass
+        assert parser.get_status_code() == plain
+    if end >= 0:  # incomplete: not plain (yet)
+        assert http1._plain_end(raw[: end + 3], 65536) == http1._plain_end_re(raw[: end + 3], 65536) == -1
+
+
+@FUZZ
+@given(
+    st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"\r\n\r\n", b"a", b"bcd", b"\r\r\n\n"]), max_size=12).map(
+        b"".join
+    ),
+    st.integers(0, 40),
+    st.integers(0, 60),
+)
+@example(b"\r\n\r\n", 0, 4)
+@example(b"\r\n\r\n", 0, 3)
+@example(b"x\r\n\r\n", 1, 5)
+@example(b"\r\n\r\r\n\r\n", 0, 100)
+@example(b"abcd\r\n\r\n", 0, 100)
+@example(b"abcdefgh\r\n\r\n", 1, 100)
+def test_head_end_is_find(buf: bytes, start: int, stop: int) -> None:
+    """`_head_end` (the request head's end, found by a compiled loop) is `bytes.find` of CRLF CRLF."""
+    assert http1._head_end(buf, start, stop) == buf.find(b"\r\n\r\n", start, stop)
+
+
+def test_a_request_heads_names_say_what_their_set_says() -> None:
+    """What `parse_request_head` remembers with the last head's names (`_names_facts`) is what the set
+    of names says: a head with other names after it is read as a head alone."""
+    plain = b"GET http://h.example/ HTTP/1.1\r\nHost: h.example\r\n\r\n"
+    framed = b"GET http://h.example/ HTTP/1.1\r\nHost: h.example\r\nContent-Length: 2\r\n\r\nok"
+    for first, second in ((plain, framed), (framed, plain), (plain, plain), (framed, framed)):
+        http1._LAST_NAMES[0] = None
+        http1.parse_request_head(first)
+        got = outcome(http1.parse_request_head, second, 65536, 100)
+        http1._LAST_NAMES[0] = None
+        assert got == outcome(http1.parse_request_head, second, 65536, 100)
+    for names in (frozenset({"host"}), frozenset({"host", "content-length"}), frozenset({"upgrade"}), frozenset()):
+        facts = http1._names_facts(names)
+        assert bool(facts & 1) == names.isdisjoint(http1._REUSE_BLOCKERS)
+        assert bool(facts & 2) == names.isdisjoint(http1._REQUEST_FIELDS_BUT_CONNECTION)
