@@ -74,9 +74,18 @@ def outcome(fn: Any, *args: Any) -> Any:
     fields.pop("placeholder_free", None)  # (the long way clears these two on purpose)
     fields.pop("parsed", None)
     if isinstance(head, http1.ResponseHead):
-        for how in ("_headers", "index", "text", "lower", "lines"):  # how the fields are kept: read them instead
+        # How the fields are kept (the split reading's text and lines, where its Connection line is):
+        # read the fields instead, and render the head both ways (what `connection_at` is for).
+        for how in ("_headers", "index", "text", "lower", "lines", "connection_at"):
             fields.pop(how)
         fields["lookups"] = [head.header(name) for name in _LOOKUPS]  # (before the list is built)
+        rendered = []
+        for keep_alive in (True, False):
+            try:
+                rendered.append(http1.render_response_head(head, keep_alive))
+            except (http1.HttpError, http1.UpstreamError, ValueError) as exc:
+                rendered.append(repr(exc))
+        fields["rendered"] = rendered
         fields["headers"] = head.headers
     return fields, n
 
@@ -1051,6 +1060,8 @@ def _byte_heads(draw: Any) -> bytes:
 @example(b"HTTP/1.1 200 OK\r\n\rX: y\r\n\r\n")
 @example(b"HTTP/1.1 200 OK\r\nA: b\r\n\r\r\n\r\n")
 @example(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nConnection:keep-alive\r\n\r\n")
+@example(b"HTTP/1.1 200 OK\r\nA: b\r\nConnection: keep-alive\r\n\r\n")
 def test_a_plain_response_head_is_read_without_the_parser_as_with_it(raw: bytes) -> None:
     """A plain response head (`_PLAIN_RESPONSE_RE`) is read without the parser: the same head or the
     same error as the parser's callbacks give (its framing refused by the parser's words, the parser
