@@ -46,7 +46,14 @@ cdef class Conn:
 
 # A tunnel's upstream: a buffered protocol (reads into the scratch).
 cdef class PipeConn(Conn):
+    cdef public object connecting
+
+    cpdef connection_made(self, transport)
+    cpdef _connect_over(self)
     cpdef get_buffer(self, sizehint)
+    cpdef data_received(self, data)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
     @cython.locals(received=Received)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
 

@@ -381,10 +381,45 @@ class PipeConn(Conn):
     scratch's slice is copied into `buf`.) asyncio's own loops (some tests) see no BufferedProtocol
     and call `data_received`, which does the same work with the bytes."""
 
-    __slots__ = ()
+    __slots__ = ("connecting",)
+
+    def __init__(self) -> None:
+        self._setup()
+        # The connect (`upstream.Connecting`) that made this connection, while its coroutine is still
+        # to be run to its end: it went on at `connection_made` without waiting for it (see
+        # `Connecting._made`), and it is ended at this connection's next callback (`_connect_over`).
+        self.connecting: Any = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        c = self.connecting
+        if c is not None:
+            c._made(self)  # the tunnel goes on now (not a loop turn later, from its waiter's callback)
+
+    def _connect_over(self) -> None:
+        """The connect's coroutine, its waiter set since `connection_made`, run to its end (once)."""
+        c, self.connecting = self.connecting, None
+        c._finish()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        if self.connecting is not None:
+            self._connect_over()
         return _scratch if self.peer is not None else _parse_scratch
+
+    def data_received(self, data: bytes) -> None:
+        if self.connecting is not None:  # (asyncio's loops: no get_buffer, the bytes come here)
+            self._connect_over()
+        Conn.data_received(self, data)
+
+    def eof_received(self) -> bool:
+        if self.connecting is not None:
+            self._connect_over()
+        return Conn.eof_received(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.connecting is not None:
+            self._connect_over()
+        Conn.connection_lost(self, exc)
 
     def buffer_updated(self, nbytes: int) -> None:
         peer = self.peer

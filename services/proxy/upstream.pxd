@@ -16,8 +16,8 @@ cdef class Connecting:
     cdef public Py_ssize_t i
     cdef public double deadline
     cdef public object guard, done, coro, fut, timer
-    cdef public bint fired, cached
-    cdef public Conn conn
+    cdef public bint fired, cached, made
+    cdef public PipeConn conn
 
     cpdef bint start(self) except -1
     @cython.locals(deadlines=_ConnectDeadlines)
@@ -27,6 +27,8 @@ cdef class Connecting:
     @cython.locals(connected=bint)
     cpdef _step(self, _fut)
     cpdef _expire(self)
+    cpdef _made(self, PipeConn conn)
+    cpdef _finish(self)
 
 
 cpdef _literal(str host, port)

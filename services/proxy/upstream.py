@@ -244,6 +244,7 @@ class Connecting:
         "fired",
         "cached",
         "conn",
+        "made",
     )
 
     def __init__(
@@ -264,7 +265,8 @@ class Connecting:
         self.timer: asyncio.TimerHandle | None = None
         self.fired = False
         self.cached = False
-        self.conn: Conn | None = None  # the current attempt's protocol (`__call__`)
+        self.conn: PipeConn | None = None  # the current attempt's protocol (`__call__`)
+        self.made = False  # `done` called from the connection's `connection_made` (`_made`)
 
     def start(self) -> bool:
         """Begin connecting (False: a name to look up first; nothing was done)."""
@@ -299,12 +301,54 @@ class Connecting:
         self.coro = loop.create_connection(self, ip, aport)  # (its protocol factory: `__call__`)
         self._step(None)
 
-    def __call__(self) -> Conn:
-        """The attempt's protocol (`create_connection` calls this as its protocol factory; a bound
-        method would be one more object per connect), kept: the connect's end need not read it from
-        the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
-        conn = self.conn = PipeConn()  # (a tunnel's upstream)
-        return conn
+    def __call__(self, fut: Any = None) -> Conn | None:
+        """Without an argument, the attempt's protocol (`create_connection` calls this as its protocol
+        factory; a bound method would be one more object per connect), kept: the connect's end need
+        not read it from the coroutine's StopIteration (compiled, an exception caught by name gets a
+        traceback). With one, the callback of the future the connecting coroutine waits for (`_step`;
+        `_finish` once `_made`)."""
+        if fut is None:
+            conn = self.conn = PipeConn()  # (a tunnel's upstream)
+            conn.connecting = self
+            return conn
+        if self.made:
+            self._finish()
+        else:
+            self._step(fut)
+        return None
+
+    def _made(self, conn: PipeConn) -> None:
+        """The attempt's connection is made (its `connection_made`): the connect is over, `done` is
+        called now. The coroutine waits for its transport's waiter, which uvloop (asyncio a callback
+        later) sets only once `connection_made` has returned: its callback is taken off (no loop
+        turn and callback handle for it) and the connection runs the coroutine to its end
+        (`_finish`) at its next callback, which is always after that. Not when the wait is over
+        already (the deadline cancelled it: `_step` sees that)."""
+        fut = self.fut
+        if conn is not self.conn or fut is None or fut.done():
+            return
+        fut.remove_done_callback(self)
+        self.made = True
+        self._disarm()
+        self.conn = None
+        self.done(conn, None)  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
+
+    def _finish(self) -> None:
+        """The coroutine of a connect already `_made`, run to its end: it gives the transport and the
+        protocol (as `done` was given them); anything else means the connection has failed or closed
+        since, which its own callbacks tell. A waiter not set yet (not seen) is waited for."""
+        coro = self.coro
+        if coro is None:
+            return
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.add_done_callback(self)  # (`__call__`: `_finish` again)
+            return
+        self.coro = self.fut = None
+        try:
+            coro.send(None)
+        except BaseException:  # (StopIteration: its end)
+            pass
 
     def _disarm(self) -> None:
         timer = self.timer
@@ -326,6 +370,8 @@ class Connecting:
             connected = True
         except (asyncio.CancelledError, OSError) as exc:
             self._disarm()
+            if self.conn is not None:
+                self.conn.connecting = None
             self.coro = self.conn = None
             host, port = self.host, self.port
             if isinstance(exc, asyncio.CancelledError):
@@ -343,16 +389,20 @@ class Connecting:
             return
         except BaseException:
             self._disarm()
+            if self.conn is not None:
+                self.conn.connecting = None
             self.coro = self.conn = None
             raise
-        if connected:
+        if connected:  # (without `_made`: a loop that did not call `connection_made` first)
             self._disarm()
             conn, self.coro, self.conn = self.conn, None, None
+            if conn is not None:
+                conn.connecting = None
             self.done(conn, None)  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
             return
         fut._asyncio_future_blocking = False
         self.fut = fut
-        fut.add_done_callback(self._step)
+        fut.add_done_callback(self)  # (`__call__`: `_step`; no bound method made)
 
     def _expire(self) -> None:
         """The deadline: the pending connect is cancelled (as `_Deadline` cancels the task)."""

@@ -169,9 +169,15 @@ def _connecting(host: str, port: int, timeout: float = 2.0, guard: Any = None) -
             got = ("conn", type(conn).__name__) if conn is not None else (failure and (failure.kind, str(failure)))
             # the connection given is the one connected (the factory's, `Connecting.conn`), not kept after
             assert conn is None or conn.transport.get_protocol() is conn
-            assert c.conn is None and c.coro is None
+            assert c.conn is None
             if conn is not None:
+                # given at its `connection_made`: the connecting coroutine is run to its end at the
+                # connection's next callback (its close here), which unlinks the two
+                assert c.made and conn.connecting is c
                 conn.close()
+                await asyncio.wait_for(conn.wait_closed(), 5)
+                assert conn.connecting is None
+            assert c.coro is None and c.fut is None
         try:
             conn = await upstream.connect(host, port, timeout, g, protocol=PipeConn)  # (a tunnel's, as Connecting's)
             want: Any = ("conn", type(conn).__name__)
@@ -304,6 +310,58 @@ def test_connect_driven_by_hand_from_a_callback_has_its_deadline(loop_kind: str)
     with mock.patch.object(loop_cls, "create_connection", never):
         got = run(by_hand("127.0.0.1", closed, 0.05))
     assert got == ("timeout", f"connecting to 127.0.0.1:{closed} timed out")
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_connect_goes_on_at_connection_made_and_its_coroutine_ends_later(loop_kind: str) -> None:
+    """`Connecting` calls `done` from the connection's `connection_made` (`_made`: no callback of the
+    transport's waiter, no loop turn for it); the connecting coroutine, which still waits for that
+    waiter, is run to its end at the connection's next callback (here its first bytes), and the
+    connection it gave goes on working after that (the coroutine's end does not close it), with
+    nothing reported to the loop's exception handler."""
+    import uvloop
+
+    from services.proxy import upstream
+
+    run = asyncio.run if loop_kind == "asyncio" else uvloop.run
+
+    async def main() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        errors: list = []
+        loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+
+        async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while data := await reader.read(100):
+                writer.write(data)
+            writer.close()
+
+        server = await asyncio.start_server(echo, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        given: list = []
+        c = upstream.Connecting("127.0.0.1", port, 5.0, lambda ip, p: None, lambda *r: given.append(r), loop)
+        assert c.start()
+        while not given:
+            await asyncio.sleep(0.001)
+        conn, failure = given[0]
+        at_done = (failure, c.made, conn.connecting is c, c.coro is not None, c in upstream._DEADLINES.waiting)
+        replies = []
+        for data in (b"ping", b"pong"):
+            conn.write(data)
+            while not conn.buf:
+                await asyncio.wait_for(conn.read_more(), 5)
+            replies.append(conn.take())
+        after = (conn.connecting, c.coro, c.fut, conn.closed, conn.transport.is_closing())
+        conn.close()
+        await asyncio.wait_for(conn.wait_closed(), 5)
+        server.close()
+        await asyncio.sleep(0.01)
+        return at_done, replies, after, errors
+
+    at_done, replies, after, errors = run(main())
+    assert at_done == (None, True, True, True, False)  # given at connection_made, the coroutine still to end
+    assert replies == [b"ping", b"pong"]
+    assert after == (None, None, None, False, False)  # ended at the first bytes; the connection open
+    assert errors == []
 
 
 # ---------------------------------------------------------------- the connects' shared deadline timer
