@@ -44,18 +44,35 @@ cdef class Conn:
     cpdef peername(self)
 
 
-# A tunnel's upstream: a buffered protocol (reads into the scratch).
+# A tunnel's upstream: a plain protocol until it reads a bulk transfer (then its BulkReads is).
+cdef class BulkReads
+
+
 cdef class PipeConn(Conn):
     cdef public object connecting
+    cdef public BulkReads bulk
 
     cpdef connection_made(self, transport)
     cpdef _connect_over(self)
+    cpdef data_received(self, data)
+    cpdef _to_bulk(self)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
+
+
+# A bulk transfer's reads (a buffered protocol: into the scratch, from there to the peer).
+cdef class BulkReads:
+    cdef public PipeConn conn
+
+    cpdef connection_made(self, transport)
     cpdef get_buffer(self, sizehint)
+    @cython.locals(conn=PipeConn, peer=Conn, received=Received)
+    cpdef buffer_updated(self, Py_ssize_t nbytes)
     cpdef data_received(self, data)
     cpdef eof_received(self)
     cpdef connection_lost(self, exc)
-    @cython.locals(received=Received)
-    cpdef buffer_updated(self, Py_ssize_t nbytes)
+    cpdef pause_writing(self)
+    cpdef resume_writing(self)
 
 
 cpdef Py_ssize_t _fileno(transport) except? -3

@@ -2,13 +2,14 @@
 then a zero-copy-ish pipe to a peer connection with flow control (pause/resume reading).
 
 Both sides of a tunnel are `Conn`s; in pipe mode each chunk read goes straight to the peer, with
-no other Python work per chunk. A tunnel's upstream (`PipeConn`, a buffered protocol) reads into
-one shared scratch buffer (`get_buffer`, on uvloop: the event loop is single-threaded and a read is
-handed over before the next one starts); in pipe mode the chunk is written from there to the peer's
-socket when nothing is queued on it, so a byte is copied only by the kernel, and only what the
-socket does not take at once is copied into the peer transport's queue. Large reads (2 MiB) are
-what make a relayed download fast. A client and a plain-HTTP upstream are plain protocols (their
-reads come as bytes: what is parsed pays no `get_buffer` call per read; an upload goes on as it came).
+no other Python work per chunk. Every connection is read as a plain protocol (each read comes as
+bytes: no `get_buffer` call from C per read, what is parsed is appended as it came). A tunnel's
+upstream (`PipeConn`), once piped, hands its transport's reads over to `BulkReads`, a buffered
+protocol, at its first large read (a download): they then land in one shared scratch buffer
+(`get_buffer`, on uvloop: the event loop is single-threaded and a read is handed over before the
+next one starts) and are written from there to the peer's socket when nothing is queued on it, so
+a byte is copied only by the kernel, and only what the socket does not take at once is copied into
+the peer transport's queue. Large reads (2 MiB) are what make a relayed download fast.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from typing import Any
 # Past this much unread data we stop reading from the socket (backpressure on a slow parser).
 READ_LIMIT = 1 << 20
 PIPE_READ = 2 << 20  # bytes per read in pipe mode (fewer, larger reads: measured ~30% faster than 256 KiB)
-PARSE_READ = 256 << 10  # bytes per read while a protocol is being parsed
 
-_scratch = memoryview(bytearray(PIPE_READ))  # every Conn's reads land here first (see above)
-_parse_scratch = _scratch[:PARSE_READ]
+_scratch = memoryview(bytearray(PIPE_READ))  # a bulk transfer's reads land here first (`BulkReads`)
+# A piped tunnel upstream's read at least this big (a download) moves its reads to the scratch
+# (`BulkReads`); below it a read as bytes costs less than a `get_buffer` call from C per read.
+BULK_READ = 32 << 10
 
 
 # A chunk at least this big is written straight to the peer's socket (below it the copy into the
@@ -77,7 +79,8 @@ class Conn:
     called through a C vtable), which cannot subclass asyncio.Protocol (a Python class): so it
     subclasses nothing, as Python too. A plain protocol: each read comes as bytes to `data_received`
     (an accepted client, a plain-HTTP upstream: what is parsed; a client's upload through a tunnel, in
-    uvloop's reads of up to 256 KiB). A tunnel's upstream is a `PipeConn`, read into the scratch.
+    uvloop's reads of up to 256 KiB). A tunnel's upstream is a `PipeConn`, whose bulk transfers are
+    read into the scratch (`BulkReads`).
     """
 
     __slots__ = (
@@ -139,9 +142,10 @@ class Conn:
         self.transport = transport  # type: ignore[assignment]
 
     def _send(self, data: bytes | memoryview, n: int) -> None:
-        """Write data[:n] to this connection (a chunk read in pipe mode): straight to the socket when
-        nothing is queued on the transport (ordering kept), the rest through the transport (copied
-        when `data` is the scratch, which is reused; bytes are passed as they are)."""
+        """Write data[:n] to this connection (a chunk read in pipe mode; `n` is all of it when `data` is
+        bytes): straight to the socket when nothing is queued on the transport (ordering kept), the
+        rest through the transport (copied when `data` is the scratch, which is reused; bytes not
+        written at all are passed as they are)."""
         t = self.transport
         sent = 0
         fd = self._fd
@@ -152,11 +156,13 @@ class Conn:
                 sent = os.write(fd, data[:n])
             except OSError:  # (BlockingIOError included) the transport's own write reports an error below
                 sent = 0
-        if sent < n:
+        if sent == 0 and type(data) is bytes:
+            t.write(data)  # type: ignore[union-attr]  # (a read as bytes, all of it: as it came, no copy)
+        elif sent < n:
             t.write(bytes(data[sent:n]))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        """Bytes read (a PipeConn's on uvloop come to `buffer_updated`): to the peer in pipe mode,
+        """Bytes read (a bulk transfer's on uvloop come to `BulkReads.buffer_updated`): to the peer in pipe mode,
         else appended to `buf` for the reader."""
         n = len(data)
         self.bytes_in += n
@@ -373,15 +379,14 @@ class Conn:
 
 
 class PipeConn(Conn):
-    """A tunnel's upstream connection: read as a buffered protocol. uvloop serves any protocol with
-    `get_buffer` that is not an asyncio.Protocol as a buffered one: its reads land in the shared
-    scratch (`get_buffer`: 2 MiB once piped) and `buffer_updated` writes them from there straight to
-    the peer's socket, which is what makes a relayed download fast. (Not for what is parsed: uvloop
-    calls `get_buffer` from C, taking the GIL again, on every read, ~1 000 instructions, and the
-    scratch's slice is copied into `buf`.) asyncio's own loops (some tests) see no BufferedProtocol
-    and call `data_received`, which does the same work with the bytes."""
+    """A tunnel's upstream connection: read as a plain protocol (a tunnel of small exchanges pays no
+    `get_buffer` call from C, taking the GIL again, ~1 000 instructions, per read), until, piped, it
+    reads a bulk transfer (one read of `BULK_READ` bytes or more): its transport's reads then go to
+    its `BulkReads` (`transport.set_protocol`), into the scratch and from there straight to the
+    peer's socket. The connection is the same `Conn` for everyone else (its peer, the tunnel, the
+    gate's close), whichever protocol its transport calls."""
 
-    __slots__ = ("connecting",)
+    __slots__ = ("connecting", "bulk")
 
     def __init__(self) -> None:
         self._setup()
@@ -389,6 +394,7 @@ class PipeConn(Conn):
         # to be run to its end: it went on at `connection_made` without waiting for it (see
         # `Connecting._made`), and it is ended at this connection's next callback (`_connect_over`).
         self.connecting: Any = None
+        self.bulk: BulkReads | None = None  # its transport's protocol once it reads a bulk transfer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -401,15 +407,19 @@ class PipeConn(Conn):
         c, self.connecting = self.connecting, None
         c._finish()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
+    def data_received(self, data: bytes) -> None:
         if self.connecting is not None:
             self._connect_over()
-        return _scratch if self.peer is not None else _parse_scratch
-
-    def data_received(self, data: bytes) -> None:
-        if self.connecting is not None:  # (asyncio's loops: no get_buffer, the bytes come here)
-            self._connect_over()
+        if self.bulk is None and len(data) >= BULK_READ and self.peer is not None:
+            self._to_bulk()  # (this read goes on as it came, the next ones into the scratch)
         Conn.data_received(self, data)
+
+    def _to_bulk(self) -> None:
+        """From now on the transport's reads go to a `BulkReads` (its reads restarted with the
+        scratch as their buffer on uvloop, which takes a protocol with `get_buffer` for a buffered one)."""
+        bulk = self.bulk = BulkReads()
+        bulk.conn = self
+        self.transport.set_protocol(bulk)  # type: ignore[union-attr,arg-type]  # (a protocol by duck typing)
 
     def eof_received(self) -> bool:
         if self.connecting is not None:
@@ -421,16 +431,47 @@ class PipeConn(Conn):
             self._connect_over()
         Conn.connection_lost(self, exc)
 
+
+class BulkReads:
+    """A piped `PipeConn`'s transport protocol once it reads a bulk transfer: a buffered protocol (uvloop
+    serves any protocol with `get_buffer` that is not an asyncio.Protocol as one) whose reads land in
+    the shared scratch (2 MiB) and go from there to the peer's socket (`Conn._send`); the other
+    callbacks are the connection's. asyncio's own loops (some tests) see no BufferedProtocol and
+    call `data_received`, which does the same with the bytes."""
+
+    __slots__ = ("conn",)
+
+    conn: PipeConn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.connection_made(transport)  # (not called: the transport was made before)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _scratch
+
     def buffer_updated(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is None:
-            self.data_received(_scratch[:nbytes])  # appended (copied) to buf
-            return
-        self.bytes_in += nbytes
+        conn = self.conn
+        conn.bytes_in += nbytes
         received: Received = RECEIVED
-        received.add(self.client_side, nbytes)
-        if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
+        received.add(conn.client_side, nbytes)
+        peer = conn.peer
+        if peer is not None and not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
             peer._send(_scratch, nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        Conn.data_received(self.conn, data)
+
+    def eof_received(self) -> bool:
+        return self.conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
 
 
 def _expire(fut: asyncio.Future) -> None:
