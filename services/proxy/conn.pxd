@@ -89,8 +89,10 @@ cpdef _either_end(Conn a, Conn b, fut, own)
 cdef class FirstDeadlines:
     cdef public dict waiting
     cdef public object timer, loop
+    cdef public double last
 
-    cpdef bint in_order(self, waiter, deadline) except -1
+    cpdef bint in_order(self, waiter, double deadline) except -1
     cpdef bint queue(self, waiter, loop, double deadline) except -1
     cpdef expire(self, waiter)
+    @cython.locals(waiting=dict, now=double)
     cpdef _fire(self, loop)

@@ -843,8 +843,7 @@ class _Looks(FirstDeadlines):
 
     def arm(self, cycle: KeptAlive, timeout: float) -> bool:
         """Queue `cycle`'s look for `timeout` from now (`cycle._on_timer` then); False: not queued."""
-        loop = cycle.loop
-        return self.queue(cycle, loop, loop.time() + timeout)
+        return self.queue(cycle, cycle.loop, monotonic() + timeout)
 
     def expire(self, cycle: KeptAlive) -> None:
         cycle._on_timer()  # (its state: _LOOK, the look ends as `non_tls`, or over already)

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 from .conn import Conn, FirstDeadlines, PipeConn
@@ -257,7 +258,9 @@ class Connecting:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.loop, self.host, self.port, self.guard, self.done = loop, host, port, guard, done
-        self.deadline = loop.time() + timeout
+        self.deadline = (
+            monotonic() + timeout
+        )  # (time.monotonic: the connects' shared queue's clock, conn.FirstDeadlines)
         self.addrs: list[tuple[str, int]] = []
         self.i = 0
         self.coro: Any = None
@@ -291,13 +294,13 @@ class Connecting:
             reason = why if isinstance(why, str) else "resolves to this proxy's own listener"
             self.done(None, UpstreamFailure("guard", f"{host}:{port} {reason}"))
             return
-        if self.deadline - loop.time() <= 0:
+        if self.deadline - monotonic() <= 0:
             self.done(None, UpstreamFailure("timeout", f"connecting to {host}:{port} timed out"))
             return
         self.fired = False
         # The deadline: in the loop's shared queue (`_ConnectDeadlines`), else a timer of its own.
         deadlines = _DEADLINES  # (compiled: a C call, upstream.pxd)
-        self.timer = None if deadlines.arm(self) else loop.call_at(self.deadline, self._expire)
+        self.timer = None if deadlines.arm(self) else loop.call_later(self.deadline - monotonic(), self._expire)
         self.coro = loop.create_connection(self, ip, aport)  # (its protocol factory: `__call__`)
         self._step(None)
 

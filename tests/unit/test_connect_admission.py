@@ -404,12 +404,18 @@ def test_connects_in_flight_share_one_deadline_timer(loop_kind: str) -> None:
     run, loop_cls, never = _hanging(loop_kind)
     port = _free_port()
     armed: list[float] = []
-    real_call_at = loop_cls.call_at
+    real_call_at, real_call_later = loop_cls.call_at, loop_cls.call_later
 
     def counting(self: Any, when: float, cb: Any, *args: Any, **kw: Any) -> Any:
         if getattr(cb, "__name__", "") in ("_fire", "_expire"):  # the connects' (not the sleeps')
             armed.append(when)
         return real_call_at(self, when, cb, *args, **kw)
+
+    def counting_later(self: Any, delay: float, cb: Any, *args: Any, **kw: Any) -> Any:
+        # (asyncio's call_later calls its call_at, uvloop's does not)
+        if getattr(cb, "__name__", "") in ("_fire", "_expire") and loop_kind == "uvloop":
+            armed.append(delay)
+        return real_call_later(self, delay, cb, *args, **kw)
 
     async def main() -> tuple[list, list]:
         loop = asyncio.get_running_loop()
@@ -425,14 +431,17 @@ def test_connects_in_flight_share_one_deadline_timer(loop_kind: str) -> None:
             await asyncio.sleep(0.01)
         return many, short
 
-    with mock.patch.object(loop_cls, "create_connection", never), mock.patch.object(loop_cls, "call_at", counting):
+    with (
+        mock.patch.object(loop_cls, "create_connection", never),
+        mock.patch.object(loop_cls, "call_at", counting),
+        mock.patch.object(loop_cls, "call_later", counting_later),
+    ):
         many, short = run(main())
     assert [kind for kind, _ in many] == ["timeout"] * 20
     assert all(0.195 <= waited < 1.0 for _, waited in many), many
     assert short and short[0][0] == "timeout" and 0.045 <= short[0][1] < 0.15, short
-    assert len(armed) <= 4, (
-        armed
-    )  # one for the twenty (asyncio's clock moves between them: maybe a re-arm), one for the short
+    # one for the twenty (the loop's clock lags: maybe a re-arm or two), one for the short
+    assert 2 <= len(armed) <= 5, armed
     assert not upstream._DEADLINES.waiting
 
     # a connect that succeeds leaves the queue at once
