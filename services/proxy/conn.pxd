@@ -46,13 +46,22 @@ cdef class Conn:
 
 # A tunnel's upstream: a plain protocol until it reads a bulk transfer (then its BulkReads is).
 cdef class BulkReads
+cdef class PipeConn
+
+
+# What made a PipeConn and waits for it (upstream.Connecting derives from it): C calls from the connection.
+cdef class ConnectWaiter:
+    cpdef _made(self, PipeConn conn)
+    cpdef _finish(self)
 
 
 cdef class PipeConn(Conn):
-    cdef public object connecting
+    cdef public ConnectWaiter connecting
     cdef public BulkReads bulk
 
+    @cython.locals(c=ConnectWaiter)
     cpdef connection_made(self, transport)
+    @cython.locals(c=ConnectWaiter)
     cpdef _connect_over(self)
     cpdef data_received(self, data)
     cpdef _to_bulk(self)

@@ -379,6 +379,20 @@ class Conn:
         return (str(info[0]), int(info[1]))
 
 
+class ConnectWaiter:
+    """What made a `PipeConn` and waits for it (`upstream.Connecting`, which derives from this): told
+    at its `connection_made` (`_made`) and at its next callback (`_finish`). Compiled, both C calls
+    through the vtable (conn.pxd; upstream.py's class cannot be cimported here)."""
+
+    __slots__ = ()
+
+    def _made(self, conn: PipeConn) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
 class PipeConn(Conn):
     """A tunnel's upstream connection: read as a plain protocol (a tunnel of small exchanges pays no
     `get_buffer` call from C, taking the GIL again, ~1 000 instructions, per read), until, piped, it
@@ -394,7 +408,7 @@ class PipeConn(Conn):
         # The connect (`upstream.Connecting`) that made this connection, while its coroutine is still
         # to be run to its end: it went on at `connection_made` without waiting for it (see
         # `Connecting._made`), and it is ended at this connection's next callback (`_connect_over`).
-        self.connecting: Any = None
+        self.connecting: ConnectWaiter | None = None
         self.bulk: BulkReads | None = None  # its transport's protocol once it reads a bulk transfer
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -406,7 +420,7 @@ class PipeConn(Conn):
     def _connect_over(self) -> None:
         """The connect's coroutine, its waiter set since `connection_made`, run to its end (once)."""
         c, self.connecting = self.connecting, None
-        c._finish()
+        c._finish()  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
         if self.connecting is not None:

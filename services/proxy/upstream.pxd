@@ -5,13 +5,13 @@
 
 cimport cython
 
-from services.proxy.conn cimport Conn, FirstDeadlines, PipeConn
+from services.proxy.conn cimport Conn, ConnectWaiter, FirstDeadlines, PipeConn
 
 
 cdef class _ConnectDeadlines
 
 
-cdef class Connecting:
+cdef class Connecting(ConnectWaiter):
     cdef public object loop, host, port, addrs
     cdef public Py_ssize_t i
     cdef public double deadline

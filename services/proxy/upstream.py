@@ -9,7 +9,7 @@ from collections.abc import Callable
 from time import monotonic
 from typing import Any
 
-from .conn import Conn, FirstDeadlines, PipeConn
+from .conn import Conn, ConnectWaiter, FirstDeadlines, PipeConn
 
 
 class UpstreamFailure(Exception):
@@ -222,7 +222,7 @@ def _failure(exc: OSError, host: str, port: int) -> UpstreamFailure:
     return UpstreamFailure("unreachable", f"cannot reach {host}:{port}: {exc.strerror or exc}")
 
 
-class Connecting:
+class Connecting(ConnectWaiter):
     """`connect` driven from callbacks, for a caller without a task (keepalive.py's CONNECT): the
     same addresses in the same order, the same guard, deadline and failures, `done(conn, None)` or
     `done(None, failure)` called once. Only where `connect` would not look a name up: `start` is
