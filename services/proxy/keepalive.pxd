@@ -75,8 +75,10 @@ cdef class KeptAlive:
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
 cdef class Deadlines:
     cdef public dict queues
+    cdef public double t1, t2
+    cdef public list e1, e2
 
-    @cython.locals(entry=list, q=dict, old=dict, timed=bint)
+    @cython.locals(entry=list, q=dict, old=dict, timed=bint, t=double)
     cpdef arm(self, KeptAlive cycle, timeout, double deadline=*)
     @cython.locals(cycle=KeptAlive, q=dict)
     cpdef _fire(self, list entry, loop)
