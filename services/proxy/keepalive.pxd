@@ -7,7 +7,7 @@ cimport cython
 from services.proxy.conn cimport Conn, FirstDeadlines
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
 from services.proxy.exchange cimport Exchange, new_exchange
-from services.proxy.gate cimport Gate, LiveConn
+from services.proxy.gate cimport Gate, LiveConn, new_admission
 from services.proxy.http1 cimport RequestHead
 from services.proxy.mitm cimport Interceptor
 from services.proxy.tunnel cimport Tunnel

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn, FirstDeadlines
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange, new_exchange
-from .gate import Admission, Verdict
+from .gate import Verdict, new_admission
 from .httpio import error_response, parse_head
 from .mitm import Interceptor
 from .pool import usable
@@ -610,7 +610,7 @@ class KeptAlive:
             self._hand(_ENDED)  # answered (403) or the client left
             return
         self.head, self.verdict = head, verdict
-        admission = Admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
+        admission = new_admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
         c = Connecting(head.host, head.port, self.limits.connect_timeout, admission, self._connected, self.loop)
         try:
             started = c.start()

@@ -520,3 +520,27 @@ def test_connects_on_two_live_loops_each_get_their_deadline() -> None:
         t.join(5)
     assert second and second[0][0] == "timeout" and 0.045 <= second[0][1] < 0.25, second
     assert first and first[0][0] == "timeout" and 0.395 <= first[0][1] < 0.7, first
+
+
+def test_new_admission_is_the_admission_made_by_its_init() -> None:
+    """`gate.new_admission` (a new tunnel's, without __init__'s call) and `Gate.track`'s LiveConn (made
+    the same way) have every field an `Admission(...)` / `LiveConn(...)` has."""
+    from services.proxy.gate import Admission, Gate, LiveConn, Verdict, new_admission
+
+    g = Gate(Journal(), Publisher(), {1}, set(), 0.05, 10)  # type: ignore[arg-type]
+    v = Verdict(True, "rule", 3, "name.test")
+    made, want = (
+        new_admission(g, "alice", "h.test", 443, "CONNECT", v),
+        Admission(g, "alice", "h.test", 443, "CONNECT", v),
+    )
+    fields = ("gate", "container", "host", "port", "method", "verdict")
+    assert [getattr(made, f) for f in fields] == [getattr(want, f) for f in fields]
+
+    def close() -> None:
+        pass
+
+    cid = g.track("alice", "H.Test", 443, v, close)
+    lc = g.live[cid]
+    fields = ("container", "host", "port", "resolved", "rule_id", "close")
+    assert type(lc) is LiveConn
+    assert [getattr(lc, f) for f in fields] == ["alice", "h.test", 443, "name.test", 3, close]
