@@ -44,11 +44,44 @@ cdef class Conn:
     cpdef peername(self)
 
 
-# A tunnel's upstream: a buffered protocol (reads into the scratch).
+# A tunnel's upstream: a plain protocol until it reads a bulk transfer (then its BulkReads is).
+cdef class BulkReads
+cdef class PipeConn
+
+
+# What made a PipeConn and waits for it (upstream.Connecting derives from it): C calls from the connection.
+cdef class ConnectWaiter:
+    cpdef _made(self, PipeConn conn)
+    cpdef _finish(self)
+
+
 cdef class PipeConn(Conn):
+    cdef public ConnectWaiter connecting
+    cdef public BulkReads bulk
+
+    @cython.locals(c=ConnectWaiter)
+    cpdef connection_made(self, transport)
+    @cython.locals(c=ConnectWaiter)
+    cpdef _connect_over(self)
+    cpdef data_received(self, data)
+    cpdef _to_bulk(self)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
+
+
+# A bulk transfer's reads (a buffered protocol: into the scratch, from there to the peer).
+cdef class BulkReads:
+    cdef public PipeConn conn
+
+    cpdef connection_made(self, transport)
     cpdef get_buffer(self, sizehint)
-    @cython.locals(received=Received)
+    @cython.locals(conn=PipeConn, peer=Conn, received=Received)
     cpdef buffer_updated(self, Py_ssize_t nbytes)
+    cpdef data_received(self, data)
+    cpdef eof_received(self)
+    cpdef connection_lost(self, exc)
+    cpdef pause_writing(self)
+    cpdef resume_writing(self)
 
 
 cpdef Py_ssize_t _fileno(transport) except? -3
@@ -65,8 +98,10 @@ cpdef _either_end(Conn a, Conn b, fut, own)
 cdef class FirstDeadlines:
     cdef public dict waiting
     cdef public object timer, loop
+    cdef public double last
 
-    cpdef bint in_order(self, waiter, deadline) except -1
+    cpdef bint in_order(self, waiter, double deadline) except -1
     cpdef bint queue(self, waiter, loop, double deadline) except -1
     cpdef expire(self, waiter)
+    @cython.locals(waiting=dict, now=double)
     cpdef _fire(self, loop)

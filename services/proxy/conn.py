@@ -2,13 +2,14 @@
 then a zero-copy-ish pipe to a peer connection with flow control (pause/resume reading).
 
 Both sides of a tunnel are `Conn`s; in pipe mode each chunk read goes straight to the peer, with
-no other Python work per chunk. A tunnel's upstream (`PipeConn`, a buffered protocol) reads into
-one shared scratch buffer (`get_buffer`, on uvloop: the event loop is single-threaded and a read is
-handed over before the next one starts); in pipe mode the chunk is written from there to the peer's
-socket when nothing is queued on it, so a byte is copied only by the kernel, and only what the
-socket does not take at once is copied into the peer transport's queue. Large reads (2 MiB) are
-what make a relayed download fast. A client and a plain-HTTP upstream are plain protocols (their
-reads come as bytes: what is parsed pays no `get_buffer` call per read; an upload goes on as it came).
+no other Python work per chunk. Every connection is read as a plain protocol (each read comes as
+bytes: no `get_buffer` call from C per read, what is parsed is appended as it came). A tunnel's
+upstream (`PipeConn`), once piped, hands its transport's reads over to `BulkReads`, a buffered
+protocol, at its first large read (a download): they then land in one shared scratch buffer
+(`get_buffer`, on uvloop: the event loop is single-threaded and a read is handed over before the
+next one starts) and are written from there to the peer's socket when nothing is queued on it, so
+a byte is copied only by the kernel, and only what the socket does not take at once is copied into
+the peer transport's queue. Large reads (2 MiB) are what make a relayed download fast.
 """
 
 from __future__ import annotations
@@ -16,15 +17,17 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
 # Past this much unread data we stop reading from the socket (backpressure on a slow parser).
 READ_LIMIT = 1 << 20
 PIPE_READ = 2 << 20  # bytes per read in pipe mode (fewer, larger reads: measured ~30% faster than 256 KiB)
-PARSE_READ = 256 << 10  # bytes per read while a protocol is being parsed
 
-_scratch = memoryview(bytearray(PIPE_READ))  # every Conn's reads land here first (see above)
-_parse_scratch = _scratch[:PARSE_READ]
+_scratch = memoryview(bytearray(PIPE_READ))  # a bulk transfer's reads land here first (`BulkReads`)
+# A piped tunnel upstream's read at least this big (a download) moves its reads to the scratch
+# (`BulkReads`); below it a read as bytes costs less than a `get_buffer` call from C per read.
+BULK_READ = 32 << 10
 
 
 # A chunk at least this big is written straight to the peer's socket (below it the copy into the
@@ -77,7 +80,8 @@ class Conn:
     called through a C vtable), which cannot subclass asyncio.Protocol (a Python class): so it
     subclasses nothing, as Python too. A plain protocol: each read comes as bytes to `data_received`
     (an accepted client, a plain-HTTP upstream: what is parsed; a client's upload through a tunnel, in
-    uvloop's reads of up to 256 KiB). A tunnel's upstream is a `PipeConn`, read into the scratch.
+    uvloop's reads of up to 256 KiB). A tunnel's upstream is a `PipeConn`, whose bulk transfers are
+    read into the scratch (`BulkReads`).
     """
 
     __slots__ = (
@@ -139,9 +143,10 @@ class Conn:
         self.transport = transport  # type: ignore[assignment]
 
     def _send(self, data: bytes | memoryview, n: int) -> None:
-        """Write data[:n] to this connection (a chunk read in pipe mode): straight to the socket when
-        nothing is queued on the transport (ordering kept), the rest through the transport (copied
-        when `data` is the scratch, which is reused; bytes are passed as they are)."""
+        """Write data[:n] to this connection (a chunk read in pipe mode; `n` is all of it when `data` is
+        bytes): straight to the socket when nothing is queued on the transport (ordering kept), the
+        rest through the transport (copied when `data` is the scratch, which is reused; bytes not
+        written at all are passed as they are)."""
         t = self.transport
         sent = 0
         fd = self._fd
@@ -152,11 +157,13 @@ class Conn:
                 sent = os.write(fd, data[:n])
             except OSError:  # (BlockingIOError included) the transport's own write reports an error below
                 sent = 0
-        if sent < n:
+        if sent == 0 and type(data) is bytes:
+            t.write(data)  # type: ignore[union-attr]  # (a read as bytes, all of it: as it came, no copy)
+        elif sent < n:
             t.write(bytes(data[sent:n]))  # type: ignore[union-attr]
 
     def data_received(self, data: bytes) -> None:
-        """Bytes read (a PipeConn's on uvloop come to `buffer_updated`): to the peer in pipe mode,
+        """Bytes read (a bulk transfer's on uvloop come to `BulkReads.buffer_updated`): to the peer in pipe mode,
         else appended to `buf` for the reader."""
         n = len(data)
         self.bytes_in += n
@@ -372,30 +379,114 @@ class Conn:
         return (str(info[0]), int(info[1]))
 
 
-class PipeConn(Conn):
-    """A tunnel's upstream connection: read as a buffered protocol. uvloop serves any protocol with
-    `get_buffer` that is not an asyncio.Protocol as a buffered one: its reads land in the shared
-    scratch (`get_buffer`: 2 MiB once piped) and `buffer_updated` writes them from there straight to
-    the peer's socket, which is what makes a relayed download fast. (Not for what is parsed: uvloop
-    calls `get_buffer` from C, taking the GIL again, on every read, ~1 000 instructions, and the
-    scratch's slice is copied into `buf`.) asyncio's own loops (some tests) see no BufferedProtocol
-    and call `data_received`, which does the same work with the bytes."""
+class ConnectWaiter:
+    """What made a `PipeConn` and waits for it (`upstream.Connecting`, which derives from this): told
+    at its `connection_made` (`_made`) and at its next callback (`_finish`). Compiled, both C calls
+    through the vtable (conn.pxd; upstream.py's class cannot be cimported here)."""
 
     __slots__ = ()
 
+    def _made(self, conn: PipeConn) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+
+class PipeConn(Conn):
+    """A tunnel's upstream connection: read as a plain protocol (a tunnel of small exchanges pays no
+    `get_buffer` call from C, taking the GIL again, ~1 000 instructions, per read), until, piped, it
+    reads a bulk transfer (one read of `BULK_READ` bytes or more): its transport's reads then go to
+    its `BulkReads` (`transport.set_protocol`), into the scratch and from there straight to the
+    peer's socket. The connection is the same `Conn` for everyone else (its peer, the tunnel, the
+    gate's close), whichever protocol its transport calls."""
+
+    __slots__ = ("connecting", "bulk")
+
+    def __init__(self) -> None:
+        self._setup()
+        # The connect (`upstream.Connecting`) that made this connection, while its coroutine is still
+        # to be run to its end: it went on at `connection_made` without waiting for it (see
+        # `Connecting._made`), and it is ended at this connection's next callback (`_connect_over`).
+        self.connecting: ConnectWaiter | None = None
+        self.bulk: BulkReads | None = None  # its transport's protocol once it reads a bulk transfer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        c = self.connecting
+        if c is not None:
+            c._made(self)  # the tunnel goes on now (not a loop turn later, from its waiter's callback)
+
+    def _connect_over(self) -> None:
+        """The connect's coroutine, its waiter set since `connection_made`, run to its end (once)."""
+        c, self.connecting = self.connecting, None
+        c._finish()  # type: ignore[union-attr]
+
+    def data_received(self, data: bytes) -> None:
+        if self.connecting is not None:
+            self._connect_over()
+        if self.bulk is None and len(data) >= BULK_READ and self.peer is not None:
+            self._to_bulk()  # (this read goes on as it came, the next ones into the scratch)
+        Conn.data_received(self, data)
+
+    def _to_bulk(self) -> None:
+        """From now on the transport's reads go to a `BulkReads` (its reads restarted with the
+        scratch as their buffer on uvloop, which takes a protocol with `get_buffer` for a buffered one)."""
+        bulk = self.bulk = BulkReads()
+        bulk.conn = self
+        self.transport.set_protocol(bulk)  # type: ignore[union-attr,arg-type]  # (a protocol by duck typing)
+
+    def eof_received(self) -> bool:
+        if self.connecting is not None:
+            self._connect_over()
+        return Conn.eof_received(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.connecting is not None:
+            self._connect_over()
+        Conn.connection_lost(self, exc)
+
+
+class BulkReads:
+    """A piped `PipeConn`'s transport protocol once it reads a bulk transfer: a buffered protocol (uvloop
+    serves any protocol with `get_buffer` that is not an asyncio.Protocol as one) whose reads land in
+    the shared scratch (2 MiB) and go from there to the peer's socket (`Conn._send`); the other
+    callbacks are the connection's. asyncio's own loops (some tests) see no BufferedProtocol and
+    call `data_received`, which does the same with the bytes."""
+
+    __slots__ = ("conn",)
+
+    conn: PipeConn
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.conn.connection_made(transport)  # (not called: the transport was made before)
+
     def get_buffer(self, sizehint: int) -> memoryview:
-        return _scratch if self.peer is not None else _parse_scratch
+        return _scratch
 
     def buffer_updated(self, nbytes: int) -> None:
-        peer = self.peer
-        if peer is None:
-            self.data_received(_scratch[:nbytes])  # appended (copied) to buf
-            return
-        self.bytes_in += nbytes
+        conn = self.conn
+        conn.bytes_in += nbytes
         received: Received = RECEIVED
-        received.add(self.client_side, nbytes)
-        if not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
+        received.add(conn.client_side, nbytes)
+        peer = conn.peer
+        if peer is not None and not peer.closed:  # else nobody is left to deliver it to (and we are being closed)
             peer._send(_scratch, nbytes)
+
+    def data_received(self, data: bytes) -> None:
+        Conn.data_received(self.conn, data)
+
+    def eof_received(self) -> bool:
+        return self.conn.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.conn.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.conn.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.conn.resume_writing()
 
 
 def _expire(fut: asyncio.Future) -> None:
@@ -489,16 +580,19 @@ def _either_end(a: Conn, b: Conn | None, fut: asyncio.Future, own: asyncio.Timer
 class FirstDeadlines:
     """Deadlines that come in the order they were queued (waits that share one timeout), served by one
     timer at the first one instead of a uvloop timer each (one armed and cancelled costs ~7 000
-    instructions, ~2 % of a spliced tunnel's). `waiting` maps each waiter to its deadline (loop
-    time), in that order; a subclass queues waiters and says what `expire(waiter)` does once its
-    deadline has come. Users: `mitm.QuietLooks`, `upstream._ConnectDeadlines`, `keepalive._Looks`."""
+    instructions, ~2 % of a spliced tunnel's). `waiting` maps each waiter to its deadline
+    (time.monotonic: a C call, where the loop's `time()`, a method called by name, costs twice as
+    much; the timer runs on the loop's clock, which lags it by at most a few ms, its ms steps read
+    once an iteration: a timer that comes early is armed again for the rest), in that order; a
+    subclass queues waiters and says what `expire(waiter)` does once its deadline has come."""
 
-    __slots__ = ("waiting", "timer", "loop")
+    __slots__ = ("waiting", "timer", "loop", "last")
 
     def __init__(self) -> None:
-        self.waiting: dict[Any, float] = {}  # waiter -> its deadline (loop time), in that order
+        self.waiting: dict[Any, float] = {}  # waiter -> its deadline (time.monotonic), in that order
         self.timer: asyncio.TimerHandle | None = None  # at the first one's deadline or before
         self.loop: asyncio.AbstractEventLoop | None = None  # the timer's (and the waiters')
+        self.last = 0.0  # the deadline last queued (no waiter still queued has a later one)
 
     def __len__(self) -> int:
         return len(self.waiting)
@@ -506,10 +600,10 @@ class FirstDeadlines:
     def in_order(self, waiter: object, deadline: float) -> bool:
         """Whether `waiter` can join the queue: not in it already, and not due before its last one."""
         waiting = self.waiting
-        return not waiting or (waiter not in waiting and deadline >= next(reversed(waiting.values())))
+        return not waiting or (deadline >= self.last and waiter not in waiting)
 
     def queue(self, waiter: object, loop: asyncio.AbstractEventLoop, deadline: float) -> bool:
-        """Queue `waiter` until `deadline` (`loop`'s time; `expire(waiter)` then); False: not queued,
+        """Queue `waiter` until `deadline` (time.monotonic; `expire(waiter)` then); False: not queued,
         the caller times it itself. One event loop's waiters at a time: a waiter of another loop
         while this one's wait (threads), or one out of order (`in_order`), is not queued; the
         waiters of a loop that closed (nothing will end them) are dropped when the next loop's
@@ -526,8 +620,9 @@ class FirstDeadlines:
         if not self.in_order(waiter, deadline):
             return False
         waiting[waiter] = deadline
+        self.last = deadline
         if self.timer is None:
-            self.timer = loop.call_at(deadline, self._fire, loop)
+            self.timer = loop.call_later(deadline - monotonic(), self._fire, loop)
         return True
 
     def expire(self, waiter: Any) -> None:
@@ -538,11 +633,11 @@ class FirstDeadlines:
             return  # a timer of a loop given up for another
         self.timer = None
         waiting = self.waiting
-        now = loop.time() + 0.001  # the clock has ms steps (as a timer of its own would fire)
+        now = monotonic()
         while waiting:
             waiter, deadline = next(iter(waiting.items()))
-            if deadline > now:
-                self.timer = loop.call_at(deadline, self._fire, loop)
+            if deadline > now + 0.001:  # (a deadline a millisecond away has come: the loop's clock has ms steps)
+                self.timer = loop.call_later(deadline - now, self._fire, loop)
                 return
             del waiting[waiter]
             self.expire(waiter)

@@ -9,6 +9,7 @@ from greyproxy.metrics cimport Histogram
 
 
 cdef class Admission
+cdef class LiveConn
 
 
 cdef class Verdict:
@@ -48,6 +49,7 @@ cdef class Gate:
     cpdef _verdict(self, j, resolved=*)
     cpdef _remember(self, key, j)
     cpdef _decide_rules(self, container, host, port, resolved)
+    @cython.locals(lc=LiveConn)
     cpdef track(self, container, host, port, Verdict verdict, close)
     cpdef untrack(self, cid)
     @cython.locals(h=list)
@@ -65,6 +67,10 @@ cdef class Admission:
     cdef public Gate gate
     cdef public object container, host, port, method
     cdef public Verdict verdict
+
+
+@cython.locals(a=Admission)
+cpdef Admission new_admission(Gate gate, container, host, port, method, Verdict verdict)
 
 
 cdef class LiveConn:

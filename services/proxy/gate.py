@@ -119,6 +119,19 @@ class Admission:
         return self.gate.keeps(self.container, self.port, conn)
 
 
+def new_admission(gate: Gate, container: str, host: str, port: int, method: str, verdict: Verdict) -> Admission:
+    """`Admission(gate, container, host, port, method, verdict)`; compiled, without the call of its
+    __init__ (a new tunnel's connect makes one)."""
+    a = Admission.__new__(Admission)
+    a.gate = gate
+    a.container = container
+    a.host = host
+    a.port = port
+    a.method = method
+    a.verdict = verdict
+    return a
+
+
 @dataclass
 class Hold:
     """One held connection waiting for a person's decision."""
@@ -651,9 +664,14 @@ class Gate:
     # -- live connections --
     def track(self, container: str, host: str, port: int, verdict: Verdict, close: Callable[[], None]) -> int:
         self._live_ids += 1
-        self.live[self._live_ids] = LiveConn(
-            container, _normalise_host(host), port, verdict.resolved_hostname, verdict.rule_id, close
-        )
+        lc = LiveConn.__new__(LiveConn)  # (compiled: without the call of its __init__, once per connection)
+        lc.container = container
+        lc.host = _normalise_host(host)
+        lc.port = port
+        lc.resolved = verdict.resolved_hostname
+        lc.rule_id = verdict.rule_id
+        lc.close = close
+        self.live[self._live_ids] = lc
         return self._live_ids
 
     def untrack(self, cid: int) -> None:

@@ -7,7 +7,7 @@ cimport cython
 from services.proxy.conn cimport Conn, FirstDeadlines
 from services.proxy.context cimport ClientConn, Limits, ProxyContext
 from services.proxy.exchange cimport Exchange, new_exchange
-from services.proxy.gate cimport Gate, LiveConn
+from services.proxy.gate cimport Gate, LiveConn, new_admission
 from services.proxy.http1 cimport RequestHead
 from services.proxy.mitm cimport Interceptor
 from services.proxy.tunnel cimport Tunnel
@@ -75,8 +75,10 @@ cdef class KeptAlive:
 # The cycles' deadlines: one timer per timeout (a cycle's deadline fields read as C struct fields).
 cdef class Deadlines:
     cdef public dict queues
+    cdef public double t1, t2
+    cdef public list e1, e2
 
-    @cython.locals(entry=list, q=dict, old=dict, timed=bint)
+    @cython.locals(entry=list, q=dict, old=dict, timed=bint, t=double)
     cpdef arm(self, KeptAlive cycle, timeout, double deadline=*)
     @cython.locals(cycle=KeptAlive, q=dict)
     cpdef _fire(self, list entry, loop)

@@ -57,7 +57,7 @@ from typing import TYPE_CHECKING, Any
 from . import http1
 from .conn import Conn, FirstDeadlines
 from .exchange import AWAIT_RESPONSE, SEND_RESPONSE, Exchange, new_exchange
-from .gate import Admission, Verdict
+from .gate import Verdict, new_admission
 from .httpio import error_response, parse_head
 from .mitm import Interceptor
 from .pool import usable
@@ -610,7 +610,7 @@ class KeptAlive:
             self._hand(_ENDED)  # answered (403) or the client left
             return
         self.head, self.verdict = head, verdict
-        admission = Admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
+        admission = new_admission(self.gate, self.identity, head.host, head.port, "CONNECT", verdict)
         c = Connecting(head.host, head.port, self.limits.connect_timeout, admission, self._connected, self.loop)
         try:
             started = c.start()
@@ -779,12 +779,17 @@ class Deadlines:
     iteration): a timer that comes early is armed again for the rest.
     """
 
-    __slots__ = ("queues",)
+    __slots__ = ("queues", "t1", "e1", "t2", "e2")
 
     def __init__(self) -> None:
         # by timeout: [the cycles waiting (in order), the timer at the first one's deadline or None]
-        # (one look-up gives both)
+        # (one look-up gives both; an entry, once made, stays)
         self.queues: dict[float, list[Any]] = {}
+        # The two timeouts armed last and their entries (a new connection's first head's, then its
+        # requests' idle one): found without hashing a float (-1: none yet).
+        self.t1 = self.t2 = -1.0
+        self.e1: list[Any] | None = None
+        self.e2: list[Any] | None = None
 
     @property
     def timers(self) -> dict[float, asyncio.TimerHandle]:
@@ -798,9 +803,14 @@ class Deadlines:
         """`cycle` waits `timeout` from now: its deadline (`deadline` when given: time.monotonic)."""
         loop = cycle.loop
         cycle._deadline = deadline if deadline else monotonic() + timeout
-        entry = self.queues.get(timeout)
+        t = float(timeout)  # (compiled: a C double, compared as such)
+        entry: list[Any] | None = self.e1 if t == self.t1 else self.e2 if t == self.t2 else None
         if entry is None:
-            entry = self.queues[timeout] = [{}, None]
+            entry = self.queues.get(timeout)
+            if entry is None:
+                entry = self.queues[timeout] = [{}, None]
+            self.t2, self.e2 = self.t1, self.e1
+            self.t1, self.e1 = t, entry
         q = entry[0]
         old = cycle._queue
         if old is not None:
@@ -843,8 +853,7 @@ class _Looks(FirstDeadlines):
 
     def arm(self, cycle: KeptAlive, timeout: float) -> bool:
         """Queue `cycle`'s look for `timeout` from now (`cycle._on_timer` then); False: not queued."""
-        loop = cycle.loop
-        return self.queue(cycle, loop, loop.time() + timeout)
+        return self.queue(cycle, cycle.loop, monotonic() + timeout)
 
     def expire(self, cycle: KeptAlive) -> None:
         cycle._on_timer()  # (its state: _LOOK, the look ends as `non_tls`, or over already)

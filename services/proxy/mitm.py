@@ -24,6 +24,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any
 
 from greyproxy.certs import CAWatcher
@@ -155,13 +156,14 @@ class QuietLooks(FirstDeadlines):
     async def wait(self, client: Conn, upstream: Conn, timeout: float, loop: asyncio.AbstractEventLoop) -> bool:
         """`wait_either(client, upstream, timeout)`: True when either got bytes, reached EOF or closed,
         False after `timeout`."""
-        deadline = loop.time() + timeout
+        deadline = monotonic() + timeout  # (the queue's clock, conn.FirstDeadlines)
         if not self.in_order(client, deadline):
             # (out of order: a shorter timeout than those waiting; or a second look at one client)
             return await wait_either(client, upstream, timeout)
         self.waiting[client] = deadline
+        self.last = deadline
         if self.timer is None or self.loop is not loop:
-            self.timer, self.loop = loop.call_at(deadline, self._fire, loop), loop
+            self.timer, self.loop = loop.call_later(timeout, self._fire, loop), loop
         try:
             return await wait_either(client, upstream, None)
         finally:

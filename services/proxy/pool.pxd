@@ -11,10 +11,12 @@ cdef class UpstreamPool:
     cdef public object per_key, total, idle_timeout, _sweeper
     cdef public dict _idle
     cdef public Py_ssize_t _count, reused, parked
+    cdef public object _last
 
     cpdef get(self, key, admission)
     @cython.locals(conn=Conn, q=object)
     cpdef take(self, tuple key, Gate gate)
+    @cython.locals(idle=dict)
     cpdef put(self, key, Conn conn)
     cpdef _close_oldest(self, q)
     @cython.locals(idle=dict)

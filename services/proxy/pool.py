@@ -32,7 +32,7 @@ Key = tuple[str, str, int]  # (client identity, host, port)
 
 class UpstreamPool:
     # (pool.pxd: an extension type when compiled; keep these equal to its attributes)
-    __slots__ = ("per_key", "total", "idle_timeout", "_idle", "_count", "_sweeper", "reused", "parked")
+    __slots__ = ("per_key", "total", "idle_timeout", "_idle", "_count", "_sweeper", "reused", "parked", "_last")
 
     def __init__(self, per_key: int = 32, total: int = 512, idle_timeout: float = 30.0) -> None:
         self.per_key = per_key
@@ -46,6 +46,9 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         self.reused = 0
         self.parked = 0
+        # The key parked last: while it is in `_idle` it is its last key (only `put` inserts), so parking
+        # for it again (a client that opens a connection per request) need not move it to the end.
+        self._last: Key | None = None
 
     @property
     def enabled(self) -> bool:
@@ -81,10 +84,13 @@ class UpstreamPool:
             conn.close()
             return
         idle = self._idle
-        q = idle.pop(key, None)
+        q = idle.get(key) if key == self._last else None  # (at the end already)
         if q is None:
-            q = deque()
-        idle[key] = q  # (at the end: the most recently parked)
+            q = idle.pop(key, None)
+            if q is None:
+                q = deque()
+            idle[key] = q  # (at the end: the most recently parked)
+            self._last = key
         if len(q) >= self.per_key:
             self._close_oldest(q)
         q.append((monotonic(), conn))

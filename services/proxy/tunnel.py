@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING
 
 from .conn import Conn, splice
@@ -31,7 +32,7 @@ class Tunnel:
         self.ctx, self.client, self.upstream = ctx, client, upstream
         self.cid = 0
         self.seen = 0  # bytes both ways when the sweeper last saw them change
-        self.since = 0.0  # loop time of that change (or of the start: a tunnel where nobody speaks)
+        self.since = 0.0  # when that changed (time.monotonic; or the start: a tunnel where nobody speaks)
         self.ended = False
 
     def track(self, container: str, host: str, port: int, verdict: Verdict) -> None:
@@ -39,8 +40,7 @@ class Tunnel:
         client, upstream = self.client, self.upstream
         gate = self.ctx.gate  # (compiled: a Gate's, its track a C call; tunnel.pxd)
         self.cid = gate.track(container, host, port, verdict, self.abort)
-        loop = client._loop or client._bind_loop()
-        self.seen, self.since = client.bytes_in + upstream.bytes_in, loop.time()
+        self.seen, self.since = client.bytes_in + upstream.bytes_in, monotonic()
 
     def join(self) -> None:
         """Splice both ways: from now on the tunnel lives in its connections' callbacks, watched by
@@ -49,7 +49,7 @@ class Tunnel:
         splice(client, upstream)
         total = client.bytes_in + upstream.bytes_in
         if total != self.seen:
-            self.seen, self.since = total, (client._loop or client._bind_loop()).time()
+            self.seen, self.since = total, monotonic()
         client.detached = True
         client.on_close = upstream.on_close = self  # (`__call__`: no bound method made per tunnel)
         sweeper = self.ctx.idle_sweeper  # (compiled: an IdleSweeper's, a C call; tunnel.pxd)
@@ -156,7 +156,7 @@ class IdleSweeper:
         self._timer = None
         loop = self._loop
         assert loop is not None
-        now = loop.time()
+        now = monotonic()
         idle = []
         for t in self.tunnels:
             total = t.client.bytes_in + t.upstream.bytes_in

@@ -5,19 +5,19 @@
 
 cimport cython
 
-from services.proxy.conn cimport Conn, FirstDeadlines, PipeConn
+from services.proxy.conn cimport Conn, ConnectWaiter, FirstDeadlines, PipeConn
 
 
 cdef class _ConnectDeadlines
 
 
-cdef class Connecting:
+cdef class Connecting(ConnectWaiter):
     cdef public object loop, host, port, addrs
     cdef public Py_ssize_t i
     cdef public double deadline
     cdef public object guard, done, coro, fut, timer
-    cdef public bint fired, cached
-    cdef public Conn conn
+    cdef public bint fired, cached, made
+    cdef public PipeConn conn
 
     cpdef bint start(self) except -1
     @cython.locals(deadlines=_ConnectDeadlines)
@@ -27,6 +27,8 @@ cdef class Connecting:
     @cython.locals(connected=bint)
     cpdef _step(self, _fut)
     cpdef _expire(self)
+    cpdef _made(self, PipeConn conn)
+    cpdef _finish(self)
 
 
 cpdef _literal(str host, port)

@@ -6,9 +6,10 @@ import asyncio
 import errno
 import socket
 from collections.abc import Callable
+from time import monotonic
 from typing import Any
 
-from .conn import Conn, FirstDeadlines, PipeConn
+from .conn import Conn, ConnectWaiter, FirstDeadlines, PipeConn
 
 
 class UpstreamFailure(Exception):
@@ -221,7 +222,7 @@ def _failure(exc: OSError, host: str, port: int) -> UpstreamFailure:
     return UpstreamFailure("unreachable", f"cannot reach {host}:{port}: {exc.strerror or exc}")
 
 
-class Connecting:
+class Connecting(ConnectWaiter):
     """`connect` driven from callbacks, for a caller without a task (keepalive.py's CONNECT): the
     same addresses in the same order, the same guard, deadline and failures, `done(conn, None)` or
     `done(None, failure)` called once. Only where `connect` would not look a name up: `start` is
@@ -244,6 +245,7 @@ class Connecting:
         "fired",
         "cached",
         "conn",
+        "made",
     )
 
     def __init__(
@@ -256,7 +258,9 @@ class Connecting:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.loop, self.host, self.port, self.guard, self.done = loop, host, port, guard, done
-        self.deadline = loop.time() + timeout
+        self.deadline = (
+            monotonic() + timeout
+        )  # (time.monotonic: the connects' shared queue's clock, conn.FirstDeadlines)
         self.addrs: list[tuple[str, int]] = []
         self.i = 0
         self.coro: Any = None
@@ -264,7 +268,8 @@ class Connecting:
         self.timer: asyncio.TimerHandle | None = None
         self.fired = False
         self.cached = False
-        self.conn: Conn | None = None  # the current attempt's protocol (`__call__`)
+        self.conn: PipeConn | None = None  # the current attempt's protocol (`__call__`)
+        self.made = False  # `done` called from the connection's `connection_made` (`_made`)
 
     def start(self) -> bool:
         """Begin connecting (False: a name to look up first; nothing was done)."""
@@ -289,22 +294,64 @@ class Connecting:
             reason = why if isinstance(why, str) else "resolves to this proxy's own listener"
             self.done(None, UpstreamFailure("guard", f"{host}:{port} {reason}"))
             return
-        if self.deadline - loop.time() <= 0:
+        if self.deadline - monotonic() <= 0:
             self.done(None, UpstreamFailure("timeout", f"connecting to {host}:{port} timed out"))
             return
         self.fired = False
         # The deadline: in the loop's shared queue (`_ConnectDeadlines`), else a timer of its own.
         deadlines = _DEADLINES  # (compiled: a C call, upstream.pxd)
-        self.timer = None if deadlines.arm(self) else loop.call_at(self.deadline, self._expire)
+        self.timer = None if deadlines.arm(self) else loop.call_later(self.deadline - monotonic(), self._expire)
         self.coro = loop.create_connection(self, ip, aport)  # (its protocol factory: `__call__`)
         self._step(None)
 
-    def __call__(self) -> Conn:
-        """The attempt's protocol (`create_connection` calls this as its protocol factory; a bound
-        method would be one more object per connect), kept: the connect's end need not read it from
-        the coroutine's StopIteration (compiled, an exception caught by name gets a traceback)."""
-        conn = self.conn = PipeConn()  # (a tunnel's upstream)
-        return conn
+    def __call__(self, fut: Any = None) -> Conn | None:
+        """Without an argument, the attempt's protocol (`create_connection` calls this as its protocol
+        factory; a bound method would be one more object per connect), kept: the connect's end need
+        not read it from the coroutine's StopIteration (compiled, an exception caught by name gets a
+        traceback). With one, the callback of the future the connecting coroutine waits for (`_step`;
+        `_finish` once `_made`)."""
+        if fut is None:
+            conn = self.conn = PipeConn()  # (a tunnel's upstream)
+            conn.connecting = self
+            return conn
+        if self.made:
+            self._finish()
+        else:
+            self._step(fut)
+        return None
+
+    def _made(self, conn: PipeConn) -> None:
+        """The attempt's connection is made (its `connection_made`): the connect is over, `done` is
+        called now. The coroutine waits for its transport's waiter, which uvloop (asyncio a callback
+        later) sets only once `connection_made` has returned: its callback is taken off (no loop
+        turn and callback handle for it) and the connection runs the coroutine to its end
+        (`_finish`) at its next callback, which is always after that. Not when the wait is over
+        already (the deadline cancelled it: `_step` sees that)."""
+        fut = self.fut
+        if conn is not self.conn or fut is None or fut.done():
+            return
+        fut.remove_done_callback(self)
+        self.made = True
+        self._disarm()
+        self.conn = None
+        self.done(conn, None)  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
+
+    def _finish(self) -> None:
+        """The coroutine of a connect already `_made`, run to its end: it gives the transport and the
+        protocol (as `done` was given them); anything else means the connection has failed or closed
+        since, which its own callbacks tell. A waiter not set yet (not seen) is waited for."""
+        coro = self.coro
+        if coro is None:
+            return
+        fut = self.fut
+        if fut is not None and not fut.done():
+            fut.add_done_callback(self)  # (`__call__`: `_finish` again)
+            return
+        self.coro = self.fut = None
+        try:
+            coro.send(None)
+        except BaseException:  # (StopIteration: its end)
+            pass
 
     def _disarm(self) -> None:
         timer = self.timer
@@ -326,6 +373,8 @@ class Connecting:
             connected = True
         except (asyncio.CancelledError, OSError) as exc:
             self._disarm()
+            if self.conn is not None:
+                self.conn.connecting = None
             self.coro = self.conn = None
             host, port = self.host, self.port
             if isinstance(exc, asyncio.CancelledError):
@@ -343,16 +392,20 @@ class Connecting:
             return
         except BaseException:
             self._disarm()
+            if self.conn is not None:
+                self.conn.connecting = None
             self.coro = self.conn = None
             raise
-        if connected:
+        if connected:  # (without `_made`: a loop that did not call `connection_made` first)
             self._disarm()
             conn, self.coro, self.conn = self.conn, None, None
+            if conn is not None:
+                conn.connecting = None
             self.done(conn, None)  # TCP_NODELAY: set on every TCP transport by uvloop and asyncio alike
             return
         fut._asyncio_future_blocking = False
         self.fut = fut
-        fut.add_done_callback(self._step)
+        fut.add_done_callback(self)  # (`__call__`: `_step`; no bound method made)
 
     def _expire(self) -> None:
         """The deadline: the pending connect is cancelled (as `_Deadline` cancels the task)."""

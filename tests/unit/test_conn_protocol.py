@@ -1,8 +1,8 @@
 """conn.Conn as an event loop's protocol: compiled it is an extension type that subclasses no asyncio
-class (conn.pxd), so it must have every callback a transport may call itself; a Conn (a client, a
-plain-HTTP upstream) is read as a plain protocol, a PipeConn (a tunnel's upstream) as a buffered one
-on uvloop (by duck typing), and asyncio's own loops, which call data_received for both, must get the
-same bytes to the same places."""
+class (conn.pxd), so it must have every callback a transport may call itself; every Conn (a client, a
+plain-HTTP upstream, a tunnel's upstream) is read as a plain protocol, a piped tunnel upstream's bulk
+transfer through its `BulkReads`, a buffered protocol on uvloop (by duck typing), and asyncio's own
+loops, which call data_received for both, must get the same bytes to the same places."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from services.proxy.conn import Conn, PipeConn, splice
+from services.proxy import conn as conn_module
+from services.proxy.conn import BulkReads, Conn, PipeConn, splice
 from services.proxy.context import ClientConn
 
 CALLBACKS = {
@@ -39,10 +40,10 @@ def test_every_callback_of_asyncios_protocols_is_on_the_connection_classes() -> 
     for cls in (Conn, ClientConn, PipeConn):
         for name in CALLBACKS - buffered:
             assert callable(getattr(cls, name, None)), (cls, name)
-    # A PipeConn is a buffered protocol; the others are plain ones (uvloop: no get_buffer per read).
-    for name in buffered:
-        assert callable(getattr(PipeConn, name, None))
-        assert not hasattr(Conn, name) and not hasattr(ClientConn, name)
+        # plain protocols (uvloop: no get_buffer call per read)
+        assert not any(hasattr(cls, name) for name in buffered), cls
+    for name in CALLBACKS:  # a bulk transfer's protocol: a buffered one, the rest the connection's
+        assert callable(getattr(BulkReads, name, None)), name
 
 
 class Counted(PipeConn):
@@ -54,13 +55,9 @@ class Counted(PipeConn):
         PipeConn.__init__(self)
         self.via: set[str] = set()
 
-    def get_buffer(self, sizehint: int) -> Any:
-        self.via.add("get_buffer")
-        return PipeConn.get_buffer(self, sizehint)
-
     def data_received(self, data: bytes) -> None:
         self.via.add("data_received")
-        Conn.data_received(self, data)
+        PipeConn.data_received(self, data)
 
 
 def _run(loop_kind: str, main: Any) -> Any:
@@ -93,9 +90,55 @@ def _read_then_eof(loop_kind: str, cls: type[Conn], message: bytes) -> set[str]:
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
-def test_uvloop_reads_into_the_scratch_and_asyncio_calls_data_received(loop_kind: str) -> None:
-    via = _read_then_eof(loop_kind, Counted, b"GET / HTTP/1.1\r\n\r\n")
-    assert via == ({"get_buffer", "data_received"} if loop_kind == "uvloop" else {"data_received"})
+def test_a_tunnel_upstream_is_read_as_bytes(loop_kind: str) -> None:
+    """Not piped, a PipeConn's reads (even large ones) come as bytes to data_received, into its buffer."""
+    assert _read_then_eof(loop_kind, Counted, b"GET / HTTP/1.1\r\n\r\n") == {"data_received"}
+    assert _read_then_eof(loop_kind, Counted, b"x" * (conn_module.BULK_READ * 4)) == {"data_received"}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_piped_upstream_moves_to_the_scratch_at_its_first_bulk_read(loop_kind: str) -> None:
+    """Piped, a tunnel upstream's small reads come as bytes (its transport's protocol is the connection
+    itself: no get_buffer call per read); its first read of BULK_READ bytes or more hands its
+    transport's reads over to its `BulkReads` (a buffered protocol into the scratch on uvloop), and
+    every byte reaches the peer in order either way; its end is the connection's."""
+
+    async def main() -> tuple[Any, ...]:
+        loop = asyncio.get_running_loop()
+        pairs = [socket.socketpair() for _ in range(2)]
+        outer = [b for _a, b in pairs]
+        for s in outer:
+            s.setblocking(False)
+        _t1, client = await loop.create_connection(Conn, sock=pairs[0][0])  # type: ignore[type-var]
+        t2, upstream = await loop.create_connection(Counted, sock=pairs[1][0])  # type: ignore[type-var]
+        splice(client, upstream)
+        seen = []
+
+        async def relay(data: bytes) -> None:
+            send = loop.create_task(loop.sock_sendall(outer[1], data))
+            got = bytearray()
+            while len(got) < len(data):
+                chunk = await asyncio.wait_for(loop.sock_recv(outer[0], 1 << 20), 5)
+                assert chunk
+                got += chunk
+            await send
+            assert got == data
+            seen.append((upstream.bulk is not None, t2.get_protocol() is (upstream.bulk or upstream)))
+
+        await relay(b"HTTP/1.1 200 OK\r\n\r\nsmall")
+        await relay(bytes(range(256)) * (3 << 12))  # 3 MiB
+        bulk = upstream.bulk
+        await relay(b"after")
+        for s in outer:
+            s.close()
+        await asyncio.wait_for(upstream.wait_closed(), 5)
+        await asyncio.wait_for(client.wait_closed(), 5)
+        return seen, upstream.bytes_in, type(bulk).__name__, bulk.conn is upstream, upstream.eof
+
+    seen, got, bulk, bulk_conn, eof = _run(loop_kind, main)
+    assert seen == [(False, True), (True, True), (True, True)]
+    assert got == len(b"HTTP/1.1 200 OK\r\n\r\nsmall") + (3 << 20) + 5 and eof
+    assert bulk == "BulkReads" and bulk_conn
 
 
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])

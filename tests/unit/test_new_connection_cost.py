@@ -237,6 +237,63 @@ def test_the_sweep_drops_emptied_queues() -> None:
     asyncio.run(go())
 
 
+def test_parking_again_for_the_key_parked_last_keeps_the_order_of_the_keys() -> None:
+    """`put` for the key parked last (a client with a connection per request) leaves it where it is,
+    at the end; any other key moves to the end; the key parked last, once dropped, is inserted again:
+    the total bound always drops the least recently parked key's connection."""
+
+    async def go() -> list[bool]:
+        C = ("carol", "example.com", 80)
+        pool = UpstreamPool(per_key=4, total=2, idle_timeout=30)
+        a1, b1, a2 = _conn(), _conn(), _conn()
+        pool.put(A, a1)
+        pool.put(B, b1)
+        pool.put(A, a2)  # A moves behind B: B's connection is the oldest parked key's
+        out = [b1.transport.is_closing(), list(pool._idle) == [A]]  # type: ignore[union-attr]
+        pool.put(
+            tuple(A), _conn()
+        )  # (an equal key, not the same tuple) A is last already: over the total, A's oldest goes
+        out += [a1.transport.is_closing(), list(pool._idle) == [A], len(pool) == 2]  # type: ignore[union-attr]
+        pool.close_all()  # the key parked last is gone: parking for it inserts it again
+        c1, a3, c2 = _conn(), _conn(), _conn()
+        pool.put(A, a3)
+        pool.put(C, c1)
+        pool.put(C, c2)  # over the total: A (least recently parked) goes
+        out += [a3.transport.is_closing(), list(pool._idle) == [C]]  # type: ignore[union-attr]
+        pool.close_all()
+        return out
+
+    assert asyncio.run(go()) == [True, True, True, True, True, True, True]
+
+
+def test_deadlines_find_each_timeouts_queue_however_timeouts_alternate() -> None:
+    """`Deadlines.arm` finds the two timeouts armed last without a look-up: every cycle waits in its own
+    timeout's queue, whatever the order the timeouts come in."""
+
+    async def go() -> list[bool]:
+        ctx = ProxyContext(Gate(Journal(), Publisher(), {1}, set(), 0.05, 10), Limits())  # type: ignore[arg-type]
+        d = ctx.deadlines
+        cycles = [_cycle(ctx, 0) for _ in range(8)]
+        timeouts = [30.0, 600.0, 30.0, 5.0, 600.0, 5.0, 30.0, 600.0]
+        for cycle, timeout in zip(cycles, timeouts):
+            d.arm(cycle, timeout)
+        d.arm(cycles[0], 5.0)  # moved to another queue
+        timeouts[0] = 5.0
+        out = [
+            cycle._queue is d.queues[timeout][0] and cycle._timeout == timeout
+            for cycle, timeout in zip(cycles, timeouts)
+        ]
+        out.append(sorted(d.timers) == [5.0, 30.0, 600.0] and len(d) == 8)
+        for cycle in cycles:
+            cycle.close()
+        for entry in d.queues.values():
+            if entry[1] is not None:
+                entry[1].cancel()
+        return out
+
+    assert all(asyncio.run(go()))
+
+
 # ---------------------------------------------------------------- the cycles' deadlines
 
 
