@@ -56,6 +56,7 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
     lines=list, line=str, pos=Py_ssize_t,
 )
 cpdef tuple _response_head(bytes buf, Py_ssize_t end, str request_method, bint plain)
+cdef inline bint _tchar(unsigned char c)
 @cython.locals(c="unsigned char", state=int, i=Py_ssize_t, n=Py_ssize_t, stop=Py_ssize_t)
 cpdef Py_ssize_t _plain_end(bytes buf, Py_ssize_t max_header_bytes) except -2
 

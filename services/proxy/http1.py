@@ -1099,6 +1099,11 @@ _PLAIN_RESPONSE_RE = re.compile(
 )
 
 
+def _tchar(c: int) -> bool:
+    """A byte of a token (a field name): RFC 9110's tchar (compiled: an inline C test)."""
+    return 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~"
+
+
 def _plain_end(buf: bytes, max_header_bytes: int) -> int:
     """Where the plain response head at the start of `buf` ends (its CRLF CRLF, at most
     `max_header_bytes` in: as `parse_response_head` finds the end of a head), when `buf` starts with
@@ -1126,7 +1131,7 @@ def _plain_end(buf: bytes, max_header_bytes: int) -> int:
                 return -1
             state = 2
         elif state == 4:
-            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+            if _tchar(c):
                 continue
             if c != 58:  # (':')
                 return -1
@@ -1136,7 +1141,7 @@ def _plain_end(buf: bytes, max_header_bytes: int) -> int:
                 return -1
             state = 3
         elif state == 3:
-            if 97 <= c <= 122 or 65 <= c <= 90 or c == 45 or 48 <= c <= 57 or c in b"!#$%&'*+.^_`|~":
+            if _tchar(c):
                 state = 4
             elif c == 13:
                 state = 5
@@ -1286,15 +1291,14 @@ def _response_head(buf: bytes, end: int, request_method: str, plain: bool) -> tu
                         connection.extend(_split_tokens(v))
                 else:
                     other_hop = True
-    if plain:
-        # The parser refuses some framing the plain head's reading refuses too, with its own words:
-        # a head refused here is refused as the parser refuses it.
-        try:
-            chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
-        except UpstreamError:
-            return _response_head(buf, end, request_method, False)
-    else:
+    try:
         chunked, length, until_close = _framing_of(te, has_te, cls, UpstreamError)
+    except UpstreamError:
+        if not plain:
+            raise
+        # The parser refuses some framing the plain head's reading refuses too, with its own words:
+        # a plain head refused here is refused as the parser refuses it.
+        return _response_head(buf, end, request_method, False)
     # RFC 9112 §6.3: these responses end with the head, whatever their framing headers say.
     method = request_method if request_method == "GET" or request_method.isupper() else request_method.upper()
     bodiless = (

@@ -258,9 +258,8 @@ class Connecting(ConnectWaiter):
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.loop, self.host, self.port, self.guard, self.done = loop, host, port, guard, done
-        self.deadline = (
-            monotonic() + timeout
-        )  # (time.monotonic: the connects' shared queue's clock, conn.FirstDeadlines)
+        # (time.monotonic: the clock of the connects' shared queue, conn.FirstDeadlines)
+        self.deadline = monotonic() + timeout
         self.addrs: list[tuple[str, int]] = []
         self.i = 0
         self.coro: Any = None

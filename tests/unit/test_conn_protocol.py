@@ -89,6 +89,21 @@ def _read_then_eof(loop_kind: str, cls: type[Conn], message: bytes) -> set[str]:
     return _run(loop_kind, main)
 
 
+async def _client_and_upstream(
+    loop: asyncio.AbstractEventLoop, upstream_cls: Any
+) -> tuple[list[socket.socket], Any, Any, Any]:
+    """A client `Conn` and an upstream of `upstream_cls`, each on one end of a socketpair: (the other
+    ends, non-blocking, as the client's and the origin's sockets; the client; the upstream's
+    transport; the upstream)."""
+    pairs = [socket.socketpair() for _ in range(2)]
+    outer = [b for _a, b in pairs]
+    for s in outer:
+        s.setblocking(False)
+    _t1, client = await loop.create_connection(Conn, sock=pairs[0][0])
+    t2, upstream = await loop.create_connection(upstream_cls, sock=pairs[1][0])
+    return outer, client, t2, upstream
+
+
 @pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
 def test_a_tunnel_upstream_is_read_as_bytes(loop_kind: str) -> None:
     """Not piped, a PipeConn's reads (even large ones) come as bytes to data_received, into its buffer."""
@@ -105,12 +120,7 @@ def test_a_piped_upstream_moves_to_the_scratch_at_its_first_bulk_read(loop_kind:
 
     async def main() -> tuple[Any, ...]:
         loop = asyncio.get_running_loop()
-        pairs = [socket.socketpair() for _ in range(2)]
-        outer = [b for _a, b in pairs]
-        for s in outer:
-            s.setblocking(False)
-        _t1, client = await loop.create_connection(Conn, sock=pairs[0][0])  # type: ignore[type-var]
-        t2, upstream = await loop.create_connection(Counted, sock=pairs[1][0])  # type: ignore[type-var]
+        outer, client, t2, upstream = await _client_and_upstream(loop, Counted)
         splice(client, upstream)
         seen = []
 
@@ -148,11 +158,7 @@ def test_a_spliced_pair_relays_both_ways_on_either_loop(loop_kind: str) -> None:
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pairs = [socket.socketpair() for _ in range(2)]
-        outer = [b for _a, b in pairs]
-        for s in outer:
-            s.setblocking(False)
-        (_t1, client), (_t2, upstream) = [await loop.create_connection(Conn, sock=a) for a, _b in pairs]  # type: ignore[type-var]
+        outer, client, _t2, upstream = await _client_and_upstream(loop, Conn)
         splice(client, upstream)
         for src, dst, size in ((outer[0], outer[1], 100), (outer[1], outer[0], 3 << 20)):
             data = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
@@ -229,12 +235,7 @@ def test_a_plain_client_and_a_buffered_upstream_relay_both_ways(loop_kind: str) 
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        pairs = [socket.socketpair() for _ in range(2)]
-        outer = [b for _a, b in pairs]
-        for s in outer:
-            s.setblocking(False)
-        _t1, client = await loop.create_connection(Conn, sock=pairs[0][0])  # type: ignore[type-var]
-        _t2, upstream = await loop.create_connection(PipeConn, sock=pairs[1][0])  # type: ignore[type-var]
+        outer, client, _t2, upstream = await _client_and_upstream(loop, PipeConn)
         splice(client, upstream)
         for src, dst, size in ((outer[0], outer[1], 3 << 20), (outer[1], outer[0], 3 << 20)):
             data = bytes(range(256)) * (size // 256)
