@@ -46,6 +46,8 @@ cdef class Gate:
     cpdef bint keeps(self, container, port, conn)
     cpdef guard(self, ip, port, Admission adm)
     cpdef finish_log(self, Verdict verdict, mitm_skip_reason=*)
+    @cython.locals(hit=tuple, key=tuple)
+    cpdef Verdict check_request(self, container, host, port)
     cpdef _verdict(self, j, resolved=*)
     cpdef _remember(self, key, j)
     cpdef _decide_rules(self, container, host, port, resolved)

@@ -493,9 +493,25 @@ class Gate:
         return self._verdict(self.judge(container, host, port, resolved))
 
     def check_request(self, container: str, host: str, port: int) -> Verdict:
-        """Per-request re-check on a kept-alive connection: rules only, no hold (already decided)."""
-        host = normalise_host(host)
-        v = self._decide_now(container, host, port, self.resolved_name(host))
+        """Per-request re-check on a kept-alive connection: rules only, no hold (already decided).
+        Answered from `_verdicts` (the admission's cache, which the tunnel's own admission filled for
+        the same destination) as `_decide` answers from it; what it judges, it keeps there the same way."""
+        host = _normalise_host(host)
+        resolved = self.resolved_name(host)
+        key = (container, host, port, resolved)
+        silent = self.silent.mode is not None
+        if not silent:
+            hit = self._verdicts.get(key)
+            if hit is not None:
+                now = _time()
+                if hit[3] == _INF or now < hit[3]:
+                    if hit[2] is not None:
+                        self._hit(hit[2], now)
+                    return _new_verdict(hit[0], hit[1], hit[2], None)
+        j = self.judge(container, host, port, resolved)
+        if not silent and not j.needs_addresses and j.decision != "pending":
+            self._remember(key, j)
+        v = self._verdict(j)
         return v if v is not None else Verdict(False, "default_deny")
 
     async def _hold(

@@ -82,6 +82,8 @@ cpdef int _response_field(str text, Py_ssize_t start) except -1
 
 @cython.locals(start=Py_ssize_t, end=Py_ssize_t, stop=Py_ssize_t, scheme=str, authority=str, rest=str, path=str, hit=tuple)
 cpdef tuple _target_parts(str method, str target)
+@cython.locals(stop=Py_ssize_t, path=str, value=str, kv=tuple, k=str, hit=tuple, got=tuple)
+cpdef tuple _origin_parts(str method, str target, str version, list headers, names, str scheme, str host, port)
 @cython.locals(tokens=list, kv=tuple, k=str)
 cpdef _derive_request_headers(RequestHead head, bint none_derived=*)
 @cython.locals(facts=int)

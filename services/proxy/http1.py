@@ -754,19 +754,16 @@ def parse_request_head(
                 if len(_TARGETS) >= 4096:
                     _TARGETS.clear()  # (targets come from clients: bounded, start over)
                 _TARGETS[target] = parts
-        scheme, host, port, path, authority = parts
-        # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
-        head = RequestHead.__new__(RequestHead)
-        head.method, head.target, head.version, head.headers = method, target, version, headers
-        head.host, head.port, head.scheme, head.path = host, port, scheme, path
-        head.keep_alive, head.chunked, head.content_length, head.expect_continue = version == "1.1", False, None, False
-        head.upgrade, head.proxy_user, head.proxy_password, head.authority = None, None, None, authority
-        head.names, head.placeholder_free, head.parsed = names, placeholder_free, True
     else:
-        head = RequestHead(
-            method, target, version, headers, names=names, placeholder_free=placeholder_free, parsed=True
-        )
-        _derive_origin_target(head, *origin)
+        parts = _origin_parts(method, target, version, headers, names, origin[0], origin[1], origin[2])
+    scheme, host, port, path, authority = parts
+    # (every field set here: compiled, C struct sets, without the dataclass __init__'s Python call)
+    head = RequestHead.__new__(RequestHead)
+    head.method, head.target, head.version, head.headers = method, target, version, headers
+    head.host, head.port, head.scheme, head.path = host, port, scheme, path
+    head.keep_alive, head.chunked, head.content_length, head.expect_continue = version == "1.1", False, None, False
+    head.upgrade, head.proxy_user, head.proxy_password, head.authority = None, None, None, authority
+    head.names, head.placeholder_free, head.parsed = names, placeholder_free, True
     _derive_request_headers(head, facts & 2 != 0)  # (`_names_facts`; literal bits: compiled, C operations)
     if pair is not None and facts & 1 and method != "CONNECT":
         # The parser took this head whole and is where the next one starts (a request without a body,
@@ -870,30 +867,58 @@ _TARGETS: dict[str, tuple[str, str, int, str, str]] = {}
 _HTTP_AUTHORITIES: dict[str, tuple[str, int]] = {}
 
 
-def _derive_origin_target(head: RequestHead, scheme: str, host: str, port: int) -> None:
-    """host/port/path/authority of a request addressed to an origin (origin- or absolute-form)."""
-    if head.method == "CONNECT":
+def _origin_parts(
+    method: str,
+    target: str,
+    version: str,
+    headers: list[tuple[str, str]],
+    names: Names,
+    scheme: str,
+    host: str,
+    port: int,
+) -> tuple[str, str, int, str, str]:
+    """(scheme, host, port, path, authority) of a request inside a tunnel to (scheme, host, port):
+    origin-form (the Host field names the host; HTTP/1.0 without one: the tunnel's), or absolute-form,
+    which is legal towards origins too (RFC 9112 §3.2.2)."""
+    if method == "CONNECT":
         raise HttpError(405, "CONNECT inside a tunnel is not supported")
-    if _SCHEME_RE.fullmatch(head.target):
-        _derive_target(head)  # absolute-form is legal towards origins too (RFC 9112 §3.2.2)
-        return
-    if not (head.target.startswith("/") or (head.target == "*" and head.method == "OPTIONS")):
-        raise _bad("bad request target")
-    hosts = [v for k, v in head.headers if k.lower() == "host"] if head.names is None or "host" in head.names else []
-    if len(hosts) > 1:
-        raise _bad("more than one Host header")
-    head.scheme = scheme
-    head.path = head.target.partition("#")[0]
-    if hosts:
-        head.host, head.port = _split_authority(hosts[0], False, _DEFAULT_PORTS.get(scheme, port))
-        head.authority = hosts[0]
-    elif head.version == "1.0":
-        head.host, head.port = host, port
-        default = _DEFAULT_PORTS.get(scheme)
-        shown = f"[{host}]" if ":" in host else host
-        head.authority = shown if port == default else f"{shown}:{port}"
+    # (a target starting with `/` or `*` is never `_SCHEME_RE`'s: its regex is run for the others only)
+    if target.startswith("/"):
+        stop = target.find("#")
+        path = target[:stop] if stop >= 0 else target  # fragments are never sent to a server
+    elif target == "*" and method == "OPTIONS":
+        path = target
+    elif _SCHEME_RE.fullmatch(target):
+        return _target_parts(method, target)
     else:
-        raise _bad("missing Host header")  # RFC 9112 §3.2: mandatory in HTTP/1.1
+        raise _bad("bad request target")
+    value: str | None = None
+    if names is None or "host" in names:
+        for kv in headers:
+            k = kv[0]
+            if len(k) == 4 and (k == "Host" or k.lower() == "host"):
+                if value is not None:
+                    raise _bad("more than one Host header")
+                value = kv[1]
+    if value is not None:
+        default = _DEFAULT_PORTS.get(scheme, port)
+        hit = _ORIGIN_AUTHORITIES.get(value)
+        if hit is None or hit[0] != default:
+            got = _split_authority(value, False, default)  # (raises for a bad one: never remembered)
+            hit = (default, got[0], got[1])
+            if len(_ORIGIN_AUTHORITIES) >= 4096:
+                _ORIGIN_AUTHORITIES.clear()  # (Host values come from clients: bounded, start over)
+            _ORIGIN_AUTHORITIES[value] = hit
+        return scheme, hit[1], hit[2], path, value
+    if version == "1.0":
+        shown = f"[{host}]" if ":" in host else host
+        return scheme, host, port, path, shown if port == _DEFAULT_PORTS.get(scheme) else f"{shown}:{port}"
+    raise _bad("missing Host header")  # RFC 9112 §3.2: mandatory in HTTP/1.1
+
+
+# A Host field's value inside a tunnel -> (the default port it was read with, host, port): what
+# `_split_authority(value, False, default)` gave (a client sends the same Host on every request).
+_ORIGIN_AUTHORITIES: dict[str, tuple[int, str, int]] = {}
 
 
 # The fields _derive_request_headers reads; a head with none of them (the usual GET) takes the defaults.

@@ -1,6 +1,7 @@
 """The gate's per-destination decision cache (services/proxy/gate.py): it must answer exactly what
 the rule set answers now, across rule swaps, rule expiry, silent mode and names learnt; and the
-whole verdicts `admit` keeps (`Gate._verdicts`) answer what an uncached judgement answers."""
+whole verdicts `admit` keeps (`Gate._verdicts`), which a request's re-check inside a tunnel
+(`check_request`) reads and fills too, answer what an uncached judgement answers."""
 
 from __future__ import annotations
 
@@ -75,7 +76,10 @@ _RULES = st.builds(
 _STEPS = st.lists(
     st.one_of(
         st.tuples(
-            st.just("admit"), st.sampled_from(["a", "b"]), st.sampled_from(_HOSTS), st.sampled_from([443, 80, 1])
+            st.sampled_from(["admit", "check"]),
+            st.sampled_from(["a", "b"]),
+            st.sampled_from(_HOSTS),
+            st.sampled_from([443, 80, 1]),
         ),
         st.tuples(st.just("rules"), st.lists(_RULES, max_size=4)),
         st.tuples(st.just("silent"), st.sampled_from([None, "allow", "deny"])),
@@ -116,6 +120,13 @@ def test_cached_verdicts_answer_as_an_uncached_judgement(first: list[Rule], step
                 want = _expected(g, c, h, p)
                 v = await g.admit(c, h, p, "HTTP")
                 assert (v.allowed, v.reason, v.rule_id) == want, step
+            elif step[0] == "check":
+                _, c, h, p = step
+                want = _expected(g, c, h, p)
+                if want[1] == "hold_timeout":
+                    want = (False, "default_deny", None)  # a re-check never holds
+                v = g.check_request(c, h, p)
+                assert (v.allowed, v.reason, v.rule_id) == want, step
             elif step[0] == "rules":
                 g.set_rules(RuleSet(step[1]), i + 2)
             elif step[0] == "silent":
@@ -154,6 +165,40 @@ def test_cached_verdicts_count_hits_and_log_every_request() -> None:
     assert [(r["rule_id"], r["result"], r["destination_host"]) for r in logged] == [
         (1, "allowed", "api.example.com")
     ] * 3
+
+
+def test_a_request_check_in_a_tunnel_reads_the_verdict_its_admission_kept(monkeypatch: Any) -> None:
+    """`check_request` (each request inside a tunnel) answers from the verdict the tunnel's CONNECT
+    kept, without judging again, and counts the rule's hit as a judgement would; a destination it
+    judged itself is kept for the next check; a rule swap starts over."""
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"), Rule(2, "*", "x.example.com", action="deny"))
+    from services.proxy import gate as gate_mod
+
+    judged: list[str] = []
+    judge = gate_mod.judge
+
+    def counting(rules: Any, container: str, host: str, *a: Any, **kw: Any) -> Any:
+        judged.append(host)
+        return judge(rules, container, host, *a, **kw)
+
+    monkeypatch.setattr(gate_mod, "judge", counting)
+    assert admit(g, "a", "API.example.com.").rule_id == 1
+    assert judged == ["api.example.com"]
+    for _ in range(3):
+        v = g.check_request("a", "api.example.com", 443)
+        assert (v.allowed, v.reason, v.rule_id) == (True, "rule", 1)
+    assert judged == ["api.example.com"]  # answered from the admission's verdict
+    assert g._hits[1][0] == 4
+    v = g.check_request("a", "x.example.com", 443)
+    assert (v.allowed, v.rule_id) == (False, 2)
+    assert g.check_request("a", "x.example.com", 443).rule_id == 2
+    assert judged == ["api.example.com", "x.example.com"]  # judged once, then kept
+    v = g.check_request("a", "nobody.example.com", 443)
+    assert (v.allowed, v.reason) == (False, "default_deny")
+    assert ("a", "nobody.example.com", 443, None) not in g._verdicts  # no rule: never kept
+    g.set_rules(RuleSet([Rule(3, "*", "api.example.com", action="deny")]), 2)
+    v = g.check_request("a", "api.example.com", 443)
+    assert (v.allowed, v.rule_id) == (False, 3)
 
 
 # -- client_gone given as a function (the proxy passes `ClientConn.gone`): called for a hold only --

@@ -1124,3 +1124,81 @@ def test_a_request_heads_names_say_what_their_set_says() -> None:
         facts = http1._names_facts(names)
         assert bool(facts & 1) == names.isdisjoint(http1._REUSE_BLOCKERS)
         assert bool(facts & 2) == names.isdisjoint(http1._REQUEST_FIELDS_BUT_CONNECTION)
+
+
+def _origin_parts_as_before(
+    method: str, target: str, version: str, headers: list[tuple[str, str]], scheme: str, host: str, port: int
+) -> Any:
+    """How a request inside a tunnel was read before `_origin_parts` (the regex first, every Host field
+    collected, the authority split every time)."""
+    if method == "CONNECT":
+        raise http1.HttpError(405, "CONNECT inside a tunnel is not supported")
+    if http1._SCHEME_RE.fullmatch(target):
+        return http1._target_parts(method, target)
+    if not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
+        raise http1.HttpError(400, "bad request target")
+    hosts = [v for k, v in headers if k.lower() == "host"]
+    if len(hosts) > 1:
+        raise http1.HttpError(400, "more than one Host header")
+    path = target.partition("#")[0]
+    if hosts:
+        h, p = http1._split_authority(hosts[0], False, http1._DEFAULT_PORTS.get(scheme, port))
+        return scheme, h, p, path, hosts[0]
+    if version == "1.0":
+        default = http1._DEFAULT_PORTS.get(scheme)
+        shown = f"[{host}]" if ":" in host else host
+        return scheme, host, port, path, shown if port == default else f"{shown}:{port}"
+    raise http1.HttpError(400, "missing Host header")
+
+
+_HOST_VALUES = st.sampled_from(["a.example", "A.Example:8443", "[::1]", "[::1]:9", "u@a", "a:0", "a:x", "", "é.test"])
+
+
+@FUZZ
+@given(
+    st.sampled_from(["GET", "OPTIONS", "CONNECT", "POST"]),
+    st.one_of(_TARGETS, st.sampled_from(["/", "/a#f", "/a?b#c", "*", "a", "//x"])),
+    st.sampled_from(["1.0", "1.1"]),
+    st.lists(st.tuples(st.sampled_from(["Host", "host", "HOST", "Hosts", "X"]), _HOST_VALUES), max_size=3),
+    st.sampled_from([("https", "t.example", 443), ("http", "10.0.0.1", 8080), ("https", "::1", 8443), ("ws", "w", 9)]),
+    st.booleans(),
+)
+@example("GET", "/a", "1.1", [("Host", "a.example")], ("http", "t", 8080), True)
+@example("GET", "/a", "1.1", [("Host", "a.example")], ("https", "t", 8443), True)  # same Host, other default
+def test_a_request_in_a_tunnel_is_read_as_before(
+    method: str,
+    target: str,
+    version: str,
+    headers: list[tuple[str, str]],
+    origin: tuple[str, str, int],
+    twice: bool,
+) -> None:
+    """`_origin_parts` (its Host value's reading remembered, the regex only for targets that may be
+    absolute) gives the parts or the error the earlier reading gave; asked twice, the same again."""
+    names = frozenset(k.lower() for k, _ in headers)
+
+    def of(fn: Any, *a: Any) -> Any:
+        try:
+            return fn(*a)
+        except http1.HttpError as exc:
+            return (exc.status, str(exc))
+
+    want = of(_origin_parts_as_before, method, target, version, headers, *origin)
+    for _ in range(2 if twice else 1):
+        assert of(http1._origin_parts, method, target, version, headers, names, *origin) == want
+        assert of(http1._origin_parts, method, target, version, headers, None, *origin) == want
+
+
+def test_a_host_value_in_a_tunnel_is_read_once_per_default_port_and_bounded() -> None:
+    http1._ORIGIN_AUTHORITIES.clear()
+    got = http1._origin_parts("GET", "/", "1.1", [("Host", "A.example")], frozenset({"host"}), "https", "t", 443)
+    assert got == ("https", "a.example", 443, "/", "A.example")
+    assert http1._ORIGIN_AUTHORITIES["A.example"] == (443, "a.example", 443)
+    got = http1._origin_parts("GET", "/", "1.1", [("Host", "A.example")], frozenset({"host"}), "http", "t", 80)
+    assert got[2] == 80 and http1._ORIGIN_AUTHORITIES["A.example"] == (80, "a.example", 80)
+    with pytest.raises(http1.HttpError):
+        http1._origin_parts("GET", "/", "1.1", [("Host", "a:0")], None, "https", "t", 443)
+    assert "a:0" not in http1._ORIGIN_AUTHORITIES
+    for i in range(5000):
+        http1._origin_parts("GET", "/", "1.1", [("Host", f"h{i}")], None, "https", "t", 443)
+    assert len(http1._ORIGIN_AUTHORITIES) <= 4096
