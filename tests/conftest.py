@@ -46,6 +46,10 @@ code that runs, not some other installed copy).
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
+
 from harness import (  # noqa: F401 - re-exported for `from conftest import ...`
     LISTENER_NAMES,
     PYTHON,
@@ -91,3 +95,21 @@ from harness.fuzz import register_profiles
 
 # Property tests run a quarter of their examples unless HYPOTHESIS_PROFILE=ci-deep (harness/fuzz.py).
 register_profiles()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Any:  # noqa: ARG001
+    """A stack test that failed gets the tail of its stack's logs in its report ("stack logs"): a
+    failure seen once (a timeout under load) can then be read without running it again."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for name, value in getattr(item, "funcargs", {}).items():
+        stacks = [value] if isinstance(value, Stack) else getattr(value, "stacks", None)  # (make_stack's)
+        for i, stack in enumerate(stacks if isinstance(stacks, list) else ()):
+            try:
+                text = stack.logs(80)
+            except Exception as exc:  # noqa: BLE001 - the report must not fail for the logs' sake
+                text = f"(logs unavailable: {exc})"
+            report.sections.append((f"stack logs ({name}{f' {i}' if i else ''})", text))

@@ -36,6 +36,7 @@ def make_stack() -> Iterator[Callable[..., Stack]]:
         stacks.append(stack)
         return stack.start(timeout=timeout, extra_args=extra_args)
 
+    factory.stacks = stacks  # type: ignore[attr-defined]  # (a failed test's report shows their logs: conftest)
     yield factory
     errors = []
     for stack in stacks:
