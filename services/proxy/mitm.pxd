@@ -16,6 +16,7 @@ cdef class Interceptor:
     cdef public bint mitm_enabled
     cdef public dict counts
     cdef public object _mismatch_logged, _quiet
+    cdef public dict _sessions
 
     @cython.locals(kind=str)
     cpdef first_look(self, Conn client, Conn upstream, host, Verdict verdict, bint quiet_over=*)

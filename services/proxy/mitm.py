@@ -52,6 +52,11 @@ HANDSHAKE_FAILED = "handshake_failed"
 NON_HTTP_AFTER_TLS = "non_http_after_tls"
 
 _norm = functools.lru_cache(maxsize=4096)(normalise_host)  # pure; the same few hosts come back
+TLS_SESSIONS = 1024  # origins whose last TLS session is kept for resumption (`Interceptor._sessions`)
+# How long a kept session (or an origin's lack of one) stands before a connection's own is read again:
+# reading one (`SSLObject.session`) copies it through its encoding, peer certificates included
+# (~250 µs); a session resumed is still good, and tickets live minutes to hours (nginx: 5 min).
+TLS_SESSION_REFRESH = 60.0
 MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling it "not HTTP"
 
 
@@ -141,6 +146,7 @@ class Session:
     origin: str = ""  # 'scheme://authority' of the host contacted: the start of each record's url
     claimed: bool = False  # the container is a claimed identity this connection proved (SPEC §16)
     method: str = "CONNECT"  # the tunnel's ('CONNECT' or 'SOCKS5'): its admission's, for a reconnect
+    session_kept: bool = False  # the upstream's TLS session is kept for resumption (`keep_session`)
 
     def __post_init__(self) -> None:
         self.origin = origin_of(self.scheme, self.host, self.port)
@@ -190,6 +196,7 @@ class Interceptor:
         "counts",
         "_mismatch_logged",
         "_quiet",
+        "_sessions",
     )
 
     def __init__(
@@ -210,6 +217,11 @@ class Interceptor:
         self.counts: dict[str, int] = {}  # tunnels by what was done with them (`stats`; `_count`)
         self._mismatch_logged = float("-inf")
         self._quiet = QuietLooks()  # the looks at first bytes while nobody has spoken
+        # The last resumable TLS session with each origin, by (verified name, port), and until when it
+        # stands (time.monotonic): the next upstream handshake with it offers that session
+        # (`_upstream_tls`; None: the origin gave none to resume, asked again after that time;
+        # memory only, bounded).
+        self._sessions: dict[tuple[str, int], tuple[ssl.SSLSession | None, float]] = {}
         settings.on_change(self._settings_changed)
 
     # -- configuration --
@@ -331,7 +343,7 @@ class Interceptor:
             claimed=bool(getattr(client, "claimed", False)),
             method=method,
         )
-        session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, ctx.limits)
+        session.upstream, session.upstream_error = await self._upstream_tls(upstream, name, port, ctx.limits)
         kind = await self._peek_plaintext(session, ctx.limits)
         if kind != "http":
             self.gate.finish_log(verdict, NON_HTTP_AFTER_TLS)
@@ -429,11 +441,21 @@ class Interceptor:
             if not await _either(client, up, remaining):
                 return "other"
 
-    async def _upstream_tls(self, raw: Conn, name: str, limits: Limits) -> tuple[Stream | None, str | None]:
-        """TLS to the origin, verified; (stream, None) or (None, why it failed)."""
-        stream = TlsStream(raw, self.upstream_ctx, server_side=False, server_hostname=name)
+    async def _upstream_tls(self, raw: Conn, name: str, port: int, limits: Limits) -> tuple[Stream | None, str | None]:
+        """TLS to the origin, verified; (stream, None) or (None, why it failed). The last session kept
+        for (name, port) is offered (`keep_session`): a resumed handshake skips the certificate
+        chain's verification and the server's signature, which that session's full handshake did
+        for the same name with the same context."""
+        key = (name, port)
+        kept = self._sessions.get(key)
+        session = kept[0] if kept is not None else None
+        stream = TlsStream(raw, self.upstream_ctx, server_side=False, server_hostname=name, session=session)
+        done = False
         try:
             await stream.handshake(limits.connect_timeout)
+            done = True
+            if session is not None:
+                self._count("upstream_tls_resumed" if stream.sslobj.session_reused else "upstream_tls_not_resumed")
         except ssl.SSLCertVerificationError as exc:
             raw.abort()
             return None, f"the upstream certificate of {name} is not trusted: {exc.verify_message or exc}"
@@ -445,7 +467,34 @@ class Interceptor:
         except asyncio.TimeoutError:
             raw.abort()
             return None, f"TLS handshake with {name} timed out"
+        finally:
+            if not done and session is not None:
+                self._sessions.pop(key, None)  # (not offered again: the next handshake is a full one)
         return stream, None
+
+    def keep_session(self, s: Session) -> None:
+        """After `s`'s first exchange on its upstream TLS connection (its TLS 1.3 tickets, sent right
+        after the handshake, have come before the answer): keep its session for the next handshake
+        with the same origin if it can be resumed, replacing the origin's; else remember there is
+        none. Not while the origin's kept one stands (`TLS_SESSION_REFRESH`) and this connection
+        resumed it, or the origin gave none."""
+        up = s.upstream
+        if s.session_kept or s.scheme != "https" or type(up) is not TlsStream:
+            return
+        s.session_kept = True  # (asked once per connection)
+        sslobj = up.sslobj
+        key = (s.server_name, s.port)
+        sessions = self._sessions
+        kept = sessions.get(key)
+        now = monotonic()
+        if kept is not None and now < kept[1] and (kept[0] is None or sslobj.session_reused):
+            return
+        session = sslobj.session  # (a copy: see TLS_SESSION_REFRESH)
+        if session is not None and not (session.has_ticket or sslobj.version() != "TLSv1.3"):
+            session = None  # (TLS 1.3 without a ticket: nothing to resume with)
+        if len(sessions) >= TLS_SESSIONS:
+            sessions.clear()  # (origins come from clients: bounded, start over)
+        sessions[key] = (session, now + TLS_SESSION_REFRESH)
 
     async def _reconnect(self, s: Session, ctx: ProxyContext) -> Stream:
         """A fresh upstream connection after the previous one closed (raises UpstreamFailure)."""
@@ -454,9 +503,10 @@ class Interceptor:
         raw = await connect(s.host, s.port, ctx.limits.connect_timeout, admission)
         if s.scheme == "http":
             return raw
-        tls, err = await self._upstream_tls(raw, s.server_name, ctx.limits)
+        tls, err = await self._upstream_tls(raw, s.server_name, s.port, ctx.limits)
         if tls is None:
             raise UpstreamFailure("unreachable", err or "TLS handshake failed")
+        s.session_kept = False  # (this connection's session is kept in turn)
         return tls
 
     # -- requests --
@@ -542,6 +592,8 @@ class Interceptor:
                     return self._fail(s, t, status, reason, text)
             ex = Exchange(s.client, s.upstream, head, limits, t, s.reused)
             state = await ex.run(request)
+            if not s.session_kept:
+                self.keep_session(s)  # (its ticket came with or before the answer)
             if ex.upstream_reusable:
                 s.reused = True
             else:

@@ -121,12 +121,21 @@ class TlsStream:
     `write`, `drain`, `close`), so the HTTP code runs unchanged over plain or TLS connections."""
 
     def __init__(
-        self, raw: Conn, context: ssl.SSLContext, server_side: bool, server_hostname: str | None = None
+        self,
+        raw: Conn,
+        context: ssl.SSLContext,
+        server_side: bool,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
     ) -> None:
         self.raw = raw
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
-        self.sslobj = context.wrap_bio(self._in, self._out, server_side=server_side, server_hostname=server_hostname)
+        # `session`: a client's earlier session with the same server, offered for resumption (the
+        # server may refuse it: the handshake is then a full one).
+        self.sslobj = context.wrap_bio(
+            self._in, self._out, server_side=server_side, server_hostname=server_hostname, session=session
+        )
         self.buf = bytearray()
         self.eof = False  # no more plaintext will come (close_notify or the socket's EOF)
 

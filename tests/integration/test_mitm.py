@@ -92,6 +92,9 @@ class _Origin(harness.OriginHandler):
                 self.wfile.flush()
                 time.sleep(SSE_EVERY)
             self.wfile.write(b"0\r\n\r\n")
+        elif path == "/tls":  # this TLS connection, as the origin sees it
+            resumed = getattr(self.connection, "session_reused", None)
+            self._send(200, json.dumps({"resumed": resumed}).encode(), "application/json")
         else:
             self._send(200, f"path {path}\n".encode(), "text/plain")
 
@@ -259,6 +262,20 @@ def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> N
         if path.exists():
             data = path.read_bytes()
             assert b"sk-live" not in data and b"origin-secret" not in data, path
+
+
+def test_a_new_tunnels_upstream_handshake_resumes_the_origins_session(stack: Stack, origin: int) -> None:
+    """Two curl processes (two tunnels, two upstream TLS connections): the origin sees the second
+    upstream connection resume the TLS session the first one's connection kept; both are
+    intercepted and recorded as usual."""
+    seen = []
+    for _ in range(2):
+        code, out, err = _curl("--cacert", _gp_ca(stack), *_via_http(stack, "resume"), f"https://{ORIGIN}:{origin}/tls")
+        assert code == 0, err
+        seen.append(json.loads(out)["resumed"])
+    assert seen[1] is True, seen  # (the first may resume too: earlier tests spoke to this origin)
+    rows = wait_for(lambda: got if len(got := _transactions(stack, container="resume")) == 2 else None, 10)
+    assert [r["status_code"] for r in rows] == [200, 200]
 
 
 def test_socks5_intercepted(stack: Stack, origin: int) -> None:
