@@ -86,6 +86,15 @@ async def _exchange(stream: TlsStream) -> None:
     stream.buf.clear()
 
 
+async def _first_kept(mitm: Interceptor, port: int) -> TlsStream:
+    """A first connection to the origin, one exchange on it, and its session kept."""
+    first, err = await _handshake(mitm, port)
+    assert first is not None and err is None
+    await _exchange(first)
+    mitm.keep_session(_session(first, port))
+    return first
+
+
 def _session(stream: TlsStream, port: int) -> Session:
     return Session("a", NAME, port, "https", NAME, Verdict(True, "rule", 1), Conn(), stream)  # type: ignore[arg-type]
 
@@ -142,10 +151,7 @@ def test_a_session_is_kept_per_name_and_port_and_bounded(loop_kind: str, ca: Any
         await b.start()
         mitm = _interceptor(ca[1])
         try:
-            first, _ = await _handshake(mitm, a.port)
-            assert first is not None
-            await _exchange(first)
-            mitm.keep_session(_session(first, a.port))
+            first = await _first_kept(mitm, a.port)
             other, _ = await _handshake(mitm, b.port)
             assert other is not None and not other.sslobj.session_reused
             assert "upstream_tls_resumed" not in mitm.counts and "upstream_tls_not_resumed" not in mitm.counts
@@ -173,10 +179,7 @@ def test_a_refused_session_means_a_full_handshake_and_a_failed_one_is_dropped(lo
         await origin.start()
         mitm = _interceptor(ca[1])
         try:
-            first, _ = await _handshake(mitm, origin.port)
-            assert first is not None
-            await _exchange(first)
-            mitm.keep_session(_session(first, origin.port))
+            first = await _first_kept(mitm, origin.port)
             kept = mitm._sessions[(NAME, origin.port)][0]
             assert kept is not None
             first.raw.close()
@@ -220,10 +223,7 @@ def test_a_kept_session_is_never_offered_for_another_name(loop_kind: str, ca: An
         await origin.start()
         mitm = _interceptor(ca[1])
         try:
-            first, _ = await _handshake(mitm, origin.port)
-            assert first is not None
-            await _exchange(first)
-            mitm.keep_session(_session(first, origin.port))
+            first = await _first_kept(mitm, origin.port)
             other, err = await _handshake(mitm, origin.port, name="other.test")
             assert other is None and err is not None and "not trusted" in err
             first.raw.close()
