@@ -478,10 +478,12 @@ class Interceptor:
         with the same origin if it can be resumed, replacing the origin's; else remember there is
         none. Not while the origin's kept one stands (`TLS_SESSION_REFRESH`) and this connection
         resumed it, or the origin gave none."""
-        up = s.upstream
-        if s.session_kept or s.scheme != "https" or type(up) is not TlsStream:
+        if s.session_kept:
             return
-        s.session_kept = True  # (asked once per connection)
+        s.session_kept = True  # (asked once per upstream connection)
+        up = s.upstream
+        if type(up) is not TlsStream:  # (plain HTTP in the tunnel, or no upstream)
+            return
         sslobj = up.sslobj
         key = (s.server_name, s.port)
         sessions = self._sessions
