@@ -460,10 +460,21 @@ def _pem_path(data: bytes):  # noqa: ANN202 - a context manager yielding a path
 
 
 def leaf_context(chain_pem: bytes, key_pem: bytes) -> ssl.SSLContext:
-    """A server context for one leaf, offering HTTP/1.1 only (ALPN)."""
+    """A server context for one leaf, offering HTTP/1.1 only (ALPN), sending no TLS 1.3 session
+    tickets (`num_tickets = 0`).
+
+    Why no tickets: a TLS 1.3 server sends them right after the handshake, and over loopback they
+    reach the client while it writes its first request. Clients that read on one thread while they
+    write on another through the same `ssl` socket (Python's `websockets.sync` client does, from
+    its start) race there: OpenSSL objects are not for concurrent use, and ~1 connection in 300
+    lost its first request (the client then waits for an answer until its timeout, the origin
+    for a request until its own). Without tickets nothing arrives until the answer. The cost: a
+    client cannot resume a TLS 1.3 session with the proxy (a full handshake per new connection;
+    clients that keep connections alive, as agents and package managers do, make few)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])
+    ctx.num_tickets = 0
     with _pem_path(chain_pem + key_pem) as path:
         ctx.load_cert_chain(path)
     return ctx

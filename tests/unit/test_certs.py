@@ -135,6 +135,12 @@ def test_leaf_context_handshake_in_memory(tmp_path: Path) -> None:
     assert done == {"c", "s"}
     assert client.selected_alpn_protocol() == "http/1.1"  # HTTP/1.1 only is offered
     assert len(client.getpeercert(binary_form=False)["subjectAltName"]) == 1
+    # No TLS 1.3 session ticket follows the handshake (certs.leaf_context says why): the first
+    # bytes after it are the server's answer.
+    server.write(b"answer")
+    c_in.write(s_out.read())
+    assert client.version() == "TLSv1.3" and client.read(100) == b"answer"
+    assert client.session is not None and not client.session.has_ticket
 
 
 def test_leaf_cache_is_lru_and_thread_safe(tmp_path: Path) -> None:
