@@ -48,6 +48,8 @@ cdef class Gate:
     cpdef finish_log(self, Verdict verdict, mitm_skip_reason=*)
     @cython.locals(hit=tuple, key=tuple)
     cpdef Verdict check_request(self, container, host, port)
+    @cython.locals(hit=tuple)
+    cpdef tuple _kept(self, key, now)
     cpdef _verdict(self, j, resolved=*)
     cpdef _remember(self, key, j)
     cpdef _decide_rules(self, container, host, port, resolved)

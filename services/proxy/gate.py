@@ -310,14 +310,11 @@ class Gate:
         key = (container, host, port, resolved)
         silent = self.silent.mode is not None
         if not silent:
-            hit = self._verdicts.get(key)
+            now = _time()  # (one clock reading for the rule's hit and the log entry)
+            hit = self._kept(key, now)
             if hit is not None:
-                now = _time()  # (one clock reading for the rule's hit and the log entry)
-                if hit[3] == _INF or now < hit[3]:
-                    if hit[2] is not None:
-                        self._hit(hit[2], now)
-                    cached = _new_verdict(hit[0], hit[1], hit[2], resolved)
-                    return self._decided(t0, container, host, port, method, cached, now)
+                cached = _new_verdict(hit[0], hit[1], hit[2], resolved)
+                return self._decided(t0, container, host, port, method, cached, now)
         j = self.judge(container, host, port, resolved)
         if j.needs_addresses:
             # An address rule may deny where this name resolves to: that deny wins (no hold).
@@ -501,13 +498,9 @@ class Gate:
         key = (container, host, port, resolved)
         silent = self.silent.mode is not None
         if not silent:
-            hit = self._verdicts.get(key)
+            hit = self._kept(key, _time())
             if hit is not None:
-                now = _time()
-                if hit[3] == _INF or now < hit[3]:
-                    if hit[2] is not None:
-                        self._hit(hit[2], now)
-                    return _new_verdict(hit[0], hit[1], hit[2], None)
+                return _new_verdict(hit[0], hit[1], hit[2], None)
         j = self.judge(container, host, port, resolved)
         if not silent and not j.needs_addresses and j.decision != "pending":
             self._remember(key, j)
@@ -611,6 +604,16 @@ class Gate:
         # (those are re-judged each time); holds are never cached. Every rule swap (`set_rules`, this
         # setter) starts it over; silent mode changes (`set_silent`) too.
         self._verdicts: dict[tuple[str, str, int, str | None], tuple[bool, str, int | None, float]] = {}
+
+    def _kept(self, key: tuple[str, str, int, str | None], now: float) -> tuple[bool, str, int | None, float] | None:
+        """The verdict `_remember` kept for `key`, while its rule has not expired at `now`, its rule's
+        hit counted (`_decide` and `check_request` answer from it alike); None: judge it."""
+        hit = self._verdicts.get(key)
+        if hit is None or not (hit[3] == _INF or now < hit[3]):
+            return None
+        if hit[2] is not None:
+            self._hit(hit[2], now)
+        return hit
 
     def _remember(self, key: tuple[str, str, int, str | None], j: Judgement) -> None:
         """Keep a judgement made without silent mode and without looking up addresses (`_verdicts`)."""

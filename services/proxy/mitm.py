@@ -594,8 +594,7 @@ class Interceptor:
                     return self._fail(s, t, status, reason, text)
             ex = Exchange(s.client, s.upstream, head, limits, t, s.reused)
             state = await ex.run(request)
-            if not s.session_kept:
-                self.keep_session(s)  # (its ticket came with or before the answer)
+            self.keep_session(s)  # (once per upstream connection: its ticket came with or before the answer)
             if ex.upstream_reusable:
                 s.reused = True
             else:

@@ -265,7 +265,7 @@ def test_https_intercepted_recorded_and_redacted(stack: Stack, origin: int) -> N
 
 
 def test_a_new_tunnels_upstream_handshake_resumes_the_origins_session(stack: Stack, origin: int) -> None:
-    """Two curl processes (two tunnels, two upstream TLS connections): the origin sees the second
+    """SPEC §15 / issue 18 item 1: two curl processes (two tunnels, two upstream TLS connections): the origin sees the second
     upstream connection resume the TLS session the first one's connection kept; both are
     intercepted and recorded as usual."""
     seen = []
@@ -471,7 +471,7 @@ def test_websocket_relayed_and_recorded(stack: Stack, ws_origin: int) -> None:
 
 
 def test_nothing_follows_the_client_handshake_until_the_answer(stack: Stack, origin: int) -> None:
-    """The intercepting proxy sends a TLS 1.3 client nothing after the handshake (no session ticket)
+    """SPEC §7 (HTTPS interception): the intercepting proxy sends a TLS 1.3 client nothing after the handshake (no session ticket)
     until the answer to its request: threaded clients (websockets' sync client reads on a thread of
     its own while it writes) lost their first request, ~1 connection in 300 under load, to a ticket
     arriving then (certs.leaf_context)."""

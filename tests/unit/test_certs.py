@@ -135,7 +135,7 @@ def test_leaf_context_handshake_in_memory(tmp_path: Path) -> None:
     assert done == {"c", "s"}
     assert client.selected_alpn_protocol() == "http/1.1"  # HTTP/1.1 only is offered
     assert len(client.getpeercert(binary_form=False)["subjectAltName"]) == 1
-    # No TLS 1.3 session ticket follows the handshake (certs.leaf_context says why): the first
+    # SPEC §7: no TLS 1.3 session ticket follows the handshake (certs.leaf_context says why): the first
     # bytes after it are the server's answer.
     server.write(b"answer")
     c_in.write(s_out.read())

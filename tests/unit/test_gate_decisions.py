@@ -168,7 +168,7 @@ def test_cached_verdicts_count_hits_and_log_every_request() -> None:
 
 
 def test_a_request_check_in_a_tunnel_reads_the_verdict_its_admission_kept(monkeypatch: Any) -> None:
-    """`check_request` (each request inside a tunnel) answers from the verdict the tunnel's CONNECT
+    """SPEC §15 / issue 18 item 1: `check_request` (each request inside a tunnel) answers from the verdict the tunnel's CONNECT
     kept, without judging again, and counts the rule's hit as a judgement would; a destination it
     judged itself is kept for the next check; a rule swap starts over."""
     g = gate_with(Rule(1, "*", "api.example.com", action="allow"), Rule(2, "*", "x.example.com", action="deny"))

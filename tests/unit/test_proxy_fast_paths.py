@@ -1173,7 +1173,7 @@ def test_a_request_in_a_tunnel_is_read_as_before(
     origin: tuple[str, str, int],
     twice: bool,
 ) -> None:
-    """`_origin_parts` (its Host value's reading remembered, the regex only for targets that may be
+    """SPEC §15 / issue 18 item 1: `_origin_parts` (its Host value's reading remembered, the regex only for targets that may be
     absolute) gives the parts or the error the earlier reading gave; asked twice, the same again."""
     names = frozenset(k.lower() for k, _ in headers)
 

@@ -1,4 +1,5 @@
-"""TLS session resumption towards origins (services/proxy/mitm.py: `Interceptor._upstream_tls`,
+"""TLS session resumption towards origins (SPEC §15, issue 18 item 1: the cost of a new intercepted
+tunnel; services/proxy/mitm.py: `Interceptor._upstream_tls`,
 `keep_session`): an intercepted tunnel's upstream handshake offers the last session kept for the same
 verified name and port, over real loopback sockets to a real TLS 1.3 origin (trustme), on asyncio's
 loop and on uvloop."""
@@ -37,9 +38,10 @@ class _Certs:
 
 class TlsOrigin:
     """An HTTPS origin on 127.0.0.1 (TLS 1.3, session tickets on: the ssl module's default) that
-    answers every request line with a short 200; `handshakes` counts the connections it took."""
+    answers every request line with a short 200; `handshakes` counts the connections it took.
+    `async with` it: listening on `port` (0: a free one) inside the block."""
 
-    def __init__(self, ca: trustme.CA, tickets: bool = True) -> None:
+    def __init__(self, ca: trustme.CA, tickets: bool = True, port: int = 0) -> None:
         self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ca.issue_cert(NAME).configure_cert(self.ctx)
         if not tickets:
@@ -47,11 +49,16 @@ class TlsOrigin:
             self.ctx.num_tickets = 0
         self.handshakes = 0
         self.server: asyncio.AbstractServer | None = None
-        self.port = 0
+        self.port = port
 
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ctx)
+    async def __aenter__(self) -> TlsOrigin:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port, ssl=self.ctx)
         self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        assert self.server is not None
+        self.server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.handshakes += 1
@@ -63,10 +70,6 @@ class TlsOrigin:
             pass
         finally:
             writer.close()
-
-    def close(self) -> None:
-        assert self.server is not None
-        self.server.close()
 
 
 def _interceptor(ca_file: Path) -> Interceptor:
@@ -110,10 +113,8 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> tuple[trustme.CA, Path]:
 @pytest.mark.parametrize("loop_kind", sorted(LOOPS))
 def test_the_next_handshake_with_an_origin_resumes_its_kept_session(loop_kind: str, ca: Any) -> None:
     async def main() -> None:
-        origin = TlsOrigin(ca[0])
-        await origin.start()
         mitm = _interceptor(ca[1])
-        try:
+        async with TlsOrigin(ca[0]) as origin:
             first, err = await _handshake(mitm, origin.port)
             assert first is not None and err is None
             assert not first.sslobj.session_reused and "upstream_tls_resumed" not in mitm.counts
@@ -134,8 +135,6 @@ def test_the_next_handshake_with_an_origin_resumes_its_kept_session(loop_kind: s
                 again.raw.close()
             first.raw.close()
             assert origin.handshakes == 3
-        finally:
-            origin.close()
 
     LOOPS[loop_kind](main())
 
@@ -146,11 +145,8 @@ def test_a_session_is_kept_per_name_and_port_and_bounded(loop_kind: str, ca: Any
     name; the kept sessions start over when TLS_SESSIONS is reached."""
 
     async def main() -> None:
-        a, b = TlsOrigin(ca[0]), TlsOrigin(ca[0])
-        await a.start()
-        await b.start()
         mitm = _interceptor(ca[1])
-        try:
+        async with TlsOrigin(ca[0]) as a, TlsOrigin(ca[0]) as b:
             first = await _first_kept(mitm, a.port)
             other, _ = await _handshake(mitm, b.port)
             assert other is not None and not other.sslobj.session_reused
@@ -162,9 +158,6 @@ def test_a_session_is_kept_per_name_and_port_and_bounded(loop_kind: str, ca: Any
             assert mitm._sessions[(NAME, b.port)][0] is not None
             for s in (first, other):
                 s.raw.close()
-        finally:
-            a.close()
-            b.close()
 
     LOOPS[loop_kind](main())
 
@@ -175,19 +168,14 @@ def test_a_refused_session_means_a_full_handshake_and_a_failed_one_is_dropped(lo
     handshake and the new session is kept; a handshake that fails with a session offered drops it."""
 
     async def main() -> None:
-        origin = TlsOrigin(ca[0])
-        await origin.start()
         mitm = _interceptor(ca[1])
-        try:
+        async with TlsOrigin(ca[0]) as origin:
             first = await _first_kept(mitm, origin.port)
             kept = mitm._sessions[(NAME, origin.port)][0]
             assert kept is not None
             first.raw.close()
-            origin.close()
             port = origin.port
-            origin = TlsOrigin(ca[0])  # a restarted origin on the same port: new ticket keys
-            origin.server = await asyncio.start_server(origin._serve, "127.0.0.1", port, ssl=origin.ctx)
-            origin.port = port
+        async with TlsOrigin(ca[0], port=port):  # a restarted origin on the same port: new ticket keys
             again, err = await _handshake(mitm, port)
             assert again is not None and err is None and not again.sslobj.session_reused
             assert mitm.counts["upstream_tls_not_resumed"] == 1
@@ -195,20 +183,17 @@ def test_a_refused_session_means_a_full_handshake_and_a_failed_one_is_dropped(lo
             mitm.keep_session(_session(again, port))
             assert mitm._sessions[(NAME, port)][0] not in (None, kept)  # the new one (not resumed: read)
             again.raw.close()
-            origin.close()
 
-            async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-                writer.close()  # at once: no handshake at all
+        async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()  # at once: no handshake at all
 
-            dead = await asyncio.start_server(hang_up, "127.0.0.1", port)
-            try:
-                gone, err = await _handshake(mitm, port)
-                assert gone is None and err is not None and "closed the connection" in err
-                assert (NAME, port) not in mitm._sessions
-            finally:
-                dead.close()
+        dead = await asyncio.start_server(hang_up, "127.0.0.1", port)
+        try:
+            gone, err = await _handshake(mitm, port)
+            assert gone is None and err is not None and "closed the connection" in err
+            assert (NAME, port) not in mitm._sessions
         finally:
-            origin.close()
+            dead.close()
 
     LOOPS[loop_kind](main())
 
@@ -219,16 +204,12 @@ def test_a_kept_session_is_never_offered_for_another_name(loop_kind: str, ca: An
     handshake for a name the origin's certificate does not cover is verified in full, and fails."""
 
     async def main() -> None:
-        origin = TlsOrigin(ca[0])
-        await origin.start()
         mitm = _interceptor(ca[1])
-        try:
+        async with TlsOrigin(ca[0]) as origin:
             first = await _first_kept(mitm, origin.port)
             other, err = await _handshake(mitm, origin.port, name="other.test")
             assert other is None and err is not None and "not trusted" in err
             first.raw.close()
-        finally:
-            origin.close()
 
     LOOPS[loop_kind](main())
 
@@ -242,8 +223,6 @@ def test_an_origin_without_tickets_is_asked_again_only_after_the_refresh(
     kept session is read again from the next connection, resumed or not."""
 
     async def main() -> None:
-        origin = TlsOrigin(ca[0], tickets=False)
-        await origin.start()
         mitm = _interceptor(ca[1])
         reads: list[int] = []
         real = mitm_mod.TlsStream
@@ -258,7 +237,7 @@ def test_an_origin_without_tickets_is_asked_again_only_after_the_refresh(
                 self._sslobj = value
 
         monkeypatch.setattr(mitm_mod, "TlsStream", Counting)
-        try:
+        async with TlsOrigin(ca[0], tickets=False) as origin:
             key = (NAME, origin.port)
             for i in range(3):
                 up, _ = await _handshake(mitm, origin.port)
@@ -276,8 +255,6 @@ def test_an_origin_without_tickets_is_asked_again_only_after_the_refresh(
             mitm.keep_session(_session(up, origin.port))
             assert len(reads) == 2
             up.raw.close()
-        finally:
-            origin.close()
 
     LOOPS[loop_kind](main())
 
