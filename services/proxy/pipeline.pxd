@@ -7,6 +7,7 @@
 
 cimport cython
 
+from bus.records cimport ms3
 from greyproxy.capture cimport BodyCapture
 from greyproxy.redaction cimport Redactor
 from services.proxy.hooks cimport Flow
@@ -50,5 +51,7 @@ cdef class Txn:
 cpdef _dest_host(host)
 @cython.locals(text=bytes)
 cpdef str _fields_text(dict fields)
+@cython.locals(known=dict)
+cpdef bint _text_like(content_type) except -1
 @cython.locals(text=bytes)
 cpdef str _labels_text(labels)

@@ -16,7 +16,6 @@ request can reach the record, the journal, `/ws` or a log.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections import Counter
@@ -47,7 +46,22 @@ log = logging.getLogger("greyproxy.capture")
 INLINE_DECODE_MAX = 16 * 1024
 
 # Pure functions of values that repeat (hosts, content types): cached, bounded.
-_text_like = functools.lru_cache(maxsize=1024)(is_text_like)
+_TEXT_LIKE: dict[str | None, bool] = {}  # Content-Type value -> is_text_like(it), for _text_like
+
+
+def _text_like(content_type: str | None) -> bool:
+    """`is_text_like(content_type)`, remembered (bounded as `_HOSTS`; a dict look-up in C, compiled,
+    where an lru_cache costs a Python call and its key's hashing)."""
+    known = _TEXT_LIKE
+    got = known.get(content_type)
+    if got is None:
+        got = is_text_like(content_type)
+        if len(known) >= 1024:
+            known.clear()  # (values come from origins: bounded, start over)
+        known[content_type] = got
+    return got
+
+
 _HOSTS: dict[str, str] = {}  # host as contacted -> as recorded (normalise_host), for _dest_host
 
 

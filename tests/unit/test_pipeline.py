@@ -9,11 +9,14 @@ import json
 from typing import Any
 
 import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from bus import records
 from greyproxy.bodies import from_record, read_side
+from greyproxy.capture import is_text_like
 from greyproxy.redaction import Redactor
-from services.proxy import http1
+from services.proxy import http1, pipeline
 from services.proxy.pipeline import INLINE_DECODE_MAX, Recorder, relay
 
 
@@ -178,6 +181,31 @@ def test_binary_bodies_are_counted_not_copied() -> None:
     cap, records = asyncio.run(main())
     assert cap.size == 10_000 and len(cap.data) == 0
     assert records[0][1]["response_body"] is None and records[0][1]["response_body_size"] == 10_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.none(),
+        st.text(max_size=40),
+        st.sampled_from(["text/html; charset=utf-8", "Application/JSON", "image/png", "application/x+json", ""]),
+    )
+)
+def test_which_bodies_are_stored_is_is_text_like_remembered(content_type: str | None) -> None:
+    """`pipeline._text_like` (which response bodies a record stores, SPEC §7) says what
+    `capture.is_text_like` says, asked once or again, and what it remembers stays bounded."""
+    want = is_text_like(content_type)
+    assert pipeline._text_like(content_type) is want
+    assert pipeline._text_like(content_type) is want  # (remembered)
+    assert len(pipeline._TEXT_LIKE) <= 1024
+
+
+def test_the_remembered_content_types_are_bounded() -> None:
+    """Content-Type values come from origins: `_text_like` remembers at most 1 024, then starts over."""
+    for i in range(3000):
+        assert pipeline._text_like(f"text/x-{i}") is True
+        assert pipeline._text_like(f"image/x-{i}") is False
+        assert len(pipeline._TEXT_LIKE) <= 1024
 
 
 def test_compressed_or_big_bodies_are_decoded_off_the_loop() -> None:
