@@ -57,7 +57,7 @@ cpdef parse_response_head(bytes buf, max_header_bytes=*, request_method=*)
 )
 cpdef tuple _response_head(bytes buf, Py_ssize_t end, str request_method, bint plain)
 cdef inline bint _tchar(unsigned char c)
-@cython.locals(c="unsigned char", state=int, i=Py_ssize_t, n=Py_ssize_t, stop=Py_ssize_t)
+@cython.locals(c="unsigned char", state=int, i=Py_ssize_t, n=Py_ssize_t, stop=Py_ssize_t, at="const unsigned char *")
 cpdef Py_ssize_t _plain_end(bytes buf, Py_ssize_t max_header_bytes) except -2
 
 
@@ -88,7 +88,7 @@ cpdef tuple _origin_parts(str method, str target, str version, list headers, nam
 cpdef _derive_request_headers(RequestHead head, bint none_derived=*)
 @cython.locals(facts=int)
 cpdef int _names_facts(frozenset names) except -1
-@cython.locals(n=Py_ssize_t, i=Py_ssize_t, c="unsigned char")
+@cython.locals(n=Py_ssize_t, i=Py_ssize_t, c="unsigned char", at="const unsigned char *")
 cpdef Py_ssize_t _head_end(bytes buf, Py_ssize_t start, Py_ssize_t stop) except -2
 
 # The field helpers of heads (C calls from their methods).

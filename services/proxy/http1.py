@@ -552,10 +552,11 @@ def _head_end(buf: bytes, start: int, stop: int) -> int:
     if start < 0:
         start = 0
     i = start + 3  # (where the empty line's LF would be)
+    at = buf  # (compiled: the bytes' C pointer, no bounds checks; start <= i - 3 and i < stop <= n)
     while i < stop:
-        c = buf[i]
+        c = at[i]
         if c == 10:
-            if buf[i - 1] == 13 and buf[i - 2] == 10 and buf[i - 3] == 13:
+            if at[i - 1] == 13 and at[i - 2] == 10 and at[i - 3] == 13:
                 return i - 3
             i += 1
         elif c == 13:
@@ -1147,8 +1148,10 @@ def _plain_end(buf: bytes, max_header_bytes: int) -> int:
     # The state (literal numbers: compiled, C comparisons): 0 after the status, 1 in a reason or a
     # value, 2 after a line's CR, 3 at a line's start, 4 in a field's name, 5 after the empty line's CR.
     state = 0
+    # (compiled, `at` is the bytes' C pointer: no bounds check per byte; `i` stays below `stop` <= n)
+    at = buf
     for i in range(12, stop):
-        c = buf[i]
+        c = at[i]
         if state == 1:
             if 32 <= c <= 126 or c == 9:  # (printable ASCII, a tab)
                 continue
