@@ -45,7 +45,7 @@ class WsTap:
 
     def __init__(self, stack: Stack) -> None:
         self.messages: list[str] = []
-        self._conn = ws_connect(f"ws://127.0.0.1:{stack.ports['api']}/ws", open_timeout=5)
+        self._conn = ws_connect(f"ws://127.0.0.1:{stack.ports['api']}/ws", open_timeout=5, legacy=True)
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
