@@ -47,11 +47,10 @@ cdef class Txn:
     cpdef finish(self, ResponseHead resp=*, status=*, result=*, error=*, block_reason=*)
 
 
-@cython.locals(hosts=dict)
+cpdef _remembered(dict known, key, compute, Py_ssize_t bound)
 cpdef _dest_host(host)
 @cython.locals(text=bytes)
 cpdef str _fields_text(dict fields)
-@cython.locals(known=dict)
 cpdef bint _text_like(content_type) except -1
 @cython.locals(text=bytes)
 cpdef str _labels_text(labels)

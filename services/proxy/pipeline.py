@@ -47,35 +47,30 @@ INLINE_DECODE_MAX = 16 * 1024
 
 # Pure functions of values that repeat (hosts, content types): cached, bounded.
 _TEXT_LIKE: dict[str | None, bool] = {}  # Content-Type value -> is_text_like(it), for _text_like
-
-
-def _text_like(content_type: str | None) -> bool:
-    """`is_text_like(content_type)`, remembered (bounded as `_HOSTS`; a dict look-up in C, compiled,
-    where an lru_cache costs a Python call and its key's hashing)."""
-    known = _TEXT_LIKE
-    got = known.get(content_type)
-    if got is None:
-        got = is_text_like(content_type)
-        if len(known) >= 1024:
-            known.clear()  # (values come from origins: bounded, start over)
-        known[content_type] = got
-    return got
-
-
 _HOSTS: dict[str, str] = {}  # host as contacted -> as recorded (normalise_host), for _dest_host
 
 
-def _dest_host(host: str) -> str:
-    """`normalise_host(host)`, remembered (bounded: started over when full; a dict look-up costs a
-    tenth of an lru_cache call, and this runs for every record)."""
-    hosts = _HOSTS  # (typed, compiled: dict calls in C)
-    got = hosts.get(host)
+def _remembered(known: dict[Any, Any], key: Any, compute: Callable[[Any], Any], bound: int) -> Any:
+    """`compute(key)`, kept in `known` (values from clients and origins: at most `bound` kept, then
+    started over). A dict look-up in C when compiled, where an lru_cache costs a Python call and
+    its key's hashing on every use; these run for every record."""
+    got = known.get(key)
     if got is None:
-        got = normalise_host(host)
-        if len(hosts) >= 4096:
-            hosts.clear()
-        hosts[host] = got
+        got = compute(key)
+        if len(known) >= bound:
+            known.clear()
+        known[key] = got
     return got
+
+
+def _text_like(content_type: str | None) -> bool:
+    """`is_text_like(content_type)`, remembered: whether a body of this type is stored."""
+    return _remembered(_TEXT_LIKE, content_type, is_text_like, 1024)
+
+
+def _dest_host(host: str) -> str:
+    """`normalise_host(host)`, remembered: the destination host as records name it."""
+    return _remembered(_HOSTS, host, normalise_host, 4096)
 
 
 _wall, _clock = time.time, time.perf_counter  # (module globals: no attribute lookup on `time` per request)

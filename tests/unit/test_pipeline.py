@@ -201,7 +201,8 @@ def test_which_bodies_are_stored_is_is_text_like_remembered(content_type: str | 
 
 
 def test_the_remembered_content_types_are_bounded() -> None:
-    """Content-Type values come from origins: `_text_like` remembers at most 1 024, then starts over."""
+    """Content-Type values come from origins (SPEC §7, the record's stored bodies): `_text_like`
+    remembers at most 1 024, then starts over."""
     for i in range(3000):
         assert pipeline._text_like(f"text/x-{i}") is True
         assert pipeline._text_like(f"image/x-{i}") is False
