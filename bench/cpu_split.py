@@ -15,6 +15,10 @@ records it) and `tunnels-splice` (the same with `mitmEnabled` off: every tunnel 
 For the tunnel loads the figure is µs per tunnel. `--tinyproxy` runs each load against tinyproxy
 too, right after greyproxy, in the same run, with its CPU per request/tunnel.
 
+Each process's line also says how much of the run it spent ready to run but waiting for a CPU (its
+threads' run-queue time, /proc schedstat): on a host with few cores, the share of the time a
+process lost to the others, not to its own work.
+
 Needs nginx and wrk (bench/setup.sh system), a C compiler for the tunnel loads.
 """
 
@@ -69,6 +73,25 @@ def tree_cpu(pid: int) -> tuple[float, float]:
     return user, system
 
 
+def waited(pids: list[int]) -> float:
+    """Seconds the threads of these processes have spent runnable but not running, waiting on a
+    CPU's run queue (/proc/PID/task/TID/schedstat, second field; 0 where schedstats are missing).
+    Threads that ended meanwhile are not counted."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return total / 1e9
+
+
 def stack_pids(stack: object) -> dict[str, int]:
     """service -> pid of each of the stack's processes from /api/health; "proxy" stands for its
     workers (proxy-0, proxy-1 ...), each listed under its own name."""
@@ -81,8 +104,10 @@ class Meter:
 
     `pids`: name -> pid; `tree` counts each pid with its descendants (peers). `stop(requests, seconds)`
     returns {"idle_pct": the machine's idle share, "processes": {name: {"core_pct", "us", "user_us",
-    "system_us"}}}; with `client=True` the CPU of the children this process reaped meanwhile (the
-    load generator: wrk, curl, tunnelbench) is reported too, as "client".
+    "system_us", "waiting_pct"}}}; with `client=True` the CPU of the children this process reaped
+    meanwhile (the load generator: wrk, curl, tunnelbench) is reported too, as "client".
+    `waiting_pct`: the share of the wall time the process's threads (summed) spent ready to run but
+    waiting for a CPU: time it would have run on a machine with a core free for it.
     """
 
     def __init__(self, pids: dict[str, int], tree: bool = False, client: bool = False) -> None:
@@ -92,6 +117,7 @@ class Meter:
         import resource
 
         self.before = {k: self.read(p) for k, p in self.pids.items()}
+        self.w0 = {k: self._waited(p) for k, p in self.pids.items()}
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         self.c0, self.m0 = (ru.ru_utime, ru.ru_stime), machine()
         return self
@@ -100,6 +126,7 @@ class Meter:
         import resource
 
         after, m1 = {k: self.read(p) for k, p in self.pids.items()}, machine()
+        waits = {k: self._waited(p) - self.w0[k] for k, p in self.pids.items()}
         ru = resource.getrusage(resource.RUSAGE_CHILDREN)
         deltas = {k: (after[k][0] - self.before[k][0], after[k][1] - self.before[k][1]) for k in self.pids}
         if self.client:
@@ -115,10 +142,14 @@ class Meter:
                     "us": 1e6 * (du + ds) / n,
                     "user_us": 1e6 * du / n,
                     "system_us": 1e6 * ds / n,
+                    **({"waiting_pct": 100 * waits[k] / secs} if k in waits else {}),
                 }
                 for k, (du, ds) in deltas.items()
             },
         }
+
+    def _waited(self, pid: int) -> float:
+        return waited(tree(pid) if self.read is tree_cpu else [pid])
 
 
 def split_lines(split: dict, unit: str = "request") -> list[str]:
@@ -126,6 +157,7 @@ def split_lines(split: dict, unit: str = "request") -> list[str]:
     return [
         f"  {name:12s} {f['core_pct']:5.1f}% of a core  {f['us']:6.1f} µs/{unit}"
         f"  (user {f['user_us']:6.1f}, system {f['system_us']:6.1f})"
+        + (f"  waiting for a CPU {f['waiting_pct']:4.1f}%" if "waiting_pct" in f else "")
         for name, f in split["processes"].items()
     ]
 

@@ -615,10 +615,14 @@ def cpu_markdown(res: dict[str, Any]) -> list[str]:
         "",
         "µs of CPU (user + system, from /proc) each process spent over the load, divided by the requests "
         "served (`bench/cpu_split.py`'s `Meter`); *origin* is nginx, *client* the load generator (wrk, "
-        "tunnelbench, curl). A peer's *proxy* is its whole process tree.",
+        "tunnelbench, curl). A peer's *proxy* is its whole process tree. *proxy waited*: the share of the "
+        "load's wall time the proxy's threads spent ready to run but waiting for a CPU (/proc schedstat; "
+        "summed over a peer's processes, one figure per greyproxy worker): time lost to the other processes "
+        "on this machine's cores, not to the proxy's own work.",
         "",
-        "| load | column | req/s | proxy | recorder | maintenance | bus | api | origin | client | machine idle |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| load | column | req/s | proxy | recorder | maintenance | bus | api | origin | client | machine idle "
+        "| proxy waited |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for load, label in CPU_LOADS:
         for who, c in pred[load]["columns"].items():
@@ -628,10 +632,16 @@ def cpu_markdown(res: dict[str, Any]) -> list[str]:
             rps = ((res["proxies"].get(who) or {}).get(load) or {}).get("rps")
             split = _split(res, who, load) or {}
             cells = [_fmt(each[k]) if k in each else "—" for k in ("recorder", *OTHERS, *LOADGEN)]
+            waits = [
+                v["waiting_pct"]
+                for k, v in (split.get("processes") or {}).items()
+                if (k == "proxy" or k.startswith("proxy-")) and "waiting_pct" in v
+            ]
+            waited = " + ".join(f"{w:.0f}%" for w in waits) if waits else "—"
             lines.append(
                 f"| {label} | {who} | {_fmt(rps)} | {proxy} | "
                 + " | ".join(cells)
-                + f" | {split.get('idle_pct', 0):.0f}% |"
+                + f" | {split.get('idle_pct', 0):.0f}% | {waited} |"
             )
     lines += [
         "",

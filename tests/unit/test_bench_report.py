@@ -7,6 +7,7 @@ it (`<!-- name:begin -->` blocks, `## ` headings run.py does not write) must sur
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +78,63 @@ def test_predictions_judge_the_targets_on_predicted_rates(report) -> None:
     assert t4["met"] is False
     lines = "\n".join(report.cpu_markdown(res))
     assert "rate ≈ min( W·10⁶/P" in lines and "| 80 (40 + 40) |" in lines
+
+
+def test_the_cpu_table_says_how_long_each_proxy_process_waited_for_a_cpu(report) -> None:
+    def split(waits: dict[str, float], **us: float) -> dict:
+        procs = {k: {"us": v, **({"waiting_pct": waits[k]} if k in waits else {})} for k, v in us.items()}
+        return {"idle_pct": 20.0, "processes": procs}
+
+    res = {
+        "proxies": {
+            "greyproxy": {
+                "keepalive": {"rps": 1, "cpu": split({"proxy": 24.2, "recorder": 26.0}, proxy=78, recorder=15)}
+            },
+            "greyproxy-w2": {
+                "keepalive": {
+                    "rps": 1,
+                    "cpu": split({"proxy-0": 9.6, "proxy-1": 12.4}, **{"proxy-0": 40, "proxy-1": 40}),
+                }
+            },
+            "tinyproxy": {"keepalive": {"rps": 1, "cpu": split({}, proxy=100)}},  # a run from before the column
+        }
+    }
+    lines = report.cpu_markdown(res)
+    table = lines[: lines.index("### Prediction for 4 and 8 cores")]
+    rows = {x.split(" | ")[1]: x for x in table if x.startswith("| keep-alive |")}
+    assert rows["greyproxy"].endswith("| 20% | 24% |")  # the proxy's figure, not the recorder's
+    assert rows["greyproxy-w2"].endswith("| 20% | 10% + 12% |")
+    assert rows["tinyproxy"].endswith("| 20% | — |")
+
+
+def test_waited_reads_the_run_queue_time_of_every_thread_of_a_process() -> None:
+    """cpu_split.waited on a real process: more spinning threads than CPUs queue for one. In a child
+    (bench/ on its path: its `harness` package is not this suite's)."""
+    if not list(Path("/proc/self/task").glob("*/schedstat")):
+        pytest.skip("no /proc schedstat here")
+    code = (
+        "import os, threading\n"
+        "from cpu_split import waited\n"
+        "me = os.getpid()\n"
+        "before = waited([me])\n"
+        "stop = threading.Event()\n"
+        "def spin():\n"
+        "    while not stop.is_set():\n"
+        "        sum(range(1000))\n"
+        "ts = [threading.Thread(target=spin) for _ in range(2 * (os.cpu_count() or 1))]\n"
+        "[t.start() for t in ts]\n"
+        "stop.wait(0.3)\n"
+        "during = waited([me])\n"
+        "stop.set()\n"
+        "[t.join() for t in ts]\n"
+        "print(before, during, waited([2**31 - 1]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=PATH.parent.parent, capture_output=True, text=True, timeout=60, check=True
+    ).stdout.split()
+    before, during, nothing = (float(x) for x in out)
+    assert during > before >= 0  # the spinning threads (and the GIL's hand-offs) queued
+    assert nothing == 0  # no such process: nothing, no error
 
 
 # ----------------------------------------------------------------------------- the bare uvloop tunnel (the floor)
