@@ -111,7 +111,7 @@ class Meter:
     """
 
     def __init__(self, pids: dict[str, int], tree: bool = False, client: bool = False) -> None:
-        self.pids, self.read, self.client = pids, (tree_cpu if tree else cpu), client
+        self.pids, self.read, self.client, self.with_children = pids, (tree_cpu if tree else cpu), client, tree
 
     def start(self) -> "Meter":
         import resource
@@ -149,7 +149,7 @@ class Meter:
         }
 
     def _waited(self, pid: int) -> float:
-        return waited(tree(pid) if self.read is tree_cpu else [pid])
+        return waited(tree(pid) if self.with_children else [pid])
 
 
 def split_lines(split: dict, unit: str = "request") -> list[str]:
