@@ -40,6 +40,17 @@ T = TypeVar("T")
 log = logging.getLogger("greyproxy.proxy")
 
 FORBIDDEN_BODY = "Blocked by Greyproxy: this destination is not allowed"
+# The guard's refusal says why: a shell set up by `greyproxy env` sends curl's API calls here, since
+# curl reads no port in NO_PROXY (README, "Put an agent behind Greyproxy").
+GUARD_BODY = (
+    "Blocked by Greyproxy: this is one of Greyproxy's own listeners (the API, the proxy, DNS),"
+    " which it never proxies to; connect to it directly (curl: --noproxy HOST)"
+)
+
+
+def forbidden_body(verdict: Verdict) -> str:
+    """The text of a 403 for a refused verdict: the guard's own, or the usual one."""
+    return GUARD_BODY if verdict.reason == "guard" else FORBIDDEN_BODY
 
 
 def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
@@ -165,7 +176,7 @@ def _admitted(
     else:
         t = None
     if not verdict.allowed:
-        client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+        client.write(error_response(403, "Forbidden", forbidden_body(verdict)))
         if t is not None:
             t.finish(None, 403, "blocked", None, "rule")  # (positional: a C call, http_proxy.pxd)
         return None
@@ -235,7 +246,7 @@ def _connect_admitted(client: ClientConn, verdict: Verdict) -> Verdict | None:
         gate.finish_log(verdict)
         return None
     if not verdict.allowed:
-        client.write(error_response(403, "Forbidden", FORBIDDEN_BODY))
+        client.write(error_response(403, "Forbidden", forbidden_body(verdict)))
         return None
     return verdict
 

@@ -179,6 +179,7 @@ def test_deny_http_and_socks(stack: Stack, origin: int) -> None:
     assert r.status_code == 200 and r.json()["rule"]["action"] == "deny"
     out, _ = proc.communicate(timeout=10)
     assert out.endswith("\n403"), out
+    assert "this destination is not allowed" in out and "own listeners" not in out, out
 
     # SOCKS5 with raw bytes: the reply code must be 0x02 (not allowed by ruleset) for the denied host.
     s = socket.create_connection(("127.0.0.1", stack.socks_port), timeout=5)
@@ -292,6 +293,15 @@ def test_guard_blocks_own_api_port(stack: Stack) -> None:
     )
     out, _ = proc.communicate(timeout=10)
     assert out.endswith("\n403"), out
+    # The refusal says why (a shell set up by `greyproxy env` sends curl's API calls here).
+    assert "one of Greyproxy's own listeners" in out, out
+    # A CONNECT to its own port: the same 403 and text.
+    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=5) as s:
+        target = f"127.0.0.1:{stack.ports['api']}"
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        answer = _recv_until(s, b"--noproxy")
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+    assert b"one of Greyproxy's own listeners" in answer, answer
     proc = _curl(
         "--socks5-hostname", f"agent8:x@127.0.0.1:{stack.socks_port}", f"http://localhost:{stack.ports['http-proxy']}/"
     )
