@@ -84,8 +84,16 @@ class Result:
     extra: dict = field(default_factory=dict)
 
 
+# Lines a runtime ends its error output with that say nothing about the error (npm's pointer to its
+# debug log): the line before is the one that says what went wrong.
+_NOISE = re.compile(r"A complete log of this run can be found in|^npm (error|ERR!)\s*$")
+# npm's line that names the failed request ("npm error 403 403 Forbidden - GET https://…"), else its
+# error code line: its general advice comes after them.
+_NPM_SAYS = (re.compile(r"^npm (error|ERR!) .* - (GET|PUT|POST|HEAD) "), re.compile(r"^npm (error|ERR!) code "))
+
+
 def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not _NOISE.search(ln.strip())]
     return lines[-1][:300] if lines else ""
 
 
@@ -103,6 +111,16 @@ def _git_judge(code: int, out: str, err: str) -> tuple[bool, str]:
     if re.search(r"repository '.*' not found|not valid: is this a git repository|returned error: 404", err):
         return True, "reached the server (not a git repository there: --check-git URL names one)"
     return False, _last_line(err) or f"exit code {code}"
+
+
+def _npm_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    if code != 0:
+        lines = [ln.strip() for ln in err.splitlines()]
+        for says in _NPM_SAYS:
+            hit = next((ln for ln in lines if says.search(ln)), None)
+            if hit:
+                return False, hit[:300]
+    return _default_judge(code, out, err)
 
 
 def _pip_judge(code: int, out: str, err: str) -> tuple[bool, str]:
@@ -159,6 +177,7 @@ RUNTIMES = (
             "0",
         ],
         re.compile(r"^npm/"),
+        _npm_judge,
     ),
     Runtime(
         "curl",
@@ -253,6 +272,81 @@ def _recorded(cfg: Config, container: str | None, since: float, results: list[Re
     return None
 
 
+# What a blocked log entry's reason means, for the person reading the check (SPEC §5 reasons).
+_WHY = {
+    "hold_timeout": "held for approval, and nobody answered in time",
+    "dismissed": "held for approval, then dismissed",
+    "default_deny": "no rule allows it (default deny)",
+    "silent_deny": "silent mode denies what no rule allows",
+    "queue_full": "the pending queue is full",
+    "guard": "it is one of Greyproxy's own listeners",
+}
+
+
+def blocked_lines(logs: list[dict], pending: list[dict], container: str | None) -> list[str]:
+    """The destinations the gate refused during the check, one line each (oldest first, each once),
+    with why and what to do: the pending entry to allow, or the rule that denies."""
+    waiting = {(p.get("container_name"), p.get("destination_host"), p.get("destination_port")): p for p in pending}
+    out: list[str] = []
+    seen: set[tuple[object, object]] = set()
+    for entry in reversed(logs):  # (the API lists newest first)
+        if entry.get("result") != "blocked" or (container and entry.get("container_name") != container):
+            continue
+        key = (entry.get("destination_host"), entry.get("destination_port"))
+        if key in seen:
+            continue
+        seen.add(key)
+        reason = entry.get("reason") or "blocked"
+        if reason == "rule" and entry.get("rule_id") is not None:
+            why = f"denied by rule {entry['rule_id']}"
+            if entry.get("rule_summary"):
+                why += f" ({entry['rule_summary']})"
+        else:
+            why = _WHY.get(reason, reason)
+        p = waiting.get((entry.get("container_name"), *key))
+        if p is not None:
+            why += f"; pending #{p['id']}: allow it in the dashboard, or POST /api/pending/{p['id']}/allow"
+        who = "" if container else f"{entry.get('container_name')}: "  # (no name given: whose it was)
+        out.append(f"    {who}{key[0]}:{key[1]}  {why}")
+    return out
+
+
+def _blocked(cfg: Config, container: str | None, since: float, wait: float = 3.0) -> list[str]:
+    """`blocked_lines` for the log entries written since `since` (nothing when the API cannot say).
+    Asked again for up to `wait` seconds while there are none: entries reach the database a moment
+    after the refusal."""
+    deadline = time.monotonic() + wait
+    while True:
+        lines = _blocked_once(cfg, container, since)
+        if lines is None or lines or time.monotonic() > deadline:
+            return lines or []
+        time.sleep(0.25)
+
+
+def _blocked_once(cfg: Config, container: str | None, since: float) -> list[str] | None:
+    import httpx
+
+    try:
+        base = cfg.api_base()
+        params: dict[str, str | int] = {
+            "from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
+            "result": "blocked",
+            "limit": 200,
+        }
+        if container:
+            params["container"] = container
+        logs = httpx.get(f"{base}/api/logs", params=params, timeout=5.0, trust_env=False)
+        logs.raise_for_status()
+        pending_params: dict[str, str | int] = {"limit": 1000}
+        if container:
+            pending_params["container"] = container
+        pend = httpx.get(f"{base}/api/pending", params=pending_params, timeout=5.0, trust_env=False)
+        pend.raise_for_status()
+        return blocked_lines(logs.json().get("items", []), pend.json().get("items", []), container)
+    except Exception:  # noqa: BLE001 - the API disabled or away: the check still reports the runtimes
+        return None
+
+
 def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespace) -> int:  # noqa: ANN001
     from .cli_env import environ_with
 
@@ -282,6 +376,11 @@ def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespac
     if problem:
         print(f"  (whether requests were recorded is unknown: {problem})")
     failed = [r.name for r in results if r.present and not r.ok]
+    blocked = _blocked(cfg, container, since) if failed else []
+    if blocked:
+        print("  blocked by Greyproxy during the check:")
+        print("\n".join(blocked))
+        print(f"  (greyproxy explain {container or 'NAME'} HOST:PORT says which rules match)")
     if failed:
         print(f"greyproxy env --check: {', '.join(failed)} did not get through", file=sys.stderr)
     return 1 if failed else 0

@@ -378,3 +378,35 @@ def test_real_registries_through_env(stack: Stack, tmp_path: Path) -> None:
         assert p.returncode == 0, p.stdout + p.stderr
         assert p.stdout.strip()
         assert _ua(_transaction(stack, "real-agent", "/left-pad")).startswith("npm/")
+
+
+def test_env_check_names_what_the_gate_refused(stack: Stack, origin: int, tmp_path: Path) -> None:
+    """A runtime that fails because its destination waits for approval: the check says which
+    destination, why, and which pending entry to allow."""
+    _need("curl")
+    held = f"127.0.0.2:{origin}"  # no rule for it: held (holdTimeout 2 s here), then refused
+    env = _bare_env(stack)
+    env["PIP_INDEX_URL"] = f"https://{held}/simple/"
+    env["npm_config_registry"] = f"https://{held}/"
+    cmd = [PYTHON, "-m", "greyproxy", "env", "--check", "--container", "stranger", "--check-url"]
+    cmd += [f"https://{held}/check", "--check-timeout", "20", "-C", str(stack.cfg_path)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    print(p.stdout)
+    assert p.returncode == 1, p.stdout + p.stderr
+    entry = _pending_entry(stack, "stranger", "127.0.0.2", origin)
+    assert "  blocked by Greyproxy during the check:\n" in p.stdout, p.stdout
+    want = (
+        f"    {held}  held for approval, and nobody answered in time; pending #{entry['id']}:"
+        f" allow it in the dashboard, or POST /api/pending/{entry['id']}/allow\n"
+    )
+    assert want in p.stdout, p.stdout
+    assert p.stdout.count(f"    {held}  ") == 1, p.stdout  # once, however many runtimes met it
+    assert "greyproxy explain stranger HOST:PORT" in p.stdout, p.stdout
+    assert "  curl    FAILS: " in p.stdout, p.stdout
+
+
+def _pending_entry(stack: Stack, container: str, host: str, port: int) -> dict:
+    items = stack.get("/api/pending", params={"container": container}).json()["items"]
+    found = [i for i in items if i["destination_host"] == host and i["destination_port"] == port]
+    assert len(found) == 1, items
+    return found[0]

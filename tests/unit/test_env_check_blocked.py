@@ -1,0 +1,64 @@
+"""`greyproxy env --check`'s report of what the gate refused during the check, and the error line
+it keeps of a failed runtime (greyproxy/env_check.py), from API answers and runtime output."""
+
+from __future__ import annotations
+
+from greyproxy.env_check import _last_line, _npm_judge, blocked_lines
+
+
+def _log(host: str, port: int, reason: str, container: str = "agent", **extra: object) -> dict:
+    return {"container_name": container, "destination_host": host, "destination_port": port} | {
+        "result": "blocked",
+        "reason": reason,
+        "rule_id": None,
+        "rule_summary": None,
+        **extra,
+    }
+
+
+def test_each_destination_once_oldest_first_with_why_and_what_to_do() -> None:
+    logs = [  # newest first, as GET /api/logs lists them
+        _log("registry.npmjs.org", 443, "hold_timeout"),
+        _log("evil.example", 443, "rule", rule_id=7, rule_summary="agent → evil.example:443"),
+        {**_log("pypi.org", 443, "rule"), "result": "allowed"},
+        _log("registry.npmjs.org", 443, "hold_timeout"),
+        _log("127.0.0.1", 43080, "guard"),
+    ]
+    pending = [
+        {"id": 4, "container_name": "agent", "destination_host": "registry.npmjs.org", "destination_port": 443},
+        {"id": 9, "container_name": "other", "destination_host": "evil.example", "destination_port": 443},
+    ]
+    assert blocked_lines(logs, pending, "agent") == [
+        "    127.0.0.1:43080  it is one of Greyproxy's own listeners",
+        "    registry.npmjs.org:443  held for approval, and nobody answered in time; pending #4:"
+        " allow it in the dashboard, or POST /api/pending/4/allow",
+        "    evil.example:443  denied by rule 7 (agent → evil.example:443)",
+    ]
+
+
+def test_only_the_checked_identity_and_named_when_none_was_given() -> None:
+    logs = [_log("a.example", 443, "silent_deny", "agent-2"), _log("b.example", 80, "queue_full", "agent")]
+    # (the API's container filter is a substring: agent-2's entries come back for "agent" too)
+    assert blocked_lines(logs, [], "agent") == ["    b.example:80  the pending queue is full"]
+    assert blocked_lines(logs, [], None) == [
+        "    agent: b.example:80  the pending queue is full",
+        "    agent-2: a.example:443  silent mode denies what no rule allows",
+    ]
+    assert blocked_lines([_log("c.example", 1, "something_new")], [], "agent") == ["    c.example:1  something_new"]
+
+
+def test_npm_error_line_is_the_failed_request_not_its_advice_or_log_pointer() -> None:
+    err = (
+        "npm error code E403\n"
+        "npm error 403 403 Forbidden - GET https://registry.npmjs.org/npm\n"
+        "npm error 403 In most cases, you or one of your dependencies are requesting\n"
+        "npm error 403 a package version that is forbidden by your security policy, or\n"
+        "npm error 403 on a server you do not have access to.\n"
+        "npm error A complete log of this run can be found in: /tmp/x/_logs/debug-0.log\n"
+    )
+    assert _npm_judge(1, "", err) == (False, "npm error 403 403 Forbidden - GET https://registry.npmjs.org/npm")
+    no_request = "npm error code ECONNREFUSED\nnpm error errno ECONNREFUSED\nnpm error A complete log of this run ...\n"
+    assert _npm_judge(1, "", no_request) == (False, "npm error code ECONNREFUSED")
+    assert _npm_judge(0, "1.0.0\n", "") == (True, "1.0.0")
+    # Any runtime: the debug log's pointer is never the line kept.
+    assert _last_line("boom: it failed\nnpm error A complete log of this run can be found in: x\n") == "boom: it failed"
