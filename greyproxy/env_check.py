@@ -13,8 +13,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -347,6 +349,59 @@ def _blocked_once(cfg: Config, container: str | None, since: float) -> list[str]
         return None
 
 
+class PendingWatch(threading.Thread):
+    """While the runtimes run: each destination of theirs that waits for a person's decision is
+    announced on stderr at once (where, its pending id, how to decide), so a first check on a fresh
+    stack is not a silent wait of `holdTimeout` seconds."""
+
+    POLL = 0.5
+
+    def __init__(self, cfg: Config, container: str | None, since: float) -> None:
+        super().__init__(name="pending-watch", daemon=True)
+        self.cfg, self.container, self.since = cfg, container, since
+        self.done = threading.Event()
+        self.announced: set[int] = set()
+
+    def run(self) -> None:
+        import httpx
+
+        try:
+            base = self.cfg.api_base()
+        except Exception:  # noqa: BLE001 - the API is disabled: nothing to watch
+            return
+        params: dict[str, str | int] = {"limit": 100}
+        if self.container:
+            params["container"] = self.container
+        after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since - 1))
+        while not self.done.wait(self.POLL):
+            try:
+                r = httpx.get(f"{base}/api/pending", params=params, timeout=2.0, trust_env=False)
+                items = r.json().get("items", []) if r.status_code == 200 else []
+            except (httpx.HTTPError, ValueError):
+                continue
+            for item in reversed(items):  # (newest last_seen first: announced oldest first)
+                if not self._ours(item, after):
+                    continue
+                self.announced.add(item["id"])
+                print(announce_pending(item, base), file=sys.stderr, flush=True)
+
+    def _ours(self, item: dict, after: str) -> bool:
+        if item.get("id") in self.announced or not item.get("waiting") or str(item.get("last_seen", "")) < after:
+            return False
+        name = str(item.get("container_name", ""))
+        return name == self.container if self.container else name.startswith("unknown-")
+
+
+def announce_pending(item: dict, base: str) -> str:
+    """The line that tells the person at the terminal a check's destination waits for them."""
+    pid = item["id"]
+    return (
+        f"greyproxy env --check: {item['destination_host']}:{item['destination_port']} waits for a decision"
+        f" (pending #{pid}): allow or deny it in the dashboard, {base}/?pending={pid}, or"
+        f" curl --noproxy '*' -X POST {base}/api/pending/{pid}/allow"
+    )
+
+
 def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespace) -> int:  # noqa: ANN001
     from .cli_env import environ_with
 
@@ -354,11 +409,17 @@ def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespac
     env["GIT_TERMINAL_PROMPT"] = "0"
     env.setdefault("npm_config_update_notifier", "false")
     since = time.time()
-    results: list[Result] = []
+    watch = PendingWatch(cfg, container, since)
+    # The runtimes at once: each may be held for a decision (holdTimeout), and one decision
+    # releases every runtime waiting on that destination.
     with tempfile.TemporaryDirectory(prefix="greyproxy-check-") as tmp:
-        for rt in RUNTIMES:
-            res = run_runtime(rt, env, args, Path(tmp))
-            results.append(res)
+        watch.start()
+        try:
+            with ThreadPoolExecutor(max_workers=len(RUNTIMES), thread_name_prefix="check") as pool:
+                results = list(pool.map(lambda rt: run_runtime(rt, env, args, Path(tmp)), RUNTIMES))
+        finally:
+            watch.done.set()
+            watch.join(timeout=5)
     problem = _recorded(cfg, container, since, results)
     who = container or "unknown-<source ip>"
     print(f"greyproxy env --check: identity {who}, {args.check_url}")

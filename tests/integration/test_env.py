@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import io
 import json
+import select
 import shutil
 import subprocess
 import zipfile
@@ -410,3 +411,59 @@ def _pending_entry(stack: Stack, container: str, host: str, port: int) -> dict:
     found = [i for i in items if i["destination_host"] == host and i["destination_port"] == port]
     assert len(found) == 1, items
     return found[0]
+
+
+def test_env_check_runs_the_runtimes_at_once_and_says_what_waits(
+    origin_ca: trustme.CA, origin_ca_file: Path, origin: int
+) -> None:
+    """A first check on a stack with no rule for its destination: every runtime is held on it at
+    once, the check says on stderr which pending entry waits, and one allow releases them all."""
+    # npm asks the module's origin by its name, `localhost` (a builtin rule allows it): npm checks an
+    # IP-literal registry's certificate against "localhost", so it cannot be pointed at 127.0.0.2.
+    present = [b for b in ("python3", "node", "curl", "git") if shutil.which(b)]
+    present += ["pip"] if shutil.which("pip") or shutil.which("pip3") else []
+    if len(present) < 2:
+        pytest.skip("fewer than two runtimes installed")
+    server, port = start_https_origin(origin_ca, "127.0.0.2", _Origin)  # (no rule, builtin or other, names it)
+    held = f"127.0.0.2:{port}"
+    try:
+        with intercepting_stack({"proxy": {"holdTimeout": 60}}, origin_ca_file) as stack:
+            env = _bare_env(stack)
+            env["PIP_INDEX_URL"] = f"https://{held}/simple/"
+            env["npm_config_registry"] = f"https://{ORIGIN}:{origin}/"
+            cmd = [PYTHON, "-m", "greyproxy", "env", "--check", "--container", "newcomer"]
+            cmd += ["--check-url", f"https://{held}/check", "--check-git", f"https://{held}/repo.git"]
+            cmd += ["--check-timeout", "90", "-C", str(stack.cfg_path)]
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO)
+            )
+            try:
+                assert proc.stderr is not None
+                ready, _, _ = select.select([proc.stderr], [], [], 30)  # (the check announces the wait)
+                assert ready, "nothing on the check's stderr within 30 s"
+                first = proc.stderr.readline()
+                entry = _pending_entry(stack, "newcomer", "127.0.0.2", port)
+                assert first.startswith(
+                    f"greyproxy env --check: {held} waits for a decision (pending #{entry['id']})"
+                ), first
+                assert f"/api/pending/{entry['id']}/allow" in first, first
+
+                def all_held() -> bool:  # (one at a time, a sequential check would hold one)
+                    return _pending_entry(stack, "newcomer", "127.0.0.2", port)["waiting"] >= len(present)
+
+                wait_for(all_held, 30, message=f"{len(present)} runtimes held at once ({present})")
+                r = stack.request("POST", f"/api/pending/{entry['id']}/allow", json={})
+                assert r.status_code == 200, r.text
+                out, err = proc.communicate(timeout=120)
+            finally:
+                proc.kill()
+            print(out, first, err)
+            assert proc.returncode == 0, out + err
+            for name in ("python", "node", "npm", "curl", "git"):
+                if name != "python" and shutil.which(name) is None:
+                    continue
+                assert f"  {name:<7} works (recorded)" in out, out
+            assert "blocked by Greyproxy" not in out, out
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -3,7 +3,7 @@ it keeps of a failed runtime (greyproxy/env_check.py), from API answers and runt
 
 from __future__ import annotations
 
-from greyproxy.env_check import _last_line, _npm_judge, blocked_lines
+from greyproxy.env_check import PendingWatch, _last_line, _npm_judge, announce_pending, blocked_lines
 
 
 def _log(host: str, port: int, reason: str, container: str = "agent", **extra: object) -> dict:
@@ -62,3 +62,35 @@ def test_npm_error_line_is_the_failed_request_not_its_advice_or_log_pointer() ->
     assert _npm_judge(0, "1.0.0\n", "") == (True, "1.0.0")
     # Any runtime: the debug log's pointer is never the line kept.
     assert _last_line("boom: it failed\nnpm error A complete log of this run can be found in: x\n") == "boom: it failed"
+
+
+def _pending(pid: int, container: str = "agent", waiting: int = 1, last_seen: str = "2026-12-06T21:00:05Z") -> dict:
+    return {
+        "id": pid,
+        "container_name": container,
+        "destination_host": "pypi.org",
+        "destination_port": 443,
+        "waiting": waiting,
+        "last_seen": last_seen,
+    }
+
+
+def test_the_watch_announces_each_held_destination_of_the_check_once() -> None:
+    from greyproxy.config import load_config
+
+    watch = PendingWatch(load_config(None, env={}), "agent", 0.0)
+    after = "2026-12-06T21:00:00Z"
+    assert watch._ours(_pending(1), after)
+    assert not watch._ours(_pending(2, waiting=0), after)  # nobody held on it (any more)
+    assert not watch._ours(_pending(3, last_seen="2026-12-06T20:59:59Z"), after)  # from before the check
+    assert not watch._ours(_pending(4, container="agent-2"), after)  # another identity
+    watch.announced.add(1)
+    assert not watch._ours(_pending(1), after)  # said once
+    unnamed = PendingWatch(load_config(None, env={}), None, 0.0)
+    assert unnamed._ours(_pending(5, container="unknown-127.0.0.1"), after)
+    assert not unnamed._ours(_pending(6), after)
+    assert announce_pending(_pending(7), "http://127.0.0.1:43080") == (
+        "greyproxy env --check: pypi.org:443 waits for a decision (pending #7): allow or deny it in the"
+        " dashboard, http://127.0.0.1:43080/?pending=7, or"
+        " curl --noproxy '*' -X POST http://127.0.0.1:43080/api/pending/7/allow"
+    )
