@@ -285,7 +285,12 @@ _WHY = {
 }
 
 
-def blocked_lines(logs: list[dict], pending: list[dict], container: str | None) -> list[str]:
+def how_to_allow(pid: int, base: str) -> str:
+    """Where a person decides pending entry `pid` (`base`: the API's URL)."""
+    return f"allow it in the dashboard, {base}/?pending={pid}, or curl --noproxy '*' -X POST {base}/api/pending/{pid}/allow"
+
+
+def blocked_lines(logs: list[dict], pending: list[dict], container: str | None, base: str) -> list[str]:
     """The destinations the gate refused during the check, one line each (oldest first, each once),
     with why and what to do: the pending entry to allow, or the rule that denies."""
     waiting = {(p.get("container_name"), p.get("destination_host"), p.get("destination_port")): p for p in pending}
@@ -307,7 +312,7 @@ def blocked_lines(logs: list[dict], pending: list[dict], container: str | None) 
             why = _WHY.get(reason, reason)
         p = waiting.get((entry.get("container_name"), *key))
         if p is not None:
-            why += f"; pending #{p['id']}: allow it in the dashboard, or POST /api/pending/{p['id']}/allow"
+            why += f"; pending #{p['id']}: {how_to_allow(p['id'], base)}"
         who = "" if container else f"{entry.get('container_name')}: "  # (no name given: whose it was)
         out.append(f"    {who}{key[0]}:{key[1]}  {why}")
     return out
@@ -344,7 +349,7 @@ def _blocked_once(cfg: Config, container: str | None, since: float) -> list[str]
             pending_params["container"] = container
         pend = httpx.get(f"{base}/api/pending", params=pending_params, timeout=5.0, trust_env=False)
         pend.raise_for_status()
-        return blocked_lines(logs.json().get("items", []), pend.json().get("items", []), container)
+        return blocked_lines(logs.json().get("items", []), pend.json().get("items", []), container, base)
     except Exception:  # noqa: BLE001 - the API disabled or away: the check still reports the runtimes
         return None
 
@@ -395,11 +400,8 @@ class PendingWatch(threading.Thread):
 def announce_pending(item: dict, base: str) -> str:
     """The line that tells the person at the terminal a check's destination waits for them."""
     pid = item["id"]
-    return (
-        f"greyproxy env --check: {item['destination_host']}:{item['destination_port']} waits for a decision"
-        f" (pending #{pid}): allow or deny it in the dashboard, {base}/?pending={pid}, or"
-        f" curl --noproxy '*' -X POST {base}/api/pending/{pid}/allow"
-    )
+    where = f"{item['destination_host']}:{item['destination_port']}"
+    return f"greyproxy env --check: {where} waits for a decision (pending #{pid}): {how_to_allow(pid, base)}"
 
 
 def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespace) -> int:  # noqa: ANN001

@@ -398,7 +398,8 @@ def test_env_check_names_what_the_gate_refused(stack: Stack, origin: int, tmp_pa
     assert "  blocked by Greyproxy during the check:\n" in p.stdout, p.stdout
     want = (
         f"    {held}  held for approval, and nobody answered in time; pending #{entry['id']}:"
-        f" allow it in the dashboard, or POST /api/pending/{entry['id']}/allow\n"
+        f" allow it in the dashboard, {stack.api}/?pending={entry['id']}, or"
+        f" curl --noproxy '*' -X POST {stack.api}/api/pending/{entry['id']}/allow\n"
     )
     assert want in p.stdout, p.stdout
     assert p.stdout.count(f"    {held}  ") == 1, p.stdout  # once, however many runtimes met it

@@ -6,6 +6,9 @@ from __future__ import annotations
 from greyproxy.env_check import PendingWatch, _last_line, _npm_judge, announce_pending, blocked_lines
 
 
+API = "http://127.0.0.1:43080"
+
+
 def _log(host: str, port: int, reason: str, container: str = "agent", **extra: object) -> dict:
     return {"container_name": container, "destination_host": host, "destination_port": port} | {
         "result": "blocked",
@@ -28,10 +31,10 @@ def test_each_destination_once_oldest_first_with_why_and_what_to_do() -> None:
         {"id": 4, "container_name": "agent", "destination_host": "registry.npmjs.org", "destination_port": 443},
         {"id": 9, "container_name": "other", "destination_host": "evil.example", "destination_port": 443},
     ]
-    assert blocked_lines(logs, pending, "agent") == [
+    assert blocked_lines(logs, pending, "agent", API) == [
         "    127.0.0.1:43080  it is one of Greyproxy's own listeners",
         "    registry.npmjs.org:443  held for approval, and nobody answered in time; pending #4:"
-        " allow it in the dashboard, or POST /api/pending/4/allow",
+        f" allow it in the dashboard, {API}/?pending=4, or curl --noproxy '*' -X POST {API}/api/pending/4/allow",
         "    evil.example:443  denied by rule 7 (agent → evil.example:443)",
     ]
 
@@ -39,12 +42,14 @@ def test_each_destination_once_oldest_first_with_why_and_what_to_do() -> None:
 def test_only_the_checked_identity_and_named_when_none_was_given() -> None:
     logs = [_log("a.example", 443, "silent_deny", "agent-2"), _log("b.example", 80, "queue_full", "agent")]
     # (the API's container filter is a substring: agent-2's entries come back for "agent" too)
-    assert blocked_lines(logs, [], "agent") == ["    b.example:80  the pending queue is full"]
-    assert blocked_lines(logs, [], None) == [
+    assert blocked_lines(logs, [], "agent", API) == ["    b.example:80  the pending queue is full"]
+    assert blocked_lines(logs, [], None, API) == [
         "    agent: b.example:80  the pending queue is full",
         "    agent-2: a.example:443  silent mode denies what no rule allows",
     ]
-    assert blocked_lines([_log("c.example", 1, "something_new")], [], "agent") == ["    c.example:1  something_new"]
+    assert blocked_lines([_log("c.example", 1, "something_new")], [], "agent", API) == [
+        "    c.example:1  something_new"
+    ]
 
 
 def test_npm_error_line_is_the_failed_request_not_its_advice_or_log_pointer() -> None:
@@ -89,8 +94,7 @@ def test_the_watch_announces_each_held_destination_of_the_check_once() -> None:
     unnamed = PendingWatch(load_config(None, env={}), None, 0.0)
     assert unnamed._ours(_pending(5, container="unknown-127.0.0.1"), after)
     assert not unnamed._ours(_pending(6), after)
-    assert announce_pending(_pending(7), "http://127.0.0.1:43080") == (
-        "greyproxy env --check: pypi.org:443 waits for a decision (pending #7): allow or deny it in the"
-        " dashboard, http://127.0.0.1:43080/?pending=7, or"
-        " curl --noproxy '*' -X POST http://127.0.0.1:43080/api/pending/7/allow"
+    assert announce_pending(_pending(7), API) == (
+        "greyproxy env --check: pypi.org:443 waits for a decision (pending #7): allow it in the"
+        f" dashboard, {API}/?pending=7, or curl --noproxy '*' -X POST {API}/api/pending/7/allow"
     )
