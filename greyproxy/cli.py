@@ -141,12 +141,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
     env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)
     listen_ports = cfg.ports()
+    api = f"API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix}" if cfg.api else "API disabled"
+    listeners = " ".join(f"{k} :{v}" for k, v in listen_ports.items() if k != "api")
+    workers = f"{cfg.workers} proxy worker{'s' if cfg.workers != 1 else ''}"
     print(
-        f"greyproxy {__version__}: API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix} | "
-        if cfg.api
-        else f"greyproxy {__version__}: API disabled | ",
-        " ".join(f"{k} :{v}" for k, v in listen_ports.items() if k != "api"),
-        f"| data {cfg.data_dir} | logs {cfg.log_dir}",
+        f"greyproxy {__version__}: {api} | {listeners} ({workers}) | data {cfg.data_dir} | logs {cfg.log_dir}",
         flush=True,
     )
     conf = _supervisord_conf()

@@ -15,6 +15,7 @@ import pytest
 
 from bus.reqrep import call_sync
 from conftest import PathHandler, Stack, add_rule, curl_proxy, log_entries, plain_origin, proxy_connect, wait_for
+from greyproxy import __version__
 from greyproxy.config import load_config
 
 pytestmark = [pytest.mark.stack, pytest.mark.skipif(shutil.which("curl") is None, reason="curl is required")]
@@ -98,6 +99,12 @@ def test_health_lists_each_worker(stack: Stack) -> None:
     assert services["proxy"]["up"] is True and services["proxy"]["workers"] == ["proxy-0", "proxy-1"]
     # Both bound the same listening address (SO_REUSEPORT) and serve it.
     assert {w["active_connections"] for w in per_worker(stack, "stats")} == {0}
+    # serve's first line says where everything is, the workers included.
+    banner = stack.serve_log.read_text().splitlines()[0]
+    p = stack.ports
+    assert banner.startswith(f"greyproxy {__version__}: API http://127.0.0.1:{p['api']}/ | "), banner
+    listeners = f"http-proxy :{p['http-proxy']} socks5-proxy :{p['socks5-proxy']} dns-proxy :{p['dns-proxy']}"
+    assert f" | {listeners} (2 proxy workers) | data {stack.data_dir} | logs " in banner, banner
 
 
 def test_eight_holds_on_both_workers_released_by_one_bulk_allow(stack: Stack, origin: int) -> None:
