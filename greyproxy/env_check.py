@@ -404,10 +404,32 @@ def announce_pending(item: dict, base: str) -> str:
     return f"greyproxy env --check: {where} waits for a decision (pending #{pid}): {how_to_allow(pid, base)}"
 
 
+def proxy_away(env: dict[str, str]) -> str | None:
+    """Why the proxy the variables name cannot be reached (nothing listens there), else None."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = env.get("HTTPS_PROXY") or env.get("https_proxy") or env.get("HTTP_PROXY") or env.get("http_proxy")
+    if not url:
+        return "no HTTPS_PROXY or HTTP_PROXY is set"
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3.0).close()
+    except OSError as exc:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"nothing answers at {where}, the proxy these variables name ({exc.strerror or exc})"
+    return None
+
+
 def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespace) -> int:  # noqa: ANN001
     from .cli_env import environ_with
 
     env = environ_with(plan)
+    away = proxy_away(env)
+    if away is not None:  # (each runtime would fail alike, each in its own words)
+        print(f"greyproxy env --check: {away}: is Greyproxy running? Start it: greyproxy serve", file=sys.stderr)
+        return 1
     env["GIT_TERMINAL_PROMPT"] = "0"
     env.setdefault("npm_config_update_notifier", "false")
     since = time.time()

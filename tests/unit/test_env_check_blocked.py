@@ -3,7 +3,21 @@ it keeps of a failed runtime (greyproxy/env_check.py), from API answers and runt
 
 from __future__ import annotations
 
-from greyproxy.env_check import PendingWatch, _last_line, _npm_judge, announce_pending, blocked_lines
+import argparse
+import socket
+import time
+
+import pytest
+
+from greyproxy.env_check import (
+    PendingWatch,
+    _last_line,
+    _npm_judge,
+    announce_pending,
+    blocked_lines,
+    proxy_away,
+    run_checks,
+)
 
 
 API = "http://127.0.0.1:43080"
@@ -98,3 +112,21 @@ def test_the_watch_announces_each_held_destination_of_the_check_once() -> None:
         "greyproxy env --check: pypi.org:443 waits for a decision (pending #7): allow it in the"
         f" dashboard, {API}/?pending=7, or curl --noproxy '*' -X POST {API}/api/pending/7/allow"
     )
+
+
+def test_a_stack_that_is_not_running_is_named_before_any_runtime_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from greyproxy.cli_env import EnvPlan
+    from greyproxy.config import load_config
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = EnvPlan([("HTTPS_PROXY", f"http://agent:x@127.0.0.1:{port}"), ("HTTP_PROXY", "ignored")], [])
+    args = argparse.Namespace(check_url="https://pypi.org/simple/pip/", check_git=None, check_timeout=30.0)
+    t0 = time.monotonic()
+    assert run_checks(load_config(None, env={}), plan, "agent", args) == 1
+    assert time.monotonic() - t0 < 5  # (no runtime was started)
+    err = capsys.readouterr().err
+    assert f"greyproxy env --check: nothing answers at 127.0.0.1:{port}, the proxy these variables name" in err, err
+    assert "is Greyproxy running? Start it: greyproxy serve" in err, err
+    assert proxy_away({}) == "no HTTPS_PROXY or HTTP_PROXY is set"
