@@ -115,11 +115,34 @@ def run(args: argparse.Namespace) -> int:
     for prefix in filt.prefixes():
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     print(f"greyproxy events: listening on {cfg.bus['sub']} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if not bus_listening(cfg.bus["sub"]):
+        print(
+            "greyproxy events: no bus listens there yet: is Greyproxy running? (its events appear once it starts)",
+            file=sys.stderr,
+            flush=True,
+        )
     try:
         return _tail(sock, filt, args.json, sys.stdout, lambda: stop)
     finally:
         sock.close()
         ctx.term()
+
+
+def bus_listening(endpoint: str) -> bool:
+    """Whether something accepts connections on an ipc:// endpoint (its socket file may be missing, or
+    left behind by a stack that stopped); a tcp:// one is taken as listening (a bare TCP connect to
+    a CURVE socket would only add noise to the bus's log)."""
+    import socket
+
+    if not endpoint.startswith("ipc://"):
+        return True
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(endpoint[len("ipc://") :])
+        except OSError:
+            return False
+    return True
 
 
 def _tail(sock: zmq.Socket, filt: TypeFilter, as_json: bool, out: TextIO, stopped: Any) -> int:
