@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import Config
+from .timeutil import rfc3339
 
 # Node before 24 does not read the proxy variables itself: CONNECT through HTTPS_PROXY by hand,
 # then TLS with Node's own trust store (which NODE_EXTRA_CA_CERTS extends).
@@ -231,6 +232,26 @@ def run_runtime(rt: Runtime, env: dict[str, str], args: argparse.Namespace, tmp:
     return Result(rt.name, present=True, ok=ok, detail=detail)
 
 
+def _query(container: str | None, since: float | None = None, **extra: str | int) -> dict[str, str | int]:
+    """An API listing's query: `extra`, the check's identity, and entries from a second before
+    `since` on (the API's times are whole seconds)."""
+    params: dict[str, str | int] = dict(extra)
+    if since is not None:
+        params["from_date"] = rfc3339(since - 1) or ""
+    if container:
+        params["container"] = container
+    return params
+
+
+def _items(url: str, params: dict[str, str | int], timeout: float = 5.0) -> list[dict]:
+    """A listing's `items` (httpx.HTTPError or ValueError when the API cannot say)."""
+    import httpx
+
+    r = httpx.get(url, params=params, timeout=timeout, trust_env=False)
+    r.raise_for_status()
+    return r.json().get("items", [])
+
+
 def _recorded(cfg: Config, container: str | None, since: float, results: list[Result]) -> str | None:
     """Mark which working runtimes' requests were recorded; an error line when the API cannot say."""
     import httpx
@@ -239,12 +260,7 @@ def _recorded(cfg: Config, container: str | None, since: float, results: list[Re
     if not want:
         return None
     by_name = {rt.name: rt for rt in RUNTIMES}
-    params: dict[str, str | int] = {
-        "from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
-        "limit": 1000,
-    }
-    if container:
-        params["container"] = container
+    params = _query(container, since, limit=1000)
     try:
         url = f"{cfg.api_base()}/api/transactions"
     except Exception as exc:  # noqa: BLE001 - API disabled: the check still reports the runtimes
@@ -253,9 +269,7 @@ def _recorded(cfg: Config, container: str | None, since: float, results: list[Re
     deadline = time.monotonic() + 5.0  # records reach the database a moment after the answer
     while True:
         try:
-            r = httpx.get(url, params=params, timeout=5.0, trust_env=False)
-            r.raise_for_status()
-            items = r.json().get("items", [])
+            items = _items(url, params)
         except (httpx.HTTPError, ValueError) as exc:
             return f"cannot ask the API at {url}: {exc}"
         for item in items:
@@ -331,25 +345,11 @@ def _blocked(cfg: Config, container: str | None, since: float, wait: float = 3.0
 
 
 def _blocked_once(cfg: Config, container: str | None, since: float) -> list[str] | None:
-    import httpx
-
     try:
         base = cfg.api_base()
-        params: dict[str, str | int] = {
-            "from_date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since - 1)),
-            "result": "blocked",
-            "limit": 200,
-        }
-        if container:
-            params["container"] = container
-        logs = httpx.get(f"{base}/api/logs", params=params, timeout=5.0, trust_env=False)
-        logs.raise_for_status()
-        pending_params: dict[str, str | int] = {"limit": 1000}
-        if container:
-            pending_params["container"] = container
-        pend = httpx.get(f"{base}/api/pending", params=pending_params, timeout=5.0, trust_env=False)
-        pend.raise_for_status()
-        return blocked_lines(logs.json().get("items", []), pend.json().get("items", []), container, base)
+        logs = _items(f"{base}/api/logs", _query(container, since, result="blocked", limit=200))
+        pending = _items(f"{base}/api/pending", _query(container, limit=1000))
+        return blocked_lines(logs, pending, container, base)
     except Exception:  # noqa: BLE001 - the API disabled or away: the check still reports the runtimes
         return None
 
@@ -374,14 +374,11 @@ class PendingWatch(threading.Thread):
             base = self.cfg.api_base()
         except Exception:  # noqa: BLE001 - the API is disabled: nothing to watch
             return
-        params: dict[str, str | int] = {"limit": 100}
-        if self.container:
-            params["container"] = self.container
-        after = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since - 1))
+        params = _query(self.container, limit=100)
+        after = rfc3339(self.since - 1) or ""
         while not self.done.wait(self.POLL):
             try:
-                r = httpx.get(f"{base}/api/pending", params=params, timeout=2.0, trust_env=False)
-                items = r.json().get("items", []) if r.status_code == 200 else []
+                items = _items(f"{base}/api/pending", params, timeout=2.0)
             except (httpx.HTTPError, ValueError):
                 continue
             for item in reversed(items):  # (newest last_seen first: announced oldest first)

@@ -382,8 +382,9 @@ def test_real_registries_through_env(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_env_check_names_what_the_gate_refused(stack: Stack, origin: int, tmp_path: Path) -> None:
-    """A runtime that fails because its destination waits for approval: the check says which
-    destination, why, and which pending entry to allow."""
+    """SPEC §14 `greyproxy env --check` (with §3 pending): a runtime that fails because its
+    destination waits for approval: the check says which destination, why, and which pending entry
+    to allow."""
     _need("curl")
     held = f"127.0.0.2:{origin}"  # no rule for it: held (holdTimeout 2 s here), then refused
     env = _bare_env(stack)
@@ -417,8 +418,9 @@ def _pending_entry(stack: Stack, container: str, host: str, port: int) -> dict:
 def test_env_check_runs_the_runtimes_at_once_and_says_what_waits(
     origin_ca: trustme.CA, origin_ca_file: Path, origin: int
 ) -> None:
-    """A first check on a stack with no rule for its destination: every runtime is held on it at
-    once, the check says on stderr which pending entry waits, and one allow releases them all."""
+    """SPEC §14 `greyproxy env --check` (with §3 pending): a first check on a stack with no rule for
+    its destination: every runtime is held on it at once, the check says on stderr which pending
+    entry waits, and one allow releases them all."""
     # npm asks the module's origin by its name, `localhost` (a builtin rule allows it): npm checks an
     # IP-literal registry's certificate against "localhost", so it cannot be pointed at 127.0.0.2.
     present = [b for b in ("python3", "node", "curl", "git") if shutil.which(b)]

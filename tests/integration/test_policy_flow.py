@@ -293,7 +293,8 @@ def test_guard_blocks_own_api_port(stack: Stack) -> None:
     )
     out, _ = proc.communicate(timeout=10)
     assert out.endswith("\n403"), out
-    # The refusal says why (a shell set up by `greyproxy env` sends curl's API calls here).
+    # SPEC §2 hard guard: the refusal says why (a shell set up by `greyproxy env` sends curl's API
+    # calls here).
     assert "one of Greyproxy's own listeners" in out, out
     # A CONNECT to its own port: the same 403 and text.
     with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=5) as s:

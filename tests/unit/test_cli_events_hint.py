@@ -1,4 +1,4 @@
-"""`greyproxy events` says when no bus listens at its endpoint (greyproxy/cli_events.py)."""
+"""SPEC §14 (the CLI around the stack): `greyproxy events` says when no bus listens at its endpoint (greyproxy/cli_events.py)."""
 
 from __future__ import annotations
 

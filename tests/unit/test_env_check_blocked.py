@@ -1,5 +1,6 @@
-"""`greyproxy env --check`'s report of what the gate refused during the check, and the error line
-it keeps of a failed runtime (greyproxy/env_check.py), from API answers and runtime output."""
+"""SPEC §14 `greyproxy env --check`: its report of what the gate refused during the check, the
+error line it keeps of a failed runtime, its watch of held destinations, and a proxy that does not
+answer (greyproxy/env_check.py), from API answers and runtime output."""
 
 from __future__ import annotations
 
