@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import struct
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -230,3 +232,54 @@ def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | b
 def refused() -> int:
     """Peers refused so far in this process (all its authenticators)."""
     return sum(c.refused for c in _State.checks)
+
+
+def diagnose(
+    endpoint: str, server_key: str | bytes | None = None, timeout: float = 2.0, name: str = "NAME"
+) -> str | None:
+    """Why a tcp:// endpoint does not answer, from the connection's own events (a ZeroMQ socket
+    monitor), in words for the person who set the keys up; None when the CURVE handshake succeeds
+    (the transport is fine: the service behind it is what does not answer) or for an ipc:// one.
+
+    Blocking (its own context, up to `timeout` seconds): call it off the event loop."""
+    if not endpoint.startswith("tcp://") or _State.keys_dir is None:
+        return None
+    from zmq.utils.monitor import recv_monitor_message
+
+    public = _keys()[0]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    secure(sock, endpoint, server=False, server_key=server_key)
+    monitor = sock.get_monitor_socket()
+    connected = handshake_failed = False
+    try:
+        sock.connect(endpoint)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not monitor.poll(int(left * 1000) + 1):
+                break
+            event = recv_monitor_message(monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                return None
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return (
+                    f"{endpoint} refused this host's CURVE key {public.decode()}: on the host that"
+                    f" serves it, run: greyproxy keys allow {name} {shlex.quote(public.decode())}"
+                )
+            if event == zmq.EVENT_CONNECTED:
+                connected = True
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                handshake_failed = True
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+        ctx.term()
+    if connected or handshake_failed:
+        # The server cannot read a HELLO sealed for another key, and drops the connection unanswered.
+        return (
+            f"{endpoint} accepts connections but the CURVE handshake never completes: bus.serverKey"
+            " is probably not that host's public key (`greyproxy keys` there prints it)"
+        )
+    return f"nothing accepts connections at {endpoint}"

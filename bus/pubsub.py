@@ -41,14 +41,26 @@ class Publisher:
         self.dropped = 0
         self.skipped = 0  # events nobody subscribed to, not sent
         self._ctx = ctx or zmq.Context.instance()
+        self._endpoint = endpoint
+        self._settle = settle
+        self._open()
+
+    def _open(self) -> None:
         self._sock = self._ctx.socket(zmq.XPUB)
         self._sock.setsockopt(zmq.LINGER, 500)
         self._sock.setsockopt(zmq.SNDHWM, 100_000)
         self._prefixes: set[bytes] = set()  # subscribed prefixes (b"" = everything)
         self._cache: dict[str, bool] = {}  # topic -> wanted, for the current prefixes
-        self._unsure_until: float | None = time.monotonic() + settle
-        curve.secure(self._sock, endpoint, server=False)
-        self._sock.connect(endpoint)
+        self._unsure_until: float | None = time.monotonic() + self._settle
+        curve.secure(self._sock, self._endpoint, server=False)
+        self._sock.connect(self._endpoint)
+
+    def reconnect(self) -> None:
+        """Connect again on a fresh socket. libzmq gives up on a tcp:// endpoint for good once its
+        CURVE server refused this host's key (the refusal ends the session as a protocol error,
+        which is never retried); a process that waited until its key was allowed calls this."""
+        self._sock.close(linger=0)
+        self._open()
 
     def _take_subscriptions(self) -> None:
         """Take in the (un)subscriptions that arrived; non-blocking."""

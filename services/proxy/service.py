@@ -11,10 +11,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bus import topics
+from bus import curve, topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
-from bus.reqrep import ControlServer, RemoteError
+from bus.reqrep import ControlServer, RemoteError, ServiceUnavailable
 from greyproxy import compiled, ports
 from greyproxy.certs import CAWatcher
 from greyproxy.config import Config
@@ -45,6 +45,7 @@ PENDING_COUNT_EVERY = 5.0
 HITS_FLUSH_EVERY = 2.0
 CA_CHECK_EVERY = 2.0  # seconds: rewritten CA files are picked up this fast
 DNS_KEEP = 7 * 86400.0  # seconds: DNS names older than this are not reloaded at start
+RECORDER_RETRY = 2.0  # seconds between tries while a remote proxy waits for the central recorder
 
 RULE_TOPICS = (
     topics.RULE_CREATED,
@@ -101,6 +102,35 @@ class RuleLoader:
                 self.gate.reevaluate_holds()
             except Exception:
                 log.exception("rule version check failed")
+
+
+async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: ThreadPoolExecutor) -> None:
+    """A proxy on another host (proxy.rulesFrom: recorder) starts once the central recorder
+    answers. Until then it waits, and says why the recorder does not answer (its key refused,
+    a wrong bus.serverKey, nothing listening: bus/curve.py's diagnose), again only when the
+    reason changes. A key allowed on the central host takes effect without a restart, so the
+    wait ends by itself once someone runs the `greyproxy keys allow` it names; the heartbeat
+    publisher, refused meanwhile by the bus for good (libzmq does not retry a refusal), then
+    connects again."""
+    loop = asyncio.get_running_loop()
+    said: str | None = None
+    while True:
+        try:
+            await loop.run_in_executor(executor, view.rules_version)
+        except ServiceUnavailable as exc:
+            why = await loop.run_in_executor(
+                executor, functools.partial(curve.diagnose, view.endpoint, name=rt.cfg.proxy_name)
+            )
+            why = why or f"{exc} (the connection is fine: is the recorder process running there?)"
+            if why != said:
+                log.warning("waiting for the recorder at %s: %s", view.endpoint, why)
+                said = why
+            await asyncio.sleep(RECORDER_RETRY)
+            continue
+        if said is not None:
+            log.info("the recorder at %s answers", view.endpoint)
+            rt.publisher.reconnect()
+        return
 
 
 async def _listen_identities(cfg: Config, ids: IdentityGuard) -> None:
@@ -203,6 +233,7 @@ async def main(rt: ServiceRuntime) -> None:
         await loop.run_in_executor(executor, open_database, cfg.db_path)
     else:
         log.info("rules, settings and pending counts from the recorder at %s", cfg.bus["recorderControl"])
+        await _reach_recorder(rt, view, executor)
 
     journal = JournalWriter(
         cfg.bus["journal"],

@@ -238,7 +238,35 @@ def test_peer_with_unknown_key_is_refused_and_logged(central: Stack, origin: int
         # A plain (non-CURVE) client gets nothing out of a tcp:// endpoint either.
         with pytest.raises(ServiceUnavailable):
             call_sync(central.config["bus"]["recorderControl"], "recorder", "view.rules", timeout=0.5, retries=1)
-        # Its rules never arrive: it cannot even start (rulesFrom: recorder answers nobody unknown).
+        # Its rules never arrive: it cannot start (rulesFrom: recorder answers nobody unknown). It
+        # waits, saying why in its own log, with the command that lets it in, key quoted for a shell.
         assert central.get("/api/logs", params={"container": "stranger"}).json()["items"] == []
+        wait_for(
+            lambda: "refused this host's CURVE key" in stranger.log(),
+            20,
+            message=f"the stranger's own log naming the refusal\n{stranger.log()}",
+        )
+        assert f"greyproxy keys allow proxy-x '{stranger.public}'" in stranger.log()
+        assert stranger.proc is not None and stranger.proc.poll() is None, "it waits; it does not exit"
+        assert "Traceback" not in stranger.log()
+
+        # Once the central host allows it (no restart on either side), it starts by itself: its
+        # heartbeats reach the bus (the publisher the bus refused connects again), its traffic is
+        # judged by the central rules and recorded centrally.
+        keys(central.data_dir, "allow", "proxy-x", stranger.public)
+        wait_for(
+            lambda: (central.health()[1].get("services") or {}).get("proxy-x", {}).get("up"),
+            30,
+            message=f"proxy-x up in the central health once allowed\n{stranger.log()}",
+        )
+        assert "the recorder at" in stranger.log() and "answers" in stranger.log()
+        out, _ = _curl(stranger.ports["http-proxy"], "stranger", "http://127.0.0.1:9/").communicate(30)
+        assert out.endswith("\n502"), out  # allowed by the builtin loopback rule; nothing listens on :9
+        wait_for(
+            lambda: central.get("/api/logs", params={"container": "stranger"}).json()["items"],
+            10,
+            message="the stranger's log entry in the central store",
+        )
     finally:
+        keys(central.data_dir, "revoke", "proxy-x")
         stranger.stop()
