@@ -28,7 +28,7 @@ from .config import (
 
 SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
 # Extra subcommands registered by later capabilities: name -> (configure(parser), run(args) -> int).
-EXTRA_COMMANDS: dict[str, tuple] = {}
+EXTRA_COMMANDS: dict[str, tuple] = {}  # name -> (configure(parser), run(args), one-line help)
 
 
 def _supervisord_conf() -> Path:
@@ -232,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("version", help="print the version")
     p.set_defaults(fn=cmd_version)
 
-    for name, (configure, run) in EXTRA_COMMANDS.items():
-        p = sub.add_parser(name)
+    for name, (configure, run, summary) in EXTRA_COMMANDS.items():
+        p = sub.add_parser(name, help=summary)
         configure(p)
         p.set_defaults(fn=run)
     return parser

@@ -122,4 +122,4 @@ def run(args: argparse.Namespace) -> int:
     return int(args.fn(args))
 
 
-EXTRA_COMMANDS["cert"] = (configure, run)
+EXTRA_COMMANDS["cert"] = (configure, run, "manage the HTTPS interception CA (generate, install, reload)")

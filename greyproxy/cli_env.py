@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     return cmd_env(args)
 
 
-EXTRA_COMMANDS["env"] = (configure, run)
+EXTRA_COMMANDS["env"] = (configure, run, "print the environment that sends a process's traffic through Greyproxy")
 
 
 def environ_with(plan: EnvPlan, base: dict[str, str] | None = None) -> dict[str, str]:

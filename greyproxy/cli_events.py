@@ -184,4 +184,4 @@ def _quiet_stdout() -> None:
         os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
-EXTRA_COMMANDS["events"] = (configure, run)
+EXTRA_COMMANDS["events"] = (configure, run, "print bus events as they happen")

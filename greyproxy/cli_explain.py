@@ -103,4 +103,8 @@ def run(args: argparse.Namespace) -> int:
     return cmd_explain(args)
 
 
-EXTRA_COMMANDS["explain"] = (configure, run)
+EXTRA_COMMANDS["explain"] = (
+    configure,
+    run,
+    "explain what the proxy does with a client's connections to HOST[:PORT], and why",
+)

@@ -79,4 +79,4 @@ def run(args: argparse.Namespace) -> int:
     return cmd_export(args)
 
 
-EXTRA_COMMANDS["export"] = (configure, run)
+EXTRA_COMMANDS["export"] = (configure, run, "export captured transactions (HAR)")

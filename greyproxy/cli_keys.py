@@ -1,7 +1,8 @@
 """`greyproxy keys`: the CURVE keys that guard tcp:// bus endpoints (SPEC §15, bus/curve.py).
 
 greyproxy keys                 make this host's key pair if missing; print its public key
-greyproxy keys allow NAME KEY  let the host with public key KEY connect (authorized/NAME.key)
+greyproxy keys allow NAME KEY  let the host with public key KEY connect (authorized/NAME.key); KEY
+                               may also be a copy of that host's keys/bus.key file
 greyproxy keys revoke NAME     take that permission back
 greyproxy keys list            this host's public key and the authorized ones
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import sys
+from pathlib import Path
 
 from bus import curve
 
@@ -35,19 +38,38 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(public.decode())
     print(
         f"# this host's public key ({keys_dir / curve.KEY_FILE}); on the other host:"
-        f" greyproxy keys allow NAME {public.decode()}",
+        f" greyproxy keys allow NAME {shlex.quote(public.decode())}",
         file=sys.stderr,
     )
     return 0
 
 
+def _public_key_of(value: str) -> bytes:
+    """KEY as printed by `greyproxy keys` (40 characters of z85), or the path of a key file copied
+    from the other host (its keys/bus.key, a ZeroMQ certificate)."""
+    try:
+        return curve.check_public_key(value)
+    except curve.CurveError as exc:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            hint = ""
+            if 0 < len(value.strip()) < 40:
+                # z85 uses < > & ( ) [ ] $ # and more: unquoted, the shell cuts the key short.
+                hint = (
+                    f"; it has {len(value.strip())} characters: quote the key in single quotes,"
+                    " or a shell may have cut it at a character such as > or &"
+                )
+            raise ConfigError(f"{exc}{hint}") from None
+    try:
+        return curve.read_cert(path)[0]
+    except curve.CurveError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def cmd_allow(args: argparse.Namespace) -> int:
     if not NAME.match(args.name):
         raise ConfigError(f"key name {args.name!r}: letters, digits, '.', '_' and '-' only")
-    try:
-        key = curve.check_public_key(args.key)
-    except curve.CurveError as exc:
-        raise ConfigError(str(exc)) from None
+    key = _public_key_of(args.key)
     keys_dir = _keys_dir(args)
     curve.ensure_keypair(keys_dir)
     path = keys_dir / curve.AUTHORIZED_DIR / f"{args.name}.key"
@@ -85,7 +107,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(keys_fn=cmd_show)
     p = sub.add_parser("allow", help="authorize another host's public key")
     p.add_argument("name")
-    p.add_argument("key")
+    p.add_argument("key", help="its public key (`greyproxy keys` there), or a copy of its keys/bus.key file")
     _add_config_args(p)
     p.set_defaults(keys_fn=cmd_allow)
     p = sub.add_parser("revoke", help="remove an authorized key")
@@ -101,4 +123,4 @@ def run(args: argparse.Namespace) -> int:
     return int(args.keys_fn(args))
 
 
-EXTRA_COMMANDS["keys"] = (configure, run)
+EXTRA_COMMANDS["keys"] = (configure, run, "CURVE keys for tcp:// bus endpoints (a proxy on another host)")

@@ -302,4 +302,4 @@ def run(args: argparse.Namespace) -> int:
     return int(args.service_fn(args))
 
 
-EXTRA_COMMANDS["service"] = (configure, run)
+EXTRA_COMMANDS["service"] = (configure, run, "run Greyproxy as your user's service (systemd, launchd)")

@@ -426,7 +426,10 @@ def load_config(
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file {str(path)!r}:{where} invalid YAML") from None
+            problem = getattr(exc, "problem", None)
+            raise ConfigError(
+                f"config file {str(path)!r}:{where} invalid YAML{': ' + problem if problem else ''}"
+            ) from None
         if not isinstance(user, dict):
             raise ConfigError(f"config file {str(path)!r}: top level must be a mapping")
         source = str(path)

@@ -116,6 +116,10 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path, env: dict) -> None:
     msg = str(info.value)
     assert "cfg.yaml" in msg and "invalid YAML" in msg and "line" in msg
     assert "\n" not in msg
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, "a: [\nb: c d: e\n", env)
+    # PyYAML's own words for what is wrong, not only where
+    assert str(info.value).endswith("line 2 invalid YAML: expected ',' or ']', but got ':'"), info.value
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])

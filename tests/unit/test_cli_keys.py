@@ -1,0 +1,66 @@
+"""`greyproxy keys` (SPEC §15) and the command list of `greyproxy --help`, as a person types them."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bus import curve
+from conftest import PYTHON, REPO
+
+
+def _greyproxy(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {"GREYPROXY_DATA_HOME": str(data_dir), "PATH": "/usr/bin:/bin", "HOME": str(data_dir)}
+    return subprocess.run(
+        [PYTHON, "-m", "greyproxy", *args], env=env, cwd=str(REPO), capture_output=True, text=True, timeout=60
+    )
+
+
+def test_allow_takes_the_key_quoted_or_its_file_and_says_when_a_shell_cut_it(tmp_path: Path) -> None:
+    central, other = tmp_path / "central", tmp_path / "other"
+    shown = _greyproxy(other, "keys")
+    assert shown.returncode == 0, shown.stderr
+    key = shown.stdout.strip()
+    assert len(key) == 40
+    # The hint on stderr is a command a shell runs as shown: the z85 key quoted.
+    hint = shown.stderr.strip().rsplit(": ", 1)[1]
+    assert hint == f"greyproxy keys allow NAME '{key}'"
+
+    # The other host's keys/bus.key file, copied over, works as well as the key itself.
+    by_file = _greyproxy(central, "keys", "allow", "other", str(other / "keys" / "bus.key"))
+    assert by_file.returncode == 0, by_file.stderr
+    assert curve.authorized_keys(central / "keys") == {key.encode(): "other"}
+    assert _greyproxy(central, "keys", "revoke", "other").returncode == 0
+    assert _greyproxy(central, "keys", "allow", "other", key).returncode == 0
+    assert curve.authorized_keys(central / "keys") == {key.encode(): "other"}
+
+    # A key cut short (pasted unquoted, the shell ends it at a '>' or '&'): refused, saying so.
+    cut = _greyproxy(central, "keys", "allow", "cut", key[:12])
+    assert cut.returncode == 2
+    assert "12 characters" in cut.stderr and "quote" in cut.stderr
+    # A file that is no key: its path named.
+    junk = tmp_path / "junk.key"
+    junk.write_text("hello\n")
+    bad = _greyproxy(central, "keys", "allow", "junk", str(junk))
+    assert bad.returncode == 2 and str(junk) in bad.stderr and "not a CURVE certificate" in bad.stderr
+    assert set(curve.authorized_keys(central / "keys").values()) == {"other"}
+
+
+def test_help_lists_every_command_with_a_line_saying_what_it_does(tmp_path: Path) -> None:
+    out = _greyproxy(tmp_path, "--help")
+    assert out.returncode == 0, out.stderr
+    listed = out.stdout.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    names = listed.strip().splitlines()[0].strip().strip("{}").split(",")
+    assert {"serve", "run", "keys", "env", "cert", "explain", "events", "export", "service"} <= set(names)
+    lines = [line.split() for line in listed.splitlines()[1:] if line.startswith("    ") and line.split()]
+    described = {words[0] for words in lines if len(words) > 1 and words[0] in names}
+    missing = set(names) - described
+    assert not missing, f"commands without a help line: {sorted(missing)}\n{out.stdout}"
+
+
+@pytest.mark.parametrize("cmd", ["keys", "cert", "env"])
+def test_each_extra_command_still_has_its_own_help(tmp_path: Path, cmd: str) -> None:
+    out = _greyproxy(tmp_path, cmd, "--help")
+    assert out.returncode == 0 and out.stdout.startswith(f"usage: greyproxy {cmd}"), out.stderr
