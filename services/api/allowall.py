@@ -14,7 +14,7 @@ import falcon.asgi
 
 from .context import ApiContext
 from .errors import bad_request
-from .util import int_field, json_response, read_json, str_field
+from .util import int_field, json_response, read_json, refuse_misspelt, str_field
 
 MODES = ("allow", "deny")
 MAX_DURATION = 28_800  # 8 h: a silent mode is for debugging, not a way of life
@@ -23,6 +23,7 @@ MAX_DURATION = 28_800  # 8 h: a silent mode is for debugging, not a way of life
 def parse_allowall(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    refuse_misspelt(body, ("mode", "duration_seconds"))
     mode = str_field(body, "mode", "allow")
     if mode not in MODES:
         raise bad_request(f"mode must be one of {', '.join(MODES)}, not {mode!r}")

@@ -23,17 +23,19 @@ from .context import ApiContext
 from .errors import bad_request, not_found
 from .rules import proxy_block, proxy_reload, publish_rule_created
 from .store_ops import InvalidInput, Key, PendingDecision
-from .util import id_list_field, int_param, json_response, read_json, soft_call, str_field
+from .util import id_list_field, int_param, json_response, read_json, refuse_misspelt, soft_call, str_field
 
 WAITERS_TIMEOUT = 0.3  # the waiting counts decorate the list; never hold the list up for them
 MAX_NOTES = 10_000
 DECISION_ACTIONS = ("allow", "deny")
+DECISION_FIELDS = ("scope", "duration", "notes")
 
 
-def parse_decision(body: Any) -> tuple[str, float | None, str | None]:
+def parse_decision(body: Any, known: tuple[str, ...] = DECISION_FIELDS) -> tuple[str, float | None, str | None]:
     """(scope, seconds until the rule expires or None, notes) from an allow/deny body."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    refuse_misspelt(body, known)
     scope = str_field(body, "scope", "exact")
     if scope not in SCOPES:
         raise bad_request(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -156,7 +158,7 @@ class PendingBulkAllowResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         body = await read_json(req)
         ids = id_list_field(body, "pending_ids")
-        scope, seconds, notes = parse_decision(body)
+        scope, seconds, notes = parse_decision(body, (*DECISION_FIELDS, "pending_ids"))
         now = time.time()
         expires_at = None if seconds is None else now + seconds
         try:

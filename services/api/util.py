@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 from typing import Any
 
@@ -123,6 +124,25 @@ def _kind(value: Any) -> str:
             type(value), type(value).__name__
         )
     )
+
+
+def refuse_misspelt(body: dict[str, Any], known: tuple[str, ...]) -> None:
+    """400 for a member that looks like a misspelling of a known one (`duraton`, or `duration`
+    where `duration_seconds` is meant). Ignored, it would leave the default in force, and on a
+    grant that default is the widest: a permanent rule, silent mode until restart. Members that
+    resemble none are still ignored, so a client may send extras."""
+    for name in body:
+        if name in known or not isinstance(name, str):
+            continue
+        low = name.lower()
+        close = [
+            k
+            for k in known
+            if len(low) >= 4 and (k.startswith(low) or k.endswith(low) or low.startswith(k) or sorted(low) == sorted(k))
+        ]
+        close = close or difflib.get_close_matches(low, known, n=1, cutoff=0.8)
+        if close:
+            raise bad_request(f"unknown field {name!r}: did you mean {close[0]!r}? ({', '.join(known)} are known)")
 
 
 def str_field(

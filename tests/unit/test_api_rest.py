@@ -873,6 +873,33 @@ def test_decision_rejects_bad_body(api, body, field):
     assert api.post(f"/api/pending/{pid}/allow", raw=b"[]").status_code == 400
 
 
+@pytest.mark.parametrize(
+    "body, meant",
+    [
+        ({"duraton": "1h"}, "duration"),  # the rule would have been permanent
+        ({"scpoe": "exact"}, "scope"),
+        ({"note": "why"}, "notes"),
+        ({"Duration": "1h"}, "duration"),
+    ],
+)
+def test_decision_refuses_a_misspelt_field(api, body, meant):
+    """A grant whose bound is misspelt is refused (400, naming the field meant), not widened to
+    the default; members that resemble no field are still ignored (clients may send extras)."""
+    pid = api.add_pending("c1", "typo.example", 443)
+    for action in ("allow", "deny"):
+        res = api.post(f"/api/pending/{pid}/{action}", body)
+        assert res.status_code == 400, res.json
+        assert f"did you mean '{meant}'" in error_of(res)
+    assert api.get("/api/pending/count").json == {"count": 1}  # nothing decided
+    bulk = api.post("/api/pending/bulk-allow", {"pending_ids": [pid], **body})
+    assert bulk.status_code == 400 and f"did you mean '{meant}'" in error_of(bulk)
+    assert api.get("/api/pending/count").json == {"count": 1}
+    extras = {"action": "allow", "id": pid, "pending_id": pid, "container": "c1", "type": "x"}
+    res = api.post(f"/api/pending/{pid}/allow", {"duration": "1h", **extras})
+    assert res.status_code == 200, res.json
+    assert res.json["rule"]["expires_at"] is not None
+
+
 def test_decision_unknown_id(api):
     for action in ("allow", "deny"):
         res = api.post(f"/api/pending/777/{action}", {})
@@ -1414,6 +1441,16 @@ def test_allowall_validates_before_asking_the_proxy(api, body, field):
     assert res.status_code == 400  # not 503: the body is wrong whatever the proxy's state
     assert field in error_of(res)
     assert api.post("/api/allowall", raw=b"{x").status_code == 400
+
+
+@pytest.mark.parametrize("body", [{"duration": 300}, {"seconds": 300}, {"mdoe": "deny"}])
+def test_allowall_refuses_a_misspelt_field(live, body):
+    """`duration` for `duration_seconds` would otherwise mean silent mode until restart."""
+    res = live.post("/api/allowall", body)
+    assert res.status_code == 400
+    assert "did you mean" in error_of(res)
+    assert "allowall.set" not in live.proxy.ops()
+    assert live.post("/api/allowall", {"duration_seconds": 300, "enabled": True}).status_code == 200
 
 
 def test_allowall_forwards_to_the_proxy(live):
