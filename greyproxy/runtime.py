@@ -188,6 +188,9 @@ def run_async_service(
             log.info("%s stopping", name)
         finally:
             hb.cancel()
+            # A last heartbeat: /api/health shows this process down at once, not after the
+            # heartbeats go stale, and forgets a proxy on another host that left (docs/events.md).
+            rt.publisher.publish(topics.SERVICE_HEARTBEAT, {**rt.heartbeat_payload(), "ready": False, "stopping": True})
             rt.publisher.close()
 
     uvloop.run(runner())

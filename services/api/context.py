@@ -26,6 +26,7 @@ class ServiceSeen:
     stats: dict[str, Any]
     ready: bool = True
     role: str = ""  # "proxy" for every proxy process (workers, other hosts)
+    stopping: bool = False  # its last heartbeat: it stopped cleanly
 
 
 @dataclass

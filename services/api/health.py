@@ -56,37 +56,57 @@ async def track_heartbeats(ctx: ApiContext) -> None:
     try:
         while True:
             msg = await sub.recv()
-            data = msg.get("data") or {}
-            name = data.get("service")
-            if not isinstance(name, str):
-                continue
-            if data.get("host") == HOSTNAME and isinstance(data.get("pid"), int):
-                _local_pids[name] = data["pid"]
-            else:
-                _local_pids.pop(name, None)
-            ctx.seen[name] = ServiceSeen(
-                pid=int(data.get("pid") or 0),
-                last_seen=time.time(),
-                started_at=float(data.get("started_at") or 0),
-                uptime=float(data.get("uptime") or 0),
-                stats=data.get("stats") or {},
-                ready=data.get("ready") is not False,
-                role=str(data.get("role") or ""),
-            )
-            note = getattr(ctx.proxy, "note_heartbeat", None)
-            if note is not None:
-                note(name, data)
+            take_heartbeat(ctx, msg.get("data") or {})
     finally:
         sub.close()
 
 
-def proxy_names(ctx: ApiContext) -> list[str]:
-    """Every proxy process /api/health lists: the configured workers ("proxy", or proxy-0 ...
-    proxy-N-1), then any other proxy heard from (a proxy on another host)."""
+def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
+    """One service.heartbeat (docs/events.md) into ctx.seen, and the proxy fan-out's endpoints."""
+    name = data.get("service")
+    if not isinstance(name, str):
+        return
+    if data.get("host") == HOSTNAME and isinstance(data.get("pid"), int):
+        _local_pids[name] = data["pid"]
+    else:
+        _local_pids.pop(name, None)
+    stopping = data.get("stopping") is True
+    if stopping and data.get("role") == "proxy" and name not in configured_proxies(ctx):
+        # A proxy on another host that stopped cleanly has left: no longer listed, no longer
+        # called. One that dies without a word stays listed, down.
+        if ctx.seen.pop(name, None) is not None:
+            log.info("proxy %s (host %s) stopped: no longer listed", name, data.get("host"))
+        forget = getattr(ctx.proxy, "forget", None)
+        if forget is not None:
+            forget(name)
+        return
+    ctx.seen[name] = ServiceSeen(
+        pid=int(data.get("pid") or 0),
+        last_seen=time.time(),
+        started_at=float(data.get("started_at") or 0),
+        uptime=float(data.get("uptime") or 0),
+        stats=data.get("stats") or {},
+        ready=data.get("ready") is not False,
+        role=str(data.get("role") or ""),
+        stopping=stopping,
+    )
+    note = getattr(ctx.proxy, "note_heartbeat", None)
+    if note is not None and not stopping:
+        note(name, data)
+
+
+def configured_proxies(ctx: ApiContext) -> list[str]:
+    """The proxy processes this stack's configuration runs: "proxy", or proxy-0 ... proxy-N-1."""
     raw = getattr(ctx.cfg, "raw", None) or {}
     base = raw.get("proxy", {}).get("name", "proxy")
     workers = getattr(ctx.cfg, "workers", 1)
-    names = [base] if workers == 1 else [f"{base}-{i}" for i in range(workers)]
+    return [base] if workers == 1 else [f"{base}-{i}" for i in range(workers)]
+
+
+def proxy_names(ctx: ApiContext) -> list[str]:
+    """Every proxy process /api/health lists: the configured workers, then any other proxy heard
+    from (a proxy on another host) that has not said it stopped."""
+    names = configured_proxies(ctx)
     return names + sorted(n for n, s in ctx.seen.items() if s.role == "proxy" and n not in names)
 
 
@@ -129,15 +149,20 @@ class HealthResource:
         watched[1:1] = proxies  # bus, the proxies, recorder, maintenance
         for name in watched:
             seen = ctx.seen.get(name)
-            up = seen is not None and now - seen.last_seen <= ctx.stale_after() and seen.ready
-            local = seen is not None and _local_pids.get(name) == seen.pid
+            fresh = ready = local = False
+            if seen is not None:
+                fresh = now - seen.last_seen <= ctx.stale_after() and not seen.stopping
+                ready = seen.ready and not seen.stopping
+                local = _local_pids.get(name) == seen.pid
+            up = fresh and ready
             if up and local and not _pid_alive(seen.pid):  # type: ignore[union-attr]
                 up = False  # killed: no need to wait for its heartbeats to go stale
-            elif not up and name != "bus" and bus_silent and local and seen.ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
+            elif not up and name != "bus" and bus_silent and local and ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
                 up = True  # with the broker down no heartbeat can arrive; the process itself is alive
             services[name] = {
                 "up": up,
-                "state": "up" if up else ("starting" if seen is not None and not seen.ready else "down"),
+                # "starting" only while it still speaks: one that died while starting is down
+                "state": "up" if up else ("starting" if fresh and not ready else "down"),
                 "pid": seen.pid if seen else None,
                 "last_seen": rfc3339(seen.last_seen) if seen else None,
                 "uptime": round(seen.uptime, 1) if seen else None,

@@ -103,6 +103,15 @@ class ProxyGroup:
                 if old is not None:
                     old.close()
 
+    def forget(self, name: str) -> None:
+        """A proxy on another host stopped cleanly: call it no more (a new heartbeat brings it back)."""
+        for endpoint in [ep for ep, (n, _seen) in self._announced.items() if n == name]:
+            del self._announced[endpoint]
+            client = self._clients.pop(endpoint, None)
+            if client is not None:
+                client.close()
+        self._started.pop(name, None)
+
     def endpoints(self) -> list[str]:
         now = time.time()
         extra = [

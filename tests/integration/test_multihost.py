@@ -215,6 +215,17 @@ def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int)
 
         wait_for(both_logged, 10, message="proxy-b's log rows (hostb-ok, hostb-new) in the central database")
         assert not (remote.data_dir / "greyproxy.db").exists(), "the remote proxy must not keep a store"
+
+        # Stopped cleanly, it leaves: its last heartbeat says so, and the central stack is whole
+        # again at once (not degraded for good by a proxy that is gone).
+        assert remote.proc is not None
+        remote.proc.terminate()
+        remote.proc.wait(10)
+        wait_for(
+            lambda: (h := central.health())[0] == 200 and "proxy-b" not in h[1]["services"],
+            5,
+            message="the central health without proxy-b, ok",
+        )
     finally:
         remote.stop()
 

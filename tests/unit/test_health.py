@@ -90,3 +90,69 @@ def test_a_service_still_starting_is_not_up(monkeypatch) -> None:
     assert code == 503 and body["down"] == ["proxy"]
     assert body["services"]["proxy"]["state"] == "starting"
     assert body["services"]["bus"]["state"] == "up"
+
+
+def test_one_that_died_while_starting_is_down_not_starting_forever(monkeypatch) -> None:
+    """Its last heartbeat said ready: false, then nothing: that is a process gone, not starting."""
+    me = os.getpid()
+    seen = {name: _seen(me, 0.1) for name in health.WATCHED}
+    seen["recorder"] = _seen(me, 60)
+    seen["recorder"].ready = False
+    monkeypatch.setattr(health, "_local_pids", {})
+    code, body = _get(FakeCtx(seen))
+    assert code == 503 and body["down"] == ["recorder"]
+    assert body["services"]["recorder"]["state"] == "down"
+
+
+class FakeProxies:
+    def __init__(self) -> None:
+        self.noted: list[str] = []
+        self.forgotten: list[str] = []
+
+    def note_heartbeat(self, name: str, data: dict) -> None:
+        self.noted.append(name)
+
+    def forget(self, name: str) -> None:
+        self.forgotten.append(name)
+
+
+def _beat(name: str, **extra: Any) -> dict[str, Any]:
+    return {"service": name, "pid": 4242, "host": "elsewhere", "started_at": 1.0, "uptime": 2.0, "ready": True, **extra}
+
+
+def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_listed(monkeypatch) -> None:
+    """docs/events.md: a service's last heartbeat says `stopping`. A local one shows down at once
+    (not after staleness); a proxy on another host that left is dropped from /api/health and from
+    the API's fan-out, so the stack is not degraded for good; one that dies silently stays, down."""
+    me = os.getpid()
+    monkeypatch.setattr(health, "_local_pids", {})
+    ctx = FakeCtx({})
+    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
+    ctx.cfg.workers = 1  # type: ignore[attr-defined]
+    ctx.proxy = FakeProxies()  # type: ignore[attr-defined]
+    for name in ("bus", "recorder", "maintenance"):
+        health.take_heartbeat(ctx, _beat(name, pid=me))  # type: ignore[arg-type]
+    for name in ("proxy", "proxy-b", "proxy-c"):
+        health.take_heartbeat(ctx, _beat(name, role="proxy", control=f"tcp://h:{len(name)}"))  # type: ignore[arg-type]
+    code, body = _get(ctx)
+    assert code == 200, body
+    assert body["services"]["proxy"]["up"] and body["services"]["proxy-b"]["up"]
+
+    health.take_heartbeat(ctx, _beat("proxy-b", role="proxy", ready=False, stopping=True))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("recorder", ready=False, stopping=True))  # type: ignore[arg-type]
+    ctx.seen["proxy-c"].last_seen -= 60  # died without a word
+    code, body = _get(ctx)
+    assert code == 503
+    assert "proxy-b" not in body["services"], "a remote proxy that stopped cleanly has left"
+    assert ctx.proxy.forgotten == ["proxy-b"]  # type: ignore[attr-defined]
+    assert body["services"]["recorder"]["state"] == "down"  # at once: its heartbeat is still fresh
+    assert body["services"]["proxy-c"]["state"] == "down"
+    assert body["down"] == ["proxy-c", "recorder"]
+
+    # The configured proxy stopping is down, still listed (it is expected back).
+    health.take_heartbeat(ctx, _beat("proxy", role="proxy", ready=False, stopping=True))  # type: ignore[arg-type]
+    code, body = _get(ctx)
+    assert body["services"]["proxy"]["state"] == "down" and ctx.proxy.forgotten == ["proxy-b"]  # type: ignore[attr-defined]
+    # A proxy that left comes back with its next heartbeat.
+    health.take_heartbeat(ctx, _beat("proxy-b", role="proxy"))  # type: ignore[arg-type]
+    assert "proxy-b" in _get(ctx)[1]["services"]
