@@ -36,7 +36,7 @@ from .mitm import Interceptor
 from .pipeline import Recorder
 from .settings_watch import SettingsWatch
 from .socks5_proxy import handle_socks
-from .store_view import LocalView, RecorderView, view_for
+from .store_view import LocalView, RecorderAway, RecorderView, view_for
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -100,6 +100,8 @@ class RuleLoader:
                 # An expired rule changes the answer without changing the version (the held
                 # connections are judged again; the live ones it let in stay, see close_revoked).
                 self.gate.reevaluate_holds()
+            except RecorderAway:
+                pass  # said once by the view
             except Exception:
                 log.exception("rule version check failed")
 
@@ -116,7 +118,7 @@ async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: Thre
     said: str | None = None
     while True:
         try:
-            await loop.run_in_executor(executor, view.rules_version)
+            await loop.run_in_executor(executor, view.probe)
         except ServiceUnavailable as exc:
             why = await loop.run_in_executor(
                 executor, functools.partial(curve.diagnose, view.endpoint, name=rt.cfg.proxy_name)
@@ -145,6 +147,8 @@ async def _listen_identities(cfg: Config, ids: IdentityGuard) -> None:
                 pass
             try:
                 await ids.reload()
+            except RecorderAway:
+                pass  # said once by the view
             except Exception:
                 log.exception("identities reload failed")
     finally:
@@ -159,12 +163,16 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
         await asyncio.sleep(0.1)
         try:
             await loader.reload()
+        except RecorderAway:
+            pass  # said once by the view
         except Exception:
             log.exception("rule reload failed")
         while True:
             await sub.recv()
             try:
                 await loader.reload()
+            except RecorderAway:
+                pass  # said once by the view
             except Exception:
                 log.exception("rule reload failed")
     finally:

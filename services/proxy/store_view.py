@@ -10,9 +10,19 @@ Two sources with the same methods (all blocking: call them in a worker thread):
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import Any
 
-from bus.reqrep import call_sync
+from bus.reqrep import ServiceUnavailable, call_sync
+
+log = logging.getLogger("greyproxy.proxy")
+
+
+class RecorderAway(ServiceUnavailable):
+    """The central recorder does not answer. RecorderView says so once in the log, when it
+    starts and when it ends; its callers skip the turn without a traceback of their own."""
 
 
 class LocalView:
@@ -79,9 +89,34 @@ class RecorderView:
         self.endpoint = endpoint
         self.timeout = timeout
         self.retries = retries
+        self._lock = threading.Lock()  # the callers run in several threads
+        self._away_since: float | None = None
 
     def _ask(self, op: str, args: dict[str, Any] | None = None) -> Any:
-        return call_sync(self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=self.retries)
+        try:
+            result = call_sync(self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=self.retries)
+        except ServiceUnavailable as exc:
+            with self._lock:
+                first = self._away_since is None
+                if first:
+                    self._away_since = time.monotonic()
+            if first:
+                log.warning(
+                    "the recorder at %s does not answer (%s): this proxy goes on deciding with the rules,"
+                    " settings and identities it has, and keeps asking",
+                    self.endpoint,
+                    exc,
+                )
+            raise RecorderAway("recorder", str(exc)) from None
+        with self._lock:
+            since, self._away_since = self._away_since, None
+        if since is not None:
+            log.info("the recorder at %s answers again (after %.0f s)", self.endpoint, time.monotonic() - since)
+        return result
+
+    def probe(self) -> None:
+        """One question, for the wait at start (services/proxy/service.py says why it fails)."""
+        call_sync(self.endpoint, "recorder", "view.rules_version", {}, timeout=self.timeout, retries=self.retries)
 
     def rules_version(self) -> int:
         return int(self._ask("view.rules_version"))
