@@ -61,6 +61,8 @@ def read_cert(path: Path) -> tuple[bytes, bytes | None]:
         text = path.read_text()
     except OSError as exc:
         raise CurveError(f"{path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CurveError(f"{path}: not a CURVE certificate (not text)") from None
     public = secret = None
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")

@@ -51,6 +51,8 @@ def _public_key_of(value: str) -> bytes:
         return curve.check_public_key(value)
     except curve.CurveError as exc:
         path = Path(value).expanduser()
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{value}: not a key file (a directory?)") from None
         if not path.is_file():
             hint = ""
             if 0 < len(value.strip()) < 40:
@@ -61,7 +63,7 @@ def _public_key_of(value: str) -> bytes:
                 )
             raise ConfigError(f"{exc}{hint}") from None
     try:
-        return curve.read_cert(path)[0]
+        return curve.check_public_key(curve.read_cert(path)[0].decode())
     except curve.CurveError as exc:
         raise ConfigError(str(exc)) from None
 

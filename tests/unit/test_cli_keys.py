@@ -18,6 +18,11 @@ def _greyproxy(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
 def test_allow_takes_the_key_quoted_or_its_file_and_says_when_a_shell_cut_it(tmp_path: Path) -> None:
     central, other = tmp_path / "central", tmp_path / "other"
     shown = _greyproxy(other, "keys")
@@ -45,6 +50,13 @@ def test_allow_takes_the_key_quoted_or_its_file_and_says_when_a_shell_cut_it(tmp
     junk.write_text("hello\n")
     bad = _greyproxy(central, "keys", "allow", "junk", str(junk))
     assert bad.returncode == 2 and str(junk) in bad.stderr and "not a CURVE certificate" in bad.stderr
+    for path, says in (
+        (tmp_path, "not a key file"),  # a directory
+        (_write(tmp_path / "bin.key", bytes(range(128, 256))), "not text"),
+        (_write(tmp_path / "tilde.key", b'public-key = "' + b"~" * 40 + b'"\n'), "is not a CURVE public key"),
+    ):
+        r = _greyproxy(central, "keys", "allow", "junk", str(path))
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert set(curve.authorized_keys(central / "keys").values()) == {"other"}
 
 
