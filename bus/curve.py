@@ -237,20 +237,26 @@ def refused() -> int:
 
 
 def diagnose(
-    endpoint: str, server_key: str | bytes | None = None, timeout: float = 2.0, name: str = "NAME"
+    endpoint: str,
+    server_key: str | bytes | None = None,
+    timeout: float = 2.0,
+    name: str = "NAME",
+    kind: int = zmq.DEALER,
 ) -> str | None:
     """Why a tcp:// endpoint does not answer, from the connection's own events (a ZeroMQ socket
     monitor), in words for the person who set the keys up; None when the CURVE handshake succeeds
     (the transport is fine: the service behind it is what does not answer) or for an ipc:// one.
 
-    Blocking (its own context, up to `timeout` seconds): call it off the event loop."""
+    `kind` is a socket type the endpoint's own accepts (DEALER for a control endpoint's ROUTER,
+    SUB for the bus's XPUB): ZeroMQ ends a handshake between mismatched types as it ends one with
+    the wrong key. Blocking (its own context, up to `timeout` seconds): call it off the event loop."""
     if not endpoint.startswith("tcp://") or _State.keys_dir is None:
         return None
     from zmq.utils.monitor import recv_monitor_message
 
     public = _keys()[0]
     ctx = zmq.Context()
-    sock = ctx.socket(zmq.DEALER)
+    sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
     secure(sock, endpoint, server=False, server_key=server_key)
     monitor = sock.get_monitor_socket()

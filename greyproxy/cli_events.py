@@ -115,17 +115,28 @@ def run(args: argparse.Namespace) -> int:
     for prefix in filt.prefixes():
         sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
     print(f"greyproxy events: listening on {cfg.bus['sub']} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    if not bus_listening(cfg.bus["sub"]):
-        print(
-            "greyproxy events: no bus listens there yet: is Greyproxy running? (its events appear once it starts)",
-            file=sys.stderr,
-            flush=True,
-        )
+    hint = bus_hint(cfg.bus["sub"])
+    if hint:
+        print(f"greyproxy events: {hint}", file=sys.stderr, flush=True)
     try:
         return _tail(sock, filt, args.json, sys.stdout, lambda: stop)
     finally:
         sock.close()
         ctx.term()
+
+
+def bus_hint(endpoint: str) -> str | None:
+    """Why no event may come, said at once rather than left to a silent wait; None when the bus
+    is there. ipc://: no socket accepts at the file. tcp://: the bus refused this host's CURVE key,
+    bus.serverKey is wrong, or nothing listens (bus/curve.py's diagnose: a CURVE handshake, which
+    an allowed key completes without a line in the bus's log)."""
+    if endpoint.startswith("tcp://"):
+        from bus import curve
+
+        return curve.diagnose(endpoint, timeout=2.0, kind=zmq.SUB)
+    if not bus_listening(endpoint):
+        return "no bus listens there yet: is Greyproxy running? (its events appear once it starts)"
+    return None
 
 
 def bus_listening(endpoint: str) -> bool:
