@@ -159,10 +159,13 @@ class HealthResource:
                 up = False  # killed: no need to wait for its heartbeats to go stale
             elif not up and name != "bus" and bus_silent and local and ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
                 up = True  # with the broker down no heartbeat can arrive; the process itself is alive
+            state = "up" if up else ("starting" if fresh and not ready else "down")  # (not starting for ever)
+            unreachable = getattr(ctx.proxy, "unreachable", None)
+            if up and seen is not None and seen.role == "proxy" and unreachable is not None and unreachable(name):
+                up, state = False, "unreachable"  # alive (its heartbeats come) but it does not answer the API
             services[name] = {
                 "up": up,
-                # "starting" only while it still speaks: one that died while starting is down
-                "state": "up" if up else ("starting" if fresh and not ready else "down"),
+                "state": state,
                 "pid": seen.pid if seen else None,
                 "last_seen": rfc3339(seen.last_seen) if seen else None,
                 "uptime": round(seen.uptime, 1) if seen else None,

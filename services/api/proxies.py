@@ -15,18 +15,24 @@ from any proxy (a bad argument: every proxy would say the same) is raised as it 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+import zmq
+
+from bus import curve
 from bus.reqrep import ControlClient, RemoteError, ServiceUnavailable
 
 log = logging.getLogger("greyproxy.api")
 
 # stats keys that are per-process counts: summed over the proxies.
 SUMMED = ("active_connections", "clients", "tunnels", "waiting", "decisions")
+PROBE_EVERY = 3.0  # seconds between pings of a proxy that heartbeats but did not answer
 
 
 def _sum_counts(results: list[Any], key: str) -> int:
@@ -78,14 +84,26 @@ class ProxyGroup:
         # Silent mode lives in each proxy's memory: what was last set through us, with its end,
         # is given again to a proxy that (re)starts, so it does not differ from the others.
         self._silent: tuple[str, float | None] | None = None
+        self._silent_known = False  # set or cleared through us at least once (else: the config's)
         self._started: dict[str, float] = {}  # proxy name -> started_at of its process
         self._tasks: set[asyncio.Task] = set()
+        # Endpoints whose last call found no answer, since when: a proxy on another host whose
+        # heartbeats arrive but whose control endpoint does not answer us (its host never allowed
+        # our key, say) is alive but out of our hands: /api/health shows it "unreachable".
+        self._unanswered: dict[str, float] = {}
+        self._probed: dict[str, float] = {}  # endpoint -> when it was last pinged for that
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def note_heartbeat(self, name: str, data: dict[str, Any]) -> None:
         """A heartbeat from a proxy that announces its control endpoint: call it from now on."""
         endpoint = data.get("control")
         if data.get("role") == "proxy" and isinstance(endpoint, str) and endpoint.startswith(("ipc://", "tcp://")):
-            if endpoint not in self._announced and endpoint not in self._configured:
+            new = endpoint not in self._announced and endpoint not in self._configured
+            if new:
                 log.info("proxy %s announced its control endpoint %s", name, endpoint)
             self._announced[endpoint] = (name, time.time())
             started = data.get("started_at")
@@ -93,15 +111,20 @@ class ProxyGroup:
                 previous = self._started.get(name)
                 self._started[name] = float(started)
                 if previous != started and self._silent is not None:  # a new process: give it silent mode
-                    task = asyncio.get_running_loop().create_task(self._resync_silent(name, endpoint))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    self._spawn(self._resync_silent(name, endpoint))
             key = data.get("control_key")
             if isinstance(key, str) and self._keys.get(endpoint) != key:
                 self._keys[endpoint] = key
                 old = self._clients.pop(endpoint, None)  # a new key: a new socket
                 if old is not None:
                     old.close()
+            # Can we reach it? Asked when it appears (health says so at once), and again while
+            # it heartbeats but does not answer us, every PROBE_EVERY seconds (it may have been
+            # starting, or its host has allowed our key since).
+            now = time.time()
+            if (new or endpoint in self._unanswered) and now - self._probed.get(endpoint, 0.0) >= PROBE_EVERY:
+                self._probed[endpoint] = now
+                self._spawn(self._probe(endpoint))
 
     def forget(self, name: str) -> None:
         """A proxy on another host stopped cleanly: call it no more (a new heartbeat brings it back)."""
@@ -110,7 +133,60 @@ class ProxyGroup:
             client = self._clients.pop(endpoint, None)
             if client is not None:
                 client.close()
+            self._unanswered.pop(endpoint, None)
+            self._probed.pop(endpoint, None)
         self._started.pop(name, None)
+
+    def unreachable(self, name: str) -> str | None:
+        """The control endpoint of proxy `name` (one announced by its heartbeats) when its last
+        call found no answer; else None."""
+        for endpoint, (n, _seen) in self._announced.items():
+            if n == name and endpoint in self._unanswered:
+                return endpoint
+        return None
+
+    def _name_of(self, endpoint: str) -> str:
+        announced = self._announced.get(endpoint)
+        return announced[0] if announced else endpoint
+
+    async def _probe(self, endpoint: str) -> None:
+        try:
+            await self._client(endpoint).call("ping", retries=1)
+        except ServiceUnavailable:
+            self._note_reach("ping", [], [endpoint])
+        except RemoteError:
+            self._note_reach("ping", [endpoint], [])
+        else:
+            self._note_reach("ping", [endpoint], [])
+
+    def _note_reach(self, op: str, answered: list[str], unanswered: list[str]) -> None:
+        now = time.time()
+        for endpoint in unanswered:
+            if endpoint not in self._unanswered:
+                self._unanswered[endpoint] = now
+                if endpoint.startswith("tcp://"):
+                    self._spawn(self._explain(endpoint))
+        for endpoint in answered:
+            if self._unanswered.pop(endpoint, None) is not None:
+                name = self._name_of(endpoint)
+                log.info("proxy %s answers again at %s", name, endpoint)
+                if self._silent_known and op not in ("allowall.set", "allowall.clear"):
+                    self._spawn(self._resync_silent(name, endpoint))  # it may have missed a change
+
+    async def _explain(self, endpoint: str) -> None:
+        """Say once why a tcp:// control endpoint does not answer (bus/curve.py's diagnose)."""
+        why = await asyncio.get_running_loop().run_in_executor(
+            None,
+            functools.partial(
+                curve.diagnose, endpoint, self._keys.get(endpoint), 2.0, socket.gethostname(), zmq.DEALER
+            ),
+        )
+        log.warning(
+            "proxy %s does not answer at %s: %s",
+            self._name_of(endpoint),
+            endpoint,
+            why or "its CURVE handshake succeeds: the process is busy or stuck",
+        )
 
     def endpoints(self) -> list[str]:
         now = time.time()
@@ -137,15 +213,17 @@ class ProxyGroup:
             *(self._client(ep).call(op, args, timeout=timeout, retries=retries) for ep in endpoints),
             return_exceptions=True,
         )
-        results, down = [], []
+        results, answered, down = [], [], []
         for ep, answer in zip(endpoints, answers):
-            if isinstance(answer, RemoteError):
-                raise answer
             if isinstance(answer, ServiceUnavailable):
                 down.append(ep)
-            elif isinstance(answer, BaseException):
-                raise answer
-            else:
+            elif not isinstance(answer, BaseException) or isinstance(answer, RemoteError):
+                answered.append(ep)
+        self._note_reach(op, answered, down)
+        for answer in answers:
+            if isinstance(answer, BaseException) and not isinstance(answer, ServiceUnavailable):
+                raise answer  # a RemoteError: every proxy would say the same
+            if not isinstance(answer, BaseException):
                 results.append(answer)
         if not results:
             raise ServiceUnavailable(self.service, f"none of {len(endpoints)} proxies answered")
@@ -156,12 +234,20 @@ class ProxyGroup:
         if op == "allowall.set" and args:
             seconds = args.get("duration_seconds") or 0
             self._silent = (str(args.get("mode") or "allow"), time.time() + seconds if seconds else None)
+            self._silent_known = True
         elif op == "allowall.clear":
             self._silent = None
+            self._silent_known = True
         return merge(op, results)
 
     async def _resync_silent(self, name: str, endpoint: str) -> None:
         if self._silent is None:
+            if self._silent_known:  # cleared while it could not hear us
+                try:
+                    await self._client(endpoint).call("allowall.clear", {})
+                    log.info("silent mode cleared on proxy %s, which missed it", name)
+                except (ServiceUnavailable, RemoteError) as exc:
+                    log.warning("could not clear silent mode on proxy %s: %s", name, exc)
             return
         mode, until = self._silent
         seconds = 0 if until is None else math.ceil(until - time.time())
@@ -169,9 +255,9 @@ class ProxyGroup:
             return
         try:
             await self._client(endpoint).call("allowall.set", {"mode": mode, "duration_seconds": seconds})
-            log.info("silent mode %s given again to the restarted proxy %s", mode, name)
+            log.info("silent mode %s given again to proxy %s", mode, name)
         except (ServiceUnavailable, RemoteError) as exc:
-            log.warning("could not give silent mode to the restarted proxy %s: %s", name, exc)
+            log.warning("could not give silent mode to proxy %s: %s", name, exc)
 
     def close(self) -> None:
         for client in self._clients.values():

@@ -281,3 +281,45 @@ def test_peer_with_unknown_key_is_refused_and_logged(central: Stack, origin: int
     finally:
         keys(central.data_dir, "revoke", "proxy-x")
         stranger.stop()
+
+
+def test_a_remote_proxy_that_never_allowed_the_central_key_is_unreachable_until_it_does(
+    central: Stack, origin: int
+) -> None:
+    """The other half of the key exchange forgotten: B joins (its heartbeats arrive) but refuses
+    the central API's calls. /api/health says so ("unreachable", degraded) instead of ok; the API's
+    log names the fix; once B allows the key (no restart), it is up and gets the silent mode set
+    meanwhile."""
+    remote = Remote(central, "proxy-d", central.central_key)  # type: ignore[attr-defined]
+    try:
+        keys(central.data_dir, "allow", "host-d", remote.public)
+        remote.start()
+
+        def state() -> str | None:
+            return (central.health()[1].get("services") or {}).get("proxy-d", {}).get("state")
+
+        wait_for(lambda: state() == "unreachable", 20, message=f"proxy-d unreachable\n{remote.log()}")
+        code, body = central.health()
+        assert code == 503 and "proxy-d" in body["down"]
+        api_log = central.data_dir / "logs" / "api.log"
+        wait_for(
+            lambda: (
+                "greyproxy keys allow " in api_log.read_text()
+                and "proxy proxy-d does not answer" in api_log.read_text()
+            ),
+            10,
+            message="the API's log naming why proxy-d does not answer",
+        )
+        assert "refused this host's CURVE key" in api_log.read_text()
+        r = central.request("POST", "/api/allowall", json={"mode": "deny", "duration_seconds": 120})
+        assert r.status_code == 200  # the reachable proxies took it
+
+        keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
+        wait_for(lambda: state() == "up", 20, message=f"proxy-d up once it allowed the central key\n{remote.log()}")
+        # It missed the silent deny while unreachable: given again when it answered.
+        out, _ = _curl(remote.ports["http-proxy"], "hostd", f"http://{ORIGIN_HOST}:{origin}/x").communicate(30)
+        assert out.endswith("\n403"), out
+    finally:
+        central.request("DELETE", "/api/allowall")
+        keys(central.data_dir, "revoke", "host-d")
+        remote.stop()

@@ -21,6 +21,7 @@ class FakeCtx:
         self.cfg = SimpleNamespace(bus={"heartbeatInterval": 1.0}, ports=lambda: {}, db_path="/nonexistent")
         self.started_at = time.time() - 100
         self.seen = seen
+        self.proxy: Any = None  # the API's proxy group (services/api/proxies.py); none here
 
     def stale_after(self) -> float:
         return 2.5
@@ -129,7 +130,7 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
     ctx = FakeCtx({})
     ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
     ctx.cfg.workers = 1  # type: ignore[attr-defined]
-    ctx.proxy = FakeProxies()  # type: ignore[attr-defined]
+    ctx.proxy = FakeProxies()
     for name in ("bus", "recorder", "maintenance"):
         health.take_heartbeat(ctx, _beat(name, pid=me))  # type: ignore[arg-type]
     for name in ("proxy", "proxy-b", "proxy-c"):
@@ -144,7 +145,7 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
     code, body = _get(ctx)
     assert code == 503
     assert "proxy-b" not in body["services"], "a remote proxy that stopped cleanly has left"
-    assert ctx.proxy.forgotten == ["proxy-b"]  # type: ignore[attr-defined]
+    assert ctx.proxy.forgotten == ["proxy-b"]
     assert body["services"]["recorder"]["state"] == "down"  # at once: its heartbeat is still fresh
     assert body["services"]["proxy-c"]["state"] == "down"
     assert body["down"] == ["proxy-c", "recorder"]
