@@ -442,7 +442,7 @@ SCHEMAS: dict[str, Any] = {
             "pid": nullable(INT),
             "last_seen": nullable(TS),
             "uptime": nullable(NUM),
-            "state": {"type": "string", "enum": ["up", "starting", "down"]},
+            "state": {"type": "string", "enum": ["up", "starting", "down", "unreachable"]},
         }
     ),
     "Health": obj(
