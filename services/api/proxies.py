@@ -154,10 +154,10 @@ class ProxyGroup:
             await self._client(endpoint).call("ping", retries=1)
         except ServiceUnavailable:
             self._note_reach("ping", [], [endpoint])
+            return
         except RemoteError:
-            self._note_reach("ping", [endpoint], [])
-        else:
-            self._note_reach("ping", [endpoint], [])
+            pass  # it answered (an error is an answer)
+        self._note_reach("ping", [endpoint], [])
 
     def _note_reach(self, op: str, answered: list[str], unanswered: list[str]) -> None:
         now = time.time()

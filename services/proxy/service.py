@@ -123,7 +123,9 @@ async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: Thre
             why = await loop.run_in_executor(
                 executor, functools.partial(curve.diagnose, view.endpoint, name=rt.cfg.proxy_name)
             )
-            why = why or f"{exc} (the connection is fine: is the recorder process running there?)"
+            if why is None:  # an ipc:// endpoint, or a tcp:// one whose CURVE handshake succeeds
+                fine = " (the connection is fine)" if view.endpoint.startswith("tcp://") else ""
+                why = f"{exc}{fine}: is the recorder process running there?"
             if why != said:
                 log.warning("waiting for the recorder at %s: %s", view.endpoint, why)
                 said = why
