@@ -11,7 +11,9 @@ may import from ``harness`` directly. Modules:
   ``ReachedHandler``, ``HelloHandler``, ``PathHandler``, ``JsonEchoHandler``;
 - ``clients``: ``curl``, ``curl_proxy``, ``proxy_url``, ``proxy_connect``,
   ``add_rule``, ``log_entries``, ``wait_log_entry``;
-- ``fixtures``: ``make_stack``, ``service_runner``, ``short_tmp``, ``origin_ca``, ``origin_ca_file``.
+- ``fixtures``: ``make_stack``, ``service_runner``, ``short_tmp``, ``origin_ca``, ``origin_ca_file``;
+- ``curve_peers``: ``curve_server`` (a CURVE server socket and three key pairs, in one process;
+  import it from ``harness.curve_peers``).
 """
 
 from .clients import add_rule, curl, curl_proxy, log_entries, proxy_connect, proxy_url, wait_log_entry

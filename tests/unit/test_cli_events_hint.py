@@ -9,6 +9,7 @@ import zmq
 
 from bus import curve
 from conftest import free_port
+from harness.curve_peers import curve_server
 from greyproxy.cli_events import bus_hint, bus_listening
 
 
@@ -31,27 +32,11 @@ def test_an_ipc_endpoint_listens_only_while_a_socket_accepts_there(tmp_path: Pat
 def test_a_tcp_bus_that_refuses_this_key_is_named_with_the_allow_command(tmp_path: Path) -> None:
     """SPEC §15: `greyproxy events` against a tcp:// bus on another host says at once that the bus
     refused this host's key, instead of waiting in silence."""
-    bus_dir, ours, stranger = tmp_path / "bus", tmp_path / "ours", tmp_path / "stranger"
-    bus_pub, _ = curve.ensure_keypair(bus_dir)
-    our_pub, _ = curve.ensure_keypair(ours)
-    stranger_pub, _ = curve.ensure_keypair(stranger)
-    (bus_dir / "authorized" / "ours.key").write_text(f'public-key = "{our_pub.decode()}"\n')
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
-    ctx = zmq.Context()
-    xpub = ctx.socket(zmq.XPUB)
-    try:
-        curve.configure(bus_dir)
-        curve.secure(xpub, endpoint, server=True)
-        xpub.bind(endpoint)
-        curve.configure(ours, bus_pub.decode())
-        assert bus_hint(endpoint) is None
-        curve.configure(stranger, bus_pub.decode())
-        hint = bus_hint(endpoint) or ""
-        assert "refused this host's CURVE key" in hint and stranger_pub.decode() in hint, hint
-        curve.configure(ours, bus_pub.decode())
+    with curve_server(tmp_path, zmq.XPUB) as bus:
+        curve.configure(bus.ours.dir, bus.server_key)
+        assert bus_hint(bus.endpoint) is None
+        curve.configure(bus.stranger.dir, bus.server_key)
+        hint = bus_hint(bus.endpoint) or ""
+        assert "refused this host's CURVE key" in hint and bus.stranger.public in hint, hint
+        curve.configure(bus.ours.dir, bus.server_key)
         assert "nothing accepts connections" in (bus_hint(f"tcp://127.0.0.1:{free_port()}") or "")
-    finally:
-        xpub.close(linger=0)
-        curve.configure(None)
-        curve._State.authenticators.pop(id(ctx)).stop()
-        ctx.term()

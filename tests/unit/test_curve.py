@@ -14,6 +14,7 @@ import zmq.asyncio
 from bus import curve
 from bus.reqrep import ControlClient, ControlServer, ServiceUnavailable
 from conftest import free_port
+from harness.curve_peers import curve_server
 
 
 def test_keypair_made_once_even_when_raced(tmp_path: Path) -> None:
@@ -86,38 +87,22 @@ def test_diagnose_names_why_a_tcp_endpoint_does_not_answer(tmp_path: Path) -> No
     """SPEC §15: a proxy on another host says why the central bus does not answer it: its key
     refused (with the allow command, the key quoted for a shell), a wrong bus.serverKey, or nothing
     listening; None once the handshake succeeds (the transport is fine)."""
-    server_dir, client_dir, stranger_dir = tmp_path / "s", tmp_path / "c", tmp_path / "x"
-    server_pub, _ = curve.ensure_keypair(server_dir)
-    client_pub, _ = curve.ensure_keypair(client_dir)
-    stranger_pub, _ = curve.ensure_keypair(stranger_dir)
-    (server_dir / "authorized" / "client.key").write_text(f'public-key = "{client_pub.decode()}"\n')
-    port, unused = free_port(), free_port()
-    endpoint = f"tcp://127.0.0.1:{port}"
-    ctx = zmq.Context()
-    server = ctx.socket(zmq.ROUTER)
-    try:
-        curve.configure(server_dir)
-        curve.secure(server, endpoint, server=True)
-        server.bind(endpoint)
-
-        curve.configure(client_dir, server_pub.decode())
+    with curve_server(tmp_path) as peers:
+        endpoint = peers.endpoint
+        curve.configure(peers.ours.dir, peers.server_key)
         assert curve.diagnose(endpoint, timeout=3.0) is None
         assert curve.diagnose(f"ipc://{tmp_path}/nothing.sock") is None  # ipc: the file mode guards it
 
-        curve.configure(stranger_dir, server_pub.decode())
+        curve.configure(peers.stranger.dir, peers.server_key)
         why = curve.diagnose(endpoint, timeout=3.0, name="proxy-x")
         assert why is not None and "refused this host's CURVE key" in why
-        assert f"greyproxy keys allow proxy-x '{stranger_pub.decode()}'" in why
+        assert f"greyproxy keys allow proxy-x '{peers.stranger.public}'" in why
 
-        curve.configure(client_dir, stranger_pub.decode())  # the client trusts the wrong server key
+        curve.configure(peers.ours.dir, peers.stranger.public)  # ours trusts the wrong server key
         why = curve.diagnose(endpoint, timeout=1.0)
         assert why is not None and "bus.serverKey" in why
 
-        curve.configure(client_dir, server_pub.decode())
+        curve.configure(peers.ours.dir, peers.server_key)
+        unused = free_port()
         why = curve.diagnose(f"tcp://127.0.0.1:{unused}", timeout=0.5)
         assert why == f"nothing accepts connections at tcp://127.0.0.1:{unused}"
-    finally:
-        server.close(linger=0)
-        curve.configure(None)
-        curve._State.authenticators.pop(id(ctx)).stop()
-        ctx.term()
