@@ -29,6 +29,8 @@ from .config import (
 SERVICES = ("bus", "proxy", "api", "recorder", "maintenance")
 # Extra subcommands registered by later capabilities: name -> (configure(parser), run(args) -> int).
 EXTRA_COMMANDS: dict[str, tuple] = {}  # name -> (configure(parser), run(args), one-line help)
+# name -> a function given the whole argv of that command, returning it as argparse should see it
+ARGV_FIXES: dict[str, Callable[[list[str]], list[str]]] = {}
 
 
 def _supervisord_conf() -> Path:
@@ -263,6 +265,9 @@ def main(argv: list[str] | None = None) -> None:
         # A service process (`greyproxy run NAME`) needs none of the extra commands: importing them
         # would load what they need (cryptography for `cert`, ...) into every one of the five.
         _load_extra_commands()
+    fix = ARGV_FIXES.get(argv[0]) if argv else None
+    if fix is not None:
+        argv = fix(list(argv))
     args = build_parser().parse_args(argv)
     try:
         code = args.fn(args)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bus import curve
 
-from .cli import EXTRA_COMMANDS, _add_config_args, _load
+from .cli import ARGV_FIXES, EXTRA_COMMANDS, _add_config_args, _load
 from .config import ConfigError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -121,8 +121,40 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(keys_fn=cmd_list)
 
 
+_VALUED = ("-C", "--config", "--host")  # allow's options that take a value
+
+
+def key_after_dashes(argv: list[str]) -> list[str]:
+    """`keys allow NAME KEY`: one z85 key in 85 starts with '-' (`-W56+!k…`), which argparse would
+    read as an unknown option. Such a KEY (40 characters) is passed after `--`, where argparse
+    reads only positionals; any other argv is left as it is."""
+    if argv[1:2] != ["allow"]:
+        return argv
+    options: list[str] = []
+    positionals: list[str] = []
+    i = 2
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            positionals += argv[i + 1 :]
+            break
+        if arg in _VALUED and i + 1 < len(argv):
+            options += argv[i : i + 2]
+            i += 2
+            continue
+        if arg.startswith(("--config=", "--host=")) or arg in ("-h", "--help"):
+            options.append(arg)
+        else:
+            positionals.append(arg)
+        i += 1
+    if len(positionals) == 2 and positionals[1].startswith("-") and len(positionals[1].strip()) == 40:
+        return [*argv[:2], *options, "--", *positionals]
+    return argv
+
+
 def run(args: argparse.Namespace) -> int:
     return int(args.keys_fn(args))
 
 
+ARGV_FIXES["keys"] = key_after_dashes
 EXTRA_COMMANDS["keys"] = (configure, run, "CURVE keys for tcp:// bus endpoints (a proxy on another host)")

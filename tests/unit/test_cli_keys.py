@@ -76,3 +76,27 @@ def test_help_lists_every_command_with_a_line_saying_what_it_does(tmp_path: Path
 def test_each_extra_command_still_has_its_own_help(tmp_path: Path, cmd: str) -> None:
     out = _greyproxy(tmp_path, cmd, "--help")
     assert out.returncode == 0 and out.stdout.startswith(f"usage: greyproxy {cmd}"), out.stderr
+
+
+def test_a_key_that_starts_with_a_dash_is_a_key_not_an_option(tmp_path: Path) -> None:
+    """One z85 key in 85 starts with '-': `keys allow NAME -W56…` must not read it as an option
+    (a stack test met one: argparse answered "the following arguments are required: key")."""
+    import zmq
+
+    from greyproxy.cli_keys import key_after_dashes
+
+    key = next(k.decode() for k, _ in iter(zmq.curve_keypair, None) if k.startswith(b"-"))
+    assert key_after_dashes(["keys", "allow", "b", key]) == ["keys", "allow", "--", "b", key]
+    assert key_after_dashes(["keys", "allow", "-C", "f.yaml", "b", key, "--host", "::1"]) == [
+        "keys", "allow", "-C", "f.yaml", "--host", "::1", "--", "b", key,
+    ]  # fmt: skip
+    untouched = [["keys", "allow", "b", "x" * 40], ["keys", "revoke", key], ["keys", "allow", "b", "-short"]]
+    for argv in untouched:
+        assert key_after_dashes(argv) == argv
+    central = tmp_path / "central"
+    conf = tmp_path / "c.yaml"
+    conf.write_text("proxy: {holdTimeout: 30}\n")
+    for argv in (["b", key], ["b", key, "-C", str(conf)], ["-C", str(conf), "b", key], ["b", "--", key]):
+        r = _greyproxy(central, "keys", "allow", *argv)
+        assert r.returncode == 0, (argv, r.stderr)
+        assert curve.authorized_keys(central / "keys") == {key.encode(): "b"}
