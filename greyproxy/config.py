@@ -334,6 +334,13 @@ class Config:
         return base if self.worker is None else f"{base}-{self.worker}"
 
     @property
+    def caps_split(self) -> int:
+        """Over how many processes the proxy's connection caps are split: proxy.workers for a
+        worker `greyproxy serve` starts (`--worker N`); 1 for a proxy run on its own (`greyproxy
+        run proxy`, a proxy on another host), whatever proxy.workers says (auto: the CPUs)."""
+        return self.workers if self.worker is not None else 1
+
+    @property
     def proxy_control(self) -> str:
         """The control endpoint this proxy process binds."""
         ep = self.bus["proxyControl"]

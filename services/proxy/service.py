@@ -259,19 +259,20 @@ async def main(rt: ServiceRuntime) -> None:
     if cfg.silent_allow:
         gate.set_silent("allow", None)
 
+    split = cfg.caps_split  # (a proxy run on its own takes the caps whole)
     limits = Limits(
         header_timeout=float(pcfg["headerTimeout"]),
         connect_timeout=float(pcfg["connectTimeout"]),
         idle_timeout=float(pcfg["idleTimeout"]),
         max_header_bytes=int(pcfg["maxHeaderBytes"]),
         max_headers=int(pcfg["maxHeaders"]),
-        max_connections=-(-int(pcfg["maxConnections"]) // cfg.workers),
-        max_per_client=-(-int(pcfg["maxConnectionsPerClient"]) // cfg.workers),
+        max_connections=-(-int(pcfg["maxConnections"]) // split),
+        max_per_client=-(-int(pcfg["maxConnectionsPerClient"]) // split),
         upstream_pool_size=int(pcfg["upstreamPoolSize"]),
         upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
         half_closed_clients=bool(pcfg["halfClosedClients"]),
     )
-    if cfg.workers > 1:
+    if split > 1:
         # The caps are split, not shared: each worker allows its share (the kernel spreads a
         # client's connections over the workers by their addresses, so one may refuse a little early).
         log.info(

@@ -46,6 +46,17 @@ def test_worker_endpoints(tmp_path) -> None:
     assert one.proxy_control == one.bus["proxyControl"]  # a lone proxy: the endpoint as configured
 
 
+def test_caps_are_split_only_over_the_workers_serve_starts(tmp_path) -> None:
+    """A proxy run on its own (another host's `greyproxy run proxy`, workers: auto by default) is
+    the only one: its caps are not divided by proxy.workers it does not run."""
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("proxy: {workers: 4}\n")
+    env = {"GREYPROXY_DATA_HOME": str(tmp_path)}
+    assert load_config(cfg_path, env={**env, "GREYPROXY_WORKER": "1"}).caps_split == 4
+    assert load_config(cfg_path, env=env).caps_split == 1
+    assert load_config(None, env=env).worker is None and load_config(None, env=env).caps_split == 1
+
+
 def test_supervisord_conf_for_workers() -> None:
     text = (REPO / "supervisord.conf").read_text()
     assert render_supervisord_conf(text, 1) == text
