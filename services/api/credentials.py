@@ -30,7 +30,7 @@ from greyproxy.timeutil import rfc3339
 
 from .context import ApiContext
 from .errors import ApiError, bad_request
-from .util import json_response, read_json, soft_call
+from .util import json_response, read_json, refuse_misspelt, soft_call
 
 log = logging.getLogger("greyproxy.api")
 
@@ -146,8 +146,22 @@ def _require_hosts(ctx: ApiContext) -> bool:
     return bool(ctx.cfg.raw.get("credentials", {}).get("requireHosts", False))
 
 
+SESSION_FIELDS = (
+    "session_id",
+    "container_name",
+    "mappings",
+    "labels",
+    "hosts",
+    "metadata",
+    "ttl_seconds",
+    "global_credentials",
+)
+CREDENTIAL_FIELDS = ("label", "value", "hosts")
+
+
 def parse_session(body: dict[str, Any], require_hosts: bool) -> dict[str, Any]:
     """The validated session (values still in clear: seal them and drop them)."""
+    refuse_misspelt(body, SESSION_FIELDS)  # `host` left out would send the value to any host
     sid = body.get("session_id")
     if not isinstance(sid, str) or not sid:
         raise bad_request("session_id is required")
@@ -364,6 +378,7 @@ class CredentialsResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         ctx = self.ctx
         body = await read_json(req)
+        refuse_misspelt(body, CREDENTIAL_FIELDS)
         try:
             label = validate_label(body.get("label"))
             value = validate_value(body.get("value"))

@@ -580,6 +580,9 @@ def test_8_bad_input_is_a_400_that_never_echoes_the_value(stack: Stack, world: d
         ({"session_id": "gw-bad"}, "at least one of mappings, global_credentials"),
         ({"session_id": "gw-bad", "mappings": {ph: secret}, "hosts": {ph: ["10.0.0.0/99"]}}, "hosts"),
         ({"session_id": "gw-bad", "mappings": {ph: secret}, "ttl_seconds": "60"}, "ttl_seconds"),
+        # A misspelt `hosts` would leave the value bound to no host: refused, not ignored.
+        ({"session_id": "gw-bad", "mappings": {ph: secret}, "host": {ph: ["a.example"]}}, "did you mean 'hosts'"),
+        ({"session_id": "gw-bad", "mapping": {ph: secret}}, "did you mean 'mappings'"),
     ]
     for body, words in bad:
         r = session(stack, **body)
@@ -588,6 +591,9 @@ def test_8_bad_input_is_a_400_that_never_echoes_the_value(stack: Stack, world: d
     r = api(stack, "POST", "/api/credentials", json={"label": "BAD", "value": secret + "\n"})
     assert r.status_code == 400 and secret not in r.text
     assert api(stack, "POST", "/api/credentials", json={"label": "", "value": secret}).status_code == 400
+    r = api(stack, "POST", "/api/credentials", json={"label": "BOUND", "value": secret, "host": ["a.example"]})
+    assert r.status_code == 400 and "did you mean 'hosts'" in r.json()["error"] and secret not in r.text
+    assert all(c["label"] != "BOUND" for c in api(stack, "GET", "/api/credentials").json())
     # A placeholder held by another live session: 409.
     r = session(stack, session_id="gw-thief", mappings={world["ph"]: "stolen-value-123"})
     assert r.status_code == 409 and SID in r.json()["error"], r.text
