@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -425,7 +426,11 @@ def run_checks(cfg: Config, plan, container: str | None, args: argparse.Namespac
     env = environ_with(plan)
     away = proxy_away(env)
     if away is not None:  # (each runtime would fail alike, each in its own words)
-        print(f"greyproxy env --check: {away}: is Greyproxy running? Start it: greyproxy serve", file=sys.stderr)
+        # A proxy on another host (rulesFrom: recorder) runs alone; here, the whole stack.
+        start = "greyproxy run proxy" if cfg.section("proxy")["rulesFrom"] == "recorder" else "greyproxy serve"
+        if getattr(args, "config", None):
+            start += f" -C {shlex.quote(str(args.config))}"
+        print(f"greyproxy env --check: {away}: is Greyproxy running? Start it: {start}", file=sys.stderr)
         return 1
     env["GIT_TERMINAL_PROMPT"] = "0"
     env.setdefault("npm_config_update_notifier", "false")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,23 @@ def test_a_stack_that_is_not_running_is_named_before_any_runtime_runs(capsys: py
     assert f"greyproxy env --check: nothing answers at 127.0.0.1:{port}, the proxy these variables name" in err, err
     assert "is Greyproxy running? Start it: greyproxy serve" in err, err
     assert proxy_away({}) == "no HTTPS_PROXY or HTTP_PROXY is set"
+
+
+def test_a_remote_proxy_that_is_not_running_is_started_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a host B config (proxy.rulesFrom: recorder), the way to start it is `greyproxy run
+    proxy -C FILE` (SPEC §15), not `serve`, which would start a whole stack of its own."""
+    from greyproxy.cli_env import EnvPlan
+    from greyproxy.config import load_config
+
+    cfg_path = tmp_path / "host b.yaml"
+    cfg_path.write_text("proxy: {rulesFrom: recorder}\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    plan = EnvPlan([("HTTPS_PROXY", f"http://agent:x@127.0.0.1:{port}")], [])
+    args = argparse.Namespace(check_url="https://x/", check_git=None, check_timeout=30.0, config=str(cfg_path))
+    cfg = load_config(cfg_path, env={"GREYPROXY_DATA_HOME": str(tmp_path)})
+    assert run_checks(cfg, plan, "agent", args) == 1
+    assert f"Start it: greyproxy run proxy -C '{cfg_path}'" in capsys.readouterr().err
