@@ -549,6 +549,39 @@ def test_banner_across_an_api_restart_and_views_current_after(stack: Stack, plai
     w.clean()
 
 
+def test_overview_lists_each_proxy_worker_with_its_state(watched) -> None:  # noqa: ANN001
+    """SPEC §15 / UI.md's process health: with proxy.workers 2 the Overview shows each worker
+    beside "proxy", with /api/health's state. A worker that stops answering (SIGSTOP: alive, but
+    its heartbeats stop) shows down, and "proxy" with it; the other stays up."""
+    s = Stack({"proxy": {"workers": 2}})
+    try:
+        s.start()
+        w = watched()
+        p = w.page
+        p.goto(s.url("/"))
+        for name in ("proxy-0", "proxy-1"):
+            p.locator(f'[data-proc="{name}"] .state', has_text="● up").wait_for(timeout=5000)
+        pid = s.pid("proxy-1")
+        assert pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(lambda: s.health()[1]["services"]["proxy-1"]["state"] == "down", 15, message="proxy-1 down")
+            p.get_by_role("button", name="Refresh").click()
+            p.locator('[data-proc="proxy-1"] .state', has_text="✕ down").wait_for(timeout=5000)
+            p.locator('[data-proc="proxy"] .state', has_text="✕ down").wait_for(timeout=5000)
+            assert p.locator('[data-proc="proxy-0"] .state').inner_text() == "● up"
+            label = p.locator("#health .hdot").filter(has_text="proxy").first.get_attribute("aria-label")
+            assert label == "proxy: down", label
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # The page's own fetch of the 503 health answer is reported by the browser; nothing else.
+        w.errors = [e for e in w.errors if "status of 503" not in e]
+        w.clean()
+    finally:
+        s.cleanup()
+        shutil.rmtree(s.root, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- 6. theme
 
 

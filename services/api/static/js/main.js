@@ -149,7 +149,7 @@ function renderHealth() {
   replace(el, PROCESSES.map((p) => {
     const svc = services[p];
     const up = svc ? !!svc.up : null;
-    const label = `${p}: ${up == null ? 'unknown' : up ? 'up' : 'down'}`;
+    const label = `${p}: ${up == null ? 'unknown' : up ? 'up' : (svc.state || 'down')}`;
     return h('span', { class: ['hdot', up == null ? 'unknown' : up ? 'up' : 'down'], title: label, 'aria-label': label, role: 'img' },
       h('span.hname', p));
   }));

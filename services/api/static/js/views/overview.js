@@ -4,6 +4,9 @@ import { get, post } from '../api.js';
 import * as live from '../live.js';
 
 const PROCESSES = ['bus', 'proxy', 'api', 'recorder', 'maintenance'];
+// /api/health's states (docs/events.md, service.heartbeat): "unreachable" is a proxy on another
+// host whose heartbeats arrive but which does not answer the API.
+const STATE_TEXT = { up: '● up', starting: '◌ starting', unreachable: '✕ unreachable', down: '✕ down' };
 const PERIODS = [['today', 'Today'], ['7d', '7 days'], ['30d', '30 days']];
 
 export function mount(root, params, query, app) {
@@ -29,14 +32,25 @@ export function mount(root, params, query, app) {
     return h('section.card', { 'aria-labelledby': 'h-health' },
       h('div.card-head', h('h2#h-health', 'Processes'),
         h('button.btn.btn-ghost.btn-xs', { type: 'button', on: { click: async () => { const { refreshHealth } = await import('../main.js'); await refreshHealth(); render(); } } }, 'Refresh')),
-      h('div.procs', PROCESSES.map((p) => {
-        const svc = services[p];
-        const up = svc ? svc.up : null;
-        return h('div.proc',
-          h('span.mono.strong', p),
-          h('span', { class: ['state', up == null ? '' : up ? 'up' : 'down'] }, up == null ? '— unknown' : up ? '● up' : '✕ down'),
-          h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '', svc && svc.last_seen ? ` · seen ${fmtAgo(svc.last_seen)}` : ''));
+      h('div.procs', PROCESSES.flatMap((p) => {
+        const cells = [procCell(p, services[p], false)];
+        // After "proxy": each proxy process on its own (workers proxy-0 …, proxies on other hosts).
+        if (p === 'proxy') {
+          const more = Object.keys(services).filter((n) => !PROCESSES.includes(n)).sort();
+          for (const n of more) cells.push(procCell(n, services[n], true));
+        }
+        return cells;
       })));
+  }
+
+  function procCell(name, svc, worker) {
+    const up = svc ? svc.up : null;
+    const state = svc ? (svc.state || (up ? 'up' : 'down')) : null;
+    const cls = up == null ? '' : up ? 'up' : state === 'starting' ? 'starting' : 'down';
+    return h('div', { class: ['proc', worker && 'worker'], 'data-proc': name },
+      h('span.mono.strong', name),
+      h('span', { class: ['state', cls] }, state == null ? '— unknown' : STATE_TEXT[state] || `✕ ${state}`),
+      h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '', svc && svc.last_seen ? ` · seen ${fmtAgo(svc.last_seen)}` : ''));
   }
 
   function chart(timeline) {
