@@ -53,14 +53,41 @@ class Publisher:
         self._cache: dict[str, bool] = {}  # topic -> wanted, for the current prefixes
         self._unsure_until: float | None = time.monotonic() + self._settle
         curve.secure(self._sock, self._endpoint, server=False)
+        # tcp:// with CURVE: watch the handshakes, since a refused key is never retried (below).
+        self._monitor: zmq.Socket | None = None
+        if self._endpoint.startswith("tcp://") and curve.configured():
+            self._monitor = self._sock.get_monitor_socket(
+                zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            )
         self._sock.connect(self._endpoint)
+
+    def refused(self) -> bool | None:
+        """tcp:// only, non-blocking: True when the bus's last handshake refused this host's key,
+        False when the last one succeeded, None when none happened since the last look."""
+        if self._monitor is None:
+            return None
+        from zmq.utils.monitor import recv_monitor_message
+
+        seen: bool | None = None
+        while self._monitor.poll(0):
+            event = recv_monitor_message(self._monitor)["event"]
+            seen = event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+        return seen
 
     def reconnect(self) -> None:
         """Connect again on a fresh socket. libzmq gives up on a tcp:// endpoint for good once its
         CURVE server refused this host's key (the refusal ends the session as a protocol error,
-        which is never retried); a process that waited until its key was allowed calls this."""
-        self._sock.close(linger=0)
+        which is never retried): the heartbeat loop (greyproxy/runtime.py) calls this, backing
+        off, while `refused()` says so, and a proxy that waited for its key to be allowed too."""
+        self._close_socket(linger=0)
         self._open()
+
+    def _close_socket(self, linger: int | None = None) -> None:
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        self._sock.close(linger=linger)
 
     def _take_subscriptions(self) -> None:
         """Take in the (un)subscriptions that arrived; non-blocking."""
@@ -116,7 +143,7 @@ class Publisher:
         self.skipped += n
 
     def close(self) -> None:
-        self._sock.close()
+        self._close_socket()  # (the socket's own linger: what was published last still leaves)
 
 
 class Subscriber:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -100,6 +101,9 @@ def setup_logging(service: str) -> None:
     )
 
 
+BUS_RETRY_MIN, BUS_RETRY_MAX = 2.0, 60.0  # seconds between tries of a tcp:// bus that refused our key
+
+
 class ServiceRuntime:
     """Heartbeat publisher plus a registry of figures each service reports in it."""
 
@@ -151,9 +155,34 @@ class ServiceRuntime:
         import asyncio
 
         interval = float(self.cfg.bus["heartbeatInterval"])
+        refused_since: float | None = None
+        retry_at, backoff = 0.0, BUS_RETRY_MIN
         while True:
             self.publisher.publish(topics.SERVICE_HEARTBEAT, self.heartbeat_payload())
             await asyncio.sleep(interval)
+            # A tcp:// bus that refused this host's key is never asked again by libzmq: ask again
+            # here, backing off (each try is a line in that bus's log), until it is allowed there.
+            refused, now = self.publisher.refused(), time.monotonic()
+            if refused and refused_since is None:
+                refused_since, retry_at = now, now + backoff
+                from bus import curve
+
+                key = curve.public_key() or ""
+                log.warning(
+                    "the bus at %s refused this host's CURVE key %s: heartbeats and events stay off it until"
+                    " it is allowed there (greyproxy keys allow %s %s); trying again",
+                    self.cfg.bus["pub"],
+                    key,
+                    self.name,
+                    shlex.quote(key),
+                )
+            elif refused is False and refused_since is not None:
+                log.info("the bus at %s accepts this host's key again", self.cfg.bus["pub"])
+                refused_since, backoff = None, BUS_RETRY_MIN
+            if refused_since is not None and now >= retry_at:
+                self.publisher.reconnect()
+                backoff = min(backoff * 2, BUS_RETRY_MAX)
+                retry_at = now + backoff
 
 
 def run_async_service(

@@ -30,6 +30,8 @@ class CurvePeers:
     server_key: str
     ours: KeyPair
     stranger: KeyPair
+    server_dir: Path  # its authorized/ decides who may connect (read at each handshake)
+    sock: zmq.Socket  # the bound server socket
 
 
 @contextlib.contextmanager
@@ -46,7 +48,7 @@ def curve_server(tmp_path: Path, kind: int = zmq.ROUTER) -> Iterator[CurvePeers]
         curve.configure(pairs["server"].dir)
         curve.secure(sock, endpoint, server=True)
         sock.bind(endpoint)
-        yield CurvePeers(endpoint, pairs["server"].public, pairs["ours"], pairs["stranger"])
+        yield CurvePeers(endpoint, pairs["server"].public, pairs["ours"], pairs["stranger"], pairs["server"].dir, sock)
     finally:
         sock.close(linger=0)
         curve.configure(None)

@@ -253,10 +253,11 @@ def test_peer_with_unknown_key_is_refused_and_logged(central: Stack, origin: int
         # waits, saying why in its own log, with the command that lets it in, key quoted for a shell.
         assert central.get("/api/logs", params={"container": "stranger"}).json()["items"] == []
         wait_for(
-            lambda: "refused this host's CURVE key" in stranger.log(),
+            lambda: "waiting for the recorder at" in stranger.log(),
             20,
             message=f"the stranger's own log naming the refusal\n{stranger.log()}",
         )
+        assert "refused this host's CURVE key" in stranger.log()
         assert f"greyproxy keys allow proxy-x '{stranger.public}'" in stranger.log()
         assert stranger.proc is not None and stranger.proc.poll() is None, "it waits; it does not exit"
         assert "Traceback" not in stranger.log()
