@@ -36,7 +36,7 @@ from .mitm import Interceptor
 from .pipeline import Recorder
 from .settings_watch import SettingsWatch
 from .socks5_proxy import handle_socks
-from .store_view import LocalView, RecorderAway, RecorderView, view_for
+from .store_view import LocalView, RecorderView, log_failure, view_for
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -100,10 +100,8 @@ class RuleLoader:
                 # An expired rule changes the answer without changing the version (the held
                 # connections are judged again; the live ones it let in stay, see close_revoked).
                 self.gate.reevaluate_holds()
-            except RecorderAway:
-                pass  # said once by the view
             except Exception:
-                log.exception("rule version check failed")
+                log_failure(log, "rule version check failed")
 
 
 async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: ThreadPoolExecutor) -> None:
@@ -149,10 +147,8 @@ async def _listen_identities(cfg: Config, ids: IdentityGuard) -> None:
                 pass
             try:
                 await ids.reload()
-            except RecorderAway:
-                pass  # said once by the view
             except Exception:
-                log.exception("identities reload failed")
+                log_failure(log, "identities reload failed")
     finally:
         sub.close()
 
@@ -165,18 +161,14 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
         await asyncio.sleep(0.1)
         try:
             await loader.reload()
-        except RecorderAway:
-            pass  # said once by the view
         except Exception:
-            log.exception("rule reload failed")
+            log_failure(log, "rule reload failed")
         while True:
             await sub.recv()
             try:
                 await loader.reload()
-            except RecorderAway:
-                pass  # said once by the view
             except Exception:
-                log.exception("rule reload failed")
+                log_failure(log, "rule reload failed")
     finally:
         sub.close()
 

@@ -16,7 +16,7 @@ from typing import Any
 from bus import topics
 from bus.pubsub import Subscriber
 
-from .store_view import LocalView, RecorderAway, RecorderView
+from .store_view import LocalView, RecorderView, log_failure
 
 log = logging.getLogger("greyproxy.proxy")
 
@@ -86,10 +86,8 @@ class SettingsWatch:
                 await sub.recv()
                 try:
                     await self.load(force=True)
-                except RecorderAway:
-                    pass  # said once by the view
                 except Exception:
-                    log.exception("settings reload failed")
+                    log_failure(log, "settings reload failed")
         finally:
             sub.close()
 
@@ -98,7 +96,5 @@ class SettingsWatch:
             await asyncio.sleep(self.check_every)
             try:
                 await self.load()
-            except RecorderAway:
-                pass  # said once by the view
             except Exception:
-                log.exception("settings version check failed")
+                log_failure(log, "settings version check failed")

@@ -11,6 +11,7 @@ Two sources with the same methods (all blocking: call them in a worker thread):
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -23,6 +24,13 @@ log = logging.getLogger("greyproxy.proxy")
 class RecorderAway(ServiceUnavailable):
     """The central recorder does not answer. RecorderView says so once in the log, when it
     starts and when it ends; its callers skip the turn without a traceback of their own."""
+
+
+def log_failure(logger: logging.Logger, what: str) -> None:
+    """For a watcher's `except Exception:` block: the failure, with its traceback, unless it is
+    RecorderAway (the view has said that once already; the watcher just skips its turn)."""
+    if not isinstance(sys.exc_info()[1], RecorderAway):
+        logger.exception(what)
 
 
 class LocalView:

@@ -883,7 +883,7 @@ def test_decision_rejects_bad_body(api, body, field):
     ],
 )
 def test_decision_refuses_a_misspelt_field(api, body, meant):
-    """A grant whose bound is misspelt is refused (400, naming the field meant), not widened to
+    """SPEC §3.2: a grant whose bound is misspelt is refused (400, naming the field meant), not widened to
     the default; members that resemble no field are still ignored (clients may send extras)."""
     pid = api.add_pending("c1", "typo.example", 443)
     for action in ("allow", "deny"):
@@ -1445,7 +1445,7 @@ def test_allowall_validates_before_asking_the_proxy(api, body, field):
 
 @pytest.mark.parametrize("body", [{"duration": 300}, {"seconds": 300}, {"mdoe": "deny"}])
 def test_allowall_refuses_a_misspelt_field(live, body):
-    """`duration` for `duration_seconds` would otherwise mean silent mode until restart."""
+    """SPEC §4: `duration` for `duration_seconds` would otherwise mean silent mode until restart."""
     res = live.post("/api/allowall", body)
     assert res.status_code == 400
     assert "did you mean" in error_of(res)

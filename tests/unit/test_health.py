@@ -94,7 +94,8 @@ def test_a_service_still_starting_is_not_up(monkeypatch) -> None:
 
 
 def test_one_that_died_while_starting_is_down_not_starting_forever(monkeypatch) -> None:
-    """Its last heartbeat said ready: false, then nothing: that is a process gone, not starting."""
+    """SPEC §5 (health): its last heartbeat said ready: false, then nothing: that is a process
+    gone, not starting."""
     me = os.getpid()
     seen = {name: _seen(me, 0.1) for name in health.WATCHED}
     seen["recorder"] = _seen(me, 60)
@@ -122,7 +123,8 @@ def _beat(name: str, **extra: Any) -> dict[str, Any]:
 
 
 def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_listed(monkeypatch) -> None:
-    """docs/events.md: a service's last heartbeat says `stopping`. A local one shows down at once
+    """SPEC §5 (health) and §15 (several hosts), docs/events.md: a service's last heartbeat says
+    `stopping`. A local one shows down at once
     (not after staleness); a proxy on another host that left is dropped from /api/health and from
     the API's fan-out, so the stack is not degraded for good; one that dies silently stays, down."""
     me = os.getpid()

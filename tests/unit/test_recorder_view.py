@@ -58,3 +58,21 @@ def test_an_absent_recorder_is_said_once_and_its_return_once(tmp_path: Path, cap
     back = [r for r in caplog.records if "answers again" in r.getMessage()]
     assert len(back) == 1 and back[0].levelno == logging.INFO
     assert len([r for r in caplog.records if "does not answer" in r.getMessage()]) == 1
+
+
+def test_a_watcher_logs_its_failures_but_not_the_recorder_being_away(caplog) -> None:
+    from services.proxy.store_view import log_failure
+
+    log = logging.getLogger("greyproxy.proxy")
+    with caplog.at_level(logging.INFO, logger="greyproxy.proxy"):
+        try:
+            raise RecorderAway("recorder", "no answer")
+        except Exception:
+            log_failure(log, "rule version check failed")
+        assert caplog.records == []  # the view said it once; no traceback per watcher and turn
+        try:
+            raise ValueError("a bug")
+        except Exception:
+            log_failure(log, "rule version check failed")
+    assert [r.getMessage() for r in caplog.records] == ["rule version check failed"]
+    assert caplog.records[0].exc_info is not None
