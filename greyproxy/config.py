@@ -93,6 +93,7 @@ _SCHEMA: dict[str, Any] = {
         "recorderControl": str,
         "maintenanceControl": str,
         "heartbeatInterval": _NUM,
+        "stallTimeout": _NUM,
         "requestTimeout": _NUM,
         "requestRetries": int,
         "keysDir": str,
@@ -152,7 +153,9 @@ _POSITIVE = {
     "greyproxy.docker.cacheTTL",
 }
 
-_NON_NEGATIVE = {"proxy.upstreamPoolSize", "database.checkpointInterval"}
+_NON_NEGATIVE = {"proxy.upstreamPoolSize", "database.checkpointInterval", "bus.stallTimeout"}
+# bus.stallTimeout: below this a busy but healthy process could be taken for a stalled one.
+STALL_MIN = 2.0
 
 
 def default_config_text() -> str:
@@ -182,6 +185,8 @@ def _check_leaf(path: str, value: Any, t: Any) -> None:
         raise ConfigError(f"config key {path!r}: must be greater than 0")
     if path in _NON_NEGATIVE and value < 0:
         raise ConfigError(f"config key {path!r}: must be 0 or more")
+    if path == "bus.stallTimeout" and 0 < value < STALL_MIN:
+        raise ConfigError(f"config key {path!r}: must be 0 (no watchdog) or at least {STALL_MIN:g} seconds")
 
 
 def _validate(node: Any, schema: Any, path: str) -> None:

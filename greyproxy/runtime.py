@@ -1,7 +1,9 @@
-"""What every service process shares: logging, uvloop, the heartbeat and clean shutdown."""
+"""What every service process shares: logging, uvloop, the heartbeat, the stall watchdog and clean
+shutdown."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import logging
 import os
@@ -80,6 +82,94 @@ def exit_with_parent(env: Mapping[str, str] | None = None) -> bool:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
     _watching_parent = True
     return True
+
+
+# A service whose event loop stops running (bus.stallTimeout): its exit status, so that its
+# supervisor (supervisord; systemd's Restart=on-failure) restarts it. EX_SOFTWARE, from sysexits.h.
+EXIT_STALLED = 70
+STALL_TICK = 1.0  # seconds between the loop's ticks (at most; a quarter of a short timeout)
+STALL_REARM = 5.0  # seconds between re-arms of faulthandler's fallback timer
+STALL_FALLBACK = 10.0  # the fallback fires this long after the watchdog thread would have
+
+
+class StallWatchdog:
+    """Ends this process when its event loop has not run for `timeout` seconds, with every thread's
+    stack in its log (stderr), so that its supervisor starts a fresh one.
+
+    A stalled loop serves nobody: a proxy worker's listener keeps taking its share of new
+    connections (SO_REUSEPORT), which then wait forever. The loop ticks (`call_later`) every
+    `STALL_TICK` s; a daemon thread checks the last tick and, past `timeout`, logs why, dumps the
+    stacks (faulthandler) and `_exit`s with `EXIT_STALLED`. That thread needs the GIL, which a
+    stall inside C code may never give back (a catastrophic regex, a loop in a compiled module):
+    for that case each tick also keeps faulthandler's own timer armed (a C thread that needs no
+    GIL), which dumps the stacks and exits with status 1 `fallback` seconds later than the thread
+    would have. A process stopped by SIGSTOP (or a debugger) longer than `timeout` exits when it
+    is continued; `bus.stallTimeout: 0` turns the watchdog off."""
+
+    def __init__(
+        self, service: str, timeout: float, fallback: float = STALL_FALLBACK, rearm: float = STALL_REARM
+    ) -> None:
+        self.service = service
+        self.timeout = timeout
+        self.fallback = fallback
+        self.rearm = rearm
+        self.tick_every = min(STALL_TICK, timeout / 4)
+        self.last = time.monotonic()
+        self._armed_at = float("-inf")
+        self._loop: Any = None
+        self._timer: Any = None
+        self._stopped = threading.Event()
+
+    def start(self, loop: Any) -> None:
+        """Begin watching `loop` (the running loop of this thread)."""
+        self._loop = loop
+        self._tick()
+        threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
+
+    def _tick(self) -> None:
+        now = self.last = time.monotonic()
+        if now - self._armed_at >= self.rearm:
+            self._armed_at = now
+            try:  # (re-armed every `rearm` s: fires at least `fallback` s after the thread would)
+                faulthandler.dump_traceback_later(self.timeout + self.rearm + self.fallback, exit=True)
+            except (RuntimeError, ValueError, OSError) as exc:  # no usable stderr: the thread alone
+                log.warning("stall watchdog: faulthandler's timer is unavailable (%s)", exc)
+                self._armed_at = float("inf")
+        self._timer = self._loop.call_later(self.tick_every, self._tick)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(self.tick_every):
+            stalled = time.monotonic() - self.last
+            if stalled >= self.timeout and not self._stopped.is_set():
+                self._exit(stalled)
+
+    def _exit(self, stalled: float) -> None:
+        log.critical(
+            "%s: the event loop has not run for %.1f s (bus.stallTimeout: %g): exiting with status %d so that"
+            " it is started again; where each thread was follows",
+            self.service,
+            stalled,
+            self.timeout,
+            EXIT_STALLED,
+        )
+        for handler in logging.getLogger().handlers:
+            try:
+                handler.flush()
+            except Exception:  # noqa: S110 - exiting anyway
+                pass
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (RuntimeError, ValueError, OSError):
+            pass
+        os._exit(EXIT_STALLED)
+
+    def stop(self) -> None:
+        """The loop is ending on purpose (a clean stop): no more watching."""
+        self._stopped.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._armed_at != float("inf"):
+            faulthandler.cancel_dump_traceback_later()
 
 
 def tune_gc(threshold: tuple[int, int, int]) -> None:
@@ -211,11 +301,17 @@ def run_async_service(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, task.cancel)
         hb = asyncio.create_task(rt.heartbeat_loop())
+        stall = float(cfg.bus["stallTimeout"])
+        watchdog = StallWatchdog(name, stall) if stall > 0 else None
+        if watchdog is not None:
+            watchdog.start(loop)
         try:
             await main(rt)
         except asyncio.CancelledError:
             log.info("%s stopping", name)
         finally:
+            if watchdog is not None:
+                watchdog.stop()
             hb.cancel()
             # A last heartbeat: /api/health shows this process down at once, not after the
             # heartbeats go stale, and forgets a proxy on another host that left (docs/events.md).

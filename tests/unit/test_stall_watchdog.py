@@ -1,0 +1,108 @@
+"""The stall watchdog (greyproxy.runtime.StallWatchdog, bus.stallTimeout): a process whose event loop
+stops running exits, saying why and where each thread was; one whose loop keeps running does not.
+
+Each case is a real Python process on uvloop, as a service runs (the watchdog's thread, the loop's
+ticks and faulthandler's timer are process-wide, so they are not tried inside the test process).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from greyproxy.config import ConfigError, load_config
+from greyproxy.runtime import EXIT_STALLED
+from tests.harness.util import REPO
+
+SCRIPT = """
+import asyncio, logging, re, sys, time
+import uvloop
+from greyproxy.runtime import StallWatchdog
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(message)s")
+mode = sys.argv[1]
+
+def blocking_step():  # a blocking call on the loop: releases the GIL, so the thread sees it
+    time.sleep(30)
+
+def catastrophic_regex():  # C code that never gives the GIL back: only faulthandler's timer fires
+    re.match(r"(a+)+$", "a" * 64 + "b")
+
+async def main():
+    dog = StallWatchdog("test-service", 1.0, fallback=0.5, rearm=0.5)
+    dog.start(asyncio.get_running_loop())
+    if mode == "busy":  # responsive for 3 timeouts, then a clean stop
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end:
+            sum(range(20000))
+            await asyncio.sleep(0)
+        dog.stop()
+        await asyncio.sleep(2.0)  # stopped: no longer watched, even while nothing ticks
+        time.sleep(2.0)
+        print("clean end", flush=True)
+        return
+    await asyncio.sleep(0.3)
+    blocking_step() if mode == "sleep" else catastrophic_regex()
+
+uvloop.run(main())
+"""
+
+
+def _run(mode: str, timeout: float = 20.0) -> tuple[int, str, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(SCRIPT), mode],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=str(REPO),
+    )
+    return proc.returncode, proc.stdout + proc.stderr, time.monotonic() - t0
+
+
+def test_a_loop_blocked_by_a_call_exits_with_its_reason_and_stack() -> None:
+    code, out, took = _run("sleep")
+    assert code == EXIT_STALLED, out
+    assert took < 10, (took, out)  # 1 s of stall, not the 30 s of the call
+    assert "CRITICAL test-service: the event loop has not run for" in out, out
+    assert "bus.stallTimeout: 1" in out and f"exiting with status {EXIT_STALLED}" in out, out
+    # where the loop's thread was: the blocking call, under the coroutine that made it
+    assert "in blocking_step" in out and "in main" in out, out
+
+
+def test_a_stall_that_holds_the_gil_is_ended_by_faulthandlers_timer() -> None:
+    code, out, took = _run("regex")
+    assert code == 1, out  # faulthandler's exit, not the thread's (it never got the GIL)
+    assert took < 10, (took, out)
+    assert "Timeout (0:00:02)!" in out, out
+    assert "in catastrophic_regex" in out, out
+    assert "has not run for" not in out, out
+
+
+def test_a_busy_responsive_loop_and_a_stopped_watchdog_never_exit() -> None:
+    code, out, _took = _run("busy")
+    assert code == 0, out
+    assert "clean end" in out and "has not run" not in out and "Timeout" not in out, out
+
+
+@pytest.mark.parametrize("value", [0.5, 1, -1])
+def test_stall_timeout_below_the_minimum_is_refused(tmp_path, value) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"bus:\n  stallTimeout: {value}\n")
+    with pytest.raises(ConfigError, match="bus.stallTimeout"):
+        load_config(cfg, env={})
+
+
+@pytest.mark.parametrize("value", [0, 2, 30])
+def test_stall_timeout_off_or_at_least_the_minimum_is_taken(tmp_path, value) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"bus:\n  stallTimeout: {value}\n")
+    assert float(load_config(cfg, env={}).bus["stallTimeout"]) == value
+
+
+def test_default_is_thirty_seconds() -> None:
+    assert float(load_config(None, env={}).bus["stallTimeout"]) == 30
