@@ -133,21 +133,42 @@ _SCAFFOLD_PREFIXES = {
     ),
 }
 _SCAFFOLD_TEXTS = {"claude-code": ("Tool loaded.", "[Request interrupted by user]", "clear")}
+# Scaffolding a client wraps in tags, removed before a user message is judged a prompt: the
+# opening tag, and what reaches the first closing tag of the same name (none: nothing is removed).
 _TAGS = {
     "claude-code": re.compile(
-        r"<(command-name|command-message|command-args|local-command-stdout|system-reminder"
-        r"|local-command-caveat)>.*?</\1>",
-        re.S,
+        r"<(command-name|command-message|command-args|local-command-stdout|system-reminder|local-command-caveat)>"
     ),
-    "codex": re.compile(r"<(environment_context|permissions)>.*?</\1>", re.S),
-    "gemini-cli": re.compile(r"<(session_context|extension_context|loaded_context)>.*?</\1>", re.S),
+    "codex": re.compile(r"<(environment_context|permissions)>"),
+    "gemini-cli": re.compile(r"<(session_context|extension_context|loaded_context)>"),
 }
+
+
+def _strip_tags(text: str, opening: re.Pattern[str]) -> str:
+    """`text` without each `<tag>…</tag>` span `opening` starts, taken left to right with the
+    first closing tag: what `re.sub(r"<(tags)>.*?</\\1>", "", text, flags=re.S)` gives, in linear
+    time. That regex looks for a closing tag from every unclosed opening one: 16 000 unclosed
+    `<system-reminder>` in a message took 26 s (the text is the agent's to choose)."""
+    out: list[str] = []
+    kept = at = 0  # text[kept:] not yet copied; `at`: where the next opening tag is looked for
+    unclosed: set[str] = set()  # names with no closing tag after an opening one: none later either
+    while (m := opening.search(text, at)) is not None:
+        name = m.group(1)
+        end = -1 if name in unclosed else text.find(f"</{name}>", m.end())
+        if end < 0:
+            unclosed.add(name)
+            at = m.start() + 1
+            continue
+        out.append(text[kept : m.start()])
+        kept = at = end + len(name) + 3
+    out.append(text[kept:])
+    return "".join(out)
 
 
 def _real_text(text: str, client: str) -> str:
     rx = _TAGS.get(client)
     if rx is not None:
-        text = rx.sub("", text)
+        text = _strip_tags(text, rx)
     t = text.strip()
     if not t:
         return ""

@@ -68,7 +68,8 @@ def _first_str(args: dict[str, Any], *keys: str) -> str | None:
     return None
 
 
-_PATCH_FILE = re.compile(r"^\*\*\* (?:Add|Update|Delete) File: (.+?)\s*$", re.M)
+# The name to the line's end (trailing blanks stripped after: '(.+?)\s*$' was quadratic in them)
+_PATCH_FILE = re.compile(r"^\*\*\* (?:Add|Update|Delete) File: (.+)$", re.M)
 
 
 def tool_summary(name: Any, arguments: Any) -> str:
@@ -80,7 +81,7 @@ def tool_summary(name: Any, arguments: Any) -> str:
         text = args if isinstance(args, str) else _first_str(args, "input", "patch") if isinstance(args, dict) else None
         if text:
             m = _PATCH_FILE.search(text)
-            out = _base(m.group(1)) if m else None
+            out = _base(m.group(1).rstrip()) if m else None
     elif isinstance(args, dict):
         if tool in ("read", "edit", "write", "read_file", "edit_file", "write_file", "replace", "multiedit"):
             path = _first_str(args, "file_path", "filePath", "absolute_path", "path")

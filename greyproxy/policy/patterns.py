@@ -10,7 +10,7 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
@@ -192,13 +192,19 @@ def glob_to_regex(pattern: str, *, star: str, single: str) -> str:
         else:
             parts[-1].append(re.escape(ch))
         i += 1
-    out = ["".join(parts[0])]
-    last = len(parts) - 1
-    for k in range(1, len(parts)):
-        text = "".join(parts[k])
-        if k == last:
-            out.append(star + text)  # the end is anchored: one backward scan, linear
-        elif star != ".*" and slashy[k]:
+    return join_at_stars(["".join(p) for p in parts], star, [star != ".*" and k for k in slashy])
+
+
+def join_at_stars(texts: Sequence[str], star: str, backtrack: Sequence[bool] = ()) -> str:
+    """The anchored regex body of `texts` (regexes of fixed-length text) joined by '*'s (`star`:
+    the regex of one), linear in time: each text between two '*' is taken at its first place after
+    the previous one, in an atomic group, unless `backtrack[k]` asks for the plain form (see
+    glob_to_regex). The last text is anchored at the end: one backward scan."""
+    out = [texts[0]]
+    last = len(texts) - 1
+    for k in range(1, len(texts)):
+        text = texts[k]
+        if k == last or (k < len(backtrack) and backtrack[k]):
             out.append(star + text)
         elif text:
             out.append(f"(?>{star}?{text})")  # its first place, never revisited
