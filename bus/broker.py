@@ -65,7 +65,9 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
     host = socket.gethostname()
     seq = 0
     log.info("bus broker up: publishers -> %s, subscribers <- %s", pub_endpoint, sub_endpoint)
-    while not stop.wait(heartbeat_interval):
+
+    def beat(**extra: object) -> None:
+        nonlocal seq
         seq += 1
         data = {
             "service": "bus",
@@ -74,10 +76,19 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
             "started_at": started,
             "uptime": time.time() - started,
             "stats": {},
+            **extra,
         }
         try:
             hb.send_multipart(message.encode(topics.SERVICE_HEARTBEAT, data, "bus", seq), zmq.NOBLOCK)
         except zmq.Again:
             pass
+
+    while not stop.wait(heartbeat_interval):
+        beat()
     log.info("bus broker stopping")
+    # A last heartbeat, as every service sends on a clean stop (docs/events.md): the API shows the
+    # bus down at once, and does not count the next one as a restart after a crash. The forwarder
+    # still runs: a moment for it to pass the message on.
+    beat(ready=False, stopping=True)
+    time.sleep(0.1)
     os._exit(0)  # the forwarder thread holds sockets; a clean exit would block on them

@@ -27,6 +27,10 @@ class ServiceSeen:
     ready: bool = True
     role: str = ""  # "proxy" for every proxy process (workers, other hosts)
     stopping: bool = False  # its last heartbeat: it stopped cleanly
+    # Times a new process took this name after the last one ended without a clean stop (killed,
+    # crashed, or ended by bus.stallTimeout's watchdog), since this API started.
+    restarts: int = 0
+    restarted_at: float = 0.0  # when the last of those started
 
 
 @dataclass

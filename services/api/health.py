@@ -80,15 +80,31 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
         if forget is not None:
             forget(name)
         return
+    before = ctx.seen.get(name)
+    started_at = float(data.get("started_at") or 0)
+    restarts, restarted_at = (before.restarts, before.restarted_at) if before is not None else (0, 0.0)
+    if before is not None and started_at != before.started_at and not before.stopping:
+        # A new process under this name, and the last one never said it was stopping: it died.
+        restarts, restarted_at = restarts + 1, started_at
+        log.warning(
+            "%s started again (pid %s, was %s) without a clean stop of the last one: %d time(s) since the API"
+            " started; its log says why",
+            name,
+            data.get("pid"),
+            before.pid,
+            restarts,
+        )
     ctx.seen[name] = ServiceSeen(
         pid=int(data.get("pid") or 0),
         last_seen=time.time(),
-        started_at=float(data.get("started_at") or 0),
+        started_at=started_at,
         uptime=float(data.get("uptime") or 0),
         stats=data.get("stats") or {},
         ready=data.get("ready") is not False,
         role=str(data.get("role") or ""),
         stopping=stopping,
+        restarts=restarts,
+        restarted_at=restarted_at,
     )
     note = getattr(ctx.proxy, "note_heartbeat", None)
     if note is not None and not stopping:
@@ -169,6 +185,8 @@ class HealthResource:
                 "pid": seen.pid if seen else None,
                 "last_seen": rfc3339(seen.last_seen) if seen else None,
                 "uptime": round(seen.uptime, 1) if seen else None,
+                "restarts": seen.restarts if seen else 0,
+                "last_restart": rfc3339(seen.restarted_at) if seen and seen.restarts else None,
             }
             if not up:
                 down.append(name)
@@ -184,6 +202,8 @@ class HealthResource:
                 "pid": states[0]["pid"] if states else None,
                 "last_seen": states[0]["last_seen"] if states else None,
                 "uptime": states[0]["uptime"] if states else None,
+                "restarts": sum(st["restarts"] for st in states),
+                "last_restart": max((st["last_restart"] for st in states if st["last_restart"]), default=None),
                 "workers": proxies,
             }
         services["api"] = {

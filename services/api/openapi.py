@@ -443,6 +443,12 @@ SCHEMAS: dict[str, Any] = {
             "last_seen": nullable(TS),
             "uptime": nullable(NUM),
             "state": {"type": "string", "enum": ["up", "starting", "down", "unreachable"]},
+            "restarts": {
+                "type": "integer",
+                "description": "times a new process took this name after the last one ended without a clean stop"
+                " (killed, crashed, or ended by bus.stallTimeout), since the API started; not on `api`",
+            },
+            "last_restart": nullable(TS),
         }
     ),
     "Health": obj(

@@ -552,7 +552,8 @@ def test_banner_across_an_api_restart_and_views_current_after(stack: Stack, plai
 def test_overview_lists_each_proxy_worker_with_its_state(watched) -> None:  # noqa: ANN001
     """SPEC §15 / UI.md's process health: with proxy.workers 2 the Overview shows each worker
     beside "proxy", with /api/health's state. A worker that stops answering (SIGSTOP: alive, but
-    its heartbeats stop) shows down, and "proxy" with it; the other stays up."""
+    its heartbeats stop) shows down, and "proxy" with it; the other stays up. Killed, it is started
+    again and shown "restarted 1×" (/api/health's `restarts`)."""
     s = Stack({"proxy": {"workers": 2}})
     try:
         s.start()
@@ -574,6 +575,16 @@ def test_overview_lists_each_proxy_worker_with_its_state(watched) -> None:  # no
             assert label == "proxy: down", label
         finally:
             os.kill(pid, signal.SIGCONT)
+        # Killed, it is started again by supervisord: the Overview says it was restarted, once.
+        assert not p.locator('[data-proc="proxy-1"] .restarts').count()
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: s.health()[1]["services"]["proxy-1"]["restarts"] == 1, 20, message="proxy-1 restarted")
+        wait_for(lambda: s.health()[0] == 200, 20, message="the stack healthy again")
+        p.get_by_role("button", name="Refresh").click()
+        p.locator('[data-proc="proxy-1"] .restarts', has_text="restarted 1×").wait_for(timeout=5000)
+        p.locator('[data-proc="proxy"] .restarts', has_text="restarted 1×").wait_for(timeout=5000)
+        assert p.locator('[data-proc="proxy-1"] .state').inner_text() == "● up"
+        assert not p.locator('[data-proc="proxy-0"] .restarts').count()
         # The page's own fetch of the 503 health answer is reported by the browser; nothing else.
         w.errors = [e for e in w.errors if "status of 503" not in e]
         w.clean()

@@ -306,3 +306,23 @@ def test_recorder_publishes_per_request_events_only_while_wanted(bus: Bus) -> No
         assert con.execute("SELECT COUNT(*) FROM logs WHERE reason LIKE 'unseen-%'").fetchone()[0] == 30
     finally:
         con.close()
+
+
+# ----------------------------------------------------------------------------- the broker's last word
+
+
+def test_the_broker_says_it_is_stopping_on_a_clean_stop(bus: Bus) -> None:
+    """docs/events.md (heartbeat): like every service, the broker's last heartbeat on SIGTERM says
+    `stopping` (and not ready), so /api/health shows the bus down at once and does not count its
+    next start as a restart after a death."""
+    proc = bus.start()
+    hb = bus.sub(topics.SERVICE_HEARTBEAT)
+    wait_for(lambda: hb.poll(100), 10, message="a broker heartbeat")
+    first = orjson.loads(hb.recv_multipart()[1])["data"]
+    assert first["service"] == "bus" and "stopping" not in first
+    assert proc.stop() == 0
+    last = recv_all(hb, wait=1.0)
+    assert last, proc.logs()
+    data = last[-1]["data"]
+    assert data["service"] == "bus" and data["stopping"] is True and data["ready"] is False, last
+    assert data["started_at"] == first["started_at"] and data["pid"] == first["pid"]

@@ -45,6 +45,11 @@ def pids(stack: Stack) -> dict[str, int]:
     return {name: svc["pid"] for name, svc in body["services"].items() if name != "proxy"}
 
 
+def restarts(stack: Stack) -> dict[str, int]:
+    """/api/health's count of restarts after a death, per service (not the API's own)."""
+    return {name: svc["restarts"] for name, svc in stack.health()[1]["services"].items() if name != "api"}
+
+
 def up_again(stack: Stack, name: str, old: int) -> int | None:
     code, body = stack.health()
     svc = body["services"].get(name) or {}
@@ -64,10 +69,12 @@ def service_log(stack: Stack, name: str) -> str:
 
 def test_processes_whose_loop_runs_are_never_taken_for_stalled(stack: Stack, origin: int) -> None:
     before = pids(stack)
+    assert set(restarts(stack).values()) == {0}
     t_end = time.monotonic() + 2.5 * STALL
     while time.monotonic() < t_end:
         get_all(stack, origin, 10, "busy")
     assert pids(stack) == before
+    assert set(restarts(stack).values()) == {0}
     for name in ("proxy-0", "proxy-1", "recorder", "api", "maintenance"):
         assert "has not run for" not in service_log(stack, name), name
 
@@ -75,6 +82,7 @@ def test_processes_whose_loop_runs_are_never_taken_for_stalled(stack: Stack, ori
 @pytest.mark.parametrize("name", ["proxy-0", "recorder"])
 def test_a_stalled_service_exits_saying_where_and_is_started_again(stack: Stack, origin: int, name: str) -> None:
     before = pids(stack)
+    counted = restarts(stack)
     old = before[name]
     t0 = time.monotonic()
     os.kill(old, signal.SIGUSR2)
@@ -93,6 +101,12 @@ def test_a_stalled_service_exits_saying_where_and_is_started_again(stack: Stack,
     after = pids(stack)
     assert {k: v for k, v in after.items() if k != name} == {k: v for k, v in before.items() if k != name}
     assert after[name] == new
+    # /api/health counts it (it sent no `stopping` heartbeat), and only it ("proxy" sums its workers)
+    counted[name] += 1
+    if name.startswith("proxy-"):
+        counted["proxy"] += 1
+    assert restarts(stack) == counted
+    assert stack.health()[1]["services"][name]["last_restart"] is not None
     get_all(stack, origin, 10, f"after-{name}")
     if name == "recorder":
         wait_for(

@@ -159,3 +159,41 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
     # A proxy that left comes back with its next heartbeat.
     health.take_heartbeat(ctx, _beat("proxy-b", role="proxy"))  # type: ignore[arg-type]
     assert "proxy-b" in _get(ctx)[1]["services"]
+
+
+def test_a_process_that_died_and_came_back_is_counted_a_restart_and_a_clean_restart_is_not(monkeypatch, caplog) -> None:
+    """docs/events.md (heartbeat): a new `started_at` under a name whose last process never sent
+    its `stopping` heartbeat is a restart after a death (killed, crashed, bus.stallTimeout):
+    counted in /api/health's `restarts` and `last_restart`, and logged. A clean stop and start,
+    and the same process's own heartbeats, are not; "proxy" sums its workers'."""
+    me = os.getpid()
+    monkeypatch.setattr(health, "_local_pids", {})
+    ctx = FakeCtx({})
+    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
+    ctx.cfg.workers = 2  # type: ignore[attr-defined]
+    ctx.proxy = FakeProxies()
+    for name in ("bus", "recorder", "maintenance", "proxy-0", "proxy-1"):
+        for _ in range(3):  # the same process, beat after beat
+            health.take_heartbeat(ctx, _beat(name, pid=me, started_at=100.0))  # type: ignore[arg-type]
+    code, body = _get(ctx)
+    assert code == 200, body
+    assert all(body["services"][n]["restarts"] == 0 for n in ("bus", "recorder", "proxy-0", "proxy"))
+    assert body["services"]["recorder"]["last_restart"] is None
+
+    # proxy-1 killed (no stopping heartbeat), started again; the recorder stopped cleanly, started again
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, started_at=200.0))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("recorder", pid=me, started_at=100.0, ready=False, stopping=True))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("recorder", pid=me, started_at=300.0))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, started_at=200.0))  # type: ignore[arg-type]
+    code, body = _get(ctx)
+    svc = body["services"]
+    assert svc["proxy-1"]["restarts"] == 1 and svc["proxy-1"]["last_restart"].startswith("1970-01-01T00:03:20")
+    assert svc["recorder"]["restarts"] == 0 and svc["recorder"]["last_restart"] is None
+    assert svc["proxy"]["restarts"] == 1 and svc["proxy"]["last_restart"] == svc["proxy-1"]["last_restart"]
+    assert "proxy-1 started again" in caplog.text and "recorder started again" not in caplog.text
+
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, started_at=400.0))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-0", pid=me, started_at=500.0))  # type: ignore[arg-type]
+    svc = _get(ctx)[1]["services"]
+    assert (svc["proxy-0"]["restarts"], svc["proxy-1"]["restarts"], svc["proxy"]["restarts"]) == (1, 2, 3)
+    assert svc["proxy"]["last_restart"] == svc["proxy-0"]["last_restart"]  # the latest of them

@@ -50,7 +50,12 @@ export function mount(root, params, query, app) {
     return h('div', { class: ['proc', worker && 'worker'], 'data-proc': name },
       h('span.mono.strong', name),
       h('span', { class: ['state', cls] }, state == null ? '— unknown' : STATE_TEXT[state] || `✕ ${state}`),
-      h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '', svc && svc.last_seen ? ` · seen ${fmtAgo(svc.last_seen)}` : ''));
+      h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '', svc && svc.last_seen ? ` · seen ${fmtAgo(svc.last_seen)}` : ''),
+      // It died (killed, crashed, or stalled: bus.stallTimeout) and was started again: its log says why.
+      svc && svc.restarts > 0 && h('span', {
+        class: 'restarts small',
+        title: `started again after it ended without a clean stop; last ${svc.last_restart || ''} — see logs/${name}.log`,
+      }, `↻ restarted ${svc.restarts}×${svc.last_restart ? ` · ${fmtAgo(svc.last_restart)}` : ''}`));
   }
 
   function chart(timeline) {
