@@ -11,8 +11,6 @@ import re
 from functools import lru_cache
 from typing import Any
 
-from greyproxy.policy.patterns import join_at_stars
-
 from .dissect import BY_NAME, DISSECTORS, Txn, builtin_match
 
 BUILTIN_RULES: tuple[tuple[str, str, str], ...] = (
@@ -33,7 +31,10 @@ class RuleError(ValueError):
 @lru_cache(maxsize=1024)
 def _glob(pattern: str, fold: bool) -> re.Pattern[str]:
     # '*' is the only wildcard here; linear in the matched text like the rules' globs (a path or
-    # host with many '/' must not make '*/*/*/*' backtrack for seconds)
+    # host with many '/' must not make '*/*/*/*' backtrack for seconds). Imported here: the policy
+    # package (publicsuffixlist …) is not loaded by maintenance until a rule is matched.
+    from greyproxy.policy.patterns import join_at_stars
+
     body = join_at_stars([re.escape(part) for part in pattern.split("*")], ".*")
     return re.compile(body, re.S | (re.I if fold else 0))
 

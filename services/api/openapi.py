@@ -449,7 +449,8 @@ SCHEMAS: dict[str, Any] = {
                 " (killed, crashed, or ended by bus.stallTimeout), since the API started; not on `api`",
             },
             "last_restart": nullable(TS),
-        }
+        },
+        required=["up", "pid", "last_seen", "uptime", "state"],  # (the API's own entry has no restarts)
     ),
     "Health": obj(
         {
