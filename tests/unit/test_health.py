@@ -118,6 +118,17 @@ class FakeProxies:
         self.forgotten.append(name)
 
 
+def _ctx_of(monkeypatch: Any, workers: int) -> FakeCtx:
+    """An API context with no service heard from yet, `workers` configured proxy processes, and
+    every heartbeat taken as from another host (no local pid checks)."""
+    monkeypatch.setattr(health, "_local_pids", {})
+    ctx = FakeCtx({})
+    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
+    ctx.cfg.workers = workers  # type: ignore[attr-defined]
+    ctx.proxy = FakeProxies()
+    return ctx
+
+
 def _beat(name: str, **extra: Any) -> dict[str, Any]:
     return {"service": name, "pid": 4242, "host": "elsewhere", "started_at": 1.0, "uptime": 2.0, "ready": True, **extra}
 
@@ -128,11 +139,7 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
     (not after staleness); a proxy on another host that left is dropped from /api/health and from
     the API's fan-out, so the stack is not degraded for good; one that dies silently stays, down."""
     me = os.getpid()
-    monkeypatch.setattr(health, "_local_pids", {})
-    ctx = FakeCtx({})
-    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
-    ctx.cfg.workers = 1  # type: ignore[attr-defined]
-    ctx.proxy = FakeProxies()
+    ctx = _ctx_of(monkeypatch, workers=1)
     for name in ("bus", "recorder", "maintenance"):
         health.take_heartbeat(ctx, _beat(name, pid=me))  # type: ignore[arg-type]
     for name in ("proxy", "proxy-b", "proxy-c"):
@@ -167,11 +174,7 @@ def test_a_process_that_died_and_came_back_is_counted_a_restart_and_a_clean_rest
     counted in /api/health's `restarts` and `last_restart`, and logged. A clean stop and start,
     and the same process's own heartbeats, are not; "proxy" sums its workers'."""
     me = os.getpid()
-    monkeypatch.setattr(health, "_local_pids", {})
-    ctx = FakeCtx({})
-    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
-    ctx.cfg.workers = 2  # type: ignore[attr-defined]
-    ctx.proxy = FakeProxies()
+    ctx = _ctx_of(monkeypatch, workers=2)
     for name in ("bus", "recorder", "maintenance", "proxy-0", "proxy-1"):
         for _ in range(3):  # the same process, beat after beat
             health.take_heartbeat(ctx, _beat(name, pid=me, started_at=100.0))  # type: ignore[arg-type]
