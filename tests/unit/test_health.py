@@ -123,8 +123,8 @@ def _ctx_of(monkeypatch: Any, workers: int) -> FakeCtx:
     every heartbeat taken as from another host (no local pid checks)."""
     monkeypatch.setattr(health, "_local_pids", {})
     ctx = FakeCtx({})
-    ctx.cfg.raw = {"proxy": {"name": "proxy"}}  # type: ignore[attr-defined]
-    ctx.cfg.workers = workers  # type: ignore[attr-defined]
+    ctx.cfg.raw = {"proxy": {"name": "proxy"}}
+    ctx.cfg.workers = workers
     ctx.proxy = FakeProxies()
     return ctx
 
@@ -162,7 +162,7 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
     # The configured proxy stopping is down, still listed (it is expected back).
     health.take_heartbeat(ctx, _beat("proxy", role="proxy", ready=False, stopping=True))  # type: ignore[arg-type]
     code, body = _get(ctx)
-    assert body["services"]["proxy"]["state"] == "down" and ctx.proxy.forgotten == ["proxy-b"]  # type: ignore[attr-defined]
+    assert body["services"]["proxy"]["state"] == "down" and ctx.proxy.forgotten == ["proxy-b"]
     # A proxy that left comes back with its next heartbeat.
     health.take_heartbeat(ctx, _beat("proxy-b", role="proxy"))  # type: ignore[arg-type]
     assert "proxy-b" in _get(ctx)[1]["services"]
