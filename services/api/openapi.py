@@ -10,6 +10,7 @@ server URL, which is the configured pathPrefix.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import re
 from collections.abc import Callable
@@ -1007,19 +1008,31 @@ def _operation_id(method: str, path: str) -> str:
 
 
 class OpenApiResource:
-    """Built on first request: by then every provider has added its routes."""
+    """Built on first request (by then every provider has added its routes), in a thread: the
+    build takes ~0.3 s of Python, which on the loop held up every other request, /ws and the
+    heartbeats meanwhile. Requests that come during it wait for the same build."""
 
     def __init__(self, app: falcon.asgi.App, prefix: str) -> None:
         self.app = app
         self.prefix = prefix
         self._data: bytes | None = None
+        self._building: asyncio.Future[bytes] | None = None
 
     def document(self) -> dict[str, Any]:
         return build_document(self.app, self.prefix)
 
+    def _build(self) -> bytes:
+        return orjson.dumps(self.document())
+
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         if self._data is None:
-            self._data = orjson.dumps(self.document())
+            if self._building is None:
+                self._building = asyncio.get_running_loop().run_in_executor(None, self._build)
+            try:
+                self._data = await asyncio.shield(self._building)
+            except Exception:
+                self._building = None  # the next request tries again
+                raise
         resp.content_type = falcon.MEDIA_JSON
         resp.data = self._data
 

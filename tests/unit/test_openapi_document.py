@@ -55,3 +55,35 @@ def test_a_prefix_changes_only_the_server_url(tmp_path: Path, prefix: str) -> No
     assert doc["servers"][0]["url"] == prefix.rstrip("/")
     doc["servers"][0]["url"] = "/"
     assert doc == json.loads(GOLDEN.read_text())
+
+
+def test_the_first_request_builds_the_document_off_the_event_loop(tmp_path: Path) -> None:
+    """The build is ~0.3 s of Python: on the API's loop it held up every other request, /ws and
+    the heartbeats. It runs in a thread; requests that come during it share that one build."""
+    import asyncio
+    import threading
+
+    import falcon.testing
+
+    app = offline_app(tmp_path, "/")
+    openapi.install_extensions()
+    resource = openapi.OpenApiResource(app, "")
+    app.add_route("/x/openapi.json", resource)
+    threads: list[int] = []
+    build = resource._build
+
+    def counted() -> bytes:
+        threads.append(threading.get_ident())
+        return build()
+
+    resource._build = counted  # type: ignore[method-assign]
+
+    async def three_at_once() -> tuple[int, list[bytes]]:
+        async with falcon.testing.ASGIConductor(app) as conductor:
+            got = await asyncio.gather(*(conductor.simulate_get("/x/openapi.json", host="localhost") for _ in range(3)))
+        return threading.get_ident(), [r.content for r in got]
+
+    loop_thread, bodies = asyncio.run(three_at_once())
+    assert len(threads) == 1 and threads[0] != loop_thread  # one build, not on the loop's thread
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert json.loads(bodies[0]) == resource.document()  # (its paths include the route added here)
