@@ -88,8 +88,7 @@ def exit_with_parent(env: Mapping[str, str] | None = None) -> bool:
 # supervisor (supervisord; systemd's Restart=on-failure) restarts it. EX_SOFTWARE, from sysexits.h.
 EXIT_STALLED = 70
 STALL_TICK = 1.0  # seconds between the loop's ticks (at most; a quarter of a short timeout)
-STALL_REARM = 5.0  # seconds between re-arms of faulthandler's fallback timer
-STALL_FALLBACK = 10.0  # the fallback fires this long after the watchdog thread would have
+STALL_FALLBACK = 10.0  # the SIGALRM fallback fires this long after the watchdog thread would have
 
 
 class StallWatchdog:
@@ -99,23 +98,26 @@ class StallWatchdog:
     A stalled loop serves nobody: a proxy worker's listener keeps taking its share of new
     connections (SO_REUSEPORT), which then wait forever. The loop ticks (`call_later`) every
     `STALL_TICK` s; a daemon thread checks the last tick and, past `timeout`, logs why, dumps the
-    stacks (faulthandler) and `_exit`s with `EXIT_STALLED`. That thread needs the GIL, which a
-    stall inside C code may never give back (a catastrophic regex, a loop in a compiled module):
-    for that case each tick also keeps faulthandler's own timer armed (a C thread that needs no
-    GIL), which dumps the stacks and exits with status 1 `fallback` seconds later than the thread
-    would have. A process stopped by SIGSTOP (or a debugger) longer than `timeout` exits when it
-    is continued; `bus.stallTimeout: 0` turns the watchdog off."""
+    stacks (faulthandler) and `_exit`s with `EXIT_STALLED`.
 
-    def __init__(
-        self, service: str, timeout: float, fallback: float = STALL_FALLBACK, rearm: float = STALL_REARM
-    ) -> None:
+    That thread needs the GIL, which a stall inside C code may never give back (a catastrophic
+    regex, a loop in a compiled module). For that case each tick also pushes back a SIGALRM
+    (`setitimer`, one system call), due `fallback` seconds after the thread's deadline; the signal
+    is taken by faulthandler's C handler, which needs no GIL: it writes every thread's stack, then
+    the signal's default action ends the process (supervisord: "terminated by SIGALRM").
+    (faulthandler's own `dump_traceback_later` is not used: re-arming it joins a thread while
+    holding the GIL, which took up to 0.15 s of the loop on a busy machine.)
+
+    A process stopped by SIGSTOP (or a debugger) longer than `timeout` exits when it is continued;
+    `bus.stallTimeout: 0` turns the watchdog off."""
+
+    def __init__(self, service: str, timeout: float, fallback: float = STALL_FALLBACK) -> None:
         self.service = service
         self.timeout = timeout
         self.fallback = fallback
-        self.rearm = rearm
         self.tick_every = min(STALL_TICK, timeout / 4)
         self.last = time.monotonic()
-        self._armed_at = float("-inf")
+        self._alarm = False
         self._loop: Any = None
         self._timer: Any = None
         self._stopped = threading.Event()
@@ -123,18 +125,18 @@ class StallWatchdog:
     def start(self, loop: Any) -> None:
         """Begin watching `loop` (the running loop of this thread)."""
         self._loop = loop
+        try:
+            faulthandler.register(signal.SIGALRM, file=sys.stderr, all_threads=True, chain=True)
+            self._alarm = True
+        except (AttributeError, RuntimeError, ValueError, OSError) as exc:  # no SIGALRM, no usable stderr
+            log.warning("stall watchdog: no SIGALRM fallback (%s); a stall that holds the GIL is not ended", exc)
         self._tick()
         threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
 
     def _tick(self) -> None:
-        now = self.last = time.monotonic()
-        if now - self._armed_at >= self.rearm:
-            self._armed_at = now
-            try:  # (re-armed every `rearm` s: fires at least `fallback` s after the thread would)
-                faulthandler.dump_traceback_later(self.timeout + self.rearm + self.fallback, exit=True)
-            except (RuntimeError, ValueError, OSError) as exc:  # no usable stderr: the thread alone
-                log.warning("stall watchdog: faulthandler's timer is unavailable (%s)", exc)
-                self._armed_at = float("inf")
+        self.last = time.monotonic()
+        if self._alarm:
+            signal.setitimer(signal.ITIMER_REAL, self.timeout + self.fallback)
         self._timer = self._loop.call_later(self.tick_every, self._tick)
 
     def _watch(self) -> None:
@@ -168,8 +170,10 @@ class StallWatchdog:
         self._stopped.set()
         if self._timer is not None:
             self._timer.cancel()
-        if self._armed_at != float("inf"):
-            faulthandler.cancel_dump_traceback_later()
+        if self._alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            faulthandler.unregister(signal.SIGALRM)
+            self._alarm = False
 
 
 def tune_gc(threshold: tuple[int, int, int]) -> None:
