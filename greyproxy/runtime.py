@@ -88,7 +88,8 @@ def exit_with_parent(env: Mapping[str, str] | None = None) -> bool:
 # supervisor (supervisord; systemd's Restart=on-failure) restarts it. EX_SOFTWARE, from sysexits.h.
 EXIT_STALLED = 70
 STALL_TICK = 1.0  # seconds between the loop's ticks (at most; a quarter of a short timeout)
-STALL_FALLBACK = 10.0  # the SIGALRM fallback fires this long after the watchdog thread would have
+STALL_FALLBACK = 10.0  # the SIGVTALRM fallback: this much more CPU time than the thread's deadline
+STALL_FROZEN = 5.0  # the watchdog thread itself woke this late (at least): the whole process was stopped
 
 
 class StallWatchdog:
@@ -101,21 +102,27 @@ class StallWatchdog:
     stacks (faulthandler) and `_exit`s with `EXIT_STALLED`.
 
     That thread needs the GIL, which a stall inside C code may never give back (a catastrophic
-    regex, a loop in a compiled module). For that case each tick also pushes back a SIGALRM
-    (`setitimer`, one system call), due `fallback` seconds after the thread's deadline; the signal
-    is taken by faulthandler's C handler, which needs no GIL: it writes every thread's stack, then
-    the signal's default action ends the process (supervisord: "terminated by SIGALRM").
-    (faulthandler's own `dump_traceback_later` is not used: re-arming it joins a thread while
-    holding the GIL, which took up to 0.15 s of the loop on a busy machine.)
+    regex, a loop in a compiled module): such a stall burns CPU. For that case each tick also
+    pushes back a SIGVTALRM (`setitimer(ITIMER_VIRTUAL)`, one system call), due once the process
+    has used `timeout + fallback` seconds of CPU without a tick; faulthandler's C handler, which
+    needs no GIL, writes every thread's stack, then the signal's default action ends the process
+    (supervisord: "terminated by SIGVTALRM"). (faulthandler's own `dump_traceback_later` is not
+    used: re-arming it joins a thread while holding the GIL, which took up to 0.15 s of the loop
+    on a busy machine.)
 
-    A process stopped by SIGSTOP (or a debugger) longer than `timeout` exits when it is continued;
-    `bus.stallTimeout: 0` turns the watchdog off."""
+    A process that was stopped as a whole (Ctrl-Z, SIGSTOP, a debugger that stops every thread, a
+    machine asleep) is not a stalled one: its watchdog thread, which wakes every `tick_every`
+    seconds, then wakes `frozen` seconds or more late, and gives the loop a fresh `timeout`; a
+    stopped process uses no CPU, so the fallback does not count that time either. A debugger
+    that stops only the loop's thread (pdb) is a stall: `bus.stallTimeout: 0` turns the watchdog
+    off."""
 
     def __init__(self, service: str, timeout: float, fallback: float = STALL_FALLBACK) -> None:
         self.service = service
         self.timeout = timeout
         self.fallback = fallback
         self.tick_every = min(STALL_TICK, timeout / 4)
+        self.frozen = min(STALL_FROZEN, timeout / 2)  # a wake this late: the process was stopped
         self.last = time.monotonic()
         self._alarm = False
         self._loop: Any = None
@@ -126,24 +133,34 @@ class StallWatchdog:
         """Begin watching `loop` (the running loop of this thread)."""
         self._loop = loop
         try:
-            faulthandler.register(signal.SIGALRM, file=sys.stderr, all_threads=True, chain=True)
+            faulthandler.register(signal.SIGVTALRM, file=sys.stderr, all_threads=True, chain=True)
             self._alarm = True
-        except (AttributeError, RuntimeError, ValueError, OSError) as exc:  # no SIGALRM, no usable stderr
-            log.warning("stall watchdog: no SIGALRM fallback (%s); a stall that holds the GIL is not ended", exc)
+        except (AttributeError, RuntimeError, ValueError, OSError) as exc:  # no SIGVTALRM, no usable stderr
+            log.warning("stall watchdog: no SIGVTALRM fallback (%s); a stall that holds the GIL is not ended", exc)
         self._tick()
         threading.Thread(target=self._watch, name="stall-watchdog", daemon=True).start()
 
     def _tick(self) -> None:
         self.last = time.monotonic()
         if self._alarm:
-            signal.setitimer(signal.ITIMER_REAL, self.timeout + self.fallback)
+            signal.setitimer(signal.ITIMER_VIRTUAL, self.timeout + self.fallback)
         self._timer = self._loop.call_later(self.tick_every, self._tick)
 
     def _watch(self) -> None:
+        woke = time.monotonic()
         while not self._stopped.wait(self.tick_every):
-            stalled = time.monotonic() - self.last
+            now = time.monotonic()
+            stalled, woke = self.stalled(now, woke), now
             if stalled >= self.timeout and not self._stopped.is_set():
                 self._exit(stalled)
+
+    def stalled(self, now: float, woke: float) -> float:
+        """How long the loop has not ticked as of `now`, for the watchdog thread that last woke at
+        `woke`. If that thread wakes `frozen` late it did not run either: the whole process was
+        stopped (or a stall that held the GIL ended by itself), and the loop gets a fresh start."""
+        if now - woke >= self.frozen:
+            self.last = max(self.last, now)
+        return now - self.last
 
     def _exit(self, stalled: float) -> None:
         log.critical(
@@ -171,8 +188,8 @@ class StallWatchdog:
         if self._timer is not None:
             self._timer.cancel()
         if self._alarm:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            faulthandler.unregister(signal.SIGALRM)
+            signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+            faulthandler.unregister(signal.SIGVTALRM)
             self._alarm = False
 
 
