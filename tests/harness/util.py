@@ -228,3 +228,14 @@ def _kill_pids(pids: list[int], sig: int = signal.SIGKILL) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
+
+
+def best_time(fn: Callable[..., Any], *args: Any, rounds: int = 3) -> float:
+    """The shortest of `rounds` timings of `fn(*args)`, in seconds: for bounds on work done (an
+    algorithm's order), where a slow round is the machine's noise, not the code's."""
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best

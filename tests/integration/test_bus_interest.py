@@ -312,7 +312,7 @@ def test_recorder_publishes_per_request_events_only_while_wanted(bus: Bus) -> No
 
 
 def test_the_broker_says_it_is_stopping_on_a_clean_stop(bus: Bus) -> None:
-    """docs/events.md (heartbeat): like every service, the broker's last heartbeat on SIGTERM says
+    """SPEC §5 (health) and docs/events.md (heartbeat): like every service, the broker's last heartbeat on SIGTERM says
     `stopping` (and not ready), so /api/health shows the bus down at once and does not count its
     next start as a restart after a death."""
     proc = bus.start()

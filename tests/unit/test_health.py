@@ -169,7 +169,7 @@ def test_a_clean_stop_is_down_at_once_and_a_remote_proxy_that_left_is_no_longer_
 
 
 def test_a_process_that_died_and_came_back_is_counted_a_restart_and_a_clean_restart_is_not(monkeypatch, caplog) -> None:
-    """docs/events.md (heartbeat): a new `started_at` under a name whose last process never sent
+    """SPEC §5 (GET /api/health) and docs/events.md (heartbeat): a new `started_at` under a name whose last process never sent
     its `stopping` heartbeat is a restart after a death (killed, crashed, bus.stallTimeout):
     counted in /api/health's `restarts` and `last_restart`, and logged. A clean stop and start,
     and the same process's own heartbeats, are not; "proxy" sums its workers'."""

@@ -10,7 +10,6 @@ far under the old one.
 from __future__ import annotations
 
 import re
-import time
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -19,15 +18,7 @@ from greyproxy.llm import assemble as A
 from greyproxy.llm.rules import glob_match
 from greyproxy.llm.text import tool_summary
 from harness.fuzz import examples
-
-
-def _best(fn, *args) -> float:
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t0)
-    return best
+from harness.util import best_time
 
 
 # --------------------------------------------------------------------------- scaffolding tags
@@ -63,7 +54,7 @@ def test_tags_are_removed_as_the_plain_regex_removed_them(client: str, text: str
 
 def test_many_unclosed_tags_cost_linear_time() -> None:
     text = "<system-reminder>x" * 8000  # the plain regex: ~6 s here (16 000: 26 s)
-    assert _best(A._real_text, text, "claude-code") < 0.5
+    assert best_time(A._real_text, text, "claude-code") < 0.5
     assert A._real_text(text + "</system-reminder>tail", "claude-code") == "tail"
 
 
@@ -87,7 +78,7 @@ def test_endpoint_globs_match_as_the_plain_regex_did(pattern: str, value: str, f
 
 def test_endpoint_glob_with_many_stars_does_not_backtrack() -> None:
     # the plain form: 1.2 s for this 400-character path, ×8 for each doubling
-    assert _best(glob_match, "*/*/*/*:x", "/" * 400) < 0.005
+    assert best_time(glob_match, "*/*/*/*:x", "/" * 400) < 0.005
     assert glob_match("*/*/*/*:x", "/" * 400 + ":x")
 
 
@@ -98,5 +89,5 @@ def test_apply_patch_file_name_with_a_long_run_of_blanks() -> None:
     patch = "*** Begin Patch\n*** Add File: src/app.py" + " " * 20000 + "\n+x\n*** End Patch"
     assert tool_summary("apply_patch", {"input": patch}) == "app.py"  # (the base name, as before)
     hostile = "*** Add File: a" + " " * 16000 + "x"  # '(.+?)\s*$': 1.7 s
-    assert _best(tool_summary, "apply_patch", {"input": hostile}) < 0.05
+    assert best_time(tool_summary, "apply_patch", {"input": hostile}) < 0.05
     assert tool_summary("apply_patch", {"input": "*** Update File: lib/x.go\r\n"}) == "x.go"

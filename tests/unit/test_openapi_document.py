@@ -58,7 +58,7 @@ def test_a_prefix_changes_only_the_server_url(tmp_path: Path, prefix: str) -> No
 
 
 def test_the_first_request_builds_the_document_off_the_event_loop(tmp_path: Path) -> None:
-    """The build is ~0.3 s of Python: on the API's loop it held up every other request, /ws and
+    """SPEC §5 and the guide's "no blocking calls on an event loop": the build is ~0.3 s of Python: on the API's loop it held up every other request, /ws and
     the heartbeats. It runs in a thread; requests that come during it share that one build."""
     import asyncio
     import threading

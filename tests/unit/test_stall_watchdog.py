@@ -1,4 +1,6 @@
-"""The stall watchdog (greyproxy.runtime.StallWatchdog, bus.stallTimeout): a process whose event loop
+"""SPEC §15 (workers: a worker must not silently stop serving its share of the listeners) and the
+guide's "a process killed mid-work": the stall watchdog (greyproxy.runtime.StallWatchdog,
+bus.stallTimeout; docs/configuration.md, "A stalled service"). A process whose event loop
 stops running exits, saying why and where each thread was; one whose loop keeps running does not.
 
 Each case is a real Python process on uvloop, as a service runs (the watchdog's thread, the loop's
