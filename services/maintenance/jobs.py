@@ -7,7 +7,7 @@ import logging
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -349,14 +349,15 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
         time.sleep(0.002)  # let the recorder's batches in
 
 
-def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
+def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Generator[tuple[int, int], None, dict[str, int]]:
     """`retention.maxDatabaseMiB`: bring the database (pages in use + -wal) under CAP_LOW_WATER of
     the cap, in short write transactions: first the bodies of transactions older than CAP_BODY_AGE
     (set NULL, the rows stay), oldest first; then whole transactions and logs together, the oldest
     of either first, so the newest of both survive. Then give the freed pages back
     (incremental_vacuum in small steps when the file allows it: files created by this version,
     greyproxy/store/db.py; older files keep their size and reuse the free pages) and truncate the
-    -wal. Progress is in KiB: (freed, to free)."""
+    -wal. Progress is in KiB: (freed, to free), the freed part at most the whole (traffic meanwhile
+    can make the data shrink more, or less, than the job's own drops). Returns what it dropped."""
     cap = float(opts["max_database_mib"]) * MIB
     now = float(opts.get("now") or time.time())
     _truncate_wal(conn)
@@ -369,11 +370,11 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
     if need:
         for n in _drop_old_bodies(conn, target, now - CAP_BODY_AGE, reader):
             dropped["bodies"] += n
-            yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
+            yield _freed(start, _data_bytes(conn), need)
         for i, (tx, logs) in enumerate(_drop_oldest_rows(conn, target, reader), 1):
             dropped["transactions"] += tx
             dropped["logs"] += logs
-            yield (max(0, start - _data_bytes(conn)) // 1024, need // 1024)
+            yield _freed(start, _data_bytes(conn), need)
             if i % 8 == 0:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the -wal is reused, not grown
     if vacuum:
@@ -386,7 +387,7 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
             time.sleep(0.002)
     _truncate_wal(conn)
     end = _data_bytes(conn)
-    yield (max(0, start - end) // 1024, need // 1024)
+    yield _freed(start, end, need)
     if any(dropped.values()):
         log.warning(
             "database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
@@ -402,6 +403,12 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[i
         )
     elif need:
         log.warning("database over retention.maxDatabaseMiB (%d MiB) with nothing left to drop", cap // MIB)
+    return dropped
+
+
+def _freed(start: int, now: int, need: int) -> tuple[int, int]:
+    """The size-cap job's progress in KiB: (freed so far, at most the whole; to free)."""
+    return min(need, max(0, start - now)) // 1024, need // 1024
 
 
 JOBS: dict[str, JobFn] = {"prune": prune, "size-cap": size_cap}

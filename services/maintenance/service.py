@@ -27,7 +27,7 @@ log = logging.getLogger("greyproxy.maintenance")
 
 PRUNE_EVERY = 3600.0
 CAP_CHECK_EVERY = 0.5  # the size cap's check: a few PRAGMAs and a stat (~0.1 ms)
-CAP_IDLE_BACKOFF = 30.0  # after a run that could free nothing
+CAP_IDLE_BACKOFF = 30.0  # after a run that found nothing it may drop
 
 SESSION_SWEEP_EVERY = 10.0  # SPEC §12.2: expired credential sessions deleted, session.expired published
 
@@ -47,6 +47,13 @@ async def sweep_sessions(rt: ServiceRuntime, executor: ThreadPoolExecutor) -> No
             rt.publisher.publish(topics.SESSION_EXPIRED, sid)
         if gone:
             log.info("expired credential sessions removed: %s", ", ".join(gone))
+
+
+def dropped_any(st: JobState) -> bool:
+    """Whether the size-cap run `st` dropped anything. Not "the data shrank": under heavy traffic
+    the recorder refills what a run frees while it runs, and a pause then lets the file outgrow the
+    cap many times over."""
+    return any((st.extra.get("result") or {}).values())
 
 
 class JobRunner:
@@ -79,7 +86,7 @@ class JobRunner:
         st = self.states.setdefault(name, JobState())
         if st.running:
             raise RemoteError(f"job {name} is already running", 409)
-        st.running, st.processed, st.total = True, 0, 0
+        st.running, st.processed, st.total, st.extra = True, 0, 0, {}
         st.started_at, st.finished_at, st.error = time.time(), None, None
         self.loop.run_in_executor(self.executor, self._run, name, st, opts)
         return {"status": "started", "job": name}
@@ -88,7 +95,13 @@ class JobRunner:
         conn = self.db.connection()
         last = 0.0
         try:
-            for processed, total in JOBS[name](conn, opts):
+            job = JOBS[name](conn, opts)
+            while True:
+                try:
+                    processed, total = next(job)
+                except StopIteration as end:  # a job may return what it did (size-cap: what it dropped)
+                    st.extra["result"] = end.value
+                    break
                 st.processed, st.total = processed, total
                 now = time.monotonic()
                 if now - last > 0.2:  # progress events at most 5/s
@@ -259,8 +272,8 @@ async def main(rt: ServiceRuntime) -> None:
                     runner.start("size-cap", opts)
                 while runner.states["size-cap"].running:
                     await asyncio.sleep(0.1)
-                if runner.states["size-cap"].processed > 0:
-                    continue  # it freed something: check again at once
+                if dropped_any(runner.states["size-cap"]):
+                    continue  # check again at once
                 await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing it may drop (other tables): not every 0.5 s
             await asyncio.sleep(CAP_CHECK_EVERY)
 

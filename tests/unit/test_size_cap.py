@@ -9,6 +9,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from greyproxy.config import ConfigError, load_config
@@ -16,6 +19,7 @@ from greyproxy.store import open_database
 from greyproxy.store.db import WAL_AUTOCHECKPOINT
 from services.maintenance.jobs import (
     CAP_HIGH_WATER,
+    JobState,
     CAP_LOW_WATER,
     MIB,
     WalCheckpointer,
@@ -26,6 +30,7 @@ from services.maintenance.jobs import (
     used_bytes,
     wal_room,
 )
+from services.maintenance.service import JobRunner, dropped_any
 
 _INSERT = (
     "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
@@ -128,6 +133,59 @@ def test_the_newest_transactions_and_logs_stay_the_oldest_of_both_go(tmp_path: P
     # what is left is whole: every row from the cut on
     assert tx_n == conn.execute("SELECT COUNT(*) FROM http_transactions WHERE timestamp >= ?", (tx_lo,)).fetchone()[0]
     assert 0 < tx_n < 1200 and 0 < log_n < 24000
+    db.close()
+
+
+def test_a_run_that_traffic_outpaces_still_says_it_dropped_and_runs_again(tmp_path: Path) -> None:
+    """Under heavy traffic the recorder refills what a run frees while it runs: the data at its end
+    can be larger than at its start. The run still dropped rows, so maintenance checks again at once
+    (before, such a run counted as "could free nothing" and the cap paused for 30 s while the file
+    grew past it many times over). Its progress never says more freed than there was to free."""
+    db = open_database(tmp_path / "g.db")
+    conn = db.connection()
+    _fill(conn, 300, 8192)
+    cap = 1.2
+    writer = open_database(tmp_path / "g.db").connection()  # a second writer, as the recorder is
+    writer.execute("CREATE TABLE growth (b BLOB)")  # data the job does not drop: it outgrows the drops
+    job = size_cap(conn, {"max_database_mib": cap})
+    steps: list[tuple[int, int]] = []
+    while True:
+        try:
+            steps.append(next(job))
+        except StopIteration as end:
+            dropped = end.value
+            break
+        if len(steps) <= 3:
+            writer.execute("INSERT INTO growth VALUES (?)", (os.urandom(1 << 20),))
+    assert dropped["bodies"] == 300 and dropped["transactions"] == 300
+    assert all(0 <= freed <= whole for freed, whole in steps)
+    assert steps[-1][0] == 0  # the data did not shrink: before, that alone paused the cap for 30 s
+    writer.execute("DROP TABLE growth")
+
+    class _Rt:
+        class publisher:
+            published: list[dict] = []
+
+            @classmethod
+            def publish(cls, topic: str, data: dict) -> None:
+                cls.published.append(data)
+
+    async def run_in_runner() -> JobState:
+        runner = JobRunner(_Rt(), db, ThreadPoolExecutor(max_workers=1))
+        runner.start("size-cap", {"max_database_mib": cap / 2})
+        while runner.states["size-cap"].running:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # its last progress event
+        return runner.states["size-cap"]
+
+    _fill(conn, 300, 8192, start=300)
+    state = asyncio.run(asyncio.wait_for(run_in_runner(), 30))
+    assert state.error is None and state.extra["result"]["bodies"] > 0  # the job's return, kept
+    assert dropped_any(state)
+    assert _Rt.publisher.published[-1]["done"]
+    assert all(d["processed"] <= d["total"] for d in _Rt.publisher.published)
+    state.extra["result"] = {"bodies": 0, "transactions": 0, "logs": 0}
+    assert not dropped_any(state)  # nothing it may drop: then, and only then, the 30 s backoff
     db.close()
 
 
