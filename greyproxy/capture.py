@@ -87,6 +87,8 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
             buf = d.unconsumed_tail
         if len(out) >= limit or d.eof:
             break
+    if not out and data and not d.eof:
+        raise ValueError("the stream ends before its first output")  # (the raw bytes are kept)
     return bytes(out)
 
 
@@ -101,6 +103,8 @@ def _unbrotli(data: bytes, limit: int) -> bytes:
             out += d.process(b"", output_buffer_limit=limit - len(out) + 1)
         if len(out) >= limit or d.is_finished():
             break
+    if not out and data and not d.is_finished():
+        raise ValueError("the stream ends before its first output")
     return bytes(out[:limit])
 
 
@@ -120,13 +124,22 @@ def _unzstd(data: bytes, limit: int) -> bytes:
     except zstandard.ZstdError:
         if not out:
             raise
+    if not out and data:
+        # nothing out of it: a whole empty body, or one cut (capture.maxBodyBytes) inside its first
+        # block (up to 128 KiB); the reader gave nothing, so neither does this (no bomb)
+        probe = zstandard.ZstdDecompressor().decompressobj()
+        probe.decompress(data)
+        if not probe.eof:
+            raise ValueError("the stream ends before its first output")
     return bytes(out)
 
 
 def decode_body(data: bytes, content_encoding: str | None, limit: int = DEFAULT_MAX_BODY) -> bytes:
     """Undo gzip / deflate / br / zstd (in reverse order of application); ValueError on failure.
 
-    A capped (truncated) body decodes as far as it goes; output is capped at `limit` too.
+    A capped (truncated) body decodes as far as it goes; output is capped at `limit` too. One cut
+    before the decoder's first output (a zstd block is up to 128 KiB) is a failure: the caller keeps
+    the raw bytes rather than an empty body.
     """
     codings = [c.strip().lower() for c in (content_encoding or "").split(",") if c.strip()]
     for coding in reversed(codings):

@@ -28,6 +28,7 @@ DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
     "Cookie",
     "Set-Cookie",
     "*api-key*",
+    "*apikey*",
     "*token*",
     "*secret*",
     "*auth*",

@@ -1292,6 +1292,7 @@ DEFAULT_HEADERS = [
     "Cookie",
     "Set-Cookie",
     "*api-key*",
+    "*apikey*",
     "*token*",
     "*secret*",
     "*auth*",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
+import random
 import zlib
 
 import brotli
@@ -92,6 +94,9 @@ def test_redact_map_reapplies_and_reports_changes() -> None:
         "X_Auth_Token",
         "Client_Secret",
         "x_goog_api_key",
+        "apikey",  # SPEC §7's *apikey*: the spelling without a separator
+        "X-ApiKey",
+        "X_APIKEY",
     ],
 )
 def test_new_defaults_and_underscores_redact(name: str) -> None:
@@ -99,7 +104,7 @@ def test_new_defaults_and_underscores_redact(name: str) -> None:
 
 
 @given(
-    st.sampled_from(["api-key", "auth", "password", "passwd", "secret", "session", "token"]),
+    st.sampled_from(["api-key", "apikey", "auth", "password", "passwd", "secret", "session", "token"]),
     st.text(alphabet="abcxyz-_", max_size=6),
     st.text(alphabet="abcxyz-_", max_size=6),
     st.sampled_from([str.lower, str.upper, str.title]),
@@ -244,6 +249,33 @@ def test_decode_caps_output_and_survives_truncation() -> None:
         decode_body(b"not gzip at all", "gzip")
     with pytest.raises(ValueError):
         decode_body(b"x", "compress")
+
+
+@pytest.mark.parametrize(
+    "coding,encode",
+    [
+        ("zstd", zstandard.ZstdCompressor().compress),  # content size in the frame header
+        ("zstd", lambda b: zstandard.ZstdCompressor(write_content_size=False).compress(b)),
+        ("br", lambda b: brotli.compress(b, quality=1)),
+        ("gzip", gzip.compress),
+    ],
+)
+def test_a_body_cut_before_the_first_output_keeps_its_raw_bytes(coding: str, encode) -> None:  # noqa: ANN001
+    """SPEC §7 ("on failure the raw bytes are kept") and capture.maxBodyBytes: a compressed body
+    captured only in part, cut before its decoder gives any output (a zstd block of incompressible
+    text is up to 128 KiB), is stored as its raw bytes. Before, it was stored as an empty body:
+    the API then showed "" for a body of 200 000 bytes."""
+    text = base64.b64encode(random.Random(7).randbytes(225_000))  # 300 000 bytes of text, hardly compressible
+    cut = encode(text)[: 3 if coding == "br" else 40]  # (brotli gives output from its first bytes on)
+    with pytest.raises(ValueError, match="before its first output"):
+        decode_body(cut, coding)
+    from greyproxy.bodies import RAW, Packed
+
+    assert stored_body(cut, "text/plain", coding) == Packed(cut, RAW, None)  # kept raw: not text
+    assert decode_body(encode(b""), coding) == b""  # a whole empty body is still an empty body
+    if coding == "zstd":
+        big = encode(text)[:65_536]  # capture.maxBodyBytes 64 KiB: inside the first block
+        assert stored_body(big, "text/plain", coding).blob == big  # type: ignore[union-attr]
 
 
 def test_stored_body() -> None:
