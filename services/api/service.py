@@ -26,6 +26,8 @@ from .settings import current_settings
 
 log = logging.getLogger("greyproxy.api")
 
+SHUTDOWN_TIMEOUT = 3  # seconds a stop waits for requests and /ws handlers in progress to end
+
 
 class _Server(uvicorn.Server):
     # Our runtime owns the signals; uvicorn must not replace the handlers.
@@ -74,6 +76,7 @@ async def main(rt: ServiceRuntime) -> None:
             ws_ping_interval=20,
             ws_ping_timeout=20,
             timeout_keep_alive=30,
+            timeout_graceful_shutdown=SHUTDOWN_TIMEOUT,  # then what is left is cancelled
             server_header=False,
             date_header=False,
         )
@@ -91,11 +94,15 @@ async def main(rt: ServiceRuntime) -> None:
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
     serve = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        await serve
+        # Shielded: a stop (SIGTERM) must reach uvicorn as its own graceful shutdown, which closes
+        # each /ws client with 1012 (service restart) and lets its handler end. Cancelling the
+        # server's task instead left the handlers to be cancelled with the loop: no close frame,
+        # and a CancelledError traceback in api.log for every client connected.
+        await asyncio.shield(serve)
     except asyncio.CancelledError:
         server.should_exit = True
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(serve, 5)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(serve, SHUTDOWN_TIMEOUT + 1)
         raise
     finally:
         tracker.cancel()

@@ -20,7 +20,7 @@ from typing import Any
 
 import orjson
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from bus.pubsub import Publisher
@@ -409,3 +409,25 @@ def _flood(stack: Stack, bus_pub: Publisher, api_pid: int, slow: ClientConnectio
         f"fast got {len(seqs)} (drops {sum(fast_drops)}), "
         f"slow got {len(slow_seqs)} then dropped {dropped['count']}"
     )
+
+
+def test_a_stop_closes_each_client_with_1012_and_logs_no_traceback() -> None:
+    """A clean stop (SIGTERM to `greyproxy serve`) while /ws clients are connected: uvicorn's own
+    graceful shutdown closes each with 1012 (service restart), so a client knows to reconnect, and
+    api.log stays free of errors. Before, the server's task was cancelled: the clients saw the TCP
+    connection drop without a close frame, and api.log had an "Exception in ASGI application"
+    traceback (CancelledError) per client."""
+    with Stack({"proxy": {"workers": 1}}) as s, contextlib.ExitStack() as opened:
+        clients = [opened.enter_context(connect(ws_url(s), open_timeout=5)) for _ in range(2)]
+        for c in clients:
+            assert recv(c)["type"] == "connected"
+        started = time.monotonic()
+        assert s.stop() == 0
+        assert time.monotonic() - started < 8
+        for c in clients:
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    c.recv(timeout=5)
+            assert c.close_code == 1012, c.close_code
+        api_log = (s.data_dir / "logs" / "api.log").read_text()
+        assert "Traceback" not in api_log and "ERROR" not in api_log, api_log[-3000:]
