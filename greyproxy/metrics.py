@@ -2,8 +2,10 @@
 
 The processes keep plain counters and `Histogram`s and send them in their heartbeats
 (`stats.metrics`); the API turns the latest heartbeat of each process into the Prometheus text
-format (`HeartbeatCollector`, with `prometheus_client`). Counters are the process's own since
-it started: a restarted process starts again from zero, which Prometheus's rate() handles.
+format (`HeartbeatCollector`, with `prometheus_client`). A process's counters are its own since
+it started. The API adds to them the last values of the earlier processes of the same name
+(`counters_of`, services/api/health.py): a proxy worker restarted after a death does not take its
+share out of the sum over the workers, which Prometheus would read as a reset of the whole sum.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import bisect
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-__all__ = ["DECISION_BUCKETS", "BATCH_BUCKETS", "Histogram", "HeartbeatCollector"]
+__all__ = ["DECISION_BUCKETS", "BATCH_BUCKETS", "Histogram", "HeartbeatCollector", "counters_of", "sum_stats"]
 
 # Seconds. A decision from the rules takes microseconds; one that waits for a person takes
 # seconds, up to proxy.holdTimeout.
@@ -173,6 +175,61 @@ _SIMPLE: tuple[tuple[str, str, str, tuple[str, ...], str], ...] = (
     ("greyproxy_recorder_records", "counter", "Journal records written by the recorder", ("records",), "recorder"),
     ("greyproxy_recorder_batches", "counter", "Journal batches committed by the recorder", ("batches",), "recorder"),
 )
+
+
+# The figures exposed as counters (histograms included), by their path in a heartbeat's stats.
+COUNTER_PATHS: tuple[tuple[str, ...], ...] = (
+    *(path for _name, kind, _help, path, _service in _SIMPLE if kind == "counter"),
+    ("refused_connections",),
+    ("metrics", "connections"),
+    ("metrics", "bytes_received"),
+    ("metrics", "decision_seconds"),
+    ("metrics", "hold_seconds"),
+    ("metrics", "batch_seconds"),
+)
+
+
+def counters_of(stats: Any) -> dict[str, Any]:
+    """The counters in a process's heartbeat stats, in the same shape (the rest left out)."""
+    out: dict[str, Any] = {}
+    if not isinstance(stats, dict):
+        return out
+    for path in COUNTER_PATHS:
+        value = _dig(stats, *path)
+        if value is None:
+            continue
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+SAME_IN_EVERY_PROXY = ("pending_count", "rules", "rules_version", "le")  # not summed: the largest / the first
+
+
+def sum_stats(parts: list[Any], key: str = "") -> Any:
+    """Several processes' heartbeat figures as one (the proxy's workers; a process and the counters
+    its predecessors left): numbers (and histogram counts) added up."""
+    first = parts[0]
+    if isinstance(first, bool) or key in SAME_IN_EVERY_PROXY:
+        return (
+            max(parts, key=lambda p: p if isinstance(p, (int, float)) and not isinstance(p, bool) else -1)
+            if key != "le"
+            else first
+        )
+    if isinstance(first, (int, float)):
+        return sum(p for p in parts if isinstance(p, (int, float)) and not isinstance(p, bool))
+    if isinstance(first, dict):
+        keys = dict.fromkeys(k for p in parts if isinstance(p, dict) for k in p)
+        return {k: sum_stats([p[k] for p in parts if isinstance(p, dict) and k in p], k) for k in keys}
+    if (
+        isinstance(first, list)
+        and all(isinstance(p, list) and len(p) == len(first) for p in parts)
+        and all(isinstance(x, (int, float)) for p in parts for x in p)
+    ):
+        return [sum(col) for col in zip(*parts)]
+    return first
 
 
 class HeartbeatCollector:

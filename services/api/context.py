@@ -31,6 +31,9 @@ class ServiceSeen:
     # crashed, or ended by bus.stallTimeout's watchdog), since this API started.
     restarts: int = 0
     restarted_at: float = 0.0  # when the last of those started
+    # The counters (greyproxy.metrics.counters_of) the earlier processes of this name had reached
+    # when a new one took it: /metrics adds them, so that they never go down.
+    carried: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -43,6 +46,7 @@ class ApiContext:
     maintenance: ControlClient
     started_at: float = field(default_factory=time.time)
     seen: dict[str, ServiceSeen] = field(default_factory=dict)
+    departed_counters: dict[str, Any] = field(default_factory=dict)  # of proxies on other hosts that left
     # /ws clients currently claiming OS notifications (kept by the hub; read by notify and settings).
     notification_claims: int = 0
     # The /ws connections and their bus bridge: one per process, made with the context.

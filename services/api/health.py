@@ -16,6 +16,7 @@ import falcon.asgi
 from bus import topics
 from bus.pubsub import Subscriber
 from greyproxy import __version__
+from greyproxy.metrics import counters_of, sum_stats
 from greyproxy.timeutil import rfc3339
 
 from .context import ApiContext, ServiceSeen
@@ -74,8 +75,11 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
     if stopping and data.get("role") == "proxy" and name not in configured_proxies(ctx):
         # A proxy on another host that stopped cleanly has left: no longer listed, no longer
         # called. One that dies without a word stays listed, down.
-        if ctx.seen.pop(name, None) is not None:
+        if (gone := ctx.seen.pop(name, None)) is not None:
             log.info("proxy %s (host %s) stopped: no longer listed", name, data.get("host"))
+            ctx.departed_counters = sum_stats(
+                [counters_of(data.get("stats")) or counters_of(gone.stats), gone.carried, ctx.departed_counters]
+            )
         forget = getattr(ctx.proxy, "forget", None)
         if forget is not None:
             forget(name)
@@ -83,6 +87,12 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
     before = ctx.seen.get(name)
     started_at = float(data.get("started_at") or 0)
     restarts, restarted_at = (before.restarts, before.restarted_at) if before is not None else (0, 0.0)
+    carried = before.carried if before is not None else {}
+    if before is not None and started_at != before.started_at:  # a new process: the last one's counters go on
+        carried = sum_stats([counters_of(before.stats), carried])
+        hub = getattr(ctx, "ws_hub", None)
+        if hub is not None:
+            hub.forget_source(name)  # the connections the last one held went with it
     if before is not None and started_at != before.started_at and not before.stopping:
         # A new process under this name, and the last one never said it was stopping: it died.
         restarts, restarted_at = restarts + 1, started_at
@@ -105,6 +115,7 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
         stopping=stopping,
         restarts=restarts,
         restarted_at=restarted_at,
+        carried=carried,
     )
     note = getattr(ctx.proxy, "note_heartbeat", None)
     if note is not None and not stopping:

@@ -10,7 +10,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
-from greyproxy.metrics import HeartbeatCollector
+from greyproxy.metrics import HeartbeatCollector, sum_stats
 
 from .context import ApiContext
 from .health import WATCHED, proxy_names
@@ -29,39 +29,17 @@ def heartbeat_snapshot(ctx: ApiContext) -> dict[str, tuple[bool, dict[str, Any]]
         if seen is None:
             out[name] = (False, {})
         else:
-            out[name] = (now - seen.last_seen <= ctx.stale_after() and seen.ready, seen.stats)
+            # counters go on from where the earlier processes of this name left them
+            stats = sum_stats([seen.stats, seen.carried]) if seen.carried else seen.stats
+            out[name] = (now - seen.last_seen <= ctx.stale_after() and seen.ready, stats)
     workers = [n for n in names if ctx.seen.get(n) is not None and ctx.seen[n].role == "proxy"]
     if "proxy" not in out and workers:
         # The proxy's figures are the sum over its processes (each also has its greyproxy_up line).
         out["proxy"] = (all(out[n][0] for n in workers), sum_stats([out[n][1] for n in workers]))
+    if ctx.departed_counters and "proxy" in out:  # proxies on other hosts that have left
+        out["proxy"] = (out["proxy"][0], sum_stats([out["proxy"][1], ctx.departed_counters]))
     out["api"] = (True, {"pid": os.getpid()})
     return out
-
-
-SAME_IN_EVERY_PROXY = ("pending_count", "rules", "rules_version", "le")  # not summed: the largest / the first
-
-
-def sum_stats(parts: list[Any], key: str = "") -> Any:
-    """Several proxies' heartbeat figures as one: numbers (and histogram counts) added up."""
-    first = parts[0]
-    if isinstance(first, bool) or key in SAME_IN_EVERY_PROXY:
-        return (
-            max(parts, key=lambda p: p if isinstance(p, (int, float)) and not isinstance(p, bool) else -1)
-            if key != "le"
-            else first
-        )
-    if isinstance(first, (int, float)):
-        return sum(p for p in parts if isinstance(p, (int, float)) and not isinstance(p, bool))
-    if isinstance(first, dict):
-        keys = dict.fromkeys(k for p in parts if isinstance(p, dict) for k in p)
-        return {k: sum_stats([p[k] for p in parts if isinstance(p, dict) and k in p], k) for k in keys}
-    if (
-        isinstance(first, list)
-        and all(isinstance(p, list) and len(p) == len(first) for p in parts)
-        and all(isinstance(x, (int, float)) for p in parts for x in p)
-    ):
-        return [sum(col) for col in zip(*parts)]
-    return first
 
 
 class MetricsResource:

@@ -21,6 +21,7 @@ class FakeCtx:
         self.cfg = SimpleNamespace(bus={"heartbeatInterval": 1.0}, ports=lambda: {}, db_path="/nonexistent")
         self.started_at = time.time() - 100
         self.seen = seen
+        self.departed_counters: dict[str, Any] = {}
         self.proxy: Any = None  # the API's proxy group (services/api/proxies.py); none here
 
     def stale_after(self) -> float:
@@ -200,3 +201,84 @@ def test_a_process_that_died_and_came_back_is_counted_a_restart_and_a_clean_rest
     svc = _get(ctx)[1]["services"]
     assert (svc["proxy-0"]["restarts"], svc["proxy-1"]["restarts"], svc["proxy"]["restarts"]) == (1, 2, 3)
     assert svc["proxy"]["last_restart"] == svc["proxy-0"]["last_restart"]  # the latest of them
+
+
+def _scrape(ctx: FakeCtx) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics's samples as {(name, labels): value}, through prometheus_client's own parser."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from greyproxy.metrics import HeartbeatCollector
+    from services.api.metrics import heartbeat_snapshot
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HeartbeatCollector(lambda: heartbeat_snapshot(ctx)))  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_metrics_counters_never_go_down_when_a_worker_restarts_or_a_remote_proxy_leaves(monkeypatch) -> None:
+    """SPEC §14 (/metrics, summed over the proxy's processes): a worker killed and started again
+    begins its counters at zero. Its last values are carried over, so the sum over the workers
+    goes on from where it was: before, it dropped by that worker's share, which Prometheus takes
+    for a reset of the whole sum (rate() then counts the other workers' totals again). The same for
+    a clean restart, the recorder, and a proxy on another host that leaves."""
+    me = os.getpid()
+    ctx = _ctx_of(monkeypatch, workers=2)
+
+    def proxy_stats(allowed: int, acked: int, decisions: int, active: int) -> dict[str, Any]:
+        return {
+            "active_connections": active,  # a gauge: not carried
+            "journal": {"acked": acked},
+            "metrics": {
+                "connections": {"allowed": allowed},
+                "decision_seconds": {"le": [0.1, 1.0], "cumulative": [decisions, decisions, decisions], "sum": 0.5},
+            },
+        }
+
+    for name in ("bus", "maintenance"):
+        health.take_heartbeat(ctx, _beat(name, pid=me))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("recorder", pid=me, started_at=1.0, stats={"records": 50}))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-0", pid=me, role="proxy", stats=proxy_stats(10, 11, 10, 3)))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, role="proxy", stats=proxy_stats(20, 21, 20, 4)))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-far", role="proxy", control="tcp://h:1", stats=proxy_stats(5, 5, 5, 1)))  # type: ignore[arg-type]
+    allowed = ("greyproxy_proxy_connections_total", (("result", "allowed"),))
+    acked = ("greyproxy_journal_acked_records_total", ())
+    count = ("greyproxy_proxy_decision_seconds_count", ())
+    active = ("greyproxy_proxy_active_connections", ())
+    records = ("greyproxy_recorder_records_total", ())
+    m = _scrape(ctx)
+    assert (m[allowed], m[acked], m[count], m[active], m[records]) == (35, 37, 35, 8, 50)
+
+    # proxy-1 killed and started again: its counters start at zero, the sum does not drop
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, role="proxy", started_at=9.0, stats=proxy_stats(0, 0, 0, 0)))  # type: ignore[arg-type]
+    m = _scrape(ctx)
+    assert (m[allowed], m[acked], m[count], m[active]) == (35, 37, 35, 4), m  # the gauge is what is open now
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, role="proxy", started_at=9.0, stats=proxy_stats(2, 2, 2, 1)))  # type: ignore[arg-type]
+    assert _scrape(ctx)[allowed] == 37  # and goes on from there; the same process's beats carry nothing
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, role="proxy", started_at=9.0, stats=proxy_stats(3, 3, 3, 1)))  # type: ignore[arg-type]
+    assert _scrape(ctx)[allowed] == 38
+
+    # a second restart of the same worker carries both earlier processes' counters
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, role="proxy", started_at=12.0, stats=proxy_stats(1, 1, 1, 0)))  # type: ignore[arg-type]
+    assert _scrape(ctx)[allowed] == 39
+
+    # the recorder stopped cleanly and started again
+    health.take_heartbeat(
+        ctx, _beat("recorder", pid=me, started_at=1.0, ready=False, stopping=True, stats={"records": 60})
+    )  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("recorder", pid=me, started_at=20.0, stats={"records": 1}))  # type: ignore[arg-type]
+    assert _scrape(ctx)[records] == 61
+
+    # the proxy on another host leaves cleanly (its last heartbeat carries its final counters)
+    health.take_heartbeat(
+        ctx,
+        _beat("proxy-far", role="proxy", ready=False, stopping=True, stats=proxy_stats(6, 6, 6, 0)),  # type: ignore[arg-type]
+    )
+    m = _scrape(ctx)
+    assert "proxy-far" not in ctx.seen
+    assert (m[allowed], m[acked], m[count], m[active]) == (40, 42, 40, 3), m

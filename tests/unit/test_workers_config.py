@@ -122,7 +122,7 @@ def test_group_calls_every_proxy_and_survives_a_down_one(tmp_path) -> None:
 
 
 def test_metrics_sum_the_workers_figures() -> None:
-    from services.api.metrics import sum_stats
+    from greyproxy.metrics import sum_stats
 
     a = {
         "active_connections": 2,

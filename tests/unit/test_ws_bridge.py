@@ -425,3 +425,35 @@ def test_busy_topics_are_received_only_while_a_client_is_connected() -> None:
 
     calls = asyncio.run(scenario())
     assert calls == [("+", "log.new"), ("+", "transaction.new"), ("-", "log.new"), ("-", "transaction.new")]
+
+
+def test_held_counts_reach_ws_as_totals_over_the_proxy_workers() -> None:
+    """SPEC §3.1 (`waiting`: connections held right now) and §15 (what is shared stays exact):
+    with proxy workers each worker publishes the connections *it* holds for a key. /ws clients
+    get the totals over the workers, in `waiters.changed` and in the pending events' `waiting`.
+    Before, 8 connections held over two workers ended as `waiting 5` and two separate runs of
+    `waiters.changed`, which /ws clients could not add up (they never see the `source`)."""
+    hub = ws_hub.Hub(FakeContext())  # type: ignore[arg-type]
+    key = {"container_name": "a", "host": "h.example", "port": 443}
+    out = []
+    for source, prev, cur in [
+        ("proxy-0", 0, 1),
+        ("proxy-0", 1, 2),
+        ("proxy-1", 0, 1),
+        ("proxy-0", 2, 3),
+        ("proxy-1", 1, 2),
+    ]:
+        d = hub.totals(topics.WAITERS_CHANGED, {**key, "previous_count": prev, "current_count": cur}, source)
+        out.append((d["previous_count"], d["current_count"]))
+    assert out == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    pend = {"container_name": "a", "destination_host": "h.example", "destination_port": 443, "waiting": 2}
+    assert hub.totals(topics.PENDING_UPDATED, pend, "recorder")["waiting"] == 5
+    assert (
+        hub.totals(topics.PENDING_UPDATED, {**pend, "destination_port": 80}, "recorder")["waiting"] == 2
+    )  # unknown key
+    # proxy-1 dies with its 2: its share goes when its successor's heartbeat arrives
+    hub.forget_source("proxy-1")
+    assert hub.totals(topics.PENDING_UPDATED, {**pend, "waiting": 1}, "recorder")["waiting"] == 3
+    d = hub.totals(topics.WAITERS_CHANGED, {**key, "previous_count": 3, "current_count": 0}, "proxy-0")
+    assert (d["previous_count"], d["current_count"]) == (3, 0) and hub._held == {}
+    assert hub.totals(topics.LOG_NEW, {"id": 1}, "proxy-0") == {"id": 1}  # other events as they are

@@ -184,6 +184,9 @@ class Hub:
         self.connections: set[Client] = set()
         self.claimants: set[Client] = set()
         self._sub: Subscriber | None = None
+        # Connections held per key by each proxy process (the `source` of its waiters.changed):
+        # /ws clients get the totals over the processes (`totals`).
+        self._held: dict[tuple[Any, Any, Any], dict[str, int]] = {}
 
     def add(self, conn: Client) -> bool:
         """Register a client; True when that turned the busy topics on (the caller should let the
@@ -228,6 +231,45 @@ class Hub:
                     text = encode({"type": topic, "data": data})
                 conn.offer(text)
 
+    def totals(self, topic: str, data: Any, source: Any) -> Any:
+        """What /ws clients get of a bus event. With proxy workers each worker publishes the
+        connections *it* holds for a key (`waiters.changed`, and `waiting` in the pending records it
+        journals): /ws gets the counts over every process instead (SPEC §3.1, §15), kept here from
+        each process's latest waiters.changed. A key first seen before this API started keeps the
+        worker's own figure until its next waiters.changed from each worker."""
+        if not isinstance(data, dict):
+            return data
+        if topic == topics.WAITERS_CHANGED:
+            key = (data.get("container_name"), data.get("host"), data.get("port"))
+            current = data.get("current_count")
+            if not isinstance(current, int) or not isinstance(source, str):
+                return data
+            per = self._held.setdefault(key, {})
+            before = sum(per.values()) if per else data.get("previous_count", 0)
+            if current > 0:
+                per[source] = current
+            else:
+                per.pop(source, None)
+            after = sum(per.values())
+            if not per:
+                del self._held[key]
+            return {**data, "previous_count": before, "current_count": after}
+        if topic in (topics.PENDING_CREATED, topics.PENDING_UPDATED):
+            held = self._held.get(
+                (data.get("container_name"), data.get("destination_host"), data.get("destination_port"))
+            )
+            if held and isinstance(data.get("waiting"), int):
+                return {**data, "waiting": max(data["waiting"], sum(held.values()))}
+        return data
+
+    def forget_source(self, source: str) -> None:
+        """A proxy process ended (a new one took its name): the connections it held are gone."""
+        for key in [k for k, per in self._held.items() if source in per]:
+            per = self._held[key]
+            del per[source]
+            if not per:
+                del self._held[key]
+
     async def run_bridge(self, subscriber_factory: Callable[[], Subscriber] | None = None) -> None:
         """The single bus subscriber of this process for /ws, until cancelled."""
         sub = (subscriber_factory or self._subscriber)()
@@ -242,7 +284,7 @@ class Hub:
                 topic = msg.get("type")
                 try:
                     if isinstance(topic, str):
-                        self.dispatch(topic, msg.get("data"))
+                        self.dispatch(topic, self.totals(topic, msg.get("data"), msg.get("source")))
                 except Exception:  # one odd event must not stop the stream for everyone
                     log.exception("ws bridge: dispatching %r failed", topic)
                 n += 1
