@@ -46,6 +46,21 @@ def count() -> int:
     return int(Pending.select().count())
 
 
+def count_and_has(keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+    """(how many entries the queue holds, whether each (container, host, port) has one), in one
+    read transaction: proxy.maxPending's look."""
+    from .db import database
+
+    with database.atomic():
+        has = [
+            Pending.select(Pending.id)
+            .where((Pending.container_name == c) & (Pending.destination_host == h) & (Pending.destination_port == p))
+            .exists()
+            for c, h, p in keys
+        ]
+        return count(), has
+
+
 # --------------------------------------------------------------------------- the API's queries
 
 GROUP_HOST = "COALESCE(resolved_hostname, destination_host)"  # the host a pending group is shown under

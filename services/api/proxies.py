@@ -84,7 +84,8 @@ class ProxyGroup:
         # Silent mode lives in each proxy's memory: what was last set through us, with its end,
         # is given again to a proxy that (re)starts, so it does not differ from the others.
         self._silent: tuple[str, float | None] | None = None
-        self._silent_known = False  # set or cleared through us at least once (else: the config's)
+        self._silent_known = False  # set or cleared through us, or learnt from the proxies (_adopt_silent)
+        self._adopting = False
         self._started: dict[str, float] = {}  # proxy name -> started_at of its process
         self._tasks: set[asyncio.Task] = set()
         # Endpoints whose last call found no answer, since when: a proxy on another host whose
@@ -112,6 +113,9 @@ class ProxyGroup:
                 self._started[name] = float(started)
                 if previous != started and self._silent is not None:  # a new process: give it silent mode
                     self._spawn(self._resync_silent(name, endpoint))
+            if not self._silent_known and not self._adopting:
+                self._adopting = True
+                self._spawn(self._adopt_silent())
             key = data.get("control_key")
             if isinstance(key, str) and self._keys.get(endpoint) != key:
                 self._keys[endpoint] = key
@@ -239,6 +243,54 @@ class ProxyGroup:
             self._silent = None
             self._silent_known = True
         return merge(op, results)
+
+    async def _adopt_silent(self) -> None:
+        """An API that starts knows nothing of the silent mode the proxies are in (set through the
+        API before it restarted). Once the proxies' heartbeats are in, it asks each, takes the mode
+        of the longest-running process of this host (a proxy that started since is in the
+        configured mode, and must not be left so), and gives it to those that differ. Before, a worker restarted after
+        the API was left in normal mode while the others stayed in silent mode, and
+        GET /api/allowall answered with whichever it asked first."""
+        try:
+            await asyncio.sleep(self.stale_after())  # every proxy's heartbeat, and so its endpoint
+            endpoints = self.endpoints()
+            answers = await asyncio.gather(
+                *(self._client(ep).call("allowall.get", {}) for ep in endpoints), return_exceptions=True
+            )
+            states = [
+                (self._started.get(self._name_of(ep), float("inf")), ep, answer)
+                for ep, answer in zip(endpoints, answers)
+                if isinstance(answer, dict)
+            ]
+            if self._silent_known or not states:
+                return  # set or cleared through us meanwhile; or nobody answered: the next heartbeat retries
+            # This host's proxies (proxy.workers) first: when they all started with this API (the
+            # stack restarted), the configured mode is what holds ("lost on restart", SPEC §4), also
+            # for a proxy on another host that kept running; one on another host decides only when
+            # none of ours answered.
+            ours = [st for st in states if st[1] in self._configured]
+            _started, _ep, oldest = min(ours or states, key=lambda st: st[0])
+            if oldest.get("active"):
+                left = oldest.get("remaining_seconds")
+                self._silent = (str(oldest.get("mode")), time.time() + left if isinstance(left, (int, float)) else None)
+            else:
+                self._silent = None
+            self._silent_known = True
+            differ = [
+                ep
+                for _s, ep, answer in states
+                if (answer.get("active"), answer.get("mode")) != (oldest.get("active"), oldest.get("mode"))
+            ]
+            if differ:
+                log.warning(
+                    "silent mode: proxies %s differ from the longest-running one (%s): given its mode",
+                    ", ".join(self._name_of(ep) for ep in differ),
+                    oldest.get("mode") if oldest.get("active") else "off",
+                )
+            for ep in differ:
+                self._spawn(self._resync_silent(self._name_of(ep), ep))
+        finally:
+            self._adopting = False
 
     async def _resync_silent(self, name: str, endpoint: str) -> None:
         if self._silent is None:

@@ -26,7 +26,8 @@ cdef class Gate:
     cdef public object journal, publisher, _rules
     cdef public dict _decisions, _verdicts
     cdef public object rules_version, guard_ports, own_ports, local_hosts, hold_timeout, max_pending
-    cdef public object pending_count
+    cdef public object pending_count, pending_admitted, pending_lookup, _pending_lock
+    cdef public dict _pending_recent
     cdef public SilentMode silent
     cdef public object announce_silent
     cdef public dict holds, live

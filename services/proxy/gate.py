@@ -47,6 +47,8 @@ def _normalise_host(host: str) -> str:
 
 log = logging.getLogger("greyproxy.proxy")
 
+PENDING_IN_FLIGHT = 2.0  # seconds a new pending key held here may not be in the database yet (`_pending_room`)
+
 Key = tuple[str, str, int]  # (container, host, port)
 ClientGone = asyncio.Future | Callable[[], asyncio.Future] | None  # see Gate.admit
 
@@ -198,6 +200,10 @@ class Gate:
         "hold_timeout",
         "max_pending",
         "pending_count",
+        "pending_admitted",
+        "pending_lookup",
+        "_pending_lock",
+        "_pending_recent",
         "silent",
         "announce_silent",
         "holds",
@@ -235,7 +241,15 @@ class Gate:
         self.local_hosts = self.guard_ports.local_hosts
         self.hold_timeout = hold_timeout
         self.max_pending = max_pending
-        self.pending_count = 0  # refreshed from the database by the service, bumped on new keys
+        # proxy.maxPending (`_pending_room`): the queue's size at the last look at the database, the
+        # look itself (async [key, ...] -> (size, whether each key is queued); the service's), and
+        # the new keys held here lately, with when. Without the look (tests): the size the service
+        # last gave and the new keys held since.
+        self.pending_count = 0
+        self.pending_admitted = 0
+        self.pending_lookup: Callable[[list[Key]], Awaitable[tuple[int, list[bool]]]] | None = None
+        self._pending_lock = asyncio.Lock()
+        self._pending_recent: dict[Key, float] = {}
         self.silent = SilentMode()
         self.announce_silent = True  # publish allowall.changed (proxy workers: the first one only)
         self.holds: dict[Key, list[Hold]] = {}
@@ -513,7 +527,7 @@ class Gate:
         if callable(client_gone):
             client_gone = client_gone()
         key: Key = (container, host, port)
-        if key not in self.holds and self.pending_count >= self.max_pending:
+        if key not in self.holds and not await self._pending_room(key):
             return Verdict(False, "queue_full")
         loop = asyncio.get_running_loop()
         held_at = time.perf_counter()
@@ -521,8 +535,6 @@ class Gate:
         waiters = self.holds.setdefault(key, [])
         waiters.append(hold)
         self._waiters_changed(key, len(waiters) - 1, len(waiters))
-        if len(waiters) == 1:
-            self.pending_count += 1  # an estimate until the next refresh from the database
         self.journal.append(records.PENDING, records.pending_record(container, host, port, resolved, len(waiters)))
         try:
             wait = {hold.future}
@@ -542,6 +554,44 @@ class Gate:
                 self._waiters_changed(key, len(waiters) + 1, len(waiters))
             if not waiters:
                 self.holds.pop(key, None)
+
+    async def _pending_room(self, key: Key) -> bool:
+        """proxy.maxPending (SPEC §3.1): whether a connection to `key`, held by no connection here,
+        may wait. One look at the database per such connection (a new destination: rare, and
+        its client waits for a person anyway), one at a time: a key already queued (another
+        worker's, or one nobody waits on any more) may, a new one while the queue is under the
+        cap, counting the keys this process held in the last PENDING_IN_FLIGHT seconds that the
+        database has not shown yet (their records on their way to the recorder). Exact across
+        workers but for new keys that reach two of them within those milliseconds."""
+        lookup = self.pending_lookup
+        if lookup is None:  # (no database: the count at the last refresh and the keys held since)
+            if self.pending_count + self.pending_admitted < self.max_pending:
+                self.pending_admitted += 1
+                return True
+            return False
+        async with self._pending_lock:
+            now = time.monotonic()
+            recent = self._pending_recent
+            for k in [k for k, t in recent.items() if now - t > PENDING_IN_FLIGHT]:
+                del recent[k]
+            keys = [key, *[k for k in recent if k != key]]
+            try:
+                size, queued = await lookup(keys)
+            except Exception:
+                log.warning(
+                    "proxy.maxPending: the pending queue could not be read; going by the last count", exc_info=True
+                )
+                return self.pending_count + self.pending_admitted < self.max_pending
+            self.pending_count, self.pending_admitted = size, 0
+            for k, q in zip(keys[1:], queued[1:]):
+                if q:
+                    del recent[k]  # in the database now: counted in its size from here on
+            if queued[0]:
+                return True
+            if size + len(recent) < self.max_pending:
+                recent[key] = now
+                return True
+            return False
 
     def _waiters_changed(self, key: Key, previous: int, current: int) -> None:
         self.publisher.publish(

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable
 from typing import Any
 
 from bus import curve, topics
@@ -248,6 +249,11 @@ async def main(rt: ServiceRuntime) -> None:
     await loader.reload(force=True)
     gate.names.update(await loop.run_in_executor(executor, _load_dns_names, view))
     gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
+
+    def pending_lookup(keys: list[tuple[str, str, int]]) -> Awaitable[tuple[int, list[bool]]]:
+        return loop.run_in_executor(executor, view.pending_state, keys)
+
+    gate.pending_lookup = pending_lookup
     if cfg.silent_allow:
         gate.set_silent("allow", None)
 
@@ -428,7 +434,8 @@ async def main(rt: ServiceRuntime) -> None:
             if time.monotonic() - last_count > PENDING_COUNT_EVERY:
                 last_count = time.monotonic()
                 with contextlib.suppress(Exception):
-                    gate.pending_count = await loop.run_in_executor(executor, view.pending_count)
+                    count = await loop.run_in_executor(executor, view.pending_count)
+                    gate.pending_count, gate.pending_admitted = count, 0
 
     states = compiled.status()
     log.info(

@@ -64,6 +64,11 @@ class LocalView:
 
         return pending.count()
 
+    def pending_state(self, keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+        from greyproxy.store import pending
+
+        return pending.count_and_has(keys)
+
     def dns_names(self, since: float) -> list[list[str]]:
         """[[ip, hostname]] seen since `since` (epoch seconds)."""
         from greyproxy.store import dns_cache
@@ -85,6 +90,7 @@ OPS = {
     "view.settings_version": "settings_version",
     "view.settings": "settings",
     "view.pending_count": "pending_count",
+    "view.pending_state": "pending_state",
     "view.dns_names": "dns_names",
     "view.claims": "claims",  # scrypt hashes, point to point (CURVE on tcp://), never a secret
 }
@@ -115,7 +121,7 @@ class RecorderView:
                     self.endpoint,
                     exc,
                 )
-            raise RecorderAway("recorder", str(exc)) from None
+            raise RecorderAway("recorder", exc.detail) from None
         with self._lock:
             since, self._away_since = self._away_since, None
         if since is not None:
@@ -142,6 +148,10 @@ class RecorderView:
 
     def pending_count(self) -> int:
         return int(self._ask("view.pending_count"))
+
+    def pending_state(self, keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+        n, has = self._ask("view.pending_state", {"keys": [list(k) for k in keys]})
+        return int(n), [bool(h) for h in has]
 
     def dns_names(self, since: float) -> list[list[str]]:
         return self._ask("view.dns_names", {"since": since})

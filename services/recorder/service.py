@@ -117,6 +117,22 @@ async def main(rt: ServiceRuntime) -> None:
                 if isinstance(since, bool) or not isinstance(since, (int, float)):
                     raise RemoteError("since must be a number (epoch seconds)", 400)
                 return await loop.run_in_executor(reader, view.dns_names, float(since))
+            if method == "pending_state":  # keys: [[container, host, port], ...]
+                keys = args.get("keys")
+                if (
+                    not isinstance(keys, list)
+                    or not 0 < len(keys) <= 10_000
+                    or not all(
+                        isinstance(k, list)
+                        and len(k) == 3
+                        and isinstance(k[0], str)
+                        and isinstance(k[1], str)
+                        and type(k[2]) is int
+                        for k in keys
+                    )
+                ):
+                    raise RemoteError("keys must be a list of [container, host, port]", 400)
+                return list(await loop.run_in_executor(reader, view.pending_state, [tuple(k) for k in keys]))
             return await loop.run_in_executor(reader, getattr(view, method))
 
         return answer

@@ -233,6 +233,40 @@ def test_restarted_worker_gets_silent_mode_again(stack: Stack) -> None:
     assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
 
 
+def test_silent_mode_survives_an_api_restart_then_a_worker_restart(stack: Stack) -> None:
+    """SPEC §4 and §15 (silent mode reaches every worker): the API that gives a restarted worker
+    the silent mode must know it, also after the API itself was restarted. The new API learns the
+    mode from the longest-running worker. Before, it knew nothing: a worker restarted after it
+    stayed in normal mode while the other denied, and GET /api/allowall said "off"."""
+    import os
+    import signal
+
+    r = stack.request("POST", "/api/allowall", json={"mode": "deny", "duration_seconds": 300})
+    assert r.status_code == 200 and r.json()["mode"] == "deny"
+    try:
+        for name in ("api", "proxy-0"):
+            old = stack.health()[1]["services"][name]["pid"]
+            os.kill(old, signal.SIGKILL)
+            wait_for(
+                lambda name=name, old=old: (s := stack.health()[1]["services"][name])["up"] and s["pid"] != old,
+                30,
+                message=f"{name} restarted",
+            )
+            time.sleep(1.0 if name == "api" else 0)  # proxy-0 dies once the new API has heard the workers
+
+        def all_deny() -> list[dict] | None:
+            w = per_worker(stack, "allowall.get")
+            return w if all(x["active"] and x["mode"] == "deny" for x in w) else None
+
+        states = wait_for(all_deny, 15, message="deny mode on every worker after the API and proxy-0 restarted")
+        assert all(0 < x["remaining_seconds"] <= 300 for x in states)
+        status = stack.get("/api/allowall").json()
+        assert status["active"] and status["mode"] == "deny"
+    finally:
+        stack.request("DELETE", "/api/allowall")
+    assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
+
+
 def test_metrics_list_each_worker_and_sum_them(stack: Stack) -> None:
     text = stack.get("/metrics").text
     assert 'greyproxy_up{service="proxy-0"} 1.0' in text and 'greyproxy_up{service="proxy-1"} 1.0' in text
@@ -266,3 +300,57 @@ def test_one_journal_takes_every_workers_records(stack: Stack, origin: int) -> N
         assert len(logged) == n and len({i["id"] for i in logged}) == n  # none lost, none stored twice
     finally:
         stack.request("DELETE", f"/api/rules/{rule['id']}")
+
+
+def test_max_pending_across_workers_holds_queued_keys_and_sees_dismissals_at_once() -> None:
+    """proxy.maxPending with two workers (SPEC §3.1, §15): past the cap a *new* destination is
+    refused at once (403, `queue_full`), whichever worker takes it; a connection to a destination
+    already queued is held, on either worker (before: refused by the worker that did not hold it);
+    a dismissal frees room for the next new destination at once (before: after the worker's next
+    count, up to 5 s)."""
+    socks: list[socket.socket] = []
+
+    def held_or_refused(s: socket.socket) -> bytes | None:
+        s.settimeout(1.5)
+        try:
+            return _read_head(s) or b"closed"
+        except TimeoutError:
+            return None  # held: no answer yet
+
+    with Stack({"proxy": {"workers": 2, "holdTimeout": 30, "maxPending": 2}}) as s:
+        try:
+            for host in ("127.0.0.21", "127.0.0.22"):  # two new destinations: the queue is full
+                c = _connect(s, "capped", f"{host}:9")
+                socks.append(c)
+                assert held_or_refused(c) is None, host
+            wait_for(lambda: s.get("/api/pending/count").json()["count"] == 2, 10, message="two pending")
+            c = _connect(s, "capped", "127.0.0.23:9")
+            socks.append(c)
+            assert (held_or_refused(c) or b"").startswith(b"HTTP/1.1 403"), "a third new destination"
+            # the first destination again, from new connections: both workers take some, each is held
+            opened: list[socket.socket] = []
+
+            def open_one(i: int) -> None:
+                c = _connect(s, "capped", "127.0.0.21:9")
+                opened.append(c)
+                socks.append(c)
+
+            def waiting(n: int) -> list[int]:
+                wait_for(lambda: sum(w["count"] for w in waiters_all()) >= n + 1, 10, message=f"{n + 1} held")
+                return [sum(w["count"] for w in ws["waiters"]) for ws in per_worker(s, "waiters")]
+
+            def waiters_all() -> list[dict]:
+                return [w for ws in per_worker(s, "waiters") for w in ws["waiters"] if w["host"] == "127.0.0.21"]
+
+            on_both_workers(open_one, waiting, at_least=4)
+            assert all(held_or_refused(c) is None for c in opened[:2])
+            # a dismissal: room for a new destination at once
+            pid = next(p["id"] for p in s.get("/api/pending").json()["items"] if p["destination_host"] == "127.0.0.22")
+            assert s.request("DELETE", f"/api/pending/{pid}").status_code in (200, 204)
+            t0 = time.monotonic()
+            c = _connect(s, "capped", "127.0.0.24:9")
+            socks.append(c)
+            assert held_or_refused(c) is None and time.monotonic() - t0 < 3
+        finally:
+            for c in socks:
+                c.close()

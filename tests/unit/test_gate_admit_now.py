@@ -353,3 +353,61 @@ def test_the_request_steps_answer_at_once_or_from_their_coroutine() -> None:
         await asyncio.sleep(0)
 
     asyncio.run(main())
+
+
+def test_max_pending_holds_queued_keys_and_counts_its_own_keys_in_flight() -> None:
+    """proxy.maxPending (SPEC §3.1: "beyond that new unknown destinations are blocked at once"),
+    with the queue shared by proxy workers (SPEC §15): each connection to a key held by no
+    connection here looks at the database. A key already queued (another worker's, or one nobody
+    waits on any more) is held; a new one only while the queue is under the cap, counting the keys
+    this process held whose entries the database does not show yet. Before, a worker refused keys
+    already queued, went by a count up to 5 s old (a dismissal did not free room), and the
+    workers together filled the room more than once."""
+
+    async def main() -> None:
+        g = gate_with(hold_timeout=5.0)
+        g.max_pending = 4
+        queue: set[tuple[str, str, int]] = {("agent", "old.example", 443)}  # the database's view
+        looks: list[list[tuple[str, str, int]]] = []
+
+        async def lookup(keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+            looks.append(keys)
+            await asyncio.sleep(0.001)
+            return len(queue), [k in queue for k in keys]
+
+        g.pending_lookup = lookup
+        tasks: list[asyncio.Task] = []
+
+        def hold(host: str) -> asyncio.Task:
+            task = asyncio.ensure_future(g.admit("agent", host, 443, "HTTP", None))
+            tasks.append(task)
+            return task
+
+        async def settled(task: asyncio.Task, host: str) -> Verdict | None:
+            async with asyncio.timeout(5):
+                while ("agent", host, 443) not in g.holds and not task.done():
+                    await asyncio.sleep(0.001)
+            return task.result() if task.done() else None
+
+        # three new keys at once: one look at a time, each counting the ones before it (their
+        # records not written yet): 1 queued + 3 = the cap of 4
+        burst = {h: hold(h) for h in ("a.example", "b.example", "c.example", "d.example")}
+        got = {h: await settled(t, h) for h, t in burst.items()}
+        refused = [h for h, v in got.items() if v is not None]
+        assert len(refused) == 1 and got[refused[0]].reason == "queue_full"  # type: ignore[union-attr]
+        assert looks[1][1:] == [looks[0][0]]  # the second look asked for the first key, still in flight
+        queue.update(("agent", h, 443) for h in got if h not in refused)  # the recorder catches up
+        assert len(queue) == 4
+        # a key already queued is held although the queue is full: it is not a new destination
+        assert await settled(hold("old.example"), "old.example") is None
+        v = await settled(hold("e.example"), "e.example")
+        assert v is not None and (v.allowed, v.reason) == (False, "queue_full")
+        # a dismissal frees room at once
+        gone = next(h for h in got if h not in refused)
+        queue.discard(("agent", gone, 443))
+        assert await settled(hold("f.example"), "f.example") is None
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
