@@ -541,6 +541,13 @@ _SPLIT_READING = True
 
 
 _BLANK_LINES = re.compile(rb"(?:\r\n)*")
+_METHOD_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}")  # RFC 9110 §9.1: a method is a token
+
+
+def _unknown_method(problem: str, method: str) -> bool:
+    """Whether llhttp refused `method` only for not being one it knows: a token (not CONNECT, which
+    it knows) that a forward proxy relays as it is."""
+    return "method" in problem.lower() and _METHOD_TOKEN.fullmatch(method) is not None
 
 
 def _head_end(buf: bytes, start: int, stop: int) -> int:
@@ -624,10 +631,10 @@ def _idna_request_line(head: bytes, line_end: int) -> bytes:
         text = authority.decode("utf-8")
         host, colon, port = text.rpartition(":") if ":" in text else (text, "", "")
         refuse_controls(host, "host")
-        name = ascii_host(host) + colon + port
-    except ValueError:  # UnicodeDecodeError too
+        name = (ascii_host(host) + colon + port).encode("ascii")  # (a non-ASCII port: left for the parser)
+    except ValueError:  # UnicodeDecodeError and UnicodeEncodeError too
         return head
-    return b" ".join((method, prefix + name.encode("ascii") + path, version)) + head[line_end:]
+    return b" ".join((method, prefix + name + path, version)) + head[line_end:]
 
 
 def parse_request_head(
@@ -701,8 +708,20 @@ def parse_request_head(
         lines, col = None, _Collector()
         parser = HttpRequestParser(col)
     problem = _run_parser(parser, head_bytes)
+    unknown_method: str | None = None
     if problem is not None:
-        raise _bad(problem)
+        unknown_method = head_bytes[: head_bytes.find(b" ")].decode("latin-1")
+        if not _unknown_method(problem, unknown_method):
+            raise _bad(problem)
+        # A method llhttp does not know (it knows them by name) but RFC 9110 allows: any token. The
+        # head is checked as if it were a PUT's (request framing does not depend on the method) and
+        # relayed as it came; the origin says whether it knows the method.
+        pair = None
+        col = _HeadEnd() if lines is not None else _Collector()
+        parser = HttpRequestParser(col)
+        problem = _run_parser(parser, b"PUT" + head_bytes[len(unknown_method) :])
+        if problem is not None:
+            raise _bad(problem)
     if not col.complete:
         raise _bad("incomplete request head")
     if lines is not None:
@@ -739,7 +758,7 @@ def parse_request_head(
             facts = _names_facts(names)
             _LAST_NAMES[0] = (raw_names, names, facts)
     else:
-        method = parser.get_method().decode("latin-1")
+        method = unknown_method or parser.get_method().decode("latin-1")
         target = col.url.decode("latin-1")  # type: ignore[union-attr]
         headers, names = _decode_headers(col.headers, _bad)  # type: ignore[union-attr]
         facts = _names_facts(names)
