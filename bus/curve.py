@@ -108,6 +108,13 @@ def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
             pass  # another process made it first: use theirs
         finally:
             tmp.unlink()
+    mode = secret_path.stat().st_mode & 0o777
+    if mode & 0o077:  # a copy or an edit left it readable by others: this host's identity on the bus
+        try:
+            os.chmod(secret_path, 0o600)
+            log.warning("%s was readable by others (mode %03o): made 0600", secret_path, mode)
+        except OSError as exc:
+            log.warning("%s is readable by others (mode %03o) and could not be made 0600: %s", secret_path, mode, exc)
     public, maybe_secret = read_cert(secret_path)
     if maybe_secret is None:
         raise CurveError(f"{secret_path}: has no secret-key")
@@ -121,26 +128,40 @@ def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def authorized_keys(keys_dir: Path) -> dict[bytes, str]:
-    """Allowed public key -> its name (the file's stem)."""
-    out: dict[bytes, str] = {}
+def authorized_entries(keys_dir: Path) -> list[tuple[str, bytes]]:
+    """Every authorized key file as (name, public key), by name: one key may be under two names."""
+    out: list[tuple[str, bytes]] = []
     folder = keys_dir / AUTHORIZED_DIR
     for path in sorted(folder.glob("*.key")) if folder.is_dir() else []:
         try:
-            out[read_cert(path)[0]] = path.stem
+            out.append((path.stem, read_cert(path)[0]))
         except CurveError as exc:
             log.warning("ignoring authorized key: %s", exc)
     return out
 
 
+def authorized_keys(keys_dir: Path) -> dict[bytes, str]:
+    """Allowed public key -> its name (the file's stem; the first by name when it has several)."""
+    out: dict[bytes, str] = {}
+    for name, key in authorized_entries(keys_dir):
+        out.setdefault(key, name)
+    return out
+
+
 class _KeyCheck:
-    """The ZAP callback: is this client's key ours or authorized? A refusal is logged."""
+    """The ZAP callback of one bound endpoint: is this client's key ours or authorized? A refusal
+    is logged, naming the endpoint: the first of each key at once, then at most one line per key
+    every REFUSAL_LOG_EVERY seconds with the count since (a refused peer retries every few seconds,
+    for as long as it runs)."""
+
+    REFUSAL_LOG_EVERY = 60.0
 
     def __init__(self, keys_dir: Path, own: bytes, where: str) -> None:
         self.keys_dir = keys_dir
         self.own = own
         self.where = where
         self.refused = 0
+        self._told: dict[bytes, tuple[float, int]] = {}  # key -> (last logged, refusals not logged since)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key == self.own:
@@ -150,11 +171,20 @@ class _KeyCheck:
             log.debug("bus peer with key %s (%s) allowed", key.decode(), name)
             return True
         self.refused += 1
+        now = time.monotonic()
+        last, unsaid = self._told.get(key, (-self.REFUSAL_LOG_EVERY, 0))
+        if now - last < self.REFUSAL_LOG_EVERY:
+            self._told[key] = (last, unsaid + 1)
+            return False
+        if len(self._told) >= 1024:
+            self._told.clear()  # (keys come from peers: bounded)
+        self._told[key] = (now, 0)
         log.warning(
-            "refused a bus peer on %s: its CURVE key %s is not in %s",
+            "refused a bus peer on %s: its CURVE key %s is not in %s%s",
             self.where,
             key.decode(),
             self.keys_dir / AUTHORIZED_DIR,
+            f" (and {unsaid} more times since the last such line)" if unsaid else "",
         )
         return False
 
@@ -197,19 +227,25 @@ def public_key() -> str | None:
     return _keys()[0].decode()
 
 
-def _authenticator(sock: zmq.Socket, endpoint: str) -> None:
+def _authenticator(sock: zmq.Socket, endpoint: str) -> bytes:
+    """The ZAP domain for a socket that binds `endpoint`: one authenticator thread per ZeroMQ
+    context, one domain (and key check) per endpoint, so that a refusal names the endpoint the
+    peer came to."""
     ctx = sock.context
+    domain = ZAP_DOMAIN + b" " + endpoint.encode()
     with _State.lock:
-        if id(ctx) in _State.authenticators:
-            return
-        from zmq.auth.thread import ThreadAuthenticator
+        auth = _State.authenticators.get(id(ctx))
+        if auth is None:
+            from zmq.auth.thread import ThreadAuthenticator
 
-        auth = ThreadAuthenticator(ctx, log=logging.getLogger("greyproxy.bus.zap"))
-        auth.start()
-        check = _KeyCheck(_State.keys_dir, _keys()[0], endpoint)  # type: ignore[arg-type]
-        auth.configure_curve_callback(ZAP_DOMAIN.decode(), credentials_provider=check)
-        _State.authenticators[id(ctx)] = auth
-        _State.checks.append(check)
+            auth = ThreadAuthenticator(ctx, log=logging.getLogger("greyproxy.bus.zap"))
+            auth.start()
+            _State.authenticators[id(ctx)] = auth
+        if domain.decode() not in auth.credentials_providers:
+            check = _KeyCheck(_State.keys_dir, _keys()[0], endpoint)  # type: ignore[arg-type]
+            auth.configure_curve_callback(domain.decode(), credentials_provider=check)
+            _State.checks.append(check)
+    return domain
 
 
 def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | bytes | None = None) -> None:
@@ -218,8 +254,7 @@ def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | b
         return  # ipc://; or a library user (tests in one process) that did not configure CURVE
     public, secret = _keys()
     if server:
-        _authenticator(sock, endpoint)
-        sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+        sock.setsockopt(zmq.ZAP_DOMAIN, _authenticator(sock, endpoint))
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True

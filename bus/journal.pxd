@@ -14,7 +14,7 @@ cdef class JournalWriter:
     cdef public Py_ssize_t _seq, _queued_bytes, _inflight_count, _inflight_bytes, _runs
     cdef public dict _inflight
     cdef public bint _idle_set, _urgent
-    cdef public object _sock, _owner, _fd, _loop, _timer, _soon, _ack_wait
+    cdef public object _sock, _owner, _fd, _loop, _timer, _soon, _ack_wait, _unsent_since
     cdef public Py_ssize_t dropped, acked, resent, sends
 
     @cython.locals(enc=bytes, size=Py_ssize_t)

@@ -143,6 +143,7 @@ class JournalWriter:
         "_soon",
         "_urgent",
         "_ack_wait",
+        "_unsent_since",
         "_runs",
         "dropped",
         "acked",
@@ -161,6 +162,11 @@ class JournalWriter:
     # Seconds between looks at the acks' age (resend after ack_timeout) and retries of a send that
     # found no recorder connected.
     TICK = 0.25
+    # Seconds records may wait with no recorder connected before the socket is opened again.
+    # ZeroMQ reconnects by itself after a lost connection, but not after a refused handshake: a
+    # central host that restarted without this host's CURVE key refuses it, and once the key is
+    # allowed again only a new socket connects (SPEC §15, several hosts).
+    REOPEN_UNSENT = 10.0
 
     def __init__(
         self,
@@ -203,6 +209,9 @@ class JournalWriter:
         self._soon: asyncio.Handle | None = None  # a flush at the end of this loop turn
         self._urgent = False  # an urgent record is queued: send without waiting for company
         self._ack_wait = ack_timeout  # grows after each timeout, back to ack_timeout on an ack
+        self._unsent_since: float | None = (
+            None  # loop time of the first send that found no recorder since the last one sent
+        )
         self._runs = 0  # run() calls so far: only the latest one owns the socket
         self.dropped = 0
         self.acked = 0
@@ -392,6 +401,17 @@ class JournalWriter:
                         self._ack_wait = min(self._ack_wait * 2, max(self.ack_timeout, 30.0))
                         self._reset()
                         self._open()
+                elif self._queue and self._unsent_since is not None:
+                    if loop.time() - self._unsent_since > self.REOPEN_UNSENT:
+                        log.info(
+                            "journal: no recorder connected for %.0fs with %d records to send; opening the"
+                            " socket again",
+                            loop.time() - self._unsent_since,
+                            len(self._queue),
+                        )
+                        self._unsent_since = loop.time()
+                        self._reset()
+                        self._open()
         finally:
             if self._runs == mine:
                 for handle in (self._timer, self._soon):
@@ -426,8 +446,11 @@ class JournalWriter:
             except zmq.ZMQError:  # EAGAIN: no recorder connected (IMMEDIATE) or the window's HWM
                 self._queue.extendleft(reversed(records))
                 self._queued_bytes += nbytes
+                if not self._inflight and self._unsent_since is None:
+                    self._unsent_since = now
                 break
             sent = True
+            self._unsent_since = None
             self.sends += 1
             self._inflight[bid] = (now, records, nbytes)
             self._inflight_count += len(records)

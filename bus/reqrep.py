@@ -30,6 +30,7 @@ class ServiceUnavailable(Exception):
     def __init__(self, service: str, detail: str = "") -> None:
         super().__init__(f"{service} is not answering{': ' + detail if detail else ''}")
         self.service = service
+        self.detail = detail
 
 
 class RemoteError(Exception):
@@ -83,6 +84,9 @@ class ControlServer:
                 reply = {"id": rid, "ok": True, "result": result}
             except RemoteError as exc:
                 reply = {"id": rid, "ok": False, "error": str(exc), "status": exc.status}
+            except ServiceUnavailable as exc:  # a process this one asks did not answer: said, no traceback
+                log.warning("control op %s: %s", op, exc)
+                reply = {"id": rid, "ok": False, "error": str(exc), "status": 503}
             except Exception as exc:  # a handler bug must not kill the control loop
                 log.exception("control op %s failed", op)
                 reply = {"id": rid, "ok": False, "error": f"{type(exc).__name__}: {exc}", "status": 500}

@@ -10,6 +10,7 @@ greyproxy keys list            this host's public key and the authorized ones
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -26,6 +27,11 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 def _keys_dir(args: argparse.Namespace):  # noqa: ANN202
     cfg = _load(args)
     assert cfg.keys_dir is not None
+    if cfg.keys_dir.is_relative_to(cfg.data_dir) and not cfg.data_dir.exists():
+        # often the first command run on a new host: the data dir is made private (0700) here too,
+        # as `serve` and `run` make it, not with the umask's mode
+        cfg.data_dir.mkdir(parents=True, mode=0o700)
+        os.chmod(cfg.data_dir, 0o700)
     return cfg.keys_dir
 
 
@@ -75,8 +81,15 @@ def cmd_allow(args: argparse.Namespace) -> int:
     keys_dir = _keys_dir(args)
     curve.ensure_keypair(keys_dir)
     path = keys_dir / curve.AUTHORIZED_DIR / f"{args.name}.key"
+    others = [name for name, k in curve.authorized_entries(keys_dir) if k == key and name != args.name]
     path.write_text(f'metadata\ncurve\n    public-key = "{key.decode()}"\n')
     print(f"allowed {args.name}: {key.decode()} ({path})")
+    if others:
+        print(
+            f"greyproxy: note: this key is also authorized as {', '.join(others)}"
+            f" (revoking {args.name} alone leaves it allowed)",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -85,8 +98,19 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     if not NAME.match(args.name) or not path.exists():
         print(f"greyproxy: no authorized key named {args.name!r}", file=sys.stderr)
         return 1
+    try:
+        key: bytes | None = curve.read_cert(path)[0]
+    except curve.CurveError:
+        key = None
     path.unlink()
     print(f"revoked {args.name}")
+    still = [name for name, k in curve.authorized_entries(_keys_dir(args)) if key is not None and k == key]
+    if still:
+        print(
+            f"greyproxy: this key is still authorized as {', '.join(still)}: revoke those too to refuse it",
+            file=sys.stderr,
+        )
+        return 3
     return 0
 
 
@@ -94,9 +118,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     keys_dir = _keys_dir(args)
     public, _ = curve.ensure_keypair(keys_dir)
     print(f"this host\t{public.decode()}")
-    for key, name in sorted(curve.authorized_keys(keys_dir).items(), key=lambda kv: kv[1]):
+    for name, key in curve.authorized_entries(keys_dir):  # every file: one key may be under two names
         print(f"{name}\t{key.decode()}")
     return 0
+
+
+def _sub_config_args(p: argparse.ArgumentParser) -> None:
+    """-C / --host after the subcommand too. Their default is to leave what was given before the
+    subcommand (`greyproxy keys -C FILE list`): argparse would otherwise set the subcommand's
+    None over it, and the config given first was silently ignored."""
+    p.add_argument("-C", "--config", metavar="FILE", default=argparse.SUPPRESS, help="YAML config file")
+    p.add_argument("--host", metavar="IP", default=argparse.SUPPRESS, help="address that bare ':PORT' listeners bind")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -105,19 +137,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(keys_fn=cmd_show)
     sub = parser.add_subparsers(dest="keys_command")
     p = sub.add_parser("show", help="make the key pair if missing and print the public key")
-    _add_config_args(p)
+    _sub_config_args(p)
     p.set_defaults(keys_fn=cmd_show)
     p = sub.add_parser("allow", help="authorize another host's public key")
     p.add_argument("name")
     p.add_argument("key", help="its public key (`greyproxy keys` there), or a copy of its keys/bus.key file")
-    _add_config_args(p)
+    _sub_config_args(p)
     p.set_defaults(keys_fn=cmd_allow)
     p = sub.add_parser("revoke", help="remove an authorized key")
     p.add_argument("name")
-    _add_config_args(p)
+    _sub_config_args(p)
     p.set_defaults(keys_fn=cmd_revoke)
     p = sub.add_parser("list", help="this host's public key and the authorized ones")
-    _add_config_args(p)
+    _sub_config_args(p)
     p.set_defaults(keys_fn=cmd_list)
 
 

@@ -4,8 +4,11 @@ their status; a restarted server is reached again by the same client."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,6 +75,20 @@ def test_client_to_nobody_fails_fast(short_tmp: Path) -> None:
     assert time.monotonic() - t0 < 3.0
 
 
+@contextlib.contextmanager
+def caplog_at(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records logger `name` emits inside the block."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_live_server_ops_errors_and_restart(short_tmp: Path) -> None:
     endpoint = f"ipc://{short_tmp}/ctl.sock"
 
@@ -85,7 +102,10 @@ def test_live_server_ops_errors_and_restart(short_tmp: Path) -> None:
     def broken(args: dict) -> None:
         raise ZeroDivisionError("boom")
 
-    handlers = {"add": add, "conflict": conflict, "broken": broken}
+    def dependency_away(args: dict) -> None:  # a proxy on another host whose recorder does not answer
+        raise ServiceUnavailable("recorder", "no answer after 3 tries of 2.0s")
+
+    handlers = {"add": add, "conflict": conflict, "broken": broken, "away": dependency_away}
 
     async def go() -> None:
         ctx = zmq.asyncio.Context()
@@ -106,6 +126,12 @@ def test_live_server_ops_errors_and_restart(short_tmp: Path) -> None:
             with pytest.raises(RemoteError) as info:
                 await client.call("broken")
             assert info.value.status == 500 and "boom" in str(info.value)
+            # A process the handler asks did not answer: 503 saying so, a warning without a traceback
+            with pytest.raises(RemoteError) as info, caplog_at("greyproxy.bus") as records:
+                await client.call("away")
+            assert info.value.status == 503
+            assert str(info.value).endswith("recorder is not answering: no answer after 3 tries of 2.0s")
+            assert [(r.levelname, r.exc_info) for r in records] == [("WARNING", None)]
             # The control loop survived its handlers' errors.
             assert await client.call("add", {"a": 1, "b": 1}) == {"sum": 2}
 

@@ -100,3 +100,49 @@ def test_a_key_that_starts_with_a_dash_is_a_key_not_an_option(tmp_path: Path) ->
         r = _greyproxy(central, "keys", "allow", *argv)
         assert r.returncode == 0, (argv, r.stderr)
         assert curve.authorized_keys(central / "keys") == {key.encode(): "b"}
+
+
+def test_config_before_the_subcommand_duplicates_and_modes(tmp_path: Path) -> None:
+    """Found by an outside run of docs/configuration.md's several-hosts steps:
+    - `greyproxy keys -C FILE list` (the usage line puts -C there) ignored FILE: the subcommand's
+      own -C default replaced it. Both places now work, and a bad FILE fails either way;
+    - one key under two names: `list` showed one, `revoke` of it left the key allowed, silently;
+    - the first command on a new host made the data dir with the umask's mode, not 0700;
+    - a secret key file readable by others was used as it was."""
+    import os
+    import stat
+
+    data = tmp_path / "fresh" / "data"
+    custom = tmp_path / "custom-keys"
+    cfg = tmp_path / "ck.yaml"
+    cfg.write_text(f"bus:\n  keysDir: {custom}\n")
+    before = _greyproxy(data, "keys", "-C", str(cfg), "show")
+    after = _greyproxy(data, "keys", "show", "-C", str(cfg))
+    assert before.returncode == after.returncode == 0, before.stderr
+    assert before.stdout == after.stdout and (custom / "bus.key_secret").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("bogus: 1\n")
+    for argv in (("keys", "-C", str(bad), "list"), ("keys", "list", "-C", str(bad))):
+        r = _greyproxy(data, *argv)
+        assert r.returncode == 2 and "bogus" in r.stderr, (argv, r.stderr)
+
+    r = _greyproxy(data, "keys")  # the default keys dir, in a data dir that does not exist yet
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(os.stat(data).st_mode) == 0o700
+    key = r.stdout.strip()
+    other = _greyproxy(tmp_path / "other", "keys").stdout.strip()
+    assert _greyproxy(data, "keys", "allow", "old-name", other).returncode == 0
+    twice = _greyproxy(data, "keys", "allow", "new-name", other)
+    assert twice.returncode == 0 and "also authorized as old-name" in twice.stderr
+    listed = _greyproxy(data, "keys", "list").stdout.splitlines()
+    assert listed == [f"this host\t{key}", f"new-name\t{other}", f"old-name\t{other}"]
+    r = _greyproxy(data, "keys", "revoke", "old-name")
+    assert r.returncode == 3 and "still authorized as new-name" in r.stderr
+    assert _greyproxy(data, "keys", "revoke", "new-name").returncode == 0
+    assert curve.authorized_keys(data / "keys") == {}
+
+    secret = data / "keys" / "bus.key_secret"
+    os.chmod(secret, 0o644)
+    r = _greyproxy(data, "keys")
+    assert r.returncode == 0 and r.stdout.strip() == key
+    assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600

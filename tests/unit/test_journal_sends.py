@@ -169,6 +169,45 @@ def test_real_sockets_acks_read_from_the_fd_and_few_sends_under_a_burst() -> Non
         shutil.rmtree(d, ignore_errors=True)
 
 
+def test_records_that_find_no_recorder_for_long_open_a_new_socket() -> None:
+    """SPEC §15 (a proxy on another host): ZeroMQ reconnects after a lost connection, but not after
+    a refused CURVE handshake (the central host restarted without this host's key). With records
+    queued and no recorder connected for REOPEN_UNSENT seconds, the writer opens a new socket, again
+    each REOPEN_UNSENT while it lasts; once one connects, everything goes out in order. Before, the
+    outbox stayed unsent after the key was allowed again, until the proxy stopped."""
+
+    async def scenario() -> None:
+        w = Writer("ipc:///nonexistent", batch_size=50)
+        w.TICK = 0.01
+        w.REOPEN_UNSENT = 0.1
+        sock = _Socket()
+        sock.full = True
+        opened: list[_Socket] = []
+
+        def fake_open() -> None:
+            w._sock = sock  # type: ignore[assignment]
+            opened.append(sock)
+
+        w._open = fake_open  # type: ignore[method-assign]
+        task = asyncio.create_task(w.run())
+        await asyncio.sleep(0.05)
+        assert len(opened) == 1  # nothing to send: no reason to open again
+        ids = [w.append("log", {"i": i}) for i in range(60)]
+        await asyncio.sleep(0.05)
+        assert len(opened) == 1 and sock.refused >= 1  # not yet
+        await asyncio.sleep(0.3)
+        assert 3 <= len(opened) <= 5, len(opened)  # again every REOPEN_UNSENT
+        sock.full = False
+        await asyncio.sleep(0.05)
+        assert [rid for b in sock.bodies for rid in _ids(b)] == ids
+        n = len(opened)
+        await asyncio.sleep(0.3)
+        assert len(opened) == n  # sent: no more reopening
+        await _stop(task)
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.parametrize("key", [1, 2.5])
 def test_non_string_keys_still_encode(key: object) -> None:
     w = JournalWriter("ipc:///nonexistent")
