@@ -43,15 +43,41 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
                 pass
 
     # The forwarder releases the GIL in C; it runs in a thread so the main thread can take signals.
+    # Steerable: told to end (a key revoked), it gives the sockets back to this thread, which binds
+    # them again (bus/curve.py: an open connection is never checked again) and starts a new one.
+    control_ep = f"inproc://bus-forwarder-control-{os.getpid()}"
+
     def forward() -> None:
+        control = ctx.socket(zmq.PAIR)
+        control.bind(control_ep)
         try:
-            zmq.proxy(xsub, xpub)
+            zmq.proxy_steerable(xsub, xpub, None, control)
         except zmq.ContextTerminated:
             pass
         except zmq.ZMQError as exc:  # pragma: no cover - only at shutdown
             log.debug("forwarder stopped: %s", exc)
+        finally:
+            control.close(linger=0)
 
-    threading.Thread(target=forward, name="bus-forwarder", daemon=True).start()
+    def start_forwarder() -> threading.Thread:
+        thread = threading.Thread(target=forward, name="bus-forwarder", daemon=True)
+        thread.start()
+        return thread
+
+    forwarder = start_forwarder()
+
+    def rebind_after_revocation() -> threading.Thread:
+        steer = ctx.socket(zmq.PAIR)
+        steer.setsockopt(zmq.LINGER, 0)
+        steer.connect(control_ep)
+        steer.send(b"TERMINATE")
+        forwarder.join(5)
+        steer.close()
+        for sock, ep in ((xsub, pub_endpoint), (xpub, sub_endpoint)):
+            if ep.startswith("tcp://"):
+                curve.rebind_blocking(sock, ep)
+                log.warning("a key was revoked: the connections to %s ended; authorized peers connect again", ep)
+        return start_forwarder()
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -85,6 +111,8 @@ def run_broker(pub_endpoint: str, sub_endpoint: str, heartbeat_interval: float =
 
     while not stop.wait(heartbeat_interval):
         beat()
+        if curve.configured() and curve.revoked():
+            forwarder = rebind_after_revocation()
     log.info("bus broker stopping")
     # A last heartbeat, as every service sends on a clean stop (docs/events.md): the API shows the
     # bus down at once, and does not count the next one as a restart after a crash. The forwarder

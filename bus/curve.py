@@ -25,6 +25,7 @@ import shlex
 import struct
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,8 @@ class _KeyCheck:
 
 
 class _State:
+    servers: list[tuple[Any, str]] = []  # (weak reference to a socket that binds a tcp:// endpoint, the endpoint)
+    authorized_seen: frozenset[bytes] | None = None  # the authorized keys at the last look (`revoked`)
     keys_dir: Path | None = None
     public: bytes | None = None
     secret: bytes | None = None
@@ -255,6 +258,8 @@ def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | b
     public, secret = _keys()
     if server:
         sock.setsockopt(zmq.ZAP_DOMAIN, _authenticator(sock, endpoint))
+        with _State.lock:
+            _State.servers.append((weakref.ref(sock), endpoint))
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -264,6 +269,70 @@ def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | b
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_serverkey = server_key or _State.server_key or public
+
+
+def servers() -> list[tuple[zmq.Socket, str]]:
+    """This process's open sockets that bind a tcp:// endpoint (CURVE servers), with it."""
+    with _State.lock:
+        live = [(ref(), ep) for ref, ep in _State.servers]
+        live = [(sock, ep) for sock, ep in live if sock is not None and not sock.closed]
+        _State.servers = [(weakref.ref(sock), ep) for sock, ep in live]
+    return live
+
+
+def revoked() -> bool:
+    """Whether a key authorized at the last look is no longer (`greyproxy keys revoke`), for a process
+    with CURVE servers. ZeroMQ checks a key when a peer connects, never after: a connection already
+    open stays, so the caller binds its endpoints again (`rebind`), which ends every connection,
+    and each peer's reconnection is checked anew (authorized ones reconnect at once)."""
+    if _State.keys_dir is None or not servers():
+        return False
+    now = frozenset(key for _name, key in authorized_entries(_State.keys_dir))
+    before, _State.authorized_seen = _State.authorized_seen, now
+    return before is not None and bool(before - now)
+
+
+def rebind_once(sock: zmq.Socket, endpoint: str) -> None:
+    """Unbind `endpoint` (ending the connections made through it); the caller binds it again."""
+    sock.unbind(endpoint)
+
+
+def try_bind(sock: zmq.Socket, endpoint: str) -> bool:
+    """Bind again after `rebind_once`: False while the old listener is still being closed."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        if exc.errno != zmq.EADDRINUSE:
+            raise
+        return False
+    return True
+
+
+def rebind_blocking(sock: zmq.Socket, endpoint: str, timeout: float = 5.0) -> None:
+    """`rebind_once`, then bind again (for a thread that may wait: the bus broker's)."""
+    rebind_once(sock, endpoint)
+    deadline = time.monotonic() + timeout
+    while not try_bind(sock, endpoint):
+        if time.monotonic() > deadline:
+            raise CurveError(f"could not bind {endpoint} again after a key was revoked")
+        time.sleep(0.01)
+
+
+async def rebind_all(why: str = "a key was revoked") -> None:
+    """Every CURVE server socket of this (asyncio) process bound again: on its loop's thread, which
+    owns them. Its peers reconnect through the key check."""
+    import asyncio
+
+    for sock, endpoint in servers():
+        rebind_once(sock, endpoint)
+        for _ in range(500):
+            if try_bind(sock, endpoint):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            log.error("could not bind %s again after %s", endpoint, why)
+            continue
+        log.warning("%s: the connections to %s ended; authorized peers connect again", why, endpoint)
 
 
 def refused() -> int:

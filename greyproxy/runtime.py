@@ -268,9 +268,15 @@ class ServiceRuntime:
         interval = float(self.cfg.bus["heartbeatInterval"])
         refused_since: float | None = None
         retry_at, backoff = 0.0, BUS_RETRY_MIN
+        from bus import curve
+
+        loop = asyncio.get_running_loop()
         while True:
             self.publisher.publish(topics.SERVICE_HEARTBEAT, self.heartbeat_payload())
             await asyncio.sleep(interval)
+            # `greyproxy keys revoke` takes effect on connections already open too (bus/curve.py)
+            if curve.configured() and await loop.run_in_executor(None, curve.revoked):
+                await curve.rebind_all()
             # A tcp:// bus that refused this host's key is never asked again by libzmq: ask again
             # here, backing off (each try is a line in that bus's log), until it is allowed there.
             refused, now = self.publisher.refused(), time.monotonic()

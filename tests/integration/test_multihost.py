@@ -330,3 +330,104 @@ def test_a_remote_proxy_that_never_allowed_the_central_key_is_unreachable_until_
         remote.stop()
         central.request("DELETE", "/api/allowall")
         keys(central.data_dir, "revoke", "host-d")
+
+
+def test_a_revoked_key_is_cut_off_while_connected(central: Stack) -> None:
+    """SPEC §15 and docs/configuration.md ("revoking one needs no restart"): ZeroMQ checks a CURVE
+    key when a peer connects, never after. A peer connected when its key is revoked was left
+    connected: a proxy on another host went on sending and receiving. The processes that bind
+    tcp:// endpoints see the revocation within a heartbeat or two, bind again (every connection
+    ends), and only authorized peers get back in."""
+    import zmq
+
+    from bus import message
+
+    public, secret = zmq.curve_keypair()
+    server_key = central.central_key.encode()  # type: ignore[attr-defined]
+    keys(central.data_dir, "allow", "peer-z", public.decode())
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.curve_publickey, sub.curve_secretkey, sub.curve_serverkey = public, secret, server_key
+    sub.setsockopt(zmq.SUBSCRIBE, b"service.heartbeat")
+    sub.connect(central.config["bus"]["sub"])
+    try:
+        assert sub.poll(10_000), "no heartbeat through the bus for an allowed key"
+        message.decode(sub.recv_multipart())
+        keys(central.data_dir, "revoke", "peer-z")
+        t0 = time.monotonic()
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 3.0:  # heartbeats come every second while connected
+            assert time.monotonic() - t0 < 20, "the revoked peer still gets the bus's messages"
+            if sub.poll(200):
+                sub.recv_multipart()
+                quiet_since = time.monotonic()
+        bus_log = (central.data_dir / "logs" / "bus.log").read_text()
+        assert "a key was revoked: the connections to" in bus_log
+        wait_for(
+            lambda: "refused a bus peer" in (central.data_dir / "logs" / "bus.log").read_text(),
+            10,
+            message="the revoked key refused when it connects again",
+        )
+        # the stack's own processes (authorized: the host's own key) are back on the bus
+        wait_for(lambda: central.health()[0] == 200, 15, message="the stack healthy again")
+    finally:
+        sub.close(linger=0)
+        ctx.term()
+
+
+def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(central: Stack) -> None:
+    """docs/configuration.md (several hosts): B's key revoked on the central host cuts B off (the
+    revocation above); B goes on deciding with the rules it has and keeps its records; once the key
+    is allowed again they reach the central store. Before, B's journal never sent again: ZeroMQ
+    does not reconnect a socket whose handshake was refused, and with nothing in flight no ack
+    timeout reopened it (found by an outside run), so the records stayed in B until it stopped."""
+    remote = Remote(central, "proxy-r", central.central_key)  # type: ignore[attr-defined]
+    try:
+        keys(central.data_dir, "allow", "host-r", remote.public)
+        keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
+        remote.start()
+        wait_for(
+            lambda: (central.health()[1].get("services") or {}).get("proxy-r", {}).get("up"),
+            20,
+            message=f"proxy-r up in the central health\n{remote.log()}",
+        )
+        port = remote.ports["http-proxy"]
+        out, _ = _curl(port, "revoked-before", "http://127.0.0.1:9/").communicate(30)
+        assert out.endswith("\n502"), out  # the builtin loopback rule; nothing listens on :9
+        wait_for(
+            lambda: central.get("/api/logs", params={"container": "revoked-before"}).json()["items"],
+            10,
+            message="proxy-r's record before the revocation",
+        )
+        keys(central.data_dir, "revoke", "host-r")
+        wait_for(
+            lambda: not (central.health()[1].get("services") or {}).get("proxy-r", {}).get("up"),
+            20,
+            message="proxy-r cut off (its heartbeats no longer reach the bus)",
+        )
+        for i in range(3):  # decided by proxy-r with the rules it has; journalled, not deliverable
+            out, _ = _curl(port, f"revoked-during-{i}", "http://127.0.0.1:9/").communicate(30)
+            assert out.endswith("\n502"), out
+        time.sleep(2)
+        assert central.get("/api/logs", params={"container": "revoked-during"}).json()["items"] == []
+        keys(central.data_dir, "allow", "host-r", remote.public)
+        got = wait_for(
+            lambda: (
+                len(items := central.get("/api/logs", params={"container": "revoked-during"}).json()["items"]) == 3
+                and items
+            ),
+            40,
+            message=f"the records made while revoked, in the central store\n{remote.log()[-3000:]}",
+        )
+        assert {i["container_name"] for i in got} == {f"revoked-during-{i}" for i in range(3)}
+        assert remote.proc is not None and remote.proc.poll() is None
+    finally:
+        remote.stop()
+        subprocess.run(
+            [PYTHON, "-m", "greyproxy", "keys", "revoke", "host-r"],
+            env=service_env(central.data_dir),
+            cwd=str(REPO),
+            capture_output=True,
+            timeout=30,
+        )
