@@ -65,7 +65,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = "Export captured transactions (filters as GET /api/transactions)."
     parser.add_argument("--har", metavar="FILE", required=True, help="write HAR 1.2 to FILE ('-' for stdout)")
-    parser.add_argument("--container", help="exact container name")
+    parser.add_argument("--container", help="substring of the container name (as the list's ?container=)")
     parser.add_argument("--destination", help="substring of the destination host")
     parser.add_argument("--method", help="HTTP method (or WS_REQ / WS_RESP)")
     parser.add_argument("--session-id", dest="session_id")

@@ -19,7 +19,7 @@ import orjson
 
 from . import __version__
 from .bodies import api_value, read_side
-from .capture import _json_field
+from .capture import DEFAULT_MAX_BODY, _json_field
 from .redaction import REDACTED
 
 __all__ = ["DOCUMENT_TAIL", "HAR_SCHEMA", "HAR_VERSION", "document_head", "entry", "entry_bytes"]
@@ -110,8 +110,27 @@ def _size(value: Any) -> int:
     return int(value) if isinstance(value, (int, float)) and value >= 0 else 0
 
 
-def entry(row: dict[str, Any]) -> dict[str, Any]:
-    """One stored transaction (a dict of its columns, JSON columns raw or decoded) → a HAR entry."""
+_TRUNCATED = "body truncated to capture.maxBodyBytes"
+
+
+def _content_facts(stored: Any, wire: int, encoded: bool, max_body: int) -> tuple[bool, int | None]:
+    """(cut by capture.maxBodyBytes, its decoded length when known) of a stored body. Without a
+    content-coding the stored bytes are the wire's, so a shorter copy was cut. With one, the stored
+    bytes are the decoded ones: the wire's were cut when there were more than the capture kept, and
+    the decoding is capped at the same size (HAR's content.size is the decoded length, bodySize the
+    wire's)."""
+    if stored is None:
+        return False, None
+    n = len(stored.data)
+    if not encoded:
+        return n < wire, wire  # (the content is the wire's bytes, whole or not)
+    cut = wire > max_body or n >= max_body
+    return cut, None if cut else n
+
+
+def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
+    """One stored transaction (a dict of its columns, JSON columns raw or decoded) → a HAR entry.
+    `max_body`: capture.maxBodyBytes (what tells a cut compressed body)."""
     method = str(row.get("method") or "")
     url = str(row.get("url") or "")
     req_headers = _headers(row.get("request_headers"))
@@ -135,24 +154,32 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
         "headersSize": -1,
         "bodySize": req_size,
     }
+    req_cut, _n = _content_facts(req_stored, req_size, _header(req_headers, "content-encoding") is not None, max_body)
     if req_body is not None or req_size:
         post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
         if req_stored is None:
             post["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
-        elif len(req_stored.data) < req_size:
-            post["comment"] = "body truncated to capture.maxBodyBytes"
+        elif req_cut:
+            post["comment"] = _TRUNCATED
         if req_enc:
             post["_encoding"] = req_enc  # HAR 1.2 has no postData encoding: the content's, prefixed
         request["postData"] = post
     status = row.get("status_code")
     status = int(status) if isinstance(status, int) else 0
+    resp_cut, decoded = _content_facts(
+        resp_stored, resp_size, _header(resp_headers, "content-encoding") is not None, max_body
+    )
     content: dict[str, Any] = {"size": resp_size, "mimeType": row.get("response_content_type") or "x-unknown"}
     if resp_stored is not None:
+        if decoded is not None:
+            content["size"] = decoded
+            if decoded > resp_size:
+                content["compression"] = decoded - resp_size  # bytes the content-coding saved
         content["text"] = resp_body
         if resp_enc:
             content["encoding"] = resp_enc
-        if len(resp_stored.data) < resp_size:
-            content["comment"] = "body truncated to capture.maxBodyBytes"
+        if resp_cut:
+            content["comment"] = _TRUNCATED
     elif resp_size:
         content["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
     response: dict[str, Any] = {
@@ -203,8 +230,8 @@ def entry(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def entry_bytes(row: dict[str, Any]) -> bytes:
-    return orjson.dumps(entry(row))
+def entry_bytes(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> bytes:
+    return orjson.dumps(entry(row, max_body))
 
 
 # ---------------------------------------------------------------------------- HAR 1.2 as JSON Schema

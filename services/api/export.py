@@ -17,12 +17,13 @@ import falcon.asgi
 
 from greyproxy import har
 from greyproxy.bodies import Reader
-from greyproxy.capture import TRANSACTION_COLUMNS
+from greyproxy.capture import DEFAULT_MAX_BODY, TRANSACTION_COLUMNS
 from greyproxy.store import database
 from greyproxy.store.transactions import TransactionFilter, where_clause
 
 from .context import ApiContext
 from .transactions import filter_from
+from .util import int_param
 
 log = logging.getLogger("greyproxy.api")
 
@@ -45,15 +46,22 @@ def _bodies(ids: list[int]) -> dict[int, tuple[Any, Any]]:
 
 
 def export_page(
-    f: TransactionFilter, after: Key | None, rows: int = PAGE_ROWS, batch_bytes: int = BODY_BATCH_BYTES
+    f: TransactionFilter,
+    after: Key | None,
+    rows: int = PAGE_ROWS,
+    batch_bytes: int = BODY_BATCH_BYTES,
+    skip: int = 0,
+    max_body: int = DEFAULT_MAX_BODY,
 ) -> tuple[list[bytes], Key | None]:
-    """The next page's entries (HAR JSON each) after `after`, and the key to continue from (None: done)."""
+    """The next page's entries (HAR JSON each) after `after` (the first page: after `skip` matches),
+    and the key to continue from (None: done)."""
     clause, args = where_clause(f)
     if after is not None:
         clause += " AND (timestamp > ? OR (timestamp = ? AND id > ?))"
         args = [*args, after[0], after[0], after[1]]
     cur = database.execute_sql(
-        f"SELECT {_META_SQL} FROM http_transactions WHERE {clause} ORDER BY timestamp, id LIMIT ?", [*args, rows]
+        f"SELECT {_META_SQL} FROM http_transactions WHERE {clause} ORDER BY timestamp, id LIMIT ? OFFSET ?",
+        [*args, rows, skip if after is None else 0],
     )
     meta = cur.fetchall()
     if not meta:
@@ -71,7 +79,7 @@ def export_page(
         for r in group:
             row = dict(zip(_META, r))
             row["request_body"], row["response_body"] = bodies.get(row["id"], (None, None))
-            out.append(har.entry_bytes(reader.inline([row])[0]))
+            out.append(har.entry_bytes(reader.inline([row])[0], max_body))
         i = j
     last = meta[-1]
     key = (last[_META.index("timestamp")], last[0])
@@ -81,13 +89,21 @@ def export_page(
     return out, (key if len(meta) == rows else None)
 
 
-async def har_stream(ctx: ApiContext, f: TransactionFilter) -> AsyncIterator[bytes]:
+async def har_stream(
+    ctx: ApiContext, f: TransactionFilter, limit: int | None = None, offset: int = 0
+) -> AsyncIterator[bytes]:
+    """Every match (oldest first), or `limit` of them after the first `offset`."""
+    max_body = int(ctx.cfg.section("capture").get("maxBodyBytes") or DEFAULT_MAX_BODY)
     yield har.document_head("exported by greyproxy")
     after: Key | None = None
     first = True
+    left = limit
     while True:
+        rows = PAGE_ROWS if left is None else min(PAGE_ROWS, left)
+        if rows <= 0:
+            break
         try:
-            entries, after = await ctx.db(export_page, f, after)
+            entries, after = await ctx.db(export_page, f, after, rows, BODY_BATCH_BYTES, offset, max_body)
         except Exception:
             # The status line has gone out: the client sees a cut-off document (invalid JSON).
             log.exception("HAR export failed after it started")
@@ -96,6 +112,8 @@ async def har_stream(ctx: ApiContext, f: TransactionFilter) -> AsyncIterator[byt
             chunk = b",".join(entries)
             yield chunk if first else b"," + chunk
             first = False
+            if left is not None:
+                left -= len(entries)
         if after is None:
             break
     yield har.DOCUMENT_TAIL
@@ -107,10 +125,13 @@ class HarExportResource:
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         f = filter_from(req)
+        # (no limit: every match, as SPEC §14 says; one given is checked as the list checks it)
+        limit = int_param(req, "limit", 0, lo=1, hi=10**9) or None
+        offset = int_param(req, "offset", 0, hi=10**9)
         resp.content_type = "application/json"
         resp.set_header("Content-Disposition", 'attachment; filename="greyproxy.har"')
         resp.set_header("Cache-Control", "no-store")
-        resp.stream = har_stream(self.ctx, f)
+        resp.stream = har_stream(self.ctx, f, limit, offset)
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:

@@ -57,6 +57,10 @@ class MetricsResource:
         resp.set_header("Cache-Control", "no-store")
         resp.data = generate_latest(self.registry)
 
+    async def on_head(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        """What GET answers, without the body (a probe's HEAD got 405)."""
+        await self.on_get(req, resp)
+
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
     app.add_route(route(METRICS_PATH), MetricsResource(ctx))

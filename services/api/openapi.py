@@ -709,10 +709,14 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("/api/transactions/export.har", "GET"): op(
         "Every transaction the list's filters match, oldest first, as HAR 1.2 (streamed; bodies as stored, "
-        "redacted headers stay redacted)",
+        "redacted headers stay redacted); `limit` and `offset` take a part of them",
         response("a HAR 1.2 document", ref("Har")),
         tag="transactions",
-        params=TRANSACTION_FILTERS,
+        params=[
+            *TRANSACTION_FILTERS,
+            q("limit", {"type": "integer", "minimum": 1, "maximum": 10**9}),
+            OFFSET,
+        ],
     ),
     ("/api/transactions/{tid}", "GET"): op(
         "One transaction with its bodies",

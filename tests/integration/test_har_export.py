@@ -160,6 +160,16 @@ def test_export_route_filters_and_errors(stack: Stack) -> None:
         "/api/transactions/export.har", params={"from_date": "2030-01-01T00:00:00Z", "to_date": "2020-01-01T00:00:00Z"}
     )
     assert r.status_code == 400 and "from_date" in r.json()["error"]
+    # limit/offset as the list takes them: checked (they were ignored, `limit=abc` answered 200),
+    # and applied to the matches in export order (oldest first)
+    for bad in ({"limit": "abc"}, {"limit": "0"}, {"offset": "-1"}):
+        r = stack.get("/api/transactions/export.har", params=bad)
+        assert r.status_code == 400 and next(iter(bad)) in r.json()["error"], (bad, r.text)
+    every = orjson.loads(_export(stack))["log"]["entries"]
+    assert len(every) >= 2, "the module's earlier tests made transactions"
+    page = orjson.loads(_export(stack, limit="1", offset="1"))["log"]["entries"]
+    assert [e["_id"] for e in page] == [every[1]["_id"]]
+    assert orjson.loads(_export(stack, offset=str(len(every))))["log"]["entries"] == []
     assert stack.get("/api/transactions/999999999").status_code == 404  # the id route is still there
     assert stack.get("/api/transactions/export.json").status_code == 400  # not an id (issue 13 item 10)
     p = subprocess.run(

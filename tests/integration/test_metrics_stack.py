@@ -63,6 +63,8 @@ def test_metrics_parse_and_move_with_traffic(make_stack, origin: int) -> None:
     )
     for svc in ("proxy", "recorder", "maintenance", "bus", "api"):
         assert before[("greyproxy_up", (("service", svc),))] == 1.0, svc
+    head = stack.request("HEAD", "/metrics")  # a probe's HEAD: what GET answers, without the body (was 405)
+    assert head.status_code == 200 and head.headers["content-type"].startswith("text/plain") and head.content == b""
 
     proxy = f"http://metrics-agent:x@127.0.0.1:{stack.ports['http-proxy']}"
     for _ in range(3):

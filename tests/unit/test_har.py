@@ -240,3 +240,36 @@ def test_keyset_pages_cover_every_row_once(db) -> None:
     agent = _all_pages(TransactionFilter(container="agent"), rows=7)
     assert len(agent) == 128 and {e["_container"] for e in agent} == {"agent"}
     assert _all_pages(TransactionFilter(from_ts=1020, to_ts=1021), rows=3) == entries[200:220]
+
+
+def test_compressed_bodies_give_the_decoded_size_and_a_true_truncation_note() -> None:
+    """HAR 1.2: `content.size` is the length of the returned content (decoded), `bodySize` the bytes
+    received; `compression` what the coding saved. A compressed body read whole is not "truncated"
+    (before, the stored decoded length was compared with the wire size: a whole gzip request body
+    got the note, and a cut zstd response did not)."""
+    gz = {"Content-Type": ["text/plain"], "Content-Encoding": ["gzip"]}
+    whole = har.entry(_row(response_headers=gz, response_body="x" * 542, response_body_size=62))
+    c = whole["response"]["content"]
+    assert (c["size"], c["compression"], whole["response"]["bodySize"]) == (542, 480, 62) and "comment" not in c
+    # the wire had more than the capture kept: cut, whatever the decoded length
+    cut = har.entry(_row(response_headers=gz, response_body="x" * 1000, response_body_size=5000), max_body=4096)
+    c = cut["response"]["content"]
+    assert c["comment"] == "body truncated to capture.maxBodyBytes" and c["size"] == 5000 and "compression" not in c
+    # the decoding stopped at the cap (a bomb): cut too
+    bomb = har.entry(_row(response_headers=gz, response_body="x" * 4096, response_body_size=300), max_body=4096)
+    assert bomb["response"]["content"]["comment"] == "body truncated to capture.maxBodyBytes"
+    # a request body sent gzip-compressed, whole
+    req = har.entry(
+        _row(
+            method="POST",
+            request_headers={"Content-Encoding": ["gzip"], "Content-Type": ["application/json"]},
+            request_body='{"gz":"yes"}',
+            request_body_size=32,
+            request_content_type="application/json",
+        )
+    )
+    assert "comment" not in req["request"]["postData"] and req["request"]["bodySize"] == 32
+    # no coding: the stored bytes are the wire's; a shorter copy was cut
+    plain = har.entry(_row(response_body="abc", response_body_size=10_000))
+    assert plain["response"]["content"]["comment"] == "body truncated to capture.maxBodyBytes"
+    assert plain["response"]["content"]["size"] == 10_000
