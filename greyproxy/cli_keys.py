@@ -59,6 +59,10 @@ def _public_key_of(value: str) -> bytes:
         path = Path(value).expanduser()
         if path.exists() and not path.is_file():
             raise ConfigError(f"{value}: not a key file (a directory?)") from None
+        if not path.is_file() and ("/" in value or value.endswith(".key")):
+            raise ConfigError(
+                f"{value}: no such file (give a copy of the other host's keys/bus.key, or its 40-character key)"
+            ) from None
         if not path.is_file():
             hint = ""
             if 0 < len(value.strip()) < 40:

@@ -86,14 +86,19 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
         return
     before = ctx.seen.get(name)
     started_at = float(data.get("started_at") or 0)
+    twice = _same_name_twice(ctx, name, data, started_at)
+    if twice == "drop":
+        return  # a second process under a name: not a restart each beat; said in the log
     restarts, restarted_at = (before.restarts, before.restarted_at) if before is not None else (0, 0.0)
     carried = before.carried if before is not None else {}
-    if before is not None and started_at != before.started_at:  # a new process: the last one's counters go on
+    if twice == "keep":
+        pass  # the first process of a clashing name, back after the other's beat: no restart, no counters carried
+    elif before is not None and started_at != before.started_at:  # a new process: the last one's counters go on
         carried = sum_stats([counters_of(before.stats), carried])
         hub = getattr(ctx, "ws_hub", None)
         if hub is not None:
             hub.forget_source(name)  # the connections the last one held went with it
-    if before is not None and started_at != before.started_at and not before.stopping:
+    if before is not None and started_at != before.started_at and not before.stopping and twice is None:
         # A new process under this name, and the last one never said it was stopping: it died.
         restarts, restarted_at = restarts + 1, started_at
         log.warning(
@@ -120,6 +125,65 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
     note = getattr(ctx.proxy, "note_heartbeat", None)
     if note is not None and not stopping:
         note(name, data)
+
+
+_DUPLICATE_WINDOW = 10.0  # seconds: a process of a name that beats again after another took the name
+_DUPLICATE_LOG_EVERY = 60.0
+_procs_by_name: dict[str, dict[tuple[Any, Any, float], float]] = {}  # name -> {(host, pid, started_at): last beat}
+_duplicate_said: dict[str, float] = {}
+_last_proc: dict[str, tuple[Any, Any, float]] = {}
+
+
+def _same_name_twice(ctx: ApiContext, name: str, data: dict[str, Any], started_at: float) -> str | None:
+    """Whether this heartbeat comes from one of two live processes under `name` (two proxies on
+    other hosts left with the same proxy.name, or one named like this stack's workers together).
+    A restart shows a new process and never the old one again; two processes interleave: a
+    process beats again after another one beat under its name. The one that started first keeps
+    the name ("keep": its heartbeat taken, not as a restart), the other's heartbeats are dropped
+    ("drop"); the clash is logged once a minute. None: the usual heartbeat."""
+    now = time.time()
+    proc = (data.get("host"), data.get("pid"), started_at)
+    procs = _procs_by_name.setdefault(name, {})
+    for p, seen in list(procs.items()):
+        if now - seen > _DUPLICATE_WINDOW:
+            del procs[p]
+    last = _last_proc.get(name)
+    clash = proc in procs and last is not None and last != proc and last in procs and data.get("stopping") is not True
+    procs[proc] = now
+    _last_proc[name] = proc
+    aggregate = data.get("role") == "proxy" and getattr(ctx.cfg, "workers", 1) > 1 and name == _proxy_base(ctx)
+    if not clash and not aggregate:
+        return None
+    if now - _duplicate_said.get(name, 0.0) > _DUPLICATE_LOG_EVERY:
+        _duplicate_said[name] = now
+        if aggregate:
+            log.warning(
+                "a proxy on host %s (pid %s) sends heartbeats as %r, the name of this stack's workers together:"
+                " give it its own proxy.name",
+                data.get("host"),
+                data.get("pid"),
+                name,
+            )
+        else:
+            assert last is not None
+            log.warning(
+                "two processes send heartbeats as %r: pid %s on host %s and pid %s on host %s; each proxy"
+                " needs its own proxy.name (until then /api/health shows the one that started first)",
+                name,
+                last[1],
+                last[0],
+                proc[1],
+                proc[0],
+            )
+    if aggregate:
+        return "drop"
+    keeper = min(procs, key=lambda p: p[2])
+    return "keep" if proc == keeper else "drop"
+
+
+def _proxy_base(ctx: ApiContext) -> str:
+    raw = getattr(ctx.cfg, "raw", None) or {}
+    return str(raw.get("proxy", {}).get("name", "proxy"))
 
 
 def configured_proxies(ctx: ApiContext) -> list[str]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +234,17 @@ async def main(rt: ServiceRuntime) -> None:
     loop = asyncio.get_running_loop()
     view = view_for(cfg)
     if isinstance(view, LocalView):
+        alone = "SUPERVISOR_ENABLED" not in os.environ  # `greyproxy run proxy`, not a process of `serve`
+        if alone and cfg.bus["journal"].startswith("tcp://") and not cfg.db_path.exists():
+            # A proxy on another host without rulesFrom: recorder judges with a database of its own,
+            # made now: the central host's rules and decisions never reach it (docs/configuration.md).
+            log.warning(
+                "rulesFrom is database with a tcp:// journal (%s), and %s did not exist: this proxy judges with"
+                " a database of its own, not the central host's rules and decisions; a proxy on another host"
+                " wants proxy.rulesFrom: recorder",
+                cfg.bus["journal"],
+                cfg.db_path,
+            )
         await loop.run_in_executor(executor, open_database, cfg.db_path)
     else:
         log.info("rules, settings and pending counts from the recorder at %s", cfg.bus["recorderControl"])

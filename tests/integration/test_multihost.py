@@ -431,3 +431,32 @@ def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(
             capture_output=True,
             timeout=30,
         )
+
+
+def test_a_remote_proxy_without_rules_from_recorder_says_it_judges_alone(central: Stack) -> None:
+    """docs/configuration.md: forgetting `rulesFrom: recorder` on host B made it judge with a
+    database of its own, silently (its holds showed centrally, allowing them there did nothing)."""
+    import yaml
+
+    remote = Remote(central, "proxy-alone", central.central_key)  # type: ignore[attr-defined]
+    try:
+        cfg = yaml.safe_load(remote.cfg_path.read_text())
+        cfg["proxy"]["rulesFrom"] = "database"
+        remote.cfg_path.write_text(yaml.safe_dump(cfg))
+        keys(central.data_dir, "allow", "host-alone", remote.public)
+        remote.start()
+        wait_for(
+            lambda: "rulesFrom is database with a tcp:// journal" in remote.log(),
+            20,
+            message=f"the warning in the remote's log\n{remote.log()}",
+        )
+        assert "proxy.rulesFrom: recorder" in remote.log()
+    finally:
+        remote.stop()
+        subprocess.run(
+            [PYTHON, "-m", "greyproxy", "keys", "revoke", "host-alone"],
+            env=service_env(central.data_dir),
+            cwd=str(REPO),
+            capture_output=True,
+            timeout=30,
+        )

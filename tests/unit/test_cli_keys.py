@@ -58,6 +58,9 @@ def test_allow_takes_the_key_quoted_or_its_file_and_says_when_a_shell_cut_it(tmp
         r = _greyproxy(central, "keys", "allow", "junk", str(path))
         assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert set(curve.authorized_keys(central / "keys").values()) == {"other"}
+    # A key file that is not there: said so (it was "20 characters: quote the key")
+    gone = _greyproxy(central, "keys", "allow", "x", "/nonexistent/bus.key")
+    assert gone.returncode == 2 and "no such file" in gone.stderr and "characters" not in gone.stderr
 
 
 def test_help_lists_every_command_with_a_line_saying_what_it_does(tmp_path: Path) -> None:

@@ -123,6 +123,8 @@ def _ctx_of(monkeypatch: Any, workers: int) -> FakeCtx:
     """An API context with no service heard from yet, `workers` configured proxy processes, and
     every heartbeat taken as from another host (no local pid checks)."""
     monkeypatch.setattr(health, "_local_pids", {})
+    for state in ("_procs_by_name", "_duplicate_said", "_last_proc"):  # (names seen by earlier tests)
+        monkeypatch.setattr(health, state, {})
     ctx = FakeCtx({})
     ctx.cfg.raw = {"proxy": {"name": "proxy"}}
     ctx.cfg.workers = workers
@@ -282,3 +284,36 @@ def test_metrics_counters_never_go_down_when_a_worker_restarts_or_a_remote_proxy
     m = _scrape(ctx)
     assert "proxy-far" not in ctx.seen
     assert (m[allowed], m[acked], m[count], m[active]) == (40, 42, 40, 3), m
+
+
+def test_two_live_processes_under_one_name_are_said_and_not_counted_as_restarts(monkeypatch, caplog) -> None:
+    """docs/configuration.md: proxy.name is unique on the bus. Two proxies on other hosts left with
+    the same name interleave their heartbeats: the API counted a restart at every beat and showed
+    whichever beat last. Now the one that started first keeps the name, the other's beats are
+    dropped, and the clash is logged (once a minute). A proxy named like this stack's workers
+    together ("proxy" with proxy.workers 2) is dropped too: it replaced their sum in /api/health."""
+    me = os.getpid()
+    ctx = _ctx_of(monkeypatch, workers=2)
+    for name in ("bus", "recorder", "maintenance", "proxy-0", "proxy-1"):
+        health.take_heartbeat(ctx, _beat(name, pid=me))  # type: ignore[arg-type]
+    a = _beat("proxy-far", role="proxy", pid=111, host="host-a", started_at=10.0, control="tcp://a:1")
+    b = _beat("proxy-far", role="proxy", pid=222, host="host-b", started_at=20.0, control="tcp://b:1")
+    for _ in range(4):
+        health.take_heartbeat(ctx, a)  # type: ignore[arg-type]
+        health.take_heartbeat(ctx, b)  # type: ignore[arg-type]
+    svc = _get(ctx)[1]["services"]
+    assert svc["proxy-far"]["pid"] == 111  # the first to start keeps the name
+    assert svc["proxy-far"]["restarts"] <= 1  # (b's very first beat looked like a restart), not one per beat
+    clash = [r.getMessage() for r in caplog.records if "two processes send heartbeats as 'proxy-far'" in r.getMessage()]
+    assert len(clash) == 1 and "host-a" in clash[0] and "host-b" in clash[0]
+
+    health.take_heartbeat(ctx, _beat("proxy", role="proxy", pid=333, host="host-c", started_at=5.0))  # type: ignore[arg-type]
+    body = _get(ctx)[1]
+    agg = body["services"]["proxy"]
+    assert agg["pid"] != 333 and agg["workers"][:2] == ["proxy-0", "proxy-1"]  # still the workers' sum
+    assert any("the name of this stack's workers together" in r.getMessage() for r in caplog.records)
+
+    # a real restart (the old process never beats again) is still one
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, started_at=99.0))  # type: ignore[arg-type]
+    health.take_heartbeat(ctx, _beat("proxy-1", pid=me, started_at=99.0))  # type: ignore[arg-type]
+    assert _get(ctx)[1]["services"]["proxy-1"]["restarts"] == 1
