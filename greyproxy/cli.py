@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -141,6 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env["GREYPROXY_PYTHON"] = sys.executable
     env[ENV_SUPERVISOR_PID] = str(os.getpid())  # execve keeps the pid: this is supervisord's
     env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
+    for left in ("restarts.json", "api.alive"):  # /api/health's restart counts start with the stack
+        with contextlib.suppress(OSError):
+            (cfg.run_dir / left).unlink()
     env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)
     listen_ports = cfg.ports()
     api = f"API http://{cfg.api.host}:{cfg.api.port}{cfg.path_prefix}" if cfg.api else "API disabled"

@@ -28,7 +28,7 @@ class ServiceSeen:
     role: str = ""  # "proxy" for every proxy process (workers, other hosts)
     stopping: bool = False  # its last heartbeat: it stopped cleanly
     # Times a new process took this name after the last one ended without a clean stop (killed,
-    # crashed, or ended by bus.stallTimeout's watchdog), since this API started.
+    # crashed, or ended by bus.stallTimeout's watchdog), since the stack started (health.RestartBook).
     restarts: int = 0
     restarted_at: float = 0.0  # when the last of those started
     # The counters (greyproxy.metrics.counters_of) the earlier processes of this name had reached
@@ -47,6 +47,7 @@ class ApiContext:
     started_at: float = field(default_factory=time.time)
     seen: dict[str, ServiceSeen] = field(default_factory=dict)
     departed_counters: dict[str, Any] = field(default_factory=dict)  # of proxies on other hosts that left
+    restart_book: Any = None  # services.api.health.RestartBook, made at first use
     # /ws clients currently claiming OS notifications (kept by the hub; read by notify and settings).
     notification_claims: int = 0
     # The /ws connections and their bus bridge: one per process, made with the context.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import falcon
+import orjson
 import falcon.asgi
 
 from bus import topics
@@ -52,6 +54,72 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+RESTARTS_FILE = "restarts.json"  # in the run dir: the restarts counted since `greyproxy serve` started
+API_ALIVE_FILE = "api.alive"  # in the run dir while an API runs; left behind by one that died
+
+
+class RestartBook:
+    """The restarts counted since the stack started (`greyproxy serve` clears the file), kept in the
+    run dir so that an API started again after a death goes on from them instead of from zero, and
+    counts its own death: its marker file is still there when it starts."""
+
+    def __init__(self, run_dir: Any) -> None:
+        self.path = run_dir / RESTARTS_FILE if run_dir is not None else None
+        self.alive = run_dir / API_ALIVE_FILE if run_dir is not None else None
+        self.counts: dict[str, tuple[int, float]] = {}
+        if self.path is not None:
+            try:
+                raw = orjson.loads(self.path.read_bytes())
+                self.counts = {
+                    str(k): (int(v[0]), float(v[1]))
+                    for k, v in raw.items()
+                    if isinstance(v, list) and len(v) == 2 and not isinstance(v[0], bool)
+                }
+            except (OSError, ValueError, TypeError):
+                self.counts = {}
+
+    def api_started(self, now: float) -> None:
+        """At the API's start: its own marker left behind means the last API died."""
+        if self.alive is None:
+            return
+        if self.alive.exists():
+            n, _at = self.counts.get("api", (0, 0.0))
+            self.counts["api"] = (n + 1, now)
+            log.warning(
+                "the API started again without a clean stop of the last one: %d time(s); api.log says why", n + 1
+            )
+            self.save()
+        with contextlib.suppress(OSError):
+            self.alive.write_text(str(os.getpid()))
+
+    def api_stopping(self) -> None:
+        if self.alive is not None:
+            with contextlib.suppress(OSError):
+                self.alive.unlink()
+
+    def count(self, name: str, restarts: int, at: float) -> None:
+        self.counts[name] = (restarts, at)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(orjson.dumps({k: [n, at] for k, (n, at) in self.counts.items()}))
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            log.warning("could not keep the restart counts in %s: %s", self.path, exc)
+
+
+def _book(ctx: ApiContext) -> RestartBook:
+    book = getattr(ctx, "restart_book", None)
+    if book is None:
+        book = RestartBook(getattr(ctx.cfg, "run_dir", None))
+        ctx.restart_book = book
+    return book
+
+
 async def track_heartbeats(ctx: ApiContext) -> None:
     sub = Subscriber(ctx.cfg.bus["sub"], [topics.SERVICE_HEARTBEAT])
     try:
@@ -89,7 +157,9 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
     twice = _same_name_twice(ctx, name, data, started_at)
     if twice == "drop":
         return  # a second process under a name: not a restart each beat; said in the log
-    restarts, restarted_at = (before.restarts, before.restarted_at) if before is not None else (0, 0.0)
+    restarts, restarted_at = (
+        (before.restarts, before.restarted_at) if before is not None else _book(ctx).counts.get(name, (0, 0.0))
+    )
     carried = before.carried if before is not None else {}
     if twice == "keep":
         pass  # the first process of a clashing name, back after the other's beat: no restart, no counters carried
@@ -101,6 +171,7 @@ def take_heartbeat(ctx: ApiContext, data: dict[str, Any]) -> None:
     if before is not None and started_at != before.started_at and not before.stopping and twice is None:
         # A new process under this name, and the last one never said it was stopping: it died.
         restarts, restarted_at = restarts + 1, started_at
+        _book(ctx).count(name, restarts, restarted_at)
         log.warning(
             "%s started again (pid %s, was %s) without a clean stop of the last one: %d time(s) since the API"
             " started; its log says why",
@@ -281,12 +352,15 @@ class HealthResource:
                 "last_restart": max((st["last_restart"] for st in states if st["last_restart"]), default=None),
                 "workers": proxies,
             }
+        api_restarts, api_restarted = _book(ctx).counts.get("api", (0, 0.0))
         services["api"] = {
             "up": True,
             "state": "up",
             "pid": os.getpid(),
             "last_seen": rfc3339(now),
             "uptime": round(now - ctx.started_at, 1),
+            "restarts": api_restarts,
+            "last_restart": rfc3339(api_restarted) if api_restarts else None,
         }
         try:
             db_up = await asyncio.wait_for(ctx.db(_db_ok), 2.0)

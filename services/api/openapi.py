@@ -447,11 +447,11 @@ SCHEMAS: dict[str, Any] = {
             "restarts": {
                 "type": "integer",
                 "description": "times a new process took this name after the last one ended without a clean stop"
-                " (killed, crashed, or ended by bus.stallTimeout), since the API started; not on `api`",
+                " (killed, crashed, or ended by bus.stallTimeout), since the stack started; `api` counts its own",
             },
             "last_restart": nullable(TS),
         },
-        required=["up", "pid", "last_seen", "uptime", "state"],  # (the API's own entry has no restarts)
+        required=["up", "pid", "last_seen", "uptime", "state"],
     ),
     "Health": obj(
         {

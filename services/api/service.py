@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
@@ -18,6 +19,7 @@ from greyproxy.store import open_database
 
 from .app import create_app
 from .context import ApiContext
+from .health import _book as health_book
 from .health import track_heartbeats
 from .proxies import ProxyGroup
 from .notify import run_notifier
@@ -88,6 +90,8 @@ async def main(rt: ServiceRuntime) -> None:
 
     # Closing connections (TIME_WAIT) on the port are waited for; a listening program is refused at once.
     sock = await ports.bind_retrying(bind, "API (greyproxy.addr)", api_host, api_port, logger=log)
+    book = health_book(ctx)
+    book.api_started(time.time())
     tracker = asyncio.create_task(track_heartbeats(ctx))
     notifier = asyncio.create_task(run_notifier(ctx, read_settings=current_settings))
     bridge = asyncio.create_task(ctx.ws_hub.run_bridge())
@@ -108,6 +112,7 @@ async def main(rt: ServiceRuntime) -> None:
         tracker.cancel()
         notifier.cancel()
         bridge.cancel()
+        book.api_stopping()  # a clean stop: the next API does not count it as a death
 
 
 def run(cfg: Config) -> None:

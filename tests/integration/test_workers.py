@@ -267,6 +267,32 @@ def test_silent_mode_survives_an_api_restart_then_a_worker_restart(stack: Stack)
     assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
 
 
+def test_restart_counts_outlive_an_api_restart_and_count_the_apis_own(stack: Stack) -> None:
+    """SPEC §5 (/api/health `restarts`), README ("counts each service's restarts after a death"):
+    the counts are kept in the run dir for the life of the stack. Before, an API started again
+    after a death began them all at zero, and never counted its own deaths (its entry had none)."""
+    import os
+    import signal
+
+    def counts() -> dict[str, int]:
+        services = stack.health()[1]["services"]
+        return {n: services[n].get("restarts", -1) for n in ("proxy-0", "proxy-1", "api")}
+
+    old = stack.health()[1]["services"]["proxy-1"]["pid"]
+    os.kill(old, signal.SIGKILL)
+    wait_for(
+        lambda: (s := stack.health()[1]["services"]["proxy-1"])["up"] and s["pid"] != old, 30, message="proxy-1 back"
+    )
+    before = wait_for(lambda: (c := counts())["proxy-1"] >= 1 and c, 10, message="proxy-1's restart counted")
+    api = stack.health()[1]["services"]["api"]["pid"]
+    os.kill(api, signal.SIGKILL)
+    wait_for(lambda: stack.health()[1]["services"]["api"]["pid"] != api, 30, message="the API back")
+    after = wait_for(lambda: (c := counts())["proxy-1"] >= before["proxy-1"] and c, 10, message="the counts read back")
+    assert after["proxy-1"] == before["proxy-1"] and after["proxy-0"] == before["proxy-0"], (before, after)
+    assert after["api"] == before["api"] + 1, (before, after)
+    assert stack.health()[1]["services"]["api"]["last_restart"] is not None
+
+
 def test_metrics_list_each_worker_and_sum_them(stack: Stack) -> None:
     text = stack.get("/metrics").text
     assert 'greyproxy_up{service="proxy-0"} 1.0' in text and 'greyproxy_up{service="proxy-1"} 1.0' in text
