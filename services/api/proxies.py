@@ -306,7 +306,9 @@ class ProxyGroup:
         if until is not None and seconds <= 0:
             return
         try:
-            await self._client(endpoint).call("allowall.set", {"mode": mode, "duration_seconds": seconds})
+            await self._client(endpoint).call(
+                "allowall.set", {"mode": mode, "duration_seconds": seconds, "expires_at": until, "again": True}
+            )
             log.info("silent mode %s given again to proxy %s", mode, name)
         except (ServiceUnavailable, RemoteError) as exc:
             log.warning("could not give silent mode to proxy %s: %s", name, exc)

@@ -801,7 +801,9 @@ class Gate:
         )
 
     # -- silent mode --
-    def set_silent(self, mode: str | None, duration: float | None) -> dict[str, Any]:
+    def set_silent(self, mode: str | None, duration: float | None, announce: bool = True) -> dict[str, Any]:
+        """Silent mode on (for `duration` seconds, None: until restart) or off. `announce=False`:
+        the API giving a worker the mode the others have (no news: no allowall.changed)."""
         s = self.silent
         if s._timer is not None:
             s._timer.cancel()
@@ -812,7 +814,7 @@ class Gate:
         if mode and duration:
             s._timer = asyncio.get_running_loop().call_later(duration, self._silent_expired)
         status = s.status()
-        if self.announce_silent:
+        if self.announce_silent and announce:
             self.publisher.publish(topics.ALLOWALL_CHANGED, status)
         if mode:
             self.reevaluate_holds()

@@ -372,7 +372,11 @@ async def main(rt: ServiceRuntime) -> None:
             raise RemoteError("mode must be allow or deny", 400)
         if not isinstance(duration, int) or isinstance(duration, bool) or not 0 <= duration <= 28800:
             raise RemoteError("duration_seconds must be an integer from 0 to 28800", 400)
-        return gate.set_silent(mode, float(duration) or None)
+        seconds = float(duration) or None
+        until = args.get("expires_at")  # the API giving the mode again: the others' end, to the ms
+        if seconds and isinstance(until, (int, float)) and not isinstance(until, bool):
+            seconds = min(max(0.001, float(until) - time.time()), 28800.0)
+        return gate.set_silent(mode, seconds, announce=not args.get("again"))
 
     async def rules_reload(args: dict[str, Any]) -> dict[str, Any]:
         changed = await loader.reload(force=bool(args.get("force")))
