@@ -792,6 +792,11 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         response("Prometheus text exposition 0.0.4", {"type": "string"}, media="text/plain"),
         tag="health",
     ),
+    ("/metrics", "HEAD"): op(
+        "What GET /metrics answers, without the body (a probe)",
+        response("Prometheus text exposition 0.0.4 (no body)", {"type": "string"}, media="text/plain"),
+        tag="health",
+    ),
     ("/ws", "GET"): {
         "summary": "The control WebSocket (SPEC §8; docs/events.md)",
         "tags": ["ws"],
