@@ -139,6 +139,32 @@ def central() -> Iterator[Stack]:
         yield s
 
 
+def _joined(central: Stack, name: str, key_name: str) -> Remote:
+    """A remote proxy `name` whose key the central host allows as `key_name` (and which allows the
+    central key), started and up in the central health."""
+    remote = Remote(central, name, central.central_key)  # type: ignore[attr-defined]
+    keys(central.data_dir, "allow", key_name, remote.public)
+    keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
+    remote.start()
+    wait_for(
+        lambda: (central.health()[1].get("services") or {}).get(name, {}).get("up"),
+        20,
+        message=f"{name} up in the central health\n{remote.log()}",
+    )
+    return remote
+
+
+def _revoke_quietly(central: Stack, key_name: str) -> None:
+    """Clean-up: the key allowed by a test, revoked (not checked: the test may have failed first)."""
+    subprocess.run(
+        [PYTHON, "-m", "greyproxy", "keys", "revoke", key_name],
+        env=service_env(central.data_dir),
+        cwd=str(REPO),
+        capture_output=True,
+        timeout=30,
+    )
+
+
 def _curl(port: int, container: str, url: str) -> subprocess.Popen:
     return subprocess.Popen(
         [
@@ -162,18 +188,10 @@ def _curl(port: int, container: str, url: str) -> subprocess.Popen:
 
 
 def test_remote_proxy_judged_and_recorded_centrally(central: Stack, origin: int) -> None:
-    remote = Remote(central, "proxy-b", central.central_key)  # type: ignore[attr-defined]
+    # Each side allows the other's key: the remote connects to the central bus and recorder,
+    # the central API connects to the remote's control endpoint.
+    remote = _joined(central, "proxy-b", "host-b")
     try:
-        # Each side allows the other's key: the remote connects to the central bus and recorder,
-        # the central API connects to the remote's control endpoint.
-        keys(central.data_dir, "allow", "host-b", remote.public)
-        keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
-        remote.start()
-        wait_for(
-            lambda: (central.health()[1].get("services") or {}).get("proxy-b", {}).get("up"),
-            20,
-            message=f"proxy-b up in the central health\n{remote.log()}",
-        )
         # A rule made centrally judges the remote proxy's traffic.
         add_rule(
             central,
@@ -281,13 +299,7 @@ def test_peer_with_unknown_key_is_refused_and_logged(central: Stack, origin: int
         )
     finally:
         stranger.stop()  # first: a failed clean-up step below must not leave it running
-        subprocess.run(
-            [PYTHON, "-m", "greyproxy", "keys", "revoke", "proxy-x"],
-            env=service_env(central.data_dir),
-            cwd=str(REPO),
-            capture_output=True,
-            timeout=30,
-        )  # (not checked: the test may have failed before allowing it)
+        _revoke_quietly(central, "proxy-x")
 
 
 def test_a_remote_proxy_that_never_allowed_the_central_key_is_unreachable_until_it_does(
@@ -382,16 +394,8 @@ def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(
     is allowed again they reach the central store. Before, B's journal never sent again: ZeroMQ
     does not reconnect a socket whose handshake was refused, and with nothing in flight no ack
     timeout reopened it (found by an outside run), so the records stayed in B until it stopped."""
-    remote = Remote(central, "proxy-r", central.central_key)  # type: ignore[attr-defined]
+    remote = _joined(central, "proxy-r", "host-r")
     try:
-        keys(central.data_dir, "allow", "host-r", remote.public)
-        keys(remote.data_dir, "allow", "central", central.central_key)  # type: ignore[attr-defined]
-        remote.start()
-        wait_for(
-            lambda: (central.health()[1].get("services") or {}).get("proxy-r", {}).get("up"),
-            20,
-            message=f"proxy-r up in the central health\n{remote.log()}",
-        )
         port = remote.ports["http-proxy"]
         out, _ = _curl(port, "revoked-before", "http://127.0.0.1:9/").communicate(30)
         assert out.endswith("\n502"), out  # the builtin loopback rule; nothing listens on :9
@@ -424,13 +428,7 @@ def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(
         assert remote.proc is not None and remote.proc.poll() is None
     finally:
         remote.stop()
-        subprocess.run(
-            [PYTHON, "-m", "greyproxy", "keys", "revoke", "host-r"],
-            env=service_env(central.data_dir),
-            cwd=str(REPO),
-            capture_output=True,
-            timeout=30,
-        )
+        _revoke_quietly(central, "host-r")
 
 
 def test_a_remote_proxy_without_rules_from_recorder_says_it_judges_alone(central: Stack) -> None:
@@ -453,10 +451,4 @@ def test_a_remote_proxy_without_rules_from_recorder_says_it_judges_alone(central
         assert "proxy.rulesFrom: recorder" in remote.log()
     finally:
         remote.stop()
-        subprocess.run(
-            [PYTHON, "-m", "greyproxy", "keys", "revoke", "host-alone"],
-            env=service_env(central.data_dir),
-            cwd=str(REPO),
-            capture_output=True,
-            timeout=30,
-        )
+        _revoke_quietly(central, "host-alone")
