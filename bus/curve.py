@@ -292,13 +292,9 @@ def revoked() -> bool:
     return before is not None and bool(before - now)
 
 
-def rebind_once(sock: zmq.Socket, endpoint: str) -> None:
-    """Unbind `endpoint` (ending the connections made through it); the caller binds it again."""
-    sock.unbind(endpoint)
-
-
 def try_bind(sock: zmq.Socket, endpoint: str) -> bool:
-    """Bind again after `rebind_once`: False while the old listener is still being closed."""
+    """Bind `endpoint` again after `sock.unbind(endpoint)` (which ends the connections made through
+    it): False while the old listener is still being closed."""
     try:
         sock.bind(endpoint)
     except zmq.ZMQError as exc:
@@ -309,8 +305,8 @@ def try_bind(sock: zmq.Socket, endpoint: str) -> bool:
 
 
 def rebind_blocking(sock: zmq.Socket, endpoint: str, timeout: float = 5.0) -> None:
-    """`rebind_once`, then bind again (for a thread that may wait: the bus broker's)."""
-    rebind_once(sock, endpoint)
+    """Unbind, then bind again (for a thread that may wait: the bus broker's)."""
+    sock.unbind(endpoint)
     deadline = time.monotonic() + timeout
     while not try_bind(sock, endpoint):
         if time.monotonic() > deadline:
@@ -324,7 +320,7 @@ async def rebind_all(why: str = "a key was revoked") -> None:
     import asyncio
 
     for sock, endpoint in servers():
-        rebind_once(sock, endpoint)
+        sock.unbind(endpoint)
         for _ in range(500):
             if try_bind(sock, endpoint):
                 break

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,15 +99,20 @@ class RestartBook:
                 self.alive.unlink()
 
     def count(self, name: str, restarts: int, at: float) -> None:
+        """A restart counted (on the API's loop, from a heartbeat): kept, its file written in a thread."""
         self.counts[name] = (restarts, at)
-        self.save()
+        try:
+            asyncio.get_running_loop().run_in_executor(None, self.save)
+        except RuntimeError:  # (no loop: tests that call take_heartbeat directly)
+            self.save()
 
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
+        data = orjson.dumps({k: [n, at] for k, (n, at) in dict(self.counts).items()})
+        tmp = self.path.with_suffix(f".{threading.get_ident()}.tmp")
         try:
-            tmp.write_bytes(orjson.dumps({k: [n, at] for k, (n, at) in self.counts.items()}))
+            tmp.write_bytes(data)
             os.replace(tmp, self.path)
         except OSError as exc:
             log.warning("could not keep the restart counts in %s: %s", self.path, exc)
@@ -259,8 +265,7 @@ def _proxy_base(ctx: ApiContext) -> str:
 
 def configured_proxies(ctx: ApiContext) -> list[str]:
     """The proxy processes this stack's configuration runs: "proxy", or proxy-0 ... proxy-N-1."""
-    raw = getattr(ctx.cfg, "raw", None) or {}
-    base = raw.get("proxy", {}).get("name", "proxy")
+    base = _proxy_base(ctx)
     workers = getattr(ctx.cfg, "workers", 1)
     return [base] if workers == 1 else [f"{base}-{i}" for i in range(workers)]
 

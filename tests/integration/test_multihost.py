@@ -389,7 +389,7 @@ def test_a_revoked_key_is_cut_off_while_connected(central: Stack) -> None:
 
 
 def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(central: Stack) -> None:
-    """docs/configuration.md (several hosts): B's key revoked on the central host cuts B off (the
+    """SPEC §15 (several hosts) and docs/configuration.md: B's key revoked on the central host cuts B off (the
     revocation above); B goes on deciding with the rules it has and keeps its records; once the key
     is allowed again they reach the central store. Before, B's journal never sent again: ZeroMQ
     does not reconnect a socket whose handshake was refused, and with nothing in flight no ack
@@ -432,7 +432,7 @@ def test_records_made_while_the_key_was_revoked_arrive_once_it_is_allowed_again(
 
 
 def test_a_remote_proxy_without_rules_from_recorder_says_it_judges_alone(central: Stack) -> None:
-    """docs/configuration.md: forgetting `rulesFrom: recorder` on host B made it judge with a
+    """SPEC §15 (several hosts) and docs/configuration.md: forgetting `rulesFrom: recorder` on host B made it judge with a
     database of its own, silently (its holds showed centrally, allowing them there did nothing)."""
     import yaml
 

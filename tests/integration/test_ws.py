@@ -412,7 +412,7 @@ def _flood(stack: Stack, bus_pub: Publisher, api_pid: int, slow: ClientConnectio
 
 
 def test_a_stop_closes_each_client_with_1012_and_logs_no_traceback() -> None:
-    """A clean stop (SIGTERM to `greyproxy serve`) while /ws clients are connected: uvicorn's own
+    """SPEC §8 (/ws): a clean stop (SIGTERM to `greyproxy serve`) while /ws clients are connected: uvicorn's own
     graceful shutdown closes each with 1012 (service restart), so a client knows to reconnect, and
     api.log stays free of errors. Before, the server's task was cancelled: the clients saw the TCP
     connection drop without a close frame, and api.log had an "Exception in ASGI application"

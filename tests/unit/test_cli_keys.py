@@ -106,7 +106,8 @@ def test_a_key_that_starts_with_a_dash_is_a_key_not_an_option(tmp_path: Path) ->
 
 
 def test_config_before_the_subcommand_duplicates_and_modes(tmp_path: Path) -> None:
-    """Found by an outside run of docs/configuration.md's several-hosts steps:
+    """SPEC §15 (`greyproxy keys`). Found by an outside run of docs/configuration.md's several-hosts
+    steps:
     - `greyproxy keys -C FILE list` (the usage line puts -C there) ignored FILE: the subcommand's
       own -C default replaced it. Both places now work, and a bad FILE fails either way;
     - one key under two names: `list` showed one, `revoke` of it left the key allowed, silently;

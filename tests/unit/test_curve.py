@@ -37,6 +37,8 @@ def test_bad_public_keys_are_refused(bad: str) -> None:
 
 
 def test_known_key_served_unknown_key_refused_and_logged(tmp_path: Path, caplog) -> None:
+    """SPEC §15: a peer with an unknown key is refused and the refusal logged, naming the endpoint
+    it came to, once per key however often it retries."""
     server_dir, client_dir, stranger_dir = tmp_path / "s", tmp_path / "c", tmp_path / "x"
     server_pub, _ = curve.ensure_keypair(server_dir)
     client_pub, client_sec = curve.ensure_keypair(client_dir)

@@ -243,7 +243,7 @@ def test_keyset_pages_cover_every_row_once(db) -> None:
 
 
 def test_compressed_bodies_give_the_decoded_size_and_a_true_truncation_note() -> None:
-    """HAR 1.2: `content.size` is the length of the returned content (decoded), `bodySize` the bytes
+    """SPEC §14 (HAR export, HAR 1.2): `content.size` is the length of the returned content (decoded), `bodySize` the bytes
     received; `compression` what the coding saved. A compressed body read whole is not "truncated"
     (before, the stored decoded length was compared with the wire size: a whole gzip request body
     got the note, and a cut zstd response did not)."""

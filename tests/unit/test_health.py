@@ -287,7 +287,8 @@ def test_metrics_counters_never_go_down_when_a_worker_restarts_or_a_remote_proxy
 
 
 def test_two_live_processes_under_one_name_are_said_and_not_counted_as_restarts(monkeypatch, caplog) -> None:
-    """docs/configuration.md: proxy.name is unique on the bus. Two proxies on other hosts left with
+    """SPEC §5 (/api/health) and §15 (several hosts); docs/configuration.md: proxy.name is unique
+    on the bus. Two proxies on other hosts left with
     the same name interleave their heartbeats: the API counted a restart at every beat and showed
     whichever beat last. Now the one that started first keeps the name, the other's beats are
     dropped, and the clash is logged (once a minute). A proxy named like this stack's workers

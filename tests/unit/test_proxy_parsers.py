@@ -1445,7 +1445,8 @@ def test_connection_close_shortcuts() -> None:
 @example(method="M-SEARCH", body=False)
 @settings(max_examples=examples(200), deadline=None)
 def test_any_token_is_a_method(method: str, body: bool) -> None:
-    """RFC 9110 §9.1: a method is any token. llhttp refuses the ones it does not know by name
+    """SPEC §3.1's table (400 only for a malformed request) and RFC 9110 §9.1: a method is any
+    token. llhttp refuses the ones it does not know by name
     ("Invalid method encountered"): the proxy answered 400 to `curl -X FOO`, which the origin would
     have taken. The head is relayed with its method as it came; the framing is the usual."""
     if method == "CONNECT":
@@ -1464,13 +1465,14 @@ def test_any_token_is_a_method(method: str, body: bool) -> None:
 
 @pytest.mark.parametrize("method", ["F(O", 'FO"O', "F/O", "FÖO", "x" * 65])
 def test_a_method_that_is_no_token_is_400(method: str) -> None:
+    """SPEC §3.1's table: a request line whose method is no token is malformed (400)."""
     with pytest.raises(HttpError) as info:
         parse_request_head(f"{method} http://a.example/x HTTP/1.1\r\nHost: a.example\r\n\r\n".encode("utf-8"))
     assert info.value.status == 400
 
 
 def test_a_non_ascii_port_after_a_unicode_host_is_400_not_a_crash() -> None:
-    """Found by the mutation fuzzer: a UTF-8 host name (written in IDNA form before parsing) with a
+    """SPEC §3.1's table (malformed request: 400). Found by the mutation fuzzer: a UTF-8 host name (written in IDNA form before parsing) with a
     non-ASCII port raised UnicodeEncodeError out of the parser instead of a 400."""
     with pytest.raises(HttpError) as info:
         parse_request_head("GET http://日本.example:\x80/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())

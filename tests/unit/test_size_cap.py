@@ -137,7 +137,7 @@ def test_the_newest_transactions_and_logs_stay_the_oldest_of_both_go(tmp_path: P
 
 
 def test_a_run_that_traffic_outpaces_still_says_it_dropped_and_runs_again(tmp_path: Path) -> None:
-    """Under heavy traffic the recorder refills what a run frees while it runs: the data at its end
+    """SPEC §15 (retention.maxDatabaseMiB). Under heavy traffic the recorder refills what a run frees while it runs: the data at its end
     can be larger than at its start. The run still dropped rows, so maintenance checks again at once
     (before, such a run counted as "could free nothing" and the cap paused for 30 s while the file
     grew past it many times over). Its progress never says more freed than there was to free."""
