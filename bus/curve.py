@@ -10,7 +10,9 @@ Keys live in the keys directory (bus.keysDir, default <data dir>/keys):
 
 A socket that binds a tcp:// endpoint is a CURVE server: a ZAP handler (pyzmq's
 ThreadAuthenticator, one per ZeroMQ context) checks the connecting peer's public key and refuses
-an unknown one, logging the refusal (a warning naming the key). A socket that connects to a
+an unknown one, logging the refusal (a warning naming the key). A peer that fails the handshake
+before any key check (no CURVE at all, or sealed for another server key) is logged too, from the
+bound socket's ZeroMQ monitor (`_HandshakeWatch`). A socket that connects to a
 tcp:// endpoint is a CURVE client with this host's key pair and the server's public key:
 bus.serverKey (the central host's), or this host's own when empty (one host on tcp loopback),
 or a key given per connection (a proxy's control endpoint, announced in its heartbeat).
@@ -190,6 +192,100 @@ class _KeyCheck:
         return False
 
 
+class _HandshakeWatch:
+    """Handshakes that fail before the key check, said by the process that bound the endpoint.
+
+    ZeroMQ ends them without calling ZAP: a peer with no CURVE at all (mechanism mismatch) or one
+    whose HELLO is sealed for another server key (a cryptographic error). Each CURVE server socket
+    gets a monitor (`zmq_socket_monitor` over inproc); one daemon thread per process reads them all
+    and logs a warning naming the endpoint and what the peer got wrong: the first of each
+    (endpoint, reason) at once, then at most one line every REFUSAL_LOG_EVERY seconds with the
+    count since. The monitor's events carry no peer address (ZeroMQ gives only the accepted file
+    descriptor, closed by the time a thread could read it)."""
+
+    REFUSAL_LOG_EVERY = _KeyCheck.REFUSAL_LOG_EVERY
+    EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED
+    REASONS: dict[int, str] = {
+        int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "it does not use CURVE (a peer without bus keys configured?)",
+        int(zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC): (
+            "its CURVE handshake is sealed for another server key (its bus.serverKey is not this host's"
+            " public key: `greyproxy keys` here prints it)"
+        ),
+    }
+
+    def __init__(self) -> None:
+        self._new: list[tuple[zmq.Context, str, str]] = []  # (context, inproc address, endpoint) to connect
+        self._lock = threading.Lock()
+        self._threads: dict[int, threading.Thread] = {}  # one per ZeroMQ context (as the authenticators)
+        self._told: dict[tuple[str, str], tuple[float, int]] = {}
+        self.failed = 0
+
+    def watch(self, sock: zmq.Socket, endpoint: str) -> None:
+        """Start monitoring `sock` (a CURVE server, before it binds `endpoint`); its context's
+        watcher thread reads the events from then on. Called on the socket's own thread."""
+        ctx = sock.context
+        addr = f"inproc://greyproxy.curve.monitor.{os.getpid()}.{id(sock)}"
+        sock.monitor(addr, self.EVENTS)
+        with self._lock:
+            self._new.append((ctx, addr, endpoint))
+            thread = self._threads.get(id(ctx))
+            if thread is None or not thread.is_alive():
+                thread = threading.Thread(target=self._run, args=(ctx,), name="curve-handshakes", daemon=True)
+                self._threads[id(ctx)] = thread
+                thread.start()
+
+    def _run(self, ctx: zmq.Context) -> None:
+        from zmq.utils.monitor import parse_monitor_message
+
+        sync = zmq.Context.shadow(ctx.underlying)  # plain sockets on this thread, whatever ctx's kind
+        poller = zmq.Poller()
+        where: dict[zmq.Socket, str] = {}
+        try:
+            while True:
+                with self._lock:
+                    mine = [n for n in self._new if n[0] is ctx]
+                    self._new = [n for n in self._new if n[0] is not ctx]
+                for _ctx, addr, endpoint in mine:
+                    pair = sync.socket(zmq.PAIR)
+                    pair.setsockopt(zmq.LINGER, 0)
+                    pair.connect(addr)
+                    poller.register(pair, zmq.POLLIN)
+                    where[pair] = endpoint
+                for pair, _ in poller.poll(500):
+                    event = parse_monitor_message(pair.recv_multipart())
+                    if event["event"] == zmq.EVENT_MONITOR_STOPPED:  # the socket was closed
+                        poller.unregister(pair)
+                        where.pop(pair, None)
+                        pair.close(linger=0)
+                    else:
+                        self.failed_handshake(where.get(pair, "?"), event["value"])
+        except zmq.ContextTerminated:  # the process is ending: its context waits for these sockets
+            pass
+        finally:
+            for pair in where:
+                pair.close(linger=0)
+
+    def failed_handshake(self, endpoint: str, code: int) -> None:
+        self.failed += 1
+        reason = self.REASONS.get(code)
+        if reason is None:
+            name = next((n for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_") and getattr(zmq, n) == code), hex(code))
+            reason = f"ZeroMQ protocol error {name.removeprefix('PROTOCOL_ERROR_')}"
+        now = time.monotonic()
+        key = (endpoint, reason)
+        last, unsaid = self._told.get(key, (-self.REFUSAL_LOG_EVERY, 0))
+        if now - last < self.REFUSAL_LOG_EVERY:
+            self._told[key] = (last, unsaid + 1)
+            return
+        self._told[key] = (now, 0)
+        log.warning(
+            "refused a bus peer on %s: its handshake failed before any key check: %s%s",
+            endpoint,
+            reason,
+            f" (and {unsaid} more times since the last such line)" if unsaid else "",
+        )
+
+
 class _State:
     servers: list[tuple[Any, str]] = []  # (weak reference to a socket that binds a tcp:// endpoint, the endpoint)
     authorized_seen: frozenset[bytes] | None = None  # the authorized keys at the last look (`revoked`)
@@ -199,6 +295,7 @@ class _State:
     server_key: bytes | None = None
     authenticators: dict[int, Any] = {}
     checks: list[_KeyCheck] = []
+    handshakes = _HandshakeWatch()
     lock = threading.Lock()
 
 
@@ -260,6 +357,7 @@ def secure(sock: zmq.Socket, endpoint: str, *, server: bool, server_key: str | b
         sock.setsockopt(zmq.ZAP_DOMAIN, _authenticator(sock, endpoint))
         with _State.lock:
             _State.servers.append((weakref.ref(sock), endpoint))
+        _State.handshakes.watch(sock, endpoint)
         sock.curve_secretkey = secret
         sock.curve_publickey = public
         sock.curve_server = True
@@ -332,8 +430,9 @@ async def rebind_all(why: str = "a key was revoked") -> None:
 
 
 def refused() -> int:
-    """Peers refused so far in this process (all its authenticators)."""
-    return sum(c.refused for c in _State.checks)
+    """Peers refused so far in this process: by key (all its authenticators) and by a handshake
+    that failed before the key check."""
+    return sum(c.refused for c in _State.checks) + _State.handshakes.failed
 
 
 def diagnose(

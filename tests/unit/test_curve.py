@@ -96,6 +96,48 @@ def test_known_key_served_unknown_key_refused_and_logged(tmp_path: Path, caplog)
     assert not any(client_pub.decode() in r.getMessage() for r in caplog.records)
 
 
+def test_handshakes_failing_before_the_key_check_are_logged_by_the_bound_side(tmp_path: Path, caplog) -> None:
+    """SPEC §15: a peer with no CURVE at all, or with another server key, is refused before ZAP is
+    asked: the process that bound the endpoint says so (once per endpoint and reason, however often
+    the peer retries), from the socket's ZeroMQ monitor. Before: nothing was logged on this side."""
+    import time
+
+    curve.configure(tmp_path / "s")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    ctx = zmq.Context()
+    server = ctx.socket(zmq.ROUTER)
+    server.setsockopt(zmq.LINGER, 0)
+    peers: list[zmq.Socket] = []
+    try:
+        with caplog.at_level(logging.WARNING, logger="greyproxy.bus.curve"):
+            curve.secure(server, endpoint, server=True)
+            server.bind(endpoint)
+            before = curve.refused()
+            plain = ctx.socket(zmq.DEALER)  # no CURVE: a peer without bus keys
+            wrong = ctx.socket(zmq.DEALER)  # CURVE, sealed for another server's key
+            wrong.curve_publickey, wrong.curve_secretkey = zmq.curve_keypair()
+            wrong.curve_serverkey = zmq.curve_keypair()[0]
+            for sock in (plain, wrong):
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.RECONNECT_IVL, 50)  # it comes back again and again
+                sock.connect(endpoint)
+                peers.append(sock)
+            deadline = time.monotonic() + 10
+            while curve.refused() - before < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        assert curve.refused() - before >= 6  # every failed handshake counted...
+        lines = [r.getMessage() for r in caplog.records if "handshake failed" in r.getMessage()]
+        assert len(lines) == 2, lines  # ...and one line per reason
+        assert all(f"refused a bus peer on {endpoint}:" in line for line in lines)
+        assert any("does not use CURVE" in line for line in lines)
+        assert any("another server key" in line for line in lines)
+    finally:
+        for sock in peers:
+            sock.close(linger=0)
+        server.close(linger=0)
+        curve.configure(None)
+
+
 def test_diagnose_names_why_a_tcp_endpoint_does_not_answer(tmp_path: Path) -> None:
     """SPEC §15: a proxy on another host says why the central bus does not answer it: its key
     refused (with the allow command, the key quoted for a shell), a wrong bus.serverKey, or nothing
