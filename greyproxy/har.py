@@ -224,8 +224,15 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
             "opcode": 1 if text is not None else 2,
             "data": text or "",
         }
-        if text is None:
-            msg["_size"] = size
+        stored = req_stored if method == "WS_REQ" else resp_stored
+        # Cut by capture.maxBodyBytes: shorter than the message; or, for a compressed message
+        # (permessage-deflate) cut on the wire, its size is the wire's and the text decoded up to the cap.
+        n = len(stored.data) if stored is not None else 0
+        cut = stored is not None and (n < size or (n >= max_body and n != size))
+        if text is None or cut:
+            msg["_size"] = size  # the message's length: not in `data` (binary, or cut by the capture)
+        if cut:
+            msg["_truncated"] = True  # `data` is its first capture.maxBodyBytes only
         out["_webSocketMessages"] = [msg]
     return out
 

@@ -119,7 +119,33 @@ def test_post_bodies_binary_truncated_and_websocket() -> None:
             response_body_size=9,
             duration_ms=None,
         ),
+        _row(  # a text message longer than the capture kept
+            id=8,
+            method="WS_RESP",
+            url="wss://ws.test/s",
+            request_body=None,
+            status_code=None,
+            response_body="x" * 100,
+            response_body_size=5_000,
+            duration_ms=None,
+            response_headers={},
+        ),
+        _row(  # a compressed one cut on the wire: its size is the wire's, its text decoded up to the cap
+            id=9,
+            method="WS_REQ",
+            url="wss://ws.test/s",
+            request_body="y" * 64,
+            request_body_size=40,
+            status_code=None,
+            response_body=None,
+            response_body_size=0,
+            duration_ms=None,
+            response_headers={},
+        ),
     ]
+    raw = har.document_head("test") + b",".join(har.entry_bytes(r, max_body=64) for r in rows[-1:]) + har.DOCUMENT_TAIL
+    cut_compressed = orjson.loads(raw)["log"]["entries"][0]["_webSocketMessages"][0]
+    assert cut_compressed["_truncated"] is True and cut_compressed["_size"] == 40
     doc = _doc(rows)
     VALIDATOR.validate(doc)
     e = {x["_id"]: x for x in doc["log"]["entries"]}
@@ -137,6 +163,9 @@ def test_post_bodies_binary_truncated_and_websocket() -> None:
         "data": "",
         "_size": 9,
     }
+    assert e[8]["_webSocketMessages"][0]["data"] == "x" * 100
+    assert e[8]["_webSocketMessages"][0]["_truncated"] is True and e[8]["_webSocketMessages"][0]["_size"] == 5_000
+    assert "_truncated" not in e[6]["_webSocketMessages"][0] and "_size" not in e[6]["_webSocketMessages"][0]
 
 
 def test_schema_rejects_missing_required_fields() -> None:
