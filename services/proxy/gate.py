@@ -489,12 +489,13 @@ class Gate:
             explain=explain,
         )
 
-    def _verdict(self, j: Judgement, resolved: str | None = None) -> Verdict | None:
-        """The verdict for a judgement (None: hold it); counts the winning rule's hit."""
+    def _verdict(self, j: Judgement, resolved: str | None = None, count: bool = True) -> Verdict | None:
+        """The verdict for a judgement (None: hold it); counts the winning rule's hit (`count`)."""
         if j.decision == "pending":
             return None
         if j.rule is not None:
-            self._hit(j.rule.id)
+            if count:
+                self._hit(j.rule.id)
             return _new_verdict(j.decision == "allow", "rule", j.rule.id, resolved)
         return _new_verdict(j.decision == "silent_allow", j.decision, None, resolved)
 
@@ -503,23 +504,35 @@ class Gate:
         literal address only): a kept-alive request's re-check and the release of holds."""
         return self._verdict(self.judge(container, host, port, resolved))
 
-    def check_request(self, container: str, host: str, port: int) -> Verdict:
+    def check_request(self, container: str, host: str, port: int, counted: int | None = None) -> Verdict:
         """Per-request re-check on a kept-alive connection: rules only, no hold (already decided).
         Answered from `_verdicts` (the admission's cache, which the tunnel's own admission filled for
-        the same destination) as `_decide` answers from it; what it judges, it keeps there the same way."""
+        the same destination) as `_decide` answers from it; what it judges, it keeps there the same way.
+
+        `counted`: the rule whose hit the connection's own admission counted (a tunnel's requests):
+        a request that rule decides again is no second hit (SPEC §2.1: a hit per decision of a
+        connection); another rule deciding it (the rules changed since) counts one."""
         host = _normalise_host(host)
         resolved = self.resolved_name(host)
         key = (container, host, port, resolved)
         silent = self.silent.mode is not None
         if not silent:
-            hit = self._kept(key, _time())
+            now = _time()
+            hit = self._kept(key, now, False)
             if hit is not None:
-                return _new_verdict(hit[0], hit[1], hit[2], None)
+                rule_id = hit[2]
+                if rule_id is not None and rule_id != counted:
+                    self._hit(rule_id, now)
+                return _new_verdict(hit[0], hit[1], rule_id, None)
         j = self.judge(container, host, port, resolved)
         if not silent and not j.needs_addresses and j.decision != "pending":
             self._remember(key, j)
-        v = self._verdict(j)
-        return v if v is not None else Verdict(False, "default_deny")
+        v = self._verdict(j, None, False)
+        if v is None:
+            return Verdict(False, "default_deny")
+        if v.rule_id is not None and v.rule_id != counted:
+            self._hit(v.rule_id)
+        return v
 
     async def _hold(
         self, container: str, host: str, port: int, resolved: str | None, client_gone: ClientGone
@@ -655,13 +668,15 @@ class Gate:
         # setter) starts it over; silent mode changes (`set_silent`) too.
         self._verdicts: dict[tuple[str, str, int, str | None], tuple[bool, str, int | None, float]] = {}
 
-    def _kept(self, key: tuple[str, str, int, str | None], now: float) -> tuple[bool, str, int | None, float] | None:
+    def _kept(
+        self, key: tuple[str, str, int, str | None], now: float, count: bool = True
+    ) -> tuple[bool, str, int | None, float] | None:
         """The verdict `_remember` kept for `key`, while its rule has not expired at `now`, its rule's
-        hit counted (`_decide` and `check_request` answer from it alike); None: judge it."""
+        hit counted (`count`; `_decide` and `check_request` answer from it alike); None: judge it."""
         hit = self._verdicts.get(key)
         if hit is None or not (hit[3] == _INF or now < hit[3]):
             return None
-        if hit[2] is not None:
+        if count and hit[2] is not None:
             self._hit(hit[2], now)
         return hit
 

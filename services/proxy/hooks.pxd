@@ -7,7 +7,7 @@ from services.proxy.http1 cimport RequestHead
 
 
 cdef class Flow:
-    cdef public object claimed, container, scheme, host, port, server_name
+    cdef public object claimed, counted, container, scheme, host, port, server_name
     cdef public RequestHead head
     cdef public object verdict, substituted, session_id, scrubber, refused_labels, _headers, _target
 

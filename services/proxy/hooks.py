@@ -105,6 +105,7 @@ class Flow:
 
     __slots__ = (
         "claimed",
+        "counted",
         "container",
         "scheme",
         "host",
@@ -152,6 +153,9 @@ class Flow:
         self.server_name = server_name or host
         self.head = head
         self.verdict = verdict
+        # The rule whose hit the connection's admission counted (a tunnel's requests, judged again
+        # by `RuleRecheck`: the same rule deciding again is no second hit).
+        self.counted: int | None = None
         self.substituted: list[str] | tuple[str, ...] = ()  # credential labels used (stored in the record)
         self.session_id: str | None = None  # the session of the first session credential substituted
         self.scrubber: Scrubber | None = None  # what was substituted, to scrub from the recorded response
@@ -358,7 +362,7 @@ class RuleRecheck:
     def __call__(self, flow: Flow) -> Refusal | None:
         v = flow.verdict
         if v is None:
-            v = flow.verdict = self.gate.check_request(flow.container, flow.host, flow.port)
+            v = flow.verdict = self.gate.check_request(flow.container, flow.host, flow.port, flow.counted)
         if v.allowed:
             return None
         return Refusal(403, "rule", DENIED_BODY)

@@ -575,6 +575,7 @@ class Interceptor:
         limits = ctx.limits
         t = self.recorder.txn(s.container, s.origin, s.host, s.port, head, host_mismatch=self._host_mismatch(s, head))
         flow = Flow(s.container, s.scheme, s.host, s.port, head, server_name=s.server_name, claimed=s.claimed)
+        flow.counted = s.verdict.rule_id  # the tunnel's admission counted its rule's hit
         refusal = await resolve(ctx.hooks.run(flow))
         t.rule_id = flow.verdict.rule_id if flow.verdict is not None else s.verdict.rule_id
         t.credentials_from(flow)

@@ -441,6 +441,35 @@ def test_deny_rule_applies_to_the_next_request_on_a_kept_alive_connection(stack:
     assert blocked[0]["status_code"] == 403
 
 
+def test_an_intercepted_tunnel_is_one_hit_of_its_rule_however_many_requests(stack: Stack, origin: int) -> None:
+    """SPEC §2.1: `hit_count` counts the connections a rule decides. Each intercepted request is
+    judged again (a deny added meanwhile applies to it), but its tunnel's own rule deciding it again
+    is no second hit (before: 1 tunnel with 3 requests counted 4)."""
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": "agent-hits", "destination_pattern": ORIGIN, "port_pattern": str(origin)},
+    )
+    assert r.status_code == 201, r.text
+    rule_id = r.json()["id"]
+
+    def hits() -> int:
+        return next(
+            x for x in stack.get("/api/rules", params={"container": "agent-hits"}).json()["items"] if x["id"] == rule_id
+        )["hit_count"]
+
+    sock = _tls_through_proxy(stack, "agent-hits", origin, _gp_ca(stack))
+    try:
+        for _ in range(3):
+            resp = _get(sock, origin, "/json")
+            assert resp.status == 200 and json.loads(resp.read()) == JSON_BODY
+    finally:
+        sock.close()
+    wait_for(lambda: hits() >= 1, 10, message="the tunnel's hit")
+    time.sleep(2 * 2.0 + 0.5)  # two more of the proxy's hit flushes (HITS_FLUSH_EVERY) and the recorder's write
+    assert hits() == 1
+
+
 def test_websocket_relayed_and_recorded(stack: Stack, ws_origin: int) -> None:
     from websockets.sync.client import connect
 

@@ -557,7 +557,7 @@ def test_rule_recheck_judges_the_contacted_host_and_takes_a_given_verdict() -> N
         def __init__(self) -> None:
             self.asked: list[tuple[str, str, int]] = []
 
-        def check_request(self, container: str, host: str, port: int) -> Verdict:
+        def check_request(self, container: str, host: str, port: int, counted: int | None = None) -> Verdict:
             self.asked.append((container, host, port))
             return Verdict(host != "10.0.0.6", "rule", 9)
 

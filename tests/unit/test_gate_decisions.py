@@ -227,3 +227,22 @@ def test_client_gone_function_is_called_only_for_a_hold() -> None:
     assert allowed.allowed and allowed.rule_id == 1
     assert calls == [1]
     assert (held.allowed, held.reason) == (False, "client_gone")
+
+
+def test_a_tunnels_requests_decided_by_its_own_rule_are_no_second_hit() -> None:
+    """SPEC §2.1: a hit whenever the rule decides a connection. An intercepted request is judged
+    again (`check_request`), but the rule the tunnel's admission counted deciding it again is not
+    a second hit (before: one `curl https://…` through interception counted 2); another rule deciding
+    it (the rules changed since) counts, judged or answered from the kept verdicts alike."""
+    g = gate_with(Rule(1, "*", "api.example.com", action="allow"))
+    v = admit(g, "a", "api.example.com")
+    assert g._hits[1][0] == 1
+    for _ in range(3):
+        assert g.check_request("a", "api.example.com", 443, v.rule_id).rule_id == 1
+    assert g._hits[1][0] == 1
+    g.set_rules(RuleSet([Rule(2, "*", "api.example.com", action="deny")]), 2)
+    assert g.check_request("a", "api.example.com", 443, v.rule_id).rule_id == 2  # judged
+    assert g.check_request("a", "api.example.com", 443, v.rule_id).rule_id == 2  # kept
+    assert g._hits[2][0] == 2
+    assert g.check_request("a", "api.example.com", 443).rule_id == 2  # no admission counted: a hit
+    assert g._hits[2][0] == 3
