@@ -294,7 +294,8 @@ class RulesIngestResource:
         now = time.time()
         # Validate everything first: one bad item rejects the whole batch.
         specs = [parse_rule_spec(item, now, where=f"item {i}: ", exported=True) for i, item in enumerate(items)]
-        res = await self.ctx.db(store_ops.ingest_rules, specs)
+        builtins = bool(self.ctx.cfg.section("greyproxy").get("builtinRules", True))
+        res = await self.ctx.db(store_ops.ingest_rules, specs, None, builtins)
         for old in res.replaced:
             self.ctx.publish(topics.RULE_DELETED, {"id": old["id"], "rule": rule_json(old)})
         for rule in res.imported:

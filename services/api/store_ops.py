@@ -127,8 +127,10 @@ def delete_rule(rule_id: int) -> dict[str, Any] | None:
     return rule
 
 
-def _active_ruleset(now: float) -> RuleSet:
-    return RuleSet((Rule.from_row(r) for r in rules_table.active_rows(now)), skip_invalid=True)
+def _active_ruleset(now: float, builtins: bool = True) -> RuleSet:
+    """The active rules as the proxy judges with them (`builtins` False: greyproxy.builtinRules off)."""
+    rows = rules_table.active_rows(now)
+    return RuleSet((Rule.from_row(r) for r in rows if builtins or r["source"] != "builtin"), skip_invalid=True)
 
 
 @dataclass
@@ -140,8 +142,11 @@ class IngestResult:
     cleaned_keys: list[Key]
 
 
-def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None) -> IngestResult:
-    """Create every rule not already active (one transaction), then drop pending entries an allow covers."""
+def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None, builtins: bool = True) -> IngestResult:
+    """Create every rule not already active (one transaction), then drop the pending entries an
+    imported allow rule covers and the rules as a whole now allow (SPEC §2.4; `builtins`:
+    greyproxy.builtinRules, as the proxy judges). An entry another rule covers stays: its held
+    connections were not released by this import."""
     now = time.time() if now is None else now
     imported: list[dict[str, Any]] = []
     replaced: list[dict[str, Any]] = []
@@ -156,23 +161,20 @@ def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None) -> IngestR
                 replaced.extend(res.replaced)
             else:
                 skipped += 1
-        if imported:
-            rules = _active_ruleset(now)
-            by_id = {r["id"]: r for r in imported}
+        allows = [r for r in imported if r["action"] == "allow"]
+        if allows:
+            rules = _active_ruleset(now, builtins)
+            new_allows = RuleSet((Rule.from_row(r) for r in allows), skip_invalid=True)
+            by_id = {r["id"]: r for r in allows}
             covered = []
             for row in pending_table.all_rows():
-                d = rules.decide(
-                    row["container_name"],
-                    row["destination_host"],
-                    int(row["destination_port"]),
-                    resolved_hostname=row["resolved_hostname"],
-                    now=now,
-                )
-                if d.allowed and d.rule is not None:
+                where = (row["container_name"], row["destination_host"], int(row["destination_port"]))
+                mine = new_allows.decide(*where, resolved_hostname=row["resolved_hostname"], now=now)
+                if mine.rule is None or not mine.allowed:
+                    continue  # no imported allow covers it
+                if rules.decide(*where, resolved_hostname=row["resolved_hostname"], now=now).allowed:
                     covered.append(row)
-                    rule = by_id.get(d.rule.id) or get_rule(d.rule.id)
-                    if rule is not None:
-                        cleaned.append((int(row["id"]), rule))
+                    cleaned.append((int(row["id"]), by_id[mine.rule.id]))
             keys = _delete_pending(covered)
     return IngestResult(imported, skipped, replaced, cleaned, keys)
 

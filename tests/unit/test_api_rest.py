@@ -662,6 +662,33 @@ def test_ingest_imports_skips_and_cleans_pending(live):
     assert notes == ["gh"]
 
 
+def test_ingest_cleans_only_the_entries_an_imported_allow_covers(live):
+    """SPEC §2.4: pending entries that an *imported* allow rule now covers are removed. Before, any
+    rule decided it: an existing rule's or a builtin loopback allow's entries went too (with
+    greyproxy.builtinRules: false those connections are held, and were left with nothing to allow)."""
+    new_rule(live, container_pattern="x", destination_pattern="known.example", port_pattern="443")
+    by_existing = live.add_pending("x", "known.example", 443)
+    by_builtin = live.add_pending("z", "127.0.0.1", 19163)
+    imported = live.add_pending("y", "127.0.0.1", 19163)
+    denied_anyway = live.add_pending("y", "blocked.example", 443)
+    new_rule(live, container_pattern="y", destination_pattern="blocked.example", port_pattern="443", action="deny")
+    live.events()
+    res = live.post(
+        "/api/rules/ingest",
+        [
+            {"container_pattern": "y", "destination_pattern": "127.0.0.1", "port_pattern": "19163"},
+            {"container_pattern": "*", "destination_pattern": "blocked.example"},  # the deny still wins
+            {"container_pattern": "y", "destination_pattern": "nothing.example", "action": "deny"},
+        ],
+    )
+    assert res.status_code == 200, res.text
+    assert res.json == {"imported": 3, "skipped": 0, "pending_cleaned": 1}
+    left = {r[0] for r in live.sql("SELECT id FROM pending")}
+    assert left == {by_existing, by_builtin, denied_anyway}
+    allowed = [d for t, d in live.events() if t == "pending_request.allowed"]
+    assert [(d["pending_id"], d["rule"]["container_pattern"]) for d in allowed] == [(imported, "y")]
+
+
 def test_ingest_is_all_or_nothing(api):
     api.add_pending("a", "x.example", 443)
     res = api.post(
