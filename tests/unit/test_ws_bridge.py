@@ -451,8 +451,14 @@ def test_held_counts_reach_ws_as_totals_over_the_proxy_workers() -> None:
     assert (
         hub.totals(topics.PENDING_UPDATED, {**pend, "destination_port": 80}, "recorder")["waiting"] == 2
     )  # unknown key
-    # proxy-1 dies with its 2: its share goes when its successor's heartbeat arrives
+    # proxy-1 dies with its 2: its share goes when its successor's heartbeat arrives, and /ws
+    # clients are told (before: the total changed with no event, the Pending view kept showing them)
+    told: list[tuple[str, object]] = []
+    hub.dispatch = lambda topic, data: told.append((topic, data))  # type: ignore[method-assign]
     hub.forget_source("proxy-1")
+    assert told == [(topics.WAITERS_CHANGED, {**key, "previous_count": 5, "current_count": 3})]
+    hub.forget_source("proxy-1")  # nothing of it left: nothing said
+    assert len(told) == 1
     assert hub.totals(topics.PENDING_UPDATED, {**pend, "waiting": 1}, "recorder")["waiting"] == 3
     d = hub.totals(topics.WAITERS_CHANGED, {**key, "previous_count": 3, "current_count": 0}, "proxy-0")
     assert (d["previous_count"], d["current_count"]) == (3, 0) and hub._held == {}

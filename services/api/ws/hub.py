@@ -263,12 +263,26 @@ class Hub:
         return data
 
     def forget_source(self, source: str) -> None:
-        """A proxy process ended (a new one took its name): the connections it held are gone."""
+        """A proxy process ended (a new one took its name): the connections it held are gone, and
+        /ws clients are told so (a `waiters.changed` with the new total per key it held)."""
         for key in [k for k, per in self._held.items() if source in per]:
             per = self._held[key]
+            before = sum(per.values())
             del per[source]
+            after = sum(per.values())
             if not per:
                 del self._held[key]
+            container, host, port = key
+            self.dispatch(
+                topics.WAITERS_CHANGED,
+                {
+                    "container_name": container,
+                    "host": host,
+                    "port": port,
+                    "previous_count": before,
+                    "current_count": after,
+                },
+            )
 
     async def run_bridge(self, subscriber_factory: Callable[[], Subscriber] | None = None) -> None:
         """The single bus subscriber of this process for /ws, until cancelled."""
