@@ -142,7 +142,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     env["GREYPROXY_PYTHON"] = sys.executable
     env[ENV_SUPERVISOR_PID] = str(os.getpid())  # execve keeps the pid: this is supervisord's
     env["GREYPROXY_RUN_DIR"] = str(cfg.run_dir)
-    for left in ("restarts.json", "api.alive"):  # /api/health's restart counts start with the stack
+    # /api/health's restart counts start with the stack, and silent mode is lost on restart (SPEC §4)
+    for left in ("restarts.json", "api.alive", "silent.json"):
         with contextlib.suppress(OSError):
             (cfg.run_dir / left).unlink()
     env["GREYPROXY_LOG_DIR"] = str(cfg.log_dir)

@@ -1,7 +1,7 @@
 """/api/allowall (SPEC §4): silent allow-all / deny-all lives in the proxy; the API forwards to it.
 
-The proxy publishes allowall.changed itself (also when the timer runs out). A proxy that does
-not answer gives 503 (errors.py maps ServiceUnavailable).
+The API publishes allowall.changed (services/api/proxies.py: when set or cleared through it, and
+when the timer runs out). A proxy that does not answer gives 503 (errors.py maps ServiceUnavailable).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from typing import Any
 
 import zmq
 
-from bus import curve
+from bus import curve, topics
 from bus.reqrep import ControlClient, RemoteError, ServiceUnavailable
 
 log = logging.getLogger("greyproxy.api")
@@ -33,6 +33,7 @@ log = logging.getLogger("greyproxy.api")
 # stats keys that are per-process counts: summed over the proxies.
 SUMMED = ("active_connections", "clients", "tunnels", "waiting", "decisions")
 PROBE_EVERY = 3.0  # seconds between pings of a proxy that heartbeats but did not answer
+SILENT_END_AFTER = 0.05  # seconds after a silent mode's end that its allowall.changed is published
 
 
 def _sum_counts(results: list[Any], key: str) -> int:
@@ -85,6 +86,10 @@ class ProxyGroup:
         # is given again to a proxy that (re)starts, so it does not differ from the others.
         self._silent: tuple[str, float | None] | None = None
         self._silent_known = False  # set or cleared through us, or learnt from the proxies (_adopt_silent)
+        # allowall.changed is ours to publish (set, cleared, and its end by the clock): the proxies
+        # each hold the mode, and one of them down at that moment would leave it unsaid.
+        self.publish: Callable[[str, Any], None] | None = None
+        self._silent_end: asyncio.TimerHandle | None = None
         self._adopting = False
         self._started: dict[str, float] = {}  # proxy name -> started_at of its process
         self._tasks: set[asyncio.Task] = set()
@@ -242,7 +247,39 @@ class ProxyGroup:
         elif op == "allowall.clear":
             self._silent = None
             self._silent_known = True
-        return merge(op, results)
+        result = merge(op, results)
+        if op in ("allowall.set", "allowall.clear"):
+            self._announce_silent(result)
+        return result
+
+    def _announce_silent(self, status: Any) -> None:
+        """allowall.changed for a mode set or cleared through us; its end timed."""
+        if self.publish is not None and isinstance(status, dict):
+            self.publish(topics.ALLOWALL_CHANGED, status)
+        self._time_silent_end()
+
+    def _time_silent_end(self) -> None:
+        """allowall.changed when the mode we know of runs out (the proxies end it at the same time,
+        each by its own clock: this comes SILENT_END_AFTER later, once they have)."""
+        if self._silent_end is not None:
+            self._silent_end.cancel()
+            self._silent_end = None
+        if self._silent is None or self._silent[1] is None:
+            return
+        until = self._silent[1]
+        self._silent_end = asyncio.get_running_loop().call_later(
+            max(0.0, until - time.time()) + SILENT_END_AFTER, self._silent_ended, until
+        )
+
+    def _silent_ended(self, until: float) -> None:
+        self._silent_end = None
+        if self._silent is None or self._silent[1] != until:
+            return  # changed since
+        self._silent = None
+        if self.publish is not None:
+            self.publish(
+                topics.ALLOWALL_CHANGED, {"active": False, "mode": None, "expires_at": None, "remaining_seconds": None}
+            )
 
     async def _adopt_silent(self) -> None:
         """An API that starts knows nothing of the silent mode the proxies are in (set through the
@@ -276,6 +313,7 @@ class ProxyGroup:
             else:
                 self._silent = None
             self._silent_known = True
+            self._time_silent_end()  # (learnt, not changed: nothing to announce now)
             differ = [
                 ep
                 for _s, ep, answer in states
@@ -314,5 +352,7 @@ class ProxyGroup:
             log.warning("could not give silent mode to proxy %s: %s", name, exc)
 
     def close(self) -> None:
+        if self._silent_end is not None:
+            self._silent_end.cancel()
         for client in self._clients.values():
             client.close()

@@ -41,12 +41,14 @@ def make_context(rt: ServiceRuntime) -> ApiContext:
     cfg = rt.cfg
     timeout, retries = float(cfg.bus["requestTimeout"]), int(cfg.bus["requestRetries"])
     stale = max(2.5, 3 * float(cfg.bus["heartbeatInterval"]))  # as ApiContext.stale_after
+    # Every proxy process at once (proxy.workers, proxies on other hosts): see proxies.py.
+    proxies = ProxyGroup(cfg.proxy_control_endpoints(), timeout, retries, lambda: stale)
+    proxies.publish = rt.publisher.publish  # allowall.changed is the group's to announce
     return ApiContext(
         cfg=cfg,
         publisher=rt.publisher,
         db_executor=ThreadPoolExecutor(max_workers=4, thread_name_prefix="api-db"),
-        # Every proxy process at once (proxy.workers, proxies on other hosts): see proxies.py.
-        proxy=ProxyGroup(cfg.proxy_control_endpoints(), timeout, retries, lambda: stale),  # type: ignore[arg-type]
+        proxy=proxies,  # type: ignore[arg-type]
         recorder=ControlClient(cfg.bus["recorderControl"], "recorder", timeout, retries),
         maintenance=ControlClient(cfg.bus["maintenanceControl"], "maintenance", timeout, retries),
     )

@@ -13,6 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Awaitable
 from typing import Any
 
+import orjson
+
 from bus import curve, topics
 from bus.journal import JournalWriter
 from bus.pubsub import Subscriber
@@ -48,6 +50,7 @@ HITS_FLUSH_EVERY = 2.0
 CA_CHECK_EVERY = 2.0  # seconds: rewritten CA files are picked up this fast
 DNS_KEEP = 7 * 86400.0  # seconds: DNS names older than this are not reloaded at start
 RECORDER_RETRY = 2.0  # seconds between tries while a remote proxy waits for the central recorder
+SILENT_FILE = "silent.json"  # in the run dir: the silent mode as last set, for a worker that restarts
 
 RULE_TOPICS = (
     topics.RULE_CREATED,
@@ -268,6 +271,10 @@ async def main(rt: ServiceRuntime) -> None:
     gate.pending_lookup = pending_lookup
     if cfg.silent_allow:
         gate.set_silent("allow", None)
+    kept = load_silent(cfg.run_dir, time.time())
+    if kept is not None:  # a worker restarted: the mode the others are in, before its first connection
+        gate.set_silent(kept[0], kept[1], announce=False)
+        log.info("silent mode %s taken from %s", kept[0] or "off", cfg.run_dir / SILENT_FILE)
 
     split = cfg.caps_split  # (a proxy run on its own takes the caps whole)
     limits = Limits(
@@ -320,8 +327,9 @@ async def main(rt: ServiceRuntime) -> None:
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor
     gate.defer_tunnel_logs = True  # a tunnel's log entry waits for its mitm_skip_reason
-    # Every worker gets the same silent-mode call: one of them announces the change.
-    gate.announce_silent = not cfg.worker
+    # Every proxy process gets the same silent-mode call through the API, which announces the change
+    # and the end (services/api/proxies.py): a worker down at that moment cannot leave it unsaid.
+    gate.announce_silent = False
 
     servers = []
     # Workers (proxy.workers > 1) share each listening address: the kernel spreads connections
@@ -376,7 +384,14 @@ async def main(rt: ServiceRuntime) -> None:
         until = args.get("expires_at")  # the API giving the mode again: the others' end, to the ms
         if seconds and isinstance(until, (int, float)) and not isinstance(until, bool):
             seconds = min(max(0.001, float(until) - time.time()), 28800.0)
-        return gate.set_silent(mode, seconds, announce=not args.get("again"))
+        status = gate.set_silent(mode, seconds, announce=False)
+        save_silent(cfg.run_dir, mode, gate.silent.expires_at)
+        return status
+
+    def allowall_clear(args: dict[str, Any]) -> dict[str, Any]:
+        status = gate.set_silent(None, None, announce=False)
+        save_silent(cfg.run_dir, None, None)
+        return status
 
     async def rules_reload(args: dict[str, Any]) -> dict[str, Any]:
         changed = await loader.reload(force=bool(args.get("force")))
@@ -411,7 +426,7 @@ async def main(rt: ServiceRuntime) -> None:
             "waiters": lambda args: {"waiters": gate.waiters()},
             "allowall.get": lambda args: gate.silent.status(),
             "allowall.set": allowall_set,
-            "allowall.clear": lambda args: gate.set_silent(None, None),
+            "allowall.clear": allowall_clear,
             "rules.reload": rules_reload,
             "holds.block": holds_block,
             "cert.reload": cert_reload,
@@ -495,6 +510,42 @@ async def main(rt: ServiceRuntime) -> None:
 # them. With the default threshold (700) it still ran every few connections, walking the young
 # objects of every connection in flight, and a full collection every few seconds walked all that
 # startup had built (rules, certificates, modules: ~45 000 objects, ~15 ms each time).
+def save_silent(run_dir: Any, mode: str | None, expires_at: float | None) -> None:
+    """Keep the silent mode just set (or cleared: {"mode": null}) in the run dir, for a proxy of this
+    stack that starts later (`load_silent`): a worker restarted by supervisord is in the others' mode
+    before it takes its first connection, not a moment after the API gives it the mode again. A few
+    dozen bytes, on a control call: written on the loop. `greyproxy serve` clears it (SPEC §4: lost
+    on restart). Workers write the same content at once: each replaces the file whole."""
+    path = run_dir / SILENT_FILE
+    tmp = run_dir / f".{SILENT_FILE}.{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        tmp.write_text(orjson.dumps({"mode": mode, "expires_at": expires_at}).decode())
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not keep the silent mode in %s: %s", path, exc)
+
+
+def load_silent(run_dir: Any, now: float) -> tuple[str | None, float | None] | None:
+    """(mode, seconds left or None) as `save_silent` kept it; None: nothing kept, or unreadable, or
+    a mode whose end has passed (the configured mode holds then)."""
+    try:
+        data = orjson.loads((run_dir / SILENT_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    mode, until = data.get("mode"), data.get("expires_at")
+    if mode is None:
+        return None, None
+    if mode not in ("allow", "deny") or (until is not None and not isinstance(until, (int, float))):
+        return None
+    if until is None:
+        return mode, None
+    left = float(until) - now
+    return (mode, left) if left > 0 else None
+
+
 GC_THRESHOLD = (5000, 10, 10)
 
 

@@ -235,6 +235,79 @@ def test_restarted_worker_gets_silent_mode_again(stack: Stack) -> None:
     assert not any(w["active"] for w in per_worker(stack, "allowall.get"))
 
 
+def test_a_restarted_worker_is_in_silent_mode_from_its_first_connection(stack: Stack, origin: int) -> None:
+    """SPEC §4 ("while active, rules and pending are bypassed") and §15: a worker restarted while
+    deny mode is on denies from its first connection. Before, it opened its listeners in normal
+    mode and took the mode from the API 30-150 ms later: an outside run saw 1-6 of ~540 requests
+    allowed by a rule in that gap. Now the mode kept in the run dir is read before it listens."""
+    import os
+    import signal
+
+    add_rule(stack, container_pattern="gap", destination_pattern=ORIGIN_HOST, port_pattern=str(origin), action="allow")
+    r = stack.request("POST", "/api/allowall", json={"mode": "deny", "duration_seconds": 120})
+    assert r.status_code == 200 and r.json()["mode"] == "deny"
+    statuses: dict[bytes, int] = {}
+    try:
+        old = stack.health()[1]["services"]["proxy-0"]["pid"]
+        os.kill(old, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        back_at = None
+        while time.monotonic() < deadline and (back_at is None or time.monotonic() < back_at + 1.5):
+            try:
+                s = _connect(stack, "gap", f"{ORIGIN_HOST}:{origin}")
+            except OSError:
+                continue  # (the kernel handed it to the dead worker's closing socket)
+            with s:
+                s.settimeout(5)
+                try:
+                    status = _read_head(s)[9:12]
+                except OSError:
+                    status = b"---"
+            statuses[status] = statuses.get(status, 0) + 1
+            if back_at is None:
+                h = stack.health()[1]["services"]["proxy-0"]
+                if h["up"] and h["pid"] != old:
+                    back_at = time.monotonic()
+        assert back_at is not None, "proxy-0 never came back"
+        log = (stack.data_dir / "logs" / "proxy-0.log").read_text()
+        assert "silent mode deny taken from" in log
+    finally:
+        stack.request("DELETE", "/api/allowall")
+    assert statuses.get(b"403", 0) > 0 and b"200" not in statuses, statuses
+
+
+def test_the_end_of_silent_mode_is_announced_when_the_first_worker_is_down_then(stack: Stack) -> None:
+    """SPEC §4: `allowall.changed` with the status, also when it expires. The API announces it (set,
+    cleared, ended). Before, the first worker did: killed around the end, it announced nothing."""
+    import os
+    import signal
+
+    import orjson
+    from websockets.sync.client import connect
+
+    with connect(stack.api.replace("http://", "ws://", 1) + "/ws", open_timeout=5) as ws:
+        assert orjson.loads(ws.recv(timeout=5))["type"] == "connected"
+        ws.send(orjson.dumps({"command": "subscribe", "event_type": "allowall.changed"}).decode())
+        r = stack.request("POST", "/api/allowall", json={"mode": "allow", "duration_seconds": 3})
+        assert r.status_code == 200 and r.json()["active"] is True
+        t0 = time.monotonic()
+        time.sleep(2.0)
+        os.kill(stack.health()[1]["services"]["proxy-0"]["pid"], signal.SIGKILL)  # back after the end
+        changes = []
+        while time.monotonic() < t0 + 10:
+            try:
+                m = orjson.loads(ws.recv(timeout=max(0.1, t0 + 10 - time.monotonic())))
+            except TimeoutError:
+                break
+            if m.get("type") == "allowall.changed":
+                changes.append((round(time.monotonic() - t0, 1), m["data"]["active"]))
+                if not m["data"]["active"]:
+                    break
+    assert [a for _t, a in changes] == [True, False], changes
+    assert 2.9 <= changes[-1][0] <= 4.5, changes  # at its end, not at the next heartbeat
+    wait_for(lambda: stack.health()[1]["services"]["proxy-0"]["up"], 20, message="proxy-0 back")
+
+
 def test_silent_mode_survives_an_api_restart_then_a_worker_restart(stack: Stack) -> None:
     """SPEC §4 and §15 (silent mode reaches every worker): the API that gives a restarted worker
     the silent mode must know it, also after the API itself was restarted. The new API learns the
