@@ -14,6 +14,7 @@ from services.proxy.pool cimport UpstreamPool
 cdef class Limits:
     cdef public object header_timeout, connect_timeout, idle_timeout, max_header_bytes, max_headers
     cdef public object max_connections, max_per_client, upstream_pool_size, upstream_idle_timeout, half_closed_clients
+    cdef public object workers, configured_max_connections, configured_max_per_client
 
 
 cdef class ProxyContext:

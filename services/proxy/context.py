@@ -42,6 +42,10 @@ class Limits:
     upstream_pool_size: int = 32  # idle upstream connections kept per (client, destination); 0: none
     upstream_idle_timeout: float = 30.0
     half_closed_clients: bool = False  # a client's EOF while its answer is awaited: still answer it
+    # proxy.workers > 1: the caps above are this worker's share (⌈cap / workers⌉) of the configured ones
+    workers: int = 1
+    configured_max_connections: int = 0  # (0: as max_connections)
+    configured_max_per_client: int = 0  # (0: as max_per_client)
 
     @property
     def upstream_pool_total(self) -> int:

@@ -53,19 +53,23 @@ def forbidden_body(verdict: Verdict) -> str:
     return GUARD_BODY if verdict.reason == "guard" else FORBIDDEN_BODY
 
 
+def _cap_text(name: str, share: int, configured: int, workers: int) -> str:
+    """A cap as its refusal names it: the configured value, and this worker's share of it."""
+    if workers <= 1:
+        return f"proxy.{name} = {configured or share}"
+    return f"proxy.{name} = {configured or share}, split over {workers} proxy workers: {share} on this one"
+
+
 def cap_response(cap: str, identity: str, limits: Limits) -> bytes:
     """The refusal of a connection past a connection cap: 503 (overall) or 429 (this client)."""
     if cap == CAP_OVERALL:
         status, reason = 503, "Service Unavailable"
-        text = (
-            f"Greyproxy: too many open connections (proxy.{CAP_OVERALL} = {limits.max_connections}); try again later\n"
-        )
+        what = _cap_text(CAP_OVERALL, limits.max_connections, limits.configured_max_connections, limits.workers)
+        text = f"Greyproxy: too many open connections ({what}); try again later\n"
     else:
         status, reason = 429, "Too Many Requests"
-        text = (
-            f"Greyproxy: too many open connections for client {identity!r} "
-            f"(proxy.{CAP_PER_CLIENT} = {limits.max_per_client}); close some and try again\n"
-        )
+        what = _cap_text(CAP_PER_CLIENT, limits.max_per_client, limits.configured_max_per_client, limits.workers)
+        text = f"Greyproxy: too many open connections for client {identity!r} ({what}); close some and try again\n"
     return http1.render_response(status, reason, text.encode("utf-8"), headers=[("Retry-After", "1")], close=True)
 
 

@@ -288,6 +288,9 @@ async def main(rt: ServiceRuntime) -> None:
         upstream_pool_size=int(pcfg["upstreamPoolSize"]),
         upstream_idle_timeout=float(pcfg["upstreamIdleTimeout"]),
         half_closed_clients=bool(pcfg["halfClosedClients"]),
+        workers=split,
+        configured_max_connections=int(pcfg["maxConnections"]),
+        configured_max_per_client=int(pcfg["maxConnectionsPerClient"]),
     )
     if split > 1:
         # The caps are split, not shared: each worker allows its share (the kernel spreads a

@@ -446,3 +446,24 @@ def test_overall_cap_refuses_in_protocol_then_drops_past_the_margin() -> None:
         await asyncio.gather(fresh.task, return_exceptions=True)
 
     run(main())
+
+
+def test_a_cap_refusal_names_the_configured_cap_and_this_workers_share() -> None:
+    """docs/configuration.md ("Caps are split, not shared"): with proxy workers a refusal names the
+    configured cap and the share of it this worker enforces. Before, it named the share as if it
+    were the setting (`maxConnectionsPerClient = 3` with 5 configured over 2 workers)."""
+    from services.proxy.context import Limits
+    from services.proxy.http_proxy import cap_response
+
+    one = Limits(max_connections=40, max_per_client=5)
+    assert b"(proxy.maxConnectionsPerClient = 5); close some" in cap_response("maxConnectionsPerClient", "a", one)
+    assert b"(proxy.maxConnections = 40); try again" in cap_response("maxConnections", "a", one)
+    two = Limits(
+        max_connections=20, max_per_client=3, workers=2, configured_max_connections=40, configured_max_per_client=5
+    )
+    text = cap_response("maxConnectionsPerClient", "a", two)
+    assert text.startswith(b"HTTP/1.1 429 ")
+    assert b"(proxy.maxConnectionsPerClient = 5, split over 2 proxy workers: 3 on this one)" in text
+    text = cap_response("maxConnections", "a", two)
+    assert text.startswith(b"HTTP/1.1 503 ")
+    assert b"(proxy.maxConnections = 40, split over 2 proxy workers: 20 on this one)" in text
