@@ -103,6 +103,13 @@ def _unbrotli(data: bytes, limit: int) -> bytes:
             out += d.process(b"", output_buffer_limit=limit - len(out) + 1)
         if len(out) >= limit or d.is_finished():
             break
+    # A stream cut short (by capture.maxBodyBytes) still holds decoded output: brotli gives it a
+    # ring buffer (32 KiB here) per call, asking for more input all the while.
+    while len(out) < limit and not d.is_finished():
+        more = d.process(b"", output_buffer_limit=limit - len(out) + 1)
+        if not more:
+            break
+        out += more
     if not out and data and not d.is_finished():
         raise ValueError("the stream ends before its first output")
     return bytes(out[:limit])

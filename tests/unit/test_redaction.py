@@ -251,6 +251,18 @@ def test_decode_caps_output_and_survives_truncation() -> None:
         decode_body(b"x", "compress")
 
 
+def test_a_cut_brotli_body_decodes_as_far_as_its_bytes_go() -> None:
+    """capture.maxBodyBytes cuts a br body: what its bytes hold is decoded, up to the cap. Before,
+    decoding stopped at brotli's ring buffer: 32 752 bytes of a 64 KiB capture, whatever followed."""
+    text = b"".join(b"line %d: %s\n" % (i, random.Random(i).randbytes(8).hex().encode()) for i in range(5000))
+    whole = brotli.compress(text)
+    got = decode_body(whole[: len(whole) - 10], "br")
+    assert len(got) > len(text) - 1000 and text.startswith(got), len(got)
+    capped = decode_body(whole[: len(whole) // 2], "br", limit=60_000)
+    assert len(capped) == 60_000 and text.startswith(capped)
+    assert decode_body(whole, "br") == text
+
+
 @pytest.mark.parametrize(
     "coding,encode",
     [
