@@ -243,3 +243,49 @@ def test_a_second_run_takes_over_from_one_still_being_cancelled() -> None:
         assert w._sock is None
 
     asyncio.run(scenario())
+
+
+def test_a_stopping_recorder_takes_the_records_sent_while_the_proxies_stop() -> None:
+    """A stop reaches every process at once (supervisord.conf's one group): the recorder's serving
+    is cancelled while the proxies still send their last records. `last_records` serves on until
+    the journal has been quiet STOP_QUIET seconds. Before, the records of exchanges completed while
+    a proxy stopped were lost (an outside run: ~40 per stop under load)."""
+    from services.recorder.service import last_records
+
+    d = tempfile.mkdtemp(prefix="gp-js-", dir="/tmp")
+    applied: list[Any] = []
+
+    async def scenario() -> None:
+        ctx = zmq.asyncio.Context()
+        ep = f"ipc://{d}/j.sock"
+        with ThreadPoolExecutor(1) as ex:
+            cons = JournalConsumer(ep, applied.extend, ex, ctx=ctx)
+            serving = asyncio.ensure_future(cons.serve())
+            w = JournalWriter(ep, ctx=ctx)
+            task = asyncio.create_task(w.run())
+            ids = [w.append("log", {"i": i}) for i in range(10)]
+            assert await w.flush(5)
+            serving.cancel()  # the stop's signal reaches the recorder first
+            await asyncio.gather(serving, return_exceptions=True)
+
+            async def proxy_stopping() -> None:  # then the proxies' last records, in two bursts
+                for burst in range(2):
+                    await asyncio.sleep(0.2)
+                    ids.extend(w.append("log", {"burst": burst, "i": i}) for i in range(50))
+
+            t0 = asyncio.get_running_loop().time()
+            sender = asyncio.ensure_future(proxy_stopping())
+            await last_records(cons, quiet=0.3, most=3.0)
+            took = asyncio.get_running_loop().time() - t0
+            await sender
+            assert w.acked == len(ids) == 110, (w.acked, len(ids))
+            assert 0.7 <= took < 2.0, took  # the second burst at 0.4 s, then 0.3 s of quiet
+            await _stop(task)
+            cons.close()
+        ctx.destroy(linger=0)
+        assert len(applied) == 110
+
+    try:
+        uvloop.run(scenario())
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
