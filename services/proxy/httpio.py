@@ -124,10 +124,16 @@ async def relay_body(
             if rest:
                 src.buf[:0] = rest
             if data:
+                unused = len(src.buf)  # (bytes the reader cannot use yet: a chunk's size line cut short)
                 dst.write(data)
                 if wrote is not None:
                     wrote()
                 await dst.drain()
+                if not done and len(src.buf) > unused:
+                    # Bytes came in while dst drained (the body's last ones, maybe: then none would
+                    # follow, and `read_more`, which waits for bytes beyond these, would wait until
+                    # the timeout; an outside run saw 1 in ~100 uploads of a few MB stall so).
+                    continue
             if done:
                 return
         if not await src.read_more(timeout):
