@@ -49,6 +49,11 @@ class ConnClosed(Exception):
     """The peer went away while we were waiting for it."""
 
 
+class WriteStalled(Exception):
+    """The peer took no byte of what was written to it for a whole deadline (a client that stopped
+    reading its response; an upstream that stopped reading its request body)."""
+
+
 class Received:
     """Bytes received by the process's connections, by side (GET /metrics: greyproxy_proxy_bytes_relayed),
     bumped on every read (compiled: C counters, conn.pxd)."""
@@ -340,11 +345,20 @@ class Conn:
         """The transport's buffer is full: `drain` would wait."""
         return self._drain is not None and not self._drain.done()
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
+        """Until the transport's buffer is below its low mark (at once when it is). `timeout`: at
+        most that long without the peer taking enough of it, else WriteStalled."""
         if self.closed:
             raise ConnClosed()
-        if self._drain is not None and not self._drain.done():
-            await self._drain
+        d = self._drain
+        if d is not None and not d.done():
+            if timeout is None:
+                await d
+                return
+            done, _pending = await asyncio.wait((d,), timeout=timeout)
+            if not done:
+                raise WriteStalled(timeout)
+            d.result()
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

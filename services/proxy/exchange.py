@@ -34,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from . import http1
-from .conn import Conn, ConnClosed
+from .conn import Conn, ConnClosed, WriteStalled
 from .http1 import parse_response_head, render_response_head
 from .httpio import body_error, cancel, error_response, phrase, read_head, relay_body, start_body
 from .pipeline import Stream, Txn, relay
@@ -484,6 +484,8 @@ class Exchange:
         """Why the request body did not all reach the upstream, saying whose doing it was."""
         if isinstance(exc, TimeoutError):
             why = "the client stalled in the middle of it"
+        elif isinstance(exc, WriteStalled):
+            why = f"the upstream took no byte of it for {self.limits.idle_timeout:g} s"
         elif self.client.eof or self.client.closed:
             why = "the client closed its connection in the middle of it"
         elif self.upstream.closed:
@@ -591,10 +593,14 @@ class Exchange:
         client = self.client
         try:
             if drain:
-                await client.drain()
+                await client.drain(self.limits.idle_timeout)
             await relay_body(self.upstream, client, reader, self.limits.idle_timeout, self._mark)
             if self._left:  # (a body read until close ends at the abort: not the whole body)
                 self._cut_off(self._client_gone("during the response"))
+        except WriteStalled:
+            # The client stopped reading: nothing passes either way, so proxy.idleTimeout ends it
+            # as it ends an idle tunnel (before, it held both connections until the client left).
+            self._cut_off(f"the client took no byte of the response for {self.limits.idle_timeout:g} s")
         except http1.UpstreamError as exc:
             self._cut_off(f"bad response from upstream: {exc}")
         except asyncio.TimeoutError:
@@ -621,7 +627,7 @@ class Exchange:
                     body.cancel()  # (as wait_for's timeout; `proceed` waits for its end)
                     raise asyncio.TimeoutError
             body.result()
-        except (asyncio.TimeoutError, ConnClosed, http1.HttpError) as exc:
+        except (asyncio.TimeoutError, ConnClosed, WriteStalled, http1.HttpError) as exc:
             self.error = self._body_failure(exc)
             self._owed = True
 

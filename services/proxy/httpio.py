@@ -114,7 +114,8 @@ async def relay_body(
     """Copy one message body from src to dst as-is; leftover bytes stay in src.buf.
 
     ConnClosed when src ends before the body does (or dst is gone), TimeoutError when src is
-    silent for `timeout`, and the reader's framing errors (HttpError / UpstreamError). `wrote`:
+    silent for `timeout`, WriteStalled when dst takes nothing for as long, and the reader's framing
+    errors (HttpError / UpstreamError). `wrote`:
     called after each write to dst (before its drain), while dst is open."""
     while True:
         if src.buf:
@@ -128,7 +129,7 @@ async def relay_body(
                 dst.write(data)
                 if wrote is not None:
                     wrote()
-                await dst.drain()
+                await dst.drain(timeout)  # (WriteStalled: dst took nothing for as long)
                 if not done and len(src.buf) > unused:
                     # Bytes came in while dst drained (the body's last ones, maybe: then none would
                     # follow, and `read_more`, which waits for bytes beyond these, would wait until

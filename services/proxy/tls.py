@@ -232,8 +232,8 @@ class TlsStream:
             return
         self._flush()
 
-    async def drain(self) -> None:
-        await self.raw.drain()
+    async def drain(self, timeout: float | None = None) -> None:
+        await self.raw.drain(timeout)
 
     async def wait_closed(self) -> None:
         await self.raw.wait_closed()

@@ -79,7 +79,7 @@ class MemStream:
         if not self.closed:
             self.written += data
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
         return None
 
     def close(self) -> None:
@@ -323,6 +323,48 @@ def test_a_cut_response_records_what_the_client_was_handed(gone: bool) -> None:
         # 10 bytes of body passed on, the last 3 still in the transport (of the chunk framing and body)
         assert rec["response_body_size"] == 7, rec
         assert base64.b64decode(rec["response_body"]) == b"hellowo", rec  # (the stored copy: packed)
+
+    asyncio.run(main())
+
+
+class _NotReading(_Held):
+    """A client that stopped reading: its transport's buffer stays full, so a drain never ends
+    (the real Conn.drain's deadline: WriteStalled once `timeout` passes)."""
+
+    async def drain(self, timeout: float | None = None) -> None:
+        from services.proxy.conn import WriteStalled
+
+        await asyncio.sleep(timeout if timeout is not None else 3600)
+        raise WriteStalled(timeout)
+
+
+def test_a_client_that_stops_reading_the_response_is_cut_off_after_the_idle_timeout(monkeypatch) -> None:  # noqa: ANN001
+    """docs/configuration.md (proxy.idleTimeout: nothing passes either way): a client that takes no
+    byte of its response for idleTimeout is cut off and the upstream dropped. Before, the drain had
+    no deadline: both connections were held until the client itself left (an outside run: 150 s)."""
+
+    async def main() -> None:
+        journal = FakeJournal()
+        head = _head(GET)
+        client, upstream = _NotReading("client"), MemStream("upstream")
+        t = Recorder(journal).txn("agent", "http://origin.test", head.host, head.port, head, 1)  # type: ignore[arg-type]
+        ex = Exchange(client, upstream, head, LIMITS, t, False)
+        upstream.feed(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+
+        async def more() -> None:
+            for _ in range(5):
+                await asyncio.sleep(0.05)
+                upstream.feed(b"y" * 10)
+
+        feeder = asyncio.ensure_future(more())
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.wait_for(ex.run(b"GET /x HTTP/1.1\r\nHost: origin.test\r\n\r\n"), 5)
+        took = asyncio.get_running_loop().time() - t0
+        await feeder
+        assert ex.state is FAILED and client.aborted and not ex.upstream_reusable
+        assert 0.9 <= took < 3.0, took  # LIMITS.idle_timeout is 1 s
+        rec = _record(journal)
+        assert rec["error"] == "the client took no byte of the response for 1 s", rec
 
     asyncio.run(main())
 

@@ -53,7 +53,7 @@ class FakeStream:
     def write(self, data: bytes) -> None:
         self.written += data
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: float | None = None) -> None:
         return None
 
     def close(self) -> None:

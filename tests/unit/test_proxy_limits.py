@@ -498,3 +498,28 @@ def test_a_body_whose_last_bytes_arrive_while_the_upstream_drains_is_relayed_who
         assert not src.buf
 
     asyncio.run(scenario())
+
+
+def test_a_drain_with_a_deadline_says_when_the_peer_takes_nothing() -> None:
+    """`Conn.drain(timeout)`: at once when the transport's buffer is low; when it stays full for
+    `timeout`, WriteStalled; a peer that takes some in time lets it go on; a peer gone, ConnClosed."""
+    from services.proxy.conn import ConnClosed, WriteStalled
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        c = Conn()
+        c.connection_made(FakeTransport(c))
+        await asyncio.wait_for(c.drain(0.1), 1)  # not paused: at once
+        c.pause_writing()
+        t0 = loop.time()
+        with pytest.raises(WriteStalled):
+            await c.drain(0.2)
+        assert 0.15 <= loop.time() - t0 < 1.0
+        loop.call_later(0.05, c.resume_writing)
+        await asyncio.wait_for(c.drain(1.0), 2)  # it took some in time
+        c.pause_writing()
+        loop.call_later(0.05, c.connection_lost, None)
+        with pytest.raises(ConnClosed):
+            await c.drain(1.0)
+
+    asyncio.run(scenario())
