@@ -485,3 +485,6 @@ async def handle_http(client: ClientConn) -> None:
             # which they refer back to: a cycle only the collector frees. Not with the cycle in it.
             fast = None
         release()
+        # ...the inner functions too: dropped, they take the cycle with them (the connection, its
+        # transport, its last Handover and tasks stayed until the collector ran).
+        release = attach = parse_req = exchange = resumed = None  # type: ignore[assignment]  # (Cython: no `del` of these)

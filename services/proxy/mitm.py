@@ -516,8 +516,14 @@ class Interceptor:
         limits = ctx.limits
         origin = (s.scheme, s.host, s.port)
 
-        def parse(buf: bytes):  # noqa: ANN202
-            return http1.parse_request_head(buf, limits.max_header_bytes, limits.max_headers, origin=origin)
+        # (A partial, not an inner function: no reference cycle with this coroutine's scope, see
+        # Exchange.proceed.)
+        parse = functools.partial(
+            http1.parse_request_head,
+            max_header_bytes=limits.max_header_bytes,
+            max_headers=limits.max_headers,
+            origin=origin,
+        )
 
         first = True
         try:

@@ -518,6 +518,24 @@ def base_record(
     }
 
 
+async def _pump(
+    src: Stream, dst: Stream, see: Callable[[bytes], None] | None, last: list[float], loop: asyncio.AbstractEventLoop
+) -> None:
+    """One direction of `relay` (`last[0]`: when a byte last passed, either way). Not an inner function
+    of `relay`: compiled, a coroutine's locals live in a scope its inner functions refer back to, a
+    reference cycle that kept both connections until the collector ran."""
+    while True:
+        if src.buf:
+            data = src.take()
+            last[0] = loop.time()
+            dst.write(data)
+            if see is not None:
+                see(data)
+            await dst.drain()
+        if not await src.read_more() and not src.buf:
+            return
+
+
 async def relay(
     a: Stream,
     b: Stream,
@@ -529,20 +547,10 @@ async def relay(
     `idle` seconds (a long one-way stream lives on); then both are closed. `see_*` get each chunk."""
     loop = asyncio.get_running_loop()
     last = [loop.time()]  # when a byte last passed, either way
-
-    async def pump(src: Stream, dst: Stream, see: Callable[[bytes], None] | None) -> None:
-        while True:
-            if src.buf:
-                data = src.take()
-                last[0] = loop.time()
-                dst.write(data)
-                if see is not None:
-                    see(data)
-                await dst.drain()
-            if not await src.read_more() and not src.buf:
-                return
-
-    tasks = [asyncio.ensure_future(pump(a, b, see_ab)), asyncio.ensure_future(pump(b, a, see_ba))]
+    tasks = [
+        asyncio.ensure_future(_pump(a, b, see_ab, last, loop)),
+        asyncio.ensure_future(_pump(b, a, see_ba, last, loop)),
+    ]
     try:
         while True:
             remaining = last[0] + idle - loop.time()
