@@ -9,15 +9,53 @@ never sees.
   reaches the application (Falcon cannot serve it and used to answer 500 with a traceback).
 
 Refusals go through uvicorn's own `400 Invalid HTTP request` path (one warning line, no trace).
+
+Bounds uvicorn does not set (a local client could otherwise hold the API's descriptors):
+
+- A request must arrive whole (head and body) within REQUEST_DEADLINE seconds of its first byte,
+  the first one within as long of the connection's start; else the connection is closed.
+- Past MAX_CONNECTIONS open connections (/ws ones included) a new one is dropped at accept.
+- /ws (`WebSocketProtocol`): a close to a client whose socket takes nothing (its buffer full)
+  ends the TCP connection at once; uvicorn's close waited for that buffer to empty, which it never
+  does for a client that stopped reading.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
+from typing import Any
+
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+log = logging.getLogger("greyproxy.api")
 
 VERSIONS = ("1.0", "1.1")
+REQUEST_DEADLINE = 30.0  # seconds from a request's first byte (a connection's start) to its last
+MAX_CONNECTIONS = 1000  # open API connections, /ws included; past it a new one is dropped at accept
+SAY_EVERY = 60.0  # seconds between log lines about dropped or timed-out connections
+
+
+class _Said:
+    """A warning at most every SAY_EVERY seconds, with the count since the last one."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.last, self.since = text, -SAY_EVERY, 0
+
+    def __call__(self) -> None:
+        self.since += 1
+        now = time.monotonic()
+        if now - self.last >= SAY_EVERY:
+            log.warning("%s (%d since the last such line)", self.text, self.since)
+            self.last, self.since = now, 0
+
+
+_TOO_MANY = _Said(f"API: a connection dropped at accept, {MAX_CONNECTIONS} open already (MAX_CONNECTIONS)")
+_TOO_SLOW = _Said(f"API: a connection closed, its request not all there {REQUEST_DEADLINE:g} s after it began")
 
 
 class BadRequestLine(httptools.HttpParserError):
@@ -36,6 +74,48 @@ def absolute_authority(target: bytes) -> bytes | None:
 
 
 class StrictHttpProtocol(HttpToolsProtocol):
+    _deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= MAX_CONNECTIONS:
+            self.transport = transport
+            _TOO_MANY()
+            transport.abort()
+            return
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(REQUEST_DEADLINE, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            _TOO_SLOW()
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self._arm()
+        super().on_message_begin()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the transport is the WebSocket protocol's from now on
+        super().handle_websocket_upgrade()
+
     def data_received(self, data: bytes) -> None:
         self._refusal: str | None = None
         super().data_received(data)
@@ -70,3 +150,21 @@ class StrictHttpProtocol(HttpToolsProtocol):
                 self.headers[hosts[0]] = (b"host", authority)
             else:
                 self.headers.append((b"host", authority))
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, with a close that reaches a client that stopped
+    reading: its TCP connection ends (abort) instead of waiting for a send buffer that never empties."""
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "websocket.close" and not self.writable.is_set() and not self.disconnected:
+            # Nothing can be sent to it (the buffer is over its high mark): no close frame either.
+            self.close_sent = True
+            self.transport.abort()
+            return
+        await super().send(message)
+        if message["type"] == "websocket.close" and self.close_timer is not None:
+            # uvicorn's timer for the client's close frame closes the transport, which first waits
+            # for its buffer to empty: abort instead.
+            self.close_timer.cancel()
+            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)

@@ -23,7 +23,7 @@ from .health import _book as health_book
 from .health import track_heartbeats
 from .proxies import ProxyGroup
 from .notify import run_notifier
-from .server import StrictHttpProtocol
+from .server import StrictHttpProtocol, WebSocketProtocol
 from .settings import current_settings
 
 log = logging.getLogger("greyproxy.api")
@@ -76,7 +76,7 @@ async def main(rt: ServiceRuntime) -> None:
             proxy_headers=False,  # X-Forwarded-For is anyone's to write: the peer address is the client
             log_level="warning",
             access_log=False,
-            ws="websockets-sansio",
+            ws=WebSocketProtocol,  # uvicorn's websockets-sansio, closing a stuck client (server.py)
             ws_ping_interval=20,
             ws_ping_timeout=20,
             timeout_keep_alive=30,
