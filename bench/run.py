@@ -410,8 +410,9 @@ def idle_tunnels(p: ProxyUnderTest, origin_port: int, n: int, hold: float = 1.0)
         "tunnels": n,
         "rss_mb": rss / 1024.0,
         "baseline_mb": (base or 0) / 1024.0,
-        "per_tunnel_kb": (rss - (base or 0)) / n if base else None,
-        "pid_scope": "proxy process only" if isinstance(p, GreyProxy) else "process tree",
+        # (None when the process shrank meanwhile, freeing what earlier loads left: no figure per tunnel)
+        "per_tunnel_kb": (rss - base) / n if base and rss >= base else None,
+        "pid_scope": "proxy processes only (every worker)" if isinstance(p, GreyProxy) else "process tree",
     }
 
 
@@ -596,7 +597,8 @@ def run(args: argparse.Namespace) -> int:
             res["direct"] = loads.py_download(origin.port, None, False, plan.big_bytes)
         else:
             res["direct"] = {"na": "nginx/curl not installed"}
-        log(f"direct download: {res['direct'].get('mbps', res['direct'])}")
+        d = res["direct"]
+        log(f"direct download: {report._fmt(d['mbps']) + ' MB/s' if 'mbps' in d else d}")
 
         # -- the floor: a bare uvloop CONNECT tunnel, its own process, started now so that its CONNECT
         # downloads alternate with greyproxy's; its other rows are measured after greyproxy's --
@@ -906,8 +908,12 @@ def _details(res: dict[str, Any]) -> list[str]:
             f"- recorder: {r.get('completed')} requests completed in {report._fmt(r.get('load_seconds'))} s "
             f"({report._fmt(r.get('load_rps'))} req/s offered by the proxy); {r.get('backlog_at_load_end')} "
             f"rows still to write when the load ended, all stored {report._fmt(r.get('drain_seconds'))} s "
-            f"later (recorder drain rate {report._fmt(r.get('drain_records_per_s'))} rec/s); stored "
-            f"{r.get('stored')}, lost {r.get('loss')}, duplicates {r.get('duplicates')}; CPU during the "
+            + (
+                f"later (recorder drain rate {report._fmt(r['drain_records_per_s'])} rec/s); stored "
+                if r.get("drain_records_per_s") is not None
+                else "later (no drain rate: fewer than 100 rows were left to write); stored "
+            )
+            + f"{r.get('stored')}, lost {r.get('loss')}, duplicates {r.get('duplicates')}; CPU during the "
             f"measure: {r.get('cpu_pct')} (% of one core)"
         )
     rj = g.get("recorder_journal") or {}
@@ -939,8 +945,13 @@ def _details(res: dict[str, Any]) -> list[str]:
         if "rss_mb" in it:
             bits.append(
                 f"RSS {report._fmt(it['baseline_mb'])} MB idle → {report._fmt(it['rss_mb'])} MB with "
-                f"{it['tunnels']} tunnels ({report._fmt(it.get('per_tunnel_kb'))} KiB/tunnel, "
-                f"{it['pid_scope']})"
+                f"{it['tunnels']} tunnels ("
+                + (
+                    f"{report._fmt(it['per_tunnel_kb'])} KiB/tunnel"
+                    if it.get("per_tunnel_kb") is not None
+                    else "no figure per tunnel: the process shrank meanwhile, freeing what earlier loads left"
+                )
+                + f", {it['pid_scope']})"
             )
         for k in ("connect_download", "http_download"):
             x = pres.get(k) or {}

@@ -408,6 +408,8 @@ def curl_download(
         return {"error": f"curl failed: {p.stderr.strip()[-200:]}"}
     if code_i != 200:
         return {"error": f"HTTP {code_i}: {p.stderr.strip()[-200:]}"}
+    if p.returncode != 0:  # e.g. 28: --max-time ran out; the figures are of a partial download
+        return {"error": f"curl exit {p.returncode} after {size_i} bytes in {secs_f:.1f} s: {p.stderr.strip()[-200:]}"}
     return {"mbps": size_i / secs_f / 1e6 if secs_f > 0 else 0.0, "bytes": size_i, "seconds": secs_f}
 
 

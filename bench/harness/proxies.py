@@ -220,9 +220,24 @@ class GreyProxy(ProxyUnderTest):
     def main_pid(self) -> int | None:
         return self.service_pid("proxy")
 
+    def proxy_pids(self) -> list[int]:
+        """Every proxy process: `proxy`, or each worker `proxy-N` (proxy.workers > 1)."""
+        if self.stack is None:
+            return []
+        try:
+            _, body = self.stack.health()
+        except Exception:  # noqa: BLE001
+            return []
+        services = body.get("services") or {}
+        workers = [s for name, s in services.items() if name.startswith("proxy-") and name[6:].isdigit()]
+        # (with workers, the `proxy` entry is their summary, its pid the first worker's)
+        return [int(s["pid"]) for s in (workers or [services.get("proxy") or {}]) if s.get("pid")]
+
     def rss_kb(self) -> int | None:
-        pid = self.main_pid()  # the proxy process alone (the brief's figure)
-        return status_kb(pid) if pid else None
+        """The proxy processes alone (the brief's figure): every worker's, summed."""
+        sizes = [status_kb(pid) for pid in self.proxy_pids()]
+        known = [k for k in sizes if k is not None]
+        return sum(known) if known else None
 
 
 # ----------------------------------------------------------------------------- the floor

@@ -656,9 +656,12 @@ def cpu_markdown(res: dict[str, Any]) -> list[str]:
         "assumed). For a peer: R = O = 0 and W = C (tinyproxy: a thread per connection; proxy.py: a worker "
         f"per core), W = 1 for mitmdump (one process); for {FLOOR} R = O = 0 and W = C (as if run once per "
         "core, as greyproxy's workers are). This assumes the per-request CPU stays what it is "
-        "here and that nothing else is shared: on this 2-core machine every process competes for the cores "
-        "with the others, which inflates the figures (more so with 2 workers), so a prediction from them is "
-        "a conservative one.",
+        "here and that nothing else is shared. It predicts what the proxies could serve, not what this "
+        "harness could drive: the origin (nginx, one worker) and the load generators (wrk -t1, tunnelbench, "
+        "curl: one process each) are single processes, counted here as if spread over every core, so a "
+        "predicted rate may be above what they alone could produce. On this 2-core machine every process "
+        "competes for the cores with the others, which inflates every column's figures, the peers' too: "
+        "the comparison, not the absolute rate, is what the prediction is for.",
         "",
         "| load | column | P | R | O | L | 4 cores | 8 cores | bound on 8 cores by |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
@@ -712,7 +715,8 @@ def floor(res: dict[str, Any], pred: dict[str, Any] | None = None) -> dict[str, 
         "floor_user_us": own.get("user_us"),
         "floor_system_us": own.get("system_us"),
         "tinyproxy_us": cols["tinyproxy"]["parts"]["P"],
-        "grey_us": cols[GREY]["parts"]["P"] if GREY in cols else None,
+        # every greyproxy process (proxy, recorder, the rest), as the prediction and the target count them
+        "grey_us": sum(cols[GREY]["parts"].get(k) or 0 for k in ("P", "R", "O")) if GREY in cols else None,
         "floor_rps": rps(FLOOR),
         "tinyproxy_rps": rps("tinyproxy"),
         "floor_rate": cols[FLOOR]["rate"],
@@ -748,7 +752,7 @@ def floor_line(f: dict[str, Any] | None) -> str:
         text += f"The floor leaves {_fmt(t - b)} µs per tunnel for what a proxy adds to it"
     if g is not None:
         where = "above" if g >= b else "below (a noisy run: nothing a proxy does is free)"
-        text += f"; greyproxy spent {_fmt(g)} µs, {_fmt(abs(g - b))} {where} the floor"
+        text += f"; greyproxy's processes (proxy, recorder and the rest) spent {_fmt(g)} µs, {_fmt(abs(g - b))} {where} the floor"
         if b < t:
             text += ": within it" if g <= t else f", {_fmt(g - t)} µs more than the target allows"
     return text + "."
