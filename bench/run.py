@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))
 from cpu_split import Meter, stack_pids  # noqa: E402
 from harness import greybench, loads, report  # noqa: E402
 from harness.origin import NginxOrigin, PyOrigin, make_tls, nginx_binary, nginx_version  # noqa: E402
-from harness.procs import Managed, cpu_seconds, fd_count, stop_all, system_busy  # noqa: E402
+from harness.procs import Managed, cpu_seconds, fd_count, run_capture, stop_all, system_busy  # noqa: E402
 from harness.proxies import (  # noqa: E402
     PEERS_VENV,
     BareUvloop,
@@ -223,6 +223,9 @@ def versions(plan: Plan, grey: GreyProxy | None) -> dict[str, str | None]:
     g = grey or GreyProxy(Path("/tmp"))
     v["greyproxy"] = g.version()
     v["uvloop"] = (BareUvloop(Path("/tmp")).version() or "").replace("uvloop ", "") or None
+    # whether the proxy's hot modules ran compiled (greyproxy/compiled.py), as the stack imports them
+    _, said = run_capture([sys.executable, "-c", "import greyproxy.compiled as c; raise SystemExit(c.main())"])
+    v["hot modules"] = (said.strip().splitlines() or [None])[-1]
     if not plan.python_loads:
         v["nginx"] = nginx_version()
         v["wrk"] = _word(tool_version(["wrk", "-v"]), 1)
