@@ -461,6 +461,12 @@ class Exchange:
         exc = body_error(self._body)
         if isinstance(exc, http1.HttpError):  # the client's body was malformed (it aborted the upstream)
             return self._fail(exc.status, str(exc), reason=exc.reason, client_fault=True)
+        if isinstance(exc, WriteStalled):  # the origin stopped reading the body (its relay aborted it)
+            return self._fail(
+                504,
+                "the upstream did not answer in time: it took no byte of the request body for "
+                f"{self.limits.idle_timeout:g} s",
+            )
         if exc is not None and (gone or self.client.eof or isinstance(exc, TimeoutError)):
             # The client went away (or stalled) in the middle of its body: nobody left to answer.
             self.error = self._body_failure(exc)
