@@ -231,7 +231,9 @@ def test_floor_line_says_what_the_floor_means_for_new_tunnels(report) -> None:
         }
     }
     f = report.floor(res)
-    assert f["floor_us"] == pytest.approx(92.6) and f["tinyproxy_us"] == 83.0 and f["grey_us"] == pytest.approx(144.9)  # with the recorder's 10
+    assert (
+        f["floor_us"] == pytest.approx(92.6) and f["tinyproxy_us"] == 83.0 and f["grey_us"] == pytest.approx(144.9)
+    )  # with the recorder's 10
     assert f["floor_over_tinyproxy"] == pytest.approx(92.6 / 83.0)
     line = report.floor_line(f)
     assert "spent 92.6 µs of CPU per new tunnel (user 29.4, system 63.2), tinyproxy 83.0: 1.12×" in line
