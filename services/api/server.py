@@ -23,7 +23,10 @@ Bounds uvicorn does not set (a local client could otherwise hold the API's descr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 import time
 from typing import Any
 
@@ -160,11 +163,21 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         if message["type"] == "websocket.close" and not self.writable.is_set() and not self.disconnected:
             # Nothing can be sent to it (the buffer is over its high mark): no close frame either.
             self.close_sent = True
-            self.transport.abort()
+            self._reset()
             return
         await super().send(message)
         if message["type"] == "websocket.close" and self.close_timer is not None:
             # uvicorn's timer for the client's close frame closes the transport, which first waits
             # for its buffer to empty: abort instead.
             self.close_timer.cancel()
-            self.close_timer = self.loop.call_later(self.close_timeout, self.transport.abort)
+            self.close_timer = self.loop.call_later(self.close_timeout, self._reset)
+
+    def _reset(self) -> None:
+        """End the TCP connection now, what the kernel still holds for it dropped (SO_LINGER 0: a
+        reset). A plain close or abort let the kernel go on sending the megabytes queued for a slow
+        client, which then read stale events for minutes without learning it was dropped."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()

@@ -15,7 +15,10 @@ the peer transport's queue. Large reads (2 MiB) are what make a relayed download
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import struct
+import termios
 from collections.abc import Callable
 from time import monotonic
 from typing import Any
@@ -35,6 +38,15 @@ BULK_READ = 32 << 10
 # object and makes a getsockname() call, once per connection).
 DIRECT_WRITE_MIN = 16 << 10
 FD_UNKNOWN = -2
+
+
+def _kernel_unsent(fd: int) -> int:
+    """Bytes the kernel still holds for the peer of socket `fd`: not sent, or not acknowledged
+    (SIOCOUTQ, which is TIOCOUTQ's number on Linux); 0 where it cannot say."""
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+    except (OSError, ValueError):
+        return 0
 
 
 def _fileno(transport: asyncio.Transport) -> int:
@@ -347,7 +359,8 @@ class Conn:
 
     async def drain(self, timeout: float | None = None) -> None:
         """Until the transport's buffer is below its low mark (at once when it is). `timeout`: at
-        most that long without the peer taking enough of it, else WriteStalled."""
+        most that long without the peer taking a byte (`unsent` not going down), else WriteStalled;
+        a slow peer that keeps taking some is waited for."""
         if self.closed:
             raise ConnClosed()
         d = self._drain
@@ -355,10 +368,26 @@ class Conn:
             if timeout is None:
                 await d
                 return
-            done, _pending = await asyncio.wait((d,), timeout=timeout)
-            if not done:
-                raise WriteStalled(timeout)
-            d.result()
+            left = self.unsent()
+            while True:
+                done, _pending = await asyncio.wait((d,), timeout=timeout)
+                if done:
+                    d.result()
+                    return
+                now = self.unsent()
+                if now >= left:
+                    raise WriteStalled(timeout)
+                left = now  # the peer took some: another window
+
+    def unsent(self) -> int:
+        """Bytes written to this connection that its peer has not taken yet: what the transport
+        still buffers and what the kernel still holds (a slow peer's progress shows here)."""
+        t = self.transport
+        if t is None:
+            return 0
+        n = t.get_write_buffer_size()
+        fd = _fileno(t)
+        return n + (_kernel_unsent(fd) if fd >= 0 else 0)
 
     def close(self) -> None:
         if self.transport is not None and not self.closed:

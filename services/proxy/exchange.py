@@ -345,11 +345,12 @@ class Exchange:
                     got = await read_head(upstream, limits, parse, limits.idle_timeout)
                 except asyncio.TimeoutError:
                     body = self._body
-                    if body is not None and not body.done() and self._body_bytes != progress:
-                        # The request body is still on its way (an upload longer than idle_timeout;
-                        # its relay has its own deadline for the client): an origin answers once it
-                        # has it, so its deadline runs again from here.
-                        progress = self._body_bytes
+                    if body is not None and self._body_taken() != progress:
+                        # The request body is still on its way (an upload longer than idle_timeout,
+                        # or an origin that reads it slowly: relayed, or still in this side's
+                        # buffers; the relay has its own deadlines): an origin answers once it has
+                        # it, so its deadline runs again from here.
+                        progress = self._body_taken()
                         continue
                     self._fail(504, "the upstream did not answer in time")
                     break
@@ -388,6 +389,12 @@ class Exchange:
                 await cancel(self._body)
             self._end()
         return self.state
+
+    def _body_taken(self) -> int:
+        """Request body bytes the upstream has taken: relayed, less what its transport and kernel
+        still hold (an origin reading slowly moves this while the relay waits on its drain)."""
+        unsent = getattr(_socket_of(self.upstream), "unsent", None)
+        return self._body_bytes - (unsent() if unsent is not None else 0)
 
     def _client_event(self) -> None:
         """The client connection's watcher while `proceed` waits: bytes (a pipelined request: they

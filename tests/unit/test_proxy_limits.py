@@ -45,6 +45,9 @@ class FakeTransport:
     def is_closing(self) -> bool:
         return self.closing
 
+    def get_write_buffer_size(self) -> int:
+        return 0
+
     def pause_reading(self) -> None:
         pass
 
@@ -521,5 +524,31 @@ def test_a_drain_with_a_deadline_says_when_the_peer_takes_nothing() -> None:
         loop.call_later(0.05, c.connection_lost, None)
         with pytest.raises(ConnClosed):
             await c.drain(1.0)
+
+        # A slow peer that keeps taking some (the buffer goes down between windows) is waited for,
+        # past several deadlines; once it takes nothing more, WriteStalled.
+        slow = Conn()
+        t = FakeTransport(slow)
+        held = [100_000]
+
+        def buffered() -> int:
+            return held[0]
+
+        t.get_write_buffer_size = buffered  # type: ignore[attr-defined]
+        slow.connection_made(t)
+        slow.pause_writing()
+
+        async def reader() -> None:
+            for _ in range(4):
+                await asyncio.sleep(0.15)
+                held[0] -= 1000
+
+        taking = asyncio.ensure_future(reader())
+        t0 = loop.time()
+        with pytest.raises(WriteStalled):
+            await slow.drain(0.2)
+        took = loop.time() - t0
+        await taking
+        assert took >= 0.6, took  # the windows in which it took some were waited out
 
     asyncio.run(scenario())
