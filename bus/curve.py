@@ -151,20 +151,41 @@ def authorized_keys(keys_dir: Path) -> dict[bytes, str]:
     return out
 
 
+REFUSAL_LOG_EVERY = 60.0  # seconds between log lines about one refused peer (key, or endpoint and reason)
+
+
+class _Throttle:
+    """When to log a refusal that repeats (a refused peer retries every few seconds, for as long as
+    it runs): the first of each key at once, then at most one every REFUSAL_LOG_EVERY seconds,
+    saying how many went unsaid since. Bounded: keys come from peers."""
+
+    def __init__(self) -> None:
+        self._told: dict[Any, tuple[float, int]] = {}  # key -> (last logged, refusals not logged since)
+
+    def since(self, key: Any) -> str | None:
+        """None: do not log this one; else the text to end its line with ("" or the count since)."""
+        now = time.monotonic()
+        last, unsaid = self._told.get(key, (-REFUSAL_LOG_EVERY, 0))
+        if now - last < REFUSAL_LOG_EVERY:
+            self._told[key] = (last, unsaid + 1)
+            return None
+        if len(self._told) >= 1024:
+            self._told.clear()
+        self._told[key] = (now, 0)
+        return f" (and {unsaid} more times since the last such line)" if unsaid else ""
+
+
 class _KeyCheck:
     """The ZAP callback of one bound endpoint: is this client's key ours or authorized? A refusal
     is logged, naming the endpoint: the first of each key at once, then at most one line per key
-    every REFUSAL_LOG_EVERY seconds with the count since (a refused peer retries every few seconds,
-    for as long as it runs)."""
-
-    REFUSAL_LOG_EVERY = 60.0
+    every REFUSAL_LOG_EVERY seconds with the count since (`_Throttle`)."""
 
     def __init__(self, keys_dir: Path, own: bytes, where: str) -> None:
         self.keys_dir = keys_dir
         self.own = own
         self.where = where
         self.refused = 0
-        self._told: dict[bytes, tuple[float, int]] = {}  # key -> (last logged, refusals not logged since)
+        self._throttle = _Throttle()
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key == self.own:
@@ -174,21 +195,15 @@ class _KeyCheck:
             log.debug("bus peer with key %s (%s) allowed", key.decode(), name)
             return True
         self.refused += 1
-        now = time.monotonic()
-        last, unsaid = self._told.get(key, (-self.REFUSAL_LOG_EVERY, 0))
-        if now - last < self.REFUSAL_LOG_EVERY:
-            self._told[key] = (last, unsaid + 1)
-            return False
-        if len(self._told) >= 1024:
-            self._told.clear()  # (keys come from peers: bounded)
-        self._told[key] = (now, 0)
-        log.warning(
-            "refused a bus peer on %s: its CURVE key %s is not in %s%s",
-            self.where,
-            key.decode(),
-            self.keys_dir / AUTHORIZED_DIR,
-            f" (and {unsaid} more times since the last such line)" if unsaid else "",
-        )
+        since = self._throttle.since(key)
+        if since is not None:
+            log.warning(
+                "refused a bus peer on %s: its CURVE key %s is not in %s%s",
+                self.where,
+                key.decode(),
+                self.keys_dir / AUTHORIZED_DIR,
+                since,
+            )
         return False
 
 
@@ -203,7 +218,6 @@ class _HandshakeWatch:
     count since. The monitor's events carry no peer address (ZeroMQ gives only the accepted file
     descriptor, closed by the time a thread could read it)."""
 
-    REFUSAL_LOG_EVERY = _KeyCheck.REFUSAL_LOG_EVERY
     EVENTS = zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_MONITOR_STOPPED
     REASONS: dict[int, str] = {
         int(zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH): "it does not use CURVE (a peer without bus keys configured?)",
@@ -217,7 +231,7 @@ class _HandshakeWatch:
         self._new: list[tuple[zmq.Context, str, str]] = []  # (context, inproc address, endpoint) to connect
         self._lock = threading.Lock()
         self._threads: dict[int, threading.Thread] = {}  # one per ZeroMQ context (as the authenticators)
-        self._told: dict[tuple[str, str], tuple[float, int]] = {}
+        self._throttle = _Throttle()
         self.failed = 0
 
     def watch(self, sock: zmq.Socket, endpoint: str) -> None:
@@ -271,19 +285,11 @@ class _HandshakeWatch:
         if reason is None:
             name = next((n for n in dir(zmq) if n.startswith("PROTOCOL_ERROR_") and getattr(zmq, n) == code), hex(code))
             reason = f"ZeroMQ protocol error {name.removeprefix('PROTOCOL_ERROR_')}"
-        now = time.monotonic()
-        key = (endpoint, reason)
-        last, unsaid = self._told.get(key, (-self.REFUSAL_LOG_EVERY, 0))
-        if now - last < self.REFUSAL_LOG_EVERY:
-            self._told[key] = (last, unsaid + 1)
-            return
-        self._told[key] = (now, 0)
-        log.warning(
-            "refused a bus peer on %s: its handshake failed before any key check: %s%s",
-            endpoint,
-            reason,
-            f" (and {unsaid} more times since the last such line)" if unsaid else "",
-        )
+        since = self._throttle.since((endpoint, reason))
+        if since is not None:
+            log.warning(
+                "refused a bus peer on %s: its handshake failed before any key check: %s%s", endpoint, reason, since
+            )
 
 
 class _State:
