@@ -458,3 +458,15 @@ MIGRATIONS.append(
         ],
     )
 )
+
+# Issue 18 item 4 (storage that stays bounded): how each llm_requests row keeps its extraction
+# (greyproxy/llm/stored.py): 0 JSON text (the rows before this), 1 zstd-compressed JSON, 2 thin (without
+# the messages, system prompt and tools every later request of its session repeats). ADD COLUMN with a
+# constant default rewrites no row.
+MIGRATIONS.append(
+    (
+        12,
+        "llm extraction forms",
+        ["ALTER TABLE llm_requests ADD COLUMN extraction_form INTEGER NOT NULL DEFAULT 0"],
+    )
+)

@@ -16,6 +16,7 @@ import orjson
 
 from greyproxy.llm import dissect as D
 from greyproxy.llm import rules as R
+from greyproxy.llm import stored
 from greyproxy.store import database
 from greyproxy.timeutil import rfc3339
 
@@ -277,16 +278,16 @@ def transaction_llm(tid: int) -> dict[str, Any] | None:
     """`llm` of GET /api/transactions/:id (SPEC §13.6)."""
     try:
         row = database.execute_sql(
-            "SELECT dissector, provider, model, session_key, session, stop_reason, usage, extraction FROM llm_requests"
-            " WHERE transaction_id = ?",
+            "SELECT dissector, provider, model, session_key, session, stop_reason, usage, extraction, extraction_form"
+            " FROM llm_requests WHERE transaction_id = ?",
             (tid,),
         ).fetchone()
     except Exception:  # noqa: BLE001 - a store without the table (older schema) has no extraction
         return None
     if row is None:
         return None
-    dissector, provider, model, key, session, stop, usage, extraction = row
-    ex = orjson.loads(extraction)
+    dissector, provider, model, key, session, stop, usage, extraction, form = row
+    ex = stored.load(extraction, form)  # a thin one keeps the response
     if key is None and not session.startswith("inferred_"):
         key = session  # a WebSocket response frame (its request's key), or a request joined to a keyed session
     return {

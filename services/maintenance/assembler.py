@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from greyproxy.llm import ASSEMBLER_VERSION
 from greyproxy.llm import assemble as A
 from greyproxy.llm import dissect as D
 from greyproxy.llm import rules as R
+from greyproxy.llm import stored
 
 from .jobs import register, write_txn
 
@@ -295,15 +297,19 @@ def _resolve(
 _INSERT_REQ = (
     "INSERT INTO llm_requests (transaction_id, timestamp, duration_ms, container_name, dissector, provider,"
     " method, url, session_key, session, fingerprint, message_count, client_name, thread, model,"
-    " stop_reason, system_len, prompt_count, has_response, usage, extraction)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " stop_reason, system_len, prompt_count, has_response, usage, extraction, extraction_form)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
 def store_batch(
     conn: sqlite3.Connection, lo: int, hi: int, items: list[tuple[D.Txn, str, dict[str, Any]]], cursor_key: str | None
 ) -> set[str]:
-    """Replace the llm_requests of ids in (lo, hi] by these; mark their sessions dirty; move the cursor."""
+    """Replace the llm_requests of ids in (lo, hi] by these; mark their sessions dirty; move the cursor.
+    An incremental pass (`cursor_key`) keeps each extraction whole, as the assembly right after it
+    reads the newest ones; the rebuild keeps them thin, and its assembly makes whole again those it
+    reads (greyproxy/llm/stored.py): a rebuild never holds every session's history N times over."""
+    keep = stored.full if cursor_key else stored.thin
     prepared = []
     for txn, name, ex in items:
         client = A.client_name(txn, ex)
@@ -316,6 +322,7 @@ def store_batch(
                 A.thread_of(client, ex),
                 A.fingerprint(ex),
                 A.task_refs(txn.request_body) if ex["provider"] == "openai" else [],
+                keep(ex),
             )
         )
 
@@ -327,7 +334,7 @@ def store_batch(
         sessions.update(r[0] for r in old)
         conn.execute("DELETE FROM llm_requests WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
         conn.execute("DELETE FROM llm_refs WHERE transaction_id > ? AND transaction_id <= ?", (lo, hi))
-        for txn, name, ex, client, thread, fp, refs in prepared:
+        for txn, name, ex, client, thread, fp, refs, (value, form) in prepared:
             session, client, thread = _resolve(conn, txn, name, ex, client, thread, fp)
             conn.execute(
                 _INSERT_REQ,
@@ -352,7 +359,8 @@ def store_batch(
                     A.count_prompts(ex["messages"], client),
                     int(bool(ex.get("response"))),
                     orjson.dumps(ex["usage"]).decode(),
-                    orjson.dumps(ex).decode(),
+                    value,
+                    form,
                 ),
             )
             conn.executemany(
@@ -403,7 +411,8 @@ def _requests(conn: sqlite3.Connection, session: str) -> list[dict[str, Any]]:
     """A session's requests without their extractions: assembly loads the few it needs."""
     cur = conn.execute(
         "SELECT transaction_id, timestamp, duration_ms, container_name, dissector, provider, method, url, session,"
-        " client_name, thread, model, message_count, stop_reason, system_len, prompt_count, has_response, usage"
+        " client_name, thread, model, message_count, stop_reason, system_len, prompt_count, has_response, usage,"
+        " extraction_form AS _form"
         " FROM llm_requests WHERE session = ? ORDER BY transaction_id",
         (session,),
     )
@@ -412,14 +421,53 @@ def _requests(conn: sqlite3.Connection, session: str) -> list[dict[str, Any]]:
     for row in cur.fetchall():
         r = dict(zip(names, row))
         r["usage"] = orjson.loads(r["usage"])
-        r["_load"] = lambda tid=r["transaction_id"]: _extraction(conn, tid)
+        r["_load"] = partial(_load_into, conn, r)
         out.append(r)
     return out
 
 
-def _extraction(conn: sqlite3.Connection, tid: int) -> dict[str, Any]:
-    row = conn.execute("SELECT extraction FROM llm_requests WHERE transaction_id = ?", (tid,)).fetchone()
-    return orjson.loads(row[0]) if row else {"messages": [], "system": []}
+def _load_into(conn: sqlite3.Connection, r: dict[str, Any]) -> dict[str, Any]:
+    """Request `r`'s extraction, for assembly; notes in `r["_whole"]` whether it is whole."""
+    ex, r["_whole"] = _extraction(conn, r["transaction_id"])
+    return ex
+
+
+def _extraction(conn: sqlite3.Connection, tid: int) -> tuple[dict[str, Any], bool]:
+    """(extraction, whether whole): a thin one is dissected again from its stored transaction; when
+    that is gone (or its body), the thin one is what there is (no messages)."""
+    row = conn.execute(
+        "SELECT extraction, extraction_form, dissector FROM llm_requests WHERE transaction_id = ?", (tid,)
+    ).fetchone()
+    if row is None:
+        return {"messages": [], "system": []}, False
+    value, form, name = row
+    ex = stored.load(value, form)
+    if form != stored.THIN:
+        return ex, True
+    meta = conn.execute(f"SELECT {_META_COLS} FROM http_transactions WHERE id = ?", (tid,)).fetchone()
+    again = None
+    if meta is not None:
+        full = _with_bodies(conn, [(_txn_meta(meta), name)])
+        again = D.run(name, full[0][0]) if full else None
+    if again is None:
+        return {"messages": [], "system": []} | ex, False
+    return again, True
+
+
+def _forms(sessions: dict[str, list[dict[str, Any]]]) -> list[tuple[Any, int, int, int]]:
+    """After assembly: the requests whose extraction changes form, as (value, form, id, old form).
+    Those assembly read stay (or are made again) whole; the others are made thin (their newer
+    requests repeat their messages). Each row is made thin once: its whole extraction is read then."""
+    out: list[tuple[Any, int, int, int]] = []
+    for reqs in sessions.values():
+        for r in reqs:
+            if "extraction" in r:
+                if r["_form"] == stored.THIN and r.get("_whole"):
+                    out.append((*stored.full(r["extraction"]), r["transaction_id"], r["_form"]))
+            elif r["_form"] != stored.THIN:
+                ex = r["_load"]()
+                out.append((*stored.thin(ex), r["transaction_id"], r["_form"]))
+    return out
 
 
 def _event(conv: dict[str, Any]) -> dict[str, Any]:
@@ -453,6 +501,7 @@ def assemble_and_store(
         data = orjson.dumps(A.public(c, detail=True) | {"updated_at": None}).decode()
         rows.append((c, started, ended, data))
     txn_ids = [r["transaction_id"] for s in members for r in sessions[s]]
+    forms = _forms(sessions)
 
     def write() -> None:
         ph = ",".join("?" * len(members))
@@ -507,6 +556,10 @@ def assemble_and_store(
             changes = [(owner.get(tid), tid) for tid, cid in cur.fetchall() if cid != owner.get(tid)]
             if changes:
                 conn.executemany("UPDATE http_transactions SET conversation_id = ? WHERE id = ?", changes)
+        conn.executemany(
+            "UPDATE llm_requests SET extraction = ?, extraction_form = ? WHERE transaction_id = ? AND extraction_form = ?",
+            forms,
+        )
         conn.execute(f"DELETE FROM llm_dirty WHERE session IN ({ph})", members)
 
     write_txn(conn, write)

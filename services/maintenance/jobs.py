@@ -282,13 +282,21 @@ _OLD_BODIES = (
     f"SELECT id, {_BODY_BYTES} FROM http_transactions WHERE id > ? AND timestamp < ?"
     " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?"
 )
+# The next rows after a (timestamp, id) with their bytes (estimated), oldest first, per kind the job
+# drops: a transaction with what is derived from it alone (its llm_requests row and references,
+# SPEC §13: deleted with it), logs, and assembled conversations by their end (§13.6). Each is a
+# seek on an index in that order.
 _NEXT_ROWS = {
-    "transactions": f"SELECT timestamp, id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
-    " + COALESCE(length(response_headers), 0) + 200 FROM http_transactions"
-    " WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
+    "transactions": f"SELECT t.timestamp, t.id, {_BODY_BYTES} + length(t.url) + COALESCE(length(t.request_headers), 0)"
+    " + COALESCE(length(t.response_headers), 0) + 200"
+    " + COALESCE((SELECT length(l.extraction) + 300 FROM llm_requests l WHERE l.transaction_id = t.id), 0)"
+    " FROM http_transactions t WHERE (t.timestamp, t.id) > (?, ?) ORDER BY t.timestamp, t.id LIMIT ?",
     "logs": "SELECT timestamp, id, length(destination_host) + length(container_name) + COALESCE(length(reason), 0)"
     " + 120 FROM logs WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
+    "conversations": "SELECT ended_at, rowid, length(data) + 200 FROM conversations"
+    " WHERE (ended_at, rowid) > (?, ?) ORDER BY ended_at, rowid LIMIT ?",
 }
+DROPPED = ("bodies", *_NEXT_ROWS)  # what a size-cap run says it dropped, in this order
 
 
 def _drop_old_bodies(conn: sqlite3.Connection, target: int, before: float, reader: Reader) -> Iterator[int]:
@@ -312,20 +320,39 @@ def _drop_old_bodies(conn: sqlite3.Connection, target: int, before: float, reade
         time.sleep(0.002)  # let the recorder's batches in
 
 
-def _delete_rows(conn: sqlite3.Connection, tx: list[int], logs: list[int], reader: Reader) -> None:
-    """In the caller's write transaction: transactions `tx` (bodies stored as deltas against theirs made
-    self-contained first) and logs `logs`."""
+def _delete_rows(conn: sqlite3.Connection, picked: dict[str, list[int]], reader: Reader) -> None:
+    """In the caller's write transaction: the transactions (bodies stored as deltas against theirs made
+    self-contained first, and the LLM rows derived from them), logs and conversations `picked`."""
+    tx, logs, convs = picked["transactions"], picked["logs"], picked["conversations"]
     if tx:
+        marks = ",".join("?" * len(tx))
         detach(conn.execute, tx, reader)
-        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({','.join('?' * len(tx))})", tx)
+        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({marks})", tx)
+        conn.execute(f"DELETE FROM llm_requests WHERE transaction_id IN ({marks})", tx)
+        conn.execute(f"DELETE FROM llm_refs WHERE transaction_id IN ({marks})", tx)
     if logs:
         conn.execute(f"DELETE FROM logs WHERE id IN ({','.join('?' * len(logs))})", logs)
+    if convs:
+        marks = ",".join("?" * len(convs))
+        gone = [r[0] for r in conn.execute(f"SELECT id FROM conversations WHERE rowid IN ({marks})", convs)]
+        conn.execute(f"DELETE FROM conversations WHERE rowid IN ({marks})", convs)
+        for cid in gone:  # a transaction of it still stored (rare: it ended before them) no longer names it
+            conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
 
 
-def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> Iterator[tuple[int, int]]:
-    """Whole transactions and logs together in timestamp order (the oldest of either first) until the
-    data is under `target`. Yields (transactions, logs) per batch."""
-    cursor = {"transactions": (-1.0, 0), "logs": (-1.0, 0)}
+def _drop_orphans(conn: sqlite3.Connection) -> None:
+    """LLM rows of transactions older than every one left: the assembler may have stored one for a
+    transaction the job deleted while it was dissecting it (it runs beside the job, not under it)."""
+    low = "(SELECT MIN(id) FROM http_transactions)"
+    conn.execute(f"DELETE FROM llm_requests WHERE transaction_id < {low}")
+    conn.execute(f"DELETE FROM llm_refs WHERE transaction_id < {low}")
+
+
+def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> Generator[dict[str, int], None, bool]:
+    """Whole transactions, logs and conversations together in time order (the oldest of any first)
+    until the data is under `target`. Yields how many of each per batch; returns whether it stopped
+    because none was left (the data still over `target`)."""
+    cursor = {what: (-1.0, 0) for what in _NEXT_ROWS}
     while (excess := _data_bytes(conn) - target) > 0:
         rows = [
             (ts, what, rid, n)
@@ -333,9 +360,9 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
             for ts, rid, n in conn.execute(sql, (*cursor[what], CAP_ROW_BATCH))
         ]
         if not rows:
-            return
+            return True
         rows.sort()
-        picked: dict[str, list[int]] = {"transactions": [], "logs": []}
+        picked: dict[str, list[int]] = {what: [] for what in _NEXT_ROWS}
         size = 0
         for ts, what, rid, n in rows[:CAP_ROW_BATCH]:
             picked[what].append(rid)
@@ -343,40 +370,54 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
             size += n
             if size >= excess:
                 break
-        tx, logs = picked["transactions"], picked["logs"]
-        write_txn(conn, partial(_delete_rows, conn, tx, logs, reader))
-        yield len(tx), len(logs)
+        write_txn(conn, partial(_delete_rows, conn, picked, reader))
+        yield {what: len(ids) for what, ids in picked.items()}
         time.sleep(0.002)  # let the recorder's batches in
+    return False
 
 
 def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Generator[tuple[int, int], None, dict[str, int]]:
     """`retention.maxDatabaseMiB`: bring the database (pages in use + -wal) under CAP_LOW_WATER of
     the cap, in short write transactions: first the bodies of transactions older than CAP_BODY_AGE
-    (set NULL, the rows stay), oldest first; then whole transactions and logs together, the oldest
-    of either first, so the newest of both survive. Then give the freed pages back
-    (incremental_vacuum in small steps when the file allows it: files created by this version,
-    greyproxy/store/db.py; older files keep their size and reuse the free pages) and truncate the
-    -wal. Progress is in KiB: (freed, to free), the freed part at most the whole (traffic meanwhile
-    can make the data shrink more, or less, than the job's own drops). Returns what it dropped."""
+    (set NULL, the rows stay), oldest first; then whole transactions (with the LLM rows derived from
+    them), logs and conversations together, the oldest of any first, so the newest of each survive.
+    Then give the freed pages back (incremental_vacuum in small steps when the file allows it: files
+    created by this version, greyproxy/store/db.py; older files keep their size and reuse the free
+    pages) and truncate the -wal. Progress is in KiB: (freed, to free), the freed part at most the
+    whole (traffic meanwhile can make the data shrink more, or less, than the job's own drops).
+    Returns what it dropped (DROPPED), and `exhausted` 1 when it dropped every row it may and the
+    data is still over: what is left is in tables it does not drop (rules, pending, sessions...)."""
     cap = float(opts["max_database_mib"]) * MIB
     now = float(opts.get("now") or time.time())
     _truncate_wal(conn)
     start = _data_bytes(conn)
     target = _data_target(conn, cap)
     need = max(0, start - target)
-    dropped = {"bodies": 0, "transactions": 0, "logs": 0}
+    dropped = dict.fromkeys(DROPPED, 0)
     reader = Reader(conn.execute)
     vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # INCREMENTAL
+    exhausted = False
     if need:
         for n in _drop_old_bodies(conn, target, now - CAP_BODY_AGE, reader):
             dropped["bodies"] += n
             yield _freed(start, _data_bytes(conn), need)
-        for i, (tx, logs) in enumerate(_drop_oldest_rows(conn, target, reader), 1):
-            dropped["transactions"] += tx
-            dropped["logs"] += logs
+        rows = _drop_oldest_rows(conn, target, reader)
+        i = 0
+        while True:
+            try:
+                batch = next(rows)
+            except StopIteration as stop:
+                # Not "over the target now": the recorder's batches since the last drop may be.
+                exhausted = stop.value
+                break
+            for what, n in batch.items():
+                dropped[what] += n
             yield _freed(start, _data_bytes(conn), need)
+            i += 1
             if i % 8 == 0:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the -wal is reused, not grown
+        if dropped["transactions"]:
+            write_txn(conn, partial(_drop_orphans, conn))
     if vacuum:
         while conn.execute("PRAGMA freelist_count").fetchone()[0]:
             # executescript steps the statement to its end: execute() would free a single page per call
@@ -390,20 +431,39 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Generator[tuple[
     yield _freed(start, end, need)
     if any(dropped.values()):
         log.warning(
-            "database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions"
-            " and %d logs; %.1f MiB of data now (was %.1f), -wal %.1f MiB%s",
+            "database over retention.maxDatabaseMiB (%d MiB): dropped the oldest %d bodies, %d transactions,"
+            " %d logs and %d conversations; %.1f MiB of data now (was %.1f), -wal %.1f MiB%s",
             cap // MIB,
-            dropped["bodies"],
-            dropped["transactions"],
-            dropped["logs"],
+            *dropped.values(),
             end / MIB,
             start / MIB,
             _wal_size(conn) / MIB,
             "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused",
         )
-    elif need:
-        log.warning("database over retention.maxDatabaseMiB (%d MiB) with nothing left to drop", cap // MIB)
-    return dropped
+    if exhausted:
+        _EXHAUSTED(
+            f"database over retention.maxDatabaseMiB ({cap // MIB:.0f} MiB) with nothing left to drop:"
+            f" {end / MIB:.1f} MiB of data in tables the cap does not drop (rules, pending requests,"
+            " sessions, credentials, settings); raise retention.maxDatabaseMiB"
+        )
+    return dropped | {"exhausted": int(exhausted)}
+
+
+class _Throttled:
+    """A warning logged at most once per `every` seconds (the job may run every few seconds)."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.last = -every
+
+    def __call__(self, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            log.error("%s", message)
+
+
+_EXHAUSTED = _Throttled(600.0)
 
 
 def _freed(start: int, now: int, need: int) -> tuple[int, int]:

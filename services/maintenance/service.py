@@ -21,7 +21,7 @@ from greyproxy.timeutil import rfc3339
 
 from . import assembler  # noqa: F401 - registers the rebuild-conversations job
 from . import redact  # noqa: F401 - registers the redact-headers job
-from .jobs import CAP_HIGH_WATER, JOBS, JobState, WalCheckpointer, over_cap
+from .jobs import CAP_HIGH_WATER, DROPPED, JOBS, JobState, WalCheckpointer, over_cap
 
 log = logging.getLogger("greyproxy.maintenance")
 
@@ -52,8 +52,10 @@ async def sweep_sessions(rt: ServiceRuntime, executor: ThreadPoolExecutor) -> No
 def dropped_any(st: JobState) -> bool:
     """Whether the size-cap run `st` dropped anything. Not "the data shrank": under heavy traffic
     the recorder refills what a run frees while it runs, and a pause then lets the file outgrow the
-    cap many times over."""
-    return any((st.extra.get("result") or {}).values())
+    cap many times over. A run that dropped every row it may (`exhausted`: what is left is in tables
+    the cap does not drop) counts as none: run again at once, it would drop the newest rows on arrival."""
+    result = st.extra.get("result") or {}
+    return not result.get("exhausted") and any(result.get(what) for what in DROPPED)
 
 
 class JobRunner:
@@ -274,7 +276,7 @@ async def main(rt: ServiceRuntime) -> None:
                     await asyncio.sleep(0.1)
                 if dropped_any(runner.states["size-cap"]):
                     continue  # check again at once
-                await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing it may drop (other tables): not every 0.5 s
+                await asyncio.sleep(CAP_IDLE_BACKOFF)  # nothing (else) it may drop: not every 0.5 s
             await asyncio.sleep(CAP_CHECK_EVERY)
 
     async def checkpoints() -> None:

@@ -158,6 +158,7 @@ def test_a_run_that_traffic_outpaces_still_says_it_dropped_and_runs_again(tmp_pa
         if len(steps) <= 3:
             writer.execute("INSERT INTO growth VALUES (?)", (os.urandom(1 << 20),))
     assert dropped["bodies"] == 300 and dropped["transactions"] == 300
+    assert dropped["exhausted"] == 1  # every row it may drop is gone and the growth is still there
     assert all(0 <= freed <= whole for freed, whole in steps)
     assert steps[-1][0] == 0  # the data did not shrink: before, that alone paused the cap for 30 s
     writer.execute("DROP TABLE growth")
@@ -172,7 +173,7 @@ def test_a_run_that_traffic_outpaces_still_says_it_dropped_and_runs_again(tmp_pa
 
     async def run_in_runner() -> JobState:
         runner = JobRunner(_Rt(), db, ThreadPoolExecutor(max_workers=1))
-        runner.start("size-cap", {"max_database_mib": cap / 2})
+        runner.start("size-cap", {"max_database_mib": cap})
         while runner.states["size-cap"].running:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # its last progress event
@@ -184,8 +185,12 @@ def test_a_run_that_traffic_outpaces_still_says_it_dropped_and_runs_again(tmp_pa
     assert dropped_any(state)
     assert _Rt.publisher.published[-1]["done"]
     assert all(d["processed"] <= d["total"] for d in _Rt.publisher.published)
-    state.extra["result"] = {"bodies": 0, "transactions": 0, "logs": 0}
-    assert not dropped_any(state)  # nothing it may drop: then, and only then, the 30 s backoff
+    assert state.extra["result"]["exhausted"] == 0
+    state.extra["result"] = {"bodies": 0, "transactions": 0, "logs": 0, "conversations": 0, "exhausted": 0}
+    assert not dropped_any(state)  # nothing it may drop: then the 30 s backoff...
+    state.extra["result"] = {"bodies": 5, "transactions": 40, "logs": 0, "conversations": 0, "exhausted": 1}
+    assert not dropped_any(state)  # ...and when it dropped every row it may and is still over (not at once
+    # again: it would drop the newest rows as they arrive)
     db.close()
 
 
