@@ -540,8 +540,15 @@ class Gate:
         if callable(client_gone):
             client_gone = client_gone()
         key: Key = (container, host, port)
-        if key not in self.holds and not await self._pending_room(key):
-            return Verdict(False, "queue_full")
+        if key not in self.holds:
+            room = await self._pending_room(key)
+            # A decision that came while the queue was looked at (a rule, silent mode: a look at the
+            # recorder over tcp:// takes milliseconds) released the holds there were, not this one.
+            v = self._decide_now(container, host, port, resolved)
+            if v is not None:
+                return v
+            if not room:
+                return Verdict(False, "queue_full")
         loop = asyncio.get_running_loop()
         held_at = time.perf_counter()
         hold = Hold(key, resolved, loop.create_future())
@@ -590,9 +597,13 @@ class Gate:
             keys = [key, *[k for k in recent if k != key]]
             try:
                 size, queued = await lookup(keys)
-            except Exception:
+            except Exception as exc:
+                # (a recorder away has been reported once by the view: no traceback per connection)
+                from .store_view import RecorderAway
+
                 log.warning(
-                    "proxy.maxPending: the pending queue could not be read; going by the last count", exc_info=True
+                    "proxy.maxPending: the pending queue could not be read; going by the last count",
+                    exc_info=not isinstance(exc, RecorderAway),
                 )
                 return self.pending_count + self.pending_admitted < self.max_pending
             self.pending_count, self.pending_admitted = size, 0

@@ -102,11 +102,15 @@ class RuleLoader:
             await asyncio.sleep(VERSION_CHECK_EVERY)
             try:
                 await self.reload()
-                # An expired rule changes the answer without changing the version (the held
-                # connections are judged again; the live ones it let in stay, see close_revoked).
-                self.gate.reevaluate_holds()
             except Exception:
                 log_failure(log, "rule version check failed")
+            # An expired rule changes the answer without changing the version (the held connections
+            # are judged again; the live ones it let in stay, see close_revoked); so may silent mode
+            # (its end by the clock). Also when the rules could not be read: with the ones it has.
+            try:
+                self.gate.reevaluate_holds()
+            except Exception:
+                log.exception("held connections not judged again")
 
 
 async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: ThreadPoolExecutor) -> None:

@@ -96,6 +96,9 @@ OPS = {
 }
 
 
+AWAY_RETRY = 1.0  # seconds between two questions to a recorder that did not answer (RecorderView)
+
+
 class RecorderView:
     """LocalView's answers, from the recorder's database over its control endpoint."""
 
@@ -105,15 +108,31 @@ class RecorderView:
         self.retries = retries
         self._lock = threading.Lock()  # the callers run in several threads
         self._away_since: float | None = None
+        self._trying = False  # while away: one caller asks (once), the others are told at once
+        self._next_try = 0.0
 
     def _ask(self, op: str, args: dict[str, Any] | None = None) -> Any:
+        """The recorder's answer to `op`. While it is away (it did not answer the last time), one
+        caller at a time, at most once per AWAY_RETRY seconds, asks it once; every other call
+        raises RecorderAway at once. Otherwise the proxy's few database threads would each wait
+        `timeout` × `retries` per call (the watchers every 2 s, each new destination's queue look,
+        each claimed identity's check) and every decision needing one would wait seconds."""
+        with self._lock:
+            away = self._away_since is not None
+            if away:
+                if self._trying or time.monotonic() < self._next_try:
+                    raise RecorderAway("recorder", "it did not answer the last time it was asked")
+                self._trying = True
         try:
-            result = call_sync(self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=self.retries)
+            result = call_sync(
+                self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=1 if away else self.retries
+            )
         except ServiceUnavailable as exc:
             with self._lock:
                 first = self._away_since is None
                 if first:
                     self._away_since = time.monotonic()
+                self._next_try = time.monotonic() + AWAY_RETRY
             if first:
                 log.warning(
                     "the recorder at %s does not answer (%s): this proxy goes on deciding with the rules,"
@@ -122,6 +141,10 @@ class RecorderView:
                     exc,
                 )
             raise RecorderAway("recorder", exc.detail) from None
+        finally:
+            if away:
+                with self._lock:
+                    self._trying = False
         with self._lock:
             since, self._away_since = self._away_since, None
         if since is not None:

@@ -411,3 +411,36 @@ def test_max_pending_holds_queued_keys_and_counts_its_own_keys_in_flight() -> No
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_a_decision_made_while_the_queue_is_looked_at_reaches_the_new_connection() -> None:
+    """SPEC §3.1/§3.2/§4: a connection judged pending first looks at the pending queue (proxy.maxPending;
+    on a proxy on another host that is a question to the central recorder over tcp://). A decision
+    made meanwhile (silent mode, a new rule) released the holds there were, not this connection's,
+    which was not held yet: it waited for the 2 s re-check (an outside run: 28 % of new connections
+    through a remote proxy 0.5-2 s late), or, with the recorder away, for its hold timeout. It is
+    judged again once the look returns."""
+
+    async def main() -> None:
+        for change in ("silent", "rule"):
+            g = gate_with(hold_timeout=5.0)
+            looking = asyncio.Event()
+
+            async def lookup(keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+                looking.set()
+                await asyncio.sleep(0.05)
+                return 0, [False] * len(keys)
+
+            g.pending_lookup = lookup
+            task = asyncio.ensure_future(g.admit("agent", "new.example", 443, "HTTP", None))
+            await asyncio.wait_for(looking.wait(), 5)
+            if change == "silent":
+                g.set_silent("allow", None)
+            else:
+                g.set_rules(RuleSet([Rule(7, "*", "new.example", action="allow")]), 2)
+            async with asyncio.timeout(1):  # before: the hold timeout (5 s here)
+                v = await task
+            assert v.allowed and v.reason == ("silent_allow" if change == "silent" else "rule"), (change, v)
+            assert not g.holds
+
+    asyncio.run(main())

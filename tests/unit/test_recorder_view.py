@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import zmq.asyncio
 
 from bus.reqrep import ControlServer, ServiceUnavailable
+from services.proxy import store_view
 from services.proxy.store_view import RecorderAway, RecorderView
 
 
@@ -32,7 +35,8 @@ def _serve(endpoint: str, stop: threading.Event, ready: threading.Event) -> None
     asyncio.run(go())
 
 
-def test_an_absent_recorder_is_said_once_and_its_return_once(tmp_path: Path, caplog) -> None:
+def test_an_absent_recorder_is_said_once_and_its_return_once(tmp_path: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(store_view, "AWAY_RETRY", 0.05)
     endpoint = f"ipc://{tmp_path}/rec.sock"
     view = RecorderView(endpoint, timeout=0.1, retries=1)
     with caplog.at_level(logging.INFO, logger="greyproxy.proxy"):
@@ -50,6 +54,7 @@ def test_an_absent_recorder_is_said_once_and_its_return_once(tmp_path: Path, cap
         try:
             assert ready.wait(5)
             view.timeout, view.retries = 1.0, 3
+            time.sleep(0.1)  # AWAY_RETRY: asked again only after it
             assert view.rules_version() == 7
             assert view.rules_version() == 7
         finally:
@@ -76,3 +81,49 @@ def test_a_watcher_logs_its_failures_but_not_the_recorder_being_away(caplog) -> 
             log_failure(log, "rule version check failed")
     assert [r.getMessage() for r in caplog.records] == ["rule version check failed"]
     assert caplog.records[0].exc_info is not None
+
+
+def test_while_the_recorder_is_away_callers_are_told_at_once(tmp_path: Path, monkeypatch) -> None:
+    """A proxy on another host asks the recorder from a few threads: the watchers every 2 s, each new
+    destination's look at the pending queue, each claimed identity's check. With every call waiting
+    timeout x retries for a recorder that is away (6 s by default), an outside run saw each new
+    destination wait 12-17 s before it was even held, four at once one after another (up to 50 s),
+    and a claimed identity's first connection 4-5 s. Now once it did not answer, one caller at a
+    time asks it (once, at most every AWAY_RETRY s) and the others are told at once."""
+    monkeypatch.setattr(store_view, "AWAY_RETRY", 0.5)
+    endpoint = f"ipc://{tmp_path}/rec.sock"
+    view = RecorderView(endpoint, timeout=0.3, retries=3)
+    t0 = time.monotonic()
+    with pytest.raises(RecorderAway):
+        view.rules_version()
+    assert time.monotonic() - t0 >= 0.8  # the first failure: every try
+    with ThreadPoolExecutor(8) as pool:
+
+        def one(_: int) -> float:
+            t = time.monotonic()
+            with pytest.raises(RecorderAway):
+                view.pending_state([("agent", "new.example", 443)])
+            return time.monotonic() - t
+
+        assert max(pool.map(one, range(16))) < 0.2  # told at once, not 0.9 s each
+    time.sleep(0.6)  # past AWAY_RETRY: one caller asks again, once (one try), the others still at once
+    with ThreadPoolExecutor(4) as pool:
+        waits = sorted(pool.map(one, range(4)))
+    assert waits[-1] < 0.6 and waits[0] < 0.2, waits
+    stop, ready = threading.Event(), threading.Event()
+    server = threading.Thread(target=_serve, args=(endpoint, stop, ready))
+    server.start()
+    try:
+        assert ready.wait(5)
+        deadline = time.monotonic() + 5
+        while True:  # back: answered again once the next ask is due
+            try:
+                assert view.rules_version() == 7
+                break
+            except RecorderAway:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert view.rules_version() == 7
+    finally:
+        stop.set()
+        server.join(5)
