@@ -122,6 +122,16 @@ def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     if maybe_secret is None:
         raise CurveError(f"{secret_path}: has no secret-key")
     secret = maybe_secret
+    try:
+        derived = zmq.curve_public(secret)
+    except (zmq.ZMQError, ValueError) as exc:
+        raise CurveError(f"{secret_path}: its secret-key is not a CURVE key ({exc})") from None
+    if derived != public:
+        # Else every peer would fail the handshake, and both sides would blame bus.serverKey.
+        raise CurveError(
+            f"{secret_path}: its secret-key does not belong to its public-key (the file was edited or"
+            " pieced together from two key pairs); move it away and run `greyproxy keys` for a new pair"
+        )
     pub_path = keys_dir / KEY_FILE
     if not pub_path.exists() or read_cert(pub_path)[0] != public:
         tmp = keys_dir / f".{KEY_FILE}.{os.getpid()}.{threading.get_ident()}"
@@ -139,8 +149,28 @@ def authorized_entries(keys_dir: Path) -> list[tuple[str, bytes]]:
         try:
             out.append((path.stem, read_cert(path)[0]))
         except CurveError as exc:
-            log.warning("ignoring authorized key: %s", exc)
+            _bad_entry(path, str(exc))
     return out
+
+
+_BAD_SAID: dict[tuple[str, int, int], None] = {}  # (path, mtime, size) of the bad entries logged
+
+
+def _bad_entry(path: Path, why: str) -> None:
+    """Log an authorized key file that is no key, once per version of the file: the directory is
+    read at every connecting peer and every heartbeat (several times a second), and a line each
+    time would flood the log for as long as the file stays."""
+    try:
+        st = path.stat()
+        seen = (str(path), st.st_mtime_ns, st.st_size)
+    except OSError:
+        seen = (str(path), 0, 0)
+    if seen in _BAD_SAID:
+        return
+    if len(_BAD_SAID) >= 1024:
+        _BAD_SAID.clear()
+    _BAD_SAID[seen] = None
+    log.warning("ignoring authorized key: %s (said once until the file changes)", why)
 
 
 def authorized_keys(keys_dir: Path) -> dict[bytes, str]:

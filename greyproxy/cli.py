@@ -120,9 +120,25 @@ def ports_in_use(cfg: Config, say: Callable[[str], None] = print, wait: float | 
     return problems
 
 
+def check_keys(cfg: Config) -> None:
+    """With a tcp:// bus endpoint: this host's CURVE key pair, checked (made on first use) before
+    any service starts. A broken key file is then one clear line, not a traceback from each
+    process (and under `serve`, a crash loop of all of them)."""
+    if not any(isinstance(v, str) and v.startswith("tcp://") for v in cfg.bus.values()):
+        return
+    from bus import curve
+
+    curve.configure(cfg.keys_dir, cfg.bus["serverKey"])
+    try:
+        curve.public_key()
+    except curve.CurveError as exc:
+        raise ConfigError(f"bus keys: {exc}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     ensure_dirs(cfg)
+    check_keys(cfg)
     for w in cfg.warnings:
         print(f"greyproxy: warning: {w}", file=sys.stderr)
     busy = ports_in_use(cfg, say=lambda line: print(f"greyproxy: {line}", file=sys.stderr, flush=True))
@@ -185,6 +201,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bus import curve
 
     curve.configure(cfg.keys_dir, cfg.bus["serverKey"])  # every tcp:// bus socket is CURVE
+    check_keys(cfg)
     for w in cfg.warnings:
         logging.getLogger("greyproxy").warning(w)
     if args.service == "bus":

@@ -150,3 +150,30 @@ def test_config_before_the_subcommand_duplicates_and_modes(tmp_path: Path) -> No
     r = _greyproxy(data, "keys")
     assert r.returncode == 0 and r.stdout.strip() == key
     assert stat.S_IMODE(os.stat(secret).st_mode) == 0o600
+
+
+def test_a_broken_key_file_is_one_clear_line_from_run_and_serve(tmp_path: Path) -> None:
+    """With tcp:// bus endpoints and a corrupted bus.key_secret, `greyproxy run proxy` ended in a
+    Python traceback and `greyproxy serve` said nothing while every service crash-looped under
+    supervisord (an outside run: 45 exits and ~50 tracebacks in 20 s, the API never up). Both now
+    check the pair first and say what is wrong in one line (exit 2), as `greyproxy keys` does."""
+    from harness.util import free_port
+
+    data = tmp_path / "data"
+    assert _greyproxy(data, "keys").returncode == 0
+    secret = data / "keys" / curve.SECRET_FILE
+    secret.write_bytes(secret.read_bytes()[:60])
+    cfg = tmp_path / "tcp.yaml"
+    ports = [free_port() for _ in range(4)]
+    cfg.write_text(
+        "bus:\n"
+        f"  pub: tcp://127.0.0.1:{ports[0]}\n"
+        f"  sub: tcp://127.0.0.1:{ports[1]}\n"
+        f"  journal: tcp://127.0.0.1:{ports[2]}\n"
+        f"  recorderControl: tcp://127.0.0.1:{ports[3]}\n"
+    )
+    for argv in (("run", "proxy", "-C", str(cfg)), ("serve", "-C", str(cfg))):
+        r = _greyproxy(data, *argv)
+        assert r.returncode == 2, (argv, r.returncode, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and str(secret) in r.stderr, (argv, r.stderr)
+        assert "not a CURVE certificate" in r.stderr

@@ -161,3 +161,41 @@ def test_diagnose_names_why_a_tcp_endpoint_does_not_answer(tmp_path: Path) -> No
         unused = free_port()
         why = curve.diagnose(f"tcp://127.0.0.1:{unused}", timeout=0.5)
         assert why == f"nothing accepts connections at tcp://127.0.0.1:{unused}"
+
+
+def test_a_secret_key_of_another_pair_is_said_at_load(tmp_path: Path) -> None:
+    """An outside run pieced a key file from two pairs: the proxy started, every handshake failed,
+    and both sides blamed bus.serverKey (which was right). Now the pair is checked when it is read."""
+    keys = tmp_path / "k"
+    public, _secret = curve.ensure_keypair(keys)
+    _other_public, other_secret = zmq.curve_keypair()
+    path = keys / curve.SECRET_FILE
+    path.write_text(path.read_text().replace(_secret.decode(), other_secret.decode()))
+    with pytest.raises(curve.CurveError, match="does not belong to its public-key"):
+        curve.ensure_keypair(keys)
+    path.write_text(path.read_text().replace(other_secret.decode(), "~" * 40))  # not z85 at all
+    with pytest.raises(curve.CurveError, match=str(path)):
+        curve.ensure_keypair(keys)
+
+
+def test_a_bad_authorized_file_is_said_once_until_it_changes(tmp_path: Path, caplog) -> None:
+    """The authorized directory is read at every connecting peer and every heartbeat: an outside run
+    saw one bad file logged ~3 times a second by the bus and the recorder, for as long as it stayed."""
+    import os
+
+    keys = tmp_path / "k"
+    curve.ensure_keypair(keys)
+    good_public, _ = zmq.curve_keypair()
+    (keys / curve.AUTHORIZED_DIR / "good.key").write_text(good_public.decode())
+    bad = keys / curve.AUTHORIZED_DIR / "bad.key"
+    bad.write_text("not a key\n")
+    with caplog.at_level(logging.WARNING, logger="greyproxy.bus.curve"):
+        for _ in range(20):
+            assert curve.authorized_entries(keys) == [("good", good_public)]
+        said = [r for r in caplog.records if "ignoring authorized key" in r.getMessage()]
+        assert len(said) == 1 and str(bad) in said[0].getMessage()
+        bad.write_text("still not a key, but another one\n")
+        os.utime(bad, ns=(1, 1))
+        curve.authorized_entries(keys)
+        curve.authorized_entries(keys)
+    assert len([r for r in caplog.records if "ignoring authorized key" in r.getMessage()]) == 2
