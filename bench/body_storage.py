@@ -194,6 +194,40 @@ def through_stack(n: int, bodies: list[bytes]) -> list[tuple[str, int, float, fl
             )
             grown = data_bytes(stack.db_path) - before
             rows.append((name, len(reqs), grown / len(reqs), sent / len(reqs)))
+        # The same session as a real agent's traffic to api.anthropic.com is stored: claimed by the
+        # anthropic dissector (here an endpoint rule names the local origin), so the conversation
+        # tracker keeps its rows (llm_requests, the assembled conversation) beside the transactions.
+        # Another container: its bodies are no deltas against the session above.
+        r = stack.request(
+            "POST",
+            "/api/endpoint-rules",
+            json={"host_pattern": f"127.0.0.1:{port}", "path_pattern": "/v1/messages", "decoder_name": "anthropic"},
+        )
+        r.raise_for_status()
+        before = data_bytes(stack.db_path)
+        with httpx.Client(
+            proxy=f"http://bench-llm:x@127.0.0.1:{stack.ports['http-proxy']}", trust_env=False, timeout=10
+        ) as llm:
+            for body in bodies:
+                llm.post(
+                    f"http://127.0.0.1:{port}/v1/messages", content=body, headers={"Content-Type": "application/json"}
+                ).raise_for_status()
+        total += len(bodies)
+
+        def assembled(want: int = total) -> bool:
+            status = stack.get("/api/maintenance/status").json().get("conversations") or {}
+            convs = stack.get("/api/conversations", params={"container": "bench-llm"}).json()
+            return (
+                stack.get("/api/transactions", params={"limit": 1}).json()["total"] >= want
+                and status.get("backlog") == 0
+                and any(c.get("turn_count") == len(bodies) for c in convs.get("items", []))
+            )
+
+        wait_for(assembled, 60, message="the session stored and assembled")
+        grown = data_bytes(stack.db_path) - before
+        sent = sum(map(len, bodies))
+        name = f"LLM session: {len(bodies)} turns, POST /v1/messages, claimed by the anthropic dissector"
+        rows.append((name, len(bodies), grown / len(bodies), sent / len(bodies)))
     server.shutdown()
     return rows
 
