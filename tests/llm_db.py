@@ -7,9 +7,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import orjson
 
 from greyproxy.capture import TRANSACTION_COLUMNS
+from greyproxy.llm import stored
 from greyproxy.store.db import open_database
 
 _COLS = [c for c in TRANSACTION_COLUMNS if c != "id"]
@@ -47,11 +47,11 @@ def insert(conn: sqlite3.Connection, rows: list[dict[str, Any]]) -> list[int]:
 
 def snapshot(conn: sqlite3.Connection) -> dict[str, Any]:
     """Conversations (without updated_at) and each transaction's conversation_id."""
-    convs = {cid: orjson.loads(data) for cid, data in conn.execute("SELECT id, data FROM conversations")}
+    convs = {cid: stored.load_conversation(data) for cid, data in conn.execute("SELECT id, data FROM conversations")}
     links = dict(conn.execute("SELECT id, conversation_id FROM http_transactions WHERE conversation_id IS NOT NULL"))
     return {"conversations": convs, "links": links}
 
 
 def conversation(conn: sqlite3.Connection, cid: str) -> dict[str, Any] | None:
     row = conn.execute("SELECT data FROM conversations WHERE id = ?", (cid,)).fetchone()
-    return orjson.loads(row[0]) if row else None
+    return stored.load_conversation(row[0]) if row else None

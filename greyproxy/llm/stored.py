@@ -14,6 +14,10 @@ maintenance process keeps those whole and the others *thin* (`extraction_form`, 
   that assembly needs again is dissected again from its stored transaction
   (services/maintenance/assembler.py, `_extraction`).
 
+An assembled conversation (`conversations.data`, SPEC §13.6) is kept as zstd-compressed JSON
+(`conversation`; its turns and messages repeat the same text): read with `load_conversation`,
+which also reads the JSON text of rows written before.
+
 Pure: no I/O.
 """
 
@@ -43,4 +47,16 @@ def load(value: str | bytes, form: int) -> dict[str, Any]:
     """The stored extraction (a thin one lacks REPEATED)."""
     if form == FULL_ZSTD:
         return orjson.loads(zstandard.ZstdDecompressor().decompress(value))  # type: ignore[arg-type]
+    return orjson.loads(value)
+
+
+def conversation(detail: dict[str, Any]) -> bytes:
+    """`conversations.data` for a conversation's detail form."""
+    return zstandard.ZstdCompressor(level=LEVEL).compress(orjson.dumps(detail))
+
+
+def load_conversation(value: str | bytes) -> dict[str, Any]:
+    """A conversation's detail form from `conversations.data` (zstd, or JSON text written before)."""
+    if isinstance(value, bytes) and value[:4] == b"\x28\xb5\x2f\xfd":  # a zstd frame
+        return orjson.loads(zstandard.ZstdDecompressor().decompress(value))
     return orjson.loads(value)

@@ -176,7 +176,7 @@ class EndpointRuleResource:
 
 def _item(row: tuple, detail: bool) -> dict[str, Any]:
     data, updated = row
-    conv = orjson.loads(data)
+    conv = stored.load_conversation(data)
     conv["updated_at"] = rfc3339(updated)
     if not detail:
         for key in ("system_prompt", "turns", "messages"):

@@ -498,7 +498,7 @@ def assemble_and_store(
         for tid in c.pop("_transactions"):
             owner.setdefault(tid, c["id"])
         started, ended = c.pop("_started"), c.pop("_ended")
-        data = orjson.dumps(A.public(c, detail=True) | {"updated_at": None}).decode()
+        data = stored.conversation(A.public(c, detail=True) | {"updated_at": None})
         rows.append((c, started, ended, data))
     txn_ids = [r["transaction_id"] for s in members for r in sessions[s]]
     forms = _forms(sessions)

@@ -179,3 +179,19 @@ def test_the_size_cap_drops_llm_rows_and_conversations_and_keeps_the_newest(tmp_
     oldest = "session_00000000-0000-4000-8000-000000000000"
     assert llm_db.conversation(conn, oldest) is None
     conn.close()
+
+
+def test_the_assembled_conversation_is_kept_compressed_and_old_rows_still_read(conn) -> None:
+    """Its turns and messages repeat the same text: 152 KB of JSON for a 40-turn session of
+    bench/body_storage.py, ~23 KB compressed."""
+    for r in _session(8):
+        llm_db.insert(conn, [r])
+        AS.run_pass(conn)
+    cid = f"session_{F.SID}"
+    kind, value = conn.execute("SELECT typeof(data), data FROM conversations WHERE id = ?", (cid,)).fetchone()
+    assert kind == "blob" and len(value) < len(orjson.dumps(stored.load_conversation(value))) / 2
+    conv = stored.load_conversation(value)
+    assert len(conv["turns"]) == 8
+    # A row written before (JSON text) reads the same, and the next pass that changes it rewrites it.
+    conn.execute("UPDATE conversations SET data = ? WHERE id = ?", (orjson.dumps(conv).decode(), cid))
+    assert llm_db.conversation(conn, cid) == conv
