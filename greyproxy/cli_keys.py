@@ -50,6 +50,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+_Z85 = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#")
+
+
 def _public_key_of(value: str) -> bytes:
     """KEY as printed by `greyproxy keys` (40 characters of z85), or the path of a key file copied
     from the other host (its keys/bus.key, a ZeroMQ certificate)."""
@@ -59,19 +62,24 @@ def _public_key_of(value: str) -> bytes:
         path = Path(value).expanduser()
         if path.exists() and not path.is_file():
             raise ConfigError(f"{value}: not a key file (a directory?)") from None
-        if not path.is_file() and ("/" in value or value.endswith(".key")):
-            raise ConfigError(
-                f"{value}: no such file (give a copy of the other host's keys/bus.key, or its 40-character key)"
-            ) from None
         if not path.is_file():
-            hint = ""
-            if 0 < len(value.strip()) < 40:
-                # z85 uses < > & ( ) [ ] $ # and more: unquoted, the shell cuts the key short.
-                hint = (
-                    f"; it has {len(value.strip())} characters: quote the key in single quotes,"
+            text = value.strip()
+            missing = ConfigError(
+                f"{value}: no such file (give a copy of the other host's keys/bus.key, or its 40-character key)"
+            )
+            if value.endswith(".key") or value.startswith(("/", "~", "./", "../")):
+                raise missing from None
+            if 0 < len(text) < 40 and all(c in _Z85 for c in text):
+                # z85 uses < > & ( ) [ ] $ # and more: unquoted, the shell cuts the key short. (Also
+                # when it holds a '/', as z85 may: no file by that name either.)
+                raise ConfigError(
+                    f"{exc}; it has {len(text)} characters: quote the key in single quotes,"
                     " or a shell may have cut it at a character such as > or &"
-                )
-            raise ConfigError(f"{exc}{hint}") from None
+                    + (" (and there is no key file by that name)" if "/" in text else "")
+                ) from None
+            if "/" in value:
+                raise missing from None
+            raise ConfigError(str(exc)) from None
     try:
         return curve.check_public_key(curve.read_cert(path)[0].decode())
     except curve.CurveError as exc:
