@@ -283,18 +283,21 @@ _OLD_BODIES = (
     " AND (request_body IS NOT NULL OR response_body IS NOT NULL) ORDER BY id LIMIT ?"
 )
 # The next rows after a (timestamp, id) with their bytes (estimated), oldest first, per kind the job
-# drops: a transaction with what is derived from it alone (its llm_requests row and references,
-# SPEC §13: deleted with it), logs, and assembled conversations by their end (§13.6). Each is a
-# seek on an index in that order.
+# drops: transactions, logs, and LLM conversations a unit at a time (SPEC §13.5: a session with its
+# subagents' sessions; the assembler's `conversations.unit`), by the unit's last end, with the
+# llm_requests rows its conversations are assembled from. A unit goes whole: dropping the rows of a
+# session it still shows would make its next assembly number its subagents anew and link a parent's
+# calls to the wrong ones (an outside run), and a subagent dropped before its parent leaves a link to
+# nothing. A transaction's own llm_requests row stays with its unit.
 _NEXT_ROWS = {
-    "transactions": f"SELECT t.timestamp, t.id, {_BODY_BYTES} + length(t.url) + COALESCE(length(t.request_headers), 0)"
-    " + COALESCE(length(t.response_headers), 0) + 200"
-    " + COALESCE((SELECT length(l.extraction) + 300 FROM llm_requests l WHERE l.transaction_id = t.id), 0)"
-    " FROM http_transactions t WHERE (t.timestamp, t.id) > (?, ?) ORDER BY t.timestamp, t.id LIMIT ?",
+    "transactions": f"SELECT timestamp, id, {_BODY_BYTES} + length(url) + COALESCE(length(request_headers), 0)"
+    " + COALESCE(length(response_headers), 0) + 200"
+    " FROM http_transactions WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
     "logs": "SELECT timestamp, id, length(destination_host) + length(container_name) + COALESCE(length(reason), 0)"
     " + 120 FROM logs WHERE (timestamp, id) > (?, ?) ORDER BY timestamp, id LIMIT ?",
-    "conversations": "SELECT ended_at, rowid, length(data) + 200 FROM conversations"
-    " WHERE (ended_at, rowid) > (?, ?) ORDER BY ended_at, rowid LIMIT ?",
+    "conversations": "SELECT MAX(ended_at) AS last, unit, SUM(length(data)) + 200 * COUNT(*)"
+    " + COALESCE((SELECT SUM(length(extraction)) + 300 * COUNT(*) FROM llm_requests WHERE session = unit), 0)"
+    " FROM conversations GROUP BY unit HAVING (last, unit) > (?, ?) ORDER BY last, unit LIMIT ?",
 }
 DROPPED = ("bodies", *_NEXT_ROWS)  # what a size-cap run says it dropped, in this order
 
@@ -320,39 +323,39 @@ def _drop_old_bodies(conn: sqlite3.Connection, target: int, before: float, reade
         time.sleep(0.002)  # let the recorder's batches in
 
 
-def _delete_rows(conn: sqlite3.Connection, picked: dict[str, list[int]], reader: Reader) -> None:
+def _delete_rows(conn: sqlite3.Connection, picked: dict[str, list[Any]], reader: Reader) -> None:
     """In the caller's write transaction: the transactions (bodies stored as deltas against theirs made
-    self-contained first, and the LLM rows derived from them), logs and conversations `picked`."""
-    tx, logs, convs = picked["transactions"], picked["logs"], picked["conversations"]
+    self-contained first), logs and conversation units `picked`."""
+    tx, logs, units = picked["transactions"], picked["logs"], picked["conversations"]
     if tx:
-        marks = ",".join("?" * len(tx))
         detach(conn.execute, tx, reader)
-        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({marks})", tx)
-        conn.execute(f"DELETE FROM llm_requests WHERE transaction_id IN ({marks})", tx)
-        conn.execute(f"DELETE FROM llm_refs WHERE transaction_id IN ({marks})", tx)
+        conn.execute(f"DELETE FROM http_transactions WHERE id IN ({','.join('?' * len(tx))})", tx)
     if logs:
         conn.execute(f"DELETE FROM logs WHERE id IN ({','.join('?' * len(logs))})", logs)
-    if convs:
-        marks = ",".join("?" * len(convs))
-        gone = [r[0] for r in conn.execute(f"SELECT id FROM conversations WHERE rowid IN ({marks})", convs)]
-        conn.execute(f"DELETE FROM conversations WHERE rowid IN ({marks})", convs)
-        for cid in gone:  # a transaction of it still stored (rare: it ended before them) no longer names it
-            conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
+    for unit in units:
+        _delete_unit(conn, unit)
 
 
-def _drop_orphans(conn: sqlite3.Connection) -> None:
-    """LLM rows of transactions older than every one left: the assembler may have stored one for a
-    transaction the job deleted while it was dissecting it (it runs beside the job, not under it)."""
-    low = "(SELECT MIN(id) FROM http_transactions)"
-    conn.execute(f"DELETE FROM llm_requests WHERE transaction_id < {low}")
-    conn.execute(f"DELETE FROM llm_refs WHERE transaction_id < {low}")
+def _delete_unit(conn: sqlite3.Connection, root: str) -> None:
+    """One unit of linked sessions: its conversations, and the llm_requests rows, references and
+    re-assembly marks of its sessions (the root's and its subagents')."""
+    from .assembler import unit_children  # (the assembler imports this module)
+
+    members = [root, *unit_children(conn, root)]
+    marks = ",".join("?" * len(members))
+    for (cid,) in conn.execute("SELECT id FROM conversations WHERE unit = ?", (root,)).fetchall():
+        conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
+    conn.execute("DELETE FROM conversations WHERE unit = ?", (root,))
+    conn.execute(f"DELETE FROM llm_requests WHERE session IN ({marks})", members)
+    conn.execute(f"DELETE FROM llm_refs WHERE session IN ({marks})", members)
+    conn.execute(f"DELETE FROM llm_dirty WHERE session IN ({marks})", members)
 
 
 def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> Generator[dict[str, int], None, bool]:
     """Whole transactions, logs and conversations together in time order (the oldest of any first)
     until the data is under `target`. Yields how many of each per batch; returns whether it stopped
     because none was left (the data still over `target`)."""
-    cursor = {what: (-1.0, 0) for what in _NEXT_ROWS}
+    cursor: dict[str, tuple[float, Any]] = {"transactions": (-1.0, 0), "logs": (-1.0, 0), "conversations": (-1.0, "")}
     while (excess := _data_bytes(conn) - target) > 0:
         rows = [
             (ts, what, rid, n)
@@ -362,7 +365,7 @@ def _drop_oldest_rows(conn: sqlite3.Connection, target: int, reader: Reader) -> 
         if not rows:
             return True
         rows.sort()
-        picked: dict[str, list[int]] = {what: [] for what in _NEXT_ROWS}
+        picked: dict[str, list[Any]] = {what: [] for what in _NEXT_ROWS}
         size = 0
         for ts, what, rid, n in rows[:CAP_ROW_BATCH]:
             picked[what].append(rid)
@@ -416,8 +419,6 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Generator[tuple[
             i += 1
             if i % 8 == 0:
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()  # the -wal is reused, not grown
-        if dropped["transactions"]:
-            write_txn(conn, partial(_drop_orphans, conn))
     if vacuum:
         while conn.execute("PRAGMA freelist_count").fetchone()[0]:
             # executescript steps the statement to its end: execute() would free a single page per call

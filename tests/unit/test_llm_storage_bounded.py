@@ -172,8 +172,13 @@ def test_the_size_cap_drops_llm_rows_and_conversations_and_keeps_the_newest(tmp_
     assert used_bytes(conn) <= CAP_LOW_WATER * cap * MIB + 4 * MIB
     left = conn.execute("SELECT MIN(id), COUNT(*) FROM http_transactions").fetchone()
     assert 0 < left[1] < sessions * 10  # the newest kept: not everything gone
-    # Nothing derived from a dropped transaction is left, and the newest conversations are there.
-    assert conn.execute("SELECT COUNT(*) FROM llm_requests WHERE transaction_id < ?", (left[0],)).fetchone()[0] == 0
+    # Nothing of a dropped conversation is left, and the newest conversations are there.
+    assert (
+        conn.execute(
+            "SELECT COUNT(*) FROM llm_requests WHERE session NOT IN (SELECT unit FROM conversations)"
+        ).fetchone()[0]
+        == 0
+    )
     newest = f"session_00000000-0000-4000-8000-{sessions - 1:012d}"
     assert llm_db.conversation(conn, newest) is not None
     oldest = "session_00000000-0000-4000-8000-000000000000"
@@ -195,3 +200,52 @@ def test_the_assembled_conversation_is_kept_compressed_and_old_rows_still_read(c
     # A row written before (JSON text) reads the same, and the next pass that changes it rewrites it.
     conn.execute("UPDATE conversations SET data = ? WHERE id = ?", (orjson.dumps(conv).decode(), cid))
     assert llm_db.conversation(conn, cid) == conv
+
+
+def test_the_size_cap_drops_a_unit_whole_and_a_kept_one_assembles_the_same(tmp_path: Path) -> None:
+    """An outside run: with the cap dropping the llm_requests rows of an active session's early
+    transactions, its next assembly numbered the subagents anew and linked the parent's Agent calls
+    to the wrong ones, and subagent conversations (which end before their parent) were dropped
+    while the parent still linked them. Now a unit of linked sessions goes whole, by its last end;
+    one that is kept keeps what it is assembled from."""
+    conn = llm_db.new_store(tmp_path / "g.db")
+    rows = F.claude_code_session(F.T0)  # a main thread, a subagent, a utility request
+    llm_db.insert(conn, rows[:-1])
+    AS.run_pass(conn)
+    filler = (
+        "INSERT INTO http_transactions (timestamp, container_name, destination_host, destination_port, method,"
+        " url, response_body, response_body_codec, response_body_size) VALUES (?, 'c', 'h', 80, 'GET', ?, ?, 0, ?)"
+    )
+    for i in range(300):  # plain traffic after the session's start: ~2.5 MiB
+        conn.execute(filler, (F.T0 + 10 + i, f"http://h/{i}", os.urandom(8192), 8192))
+    last = dict(rows[-1], timestamp=F.T0 + 400)  # the session goes on after it
+    llm_db.insert(conn, [last])
+    AS.run_pass(conn)
+    main_id, sub_id = f"session_{F.SID}", f"session_{F.SID}/subagent_2000_1"
+    before = llm_db.snapshot(conn)["conversations"]
+    assert before[main_id]["linked_subagents"][0]["conversation_id"] == sub_id
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    job = size_cap(conn, {"max_database_mib": used_bytes(conn) / MIB / 2, "now": F.T0})
+    while True:
+        try:
+            next(job)
+        except StopIteration as end:
+            dropped = end.value
+            break
+    assert dropped["transactions"] > 0 and dropped["conversations"] == 0, dropped
+    oldest = conn.execute("SELECT MIN(timestamp) FROM http_transactions").fetchone()[0]
+    assert oldest > F.T0 + 8  # the session's early transactions are gone...
+    assert llm_db.snapshot(conn)["conversations"] == before  # ...its conversations are not
+    conn.execute("INSERT INTO llm_dirty (session) VALUES (?)", (F.SID,))
+    AS.run_pass(conn)  # and assembled again they are the same: the same subagent, linked the same
+    assert llm_db.snapshot(conn)["conversations"] == before
+    # Once the session's last request is older than the data kept, the unit goes whole.
+    conn.execute("DELETE FROM http_transactions")
+    for i in range(300):
+        conn.execute(filler, (F.T0 + 1000 + i, f"http://h/{i}", os.urandom(8192), 8192))
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    list(size_cap(conn, {"max_database_mib": used_bytes(conn) / MIB / 2, "now": F.T0}))
+    assert llm_db.snapshot(conn)["conversations"] == {}
+    assert conn.execute("SELECT COUNT(*) FROM llm_requests").fetchone()[0] == 0
+    assert conn.execute("SELECT COUNT(*) FROM llm_refs").fetchone()[0] == 0
+    conn.close()
