@@ -413,3 +413,33 @@ def test_builtin_matches_imply_their_first_look() -> None:
                     for d in D.DISSECTORS:
                         if d.matches(t):
                             assert t.host in d.hosts or any(u in t.url for u in d.url_has), (d.name, t)
+
+
+def test_a_sessionless_request_stored_before_the_one_sent_just_earlier_stays_in_its_conversation(conn) -> None:
+    """Ids follow the order records reach the recorder. With several proxy workers a client's request
+    can be stored before the one it sent just before (an outside run: a 156-message request got a
+    lower id than the 154-message one sent 0.14 s earlier), and the earlier one, judged against the
+    later by id, looked like a conversation of its own (5 of 12 sessions split in two)."""
+    msgs: list[dict[str, Any]] = []
+    rows = []
+    for i in range(6):
+        msgs = [*msgs, {"role": "user", "content": f"step {i}"}]
+        rows.append(
+            F.row(
+                F.LOCAL,
+                F.chat_request(msgs),
+                F.chat_json(f"done {i}"),
+                ts=F.T0 + 2 * i,
+                container="ooo",
+                resp_ct="application/json",
+            )
+        )
+        msgs = [*msgs, {"role": "assistant", "content": f"done {i}"}]
+    order = [rows[0], rows[1], rows[3], rows[2], rows[5], rows[4]]  # two pairs stored the other way round
+    for r in order:
+        feed(conn, [r])
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert len(convs) == 1, sorted(convs)
+    (conv,) = convs.values()
+    assert [t["user_prompt"] for t in conv["turns"]] == [f"step {i}" for i in range(6)]
+    assert rebuild(conn) and llm_db.snapshot(conn)["conversations"] == convs
