@@ -18,8 +18,9 @@ from .settings import current_settings
 from .util import json_response
 
 
-def _stored_assembler_version() -> int:
-    return meta_value("assembler_version")
+def _stored_assembler_version() -> tuple[int, bool]:
+    """(the assembler version the conversations were built with, whether a rebuild stopped half-way)."""
+    return meta_value("assembler_version"), bool(meta_value("conversations_rebuild_unfinished"))
 
 
 class JobStartResource:
@@ -39,7 +40,7 @@ class MaintenanceStatusResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         result: Any = await self.ctx.maintenance.call("job.status", {})
         jobs = result.get("jobs", {}) if isinstance(result, dict) else {}
-        stored = await self.ctx.db(_stored_assembler_version)
+        stored, unfinished = await self.ctx.db(_stored_assembler_version)
         enabled = bool((await current_settings(self.ctx)).get("conversationsEnabled", True))
         json_response(
             resp,
@@ -47,7 +48,7 @@ class MaintenanceStatusResource:
                 "jobs": jobs,
                 "assembler_version_current": ASSEMBLER_VERSION,
                 "assembler_version_stored": stored,
-                "needs_rebuild": stored != ASSEMBLER_VERSION,
+                "needs_rebuild": stored != ASSEMBLER_VERSION or unfinished,
                 "conversations": await self.ctx.db(conversations_status, enabled),
             },
         )

@@ -46,6 +46,7 @@ _BODY_COLS = (
     " response_body_codec, response_body_charset"
 )
 Publish = Callable[[str, dict[str, Any]], None]
+REBUILD_UNFINISHED = "conversations_rebuild_unfinished"  # meta key: 1 while the rebuild job runs
 
 
 def meta_get(conn: sqlite3.Connection, key: str) -> int:
@@ -625,6 +626,9 @@ def _flagged(conn: sqlite3.Connection, ids: list[int]) -> set[int]:
 def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[int, int]]:
     """The rebuild-conversations job (§13.7): progress (processed, total) over claimed transactions."""
     with LOCK:
+        # Set until it finishes: one stopped half-way (its process killed) is started again when
+        # maintenance starts (service.py), and GET /api/maintenance/status says it is needed.
+        write_txn(conn, lambda: _meta_set(conn, REBUILD_UNFINISHED, 1))
         rules = load_rules(conn)
         total = count_claimed(conn, rules)
         yield 0, total
@@ -654,6 +658,7 @@ def rebuild(conn: sqlite3.Connection, opts: dict[str, Any]) -> Iterator[tuple[in
             conn.execute("DELETE FROM llm_dirty")
             _meta_set(conn, "conversations_cursor", max(lo, meta_get(conn, "conversations_cursor")))
             _meta_set(conn, "assembler_version", ASSEMBLER_VERSION)
+            _meta_set(conn, REBUILD_UNFINISHED, 0)
 
         write_txn(conn, finish)
         yield max(total, processed), max(total, processed)

@@ -158,9 +158,16 @@ class ConversationLoop:
             self.loop.call_soon_threadsafe(self._publish, events)
         return False
 
-    def _needs_rebuild(self) -> bool:
+    def _needs_rebuild(self) -> str | None:
+        """Why the conversations must be rebuilt at start, if they must."""
         conn = self.db.connection()
-        return assembler.enabled(conn) and assembler.meta_get(conn, "assembler_version") < ASSEMBLER_VERSION
+        if not assembler.enabled(conn):
+            return None
+        if assembler.meta_get(conn, "assembler_version") < ASSEMBLER_VERSION:
+            return "assembler version changed"
+        if assembler.meta_get(conn, assembler.REBUILD_UNFINISHED):
+            return "the last rebuild did not finish (its process stopped)"
+        return None
 
     async def _listen(self) -> None:
         sub = Subscriber(self.rt.cfg.bus["sub"], [topics.TRANSACTIONS_STORED, topics.SETTINGS_CHANGED])
@@ -174,8 +181,9 @@ class ConversationLoop:
     async def serve(self) -> None:
         listener = asyncio.create_task(self._listen())
         try:
-            if await self.loop.run_in_executor(self.executor, self._needs_rebuild):
-                log.info("assembler version changed: rebuilding conversations")
+            why = await self.loop.run_in_executor(self.executor, self._needs_rebuild)
+            if why:
+                log.info("%s: rebuilding conversations", why)
                 try:
                     self.runner.start("rebuild-conversations", {})
                 except RemoteError:

@@ -443,3 +443,26 @@ def test_a_sessionless_request_stored_before_the_one_sent_just_earlier_stays_in_
     (conv,) = convs.values()
     assert [t["user_prompt"] for t in conv["turns"]] == [f"step {i}" for i in range(6)]
     assert rebuild(conn) and llm_db.snapshot(conn)["conversations"] == convs
+
+
+def test_a_rebuild_stopped_half_way_is_started_again(conn) -> None:
+    """A rebuild whose process was killed left no trace: maintenance did not start it again and
+    GET /api/maintenance/status said none was needed (an outside run, kill -9 at 1 925 of 2 254)."""
+    from types import SimpleNamespace
+
+    from services.maintenance.service import ConversationLoop
+
+    feed(conn, F.local_chat_session(F.T0, container="alpha"))
+    loop = SimpleNamespace(db=SimpleNamespace(connection=lambda: conn))
+    assert rebuild(conn)  # (a new store: built with no assembler version yet)
+    assert ConversationLoop._needs_rebuild(loop) is None  # type: ignore[arg-type]
+    job = AS.rebuild(conn, {})
+    next(job)  # started, then its process dies: the generator is never resumed
+    assert AS.meta_get(conn, AS.REBUILD_UNFINISHED) == 1
+    assert "did not finish" in (ConversationLoop._needs_rebuild(loop) or "")  # type: ignore[arg-type]
+    job.close()
+    assert AS.LOCK.acquire(blocking=False)  # (its lock went with it)
+    AS.LOCK.release()
+    assert rebuild(conn)
+    assert AS.meta_get(conn, AS.REBUILD_UNFINISHED) == 0
+    assert ConversationLoop._needs_rebuild(loop) is None  # type: ignore[arg-type]
