@@ -34,6 +34,8 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from greyproxy.config import ConfigError
+
 log = logging.getLogger("greyproxy.bus.curve")
 
 KEY_FILE = "bus.key"
@@ -42,8 +44,9 @@ AUTHORIZED_DIR = "authorized"
 ZAP_DOMAIN = b"greyproxy"
 
 
-class CurveError(Exception):
-    """Keys missing or malformed (said with the file's path)."""
+class CurveError(ConfigError):
+    """Keys missing or malformed (said with the file's path): a configuration error, said in one
+    line by every command (greyproxy/cli.py)."""
 
 
 def _cert_text(public: bytes, secret: bytes | None) -> str:
@@ -95,7 +98,16 @@ def check_public_key(key: str) -> bytes:
 
 def ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     """This host's key pair, made on first use. Safe when several processes start at once: the
-    first file linked into place wins and everyone reads that one."""
+    first file linked into place wins and everyone reads that one. A keys directory that cannot be
+    made or read (a file in its place, no permission) is a CurveError naming it."""
+    try:
+        return _ensure_keypair(keys_dir)
+    except OSError as exc:
+        where = exc.filename or keys_dir
+        raise CurveError(f"keys directory {keys_dir}: {where}: {exc.strerror or exc}") from None
+
+
+def _ensure_keypair(keys_dir: Path) -> tuple[bytes, bytes]:
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     (keys_dir / AUTHORIZED_DIR).mkdir(exist_ok=True, mode=0o700)
     secret_path = keys_dir / SECRET_FILE

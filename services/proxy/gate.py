@@ -605,7 +605,11 @@ class Gate:
                     "proxy.maxPending: the pending queue could not be read; going by the last count",
                     exc_info=not isinstance(exc, RecorderAway),
                 )
-                return self.pending_count + self.pending_admitted < self.max_pending
+                # as with no database: the last count and the keys admitted since, this one counted
+                if self.pending_count + self.pending_admitted < self.max_pending:
+                    self.pending_admitted += 1
+                    return True
+                return False
             self.pending_count, self.pending_admitted = size, 0
             for k, q in zip(keys[1:], queued[1:]):
                 if q:

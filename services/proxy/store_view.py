@@ -111,7 +111,7 @@ class RecorderView:
         self._trying = False  # while away: one caller asks (once), the others are told at once
         self._next_try = 0.0
 
-    def _ask(self, op: str, args: dict[str, Any] | None = None) -> Any:
+    def _ask(self, op: str, args: dict[str, Any] | None = None, retries: int | None = None) -> Any:
         """The recorder's answer to `op`. While it is away (it did not answer the last time), one
         caller at a time, at most once per AWAY_RETRY seconds, asks it once; every other call
         raises RecorderAway at once. Otherwise the proxy's few database threads would each wait
@@ -125,7 +125,12 @@ class RecorderView:
                 self._trying = True
         try:
             result = call_sync(
-                self.endpoint, "recorder", op, args or {}, timeout=self.timeout, retries=1 if away else self.retries
+                self.endpoint,
+                "recorder",
+                op,
+                args or {},
+                timeout=self.timeout,
+                retries=1 if away else (retries or self.retries),
             )
         except ServiceUnavailable as exc:
             with self._lock:
@@ -173,7 +178,9 @@ class RecorderView:
         return int(self._ask("view.pending_count"))
 
     def pending_state(self, keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
-        n, has = self._ask("view.pending_state", {"keys": [list(k) for k in keys]})
+        # One try: a new destination's client waits for it (and the next, behind it), and the proxy
+        # goes by the last count without it.
+        n, has = self._ask("view.pending_state", {"keys": [list(k) for k in keys]}, retries=1)
         return int(n), [bool(h) for h in has]
 
     def dns_names(self, since: float) -> list[list[str]]:

@@ -181,3 +181,28 @@ def test_a_broken_key_file_is_one_clear_line_from_run_and_serve(tmp_path: Path) 
         assert r.returncode == 2, (argv, r.returncode, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr and str(secret) in r.stderr, (argv, r.stderr)
         assert "not a CURVE certificate" in r.stderr
+
+
+def test_every_keys_command_says_a_broken_pair_or_keys_dir_in_one_line(tmp_path: Path) -> None:
+    """`keys list` and `keys allow` ended in a traceback for a key pair that does not match, and
+    every command for a keys directory that is a file (an outside run)."""
+    import zmq
+
+    data = tmp_path / "data"
+    assert _greyproxy(data, "keys").returncode == 0
+    secret = data / "keys" / curve.SECRET_FILE
+    _pub, other_secret = zmq.curve_keypair()
+    text = secret.read_text()
+    mine = text.split('secret-key = "')[1].split('"')[0]
+    secret.write_text(text.replace(mine, other_secret.decode()))
+    other_key = zmq.curve_keypair()[0].decode()
+    for argv in (("keys",), ("keys", "list"), ("keys", "allow", "x", other_key)):
+        r = _greyproxy(data, *argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert "does not belong to its public-key" in r.stderr, (argv, r.stderr)
+    cfg = tmp_path / "k.yaml"
+    (tmp_path / "keys-file").write_text("not a directory\n")
+    cfg.write_text(f"bus:\n  keysDir: {tmp_path / 'keys-file'}\n")
+    for argv in (("keys", "-C", str(cfg)), ("keys", "list", "-C", str(cfg))):
+        r = _greyproxy(data, *argv)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and "keys-file" in r.stderr, (argv, r.stderr)

@@ -426,7 +426,9 @@ def test_a_decision_made_while_the_queue_is_looked_at_reaches_the_new_connection
             g = gate_with(hold_timeout=5.0)
             looking = asyncio.Event()
 
-            async def lookup(keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+            async def lookup(
+                keys: list[tuple[str, str, int]], looking: asyncio.Event = looking
+            ) -> tuple[int, list[bool]]:
                 looking.set()
                 await asyncio.sleep(0.05)
                 return 0, [False] * len(keys)
@@ -442,5 +444,33 @@ def test_a_decision_made_while_the_queue_is_looked_at_reaches_the_new_connection
                 v = await task
             assert v.allowed and v.reason == ("silent_allow" if change == "silent" else "rule"), (change, v)
             assert not g.holds
+
+    asyncio.run(main())
+
+
+def test_max_pending_holds_when_the_queue_cannot_be_read() -> None:
+    """proxy.maxPending on a proxy whose recorder is away (the queue cannot be looked at): it went by
+    the last count without counting the keys it let wait since, so every new destination was held
+    (an outside run: 50 held against a cap of 3). Now it counts them, as with no database."""
+    from services.proxy.store_view import RecorderAway
+
+    async def main() -> None:
+        g = gate_with(hold_timeout=5.0)
+        g.max_pending = 3
+
+        async def lookup(keys: list[tuple[str, str, int]]) -> tuple[int, list[bool]]:
+            raise RecorderAway("recorder", "it did not answer the last time it was asked")
+
+        g.pending_lookup = lookup
+        tasks = [asyncio.ensure_future(g.admit("agent", f"n{i}.example", 443, "HTTP", None)) for i in range(8)]
+        async with asyncio.timeout(5):
+            while sum(len(w) for w in g.holds.values()) + sum(t.done() for t in tasks) < 8:
+                await asyncio.sleep(0.005)
+        refused = [t.result() for t in tasks if t.done()]
+        assert len(g.holds) == 3 and len(refused) == 5
+        assert all((v.allowed, v.reason) == (False, "queue_full") for v in refused)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())

@@ -127,3 +127,14 @@ def test_while_the_recorder_is_away_callers_are_told_at_once(tmp_path: Path, mon
     finally:
         stop.set()
         server.join(5)
+
+
+def test_the_pending_queue_look_tries_once(tmp_path: Path) -> None:
+    """A new destination's client waits for the look at the pending queue (and the next new one
+    behind it): at the start of an outage it waited every try (3 x 2 s, ~6.5 s in an outside run).
+    The look tries once; the proxy goes by its last count without it."""
+    view = RecorderView(f"ipc://{tmp_path}/rec.sock", timeout=0.3, retries=3)
+    t0 = time.monotonic()
+    with pytest.raises(RecorderAway):
+        view.pending_state([("agent", "new.example", 443)])
+    assert time.monotonic() - t0 < 0.6
