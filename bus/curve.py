@@ -35,6 +35,7 @@ import zmq
 from zmq.utils import z85
 
 from greyproxy.config import ConfigError
+from greyproxy.throttle import Throttle
 
 log = logging.getLogger("greyproxy.bus.curve")
 
@@ -196,38 +197,17 @@ def authorized_keys(keys_dir: Path) -> dict[bytes, str]:
 REFUSAL_LOG_EVERY = 60.0  # seconds between log lines about one refused peer (key, or endpoint and reason)
 
 
-class _Throttle:
-    """When to log a refusal that repeats (a refused peer retries every few seconds, for as long as
-    it runs): the first of each key at once, then at most one every REFUSAL_LOG_EVERY seconds,
-    saying how many went unsaid since. Bounded: keys come from peers."""
-
-    def __init__(self) -> None:
-        self._told: dict[Any, tuple[float, int]] = {}  # key -> (last logged, refusals not logged since)
-
-    def since(self, key: Any) -> str | None:
-        """None: do not log this one; else the text to end its line with ("" or the count since)."""
-        now = time.monotonic()
-        last, unsaid = self._told.get(key, (-REFUSAL_LOG_EVERY, 0))
-        if now - last < REFUSAL_LOG_EVERY:
-            self._told[key] = (last, unsaid + 1)
-            return None
-        if len(self._told) >= 1024:
-            self._told.clear()
-        self._told[key] = (now, 0)
-        return f" (and {unsaid} more times since the last such line)" if unsaid else ""
-
-
 class _KeyCheck:
     """The ZAP callback of one bound endpoint: is this client's key ours or authorized? A refusal
     is logged, naming the endpoint: the first of each key at once, then at most one line per key
-    every REFUSAL_LOG_EVERY seconds with the count since (`_Throttle`)."""
+    every REFUSAL_LOG_EVERY seconds with the count since (greyproxy/throttle.py)."""
 
     def __init__(self, keys_dir: Path, own: bytes, where: str) -> None:
         self.keys_dir = keys_dir
         self.own = own
         self.where = where
         self.refused = 0
-        self._throttle = _Throttle()
+        self._throttle = Throttle(REFUSAL_LOG_EVERY)
 
     def callback(self, domain: str, key: bytes) -> bool:
         if key == self.own:
@@ -273,7 +253,7 @@ class _HandshakeWatch:
         self._new: list[tuple[zmq.Context, str, str]] = []  # (context, inproc address, endpoint) to connect
         self._lock = threading.Lock()
         self._threads: dict[int, threading.Thread] = {}  # one per ZeroMQ context (as the authenticators)
-        self._throttle = _Throttle()
+        self._throttle = Throttle(REFUSAL_LOG_EVERY)
         self.failed = 0
 
     def watch(self, sock: zmq.Socket, endpoint: str) -> None:

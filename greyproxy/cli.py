@@ -128,9 +128,10 @@ def check_keys(cfg: Config) -> None:
         return
     from bus import curve
 
-    curve.configure(cfg.keys_dir, cfg.bus["serverKey"])
+    if cfg.keys_dir is None:
+        raise ConfigError("a tcp:// bus endpoint needs CURVE keys, and no keys directory is configured")
     try:
-        curve.public_key()
+        curve.ensure_keypair(cfg.keys_dir)
     except curve.CurveError as exc:
         raise ConfigError(f"bus keys: {exc}") from None
 

@@ -27,13 +27,14 @@ import contextlib
 import logging
 import socket
 import struct
-import time
 from typing import Any
 
 import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from greyproxy.throttle import Throttle
 
 log = logging.getLogger("greyproxy.api")
 
@@ -47,14 +48,12 @@ class _Said:
     """A warning at most every SAY_EVERY seconds, with the count since the last one."""
 
     def __init__(self, text: str) -> None:
-        self.text, self.last, self.since = text, -SAY_EVERY, 0
+        self.text, self.throttle = text, Throttle(SAY_EVERY)
 
     def __call__(self) -> None:
-        self.since += 1
-        now = time.monotonic()
-        if now - self.last >= SAY_EVERY:
-            log.warning("%s (%d since the last such line)", self.text, self.since)
-            self.last, self.since = now, 0
+        tail = self.throttle.since()
+        if tail is not None:
+            log.warning("%s%s", self.text, tail)
 
 
 _TOO_MANY = _Said(f"API: a connection dropped at accept, {MAX_CONNECTIONS} open already (MAX_CONNECTIONS)")

@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 from greyproxy.bodies import Reader, detach
+from greyproxy.throttle import Throttle
 
 log = logging.getLogger("greyproxy.maintenance")
 
@@ -343,8 +344,11 @@ def _delete_unit(conn: sqlite3.Connection, root: str) -> None:
 
     members = [root, *unit_children(conn, root)]
     marks = ",".join("?" * len(members))
-    for (cid,) in conn.execute("SELECT id FROM conversations WHERE unit = ?", (root,)).fetchall():
-        conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
+    conn.execute(
+        "UPDATE http_transactions SET conversation_id = NULL"
+        " WHERE conversation_id IN (SELECT id FROM conversations WHERE unit = ?)",
+        (root,),
+    )
     conn.execute("DELETE FROM conversations WHERE unit = ?", (root,))
     conn.execute(f"DELETE FROM llm_requests WHERE session IN ({marks})", members)
     conn.execute(f"DELETE FROM llm_refs WHERE session IN ({marks})", members)
@@ -441,30 +445,19 @@ def size_cap(conn: sqlite3.Connection, opts: dict[str, Any]) -> Generator[tuple[
             _wal_size(conn) / MIB,
             "" if vacuum else "; the file keeps its size (created before auto_vacuum), free pages are reused",
         )
-    if exhausted:
-        _EXHAUSTED(
-            f"database over retention.maxDatabaseMiB ({cap // MIB:.0f} MiB) with nothing left to drop:"
-            f" {end / MIB:.1f} MiB of data in tables the cap does not drop (rules, pending requests,"
-            " sessions, credentials, settings); raise retention.maxDatabaseMiB"
+    if exhausted and (tail := _EXHAUSTED.since()) is not None:
+        log.error(
+            "database over retention.maxDatabaseMiB (%d MiB) with nothing left to drop: %.1f MiB of data in"
+            " tables the cap does not drop (rules, pending requests, sessions, credentials, settings); raise"
+            " retention.maxDatabaseMiB%s",
+            cap // MIB,
+            end / MIB,
+            tail,
         )
     return dropped | {"exhausted": int(exhausted)}
 
 
-class _Throttled:
-    """A warning logged at most once per `every` seconds (the job may run every few seconds)."""
-
-    def __init__(self, every: float) -> None:
-        self.every = every
-        self.last = -every
-
-    def __call__(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every:
-            self.last = now
-            log.error("%s", message)
-
-
-_EXHAUSTED = _Throttled(600.0)
+_EXHAUSTED = Throttle(600.0)  # its error line: the job may run every 30 s while it holds
 
 
 def _freed(start: int, now: int, need: int) -> tuple[int, int]:

@@ -64,6 +64,16 @@ def _turns(conn: sqlite3.Connection, sid: str = F.SID) -> list[str]:
     return [t["user_prompt"] for t in conv["turns"]]
 
 
+def _cap(conn: sqlite3.Connection, mib: float) -> dict[str, int]:
+    """One size-cap run to its end (its bodies' age judged at F.T0); what it says it dropped."""
+    job = size_cap(conn, {"max_database_mib": mib, "now": F.T0})
+    while True:
+        try:
+            next(job)
+        except StopIteration as end:
+            return end.value
+
+
 @pytest.fixture
 def conn(tmp_path: Path):
     c = llm_db.new_store(tmp_path / "a.db")
@@ -159,14 +169,7 @@ def test_the_size_cap_drops_llm_rows_and_conversations_and_keeps_the_newest(tmp_
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     total = used_bytes(conn)
     cap = total / MIB / 2  # half of what is there
-    dropped: dict[str, int] = {}
-    job = size_cap(conn, {"max_database_mib": cap, "now": F.T0})
-    while True:
-        try:
-            next(job)
-        except StopIteration as end:
-            dropped = end.value
-            break
+    dropped = _cap(conn, cap)
     assert dropped["exhausted"] == 0, dropped
     assert dropped["transactions"] > 0 and dropped["conversations"] > 0
     assert used_bytes(conn) <= CAP_LOW_WATER * cap * MIB + 4 * MIB
@@ -225,13 +228,7 @@ def test_the_size_cap_drops_a_unit_whole_and_a_kept_one_assembles_the_same(tmp_p
     before = llm_db.snapshot(conn)["conversations"]
     assert before[main_id]["linked_subagents"][0]["conversation_id"] == sub_id
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    job = size_cap(conn, {"max_database_mib": used_bytes(conn) / MIB / 2, "now": F.T0})
-    while True:
-        try:
-            next(job)
-        except StopIteration as end:
-            dropped = end.value
-            break
+    dropped = _cap(conn, used_bytes(conn) / MIB / 2)
     assert dropped["transactions"] > 0 and dropped["conversations"] == 0, dropped
     oldest = conn.execute("SELECT MIN(timestamp) FROM http_transactions").fetchone()[0]
     assert oldest > F.T0 + 8  # the session's early transactions are gone...
@@ -244,7 +241,7 @@ def test_the_size_cap_drops_a_unit_whole_and_a_kept_one_assembles_the_same(tmp_p
     for i in range(300):
         conn.execute(filler, (F.T0 + 1000 + i, f"http://h/{i}", os.urandom(8192), 8192))
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    list(size_cap(conn, {"max_database_mib": used_bytes(conn) / MIB / 2, "now": F.T0}))
+    _cap(conn, used_bytes(conn) / MIB / 2)
     assert llm_db.snapshot(conn)["conversations"] == {}
     assert conn.execute("SELECT COUNT(*) FROM llm_requests").fetchone()[0] == 0
     assert conn.execute("SELECT COUNT(*) FROM llm_refs").fetchone()[0] == 0
