@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -37,11 +38,28 @@ HOSTNAME = socket.gethostname()
 _local_pids: dict[str, int] = {}
 
 
+_SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _kill_pending(pid: int) -> bool:
+    """Whether SIGKILL is pending for `pid` (Linux /proc status): sent but not yet acted on, as when
+    the process is in an uninterruptible wait (a disk write). It is as good as gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith((b"SigPnd:", b"ShdPnd:")) and int(line.split()[1], 16) & _SIGKILL_BIT:
+                    return True
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rsplit(b")", 1)[1].split()[0]
-        return state not in (b"Z", b"X")  # a zombie has exited; its parent has not reaped it yet
+        # a zombie has exited (its parent has not reaped it yet); a killed one may not have yet
+        return state not in (b"Z", b"X") and not _kill_pending(pid)
     except FileNotFoundError:
         return False
     except (OSError, IndexError):
