@@ -16,7 +16,9 @@ maintenance process keeps those whole and the others *thin* (`extraction_form`, 
 
 An assembled conversation (`conversations.data`, SPEC §13.6) is kept as zstd-compressed JSON
 (`conversation`; its turns and messages repeat the same text): read with `load_conversation`,
-which also reads the JSON text of rows written before.
+which also reads the JSON text of rows written before. Its list form (`conversations.item`,
+migration 13) is kept beside it as plain JSON (`item`: no turns or messages, about a kilobyte), so
+a listing never decompresses the detail.
 
 Pure: no I/O.
 """
@@ -53,6 +55,11 @@ def load(value: str | bytes, form: int) -> dict[str, Any]:
 def conversation(detail: dict[str, Any]) -> bytes:
     """`conversations.data` for a conversation's detail form."""
     return zstandard.ZstdCompressor(level=LEVEL).compress(orjson.dumps(detail))
+
+
+def item(listed: dict[str, Any]) -> bytes:
+    """`conversations.item` for a conversation's list form."""
+    return orjson.dumps(listed)
 
 
 def load_conversation(value: str | bytes) -> dict[str, Any]:

@@ -470,3 +470,9 @@ MIGRATIONS.append(
         ["ALTER TABLE llm_requests ADD COLUMN extraction_form INTEGER NOT NULL DEFAULT 0"],
     )
 )
+
+# Issue 18 item 4: a conversation's list form (`conversations.item`, JSON of its ITEM_KEYS), written with
+# `data` by the assembler, so GET /api/conversations reads ~1 KB per item rather than decompressing and
+# parsing the whole detail (turns and messages: MBs for a long session). NULL for rows written before:
+# the listing then reads `data` as it did.
+MIGRATIONS.append((13, "conversation list form", ["ALTER TABLE conversations ADD COLUMN item BLOB"]))

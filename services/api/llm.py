@@ -174,13 +174,23 @@ class EndpointRuleResource:
 # ------------------------------------------------------------------ conversations
 
 
-def _item(row: tuple, detail: bool) -> dict[str, Any]:
+def _detail(row: tuple) -> dict[str, Any]:
     data, updated = row
     conv = stored.load_conversation(data)
     conv["updated_at"] = rfc3339(updated)
-    if not detail:
+    return conv
+
+
+def _listed(row: tuple) -> dict[str, Any]:
+    """The list form: `item` (migration 13), or for a row written before it, the detail cut down."""
+    item, data, updated = row
+    if item is None:
+        conv = stored.load_conversation(data)
         for key in ("system_prompt", "turns", "messages"):
             conv.pop(key, None)
+    else:
+        conv = orjson.loads(item)
+    conv["updated_at"] = rfc3339(updated)
     return conv
 
 
@@ -205,24 +215,25 @@ def list_conversations(filters: dict[str, Any], limit: int, offset: int) -> tupl
     with database.atomic():
         total = int(database.execute_sql(f"SELECT COUNT(*) FROM conversations WHERE {clause}", args).fetchone()[0])
         rows = database.execute_sql(
-            f"SELECT data, updated_at FROM conversations WHERE {clause} ORDER BY ended_at DESC, id LIMIT ? OFFSET ?",
+            f"SELECT item, data, updated_at FROM conversations WHERE {clause} ORDER BY ended_at DESC, id LIMIT ? OFFSET ?",
             [*args, limit, offset],
         ).fetchall()
-    return [_item(r, False) for r in rows], total
+    return [_listed(r) for r in rows], total
 
 
 def get_conversation(cid: str) -> dict[str, Any] | None:
     row = database.execute_sql("SELECT data, updated_at FROM conversations WHERE id = ?", (cid,)).fetchone()
-    return _item(row, True) if row else None
+    return _detail(row) if row else None
 
 
 def list_subagents(cid: str) -> tuple[list[dict[str, Any]], int] | None:
     if database.execute_sql("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is None:
         return None
     rows = database.execute_sql(
-        "SELECT data, updated_at FROM conversations WHERE parent_conversation_id = ? ORDER BY started_at, id", (cid,)
+        "SELECT item, data, updated_at FROM conversations WHERE parent_conversation_id = ? ORDER BY started_at, id",
+        (cid,),
     ).fetchall()
-    return [_item(r, False) for r in rows], len(rows)
+    return [_listed(r) for r in rows], len(rows)
 
 
 def _text(req: falcon.asgi.Request, name: str) -> str | None:

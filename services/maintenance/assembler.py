@@ -508,15 +508,15 @@ def assemble_and_store(
             owner.setdefault(tid, c["id"])
         started, ended = c.pop("_started"), c.pop("_ended")
         data = stored.conversation(A.public(c, detail=True) | {"updated_at": None})
-        rows.append((c, started, ended, data))
+        rows.append((c, started, ended, data, stored.item(A.public(c) | {"updated_at": None})))
     txn_ids = [r["transaction_id"] for s in members for r in sessions[s]]
     forms = _forms(sessions)
 
     def write() -> None:
         ph = ",".join("?" * len(members))
         existing = {
-            r[0]: (r[1], r[2])
-            for r in conn.execute(f"SELECT id, data, unit FROM conversations WHERE unit IN ({ph})", members)
+            r[0]: (r[1], r[2], r[3])
+            for r in conn.execute(f"SELECT id, data, unit, item FROM conversations WHERE unit IN ({ph})", members)
         }
         new_ids = {c["id"] for c, *_ in rows}
         for cid in existing.keys() - new_ids:
@@ -524,23 +524,22 @@ def assemble_and_store(
             conn.execute("UPDATE http_transactions SET conversation_id = NULL WHERE conversation_id = ?", (cid,))
             if events is not None:
                 events.append((topics.CONVERSATION_DELETED, {"conversation_id": cid}))
-        for c, started, ended, data in rows:
+        for c, started, ended, data, item in rows:
             old = existing.get(c["id"])
             if old is None:
-                old_row = conn.execute("SELECT data, unit FROM conversations WHERE id = ?", (c["id"],)).fetchone()
-                old = (old_row[0], old_row[1]) if old_row else None
+                old = conn.execute("SELECT data, unit, item FROM conversations WHERE id = ?", (c["id"],)).fetchone()
             if produced is not None:
                 produced.add(c["id"])
-            if old is not None and old[0] == data and old[1] == root:
+            if old is not None and old[0] == data and old[1] == root and old[2] is not None:
                 continue
             conn.execute(
                 "INSERT INTO conversations (id, unit, parent_conversation_id, container_name, provider, client_name,"
-                " model, started_at, ended_at, updated_at, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " model, started_at, ended_at, updated_at, data, item) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (id) DO UPDATE SET unit = excluded.unit,"
                 " parent_conversation_id = excluded.parent_conversation_id, container_name = excluded.container_name,"
                 " provider = excluded.provider, client_name = excluded.client_name, model = excluded.model,"
                 " started_at = excluded.started_at, ended_at = excluded.ended_at, updated_at = excluded.updated_at,"
-                " data = excluded.data",
+                " data = excluded.data, item = excluded.item",
                 (
                     c["id"],
                     root,
@@ -553,6 +552,7 @@ def assemble_and_store(
                     ended,
                     now,
                     data,
+                    item,
                 ),
             )
             if events is not None:

@@ -246,3 +246,32 @@ def test_the_size_cap_drops_a_unit_whole_and_a_kept_one_assembles_the_same(tmp_p
     assert conn.execute("SELECT COUNT(*) FROM llm_requests").fetchone()[0] == 0
     assert conn.execute("SELECT COUNT(*) FROM llm_refs").fetchone()[0] == 0
     conn.close()
+
+
+def test_the_listing_reads_the_list_form_and_rows_written_before_it_list_the_same(tmp_path: Path) -> None:
+    """GET /api/conversations used to decompress and parse each item's whole detail (turns and
+    messages: MBs for a long session) to drop most of it; the assembler now writes the list form
+    beside it (`conversations.item`, migration 13). Both give the same items, subagents included."""
+    from greyproxy.store.db import open_database
+    from services.api import llm as api
+
+    conn = llm_db.new_store(tmp_path / "a.db")
+    llm_db.insert(conn, F.claude_code_session())
+    AS.run_pass(conn)
+    db = open_database(tmp_path / "a.db")
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM conversations WHERE item IS NULL").fetchone()[0] == 0
+        items, total = api.list_conversations({}, 50, 0)
+        parent = items[0]["id"]
+        subs, n = api.list_subagents(parent)
+        assert total == 1 and n >= 1
+        detail = api.get_conversation(parent)
+        assert detail is not None and detail["turns"]
+        assert items[0] == {k: v for k, v in detail.items() if k not in ("system_prompt", "turns", "messages")}
+        assert list(items[0]) == [k for k in detail if k not in ("system_prompt", "turns", "messages")]
+        conn.execute("UPDATE conversations SET item = NULL")  # rows written before migration 13
+        assert api.list_conversations({}, 50, 0) == (items, total)
+        assert api.list_subagents(parent) == (subs, n)
+    finally:
+        db.close()
+        conn.close()
