@@ -286,6 +286,70 @@ def _check_port_conflicts(api: Listener | None, listeners: dict[str, Listener], 
                 )
 
 
+def _bus_binds(bus: dict[str, str], workers: int) -> list[tuple[str, str]]:
+    """(what, endpoint) of every bus endpoint the stack binds: with proxy workers, each worker's
+    own control endpoint derived from bus.proxyControl (`worker_endpoint`)."""
+    out = []
+    for key in ("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl"):
+        ep = bus[key]
+        if key == "proxyControl" and workers > 1:
+            how = "+ INDEX" if ep.startswith("tcp://") else "with -INDEX"
+            out += [
+                (
+                    f"'bus.proxyControl' (worker {i}'s, the endpoint {how}, proxy.workers {workers})",
+                    worker_endpoint(ep, i),
+                )
+                for i in range(workers)
+            ]
+        else:
+            out.append((f"'bus.{key}'", ep))
+    return out
+
+
+def _check_bus_conflicts(
+    bus: dict[str, str], workers: int, api: Listener | None, listeners: dict[str, Listener]
+) -> None:
+    """Two bus endpoints (or one and a listener) on one port, or one ipc:// path, cannot both bind:
+    say which keys at load time, not as a crash loop of the one that binds second. Hosts collide
+    when equal, or one is a wildcard and the other a loopback address or a wildcard (a proxy on
+    another host names the central host's endpoints, which it connects to, not binds)."""
+    binds: list[tuple[str, str, str | int]] = []  # (what, host or "ipc", port or path)
+    for what, ep in _bus_binds(bus, workers):
+        if ep.startswith("tcp://"):
+            host, _, port = ep[len("tcp://") :].rpartition(":")
+            if port.isdigit():
+                binds.append((what, host.strip("[]").replace("*", "0.0.0.0"), int(port)))
+        else:
+            binds.append((what, "ipc", ep[len("ipc://") :]))
+    others = [(f"'greyproxy.addr' ({api.name})", api.host, api.port)] if api is not None and api.port else []
+    others += [(f"the {lst.name} listener", lst.host, lst.port) for lst in listeners.values() if lst.port]
+
+    def clash(a: tuple[str, str, str | int], b: tuple[str, str, str | int]) -> bool:
+        if (a[1] == "ipc") != (b[1] == "ipc") or a[2] != b[2]:
+            return False
+        return a[1] == "ipc" or _same_local_bind(a[1], b[1])
+
+    for i, a in enumerate(binds):
+        for b in binds[i + 1 :] + others:
+            if clash(a, b):
+                where = f"port {a[2]} on {a[1]}" if a[1] != "ipc" else f"ipc://{a[2]}"
+                raise ConfigError(f"config keys {a[0]} and {b[0]} both use {where}")
+
+
+def _same_local_bind(a: str, b: str) -> bool:
+    """`_same_bind`, but a wildcard collides only with a loopback address or another wildcard."""
+    if not _same_bind(a, b):
+        return False
+    wild = ("0.0.0.0", "::", "")
+    for x, y in ((a, b), (b, a)):
+        if x.strip() in wild and y.strip() not in wild:
+            try:
+                return ipaddress.ip_address(y.strip().replace("localhost", "127.0.0.1")).is_loopback
+            except ValueError:
+                return y.strip().lower() == "localhost"
+    return True
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -496,6 +560,7 @@ def load_config(
             raise ConfigError(f"config key 'bus.{key}': must be an ipc:// or tcp:// endpoint")
 
     workers = resolve_workers(raw["proxy"]["workers"])
+    _check_bus_conflicts(bus, workers, api, listeners)
     if raw["proxy"]["rulesFrom"] not in ("database", "recorder"):
         raise ConfigError("config key 'proxy.rulesFrom': must be database or recorder")
     name = raw["proxy"]["name"]

@@ -68,6 +68,7 @@ PTR_CACHE_LIMIT = 65536  # negative PTR entries kept
 PERSIST_REFRESH = 3600.0  # re-journal an unchanged ip → name this often (keeps dns_cache fresh)
 PERSIST_LIMIT = 65536  # ip → name pairs remembered as already journaled
 NAMES_PRUNE_EVERY = 300.0  # seconds between sweeps of expired gate.names entries
+ECHO_WAIT = 0.1  # proxy workers: seconds an answer with new names waits for the bus to echo them (`_echo`)
 LOG_SETTING = "logDnsQueries"
 
 _ADDRESS_TYPES = (dns.rdatatype.A, dns.rdatatype.AAAA)
@@ -385,6 +386,7 @@ class DnsProxy:
         self._ptr: dict[str, asyncio.Task] = {}
         self._ptr_negative: OrderedDict[str, float] = OrderedDict()
         self._persisted: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._echo_waits: dict[str, list[asyncio.Future]] = {}  # ip -> answers waiting for its echo (`_echo`)
         self._udp_inflight = 0
         self._tcp_conns = 0
         self.counts = {
@@ -564,7 +566,9 @@ class DnsProxy:
             wire, age = fetched, 0
         response = dns.message.from_wire(wire)
         age_response(response, age)
-        self.note_names(response)
+        published = self.note_names(response)
+        if published:
+            await self._echo(published)
         response.id = query.id
         response.question = list(query.question)  # the client's own spelling (0x20 case randomisation)
         out = response.to_wire()
@@ -596,15 +600,17 @@ class DnsProxy:
         return wire
 
     # -- ip → name --
-    def note_names(self, response: dns.message.Message) -> None:
-        """Every A/AAAA answer: into the gate's map at once, and to the journal when new or stale."""
+    def note_names(self, response: dns.message.Message) -> list[str] | None:
+        """Every A/AAAA answer: into the gate's map at once, and to the journal when new or stale;
+        with proxy workers, also to the other workers: the IPs published so (None: none)."""
         pairs = address_names(response)
         if not pairs:
-            return
+            return None
         now = time.time()
-        names = self.gate.names
+        learn = self.gate.learn
+        published = None
         for ip, name in pairs:
-            names[ip] = (name, now)
+            learn(ip, name, now)
             self._ptr_negative.pop(ip, None)
             last = self._persisted.get(ip)
             if last is not None and last[0] == name and now - last[1] < PERSIST_REFRESH:
@@ -618,6 +624,40 @@ class DnsProxy:
             self.journal.append(records.DNS, records.dns_record(ip, name, now))
             if self.reuse_port:  # the other workers may get this client's connection
                 self.gate.publisher.publish(topics.DNS_NAME, {"ip": ip, "hostname": name, "ts": now})
+                published = [*(published or ()), ip]
+        return published
+
+    async def _echo(self, ips: list[str]) -> None:
+        """Proxy workers: hold a DNS answer that taught us new names until the bus has sent our
+        publication of each back to us (`echoed`), at most ECHO_WAIT. The broker forwards a message
+        to every subscriber at once, so by then it is on its way into every other worker too, ahead
+        of the client's connection, which it makes only once it has the answer: else a worker that
+        takes the connection may judge the raw IP unnamed (an outside run: 0.2-1 % of connections
+        made at once after the answer, held as unknown while a rule allowed the name)."""
+        futures = []
+        loop = asyncio.get_running_loop()
+        for ip in ips:
+            fut = loop.create_future()
+            self._echo_waits.setdefault(ip, []).append(fut)
+            futures.append((ip, fut))
+        try:
+            await asyncio.wait([f for _ip, f in futures], timeout=ECHO_WAIT)
+        finally:
+            for ip, fut in futures:
+                waits = self._echo_waits.get(ip)
+                if waits is not None:
+                    if fut in waits:
+                        waits.remove(fut)
+                    if not waits:
+                        del self._echo_waits[ip]
+
+    def echoed(self, ip: str) -> None:
+        """Our own publication of `ip`'s name came back from the bus (service.py, `_listen_names`)."""
+        waits = self._echo_waits.pop(ip, None)
+        if waits is not None:
+            for fut in waits:
+                if not fut.done():
+                    fut.set_result(None)
 
     async def _prune_names(self) -> None:
         """Drop ip → name entries past their memory lifetime (the gate ignores them anyway)."""
@@ -680,7 +720,7 @@ class DnsProxy:
                 self._ptr_negative.popitem(last=False)
             return
         if self.gate.resolved_name(ip) is None:  # a forward answer that arrived meanwhile wins
-            self.gate.names[ip] = (name, time.time())
+            self.gate.learn(ip, name, time.time())
             self.counts["ptr_names"] += 1
 
     async def _lookup(self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> dns.message.Message | None:

@@ -8,6 +8,7 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import time
@@ -45,6 +46,14 @@ def _normalise_host(host: str) -> str:
     return normal
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 log = logging.getLogger("greyproxy.proxy")
 
 PENDING_IN_FLIGHT = 2.0  # seconds a new pending key held here may not be in the database yet (`_pending_room`)
@@ -64,6 +73,10 @@ NAME_TTL = 3600.0  # seconds an ip -> name mapping from the DNS cache stays vali
 RESOLVE_TIMEOUT = 5.0  # seconds the gate waits for a name's addresses when an address rule could deny it
 ADDRESS_TTL = 30.0  # seconds a name's addresses are reused for the admission check (the guard re-judges each connect)
 ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
+# Proxy workers (`name_grace`): how long a connection to a raw IP that no name is known for, about to
+# be held, waits for one to come from another worker's DNS proxy (its client asked that worker for
+# the name; the answer reaches this worker over the bus) before it is queued for a person.
+NAME_GRACE = 0.25
 
 
 # Verdict, Admission and LiveConn are dataclasses given __slots__ at the end of this module (as
@@ -221,6 +234,8 @@ class Gate:
         "hold_seconds",
         "defer_tunnel_logs",
         "name_hook",
+        "name_grace",
+        "_name_waits",
     )
 
     def __init__(
@@ -272,6 +287,10 @@ class Gate:
         # Called before a decision to give an unnamed raw IP a chance at a name (the DNS proxy's
         # PTR fallback sets it): what to await first, or None (the usual case: nothing to wait for).
         self.name_hook: Callable[[str, str, int], Awaitable[Any] | None] | None = None
+        # Proxy workers: NAME_GRACE (0: one process, whose own DNS proxy names an IP before its client
+        # gets the answer), and the connections waiting through it, by IP (`learn` wakes them).
+        self.name_grace = 0.0
+        self._name_waits: dict[str, list[asyncio.Future]] = {}
 
     @property
     def results(self) -> dict[str, int]:
@@ -284,6 +303,42 @@ class Gate:
         if entry is None or time.time() - entry[1] > NAME_TTL:
             return None  # older than an hour: the address may belong to someone else by now
         return entry[0]
+
+    def learn(self, ip: str, name: str, seen: float) -> None:
+        """An ip -> name from a DNS answer (ours, another worker's over the bus, a PTR lookup): kept,
+        and the connections to that IP waiting unnamed are judged again with it: those waiting
+        through `name_grace`, and the held ones (a name rule may now decide them, SPEC §6)."""
+        self.names[ip] = (name, seen)
+        waits = self._name_waits.pop(ip, None)
+        if waits is not None:
+            for fut in waits:
+                if not fut.done():
+                    fut.set_result(name)
+        if self.holds:
+            for key, waiters in list(self.holds.items()):
+                if key[1] != ip:
+                    continue
+                for hold in list(waiters):
+                    if hold.resolved is None and not hold.future.done():
+                        hold.resolved = name
+                        v = self._decide_now(key[0], ip, key[2], name)
+                        if v is not None:
+                            hold.future.set_result(v)
+
+    async def _name_within(self, ip: str, seconds: float) -> str | None:
+        """The name `learn` gives `ip` within `seconds`, or None."""
+        fut = asyncio.get_running_loop().create_future()
+        waits = self._name_waits.setdefault(ip, [])
+        waits.append(fut)
+        try:
+            return await asyncio.wait_for(fut, seconds)
+        except TimeoutError:
+            return None
+        finally:
+            if fut in waits:
+                waits.remove(fut)
+            if not waits and self._name_waits.get(ip) is waits:
+                del self._name_waits[ip]
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""
@@ -367,7 +422,6 @@ class Gate:
             if verdict is not None:
                 return self._decided(t0, container, host, port, method, verdict)
         verdict = await self._hold(container, host, port, resolved, client_gone)
-        verdict.resolved_hostname = resolved
         return self._decided(t0, container, host, port, method, verdict)
 
     def _decided(
@@ -537,15 +591,36 @@ class Gate:
     async def _hold(
         self, container: str, host: str, port: int, resolved: str | None, client_gone: ClientGone
     ) -> Verdict:
+        """Hold a connection for a person's decision; the verdict, its `resolved_hostname` the name
+        it was last judged with."""
+        v = await self._held(container, host, port, resolved, client_gone)
+        if v.resolved_hostname is None:
+            v.resolved_hostname = resolved if resolved is not None else self.resolved_name(host)
+        return v
+
+    async def _held(
+        self, container: str, host: str, port: int, resolved: str | None, client_gone: ClientGone
+    ) -> Verdict:
         if callable(client_gone):
             client_gone = client_gone()
         key: Key = (container, host, port)
         if key not in self.holds:
+            if resolved is None and self.name_grace and _is_ip(host):
+                # Workers: the client may have asked another worker's DNS proxy for this IP's name.
+                resolved = await self._name_within(host, self.name_grace)
+                if resolved is not None:
+                    v = self._decide_now(container, host, port, resolved)
+                    if v is not None:
+                        return v
             room = await self._pending_room(key)
-            # A decision that came while the queue was looked at (a rule, silent mode: a look at the
-            # recorder over tcp:// takes milliseconds) released the holds there were, not this one.
+            # A decision that came while the queue was looked at (a rule, silent mode, a name: a
+            # look at the recorder over tcp:// takes milliseconds) released the holds there were,
+            # not this one.
+            if resolved is None:
+                resolved = self.resolved_name(host)
             v = self._decide_now(container, host, port, resolved)
             if v is not None:
+                v.resolved_hostname = resolved
                 return v
             if not room:
                 return Verdict(False, "queue_full")
@@ -649,6 +724,8 @@ class Gate:
             for hold in list(waiters):
                 if hold.future.done():
                     continue
+                if hold.resolved is None:
+                    hold.resolved = self.resolved_name(key[1])
                 v = self._decide_now(key[0], key[1], key[2], hold.resolved)
                 if v is not None:
                     hold.future.set_result(v)

@@ -30,7 +30,7 @@ from greyproxy.store import rules as rules_table
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
 from .docker_identity import DockerIdentity
-from .gate import Gate
+from .gate import NAME_GRACE, Gate
 from .context import Limits, ProxyContext, start_listener
 from .credentials import LiveCredentials
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
@@ -182,16 +182,21 @@ async def _listen_bus(cfg: Config, loader: RuleLoader) -> None:
         sub.close()
 
 
-async def _listen_names(cfg: Config, gate: Gate, own: str) -> None:
-    """Workers: an ip -> name another worker's DNS proxy learned (its client may connect through us)."""
+async def _listen_names(cfg: Config, gate: Gate, own: str, dns: DnsProxy | None) -> None:
+    """Workers: an ip -> name another worker's DNS proxy learned (its client may connect through us);
+    our own DNS proxy's, back from the bus (its answer waits for that: `DnsProxy._echo`)."""
     sub = Subscriber(cfg.bus["sub"], (topics.DNS_NAME,))
     try:
         while True:
             msg = await sub.recv()
             data = msg.get("data") or {}
             ip, name = data.get("ip"), data.get("hostname")
-            if msg.get("source") != own and isinstance(ip, str) and isinstance(name, str):
-                gate.names[ip] = (name, time.time())
+            if not (isinstance(ip, str) and isinstance(name, str)):
+                continue
+            if msg.get("source") != own:
+                gate.learn(ip, name, time.time())
+            elif dns is not None:
+                dns.echoed(ip)
     finally:
         sub.close()
 
@@ -342,6 +347,8 @@ async def main(rt: ServiceRuntime) -> None:
     # Workers (proxy.workers > 1) share each listening address: the kernel spreads connections
     # (and DNS datagrams) over the sockets bound with SO_REUSEPORT.
     shared = cfg.workers > 1 or cfg.worker is not None
+    if shared:  # a name another worker's DNS proxy gave may be on its way (Gate.learn)
+        gate.name_grace = NAME_GRACE
     # (handler, how a connection begins: the HTTP proxy serves requests in the callbacks until one waits)
     handlers = {"http-proxy": (handle_http, begin_http), "socks5-proxy": (handle_socks, None)}
     for name, (handler, begin) in handlers.items():
@@ -495,7 +502,7 @@ async def main(rt: ServiceRuntime) -> None:
             settings.run(),
             watch_ca(),
             credentials.watch(),
-            *([_listen_names(cfg, gate, rt.name)] if shared else []),
+            *([_listen_names(cfg, gate, rt.name, dns)] if shared else []),
         )
     finally:
         for s in servers:

@@ -176,3 +176,40 @@ def test_serve_refuses_a_port_another_program_holds(tmp_path: Path, taken: str) 
     assert took < 15 and "waiting" not in r.stderr, r.stderr
     assert f"listening program: pid {os.getpid()} (" in r.stderr, r.stderr
     assert not (tmp_path / "data" / "run" / "supervisord.pid").exists()
+
+
+def _bus(workers: int, **endpoints: str) -> dict:
+    data = _config(":9100", ":9101", ":9102", ":9103")
+    data["proxy"] = {"workers": workers}
+    data["bus"] = endpoints
+    return data
+
+
+NUMBERED = {  # tcp endpoints on consecutive ports, as an outside tester numbered them
+    k: f"tcp://127.0.0.1:{47901 + i}"
+    for i, k in enumerate(("pub", "sub", "journal", "proxyControl", "recorderControl", "maintenanceControl"))
+}
+
+
+def test_bus_endpoints_that_collide_are_refused_naming_both_keys(tmp_path: Path) -> None:
+    """With proxy.workers N, worker i binds bus.proxyControl's port + i (its own control endpoint):
+    tcp endpoints numbered one after another gave a stack whose worker 1 could never bind (a crash
+    loop: 26 exits in 30 s, /api/health degraded) while `greyproxy config` said nothing."""
+    _load(tmp_path, _bus(1, **NUMBERED))  # one worker: no clash
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, _bus(2, **NUMBERED))
+    msg = str(err.value)
+    assert "'bus.proxyControl' (worker 1's" in msg and "'bus.recorderControl'" in msg and "47905" in msg, msg
+    assert "\n" not in msg
+    spaced = {**NUMBERED, "recorderControl": "tcp://127.0.0.1:47915", "maintenanceControl": "tcp://127.0.0.1:47916"}
+    _load(tmp_path, _bus(3, **spaced))  # room for three workers' control endpoints
+    with pytest.raises(ConfigError, match="'bus.pub' and 'bus.sub' both use port 47901"):
+        _load(tmp_path, _bus(1, **{**NUMBERED, "sub": "tcp://127.0.0.1:47901"}))
+    with pytest.raises(ConfigError, match=r"'bus.journal' and 'greyproxy.addr' \(api\) both use port 9100"):
+        _load(tmp_path, _bus(1, **{**NUMBERED, "journal": "tcp://*:9100"}))
+    with pytest.raises(ConfigError, match="'bus.pub' and 'bus.journal' both use ipc://"):
+        _load(tmp_path, _bus(1, pub="ipc:///tmp/x.sock", journal="ipc:///tmp/x.sock"))
+    # A proxy on another host names the central host's endpoints (connected to, not bound): its own
+    # control endpoint on a wildcard does not collide with a port of another address.
+    remote = {**NUMBERED, "recorderControl": "tcp://10.1.2.3:47904", "proxyControl": "tcp://0.0.0.0:47904"}
+    _load(tmp_path, _bus(1, **remote))

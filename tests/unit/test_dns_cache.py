@@ -326,3 +326,46 @@ def test_answer_path_servfail_and_udp_truncation() -> None:
     assert dns.message.from_wire(lost).rcode() == dns.rcode.SERVFAIL
     assert len(small) <= 512 and dns.message.from_wire(small).flags & dns.flags.TC
     assert len(dns.message.from_wire(full).answer[0]) == 60
+
+
+def test_with_workers_an_answer_with_new_names_waits_for_their_echo_from_the_bus() -> None:
+    """Proxy workers (SPEC §15): the name a DNS answer teaches goes to the other workers over the
+    bus. An outside run found connections made at once after the answer reaching a worker the name
+    had not reached yet. The answer now waits (at most ECHO_WAIT) until the bus has sent our own
+    publication back: by then the broker has forwarded it to every worker, before the client can
+    connect. Names already known go out at once; without an echo (the bus down) it waits ECHO_WAIT."""
+    from services.proxy.dns_proxy import ECHO_WAIT
+
+    class Bus:
+        def __init__(self, echo_after: float | None) -> None:
+            self.echo_after = echo_after
+            self.sent: list[dict[str, Any]] = []
+
+        def publish(self, topic: str, data: dict[str, Any]) -> None:
+            self.sent.append(data)
+            if self.echo_after is not None:
+                asyncio.get_running_loop().call_later(self.echo_after, proxy.echoed, data["ip"])
+
+    fwd = ScriptedForwarder({"a.test.": ["10.9.0.1"], "b.test.": ["10.9.0.2", "10.9.0.3"]})
+    proxy, gate, _journal = _proxy(fwd)
+    proxy.reuse_port = True
+
+    async def timed(name: str) -> float:
+        t0 = time.perf_counter()
+        await proxy.answer(dns.message.make_query(name, "A").to_wire(), "127.0.0.1", tcp=False)
+        return time.perf_counter() - t0
+
+    async def run() -> None:
+        gate.publisher = bus = Bus(echo_after=0.03)
+        assert 0.03 <= await timed("a.test.") < ECHO_WAIT  # waited for the echo, not the whole wait
+        assert 0.03 <= await timed("b.test.") < ECHO_WAIT  # both of its names echoed
+        assert sorted(d["ip"] for d in bus.sent) == ["10.9.0.1", "10.9.0.2", "10.9.0.3"]
+        assert await timed("a.test.") < 0.02  # known already: no publication, no wait
+        assert len(bus.sent) == 3 and not proxy._echo_waits
+        gate.publisher = Bus(echo_after=None)  # the bus is down: the answer still goes, late
+        fwd.answers["c.test."] = ["10.9.0.4"]
+        assert ECHO_WAIT <= await timed("c.test.") < ECHO_WAIT + 0.1
+        assert not proxy._echo_waits
+
+    asyncio.run(run())
+    assert gate.resolved_name("10.9.0.4") == "c.test"

@@ -474,3 +474,58 @@ def test_max_pending_holds_when_the_queue_cannot_be_read() -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_a_name_another_worker_learns_reaches_a_connection_to_its_ip() -> None:
+    """SPEC §6, §15 (an outside run with proxy.workers 2 and 3): a client asks one worker's DNS proxy
+    for a name and connects at once to the IP it got; the worker that takes the connection had the
+    name only once the bus brought it. In 0.2-1 % of such connections it had not yet: the raw IP was
+    judged unnamed and held as unknown (a pending entry for it), and was never judged again when the
+    name came, so the client got 403 hold_timeout while a rule allowed the name. Now an unnamed raw
+    IP about to be held waits up to `name_grace` for a name (workers only), and a name learned later
+    releases the holds on its IP that a rule now decides."""
+
+    async def main() -> None:
+        # The name arrives within the grace: decided by the name's rule, nobody held, nothing queued.
+        g = gate_with(Rule(1, "*", "**.hw.test", action="allow"))
+        g.name_grace = 0.5
+        task = asyncio.ensure_future(g.admit("agent", "127.3.1.2", 80, "HTTP", None))
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        g.learn("127.3.1.2", "svc1.hw.test", time.time())
+        async with asyncio.timeout(1):
+            v = await task
+        assert (v.allowed, v.reason, v.rule_id, v.resolved_hostname) == (True, "rule", 1, "svc1.hw.test")
+        assert pending(g) == [] and not g.holds and not g._name_waits
+        assert logs(g)[0]["resolved_hostname"] == "svc1.hw.test"
+
+        # No grace (one process), or the name later than it: held, then released by the name.
+        for grace in (0.0, 0.05):
+            g = gate_with(Rule(1, "*", "**.hw.test", action="allow"))
+            g.name_grace = grace
+            task = asyncio.ensure_future(g.admit("agent", "127.3.1.3", 80, "HTTP", None))
+            async with asyncio.timeout(1):
+                while not g.holds:
+                    await asyncio.sleep(0.005)
+            assert pending(g)[0]["resolved_hostname"] is None
+            g.learn("127.3.1.3", "svc2.hw.test", time.time())
+            async with asyncio.timeout(1):  # before: the hold timeout (5 s here)
+                v = await task
+            assert (v.allowed, v.rule_id, v.resolved_hostname) == (True, 1, "svc2.hw.test"), grace
+            assert not g.holds
+
+        # A name no rule decides leaves the hold to a person; the re-check judges it by that name.
+        g = gate_with(Rule(1, "*", "**.hw.test", action="allow"))
+        task = asyncio.ensure_future(g.admit("agent", "127.3.1.4", 80, "HTTP", None))
+        async with asyncio.timeout(1):
+            while not g.holds:
+                await asyncio.sleep(0.005)
+        g.learn("127.3.1.4", "other.example", time.time())
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        g.set_rules(RuleSet([Rule(2, "*", "other.example", action="deny")]), 2)
+        async with asyncio.timeout(1):
+            v = await task
+        assert (v.allowed, v.rule_id, v.resolved_hostname) == (False, 2, "other.example")
+
+    asyncio.run(main())
