@@ -8,6 +8,7 @@ names, or to be silent. Clients are dnspython's stub resolver calls (`dns.query`
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import random
@@ -21,6 +22,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import dns.exception
 import dns.flags
@@ -674,3 +676,59 @@ def test_log_dns_queries_setting(stack: Stack, upstream: FakeUpstream) -> None:
         return any(dns_logs(stack, name) for name in asked)
 
     wait_for(any_logged, 12, interval=0.5, message="DNS logging via the version check")
+
+
+# ----------------------------------------------------------------------------- 4. proxy workers
+
+
+def test_with_workers_a_name_reaches_whichever_worker_takes_the_connection(make_stack) -> None:
+    """SPEC §6, §15: the client asks one worker's DNS proxy for a name, then connects at once to the
+    address through the HTTP proxy, several times in parallel: each connection may reach any worker,
+    and each must be judged by the name's rule. An outside run found 0.2-1 % of such rounds with a
+    connection held as unknown (the raw IP unnamed on that worker) until its hold timeout. Nothing
+    listens at the addresses: 502 is "allowed" (a refused connect), a held one answers nothing."""
+    names = {(f"svc{i}.hw.test", "A"): [f"127.3.{i // 250}.{i % 250 + 1}"] for i in range(300)}
+    up = FakeUpstream(names)
+    try:
+        s = make_stack(
+            dns={"upstreams": [f"127.0.0.1:{up.port}"], "timeout": 0.5},
+            proxy={"workers": 2, "holdTimeout": 15},
+        )
+        r = s.request(
+            "POST",
+            "/api/rules",
+            json={
+                "container_pattern": "dnsc",
+                "destination_pattern": "**.hw.test",
+                "port_pattern": "*",
+                "action": "allow",
+            },
+        )
+        assert r.status_code == 201, r.text
+        port = free_port()  # nothing listens: allowed connections get a quick 502
+        auth = "Basic " + base64.b64encode(b"dnsc:x").decode()
+
+        def status(ip: str) -> str:
+            with socket.create_connection(("127.0.0.1", s.ports["http-proxy"]), timeout=5) as c:
+                c.settimeout(2.0)
+                c.sendall(
+                    f"GET http://{ip}:{port}/ HTTP/1.1\r\nHost: {ip}:{port}\r\nProxy-Authorization: {auth}\r\n"
+                    "Connection: close\r\n\r\n".encode()
+                )
+                try:
+                    return c.recv(12)[9:12].decode() or "closed"
+                except TimeoutError:
+                    return "held"
+
+        late = []
+        with ThreadPoolExecutor(4) as pool:
+            for (name, _t), (ip,) in names.items():
+                assert answer(s.dns_port, name) == [ip]
+                got = list(pool.map(status, [ip] * 4))
+                if got != ["502"] * 4:
+                    late.append((name, got))
+        assert late == [], late
+        pending = s.get("/api/pending", params={"container": "dnsc"}).json()["items"]
+        assert pending == [], pending
+    finally:
+        up.close()
