@@ -325,6 +325,12 @@ class Gate:
                         if v is not None:
                             hold.future.set_result(v)
 
+    def unnamed_held_ips(self) -> set[str]:
+        """The raw IPs of held connections judged without a name."""
+        return {
+            key[1] for key, waiters in self.holds.items() if any(h.resolved is None for h in waiters) and _is_ip(key[1])
+        }
+
     async def _name_within(self, ip: str, seconds: float) -> str | None:
         """The name `learn` gives `ip` within `seconds`, or None."""
         fut = asyncio.get_running_loop().create_future()

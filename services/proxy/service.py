@@ -62,6 +62,9 @@ RULE_TOPICS = (
 )
 
 
+NAMES_OVERLAP = 5.0  # seconds each look at the database for held addresses' names goes back over the last
+
+
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
@@ -77,6 +80,7 @@ class RuleLoader:
         self.view = view or LocalView()  # the database, or the recorder's (proxy.rulesFrom)
         self.builtins = builtins  # greyproxy.builtinRules: false leaves the seeded loopback allows out
         self._lock = asyncio.Lock()
+        self._names_since: float | None = None  # `names_for_holds`: where the last look left off
 
     def _version(self) -> int:
         return self.view.rules_version()
@@ -108,9 +112,32 @@ class RuleLoader:
             # are judged again; the live ones it let in stay, see close_revoked); so may silent mode
             # (its end by the clock). Also when the rules could not be read: with the ones it has.
             try:
+                await self.names_for_holds()
+            except Exception:
+                log_failure(log, "names of held addresses not looked up")
+            try:
                 self.gate.reevaluate_holds()
             except Exception:
                 log.exception("held connections not judged again")
+
+    async def names_for_holds(self) -> None:
+        """While connections to raw IPs no name is known for are held: the names the database has
+        for them (the journal's `dns` records, which every worker's DNS proxy writes and which are
+        resent after an outage), given to the gate (`Gate.learn`, which judges them again). With
+        proxy workers the bus brings another worker's names at once; this is for one it lost (an
+        outside run: names first answered while the bus was down held their connections until the
+        hold timeout). Only the names updated since the last look (a few seconds of overlap)."""
+        ips = self.gate.unnamed_held_ips()
+        if not ips:
+            self._names_since = None
+            return
+        now = time.time()
+        since = self._names_since if self._names_since is not None else now - float(self.gate.hold_timeout) - 10.0
+        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.view.dns_names, since)
+        self._names_since = now - NAMES_OVERLAP
+        for row in rows:
+            if row[0] in ips and self.gate.resolved_name(row[0]) is None:
+                self.gate.learn(str(row[0]), str(row[1]), now)
 
 
 async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: ThreadPoolExecutor) -> None:
