@@ -14,11 +14,15 @@ UPSERT = (
 )
 
 
-def names_since(cutoff: float) -> list[tuple[str, str]]:
-    """(ip, hostname) of the mappings updated after `cutoff` (the proxy reloads them at start)."""
+def names_since(cutoff: float, ips: list[str] | None = None) -> list[tuple[str, str]]:
+    """(ip, hostname) of the mappings updated after `cutoff` (the proxy reloads them at start);
+    `ips`: of those addresses only (a proxy's held connections to unnamed addresses)."""
     from .models import DnsCache
 
-    query = DnsCache.select(DnsCache.ip, DnsCache.hostname).where(DnsCache.updated_at > cutoff).tuples()
+    where = DnsCache.updated_at > cutoff
+    if ips is not None:
+        where &= DnsCache.ip.in_(ips)
+    query = DnsCache.select(DnsCache.ip, DnsCache.hostname).where(where).tuples()
     return list(cast(Iterable[tuple[str, str]], query))  # .tuples(): peewee's types still say models
 
 

@@ -30,7 +30,7 @@ from greyproxy.store import rules as rules_table
 from .conn import RECEIVED
 from .dns_proxy import DnsProxy, start_dns
 from .docker_identity import DockerIdentity
-from .gate import NAME_GRACE, Gate
+from .gate import NAME_GRACE, NAME_TTL, Gate
 from .context import Limits, ProxyContext, start_listener
 from .credentials import LiveCredentials
 from .hooks import CredentialSubstitution, HookChain, RuleRecheck, hooks_from_env
@@ -62,9 +62,6 @@ RULE_TOPICS = (
 )
 
 
-NAMES_OVERLAP = 5.0  # seconds each look at the database for held addresses' names goes back over the last
-
-
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
@@ -80,7 +77,6 @@ class RuleLoader:
         self.view = view or LocalView()  # the database, or the recorder's (proxy.rulesFrom)
         self.builtins = builtins  # greyproxy.builtinRules: false leaves the seeded loopback allows out
         self._lock = asyncio.Lock()
-        self._names_since: float | None = None  # `names_for_holds`: where the last look left off
 
     def _version(self) -> int:
         return self.view.rules_version()
@@ -126,15 +122,15 @@ class RuleLoader:
         resent after an outage), given to the gate (`Gate.learn`, which judges them again). With
         proxy workers the bus brings another worker's names at once; this is for one it lost (an
         outside run: names first answered while the bus was down held their connections until the
-        hold timeout). Only the names updated since the last look (a few seconds of overlap)."""
+        hold timeout). A name is the one seen within NAME_TTL, as in memory; a record is stamped with
+        the time of its DNS answer, so one that reached the database late is found all the same."""
         ips = self.gate.unnamed_held_ips()
         if not ips:
-            self._names_since = None
             return
         now = time.time()
-        since = self._names_since if self._names_since is not None else now - float(self.gate.hold_timeout) - 10.0
-        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.view.dns_names, since)
-        self._names_since = now - NAMES_OVERLAP
+        rows = await asyncio.get_running_loop().run_in_executor(
+            self.executor, self.view.dns_names, now - NAME_TTL, sorted(ips)
+        )
         for row in rows:
             if row[0] in ips and self.gate.resolved_name(row[0]) is None:
                 self.gate.learn(str(row[0]), str(row[1]), now)

@@ -69,11 +69,11 @@ class LocalView:
 
         return pending.count_and_has(keys)
 
-    def dns_names(self, since: float) -> list[list[str]]:
-        """[[ip, hostname]] seen since `since` (epoch seconds)."""
+    def dns_names(self, since: float, ips: list[str] | None = None) -> list[list[str]]:
+        """[[ip, hostname]] seen since `since` (epoch seconds); of `ips` only, if given."""
         from greyproxy.store import dns_cache
 
-        return [list(r) for r in dns_cache.names_since(since)]
+        return [list(r) for r in dns_cache.names_since(since, ips)]
 
     def claims(self) -> tuple[list[list[Any]], int]:
         """([[name, secret_hash, version]], identities_version) of the claimed identities (SPEC §16)."""
@@ -183,8 +183,8 @@ class RecorderView:
         n, has = self._ask("view.pending_state", {"keys": [list(k) for k in keys]}, retries=1)
         return int(n), [bool(h) for h in has]
 
-    def dns_names(self, since: float) -> list[list[str]]:
-        return self._ask("view.dns_names", {"since": since})
+    def dns_names(self, since: float, ips: list[str] | None = None) -> list[list[str]]:
+        return self._ask("view.dns_names", {"since": since} if ips is None else {"since": since, "ips": ips})
 
     def claims(self) -> tuple[list[list[Any]], int]:
         rows, version = self._ask("view.claims")

@@ -115,11 +115,15 @@ async def main(rt: ServiceRuntime) -> None:
 
     def view_op(method: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
         async def answer(args: dict[str, Any]) -> Any:
-            if method == "dns_names":  # the one op with an argument: since when (epoch seconds)
-                since = args.get("since")
+            if method == "dns_names":  # since when (epoch seconds); optionally of these addresses only
+                since, ips = args.get("since"), args.get("ips")
                 if isinstance(since, bool) or not isinstance(since, (int, float)):
                     raise RemoteError("since must be a number (epoch seconds)", 400)
-                return await loop.run_in_executor(reader, view.dns_names, float(since))
+                if ips is not None and not (
+                    isinstance(ips, list) and len(ips) <= 10_000 and all(isinstance(i, str) for i in ips)
+                ):
+                    raise RemoteError("ips must be a list of addresses", 400)
+                return await loop.run_in_executor(reader, view.dns_names, float(since), ips)
             if method == "pending_state":  # keys: [[container, host, port], ...]
                 keys = args.get("keys")
                 if (

@@ -123,6 +123,13 @@ def test_store_reads_through_peewee(db_path: Path) -> None:
         assert version >= 1 and {r[2] for r in rows} >= {"localhost", "127.0.0.1", "::1"} and len(rows[0]) == 8
         assert pending.count() == 0
         assert dns_cache.names_since(0) == []
+        from greyproxy.store import database
+
+        for ip, name, at in (("10.0.0.1", "a.example", 100.0), ("10.0.0.2", "b.example", 200.0)):
+            database.execute_sql(dns_cache.UPSERT, (ip, name, at))
+        assert sorted(dns_cache.names_since(50)) == [("10.0.0.1", "a.example"), ("10.0.0.2", "b.example")]
+        assert dns_cache.names_since(50, ["10.0.0.2", "10.0.0.9"]) == [("10.0.0.2", "b.example")]
+        assert dns_cache.names_since(150, ["10.0.0.1"]) == []
         settings.write({"theme": "dark", "logDnsQueries": True}, now=1.0)
         settings.write({"theme": "light"})
         v, values = settings.read_with_version()
