@@ -170,7 +170,7 @@ _VALUED = ("-C", "--config", "--host")  # allow's options that take a value
 
 def key_after_dashes(argv: list[str]) -> list[str]:
     """`keys allow NAME KEY`: one z85 key in 85 starts with '-' (`-W56+!k…`), which argparse would
-    read as an unknown option. Such a KEY (40 characters) is passed after `--`, where argparse
+    read as an unknown option. Such a KEY is passed after `--`, where argparse
     reads only positionals; any other argv is left as it is."""
     if argv[1:2] != ["allow"]:
         return argv
@@ -191,7 +191,9 @@ def key_after_dashes(argv: list[str]) -> list[str]:
         else:
             positionals.append(arg)
         i += 1
-    if len(positionals) == 2 and positionals[1].startswith("-") and len(positionals[1].strip()) == 40:
+    # (any length: a key cut short by the shell that starts with '-' gets the "quote it" answer, not
+    # argparse's "the following arguments are required: key")
+    if len(positionals) == 2 and positionals[1].startswith("-"):
         return [*argv[:2], *options, "--", *positionals]
     return argv
 
