@@ -452,3 +452,56 @@ def test_a_remote_proxy_without_rules_from_recorder_says_it_judges_alone(central
     finally:
         remote.stop()
         _revoke_quietly(central, "host-alone")
+
+
+def test_a_remote_proxy_holding_a_raw_ip_gets_its_name_from_the_central_database(central: Stack) -> None:
+    """SPEC §6, §15: a client of host B connects by IP to an address whose name the central host
+    knows (its DNS proxy answered it: a `dns` record in the central database) but B does not (B
+    reads the names at start; the bus's dns.name is for workers of one host). Held as unknown,
+    it used to wait for a person or its hold timeout although a rule allowed the name; B's 2 s check
+    now asks the central recorder for the names of the addresses it holds (`view.dns_names` with
+    `ips`, over tcp:// and CURVE), and the name's rule releases it."""
+    import sqlite3
+
+    ip = "127.0.0.57"
+    with plain_origin(PathHandler, ip) as port:
+        remote = _joined(central, "proxy-d", "host-d")
+        rule = add_rule(
+            central,
+            container_pattern="hostd",
+            action="allow",
+            destination_pattern="named.multi.test",
+            port_pattern=str(port),
+        )
+        try:
+            proc = _curl(remote.ports["http-proxy"], "hostd", f"http://{ip}:{port}/named")
+            wait_for(
+                lambda: central.get("/api/pending", params={"container": "hostd"}).json()["items"],
+                10,
+                message="the raw IP held by proxy-d",
+            )
+            assert proc.poll() is None
+            db = sqlite3.connect(str(central.db_path), timeout=10)
+            try:  # what the recorder writes for a DNS answer of the central proxy (dns_cache.UPSERT)
+                with db:
+                    db.execute(
+                        "INSERT INTO dns_cache (ip, hostname, updated_at) VALUES (?, ?, ?) ON CONFLICT(ip)"
+                        " DO UPDATE SET hostname = excluded.hostname, updated_at = excluded.updated_at",
+                        (ip, "named.multi.test", time.time()),
+                    )
+            finally:
+                db.close()
+            t0 = time.monotonic()
+            out, _ = proc.communicate(timeout=15)
+            assert out.endswith("\n200") and "hello from origin /named" in out, (out, remote.log())
+            assert time.monotonic() - t0 < 6  # the 2 s check, not the 20 s hold timeout
+            entry = wait_for(
+                lambda: next((i for i in log_entries(central, "hostd") if i["result"] == "allowed"), None),
+                10,
+                message="proxy-d's allowed log row",
+            )
+            assert entry["resolved_hostname"] == "named.multi.test" and entry["rule_id"] == rule["id"]
+        finally:
+            central.request("DELETE", f"/api/rules/{rule['id']}")
+            remote.stop()
+            _revoke_quietly(central, "host-d")
