@@ -62,6 +62,9 @@ RULE_TOPICS = (
 )
 
 
+NAMES_PER_LOOK = 1000  # held addresses whose names one look asks for (`names_for_holds`; one SQL IN list)
+
+
 class RuleLoader:
     """Builds rule snapshots off the event loop and swaps them into the gate."""
 
@@ -129,7 +132,7 @@ class RuleLoader:
             return
         now = time.time()
         rows = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.view.dns_names, now - NAME_TTL, sorted(ips)
+            self.executor, self.view.dns_names, now - NAME_TTL, sorted(ips)[:NAMES_PER_LOOK]
         )
         for row in rows:
             if row[0] in ips and self.gate.resolved_name(row[0]) is None:
