@@ -8,7 +8,6 @@ the journal. It never touches SQLite on the event loop: snapshots are built in a
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import time
@@ -22,7 +21,7 @@ from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
 from greyproxy.policy.judge import Guard, Judgement, judge
-from greyproxy.policy.patterns import normalise_host
+from greyproxy.policy.patterns import analyse_host, normalise_host
 from greyproxy.timeutil import rfc3339
 from greyproxy.compiled import slotted
 from greyproxy.metrics import DECISION_BUCKETS, Histogram
@@ -47,11 +46,7 @@ def _normalise_host(host: str) -> str:
 
 
 def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
+    return analyse_host(host)[1] != 0
 
 
 log = logging.getLogger("greyproxy.proxy")

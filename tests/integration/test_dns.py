@@ -36,7 +36,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import Stack, free_port, wait_for
+from conftest import Stack, add_rule, free_port, wait_for
 from harness.fuzz import examples
 
 pytestmark = pytest.mark.stack
@@ -694,17 +694,7 @@ def test_with_workers_a_name_reaches_whichever_worker_takes_the_connection(make_
             dns={"upstreams": [f"127.0.0.1:{up.port}"], "timeout": 0.5},
             proxy={"workers": 2, "holdTimeout": 15},
         )
-        r = s.request(
-            "POST",
-            "/api/rules",
-            json={
-                "container_pattern": "dnsc",
-                "destination_pattern": "**.hw.test",
-                "port_pattern": "*",
-                "action": "allow",
-            },
-        )
-        assert r.status_code == 201, r.text
+        add_rule(s, container_pattern="dnsc", destination_pattern="**.hw.test", port_pattern="*", action="allow")
         port = free_port()  # nothing listens: allowed connections get a quick 502
         auth = "Basic " + base64.b64encode(b"dnsc:x").decode()
 
