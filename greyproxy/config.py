@@ -252,20 +252,24 @@ def parse_addr(addr: str, key: str) -> tuple[str, int]:
     return host, port
 
 
+_WILDCARDS = ("0.0.0.0", "::")
+
+
+def _bind_host_form(h: str) -> str:
+    """A bind host as compared: lower case, localhost as 127.0.0.1, an IP in its canonical form."""
+    h = h.strip().lower()
+    if h == "localhost":
+        return "127.0.0.1"
+    try:
+        return str(ipaddress.ip_address(h))
+    except ValueError:
+        return h
+
+
 def _same_bind(a: str, b: str) -> bool:
     """Whether two bind hosts collide on one port: equal, or either is a wildcard."""
-
-    def norm(h: str) -> str:
-        h = h.strip().lower()
-        if h == "localhost":
-            return "127.0.0.1"
-        try:
-            return str(ipaddress.ip_address(h))
-        except ValueError:
-            return h
-
-    a, b = norm(a), norm(b)
-    return a == b or a in ("0.0.0.0", "::") or b in ("0.0.0.0", "::")
+    a, b = _bind_host_form(a), _bind_host_form(b)
+    return a == b or a in _WILDCARDS or b in _WILDCARDS
 
 
 def _check_port_conflicts(api: Listener | None, listeners: dict[str, Listener], services: list[dict]) -> None:
@@ -338,16 +342,16 @@ def _check_bus_conflicts(
 
 def _same_local_bind(a: str, b: str) -> bool:
     """`_same_bind`, but a wildcard collides only with a loopback address or another wildcard."""
-    if not _same_bind(a, b):
+    a, b = _bind_host_form(a), _bind_host_form(b)
+    if a == b:
+        return True
+    other = b if a in _WILDCARDS else a if b in _WILDCARDS else None
+    if other is None:
         return False
-    wild = ("0.0.0.0", "::", "")
-    for x, y in ((a, b), (b, a)):
-        if x.strip() in wild and y.strip() not in wild:
-            try:
-                return ipaddress.ip_address(y.strip().replace("localhost", "127.0.0.1")).is_loopback
-            except ValueError:
-                return y.strip().lower() == "localhost"
-    return True
+    try:
+        return other in _WILDCARDS or ipaddress.ip_address(other).is_loopback
+    except ValueError:
+        return False  # a host name: another host's
 
 
 def _merge(base: dict, over: dict) -> dict:

@@ -47,6 +47,7 @@ from greyproxy.policy.patterns import analyse_host, normalise_host
 
 from .gate import NAME_TTL, Gate
 from .settings_watch import SettingsWatch
+from .waits import KeyedWaits
 
 # A pure function of the hosts asked for, which repeat (ensure_name runs for every decision): cached, bounded.
 _analyse_host = functools.lru_cache(maxsize=4096)(analyse_host)
@@ -386,7 +387,7 @@ class DnsProxy:
         self._ptr: dict[str, asyncio.Task] = {}
         self._ptr_negative: OrderedDict[str, float] = OrderedDict()
         self._persisted: OrderedDict[str, tuple[str, float]] = OrderedDict()
-        self._echo_waits: dict[str, list[asyncio.Future]] = {}  # ip -> answers waiting for its echo (`_echo`)
+        self._echo_waits = KeyedWaits()  # ip -> answers waiting for its echo (`_echo`)
         self._udp_inflight = 0
         self._tcp_conns = 0
         self.counts = {
@@ -568,7 +569,13 @@ class DnsProxy:
         age_response(response, age)
         published = self.note_names(response)
         if published:
-            await self._echo(published)
+            # Proxy workers: the answer waits until the bus has sent our publication of each new
+            # name back to us (`echoed`), at most ECHO_WAIT. The broker forwards a message to every
+            # subscriber at once, so by then it is on its way into every other worker too, ahead of
+            # the client's connection, which it makes only once it has the answer: else a worker
+            # that takes the connection may judge the raw IP unnamed (an outside run: 0.2-1 % of
+            # connections made at once after the answer, held as unknown while a rule allowed the name).
+            await self._echo_waits.wait(published, ECHO_WAIT)
         response.id = query.id
         response.question = list(query.question)  # the client's own spelling (0x20 case randomisation)
         out = response.to_wire()
@@ -608,7 +615,7 @@ class DnsProxy:
             return None
         now = time.time()
         learn = self.gate.learn
-        published = None
+        published: list[str] = []
         for ip, name in pairs:
             learn(ip, name, now)
             self._ptr_negative.pop(ip, None)
@@ -624,40 +631,12 @@ class DnsProxy:
             self.journal.append(records.DNS, records.dns_record(ip, name, now))
             if self.reuse_port:  # the other workers may get this client's connection
                 self.gate.publisher.publish(topics.DNS_NAME, {"ip": ip, "hostname": name, "ts": now})
-                published = [*(published or ()), ip]
-        return published
-
-    async def _echo(self, ips: list[str]) -> None:
-        """Proxy workers: hold a DNS answer that taught us new names until the bus has sent our
-        publication of each back to us (`echoed`), at most ECHO_WAIT. The broker forwards a message
-        to every subscriber at once, so by then it is on its way into every other worker too, ahead
-        of the client's connection, which it makes only once it has the answer: else a worker that
-        takes the connection may judge the raw IP unnamed (an outside run: 0.2-1 % of connections
-        made at once after the answer, held as unknown while a rule allowed the name)."""
-        futures = []
-        loop = asyncio.get_running_loop()
-        for ip in ips:
-            fut = loop.create_future()
-            self._echo_waits.setdefault(ip, []).append(fut)
-            futures.append((ip, fut))
-        try:
-            await asyncio.wait([f for _ip, f in futures], timeout=ECHO_WAIT)
-        finally:
-            for ip, fut in futures:
-                waits = self._echo_waits.get(ip)
-                if waits is not None:
-                    if fut in waits:
-                        waits.remove(fut)
-                    if not waits:
-                        del self._echo_waits[ip]
+                published.append(ip)
+        return published or None
 
     def echoed(self, ip: str) -> None:
         """Our own publication of `ip`'s name came back from the bus (service.py, `_listen_names`)."""
-        waits = self._echo_waits.pop(ip, None)
-        if waits is not None:
-            for fut in waits:
-                if not fut.done():
-                    fut.set_result(None)
+        self._echo_waits.wake(ip)
 
     async def _prune_names(self) -> None:
         """Drop ip → name entries past their memory lifetime (the gate ignores them anyway)."""

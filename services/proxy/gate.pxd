@@ -36,7 +36,7 @@ cdef class Gate:
     cdef public Py_ssize_t decisions, allowed_count, blocked_count
     cdef public Histogram decision_seconds, hold_seconds
     cdef public object defer_tunnel_logs, name_hook, name_grace
-    cdef public dict _name_waits
+    cdef public object _name_waits
 
     cpdef resolved_name(self, host)
     cpdef is_own_listener(self, host, port)

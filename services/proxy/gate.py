@@ -27,6 +27,7 @@ from greyproxy.compiled import slotted
 from greyproxy.metrics import DECISION_BUCKETS, Histogram
 
 from .upstream import UpstreamFailure, resolve
+from .waits import KeyedWaits
 
 # normalise_host's answers: a pure function of a value that repeats (the hosts asked for).
 _hosts: dict[str, str] = {}
@@ -285,7 +286,7 @@ class Gate:
         # Proxy workers: NAME_GRACE (0: one process, whose own DNS proxy names an IP before its client
         # gets the answer), and the connections waiting through it, by IP (`learn` wakes them).
         self.name_grace = 0.0
-        self._name_waits: dict[str, list[asyncio.Future]] = {}
+        self._name_waits = KeyedWaits()
 
     @property
     def results(self) -> dict[str, int]:
@@ -304,11 +305,7 @@ class Gate:
         and the connections to that IP waiting unnamed are judged again with it: those waiting
         through `name_grace`, and the held ones (a name rule may now decide them, SPEC §6)."""
         self.names[ip] = (name, seen)
-        waits = self._name_waits.pop(ip, None)
-        if waits is not None:
-            for fut in waits:
-                if not fut.done():
-                    fut.set_result(name)
+        self._name_waits.wake(ip, name)
         if self.holds:
             for key, waiters in list(self.holds.items()):
                 if key[1] != ip:
@@ -325,21 +322,6 @@ class Gate:
         return {
             key[1] for key, waiters in self.holds.items() if any(h.resolved is None for h in waiters) and _is_ip(key[1])
         }
-
-    async def _name_within(self, ip: str, seconds: float) -> str | None:
-        """The name `learn` gives `ip` within `seconds`, or None."""
-        fut = asyncio.get_running_loop().create_future()
-        waits = self._name_waits.setdefault(ip, [])
-        waits.append(fut)
-        try:
-            return await asyncio.wait_for(fut, seconds)
-        except TimeoutError:
-            return None
-        finally:
-            if fut in waits:
-                waits.remove(fut)
-            if not waits and self._name_waits.get(ip) is waits:
-                del self._name_waits[ip]
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""
@@ -608,7 +590,7 @@ class Gate:
         if key not in self.holds:
             if resolved is None and self.name_grace and _is_ip(host):
                 # Workers: the client may have asked another worker's DNS proxy for this IP's name.
-                resolved = await self._name_within(host, self.name_grace)
+                resolved = (await self._name_waits.wait((host,), self.name_grace)).get(host)
                 if resolved is not None:
                     v = self._decide_now(container, host, port, resolved)
                     if v is not None:

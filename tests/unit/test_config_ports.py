@@ -192,7 +192,8 @@ NUMBERED = {  # tcp endpoints on consecutive ports, as an outside tester numbere
 
 
 def test_bus_endpoints_that_collide_are_refused_naming_both_keys(tmp_path: Path) -> None:
-    """With proxy.workers N, worker i binds bus.proxyControl's port + i (its own control endpoint):
+    """SPEC §15 (proxy workers, several hosts). With proxy.workers N, worker i binds bus.proxyControl's
+    port + i (its own control endpoint):
     tcp endpoints numbered one after another gave a stack whose worker 1 could never bind (a crash
     loop: 26 exits in 30 s, /api/health degraded) while `greyproxy config` said nothing."""
     _load(tmp_path, _bus(1, **NUMBERED))  # one worker: no clash

@@ -249,7 +249,7 @@ def test_the_size_cap_drops_a_unit_whole_and_a_kept_one_assembles_the_same(tmp_p
 
 
 def test_the_listing_reads_the_list_form_and_rows_written_before_it_list_the_same(tmp_path: Path) -> None:
-    """GET /api/conversations used to decompress and parse each item's whole detail (turns and
+    """SPEC §13.6 (the conversation list), §15 (bounded storage). GET /api/conversations used to decompress and parse each item's whole detail (turns and
     messages: MBs for a long session) to drop most of it; the assembler now writes the list form
     beside it (`conversations.item`, migration 13). Both give the same items, subagents included."""
     from greyproxy.store.db import open_database
