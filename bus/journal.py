@@ -30,7 +30,7 @@ import zmq
 import zmq.asyncio
 
 from . import curve
-from .records import PENDING
+from .records import PENDING, PENDING_NAMED
 
 log = logging.getLogger("greyproxy.journal")
 
@@ -155,10 +155,10 @@ class JournalWriter:
     # commit (every page it touched written again to the WAL), a thread hop and an ack, and the proxy a
     # send and an ack: under load, 20 ms batches cost the recorder ~20 µs less per request than 3 ms
     # ones (bench/results.md, record-cost). A record of an urgent kind (a pending sighting: someone
-    # waits for the approval prompt) does not wait: it goes out at the end of the current loop turn,
-    # with whatever else was appended in that turn.
+    # waits for the approval prompt; its withdrawal, which takes the prompt away) does not wait: it
+    # goes out at the end of the current loop turn, with whatever else was appended in that turn.
     BATCH_WAIT = 0.02
-    URGENT = frozenset({PENDING})
+    URGENT = frozenset({PENDING, PENDING_NAMED})
     # Seconds between looks at the acks' age (resend after ack_timeout) and retries of a send that
     # found no recorder connected.
     TICK = 0.25

@@ -31,8 +31,10 @@ DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
 TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
 CREDENTIAL_USE = "credential_use"  # requests a session / global credential was substituted in (SPEC §12.7)
 IDENTITY_USED = "identity_used"  # last use of claimed identities (SPEC §16), flushed periodically
+# a raw-IP sighting made without the address's name, which a rule decided once the name was known
+PENDING_NAMED = "pending_named"
 
-KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE, IDENTITY_USED)
+KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE, IDENTITY_USED, PENDING_NAMED)
 
 ALLOWED = "allowed"
 BLOCKED = "blocked"
@@ -68,6 +70,20 @@ class PendingRecord(TypedDict):
     ts: float
     waiting: int
     container_id: NotRequired[str]
+
+
+class PendingNamedRecord(TypedDict):
+    """A `pending_named` record: the connections held for a `pending` sighting of a raw IP made
+    without its name (`resolved_hostname` null) were judged again once the name was learned, and
+    rule `rule_id` decided them: the sighting is withdrawn, as a rule covering it from the start
+    would have made none (SPEC §2.3, §6)."""
+
+    container_name: str
+    destination_host: str
+    destination_port: int
+    resolved_hostname: str
+    rule_id: int
+    ts: float
 
 
 class RuleHitRecord(TypedDict):
@@ -288,6 +304,17 @@ def pending_record(
         "resolved_hostname": resolved_hostname,
         "ts": time.time() if ts is None else ts,
         "waiting": waiting,
+    }
+
+
+def pending_named_record(container: str, host: str, port: int, name: str, rule_id: int) -> PendingNamedRecord:
+    return {
+        "container_name": container,
+        "destination_host": host,
+        "destination_port": port,
+        "resolved_hostname": name,
+        "rule_id": rule_id,
+        "ts": time.time(),
     }
 
 

@@ -39,6 +39,7 @@ BUMP = (
     " resolved_hostname = COALESCE(resolved_hostname, ?) WHERE id = ?"
 )
 GET = f"SELECT {', '.join(COLUMNS)} FROM pending WHERE id = ?"
+DELETE = "DELETE FROM pending WHERE id = ?"
 
 
 def count() -> int:

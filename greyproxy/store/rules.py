@@ -32,6 +32,7 @@ COLUMNS = (
 )
 
 # Inside the recorder's batch transaction (its raw sqlite3 cursor).
+GET = f"SELECT {', '.join(COLUMNS)} FROM rules WHERE id = ?"
 ADD_HITS = "UPDATE rules SET hit_count = hit_count + ?, last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?"
 
 

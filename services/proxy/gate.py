@@ -310,12 +310,28 @@ class Gate:
             for key, waiters in list(self.holds.items()):
                 if key[1] != ip:
                     continue
+                decided: Verdict | None = None
                 for hold in list(waiters):
                     if hold.resolved is None and not hold.future.done():
                         hold.resolved = name
                         v = self._decide_now(key[0], ip, key[2], name)
                         if v is not None:
                             hold.future.set_result(v)
+                            decided = v
+                if decided is not None:
+                    self._withdraw_sighting(key, name, decided)
+
+    def _withdraw_sighting(self, key: Key, name: str, v: Verdict) -> None:
+        """Connections held for `key` (a raw IP) as unknown, with no name known for it then, were
+        just decided by a rule with the name learned since: their `pending` sighting is withdrawn
+        (a `pending_named` record; the recorder removes the entry), as that rule would have made
+        none had the name been known (SPEC §2.3: a match leaves no pending entry). Only when the
+        name made the difference: a rule deciding the raw IP itself was there for a person to see."""
+        if v.rule_id is None or self.judge(key[0], key[1], key[2], None).decision != "pending":
+            return
+        self.journal.append(
+            records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, v.rule_id)
+        )
 
     def unnamed_held_ips(self) -> set[str]:
         """The raw IPs of held connections judged without a name."""
@@ -704,15 +720,21 @@ class Gate:
         """After a rule swap or a silent-mode change: release every hold a decision now covers."""
         released = 0
         for key, waiters in list(self.holds.items()):
+            named: tuple[str, Verdict] | None = None
             for hold in list(waiters):
                 if hold.future.done():
                     continue
-                if hold.resolved is None:
+                unnamed = hold.resolved is None
+                if unnamed:
                     hold.resolved = self.resolved_name(key[1])
                 v = self._decide_now(key[0], key[1], key[2], hold.resolved)
                 if v is not None:
                     hold.future.set_result(v)
                     released += 1
+                    if unnamed and hold.resolved is not None:
+                        named = (hold.resolved, v)
+            if named is not None:
+                self._withdraw_sighting(key, *named)
         return released
 
     def block_holds(self, keys: list[Key], reason: str) -> int:

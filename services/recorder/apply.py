@@ -22,7 +22,7 @@ from typing import Any
 from bus import records as kinds
 from bus import topics
 from bus.journal import Record, id_text
-from greyproxy.shapes import log_json, pending_json
+from greyproxy.shapes import log_json, pending_json, rule_json
 from greyproxy.store import dns_cache, identities, journal_applied, logs, pending, rules
 
 log = logging.getLogger("greyproxy.recorder")
@@ -198,6 +198,24 @@ def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event
     events.append((topic, pending_json(dict(zip(pending.COLUMNS, full)), int(data.get("waiting") or 0))))
 
 
+def _apply_pending_named(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
+    """Held connections to a raw IP, sighted without its name, were decided by a rule once the
+    name was learned: the entry is withdrawn, and announced as a person's decision by that rule
+    would be (`pending_request.allowed`, or `.dismissed` for a deny, with the rule)."""
+    container, host, port = data["container_name"], data["destination_host"], int(data["destination_port"])
+    row = cur.execute(pending.FIND, (container, host, port)).fetchone()
+    if row is None:  # decided by a person meanwhile, or never stored
+        return
+    cur.execute(pending.DELETE, (row[0],))
+    found = cur.execute(rules.GET, (int(data["rule_id"]),)).fetchone()
+    if found is None:  # the rule went meanwhile
+        events.append((topics.PENDING_DISMISSED, {"pending_id": row[0]}))
+        return
+    rule = rule_json(dict(zip(rules.COLUMNS, found)))
+    topic = topics.PENDING_ALLOWED if rule["action"] == "allow" else topics.PENDING_DISMISSED
+    events.append((topic, {"pending_id": row[0], "rule": rule}))
+
+
 def _apply_rule_hit(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
     cur.execute(
         rules.ADD_HITS,
@@ -219,6 +237,7 @@ APPLIERS = {
     kinds.RULE_HIT: _apply_rule_hit,
     kinds.DNS: _apply_dns,
     kinds.IDENTITY_USED: _apply_identity_used,
+    kinds.PENDING_NAMED: _apply_pending_named,
 }
 
 

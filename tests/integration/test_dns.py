@@ -722,3 +722,49 @@ def test_with_workers_a_name_reaches_whichever_worker_takes_the_connection(make_
         assert pending == [], pending
     finally:
         up.close()
+
+
+def test_a_raw_ip_held_before_its_name_leaves_the_queue_once_the_name_decides_it(make_stack) -> None:
+    """SPEC §2.3, §3, §6: a client connects to an IP no name is known for (with proxy workers: the
+    name reached another worker only, or the bus lost it), so it is held as unknown and queued under
+    the raw IP. When the name comes, the name's rule releases the connection, and the entry leaves
+    the queue, announced as that rule's decision, instead of staying for a person to dismiss (an
+    outside run: 6-12 stale entries per bus kill)."""
+    from websockets.sync.client import connect
+
+    import orjson
+
+    up = FakeUpstream({("svc.late.test", "A"): ["127.3.9.1"]})
+    try:
+        s = make_stack(dns={"upstreams": [f"127.0.0.1:{up.port}"], "timeout": 0.5}, proxy={"holdTimeout": 20})
+        add_rule(s, container_pattern="dnsc", destination_pattern="**.late.test", port_pattern="*", action="allow")
+        port = free_port()  # nothing listens: the released connection gets a quick 502
+        auth = "Basic " + base64.b64encode(b"dnsc:x").decode()
+        with connect(s.api.replace("http://", "ws://", 1) + "/ws", open_timeout=5) as ws:
+            assert orjson.loads(ws.recv(timeout=5))["type"] == "connected"
+            with socket.create_connection(("127.0.0.1", s.ports["http-proxy"]), timeout=5) as c:
+                c.sendall(
+                    f"GET http://127.3.9.1:{port}/ HTTP/1.1\r\nHost: 127.3.9.1:{port}\r\n"
+                    f"Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n".encode()
+                )
+                entry = wait_for(lambda: pending_for(s, "dnsc"), 10, message="the raw IP's pending entry")
+                assert (entry["destination_host"], entry["resolved_hostname"]) == ("127.3.9.1", None)
+                assert answer(s.dns_port, "svc.late.test") == ["127.3.9.1"]
+                c.settimeout(5)
+                assert c.recv(12)[9:12] == b"502"  # released by the name's rule (before: held 20 s)
+            wait_for(lambda: pending_for(s, "dnsc") is None, 10, message="the entry leaving the queue")
+            deadline = time.monotonic() + 10
+            while True:
+                msg = orjson.loads(ws.recv(timeout=max(0.1, deadline - time.monotonic())))
+                if msg["type"] == "pending_request.allowed":
+                    break
+            assert msg["data"]["pending_id"] == entry["id"]
+            assert msg["data"]["rule"]["destination_pattern"] == "**.late.test"
+        rows = wait_for(
+            lambda: s.get("/api/logs", params={"destination": "127.3.9.1"}).json()["items"], 10, message="the log entry"
+        )
+        assert [(r["container_name"], r["result"], r["resolved_hostname"]) for r in rows] == [
+            ("dnsc", "allowed", "svc.late.test")
+        ]
+    finally:
+        up.close()

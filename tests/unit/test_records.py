@@ -115,6 +115,47 @@ def test_built_records_apply(db_path: Path) -> None:
         conn.close()
 
 
+def test_a_withdrawn_sighting_leaves_the_queue_as_the_rule_decided_it(db_path: Path) -> None:
+    """SPEC §2.3, §6 (an outside run with proxy workers and the bus killed): a raw IP sighted before
+    its name reached the worker stays in the queue after the name's rule released its connections.
+    The proxy's `pending_named` record withdraws it, announced as that rule's decision; another
+    container's entry and a decided one (nothing left to delete) are untouched."""
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        conn.execute(
+            "INSERT INTO rules (id, container_pattern, destination_pattern, port_pattern, rule_type, action,"
+            " created_at, created_by, source, hit_count) VALUES"
+            " (50, '*', '**.hw.test', '*', 'glob', 'allow', 1, 'api', 'global', 0),"
+            " (51, '*', 'bad.example', '*', 'glob', 'deny', 1, 'api', 'global', 0)"
+        )
+        apply_records(
+            conn,
+            [
+                (f"p{i}", records.PENDING, records.pending_record(c, ip, 80, None, 1, ts=5.0))
+                for i, (c, ip) in enumerate([("agent", "10.0.0.7"), ("other", "10.0.0.7"), ("agent", "10.0.0.8")])
+            ],
+        )
+        ids = dict(conn.execute("SELECT container_name || ' ' || destination_host, id FROM pending").fetchall())
+        events = apply_records(
+            conn,
+            [
+                ("n1", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.7", 80, "a.hw.test", 50)),
+                ("n2", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.8", 80, "bad.example", 51)),
+                ("n3", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.7", 80, "a.hw.test", 50)),
+                ("n4", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.9", 80, "x.hw.test", 99)),
+            ],
+        )
+        left = conn.execute("SELECT container_name, destination_host FROM pending").fetchall()
+    finally:
+        conn.close()
+    assert left == [("other", "10.0.0.7")]
+    assert [(t, d["pending_id"], d["rule"]["id"], d["rule"]["action"]) for t, d in events] == [
+        ("pending_request.allowed", ids["agent 10.0.0.7"], 50, "allow"),
+        ("pending_request.dismissed", ids["agent 10.0.0.8"], 51, "deny"),
+    ]
+    assert events[0][1]["rule"]["destination_pattern"] == "**.hw.test"
+
+
 def test_store_reads_through_peewee(db_path: Path) -> None:
     """The ordinary reads of the proxy and the API (rules snapshot, pending count, DNS names, settings)."""
     open_database(db_path)
