@@ -31,7 +31,7 @@ DNS = "dns"  # an A/AAAA answer through the DNS proxy: ip → hostname
 TRANSACTION = "transaction"  # one HTTP request/response (or WebSocket message), headers redacted
 CREDENTIAL_USE = "credential_use"  # requests a session / global credential was substituted in (SPEC §12.7)
 IDENTITY_USED = "identity_used"  # last use of claimed identities (SPEC §16), flushed periodically
-# a raw-IP sighting made without the address's name, which a rule decided once the name was known
+# a raw-IP sighting made with no name known, named since: withdrawn if a rule decides it by the name
 PENDING_NAMED = "pending_named"
 
 KINDS = (LOG, PENDING, RULE_HIT, DNS, TRANSACTION, CREDENTIAL_USE, IDENTITY_USED, PENDING_NAMED)
@@ -73,16 +73,17 @@ class PendingRecord(TypedDict):
 
 
 class PendingNamedRecord(TypedDict):
-    """A `pending_named` record: the connections held for a `pending` sighting of a raw IP made
-    without its name (`resolved_hostname` null) were judged again once the name was learned, and
-    rule `rule_id` decided them: the sighting is withdrawn, as a rule covering it from the start
-    would have made none (SPEC §2.3, §6)."""
+    """A `pending_named` record: a `pending` sighting of a raw IP was made with no name known for it,
+    and the proxy has learned the name since (its connections still held, or gone within a few
+    minutes). `rule_id`: the rule that decides the key by that name; the sighting is withdrawn, as a
+    rule covering it from the start would have made none (SPEC §2.3, §6). Null: no rule decides it;
+    the entry gets the name (`resolved_hostname`) for the person who will."""
 
     container_name: str
     destination_host: str
     destination_port: int
     resolved_hostname: str
-    rule_id: int
+    rule_id: int | None
     ts: float
 
 
@@ -307,7 +308,7 @@ def pending_record(
     }
 
 
-def pending_named_record(container: str, host: str, port: int, name: str, rule_id: int) -> PendingNamedRecord:
+def pending_named_record(container: str, host: str, port: int, name: str, rule_id: int | None) -> PendingNamedRecord:
     return {
         "container_name": container,
         "destination_host": host,

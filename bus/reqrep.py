@@ -169,7 +169,12 @@ class ControlClient:
                         break
                     if not await self._sock.poll(remaining * 1000, zmq.POLLIN):  # type: ignore[call-arg]  # as above
                         break
-                    frames = await self._sock.recv_multipart()
+                    try:
+                        # (the poll said a message is there: take it without waiting, as a recv
+                        # that waits has no deadline; a readiness that was not one polls again)
+                        frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        continue
                     try:
                         reply = orjson.loads(frames[-1])
                     except orjson.JSONDecodeError:

@@ -40,6 +40,7 @@ BUMP = (
 )
 GET = f"SELECT {', '.join(COLUMNS)} FROM pending WHERE id = ?"
 DELETE = "DELETE FROM pending WHERE id = ?"
+NAME = "UPDATE pending SET resolved_hostname = ? WHERE id = ? AND resolved_hostname IS NULL"
 
 
 def count() -> int:

@@ -37,6 +37,7 @@ cdef class Gate:
     cdef public Histogram decision_seconds, hold_seconds
     cdef public object defer_tunnel_logs, name_hook, name_grace
     cdef public object _name_waits
+    cdef public dict _unnamed_gone
 
     cpdef resolved_name(self, host)
     cpdef is_own_listener(self, host, port)

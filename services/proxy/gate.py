@@ -73,6 +73,12 @@ ADDRESS_CACHE = 10_000  # names whose addresses are kept for that check
 # be held, waits for one to come from another worker's DNS proxy (its client asked that worker for
 # the name; the answer reaches this worker over the bus) before it is queued for a person.
 NAME_GRACE = 0.25
+# Seconds a raw IP's sighting, made with no name known for it, stays named later by `learn` after its
+# last held connection went (client gone, hold timeout): a name that comes late (the bus lost it, the
+# database look finds it) still names or withdraws the entry (`_withdraw_sighting`). At most
+# UNNAMED_KEYS such addresses (a client connecting to many addresses nobody names: the oldest go).
+UNNAMED_KEEP = 300.0
+UNNAMED_KEYS = 10_000
 
 
 # Verdict, Admission and LiveConn are dataclasses given __slots__ at the end of this module (as
@@ -232,6 +238,7 @@ class Gate:
         "name_hook",
         "name_grace",
         "_name_waits",
+        "_unnamed_gone",
     )
 
     def __init__(
@@ -287,6 +294,9 @@ class Gate:
         # gets the answer), and the connections waiting through it, by IP (`learn` wakes them).
         self.name_grace = 0.0
         self._name_waits = KeyedWaits()
+        # Keys of raw-IP sightings made unnamed whose held connections all went undecided, by IP:
+        # {ip: {key: when (monotonic)}}, for `learn` to name or withdraw their entry (UNNAMED_KEEP).
+        self._unnamed_gone: dict[str, dict[Key, float]] = {}
 
     @property
     def results(self) -> dict[str, int]:
@@ -310,34 +320,62 @@ class Gate:
             for key, waiters in list(self.holds.items()):
                 if key[1] != ip:
                     continue
+                named = False
                 decided: Verdict | None = None
                 for hold in list(waiters):
                     if hold.resolved is None and not hold.future.done():
                         hold.resolved = name
+                        named = True
                         v = self._decide_now(key[0], ip, key[2], name)
                         if v is not None:
                             hold.future.set_result(v)
                             decided = v
-                if decided is not None:
-                    self._withdraw_sighting(key, name, decided)
+                if named:
+                    self._withdraw_sighting(key, name, decided.rule_id if decided is not None else None)
+        gone = self._unnamed_gone.pop(ip, None) if self._unnamed_gone else None
+        if gone:
+            for key in gone:
+                j = self.judge(key[0], ip, key[2], name)
+                self._withdraw_sighting(key, name, j.rule.id if j.rule is not None else None)
 
-    def _withdraw_sighting(self, key: Key, name: str, v: Verdict) -> None:
-        """Connections held for `key` (a raw IP) as unknown, with no name known for it then, were
-        just decided by a rule with the name learned since: their `pending` sighting is withdrawn
-        (a `pending_named` record; the recorder removes the entry), as that rule would have made
-        none had the name been known (SPEC §2.3: a match leaves no pending entry). Only when the
-        name made the difference: a rule deciding the raw IP itself was there for a person to see."""
-        if v.rule_id is None or self.judge(key[0], key[1], key[2], None).decision != "pending":
+    def _withdraw_sighting(self, key: Key, name: str, rule_id: int | None) -> None:
+        """Connections to `key` (a raw IP) were held as unknown while no name was known for it, and
+        the name is known now: the `pending` sighting gets it (a `pending_named` record). If rule
+        `rule_id` decides the key by that name, the sighting is withdrawn instead (the recorder
+        removes the entry): that rule would have made none had the name been known (SPEC §2.3: a
+        match leaves no pending entry). Only when the name made the difference: a rule deciding the
+        raw IP itself (made meanwhile) was there for a person to see, and the entry stays."""
+        if rule_id is not None and self.judge(key[0], key[1], key[2], None).decision != "pending":
             return
-        self.journal.append(
-            records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, v.rule_id)
-        )
+        self.journal.append(records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, rule_id))
+
+    def _gone_unnamed(self, key: Key) -> None:
+        """The last connection held for `key`, a raw IP with no name known, went undecided."""
+        gone = self._unnamed_gone
+        keys = gone.pop(key[1], None)  # (put back last: insertion order is the oldest first)
+        if keys is None:
+            if len(gone) >= UNNAMED_KEYS:
+                del gone[next(iter(gone))]
+            keys = {}
+        keys[key] = time.monotonic()
+        gone[key[1]] = keys
 
     def unnamed_held_ips(self) -> set[str]:
-        """The raw IPs of held connections judged without a name."""
-        return {
+        """The raw IPs of held connections judged without a name, and of sightings made so whose
+        connections went undecided within UNNAMED_KEEP: the addresses a name is looked up for."""
+        gone = self._unnamed_gone
+        if gone:
+            old = time.monotonic() - UNNAMED_KEEP
+            for ip, keys in list(gone.items()):
+                for key in [k for k, t in keys.items() if t < old]:
+                    del keys[key]
+                if not keys:
+                    del gone[ip]
+        ips = set(gone)
+        ips.update(
             key[1] for key, waiters in self.holds.items() if any(h.resolved is None for h in waiters) and _is_ip(key[1])
-        }
+        )
+        return ips
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""
@@ -648,6 +686,8 @@ class Gate:
                 self._waiters_changed(key, len(waiters) + 1, len(waiters))
             if not waiters:
                 self.holds.pop(key, None)
+                if hold.resolved is None and not hold.future.done() and _is_ip(host):
+                    self._gone_unnamed(key)
 
     async def _pending_room(self, key: Key) -> bool:
         """proxy.maxPending (SPEC §3.1): whether a connection to `key`, held by no connection here,
@@ -720,21 +760,24 @@ class Gate:
         """After a rule swap or a silent-mode change: release every hold a decision now covers."""
         released = 0
         for key, waiters in list(self.holds.items()):
-            named: tuple[str, Verdict] | None = None
+            name: str | None = None
+            rule_id: int | None = None
             for hold in list(waiters):
                 if hold.future.done():
                     continue
                 unnamed = hold.resolved is None
                 if unnamed:
                     hold.resolved = self.resolved_name(key[1])
+                    if hold.resolved is not None:
+                        name = hold.resolved
                 v = self._decide_now(key[0], key[1], key[2], hold.resolved)
                 if v is not None:
                     hold.future.set_result(v)
                     released += 1
                     if unnamed and hold.resolved is not None:
-                        named = (hold.resolved, v)
-            if named is not None:
-                self._withdraw_sighting(key, *named)
+                        rule_id = v.rule_id
+            if name is not None:
+                self._withdraw_sighting(key, name, rule_id)
         return released
 
     def block_holds(self, keys: list[Key], reason: str) -> int:

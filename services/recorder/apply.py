@@ -199,12 +199,19 @@ def _apply_pending(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event
 
 
 def _apply_pending_named(cur: sqlite3.Cursor, data: dict[str, Any], events: list[Event]) -> None:
-    """Held connections to a raw IP, sighted without its name, were decided by a rule once the
-    name was learned: the entry is withdrawn, and announced as a person's decision by that rule
-    would be (`pending_request.allowed`, or `.dismissed` for a deny, with the rule)."""
+    """A raw IP sighted with no name known for it, named since. Decided by a rule with that name:
+    the entry is withdrawn, and announced as a person's decision by that rule would be
+    (`pending_request.allowed`, or `.dismissed` for a deny, with the rule). Decided by none: the
+    entry gets the name, if it has none yet (`pending_request.updated`)."""
     container, host, port = data["container_name"], data["destination_host"], int(data["destination_port"])
     row = cur.execute(pending.FIND, (container, host, port)).fetchone()
     if row is None:  # decided by a person meanwhile, or never stored
+        return
+    if data.get("rule_id") is None:
+        cur.execute(pending.NAME, (str(data["resolved_hostname"]), row[0]))
+        if cur.rowcount:
+            full = cur.execute(pending.GET, (row[0],)).fetchone()
+            events.append((topics.PENDING_UPDATED, pending_json(dict(zip(pending.COLUMNS, full)))))
         return
     cur.execute(pending.DELETE, (row[0],))
     found = cur.execute(rules.GET, (int(data["rule_id"]),)).fetchone()

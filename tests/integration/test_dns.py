@@ -729,12 +729,15 @@ def test_a_raw_ip_held_before_its_name_leaves_the_queue_once_the_name_decides_it
     name reached another worker only, or the bus lost it), so it is held as unknown and queued under
     the raw IP. When the name comes, the name's rule releases the connection, and the entry leaves
     the queue, announced as that rule's decision, instead of staying for a person to dismiss (an
-    outside run: 6-12 stale entries per bus kill)."""
+    outside run: 6-12 stale entries per bus kill). The same when the client left before the name
+    came (the recheck: clients giving up after 1 s); a name no rule decides names the entry."""
     from websockets.sync.client import connect
 
     import orjson
 
-    up = FakeUpstream({("svc.late.test", "A"): ["127.3.9.1"]})
+    up = FakeUpstream(
+        {("svc.late.test", "A"): ["127.3.9.1"], ("gone.late.test", "A"): ["127.3.9.2"], ("x.other", "A"): ["127.3.9.3"]}
+    )
     try:
         s = make_stack(dns={"upstreams": [f"127.0.0.1:{up.port}"], "timeout": 0.5}, proxy={"holdTimeout": 20})
         add_rule(s, container_pattern="dnsc", destination_pattern="**.late.test", port_pattern="*", action="allow")
@@ -766,5 +769,32 @@ def test_a_raw_ip_held_before_its_name_leaves_the_queue_once_the_name_decides_it
         assert [(r["container_name"], r["result"], r["resolved_hostname"]) for r in rows] == [
             ("dnsc", "allowed", "svc.late.test")
         ]
+
+        # Clients that leave before the name comes: withdrawn by the name's rule, or named.
+        for ip in ("127.3.9.2", "127.3.9.3"):
+            with socket.create_connection(("127.0.0.1", s.ports["http-proxy"]), timeout=5) as c:
+                c.sendall(
+                    f"GET http://{ip}:{port}/ HTTP/1.1\r\nHost: {ip}:{port}\r\n"
+                    f"Proxy-Authorization: {auth}\r\nConnection: close\r\n\r\n".encode()
+                )
+                wait_for(
+                    lambda ip=ip: any(p["destination_host"] == ip for p in s.get("/api/pending").json()["items"]),
+                    10,
+                    message=f"the pending entry of {ip}",
+                )
+        wait_for(
+            lambda: all(i["waiting"] == 0 for i in s.get("/api/pending").json()["items"]),
+            10,
+            message="the clients gone",
+        )
+        assert answer(s.dns_port, "gone.late.test") == ["127.3.9.2"]
+        assert answer(s.dns_port, "x.other") == ["127.3.9.3"]
+
+        def left() -> list[tuple[str, str | None]] | None:
+            items = s.get("/api/pending", params={"container": "dnsc"}).json()["items"]
+            got = [(i["destination_host"], i["resolved_hostname"]) for i in items]
+            return got if got == [("127.3.9.3", "x.other")] else None
+
+        assert wait_for(left, 10, message="127.3.9.2 withdrawn and 127.3.9.3 named") == [("127.3.9.3", "x.other")]
     finally:
         up.close()

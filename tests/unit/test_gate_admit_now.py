@@ -533,13 +533,15 @@ def test_a_name_another_worker_learns_reaches_a_connection_to_its_ip() -> None:
                 await asyncio.sleep(0.005)
         g.learn("127.3.1.4", "other.example", time.time())
         await asyncio.sleep(0.02)
-        assert not task.done() and withdrawn(g) == []
+        assert not task.done()
+        # the entry gets the name, for the person who decides (no rule to withdraw it by)
+        assert withdrawn(g) == [("agent", "127.3.1.4", 80, "other.example", None)]
         g.set_rules(RuleSet([Rule(2, "*", "other.example", action="deny")]), 2)
         async with asyncio.timeout(1):
             v = await task
         assert (v.allowed, v.rule_id, v.resolved_hostname) == (False, 2, "other.example")
         # decided by a rule made since, with the name known before: the person saw the name there
-        assert withdrawn(g) == []
+        assert len(withdrawn(g)) == 1
 
         # A rule on the raw IP itself, made while the name was unknown: no withdrawal (the person
         # saw that entry and decided; SPEC keeps an entry a POST /api/rules covers).
@@ -552,6 +554,55 @@ def test_a_name_another_worker_learns_reaches_a_connection_to_its_ip() -> None:
         async with asyncio.timeout(1):
             v = await task
         assert (v.allowed, v.rule_id) == (True, 3) and withdrawn(g) == []
+
+    asyncio.run(main())
+
+
+def test_a_sighting_whose_clients_left_unnamed_is_named_or_withdrawn_when_the_name_comes() -> None:
+    """SPEC §2.3, §6 (an outside run, workers 2, the bus killed, clients giving up after 1 s): the
+    connections to a raw IP no name was known for went (client gone, hold timeout) before the name
+    came; their pending entry stayed under the raw IP for good. The gate keeps such keys for
+    UNNAMED_KEEP: their IPs are looked up like held ones', and a name learned then withdraws the
+    entry (a rule decides the key by it) or names it (none does). Bounded: UNNAMED_KEYS, oldest first."""
+    from services.proxy import gate as gate_mod
+
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "**.hw.test", action="allow"), Rule(2, "*", "127.3.2.9"), hold_timeout=0.05)
+        for ip in ("127.3.2.1", "127.3.2.2", "127.3.2.9"):
+            v = await g.admit("agent", ip, 80, "HTTP", None)
+            assert (v.allowed, v.reason) == ((True, "rule") if ip == "127.3.2.9" else (False, "hold_timeout"))
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(g.admit("agent", "127.3.2.3", 80, "HTTP", lambda: gone))
+        async with asyncio.timeout(1):
+            while not g.holds:
+                await asyncio.sleep(0.005)
+        gone.set_result(None)
+        assert (await task).reason == "client_gone"
+        assert not g.holds and g.unnamed_held_ips() == {"127.3.2.1", "127.3.2.2", "127.3.2.3"}
+        g.learn("127.3.2.1", "a.hw.test", time.time())
+        g.learn("127.3.2.2", "b.other", time.time())
+        assert withdrawn(g) == [
+            ("agent", "127.3.2.1", 80, "a.hw.test", 1),  # withdrawn: rule 1 decides it by the name
+            ("agent", "127.3.2.2", 80, "b.other", None),  # named
+        ]
+        assert g.unnamed_held_ips() == {"127.3.2.3"}
+        g.learn("127.3.2.1", "a.hw.test", time.time())  # once only
+        assert len(withdrawn(g)) == 2
+
+        # Kept UNNAMED_KEEP seconds, then no longer looked up.
+        g._unnamed_gone["127.3.2.3"][("agent", "127.3.2.3", 80)] -= gate_mod.UNNAMED_KEEP + 1
+        assert g.unnamed_held_ips() == set()
+        # At most UNNAMED_KEYS, the oldest dropped first.
+        with mock.patch.object(gate_mod, "UNNAMED_KEYS", 2):
+            for i in (5, 6, 5, 7):  # (127.3.2.5 seen again: the newest then)
+                g._gone_unnamed(("agent", f"127.3.2.{i}", 80))
+            g._gone_unnamed(("other", "127.3.2.7", 443))  # another key of a kept address
+        assert g.unnamed_held_ips() == {"127.3.2.5", "127.3.2.7"}
+        g.learn("127.3.2.7", "c.hw.test", time.time())
+        assert withdrawn(g)[2:] == [
+            ("agent", "127.3.2.7", 80, "c.hw.test", 1),
+            ("other", "127.3.2.7", 443, "c.hw.test", 1),
+        ]
 
     asyncio.run(main())
 
