@@ -361,8 +361,14 @@ class Gate:
         gone[key[1]] = keys
 
     def unnamed_held_ips(self) -> set[str]:
-        """The raw IPs of held connections judged without a name, and of sightings made so whose
-        connections went undecided within UNNAMED_KEEP: the addresses a name is looked up for."""
+        """The raw IPs of held connections judged without a name."""
+        return {
+            key[1] for key, waiters in self.holds.items() if any(h.resolved is None for h in waiters) and _is_ip(key[1])
+        }
+
+    def unnamed_gone_ips(self) -> list[str]:
+        """The raw IPs of sightings made without a name whose connections all went undecided within
+        UNNAMED_KEEP, the longest gone first (older ones are let go here)."""
         gone = self._unnamed_gone
         if gone:
             old = time.monotonic() - UNNAMED_KEEP
@@ -371,11 +377,7 @@ class Gate:
                     del keys[key]
                 if not keys:
                     del gone[ip]
-        ips = set(gone)
-        ips.update(
-            key[1] for key, waiters in self.holds.items() if any(h.resolved is None for h in waiters) and _is_ip(key[1])
-        )
-        return ips
+        return list(gone)
 
     def is_own_listener(self, host: str, port: int) -> bool:
         """The hard guard: never connect to the stack's own listeners on any local address."""

@@ -62,7 +62,7 @@ RULE_TOPICS = (
 )
 
 
-NAMES_PER_LOOK = 1000  # held addresses whose names one look asks for (`names_for_holds`; one SQL IN list)
+NAMES_PER_LOOK = 1000  # addresses whose names one look asks for (`names_for_holds`; one SQL IN list)
 
 
 class RuleLoader:
@@ -79,6 +79,7 @@ class RuleLoader:
         self.executor = executor
         self.view = view or LocalView()  # the database, or the recorder's (proxy.rulesFrom)
         self.builtins = builtins  # greyproxy.builtinRules: false leaves the seeded loopback allows out
+        self._look_at = [0, 0]  # where `names_for_holds`'s next look starts: held addresses, gone ones
         self._lock = asyncio.Lock()
 
     def _version(self) -> int:
@@ -120,23 +121,39 @@ class RuleLoader:
                 log.exception("held connections not judged again")
 
     async def names_for_holds(self) -> None:
-        """While connections to raw IPs no name is known for are held: the names the database has
-        for them (the journal's `dns` records, which every worker's DNS proxy writes and which are
-        resent after an outage), given to the gate (`Gate.learn`, which judges them again). With
+        """While connections to raw IPs no name is known for are held, or went within UNNAMED_KEEP
+        (their sightings wait for a name too): the names the database has for them (the journal's
+        `dns` records, which every worker's DNS proxy writes and which are resent after an
+        outage), given to the gate (`Gate.learn`, which judges them again). Held addresses first;
+        at most NAMES_PER_LOOK a look, taken in turn (`_window`). With
         proxy workers the bus brings another worker's names at once; this is for one it lost (an
         outside run: names first answered while the bus was down held their connections until the
         hold timeout). A name is the one seen within NAME_TTL, as in memory; a record is stamped with
         the time of its DNS answer, so one that reached the database late is found all the same."""
-        ips = self.gate.unnamed_held_ips()
-        if not ips:
+        held = self.gate.unnamed_held_ips()
+        ask = self._window(sorted(held), NAMES_PER_LOOK, 0)
+        if len(ask) < NAMES_PER_LOOK:
+            gone = [ip for ip in self.gate.unnamed_gone_ips() if ip not in held]
+            ask += self._window(gone, NAMES_PER_LOOK - len(ask), 1)
+        if not ask:
             return
+        ips = set(ask)
         now = time.time()
-        rows = await asyncio.get_running_loop().run_in_executor(
-            self.executor, self.view.dns_names, now - NAME_TTL, sorted(ips)[:NAMES_PER_LOOK]
-        )
+        rows = await asyncio.get_running_loop().run_in_executor(self.executor, self.view.dns_names, now - NAME_TTL, ask)
         for row in rows:
             if row[0] in ips and self.gate.resolved_name(row[0]) is None:
                 self.gate.learn(str(row[0]), str(row[1]), now)
+
+    def _window(self, ips: list[str], n: int, which: int) -> list[str]:
+        """At most `n` of `ips`: all of them, or the next `n` from where the last look of this kind
+        (`which`: 0 held, 1 gone) stopped, wrapping around, so that every address is asked for in
+        turn however many there are (an outside run: 2 400 addresses whose clients left filled
+        every look with the same first 1 000, and a name only the database had never came)."""
+        if len(ips) <= n:
+            return ips
+        start = self._look_at[which] % len(ips)
+        self._look_at[which] = start + n
+        return (ips[start:] + ips[:start])[:n]
 
 
 async def _reach_recorder(rt: ServiceRuntime, view: RecorderView, executor: ThreadPoolExecutor) -> None:

@@ -578,26 +578,26 @@ def test_a_sighting_whose_clients_left_unnamed_is_named_or_withdrawn_when_the_na
                 await asyncio.sleep(0.005)
         gone.set_result(None)
         assert (await task).reason == "client_gone"
-        assert not g.holds and g.unnamed_held_ips() == {"127.3.2.1", "127.3.2.2", "127.3.2.3"}
+        assert not g.holds and g.unnamed_gone_ips() == ["127.3.2.1", "127.3.2.2", "127.3.2.3"]
         g.learn("127.3.2.1", "a.hw.test", time.time())
         g.learn("127.3.2.2", "b.other", time.time())
         assert withdrawn(g) == [
             ("agent", "127.3.2.1", 80, "a.hw.test", 1),  # withdrawn: rule 1 decides it by the name
             ("agent", "127.3.2.2", 80, "b.other", None),  # named
         ]
-        assert g.unnamed_held_ips() == {"127.3.2.3"}
+        assert g.unnamed_gone_ips() == ["127.3.2.3"]
         g.learn("127.3.2.1", "a.hw.test", time.time())  # once only
         assert len(withdrawn(g)) == 2
 
         # Kept UNNAMED_KEEP seconds, then no longer looked up.
         g._unnamed_gone["127.3.2.3"][("agent", "127.3.2.3", 80)] -= gate_mod.UNNAMED_KEEP + 1
-        assert g.unnamed_held_ips() == set()
+        assert g.unnamed_gone_ips() == []
         # At most UNNAMED_KEYS, the oldest dropped first.
         with mock.patch.object(gate_mod, "UNNAMED_KEYS", 2):
             for i in (5, 6, 5, 7):  # (127.3.2.5 seen again: the newest then)
                 g._gone_unnamed(("agent", f"127.3.2.{i}", 80))
             g._gone_unnamed(("other", "127.3.2.7", 443))  # another key of a kept address
-        assert g.unnamed_held_ips() == {"127.3.2.5", "127.3.2.7"}
+        assert g.unnamed_gone_ips() == ["127.3.2.5", "127.3.2.7"]
         g.learn("127.3.2.7", "c.hw.test", time.time())
         assert withdrawn(g)[2:] == [
             ("agent", "127.3.2.7", 80, "c.hw.test", 1),
@@ -658,6 +658,49 @@ def test_a_held_address_gets_its_name_from_the_database_when_the_bus_lost_it() -
             assert not task.done()
             view.rows["127.3.1.10"] = "late.hw.test"
             await loader.names_for_holds()
+            async with asyncio.timeout(1):
+                v = await task
+            assert (v.allowed, v.resolved_hostname) == (True, "late.hw.test")
+
+    asyncio.run(main())
+
+
+def test_every_unnamed_address_is_looked_up_in_turn_however_many_there_are() -> None:
+    """The 2 s look asks for at most NAMES_PER_LOOK names. An outside run: 2 400 raw IPs whose
+    clients left (kept for their names) filled every look with the same first 1 000, so a name only
+    the database had never reached a connection held for an address after them (held to 403 though
+    a rule allowed the name). Now held addresses come first, and each kind is taken in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.proxy import service
+    from services.proxy.service import RuleLoader
+
+    class View:
+        def __init__(self) -> None:
+            self.asked: list[list[str]] = []
+
+        def dns_names(self, since: float, ips: list[str] | None = None) -> list[list[str]]:
+            self.asked.append(list(ips or []))
+            return [[ip, "late.hw.test"] for ip in ips or [] if ip == "127.4.0.9"]
+
+    async def main() -> None:
+        g = gate_with(Rule(1, "*", "**.hw.test", action="allow"))
+        for i in range(6):
+            g._gone_unnamed(("agent", f"127.4.1.{i}", 80))
+        view = View()
+        with ThreadPoolExecutor(1) as ex, mock.patch.object(service, "NAMES_PER_LOOK", 4):
+            loader = RuleLoader(g, ex, view=view)  # type: ignore[arg-type]
+            for _ in range(3):
+                await loader.names_for_holds()
+            gone = [f"127.4.1.{i}" for i in range(6)]
+            assert view.asked == [gone[:4], gone[4:] + gone[:2], gone[2:6]]
+            view.asked.clear()
+            task = asyncio.ensure_future(g.admit("agent", "127.4.0.9", 80, "HTTP", None))
+            async with asyncio.timeout(1):
+                while not g.holds:
+                    await asyncio.sleep(0.005)
+            await loader.names_for_holds()
+            assert view.asked[0][0] == "127.4.0.9" and len(view.asked[0]) == 4  # the held one first
             async with asyncio.timeout(1):
                 v = await task
             assert (v.allowed, v.resolved_hostname) == (True, "late.hw.test")
