@@ -52,3 +52,31 @@ def test_heartbeats_reach_the_bus_once_the_refused_key_is_allowed(tmp_path: Path
                 rt.publisher.close()
 
         assert asyncio.run(go()) == "proxy-x"
+
+
+def test_a_key_allowed_used_and_revoked_between_two_looks_is_seen_as_revoked(tmp_path: Path) -> None:
+    """SPEC §15, docs/configuration.md ("revoking one needs no restart"): a process with CURVE
+    servers looks at the authorized keys once a heartbeat and binds again when one it saw is gone.
+    A key allowed, connected with and revoked between two looks was never seen: its peer stayed
+    connected (`test_a_revoked_key_is_cut_off_while_connected` failed so once in five runs). The
+    keys peers connected with count now."""
+    with curve_server(tmp_path) as bus:
+        assert curve.revoked() is False  # the first look
+        public, secret = zmq.curve_keypair()
+        entry = bus.server_dir / "authorized" / "late.key"
+        entry.write_text(f'public-key = "{public.decode()}"\n')
+        ctx = zmq.Context()
+        peer = ctx.socket(zmq.DEALER)
+        peer.setsockopt(zmq.LINGER, 0)
+        peer.curve_publickey, peer.curve_secretkey, peer.curve_serverkey = public, secret, bus.server_key.encode()
+        try:
+            peer.connect(bus.endpoint)
+            peer.send(b"hello")
+            assert bus.sock.poll(5000), "the allowed peer did not get through"
+            assert bus.sock.recv_multipart()[-1] == b"hello"
+            entry.unlink()  # revoked before the next look
+            assert curve.revoked() is True
+            assert curve.revoked() is False  # once: its reconnection is refused by the key check
+        finally:
+            peer.close(linger=0)
+            ctx.term()
