@@ -422,11 +422,13 @@ def revoked() -> bool:
     stayed connected (a stack test failed so, once in five runs)."""
     if _State.keys_dir is None or not servers():
         return False
+    with _State.lock:
+        admitted = set(_State.admitted)  # (before the files are read: one allowed after is not in it)
     now = frozenset(key for _name, key in authorized_entries(_State.keys_dir))
     with _State.lock:
         before, _State.authorized_seen = _State.authorized_seen, now
-        gone = _State.admitted - now
-        _State.admitted &= now  # (the revoked ones are refused when they connect again)
+        gone = admitted - now
+        _State.admitted -= gone  # (the revoked ones are refused when they connect again)
     return bool(gone) or (before is not None and bool(before - now))
 
 

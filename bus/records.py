@@ -85,6 +85,7 @@ class PendingNamedRecord(TypedDict):
     resolved_hostname: str
     rule_id: int | None
     ts: float
+    waiting: NotRequired[int]  # the connections this proxy still holds for the key (for the event)
 
 
 class RuleHitRecord(TypedDict):
@@ -308,7 +309,9 @@ def pending_record(
     }
 
 
-def pending_named_record(container: str, host: str, port: int, name: str, rule_id: int | None) -> PendingNamedRecord:
+def pending_named_record(
+    container: str, host: str, port: int, name: str, rule_id: int | None, waiting: int = 0
+) -> PendingNamedRecord:
     return {
         "container_name": container,
         "destination_host": host,
@@ -316,6 +319,7 @@ def pending_named_record(container: str, host: str, port: int, name: str, rule_i
         "resolved_hostname": name,
         "rule_id": rule_id,
         "ts": time.time(),
+        "waiting": waiting,
     }
 
 

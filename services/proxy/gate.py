@@ -334,9 +334,11 @@ class Gate:
                     self._withdraw_sighting(key, name, decided.rule_id if decided is not None else None)
         gone = self._unnamed_gone.pop(ip, None) if self._unnamed_gone else None
         if gone:
-            for key in gone:
-                j = self.judge(key[0], ip, key[2], name)
-                self._withdraw_sighting(key, name, j.rule.id if j.rule is not None else None)
+            old = time.monotonic() - UNNAMED_KEEP
+            for key, when in gone.items():
+                if when >= old:
+                    j = self.judge(key[0], ip, key[2], name)
+                    self._withdraw_sighting(key, name, j.rule.id if j.rule is not None else None)
 
     def _withdraw_sighting(self, key: Key, name: str, rule_id: int | None) -> None:
         """Connections to `key` (a raw IP) were held as unknown while no name was known for it, and
@@ -344,10 +346,13 @@ class Gate:
         `rule_id` decides the key by that name, the sighting is withdrawn instead (the recorder
         removes the entry): that rule would have made none had the name been known (SPEC §2.3: a
         match leaves no pending entry). Only when the name made the difference: a rule deciding the
-        raw IP itself (made meanwhile) was there for a person to see, and the entry stays."""
+        raw IP itself (made meanwhile) was there for a person to see: the entry stays, named."""
         if rule_id is not None and self.judge(key[0], key[1], key[2], None).decision != "pending":
-            return
-        self.journal.append(records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, rule_id))
+            rule_id = None
+        waiting = len(self.holds.get(key, ()))
+        self.journal.append(
+            records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, rule_id, waiting)
+        )
 
     def _gone_unnamed(self, key: Key) -> None:
         """The last connection held for `key`, a raw IP with no name known, went undecided."""

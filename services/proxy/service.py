@@ -62,7 +62,9 @@ RULE_TOPICS = (
 )
 
 
-NAMES_PER_LOOK = 1000  # addresses whose names one look asks for (`names_for_holds`; one SQL IN list)
+# Addresses whose names one look asks for (`names_for_holds`): one SQL IN list, with the cut-off
+# under the 999 bound parameters of SQLite before 3.32.
+NAMES_PER_LOOK = 900
 
 
 class RuleLoader:

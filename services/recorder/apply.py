@@ -202,16 +202,21 @@ def _apply_pending_named(cur: sqlite3.Cursor, data: dict[str, Any], events: list
     """A raw IP sighted with no name known for it, named since. Decided by a rule with that name:
     the entry is withdrawn, and announced as a person's decision by that rule would be
     (`pending_request.allowed`, or `.dismissed` for a deny, with the rule). Decided by none: the
-    entry gets the name, if it has none yet (`pending_request.updated`)."""
+    entry gets the name, if it has none yet (`pending_request.updated`). An entry another worker's
+    sighting gave another name is left as it is."""
     container, host, port = data["container_name"], data["destination_host"], int(data["destination_port"])
-    row = cur.execute(pending.FIND, (container, host, port)).fetchone()
+    name = str(data["resolved_hostname"])
+    row = cur.execute(pending.FIND_NAMED, (container, host, port)).fetchone()
     if row is None:  # decided by a person meanwhile, or never stored
         return
+    if row[1] is not None and row[1] != name:
+        return  # another worker's sighting named it otherwise: a person decides that one
     if data.get("rule_id") is None:
-        cur.execute(pending.NAME, (str(data["resolved_hostname"]), row[0]))
-        if cur.rowcount:
+        if row[1] is None:
+            cur.execute(pending.NAME, (name, row[0]))
             full = cur.execute(pending.GET, (row[0],)).fetchone()
-            events.append((topics.PENDING_UPDATED, pending_json(dict(zip(pending.COLUMNS, full)))))
+            waiting = int(data.get("waiting") or 0)
+            events.append((topics.PENDING_UPDATED, pending_json(dict(zip(pending.COLUMNS, full)), waiting)))
         return
     cur.execute(pending.DELETE, (row[0],))
     found = cur.execute(rules.GET, (int(data["rule_id"]),)).fetchone()

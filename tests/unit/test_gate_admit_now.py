@@ -589,9 +589,19 @@ def test_a_sighting_whose_clients_left_unnamed_is_named_or_withdrawn_when_the_na
         g.learn("127.3.2.1", "a.hw.test", time.time())  # once only
         assert len(withdrawn(g)) == 2
 
-        # Kept UNNAMED_KEEP seconds, then no longer looked up.
+        # Kept UNNAMED_KEEP seconds: a name later does nothing, and the address is no longer looked up.
         g._unnamed_gone["127.3.2.3"][("agent", "127.3.2.3", 80)] -= gate_mod.UNNAMED_KEEP + 1
+        g.learn("127.3.2.3", "late.hw.test", time.time())
+        assert len(withdrawn(g)) == 2
+        g._gone_unnamed(("agent", "127.3.2.4", 80))
+        g._unnamed_gone["127.3.2.4"][("agent", "127.3.2.4", 80)] -= gate_mod.UNNAMED_KEEP + 1
         assert g.unnamed_gone_ips() == []
+        # A rule on the raw IP itself, made since, decides it: the entry stays for a person, named.
+        g._gone_unnamed(("agent", "127.3.2.8", 80))
+        g.set_rules(RuleSet([Rule(1, "*", "**.hw.test", action="allow"), Rule(4, "*", "127.3.2.8")]), 2)
+        g.learn("127.3.2.8", "d.hw.test", time.time())
+        assert withdrawn(g)[2:] == [("agent", "127.3.2.8", 80, "d.hw.test", None)]
+        del g.journal.records[:]
         # At most UNNAMED_KEYS, the oldest dropped first.
         with mock.patch.object(gate_mod, "UNNAMED_KEYS", 2):
             for i in (5, 6, 5, 7):  # (127.3.2.5 seen again: the newest then)
@@ -599,7 +609,7 @@ def test_a_sighting_whose_clients_left_unnamed_is_named_or_withdrawn_when_the_na
             g._gone_unnamed(("other", "127.3.2.7", 443))  # another key of a kept address
         assert g.unnamed_gone_ips() == ["127.3.2.5", "127.3.2.7"]
         g.learn("127.3.2.7", "c.hw.test", time.time())
-        assert withdrawn(g)[2:] == [
+        assert withdrawn(g) == [
             ("agent", "127.3.2.7", 80, "c.hw.test", 1),
             ("other", "127.3.2.7", 443, "c.hw.test", 1),
         ]

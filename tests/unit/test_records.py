@@ -144,8 +144,14 @@ def test_a_withdrawn_sighting_leaves_the_queue_as_the_rule_decided_it(db_path: P
                 ("n3", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.7", 80, "a.hw.test", 50)),
                 ("n4", records.PENDING_NAMED, records.pending_named_record("agent", "10.0.0.9", 80, "x.hw.test", 99)),
                 # no rule decides the name: the entry gets it (once: a name it has is kept)
-                ("n5", records.PENDING_NAMED, records.pending_named_record("other", "10.0.0.7", 80, "o.example", None)),
+                (
+                    "n5",
+                    records.PENDING_NAMED,
+                    records.pending_named_record("other", "10.0.0.7", 80, "o.example", None, 2),
+                ),
                 ("n6", records.PENDING_NAMED, records.pending_named_record("other", "10.0.0.7", 80, "p.example", None)),
+                # named otherwise by then (another worker's sighting): a rule for this name leaves it be
+                ("n7", records.PENDING_NAMED, records.pending_named_record("other", "10.0.0.7", 80, "b.hw.test", 50)),
             ],
         )
         left = conn.execute("SELECT container_name, destination_host, resolved_hostname FROM pending").fetchall()
@@ -157,8 +163,8 @@ def test_a_withdrawn_sighting_leaves_the_queue_as_the_rule_decided_it(db_path: P
         ("pending_request.dismissed", ids["agent 10.0.0.8"], 51, "deny"),
     ]
     assert events[0][1]["rule"]["destination_pattern"] == "**.hw.test"
-    assert [(t, d["id"], d["resolved_hostname"], d["destination_host"]) for t, d in events[2:]] == [
-        ("pending_request.updated", ids["other 10.0.0.7"], "o.example", "10.0.0.7")
+    assert [(t, d["id"], d["resolved_hostname"], d["destination_host"], d["waiting"]) for t, d in events[2:]] == [
+        ("pending_request.updated", ids["other 10.0.0.7"], "o.example", "10.0.0.7", 2)
     ]
 
 
