@@ -24,8 +24,8 @@ COLUMNS = (
 
 # A sighting runs inside the recorder's batch transaction on its raw sqlite3 cursor (peewee's
 # connection is per thread and not the one holding the batch's IMMEDIATE transaction).
-FIND = "SELECT id FROM pending WHERE container_name = ? AND destination_host = ? AND destination_port = ?"
-FIND_NAMED = "SELECT id, resolved_hostname FROM pending WHERE container_name = ? AND destination_host = ? AND destination_port = ?"
+# (id, resolved_hostname) of the entry of (container, host, port): a sighting bumps it, a naming names it.
+FIND = "SELECT id, resolved_hostname FROM pending WHERE container_name = ? AND destination_host = ? AND destination_port = ?"
 # Another IP of the same named host: the newest entry under that name takes the sighting.
 FIND_SIBLING = (
     "SELECT id FROM pending WHERE container_name = ? AND resolved_hostname = ? AND destination_port = ?"

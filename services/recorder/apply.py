@@ -206,7 +206,7 @@ def _apply_pending_named(cur: sqlite3.Cursor, data: dict[str, Any], events: list
     sighting gave another name is left as it is."""
     container, host, port = data["container_name"], data["destination_host"], int(data["destination_port"])
     name = str(data["resolved_hostname"])
-    row = cur.execute(pending.FIND_NAMED, (container, host, port)).fetchone()
+    row = cur.execute(pending.FIND, (container, host, port)).fetchone()
     if row is None:  # decided by a person meanwhile, or never stored
         return
     if row[1] is not None and row[1] != name:
