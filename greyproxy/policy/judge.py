@@ -13,7 +13,8 @@ second copy of the order:
   5. nothing matched                                                          → "pending" (held)
 
 Step 4 needs the destination's addresses; when they are not given and an address deny could
-apply, the answer says `needs_addresses` (the gate resolves the name and asks again).
+apply, the answer says `needs_addresses` (the gate resolves the name and asks again). So does a
+name on one of the stack's own ports: step 1 judges the addresses it resolves to as well.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Judgement:
     decision: str
     rule: Rule | None = None
     matched_on: str | None = None  # 'host', 'resolved', 'address' (an address rule judged an address)
-    address: str | None = None  # the resolved address an address rule denied
+    address: str | None = None  # the resolved address an address rule denied (or the guard refused)
     needs_addresses: bool = False  # step 4 may change the answer: resolve the name, ask again
     candidates: list[Candidate] | None = field(default=None)
 
@@ -124,8 +125,34 @@ def _judge(
     decide: Callable[[str, str, int, str | None], Decision] | None,
     now: float | None,
 ) -> Judgement:
-    if guard is not None and guard.refuses(host, port):
-        return Judgement("guard")
+    own_port_name = False
+    if guard is not None and port in guard.own_ports:
+        if guard.refuses(host, port):
+            return Judgement("guard")
+        if addresses is not None:
+            for ip in addresses:
+                if guard.refuses(ip, port):
+                    return Judgement("guard", address=ip)
+        elif parse_ip(host) is None:
+            own_port_name = True  # a name on one of our ports may resolve to us: judged by its addresses
+    j = _judge_rules(rules, container, host, port, resolved, silent, addresses, decide, now)
+    if own_port_name and j.decision not in ("deny", "silent_deny"):
+        j.needs_addresses = True
+    return j
+
+
+def _judge_rules(
+    rules: RuleSet,
+    container: str,
+    host: str,
+    port: int,
+    resolved: str | None,
+    silent: str | None,
+    addresses: list[str] | None,
+    decide: Callable[[str, str, int, str | None], Decision] | None,
+    now: float | None,
+) -> Judgement:
+    """Steps 2-5 (the guard passed)."""
     if silent == "allow":
         return Judgement("silent_allow")
     if silent == "deny":
@@ -212,6 +239,11 @@ def reason(j: Judgement, container: str, host: str, port: int) -> str:
     """A sentence saying why `j` is the answer (from its candidates when it has them)."""
     dest = f"{host}:{port}"
     if j.decision == "guard":
+        if j.address is not None:
+            return (
+                f"{host} resolves to {j.address}, and {j.address}:{port} is one of this proxy's own listeners: "
+                "never a destination, whatever the rules say"
+            )
         return f"{dest} is one of this proxy's own listeners: never a destination, whatever the rules say"
     if j.decision == "silent_allow":
         return "silent allow-all mode is on: everything is allowed (and logged) until it ends"

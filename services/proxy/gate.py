@@ -530,6 +530,16 @@ class Gate:
         a block by that rule, in place of the tunnel's pending allow entry.
         """
         if self.is_own_listener(ip, port):
+            # (admission judged a name on one of our ports by its addresses: here only when it
+            # resolves differently now, or a kept-alive re-check that does not resolve)
+            self._refused_at_connect(adm, Verdict(False, "guard", None, adm.verdict.resolved_hostname))
+            log.info(
+                "%s -> %s:%d refused: it resolves to %s, one of this proxy's own listeners",
+                adm.container,
+                adm.host,
+                adm.port,
+                ip,
+            )
             return "resolves to this proxy's own listener"
         if not self._address_rules_apply(adm.container, port):
             return None
@@ -537,16 +547,8 @@ class Gate:
         if rule is None:
             return None
         self._hit(rule.id)
-        v = adm.verdict
-        v.log_pending = None  # a deferred tunnel entry becomes this block instead
         host = _normalise_host(adm.host)
-        self.record(
-            adm.container,
-            host,
-            adm.port,
-            adm.method,
-            Verdict(False, "rule", rule.id, v.resolved_hostname, v.elapsed_ms),
-        )
+        self._refused_at_connect(adm, Verdict(False, "rule", rule.id, adm.verdict.resolved_hostname))
         log.info(
             "%s -> %s:%d refused: it resolves to %s, which rule %d denies",
             adm.container,
@@ -556,6 +558,15 @@ class Gate:
             rule.id,
         )
         return f"resolves to {ip}, which rule {rule.id} denies"
+
+    def _refused_at_connect(self, adm: Admission, block: Verdict) -> None:
+        """Log the guard's refusal of an admitted connection's address (`guard`), in place of the
+        allowed tunnel's deferred entry; an allowed request's entry is written already, so this one
+        follows it."""
+        v = adm.verdict
+        v.log_pending = None  # a deferred tunnel entry becomes this block instead
+        block.elapsed_ms = v.elapsed_ms
+        self.record(adm.container, _normalise_host(adm.host), adm.port, adm.method, block)
 
     def finish_log(self, verdict: Verdict, mitm_skip_reason: str | None = None) -> None:
         """Write a deferred tunnel log entry (once; later calls do nothing)."""

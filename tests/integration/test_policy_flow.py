@@ -313,6 +313,61 @@ def test_guard_blocks_own_api_port(stack: Stack) -> None:
     assert _pending_for(stack, "agent8", stack.ports["api"]) is None
 
 
+def _loopback_name() -> str | None:
+    """A name other than localhost that this machine resolves to a loopback address (its own host
+    name on most Debian machines and containers, or /etc/hosts' ip6-localhost), else None."""
+    import ipaddress
+
+    for name in (socket.gethostname(), "ip6-localhost", "ip6-loopback"):
+        if not name or name.lower() == "localhost" or name.lower().endswith(".localhost"):
+            continue
+        try:
+            infos = socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        if infos and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos):
+            return name
+    return None
+
+
+def test_a_name_resolving_to_our_own_listener_is_blocked_and_logged_as_the_guard(stack: Stack) -> None:
+    """SPEC §2.3 hard guard, reached through a name: whatever rule allows the name, the client gets
+    the guard's 403 (HTTP, CONNECT) or SOCKS5 0x02, the log entry says blocked by the guard (it said
+    allowed by the rule: the refusal came only at connect), and explain agrees with the proxy."""
+    name = _loopback_name()
+    if name is None:
+        pytest.skip("no name other than localhost resolves to a loopback address on this machine")
+    rule = stack.request(
+        "POST", "/api/rules", json={"container_pattern": "guardname", "destination_pattern": name, "action": "allow"}
+    ).json()
+    api = stack.ports["api"]
+    out, _ = _curl(
+        "-x", f"http://guardname@127.0.0.1:{stack.ports['http-proxy']}", f"http://{name}:{api}/api/health"
+    ).communicate(timeout=20)
+    assert out.endswith("\n403") and "one of Greyproxy's own listeners" in out, out
+    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=5) as s:
+        auth = base64.b64encode(b"guardname:x").decode()
+        target = f"{name}:{stack.ports['http-proxy']}"
+        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\nProxy-Authorization: Basic {auth}\r\n\r\n".encode())
+        answer = _recv_until(s, b"--noproxy")
+    assert answer.startswith(b"HTTP/1.1 403 "), answer
+    proc = _curl("--socks5-hostname", f"guardname:x@127.0.0.1:{stack.socks_port}", f"http://{name}:{stack.socks_port}/")
+    proc.communicate(timeout=20)
+    assert proc.returncode == 97, proc.returncode  # curl: the SOCKS5 server refused the connection (0x02)
+
+    def three() -> list[dict] | None:
+        rows = _log_rows(stack, "guardname")
+        return rows if len(rows) >= 3 else None
+
+    rows = wait_for(three, 10, message="three log entries")
+    assert [(r["result"], r["reason"], r["rule_id"]) for r in rows] == [("blocked", "guard", None)] * 3, rows
+    assert {r["method"] for r in rows} == {"HTTP", "CONNECT", "SOCKS5"}, rows
+    explained = stack.get("/api/rules/explain", params={"container": "guardname", "host": name, "port": api}).json()
+    assert explained["decision"] == "guard", explained
+    listed = stack.get("/api/rules", params={"container": "guardname"}).json()["items"]
+    assert [(r["id"], r["hit_count"]) for r in listed] == [(rule["id"], 0)], listed  # the rule decided nothing
+
+
 def test_keepalive_rechecks_each_request(stack: Stack, origin: int) -> None:
     stack.request(
         "POST",

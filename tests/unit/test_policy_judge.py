@@ -65,3 +65,28 @@ def test_resolved_hostname_only_when_the_host_matches_nothing() -> None:
     j = judge(rules, "a", "203.0.113.5", 443, resolved="api.example", explain=True)
     assert j.decision == "allow" and j.matched_on == "resolved"
     assert "resolved hostname" in reason(j, "a", "203.0.113.5", 443)
+
+
+def test_a_name_on_one_of_our_ports_is_judged_by_the_addresses_it_resolves_to() -> None:
+    """SPEC §2.3 hard guard: a name that resolves to the stack's own listener (an /etc/hosts entry, a
+    DNS name of this machine) is refused as `guard` when judged, not allowed by a rule and only
+    refused at connect (which logged it as allowed, and explain disagreed with the proxy)."""
+    rules = rs(Rule(8, "rb", "vm", action="allow"))
+    first = judge(rules, "rb", "vm", 43080, guard=GUARD)
+    assert (first.decision, first.needs_addresses) == ("allow", True)
+    j = judge(rules, "rb", "vm", 43080, guard=GUARD, addresses=["127.0.0.1"])
+    assert (j.decision, j.rule, j.address) == ("guard", None, "127.0.0.1")
+    assert "vm resolves to 127.0.0.1" in reason(j, "rb", "vm", 43080)
+    for mode in ("allow", None):  # the guard comes before silent mode, as for a literal address
+        assert (
+            judge(rules, "rb", "vm", 43080, guard=GUARD, silent=mode, addresses=["::1", "127.0.0.1"]).decision
+            == "guard"
+        )
+    # elsewhere the same name is an ordinary destination; a port of ours elsewhere is not ours
+    other = judge(rules, "rb", "vm", 8080, guard=GUARD)
+    assert (other.decision, other.needs_addresses) == ("allow", False)
+    assert judge(rules, "rb", "vm", 43080, guard=GUARD, addresses=["192.0.2.7"]).decision == "allow"
+    # a deny needs no lookup; neither does silent deny; an unknown name still waits for its addresses
+    assert not judge(rs(Rule(9, "rb", "vm", action="deny")), "rb", "vm", 43080, guard=GUARD).needs_addresses
+    assert not judge(rules, "rb", "vm", 43080, guard=GUARD, silent="deny").needs_addresses
+    assert judge(rs(), "rb", "vm", 43080, guard=GUARD).needs_addresses

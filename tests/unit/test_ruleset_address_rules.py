@@ -101,12 +101,15 @@ def test_guard_judges_the_address_actually_connected_to() -> None:
         assert why and "169.254.169.254" in why and "rule 1" in why
         assert v.log_pending is None
         g.finish_log(v)  # what the listener does after the failure: nothing more is written
-        assert adm("127.0.0.1", 1) is not None  # the own-listener guard as before
+        assert adm("127.0.0.1", 1) is not None  # the own-listener guard as before, logged as the guard's
 
     asyncio.run(run())
     entries = logs(g)
-    assert len(entries) == 1 and entries[0]["result"] == "blocked" and entries[0]["rule_id"] == 1
-    assert entries[0]["destination_host"] == "metadata.invalid" and entries[0]["method"] == "CONNECT"
+    assert [(e["result"], e["reason"], e["rule_id"]) for e in entries] == [
+        ("blocked", "rule", 1),
+        ("blocked", "guard", None),
+    ]
+    assert {(e["destination_host"], e["method"]) for e in entries} == {("metadata.invalid", "CONNECT")}
 
 
 def test_the_guard_judges_the_admission_it_is_given() -> None:
@@ -126,7 +129,8 @@ def test_the_guard_judges_the_admission_it_is_given() -> None:
 
     asyncio.run(run())
     blocked = [e for e in logs(g) if e["result"] == "blocked"]
-    assert [(e["container_name"], e["rule_id"]) for e in blocked] == [("bob", 1)]
+    assert [(e["container_name"], e["rule_id"]) for e in blocked if e["reason"] == "rule"] == [("bob", 1)]
+    assert sorted(e["container_name"] for e in blocked if e["reason"] == "guard") == ["alice", "bob"]
 
 
 @given(st.sampled_from(["127.0.0.1", "::1", "0.0.0.0", "192.0.2.7", "10.1.2.3"]), st.sampled_from([1, 80, 443]))
