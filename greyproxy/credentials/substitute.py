@@ -352,12 +352,27 @@ def _unavailable() -> Plan:
     )
 
 
+# A JSON string value and the key it belongs to (`"key": "value"`), as a stream of events carries
+# them (SSE `data:` lines, NDJSON, one JSON document): the value's text, quotes excluded, is group 2.
+_KEYED_STRING = re.compile(r'"((?:[^"\\\n]|\\.){1,64})"[ \t]*:[ \t]*"((?:[^"\\\n]|\\.)*)"')
+TAIL_MIN = 4  # a body's last characters that begin a value are scrubbed from this many on
+
+
 class Scrubber:
     """Replaces what was substituted in an exchange — each value raw, percent-encoded (either hex
     case), JSON-escaped, as header bytes, and each re-encoded Basic token — by `[REDACTED:<label>]`
-    in recorded text (response headers and body, WebSocket messages). Longest first."""
+    in recorded text (response headers and body, WebSocket messages). Longest first.
 
-    __slots__ = ("needles", "_re")
+    In a body (`data`) also:
+    - a value split over consecutive string values of one JSON key (a streamed answer's deltas:
+      `"text":"sk-ant-"` in one event, `"text":"…rest"` in the next), which a reader joining the
+      deltas (the conversation assembler) would put back together: the first part becomes the
+      marker, the other parts lose theirs;
+    - the start of a value at the very end (a body cut by `capture.maxBodyBytes` mid-value), from
+      `TAIL_MIN` characters on, whole or at the end of such a key's joined values.
+    """
+
+    __slots__ = ("needles", "_re", "_labels")
 
     def __init__(self, used: Sequence[Live], basic_tokens: Sequence[str] = ()) -> None:
         label_of: dict[str, str] = {}
@@ -381,20 +396,95 @@ class Scrubber:
             label_of.setdefault(t, labels)
             label_of.setdefault(t.rstrip("="), labels)
         self.needles = sorted(label_of.items(), key=lambda kv: -len(kv[0]))
+        self._labels = dict(self.needles)
         self._re = re.compile("|".join(re.escape(n) for n, _l in self.needles))
 
     def text(self, s: str | None) -> str | None:
         if not s:
             return s
-        labels = dict(self.needles)
+        labels = self._labels
         return self._re.sub(lambda m: f"[REDACTED:{labels[m.group(0)]}]", s)
 
     def data(self, b: bytes) -> bytes:
         """`text` over stored bytes: UTF-8 with any other byte kept as it was (surrogateescape), so
-        the bytes round-trip exactly but for what is scrubbed."""
+        the bytes round-trip exactly but for what is scrubbed; then split values and a cut tail."""
         if not b:
             return b
-        return (self.text(b.decode("utf-8", "surrogateescape")) or "").encode("utf-8", "surrogateescape")
+        s = self.text(b.decode("utf-8", "surrogateescape")) or ""
+        s = self._split(s)
+        s = self._tail(s)
+        return s.encode("utf-8", "surrogateescape")
+
+    def _tail_hit(self, s: str) -> tuple[int, str] | None:
+        """(length, label) of the longest start of a needle that `s` ends with (TAIL_MIN or more)."""
+        for needle, label in self.needles:
+            for k in range(len(needle) - 1, TAIL_MIN - 1, -1):
+                if s.endswith(needle[:k]):
+                    return k, label
+        return None
+
+    def _tail(self, s: str) -> str:
+        hit = self._tail_hit(s)
+        return s if hit is None else f"{s[: len(s) - hit[0]]}[REDACTED:{hit[1]}]"
+
+    def _split(self, s: str) -> str:
+        """Scrub values split over consecutive string values of one key (see the class doc)."""
+        groups: dict[str, list[tuple[int, int, str]]] = {}
+        for m in _KEYED_STRING.finditer(s):
+            raw = m.group(2)
+            if not raw:
+                continue
+            value = raw
+            escaped = "\\" in raw
+            if escaped:
+                try:
+                    value = orjson.loads(f'"{raw}"')
+                except ValueError:  # (orjson's error; also lone surrogates: bytes that were not UTF-8)
+                    continue
+            groups.setdefault(m.group(1), []).append((m.start(2), m.end(2), value, escaped))
+        edits: dict[int, tuple[int, str]] = {}  # fragment start -> (its end, its new text as written)
+        for frags in groups.values():
+            if len(frags) < 2:
+                continue
+            joined = "".join(f[2] for f in frags)
+            cuts: list[tuple[int, int, str]] = [
+                (m.start(), m.end(), self._labels[m.group(0)]) for m in self._re.finditer(joined)
+            ]
+            tail = self._tail_hit(joined)
+            if tail is not None and (not cuts or cuts[-1][1] <= len(joined) - tail[0]):
+                cuts.append((len(joined) - tail[0], len(joined), tail[1]))
+            if not cuts:
+                continue
+            starts = []
+            pos = 0
+            for f in frags:
+                starts.append(pos)
+                pos += len(f[2])
+            new_values = {i: f[2] for i, f in enumerate(frags)}
+            for a, z, label in reversed(cuts):  # (from the end: earlier offsets stay valid)
+                for i in range(len(frags) - 1, -1, -1):
+                    lo, hi = starts[i], starts[i] + len(frags[i][2])
+                    if hi <= a or lo >= z:
+                        continue
+                    first = lo <= a  # the fragment the value starts in carries the marker
+                    v = new_values[i]
+                    la, lz = max(a, lo) - lo, min(z, hi) - lo
+                    new_values[i] = v[:la] + (f"[REDACTED:{label}]" if first else "") + v[lz:]
+            for i, f in enumerate(frags):
+                v = new_values[i]
+                if v != f[2]:
+                    edits[f[0]] = (f[1], orjson.dumps(v).decode()[1:-1] if f[3] else v)
+        if not edits:
+            return s
+        out = []
+        pos = 0
+        for start in sorted(edits):
+            end, written = edits[start]
+            out.append(s[pos:start])
+            out.append(written)
+            pos = end
+        out.append(s[pos:])
+        return "".join(out)
 
     def headers(self, h: dict[str, list[str]]) -> dict[str, list[str]]:
         return {k: [self.text(v) or "" for v in vs] for k, vs in h.items()}

@@ -74,6 +74,11 @@ def forms(value: str) -> list[str]:
     ]
 
 
+def stream_parts(value: str) -> list[str]:
+    """The text deltas of `_Echo`'s stream: the value cut into three parts, none of them the value."""
+    return ["your key is ", value[:10], value[10:25], value[25:], " done"]
+
+
 class _Echo(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -88,6 +93,9 @@ class _Echo(http.server.BaseHTTPRequestHandler):
             "body": body,
         }
         RECEIVED.append(got)
+        if self.path.startswith("/stream"):  # an LLM-style answer streaming the X-Key it got back in deltas
+            self._stream(self.headers.get("X-Key") or "")
+            return
         out = json.dumps(got).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -96,6 +104,17 @@ class _Echo(http.server.BaseHTTPRequestHandler):
             self.send_header("X-Echoed", self.headers["Authorization"])
         self.end_headers()
         self.wfile.write(out)
+
+    def _stream(self, key: str) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for text in stream_parts(key):
+            delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}}
+            event = f"event: content_block_delta\ndata: {json.dumps(delta)}\n\n".encode()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
+        self.wfile.write(b"0\r\n\r\n")
 
     do_GET = do_POST = _answer  # noqa: N815 - http.server's naming
 
@@ -737,7 +756,14 @@ def test_12_no_value_anywhere(stack: Stack, world: dict[str, Any], origins: dict
     assert status == 200
     got = received("/twelve")[0]
     assert got["headers"]["x-key"] == VALUE and got["headers"]["x-g"] == GVALUE
-    txns(stack, "agent-12")
+    # An origin streaming the value back in token deltas (each part alone is not the value; the
+    # conversation assembler would join them): no part is stored either.
+    status, _h, body = curl(stack, "agent-12", f"https://{BOUND}:{origins[BOUND]}/stream", "-H", f"X-Key: {ph}")
+    assert status == 200 and all(part.encode() in body for part in stream_parts(VALUE)), body  # the wire: as sent
+    stream_txn = next(t for t in txns(stack, "agent-12", 2) if t["url"].endswith("/stream"))
+    stored = api(stack, "GET", f"/api/transactions/{stream_txn['id']}").json()["response_body"]
+    texts = [json.loads(ln[6:])["delta"]["text"] for ln in stored.split("\n") if ln.startswith("data: ")]
+    assert texts == ["your key is ", "[REDACTED:KEY]", "", "", " done"], stored  # what a joined read gets
     wait_for(lambda: any("agent-12" in e for e in EVENTS), 10, message="agent-12's transaction on /ws")
     # Every API answer there is.
     for path, params in (
@@ -759,7 +785,7 @@ def test_12_no_value_anywhere(stack: Stack, world: dict[str, Any], origins: dict
     assert b"session.created" in cli_events and b"service.heartbeat" in cli_events
     written["greyproxy events --json"] = cli_events
     for value in (VALUE, GVALUE):
-        for form in forms(value):
+        for form in [*forms(value), *stream_parts(value)[1:4]]:
             needle = form.encode()
             assert not [n for n, data in written.items() if needle in data], form
             assert not [e for e in EVENTS if form in e], form

@@ -9,6 +9,7 @@ import os
 import stat
 from urllib.parse import quote, unquote
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 from greyproxy.credentials import crypto
 from greyproxy.credentials.placeholders import PLACEHOLDER_RE, PREFIX, default_label, is_placeholder, mint, scope_of
 from greyproxy.credentials.substitute import (
+    TAIL_MIN,
     CREDENTIALS_UNAVAILABLE,
     HOST_MISMATCH,
     IN_PATH,
@@ -334,3 +336,64 @@ def test_scrubber_leaves_no_value(a: str, b: str, value: str) -> None:
     for form in (value, quote(value, safe="")):
         out = s.text(a + form + b + form)
         assert out is not None and value not in out.replace("[REDACTED:KEY]", "\x00") or value in (a + b)
+
+
+def _sse(texts: list[str]) -> bytes:
+    """An Anthropic-style stream whose text deltas are `texts`."""
+    events = [
+        "event: content_block_delta\ndata: "
+        + orjson.dumps({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}}).decode()
+        + "\n\n"
+        for t in texts
+    ]
+    return "".join(events).encode()
+
+
+def _deltas(body: bytes) -> str:
+    """What a reader joining the stream's deltas (the conversation assembler) reads."""
+    return "".join(
+        orjson.loads(line[6:])["delta"]["text"] for line in body.decode().split("\n") if line.startswith("data: ")
+    )
+
+
+def test_a_value_split_over_streamed_deltas_is_scrubbed_from_every_part() -> None:
+    """SPEC §12.7 scrub, for an echo the origin streams: token deltas cut the value into parts that
+    are not the value, but a reader joining them (the assembler's `extraction`) gets it whole. The
+    first part becomes the marker, the others lose theirs; the rest of the stream is untouched."""
+    value = "sk-ant-REPROTWOvalue1122334455667788QQ"
+    s = Scrubber([live(value=value)])
+    body = _sse(["your key is ", value[:7], value[7:20], value[20:], " ok"])
+    out = s.data(body)
+    assert _deltas(out) == "your key is [REDACTED:KEY] ok"
+    for part in (value[:7], value[7:20], value[20:]):
+        assert part.encode() not in out
+    assert out.count(b"event: content_block_delta") == 5  # every event kept, each still valid JSON
+    untouched = _sse(["no secret here ", "at all"])
+    assert s.data(untouched) == untouched
+
+
+def test_the_start_of_a_value_at_the_end_of_a_cut_body_is_scrubbed() -> None:
+    """A body cut by capture.maxBodyBytes inside an echoed value: the part kept is scrubbed too
+    (from TAIL_MIN characters on), as is the tail of a streamed answer cut there."""
+    s = Scrubber([live()])
+    for n in range(TAIL_MIN, len(VALUE)):
+        out = s.data(b"x" * 50 + VALUE[:n].encode())
+        assert out == b"x" * 50 + b"[REDACTED:KEY]", (n, out)
+    assert s.data(b"ends with " + VALUE[: TAIL_MIN - 1].encode()).endswith(VALUE[: TAIL_MIN - 1].encode())
+    cut = _sse(["key: ", VALUE[:5], VALUE[5:9]])  # (with a character JSON may escape: é)
+    assert _deltas(s.data(cut)) == "key: [REDACTED:KEY]"
+
+
+@settings(max_examples=examples(200), deadline=None)
+@given(
+    st.from_regex(r"[A-Za-z0-9_.~+/=-]{8,40}", fullmatch=True),
+    st.lists(st.integers(min_value=1, max_value=39), max_size=6),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x2FF, blacklist_characters='"\\'), max_size=20),
+)
+def test_no_part_of_a_split_value_survives_wherever_the_stream_cuts_it(value: str, cuts: list[int], pre: str) -> None:
+    s = Scrubber([live(value=value)])
+    points = sorted({c for c in cuts if c < len(value)})
+    parts = [value[a:b] for a, b in zip([0, *points], [*points, len(value)], strict=True)]
+    out = s.data(_sse([pre, *parts, " end"]))
+    joined = _deltas(out)
+    assert value not in joined and joined.endswith(" end") and "[REDACTED:KEY]" in joined
