@@ -429,7 +429,7 @@ class Scrubber:
 
     def _split(self, s: str) -> str:
         """Scrub values split over consecutive string values of one key (see the class doc)."""
-        groups: dict[str, list[tuple[int, int, str]]] = {}
+        groups: dict[str, list[tuple[int, int, str, bool]]] = {}  # key -> (start, end, value, escaped)
         for m in _KEYED_STRING.finditer(s):
             raw = m.group(2)
             if not raw:
