@@ -5,7 +5,7 @@ cimport cython
 
 
 cdef class Redactor:
-    cdef public object patterns, _exact, _glob
+    cdef public object patterns, _ids, _exact, _glob
     cdef public dict _seen, _names, _bits, _fields, _varying
     cdef public list _last_lines, _last_pairs
 

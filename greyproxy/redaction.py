@@ -20,7 +20,15 @@ from urllib.parse import unquote_plus
 
 import orjson
 
-__all__ = ["DEFAULT_REDACTED_HEADERS", "REDACTED", "URL_HEADERS", "Redactor", "canonical_header_name", "extra_patterns"]
+__all__ = [
+    "DEFAULT_REDACTED_HEADERS",
+    "REDACTED",
+    "SESSION_ID_HEADERS",
+    "URL_HEADERS",
+    "Redactor",
+    "canonical_header_name",
+    "extra_patterns",
+]
 
 DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
     "Authorization",
@@ -37,6 +45,11 @@ DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
     "*session*",
 )
 REDACTED = "[REDACTED]"
+# LLM clients' session ids (SPEC §13.2 reads them: Claude Code's, Codex's `session_id`): a UUID there
+# names a conversation, not a secret (the same id is in the request body, which is stored as sent),
+# so these names are kept when their value is a UUID and only the default `*session*` matches them.
+SESSION_ID_HEADERS = frozenset({"x-claude-code-session-id", "session-id"})  # (folded: `_` as `-`)
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
 _CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
 # The fields whose first value `Redactor.recorded` also gives (1: Content-Type, 2: Content-Encoding), by
@@ -78,6 +91,7 @@ class Redactor:
 
     __slots__ = (
         "patterns",
+        "_ids",
         "_exact",
         "_glob",
         "_seen",
@@ -95,8 +109,11 @@ class Redactor:
         self._exact = frozenset(p for p in self.patterns if not any(c in p for c in "*?["))
         globs = [fnmatch.translate(p) for p in self.patterns if p not in self._exact]
         self._glob = re.compile("|".join(globs)) if globs else None
+        # the session-id names kept for a UUID value: those no extra pattern of the user's names
+        extra_folded = [_fold(p) for p in extra]
+        self._ids = frozenset(n for n in SESSION_ID_HEADERS if not any(fnmatch.fnmatchcase(n, p) for p in extra_folded))
         self._seen: dict[str, bool] = {}
-        # raw name -> (canonical name, redacted?, a URL header?, ...): `_name`
+        # raw name -> (canonical name, redacted: 0 no, 1 yes, 2 yes but a UUID (SESSION_ID_HEADERS), a URL header?, ...): `_name`
         self._names: dict[str, tuple[str, bool, bool, int, str, int]] = {}
         self._bits: dict[str, int] = {}  # canonical name -> its bit (`_name`)
         # a field (a head's line, or a (name, value) pair) -> its recorded form (`_field`), for
@@ -121,7 +138,7 @@ class Redactor:
         return hit
 
     def _name(self, name: str) -> tuple[str, bool, bool, int, str, int]:
-        """(canonical name, redacted?, a URL header?, 1 for Content-Type / 2 for Content-Encoding / 0,
+        """(canonical name, redacted (0, 1, or 2: unless the value is a UUID), a URL header?, 1 for Content-Type / 2 for Content-Encoding / 0,
         the JSON text that starts the name's field in `recorded`: `"Name":[`, the name's bit in
         `recorded`'s check for a name met twice) of a raw header name, remembered."""
         key = canonical_header_name(name)
@@ -133,9 +150,10 @@ class Redactor:
             bit = 1 << min(len(bits), _BITS)
             if len(bits) < _CACHE_LIMIT:
                 bits[key] = bit  # (never forgotten: a name's bit must stay what its `_names` entry says)
+        redacted = self.matches(name)
         hit = (
             key,
-            self.matches(name),
+            (2 if _fold(name) in self._ids else 1) if redacted else 0,
             key.lower() in URL_HEADERS,
             _PICKED.get(name.lower(), 0),
             _dumps(key).decode() + ":[",
@@ -162,7 +180,7 @@ class Redactor:
             hit = self._name(name)
         role = hit[3]
         pick = (role, value) if role else None
-        if hit[1]:
+        if hit[1] and (hit[1] == 1 or not _is_uuid(value)):
             return (hit[0], REDACTED, hit[4] + _REDACTED_JSON, pick, hit[5])
         if hit[2]:
             value = self.url(value)
@@ -257,7 +275,7 @@ class Redactor:
             if hit is None:
                 hit = self._name(name)
             key = hit[0]
-            if hit[1]:
+            if hit[1] and (hit[1] == 1 or not _is_uuid(value)):
                 value = REDACTED
             elif hit[2]:
                 value = self.url(value)
@@ -292,7 +310,8 @@ class Redactor:
         for name, values in headers.items():
             vals = values if isinstance(values, list) else [values]
             if self.matches(name):
-                new = [REDACTED] * len(vals)
+                kept = _fold(name) in self._ids
+                new = [v if kept and isinstance(v, str) and _is_uuid(v) else REDACTED for v in vals]
             elif name.lower() in URL_HEADERS:
                 new = [self.url(v) if isinstance(v, str) else v for v in vals]
             else:
@@ -301,6 +320,10 @@ class Redactor:
             changed = changed or new != vals
             out[name] = new
         return out, changed
+
+
+def _is_uuid(value: str) -> bool:
+    return len(value) == 36 and _UUID.fullmatch(value) is not None
 
 
 def _fold(name: str) -> str:

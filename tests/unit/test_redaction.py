@@ -8,6 +8,7 @@ import random
 import zlib
 
 import brotli
+import orjson
 import pytest
 import zstandard
 from hypothesis import given, settings
@@ -467,3 +468,42 @@ def test_recorded_reads_each_head_as_a_new_redactor_would(heads: list[list[tuple
     for field, _got in r._last_lines + r._last_pairs:
         if field is not None:
             assert not r.matches(field[0] if isinstance(field, tuple) else field.partition(":")[0])
+
+
+def test_an_llm_clients_session_id_is_kept_when_it_is_a_uuid() -> None:
+    """SPEC §13.2 reads `X-Claude-Code-Session-Id` (Claude Code) and `session_id` (Codex) from stored
+    rows when the body has no session key; `*session*` (§7) stored them as [REDACTED], so such a
+    request landed in another conversation. A UUID there is an id, not a secret (the same id is in
+    the body when the body has it): kept. Anything else under those names, and every other
+    `*session*` name, stays redacted; a user's own pattern naming them redacts them again."""
+    sid = "0b6f1c8e-4a2d-4f7b-9c3e-5d8a7b6c1e2f"
+    r = Redactor()
+    pairs = [
+        ("X-Claude-Code-Session-Id", sid),
+        ("session_id", sid.upper()),
+        ("Session-Id", "not-a-uuid-" + sid),
+        ("X-Session-Id", sid),
+        ("Session-Token", sid),
+    ]
+    want = {
+        "X-Claude-Code-Session-Id": [sid],
+        "Session_id": [sid.upper()],
+        "Session-Id": [REDACTED],
+        "X-Session-Id": [REDACTED],
+        "Session-Token": [REDACTED],
+    }
+    assert r.headers(pairs) == want
+    lines = [f"{k}: {v}" for k, v in pairs]
+    for _ in range(2):  # (the second time from the remembered fields)
+        assert r.header_lines(lines) == want
+        text, _ct, _ce = r.recorded(lines)
+        assert orjson.loads(text) == want
+    stored = {"X-Claude-Code-Session-Id": [sid], "Session-Id": ["s3cret"]}
+    assert r.redact_map(stored) == ({"X-Claude-Code-Session-Id": [sid], "Session-Id": [REDACTED]}, True)
+    for extra, claude, codex in (
+        (["x-claude-code-session-id"], REDACTED, sid),
+        (["*session-id"], REDACTED, REDACTED),
+        (["SESSION_ID"], sid, REDACTED),
+    ):
+        got = Redactor(extra).headers([("X-Claude-Code-Session-Id", sid), ("session_id", sid)])
+        assert got == {"X-Claude-Code-Session-Id": [claude], "Session_id": [codex]}, extra
