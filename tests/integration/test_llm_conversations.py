@@ -323,6 +323,30 @@ def test_claude_code_session_through_the_proxy(stack: Stack, origin: int) -> Non
     assert "turns" not in listed["items"][0] and set(listed["items"][0]) >= {"usage_with_subagents", "metadata"}
 
 
+def test_a_session_id_sent_only_in_the_header_names_the_conversation(stack: Stack, origin: int) -> None:
+    """SPEC §13.2: with no session key in the body, the anthropic dissector takes Claude Code's
+    `X-Claude-Code-Session-Id` header. The header goes through the proxy's redaction first (§7
+    `*session*`), which stored it as [REDACTED]: the requests joined an inferred conversation."""
+    sid = str(uuid.uuid4())
+    rows = []
+    for r in F.claude_code_session(sid=sid)[:1]:  # the main thread's first request
+        body = json.loads(r["request_body"])
+        body.pop("metadata", None)
+        assert sid not in json.dumps(body)
+        rows.append(
+            r
+            | {
+                "request_body": json.dumps(body),
+                "request_headers": r["request_headers"] | {"X-Claude-Code-Session-Id": [sid]},
+            }
+        )
+    send(stack, rows, "hdronly", origin)
+    main = conversation(stack, f"session_{sid}")
+    assert main["metadata"]["total_requests"] == 1 and main["client_name"] == "claude-code"
+    stored = stack.get(f"/api/transactions/{main['request_ids'][0]}").json()["request_headers"]
+    assert stored["X-Claude-Code-Session-Id"] == [sid] and stored["X-Api-Key"] == ["[REDACTED]"]
+
+
 def test_responses_chat_and_gemini_through_the_proxy(stack: Stack, origin: int) -> None:
     """Acceptance 7: parallel Responses calls, chat completions usage (stream and JSON), Gemini alt=sse."""
     send(stack, F.opencode_session(), "opencode", origin)
