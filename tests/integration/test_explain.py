@@ -91,9 +91,15 @@ def test_explain_refuses_bad_queries(stack: Stack) -> None:
         {"container": "a", "host": "x.example", "port": "0"},
         {"container": "a", "host": "x.example", "port": "http"},
         {"container": "a", "host": "a b", "port": "80"},
+        # what the proxy refuses as a bad host (a resolver reads them as 127.0.0.1): not "pending"
+        {"container": "a", "host": "2130706433", "port": "80"},
+        {"container": "a", "host": "127.1", "port": "80"},
+        {"container": "a", "host": "0x7f.0.0.1", "port": "80"},
     ):
         r = stack.get("/api/rules/explain", params=params)
         assert r.status_code == 400 and r.json()["error"], (params, r.text)
+    ok = stack.get("/api/rules/explain", params={"container": "a", "host": "127.0.0.1", "port": "80"})
+    assert ok.status_code == 200 and ok.json()["decision"] == "allow"  # the builtin rule
 
 
 def test_cli_prints_the_explanation(stack: Stack) -> None:
