@@ -360,7 +360,8 @@ TAIL_MIN = 4  # a body's last characters that begin a value are scrubbed from th
 
 class Scrubber:
     """Replaces what was substituted in an exchange — each value raw, percent-encoded (either hex
-    case), JSON-escaped, as header bytes, and each re-encoded Basic token — by `[REDACTED:<label>]`
+    case), JSON-escaped, as header bytes, in base64 (standard or URL-safe, padded or not), and each
+    re-encoded Basic token — by `[REDACTED:<label>]`
     in recorded text (response headers and body, WebSocket messages). Longest first.
 
     In a body (`data`) also:
@@ -388,6 +389,8 @@ class Scrubber:
                 orjson.dumps(v).decode()[1:-1],
                 quote(v, safe="", encoding="utf-8").replace("%20", "+"),
             }
+            b64 = base64.b64encode(v.encode()).decode()  # its base64 alone (SPEC §12 acceptance 12)
+            forms |= {b64, b64.rstrip("="), base64.urlsafe_b64encode(v.encode()).decode().rstrip("=")}
             for f in forms:
                 if f:
                     label_of.setdefault(f, lv.label)

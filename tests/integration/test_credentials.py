@@ -102,6 +102,8 @@ class _Echo(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(out)))
         if self.headers.get("Authorization"):
             self.send_header("X-Echoed", self.headers["Authorization"])
+        if self.headers.get("X-Key"):  # an origin answering with the value's base64 (acceptance 12: never stored)
+            self.send_header("X-Echoed-B64", base64.b64encode(self.headers["X-Key"].encode()).decode())
         self.end_headers()
         self.wfile.write(out)
 

@@ -281,6 +281,9 @@ def test_scrubber_forms() -> None:
     assert quote(VALUE, safe="") not in out and out.count("[REDACTED:KEY]") == 5
     assert s.headers({"X-Echo": [VALUE, "ok"]}) == {"X-Echo": ["[REDACTED:KEY]", "ok"]}
     assert s.text(None) is None and s.text("") == ""
+    raw = VALUE.encode()
+    for b64 in (base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"=")):  # its base64 alone
+        assert s.text(f"echo {b64.decode()}.") == "echo [REDACTED:KEY]."
 
 
 # -- fuzz --
