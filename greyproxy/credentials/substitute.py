@@ -193,8 +193,10 @@ def _basic(value: str) -> bytes | None:
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic" or not token:
         return None
+    token = token.strip()
+    token += "=" * (-len(token) % 4)  # some clients leave the padding out; it decodes the same
     try:
-        return base64.b64decode(token.strip(), validate=True)
+        return base64.b64decode(token, validate=True)
     except (binascii.Error, ValueError):
         return None
 

@@ -173,6 +173,12 @@ def test_headers_query_and_basic_are_substituted() -> None:
     assert base64.b64decode(p.headers[4][1].split(" ")[1]) == b"x:" + VALUE.encode()
     enc = quote(VALUE, safe="")
     assert p.target == f"/v1/x?a=1&key={enc}&raw={enc}&b=%7E&c"
+    # a Basic token without its `=` padding (some clients write it so) is read the same
+    for user in ("x", "xy", "xyz"):
+        token = base64.b64encode(f"{user}:{PH}".encode()).decode()
+        unpadded = plan([("Authorization", "Basic " + token.rstrip("="))], "/", table(live()), destination="h")
+        assert unpadded.refused is None and unpadded.headers is not None, token
+        assert base64.b64decode(unpadded.headers[0][1].split(" ")[1]) == f"{user}:".encode() + VALUE.encode()
     assert unquote(p.target.split("key=")[1].split("&")[0]) == VALUE
 
 
