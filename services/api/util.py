@@ -62,6 +62,10 @@ async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type |
     raw = await req.stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise falcon.HTTPPayloadTooLarge(description=f"body larger than {MAX_BODY} bytes")
+    if length is not None and len(raw) < length:
+        # the client went away before its whole body came (the stream ends at the disconnect):
+        # never act on part of a request, even one that parses
+        raise bad_request(f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
     if not raw.strip():
         if default is not ...:
             return default

@@ -14,6 +14,7 @@ Clients are real: httpx, raw sockets where the exact bytes matter, websockets, c
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -187,6 +188,29 @@ def test_malformed_requests_are_400_without_a_traceback(stack: Stack) -> None:
     assert status == 200
     assert client_ok(stack)  # the API is still fine
     assert "Traceback" not in api_log(stack)
+
+
+def test_a_body_cut_short_by_a_client_leaving_is_never_acted_on(stack: Stack) -> None:
+    """A client that closes its side after fewer bytes than its Content-Length: the body it sent
+    parses (a whole JSON object), but it is not the request the client meant to send, so no rule is
+    made from it (the API made one, and answered nobody)."""
+    dest = f"cut-{time.monotonic_ns()}.example"
+    body = orjson.dumps({"container_pattern": "cutter", "destination_pattern": dest, "action": "allow"})
+    head = (
+        f"POST /api/rules HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body) + 5}\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", stack.ports["api"]), timeout=5) as s:
+        s.sendall(head + body)
+        s.shutdown(socket.SHUT_WR)  # nothing more comes
+        with contextlib.suppress(OSError):
+            while s.recv(4096):
+                pass
+    time.sleep(0.5)
+    assert stack.get("/api/rules", params={"destination": dest}).json()["total"] == 0
+    assert client_ok(stack)
+    whole = stack.request("POST", "/api/rules", json=orjson.loads(body))  # the same body sent whole: made
+    assert whole.status_code == 201 and stack.get("/api/rules", params={"destination": dest}).json()["total"] == 1
 
 
 def client_ok(stack: Stack) -> bool:
