@@ -57,19 +57,23 @@ def service_env(cfg: Config) -> dict[str, str]:
 # ---------------------------------------------------------------- systemd
 
 
-def _systemd_word(word: str) -> str:
-    """One ExecStart word: specifiers (%) and variables ($) literal, quoted when it has spaces."""
+def _systemd_word(word: str, variables: bool = True) -> str:
+    """One ExecStart word: specifiers (%) and variables ($) literal, quoted when it has spaces.
+    `variables=False`: an `Environment=` assignment, where systemd expands specifiers but gives `$`
+    no meaning (systemd.exec(5)), so a `$` is written as it is."""
     for ch in word:
         if ord(ch) < 0x20 or ch == "\x7f":
             raise ValueError(f"cannot put a control character in a systemd unit: {word!r}")
-    word = word.replace("%", "%%").replace("$", "$$")
+    word = word.replace("%", "%%")
+    if variables:
+        word = word.replace("$", "$$")
     if any(c in word for c in " \t\"'\\;") or not word:
         word = '"' + word.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return word
 
 
 def _systemd_env(name: str, value: str) -> str:
-    return _systemd_word(f"{name}={value}")
+    return _systemd_word(f"{name}={value}", variables=False)
 
 
 def systemd_unit_path(env: Mapping[str, str] | None = None) -> Path:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from greyproxy.cli_service import _systemd_word, manager_for, render_systemd_unit, serve_argv
+from greyproxy.cli_service import _systemd_env, _systemd_word, manager_for, render_systemd_unit, serve_argv
 from greyproxy.config import load_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,6 +59,9 @@ def test_systemd_words_round_trip_through_a_shell_like_split() -> None:
     assert _systemd_word("a b") == '"a b"'
     assert _systemd_word('say "x"\\') == '"say \\"x\\"\\\\"'
     assert _systemd_word("100%$HOME") == "100%%$$HOME"
+    # Environment=: specifiers are expanded there, variables are not ($ means nothing: systemd.exec(5))
+    assert _systemd_env("GREYPROXY_DATA_HOME", "/d/$x%y") == "GREYPROXY_DATA_HOME=/d/$x%%y"
+    assert _systemd_env("GREYPROXY_DATA_HOME", "/d i/$x") == '"GREYPROXY_DATA_HOME=/d i/$x"'
     with pytest.raises(ValueError):
         _systemd_word("a\nb")
 
