@@ -102,6 +102,12 @@ def claim_secret(cfg: Config, name: str) -> str:
 def check_container_name(name: str) -> str:
     if not name or name.strip() != name or any(ord(c) < 0x20 or c == "\x7f" for c in name):
         raise ConfigError(f"--container {name!r}: a non-empty name without spaces at its ends or control characters")
+    if ":" in name:
+        raise ConfigError(
+            f"--container {name!r}: no ':' in a name (the proxy reads the user name of Basic credentials "
+            "up to the first ':', so it would record the agent as "
+            f"{name.split(':', 1)[0]!r})"
+        )
     if name == "proxy":
         raise ConfigError("--container proxy: the proxy ignores the user name 'proxy' (SPEC §1); choose another")
     if len(name) > 200:
@@ -161,7 +167,8 @@ def env_plan(
         if certs.system_ca_file() is None:
             notes.append(f"no system CA bundle found: {bundle} holds only Greyproxy's CA")
         variables += [(name, str(bundle)) for name in BUNDLE_VARS]
-        variables.append((NODE_VAR, str(cert_path)))
+        if cert_path.exists():  # (a missing file makes every node and npm run print a warning)
+            variables.append((NODE_VAR, str(cert_path)))
     return EnvPlan(variables, notes)
 
 

@@ -114,7 +114,7 @@ class Redactor:
         self._ids = frozenset(n for n in SESSION_ID_HEADERS if not any(fnmatch.fnmatchcase(n, p) for p in extra_folded))
         self._seen: dict[str, bool] = {}
         # raw name -> (canonical name, redacted: 0 no, 1 yes, 2 yes but a UUID (SESSION_ID_HEADERS), a URL header?, ...): `_name`
-        self._names: dict[str, tuple[str, bool, bool, int, str, int]] = {}
+        self._names: dict[str, tuple[str, int, bool, int, str, int]] = {}
         self._bits: dict[str, int] = {}  # canonical name -> its bit (`_name`)
         # a field (a head's line, or a (name, value) pair) -> its recorded form (`_field`), for
         # `header_lines` and `recorded`
@@ -137,7 +137,7 @@ class Redactor:
                 self._seen[lname] = hit
         return hit
 
-    def _name(self, name: str) -> tuple[str, bool, bool, int, str, int]:
+    def _name(self, name: str) -> tuple[str, int, bool, int, str, int]:
         """(canonical name, redacted (0, 1, or 2: unless the value is a UUID), a URL header?, 1 for Content-Type / 2 for Content-Encoding / 0,
         the JSON text that starts the name's field in `recorded`: `"Name":[`, the name's bit in
         `recorded`'s check for a name met twice) of a raw header name, remembered."""

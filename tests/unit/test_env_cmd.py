@@ -51,7 +51,7 @@ def test_wildcard_and_ipv6_binds(tmp_path: Path) -> None:
     assert env["NO_PROXY"] == "[::1]:43080,localhost:43080"
 
 
-@pytest.mark.parametrize("bad", ["", " agent", "agent\n", "a\x00b", "proxy", "x" * 201])
+@pytest.mark.parametrize("bad", ["", " agent", "agent\n", "a\x00b", "proxy", "x" * 201, "team:agent"])
 def test_bad_container_names(bad: str) -> None:
     with pytest.raises(ConfigError):
         check_container_name(bad)
@@ -96,6 +96,19 @@ def test_watcher_rebuilds_bundle_for_a_copied_in_ca(tmp_path: Path) -> None:
         shutil.copy(src / name, dst / name)
     assert watcher.check()
     assert (dst / "ca-bundle.pem").read_bytes().endswith((src / "ca-cert.pem").read_bytes())
+
+
+def test_a_colon_in_a_name_is_refused_with_what_the_proxy_would_record() -> None:
+    # Basic credentials split at the first ':': `team:agent` would be recorded as `team`
+    with pytest.raises(ConfigError, match="'team'"):
+        check_container_name("team:agent")
+
+
+def test_without_a_ca_node_is_not_pointed_at_a_missing_file(cfg) -> None:
+    env = env_plan(cfg, "agent").as_dict()  # (no `cert generate` yet)
+    assert NODE_VAR not in env and env["SSL_CERT_FILE"] == str(cfg.data_dir / "ca-bundle.pem")
+    certs.generate_ca(cfg.data_dir)
+    assert env_plan(cfg, "agent").as_dict()[NODE_VAR] == str(cfg.data_dir / "ca-cert.pem")
 
 
 def test_bundle_without_a_ca_is_the_system_bundle(cfg) -> None:
