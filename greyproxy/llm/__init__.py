@@ -6,4 +6,5 @@ reads stored transactions, runs it, and writes conversations.
 
 # Bumped whenever the assembled output changes: a stored version below it makes maintenance
 # start the rebuild-conversations job by itself (SPEC §13.1).
-ASSEMBLER_VERSION = 1
+# 2: requests whose body did not parse keep their thread; thinking previews cut once.
+ASSEMBLER_VERSION = 2

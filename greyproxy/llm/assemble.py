@@ -18,10 +18,15 @@ from greyproxy.timeutil import rfc3339
 
 from . import usage as U
 from .dissect import Txn
-from .text import PREVIEW_BYTES, cut_bytes, thinking_preview
+from .text import PREVIEW_BYTES, cut_bytes, joined_thinking_preview
 
 GAP_SECONDS = 300.0
 MAIN, SUBAGENT, UTILITY = "main", "subagent", "utility"
+# The stored thread of a request whose body did not parse (cut by capture.maxBodyBytes, invalid
+# JSON): its thread is found at assembly (`_session_threads`), from the requests before it.
+UNPARSED = "unparsed"
+ALL_TRUNCATED = "All request bodies truncated; cannot parse messages"
+NEWEST_TRUNCATED = "Newest request bodies truncated; messages are from an earlier request"
 
 _CONTAINER_CLIENTS = {
     "claude": "claude-code",
@@ -78,7 +83,15 @@ def client_name(txn: Txn, extraction: dict[str, Any]) -> str:
 
 
 def thread_of(client: str, extraction: dict[str, Any]) -> str:
-    """§13.5.3: main, subagent or utility (discarded from turns, attributed to the main conversation)."""
+    """§13.5.3: main, subagent or utility (discarded from turns, attributed to the main conversation).
+
+    A request whose body did not parse (e.g. cut by the capture cap after a pasted screenshot) shows
+    no system text and no tools: judged by them it was utility, and every later request of that
+    conversation dropped out of it. Its thread is UNPARSED instead, resolved at assembly to the
+    thread of its session's latest earlier request. Gemini CLI (by the model, known from the URL)
+    and aider (always main) do not judge by the body: their rule stands."""
+    if extraction.get("request_parsed") is False and client not in ("gemini-cli", "aider"):
+        return UNPARSED
     tools = {t.get("name") for t in extraction.get("tools") or []}
     slen = system_length(extraction)
     if client == "claude-code":
@@ -224,8 +237,8 @@ def _step(message: dict[str, Any]) -> dict[str, Any]:
     if texts:
         step["text"] = "\n".join(texts)
     thinking = [b["thinking"] for b in message["content"] if b.get("type") == "thinking" and b.get("thinking")]
-    if thinking:
-        step["thinking_preview"] = thinking_preview("\n".join(thinking))
+    if thinking:  # the blocks' texts are previews already: cut once, not again
+        step["thinking_preview"] = joined_thinking_preview(thinking)
     calls = [
         {
             "tool": b.get("name", ""),
@@ -353,6 +366,19 @@ def build_conversation(
         if r.get("stop_reason"):
             stop = r["stop_reason"]
     truncated = sum(1 for r in reqs if int(r["message_count"] or 0) == 0 and r["method"] != "WS_RESP")
+    # Incomplete: no request parsed (§13.5.4), or — not in the SPEC, what a reader needs to know —
+    # requests newer than the best one did not parse (a body cut by the capture cap): the messages
+    # and turns are then an earlier request's, only the newest response is appended (below the
+    # stale last turn), so the conversation is marked incomplete with its own reason. A WebSocket
+    # session's messages are every request's own, none is stale.
+    stale = (
+        best is not None
+        and not ws
+        and any(
+            _order(r) > _order(best) and int(r["message_count"] or 0) == 0 and r["method"] != "WS_RESP" for r in reqs
+        )
+    )
+    reason = ALL_TRUNCATED if best is None else NEWEST_TRUNCATED if stale else None
     usage_total = U.total([r["usage"] for r in reqs] + [r["usage"] for r in utility])
     first_prompt = turns[0]["user_prompt"] if turns else None
     summary = None
@@ -377,8 +403,8 @@ def build_conversation(
         "last_stop_reason": stop,
         "linked_subagents": [],
         "request_ids": [i for t in turns for i in t["request_ids"]],
-        "incomplete": best is None,
-        "incomplete_reason": "All request bodies truncated; cannot parse messages" if best is None else None,
+        "incomplete": reason is not None,
+        "incomplete_reason": reason,
         "metadata": {
             "total_requests": len(reqs),
             "truncated_requests": truncated,
@@ -403,15 +429,24 @@ def build_conversation(
 
 
 def _session_threads(reqs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
-    """Requests of one session grouped as (suffix, requests); suffix '' for main, 'subagent_…' for
-    subagents, '#utility' for the discarded ones."""
+    """Requests of one session, in (timestamp, id) order, grouped as (suffix, requests); suffix ''
+    for main, 'subagent_…' for subagents, '#utility' for the discarded ones.
+
+    A request whose body did not parse (UNPARSED) goes to the group of the latest earlier main or
+    subagent request (a utility one is skipped: Claude Code's haiku checks run just before its main
+    requests, and a utility request was what the cut ones were wrongly judged to be), or to main
+    when there is none. It does not move the subagent split (its message count is unknown)."""
     main: list[dict[str, Any]] = []
     utility: list[dict[str, Any]] = []
     buckets: dict[int, list[list[dict[str, Any]]]] = {}
     last_count: dict[int, int] = {}
+    latest = main  # the group of the latest main/subagent request so far
     for r in reqs:
-        if r["thread"] == MAIN:
+        if r["thread"] == UNPARSED:
+            latest.append(r)
+        elif r["thread"] == MAIN:
             main.append(r)
+            latest = main
         elif r["thread"] == SUBAGENT:
             slen = int(r["system_len"])
             groups = buckets.setdefault(slen, [[]])
@@ -420,6 +455,7 @@ def _session_threads(reqs: list[dict[str, Any]]) -> list[tuple[str, list[dict[st
                 groups.append([])
             groups[-1].append(r)
             last_count[slen] = n
+            latest = groups[-1]
         else:
             utility.append(r)
     out = [("", main)] if main else []

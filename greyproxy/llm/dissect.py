@@ -201,6 +201,10 @@ def _json(text: str | None) -> Any:
 
 
 def base_extraction(provider: str, dissector: str) -> Extraction:
+    """An empty extraction. `request_parsed` (not in SPEC §13.2's list: the assembler's own) is made
+    False by a dissector whose request body is not a JSON object (cut by the capture cap, invalid,
+    absent): its system text, tools and messages are then unknown, not empty, and assembly must
+    not judge its thread by them (greyproxy/llm/assemble.py, `thread_of`)."""
     return {
         "provider": provider,
         "dissector": dissector,
@@ -214,6 +218,7 @@ def base_extraction(provider: str, dissector: str) -> Extraction:
         "stop_reason": None,
         "usage": U.empty(),
         "client_hint": None,
+        "request_parsed": True,
     }
 
 
@@ -304,7 +309,8 @@ def dissect_anthropic(txn: Txn) -> Extraction | None:
             role = "assistant" if m.get("role") == "assistant" else "user"
             ex["messages"].append({"role": role, "content": _anthropic_content(m.get("content"))})
         ex["message_count"] = len(ex["messages"])
-    else:
+    else:  # cut by the capture cap, or not JSON: the model (and session key) by regex, no messages
+        ex["request_parsed"] = False
         m = _MODEL_RE.search(raw)
         if m:
             ex["model"] = m.group(1)
@@ -535,6 +541,7 @@ def dissect_openai(txn: Txn) -> Extraction | None:
     if isinstance(body, dict):
         _responses_request(body, ex)
     else:
+        ex["request_parsed"] = False
         m = _MODEL_RE.search(txn.request_body or "")
         if m:
             ex["model"] = m.group(1)
@@ -705,6 +712,7 @@ def dissect_openai_chat(txn: Txn) -> Extraction | None:
         _chat_request(body, ex)
         stream = body.get("stream") is True
     else:
+        ex["request_parsed"] = False
         m = _MODEL_RE.search(txn.request_body or "")
         if m:
             ex["model"] = m.group(1)
@@ -782,6 +790,8 @@ def dissect_google(txn: Txn) -> Extraction | None:
             role = "assistant" if c.get("role") == "model" else "user"
             ex["messages"].append({"role": role, "content": _gemini_parts(c.get("parts"), role)})
         ex["message_count"] = len(ex["messages"])
+    else:
+        ex["request_parsed"] = False
     text = txn.response_body
     if text:
         resp = new_response()

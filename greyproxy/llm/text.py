@@ -27,6 +27,25 @@ def thinking_preview(text: str) -> str:
     return cut + "..." if len(cut) < len(text) else cut
 
 
+def joined_thinking_preview(previews: list[str]) -> str:
+    """The preview of thinking texts joined by `\n`, made from their previews (each already
+    `thinking_preview`): cut once. Previewing the joined previews again cut a cut one a second
+    time (400 x "考": 503 bytes ending in five dots). A preview of at least THINKING_BYTES bytes
+    ending in `...` was cut (a cut one is 497-500 bytes of text and the dots; an uncut one at most
+    500 bytes): what followed it is unknown, so the text ends there, and the dots are put back."""
+    parts: list[str] = []
+    cut = False
+    for p in previews:
+        if p.endswith("...") and len(p.encode("utf-8", "surrogatepass")) >= THINKING_BYTES:
+            parts.append(p[:-3])
+            cut = True
+            break
+        parts.append(p)
+    text = "\n".join(parts)
+    short = cut_bytes(text, THINKING_BYTES)
+    return short + "..." if cut or len(short) < len(text) else short
+
+
 def as_json_text(value: Any) -> str:
     """Arguments as the text the model produced: strings as they are, others as compact JSON."""
     if isinstance(value, str):

@@ -275,6 +275,21 @@ def _resolve(
     key = ex.get("session_key")
     if key:
         return str(key), client, thread
+    if ex.get("request_parsed") is False:
+        # A body that did not parse (cut by the capture cap, invalid) has no system text: its
+        # fingerprint is no conversation's. It joins the latest lower-id request of its container
+        # and dissector in the 5 minutes before it, keyed or not (§13.5.1's first rule): a cut
+        # request of a sessionless client stays in its conversation. Looked up through the stored
+        # transactions of those 5 minutes (an index on their timestamp), not every request of the
+        # container (llm_requests' indexes on the container hold keyed or keyless rows, not both).
+        row = conn.execute(
+            "SELECT q.session FROM http_transactions t JOIN llm_requests q ON q.transaction_id = t.id"
+            " WHERE t.container_name = ? AND t.timestamp >= ? AND t.timestamp <= ? AND t.id < ?"
+            " AND q.dissector = ? ORDER BY t.id DESC LIMIT 1",
+            (txn.container_name, txn.timestamp - A.GAP_SECONDS, txn.timestamp, txn.id, name),
+        ).fetchone()
+        if row is not None:
+            return row[0], client, thread
     row = conn.execute(
         "SELECT session, timestamp FROM llm_requests WHERE container_name = ? AND dissector = ?"
         " AND session_key IS NOT NULL AND transaction_id < ? ORDER BY transaction_id DESC LIMIT 1",

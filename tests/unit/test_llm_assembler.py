@@ -179,18 +179,16 @@ def test_sessionless_message_count_falling_by_more_than_one_starts_a_new_group(c
 
 
 def test_truncated_only_is_incomplete(conn) -> None:
-    rows = [F.truncated(r, 50) for r in F.local_chat_session()]
-    feed(conn, rows)
-    convs = list(llm_db.snapshot(conn)["conversations"].values())
-    # generic client with an unparseable request: no tools known → utility, so no conversation at all;
-    # with a container naming the client it is one, incomplete.
-    assert convs == []
-    rows = [F.truncated(r, 50) for r in F.local_chat_session(F.T0 + 5000, container="aider")]
-    feed(conn, rows)
-    (conv,) = llm_db.snapshot(conn)["conversations"].values()
-    assert conv["incomplete"] is True and conv["turns"] == []
-    assert conv["incomplete_reason"] == "All request bodies truncated; cannot parse messages"
-    assert conv["metadata"]["truncated_requests"] == 2
+    # A generic client's unparseable requests: no tools known, but that is no reason to call them
+    # utility (they were, and made no conversation at all): main, one conversation, incomplete. So
+    # with a container naming the client.
+    for container, t in (("agent", F.T0), ("aider", F.T0 + 5000)):
+        ids = feed(conn, [F.truncated(r, 50) for r in F.local_chat_session(t, container=container)])
+        conv = llm_db.conversation(conn, f"session_inferred_{ids[0]}")
+        assert conv["incomplete"] is True and conv["turns"] == [] and conv["container_name"] == container
+        assert conv["incomplete_reason"] == "All request bodies truncated; cannot parse messages"
+        assert conv["metadata"]["truncated_requests"] == 2 and conv["metadata"]["utility_requests"] == 0
+    assert len(llm_db.snapshot(conn)["conversations"]) == 2
 
 
 def test_events_new_then_updated(conn) -> None:
@@ -466,3 +464,271 @@ def test_a_rebuild_stopped_half_way_is_started_again(conn) -> None:
     assert rebuild(conn)
     assert AS.meta_get(conn, AS.REBUILD_UNFINISHED) == 0
     assert ConversationLoop._needs_rebuild(loop) is None  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ request bodies that do not parse (cut, invalid)
+
+SCREENSHOT = "iVBORw0KGgoAAAANSUhEUgAA" + "A" * 2_600_000  # a pasted ~2.6 MB base64 PNG
+STALE = "Newest request bodies truncated; messages are from an earlier request"
+ALL_CUT = "All request bodies truncated; cannot parse messages"
+
+
+def claude_code_ordered(messages: list[dict[str, Any]], system: Any = F.MAIN_SYSTEM, **kw: Any) -> dict[str, Any]:
+    """F.claude_request with Claude Code's key order: `messages` first, then `system`, `tools` and
+    `metadata` (the session key): a body cut inside its messages has lost all three."""
+    body = F.claude_request(messages, system, **kw)
+    return {k: body[k] for k in ("model", "messages", "system", "tools", "metadata", "max_tokens", "stream")}
+
+
+def cut_at_capture_cap(r: dict[str, Any]) -> dict[str, Any]:
+    """`r` as stored when its request body was over capture.maxBodyBytes: its first bytes only."""
+    from greyproxy.capture import DEFAULT_MAX_BODY
+
+    raw = r["request_body"].encode()
+    assert len(raw) > DEFAULT_MAX_BODY
+    return r | {"request_body": raw[:DEFAULT_MAX_BODY].decode("utf-8", "ignore"), "request_body_size": len(raw)}
+
+
+def haiku_check(ts: float) -> dict[str, Any]:
+    """Claude Code's utility request on haiku before a main request (tiny system prompt, no tools)."""
+    return F.row(
+        F.ANTHROPIC,
+        F.claude_request(
+            [{"role": "user", "content": "is this a new topic?"}],
+            "Analyze if this message indicates a new conversation topic.",
+            model="claude-haiku-4-5",
+            tools=[],
+        ),
+        F.anthropic_json('{"isNewTopic": false}', usage={"input_tokens": 90, "output_tokens": 8}),
+        ts=ts,
+        req_headers={"user-agent": [F.CLAUDE_UA]},
+        resp_ct="application/json",
+    )
+
+
+def screenshot_session(session_header: bool) -> list[dict[str, Any]]:
+    """The outside tester's run: a Claude Code main thread; the user pastes a screenshot, so every
+    later request is over capture.maxBodyBytes and stored cut (its session key after the cut point;
+    Claude Code may also send it as a header). A haiku check runs before each main request."""
+    h = {"user-agent": [F.CLAUDE_UA]} | ({"X-Claude-Code-Session-Id": [F.SID]} if session_header else {})
+    u1 = {"role": "user", "content": "fix the layout"}
+    a1 = {"role": "assistant", "content": "Let me look at the CSS."}
+    u2 = {
+        "role": "user",
+        "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": SCREENSHOT}},
+            {"type": "text", "text": "why is the button misplaced?"},
+        ],
+    }
+    a2 = {"role": "assistant", "content": "It is absolutely positioned."}
+    u3 = {"role": "user", "content": "fix it"}
+    return [
+        F.row(
+            F.ANTHROPIC, claude_code_ordered([u1]), F.anthropic_sse(["Let me look at the CSS."]), ts=F.T0, req_headers=h
+        ),
+        haiku_check(F.T0 + 29),
+        cut_at_capture_cap(
+            F.row(
+                F.ANTHROPIC,
+                claude_code_ordered([u1, a1, u2]),
+                F.anthropic_sse(["It is absolutely positioned."]),
+                ts=F.T0 + 30,
+                req_headers=h,
+            )
+        ),
+        haiku_check(F.T0 + 59),
+        cut_at_capture_cap(
+            F.row(
+                F.ANTHROPIC,
+                claude_code_ordered([u1, a1, u2, a2, u3]),
+                F.anthropic_sse(["Fixed: the button is in the flex row now."], stop="end_turn"),
+                ts=F.T0 + 60,
+                req_headers=h,
+            )
+        ),
+    ]
+
+
+@pytest.mark.parametrize("session_header", [False, True], ids=["key-after-the-cut", "key-in-header"])
+def test_requests_cut_by_the_capture_cap_stay_in_their_thread_show_the_newest_answer_and_mark_the_conversation_incomplete(
+    conn, session_header: bool
+) -> None:
+    """A request body over capture.maxBodyBytes is stored cut and cannot be parsed: no system text,
+    no tools, no messages. It was judged a utility request by that missing system text and dropped
+    out of its conversation (total_requests 1, utility_requests 4, the later answers never shown).
+    Now it goes to the thread of its session's latest earlier main/subagent request (SPEC §13.5.3
+    judges by what the body shows; a cut body shows nothing), counts in total_requests and
+    truncated_requests, is not the best request, and its response is appended as the final step
+    (§13.5.4). The conversation's messages are then those of an earlier request: it is marked
+    `incomplete` with its own reason (the SPEC's reason is for "no request parsed" only), which is
+    what a reader of the conversation needs to know."""
+    ids = feed(conn, screenshot_session(session_header))
+    main = llm_db.conversation(conn, f"session_{F.SID}")
+    assert main["metadata"] == {
+        "total_requests": 3,
+        "truncated_requests": 2,
+        "parseable_requests": 1,
+        "messages_in_best_request": 1,
+        "best_request_id": ids[0],
+        "utility_requests": 2,
+    }
+    assert main["request_ids"] == [ids[0], ids[2], ids[4]]
+    assert [t["user_prompt"] for t in main["turns"]] == ["fix the layout"]
+    # The best request's messages hold no assistant message yet; the newest response is appended.
+    steps = main["turns"][-1]["steps"]
+    assert [s.get("text") for s in steps] == ["Fixed: the button is in the flex row now."]
+    assert main["messages"][-1]["content"] == [{"type": "text", "text": "Fixed: the button is in the flex row now."}]
+    assert main["last_turn_has_response"] is True and main["last_stop_reason"] == "end_turn"
+    assert main["turns"][-1]["api_calls_in_turn"] == 3
+    assert main["incomplete"] is True and main["incomplete_reason"] == STALE
+    assert main["model"] == "claude-opus-4-6" and main["system_prompt"].startswith("You are Claude Code")
+    assert main["usage"] == U.total([usage_of(conn, i) for i in ids]) and main["usage"]["requests"] == 5
+    assert set(llm_db.snapshot(conn)["conversations"]) == {main["id"]}
+    assert all(link == main["id"] for link in llm_db.snapshot(conn)["links"].values())
+    threads = dict(conn.execute("SELECT transaction_id, session FROM llm_requests").fetchall())
+    assert {threads[i] for i in ids} == {F.SID}
+    assert rebuild(conn) and llm_db.conversation(conn, main["id"]) == main
+
+
+def test_a_cut_subagent_request_stays_in_its_subagent_conversation(conn) -> None:
+    """The latest earlier request of the session is the subagent's: the cut one (no key, no system
+    text: a 2 000-byte one made it a subagent) joins that subagent conversation, not main and not
+    the discarded utility requests."""
+    rows = F.claude_code_session()
+    rows[4] = F.truncated(rows[4], 200)
+    ids = feed(conn, rows)
+    main_id = f"session_{F.SID}"
+    main, sub = llm_db.conversation(conn, main_id), llm_db.conversation(conn, f"{main_id}/subagent_2000_1")
+    assert sub["metadata"]["total_requests"] == 2 and sub["metadata"]["truncated_requests"] == 1
+    assert sub["request_ids"] == [ids[3], ids[4]]
+    assert sub["turns"][-1]["steps"][-1]["text"] == "Add is called from main.go:12"  # the cut request's answer
+    assert sub["incomplete"] is True and sub["incomplete_reason"] == STALE
+    assert main["metadata"]["utility_requests"] == 1 and main["metadata"]["total_requests"] == 3
+    assert main["incomplete"] is False and main["incomplete_reason"] is None
+
+
+def test_a_cut_request_after_only_utility_requests_starts_the_main_conversation_all_truncated(conn) -> None:
+    """No earlier main/subagent request in its session: the cut request is main (never utility)."""
+    h = {"user-agent": [F.CLAUDE_UA], "X-Claude-Code-Session-Id": [F.SID]}
+    big = F.row(
+        F.ANTHROPIC,
+        claude_code_ordered([{"role": "user", "content": [{"type": "text", "text": SCREENSHOT}]}]),
+        F.anthropic_sse(["A screenshot of a login form."]),
+        ts=F.T0 + 2,
+        req_headers=h,
+    )
+    ids = feed(conn, [haiku_check(F.T0), cut_at_capture_cap(big)])
+    (conv,) = llm_db.snapshot(conn)["conversations"].values()
+    assert conv["id"] == f"session_{F.SID}" and conv["request_ids"] == []
+    assert conv["incomplete"] is True and conv["incomplete_reason"] == ALL_CUT and conv["turns"] == []
+    assert conv["metadata"]["total_requests"] == 1 and conv["metadata"]["truncated_requests"] == 1
+    assert conv["metadata"]["utility_requests"] == 1 and conv["last_stop_reason"] == "end_turn"
+    assert llm_db.snapshot(conn)["links"] == {ids[0]: conv["id"], ids[1]: conv["id"]}
+
+
+def test_an_invalid_json_request_of_a_sessionless_client_stays_in_its_conversation(conn) -> None:
+    """A generic client (judged by tools) without a session key: the invalid body has no system text
+    to fingerprint, so it joins the latest request of its container and dissector in the 5 minutes
+    before it (SPEC §13.5.1's first rule), goes to that request's thread, and its answer shows."""
+    r1, r2 = F.local_chat_session(container="alpha")
+    r2 = r2 | {"request_body": r2["request_body"][:-1] + ",}"}  # a trailing comma: not JSON
+    other = F.local_chat_session(F.T0 + 1, container="beta")  # another container meanwhile
+    ids = feed(conn, [r1, other[0], r2, other[1]])
+    convs = llm_db.snapshot(conn)["conversations"]
+    assert sorted(convs) == sorted([f"session_inferred_{ids[0]}", f"session_inferred_{ids[1]}"])
+    conv = convs[f"session_inferred_{ids[0]}"]
+    assert conv["request_ids"] == [ids[0], ids[2]] and conv["metadata"]["truncated_requests"] == 1
+    assert conv["turns"][-1]["steps"][-1]["text"] == "The README has a title only."
+    assert conv["incomplete"] is True and conv["incomplete_reason"] == STALE
+    assert convs[f"session_inferred_{ids[1]}"]["incomplete"] is False
+
+
+def truncated_corpus() -> list[list[dict[str, Any]]]:
+    """Sessions with requests that do not parse, each a list of rows in its own order."""
+    claude = F.claude_code_session(F.T0)
+    claude[2] = F.truncated(claude[2], 300)  # a main request (after a main one), cut
+    claude[4] = F.truncated(claude[4], 200)  # a subagent request (after a subagent one), cut
+    other = F.claude_code_session(F.T0 + 2, sid="0e0f3a5c-3a7e-4c55-9d1b-5b1d4b6c7a80", container="claude2")
+    other[2] = F.truncated(other[2], 100)
+    chat = F.local_chat_session(F.T0 + 3, container="alpha")
+    chat[1] = chat[1] | {"request_body": chat[1]["request_body"][:-1] + ",}"}
+    cut_only = [F.truncated(r, 50) for r in F.local_chat_session(F.T0 + 4, container="beta")]
+    return [claude, other, chat, cut_only, F.opencode_session(F.T0 + 5)]
+
+
+@settings(max_examples=examples(25), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_incremental_passes_equal_a_rebuild_with_requests_that_do_not_parse(tmp_path_factory, data) -> None:
+    """The invariant (SPEC §13.1) with cut and invalid bodies, whose session and thread come from
+    earlier requests: any interleaving, any number of rows per pass."""
+    sessions = [list(s) for s in truncated_corpus()]
+    order: list[dict[str, Any]] = []
+    while any(sessions):
+        i = data.draw(st.sampled_from([i for i, s in enumerate(sessions) if s]))
+        order.append(sessions[i].pop(0))
+    per_pass = data.draw(st.integers(1, 4))
+    conn = llm_db.new_store(tmp_path_factory.mktemp("t") / "t.db")
+    try:
+        conn.execute(
+            "INSERT INTO endpoint_rules (host_pattern, path_pattern, method, decoder_name, priority, enabled,"
+            " user_defined, created_at) VALUES ('litellm.local:4000', '/v1/chat/completions', 'POST', 'openai-chat',"
+            " 0, 1, 1, 0)"
+        )
+        for k in range(0, len(order), per_pass):
+            llm_db.insert(conn, order[k : k + per_pass])
+            AS.run_pass(conn)
+        incremental = llm_db.snapshot(conn)
+        rebuild(conn)
+        assert llm_db.snapshot(conn) == incremental
+        main = incremental["conversations"][f"session_{F.SID}"]
+        sub = incremental["conversations"][f"session_{F.SID}/subagent_2000_1"]
+        assert main["metadata"]["truncated_requests"] == 1 and main["incomplete"] is False  # a newer one parsed
+        assert sub["metadata"]["truncated_requests"] == 1 and sub["incomplete_reason"] == STALE
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ thinking previews
+
+
+def test_a_steps_thinking_preview_is_cut_once(conn) -> None:
+    """SPEC §13.2/§13.5.5: thinking is cut at 500 bytes (a UTF-8 boundary) + `...`, once. The step's
+    preview cut the block's already-cut text again: 503 bytes ending in five dots."""
+    long_thinking = "考" * 400
+    r = F.row(
+        F.ANTHROPIC,
+        F.claude_request([{"role": "user", "content": "think"}], F.MAIN_SYSTEM),
+        F.anthropic_sse(["Done."], thinking=long_thinking),
+        ts=F.T0,
+        req_headers={"user-agent": [F.CLAUDE_UA]},
+    )
+    two_blocks = {
+        "role": "assistant",
+        "content": [
+            {"type": "thinking", "thinking": "first thought"},
+            {"type": "thinking", "thinking": long_thinking},
+            {"type": "text", "text": "Done."},
+        ],
+    }
+    r2 = F.row(
+        F.ANTHROPIC,
+        F.claude_request(
+            [{"role": "user", "content": "think"}, two_blocks, {"role": "user", "content": "again"}], F.MAIN_SYSTEM
+        ),
+        F.anthropic_sse(["Again done."], thinking="short"),
+        ts=F.T0 + 5,
+        req_headers={"user-agent": [F.CLAUDE_UA]},
+    )
+    feed(conn, [r])
+    conv = llm_db.conversation(conn, f"session_{F.SID}")
+    expected = "考" * 166 + "..."  # 498 bytes (a 167th character would pass 500) and the dots
+    (block,) = [b for b in conv["messages"][-1]["content"] if b["type"] == "thinking"]
+    assert block["thinking"] == expected
+    assert conv["turns"][0]["steps"][-1]["thinking_preview"] == expected
+    feed(conn, [r2])
+    conv = llm_db.conversation(conn, f"session_{F.SID}")
+    first, second = conv["turns"][0]["steps"][0], conv["turns"][1]["steps"][-1]
+    joined = "first thought\n" + long_thinking  # the two blocks joined by a newline, then cut once
+    cut = joined.encode()[:500].decode("utf-8", "ignore")
+    assert first["thinking_preview"] == cut + "..." and len(cut.encode()) <= 500
+    assert second["thinking_preview"] == "short"

@@ -598,3 +598,78 @@ def test_txn_from_any_row(row: dict[str, Any]) -> None:
         d.fn(t)
         d.matches(t)
     R.decoder_for([_rule(1, "*x*", "/*", "openai", method="*")], t)
+
+
+# ------------------------------------------------------------------ bodies that do not parse (cut by the capture cap, invalid)
+
+SCREENSHOT = "iVBORw0KGgoAAAANSUhEUgAA" + "A" * 2_600_000  # a pasted ~2.6 MB base64 PNG
+
+
+def claude_code_ordered(messages: list[dict[str, Any]], sid: str = F.SID) -> dict[str, Any]:
+    """A request body with Claude Code's key order: `messages` before `system`, `tools` and
+    `metadata` (so a body cut inside the messages has lost the session key and system prompt)."""
+    return {
+        "model": "claude-opus-4-6",
+        "messages": messages,
+        "system": F.MAIN_SYSTEM,
+        "tools": [
+            {"name": t, "description": f"The {t} tool", "input_schema": {"type": "object"}} for t in ("Bash", "Read")
+        ],
+        "metadata": {"user_id": F.claude_user_id("legacy", sid)},
+        "max_tokens": 32000,
+        "stream": True,
+    }
+
+
+def cut_at_capture_cap(r: dict[str, Any]) -> dict[str, Any]:
+    """`r` as stored when its request body was over capture.maxBodyBytes: its first bytes only."""
+    from greyproxy.capture import DEFAULT_MAX_BODY
+
+    raw = r["request_body"].encode()
+    assert len(raw) > DEFAULT_MAX_BODY
+    return r | {"request_body": raw[:DEFAULT_MAX_BODY].decode("utf-8", "ignore"), "request_body_size": len(raw)}
+
+
+def test_a_body_cut_by_the_capture_cap_keeps_model_and_response_and_says_it_did_not_parse() -> None:
+    """SPEC §13.2: an unparseable body gives the model (and a session key) by regex, message_count 0;
+    the response (small, complete) is dissected as usual. The extraction says the request body did
+    not parse (`request_parsed`), so assembly never judges its thread by the system text and tools
+    it cannot see."""
+    msgs = [
+        {"role": "user", "content": "fix the layout"},
+        {"role": "assistant", "content": "Let me look at the CSS."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": SCREENSHOT}},
+                {"type": "text", "text": "why is the button misplaced?"},
+            ],
+        },
+    ]
+    full = F.row(F.ANTHROPIC, claude_code_ordered(msgs), F.anthropic_sse(["It is absolutely positioned."]), ts=F.T0)
+    whole = run(full)
+    assert whole["request_parsed"] is True and whole["message_count"] == 3
+    ex = run(cut_at_capture_cap(full))
+    assert ex["request_parsed"] is False and ex["message_count"] == 0 and ex["messages"] == []
+    assert ex["system"] == [] and ex["tools"] == []
+    assert ex["model"] == "claude-opus-4-6"
+    assert ex["session_key"] is None  # metadata.user_id came after the cut point
+    assert ex["response"]["text"] == "It is absolutely positioned." and ex["stop_reason"] == "end_turn"
+    assert ex["usage"]["output_tokens"] == 900
+    with_header = cut_at_capture_cap(full) | {"request_headers": {"X-Claude-Code-Session-Id": [F.SID]}}
+    assert run(with_header)["session_key"] == F.SID
+
+
+@pytest.mark.parametrize("which", ["openai-chat", "openai", "google-ai"])
+def test_an_invalid_json_body_does_not_parse_and_keeps_the_response(which: str) -> None:
+    if which == "openai-chat":
+        r = F.local_chat_session()[1]
+        name: str | None = "openai-chat"
+    elif which == "openai":
+        r, name = F.opencode_session()[3], None
+    else:
+        r, name = F.gemini_session()[1], None
+    r = r | {"request_body": r["request_body"][:-1] + ",}"}  # a trailing comma: not JSON
+    ex = run(r, name)
+    assert ex["request_parsed"] is False and ex["message_count"] == 0
+    assert ex["model"] != "unknown" and ex["response"] is not None
