@@ -37,6 +37,10 @@ TRANSACTIONS_STORED = "transactions.stored"  # internal: the recorder committed 
 # Proxy workers (SPEC §15): an ip -> name one worker's DNS proxy learned, for the others.
 DNS_NAME = "dns.name"
 
+# Health (SPEC §5, §11): made by the API for its /ws clients when a process's state changes (the
+# dashboard's health, with no polling); never on the bus, which may be what went down.
+HEALTH_CHANGED = "health.changed"
+
 # Claimed identities (SPEC §16): names and versions only, never a secret nor its hash.
 IDENTITY_CHANGED = "identity.changed"
 IDENTITY_REFUSED = "identity.refused"
@@ -80,6 +84,7 @@ PUBLIC = (
     CREDENTIAL_CREATED,
     CREDENTIAL_DELETED,
     CREDENTIAL_REFUSED,
+    HEALTH_CHANGED,
 )
 INTERNAL = (SERVICE_HEARTBEAT, RULES_CHANGED, TRANSACTIONS_STORED, DNS_NAME)
 ALL = PUBLIC + INTERNAL

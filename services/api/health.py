@@ -322,88 +322,128 @@ class HealthResource:
         self.ctx = ctx
 
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
-        ctx = self.ctx
-        await _first_heartbeats(ctx)
-        now = time.time()
-        services: dict[str, dict] = {}
-        down: list[str] = []
-        bus_seen = ctx.seen.get("bus")
-        bus_silent = bus_seen is None or now - bus_seen.last_seen > ctx.stale_after()
-        proxies = proxy_names(ctx)
-        watched = [n for n in WATCHED if n != "proxy"]
-        watched[1:1] = proxies  # bus, the proxies, recorder, maintenance
-        for name in watched:
-            seen = ctx.seen.get(name)
-            fresh = ready = local = False
-            if seen is not None:
-                fresh = now - seen.last_seen <= ctx.stale_after() and not seen.stopping
-                ready = seen.ready and not seen.stopping
-                local = _local_pids.get(name) == seen.pid
-            up = fresh and ready
-            if up and local and not _pid_alive(seen.pid):  # type: ignore[union-attr]
-                up = False  # killed: no need to wait for its heartbeats to go stale
-            elif not up and name != "bus" and bus_silent and local and ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
-                up = True  # with the broker down no heartbeat can arrive; the process itself is alive
-            state = "up" if up else ("starting" if fresh and not ready else "down")  # (not starting for ever)
-            unreachable = getattr(ctx.proxy, "unreachable", None)
-            if up and seen is not None and seen.role == "proxy" and unreachable is not None and unreachable(name):
-                up, state = False, "unreachable"  # alive (its heartbeats come) but it does not answer the API
-            services[name] = {
-                "up": up,
-                "state": state,
-                "pid": seen.pid if seen else None,
-                "last_seen": rfc3339(seen.last_seen) if seen else None,
-                "uptime": round(seen.uptime, 1) if seen else None,
-                "restarts": seen.restarts if seen else 0,
-                "last_restart": rfc3339(seen.restarted_at) if seen and seen.restarts else None,
-            }
-            if not up:
-                down.append(name)
-        if "proxy" not in proxies:
-            # "proxy" stands for them all: up when every one is (each is listed under its own name too).
-            states = [services[n] for n in proxies]
-            all_up = all(st["up"] for st in states)
-            services["proxy"] = {
-                "up": all_up,
-                "state": "up"
-                if all_up
-                else ("starting" if any(st["state"] == "starting" for st in states) else "down"),
-                "pid": states[0]["pid"] if states else None,
-                "last_seen": states[0]["last_seen"] if states else None,
-                "uptime": states[0]["uptime"] if states else None,
-                "restarts": sum(st["restarts"] for st in states),
-                "last_restart": max((st["last_restart"] for st in states if st["last_restart"]), default=None),
-                "workers": proxies,
-            }
-        api_restarts, api_restarted = _book(ctx).counts.get("api", (0, 0.0))
-        services["api"] = {
-            "up": True,
-            "state": "up",
-            "pid": os.getpid(),
-            "last_seen": rfc3339(now),
-            "uptime": round(now - ctx.started_at, 1),
-            "restarts": api_restarts,
-            "last_restart": rfc3339(api_restarted) if api_restarts else None,
-        }
+        await _first_heartbeats(self.ctx)
+        body = await health_body(self.ctx)
+        json_response(resp, body, 503 if body.get("down") else 200)
+
+
+HEALTH_LOOK = 1.0  # seconds between the watcher's looks at the processes' states (while /ws has clients)
+
+
+def health_state(body: dict[str, Any]) -> tuple[Any, ...]:
+    """What a `health.changed` is sent for: the overall status and each process's state and pid
+    (a restart between two looks changes the pid), the database's."""
+    services = body.get("services") or {}
+    return (
+        body.get("status"),
+        tuple(sorted((n, s.get("state"), s.get("pid")) for n, s in services.items() if n != "api")),
+        (body.get("database") or {}).get("up"),
+    )
+
+
+async def watch_health(ctx: ApiContext) -> None:
+    """Send `health.changed` (the body of GET /api/health) to the /ws clients whenever a process
+    goes up, down, starting or unreachable, restarts, or the database stops answering: looked at
+    every HEALTH_LOOK seconds while any client is connected (heartbeats, a `SELECT 1`; nothing while
+    none is). Straight to the connections, not over the bus (the bus may be what went down)."""
+    hub = ctx.ws_hub
+    last: tuple[Any, ...] | None = None
+    while True:
+        await asyncio.sleep(HEALTH_LOOK)
+        if not hub.connections:
+            last = None  # a client that connects reads GET /api/health itself
+            continue
         try:
-            db_up = await asyncio.wait_for(ctx.db(_db_ok), 2.0)
-        except Exception as exc:  # any failure here means the database is not usable
-            log.warning("health: database check failed: %s", exc)
-            db_up = False
-        if not db_up:
-            down.append("database")
-        body: dict[str, Any] = {
-            "service": "greyproxy",
-            "version": __version__,
-            "status": "ok" if not down else "degraded",
-            "ports": ctx.cfg.ports(),
-            "services": services,
-            "database": {"up": db_up, "path": str(ctx.cfg.db_path)},
+            body = await health_body(ctx)
+        except Exception:  # one failed look must not end the watch
+            log.exception("health watch: a look failed")
+            continue
+        state = health_state(body)
+        if last is not None and state != last:
+            hub.dispatch(topics.HEALTH_CHANGED, body)
+        last = state
+
+
+async def health_body(ctx: ApiContext) -> dict[str, Any]:
+    """The body of GET /api/health (SPEC §5); `down` lists what is not up."""
+    now = time.time()
+    services: dict[str, dict] = {}
+    down: list[str] = []
+    bus_seen = ctx.seen.get("bus")
+    bus_silent = bus_seen is None or now - bus_seen.last_seen > ctx.stale_after()
+    proxies = proxy_names(ctx)
+    watched = [n for n in WATCHED if n != "proxy"]
+    watched[1:1] = proxies  # bus, the proxies, recorder, maintenance
+    for name in watched:
+        seen = ctx.seen.get(name)
+        fresh = ready = local = False
+        if seen is not None:
+            fresh = now - seen.last_seen <= ctx.stale_after() and not seen.stopping
+            ready = seen.ready and not seen.stopping
+            local = _local_pids.get(name) == seen.pid
+        up = fresh and ready
+        if up and local and not _pid_alive(seen.pid):  # type: ignore[union-attr]
+            up = False  # killed: no need to wait for its heartbeats to go stale
+        elif not up and name != "bus" and bus_silent and local and ready and _pid_alive(seen.pid):  # type: ignore[union-attr]
+            up = True  # with the broker down no heartbeat can arrive; the process itself is alive
+        state = "up" if up else ("starting" if fresh and not ready else "down")  # (not starting for ever)
+        unreachable = getattr(ctx.proxy, "unreachable", None)
+        if up and seen is not None and seen.role == "proxy" and unreachable is not None and unreachable(name):
+            up, state = False, "unreachable"  # alive (its heartbeats come) but it does not answer the API
+        services[name] = {
+            "up": up,
+            "state": state,
+            "pid": seen.pid if seen else None,
+            "last_seen": rfc3339(seen.last_seen) if seen else None,
+            "uptime": round(seen.uptime, 1) if seen else None,
+            "restarts": seen.restarts if seen else 0,
+            "last_restart": rfc3339(seen.restarted_at) if seen and seen.restarts else None,
         }
-        if down:
-            body["down"] = down
-            body["error"] = f"down: {', '.join(down)}"
-        json_response(resp, body, 200 if not down else 503)
+        if not up:
+            down.append(name)
+    if "proxy" not in proxies:
+        # "proxy" stands for them all: up when every one is (each is listed under its own name too).
+        states = [services[n] for n in proxies]
+        all_up = all(st["up"] for st in states)
+        services["proxy"] = {
+            "up": all_up,
+            "state": "up" if all_up else ("starting" if any(st["state"] == "starting" for st in states) else "down"),
+            "pid": states[0]["pid"] if states else None,
+            "last_seen": states[0]["last_seen"] if states else None,
+            "uptime": states[0]["uptime"] if states else None,
+            "restarts": sum(st["restarts"] for st in states),
+            "last_restart": max((st["last_restart"] for st in states if st["last_restart"]), default=None),
+            "workers": proxies,
+        }
+    api_restarts, api_restarted = _book(ctx).counts.get("api", (0, 0.0))
+    services["api"] = {
+        "up": True,
+        "state": "up",
+        "pid": os.getpid(),
+        "last_seen": rfc3339(now),
+        "uptime": round(now - ctx.started_at, 1),
+        "restarts": api_restarts,
+        "last_restart": rfc3339(api_restarted) if api_restarts else None,
+    }
+    try:
+        db_up = await asyncio.wait_for(ctx.db(_db_ok), 2.0)
+    except Exception as exc:  # any failure here means the database is not usable
+        log.warning("health: database check failed: %s", exc)
+        db_up = False
+    if not db_up:
+        down.append("database")
+    body: dict[str, Any] = {
+        "service": "greyproxy",
+        "version": __version__,
+        "status": "ok" if not down else "degraded",
+        "ports": ctx.cfg.ports(),
+        "services": services,
+        "database": {"up": db_up, "path": str(ctx.cfg.db_path)},
+    }
+    if down:
+        body["down"] = down
+        body["error"] = f"down: {', '.join(down)}"
+    return body
 
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:

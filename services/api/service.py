@@ -20,7 +20,7 @@ from greyproxy.store import open_database
 from .app import create_app
 from .context import ApiContext
 from .health import _book as health_book
-from .health import track_heartbeats
+from .health import track_heartbeats, watch_health
 from .proxies import ProxyGroup
 from .notify import run_notifier
 from .server import StrictHttpProtocol, WebSocketProtocol
@@ -97,6 +97,7 @@ async def main(rt: ServiceRuntime) -> None:
     tracker = asyncio.create_task(track_heartbeats(ctx))
     notifier = asyncio.create_task(run_notifier(ctx, read_settings=current_settings))
     bridge = asyncio.create_task(ctx.ws_hub.run_bridge())
+    health_watch = asyncio.create_task(watch_health(ctx))
     log.info("API on http://%s:%d%s", cfg.api.host, cfg.api.port, cfg.path_prefix)
     serve = asyncio.create_task(server.serve(sockets=[sock]))
     try:
@@ -114,6 +115,7 @@ async def main(rt: ServiceRuntime) -> None:
         tracker.cancel()
         notifier.cancel()
         bridge.cancel()
+        health_watch.cancel()
         book.api_stopping()  # a clean stop: the next API does not count it as a death
 
 

@@ -678,6 +678,11 @@ def test_transaction_detail_pretty_json_and_redacted_headers(stack: Stack, tls_o
     p.get_by_role("button", name="Copy as curl").click()
     curl_text = p.evaluate("navigator.clipboard.readText()")
     assert "sk-test" not in curl_text and "${AUTHORIZATION" in curl_text and f"{ORIGIN}:{tls_origin}" in curl_text
+    # The usual layout: the method and URL on the first line, then one option (with its value) a line.
+    lines = curl_text.split("\n")
+    assert lines[0] == f"curl -X POST 'https://{ORIGIN}:{tls_origin}/v1/echo' \\", lines
+    assert all(x.startswith(("  -H ", "  --data-raw ")) for x in lines[1:]), lines
+    assert all(x.endswith(" \\") for x in lines[:-1]) and lines[-1].startswith("  --data-raw "), lines
     w.clean()
 
 
@@ -797,6 +802,363 @@ def test_why_explains_a_pending_entry_and_a_log_row(stack: Stack, plain_origin: 
         ids = [e["id"] for e in stack.get("/api/pending", params={"container": "why-pending"}).json()["items"]]
         stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": ids})
     w.clean()
+
+
+# ----------------------------------------------------------------------------- found by an outside tester
+
+
+def _dismiss_pending(stack: Stack, container: str) -> None:
+    ids = [e["id"] for e in stack.get("/api/pending", params={"container": container, "limit": 1000}).json()["items"]]
+    if ids:
+        stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": ids})
+
+
+def _credentials(stack: Stack) -> list[dict]:
+    body = stack.get("/api/credentials").json()
+    return body if isinstance(body, list) else body["items"]
+
+
+def _through_proxy(stack: Stack, container: str, *urls: str) -> list[str]:
+    """One curl through the HTTP proxy asking for every URL in turn (one kept-alive connection for
+    plain HTTP: a log entry per request); the status codes, in order."""
+    out = subprocess.run(
+        ["curl", "-s", "--max-time", "20", "-x", f"http://{container}:x@127.0.0.1:{stack.ports['http-proxy']}"]
+        + [a for u in urls for a in ("-o", "/dev/null", "-w", "%{http_code}\\n", u)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return out.split()
+
+
+def test_health_dots_and_processes_card_follow_health_while_open(stack: Stack, watched) -> None:  # noqa: ANN001
+    """The top bar's dots and the Overview's Processes card follow /api/health while the page is
+    open: a proxy that stops answering (SIGSTOP) shows down with no click and no reload, its
+    "seen N s ago" ages, and it shows up again once it is back."""
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/overview"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)
+    p.locator('#health .hdot[aria-label="proxy: up"]').wait_for(timeout=5000)
+    card = p.locator('[data-proc="proxy"]')
+    card.locator(".state", has_text="● up").wait_for(timeout=5000)
+    pid = stack.pid("proxy")
+    assert pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wait_for(lambda: stack.health()[1]["services"]["proxy"]["state"] == "down", 15, message="proxy down")
+        p.locator('#health .hdot[aria-label="proxy: down"]').wait_for(timeout=8000)
+        card.locator(".state", has_text="✕ down").wait_for(timeout=8000)
+
+        def seen() -> int:
+            m = re.search(r"seen (\d+)s ago", card.inner_text())
+            return int(m.group(1)) if m else -1
+
+        first = wait_for(lambda: seen() if seen() >= 0 else None, 5, message="'seen N s ago'")
+        wait_for(lambda: seen() >= first + 2, 6, message="'seen N s ago' ageing")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: stack.health()[0] == 200, 20, message="the stack healthy again")
+    p.locator('#health .hdot[aria-label="proxy: up"]').wait_for(timeout=8000)
+    card.locator(".state", has_text="● up").wait_for(timeout=8000)
+    # The page's own reads of the 503 health answer are reported by the browser; nothing else.
+    w.errors = [e for e in w.errors if "status of 503" not in e]
+    w.clean()
+
+
+def test_pending_filter_matches_container_or_host(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/pending"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)
+    dest = f"{ORIGIN}:{plain_origin}"
+    curls = [
+        _held_curl(stack, "agent-filterbox", f"http://{dest}/"),
+        _held_curl(stack, "agent-unfiltered", f"http://{dest}/"),
+    ]
+    try:
+        mine = p.locator(".prow", has_text="agent-filterbox")
+        other = p.locator(".prow", has_text="agent-unfiltered")
+        mine.first.wait_for(timeout=10_000)
+        other.wait_for(timeout=10_000)
+        box = p.get_by_label("Filter pending entries")
+        # A container name: its entry stays, the other goes.
+        box.fill("filterbox")
+        wait_for(lambda: other.count() == 0 and mine.count() == 1, 5, message="filtered by container")
+        assert p.locator(".pending-list .empty").count() == 0
+        # A host: both entries (same destination).
+        box.fill(ORIGIN)
+        wait_for(lambda: other.count() == 1 and mine.count() == 1, 5, message="filtered by host")
+        # Live: a new entry of that container to another host appears under the container filter.
+        box.fill("filterbox")
+        wait_for(lambda: other.count() == 0 and mine.count() == 1, 5, message="filtered by container again")
+        curls.append(_held_curl(stack, "agent-filterbox", "http://filterlive.example/"))
+        mine.filter(has_text="filterlive.example").wait_for(timeout=5000)
+        assert other.count() == 0
+        # The placeholder is shown whole.
+        fits = box.evaluate(
+            """(el) => { const cs = getComputedStyle(el); const c = document.createElement('canvas').getContext('2d');
+                c.font = cs.font; return c.measureText(el.placeholder).width
+                  <= el.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight); }"""
+        )
+        assert fits, "the filter's placeholder is cut off"
+    finally:
+        for c in curls:
+            c.kill()
+            c.communicate(timeout=5)
+        for name in ("agent-filterbox", "agent-unfiltered"):
+            _dismiss_pending(stack, name)
+    w.clean()
+
+
+def test_pending_shortcuts_work_after_a_radio_is_clicked(stack: Stack, watched) -> None:  # noqa: ANN001
+    """A clicked scope radio keeps the focus: arrows still move within its group, and `t`, `d`
+    are still shortcuts (only text-entry controls swallow them)."""
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/pending"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)
+    curl = _held_curl(stack, "agent-radio", "http://r.radio.example.co.uk/")
+    try:
+        row = p.locator(".prow", has_text="agent-radio")
+        row.wait_for(timeout=10_000)
+        row.locator(".pmain").click()
+        p.locator(".decision label.radio", has_text="exact").first.wait_for(timeout=5000)
+        p.locator(".decision label.radio", has_text="any port").click()
+        preview = p.locator(".rule-preview[data-action=deny]")
+        wait_for(lambda: "r.radio.example.co.uk:*" in preview.inner_text(), 5, message="the any-port preview")
+        assert p.evaluate("document.activeElement.type") == "radio", "the clicked radio does not have the focus"
+        p.keyboard.press("ArrowRight")  # the radio group's own key: the next scope
+        wait_for(lambda: "**.example.co.uk" in preview.inner_text(), 5, message="the wildcard preview (arrow key)")
+        assert p.evaluate("document.activeElement.type") == "radio"
+        p.keyboard.press("t")  # duration: permanent → 1 hour
+        wait_for(lambda: preview.inner_text().endswith("(1 hour)"), 5, message="t cycled the duration")
+        p.keyboard.press("d")
+        out, _ = curl.communicate(timeout=10)
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+            curl.communicate(timeout=5)
+    assert out == "403", out
+    rules = _rules(stack, container="agent-radio")
+    assert len(rules) == 1, rules
+    r = rules[0]
+    assert (r["destination_pattern"], r["port_pattern"], r["action"]) == ("**.example.co.uk", "*", "deny")
+    assert r["expires_at"], r
+    stack.request("DELETE", f"/api/rules/{r['id']}")
+    w.clean()
+
+
+def test_logs_live_rows_never_move_what_is_read(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
+    """Scrolled down, or with a "Why?" open, new log rows wait behind "N new" (which moves no row
+    and closes no panel); showing them keeps the panel open; at the very top with nothing open
+    they slot in on top."""
+    name = "agent-tail"
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": name, "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+    )
+    assert r.status_code == 201, r.text
+    url = f"http://{ORIGIN}:{plain_origin}/"
+
+    def burst(n: int, expect: int) -> None:
+        assert _through_proxy(stack, name, *[url] * n) == ["200"] * n
+        wait_for(
+            lambda: stack.get("/api/logs", params={"container": name, "limit": 1}).json()["total"] >= expect,
+            10,
+            message=f"{expect} log entries",
+        )
+
+    burst(40, 40)
+    w = watched()
+    p = w.page
+    p.goto(stack.url(f"/logs?container={name}"))
+    p.wait_for_selector("#live[data-state=connected]", timeout=10_000)
+    rows = p.locator("table.grid tbody tr")
+    wait_for(lambda: rows.count() == 40, 10, message="the 40 rows")
+    scroller = p.locator(".table-wrap")
+    assert scroller.evaluate("(el) => el.scrollHeight > el.clientHeight + 200"), "the table does not scroll"
+    scroller.evaluate("(el) => { el.scrollTop = 300; }")
+    target = rows.nth(15)
+    target.locator("details.why summary").click()
+    target.locator(".explain").wait_for(timeout=5000)
+    y = target.bounding_box()["y"]
+    text = target.inner_text()
+
+    burst(3, 43)
+    bar = p.locator(".newbar button", has_text="3 new")
+    bar.wait_for(timeout=5000)
+    assert rows.count() == 40
+    assert rows.nth(15).inner_text() == text
+    assert abs(target.bounding_box()["y"] - y) < 1, "a row being read moved"
+    assert target.locator("details.why[open] .explain").count() == 1, "the open Why? closed"
+
+    bar.click()
+    wait_for(lambda: rows.count() == 43, 5, message="the 3 new rows shown")
+    assert p.locator("table.grid tbody details.why[open] .explain").count() == 1, "showing them closed the Why?"
+    assert scroller.evaluate("(el) => el.scrollTop") == 0
+    p.locator("table.grid tbody details.why[open] summary").click()  # closed: at rest at the top
+    wait_for(lambda: p.locator("table.grid tbody details.why[open]").count() == 0, 2, message="the Why? closed")
+    scroller.evaluate("(el) => { el.scrollTop = 0; }")  # (the click scrolled the row into view)
+    burst(2, 45)
+    wait_for(lambda: rows.count() == 45, 5, message="live rows slotted in on top")
+    assert p.locator(".newbar").is_hidden()
+    w.clean()
+
+
+def test_long_container_names_keep_the_destination_visible(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
+    long = "agent-" + "very-long-container-name-" * 7  # 181 characters (a proxy user name)
+    dest = f"{ORIGIN}:{plain_origin}"
+    rule = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": long, "destination_pattern": "longname.example", "action": "deny"},
+    ).json()
+    assert _through_proxy(stack, long, "http://longname.example/") == ["403"]
+    curl = _held_curl(stack, long, f"http://{dest}/")
+
+    # Each layout is measured in one call in the page (the views redraw rows as events arrive).
+    measure = """([sel, long, part]) => {
+        const box = (el) => { const r = el.getBoundingClientRect(); return {left: r.left, right: r.right, width: r.width}; };
+        const row = [...document.querySelectorAll(sel)].find((el) => el.textContent.includes(long));
+        if (!row) return null;
+        return {row: box(row), parts: [...row.children].map(box), part: box(row.querySelector(part)),
+                partText: row.querySelector(part).textContent, titled: !!row.querySelector(`[title="${long}"]`),
+                card: row.closest('.card') ? box(row.closest('.card')) : null,
+                scrollWidth: document.documentElement.scrollWidth};
+    }"""
+
+    def inside(child: dict, parent: dict) -> bool:
+        return child["left"] >= parent["left"] - 0.5 and child["right"] <= parent["right"] + 0.5
+
+    try:
+        for width in (1280, 390):
+            w = watched(width=width)
+            p = w.page
+            p.goto(stack.url("/pending"))
+            p.locator(".prow", has_text=long).wait_for(timeout=10_000)
+            m = p.evaluate(measure, [".prow", long, ".dest"])
+            assert m["part"]["width"] > 50, (width, m)  # the destination is shown
+            assert inside(m["part"], m["row"]), (width, m)
+            assert m["partText"] == dest and m["titled"], (width, m)  # the whole name on hover
+            assert m["scrollWidth"] <= width, (width, m)
+
+            p.goto(stack.url("/overview"))
+            p.locator("section[aria-labelledby=h-recent] li", has_text=long).first.wait_for(timeout=10_000)
+            m = p.evaluate(measure, ["section[aria-labelledby=h-recent] li", long, ".grow"])
+            assert m["partText"] == "longname.example:80" and m["part"]["width"] > 50, (width, m)
+            assert inside(m["row"], m["card"]) and all(inside(x, m["card"]) for x in m["parts"]), (width, m)
+            assert m["titled"] and m["scrollWidth"] <= width, (width, m)
+            w.clean()
+    finally:
+        curl.kill()
+        curl.communicate(timeout=5)
+        _dismiss_pending(stack, long)
+        stack.request("DELETE", f"/api/rules/{rule['id']}")
+
+
+def test_transactions_export_har_of_the_filtered_list(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001
+    name = "agent-har"
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={"container_pattern": name, "destination_pattern": ORIGIN, "port_pattern": "*", "action": "allow"},
+    )
+    assert r.status_code == 201, r.text
+    base = f"http://{ORIGIN}:{plain_origin}"
+    assert _through_proxy(stack, name, f"{base}/har-a", f"{base}/har-b") == ["200", "200"]
+    assert _through_proxy(stack, TX_AGENT, f"{base}/not-this-one") == ["200"]
+    wait_for(
+        lambda: stack.get("/api/transactions", params={"container": name}).json()["total"] == 2,
+        10,
+        message="the two transactions recorded",
+    )
+    w = watched()
+    p = w.page
+    p.goto(stack.url("/transactions"))
+    p.get_by_label("Container").fill(name)
+    rows = p.locator("table.grid tbody tr")
+    wait_for(lambda: rows.count() == 2 and all(name in t for t in rows.all_inner_texts()), 5, message="filtered")
+    link = p.get_by_role("link", name="Export HAR")
+    link.wait_for(timeout=5000)
+    assert link.get_attribute("href") == f"/api/transactions/export.har?container={name}"
+    with p.expect_download(timeout=10_000) as dl:
+        link.click()
+    har = json.loads(Path(dl.value.path()).read_text())
+    entries = har["log"]["entries"]
+    assert [e["request"]["url"] for e in entries] == [f"{base}/har-a", f"{base}/har-b"], entries
+    assert {e["_container"] for e in entries} == {name}
+    size = rows.first.locator("td.num").first.text_content()
+    assert re.fullmatch(r"[\d.]+\xa0(B|KiB|MiB)", size), repr(size)  # a size never wraps from its unit
+    w.clean()
+
+
+def test_smaller_fixes_year_builtin_rules_credential_delete_and_first_banner(stack: Stack, watched) -> None:  # noqa: ANN001
+    w = watched()
+    p = w.page
+    # A date in another year says which; builtin rules have no Edit / Delete.
+    rule = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "agent-year",
+            "destination_pattern": "year.example",
+            "expires_at": "2030-01-01T00:00:00Z",
+        },
+    ).json()
+    try:
+        p.goto(stack.url("/rules"))
+        row = p.locator("table.grid tr", has_text="year.example")
+        row.wait_for(timeout=5000)
+        assert "2030" in row.inner_text(), row.inner_text()
+        builtin = p.locator("table.grid tbody tr", has_text="builtin")
+        wait_for(lambda: builtin.count() >= 3, 5, message="the builtin rules")
+        assert builtin.get_by_role("button").count() == 0
+    finally:
+        stack.request("DELETE", f"/api/rules/{rule['id']}")
+    # Deleting a global credential asks first, as deleting a rule does.
+    created = stack.request(
+        "POST",
+        "/api/credentials",
+        json={"label": "UI_DELETE_ME", "value": "v-0123456789abcdef", "hosts": ["api.example.com"]},
+    )
+    assert created.status_code in (200, 201), created.text
+    try:
+        p.goto(stack.url("/settings"))
+        p.get_by_role("button", name="Delete UI_DELETE_ME").click()
+        confirm = p.get_by_role("button", name="Confirm delete UI_DELETE_ME")
+        confirm.wait_for(timeout=2000)
+        assert any(c["label"] == "UI_DELETE_ME" for c in _credentials(stack))
+        confirm.click()
+        p.get_by_role("button", name="Delete UI_DELETE_ME").wait_for(state="detached", timeout=5000)
+        assert not any(c["label"] == "UI_DELETE_ME" for c in _credentials(stack))
+    finally:
+        for c in _credentials(stack):
+            if c["label"] == "UI_DELETE_ME":
+                stack.request("DELETE", f"/api/credentials/{c['id']}")
+    w.clean()
+    # A page whose first /ws attempt fails shows the banner at once (it never was connected).
+    fresh = watched()
+    q = fresh.page
+    allow: list[bool] = []
+
+    def ws_route(ws) -> None:  # noqa: ANN001
+        if allow:
+            ws.connect_to_server()
+        else:
+            ws.close()
+
+    q.route_web_socket(re.compile(r".*/ws$"), ws_route)
+    q.goto(stack.url("/overview"))
+    banner = q.locator("#offline")
+    banner.wait_for(state="visible", timeout=5000)
+    assert "Disconnected" in banner.inner_text()
+    allow.append(True)
+    q.get_by_role("button", name="Retry now").click()
+    q.wait_for_selector("#live[data-state=connected]", timeout=10_000)
+    assert banner.is_hidden()
+    fresh.clean()
 
 
 def test_screenshots_of_every_view_light_and_dark(stack: Stack, plain_origin: int, watched) -> None:  # noqa: ANN001

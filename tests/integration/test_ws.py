@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -431,3 +433,27 @@ def test_a_stop_closes_each_client_with_1012_and_logs_no_traceback() -> None:
             assert c.close_code == 1012, c.close_code
         api_log = (s.data_dir / "logs" / "api.log").read_text()
         assert "Traceback" not in api_log and "ERROR" not in api_log, api_log[-3000:]
+
+
+def test_health_changes_reach_ws_clients_without_polling(stack: Stack) -> None:
+    """SPEC §11 (no polling while the socket is up) and §5: a process that stops answering its
+    heartbeats, and its return, come to /ws clients as `health.changed` with GET /api/health's
+    body; nothing is sent while nothing changes."""
+    pid = stack.get("/api/health").json()["services"]["maintenance"]["pid"]
+    assert isinstance(pid, int)
+    with open_ws(stack) as c:
+        c.send(orjson.dumps({"command": "subscribe", "event_type": "health.changed"}).decode())
+        recv_until(c, lambda m: m["type"] == "subscribed")
+        with pytest.raises(TimeoutError):
+            c.recv(timeout=2.5)  # steady: no event
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            down = recv_until(c, lambda m: m["type"] == "health.changed", timeout=15)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        body = down["data"]
+        assert body["status"] == "degraded" and "maintenance" in body["down"], body
+        assert body["services"]["maintenance"]["up"] is False and body["services"]["proxy"]["up"] is True
+        up = recv_until(c, lambda m: m["type"] == "health.changed" and m["data"]["status"] == "ok", timeout=15)
+        assert up["data"]["services"]["maintenance"]["up"] is True
+    wait_for(lambda: stack.get("/api/health").status_code == 200, 10, message="healthy again")

@@ -48,7 +48,7 @@ export function connect() {
     let msg;
     try { msg = JSON.parse(ev.data); } catch { return; }
     if (msg.type === 'connected') {
-      const wasDown = everConnected;
+      const wasDown = everConnected || attempt > 0; // (a page opened while the API was down re-reads too)
       everConnected = true;
       attempt = 0;
       setState('connected');
@@ -76,7 +76,7 @@ function scheduleRetry() {
   attempt += 1;
   const delay = Math.min(10000, 500 * 2 ** Math.min(attempt - 1, 5)) * (0.8 + Math.random() * 0.4);
   retryAt = Date.now() + delay;
-  setState(everConnected ? 'reconnecting' : 'connecting');
+  setState('reconnecting'); // the banner from the first failed attempt, even if none ever succeeded
   retryTimer = setTimeout(connect, delay);
 }
 

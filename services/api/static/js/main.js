@@ -135,13 +135,28 @@ function pendingChanged() { clearTimeout(countTimer); countTimer = setTimeout(re
 
 // ------------------------------------------------------------------ health
 
+// Health is read once (at start, after a reconnect, when the tab comes back) and then follows the
+// API's `health.changed` events on /ws: no polling while the socket is up (SPEC §11).
+let healthSeq = 0;
 export async function refreshHealth() {
+  const seq = ++healthSeq;
   let body;
   try { body = await get('health'); } catch (e) { body = e instanceof ApiError ? e.body : null; }
+  if (seq !== healthSeq) return app.health; // a newer read was started meanwhile: it decides
+  setHealth(body);
+  return body;
+}
+function setHealth(body) {
   app.health = body;
   renderHealth();
   document.dispatchEvent(new CustomEvent('gp:health', { detail: body }));
-  return body;
+}
+function onHealthEvent(body) {
+  healthSeq++; // (a read still on its way is older than this)
+  setHealth(body);
+}
+function onVisibility() {
+  if (document.visibilityState !== 'hidden' && live.getState() === 'connected') refreshHealth();
 }
 function renderHealth() {
   const el = document.getElementById('health');
@@ -213,9 +228,15 @@ function renderLive(state, info) {
 
 let gPrefix = 0;
 const G_KEYS = { o: 'overview', p: 'pending', r: 'rules', l: 'logs', t: 'transactions', c: 'conversations', s: 'settings' };
+// Controls that take typed text swallow the shortcut keys; a radio, checkbox or button keeps
+// them (its own keys, arrows and space, are not shortcuts).
+const TEXT_INPUTS = new Set(['', 'text', 'search', 'email', 'url', 'tel', 'password', 'number',
+  'date', 'datetime-local', 'month', 'week', 'time']);
 export function isTyping(ev) {
   const t = ev.target;
-  return t && (t.isContentEditable || ['INPUT', 'TEXTAREA', 'SELECT'].includes(t.tagName));
+  if (!t || !t.tagName) return false;
+  if (t.isContentEditable || t.tagName === 'TEXTAREA' || t.tagName === 'SELECT') return true;
+  return t.tagName === 'INPUT' && TEXT_INPUTS.has(t.type);
 }
 function onKey(ev) {
   if (ev.ctrlKey || ev.metaKey || ev.altKey || isTyping(ev)) return;
@@ -255,6 +276,8 @@ function start() {
 
   refreshPendingCount();
   refreshHealth();
+  live.on('health.changed', onHealthEvent);
+  document.addEventListener('visibilitychange', onVisibility);
   loadAllowall();
   loadSettings();
   route();

@@ -69,7 +69,8 @@ export function fmtTime(ts) {
   const now = new Date();
   const time = d.toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit', hour12: false });
   if (d.toDateString() === now.toDateString()) return time;
-  return `${d.toLocaleDateString([], { month: 'short', day: 'numeric' })} ${time}`;
+  const year = d.getFullYear() === now.getFullYear() ? undefined : 'numeric'; // another year: say which
+  return `${d.toLocaleDateString([], { year, month: 'short', day: 'numeric' })} ${time}`;
 }
 
 export function fmtAgo(ts) {
@@ -98,9 +99,10 @@ export function fmtNum(n) { return n == null ? '—' : Number(n).toLocaleString(
 
 export function fmtBytes(n) {
   if (n == null) return '—';
-  if (n < 1024) return `${n} B`;
-  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)} KiB`;
-  return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  // A no-break space: a number never wraps away from its unit.
+  if (n < 1024) return `${n}\u00a0B`;
+  if (n < 1024 * 1024) return `${(n / 1024).toFixed(1)}\u00a0KiB`;
+  return `${(n / 1024 / 1024).toFixed(1)}\u00a0MiB`;
 }
 
 export function debounce(fn, ms) {

@@ -64,7 +64,7 @@ export function mount(root, params, query, app) {
             h('td.num', fmtNum(c.turn_count)),
             h('td.num', fmtNum(tokens(c.usage_with_subagents || c.usage))));
         })))),
-      h('div.pager', `${fmtNum(data.total)} conversations · page ${page} of ${pages}`,
+      h('div.pager', `${fmtNum(data.total)} conversation${data.total === 1 ? '' : 's'} · page ${page} of ${pages}`,
         h('button.btn.btn-sm', { type: 'button', disabled: page <= 1, on: { click: () => { page -= 1; load(); } } }, 'Newer'),
         h('button.btn.btn-sm', { type: 'button', disabled: page >= pages, on: { click: () => { page += 1; load(); } } }, 'Older')));
   }
@@ -92,7 +92,7 @@ export function mount(root, params, query, app) {
     } catch (e) { replace(detailHost, h('div.error', { role: 'alert' }, e.message)); return; }
     replace(detailHost,
       h('div.card-head', h('h2.mono', c.id), copyButton(c.id, 'Copy id')),
-      h('div.small.muted', `${c.client_name || '—'} · ${c.model || '—'} · ${c.container_name || ''} · ${fmtNum(c.turn_count)} turns · ${usageLine(c.usage)}`),
+      h('div.small.muted', `${c.client_name || '—'} · ${c.model || '—'} · ${c.container_name || ''} · ${fmtNum(c.turn_count)} turn${c.turn_count === 1 ? '' : 's'} · ${usageLine(c.usage)}`),
       c.parent_conversation_id ? h('div.small', 'Subagent of ', h('a', { href: `conversations/${c.parent_conversation_id}`, 'data-link': '' }, c.parent_conversation_id)) : null,
       (c.linked_subagents || []).length ? h('div.small', 'Subagents: ', c.linked_subagents.map((s) => h('a', { href: `conversations/${s.conversation_id}`, 'data-link': '', class: 'chip' }, s.first_prompt || s.conversation_id))) : null,
       c.incomplete ? h('div.error.small', c.incomplete_reason || 'incomplete') : null,

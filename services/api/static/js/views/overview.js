@@ -16,6 +16,10 @@ export function mount(root, params, query, app) {
 
   const periodSel = select(PERIODS, period, { 'aria-label': 'Period', on: { change: (e) => { period = e.target.value; load(); } } });
   const body = h('div.overview-body');
+  // The health card is redrawn on its own (every /api/health read, every few seconds) and the
+  // silent mode duration kept, so neither a health read nor a log row resets what is being used.
+  const healthHost = h('section.card', { 'aria-labelledby': 'h-health' });
+  const mins = h('select', { 'aria-label': 'Silent mode duration' }, [[300, '5 min'], [900, '15 min'], [3600, '1 hour'], [0, 'until restart']].map(([v, t]) => h('option', { value: v }, t)));
   replace(root, h('div.view', h('div.view-head', h('h1', 'Overview'), h('div.tools', periodSel)), body));
 
   async function load() {
@@ -29,9 +33,10 @@ export function mount(root, params, query, app) {
 
   function healthCard() {
     const services = (app.health && app.health.services) || {};
-    return h('section.card', { 'aria-labelledby': 'h-health' },
+    const focused = healthHost.contains(document.activeElement);
+    replace(healthHost,
       h('div.card-head', h('h2#h-health', 'Processes'),
-        h('button.btn.btn-ghost.btn-xs', { type: 'button', on: { click: async () => { const { refreshHealth } = await import('../main.js'); await refreshHealth(); render(); } } }, 'Refresh')),
+        h('button.btn.btn-ghost.btn-xs', { type: 'button', on: { click: async () => { const { refreshHealth } = await import('../main.js'); await refreshHealth(); healthCard(); } } }, 'Refresh')),
       h('div.procs', PROCESSES.flatMap((p) => {
         const cells = [procCell(p, services[p], false)];
         // After "proxy": each proxy process on its own (workers proxy-0 …, proxies on other hosts).
@@ -41,6 +46,8 @@ export function mount(root, params, query, app) {
         }
         return cells;
       })));
+    if (focused) healthHost.querySelector('button')?.focus();
+    return healthHost;
   }
 
   function procCell(name, svc, worker) {
@@ -50,7 +57,8 @@ export function mount(root, params, query, app) {
     return h('div', { class: ['proc', worker && 'worker'], 'data-proc': name },
       h('span.mono.strong', name),
       h('span', { class: ['state', cls] }, state == null ? '— unknown' : STATE_TEXT[state] || `✕ ${state}`),
-      h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '', svc && svc.last_seen ? ` · seen ${fmtAgo(svc.last_seen)}` : ''),
+      h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '',
+        svc && svc.last_seen ? h('span', { dataset: { seen: svc.last_seen } }, ` · seen ${fmtAgo(svc.last_seen)}`) : ''),
       // It died (killed, crashed, or stalled: bus.stallTimeout) and was started again: its log says why.
       svc && svc.restarts > 0 && h('span', {
         class: 'restarts small',
@@ -94,7 +102,6 @@ export function mount(root, params, query, app) {
 
   function silentControl() {
     const st = app.allowall;
-    const mins = h('select', { 'aria-label': 'Silent mode duration' }, [[300, '5 min'], [900, '15 min'], [3600, '1 hour'], [0, 'until restart']].map(([v, t]) => h('option', { value: v }, t)));
     const go = async (mode) => {
       try {
         const { setAllowall } = await import('../main.js');
@@ -132,9 +139,10 @@ export function mount(root, params, query, app) {
             h('button.btn.btn-xs', { type: 'button', title: `Create a rule allowing every container to ${hostPort(d.host, d.port)}`, on: { click: () => ruleFor(d, 'allow') } }, 'Allow rule'))))
             : h('p.muted', 'Nothing blocked in this period.')),
         h('section.card', { 'aria-labelledby': 'h-recent' }, h('h2#h-recent', 'Recent decisions'),
-          recent.length ? h('ul.list', recent.map((l) => h('li',
-            tag(l.result), h('span.mono.small', l.container_name), h('span.grow.mono', hostPort(l.destination_host, l.destination_port)),
-            h('span.muted.small', l.reason || ''), h('span.muted.small', fmtTime(l.timestamp)))))
+          recent.length ? h('ul.list.recent', recent.map((l) => h('li',
+            tag(l.result), h('span.mono.small.clip', { title: l.container_name }, l.container_name),
+            h('span.grow.keep.mono', { title: hostPort(l.destination_host, l.destination_port) }, hostPort(l.destination_host, l.destination_port)),
+            h('span.muted.small.nowrap.push', l.reason || ''), h('span.muted.small.nowrap', fmtTime(l.timestamp)))))
             : h('p.muted', 'No decisions yet.'))),
       silentControl());
   }
@@ -155,13 +163,25 @@ export function mount(root, params, query, app) {
     live.on('resync', load),
   ];
   const onDoc = () => scheduleRender();
-  for (const ev of ['gp:health', 'gp:pending-count', 'gp:allowall']) document.addEventListener(ev, onDoc);
+  const onHealth = () => healthCard();
+  for (const ev of ['gp:pending-count', 'gp:allowall']) document.addEventListener(ev, onDoc);
+  document.addEventListener('gp:health', onHealth);
+  // "seen N s ago" ages between two reads of /api/health.
+  const ageTick = setInterval(() => {
+    for (const el of healthHost.querySelectorAll('[data-seen]')) el.textContent = ` · seen ${fmtAgo(el.dataset.seen)}`;
+  }, 1000);
   let frame = 0;
   function scheduleRender() { if (!frame) frame = setTimeout(() => { frame = 0; render(); }, 250); }
 
   render();
   load();
   return {
-    unmount() { offs.forEach((o) => o()); for (const ev of ['gp:health', 'gp:pending-count', 'gp:allowall']) document.removeEventListener(ev, onDoc); clearTimeout(frame); },
+    unmount() {
+      offs.forEach((o) => o());
+      for (const ev of ['gp:pending-count', 'gp:allowall']) document.removeEventListener(ev, onDoc);
+      document.removeEventListener('gp:health', onHealth);
+      clearTimeout(frame);
+      clearInterval(ageTick);
+    },
   };
 }

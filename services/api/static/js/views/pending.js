@@ -19,6 +19,7 @@ const DURATIONS = [
   ['once', 'once (30 s)'],
 ];
 const PAGE = 1000;
+const MAX_READ = 20000; // entries read per listing (the list is windowed; the count is the API's)
 const ROW = 64;
 const HOLD = Number(facts.holdTimeout) || 30;
 
@@ -40,7 +41,7 @@ export function mount(root, params, query, app) {
   if (wanted) state.focus = wanted;
 
   const countEl = h('span.count');
-  const filterInput = h('input', { type: 'search', placeholder: 'Filter by container or host', 'aria-label': 'Filter pending entries' });
+  const filterInput = h('input.pfilter', { type: 'search', placeholder: 'Filter by container or host', 'aria-label': 'Filter pending entries' });
   const bulkBar = h('div.bulkbar', { role: 'region', 'aria-label': 'Bulk actions', hidden: true });
   const listHost = h('div.pending-list');
   const panel = h('section.decision', { 'aria-label': 'Decision', 'aria-live': 'polite' });
@@ -74,22 +75,48 @@ export function mount(root, params, query, app) {
     }
     for (const id of seen.gone) applyRemove(id);
   }
+  // One listing read page by page (at most MAX_READ entries); `first` gets the first page.
+  async function readAll(params, seq, first) {
+    const out = [];
+    let offset = 0;
+    let total = 0;
+    do {
+      const page = await get('pending', { ...params, limit: PAGE, offset });
+      if (seq !== loadSeq) return null;
+      total = page.total;
+      out.push(...page.items);
+      offset += PAGE;
+      if (offset === PAGE && first) first(out.slice(), total);
+    } while (offset < total && offset < MAX_READ);
+    return { items: out, total };
+  }
+  // The filter matches the container or the host: the API filters one at a time (`container`,
+  // `destination`, substrings both), so a filtered list is the union of the two listings.
+  function union(lists) {
+    const byId = new Map();
+    for (const l of lists) for (const e of l) if (!byId.has(e.id)) byId.set(e.id, e);
+    return [...byId.values()].sort((a, b) => (parseTs(b.last_seen) || 0) - (parseTs(a.last_seen) || 0));
+  }
   async function load() {
     const seq = ++loadSeq;
     const seen = inflight = { up: new Map(), gone: new Set() };
     state.error = null;
+    const show = (items, total) => { state.items = items; state.total = total; state.loading = false; replay(seen); render(); };
     try {
-      const out = [];
-      let offset = 0;
-      let total = 0;
-      do {
-        const page = await get('pending', { limit: PAGE, offset, destination: state.filter });
-        if (seq !== loadSeq) return;
-        total = page.total;
-        out.push(...page.items);
-        offset += PAGE;
-        if (offset === PAGE) { state.items = out.slice(); state.total = total; state.loading = false; replay(seen); render(); }
-      } while (offset < total && offset < 20000);
+      let out;
+      let total;
+      if (!state.filter) {
+        const all = await readAll({}, seq, show);
+        if (!all) return;
+        ({ items: out, total } = all);
+      } else {
+        const [byHost, byName] = await Promise.all([
+          readAll({ destination: state.filter }, seq), readAll({ container: state.filter }, seq)]);
+        if (!byHost || !byName) return;
+        out = union([byHost.items, byName.items]);
+        // Exact when both were read whole; else the entries beyond what was read count once each.
+        total = out.length + Math.max(0, byHost.total - byHost.items.length) + Math.max(0, byName.total - byName.items.length);
+      }
       if (seq !== loadSeq) return;
       state.items = out;
       state.total = total;
@@ -110,7 +137,7 @@ export function mount(root, params, query, app) {
   function matchesFilter(e) {
     if (!state.filter) return true;
     const f = state.filter.toLowerCase();
-    return [e.destination_host, e.resolved_hostname].some((v) => v && v.toLowerCase().includes(f));
+    return [e.container_name, e.destination_host, e.resolved_hostname].some((v) => v && v.toLowerCase().includes(f));
   }
 
   function upsert(e) {
@@ -278,8 +305,8 @@ export function mount(root, params, query, app) {
         on: { change: () => toggleSelect(e.id) } }),
       h('div.pmain',
         h('div.pline',
-          h('span.mono.strong', e.container_name), h('span.arrow', { 'aria-hidden': 'true' }, '→'),
-          h('span.mono.strong.dest', hostPort(e.destination_host, e.destination_port))),
+          h('span.mono.strong.who', { title: e.container_name }, e.container_name), h('span.arrow', { 'aria-hidden': 'true' }, '→'),
+          h('span.mono.strong.dest', { title: hostPort(e.destination_host, e.destination_port) }, hostPort(e.destination_host, e.destination_port))),
         h('div.pmeta',
           e.resolved_hostname ? [h('span', 'resolved ', mono(e.resolved_hostname)), ' · '] : null,
           h('span', `first seen ${fmtTime(e.first_seen)}`), ' · ',

@@ -144,12 +144,15 @@ export function mount(root, params, query, app) {
           h('td', tag(r.source, r.source), r.is_active ? null : [' ', tag('expired')]),
           h('td.num', fmtNum(r.hit_count)),
           h('td', r.last_used_at ? fmtAgo(r.last_used_at) : '—'),
-          h('td', r.expires_at ? fmtTime(r.expires_at) : 'never'),
+          h('td.nowrap', r.expires_at ? fmtTime(r.expires_at) : 'never'),
           h('td.ellipsis', { title: r.notes || '' }, r.notes || ''),
-          h('td', h('div.btns',
-            r.source === 'builtin' ? null : h('button.btn.btn-xs', { type: 'button', 'aria-label': `Edit rule ${r.id}`, on: { click: () => { editing = r; renderForm(); } } }, 'Edit'),
-            h('button', { class: ['btn', 'btn-xs', confirmDelete === r.id && 'btn-deny'], type: 'button', 'aria-label': confirmDelete === r.id ? `Confirm delete rule ${r.id}` : `Delete rule ${r.id}`, on: { click: () => remove(r) } },
-              confirmDelete === r.id ? 'Confirm delete' : 'Delete')))))))),
+          // Builtin rules are not edited or deleted here: greyproxy.builtinRules switches them off.
+          h('td', r.source === 'builtin'
+            ? h('span.muted.small', { title: 'Builtin rules cannot be edited; set greyproxy.builtinRules: false in the config to switch them off' }, 'builtin')
+            : h('div.btns',
+              h('button.btn.btn-xs', { type: 'button', 'aria-label': `Edit rule ${r.id}`, on: { click: () => { editing = r; renderForm(); } } }, 'Edit'),
+              h('button', { class: ['btn', 'btn-xs', confirmDelete === r.id && 'btn-deny'], type: 'button', 'aria-label': confirmDelete === r.id ? `Confirm delete rule ${r.id}` : `Delete rule ${r.id}`, on: { click: () => remove(r) } },
+                confirmDelete === r.id ? 'Confirm delete' : 'Delete')))))))),
       h('div.pager', `${fmtNum(data.total)} rule${data.total === 1 ? '' : 's'} · page ${page + 1} of ${pages}`,
         h('button.btn.btn-sm', { type: 'button', disabled: page === 0, on: { click: () => { page -= 1; load(); } } }, 'Previous'),
         h('button.btn.btn-sm', { type: 'button', disabled: page + 1 >= pages, on: { click: () => { page += 1; load(); } } }, 'Next')));

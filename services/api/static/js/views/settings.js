@@ -149,8 +149,18 @@ export function mount(root, params, query, app) {
           h('div.chips', (cr.hosts || []).map((x) => h('span.chip', x)))),
         h('span.muted.small', `${fmtNum(cr.substitution_count)} uses`),
         copyButton(cr.placeholder, `Copy the placeholder of ${cr.label}`, 'Placeholder copied'),
-        h('button.btn.btn-xs', { type: 'button', 'aria-label': `Delete ${cr.label}`, on: { click: async () => {
-          try { await del(`credentials/${cr.id}`); renderCredentials(); } catch (e) { toast(e.message, 'error'); }
+        // Two clicks, as a rule's delete: the first asks (in place: the add form keeps what is
+        // typed in it), the second deletes.
+        h('button.btn.btn-xs', { type: 'button', 'aria-label': `Delete ${cr.label}`, on: { click: async (ev) => {
+          const btn = ev.currentTarget;
+          if (!btn.classList.contains('btn-deny')) {
+            btn.classList.add('btn-deny');
+            btn.textContent = 'Confirm delete';
+            btn.setAttribute('aria-label', `Confirm delete ${cr.label}`);
+            return;
+          }
+          btn.disabled = true;
+          try { await del(`credentials/${cr.id}`); toast(`Credential ${cr.label} deleted`); renderCredentials(); } catch (e) { btn.disabled = false; toast(e.message, 'error'); }
         } } }, 'Delete')))) : h('p.muted', 'No global credentials.'),
       h('form', { on: { submit: add }, 'aria-label': 'Add a global credential' }, h('div.form-row', fields.label, fields.value, fields.hosts),
         h('button.btn.btn-sm.btn-primary', { type: 'submit' }, 'Add credential')));

@@ -1,6 +1,6 @@
 // Transactions: filters, a paged list, and the detail of one (heads, bodies, SSE, copy as curl).
 import { h, replace, mono, hostPort, fmtTime, fmtBytes, tag, field, select, debounce, fmtNum, copyButton, emptyState } from '../util.js';
-import { get } from '../api.js';
+import { get, apiUrl } from '../api.js';
 import * as live from '../live.js';
 
 const LIMIT = 50;
@@ -14,19 +14,21 @@ const envName = (header) => header.toUpperCase().replace(/[^A-Z0-9]+/g, '_').rep
 
 // "copy as curl": what was stored, and a shell variable in place of every redacted value. Stored
 // headers hold placeholders or [REDACTED], never a credential; nothing here can add one.
+// The usual layout: `curl -X POST 'url' \`, then one option (with its value) a line.
 export function curlCommand(t) {
-  const parts = ['curl'];
-  if (t.method && !['GET', 'WS_REQ', 'WS_RESP'].includes(t.method)) parts.push('-X', t.method);
-  parts.push(shq(t.url));
+  const head = ['curl'];
+  if (t.method && !['GET', 'WS_REQ', 'WS_RESP'].includes(t.method)) head.push('-X', t.method);
+  head.push(shq(t.url));
+  const lines = [head.join(' ')];
   for (const [name, values] of Object.entries(t.request_headers || {})) {
     if (SKIP_CURL.has(name.toLowerCase())) continue;
     for (const v of values) {
-      if (String(v).includes(REDACTED)) parts.push('-H', `"${name}: \${${envName(name)}:?set ${envName(name)}}"`);
-      else parts.push('-H', shq(`${name}: ${v}`));
+      if (String(v).includes(REDACTED)) lines.push(`-H "${name}: \${${envName(name)}:?set ${envName(name)}}"`);
+      else lines.push(`-H ${shq(`${name}: ${v}`)}`);
     }
   }
-  if (t.request_body) parts.push('--data-raw', shq(t.request_body));
-  return parts.join(' \\\n  ');
+  if (t.request_body) lines.push(`--data-raw ${shq(t.request_body)}`);
+  return lines.join(' \\\n  ');
 }
 
 function isJson(ct) { return /json/i.test(ct || ''); }
@@ -102,7 +104,7 @@ export function mount(root, params, query, app) {
   const cIn = h('input', { type: 'search', value: filters.container });
   const dIn = h('input', { type: 'search', value: filters.destination });
   const mSel = select([['', 'any'], ...['GET', 'POST', 'PUT', 'PATCH', 'DELETE', 'HEAD', 'OPTIONS', 'WS_REQ', 'WS_RESP'].map((m) => [m, m])], filters.method);
-  const onFilter = debounce(() => { Object.assign(filters, { container: cIn.value.trim(), destination: dIn.value.trim(), method: mSel.value }); page = 1; load(); }, 250);
+  const onFilter = debounce(() => { Object.assign(filters, { container: cIn.value.trim(), destination: dIn.value.trim(), method: mSel.value }); renderHarLink(); page = 1; load(); }, 250);
   for (const el of [cIn, dIn]) el.addEventListener('input', onFilter);
   mSel.addEventListener('change', onFilter);
 
@@ -110,8 +112,16 @@ export function mount(root, params, query, app) {
   const detailHost = h('section.detail', { 'aria-label': 'Transaction detail', hidden: true });
   const md = h('div.master-detail', listHost, detailHost);
   const newBar = h('div.newbar', { hidden: true });
+  // SPEC §14: the filtered list as HAR 1.2 (every match, not only this page), from the API
+  // under the path prefix.
+  const harLink = h('a.btn.btn-sm', { download: 'greyproxy-transactions.har', title: 'Download every transaction these filters match, as HAR 1.2' }, 'Export HAR');
+  function renderHarLink() {
+    const url = apiUrl('transactions/export.har', filters);
+    harLink.setAttribute('href', url.pathname + url.search);
+  }
+  renderHarLink();
   replace(root, h('div.view',
-    h('div.view-head', h('h1', 'Transactions')),
+    h('div.view-head', h('h1', 'Transactions'), h('div.tools', harLink)),
     h('div.filters', field('Container', cIn), field('Destination', dIn), field('Method', mSel)),
     newBar, md));
 
@@ -164,15 +174,15 @@ export function mount(root, params, query, app) {
         h('tbody', data.items.map((t) => {
           const go = () => app.navigate(`transactions/${t.id}${location.search}`);
           return h('tr.clickable', { tabindex: '0', 'aria-selected': String(t.id === selected), dataset: { id: t.id }, on: { click: go, keydown: (e) => { if (e.key === 'Enter') go(); } } },
-            h('td', fmtTime(t.timestamp)),
+            h('td.nowrap', fmtTime(t.timestamp)),
             h('td', mono(t.method)),
             h('td', t.status_code == null ? '—' : mono(String(t.status_code), t.status_code >= 400 ? 'bad' : null)),
             h('td.ellipsis.mono', { title: t.url }, t.url),
-            h('td', mono(t.container_name)),
+            h('td.cname', { title: t.container_name }, mono(t.container_name)),
             h('td.num', fmtBytes(t.response_body_size)),
             h('td.num', t.duration_ms == null ? '—' : String(t.duration_ms)));
         })))),
-      h('div.pager', `${fmtNum(data.total)} transactions · page ${page} of ${pages}`,
+      h('div.pager', `${fmtNum(data.total)} transaction${data.total === 1 ? '' : 's'} · page ${page} of ${pages}`,
         h('button.btn.btn-sm', { type: 'button', disabled: page <= 1, on: { click: () => { page -= 1; load(); } } }, 'Newer'),
         h('button.btn.btn-sm', { type: 'button', disabled: page >= pages, on: { click: () => { page += 1; load(); } } }, 'Older')));
   }
