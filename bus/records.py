@@ -162,6 +162,10 @@ TRANSACTION_FIELDS = (  # shape 2's order: never reorder, only append
     "request_body_charset",
     "response_body_codec",
     "response_body_charset",
+    # 1 when the stored copy is not the whole body (cut at capture.maxBodyBytes on the wire, or its
+    # decoding stopped there), 0 when it is, null without a stored body (and from older proxies)
+    "request_body_truncated",
+    "response_body_truncated",
 )
 TRANSACTION_JSON = ("request_headers", "response_headers", "substituted_credentials", "refused_credentials")
 _JSON_DEFAULTS = {"request_headers": "{}", "response_headers": "{}"}

@@ -50,6 +50,7 @@ __all__ = [
     "pack",
     "read_body",
     "read_side",
+    "readable_side",
     "to_record",
 ]
 
@@ -103,11 +104,13 @@ def _clean_text(data: bytes, charset: str) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Packed:
-    """A body as stored: `blob` (compressed per `codec`), `charset` None when binary."""
+    """A body as stored: `blob` (compressed per `codec`), `charset` None when binary; `cut` when
+    its decoding stopped at capture.maxBodyBytes (greyproxy.capture.stored_body)."""
 
     blob: bytes
     codec: int
     charset: str | None
+    cut: bool = False
 
 
 def pack(data: bytes, content_type: str | None) -> Packed:
@@ -174,6 +177,19 @@ def read_side(row: dict[str, Any], side: str, reader: Reader | None = None) -> B
     return read_body(row.get(f"{side}_body"), codec, row.get(f"{side}_body_charset"))
 
 
+# What reading a stored body raises when the stored bytes are not what their codec says (corrupt
+# zstd, an unknown codec, a broken delta chain): the one body is unreadable, not the row.
+READ_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, zstandard.ZstdError)
+
+
+def readable_side(row: dict[str, Any], side: str, reader: Reader | None = None) -> tuple[Body | None, str | None]:
+    """`read_side`, and instead of raising for a stored body that cannot be read, (None, why)."""
+    try:
+        return read_side(row, side, reader), None
+    except READ_ERRORS as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def api_value(body: Body | None) -> tuple[str | None, str | None]:
     """(value, encoding) for the API and HAR: text as is (encoding None), binary as base64 ("base64")."""
     if body is None:
@@ -191,6 +207,8 @@ def to_record(rec: dict[str, Any], side: str, p: Packed) -> None:
     rec[f"{side}_body"] = base64.b64encode(p.blob).decode("ascii")
     rec[f"{side}_body_codec"] = p.codec
     rec[f"{side}_body_charset"] = p.charset
+    if p.cut:  # (else the record keeps what the capture said: cut on the wire or not)
+        rec[f"{side}_body_truncated"] = 1
 
 
 def _side_columns(side: str) -> tuple[str, str, str]:
@@ -335,13 +353,20 @@ class Reader:
             self._remember((rid, side), data)
         return data
 
-    def inline(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def inline(self, rows: list[dict[str, Any]], keep_going: bool = False) -> list[dict[str, Any]]:
         """The rows with every delta body replaced by its content (codec RAW), in place: what leaves
-        the store layer reads alone (`read_side` without a reader)."""
+        the store layer reads alone (`read_side` without a reader). `keep_going`: a body whose chain
+        cannot be read is dropped (NULL) and why is put in `<side>_body_error`, instead of raising."""
         for row in rows:
             for side in _SIDES:
                 if row.get(f"{side}_body_codec") == ZSTD_DELTA and row.get(f"{side}_body") is not None:
-                    row[f"{side}_body"] = self.content(int(row["id"]), side)
+                    try:
+                        row[f"{side}_body"] = self.content(int(row["id"]), side)
+                    except READ_ERRORS as exc:
+                        if not keep_going:
+                            raise
+                        row[f"{side}_body"] = None
+                        row[f"{side}_body_error"] = f"{type(exc).__name__}: {exc}"
                     row[f"{side}_body_codec"] = RAW
                     if f"{side}_body_base" in row:
                         row[f"{side}_body_base"] = None

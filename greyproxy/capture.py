@@ -179,16 +179,23 @@ def stored_body(
     scrub: Callable[[bytes], bytes] | None = None,
 ) -> Packed | None:
     """The stored form of a body (greyproxy.bodies.pack): None for non-text types; its content-coding
-    undone first (the raw bytes kept when that fails), then `scrub` (credential values, SPEC §12.7)."""
+    undone first (the raw bytes kept when that fails), then `scrub` (credential values, SPEC §12.7).
+    A decoding that had more than `limit` bytes to give is cut there, and the result says so (`cut`)."""
     if not data or not is_text_like(content_type):
         return None
-    try:
-        data = decode_body(data, content_encoding, limit)
-    except ValueError:
-        pass
+    cut = False
+    if content_encoding:
+        try:
+            decoded = decode_body(data, content_encoding, limit + 1)  # one byte more: was there more?
+        except ValueError:
+            pass
+        else:
+            cut = len(decoded) > limit
+            data = decoded[:limit] if cut else decoded
     if scrub is not None:
         data = scrub(data)
-    return pack(data, content_type)
+    p = pack(data, content_type)
+    return Packed(p.blob, p.codec, p.charset, True) if cut else p
 
 
 def _json_field(value: Any, default: Any) -> Any:

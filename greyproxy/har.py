@@ -6,21 +6,31 @@ bodies as kept (text-like types only, up to `capture.maxBodyBytes`), substituted
 as their placeholder names. A WebSocket upgrade is an entry (status 101) and each recorded
 message is one more entry (method `WS_REQ` client→server or `WS_RESP` server→client, URL
 `ws(s)://`) carrying the message in Chromium's `_webSocketMessages` as well. Fields HAR has no
-name for start with `_` (allowed by the spec): `_id`, `_container`, `_result`, `_ruleId`, ...
+name for start with `_` (allowed by the spec): `_id`, `_container`, `_result`, `_ruleId`,
+`_error` and `_blockReason` (why the exchange failed or was refused), ...
+
+A body is marked truncated when the capture recorded that its stored copy is not all of it
+(`<side>_body_truncated`, migration 14), whatever capture.maxBodyBytes says now; rows recorded
+before that column are judged from what they hold (`_content_facts`). A stored body that cannot be
+read (corrupt, unknown codec) is left out of its entry with a note (`comment`, `_error`); the rest
+of the entry, and of the export, is there.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
 from . import __version__
-from .bodies import api_value, read_side
+from .bodies import Body, Reader, api_value, readable_side
 from .capture import DEFAULT_MAX_BODY, _json_field
 from .redaction import REDACTED
+
+log = logging.getLogger("greyproxy.har")
 
 __all__ = ["DOCUMENT_TAIL", "HAR_SCHEMA", "HAR_VERSION", "document_head", "entry", "entry_bytes"]
 
@@ -94,6 +104,12 @@ def _header(headers: list[dict[str, str]], name: str) -> str | None:
     return next((h["value"] for h in headers if h["name"].lower() == name), None)
 
 
+def _coded(headers: list[dict[str, str]]) -> bool:
+    """Whether the body had a content-coding (other than `identity`): its stored copy is decoded."""
+    coding = _header(headers, "content-encoding")
+    return coding is not None and coding.strip().lower() not in ("", "identity")
+
+
 def _cookies(header: str | None, redacted: bool) -> list[dict[str, str]]:
     """`Cookie: a=1; b=2` → HAR cookies (none when the header was redacted)."""
     if not header or redacted:
@@ -111,32 +127,80 @@ def _size(value: Any) -> int:
 
 
 _TRUNCATED = "body truncated to capture.maxBodyBytes"
+_TRUNCATED_PART = _TRUNCATED + " (content.size counts the part kept: the whole body was longer)"
+_MAYBE_TRUNCATED = (
+    "body may be truncated to capture.maxBodyBytes (recorded before greyproxy kept whether it was;"
+    " its decoded length is a plausible cap)"
+)
+_NOT_STORED = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
+_UNREADABLE = "body not exported: the stored body could not be read"
 
 
-def _content_facts(stored: Any, wire: int, encoded: bool, max_body: int) -> tuple[bool, int | None]:
-    """(cut by capture.maxBodyBytes, its decoded length when known) of a stored body. Without a
-    content-coding the stored bytes are the wire's, so a shorter copy was cut. With one, the stored
-    bytes are the decoded ones: the wire's were cut when there were more than the capture kept, and
-    the decoding is capped at the same size (HAR's content.size is the decoded length, bodySize the
-    wire's)."""
+def _plausible_cap(n: int, max_body: int) -> bool:
+    """Whether a decoded length could be where capture.maxBodyBytes stopped a decoding: today's cap,
+    or a round number of bytes (a multiple of 1 KiB or of 1000), which is what caps are set to."""
+    return n > 0 and (n == max_body or n == DEFAULT_MAX_BODY or n % 1024 == 0 or n % 1000 == 0)
+
+
+def _content_facts(
+    stored: Body | None, wire: int, encoded: bool, flag: Any, max_body: int
+) -> tuple[str | None, int | None]:
+    """(the truncation note, or None when the stored body is all of it; content.size: the decoded
+    length when known, else that of the part kept) of a stored body; `wire` the bytes of the body
+    as exchanged, `encoded` whether it had a content-coding, `flag` what the capture recorded
+    (`<side>_body_truncated`: 1 cut, 0 whole, None for rows recorded before the column).
+
+    Without a content-coding the stored bytes are the wire's: a cut one's whole length is the
+    wire's. With one, the stored bytes are the decoded ones, and a cut body's decoded length is
+    unknown (only the part kept is there). Rows without the flag: a copy shorter than an uncoded
+    body was cut; a coded one was cut (on the wire or in its decoding) only where the decoding
+    stopped at the cap, so a decoded length that is a plausible cap gets a note that it may be."""
     if stored is None:
-        return False, None
+        return None, None
     n = len(stored.data)
+    if flag is not None:
+        if not flag:
+            return None, n
+        if not encoded and wire >= n:
+            return _TRUNCATED, wire
+        return _TRUNCATED_PART, n
     if not encoded:
-        return n < wire, wire  # (the content is the wire's bytes, whole or not)
-    cut = wire > max_body or n >= max_body
-    return cut, None if cut else n
+        return (_TRUNCATED, wire) if n < wire else (None, n)
+    if _plausible_cap(n, max_body):
+        return _MAYBE_TRUNCATED, n
+    return None, n
 
 
-def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, Any]:
+def _body(row: dict[str, Any], side: str, reader: Reader | None) -> tuple[Body | None, str | None]:
+    stored, error = readable_side(row, side, reader)
+    if error is not None:
+        log.warning("transaction %s: its stored %s body could not be read: %s", row.get("id"), side, error)
+    return stored, error
+
+
+def _uri(url: str) -> str:
+    """The URL as a valid URI: `[` and `]` (redacted query values' `[REDACTED]`) percent-encoded
+    after the authority, where RFC 3986 has no place for them (an IPv6 literal's stay)."""
+    if "[" not in url and "]" not in url:
+        return url
+    start = url.find("//")
+    start = 0 if start < 0 else start + 2
+    cut = min((i for i in (url.find(c, start) for c in "/?#") if i >= 0), default=len(url))
+    rest = url[cut:].replace("[", "%5B").replace("]", "%5D")
+    return url[:cut] + rest
+
+
+def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY, reader: Reader | None = None) -> dict[str, Any]:
     """One stored transaction (a dict of its columns, JSON columns raw or decoded) → a HAR entry.
-    `max_body`: capture.maxBodyBytes (what tells a cut compressed body)."""
+    `max_body`: capture.maxBodyBytes today (what judges rows recorded before truncation was);
+    `reader`: reads delta bodies (greyproxy.bodies; else the row's must be inlined already)."""
     method = str(row.get("method") or "")
     url = str(row.get("url") or "")
     req_headers = _headers(row.get("request_headers"))
     resp_headers = _headers(row.get("response_headers"))
     req_size, resp_size = _size(row.get("request_body_size")), _size(row.get("response_body_size"))
-    req_stored, resp_stored = read_side(row, "request"), read_side(row, "response")
+    req_stored, req_error = _body(row, "request", reader)
+    resp_stored, resp_error = _body(row, "response", reader)
     req_body, req_enc = api_value(req_stored)
     resp_body, resp_enc = api_value(resp_stored)
     cookie = _header(req_headers, "cookie")
@@ -146,7 +210,7 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
         query = []
     request: dict[str, Any] = {
         "method": method,
-        "url": url,
+        "url": _uri(url),
         "httpVersion": HTTP_VERSION,
         "cookies": _cookies(cookie, cookie == REDACTED),
         "headers": req_headers,
@@ -154,34 +218,39 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
         "headersSize": -1,
         "bodySize": req_size,
     }
-    req_cut, _n = _content_facts(req_stored, req_size, _header(req_headers, "content-encoding") is not None, max_body)
-    if req_body is not None or req_size:
+    req_cut, _n = _content_facts(req_stored, req_size, _coded(req_headers), row.get("request_body_truncated"), max_body)
+    if req_body is not None or req_size or req_error:
         post: dict[str, Any] = {"mimeType": row.get("request_content_type") or "", "text": req_body or ""}
-        if req_stored is None:
-            post["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
+        if req_error is not None:
+            post["comment"] = _UNREADABLE
+            post["_error"] = req_error
+        elif req_stored is None:
+            post["comment"] = _NOT_STORED
         elif req_cut:
-            post["comment"] = _TRUNCATED
+            post["comment"] = req_cut
         if req_enc:
             post["_encoding"] = req_enc  # HAR 1.2 has no postData encoding: the content's, prefixed
         request["postData"] = post
     status = row.get("status_code")
     status = int(status) if isinstance(status, int) else 0
-    resp_cut, decoded = _content_facts(
-        resp_stored, resp_size, _header(resp_headers, "content-encoding") is not None, max_body
-    )
+    resp_coded = _coded(resp_headers)
+    resp_cut, decoded = _content_facts(resp_stored, resp_size, resp_coded, row.get("response_body_truncated"), max_body)
     content: dict[str, Any] = {"size": resp_size, "mimeType": row.get("response_content_type") or "x-unknown"}
     if resp_stored is not None:
         if decoded is not None:
             content["size"] = decoded
-            if decoded > resp_size:
+            if resp_coded and not resp_cut and 0 < resp_size < decoded:
                 content["compression"] = decoded - resp_size  # bytes the content-coding saved
         content["text"] = resp_body
         if resp_enc:
             content["encoding"] = resp_enc
         if resp_cut:
-            content["comment"] = _TRUNCATED
+            content["comment"] = resp_cut
+    elif resp_error is not None:
+        content["comment"] = _UNREADABLE
+        content["_error"] = resp_error
     elif resp_size:
-        content["comment"] = "body not stored (binary content type, or dropped by retention.maxDatabaseMiB)"
+        content["comment"] = _NOT_STORED
     response: dict[str, Any] = {
         "status": status,
         "statusText": _REASONS.get(status, ""),
@@ -207,7 +276,12 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
         "_result": row.get("result"),
         "_ruleId": row.get("rule_id"),
     }
-    for col, key in (("conversation_id", "_conversationId"), ("session_id", "_sessionId")):
+    for col, key in (
+        ("conversation_id", "_conversationId"),
+        ("session_id", "_sessionId"),
+        ("error", "_error"),  # why the exchange failed or was cut off (a 502's "connection refused")
+        ("block_reason", "_blockReason"),  # why it was refused (`rule` or a credential reason)
+    ):
         if row.get(col):
             out[key] = row[col]
     subst = _json_field(row.get("substituted_credentials"), [])
@@ -225,10 +299,15 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
             "data": text or "",
         }
         stored = req_stored if method == "WS_REQ" else resp_stored
-        # Cut by capture.maxBodyBytes: shorter than the message; or, for a compressed message
-        # (permessage-deflate) cut on the wire, its size is the wire's and the text decoded up to the cap.
+        flag = row.get("request_body_truncated" if method == "WS_REQ" else "response_body_truncated")
+        # Cut by capture.maxBodyBytes: as the capture recorded; for rows recorded before, shorter
+        # than the message, or for a compressed message (permessage-deflate) cut on the wire, its
+        # size is the wire's and the text decoded up to the cap.
         n = len(stored.data) if stored is not None else 0
-        cut = stored is not None and (n < size or (n >= max_body and n != size))
+        if flag is not None:
+            cut = stored is not None and bool(flag)
+        else:
+            cut = stored is not None and (n < size or (n >= max_body and n != size))
         if text is None or cut:
             msg["_size"] = size  # the message's length: not in `data` (binary, or cut by the capture)
         if cut:
@@ -237,8 +316,8 @@ def entry(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> dict[str, An
     return out
 
 
-def entry_bytes(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY) -> bytes:
-    return orjson.dumps(entry(row, max_body))
+def entry_bytes(row: dict[str, Any], max_body: int = DEFAULT_MAX_BODY, reader: Reader | None = None) -> bytes:
+    return orjson.dumps(entry(row, max_body, reader))
 
 
 # ---------------------------------------------------------------------------- HAR 1.2 as JSON Schema

@@ -476,3 +476,17 @@ MIGRATIONS.append(
 # parsing the whole detail (turns and messages: MBs for a long session). NULL for rows written before:
 # the listing then reads `data` as it did.
 MIGRATIONS.append((13, "conversation list form", ["ALTER TABLE conversations ADD COLUMN item BLOB"]))
+
+# Whether a stored body is all of the body, as the capture knew it (bus/records.py TRANSACTION_FIELDS,
+# docs/events.md): 1 cut at capture.maxBodyBytes (on the wire, or its decoding stopped there), 0 whole,
+# NULL for rows recorded before (the HAR export then infers it, greyproxy/har.py). Nothing to rewrite.
+MIGRATIONS.append(
+    (
+        14,
+        "stored body truncation",
+        [
+            "ALTER TABLE http_transactions ADD COLUMN request_body_truncated INTEGER",
+            "ALTER TABLE http_transactions ADD COLUMN response_body_truncated INTEGER",
+        ],
+    )
+)

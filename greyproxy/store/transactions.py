@@ -1,4 +1,4 @@
-"""The `http_transactions` table (migrations 2, 4, 6, 8 and 9): its columns, the SQL the recorder writes it with, and
+"""The `http_transactions` table (migrations 2, 4, 6, 8, 9 and 14): its columns, the SQL the recorder writes it with, and
 the API's listing and lookup."""
 
 from __future__ import annotations
@@ -46,8 +46,14 @@ COLUMNS = (
     # after the insert; never in a journal record)
     "request_body_base",
     "response_body_base",
+    # migration 14: 1 when the stored body is not the whole body (cut at capture.maxBodyBytes on the
+    # wire, or its decoding stopped there), 0 when it is; NULL for rows recorded before (and sides
+    # without a stored body)
+    "request_body_truncated",
+    "response_body_truncated",
 )
-FIELDS = COLUMNS[1:-2]  # what a `transaction` journal record fills in
+_NOT_RECORDED = ("id", "request_body_base", "response_body_base")
+FIELDS = tuple(c for c in COLUMNS if c not in _NOT_RECORDED)  # what a `transaction` journal record fills in
 JSON_COLUMNS = (
     "request_headers",
     "response_headers",
@@ -60,6 +66,8 @@ BODY_META_COLUMNS = (  # how a body is stored: not part of the API's item
     "request_body_charset",
     "response_body_codec",
     "response_body_charset",
+    "request_body_truncated",
+    "response_body_truncated",
     "request_body_base",
     "response_body_base",
 )
@@ -121,7 +129,9 @@ def list_transactions(
             [*args, limit, offset],
         )
         if include_bodies:
-            Reader(sql.execute).inline(rows)  # delta bodies resolved here, in the pool (greyproxy.bodies)
+            # delta bodies resolved here, in the pool (greyproxy.bodies); one whose chain cannot be
+            # read is left out (`<side>_body_error`), not the page
+            Reader(sql.execute).inline(rows, keep_going=True)
     return rows, total
 
 
@@ -129,7 +139,7 @@ def get_transaction(tid: int) -> dict[str, Any] | None:
     with sql.read_transaction():  # the row and its bodies' delta chain from one snapshot
         row = sql.one(f"SELECT {_ALL_COLUMNS} FROM http_transactions WHERE id = ?", (tid,))
         if row is not None:
-            Reader(sql.execute).inline([row])
+            Reader(sql.execute).inline([row], keep_going=True)
     return row
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import falcon
 import falcon.asgi
 
+from greyproxy.bodies import READ_ERRORS, readable_side
 from greyproxy.capture import transaction_json
 from greyproxy.store.transactions import TransactionFilter, get_transaction, list_transactions
 
@@ -43,6 +46,36 @@ def filter_from(req: falcon.asgi.Request) -> TransactionFilter:
     return f
 
 
+log = logging.getLogger("greyproxy.api")
+_SIDES = ("request", "response")
+
+
+def transaction_item(row: dict[str, Any], include_bodies: bool) -> dict[str, Any]:
+    """The SPEC §7 item of a stored row. A stored body that cannot be read (corrupt, an unknown
+    codec, a broken delta chain) is null with `<side>_body_error` saying why, and logged: the rest
+    of the item, and of the page, is there (was: a 500 for the whole page)."""
+    if not include_bodies:
+        return transaction_json(row, False)
+    if not any(f"{side}_body_error" in row for side in _SIDES):
+        try:
+            return transaction_json(row, True)
+        except READ_ERRORS:
+            pass  # which body: below (a rare row; the others are read once)
+    errors: dict[str, str] = {}
+    for side in _SIDES:
+        error = row.get(f"{side}_body_error")  # (set by the store for a delta chain it could not read)
+        if error is None:
+            _stored, error = readable_side(row, side)
+        if error is not None:
+            log.warning("transaction %s: its stored %s body could not be read: %s", row.get("id"), side, error)
+            row[f"{side}_body"] = None
+            errors[side] = error
+    item = transaction_json(row, True)
+    for side, error in errors.items():
+        item[f"{side}_body_error"] = f"the stored body could not be read: {error}"
+    return item
+
+
 class TransactionsResource:
     def __init__(self, ctx: ApiContext) -> None:
         self.ctx = ctx
@@ -56,7 +89,7 @@ class TransactionsResource:
         json_response(
             resp,
             {
-                "items": [transaction_json(r, include_bodies) for r in rows],
+                "items": [transaction_item(r, include_bodies) for r in rows],
                 "total": total,
                 "page": offset // limit + 1,
                 "pages": max(1, math.ceil(total / limit)),
@@ -74,7 +107,7 @@ class TransactionResource:
             raise not_found(f"transaction {tid} not found")
         # SPEC §13.6: `llm`, the dissector's view of it, or null.
         json_response(
-            resp, transaction_json(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)}
+            resp, transaction_item(row, include_bodies=True) | {"llm": await self.ctx.db(transaction_llm, tid)}
         )
 
 

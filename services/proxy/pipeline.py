@@ -261,6 +261,7 @@ class Recorder:
         rec.update(extra)
         rec[f"{side}_body_size"] = size
         if msg.opcode == OP_TEXT and msg.payload:
+            rec[f"{side}_body_truncated"] = 1 if msg.truncated else 0
             payload = msg.payload if scrub is None else scrub.data(msg.payload)
             to_record(rec, side, pack(payload, _WS_TEXT))
         self.counts["ws_messages"] += 1
@@ -475,6 +476,9 @@ class Txn:
             None,
             None,
             None,
+            # the stored copy cut on the wire (its decoding cut too: greyproxy.bodies.to_record sets 1)
+            (1 if req.size > len(req.data) else 0) if req is not None and req.data else None,
+            (1 if rcap.size > len(rcap.data) else 0) if rcap is not None and rcap.data else None,
         ]
         req_body = (bytes(req.data), req_ct, self.req_ce) if req is not None and req.data else None
         resp_body = None

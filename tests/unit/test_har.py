@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from greyproxy import har
 from greyproxy.capture import TRANSACTION_COLUMNS
 from greyproxy.store import database, open_database
-from services.api.export import export_page
+from services.api.export import HarRows
 from services.api.transactions import TransactionFilter
 from harness.fuzz import examples
 
@@ -252,12 +252,13 @@ def _insert(n: int, body: str | None = "x" * 100, ts0: float = 1000.0, same_ts: 
 
 
 def _all_pages(f: TransactionFilter, rows: int, batch_bytes: int = 8 << 20) -> list[dict]:
-    out, after = [], None
+    out: list[dict] = []
+    reading = HarRows(f, page_rows=rows, batch_bytes=batch_bytes)
     while True:
-        entries, after = export_page(f, after, rows, batch_bytes)
-        out += [orjson.loads(e) for e in entries]
-        if after is None:
+        entries = reading.next_chunk(max_bytes=700)  # a few entries a step: steps across page edges
+        if not entries:
             return out
+        out += [orjson.loads(e) for e in entries]
 
 
 def test_keyset_pages_cover_every_row_once(db) -> None:
@@ -280,13 +281,21 @@ def test_compressed_bodies_give_the_decoded_size_and_a_true_truncation_note() ->
     whole = har.entry(_row(response_headers=gz, response_body="x" * 542, response_body_size=62))
     c = whole["response"]["content"]
     assert (c["size"], c["compression"], whole["response"]["bodySize"]) == (542, 480, 62) and "comment" not in c
-    # the wire had more than the capture kept: cut, whatever the decoded length
-    cut = har.entry(_row(response_headers=gz, response_body="x" * 1000, response_body_size=5000), max_body=4096)
+    # the capture recorded the copy as cut (on the wire, or its decoding stopped at the cap): content.size
+    # is the part kept (the whole decoded length is unknown), never the wire's below it
+    cut = har.entry(
+        _row(response_headers=gz, response_body="x" * 1000, response_body_size=5000, response_body_truncated=1)
+    )
     c = cut["response"]["content"]
-    assert c["comment"] == "body truncated to capture.maxBodyBytes" and c["size"] == 5000 and "compression" not in c
-    # the decoding stopped at the cap (a bomb): cut too
-    bomb = har.entry(_row(response_headers=gz, response_body="x" * 4096, response_body_size=300), max_body=4096)
-    assert bomb["response"]["content"]["comment"] == "body truncated to capture.maxBodyBytes"
+    assert c["comment"].startswith("body truncated to capture.maxBodyBytes") and c["size"] == 1000
+    assert "compression" not in c
+    bomb = har.entry(
+        _row(response_headers=gz, response_body="x" * 4096, response_body_size=300, response_body_truncated=1)
+    )
+    assert bomb["response"]["content"]["comment"].startswith("body truncated to capture.maxBodyBytes")
+    # a row from before that record: a decoded length at a plausible cap may have been cut
+    old = har.entry(_row(response_headers=gz, response_body="x" * 4096, response_body_size=300), max_body=4096)
+    assert old["response"]["content"]["comment"].startswith("body may be truncated")
     # a request body sent gzip-compressed, whole
     req = har.entry(
         _row(
@@ -302,3 +311,109 @@ def test_compressed_bodies_give_the_decoded_size_and_a_true_truncation_note() ->
     plain = har.entry(_row(response_body="abc", response_body_size=10_000))
     assert plain["response"]["content"]["comment"] == "body truncated to capture.maxBodyBytes"
     assert plain["response"]["content"]["size"] == 10_000
+
+
+# ----------------------------------------------------------------------------- truncation as captured
+
+GZ = {"Content-Type": ["application/json"], "Content-Encoding": ["gzip"]}
+
+
+def test_truncation_is_what_the_capture_recorded_not_todays_cap() -> None:
+    """A body cut at capture (`response_body_truncated` 1) stays cut whatever capture.maxBodyBytes
+    says today, and a whole one stays whole: the note and content.size no longer follow the
+    config (was: captured at 64 KiB and exported under 2 MiB, a cut body was shown complete; under
+    a 1000-byte cap a whole 2182-byte body was marked truncated)."""
+    cut = har.entry(
+        _row(response_headers=GZ, response_body="x" * 65536, response_body_size=325, response_body_truncated=1),
+        max_body=2 * 1024 * 1024,
+    )
+    c = cut["response"]["content"]
+    assert "truncated" in c["comment"]
+    assert c["size"] >= 65536 and c["size"] >= len(c["text"]) and "compression" not in c  # was 325
+    whole = har.entry(
+        _row(response_headers=GZ, response_body="y" * 2182, response_body_size=69, response_body_truncated=0),
+        max_body=1000,
+    )
+    c = whole["response"]["content"]
+    assert "comment" not in c and c["size"] == 2182 and c["compression"] == 2182 - 69
+    # without a content-coding a cut body's size is the wire's (the decoded length is the wire's)
+    plain = har.entry(_row(response_body="abc", response_body_size=10_000, response_body_truncated=1))
+    c = plain["response"]["content"]
+    assert "truncated" in c["comment"] and c["size"] == 10_000
+    # a request body cut at capture
+    req = har.entry(
+        _row(
+            method="POST",
+            request_headers={"Content-Encoding": ["gzip"]},
+            request_body="z" * 4096,
+            request_body_size=100,
+            request_content_type="application/json",
+            request_body_truncated=1,
+        ),
+        max_body=2 * 1024 * 1024,
+    )
+    assert "truncated" in req["request"]["postData"]["comment"]
+
+
+def test_rows_from_before_the_flag_never_claim_a_body_at_a_plausible_cap_complete() -> None:
+    """Rows stored before the capture recorded truncation (flag NULL): a compressed body whose
+    decoded length is a plausible cap (a multiple of 1 KiB or 1000 bytes, or today's cap) may have
+    been cut: it says so; any other length is whole, whatever today's cap is."""
+    for n, cap in ((65536, 2 * 1024 * 1024), (65536, 1000), (1000, 2 * 1024 * 1024), (4096, 4096)):
+        e = har.entry(_row(response_headers=GZ, response_body="x" * n, response_body_size=300), max_body=cap)
+        c = e["response"]["content"]
+        assert "truncated" in c.get("comment", ""), (n, cap)
+        assert c["size"] == n and "compression" not in c
+    for cap in (1000, 2 * 1024 * 1024):
+        e = har.entry(_row(response_headers=GZ, response_body="y" * 2182, response_body_size=69), max_body=cap)
+        c = e["response"]["content"]
+        assert "comment" not in c and c["size"] == 2182 and c["compression"] == 2113, cap
+
+
+def test_compression_is_never_negative() -> None:
+    for flag in (None, 0):
+        e = har.entry(
+            _row(response_headers=GZ, response_body="ab", response_body_size=22, response_body_truncated=flag)
+        )
+        c = e["response"]["content"]
+        assert c["size"] == 2 and "compression" not in c
+
+
+def test_error_and_block_reason_are_kept() -> None:
+    e = har.entry(
+        _row(status_code=502, response_body=None, response_body_size=0, error="connection refused", block_reason=None)
+    )
+    assert e["_error"] == "connection refused" and "_blockReason" not in e
+    e = har.entry(_row(status_code=403, result="blocked", block_reason="rule", response_body=None))
+    assert e["_blockReason"] == "rule" and "_error" not in e
+    VALIDATOR.validate(_doc([_row(error="upstream reset", block_reason="credential_unknown")]))
+
+
+def test_redacted_query_values_are_percent_encoded_in_the_url_only() -> None:
+    e = har.entry(_row(url="https://api.test/v1?api_key=[REDACTED]&q=1#f[x]"))
+    assert e["request"]["url"] == "https://api.test/v1?api_key=%5BREDACTED%5D&q=1#f%5Bx%5D"
+    assert e["request"]["queryString"] == [{"name": "api_key", "value": "[REDACTED]"}, {"name": "q", "value": "1"}]
+    # an IPv6 literal's brackets are the URI's own: kept
+    e = har.entry(_row(url="http://[::1]:8080/p?token=[REDACTED]"))
+    assert e["request"]["url"] == "http://[::1]:8080/p?token=%5BREDACTED%5D"
+
+
+def test_a_body_that_cannot_be_read_gives_an_entry_with_a_note() -> None:
+    """A stored body that does not decode (corrupt zstd, an unknown codec) is left out of its entry
+    with a note saying so; the rest of the entry is there (was: the exception ended the export)."""
+    e = har.entry(_row(response_body=b"\x28\xb5\x2f\xfd garbage", response_body_codec=1, response_body_size=9000))
+    c = e["response"]["content"]
+    assert "text" not in c and "could not be read" in c["comment"] and c["_error"]
+    assert e["response"]["status"] == 200 and e["_id"] == 1
+    e = har.entry(
+        _row(
+            method="POST",
+            request_body=b"abc",
+            request_body_codec=7,
+            request_body_size=3,
+            request_content_type="text/plain",
+        )
+    )
+    post = e["request"]["postData"]
+    assert post["text"] == "" and "could not be read" in post["comment"]
+    VALIDATOR.validate(_doc([_row(response_body=b"\x28\xb5\x2f\xfd bad", response_body_codec=1)]))

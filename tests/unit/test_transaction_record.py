@@ -138,13 +138,13 @@ EXPECTED = {
     "204": (
         b'[0,"c1","127.0.0.1",8080,"GET","http://127.0.0.1:8080/1k","{\\"Host\\":[\\"127.0.0.'
         b'1:8080\\"]}",null,0,null,204,"{}",null,0,null,0,null,"allowed",null,"[]",null,"12'
-        b'7.0.0.1",false,null,null,"[]",null,null,null,null]'
+        b'7.0.0.1",false,null,null,"[]",null,null,null,null,null,null]'
     ),
     "304": (
         b'[0,"c1","127.0.0.1",8080,"GET","http://127.0.0.1:8080/1k","{\\"Host\\":[\\"127.0.0.'
         b'1:8080\\"]}",null,0,null,304,"{\\"Server\\":[\\"s\\"],\\"Etag\\":[\\"\\\\\\"x\\\\\\"\\"]}",null'
         b',0,null,0,null,"allowed",null,"[]",null,"127.0.0.1",false,null,null,"[]",null,nu'
-        b"ll,null,null]"
+        b"ll,null,null,null,null]"
     ),
     "api": (
         b'[0,"agent","api.example",80,"POST","http://api.example/v1/chat?access_token=[RED'
@@ -156,12 +156,12 @@ EXPECTED = {
         b'],\\"Location\\":[\\"https://api.example/next?token=[REDACTED]&page=2\\"],\\"Vary\\":['
         b'\\"Accept\\",\\"Origin\\"],\\"X-Quote\\":[\\"a \\\\\\"b\\\\\\" \\\\\\\\ c\\"],\\"Content-Lengt'
         b'h\\":[\\"11\\"]}","eyJvayI6dHJ1ZX0=",11,"application/json; charset=utf-8",0,3,"allo'
-        b'wed",null,"[]",null,"api.example",true,null,null,"[]",0,"utf-8",0,"utf-8"]'
+        b'wed",null,"[]",null,"api.example",true,null,null,"[]",0,"utf-8",0,"utf-8",0,0]'
     ),
     "blocked": (
         b'[0,"c1","127.0.0.1",8080,"GET","http://127.0.0.1:8080/1k","{\\"Host\\":[\\"127.0.0.'
         b'1:8080\\"]}",null,0,null,403,"{}",null,0,null,0,9,"blocked",null,"[]",null,"127.0'
-        b'.0.1",false,null,"rule","[]",null,null,null,null]'
+        b'.0.1",false,null,"rule","[]",null,null,null,null,null,null]'
     ),
     "refused": (
         b'[0,"c1","api.example",80,"POST","http://api.example/v1/chat?access_token=[REDACT'
@@ -170,21 +170,21 @@ EXPECTED = {
         b'\\",\\"b\\"],\\"User-Agent\\":[\\"agent/1.0 \xc3\x83\xc2\xa9\\"],\\"Content-Length\\":[\\"13'
         b'\\"]}",null,0,"application/json",403,"{}",null,0,null,0,null,"blocked",null,"[]",'
         b'"gw-1","api.example",false,null,"credential_not_allowed","[\\"k1\\",\\"k2\\"]",null,'
-        b"null,null,null]"
+        b"null,null,null,null,null]"
     ),
     "substituted": (
         b'[0,"c1","api.example",80,"GET","http://api.example/1k","{\\"Host\\":[\\"127.0.0.1:8'
         b'080\\"]}",null,0,null,200,"{\\"Content-Type\\":[\\"text/plain\\"],\\"X-Echo\\":[\\"key=['
         b'REDACTED:k1]\\"],\\"Content-Length\\":[\\"20\\"]}","eW91IHNlbnQgW1JFREFDVEVEOmsxXQ==",20,'
         b'"text/plain",0,null,"allowed",null,"[\\"k1\\"]","gw-1","127.0.0.1",false,null,null'
-        b',"[]",null,null,0,"utf-8"]'
+        b',"[]",null,null,0,"utf-8",null,0]'
     ),
     "text": (
         b'[0,"c1","h.example",8443,"GET","https://h.example:8443/1k","{\\"Host\\":[\\"127.0.0'
         b'.1:8080\\"]}",null,0,null,200,"{\\"Server\\":[\\"s\\"],\\"Content-Type\\":[\\"text/plain'
         b'\\"],\\"Content-Encoding\\":[\\"identity\\"],\\"Cache-Control\\":[\\"no-cache\\"],\\"Conte'
         b'nt-Length\\":[\\"5\\"]}","aGVsbG8=",5,"text/plain",0,null,"allowed",null,"[]",null,'
-        b'"127.0.0.1",false,"cut off",null,"[]",null,null,0,"utf-8"]'
+        b'"127.0.0.1",false,"cut off",null,"[]",null,null,0,"utf-8",null,0]'
     ),
     "wrk": (
         b'[0,"c1","127.0.0.1",8080,"GET","http://127.0.0.1:8080/1k","{\\"Host\\":[\\"127.0.0.'
@@ -193,7 +193,7 @@ EXPECTED = {
         b'nt-Length\\":[\\"1024\\"],\\"Last-Modified\\":[\\"Sat, 05 Dec 2026 10:40:00 GMT\\"],\\"C'
         b'onnection\\":[\\"keep-alive\\"],\\"Etag\\":[\\"\\\\\\"6932b6c0-400\\\\\\"\\"],\\"Accept-Ranges'
         b'\\":[\\"bytes\\"]}",null,1024,"application/octet-stream",0,7,"allowed",null,"[]",nu'
-        b'll,"127.0.0.1",false,null,null,"[]",null,null,null,null]'
+        b'll,"127.0.0.1",false,null,null,"[]",null,null,null,null,null,null]'
     ),
 }
 # The same exchange with its fields split into pairs first: the same record, byte for byte.
