@@ -314,6 +314,9 @@ SCHEMAS: dict[str, Any] = {
             "response_body": nullable(STR),
             "request_body_encoding": nullable({"type": "string", "enum": ["base64"]}),
             "response_body_encoding": nullable({"type": "string", "enum": ["base64"]}),
+            # only when a stored body could not be read back (a damaged row): why; the body is null
+            "request_body_error": STR,
+            "response_body_error": STR,
         },
         required=[
             "id",
