@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -355,24 +356,44 @@ def _unavailable() -> Plan:
 
 
 # A JSON string value and the key it belongs to (`"key": "value"`), as a stream of events carries
-# them (SSE `data:` lines, NDJSON, one JSON document): the value's text, quotes excluded, is group 2.
-_KEYED_STRING = re.compile(r'"((?:[^"\\\n]|\\.){1,64})"[ \t]*:[ \t]*"((?:[^"\\\n]|\\.)*)"')
+# them (SSE `data:` lines, NDJSON, one JSON document): the value's text, quotes excluded, is group 2;
+# group 3 is its closing quote, empty for a value the text ends inside (a body cut there).
+# Possessive: no backtracking, linear in the text whatever it holds.
+_KEYED_STRING = re.compile(r'"((?:[^"\\\n]|\\.){1,64}+)"[ \t]*:[ \t]*"((?:[^"\\\n]|\\.)*+)("|\Z)')
 TAIL_MIN = 4  # a body's last characters that begin a value are scrubbed from this many on
+TAIL_VALUES = 16  # the keys of this many last string values of a body get the tail check
+
+
+def _json_text(raw: str) -> str | None:
+    """The text of a JSON string literal's inside (`raw`), or None; a literal cut inside an escape
+    (a body cut there) loses that escape."""
+    for cut in range(0, 6):
+        try:
+            return orjson.loads(f'"{raw[: len(raw) - cut]}"') if cut <= len(raw) else None
+        except ValueError:  # (orjson's error; also lone surrogates: bytes that were not UTF-8)
+            continue
+    return None
 
 
 class Scrubber:
     """Replaces what was substituted in an exchange — each value raw, percent-encoded (either hex
     case), JSON-escaped, as header bytes, in base64 (standard or URL-safe, padded or not), and each
-    re-encoded Basic token — by `[REDACTED:<label>]`
-    in recorded text (response headers and body, WebSocket messages). Longest first.
+    re-encoded Basic token — by `[REDACTED:<label>]` in recorded text (response headers and body,
+    WebSocket messages). Longest first.
 
-    In a body (`data`) also:
-    - a value split over consecutive string values of one JSON key (a streamed answer's deltas:
+    In a body (`data`) also, over the JSON string values it holds (`"key": "value"`, escapes
+    undone: `\\/`, `\\u00e4`):
+    - a value split over the string values of one key (a streamed answer's deltas:
       `"text":"sk-ant-"` in one event, `"text":"…rest"` in the next), which a reader joining the
       deltas (the conversation assembler) would put back together: the first part becomes the
-      marker, the other parts lose theirs;
-    - the start of a value at the very end (a body cut by `capture.maxBodyBytes` mid-value), from
-      `TAIL_MIN` characters on, whole or at the end of such a key's joined values.
+      marker, the other parts lose theirs (parts of two interleaved streams of one key, as
+      `n=2` choices, are joined in body order: a value split across both is not seen);
+    - a value written with escapes another form does not match;
+    - the start of a value at the very end of the text, from `TAIL_MIN` characters on (a body cut by
+      `capture.maxBodyBytes` mid-value), and at the end of the joined values of each key among the
+      body's last `TAIL_VALUES` string values (a stream cut between two deltas, or inside one).
+    `message` (a WebSocket message) is `text` and the end check only: each message is scrubbed on
+    its own, on the event loop, in time linear in its length.
     """
 
     __slots__ = ("needles", "_re", "_labels")
@@ -391,6 +412,17 @@ class Scrubber:
                 orjson.dumps(v).decode()[1:-1],
                 quote(v, safe="", encoding="utf-8").replace("%20", "+"),
             }
+            # JSON as other writers escape it: ASCII-only (`\u00e4`, either hex case), `\/`, Go's `\u003c`
+            ascii_json = json.dumps(v)[1:-1]
+            plain_json = orjson.dumps(v).decode()[1:-1]
+            go_json = plain_json.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            for j in (
+                ascii_json,
+                re.sub(r"\\u[0-9a-f]{4}", lambda m: m.group(0).upper().replace("\\U", "\\u"), ascii_json),
+                go_json,
+            ):
+                forms |= {j, j.replace("/", "\\/")}
+            forms.add(plain_json.replace("/", "\\/"))
             b64 = base64.b64encode(v.encode()).decode()  # its base64 alone (SPEC §12 acceptance 12)
             forms |= {b64, b64.rstrip("="), base64.urlsafe_b64encode(v.encode()).decode().rstrip("=")}
             for f in forms:
@@ -412,7 +444,8 @@ class Scrubber:
 
     def data(self, b: bytes) -> bytes:
         """`text` over stored bytes: UTF-8 with any other byte kept as it was (surrogateescape), so
-        the bytes round-trip exactly but for what is scrubbed; then split values and a cut tail."""
+        the bytes round-trip exactly but for what is scrubbed; then JSON string values (split,
+        escaped, cut) and a cut end."""
         if not b:
             return b
         s = self.text(b.decode("utf-8", "surrogateescape")) or ""
@@ -420,44 +453,68 @@ class Scrubber:
         s = self._tail(s)
         return s.encode("utf-8", "surrogateescape")
 
+    def message(self, b: bytes) -> bytes:
+        """`data` for one WebSocket message: the forms and a cut end only."""
+        if not b:
+            return b
+        s = self.text(b.decode("utf-8", "surrogateescape")) or ""
+        return self._tail(s).encode("utf-8", "surrogateescape")
+
     def _tail_hit(self, s: str) -> tuple[int, str] | None:
-        """(length, label) of the longest start of a needle that `s` ends with (TAIL_MIN or more)."""
+        """(length, label) of the longest start of a needle that `s` ends with (TAIL_MIN or more);
+        each needle costs a search of its length's end of `s`."""
+        best: tuple[int, str] | None = None
         for needle, label in self.needles:
-            for k in range(len(needle) - 1, TAIL_MIN - 1, -1):
-                if s.endswith(needle[:k]):
-                    return k, label
-        return None
+            n = len(needle)
+            if n <= TAIL_MIN:
+                continue
+            window = s[-(n - 1) :]
+            head = needle[:TAIL_MIN]
+            i = window.find(head)
+            while i >= 0:
+                if needle.startswith(window[i:]):
+                    k = len(window) - i
+                    if best is None or k > best[0]:
+                        best = (k, label)
+                    break  # (the first such place is the longest for this needle)
+                i = window.find(head, i + 1)
+        return best
 
     def _tail(self, s: str) -> str:
         hit = self._tail_hit(s)
         return s if hit is None else f"{s[: len(s) - hit[0]]}[REDACTED:{hit[1]}]"
 
     def _split(self, s: str) -> str:
-        """Scrub values split over consecutive string values of one key (see the class doc)."""
+        """Scrub the JSON string values of `s` as the class doc says."""
         groups: dict[str, list[tuple[int, int, str, bool]]] = {}  # key -> (start, end, value, escaped)
+        last: list[str] = []  # the keys of the last string values, in order
         for m in _KEYED_STRING.finditer(s):
             raw = m.group(2)
+            key = m.group(1)
+            last.append(key)
+            if len(last) > TAIL_VALUES:
+                del last[0]
             if not raw:
                 continue
-            value = raw
             escaped = "\\" in raw
-            if escaped:
-                try:
-                    value = orjson.loads(f'"{raw}"')
-                except ValueError:  # (orjson's error; also lone surrogates: bytes that were not UTF-8)
-                    continue
-            groups.setdefault(m.group(1), []).append((m.start(2), m.end(2), value, escaped))
-        edits: dict[int, tuple[int, str]] = {}  # fragment start -> (its end, its new text as written)
-        for frags in groups.values():
-            if len(frags) < 2:
+            value = _json_text(raw) if escaped else raw
+            if value is None:
                 continue
+            groups.setdefault(key, []).append((m.start(2), m.end(2), value, escaped))
+        ends = set(last)
+        edits: dict[int, tuple[int, str]] = {}  # part start -> (its end, its new text as written)
+        for key, frags in groups.items():
+            at_end = key in ends
+            if len(frags) < 2 and not at_end and not frags[0][3]:
+                continue  # one plain value: `text` saw it as it is
             joined = "".join(f[2] for f in frags)
             cuts: list[tuple[int, int, str]] = [
                 (m.start(), m.end(), self._labels[m.group(0)]) for m in self._re.finditer(joined)
             ]
-            tail = self._tail_hit(joined)
-            if tail is not None and (not cuts or cuts[-1][1] <= len(joined) - tail[0]):
-                cuts.append((len(joined) - tail[0], len(joined), tail[1]))
+            if at_end:
+                tail = self._tail_hit(joined)
+                if tail is not None and (not cuts or cuts[-1][1] <= len(joined) - tail[0]):
+                    cuts.append((len(joined) - tail[0], len(joined), tail[1]))
             if not cuts:
                 continue
             starts = []
@@ -471,7 +528,7 @@ class Scrubber:
                     lo, hi = starts[i], starts[i] + len(frags[i][2])
                     if hi <= a or lo >= z:
                         continue
-                    first = lo <= a  # the fragment the value starts in carries the marker
+                    first = lo <= a  # the part the value starts in carries the marker
                     v = new_values[i]
                     la, lz = max(a, lo) - lo, min(z, hi) - lo
                     new_values[i] = v[:la] + (f"[REDACTED:{label}]" if first else "") + v[lz:]

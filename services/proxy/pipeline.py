@@ -262,7 +262,7 @@ class Recorder:
         rec[f"{side}_body_size"] = size
         if msg.opcode == OP_TEXT and msg.payload:
             rec[f"{side}_body_truncated"] = 1 if msg.truncated else 0
-            payload = msg.payload if scrub is None else scrub.data(msg.payload)
+            payload = msg.payload if scrub is None else scrub.message(msg.payload)
             to_record(rec, side, pack(payload, _WS_TEXT))
         self.counts["ws_messages"] += 1
         self.journal.append(TRANSACTION, transaction_values(rec))

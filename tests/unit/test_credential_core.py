@@ -5,7 +5,9 @@ scrubbing of echoed values; hypothesis fuzzes the plan and the scrubber."""
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import stat
 from urllib.parse import quote, unquote
 
@@ -406,3 +408,40 @@ def test_no_part_of_a_split_value_survives_wherever_the_stream_cuts_it(value: st
     out = s.data(_sse([pre, *parts, " end"]))
     joined = _deltas(out)
     assert value not in joined and joined.endswith(" end") and "[REDACTED:KEY]" in joined
+
+
+def test_a_stream_cut_inside_or_after_the_delta_holding_a_value_keeps_no_part_of_it() -> None:
+    """A stream cut by capture.maxBodyBytes: inside the delta that holds the rest of a value (its
+    string never closes), or right after a delta that holds only its start."""
+    value = "sk-ant-api03-ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefgh"
+    s = Scrubber([live(value=value)])
+    whole = _sse(["your key is ", value[:7], value[7:] + ", keep it safe"]).decode()
+    cut = whole[: whole.index(", keep") + 6]  # (ends inside the last delta's string)
+    out = s.data(cut.encode())
+    assert b"api03-ABCDEF" not in out and b"sk-ant-" not in out, out
+    assert out.endswith(b", keep"), out
+    ends_with_start = _sse(["your key is ", value[:20]])  # every event whole; the rest never came
+    out = s.data(ends_with_start)
+    assert value[7:20].encode() not in out and _deltas(out) == "your key is [REDACTED:KEY]"
+
+
+def test_a_value_written_with_any_json_escapes_is_scrubbed() -> None:
+    """`\\/` (PHP, Java), ASCII-only escapes in either hex case (Python's json, Java), Go's HTML-safe
+    `\\u003c`: each a form of the value a JSON-writing origin may echo."""
+    for value in ("wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "pässwörd-ß-12345678", "tok<en>&x-12345678"):
+        s = Scrubber([live(value=value)])
+        plain = orjson.dumps(value).decode()
+        ascii_only = json.dumps(value)
+        upper_hex = re.sub(r"\\u[0-9a-f]{4}", lambda m: "\\u" + m.group(0)[2:].upper(), ascii_only)
+        go = plain.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        for written in (plain, plain.replace("/", "\\/"), ascii_only, upper_hex, go):
+            body = f'{{"echo": {written}, "n": 1}}'.encode()
+            out = s.data(body)
+            assert b"[REDACTED:KEY]" in out and json.loads(out)["echo"] == "[REDACTED:KEY]", (written, out)
+
+
+def test_a_websocket_message_is_scrubbed_in_one_pass() -> None:
+    s = Scrubber([live()])
+    assert s.message(f"echo {VALUE}!".encode()) == b"echo [REDACTED:KEY]!"
+    assert s.message(b"cut here: " + VALUE[:6].encode()) == b"cut here: [REDACTED:KEY]"
+    assert s.message(b"") == b""
