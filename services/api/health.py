@@ -345,21 +345,27 @@ async def watch_health(ctx: ApiContext) -> None:
     """Send `health.changed` (the body of GET /api/health) to the /ws clients whenever a process
     goes up, down, starting or unreachable, restarts, or the database stops answering: looked at
     every HEALTH_LOOK seconds while any client is connected (heartbeats, a `SELECT 1`; nothing while
-    none is). Straight to the connections, not over the bus (the bus may be what went down)."""
+    none is). Also at the first look after a client connected: a change between its own read of
+    GET /api/health and that look would otherwise never reach it. Straight to the connections, not
+    over the bus (the bus may be what went down)."""
     hub = ctx.ws_hub
     last: tuple[Any, ...] | None = None
+    known: set[int] = set()  # the connections seen at the last look
     while True:
         await asyncio.sleep(HEALTH_LOOK)
-        if not hub.connections:
-            last = None  # a client that connects reads GET /api/health itself
+        now = {id(c) for c in hub.connections}
+        if not now:
+            last, known = None, set()
             continue
+        joined = bool(now - known)
+        known = now
         try:
             body = await health_body(ctx)
         except Exception:  # one failed look must not end the watch
             log.exception("health watch: a look failed")
             continue
         state = health_state(body)
-        if last is not None and state != last:
+        if joined or state != last:
             hub.dispatch(topics.HEALTH_CHANGED, body)
         last = state
 

@@ -438,10 +438,14 @@ def test_a_stop_closes_each_client_with_1012_and_logs_no_traceback() -> None:
 def test_health_changes_reach_ws_clients_without_polling(stack: Stack) -> None:
     """SPEC §11 (no polling while the socket is up) and §5: a process that stops answering its
     heartbeats, and its return, come to /ws clients as `health.changed` with GET /api/health's
-    body; nothing is sent while nothing changes."""
+    body; so does the state at the first look after a client connects; nothing is sent while
+    nothing changes."""
     pid = stack.get("/api/health").json()["services"]["maintenance"]["pid"]
     assert isinstance(pid, int)
     with open_ws(stack) as c:
+        # at the first look after a client connected: what it may have missed since its own read
+        first = recv_until(c, lambda m: m["type"] == "health.changed", timeout=5)
+        assert first["data"]["status"] == "ok", first
         c.send(orjson.dumps({"command": "subscribe", "event_type": "health.changed"}).decode())
         recv_until(c, lambda m: m["type"] == "subscribed")
         with pytest.raises(TimeoutError):
