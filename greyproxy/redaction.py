@@ -45,10 +45,12 @@ DEFAULT_REDACTED_HEADERS: tuple[str, ...] = (
     "*session*",
 )
 REDACTED = "[REDACTED]"
-# LLM clients' session ids (SPEC §13.2 reads them: Claude Code's, Codex's `session_id`): a UUID there
-# names a conversation, not a secret (the same id is in the request body, which is stored as sent),
-# so these names are kept when their value is a UUID and only the default `*session*` matches them.
-SESSION_ID_HEADERS = frozenset({"x-claude-code-session-id", "session-id"})  # (folded: `_` as `-`)
+# LLM clients' session ids (SPEC §13.2 reads them: Claude Code's `X-Claude-Code-Session-Id`, Codex's
+# `session_id`): a UUID there names a conversation, not a secret (the same id is in the request body,
+# which is stored as sent), so these names are kept when their value is a UUID and only the default
+# `*session*` matches them. Exactly these spellings (any case): `session_id` with its underscore,
+# which web servers' own session headers do not use (`Session-Id` stays redacted).
+SESSION_ID_HEADERS = frozenset({"x-claude-code-session-id", "session_id"})  # (lower case, as sent)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 URL_HEADERS = frozenset({"location", "content-location", "referer"})  # their values are URLs: query redaction
 _CACHE_LIMIT = 4096  # distinct header names remembered per Redactor (bounded: names come from peers)
@@ -111,7 +113,9 @@ class Redactor:
         self._glob = re.compile("|".join(globs)) if globs else None
         # the session-id names kept for a UUID value: those no extra pattern of the user's names
         extra_folded = [_fold(p) for p in extra]
-        self._ids = frozenset(n for n in SESSION_ID_HEADERS if not any(fnmatch.fnmatchcase(n, p) for p in extra_folded))
+        self._ids = frozenset(
+            n for n in SESSION_ID_HEADERS if not any(fnmatch.fnmatchcase(_fold(n), p) for p in extra_folded)
+        )
         self._seen: dict[str, bool] = {}
         # raw name -> (canonical name, redacted: 0 no, 1 yes, 2 yes but a UUID (SESSION_ID_HEADERS), a URL header?, ...): `_name`
         self._names: dict[str, tuple[str, int, bool, int, str, int]] = {}
@@ -153,7 +157,7 @@ class Redactor:
         redacted = self.matches(name)
         hit = (
             key,
-            (2 if _fold(name) in self._ids else 1) if redacted else 0,
+            (2 if name.lower() in self._ids else 1) if redacted else 0,
             key.lower() in URL_HEADERS,
             _PICKED.get(name.lower(), 0),
             _dumps(key).decode() + ":[",
@@ -310,7 +314,7 @@ class Redactor:
         for name, values in headers.items():
             vals = values if isinstance(values, list) else [values]
             if self.matches(name):
-                kept = _fold(name) in self._ids
+                kept = name.lower() in self._ids
                 new = [v if kept and isinstance(v, str) and _is_uuid(v) else REDACTED for v in vals]
             elif name.lower() in URL_HEADERS:
                 new = [self.url(v) if isinstance(v, str) else v for v in vals]

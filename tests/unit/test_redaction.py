@@ -481,7 +481,7 @@ def test_an_llm_clients_session_id_is_kept_when_it_is_a_uuid() -> None:
     pairs = [
         ("X-Claude-Code-Session-Id", sid),
         ("session_id", sid.upper()),
-        ("Session-Id", "not-a-uuid-" + sid),
+        ("Session-Id", sid),  # (a web server's own session header: only Codex's `session_id` spelling is kept)
         ("X-Session-Id", sid),
         ("Session-Token", sid),
     ]
@@ -493,13 +493,17 @@ def test_an_llm_clients_session_id_is_kept_when_it_is_a_uuid() -> None:
         "Session-Token": [REDACTED],
     }
     assert r.headers(pairs) == want
+    assert r.headers([("session_id", "not-a-uuid-" + sid)]) == {"Session_id": [REDACTED]}
     lines = [f"{k}: {v}" for k, v in pairs]
     for _ in range(2):  # (the second time from the remembered fields)
         assert r.header_lines(lines) == want
         text, _ct, _ce = r.recorded(lines)
         assert orjson.loads(text) == want
-    stored = {"X-Claude-Code-Session-Id": [sid], "Session-Id": ["s3cret"]}
-    assert r.redact_map(stored) == ({"X-Claude-Code-Session-Id": [sid], "Session-Id": [REDACTED]}, True)
+    stored = {"X-Claude-Code-Session-Id": [sid], "Session_id": ["s3cret"], "Session-Id": [sid]}
+    assert r.redact_map(stored) == (
+        {"X-Claude-Code-Session-Id": [sid], "Session_id": [REDACTED], "Session-Id": [REDACTED]},
+        True,
+    )
     for extra, claude, codex in (
         (["x-claude-code-session-id"], REDACTED, sid),
         (["*session-id"], REDACTED, REDACTED),
