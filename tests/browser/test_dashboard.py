@@ -832,9 +832,10 @@ def _through_proxy(stack: Stack, container: str, *urls: str) -> list[str]:
 
 
 def test_health_dots_and_processes_card_follow_health_while_open(stack: Stack, watched) -> None:  # noqa: ANN001
-    """The top bar's dots and the Overview's Processes card follow /api/health while the page is
-    open: a proxy that stops answering (SIGSTOP) shows down with no click and no reload, its
-    "seen N s ago" ages, and it shows up again once it is back."""
+    """The top bar's dots and the Overview's Processes card follow health while the page is open
+    (`health.changed` on /ws, no polling): a proxy that stops answering (SIGSTOP) shows down with no
+    click and no reload, its "last seen N s ago" ages, and it shows up again once it is back. An up
+    process says its heartbeat is current (not the age of the page's last read)."""
     w = watched()
     p = w.page
     p.goto(stack.url("/overview"))
@@ -842,6 +843,7 @@ def test_health_dots_and_processes_card_follow_health_while_open(stack: Stack, w
     p.locator('#health .hdot[aria-label="proxy: up"]').wait_for(timeout=5000)
     card = p.locator('[data-proc="proxy"]')
     card.locator(".state", has_text="● up").wait_for(timeout=5000)
+    assert "heartbeat current" in card.inner_text() and "seen" not in card.inner_text(), card.inner_text()
     pid = stack.pid("proxy")
     assert pid
     os.kill(pid, signal.SIGSTOP)
@@ -1092,6 +1094,61 @@ def test_transactions_export_har_of_the_filtered_list(stack: Stack, plain_origin
     size = rows.first.locator("td.num").first.text_content()
     assert re.fullmatch(r"[\d.]+\xa0(B|KiB|MiB)", size), repr(size)  # a size never wraps from its unit
     w.clean()
+
+
+def test_a_long_destination_wraps_in_logs_and_a_get_shows_no_request_body(
+    stack: Stack,
+    plain_origin: int,
+    watched,  # noqa: ANN001
+) -> None:
+    """A 150-character host name wraps in the Logs' Destination column instead of widening it past
+    the screen (the Method, Reason, Rule and ms columns stay in view); a GET's transaction detail
+    says its request had no body (it showed the response's size as a request body not stored)."""
+    host = "a" * 60 + "." + "b" * 60 + ".wide-destination.example"
+    name = "agent-wide"
+    rule = stack.request(
+        "POST", "/api/rules", json={"container_pattern": name, "destination_pattern": host, "action": "deny"}
+    ).json()
+    allow = stack.request(
+        "POST", "/api/rules", json={"container_pattern": name, "destination_pattern": ORIGIN, "action": "allow"}
+    ).json()
+    try:
+        assert _through_proxy(stack, name, f"http://{host}/", f"http://{ORIGIN}:{plain_origin}/get-me") == [
+            "403",
+            "200",
+        ]
+        w = watched(width=1280)
+        p = w.page
+        p.goto(stack.url(f"/logs?container={name}"))
+        row = p.locator("table.grid tbody tr", has_text="wide-destination")
+        row.first.wait_for(timeout=10_000)
+        right = p.evaluate(
+            """(host) => { const tr = [...document.querySelectorAll('table.grid tbody tr')].find((r) => r.textContent.includes(host));
+                 return [...tr.children].map((td) => td.getBoundingClientRect().right); }""",
+            "wide-destination",
+        )
+        assert max(right) <= 1280, right  # every column in view
+        assert host in row.first.inner_text().replace("\n", ""), "the whole name is shown"
+        txn = wait_for(
+            lambda: next(
+                (
+                    t
+                    for t in stack.get("/api/transactions", params={"container": name}).json()["items"]
+                    if t["url"].endswith("/get-me")
+                ),
+                None,
+            ),
+            10,
+            message="the GET's transaction",
+        )
+        p.goto(stack.url(f"/transactions/{txn['id']}"))
+        body = p.locator("section:not(.detail)", has=p.locator("h3", has_text="Request body"))
+        body.wait_for(timeout=10_000)
+        assert "no body" in body.inner_text() and "not stored" not in body.inner_text(), body.inner_text()
+        w.clean()
+    finally:
+        stack.request("DELETE", f"/api/rules/{rule['id']}")
+        stack.request("DELETE", f"/api/rules/{allow['id']}")
 
 
 def test_smaller_fixes_year_builtin_rules_credential_delete_and_first_banner(stack: Stack, watched) -> None:  # noqa: ANN001

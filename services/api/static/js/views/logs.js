@@ -152,12 +152,12 @@ export function mount(root, params, query, app) {
       h('td.nowrap', { title: l.timestamp }, fmtTime(l.timestamp)),
       h('td', tag(l.result)),
       h('td.cname', { title: l.container_name }, mono(l.container_name)),
-      h('td', mono(hostPort(l.destination_host, l.destination_port)), l.resolved_hostname ? h('div.muted.small.mono', l.resolved_hostname) : null),
+      h('td.dname', mono(hostPort(l.destination_host, l.destination_port)), l.resolved_hostname ? h('div.muted.small.mono', l.resolved_hostname) : null),
       h('td', mono(l.method)),
       h('td', l.reason || '', l.mitm_skip_reason ? h('div.muted.small', `mitm: ${l.mitm_skip_reason}`) : null,
         l.destination_host && l.destination_port && l.method !== 'DNS'
           ? whyDisclosure(l.container_name, l.destination_host, l.destination_port, l.resolved_hostname) : null),
-      h('td.small', l.rule_summary ? mono(l.rule_summary) : (l.rule_id ? `#${l.rule_id}` : '—')),
+      h('td.small.dname', l.rule_summary ? mono(l.rule_summary) : (l.rule_id ? `#${l.rule_id}` : '—')),
       h('td.num', l.response_time_ms == null ? '—' : String(l.response_time_ms)));
   }
 

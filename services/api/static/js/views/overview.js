@@ -57,13 +57,16 @@ export function mount(root, params, query, app) {
     return h('div', { class: ['proc', worker && 'worker'], 'data-proc': name },
       h('span.mono.strong', name),
       h('span', { class: ['state', cls] }, state == null ? '— unknown' : STATE_TEXT[state] || `✕ ${state}`),
+      // Up: its heartbeats are current (a stale one comes as health.changed within a second or two);
+      // otherwise the age of its last heartbeat, which ticks.
       h('span.muted.small', svc && svc.pid ? `pid ${svc.pid}` : '',
-        svc && svc.last_seen ? h('span', { dataset: { seen: svc.last_seen } }, ` · seen ${fmtAgo(svc.last_seen)}`) : ''),
+        svc && up ? ' · heartbeat current'
+          : svc && svc.last_seen ? h('span', { dataset: { ago: svc.last_seen, prefix: ' · last seen ' } }, ` · last seen ${fmtAgo(svc.last_seen)}`) : ''),
       // It died (killed, crashed, or stalled: bus.stallTimeout) and was started again: its log says why.
       svc && svc.restarts > 0 && h('span', {
         class: 'restarts small',
         title: `started again after it ended without a clean stop; last ${svc.last_restart || ''} — see logs/${name}.log`,
-      }, `↻ restarted ${svc.restarts}×${svc.last_restart ? ` · ${fmtAgo(svc.last_restart)}` : ''}`));
+      }, `↻ restarted ${svc.restarts}×`, svc.last_restart ? h('span', { dataset: { ago: svc.last_restart, prefix: ' · ' } }, ` · ${fmtAgo(svc.last_restart)}`) : ''));
   }
 
   function chart(timeline) {
@@ -166,9 +169,9 @@ export function mount(root, params, query, app) {
   const onHealth = () => healthCard();
   for (const ev of ['gp:pending-count', 'gp:allowall']) document.addEventListener(ev, onDoc);
   document.addEventListener('gp:health', onHealth);
-  // "seen N s ago" ages between two reads of /api/health.
+  // "last seen N s ago" and a restart's age tick on the page (no reads: health comes as events).
   const ageTick = setInterval(() => {
-    for (const el of healthHost.querySelectorAll('[data-seen]')) el.textContent = ` · seen ${fmtAgo(el.dataset.seen)}`;
+    for (const el of healthHost.querySelectorAll('[data-ago]')) el.textContent = `${el.dataset.prefix}${fmtAgo(el.dataset.ago)}`;
   }, 1000);
   let frame = 0;
   function scheduleRender() { if (!frame) frame = setTimeout(() => { frame = 0; render(); }, 250); }

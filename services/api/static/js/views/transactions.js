@@ -58,8 +58,9 @@ function pretty(text, ct) {
 
 // A body: pretty-printed when JSON, shown up to 200 lines, the rest on request (a 2 MiB body
 // is one text node, built only when asked for).
-function bodyView(text, ct, size, label) {
+function bodyView(text, ct, size, label, error) {
   if (text == null || text === '') {
+    if (error) return h('p.error.small', `${size ? `${fmtBytes(size)}: ` : ''}the stored body could not be read (${error})`);
     return h('p.muted.small', size ? `${fmtBytes(size)} not stored (binary or not text-like)` : 'no body');
   }
   if (isSse(ct)) {
@@ -153,9 +154,9 @@ export function mount(root, params, query, app) {
       t.host_mismatch ? h('div.error.small', `Host header ${t.request_host} differs from the host contacted`) : null,
       ws ? null : h('div.form-row', copyButton(() => curlCommand(t), 'Copy as curl', 'curl command copied', 'Copy as curl'), h('span.muted.small', 'placeholders and redacted values stay placeholders')),
       ws ? null : h('section', h('h3', 'Request headers'), headsView(t.request_headers, 'Request headers')),
-      h('section', h('h3', ws ? 'Message' : 'Request body'), bodyView(ws ? (t.request_body ?? t.response_body) : t.request_body, t.request_content_type || (ws ? 'json' : ''), t.request_body_size || t.response_body_size, ws ? 'message' : 'request body')),
+      h('section', h('h3', ws ? 'Message' : 'Request body'), bodyView(ws ? (t.request_body ?? t.response_body) : t.request_body, t.request_content_type || (ws ? 'json' : ''), ws ? (t.request_body_size || t.response_body_size) : t.request_body_size, ws ? 'message' : 'request body', t.request_body_error || (ws ? t.response_body_error : null))),
       ws ? null : h('section', h('h3', 'Response headers'), headsView(t.response_headers, 'Response headers')),
-      ws ? null : h('section', h('h3', 'Response body'), bodyView(t.response_body, t.response_content_type, t.response_body_size, 'response body')));
+      ws ? null : h('section', h('h3', 'Response body'), bodyView(t.response_body, t.response_content_type, t.response_body_size, 'response body', t.response_body_error)));
   }
 
   function renderList() {
