@@ -21,6 +21,7 @@ from .app import create_app
 from .context import ApiContext
 from .health import _book as health_book
 from .health import track_heartbeats, watch_health
+from .util import BodyEnd
 from .proxies import ProxyGroup
 from .notify import run_notifier
 from .server import StrictHttpProtocol, WebSocketProtocol
@@ -62,7 +63,7 @@ async def main(rt: ServiceRuntime) -> None:
         return
     ctx = make_context(rt)
     await ctx.db(open_database, cfg.db_path, True, cfg.section("database")["walAutocheckpoint"])
-    app = create_app(ctx)
+    app = BodyEnd(create_app(ctx))  # (read_json tells a whole body from one the client left)
     if ctx.credentials_key is not None:  # session.key made now when absent (SPEC §12.4)
         await ctx.db(ctx.credentials_key.start)
     server = _Server(

@@ -54,6 +54,32 @@ class IdCheck:
         self._check(params)
 
 
+BODY_COMPLETE = "greyproxy.body_complete"  # ASGI scope key set by `BodyEnd`
+
+
+class BodyEnd:
+    """ASGI wrapper (around the whole app, services/api/service.py): notes in the request's scope
+    whether its body came to its end (`more_body` false) or the client left first (a disconnect),
+    which a read of the body stream cannot tell apart, chunked or with a Content-Length."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        scope[BODY_COMPLETE] = False
+
+        async def received() -> dict[str, Any]:
+            event = await receive()
+            if event["type"] == "http.request" and not event.get("more_body", False):
+                scope[BODY_COMPLETE] = True
+            return event
+
+        await self.app(scope, received, send)
+
+
 async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type | tuple = dict) -> Any:
     """The request body as JSON; an empty body gives `default` when one is given."""
     length = req.content_length
@@ -62,10 +88,11 @@ async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type |
     raw = await req.stream.read(MAX_BODY + 1)
     if len(raw) > MAX_BODY:
         raise falcon.HTTPPayloadTooLarge(description=f"body larger than {MAX_BODY} bytes")
-    if length is not None and len(raw) < length:
-        # the client went away before its whole body came (the stream ends at the disconnect):
-        # never act on part of a request, even one that parses
-        raise bad_request(f"the body ended after {len(raw)} of its {length} bytes (Content-Length)")
+    if (length is not None and len(raw) < length) or req.scope.get(BODY_COMPLETE) is False:
+        # the client went away before its whole body came (the stream ends at the disconnect, a
+        # chunked body without its last chunk too): never act on part of a request, even one that parses
+        got = f" of its {length}" if length is not None else ""
+        raise bad_request(f"the body ended after {len(raw)}{got} bytes: the client left before sending all of it")
     if not raw.strip():
         if default is not ...:
             return default

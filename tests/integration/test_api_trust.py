@@ -191,21 +191,25 @@ def test_malformed_requests_are_400_without_a_traceback(stack: Stack) -> None:
 
 
 def test_a_body_cut_short_by_a_client_leaving_is_never_acted_on(stack: Stack) -> None:
-    """A client that closes its side after fewer bytes than its Content-Length: the body it sent
-    parses (a whole JSON object), but it is not the request the client meant to send, so no rule is
-    made from it (the API made one, and answered nobody)."""
+    """A client that closes its side before its body ended (fewer bytes than its Content-Length, or
+    a chunked body without its last chunk): the body it sent parses (a whole JSON object), but it is
+    not the request the client meant to send, so no rule is made from it (the API made one, and
+    answered nobody)."""
     dest = f"cut-{time.monotonic_ns()}.example"
     body = orjson.dumps({"container_pattern": "cutter", "destination_pattern": dest, "action": "allow"})
-    head = (
-        f"POST /api/rules HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body) + 5}\r\n\r\n"
-    ).encode()
-    with socket.create_connection(("127.0.0.1", stack.ports["api"]), timeout=5) as s:
-        s.sendall(head + body)
-        s.shutdown(socket.SHUT_WR)  # nothing more comes
-        with contextlib.suppress(OSError):
-            while s.recv(4096):
-                pass
+    start = b"POST /api/rules HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    for sent in (
+        start + f"Content-Length: {len(body) + 5}\r\n\r\n".encode() + body,
+        # chunked: one whole chunk and no last one; a chunk longer than what came of it
+        start + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s\r\n" % (len(body), body),
+        start + b"Transfer-Encoding: chunked\r\n\r\n" + b"%x\r\n%s" % (len(body) + 30, body),
+    ):
+        with socket.create_connection(("127.0.0.1", stack.ports["api"]), timeout=5) as s:
+            s.sendall(sent)
+            s.shutdown(socket.SHUT_WR)  # nothing more comes
+            with contextlib.suppress(OSError):
+                while s.recv(4096):
+                    pass
     time.sleep(0.5)
     assert stack.get("/api/rules", params={"destination": dest}).json()["total"] == 0
     assert client_ok(stack)
