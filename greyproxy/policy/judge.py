@@ -107,7 +107,22 @@ def judge(
 ) -> Judgement:
     """The decision for `container` → `host:port` (host already normalised). `decide` replaces
     `rules.decide` (the gate passes its cached one); `explain` adds the candidates."""
-    j = _judge(rules, container, host, port, resolved, silent, guard, addresses, decide, now)
+    # 1. the guard; a name on one of our ports may resolve to us: judged by its addresses
+    j: Judgement | None = None
+    own_port_name = False
+    if guard is not None and port in guard.own_ports:
+        if guard.refuses(host, port):
+            j = Judgement("guard")
+        elif addresses is not None:
+            ip = next((a for a in addresses if guard.refuses(a, port)), None)
+            if ip is not None:
+                j = Judgement("guard", address=ip)
+        elif parse_ip(host) is None:
+            own_port_name = True
+    if j is None:
+        j = _judge(rules, container, host, port, resolved, silent, addresses, decide, now)
+        if own_port_name and j.decision not in ("deny", "silent_deny"):
+            j.needs_addresses = True
     if explain:
         j.candidates = candidates(rules, container, host, port, resolved, addresses, now)
     return j
@@ -120,39 +135,11 @@ def _judge(
     port: int,
     resolved: str | None,
     silent: str | None,
-    guard: Guard | None,
     addresses: list[str] | None,
     decide: Callable[[str, str, int, str | None], Decision] | None,
     now: float | None,
 ) -> Judgement:
-    own_port_name = False
-    if guard is not None and port in guard.own_ports:
-        if guard.refuses(host, port):
-            return Judgement("guard")
-        if addresses is not None:
-            for ip in addresses:
-                if guard.refuses(ip, port):
-                    return Judgement("guard", address=ip)
-        elif parse_ip(host) is None:
-            own_port_name = True  # a name on one of our ports may resolve to us: judged by its addresses
-    j = _judge_rules(rules, container, host, port, resolved, silent, addresses, decide, now)
-    if own_port_name and j.decision not in ("deny", "silent_deny"):
-        j.needs_addresses = True
-    return j
-
-
-def _judge_rules(
-    rules: RuleSet,
-    container: str,
-    host: str,
-    port: int,
-    resolved: str | None,
-    silent: str | None,
-    addresses: list[str] | None,
-    decide: Callable[[str, str, int, str | None], Decision] | None,
-    now: float | None,
-) -> Judgement:
-    """Steps 2-5 (the guard passed)."""
+    """Steps 2-5 of the module doc (the guard passed)."""
     if silent == "allow":
         return Judgement("silent_allow")
     if silent == "deny":
