@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,7 +22,7 @@ from .conn import Conn, PipeConn
 from .context import CAP_OVERALL, CAP_PER_CLIENT, ClientConn, Limits, default_identity, unnamed_identity
 from .exchange import STALE, Exchange, upstream_version
 from .gate import Admission, Verdict
-from .hooks import Flow, HookChain, Refusal, new_flow
+from .hooks import DENIED_BODY, REASON_HEADER, Flow, HookChain, Refusal, new_flow
 from .identities import IdentityGuard
 from .httpio import CONNECT_HEAD_BYTES, CONNECT_HEADS, _connect_heads, error_response, parse_head, read_head  # noqa: F401
 from .pipeline import Recorder
@@ -48,9 +49,14 @@ GUARD_BODY = (
 )
 
 
-def forbidden_body(verdict: Verdict) -> str:
-    """The text of a 403 for a refused verdict: the guard's own, or the usual one."""
-    return GUARD_BODY if verdict.reason == "guard" else FORBIDDEN_BODY
+def forbidden(verdict: Verdict, request: bool) -> bytes:
+    """The 403 for a refused verdict (SPEC §3.1: `403 Forbidden`, then close), its reason token in
+    `X-Greyproxy-Reason` as every refusal of the proxy's has it: the guard's own text, else for a
+    plain-HTTP request SPEC §7's `Request denied by proxy` (the same answer as a per-request deny
+    inside an intercepted tunnel), for a CONNECT the usual one."""
+    reason = verdict.reason
+    text = GUARD_BODY if reason == "guard" else DENIED_BODY if request else FORBIDDEN_BODY
+    return error_response(403, "Forbidden", text, headers=[(REASON_HEADER, str(reason))])
 
 
 def _cap_text(name: str, share: int, configured: int, workers: int) -> str:
@@ -147,6 +153,35 @@ def prepare(
     return _admitted(client, head, container, verdict)
 
 
+_mismatches = [float("-inf"), 0]  # (when a host mismatch was last logged, how many so far)
+
+
+def _host_field(t: Txn, head: http1.RequestHead, field: str, container: str) -> None:
+    """SPEC §7 on the forward proxy: `request_host` is the request's own `Host` field and
+    `host_mismatch` is true (and logged) when it names another host than the absolute URI's, which
+    is the host contacted and judged (and the `Host` sent upstream). A field that does not parse is
+    kept as sent and flagged too."""
+    try:
+        name, _port = http1._split_authority(field, False, head.port)
+    except http1.HttpError:
+        name = field
+    if name == head.host:
+        return
+    t.request_host, t.host_mismatch = name, True
+    now = time.monotonic()
+    _mismatches[1] += 1
+    if now - _mismatches[0] >= 1.0:  # at most one line a second
+        _mismatches[0] = now
+        log.warning(
+            "host mismatch: %s sent Host %r for %s (contacted and recorded as %s, host_mismatch; %d so far)",
+            container,
+            field,
+            head.authority,
+            head.host,
+            _mismatches[1],
+        )
+
+
 def later(got: T | Coroutine[Any, Any, T]) -> TypeIs[Coroutine[Any, Any, T]]:
     """Whether a `prepare` or `admit_connect` result is the coroutine of steps that wait (else
     it is the result: a Prepared tuple, a Verdict or None)."""
@@ -179,10 +214,14 @@ def _admitted(
         t = rec.txn(container, "http://" + head.authority, head.host, head.port, head, verdict.rule_id)
     else:
         t = None
+    if t is not None:
+        field = head.header("host")
+        if field is not None and field != head.authority:  # (the usual request: its Host is the URI's)
+            _host_field(t, head, field, container)
     if not verdict.allowed:
-        client.write(error_response(403, "Forbidden", forbidden_body(verdict)))
+        client.write(forbidden(verdict, True))
         if t is not None:
-            t.finish(None, 403, "blocked", None, "rule")  # (positional: a C call, http_proxy.pxd)
+            t.finish(None, 403, "blocked", None, verdict.reason)  # (positional: a C call, http_proxy.pxd)
         return None
     # request hooks (the rule re-check takes the gate's verdict just given); positional: a keyword costs more
     flow = new_flow(container, "http", head.host, head.port, head, verdict, None, client.claimed)
@@ -250,7 +289,7 @@ def _connect_admitted(client: ClientConn, verdict: Verdict) -> Verdict | None:
         gate.finish_log(verdict)
         return None
     if not verdict.allowed:
-        client.write(error_response(403, "Forbidden", forbidden_body(verdict)))
+        client.write(forbidden(verdict, False))
         return None
     return verdict
 

@@ -57,76 +57,93 @@ TLS_SESSIONS = 1024  # origins whose last TLS session is kept for resumption (`I
 # reading one (`SSLObject.session`) copies it through its encoding, peer certificates included
 # (~250 µs); a session resumed is still good, and tickets live minutes to hours (nginx: 5 min).
 TLS_SESSION_REFRESH = 60.0
-MAX_PEEK = 8192  # bytes of a would-be request line we wait for before calling it "not HTTP"
+MAX_PEEK = 8192  # bytes of a would-be request line looked at; a line still plausible past them is HTTP
 
 
 def http_state(buf: bytes | bytearray) -> str:
-    """'http' when `buf` starts with an HTTP/1.x request line, 'other' when it cannot, 'more' to wait."""
+    """'http' when `buf` starts with an HTTP request line, 'other' when it cannot, 'more' to wait.
+    A line still begun like one after MAX_PEEK bytes is 'http': the request path then reads it under
+    its own limits (414 past `maxHeaderBytes`), so a long line is never a way around interception."""
     got = _request_line(buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1]))
     if got > 0:
         return "http"
-    return "other" if got == 0 or len(buf) >= MAX_PEEK else "more"
+    if got == 0:
+        return "other"
+    return "http" if len(buf) >= MAX_PEEK else "more"
+
+
+def settled_state(buf: bytes | bytearray) -> str:
+    """`http_state` once no more bytes will come in time (the first message's deadline): what is
+    there and may still begin a request line is 'http' (the request path answers it: 408, 400),
+    anything else 'other'. A slow first line is no way around interception either."""
+    if not buf:
+        return "other"
+    return "other" if _request_line(buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1])) == 0 else "http"
 
 
 def _request_line(buf: bytearray) -> int:
-    """1 when `buf` starts with an HTTP/1.x request line ending within its first MAX_PEEK bytes:
-    rb"[A-Z][A-Z_-]{0,19} [\\x21-\\x7e]+ HTTP/1\\.[01]\\r?\\n"; 0 when it cannot (a byte that no request
-    line has there, or a line ending past MAX_PEEK); -1 while what is there (of its first MAX_PEEK
-    bytes) may still begin one. One pass, byte by byte (compiled: C reads of the bytearray; a regex's
-    calls cost ~2 000 instructions on every new tunnel's first bytes)."""
+    """1 when `buf` starts with an HTTP request line ending within its first MAX_PEEK bytes; 0 when
+    it cannot; -1 while what is there (of its first MAX_PEEK bytes) may still begin one.
+
+    Deliberately wider than the request lines this proxy parses, since whatever is called "not
+    HTTP" is piped to the origin unread and unrecorded, and origin servers are lenient (nginx skips
+    leading CR/LF, takes several spaces and spaces inside the target): empty lines first (RFC 9112
+    §2.2), a method of token characters (RFC 9110 §5.6.2, any length), one or more spaces, then
+    anything up to the line's LF whose end is `SP+ HTTP/d.d SP* CR?`, with a target before it. The
+    request path's parser then refuses what it does not take (400, 505 for `PRI * HTTP/2.0`). Text
+    protocols that are not HTTP (`SET k v`, `PING`, an SSH banner) end their first line otherwise.
+    One pass, byte by byte (compiled: C reads of the bytearray)."""
     n = len(buf)
     limit = n if n < MAX_PEEK else MAX_PEEK
-    if limit == 0:
-        return 0  # (as the regex it stands for: nothing is not the start of one)
-    c = buf[0]
-    if not 65 <= c <= 90:  # A-Z
-        return 0
-    i = 1
-    while True:  # the method's rest, up to its space
+    i = 0
+    while i < limit and (buf[i] == 13 or buf[i] == 10):  # empty lines before the request line
+        i += 1
+    if i == limit:
+        return -1 if limit else 0  # (nothing at all is not the start of one)
+    start = i
+    while True:  # the method, up to its space
         if i == limit:
             return -1
         c = buf[i]
         if c == 32:
             break
-        if not (65 <= c <= 90 or c == 95 or c == 45) or i == 20:  # A-Z _ -, at most 20 in all
+        if not (
+            97 <= c <= 122
+            or 65 <= c <= 90
+            or 48 <= c <= 57
+            or c in (33, 35, 36, 37, 38, 39, 42, 43, 45, 46, 94, 95, 96, 124, 126)  # !#$%&'*+-.^_`|~
+        ):
             return 0
         i += 1
-    i += 1
-    start = i
-    while True:  # the target: printable, no space
+    if i == start:
+        return 0  # a line that begins with a space
+    while True:  # the rest of the line, up to its LF
         if i == limit:
             return -1
-        c = buf[i]
-        if not 33 <= c <= 126:
+        if buf[i] == 10:
             break
         i += 1
-    if c != 32:
+    end = i  # the LF; the line's rest is buf[start:end], the method's space at or after start + 1
+    if end > start and buf[end - 1] == 13:
+        end -= 1
+    while end > start and buf[end - 1] == 32:  # spaces after the version
+        end -= 1
+    # `HTTP/d.d` ends the line, after a space and a target that is not only spaces
+    v = end - 8
+    if v <= start + 2:  # room for a method byte, its space and a target byte before it
         return 0
-    empty = i == start  # (a prefix may still have it empty: the line then fails at its end)
-    i += 1
-    for expected in b"HTTP/1.":
-        if i == limit:
-            return -1
-        if buf[i] != expected:
-            return 0
-        i += 1
-    if i == limit:
-        return -1
-    c = buf[i]
-    if c != 48 and c != 49:  # 0 or 1
+    if buf[v - 1] != 32 or not (48 <= buf[v + 5] <= 57) or buf[v + 6] != 46 or not (48 <= buf[v + 7] <= 57):
         return 0
-    i += 1
-    if i == limit:
-        return -1
-    c = buf[i]
-    if c == 13:  # CR
-        i += 1
-        if i == limit:
-            return -1
-        c = buf[i]
-    if c != 10:  # LF
+    if buf[v] != 72 or buf[v + 1] != 84 or buf[v + 2] != 84 or buf[v + 3] != 80 or buf[v + 4] != 47:  # HTTP/
         return 0
-    return 0 if empty else 1
+    j = v - 1
+    while j > start and buf[j] == 32:  # the spaces before the version
+        j -= 1
+    # buf[j] is now the target's last byte, unless the target is empty (j is back on the method)
+    k = start
+    while buf[k] != 32:  # the method's end
+        k += 1
+    return 1 if j > k else 0
 
 
 @dataclass
@@ -311,8 +328,6 @@ class Interceptor:
         leaves = self.certs.leaves
         if leaves is None:
             return self._skip(verdict, NO_CERT)
-        if hello.alpn and "http/1.1" not in hello.alpn:
-            return self._skip(verdict, NON_HTTP_AFTER_TLS)  # e.g. h2-only: it would break on HTTP/1.1
         name = _valid_name(sni) or host
         server_ctx = leaves.get(name)
         if server_ctx is None:
@@ -419,7 +434,7 @@ class Interceptor:
                 if not await self._quiet.wait(client, upstream, limits.idle_timeout, loop):
                     return "other", None
             elif not await wait_either(client, upstream, max(0.0, deadline - loop.time())):  # (no task per tunnel)
-                return "other", None
+                return settled_state(client.buf), None  # (a first line begun and left unfinished: 'http')
 
     async def _peek_plaintext(self, s: Session, limits: Limits) -> str:
         """'http' or 'other' from the first decrypted bytes (or the upstream speaking first)."""
@@ -436,10 +451,8 @@ class Interceptor:
             if up is not None and (up.buf or up.eof):
                 return "other"
             remaining = deadline - loop.time()
-            if remaining <= 0:
-                return "other"
-            if not await _either(client, up, remaining):
-                return "other"
+            if remaining <= 0 or not await _either(client, up, remaining):
+                return settled_state(client.buf)  # (a first line begun and left unfinished: 'http')
 
     async def _upstream_tls(self, raw: Conn, name: str, port: int, limits: Limits) -> tuple[Stream | None, str | None]:
         """TLS to the origin, verified; (stream, None) or (None, why it failed). The last session kept

@@ -324,6 +324,31 @@ def test_blocked_request_is_recorded(stack: Stack, origin: int) -> None:
     assert t["rule_id"] == r.json()["id"]
 
 
+def test_a_host_field_naming_another_host_is_recorded_and_flagged(stack: Stack, origin: int) -> None:
+    """SPEC §7: `request_host` is the request's Host header and `host_mismatch` flags one naming
+    another host than the one contacted, on the forward proxy as in a tunnel (once it was the
+    absolute URI's host, so the mismatch never showed)."""
+    auth = base64.b64encode(b"fwd-hostfield:x").decode()
+    heads = [
+        f"GET http://{HOST}:{origin}/same HTTP/1.1\r\nHost: {HOST.upper()}:{origin}\r\n",  # the same host
+        f"GET http://{HOST}:{origin}/other HTTP/1.1\r\nHost: elsewhere.example:{origin}\r\n",
+    ]
+    with socket.create_connection((HOST, stack.ports["http-proxy"]), timeout=10) as sock:
+        for head in heads:
+            sock.sendall(f"{head}Proxy-Authorization: Basic {auth}\r\n\r\n".encode())
+            got = b""
+            while b"\r\n\r\n" not in got:
+                chunk = sock.recv(65536)
+                assert chunk, got
+                got += chunk
+            assert got.startswith(b"HTTP/1.1 200"), got
+    by_url = {t["url"]: t for t in _wait_transactions(stack, "fwd-hostfield", 2)}
+    same, other = by_url[f"http://{HOST}:{origin}/same"], by_url[f"http://{HOST}:{origin}/other"]
+    assert (same["request_host"], same["host_mismatch"]) == (HOST, False)
+    assert (other["request_host"], other["host_mismatch"]) == ("elsewhere.example", True)
+    assert other["destination_host"] == HOST  # contacted and judged: the absolute URI's host
+
+
 def test_websocket_upgrade_through_the_forward_proxy_is_relayed_and_recorded(stack: Stack, ws_origin: int) -> None:
     url = f"http://{HOST}:{ws_origin}/echo"
     ws = _RawWs(stack, "fwd-ws", url, extra_headers=f"Authorization: Bearer {SECRET}\r\n")

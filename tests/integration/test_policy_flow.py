@@ -179,7 +179,42 @@ def test_deny_http_and_socks(stack: Stack, origin: int) -> None:
     assert r.status_code == 200 and r.json()["rule"]["action"] == "deny"
     out, _ = proc.communicate(timeout=10)
     assert out.endswith("\n403"), out
-    assert "this destination is not allowed" in out and "own listeners" not in out, out
+    assert "Request denied by proxy" in out and "own listeners" not in out, out  # SPEC §7's text
+
+    # Each request of a kept-alive connection is judged again: one the rules now deny gets the same
+    # answer (once it said "Blocked by Greyproxy: ..." with no reason header, unlike a deny in a tunnel).
+    r = stack.request(
+        "POST",
+        "/api/rules",
+        json={
+            "container_pattern": "agent4b",
+            "destination_pattern": ORIGIN_HOST,
+            "port_pattern": "*",
+            "action": "allow",
+        },
+    )
+    assert r.status_code == 201, r.text
+    auth = base64.b64encode(b"agent4b:x").decode()
+    request = f"GET http://{ORIGIN_HOST}:{origin}/d2 HTTP/1.1\r\nHost: x\r\nProxy-Authorization: Basic {auth}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", stack.ports["http-proxy"]), timeout=10) as c:
+        c.sendall(request.encode())
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = c.recv(65536)
+            assert chunk, got
+            got += chunk
+        assert got.startswith(b"HTTP/1.1 200"), got
+        deny = {"container_pattern": "agent4b", "destination_pattern": ORIGIN_HOST, "port_pattern": str(origin)}
+        assert stack.request("POST", "/api/rules", json={**deny, "action": "deny"}).status_code == 201  # more specific
+        time.sleep(0.5)  # (the change reaches the proxy)
+        c.sendall(request.encode())
+        while not got.endswith(b"Request denied by proxy\n"):
+            chunk = c.recv(65536)
+            assert chunk, got
+            got += chunk
+    second = got[got.rindex(b"HTTP/1.1 ") :].decode()
+    assert second.startswith("HTTP/1.1 403"), second
+    assert "X-Greyproxy-Reason: rule\r\n" in second and "text/plain" in second, second
 
     # SOCKS5 with raw bytes: the reply code must be 0x02 (not allowed by ruleset) for the denied host.
     s = socket.create_connection(("127.0.0.1", stack.socks_port), timeout=5)

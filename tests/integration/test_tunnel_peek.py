@@ -181,3 +181,71 @@ def test_a_client_that_leaves_without_a_byte_is_logged(stack: Stack, http_origin
     time.sleep(0.3)
     sock.close()
     assert wait_log_entry(stack, "peek-gone")["mitm_skip_reason"] == "non_tls"
+
+
+@pytest.mark.parametrize(
+    "first,path",
+    [
+        (b"\r\n", "/blank-line-first"),  # RFC 9112 §2.2: servers skip it (nginx does)
+        (b"", "/" + "long" * 2600),  # a request line past the look's 8 KiB
+    ],
+    ids=["blank-line-first", "10k-request-line"],
+)
+def test_a_request_the_look_once_called_not_http_is_intercepted(
+    stack: Stack, http_origin: int, first: bytes, path: str
+) -> None:
+    """What an origin reads as a request is never piped to it unread: once, a blank line first or a
+    request line longer than the look's 8 KiB made the tunnel `non_tls`, unrecorded (and its later
+    requests unchecked)."""
+    container = f"peek-around-{len(path)}"
+    sock, _ = _tunnel(stack, container, http_origin)
+    with sock:
+        sock.sendall(first + f"GET {path} HTTP/1.1\r\nHost: {HOST}:{http_origin}\r\nConnection: close\r\n\r\n".encode())
+        reply = _recv_until(sock, b"reached\n")
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
+    assert wait_log_entry(stack, container)["mitm_skip_reason"] is None
+    t = wait_for(lambda: _transactions(stack, container), 10, message="the transaction")[0]
+    assert t["url"] == f"http://{HOST}:{http_origin}{path}" and t["status_code"] == 200
+
+
+def test_the_http2_preface_in_a_tunnel_is_answered_not_piped(stack: Stack, http_origin: int) -> None:
+    """HTTP/2 with prior knowledge is HTTP the proxy cannot read: 505 from the proxy, not the origin."""
+    sock, _ = _tunnel(stack, "peek-h2c", http_origin)
+    with sock:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        reply = _recv_until(sock, b"\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 505"), reply
+    assert wait_log_entry(stack, "peek-h2c")["mitm_skip_reason"] is None
+
+
+def test_a_client_offering_only_h2_is_intercepted(stack: Stack, tls_origin: int) -> None:
+    """SPEC §7: clients are offered HTTP/1.1 only. A client offering only `h2` once had its tunnel
+    piped untouched (`non_http_after_tls`), so what it offered decided whether it was recorded; now
+    its handshake ends at the proxy with no protocol agreed, and an HTTP/1.1 request is recorded."""
+    ctx = ssl.create_default_context(cafile=str(stack.data_dir / "ca-cert.pem"))
+    ctx.set_alpn_protocols(["h2"])
+    raw, _ = _tunnel(stack, "peek-h2-only", tls_origin)
+    with ctx.wrap_socket(raw, server_hostname=SNI) as tls:
+        issuer = dict(rdn[0] for rdn in tls.getpeercert()["issuer"])
+        assert issuer["commonName"] == "Greyproxy CA"  # the proxy's leaf: intercepted
+        assert tls.selected_alpn_protocol() is None
+        tls.sendall(f"GET /h2-only HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode())
+        reply = _recv_until(tls, b'"/h2-only"}')
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert wait_log_entry(stack, "peek-h2-only")["mitm_skip_reason"] is None
+    t = wait_for(lambda: _transactions(stack, "peek-h2-only"), 10, message="the transaction")[0]
+    assert t["url"].endswith("/h2-only") and t["status_code"] == 200
+
+
+def test_a_request_line_left_unfinished_past_the_look_is_still_read(stack: Stack, http_origin: int) -> None:
+    """A first line begun and not finished within headerTimeout (5 s here) is the request path's to
+    read (it once made the tunnel `non_tls`, piped unread: a slow line was a way around the record)."""
+    sock, _ = _tunnel(stack, "peek-slow-line", http_origin)
+    with sock:
+        sock.sendall(b"GET /slow-li")
+        time.sleep(5.5)
+        sock.sendall(f"ne HTTP/1.1\r\nHost: {HOST}:{http_origin}\r\nConnection: close\r\n\r\n".encode())
+        reply = _recv_until(sock, b"\r\n\r\n")
+    # the request path's own header deadline had run out too: its 408, not the origin's answer
+    assert reply.startswith((b"HTTP/1.1 200", b"HTTP/1.1 408")), reply
+    assert wait_log_entry(stack, "peek-slow-line")["mitm_skip_reason"] is None
