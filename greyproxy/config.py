@@ -33,6 +33,9 @@ ENV_DOCKER_ENABLED = "GREYPROXY_DOCKER_ENABLED"  # overrides greyproxy.docker.en
 ENV_SUPERVISOR_PID = "GREYPROXY_SUPERVISOR_PID"
 
 SERVICE_NAMES = ("http-proxy", "socks5-proxy", "dns-proxy")
+# (handler type, listener type) of each service: the one protocol it speaks, where it listens
+# (dns: UDP and TCP).
+SERVICE_TYPES = {"http-proxy": ("http", "tcp"), "socks5-proxy": ("socks5", "tcp"), "dns-proxy": ("dns", "dns")}
 ENV_WORKER = "GREYPROXY_WORKER"  # a proxy worker's index (set by `greyproxy run proxy --worker N`)
 MAX_WORKERS = 64
 AUTO_WORKERS_CAP = 8  # proxy.workers: auto = the CPUs, at most this many
@@ -68,6 +71,34 @@ def worker_endpoint(endpoint: str, index: int) -> str:
 
 class ConfigError(Exception):
     """A configuration problem, reported as one line naming the key."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last one
+    silently, so `holdTimeout: 5` then `holdTimeout: 600` would run with 600). Keys brought in by a
+    merge (`<<: *base`) may still be overridden: that is what a merge is for."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise _DuplicateKey(key, first[key], line)
+                    first[key] = line
+                except TypeError:  # an unhashable key: construct_mapping says so below
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"key {key!r} on line {again} was given already on line {first}")
+        self.key, self.first, self.again = key, first, again
 
 
 # Schema: leaf = type (or tuple of types); dict = nested section; list marker handled apart.
@@ -229,6 +260,12 @@ def _validate_services(node: Any, path: str) -> None:
             val = svc.get(sub, {})
             if not isinstance(val, dict) or any(k != "type" for k in val):
                 raise ConfigError(f"config key '{where}.{sub}': expected {{type: ...}}")
+            # Each service runs one fixed protocol: another type would be ignored, not obeyed.
+            want = SERVICE_TYPES[name][0 if sub == "handler" else 1]
+            if "type" in val and val["type"] != want:
+                raise ConfigError(
+                    f"config key '{where}.{sub}.type': {name} takes {sub} type {want}, not {val['type']!r}"
+                )
 
 
 def parse_addr(addr: str, key: str) -> tuple[str, int]:
@@ -253,6 +290,42 @@ def parse_addr(addr: str, key: str) -> tuple[str, int]:
 
 
 _WILDCARDS = ("0.0.0.0", "::")
+
+
+def _check_bind_host(h: str, key: str) -> None:
+    """A host to bind: empty (the default), an IP address, `localhost` or `*` (every address).
+    Anything else could not be bound, and `serve` would only say the port cannot be taken."""
+    h = h.strip()
+    if h in ("", "*") or h.lower() == "localhost":
+        return
+    try:
+        ipaddress.ip_address(h)
+    except ValueError:
+        what = "--host" if key == "--host" else f"config key {key!r}"
+        raise ConfigError(f"{what}: {h!r} is not an IP address to listen on (e.g. 127.0.0.1, ::1, 0.0.0.0)") from None
+
+
+def check_dns_upstream(spec: Any, key: str) -> tuple[str, int]:
+    """A DNS upstream as the DNS proxy reads it (`parse_upstream`): IP, IP:PORT, [IPv6]:PORT or a
+    bare IPv6 (a zone `%eth0` allowed), port 1-65535. A malformed one would only be skipped with a
+    warning in proxy.log, the others (or /etc/resolv.conf) used in its place."""
+    s = str(spec).strip()
+    host, port_s = s, "53"
+    if s.startswith("["):
+        host, _, rest = s[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            host = ""
+        port_s = rest[1:] if rest else "53"
+    elif s.count(":") == 1:
+        host, _, port_s = s.partition(":")
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(f"config key {key!r}: {spec!r} is not a resolver IP or IP:PORT (e.g. 1.1.1.1:53)") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"config key {key!r}: port {port} out of range 1-65535")
+    return host, port
 
 
 def _bind_host_form(h: str) -> str:
@@ -502,7 +575,12 @@ def load_config(
         except OSError as exc:
             raise ConfigError(f"config file {str(path)!r}: {exc.strerror or exc}") from None
         try:
-            user = yaml.safe_load(text) or {}
+            user = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # (a SafeLoader: plain data only)
+        except _DuplicateKey as exc:
+            raise ConfigError(
+                f"config file {str(path)!r}: line {exc.again}: key {exc.key!r} given twice"
+                f" (first on line {exc.first}); say it once"
+            ) from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""
@@ -518,6 +596,9 @@ def load_config(
     _validate(raw, _SCHEMA, "")
     if host is not None:
         raw["host"] = host
+    _check_bind_host(raw["host"], "host" if host is None else "--host")
+    for i, spec in enumerate(raw["dns"]["upstreams"]):
+        check_dns_upstream(spec, f"dns.upstreams[{i}]")
     docker_env = env.get(ENV_DOCKER_ENABLED, "").strip().lower()
     if docker_env:
         if docker_env not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
@@ -532,10 +613,12 @@ def load_config(
     api = None
     if raw["greyproxy"]["addr"].strip():
         h, p = parse_addr(raw["greyproxy"]["addr"], "greyproxy.addr")
+        _check_bind_host(h, "greyproxy.addr")
         api = Listener("api", _bind_host(h, raw["host"], warnings, "greyproxy.addr"), p)
     listeners: dict[str, Listener] = {}
     for i, svc in enumerate(raw["services"]):
         h, p = parse_addr(svc["addr"], f"services[{i}].addr")
+        _check_bind_host(h, f"services[{i}].addr")
         listeners[svc["name"]] = Listener(svc["name"], _bind_host(h, raw["host"], warnings, f"services[{i}].addr"), p)
 
     _check_port_conflicts(api, listeners, raw["services"])

@@ -24,49 +24,85 @@ from pathlib import Path
 from .config import Config
 from .timeutil import rfc3339
 
-# Node before 24 does not read the proxy variables itself: CONNECT through HTTPS_PROXY by hand,
-# then TLS with Node's own trust store (which NODE_EXTRA_CA_CERTS extends).
+# Node before 24 does not read the proxy variables itself. An http:// URL goes to HTTP_PROXY as an
+# absolute-form GET (as python and curl send it); an https:// one CONNECTs through HTTPS_PROXY by
+# hand, then TLS with Node's own trust store (which NODE_EXTRA_CA_CERTS extends). No global agent
+# (`agent: false`, or `createConnection`): Node 24's (NODE_USE_ENV_PROXY) would proxy the requests
+# to the proxy.
+# Prints what `_answer_judge` reads: the status line, X-Greyproxy-Reason, the start of the body.
 NODE_SCRIPT = r"""
-const http = require('http'), tls = require('tls'), net = require('net');
+const http = require('http'), https = require('https'), tls = require('tls'), net = require('net');
 const target = new URL(process.argv[1]);
-const p = process.env.HTTPS_PROXY || process.env.https_proxy;
-if (!p) { console.error('HTTPS_PROXY is not set'); process.exit(2); }
+const plain = target.protocol === 'http:';
+const name = plain ? 'HTTP_PROXY' : 'HTTPS_PROXY';
+const p = process.env[name] || process.env[name.toLowerCase()];
+if (!p) { console.error(name + ' is not set'); process.exit(2); }
 const proxy = new URL(p);
 const host = target.hostname.replace(/^\[|\]$/g, '');
-const authority = `${target.hostname}:${target.port || 443}`;
-const headers = {host: authority};
-if (proxy.username) headers['proxy-authorization'] = 'Basic ' +
+const authority = `${target.hostname}:${target.port || (plain ? 80 : 443)}`;
+const ua = `greyproxy-env-check node/${process.versions.node}`;
+const auth = {};
+if (proxy.username) auth['proxy-authorization'] = 'Basic ' +
   Buffer.from(decodeURIComponent(proxy.username) + ':' + decodeURIComponent(proxy.password)).toString('base64');
-const req = http.request({host: proxy.hostname.replace(/^\[|\]$/g, ''), port: proxy.port || 80,
-                          method: 'CONNECT', path: authority, headers});
-req.on('error', (e) => { console.error('proxy: ' + e.message); process.exit(1); });
-req.on('connect', (res, socket) => {
-  if (res.statusCode !== 200) { console.error('the proxy answered CONNECT with ' + res.statusCode); process.exit(1); }
-  const opts = {socket, host};
-  if (!net.isIP(host)) opts.servername = host;
-  const s = tls.connect(opts, () => {
-    s.write(`GET ${target.pathname}${target.search} HTTP/1.1\r\nHost: ${target.host}\r\n` +
-            `User-Agent: greyproxy-env-check node/${process.versions.node}\r\nConnection: close\r\n\r\n`);
+const via = {host: proxy.hostname.replace(/^\[|\]$/g, ''), port: proxy.port || 80, agent: false};
+const answer = (res) => {
+  let body = Buffer.alloc(0), done = false;
+  const say = () => {
+    if (done) return;
+    done = true;
+    process.stdout.write(`HTTP/${res.httpVersion} ${res.statusCode} ${res.statusMessage}\n` +
+      `${res.headers['x-greyproxy-reason'] || ''}\n${body.subarray(0, 200).toString('utf8')}`, () => process.exit(0));
+  };
+  res.on('data', (d) => { body = Buffer.concat([body, d]); if (body.length >= 200) say(); });
+  res.on('end', say);
+  res.on('error', say);
+};
+if (plain) {
+  const req = http.request({...via, method: 'GET', path: target.href,
+                            headers: {host: target.host, 'user-agent': ua, connection: 'close', ...auth}}, answer);
+  req.on('error', (e) => { console.error('proxy: ' + e.message); process.exit(1); });
+  req.end();
+} else {
+  const req = http.request({...via, method: 'CONNECT', path: authority, headers: {host: authority, ...auth}});
+  req.on('error', (e) => { console.error('proxy: ' + e.message); process.exit(1); });
+  req.on('connect', (res, socket) => {
+    if (res.statusCode !== 200) { console.error('the proxy answered CONNECT with ' + res.statusCode); process.exit(1); }
+    const opts = {socket, host};
+    if (!net.isIP(host)) opts.servername = host;
+    const s = tls.connect(opts);
+    s.on('error', (e) => { console.error('TLS: ' + e.message); process.exit(1); });
+    const get = https.request({host, path: `${target.pathname}${target.search}`, createConnection: () => s,
+                               headers: {host: target.host, 'user-agent': ua, connection: 'close'}}, answer);
+    get.on('error', (e) => { console.error('TLS: ' + e.message); process.exit(1); });
+    get.end();
   });
-  let head = '';
-  s.on('data', (d) => {
-    head += d.toString('latin1');
-    const i = head.indexOf('\r\n');
-    if (i >= 0) { console.log(head.slice(0, i)); s.destroy(); process.exit(0); }
-  });
-  s.on('error', (e) => { console.error('TLS: ' + e.message); process.exit(1); });
-});
-req.end();
+  req.end();
+}
 """
 
+# Prints what `_answer_judge` reads: the status, X-Greyproxy-Reason, the start of the body.
 PYTHON_SCRIPT = r"""
 import sys, urllib.error, urllib.request
 try:
     r = urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2]))
-    print(r.status)
 except urllib.error.HTTPError as e:
-    print(e.code)
+    r = e
+try:
+    body = r.read(200)
+except Exception:
+    body = b""
+print(r.status or r.code)
+print(r.headers.get("X-Greyproxy-Reason", "") if r.headers else "")
+sys.stdout.flush()
+sys.stdout.buffer.write(body)
 """
+
+# How the body of an answer of the proxy's own starts (services/proxy: its 403, 502, 504, 400, 429,
+# 503, 407, and SPEC §7's per-request deny), besides the X-Greyproxy-Reason its refusals carry (which
+# curl before 7.84 cannot print): such an answer says the request did not get through, whatever
+# its status.
+_PROXY_OWN = ("Greyproxy: ", "Blocked by Greyproxy", "Request denied by proxy")
+_BODY_START = 200
 
 
 @dataclass
@@ -76,6 +112,9 @@ class Runtime:
     argv: Callable[[str, argparse.Namespace, Path], list[str]]
     user_agent: re.Pattern  # how its requests show in the transactions
     judge: Callable[[int, str, str], tuple[bool, str]] | None = None  # (code, stdout, stderr) -> (ok, detail)
+    # A file (in the check's directory) it writes the answer's body to: its start follows stdout
+    # for the judge.
+    body_file: str | None = None
 
 
 @dataclass
@@ -105,6 +144,32 @@ def _default_judge(code: int, out: str, err: str) -> tuple[bool, str]:
     if code == 0:
         return True, _last_line(out) or "ok"
     return False, _last_line(err) or _last_line(out) or f"exit code {code}"
+
+
+def proxy_answer(reason: str, body: str) -> str | None:
+    """What the proxy said when an answer (its X-Greyproxy-Reason value, the start of its body) is
+    the proxy's own rather than the destination's, else None."""
+    first = body.strip().splitlines()[0][:_BODY_START] if body.strip() else ""
+    if first.startswith(_PROXY_OWN):
+        return first
+    if reason:
+        return f"{first} (X-Greyproxy-Reason: {reason})" if first else f"X-Greyproxy-Reason: {reason}"
+    return None
+
+
+def _answer_judge(code: int, out: str, err: str) -> tuple[bool, str]:
+    """python, node and curl print the status, the X-Greyproxy-Reason value and the start of the
+    body: an answer works when it came from the destination (whatever its status), not when the
+    proxy answered in its place (a refusal, or a 502 because the destination could not be reached
+    or spoke another protocol)."""
+    if code != 0:
+        return _default_judge(code, out, err)
+    status, _, rest = out.partition("\n")
+    reason, _, body = rest.partition("\n")
+    own = proxy_answer(reason.strip(), body)
+    if own is not None:
+        return False, f"{status.strip()} from Greyproxy, not from the destination: {own}"
+    return True, status.strip() or "ok"
 
 
 def _git_judge(code: int, out: str, err: str) -> tuple[bool, str]:
@@ -143,6 +208,7 @@ RUNTIMES = (
         "python3",
         lambda url, a, tmp: ["python3", "-c", PYTHON_SCRIPT, url, str(a.check_timeout)],
         re.compile(r"^Python-urllib/"),
+        _answer_judge,
     ),
     Runtime(
         "pip",
@@ -163,7 +229,11 @@ RUNTIMES = (
         _pip_judge,
     ),
     Runtime(
-        "node", "node", lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url], re.compile(r"^greyproxy-env-check node/")
+        "node",
+        "node",
+        lambda url, a, tmp: ["node", "-e", NODE_SCRIPT, url],
+        re.compile(r"^greyproxy-env-check node/"),
+        _answer_judge,
     ),
     Runtime(
         "npm",
@@ -190,14 +260,16 @@ RUNTIMES = (
             "curl",
             "-sS",
             "-o",
-            "/dev/null",
+            str(tmp / "curl-body"),
             "-w",
-            "%{http_code}",
+            "%{http_code}\n%header{x-greyproxy-reason}\n",  # (%header: curl 7.84+; the body says it too)
             "--max-time",
             str(a.check_timeout),
             url,
         ],
         re.compile(r"^curl/"),
+        _answer_judge,
+        body_file="curl-body",
     ),
     Runtime(
         "git", "git", lambda url, a, tmp: ["git", "ls-remote", a.check_git or url], re.compile(r"^git/"), _git_judge
@@ -221,6 +293,7 @@ def run_runtime(rt: Runtime, env: dict[str, str], args: argparse.Namespace, tmp:
             env=env,
             capture_output=True,
             text=True,
+            errors="replace",  # (the start of a body is printed as it came)
             timeout=args.check_timeout + 5,
             stdin=subprocess.DEVNULL,
             cwd=str(tmp),
@@ -229,7 +302,14 @@ def run_runtime(rt: Runtime, env: dict[str, str], args: argparse.Namespace, tmp:
         return Result(rt.name, present=True, detail=f"no answer within {args.check_timeout:g} s")
     except OSError as exc:
         return Result(rt.name, present=True, detail=f"cannot run {argv[0]}: {exc.strerror or exc}")
-    ok, detail = (rt.judge or _default_judge)(proc.returncode, proc.stdout, proc.stderr)
+    out = proc.stdout
+    if rt.body_file is not None:
+        try:
+            with open(tmp / rt.body_file, "rb") as f:
+                out += f.read(_BODY_START).decode("utf-8", "replace")
+        except OSError:  # (no answer, so no body)
+            pass
+    ok, detail = (rt.judge or _default_judge)(proc.returncode, out, proc.stderr)
     return Result(rt.name, present=True, ok=ok, detail=detail)
 
 

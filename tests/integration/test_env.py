@@ -14,6 +14,7 @@ import json
 import select
 import shutil
 import subprocess
+import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -470,3 +471,39 @@ def test_env_check_runs_the_runtimes_at_once_and_says_what_waits(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_env_check_of_an_http_url_and_of_an_answer_the_proxy_gave(stack: Stack, origin: int, tmp_path: Path) -> None:
+    """SPEC §14 `greyproxy env --check --check-url http://…`: python, node and curl fetch it through
+    HTTP_PROXY (node too: no CONNECT and TLS), and each works. An https:// URL at the same plain-HTTP
+    origin gets the proxy's own 502 (its TLS to the origin fails): each fails, saying so, rather than
+    "works: 502"."""
+    server = http.server.ThreadingHTTPServer((ORIGIN_IP, 0), _Origin)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    plain = server.server_address[1]
+    env = _bare_env(stack)
+    env["PIP_INDEX_URL"] = f"https://{ORIGIN}:{origin}/simple/"
+    env["npm_config_registry"] = f"https://{ORIGIN}:{origin}/"
+    cmd = [PYTHON, "-m", "greyproxy", "env", "--check", "--container", "plain-checker", "--check-timeout", "30"]
+    cmd += ["--check-git", f"https://{ORIGIN}:{origin}/repo.git", "-C", str(stack.cfg_path), "--check-url"]
+    try:
+        p = subprocess.run(
+            [*cmd, f"http://{ORIGIN}:{plain}/plain-check"], env=env, capture_output=True, text=True, timeout=300
+        )
+        q = subprocess.run(
+            [*cmd, f"https://{ORIGIN}:{plain}/tls-check"], env=env, capture_output=True, text=True, timeout=300
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    print(p.stdout, q.stdout)
+    for name in ("python", "node", "curl"):
+        if name != "python" and shutil.which(name) is None:
+            continue
+        assert f"  {name:<7} works (recorded): " in p.stdout and "200" in p.stdout, p.stdout + p.stderr
+        line = next(ln for ln in q.stdout.splitlines() if ln.startswith(f"  {name:<7} "))
+        assert line.startswith(f"  {name:<7} FAILS: "), q.stdout
+        assert "502" in line and "from Greyproxy, not from the destination: Greyproxy: " in line, line
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert q.returncode == 1, q.stdout + q.stderr
+    _transaction(stack, "plain-checker", "/plain-check")

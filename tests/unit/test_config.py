@@ -32,7 +32,12 @@ def load_dict(tmp_path: Path, data: dict, env: dict[str, str], host: str | None 
 
 def _svc(name: str, addr) -> dict:
     kind = {"http-proxy": "http", "socks5-proxy": "socks5", "dns-proxy": "dns"}.get(name, "http")
-    return {"name": name, "addr": addr, "handler": {"type": kind}, "listener": {"type": "tcp"}}
+    return {
+        "name": name,
+        "addr": addr,
+        "handler": {"type": kind},
+        "listener": {"type": "dns" if kind == "dns" else "tcp"},
+    }
 
 
 # (label, config, text the one-line error must contain)
@@ -96,6 +101,36 @@ INVALID = [
     ),
     ("origin not a string", {"greyproxy": {"allowedOrigins": [3]}}, "greyproxy.allowedOrigins"),
     ("builtinRules not a boolean", {"greyproxy": {"builtinRules": "no"}}, "greyproxy.builtinRules"),
+    # Each service speaks one protocol: another handler or listener type would be ignored.
+    (
+        "unknown handler type",
+        {"services": [dict(_svc("http-proxy", ":1"), handler={"type": "ftp"})]},
+        "'services[0].handler.type': http-proxy takes handler type http, not 'ftp'",
+    ),
+    (
+        "udp listener for the http proxy",
+        {"services": [dict(_svc("http-proxy", ":1"), listener={"type": "udp"})]},
+        "'services[0].listener.type': http-proxy takes listener type tcp",
+    ),
+    (
+        "http handler on the dns proxy",
+        {"services": [_svc("http-proxy", ":1"), dict(_svc("dns-proxy", ":2"), handler={"type": "http"})]},
+        "'services[1].handler.type': dns-proxy takes handler type dns",
+    ),
+    (
+        "tcp listener for the dns proxy",
+        {"services": [dict(_svc("dns-proxy", ":2"), listener={"type": "tcp"})]},
+        "'services[0].listener.type'",
+    ),
+    ("socks handler on the http proxy", {"services": [_svc("socks5-proxy", ":1") | {"name": "http-proxy"}]}, "handler"),
+    ("dns upstream not an IP", {"dns": {"upstreams": ["1.1.1.1", "not an ip"]}}, "'dns.upstreams[1]': 'not an ip'"),
+    ("dns upstream a host name", {"dns": {"upstreams": ["dns.google:53"]}}, "'dns.upstreams[0]'"),
+    ("dns upstream port out of range", {"dns": {"upstreams": ["1.2.3.4:99999"]}}, "'dns.upstreams[0]': port 99999"),
+    ("dns upstream port 0", {"dns": {"upstreams": ["[::1]:0"]}}, "'dns.upstreams[0]'"),
+    ("dns upstream port not a number", {"dns": {"upstreams": ["1.2.3.4:dns"]}}, "'dns.upstreams[0]'"),
+    ("host not an IP", {"host": "not-an-ip"}, "'host': 'not-an-ip' is not an IP address"),
+    ("listener host not an IP", {"services": [_svc("http-proxy", "not-an-ip:1")]}, "'services[0].addr'"),
+    ("API host not an IP", {"greyproxy": {"addr": "api.example:1"}}, "'greyproxy.addr'"),
 ]
 
 
@@ -120,6 +155,43 @@ def test_invalid_yaml_names_file_and_line(tmp_path: Path, env: dict) -> None:
         load_text(tmp_path, "a: [\nb: c d: e\n", env)
     # PyYAML's own words for what is wrong, not only where
     assert str(info.value).endswith("line 2 invalid YAML: expected ',' or ']', but got ':'"), info.value
+
+
+@pytest.mark.parametrize(
+    "text,where",
+    [
+        ("proxy:\n  holdTimeout: 5\n  holdTimeout: 600\n", "line 3: key 'holdTimeout' given twice (first on line 2)"),
+        ("proxy: {holdTimeout: 5, holdTimeout: 600}\n", "line 1: key 'holdTimeout' given twice (first on line 1)"),
+        ("proxy: {holdTimeout: 5}\ndns: {}\nproxy: {maxPending: 9}\n", "line 3: key 'proxy' given twice"),
+        ("services:\n  - {name: http-proxy, addr: ':1', addr: ':2'}\n", "line 2: key 'addr' given twice"),
+    ],
+)
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path, env: dict, text: str, where: str) -> None:
+    """Plain YAML keeps the last of two equal keys silently (holdTimeout 600 above): refused."""
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text, env)
+    assert f"cfg.yaml': {where}" in str(info.value), info.value
+    assert "\n" not in str(info.value)
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path: Path, env: dict) -> None:
+    """`<<: *anchor` then the same key is YAML's way to override, not a key given twice."""
+    text = "greyproxy: {addr: ':1'}\nproxy:\n  <<: {holdTimeout: 5, maxPending: 7}\n  holdTimeout: 9\n"
+    cfg = load_text(tmp_path, text, env)
+    assert (cfg.raw["proxy"]["holdTimeout"], cfg.raw["proxy"]["maxPending"]) == (9, 7)
+
+
+def test_what_the_new_checks_still_accept(tmp_path: Path, env: dict) -> None:
+    """Resolver forms the DNS proxy reads, bind hosts it can bind, each service's own types."""
+    upstreams = ["1.1.1.1", "8.8.8.8:53", "[2606:4700::1111]:53", "::1", "[::1]", "fe80::1%eth0"]
+    services = [_svc("http-proxy", "localhost:1"), _svc("socks5-proxy", "[::1]:2"), _svc("dns-proxy", "*:3")]
+    services[2] = services[2] | {"handler": {}}  # (no type given: the service's own)
+    cfg = load_dict(tmp_path, {"host": "::1", "dns": {"upstreams": upstreams}, "services": services}, env)
+    assert cfg.listeners["http-proxy"].host == "localhost"
+    cfg = load_dict(tmp_path, {"host": "0.0.0.0", "greyproxy": {"addr": "127.0.0.1:5"}}, env, host="10.1.1.1")
+    assert cfg.listeners["http-proxy"].host == "10.1.1.1"
+    with pytest.raises(ConfigError, match="^--host: 'bogus' is not an IP address"):
+        load_dict(tmp_path, {}, env, host="bogus")
 
 
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
