@@ -110,6 +110,11 @@ def check_container_name(name: str) -> str:
         )
     if name == "proxy":
         raise ConfigError("--container proxy: the proxy ignores the user name 'proxy' (SPEC §1); choose another")
+    if name.startswith("unknown-"):
+        raise ConfigError(
+            f"--container {name!r}: names beginning 'unknown-' are the proxy's own for clients that give no "
+            "name (unknown-<their address>); the proxy ignores them as a user name; choose another"
+        )
     if len(name) > 200:
         raise ConfigError("--container: at most 200 characters")
     return name

@@ -27,8 +27,13 @@ def rfc3339(epoch: float | None) -> str | None:
     return text
 
 
+class TimestampOutOfRange(ValueError):
+    """A well-formed timestamp whose instant UTC cannot hold (0001-01-01T00:00:00+01:00)."""
+
+
 def parse_time(value: str) -> float:
-    """RFC 3339 with any offset, or 'YYYY-MM-DDTHH:MM' / 'YYYY-MM-DD' taken as UTC. ValueError otherwise."""
+    """RFC 3339 with any offset, or 'YYYY-MM-DDTHH:MM' / 'YYYY-MM-DD' taken as UTC. ValueError
+    otherwise (TimestampOutOfRange for a valid one before year 1 or after 9999 in UTC)."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError("expected an RFC 3339 timestamp")
     text = value.strip()
@@ -40,10 +45,13 @@ def parse_time(value: str) -> float:
         raise ValueError(f"not an RFC 3339 timestamp: {value!r}") from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    ts = dt.timestamp()
+    try:
+        ts = dt.timestamp()
+    except OverflowError:  # (below year 1 in UTC: datetime cannot even compute it)
+        raise TimestampOutOfRange(f"timestamp out of range (years 1 to 9999 UTC): {value!r}") from None
     # An offset can push year 1 or 9999 out of range in UTC, where rfc3339() could not show it back.
     if not _MIN_TS <= ts <= _MAX_TS:
-        raise ValueError(f"timestamp out of range (years 1 to 9999 UTC): {value!r}")
+        raise TimestampOutOfRange(f"timestamp out of range (years 1 to 9999 UTC): {value!r}")
     return ts
 
 

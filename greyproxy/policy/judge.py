@@ -14,7 +14,10 @@ second copy of the order:
 
 Step 4 needs the destination's addresses; when they are not given and an address deny could
 apply, the answer says `needs_addresses` (the gate resolves the name and asks again). So does a
-name on one of the stack's own ports: step 1 judges the addresses it resolves to as well.
+name on one of the stack's own ports: step 1 judges the addresses it resolves to as well; and,
+while a listener binds a wildcard address, an address on one of them: whether it is one of this
+machine's the caller asks the kernel (`Guard.asks_kernel`, greyproxy/localaddr.py) and passes
+the answer as `local`.
 """
 
 from __future__ import annotations
@@ -33,13 +36,21 @@ ALWAYS_LOCAL = frozenset({"localhost", "0.0.0.0", "::", "::1"})
 
 
 class Guard:
-    """The hard guard: the stack's own listener ports on any local address are never a destination."""
+    """The hard guard: the stack's own listener ports on any local address are never a destination.
 
-    __slots__ = ("local_hosts", "own_ports")
+    Local on its own: loopback, the unspecified addresses, `localhost` names and the hosts the
+    listeners bind. While one of them binds a wildcard address (`wildcard`) it answers on every
+    address of this machine too: which those are the kernel knows (greyproxy/localaddr.py), so
+    that is asked outside this pure code, by whoever judges (the gate, explain), and only for an
+    address on one of our ports (`asks_kernel`); `judge` takes the answer as its `local`."""
+
+    __slots__ = ("local_hosts", "own_ports", "wildcard")
 
     def __init__(self, own_ports: Collection[int], local_hosts: Iterable[str]) -> None:
         self.own_ports = set(own_ports)
-        self.local_hosts = {h.lower() for h in local_hosts} | ALWAYS_LOCAL
+        hosts = {h.lower() for h in local_hosts}
+        self.wildcard = any(_unspecified(h) for h in hosts)
+        self.local_hosts = hosts | ALWAYS_LOCAL
 
     def refuses(self, host: str, port: int) -> bool:
         if port not in self.own_ports:
@@ -55,11 +66,27 @@ class Guard:
             ip = ip.ipv4_mapped
         return ip.is_loopback or ip.is_unspecified or str(ip) in self.local_hosts
 
+    def asks_kernel(self, host: str, port: int) -> bool:
+        """Whether `host` on `port` is refused exactly when it is an address of this machine: a
+        listener binds a wildcard address, `port` is one of ours, `host` is an address that
+        `refuses` does not refuse on its own."""
+        return self.wildcard and port in self.own_ports and parse_ip(host) is not None and not self.refuses(host, port)
+
     @classmethod
     def from_config(cls, cfg: Any) -> Guard:
         """The guard for a loaded config: its listener ports and the hosts they (and the API) bind."""
         local = {lst.host for lst in cfg.listeners.values()} | ({cfg.api.host} if cfg.api else set())
         return cls(cfg.own_ports, local)
+
+
+def _unspecified(host: str) -> bool:
+    """Whether a bind host is a wildcard (every address of the machine)."""
+    if host in ("", "*"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_unspecified
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -104,20 +131,24 @@ def judge(
     decide: Callable[[str, str, int, str | None], Decision] | None = None,
     now: float | None = None,
     explain: bool = False,
+    local: Collection[str] = (),
 ) -> Judgement:
     """The decision for `container` → `host:port` (host already normalised). `decide` replaces
-    `rules.decide` (the gate passes its cached one); `explain` adds the candidates."""
-    # 1. the guard; a name on one of our ports may resolve to us: judged by its addresses
+    `rules.decide` (the gate passes its cached one); `explain` adds the candidates. `local`: those
+    of `host` and `addresses` the caller found to be addresses of this machine (asked only when
+    `guard.asks_kernel` says so; greyproxy/localaddr.py)."""
+    # 1. the guard; a name on one of our ports may resolve to us: judged by its addresses (and so
+    # is an address there while a listener binds a wildcard address: the caller asks the kernel)
     j: Judgement | None = None
     own_port_name = False
     if guard is not None and port in guard.own_ports:
-        if guard.refuses(host, port):
+        if guard.refuses(host, port) or host in local:
             j = Judgement("guard")
         elif addresses is not None:
-            ip = next((a for a in addresses if guard.refuses(a, port)), None)
+            ip = next((a for a in addresses if guard.refuses(a, port) or a in local), None)
             if ip is not None:
-                j = Judgement("guard", address=ip)
-        elif parse_ip(host) is None:
+                j = Judgement("guard", address=None if ip == host else ip)
+        elif parse_ip(host) is None or guard.wildcard:
             own_port_name = True
     if j is None:
         j = _judge(rules, container, host, port, resolved, silent, addresses, decide, now)

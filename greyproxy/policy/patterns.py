@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
+from urllib.parse import urlsplit
 
 import idna
 
@@ -221,6 +222,32 @@ def compile_host_glob(pattern: str) -> Callable[[str], re.Match[str] | None]:
     return re.compile(glob_to_regex(pattern.lower(), star=".*", single="."), re.DOTALL).match
 
 
+def glob_literal(pattern: str) -> str | None:
+    """The one text a glob matches when none of its wildcards is live, else None.
+
+    escape_glob quotes a literal name's '*', '?' and '[' as one-character classes ('w[*]x'), so
+    the name an `exact` approval stores is a glob by its characters but matches only itself: it
+    must rank and match as that exact name (SPEC §2.3), not as a glob a later glob rule ties with.
+    An unclosed '[' is a literal too, as glob_to_regex reads it.
+    """
+    out: list[str] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch in "*?":
+            return None
+        if ch == "[":
+            end = _class_end(pattern, i)
+            if end >= 0:
+                body = pattern[i + 1 : end]
+                if len(body) != 1:
+                    return None  # a real class ('[ab]', '[!a]'): more than one text matches
+                ch, i = body, end
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
 def glob_literal_ends(pattern: str) -> tuple[str, str]:
     """Literal text every match must start and end with (the index keys for globs).
 
@@ -244,7 +271,7 @@ class ContainerKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class ContainerPattern:
-    text: str
+    text: str  # the pattern; for EXACT the name it matches ('w*x' for the escaped 'w[*]x')
     kind: ContainerKind
     glob: Callable[[str], re.Match[str] | None] | None
 
@@ -253,6 +280,9 @@ class ContainerPattern:
         if pattern == "*":
             return cls(pattern, ContainerKind.ANY, None)
         if has_glob(pattern):
+            literal = glob_literal(pattern)
+            if literal is not None:  # every wildcard escaped: an exact name (SPEC §2.3: 200)
+                return cls(literal, ContainerKind.EXACT, None)
             return cls(pattern, ContainerKind.GLOB, compile_container_glob(pattern))
         return cls(pattern, ContainerKind.EXACT, None)
 
@@ -308,6 +338,11 @@ class DestinationPattern:
             try:
                 net = ipaddress.ip_network(p, strict=False)
             except ValueError:
+                if parse_ip(p.split("/", 1)[0]) is None:  # 'example.com/api', not a bad prefix length
+                    raise ValueError(
+                        f"destination_pattern {pattern!r}: only a CIDR range (like 10.0.0.0/8) may contain"
+                        " '/'; a host name is given alone, without a path"
+                    ) from None
                 raise ValueError(f"destination_pattern {pattern!r} is not a valid CIDR") from None
             return cls(pattern, DestKind.CIDR, net.with_prefixlen, network=net)
         for prefix, kind in (("**.", DestKind.APEX_AND_SUBDOMAINS), ("*.", DestKind.SUBDOMAINS)):
@@ -317,6 +352,9 @@ class DestinationPattern:
         if p.startswith("[") and p.endswith("]") and parse_ip(p[1:-1]) is not None:
             return cls(pattern, DestKind.EXACT, normalise_host(p))  # '[::1]' is a literal, not a class
         if has_glob(p):
+            literal = glob_literal(p)
+            if literal is not None:  # every wildcard escaped ('a[*]b.test'): exact, as for containers
+                return cls(pattern, DestKind.EXACT, normalise_host(literal))
             prefix, suffix = glob_literal_ends(p)
             middle = p[len(prefix) : len(p) - len(suffix)]
             if (not prefix or not suffix) and middle.strip("*") == "":
@@ -444,9 +482,18 @@ def validate_port_pattern(pattern: str | None) -> str:
     return PortPattern.parse(pattern).text
 
 
+# 'host:443', '*.host:443', '[::1]:443': a port written into the destination (IPv6 literals are
+# told apart by parse_ip before this is tried).
+_WITH_PORT = re.compile(r"(\[[^\]]*\]|[^:]*):([0-9]+)\Z")
+
+
 def validate_destination_pattern(pattern: str) -> str:
-    """The pattern as stored: no surrounding whitespace, non-ASCII labels in punycode (both forms
-    are accepted on input); ValueError naming the problem."""
+    """The pattern as stored, in the form it matches in (SPEC §2.2: compared case-insensitively,
+    trailing dot ignored), so that equal patterns are stored equal and the duplicate guard (§2.4)
+    sees them: no surrounding whitespace, lower case, no trailing dot, non-ASCII labels in punycode
+    (both forms are accepted on input), an IP literal in its canonical form ('[::1]' → '::1').
+    ValueError naming the problem, also for a URL or a port written into the pattern (which would
+    never match anything)."""
     if not isinstance(pattern, str):
         raise ValueError("destination_pattern must be a string")
     p = pattern.strip()
@@ -455,9 +502,30 @@ def validate_destination_pattern(pattern: str) -> str:
     if _WHITESPACE.search(p):
         raise ValueError(f"destination_pattern {pattern!r} must not contain whitespace")
     refuse_controls(p, "destination_pattern")
-    if not p.isascii():
-        p = ascii_host(p)
-    DestinationPattern.parse(p)  # raises for a malformed CIDR
+    p = ascii_host(p)  # lower case; punycode for non-ASCII labels
+    if p.endswith(".."):
+        raise ValueError(f"destination_pattern {pattern!r} must not end with an empty label")
+    if p.endswith(".") and p != ".":
+        p = p[:-1]  # 'example.com.' is 'example.com'
+    if "://" in p:
+        try:
+            host = urlsplit(p).hostname or "the host"
+        except ValueError:  # 'http://[::1/': no host to name
+            host = "the host"
+        raise ValueError(
+            f"destination_pattern {pattern!r} is a URL: give the host alone ({host!r}), without scheme or"
+            " path, and its port in port_pattern"
+        )
+    with_port = _WITH_PORT.match(p) if parse_ip(p) is None else None
+    if with_port is not None:
+        host, port = with_port.groups()
+        raise ValueError(
+            f"destination_pattern {pattern!r} holds a port: give the host alone ({host!r}) and the port"
+            f" in port_pattern ({port!r})"
+        )
+    parsed = DestinationPattern.parse(p)  # raises for a malformed CIDR
+    if parsed.kind is DestKind.EXACT and parse_ip(parsed.value) is not None:
+        p = parsed.value  # IPv6 literals compare in canonical form: store that form
     return p
 
 

@@ -87,7 +87,13 @@ def scope_patterns(scope: str, container: str, host: str, port: int | str) -> tu
     if scope == "subdomain_wildcard":
         if parse_ip(h) is not None:
             return cont, dest, "*"  # an IP has no subdomains: the IP itself, any port
-        return cont, "**." + escape_glob(registrable_domain(h)), "*"
+        domain = _public_suffix_list().privatesuffix(h) if "." in h else None
+        if domain is None:
+            # A host that is itself a public suffix (co.uk, github.io) or a single label has no
+            # registrable domain: `**.github.io` would allow every GitHub Pages site, someone
+            # else's too. As for an IP: the host itself, any port.
+            return cont, dest, "*"
+        return cont, "**." + escape_glob(domain), "*"
     if scope == "all_containers":
         return "*", dest, port_text
     raise ValueError(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")

@@ -56,6 +56,26 @@ def delete(name: str) -> bool:
     return database.execute_sql("DELETE FROM identities WHERE name = ?", (name,)).rowcount > 0
 
 
+def release(name: str) -> list[str] | None:
+    """Release the claim on `name` and end the credential sessions that name it (SPEC §16: their
+    placeholders substitute only on that identity's connections; released, the name is anyone's,
+    so they would substitute for whoever presents it). One transaction: the proxy never loads the
+    claim gone with those sessions still there. The ended sessions' ids, or None when `name` is not
+    claimed (nothing changed)."""
+    with database.atomic("IMMEDIATE"):
+        if database.execute_sql("DELETE FROM identities WHERE name = ?", (name,)).rowcount == 0:
+            return None
+        ended = [
+            r[0]
+            for r in database.execute_sql(
+                "SELECT session_id FROM sessions WHERE container_name = ? ORDER BY session_id", (name,)
+            ).fetchall()
+        ]
+        if ended:
+            database.execute_sql("DELETE FROM sessions WHERE container_name = ?", (name,))
+    return ended
+
+
 def claims() -> tuple[list[tuple[str, str, int]], int]:
     """(name, secret_hash, version) of every claim and the identities version, in one read transaction."""
     with database.atomic():

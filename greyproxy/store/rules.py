@@ -143,9 +143,14 @@ def _identical(container_p: str, dest_p: str, port_p: str, action: str) -> pw.Ex
     )
 
 
-def find_active(container_p: str, dest_p: str, port_p: str, action: str, now: float) -> dict[str, Any] | None:
-    """The oldest active rule with exactly these patterns and action."""
-    query = Rule.select().where(_identical(container_p, dest_p, port_p, action) & _active(now)).order_by(Rule.id)
+def find_active(
+    container_p: str, dest_p: str, port_p: str, action: str, now: float, exclude_id: int | None = None
+) -> dict[str, Any] | None:
+    """The oldest active rule with exactly these patterns and action (other than `exclude_id`)."""
+    where = _identical(container_p, dest_p, port_p, action) & _active(now)
+    if exclude_id is not None:
+        where &= Rule.id != exclude_id
+    query = Rule.select().where(where).order_by(Rule.id)
     return cast("dict[str, Any] | None", query.dicts().first())
 
 

@@ -14,16 +14,22 @@ import falcon.asgi
 
 from .context import ApiContext
 from .errors import bad_request
-from .util import int_field, json_response, read_json, refuse_misspelt, str_field
+from .util import int_field, json_response, read_json, refuse_unknown, str_field
 
 MODES = ("allow", "deny")
 MAX_DURATION = 28_800  # 8 h: a silent mode is for debugging, not a way of life
+# Names a client may send for duration_seconds: refused with the right one (ignored, the mode
+# would last until restart).
+ALLOWALL_HINTS = {
+    name: "did you mean 'duration_seconds'?"
+    for name in ("ttl", "ttl_seconds", "expires", "expires_at", "expires_in_seconds", "dur", "seconds")
+}
 
 
 def parse_allowall(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
-    refuse_misspelt(body, ("mode", "duration_seconds"))
+    refuse_unknown(body, ("mode", "duration_seconds"), ALLOWALL_HINTS)
     mode = str_field(body, "mode", "allow")
     if mode not in MODES:
         raise bad_request(f"mode must be one of {', '.join(MODES)}, not {mode!r}")

@@ -13,7 +13,7 @@ import orjson
 from . import errors, openapi
 from .context import ApiContext
 from .origin import LocalOnly
-from .util import IdCheck, IdConverter
+from .util import HeadAsGet, IdCheck, IdConverter
 
 # route(path) puts the configured path prefix in front of an area's path.
 Route = Callable[[str], str]
@@ -60,7 +60,8 @@ def create_app(ctx: ApiContext, areas: Sequence[Area] | None = None) -> falcon.a
     """The app with `areas` (default: every one in AREAS), then /api/openapi.json describing them."""
     # LocalOnly: foreign Host (DNS rebinding) → 421, foreign Origin / cross-site writes → 403,
     # on every request and WebSocket upgrade, before routing. IdCheck: a bad {id} in a path → 400.
-    app = falcon.asgi.App(cors_enable=False, middleware=(LocalOnly.from_config(ctx.cfg), IdCheck()))
+    # HeadAsGet: HEAD answered as GET without the body on every GET route (no 405).
+    app = falcon.asgi.App(cors_enable=False, middleware=(HeadAsGet(), LocalOnly.from_config(ctx.cfg), IdCheck()))
     json_handler = falcon.media.JSONHandler(dumps=lambda o: orjson.dumps(o).decode(), loads=orjson.loads)
     app.req_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})
     app.resp_options.media_handlers.update({falcon.MEDIA_JSON: json_handler})

@@ -30,7 +30,7 @@ from greyproxy.timeutil import rfc3339
 
 from .context import ApiContext
 from .errors import ApiError, bad_request
-from .util import json_response, read_json, refuse_misspelt, soft_call
+from .util import json_response, read_json, refuse_unknown, soft_call
 
 log = logging.getLogger("greyproxy.api")
 
@@ -157,11 +157,17 @@ SESSION_FIELDS = (
     "global_credentials",
 )
 CREDENTIAL_FIELDS = ("label", "value", "hosts")
+# Names a client may send for ttl_seconds: refused with the right one (ignored, the session
+# would get the default 900 s).
+SESSION_HINTS = {
+    name: "did you mean 'ttl_seconds'?"
+    for name in ("ttl", "ttl_secs", "expires", "expires_in", "expires_in_seconds", "expires_at", "duration", "lifetime")
+}
 
 
 def parse_session(body: dict[str, Any], require_hosts: bool) -> dict[str, Any]:
     """The validated session (values still in clear: seal them and drop them)."""
-    refuse_misspelt(body, SESSION_FIELDS)  # `host` left out would send the value to any host
+    refuse_unknown(body, SESSION_FIELDS, SESSION_HINTS)  # `host` left out would send the value to any host
     sid = body.get("session_id")
     if not isinstance(sid, str) or not sid:
         raise bad_request("session_id is required")
@@ -378,7 +384,7 @@ class CredentialsResource:
     async def on_post(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         ctx = self.ctx
         body = await read_json(req)
-        refuse_misspelt(body, CREDENTIAL_FIELDS)
+        refuse_unknown(body, CREDENTIAL_FIELDS)
         try:
             label = validate_label(body.get("label"))
             value = validate_value(body.get("value"))

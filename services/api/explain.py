@@ -4,7 +4,8 @@ Through the gate's own code path: the rule snapshot is built by the proxy's load
 (greyproxy/store/rules.py `rule_set`, cached per rules_version), the decision made by `policy.judge` (the function
 the gate calls), with silent mode as the proxy reports it (`allowall.get`), the guard from the same
 config, the resolved hostname from the DNS cache (or `resolved=`), and, when an address rule could
-deny it, the destination's addresses looked up as the gate looks them up.
+deny it (or the guard judges it by its addresses), the destination's addresses looked up as the
+gate looks them up, and asked, as the gate asks, whether they are this machine's own.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import falcon
 import falcon.asgi
 
+from greyproxy.localaddr import local_addresses
 from greyproxy.policy import Guard, RuleSet, judge, normalise_host, parse_ip
 from greyproxy.policy.judge import reason
 from greyproxy.shapes import rule_json
@@ -118,6 +120,8 @@ async def explain(ctx: ApiContext, container: str, host: str, port: int, resolve
     if j.needs_addresses:
         addresses = await _addresses(host, port)
         if addresses is not None:
+            # a wildcard bind: which are this machine's (the gate's question, gate.Gate._admit_later)
+            local = local_addresses(addresses) if guard.wildcard and port in guard.own_ports else ()
             j = judge(
                 rules,
                 container,
@@ -128,6 +132,7 @@ async def explain(ctx: ApiContext, container: str, host: str, port: int, resolve
                 guard=guard,
                 addresses=addresses,
                 explain=True,
+                local=local,
             )
     cands = (j.candidates or [])[:MAX_CANDIDATES]
     ids = sorted({c.rule.id for c in cands} | ({j.rule.id} if j.rule is not None else set()))

@@ -4,6 +4,8 @@ The secret is in the answer to POST /api/identities and to .../rotate only; the 
 its scrypt hash (greyproxy/identity.py). Every change is made synchronous with the proxy (the
 `identities.reload` control call) before the answer, so a rotated secret fails from then on;
 `identity.changed` (name, action, version: never a secret nor a hash) tells everyone else.
+Releasing a claim ends the credential sessions that name it (`session.deleted` for each): bound to
+the identity while it was claimed, they would otherwise substitute for anyone presenting the name.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from greyproxy.store import identities
 from greyproxy.timeutil import rfc3339
 
 from .context import ApiContext
+from .credentials import proxy_reload
 from .errors import ApiError, bad_request, not_found
 from .util import json_response, read_json, soft_call, str_field
 
@@ -100,9 +103,17 @@ class IdentityResource:
         self.ctx = ctx
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, name: str) -> None:
-        if not await self.ctx.db(identities.delete, name):
+        ctx = self.ctx
+        ended = await ctx.db(identities.release, name)
+        if ended is None:
             raise not_found(f"identity {name!r} is not claimed")
-        await _changed(self.ctx, name, "deleted", None)
+        if ended:
+            # The credential sessions bound to the claim ended with it (store/identities.release):
+            # the proxy drops them before it loads the claims without this one.
+            await proxy_reload(ctx)
+        await _changed(ctx, name, "deleted", None)
+        for sid in ended:
+            ctx.publish(topics.SESSION_DELETED, sid)
         resp.status = falcon.HTTP_204
 
 
@@ -117,7 +128,49 @@ class IdentityRotateResource:
         json_response(resp, out)
 
 
+ROTATE = "/rotate"
+SLASHED = "-"  # the path segment a name with '/' is routed under (SlashedNames)
+
+
+class SlashedNames:
+    """Falcon middleware: `DELETE /api/identities/a/b` and `POST /api/identities/a/b/rotate` for
+    a name with '/' (check_name takes it, and container names use it: `team/agent`).
+
+    A route field is one path segment, and '%2F' arrives decoded (the server unquotes the path),
+    so such a name matched no route (404): its claim could be neither rotated nor released.
+    Falcon's `path` converter must end a template, which `…/rotate` does not. So before routing,
+    a path under the identities with more segments is routed as the one named SLASHED, and the
+    resource is then given the whole name as its `name`: the routes (and the OpenAPI document)
+    stay those of SPEC §16. POST on `<name>/rotate` rotates `<name>`; DELETE takes the whole
+    rest as the name (`DELETE …/x/rotate` releases a claim named 'x/rotate': no other DELETE
+    is there)."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base  # '<prefix>/api/identities/'
+
+    async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
+        path = req.path
+        if not path.startswith(self.base) or "/" not in path[len(self.base) :]:
+            return
+        name = path[len(self.base) :]
+        rotate = req.method == "POST" and name.endswith(ROTATE)
+        if rotate:
+            name = name[: -len(ROTATE)]
+        if "/" not in name:
+            return  # an ordinary name's own route
+        req.context.identity_name = name
+        req.path = self.base + SLASHED + (ROTATE if rotate else "")
+
+    async def process_resource(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response, resource: Any, params: dict[str, Any]
+    ) -> None:
+        name = getattr(req.context, "identity_name", None)
+        if name is not None and "name" in params:
+            params["name"] = name
+
+
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> None:
+    app.add_middleware(SlashedNames(route("/api/identities/")))
     app.add_route(route("/api/identities"), IdentitiesResource(ctx))
     app.add_route(route("/api/identities/{name}"), IdentityResource(ctx))
     app.add_route(route("/api/identities/{name}/rotate"), IdentityRotateResource(ctx))

@@ -626,12 +626,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         response("the rule", ref("Rule")),
         tag="rules",
         request=body(ref("RuleUpdate")),
-        errors=UNKNOWN_ID,
+        errors={
+            **UNKNOWN_ID,
+            "400": "bad input (the message names the field), or a builtin rule (greyproxy.builtinRules: false"
+            " switches those off)",
+            "409": "another active rule has the same patterns and action (the message names it)",
+        },
     ),
     ("/api/rules/{rule_id}", "DELETE"): op(
         "Delete a rule (live tunnels it allowed are closed)",
         response("deleted is false for an unknown id", ref("Deleted")),
         tag="rules",
+        errors={
+            "400": "invalid id (the path holds no integer id), or a builtin rule (greyproxy.builtinRules: false"
+            " switches those off)"
+        },
     ),
     ("/api/pending", "GET"): op(
         "The pending queue, newest last_seen first",

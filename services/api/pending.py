@@ -21,21 +21,33 @@ from greyproxy.shapes import pending_json, rule_json
 from . import store_ops
 from .context import ApiContext
 from .errors import bad_request, not_found
-from .rules import proxy_block, proxy_reload, publish_rule_created
-from .store_ops import InvalidInput, Key, PendingDecision
-from .util import id_list_field, int_param, json_response, read_json, refuse_misspelt, soft_call, str_field
+from .rules import proxy_block, proxy_reload, publish_cleaned, publish_rule_created
+from .store_ops import InvalidInput, PendingDecision
+from .util import id_list_field, int_param, json_response, read_json, refuse_unknown, soft_call, str_field
 
 WAITERS_TIMEOUT = 0.3  # the waiting counts decorate the list; never hold the list up for them
 MAX_NOTES = 10_000
 DECISION_ACTIONS = ("allow", "deny")
 DECISION_FIELDS = ("scope", "duration", "notes")
+_RULE_EXPIRY = (
+    "did you mean 'duration'? A decision's rule lasts for a 'duration' (once, 1h, 7d, permanent, ...);"
+    " expires_at and expires_in_seconds are POST /api/rules fields."
+)
+# Expiry fields a client may send for `duration` (the rule API's own first): refused with a
+# hint instead of a permanent rule.
+DECISION_HINTS = {
+    "expires_at": _RULE_EXPIRY,
+    "expires_in_seconds": _RULE_EXPIRY,
+    **{name: "did you mean 'duration'?" for name in ("ttl", "ttl_seconds", "expires", "expiry", "dur", "lifetime")},
+}
 
 
 def parse_decision(body: Any, known: tuple[str, ...] = DECISION_FIELDS) -> tuple[str, float | None, str | None]:
-    """(scope, seconds until the rule expires or None, notes) from an allow/deny body."""
+    """(scope, seconds until the rule expires or None, notes) from an allow/deny body; any other
+    field → 400 (it would be ignored, and the default is a permanent rule)."""
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
-    refuse_misspelt(body, known)
+    refuse_unknown(body, known, DECISION_HINTS)
     scope = str_field(body, "scope", "exact")
     if scope not in SCOPES:
         raise bad_request(f"scope must be one of {', '.join(SCOPES)}, not {scope!r}")
@@ -53,6 +65,7 @@ def _publish_decision(ctx: ApiContext, d: PendingDecision, action: str) -> dict[
         publish_rule_created(ctx, d.rule, d.replaced)
     topic = topics.PENDING_ALLOWED if action == "allow" else topics.PENDING_DISMISSED
     ctx.publish(topic, {"pending_id": d.pending_id, "rule": rule})
+    publish_cleaned(ctx, d.cleaned)  # other entries the new rule decides (scope all_containers...)
     return rule
 
 
@@ -87,17 +100,37 @@ async def dismiss(ctx: ApiContext, pending_id: int) -> bool:
     return True
 
 
-async def waiting_counts(ctx: ApiContext) -> dict[Key, int]:
-    """Connections held right now per (container, host, port); empty when the proxy is down."""
+# Connections held per (container, port): [(host, the name they were judged under, count), ...]
+Held = dict[tuple[str, int], list[tuple[str, str | None, int]]]
+
+
+async def waiting_counts(ctx: ApiContext) -> Held:
+    """Connections held right now, by (container, port), from every proxy process; empty when
+    the proxy is down."""
     reply = await soft_call(ctx.proxy, "waiters", {}, timeout=WAITERS_TIMEOUT, retries=1)
-    counts: dict[Key, int] = {}
+    held: Held = {}
     for w in (reply or {}).get("waiters") or []:
         try:
-            key = (str(w["container_name"]), str(w["host"]), int(w["port"]))
-            counts[key] = counts.get(key, 0) + int(w.get("count") or 0)
-        except (KeyError, TypeError, ValueError):
+            name = w.get("resolved_hostname")
+            entry = (str(w["host"]), str(name) if name else None, int(w.get("count") or 0))
+            held.setdefault((str(w["container_name"]), int(w["port"])), []).append(entry)
+        except (AttributeError, KeyError, TypeError, ValueError):
             continue  # a malformed entry only loses its own count
-    return counts
+    return held
+
+
+def entry_waiting(row: dict[str, Any], held: Held) -> int:
+    """`waiting` of a pending entry (a group of rows, `hosts` their raw hosts: list_groups): the
+    connections held for one of its rows' keys, or for another host of its container and port
+    whose name is the entry's (resolved-or-raw) host. Another IP of the same host bumps the entry
+    rather than making a row (SPEC §3.1), so its connections are held under a key with no row."""
+    group = row["resolved_hostname"] or row["destination_host"]
+    hosts = row["hosts"]
+    return sum(
+        n
+        for host, name, n in held.get((row["container_name"], int(row["destination_port"])), ())
+        if host in hosts or host == group or name == group
+    )
 
 
 class PendingListResource:
@@ -107,7 +140,7 @@ class PendingListResource:
     async def on_get(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         limit = int_param(req, "limit", 100, lo=1)
         offset = int_param(req, "offset", 0, hi=10**9)
-        (rows, total), counts = await asyncio.gather(
+        (rows, total), held = await asyncio.gather(
             self.ctx.db(
                 store_ops.list_pending,
                 req.get_param("container") or None,
@@ -119,9 +152,7 @@ class PendingListResource:
         )
         items = []
         for row in rows:
-            port = int(row["destination_port"])
-            waiting = sum(counts.get((row["container_name"], h, port), 0) for h in row["hosts"])
-            items.append(pending_json(row, waiting))
+            items.append(pending_json(row, entry_waiting(row, held)))
         json_response(resp, {"items": items, "total": total})
 
 

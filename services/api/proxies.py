@@ -65,6 +65,9 @@ def merge(op: str, results: list[Any]) -> Any:
     return first
 
 
+_UNKNOWN = object()  # ProxyGroup.call: the silent mode before is not known
+
+
 class ProxyGroup:
     def __init__(
         self,
@@ -240,6 +243,8 @@ class ProxyGroup:
             log.warning(
                 "proxy %s: %d of %d proxies did not answer (%s)", op, len(down), len(endpoints), ", ".join(down)
             )
+        # What silent mode was before this call, when we know it (set, cleared or learnt)
+        before = self._silent if self._silent_known else _UNKNOWN
         if op == "allowall.set" and args:
             seconds = args.get("duration_seconds") or 0
             self._silent = (str(args.get("mode") or "allow"), time.time() + seconds if seconds else None)
@@ -249,12 +254,15 @@ class ProxyGroup:
             self._silent_known = True
         result = merge(op, results)
         if op in ("allowall.set", "allowall.clear"):
-            self._announce_silent(result)
+            self._announce_silent(result, changed=before != self._silent)
         return result
 
-    def _announce_silent(self, status: Any) -> None:
-        """allowall.changed for a mode set or cleared through us; its end timed."""
-        if self.publish is not None and isinstance(status, dict):
+    def _announce_silent(self, status: Any, changed: bool = True) -> None:
+        """allowall.changed for a mode set or cleared through us, only when that changed it
+        (SPEC §4: "silent mode changed"; a DELETE when it is off, or the same mode again without
+        an end, is no news); its end timed. A set with a duration always moves the end: news.
+        Not known before (an API that started a moment ago, before `_adopt_silent`): announced."""
+        if changed and self.publish is not None and isinstance(status, dict):
             self.publish(topics.ALLOWALL_CHANGED, status)
         self._time_silent_end()
 

@@ -22,8 +22,8 @@ from greyproxy.timeutil import parse_time
 
 from . import store_ops
 from .context import ApiContext
-from .errors import bad_request, not_found
-from .store_ops import Key, RuleSpec
+from .errors import ApiError, bad_request, not_found
+from .store_ops import Cleaned, DuplicateRule, Key, RuleSpec
 from .util import (
     bool_param,
     int_field,
@@ -69,6 +69,25 @@ def publish_rule_created(ctx: ApiContext, rule: dict[str, Any], replaced: Iterab
     for old in replaced:  # an expired identical rule made way for the new one
         ctx.publish(topics.RULE_DELETED, {"id": old["id"], "rule": rule_json(old)})
     ctx.publish(topics.RULE_CREATED, rule_json(rule))
+
+
+def publish_cleaned(ctx: ApiContext, cleaned: Cleaned) -> None:
+    """The pending entries a new or changed rule decided and the store removed (store_ops
+    `_clean_decided`): announced as a person's decision by that rule would be."""
+    for pending_id, rule in cleaned:
+        topic = topics.PENDING_ALLOWED if rule["action"] == "allow" else topics.PENDING_DISMISSED
+        ctx.publish(topic, {"pending_id": pending_id, "rule": rule_json(rule)})
+
+
+def refuse_builtin(rule: dict[str, Any], verb: str) -> None:
+    """Builtin rules are the seeded loopback allows: they are switched off as a whole in the config
+    (greyproxy.builtinRules: false), never edited into something else (a deny) nor deleted (they
+    are seeded once, on first start: a deleted one would never come back)."""
+    if rule.get("source") == "builtin":
+        raise bad_request(
+            f"builtin rule {rule['id']} cannot be {verb}; set greyproxy.builtinRules: false"
+            " in the config to switch the builtin rules off, and add your own rules"
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -240,6 +259,7 @@ class RulesResource:
         res = await self.ctx.db(store_ops.create_rule, spec)
         if res.created:
             publish_rule_created(self.ctx, res.rule, res.replaced)
+            publish_cleaned(self.ctx, res.cleaned)
             await proxy_reload(self.ctx)
         json_response(resp, rule_json(res.rule), 201)  # 201 for a reused identical rule too, as the reference
 
@@ -259,23 +279,29 @@ class RuleResource:
         current = await self.ctx.db(store_ops.get_rule, rule_id)
         if current is None:
             raise not_found(f"rule {rule_id} not found")
-        if current.get("source") == "builtin":
-            # Builtin rules are the seeded loopback allows: they are switched off as a whole in the
-            # config (greyproxy.builtinRules: false), never edited into something else (a deny).
-            raise bad_request(
-                f"builtin rule {rule_id} cannot be edited; set greyproxy.builtinRules: false"
-                " in the config to switch the builtin rules off, and add your own rules"
-            )
-        result = await self.ctx.db(store_ops.update_rule, rule_id, changes)
+        refuse_builtin(current, "edited")
+        try:
+            result = await self.ctx.db(store_ops.update_rule, rule_id, changes)
+        except DuplicateRule as exc:
+            # POST answers an identical rule with the existing one; a PUT cannot merge two rules
+            # (ids, hit counts, notes and expiry differ), so it refuses: edit or delete that one.
+            raise ApiError(
+                409,
+                f"rule {exc.existing['id']} has the same container_pattern, destination_pattern,"
+                " port_pattern and action already; edit or delete that rule instead",
+            ) from None
         if result is None:
             raise not_found(f"rule {rule_id} not found")
-        before, after = result
-        if before != after:
-            self.ctx.publish(topics.RULE_UPDATED, rule_json(after))
+        if result.before != result.after:
+            self.ctx.publish(topics.RULE_UPDATED, rule_json(result.after))
+            publish_cleaned(self.ctx, result.cleaned)
             await proxy_reload(self.ctx)
-        json_response(resp, rule_json(after))
+        json_response(resp, rule_json(result.after))
 
     async def on_delete(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, rule_id: int) -> None:
+        current = await self.ctx.db(store_ops.get_rule, rule_id)
+        if current is not None:
+            refuse_builtin(current, "deleted")
         rule = await self.ctx.db(store_ops.delete_rule, rule_id)
         if rule is not None:
             self.ctx.publish(topics.RULE_DELETED, {"id": rule["id"], "rule": rule_json(rule)})
@@ -300,8 +326,7 @@ class RulesIngestResource:
             self.ctx.publish(topics.RULE_DELETED, {"id": old["id"], "rule": rule_json(old)})
         for rule in res.imported:
             self.ctx.publish(topics.RULE_CREATED, rule_json(rule))
-        for pending_id, rule in res.cleaned:
-            self.ctx.publish(topics.PENDING_ALLOWED, {"pending_id": pending_id, "rule": rule_json(rule)})
+        publish_cleaned(self.ctx, res.cleaned)
         if res.imported:
             await proxy_reload(self.ctx)  # releases the held connections the new allows cover
         json_response(

@@ -40,6 +40,14 @@ class InvalidInput(ValueError):
     """Input that only turns out bad once stored rows are read (answered as 400)."""
 
 
+class DuplicateRule(ValueError):
+    """A change would make a rule identical to another active one (answered as 409)."""
+
+    def __init__(self, existing: dict[str, Any]) -> None:
+        super().__init__(f"rule {existing['id']} has these patterns and action already")
+        self.existing = existing
+
+
 def _write():  # noqa: ANN202 - peewee's context manager
     return sql.write_transaction()
 
@@ -60,11 +68,16 @@ class RuleSpec:
     created_by: str = "api"
 
 
+# (pending id, the rule that now decides it) of each pending entry a new or changed rule withdrew
+Cleaned = list[tuple[int, dict[str, Any]]]
+
+
 @dataclass
 class CreateResult:
     rule: dict[str, Any]
     created: bool
     replaced: list[dict[str, Any]] = field(default_factory=list)  # expired twins deleted to make room
+    cleaned: Cleaned = field(default_factory=list)  # pending entries the new rule decides, removed
 
 
 def get_rule(rule_id: int) -> dict[str, Any] | None:
@@ -98,25 +111,58 @@ def _create_in_tx(spec: RuleSpec, now: float) -> CreateResult:
 
 
 def create_rule(spec: RuleSpec, now: float | None = None) -> CreateResult:
+    """Create the rule (or reuse an identical active one); a new rule withdraws the pending entries
+    it now decides (`cleaned`)."""
     now = time.time() if now is None else now
     with _write():
-        return _create_in_tx(spec, now)
+        res = _create_in_tx(spec, now)
+        if res.created:
+            res.cleaned, _ = _clean_decided([res.rule], now)
+        return res
 
 
 UPDATABLE = ("container_pattern", "destination_pattern", "port_pattern", "action", "notes", "expires_at")
 
 
-def update_rule(rule_id: int, changes: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-    """(before, after) for an existing rule, or None. `changes` holds validated UPDATABLE columns."""
+_IDENTITY = ("container_pattern", "destination_pattern", "port_pattern", "action")  # what makes rules identical
+
+
+def _active_row(rule: dict[str, Any], now: float) -> bool:
+    return rule["expires_at"] is None or rule["expires_at"] > now
+
+
+@dataclass
+class UpdateResult:
+    before: dict[str, Any]
+    after: dict[str, Any]
+    cleaned: Cleaned = field(default_factory=list)  # pending entries the changed rule now decides, removed
+
+
+def update_rule(rule_id: int, changes: dict[str, Any], now: float | None = None) -> UpdateResult | None:
+    """The rule before and after the change, or None for an unknown id. `changes` holds validated
+    UPDATABLE columns. DuplicateRule when the rule would become identical (SPEC §2.4: same three
+    patterns and action) to another active rule: POST reuses such a rule instead of making a twin,
+    and a PUT must not make one either. A changed rule withdraws the pending entries it now decides."""
+    now = time.time() if now is None else now
     cols = [c for c in UPDATABLE if c in changes]
     with _write():
         before = get_rule(rule_id)
         if before is None:
             return None
+        merged = {**before, **{c: changes[c] for c in cols}}
+        changed = any(merged[c] != before[c] for c in _IDENTITY) or not _active_row(before, now)
+        if changed and _active_row(merged, now):  # (notes alone may still be edited on an older twin)
+            c_p, d_p, p_p, action = (merged[c] for c in _IDENTITY)
+            twin = rules_table.find_active(c_p, d_p, p_p, action, now, exclude_id=rule_id)
+            if twin is not None:
+                raise DuplicateRule(twin)
         rules_table.update(rule_id, {c: changes[c] for c in cols})
         after = get_rule(rule_id)
-    assert after is not None
-    return before, after
+        assert after is not None
+        cleaned: Cleaned = []
+        if after != before:
+            cleaned, _ = _clean_decided([after], now)
+    return UpdateResult(before, after, cleaned)
 
 
 def delete_rule(rule_id: int) -> dict[str, Any] | None:
@@ -142,6 +188,36 @@ class IngestResult:
     cleaned_keys: list[Key]
 
 
+def _clean_decided(new_rules: Sequence[dict[str, Any]], now: float, builtins: bool = True) -> tuple[Cleaned, list[Key]]:
+    """Delete the pending entries one of `new_rules` (just created or changed) decides and the
+    rules as a whole now decide the same way: the proxy's reload releases (allow) or refuses (deny)
+    their held connections, so they are decided and leave the queue (SPEC §2.4's ingest cleanup;
+    §11: entries leave when decided anywhere). An entry another rule decides otherwise stays.
+    `builtins`: greyproxy.builtinRules, as the proxy judges (a builtin rule never beats a global
+    one that matches, so it changes nothing for the API's rules). Inside the caller's transaction."""
+    mine_set = RuleSet((Rule.from_row(r) for r in new_rules), skip_invalid=True)
+    if not len(mine_set):
+        return [], []
+    by_id = {r["id"]: r for r in new_rules}
+    candidates: list[tuple[dict[str, Any], Rule]] = []
+    for row in pending_table.all_rows():
+        where = (row["container_name"], row["destination_host"], int(row["destination_port"]))
+        mine = mine_set.decide(*where, resolved_hostname=row["resolved_hostname"], now=now)
+        if mine.rule is not None:
+            candidates.append((row, mine.rule))
+    if not candidates:
+        return [], []  # the common case: no need to build the whole rule set
+    rules = _active_ruleset(now, builtins)
+    covered: list[dict[str, Any]] = []
+    cleaned: Cleaned = []
+    for row, rule in candidates:
+        where = (row["container_name"], row["destination_host"], int(row["destination_port"]))
+        if rules.decide(*where, resolved_hostname=row["resolved_hostname"], now=now).action == rule.action:
+            covered.append(row)
+            cleaned.append((int(row["id"]), by_id[rule.id]))
+    return cleaned, _delete_pending(covered)
+
+
 def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None, builtins: bool = True) -> IngestResult:
     """Create every rule not already active (one transaction), then drop the pending entries an
     imported allow rule covers and the rules as a whole now allow (SPEC §2.4; `builtins`:
@@ -152,7 +228,7 @@ def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None, builtins: 
     replaced: list[dict[str, Any]] = []
     skipped = 0
     keys: list[Key] = []
-    cleaned: list[tuple[int, dict[str, Any]]] = []
+    cleaned: Cleaned = []
     with _write():
         for spec in specs:
             res = _create_in_tx(spec, now)
@@ -163,19 +239,7 @@ def ingest_rules(specs: Sequence[RuleSpec], now: float | None = None, builtins: 
                 skipped += 1
         allows = [r for r in imported if r["action"] == "allow"]
         if allows:
-            rules = _active_ruleset(now, builtins)
-            new_allows = RuleSet((Rule.from_row(r) for r in allows), skip_invalid=True)
-            by_id = {r["id"]: r for r in allows}
-            covered = []
-            for row in pending_table.all_rows():
-                where = (row["container_name"], row["destination_host"], int(row["destination_port"]))
-                mine = new_allows.decide(*where, resolved_hostname=row["resolved_hostname"], now=now)
-                if mine.rule is None or not mine.allowed:
-                    continue  # no imported allow covers it
-                if rules.decide(*where, resolved_hostname=row["resolved_hostname"], now=now).allowed:
-                    covered.append(row)
-                    cleaned.append((int(row["id"]), by_id[mine.rule.id]))
-            keys = _delete_pending(covered)
+            cleaned, keys = _clean_decided(allows, now, builtins)
     return IngestResult(imported, skipped, replaced, cleaned, keys)
 
 
@@ -201,13 +265,26 @@ _group_of = pending_table.group_of
 _delete_pending = pending_table.delete_rows
 
 
+def _delete_group(row: dict[str, Any]) -> list[Key]:
+    """Delete the row's group; the keys of the connections held for it: every row's, and the
+    group's own (container, resolved-or-raw host, port), which the proxy takes for the connections
+    held under that name too: another IP of the same host bumps the entry (SPEC §3.1), so a
+    connection held for it has no row of its own (`Gate.block_holds`)."""
+    keys = _delete_pending(_group_of(row))
+    keys.append(
+        (row["container_name"], row["resolved_hostname"] or row["destination_host"], int(row["destination_port"]))
+    )
+    return keys
+
+
 @dataclass
 class PendingDecision:
     pending_id: int
     rule: dict[str, Any]
     created: bool
     replaced: list[dict[str, Any]]
-    keys: list[Key]  # held-connection keys of every pending row removed
+    keys: list[Key]  # held-connection keys of every pending row removed, and the group's (`_delete_group`)
+    cleaned: Cleaned = field(default_factory=list)  # other entries the new rule decides, removed too
 
 
 def _decide_in_tx(
@@ -226,8 +303,12 @@ def _decide_in_tx(
     except ValueError as exc:
         raise InvalidInput(f"pending {row['id']}: {exc}") from None
     res = _create_in_tx(RuleSpec(container_p, dest_p, port_p, action, expires_at, notes, created_by), now)
-    keys = _delete_pending(_group_of(row))
-    return PendingDecision(int(row["id"]), res.rule, res.created, res.replaced, keys)
+    keys = _delete_group(row)
+    cleaned: Cleaned = []
+    if res.created:  # a wider scope (all_containers, any_port...) decides other entries too
+        cleaned, more = _clean_decided([res.rule], now)
+        keys += more
+    return PendingDecision(int(row["id"]), res.rule, res.created, res.replaced, keys, cleaned)
 
 
 def decide_pending(
@@ -270,8 +351,9 @@ def bulk_decide(
                     not_found.append(pid)
                 continue
             before = {r["id"] for r in _group_of(row)}
-            decisions.append(_decide_in_tx(row, action, scope, expires_at, notes, created_by, now))
-            gone |= before
+            decision = _decide_in_tx(row, action, scope, expires_at, notes, created_by, now)
+            decisions.append(decision)
+            gone |= before | {pid for pid, _ in decision.cleaned}
     return decisions, not_found
 
 
@@ -281,7 +363,7 @@ def dismiss_pending(pending_id: int) -> list[Key] | None:
         row = get_pending(pending_id)
         if row is None:
             return None
-        return _delete_pending(_group_of(row))
+        return _delete_group(row)
 
 
 def bulk_dismiss(pending_ids: Sequence[int]) -> tuple[list[int], list[Key], list[int]]:
@@ -299,9 +381,8 @@ def bulk_dismiss(pending_ids: Sequence[int]) -> tuple[list[int], list[Key], list
                 else:
                     not_found.append(pid)
                 continue
-            group = _group_of(row)
-            gone |= {r["id"] for r in group}
-            keys.extend(_delete_pending(group))
+            gone |= {r["id"] for r in _group_of(row)}
+            keys.extend(_delete_group(row))
             removed.append(pid)
     return removed, keys, not_found
 

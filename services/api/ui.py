@@ -142,7 +142,17 @@ class Dashboard:
             return self.assets.get(name)
         return self.index
 
-    async def __call__(self, req: falcon.asgi.Request, resp: falcon.asgi.Response, **_: Any) -> None:
+    async def __call__(
+        self, req: falcon.asgi.Request, resp: falcon.asgi.Response | None, ws: Any = None, **_: Any
+    ) -> None:
+        if resp is None:
+            # A WebSocket upgrade on a dashboard path (the sink's pattern takes every path but
+            # api/ and ws): refused before it is accepted, as an unknown path, with the JSON
+            # body (errors._close_ws). `ws` in the signature is how Falcon 4 tells a sink to
+            # take the socket there and resp=None; without it Falcon passed the socket as resp,
+            # and its deprecation warning on the way failed on this object ('Dashboard' has no
+            # '__qualname__'): an ERROR traceback per upgrade and a bare 403.
+            raise ApiError(404, f"not found: the control WebSocket is at {self.prefix}/ws")
         for name, value in SECURITY_HEADERS.items():
             resp.set_header(name, value)
         if req.method not in ("GET", "HEAD"):
@@ -171,7 +181,7 @@ def scope_preview(container: str | None, host: str | None, port: str | None) -> 
     """{scope: {container_pattern, destination_pattern, port_pattern}} for one pending entry."""
     if not container or not host or not port:
         raise ApiError(400, "container, host and port are required")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ApiError(400, f"port must be a number from 1 to 65535, not {port[:20]!r}")
     out: dict[str, Any] = {}
     for scope in SCOPES:
@@ -192,6 +202,6 @@ def _etag_matches(header: str | None, etag: str) -> bool:
 
 def register(app: falcon.asgi.App, ctx: ApiContext, route: Callable[[str], str]) -> Dashboard:
     dashboard = Dashboard(ctx.cfg.path_prefix, ui_facts(ctx), ctx.db)
-    # falcon's AsgiSinkCallable types resp as Optional (for WebSocket sinks, Falcon 5); HTTP requests always get one
-    app.add_sink(dashboard, dashboard.pattern())  # type: ignore[arg-type]
+    # (its resp is None on a WebSocket upgrade, as Falcon's AsgiSinkCallable has it: see __call__)
+    app.add_sink(dashboard, dashboard.pattern())
     return dashboard

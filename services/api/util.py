@@ -11,7 +11,7 @@ import falcon.routing
 import orjson
 
 from bus.reqrep import ControlClient, RemoteError, ServiceUnavailable
-from greyproxy.timeutil import parse_time
+from greyproxy.timeutil import TimestampOutOfRange, parse_time
 
 from .errors import bad_request
 
@@ -52,6 +52,32 @@ class IdCheck:
 
     async def process_resource_ws(self, req: Any, ws: Any, resource: Any, params: dict[str, Any]) -> None:
         self._check(params)
+
+
+class HeadAsGet:
+    """Falcon middleware: `HEAD` is answered wherever `GET` is (RFC 9110 §9.3.2), as GET without
+    the body, instead of a 405 from every resource that has no `on_head`.
+
+    The request is routed as GET and told apart again before the answer is sent, when Falcon
+    leaves out the body (and gives the GET's Content-Length) because the method is HEAD. A
+    streamed body (its length unknown: none given) is closed unread, so the export on_get set
+    up does not run for a HEAD."""
+
+    async def process_request(self, req: Any, resp: Any) -> None:
+        if req.method == "HEAD":
+            req.method = "GET"
+            req.context.head = True
+
+    async def process_response(self, req: Any, resp: Any, resource: Any, req_succeeded: bool) -> None:
+        if getattr(req.context, "head", False):
+            req.method = "HEAD"
+            stream = resp.stream
+            if stream is not None:
+                close = getattr(stream, "aclose", None) or getattr(stream, "close", None)
+                if close is not None:
+                    result = close()
+                    if hasattr(result, "__await__"):
+                        await result
 
 
 BODY_COMPLETE = "greyproxy.body_complete"  # ASGI scope key set by `BodyEnd`
@@ -107,14 +133,28 @@ async def read_json(req: falcon.asgi.Request, default: Any = ..., expect: type |
     return body
 
 
-def int_param(req: falcon.asgi.Request, name: str, default: int, lo: int = 0, hi: int = 10_000) -> int:
-    raw = req.get_param(name)
-    if raw is None or raw == "":
-        return default
+def ascii_int(text: str, negative: bool = False) -> int | None:
+    """`text` as an integer when it is ASCII digits only (after one leading minus, when
+    `negative`); None otherwise. int() alone also takes Unicode digits ('５'), surrounding
+    blanks (' 5 '), a '+' and '_' between digits, none of which a query parameter should be."""
+    digits = text[1:] if negative and text.startswith("-") else text
+    if not digits or not digits.isascii() or not digits.isdigit():
+        return None
     try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer") from None
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        return None
+
+
+def int_param(req: falcon.asgi.Request, name: str, default: int, lo: int = 0, hi: int = 10_000) -> int:
+    """An integer query parameter (absent: `default`); a bad number → 400 (SPEC conventions),
+    an empty one (`limit=`) included."""
+    raw = req.get_param(name)
+    if raw is None:
+        return default
+    value = ascii_int(raw, negative=True)  # (a negative one then gets the range's message)
+    if value is None:
+        raise bad_request(f"{name} must be an integer (ASCII digits), not {raw[:20]!r}")
     if value < lo or value > hi:
         raise bad_request(f"{name} must be between {lo} and {hi}")
     return value
@@ -137,6 +177,9 @@ def time_param(req: falcon.asgi.Request, name: str) -> float | None:
         return None
     try:
         return parse_time(raw)
+    except TimestampOutOfRange:
+        # a valid timestamp (0001-01-01T00:00:00+01:00) that falls outside what UTC can hold
+        raise bad_request(f"{name} is out of range: from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z") from None
     except ValueError:
         raise bad_request(f"{name} must be an RFC 3339 timestamp or YYYY-MM-DDTHH:MM") from None
 
@@ -157,23 +200,32 @@ def _kind(value: Any) -> str:
     )
 
 
-def refuse_misspelt(body: dict[str, Any], known: tuple[str, ...]) -> None:
-    """400 for a member that looks like a misspelling of a known one (`duraton`, or `duration`
-    where `duration_seconds` is meant). Ignored, it would leave the default in force, and on a
-    grant that default is the widest: a permanent rule, silent mode until restart. Members that
-    resemble none are still ignored, so a client may send extras."""
+def refuse_unknown(body: dict[str, Any], known: tuple[str, ...], hints: dict[str, str] | None = None) -> None:
+    """400 for a member that is not one of `known`, naming it and the accepted ones.
+
+    For grants (pending allow/deny, bulk-allow, the WS commands, /api/allowall, sessions and
+    global credentials): ignored, a field the client meant (`duraton`, or an expiry under another
+    API's name, `expires_in_seconds`, `ttl`) would leave the default in force, and on a grant
+    that default is the widest: a permanent rule, silent mode until restart, a session's 900 s,
+    a credential bound to no host. `hints` (by lowercased name) says what a likely confusion
+    means; otherwise a close spelling of a known field is suggested."""
     for name in body:
-        if name in known or not isinstance(name, str):
+        if name in known:
             continue
-        low = name.lower()
-        close = [
-            k
-            for k in known
-            if len(low) >= 4 and (k.startswith(low) or k.endswith(low) or low.startswith(k) or sorted(low) == sorted(k))
-        ]
-        close = close or difflib.get_close_matches(low, known, n=1, cutoff=0.8)
-        if close:
-            raise bad_request(f"unknown field {name!r}: did you mean {close[0]!r}? ({', '.join(known)} are known)")
+        text = str(name)
+        low = text.lower()
+        hint = (hints or {}).get(low)
+        if hint is None:
+            close = [
+                k
+                for k in known
+                if len(low) >= 4
+                and (k.startswith(low) or k.endswith(low) or low.startswith(k) or sorted(low) == sorted(k))
+            ]
+            close = close or difflib.get_close_matches(low, known, n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]!r}?" if close else ""
+        shown = text if len(text) <= 64 else text[:64] + "…"
+        raise bad_request(f"unknown field {shown!r}: {hint + ' ' if hint else ''}(accepted: {', '.join(known)})")
 
 
 def str_field(

@@ -153,6 +153,22 @@ class LiveCredentials:
                 seen.add(k)
                 self.uses[k] += 1
 
+    def release(self, names: set[str]) -> int:
+        """The claims on `names` went away (IdentityGuard.on_released): the sessions bound to them
+        stop substituting now; how many. The API ended them in the database with the claim, in one
+        transaction (store/identities.release), so the next load has them gone as well; this only
+        closes the moment between loading the claims and loading the credentials (SPEC §16: a
+        released name is anyone's, and its session substituted only for the claim's connections)."""
+        ended = {sid for sid, owner in self.owners.items() if owner in names}
+        if not ended:
+            return 0
+        self.map = {ph: c for ph, c in self.map.items() if c.session_id not in ended}
+        for sid in ended:
+            self.owners.pop(sid, None)
+            self.sessions.pop(sid, None)
+        log.info("credentials: %d session(s) bound to a released identity no longer substitute", len(ended))
+        return len(ended)
+
     # -- loading --
     async def reload(self, force: bool = False) -> bool:
         """Load again when the version moved, the key was not usable, or `force`. True if swapped."""

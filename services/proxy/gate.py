@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from bus.records import log_values
 from bus.journal import JournalWriter
 from bus.pubsub import Publisher
 from greyproxy.policy import Decision, RuleSet, rule_summary
+from greyproxy.localaddr import is_local_address, local_addresses
 from greyproxy.policy.judge import Guard, Judgement, judge
 from greyproxy.policy.patterns import analyse_host, normalise_host
 from greyproxy.timeutil import rfc3339
@@ -168,6 +169,14 @@ class LiveConn:
     resolved: str | None
     rule_id: int | None
     close: Callable[[], None]
+
+
+def _held_name(waiters: list[Hold]) -> str | None:
+    """The name the connections held for one key were judged under (`learn` names them all at once)."""
+    for hold in waiters:
+        if hold.resolved is not None:
+            return hold.resolved
+    return None
 
 
 class SilentMode:
@@ -349,7 +358,7 @@ class Gate:
         raw IP itself (made meanwhile) was there for a person to see: the entry stays, named."""
         if rule_id is not None and self.judge(key[0], key[1], key[2], None).decision != "pending":
             rule_id = None
-        waiting = len(self.holds.get(key, ()))
+        waiting = self.entry_waiting(key, name)
         self.journal.append(
             records.PENDING_NAMED, records.pending_named_record(key[0], key[1], key[2], name, rule_id, waiting)
         )
@@ -385,8 +394,11 @@ class Gate:
         return list(gone)
 
     def is_own_listener(self, host: str, port: int) -> bool:
-        """The hard guard: never connect to the stack's own listeners on any local address."""
-        return self.guard_ports.refuses(host, port)
+        """The hard guard: never connect to the stack's own listeners on any local address (while a
+        listener binds a wildcard address, any address of this machine: the kernel is asked, a UDP
+        connect that never waits, greyproxy/localaddr.py; only for one of our ports)."""
+        g = self.guard_ports
+        return g.refuses(host, port) or (g.asks_kernel(host, port) and is_local_address(host))
 
     # -- the decision --
     def admit_now(
@@ -461,7 +473,10 @@ class Gate:
         if j is not None:
             addrs = await self._addresses_of(host, port)
             if addrs is not None:  # no address: the connect fails on its own (the guard judges any found)
-                j = self.judge(container, host, port, resolved, addrs)
+                g = self.guard_ports
+                # (a wildcard bind: which of them are this machine's, judged with them; see is_own_listener)
+                local = local_addresses(addrs) if g.wildcard and port in g.own_ports else ()
+                j = self.judge(container, host, port, resolved, addrs, local=local)
             verdict = self._verdict(j, resolved)
             if verdict is not None:
                 return self._decided(t0, container, host, port, method, verdict)
@@ -583,6 +598,7 @@ class Gate:
         resolved: str | None,
         addresses: list[str] | None = None,
         explain: bool = False,
+        local: Collection[str] = (),
     ) -> Judgement:
         """The decision (policy.judge: the same function GET /api/rules/explain calls)."""
         return judge(
@@ -596,6 +612,7 @@ class Gate:
             addresses=addresses,
             decide=self._decide_rules,
             explain=explain,
+            local=local,
         )
 
     def _verdict(self, j: Judgement, resolved: str | None = None, count: bool = True) -> Verdict | None:
@@ -684,8 +701,9 @@ class Gate:
         hold = Hold(key, resolved, loop.create_future())
         waiters = self.holds.setdefault(key, [])
         waiters.append(hold)
-        self._waiters_changed(key, len(waiters) - 1, len(waiters))
-        self.journal.append(records.PENDING, records.pending_record(container, host, port, resolved, len(waiters)))
+        self._waiters_changed(key, len(waiters) - 1, len(waiters), resolved)
+        waiting = self.entry_waiting(key, resolved)  # (the entry's: a sibling IP's holds count too)
+        self.journal.append(records.PENDING, records.pending_record(container, host, port, resolved, waiting))
         try:
             wait = {hold.future}
             if client_gone is not None:
@@ -701,7 +719,7 @@ class Gate:
             waiters = self.holds.get(key, [])
             if hold in waiters:
                 waiters.remove(hold)
-                self._waiters_changed(key, len(waiters) + 1, len(waiters))
+                self._waiters_changed(key, len(waiters) + 1, len(waiters), hold.resolved)
             if not waiters:
                 self.holds.pop(key, None)
                 if hold.resolved is None and not hold.future.done() and _is_ip(host):
@@ -753,22 +771,52 @@ class Gate:
                 return True
             return False
 
-    def _waiters_changed(self, key: Key, previous: int, current: int) -> None:
+    def _waiters_changed(self, key: Key, previous: int, current: int, resolved: str | None) -> None:
+        """`resolved`: the name the connection that came or went was judged under; it tells which
+        pending entry the key's connections count for (another IP of a host has no entry of its own,
+        SPEC §3.1: it bumps the entry of the host's first IP)."""
         self.publisher.publish(
             topics.WAITERS_CHANGED,
             {
                 "container_name": key[0],
                 "host": key[1],
                 "port": key[2],
+                "resolved_hostname": resolved,
                 "previous_count": previous,
                 "current_count": current,
             },
         )
 
     def waiters(self) -> list[dict[str, Any]]:
+        """The connections held per key, with the name they were judged under (`_held_name`)."""
         return [
-            {"container_name": k[0], "host": k[1], "port": k[2], "count": len(v)} for k, v in self.holds.items() if v
+            {
+                "container_name": k[0],
+                "host": k[1],
+                "port": k[2],
+                "resolved_hostname": _held_name(v),
+                "count": len(v),
+            }
+            for k, v in self.holds.items()
+            if v
         ]
+
+    def entry_waiting(self, key: Key, name: str | None) -> int:
+        """The connections held here for the pending entry of `key` judged under `name`: those held
+        for `key`, and those held for another host of its container and port whose name (a raw host
+        with none: the host itself) is `name` (the entry's group, as the API groups its rows:
+        container, resolved-or-raw host, port). One look at every held key: learn does as much."""
+        held = self.holds
+        n = len(held.get(key, ()))
+        if name is None:
+            return n
+        container, port = key[0], key[2]
+        for k, waiters in held.items():
+            if k[2] == port and k[0] == container and k != key:
+                for hold in waiters:
+                    if (hold.resolved or k[1]) == name:
+                        n += 1
+        return n
 
     def waiting(self) -> int:
         return sum(len(v) for v in self.holds.values())
@@ -799,10 +847,19 @@ class Gate:
         return released
 
     def block_holds(self, keys: list[Key], reason: str) -> int:
+        """Block the connections held for these keys (dismissed, denied): those held for a key, and
+        those held for another host of its container and port judged under the key's host as their
+        name. A pending entry stands for its group (SPEC §3.1: another IP of the same host bumps the
+        entry and has no row of its own); the API names the group by (container, resolved-or-raw
+        host, port) among the keys of its rows."""
+        wanted = set(keys)
         n = 0
-        for key in keys:
-            for hold in self.holds.get(key, []):
-                if not hold.future.done():
+        for key, waiters in list(self.holds.items()):
+            exact = key in wanted
+            for hold in waiters:
+                if hold.future.done():
+                    continue
+                if exact or (hold.resolved is not None and (key[0], hold.resolved, key[2]) in wanted):
                     hold.future.set_result(Verdict(False, reason))
                     n += 1
         return n

@@ -366,16 +366,28 @@ def parse_basic_user(value: str) -> str | None:
 
 def parse_basic(value: str) -> tuple[str | None, str | None]:
     """(user, password) of a 'Basic base64(user:pass)' credential; user None when it names no one
-    (malformed, empty, the 'proxy' placeholder); password None when empty."""
+    (malformed, empty, the 'proxy' placeholder, a name of the reserved `unknown-…` namespace);
+    password None when empty.
+
+    UTF-8 first, else latin-1: python-requests (and pip, which uses it) encode Basic credentials in
+    latin-1, curl sends the bytes it was given (UTF-8). A name of the `unknown-…` namespace is the
+    proxy's own for a client that gave none (SPEC §1: `unknown-<source ip>`): presented, it would
+    stand for the unnamed client at another address (its rules, its pending entries), so it names
+    no one here: the connection is its own unnamed client (`unknown-<its address>`, or its
+    container's name), as with 'proxy'. SOCKS5 reads its user name the same way (socks5.py)."""
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "basic":
         return None, None
     try:
-        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+        raw = base64.b64decode(token.strip(), validate=True)
     except (binascii.Error, ValueError):
         return None, None
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        decoded = raw.decode("latin-1")  # (every byte string decodes: no error to catch)
     user, sep, password = decoded.partition(":")
-    if not sep or not user or user == "proxy" or not user.isprintable():
+    if not sep or not user or user == "proxy" or user.startswith("unknown-") or not user.isprintable():
         return None, None
     return user, password or None
 

@@ -17,6 +17,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from bus import records, topics
@@ -49,6 +50,9 @@ class IdentityGuard:
         self.publisher = publisher
         self.gate = gate
         self.generation = 0  # bumped whenever the loaded claims change: connections re-check then
+        # Called with the names whose claim went away (released, not rotated): the credential
+        # sessions bound to them stop substituting now (LiveCredentials.release; service.py sets it).
+        self.on_released: Callable[[set[str]], Any] | None = None
         self.refused = 0
         self._used: dict[str, float] = {}
         self._lock = asyncio.Lock()
@@ -63,6 +67,9 @@ class IdentityGuard:
             self.generation += 1
             if changed and self.gate is not None:
                 self.gate.close_identities(set(changed))  # tunnels of a rotated/deleted claim end now
+            released = {n for n in changed if n not in self.claims.by_name}
+            if released and self.on_released is not None:
+                self.on_released(released)
             log.info("identities loaded: %d claimed (version %d)", len(claims), version)
             return True
 

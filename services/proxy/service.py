@@ -380,6 +380,8 @@ async def main(rt: ServiceRuntime) -> None:
     await credentials.reload(force=True)
     identities = ctx.identities
     claimed = identities.claims.claimed if identities is not None else None
+    if identities is not None:
+        identities.on_released = credentials.release  # a released claim's sessions end with it (SPEC §16)
     ctx.hooks = HookChain([RuleRecheck(gate), CredentialSubstitution(credentials, claimed), *hooks_from_env()])
     interceptor = Interceptor(gate, recorder, certs, settings, list(mitm_cfg["bypass"]), mitm_cfg["upstreamCaFile"])
     ctx.tunnel_hook = interceptor

@@ -83,14 +83,22 @@ class SocksRequest:
 
 
 def _username(raw: bytes) -> str | None:
-    """The identity a username names; None for empty, the 'proxy' placeholder, or unreadable."""
-    try:
-        name = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if not name or name == "proxy" or not name.isprintable():
+    """The identity a username names; None for empty, the 'proxy' placeholder, a name of the
+    reserved `unknown-…` namespace (the proxy's own for clients that give none: presented, it
+    would stand for another address's unnamed client), or unprintable. UTF-8, else latin-1
+    (RFC 1929 names no encoding): as the HTTP proxy reads Basic credentials (http1.parse_basic)."""
+    name = _text(raw)
+    if not name or name == "proxy" or name.startswith("unknown-") or not name.isprintable():
         return None
     return name
+
+
+def _text(raw: bytes) -> str:
+    """A user name's or password's bytes as text: UTF-8, else latin-1 (which decodes any bytes)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 class Socks5Server:
@@ -179,7 +187,7 @@ class Socks5Server:
         if self.hold_auth:
             # The caller judges the credential (claimed identities, SPEC §16): answer_auth replies.
             password = bytes(buf[3 + ulen : total])
-            self.pending_auth = (self.username, password.decode("utf-8", "replace") if password else None)
+            self.pending_auth = (self.username, _text(password) if password else None)
             buf[3 + ulen : total] = b"\x00" * plen
             self._state = _AUTH_WAIT
             return total

@@ -51,6 +51,7 @@ RECORDS: dict[tuple[str, str], list[str]] = {
     ("second.example.test", "A"): ["127.0.0.11"],
     ("big.example.test", "A"): [f"10.0.{i // 250}.{i % 250 + 1}" for i in range(40)],
     ("host.ptr.test", "A"): [PTR_HOST],
+    ("multi.example.test", "A"): ["127.0.0.12", "127.0.0.13"],
     ("3.0.0.127.in-addr.arpa", "PTR"): ["host.ptr.test."],
     # A PTR that claims a name which does not resolve back: must not be trusted.
     ("4.0.0.127.in-addr.arpa", "PTR"): ["liar.ptr.test."],
@@ -458,6 +459,64 @@ def test_ptr_fallback_is_forward_confirmed(stack: Stack, upstream: FakeUpstream)
 
 
 # ----------------------------------------------------------------------------- 4. survives a restart
+
+
+@pytest.mark.parametrize("how", ["delete", "bulk"])
+def test_a_pending_entry_of_two_ips_counts_and_dismisses_both_connections(stack: Stack, how: str) -> None:
+    """SPEC §3.1/§3.2: a connection to the second IP of a name bumps the entry of the first (no
+    row of its own), so the entry stands for both held connections: `waiting` 2, and a dismiss
+    (DELETE, bulk) blocks both at once, each logged `dismissed`. Before: `waiting` 1, and the
+    second IP's connection stayed held until the hold timeout (15 s here), logged `hold_timeout`."""
+    user = f"grp-{how}"
+    assert answer(stack.dns_port, "multi.example.test") == ["127.0.0.12", "127.0.0.13"]
+    port = free_port()
+    held = []
+    try:
+        for ip in ("127.0.0.12", "127.0.0.13"):
+            s, reply = socks_connect(stack.socks_port, user, ip, port, timeout=0.3)
+            held.append(s)
+            assert reply == b"", "no rule covers it: the connection must be held"
+        entry = wait_for(
+            lambda: (e := pending_for(stack, user)) is not None and e["attempt_count"] == 2 and e,
+            10,
+            message="one pending entry with both sightings",
+        )
+        items = stack.get("/api/pending", params={"container": user}).json()["items"]
+        assert len(items) == 1 and entry["resolved_hostname"] == "multi.example.test", items
+        assert entry["waiting"] == 2, entry
+        t0 = time.monotonic()
+        if how == "delete":
+            r = stack.request("DELETE", f"/api/pending/{entry['id']}")
+        else:
+            r = stack.request("POST", "/api/pending/bulk-dismiss", json={"pending_ids": [entry["id"]]})
+        assert r.status_code == 200 and r.json()["removed"] in (True, 1), r.text
+        for s in held:
+            s.settimeout(5)
+            assert s.recv(10)[:2] == b"\x05\x02"  # blocked
+        assert time.monotonic() - t0 < 3, "both blocked at once, not at the hold timeout"
+        logs = wait_for(
+            lambda: (
+                (
+                    got := [
+                        i
+                        for i in stack.get("/api/logs", params={"container": user}).json()["items"]
+                        if i["container_name"] == user and i["method"] == "SOCKS5"
+                    ]
+                )
+                and len(got) == 2
+                and got
+            ),
+            10,
+            message="the two connections' log entries",
+        )
+        assert sorted((i["destination_host"], i["result"], i["reason"]) for i in logs) == [
+            ("127.0.0.12", "blocked", "dismissed"),
+            ("127.0.0.13", "blocked", "dismissed"),
+        ]
+        assert stack.get("/api/dashboard").json()["waiting"] == 0
+    finally:
+        for s in held:
+            s.close()
 
 
 def test_mapping_survives_proxy_restart(make_stack) -> None:

@@ -214,6 +214,23 @@ def test_env_claim_prints_urls_with_the_secret(stack: Stack, origin: int) -> Non
     assert Path(stack.db_path).exists()
 
 
+def test_a_name_with_a_slash_is_rotated_and_released_through_uvicorn(stack: Stack, origin: int) -> None:
+    """A name with '/' (tester C #3) over the real server, which decodes %2F before routing:
+    `greyproxy env --claim` claims it, and again rotates it (it answered 404 and exited 2);
+    DELETE releases it, with the '/' raw or as %2F."""
+    allow(stack, "team/slash", origin)
+    done = env_claim(stack, "team/slash")
+    line = next(x for x in done.stdout.splitlines() if "HTTP_PROXY=" in x and "http://" in x)
+    secret = line.split("=", 1)[1].strip().strip("'\"").split("//", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    assert curl(stack, "team/slash", secret, f"http://127.0.0.1:{origin}/")[0] == "200"
+    env_claim(stack, "team/slash")  # claimed already: rotated
+    assert curl(stack, "team/slash", secret, f"http://127.0.0.1:{origin}/")[0] == "407"
+    assert stack.request("DELETE", "/api/identities/team%2Fslash").status_code == 204
+    assert all(i["name"] != "team/slash" for i in stack.get("/api/identities").json()["items"])
+    assert stack.request("POST", "/api/identities", json={"name": "team/slash"}).status_code == 201
+    assert stack.request("DELETE", "/api/identities/team/slash").status_code == 204
+
+
 def _http_get(sock: socket.socket, origin: int, user: str, password: str) -> bytes:
     auth = base64.b64encode(f"{user}:{password}".encode()).decode()
     sock.sendall(

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import falcon.testing
 import orjson
@@ -595,11 +596,20 @@ def test_rule_delete(api):
     assert api.get(f"/api/rules/{rule['id']}").status_code == 404
 
 
-def test_rule_delete_builtin_is_allowed(api):
+def test_rule_delete_builtin_is_refused(api):
+    """Builtin rules are listed, not edited or deleted (README, docs/configuration.md): they are
+    seeded once, so a deleted one never came back; greyproxy.builtinRules: false switches them off."""
     builtin = api.get("/api/rules", destination="localhost").json["items"][0]
     assert builtin["source"] == "builtin"
-    assert api.delete(f"/api/rules/{builtin['id']}").json["deleted"] is True
-    assert api.get("/api/rules").json["total"] == 2
+    api.events()
+    res = api.delete(f"/api/rules/{builtin['id']}")
+    assert res.status_code == 400
+    assert f"builtin rule {builtin['id']} cannot be deleted" in error_of(res)
+    assert "greyproxy.builtinRules: false" in error_of(res)
+    assert api.get(f"/api/rules/{builtin['id']}").json == builtin
+    assert api.get("/api/rules").json["total"] == 3
+    assert api.events() == []
+    assert api.delete("/api/rules/9999").json == {"status": "ok", "deleted": False}  # unknown: as before
 
 
 def test_rule_changes_nudge_the_proxy_before_answering(live):
@@ -619,6 +629,115 @@ def test_rule_changes_succeed_with_the_proxy_down(api):
     assert api.put(f"/api/rules/{rule['id']}", {"action": "deny"}).status_code == 200
     assert api.delete(f"/api/rules/{rule['id']}").json["deleted"] is True
     assert time.monotonic() - t0 < 3  # each unanswered nudge is bounded
+
+
+def test_rule_create_withdraws_the_pending_entries_it_decides(live):
+    """A new rule that decides a pending destination releases (allow) or refuses (deny) its held
+    connections on the proxy's reload: the entry leaves the queue too, with the events a person's
+    decision by that rule has (as ingest's cleanup; SPEC §11: entries leave when decided anywhere)."""
+    covered = live.add_pending("sp", "held.example", 443)
+    by_name = live.add_pending("sp", "10.9.8.7", 443, resolved="held.example")
+    other_port = live.add_pending("sp", "held.example", 8443)
+    other_container = live.add_pending("sq", "held.example", 443)
+    to_deny = live.add_pending("sp", "bad.example", 80)
+    live.events()
+    rule = new_rule(live, container_pattern="sp", destination_pattern="held.example", port_pattern="443")
+    left = {r[0] for r in live.sql("SELECT id FROM pending")}
+    assert left == {other_port, other_container, to_deny}
+    assert live.get("/api/pending/count").json == {"count": 3}
+    events = live.events()
+    assert [t for t, _ in events] == ["rule.created", "pending_request.allowed", "pending_request.allowed"]
+    assert sorted(d["pending_id"] for _, d in events[1:]) == sorted([covered, by_name])
+    assert all(d["rule"] == rule for _, d in events[1:])
+    deny = new_rule(live, container_pattern="sp", destination_pattern="bad.example", action="deny")
+    assert ("pending_request.dismissed", {"pending_id": to_deny, "rule": deny}) in live.events()
+    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {other_port, other_container}
+
+
+def test_rule_create_leaves_entries_another_rule_decides_otherwise(live):
+    new_rule(live, container_pattern="sr", destination_pattern="x.example", port_pattern="443", action="deny")
+    stale = live.add_pending("sr", "x.example", 443)  # the more specific deny decides it, not the new allow
+    live.events()
+    new_rule(live, container_pattern="sr", destination_pattern="**.x.example")
+    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {stale}
+    assert [t for t, _ in live.events()] == ["rule.created"]
+    new_rule(live, container_pattern="sr", destination_pattern="**.x.example")  # reused: nothing changes
+    assert live.events() == []
+
+
+def test_rule_update_withdraws_the_pending_entries_it_now_decides(live):
+    rule = new_rule(live, container_pattern="su", destination_pattern="before.example")
+    pid = live.add_pending("su", "after.example", 443)
+    live.events()
+    updated = live.put(f"/api/rules/{rule['id']}", {"destination_pattern": "after.example"}).json
+    assert live.sql("SELECT id FROM pending") == []
+    assert live.events() == [
+        ("rule.updated", updated),
+        ("pending_request.allowed", {"pending_id": pid, "rule": updated}),
+    ]
+
+
+def test_rule_destinations_are_stored_as_they_match_so_twins_are_found(api):
+    """SPEC §2.2: destinations compare case-insensitively, trailing dot ignored; §2.4: an identical
+    rule returns the existing one. 'dup.test', 'DUP.TEST' and 'dup.test.' made three rules."""
+    first = new_rule(api, container_pattern="nd", destination_pattern="dup.test", port_pattern="80")
+    for variant in ("DUP.TEST", "dup.test.", " Dup.Test. "):
+        again = new_rule(api, container_pattern="nd", destination_pattern=variant, port_pattern="80")
+        assert again["id"] == first["id"], variant
+    assert new_rule(api, container_pattern="nd", destination_pattern="[0:0::1]")["destination_pattern"] == "::1"
+    assert api.get("/api/rules", container="nd").json["total"] == 2
+    changed = api.put(f"/api/rules/{first['id']}", {"destination_pattern": "Other.Test."}).json
+    assert changed["destination_pattern"] == "other.test"
+
+
+@pytest.mark.parametrize(
+    "destination, says",
+    [
+        ("dup.test:443", "port_pattern ('443')"),
+        ("*.dup.test:8443", "port_pattern ('8443')"),
+        ("[::1]:443", "port_pattern"),
+        ("http://a.test/", "is a URL: give the host alone ('a.test')"),
+        ("https://a.test:8443/x", "URL"),
+        ("a.test/path", "a host name is given alone, without a path"),
+    ],
+)
+def test_rule_destination_that_could_never_match_is_refused(api, destination, says):
+    """'dup.test:443' was stored and never matched; 'http://a.test/' was refused as 'not a valid CIDR'."""
+    res = api.post("/api/rules", {"container_pattern": "nm", "destination_pattern": destination})
+    assert res.status_code == 400
+    assert says in error_of(res) and "not a valid CIDR" not in error_of(res)
+    rule = new_rule(api, container_pattern="nm")
+    res = api.put(f"/api/rules/{rule['id']}", {"destination_pattern": destination})
+    assert res.status_code == 400 and says in error_of(res)
+
+
+def test_rule_update_cannot_make_a_twin_of_an_active_rule(api):
+    """POST answers an identical rule with the existing one (SPEC §2.4); PUT made a second one."""
+    a = new_rule(api, container_pattern="tw", destination_pattern="same.test", port_pattern="443")
+    b = new_rule(api, container_pattern="tw", destination_pattern="other.test", port_pattern="443")
+    api.events()
+    res = api.put(f"/api/rules/{b['id']}", {"destination_pattern": "SAME.test."})
+    assert res.status_code == 409
+    assert f"rule {a['id']} has the same" in error_of(res)
+    assert api.get(f"/api/rules/{b['id']}").json == b
+    assert api.events() == []
+    assert api.put(f"/api/rules/{a['id']}", {"destination_pattern": "same.test"}).status_code == 200  # itself
+    # An expired twin is no twin (POST replaces those too): a rule may be expired into one, or
+    # become one of an expired rule.
+    past = "2001-01-01T00:00:00Z"
+    assert api.put(f"/api/rules/{b['id']}", {"destination_pattern": "same.test", "expires_at": past}).status_code == 200
+    assert api.put(f"/api/rules/{b['id']}", {"expires_at": None}).status_code == 409  # active again: a twin
+    api.put(f"/api/rules/{a['id']}", {"expires_at": past})
+    assert api.put(f"/api/rules/{b['id']}", {"expires_at": None}).status_code == 200
+    # Twins stored before the guard existed: notes may still be edited, the patterns kept as they are.
+    api.sql(
+        "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at)"
+        " VALUES ('tw', 'same.test', '443', 'allow', ?)",
+        (time.time(),),
+    )
+    old_twin = api.sql("SELECT MAX(id) FROM rules")[0][0]
+    assert api.put(f"/api/rules/{old_twin}", {"notes": "kept"}).status_code == 200
+    assert api.put(f"/api/rules/{old_twin}", {"port_pattern": "443"}).status_code == 200  # unchanged
 
 
 # --------------------------------------------------------------------------- rules: ingest
@@ -670,8 +789,8 @@ def test_ingest_cleans_only_the_entries_an_imported_allow_covers(live):
     by_existing = live.add_pending("x", "known.example", 443)
     by_builtin = live.add_pending("z", "127.0.0.1", 19163)
     imported = live.add_pending("y", "127.0.0.1", 19163)
-    denied_anyway = live.add_pending("y", "blocked.example", 443)
     new_rule(live, container_pattern="y", destination_pattern="blocked.example", port_pattern="443", action="deny")
+    denied_anyway = live.add_pending("y", "blocked.example", 443)  # (a stale entry the deny decides)
     live.events()
     res = live.post(
         "/api/rules/ingest",
@@ -835,6 +954,28 @@ def test_allow_reuses_identical_active_rule(live):
     assert [t for t, _ in events] == ["pending_request.allowed"]
 
 
+def test_allow_all_containers_withdraws_the_other_containers_entries(live):
+    """The rule '*' → host:port releases every container's held connections; their entries went
+    on waiting in the queue (waiting 0) until pendingTtlDays."""
+    a = live.add_pending("aca", "shared.example", 443)
+    b = live.add_pending("acb", "shared.example", 443)
+    c = live.add_pending("acc", "1.2.3.4", 443, resolved="shared.example")
+    other = live.add_pending("acb", "shared.example", 80)
+    live.events()
+    res = live.post(f"/api/pending/{a}/allow", {"scope": "all_containers"})
+    rule = res.json["rule"]
+    assert (rule["container_pattern"], rule["destination_pattern"]) == ("*", "shared.example")
+    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {other}
+    allowed = {d["pending_id"]: d["rule"] for t, d in live.events() if t == "pending_request.allowed"}
+    assert allowed == {a: rule, b: rule, c: rule}
+    # In a bulk allow an id the first decision already withdrew counts as done, not as not found.
+    d = live.add_pending("acd", "bulk.example", 443)
+    e = live.add_pending("ace", "bulk.example", 443)
+    res = live.post("/api/pending/bulk-allow", {"pending_ids": [d, e], "scope": "all_containers"})
+    assert res.json["not_found"] == [] and res.json["pending_removed"] == 2
+    assert len(res.json["rules_created"]) == 1
+
+
 @pytest.mark.parametrize(
     "scope, host, resolved, expected",
     [
@@ -842,6 +983,9 @@ def test_allow_reuses_identical_active_rule(live):
         ("any_port", "api.example.com", None, ("c1", "api.example.com", "*")),
         ("subdomain_wildcard", "a.b.co.uk", None, ("c1", "**.b.co.uk", "*")),
         ("subdomain_wildcard", "9.9.9.9", "deep.api.github.com", ("c1", "**.github.com", "*")),
+        # a public suffix has no registrable domain: the host itself, never **.github.io (tester A #8)
+        ("subdomain_wildcard", "github.io", None, ("c1", "github.io", "*")),
+        ("subdomain_wildcard", "co.uk", None, ("c1", "co.uk", "*")),
         ("all_containers", "10.1.1.1", "svc.internal.example", ("*", "svc.internal.example", "8443")),
     ],
 )
@@ -911,7 +1055,7 @@ def test_decision_rejects_bad_body(api, body, field):
 )
 def test_decision_refuses_a_misspelt_field(api, body, meant):
     """SPEC §3.2: a grant whose bound is misspelt is refused (400, naming the field meant), not widened to
-    the default; members that resemble no field are still ignored (clients may send extras)."""
+    the default."""
     pid = api.add_pending("c1", "typo.example", 443)
     for action in ("allow", "deny"):
         res = api.post(f"/api/pending/{pid}/{action}", body)
@@ -921,10 +1065,56 @@ def test_decision_refuses_a_misspelt_field(api, body, meant):
     bulk = api.post("/api/pending/bulk-allow", {"pending_ids": [pid], **body})
     assert bulk.status_code == 400 and f"did you mean '{meant}'" in error_of(bulk)
     assert api.get("/api/pending/count").json == {"count": 1}
-    extras = {"action": "allow", "id": pid, "pending_id": pid, "container": "c1", "type": "x"}
-    res = api.post(f"/api/pending/{pid}/allow", {"duration": "1h", **extras})
-    assert res.status_code == 200, res.json
-    assert res.json["rule"]["expires_at"] is not None
+
+
+@pytest.mark.parametrize(
+    "field, value, hint",
+    [
+        # the rule API's own expiry fields (POST /api/rules): the likeliest confusion
+        ("expires_in_seconds", 3600, "POST /api/rules"),
+        ("expires_at", "2030-01-01T00:00:00Z", "POST /api/rules"),
+        ("ttl", "1h", "did you mean 'duration'"),
+        ("expires", "1h", "did you mean 'duration'"),
+        ("dur", "1h", "did you mean 'duration'"),
+        ("action", "allow", ""),
+        ("container", "c1", ""),
+    ],
+)
+def test_decision_refuses_every_unknown_field(api, field, value, hint):
+    """README: a grant's field that is not one it takes is refused, not ignored: ignored, an
+    expiry under another name left a permanent rule (tester A #3)."""
+    pid = api.add_pending("c1", "expiry.example", 443)
+    for action in ("allow", "deny"):
+        res = api.post(f"/api/pending/{pid}/{action}", {"scope": "exact", field: value})
+        assert res.status_code == 400, res.json
+        err = error_of(res)
+        assert f"unknown field '{field}'" in err and hint in err
+        assert "(accepted: scope, duration, notes)" in err
+    bulk = api.post("/api/pending/bulk-allow", {"pending_ids": [pid], field: value})
+    assert bulk.status_code == 400 and f"unknown field '{field}'" in error_of(bulk)
+    assert "pending_ids" in error_of(bulk)
+    assert api.get("/api/pending/count").json == {"count": 1}  # nothing decided
+    assert api.sql("SELECT count(*) FROM rules WHERE destination_pattern = 'expiry.example'") == [(0,)]
+    res = api.post(f"/api/pending/{pid}/allow", {"duration": "1h"})
+    assert res.status_code == 200 and res.json["rule"]["expires_at"] is not None
+
+
+def test_ws_decision_refuses_an_unknown_field(api):
+    """The /ws allow/deny commands take the same body as REST (SPEC §8): same refusal."""
+    from services.api.ws import commands
+
+    class Conn:
+        peer = "test"
+
+        class hub:  # noqa: N801 - the attribute the commands read
+            ctx = api.ctx
+
+    pid = api.add_pending("c1", "expiry.example", 443)
+    msg = {"command": "allow", "pending_id": pid, "expires_in_seconds": 3600}
+    out = asyncio.run(commands.handle_text(Conn(), orjson.dumps(msg).decode()))  # type: ignore[arg-type]
+    assert out["type"] == "error" and out["command"] == "allow" and out["pending_id"] == pid
+    assert "unknown field 'expires_in_seconds'" in out["error"] and "duration" in out["error"]
+    assert api.get("/api/pending/count").json == {"count": 1}
 
 
 def test_decision_unknown_id(api):
@@ -949,12 +1139,16 @@ def test_deny_creates_deny_rule_and_blocks_holds(live):
     events = live.events()
     assert ("pending_request.dismissed", {"pending_id": ids["name"], "rule": rule}) in events
     assert ("rule.created", rule) in events
+    # The rule (any port) decides the entry for port 80 too: it goes, and its connections are refused.
+    assert ("pending_request.dismissed", {"pending_id": ids["other_port"], "rule": rule}) in events
+    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {ids["other_container"]}
     assert live.proxy.ops() == ["rules.reload", "holds.block"]
     block = live.proxy.calls[1][1]
     assert block["reason"] == "rule"
     assert sorted(map(tuple, block["keys"])) == [
         ("c1", "1.2.3.4", 443),
         ("c1", "5.6.7.8", 443),
+        ("c1", "api.x.com", 80),
         ("c1", "api.x.com", 443),
     ]
 
@@ -980,6 +1174,31 @@ def test_dismiss(live):
     assert live.events() == []
 
 
+def test_dismiss_blocks_and_counts_the_connections_held_for_a_sibling_ip(live):
+    """A second IP of a host bumps the first IP's entry (SPEC §3.1): its held connection has no row.
+    The entry's `waiting` counts it (the proxy says under which name it was judged), and dismiss
+    (single and bulk) names the group to the proxy, (container, resolved host, port), which blocks
+    the connections held under that name (`Gate.block_holds`). Before: `waiting` 1 with two held,
+    and only the row's key blocked: the sibling waited out the hold timeout."""
+    pid = live.add_pending("c7", "10.0.0.1", 443, resolved="multi.test", attempts=2)
+    live.proxy.waiters = [
+        {"container_name": "c7", "host": "10.0.0.1", "port": 443, "resolved_hostname": "multi.test", "count": 1},
+        {"container_name": "c7", "host": "10.0.0.2", "port": 443, "resolved_hostname": "multi.test", "count": 1},
+        {"container_name": "c7", "host": "10.0.0.3", "port": 443, "resolved_hostname": "other.test", "count": 1},
+        {"container_name": "c7", "host": "10.0.0.2", "port": 80, "resolved_hostname": "multi.test", "count": 1},
+    ]
+    [item] = live.get("/api/pending", container="c7").json["items"]
+    assert (item["attempt_count"], item["waiting"]) == (2, 2)
+    assert live.delete(f"/api/pending/{pid}").json == {"status": "ok", "removed": True}
+    block = live.proxy.calls[-1]
+    assert block[0] == "holds.block" and block[1]["reason"] == "dismissed"
+    assert sorted(map(tuple, block[1]["keys"])) == [("c7", "10.0.0.1", 443), ("c7", "multi.test", 443)]
+    pid = live.add_pending("c7", "10.0.0.1", 443, resolved="multi.test")
+    assert live.post("/api/pending/bulk-dismiss", {"pending_ids": [pid]}).json["removed"] == 1
+    block = live.proxy.calls[-1]
+    assert sorted(map(tuple, block[1]["keys"])) == [("c7", "10.0.0.1", 443), ("c7", "multi.test", 443)]
+
+
 def test_bulk_allow(live):
     ids = seed_siblings(live)
     live.events()
@@ -1000,9 +1219,10 @@ def test_bulk_allow(live):
     )
     assert patterns == [("c1", "**.x.com", "*"), ("c2", "**.x.com", "*")]
     assert all(r["expires_at"] is not None for r in body["rules_created"])
-    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {ids["other_port"]}
+    # c1 → **.x.com (any port) decides the entry for port 80 too: it leaves the queue with the others.
+    assert live.sql("SELECT id FROM pending") == []
     allowed = [d["pending_id"] for t, d in live.events() if t == "pending_request.allowed"]
-    assert sorted(allowed) == sorted([ids["ip2"], ids["other_container"]])
+    assert sorted(allowed) == sorted([ids["ip2"], ids["other_container"], ids["other_port"]])
     assert live.proxy.ops() == ["rules.reload"]
 
 
@@ -1471,14 +1691,17 @@ def test_allowall_validates_before_asking_the_proxy(api, body, field):
     assert api.post("/api/allowall", raw=b"{x").status_code == 400
 
 
-@pytest.mark.parametrize("body", [{"duration": 300}, {"seconds": 300}, {"mdoe": "deny"}])
+@pytest.mark.parametrize("body", [{"duration": 300}, {"seconds": 300}, {"mdoe": "deny"}, {"ttl": 300}])
 def test_allowall_refuses_a_misspelt_field(live, body):
     """SPEC §4: `duration` for `duration_seconds` would otherwise mean silent mode until restart."""
     res = live.post("/api/allowall", body)
     assert res.status_code == 400
     assert "did you mean" in error_of(res)
     assert "allowall.set" not in live.proxy.ops()
-    assert live.post("/api/allowall", {"duration_seconds": 300, "enabled": True}).status_code == 200
+    res = live.post("/api/allowall", {"duration_seconds": 300, "enabled": True})
+    assert res.status_code == 400 and "unknown field 'enabled'" in error_of(res)
+    assert "(accepted: mode, duration_seconds)" in error_of(res)
+    assert "allowall.set" not in live.proxy.ops()
 
 
 def test_allowall_forwards_to_the_proxy(live):
@@ -1666,3 +1889,121 @@ def test_run_notifier_reacts_to_bus_events(tmp_path, sock_dir, monkeypatch):
     asyncio.run(scenario())
     db.close()
     assert "agent wants to connect to api.example.com:443" in log_file.read_text()
+
+
+# --------------------------------------------------------------------------- HTTP and parsing nits (tester A #10)
+
+
+def test_head_is_answered_as_get_without_a_body(api):
+    """RFC 9110: HEAD wherever GET is served (it was 405 on every route but /metrics)."""
+    for path in ("/api/rules", "/api/pending/count", "/api/openapi.json", "/", "/static/app.css"):
+        get = api.client.simulate_get(path)
+        head = api.client.simulate_head(path)
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b"" and head.headers["content-length"] == str(len(get.content)), path
+        assert head.headers["content-type"] == get.headers["content-type"]
+    head = api.client.simulate_head("/api/rules/777")
+    assert head.status_code == 404 and head.content == b""
+    # a streamed body (the HAR export): its head, the stream closed unread
+    head = api.client.simulate_head("/api/transactions/export.har")
+    assert head.status_code == 200 and head.content == b"" and "attachment" in head.headers["content-disposition"]
+    # only where GET is: a POST-only route stays 405
+    assert api.client.simulate_head("/api/pending/bulk-allow").status_code == 405
+
+
+@pytest.mark.parametrize("value", ["５", "٣", " 5 ", "+5", "5_0", "", "0x10", "5.0"])
+def test_integer_query_parameters_take_ascii_digits_only(api, value):
+    """SPEC conventions: bad numbers → 400. int() took full-width digits, padding, '+' and '_'."""
+    for path in ("/api/logs", "/api/rules", "/api/pending", "/api/transactions"):
+        res = api.client.simulate_get(path, query_string=f"limit={quote(value)}")
+        assert res.status_code == 400, (path, value, res.status_code)
+        assert "limit must be an integer" in error_of(res)
+    assert api.get("/api/rules", limit="2").status_code == 200
+    res = api.get("/api/rules", offset="-1")
+    assert res.status_code == 400 and "offset must be between" in error_of(res)
+
+
+def test_a_timestamp_out_of_utc_range_is_a_clear_400(api):
+    """0001-01-01T00:00:00+01:00 is valid RFC 3339 but before year 1 in UTC: said so, not
+    called malformed."""
+    for path in ("/api/logs", "/api/transactions", "/api/logs/stats"):
+        res = api.get(path, from_date="0001-01-01T00:00:00+01:00")
+        assert res.status_code == 400, path
+        assert "from_date is out of range" in error_of(res) and "0001-01-01T00:00:00Z" in error_of(res)
+        res = api.get(path, to_date="9999-12-31T23:59:59-01:00")
+        assert res.status_code == 400 and "to_date is out of range" in error_of(res)
+    assert api.get("/api/logs", from_date="0001-01-01T00:00:00Z").status_code == 200
+    res = api.get("/api/logs", from_date="yesterday")
+    assert res.status_code == 400 and "RFC 3339" in error_of(res)
+
+
+# --------------------------------------------------------------------------- credential sessions
+
+
+@pytest.mark.parametrize(
+    "field, hint",
+    [("ttl", "did you mean 'ttl_seconds'"), ("expires_in_seconds", "did you mean 'ttl_seconds'"), ("owner", "")],
+)
+def test_session_refuses_an_unknown_field(api, field, hint):
+    """POST /api/sessions with `"ttl": 60` made a 900 s session (tester A #3): refused, naming the
+    field and the accepted ones; the fields of SPEC §12.2 all pass."""
+    api.cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    api.ctx.credentials_key.start()  # (the API process does this at start: session.key)
+    ph = "greyproxy:credential:v1:gw-ttl:" + "a" * 32
+    body = {"session_id": "gw-ttl", "container_name": "c", "mappings": {ph: "sk-secret-value"}}
+    res = api.post("/api/sessions", {**body, field: 60})
+    assert res.status_code == 400, res.json
+    err = error_of(res)
+    assert f"unknown field '{field}'" in err and hint in err and "ttl_seconds" in err
+    assert "sk-secret-value" not in res.text
+    full = {
+        **body,
+        "labels": {ph: "OPENAI_API_KEY"},
+        "hosts": {ph: ["api.openai.com"]},
+        "metadata": {"cwd": "/tmp"},
+        "ttl_seconds": 60,
+        "global_credentials": [],
+    }
+    res = api.post("/api/sessions", full)
+    assert res.status_code == 200, res.json
+    assert res.json["ttl_seconds"] == 60
+
+
+# --------------------------------------------------------------------------- identities
+
+
+@pytest.fixture
+def quick_identities(monkeypatch):
+    from services.api import identities
+
+    monkeypatch.setattr(identities, "RELOAD_TIMEOUT", 0.01)  # nobody plays the proxy here
+
+
+@pytest.mark.parametrize("name", ["team/z1", "a/b/c", "x/rotate", "/lead"])
+def test_an_identity_with_a_slash_can_be_rotated_and_released(api, quick_identities, name):
+    """SPEC §16 for a name with '/', which the claim takes (tester C #3): rotate and release
+    answered 404 whether the '/' was sent raw or as %2F, and the claim could never be undone."""
+    res = api.post("/api/identities", {"name": name})
+    assert res.status_code == 201, res.json
+    first = res.json["secret"]
+    for path in (quote(name, safe=""), name):  # %2F (as `greyproxy env --claim` sends it) or raw
+        res = api.post(f"/api/identities/{path}/rotate")
+        assert res.status_code == 200, (path, res.json)
+        assert res.json["name"] == name and res.json["secret"] != first
+        first = res.json["secret"]
+    assert api.client.simulate_delete(f"/api/identities/{quote(name, safe='')}").status_code == 204
+    assert [i["name"] for i in api.get("/api/identities").json["items"]] == []
+    res = api.post(f"/api/identities/{name}/rotate")
+    assert res.status_code == 404 and repr(name) in error_of(res)
+    assert api.post("/api/identities", {"name": name}).status_code == 201
+    assert api.client.simulate_delete(f"/api/identities/{name}").status_code == 204  # raw too
+
+
+def test_an_ordinary_identity_keeps_its_routes(api, quick_identities):
+    assert api.post("/api/identities", {"name": "agent"}).status_code == 201
+    assert api.post("/api/identities", {"name": "agent/x"}).status_code == 201
+    assert api.post("/api/identities/agent/rotate").json["name"] == "agent"
+    assert api.delete("/api/identities/agent").status_code == 204
+    assert [i["name"] for i in api.get("/api/identities").json["items"]] == ["agent/x"]
+    assert api.client.simulate_get("/api/identities/agent/x").status_code == 405  # no GET of one claim
+    assert api.client.simulate_put("/api/identities/agent/x/rotate").status_code == 405

@@ -51,7 +51,9 @@ def test_wildcard_and_ipv6_binds(tmp_path: Path) -> None:
     assert env["NO_PROXY"] == "[::1]:43080,localhost:43080"
 
 
-@pytest.mark.parametrize("bad", ["", " agent", "agent\n", "a\x00b", "proxy", "x" * 201, "team:agent"])
+@pytest.mark.parametrize(
+    "bad", ["", " agent", "agent\n", "a\x00b", "proxy", "unknown-10.0.0.1", "x" * 201, "team:agent"]
+)
 def test_bad_container_names(bad: str) -> None:
     with pytest.raises(ConfigError):
         check_container_name(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from greyproxy.policy.patterns import (
+    ContainerKind,
     ContainerPattern,
     DestinationPattern,
     DestKind,
@@ -278,6 +279,28 @@ def test_escape_glob_makes_a_literal_pattern() -> None:
     assert not ContainerPattern.parse(escaped).matches("weXird?[x]")
 
 
+def test_escaped_names_rank_and_match_as_exact_names() -> None:
+    """An `exact` approval of a container 'w*1' stores 'w[*]1' (escape_glob). It ranked as a glob
+    (121, SPEC §2.3), so a later glob deny 'w?*' for the same host and port tied with it and won."""
+    from greyproxy.policy import Rule, RuleSet, scope_patterns
+
+    container_p, dest_p, port_p = scope_patterns("exact", "w*1", "h.test", 80)
+    assert container_p == "w[*]1"
+    parsed = ContainerPattern.parse(container_p)
+    assert (parsed.kind, parsed.specificity) == (ContainerKind.EXACT, 200)
+    assert parsed.matches("w*1") and not parsed.matches("wx1") and not parsed.matches("w[*]1")
+    rules = RuleSet([Rule(1, container_p, dest_p, port_p, "allow"), Rule(2, "w?*", "h.test", "80", "deny")])
+    assert rules.match("w*1", "h.test", 80).id == 1  # 221 beats the glob deny's 121
+    assert rules.match("wx1", "h.test", 80).id == 2
+    for pattern in ("a[?]b[[]c", "x[", "[/]y"):  # every wildcard escaped (an unclosed '[' is literal)
+        assert ContainerPattern.parse(pattern).specificity == 200, pattern
+    for pattern in ("w[*]*", "w[ab]", "w[!a]", "w?"):
+        assert ContainerPattern.parse(pattern).kind is ContainerKind.GLOB, pattern
+    dest = DestinationPattern.parse("a[*]b.test")  # destinations alike: exact (20), only that name
+    assert (dest.kind, dest.specificity) == (DestKind.EXACT, 20)
+    assert dest.matches("a*b.test") and not dest.matches("axb.test")
+
+
 def test_validate_destination_pattern() -> None:
     assert validate_destination_pattern("  *.example.com ") == "*.example.com"
     assert validate_destination_pattern("10.0.0.0/8") == "10.0.0.0/8"
@@ -292,6 +315,41 @@ def test_validate_destination_pattern() -> None:
             validate_destination_pattern(bad)
     with pytest.raises(ValueError, match="string"):
         validate_destination_pattern(None)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "stored"),
+    [
+        ("DUP.Test", "dup.test"),
+        ("dup.test.", "dup.test"),
+        ("*.Example.COM.", "*.example.com"),
+        ("[::1]", "::1"),
+        ("0:0:0:0:0:0:0:1", "::1"),
+        ("FE80::1", "fe80::1"),
+        ("API.*", "api.*"),
+    ],
+)
+def test_destination_patterns_are_stored_as_they_match(pattern: str, stored: str) -> None:
+    """SPEC §2.2: compared case-insensitively, trailing dot ignored, IPv6 in canonical form: stored
+    so, equal patterns are equal text (the duplicate guard compares the stored text)."""
+    assert validate_destination_pattern(pattern) == stored
+    assert validate_destination_pattern(stored) == stored
+
+
+@pytest.mark.parametrize(
+    ("pattern", "message"),
+    [
+        ("dup.test:443", "holds a port: give the host alone ('dup.test') and the port in port_pattern ('443')"),
+        ("[::1]:8080", "holds a port"),
+        ("http://a.test/", "is a URL: give the host alone ('a.test')"),
+        ("a.test/api", "a host name is given alone, without a path"),
+        ("a..", "empty label"),
+    ],
+)
+def test_destination_patterns_that_never_match_are_refused(pattern: str, message: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        validate_destination_pattern(pattern)
+    assert message in str(caught.value)
 
 
 def test_validate_container_pattern() -> None:

@@ -119,6 +119,27 @@ def test_scope_rules_cover_the_request_they_came_from() -> None:
             assert rs.match(container, host, port) is not None, (scope, container, host)
 
 
+@pytest.mark.parametrize(
+    ("host", "pattern"),
+    [
+        ("co.uk", "co.uk"),
+        ("github.io", "github.io"),
+        ("GitHub.IO.", "github.io"),
+        ("com", "com"),
+        ("localhost", "localhost"),  # a single label: no registrable domain either
+        ("pages.github.io", "**.pages.github.io"),  # under a public suffix: that site's own
+    ],
+)
+def test_subdomain_wildcard_does_not_widen_past_a_registrable_domain(host: str, pattern: str) -> None:
+    """SPEC §3.2: the wildcard is `**.<registrable domain>`. A host that is itself a public suffix
+    has none: the host itself, any port (as an IP), never `**.github.io` (tester A #8)."""
+    assert scope_patterns("subdomain_wildcard", "web", host, 443) == ("web", pattern, "*")
+    c, d, p = scope_patterns("subdomain_wildcard", "web", host, 443)
+    rs = RuleSet([Rule(1, c, d, p)])
+    assert rs.match("web", host.lower().rstrip("."), 8443) is not None
+    assert rs.match("web", "someone-else." + host.lower().rstrip("."), 443) is None or pattern.startswith("**.")
+
+
 def test_scope_breadth() -> None:
     def covers(scope: str, container: str, host: str, port: int) -> bool:
         c, d, p = scope_patterns(scope, "web", "api.github.com", 443)

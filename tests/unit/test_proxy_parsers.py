@@ -217,7 +217,14 @@ def basic(text: str) -> str:
         (basic("nocolon"), None),
         (basic("tab\tname:x"), None),
         ("Basic !!!notbase64", None),
-        ("Basic " + base64.b64encode(b"\xff\xfe:x").decode(), None),
+        # not UTF-8: latin-1 (python-requests and pip encode Basic credentials so), still printable only
+        ("Basic " + base64.b64encode(b"\xff\xfe:x").decode(), "ÿþ"),
+        ("Basic " + base64.b64encode("ü-agent:x".encode("latin-1")).decode(), "ü-agent"),
+        ("Basic " + base64.b64encode(b"\x85a:x").decode(), None),
+        # the reserved namespace of unnamed clients (unknown-<ip>): names no one, as 'proxy'
+        (basic("unknown-10.9.9.9:x"), None),
+        (basic("unknown-:x"), None),
+        (basic("Unknown-10.9.9.9:x"), "Unknown-10.9.9.9"),
         ("Bearer " + base64.b64encode(b"agent1:x").decode(), None),
         ("", None),
         ("Basic", None),
@@ -735,7 +742,17 @@ def test_socks_userpass_preferred_and_username_kept() -> None:
 
 @pytest.mark.parametrize(
     ("user", "expected"),
-    [(b"", None), (b"proxy", None), (b"Proxy", "Proxy"), (b"\xff\xfe", None), (b"a\x01b", None), ("ü".encode(), "ü")],
+    [
+        (b"", None),
+        (b"proxy", None),
+        (b"Proxy", "Proxy"),
+        (b"\xff\xfe", "ÿþ"),  # not UTF-8: latin-1, as the HTTP proxy reads Basic credentials
+        ("ü-agent".encode("latin-1"), "ü-agent"),
+        (b"\x85a", None),
+        (b"a\x01b", None),
+        ("ü".encode(), "ü"),
+        (b"unknown-10.9.9.9", None),  # the reserved namespace of unnamed clients: names no one
+    ],
 )
 def test_socks_placeholder_usernames(user: bytes, expected: str | None) -> None:
     server, out = run_socks([greeting(2), auth(user, b"pw"), request(1, 1, bytes(4), 1)])
@@ -1195,8 +1212,8 @@ def test_roundtrip_generated_socks(target: tuple[int, str], port: int, user: byt
         try:
             name: str | None = user.decode()
         except UnicodeDecodeError:
-            name = None
-        if name is not None and (name == "proxy" or not name.isprintable()):
+            name = user.decode("latin-1")  # (as the HTTP proxy reads Basic credentials)
+        if name is not None and (name == "proxy" or name.startswith("unknown-") or not name.isprintable()):
             name = None
         assert server.request.username == name
 

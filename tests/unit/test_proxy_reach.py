@@ -109,6 +109,42 @@ def test_a_proxy_that_answers_from_the_start_is_never_unreachable(tmp_path: Path
     asyncio.run(go())
 
 
+def test_allowall_changed_is_announced_only_on_a_change(tmp_path: Path) -> None:
+    """SPEC §4 `allowall.changed`: "silent mode changed". A DELETE when it is off, or the same
+    mode again without an end, changed nothing and announced it anyway (tester A #9)."""
+
+    async def go() -> None:
+        local = Proxy(f"ipc://{tmp_path}/w0.sock")
+        local.start()
+        group = ProxyGroup([local.endpoint], 0.5, 1, lambda: 30.0)
+        events: list[tuple[str, Any]] = []
+        group.publish = lambda topic, data: events.append((topic, data))
+        try:
+            await group.call("allowall.clear")  # not known before (an API just started): said
+            assert len(events) == 1
+            await group.call("allowall.clear")  # off already
+            await group.call("allowall.clear")
+            assert len(events) == 1 and len(local.calls) == 3  # (still asked: each proxy clears its own)
+            await group.call("allowall.set", {"mode": "allow", "duration_seconds": 0})
+            assert len(events) == 2 and events[-1][1]["active"] is True
+            await group.call("allowall.set", {"mode": "allow", "duration_seconds": 0})  # the same again
+            assert len(events) == 2
+            await group.call("allowall.set", {"mode": "deny", "duration_seconds": 0})  # another mode
+            assert len(events) == 3
+            await group.call("allowall.set", {"mode": "deny", "duration_seconds": 60})  # an end now
+            await group.call("allowall.set", {"mode": "deny", "duration_seconds": 60})  # a later end
+            assert len(events) == 5
+            await group.call("allowall.clear")
+            await group.call("allowall.clear")
+            assert len(events) == 6 and events[-1][1]["active"] is False
+            assert {topic for topic, _ in events} == {"allowall.changed"}
+        finally:
+            group.close()
+            local.stop()
+
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("ready", [True, False])
 def test_health_shows_an_unreachable_proxy_as_not_up(monkeypatch, ready: bool) -> None:
     import os

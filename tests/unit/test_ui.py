@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
+from typing import Any
 
 import falcon.testing
+import orjson
 import pytest
 
 from greyproxy.policy import scope_patterns
@@ -66,3 +70,72 @@ def test_scope_preview_bad_input_is_a_400_naming_it(tmp_path: Path) -> None:
     r = c.simulate_get("/ui/scopes", params={"container": "c", "host": "h", "port": "x"})
     assert r.status_code == 400 and "port" in r.json["error"]
     assert c.simulate_get("/ui/scopes", params={"host": "h", "port": "1"}).status_code == 400
+    # a port in other than ASCII digits ('５' is a digit to str.isdigit and int())
+    r = c.simulate_get("/ui/scopes", params={"container": "c", "host": "h", "port": "４４３"})
+    assert r.status_code == 400 and "port" in r.json["error"]
+
+
+def test_scope_preview_for_a_public_suffix_host_does_not_widen_past_it(tmp_path: Path) -> None:
+    """SPEC §3.2: the wildcard comes from the registrable domain; github.io has none (tester A #8)."""
+    c = _client(tmp_path, "/")
+    r = c.simulate_get("/ui/scopes", params={"container": "c", "host": "github.io", "port": "443"})
+    assert r.status_code == 200
+    assert r.json["subdomain_wildcard"] == {
+        "container_pattern": "c",
+        "destination_pattern": "github.io",
+        "port_pattern": "*",
+    }
+
+
+async def _upgrade(app: Any, path: str, denial: bool) -> tuple[list[dict[str, Any]], list[Any]]:
+    """A WebSocket upgrade on `path` straight through ASGI: (what the app sent, its ERROR records)."""
+    scope = {
+        "type": "websocket",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "scheme": "ws",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"localhost:43080")],
+        "client": ("127.0.0.1", 5555),
+        "server": ("127.0.0.1", 43080),
+        "subprotocols": [],
+        "extensions": {"websocket.http.response": {}} if denial else {},
+    }
+    events = [{"type": "websocket.connect"}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        if events:
+            return events.pop(0)
+        await asyncio.sleep(3600)
+        return {"type": "websocket.disconnect", "code": 1000}
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    await asyncio.wait_for(app(scope, receive, send), 5)
+    return sent
+
+
+@pytest.mark.parametrize("prefix", ["/", "/proxy"])
+def test_websocket_upgrade_on_a_dashboard_path_is_a_clean_json_404(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upgrade on any path but ws (tester A #4): before, the dashboard sink got it, Falcon's
+    deprecation warning failed on it (no __qualname__), and each one logged an ERROR traceback
+    and answered a bare 403. Now: the JSON 404 of an unknown path, nothing logged."""
+    app = offline_app(tmp_path, prefix)
+    p = prefix.rstrip("/")
+    caplog.set_level(logging.WARNING)
+    for path in (f"{p}/wsx", f"{p}/", f"{p}/pending", f"{p}/static/x.js"):
+        sent = asyncio.run(_upgrade(app, path, denial=True))
+        assert sent[0]["type"] == "websocket.http.response.start" and sent[0]["status"] == 404, (path, sent)
+        assert dict(sent[0]["headers"])[b"content-type"] == b"application/json"
+        assert orjson.loads(sent[1]["body"])["error"].startswith("not found"), path
+        # a server without the denial extension: closed before accept with 3000 + 404
+        sent = asyncio.run(_upgrade(app, path, denial=False))
+        assert [(m["type"], m["code"]) for m in sent] == [("websocket.close", 3404)], (path, sent)
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -456,7 +456,9 @@ def test_held_counts_reach_ws_as_totals_over_the_proxy_workers() -> None:
     told: list[tuple[str, object]] = []
     hub.dispatch = lambda topic, data: told.append((topic, data))  # type: ignore[method-assign]
     hub.forget_source("proxy-1")
-    assert told == [(topics.WAITERS_CHANGED, {**key, "previous_count": 5, "current_count": 3})]
+    assert told == [
+        (topics.WAITERS_CHANGED, {**key, "resolved_hostname": None, "previous_count": 5, "current_count": 3})
+    ]
     hub.forget_source("proxy-1")  # nothing of it left: nothing said
     assert len(told) == 1
     assert hub.totals(topics.PENDING_UPDATED, {**pend, "waiting": 1}, "recorder")["waiting"] == 3

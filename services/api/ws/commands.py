@@ -94,7 +94,7 @@ async def _cmd_unsubscribe(conn: Connection, msg: dict[str, Any]) -> dict[str, A
 def _decision_command(action: str) -> Command:
     async def run(conn: Connection, msg: dict[str, Any]) -> dict[str, Any]:
         pid = pending_id(msg)
-        body = {k: v for k, v in msg.items() if k not in ("command", "pending_id")}  # misspellings refused as REST
+        body = {k: v for k, v in msg.items() if k not in ("command", "pending_id")}  # unknown fields refused as REST
         result = await pending.decide(conn.hub.ctx, pid, action, body, created_by=CREATED_BY)
         return reply("command_success", command=action, pending_id=pid, rule_id=result["rule"]["id"])
 

@@ -187,6 +187,9 @@ class Hub:
         # Connections held per key by each proxy process (the `source` of its waiters.changed):
         # /ws clients get the totals over the processes (`totals`).
         self._held: dict[tuple[Any, Any, Any], dict[str, int]] = {}
+        # The name each held key's connections were judged under (waiters.changed's
+        # resolved_hostname): another IP of a host counts for the entry of that name (`_entry_held`).
+        self._held_names: dict[tuple[Any, Any, Any], str] = {}
 
     def add(self, conn: Client) -> bool:
         """Register a client; True when that turned the busy topics on (the caller should let the
@@ -250,17 +253,34 @@ class Hub:
                 per[source] = current
             else:
                 per.pop(source, None)
+            name = data.get("resolved_hostname")
+            if isinstance(name, str) and name:
+                self._held_names[key] = name
             after = sum(per.values())
             if not per:
                 del self._held[key]
+                self._held_names.pop(key, None)
             return {**data, "previous_count": before, "current_count": after}
         if topic in (topics.PENDING_CREATED, topics.PENDING_UPDATED):
-            held = self._held.get(
-                (data.get("container_name"), data.get("destination_host"), data.get("destination_port"))
-            )
-            if held and isinstance(data.get("waiting"), int):
-                return {**data, "waiting": max(data["waiting"], sum(held.values()))}
+            if self._held and isinstance(data.get("waiting"), int):
+                held = self._entry_held(data)
+                if held:
+                    return {**data, "waiting": max(data["waiting"], held)}
         return data
+
+    def _entry_held(self, entry: dict[str, Any]) -> int:
+        """The connections held over every process for a pending entry: for its key, and for
+        another host of its container and port judged under the entry's (resolved-or-raw) host
+        (another IP of the same host bumps the entry, SPEC §3.1: its key has no entry of its own)."""
+        container, port = entry.get("container_name"), entry.get("destination_port")
+        own = entry.get("destination_host")
+        group = entry.get("resolved_hostname") or own
+        names = self._held_names
+        return sum(
+            sum(per.values())
+            for key, per in self._held.items()
+            if key[0] == container and key[2] == port and (key[1] == own or key[1] == group or names.get(key) == group)
+        )
 
     def forget_source(self, source: str) -> None:
         """A proxy process ended (a new one took its name): the connections it held are gone, and
@@ -270,8 +290,10 @@ class Hub:
             before = sum(per.values())
             del per[source]
             after = sum(per.values())
+            name = self._held_names.get(key)
             if not per:
                 del self._held[key]
+                self._held_names.pop(key, None)
             container, host, port = key
             self.dispatch(
                 topics.WAITERS_CHANGED,
@@ -279,6 +301,7 @@ class Hub:
                     "container_name": container,
                     "host": host,
                     "port": port,
+                    "resolved_hostname": name,
                     "previous_count": before,
                     "current_count": after,
                 },

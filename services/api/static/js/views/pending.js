@@ -178,10 +178,13 @@ export function mount(root, params, query, app) {
     if (wasFocus) state.focus = (state.items[i] || state.items[i - 1] || {}).id ?? null;
   }
 
+  // A key's connections count for the entry of its host, or of the name they were judged under
+  // (another IP of the same host bumps that entry and has none of its own: SPEC §3.1).
   function waiters(w) {
     for (const e of state.items) {
       if (e.container_name === w.container_name && Number(e.destination_port) === Number(w.port)
-          && [e.destination_host, e.resolved_hostname].includes(w.host)) {
+          && ([e.destination_host, e.resolved_hostname].includes(w.host)
+              || (w.resolved_hostname && w.resolved_hostname === (e.resolved_hostname || e.destination_host)))) {
         if (w.current_count > w.previous_count) e._holdStart = Date.now();
         e.waiting = Math.max(0, (e.waiting || 0) + (w.current_count - w.previous_count));
       }
