@@ -124,7 +124,10 @@ def apply_migrations(db: peewee.SqliteDatabase) -> list[int]:
             if version in done:
                 continue
             for stmt in statements:
-                conn.execute(stmt)
+                if callable(stmt):
+                    stmt(conn)
+                else:
+                    conn.execute(stmt)
             conn.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (version, name, time.time()),

@@ -5,11 +5,17 @@ Timestamps are stored as REAL epoch seconds (UTC); the API formats them as RFC 3
 
 from __future__ import annotations
 
+import sqlite3
 import time
+from collections.abc import Callable
+
+# A step: an SQL statement, or a function given the connection (inside the migration's transaction)
+# for what SQL alone cannot say.
+Step = str | Callable[[sqlite3.Connection], None]
 
 _NOW = time.time()
 
-MIGRATIONS: list[tuple[int, str, list[str]]] = [
+MIGRATIONS: list[tuple[int, str, list[Step]]] = [
     (
         1,
         "core tables",
@@ -490,3 +496,25 @@ MIGRATIONS.append(
         ],
     )
 )
+
+
+def _normalise_destinations(conn: sqlite3.Connection) -> None:
+    """Rules' destinations in the form they match in (`validate_destination_pattern`: lower case,
+    no trailing dot, punycode, canonical IPs), as the API now stores them, so that the duplicate
+    guard (SPEC §2.4) finds a new rule equal to one stored before as `Example.COM.`. A pattern the
+    API would now refuse (a port or URL written into it: it never matched) is left as it was.
+    Rules that become twins stay separate rules (they decide alike); nothing is deleted."""
+    from greyproxy.policy.patterns import validate_destination_pattern  # (no import cycle at load)
+
+    changed = []
+    for rule_id, pattern in conn.execute("SELECT id, destination_pattern FROM rules").fetchall():
+        try:
+            normal = validate_destination_pattern(pattern)
+        except ValueError:
+            continue
+        if normal != pattern:
+            changed.append((normal, rule_id))
+    conn.executemany("UPDATE rules SET destination_pattern = ? WHERE id = ?", changed)
+
+
+MIGRATIONS.append((15, "rule destinations as they match", [_normalise_destinations]))

@@ -809,7 +809,7 @@ class Gate:
         held = self.holds
         n = len(held.get(key, ()))
         if name is None:
-            return n
+            name = key[1]  # (a key with no name is its group's name: a name's own key, or a raw host's)
         container, port = key[0], key[2]
         for k, waiters in held.items():
             if k[2] == port and k[0] == container and k != key:

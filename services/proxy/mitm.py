@@ -87,12 +87,14 @@ def _request_line(buf: bytearray) -> int:
 
     Deliberately wider than the request lines this proxy parses, since whatever is called "not
     HTTP" is piped to the origin unread and unrecorded, and origin servers are lenient (nginx skips
-    leading CR/LF, takes several spaces and spaces inside the target): empty lines first (RFC 9112
-    §2.2), a method of token characters (RFC 9110 §5.6.2, any length), one or more spaces, then
-    anything up to the line's LF whose end is `SP+ HTTP/d.d SP* CR?`, with a target before it. The
-    request path's parser then refuses what it does not take (400, 505 for `PRI * HTTP/2.0`). Text
-    protocols that are not HTTP (`SET k v`, `PING`, an SSH banner) end their first line otherwise.
-    One pass, byte by byte (compiled: C reads of the bytearray)."""
+    leading CR/LF and takes several spaces; Python's http.server splits the line on any whitespace
+    and takes `HTTP/1.10`; both serve `GET /path` as HTTP/0.9). So: empty lines first (RFC 9112
+    §2.2), a method of token characters (RFC 9110 §5.6.2, any length), then up to the line's LF
+    either a last word (split on SP, HTAB, VT, FF, CR) beginning `HTTP/` with a word between it and
+    the method, or `GET /...` alone (HTTP/0.9). The request path's parser then refuses what it does
+    not take (400, 505 for `PRI * HTTP/2.0`). Text protocols that are not HTTP (`SET k v`, `PING`,
+    an SSH banner) end their first line otherwise. One pass, byte by byte (compiled: C reads of
+    the bytearray)."""
     n = len(buf)
     limit = n if n < MAX_PEEK else MAX_PEEK
     i = 0
@@ -101,11 +103,11 @@ def _request_line(buf: bytearray) -> int:
     if i == limit:
         return -1 if limit else 0  # (nothing at all is not the start of one)
     start = i
-    while True:  # the method, up to its space
+    while True:  # the method, up to the first whitespace
         if i == limit:
             return -1
         c = buf[i]
-        if c == 32:
+        if c == 32 or c == 9 or c == 11 or c == 12 or c == 13:
             break
         if not (
             97 <= c <= 122
@@ -113,37 +115,63 @@ def _request_line(buf: bytearray) -> int:
             or 48 <= c <= 57
             or c in (33, 35, 36, 37, 38, 39, 42, 43, 45, 46, 94, 95, 96, 124, 126)  # !#$%&'*+-.^_`|~
         ):
-            return 0
+            return 0  # (an LF too: a method alone on its line)
         i += 1
     if i == start:
-        return 0  # a line that begins with a space
+        return 0  # a line that begins with whitespace
+    m = i  # the method is buf[start:m]
     while True:  # the rest of the line, up to its LF
         if i == limit:
             return -1
         if buf[i] == 10:
             break
         i += 1
-    end = i  # the LF; the line's rest is buf[start:end], the method's space at or after start + 1
-    if end > start and buf[end - 1] == 13:
+    end = i
+    while end > m and (buf[end - 1] == 32 or 9 <= buf[end - 1] <= 13):  # whitespace at the line's end
         end -= 1
-    while end > start and buf[end - 1] == 32:  # spaces after the version
-        end -= 1
-    # `HTTP/d.d` ends the line, after a space and a target that is not only spaces
-    v = end - 8
-    if v <= start + 2:  # room for a method byte, its space and a target byte before it
-        return 0
-    if buf[v - 1] != 32 or not (48 <= buf[v + 5] <= 57) or buf[v + 6] != 46 or not (48 <= buf[v + 7] <= 57):
-        return 0
-    if buf[v] != 72 or buf[v + 1] != 84 or buf[v + 2] != 84 or buf[v + 3] != 80 or buf[v + 4] != 47:  # HTTP/
-        return 0
-    j = v - 1
-    while j > start and buf[j] == 32:  # the spaces before the version
+    t = end  # the last word is buf[t:end]
+    while t > m and not (buf[t - 1] == 32 or 9 <= buf[t - 1] <= 13):
+        t -= 1
+    if t == m:
+        return 0  # the method alone
+    j = t  # is there a word between the method and the last one?
+    while j > m and (buf[j - 1] == 32 or 9 <= buf[j - 1] <= 13):
         j -= 1
-    # buf[j] is now the target's last byte, unless the target is empty (j is back on the method)
-    k = start
-    while buf[k] != 32:  # the method's end
-        k += 1
-    return 1 if j > k else 0
+    if j > m:  # three words or more: HTTP when the last names the version
+        if (
+            end - t > 5
+            and buf[t] == 72
+            and buf[t + 1] == 84
+            and buf[t + 2] == 84
+            and buf[t + 3] == 80
+            and buf[t + 4] == 47
+        ):
+            return 1
+        return 0
+    # two words: HTTP/0.9's `GET /path`
+    if m - start == 3 and buf[start] == 71 and buf[start + 1] == 69 and buf[start + 2] == 84 and buf[t] == 47:
+        return 1
+    return 0
+
+
+_H2_HINTED: dict[str, None] = {}  # hosts whose h2-only clients were named in the log (the last 256)
+
+
+def _only_h2(container: str, name: str) -> None:
+    """A client offering only h2 is intercepted all the same, with no protocol agreed (SPEC §7:
+    HTTP/1.1 only): an HTTP/2-only client (gRPC) then fails. Say so once per host, with the way out."""
+    if name in _H2_HINTED:
+        return
+    if len(_H2_HINTED) >= 256:
+        del _H2_HINTED[next(iter(_H2_HINTED))]
+    _H2_HINTED[name] = None
+    log.warning(
+        "%s offered only h2 (ALPN) for %s: intercepted as HTTP/1.1, which an HTTP/2-only client"
+        " (gRPC) cannot speak; add %s to mitm.bypass to pipe it untouched",
+        container,
+        name,
+        name,
+    )
 
 
 @dataclass
@@ -329,6 +357,8 @@ class Interceptor:
         if leaves is None:
             return self._skip(verdict, NO_CERT)
         name = _valid_name(sni) or host
+        if hello.alpn and "http/1.1" not in hello.alpn:
+            _only_h2(container, name)
         server_ctx = leaves.get(name)
         if server_ctx is None:
             try:

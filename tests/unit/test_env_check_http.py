@@ -124,3 +124,8 @@ def test_judging_the_printed_answer() -> None:
     )
     assert proxy_answer("credentials_unavailable", "") == "X-Greyproxy-Reason: credentials_unavailable"
     assert proxy_answer("", "Greyproxy is a fine name for a page\n") is None
+    # curl before 7.84 knows no %header{...}: it prints the variable as written, which is no reason
+    old_curl = "200\n%header{x-greyproxy-reason}\n<html>hello</html>"
+    assert _answer_judge(0, old_curl, "") == (True, "200")
+    old_curl_refused = "403\n%header{x-greyproxy-reason}\nRequest denied by proxy\n"
+    assert _answer_judge(0, old_curl_refused, "")[0] is False

@@ -102,6 +102,32 @@ def test_the_entrys_waiting_counts_the_sibling_ips_connections() -> None:
     assert g.entry_waiting(("c", IP1, 443), NAME) == 0  # all gone
 
 
+def test_a_connection_by_the_name_itself_counts_the_ips_connections() -> None:
+    """A client connecting by the name (key host `multi.test`, no resolved name) is in the same
+    group as the IPs judged under it: its sighting's `waiting` counts them (once it counted only its
+    own key, so the recorder said 1 where the API and /ws said 2)."""
+    g, journal, _pub = held_gate()
+
+    async def main() -> None:
+        first = asyncio.ensure_future(g.admit("c", IP1, 443, "SOCKS5"))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if g.waiting() == 1:
+                break
+        by_name = asyncio.ensure_future(g.admit("c", NAME, 443, "SOCKS5"))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if g.waiting() == 2:
+                break
+        assert g.entry_waiting(("c", NAME, 443), None) == 2
+        g.block_holds([("c", NAME, 443)], "dismissed")
+        await asyncio.gather(first, by_name)
+
+    asyncio.run(main())
+    sightings = [d for k, d in journal.records if k == records.PENDING]
+    assert [(d["destination_host"], d["waiting"]) for d in sightings] == [(IP1, 1), (NAME, 2)]
+
+
 def test_a_name_learnt_late_reports_the_entrys_waiting() -> None:
     """`pending_named` (a raw IP's sighting named later) carries the entry's `waiting` too: the
     connections held for the key and for the other IPs already judged under that name."""
