@@ -298,11 +298,13 @@ def _check_bind_host(h: str, key: str) -> None:
     h = h.strip()
     if h in ("", "*") or h.lower() == "localhost":
         return
+    what = "--host" if key == "--host" else f"config key {key!r}"
     try:
-        ipaddress.ip_address(h)
+        addr = ipaddress.ip_address(h)
     except ValueError:
-        what = "--host" if key == "--host" else f"config key {key!r}"
         raise ConfigError(f"{what}: {h!r} is not an IP address to listen on (e.g. 127.0.0.1, ::1, 0.0.0.0)") from None
+    if addr.version == 6 and addr.ipv4_mapped is not None:  # (an IPv6 socket cannot bind one: EINVAL)
+        raise ConfigError(f"{what}: {h!r} is an IPv4-mapped address; write the IPv4 address ({addr.ipv4_mapped})")
 
 
 def check_dns_upstream(spec: Any, key: str) -> tuple[str, int]:

@@ -19,6 +19,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from typing import Any
 
 log = logging.getLogger("greyproxy")
 
@@ -42,21 +43,33 @@ def is_local_address(ip: str) -> bool:
         sockaddr = socket.getaddrinfo(str(addr), _PROBE_PORT, family, socket.SOCK_DGRAM, 0, socket.AI_NUMERICHOST)[0][4]
     except (OSError, UnicodeError):
         return False
-    try:
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-    except OSError as exc:
-        log.warning("cannot tell whether %s is a local address (%s): judged local", addr, exc)
-        return True
-    with sock:
+    tries: list[Any] = [sockaddr]
+    if addr.version == 6 and addr.is_link_local and len(sockaddr) == 4 and not sockaddr[3]:
+        # A link-local address without its zone: the probe alone cannot route it (EINVAL), while a
+        # connect may still reach it on an interface that has it. Asked on every interface.
         try:
-            sock.connect(sockaddr)
-            own = sock.getsockname()[0]
-        except OSError:
-            return False
-    try:
-        return ipaddress.ip_address(own.split("%", 1)[0]).packed == addr.packed
-    except ValueError:
-        return False
+            tries = [(str(addr), _PROBE_PORT, 0, index) for index, _name in socket.if_nameindex()]
+        except OSError as exc:
+            log.warning("cannot tell whether %s is a local address (%s): judged local", addr, exc)
+            return True
+    for target in tries:
+        try:
+            sock = socket.socket(family, socket.SOCK_DGRAM)  # (one per try: a failed connect spoils it)
+        except OSError as exc:
+            log.warning("cannot tell whether %s is a local address (%s): judged local", addr, exc)
+            return True
+        with sock:
+            try:
+                sock.connect(target)
+                own = sock.getsockname()[0]
+            except OSError:
+                continue
+        try:
+            if ipaddress.ip_address(own.split("%", 1)[0]).packed == addr.packed:
+                return True
+        except ValueError:
+            continue
+    return False
 
 
 def local_addresses(ips: Iterable[str]) -> list[str]:

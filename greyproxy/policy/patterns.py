@@ -438,6 +438,7 @@ class PortPattern:
             if lo > hi:
                 raise ValueError(f"port_pattern {pattern!r}: range {item!r} runs backwards")
             ranges.append((lo, hi))
+        ranges = sorted(set(ranges))  # one text per set of items: '443,80,80' is '80,443' (SPEC §2.4's twins)
         text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
         span = sum(hi - lo + 1 for lo, hi in ranges)
         if span <= _SET_LIMIT:
@@ -487,6 +488,9 @@ def validate_port_pattern(pattern: str | None) -> str:
 _WITH_PORT = re.compile(r"(\[[^\]]*\]|[^:]*):([0-9]+)\Z")
 
 
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label inet_aton reads as a number (http1's)
+
+
 def validate_destination_pattern(pattern: str) -> str:
     """The pattern as stored, in the form it matches in (SPEC §2.2: compared case-insensitively,
     trailing dot ignored), so that equal patterns are stored equal and the duplicate guard (§2.4)
@@ -524,8 +528,21 @@ def validate_destination_pattern(pattern: str) -> str:
             f" in port_pattern ({port!r})"
         )
     parsed = DestinationPattern.parse(p)  # raises for a malformed CIDR
-    if parsed.kind is DestKind.EXACT and parse_ip(parsed.value) is not None:
-        p = parsed.value  # IPv6 literals compare in canonical form: store that form
+    if parsed.kind is DestKind.CIDR:
+        return parsed.value  # '10.0.0.1/8' and '10.0.0.0/08' are '10.0.0.0/8'
+    if parsed.kind is DestKind.EXACT:
+        if parse_ip(parsed.value) is not None:
+            return parsed.value  # IPv6 literals compare in canonical form: store that form
+        labels = p.split(".")
+        if "" in labels:
+            raise ValueError(f"destination_pattern {pattern!r} has an empty label")
+        if _NUMERIC_LABEL.fullmatch(labels[-1]):
+            # '010.0.0.1', '1.2.3', '2130706433', '0x7f.0.0.1', '256.1.1.1': the proxy refuses such
+            # hosts ("bad host": resolvers read them as addresses), so such a rule never matches
+            raise ValueError(
+                f"destination_pattern {pattern!r}: a name ending in a number never matches; write an"
+                " IPv4 address as four decimal numbers 0-255 without leading zeros, or a CIDR range"
+            )
     return p
 
 

@@ -499,22 +499,28 @@ MIGRATIONS.append(
 
 
 def _normalise_destinations(conn: sqlite3.Connection) -> None:
-    """Rules' destinations in the form they match in (`validate_destination_pattern`: lower case,
-    no trailing dot, punycode, canonical IPs), as the API now stores them, so that the duplicate
+    """Rules' destinations and ports in the form they match in (`validate_destination_pattern`:
+    lower case, no trailing dot, punycode, canonical IPs and CIDRs; ports sorted, each once), as the
+    API now stores them, so that the duplicate
     guard (SPEC §2.4) finds a new rule equal to one stored before as `Example.COM.`. A pattern the
     API would now refuse (a port or URL written into it: it never matched) is left as it was.
     Rules that become twins stay separate rules (they decide alike); nothing is deleted."""
-    from greyproxy.policy.patterns import validate_destination_pattern  # (no import cycle at load)
+    from greyproxy.policy.patterns import validate_destination_pattern, validate_port_pattern  # (no cycle)
 
     changed = []
-    for rule_id, pattern in conn.execute("SELECT id, destination_pattern FROM rules").fetchall():
+    rows = conn.execute("SELECT id, destination_pattern, port_pattern FROM rules").fetchall()
+    for rule_id, pattern, ports in rows:
         try:
             normal = validate_destination_pattern(pattern)
         except ValueError:
-            continue
-        if normal != pattern:
-            changed.append((normal, rule_id))
-    conn.executemany("UPDATE rules SET destination_pattern = ? WHERE id = ?", changed)
+            normal = pattern
+        try:
+            normal_ports = validate_port_pattern(ports)
+        except ValueError:
+            normal_ports = ports
+        if (normal, normal_ports) != (pattern, ports):
+            changed.append((normal, normal_ports, rule_id))
+    conn.executemany("UPDATE rules SET destination_pattern = ?, port_pattern = ? WHERE id = ?", changed)
 
 
-MIGRATIONS.append((15, "rule destinations as they match", [_normalise_destinations]))
+MIGRATIONS.append((15, "rule patterns as they match", [_normalise_destinations]))

@@ -146,8 +146,10 @@ def _identical(container_p: str, dest_p: str, port_p: str, action: str) -> pw.Ex
 def find_active(
     container_p: str, dest_p: str, port_p: str, action: str, now: float, exclude_id: int | None = None
 ) -> dict[str, Any] | None:
-    """The oldest active rule with exactly these patterns and action (other than `exclude_id`)."""
-    where = _identical(container_p, dest_p, port_p, action) & _active(now)
+    """The oldest active rule with exactly these patterns and action (other than `exclude_id`), not
+    a builtin one: those may be switched off (greyproxy.builtinRules: false), and a user's own rule
+    must then stand on its own, not be answered with the ignored builtin (outside tester C)."""
+    where = _identical(container_p, dest_p, port_p, action) & _active(now) & (Rule.source != "builtin")
     if exclude_id is not None:
         where &= Rule.id != exclude_id
     query = Rule.select().where(where).order_by(Rule.id)

@@ -27,7 +27,7 @@ from greyproxy.shapes import rule_json
 
 from .context import ApiContext
 from .errors import bad_request
-from .util import json_response, soft_call
+from .util import ascii_int, json_response, soft_call
 
 NAME_TTL = 3600.0  # the proxy keeps an ip -> name mapping this long (gate.NAME_TTL)
 RESOLVE_TIMEOUT = 5.0
@@ -83,10 +83,9 @@ def parse_query(req: falcon.asgi.Request) -> tuple[str, str, int, str | None]:
     raw_port = req.get_param("port")
     if raw_port is None:
         raise bad_request("port is required")
-    try:
-        port = int(raw_port)
-    except ValueError:
-        raise bad_request(f"port must be an integer from 1 to 65535, not {raw_port!r}") from None
+    port = ascii_int(raw_port)  # (int() alone takes '８０', ' 80 ', '+80', '8_0')
+    if port is None:
+        raise bad_request(f"port must be an integer from 1 to 65535, not {raw_port!r}")
     if not 1 <= port <= 65535:
         raise bad_request(f"port must be an integer from 1 to 65535, not {port}")
     try:

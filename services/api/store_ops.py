@@ -212,9 +212,18 @@ def _clean_decided(new_rules: Sequence[dict[str, Any]], now: float, builtins: bo
     cleaned: Cleaned = []
     for row, rule in candidates:
         where = (row["container_name"], row["destination_host"], int(row["destination_port"]))
-        if rules.decide(*where, resolved_hostname=row["resolved_hostname"], now=now).action == rule.action:
-            covered.append(row)
-            cleaned.append((int(row["id"]), by_id[rule.id]))
+        if rules.decide(*where, resolved_hostname=row["resolved_hostname"], now=now).action != rule.action:
+            continue
+        name = row["resolved_hostname"]
+        if name and name != row["destination_host"]:
+            # The entry stands for its name's group (SPEC §3.1: another IP of the name bumps it and
+            # has no row of its own): it leaves only when the name is decided, else a rule for one
+            # IP would take the entry of the others' held connections with it (nobody could decide
+            # them). A rule naming one IP releases that IP's connections; the entry stays.
+            if rules.decide(where[0], name, where[2], now=now).action != rule.action:
+                continue
+        covered.append(row)
+        cleaned.append((int(row["id"]), by_id[rule.id]))
     return cleaned, _delete_pending(covered)
 
 

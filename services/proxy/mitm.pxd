@@ -28,6 +28,6 @@ cdef class Interceptor:
 
 @cython.locals(got=int)
 cpdef str http_state(buf)
-@cython.locals(n=Py_ssize_t, limit=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t, c=int, m=Py_ssize_t, end=Py_ssize_t, t=Py_ssize_t, j=Py_ssize_t)
+@cython.locals(n=Py_ssize_t, limit=Py_ssize_t, i=Py_ssize_t, start=Py_ssize_t, c=int, upper=bint, m=Py_ssize_t, end=Py_ssize_t, t=Py_ssize_t, j=Py_ssize_t)
 cpdef int _request_line(bytearray buf) except -2
 cpdef tuple _classify(buf)

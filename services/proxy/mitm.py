@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
 import ssl
 import time
 from dataclasses import dataclass
@@ -64,21 +65,39 @@ def http_state(buf: bytes | bytearray) -> str:
     """'http' when `buf` starts with an HTTP request line, 'other' when it cannot, 'more' to wait.
     A line still begun like one after MAX_PEEK bytes is 'http': the request path then reads it under
     its own limits (414 past `maxHeaderBytes`), so a long line is never a way around interception."""
-    got = _request_line(buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1]))
+    b = buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1])
+    got = _request_line(b)
     if got > 0:
         return "http"
     if got == 0:
         return "other"
-    return "http" if len(buf) >= MAX_PEEK else "more"
+    return "more" if len(buf) < MAX_PEEK else _begun(b)
 
 
 def settled_state(buf: bytes | bytearray) -> str:
-    """`http_state` once no more bytes will come in time (the first message's deadline): what is
-    there and may still begin a request line is 'http' (the request path answers it: 408, 400),
-    anything else 'other'. A slow first line is no way around interception either."""
+    """`http_state` once no more bytes will come in time (the first message's deadline, or the
+    client's EOF: Python's http.server serves a last line with no LF): a request line begun and left
+    unfinished is 'http' (the request path answers it: 408, 400), so a slow or cut first line is no
+    way around interception either; anything else 'other'."""
     if not buf:
         return "other"
-    return "other" if _request_line(buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1])) == 0 else "http"
+    b = buf if type(buf) is bytearray else bytearray(buf[: MAX_PEEK + 1])
+    got = _request_line(b)
+    if got != -1:
+        return "http" if got > 0 else "other"
+    return _begun(b)
+
+
+# What an unfinished first line must look like to be taken for HTTP: a method as HTTP's are
+# (upper-case letters, '-', '_'), then printable bytes. A client-first protocol that waits with no LF
+# sent (git's `0032git-upload-pack /repo.git\0host=...\0`) is not one, and is piped as before.
+_BEGUN = re.compile(rb"[ \t\x0b\x0c\r\n]*[A-Z_-]+(?:[ \t\x0b\x0c\r][^\x00-\x08\x0e-\x1f\x7f]*)?")
+
+
+def _begun(b: bytearray) -> str:
+    """'http' when the first line there, unfinished (no LF in the first MAX_PEEK bytes), is begun
+    like a request line (`_BEGUN`), else 'other'."""
+    return "http" if _BEGUN.fullmatch(b, 0, MAX_PEEK) is not None else "other"
 
 
 def _request_line(buf: bytearray) -> int:
@@ -87,9 +106,9 @@ def _request_line(buf: bytearray) -> int:
 
     Deliberately wider than the request lines this proxy parses, since whatever is called "not
     HTTP" is piped to the origin unread and unrecorded, and origin servers are lenient (nginx skips
-    leading CR/LF and takes several spaces; Python's http.server splits the line on any whitespace
-    and takes `HTTP/1.10`; both serve `GET /path` as HTTP/0.9). So: empty lines first (RFC 9112
-    §2.2), a method of token characters (RFC 9110 §5.6.2, any length), then up to the line's LF
+    leading CR/LF and takes several spaces; Python's http.server splits the line on any whitespace,
+    leading whitespace too, and takes `HTTP/1.10`; both serve `GET /path` as HTTP/0.9). So: empty
+    lines and whitespace first (RFC 9112 §2.2), a method of token characters (RFC 9110 §5.6.2, any length), then up to the line's LF
     either a last word (split on SP, HTAB, VT, FF, CR) beginning `HTTP/` with a word between it and
     the method, or `GET /...` alone (HTTP/0.9). The request path's parser then refuses what it does
     not take (400, 505 for `PRI * HTTP/2.0`). Text protocols that are not HTTP (`SET k v`, `PING`,
@@ -98,33 +117,36 @@ def _request_line(buf: bytearray) -> int:
     n = len(buf)
     limit = n if n < MAX_PEEK else MAX_PEEK
     i = 0
-    while i < limit and (buf[i] == 13 or buf[i] == 10):  # empty lines before the request line
+    while i < limit and (buf[i] == 32 or 9 <= buf[i] <= 13):  # empty lines, whitespace before the method
         i += 1
     if i == limit:
         return -1 if limit else 0  # (nothing at all is not the start of one)
     start = i
+    upper = True  # a method as HTTP's are: upper-case letters, '-', '_'
     while True:  # the method, up to the first whitespace
         if i == limit:
             return -1
         c = buf[i]
         if c == 32 or c == 9 or c == 11 or c == 12 or c == 13:
             break
-        if not (
-            97 <= c <= 122
-            or 65 <= c <= 90
-            or 48 <= c <= 57
-            or c in (33, 35, 36, 37, 38, 39, 42, 43, 45, 46, 94, 95, 96, 124, 126)  # !#$%&'*+-.^_`|~
-        ):
-            return 0  # (an LF too: a method alone on its line)
+        if not (65 <= c <= 90 or c == 45 or c == 95):
+            upper = False
+            if not (
+                97 <= c <= 122
+                or 48 <= c <= 57
+                or c in (33, 35, 36, 37, 38, 39, 42, 43, 46, 94, 96, 124, 126)  # !#$%&'*+.^`|~
+            ):
+                return 0  # (an LF too: a method alone on its line)
         i += 1
-    if i == start:
-        return 0  # a line that begins with whitespace
     m = i  # the method is buf[start:m]
     while True:  # the rest of the line, up to its LF
         if i == limit:
             return -1
-        if buf[i] == 10:
+        c = buf[i]
+        if c == 10:
             break
+        if not upper and (c < 9 or 14 <= c < 32 or c == 127):
+            return 0  # a control byte after an odd method: another protocol (git's first pkt-line)
         i += 1
     end = i
     while end > m and (buf[end - 1] == 32 or 9 <= buf[end - 1] <= 13):  # whitespace at the line's end
@@ -154,6 +176,10 @@ def _request_line(buf: bytearray) -> int:
     return 0
 
 
+# ALPN names of HTTP (RFC 7301's registry): a client offering one of them speaks HTTP inside its TLS
+_HTTP_ALPN = frozenset(
+    ["http/0.9", "http/1.0", "http/1.1", "h2", "h2c", "h3", "spdy/1", "spdy/2", "spdy/3", "spdy/3.1"]
+)
 _H2_HINTED: dict[str, None] = {}  # hosts whose h2-only clients were named in the log (the last 256)
 
 
@@ -358,6 +384,10 @@ class Interceptor:
             return self._skip(verdict, NO_CERT)
         name = _valid_name(sni) or host
         if hello.alpn and "http/1.1" not in hello.alpn:
+            if not any(p in _HTTP_ALPN for p in hello.alpn):
+                # A protocol chosen by ALPN that is not HTTP (MQTT on 443, XMPP, DoT, ...): it needs
+                # its protocol agreed with the origin, which interception cannot give. Piped.
+                return self._skip(verdict, NON_HTTP_AFTER_TLS)
             _only_h2(container, name)
         server_ctx = leaves.get(name)
         if server_ctx is None:
@@ -413,8 +443,10 @@ class Interceptor:
         rest of a first message begun)."""
         kind, hello = _classify(client.buf)
         if kind == "more":
-            if quiet_over or upstream.buf or upstream.eof or client.eof:
+            if quiet_over or upstream.buf or upstream.eof:
                 kind = "other"  # (as `_peek`)
+            elif client.eof:
+                kind = settled_state(client.buf)  # (as `_peek`)
             elif client.buf:
                 return True  # a hello or request line begun: `_peek` waits for its rest, under its deadline
             else:
@@ -454,8 +486,10 @@ class Interceptor:
             kind, hello = _classify(client.buf)
             if kind != "more":
                 return kind, hello
-            if upstream.buf or upstream.eof or client.eof:
-                return "other", None
+            if upstream.buf or upstream.eof:
+                return "other", None  # the server speaks first: not HTTP
+            if client.eof:
+                return settled_state(client.buf), None  # (a last line with no LF is served by some)
             if client.buf and deadline is None:
                 deadline = loop.time() + limits.header_timeout  # a started hello/line must finish soon
             if deadline is None:
@@ -476,7 +510,7 @@ class Interceptor:
             if state != "more":
                 return state
             if client.eof:
-                return "other"
+                return settled_state(client.buf)
             up = s.upstream
             if up is not None and (up.buf or up.eof):
                 return "other"

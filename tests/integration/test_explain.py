@@ -90,6 +90,11 @@ def test_explain_refuses_bad_queries(stack: Stack) -> None:
         {"container": "a", "host": "x.example"},
         {"container": "a", "host": "x.example", "port": "0"},
         {"container": "a", "host": "x.example", "port": "http"},
+        # a port as int() alone reads them: full-width digits, blanks, a sign, an underscore
+        {"container": "a", "host": "x.example", "port": "\uff18\uff10"},
+        {"container": "a", "host": "x.example", "port": " 80 "},
+        {"container": "a", "host": "x.example", "port": "+80"},
+        {"container": "a", "host": "x.example", "port": "8_0"},
         {"container": "a", "host": "a b", "port": "80"},
         # what the proxy refuses as a bad host (a resolver reads them as 127.0.0.1): not "pending"
         {"container": "a", "host": "2130706433", "port": "80"},

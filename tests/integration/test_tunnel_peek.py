@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
 
 from conftest import (
     OriginHandler,
@@ -249,3 +250,50 @@ def test_a_request_line_left_unfinished_past_the_look_is_still_read(stack: Stack
     # the request path's own header deadline had run out too: its 408, not the origin's answer
     assert reply.startswith((b"HTTP/1.1 200", b"HTTP/1.1 408")), reply
     assert wait_log_entry(stack, "peek-slow-line")["mitm_skip_reason"] is None
+
+
+@pytest.fixture(scope="module")
+def echo_port() -> Iterator[int]:
+    with echo_origin(HOST) as port:
+        yield port
+
+
+def test_a_client_first_protocol_with_no_line_end_is_piped_at_once(stack: Stack, echo_port: int) -> None:
+    """git's first message (`0032git-upload-pack /repo.git\\0host=...\\0`, no LF, then it waits for
+    the server) is not HTTP: piped at once, not held until headerTimeout and answered 400 (as a
+    first look that took any token for a method did)."""
+    sock, _ = _tunnel(stack, "peek-git", echo_port)
+    first = b"0032git-upload-pack /repo.git\x00host=127.0.0.1\x00"
+    with sock:
+        sock.settimeout(3)  # well under the stack's headerTimeout (5 s)
+        sock.sendall(first)
+        assert _recv_until(sock, first[-10:]) == first
+    assert wait_log_entry(stack, "peek-git")["mitm_skip_reason"] == "non_tls"
+
+
+def test_a_last_request_line_cut_by_the_clients_eof_is_not_piped(stack: Stack, http_origin: int) -> None:
+    """A request line with no LF and then the client's EOF: Python's http.server serves it, so it is
+    the request path's (which serves nothing unfinished), never piped to the origin unread."""
+    sock, _ = _tunnel(stack, "peek-eof", http_origin)
+    with sock:
+        sock.sendall(b"GET /cut HTTP/1.1")
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(10)
+        reply = _recv_until(sock, b"\x00never")
+    assert b"reached" not in reply, reply
+    assert wait_log_entry(stack, "peek-eof")["mitm_skip_reason"] is None
+
+
+def test_a_client_naming_a_protocol_that_is_not_http_by_alpn_is_piped(stack: Stack, tls_origin: int) -> None:
+    """ALPN chosen protocols other than HTTP (MQTT on 443, XMPP, DoT) need their protocol agreed with
+    the origin, which interception cannot give: piped untouched, as before, unlike an h2-only client."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (whose certificate comes back is the test)
+    ctx.set_alpn_protocols(["x-mqtt"])
+    raw, _ = _tunnel(stack, "peek-alpn-mqtt", tls_origin)
+    with ctx.wrap_socket(raw, server_hostname=SNI) as tls:
+        der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        issuer = x509.load_der_x509_certificate(der).issuer.rfc4514_string()
+    assert "Greyproxy CA" not in issuer, issuer  # the origin's own certificate: not intercepted
+    assert wait_log_entry(stack, "peek-alpn-mqtt")["mitm_skip_reason"] == "non_http_after_tls"

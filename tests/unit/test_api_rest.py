@@ -596,6 +596,17 @@ def test_rule_delete(api):
     assert api.get(f"/api/rules/{rule['id']}").status_code == 404
 
 
+def test_a_rule_like_a_builtin_one_is_the_users_own(api):
+    """POST of `* -> 127.0.0.1` once answered with the seeded builtin rule; with
+    greyproxy.builtinRules: false that rule is ignored, so the user's rule did nothing (outside
+    tester C). A user's rule is its own, a global one; POSTing it again returns it."""
+    body = {"container_pattern": "*", "destination_pattern": "127.0.0.1", "action": "allow"}
+    first = api.post("/api/rules", body)
+    assert first.status_code == 201 and first.json["source"] == "global", first.json
+    again = api.post("/api/rules", body)
+    assert again.json["id"] == first.json["id"]
+
+
 def test_rule_delete_builtin_is_refused(api):
     """Builtin rules are listed, not edited or deleted (README, docs/configuration.md): they are
     seeded once, so a deleted one never came back; greyproxy.builtinRules: false switches them off."""
@@ -652,6 +663,20 @@ def test_rule_create_withdraws_the_pending_entries_it_decides(live):
     deny = new_rule(live, container_pattern="sp", destination_pattern="bad.example", action="deny")
     assert ("pending_request.dismissed", {"pending_id": to_deny, "rule": deny}) in live.events()
     assert {r[0] for r in live.sql("SELECT id FROM pending")} == {other_port, other_container}
+
+
+def test_a_rule_for_one_ip_of_a_named_entry_leaves_the_entry(live):
+    """An entry judged under a name stands for every IP of it (another IP bumps it and has no row):
+    a rule naming one IP releases that IP's connections, but the entry stays until the name is
+    decided; once it left with the rule, the other IP's held connection had no entry anyone could
+    decide (outside tester A). A rule naming the host takes it."""
+    pid = live.add_pending("sv", "127.0.0.2", 443, resolved="multi.example")
+    live.events()
+    new_rule(live, container_pattern="sv", destination_pattern="127.0.0.2", port_pattern="443")
+    assert {r[0] for r in live.sql("SELECT id FROM pending")} == {pid}
+    assert [t for t, _ in live.events()] == ["rule.created"]
+    new_rule(live, container_pattern="sv", destination_pattern="multi.example", port_pattern="443")
+    assert live.sql("SELECT id FROM pending") == []
 
 
 def test_rule_create_leaves_entries_another_rule_decides_otherwise(live):

@@ -129,6 +129,11 @@ INVALID = [
     ("dns upstream port 0", {"dns": {"upstreams": ["[::1]:0"]}}, "'dns.upstreams[0]'"),
     ("dns upstream port not a number", {"dns": {"upstreams": ["1.2.3.4:dns"]}}, "'dns.upstreams[0]'"),
     ("host not an IP", {"host": "not-an-ip"}, "'host': 'not-an-ip' is not an IP address"),
+    (
+        "host IPv4-mapped",
+        {"host": "::ffff:0.0.0.0"},
+        "'host': '::ffff:0.0.0.0' is an IPv4-mapped address; write the IPv4",
+    ),
     ("listener host not an IP", {"services": [_svc("http-proxy", "not-an-ip:1")]}, "'services[0].addr'"),
     ("API host not an IP", {"greyproxy": {"addr": "api.example:1"}}, "'greyproxy.addr'"),
 ]

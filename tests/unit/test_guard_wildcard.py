@@ -66,6 +66,33 @@ def test_the_kernel_says_which_addresses_are_this_machines() -> None:
         assert local_addresses([V4, _not_mine(V4), "127.0.0.1"]) == [V4, "127.0.0.1"]
 
 
+def _link_local() -> str | None:
+    """An IPv6 link-local address of this machine (from /proc), or None."""
+    try:
+        with open("/proc/net/if_inet6") as f:
+            lines = f.read().split("\n")
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[0].startswith("fe80"):
+            return str(ipaddress.ip_address(bytes.fromhex(fields[0])))
+    return None
+
+
+LINK_LOCAL = _link_local()
+
+
+@pytest.mark.skipif(LINK_LOCAL is None, reason="this machine has no IPv6 link-local address")
+def test_a_link_local_address_without_its_zone_is_this_machines() -> None:
+    """`fe80::…` with no zone cannot be routed by the probe alone (EINVAL), yet a connect through the
+    proxy reached the API at it under a `::` bind (outside tester C): asked on every interface."""
+    assert LINK_LOCAL is not None
+    assert is_local_address(LINK_LOCAL)
+    assert is_local_address(f"[{LINK_LOCAL}]")
+    assert not is_local_address(_not_mine(LINK_LOCAL))
+
+
 def test_a_wildcard_bind_judges_an_address_on_our_ports_by_what_the_kernel_says() -> None:
     rules = RuleSet([Rule(1, "*", "*", action="allow")])
     for host in ("0.0.0.0", "::", "*"):

@@ -34,7 +34,8 @@ FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check
         (b"RTSP/1.0 200 OK\r\n", "other"),
         (b"GET rtsp://x/ RTSP/1.0\r\n", "other"),
         (b"\x16\x03\x01", "other"),
-        (b" GET / HTTP/1.1\r\n", "other"),
+        (b" GET / HTTP/1.1\r\n", "http"),  # Python's http.server strips whitespace before the method
+        (b"\t\x0bGET / HTTP/1.1\r\n", "http"),
         (b"GET /a XTTP/1.1\r\n", "other"),
         (b"GET  HTTP/1.1\r\n", "other"),  # no target
         # What origin servers read as a request, though this proxy's parser would refuse it: HTTP, so
@@ -56,7 +57,10 @@ FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check
         (b"GET key\r\n", "other"),
         (b"SET /x\r\n", "other"),
         (b"GET /" + b"a" * (MAX_PEEK - 5), "http"),  # longer than the look: the request path reads it
-        (b"\r\n" * (MAX_PEEK // 2), "http"),
+        (b"\r\n" * (MAX_PEEK // 2), "other"),  # no method in 8 KiB
+        (b"0032git-upload-pack /repo.git\x00host=x\x00", "other"),  # at once: git waits for the server
+        (b"GET /a\x00" + b"a" * MAX_PEEK, "other"),  # begun, then a control byte: not a request line
+        (b"0032git-upload-pack /repo.git\x00host=x\x00" + b"a" * MAX_PEEK, "other"),
         (b"", "other"),
     ],
 )
@@ -69,7 +73,11 @@ def test_http_state(data: bytes, state: str) -> None:
     [
         (b"GET /a", "http"),  # begun, left unfinished: the request path reads it (408, 400)
         (b"G", "http"),
-        (b"\r\n", "http"),
+        (b"GET /x HTTP/1.1", "http"),  # a last line with no LF, then EOF: Python's http.server serves it
+        (b"\r\n", "other"),  # no method
+        (b"0032git-upload-pack /repo.git\x00host=127.0.0.2\x00", "other"),  # git waits with no LF
+        (b"get /a", "other"),  # not a method as HTTP's are
+        (b"GET /a\x01", "other"),
         (b"GET / HTTP/1.1\r\n", "http"),
         (b"", "other"),
         (b"\x16\x03\x01\x02", "other"),  # a TLS record cut short
@@ -108,12 +116,25 @@ def test_http_state_is_total(data: bytes) -> None:
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
 
 
+def _begun_model(head: bytes) -> bool:
+    """An unfinished first line begun as HTTP's: whitespace, an upper-case method, printable bytes."""
+    rest = head.lstrip(b" \t\n\r\x0b\x0c")
+    method = re.match(rb"[A-Z_-]+", rest)
+    if method is None:
+        return False
+    after = rest[method.end() :]
+    if after and after[:1] not in (b" ", b"\t", b"\x0b", b"\x0c", b"\r"):
+        return False
+    return not any(c < 9 or 14 <= c < 32 or c == 127 for c in after)
+
+
 def _http_state_by_regex(buf: bytes) -> str:
     head = buf[:MAX_PEEK]
     if not head:
         return "other"
-    begun = "http" if len(buf) >= MAX_PEEK else "more"  # still a request line's start: wait, or read it
-    rest = head[re.match(rb"[\r\n]*", head).end() :]  # type: ignore[union-attr]
+    # still a request line's start: wait, or past the look read it when it is begun as HTTP's are
+    begun = ("http" if _begun_model(head) else "other") if len(buf) >= MAX_PEEK else "more"
+    rest = head[re.match(rb"[ \t\n\r\x0b\x0c]*", head).end() :]  # type: ignore[union-attr]
     if not rest:
         return begun
     method = re.match(_TCHAR + rb"+", rest)
@@ -124,6 +145,9 @@ def _http_state_by_regex(buf: bytes) -> str:
     if rest[method.end()] not in b" \t\x0b\x0c\r":
         return "other"
     nl = rest.find(b"\n", method.end())
+    odd = re.fullmatch(rb"[A-Z_-]+", method.group()) is None
+    if odd and any(c < 9 or 14 <= c < 32 or c == 127 for c in rest[method.end() : None if nl < 0 else nl]):
+        return "other"  # a control byte after a method unlike HTTP's
     if nl < 0:
         return begun
     words = rest[:nl].split()

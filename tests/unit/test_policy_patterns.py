@@ -344,12 +344,28 @@ def test_destination_patterns_are_stored_as_they_match(pattern: str, stored: str
         ("http://a.test/", "is a URL: give the host alone ('a.test')"),
         ("a.test/api", "a host name is given alone, without a path"),
         ("a..", "empty label"),
+        # the proxy refuses hosts whose last label is a number ("bad host"): no rule may name one
+        ("010.0.0.1", "a name ending in a number never matches"),
+        ("1.2.3", "a name ending in a number never matches"),
+        ("256.1.1.1", "a name ending in a number never matches"),
+        ("2130706433", "a name ending in a number never matches"),
+        ("0x7f.0.0.1", "a name ending in a number never matches"),
+        ("a..b", "empty label"),
+        (".", "empty label"),
     ],
 )
 def test_destination_patterns_that_never_match_are_refused(pattern: str, message: str) -> None:
     with pytest.raises(ValueError) as caught:
         validate_destination_pattern(pattern)
     assert message in str(caught.value)
+
+
+def test_equal_cidrs_and_port_lists_are_stored_alike() -> None:
+    """SPEC §2.4's twins: `10.0.0.1/8`, `10.0.0.0/08` and `10.0.0.0/8` are one range; `443,80,80`
+    and `80,443` one port list (outside tester C found each stored as a rule of its own)."""
+    assert {validate_destination_pattern(p) for p in ("10.0.0.1/8", "10.0.0.0/08", "10.0.0.0/8")} == {"10.0.0.0/8"}
+    assert validate_port_pattern("443,80,80") == validate_port_pattern("80,443") == "80,443"
+    assert validate_destination_pattern("10.0.0.*") == "10.0.0.*"  # a glob of addresses stays a glob
 
 
 def test_validate_container_pattern() -> None:

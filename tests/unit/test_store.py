@@ -221,8 +221,9 @@ def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None
         con.executemany(
             "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at)"
             " VALUES ('old', ?, '*', 'allow', 0)",
-            [("Example.COM.",), ("[::1]",), ("**.Sub.Example.org",), ("host.test:443",), ("10.0.0.0/8",)],
+            [("Example.COM.",), ("[::1]",), ("**.Sub.Example.org",), ("host.test:443",), ("10.0.0.1/8",)],
         )
+        con.execute("UPDATE rules SET port_pattern = '443,80,80' WHERE destination_pattern = '[::1]'")
     finally:
         con.close()
     db = open_database(path)
@@ -232,6 +233,10 @@ def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None
             for r in db.execute_sql("SELECT destination_pattern FROM rules WHERE container_pattern = 'old' ORDER BY id")
         ]
         assert got == ["example.com", "::1", "**.sub.example.org", "host.test:443", "10.0.0.0/8"]
+        ports = db.execute_sql(
+            "SELECT port_pattern FROM rules WHERE destination_pattern = '::1' AND container_pattern = 'old'"
+        )
+        assert [r[0] for r in ports] == ["80,443"]
         assert current_version(db) == max(v for v, _n, _s in migrations.MIGRATIONS)
     finally:
         db.close()
