@@ -438,7 +438,16 @@ class PortPattern:
             if lo > hi:
                 raise ValueError(f"port_pattern {pattern!r}: range {item!r} runs backwards")
             ranges.append((lo, hi))
-        ranges = sorted(set(ranges))  # one text per set of items: '443,80,80' is '80,443' (SPEC §2.4's twins)
+        # One text per set of ports (SPEC §2.4's twins): sorted, overlapping and adjacent ranges
+        # merged ('443,80,80' is '80,443'; '80,81' and '80-90,85' are '80-81' and '80-90'). ('1-65535'
+        # stays itself: '*' takes port 0 as well, and ranks lower, SPEC §2.3.)
+        merged: list[tuple[int, int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+            else:
+                merged.append((lo, hi))
+        ranges = merged
         text = ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
         span = sum(hi - lo + 1 for lo, hi in ranges)
         if span <= _SET_LIMIT:
@@ -489,6 +498,8 @@ _WITH_PORT = re.compile(r"(\[[^\]]*\]|[^:]*):([0-9]+)\Z")
 
 
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label inet_aton reads as a number (http1's)
+_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # a label of a host the proxy takes (http1's)
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
 def validate_destination_pattern(pattern: str) -> str:
@@ -528,12 +539,21 @@ def validate_destination_pattern(pattern: str) -> str:
             f" in port_pattern ({port!r})"
         )
     parsed = DestinationPattern.parse(p)  # raises for a malformed CIDR
-    if parsed.kind is DestKind.CIDR:
-        return parsed.value  # '10.0.0.1/8' and '10.0.0.0/08' are '10.0.0.0/8'
+    if parsed.kind is DestKind.CIDR and parsed.network is not None:
+        # one text per range: '10.0.0.1/8' and '10.0.0.0/08' are '10.0.0.0/8'; an IPv4-mapped range
+        # is its IPv4 range (mapped hosts are judged as IPv4: stored mapped, it never matched); a
+        # range of one address is that address
+        net = parsed.network
+        if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
+            mapped = net.network_address.ipv4_mapped
+            assert mapped is not None
+            net = ipaddress.IPv4Network(f"{mapped}/{net.prefixlen - 96}")
+        return str(net.network_address) if net.prefixlen == net.max_prefixlen else net.with_prefixlen
     if parsed.kind is DestKind.EXACT:
-        if parse_ip(parsed.value) is not None:
-            return parsed.value  # IPv6 literals compare in canonical form: store that form
-        labels = p.split(".")
+        name = parsed.value  # (an escaped glob's one name: 'x.[1]' is 'x.1')
+        if parse_ip(name) is not None:
+            return name  # IPv6 literals compare in canonical form: store that form
+        labels = name.split(".")
         if "" in labels:
             raise ValueError(f"destination_pattern {pattern!r} has an empty label")
         if _NUMERIC_LABEL.fullmatch(labels[-1]):
@@ -542,6 +562,12 @@ def validate_destination_pattern(pattern: str) -> str:
             raise ValueError(
                 f"destination_pattern {pattern!r}: a name ending in a number never matches; write an"
                 " IPv4 address as four decimal numbers 0-255 without leading zeros, or a CIDR range"
+            )
+        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+            # the proxy refuses such hosts too ("bad host name", services/proxy/http1.canonical_host)
+            raise ValueError(
+                f"destination_pattern {pattern!r} is not a host name: labels of 1-63 letters, digits, '-'"
+                " or '_' (253 characters in all), or use a wildcard"
             )
     return p
 

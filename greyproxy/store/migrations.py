@@ -5,6 +5,7 @@ Timestamps are stored as REAL epoch seconds (UTC); the API formats them as RFC 3
 
 from __future__ import annotations
 
+import ipaddress
 import sqlite3
 import time
 from collections.abc import Callable
@@ -498,6 +499,24 @@ MIGRATIONS.append(
 )
 
 
+def _plain(dest: str, ports: str) -> bool:
+    """Whether a rule's patterns are plainly in their stored form already (lower-case ASCII, no
+    trailing dot, no range, one port or '*', an IP in canonical form): most are, and the rest are
+    asked of the policy package. Every process opens the database, and the ones that never judge a
+    rule should not load it (tests/integration/test_idle_imports.py)."""
+    if ports != "*" and not (ports.isascii() and ports.isdigit() and not ports.startswith("0")):
+        return False
+    if not dest.isascii() or dest != dest.lower() or dest.endswith(".") or "/" in dest or "[" in dest:
+        return False
+    if ":" in dest:
+        try:
+            addr = ipaddress.ip_address(dest)
+        except ValueError:
+            return False
+        return addr.compressed == dest and not (addr.version == 6 and addr.ipv4_mapped is not None)
+    return True
+
+
 def _normalise_destinations(conn: sqlite3.Connection) -> None:
     """Rules' destinations and ports in the form they match in (`validate_destination_pattern`:
     lower case, no trailing dot, punycode, canonical IPs and CIDRs; ports sorted, each once), as the
@@ -505,10 +524,14 @@ def _normalise_destinations(conn: sqlite3.Connection) -> None:
     guard (SPEC §2.4) finds a new rule equal to one stored before as `Example.COM.`. A pattern the
     API would now refuse (a port or URL written into it: it never matched) is left as it was.
     Rules that become twins stay separate rules (they decide alike); nothing is deleted."""
+    rows = [
+        r for r in conn.execute("SELECT id, destination_pattern, port_pattern FROM rules") if not _plain(r[1], r[2])
+    ]
+    if not rows:
+        return  # (the usual database: nothing to ask the policy package, which loads the suffix list)
     from greyproxy.policy.patterns import validate_destination_pattern, validate_port_pattern  # (no cycle)
 
     changed = []
-    rows = conn.execute("SELECT id, destination_pattern, port_pattern FROM rules").fetchall()
     for rule_id, pattern, ports in rows:
         try:
             normal = validate_destination_pattern(pattern)
@@ -524,3 +547,7 @@ def _normalise_destinations(conn: sqlite3.Connection) -> None:
 
 
 MIGRATIONS.append((15, "rule patterns as they match", [_normalise_destinations]))
+# The same again, with what was added to the stored form since 15 first ran (a development database
+# may have it): IPv4-mapped ranges as IPv4, one-address ranges as the address, port ranges merged.
+# The step is idempotent: a database that ran 15 just now changes nothing here.
+MIGRATIONS.append((16, "rule patterns as they match, ranges merged", [_normalise_destinations]))

@@ -106,18 +106,27 @@ def _request_line(buf: bytearray) -> int:
 
     Deliberately wider than the request lines this proxy parses, since whatever is called "not
     HTTP" is piped to the origin unread and unrecorded, and origin servers are lenient (nginx skips
-    leading CR/LF and takes several spaces; Python's http.server splits the line on any whitespace,
-    leading whitespace too, and takes `HTTP/1.10`; both serve `GET /path` as HTTP/0.9). So: empty
-    lines and whitespace first (RFC 9112 §2.2), a method of token characters (RFC 9110 §5.6.2, any length), then up to the line's LF
-    either a last word (split on SP, HTAB, VT, FF, CR) beginning `HTTP/` with a word between it and
-    the method, or `GET /...` alone (HTTP/0.9). The request path's parser then refuses what it does
-    not take (400, 505 for `PRI * HTTP/2.0`). Text protocols that are not HTTP (`SET k v`, `PING`,
-    an SSH banner) end their first line otherwise. One pass, byte by byte (compiled: C reads of
-    the bytearray)."""
+    leading CR/LF, takes several spaces and serves HTTP/0.9; Python's http.server splits the line
+    on any whitespace, latin-1's too, and takes `HTTP/1.10`; node's parser takes RTSP/ and ICE/
+    lines). So: empty lines and whitespace first (RFC 9112 §2.2), a method of token characters
+    (RFC 9110 §5.6.2, any length), then up to the line's LF either a last word (split on `_WS`)
+    beginning `HTTP/`, `RTSP/` or `ICE/` with a word between it and the method, or HTTP/0.9's
+    `GET /path` or `GET http://...` alone. A PROXY protocol header (v1's `PROXY ...` line, v2's
+    signature) is one too: the request path refuses it, as a client must not speak for its source
+    address to the origin. The request path's parser refuses what it does not take (400, 505 for
+    `PRI * HTTP/2.0`). Text protocols that are not HTTP (`SET k v`, `PING`, an SSH banner) end their
+    first line otherwise. One pass, byte by byte (compiled: C reads of the bytearray)."""
     n = len(buf)
     limit = n if n < MAX_PEEK else MAX_PEEK
     i = 0
-    while i < limit and (buf[i] == 32 or 9 <= buf[i] <= 13):  # empty lines, whitespace before the method
+    while i < limit and i < 12 and buf[i] == _PROXY_V2[i]:  # the PROXY protocol v2 signature
+        i += 1
+    if i == 12:
+        return 1
+    if i == limit and limit:
+        return -1  # (its start so far; a CR LF CR LF begun is also empty lines)
+    i = 0
+    while i < limit and _WS[buf[i]]:  # empty lines, whitespace before the method
         i += 1
     if i == limit:
         return -1 if limit else 0  # (nothing at all is not the start of one)
@@ -127,7 +136,7 @@ def _request_line(buf: bytearray) -> int:
         if i == limit:
             return -1
         c = buf[i]
-        if c == 32 or c == 9 or c == 11 or c == 12 or c == 13:
+        if _WS[c] and c != 10:
             break
         if not (65 <= c <= 90 or c == 45 or c == 95):
             upper = False
@@ -148,53 +157,72 @@ def _request_line(buf: bytearray) -> int:
         if not upper and (c < 9 or 14 <= c < 32 or c == 127):
             return 0  # a control byte after an odd method: another protocol (git's first pkt-line)
         i += 1
+    if m - start == 5 and buf[start : start + 5] == b"PROXY":
+        return 1  # a PROXY protocol v1 line
     end = i
-    while end > m and (buf[end - 1] == 32 or 9 <= buf[end - 1] <= 13):  # whitespace at the line's end
+    while end > m and _WS[buf[end - 1]]:  # whitespace at the line's end
         end -= 1
     t = end  # the last word is buf[t:end]
-    while t > m and not (buf[t - 1] == 32 or 9 <= buf[t - 1] <= 13):
+    while t > m and not _WS[buf[t - 1]]:
         t -= 1
     if t == m:
         return 0  # the method alone
     j = t  # is there a word between the method and the last one?
-    while j > m and (buf[j - 1] == 32 or 9 <= buf[j - 1] <= 13):
+    while j > m and _WS[buf[j - 1]]:
         j -= 1
     if j > m:  # three words or more: HTTP when the last names the version
-        if (
-            end - t > 5
-            and buf[t] == 72
-            and buf[t + 1] == 84
-            and buf[t + 2] == 84
-            and buf[t + 3] == 80
-            and buf[t + 4] == 47
-        ):
+        if end - t > 5 and buf[t : t + 5] == b"HTTP/":
+            return 1
+        if end - t > 5 and buf[t : t + 5] == b"RTSP/":
+            return 1
+        if end - t > 4 and buf[t : t + 4] == b"ICE/":
             return 1
         return 0
-    # two words: HTTP/0.9's `GET /path`
-    if m - start == 3 and buf[start] == 71 and buf[start + 1] == 69 and buf[start + 2] == 84 and buf[t] == 47:
-        return 1
+    # two words: HTTP/0.9's `GET /path` (nginx takes an absolute URI there too)
+    if m - start == 3 and buf[start : start + 3] == b"GET":
+        if buf[t] == 47 or buf.find(b"://", t, end) > t:
+            return 1
     return 0
+
+
+# What the look takes for whitespace between words: what Python's str.split() splits a request line
+# on once read as latin-1 (ASCII whitespace, \x1c-\x1f, NEL, NBSP), a superset of what other servers take.
+_WS = bytes(1 if (c == 32 or 9 <= c <= 13 or 28 <= c <= 31 or c == 133 or c == 160) else 0 for c in range(256))
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"  # the PROXY protocol v2 signature
 
 
 # ALPN names of HTTP (RFC 7301's registry): a client offering one of them speaks HTTP inside its TLS
 _HTTP_ALPN = frozenset(
     ["http/0.9", "http/1.0", "http/1.1", "h2", "h2c", "h3", "spdy/1", "spdy/2", "spdy/3", "spdy/3.1"]
 )
-_H2_HINTED: dict[str, None] = {}  # hosts whose h2-only clients were named in the log (the last 256)
+_H2_HINTED: dict[str, None] = {}  # hosts whose clients without http/1.1 were named in the log (the last 256)
 
 
-def _only_h2(container: str, name: str) -> None:
-    """A client offering only h2 is intercepted all the same, with no protocol agreed (SPEC §7:
-    HTTP/1.1 only): an HTTP/2-only client (gRPC) then fails. Say so once per host, with the way out."""
+@functools.lru_cache(maxsize=64)
+def _probe_context(offered: tuple[str, ...]) -> ssl.SSLContext:
+    """A client context offering `offered` by ALPN, for `Interceptor._origin_alpn` (no verification:
+    it reads the origin's choice of protocol and sends nothing)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(list(offered))
+    return ctx
+
+
+def _no_http11(container: str, name: str, alpn: tuple[str, ...] | list[str]) -> None:
+    """A client offering HTTP/2 but not http/1.1 is intercepted all the same, with no protocol agreed
+    (SPEC §7: HTTP/1.1 only): an HTTP/2-only client (gRPC) then fails. Say so once per host, with
+    the way out."""
     if name in _H2_HINTED:
         return
     if len(_H2_HINTED) >= 256:
         del _H2_HINTED[next(iter(_H2_HINTED))]
     _H2_HINTED[name] = None
     log.warning(
-        "%s offered only h2 (ALPN) for %s: intercepted as HTTP/1.1, which an HTTP/2-only client"
-        " (gRPC) cannot speak; add %s to mitm.bypass to pipe it untouched",
+        "%s offered HTTP/2 but not http/1.1 (ALPN %s) for %s: intercepted as HTTP/1.1, which an"
+        " HTTP/2-only client (gRPC) cannot speak; add %s to mitm.bypass to pipe it untouched",
         container,
+        ",".join(alpn),
         name,
         name,
     )
@@ -383,12 +411,19 @@ class Interceptor:
         if leaves is None:
             return self._skip(verdict, NO_CERT)
         name = _valid_name(sni) or host
-        if hello.alpn and "http/1.1" not in hello.alpn:
-            if not any(p in _HTTP_ALPN for p in hello.alpn):
-                # A protocol chosen by ALPN that is not HTTP (MQTT on 443, XMPP, DoT, ...): it needs
-                # its protocol agreed with the origin, which interception cannot give. Piped.
-                return self._skip(verdict, NON_HTTP_AFTER_TLS)
-            _only_h2(container, name)
+        alpn = hello.alpn
+        if alpn and "http/1.1" not in alpn:
+            others = [p for p in alpn if p not in _HTTP_ALPN]
+            if others:
+                # A protocol chosen by ALPN that is not HTTP (MQTT on 443, XMPP, DoT, ...) needs it
+                # agreed with the origin, which interception cannot give: piped, when the origin
+                # agrees one. What the client offers decides nothing: an origin that ignores ALPN
+                # would serve HTTP on such a tunnel, so the origin is asked (`_origin_alpn`).
+                agreed = await self._origin_alpn(upstream, name if _valid_name(sni) else None, others, ctx.limits)
+                if agreed is not None:
+                    return self._skip(verdict, NON_HTTP_AFTER_TLS)
+            if "h2" in alpn or "h3" in alpn:
+                _no_http11(container, name, alpn)
         server_ctx = leaves.get(name)
         if server_ctx is None:
             try:
@@ -517,6 +552,34 @@ class Interceptor:
             remaining = deadline - loop.time()
             if remaining <= 0 or not await _either(client, up, remaining):
                 return settled_state(client.buf)  # (a first line begun and left unfinished: 'http')
+
+    async def _origin_alpn(self, upstream: Conn, name: str | None, offered: list[str], limits: Limits) -> str | None:
+        """The protocol the origin agrees by ALPN when offered `offered` (the client's protocols
+        that are not HTTP), asked over a connection of its own to the address the tunnel reached
+        (already admitted and connected: the guard's and the rules' judgement stand); None when it
+        agrees none, or cannot be asked (then the tunnel is intercepted: what cannot be shown
+        not to be HTTP is read). Nothing is sent but the handshake; the certificate is not
+        judged (only the answer to ALPN is read). Only for clients offering such protocols."""
+        transport = upstream.transport
+        peer = transport.get_extra_info("peername") if transport is not None else None
+        if not peer:
+            return None
+        ctx = _probe_context(tuple(offered))
+        writer = None
+        try:
+            _reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(peer[0], peer[1], ssl=ctx, server_hostname=name or ""),
+                limits.connect_timeout,
+            )
+            sslobj = writer.get_extra_info("ssl_object")
+            agreed = sslobj.selected_alpn_protocol() if sslobj is not None else None
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as exc:
+            log.info("asking %s which protocol it agrees (ALPN %s) failed: %s", name or peer[0], ",".join(offered), exc)
+            return None
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+        return agreed if agreed in offered else None
 
     async def _upstream_tls(self, raw: Conn, name: str, port: int, limits: Limits) -> tuple[Stream | None, str | None]:
         """TLS to the origin, verified; (stream, None) or (None, why it failed). The last session kept

@@ -11,6 +11,7 @@ import base64
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import pytest
 import trustme
 from cryptography import x509
+
+from harness.tls import server_context
 
 from conftest import (
     OriginHandler,
@@ -284,16 +287,67 @@ def test_a_last_request_line_cut_by_the_clients_eof_is_not_piped(stack: Stack, h
     assert wait_log_entry(stack, "peek-eof")["mitm_skip_reason"] is None
 
 
-def test_a_client_naming_a_protocol_that_is_not_http_by_alpn_is_piped(stack: Stack, tls_origin: int) -> None:
-    """ALPN chosen protocols other than HTTP (MQTT on 443, XMPP, DoT) need their protocol agreed with
-    the origin, which interception cannot give: piped untouched, as before, unlike an h2-only client."""
+@pytest.fixture(scope="module")
+def mqtt_origin(origin_ca: trustme.CA) -> Iterator[int]:
+    """A TLS server choosing `x-mqtt` by ALPN (as an MQTT broker on 443 does), echoing what it reads."""
+    ctx = server_context(origin_ca, HOST, SNI)
+    ctx.set_alpn_protocols(["x-mqtt"])
+    srv = socket.create_server((HOST, 0))
+
+    def serve(conn: socket.socket) -> None:
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                while data := tls.recv(4096):
+                    tls.sendall(data)
+        except (ssl.SSLError, OSError):
+            pass
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield srv.getsockname()[1]
+    finally:
+        srv.close()
+
+
+def _issuer_through(stack: Stack, container: str, port: int, alpn: list[str]) -> tuple[str, str | None, ssl.SSLSocket]:
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # (whose certificate comes back is the test)
-    ctx.set_alpn_protocols(["x-mqtt"])
-    raw, _ = _tunnel(stack, "peek-alpn-mqtt", tls_origin)
-    with ctx.wrap_socket(raw, server_hostname=SNI) as tls:
-        der = tls.getpeercert(binary_form=True)
-        assert der is not None
-        issuer = x509.load_der_x509_certificate(der).issuer.rfc4514_string()
-    assert "Greyproxy CA" not in issuer, issuer  # the origin's own certificate: not intercepted
+    ctx.set_alpn_protocols(alpn)
+    raw, _ = _tunnel(stack, container, port)
+    tls = ctx.wrap_socket(raw, server_hostname=SNI)
+    der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).issuer.rfc4514_string(), tls.selected_alpn_protocol(), tls
+
+
+def test_a_protocol_the_origin_agrees_by_alpn_that_is_not_http_is_piped(stack: Stack, mqtt_origin: int) -> None:
+    """ALPN-chosen protocols other than HTTP (MQTT on 443, XMPP, DoT) need their protocol agreed with
+    the origin, which interception cannot give: when the origin agrees one, the tunnel is piped."""
+    issuer, agreed, tls = _issuer_through(stack, "peek-alpn-mqtt", mqtt_origin, ["x-mqtt"])
+    with tls:
+        assert "Greyproxy CA" not in issuer and agreed == "x-mqtt", (issuer, agreed)  # the origin's own
+        tls.sendall(b"\x10\x0c\x00\x04MQTT")
+        assert tls.recv(100) == b"\x10\x0c\x00\x04MQTT"
     assert wait_log_entry(stack, "peek-alpn-mqtt")["mitm_skip_reason"] == "non_http_after_tls"
+
+
+def test_an_alpn_name_the_origin_ignores_is_no_way_around_the_record(stack: Stack, tls_origin: int) -> None:
+    """What the client offers decides nothing (outside tester B: offering `x-foo` to an origin that
+    ignores ALPN got HTTP served unrecorded): the origin agrees no protocol, so the tunnel is
+    intercepted and its HTTP recorded."""
+    issuer, agreed, tls = _issuer_through(stack, "peek-alpn-foo", tls_origin, ["x-foo"])
+    with tls:
+        assert "Greyproxy CA" in issuer and agreed is None, (issuer, agreed)
+        tls.sendall(f"GET /via-x-foo HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode())
+        reply = _recv_until(tls, b'"/via-x-foo"}')
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    t = wait_for(lambda: _transactions(stack, "peek-alpn-foo"), 10, message="the transaction")[0]
+    assert t["url"].endswith("/via-x-foo")

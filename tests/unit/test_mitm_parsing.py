@@ -31,8 +31,8 @@ FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check
         (b"SET k v\r\n", "other"),
         (b"PING\r\n", "other"),
         (b"SSH-2.0-OpenSSH_9.6 Ubuntu-3\r\n", "other"),
-        (b"RTSP/1.0 200 OK\r\n", "other"),
-        (b"GET rtsp://x/ RTSP/1.0\r\n", "other"),
+        (b"RTSP/1.0 200 OK\r\n", "other"),  # (a status line: no method)
+        (b"GET rtsp://x/ RTSP/1.0\r\n", "http"),  # node's parser serves RTSP/ lines: the proxy's refuses
         (b"\x16\x03\x01", "other"),
         (b" GET / HTTP/1.1\r\n", "http"),  # Python's http.server strips whitespace before the method
         (b"\t\x0bGET / HTTP/1.1\r\n", "http"),
@@ -55,6 +55,18 @@ FUZZ = settings(max_examples=examples(300), deadline=None, suppress_health_check
         (b"GET /x HTTP/1.1\t\r\n", "http"),
         (b"GET /x\r\n", "http"),  # HTTP/0.9 (nginx serves it)
         (b"GET key\r\n", "other"),
+        # (outside tester B, again) Python's str.split() separators, HTTP/0.9 with an absolute URI,
+        # what node's parser serves, a PROXY protocol header (v1, v2) before a request
+        (b"GET\x1c/secret.txt\x1cHTTP/1.1\r\n", "http"),
+        (b"\x1fGET / HTTP/1.1\r\n", "http"),
+        (b"GET\xa0/ HTTP/1.1\r\n", "http"),
+        (b"GET\x85/ HTTP/1.1\r\n", "http"),
+        (b"GET http://h/index.html\r\n", "http"),
+        (b"GET /n RTSP/1.0\r\n", "http"),
+        (b"SOURCE /n ICE/1.0\r\n", "http"),
+        (b"PROXY TCP4 10.9.9.9 127.0.0.1 1234 80\r\nGET / HTTP/1.1\r\n", "http"),
+        (b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c", "http"),
+        (b"\r\n\r\n\x00", "more"),
         (b"SET /x\r\n", "other"),
         (b"GET /" + b"a" * (MAX_PEEK - 5), "http"),  # longer than the look: the request path reads it
         (b"\r\n" * (MAX_PEEK // 2), "other"),  # no method in 8 KiB
@@ -110,10 +122,13 @@ def test_http_state_is_total(data: bytes) -> None:
     assert http_state(data) in ("http", "other", "more")
 
 
-# What `http_state` reads, written another way: empty lines, a method of token characters, then up to
-# the line's LF (within MAX_PEEK) words split on ASCII whitespace, the last beginning `HTTP/` with
-# one between, or `GET /...` alone (HTTP/0.9).
+# What `http_state` reads, written another way: empty lines and whitespace, a method of token
+# characters, then up to the line's LF (within MAX_PEEK) words split on whitespace as Python's
+# str.split() splits latin-1 text, the last beginning `HTTP/`, `RTSP/` or `ICE/` with one between,
+# or `GET /...` / `GET http://...` alone (HTTP/0.9); a PROXY protocol header.
 _TCHAR = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]"
+_WS_BYTES = bytes(c for c in range(256) if chr(c).isspace())  # str.split()'s, on latin-1 text
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
 
 
 def _begun_model(head: bytes) -> bool:
@@ -132,9 +147,13 @@ def _http_state_by_regex(buf: bytes) -> str:
     head = buf[:MAX_PEEK]
     if not head:
         return "other"
+    if head.startswith(_PROXY_V2):
+        return "http"
+    if _PROXY_V2.startswith(head):
+        return "more"
     # still a request line's start: wait, or past the look read it when it is begun as HTTP's are
     begun = ("http" if _begun_model(head) else "other") if len(buf) >= MAX_PEEK else "more"
-    rest = head[re.match(rb"[ \t\n\r\x0b\x0c]*", head).end() :]  # type: ignore[union-attr]
+    rest = head.lstrip(_WS_BYTES)
     if not rest:
         return begun
     method = re.match(_TCHAR + rb"+", rest)
@@ -142,7 +161,7 @@ def _http_state_by_regex(buf: bytes) -> str:
         return "other"
     if method.end() == len(rest):
         return begun
-    if rest[method.end()] not in b" \t\x0b\x0c\r":
+    if rest[method.end()] not in _WS_BYTES or rest[method.end()] == 0x0A:
         return "other"
     nl = rest.find(b"\n", method.end())
     odd = re.fullmatch(rb"[A-Z_-]+", method.group()) is None
@@ -150,11 +169,14 @@ def _http_state_by_regex(buf: bytes) -> str:
         return "other"  # a control byte after a method unlike HTTP's
     if nl < 0:
         return begun
-    words = rest[:nl].split()
+    if method.group() == b"PROXY":
+        return "http"
+    words = rest[:nl].decode("latin-1").split()
     if len(words) >= 3:
-        return "http" if words[-1].startswith(b"HTTP/") and len(words[-1]) > 5 else "other"
+        last = words[-1]
+        return "http" if any(last.startswith(v) and len(last) > len(v) for v in ("HTTP/", "RTSP/", "ICE/")) else "other"
     if len(words) == 2:
-        return "http" if words[0] == b"GET" and words[1].startswith(b"/") else "other"
+        return "http" if words[0] == "GET" and (words[1].startswith("/") or "://" in words[1]) else "other"
     return "other"
 
 
@@ -170,7 +192,7 @@ _LINES = [
     b"GET /" + b"a" * (MAX_PEEK - 10) + b" HTTP/1.1\r\n",  # past it
 ]
 # bytes that make or break a request line where they land
-_BYTES = st.sampled_from(b"GETPOHX_-a/ \t\x0b\r\n01.~!\x7f\x00\x16\xc3g2")
+_BYTES = st.sampled_from(b"GETPOHX_-a/ \t\x0b\x1c\xa0\x85\r\n01.~!\x7f\x00\x16\xc3g2:")
 
 
 @st.composite

@@ -352,6 +352,10 @@ def test_destination_patterns_are_stored_as_they_match(pattern: str, stored: str
         ("0x7f.0.0.1", "a name ending in a number never matches"),
         ("a..b", "empty label"),
         (".", "empty label"),
+        ("x.[1]", "a name ending in a number never matches"),  # an escaped digit is still a digit
+        ("a[*]b.test", "is not a host name"),
+        ("a!b.test", "is not a host name"),
+        ("a" * 64 + ".test", "is not a host name"),
     ],
 )
 def test_destination_patterns_that_never_match_are_refused(pattern: str, message: str) -> None:
@@ -365,6 +369,12 @@ def test_equal_cidrs_and_port_lists_are_stored_alike() -> None:
     and `80,443` one port list (outside tester C found each stored as a rule of its own)."""
     assert {validate_destination_pattern(p) for p in ("10.0.0.1/8", "10.0.0.0/08", "10.0.0.0/8")} == {"10.0.0.0/8"}
     assert validate_port_pattern("443,80,80") == validate_port_pattern("80,443") == "80,443"
+    # (outside tester C, again) ranges: overlapping and adjacent ones merged, all ports is '*'
+    assert validate_port_pattern("80,81") == validate_port_pattern("80-81") == "80-81"
+    assert validate_port_pattern("80-90,85") == validate_port_pattern("81-90,80") == "80-90"
+    # an IPv4-mapped range is its IPv4 range (stored mapped, a deny never matched); /32 the address
+    assert validate_destination_pattern("::ffff:192.0.2.0/120") == "192.0.2.0/24"
+    assert validate_destination_pattern("10.0.0.1/32") == validate_destination_pattern("10.0.0.1") == "10.0.0.1"
     assert validate_destination_pattern("10.0.0.*") == "10.0.0.*"  # a glob of addresses stays a glob
 
 

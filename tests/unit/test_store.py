@@ -210,18 +210,25 @@ def test_log_counts_migration_counts_existing_rows(tmp_path: Path) -> None:
 
 
 def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None:
-    """Migration 15: destinations stored as typed before the API normalised them (`Example.COM.`,
+    """Migrations 15 and 16: destinations stored as typed before the API normalised them (`Example.COM.`,
     `[::1]`) are rewritten in the form they match in, so the duplicate guard finds a new `example.com`
     equal to them; a pattern the API would now refuse is left as it was."""
     path = tmp_path / "r.db"
     open_database(path).close()
     con = sqlite3.connect(path, isolation_level=None)
     try:
-        con.execute("DELETE FROM schema_migrations WHERE version = 15")
+        con.execute("DELETE FROM schema_migrations WHERE version >= 15")
         con.executemany(
             "INSERT INTO rules (container_pattern, destination_pattern, port_pattern, action, created_at)"
             " VALUES ('old', ?, '*', 'allow', 0)",
-            [("Example.COM.",), ("[::1]",), ("**.Sub.Example.org",), ("host.test:443",), ("10.0.0.1/8",)],
+            [
+                ("Example.COM.",),
+                ("[::1]",),
+                ("**.Sub.Example.org",),
+                ("host.test:443",),
+                ("10.0.0.1/8",),
+                ("::ffff:192.0.2.0/120",),
+            ],
         )
         con.execute("UPDATE rules SET port_pattern = '443,80,80' WHERE destination_pattern = '[::1]'")
     finally:
@@ -232,7 +239,7 @@ def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None
             r[0]
             for r in db.execute_sql("SELECT destination_pattern FROM rules WHERE container_pattern = 'old' ORDER BY id")
         ]
-        assert got == ["example.com", "::1", "**.sub.example.org", "host.test:443", "10.0.0.0/8"]
+        assert got == ["example.com", "::1", "**.sub.example.org", "host.test:443", "10.0.0.0/8", "192.0.2.0/24"]
         ports = db.execute_sql(
             "SELECT port_pattern FROM rules WHERE destination_pattern = '::1' AND container_pattern = 'old'"
         )
