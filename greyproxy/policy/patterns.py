@@ -544,6 +544,8 @@ def validate_destination_pattern(pattern: str) -> str:
         # is its IPv4 range (mapped hosts are judged as IPv4: stored mapped, it never matched); a
         # range of one address is that address
         net = parsed.network
+        if isinstance(net, ipaddress.IPv6Network) and net.network_address.scope_id:
+            net = ipaddress.IPv6Network((net.network_address.packed, net.prefixlen))  # a zone matches nothing more
         if isinstance(net, ipaddress.IPv6Network) and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
             mapped = net.network_address.ipv4_mapped
             assert mapped is not None
@@ -553,23 +555,34 @@ def validate_destination_pattern(pattern: str) -> str:
         name = parsed.value  # (an escaped glob's one name: 'x.[1]' is 'x.1')
         if parse_ip(name) is not None:
             return name  # IPv6 literals compare in canonical form: store that form
-        labels = name.split(".")
-        if "" in labels:
-            raise ValueError(f"destination_pattern {pattern!r} has an empty label")
-        if _NUMERIC_LABEL.fullmatch(labels[-1]):
-            # '010.0.0.1', '1.2.3', '2130706433', '0x7f.0.0.1', '256.1.1.1': the proxy refuses such
-            # hosts ("bad host": resolvers read them as addresses), so such a rule never matches
-            raise ValueError(
-                f"destination_pattern {pattern!r}: a name ending in a number never matches; write an"
-                " IPv4 address as four decimal numbers 0-255 without leading zeros, or a CIDR range"
-            )
-        if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
-            # the proxy refuses such hosts too ("bad host name", services/proxy/http1.canonical_host)
-            raise ValueError(
-                f"destination_pattern {pattern!r} is not a host name: labels of 1-63 letters, digits, '-'"
-                " or '_' (253 characters in all), or use a wildcard"
-            )
+        why = host_name_problem(name)
+        if why is not None:
+            raise ValueError(f"destination_pattern {pattern!r}: {why}")
+    elif parsed.kind in (DestKind.SUBDOMAINS, DestKind.APEX_AND_SUBDOMAINS):
+        suffix = p.split(".", 1)[1]  # ('*.x.test', '**.x.test': the names under x.test)
+        why = host_name_problem(suffix) if not any(c in suffix for c in "*?[") else None
+        if why is not None:
+            raise ValueError(f"destination_pattern {pattern!r} can never match: after its wildcard, {why}")
     return p
+
+
+def host_name_problem(name: str) -> str | None:
+    """Why the proxy refuses `name` as a host (services/proxy/http1.canonical_host: "bad host"),
+    so that a rule naming it never matches and explain must not judge it; None for a host name it
+    takes. `name` is lower case, without a trailing dot, not an IP address."""
+    labels = name.split(".")
+    if "" in labels:
+        return "a host name has no empty label"
+    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+        # '010.0.0.1', '1.2.3', '2130706433', '0x7f.0.0.1', '256.1.1.1': resolvers read such hosts
+        # as addresses; the proxy takes only four decimal numbers 0-255 without leading zeros
+        return (
+            "a name ending in a number never matches; write an IPv4 address as four decimal numbers"
+            " 0-255 without leading zeros, or a CIDR range"
+        )
+    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return "not a host name: labels of 1-63 letters, digits, '-' or '_' (253 characters in all)"
+    return None
 
 
 def validate_container_pattern(pattern: str) -> str:

@@ -506,7 +506,7 @@ def _plain(dest: str, ports: str) -> bool:
     rule should not load it (tests/integration/test_idle_imports.py)."""
     if ports != "*" and not (ports.isascii() and ports.isdigit() and not ports.startswith("0")):
         return False
-    if not dest.isascii() or dest != dest.lower() or dest.endswith(".") or "/" in dest or "[" in dest:
+    if not dest.isascii() or dest != dest.lower() or dest.endswith(".") or any(c in dest for c in "/[%"):
         return False
     if ":" in dest:
         try:

@@ -22,6 +22,7 @@ import falcon.asgi
 
 from greyproxy.localaddr import local_addresses
 from greyproxy.policy import Guard, RuleSet, judge, normalise_host, parse_ip
+from greyproxy.policy.patterns import host_name_problem
 from greyproxy.policy.judge import reason
 from greyproxy.shapes import rule_json
 
@@ -97,6 +98,9 @@ def parse_query(req: falcon.asgi.Request) -> tuple[str, str, int, str | None]:
     if parse_ip(host) is None and _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
         # what the proxy answers 400 "bad host" to (resolvers read '127.1' or '2130706433' as an address)
         raise bad_request(f"host {host!r}: a name ending in a number must be a dotted-quad IPv4 address")
+    if parse_ip(host) is None and (why := host_name_problem(host)) is not None:
+        # the proxy answers 400 "bad host" to these too ('a!b.test', a 64-character label)
+        raise bad_request(f"host {host!r}: {why}")
     resolved = req.get_param("resolved") or None
     if resolved is not None:
         try:

@@ -58,6 +58,10 @@ TLS_SESSIONS = 1024  # origins whose last TLS session is kept for resumption (`I
 # reading one (`SSLObject.session`) copies it through its encoding, peer certificates included
 # (~250 µs); a session resumed is still good, and tickets live minutes to hours (nginx: 5 min).
 TLS_SESSION_REFRESH = 60.0
+# How long the origin may take to say which protocol it agrees (`Interceptor._origin_alpn`): an
+# origin that serves one connection at a time holds the question behind the tunnel's own connection,
+# and the answer is then "none" (intercepted).
+ALPN_PROBE_TIMEOUT = 3.0
 MAX_PEEK = 8192  # bytes of a would-be request line looked at; a line still plausible past them is HTTP
 
 
@@ -413,14 +417,15 @@ class Interceptor:
         name = _valid_name(sni) or host
         alpn = hello.alpn
         if alpn and "http/1.1" not in alpn:
-            others = [p for p in alpn if p not in _HTTP_ALPN]
-            if others:
+            if any(p not in _HTTP_ALPN for p in alpn):
                 # A protocol chosen by ALPN that is not HTTP (MQTT on 443, XMPP, DoT, ...) needs it
                 # agreed with the origin, which interception cannot give: piped, when the origin
                 # agrees one. What the client offers decides nothing: an origin that ignores ALPN
-                # would serve HTTP on such a tunnel, so the origin is asked (`_origin_alpn`).
-                agreed = await self._origin_alpn(upstream, name if _valid_name(sni) else None, others, ctx.limits)
-                if agreed is not None:
+                # would serve HTTP on such a tunnel, so the origin is asked (`_origin_alpn`) with
+                # the client's whole list, as the client's own handshake will offer it (asked
+                # without its HTTP names, an origin agreed `x-mqtt`, then chose h2 with the client).
+                agreed = await self._origin_alpn(upstream, name if _valid_name(sni) else None, list(alpn), ctx.limits)
+                if agreed is not None and agreed not in _HTTP_ALPN:
                     return self._skip(verdict, NON_HTTP_AFTER_TLS)
             if "h2" in alpn or "h3" in alpn:
                 _no_http11(container, name, alpn)
@@ -564,17 +569,22 @@ class Interceptor:
         peer = transport.get_extra_info("peername") if transport is not None else None
         if not peer:
             return None
-        ctx = _probe_context(tuple(offered))
         writer = None
         try:
+            ctx = _probe_context(tuple(offered))  # (ValueError, UnicodeError: a name ssl cannot send)
             _reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(peer[0], peer[1], ssl=ctx, server_hostname=name or ""),
-                limits.connect_timeout,
+                min(limits.connect_timeout, ALPN_PROBE_TIMEOUT),
             )
             sslobj = writer.get_extra_info("ssl_object")
             agreed = sslobj.selected_alpn_protocol() if sslobj is not None else None
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError) as exc:
-            log.info("asking %s which protocol it agrees (ALPN %s) failed: %s", name or peer[0], ",".join(offered), exc)
+        except (OSError, ssl.SSLError, asyncio.TimeoutError, ValueError, UnicodeError) as exc:
+            log.info(
+                "asking %s which protocol it agrees (ALPN %r) failed: %s",
+                name or peer[0],
+                offered,
+                exc or type(exc).__name__,
+            )
             return None
         finally:
             if writer is not None:

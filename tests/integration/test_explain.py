@@ -100,6 +100,8 @@ def test_explain_refuses_bad_queries(stack: Stack) -> None:
         {"container": "a", "host": "2130706433", "port": "80"},
         {"container": "a", "host": "127.1", "port": "80"},
         {"container": "a", "host": "0x7f.0.0.1", "port": "80"},
+        {"container": "a", "host": "a!b.test", "port": "80"},  # the proxy answers these 400 too
+        {"container": "a", "host": "a" * 64 + ".test", "port": "80"},
     ):
         r = stack.get("/api/rules/explain", params=params)
         assert r.status_code == 400 and r.json()["error"], (params, r.text)

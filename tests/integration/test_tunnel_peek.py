@@ -8,6 +8,7 @@ late, in pieces, never, or after the server has spoken first.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import socket
 import ssl
@@ -290,8 +291,21 @@ def test_a_last_request_line_cut_by_the_clients_eof_is_not_piped(stack: Stack, h
 @pytest.fixture(scope="module")
 def mqtt_origin(origin_ca: trustme.CA) -> Iterator[int]:
     """A TLS server choosing `x-mqtt` by ALPN (as an MQTT broker on 443 does), echoing what it reads."""
+    with _alpn_echo_origin(origin_ca, ["x-mqtt"]) as port:
+        yield port
+
+
+@pytest.fixture(scope="module")
+def h2_first_origin(origin_ca: trustme.CA) -> Iterator[int]:
+    """A TLS server that agrees h2 before x-mqtt (its own order)."""
+    with _alpn_echo_origin(origin_ca, ["h2", "x-mqtt"]) as port:
+        yield port
+
+
+@contextlib.contextmanager
+def _alpn_echo_origin(origin_ca: trustme.CA, protocols: list[str]) -> Iterator[int]:
     ctx = server_context(origin_ca, HOST, SNI)
-    ctx.set_alpn_protocols(["x-mqtt"])
+    ctx.set_alpn_protocols(protocols)
     srv = socket.create_server((HOST, 0))
 
     def serve(conn: socket.socket) -> None:
@@ -351,3 +365,17 @@ def test_an_alpn_name_the_origin_ignores_is_no_way_around_the_record(stack: Stac
     assert reply.startswith(b"HTTP/1.1 200"), reply
     t = wait_for(lambda: _transactions(stack, "peek-alpn-foo"), 10, message="the transaction")[0]
     assert t["url"].endswith("/via-x-foo")
+
+
+def test_an_http_protocol_the_origin_prefers_is_not_piped(stack: Stack, h2_first_origin: int) -> None:
+    """The origin is asked with the client's whole list, as the client's own handshake offers it:
+    asked without the HTTP names it agreed `x-mqtt`, then chose h2 with the client, and HTTP/2 went
+    through unrecorded (outside tester B). An origin choosing h2 means HTTP: intercepted."""
+    issuer, agreed, tls = _issuer_through(stack, "peek-alpn-h2first", h2_first_origin, ["h2", "x-mqtt"])
+    with tls:
+        assert "Greyproxy CA" in issuer and agreed is None, (issuer, agreed)
+        tls.sendall(f"GET /h2first HTTP/1.1\r\nHost: {SNI}\r\nConnection: close\r\n\r\n".encode())
+        _recv_until(tls, b"\r\n\r\n")  # (the echo origin's answer is no HTTP: the proxy's 502)
+    assert wait_log_entry(stack, "peek-alpn-h2first")["mitm_skip_reason"] is None
+    t = wait_for(lambda: _transactions(stack, "peek-alpn-h2first"), 10, message="the transaction")[0]
+    assert t["url"].endswith("/h2first")

@@ -353,9 +353,13 @@ def test_destination_patterns_are_stored_as_they_match(pattern: str, stored: str
         ("a..b", "empty label"),
         (".", "empty label"),
         ("x.[1]", "a name ending in a number never matches"),  # an escaped digit is still a digit
-        ("a[*]b.test", "is not a host name"),
-        ("a!b.test", "is not a host name"),
-        ("a" * 64 + ".test", "is not a host name"),
+        ("a[*]b.test", "not a host name"),
+        ("a!b.test", "not a host name"),
+        # (outside tester C, a third time) the fixed part of a '*.' / '**.' pattern, checked alike
+        ("*.a%b.test", "can never match: after its wildcard, not a host name"),
+        ("**.a..b", "can never match: after its wildcard, a host name has no empty label"),
+        ("*.example.123", "can never match: after its wildcard, a name ending in a number"),
+        ("a" * 64 + ".test", "not a host name"),
     ],
 )
 def test_destination_patterns_that_never_match_are_refused(pattern: str, message: str) -> None:
@@ -375,6 +379,9 @@ def test_equal_cidrs_and_port_lists_are_stored_alike() -> None:
     # an IPv4-mapped range is its IPv4 range (stored mapped, a deny never matched); /32 the address
     assert validate_destination_pattern("::ffff:192.0.2.0/120") == "192.0.2.0/24"
     assert validate_destination_pattern("10.0.0.1/32") == validate_destination_pattern("10.0.0.1") == "10.0.0.1"
+    # an IPv6 zone matches nothing more: one rule per address or range
+    assert validate_destination_pattern("fe80::1%eth0/128") == validate_destination_pattern("fe80::1") == "fe80::1"
+    assert validate_destination_pattern("fe80::%eth0/64") == "fe80::/64"
     assert validate_destination_pattern("10.0.0.*") == "10.0.0.*"  # a glob of addresses stays a glob
 
 

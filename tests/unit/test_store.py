@@ -228,6 +228,7 @@ def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None
                 ("host.test:443",),
                 ("10.0.0.1/8",),
                 ("::ffff:192.0.2.0/120",),
+                ("fe80::1%eth0",),
             ],
         )
         con.execute("UPDATE rules SET port_pattern = '443,80,80' WHERE destination_pattern = '[::1]'")
@@ -239,7 +240,15 @@ def test_rules_stored_before_are_rewritten_as_they_match(tmp_path: Path) -> None
             r[0]
             for r in db.execute_sql("SELECT destination_pattern FROM rules WHERE container_pattern = 'old' ORDER BY id")
         ]
-        assert got == ["example.com", "::1", "**.sub.example.org", "host.test:443", "10.0.0.0/8", "192.0.2.0/24"]
+        assert got == [
+            "example.com",
+            "::1",
+            "**.sub.example.org",
+            "host.test:443",
+            "10.0.0.0/8",
+            "192.0.2.0/24",
+            "fe80::1",
+        ]
         ports = db.execute_sql(
             "SELECT port_pattern FROM rules WHERE destination_pattern = '::1' AND container_pattern = 'old'"
         )
