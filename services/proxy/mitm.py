@@ -199,6 +199,7 @@ _PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"  # the PROXY protocol v2 signature
 _HTTP_ALPN = frozenset(
     ["http/0.9", "http/1.0", "http/1.1", "h2", "h2c", "h3", "spdy/1", "spdy/2", "spdy/3", "spdy/3.1"]
 )
+_refusals = [float("-inf")]  # when `Interceptor._refused_head` last wrote a line
 _H2_HINTED: dict[str, None] = {}  # hosts whose clients without http/1.1 were named in the log (the last 256)
 
 
@@ -688,6 +689,7 @@ class Interceptor:
                     return
                 except http1.HttpError as exc:
                     s.client.write(error_response(exc.status, exc.reason, f"Greyproxy: {exc}"))
+                    self._refused_head(s, exc)
                     return
                 if got is None:
                     return
@@ -700,6 +702,26 @@ class Interceptor:
             s.client.close()
             if s.upstream is not None:
                 s.upstream.close()
+
+    def _refused_head(self, s: Session, exc: http1.HttpError) -> None:
+        """A request head the proxy could not take inside an intercepted connection (no record can
+        be made of it: there is no request): counted, and said in the log at most once a second,
+        so that a client that broke here (an HTTP/2-only one, a line the parser refuses) can be
+        told why."""
+        self._count("refused_heads")
+        now = time.monotonic()
+        if now - _refusals[0] >= 1.0:
+            _refusals[0] = now
+            log.warning(
+                "%s: refused a request inside its intercepted connection to %s:%d: %d %s (%s; %d so far)",
+                s.container,
+                s.host,
+                s.port,
+                exc.status,
+                exc.reason,
+                exc,
+                self.counts["refused_heads"],
+            )
 
     def _host_mismatch(self, s: Session, head: http1.RequestHead) -> bool:
         """Whether the request's Host names another host than the one contacted. Not when it is the

@@ -221,6 +221,15 @@ def test_the_http2_preface_in_a_tunnel_is_answered_not_piped(stack: Stack, http_
         reply = _recv_until(sock, b"\r\n\r\n")
     assert reply.startswith(b"HTTP/1.1 505"), reply
     assert wait_log_entry(stack, "peek-h2c")["mitm_skip_reason"] is None
+    # no record can be made of it (there is no request): the proxy's log says why the client broke
+    proxy_log = stack.data_dir / "logs" / "proxy.log"
+    wait_for(
+        lambda: (
+            "peek-h2c: refused a request inside its intercepted connection" in proxy_log.read_text(errors="replace")
+        ),
+        10,
+        message="the refusal in proxy.log",
+    )
 
 
 def test_a_client_offering_only_h2_is_intercepted(stack: Stack, tls_origin: int) -> None:
