@@ -150,6 +150,9 @@ class SlashedNames:
 
     async def process_request(self, req: falcon.asgi.Request, resp: falcon.asgi.Response) -> None:
         path = req.path
+        raw = req.scope.get("path") if isinstance(req.scope, dict) else None
+        if isinstance(raw, str) and raw != path and raw.rstrip("/") == path and raw.startswith(self.base):
+            path = raw  # a name ending in '/' ('t1/', sent as t1%2F): the app strips a trailing slash
         if not path.startswith(self.base) or "/" not in path[len(self.base) :]:
             return
         name = path[len(self.base) :]

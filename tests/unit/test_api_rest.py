@@ -2004,7 +2004,7 @@ def quick_identities(monkeypatch):
     monkeypatch.setattr(identities, "RELOAD_TIMEOUT", 0.01)  # nobody plays the proxy here
 
 
-@pytest.mark.parametrize("name", ["team/z1", "a/b/c", "x/rotate", "/lead"])
+@pytest.mark.parametrize("name", ["team/z1", "a/b/c", "x/rotate", "/lead", "t1/"])
 def test_an_identity_with_a_slash_can_be_rotated_and_released(api, quick_identities, name):
     """SPEC §16 for a name with '/', which the claim takes (tester C #3): rotate and release
     answered 404 whether the '/' was sent raw or as %2F, and the claim could never be undone."""
