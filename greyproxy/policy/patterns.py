@@ -497,8 +497,10 @@ def validate_port_pattern(pattern: str | None) -> str:
 _WITH_PORT = re.compile(r"(\[[^\]]*\]|[^:]*):([0-9]+)\Z")
 
 
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label inet_aton reads as a number (http1's)
-_HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")  # a label of a host the proxy takes (http1's)
+# A host the proxy takes (services/proxy/http1.canonical_host, explain, the rules' patterns): its
+# labels, and a last label inet_aton would read as a number (then only a dotted-quad IPv4 will do).
+HOST_LABEL = re.compile(r"[a-z0-9_-]{1,63}")
+NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 _MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
 
 
@@ -573,14 +575,14 @@ def host_name_problem(name: str) -> str | None:
     labels = name.split(".")
     if "" in labels:
         return "a host name has no empty label"
-    if _NUMERIC_LABEL.fullmatch(labels[-1]):
+    if NUMERIC_LABEL.fullmatch(labels[-1]):
         # '010.0.0.1', '1.2.3', '2130706433', '0x7f.0.0.1', '256.1.1.1': resolvers read such hosts
         # as addresses; the proxy takes only four decimal numbers 0-255 without leading zeros
         return (
             "a name ending in a number never matches; write an IPv4 address as four decimal numbers"
             " 0-255 without leading zeros, or a CIDR range"
         )
-    if len(name) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+    if len(name) > 253 or not all(HOST_LABEL.fullmatch(label) for label in labels):
         return "not a host name: labels of 1-63 letters, digits, '-' or '_' (253 characters in all)"
     return None
 

@@ -11,7 +11,6 @@ gate looks them up, and asked, as the gate asks, whether they are this machine's
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections.abc import Callable
@@ -33,7 +32,6 @@ from .util import ascii_int, json_response, soft_call
 NAME_TTL = 3600.0  # the proxy keeps an ip -> name mapping this long (gate.NAME_TTL)
 RESOLVE_TIMEOUT = 5.0
 MAX_CANDIDATES = 200
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # a last label inet_aton reads as a number (http1's)
 
 _snapshot: tuple[int, bool, RuleSet] | None = None  # (rules_version, builtins, rule set)
 
@@ -95,11 +93,9 @@ def parse_query(req: falcon.asgi.Request) -> tuple[str, str, int, str | None]:
         raise bad_request(f"host: {exc}") from None
     if not host or any(c in host for c in "/ \t\r\n@") or not host.isprintable():
         raise bad_request("host must be a host name or an IP address")
-    if parse_ip(host) is None and _NUMERIC_LABEL.fullmatch(host.rsplit(".", 1)[-1]):
-        # what the proxy answers 400 "bad host" to (resolvers read '127.1' or '2130706433' as an address)
-        raise bad_request(f"host {host!r}: a name ending in a number must be a dotted-quad IPv4 address")
     if parse_ip(host) is None and (why := host_name_problem(host)) is not None:
-        # the proxy answers 400 "bad host" to these too ('a!b.test', a 64-character label)
+        # what the proxy answers 400 "bad host" to ('127.1', '2130706433' (resolvers read them as
+        # addresses), 'a!b.test', a 64-character label): not judged
         raise bad_request(f"host {host!r}: {why}")
     resolved = req.get_param("resolved") or None
     if resolved is not None:

@@ -21,6 +21,8 @@ import httptools
 from httptools import HttpRequestParser, HttpResponseParser  # (module globals: cheaper to reach than attributes)
 
 from greyproxy.compiled import slotted
+from greyproxy.policy.patterns import HOST_LABEL as _LABEL_RE
+from greyproxy.policy.patterns import NUMERIC_LABEL as _NUMERIC_LABEL
 from greyproxy.policy.patterns import ascii_host, refuse_controls
 
 __all__ = [
@@ -64,8 +66,6 @@ _HOP_BY_HOP_PLAIN = frozenset(n for n in _HOP_BY_HOP_BUT_CONNECTION if not n.sta
 _NEVER_CONNECTION_DROPPED = frozenset({"content-length", "transfer-encoding", "host"})
 _BAD_VALUE_CHARS = re.compile(r"[\x00\r\n]")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
-_LABEL_RE = re.compile(r"[a-z0-9_-]{1,63}")
-_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")  # what inet_aton would read as a number
 _SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.S)
 _CL_RE = re.compile(r"[0-9]{1,18}")  # what `_content_length_ok` checks (tests compare them)
 _DEFAULT_PORTS = {"http": 80, "https": 443}

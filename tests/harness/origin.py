@@ -92,17 +92,21 @@ def plain_origin(
 
 
 @contextlib.contextmanager
-def echo_origin(host: str = "127.0.0.1", banner: bytes = b"") -> Iterator[int]:
+def echo_origin(host: str = "127.0.0.1", banner: bytes = b"", tls: _ssl.SSLContext | None = None) -> Iterator[int]:
     """A TCP echo server on host:<free port> (yielded) until the block ends, a thread per
-    connection; each connection gets `banner` first."""
+    connection; each connection gets `banner` first. With `tls`, each connection is TLS (server
+    side, that context: its ALPN protocols too) before it echoes."""
     srv = socket.create_server((host, 0))
 
     def serve(conn: socket.socket) -> None:
-        with conn:
-            if banner:
-                conn.sendall(banner)
-            while data := conn.recv(4096):
-                conn.sendall(data)
+        try:
+            with tls.wrap_socket(conn, server_side=True) if tls is not None else conn as c:
+                if banner:
+                    c.sendall(banner)
+                while data := c.recv(4096):
+                    c.sendall(data)
+        except (_ssl.SSLError, OSError):
+            pass  # (a client that left, or failed its handshake)
 
     def accept() -> None:
         while True:

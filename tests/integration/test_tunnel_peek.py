@@ -12,7 +12,6 @@ import contextlib
 import json
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -315,29 +314,8 @@ def h2_first_origin(origin_ca: trustme.CA) -> Iterator[int]:
 def _alpn_echo_origin(origin_ca: trustme.CA, protocols: list[str]) -> Iterator[int]:
     ctx = server_context(origin_ca, HOST, SNI)
     ctx.set_alpn_protocols(protocols)
-    srv = socket.create_server((HOST, 0))
-
-    def serve(conn: socket.socket) -> None:
-        try:
-            with ctx.wrap_socket(conn, server_side=True) as tls:
-                while data := tls.recv(4096):
-                    tls.sendall(data)
-        except (ssl.SSLError, OSError):
-            pass
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            threading.Thread(target=serve, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        srv.close()
+    with echo_origin(HOST, tls=ctx) as port:
+        yield port
 
 
 def _issuer_through(stack: Stack, container: str, port: int, alpn: list[str]) -> tuple[str, str | None, ssl.SSLSocket]:
